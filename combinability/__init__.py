@@ -1,0 +1,146 @@
+"""combinability: mode combinability of neural networks.
+
+Align two (or more) trained networks modulo permutations of hidden units (Git
+Re-Basin), then build and measure whole families of element-wise combinations of
+their weights, ``θ_v = (1 − v) ⊙ θ_A + v ⊙ π(θ_B)``.
+
+The core (this package) depends on numpy and scipy only; frameworks enter through
+backend plugins (``combinability_torch``, ``combinability_jax``), imported on first use.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+from combinability.architecture import Architecture
+from combinability.backend import Backend, Evaluation, NumpyRandom
+from combinability.errors import (
+    AlignmentError,
+    BackendUnavailableError,
+    CombinabilityError,
+    CorruptFileError,
+    DatasetError,
+    DatasetNotFoundError,
+    IncompatibleModelsError,
+    IncompatibleVersionError,
+    LayoutError,
+    NonFiniteWeightsError,
+    PermutationSpecError,
+    PluginError,
+    SamplerError,
+    UnknownNameError,
+)
+from combinability.hookspecs import hookimpl
+from combinability.layout import FlatLayout, ParamEntry
+from combinability.matching import (
+    activation_matching,
+    matching_objective,
+    perturb_permutation,
+    random_derangement,
+    unit_correlations,
+    weight_matching,
+)
+from combinability.permutation import (
+    Permutation,
+    PermutationSpec,
+    apply_permutation,
+    compose_permutations,
+    identity_permutation,
+    invert_permutation,
+    random_permutation,
+)
+from combinability.plugins import (
+    get_architecture,
+    get_backend,
+    list_architectures,
+    list_backends,
+    list_datasets,
+    list_samplers,
+)
+from combinability.specs import SpecBuilder
+from combinability.training import TrainRecipe
+
+__version__ = "0.1.0"
+
+# Names whose modules import more (xarray, matplotlib) are loaded on first access.
+_LAZY: dict[str, str] = {
+    "Uniform": "combinability.samplers",
+    "Subcube": "combinability.samplers",
+    "Hyperplane": "combinability.samplers",
+    "Bernoulli": "combinability.samplers",
+    "Linear": "combinability.samplers",
+    "Stitch": "combinability.samplers",
+    "MinMax": "combinability.samplers",
+    "Box": "combinability.samplers",
+    "Triangle": "combinability.samplers",
+    "get_sampler": "combinability.samplers",
+    "combine": "combinability.combine",
+    "combine3": "combinability.combine",
+    "loss_barrier": "combinability.metrics",
+    "empirical_barrier": "combinability.metrics",
+    "agreement_categories": "combinability.metrics",
+    "edge_lengths": "combinability.metrics",
+    "load_dataset": "combinability.data",
+    "ArrayDataset": "combinability.data.base",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'combinability' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))
+
+
+__all__ = [
+    "AlignmentError",
+    "Architecture",
+    "Backend",
+    "BackendUnavailableError",
+    "CombinabilityError",
+    "CorruptFileError",
+    "DatasetError",
+    "DatasetNotFoundError",
+    "Evaluation",
+    "FlatLayout",
+    "IncompatibleModelsError",
+    "IncompatibleVersionError",
+    "LayoutError",
+    "NonFiniteWeightsError",
+    "NumpyRandom",
+    "ParamEntry",
+    "Permutation",
+    "PermutationSpec",
+    "PermutationSpecError",
+    "PluginError",
+    "SamplerError",
+    "SpecBuilder",
+    "TrainRecipe",
+    "UnknownNameError",
+    "activation_matching",
+    "apply_permutation",
+    "compose_permutations",
+    "get_architecture",
+    "get_backend",
+    "hookimpl",
+    "identity_permutation",
+    "invert_permutation",
+    "list_architectures",
+    "list_backends",
+    "list_datasets",
+    "list_samplers",
+    "matching_objective",
+    "perturb_permutation",
+    "random_derangement",
+    "random_permutation",
+    "unit_correlations",
+    "weight_matching",
+    *_LAZY,
+]

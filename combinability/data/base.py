@@ -1,0 +1,64 @@
+"""The in-memory dataset every loader returns and every backend consumes."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+__all__ = ["ArrayDataset"]
+
+
+@dataclass(frozen=True)
+class ArrayDataset:
+    """One split of a classification dataset, held as numpy arrays.
+
+    Attributes
+    ----------
+    x : numpy.ndarray of float32
+        Inputs, channels-first: ``(n, c, h, w)`` for images, ``(n, f)`` for vectors;
+        already normalised (per-channel mean 0, std 1 on the training split).
+    y : numpy.ndarray of int64, shape (n,)
+        Labels in ``[0, num_classes)``.
+    num_classes : int
+    name : str
+        Registry name of the dataset, e.g. ``"fashion_mnist"``.
+    split : str
+        ``"train"`` or ``"test"``.
+    classes : tuple of str
+        Human-readable class names (may be empty).
+    """
+
+    x: np.ndarray = field(repr=False)
+    y: np.ndarray = field(repr=False)
+    num_classes: int
+    name: str = ""
+    split: str = ""
+    classes: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if len(self.x) != len(self.y):
+            raise ValueError(f"x has {len(self.x)} examples but y has {len(self.y)}")
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        """Shape of one example, channels-first."""
+        return tuple(int(s) for s in self.x.shape[1:])
+
+    @property
+    def is_image(self) -> bool:
+        """True for ``(n, c, h, w)`` inputs."""
+        return self.x.ndim == 4
+
+    def subset(self, n: int | None = None, *, seed: int | None = None) -> ArrayDataset:
+        """The first ``n`` examples, or ``n`` drawn without replacement when ``seed`` is given."""
+        if n is None or n >= len(self):
+            return self
+        if seed is None:
+            idx = np.arange(n)
+        else:
+            idx = np.sort(np.random.default_rng(seed).choice(len(self), size=n, replace=False))
+        return ArrayDataset(self.x[idx], self.y[idx], self.num_classes, self.name, self.split, self.classes)

@@ -1,0 +1,87 @@
+"""The library's exception hierarchy.
+
+Every error the library raises on purpose derives from :class:`CombinabilityError`.
+Subclasses also derive from the built-in exception they refine, so code written
+against the built-ins (``except ValueError``) keeps working.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "CombinabilityError",
+    "PermutationSpecError",
+    "LayoutError",
+    "SamplerError",
+    "IncompatibleModelsError",
+    "NonFiniteWeightsError",
+    "UnknownNameError",
+    "BackendUnavailableError",
+    "DatasetError",
+    "DatasetNotFoundError",
+    "CorruptFileError",
+    "IncompatibleVersionError",
+    "PluginError",
+    "AlignmentError",
+]
+
+
+class CombinabilityError(Exception):
+    """Base class of every error raised by combinability on purpose."""
+
+
+class PermutationSpecError(CombinabilityError, ValueError):
+    """A permutation spec does not fit the parameters it is used with."""
+
+
+class LayoutError(CombinabilityError, ValueError):
+    """A flat vector or a set of named arrays does not match a :class:`FlatLayout`."""
+
+
+class SamplerError(CombinabilityError, ValueError):
+    """A sampler was given a parameter outside its valid range."""
+
+
+class IncompatibleModelsError(CombinabilityError, ValueError):
+    """Two or more models cannot be combined (different architecture, width or shapes)."""
+
+
+class NonFiniteWeightsError(CombinabilityError, ValueError):
+    """A model's weights contain NaN or infinite values."""
+
+
+class UnknownNameError(CombinabilityError, KeyError):
+    """A backend, architecture, dataset, sampler or split name is not registered.
+
+    The message lists the valid names.
+    """
+
+    def __str__(self) -> str:  # KeyError would repr() the message; keep it readable
+        return str(self.args[0]) if self.args else ""
+
+
+class BackendUnavailableError(CombinabilityError, ImportError):
+    """A known backend whose framework is not installed; the message names the extra."""
+
+
+class DatasetError(CombinabilityError, ValueError):
+    """A dataset's files exist but are malformed or truncated."""
+
+
+class DatasetNotFoundError(CombinabilityError, FileNotFoundError):
+    """A dataset's files could not be found; the message says where they were looked for."""
+
+
+class CorruptFileError(CombinabilityError, ValueError):
+    """A checkpoint or results file cannot be read."""
+
+
+class IncompatibleVersionError(CombinabilityError, ValueError):
+    """A checkpoint or results file was written by an incompatible version of the library."""
+
+
+class PluginError(CombinabilityError, RuntimeError):
+    """A plugin is malformed (e.g. registers an object without the required attributes)."""
+
+
+class AlignmentError(CombinabilityError, RuntimeError):
+    """An alignment (matching) procedure failed."""

@@ -1,0 +1,290 @@
+"""Alignment of two networks modulo permutations of hidden units.
+
+* :func:`weight_matching` — Git Re-Basin's permutation coordinate descent (paper
+  appendix C; Ainsworth et al., 2023): maximise ``Σ ⟨θ_A, π(θ_B)⟩`` one permutation at
+  a time, each step a linear assignment problem solved exactly by scipy.
+* :func:`activation_matching` — one assignment per permutation on the correlation of
+  the two networks' activations.
+* :func:`perturb_permutation` — the §6.3 robustness probe: the ``k`` lowest-scoring unit
+  pairs of one permutation re-matched by a random derangement.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+from scipy.optimize import linear_sum_assignment
+
+from combinability.errors import AlignmentError, IncompatibleModelsError, PermutationSpecError
+from combinability.permutation import (
+    Permutation,
+    PermutationSpec,
+    apply_permutation,
+    check_permutation,
+    identity_permutation,
+)
+
+__all__ = [
+    "weight_matching",
+    "matching_objective",
+    "activation_matching",
+    "unit_correlations",
+    "random_derangement",
+    "perturb_permutation",
+]
+
+
+def _as_float_params(spec: PermutationSpec, params: Mapping[str, Any], which: str) -> dict[str, np.ndarray]:
+    out = {}
+    for name in spec.axes_to_perm:
+        if name not in params:
+            raise PermutationSpecError(f"parameter {name!r} of the spec is missing from model {which}")
+        arr = np.asarray(params[name])
+        if not np.all(np.isfinite(arr)):
+            from combinability.errors import NonFiniteWeightsError
+
+            raise NonFiniteWeightsError(f"model {which}: parameter {name!r} holds NaN or infinite values")
+        out[name] = arr.astype(np.float64, copy=False)
+    return out
+
+
+def matching_objective(spec: PermutationSpec, params_a: Mapping[str, Any], params_b: Mapping[str, Any],
+                       perm: Mapping[str, Any]) -> float:
+    """``Σ_names ⟨θ_A[name], π(θ_B)[name]⟩`` over the parameters listed in ``spec``."""
+    permuted = apply_permutation(spec, perm, {n: params_b[n] for n in spec.axes_to_perm})
+    return float(sum(np.vdot(np.asarray(params_a[n], np.float64), permuted[n].astype(np.float64))
+                     for n in spec.axes_to_perm))
+
+
+def _cost_matrix(spec: PermutationSpec, p: str, a: Mapping[str, np.ndarray], b: Mapping[str, np.ndarray],
+                 perm: Mapping[str, np.ndarray], n: int) -> np.ndarray:
+    """``C[i, j] = Σ ⟨A unit i, B unit j⟩`` with every other permutation applied to B."""
+    cost = np.zeros((n, n))
+    for name, axis in spec.perm_to_axes[p]:
+        wa = np.moveaxis(a[name], axis, 0).reshape(n, -1)
+        wb = apply_permutation(spec, perm, {name: b[name]}, except_perm=p)[name]
+        wb = np.moveaxis(wb, axis, 0).reshape(n, -1)
+        cost += wa @ wb.T
+    return cost
+
+
+def _descend(spec: PermutationSpec, a: dict, b: dict, perm: dict[str, np.ndarray], sizes: dict[str, int],
+             rng: np.random.Generator, max_iter: int, tol: float) -> tuple[dict, list[float], int]:
+    names = list(sizes)
+    history = [matching_objective(spec, a, b, perm)]
+    iterations = 0
+    for _ in range(max_iter):
+        iterations += 1
+        improved = False
+        for idx in rng.permutation(len(names)):
+            p = names[idx]
+            n = sizes[p]
+            cost = _cost_matrix(spec, p, a, b, perm, n)
+            rows, cols = linear_sum_assignment(cost, maximize=True)
+            new = cols[np.argsort(rows)].astype(np.int64)
+            old_val = cost[np.arange(n), perm[p]].sum()
+            new_val = cost[np.arange(n), new].sum()
+            if new_val > old_val + tol * max(1.0, abs(old_val)):
+                perm[p] = new
+                improved = True
+        history.append(matching_objective(spec, a, b, perm))
+        if not improved:
+            break
+    return perm, history, iterations
+
+
+def weight_matching(
+    spec: PermutationSpec,
+    params_a: Mapping[str, Any],
+    params_b: Mapping[str, Any],
+    *,
+    max_iter: int = 100,
+    seed: int | np.random.Generator | None = 0,
+    init: Mapping[str, Any] | None = None,
+    restarts: int = 0,
+    tol: float = 1e-12,
+) -> Permutation:
+    """Align ``params_b`` to ``params_a`` by permutation coordinate descent.
+
+    Each sweep visits the permutations in a random order (drawn from a seeded numpy
+    Generator) and replaces each by the exact solution of its linear assignment
+    problem, the others held fixed. It stops after a sweep that improves nothing, or
+    after ``max_iter`` sweeps.
+
+    Parameters
+    ----------
+    spec : PermutationSpec
+    params_a, params_b : mapping of str to numpy array
+        The two models' parameters (same names and shapes).
+    max_iter : int, default 100
+        Maximum number of sweeps per run.
+    seed : int or numpy.random.Generator, default 0
+        Seeds the sweep orders and the random starts of restarts.
+    init : mapping of str to int array, optional
+        Initial permutation of the first run (default: identity).
+    restarts : int, default 0
+        Extra runs from uniformly random initial permutations; the run with the best
+        final objective is returned (single runs can stop in a local optimum).
+    tol : float
+        Relative improvement below which an assignment is not taken.
+
+    Returns
+    -------
+    Permutation
+        ``{name: index array}`` with ``objective``, ``history`` (objective at the start
+        and after each sweep of the best run) and ``iterations``.
+
+    Raises
+    ------
+    PermutationSpecError
+        If the spec does not fit the parameters.
+    IncompatibleModelsError
+        If the two models' shapes differ.
+    """
+    if max_iter < 1:
+        raise ValueError(f"max_iter must be >= 1, got {max_iter}")
+    if restarts < 0:
+        raise ValueError(f"restarts must be >= 0, got {restarts}")
+    spec.validate(params_a, allow_unlisted=True)
+    for name in spec.axes_to_perm:
+        if name in params_b and np.shape(params_a[name]) != np.shape(params_b[name]):
+            raise IncompatibleModelsError(
+                f"parameter {name!r} has shape {np.shape(params_a[name])} in model A but "
+                f"{np.shape(params_b[name])} in model B: the models differ in architecture or width"
+            )
+    a = _as_float_params(spec, params_a, "A")
+    b = _as_float_params(spec, params_b, "B")
+    sizes = spec.perm_sizes(a)
+    rng = seed if isinstance(seed, np.random.Generator) else np.random.default_rng(seed)
+
+    if init is not None:
+        check_permutation(init, sizes)
+        start = {p: np.asarray(init[p], dtype=np.int64).copy() for p in sizes}
+    else:
+        start = dict(identity_permutation(sizes))
+    best: tuple[dict, list[float], int] | None = None
+    for run in range(restarts + 1):
+        if run > 0:
+            start = {p: rng.permutation(n).astype(np.int64) for p, n in sizes.items()}
+        result = _descend(spec, a, b, start, sizes, rng, max_iter, tol)
+        if best is None or result[1][-1] > best[1][-1]:
+            best = result
+    if best is None:  # pragma: no cover - restarts >= 0 guarantees one run
+        raise AlignmentError("weight matching ran no iteration")
+    perm, history, iterations = best
+    return Permutation(perm, objective=history[-1], history=history, iterations=iterations, method="weight")
+
+
+def unit_correlations(acts_a: np.ndarray, acts_b: np.ndarray) -> np.ndarray:
+    """Pearson correlation of every unit of A with every unit of B.
+
+    Parameters
+    ----------
+    acts_a, acts_b : numpy.ndarray, shape (n_observations, units)
+
+    Returns
+    -------
+    numpy.ndarray, shape (units_a, units_b)
+        Units with zero variance correlate 0 with everything.
+    """
+    a = np.asarray(acts_a, dtype=np.float64)
+    b = np.asarray(acts_b, dtype=np.float64)
+    if a.ndim != 2 or b.ndim != 2 or a.shape[0] != b.shape[0]:
+        raise IncompatibleModelsError(
+            f"activations must be (observations, units) with the same observations, got {a.shape} and {b.shape}"
+        )
+    a = a - a.mean(0)
+    b = b - b.mean(0)
+    sa = np.sqrt((a * a).sum(0))
+    sb = np.sqrt((b * b).sum(0))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        corr = (a.T @ b) / np.outer(sa, sb)
+    return np.nan_to_num(corr, nan=0.0, posinf=0.0, neginf=0.0)
+
+
+def activation_matching(acts_a: Mapping[str, np.ndarray], acts_b: Mapping[str, np.ndarray]) -> Permutation:
+    """One assignment per permutation maximising the summed activation correlation.
+
+    Parameters
+    ----------
+    acts_a, acts_b : mapping of permutation name to array (n_observations, units)
+        Activations of the units each permutation acts on, for the same inputs.
+
+    Returns
+    -------
+    Permutation
+        ``objective`` is the mean correlation of matched pairs over all permutations.
+    """
+    if set(acts_a) != set(acts_b):
+        raise IncompatibleModelsError(f"activation points differ: {sorted(acts_a)} vs {sorted(acts_b)}")
+    perm = {}
+    total, count = 0.0, 0
+    for p in acts_a:
+        corr = unit_correlations(acts_a[p], acts_b[p])
+        rows, cols = linear_sum_assignment(corr, maximize=True)
+        perm[p] = cols[np.argsort(rows)].astype(np.int64)
+        total += corr[rows, cols].sum()
+        count += len(rows)
+    return Permutation(perm, objective=total / max(count, 1), history=[total / max(count, 1)], method="activation")
+
+
+def random_derangement(k: int, rng: np.random.Generator) -> np.ndarray:
+    """A uniformly random permutation of ``range(k)`` with no fixed point (``k >= 2``).
+
+    Rejection sampling: about ``e`` tries on average.
+    """
+    if k < 2:
+        raise ValueError(f"a derangement needs at least 2 elements, got k={k}")
+    while True:
+        sigma = rng.permutation(k)
+        if not np.any(sigma == np.arange(k)):
+            return sigma.astype(np.int64)
+
+
+def perturb_permutation(
+    perm: Mapping[str, Any],
+    name: str,
+    scores: np.ndarray,
+    k: int,
+    seed: int | np.random.Generator | None = 0,
+) -> Permutation:
+    """Re-match the ``k`` lowest-scoring unit pairs of permutation ``name`` by a derangement.
+
+    Parameters
+    ----------
+    perm : mapping of str to int array
+        The alignment to perturb (B's unit ``perm[name][j]`` is matched to A's unit ``j``).
+    name : str
+        Which permutation (layer) to perturb.
+    scores : numpy.ndarray, shape (n,)
+        Score of each matched pair ``j`` (e.g. the activation correlation of A's unit
+        ``j`` with its partner); the ``k`` lowest are re-matched.
+    k : int
+        Number of pairs to re-match, ``2 <= k <= n``.
+    seed : int or numpy.random.Generator
+
+    Returns
+    -------
+    Permutation
+        A copy of ``perm`` in which no chosen unit keeps its partner: the chosen A units
+        are paired among themselves with a random derangement of their B partners.
+    """
+    if name not in perm:
+        raise PermutationSpecError(f"no permutation named {name!r}; valid: {', '.join(perm)}")
+    base = np.asarray(perm[name], dtype=np.int64)
+    n = len(base)
+    scores = np.asarray(scores)
+    if scores.shape != (n,):
+        raise ValueError(f"scores must have shape ({n},) for permutation {name!r}, got {scores.shape}")
+    if not 2 <= k <= n:
+        raise ValueError(f"k must be between 2 and {n} (the units of {name!r}), got {k}")
+    rng = seed if isinstance(seed, np.random.Generator) else np.random.default_rng(seed)
+    chosen = np.argsort(scores, kind="stable")[:k]
+    sigma = random_derangement(k, rng)
+    new = base.copy()
+    new[chosen] = base[chosen[sigma]]
+    out = Permutation({p: np.asarray(v, dtype=np.int64).copy() for p, v in perm.items()}, method="perturbed")
+    out[name] = new
+    return out

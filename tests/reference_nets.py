@@ -1,0 +1,132 @@
+"""Plain numpy reference networks and their permutation specs, for tests.
+
+These forward passes are written independently of any backend: they are the
+reference the library's permutations and backends are checked against.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numpy.lib.stride_tricks import sliding_window_view
+
+from combinability.specs import SpecBuilder
+
+
+def relu(x: np.ndarray) -> np.ndarray:
+    return np.maximum(x, 0.0)
+
+
+def layer_norm_channels(x: np.ndarray, w: np.ndarray, b: np.ndarray, eps: float = 1e-5) -> np.ndarray:
+    """LayerNorm over the channel axis (axis 1) at every position of an NCHW tensor."""
+    mu = x.mean(axis=1, keepdims=True)
+    var = x.var(axis=1, keepdims=True)
+    return (x - mu) / np.sqrt(var + eps) * w[None, :, None, None] + b[None, :, None, None]
+
+
+def conv2d(x: np.ndarray, w: np.ndarray, b: np.ndarray | None = None, stride: int = 1, pad: int = 1) -> np.ndarray:
+    """NCHW cross-correlation with an (out, in, kh, kw) kernel, like torch's conv2d."""
+    xp = np.pad(x, ((0, 0), (0, 0), (pad, pad), (pad, pad)))
+    kh, kw = w.shape[2:]
+    win = sliding_window_view(xp, (kh, kw), axis=(2, 3))[:, :, ::stride, ::stride]
+    out = np.einsum("nchwij,ocij->nohw", win, w)
+    return out if b is None else out + b[None, :, None, None]
+
+
+# -- MLP --------------------------------------------------------------------------
+def mlp_params(rng: np.random.Generator, sizes: tuple[int, ...]) -> dict[str, np.ndarray]:
+    params = {}
+    for i, (fan_in, fan_out) in enumerate(zip(sizes[:-1], sizes[1:], strict=True)):
+        params[f"layers.{i}.weight"] = rng.normal(0, 1 / np.sqrt(fan_in), (fan_out, fan_in))
+        params[f"layers.{i}.bias"] = rng.normal(0, 0.1, fan_out)
+    return params
+
+
+def mlp_spec(n_layers: int):
+    b = SpecBuilder("torch")
+    for i in range(n_layers):
+        b.dense(f"layers.{i}", f"P{i - 1}" if i > 0 else None, f"P{i}" if i < n_layers - 1 else None)
+    return b.build()
+
+
+def mlp_forward(params: dict[str, np.ndarray], x: np.ndarray, n_layers: int) -> np.ndarray:
+    for i in range(n_layers):
+        x = x @ params[f"layers.{i}.weight"].T + params[f"layers.{i}.bias"]
+        if i < n_layers - 1:
+            x = relu(x)
+    return x
+
+
+# -- plain conv net -------------------------------------------------------------------
+def convnet_params(rng: np.random.Generator, channels=(3, 6, 5), classes: int = 4) -> dict[str, np.ndarray]:
+    p = {}
+    for i, (cin, cout) in enumerate(zip(channels[:-1], channels[1:], strict=True)):
+        p[f"conv{i}.weight"] = rng.normal(0, 1 / np.sqrt(cin * 9), (cout, cin, 3, 3))
+        p[f"conv{i}.bias"] = rng.normal(0, 0.1, cout)
+        p[f"norm{i}.weight"] = rng.normal(1, 0.1, cout)
+        p[f"norm{i}.bias"] = rng.normal(0, 0.1, cout)
+    p["head.weight"] = rng.normal(0, 0.3, (classes, channels[-1]))
+    p["head.bias"] = rng.normal(0, 0.1, classes)
+    return p
+
+
+def convnet_spec(n_conv: int = 2):
+    b = SpecBuilder("torch")
+    for i in range(n_conv):
+        b.conv(f"conv{i}", f"C{i - 1}" if i else None, f"C{i}").norm(f"norm{i}", f"C{i}")
+    return b.dense("head", f"C{n_conv - 1}", None).build()
+
+
+def convnet_forward(p: dict[str, np.ndarray], x: np.ndarray, n_conv: int = 2) -> np.ndarray:
+    for i in range(n_conv):
+        x = relu(layer_norm_channels(conv2d(x, p[f"conv{i}.weight"], p[f"conv{i}.bias"]),
+                                     p[f"norm{i}.weight"], p[f"norm{i}.bias"]))
+    return x.mean(axis=(2, 3)) @ p["head.weight"].T + p["head.bias"]
+
+
+# -- residual net: stem, an identity block, a projection block, head --------------------------
+def resnet_params(rng: np.random.Generator, c_in: int = 3, c1: int = 6, c2: int = 8, classes: int = 4):
+    def conv(cout, cin, k=3):
+        return rng.normal(0, 1 / np.sqrt(cin * k * k), (cout, cin, k, k))
+
+    def norm(name, c):
+        p[f"{name}.weight"] = rng.normal(1, 0.1, c)
+        p[f"{name}.bias"] = rng.normal(0, 0.1, c)
+
+    p: dict[str, np.ndarray] = {"stem.weight": conv(c1, c_in)}
+    norm("stem_norm", c1)
+    p["b1.conv1.weight"] = conv(c1, c1)
+    norm("b1.norm1", c1)
+    p["b1.conv2.weight"] = conv(c1, c1)
+    norm("b1.norm2", c1)
+    p["b2.conv1.weight"] = conv(c2, c1)
+    norm("b2.norm1", c2)
+    p["b2.conv2.weight"] = conv(c2, c2)
+    norm("b2.norm2", c2)
+    p["b2.short.weight"] = conv(c2, c1, 1)
+    norm("b2.short_norm", c2)
+    p["head.weight"] = rng.normal(0, 0.3, (classes, c2))
+    p["head.bias"] = rng.normal(0, 0.1, classes)
+    return p
+
+
+def resnet_spec():
+    b = SpecBuilder("torch")
+    b.conv("stem", None, "S1", bias=False).norm("stem_norm", "S1")
+    b.basic_block(conv1="b1.conv1", norm1="b1.norm1", conv2="b1.conv2", norm2="b1.norm2",
+                  p_in="S1", p_inner="I1", p_out="S1")
+    b.basic_block(conv1="b2.conv1", norm1="b2.norm1", conv2="b2.conv2", norm2="b2.norm2",
+                  p_in="S1", p_inner="I2", p_out="S2", shortcut_conv="b2.short", shortcut_norm="b2.short_norm")
+    return b.dense("head", "S2", None).build()
+
+
+def resnet_forward(p: dict[str, np.ndarray], x: np.ndarray) -> np.ndarray:
+    def ln(x, name):
+        return layer_norm_channels(x, p[f"{name}.weight"], p[f"{name}.bias"])
+
+    x = relu(ln(conv2d(x, p["stem.weight"]), "stem_norm"))
+    h = relu(ln(conv2d(x, p["b1.conv1.weight"]), "b1.norm1"))
+    x = relu(ln(conv2d(h, p["b1.conv2.weight"]), "b1.norm2") + x)
+    h = relu(ln(conv2d(x, p["b2.conv1.weight"], stride=2), "b2.norm1"))
+    short = ln(conv2d(x, p["b2.short.weight"], stride=2, pad=0), "b2.short_norm")
+    x = relu(ln(conv2d(h, p["b2.conv2.weight"]), "b2.norm2") + short)
+    return x.mean(axis=(2, 3)) @ p["head.weight"].T + p["head.bias"]

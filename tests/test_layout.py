@@ -1,0 +1,53 @@
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from combinability import FlatLayout, LayoutError
+
+shapes = st.lists(st.lists(st.integers(0, 5), min_size=0, max_size=4).map(tuple), min_size=1, max_size=6)
+
+
+@settings(max_examples=50, deadline=None)
+@given(shapes=shapes, seed=st.integers(0, 2**32 - 1))
+def test_round_trip_is_exact(shapes, seed):
+    rng = np.random.default_rng(seed)
+    dtypes = [np.float32, np.float64, np.float16]
+    params = {f"p{i}": rng.normal(size=s).astype(dtypes[i % 3]) for i, s in enumerate(shapes)}
+    layout = FlatLayout.from_arrays(params)
+    flat = layout.flatten(params)
+    assert flat.shape == (sum(int(np.prod(s)) for s in shapes),)
+    back = layout.unflatten(flat)
+    assert list(back) == list(params)
+    for name in params:
+        assert back[name].dtype == params[name].dtype
+        np.testing.assert_array_equal(back[name], params[name])
+    # offsets are contiguous and in order
+    expected = 0
+    for e in layout.entries:
+        assert e.offset == expected
+        expected += int(np.prod(e.shape))
+
+
+def test_layers_and_slices():
+    params = {"a.w": np.ones((2, 3)), "a.b": np.zeros(2), "b.w": np.full((1, 2), 7.0)}
+    layout = FlatLayout.from_arrays(params, layers={"a.w": 0, "a.b": 0, "b.w": 1})
+    np.testing.assert_array_equal(layout.layer_index(), [0] * 8 + [1] * 2)
+    assert layout.num_layers == 2
+    flat = layout.flatten(params)
+    np.testing.assert_array_equal(flat[layout.slice("b.w")], [7.0, 7.0])
+    assert FlatLayout.from_records(layout.to_records()) == layout
+
+
+def test_errors_name_the_problem():
+    layout = FlatLayout.from_arrays({"w": np.ones((2, 3), np.float32)})
+    with pytest.raises(LayoutError, match="missing"):
+        layout.flatten({})
+    with pytest.raises(LayoutError, match=r"shape \(3, 2\).*\(2, 3\)"):
+        layout.flatten({"w": np.ones((3, 2))})
+    with pytest.raises(LayoutError, match=r"expects \(6,\)"):
+        layout.unflatten(np.ones(5))
+    with pytest.raises(LayoutError, match="known names: w"):
+        layout["nope"]
+    with pytest.raises(LayoutError, match="w: \\(2, 3\\) vs \\(3, 2\\)"):
+        layout.check_compatible(FlatLayout.from_arrays({"w": np.ones((3, 2))}))
