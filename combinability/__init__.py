@@ -82,6 +82,16 @@ _LAZY: dict[str, str] = {
     "agreement_categories": "combinability.metrics",
     "edge_lengths": "combinability.metrics",
     "load_dataset": "combinability.data",
+    "train": "combinability.models",
+    "load_model": "combinability.models",
+    "save_model": "combinability.models",
+    "ModelPair": "combinability.pair",
+    "sweep": "combinability.sweeps",
+    "sweep_pairs": "combinability.sweeps",
+    "open_results": "combinability.results",
+    "write_results": "combinability.results",
+    "barriers": "combinability.results",
+    "experiments": "combinability.experiments",
     "ArrayDataset": "combinability.data.base",
 }
 
@@ -90,7 +100,8 @@ def __getattr__(name: str) -> Any:
     module = _LAZY.get(name)
     if module is None:
         raise AttributeError(f"module 'combinability' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
+    mod = importlib.import_module(module)
+    value = mod if module == f"combinability.{name}" else getattr(mod, name)
     globals()[name] = value
     return value
 

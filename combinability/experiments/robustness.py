@@ -1,0 +1,142 @@
+"""§6.3 (fig 14): robustness of the combination to corrupted unit pairings.
+
+For one permutation (layer) at a time, the ``k`` unit pairs with the lowest activation
+correlation are re-matched by a random derangement, and the linear path between A and
+the re-permuted B is measured. Re-permuting B leaves it functionally identical, so the
+end models are unchanged; only the pairing used by the combination is corrupted.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+import xarray as xr
+
+from combinability.combine import combine
+from combinability.errors import IncompatibleModelsError
+from combinability.experiments.compare import reuse_or_run
+from combinability.matching import perturb_permutation, unit_correlations
+from combinability.permutation import apply_permutation
+from combinability.results import provenance, write_results
+
+if TYPE_CHECKING:
+    from combinability.data.base import ArrayDataset
+    from combinability.pair import ModelPair
+
+__all__ = ["alignment_robustness"]
+
+
+def _data(data: str | ArrayDataset, split: str, limit: int | None) -> ArrayDataset:
+    if isinstance(data, str):
+        from combinability.data import load_dataset
+
+        return load_dataset(data, split).subset(limit)
+    return data.subset(limit)
+
+
+def alignment_robustness(
+    pair: ModelPair,
+    data: str | ArrayDataset,
+    *,
+    permutations: Sequence[str] | None = None,
+    steps: int = 8,
+    lambdas: Sequence[float] = (0.25, 0.5, 0.75),
+    split: str = "test",
+    limit: int | None = None,
+    examples: int = 2000,
+    seed: int = 0,
+    batch_size: int = 1000,
+    out: str | Path | None = None,
+) -> xr.Dataset:
+    """Barriers of the linear path after re-matching the ``k`` weakest pairs of one layer.
+
+    Parameters
+    ----------
+    pair : ModelPair
+        A pair aligned with a permutation (``pair.align(...)``).
+    data : str or ArrayDataset
+        Dataset name (``split`` is evaluated; the train split gives the activations)
+        or the evaluation data itself (then also used for the activations).
+    permutations : sequence of str, optional
+        Which permutations (layers) to perturb; default all.
+    steps : int
+        Number of ``k`` values per layer, equidistant from 2 to the layer's unit count N.
+    lambdas : sequence of float
+        Interior points of the linear path where the barrier is measured.
+    examples : int
+        Training examples whose activations order the pairs.
+
+    Returns
+    -------
+    xarray.Dataset
+        ``loss_barrier`` and ``accuracy_barrier`` with dims ``(permutation, step)`` and
+        coordinate ``k`` (pairs re-matched, NaN-free int; ``units`` per permutation);
+        ``baseline_*`` hold the unperturbed barriers.
+    """
+    if pair.permutation is None:
+        raise IncompatibleModelsError("align the pair first: the experiment perturbs its permutation")
+
+    def run(o: Path | None) -> xr.Dataset:
+        be = pair.backend_obj
+        kw = {k: pair.config[k] for k in ("width", "num_classes", "input_shape")}
+        points = pair.impl.activation_points(**kw)
+        names = list(permutations) if permutations is not None else list(points)
+        unknown = [p for p in names if p not in points]
+        if unknown:
+            raise IncompatibleModelsError(f"unknown permutation(s) {unknown}; valid: {', '.join(points)}")
+        act_data = _data(data, "train", None).subset(examples, seed=0) if isinstance(data, str) else data
+        eval_data = _data(data, split, limit)
+        wanted = list(dict.fromkeys(points[p] for p in names))
+        acts_a = be.activations(pair.model("a"), act_data, wanted)
+        acts_b = be.activations(pair.model("b"), act_data, wanted)  # B as aligned: unit j pairs with A's unit j
+        naive_b = (pair.naive or pair).params("b")
+        ta = be.asarray(pair.theta_a)
+        template, layout = pair.template, pair.layout
+        ends = be.evaluate(template, layout, [ta, be.asarray(pair.theta_b)], eval_data, batch_size=batch_size)
+        ref_loss = 0.5 * (ends[0].loss + ends[1].loss)
+        ref_acc = 0.5 * (ends[0].accuracy + ends[1].accuracy)
+
+        def path_barriers(theta_b: np.ndarray) -> tuple[float, float]:
+            tb = be.asarray(theta_b)
+            evs = be.evaluate(template, layout, [combine(ta, tb, float(lam)) for lam in lambdas], eval_data,
+                              batch_size=batch_size)
+            return max(e.loss for e in evs) - ref_loss, ref_acc - min(e.accuracy for e in evs)
+
+        base_loss, base_acc = path_barriers(pair.theta_b)
+        rng = np.random.default_rng(seed)
+        units = {p: len(pair.permutation[p]) for p in names}
+        ks = {p: np.unique(np.round(np.linspace(2, units[p], steps)).astype(int)) for p in names}
+        width = max(len(v) for v in ks.values())
+        loss_b = np.full((len(names), width), np.nan)
+        acc_b = np.full((len(names), width), np.nan)
+        k_coord = np.full((len(names), width), -1, dtype=np.int64)
+        for r, p in enumerate(names):
+            corr = unit_correlations(acts_a[points[p]], acts_b[points[p]])
+            scores = np.diag(corr)
+            for c, k in enumerate(ks[p]):
+                perturbed = perturb_permutation(pair.permutation, p, scores, int(k), seed=rng)
+                theta_b = layout.flatten(apply_permutation(pair.spec, perturbed, naive_b))
+                loss_b[r, c], acc_b[r, c] = path_barriers(theta_b)
+                k_coord[r, c] = k
+        ds = xr.Dataset(
+            {
+                "loss_barrier": (("permutation", "step"), loss_b),
+                "accuracy_barrier": (("permutation", "step"), acc_b),
+                "baseline_loss_barrier": ((), base_loss),
+                "baseline_accuracy_barrier": ((), base_acc),
+            },
+            coords={"permutation": names, "step": np.arange(width), "k": (("permutation", "step"), k_coord),
+                    "units": ("permutation", [units[p] for p in names])},
+            attrs=provenance(combinability_format="robustness", architecture=pair.architecture,
+                             width=float(pair.width), backend=pair.backend, split=split, seed=seed,
+                             lambdas=[float(x) for x in lambdas], alignment=pair.alignment,
+                             fingerprints=pair.fingerprints()),
+        )
+        if o is not None:
+            write_results(ds, o)
+        return ds
+
+    return reuse_or_run(out, run)

@@ -1,0 +1,110 @@
+"""Figures and a markdown summary of barriers from results files.
+
+:func:`report` reads netCDF files written by the sweep and the experiments, draws
+the matching figure of the paper for each (PNG), and writes ``summary.md`` with the
+empirical barriers (Def. 3.3) of every sweep, naive against aligned.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+import numpy as np
+import xarray as xr
+
+from combinability.results import atomic_path, barriers, open_results
+
+__all__ = ["report", "figure_for", "barrier_table"]
+
+
+def figure_for(ds: xr.Dataset, path: Path) -> list[Path]:
+    """Draw the figure(s) that fit ``ds`` to ``path`` (suffixes added for extra figures)."""
+    from combinability import plots
+
+    kind = ds.attrs.get("combinability_format")
+    written = []
+    if kind == "sweep":
+        if "point" in ds.dims:
+            plots.plot_triangle(ds, path)
+        elif "agreement" in ds:
+            plots.plot_agreement(ds, path)
+        else:
+            plots.plot_sweep(ds, path)
+        written.append(path)
+    elif kind == "edge_lengths":
+        plots.plot_edge_lengths(ds, path)
+        written.append(path)
+    elif kind == "robustness":
+        plots.plot_robustness(ds, path)
+        written.append(path)
+    elif kind == "width_ablation":
+        plots.plot_width_ablation(ds, path)
+        written.append(path)
+    return written
+
+
+def _fmt(x: float) -> str:
+    return "–" if x is None or not np.isfinite(x) else f"{x:.3f}"
+
+
+def barrier_table(results: Iterable[tuple[str, xr.Dataset]], splits: Sequence[str] = ("test", "train")) -> str:
+    """A markdown table of empirical loss and accuracy barriers, one row per sweep and split."""
+    lines = [
+        "| experiment | sampler | split | loss barrier (naive) | loss barrier (aligned) "
+        "| accuracy barrier (naive) | accuracy barrier (aligned) |",
+        "|---|---|---|---:|---:|---:|---:|",
+    ]
+    for name, ds in results:
+        if ds.attrs.get("combinability_format") != "sweep" or "agreement" in ds:
+            continue
+        b = barriers(ds)
+        for split in splits:
+            if split not in b["split"].values:
+                continue
+            row = b.sel(split=split)
+
+            def get(var: str, alignment: str, row: xr.Dataset = row) -> float:
+                if "alignment" not in row.dims:
+                    return float(row[var]) if alignment == "aligned" else float("nan")
+                names = list(row["alignment"].values)
+                key = alignment if alignment in names else ("transitive" if alignment == "aligned"
+                                                            and "transitive" in names else None)
+                return float(row[var].sel(alignment=key)) if key else float("nan")
+
+            lines.append(
+                f"| {name} | {ds.attrs.get('sampler', '')} | {split} | {_fmt(get('loss_barrier', 'naive'))} "
+                f"| {_fmt(get('loss_barrier', 'aligned'))} | {_fmt(get('accuracy_barrier', 'naive'))} "
+                f"| {_fmt(get('accuracy_barrier', 'aligned'))} |"
+            )
+    return "\n".join(lines) + "\n"
+
+
+def report(paths: Sequence[Path], out_dir: Path, *, title: str = "combinability report",
+           extra_markdown: str = "") -> list[Path]:
+    """Draw a figure per results file and write ``summary.md``; returns the paths written.
+
+    ``paths`` may hold netCDF files or folders (every ``*.nc`` inside is used).
+    """
+    files: list[Path] = []
+    for p in paths:
+        p = Path(p)
+        files.extend(sorted(f for f in p.glob("*.nc") if not f.name.startswith(".")) if p.is_dir() else [p])
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written: list[Path] = []
+    loaded = []
+    for f in files:
+        ds = open_results(f)
+        loaded.append((f.stem, ds))
+        written += figure_for(ds, out_dir / f"{f.stem}.png")
+    summary = out_dir / "summary.md"
+    text = f"# {title}\n\n## Empirical barriers (Def. 3.3), naive vs aligned\n\n" + barrier_table(loaded)
+    text += "\nLoss barrier: worst loss of the sample minus the mean loss of the end models; accuracy barrier: mean "
+    text += "accuracy of the end models minus the worst accuracy.\n"
+    if extra_markdown:
+        text += "\n" + extra_markdown
+    text += "\n## Figures\n\n" + "".join(f"- [{w.name}]({os.path.relpath(w, out_dir)})\n" for w in written)
+    with atomic_path(summary) as tmp:
+        tmp.write_text(text)
+    return [*written, summary]

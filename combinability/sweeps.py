@@ -1,0 +1,332 @@
+"""The sweep: draw coefficients, combine, evaluate, stream the results.
+
+:func:`sweep` is orchestration only. For each value of a sampler's parameter and each
+sample it draws a coefficient vector on the evaluation device, forms
+``θ_v = (1 − v) ⊙ θ_A + v ⊙ θ_B`` there, evaluates it on every split and records the
+loss, accuracy and (optionally) the §6.1 agreement counts. Memory stays ``O(d)``: one
+coefficient vector and one combined vector exist at a time.
+
+Every (value, sample) draws from its own random stream, seeded from
+``(seed, value index, sample)`` by :class:`numpy.random.SeedSequence`, so results do
+not depend on the order of evaluation, and an interrupted sweep resumed from its
+file (``out=``) finishes with results identical to an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import xarray as xr
+
+from combinability.errors import CombinabilityError, IncompatibleModelsError, SamplerError, UnknownNameError
+from combinability.results import json_attr, open_results, provenance, write_results
+
+if TYPE_CHECKING:
+    from combinability.backend import Backend, Evaluation
+    from combinability.data.base import ArrayDataset
+    from combinability.pair import ModelPair
+    from combinability.samplers.base import Sampler
+
+__all__ = ["sweep", "SPLITS", "sample_seed", "ResumeMismatchError"]
+
+SPLITS = ("train", "test")
+
+
+class ResumeMismatchError(CombinabilityError, ValueError):
+    """An existing results file belongs to a different sweep than the one requested."""
+
+
+def sample_seed(seed: int, value_index: int, sample: int) -> int:
+    """The seed of one (value, sample) stream: independent of evaluation order and process."""
+    return int(np.random.SeedSequence([int(seed), int(value_index), int(sample)]).generate_state(1, np.uint32)[0])
+
+
+@dataclass
+class _Split:
+    name: str
+    data: ArrayDataset
+    ends: dict[str, Evaluation]
+
+
+def _resolve_data(data: str | ArrayDataset | Mapping[str, ArrayDataset], splits: Sequence[str],
+                  limit: int | None) -> dict[str, ArrayDataset]:
+    from combinability.data.base import ArrayDataset
+
+    if isinstance(data, ArrayDataset):
+        name = data.split or "data"
+        return {name: data.subset(limit)}
+    if isinstance(data, Mapping):
+        return {str(k): v.subset(limit) for k, v in data.items()}
+    from combinability.data import load_dataset
+
+    bad = [s for s in splits if s not in SPLITS]
+    if bad:
+        raise UnknownNameError(f"unknown split(s) {bad}; valid splits: {', '.join(SPLITS)}")
+    return {s: load_dataset(data, s).subset(limit) for s in splits}
+
+
+def _sampler(sampler: Sampler | str | None) -> Sampler:
+    from combinability.samplers import Subcube, get_sampler
+
+    if sampler is None:
+        return Subcube()
+    if isinstance(sampler, str):
+        return get_sampler(sampler)
+    if not callable(getattr(sampler, "draw", None)):
+        raise SamplerError(f"expected a sampler (e.g. cb.Subcube()), got {type(sampler).__name__}")
+    return sampler
+
+
+def _agreement(pred: np.ndarray, pred_a: np.ndarray, pred_b: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    from combinability.metrics import AGREEMENT_CATEGORIES, agreement_categories
+
+    counts = agreement_categories(pred, pred_a, pred_b, labels)
+    if isinstance(counts, Mapping):
+        return np.array([counts[c] for c in AGREEMENT_CATEGORIES], dtype=np.int64)
+    return np.asarray(counts, dtype=np.int64)
+
+
+def sweep(
+    pair: ModelPair,
+    sampler: Sampler | str | None = None,
+    *,
+    backend: str | Backend | None = None,
+    data: str | ArrayDataset | Mapping[str, ArrayDataset] = "digits",
+    splits: Sequence[str] = SPLITS,
+    values: Sequence[Any] | None = None,
+    samples: int | None = None,
+    seed: int = 0,
+    batch_size: int = 1000,
+    agreement: bool = False,
+    limit: int | None = None,
+    out: str | Path | None = None,
+    overwrite: bool = False,
+    progress: bool = False,
+) -> xr.Dataset:
+    """Evaluate combinations of a pair's models over a sampler's parameter grid.
+
+    Parameters
+    ----------
+    pair : ModelPair
+        Naive or aligned (``pair.align(...)``); both are swept the same way.
+    sampler : Sampler or str, default Subcube()
+        Coefficient distribution (``cb.Uniform()``, ``cb.Linear(start=-1, stop=2)``, ...).
+    backend : str or Backend, optional
+        Evaluation backend; defaults to the pair's.
+    data : str, ArrayDataset or mapping of split to ArrayDataset, default "digits"
+        Registered dataset name, or the data itself.
+    splits : sequence of {"train", "test"}
+        Splits of a named dataset to evaluate on.
+    values : sequence, optional
+        Parameter values; default: the sampler's grid (25 equidistant values).
+    samples : int, optional
+        Draws per value; default 1 for deterministic samplers, 4 otherwise.
+    seed : int
+        Seeds every draw (see :func:`sample_seed`).
+    batch_size : int
+        Evaluation batch size.
+    agreement : bool
+        Also count the §6.1 agreement categories with A's and B's predictions.
+    limit : int, optional
+        Evaluate on the first ``limit`` examples of each split only.
+    out : path, optional
+        Stream results to this netCDF file (atomically rewritten after every
+        evaluation). If it exists and holds a compatible, unfinished sweep, the sweep
+        resumes from it; if it holds a different sweep, :class:`ResumeMismatchError`
+        unless ``overwrite=True``.
+    overwrite : bool
+        Start afresh even when ``out`` exists.
+    progress : bool
+        Show a progress bar.
+
+    Returns
+    -------
+    xarray.Dataset
+        ``loss`` and ``accuracy`` with dims ``(split, <parameter>, sample)``
+        (``(split, point, sample)`` for three-model samplers), the end models' scores
+        ``loss_a``, ``accuracy_a``, ``loss_b``, ... per split, optional ``agreement``
+        counts with a ``category`` dim, and provenance attributes.
+    """
+    from combinability.combine import combine, combine3
+    from combinability.plugins import get_backend
+    from combinability.samplers.base import DrawContext
+
+    smp = _sampler(sampler)
+    be = get_backend(backend or pair.backend)
+    if be.name != pair.backend:
+        raise IncompatibleModelsError(
+            f"the pair's models belong to backend {pair.backend!r}; evaluate with that backend (got {be.name!r})"
+        )
+    three = getattr(smp, "models", 2) == 3
+    if three and pair.theta_c is None:
+        raise IncompatibleModelsError(f"{type(smp).__name__} combines three models: build the pair with model_c=")
+    grid = list(values) if values is not None else list(smp.grid_for(pair.layout))
+    if not grid:
+        raise SamplerError(f"{type(smp).__name__}: no parameter values to sweep")
+    grid = [smp.validate(v, pair.layout) for v in grid]
+    n_samples = 1 if smp.deterministic else (4 if samples is None else int(samples))
+    if n_samples < 1:
+        raise ValueError(f"samples must be >= 1, got {samples}")
+    datasets = _resolve_data(data, splits, limit)
+    split_names = list(datasets)
+
+    # -- the result arrays and their identity (what a resumed run must match) ----------
+    if three:
+        param_dim = "point"
+        params = list(smp.parameters)
+        coords: dict[str, Any] = {param_dim: np.arange(len(grid))}
+        for j, name in enumerate(params):
+            coords[name] = (param_dim, np.array([g[j] for g in grid], dtype=np.float64))
+    else:
+        param_dim = smp.parameter
+        coords = {param_dim: np.asarray(grid)}
+    coords.update({"split": split_names, "sample": np.arange(n_samples)})
+    shape = (len(split_names), len(grid), n_samples)
+    from combinability.metrics import AGREEMENT_CATEGORIES
+
+    data_name = next(iter(datasets.values())).name
+    key = json_attr({
+        "sampler": smp.settings, "values": [np.asarray(g).tolist() for g in grid], "samples": n_samples,
+        "seed": seed, "splits": split_names, "data": data_name, "limit": limit, "agreement": agreement,
+        "fingerprints": pair.fingerprints(), "sizes": {k: len(v) for k, v in datasets.items()},
+    })
+    loss = np.full(shape, np.nan)
+    accuracy = np.full(shape, np.nan)
+    counts = np.zeros((*shape, len(AGREEMENT_CATEGORIES)), dtype=np.int64)
+    done = np.zeros((len(grid), n_samples), dtype=bool)
+    out_path = Path(out) if out is not None else None
+    if out_path is not None and out_path.exists() and not overwrite:
+        previous = open_results(out_path)
+        if previous.attrs.get("sweep_key") != key:
+            raise ResumeMismatchError(
+                f"{out_path} holds a different sweep (other sampler, values, seed, data or models); "
+                "pass overwrite=True to replace it, or choose another path"
+            )
+        loss[...] = previous["loss"].transpose("split", param_dim, "sample").values
+        accuracy[...] = previous["accuracy"].transpose("split", param_dim, "sample").values
+        done[...] = previous["done"].transpose(param_dim, "sample").values.astype(bool)
+        if agreement:
+            counts[...] = previous["agreement"].transpose("split", param_dim, "sample", "category").values
+
+    # -- end models -----------------------------------------------------------------------
+    template = pair.template
+    layout = pair.layout
+    ends = {"a": pair.theta_a, "b": pair.theta_b}
+    if pair.theta_c is not None:
+        ends["c"] = pair.theta_c
+    dev = {m: be.asarray(t) for m, t in ends.items()}
+    split_info = []
+    for name, ds in datasets.items():
+        evs = be.evaluate(template, layout, [dev[m] for m in ends], ds, batch_size=batch_size)
+        split_info.append(_Split(name, ds, dict(zip(ends, evs, strict=True))))
+
+    attrs = provenance(
+        combinability_format="sweep",
+        sweep_key=key,
+        sampler=smp.name,
+        sampler_settings=smp.settings,
+        parameter=param_dim if not three else json_attr(list(smp.parameters)),
+        architecture=pair.architecture,
+        width=float(pair.width),
+        backend=be.name,
+        device=be.device(),
+        framework_versions=be.versions(),
+        dataset=data_name,
+        splits=json_attr(split_names),
+        examples=json_attr({s.name: len(s.data) for s in split_info}),
+        seed=seed,
+        samples=n_samples,
+        alignment=pair.alignment,
+        alignment_objective=(pair.permutation.objective if pair.permutation is not None
+                             and pair.permutation.objective is not None else None),
+        parameters=int(layout.size),
+        fingerprints=pair.fingerprints(),
+    )
+
+    def build() -> xr.Dataset:
+        dims = ("split", param_dim, "sample")
+        variables: dict[str, Any] = {
+            "loss": (dims, loss.copy(), {"long_name": "mean cross-entropy loss"}),
+            "accuracy": (dims, accuracy.copy(), {"long_name": "top-1 accuracy"}),
+            "done": ((param_dim, "sample"), done.copy(), {"long_name": "evaluation finished"}),
+        }
+        for m in ends:
+            variables[f"loss_{m}"] = (("split",), np.array([s.ends[m].loss for s in split_info]),
+                                      {"long_name": f"loss of model {m.upper()}"})
+            variables[f"accuracy_{m}"] = (("split",), np.array([s.ends[m].accuracy for s in split_info]),
+                                          {"long_name": f"accuracy of model {m.upper()}"})
+        ds_coords = dict(coords)
+        if agreement:
+            variables["agreement"] = ((*dims, "category"), counts.copy(),
+                                      {"long_name": "examples per agreement category (paper §6.1)"})
+            ds_coords["category"] = list(AGREEMENT_CATEGORIES)
+        return xr.Dataset(variables, coords=ds_coords, attrs=dict(attrs))
+
+    # -- the loop --------------------------------------------------------------------------
+    todo = [(i, s) for i in range(len(grid)) for s in range(n_samples) if not done[i, s]]
+    bar = None
+    if progress and todo:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(todo), desc=f"{smp.name} ({pair.alignment})", unit="eval")
+    xp = be.xp()
+    for i, s in todo:
+        ctx = DrawContext(layout, be.random(sample_seed(seed, i, s)), theta_a=dev["a"], theta_b=dev["b"])
+        if three:
+            v_b, v_c = smp.draw(grid[i], ctx)
+            theta = combine3(dev["a"], dev["b"], dev["c"], v_b, v_c)
+        else:
+            theta = combine(dev["a"], dev["b"], smp.draw(grid[i], ctx))
+        del ctx
+        for k, split in enumerate(split_info):
+            (ev,) = be.evaluate(template, layout, [theta], split.data, batch_size=batch_size)
+            loss[k, i, s] = ev.loss
+            accuracy[k, i, s] = ev.accuracy
+            if agreement:
+                counts[k, i, s] = _agreement(ev.predictions, split.ends["a"].predictions,
+                                             split.ends["b"].predictions, split.data.y)
+        del theta
+        done[i, s] = True
+        if out_path is not None:
+            write_results(build(), out_path)
+        if bar is not None:
+            bar.update(1)
+    if bar is not None:
+        bar.close()
+    del xp
+    result = build()
+    if out_path is not None and not todo and not out_path.exists():
+        write_results(result, out_path)
+    return result
+
+
+def sweep_pairs(pairs: Mapping[str, ModelPair], sampler: Sampler | str | None = None, *,
+                out: str | Path | None = None, **kwargs: Any) -> xr.Dataset:
+    """:func:`sweep` several pairs (e.g. ``{"naive": p.naive, "aligned": p}``) along an ``alignment`` dim.
+
+    With ``out``, each pair streams to ``<out stem>.<key>.partial.nc`` beside ``out``
+    and the combined Dataset is written to ``out`` at the end.
+    """
+    parts = []
+    for name, pair in pairs.items():
+        part_out = None
+        if out is not None:
+            out = Path(out)
+            part_out = out.with_name(f".{out.stem}.{name}.partial.nc")
+        parts.append(sweep(pair, sampler, out=part_out, **kwargs))
+    ds = xr.concat(parts, dim=xr.DataArray(list(pairs), dims="alignment", name="alignment"),
+                   combine_attrs="drop_conflicts")
+    ds.attrs["alignments"] = json.dumps(list(pairs))
+    for name, part in zip(pairs, parts, strict=True):
+        ds.attrs[f"{name}_alignment_objective"] = part.attrs.get("alignment_objective", np.nan)
+    ds.attrs.pop("sweep_key", None)
+    if out is not None:
+        write_results(ds, out)
+        for name in pairs:
+            Path(out).with_name(f".{Path(out).stem}.{name}.partial.nc").unlink(missing_ok=True)
+    return ds

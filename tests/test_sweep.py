@@ -1,0 +1,127 @@
+"""The sweep against the paper's relations and against independent evaluations."""
+
+import numpy as np
+import pytest
+import xarray as xr
+
+import combinability as cb
+from combinability.results import barriers
+from combinability.sweeps import sample_seed
+
+LIMIT = 300
+
+
+def _ends(pair):
+    """Loss of A and B on the test split, evaluated directly by the backend (not through the sweep)."""
+    from combinability.data import load_dataset
+
+    be = pair.backend_obj
+    test = load_dataset("digits", "test").subset(LIMIT)
+    ev = be.evaluate(pair.template, pair.layout, [pair.theta_a, pair.theta_b], test)
+    return ev[0], ev[1]
+
+
+@pytest.mark.parametrize(
+    ("sampler", "a_value", "b_value"),
+    [
+        (cb.Subcube(), 0.0, 1.0),
+        (cb.Hyperplane(), 0.0, 1.0),
+        (cb.Bernoulli(), 0.0, 1.0),
+        (cb.Linear(), 0.0, 1.0),
+        (cb.Linear(start=-1, stop=2), 0.0, 1.0),
+        (cb.Stitch(), 0, 4),
+        (cb.Box(), 0.0, None),
+    ],
+    ids=lambda x: getattr(x, "name", None) or repr(x),
+)
+def test_endpoints_reproduce_a_and_b_exactly(digits_pair, sampler, a_value, b_value):
+    values = [a_value] + ([b_value] if b_value is not None else [])
+    ds = cb.sweep(digits_pair, sampler, data="digits", splits=["test"], values=values, samples=2, limit=LIMIT)
+    ev_a, ev_b = _ends(digits_pair)
+    param = ds.attrs["parameter"]
+    at_a = ds["loss"].sel(split="test").isel({param: 0}).values
+    assert np.all(at_a == ev_a.loss)
+    assert float(ds["loss_a"].sel(split="test")) == ev_a.loss
+    if b_value is not None:
+        assert np.all(ds["loss"].sel(split="test").isel({param: 1}).values == ev_b.loss)
+        assert np.all(ds["accuracy"].sel(split="test").isel({param: 1}).values == ev_b.accuracy)
+
+
+def test_triangle_corners_are_the_three_models(digits_triple):
+    ds = cb.sweep(digits_triple, cb.Triangle(), data="digits", splits=["test"],
+                  values=[(0.0, 0.0), (1.0, 0.0), (0.0, 1.0)], limit=LIMIT)
+    loss = ds["loss"].sel(split="test").isel(sample=0).values
+    assert loss[0] == float(ds["loss_a"].sel(split="test"))
+    assert loss[1] == float(ds["loss_b"].sel(split="test"))
+    assert loss[2] == float(ds["loss_c"].sel(split="test"))
+    assert list(ds["lam_b"].values) == [0.0, 1.0, 0.0]
+
+
+def test_aligned_uniform_barrier_below_naive(digits_pair):
+    kw = dict(data="digits", splits=["test"], values=[0.25, 0.5], samples=2, limit=LIMIT)
+    naive = barriers(cb.sweep(digits_pair.naive, cb.Uniform(), **kw))
+    aligned = barriers(cb.sweep(digits_pair, cb.Uniform(), **kw))
+    assert float(aligned["loss_barrier"].sel(split="test")) < float(naive["loss_barrier"].sel(split="test"))
+    assert float(aligned["accuracy_barrier"].sel(split="test")) < float(naive["accuracy_barrier"].sel(split="test"))
+
+
+def test_min_model_is_worse_than_max_model(digits_pair):
+    ds = cb.sweep(digits_pair, cb.MinMax(), data="digits", splits=["test"], values=[0.0, 1.0], limit=LIMIT)
+    loss = ds["loss"].sel(split="test").isel(sample=0).values
+    acc = ds["accuracy"].sel(split="test").isel(sample=0).values
+    assert loss[1] > loss[0]  # λ = 1 is the Min model
+    assert acc[1] < acc[0]
+
+
+def test_sweep_matches_an_independent_combination(digits_pair):
+    """One sweep entry equals combining by hand with the same seeded draw and evaluating directly."""
+    from combinability.data import load_dataset
+
+    ds = cb.sweep(digits_pair, cb.Uniform(), data="digits", splits=["test"], values=[0.5], samples=2, seed=3,
+                  limit=LIMIT)
+    be = digits_pair.backend_obj
+    u = be.to_numpy(be.random(sample_seed(3, 0, 1)).uniform((digits_pair.layout.size,), "float32"))
+    v = u.astype(np.float32)  # U[0, 1) = U[0.5 - s, 0.5 + s] at s = 0.5
+    theta = (1 - v) * digits_pair.theta_a + v * digits_pair.theta_b
+    (ev,) = be.evaluate(digits_pair.template, digits_pair.layout, [theta],
+                        load_dataset("digits", "test").subset(LIMIT))
+    assert float(ds["loss"].sel(split="test").isel(s=0, sample=1)) == pytest.approx(ev.loss, rel=1e-5)
+
+
+def test_results_round_trip_through_netcdf(digits_pair, tmp_path):
+    ds = cb.sweep(digits_pair, cb.Bernoulli(), data="digits", values=[0.0, 0.3], samples=2, limit=LIMIT,
+                  agreement=True)
+    path = tmp_path / "bern.nc"
+    cb.write_results(ds, path)
+    back = cb.open_results(path)
+    xr.testing.assert_identical(ds, back)
+    assert back.attrs["sampler"] == "bernoulli"
+    assert back.attrs["architecture"] == "mlp"
+    # agreement counts partition each split
+    n = back.attrs["examples"]
+    counts = back["agreement"].sum("category")
+    assert set(np.unique(counts.sel(split="test").values)) == {min(LIMIT, 360)} or counts.max() > 0
+    import json
+
+    sizes = json.loads(n)
+    for split, size in sizes.items():
+        assert np.all(back["agreement"].sel(split=split).sum("category").values == size)
+
+
+def test_sweep_pairs_adds_alignment_dim(digits_pair):
+    ds = cb.sweep_pairs({"naive": digits_pair.naive, "aligned": digits_pair}, cb.Linear(), data="digits",
+                        splits=["test"], values=[0.5], limit=LIMIT)
+    assert list(ds["alignment"].values) == ["naive", "aligned"]
+    b = barriers(ds)
+    assert b["loss_barrier"].dims == ("alignment", "split")
+
+
+def test_bad_input_errors(digits_pair, digits_triple):
+    with pytest.raises(cb.UnknownNameError, match="valid splits: train, test"):
+        cb.sweep(digits_pair, cb.Linear(), data="digits", splits=["validation"])
+    with pytest.raises(cb.SamplerError, match=r"s=0.7 is outside \[0, 0.5\]"):
+        cb.sweep(digits_pair, cb.Uniform(), data="digits", values=[0.7])
+    with pytest.raises(cb.IncompatibleModelsError, match="three models"):
+        cb.sweep(digits_pair, cb.Triangle(), data="digits")
+    with pytest.raises(cb.UnknownNameError, match="no_such_data.*digits"):
+        cb.sweep(digits_pair, cb.Linear(), data="no_such_data")
