@@ -82,11 +82,18 @@ def atomic_path(path: str | os.PathLike) -> Any:
         yield Path(tmp)
         with open(tmp, "rb") as fh:
             os.fsync(fh.fileno())
+        os.chmod(tmp, target.stat().st_mode & 0o777 if target.exists() else 0o666 & ~_umask())
         os.replace(tmp, target)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def write_results(ds: xr.Dataset, path: str | os.PathLike) -> Path:
@@ -121,7 +128,7 @@ def open_results(path: str | os.PathLike) -> xr.Dataset:
     version = ds.attrs.get("combinability_format_version")
     if not isinstance(version, int | np.integer) or int(version) > FORMAT_VERSION or int(version) < 1:
         raise IncompatibleVersionError(
-            f"{path} uses results format version {version!r}; this combinability reads versions 1..{FORMAT_VERSION}"
+            f"{path} uses results format version {version}; this combinability reads versions 1..{FORMAT_VERSION}"
         )
     return ds
 

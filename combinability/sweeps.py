@@ -15,6 +15,7 @@ file (``out=``) finishes with results identical to an uninterrupted run.
 from __future__ import annotations
 
 import json
+import zlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,9 +42,16 @@ class ResumeMismatchError(CombinabilityError, ValueError):
     """An existing results file belongs to a different sweep than the one requested."""
 
 
-def sample_seed(seed: int, value_index: int, sample: int) -> int:
-    """The seed of one (value, sample) stream: independent of evaluation order and process."""
-    return int(np.random.SeedSequence([int(seed), int(value_index), int(sample)]).generate_state(1, np.uint32)[0])
+def sample_seed(seed: int, value_index: int, sample: int, sampler: str = "") -> int:
+    """The seed of one (value, sample) stream of a sampler.
+
+    It depends only on its arguments (the sampler's name enters through a CRC-32, not
+    Python's salted ``hash``), so draws do not depend on evaluation order, process or
+    ``PYTHONHASHSEED``, and two samplers never share a stream.
+    """
+    salt = zlib.crc32(sampler.encode("utf-8"))
+    entropy = [int(seed), salt, int(value_index), int(sample)]
+    return int(np.random.SeedSequence(entropy).generate_state(1, np.uint32)[0])
 
 
 @dataclass
@@ -276,7 +284,7 @@ def sweep(
         bar = tqdm(total=len(todo), desc=f"{smp.name} ({pair.alignment})", unit="eval")
     xp = be.xp()
     for i, s in todo:
-        ctx = DrawContext(layout, be.random(sample_seed(seed, i, s)), theta_a=dev["a"], theta_b=dev["b"])
+        ctx = DrawContext(layout, be.random(sample_seed(seed, i, s, smp.name)), theta_a=dev["a"], theta_b=dev["b"])
         if three:
             v_b, v_c = smp.draw(grid[i], ctx)
             theta = combine3(dev["a"], dev["b"], dev["c"], v_b, v_c)

@@ -80,7 +80,7 @@ def test_sweep_matches_an_independent_combination(digits_pair):
     ds = cb.sweep(digits_pair, cb.Uniform(), data="digits", splits=["test"], values=[0.5], samples=2, seed=3,
                   limit=LIMIT)
     be = digits_pair.backend_obj
-    u = be.to_numpy(be.random(sample_seed(3, 0, 1)).uniform((digits_pair.layout.size,), "float32"))
+    u = be.to_numpy(be.random(sample_seed(3, 0, 1, "uniform")).uniform((digits_pair.layout.size,), "float32"))
     v = u.astype(np.float32)  # U[0, 1) = U[0.5 - s, 0.5 + s] at s = 0.5
     theta = (1 - v) * digits_pair.theta_a + v * digits_pair.theta_b
     (ev,) = be.evaluate(digits_pair.template, digits_pair.layout, [theta],
