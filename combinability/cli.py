@@ -255,7 +255,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except CombinabilityError as exc:
+    except (CombinabilityError, FileNotFoundError) as exc:
         print(f"combinability: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -22,6 +22,7 @@ __all__ = [
     "IncompatibleVersionError",
     "PluginError",
     "AlignmentError",
+    "ConfigurationError",
 ]
 
 
@@ -85,3 +86,7 @@ class PluginError(CombinabilityError, RuntimeError):
 
 class AlignmentError(CombinabilityError, RuntimeError):
     """An alignment (matching) procedure failed."""
+
+
+class ConfigurationError(CombinabilityError, ValueError):
+    """An argument has an invalid value (a width, a batch size, a number of samples, ...)."""

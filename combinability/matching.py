@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 from scipy.optimize import linear_sum_assignment
 
-from combinability.errors import AlignmentError, IncompatibleModelsError, PermutationSpecError
+from combinability.errors import AlignmentError, ConfigurationError, IncompatibleModelsError, PermutationSpecError
 from combinability.permutation import (
     Permutation,
     PermutationSpec,
@@ -144,9 +144,9 @@ def weight_matching(
         If the two models' shapes differ.
     """
     if max_iter < 1:
-        raise ValueError(f"max_iter must be >= 1, got {max_iter}")
+        raise ConfigurationError(f"max_iter must be >= 1, got {max_iter}")
     if restarts < 0:
-        raise ValueError(f"restarts must be >= 0, got {restarts}")
+        raise ConfigurationError(f"restarts must be >= 0, got {restarts}")
     spec.validate(params_a, allow_unlisted=True)
     for name in spec.axes_to_perm:
         if name in params_b and np.shape(params_a[name]) != np.shape(params_b[name]):
@@ -236,7 +236,7 @@ def random_derangement(k: int, rng: np.random.Generator) -> np.ndarray:
     Rejection sampling: about ``e`` tries on average.
     """
     if k < 2:
-        raise ValueError(f"a derangement needs at least 2 elements, got k={k}")
+        raise ConfigurationError(f"a derangement needs at least 2 elements, got k={k}")
     while True:
         sigma = rng.permutation(k)
         if not np.any(sigma == np.arange(k)):
@@ -277,9 +277,9 @@ def perturb_permutation(
     n = len(base)
     scores = np.asarray(scores)
     if scores.shape != (n,):
-        raise ValueError(f"scores must have shape ({n},) for permutation {name!r}, got {scores.shape}")
+        raise ConfigurationError(f"scores must have shape ({n},) for permutation {name!r}, got {scores.shape}")
     if not 2 <= k <= n:
-        raise ValueError(f"k must be between 2 and {n} (the units of {name!r}), got {k}")
+        raise ConfigurationError(f"k must be between 2 and {n} (the units of {name!r}), got {k}")
     rng = seed if isinstance(seed, np.random.Generator) else np.random.default_rng(seed)
     chosen = np.argsort(scores, kind="stable")[:k]
     sigma = random_derangement(k, rng)

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from combinability.errors import (
+    ConfigurationError,
     IncompatibleModelsError,
     LayoutError,
     NonFiniteWeightsError,
@@ -278,7 +279,7 @@ class ModelPair:
 
     def _activation_permutation(self, naive: ModelPair, which: str, data: Any, examples: int) -> Permutation:
         if data is None:
-            raise ValueError("activation matching needs data: pass data='digits' (or another dataset name)")
+            raise ConfigurationError("activation matching needs data: pass data='digits' (or another dataset name)")
         from combinability.data import load_dataset
 
         ds = load_dataset(data, "train") if isinstance(data, str) else data

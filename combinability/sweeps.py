@@ -24,7 +24,13 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import xarray as xr
 
-from combinability.errors import CombinabilityError, IncompatibleModelsError, SamplerError, UnknownNameError
+from combinability.errors import (
+    CombinabilityError,
+    ConfigurationError,
+    IncompatibleModelsError,
+    SamplerError,
+    UnknownNameError,
+)
 from combinability.results import json_attr, open_results, provenance, write_results
 
 if TYPE_CHECKING:
@@ -179,7 +185,7 @@ def sweep(
     grid = [smp.validate(v, pair.layout) for v in grid]
     n_samples = 1 if smp.deterministic else (4 if samples is None else int(samples))
     if n_samples < 1:
-        raise ValueError(f"samples must be >= 1, got {samples}")
+        raise ConfigurationError(f"samples must be >= 1, got {samples}")
     datasets = _resolve_data(data, splits, limit)
     split_names = list(datasets)
 

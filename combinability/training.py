@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, replace
 
-from combinability.errors import UnknownNameError
+from combinability.errors import ConfigurationError, UnknownNameError
 
 __all__ = ["TrainRecipe", "RECIPES", "recipe_for"]
 
@@ -59,11 +59,11 @@ class TrainRecipe:
 
     def __post_init__(self) -> None:
         if self.schedule not in _SCHEDULES:
-            raise ValueError(f"schedule must be one of {_SCHEDULES}, got {self.schedule!r}")
+            raise ConfigurationError(f"schedule must be one of {_SCHEDULES}, got {self.schedule!r}")
         if self.optimizer not in ("sgd", "adam"):
-            raise ValueError(f"optimizer must be 'sgd' or 'adam', got {self.optimizer!r}")
+            raise ConfigurationError(f"optimizer must be 'sgd' or 'adam', got {self.optimizer!r}")
         if self.epochs < 0 or self.batch_size < 1:
-            raise ValueError(f"need epochs >= 0 and batch_size >= 1, got {self.epochs}, {self.batch_size}")
+            raise ConfigurationError(f"need epochs >= 0 and batch_size >= 1, got {self.epochs}, {self.batch_size}")
 
     def with_(self, **changes) -> TrainRecipe:
         """A copy with some fields changed."""
