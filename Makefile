@@ -38,7 +38,7 @@ docs: $(STAMP)
 	$(PY) -m mkdocs build --strict
 
 bench: $(STAMP)
-	cd benchmarks && ../$(PY) -m asv run --python=same --quick --show-stderr
+	cd benchmarks && ../$(PY) -m asv machine --yes >/dev/null && ../$(PY) -m asv run --python=same --quick --show-stderr
 
 clean-venv:
 	rm -rf $(VENV)

@@ -134,3 +134,25 @@ def test_random_permutation_is_seeded_and_valid():
     np.testing.assert_array_equal(a["P0"], b["P0"])
     assert not np.array_equal(a["P0"], c["P0"])
     assert sorted(a["P0"]) == list(range(50))
+
+
+@settings(max_examples=40, deadline=None)
+@given(sizes=st.lists(st.integers(1, 7), min_size=3, max_size=6), seed=st.integers(0, 2**31 - 1))
+def test_random_specs_apply_inverse_compose(sizes, seed):
+    """Over random MLP specs: apply∘inverse is the identity, compose is associative, function is kept."""
+    rng = np.random.default_rng(seed)
+    n_layers = len(sizes) - 1
+    params = ref.mlp_params(rng, tuple(sizes))
+    spec = ref.mlp_spec(n_layers)
+    spec.validate(params)
+    p, q, r = (cb.random_permutation(spec, params, seed=rng) for _ in range(3))
+    back = cb.apply_permutation(spec, cb.invert_permutation(p), cb.apply_permutation(spec, p, params))
+    for name in params:
+        np.testing.assert_array_equal(back[name], params[name])
+    left = cb.compose_permutations(cb.compose_permutations(p, q), r)
+    right = cb.compose_permutations(p, cb.compose_permutations(q, r))
+    for name in left:
+        np.testing.assert_array_equal(left[name], right[name])
+    x = rng.normal(size=(3, sizes[0]))
+    np.testing.assert_allclose(ref.mlp_forward(cb.apply_permutation(spec, p, params), x, n_layers),
+                               ref.mlp_forward(params, x, n_layers), rtol=1e-12, atol=1e-12)
