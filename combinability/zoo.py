@@ -11,7 +11,34 @@ from __future__ import annotations
 from combinability.architecture import Architecture
 from combinability.hookspecs import hookimpl
 
-__all__ = ["REFERENCE_ARCHITECTURES"]
+__all__ = [
+    "REFERENCE_ARCHITECTURES",
+    "MLP_HIDDEN",
+    "TINY10_CHANNELS",
+    "TINY10_STRIDES",
+    "VGG16_CONFIG",
+    "RESNET20_STAGES",
+    "RESNET20_BLOCKS",
+    "channels",
+]
+
+# Shape constants shared by every backend's implementation (before the width multiplier).
+#: MLP hidden units per layer (3 hidden layers).
+MLP_HIDDEN = 512
+#: Tiny-10 conv channels and strides (paper table A.1; strides as in Kornblith et al., 2019).
+TINY10_CHANNELS = (16, 16, 32, 32, 32, 64, 64, 64)
+TINY10_STRIDES = (1, 1, 2, 1, 1, 2, 1, 1)
+#: VGG-16 conv channels; ``"M"`` is a 2x2 max pool, skipped once the image is smaller than 2x2.
+VGG16_CONFIG = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M")
+#: ResNet-20 stage widths and blocks per stage.
+RESNET20_STAGES = (16, 32, 64)
+RESNET20_BLOCKS = 3
+
+
+def channels(base: int, width: float) -> int:
+    """``max(1, round(base * width))``: the width-scaled number of units."""
+    return max(1, int(round(base * width)))
+
 
 
 def _impls(cls: str) -> dict[str, str]:

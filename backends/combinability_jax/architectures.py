@@ -24,6 +24,7 @@ import numpy as np
 from combinability.errors import IncompatibleModelsError
 from combinability.permutation import PermutationSpec
 from combinability.specs import SpecBuilder
+from combinability.zoo import MLP_HIDDEN, RESNET20_STAGES
 from combinability_jax.models import (
     TINY10_CHANNELS,
     TINY10_STRIDES,
@@ -203,7 +204,7 @@ class MLPArchitecture(FlaxArchitecture):
     depth = 4
 
     def module(self, *, width: float, num_classes: int, input_shape: tuple[int, ...]) -> nn.Module:
-        return MLPModule(hidden=(channels(512, width),) * (self.depth - 1), num_classes=int(num_classes))
+        return MLPModule(hidden=(channels(MLP_HIDDEN, width),) * (self.depth - 1), num_classes=int(num_classes))
 
     def table(self) -> tuple[LayerEntry, ...]:
         last = self.depth - 1
@@ -251,7 +252,7 @@ class ResNet20Architecture(FlaxArchitecture):
     """ResNet-20 with LayerNorm; one permutation per residual stage and one per block's inner channels."""
 
     name = "resnet20"
-    stages = (16, 32, 64)
+    stages = RESNET20_STAGES
     blocks = 3
 
     def module(self, *, width: float, num_classes: int, input_shape: tuple[int, ...]) -> nn.Module:

@@ -23,6 +23,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax.traverse_util import flatten_dict, unflatten_dict
 
+from combinability.zoo import TINY10_CHANNELS, TINY10_STRIDES, VGG16_CONFIG, channels
+
 __all__ = [
     "FlaxModel",
     "flatten_variables",
@@ -39,11 +41,6 @@ __all__ = [
     "VGG16_CONFIG",
 ]
 
-#: Tiny-10 conv channels (before the width multiplier) and strides.
-TINY10_CHANNELS = (16, 16, 32, 32, 32, 64, 64, 64)
-TINY10_STRIDES = (1, 1, 2, 1, 1, 2, 1, 1)
-#: VGG-16 conv channels; ``"M"`` is a 2x2 max pool (skipped once the image is smaller than 2x2).
-VGG16_CONFIG = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M")
 
 
 @dataclass(frozen=True, eq=False)
@@ -169,10 +166,6 @@ def init_variables(module: nn.Module, example: tuple[int, ...], seed: int) -> di
         values[name] = jnp.asarray(value.astype(dtype))
     return unflatten_variables(values)
 
-
-def channels(base: int, width: float) -> int:
-    """``max(1, round(base * width))``: the width-scaled number of units."""
-    return max(1, int(round(base * width)))
 
 
 def _layer_norm(name: str) -> nn.LayerNorm:

@@ -20,6 +20,7 @@ from torch import nn
 from combinability.errors import ConfigurationError
 from combinability.permutation import PermutationSpec
 from combinability.specs import SpecBuilder
+from combinability.zoo import MLP_HIDDEN, RESNET20_STAGES
 from combinability_torch import models
 
 __all__ = ["TorchArchitecture", "MLP", "Tiny10", "ResNet20", "VGG16"]
@@ -90,7 +91,7 @@ class MLPImpl(TorchArchitecture):
     """Flatten, 3 hidden ``Dense(512 x width) -> ReLU``, a dense head. Permutations ``P0..P2``."""
 
     name = "mlp"
-    base = 512
+    base = MLP_HIDDEN
     depth = 3
 
     def module(self, *, width, num_classes, input_shape):
@@ -171,7 +172,7 @@ class ResNet20Impl(TorchArchitecture):
     one per block's inner channels (``P_s{s}_b{b}_inner``)."""
 
     name = "resnet20"
-    stages = models.RESNET20_STAGES
+    stages = RESNET20_STAGES
     blocks = models.RESNET20_BLOCKS
 
     def module(self, *, width, num_classes, input_shape):

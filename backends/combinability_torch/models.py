@@ -19,6 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from combinability.zoo import RESNET20_BLOCKS, TINY10_CHANNELS, TINY10_STRIDES, VGG16_CONFIG, channels
+
 __all__ = [
     "channels",
     "ChannelLayerNorm",
@@ -32,19 +34,7 @@ __all__ = [
     "VGG16_CONFIG",
 ]
 
-#: Tiny-10 conv channels (before the width multiplier) and strides.
-TINY10_CHANNELS = (16, 16, 32, 32, 32, 64, 64, 64)
-TINY10_STRIDES = (1, 1, 2, 1, 1, 2, 1, 1)
-#: VGG-16 conv channels; ``"M"`` is a 2x2 max pool, skipped once the image is smaller than 2x2.
-VGG16_CONFIG = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M")
-#: ResNet-20 stage widths (before the width multiplier) and blocks per stage.
-RESNET20_STAGES = (16, 32, 64)
-RESNET20_BLOCKS = 3
 
-
-def channels(base: int, width: float) -> int:
-    """``max(1, round(base * width))``: the width-scaled number of units."""
-    return max(1, int(round(base * width)))
 
 
 class ChannelLayerNorm(nn.Module):
