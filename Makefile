@@ -28,7 +28,7 @@ demo: $(STAMP) data
 
 test: $(STAMP) data
 	$(PY) -m ruff check .
-	$(PY) -m pytest -n 2 -q
+	$(PY) -m pytest -n 2 -q --doctest-modules combinability tests
 	$(PY) -m mkdocs build --strict --quiet --site-dir $(VENV)/site
 
 lint: $(STAMP)

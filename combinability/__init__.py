@@ -15,6 +15,7 @@ from typing import Any
 
 from combinability.architecture import Architecture
 from combinability.backend import Backend, Evaluation, NumpyRandom
+from combinability.combination import combine, combine3, combine3_into, combine_into
 from combinability.errors import (
     AlignmentError,
     BackendUnavailableError,
@@ -80,15 +81,11 @@ _LAZY: dict[str, str] = {
     "DrawContext": "combinability.samplers",
     "SAMPLERS": "combinability.samplers",
     "register_sampler": "combinability.samplers",
-    "combine_into": "combinability.combine",
-    "combine3_into": "combinability.combine",
     "agreement_counts": "combinability.metrics",
     "AGREEMENT_CATEGORIES": "combinability.metrics",
     "edge_length_histogram": "combinability.metrics",
     "DatasetSpec": "combinability.data",
     "download": "combinability.data",
-    "combine": "combinability.combine",
-    "combine3": "combinability.combine",
     "loss_barrier": "combinability.metrics",
     "empirical_barrier": "combinability.metrics",
     "agreement_categories": "combinability.metrics",
@@ -108,12 +105,17 @@ _LAZY: dict[str, str] = {
 }
 
 
+#: Lazy names that are whole submodules (``cb.experiments.hypercube``, ``cb.plots.plot_sweep``).
+_MODULES = {"experiments", "plots"}
+_LAZY["plots"] = "combinability.plots"
+
+
 def __getattr__(name: str) -> Any:
     module = _LAZY.get(name)
     if module is None:
         raise AttributeError(f"module 'combinability' has no attribute {name!r}")
     mod = importlib.import_module(module)
-    value = mod if module == f"combinability.{name}" else getattr(mod, name)
+    value = mod if name in _MODULES else getattr(mod, name)
     globals()[name] = value
     return value
 
@@ -149,6 +151,10 @@ __all__ = [
     "TrainRecipe",
     "UnknownNameError",
     "activation_matching",
+    "combine",
+    "combine3",
+    "combine3_into",
+    "combine_into",
     "apply_permutation",
     "compose_permutations",
     "get_architecture",

@@ -69,6 +69,7 @@ def run_demo(out: Path = Path("results/demo"), *, data: str | None = None, backe
     import combinability as cb
     from combinability import experiments as ex
     from combinability.report import report
+    from combinability.results import atomic_path
 
     s = DemoSettings.quick() if quick else DemoSettings()
     if epochs is not None:
@@ -118,7 +119,8 @@ def run_demo(out: Path = Path("results/demo"), *, data: str | None = None, backe
     written = _step(times, "figures and summary", report, [out], out / "figures",
                     title=f"combinability demo: three MLPs on {data}", extra_markdown=extra)
     summary = out / "summary.md"
-    summary.write_text((out / "figures" / "summary.md").read_text().replace("](", "](figures/"))
+    with atomic_path(summary) as tmp:
+        tmp.write_text((out / "figures" / "summary.md").read_text().replace("](", "](figures/"))
     print(f"[demo] finished in {time.perf_counter() - t_start:.0f} s: {len(written) - 1} figures, {summary}")
     return 0
 

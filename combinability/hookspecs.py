@@ -67,7 +67,8 @@ def combinability_register_architectures() -> Sequence[Architecture]:
 
     Return a sequence of :class:`combinability.Architecture` values. Each names, per
     backend, the ``"module:attribute"`` of its implementation, which is imported only
-    when first used. Two plugins registering the same name is an error.
+    when first used. When two plugins register the same name, the first registered
+    wins and a :class:`RuntimeWarning` names both.
     """
 
 

@@ -11,7 +11,9 @@ import contextlib
 import json
 import os
 import platform
+import signal
 import tempfile
+import threading
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -96,9 +98,33 @@ def _umask() -> int:
     return mask
 
 
+@contextlib.contextmanager
+def deferred_interrupt() -> Any:
+    """Hold back Ctrl-C (SIGINT) while the block runs; raise it as KeyboardInterrupt afterwards.
+
+    A KeyboardInterrupt inside the netCDF/HDF5 library can leave its locks held and hang
+    the interpreter at exit; writes are short, so the interrupt waits for them instead.
+    Outside the main thread this is a no-op.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received: list[int] = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: received.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        if received:
+            raise KeyboardInterrupt
+
+
 def write_results(ds: xr.Dataset, path: str | os.PathLike) -> Path:
-    """Write ``ds`` to netCDF atomically (temporary file in the same folder, then rename)."""
-    with atomic_path(path) as tmp:
+    """Write ``ds`` to netCDF atomically (temporary file in the same folder, then rename).
+
+    Ctrl-C during the write is deferred until the file is complete (see :func:`deferred_interrupt`).
+    """
+    with deferred_interrupt(), atomic_path(path) as tmp:
         ds.to_netcdf(tmp, engine="netcdf4")
     return Path(path)
 

@@ -166,7 +166,7 @@ def sweep(
         ``loss_a``, ``accuracy_a``, ``loss_b``, ... per split, optional ``agreement``
         counts with a ``category`` dim, and provenance attributes.
     """
-    from combinability.combine import combine, combine3
+    from combinability.combination import combine, combine3
     from combinability.plugins import get_backend
     from combinability.samplers.base import DrawContext
 
@@ -320,11 +320,12 @@ def sweep(
 
 
 def sweep_pairs(pairs: Mapping[str, ModelPair], sampler: Sampler | str | None = None, *,
-                out: str | Path | None = None, **kwargs: Any) -> xr.Dataset:
+                out: str | Path | None = None, attrs: Mapping[str, Any] | None = None,
+                **kwargs: Any) -> xr.Dataset:
     """:func:`sweep` several pairs (e.g. ``{"naive": p.naive, "aligned": p}``) along an ``alignment`` dim.
 
-    With ``out``, each pair streams to ``<out stem>.<key>.partial.nc`` beside ``out``
-    and the combined Dataset is written to ``out`` at the end.
+    With ``out``, each pair streams to ``.<out stem>.<key>.partial.nc`` beside ``out``
+    and the combined Dataset (with ``attrs`` added) is written to ``out`` at the end.
     """
     parts = []
     for name, pair in pairs.items():
@@ -339,6 +340,7 @@ def sweep_pairs(pairs: Mapping[str, ModelPair], sampler: Sampler | str | None = 
     for name, part in zip(pairs, parts, strict=True):
         ds.attrs[f"{name}_alignment_objective"] = part.attrs.get("alignment_objective", np.nan)
     ds.attrs.pop("sweep_key", None)
+    ds.attrs.update(attrs or {})
     if out is not None:
         write_results(ds, out)
         for name in pairs:

@@ -1,4 +1,4 @@
-"""Tests of combinability.combine against hand-computed values and plain numpy formulas."""
+"""Tests of combinability.combination against hand-computed values and plain numpy formulas."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import combinability.combine as combine_module
-from combinability.combine import combine, combine3, combine3_into, combine_into
+import combinability.combination as combine_module
+from combinability.combination import combine, combine3, combine3_into, combine_into
 from combinability.errors import IncompatibleModelsError, LayoutError
 
 

@@ -17,7 +17,7 @@ from scipy import integrate, stats
 
 from combinability import hookspecs
 from combinability.backend import NumpyRandom
-from combinability.combine import combine, combine3
+from combinability.combination import combine, combine3
 from combinability.errors import LayoutError, SamplerError, UnknownNameError
 from combinability.layout import FlatLayout
 from combinability.samplers import (

@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 
 from combinability.backend import NumpyRandom
-from combinability.combine import combine, combine_into
+from combinability.combination import combine, combine_into
 from combinability.layout import FlatLayout
 from combinability.samplers import DrawContext, get_sampler
 

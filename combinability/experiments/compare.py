@@ -18,9 +18,15 @@ __all__ = ["compare_alignment", "reuse_or_run"]
 
 
 def reuse_or_run(out: str | Path | None, run: Any) -> xr.Dataset:
-    """Return the finished result at ``out`` when it exists, else ``run(out)``."""
+    """Return the finished result at ``out`` when it exists, else ``run(out)``.
+
+    A file whose ``done`` mask is not all true is an interrupted sweep: ``run(out)`` is
+    called again and resumes it.
+    """
     if out is not None and Path(out).exists():
-        return open_results(out)
+        ds = open_results(out)
+        if "done" not in ds or bool(ds["done"].all()):
+            return ds
     return run(out)
 
 
@@ -30,6 +36,7 @@ def compare_alignment(
     *,
     out: str | Path | None = None,
     naive: bool = True,
+    attrs: dict[str, Any] | None = None,
     **sweep_kwargs: Any,
 ) -> xr.Dataset:
     """Sweep ``sampler`` over the naive and the aligned pair along an ``alignment`` dim.
@@ -44,8 +51,10 @@ def compare_alignment(
         and partial results stream beside it so an interrupted run resumes.
     naive : bool
         Include the naive pair (default True).
+    attrs : dict, optional
+        Extra attributes stored with the result.
     **sweep_kwargs
         Passed to :func:`combinability.sweep`.
     """
     pairs = {"naive": pair.naive or pair, "aligned": pair} if naive and pair.is_aligned else {pair.alignment: pair}
-    return reuse_or_run(out, lambda o: sweep_pairs(pairs, sampler, out=o, **sweep_kwargs))
+    return reuse_or_run(out, lambda o: sweep_pairs(pairs, sampler, out=o, attrs=attrs, **sweep_kwargs))

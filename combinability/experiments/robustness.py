@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import xarray as xr
 
-from combinability.combine import combine
+from combinability.combination import combine
 from combinability.errors import IncompatibleModelsError
 from combinability.experiments.compare import reuse_or_run
 from combinability.matching import perturb_permutation, unit_correlations

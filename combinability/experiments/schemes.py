@@ -23,9 +23,8 @@ def identity_stitching(pair: ModelPair, *, out: str | Path | None = None, **swee
     ``layer = 0`` is model A, ``layer = L`` model B; in between, the two halves are
     joined by the identity (the aligned pair) or not aligned at all (the naive pair).
     """
-    ds = compare_alignment(pair, Stitch(), out=out, **sweep_kwargs)
-    ds.attrs.setdefault("layer_names", ", ".join(pair.layer_names))
-    return ds
+    return compare_alignment(pair, Stitch(), out=out, attrs={"layer_names": ", ".join(pair.layer_names)},
+                             **sweep_kwargs)
 
 
 def min_max(pair: ModelPair, *, out: str | Path | None = None, **sweep_kwargs: Any) -> xr.Dataset:

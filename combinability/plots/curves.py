@@ -114,7 +114,7 @@ def plot_sweep(ds: xr.Dataset, path: str | os.PathLike | None = None, *,
     Parameters
     ----------
     ds : xarray.Dataset
-        Result of :func:`combinability.sweep` or :func:`combinability.sweep.sweep_pairs`.
+        Result of :func:`combinability.sweep` or :func:`combinability.sweeps.sweep_pairs`.
     path : path, optional
         Write the figure there (atomically); the suffix picks the format (PNG by default).
     splits : sequence of str

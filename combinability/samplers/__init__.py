@@ -4,7 +4,7 @@ Convention
 ----------
 A coefficient vector ``v`` is the weight of model **B**; the combined model is
 
-    θ_v = (1 − v) ⊙ θ_A + v ⊙ θ_B            (:func:`combinability.combine.combine`)
+    θ_v = (1 − v) ⊙ θ_A + v ⊙ θ_B            (:func:`combinability.combination.combine`)
 
 so ``v = 0`` gives model A and ``v = 1`` model B exactly, and every interpolating
 sampler's parameter runs from model A (value 0) to model B (value 1). Three-model
@@ -151,7 +151,7 @@ def get_sampler(name: str, **kwargs: Any) -> Any:
     Examples
     --------
     >>> get_sampler("linear", start=-1, stop=2)
-    Linear(start=-1, stop=2)
+    Linear(start=-1, stop=2, lam=None)
 
     Raises
     ------
@@ -164,9 +164,13 @@ def get_sampler(name: str, **kwargs: Any) -> Any:
     try:
         cls = SAMPLERS[key]
     except (KeyError, TypeError):
-        raise UnknownNameError(
-            f"unknown sampler {name!r}; valid names: {', '.join(sorted(SAMPLERS))}"
-        ) from None
+        from combinability.plugins import get_sampler_class, list_samplers
+
+        if isinstance(key, str) and key in list_samplers():  # registered by a plugin's hook
+            cls = get_sampler_class(key)
+        else:
+            valid = sorted(set(SAMPLERS) | set(list_samplers()))
+            raise UnknownNameError(f"unknown sampler {name!r}; valid names: {', '.join(valid)}") from None
     try:
         return cls(**kwargs)
     except TypeError as exc:

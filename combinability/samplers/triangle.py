@@ -22,7 +22,7 @@ class Triangle(Sampler):
     """``θ = (1 − λ_B − λ_C) θ_A + λ_B θ_B + λ_C θ_C`` on the triangle ``λ_B, λ_C ≥ 0, λ_B + λ_C ≤ 1``.
 
     A value is a pair ``(λ_B, λ_C)``; :meth:`draw` returns the pair of constant
-    coefficient vectors ``(v_b, v_c)`` for :func:`combinability.combine.combine3`.
+    coefficient vectors ``(v_b, v_c)`` for :func:`combinability.combination.combine3`.
 
     Parameters
     ----------
