@@ -96,15 +96,6 @@ def _sampler(sampler: Sampler | str | None) -> Sampler:
     return sampler
 
 
-def _agreement(pred: np.ndarray, pred_a: np.ndarray, pred_b: np.ndarray, labels: np.ndarray) -> np.ndarray:
-    from combinability.metrics import AGREEMENT_CATEGORIES, agreement_categories
-
-    counts = agreement_categories(pred, pred_a, pred_b, labels)
-    if isinstance(counts, Mapping):
-        return np.array([counts[c] for c in AGREEMENT_CATEGORIES], dtype=np.int64)
-    return np.asarray(counts, dtype=np.int64)
-
-
 def sweep(
     pair: ModelPair,
     sampler: Sampler | str | None = None,
@@ -201,7 +192,7 @@ def sweep(
         coords = {param_dim: np.asarray(grid)}
     coords.update({"split": split_names, "sample": np.arange(n_samples)})
     shape = (len(split_names), len(grid), n_samples)
-    from combinability.metrics import AGREEMENT_CATEGORIES
+    from combinability.metrics import AGREEMENT_CATEGORIES, agreement_counts
 
     data_name = next(iter(datasets.values())).name
     key = json_attr({
@@ -302,8 +293,8 @@ def sweep(
             loss[k, i, s] = ev.loss
             accuracy[k, i, s] = ev.accuracy
             if agreement:
-                counts[k, i, s] = _agreement(ev.predictions, split.ends["a"].predictions,
-                                             split.ends["b"].predictions, split.data.y)
+                counts[k, i, s] = agreement_counts(ev.predictions, split.ends["a"].predictions,
+                                                   split.ends["b"].predictions, split.data.y)
         del theta
         done[i, s] = True
         if out_path is not None:

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import xarray as xr
 
+from combinability import metrics
 from combinability.results import provenance, write_results
 
 if TYPE_CHECKING:
@@ -26,7 +27,7 @@ def edge_lengths(pair: ModelPair, *, bins: int = 80, quantile: float = 0.999,
         An aligned pair (its ``naive`` twin is measured too).
     bins : int
         Number of equal-width bins from 0 to the ``quantile`` of the aligned lengths
-        (longer edges fall in the last bin, counted in ``overflow``).
+        (longer edges are left out of the bins and counted in ``overflow``).
     out : path, optional
         Write the Dataset there (netCDF, atomically).
 
@@ -40,18 +41,18 @@ def edge_lengths(pair: ModelPair, *, bins: int = 80, quantile: float = 0.999,
     pairs = {"naive": pair.naive or pair, "aligned": pair}
     layer_idx = pair.layout.layer_index()
     n_layers = pair.layout.num_layers
-    aligned_len = np.abs(pair.theta_a.astype(np.float64) - pair.theta_b)
+    aligned_len = metrics.edge_lengths(pair.theta_a, pair.theta_b)
     top = float(np.quantile(aligned_len, quantile)) or 1.0
     edges = np.linspace(0.0, top, bins + 1)
     count = np.zeros((len(pairs), n_layers, bins), dtype=np.int64)
     overflow = np.zeros((len(pairs), n_layers), dtype=np.int64)
     stats = {k: np.zeros((len(pairs), n_layers)) for k in ("mean", "median", "fraction_below")}
     for a, p in enumerate(pairs.values()):
-        length = np.abs(p.theta_a.astype(np.float64) - p.theta_b)
+        count[a] = metrics.edge_length_histogram(p.theta_a, p.theta_b, bins=edges, layout=pair.layout).counts
+        length = metrics.edge_lengths(p.theta_a, p.theta_b).astype(np.float64)
         for layer in range(n_layers):
             sel = length[layer_idx == layer]
             scale = np.mean(np.abs(p.theta_a[layer_idx == layer])) if sel.size else 1.0
-            count[a, layer] = np.histogram(np.minimum(sel, top), bins=edges)[0]
             overflow[a, layer] = int(np.sum(sel > top))
             stats["mean"][a, layer] = sel.mean() if sel.size else np.nan
             stats["median"][a, layer] = np.median(sel) if sel.size else np.nan
