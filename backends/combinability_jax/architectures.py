@@ -221,6 +221,21 @@ class MLPArchitecture(FlaxArchitecture):
         return {f"P{i}": f"hidden_{i}" for i in range(self.depth - 1)}
 
 
+def _conv_chain_table(n: int) -> tuple[LayerEntry, ...]:
+    """``n`` Conv-LN layers (permutation ``P{i}`` each, layer ``i``) then a dense head (layer ``n``)."""
+    out: list[LayerEntry] = []
+    for i in range(n):
+        p_in = f"P{i - 1}" if i > 0 else None
+        out.append(LayerEntry(f"conv_{i}", f"conv_{i}", "conv", i, p_in, f"P{i}"))
+        out.append(LayerEntry(f"norm_{i}", f"norm_{i}", "norm", i, None, f"P{i}"))
+    out.append(LayerEntry("head", "head", "dense", n, f"P{n - 1}", None))
+    return tuple(out)
+
+
+def _conv_chain_names(n: int) -> list[str]:
+    return [f"conv_{i}" for i in range(n)] + ["head"]
+
+
 class Tiny10Architecture(FlaxArchitecture):
     """Tiny-10: 8 ``Conv-LN-ReLU`` layers (strides 2 at the 3rd and 6th), pooling, head; P0..P7."""
 
@@ -232,17 +247,10 @@ class Tiny10Architecture(FlaxArchitecture):
                             strides=TINY10_STRIDES, num_classes=int(num_classes))
 
     def table(self) -> tuple[LayerEntry, ...]:
-        n = len(TINY10_CHANNELS)
-        out: list[LayerEntry] = []
-        for i in range(n):
-            p_in = f"P{i - 1}" if i > 0 else None
-            out.append(LayerEntry(f"conv_{i}", f"conv_{i}", "conv", i, p_in, f"P{i}"))
-            out.append(LayerEntry(f"norm_{i}", f"norm_{i}", "norm", i, None, f"P{i}"))
-        out.append(LayerEntry("head", "head", "dense", n, f"P{n - 1}", None))
-        return tuple(out)
+        return _conv_chain_table(len(TINY10_CHANNELS))
 
     def layer_names(self, **config: Any) -> list[str]:
-        return [f"conv_{i}" for i in range(len(TINY10_CHANNELS))] + ["head"]
+        return _conv_chain_names(len(TINY10_CHANNELS))
 
     def activation_points(self, **config: Any) -> dict[str, str]:
         return {f"P{i}": f"act_{i}" for i in range(len(TINY10_CHANNELS))}
@@ -314,17 +322,10 @@ class VGG16Architecture(FlaxArchitecture):
         return VGG16Module(config=config, num_classes=int(num_classes))
 
     def table(self) -> tuple[LayerEntry, ...]:
-        n = self.n_convs
-        out: list[LayerEntry] = []
-        for i in range(n):
-            p_in = f"P{i - 1}" if i > 0 else None
-            out.append(LayerEntry(f"conv_{i}", f"conv_{i}", "conv", i, p_in, f"P{i}"))
-            out.append(LayerEntry(f"norm_{i}", f"norm_{i}", "norm", i, None, f"P{i}"))
-        out.append(LayerEntry("head", "head", "dense", n, f"P{n - 1}", None))
-        return tuple(out)
+        return _conv_chain_table(self.n_convs)
 
     def layer_names(self, **config: Any) -> list[str]:
-        return [f"conv_{i}" for i in range(self.n_convs)] + ["head"]
+        return _conv_chain_names(self.n_convs)
 
     def activation_points(self, **config: Any) -> dict[str, str]:
         return {f"P{i}": f"act_{i}" for i in range(self.n_convs)}
