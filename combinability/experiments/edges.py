@@ -27,7 +27,7 @@ def edge_lengths(pair: ModelPair, *, bins: int = 80, quantile: float = 0.999,
         An aligned pair (its ``naive`` twin is measured too).
     bins : int
         Number of equal-width bins from 0 to the ``quantile`` of the aligned lengths
-        (longer edges are left out of the bins and counted in ``overflow``).
+        (longer edges fall in the last bin, and are also counted in ``overflow``).
     out : path, optional
         Write the Dataset there (netCDF, atomically).
 
@@ -57,6 +57,7 @@ def edge_lengths(pair: ModelPair, *, bins: int = 80, quantile: float = 0.999,
             stats["mean"][a, layer] = sel.mean() if sel.size else np.nan
             stats["median"][a, layer] = np.median(sel) if sel.size else np.nan
             stats["fraction_below"][a, layer] = np.mean(sel < 0.01 * scale) if sel.size else np.nan
+        count[a, :, -1] += overflow[a]  # edges longer than the last bin edge are drawn in the last bin
     names = pair.layer_names if len(pair.layer_names) == n_layers else [str(i) for i in range(n_layers)]
     ds = xr.Dataset(
         {
