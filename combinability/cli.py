@@ -156,6 +156,14 @@ def _cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_download(args: argparse.Namespace) -> int:
+    from combinability.data import download
+
+    folder = download(args.dataset, args.root)
+    print(f"{args.dataset}: files in {folder}")
+    return 0
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from combinability.demo import run_demo
 
@@ -236,6 +244,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="report", help="folder for the figures and summary.md")
     p.set_defaults(func=_cmd_report)
 
+    p = sub.add_parser("download", help="download a dataset's files (checked against their MD5 sums)",
+                       formatter_class=fmt)
+    p.add_argument("dataset", help="registered dataset, e.g. fashion_mnist, mnist, cifar10, cifar100")
+    p.add_argument("--root", default=None,
+                   help="folder to write to (default: $COMBINABILITY_DATA or ~/.cache/combinability)")
+    p.set_defaults(func=_cmd_download)
+
     p = sub.add_parser("demo", help="the main job: train 3 models, align, run every experiment of the paper",
                        formatter_class=fmt)
     p.add_argument("--out", default="results/demo", help="folder for models, netCDF results, figures, summary")
@@ -255,7 +270,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except (CombinabilityError, FileNotFoundError) as exc:
+    except (CombinabilityError, FileNotFoundError, OSError) as exc:
         print(f"combinability: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -82,3 +82,17 @@ def test_demo_quick_runs_end_to_end_and_reuses(tmp_path):
     second = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
     assert second.returncode == 0
     assert {p: p.stat().st_mtime_ns for p in tmp_path.glob("*.nc")} == mtimes  # finished results reused
+
+
+def test_download_reports_where_it_failed_without_network(tmp_path, capsys, monkeypatch):
+    import urllib.request
+
+    def offline(*args, **kwargs):
+        raise OSError("network unreachable (test)")
+
+    monkeypatch.setattr(urllib.request, "urlopen", offline)
+    assert main(["download", "mnist", "--root", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "could not download" in err and str(tmp_path / "mnist") in err and "MD5" in err
+    assert main(["download", "imagenet"]) == 2
+    assert "unknown dataset 'imagenet'" in capsys.readouterr().err

@@ -172,7 +172,7 @@ def _class_names(path: Path, layout: CifarLayout) -> tuple[str, ...]:
 def _how_to_get(layout: CifarLayout, root) -> str:
     return (
         "To get the files, either:\n"
-        f"  - download them: python -c \"import combinability.data as d; d.download('{layout.name}')\" "
+        f"  - download them: combinability download {layout.name} "
         f"(or load_dataset('{layout.name}', split, download=True)); they go to "
         f"{download_dir(layout.name, root) / layout.folder}\n"
         f"  - or get {layout.archive.urls[0]} (from https://www.cs.toronto.edu/~kriz/cifar.html), "

@@ -92,7 +92,7 @@ _APT = {"fashion_mnist": "dataset-fashion-mnist"}
 def _how_to_get(name: str, root: str | os.PathLike | None) -> str:
     lines = [
         "To get the files, either:",
-        f"  - download them: python -c \"import combinability.data as d; d.download('{name}')\" "
+        f"  - download them: combinability download {name} "
         f"(or load_dataset('{name}', split, download=True)); they go to {download_dir(name, root)}",
     ]
     if name in _APT:
