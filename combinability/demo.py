@@ -68,8 +68,8 @@ def run_demo(out: Path = Path("results/demo"), *, data: str | None = None, backe
     """Run the demo; returns 0 on success. See the module docstring for what it writes."""
     import combinability as cb
     from combinability import experiments as ex
+    from combinability.files import atomic_path
     from combinability.report import report
-    from combinability.results import atomic_path
 
     s = DemoSettings.quick() if quick else DemoSettings()
     if epochs is not None:

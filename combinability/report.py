@@ -14,7 +14,8 @@ from pathlib import Path
 import numpy as np
 import xarray as xr
 
-from combinability.results import atomic_path, barriers, open_results
+from combinability.files import atomic_path
+from combinability.results import barriers, open_results
 
 __all__ = ["report", "figure_for", "barrier_table"]
 

@@ -12,7 +12,6 @@ import json
 import os
 import platform
 import signal
-import tempfile
 import threading
 import time
 from collections.abc import Mapping
@@ -23,6 +22,7 @@ import numpy as np
 import xarray as xr
 
 from combinability.errors import CorruptFileError, IncompatibleVersionError
+from combinability.files import atomic_path
 
 __all__ = [
     "FORMAT_VERSION",
@@ -67,35 +67,6 @@ def provenance(**extra: Any) -> dict[str, Any]:
             value = json_attr(value)
         attrs[key] = value
     return attrs
-
-
-@contextlib.contextmanager
-def atomic_path(path: str | os.PathLike) -> Any:
-    """Yield a temporary path beside ``path``; on success it replaces ``path`` atomically.
-
-    If the block raises (a failing write, a full disk, Ctrl-C), the temporary file is
-    removed and ``path``'s previous content is left intact.
-    """
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    os.close(fd)
-    try:
-        yield Path(tmp)
-        with open(tmp, "rb") as fh:
-            os.fsync(fh.fileno())
-        os.chmod(tmp, target.stat().st_mode & 0o777 if target.exists() else 0o666 & ~_umask())
-        os.replace(tmp, target)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 @contextlib.contextmanager

@@ -13,8 +13,6 @@ Files are written atomically: a temporary file in the target directory, then
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 import zipfile
 from collections.abc import Mapping
 from pathlib import Path
@@ -22,23 +20,13 @@ from typing import Any
 
 import numpy as np
 
+from combinability.checkpoint import FORMAT, VERSION, plain
 from combinability.errors import CorruptFileError, IncompatibleModelsError, IncompatibleVersionError
+from combinability.files import atomic_path
 
 __all__ = ["FORMAT", "VERSION", "write_checkpoint", "read_checkpoint"]
 
-FORMAT = "combinability-checkpoint"
-VERSION = 1
 _HEADER = "__header__"
-
-
-def _json_default(obj: Any) -> Any:
-    if isinstance(obj, np.generic):
-        return obj.item()
-    if isinstance(obj, np.ndarray):
-        return obj.tolist()
-    if isinstance(obj, Path):
-        return str(obj)
-    raise TypeError(f"metadata value {obj!r} of type {type(obj).__name__} is not JSON-serialisable")
 
 
 def write_checkpoint(path: str | Path, header: Mapping[str, Any], arrays: Mapping[str, np.ndarray]) -> None:
@@ -51,20 +39,11 @@ def write_checkpoint(path: str | Path, header: Mapping[str, Any], arrays: Mappin
     """
     path = Path(path)
     full = {"format": FORMAT, "version": VERSION, **header, "names": list(arrays)}
-    text = json.dumps(full, default=_json_default, sort_keys=True)
+    text = json.dumps(plain(full, "header"), sort_keys=True)
     payload = {_HEADER: np.frombuffer(text.encode("utf-8"), dtype=np.uint8)}
     payload.update({f"a{i}": np.asarray(v) for i, v in enumerate(arrays.values())})
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **payload)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        np.savez(f, **payload)
 
 
 def read_checkpoint(path: str | Path, *, backend: str | None = None) -> tuple[dict[str, Any], dict[str, np.ndarray]]:

@@ -13,57 +13,21 @@ written to a temporary file in the target directory, then renamed over the targe
 
 from __future__ import annotations
 
-import os
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
+from combinability.checkpoint import FORMAT, VERSION, plain
 from combinability.errors import CorruptFileError, IncompatibleVersionError
+from combinability.files import atomic_path
 
 __all__ = ["FORMAT", "VERSION", "write_checkpoint", "read_checkpoint", "plain"]
 
-FORMAT = "combinability-checkpoint"
-VERSION = 1
 _KEYS = ("format", "version", "backend", "architecture", "config", "state", "metadata")
 
 
-def plain(value: Any, where: str = "metadata") -> Any:
-    """``value`` as plain Python (dict, list, tuple, str, int, float, bool, None).
-
-    NumPy scalars and arrays become Python numbers and lists, paths become strings.
-
-    Raises
-    ------
-    TypeError
-        For any other type, naming where it was found.
-    """
-    if value is None or isinstance(value, bool | int | float | str):
-        return value
-    if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    if isinstance(value, Path):
-        return str(value)
-    if isinstance(value, Mapping):
-        out = {}
-        for k, v in value.items():
-            if not isinstance(k, str):
-                raise TypeError(f"{where}: keys must be str, got {k!r}")
-            out[k] = plain(v, f"{where}[{k!r}]")
-        return out
-    if isinstance(value, tuple):
-        return tuple(plain(v, f"{where}[{i}]") for i, v in enumerate(value))
-    if isinstance(value, list):
-        return [plain(v, f"{where}[{i}]") for i, v in enumerate(value)]
-    raise TypeError(
-        f"{where} holds a {type(value).__name__} ({value!r:.60}); checkpoint metadata may hold only "
-        "dicts with str keys, lists, tuples, str, int, float, bool, None and numpy numbers/arrays"
-    )
 
 
 def write_checkpoint(
@@ -86,17 +50,8 @@ def write_checkpoint(
         "state": {k: v.detach().to("cpu").clone() for k, v in state.items()},
         "metadata": plain(dict(metadata or {})),
     }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            torch.save(payload, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(path) as tmp, open(tmp, "wb") as fh:
+        torch.save(payload, fh)
     return path
 
 

@@ -18,7 +18,7 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
 from combinability.errors import CorruptFileError, UnknownNameError
-from combinability.results import atomic_path
+from combinability.files import atomic_path
 
 __all__ = [
     "DPI",
