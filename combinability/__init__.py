@@ -14,7 +14,7 @@ import importlib
 from typing import Any
 
 from combinability.architecture import Architecture
-from combinability.backend import Backend, Evaluation, NumpyRandom
+from combinability.backend import Backend, NumpyRandom
 from combinability.combination import combine, combine3, combine3_into, combine_into
 from combinability.errors import (
     AlignmentError,
@@ -102,6 +102,15 @@ _LAZY: dict[str, str] = {
     "barriers": "combinability.results",
     "experiments": "combinability.experiments",
     "ArrayDataset": "combinability.data.base",
+    "Evaluation": "combinability.evaluation",
+    "Registration": "combinability.hookspecs",
+    "RepairContext": "combinability.repairs",
+    "AlignTask": "combinability.align",
+    "Evaluator": "combinability.evaluation",
+    "LogitMetric": "combinability.evaluation",
+    "LayerTable": "combinability.layers",
+    "Node": "combinability.layers",
+    "ModelSet": "combinability.sets",
 }
 
 
@@ -134,7 +143,6 @@ __all__ = [
     "CorruptFileError",
     "DatasetError",
     "DatasetNotFoundError",
-    "Evaluation",
     "FlatLayout",
     "IncompatibleModelsError",
     "IncompatibleVersionError",

@@ -1,69 +1,32 @@
-"""Architectures as plugins: a name, one implementation per backend, imported lazily.
+"""Architectures as plugins: a name and a layer table, optionally a builder per backend.
 
 An :class:`Architecture` is a small frozen value registered through the
-``combinability_register_architectures`` hook. It names, for every backend that
-implements it, a ``"module:attribute"`` string; the attribute is imported only when
-that backend first uses the architecture and must be an :class:`ArchitectureImpl`
-(an object, a class or a module with the attributes below).
+``combinability_register_architectures`` hook. It names a *table function*
+``table(width=..., num_classes=..., input_shape=...) -> LayerTable`` (framework-free,
+see :mod:`combinability.layers`); every backend builds the network from that table with
+its generic builder. An architecture whose nodes need more than the table's operations
+may also name, per backend, a builder ``builder(table, seed) -> native model`` whose
+state has the table's parameter names and shapes. Targets are ``"module:attribute"``
+strings imported only when first used.
 """
 
 from __future__ import annotations
 
 import importlib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any
 
-from combinability.errors import PluginError, UnknownNameError
+from combinability.errors import ConfigurationError, PluginError
 
 if TYPE_CHECKING:
-    import numpy as np
+    from combinability.layers import LayerTable
 
-    from combinability.permutation import PermutationSpec
-
-__all__ = ["Architecture", "ArchitectureImpl", "load_object"]
+__all__ = ["Architecture", "load_object"]
 
 
-class ArchitectureImpl(Protocol):
-    """What an architecture gives one backend.
-
-    Every method takes the model's configuration as keywords: ``width`` (the width
-    multiplier), ``num_classes`` and ``input_shape`` (channels-first, e.g. ``(1, 28, 28)``
-    or ``(64,)``), so that the spec and layers always describe the model that
-    :meth:`build` returns.
-    """
-
-    def build(self, *, width: int, num_classes: int, input_shape: tuple[int, ...], seed: int) -> Any:
-        """A freshly initialised native model."""
-        ...
-
-    def spec(self, *, width: int, num_classes: int, input_shape: tuple[int, ...]) -> PermutationSpec:
-        """The permutation spec, in the backend's parameter names and axis convention."""
-        ...
-
-    def layers(self, *, width: int, num_classes: int, input_shape: tuple[int, ...]) -> dict[str, int]:
-        """Layer index (0-based, forward order) of every parameter and buffer name."""
-        ...
-
-    def layer_names(self, *, width: int, num_classes: int, input_shape: tuple[int, ...]) -> list[str]:
-        """Human-readable name of each layer index, e.g. ``["layer1", ..., "head"]``."""
-        ...
-
-    def activation_points(self, *, width: int, num_classes: int, input_shape: tuple[int, ...]) -> dict[str, str]:
-        """For each permutation name, the point whose activations its units produce."""
-        ...
-
-    def to_reference(self, params: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """Convert this backend's named arrays to the reference (torch) names and axes."""
-        ...
-
-    def from_reference(self, params: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """Inverse of :meth:`to_reference`."""
-        ...
-
-
-def load_object(target: str) -> Any:
-    """Import ``"package.module:attribute"`` and return the attribute.
+def load_object(target: str | Callable) -> Any:
+    """Import ``"package.module:attribute"`` and return the attribute (a callable passes through).
 
     Raises
     ------
@@ -72,7 +35,9 @@ def load_object(target: str) -> Any:
     ImportError
         If the module cannot be imported (e.g. its framework is missing).
     """
-    module_name, sep, attr = target.partition(":")
+    if callable(target):
+        return target
+    module_name, sep, attr = str(target).partition(":")
     if not sep or not module_name or not attr:
         raise PluginError(f"expected 'package.module:attribute', got {target!r}")
     module = importlib.import_module(module_name)
@@ -93,40 +58,52 @@ class Architecture:
     ----------
     name : str
         Registry name (``"mlp"``, ``"resnet20"``).
-    implementations : mapping of str to str
-        Backend name to ``"module:attribute"`` of its :class:`ArchitectureImpl`.
+    table : str or callable
+        ``"module:function"`` (or the function) returning the :class:`~combinability.layers.LayerTable`
+        for keywords ``width``, ``num_classes`` and ``input_shape`` (channels-first).
     description : str
         One line shown by ``combinability plugins``.
-    default_width : int
+    default_width : float
         Width multiplier used when the user gives none.
     paper : str
         Where the architecture is described (for docs and provenance).
+    builders : mapping of str to str, optional
+        Backend name to ``"module:function"`` of a custom ``builder(table, seed)``; backends
+        not named use their generic table builder.
     """
 
     name: str
-    implementations: Mapping[str, str] = field(default_factory=dict)
+    table: str | Callable[..., LayerTable]
     description: str = ""
-    default_width: int = 1
+    default_width: float = 1
     paper: str = ""
+    builders: Mapping[str, str] = field(default_factory=dict)
 
-    @property
-    def backends(self) -> tuple[str, ...]:
-        """Names of the backends that implement this architecture."""
-        return tuple(self.implementations)
-
-    def implementation(self, backend: str) -> ArchitectureImpl:
-        """Import and return the implementation for ``backend``.
+    def layer_table(self, *, width: float | None = None, num_classes: int, input_shape: tuple[int, ...]) -> LayerTable:
+        """The layer table of this architecture for one configuration.
 
         Raises
         ------
-        UnknownNameError
-            If this architecture has no implementation for ``backend``.
+        ConfigurationError
+            If the configuration is invalid (e.g. an image network given a vector shape).
+        PluginError
+            If the table function does not return a LayerTable.
         """
-        try:
-            target = self.implementations[backend]
-        except KeyError:
-            raise UnknownNameError(
-                f"architecture {self.name!r} has no implementation for backend {backend!r}; "
-                f"it is implemented for: {', '.join(self.backends) or 'no backend'}"
-            ) from None
-        return load_object(target)
+        from combinability.layers import LayerTable
+
+        width = self.default_width if width is None else width
+        if int(num_classes) < 1:
+            raise ConfigurationError(f"num_classes must be >= 1, got {num_classes!r}")
+        shape = tuple(int(s) for s in input_shape)
+        table = load_object(self.table)(width=width, num_classes=int(num_classes), input_shape=shape)
+        if not isinstance(table, LayerTable):
+            raise PluginError(f"architecture {self.name!r}: its table function returned {type(table).__name__}, "
+                              "not a combinability.layers.LayerTable")
+        config = {"architecture": self.name, "width": width, "num_classes": int(num_classes), "input_shape": shape}
+        object.__setattr__(table, "config", config)
+        return table
+
+    def builder(self, backend: str) -> Callable | None:
+        """The custom builder for ``backend``, or None to use the backend's generic one."""
+        target = self.builders.get(backend)
+        return None if target is None else load_object(target)

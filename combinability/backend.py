@@ -1,38 +1,37 @@
-"""The interface every framework backend implements.
+"""The interface every framework backend implements: a thin adapter.
 
-A backend turns the core's flat numpy vectors into running models of one framework
-(PyTorch, JAX/Flax, ...). The core never imports a framework: it talks to backends
-only through this class. Backends are registered as plugins (see
-:mod:`combinability.hookspecs`) and instantiated on first use.
+A backend turns the core's flat parameter vectors into running models of one framework.
+It gives arrays and random numbers on its device, the state of a native model as numpy
+arrays, module builders for :class:`~combinability.layers.LayerTable` descriptions, and
+one *prepared* functional model per (model, layout): a batched forward pass over k flat
+vectors, feature taps, and the value and gradient of a loss. Everything that needs no
+framework — evaluation and metrics on logits, batching, the training loop, learning-rate
+schedules, augmentation, checkpoints, architecture descriptions — lives once, in the core.
 
-Framework types are only named under ``TYPE_CHECKING``.
+The core never imports a framework: it talks to backends only through this class.
+Backends are registered as plugins (see :mod:`combinability.hookspecs`).
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
-from pathlib import Path
+from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
 if TYPE_CHECKING:
-    from combinability.architecture import Architecture
-    from combinability.data.base import ArrayDataset
+    from combinability.layers import LayerTable
     from combinability.layout import FlatLayout
-    from combinability.training import TrainRecipe
 
-__all__ = ["Backend", "Evaluation", "RandomSource", "NumpyRandom"]
+__all__ = ["Backend", "Prepared", "RandomSource", "NumpyRandom"]
 
 
 class RandomSource(Protocol):
     """A stateful source of uniform random numbers on a backend's device.
 
-    The array API has no random numbers, so every backend gives one of these,
-    seeded from the user's seed. Samplers build every distribution from
-    :meth:`uniform`.
+    The array API has no random numbers, so every backend gives one of these, seeded
+    from the user's seed. Samplers build every distribution from :meth:`uniform`.
     """
 
     def uniform(self, shape: int | tuple[int, ...], dtype: Any = None) -> Any:
@@ -55,31 +54,37 @@ class NumpyRandom:
         return self.generator.random(shape, dtype=np.dtype(dtype or np.float32))
 
 
-@dataclass
-class Evaluation:
-    """Scores of one parameter vector on one dataset split.
+class Prepared(Protocol):
+    """A model made functional over one :class:`~combinability.layout.FlatLayout`.
 
-    Attributes
-    ----------
-    loss : float
-        Mean cross-entropy.
-    accuracy : float
-        Fraction of correct top-1 predictions.
-    predictions : numpy.ndarray of int64, shape (n,)
-        Predicted label of every example, in dataset order.
+    Entries of the model's state that the layout leaves out (integer counters such as
+    BatchNorm's ``num_batches_tracked``) are taken from the model as it was prepared.
+    All arrays are the backend's device arrays; ``x`` is channels-first float32.
     """
 
-    loss: float
-    accuracy: float
-    predictions: np.ndarray = field(repr=False)
+    def forward(self, flats: Any, x: Any) -> Any:
+        """Logits of shape ``(k, n, classes)`` for ``flats`` of shape ``(k, d)`` (inference mode)."""
+        ...
+
+    def features(self, flat: Any, x: Any, points: Sequence[str]) -> dict[str, Any]:
+        """The outputs of the named feature points for one ``(d,)`` vector, channels-first."""
+        ...
+
+    def value_and_grad(self, flat: Any, x: Any, y: Any, loss: Callable[[Any, Any], Any]) -> tuple[Any, Any, Any]:
+        """``(loss value, gradient (d,), flat after the step's buffer updates)`` in training mode.
+
+        ``loss(logits, y)`` is written with the backend's array namespace (:meth:`Backend.xp`)
+        and must be differentiable by the framework. The gradient is zero on buffers;
+        the returned vector carries updated buffers (BatchNorm running statistics).
+        """
+        ...
 
 
 class Backend(ABC):
-    """One framework's implementation of model building, evaluation and training.
+    """One framework's adapter. Subclasses set :attr:`name` and :attr:`extra`.
 
-    Subclasses set :attr:`name` and :attr:`extra` and implement the abstract
-    methods. Parameter arrays cross the boundary as numpy arrays keyed by the
-    framework's own parameter names, in the framework's axis convention.
+    Parameter arrays cross the boundary as numpy arrays keyed by the model's own
+    parameter names; models built from a layer table use the table's (reference) names.
     """
 
     #: Registry name, e.g. ``"torch"``.
@@ -87,7 +92,7 @@ class Backend(ABC):
     #: The pip extra that installs the framework, e.g. ``"torch"``.
     extra: str = ""
 
-    # -- device and arrays -----------------------------------------------------
+    # -- device and arrays -----------------------------------------------------------
     @abstractmethod
     def device(self) -> str:
         """The device evaluations run on, e.g. ``"cuda:0"`` or ``"cpu"``."""
@@ -97,8 +102,8 @@ class Backend(ABC):
         """The array-API namespace of this backend's arrays."""
 
     @abstractmethod
-    def asarray(self, array: np.ndarray) -> Any:
-        """Copy a numpy array to the device, as an array of :meth:`xp`."""
+    def asarray(self, array: Any, dtype: Any = None) -> Any:
+        """Copy an array (numpy or this backend's) to the device, optionally cast."""
 
     @abstractmethod
     def to_numpy(self, array: Any) -> np.ndarray:
@@ -115,87 +120,41 @@ class Backend(ABC):
         """Framework versions for provenance (``{"torch": "2.13.0"}``)."""
         return {}
 
-    # -- models ----------------------------------------------------------------
+    # -- models ----------------------------------------------------------------------
     @abstractmethod
-    def build(
-        self,
-        architecture: Architecture,
-        *,
-        width: int,
-        num_classes: int,
-        input_shape: tuple[int, ...],
-        seed: int,
-    ) -> Any:
-        """A freshly initialised native model (seeded)."""
+    def build(self, table: LayerTable, *, seed: int) -> Any:
+        """A freshly initialised native model of ``table`` (seeded), on the device.
+
+        The model's state has exactly the table's parameter names and shapes, and the
+        model remembers the table (:meth:`table_of`).
+        """
+
+    @abstractmethod
+    def table_of(self, model: Any) -> LayerTable | None:
+        """The layer table a model was built from, or None for a user's own model."""
 
     @abstractmethod
     def state(self, model: Any) -> dict[str, np.ndarray]:
         """Every parameter and buffer of ``model`` as numpy arrays, in a fixed order."""
 
     @abstractmethod
+    def trainable(self, model: Any) -> tuple[str, ...]:
+        """Names of the state entries trained by gradient (the others are buffers)."""
+
+    @abstractmethod
     def with_state(self, model: Any, params: Mapping[str, np.ndarray]) -> Any:
-        """A model holding ``params`` (may return ``model`` itself, updated in place)."""
+        """A new model holding ``params`` (``model`` itself is left unchanged)."""
 
     @abstractmethod
-    def evaluate(
-        self,
-        model: Any,
-        layout: FlatLayout,
-        flats: Any,
-        data: ArrayDataset,
-        *,
-        batch_size: int = 1000,
-    ) -> list[Evaluation]:
-        """Evaluate parameter vectors on ``data``.
+    def prepare(self, model: Any, layout: FlatLayout) -> Prepared:
+        """The functional form of ``model`` over ``layout`` (cached by the caller)."""
 
-        Parameters
-        ----------
-        model : native model
-            Supplies the architecture; its own weights are not used.
-        layout : FlatLayout
-            How a flat vector maps onto the model's named parameters.
-        flats : array of shape ``(d,)`` or ``(k, d)``, or a sequence of ``(d,)`` arrays
-            Numpy or device arrays of this backend.
-        data : ArrayDataset
-        batch_size : int
+    @abstractmethod
+    def augment(self, x: Any, matrices: Any) -> Any:
+        """Resample each image of ``x`` ``(n, c, h, w)`` through its affine map.
 
-        Returns
-        -------
-        list of Evaluation
-            One per parameter vector, in order.
+        ``matrices`` ``(n, 2, 3)`` maps output pixel coordinates, normalised to
+        ``[-1, 1]`` (x right, y down, pixel centres), to input coordinates; bilinear,
+        zeros outside the image (the semantics of torch's ``affine_grid`` +
+        ``grid_sample`` with ``align_corners=False``).
         """
-
-    @abstractmethod
-    def activations(
-        self,
-        model: Any,
-        data: ArrayDataset,
-        points: Sequence[str],
-        *,
-        batch_size: int = 1000,
-    ) -> dict[str, np.ndarray]:
-        """Per-unit activations at the named points of ``model``.
-
-        Returns ``{point: array of shape (n_examples_or_positions, units)}``; convolutional
-        activations are flattened over batch and spatial positions.
-        """
-
-    @abstractmethod
-    def train(
-        self,
-        model: Any,
-        data: ArrayDataset,
-        recipe: TrainRecipe,
-        *,
-        seed: int,
-        progress: bool = False,
-    ) -> Any:
-        """Train ``model`` on ``data`` with ``recipe``; seeded batch order and augmentation."""
-
-    @abstractmethod
-    def save(self, model: Any, path: str | Path, metadata: Mapping[str, Any]) -> None:
-        """Write a checkpoint atomically (temporary file, then rename)."""
-
-    @abstractmethod
-    def load(self, path: str | Path, architecture: Architecture | None = None) -> tuple[Any, dict[str, Any]]:
-        """Read a checkpoint written by :meth:`save`: ``(model, metadata)``."""

@@ -1,25 +1,126 @@
-"""What every backend's checkpoint file holds besides its arrays, framework-free.
+"""One checkpoint format for every backend: a safetensors file, framework-free.
 
-A checkpoint records ``format`` (:data:`FORMAT`), ``version`` (:data:`VERSION`), the
-backend, the architecture, its configuration and user metadata. Backends choose the
-container (torch: ``torch.save``; jax: ``.npz`` with a JSON header) and write it with
-:func:`combinability.files.atomic_path`.
+A checkpoint (format version :data:`VERSION`) is a `safetensors <https://huggingface.co/docs/safetensors>`_
+file: the tensors by name, plus a string-to-string header (the safetensors ``__metadata__``) holding
+
+``format``
+    :data:`FORMAT`;
+``version``
+    ``"2"``;
+``backend``
+    the backend that wrote it (absent when none was given);
+``config``
+    JSON of the model configuration (``{"architecture": "mlp", "width": 1, ...}``);
+``metadata``
+    JSON of the user metadata (plain values only, see :func:`plain`);
+``names``
+    JSON list of the tensor names in the order they were given, so that they load in that order;
+``library_version``
+    the version of combinability that wrote the file;
+``sha256``
+    :func:`payload_sha256` of the tensors;
+``header_sha256``
+    SHA-256 of the other header entries: the UTF-8 bytes of
+    ``json.dumps(entries, sort_keys=True, separators=(",", ":"))``.
+
+On load both hashes are recomputed, so a flipped bit anywhere in the file (data, tensor header or
+these entries), a truncated file or a file of another kind raises :class:`~combinability.errors.CorruptFileError`.
+
+:func:`load_checkpoint` also reads, detecting the kind of file by its content (never by its suffix):
+
+* safetensors files from elsewhere (version 0: no hash check, their header entries as metadata);
+* plain PyTorch ``state_dict`` files written by ``torch.save`` (version 0; needs torch);
+* the version-1 files of this library: a ``torch.save`` dictionary (torch backend) or an ``.npz``
+  archive with a JSON ``__header__`` (jax backend).
+
+This module needs numpy and safetensors only; torch is imported only to read ``torch.save`` files.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+import zipfile
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-__all__ = ["FORMAT", "VERSION", "plain"]
+from combinability.errors import (
+    BackendUnavailableError,
+    CorruptFileError,
+    IncompatibleModelsError,
+    IncompatibleVersionError,
+)
+from combinability.files import atomic_path
+
+__all__ = [
+    "FORMAT",
+    "VERSION",
+    "Checkpoint",
+    "save_checkpoint",
+    "load_checkpoint",
+    "read_state_dict",
+    "payload_sha256",
+    "plain",
+]
 
 #: Value of the ``format`` key of every checkpoint.
 FORMAT = "combinability-checkpoint"
-#: Checkpoint layout version written (and the only one read) by this library.
-VERSION = 1
+#: Checkpoint layout version written by this library (version 1 files, and files from elsewhere, are read too).
+VERSION = 2
+#: The version of the legacy files (``torch.save`` dictionaries and ``.npz`` archives) still read.
+LEGACY_VERSION = 1
+
+_READABLE = (
+    f"this version of combinability reads version {VERSION} (safetensors) and version {LEGACY_VERSION} "
+    "(torch.save / .npz) checkpoints"
+)
+_TORCH_HINT = "pip install 'combinability[torch]'"
+_STATE_DICT_KEYS = ("state_dict", "model_state_dict")
+_LEGACY_TORCH_KEYS = ("format", "version", "backend", "architecture", "config", "state", "metadata")
+_NPZ_HEADER = "__header__"
+_ZIP_MAGIC = b"PK\x03\x04"
+# numpy dtype name -> safetensors dtype code, for the dtypes a checkpoint may hold.
+_SAVE_DTYPES = {
+    "float64": "F64", "float32": "F32", "float16": "F16",
+    "int64": "I64", "int32": "I32", "int16": "I16", "int8": "I8",
+    "uint64": "U64", "uint32": "U32", "uint16": "U16", "uint8": "U8",
+    "bool": "BOOL", "complex64": "C64",
+}  # fmt: skip
+_LOAD_DTYPES = {code: np.dtype(name).newbyteorder("<") for name, code in _SAVE_DTYPES.items()}
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """The content of a checkpoint file, as read by :func:`load_checkpoint`.
+
+    Attributes
+    ----------
+    state : dict of str to numpy.ndarray
+        Every tensor, by name, in the order they were written.
+    config : dict
+        The model configuration (e.g. ``{"architecture": "mlp", "width": 1, "num_classes": 10,
+        "input_shape": [1, 28, 28]}``); ``{}`` when the file records none.
+    metadata : dict
+        User metadata (plain JSON values); for a safetensors file from elsewhere, its header entries.
+    backend : str or None
+        The backend that wrote the file, or None for files from elsewhere.
+    version : int
+        :data:`VERSION` for this format, 1 for legacy files of this library, 0 for files from
+        elsewhere (a plain ``state_dict`` or a foreign safetensors file).
+    path : Path
+        The file it was read from.
+    """
+
+    state: dict[str, np.ndarray]
+    config: dict[str, Any]
+    metadata: dict[str, Any]
+    backend: str | None
+    version: int
+    path: Path
 
 
 def plain(value: Any, where: str = "metadata") -> Any:
@@ -55,3 +156,433 @@ def plain(value: Any, where: str = "metadata") -> Any:
         f"{where} holds a {type(value).__name__} ({value!r:.60}); checkpoint metadata may hold only "
         "dicts with str keys, lists, tuples, str, int, float, bool, None and numpy numbers/arrays"
     )
+
+
+# -- hashes ------------------------------------------------------------------------------------
+def payload_sha256(state: Mapping[str, np.ndarray]) -> str:
+    """SHA-256 (hex) of a set of named tensors, independent of their order and memory layout.
+
+    The tensors are hashed in sorted name order; for each, the hash is fed the UTF-8 bytes of
+    the name, the dtype (``str(dtype)``, e.g. ``"float32"``) and the shape (``json.dumps(list(shape))``,
+    e.g. ``"[2, 3]"``, ``"[]"`` for a 0-d array), each followed by a NUL byte, then the array's
+    C-contiguous little-endian bytes.
+
+    Parameters
+    ----------
+    state : mapping of str to array-like
+
+    Returns
+    -------
+    str
+        64 hexadecimal digits.
+    """
+    digest = hashlib.sha256()
+    for name in sorted(state):
+        array = _little_endian(np.asarray(state[name]))
+        digest.update(name.encode("utf-8") + b"\0")
+        digest.update(str(array.dtype).encode("ascii") + b"\0")
+        digest.update(json.dumps([int(n) for n in array.shape]).encode("ascii") + b"\0")
+        digest.update(array.tobytes(order="C"))
+    return digest.hexdigest()
+
+
+def _header_sha256(entries: Mapping[str, str]) -> str:
+    """SHA-256 (hex) of the header entries other than ``header_sha256`` itself."""
+    rest = {k: v for k, v in entries.items() if k != "header_sha256"}
+    return hashlib.sha256(json.dumps(rest, sort_keys=True, separators=(",", ":")).encode("utf-8")).hexdigest()
+
+
+def _little_endian(array: np.ndarray) -> np.ndarray:
+    """``array`` C-contiguous with a little-endian (or byte-order-free) dtype."""
+    if array.dtype.byteorder not in ("<", "|") and array.dtype.newbyteorder("<") != array.dtype:
+        array = array.astype(array.dtype.newbyteorder("<"))
+    return array if array.flags.c_contiguous else np.array(array, order="C")
+
+
+def _library_version() -> str:
+    try:
+        import combinability
+
+        return str(getattr(combinability, "__version__", "unknown"))
+    except ImportError:  # pragma: no cover - only while the package itself is half-imported
+        return "unknown"
+
+
+# -- writing -----------------------------------------------------------------------------------
+def save_checkpoint(
+    path: str | Path,
+    state: Mapping[str, np.ndarray],
+    *,
+    config: Mapping[str, Any] | None = None,
+    metadata: Mapping[str, Any] | None = None,
+    backend: str | None = None,
+) -> None:
+    """Write a checkpoint (a safetensors file, see the module docstring) atomically.
+
+    Parameters
+    ----------
+    path : str or Path
+        The file to write; its directory is created if needed. The file is written to a temporary
+        file beside it, then renamed over it: it is never left half-written.
+    state : mapping of str to numpy.ndarray
+        The tensors, by name. Dtypes: bool, (u)int8 to (u)int64, float16/32/64, complex64; any shape,
+        0-d included.
+    config : mapping, optional
+        The model configuration (plain values).
+    metadata : mapping, optional
+        User metadata (plain values, see :func:`plain`).
+    backend : str, optional
+        The name of the backend writing the file.
+
+    Raises
+    ------
+    TypeError
+        If ``config`` or ``metadata`` holds a value that is not plain (naming where), a name is not a
+        str, or a tensor has an unsupported dtype; nothing is written then.
+    """
+    path = Path(path)
+    if not isinstance(state, Mapping):
+        raise TypeError(f"state must map names to arrays, got a {type(state).__name__}")
+    if config is not None and not isinstance(config, Mapping):
+        raise TypeError(f"config must be a mapping, got a {type(config).__name__}")
+    if metadata is not None and not isinstance(metadata, Mapping):
+        raise TypeError(f"metadata must be a mapping, got a {type(metadata).__name__}")
+    if backend is not None and not isinstance(backend, str):
+        raise TypeError(f"backend must be a str or None, got a {type(backend).__name__}")
+    arrays: dict[str, np.ndarray] = {}
+    for name, value in state.items():
+        if not isinstance(name, str) or not name:
+            raise TypeError(f"state: tensor names must be non-empty str, got {name!r}")
+        array = _little_endian(np.asarray(value))
+        if array.dtype.name not in _SAVE_DTYPES:
+            raise TypeError(
+                f"state[{name!r}] has dtype {array.dtype}; a checkpoint holds only "
+                f"{', '.join(_SAVE_DTYPES)} (cast it, e.g. to float32)"
+            )
+        arrays[name] = array
+    entries = {
+        "format": FORMAT,
+        "version": str(VERSION),
+        "config": json.dumps(plain(dict(config or {}), "config"), sort_keys=True),
+        "metadata": json.dumps(plain(dict(metadata or {}), "metadata"), sort_keys=True),
+        "names": json.dumps(list(arrays)),
+        "library_version": _library_version(),
+        "sha256": payload_sha256(arrays),
+    }
+    if backend is not None:
+        entries["backend"] = backend
+    entries["header_sha256"] = _header_sha256(entries)
+
+    from safetensors.numpy import save_file
+
+    with atomic_path(path) as tmp:
+        save_file(arrays, tmp, metadata=entries)
+
+
+# -- reading -----------------------------------------------------------------------------------
+def load_checkpoint(path: str | Path) -> Checkpoint:
+    """Read a checkpoint of any supported kind (see the module docstring).
+
+    Parameters
+    ----------
+    path : str or Path
+
+    Returns
+    -------
+    Checkpoint
+
+    Raises
+    ------
+    FileNotFoundError
+        If ``path`` does not exist.
+    CorruptFileError
+        If the file is truncated, damaged (a hash does not match), or not a checkpoint at all.
+    IncompatibleVersionError
+        If it is a combinability checkpoint of a version this library does not read.
+    IncompatibleModelsError
+        If it is a readable ``torch.save`` file that holds something else than a state dict.
+    BackendUnavailableError
+        If it is a ``torch.save`` file and torch is not installed.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"no checkpoint at {str(path)!r}")
+    with open(path, "rb") as fh:
+        head = fh.read(9)
+    if not head:
+        raise CorruptFileError(f"{str(path)!r} is empty; it is not a checkpoint")
+    if head.startswith(_ZIP_MAGIC):
+        try:
+            with zipfile.ZipFile(path) as archive:
+                members = archive.namelist()
+        except (zipfile.BadZipFile, OSError, EOFError, ValueError) as exc:
+            raise CorruptFileError(
+                f"{str(path)!r} is a truncated or damaged zip archive ({type(exc).__name__}: {exc})"
+            ) from exc
+        if f"{_NPZ_HEADER}.npy" in members:
+            return _load_npz(path)
+        if not any(m == "data.pkl" or m.endswith("/data.pkl") for m in members):
+            raise CorruptFileError(
+                f"{str(path)!r} is a zip archive but neither a torch.save file nor a combinability .npz checkpoint"
+            )
+        return _load_torch(path)
+    if len(head) == 9 and head[8:9] == b"{":
+        return _load_safetensors(path)
+    if head[:1] == b"\x80":  # a pickle: torch.save's legacy (non-zip) format
+        return _load_torch(path)
+    raise CorruptFileError(
+        f"{str(path)!r} is not a checkpoint: it is neither a safetensors file, a torch.save file nor an .npz archive"
+    )
+
+
+def read_state_dict(path: str | Path) -> dict[str, np.ndarray]:
+    """The tensors of any file :func:`load_checkpoint` reads, by name, and nothing else.
+
+    Raises
+    ------
+    FileNotFoundError, CorruptFileError, IncompatibleVersionError, IncompatibleModelsError, BackendUnavailableError
+        As :func:`load_checkpoint`.
+    """
+    return load_checkpoint(path).state
+
+
+def _corrupt(path: Path, what: str) -> CorruptFileError:
+    return CorruptFileError(f"{str(path)!r}: {what}")
+
+
+def _load_safetensors(path: Path) -> Checkpoint:
+    from safetensors import SafetensorError, deserialize
+
+    data = path.read_bytes()
+    # The tensor header, parsed here for the entries and the file order; safetensors validates the rest.
+    try:
+        size = int.from_bytes(data[:8], "little")
+        if 8 + size > len(data):
+            raise ValueError(f"its header claims {size} bytes, but the file has only {len(data) - 8} after the length")
+        header = json.loads(data[8 : 8 + size].decode("utf-8"))
+        if not isinstance(header, dict):
+            raise ValueError("its header is not a JSON object")
+        entries = header.pop("__metadata__", None) or {}
+        if not isinstance(entries, dict) or not all(isinstance(v, str) for v in entries.values()):
+            raise ValueError("its __metadata__ is not a mapping of str to str")
+        order = sorted(header, key=lambda n: tuple(header[n]["data_offsets"]))
+        views = dict(deserialize(data))
+    except (SafetensorError, ValueError, KeyError, TypeError) as exc:
+        raise _corrupt(path, f"not a readable safetensors file (truncated or damaged?): {exc}") from exc
+    if set(order) != set(views):
+        raise _corrupt(path, "its tensor header is inconsistent: the file is corrupt")
+    # Raw views of the file's bytes (hashed as they are), then owned, writable, native-order copies.
+    raw = {name: _safetensors_array(path, name, views[name]) for name in order}
+    state = {name: array.astype(array.dtype.newbyteorder("="), copy=True) for name, array in raw.items()}
+
+    if entries.get("format") != FORMAT and "header_sha256" not in entries:
+        return Checkpoint(state=state, config={}, metadata=dict(entries), backend=None, version=0, path=path)
+
+    if entries.get("header_sha256") != _header_sha256(entries):
+        raise _corrupt(path, "header SHA-256 does not match: the file is corrupt")
+    version = entries.get("version")
+    if version is None or not (version.isascii() and version.isdigit()):
+        raise _corrupt(path, f"checkpoint version must be an integer, found {version!r}")
+    if int(version) != VERSION:
+        raise IncompatibleVersionError(
+            f"{str(path)!r} is a version-{int(version)} safetensors checkpoint; {_READABLE}"
+            + (" (upgrade combinability to read it)" if int(version) > VERSION else "")
+        )
+    missing = [k for k in ("config", "metadata", "names", "sha256") if k not in entries]
+    if missing:
+        raise _corrupt(path, f"the checkpoint header lacks the entries {missing}")
+    config = _json_entry(path, entries, "config", dict)
+    metadata = _json_entry(path, entries, "metadata", dict)
+    names = _json_entry(path, entries, "names", list)
+    if not all(isinstance(n, str) for n in names) or sorted(names) != sorted(state) or len(set(names)) != len(names):
+        raise _corrupt(path, "the header's list of names does not match its tensors: the file is corrupt")
+    if entries["sha256"] != payload_sha256(raw):
+        raise _corrupt(path, "payload SHA-256 does not match: the file is corrupt")
+    return Checkpoint(
+        state={name: state[name] for name in names},
+        config=config,
+        metadata=metadata,
+        backend=entries.get("backend"),
+        version=VERSION,
+        path=path,
+    )
+
+
+def _safetensors_array(path: Path, name: str, view: Mapping[str, Any]) -> np.ndarray:
+    """A view of a tensor's bytes as numpy (bfloat16, found in foreign files only, as float32)."""
+    code, shape, raw = view["dtype"], tuple(view["shape"]), view["data"]
+    if code == "BF16":  # the top half of a float32
+        bits = np.frombuffer(raw, dtype="<u2").astype(np.uint32) << 16
+        return bits.view(np.float32).reshape(shape)
+    if code not in _LOAD_DTYPES:
+        raise IncompatibleModelsError(
+            f"{str(path)!r}: tensor {name!r} has safetensors dtype {code}, which numpy cannot hold; "
+            f"readable: {', '.join(_LOAD_DTYPES)}, BF16"
+        )
+    return np.frombuffer(raw, dtype=_LOAD_DTYPES[code]).reshape(shape)
+
+
+def _json_entry(path: Path, entries: Mapping[str, str], key: str, kind: type) -> Any:
+    try:
+        value = json.loads(entries[key])
+    except ValueError as exc:
+        raise _corrupt(path, f"the header entry {key!r} is not valid JSON ({exc}): the file is corrupt") from exc
+    if not isinstance(value, kind):
+        raise _corrupt(path, f"the header entry {key!r} must be a JSON {kind.__name__}, found {type(value).__name__}")
+    return value
+
+
+def _json_plain(value: Any, where: str) -> Any:
+    """``value`` as it would read back from JSON (tuples become lists)."""
+    return json.loads(json.dumps(plain(value, where)))
+
+
+def _load_npz(path: Path) -> Checkpoint:
+    """A version-1 checkpoint of the jax backend: an ``.npz`` with a JSON ``__header__``."""
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            header = json.loads(npz[_NPZ_HEADER].tobytes().decode("utf-8"))
+            if not isinstance(header, dict) or header.get("format") != FORMAT:
+                found = header.get("format") if isinstance(header, dict) else type(header).__name__
+                raise _corrupt(path, f"not a combinability checkpoint: expected format {FORMAT!r}, found {found!r}")
+            _check_legacy_version(path, header.get("version"))
+            names = header.get("names")
+            if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+                raise _corrupt(path, "the header's 'names' is not a list of tensor names")
+            missing = [f"a{i}" for i in range(len(names)) if f"a{i}" not in npz.files]
+            if missing:
+                raise _corrupt(path, f"lacks the arrays {missing[:5]} named in its header")
+            state = {name: np.array(npz[f"a{i}"]) for i, name in enumerate(names)}
+    except (CorruptFileError, IncompatibleVersionError):
+        raise
+    except (zipfile.BadZipFile, ValueError, OSError, EOFError, KeyError, UnicodeDecodeError) as exc:
+        raise _corrupt(path, f"cannot be read as an .npz checkpoint: {type(exc).__name__}: {exc}") from exc
+    config, metadata = header.get("config") or {}, header.get("metadata") or {}
+    if not isinstance(config, dict) or not isinstance(metadata, dict):
+        raise _corrupt(path, "the header's 'config' and 'metadata' must be JSON objects")
+    if header.get("architecture"):
+        config = {**config, "architecture": header["architecture"]}
+    backend = header.get("backend")
+    return Checkpoint(
+        state=state,
+        config=config,
+        metadata=metadata,
+        backend=backend if isinstance(backend, str) else None,
+        version=LEGACY_VERSION,
+        path=path,
+    )
+
+
+def _check_legacy_version(path: Path, version: Any) -> None:
+    if not isinstance(version, int) or isinstance(version, bool):
+        raise _corrupt(path, f"checkpoint version must be an int, found {version!r}")
+    if version != LEGACY_VERSION:
+        raise IncompatibleVersionError(
+            f"{str(path)!r} is a version-{version} checkpoint in the legacy container; {_READABLE}"
+        )
+
+
+def _load_torch(path: Path) -> Checkpoint:
+    """A ``torch.save`` file: a plain state dict (version 0) or a version-1 checkpoint of the torch backend."""
+    try:
+        import torch
+    except ImportError as exc:
+        raise BackendUnavailableError(
+            f"{str(path)!r} is a torch.save file; reading it needs PyTorch: {_TORCH_HINT}"
+        ) from exc
+    try:
+        # A file object, not the path: torch.load treats any path ending in ".safetensors" as safetensors.
+        with open(path, "rb") as fh:
+            payload = torch.load(fh, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise _corrupt(
+            path,
+            "cannot be read with torch.load(weights_only=True): it is truncated or damaged, or holds objects "
+            f"other than tensors and plain values (save model.state_dict(), not the model) "
+            f"({type(exc).__name__}: {str(exc)[:300]})",
+        ) from exc
+
+    if isinstance(payload, dict) and payload.get("format") == FORMAT:
+        _check_legacy_version(path, payload.get("version"))
+        missing = [k for k in _LEGACY_TORCH_KEYS if k not in payload]
+        if missing:
+            raise _corrupt(path, f"the checkpoint lacks the key(s) {missing}")
+        raw, config, metadata = payload["state"], payload["config"], payload["metadata"]
+        if not isinstance(raw, dict) or not all(isinstance(v, torch.Tensor) for v in raw.values()):
+            raise _corrupt(path, "the checkpoint's 'state' must map names to tensors")
+        if not isinstance(config, dict) or not isinstance(metadata, dict):
+            raise _corrupt(path, "the checkpoint's 'config' and 'metadata' must be dicts")
+        try:
+            config = {**_json_plain(config, "config"), "architecture": str(payload["architecture"])}
+            metadata = _json_plain(metadata, "metadata")
+        except TypeError as exc:
+            raise _corrupt(path, str(exc)) from exc
+        backend = payload["backend"]
+        return Checkpoint(
+            state={str(k): _torch_to_numpy(path, str(k), v) for k, v in raw.items()},
+            config=config,
+            metadata=metadata,
+            backend=backend if isinstance(backend, str) else None,
+            version=LEGACY_VERSION,
+            path=path,
+        )
+
+    state = _find_state_dict(path, payload, torch.Tensor)
+    return Checkpoint(
+        state={k: _torch_to_numpy(path, k, v) for k, v in state.items()},
+        config={},
+        metadata={},
+        backend=None,
+        version=0,
+        path=path,
+    )
+
+
+def _find_state_dict(path: Path, payload: Any, tensor_type: type) -> dict[str, Any]:
+    """The state dict in a ``torch.save`` payload: the payload itself, or its ``state_dict`` entry."""
+    expected = (
+        "expected a state dict (a dict of tensors, as written by torch.save(model.state_dict(), path)) "
+        f"or a dict with a {' or '.join(map(repr, _STATE_DICT_KEYS))} entry holding one"
+    )
+    if not isinstance(payload, dict):
+        raise IncompatibleModelsError(f"{str(path)!r} holds a {type(payload).__name__}; {expected}")
+    entries = [k for k in _STATE_DICT_KEYS if k in payload]
+    if len(entries) > 1:
+        raise IncompatibleModelsError(f"{str(path)!r} holds both {entries[0]!r} and {entries[1]!r}; {expected}")
+    if entries and not all(isinstance(v, tensor_type) for v in payload.values()):
+        # A training-script file: the model's state dict next to epoch numbers, losses, optimizer state...
+        where, state = f"{entries[0]!r} entry", payload[entries[0]]
+        if not isinstance(state, dict):
+            raise IncompatibleModelsError(f"{str(path)!r}: its {where} holds a {type(state).__name__}; {expected}")
+    else:
+        where, state = "state dict", payload
+    for key, value in state.items():
+        if not isinstance(key, str):
+            raise IncompatibleModelsError(f"{str(path)!r}: its {where} has the non-str key {key!r}; {expected}")
+        if not isinstance(value, tensor_type):
+            raise IncompatibleModelsError(
+                f"{str(path)!r}: its {where} holds a {type(value).__name__} ({value!r:.60}) under {key!r}; {expected}"
+            )
+    return state
+
+
+def _torch_to_numpy(path: Path, name: str, tensor: Any) -> np.ndarray:
+    """A CPU copy of a torch tensor as numpy; bfloat16 and other float types numpy lacks become float32."""
+    import torch
+
+    try:
+        t = tensor.detach().cpu()
+        if t.is_quantized:
+            t = t.dequantize()
+        if t.layout != torch.strided:
+            t = t.to_dense()
+        t = t.resolve_conj().resolve_neg()
+        if t.is_floating_point() and t.dtype not in (torch.float16, torch.float32, torch.float64):
+            t = t.to(torch.float32)
+        elif t.dtype == torch.complex32:
+            t = t.to(torch.complex64)
+        return np.array(t.numpy(), copy=True)
+    except (TypeError, RuntimeError) as exc:
+        raise IncompatibleModelsError(
+            f"{str(path)!r}: tensor {name!r} (dtype {tensor.dtype}) cannot be converted to numpy: {exc}"
+        ) from exc

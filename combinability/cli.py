@@ -65,12 +65,18 @@ def _load(path: str, backend: str) -> Any:
 
 # -- subcommands ---------------------------------------------------------------------------
 def _cmd_plugins(args: argparse.Namespace) -> int:
-    import combinability as cb
+    from combinability import plugins
 
-    rows = [("backends", cb.list_backends()), ("architectures", cb.list_architectures()),
-            ("datasets", cb.list_datasets()), ("samplers", cb.list_samplers())]
-    for label, names in rows:
+    for label in ("backends", "architectures", "datasets", "samplers"):
+        names = plugins.list_plugins(label)
         print(f"{label + ':':15}{', '.join(names) if names else '(none)'}")
+    for label in ("aligners", "repairs", "metrics"):
+        names = plugins.list_plugins(label)
+        print(f"{label}:" if names else f"{label + ':':15}(none)")
+        for name in names:
+            reg = plugins.get_registration(label, name)
+            needs = f" (needs: {', '.join(reg.needs)})" if reg.needs else ""
+            print(f"  {name:13}{reg.description}{needs}".rstrip())
     return 0
 
 
@@ -89,14 +95,15 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 def _print_eval(model: Any, args: argparse.Namespace) -> None:
     from combinability.data import load_dataset
+    from combinability.evaluation import Evaluator
     from combinability.layout import FlatLayout
     from combinability.plugins import get_backend
 
     be = get_backend(args.backend)
-    state = be.state(model)
+    state = {k: v for k, v in be.state(model).items() if v.dtype.kind == "f"}
     layout = FlatLayout.from_arrays(state)
     ds = load_dataset(args.data, "test")
-    (ev,) = be.evaluate(model, layout, [layout.flatten(state)], ds)
+    (ev,) = Evaluator(be, model, layout).evaluate(layout.flatten(state), ds)
     print(f"test loss {ev.loss:.4f}, test accuracy {ev.accuracy:.4f}")
 
 

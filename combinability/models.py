@@ -1,23 +1,27 @@
-"""Reference models: train, save and load them through any backend.
+"""Reference models: build, train, save and load them through any backend.
 
-:func:`train` is the one call that turns an architecture name and a dataset name
-into a trained native model; with ``checkpoint=`` it reuses a finished checkpoint
-whose settings match instead of training again.
+:func:`train` is the one call that turns an architecture name and a dataset name into a
+trained native model; with ``checkpoint=`` it reuses a finished checkpoint whose settings
+match instead of training again. Checkpoints are one format for every backend
+(:mod:`combinability.checkpoint`): a model built from a layer table has the same names and
+axes in every backend, so a checkpoint written by one backend loads into another.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from combinability.errors import CorruptFileError, IncompatibleVersionError
+from combinability.checkpoint import load_checkpoint, save_checkpoint
+from combinability.errors import CorruptFileError, IncompatibleModelsError, IncompatibleVersionError, LayoutError
 from combinability.plugins import get_architecture, get_backend
-from combinability.training import RECIPES, TrainRecipe
+from combinability.training import RECIPES, TrainRecipe, fit
 
 if TYPE_CHECKING:
     from combinability.data.base import ArrayDataset
 
-__all__ = ["train", "load_model", "save_model"]
+__all__ = ["train", "build_model", "load_model", "save_model"]
 
 
 def _dataset(data: str | ArrayDataset, split: str) -> ArrayDataset:
@@ -26,6 +30,16 @@ def _dataset(data: str | ArrayDataset, split: str) -> ArrayDataset:
 
         return load_dataset(data, split)
     return data
+
+
+def build_model(architecture: str, *, backend: str = "torch", width: float | None = None, num_classes: int = 10,
+                input_shape: tuple[int, ...] = (1, 28, 28), seed: int = 0) -> Any:
+    """A freshly initialised native model of a registered architecture (seeded)."""
+    be = get_backend(backend)
+    arch = get_architecture(architecture)
+    table = arch.layer_table(width=width, num_classes=num_classes, input_shape=input_shape)
+    builder = arch.builder(be.name)
+    return builder(table, seed=seed) if builder is not None else be.build(table, seed=seed)
 
 
 def train(
@@ -81,26 +95,65 @@ def train(
     }
     if checkpoint is not None and Path(checkpoint).exists():
         try:
-            model, meta = be.load(checkpoint, arch)
-        except (CorruptFileError, IncompatibleVersionError):
+            model, meta = _load(checkpoint, be.name)
+        except (CorruptFileError, IncompatibleVersionError, IncompatibleModelsError):
             model, meta = None, {}
         if model is not None and all(meta.get(k) == v for k, v in settings.items()):
             return model
-    model = be.build(arch, width=width, num_classes=ds.num_classes, input_shape=ds.input_shape, seed=seed)
-    model = be.train(model, ds, recipe, seed=seed, progress=progress)
+    model = build_model(arch.name, backend=be.name, width=width, num_classes=ds.num_classes,
+                        input_shape=ds.input_shape, seed=seed)
+    model = fit(be, model, ds, recipe, seed=seed, progress=progress, desc=f"train {arch.name}")
     if checkpoint is not None:
-        Path(checkpoint).parent.mkdir(parents=True, exist_ok=True)
-        be.save(model, checkpoint, settings)
+        save_model(model, checkpoint, backend=be.name, metadata=settings)
     return model
 
 
-def save_model(model: Any, path: str | Path, *, backend: str = "torch", metadata: dict | None = None) -> None:
-    """Write ``model`` to a checkpoint (temporary file, then rename)."""
-    get_backend(backend).save(model, path, metadata or {})
+def save_model(model: Any, path: str | Path, *, backend: str | None = None, metadata: Mapping | None = None) -> None:
+    """Write ``model`` to a checkpoint (safetensors with its configuration; temporary file, then rename)."""
+    from combinability.sets import infer_backend
+
+    be = get_backend(backend or infer_backend(model))
+    table = be.table_of(model)
+    config = dict(table.config) if table is not None else {}
+    if "input_shape" in config:
+        config["input_shape"] = list(config["input_shape"])
+    save_checkpoint(path, be.state(model), config=config, metadata=dict(metadata or {}), backend=be.name)
+
+
+def _load(path: str | Path, backend: str, architecture: str | None = None) -> tuple[Any, dict]:
+    ckpt = load_checkpoint(path)
+    config = ckpt.config
+    stored = config.get("architecture")
+    if stored is None:
+        raise IncompatibleModelsError(
+            f"{path} holds a plain state dict with no architecture (a model from elsewhere); load it into your "
+            "own module and pass the module to cb.ModelPair")
+    if architecture is not None and get_architecture(architecture).name != stored:
+        raise IncompatibleModelsError(f"{path} holds a {stored!r} model, not {architecture!r}")
+    model = build_model(stored, backend=backend, width=config.get("width"), num_classes=config["num_classes"],
+                        input_shape=tuple(config["input_shape"]), seed=0)
+    be = get_backend(backend)
+    try:
+        be.table_of(model).check_state(ckpt.state, what=f"the checkpoint {path}")
+    except LayoutError as exc:
+        hint = (" (a checkpoint of combinability 0.1: re-train it, or load its arrays with "
+                "cb.checkpoint.read_state_dict and map the names)" if ckpt.version == 1 else "")
+        raise CorruptFileError(f"{exc}{hint}") from None
+    return be.with_state(model, ckpt.state), dict(ckpt.metadata)
 
 
 def load_model(path: str | Path, *, backend: str = "torch", architecture: str | None = None) -> Any:
-    """Read a checkpoint written by :func:`save_model` or :func:`train`."""
-    arch = get_architecture(architecture) if architecture else None
-    model, _ = get_backend(backend).load(path, arch)
-    return model
+    """Read a checkpoint written by :func:`save_model` or :func:`train` into a model of ``backend``.
+
+    Checkpoints of library-built models load into any backend (same names and axes).
+
+    Raises
+    ------
+    CorruptFileError
+        If the file is damaged, or its arrays do not fit the architecture it names.
+    IncompatibleVersionError
+        If it was written by an incompatible version of the library.
+    IncompatibleModelsError
+        If it holds another architecture than ``architecture``, or no architecture at all.
+    """
+    return _load(path, backend, architecture)[0]

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import json
 import zlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -109,6 +109,9 @@ def sweep(
     batch_size: int = 1000,
     agreement: bool = False,
     limit: int | None = None,
+    metrics: Sequence[str] = (),
+    repair: str | Callable | None = None,
+    repair_data: str | ArrayDataset | None = None,
     out: str | Path | None = None,
     overwrite: bool = False,
     progress: bool = False,
@@ -117,8 +120,10 @@ def sweep(
 
     Parameters
     ----------
-    pair : ModelPair
-        Naive or aligned (``pair.align(...)``); both are swept the same way.
+    pair : ModelPair or ModelSet
+        Two (or, for three-model samplers, three) models, naive or aligned
+        (``pair.align(...)``); both are swept the same way. Select members of a larger
+        set with ``models.select(0, 2)``.
     sampler : Sampler or str, default Subcube()
         Coefficient distribution (``cb.Uniform()``, ``cb.Linear(start=-1, stop=2)``, ...).
     backend : str or Backend, optional
@@ -139,6 +144,15 @@ def sweep(
         Also count the §6.1 agreement categories with A's and B's predictions.
     limit : int, optional
         Evaluate on the first ``limit`` examples of each split only.
+    metrics : sequence of str
+        Extra logit metrics (built-in ``"brier"``, or registered by plugins), each a
+        variable with the dims of ``loss``.
+    repair : str or callable, optional
+        A registered repair (``combinability plugins`` lists them) or a callable
+        ``repair(theta, context) -> theta`` applied to every combined vector before it is
+        evaluated (see :class:`combinability.repairs.RepairContext`).
+    repair_data : str or ArrayDataset, optional
+        Data the repair may use (a dataset name's training split, or the data).
     out : path, optional
         Stream results to this netCDF file (atomically rewritten after every
         evaluation). If it exists and holds a compatible, unfinished sweep, the sweep
@@ -158,17 +172,35 @@ def sweep(
         counts with a ``category`` dim, and provenance attributes.
     """
     from combinability.combination import combine, combine3
+    from combinability.evaluation import Evaluator, get_logit_metric
     from combinability.plugins import get_backend
     from combinability.samplers.base import DrawContext
 
     smp = _sampler(sampler)
+    if len(pair) > 3:
+        raise ConfigurationError(f"the set holds {len(pair)} models; sweep two or three of them: "
+                                 "models.select(0, 1) or models.select(0, 1, 2)")
+    extra = [get_logit_metric(m) for m in metrics]
+    repair_fn = None
+    if repair is not None:
+        from combinability.repairs import get_repair
+
+        repair_fn = get_repair(repair)
+        if isinstance(repair_data, str):
+            from combinability.data import load_dataset
+
+            repair_data = load_dataset(repair_data, "train")
+    reserved = {"loss", "accuracy", "done", "agreement"}
+    clash = [m.name for m in extra if m.name in reserved]
+    if clash:
+        raise ConfigurationError(f"metric names {clash} clash with the sweep's own variables {sorted(reserved)}")
     be = get_backend(backend or pair.backend)
     if be.name != pair.backend:
         raise IncompatibleModelsError(
             f"the pair's models belong to backend {pair.backend!r}; evaluate with that backend (got {be.name!r})"
         )
     three = getattr(smp, "models", 2) == 3
-    if three and pair.theta_c is None:
+    if three and len(pair) < 3:
         raise IncompatibleModelsError(f"{type(smp).__name__} combines three models: build the pair with model_c=")
     grid = list(values) if values is not None else list(smp.grid_for(pair.layout))
     if not grid:
@@ -199,10 +231,15 @@ def sweep(
         "sampler": smp.settings, "values": [np.asarray(g).tolist() for g in grid], "samples": n_samples,
         "seed": seed, "splits": split_names, "data": data_name, "limit": limit, "agreement": agreement,
         "fingerprints": pair.fingerprints(), "sizes": {k: len(v) for k, v in datasets.items()},
+        **({"metrics": [m.name for m in extra]} if extra else {}),
+        **({"repair": repair if isinstance(repair, str) else getattr(repair, "__qualname__", repr(repair)),
+            "repair_data": [getattr(repair_data, "name", ""), len(repair_data) if repair_data is not None else 0]}
+           if repair is not None else {}),
     })
     loss = np.full(shape, np.nan)
     accuracy = np.full(shape, np.nan)
     counts = np.zeros((*shape, len(AGREEMENT_CATEGORIES)), dtype=np.int64)
+    values = {m.name: np.full(shape, np.nan) for m in extra}
     done = np.zeros((len(grid), n_samples), dtype=bool)
     out_path = Path(out) if out is not None else None
     if out_path is not None and out_path.exists() and not overwrite:
@@ -215,19 +252,21 @@ def sweep(
         loss[...] = previous["loss"].transpose("split", param_dim, "sample").values
         accuracy[...] = previous["accuracy"].transpose("split", param_dim, "sample").values
         done[...] = previous["done"].transpose(param_dim, "sample").values.astype(bool)
+        for m in extra:
+            values[m.name][...] = previous[m.name].transpose("split", param_dim, "sample").values
         if agreement:
             counts[...] = previous["agreement"].transpose("split", param_dim, "sample", "category").values
 
     # -- end models -----------------------------------------------------------------------
     template = pair.template
     layout = pair.layout
-    ends = {"a": pair.theta_a, "b": pair.theta_b}
-    if pair.theta_c is not None:
-        ends["c"] = pair.theta_c
+    ends = dict(zip("abc", pair.thetas, strict=False))
     dev = {m: be.asarray(t) for m, t in ends.items()}
+    evaluator = Evaluator(be, template, layout, batch_size=batch_size, metrics=extra)
     split_info = []
     for name, ds in datasets.items():
-        evs = be.evaluate(template, layout, [dev[m] for m in ends], ds, batch_size=batch_size)
+        # one vector per call, as the combinations below: the same kernels give the same bits at v = 0 and 1
+        evs = [evaluator.evaluate([dev[m]], ds)[0] for m in ends]
         split_info.append(_Split(name, ds, dict(zip(ends, evs, strict=True))))
 
     attrs = provenance(
@@ -236,7 +275,7 @@ def sweep(
         sampler=smp.name,
         sampler_settings=smp.settings,
         parameter=param_dim if not three else json_attr(list(smp.parameters)),
-        architecture=pair.architecture,
+        architecture=pair.architecture or "user model",
         width=float(pair.width),
         backend=be.name,
         device=be.device(),
@@ -247,8 +286,8 @@ def sweep(
         seed=seed,
         samples=n_samples,
         alignment=pair.alignment,
-        alignment_objective=(pair.permutation.objective if pair.permutation is not None
-                             and pair.permutation.objective is not None else None),
+        alignment_objective=(pair.transforms[1].objective if pair.transforms[1] is not None
+                             and getattr(pair.transforms[1], "objective", None) is not None else None),
         parameters=int(layout.size),
         fingerprints=pair.fingerprints(),
     )
@@ -260,6 +299,8 @@ def sweep(
             "accuracy": (dims, accuracy.copy(), {"long_name": "top-1 accuracy"}),
             "done": ((param_dim, "sample"), done.copy(), {"long_name": "evaluation finished"}),
         }
+        for m in extra:
+            variables[m.name] = (dims, values[m.name].copy(), {"long_name": m.long_name or m.name})
         for m in ends:
             variables[f"loss_{m}"] = (("split",), np.array([s.ends[m].loss for s in split_info]),
                                       {"long_name": f"loss of model {m.upper()}"})
@@ -280,18 +321,29 @@ def sweep(
 
         bar = tqdm(total=len(todo), desc=f"{smp.name} ({pair.alignment})", unit="eval")
     xp = be.xp()
+    repair_cache: dict = {}
     for i, s in todo:
         ctx = DrawContext(layout, be.random(sample_seed(seed, i, s, smp.name)), theta_a=dev["a"], theta_b=dev["b"])
         if three:
             v_b, v_c = smp.draw(grid[i], ctx)
             theta = combine3(dev["a"], dev["b"], dev["c"], v_b, v_c)
+            v = None
         else:
-            theta = combine(dev["a"], dev["b"], smp.draw(grid[i], ctx))
+            v = smp.draw(grid[i], ctx)
+            theta = combine(dev["a"], dev["b"], v)
         del ctx
+        if repair_fn is not None:
+            from combinability.repairs import RepairContext
+
+            theta = repair_fn(theta, RepairContext(be, template, layout, list(dev.values()), v, repair_data,
+                                                   pair.table, repair_cache))
+        del v
         for k, split in enumerate(split_info):
-            (ev,) = be.evaluate(template, layout, [theta], split.data, batch_size=batch_size)
+            (ev,) = evaluator.evaluate([theta], split.data)
             loss[k, i, s] = ev.loss
             accuracy[k, i, s] = ev.accuracy
+            for m in extra:
+                values[m.name][k, i, s] = ev.values[m.name]
             if agreement:
                 counts[k, i, s] = agreement_counts(ev.predictions, split.ends["a"].predictions,
                                                    split.ends["b"].predictions, split.data.y)

@@ -1,17 +1,25 @@
-"""Training recipes of the paper's appendix A, backend-neutral.
+"""Training: the paper's recipes (appendix A) and the one training loop, backend-neutral.
 
-A :class:`TrainRecipe` is a small frozen value; backends read its fields and ask it
-for the learning rate of each step, so that every backend trains the same way.
+A :class:`TrainRecipe` is a small frozen value; :func:`fit` reads its fields and asks it
+for the learning rate of each step around the backend's ``value_and_grad``, so every
+backend trains the same way.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
 
 from combinability.errors import ConfigurationError, UnknownNameError
 
-__all__ = ["TrainRecipe", "RECIPES", "recipe_for"]
+if TYPE_CHECKING:
+    from combinability.backend import Backend
+    from combinability.data.base import ArrayDataset
+
+__all__ = ["TrainRecipe", "RECIPES", "recipe_for", "fit"]
 
 _SCHEDULES = ("constant", "step", "warmup_cosine")
 
@@ -102,3 +110,110 @@ def recipe_for(architecture: str, **changes) -> TrainRecipe:
             f"no training recipe for {architecture!r}; known: {', '.join(sorted(RECIPES))}"
         ) from None
     return base.with_(**changes) if changes else base
+
+
+# -- the training loop (framework-free, around the backend's value_and_grad) -------------
+class _Optimizer:
+    """SGD with momentum or Adam (L2 weight decay, as torch's) on one flat vector, array API.
+
+    Only the entries of ``mask`` (the trainable ones) are updated.
+    """
+
+    def __init__(self, recipe: TrainRecipe, xp: Any, mask: Any) -> None:
+        self.recipe, self.xp, self.mask = recipe, xp, mask
+        self.m: Any = None
+        self.v: Any = None
+        self.t = 0
+
+    def step(self, flat: Any, grad: Any, lr: float) -> Any:
+        xp, r = self.xp, self.recipe
+        g = grad * self.mask
+        if r.weight_decay:
+            g = g + r.weight_decay * flat * self.mask
+        self.t += 1
+        if r.optimizer == "sgd":
+            self.m = g if self.m is None else r.momentum * self.m + g
+            return flat - lr * self.m
+        b1, b2, eps = 0.9, 0.999, 1e-8
+        self.m = (1 - b1) * g if self.m is None else b1 * self.m + (1 - b1) * g
+        self.v = (1 - b2) * g * g if self.v is None else b2 * self.v + (1 - b2) * g * g
+        step = lr / (1 - b1**self.t)
+        denom = xp.sqrt(self.v) / math.sqrt(1 - b2**self.t) + eps
+        return flat - step * self.m / denom
+
+
+def fit(backend: Backend, model: Any, data: ArrayDataset, recipe: TrainRecipe, *, seed: int,
+        progress: bool = False, desc: str = "train") -> Any:
+    """Train ``model`` on ``data`` with ``recipe``; returns a new model holding the trained state.
+
+    The loop is the same for every backend: a seeded batch order, the paper's augmentation
+    drawn in numpy and applied by the backend, the recipe's learning-rate schedule and an
+    SGD-with-momentum or Adam update of the flat parameter vector on the device; the
+    backend only gives the loss's value and gradient. The same seed gives bitwise the
+    same weights on the CPU at a fixed thread count.
+
+    Raises
+    ------
+    DatasetError
+        If ``data`` is empty.
+    NonFiniteWeightsError
+        If the training loss becomes NaN or infinite (lower the learning rate).
+    """
+    from tqdm.auto import tqdm
+
+    from combinability.augmentation import affine_matrices, sample_params
+    from combinability.errors import DatasetError, NonFiniteWeightsError
+    from combinability.evaluation import device_data, mean_cross_entropy
+    from combinability.layout import FlatLayout
+
+    n = len(data)
+    if n == 0:
+        raise DatasetError("cannot train on an empty dataset")
+    xp = backend.xp()
+    state = backend.state(model)
+    floats = {k: v for k, v in state.items() if np.issubdtype(v.dtype, np.floating)}
+    layout = FlatLayout.from_arrays(floats)
+    trainable = set(backend.trainable(model))
+    mask_np = np.zeros(layout.size, dtype=layout.dtype)
+    for e in layout.entries:
+        if e.name in trainable:
+            mask_np[e.offset : e.stop] = 1
+    prepared = backend.prepare(model, layout)
+    flat = backend.asarray(layout.flatten(floats))
+    opt = _Optimizer(recipe, xp, backend.asarray(mask_np))
+    x, y = device_data(backend)(data)
+    rng = np.random.default_rng(seed)
+    aug_rng = np.random.default_rng(rng.integers(2**62)) if recipe.augment and data.is_image else None
+    bs = int(recipe.batch_size)
+    steps_per_epoch = math.ceil(n / bs)
+
+    def loss_fn(logits: Any, labels: Any) -> Any:
+        return mean_cross_entropy(xp, logits, labels)
+
+    step = 0
+    with tqdm(total=recipe.epochs * steps_per_epoch, disable=not progress, desc=desc, unit="step",
+              leave=False) as bar:
+        for epoch in range(recipe.epochs):
+            order = backend.asarray(rng.permutation(n).astype(np.int64))
+            running = 0.0
+            losses = []
+            for b in range(steps_per_epoch):
+                idx = order[b * bs : (b + 1) * bs]
+                xb, yb = xp.take(x, idx, axis=0), xp.take(y, idx, axis=0)
+                if aug_rng is not None:
+                    h, w = data.x.shape[2:]
+                    theta = affine_matrices(sample_params(int(idx.shape[0]), h, w, aug_rng), h, w)
+                    xb = backend.augment(xb, backend.asarray(theta))
+                loss, grad, flat = prepared.value_and_grad(flat, xb, yb, loss_fn)
+                flat = opt.step(flat, grad, recipe.learning_rate(step, steps_per_epoch))
+                losses.append(loss)
+                step += 1
+                bar.update(1)
+            running = float(np.sum([float(backend.to_numpy(v)) for v in losses], dtype=np.float64))
+            mean_loss = running / steps_per_epoch
+            if not math.isfinite(mean_loss):
+                raise NonFiniteWeightsError(f"training diverged in epoch {epoch + 1}: the mean loss is {mean_loss}; "
+                                            f"lower the learning rate (now {recipe.lr})")
+            bar.set_postfix(epoch=epoch + 1, loss=f"{mean_loss:.4f}")
+    trained = layout.unflatten(backend.to_numpy(flat))
+    return backend.with_state(model, {**state, **trained})

@@ -130,3 +130,62 @@ def resnet_forward(p: dict[str, np.ndarray], x: np.ndarray) -> np.ndarray:
     short = ln(conv2d(x, p["b2.short.weight"], stride=2, pad=0), "b2.short_norm")
     x = relu(ln(conv2d(h, p["b2.conv2.weight"]), "b2.norm2") + short)
     return x.mean(axis=(2, 3)) @ p["head.weight"].T + p["head.bias"]
+
+
+# -- the library's reference architectures, written out by hand ------------------------------
+def max_pool2(x: np.ndarray) -> np.ndarray:
+    n, c, h, w = x.shape
+    x = x[:, :, : h // 2 * 2, : w // 2 * 2]
+    return x.reshape(n, c, h // 2, 2, w // 2, 2).max(axis=(3, 5))
+
+
+def zoo_forward(name: str, p: dict[str, np.ndarray], x: np.ndarray) -> np.ndarray:
+    """Logits of the library's ``mlp``, ``tiny10``, ``vgg16`` or ``resnet20`` (LayerNorm) in numpy."""
+
+    def ln(h, norm):
+        return layer_norm_channels(h, p[f"{norm}.weight"], p[f"{norm}.bias"])
+
+    def head(h):
+        return h.mean(axis=(2, 3)) @ p["head.weight"].T + p["head.bias"]
+
+    if name == "mlp":
+        return mlp_forward(p, x.reshape(len(x), -1), 4)
+    if name == "tiny10":
+        strides = (1, 1, 2, 1, 1, 2, 1, 1)
+        for i, s in enumerate(strides):
+            last = i == len(strides) - 1
+            x = relu(ln(conv2d(x, p[f"conv_{i}.weight"], p[f"conv_{i}.bias"], stride=s, pad=0 if last else 1),
+                        f"norm_{i}"))
+        return head(x)
+    if name == "vgg16":
+        plan = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M")
+        i = 0
+        for step in plan:
+            if step == "M":
+                x = max_pool2(x) if min(x.shape[2:]) >= 2 else x
+                continue
+            x = relu(ln(conv2d(x, p[f"conv_{i}.weight"], p[f"conv_{i}.bias"]), f"norm_{i}"))
+            i += 1
+        return head(x)
+    if name == "resnet20":
+        x = relu(ln(conv2d(x, p["stem_conv.weight"]), "stem_norm"))
+        for s in range(3):
+            for b in range(3):
+                blk = f"stage{s}_block{b}"
+                stride = 2 if s > 0 and b == 0 else 1
+                h = relu(ln(conv2d(x, p[f"{blk}.conv1.weight"], stride=stride), f"{blk}.norm1"))
+                h = ln(conv2d(h, p[f"{blk}.conv2.weight"]), f"{blk}.norm2")
+                if f"{blk}.shortcut_conv.weight" in p:
+                    x = ln(conv2d(x, p[f"{blk}.shortcut_conv.weight"], stride=stride, pad=0), f"{blk}.shortcut_norm")
+                x = relu(h + x)
+        return head(x)
+    raise KeyError(name)
+
+
+def numpy_evaluation(layout, theta: np.ndarray, data, architecture: str = "mlp") -> tuple[float, float]:
+    """Mean cross-entropy and accuracy of a flat vector of a zoo model, computed in plain numpy."""
+    params = {k: v.astype(np.float64) for k, v in layout.unflatten(theta).items()}
+    z = zoo_forward(architecture, params, data.x.astype(np.float64))
+    z = z - z.max(axis=1, keepdims=True)
+    loss = np.mean(np.log(np.exp(z).sum(axis=1)) - z[np.arange(len(z)), data.y])
+    return float(loss), float(np.mean(z.argmax(axis=1) == data.y))

@@ -23,8 +23,9 @@ def torch_backend():
 
 
 def _build(name: str, width: float, seed: int = 0):
-    return cb.get_backend("torch").build(cb.get_architecture(name), width=width, num_classes=10,
-                                         input_shape=(1, 8, 8), seed=seed)
+    from combinability.models import build_model
+
+    return build_model(name, backend="torch", width=width, num_classes=10, input_shape=(1, 8, 8), seed=seed)
 
 
 def test_models_of_different_widths():
@@ -82,7 +83,7 @@ def test_sampler_parameter_out_of_range(factory, message):
         (lambda: cb.get_sampler("gaussian"), "gaussian"),
         (lambda: cb.load_dataset("digits", "validation"), "'train', 'test'"),
         (lambda: cb.ModelPair(_build("mlp", 0.125), _build("mlp", 0.125)).align("gradient"),
-         "weight, activation, identity"),
+         r"installed aligners: activation, identity, .*weight"),
     ],
 )
 def test_unknown_names_list_the_valid_ones(call, kind):
@@ -154,13 +155,25 @@ def test_corrupt_and_incompatible_checkpoints(tmp_path):
     bad.write_bytes(b"garbage")
     with pytest.raises(cb.CorruptFileError):
         cb.load_model(bad)
-    good = tmp_path / "good.ckpt"
-    cb.save_model(_build("mlp", 0.125), good)
-    payload = torch.load(good, weights_only=False)
-    payload["version"] = 99
-    torch.save(payload, tmp_path / "future.ckpt")
+    legacy_future = {"format": "combinability-checkpoint", "version": 99, "backend": "torch", "architecture": "mlp",
+                     "config": {}, "state": {}, "metadata": {}}
+    torch.save(legacy_future, tmp_path / "future.ckpt")
     with pytest.raises(cb.IncompatibleVersionError):
         cb.load_model(tmp_path / "future.ckpt")
+    good = tmp_path / "good.ckpt"
+    cb.save_model(_build("mlp", 0.125), good)
+    data = bytearray(good.read_bytes())
+    data[-3] ^= 0x10  # one flipped bit in the tensor payload
+    (tmp_path / "flipped.ckpt").write_bytes(bytes(data))
+    with pytest.raises(cb.CorruptFileError, match="flipped.ckpt"):
+        cb.load_model(tmp_path / "flipped.ckpt")
+    (tmp_path / "short.ckpt").write_bytes(good.read_bytes()[:-100])
+    with pytest.raises(cb.CorruptFileError, match="short.ckpt"):
+        cb.load_model(tmp_path / "short.ckpt")
+    sd = tmp_path / "plain.pt"
+    torch.save(torch.nn.Linear(3, 2).state_dict(), sd)
+    with pytest.raises(cb.IncompatibleModelsError, match="plain state dict"):
+        cb.load_model(sd)
 
 
 def test_a_plugin_that_raises_on_load_is_a_warning(tmp_path):

@@ -110,20 +110,17 @@ def test_failing_results_write_leaves_previous_file_intact(monkeypatch, tmp_path
 
 
 def test_failing_checkpoint_write_leaves_previous_file_intact(monkeypatch, digits_models, tmp_path):
-    import torch
+    import safetensors.numpy
 
     a, b, _ = digits_models
     path = tmp_path / "m.ckpt"
     cb.save_model(a, path, backend="torch")
 
-    def failing_save(obj, f, *args, **kwargs):
-        if isinstance(f, str | os.PathLike):
-            Path(f).write_bytes(b"PK\x03\x04 partial")
-        else:
-            f.write(b"PK\x03\x04 partial")
+    def failing_save(tensors, filename, *args, **kwargs):
+        Path(filename).write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{ partial")
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(torch, "save", failing_save)
+    monkeypatch.setattr(safetensors.numpy, "save_file", failing_save)
     with pytest.raises(OSError, match="No space left"):
         cb.save_model(b, path, backend="torch")
     monkeypatch.undo()
@@ -161,8 +158,9 @@ DETERMINISM_SCRIPT = textwrap.dedent(
     for p in sorted(perm):
         h.update(perm[p].tobytes())
     be = cb.get_backend("torch")
-    arch = cb.get_architecture("mlp")
-    a, b = (be.build(arch, width=0.125, num_classes=10, input_shape=(1, 8, 8), seed=seed + k) for k in (0, 1))
+    from combinability.models import build_model
+    a, b = (build_model("mlp", width=0.125, num_classes=10, input_shape=(1, 8, 8), seed=seed + k)
+            for k in (0, 1))
     pair = cb.ModelPair(a, b).align("weight", seed=seed)
     ds = cb.sweep(pair, cb.Uniform(), data="digits", values=[0.5], samples=2, seed=seed, limit=200)
     h.update(pair.theta_b.tobytes())

@@ -28,14 +28,13 @@ def test_jax_sweep_ends_and_barrier(jax_pair):
 
 def test_torch_and_jax_sweeps_agree_on_the_same_weights(jax_pair):
     """Convert the jax pair's weights to torch and sweep there: same coefficients law, same numbers (fp32)."""
-    jax_impl = jax_pair.impl
+    from combinability.models import build_model
+
     torch_be = cb.get_backend("torch")
-    arch = cb.get_architecture("mlp")
     torch_models = []
     for which in ("a", "b"):
-        reference = jax_impl.to_reference(jax_pair.naive.params(which))
-        template = torch_be.build(arch, width=0.25, num_classes=10, input_shape=(1, 8, 8), seed=0)
-        torch_models.append(torch_be.with_state(template, reference))
+        template = build_model("mlp", backend="torch", width=0.25, num_classes=10, input_shape=(1, 8, 8), seed=0)
+        torch_models.append(torch_be.with_state(template, jax_pair.naive.params(which)))  # one naming for both
     torch_pair = cb.ModelPair(*torch_models, backend="torch").align("weight", seed=0)
     for p in jax_pair.permutation:
         np.testing.assert_array_equal(torch_pair.permutation[p], jax_pair.permutation[p])

@@ -1,130 +1,213 @@
-"""The JAX/Flax backend: flax.linen models, jit-compiled evaluation and optax training.
+"""The JAX backend: a thin adapter from flat vectors to flax (linen) modules.
 
-The native model is a :class:`~combinability_jax.models.FlaxModel`. Parameters cross
-the boundary as numpy arrays named by their flax path (``"layers_0/kernel"``), in the
-model's ``order`` (for the reference architectures: forward order, layer by layer).
-Datasets are channels-first numpy arrays; this backend transposes images to NHWC on
-the device.
+The native model is a :class:`~combinability_jax.models.FlaxModel`; models built from a
+layer table keep the table's reference names and axes in :meth:`JaxBackend.state`, so
+flat vectors and checkpoints are those of the torch backend. A user's own flax model
+is accepted as a ``(module, variables)`` tuple; its state is named by flax path
+(``"params/Dense_0/kernel"``).
 
-Evaluation unflattens the flat parameter vectors *inside* the compiled function (the
-layout is static: slices and reshapes) and maps over several vectors at once with
-:func:`jax.vmap`. Batches are padded to one shape (padding masked out), so each model,
-layout, batch size and number of vectors compiles once.
+Each prepared model jit-compiles its forward pass once: the flat vectors are cut into
+views and converted to flax variables *inside* the compiled function, and several
+vectors run together under :func:`jax.vmap`. A short last batch is padded to a batch
+size already compiled (at most twice its size) and the padding sliced off.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import math
-from collections import OrderedDict
+import contextlib
 from collections.abc import Callable, Mapping, Sequence
-from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
-from flax.traverse_util import flatten_dict
 
-from combinability.backend import Backend, Evaluation
-from combinability.errors import (
-    CorruptFileError,
-    DatasetError,
-    IncompatibleModelsError,
-    LayoutError,
-    NonFiniteWeightsError,
-    PluginError,
-    UnknownNameError,
-)
-from combinability_jax.checkpoint import read_checkpoint, write_checkpoint
-from combinability_jax.models import FlaxModel, flatten_variables, unflatten_variables
+from combinability.backend import Backend
+from combinability.errors import IncompatibleModelsError, LayoutError, UnknownNameError
+from combinability.layers import LayerTable
+from combinability.layout import FlatLayout
+from combinability_jax.models import FlaxModel, TableNet, flatten_variables, unflatten_variables
 
-if TYPE_CHECKING:
-    from combinability.architecture import Architecture
-    from combinability.data.base import ArrayDataset
-    from combinability.layout import FlatLayout
-    from combinability.training import TrainRecipe
-
-__all__ = ["JaxBackend", "JaxRandom"]
+__all__ = ["JaxBackend", "JaxRandom", "JaxPrepared"]
 
 
 class JaxRandom:
-    """A :class:`~combinability.backend.RandomSource` over a JAX PRNG key, split on every draw.
-
-    Parameters
-    ----------
-    seed : int
-    device : jax.Device, optional
-        Where the draws are placed (default: jax's default device).
-    """
+    """:class:`~combinability.backend.RandomSource` over a JAX PRNG key (split on every draw) on ``device``."""
 
     def __init__(self, seed: int, device: Any = None) -> None:
         self.key = jax.random.PRNGKey(int(seed))
         self.device = device
 
     def uniform(self, shape: int | tuple[int, ...], dtype: Any = None) -> jax.Array:
-        """Independent U[0, 1) draws of ``shape`` (float32 unless ``dtype`` is given)."""
         self.key, sub = jax.random.split(self.key)
         shape = (int(shape),) if isinstance(shape, int | np.integer) else tuple(int(s) for s in shape)
         out = jax.random.uniform(sub, shape, dtype=jnp.dtype(dtype or jnp.float32))
         return out if self.device is None else jax.device_put(out, self.device)
 
 
-def _to_nhwc(x: jax.Array) -> jax.Array:
-    return jnp.transpose(x, (0, 2, 3, 1)) if x.ndim == 4 else x
+def _precision(precision: str | None) -> contextlib.AbstractContextManager:
+    return jax.default_matmul_precision(precision) if precision else contextlib.nullcontext()
 
 
-def _padded_batches(n: int, batch_size: int) -> list[tuple[int, int]]:
-    return [(start, min(n, start + batch_size)) for start in range(0, n, batch_size)]
+def _mismatch(expected: Mapping[str, tuple], given: Mapping[str, tuple], what: str, missing: bool = True) -> None:
+    """Raise :class:`LayoutError` when names (or their shapes) of ``given`` and ``expected`` differ."""
+    lost = [k for k in expected if k not in given] if missing else []
+    unknown = [k for k in given if k not in expected]
+    wrong = [f"{k}: {given[k]} (model: {expected[k]})" for k in given if k in expected and given[k] != expected[k]]
+    if lost or unknown or wrong:
+        parts = [lost and f"missing {lost[:8]}", unknown and f"unknown names {unknown[:8]}",
+                 wrong and f"wrong shapes {wrong[:8]}"]
+        raise LayoutError(f"{what}: " + "; ".join(filter(None, parts)))
+
+
+class JaxPrepared:
+    """:class:`~combinability.backend.Prepared` for one flax model and layout."""
+
+    def __init__(self, backend: JaxBackend, model: FlaxModel, layout: FlatLayout) -> None:
+        state = backend.state(model)
+        _mismatch({k: v.shape for k, v in state.items()}, {e.name: e.shape for e in layout.entries},
+                  f"the layout does not fit the {model!r}", missing=False)
+        self.backend, self.module, self.table = backend, model.module, model.table
+        self.names = model.table.flax_names() if model.table is not None else {k: k for k in state}
+        covered = {self.names[e.name] for e in layout.entries}
+        self.rest = {k: v for k, v in flatten_variables(model.variables).items() if k not in covered}
+        self.entries = tuple((e.name, e.offset, e.stop, e.shape, jax.dtypes.canonicalize_dtype(e.dtype))
+                             for e in layout.entries)
+        self.mutable = [c for c in model.variables if c != "params"]
+        mask = np.zeros(layout.size, dtype=layout.dtype)
+        for e in layout.entries:
+            mask[e.offset:e.stop] = self.names[e.name].startswith("params/")
+        self.mask = backend.asarray(mask)
+        self._sizes: set[int] = set()
+        self._forward = jax.jit(jax.vmap(self._apply, in_axes=(0, None, None)))
+        self._features = jax.jit(self._taps, static_argnums=3)
+        self._value_and_grad = jax.jit(self._step, static_argnums=5)
+
+    # -- traced functions ------------------------------------------------------------------
+    def _variables(self, flat: jax.Array, rest: dict[str, jax.Array]) -> dict[str, Any]:
+        views = {name: flat[a:b].reshape(shape).astype(dt) for name, a, b, shape, dt in self.entries}
+        named = self.table.to_flax(views, xp=jnp) if self.table is not None else views
+        return unflatten_variables({**rest, **{k: v for k, v in named.items() if not k.startswith("counters/")}})
+
+    def _apply(self, flat: jax.Array, rest: dict[str, jax.Array], x: jax.Array) -> jax.Array:
+        return self.module.apply(self._variables(flat, rest), x)
+
+    def _taps(self, flat: jax.Array, rest: dict[str, jax.Array], x: jax.Array, points: tuple[str, ...]) -> dict:
+        variables = self._variables(flat, rest)
+        if self.table is not None:
+            taps: dict[str, Any] = dict.fromkeys(points)
+            self.module.apply(variables, x, taps=taps)
+            return taps
+        _, state = self.module.apply(variables, x, capture_intermediates=True, mutable=["intermediates"])
+        found = {k.removesuffix("/__call__"): v[0] for k, v in flatten_variables(state["intermediates"]).items()}
+        missing = [p for p in points if p not in found]
+        if missing:
+            raise UnknownNameError(f"unknown feature point(s) {missing}; this model's points are its submodules: "
+                                   f"{sorted(found)[:40]}")
+        return {p: found[p] for p in points}
+
+    def _step(self, flat: jax.Array, rest: dict, mask: jax.Array, x: jax.Array, y: jax.Array,
+              loss: Callable[[Any, Any], Any]) -> tuple[jax.Array, jax.Array, jax.Array]:
+        def value(p: jax.Array) -> tuple[jax.Array, Any]:
+            kwargs = {"train": True} if self.table is not None else {}
+            logits, updates = self.module.apply(self._variables(p, rest), x, mutable=self.mutable, **kwargs)
+            return loss(logits, y), flatten_variables(updates)
+
+        (val, updates), grad = jax.value_and_grad(value, has_aux=True)(flat)
+        pieces = [updates[self.names[name]].reshape(-1).astype(flat.dtype) if self.names[name] in updates
+                  else flat[a:b] for name, a, b, _, _ in self.entries]
+        return val, grad * mask, jnp.concatenate(pieces) if pieces else flat
+
+    # -- the Prepared protocol ---------------------------------------------------------------
+    def forward(self, flats: jax.Array, x: jax.Array) -> jax.Array:
+        n = x.shape[0]
+        size = min((s for s in self._sizes if n <= s <= 2 * n), default=n)
+        self._sizes.add(size)
+        if size > n:
+            x = jnp.pad(x, ((0, size - n),) + ((0, 0),) * (x.ndim - 1))
+        with _precision(self.backend.precision):
+            out = self._forward(flats, self.rest, x)
+        return out[:, :n] if size > n else out
+
+    def features(self, flat: jax.Array, x: jax.Array, points: Sequence[str]) -> dict[str, jax.Array]:
+        if self.table is not None:
+            known = {n.name for n in self.table.nodes}
+            missing = [p for p in points if p not in known]
+            if missing:
+                raise UnknownNameError(f"unknown feature point(s) {missing}; this model's points are: "
+                                       f"{list(self.table.feature_points())}")
+        with _precision(self.backend.precision):
+            return dict(self._features(flat, self.rest, x, tuple(points)))
+
+    def value_and_grad(self, flat: jax.Array, x: jax.Array, y: jax.Array,
+                       loss: Callable[[Any, Any], Any]) -> tuple[jax.Array, jax.Array, jax.Array]:
+        with _precision(self.backend.train_precision):
+            return self._value_and_grad(flat, self.rest, self.mask, x, y, loss)
+
+
+@jax.jit
+def _resample(x: jax.Array, theta: jax.Array) -> jax.Array:
+    """torch's ``grid_sample(x, affine_grid(theta), "bilinear", "zeros", align_corners=False)``."""
+    n, c, h, w = x.shape
+    xs = (2 * jnp.arange(w, dtype=x.dtype) + 1) / w - 1
+    ys = (2 * jnp.arange(h, dtype=x.dtype) + 1) / h - 1
+    t = theta.astype(x.dtype)[:, :, :, None, None]  # (n, 2, 3, 1, 1)
+    grid = t[:, :, 0] * xs[None, None, None, :] + t[:, :, 1] * ys[None, None, :, None] + t[:, :, 2]  # (n, 2, h, w)
+    ix, iy = ((grid[:, 0] + 1) * w - 1) / 2, ((grid[:, 1] + 1) * h - 1) / 2
+    x0, y0 = jnp.floor(ix), jnp.floor(iy)
+    flat = x.reshape(n, c, h * w)
+    out = jnp.zeros_like(x)
+    for dy, wy in ((0, 1 - (iy - y0)), (1, iy - y0)):
+        for dx, wx in ((0, 1 - (ix - x0)), (1, ix - x0)):
+            xi, yi = (x0 + dx).astype(jnp.int32), (y0 + dy).astype(jnp.int32)
+            inside = (xi >= 0) & (xi < w) & (yi >= 0) & (yi < h)
+            idx = (jnp.clip(yi, 0, h - 1) * w + jnp.clip(xi, 0, w - 1)).reshape(n, 1, h * w)
+            vals = jnp.take_along_axis(flat, jnp.broadcast_to(idx, (n, c, h * w)), axis=2).reshape(n, c, h, w)
+            out = out + vals * jnp.where(inside, wx * wy, 0)[:, None]
+    return out
 
 
 class JaxBackend(Backend):
-    """JAX/Flax implementation of :class:`combinability.Backend`.
+    """JAX/Flax implementation of :class:`~combinability.backend.Backend`.
 
     Parameters
     ----------
     device : jax.Device, optional
-        Device of evaluations and training; default: ``jax.devices()[0]`` (a GPU when
-        jax sees one).
+        Where models live and evaluations run; default ``jax.devices()[0]`` (a GPU when jax sees one).
     precision : str or None, default "highest"
-        ``jax.default_matmul_precision`` of evaluation and activations (``"highest"``
-        keeps float32 matmuls and convolutions exact on GPUs that would otherwise use
-        TF32); ``None`` uses jax's default.
+        ``jax.default_matmul_precision`` of forward passes and features (``"highest"`` keeps
+        float32 matmuls and convolutions exact on GPUs that would use TF32); None: jax's default.
     train_precision : str or None, default None
-        The same for training (jax's default: fastest).
-    vectors_per_call : int, default 8
-        Parameter vectors evaluated together by one :func:`jax.vmap` call.
+        The same for :meth:`JaxPrepared.value_and_grad` (jax's default: fastest).
     """
 
     name = "jax"
     extra = "jax"
 
-    def __init__(self, *, device: Any = None, precision: str | None = "highest",
-                 train_precision: str | None = None, vectors_per_call: int = 8) -> None:
+    def __init__(self, device: Any = None, *, precision: str | None = "highest",
+                 train_precision: str | None = None) -> None:
         self._device = device if device is not None else jax.devices()[0]
-        self.precision = precision
-        self.train_precision = train_precision
-        self.vectors_per_call = max(1, int(vectors_per_call))
-        self._compiled: OrderedDict[Any, Callable] = OrderedDict()
-        self._data_cache: OrderedDict[Any, Any] = OrderedDict()
+        self.precision, self.train_precision = precision, train_precision
 
     def __repr__(self) -> str:
-        return f"JaxBackend(device={self.device()!r})"
+        return f"JaxBackend(device={self.device()!r}, precision={self.precision!r})"
 
-    # -- device and arrays ---------------------------------------------------------------
+    # -- device and arrays ------------------------------------------------------------------
     def device(self) -> str:
         return f"{self._device.platform}:{self._device.id}"
 
     def xp(self) -> Any:
         return jnp
 
-    def asarray(self, array: np.ndarray) -> jax.Array:
-        return jax.device_put(np.asarray(array), self._device)
+    def asarray(self, array: Any, dtype: Any = None) -> jax.Array:
+        if not isinstance(array, jax.Array):
+            array = np.asarray(array)
+        out = jax.device_put(array, self._device)
+        return out if dtype is None else out.astype(jax.dtypes.canonicalize_dtype(dtype))
 
     def to_numpy(self, array: Any) -> np.ndarray:
-        return np.asarray(jax.device_get(array))
+        return np.array(jax.device_get(array))
 
     def random(self, seed: int) -> JaxRandom:
         return JaxRandom(seed, self._device)
@@ -136,399 +219,81 @@ class JaxBackend(Backend):
     def versions(self) -> dict[str, str]:
         import jaxlib
 
-        return {"jax": jax.__version__, "jaxlib": jaxlib.__version__, "flax": flax.__version__,
-                "optax": optax.__version__}
+        return {"jax": jax.__version__, "jaxlib": jaxlib.__version__, "flax": flax.__version__}
 
-    # -- models -----------------------------------------------------------------------------
-    def _implementation(self, architecture: Architecture | str) -> tuple[str, Any]:
-        if isinstance(architecture, str):
-            from combinability.plugins import get_architecture
-
-            architecture = get_architecture(architecture)
-        return architecture.name, architecture.implementation(self.name)
-
-    def build(self, architecture: Architecture | str, *, width: float, num_classes: int,
-              input_shape: tuple[int, ...], seed: int) -> FlaxModel:
-        name, impl = self._implementation(architecture)
-        model = impl.build(width=width, num_classes=num_classes, input_shape=tuple(input_shape), seed=seed)
-        if not isinstance(model, FlaxModel):
-            raise PluginError(f"the jax implementation of {name!r} built a {type(model).__name__}, "
-                              "not a combinability_jax.models.FlaxModel")
-        return dataclasses.replace(model, config={**model.config, "architecture": name})
-
+    # -- models ---------------------------------------------------------------------------------
     @staticmethod
-    def _check_model(model: Any) -> FlaxModel:
-        if not isinstance(model, FlaxModel):
-            raise IncompatibleModelsError(f"the jax backend works on FlaxModel objects, got {type(model).__name__}")
-        return model
+    def _model(model: Any) -> FlaxModel:
+        if isinstance(model, FlaxModel):
+            return model
+        if isinstance(model, tuple) and len(model) == 2 and isinstance(model[0], flax.linen.Module):
+            return FlaxModel(model[0], model[1])
+        raise IncompatibleModelsError(f"the jax backend takes FlaxModel objects or (flax module, variables) "
+                                      f"tuples, got {type(model).__name__}")
 
-    def state(self, model: FlaxModel) -> dict[str, np.ndarray]:
-        """Every variable as a numpy array, named by its flax path, in ``model.order``."""
-        flat = flatten_variables(self._check_model(model).variables)
-        return {name: np.array(jax.device_get(flat[name])) for name in model.order}
+    def build(self, table: LayerTable, *, seed: int) -> FlaxModel:
+        """A :class:`TableNet` with flax's default initialisation, drawn from ``PRNGKey(seed)``.
 
-    def with_state(self, model: FlaxModel, params: Mapping[str, np.ndarray]) -> FlaxModel:
+        Kernels are LeCun-normal (normal truncated to [-2, 2], variance ``1 / fan_in``), taken
+        in order from one draw of all kernels' elements (one small compilation, not an XLA
+        compilation of ``module.init``); biases 0, scales 1, running mean 0 and variance 1.
+        """
+        module = TableNet(table)
+        shapes = flatten_variables(jax.eval_shape(module.init, jax.random.PRNGKey(0),
+                                                  jnp.zeros((1, *table.input_shape), jnp.float32)))
+        kernels = [k for k in shapes if k.endswith("/kernel")]
+        z = np.asarray(jax.random.truncated_normal(jax.random.PRNGKey(int(seed)), -2.0, 2.0,
+                                                   (sum(shapes[k].size for k in kernels),)))
+        offsets = dict(zip(kernels, np.cumsum([0] + [shapes[k].size for k in kernels]), strict=False))
+        values = {}
+        for k, leaf in shapes.items():
+            if k in offsets:  # 0.8796... is the standard deviation of a normal truncated to [-2, 2]
+                std = np.sqrt(1.0 / np.prod(leaf.shape[:-1])) / 0.87962566103423978
+                value = z[offsets[k]:offsets[k] + leaf.size].reshape(leaf.shape) * std
+            else:
+                value = np.full(leaf.shape, float(k.endswith(("/scale", "/var"))))
+            values[k] = jax.device_put(value.astype(leaf.dtype), self._device)
+        names = table.flax_names()
+        counters = {names[k]: np.zeros((), np.int64) for k, (_, dt) in table.parameters().items() if dt == "int64"}
+        return FlaxModel(module, unflatten_variables(values), table, counters)
+
+    def table_of(self, model: Any) -> LayerTable | None:
+        return model.table if isinstance(model, FlaxModel) else None
+
+    def state(self, model: Any) -> dict[str, np.ndarray]:
+        """Reference names and axes for table models, ``"collection/path/leaf"`` flax names otherwise."""
+        model = self._model(model)
+        flat = {k: np.array(jax.device_get(v)) for k, v in model.flat().items()}
+        return model.table.from_flax(flat) if model.table is not None else flat
+
+    def trainable(self, model: Any) -> tuple[str, ...]:
+        model = self._model(model)
+        if model.table is not None:
+            return tuple(k for k, v in model.table.flax_names().items() if v.startswith("params/"))
+        return tuple(k for k in flatten_variables(model.variables) if k.startswith("params/"))
+
+    def with_state(self, model: Any, params: Mapping[str, np.ndarray]) -> FlaxModel:
         """A new model holding ``params`` (cast to the model's dtypes).
 
         Raises
         ------
         LayoutError
-            If a name is missing or unexpected, or a shape differs.
+            If ``params`` misses a name of the model's state, has an unknown one, or a shape differs.
         """
-        flat = flatten_variables(self._check_model(model).variables)
-        missing = [n for n in model.order if n not in params]
-        extra = [n for n in params if n not in flat]
-        if missing or extra:
-            raise LayoutError(f"parameters do not match the model: missing {missing[:8]}, unexpected {extra[:8]}")
-        new = {}
-        for name in model.order:
-            value = np.asarray(params[name])
-            if value.shape != tuple(flat[name].shape):
-                raise LayoutError(f"parameter {name!r} has shape {value.shape}, the model expects "
-                                  f"{tuple(flat[name].shape)}")
-            new[name] = jax.device_put(value.astype(flat[name].dtype), self._device)
-        variables = unflatten_variables(new, tuple(model.variables))
-        return dataclasses.replace(model, variables=variables)
+        model = self._model(model)
+        current = self.state(model)
+        _mismatch({k: v.shape for k, v in current.items()}, {k: np.shape(v) for k, v in params.items()},
+                  "params do not match the model")
+        table = model.table
+        named = table.to_flax({k: np.asarray(params[k]) for k in current}) if table is not None else dict(params)
+        old = model.flat()
+        counters = {k: np.array(v, np.int64) for k, v in named.items() if k in model.counters}
+        variables = {k: jax.device_put(np.asarray(v, dtype=old[k].dtype), self._device) for k, v in named.items()
+                     if k not in counters}
+        return FlaxModel(model.module, unflatten_variables(variables), table, counters)
 
-    # -- compiled functions (cached per static configuration) ----------------------------
-    def _cached(self, key: Any, make: Callable[[], Callable]) -> Callable:
-        fn = self._compiled.get(key)
-        if fn is None:
-            fn = self._compiled[key] = make()
-            while len(self._compiled) > 32:
-                self._compiled.popitem(last=False)
-        self._compiled.move_to_end(key)
-        return fn
+    def prepare(self, model: Any, layout: FlatLayout) -> JaxPrepared:
+        return JaxPrepared(self, self._model(model), layout)
 
-    def _device_batches(self, data: ArrayDataset, batch_size: int) -> list[tuple[Any, Any, Any, int]]:
-        """``(x, y, mask, valid)`` per batch on the device, padded to ``batch_size`` (cached for 2 datasets)."""
-        key = (id(data.x), id(data.y), batch_size)
-        hit = self._data_cache.get(key)
-        if hit is not None and hit[0] is data.x and hit[1] is data.y:
-            self._data_cache.move_to_end(key)
-            return hit[2]
-        x = np.asarray(data.x, dtype=np.float32)
-        y = np.asarray(data.y, dtype=np.int32)
-        batches = []
-        for start, stop in _padded_batches(len(y), batch_size):
-            xb, yb = x[start:stop], y[start:stop]
-            valid = stop - start
-            mask = np.zeros(batch_size, np.float32)
-            mask[:valid] = 1.0
-            if valid < batch_size:
-                xb = np.concatenate([xb, np.zeros((batch_size - valid, *x.shape[1:]), np.float32)])
-                yb = np.concatenate([yb, np.zeros(batch_size - valid, np.int32)])
-            batches.append(tuple(jax.device_put(a, self._device) for a in (xb, yb, mask)) + (valid,))
-        self._data_cache[key] = (data.x, data.y, batches)
-        while len(self._data_cache) > 2:
-            self._data_cache.popitem(last=False)
-        return batches
-
-    @staticmethod
-    def _check_data(model: FlaxModel, data: ArrayDataset, what: str = "evaluate") -> None:
-        expected = tuple(model.config.get("input_shape", data.input_shape))
-        if tuple(data.input_shape) != expected:
-            raise IncompatibleModelsError(
-                f"the model takes inputs of shape {expected} (channels-first), the dataset "
-                f"{data.name or ''!s} has {data.input_shape}"
-            )
-        if len(data) == 0:
-            raise DatasetError(f"cannot {what} on an empty dataset")
-
-    def _flat_matrix(self, flats: Any, layout: FlatLayout) -> jax.Array:
-        if isinstance(flats, list | tuple):
-            rows = [r if isinstance(r, jax.Array) else np.asarray(r, dtype=layout.dtype) for r in flats]
-            if any(r.ndim != 1 for r in rows):
-                raise LayoutError("a sequence of flat vectors must hold 1-d arrays")
-            mat = jnp.stack([jnp.asarray(r) for r in rows]) if rows else jnp.zeros((0, layout.size))
-        else:
-            mat = flats if isinstance(flats, jax.Array) else np.asarray(flats, dtype=layout.dtype)
-            if mat.ndim == 1:
-                mat = mat[None, :]
-        if mat.ndim != 2 or mat.shape[1] != layout.size:
-            raise LayoutError(f"flat vectors have shape {tuple(mat.shape)}; the layout expects (d,) or (k, d) "
-                              f"with d = {layout.size}")
-        return jax.device_put(jnp.asarray(mat, dtype=layout.dtype), self._device)
-
-    def _rest_of_state(self, model: FlaxModel, layout: FlatLayout) -> dict[str, jax.Array]:
-        """The model's arrays the layout does not hold; checks that the layout fits the model."""
-        flat = flatten_variables(model.variables)
-        for e in layout.entries:
-            if e.name not in flat:
-                raise LayoutError(f"layout entry {e.name!r} is not a variable of the model; "
-                                  f"the model has {list(model.order)[:8]}...")
-            if tuple(flat[e.name].shape) != e.shape:
-                raise LayoutError(f"layout entry {e.name!r} has shape {e.shape}, the model's is "
-                                  f"{tuple(flat[e.name].shape)}")
-        return {k: v for k, v in flat.items() if k not in layout}
-
-    def _eval_fn(self, model: FlaxModel, layout: FlatLayout) -> Callable:
-        module, collections = model.module, tuple(model.variables)
-        entries = tuple((e.name, e.offset, e.stop, e.shape, np.dtype(e.dtype)) for e in layout.entries)
-
-        def make() -> Callable:
-            def one(vec, rest, x, y, mask):
-                flat = dict(rest)
-                for name, start, stop, shape, dtype in entries:
-                    flat[name] = vec[start:stop].reshape(shape).astype(dtype)
-                logits = module.apply(unflatten_variables(flat, collections), x).astype(jnp.float32)
-                ce = optax.softmax_cross_entropy_with_integer_labels(logits, y)
-                pred = jnp.argmax(logits, axis=-1).astype(jnp.int32)
-                return jnp.sum(ce * mask), jnp.sum((pred == y) * mask), pred
-
-            @jax.jit
-            def run(vecs, rest, x, y, mask):
-                return jax.vmap(one, in_axes=(0, None, None, None, None))(vecs, rest, _to_nhwc(x), y, mask)
-
-            return run
-
-        return self._cached(("evaluate", module, entries, collections), make)
-
-    # -- evaluation -----------------------------------------------------------------------
-    def evaluate(self, model: FlaxModel, layout: FlatLayout, flats: Any, data: ArrayDataset, *,
-                 batch_size: int = 1000) -> list[Evaluation]:
-        model = self._check_model(model)
-        self._check_data(model, data)
-        rest = self._rest_of_state(model, layout)
-        vectors = self._flat_matrix(flats, layout)
-        n = len(data)
-        batches = self._device_batches(data, max(1, min(int(batch_size), n)))
-        run = self._eval_fn(model, layout)
-        results: list[Evaluation] = []
-        with jax.default_matmul_precision(self.precision) if self.precision else _null():
-            for start in range(0, vectors.shape[0], self.vectors_per_call):
-                group = vectors[start:start + self.vectors_per_call]
-                outs = [run(group, rest, xb, yb, mb) for xb, yb, mb, _ in batches]
-                loss = np.sum([np.asarray(o[0], np.float64) for o in outs], axis=0)
-                correct = np.sum([np.asarray(o[1], np.float64) for o in outs], axis=0)
-                preds = np.concatenate([np.asarray(o[2])[:, :valid] for o, (*_, valid) in zip(outs, batches,
-                                                                                              strict=True)], axis=1)
-                results += [Evaluation(float(loss[i] / n), float(correct[i] / n), preds[i].astype(np.int64))
-                            for i in range(group.shape[0])]
-        return results
-
-    def logits(self, model: FlaxModel, x: np.ndarray) -> np.ndarray:
-        """Logits of channels-first inputs ``x`` under ``model``'s own weights (a convenience)."""
-        model = self._check_model(model)
-        fn = self._cached(("logits", model.module), lambda: jax.jit(
-            lambda v, x: model.module.apply(v, _to_nhwc(x))))
-        with jax.default_matmul_precision(self.precision) if self.precision else _null():
-            return np.asarray(fn(model.variables, jax.device_put(np.asarray(x, np.float32), self._device)))
-
-    def activations(self, model: FlaxModel, data: ArrayDataset, points: Sequence[str], *,
-                    batch_size: int = 1000) -> dict[str, np.ndarray]:
-        """Post-activation values sown at ``points`` (flax paths such as ``"hidden_0"`` or
-        ``"stage1_block0/inner"``), shape ``(n, units)``; images give ``(n * h * w, channels)``.
-
-        Raises
-        ------
-        UnknownNameError
-            If a point is not sown by the model; the message lists the valid points.
-        """
-        model = self._check_model(model)
-        self._check_data(model, data)
-        points = tuple(points)
-        module = model.module
-
-        def sown(x):
-            _, state = module.apply(model.variables, _to_nhwc(x), mutable=["intermediates"])
-            return {k: v[0] for k, v in flatten_dict(state["intermediates"], sep="/").items()}
-
-        valid = jax.eval_shape(sown, jax.ShapeDtypeStruct((1, *data.input_shape), jnp.float32))
-        unknown = [p for p in points if p not in valid]
-        if unknown:
-            raise UnknownNameError(f"unknown activation point(s) {unknown}; this model has: {', '.join(valid)}")
-
-        def make() -> Callable:
-            @jax.jit
-            def run(variables, x):
-                _, state = module.apply(variables, _to_nhwc(x), mutable=["intermediates"])
-                flat = flatten_dict(state["intermediates"], sep="/")
-                return {p: flat[p][0] for p in points}
-
-            return run
-
-        run = self._cached(("activations", module, points), make)
-        batches = self._device_batches(data, max(1, min(int(batch_size), len(data))))
-        chunks: dict[str, list[np.ndarray]] = {p: [] for p in points}
-        with jax.default_matmul_precision(self.precision) if self.precision else _null():
-            for xb, _, _, n_valid in batches:
-                out = run(model.variables, xb)
-                for p in points:
-                    a = np.asarray(out[p])[:n_valid]
-                    chunks[p].append(a.reshape(-1, a.shape[-1]))
-        return {p: np.concatenate(chunks[p]).astype(np.float32, copy=False) for p in points}
-
-    # -- training ----------------------------------------------------------------------------
-    def _train_fn(self, model: FlaxModel, recipe: TrainRecipe, augmented: bool
-                  ) -> tuple[optax.GradientTransformation, Callable]:
-        module = model.module
-        key = ("train", module, recipe.optimizer, recipe.momentum, recipe.weight_decay, augmented)
-
-        def make_tx(learning_rate):
-            parts = [optax.add_decayed_weights(recipe.weight_decay)] if recipe.weight_decay else []
-            if recipe.optimizer == "adam":
-                parts.append(optax.adam(learning_rate))
-            else:
-                parts.append(optax.sgd(learning_rate, momentum=recipe.momentum or None))
-            return optax.chain(*parts)
-
-        tx = optax.inject_hyperparams(make_tx)(learning_rate=recipe.lr)
-
-        def make() -> Callable:
-            augment = _augmenter() if augmented else None
-
-            @jax.jit
-            def epoch(params, opt_state, others, x_all, y_all, idx, mask, lrs, keys):
-                def step(carry, inp):
-                    params, opt_state = carry
-                    ids, m, lr, k = inp
-                    xb, yb = x_all[ids], y_all[ids]
-                    if augment is not None:
-                        xb = augment(xb, k)
-
-                    def loss_fn(p):
-                        logits = module.apply({"params": p, **others}, xb)
-                        ce = optax.softmax_cross_entropy_with_integer_labels(logits, yb)
-                        return jnp.sum(ce * m) / jnp.sum(m)
-
-                    loss, grads = jax.value_and_grad(loss_fn)(params)
-                    opt_state.hyperparams["learning_rate"] = lr  # the recipe's rate of this step
-                    updates, opt_state = tx.update(grads, opt_state, params)
-                    return (optax.apply_updates(params, updates), opt_state), loss
-
-                (params, opt_state), losses = jax.lax.scan(step, (params, opt_state), (idx, mask, lrs, keys))
-                return params, opt_state, losses
-
-            return epoch
-
-        return tx, self._cached(key, make)
-
-    def train(self, model: FlaxModel, data: ArrayDataset, recipe: TrainRecipe, *, seed: int,
-              progress: bool = False) -> FlaxModel:
-        """Train with the recipe's optimizer and per-step learning rate; returns a new model.
-
-        Every epoch visits the examples in an order drawn from ``numpy.random.default_rng(seed)``
-        in batches of ``recipe.batch_size`` (the last one smaller, as padding masked out of
-        the loss). SGD is ``add_decayed_weights -> sgd(momentum)`` (torch's SGD with weight
-        decay), Adam is ``add_decayed_weights -> adam``; the rate of step ``t`` is
-        ``recipe.learning_rate(t, steps_per_epoch)``, fed to ``optax.inject_hyperparams``.
-        Augmentation (``recipe.augment``, images only) uses :mod:`combinability_jax.augment`
-        with keys split from ``PRNGKey(seed)``.
-
-        Raises
-        ------
-        NonFiniteWeightsError
-            If an epoch's mean loss is NaN or infinite.
-        DatasetError
-            If ``data`` is empty.
-        """
-        model = self._check_model(model)
-        self._check_data(model, data, "train")
-        n = len(data)
-        bs = max(1, min(int(recipe.batch_size), n))
-        steps = math.ceil(n / bs)
-        if recipe.epochs == 0:
-            return model
-        tx, epoch_fn = self._train_fn(model, recipe, bool(recipe.augment and data.is_image))
-        params = model.variables["params"]
-        others = {k: v for k, v in model.variables.items() if k != "params"}
-        opt_state = tx.init(params)
-        x_all = jax.device_put(np.asarray(data.x, np.float32), self._device)
-        x_all = jax.jit(_to_nhwc)(x_all)
-        y_all = jax.device_put(np.asarray(data.y, np.int32), self._device)
-        rng = np.random.default_rng(seed)
-        key = jax.random.PRNGKey(int(seed))
-        mask = np.ones((steps, bs), np.float32)
-        mask.reshape(-1)[n:] = 0.0
-        bar = _progress(recipe.epochs, progress)
-        with jax.default_matmul_precision(self.train_precision) if self.train_precision else _null():
-            for ep in range(recipe.epochs):
-                order = np.zeros(steps * bs, np.int32)
-                order[:n] = rng.permutation(n)
-                lrs = np.array([recipe.learning_rate(ep * steps + t, steps) for t in range(steps)], np.float32)
-                keys = jax.random.split(jax.random.fold_in(key, ep), steps)
-                params, opt_state, losses = epoch_fn(params, opt_state, others, x_all, y_all,
-                                                     order.reshape(steps, bs), mask, lrs, keys)
-                mean_loss = float(jnp.mean(losses))
-                if not math.isfinite(mean_loss):
-                    raise NonFiniteWeightsError(
-                        f"training diverged in epoch {ep + 1}: the mean loss is {mean_loss}; "
-                        f"lower the learning rate (now {recipe.lr})"
-                    )
-                if bar is not None:
-                    bar.update(1)
-                    bar.set_postfix(loss=f"{mean_loss:.4f}")
-        if bar is not None:
-            bar.close()
-        return dataclasses.replace(model, variables={**model.variables, "params": params})
-
-    # -- checkpoints ---------------------------------------------------------------------------
-    def save(self, model: FlaxModel, path: str | Path, metadata: Mapping[str, Any]) -> None:
-        """Write ``model`` and ``metadata`` to ``path`` (see :mod:`combinability_jax.checkpoint`)."""
-        model = self._check_model(model)
-        config = dict(model.config)
-        header = {"backend": self.name, "architecture": config.get("architecture", ""), "config": config,
-                  "metadata": dict(metadata)}
-        write_checkpoint(path, header, self.state(model))
-
-    def load(self, path: str | Path, architecture: Architecture | str | None = None
-             ) -> tuple[FlaxModel, dict[str, Any]]:
-        """Read a checkpoint written by :meth:`save`.
-
-        Parameters
-        ----------
-        path : str or Path
-        architecture : Architecture or str, optional
-            Used to rebuild the model; default: looked up by the name the file records.
-
-        Raises
-        ------
-        CorruptFileError
-            If the file is not a readable jax checkpoint or its arrays do not fit its architecture.
-        IncompatibleVersionError
-            If it was written in another checkpoint format version.
-        IncompatibleModelsError
-            If the file was written by another backend, or ``architecture`` is not the one it records.
-        """
-        header, arrays = read_checkpoint(path, backend=self.name)
-        config = header.get("config")
-        needed = ("width", "num_classes", "input_shape")
-        if not isinstance(config, dict) or any(k not in config for k in needed):
-            raise CorruptFileError(f"{str(path)!r}: the checkpoint's config lacks one of {needed}")
-        recorded = header.get("architecture") or config.get("architecture")
-        if architecture is None:
-            architecture = recorded
-        name = architecture if isinstance(architecture, str) else architecture.name
-        if recorded and name != recorded:
-            raise IncompatibleModelsError(f"{str(path)!r} holds a {recorded!r} model, not a {name!r}")
-        model = self.build(architecture, width=config["width"], num_classes=config["num_classes"],
-                           input_shape=tuple(config["input_shape"]), seed=0)
-        try:
-            model = self.with_state(model, arrays)
-        except LayoutError as exc:
-            raise CorruptFileError(f"{str(path)!r}: its arrays do not fit a {name!r} model: {exc}") from exc
-        return model, dict(header.get("metadata") or {})
-
-
-class _null:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: object) -> None:
-        return None
-
-
-def _progress(total: int, enabled: bool) -> Any:
-    if not enabled:
-        return None
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, desc="train (jax)", unit="epoch")
-
-
-def _augmenter() -> Callable[[jax.Array, jax.Array], jax.Array]:
-    """``augment_batch(x_nhwc, key) -> x_nhwc`` from :mod:`combinability_jax.augment` (imported lazily)."""
-    from combinability_jax.augment import augment_batch
-
-    return augment_batch
+    def augment(self, x: jax.Array, matrices: jax.Array) -> jax.Array:
+        return _resample(x, matrices)

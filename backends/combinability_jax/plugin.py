@@ -1,7 +1,7 @@
-"""The ``combinability.plugins`` entry point of the JAX backend.
+"""Plugin module of the jax backend (entry point ``combinability.plugins: jax``).
 
-This module must stay light: it imports neither jax nor flax. The factory imports
-:mod:`combinability_jax.backend` when the backend is first used.
+Registering imports no framework: the factory imports jax and flax when the backend is
+first used.
 """
 
 from __future__ import annotations
@@ -11,24 +11,17 @@ from typing import TYPE_CHECKING
 from combinability.hookspecs import hookimpl
 
 if TYPE_CHECKING:
-    from combinability_jax.backend import JaxBackend
+    from combinability.backend import Backend
 
-__all__ = ["make_backend", "combinability_register_backends"]
+__all__ = ["combinability_register_backends"]
 
 
-def make_backend() -> JaxBackend:
-    """Import jax/flax/optax and return a :class:`~combinability_jax.backend.JaxBackend`.
-
-    Raises
-    ------
-    ImportError
-        If jax, flax or optax is not installed (``pip install combinability[jax]``).
-    """
+def _jax_backend() -> Backend:
     from combinability_jax.backend import JaxBackend
 
     return JaxBackend()
 
 
 @hookimpl
-def combinability_register_backends() -> dict:
-    return {"jax": (make_backend, "jax")}
+def combinability_register_backends():
+    return {"jax": (_jax_backend, "jax")}

@@ -17,6 +17,7 @@ import xarray as xr
 
 from combinability.combination import combine
 from combinability.errors import IncompatibleModelsError
+from combinability.evaluation import Evaluator
 from combinability.experiments.compare import reuse_or_run
 from combinability.matching import perturb_permutation, unit_correlations
 from combinability.permutation import apply_permutation
@@ -81,8 +82,7 @@ def alignment_robustness(
 
     def run(o: Path | None) -> xr.Dataset:
         be = pair.backend_obj
-        kw = {k: pair.config[k] for k in ("width", "num_classes", "input_shape")}
-        points = pair.impl.activation_points(**kw)
+        points = pair.feature_points
         names = list(permutations) if permutations is not None else list(points)
         unknown = [p for p in names if p not in points]
         if unknown:
@@ -90,19 +90,19 @@ def alignment_robustness(
         act_data = _data(data, "train", None).subset(examples, seed=0) if isinstance(data, str) else data
         eval_data = _data(data, split, limit)
         wanted = list(dict.fromkeys(points[p] for p in names))
-        acts_a = be.activations(pair.model("a"), act_data, wanted)
-        acts_b = be.activations(pair.model("b"), act_data, wanted)  # B as aligned: unit j pairs with A's unit j
+        layout = pair.layout
+        evaluator = Evaluator(be, pair.template, layout, batch_size=batch_size)
+        acts_a = evaluator.features(pair.theta_a, act_data, wanted)
+        acts_b = evaluator.features(pair.theta_b, act_data, wanted)  # B as aligned: unit j pairs with A's unit j
         naive_b = (pair.naive or pair).params("b")
         ta = be.asarray(pair.theta_a)
-        template, layout = pair.template, pair.layout
-        ends = be.evaluate(template, layout, [ta, be.asarray(pair.theta_b)], eval_data, batch_size=batch_size)
+        ends = evaluator.evaluate([ta, be.asarray(pair.theta_b)], eval_data)
         ref_loss = 0.5 * (ends[0].loss + ends[1].loss)
         ref_acc = 0.5 * (ends[0].accuracy + ends[1].accuracy)
 
         def path_barriers(theta_b: np.ndarray) -> tuple[float, float]:
             tb = be.asarray(theta_b)
-            evs = be.evaluate(template, layout, [combine(ta, tb, float(lam)) for lam in lambdas], eval_data,
-                              batch_size=batch_size)
+            evs = evaluator.evaluate([combine(ta, tb, float(lam)) for lam in lambdas], eval_data)
             return max(e.loss for e in evs) - ref_loss, ref_acc - min(e.accuracy for e in evs)
 
         base_loss, base_acc = path_barriers(pair.theta_b)

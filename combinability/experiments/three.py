@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -35,11 +34,8 @@ def transitivity(pair: ModelPair, *, out: str | Path | None = None, seed: int = 
     other) and ``direct`` (C aligned to B itself, the usual Git Re-Basin baseline).
     """
     _require_three(pair)
-    naive3 = pair.naive
-    naive_bc = replace(naive3, theta_a=naive3.theta_b, theta_b=naive3.theta_c, theta_c=None, model_c=None,
-                       permutation=None, permutation_c=None, alignment="naive", naive=None)
-    transitive = replace(pair, theta_a=pair.theta_b, theta_b=pair.theta_c, theta_c=None, model_c=None,
-                         alignment="transitive", naive=naive_bc)
+    naive_bc = pair.naive.select(1, 2)
+    transitive = pair.select(1, 2)._replace(alignment="transitive", naive=naive_bc)
     direct = naive_bc.align(pair.permutation.method if pair.permutation is not None else "weight", seed=seed)
 
     def run(o: Path | None) -> xr.Dataset:

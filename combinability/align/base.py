@@ -1,0 +1,65 @@
+"""What an aligner is given (:class:`AlignTask`) and what it is (:data:`Aligner`)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from combinability.permutation import Permutation, PermutationSpec
+
+__all__ = ["AlignTask", "Aligner", "Features"]
+
+#: ``features(which, points) -> {point: array (n_observations, units)}`` with ``which`` in
+#: ``{"reference", "other"}``: the two models' activations at the named feature points,
+#: for the same inputs.
+Features = Callable[[str, Sequence[str]], dict[str, np.ndarray]]
+
+
+@dataclass(frozen=True)
+class AlignTask:
+    """What an aligner gets: find T such that T(other) lives in reference's basin.
+
+    Parameters
+    ----------
+    spec : PermutationSpec
+        Which permutation acts on which axis of which parameter (reference names and axes).
+    reference : mapping of str to numpy.ndarray
+        Model 0's named arrays (reference convention); it is left as it is.
+    other : mapping of str to numpy.ndarray
+        The model to transform, same names and shapes.
+    seed : int
+        Seeds any randomness of the aligner.
+    feature_points : mapping of str to str
+        Permutation name to the feature point whose units it permutes (the point passed
+        to ``features``); a permutation missing here is looked up under its own name.
+    features : callable, optional
+        ``features("reference" | "other", points) -> {point: array (n, units)}``: both
+        models' activations on the same inputs; ``None`` when no data was given.
+
+    Notes
+    -----
+    The aligner returns ``π`` such that ``apply_permutation(spec, π, other)`` is the
+    transformed model: its unit ``j`` of permutation ``P`` is ``other``'s unit ``π[P][j]``.
+    """
+
+    spec: PermutationSpec
+    reference: Mapping[str, np.ndarray]
+    other: Mapping[str, np.ndarray]
+    seed: int = 0
+    feature_points: Mapping[str, str] = field(default_factory=dict)
+    features: Features | None = None
+
+    def point(self, perm_name: str) -> str:
+        """The feature point of permutation ``perm_name`` (its own name when none is given)."""
+        return self.feature_points.get(perm_name, perm_name)
+
+    def sizes(self) -> dict[str, int]:
+        """Size of each permutation of :attr:`spec`, read off :attr:`reference`."""
+        return self.spec.perm_sizes(self.reference)
+
+
+#: An aligner: ``aligner(task, **options) -> Permutation``. It must accept (and may
+#: ignore) keyword options it does not know.
+Aligner = Callable[..., Permutation]

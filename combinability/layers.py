@@ -1,0 +1,446 @@
+"""Layer tables: one framework-neutral description per architecture.
+
+A :class:`LayerTable` lists the nodes of a network in forward order — dense and conv
+layers, normalisations, activations, pooling, flatten and residual additions — as a
+small dataflow graph. Everything the library needs to know about an architecture is
+derived from it, once, in the core:
+
+* the named parameters and buffers with their shapes (:meth:`LayerTable.parameters`),
+  in the reference (torch) naming and axis convention;
+* the permutation spec (:meth:`LayerTable.spec`), found by following which nodes share
+  a channel space (a residual addition ties its inputs' spaces together);
+* the layer map of stitching and per-layer plots (:meth:`LayerTable.layers`);
+* the feature points (:meth:`LayerTable.feature_points`) and the point whose units each
+  permutation reorders (:meth:`LayerTable.activation_points`);
+* the torch ⇄ flax conversion of names and axes (:meth:`LayerTable.to_flax`).
+
+Backends build a module from a table with one generic builder (an interpreter of the
+nodes), so adding an architecture is writing a table.
+
+Examples
+--------
+>>> t = LayerTable("tiny", (4,), 3, (Node("fc1", "dense", units=5), Node("act1", "relu"),
+...                                   Node("fc2", "dense", units=3)))
+>>> dict(t.spec().axes_to_perm)
+{'fc1.weight': ('P_fc1', None), 'fc1.bias': ('P_fc1',), 'fc2.weight': (None, 'P_fc1'), 'fc2.bias': (None,)}
+>>> t.activation_points()
+{'P_fc1': 'act1'}
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from combinability.errors import ConfigurationError, LayoutError
+from combinability.permutation import PermutationSpec
+
+__all__ = ["Node", "LayerTable", "OPS", "NORMS"]
+
+#: The operations a node may perform.
+OPS = ("dense", "conv", "norm", "relu", "flatten", "avgpool", "maxpool", "add")
+#: Kinds of normalisation: LayerNorm over the channel axis (at every position), BatchNorm.
+NORMS = ("layernorm", "batchnorm")
+_BN_BUFFERS = ("running_mean", "running_var", "num_batches_tracked")
+
+
+@dataclass(frozen=True)
+class Node:
+    """One operation of a :class:`LayerTable`.
+
+    Parameters
+    ----------
+    name : str
+        Module path in the reference (torch) naming, e.g. ``"stage0_block0.conv1"``; it is
+        also the name of the feature point that reads the node's output.
+    op : str
+        One of :data:`OPS`. ``"avgpool"`` is global average pooling to ``(n, c)``;
+        ``"maxpool"`` is a ``kernel`` x ``kernel`` max pool with stride ``kernel``, skipped
+        when the image is smaller than the kernel.
+    inputs : tuple of str
+        Names of the nodes read; ``()`` reads the previous node (the network's input for
+        the first node). ``"add"`` takes two or more.
+    units : int
+        Output features (dense) or channels (conv).
+    kernel, stride, padding : int
+        Convolution (square kernels) and max-pool geometry.
+    bias : bool
+        Whether a dense or conv layer has a bias.
+    norm : str
+        For ``op="norm"``: one of :data:`NORMS`.
+    eps : float
+        Normalisation epsilon.
+    layer : str
+        The layer this node belongs to in stitching and per-layer plots; default: the
+        node's own name for dense/conv nodes, the previous parametrised node's layer for
+        the others.
+    """
+
+    name: str
+    op: str
+    inputs: tuple[str, ...] = ()
+    units: int = 0
+    kernel: int = 1
+    stride: int = 1
+    padding: int = 0
+    bias: bool = True
+    norm: str = "layernorm"
+    eps: float = 1e-5
+    layer: str = ""
+
+    def __post_init__(self) -> None:
+        if self.op not in OPS:
+            raise ConfigurationError(f"node {self.name!r}: unknown op {self.op!r}; valid ops: {', '.join(OPS)}")
+        if self.op == "norm" and self.norm not in NORMS:
+            raise ConfigurationError(f"node {self.name!r}: unknown norm {self.norm!r}; valid: {', '.join(NORMS)}")
+        if self.op in ("dense", "conv") and self.units < 1:
+            raise ConfigurationError(f"node {self.name!r}: a {self.op} node needs units >= 1, got {self.units}")
+
+
+@dataclass(frozen=True)
+class _Shape:
+    """Inferred output of a node: channels (or features), spatial size (None: a vector)."""
+
+    channels: int
+    spatial: tuple[int, int] | None
+
+
+@dataclass(frozen=True)
+class LayerTable:
+    """A network as an ordered graph of :class:`Node` values.
+
+    Parameters
+    ----------
+    name : str
+        Architecture name.
+    input_shape : tuple of int
+        Channels-first input shape without the batch axis: ``(c, h, w)`` or ``(features,)``.
+    num_classes : int
+        Outputs of the last node.
+    nodes : tuple of Node
+        In forward order; the last node's output is the logits.
+    config : mapping
+        The configuration the table was made from (``width`` ...), kept for checkpoints.
+    """
+
+    name: str
+    input_shape: tuple[int, ...]
+    num_classes: int
+    nodes: tuple[Node, ...]
+    config: Mapping[str, Any] = field(default_factory=dict, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "input_shape", tuple(int(s) for s in self.input_shape))
+        names = [n.name for n in self.nodes]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ConfigurationError(f"layer table {self.name!r}: node names used twice: {dup}")
+        if not self.nodes:
+            raise ConfigurationError(f"layer table {self.name!r} has no nodes")
+        shapes = self.shapes()  # validates the graph
+        last = shapes[self.nodes[-1].name]
+        if last.spatial is not None or last.channels != self.num_classes:
+            raise ConfigurationError(
+                f"layer table {self.name!r}: the last node gives {last}, expected {self.num_classes} logits"
+            )
+
+    # -- graph -------------------------------------------------------------------------
+    def inputs_of(self, node: Node) -> tuple[str, ...]:
+        """The names a node reads (``"<input>"`` is the network's input)."""
+        if node.inputs:
+            return node.inputs
+        i = self.nodes.index(node)
+        return (self.nodes[i - 1].name,) if i else ("<input>",)
+
+    def shapes(self) -> dict[str, _Shape]:
+        """Output shape of every node (and of ``"<input>"``), inferred in order.
+
+        Raises
+        ------
+        ConfigurationError
+            If a node reads an unknown or later node, or the shapes do not fit.
+        """
+        if len(self.input_shape) == 3:
+            c, h, w = self.input_shape
+            out = {"<input>": _Shape(c, (h, w))}
+        elif len(self.input_shape) == 1:
+            out = {"<input>": _Shape(self.input_shape[0], None)}
+        else:
+            raise ConfigurationError(
+                f"layer table {self.name!r}: input_shape must be (c, h, w) or (features,), got {self.input_shape}"
+            )
+        for node in self.nodes:
+            ins = []
+            for name in self.inputs_of(node):
+                if name not in out:
+                    raise ConfigurationError(f"node {node.name!r} reads {name!r}, which is not an earlier node")
+                ins.append(out[name])
+            x = ins[0]
+            where = f"layer table {self.name!r}, node {node.name!r}"
+            if node.op == "dense":
+                if x.spatial is not None:
+                    raise ConfigurationError(f"{where}: a dense layer needs a vector; flatten or pool first")
+                out[node.name] = _Shape(node.units, None)
+            elif node.op == "conv":
+                if x.spatial is None:
+                    raise ConfigurationError(f"{where}: a conv layer needs an image, got a vector")
+                h, w = ((s + 2 * node.padding - node.kernel) // node.stride + 1 for s in x.spatial)
+                if h < 1 or w < 1:
+                    raise ConfigurationError(f"{where}: the image {x.spatial} is too small for the kernel")
+                out[node.name] = _Shape(node.units, (h, w))
+            elif node.op == "flatten":
+                size = x.channels * (x.spatial[0] * x.spatial[1] if x.spatial else 1)
+                out[node.name] = _Shape(size, None)
+            elif node.op == "avgpool":
+                out[node.name] = _Shape(x.channels, None)
+            elif node.op == "maxpool":
+                if x.spatial is None:
+                    raise ConfigurationError(f"{where}: max pooling needs an image")
+                k = node.kernel
+                sp = x.spatial if min(x.spatial) < k else (x.spatial[0] // k, x.spatial[1] // k)
+                out[node.name] = _Shape(x.channels, sp)
+            elif node.op == "add":
+                if len(ins) < 2 or any(s != x for s in ins):
+                    raise ConfigurationError(f"{where}: an addition needs two or more inputs of one shape, got {ins}")
+                out[node.name] = x
+            else:  # norm, relu
+                out[node.name] = x
+        return out
+
+    # -- parameters ----------------------------------------------------------------------
+    def parameters(self) -> dict[str, tuple[tuple[int, ...], str]]:
+        """Every parameter and buffer: ``{name: (shape, dtype)}`` in the reference convention.
+
+        Dense ``weight`` is ``(out, in)``, conv ``weight`` is ``(out, in, k, k)``; a BatchNorm
+        has ``weight``, ``bias``, ``running_mean``, ``running_var`` and an int64 0-d
+        ``num_batches_tracked`` counter.
+        """
+        shapes = self.shapes()
+        params: dict[str, tuple[tuple[int, ...], str]] = {}
+        for node in self.nodes:
+            c_in = shapes[self.inputs_of(node)[0]].channels
+            if node.op == "dense":
+                params[f"{node.name}.weight"] = ((node.units, c_in), "float32")
+            elif node.op == "conv":
+                params[f"{node.name}.weight"] = ((node.units, c_in, node.kernel, node.kernel), "float32")
+            elif node.op == "norm":
+                params[f"{node.name}.weight"] = ((c_in,), "float32")
+                params[f"{node.name}.bias"] = ((c_in,), "float32")
+                if node.norm == "batchnorm":
+                    params[f"{node.name}.running_mean"] = ((c_in,), "float32")
+                    params[f"{node.name}.running_var"] = ((c_in,), "float32")
+                    params[f"{node.name}.num_batches_tracked"] = ((), "int64")
+                continue
+            else:
+                continue
+            if node.bias:
+                params[f"{node.name}.bias"] = ((node.units,), "float32")
+        return params
+
+    def buffers(self) -> tuple[str, ...]:
+        """Names of the entries of :meth:`parameters` that are not trained by gradient."""
+        return tuple(f"{n.name}.{b}" for n in self.nodes if n.op == "norm" and n.norm == "batchnorm"
+                     for b in _BN_BUFFERS)
+
+    def check_state(self, state: Mapping[str, Any], what: str = "state") -> None:
+        """Raise :class:`LayoutError` unless ``state`` has exactly this table's names and shapes."""
+        expected = self.parameters()
+        missing = [k for k in expected if k not in state]
+        unknown = [k for k in state if k not in expected]
+        wrong = [f"{k}: {tuple(np.shape(state[k]))} (expected {expected[k][0]})" for k in expected
+                 if k in state and tuple(np.shape(state[k])) != expected[k][0]]
+        if missing or unknown or wrong:
+            parts = [f"missing {missing[:8]}" if missing else "", f"unknown names {unknown[:8]}" if unknown else "",
+                     f"wrong shapes {wrong[:8]}" if wrong else ""]
+            raise LayoutError(f"{what} does not fit the {self.name!r} layer table: "
+                              + "; ".join(p for p in parts if p))
+
+    # -- channel spaces and the permutation spec ----------------------------------------
+    def _spaces(self) -> tuple[dict[str, int], dict[int, str | None]]:
+        """Channel space of every node's output, and each space's permutation name (None: fixed).
+
+        A dense or conv node opens a new space; norms, activations and pooling keep their
+        input's; an addition merges its inputs' spaces (union-find); flattening an image,
+        the network's input and the logits are fixed (not permutable).
+        """
+        parent: dict[int, int] = {}
+
+        def find(a: int) -> int:
+            while parent[a] != a:
+                parent[a] = parent[parent[a]]
+                a = parent[a]
+            return a
+
+        def new() -> int:
+            parent[len(parent)] = len(parent)
+            return len(parent) - 1
+
+        shapes = self.shapes()
+        fixed = {new()}
+        space = {"<input>": 0}
+        opened: dict[int, str] = {}
+        for node in self.nodes:
+            ins = [space[i] for i in self.inputs_of(node)]
+            if node.op in ("dense", "conv"):
+                s = new()
+                opened[s] = node.name
+            elif node.op == "flatten":
+                src = shapes[self.inputs_of(node)[0]]
+                if src.spatial is None or src.spatial == (1, 1):
+                    s = ins[0]
+                else:
+                    s = new()
+                    fixed.add(s)
+                    fixed.add(ins[0])
+            elif node.op == "add":
+                s = ins[0]
+                for other in ins[1:]:
+                    ra, rb = find(s), find(other)
+                    if ra != rb:
+                        parent[max(ra, rb)] = min(ra, rb)
+            else:
+                s = ins[0]
+            space[node.name] = s
+        fixed.add(space[self.nodes[-1].name])
+        fixed_roots = {find(s) for s in fixed}
+        names: dict[int, str | None] = {}
+        for s in sorted(parent):
+            root = find(s)
+            if root in fixed_roots:
+                names[s] = None
+            else:
+                first = min(t for t in parent if find(t) == root and t in opened)
+                names[s] = f"P_{opened[first]}"
+        return {k: find(v) for k, v in space.items()}, names
+
+    def spec(self) -> PermutationSpec:
+        """The permutation spec of the table's parameters (reference convention)."""
+        space, names = self._spaces()
+        axes: dict[str, tuple[str | None, ...]] = {}
+        for node in self.nodes:
+            p_in = names[space[self.inputs_of(node)[0]]]
+            p_out = names[space[node.name]]
+            if node.op == "dense":
+                axes[f"{node.name}.weight"] = (p_out, p_in)
+            elif node.op == "conv":
+                axes[f"{node.name}.weight"] = (p_out, p_in, None, None)
+            elif node.op == "norm":
+                axes[f"{node.name}.weight"] = (p_out,)
+                axes[f"{node.name}.bias"] = (p_out,)
+                if node.norm == "batchnorm":
+                    axes[f"{node.name}.running_mean"] = (p_out,)
+                    axes[f"{node.name}.running_var"] = (p_out,)
+                    axes[f"{node.name}.num_batches_tracked"] = ()
+                continue
+            else:
+                continue
+            if node.bias:
+                axes[f"{node.name}.bias"] = (p_out,)
+        return PermutationSpec(axes)
+
+    def feature_points(self) -> tuple[str, ...]:
+        """Every node whose output is a set of hidden features (all but the logits)."""
+        return tuple(n.name for n in self.nodes[:-1] if n.op != "flatten")
+
+    def activation_points(self) -> dict[str, str]:
+        """For each permutation, the feature point whose units it reorders.
+
+        The last ReLU output in the permutation's space (for a residual stream: the
+        output of its last block); the last node in that space when it has no ReLU.
+        """
+        space, names = self._spaces()
+        points: dict[str, str] = {}
+        relu: dict[str, str] = {}
+        for node in self.nodes[:-1]:
+            p = names[space[node.name]]
+            if p is None or node.op == "flatten":
+                continue
+            points[p] = node.name
+            if node.op == "relu":
+                relu[p] = node.name
+        return {p: relu.get(p, pt) for p, pt in points.items()}
+
+    # -- layers (stitching, per-layer plots) ---------------------------------------------
+    def _node_layers(self) -> dict[str, str]:
+        current = ""
+        out = {}
+        for node in self.nodes:
+            if node.layer:
+                current = node.layer
+            elif node.op in ("dense", "conv"):
+                current = node.name
+            out[node.name] = current or node.name
+        return out
+
+    def layer_names(self) -> list[str]:
+        """Names of the ordered layers (groups of parametrised nodes)."""
+        names: list[str] = []
+        node_layer = self._node_layers()
+        for node in self.nodes:
+            if node.op in ("dense", "conv", "norm") and node_layer[node.name] not in names:
+                names.append(node_layer[node.name])
+        return names
+
+    def layers(self) -> dict[str, int]:
+        """Layer index (0-based, forward order) of every parameter and buffer."""
+        order = {name: i for i, name in enumerate(self.layer_names())}
+        node_layer = self._node_layers()
+        return {p: order[node_layer[p.rsplit(".", 1)[0]]] for p in self.parameters()}
+
+    # -- torch <-> flax --------------------------------------------------------------------
+    def flax_names(self) -> dict[str, str]:
+        """Reference name -> flax name (``"collection/module/leaf"``, module dots become ``_``)."""
+        out = {}
+        for ref in self.parameters():
+            module, leaf = ref.rsplit(".", 1)
+            mod = module.replace(".", "_")
+            node = self.node(module)
+            if node.op == "norm":
+                flax_leaf = {"weight": "params/scale", "bias": "params/bias", "running_mean": "batch_stats/mean",
+                             "running_var": "batch_stats/var", "num_batches_tracked": "counters/count"}[leaf]
+            else:
+                flax_leaf = {"weight": "params/kernel", "bias": "params/bias"}[leaf]
+            collection, leaf_name = flax_leaf.split("/")
+            out[ref] = f"{collection}/{mod}/{leaf_name}"
+        return out
+
+    def node(self, name: str) -> Node:
+        """The node called ``name``."""
+        for n in self.nodes:
+            if n.name == name:
+                return n
+        raise KeyError(name)
+
+    def to_flax(self, params: Mapping[str, Any], xp: Any = np) -> dict[str, Any]:
+        """Reference-convention arrays to flax names and axes (dense and conv kernels transposed)."""
+        names = self.flax_names()
+        out = {}
+        for ref, value in params.items():
+            op = self.node(ref.rsplit(".", 1)[0]).op
+            if ref.endswith(".weight") and op == "dense":
+                value = xp.permute_dims(value, (1, 0)) if xp is not np else np.transpose(value)
+            elif ref.endswith(".weight") and op == "conv":
+                value = xp.permute_dims(value, (2, 3, 1, 0)) if xp is not np else np.transpose(value, (2, 3, 1, 0))
+            out[names[ref]] = value
+        return out
+
+    def from_flax(self, params: Mapping[str, Any]) -> dict[str, np.ndarray]:
+        """Inverse of :meth:`to_flax` (numpy arrays)."""
+        back = {v: k for k, v in self.flax_names().items()}
+        unknown = [k for k in params if k not in back]
+        if unknown:
+            raise LayoutError(f"flax arrays {unknown[:8]} are not in the {self.name!r} layer table")
+        out = {}
+        for key, value in params.items():
+            ref = back[key]
+            op = self.node(ref.rsplit(".", 1)[0]).op
+            value = np.asarray(value)
+            if ref.endswith(".weight") and op == "dense":
+                value = value.T
+            elif ref.endswith(".weight") and op == "conv":
+                value = np.transpose(value, (3, 2, 0, 1))
+            out[ref] = value
+        return {k: out[k] for k in self.parameters() if k in out}

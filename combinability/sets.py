@@ -1,0 +1,340 @@
+"""Sets of models of one architecture, as flat vectors, and their alignment into one basin.
+
+A :class:`ModelSet` holds models ``θ_0, θ_1, …, θ_k`` of one architecture as flat numpy
+vectors laid out by one :class:`~combinability.layout.FlatLayout`. Model 0 is the
+reference; each other model ``i`` has its own transformation ``T_i`` into model 0's
+basin (``None`` while naive). It is immutable: :meth:`ModelSet.align` returns a new set
+holding ``T_i(θ_i)`` and keeps the unaligned set as :attr:`ModelSet.naive`. Any two or
+three members are one selection away (:meth:`ModelSet.select`, :meth:`ModelSet.pair`);
+:class:`~combinability.pair.ModelPair` is the set of two (or three) models.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import sys
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from combinability.errors import (
+    ConfigurationError,
+    IncompatibleModelsError,
+    LayoutError,
+    NonFiniteWeightsError,
+    UnknownNameError,
+)
+from combinability.layout import FlatLayout
+from combinability.permutation import Permutation, PermutationSpec, apply_permutation
+from combinability.plugins import get_backend
+
+if TYPE_CHECKING:
+    from combinability.backend import Backend
+    from combinability.layers import LayerTable
+
+__all__ = ["ModelSet", "fingerprint", "infer_backend"]
+
+
+def fingerprint(theta: np.ndarray) -> str:
+    """A short content hash of a flat vector (for provenance and resume checks)."""
+    return hashlib.blake2b(np.ascontiguousarray(theta).tobytes(), digest_size=8).hexdigest()
+
+
+def infer_backend(model: Any) -> str:
+    """The backend of a native model: ``"torch"`` for a ``torch.nn.Module``, ``"jax"`` for flax.
+
+    Only frameworks already imported are consulted (a model of a framework that is not
+    imported cannot exist).
+
+    Raises
+    ------
+    IncompatibleModelsError
+        If the model belongs to no known framework.
+    """
+    if "torch" in sys.modules and isinstance(model, sys.modules["torch"].nn.Module):
+        return "torch"
+    jax_model = sys.modules.get("combinability_jax.backend")
+    if jax_model is not None and isinstance(model, jax_model.FlaxModel):
+        return "jax"
+    if isinstance(model, tuple) and len(model) == 2 and "flax" in sys.modules:
+        return "jax"
+    raise IncompatibleModelsError(
+        f"cannot tell the framework of a {type(model).__name__}: pass a torch.nn.Module, a flax "
+        "(module, variables) pair or a model built by the library, or name the backend with backend="
+    )
+
+
+def _check_finite(theta: np.ndarray, layout: FlatLayout, which: int) -> None:
+    if np.all(np.isfinite(theta)):
+        return
+    bad = [e.name for e in layout.entries if not np.all(np.isfinite(theta[e.offset : e.stop]))]
+    raise NonFiniteWeightsError(f"model {_label(which)} has NaN or infinite weights in {bad[:5]}"
+                                f"{' ...' if len(bad) > 5 else ''}; combinations of it would be meaningless")
+
+
+def _label(i: int) -> str:
+    """``A``, ``B``, … for the first 26 members (model 0 is A), then ``model 26`` …"""
+    return "ABCDEFGHIJKLMNOPQRSTUVWXYZ"[i] if i < 26 else f"#{i}"
+
+
+def _float_state(state: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The floating-point entries of a state: integer counters are left out of combinations."""
+    return {k: v for k, v in state.items() if np.issubdtype(np.asarray(v).dtype, np.floating)}
+
+
+class ModelSet:
+    """Models ``θ_0 … θ_k`` of one architecture; model 0 is the reference.
+
+    Parameters
+    ----------
+    models : sequence of native models
+        Built by a backend (``cb.train``, ``backend.build``, checkpoints); at least two.
+    backend : str, optional
+        The models' backend; inferred from the first model when omitted.
+    spec : PermutationSpec, optional
+        The symmetry spec; by default the one of the models' layer table.
+
+    Raises
+    ------
+    IncompatibleModelsError
+        If the models differ in architecture, width, classes or input shape.
+    NonFiniteWeightsError
+        If a model holds NaN or infinite weights.
+    """
+
+    def __init__(self, models: Sequence[Any], *, backend: str | None = None, spec: PermutationSpec | None = None,
+                 architecture: str | None = None) -> None:
+        models = list(models)
+        if len(models) < 2:
+            raise ConfigurationError(f"a ModelSet needs at least two models, got {len(models)}")
+        be = get_backend(backend or infer_backend(models[0]))
+        tables = [be.table_of(m) for m in models]
+        table = tables[0]
+        if table is None and spec is None:
+            raise IncompatibleModelsError(
+                f"model A ({type(models[0]).__name__}) was not built from a layer table: "
+                "pass spec= (a PermutationSpec)")
+        for i, t in enumerate(tables[1:], start=1):
+            if t != table:
+                ca, ci = (dict(x.config) if x is not None else {} for x in (table, t))
+                diffs = "; ".join(f"{k}: A has {ca.get(k)!r}, {_label(i)} has {ci.get(k)!r}"
+                                  for k in sorted(set(ca) | set(ci)) if ca.get(k) != ci.get(k))
+                raise IncompatibleModelsError(f"models A and {_label(i)} cannot be combined: "
+                                              f"{diffs or 'different networks'}")
+        if architecture is not None and table is not None and table.config.get("architecture") != architecture:
+            raise IncompatibleModelsError(f"the models are {table.config.get('architecture')!r} networks, "
+                                          f"not {architecture!r} as requested")
+        states = [be.state(m) for m in models]
+        floats = _float_state(states[0])
+        layout = FlatLayout.from_arrays(floats, layers=table.layers() if table is not None else None)
+        spec = spec if spec is not None else table.spec()
+        spec.validate(states[0], allow_unlisted=True)
+        thetas = []
+        for i, state in enumerate(states):
+            try:
+                layout.check_compatible(FlatLayout.from_arrays(_float_state(state)))
+            except LayoutError as exc:
+                raise IncompatibleModelsError(f"models A and {_label(i)} have different parameters: {exc}") from None
+            theta = layout.flatten(_float_state(state))
+            _check_finite(theta, layout, i)
+            thetas.append(theta)
+        self._init(backend=be.name, table=table, layout=layout, spec=spec, models=models, thetas=thetas,
+                   transforms=[None] * len(models), alignment="naive", naive=None)
+
+    def _init(self, **fields: Any) -> None:
+        for k, v in fields.items():
+            object.__setattr__(self, k, v)
+        self.thetas = tuple(self.thetas)
+        self.transforms = tuple(self.transforms)
+        self.models = tuple(self.models)
+
+    def _replace(self, **changes: Any) -> ModelSet:
+        new = object.__new__(type(self))
+        new._init(**{**self.__dict__, **changes})
+        return new
+
+    # -- accessors -------------------------------------------------------------------
+    backend: str
+    table: LayerTable | None
+    layout: FlatLayout
+    spec: PermutationSpec
+    models: tuple[Any, ...]
+    thetas: tuple[np.ndarray, ...]
+    transforms: tuple[Permutation | None, ...]
+    alignment: str
+    naive: ModelSet | None
+
+    def __len__(self) -> int:
+        return len(self.thetas)
+
+    @property
+    def backend_obj(self) -> Backend:
+        """The :class:`~combinability.Backend` instance."""
+        return get_backend(self.backend)
+
+    @property
+    def config(self) -> dict[str, Any]:
+        """The models' configuration (``architecture``, ``width``, ``num_classes``, ``input_shape``)."""
+        return dict(self.table.config) if self.table is not None else {"architecture": None, "width": 1.0}
+
+    @property
+    def architecture(self) -> str | None:
+        """The registered architecture's name (None for a user's own model)."""
+        return self.config.get("architecture")
+
+    @property
+    def width(self) -> Any:
+        """Width multiplier of the models."""
+        return self.config.get("width", 1.0)
+
+    @property
+    def layer_names(self) -> list[str]:
+        """Names of the ordered layers (stitching, per-layer plots)."""
+        return self.table.layer_names() if self.table is not None else [str(i) for i in range(self.layout.num_layers)]
+
+    @property
+    def feature_points(self) -> dict[str, str]:
+        """For each permutation, the feature point whose units it reorders."""
+        return self.table.activation_points() if self.table is not None else {}
+
+    @property
+    def is_aligned(self) -> bool:
+        """True when the members have been transformed into model 0's basin."""
+        return self.alignment != "naive"
+
+    @property
+    def template(self) -> Any:
+        """A native model of the right architecture (its weights are not used by evaluation)."""
+        return self.models[0]
+
+    def _index(self, which: int | str) -> int:
+        if isinstance(which, str):
+            idx = "abcdefghijklmnopqrstuvwxyz".find(which.lower()) if len(which) == 1 else -1
+        else:
+            idx = int(which)
+        if not 0 <= idx < len(self):
+            raise UnknownNameError(f"no model {which!r} in this set of {len(self)}; valid: 0..{len(self) - 1} "
+                                   f"(or 'a', 'b', ...)")
+        return idx
+
+    def theta(self, which: int | str = 0) -> np.ndarray:
+        """Flat vector of member ``which`` (as aligned)."""
+        return self.thetas[self._index(which)]
+
+    def params(self, which: int | str = 0) -> dict[str, np.ndarray]:
+        """Named arrays of member ``which`` (as aligned)."""
+        return self.layout.unflatten(self.theta(which))
+
+    def model(self, which: int | str = 0) -> Any:
+        """A native model holding member ``which``'s (aligned) weights."""
+        i = self._index(which)
+        be = self.backend_obj
+        return be.with_state(self.models[i], {**be.state(self.models[i]), **self.params(i)})
+
+    def fingerprints(self) -> dict[str, str]:
+        """Content hashes of the flat vectors (provenance, resume checks)."""
+        return {f"theta_{'abcdefghijklmnopqrstuvwxyz'[i]}": fingerprint(t) for i, t in enumerate(self.thetas)}
+
+    def select(self, *members: int | str) -> ModelSet:
+        """The set of the given members, in that order (the first is the new reference)."""
+        from combinability.pair import ModelPair
+
+        idx = [self._index(m) for m in members]
+        if len(idx) < 2:
+            raise ConfigurationError("select at least two members")
+        cls = ModelPair if len(idx) in (2, 3) else ModelSet
+        naive = self.naive._replace(**_pick(self.naive, idx)) if self.naive is not None else None
+        if naive is not None:
+            naive = _recast(naive, cls)
+        return _recast(self._replace(**_pick(self, idx), naive=naive), cls)
+
+    def pair(self, i: int | str = 0, j: int | str = 1) -> ModelSet:
+        """Members ``i`` and ``j`` as a :class:`~combinability.pair.ModelPair` (``i`` is A)."""
+        return self.select(i, j)
+
+    # -- alignment ---------------------------------------------------------------------
+    def align(self, method: str = "weight", *, seed: int = 0, data: Any = None, examples: int = 2000,
+              **options: Any) -> ModelSet:
+        """Transform every member into model 0's basin: a new set holding ``T_i(θ_i)``.
+
+        Parameters
+        ----------
+        method : str
+            A registered aligner (``combinability plugins`` lists them): ``"weight"``
+            (Git Re-Basin weight matching), ``"activation"`` (needs ``data``), ``"identity"``, ...
+        seed : int
+            Seeds the aligner.
+        data : str or ArrayDataset, optional
+            Inputs for data-driven aligners (training split of a registered dataset, or an
+            ArrayDataset).
+        examples : int
+            Examples whose features data-driven aligners see.
+        **options
+            Passed to the aligner (e.g. ``restarts``, ``max_iter`` for weight matching).
+        """
+        from combinability.align import AlignTask, align
+
+        naive = self.naive or self
+        reference = naive.params(0)
+        features = self._feature_source(naive, data, examples) if data is not None else None
+        transforms: list[Permutation | None] = [None]
+        thetas = [naive.thetas[0]]
+        for i in range(1, len(naive)):
+            task = AlignTask(spec=self.spec, reference=reference, other=naive.params(i), seed=seed,
+                             feature_points=self.feature_points,
+                             features=None if features is None else (lambda which, pts, i=i: features(
+                                 0 if which == "reference" else i, pts)))
+            perm = align(method, task, **options)
+            transforms.append(perm)
+            thetas.append(self.layout.flatten(apply_permutation(self.spec, perm, naive.params(i))))
+        return self._replace(thetas=tuple(thetas), transforms=tuple(transforms), alignment=method, naive=naive)
+
+    def _feature_source(self, naive: ModelSet, data: Any, examples: int) -> Any:
+        from combinability.evaluation import Evaluator
+
+        if isinstance(data, str):
+            from combinability.data import load_dataset
+
+            data = load_dataset(data, "train")
+        ds = data.subset(examples, seed=0)
+        evaluator = Evaluator(self.backend_obj, naive.models[0], self.layout)
+        cache: dict[int, dict[str, np.ndarray]] = {}
+
+        def features(i: int, points: Sequence[str]) -> dict[str, np.ndarray]:
+            wanted = list(dict.fromkeys(points))
+            if i not in cache or any(p not in cache[i] for p in wanted):
+                cache[i] = evaluator.features(naive.thetas[i], ds, wanted)
+            return {p: cache[i][p] for p in wanted}
+
+        return features
+
+    def with_thetas(self, *thetas: np.ndarray | None, alignment: str | None = None, **named: np.ndarray) -> ModelSet:
+        """A copy with some flat vectors replaced (same layout); ``theta_b=...`` or positionally."""
+        new = list(self.thetas)
+        items = list(enumerate(thetas)) + [(self._index(k.removeprefix("theta_")), v) for k, v in named.items()]
+        for i, theta in items:
+            if theta is None:
+                continue
+            theta = np.asarray(theta)
+            if theta.shape != (self.layout.size,):
+                raise LayoutError(f"theta {i} has shape {theta.shape}, the layout expects ({self.layout.size},)")
+            new[i] = theta
+        return self._replace(thetas=tuple(new), alignment=alignment or self.alignment)
+
+    def __repr__(self) -> str:
+        return (f"{type(self).__name__}(architecture={self.architecture!r}, width={self.width!r}, "
+                f"backend={self.backend!r}, d={self.layout.size}, alignment={self.alignment!r}, models={len(self)})")
+
+
+def _pick(s: ModelSet, idx: list[int]) -> dict[str, Any]:
+    return {"models": tuple(s.models[i] for i in idx), "thetas": tuple(s.thetas[i] for i in idx),
+            "transforms": tuple(s.transforms[i] for i in idx)}
+
+
+def _recast(s: ModelSet, cls: type) -> ModelSet:
+    if type(s) is cls:
+        return s
+    new = object.__new__(cls)
+    new._init(**s.__dict__)
+    return new

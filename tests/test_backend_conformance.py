@@ -1,0 +1,71 @@
+"""One conformance suite for every installed backend and every reference architecture.
+
+Each architecture's layer table, built by each backend's generic builder, must compute
+the same logits as an independent numpy forward pass (``tests/reference_nets.py``), be
+invariant under random permutations of its spec, and permute its feature points
+exactly; each backend's adapter must pass :func:`combinability.testing.check_backend`
+(batched forward, features, value_and_grad against finite differences, augment).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from combinability.layout import FlatLayout
+from combinability.models import build_model
+from combinability.plugins import get_backend
+from combinability.testing import check_architecture, check_backend, perturbed_state, random_inputs
+from tests.reference_nets import zoo_forward
+
+
+def _available(name: str) -> bool:
+    try:
+        get_backend(name)
+        import importlib
+
+        importlib.import_module(f"combinability_{name}.backend")
+        return True
+    except Exception:
+        return False
+
+
+BACKENDS = [pytest.param(b, marks=pytest.mark.skipif(not _available(b), reason=f"{b} not installed"))
+            for b in ("torch", "jax")]
+CASES = {"mlp": (1, 8, 8), "tiny10": (1, 12, 12), "vgg16": (3, 8, 8), "resnet20": (3, 10, 10)}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_backend_adapter(backend):
+    check_backend(backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("architecture", list(CASES))
+def test_architecture_matches_numpy_and_permutations(backend, architecture):
+    check_architecture(architecture, backend, width=0.25, num_classes=5, input_shape=CASES[architecture],
+                       reference=lambda params, x: zoo_forward(architecture, params, x))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_same_state_same_logits_in_every_backend(backend):
+    """A state of the reference convention gives one function in every backend (names and axes agree)."""
+    shape = (3, 10, 10)
+    torch_model = build_model("resnet20", backend="torch", width=0.25, num_classes=5, input_shape=shape, seed=3)
+    state = perturbed_state(get_backend("torch").state(torch_model), 1)
+    be = get_backend(backend)
+    model = be.with_state(build_model("resnet20", backend=backend, width=0.25, num_classes=5, input_shape=shape),
+                          state)
+    back = be.state(model)
+    assert all(np.array_equal(back[k], state[k]) for k in state)
+    from combinability.evaluation import Evaluator
+
+    floats = {k: v for k, v in state.items() if v.dtype.kind == "f"}
+    layout = FlatLayout.from_arrays(floats)
+    data = random_inputs(shape, 5, n=6)
+    (ev,) = Evaluator(be, model, layout).evaluate(layout.flatten(floats), data)
+    logits = zoo_forward("resnet20", {k: v.astype(np.float64) for k, v in state.items()}, data.x.astype(np.float64))
+    z = logits - logits.max(axis=1, keepdims=True)
+    want = np.mean(np.log(np.exp(z).sum(axis=1)) - z[np.arange(6), data.y])
+    assert ev.loss == pytest.approx(want, rel=1e-4)
+    assert np.array_equal(ev.predictions, logits.argmax(axis=1))
