@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from combinability.errors import ConfigurationError, DatasetError, LayoutError
+from combinability.hookspecs import Registration, hookimpl
 
 if TYPE_CHECKING:
     from combinability.backend import Backend, Prepared
@@ -115,9 +116,14 @@ class LogitMetric:
 
 
 #: Metrics every evaluation computes, and those available by name.
-BUILTIN_METRICS: dict[str, LogitMetric] = {
-    "brier": LogitMetric("brier", brier, "mean Brier score"),
-}
+BRIER = LogitMetric("brier", brier, "mean Brier score")
+BUILTIN_METRICS: dict[str, LogitMetric] = {"brier": BRIER}
+
+
+@hookimpl
+def combinability_register_metrics() -> list[Registration]:
+    """The built-in logit metrics beside loss and accuracy (which every evaluation computes)."""
+    return [Registration("brier", "combinability.evaluation:BRIER", BRIER.long_name)]
 
 
 def get_logit_metric(metric: str | LogitMetric) -> LogitMetric:

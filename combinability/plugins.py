@@ -72,6 +72,7 @@ BUILTIN_PLUGINS: dict[str, str] = {
     "datasets": "combinability.data.registry",
     "samplers": "combinability.samplers.registry",
     "aligners": "combinability.align.registry",
+    "metrics": "combinability.evaluation",
 }
 
 #: Plugin kinds and the hook that registers each.

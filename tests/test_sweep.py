@@ -132,3 +132,20 @@ def test_bad_input_errors(digits_pair, digits_triple):
         cb.sweep(digits_pair, cb.Triangle(), data="digits")
     with pytest.raises(cb.UnknownNameError, match="no_such_data.*digits"):
         cb.sweep(digits_pair, cb.Linear(), data="no_such_data")
+
+
+def test_brier_metric_matches_numpy(digits_pair):
+    from combinability.data import load_dataset
+    from tests.reference_nets import zoo_forward
+
+    ds = cb.sweep(digits_pair, cb.Linear(), data="digits", splits=["test"], values=[0.0], metrics=["brier"],
+                  limit=LIMIT)
+    test = load_dataset("digits", "test").subset(LIMIT)
+    z = zoo_forward("mlp", {k: v.astype(np.float64) for k, v in digits_pair.params("a").items()}, test.x)
+    p = np.exp(z - z.max(axis=1, keepdims=True))
+    p /= p.sum(axis=1, keepdims=True)
+    onehot = np.eye(p.shape[1])[test.y]
+    want = np.mean(np.sum((p - onehot) ** 2, axis=1))
+    assert float(ds["brier"].values.ravel()[0]) == pytest.approx(want, rel=1e-4)
+    with pytest.raises(cb.UnknownNameError, match="brier"):
+        cb.sweep(digits_pair, cb.Linear(), data="digits", values=[0.0], metrics=["nope"], limit=LIMIT)
