@@ -1,15 +1,11 @@
 """The JAX backend: a thin adapter from flat vectors to flax (linen) modules.
 
-The native model is a :class:`~combinability_jax.models.FlaxModel`; models built from a
-layer table keep the table's reference names and axes in :meth:`JaxBackend.state`, so
-flat vectors and checkpoints are those of the torch backend. A user's own flax model
-is accepted as a ``(module, variables)`` tuple; its state is named by flax path
-(``"params/Dense_0/kernel"``).
-
-Each prepared model jit-compiles its forward pass once: the flat vectors are cut into
-views and converted to flax variables *inside* the compiled function, and several
-vectors run together under :func:`jax.vmap`. A short last batch is padded to a batch
-size already compiled (at most twice its size) and the padding sliced off.
+The native model is a :class:`~combinability_jax.models.FlaxModel`. The state of a model
+built from a layer table uses the table's reference names and axes (flat vectors and
+checkpoints are the torch backend's); a user's ``(module, variables)`` tuple is named by
+flax path (``"params/Dense_0/kernel"``). Flat vectors become flax variables *inside* one
+jit-compiled function per prepared model, vmapped over vectors; a short last batch is
+padded to a batch size already compiled (at most twice its size).
 """
 
 from __future__ import annotations
@@ -36,8 +32,7 @@ class JaxRandom:
     """:class:`~combinability.backend.RandomSource` over a JAX PRNG key (split on every draw) on ``device``."""
 
     def __init__(self, seed: int, device: Any = None) -> None:
-        self.key = jax.random.PRNGKey(int(seed))
-        self.device = device
+        self.key, self.device = jax.random.PRNGKey(int(seed)), device
 
     def uniform(self, shape: int | tuple[int, ...], dtype: Any = None) -> jax.Array:
         self.key, sub = jax.random.split(self.key)
@@ -84,7 +79,6 @@ class JaxPrepared:
         self._features = jax.jit(self._taps, static_argnums=3)
         self._value_and_grad = jax.jit(self._step, static_argnums=5)
 
-    # -- traced functions ------------------------------------------------------------------
     def _variables(self, flat: jax.Array, rest: dict[str, jax.Array]) -> dict[str, Any]:
         views = {name: flat[a:b].reshape(shape).astype(dt) for name, a, b, shape, dt in self.entries}
         named = self.table.to_flax(views, xp=jnp) if self.table is not None else views
@@ -119,16 +113,18 @@ class JaxPrepared:
                   else flat[a:b] for name, a, b, _, _ in self.entries]
         return val, grad * mask, jnp.concatenate(pieces) if pieces else flat
 
-    # -- the Prepared protocol ---------------------------------------------------------------
-    def forward(self, flats: jax.Array, x: jax.Array) -> jax.Array:
+    def _padded(self, x: jax.Array) -> jax.Array:
+        """``x`` padded with zeros to a batch size already compiled, if one is at most twice its own."""
         n = x.shape[0]
         size = min((s for s in self._sizes if n <= s <= 2 * n), default=n)
         self._sizes.add(size)
-        if size > n:
-            x = jnp.pad(x, ((0, size - n),) + ((0, 0),) * (x.ndim - 1))
+        return jnp.pad(x, ((0, size - n),) + ((0, 0),) * (x.ndim - 1)) if size > n else x
+
+    # -- the Prepared protocol ---------------------------------------------------------------
+    def forward(self, flats: jax.Array, x: jax.Array) -> jax.Array:
         with _precision(self.backend.precision):
-            out = self._forward(flats, self.rest, x)
-        return out[:, :n] if size > n else out
+            out = self._forward(flats, self.rest, self._padded(x))
+        return out if out.shape[1] == x.shape[0] else out[:, :x.shape[0]]
 
     def features(self, flat: jax.Array, x: jax.Array, points: Sequence[str]) -> dict[str, jax.Array]:
         if self.table is not None:
@@ -138,7 +134,8 @@ class JaxPrepared:
                 raise UnknownNameError(f"unknown feature point(s) {missing}; this model's points are: "
                                        f"{list(self.table.feature_points())}")
         with _precision(self.backend.precision):
-            return dict(self._features(flat, self.rest, x, tuple(points)))
+            out = self._features(flat, self.rest, self._padded(x), tuple(points))
+        return {p: v if v.shape[0] == x.shape[0] else v[:x.shape[0]] for p, v in out.items()}
 
     def value_and_grad(self, flat: jax.Array, x: jax.Array, y: jax.Array,
                        loss: Callable[[Any, Any], Any]) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -174,12 +171,10 @@ class JaxBackend(Backend):
     Parameters
     ----------
     device : jax.Device, optional
-        Where models live and evaluations run; default ``jax.devices()[0]`` (a GPU when jax sees one).
-    precision : str or None, default "highest"
-        ``jax.default_matmul_precision`` of forward passes and features (``"highest"`` keeps
-        float32 matmuls and convolutions exact on GPUs that would use TF32); None: jax's default.
-    train_precision : str or None, default None
-        The same for :meth:`JaxPrepared.value_and_grad` (jax's default: fastest).
+        Where models live and evaluations run; default ``jax.devices()[0]``.
+    precision, train_precision : str or None
+        ``jax.default_matmul_precision`` of forward passes and features (default ``"highest"``:
+        exact float32 on GPUs that would use TF32), and of training steps (default None: jax's).
     """
 
     name = "jax"
@@ -217,9 +212,7 @@ class JaxBackend(Backend):
         jax.device_put(0.0, self._device).block_until_ready()
 
     def versions(self) -> dict[str, str]:
-        import jaxlib
-
-        return {"jax": jax.__version__, "jaxlib": jaxlib.__version__, "flax": flax.__version__}
+        return {"jax": jax.__version__, "jaxlib": jax.lib.__version__, "flax": flax.__version__}
 
     # -- models ---------------------------------------------------------------------------------
     @staticmethod
@@ -232,11 +225,10 @@ class JaxBackend(Backend):
                                       f"tuples, got {type(model).__name__}")
 
     def build(self, table: LayerTable, *, seed: int) -> FlaxModel:
-        """A :class:`TableNet` with flax's default initialisation, drawn from ``PRNGKey(seed)``.
+        """A :class:`TableNet` with flax's default init, drawn from ``PRNGKey(seed)`` in one call.
 
-        Kernels are LeCun-normal (normal truncated to [-2, 2], variance ``1 / fan_in``), taken
-        in order from one draw of all kernels' elements (one small compilation, not an XLA
-        compilation of ``module.init``); biases 0, scales 1, running mean 0 and variance 1.
+        Kernels LeCun-normal (truncated normal, variance ``1 / fan_in``), biases 0, scales 1,
+        running mean 0 and variance 1; no XLA compilation of ``module.init`` (slow on CPUs).
         """
         module = TableNet(table)
         shapes = flatten_variables(jax.eval_shape(module.init, jax.random.PRNGKey(0),
@@ -273,13 +265,7 @@ class JaxBackend(Backend):
         return tuple(k for k in flatten_variables(model.variables) if k.startswith("params/"))
 
     def with_state(self, model: Any, params: Mapping[str, np.ndarray]) -> FlaxModel:
-        """A new model holding ``params`` (cast to the model's dtypes).
-
-        Raises
-        ------
-        LayoutError
-            If ``params`` misses a name of the model's state, has an unknown one, or a shape differs.
-        """
+        """A new model holding ``params``; :class:`LayoutError` on missing, unknown or wrong-shaped names."""
         model = self._model(model)
         current = self.state(model)
         _mismatch({k: v.shape for k, v in current.items()}, {k: np.shape(v) for k, v in params.items()},

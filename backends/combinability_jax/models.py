@@ -1,15 +1,15 @@
 """The generic flax builder: one linen :class:`TableNet` interprets any layer table.
 
-Modules are named after the table's nodes (dots become ``_``), so the flattened
-variables ``collection/module/leaf`` are :meth:`~combinability.layers.LayerTable.flax_names`.
-Inputs are channels-first ``(n, c, h, w)`` (or ``(n, f)``) and are transposed to NHWC
-inside; feature taps and flattening use the channels-first order of the reference.
+Modules are named after the table's nodes (dots become ``_``), so the flattened variables
+are :meth:`~combinability.layers.LayerTable.flax_names`. Inputs are channels-first and
+transposed to NHWC inside; feature taps and flattening use the reference's NCHW order.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import flax.linen as nn
@@ -23,14 +23,9 @@ from combinability.layers import LayerTable
 __all__ = ["FlaxModel", "Norm", "TableNet", "flatten_variables", "unflatten_variables"]
 
 
-def flatten_variables(variables: Mapping[str, Any]) -> dict[str, Any]:
-    """Flax variables as ``{"collection/path/leaf": array}``."""
-    return flatten_dict(dict(variables), sep="/")
-
-
-def unflatten_variables(flat: Mapping[str, Any]) -> dict[str, Any]:
-    """Inverse of :func:`flatten_variables`."""
-    return unflatten_dict(dict(flat), sep="/")
+#: Flax variables as ``{"collection/path/leaf": array}``, and back.
+flatten_variables = partial(flatten_dict, sep="/")
+unflatten_variables = partial(unflatten_dict, sep="/")
 
 
 def _nchw(h: jax.Array) -> jax.Array:
@@ -111,19 +106,11 @@ class TableNet(nn.Module):
 
 @dataclass(frozen=True, eq=False)
 class FlaxModel:
-    """The jax backend's native model: a flax module and its variables.
+    """The jax backend's native model: a flax ``module``, its ``variables`` and its ``table``.
 
-    Attributes
-    ----------
-    module : flax.linen.Module
-        A :class:`TableNet`, or a user's own module.
-    variables : dict
-        The module's variables (``{"params": ..., "batch_stats": ...}``).
-    table : LayerTable or None
-        The table the module interprets; None for a user's own module.
-    counters : dict of str to numpy.ndarray
-        Integer 0-d counters flax does not keep (BatchNorm's ``num_batches_tracked``), by flax
-        name (``"counters/<module>/count"``); carried along, not updated.
+    ``table`` is None for a user's own module. ``counters`` holds the integer 0-d counters
+    flax does not keep (BatchNorm's ``num_batches_tracked``) by flax name
+    (``"counters/<module>/count"``), numpy int64; they are carried along, not updated.
     """
 
     module: nn.Module
