@@ -111,6 +111,7 @@ _LAZY: dict[str, str] = {
     "LayerTable": "combinability.layers",
     "Node": "combinability.layers",
     "ModelSet": "combinability.sets",
+    "derive_spec": "combinability.derive",
 }
 
 

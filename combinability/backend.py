@@ -133,6 +133,18 @@ class Backend(ABC):
     def table_of(self, model: Any) -> LayerTable | None:
         """The layer table a model was built from, or None for a user's own model."""
 
+    def describe(self, model: Any, example_input: Any) -> LayerTable:
+        """The layer table of a user's own model, traced on ``example_input`` (a batch).
+
+        Raises
+        ------
+        TracingError
+            If the model cannot be traced into a table (the user may pass ``spec=`` by hand).
+        """
+        from combinability.errors import TracingError
+
+        raise TracingError(f"the {self.name} backend cannot trace user models; pass spec= by hand")
+
     @abstractmethod
     def state(self, model: Any) -> dict[str, np.ndarray]:
         """Every parameter and buffer of ``model`` as numpy arrays, in a fixed order."""

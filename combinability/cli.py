@@ -57,10 +57,38 @@ def _parse_values(text: str | None) -> list[Any] | None:
     return values
 
 
-def _load(path: str, backend: str) -> Any:
-    from combinability.models import load_model
+def _load(path: str, backend: str, model: str | None = None) -> Any:
+    """A model from a checkpoint; with ``model="pkg.mod:Class"``, the user's class holding the file's arrays."""
+    from combinability.models import load_into, load_model
 
-    return load_model(path, backend=backend)
+    if model is None:
+        return load_model(path, backend=backend)
+    from combinability.architecture import load_object
+    from combinability.errors import ConfigurationError, PluginError
+
+    try:
+        cls = load_object(model)
+    except (ImportError, PluginError) as exc:
+        raise ConfigurationError(f"--model {model!r}: {exc}; give 'package.module:Class' importable from here "
+                                 "(a class whose constructor takes no arguments)") from None
+    return load_into(cls(), path, backend=backend)
+
+
+def _pair(args: argparse.Namespace, model_c: Any = None) -> Any:
+    from combinability.pair import ModelPair
+
+    a, b = (_load(p, args.backend, args.model) for p in (args.model_a, args.model_b))
+    example = None
+    if args.model is not None and not args.data:
+        from combinability.errors import ConfigurationError
+
+        raise ConfigurationError("--model needs --data (a dataset name or an .npz file): the model is traced on "
+                                 "a batch of it")
+    if args.model is not None:
+        from combinability.data.convert import as_dataset
+
+        example = as_dataset(args.data or "digits", "test").x[:16]
+    return ModelPair(a, b, backend=args.backend, model_c=model_c, example_input=example)
 
 
 # -- subcommands ---------------------------------------------------------------------------
@@ -108,9 +136,8 @@ def _print_eval(model: Any, args: argparse.Namespace) -> None:
 
 
 def _cmd_align(args: argparse.Namespace) -> int:
-    from combinability.pair import ModelPair
 
-    pair = ModelPair(_load(args.model_a, args.backend), _load(args.model_b, args.backend), backend=args.backend)
+    pair = _pair(args)
     t0 = time.perf_counter()
     aligned = pair.align(args.method, seed=args.seed, restarts=args.restarts, data=args.data)
     perm = aligned.permutation
@@ -129,14 +156,12 @@ def _cmd_align(args: argparse.Namespace) -> int:
 
 
 def _cmd_sweep(args: argparse.Namespace) -> int:
-    from combinability.pair import ModelPair
     from combinability.samplers import get_sampler
     from combinability.sweeps import sweep, sweep_pairs
 
     sampler = get_sampler(args.sampler, **_parse_kv(args.sampler_arg))
-    model_c = _load(args.model_c, args.backend) if args.model_c else None
-    pair = ModelPair(_load(args.model_a, args.backend), _load(args.model_b, args.backend), backend=args.backend,
-                     model_c=model_c)
+    model_c = _load(args.model_c, args.backend, args.model) if args.model_c else None
+    pair = _pair(args, model_c)
     if args.align != "none":
         pair = pair.align(args.align, seed=args.seed, data=args.data)
     kwargs = dict(data=args.data, splits=args.splits, values=_parse_values(args.values), samples=args.samples,
@@ -217,6 +242,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of the sweep order")
     p.add_argument("--restarts", type=int, default=0, help="extra random restarts of weight matching")
     p.add_argument("--out", default=None, help="write the aligned model B to this checkpoint")
+    p.add_argument("--model", default=None, metavar="PKG.MODULE:CLASS",
+                   help="your own model class: the checkpoints are state dicts (.pt, .bin, .safetensors) of it")
     common(p)
     p.set_defaults(func=_cmd_align)
 
@@ -242,6 +269,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=1000, help="evaluation batch size")
     p.add_argument("--out", default="sweep.nc", help="netCDF file; an unfinished one with the same settings resumes")
     p.add_argument("--overwrite", action="store_true", help="replace --out even if it holds another sweep")
+    p.add_argument("--model", default=None, metavar="PKG.MODULE:CLASS",
+                   help="your own model class: the checkpoints are state dicts (.pt, .bin, .safetensors) of it")
     common(p)
     p.set_defaults(func=_cmd_sweep)
 

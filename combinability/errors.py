@@ -23,6 +23,7 @@ __all__ = [
     "PluginError",
     "AlignmentError",
     "ConfigurationError",
+    "TracingError",
 ]
 
 
@@ -90,3 +91,7 @@ class AlignmentError(CombinabilityError, RuntimeError):
 
 class ConfigurationError(CombinabilityError, ValueError):
     """An argument has an invalid value (a width, a batch size, a number of samples, ...)."""
+
+
+class TracingError(CombinabilityError, ValueError):
+    """A user's model could not be traced into a layer table (pass ``spec=`` by hand)."""

@@ -38,12 +38,14 @@ import numpy as np
 from combinability.errors import ConfigurationError, LayoutError
 from combinability.permutation import PermutationSpec
 
-__all__ = ["Node", "LayerTable", "OPS", "NORMS"]
+__all__ = ["Node", "LayerTable", "OPS", "NORMS", "ACTIVATIONS"]
 
 #: The operations a node may perform.
-OPS = ("dense", "conv", "norm", "relu", "flatten", "avgpool", "maxpool", "add")
-#: Kinds of normalisation: LayerNorm over the channel axis (at every position), BatchNorm.
-NORMS = ("layernorm", "batchnorm")
+OPS = ("dense", "conv", "norm", "relu", "act", "identity", "flatten", "avgpool", "maxpool", "add")
+#: Kinds of normalisation: LayerNorm over the channel axis (at every position), BatchNorm, GroupNorm.
+NORMS = ("layernorm", "batchnorm", "groupnorm")
+#: Element-wise activations an ``"act"`` node may name (torch.nn.functional / jax.nn names).
+ACTIVATIONS = ("relu", "gelu", "tanh", "sigmoid", "silu", "elu", "leaky_relu", "softplus", "relu6", "hardtanh")
 _BN_BUFFERS = ("running_mean", "running_var", "num_batches_tracked")
 
 
@@ -58,8 +60,10 @@ class Node:
         also the name of the feature point that reads the node's output.
     op : str
         One of :data:`OPS`. ``"avgpool"`` is global average pooling to ``(n, c)``;
-        ``"maxpool"`` is a ``kernel`` x ``kernel`` max pool with stride ``kernel``, skipped
-        when the image is smaller than the kernel.
+        ``"maxpool"`` is a ``kernel`` x ``kernel`` max pool (``stride``, ``padding``; an
+        average pool when ``fn="avg"``), skipped when the image is smaller than the kernel;
+        ``"act"`` applies the element-wise function ``fn`` (one of :data:`ACTIVATIONS`);
+        ``"identity"`` passes its input on.
     inputs : tuple of str
         Names of the nodes read; ``()`` reads the previous node (the network's input for
         the first node). ``"add"`` takes two or more.
@@ -71,6 +75,10 @@ class Node:
         Whether a dense or conv layer has a bias.
     norm : str
         For ``op="norm"``: one of :data:`NORMS`.
+    groups : int
+        For ``norm="groupnorm"``: the number of groups.
+    fn : str
+        For ``op="act"``: the activation's name.
     eps : float
         Normalisation epsilon.
     layer : str
@@ -90,12 +98,17 @@ class Node:
     norm: str = "layernorm"
     eps: float = 1e-5
     layer: str = ""
+    groups: int = 1
+    fn: str = ""
 
     def __post_init__(self) -> None:
         if self.op not in OPS:
             raise ConfigurationError(f"node {self.name!r}: unknown op {self.op!r}; valid ops: {', '.join(OPS)}")
         if self.op == "norm" and self.norm not in NORMS:
             raise ConfigurationError(f"node {self.name!r}: unknown norm {self.norm!r}; valid: {', '.join(NORMS)}")
+        if self.op == "act" and self.fn not in ACTIVATIONS:
+            raise ConfigurationError(f"node {self.name!r}: unknown activation {self.fn!r}; "
+                                     f"valid: {', '.join(ACTIVATIONS)}")
         if self.op in ("dense", "conv") and self.units < 1:
             raise ConfigurationError(f"node {self.name!r}: a {self.op} node needs units >= 1, got {self.units}")
 
@@ -199,8 +212,8 @@ class LayerTable:
             elif node.op == "maxpool":
                 if x.spatial is None:
                     raise ConfigurationError(f"{where}: max pooling needs an image")
-                k = node.kernel
-                sp = x.spatial if min(x.spatial) < k else (x.spatial[0] // k, x.spatial[1] // k)
+                k, st, pad = node.kernel, max(1, node.stride), node.padding
+                sp = x.spatial if min(x.spatial) < k else tuple((s + 2 * pad - k) // st + 1 for s in x.spatial)
                 out[node.name] = _Shape(x.channels, sp)
             elif node.op == "add":
                 if len(ins) < 2 or any(s != x for s in ins):
@@ -279,6 +292,10 @@ class LayerTable:
             return len(parent) - 1
 
         shapes = self.shapes()
+
+        def src_channels(node: Node) -> int:
+            return shapes[self.inputs_of(node)[0]].channels
+
         fixed = {new()}
         space = {"<input>": 0}
         opened: dict[int, str] = {}
@@ -295,6 +312,9 @@ class LayerTable:
                     s = new()
                     fixed.add(s)
                     fixed.add(ins[0])
+            elif node.op == "norm" and node.norm == "groupnorm" and node.groups not in (1, src_channels(node)):
+                s = ins[0]
+                fixed.add(s)  # channels may only move within their group: not a permutation of all
             elif node.op == "add":
                 s = ins[0]
                 for other in ins[1:]:
@@ -332,8 +352,7 @@ class LayerTable:
                 axes[f"{node.name}.bias"] = (p_out,)
                 if node.norm == "batchnorm":
                     axes[f"{node.name}.running_mean"] = (p_out,)
-                    axes[f"{node.name}.running_var"] = (p_out,)
-                    axes[f"{node.name}.num_batches_tracked"] = ()
+                    axes[f"{node.name}.running_var"] = (p_out,)  # the counter is left alone
                 continue
             else:
                 continue
@@ -348,8 +367,8 @@ class LayerTable:
     def activation_points(self) -> dict[str, str]:
         """For each permutation, the feature point whose units it reorders.
 
-        The last ReLU output in the permutation's space (for a residual stream: the
-        output of its last block); the last node in that space when it has no ReLU.
+        The last activation output in the permutation's space (for a residual stream: the
+        output of its last block); the last node in that space when it has no activation.
         """
         space, names = self._spaces()
         points: dict[str, str] = {}
@@ -359,7 +378,7 @@ class LayerTable:
             if p is None or node.op == "flatten":
                 continue
             points[p] = node.name
-            if node.op == "relu":
+            if node.op in ("relu", "act"):
                 relu[p] = node.name
         return {p: relu.get(p, pt) for p, pt in points.items()}
 
@@ -406,6 +425,26 @@ class LayerTable:
             collection, leaf_name = flax_leaf.split("/")
             out[ref] = f"{collection}/{mod}/{leaf_name}"
         return out
+
+    def norm_nodes(self) -> list[Node]:
+        """The normalisation nodes, in forward order."""
+        return [n for n in self.nodes if n.op == "norm"]
+
+    def producer(self, name: str) -> Node | None:
+        """The dense or conv node whose output channels reach node ``name`` (None: the input).
+
+        Walks back through channel-keeping nodes; for an addition, the first input.
+        """
+        node = self.node(name)
+        while True:
+            src = self.inputs_of(node)[0]
+            if src == "<input>":
+                return None
+            node = self.node(src)
+            if node.op in ("dense", "conv"):
+                return node
+            if node.op == "flatten":
+                return None
 
     def node(self, name: str) -> Node:
         """The node called ``name``."""

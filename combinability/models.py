@@ -21,7 +21,7 @@ from combinability.training import RECIPES, TrainRecipe, fit
 if TYPE_CHECKING:
     from combinability.data.base import ArrayDataset
 
-__all__ = ["train", "build_model", "load_model", "save_model"]
+__all__ = ["train", "build_model", "load_model", "save_model", "load_into"]
 
 
 def _dataset(data: str | ArrayDataset, split: str) -> ArrayDataset:
@@ -157,3 +157,30 @@ def load_model(path: str | Path, *, backend: str = "torch", architecture: str | 
         If it holds another architecture than ``architecture``, or no architecture at all.
     """
     return _load(path, backend, architecture)[0]
+
+
+def load_into(model: Any, path: str | Path, *, backend: str | None = None) -> Any:
+    """A copy of a user's ``model`` holding the arrays of ``path``.
+
+    ``path`` may be a checkpoint of this library, a ``.safetensors`` file or a plain torch
+    ``state_dict`` (``.pt``/``.bin``, also ``{"model_state_dict": ...}``).
+
+    Raises
+    ------
+    IncompatibleModelsError
+        If the file's arrays do not fit the model (names missing, unknown, or shapes differ).
+    """
+    from combinability.checkpoint import read_state_dict
+    from combinability.sets import infer_backend
+
+    be = get_backend(backend or infer_backend(model))
+    state = read_state_dict(path)
+    current = be.state(model)
+    if not any(k in current for k in state):  # e.g. saved from a DataParallel / compiled wrapper
+        for prefix in ("module.", "_orig_mod.", "model."):
+            if all(k.startswith(prefix) for k in state):
+                state = {k[len(prefix):]: v for k, v in state.items()}
+    try:
+        return be.with_state(model, state)
+    except LayoutError as exc:
+        raise IncompatibleModelsError(f"{path} does not fit {type(model).__name__}: {exc}") from None

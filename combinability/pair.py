@@ -33,12 +33,16 @@ class ModelPair(ModelSet):
         A third model, for transitivity and three-model combinations.
     spec : PermutationSpec, optional
         The symmetry spec, for models not built from a layer table.
+    example_input : array, optional
+        A batch of inputs: a user's own models (any ``torch.nn.Module``, flax
+        ``(module, variables)``) are traced into a layer table on it, and the derived spec
+        is verified at once.
     """
 
     def __init__(self, model_a: Any, model_b: Any, architecture: str | None = None, backend: str | None = None,
-                 model_c: Any = None, *, spec: Any = None) -> None:
+                 model_c: Any = None, *, spec: Any = None, example_input: Any = None) -> None:
         models = [model_a, model_b] + ([model_c] if model_c is not None else [])
-        super().__init__(models, backend=backend, spec=spec, architecture=architecture)
+        super().__init__(models, backend=backend, spec=spec, architecture=architecture, example_input=example_input)
 
     def _init(self, **fields: Any) -> None:
         super()._init(**fields)

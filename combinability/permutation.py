@@ -92,6 +92,36 @@ class PermutationSpec:
     def __repr__(self) -> str:
         return f"PermutationSpec({len(self._axes)} parameters, permutations {list(self.perm_names)})"
 
+    def to_json(self) -> str:
+        """The spec as JSON: ``{"format": "combinability-spec", "version": 1, "axes": {name: [perm|null, ...]}}``."""
+        import json
+
+        return json.dumps({"format": "combinability-spec", "version": 1,
+                           "axes": {k: list(v) for k, v in self._axes.items()}}, indent=1)
+
+    @classmethod
+    def from_json(cls, text: str) -> PermutationSpec:
+        """Read a spec written by :meth:`to_json` (or a plain ``{name: [perm|null, ...]}`` object).
+
+        Raises
+        ------
+        PermutationSpecError
+            If the text is not JSON or does not describe a spec.
+        """
+        import json
+
+        try:
+            data = json.loads(text)
+        except (TypeError, ValueError) as exc:
+            raise PermutationSpecError(f"not a JSON permutation spec: {exc}") from None
+        if isinstance(data, dict) and data.get("format") == "combinability-spec":
+            if data.get("version") != 1:
+                raise PermutationSpecError(f"permutation spec version {data.get('version')!r}; this library reads 1")
+            data = data.get("axes")
+        if not isinstance(data, dict):
+            raise PermutationSpecError("a JSON permutation spec is an object {parameter: [permutation or null, ...]}")
+        return cls({k: tuple(v) if isinstance(v, list) else v for k, v in data.items()})
+
     def __eq__(self, other: object) -> bool:
         return isinstance(other, PermutationSpec) and dict(self._axes) == dict(other._axes)
 

@@ -94,6 +94,10 @@ class ModelSet:
         The models' backend; inferred from the first model when omitted.
     spec : PermutationSpec, optional
         The symmetry spec; by default the one of the models' layer table.
+    example_input : array, optional
+        A batch of inputs (numpy or framework tensor), for a user's own models: they are
+        traced into a layer table (:func:`combinability.derive.describe`) whose spec is
+        verified on it at once.
 
     Raises
     ------
@@ -104,18 +108,28 @@ class ModelSet:
     """
 
     def __init__(self, models: Sequence[Any], *, backend: str | None = None, spec: PermutationSpec | None = None,
-                 architecture: str | None = None) -> None:
+                 architecture: str | None = None, example_input: Any = None) -> None:
         models = list(models)
         if len(models) < 2:
             raise ConfigurationError(f"a ModelSet needs at least two models, got {len(models)}")
         be = get_backend(backend or infer_backend(models[0]))
         tables = [be.table_of(m) for m in models]
+        if tables[0] is None and example_input is not None:
+            from combinability.derive import describe
+
+            tables = [describe(models[0], example_input, backend=be, verify=spec is None)]
+            tables += [describe(m, example_input, backend=be, verify=False) for m in models[1:]]
         table = tables[0]
         if table is None and spec is None:
             raise IncompatibleModelsError(
-                f"model A ({type(models[0]).__name__}) was not built from a layer table: "
-                "pass spec= (a PermutationSpec)")
+                f"model A ({type(models[0]).__name__}) is the user's own model: pass example_input= (a batch of "
+                "inputs) so the library can trace it, or spec= (a PermutationSpec)")
         for i, t in enumerate(tables[1:], start=1):
+            if t != table and table is not None and table.config.get("traced"):
+                diff = next((f"node {a.name!r}: {a} vs {b}" for a, b in zip(table.nodes, t.nodes, strict=False)
+                             if a != b), f"{len(table.nodes)} vs {len(t.nodes)} nodes")
+                raise IncompatibleModelsError(f"models A and {_label(i)} trace to different networks ({diff}); "
+                                              "they cannot be combined")
             if t != table:
                 ca, ci = (dict(x.config) if x is not None else {} for x in (table, t))
                 diffs = "; ".join(f"{k}: A has {ca.get(k)!r}, {_label(i)} has {ci.get(k)!r}"
@@ -265,9 +279,8 @@ class ModelSet:
             (Git Re-Basin weight matching), ``"activation"`` (needs ``data``), ``"identity"``, ...
         seed : int
             Seeds the aligner.
-        data : str or ArrayDataset, optional
-            Inputs for data-driven aligners (training split of a registered dataset, or an
-            ArrayDataset).
+        data : str, (x, y), DataLoader or ArrayDataset, optional
+            Inputs for data-driven aligners (training split of a registered dataset, or the data).
         examples : int
             Examples whose features data-driven aligners see.
         **options
@@ -291,17 +304,17 @@ class ModelSet:
         return self._replace(thetas=tuple(thetas), transforms=tuple(transforms), alignment=method, naive=naive)
 
     def _feature_source(self, naive: ModelSet, data: Any, examples: int) -> Any:
+        from combinability.data.convert import as_dataset
         from combinability.evaluation import Evaluator
 
-        if isinstance(data, str):
-            from combinability.data import load_dataset
-
-            data = load_dataset(data, "train")
-        ds = data.subset(examples, seed=0)
-        evaluator = Evaluator(self.backend_obj, naive.models[0], self.layout)
-        cache: dict[int, dict[str, np.ndarray]] = {}
+        cache: dict[Any, Any] = {}
 
         def features(i: int, points: Sequence[str]) -> dict[str, np.ndarray]:
+            if "data" not in cache:  # built on first use: data-free aligners never read the data
+                shape = self.table.input_shape if self.table is not None else None
+                cache["data"] = as_dataset(data, "train", input_shape=shape).subset(examples, seed=0)
+                cache["evaluator"] = Evaluator(self.backend_obj, naive.models[0], self.layout)
+            ds, evaluator = cache["data"], cache["evaluator"]
             wanted = list(dict.fromkeys(points))
             if i not in cache or any(p not in cache[i] for p in wanted):
                 cache[i] = evaluator.features(naive.thetas[i], ds, wanted)

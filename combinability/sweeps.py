@@ -67,21 +67,15 @@ class _Split:
     ends: dict[str, Evaluation]
 
 
-def _resolve_data(data: str | ArrayDataset | Mapping[str, ArrayDataset], splits: Sequence[str],
-                  limit: int | None) -> dict[str, ArrayDataset]:
-    from combinability.data.base import ArrayDataset
+def _resolve_data(data: Any, splits: Sequence[str], limit: int | None,
+                  input_shape: tuple[int, ...] | None = None) -> dict[str, ArrayDataset]:
+    from combinability.data.convert import as_datasets
 
-    if isinstance(data, ArrayDataset):
-        name = data.split or "data"
-        return {name: data.subset(limit)}
-    if isinstance(data, Mapping):
-        return {str(k): v.subset(limit) for k, v in data.items()}
-    from combinability.data import load_dataset
-
-    bad = [s for s in splits if s not in SPLITS]
-    if bad:
-        raise UnknownNameError(f"unknown split(s) {bad}; valid splits: {', '.join(SPLITS)}")
-    return {s: load_dataset(data, s).subset(limit) for s in splits}
+    if isinstance(data, str):
+        bad = [s for s in splits if s not in SPLITS]
+        if bad:
+            raise UnknownNameError(f"unknown split(s) {bad}; valid splits: {', '.join(SPLITS)}")
+    return {k: v.subset(limit) for k, v in as_datasets(data, list(splits), input_shape=input_shape).items()}
 
 
 def _sampler(sampler: Sampler | str | None) -> Sampler:
@@ -128,8 +122,9 @@ def sweep(
         Coefficient distribution (``cb.Uniform()``, ``cb.Linear(start=-1, stop=2)``, ...).
     backend : str or Backend, optional
         Evaluation backend; defaults to the pair's.
-    data : str, ArrayDataset or mapping of split to ArrayDataset, default "digits"
-        Registered dataset name, or the data itself.
+    data : str, (x, y), DataLoader, ArrayDataset or mapping of split to any of them, default "digits"
+        Registered dataset name, or the data itself: ``(x_test, y_test)`` arrays (numpy or
+        framework tensors), ``{"test": (x, y), "train": (x, y)}``, or a DataLoader.
     splits : sequence of {"train", "test"}
         Splits of a named dataset to evaluate on.
     values : sequence, optional
@@ -186,10 +181,10 @@ def sweep(
         from combinability.repairs import get_repair
 
         repair_fn = get_repair(repair)
-        if isinstance(repair_data, str):
-            from combinability.data import load_dataset
+        if repair_data is not None:
+            from combinability.data.convert import as_dataset
 
-            repair_data = load_dataset(repair_data, "train")
+            repair_data = as_dataset(repair_data, "train", name="repair_data")
     reserved = {"loss", "accuracy", "done", "agreement"}
     clash = [m.name for m in extra if m.name in reserved]
     if clash:
@@ -209,7 +204,8 @@ def sweep(
     n_samples = 1 if smp.deterministic else (4 if samples is None else int(samples))
     if n_samples < 1:
         raise ConfigurationError(f"samples must be >= 1, got {samples}")
-    datasets = _resolve_data(data, splits, limit)
+    input_shape = pair.table.input_shape if pair.table is not None else None
+    datasets = _resolve_data(data, splits, limit, input_shape)
     split_names = list(datasets)
 
     # -- the result arrays and their identity (what a resumed run must match) ----------
@@ -322,12 +318,18 @@ def sweep(
         bar = tqdm(total=len(todo), desc=f"{smp.name} ({pair.alignment})", unit="eval")
     xp = be.xp()
     repair_cache: dict = {}
+    if repair_fn is not None and callable(getattr(repair_fn, "validate", None)):
+        from combinability.repairs import RepairContext
+
+        # a repair checks its inputs (e.g. BatchNorm present, repair_data shape) before the long loop
+        repair_fn.validate(RepairContext(be, template, layout, list(dev.values()), None, repair_data, pair.table,
+                                         repair_cache))
     for i, s in todo:
         ctx = DrawContext(layout, be.random(sample_seed(seed, i, s, smp.name)), theta_a=dev["a"], theta_b=dev["b"])
         if three:
             v_b, v_c = smp.draw(grid[i], ctx)
             theta = combine3(dev["a"], dev["b"], dev["c"], v_b, v_c)
-            v = None
+            v = (v_b, v_c)
         else:
             v = smp.draw(grid[i], ctx)
             theta = combine(dev["a"], dev["b"], v)

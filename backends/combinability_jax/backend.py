@@ -1,11 +1,9 @@
 """The JAX backend: a thin adapter from flat vectors to flax (linen) modules.
 
-The native model is a :class:`~combinability_jax.models.FlaxModel`. The state of a model
-built from a layer table uses the table's reference names and axes (flat vectors and
-checkpoints are the torch backend's); a user's ``(module, variables)`` tuple is named by
-flax path (``"params/Dense_0/kernel"``). Flat vectors become flax variables *inside* one
-jit-compiled function per prepared model, vmapped over vectors; a short last batch is
-padded to a batch size already compiled (at most twice its size).
+Table models' state uses the table's reference names and axes (as torch's); a user's
+``(module, variables)`` is named by flax path (``"params/Dense_0/kernel"``). Flat vectors
+become flax variables inside one jit-compiled function per prepared model, vmapped over
+vectors; a short last batch is padded to a batch size already compiled (at most 2x its size).
 """
 
 from __future__ import annotations
@@ -65,15 +63,14 @@ class JaxPrepared:
                   f"the layout does not fit the {model!r}", missing=False)
         self.backend, self.module, self.table = backend, model.module, model.table
         self.names = model.table.flax_names() if model.table is not None else {k: k for k in state}
+        self.points = {n.name for n in model.table.nodes} if model.table is not None else None
         covered = {self.names[e.name] for e in layout.entries}
         self.rest = {k: v for k, v in flatten_variables(model.variables).items() if k not in covered}
         self.entries = tuple((e.name, e.offset, e.stop, e.shape, jax.dtypes.canonicalize_dtype(e.dtype))
                              for e in layout.entries)
         self.mutable = [c for c in model.variables if c != "params"]
-        mask = np.zeros(layout.size, dtype=layout.dtype)
-        for e in layout.entries:
-            mask[e.offset:e.stop] = self.names[e.name].startswith("params/")
-        self.mask = backend.asarray(mask)
+        trained = [self.names[e.name].startswith("params/") for e in layout.entries]
+        self.mask = backend.asarray(np.repeat(trained, [e.size for e in layout.entries]).astype(layout.dtype))
         self._sizes: set[int] = set()
         self._forward = jax.jit(jax.vmap(self._apply, in_axes=(0, None, None)))
         self._features = jax.jit(self._taps, static_argnums=3)
@@ -120,19 +117,16 @@ class JaxPrepared:
         self._sizes.add(size)
         return jnp.pad(x, ((0, size - n),) + ((0, 0),) * (x.ndim - 1)) if size > n else x
 
-    # -- the Prepared protocol ---------------------------------------------------------------
     def forward(self, flats: jax.Array, x: jax.Array) -> jax.Array:
         with _precision(self.backend.precision):
             out = self._forward(flats, self.rest, self._padded(x))
         return out if out.shape[1] == x.shape[0] else out[:, :x.shape[0]]
 
     def features(self, flat: jax.Array, x: jax.Array, points: Sequence[str]) -> dict[str, jax.Array]:
-        if self.table is not None:
-            known = {n.name for n in self.table.nodes}
-            missing = [p for p in points if p not in known]
-            if missing:
-                raise UnknownNameError(f"unknown feature point(s) {missing}; this model's points are: "
-                                       f"{list(self.table.feature_points())}")
+        missing = [p for p in points if self.points is not None and p not in self.points]
+        if missing:
+            raise UnknownNameError(f"unknown feature point(s) {missing}; this model's points are: "
+                                   f"{list(self.table.feature_points())}")
         with _precision(self.backend.precision):
             out = self._features(flat, self.rest, self._padded(x), tuple(points))
         return {p: v if v.shape[0] == x.shape[0] else v[:x.shape[0]] for p, v in out.items()}
@@ -188,7 +182,6 @@ class JaxBackend(Backend):
     def __repr__(self) -> str:
         return f"JaxBackend(device={self.device()!r}, precision={self.precision!r})"
 
-    # -- device and arrays ------------------------------------------------------------------
     def device(self) -> str:
         return f"{self._device.platform}:{self._device.id}"
 
@@ -208,13 +201,11 @@ class JaxBackend(Backend):
         return JaxRandom(seed, self._device)
 
     def synchronize(self) -> None:
-        jax.effects_barrier()
         jax.device_put(0.0, self._device).block_until_ready()
 
     def versions(self) -> dict[str, str]:
         return {"jax": jax.__version__, "jaxlib": jax.lib.__version__, "flax": flax.__version__}
 
-    # -- models ---------------------------------------------------------------------------------
     @staticmethod
     def _model(model: Any) -> FlaxModel:
         if isinstance(model, FlaxModel):

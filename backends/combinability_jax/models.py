@@ -28,12 +28,16 @@ flatten_variables = partial(flatten_dict, sep="/")
 unflatten_variables = partial(unflatten_dict, sep="/")
 
 
+#: Activations whose ``jax.nn`` function is missing or has other defaults than torch's.
+_ACTIVATIONS = {"gelu": partial(jax.nn.gelu, approximate=False), "tanh": jnp.tanh, "hardtanh": jax.nn.hard_tanh}
+
+
 def _nchw(h: jax.Array) -> jax.Array:
     return jnp.transpose(h, (0, 3, 1, 2)) if h.ndim == 4 else h
 
 
 class Norm(nn.Module):
-    """LayerNorm over the channel (last) axis, or BatchNorm with torch's running statistics.
+    """LayerNorm over the channel (last) axis, GroupNorm, or BatchNorm with torch's running statistics.
 
     BatchNorm's running statistics update as torch's: ``0.9 * old + 0.1 * batch``, with the
     unbiased batch variance for ``var``; normalisation uses the biased one.
@@ -41,28 +45,29 @@ class Norm(nn.Module):
 
     kind: str = "layernorm"
     eps: float = 1e-5
+    groups: int = 1
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-        c = x.shape[-1]
+        c, shape = x.shape[-1], x.shape
         scale = self.param("scale", nn.initializers.ones, (c,))
         bias = self.param("bias", nn.initializers.zeros, (c,))
-        if self.kind == "layernorm":
-            mean = jnp.mean(x, axis=-1, keepdims=True)
-            var = jnp.mean(jnp.square(x - mean), axis=-1, keepdims=True)
-        else:
+        if self.kind == "batchnorm":
             ra_mean = self.variable("batch_stats", "mean", jnp.zeros, (c,), jnp.float32)
             ra_var = self.variable("batch_stats", "var", jnp.ones, (c,), jnp.float32)
+            mean, var = ra_mean.value, ra_var.value
             if train:
-                axes = tuple(range(x.ndim - 1))
-                mean, var = jnp.mean(x, axis=axes), jnp.var(x, axis=axes)
+                mean, var = jnp.mean(x, axis=tuple(range(x.ndim - 1))), jnp.var(x, axis=tuple(range(x.ndim - 1)))
                 if not self.is_initializing():
                     m = x.size // c
                     ra_mean.value = 0.9 * ra_mean.value + 0.1 * mean
                     ra_var.value = 0.9 * ra_var.value + 0.1 * var * (m / max(m - 1, 1))
-            else:
-                mean, var = ra_mean.value, ra_var.value
-        return (x - mean) * jax.lax.rsqrt(var + self.eps) * scale + bias
+        else:  # statistics over the channels at each position, or over positions and a group's channels
+            axes = (-1,) if self.kind == "layernorm" else (*range(1, x.ndim - 1), x.ndim)
+            x = x if self.kind == "layernorm" else x.reshape(*shape[:-1], self.groups, c // self.groups)
+            mean = jnp.mean(x, axis=axes, keepdims=True)
+            var = jnp.mean(jnp.square(x - mean), axis=axes, keepdims=True)
+        return ((x - mean) * jax.lax.rsqrt(var + self.eps)).reshape(shape) * scale + bias
 
 
 class TableNet(nn.Module):
@@ -87,15 +92,18 @@ class TableNet(nn.Module):
                 h = nn.Conv(node.units, (k, k), strides=(node.stride,) * 2, padding=pad, use_bias=node.bias,
                             name=name)(h)
             elif node.op == "norm":
-                h = Norm(node.norm, node.eps, name=name)(h, train)
+                h = Norm(node.norm, node.eps, node.groups, name=name)(h, train)
             elif node.op == "relu":
                 h = nn.relu(h)
+            elif node.op == "act":
+                h = (_ACTIVATIONS[node.fn] if node.fn in _ACTIVATIONS else getattr(jax.nn, node.fn))(h)
             elif node.op == "flatten":
                 h = jnp.reshape(_nchw(h), (h.shape[0], -1))
             elif node.op == "avgpool":
                 h = jnp.mean(h, axis=(1, 2))
             elif node.op == "maxpool" and min(h.shape[1:3]) >= k:
-                h = nn.max_pool(h, (k, k), strides=(k, k))
+                pool = nn.avg_pool if node.fn == "avg" else nn.max_pool
+                h = pool(h, (k, k), strides=(max(1, node.stride),) * 2, padding=((node.padding, node.padding),) * 2)
             elif node.op == "add":
                 h = sum(ins[1:], ins[0])
             values[node.name] = h

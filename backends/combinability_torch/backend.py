@@ -19,10 +19,11 @@ from torch import nn
 from torch.func import functional_call, vmap
 
 from combinability.backend import Backend
-from combinability.errors import LayoutError, UnknownNameError
+from combinability.errors import LayoutError, TracingError, UnknownNameError
 from combinability.layers import LayerTable
 from combinability.layout import FlatLayout
 from combinability_torch.models import TableNet
+from combinability_torch.trace import TapRunner
 
 __all__ = ["TorchBackend", "TorchRandom", "TorchPrepared", "torch_dtype"]
 
@@ -74,6 +75,13 @@ class TorchPrepared:
                                                         wrong and f"wrong shapes {wrong[:8]}"])))
         self.backend, self.layout = backend, layout
         self.model = copy.deepcopy(model).to(backend.torch_device).eval()
+        if not isinstance(self.model, TableNet):
+            from combinability_torch.trace import trace
+
+            try:  # a traced user module taps any node's output; an untraceable one, its submodules'
+                self.model = TapRunner(trace(self.model)).eval()
+            except TracingError:
+                pass
         self.rest = {k: v for k, v in self.model.state_dict().items() if k not in layout}
         self.buffers = {name for name, _ in self.model.named_buffers()}
 
@@ -90,6 +98,14 @@ class TorchPrepared:
     def features(self, flat: torch.Tensor, x: torch.Tensor, points: Sequence[str]) -> dict[str, torch.Tensor]:
         params = _views(flat, self.layout)
         with torch.inference_mode():
+            if isinstance(self.model, TapRunner):
+                missing = [p for p in points if p not in self.model.fx_of]
+                if missing:
+                    raise UnknownNameError(f"unknown feature point(s) {missing}; this model's points are: "
+                                           f"{list(self.model.fx_of)[:40]}")
+                taps = dict.fromkeys(points)
+                self._call(params, x, taps=taps)
+                return taps
             if isinstance(self.model, TableNet):
                 known = set(self.model.table.feature_points()) | {n.name for n in self.model.table.nodes}
                 missing = [p for p in points if p not in known]
@@ -200,6 +216,13 @@ class TorchBackend(Backend):
 
     def table_of(self, model: Any) -> LayerTable | None:
         return model.table if isinstance(model, TableNet) else None
+
+    def describe(self, model: nn.Module, example_input: Any) -> LayerTable:
+        """The layer table of a user's module, traced with torch.fx (see :mod:`combinability_torch.trace`)."""
+        from combinability_torch.trace import describe
+
+        x = self.asarray(example_input, "float32").to("cpu")
+        return describe(copy.deepcopy(model).to("cpu"), x)[0]
 
     def state(self, model: nn.Module) -> dict[str, np.ndarray]:
         return {k: v.detach().to("cpu").numpy().copy() for k, v in model.state_dict().items()}

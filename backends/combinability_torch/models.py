@@ -38,6 +38,8 @@ def _module(node: Node, c_in: int, rank: int) -> nn.Module | None:
         return nn.Conv2d(c_in, node.units, node.kernel, stride=node.stride, padding=node.padding, bias=node.bias)
     if node.op == "norm" and node.norm == "batchnorm":
         return (nn.BatchNorm2d if rank == 4 else nn.BatchNorm1d)(c_in, eps=node.eps)
+    if node.op == "norm" and node.norm == "groupnorm":
+        return nn.GroupNorm(node.groups, c_in, eps=node.eps)
     if node.op == "norm":
         return ChannelLayerNorm(c_in, node.eps)
     return None
@@ -78,13 +80,16 @@ class TableNet(nn.Module):
                 h = self._modules_by_node[node.name](h)
             elif node.op == "relu":
                 h = F.relu(h)
+            elif node.op == "act":
+                h = getattr(F, node.fn)(h)
             elif node.op == "flatten":
                 h = h.flatten(1)
             elif node.op == "avgpool":
                 h = h.mean(dim=(2, 3))
             elif node.op == "maxpool":
                 if min(h.shape[-2:]) >= node.kernel:
-                    h = F.max_pool2d(h, node.kernel, node.kernel)
+                    pool = F.avg_pool2d if node.fn == "avg" else F.max_pool2d
+                    h = pool(h, node.kernel, max(1, node.stride), node.padding)
             elif node.op == "add":
                 h = ins[0]
                 for other in ins[1:]:

@@ -33,8 +33,9 @@ class RepairContext:
         How the flat vectors map onto named arrays.
     ends : sequence of device arrays
         The flat vectors of the combined models (A, B[, C]) on the device.
-    coefficients : device array or None
-        The coefficient vector ``v`` (B's weight) of this combination, when it has one.
+    coefficients : device array, pair of device arrays, or None
+        The coefficient vector ``v`` (B's weight) of this combination; ``(v_B, v_C)`` for a
+        three-model combination; None in ``validate``.
     data : ArrayDataset or None
         ``repair_data`` given to the sweep (e.g. training images for BatchNorm statistics).
     table : LayerTable or None

@@ -1,0 +1,231 @@
+"""Tracing a user's ``torch.nn.Module`` into a layer table (:func:`describe`) and tapping its features.
+
+:func:`torch.fx.symbolic_trace` gives the module's dataflow graph; each node becomes a
+:class:`~combinability.layers.Node` (linear, conv, norms, activations, residual additions,
+pooling, flatten); parametrised modules keep their qualified name, so the table's
+parameter names are the module's ``state_dict`` names. A node the table cannot express
+raises :class:`~combinability.errors.TracingError` naming it.
+"""
+
+from __future__ import annotations
+
+import operator
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+
+from combinability.errors import TracingError
+from combinability.layers import ACTIVATIONS, LayerTable, Node
+
+__all__ = ["describe", "TapRunner", "table_names"]
+
+_ACT_MODULES = {nn.ReLU: "relu", nn.GELU: "gelu", nn.Tanh: "tanh", nn.Sigmoid: "sigmoid", nn.SiLU: "silu",
+                nn.ELU: "elu", nn.LeakyReLU: "leaky_relu", nn.Softplus: "softplus", nn.ReLU6: "relu6",
+                nn.Hardtanh: "hardtanh"}
+_KEEP_MODULES = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Identity)
+_ACT_FUNCTIONS = {getattr(F, n): n for n in ACTIVATIONS} | {torch.relu: "relu", torch.tanh: "tanh",
+                                                              torch.sigmoid: "sigmoid"}
+_ADD = {operator.add, operator.iadd, torch.add}
+_SCALE = {operator.mul, operator.truediv, operator.imul, operator.itruediv, torch.mul}
+_KEEP_METHODS = {"contiguous", "clone", "detach", "float"}
+
+
+def _hint(model: nn.Module) -> str:
+    return (f"; pass spec= (a combinability.PermutationSpec) by hand to cb.ModelPair for this "
+            f"{type(model).__name__}")
+
+
+def trace(model: nn.Module) -> fx.GraphModule:
+    """``torch.fx.symbolic_trace(model)``, failing with :class:`TracingError` that says why."""
+    try:
+        return fx.symbolic_trace(model)
+    except Exception as exc:
+        raise TracingError(f"torch.fx cannot trace {type(model).__name__} ({type(exc).__name__}: "
+                           f"{str(exc).splitlines()[0]}){_hint(model)}") from None
+
+
+def table_names(gm: fx.GraphModule) -> dict[str, str]:
+    """fx node name -> table node name: a parametrised module's qualified name, else the fx name."""
+    names: dict[str, str] = {}
+    for n in gm.graph.nodes:
+        if n.op == "call_module" and any(True for _ in gm.get_submodule(n.target).parameters(recurse=False)):
+            names[n.name] = str(n.target)
+        elif n.op not in ("placeholder", "output", "get_attr"):
+            names[n.name] = n.name
+    return names
+
+
+def _shape(n: Any) -> tuple[int, ...] | None:
+    meta = getattr(n, "meta", {}).get("tensor_meta")
+    return tuple(meta.shape) if meta is not None and hasattr(meta, "shape") else None
+
+
+def _node(n: fx.Node, gm: fx.GraphModule, name: str, ins: tuple[str, ...], model: nn.Module) -> Node | None:
+    """The table node of one fx node; None for a node that passes its input on unchanged."""
+    where = f"node {n.name!r} ({n.op} {n.target!r})"
+    shape_in = _shape(n.args[0]) if n.args else None
+    if n.op == "call_module":
+        m = gm.get_submodule(n.target)
+        if isinstance(m, nn.Linear):
+            return Node(name, "dense", ins, units=m.out_features, bias=m.bias is not None)
+        if isinstance(m, nn.Conv2d):
+            k, s, p, d = m.kernel_size, m.stride, m.padding, m.dilation
+            if m.groups != 1 or d != (1, 1) or k[0] != k[1] or s[0] != s[1] or isinstance(p, str) or p[0] != p[1]:
+                raise TracingError(f"{where}: only square, ungrouped, undilated convolutions with symmetric padding "
+                                   f"are supported (got kernel {k}, stride {s}, padding {p}, groups {m.groups})"
+                                   + _hint(model))
+            return Node(name, "conv", ins, units=m.out_channels, kernel=k[0], stride=s[0], padding=p[0],
+                        bias=m.bias is not None)
+        if isinstance(m, nn.BatchNorm1d | nn.BatchNorm2d):
+            if not (m.affine and m.track_running_stats):
+                raise TracingError(f"{where}: BatchNorm needs affine=True and track_running_stats=True" + _hint(model))
+            return Node(name, "norm", ins, norm="batchnorm", eps=m.eps)
+        if isinstance(m, nn.GroupNorm) and m.affine:
+            return Node(name, "norm", ins, norm="groupnorm", groups=m.num_groups, eps=m.eps)
+        if isinstance(m, nn.LayerNorm) and m.elementwise_affine and shape_in is not None and len(shape_in) == 2 \
+                and tuple(m.normalized_shape) == shape_in[1:]:
+            return Node(name, "norm", ins, norm="layernorm", eps=m.eps, bias=m.bias is not None)
+        for cls, fn in _ACT_MODULES.items():
+            if type(m) is cls:
+                return Node(name, "relu", ins) if fn == "relu" else Node(name, "act", ins, fn=fn)
+        if isinstance(m, _KEEP_MODULES):
+            return None
+        if isinstance(m, nn.Flatten):
+            return Node(name, "flatten", ins)
+        if isinstance(m, nn.AdaptiveAvgPool2d) and m.output_size in (1, (1, 1)):
+            return Node(name, "avgpool", ins)
+        if isinstance(m, nn.MaxPool2d | nn.AvgPool2d):
+            k, s, p = (v if isinstance(v, int) else v[0] for v in (m.kernel_size, m.stride or m.kernel_size,
+                                                                   m.padding))
+            return Node(name, "maxpool", ins, kernel=k, stride=s, padding=p, fn="avg" if isinstance(m, nn.AvgPool2d)
+                        else "")
+        raise TracingError(f"{where}: the tracer cannot follow a {type(m).__name__} module" + _hint(model))
+    tensors: list[fx.Node] = []
+    fx.node.map_arg(n.args, tensors.append)
+    target = n.target
+    if n.op == "call_function" and target in _ADD and len(tensors) >= 2:
+        return Node(name, "add", ins)
+    if (n.op == "call_function" and target in _ADD | _SCALE and len(tensors) == 1) or \
+            (n.op == "call_method" and target in _KEEP_METHODS) or target is F.dropout:
+        return None
+    if target in _ACT_FUNCTIONS or (n.op == "call_method" and target in ACTIVATIONS):
+        fn = _ACT_FUNCTIONS.get(target, target)
+        return Node(name, "relu", ins) if fn == "relu" else Node(name, "act", ins, fn=fn)
+    out = _shape(n)
+    if target in (torch.flatten, "flatten", "view", "reshape", "squeeze") and out is not None and len(out) == 2:
+        return Node(name, "flatten", ins)
+    if (target in (torch.mean, "mean") and out is not None and len(out) == 2 and shape_in is not None
+            and len(shape_in) == 4):
+        return Node(name, "avgpool", ins)
+    if target is F.adaptive_avg_pool2d and n.args[1] in (1, (1, 1)):
+        return Node(name, "avgpool", ins)
+    if target in (F.max_pool2d, F.avg_pool2d):
+        args = {**dict(zip(("input", "kernel_size", "stride", "padding"), n.args, strict=False)), **n.kwargs}
+        k = args["kernel_size"] if isinstance(args["kernel_size"], int) else args["kernel_size"][0]
+        s = args.get("stride") or k
+        return Node(name, "maxpool", ins, kernel=k, stride=s if isinstance(s, int) else s[0],
+                    padding=args.get("padding", 0) if isinstance(args.get("padding", 0), int) else args["padding"][0],
+                    fn="avg" if target is F.avg_pool2d else "")
+    raise TracingError(f"{where}: the tracer cannot follow this operation (it follows linear, conv, BatchNorm, "
+                       "LayerNorm, GroupNorm, element-wise activations, residual additions, pooling and flatten)"
+                       + _hint(model))
+
+
+def describe(model: nn.Module, example_input: torch.Tensor) -> tuple[LayerTable, fx.GraphModule]:
+    """The layer table of a user's module, traced with torch.fx on ``example_input`` (a batch).
+
+    Raises
+    ------
+    TracingError
+        If fx cannot trace the module, or a node is an operation the table cannot express.
+    """
+    from torch.fx.passes.shape_prop import ShapeProp
+
+    gm = trace(model)
+    was_training = model.training
+    gm.eval()
+    try:
+        with torch.no_grad():
+            ShapeProp(gm).propagate(example_input)
+    except Exception as exc:
+        raise TracingError(f"running {type(model).__name__} on example_input of shape {tuple(example_input.shape)} "
+                           f"failed: {type(exc).__name__}: {str(exc).splitlines()[0]}") from None
+    finally:
+        gm.train(was_training)
+    names = table_names(gm)
+    alias: dict[str, str] = {}
+    nodes: list[Node] = []
+    output = None
+    for n in gm.graph.nodes:
+        if n.op == "placeholder":
+            if alias:
+                raise TracingError(f"{type(model).__name__}.forward takes more than one tensor input")
+            alias[n.name] = "<input>"
+            continue
+        if n.op == "output":
+            output = n.args[0]
+            continue
+        if n.op == "get_attr":
+            raise TracingError(f"node {n.name!r}: a parameter used directly in forward ({n.target!r}) cannot be "
+                               "followed" + _hint(model))
+        read: list[fx.Node] = []
+        fx.node.map_arg((n.args, n.kwargs), read.append)
+        ins = tuple(dict.fromkeys(alias[a.name] for a in read if a.name in alias)) if n.target not in _ADD \
+            else tuple(alias[a.name] for a in read if a.name in alias)
+        if n.op == "call_method" and n.target in ("size", "dim"):
+            continue
+        if not ins:
+            raise TracingError(f"node {n.name!r} ({n.target!r}) reads no traced tensor" + _hint(model))
+        node = _node(n, gm, names[n.name], ins, model)
+        if node is None:
+            alias[n.name] = ins[0]
+            continue
+        if node.op != "add":
+            node = Node(**{**node.__dict__, "inputs": ins[:1]})
+        alias[n.name] = node.name
+        nodes.append(node)
+    if not isinstance(output, fx.Node) or alias.get(output.name) != (nodes[-1].name if nodes else None):
+        raise TracingError(f"{type(model).__name__}.forward must return one logits tensor, made by its last operation"
+                           + _hint(model))
+    shape = tuple(example_input.shape[1:])
+    out_shape = _shape(output)
+    try:
+        table = LayerTable(type(model).__name__, shape, int(out_shape[-1]), tuple(nodes))
+    except Exception as exc:
+        raise TracingError(f"the traced graph of {type(model).__name__} is not a valid layer table: {exc}"
+                           + _hint(model)) from None
+    object.__setattr__(table, "config", {"architecture": None, "model": type(model).__qualname__, "width": 1.0,
+                                         "num_classes": table.num_classes, "input_shape": shape, "traced": True})
+    return table, gm
+
+
+class TapRunner(nn.Module):
+    """Runs a traced module and records the outputs of chosen nodes (the feature taps of a user model).
+
+    It shares the traced module's submodules, parameters and buffers (same state names), so
+    :func:`torch.func.functional_call` on it substitutes the traced module's weights.
+    """
+
+    def __init__(self, gm: fx.GraphModule) -> None:
+        super().__init__()
+        self.__dict__["gm"] = gm
+        self._modules = gm._modules
+        self._parameters = gm._parameters
+        self._buffers = gm._buffers
+        self.__dict__["fx_of"] = {v: k for k, v in table_names(gm).items()}
+
+    def forward(self, x: torch.Tensor, taps: dict[str, Any] | None = None) -> torch.Tensor:
+        if taps is None:
+            return self.gm(x)
+        wanted = {self.fx_of.get(p, p): p for p in taps}
+
+        class _Tap(fx.Interpreter):
+            def run_node(self, n: fx.Node) -> Any:
+                out = super().run_node(n)
+                if n.name in wanted:
+                    taps[wanted[n.name]] = out
+                return out
+
+        return _Tap(self.gm).run(x)

@@ -1,0 +1,110 @@
+"""Specs of a user's own model: traced by the backend, verified at once.
+
+:func:`describe` asks the model's backend to trace it into a
+:class:`~combinability.layers.LayerTable` (torch: :mod:`torch.fx`) and checks the result
+before anything else uses it: the table must name exactly the model's parameters, and
+for a random permutation π of its spec the permuted model must compute the same function
+on ``example_input``, f(π(θ)) = f(θ). When it does not, the error names the permutation
+and the parameters and axes it binds, where tracing could not follow the model.
+:func:`derive_spec` returns the verified spec, an inspectable
+:class:`~combinability.PermutationSpec` (``spec.to_json()``).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from combinability.errors import LayoutError, TracingError
+from combinability.permutation import Permutation, apply_permutation, random_permutation
+
+if TYPE_CHECKING:
+    from combinability.backend import Backend
+    from combinability.layers import LayerTable
+    from combinability.permutation import PermutationSpec
+
+__all__ = ["describe", "derive_spec", "verify_spec"]
+
+
+def _backend(model: Any, backend: str | Backend | None) -> Backend:
+    from combinability.plugins import get_backend
+    from combinability.sets import infer_backend
+
+    return get_backend(backend or infer_backend(model))
+
+
+def verify_spec(backend: Backend, model: Any, spec: PermutationSpec, example_input: Any, *, seed: int = 0,
+                rtol: float = 1e-4, atol: float = 1e-5) -> None:
+    """Check f(π(θ)) = f(θ) on ``example_input`` for a random π of ``spec``.
+
+    Raises
+    ------
+    TracingError
+        Naming each permutation that alone changes the function, with the parameters and
+        axes it binds.
+    """
+    from combinability.evaluation import Evaluator
+    from combinability.layout import FlatLayout
+
+    state = backend.state(model)
+    floats = {k: v for k, v in state.items() if np.issubdtype(v.dtype, np.floating)}
+    layout = FlatLayout.from_arrays(floats)
+    x = backend.asarray(example_input, "float32")
+    evaluator = Evaluator(backend, model, layout, batch_size=max(1, int(x.shape[0])))
+    perm = random_permutation(spec, state, seed=seed)
+    base = backend.to_numpy(evaluator.logits(layout.flatten(floats), x))[0]
+
+    def changed(p: Permutation) -> bool:
+        theta = layout.flatten(apply_permutation(spec, p, floats))
+        out = backend.to_numpy(evaluator.logits(theta, x))[0]
+        return not np.allclose(out, base, rtol=rtol, atol=atol * max(1.0, float(np.abs(base).max())))
+
+    if not changed(perm):
+        return
+    sizes = spec.perm_sizes(state)
+    bad = [p for p in perm if changed(Permutation({q: (perm[q] if q == p else np.arange(n))
+                                                   for q, n in sizes.items()}))]
+    where = "; ".join(f"{p} binds " + ", ".join(f"{name} axis {axis}" for name, axis in spec.perm_to_axes[p])
+                      for p in (bad or list(perm))[:4])
+    raise TracingError(f"the derived spec does not preserve the model's function: permuting {where} changes the "
+                       "outputs on example_input. The tracer could not follow the model there; pass spec= by hand "
+                       "(cb.derive_spec(...).to_json() is a starting point)")
+
+
+def describe(model: Any, example_input: Any, *, backend: str | Backend | None = None,
+             verify: bool = True) -> LayerTable:
+    """The verified layer table of a user's model (see the module docstring).
+
+    Raises
+    ------
+    TracingError
+        If the model cannot be traced, the table misses or adds parameters, or the spec
+        does not preserve the function.
+    """
+    be = _backend(model, backend)
+    table = be.describe(model, example_input)
+    try:
+        table.check_state(be.state(model), what=f"the state of {type(model).__name__}")
+    except LayoutError as exc:
+        raise TracingError(f"{exc}: the tracer did not see every parameter being used in forward; pass spec= by hand"
+                           ) from None
+    if verify:
+        verify_spec(be, model, table.spec(), example_input)
+    return table
+
+
+def derive_spec(model: Any, example_input: Any, *, backend: str | Backend | None = None) -> PermutationSpec:
+    """The permutation spec of a user's model, traced on ``example_input`` and verified.
+
+    Examples
+    --------
+    >>> import torch, combinability as cb
+    >>> net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3))
+    >>> spec = cb.derive_spec(net, torch.randn(5, 4))
+    >>> dict(spec.axes_to_perm)["2.weight"]
+    (None, 'P_0')
+    >>> cb.PermutationSpec.from_json(spec.to_json()) == spec
+    True
+    """
+    return describe(model, example_input, backend=backend).spec()

@@ -1,0 +1,189 @@
+"""Any user torch model, no plugin: traced into a layer table, its spec derived and verified.
+
+References: specs written by hand with :class:`~combinability.SpecBuilder` for the same
+networks (compared as partitions of (parameter, axis) pairs: the names differ), planted
+permutations, and plain torch forward passes.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import combinability as cb
+from combinability.errors import IncompatibleModelsError, TracingError
+
+torch = pytest.importorskip("torch")
+nn, F = torch.nn, torch.nn.functional
+
+
+class ResCNN(nn.Module):
+    """A user's BatchNorm CNN with a residual block, written with functional ops."""
+
+    def __init__(self, width: int = 8, classes: int = 10) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, width, 3, padding=1)
+        self.bn1 = nn.BatchNorm2d(width)
+        self.conv2 = nn.Conv2d(width, width, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(width)
+        self.conv3 = nn.Conv2d(width, width, 3, padding=1, bias=False)
+        self.bn3 = nn.BatchNorm2d(width)
+        self.drop = nn.Dropout(0.1)
+        self.fc = nn.Linear(width, classes)
+
+    def forward(self, x):
+        x = F.relu(self.bn1(self.conv1(x)))
+        h = F.relu(self.bn2(self.conv2(x)))
+        x = F.relu(self.bn3(self.conv3(h)) + x)
+        return self.fc(self.drop(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1)))
+
+
+def _partition(spec) -> set[frozenset]:
+    return {frozenset(axes) for axes in spec.perm_to_axes.values()}
+
+
+def _x(n: int = 6, seed: int = 0) -> torch.Tensor:
+    return torch.from_numpy(np.random.default_rng(seed).normal(size=(n, 1, 8, 8)).astype(np.float32))
+
+
+def test_derived_spec_of_a_residual_bn_cnn_is_the_hand_written_one():
+    spec = cb.derive_spec(ResCNN(), _x())
+    b = cb.SpecBuilder("torch").conv("conv1", None, "S").norm("bn1", "S").buffers("bn1", "S")
+    b.conv("conv2", "S", "I", bias=False).norm("bn2", "I").buffers("bn2", "I")
+    b.conv("conv3", "I", "S", bias=False).norm("bn3", "S").buffers("bn3", "S").dense("fc", "S", None)
+    assert _partition(spec) == _partition(b.build())
+    assert cb.PermutationSpec.from_json(spec.to_json()) == spec
+
+
+def test_mlp_and_sequential_and_layernorm():
+    net = nn.Sequential(nn.Flatten(), nn.Linear(16, 12), nn.LayerNorm(12), nn.GELU(), nn.Linear(12, 12),
+                        nn.Tanh(), nn.Linear(12, 3))
+    spec = cb.derive_spec(net, torch.randn(4, 1, 4, 4))
+    want = (cb.SpecBuilder("torch").dense("1", None, "A").norm("2", "A").dense("4", "A", "B").dense("6", "B", None)
+            .build())
+    assert _partition(spec) == _partition(want)
+
+
+def test_a_planted_permutation_is_recovered_on_a_user_model():
+    a = ResCNN(width=12).eval()
+    table = cb.derive.describe(a, _x())
+    spec = table.spec()
+    state = {k: v.detach().numpy() for k, v in a.state_dict().items() if v.is_floating_point()}
+    perm = cb.random_permutation(spec, state, seed=4)
+    b = ResCNN(width=12).eval()
+    b.load_state_dict({**a.state_dict(), **{k: torch.from_numpy(v) for k, v in
+                                            cb.apply_permutation(spec, perm, state).items()}})
+    with torch.no_grad():
+        np.testing.assert_allclose(a(_x()).numpy(), b(_x()).numpy(), rtol=1e-4, atol=1e-5)
+    pair = cb.ModelPair(a, b, example_input=_x()).align("weight", seed=0)
+    np.testing.assert_array_equal(pair.theta_b, pair.theta_a)
+
+
+def test_user_pair_sweeps_with_arrays_tensors_and_a_dataloader():
+    digits = cb.load_dataset("digits", "test")
+    a, b = ResCNN().eval(), ResCNN().eval()
+    pair = cb.ModelPair(a, b, example_input=digits.x[:4]).align("weight")
+    assert pair.layer_names == ["conv1", "conv2", "conv3", "fc"]
+    x, y = digits.x[:200], digits.y[:200]
+    kw = dict(values=[0.0, 0.5], splits=["test"])
+    from_numpy = cb.sweep(pair, cb.Linear(), data=(x, y), **kw)
+    from_torch = cb.sweep(pair, cb.Linear(), data=(torch.from_numpy(x), torch.from_numpy(y)), **kw)
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.from_numpy(x), torch.from_numpy(y)),
+                                         batch_size=64)
+    from_loader = cb.sweep(pair, cb.Linear(), data=loader, **kw)
+    np.testing.assert_array_equal(from_numpy["loss"].values, from_torch["loss"].values)
+    np.testing.assert_array_equal(from_numpy["loss"].values, from_loader["loss"].values)
+    with torch.no_grad():
+        logits = a(torch.from_numpy(x)).double()
+    want = F.cross_entropy(logits, torch.from_numpy(y)).item()
+    assert float(from_numpy["loss"].values[0, 0, 0]) == pytest.approx(want, rel=1e-5)
+    assert from_numpy["loss"].dims == ("split", "lam", "sample")
+    feats = cb.ModelPair(a, b, example_input=x[:4]).align("activation", data=(x, y))
+    assert set(feats.permutation) == set(pair.permutation)
+
+
+def test_bad_user_input_gets_the_librarys_errors():
+    class Cat(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b, self.fc = nn.Linear(4, 3), nn.Linear(4, 3), nn.Linear(6, 2)
+
+        def forward(self, x):
+            return self.fc(torch.cat([self.a(x), self.b(x)], dim=1))
+
+    with pytest.raises(TracingError, match=r"node 'cat'.*cannot follow.*spec="):
+        cb.derive_spec(Cat(), torch.randn(2, 4))
+
+    class Branchy(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(4, 2)
+
+        def forward(self, x):
+            return self.fc(x) if x.sum() > 0 else -self.fc(x)
+
+    with pytest.raises(TracingError, match="torch.fx cannot trace Branchy"):
+        cb.derive_spec(Branchy(), torch.randn(2, 4))
+    with pytest.raises(TracingError, match=r"example_input of shape \(2, 3, 8, 8\)"):
+        cb.derive_spec(ResCNN(), torch.randn(2, 3, 8, 8))
+    with pytest.raises(IncompatibleModelsError, match="trace to different networks"):
+        cb.ModelPair(ResCNN(width=8), ResCNN(width=6), example_input=_x())
+    with pytest.raises(IncompatibleModelsError, match="example_input="):
+        cb.ModelPair(ResCNN(), ResCNN())
+    pair = cb.ModelPair(ResCNN(), ResCNN(), example_input=_x())
+    with pytest.raises(cb.DatasetError, match=r"shape \(1, 4, 4\).*\(1, 8, 8\)"):
+        cb.sweep(pair, cb.Linear(), data=(np.zeros((3, 1, 4, 4), np.float32), np.zeros(3, np.int64)))
+
+
+def test_a_wrong_spec_is_caught_by_the_verification_and_named():
+    from combinability.derive import verify_spec
+
+    net = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 6), nn.ReLU(), nn.Linear(6, 2)).eval()
+    wrong = cb.SpecBuilder("torch").dense("0", None, "H0").dense("2", "H0", "H1").dense("4", None, None).build()
+    with pytest.raises(TracingError, match=r"permuting H1 binds 2.weight axis 0, 2.bias axis 0"):
+        verify_spec(cb.get_backend("torch"), net, wrong, torch.randn(8, 4))
+
+
+MODULE = '''
+import torch
+from torch import nn
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.bn, self.fc2 = nn.Linear(64, 16), nn.BatchNorm1d(16), nn.Linear(16, 10)
+
+    def forward(self, x):
+        return self.fc2(torch.relu(self.bn(self.fc1(x.flatten(1)))))
+'''
+
+
+def test_cli_sweeps_plain_state_dicts_of_a_user_class(tmp_path, monkeypatch, capsys):
+    from combinability.cli import main
+    from combinability.models import load_into
+
+    (tmp_path / "usernets.py").write_text(MODULE)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.chdir(tmp_path)
+    import usernets
+
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        torch.save(usernets.Net().state_dict(), tmp_path / f"net{seed}.pt")
+    digits = cb.load_dataset("digits", "test")
+    np.savez(tmp_path / "mine.npz", x_test=digits.x[:100], y_test=digits.y[:100])
+    assert main(["sweep", "net0.pt", "net1.pt", "--model", "usernets:Net", "--data", "mine.npz", "--sampler",
+                 "linear", "--values", "0,0.5,1", "--naive", "--out", "lin.nc", "--quiet"]) == 0
+    ds = cb.open_results("lin.nc")
+    net0 = usernets.Net().eval()
+    net0.load_state_dict(torch.load(tmp_path / "net0.pt"))
+    with torch.no_grad():
+        want = F.cross_entropy(net0(torch.from_numpy(digits.x[:100])).double(), torch.from_numpy(digits.y[:100]))
+    assert float(ds["loss_a"].sel(alignment="aligned", split="test")) == pytest.approx(want.item(), rel=1e-5)
+    torch.save(nn.Linear(3, 2).state_dict(), tmp_path / "other.pt")
+    capsys.readouterr()
+    assert main(["sweep", "net0.pt", "other.pt", "--model", "usernets:Net", "--data", "mine.npz", "--quiet"]) == 2
+    assert "other.pt does not fit Net" in capsys.readouterr().err
+    with pytest.raises(IncompatibleModelsError, match=r"unknown names \['weight', 'bias'\]"):
+        load_into(usernets.Net(), tmp_path / "other.pt")
