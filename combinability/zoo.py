@@ -80,7 +80,7 @@ def _plain_convnet(name: str, plan: list, input_shape: tuple[int, ...], num_clas
     i = 0
     for p in plan:
         if p == "M":
-            nodes.append(Node(f"pool_{len(nodes)}", "maxpool", kernel=2))
+            nodes.append(Node(f"pool_{len(nodes)}", "maxpool", kernel=2, stride=2))
             continue
         c, stride = p
         kernel = last_kernel if (last_kernel is not None and i == len(convs) - 1) else 3
