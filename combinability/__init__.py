@@ -94,6 +94,7 @@ _LAZY: dict[str, str] = {
     "train": "combinability.models",
     "load_model": "combinability.models",
     "save_model": "combinability.models",
+    "load_into": "combinability.models",
     "ModelPair": "combinability.pair",
     "sweep": "combinability.sweeps",
     "sweep_pairs": "combinability.sweeps",
@@ -116,8 +117,10 @@ _LAZY: dict[str, str] = {
 
 
 #: Lazy names that are whole submodules (``cb.experiments.hypercube``, ``cb.plots.plot_sweep``).
-_MODULES = {"experiments", "plots"}
+_MODULES = {"experiments", "plots", "derive", "checkpoint"}
 _LAZY["plots"] = "combinability.plots"
+_LAZY["derive"] = "combinability.derive"
+_LAZY["checkpoint"] = "combinability.checkpoint"
 
 
 def __getattr__(name: str) -> Any:

@@ -133,13 +133,28 @@ def _load(path: str | Path, backend: str, architecture: str | None = None) -> tu
     model = build_model(stored, backend=backend, width=config.get("width"), num_classes=config["num_classes"],
                         input_shape=tuple(config["input_shape"]), seed=0)
     be = get_backend(backend)
+    table = be.table_of(model)
+    state = _from_legacy_jax(ckpt.state, table) if ckpt.version == 1 and ckpt.backend == "jax" else ckpt.state
     try:
-        be.table_of(model).check_state(ckpt.state, what=f"the checkpoint {path}")
+        table.check_state(state, what=f"the checkpoint {path}")
     except LayoutError as exc:
         hint = (" (a checkpoint of combinability 0.1: re-train it, or load its arrays with "
                 "cb.checkpoint.read_state_dict and map the names)" if ckpt.version == 1 else "")
         raise CorruptFileError(f"{exc}{hint}") from None
-    return be.with_state(model, ckpt.state), dict(ckpt.metadata)
+    return be.with_state(model, {**be.state(model), **state}), dict(ckpt.metadata)
+
+
+def _from_legacy_jax(state: Mapping[str, Any], table: Any) -> dict[str, Any]:
+    """Arrays of a combinability 0.1 jax checkpoint (flax ``module/sub/leaf`` names) in the table's names."""
+    flax = {}
+    for key, value in state.items():
+        module, _, leaf = key.rpartition("/")
+        collection = "batch_stats" if leaf in ("mean", "var") else "params"
+        flax[f"{collection}/{module.replace('/', '_')}/{leaf}"] = value
+    try:
+        return table.from_flax(flax)
+    except LayoutError:
+        return dict(state)  # not convertible: check_state names what does not fit
 
 
 def load_model(path: str | Path, *, backend: str = "torch", architecture: str | None = None) -> Any:

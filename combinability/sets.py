@@ -193,9 +193,9 @@ class ModelSet:
         return dict(self.table.config) if self.table is not None else {"architecture": None, "width": 1.0}
 
     @property
-    def architecture(self) -> str | None:
-        """The registered architecture's name (None for a user's own model)."""
-        return self.config.get("architecture")
+    def architecture(self) -> str:
+        """The registered architecture's name; for a user's own model, its class name."""
+        return self.config.get("architecture") or self.config.get("model") or "user model"
 
     @property
     def width(self) -> Any:

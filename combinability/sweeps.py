@@ -271,7 +271,7 @@ def sweep(
         sampler=smp.name,
         sampler_settings=smp.settings,
         parameter=param_dim if not three else json_attr(list(smp.parameters)),
-        architecture=pair.architecture or "user model",
+        architecture=pair.architecture,
         width=float(pair.width),
         backend=be.name,
         device=be.device(),

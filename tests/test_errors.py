@@ -199,3 +199,26 @@ def test_a_plugin_that_raises_on_load_is_a_warning(tmp_path):
     out = subprocess.run([sys.executable, "-c", code, str(site)], capture_output=True, text=True, check=True)
     assert out.stdout.startswith("True")
     assert "plugin 'broken' (broken_plugin) failed and is skipped: RuntimeError: boom at import" in out.stdout
+
+
+def test_checkpoints_of_version_0_1_still_load(tmp_path):
+    """A torch (torch.save) and a jax (.npz) checkpoint as combinability 0.1 wrote them load into either backend."""
+    import json
+
+    import torch
+
+    model = _build("mlp", 0.125, seed=3)
+    state = cb.get_backend("torch").state(model)
+    header = {"format": "combinability-checkpoint", "version": 1, "architecture": "mlp",
+              "config": {"width": 0.125, "num_classes": 10, "input_shape": [1, 8, 8]}, "metadata": {"seed": 3}}
+    torch.save({**header, "backend": "torch", "state": {k: torch.from_numpy(v) for k, v in state.items()}},
+               tmp_path / "old_torch.ckpt")
+    flax = {k.replace("layers.", "layers_").replace(".weight", "/kernel").replace(".bias", "/bias"):
+            (v.T if k.endswith("weight") else v) for k, v in state.items()}
+    text = json.dumps({**header, "backend": "jax", "names": list(flax)}).encode()
+    np.savez(tmp_path / "old_jax.npz", __header__=np.frombuffer(text, np.uint8),
+             **{f"a{i}": v for i, v in enumerate(flax.values())})
+    for path in ("old_torch.ckpt", "old_jax.npz"):
+        loaded = cb.get_backend("torch").state(cb.load_model(tmp_path / path))
+        for k, v in state.items():
+            np.testing.assert_array_equal(loaded[k], v, err_msg=f"{path}: {k}")

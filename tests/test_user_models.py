@@ -187,3 +187,24 @@ def test_cli_sweeps_plain_state_dicts_of_a_user_class(tmp_path, monkeypatch, cap
     assert "other.pt does not fit Net" in capsys.readouterr().err
     with pytest.raises(IncompatibleModelsError, match=r"unknown names \['weight', 'bias'\]"):
         load_into(usernets.Net(), tmp_path / "other.pt")
+
+
+def test_layer_based_experiments_and_figures_use_the_traced_layers(tmp_path):
+    """Stitching, §6.3 robustness and edge lengths run on a user pair, with the traced layer order."""
+    from combinability import experiments as ex
+    from combinability import plots
+
+    digits = cb.load_dataset("digits", "test")
+    data = {"test": (digits.x[:120], digits.y[:120])}
+    pair = cb.ModelPair(ResCNN(), ResCNN(), example_input=digits.x[:4]).align("weight")
+    stitched = ex.identity_stitching(pair, data=data, splits=["test"])
+    assert stitched["layer"].values.tolist() == [0, 1, 2, 3, 4]  # before conv1 .. after fc: 4 traced layers
+    assert stitched.attrs["layer_names"] == "conv1, conv2, conv3, fc"
+    edges = ex.edge_lengths(pair)
+    assert edges["layer_name"].values.tolist() == ["conv1", "conv2", "conv3", "fc"]
+    robust = ex.alignment_robustness(pair, data=cb.data.ArrayDataset(digits.x[:120], digits.y[:120], 10),
+                                     steps=2, lambdas=(0.5,))
+    assert set(robust["permutation"].values) == set(pair.permutation)
+    plots.plot_sweep(stitched, tmp_path / "stitch.png")
+    plots.plot_edge_lengths(edges, tmp_path / "edges.png")
+    assert (tmp_path / "stitch.png").stat().st_size > 10_000 and (tmp_path / "edges.png").stat().st_size > 10_000
