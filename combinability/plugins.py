@@ -73,6 +73,7 @@ BUILTIN_PLUGINS: dict[str, str] = {
     "samplers": "combinability.samplers.registry",
     "aligners": "combinability.align.registry",
     "metrics": "combinability.evaluation",
+    "repairs": "combinability.repairs.registry",
 }
 
 #: Plugin kinds and the hook that registers each.

@@ -26,6 +26,9 @@ __all__ = [
     "tiny10_table",
     "resnet20_table",
     "vgg16_table",
+    "VGG11_CONFIG",
+    "resnet20_bn_table",
+    "vgg11_bn_table",
 ]
 
 #: MLP hidden units per layer, and hidden layers.
@@ -157,9 +160,37 @@ REFERENCE_ARCHITECTURES: tuple[Architecture, ...] = (
     Architecture("vgg16", "combinability.zoo:vgg16_table",
                  description="VGG-16 (13 conv layers, 64..512 x width) with LayerNorm",
                  paper="Simonyan & Zisserman (2015); LayerNorm as in Git Re-Basin"),
+    Architecture("resnet20_bn", "combinability.zoo:resnet20_bn_table",
+                 description="ResNet-20 (3 stages x 3 basic blocks, 16-32-64 x width) with BatchNorm",
+                 paper="He et al. (2016); BatchNorm as in REPAIR (Jordan et al., 2023)"),
+    Architecture("vgg11_bn", "combinability.zoo:vgg11_bn_table",
+                 description="VGG-11 (8 conv layers, 64..512 x width) with BatchNorm, CIFAR-style head",
+                 paper="Simonyan & Zisserman (2015); BatchNorm as in REPAIR (Jordan et al., 2023)"),
 )
 
 
 @hookimpl
 def combinability_register_architectures() -> tuple[Architecture, ...]:
     return REFERENCE_ARCHITECTURES
+
+
+#: VGG-11 conv channels (configuration "A" of Simonyan & Zisserman); ``"M"`` is a 2x2 max pool.
+VGG11_CONFIG = (64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M")
+
+
+def resnet20_bn_table(*, width: float = 1, num_classes: int = 10,
+                      input_shape: tuple[int, ...] = (3, 32, 32)) -> LayerTable:
+    """CIFAR ResNet-20 with BatchNorm (the usual one): :func:`resnet20_table` with ``norm="batchnorm"``."""
+    return resnet20_table(width=width, num_classes=num_classes, input_shape=input_shape, norm="batchnorm",
+                          name="resnet20_bn")
+
+
+def _vgg_plan(config: tuple) -> list:
+    """A VGG configuration as a :func:`_plain_convnet` plan: ``(channels, stride 1)`` or ``"M"``."""
+    return ["M" if c == "M" else (c, 1) for c in config]
+
+
+def vgg11_bn_table(*, width: float = 1, num_classes: int = 10,
+                   input_shape: tuple[int, ...] = (3, 32, 32)) -> LayerTable:
+    """CIFAR-style VGG-11: 8 ``conv 3x3 -> BatchNorm -> ReLU`` layers with 2x2 max pools, average pooling, head."""
+    return _plain_convnet("vgg11_bn", _vgg_plan(VGG11_CONFIG), input_shape, num_classes, width, norm="batchnorm")

@@ -140,9 +140,16 @@ def max_pool2(x: np.ndarray) -> np.ndarray:
 
 
 def zoo_forward(name: str, p: dict[str, np.ndarray], x: np.ndarray) -> np.ndarray:
-    """Logits of the library's ``mlp``, ``tiny10``, ``vgg16`` or ``resnet20`` (LayerNorm) in numpy."""
+    """Logits of the library's ``mlp``, ``tiny10``, ``vgg16``, ``resnet20`` (LayerNorm), ``resnet20_bn`` or
+    ``vgg11_bn`` (BatchNorm, inference mode) in numpy."""
+    batchnorm = name.endswith("_bn")
+    name = name.removesuffix("_bn")
 
     def ln(h, norm):
+        if batchnorm:
+            scale = p[f"{norm}.weight"] / np.sqrt(p[f"{norm}.running_var"] + 1e-5)
+            return (h - p[f"{norm}.running_mean"][None, :, None, None]) * scale[None, :, None, None] \
+                + p[f"{norm}.bias"][None, :, None, None]
         return layer_norm_channels(h, p[f"{norm}.weight"], p[f"{norm}.bias"])
 
     def head(h):
@@ -157,8 +164,9 @@ def zoo_forward(name: str, p: dict[str, np.ndarray], x: np.ndarray) -> np.ndarra
             x = relu(ln(conv2d(x, p[f"conv_{i}.weight"], p[f"conv_{i}.bias"], stride=s, pad=0 if last else 1),
                         f"norm_{i}"))
         return head(x)
-    if name == "vgg16":
-        plan = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M")
+    if name in ("vgg16", "vgg11"):
+        plan = ((64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M")
+                if name == "vgg16" else (64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M"))
         i = 0
         for step in plan:
             if step == "M":

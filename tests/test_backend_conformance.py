@@ -32,7 +32,8 @@ def _available(name: str) -> bool:
 
 BACKENDS = [pytest.param(b, marks=pytest.mark.skipif(not _available(b), reason=f"{b} not installed"))
             for b in ("torch", "jax")]
-CASES = {"mlp": (1, 8, 8), "tiny10": (1, 12, 12), "vgg16": (3, 8, 8), "resnet20": (3, 10, 10)}
+CASES = {"mlp": (1, 8, 8), "tiny10": (1, 12, 12), "vgg16": (3, 8, 8), "resnet20": (3, 10, 10),
+         "resnet20_bn": (3, 10, 10), "vgg11_bn": (3, 8, 8)}
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

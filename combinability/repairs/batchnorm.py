@@ -1,0 +1,452 @@
+"""BatchNorm reset and REPAIR: re-normalise a combined model on data, on the device.
+
+Two built-in repairs (registered by :mod:`combinability.repairs.registry`), each a small
+frozen object with ``__call__(theta, context) -> theta`` and ``validate(context)``:
+
+``reset`` (:class:`Reset`)
+    Recompute the BatchNorm running statistics of the combined vector on the repair data.
+``repair`` (:class:`Renormalize`)
+    REPAIR (Jordan et al., "REPAIR: REnormalizing Permuted Activations for Interpolation
+    Repair", ICLR 2023): give every channel of every normalisation layer's output the mean
+    and standard deviation interpolated from the end models', by rescaling the layer's
+    affine weight and bias.
+
+Everything runs in the core with the array API on the backend's device: the only
+framework call is the backend's feature tap (:meth:`~combinability.backend.Prepared.features`).
+Vectors are rebuilt by concatenating layout segments (no in-place writes), so the same
+code runs on torch and jax arrays. See ``docs/repairs.md`` for the choices made.
+
+Examples
+--------
+>>> import combinability as cb  # doctest: +SKIP
+>>> ds = cb.sweep(pair, cb.Linear(), data="digits", repair="repair", repair_data="digits")  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from combinability.errors import ConfigurationError, DatasetError, LayoutError
+
+if TYPE_CHECKING:
+    from combinability.layers import LayerTable, Node
+    from combinability.repairs import RepairContext
+
+__all__ = ["Reset", "Renormalize", "reset", "repair", "channel_moments", "channel_weights"]
+
+_KEY = "combinability.repairs.batchnorm"
+#: Floor of the combined model's per-channel variance in REPAIR's ratio ``σ_t / σ_c``.
+_VAR_FLOOR = 1e-12
+
+
+# -- what every repair here needs: table, data, prepared model ---------------------------------
+def _table(ctx: RepairContext, what: str) -> LayerTable:
+    if ctx.table is None:
+        raise ConfigurationError(f"repair={what!r} needs the models' layer table to find their normalisation layers; "
+                                 "these models have none: use library-built models (cb.train, cb.build_model) or "
+                                 "models traced into a layer table")
+    return ctx.table
+
+
+def _host_inputs(data: Any) -> np.ndarray | Any:
+    """The inputs of ``repair_data``: an ArrayDataset's ``x``, the first of ``(x, y)``, or the array."""
+    if hasattr(data, "x"):
+        return data.x
+    if isinstance(data, tuple | list):
+        return data[0]
+    return data
+
+
+def _check_data(ctx: RepairContext, what: str, table: LayerTable) -> None:
+    if ctx.data is None:
+        raise ConfigurationError(f"repair={what!r} computes statistics on data: pass repair_data= to the sweep "
+                                 "(a dataset name, whose training split is used, or (x, y) arrays)")
+    x = _host_inputs(ctx.data)
+    shape = tuple(int(s) for s in getattr(x, "shape", ()))
+    if len(shape) < 2 or shape[1:] != tuple(table.input_shape):
+        raise DatasetError(f"repair_data has inputs of shape {shape[1:] if shape else shape} per example, but the "
+                           f"models take {tuple(table.input_shape)}: pass repair data of the models' input shape")
+    if shape[0] == 0:
+        raise DatasetError("repair_data is empty: pass at least one example (a few thousand are usual)")
+
+
+def _prepared(ctx: RepairContext) -> Any:
+    """The backend's prepared model of the context's template and layout, cached per sweep."""
+    prepared = ctx.cache.get((_KEY, "prepared"))
+    if prepared is None:
+        prepared = ctx.cache[(_KEY, "prepared")] = ctx.backend.prepare(ctx.template, ctx.layout)
+    return prepared
+
+
+def _device_inputs(ctx: RepairContext) -> Any:
+    """The repair data's inputs on the device (float32), cached."""
+    if hasattr(ctx.data, "x") and hasattr(ctx.data, "y"):
+        from combinability.evaluation import device_data
+
+        return device_data(ctx.backend)(ctx.data)[0]
+    key = (_KEY, "inputs", id(ctx.data))
+    if key not in ctx.cache:
+        host = np.ascontiguousarray(_host_inputs(ctx.data), dtype=np.float32)
+        ctx.cache[key] = ctx.backend.asarray(host, np.float32)
+    return ctx.cache[key]
+
+
+def _check_entries(ctx: RepairContext, names: Sequence[str], what: str) -> None:
+    missing = [n for n in names if n not in ctx.layout]
+    if missing:
+        raise LayoutError(f"repair={what!r} rewrites {missing[:6]}, which the flat vectors leave out")
+
+
+# -- statistics ------------------------------------------------------------------------------------
+def channel_moments(ctx: RepairContext, theta: Any, points: Sequence[str], *, batch_size: int = 500,
+                    taps: Sequence[str] | None = None) -> dict[str, tuple[Any, Any, int]]:
+    """Exact per-channel mean and (biased) variance of feature points over all of ``ctx.data``.
+
+    One pass over the data in batches of ``batch_size``, all ``points`` at once; a channel's
+    statistics run over examples and positions (axes ``0, 2, 3, ...`` of a channels-first
+    output). Batches are merged with Chan et al.'s pairwise update of (mean, sum of squared
+    deviations), so float32 accumulates without the cancellation of ``E[x²] − E[x]²``.
+
+    Parameters
+    ----------
+    ctx : RepairContext
+    theta : device array ``(d,)``
+    points : sequence of str
+        Node names, or ``"<input>"`` for the network's input.
+    batch_size : int
+    taps : sequence of str, optional
+        The points asked of the backend, a superset of ``points`` (default: ``points``).
+        Asking for the same ones on every call lets a compiling backend (jax) compile once.
+
+    Returns
+    -------
+    dict
+        ``{point: (mean, variance, count)}``: device arrays ``(channels,)`` and the number
+        of values per channel.
+    """
+    xp = ctx.backend.xp()
+    prepared = _prepared(ctx)
+    x = _device_inputs(ctx)
+    taps = list(dict.fromkeys(p for p in (points if taps is None else taps) if p != "<input>"))
+    acc: dict[str, tuple[Any, Any, int]] = {}
+    for start in range(0, x.shape[0], batch_size):
+        xb = x[start : start + batch_size, ...]
+        feats = dict(prepared.features(theta, xb, taps)) if taps else {}
+        feats["<input>"] = xb
+        for p in dict.fromkeys(points):
+            f = feats[p]
+            axes = (0, *range(2, f.ndim))
+            m = int(f.shape[0]) * math.prod(int(s) for s in f.shape[2:])
+            mean_b = xp.mean(f, axis=axes)
+            dev = f - xp.reshape(mean_b, (1, -1) + (1,) * (f.ndim - 2))
+            m2_b = xp.sum(dev * dev, axis=axes)
+            if p not in acc:
+                acc[p] = (mean_b, m2_b, m)
+                continue
+            mean, m2, n = acc[p]
+            delta = mean_b - mean
+            total = n + m
+            acc[p] = (mean + delta * (m / total), m2 + m2_b + delta * delta * (n * m / total), total)
+    return {p: (mean, m2 / n, n) for p, (mean, m2, n) in acc.items()}
+
+
+def _sources(table: LayerTable) -> dict[str, tuple[str, ...]]:
+    """``{node name: names it reads}`` (``table.inputs_of`` of every node, in one pass)."""
+    out: dict[str, tuple[str, ...]] = {}
+    previous = "<input>"
+    for node in table.nodes:
+        out[node.name] = node.inputs or (previous,)
+        previous = node.name
+    return out
+
+
+def _waves(table: LayerTable, nodes: Sequence[Node]) -> list[list[Node]]:
+    """``nodes`` (norms, forward order) grouped so that none depends on another of its group or a later one.
+
+    A norm depends on the norms of ``nodes`` upstream of its input; each group (one pass
+    over the data) holds the norms whose dependencies are all in earlier groups.
+    """
+    chosen = {n.name for n in nodes}
+    sources = _sources(table)
+    upstream: dict[str, frozenset[str]] = {"<input>": frozenset()}
+    for node in table.nodes:
+        ups: set[str] = set()
+        for src in sources[node.name]:
+            ups |= upstream[src] | ({src} if src in chosen else set())
+        upstream[node.name] = frozenset(ups)
+    waves: list[list[Node]] = []
+    done: set[str] = set()
+    pending = list(nodes)
+    while pending:
+        wave = [n for n in pending if upstream[n.name] <= done]
+        waves.append(wave)
+        done |= {n.name for n in wave}
+        pending = [n for n in pending if n.name not in done]
+    return waves
+
+
+def _replace(xp: Any, theta: Any, layout: Any, new: Mapping[str, Any]) -> Any:
+    """``theta`` with the named arrays of ``new`` put in, built by concatenation (no in-place write)."""
+    parts, pos = [], 0
+    for name in sorted(new, key=lambda k: layout[k].offset):
+        entry = layout[name]
+        if entry.offset > pos:
+            parts.append(theta[pos : entry.offset])
+        parts.append(xp.astype(xp.reshape(new[name], (-1,)), theta.dtype))
+        pos = entry.stop
+    if pos < theta.shape[0]:
+        parts.append(theta[pos:])
+    return xp.concat(parts)
+
+
+def _vector(ctx: RepairContext, theta: Any) -> Any:
+    theta = ctx.backend.asarray(theta, np.dtype(ctx.layout.dtype))
+    if tuple(theta.shape) != (ctx.layout.size,):
+        raise LayoutError(f"the combined vector has shape {tuple(theta.shape)}; the layout expects "
+                          f"({ctx.layout.size},)")
+    return theta
+
+
+def _batchnorms(table: LayerTable) -> list[Node]:
+    return [n for n in table.norm_nodes() if n.norm == "batchnorm"]
+
+
+def _reset_stats(node: Node, mean: Any, var: Any, count: int) -> dict[str, Any]:
+    """Running statistics of one BatchNorm: the exact mean and the unbiased variance (torch's convention)."""
+    unbiased = var * (count / max(count - 1, 1))
+    return {f"{node.name}.running_mean": mean, f"{node.name}.running_var": unbiased}
+
+
+# -- reset ---------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Reset:
+    """Recompute the BatchNorm running statistics of a combined vector on ``repair_data``.
+
+    For each BatchNorm node in forward order, the node's *input* features are computed over
+    all of the repair data (in batches of ``batch_size``), with the vector whose earlier
+    BatchNorms are already reset, and its ``running_mean`` / ``running_var`` become the
+    exact mean and the **unbiased** variance of each channel (torch's convention for the
+    buffer, which evaluation reads as it is). While a later BatchNorm is measured, the
+    earlier ones normalise with the *biased* variance, as they do in torch's training-mode
+    pass. Nodes that do not depend on one another are measured in the same pass.
+
+    This equals the usual "reset the running statistics with ``momentum=None`` and run the
+    training-mode model over the data" up to using exact statistics over all of the data
+    rather than an average of per-batch statistics (with the data in one batch the two are
+    the same). The integer ``num_batches_tracked`` counter is not part of flat vectors and
+    is left as it is.
+
+    Parameters
+    ----------
+    batch_size : int
+        Examples per forward pass.
+    """
+
+    batch_size: int = 500
+    name: str = "reset"
+
+    def validate(self, ctx: RepairContext) -> None:
+        """Check the model and the repair data before any combination is evaluated.
+
+        Raises
+        ------
+        ConfigurationError
+            If the model has no BatchNorm (or no layer table), or no repair data is given.
+        DatasetError
+            If the repair data's inputs do not have the models' input shape.
+        """
+        table = _table(ctx, self.name)
+        nodes = _batchnorms(table)
+        if not nodes:
+            kinds = sorted({n.norm for n in table.norm_nodes()})
+            has = f"its norm layers are {', '.join(kinds)}" if kinds else "it has no normalisation layers"
+            raise ConfigurationError(f"repair='reset' recomputes BatchNorm statistics, but the {table.name!r} model "
+                                     f"has no BatchNorm ({has}); repair='repair' (REPAIR) works with LayerNorm and "
+                                     "GroupNorm too")
+        _check_data(ctx, self.name, table)
+        _check_entries(ctx, [k for n in nodes for k in (f"{n.name}.running_mean", f"{n.name}.running_var")],
+                       self.name)
+
+    def __call__(self, theta: Any, ctx: RepairContext) -> Any:
+        """The combined vector ``theta`` (device array ``(d,)``) with reset BatchNorm statistics."""
+        self.validate(ctx)
+        xp = ctx.backend.xp()
+        theta = _vector(ctx, theta)
+        table = ctx.table
+        stored: dict[str, Any] = {}
+        nodes = _batchnorms(table)
+        source = {name: inputs[0] for name, inputs in _sources(table).items()}
+        taps = [source[n.name] for n in nodes]
+        for wave in _waves(table, nodes):
+            stats = channel_moments(ctx, theta, [source[n.name] for n in wave], batch_size=self.batch_size, taps=taps)
+            new: dict[str, Any] = {}
+            for node in wave:
+                mean, var, count = stats[source[node.name]]
+                final = _reset_stats(node, mean, var, count)
+                stored[f"{node.name}.running_var"] = final[f"{node.name}.running_var"]
+                # while later layers are measured, this one normalises with the biased variance, as in training mode
+                new.update({f"{node.name}.running_mean": mean, f"{node.name}.running_var": var})
+            theta = _replace(xp, theta, ctx.layout, new)
+        return _replace(xp, theta, ctx.layout, stored)
+
+
+# -- REPAIR --------------------------------------------------------------------------------------------
+def channel_weights(ctx: RepairContext, node: Node, v: Any) -> Any:
+    """The weight of model B in each channel of a norm node's output, from the coefficients ``v``.
+
+    The mean of ``v`` over the parameters that make the channel: the output row of the
+    weight of ``table.producer(node)`` (the dense or conv layer whose output the norm
+    normalises) and its bias entry. A scalar ``v`` (the linear path) is returned as it is.
+    Without a producer (a norm reading the input or a flattened image), the norm's own
+    weight and bias entries of the channel are used.
+    """
+    xp = ctx.backend.xp()
+    if len(getattr(v, "shape", ())) == 0:
+        return v
+    layout, table = ctx.layout, ctx.table
+    channels = layout[f"{node.name}.weight"].shape[0]
+    producer = table.producer(node.name)
+    names = ([f"{producer.name}.weight", f"{producer.name}.bias"] if producer is not None
+             else [f"{node.name}.weight", f"{node.name}.bias"])
+    names = [n for n in names if n in layout]
+    if not names or layout[names[0]].shape[0] != channels:
+        names = [f"{node.name}.weight", f"{node.name}.bias"]
+    total, count = 0, 0
+    for name in names:
+        e = layout[name]
+        rows = xp.reshape(v[e.offset : e.stop], (channels, -1))
+        total = total + xp.sum(rows, axis=1)
+        count += rows.shape[1]
+    return total / count
+
+
+def _end_stats(ctx: RepairContext, nodes: Sequence[Node], batch_size: int,
+               taps: Sequence[str]) -> list[dict[str, tuple[Any, Any]]]:
+    """Per end model: ``{norm: (mean, std)}`` of every norm's output, computed once per sweep."""
+    key = (_KEY, "ends", tuple(id(e) for e in ctx.ends), id(ctx.data), batch_size)
+    if key not in ctx.cache:
+        xp = ctx.backend.xp()
+        out = []
+        for end in ctx.ends:
+            moments = channel_moments(ctx, _vector(ctx, end), [n.name for n in nodes], batch_size=batch_size,
+                                      taps=taps)
+            out.append({p: (mean, xp.sqrt(var)) for p, (mean, var, _) in moments.items()})
+        ctx.cache[key] = out
+    return ctx.cache[key]
+
+
+def _coefficients(ctx: RepairContext) -> list[Any]:
+    """The coefficients of models B (and C) of the combination."""
+    v = ctx.coefficients
+    if v is None:
+        raise ConfigurationError("repair='repair' needs the combination's coefficients (context.coefficients); "
+                                 "it runs inside cb.sweep, which passes them")
+    vs = list(v) if isinstance(v, tuple | list) else [v]
+    if len(vs) != len(ctx.ends) - 1:
+        raise ConfigurationError(f"repair='repair': {len(vs)} coefficient vector(s) for {len(ctx.ends)} end models")
+    for c in vs:
+        shape = tuple(getattr(c, "shape", ()))
+        if shape not in ((), (ctx.layout.size,)):
+            raise LayoutError(f"repair='repair': a coefficient has shape {shape}; expected a scalar or "
+                              f"({ctx.layout.size},)")
+    return vs
+
+
+@dataclass(frozen=True)
+class Renormalize:
+    """REPAIR: renormalise every norm layer's output channels to the interpolated statistics.
+
+    For each normalisation node (BatchNorm, LayerNorm, GroupNorm) in forward order, each
+    channel of the combined model's norm *output* is given the mean and standard deviation
+
+    ``μ_t = (1 − w) μ_A + w μ_B``,  ``σ_t = (1 − w) σ_A + w σ_B``
+
+    (three models: ``(1 − w_B − w_C) μ_A + w_B μ_B + w_C μ_C``), where ``μ_A, σ_A, ...``
+    are the end models' statistics on the repair data (computed once per sweep) and ``w``
+    is the channel's weight of B (:func:`channel_weights`). The norm's affine weight and
+    bias become ``w' = w σ_t / σ_c`` and ``b' = (b − μ_c) σ_t / σ_c + μ_t``, with ``μ_c``,
+    ``σ_c`` the combined model's output statistics measured with the earlier norms already
+    repaired (``σ_c`` floored at 1e-6; ``σ_t`` at 0, which extrapolation could cross).
+
+    For a BatchNorm node, its running statistics are first reset on the repair data (as
+    :class:`Reset` does, with the earlier norms already repaired), as REPAIR does for
+    BatchNorm networks; then ``μ_c = b`` and ``σ_c = |w| σ_in / sqrt(var + eps)`` follow
+    exactly from the measured input statistics. Nodes that do not depend on one another
+    are measured in the same pass over the data.
+
+    Parameters
+    ----------
+    batch_size : int
+        Examples per forward pass.
+    """
+
+    batch_size: int = 500
+    name: str = "repair"
+
+    def validate(self, ctx: RepairContext) -> None:
+        """Check the model and the repair data before any combination is evaluated.
+
+        Raises
+        ------
+        ConfigurationError
+            If the model has no normalisation layers (or no layer table), or no repair data is given.
+        DatasetError
+            If the repair data's inputs do not have the models' input shape.
+        """
+        table = _table(ctx, self.name)
+        nodes = table.norm_nodes()
+        if not nodes:
+            raise ConfigurationError(f"repair='repair' (REPAIR) rescales the affine parameters of normalisation "
+                                     f"layers, but the {table.name!r} model has none (no BatchNorm, LayerNorm or "
+                                     "GroupNorm): nothing to repair")
+        _check_data(ctx, self.name, table)
+        names = [f"{n.name}.{p}" for n in nodes for p in ("weight", "bias")]
+        names += [f"{n.name}.{p}" for n in _batchnorms(table) for p in ("running_mean", "running_var")]
+        _check_entries(ctx, names, self.name)
+
+    def __call__(self, theta: Any, ctx: RepairContext) -> Any:
+        """The repaired combined vector (device array ``(d,)``)."""
+        self.validate(ctx)
+        vs = _coefficients(ctx)
+        xp = ctx.backend.xp()
+        theta = _vector(ctx, theta)
+        table, layout = ctx.table, ctx.layout
+        nodes = table.norm_nodes()
+        source = {name: inputs[0] for name, inputs in _sources(table).items()}
+        taps = [n.name for n in nodes] + [source[n.name] for n in _batchnorms(table)]
+        ends = _end_stats(ctx, nodes, self.batch_size, taps)
+        for wave in _waves(table, nodes):
+            points = [source[n.name] if n.norm == "batchnorm" else n.name for n in wave]
+            stats = channel_moments(ctx, theta, points, batch_size=self.batch_size, taps=taps)
+            new: dict[str, Any] = {}
+            for node, point in zip(wave, points, strict=True):
+                weight, bias = theta[layout.slice(f"{node.name}.weight")], theta[layout.slice(f"{node.name}.bias")]
+                mean, var, count = stats[point]
+                if node.norm == "batchnorm":
+                    reset = _reset_stats(node, mean, var, count)
+                    new.update(reset)
+                    mu_c = bias
+                    sigma_c = xp.abs(weight) * xp.sqrt(var / (reset[f"{node.name}.running_var"] + node.eps))
+                else:
+                    mu_c, sigma_c = mean, xp.sqrt(var)
+                ws = [channel_weights(ctx, node, v) for v in vs]
+                shares = [1 - sum(ws), *ws]
+                mu_t = sum(s * e[node.name][0] for s, e in zip(shares, ends, strict=True))
+                sigma_t = sum(s * e[node.name][1] for s, e in zip(shares, ends, strict=True))
+                sigma_t = xp.where(sigma_t > 0, sigma_t, 0 * sigma_t)  # extrapolation (w > 1) may go below 0
+                ratio = sigma_t / xp.sqrt(sigma_c * sigma_c + _VAR_FLOOR)
+                new[f"{node.name}.weight"] = weight * ratio
+                new[f"{node.name}.bias"] = (bias - mu_c) * ratio + mu_t
+            theta = _replace(xp, theta, layout, new)
+        return theta
+
+
+#: The built-in ``"reset"`` repair.
+reset = Reset()
+#: The built-in ``"repair"`` repair (REPAIR).
+repair = Renormalize()
