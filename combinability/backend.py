@@ -145,6 +145,10 @@ class Backend(ABC):
 
         raise TracingError(f"the {self.name} backend cannot trace user models; pass spec= by hand")
 
+    def adopt(self, model: Any, table: LayerTable) -> Any:
+        """``model`` as a model of its traced ``table`` (after :meth:`describe`); unchanged by default."""
+        return model
+
     @abstractmethod
     def state(self, model: Any) -> dict[str, np.ndarray]:
         """Every parameter and buffer of ``model`` as numpy arrays, in a fixed order."""

@@ -84,7 +84,11 @@ def describe(model: Any, example_input: Any, *, backend: str | Backend | None = 
     """
     be = _backend(model, backend)
     table = be.describe(model, example_input)
+    # the data a user passes is in the model's own layout (e.g. channels-last for flax)
+    object.__setattr__(table, "config", {**table.config, "data_shape": tuple(int(s) for s in
+                                                                            np.shape(example_input)[1:])})
     try:
+        model = be.adopt(model, table)
         table.check_state(be.state(model), what=f"the state of {type(model).__name__}")
     except LayoutError as exc:
         raise TracingError(f"{exc}: the tracer did not see every parameter being used in forward; pass spec= by hand"

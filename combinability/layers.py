@@ -137,6 +137,10 @@ class LayerTable:
         In forward order; the last node's output is the logits.
     config : mapping
         The configuration the table was made from (``width`` ...), kept for checkpoints.
+    flax_sep : str
+        What the dots of a node's name become in its flax module path (:meth:`flax_names`):
+        ``"_"`` for the library's modules (``stage0_block0``), ``"/"`` for a traced user
+        module, whose ``Block_0.Dense_1`` is the submodule ``Dense_1`` of ``Block_0``.
     """
 
     name: str
@@ -144,6 +148,7 @@ class LayerTable:
     num_classes: int
     nodes: tuple[Node, ...]
     config: Mapping[str, Any] = field(default_factory=dict, compare=False)
+    flax_sep: str = field(default="_", compare=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "input_shape", tuple(int(s) for s in self.input_shape))
@@ -161,6 +166,11 @@ class LayerTable:
             )
 
     # -- graph -------------------------------------------------------------------------
+    @property
+    def data_shape(self) -> tuple[int, ...]:
+        """The shape of one example as the model takes it (a traced flax model: channels-last)."""
+        return tuple(self.config.get("data_shape", self.input_shape))
+
     def inputs_of(self, node: Node) -> tuple[str, ...]:
         """The names a node reads (``"<input>"`` is the network's input)."""
         if node.inputs:
@@ -411,11 +421,11 @@ class LayerTable:
 
     # -- torch <-> flax --------------------------------------------------------------------
     def flax_names(self) -> dict[str, str]:
-        """Reference name -> flax name (``"collection/module/leaf"``, module dots become ``_``)."""
+        """Reference name -> flax name (``"collection/module/leaf"``, module dots become :attr:`flax_sep`)."""
         out = {}
         for ref in self.parameters():
             module, leaf = ref.rsplit(".", 1)
-            mod = module.replace(".", "_")
+            mod = module.replace(".", self.flax_sep)
             node = self.node(module)
             if node.op == "norm":
                 flax_leaf = {"weight": "params/scale", "bias": "params/bias", "running_mean": "batch_stats/mean",

@@ -119,6 +119,7 @@ class ModelSet:
 
             tables = [describe(models[0], example_input, backend=be, verify=spec is None)]
             tables += [describe(m, example_input, backend=be, verify=False) for m in models[1:]]
+            models = [be.adopt(m, t) for m, t in zip(models, tables, strict=True)]
         table = tables[0]
         if table is None and spec is None:
             raise IncompatibleModelsError(
@@ -311,7 +312,7 @@ class ModelSet:
 
         def features(i: int, points: Sequence[str]) -> dict[str, np.ndarray]:
             if "data" not in cache:  # built on first use: data-free aligners never read the data
-                shape = self.table.input_shape if self.table is not None else None
+                shape = self.table.data_shape if self.table is not None else None
                 cache["data"] = as_dataset(data, "train", input_shape=shape).subset(examples, seed=0)
                 cache["evaluator"] = Evaluator(self.backend_obj, naive.models[0], self.layout)
             ds, evaluator = cache["data"], cache["evaluator"]

@@ -204,7 +204,7 @@ def sweep(
     n_samples = 1 if smp.deterministic else (4 if samples is None else int(samples))
     if n_samples < 1:
         raise ConfigurationError(f"samples must be >= 1, got {samples}")
-    input_shape = pair.table.input_shape if pair.table is not None else None
+    input_shape = pair.table.data_shape if pair.table is not None else None
     datasets = _resolve_data(data, splits, limit, input_shape)
     split_names = list(datasets)
 

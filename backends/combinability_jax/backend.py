@@ -1,7 +1,8 @@
 """The JAX backend: a thin adapter from flat vectors to flax (linen) modules.
 
-Table models' state uses the table's reference names and axes (as torch's); a user's
-``(module, variables)`` is named by flax path (``"params/Dense_0/kernel"``). Flat vectors
+Table models' state uses the table's reference names and axes (as torch's); so does a user's
+``(module, variables)`` once traced (:mod:`combinability_jax.trace`; it takes its inputs in its own
+layout, e.g. channels-last), else it is named by flax path (``"params/Dense_0/kernel"``). Flat vectors
 become flax variables inside one jit-compiled function per prepared model, vmapped over
 vectors; a short last batch is padded to a batch size already compiled (at most 2x its size).
 """
@@ -22,6 +23,8 @@ from combinability.errors import IncompatibleModelsError, LayoutError, UnknownNa
 from combinability.layers import LayerTable
 from combinability.layout import FlatLayout
 from combinability_jax.models import FlaxModel, TableNet, flatten_variables, unflatten_variables
+from combinability_jax.trace import taps as trace_taps
+from combinability_jax.trace import train_kwargs
 
 __all__ = ["JaxBackend", "JaxRandom", "JaxPrepared"]
 
@@ -62,6 +65,9 @@ class JaxPrepared:
         _mismatch({k: v.shape for k, v in state.items()}, {e.name: e.shape for e in layout.entries},
                   f"the layout does not fit the {model!r}", missing=False)
         self.backend, self.module, self.table = backend, model.module, model.table
+        self.user = model.table is not None and not isinstance(model.module, TableNet)
+        trains = isinstance(model.module, TableNet) or bool(train_kwargs(model.module, True))
+        self.kwargs = lambda train: {"train": train} if trains else {}
         self.names = model.table.flax_names() if model.table is not None else {k: k for k in state}
         self.points = {n.name for n in model.table.nodes} if model.table is not None else None
         covered = {self.names[e.name] for e in layout.entries}
@@ -82,10 +88,13 @@ class JaxPrepared:
         return unflatten_variables({**rest, **{k: v for k, v in named.items() if not k.startswith("counters/")}})
 
     def _apply(self, flat: jax.Array, rest: dict[str, jax.Array], x: jax.Array) -> jax.Array:
-        return self.module.apply(self._variables(flat, rest), x)
+        return self.module.apply(self._variables(flat, rest), x, **self.kwargs(False))
 
     def _taps(self, flat: jax.Array, rest: dict[str, jax.Array], x: jax.Array, points: tuple[str, ...]) -> dict:
         variables = self._variables(flat, rest)
+        if self.user:
+            out = trace_taps(self.module, variables, x, points)
+            return {p: jnp.transpose(v, (0, 3, 1, 2)) if v.ndim == 4 else v for p, v in out.items()}
         if self.table is not None:
             taps: dict[str, Any] = dict.fromkeys(points)
             self.module.apply(variables, x, taps=taps)
@@ -101,8 +110,8 @@ class JaxPrepared:
     def _step(self, flat: jax.Array, rest: dict, mask: jax.Array, x: jax.Array, y: jax.Array,
               loss: Callable[[Any, Any], Any]) -> tuple[jax.Array, jax.Array, jax.Array]:
         def value(p: jax.Array) -> tuple[jax.Array, Any]:
-            kwargs = {"train": True} if self.table is not None else {}
-            logits, updates = self.module.apply(self._variables(p, rest), x, mutable=self.mutable, **kwargs)
+            logits, updates = self.module.apply(self._variables(p, rest), x, mutable=self.mutable,
+                                                **self.kwargs(True))
             return loss(logits, y), flatten_variables(updates)
 
         (val, updates), grad = jax.value_and_grad(value, has_aux=True)(flat)
@@ -206,14 +215,13 @@ class JaxBackend(Backend):
     def versions(self) -> dict[str, str]:
         return {"jax": jax.__version__, "jaxlib": jax.lib.__version__, "flax": flax.__version__}
 
-    @staticmethod
-    def _model(model: Any) -> FlaxModel:
-        if isinstance(model, FlaxModel):
-            return model
+    def _model(self, model: Any) -> FlaxModel:
         if isinstance(model, tuple) and len(model) == 2 and isinstance(model[0], flax.linen.Module):
-            return FlaxModel(model[0], model[1])
-        raise IncompatibleModelsError(f"the jax backend takes FlaxModel objects or (flax module, variables) "
-                                      f"tuples, got {type(model).__name__}")
+            model = FlaxModel(model[0], model[1])
+        if not isinstance(model, FlaxModel):
+            raise IncompatibleModelsError(f"the jax backend takes FlaxModel objects or (flax module, variables) "
+                                          f"tuples, got {type(model).__name__}")
+        return model
 
     def build(self, table: LayerTable, *, seed: int) -> FlaxModel:
         """A :class:`TableNet` with flax's default init, drawn from ``PRNGKey(seed)`` in one call.
@@ -242,6 +250,26 @@ class JaxBackend(Backend):
 
     def table_of(self, model: Any) -> LayerTable | None:
         return model.table if isinstance(model, FlaxModel) else None
+
+    def describe(self, model: Any, example_input: Any) -> LayerTable:
+        """The table of a user's ``(module, variables)`` traced on ``example_input`` (a batch in its own layout)."""
+        from combinability_jax.trace import describe
+
+        if isinstance(model, FlaxModel) and model.table is not None:
+            return model.table
+        m = self._model(model)
+        return describe(m.module, m.variables, jnp.asarray(example_input, jnp.float32))
+
+    def adopt(self, model: Any, table: LayerTable) -> FlaxModel:
+        """A user's ``(module, variables)`` as a :class:`FlaxModel` of its traced ``table`` (the table's names)."""
+        m = model if isinstance(model, FlaxModel) else FlaxModel(model[0], model[1])
+        if m.table == table:
+            return m
+        names = table.flax_names()
+        m = FlaxModel(m.module, m.variables, table, {names[k]: np.zeros((), np.int64) for k, (_, dt) in
+                                                     table.parameters().items() if dt == "int64"})
+        table.check_state(self.state(m), what=f"the variables of {type(m.module).__name__}")
+        return m
 
     def state(self, model: Any) -> dict[str, np.ndarray]:
         """Reference names and axes for table models, ``"collection/path/leaf"`` flax names otherwise."""

@@ -68,9 +68,9 @@ def _check_data(ctx: RepairContext, what: str, table: LayerTable) -> None:
                                  "(a dataset name, whose training split is used, or (x, y) arrays)")
     x = _host_inputs(ctx.data)
     shape = tuple(int(s) for s in getattr(x, "shape", ()))
-    if len(shape) < 2 or shape[1:] != tuple(table.input_shape):
+    if len(shape) < 2 or shape[1:] != tuple(table.data_shape):
         raise DatasetError(f"repair_data has inputs of shape {shape[1:] if shape else shape} per example, but the "
-                           f"models take {tuple(table.input_shape)}: pass repair data of the models' input shape")
+                           f"models take {tuple(table.data_shape)}: pass repair data of the models' input shape")
     if shape[0] == 0:
         raise DatasetError("repair_data is empty: pass at least one example (a few thousand are usual)")
 

@@ -1,0 +1,305 @@
+"""Tracing a user's flax linen module into a layer table (:func:`describe`) and tapping its features (:func:`taps`).
+
+:func:`jax.make_jaxpr` gives the dataflow of ``module.apply(variables, x)`` (jitted and custom-derivative calls
+inlined); :func:`flax.linen.intercept_methods` runs each module call under a named scope holding its path. A call of
+``nn.Dense``, ``nn.Conv``, ``nn.BatchNorm``, ``nn.LayerNorm`` or ``nn.GroupNorm`` becomes a node named by its path
+(``Block_0.Dense_1``); between them the tracer follows element-wise functions (named by their values on a probe;
+scalings pass their input on), sums of two branches, ``nn.avg_pool``/``nn.max_pool``, means over the spatial axes
+and reshapes to ``(n, -1)``. Anything else raises :class:`~combinability.errors.TracingError` naming it.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from functools import partial
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.extend.core import Literal
+
+from combinability.errors import TracingError
+from combinability.layers import LayerTable, Node
+
+__all__ = ["describe", "taps", "train_kwargs"]
+
+_INLINE = {"pjit", "jit", "closed_call", "core_call", "custom_jvp_call", "custom_vjp_call", "remat", "checkpoint"}
+_ELEMENTWISE = {"add", "add_any", "sub", "mul", "div", "neg", "max", "min", "exp", "exp2", "expm1", "log", "log1p",
+                "tanh", "logistic", "erf", "erfc", "integer_pow", "pow", "sqrt", "rsqrt", "abs", "sign", "select_n",
+                "gt", "ge", "lt", "le", "eq", "ne", "convert_element_type", "square", "copy", "copy_p", "clamp"}
+_FUNCTIONS = (("relu", jax.nn.relu), ("gelu", partial(jax.nn.gelu, approximate=False)), ("gelu", jax.nn.gelu),
+              ("tanh", jnp.tanh), ("sigmoid", jax.nn.sigmoid), ("silu", jax.nn.silu), ("elu", jax.nn.elu),
+              ("leaky_relu", jax.nn.leaky_relu), ("softplus", jax.nn.softplus), ("relu6", jax.nn.relu6),
+              ("hardtanh", jax.nn.hard_tanh))
+_FOLLOWS = ("it follows nn.Dense, 2-d nn.Conv, nn.BatchNorm, nn.LayerNorm, nn.GroupNorm, element-wise activations, "
+            "sums of two branches, nn.avg_pool/nn.max_pool, means over the spatial axes and reshapes to (n, -1)")
+
+
+def train_kwargs(module: nn.Module, train: bool) -> dict[str, bool]:
+    """``{"train": train}`` when the module's ``__call__`` takes ``train``, else ``{}``."""
+    return {"train": train} if "train" in inspect.signature(type(module).__call__).parameters else {}
+
+
+def _bind(prim: Any, params: dict, args: list) -> list:
+    bound = prim.get_bind_params(params)  # jax < 0.7: (subfuns, params)
+    subfuns, bound = bound if isinstance(bound, tuple) else ((), bound)
+    out = prim.bind(*subfuns, *args, **bound)
+    return list(out) if prim.multiple_results else [out]
+
+
+def _pair(v: Any) -> tuple:
+    return (1, 1) if v is None else (v, v) if isinstance(v, int | str) else tuple(v)
+
+
+def _leaf_node(path: str, m: nn.Module, shape: tuple[int, ...], ins: tuple[str, ...], hint: str) -> Node:
+    """The node of one call of a Dense, Conv or normalisation module on an input of ``shape``."""
+    nd, what = len(shape), f"module {path!r} ({type(m).__name__})"
+    last = [tuple(int(a) % nd for a in np.atleast_1d(-1 if axes is None else axes)) == (nd - 1,)
+            for axes in (getattr(m, "reduction_axes", -1), getattr(m, "feature_axes", -1), getattr(m, "axis", -1))]
+    affine = getattr(m, "use_scale", True) and getattr(m, "use_bias", True)
+    if isinstance(m, nn.Dense) and nd == 2:
+        return Node(path, "dense", ins, units=m.features, bias=m.use_bias)
+    if isinstance(m, nn.Conv) and nd == 4 and len(_pair(m.kernel_size)) == 2:
+        (k, _), (s, _), pad = _pair(m.kernel_size), _pair(m.strides), m.padding
+        if isinstance(pad, str) and pad.upper() in ("SAME", "VALID"):  # SAME: lax's split, the smaller half first
+            pad = [(t // 2, t - t // 2) for t in (max((-(-n // s) - 1) * s + k - n, 0) * (pad.upper() == "SAME")
+                                                  for n in shape[1:3])]
+        pads = {p for pair in (_pair(p) for p in _pair(pad)) for p in pair} if not isinstance(pad, str) else {}
+        if ({_pair(m.input_dilation), _pair(m.kernel_dilation)} == {(1, 1)} and m.feature_group_count == 1
+                and len(set(_pair(m.kernel_size))) == len(set(_pair(m.strides))) == len(pads) == 1):
+            return Node(path, "conv", ins, units=m.features, kernel=k, stride=s, padding=pads.pop(), bias=m.use_bias)
+        raise TracingError(f"{what}: only square, ungrouped, undilated convolutions with symmetric padding are "
+                           f"supported (got kernel {m.kernel_size}, strides {m.strides}, padding {m.padding!r}, "
+                           f"groups {m.feature_group_count})" + hint)
+    norm = next((k for k, ok in {"batchnorm": isinstance(m, nn.BatchNorm) and last[2],
+                                 "layernorm": isinstance(m, nn.LayerNorm) and last[0] and last[1],
+                                 "groupnorm": isinstance(m, nn.GroupNorm) and m.reduction_axes is None}.items()
+                 if ok and affine), None)
+    if norm is not None:
+        groups = (m.num_groups or shape[-1] // m.group_size) if norm == "groupnorm" else 1
+        return Node(path, "norm", ins, norm=norm, eps=m.epsilon, groups=groups)
+    raise TracingError(f"{what} on an input of shape {shape}: {_FOLLOWS} (Dense on vectors, norms with scale and "
+                       "bias over the last axis)" + hint)
+
+
+class _Trace:
+    """``module.apply(variables, x)`` as flat equations ``(primitive, params, input ids, output ids, scope)``, and
+    the layer-table nodes read from them (``var[node]``: the id holding a node's output).
+
+    ``scope`` is ``"L=path"`` inside a Dense/Conv/norm call, else ``"C=path"`` of the innermost module.
+    """
+
+    def __init__(self, module: nn.Module, variables: Any, x: Any) -> None:
+        self.name, self.calls = type(module).__name__, {}
+        self.hint = f"; pass spec= (a combinability.PermutationSpec) by hand for {self.name}"
+        if np.ndim(x) not in (2, 4):
+            raise TracingError(f"example_input of {self.name} must be (n, features) or channels-last images "
+                               f"(n, h, w, c), got shape {tuple(np.shape(x))}")
+        self.ops, self.shape, self.const = [], {}, {}
+        try:
+            with nn.intercept_methods(self._intercept):
+                closed = jax.make_jaxpr(lambda v, a: module.apply(v, a, **train_kwargs(module, False)))(variables, x)
+        except TracingError:
+            raise
+        except Exception as exc:
+            raise TracingError(f"running {self.name}.apply on example_input of shape {tuple(np.shape(x))} failed: "
+                               f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0]}") from None
+        self.inputs = [self._new(v.aval.shape) for v in closed.jaxpr.invars]
+        self.src = {i: "/".join(str(getattr(k, "key", k)) for k in path) for i, (path, _) in
+                    zip(self.inputs, jax.tree_util.tree_flatten_with_path(variables)[0], strict=False)}
+        self.out = self._inline(closed.jaxpr, closed.consts, self.inputs, "C=")
+        self.nodes, self.var, self.values = [], {}, {}
+        self.node_of, self.alias, self.root = {self.inputs[-1]: "<input>"}, {}, {}  # root: element-wise -> source
+        self.producer = {o: k for k, op in enumerate(self.ops) for o in op[3]}
+        self.last = {op[4]: op[3][0] for op in self.ops}
+        acts = {self.inputs[-1]}
+        for prim, params, ins, outs, scope in self.ops:
+            if acts.isdisjoint(ins):
+                continue
+            acts.update(outs)
+            if scope[:2] == "L=" and scope[2:] not in self.var:
+                m, shape = self.calls[scope[2:]]
+                self._add(_leaf_node(scope[2:], m, shape, (self._name(next(i for i in ins if i in acts)),),
+                                     self.hint), self.last[scope])
+            elif scope[:2] == "C=":
+                self._free(prim, params, [i for i in ins if i in acts], outs, scope[2:])
+
+    def _intercept(self, next_fun: Any, args: tuple, kwargs: dict, context: Any) -> Any:
+        m, path = context.module, ".".join(context.module.path)
+        if context.method_name != "__call__":
+            return next_fun(*args, **kwargs)
+        leaf = isinstance(m, nn.Dense | nn.Conv | nn.BatchNorm | nn.LayerNorm | nn.GroupNorm)
+        if leaf and path in self.calls:
+            raise TracingError(f"module {path!r} ({type(m).__name__}) is called twice: shared weights" + self.hint)
+        if leaf:
+            self.calls[path] = (m, tuple(np.shape(args[0])))
+        with jax.named_scope(("L=" if leaf else "C=") + path):
+            return next_fun(*args, **kwargs)
+
+    def _new(self, shape: tuple[int, ...], value: Any = None) -> int:
+        self.shape[len(self.shape)] = tuple(shape)
+        if value is not None:
+            self.const[len(self.shape) - 1] = value
+        return len(self.shape) - 1
+
+    def _inline(self, jaxpr: Any, consts: Any, args: list[int], scope: str) -> list[int]:
+        env = dict(zip(jaxpr.constvars, [self._new(np.shape(c), c) for c in consts], strict=True))
+        env.update(zip(jaxpr.invars, args, strict=True))
+
+        def read(a: Any) -> int:
+            return self._new(np.shape(a.val), a.val) if isinstance(a, Literal) else env[a]
+
+        for eqn in jaxpr.eqns:
+            ins, marks = [read(a) for a in eqn.invars], str(eqn.source_info.name_stack).split("/")
+            here = next((s for s in reversed(marks) if s[:2] in ("L=", "C=")), scope)
+            sub = next((eqn.params[k] for k in ("jaxpr", "call_jaxpr", "fun_jaxpr") if k in eqn.params), None)
+            if eqn.primitive.name in _INLINE and sub is not None:
+                outs = self._inline(getattr(sub, "jaxpr", sub), getattr(sub, "consts", ()), ins, here)
+            else:
+                outs = [self._new(v.aval.shape) for v in eqn.outvars]
+                self.ops.append((eqn.primitive, eqn.params, ins, outs, here))
+            env.update(zip(eqn.outvars, outs, strict=True))
+        return [read(a) for a in jaxpr.outvars]
+
+    def _free(self, prim: Any, p: dict, acts: list[int], outs: list[int], path: str) -> None:
+        """One operation of the user's modules on the input's dataflow."""
+        n, shape, s = prim.name, self.shape[outs[0]], self.shape[acts[0]]
+        where = f"operation {n!r} in {f'module {path!r}' if path else f'the top-level {self.name}'}"
+        if n in _ELEMENTWISE and all(self.shape[a] == shape for a in acts):  # constants are checked on the probe
+            roots = {self.root.get(a, a) for a in acts}
+            if len(roots) > 1 and (n not in ("add", "add_any") or len(acts) != 2):
+                raise TracingError(f"{where} combines two branches; the tracer follows only their sum" + self.hint)
+            if len(roots) > 1:
+                self._add(Node(self._fresh(path, "add"), "add", tuple(map(self._name, acts))), outs[0])
+            else:
+                self.root[outs[0]] = roots.pop()
+        elif len(acts) == 1 and n in ("reshape", "squeeze", "broadcast_in_dim", "expand_dims") and (
+                math.prod(s) == math.prod(shape) and s[0] == shape[0] and (len(s) == 2 or s == shape or len(s) == 4
+                                                                     and len(shape) == 2)):
+            if len(s) == 4 and len(shape) == 2:
+                self._add(Node(self._fresh(path, "flatten"), "flatten", (self._name(acts[0]),)), outs[0])
+            else:
+                self._name(acts[0])
+                self.alias[outs[0]] = acts[0]
+        elif len(acts) == 1 and n == "reduce_sum" and len(s) == 4 and tuple(p["axes"]) == (1, 2):
+            self._add(Node(self._fresh(path, "mean"), "avgpool", (self._name(acts[0]),)), outs[0])
+        elif len(acts) == 1 and n in ("reduce_window_sum", "reduce_window_max") and len(s) == 4 and (
+                p["window_dimensions"][1] == p["window_dimensions"][2] and len({*p["window_strides"][1:3]}) == 1
+                and {*p["window_dimensions"][::3], *p["window_strides"][::3], *p["base_dilation"],
+                     *p["window_dilation"]} == {1} and len({*p["padding"][1], *p["padding"][2]}) == 1
+                and p["padding"][0] == p["padding"][3] == (0, 0)):
+            avg = n == "reduce_window_sum"
+            self._add(Node(self._fresh(path, "avg_pool" if avg else "max_pool"), "maxpool", (self._name(acts[0]),),
+                           kernel=p["window_dimensions"][1], stride=p["window_strides"][1],
+                           padding=p["padding"][1][0], fn="avg" if avg else ""), outs[0])
+        else:
+            raise TracingError(f"{where}: the tracer cannot follow this operation ({_FOLLOWS})" + self.hint)
+
+    def _value(self, i: int) -> Any:
+        """The value of an id that does not depend on the input (folded on first use)."""
+        if i in self.src and i not in self.const:
+            raise TracingError(f"the variable {self.src[i]!r} is used outside a Dense, Conv or norm module"
+                               + self.hint)
+        if i not in self.values and i in self.const:
+            self.values[i] = self.const[i]
+        elif i not in self.values:
+            prim, params, ins, outs, _ = self.ops[self.producer[i]]
+            with jax.ensure_compile_time_eval():
+                self.values.update(zip(outs, _bind(prim, params, [self._value(j) for j in ins]), strict=True))
+        return self.values[i]
+
+    def _match(self, a: int, r: int) -> str | None:
+        """The activation computing ``a`` from ``r`` (``""``: a scaling, None: none known), found on a probe."""
+        seen, todo = set(), [a]
+        while todo:
+            if (i := todo.pop()) in self.root and i not in seen:
+                seen.add(i)
+                todo += self.ops[self.producer[i]][2]
+        probe = np.linspace(-6, 6, math.prod(self.shape[r]), dtype=np.float32).reshape(self.shape[r])
+        env: dict[int, Any] = {r: probe}
+        with jax.ensure_compile_time_eval():
+            for k in sorted({self.producer[i] for i in seen}):
+                _, params, ins, outs, _ = op = self.ops[k]
+                env.update(zip(outs, _bind(op[0], params, [env[i] if i in env else self._value(i) for i in ins]),
+                               strict=True))
+            y = np.asarray(env[a], np.float64)
+            fn = next((fn for fn, f in _FUNCTIONS if np.allclose(y, f(probe), rtol=1e-4, atol=1e-5)), None)
+        slope = (y.flat[-1] - y.flat[0]) / 12
+        scaling = slope != 0 and np.allclose(y, y.flat[0] + slope * (probe + 6), rtol=1e-4, atol=1e-5)
+        return "" if fn is None and scaling else fn
+
+    def _name(self, a: int) -> str:
+        """The node whose output ``a`` is; an element-wise result becomes an activation node here."""
+        while a in self.alias:
+            a = self.alias[a]
+        if a in self.node_of:
+            return self.node_of[a]
+        if a not in self.root:
+            raise TracingError(f"{self.name} reads an intermediate value of a Dense, Conv or norm module"
+                               + self.hint)
+        r, (prim, _, ins, _, scope) = self.root[a], self.ops[self.producer[a]]
+        fn = self._match(a, r)
+        if fn == "":  # a scaling passes its input on (the mean, not the sum, is the pool's output)
+            name = self._name(r)
+            if self.node_of.get(r) == name != "<input>":
+                self.var[name] = a
+        elif fn is not None:
+            name = self._add(Node(self._fresh(scope[2:], fn), "relu" if fn == "relu" else "act", (self._name(r),),
+                                  fn="" if fn == "relu" else fn), a)
+        elif prim.name in ("add", "add_any") and len(ins) == 2 and all(i in self.root or i == r for i in ins):
+            name = self._add(Node(self._fresh(scope[2:], "add"), "add", tuple(map(self._name, ins))), a)
+        else:
+            raise TracingError(f"the element-wise function ending in {prim.name!r} in {scope[2:] or self.name!r} is "
+                               f"none of the known activations ({', '.join(dict(_FUNCTIONS))})" + self.hint)
+        self.node_of[a] = name
+        return name
+
+    def _fresh(self, path: str, base: str) -> str:
+        taken, stem = {n.name for n in self.nodes} | set(self.calls), f"{path}.{base}" if path else base
+        return next(name for k in range(len(taken) + 1) if (name := f"{stem}_{k}" if k else stem) not in taken)
+
+    def _add(self, node: Node, i: int) -> str:
+        self.nodes.append(node)
+        self.var[node.name], self.node_of[i] = i, node.name
+        return node.name
+
+    def table(self) -> LayerTable:
+        """The layer table (input shape channels-first)."""
+        if len(self.out) != 1 or len(self.shape[self.out[0]]) != 2 or self.out[0] in self.src:
+            raise TracingError(f"{self.name}.__call__ must return one (n, classes) array of logits" + self.hint)
+        if not self.nodes or self._name(self.out[0]) != self.nodes[-1].name:
+            raise TracingError(f"{self.name}.__call__ must return the logits made by its last operation" + self.hint)
+        x = self.shape[self.inputs[-1]]
+        try:
+            return LayerTable(self.name, (x[3], x[1], x[2]) if len(x) == 4 else x[1:], self.shape[self.out[0]][1],
+                              tuple(self.nodes), flax_sep="/")
+        except Exception as exc:
+            raise TracingError(f"the traced graph of {self.name} is not a valid layer table: {exc}" + self.hint
+                               ) from None
+
+
+def describe(module: nn.Module, variables: Any, x: Any) -> LayerTable:
+    """The layer table of a user's flax module, traced on ``x`` (a channels-last batch; inference mode).
+
+    Raises
+    ------
+    TracingError
+        If the module cannot be run on ``x``, or an operation is one the table cannot express.
+    """
+    table = _Trace(module, variables, x).table()
+    object.__setattr__(table, "config", {"architecture": None, "model": type(module).__qualname__, "width": 1.0,
+                                         "num_classes": table.num_classes, "input_shape": table.input_shape,
+                                         "traced": True, "framework": "flax"})
+    return table
+
+
+def taps(module: nn.Module, variables: Any, x: Any, points: tuple[str, ...]) -> dict[str, Any]:
+    """The outputs of the table nodes ``points`` of ``module.apply(variables, x)``, channels-last (jit-friendly)."""
+    t = _Trace(module, variables, x)
+    env = {**t.const, **dict(zip(t.inputs, [*jax.tree_util.tree_leaves(variables), x], strict=True))}
+    for prim, params, ins, outs, _ in t.ops:
+        env.update(zip(outs, _bind(prim, params, [env[i] for i in ins]), strict=True))
+    return {p: env[t.var[p]] for p in points}
