@@ -98,6 +98,8 @@ RECIPES: dict[str, TrainRecipe] = {
     "tiny10": TrainRecipe(epochs=300, lr=0.01, schedule="step", augment=True),
     "resnet20": TrainRecipe(epochs=250, lr=0.1, schedule="warmup_cosine", augment=True),
     "vgg16": TrainRecipe(epochs=250, lr=0.1, schedule="warmup_cosine", augment=True),
+    "resnet20_bn": TrainRecipe(epochs=250, lr=0.1, schedule="warmup_cosine", augment=True),
+    "vgg11_bn": TrainRecipe(epochs=250, lr=0.1, schedule="warmup_cosine", augment=True),
 }
 
 
