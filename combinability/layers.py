@@ -270,16 +270,10 @@ class LayerTable:
 
     def check_state(self, state: Mapping[str, Any], what: str = "state") -> None:
         """Raise :class:`LayoutError` unless ``state`` has exactly this table's names and shapes."""
-        expected = self.parameters()
-        missing = [k for k in expected if k not in state]
-        unknown = [k for k in state if k not in expected]
-        wrong = [f"{k}: {tuple(np.shape(state[k]))} (expected {expected[k][0]})" for k in expected
-                 if k in state and tuple(np.shape(state[k])) != expected[k][0]]
-        if missing or unknown or wrong:
-            parts = [f"missing {missing[:8]}" if missing else "", f"unknown names {unknown[:8]}" if unknown else "",
-                     f"wrong shapes {wrong[:8]}" if wrong else ""]
-            raise LayoutError(f"{what} does not fit the {self.name!r} layer table: "
-                              + "; ".join(p for p in parts if p))
+        from combinability.layout import check_names
+
+        check_names({k: shape for k, (shape, _) in self.parameters().items()},
+                    {k: np.shape(v) for k, v in state.items()}, f"{what} does not fit the {self.name!r} layer table")
 
     # -- channel spaces and the permutation spec ----------------------------------------
     def _spaces(self) -> tuple[dict[str, int], dict[int, str | None]]:

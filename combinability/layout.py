@@ -16,7 +16,7 @@ import numpy as np
 
 from combinability.errors import LayoutError
 
-__all__ = ["ParamEntry", "FlatLayout"]
+__all__ = ["ParamEntry", "FlatLayout", "check_names"]
 
 
 @dataclass(frozen=True)
@@ -255,3 +255,33 @@ class FlatLayout:
                 for r in records
             )
         )
+
+
+def check_names(expected: Mapping[str, Sequence[int]], given: Mapping[str, Sequence[int]], what: str, *,
+                missing: bool = True) -> None:
+    """Raise :class:`LayoutError` when the names (or their shapes) of ``given`` and ``expected`` differ.
+
+    Parameters
+    ----------
+    expected, given : mapping of name to shape
+    what : str
+        The start of the message (``"params do not match the model"``).
+    missing : bool
+        Whether names of ``expected`` absent from ``given`` are an error (False: ``given`` may be a subset).
+
+    Examples
+    --------
+    >>> check_names({"w": (2, 3)}, {"w": (3, 2), "b": (2,)}, "params do not match the model")
+    Traceback (most recent call last):
+    ...
+    combinability.errors.LayoutError: params do not match the model: unknown names ['b']; wrong shapes ['w: (3, 2) \
+(model: (2, 3))']
+    """
+    lost = [k for k in expected if k not in given] if missing else []
+    unknown = [k for k in given if k not in expected]
+    wrong = [f"{k}: {tuple(given[k])} (model: {tuple(expected[k])})" for k in given
+             if k in expected and tuple(given[k]) != tuple(expected[k])]
+    if lost or unknown or wrong:
+        parts = [lost and f"missing {lost[:8]}", unknown and f"unknown names {unknown[:8]}",
+                 wrong and f"wrong shapes {wrong[:8]}"]
+        raise LayoutError(f"{what}: " + "; ".join(filter(None, parts)))

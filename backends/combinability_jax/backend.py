@@ -19,9 +19,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from combinability.backend import Backend
-from combinability.errors import IncompatibleModelsError, LayoutError, UnknownNameError
+from combinability.errors import IncompatibleModelsError, UnknownNameError
 from combinability.layers import LayerTable
-from combinability.layout import FlatLayout
+from combinability.layout import FlatLayout, check_names
 from combinability_jax.models import FlaxModel, TableNet, flatten_variables, unflatten_variables
 from combinability_jax.trace import taps as trace_taps
 from combinability_jax.trace import train_kwargs
@@ -46,23 +46,12 @@ def _precision(precision: str | None) -> contextlib.AbstractContextManager:
     return jax.default_matmul_precision(precision) if precision else contextlib.nullcontext()
 
 
-def _mismatch(expected: Mapping[str, tuple], given: Mapping[str, tuple], what: str, missing: bool = True) -> None:
-    """Raise :class:`LayoutError` when names (or their shapes) of ``given`` and ``expected`` differ."""
-    lost = [k for k in expected if k not in given] if missing else []
-    unknown = [k for k in given if k not in expected]
-    wrong = [f"{k}: {given[k]} (model: {expected[k]})" for k in given if k in expected and given[k] != expected[k]]
-    if lost or unknown or wrong:
-        parts = [lost and f"missing {lost[:8]}", unknown and f"unknown names {unknown[:8]}",
-                 wrong and f"wrong shapes {wrong[:8]}"]
-        raise LayoutError(f"{what}: " + "; ".join(filter(None, parts)))
-
-
 class JaxPrepared:
     """:class:`~combinability.backend.Prepared` for one flax model and layout."""
 
     def __init__(self, backend: JaxBackend, model: FlaxModel, layout: FlatLayout) -> None:
         state = backend.state(model)
-        _mismatch({k: v.shape for k, v in state.items()}, {e.name: e.shape for e in layout.entries},
+        check_names({k: v.shape for k, v in state.items()}, {e.name: e.shape for e in layout.entries},
                   f"the layout does not fit the {model!r}", missing=False)
         self.backend, self.module, self.table = backend, model.module, model.table
         self.user = model.table is not None and not isinstance(model.module, TableNet)
@@ -287,7 +276,7 @@ class JaxBackend(Backend):
         """A new model holding ``params``; :class:`LayoutError` on missing, unknown or wrong-shaped names."""
         model = self._model(model)
         current = self.state(model)
-        _mismatch({k: v.shape for k, v in current.items()}, {k: np.shape(v) for k, v in params.items()},
+        check_names({k: v.shape for k, v in current.items()}, {k: np.shape(v) for k, v in params.items()},
                   "params do not match the model")
         table = model.table
         named = table.to_flax({k: np.asarray(params[k]) for k in current}) if table is not None else dict(params)

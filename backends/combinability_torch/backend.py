@@ -19,9 +19,9 @@ from torch import nn
 from torch.func import functional_call, vmap
 
 from combinability.backend import Backend
-from combinability.errors import LayoutError, TracingError, UnknownNameError
+from combinability.errors import TracingError, UnknownNameError
 from combinability.layers import LayerTable
-from combinability.layout import FlatLayout
+from combinability.layout import FlatLayout, check_names
 from combinability_torch.models import TableNet
 from combinability_torch.trace import TapRunner
 
@@ -65,14 +65,8 @@ class TorchPrepared:
     """:class:`~combinability.backend.Prepared` for one torch module and layout."""
 
     def __init__(self, backend: TorchBackend, model: nn.Module, layout: FlatLayout) -> None:
-        state = model.state_dict()
-        unknown = [e.name for e in layout.entries if e.name not in state]
-        wrong = [f"{e.name}: {e.shape} (model: {tuple(state[e.name].shape)})" for e in layout.entries
-                 if e.name in state and tuple(state[e.name].shape) != e.shape]
-        if unknown or wrong:
-            raise LayoutError(f"the layout does not fit the {type(model).__name__}: "
-                              + "; ".join(filter(None, [unknown and f"unknown names {unknown[:8]}",
-                                                        wrong and f"wrong shapes {wrong[:8]}"])))
+        check_names({k: v.shape for k, v in model.state_dict().items()}, {e.name: e.shape for e in layout.entries},
+                    f"the layout does not fit the {type(model).__name__}", missing=False)
         self.backend, self.layout = backend, layout
         self.model = copy.deepcopy(model).to(backend.torch_device).eval()
         if not isinstance(self.model, TableNet):
@@ -238,15 +232,8 @@ class TorchBackend(Backend):
         LayoutError
             If ``params`` misses a name of the model's state, has an unknown one, or a shape differs.
         """
-        current = model.state_dict()
-        missing = [k for k in current if k not in params]
-        unknown = [k for k in params if k not in current]
-        wrong = [f"{k}: {np.shape(params[k])} (model: {tuple(current[k].shape)})" for k in current
-                 if k in params and tuple(np.shape(params[k])) != tuple(current[k].shape)]
-        if missing or unknown or wrong:
-            raise LayoutError("params do not match the model: " + "; ".join(filter(None, [
-                missing and f"missing {missing[:8]}", unknown and f"unknown names {unknown[:8]}",
-                wrong and f"wrong shapes {wrong[:8]}"])))
+        check_names({k: v.shape for k, v in model.state_dict().items()}, {k: np.shape(v) for k, v in params.items()},
+                    "params do not match the model")
         new = copy.deepcopy(model)
         with torch.no_grad():
             for name, tensor in new.state_dict().items():
