@@ -123,15 +123,14 @@ BUILTIN_METRICS: dict[str, LogitMetric] = {"brier": BRIER}
 @hookimpl
 def combinability_register_metrics() -> list[Registration]:
     """The built-in logit metrics beside loss and accuracy (which every evaluation computes)."""
-    return [Registration("brier", "combinability.evaluation:BRIER", BRIER.long_name)]
+    return [Registration(name, f"combinability.evaluation:{name.upper()}", metric.long_name)
+            for name, metric in BUILTIN_METRICS.items()]
 
 
 def get_logit_metric(metric: str | LogitMetric) -> LogitMetric:
     """A :class:`LogitMetric` from its registered name (built-in or plugin) or itself."""
     if isinstance(metric, LogitMetric):
         return metric
-    if metric in BUILTIN_METRICS:
-        return BUILTIN_METRICS[metric]
     from combinability.errors import PluginError, UnknownNameError
     from combinability.plugins import get_metric, list_metrics
 
@@ -139,7 +138,7 @@ def get_logit_metric(metric: str | LogitMetric) -> LogitMetric:
         value = get_metric(metric)
     except UnknownNameError:
         raise UnknownNameError(f"unknown metric {metric!r}; available: "
-                               f"{', '.join(sorted({*BUILTIN_METRICS, *list_metrics()}))}") from None
+                               f"{', '.join(list_metrics())}") from None
     if not isinstance(value, LogitMetric):
         raise PluginError(f"metric {metric!r} is a {type(value).__name__}, not a combinability.LogitMetric")
     return value

@@ -197,7 +197,6 @@ def fit(backend: Backend, model: Any, data: ArrayDataset, recipe: TrainRecipe, *
               leave=False) as bar:
         for epoch in range(recipe.epochs):
             order = backend.asarray(rng.permutation(n).astype(np.int64))
-            running = 0.0
             losses = []
             for b in range(steps_per_epoch):
                 idx = order[b * bs : (b + 1) * bs]
