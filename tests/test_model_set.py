@@ -61,3 +61,22 @@ def test_sets_of_different_models_are_refused():
         cb.ModelSet([a])
     with pytest.raises(cb.UnknownNameError, match="valid: 0..1"):
         cb.ModelSet([a, a]).theta(5)
+
+
+def test_transitivity_file_keeps_its_model_labels(digits_triple, tmp_path):
+    """§5.3 runs on B and C (both re-based to A); the file written says so, and so does its figure."""
+    from combinability import experiments as ex
+    from combinability import plots
+    from combinability.plots.curves import _end_names
+
+    out = tmp_path / "transitivity.nc"
+    ex.transitivity(digits_triple, out=out, data="digits", splits=["test"], values=[0.0, 0.5, 1.0], limit=100)
+    saved = cb.open_results(out)
+    assert saved.attrs["models"].startswith("lam=0: model B, lam=1: model C")
+    assert _end_names(saved, ["a", "b"]) == {"a": "B", "b": "C"}
+    # lam = 0 is model B re-based to A: the pair's own aligned B
+    test = cb.load_dataset("digits", "test").subset(100)
+    loss_b, _ = numpy_evaluation(digits_triple.layout, digits_triple.theta_b, test)
+    at_0 = float(saved["loss"].sel(alignment="transitive", split="test").isel(lam=0, sample=0))
+    assert at_0 == pytest.approx(loss_b, rel=1e-5)
+    plots.plot_sweep(saved, tmp_path / "transitivity.png")

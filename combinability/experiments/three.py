@@ -39,10 +39,10 @@ def transitivity(pair: ModelPair, *, out: str | Path | None = None, seed: int = 
     direct = naive_bc.align(pair.permutation.method if pair.permutation is not None else "weight", seed=seed)
 
     def run(o: Path | None) -> xr.Dataset:
-        ds = sweep_pairs({"naive": naive_bc, "transitive": transitive, "direct": direct}, Linear(), out=o,
-                         **sweep_kwargs)
-        ds.attrs["models"] = "lam=0: model B, lam=1: model C; transitive: both re-based to model A"
-        return ds
+        # the labels go into the file too: its figure names the ends B and C, not A and B
+        labels = {"models": "lam=0: model B, lam=1: model C; transitive: both re-based to model A"}
+        return sweep_pairs({"naive": naive_bc, "transitive": transitive, "direct": direct}, Linear(), out=o,
+                           attrs=labels, **sweep_kwargs)
 
     return reuse_or_run(out, run)
 
