@@ -24,6 +24,7 @@ __all__ = [
     "AlignmentError",
     "ConfigurationError",
     "TracingError",
+    "OutputLockedError",
 ]
 
 
@@ -95,3 +96,7 @@ class ConfigurationError(CombinabilityError, ValueError):
 
 class TracingError(CombinabilityError, ValueError):
     """A user's model could not be traced into a layer table (pass ``spec=`` by hand)."""
+
+
+class OutputLockedError(CombinabilityError, OSError):
+    """Another process is writing the same output file."""

@@ -31,6 +31,7 @@ from combinability.errors import (
     SamplerError,
     UnknownNameError,
 )
+from combinability.files import output_lock
 from combinability.results import json_attr, open_results, provenance, write_results
 
 if TYPE_CHECKING:
@@ -150,9 +151,10 @@ def sweep(
         Data the repair may use (a dataset name's training split, or the data).
     out : path, optional
         Stream results to this netCDF file (atomically rewritten after every
-        evaluation). If it exists and holds a compatible, unfinished sweep, the sweep
-        resumes from it; if it holds a different sweep, :class:`ResumeMismatchError`
-        unless ``overwrite=True``.
+        evaluation), under an exclusive lock for the whole sweep (``<out>.lock``): a second
+        process sweeping into the same file is refused with the holder's pid. If it exists
+        and holds a compatible, unfinished sweep, the sweep resumes from it; if it holds a
+        different sweep, :class:`ResumeMismatchError` unless ``overwrite=True``.
     overwrite : bool
         Start afresh even when ``out`` exists.
     progress : bool
@@ -238,130 +240,131 @@ def sweep(
     values = {m.name: np.full(shape, np.nan) for m in extra}
     done = np.zeros((len(grid), n_samples), dtype=bool)
     out_path = Path(out) if out is not None else None
-    if out_path is not None and out_path.exists() and not overwrite:
-        previous = open_results(out_path)
-        if previous.attrs.get("sweep_key") != key:
-            raise ResumeMismatchError(
-                f"{out_path} holds a different sweep (other sampler, values, seed, data or models); "
-                "pass overwrite=True to replace it, or choose another path"
-            )
-        loss[...] = previous["loss"].transpose("split", param_dim, "sample").values
-        accuracy[...] = previous["accuracy"].transpose("split", param_dim, "sample").values
-        done[...] = previous["done"].transpose(param_dim, "sample").values.astype(bool)
-        for m in extra:
-            values[m.name][...] = previous[m.name].transpose("split", param_dim, "sample").values
-        if agreement:
-            counts[...] = previous["agreement"].transpose("split", param_dim, "sample", "category").values
+    with output_lock(out_path):
+        if out_path is not None and out_path.exists() and not overwrite:
+            previous = open_results(out_path)
+            if previous.attrs.get("sweep_key") != key:
+                raise ResumeMismatchError(
+                    f"{out_path} holds a different sweep (other sampler, values, seed, data or models); "
+                    "pass overwrite=True to replace it, or choose another path"
+                )
+            loss[...] = previous["loss"].transpose("split", param_dim, "sample").values
+            accuracy[...] = previous["accuracy"].transpose("split", param_dim, "sample").values
+            done[...] = previous["done"].transpose(param_dim, "sample").values.astype(bool)
+            for m in extra:
+                values[m.name][...] = previous[m.name].transpose("split", param_dim, "sample").values
+            if agreement:
+                counts[...] = previous["agreement"].transpose("split", param_dim, "sample", "category").values
 
-    # -- end models -----------------------------------------------------------------------
-    template = pair.template
-    layout = pair.layout
-    ends = dict(zip("abc", pair.thetas, strict=False))
-    dev = {m: be.asarray(t) for m, t in ends.items()}
-    evaluator = Evaluator(be, template, layout, batch_size=batch_size, metrics=extra)
-    split_info = []
-    for name, ds in datasets.items():
-        # one vector per call, as the combinations below: the same kernels give the same bits at v = 0 and 1
-        evs = [evaluator.evaluate([dev[m]], ds)[0] for m in ends]
-        split_info.append(_Split(name, ds, dict(zip(ends, evs, strict=True))))
+        # -- end models -----------------------------------------------------------------------
+        template = pair.template
+        layout = pair.layout
+        ends = dict(zip("abc", pair.thetas, strict=False))
+        dev = {m: be.asarray(t) for m, t in ends.items()}
+        evaluator = Evaluator(be, template, layout, batch_size=batch_size, metrics=extra)
+        split_info = []
+        for name, ds in datasets.items():
+            # one vector per call, as the combinations below: the same kernels give the same bits at v = 0 and 1
+            evs = [evaluator.evaluate([dev[m]], ds)[0] for m in ends]
+            split_info.append(_Split(name, ds, dict(zip(ends, evs, strict=True))))
 
-    attrs = provenance(
-        combinability_format="sweep",
-        sweep_key=key,
-        sampler=smp.name,
-        sampler_settings=smp.settings,
-        parameter=param_dim if not three else json_attr(list(smp.parameters)),
-        architecture=pair.architecture,
-        width=float(pair.width),
-        backend=be.name,
-        device=be.device(),
-        framework_versions=be.versions(),
-        dataset=data_name,
-        splits=json_attr(split_names),
-        examples=json_attr({s.name: len(s.data) for s in split_info}),
-        seed=seed,
-        samples=n_samples,
-        alignment=pair.alignment,
-        alignment_objective=(pair.transforms[1].objective if pair.transforms[1] is not None
-                             and getattr(pair.transforms[1], "objective", None) is not None else None),
-        parameters=int(layout.size),
-        fingerprints=pair.fingerprints(),
-    )
+        attrs = provenance(
+            combinability_format="sweep",
+            sweep_key=key,
+            sampler=smp.name,
+            sampler_settings=smp.settings,
+            parameter=param_dim if not three else json_attr(list(smp.parameters)),
+            architecture=pair.architecture,
+            width=float(pair.width),
+            backend=be.name,
+            device=be.device(),
+            framework_versions=be.versions(),
+            dataset=data_name,
+            splits=json_attr(split_names),
+            examples=json_attr({s.name: len(s.data) for s in split_info}),
+            seed=seed,
+            samples=n_samples,
+            alignment=pair.alignment,
+            alignment_objective=(pair.transforms[1].objective if pair.transforms[1] is not None
+                                 and getattr(pair.transforms[1], "objective", None) is not None else None),
+            parameters=int(layout.size),
+            fingerprints=pair.fingerprints(),
+        )
 
-    def build() -> xr.Dataset:
-        dims = ("split", param_dim, "sample")
-        variables: dict[str, Any] = {
-            "loss": (dims, loss.copy(), {"long_name": "mean cross-entropy loss"}),
-            "accuracy": (dims, accuracy.copy(), {"long_name": "top-1 accuracy"}),
-            "done": ((param_dim, "sample"), done.copy(), {"long_name": "evaluation finished"}),
-        }
-        for m in extra:
-            variables[m.name] = (dims, values[m.name].copy(), {"long_name": m.long_name or m.name})
-        for m in ends:
-            variables[f"loss_{m}"] = (("split",), np.array([s.ends[m].loss for s in split_info]),
-                                      {"long_name": f"loss of model {m.upper()}"})
-            variables[f"accuracy_{m}"] = (("split",), np.array([s.ends[m].accuracy for s in split_info]),
-                                          {"long_name": f"accuracy of model {m.upper()}"})
-        ds_coords = dict(coords)
-        if agreement:
-            variables["agreement"] = ((*dims, "category"), counts.copy(),
-                                      {"long_name": "examples per agreement category (paper §6.1)"})
-            ds_coords["category"] = list(AGREEMENT_CATEGORIES)
-        return xr.Dataset(variables, coords=ds_coords, attrs=dict(attrs))
+        def build() -> xr.Dataset:
+            dims = ("split", param_dim, "sample")
+            variables: dict[str, Any] = {
+                "loss": (dims, loss.copy(), {"long_name": "mean cross-entropy loss"}),
+                "accuracy": (dims, accuracy.copy(), {"long_name": "top-1 accuracy"}),
+                "done": ((param_dim, "sample"), done.copy(), {"long_name": "evaluation finished"}),
+            }
+            for m in extra:
+                variables[m.name] = (dims, values[m.name].copy(), {"long_name": m.long_name or m.name})
+            for m in ends:
+                variables[f"loss_{m}"] = (("split",), np.array([s.ends[m].loss for s in split_info]),
+                                          {"long_name": f"loss of model {m.upper()}"})
+                variables[f"accuracy_{m}"] = (("split",), np.array([s.ends[m].accuracy for s in split_info]),
+                                              {"long_name": f"accuracy of model {m.upper()}"})
+            ds_coords = dict(coords)
+            if agreement:
+                variables["agreement"] = ((*dims, "category"), counts.copy(),
+                                          {"long_name": "examples per agreement category (paper §6.1)"})
+                ds_coords["category"] = list(AGREEMENT_CATEGORIES)
+            return xr.Dataset(variables, coords=ds_coords, attrs=dict(attrs))
 
-    # -- the loop --------------------------------------------------------------------------
-    todo = [(i, s) for i in range(len(grid)) for s in range(n_samples) if not done[i, s]]
-    bar = None
-    if progress and todo:
-        from tqdm.auto import tqdm
+        # -- the loop --------------------------------------------------------------------------
+        todo = [(i, s) for i in range(len(grid)) for s in range(n_samples) if not done[i, s]]
+        bar = None
+        if progress and todo:
+            from tqdm.auto import tqdm
 
-        bar = tqdm(total=len(todo), desc=f"{smp.name} ({pair.alignment})", unit="eval")
-    xp = be.xp()
-    repair_cache: dict = {}
-    if repair_fn is not None and callable(getattr(repair_fn, "validate", None)):
-        from combinability.repairs import RepairContext
-
-        # a repair checks its inputs (e.g. BatchNorm present, repair_data shape) before the long loop
-        repair_fn.validate(RepairContext(be, template, layout, list(dev.values()), None, repair_data, pair.table,
-                                         repair_cache))
-    for i, s in todo:
-        ctx = DrawContext(layout, be.random(sample_seed(seed, i, s, smp.name)), theta_a=dev["a"], theta_b=dev["b"])
-        if three:
-            v_b, v_c = smp.draw(grid[i], ctx)
-            theta = combine3(dev["a"], dev["b"], dev["c"], v_b, v_c)
-            v = (v_b, v_c)
-        else:
-            v = smp.draw(grid[i], ctx)
-            theta = combine(dev["a"], dev["b"], v)
-        del ctx
-        if repair_fn is not None:
+            bar = tqdm(total=len(todo), desc=f"{smp.name} ({pair.alignment})", unit="eval")
+        xp = be.xp()
+        repair_cache: dict = {}
+        if repair_fn is not None and callable(getattr(repair_fn, "validate", None)):
             from combinability.repairs import RepairContext
 
-            theta = repair_fn(theta, RepairContext(be, template, layout, list(dev.values()), v, repair_data,
-                                                   pair.table, repair_cache))
-        del v
-        for k, split in enumerate(split_info):
-            (ev,) = evaluator.evaluate([theta], split.data)
-            loss[k, i, s] = ev.loss
-            accuracy[k, i, s] = ev.accuracy
-            for m in extra:
-                values[m.name][k, i, s] = ev.values[m.name]
-            if agreement:
-                counts[k, i, s] = agreement_counts(ev.predictions, split.ends["a"].predictions,
-                                                   split.ends["b"].predictions, split.data.y)
-        del theta
-        done[i, s] = True
-        if out_path is not None:
-            write_results(build(), out_path)
+            # a repair checks its inputs (e.g. BatchNorm present, repair_data shape) before the long loop
+            repair_fn.validate(RepairContext(be, template, layout, list(dev.values()), None, repair_data, pair.table,
+                                             repair_cache))
+        for i, s in todo:
+            ctx = DrawContext(layout, be.random(sample_seed(seed, i, s, smp.name)), theta_a=dev["a"], theta_b=dev["b"])
+            if three:
+                v_b, v_c = smp.draw(grid[i], ctx)
+                theta = combine3(dev["a"], dev["b"], dev["c"], v_b, v_c)
+                v = (v_b, v_c)
+            else:
+                v = smp.draw(grid[i], ctx)
+                theta = combine(dev["a"], dev["b"], v)
+            del ctx
+            if repair_fn is not None:
+                from combinability.repairs import RepairContext
+
+                theta = repair_fn(theta, RepairContext(be, template, layout, list(dev.values()), v, repair_data,
+                                                       pair.table, repair_cache))
+            del v
+            for k, split in enumerate(split_info):
+                (ev,) = evaluator.evaluate([theta], split.data)
+                loss[k, i, s] = ev.loss
+                accuracy[k, i, s] = ev.accuracy
+                for m in extra:
+                    values[m.name][k, i, s] = ev.values[m.name]
+                if agreement:
+                    counts[k, i, s] = agreement_counts(ev.predictions, split.ends["a"].predictions,
+                                                       split.ends["b"].predictions, split.data.y)
+            del theta
+            done[i, s] = True
+            if out_path is not None:
+                write_results(build(), out_path)
+            if bar is not None:
+                bar.update(1)
         if bar is not None:
-            bar.update(1)
-    if bar is not None:
-        bar.close()
-    del xp
-    result = build()
-    if out_path is not None and not todo and not out_path.exists():
-        write_results(result, out_path)
-    return result
+            bar.close()
+        del xp
+        result = build()
+        if out_path is not None and not todo and not out_path.exists():
+            write_results(result, out_path)
+        return result
 
 
 def sweep_pairs(pairs: Mapping[str, ModelPair], sampler: Sampler | str | None = None, *,

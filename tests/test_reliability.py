@@ -193,3 +193,34 @@ def test_same_seed_same_bits_across_processes(tmp_path):
     # different seeds differ
     assert first["core+evaluation"] != other_seed["core+evaluation"]
     assert first["training"] != other_seed["training"]
+
+
+HOLDER = textwrap.dedent(
+    """
+    import sys, time
+    from combinability.files import output_lock
+    with output_lock(sys.argv[1]):
+        print("locked", flush=True)
+        time.sleep(120)
+    """
+)
+
+
+def test_two_processes_cannot_write_one_results_file(digits_pair, tmp_path):
+    """A second sweep into a file another process is writing is refused, naming the holder's pid;
+    once that process is killed (SIGKILL: no clean-up), its lock is taken over."""
+    out = tmp_path / "shared.nc"
+    holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(out)], stdout=subprocess.PIPE, text=True,
+                              env=_env())
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        kw = dict(data="digits", splits=["test"], values=[0.5], limit=50, out=out)
+        with pytest.raises(cb.OutputLockedError, match=rf"being written by another process \(pid {holder.pid}\)"):
+            cb.sweep(digits_pair, cb.Linear(), **kw)
+        assert not out.exists()
+    finally:
+        holder.kill()
+        holder.wait()
+    ds = cb.sweep(digits_pair, cb.Linear(), **kw)
+    assert out.exists() and bool(ds["done"].all())
+    assert not (tmp_path / "shared.nc.lock.pid").exists()
