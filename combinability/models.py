@@ -78,6 +78,9 @@ def train(
     progress : bool
         Show a progress bar.
     """
+    from combinability.data.convert import check_seed
+
+    seed = check_seed(seed)
     be = get_backend(backend)
     arch = get_architecture(architecture)
     recipe = recipe or RECIPES.get(arch.name, TrainRecipe())

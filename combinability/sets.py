@@ -288,7 +288,9 @@ class ModelSet:
             Passed to the aligner (e.g. ``restarts``, ``max_iter`` for weight matching).
         """
         from combinability.align import AlignTask, align
+        from combinability.data.convert import check_seed
 
+        seed = check_seed(seed)
         naive = self.naive or self
         reference = naive.params(0)
         features = self._feature_source(naive, data, examples) if data is not None else None

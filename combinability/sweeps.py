@@ -206,8 +206,14 @@ def sweep(
     n_samples = 1 if smp.deterministic else (4 if samples is None else int(samples))
     if n_samples < 1:
         raise ConfigurationError(f"samples must be >= 1, got {samples}")
+    from combinability.data.convert import check_labels, check_seed
+
+    seed = check_seed(seed)
     input_shape = pair.table.data_shape if pair.table is not None else None
     datasets = _resolve_data(data, splits, limit, input_shape)
+    if pair.table is not None:
+        for ds in datasets.values():
+            check_labels(ds, pair.table.num_classes)
     split_names = list(datasets)
 
     # -- the result arrays and their identity (what a resumed run must match) ----------

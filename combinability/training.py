@@ -164,13 +164,18 @@ def fit(backend: Backend, model: Any, data: ArrayDataset, recipe: TrainRecipe, *
     from tqdm.auto import tqdm
 
     from combinability.augmentation import affine_matrices, sample_params
+    from combinability.data.convert import check_labels, check_seed
     from combinability.errors import DatasetError, NonFiniteWeightsError
     from combinability.evaluation import device_data, mean_cross_entropy
     from combinability.layout import FlatLayout
 
+    seed = check_seed(seed)
     n = len(data)
     if n == 0:
         raise DatasetError("cannot train on an empty dataset")
+    table = backend.table_of(model)
+    if table is not None:
+        check_labels(data, table.num_classes)
     xp = backend.xp()
     state = backend.state(model)
     floats = {k: v for k, v in state.items() if np.issubdtype(v.dtype, np.floating)}

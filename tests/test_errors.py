@@ -222,3 +222,33 @@ def test_checkpoints_of_version_0_1_still_load(tmp_path):
         loaded = cb.get_backend("torch").state(cb.load_model(tmp_path / path))
         for k, v in state.items():
             np.testing.assert_array_equal(loaded[k], v, err_msg=f"{path}: {k}")
+
+
+@pytest.mark.parametrize("seed", [-1, 2**64, 1.5])
+def test_seeds_outside_the_streams_range_are_refused_up_front(digits_pair, seed, tmp_path):
+    with pytest.raises(cb.ConfigurationError, match=r"seed must be an integer in \[0, 2\*\*64\)"):
+        cb.sweep(digits_pair, cb.Uniform(), data="digits", values=[0.5], seed=seed, out=tmp_path / "s.nc")
+    assert not (tmp_path / "s.nc").exists()
+    with pytest.raises(cb.ConfigurationError, match="seed must be"):
+        cb.train("mlp", "digits", seed=seed, epochs=1, width=0.125, checkpoint=tmp_path / "m.ckpt")
+    assert not (tmp_path / "m.ckpt").exists()
+    with pytest.raises(cb.ConfigurationError, match="seed must be"):
+        digits_pair.naive.align("weight", seed=seed)
+
+
+def test_large_seeds_work_end_to_end(digits_pair, tmp_path):
+    ds = cb.sweep(digits_pair, cb.Uniform(), data="digits", splits=["test"], values=[0.5], samples=1,
+                  seed=2**64 - 1, limit=50, out=tmp_path / "big.nc")
+    assert np.isfinite(ds["loss"].values).all()
+    assert int(cb.open_results(tmp_path / "big.nc").attrs["seed"]) == 2**64 - 1
+
+
+@pytest.mark.parametrize("bad", [-100, 10])
+def test_labels_outside_the_models_classes_are_refused(digits_pair, bad):
+    test = cb.load_dataset("digits", "test")
+    y = test.y.copy()
+    y[3] = bad  # -100 is torch's "ignore": it would silently drop the example
+    with pytest.raises(cb.DatasetError, match=rf"1 label\(s\).*outside \[0, 10\), e.g. \[{bad}\]"):
+        cb.sweep(digits_pair, cb.Linear(), data=(test.x, y), values=[0.5])
+    with pytest.raises(cb.DatasetError, match="outside"):
+        cb.train("mlp", cb.data.ArrayDataset(test.x, y, 10, name="bad"), epochs=1, width=0.125)

@@ -15,7 +15,35 @@ import numpy as np
 from combinability.data.base import ArrayDataset
 from combinability.errors import DatasetError
 
-__all__ = ["as_dataset", "as_datasets", "to_numpy"]
+__all__ = ["as_dataset", "as_datasets", "to_numpy", "check_labels", "check_seed"]
+
+
+def check_seed(seed: Any, what: str = "seed") -> int:
+    """``seed`` as an int in ``[0, 2**64)``, the range every random stream of the library takes.
+
+    Raises
+    ------
+    ConfigurationError
+        For a negative seed, one of ``2**64`` or more, or a non-integer.
+    """
+    from combinability.errors import ConfigurationError
+
+    if isinstance(seed, bool) or not isinstance(seed, int | np.integer) or not 0 <= int(seed) < 2**64:
+        raise ConfigurationError(f"{what} must be an integer in [0, 2**64), got {seed!r}")
+    return int(seed)
+
+
+def check_labels(data: ArrayDataset, num_classes: int) -> None:
+    """Raise :class:`DatasetError` unless every label of ``data`` is in ``[0, num_classes)``.
+
+    Labels such as ``-100`` (torch's "ignore") would otherwise be silently skipped or wrong.
+    """
+    y = np.asarray(data.y)
+    bad = (y < 0) | (y >= num_classes)
+    if bad.any():
+        raise DatasetError(f"{int(bad.sum())} label(s) of {data.name or 'the data'} ({data.split or 'split'}) lie "
+                           f"outside [0, {num_classes}), e.g. {sorted(set(y[bad].tolist()))[:5]}; the models have "
+                           f"{num_classes} classes")
 
 
 def to_numpy(array: Any) -> np.ndarray:
