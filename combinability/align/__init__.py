@@ -20,28 +20,14 @@ Example
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 from combinability.align.base import Aligner, AlignTask, Features
 from combinability.errors import PermutationSpecError, PluginError
 from combinability.permutation import Permutation, check_permutation
+from combinability.plugins import get_aligner, list_aligners
 
 __all__ = ["AlignTask", "Aligner", "Features", "align", "get_aligner", "list_aligners"]
-
-
-def list_aligners() -> list[str]:
-    """Names of the installed aligners (imports none of them)."""
-    from combinability.plugins import list_aligners as _list
-
-    return _list()
-
-
-def get_aligner(name: str | Callable[..., Any]) -> Aligner:
-    """The aligner registered as ``name`` (see :func:`combinability.plugins.get_aligner`)."""
-    from combinability.plugins import get_aligner as _get
-
-    return _get(name)
 
 
 def align(name: str | Aligner, task: AlignTask, **options: Any) -> Permutation:

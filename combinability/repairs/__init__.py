@@ -13,6 +13,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from combinability.plugins import get_repair, list_repairs
+
 __all__ = ["Repair", "RepairContext", "get_repair", "list_repairs"]
 
 #: A repair: ``repair(theta, context) -> theta``.
@@ -52,25 +54,3 @@ class RepairContext:
     data: Any = None
     table: Any = None
     cache: dict = field(default_factory=dict)
-
-
-def list_repairs() -> list[str]:
-    """Names of the installed repairs (imports none of them)."""
-    from combinability.plugins import list_repairs as _list
-
-    return _list()
-
-
-def get_repair(name: str | Repair) -> Repair:
-    """The repair registered as ``name`` (a callable passes through).
-
-    Raises
-    ------
-    UnknownNameError
-        If no plugin registers ``name``; the message lists the installed repairs.
-    PluginError
-        If the registration's target cannot be found or is not callable.
-    """
-    from combinability.plugins import get_repair as _get
-
-    return _get(name)
