@@ -25,6 +25,8 @@ __all__ = [
     "ConfigurationError",
     "TracingError",
     "OutputLockedError",
+    "OutputExistsError",
+    "OutputNotWritableError",
 ]
 
 
@@ -100,3 +102,11 @@ class TracingError(CombinabilityError, ValueError):
 
 class OutputLockedError(CombinabilityError, OSError):
     """Another process is writing the same output file."""
+
+
+class OutputExistsError(CombinabilityError, FileExistsError):
+    """An output path holds a file this run did not write (not this library's, or another run's result)."""
+
+
+class OutputNotWritableError(CombinabilityError, PermissionError):
+    """An output location cannot be written; raised before any long work starts."""

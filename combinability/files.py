@@ -7,11 +7,106 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
+import socket
 import tempfile
+import threading
 from pathlib import Path
 from typing import Any
 
-__all__ = ["atomic_path", "output_lock"]
+__all__ = ["atomic_path", "output_lock", "check_writable", "stop_on_sigterm", "clean_stale_temporaries"]
+
+
+def _temp_prefix(target: Path) -> str:
+    """Prefix of ``target``'s temporary files: they name the host and pid that wrote them."""
+    return f".{target.name}.{socket.gethostname()}.{os.getpid()}."
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
+
+
+def clean_stale_temporaries(path: str | os.PathLike) -> list[Path]:
+    """Remove temporary files left beside ``path`` by killed runs on this host; return them.
+
+    A temporary file is ``.<name>.<host>.<pid>.<random>.tmp``; it is stale when ``<host>``
+    is this machine and process ``<pid>`` no longer exists. Files of live processes, and
+    of other hosts (a shared cluster filesystem), are left alone.
+    """
+    target = Path(path)
+    host = socket.gethostname()
+    removed = []
+    if not target.parent.is_dir():
+        return removed
+    for candidate in target.parent.glob(f".{target.name}.*.tmp"):
+        rest = candidate.name[len(target.name) + 2:].split(".")
+        if len(rest) < 4 or ".".join(rest[:-3]) != host or not rest[-3].isdigit():
+            continue
+        if not _alive(int(rest[-3])):
+            with contextlib.suppress(OSError):
+                candidate.unlink()
+                removed.append(candidate)
+    return removed
+
+
+def check_writable(path: str | os.PathLike, *, what: str = "output") -> Path:
+    """Check, before long work starts, that ``path`` can be created or replaced.
+
+    Creates missing parent folders, then creates and removes a probe file beside
+    ``path`` (the way :func:`atomic_path` will write it).
+
+    Raises
+    ------
+    OutputNotWritableError
+        If the folder cannot be created or written, or ``path`` is a folder.
+    """
+    from combinability.errors import OutputNotWritableError
+
+    target = Path(path)
+    if target.is_dir():
+        raise OutputNotWritableError(f"the {what} path {target} is a folder; give a file name")
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=_temp_prefix(target), suffix=".tmp", dir=target.parent)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise OutputNotWritableError(
+            f"cannot write the {what} {target}: {exc.strerror or exc} (folder {target.parent}); "
+            "choose a writable location"
+        ) from None
+    return target
+
+
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM, raised as an interrupt so that cleanup runs exactly as for Ctrl-C."""
+
+
+@contextlib.contextmanager
+def stop_on_sigterm() -> Any:
+    """Turn SIGTERM into :class:`KeyboardInterrupt` for the block (main thread only).
+
+    A batch system's ``kill`` (SIGTERM) then stops a run as cleanly as Ctrl-C: temporary
+    files are removed, locks released and finished results kept.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum: int, frame: Any) -> None:
+        raise _Terminated("terminated (SIGTERM)")
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 @contextlib.contextmanager
@@ -19,11 +114,13 @@ def atomic_path(path: str | os.PathLike) -> Any:
     """Yield a temporary path beside ``path``; on success it replaces ``path`` atomically.
 
     If the block raises (a failing write, a full disk, Ctrl-C), the temporary file is
-    removed and ``path``'s previous content is left intact.
+    removed and ``path``'s previous content is left intact. Temporary files of killed
+    runs (``kill -9``) are removed by the next write to the same path.
     """
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    clean_stale_temporaries(target)
+    fd, tmp = tempfile.mkstemp(prefix=_temp_prefix(target), suffix=".tmp", dir=target.parent)
     os.close(fd)
     try:
         yield Path(tmp)
