@@ -71,6 +71,10 @@ def check_writable(path: str | os.PathLike, *, what: str = "output") -> Path:
     target = Path(path)
     if target.is_dir():
         raise OutputNotWritableError(f"the {what} path {target} is a folder; give a file name")
+    blocking = next((p for p in target.parents if p.exists() and not p.is_dir()), None)
+    if blocking is not None:
+        raise OutputNotWritableError(f"cannot write the {what} {target}: {blocking} is a file, not a folder; "
+                                     "choose a writable location")
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
         fd, probe = tempfile.mkstemp(prefix=_temp_prefix(target), suffix=".tmp", dir=target.parent)
@@ -150,6 +154,8 @@ def output_lock(path: str | os.PathLike | None, *, wait: float = 0.0) -> Any:
 
     Raises
     ------
+    OutputNotWritableError
+        If ``path``'s folder cannot be written (checked first, see :func:`check_writable`).
     OutputLockedError
         If another process holds the lock after ``wait`` seconds.
     """
@@ -160,8 +166,7 @@ def output_lock(path: str | os.PathLike | None, *, wait: float = 0.0) -> Any:
 
     from combinability.errors import OutputLockedError
 
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
+    target = check_writable(path)
     lock = FileLock(f"{target}.lock", timeout=wait)
     owner = Path(f"{target}.lock.pid")
     try:

@@ -8,10 +8,12 @@ exactly what :func:`write_results` (or ``Dataset.to_netcdf``) wrote.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import platform
 import signal
+import sys
 import threading
 import time
 from collections.abc import Mapping
@@ -32,10 +34,47 @@ __all__ = [
     "provenance",
     "barriers",
     "json_attr",
+    "annotate",
+    "data_digest",
+    "key_differences",
+    "existing_result",
+    "is_complete",
 ]
 
 #: Version of the results schema written by this library.
 FORMAT_VERSION = 1
+
+#: The paper every result refers to (the ``references`` attribute).
+REFERENCE = ("Csiszárik, A., Kiss, M. F., Kőrösi-Szabó, P., Muntag, M., Papp, G., Varga, D. (2023). "
+             "Mode Combinability: Exploring Convex Combinations of Permutation Aligned Models")
+
+#: ``long_name`` (and ``units``) of the coordinates and variables the library writes; a sampler's
+#: own parameter gets its label from the sampler (``Sampler.parameter_long_name``).
+LABELS: dict[str, dict[str, str]] = {
+    "split": {"long_name": "data split"},
+    "sample": {"long_name": "draw of the coefficients (sample index)"},
+    "point": {"long_name": "point of the triangle (index)"},
+    "lam_b": {"long_name": "coefficient of model B (λ_B)", "units": "1"},
+    "lam_c": {"long_name": "coefficient of model C (λ_C)", "units": "1"},
+    "category": {"long_name": "agreement category (paper §6.1)"},
+    "alignment": {"long_name": "alignment of model B (and C)"},
+    "width": {"long_name": "width multiplier", "units": "1"},
+    "sampler": {"long_name": "coefficient distribution (sampler)"},
+    "layer": {"long_name": "layer index (from the input)"},
+    "layer_name": {"long_name": "layer name"},
+    "bin": {"long_name": "edge-length bin"},
+    "bin_edge": {"long_name": "edge-length bin boundary"},
+    "bin_edges": {"long_name": "edge-length bin boundaries |θ_A − π(θ_B)|"},
+    "permutation": {"long_name": "perturbed permutation (layer)"},
+    "step": {"long_name": "perturbation step"},
+    "k": {"long_name": "weakest unit pairs re-matched"},
+    "units": {"long_name": "units in the layer"},
+    "loss": {"long_name": "mean cross-entropy loss", "units": "nats"},
+    "accuracy": {"long_name": "top-1 accuracy", "units": "1"},
+    "loss_barrier": {"long_name": "loss barrier (worst loss − mean of the end models)", "units": "nats"},
+    "accuracy_barrier": {"long_name": "accuracy barrier (mean of the end models − worst accuracy)", "units": "1"},
+    "count": {"long_name": "number of weights per edge-length bin"},
+}
 
 
 def json_attr(value: Any) -> str:
@@ -47,10 +86,15 @@ def provenance(**extra: Any) -> dict[str, Any]:
     """Attributes common to every result: library and platform versions, time of creation."""
     from combinability import __version__
 
+    created = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     attrs: dict[str, Any] = {
+        "Conventions": "CF-1.10",
+        "source": f"combinability {__version__}",
+        "references": REFERENCE,
+        "history": f"{created} {_command_line()}",
         "combinability_version": __version__,
         "combinability_format_version": FORMAT_VERSION,
-        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "created": created,
         "python": platform.python_version(),
         "numpy_version": np.__version__,
         "xarray_version": xr.__version__,
@@ -69,25 +113,140 @@ def provenance(**extra: Any) -> dict[str, Any]:
     return attrs
 
 
+def _command_line() -> str:
+    """What created the result: the command line of a ``combinability`` run, else the Python API."""
+    argv0 = Path(sys.argv[0]).name if sys.argv and sys.argv[0] else ""
+    if argv0 == "combinability" or argv0.endswith("cli.py"):
+        return "combinability " + " ".join(sys.argv[1:])
+    return "combinability Python API"
+
+
+def annotate(ds: xr.Dataset, labels: Mapping[str, Mapping[str, str]] | None = None) -> xr.Dataset:
+    """Give every coordinate and known variable a ``long_name`` (and ``units``), in place.
+
+    Existing attributes are kept. ``labels`` adds or overrides entries of :data:`LABELS`
+    (e.g. a sampler's parameter). Coordinates without a known label get their name as
+    ``long_name``, so xarray's ``.plot()`` always labels its axes. Returns ``ds``.
+    """
+    table = {**LABELS, **(labels or {})}
+    for name in list(ds.coords) + list(ds.data_vars):
+        attrs = ds[name].attrs
+        known = table.get(str(name))
+        if known is None and str(name) in ds.coords:
+            known = {"long_name": str(name)}
+        for key, value in (known or {}).items():
+            attrs.setdefault(key, value)
+    return ds
+
+
+def data_digest(x: Any, y: Any = None) -> str:
+    """SHA-256 of the examples (and labels) actually evaluated: shape, dtype and bytes."""
+    h = hashlib.sha256()
+    for arr in (x, y):
+        if arr is None:
+            continue
+        arr = np.ascontiguousarray(np.asarray(arr))
+        h.update(f"{arr.dtype.str}{arr.shape}".encode())
+        h.update(memoryview(arr).cast("B"))
+    return h.hexdigest()
+
+
+def key_differences(stored: Any, wanted: Mapping[str, Any]) -> list[str]:
+    """The settings in which a stored run key (JSON text or mapping) differs from ``wanted``.
+
+    Each entry reads ``"seed: 0 in the file, 1 now"``; an unreadable stored key is one
+    entry naming it.
+    """
+    if isinstance(stored, str):
+        try:
+            stored = json.loads(stored)
+        except ValueError:
+            return [f"the file's run key is not readable ({stored[:60]!r})"]
+    if not isinstance(stored, Mapping):
+        return ["the file records no run key (written by an older combinability)"]
+    wanted = json.loads(json_attr(dict(wanted)))
+    return _differences(stored, wanted, "")
+
+
+def _differences(stored: Mapping[str, Any], wanted: Mapping[str, Any], prefix: str) -> list[str]:
+    out = []
+    for key in sorted(set(stored) | set(wanted)):
+        old, new = stored.get(key, "(absent)"), wanted.get(key, "(absent)")
+        if old == new:
+            continue
+        if isinstance(old, Mapping) and isinstance(new, Mapping):
+            out.extend(_differences(old, new, f"{prefix}{key}."))
+        else:
+            out.append(f"{prefix}{key}: {_short(old)} in the file, {_short(new)} now")
+    return out
+
+
+def _short(value: Any) -> str:
+    text = json.dumps(value, sort_keys=True, ensure_ascii=False) if not isinstance(value, str) else value
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def is_complete(ds: xr.Dataset) -> bool:
+    """Whether a result holds every evaluation (a sweep's ``done`` mask, when present, is all true)."""
+    return "done" not in ds or bool(ds["done"].all())
+
+
+def existing_result(path: str | os.PathLike | None, key: Mapping[str, Any], *, overwrite: bool = False,
+                    attr: str = "run_key") -> xr.Dataset | None:
+    """What is at an output path, checked before a run writes there.
+
+    Returns None when nothing is there, or ``overwrite`` is true (the run starts afresh);
+    the stored Dataset when it is this library's result of the same run (``ds.attrs[attr]``
+    equals ``key``), finished or not, to be reused or resumed.
+
+    Raises
+    ------
+    OutputExistsError
+        If the file is not this library's result, or is the result of another run (the
+        message names every setting that differs); pass ``overwrite=True`` to replace it.
+    """
+    from combinability.errors import CorruptFileError, IncompatibleVersionError, OutputExistsError
+
+    if path is None or overwrite or not Path(path).exists():
+        return None
+    hint = "pass overwrite=True (--overwrite) to replace it, or choose another path"
+    try:
+        ds = open_results(path)
+    except (CorruptFileError, IncompatibleVersionError) as exc:
+        raise OutputExistsError(f"{path} exists and is not a combinability result this run can continue ({exc}); "
+                                f"{hint}") from None
+    differences = key_differences(ds.attrs.get(attr), key)
+    if differences:
+        state = "a finished" if is_complete(ds) else "an unfinished"
+        raise OutputExistsError(f"{path} holds {state} result of a different run; settings that differ: "
+                                f"{'; '.join(differences)}; {hint}")
+    return ds
+
+
 @contextlib.contextmanager
 def deferred_interrupt() -> Any:
-    """Hold back Ctrl-C (SIGINT) while the block runs; raise it as KeyboardInterrupt afterwards.
+    """Hold back Ctrl-C (SIGINT) and SIGTERM while the block runs; raise them afterwards.
 
-    A KeyboardInterrupt inside the netCDF/HDF5 library can leave its locks held and hang
-    the interpreter at exit; writes are short, so the interrupt waits for them instead.
-    Outside the main thread this is a no-op.
+    A KeyboardInterrupt inside the netCDF/HDF5 library can leave its locks held (and a
+    file half-written); writes are short, so the interrupt waits for them instead and is
+    raised (as KeyboardInterrupt) when the block ends. Outside the main thread this is a
+    no-op.
     """
     if threading.current_thread() is not threading.main_thread():
         yield
         return
     received: list[int] = []
-    previous = signal.signal(signal.SIGINT, lambda signum, frame: received.append(signum))
+    previous = {sig: signal.signal(sig, lambda signum, frame: received.append(signum))
+                for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
         if received:
-            raise KeyboardInterrupt
+            from combinability.files import _Terminated
+
+            raise _Terminated("terminated (SIGTERM)") if signal.SIGTERM in received else KeyboardInterrupt
 
 
 def write_results(ds: xr.Dataset, path: str | os.PathLike) -> Path:
@@ -95,6 +254,7 @@ def write_results(ds: xr.Dataset, path: str | os.PathLike) -> Path:
 
     Ctrl-C during the write is deferred until the file is complete (see :func:`deferred_interrupt`).
     """
+    annotate(ds)
     with deferred_interrupt(), atomic_path(path) as tmp:
         ds.to_netcdf(tmp, engine="netcdf4")
     return Path(path)
@@ -151,4 +311,4 @@ def barriers(ds: xr.Dataset) -> xr.Dataset:
         }
     )
     out.attrs = {k: v for k, v in ds.attrs.items() if k in ("sampler", "architecture", "dataset", "width")}
-    return out
+    return annotate(out)

@@ -25,14 +25,24 @@ import numpy as np
 import xarray as xr
 
 from combinability.errors import (
-    CombinabilityError,
     ConfigurationError,
     IncompatibleModelsError,
+    OutputExistsError,
     SamplerError,
     UnknownNameError,
 )
-from combinability.files import output_lock
-from combinability.results import json_attr, open_results, provenance, write_results
+from combinability.files import check_writable, output_lock, stop_on_sigterm
+from combinability.progress import progress_bar
+from combinability.result_stream import ResultStream
+from combinability.results import (
+    annotate,
+    data_digest,
+    existing_result,
+    is_complete,
+    json_attr,
+    provenance,
+    write_results,
+)
 
 if TYPE_CHECKING:
     from combinability.backend import Backend, Evaluation
@@ -40,12 +50,12 @@ if TYPE_CHECKING:
     from combinability.pair import ModelPair
     from combinability.samplers.base import Sampler
 
-__all__ = ["sweep", "SPLITS", "sample_seed", "ResumeMismatchError"]
+__all__ = ["sweep", "sweep_pairs", "sweep_key", "SPLITS", "sample_seed", "ResumeMismatchError"]
 
 SPLITS = ("train", "test")
 
 
-class ResumeMismatchError(CombinabilityError, ValueError):
+class ResumeMismatchError(OutputExistsError, ValueError):
     """An existing results file belongs to a different sweep than the one requested."""
 
 
@@ -110,6 +120,7 @@ def sweep(
     out: str | Path | None = None,
     overwrite: bool = False,
     progress: bool = False,
+    attrs: Mapping[str, Any] | None = None,
 ) -> xr.Dataset:
     """Evaluate combinations of a pair's models over a sampler's parameter grid.
 
@@ -150,15 +161,22 @@ def sweep(
     repair_data : str or ArrayDataset, optional
         Data the repair may use (a dataset name's training split, or the data).
     out : path, optional
-        Stream results to this netCDF file (atomically rewritten after every
-        evaluation), under an exclusive lock for the whole sweep (``<out>.lock``): a second
-        process sweeping into the same file is refused with the holder's pid. If it exists
-        and holds a compatible, unfinished sweep, the sweep resumes from it; if it holds a
-        different sweep, :class:`ResumeMismatchError` unless ``overwrite=True``.
+        Stream results to this netCDF file: it is created at the start (every cell NaN,
+        a ``done`` mask), each finished evaluation is written into it in place (no
+        rewrite; a killed run keeps every finished evaluation), and it is replaced by the
+        final Dataset (without ``done``) at the end. The sweep holds an exclusive lock on
+        it (``<out>.lock``): a second process sweeping into the same file is refused with
+        the holder's pid. If the file holds this same sweep (same :func:`sweep_key`:
+        sampler, values, seed, data content, models, batch size, backend and device), an
+        unfinished one resumes and a finished one is returned as is; any other file is
+        refused (:class:`ResumeMismatchError`, naming the settings that differ) unless
+        ``overwrite=True``.
     overwrite : bool
-        Start afresh even when ``out`` exists.
+        Start afresh even when ``out`` holds another sweep or another file.
     progress : bool
-        Show a progress bar.
+        Show a progress bar (on a terminal only).
+    attrs : mapping, optional
+        Extra attributes stored in the result (e.g. the command line's settings).
 
     Returns
     -------
@@ -166,12 +184,44 @@ def sweep(
         ``loss`` and ``accuracy`` with dims ``(split, <parameter>, sample)``
         (``(split, point, sample)`` for three-model samplers), the end models' scores
         ``loss_a``, ``accuracy_a``, ``loss_b``, ... per split, optional ``agreement``
-        counts with a ``category`` dim, and provenance attributes.
+        counts with a ``category`` dim, and provenance attributes. Every coordinate
+        and variable has a ``long_name`` (and ``units`` where one applies).
     """
-    from combinability.combination import combine, combine3
-    from combinability.evaluation import Evaluator, get_logit_metric
+    plan = _plan(pair, sampler, backend=backend, data=data, splits=splits, values=values, samples=samples,
+                 seed=seed, batch_size=batch_size, agreement=agreement, limit=limit, metrics=metrics,
+                 repair=repair, repair_data=repair_data)
+    with stop_on_sigterm():
+        return _run(plan, out=out, overwrite=overwrite, progress=progress, attrs=attrs)
+
+
+@dataclass
+class _Plan:
+    """A validated sweep, before any evaluation: what to evaluate, and its identity (``key``)."""
+
+    pair: ModelPair
+    smp: Sampler
+    be: Backend
+    three: bool
+    grid: list[Any]
+    n_samples: int
+    seed: int
+    datasets: dict[str, ArrayDataset]
+    extra: list[Any]
+    repair: Any
+    repair_fn: Any
+    repair_data: Any
+    batch_size: int
+    agreement: bool
+    key: dict[str, Any]
+
+
+def _plan(pair: ModelPair, sampler: Sampler | str | None, *, backend: str | Backend | None = None,
+          data: Any = "digits", splits: Sequence[str] = SPLITS, values: Sequence[Any] | None = None,
+          samples: int | None = None, seed: int = 0, batch_size: int = 1000, agreement: bool = False,
+          limit: int | None = None, metrics: Sequence[str] = (), repair: Any = None, repair_data: Any = None) -> _Plan:
+    """Check every argument of :func:`sweep` and resolve its data; nothing is evaluated."""
+    from combinability.evaluation import get_logit_metric
     from combinability.plugins import get_backend
-    from combinability.samplers.base import DrawContext
 
     smp = _sampler(sampler)
     if len(pair) > 3:
@@ -214,8 +264,24 @@ def sweep(
     if pair.table is not None:
         for ds in datasets.values():
             check_labels(ds, pair.table.num_classes)
-    split_names = list(datasets)
+    if batch_size is None or int(batch_size) < 1:
+        raise ConfigurationError(f"batch_size must be >= 1, got {batch_size}")
+    key = sweep_key(smp, grid, n_samples, seed, datasets, pair, be, batch_size=batch_size, agreement=agreement,
+                    limit=limit, metrics=[m.name for m in extra], repair=repair, repair_data=repair_data)
+    return _Plan(pair, smp, be, three, grid, n_samples, seed, datasets, extra, repair, repair_fn, repair_data,
+                 int(batch_size), bool(agreement), key)
 
+
+def _run(plan: _Plan, *, out: str | Path | None, overwrite: bool, progress: bool,
+         attrs: Mapping[str, Any] | None) -> xr.Dataset:
+    """Evaluate a planned sweep, streaming to ``out``; see :func:`sweep`."""
+    from combinability.evaluation import Evaluator
+
+    pair, smp, be, three, grid, n_samples, seed = (plan.pair, plan.smp, plan.be, plan.three, plan.grid,
+                                                   plan.n_samples, plan.seed)
+    datasets, extra, repair_fn, repair_data = plan.datasets, plan.extra, plan.repair_fn, plan.repair_data
+    batch_size, agreement, key = plan.batch_size, plan.agreement, plan.key
+    split_names = list(datasets)
     # -- the result arrays and their identity (what a resumed run must match) ----------
     if three:
         param_dim = "point"
@@ -231,15 +297,6 @@ def sweep(
     from combinability.metrics import AGREEMENT_CATEGORIES, agreement_counts
 
     data_name = next(iter(datasets.values())).name
-    key = json_attr({
-        "sampler": smp.settings, "values": [np.asarray(g).tolist() for g in grid], "samples": n_samples,
-        "seed": seed, "splits": split_names, "data": data_name, "limit": limit, "agreement": agreement,
-        "fingerprints": pair.fingerprints(), "sizes": {k: len(v) for k, v in datasets.items()},
-        **({"metrics": [m.name for m in extra]} if extra else {}),
-        **({"repair": repair if isinstance(repair, str) else getattr(repair, "__qualname__", repr(repair)),
-            "repair_data": [getattr(repair_data, "name", ""), len(repair_data) if repair_data is not None else 0]}
-           if repair is not None else {}),
-    })
     loss = np.full(shape, np.nan)
     accuracy = np.full(shape, np.nan)
     counts = np.zeros((*shape, len(AGREEMENT_CATEGORIES)), dtype=np.int64)
@@ -247,13 +304,13 @@ def sweep(
     done = np.zeros((len(grid), n_samples), dtype=bool)
     out_path = Path(out) if out is not None else None
     with output_lock(out_path):
-        if out_path is not None and out_path.exists() and not overwrite:
-            previous = open_results(out_path)
-            if previous.attrs.get("sweep_key") != key:
-                raise ResumeMismatchError(
-                    f"{out_path} holds a different sweep (other sampler, values, seed, data or models); "
-                    "pass overwrite=True to replace it, or choose another path"
-                )
+        try:
+            previous = existing_result(out_path, key, overwrite=overwrite, attr="sweep_key")
+        except OutputExistsError as exc:
+            raise ResumeMismatchError(str(exc)) from None
+        if previous is not None and is_complete(previous):
+            return previous
+        if previous is not None:
             loss[...] = previous["loss"].transpose("split", param_dim, "sample").values
             accuracy[...] = previous["accuracy"].transpose("split", param_dim, "sample").values
             done[...] = previous["done"].transpose(param_dim, "sample").values.astype(bool)
@@ -261,6 +318,8 @@ def sweep(
                 values[m.name][...] = previous[m.name].transpose("split", param_dim, "sample").values
             if agreement:
                 counts[...] = previous["agreement"].transpose("split", param_dim, "sample", "category").values
+        if out_path is not None:
+            check_writable(out_path, what="results file")
 
         # -- end models -----------------------------------------------------------------------
         template = pair.template
@@ -274,9 +333,9 @@ def sweep(
             evs = [evaluator.evaluate([dev[m]], ds)[0] for m in ends]
             split_info.append(_Split(name, ds, dict(zip(ends, evs, strict=True))))
 
-        attrs = provenance(
+        run_attrs = provenance(
             combinability_format="sweep",
-            sweep_key=key,
+            sweep_key=json_attr(key),
             sampler=smp.name,
             sampler_settings=smp.settings,
             parameter=param_dim if not three else json_attr(list(smp.parameters)),
@@ -290,42 +349,41 @@ def sweep(
             examples=json_attr({s.name: len(s.data) for s in split_info}),
             seed=seed,
             samples=n_samples,
+            batch_size=batch_size,
             alignment=pair.alignment,
             alignment_objective=(pair.transforms[1].objective if pair.transforms[1] is not None
                                  and getattr(pair.transforms[1], "objective", None) is not None else None),
             parameters=int(layout.size),
             fingerprints=pair.fingerprints(),
+            **dict(attrs or {}),
         )
+        labels = {param_dim: {"long_name": getattr(smp, "parameter_long_name", "") or str(param_dim)}}
 
         def build() -> xr.Dataset:
             dims = ("split", param_dim, "sample")
             variables: dict[str, Any] = {
-                "loss": (dims, loss.copy(), {"long_name": "mean cross-entropy loss"}),
-                "accuracy": (dims, accuracy.copy(), {"long_name": "top-1 accuracy"}),
+                "loss": (dims, loss.copy(), {"long_name": "mean cross-entropy loss", "units": "nats"}),
+                "accuracy": (dims, accuracy.copy(), {"long_name": "top-1 accuracy", "units": "1"}),
                 "done": ((param_dim, "sample"), done.copy(), {"long_name": "evaluation finished"}),
             }
             for m in extra:
                 variables[m.name] = (dims, values[m.name].copy(), {"long_name": m.long_name or m.name})
             for m in ends:
                 variables[f"loss_{m}"] = (("split",), np.array([s.ends[m].loss for s in split_info]),
-                                          {"long_name": f"loss of model {m.upper()}"})
+                                          {"long_name": f"loss of model {m.upper()}", "units": "nats"})
                 variables[f"accuracy_{m}"] = (("split",), np.array([s.ends[m].accuracy for s in split_info]),
-                                              {"long_name": f"accuracy of model {m.upper()}"})
+                                              {"long_name": f"accuracy of model {m.upper()}", "units": "1"})
             ds_coords = dict(coords)
             if agreement:
                 variables["agreement"] = ((*dims, "category"), counts.copy(),
                                           {"long_name": "examples per agreement category (paper §6.1)"})
                 ds_coords["category"] = list(AGREEMENT_CATEGORIES)
-            return xr.Dataset(variables, coords=ds_coords, attrs=dict(attrs))
+            return annotate(xr.Dataset(variables, coords=ds_coords, attrs=dict(run_attrs)), labels)
 
         # -- the loop --------------------------------------------------------------------------
         todo = [(i, s) for i in range(len(grid)) for s in range(n_samples) if not done[i, s]]
-        bar = None
-        if progress and todo:
-            from tqdm.auto import tqdm
-
-            bar = tqdm(total=len(todo), desc=f"{smp.name} ({pair.alignment})", unit="eval")
-        xp = be.xp()
+        bar = progress_bar(total=len(todo), desc=f"{smp.name} ({pair.alignment})", unit="eval",
+                           enabled=bool(progress and todo))
         repair_cache: dict = {}
         if repair_fn is not None and callable(getattr(repair_fn, "validate", None)):
             from combinability.repairs import RepairContext
@@ -333,70 +391,127 @@ def sweep(
             # a repair checks its inputs (e.g. BatchNorm present, repair_data shape) before the long loop
             repair_fn.validate(RepairContext(be, template, layout, list(dev.values()), None, repair_data, pair.table,
                                              repair_cache))
-        for i, s in todo:
-            ctx = DrawContext(layout, be.random(sample_seed(seed, i, s, smp.name)), theta_a=dev["a"], theta_b=dev["b"])
-            if three:
-                v_b, v_c = smp.draw(grid[i], ctx)
-                theta = combine3(dev["a"], dev["b"], dev["c"], v_b, v_c)
-                v = (v_b, v_c)
-            else:
-                v = smp.draw(grid[i], ctx)
-                theta = combine(dev["a"], dev["b"], v)
-            del ctx
-            if repair_fn is not None:
-                from combinability.repairs import RepairContext
+        stream = ResultStream.create(out_path, build()) if out_path is not None else None
+        try:
+            for i, s in todo:
+                theta, v = _combination(smp, grid[i], layout, be, dev, sample_seed(seed, i, s, smp.name), three)
+                if repair_fn is not None:
+                    from combinability.repairs import RepairContext
 
-                theta = repair_fn(theta, RepairContext(be, template, layout, list(dev.values()), v, repair_data,
-                                                       pair.table, repair_cache))
-            del v
-            for k, split in enumerate(split_info):
-                (ev,) = evaluator.evaluate([theta], split.data)
-                loss[k, i, s] = ev.loss
-                accuracy[k, i, s] = ev.accuracy
-                for m in extra:
-                    values[m.name][k, i, s] = ev.values[m.name]
-                if agreement:
-                    counts[k, i, s] = agreement_counts(ev.predictions, split.ends["a"].predictions,
-                                                       split.ends["b"].predictions, split.data.y)
-            del theta
-            done[i, s] = True
-            if out_path is not None:
-                write_results(build(), out_path)
-            if bar is not None:
+                    theta = repair_fn(theta, RepairContext(be, template, layout, list(dev.values()), v, repair_data,
+                                                           pair.table, repair_cache))
+                del v
+                for k, split in enumerate(split_info):
+                    (ev,) = evaluator.evaluate([theta], split.data)
+                    loss[k, i, s] = ev.loss
+                    accuracy[k, i, s] = ev.accuracy
+                    for m in extra:
+                        values[m.name][k, i, s] = ev.values[m.name]
+                    if agreement:
+                        counts[k, i, s] = agreement_counts(ev.predictions, split.ends["a"].predictions,
+                                                           split.ends["b"].predictions, split.data.y)
+                del theta
+                done[i, s] = True
+                if stream is not None:
+                    cells = {"loss": loss[:, i, s], "accuracy": accuracy[:, i, s],
+                             **{m.name: values[m.name][:, i, s] for m in extra}}
+                    if agreement:
+                        cells["agreement"] = counts[:, i, s]
+                    stream.append({param_dim: i, "sample": s}, cells)
                 bar.update(1)
-        if bar is not None:
+        finally:
             bar.close()
-        del xp
-        result = build()
-        if out_path is not None and not todo and not out_path.exists():
-            write_results(result, out_path)
+            if stream is not None:
+                stream.close()
+        result = build().drop_vars("done")
+        if stream is not None:
+            stream.finish(result)
         return result
+
+
+def _combination(smp: Sampler, value: Any, layout: Any, be: Backend, dev: Mapping[str, Any], seed: int,
+                 three: bool) -> tuple[Any, Any]:
+    """One draw of the coefficients for ``value`` and the combined vector: ``(theta, v)``."""
+    from combinability.combination import combine, combine3
+    from combinability.samplers.base import DrawContext
+
+    ctx = DrawContext(layout, be.random(seed), theta_a=dev["a"], theta_b=dev["b"])
+    if three:
+        v_b, v_c = smp.draw(value, ctx)
+        return combine3(dev["a"], dev["b"], dev["c"], v_b, v_c), (v_b, v_c)
+    v = smp.draw(value, ctx)
+    return combine(dev["a"], dev["b"], v), v
+
+
+def _data_identity(ds: Any) -> dict[str, Any]:
+    return {"name": getattr(ds, "name", ""), "examples": len(ds), "sha256": data_digest(ds.x, ds.y)}
+
+
+def sweep_key(smp: Sampler, grid: Sequence[Any], samples: int, seed: int, datasets: Mapping[str, ArrayDataset],
+              pair: ModelPair, be: Backend, *, batch_size: int, agreement: bool, limit: int | None,
+              metrics: Sequence[str], repair: Any, repair_data: Any) -> dict[str, Any]:
+    """Every setting that changes a number of a sweep: what a resumed run must match.
+
+    The data enter by content (SHA-256 of the examples and labels actually evaluated),
+    the models by their fingerprints, the evaluation by the backend's device and mode
+    (``repr``) and the batch size.
+    """
+    key: dict[str, Any] = {
+        "sampler": smp.settings, "values": [np.asarray(g).tolist() for g in grid], "samples": samples,
+        "seed": seed, "splits": list(datasets), "data": {k: _data_identity(v) for k, v in datasets.items()},
+        "limit": limit, "agreement": agreement, "models": pair.fingerprints(), "batch_size": int(batch_size),
+        "evaluation": repr(be), "metrics": list(metrics),
+    }
+    if repair is not None:
+        key["repair"] = repair if isinstance(repair, str) else getattr(repair, "__qualname__", repr(repair))
+        key["repair_data"] = _data_identity(repair_data) if repair_data is not None else None
+    return key
 
 
 def sweep_pairs(pairs: Mapping[str, ModelPair], sampler: Sampler | str | None = None, *,
                 out: str | Path | None = None, attrs: Mapping[str, Any] | None = None,
-                **kwargs: Any) -> xr.Dataset:
+                overwrite: bool = False, progress: bool = False, **kwargs: Any) -> xr.Dataset:
     """:func:`sweep` several pairs (e.g. ``{"naive": p.naive, "aligned": p}``) along an ``alignment`` dim.
 
-    With ``out``, each pair streams to ``.<out stem>.<key>.partial.nc`` beside ``out``
-    and the combined Dataset (with ``attrs`` added) is written to ``out`` at the end.
+    Every pair is planned (and its arguments checked) before any is evaluated. With
+    ``out``, each pair streams to ``.<out stem>.<name>.partial.nc`` beside ``out`` (and
+    resumes from it) and the combined Dataset (with ``attrs`` added) is written to
+    ``out`` at the end. A finished ``out`` of the same sweeps is returned as is; a file
+    of other sweeps, or not this library's, is refused
+    (:class:`~combinability.errors.OutputExistsError`, naming what differs) unless
+    ``overwrite=True``. Each part's provenance (creation time, model fingerprints, run
+    key) is kept in the ``parts`` attribute.
     """
-    parts = []
-    for name, pair in pairs.items():
-        part_out = None
+    plans = {name: _plan(pair, sampler, **kwargs) for name, pair in pairs.items()}
+    keys = {name: plan.key for name, plan in plans.items()}
+    out = Path(out) if out is not None else None
+    with stop_on_sigterm(), output_lock(out):
+        previous = existing_result(out, keys, overwrite=overwrite)
+        if previous is not None:
+            return previous
         if out is not None:
-            out = Path(out)
-            part_out = out.with_name(f".{out.stem}.{name}.partial.nc")
-        parts.append(sweep(pair, sampler, out=part_out, **kwargs))
-    ds = xr.concat(parts, dim=xr.DataArray(list(pairs), dims="alignment", name="alignment"),
-                   combine_attrs="drop_conflicts")
-    ds.attrs["alignments"] = json.dumps(list(pairs))
-    for name, part in zip(pairs, parts, strict=True):
-        ds.attrs[f"{name}_alignment_objective"] = part.attrs.get("alignment_objective", np.nan)
-    ds.attrs.pop("sweep_key", None)
-    ds.attrs.update(attrs or {})
-    if out is not None:
-        write_results(ds, out)
-        for name in pairs:
-            Path(out).with_name(f".{Path(out).stem}.{name}.partial.nc").unlink(missing_ok=True)
+            check_writable(out, what="results file")
+        parts = []
+        for name, plan in plans.items():
+            part_out = out.with_name(f".{out.stem}.{name}.partial.nc") if out is not None else None
+            parts.append(_run(plan, out=part_out, overwrite=overwrite, progress=progress, attrs=None))
+        ds = xr.concat(parts, dim=xr.DataArray(list(pairs), dims="alignment", name="alignment"),
+                       combine_attrs="drop_conflicts")
+        own = ("created", "sweep_key", "fingerprints", "alignment", "alignment_objective", "framework_versions")
+        ds.attrs["alignments"] = json.dumps(list(pairs))
+        ds.attrs["parts"] = json_attr({name: {k: part.attrs.get(k) for k in own if k in part.attrs}
+                                       for name, part in zip(pairs, parts, strict=True)})
+        for name, part in zip(pairs, parts, strict=True):
+            ds.attrs[f"{name}_alignment_objective"] = part.attrs.get("alignment_objective", np.nan)
+        fresh = provenance()
+        for k in ("created", "history"):
+            ds.attrs[k] = fresh[k]
+        ds.attrs.pop("sweep_key", None)
+        ds.attrs["run_key"] = json_attr(keys)
+        ds.attrs.update(attrs or {})
+        annotate(ds)
+        if out is not None:
+            write_results(ds, out)
+            for name in pairs:
+                out.with_name(f".{out.stem}.{name}.partial.nc").unlink(missing_ok=True)
     return ds

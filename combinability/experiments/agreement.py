@@ -7,7 +7,6 @@ from typing import TYPE_CHECKING, Any
 
 import xarray as xr
 
-from combinability.experiments.compare import reuse_or_run
 from combinability.samplers import Bernoulli, Hyperplane, Linear, Subcube, Uniform
 from combinability.sweeps import sweep
 
@@ -38,7 +37,5 @@ def functional_agreement(
     out = {}
     for sampler in samplers:
         path = Path(out_dir) / f"agreement_{sampler.name}.nc" if out_dir is not None else None
-        out[sampler.name] = reuse_or_run(
-            path, lambda o, s=sampler: sweep(pair, s, agreement=True, splits=splits, out=o, **sweep_kwargs)
-        )
+        out[sampler.name] = sweep(pair, sampler, agreement=True, splits=splits, out=path, **sweep_kwargs)
     return out

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import xarray as xr
 
-from combinability.results import open_results
+from combinability.results import existing_result, is_complete, json_attr
 from combinability.sweeps import sweep_pairs
 
 if TYPE_CHECKING:
@@ -17,17 +18,28 @@ if TYPE_CHECKING:
 __all__ = ["compare_alignment", "reuse_or_run"]
 
 
-def reuse_or_run(out: str | Path | None, run: Any) -> xr.Dataset:
-    """Return the finished result at ``out`` when it exists, else ``run(out)``.
+def reuse_or_run(out: str | Path | None, key: Mapping[str, Any], run: Any, *, overwrite: bool = False) -> xr.Dataset:
+    """Return the finished result of this run at ``out`` when it exists, else ``run(out)``.
 
-    A file whose ``done`` mask is not all true is an interrupted sweep: ``run(out)`` is
-    called again and resumes it.
+    ``key`` holds every setting that identifies the result; ``run(out)`` must return the
+    Dataset (and write it to ``out``); the key is stored in its ``run_key`` attribute
+    (and written again when ``run`` wrote the file without it). A file at ``out`` that is
+    not this library's, or holds the result of other settings, is refused
+    (:class:`~combinability.errors.OutputExistsError`, naming what differs) unless
+    ``overwrite=True``.
     """
-    if out is not None and Path(out).exists():
-        ds = open_results(out)
-        if "done" not in ds or bool(ds["done"].all()):
-            return ds
-    return run(out)
+    from combinability.files import output_lock
+    from combinability.results import write_results
+
+    with output_lock(out):
+        previous = existing_result(out, key, overwrite=overwrite)
+        if previous is not None and is_complete(previous):
+            return previous
+        ds = run(out)
+        ds.attrs["run_key"] = json_attr(dict(key))
+        if out is not None:
+            write_results(ds, out)
+        return ds
 
 
 def compare_alignment(
@@ -47,8 +59,9 @@ def compare_alignment(
         An aligned pair (``pair.align(...)``); its ``naive`` twin is swept too.
     sampler : Sampler
     out : path, optional
-        Final netCDF file; an existing one is returned as is (finished work is reused),
-        and partial results stream beside it so an interrupted run resumes.
+        Final netCDF file; an existing one of the same sweeps is returned as is (finished
+        work is reused), another is refused unless ``overwrite=True``; partial results
+        stream beside it so an interrupted run resumes.
     naive : bool
         Include the naive pair (default True).
     attrs : dict, optional
@@ -57,4 +70,4 @@ def compare_alignment(
         Passed to :func:`combinability.sweep`.
     """
     pairs = {"naive": pair.naive or pair, "aligned": pair} if naive and pair.is_aligned else {pair.alignment: pair}
-    return reuse_or_run(out, lambda o: sweep_pairs(pairs, sampler, out=o, attrs=attrs, **sweep_kwargs))
+    return sweep_pairs(pairs, sampler, out=out, attrs=attrs, **sweep_kwargs)

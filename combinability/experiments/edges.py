@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import xarray as xr
 
 from combinability import metrics
-from combinability.results import provenance, write_results
+from combinability.experiments.compare import reuse_or_run
+from combinability.results import provenance
 
 if TYPE_CHECKING:
     from combinability.pair import ModelPair
@@ -18,7 +20,8 @@ __all__ = ["edge_lengths"]
 
 
 def edge_lengths(pair: ModelPair, *, bins: int = 80, quantile: float = 0.999,
-                 out: str | Path | None = None) -> xr.Dataset:
+                 out: str | Path | None = None, overwrite: bool = False,
+                 attrs: Mapping[str, Any] | None = None) -> xr.Dataset:
     """Histograms of ``|θ_A − θ_B|`` per layer, naive and aligned, on shared bins.
 
     Parameters
@@ -29,7 +32,10 @@ def edge_lengths(pair: ModelPair, *, bins: int = 80, quantile: float = 0.999,
         Number of equal-width bins from 0 to the ``quantile`` of the aligned lengths
         (longer edges fall in the last bin, and are also counted in ``overflow``).
     out : path, optional
-        Write the Dataset there (netCDF, atomically).
+        Write the Dataset there (netCDF, atomically); an existing result of the same
+        settings is returned as is, another file is refused unless ``overwrite=True``.
+    attrs : mapping, optional
+        Extra attributes stored in the result.
 
     Returns
     -------
@@ -38,6 +44,12 @@ def edge_lengths(pair: ModelPair, *, bins: int = 80, quantile: float = 0.999,
         statistics per layer (``mean``, ``median``, ``fraction_below``: share of edges
         shorter than 1% of the layer's mean absolute weight).
     """
+    key = {"experiment": "edge_lengths", "models": pair.fingerprints(), "bins": bins, "quantile": quantile,
+           "naive_models": (pair.naive or pair).fingerprints()}
+    return reuse_or_run(out, key, lambda o: _edge_lengths(pair, bins, quantile, attrs), overwrite=overwrite)
+
+
+def _edge_lengths(pair: ModelPair, bins: int, quantile: float, attrs: Mapping[str, Any] | None) -> xr.Dataset:
     pairs = {"naive": pair.naive or pair, "aligned": pair}
     layer_idx = pair.layout.layer_index()
     n_layers = pair.layout.num_layers
@@ -69,8 +81,6 @@ def edge_lengths(pair: ModelPair, *, bins: int = 80, quantile: float = 0.999,
         coords={"alignment": list(pairs), "layer": np.arange(n_layers), "layer_name": ("layer", names)},
         attrs=provenance(combinability_format="edge_lengths", architecture=pair.architecture,
                          width=float(pair.width), backend=pair.backend, parameters=int(pair.layout.size),
-                         fingerprints=pair.fingerprints()),
+                         fingerprints=pair.fingerprints(), **dict(attrs or {})),
     )
-    if out is not None:
-        write_results(ds, out)
     return ds

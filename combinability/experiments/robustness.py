@@ -8,9 +8,9 @@ end models are unchanged; only the pairing used by the combination is corrupted.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import xarray as xr
@@ -21,7 +21,7 @@ from combinability.evaluation import Evaluator
 from combinability.experiments.compare import reuse_or_run
 from combinability.matching import perturb_permutation, unit_correlations
 from combinability.permutation import apply_permutation
-from combinability.results import provenance, write_results
+from combinability.results import data_digest, provenance
 
 if TYPE_CHECKING:
     from combinability.data.base import ArrayDataset
@@ -51,6 +51,8 @@ def alignment_robustness(
     seed: int = 0,
     batch_size: int = 1000,
     out: str | Path | None = None,
+    overwrite: bool = False,
+    attrs: Mapping[str, Any] | None = None,
 ) -> xr.Dataset:
     """Barriers of the linear path after re-matching the ``k`` weakest pairs of one layer.
 
@@ -69,6 +71,11 @@ def alignment_robustness(
         Interior points of the linear path where the barrier is measured.
     examples : int
         Training examples whose activations order the pairs.
+    out : path, optional
+        Write the result there; an existing result of the same settings is returned as
+        is, another file is refused unless ``overwrite=True``.
+    attrs : mapping, optional
+        Extra attributes stored in the result.
 
     Returns
     -------
@@ -79,6 +86,12 @@ def alignment_robustness(
     """
     if pair.permutation is None:
         raise IncompatibleModelsError("align the pair first: the experiment perturbs its permutation")
+    eval_data = _data(data, split, limit)
+    key = {"experiment": "robustness", "models": pair.fingerprints(), "permutations": permutations,
+           "steps": steps, "lambdas": [float(x) for x in lambdas], "split": split,
+           "data": {"name": eval_data.name, "examples": len(eval_data),
+                    "sha256": data_digest(eval_data.x, eval_data.y)},
+           "examples": examples, "seed": seed, "batch_size": batch_size, "evaluation": repr(pair.backend_obj)}
 
     def run(o: Path | None) -> xr.Dataset:
         be = pair.backend_obj
@@ -88,7 +101,6 @@ def alignment_robustness(
         if unknown:
             raise IncompatibleModelsError(f"unknown permutation(s) {unknown}; valid: {', '.join(points)}")
         act_data = _data(data, "train", None).subset(examples, seed=0) if isinstance(data, str) else data
-        eval_data = _data(data, split, limit)
         wanted = list(dict.fromkeys(points[p] for p in names))
         layout = pair.layout
         evaluator = Evaluator(be, pair.template, layout, batch_size=batch_size)
@@ -133,10 +145,8 @@ def alignment_robustness(
             attrs=provenance(combinability_format="robustness", architecture=pair.architecture,
                              width=float(pair.width), backend=pair.backend, split=split, seed=seed,
                              lambdas=[float(x) for x in lambdas], alignment=pair.alignment,
-                             fingerprints=pair.fingerprints()),
+                             fingerprints=pair.fingerprints(), **dict(attrs or {})),
         )
-        if o is not None:
-            write_results(ds, o)
         return ds
 
-    return reuse_or_run(out, run)
+    return reuse_or_run(out, key, run, overwrite=overwrite)

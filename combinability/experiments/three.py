@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -9,7 +10,6 @@ import numpy as np
 import xarray as xr
 
 from combinability.errors import IncompatibleModelsError
-from combinability.experiments.compare import reuse_or_run
 from combinability.samplers import Linear, Triangle
 from combinability.sweeps import sweep_pairs
 
@@ -26,7 +26,8 @@ def _require_three(pair: ModelPair) -> None:
         raise IncompatibleModelsError("align the three models to A first: pair.align('weight')")
 
 
-def transitivity(pair: ModelPair, *, out: str | Path | None = None, seed: int = 0, **sweep_kwargs: Any) -> xr.Dataset:
+def transitivity(pair: ModelPair, *, out: str | Path | None = None, seed: int = 0,
+                 attrs: Mapping[str, Any] | None = None, **sweep_kwargs: Any) -> xr.Dataset:
     """§5.3: interpolate between ``π_B(θ_B)`` and ``π_C(θ_C)``, both re-based to a third model A.
 
     Three pairs are swept along the linear path (``lam = 0`` is B, ``lam = 1`` is C):
@@ -38,13 +39,10 @@ def transitivity(pair: ModelPair, *, out: str | Path | None = None, seed: int = 
     transitive = pair.select(1, 2)._replace(alignment="transitive", naive=naive_bc)
     direct = naive_bc.align(pair.permutation.method if pair.permutation is not None else "weight", seed=seed)
 
-    def run(o: Path | None) -> xr.Dataset:
-        # the labels go into the file too: its figure names the ends B and C, not A and B
-        labels = {"models": "lam=0: model B, lam=1: model C; transitive: both re-based to model A"}
-        return sweep_pairs({"naive": naive_bc, "transitive": transitive, "direct": direct}, Linear(), out=o,
-                           attrs=labels, **sweep_kwargs)
-
-    return reuse_or_run(out, run)
+    # the labels go into the file too: its figure names the ends B and C, not A and B
+    labels = {"models": "lam=0: model B, lam=1: model C; transitive: both re-based to model A", **dict(attrs or {})}
+    return sweep_pairs({"naive": naive_bc, "transitive": transitive, "direct": direct}, Linear(), out=out,
+                       attrs=labels, **sweep_kwargs)
 
 
 def three_models(pair: ModelPair, *, resolution: int = 10, out: str | Path | None = None,
@@ -56,8 +54,8 @@ def three_models(pair: ModelPair, *, resolution: int = 10, out: str | Path | Non
     :func:`best_point` for the best combination.
     """
     _require_three(pair)
-    return reuse_or_run(out, lambda o: sweep_pairs({"naive": pair.naive, "aligned": pair},
-                                                   Triangle(resolution=resolution), out=o, **sweep_kwargs))
+    return sweep_pairs({"naive": pair.naive, "aligned": pair}, Triangle(resolution=resolution), out=out,
+                       **sweep_kwargs)
 
 
 def best_point(ds: xr.Dataset, *, split: str = "test", alignment: str = "aligned") -> dict[str, Any]:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +12,7 @@ import xarray as xr
 from combinability.experiments.compare import compare_alignment, reuse_or_run
 from combinability.models import train
 from combinability.pair import ModelPair
-from combinability.results import barriers, provenance, write_results
+from combinability.results import barriers, provenance
 from combinability.samplers import Bernoulli, Hyperplane, Linear, Subcube, Uniform
 from combinability.samplers.base import Sampler
 
@@ -36,6 +36,8 @@ def width_ablation(
     model_dir: str | Path | None = None,
     values_per_sampler: int | None = 9,
     progress: bool = False,
+    overwrite: bool = False,
+    attrs: Mapping[str, Any] | None = None,
     **sweep_kwargs: Any,
 ) -> xr.Dataset:
     """Train a pair at each width, align it, and measure every scheme's empirical barriers.
@@ -55,12 +57,15 @@ def width_ablation(
     method : str
         Alignment method.
     out : path, optional
-        Write the result there; an existing file is returned as is.
+        Write the result there; an existing result of the same settings is returned as
+        is, another file is refused unless ``overwrite=True``.
     model_dir : path, optional
         Where trained checkpoints are kept and reused.
     values_per_sampler : int, optional
         Use this many equidistant values of each sampler's grid (barriers need the
         worst point, not the full curve); None for the full 25.
+    attrs : mapping, optional
+        Extra attributes stored in the result.
     **sweep_kwargs
         Passed to :func:`combinability.sweep` (``samples``, ``limit``, ``splits``, ...).
 
@@ -70,6 +75,11 @@ def width_ablation(
         ``loss_barrier`` and ``accuracy_barrier`` with dims
         ``(width, sampler, alignment, split)``, and the end models' accuracies.
     """
+
+    key = {"experiment": "width_ablation", "architecture": architecture, "data": data,
+           "widths": [float(w) for w in widths], "samplers": [smp.settings for smp in samplers], "backend": backend,
+           "seeds": list(seeds), "epochs": epochs, "method": method, "values_per_sampler": values_per_sampler,
+           "sweep": {k: v for k, v in sweep_kwargs.items() if k != "progress"}}
 
     def run(o: Path | None) -> xr.Dataset:
         rows = []
@@ -97,9 +107,7 @@ def width_ablation(
         ends = xr.concat(end_acc, dim=xr.DataArray(np.asarray(widths, dtype=float), dims="width"))
         ds = ds.merge(ends)
         ds.attrs = provenance(combinability_format="width_ablation", architecture=architecture, dataset=data,
-                              backend=backend, seeds=list(seeds), method=method)
-        if o is not None:
-            write_results(ds, o)
+                              backend=backend, seeds=list(seeds), method=method, **dict(attrs or {}))
         return ds
 
-    return reuse_or_run(out, run)
+    return reuse_or_run(out, key, run, overwrite=overwrite)

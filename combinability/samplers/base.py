@@ -160,6 +160,9 @@ class Sampler:
         Registry name (lower case), e.g. ``"uniform"``.
     parameter : str or tuple of str
         Name of the swept parameter (``"s"``, ``"lam"``, ...), a tuple for several.
+    parameter_long_name : str
+        What the parameter means, in words: the ``long_name`` of its coordinate in results
+        (axis labels of ``Dataset.plot``).
     deterministic : bool
         True when every draw for a value gives the same vector (one sample suffices).
     models : int
@@ -168,6 +171,7 @@ class Sampler:
 
     name: ClassVar[str] = ""
     parameter: ClassVar[str | tuple[str, ...]] = ""
+    parameter_long_name: ClassVar[str] = ""
     deterministic: ClassVar[bool] = False
     models: ClassVar[int] = 2
 

@@ -31,6 +31,7 @@ class Bernoulli(Sampler):
 
     name: ClassVar[str] = "bernoulli"
     parameter: ClassVar[str] = "p"
+    parameter_long_name: ClassVar[str] = "probability p of taking model B's weight"
 
     p: float | None = None
     """Fix the parameter to one value (validated at construction); None sweeps the grid."""

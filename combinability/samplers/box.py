@@ -40,6 +40,7 @@ class Box(Sampler):
 
     name: ClassVar[str] = "box"
     parameter: ClassVar[str] = "s"
+    parameter_long_name: ClassVar[str] = "half-width s of the box U[-s, s]^d around model A"
 
     stop: float = 0.5
     s: float | None = None

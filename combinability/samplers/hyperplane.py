@@ -125,6 +125,7 @@ class Hyperplane(Sampler):
 
     name: ClassVar[str] = "hyperplane"
     parameter: ClassVar[str] = "alpha"
+    parameter_long_name: ClassVar[str] = "mean coefficient α (hyperplane mean(v) = α)"
 
     alpha: float | None = None
     """Fix the parameter to one value (validated at construction); None sweeps the grid."""

@@ -31,6 +31,7 @@ class Linear(Sampler):
 
     name: ClassVar[str] = "linear"
     parameter: ClassVar[str] = "lam"
+    parameter_long_name: ClassVar[str] = "interpolation coefficient λ (0: model A, 1: model B)"
     deterministic: ClassVar[bool] = True
 
     start: float = 0.0

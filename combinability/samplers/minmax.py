@@ -35,6 +35,7 @@ class MinMax(Sampler):
 
     name: ClassVar[str] = "minmax"
     parameter: ClassVar[str] = "lam"
+    parameter_long_name: ClassVar[str] = "coefficient λ from the Max model (0) to the Min model (1)"
     deterministic: ClassVar[bool] = True
 
     lam: float | None = None

@@ -33,6 +33,7 @@ class Subcube(Sampler):
 
     name: ClassVar[str] = "subcube"
     parameter: ClassVar[str] = "lam"
+    parameter_long_name: ClassVar[str] = "subcube position λ (0: model A, 0.5: whole cube, 1: model B)"
 
     lam: float | None = None
     """Fix the parameter to one value (validated at construction); None sweeps the grid."""

@@ -35,6 +35,7 @@ class Uniform(Sampler):
 
     name: ClassVar[str] = "uniform"
     parameter: ClassVar[str] = "s"
+    parameter_long_name: ClassVar[str] = "half-width s of the cube U[0.5 - s, 0.5 + s]^d"
 
     s: float | None = None
     """Fix the parameter to one value (validated at construction); None sweeps the grid."""
