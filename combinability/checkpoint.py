@@ -25,6 +25,9 @@ file: the tensors by name, plus a string-to-string header (the safetensors ``__m
 
 On load both hashes are recomputed, so a flipped bit anywhere in the file (data, tensor header or
 these entries), a truncated file or a file of another kind raises :class:`~combinability.errors.CorruptFileError`.
+The tensor header is checked against the file's size before any array is read, so a header that
+declares more data than the file holds is refused without allocating it; :func:`read_metadata`
+reads the header alone (backend, config, metadata, tensor shapes and dtypes).
 
 :func:`load_checkpoint` also reads, detecting the kind of file by its content (never by its suffix):
 
@@ -53,6 +56,7 @@ from combinability.errors import (
     CorruptFileError,
     IncompatibleModelsError,
     IncompatibleVersionError,
+    OutputExistsError,
 )
 from combinability.files import atomic_path
 
@@ -63,6 +67,10 @@ __all__ = [
     "save_checkpoint",
     "load_checkpoint",
     "read_state_dict",
+    "read_metadata",
+    "check_overwrite",
+    "metadata_differences",
+    "non_float_parameters",
     "payload_sha256",
     "plain",
 ]
@@ -91,6 +99,15 @@ _SAVE_DTYPES = {
     "bool": "BOOL", "complex64": "C64",
 }  # fmt: skip
 _LOAD_DTYPES = {code: np.dtype(name).newbyteorder("<") for name, code in _SAVE_DTYPES.items()}
+# Bytes per element of every safetensors dtype code (including those numpy cannot hold).
+_ITEMSIZES = {
+    "F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1,
+    "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U64": 8, "U32": 4, "U16": 2, "U8": 1,
+    "BOOL": 1, "C64": 8, "C128": 16,
+}  # fmt: skip
+# safetensors dtype code -> the dtype name read_metadata reports (the numpy name where there is one).
+_DTYPE_NAMES = {**{code: name for name, code in _SAVE_DTYPES.items()}, "BF16": "bfloat16", "F8_E4M3": "float8_e4m3",
+                "F8_E5M2": "float8_e5m2", "C128": "complex128"}
 
 
 @dataclass(frozen=True)
@@ -346,27 +363,223 @@ def read_state_dict(path: str | Path) -> dict[str, np.ndarray]:
     return load_checkpoint(path).state
 
 
+def read_metadata(path: str | Path) -> dict[str, Any]:
+    """What a checkpoint says about itself, read from its header alone (no array is read).
+
+    Parameters
+    ----------
+    path : str or Path
+        A file :func:`load_checkpoint` reads.
+
+    Returns
+    -------
+    dict
+        ``"backend"`` (str or None), ``"config"`` (dict, ``{}`` when unknown), ``"metadata"`` (dict),
+        ``"version"`` (int: :data:`VERSION`, 1 for legacy files, 0 for files from elsewhere) and
+        ``"tensors"``: ``{name: {"dtype": str, "shape": tuple}}`` in the file's order. For a
+        safetensors file only the header is read (its header hash is checked, the payload hash is
+        not); the other kinds (``torch.save`` files, ``.npz`` archives) have no separate header and are
+        read whole.
+
+    Raises
+    ------
+    FileNotFoundError, CorruptFileError, IncompatibleVersionError, IncompatibleModelsError, BackendUnavailableError
+        As :func:`load_checkpoint`.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"no checkpoint at {str(path)!r}")
+    with open(path, "rb") as fh:
+        head = fh.read(9)
+    if len(head) != 9 or head[8:9] != b"{":
+        ckpt = load_checkpoint(path)
+        tensors = {k: {"dtype": v.dtype.name, "shape": tuple(v.shape)} for k, v in ckpt.state.items()}
+        return {"backend": ckpt.backend, "config": ckpt.config, "metadata": ckpt.metadata,
+                "version": ckpt.version, "tensors": tensors}
+    entries, header = _read_safetensors_header(path)
+    tensors = {k: {"dtype": _DTYPE_NAMES.get(t.dtype, t.dtype), "shape": t.shape} for k, t in header.items()}
+    if entries.get("format") != FORMAT and "header_sha256" not in entries:
+        return {"backend": None, "config": {}, "metadata": dict(entries), "version": 0, "tensors": tensors}
+    config, metadata, names = _library_entries(path, entries)
+    if not all(isinstance(n, str) for n in names) or sorted(names) != sorted(tensors):
+        raise _corrupt(path, "the header's list of names does not match its tensors: the file is corrupt")
+    return {"backend": entries.get("backend"), "config": config, "metadata": metadata, "version": VERSION,
+            "tensors": {name: tensors[name] for name in names}}
+
+
+def metadata_differences(stored: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
+    """The entries in which two metadata mappings differ, as ``"key: <stored> in the file, <new> now"``.
+
+    Both are compared as they read back from a checkpoint (plain JSON values: tuples become lists).
+    """
+    old, now = _json_plain(dict(stored), "metadata"), _json_plain(dict(new), "metadata")
+    missing = "(absent)"
+    return [f"{key}: {old.get(key, missing)!r:.80} in the file, {now.get(key, missing)!r:.80} now"
+            for key in sorted(set(old) | set(now)) if old.get(key, missing) != now.get(key, missing)]
+
+
+def check_overwrite(path: str | Path, metadata: Mapping[str, Any] | None = None, *, overwrite: bool = False,
+                    what: str = "checkpoint") -> None:
+    """Refuse, before any work, to replace a file this run did not write.
+
+    Nothing is refused when ``overwrite`` is true or ``path`` does not exist. Otherwise ``path``
+    must be a checkpoint of this library whose metadata equal ``metadata`` (the same run's file).
+
+    Raises
+    ------
+    OutputExistsError
+        If ``path`` exists and is not a checkpoint of this library, or its metadata differ from
+        ``metadata`` (another run's result); the message names the path and the entries that differ.
+    """
+    path = Path(path)
+    if overwrite or not path.exists() or path.is_dir():  # a folder: files.check_writable says so
+        return
+    advice = "pass overwrite=True (--overwrite) to replace it, or choose another path"
+    try:
+        info = read_metadata(path)
+    except (CorruptFileError, IncompatibleVersionError, IncompatibleModelsError, BackendUnavailableError) as exc:
+        raise OutputExistsError(f"the {what} path {path} holds a file that is not a readable checkpoint of this "
+                                f"library ({exc}); refusing to replace it: {advice}") from None
+    if info["version"] == 0:
+        raise OutputExistsError(f"the {what} path {path} holds a model file from elsewhere (not written by "
+                                f"combinability); refusing to replace it: {advice}")
+    differ = metadata_differences(info["metadata"], metadata or {})
+    if differ:
+        raise OutputExistsError(f"the {what} path {path} holds another run's checkpoint (its metadata differ: "
+                                f"{'; '.join(differ)}); refusing to replace it: {advice}")
+
+
+def non_float_parameters(expected: Mapping[str, Any], state: Mapping[str, Any]) -> list[str]:
+    """The floating-point parameters of ``expected`` that ``state`` holds with a non-float dtype.
+
+    Parameters
+    ----------
+    expected : mapping of name to dtype (or anything with a ``dtype``)
+        The model's own parameters; only those with a floating dtype are checked, so integer
+        buffers (BatchNorm's ``num_batches_tracked``) may stay integers.
+    state : mapping of name to array-like (or dtype)
+        What is to be loaded into them.
+
+    Returns
+    -------
+    list of str
+        ``"name (dtype)"`` for each floating parameter given as an integer, bool or complex array
+        (which copying into the model would silently truncate or cast), in ``expected``'s order.
+    """
+
+    bad = []
+    for name, reference in expected.items():
+        if name in state and _is_float(reference)[0]:
+            is_float, dtype = _is_float(state[name])
+            if not is_float:
+                bad.append(f"{name} ({dtype})")
+    return bad
+
+
+def _is_float(value: Any) -> tuple[bool, str]:
+    """Whether an array, a dtype or a dtype's name is floating point, and the dtype's name."""
+    dtype = value if isinstance(value, str | np.dtype | type) else getattr(value, "dtype", None)
+    if dtype is None:
+        dtype = np.asarray(value).dtype
+    if isinstance(dtype, str) and dtype.startswith(("float", "bfloat")):  # read_metadata's names, bfloat16 too
+        return True, dtype
+    try:
+        dtype = np.dtype(dtype)
+    except TypeError:  # a framework's dtype (torch.float32): its name says it
+        name = str(dtype).rpartition(".")[2]
+        return name.startswith(("float", "bfloat", "half", "double")), name
+    return bool(np.issubdtype(dtype, np.floating)), dtype.name
+
+
 def _corrupt(path: Path, what: str) -> CorruptFileError:
     return CorruptFileError(f"{str(path)!r}: {what}")
+
+
+@dataclass(frozen=True)
+class _TensorHeader:
+    """One tensor's entry in a safetensors header: dtype code, shape and byte range in the data."""
+
+    dtype: str
+    shape: tuple[int, ...]
+    begin: int
+    end: int
+
+
+def _read_safetensors_header(path: Path) -> tuple[dict[str, str], dict[str, _TensorHeader]]:
+    """The ``__metadata__`` entries and the tensor entries of a safetensors file, reading no array.
+
+    Every declared size is checked against the file's size before anything that size is read
+    or allocated: the header length, and each tensor's byte range (which must also agree with
+    its shape and dtype).
+
+    Raises
+    ------
+    CorruptFileError
+        If the header is not valid (an unknown dtype code included), or declares more bytes than
+        the file holds.
+    """
+    file_size = path.stat().st_size
+    with open(path, "rb") as fh:
+        head = fh.read(8)
+        if len(head) < 8:
+            raise _corrupt(path, f"not a readable safetensors file: it has {file_size} bytes, less than the "
+                                 "8-byte header length")
+        size = int.from_bytes(head, "little")
+        if size > file_size - 8:
+            raise _corrupt(path, f"not a readable safetensors file (truncated or damaged?): its header claims "
+                                 f"{size} bytes, but the file has only {file_size - 8} after the length")
+        raw = fh.read(size)
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except ValueError as exc:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        raise _corrupt(path, f"not a readable safetensors file (truncated or damaged?): {exc}") from exc
+    if not isinstance(header, dict):
+        raise _corrupt(path, "not a readable safetensors file: its header is not a JSON object")
+    entries = header.pop("__metadata__", None) or {}
+    if not isinstance(entries, dict) or not all(isinstance(v, str) for v in entries.values()):
+        raise _corrupt(path, "not a readable safetensors file: its __metadata__ is not a mapping of str to str")
+    data_size = file_size - 8 - size
+    tensors = {name: _tensor_header(path, name, entry, data_size) for name, entry in header.items()}
+    return entries, dict(sorted(tensors.items(), key=lambda item: (item[1].begin, item[1].end)))
+
+
+def _tensor_header(path: Path, name: str, entry: Any, data_size: int) -> _TensorHeader:
+    """One validated tensor entry of a safetensors header (see :func:`_read_safetensors_header`)."""
+    if not isinstance(entry, dict) or not {"dtype", "shape", "data_offsets"} <= set(entry):
+        raise _corrupt(path, f"not a readable safetensors file: the header entry of tensor {name!r} lacks "
+                             "'dtype', 'shape' or 'data_offsets'")
+    code, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
+
+    def count(value: Any) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+    if (not isinstance(shape, list) or not all(map(count, shape)) or not isinstance(offsets, list)
+            or len(offsets) != 2 or not all(map(count, offsets)) or offsets[0] > offsets[1]):
+        raise _corrupt(path, f"not a readable safetensors file: tensor {name!r} has the malformed shape {shape!r} "
+                             f"or data offsets {offsets!r}")
+    if code not in _ITEMSIZES:
+        raise _corrupt(path, f"not a readable safetensors file: tensor {name!r} has the unknown dtype {code!r} "
+                             f"(safetensors dtypes: {', '.join(_ITEMSIZES)})")
+    nbytes = _ITEMSIZES[code] * int(np.prod(shape, dtype=object))  # Python ints: no overflow
+    begin, end = offsets
+    if end - begin != nbytes:
+        raise _corrupt(path, f"tensor {name!r} declares shape {tuple(shape)} of {code} ({nbytes} bytes) but its "
+                             f"data offsets span {end - begin} bytes: the file is corrupt or crafted")
+    if end > data_size:
+        raise _corrupt(path, f"tensor {name!r} declares shape {tuple(shape)} of {code}, bytes {begin}..{end} of "
+                             f"the data, but the file holds only {data_size} bytes of data: it is truncated, "
+                             "or its header was crafted")
+    return _TensorHeader(code, tuple(shape), begin, end)
 
 
 def _load_safetensors(path: Path) -> Checkpoint:
     from safetensors import SafetensorError, deserialize
 
-    data = path.read_bytes()
-    # The tensor header, parsed here for the entries and the file order; safetensors validates the rest.
+    # Sizes are checked against the file before the file is read (see _read_safetensors_header).
+    entries, header = _read_safetensors_header(path)
+    order = list(header)
     try:
-        size = int.from_bytes(data[:8], "little")
-        if 8 + size > len(data):
-            raise ValueError(f"its header claims {size} bytes, but the file has only {len(data) - 8} after the length")
-        header = json.loads(data[8 : 8 + size].decode("utf-8"))
-        if not isinstance(header, dict):
-            raise ValueError("its header is not a JSON object")
-        entries = header.pop("__metadata__", None) or {}
-        if not isinstance(entries, dict) or not all(isinstance(v, str) for v in entries.values()):
-            raise ValueError("its __metadata__ is not a mapping of str to str")
-        order = sorted(header, key=lambda n: tuple(header[n]["data_offsets"]))
-        views = dict(deserialize(data))
+        views = dict(deserialize(path.read_bytes()))
     except (SafetensorError, ValueError, KeyError, TypeError) as exc:
         raise _corrupt(path, f"not a readable safetensors file (truncated or damaged?): {exc}") from exc
     if set(order) != set(views):
@@ -378,6 +591,23 @@ def _load_safetensors(path: Path) -> Checkpoint:
     if entries.get("format") != FORMAT and "header_sha256" not in entries:
         return Checkpoint(state=state, config={}, metadata=dict(entries), backend=None, version=0, path=path)
 
+    config, metadata, names = _library_entries(path, entries)
+    if not all(isinstance(n, str) for n in names) or sorted(names) != sorted(state) or len(set(names)) != len(names):
+        raise _corrupt(path, "the header's list of names does not match its tensors: the file is corrupt")
+    if entries["sha256"] != payload_sha256(raw):
+        raise _corrupt(path, "payload SHA-256 does not match: the file is corrupt")
+    return Checkpoint(
+        state={name: state[name] for name in names},
+        config=config,
+        metadata=metadata,
+        backend=entries.get("backend"),
+        version=VERSION,
+        path=path,
+    )
+
+
+def _library_entries(path: Path, entries: Mapping[str, str]) -> tuple[dict, dict, list]:
+    """``config``, ``metadata`` and ``names`` of a library checkpoint's header, checked (header hash, version)."""
     if entries.get("header_sha256") != _header_sha256(entries):
         raise _corrupt(path, "header SHA-256 does not match: the file is corrupt")
     version = entries.get("version")
@@ -391,21 +621,8 @@ def _load_safetensors(path: Path) -> Checkpoint:
     missing = [k for k in ("config", "metadata", "names", "sha256") if k not in entries]
     if missing:
         raise _corrupt(path, f"the checkpoint header lacks the entries {missing}")
-    config = _json_entry(path, entries, "config", dict)
-    metadata = _json_entry(path, entries, "metadata", dict)
-    names = _json_entry(path, entries, "names", list)
-    if not all(isinstance(n, str) for n in names) or sorted(names) != sorted(state) or len(set(names)) != len(names):
-        raise _corrupt(path, "the header's list of names does not match its tensors: the file is corrupt")
-    if entries["sha256"] != payload_sha256(raw):
-        raise _corrupt(path, "payload SHA-256 does not match: the file is corrupt")
-    return Checkpoint(
-        state={name: state[name] for name in names},
-        config=config,
-        metadata=metadata,
-        backend=entries.get("backend"),
-        version=VERSION,
-        path=path,
-    )
+    return (_json_entry(path, entries, "config", dict), _json_entry(path, entries, "metadata", dict),
+            _json_entry(path, entries, "names", list))
 
 
 def _safetensors_array(path: Path, name: str, view: Mapping[str, Any]) -> np.ndarray:

@@ -2,9 +2,12 @@
 
 :func:`train` is the one call that turns an architecture name and a dataset name into a
 trained native model; with ``checkpoint=`` it reuses a finished checkpoint whose settings
-match instead of training again. Checkpoints are one format for every backend
-(:mod:`combinability.checkpoint`): a model built from a layer table has the same names and
-axes in every backend, so a checkpoint written by one backend loads into another.
+match instead of training again, and refuses (before training) to replace a file it did not
+write. Checkpoints are one format for every backend (:mod:`combinability.checkpoint`): a model
+built from a layer table has the same names and axes in every backend, so a checkpoint written
+by one backend loads into another. :func:`load_model` checks a checkpoint's tensor shapes and
+dtypes, read from its header, against the model its configuration describes before building
+anything.
 """
 
 from __future__ import annotations
@@ -13,10 +16,29 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from combinability.checkpoint import load_checkpoint, save_checkpoint
-from combinability.errors import CorruptFileError, IncompatibleModelsError, IncompatibleVersionError, LayoutError
+from combinability import training
+from combinability.checkpoint import (
+    VERSION,
+    check_overwrite,
+    load_checkpoint,
+    metadata_differences,
+    non_float_parameters,
+    plain,
+    read_metadata,
+    save_checkpoint,
+)
+from combinability.errors import (
+    BackendUnavailableError,
+    ConfigurationError,
+    CorruptFileError,
+    IncompatibleModelsError,
+    IncompatibleVersionError,
+    LayoutError,
+    OutputExistsError,
+)
+from combinability.files import check_writable
 from combinability.plugins import get_architecture, get_backend
-from combinability.training import RECIPES, TrainRecipe, fit
+from combinability.training import RECIPES, TrainRecipe
 
 if TYPE_CHECKING:
     from combinability.data.base import ArrayDataset
@@ -52,6 +74,8 @@ def train(
     width: float | None = None,
     recipe: TrainRecipe | None = None,
     checkpoint: str | Path | None = None,
+    overwrite: bool = False,
+    metadata: Mapping[str, Any] | None = None,
     progress: bool = False,
 ) -> Any:
     """Train a reference model and return the backend's native model.
@@ -73,10 +97,28 @@ def train(
     recipe : TrainRecipe, optional
         Default: the paper's recipe for the architecture (appendix A), or Adam for MLPs.
     checkpoint : path, optional
-        Save the trained model there (atomically). If the file exists and was trained
-        with the same settings, it is loaded instead of training again.
+        Save the trained model there (atomically). If the file is a checkpoint trained with
+        the same settings (architecture, dataset, seed, width, recipe, backend), it is loaded
+        instead of training again. Its location is checked writable before training starts.
+    overwrite : bool, default False
+        Replace ``checkpoint`` when it holds a file that is not this library's checkpoint, or a
+        checkpoint trained with other settings; without it such a file is refused before training.
+        A checkpoint trained with the same settings is reused either way.
+    metadata : mapping, optional
+        Plain values (see :func:`combinability.checkpoint.plain`) merged into the checkpoint's
+        metadata, next to the training settings (which take precedence over equal keys).
     progress : bool
         Show a progress bar.
+
+    Raises
+    ------
+    OutputExistsError
+        If ``checkpoint`` holds a file that is not this library's checkpoint, or one trained with
+        other settings (named in the message), and ``overwrite`` is false; raised before training.
+    OutputNotWritableError
+        If ``checkpoint`` cannot be written; raised before training.
+    TypeError
+        If ``metadata`` holds a value that is not plain; raised before training.
     """
     from combinability.data.convert import check_seed
 
@@ -87,6 +129,9 @@ def train(
     if epochs is not None:
         recipe = recipe.with_(epochs=epochs)
     width = arch.default_width if width is None else width
+    if metadata is not None and not isinstance(metadata, Mapping):
+        raise TypeError(f"metadata must be a mapping, got a {type(metadata).__name__}")
+    extra = plain(dict(metadata or {}), "metadata")
     ds = _dataset(data, "train")
     settings = {
         "architecture": arch.name,
@@ -96,26 +141,83 @@ def train(
         "recipe": repr(recipe),
         "backend": be.name,
     }
-    if checkpoint is not None and Path(checkpoint).exists():
-        try:
-            model, meta = _load(checkpoint, be.name)
-        except (CorruptFileError, IncompatibleVersionError, IncompatibleModelsError):
-            model, meta = None, {}
-        if model is not None and all(meta.get(k) == v for k, v in settings.items()):
-            return model
+    replace = overwrite
+    if checkpoint is not None:
+        reused, replace = _reuse_checkpoint(Path(checkpoint), be.name, settings, overwrite)
+        if reused is not None:
+            return reused
+        check_writable(checkpoint, what="checkpoint")
     model = build_model(arch.name, backend=be.name, width=width, num_classes=ds.num_classes,
                         input_shape=ds.input_shape, seed=seed)
-    model = fit(be, model, ds, recipe, seed=seed, progress=progress, desc=f"train {arch.name}")
+    model = training.fit(be, model, ds, recipe, seed=seed, progress=progress, desc=f"train {arch.name}")
     if checkpoint is not None:
-        save_model(model, checkpoint, backend=be.name, metadata=settings)
+        save_model(model, checkpoint, backend=be.name, metadata={**extra, **settings}, overwrite=replace)
     return model
 
 
-def save_model(model: Any, path: str | Path, *, backend: str | None = None, metadata: Mapping | None = None) -> None:
-    """Write ``model`` to a checkpoint (safetensors with its configuration; temporary file, then rename)."""
+def _reuse_checkpoint(path: Path, backend: str, settings: Mapping[str, Any], overwrite: bool) -> tuple[Any, bool]:
+    """The model of ``path`` if it was trained with ``settings``, and whether ``path`` may be replaced.
+
+    Returns ``(model, _)`` to reuse, or ``(None, replace)`` to train; ``replace`` is passed to
+    :func:`save_model` as ``overwrite``.
+
+    Raises
+    ------
+    OutputExistsError
+        If ``path`` holds another file (not this library's checkpoint, or other settings) and
+        ``overwrite`` is false.
+    """
+    if not path.exists() or path.is_dir():  # a folder: check_writable says so
+        return None, overwrite
+    advice = "pass overwrite=True (--overwrite) to train again and replace it, or choose another path"
+    try:
+        info = read_metadata(path)
+    except (CorruptFileError, IncompatibleVersionError, IncompatibleModelsError, BackendUnavailableError) as exc:
+        if overwrite:
+            return None, True
+        raise OutputExistsError(f"the checkpoint path {path} holds a file that is not a readable checkpoint of "
+                                f"this library ({exc}); refusing to replace it: {advice}") from None
+    stored = {k: info["metadata"][k] for k in settings if k in info["metadata"]}
+    differ = metadata_differences(stored, settings)
+    if info["version"] == 0 and not overwrite:
+        raise OutputExistsError(f"the checkpoint path {path} holds a model file from elsewhere (not written by "
+                                f"combinability); refusing to replace it: {advice}")
+    if differ and not overwrite:
+        raise OutputExistsError(f"the checkpoint path {path} holds a model trained with other settings "
+                                f"({'; '.join(differ)}); refusing to replace it: {advice}")
+    if info["version"] == 0 or differ:
+        return None, True
+    try:
+        return _load(path, backend)[0], overwrite
+    except (CorruptFileError, IncompatibleModelsError, IncompatibleVersionError):
+        return None, True  # this run's own file, damaged: trained again and replaced
+
+
+def save_model(model: Any, path: str | Path, *, backend: str | None = None, metadata: Mapping | None = None,
+               overwrite: bool = False) -> None:
+    """Write ``model`` to a checkpoint (safetensors with its configuration; temporary file, then rename).
+
+    Parameters
+    ----------
+    model : native model
+    path : str or Path
+    backend : str, optional
+        Default: inferred from ``model``.
+    metadata : mapping, optional
+        Plain values stored with the model.
+    overwrite : bool, default False
+        Replace ``path`` even when it holds a file that is not this library's checkpoint, or a
+        checkpoint whose metadata differ from ``metadata`` (another run's result).
+
+    Raises
+    ------
+    OutputExistsError
+        If ``path`` holds such a file and ``overwrite`` is false; nothing is written then.
+    """
     from combinability.sets import infer_backend
 
     be = get_backend(backend or infer_backend(model))
+    check_overwrite(path, metadata, overwrite=overwrite, what="checkpoint")
     table = be.table_of(model)
     config = dict(table.config) if table is not None else {}
     if "input_shape" in config:
@@ -124,8 +226,9 @@ def save_model(model: Any, path: str | Path, *, backend: str | None = None, meta
 
 
 def _load(path: str | Path, backend: str, architecture: str | None = None) -> tuple[Any, dict]:
-    ckpt = load_checkpoint(path)
-    config = ckpt.config
+    path = Path(path)
+    info = read_metadata(path)  # a safetensors file: its header only, no array read yet
+    config = info["config"]
     stored = config.get("architecture")
     if stored is None:
         raise IncompatibleModelsError(
@@ -133,10 +236,10 @@ def _load(path: str | Path, backend: str, architecture: str | None = None) -> tu
             "own module and pass the module to cb.ModelPair")
     if architecture is not None and get_architecture(architecture).name != stored:
         raise IncompatibleModelsError(f"{path} holds a {stored!r} model, not {architecture!r}")
-    model = build_model(stored, backend=backend, width=config.get("width"), num_classes=config["num_classes"],
-                        input_shape=tuple(config["input_shape"]), seed=0)
-    be = get_backend(backend)
-    table = be.table_of(model)
+    table = _table_of(path, stored, config)
+    if info["version"] == VERSION:  # the table's own names: check the header before reading or building
+        _check_tensors(path, table, {k: (t["shape"], t["dtype"]) for k, t in info["tensors"].items()})
+    ckpt = load_checkpoint(path)
     state = _from_legacy_jax(ckpt.state, table) if ckpt.version == 1 and ckpt.backend == "jax" else ckpt.state
     try:
         table.check_state(state, what=f"the checkpoint {path}")
@@ -144,7 +247,54 @@ def _load(path: str | Path, backend: str, architecture: str | None = None) -> tu
         hint = (" (a checkpoint of combinability 0.1: re-train it, or load its arrays with "
                 "cb.checkpoint.read_state_dict and map the names)" if ckpt.version == 1 else "")
         raise CorruptFileError(f"{exc}{hint}") from None
+    _check_tensors(path, table, {k: (v.shape, v.dtype) for k, v in state.items()})
+    model = build_model(stored, backend=backend, width=config.get("width"), num_classes=config["num_classes"],
+                        input_shape=tuple(config["input_shape"]), seed=0)
+    be = get_backend(backend)
     return be.with_state(model, {**be.state(model), **state}), dict(ckpt.metadata)
+
+
+def _table_of(path: Path, architecture: str, config: Mapping[str, Any]) -> Any:
+    """The layer table a checkpoint's ``config`` describes (no model is built, nothing is allocated)."""
+    missing = [k for k in ("num_classes", "input_shape") if k not in config]
+    if missing:
+        raise CorruptFileError(f"{path}: its config {dict(config)} lacks {missing}: the file is corrupt")
+    try:
+        return get_architecture(architecture).layer_table(
+            width=config.get("width"), num_classes=config["num_classes"], input_shape=tuple(config["input_shape"]))
+    except (ConfigurationError, TypeError, ValueError, OverflowError) as exc:
+        raise CorruptFileError(f"{path}: its config {dict(config)} does not describe a valid {architecture!r} "
+                               f"model ({exc}): the file is corrupt or crafted") from None
+
+
+def _check_tensors(path: Path, table: Any, tensors: Mapping[str, tuple[Any, Any]]) -> None:
+    """Refuse tensors (``{name: (shape, dtype)}``) that do not fit ``table``: names, shapes, float dtypes.
+
+    Raises
+    ------
+    CorruptFileError
+        Naming the first parameter that is missing or whose shape differs (with both shapes), the
+        names the model does not have, or the floating parameters stored as integers.
+    """
+    expected = table.parameters()
+    described = (f"the {table.name!r} model its config describes (width {table.config.get('width')}, "
+                 f"{table.num_classes} classes, input {tuple(table.input_shape)})")
+    for name, (shape, _) in expected.items():
+        if name not in tensors:
+            raise CorruptFileError(f"{path}: parameter {name!r} of {described} is missing from the file")
+        got = tuple(int(n) for n in tensors[name][0])
+        if got != tuple(shape):
+            raise CorruptFileError(f"{path}: parameter {name!r}: its config implies shape {tuple(shape)}, the file "
+                                   f"holds {got}; the file does not fit {described} (corrupt or crafted)")
+    unknown = [name for name in tensors if name not in expected]
+    if unknown:
+        raise CorruptFileError(f"{path}: holds tensors {described} does not have: {unknown[:8]}")
+    bad = non_float_parameters({k: dtype for k, (_, dtype) in expected.items()},
+                               {k: dtype for k, (_, dtype) in tensors.items()})
+    if bad:
+        raise CorruptFileError(f"{path}: floating-point parameters stored as integers: {', '.join(bad[:8])}"
+                               f"{f' and {len(bad) - 8} more' if len(bad) > 8 else ''}; loading them would "
+                               "silently truncate the weights (save float32 weights)")
 
 
 def _from_legacy_jax(state: Mapping[str, Any], table: Any) -> dict[str, Any]:
@@ -168,7 +318,9 @@ def load_model(path: str | Path, *, backend: str = "torch", architecture: str | 
     Raises
     ------
     CorruptFileError
-        If the file is damaged, or its arrays do not fit the architecture it names.
+        If the file is damaged, or its arrays do not fit the architecture its config describes (checked
+        from the file's header before anything is built: the first parameter whose shape differs is
+        named with both shapes), or floating-point parameters are stored as integers.
     IncompatibleVersionError
         If it was written by an incompatible version of the library.
     IncompatibleModelsError
@@ -186,7 +338,8 @@ def load_into(model: Any, path: str | Path, *, backend: str | None = None) -> An
     Raises
     ------
     IncompatibleModelsError
-        If the file's arrays do not fit the model (names missing, unknown, or shapes differ).
+        If the file's arrays do not fit the model (names missing, unknown, or shapes differ), or
+        floating-point parameters are stored as integers (naming them and their dtype).
     """
     from combinability.checkpoint import read_state_dict
     from combinability.sets import infer_backend
@@ -198,6 +351,12 @@ def load_into(model: Any, path: str | Path, *, backend: str | None = None) -> An
         for prefix in ("module.", "_orig_mod.", "model."):
             if all(k.startswith(prefix) for k in state):
                 state = {k[len(prefix):]: v for k, v in state.items()}
+    bad = non_float_parameters(current, state)
+    if bad:
+        raise IncompatibleModelsError(
+            f"{path}: floating-point parameters of {type(model).__name__} stored as integers: {', '.join(bad[:8])}"
+            f"{f' and {len(bad) - 8} more' if len(bad) > 8 else ''}; loading them would silently truncate the "
+            "weights (save the model's float weights, e.g. torch.save(model.state_dict(), path))")
     try:
         return be.with_state(model, state)
     except LayoutError as exc:

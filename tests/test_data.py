@@ -6,9 +6,13 @@ the readers, and the loaded arrays are compared with the numbers written.
 
 from __future__ import annotations
 
+import collections
+import contextlib
 import dataclasses
+import functools
 import gzip
 import hashlib
+import http.server
 import io
 import os
 import pickle
@@ -16,6 +20,7 @@ import struct
 import subprocess
 import sys
 import tarfile
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -36,7 +41,7 @@ from combinability.data import (
     registry,
 )
 from combinability.data.idx import read_idx
-from combinability.errors import DatasetError, DatasetNotFoundError, PluginError, UnknownNameError
+from combinability.errors import CorruptFileError, DatasetError, DatasetNotFoundError, PluginError, UnknownNameError
 
 FMNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 IDX_NAMES = {
@@ -364,7 +369,7 @@ def test_cifar_rejects_bad_files(isolated):
     batch = folder / "test_batch"
     whole = batch.read_bytes()
     batch.write_bytes(whole[: len(whole) // 2])
-    with pytest.raises(DatasetError, match="test_batch"):
+    with pytest.raises(CorruptFileError, match="test_batch.*truncated"):
         load_dataset("cifar10", "test", root=folder)
 
     class Evil:
@@ -372,7 +377,7 @@ def test_cifar_rejects_bad_files(isolated):
             return (os.mkdir, (str(isolated / "pwned"),))
 
     batch.write_bytes(pickle.dumps({"data": Evil(), "labels": []}, protocol=2))
-    with pytest.raises(DatasetError, match="refusing"):
+    with pytest.raises(CorruptFileError, match="refusing"):
         load_dataset("cifar10", "test", root=folder)
     assert not (isolated / "pwned").exists()
 
@@ -392,61 +397,104 @@ def test_cifar_missing_says_where_and_how(isolated):
     assert str(isolated / "xdg-cache" / "combinability" / "cifar100") in msg
 
 
-# -- downloads -------------------------------------------------------------------------------------
+# -- downloads (pooch, from a local HTTP server: no network) -------------------------------------
+class _Handler(http.server.SimpleHTTPRequestHandler):
+    """Serves a folder; counts the requests for each path."""
+
+    requests: collections.Counter
+
+    def do_GET(self):  # noqa: N802 - the http.server name
+        type(self).requests[self.path] += 1
+        super().do_GET()
+
+    def log_message(self, *args):  # keep the test output clean
+        pass
+
+
+@contextlib.contextmanager
+def serve_folder(folder: Path):
+    """Serve ``folder`` on 127.0.0.1 from a thread; yield (base URL, Counter of requested paths)."""
+    handler = type("Handler", (_Handler,), {"requests": collections.Counter()})
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(handler, directory=str(folder)))
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}/", handler.requests
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join()
+
+
+@pytest.fixture
+def no_proxy(monkeypatch):
+    """requests must reach the local server directly, whatever proxy the environment names."""
+    for var in ("http_proxy", "https_proxy", "all_proxy", "HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
+    monkeypatch.setenv("no_proxy", "127.0.0.1,localhost")
+
+
 def md5(data: bytes) -> str:
     return hashlib.md5(data).hexdigest()
 
 
-def fake_remote_mnist(tmp: Path):
-    """Four gzipped IDX files served from a folder, and their Resource entries."""
+def fake_remote_mnist(tmp: Path, base: str):
+    """Four gzipped IDX files in ``tmp/remote`` (served at ``base``), and their Resource entries.
+
+    Each resource's first URL does not exist on the server (a dead mirror), its second does.
+    """
     raw = write_fake_mnist(tmp / "remote", gz=True, seed=3)
     resources = tuple(
-        locate.Resource(f + ".gz", ((tmp / "absent" / (f + ".gz")).as_uri(), (tmp / "remote" / (f + ".gz")).as_uri()),
+        locate.Resource(f + ".gz", (f"{base}absent/{f}.gz", f"{base}{f}.gz"),
                         md5((tmp / "remote" / (f + ".gz")).read_bytes()))
         for names in IDX_NAMES.values() for f in names
     )
     return raw, resources
 
 
-def test_download_from_file_urls_with_fallback_and_checksum(isolated, monkeypatch):
-    raw, resources = fake_remote_mnist(isolated)
-    monkeypatch.setitem(mnist.RESOURCES, "fashion_mnist", resources)
-    directory = download("fashion_mnist", root=isolated / "dl")
-    assert directory == isolated / "dl" / "fashion_mnist"
-    assert sorted(p.name for p in directory.iterdir()) == sorted(r.filename for r in resources)
-    ds = load_dataset("fashion_mnist", "train", root=isolated / "dl")
-    np.testing.assert_array_equal(ds.y, raw["train"][1])
-
-    def no_network(*args, **kwargs):
-        raise AssertionError("files with the right checksum must not be fetched again")
-
-    monkeypatch.setattr(locate.urllib.request, "urlopen", no_network)
-    download("fashion_mnist", root=isolated / "dl")
+def test_download_from_mirrors_with_fallback_and_checksum(isolated, monkeypatch, no_proxy):
+    with serve_folder(isolated / "remote") as (base, requests):
+        raw, resources = fake_remote_mnist(isolated, base)
+        monkeypatch.setitem(mnist.RESOURCES, "fashion_mnist", resources)
+        directory = download("fashion_mnist", root=isolated / "dl")
+        assert directory == isolated / "dl" / "fashion_mnist"
+        assert sorted(p.name for p in directory.iterdir()) == sorted(r.filename for r in resources)
+        ds = load_dataset("fashion_mnist", "train", root=isolated / "dl")
+        np.testing.assert_array_equal(ds.y, raw["train"][1])
+        served = sum(requests.values())
+        download("fashion_mnist", root=isolated / "dl")  # files with the right checksum: not fetched again
+        assert sum(requests.values()) == served
 
 
-def test_download_rejects_bad_checksum_and_keeps_nothing(isolated, monkeypatch):
-    _, resources = fake_remote_mnist(isolated)
-    wrong = tuple(locate.Resource(r.filename, r.urls, "0" * 32) for r in resources)
-    monkeypatch.setitem(mnist.RESOURCES, "mnist", wrong)
-    with pytest.raises(DatasetError, match="MD5"):
-        download("mnist", root=isolated / "dl")
-    assert list((isolated / "dl" / "mnist").iterdir()) == []
-    unreachable = tuple(locate.Resource(r.filename, r.urls[:1], r.md5) for r in resources)
-    monkeypatch.setitem(mnist.RESOURCES, "mnist", unreachable)
-    with pytest.raises(DatasetNotFoundError, match="could not download"):
-        download("mnist", root=isolated / "dl")
+def test_download_rejects_bad_checksum_and_keeps_nothing(isolated, monkeypatch, no_proxy):
+    with serve_folder(isolated / "remote") as (base, _):
+        _, resources = fake_remote_mnist(isolated, base)
+        wrong = tuple(locate.Resource(r.filename, r.urls, "0" * 32) for r in resources)
+        monkeypatch.setitem(mnist.RESOURCES, "mnist", wrong)
+        with pytest.raises(DatasetError, match="MD5") as err:
+            download("mnist", root=isolated / "dl")
+        assert resources[0].urls[1] in str(err.value) and str(isolated / "dl" / "mnist") in str(err.value)
+        assert list((isolated / "dl" / "mnist").iterdir()) == []
+        unreachable = tuple(locate.Resource(r.filename, r.urls[:1], r.md5) for r in resources)
+        monkeypatch.setitem(mnist.RESOURCES, "mnist", unreachable)
+        with pytest.raises(DatasetNotFoundError, match="could not download") as err:
+            download("mnist", root=isolated / "dl")
+        assert resources[0].urls[0] in str(err.value) and "404" in str(err.value)
+        assert list((isolated / "dl" / "mnist").iterdir()) == []
 
 
-def test_load_with_download_true_uses_default_place(isolated, monkeypatch):
-    raw, resources = fake_remote_mnist(isolated)
-    monkeypatch.setitem(mnist.RESOURCES, "mnist", resources)
-    monkeypatch.setenv(locate.ENV_VAR, str(isolated / "datahome"))
-    ds = load_dataset("mnist", "test", download=True)
+def test_load_with_download_true_uses_default_place(isolated, monkeypatch, no_proxy):
+    with serve_folder(isolated / "remote") as (base, _):
+        raw, resources = fake_remote_mnist(isolated, base)
+        monkeypatch.setitem(mnist.RESOURCES, "mnist", resources)
+        monkeypatch.setenv(locate.ENV_VAR, str(isolated / "datahome"))
+        ds = load_dataset("mnist", "test", download=True)
     np.testing.assert_array_equal(ds.y, raw["test"][1])
     assert (isolated / "datahome" / "mnist" / "t10k-labels-idx1-ubyte.gz").is_file()
 
 
-def test_cifar_download_extracts_archive(isolated, monkeypatch):
+def test_cifar_download_extracts_archive(isolated, monkeypatch, no_proxy):
     layout = cifar.LAYOUTS["cifar10"]
     raw = write_fake_cifar(isolated / "src" / layout.folder, "cifar10", n=2)
     buffer = io.BytesIO()
@@ -455,9 +503,10 @@ def test_cifar_download_extracts_archive(isolated, monkeypatch):
     archive = isolated / "remote" / layout.archive.filename
     archive.parent.mkdir()
     archive.write_bytes(buffer.getvalue())
-    resource = locate.Resource(archive.name, (archive.as_uri(),), md5(buffer.getvalue()))
-    monkeypatch.setitem(cifar.LAYOUTS, "cifar10", dataclasses.replace(layout, archive=resource))
-    folder = download("cifar10", root=isolated / "dl")
+    with serve_folder(archive.parent) as (base, _):
+        resource = locate.Resource(archive.name, (base + archive.name,), md5(buffer.getvalue()))
+        monkeypatch.setitem(cifar.LAYOUTS, "cifar10", dataclasses.replace(layout, archive=resource))
+        folder = download("cifar10", root=isolated / "dl")
     assert folder == isolated / "dl" / "cifar10" / layout.folder
     ds = load_dataset("cifar10", "train", root=isolated / "dl")
     np.testing.assert_array_equal(ds.y, raw["train"][1])

@@ -4,13 +4,17 @@ CIFAR-10: ``cifar-10-batches-py/`` with ``data_batch_1`` .. ``data_batch_5``,
 ``test_batch`` and ``batches.meta``. CIFAR-100: ``cifar-100-python/`` with ``train``,
 ``test`` and ``meta`` (fine labels are used). The folders are looked for as
 described in :mod:`combinability.data.locate` (``root``, ``root/cifar10``,
-``$COMBINABILITY_DATA/cifar10``, ``~/.cache/combinability/cifar10``, each also with the
-archive's folder name appended).
+``$COMBINABILITY_DATA/cifar10``, the platform cache folder (``~/.cache/combinability/cifar10``
+on Linux), each also with the archive's folder name appended).
 
 Each batch is a pickled dict: ``data`` a ``(n, 3072)`` uint8 array (1024 red, then
 1024 green, then 1024 blue values, row by row) and the labels. Batches are read with
 a restricted unpickler that only builds numpy arrays and plain containers, so a
-tampered file cannot run code.
+tampered file cannot run code; every length the pickle declares, and the size of every
+array, is checked against the file's size before it is read or allocated, so a truncated
+or crafted file raises :class:`~combinability.errors.CorruptFileError` naming it (never a
+``MemoryError``). A batch that unpickles but holds the wrong things (keys, shapes,
+labels) raises :class:`~combinability.errors.DatasetError`.
 
 Pixels are scaled to [0, 1] and normalised per channel with the training split's
 mean and standard deviation, stored below as constants (computed once over the 50000
@@ -20,8 +24,10 @@ training images).
 from __future__ import annotations
 
 import functools
+import io
 import os
 import pickle
+import pickletools
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,7 +36,7 @@ import numpy as np
 from combinability.data.base import ArrayDataset
 from combinability.data.locate import ENV_VAR, Resource, download_dir, extract_tar, fetch, locate_files
 from combinability.data.registry import check_split
-from combinability.errors import DatasetError
+from combinability.errors import CorruptFileError, DatasetError
 
 __all__ = [
     "CifarLayout",
@@ -107,28 +113,117 @@ _SAFE_GLOBALS = {
 }
 
 
+def _declared_bytes(shape: object, dtype: np.dtype) -> int:
+    """Bytes an array of ``shape`` and ``dtype`` takes (Python ints: no overflow); ValueError if malformed."""
+    dims = shape if isinstance(shape, tuple | list) else (shape,)
+    if not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in dims):
+        raise ValueError(f"malformed array shape {shape!r}")
+    return int(np.prod(dims, dtype=object)) * dtype.itemsize
+
+
+class _BoundedArray(np.ndarray):
+    """An array being unpickled: its declared size is checked against the file's before numpy allocates it.
+
+    Every array of a batch is stored in the file, so none can be larger than the file; a crafted
+    shape (a few bytes declaring a terabyte) is refused instead of allocated.
+    """
+
+    _limit: int
+
+    def __setstate__(self, state: tuple) -> None:
+        shape, dtype = state[-4], state[-3]
+        _check_declared(shape, dtype, self._limit)
+        super().__setstate__(state)
+
+
+def _check_declared(shape: object, dtype: object, limit: int) -> None:
+    """Refuse (UnpicklingError) an array of objects, or one larger than the file it comes from."""
+    dtype = np.dtype(dtype) if not isinstance(dtype, np.dtype) else dtype
+    if dtype.hasobject:
+        raise pickle.UnpicklingError(f"refusing an array of Python objects (dtype {dtype}) in a dataset file")
+    declared = _declared_bytes(shape, dtype)
+    if declared > limit:
+        raise pickle.UnpicklingError(
+            f"an array declares shape {tuple(shape) if isinstance(shape, tuple | list) else shape} of {dtype} "
+            f"({declared} bytes), more than the whole file holds ({limit} bytes)"
+        )
+
+
 class _SafeUnpickler(pickle.Unpickler):
-    """Unpickles numpy arrays and plain containers, nothing that can run code."""
+    """Unpickles numpy arrays and plain containers, nothing that can run code.
+
+    Arrays larger than ``limit`` bytes (the file's size) and arrays of Python objects are refused
+    before they are allocated.
+    """
+
+    def __init__(self, file: io.BytesIO, *, limit: int, **kwargs) -> None:
+        super().__init__(file, **kwargs)
+        self._limit = limit
 
     def find_class(self, module: str, name: str):
         if module.startswith("numpy.core."):  # pickles written by numpy 1
             module = "numpy._core." + module[len("numpy.core."):]
         if (module, name) not in _SAFE_GLOBALS:
             raise pickle.UnpicklingError(f"refusing to load {module}.{name} from a dataset file")
+        if name == "_reconstruct":
+            return self._reconstruct
         return super().find_class(module, name)
+
+    def _reconstruct(self, subtype: type, shape: object, dtype: object) -> np.ndarray:
+        if subtype is not np.ndarray:
+            raise pickle.UnpicklingError(f"refusing to build a {subtype!r} from a dataset file")
+        dtype = np.dtype(dtype)
+        _check_declared(shape, dtype, self._limit)
+        array = np.ndarray.__new__(_BoundedArray, shape, dtype)
+        array._limit = self._limit
+        return array
+
+
+def _plain_arrays(obj: object) -> object:
+    """``obj`` with every unpickled array as a plain :class:`numpy.ndarray`."""
+    if isinstance(obj, np.ndarray):
+        return obj.view(np.ndarray)
+    if isinstance(obj, dict):
+        return {k: _plain_arrays(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return type(obj)(_plain_arrays(v) for v in obj)
+    return obj
 
 
 def _str_keys(obj: dict) -> dict:
     return {k.decode("latin1") if isinstance(k, bytes) else k: v for k, v in obj.items()}
 
 
+def _check_stream(path_str: str, data: bytes) -> None:
+    """Walk the pickle's opcodes (reading no value) and refuse lengths beyond the file, or a cut stream.
+
+    Raises
+    ------
+    CorruptFileError
+        If an opcode declares more bytes than remain in the file (e.g. an 8-byte length of a
+        terabyte), or the stream ends before its STOP opcode (a truncated file).
+    """
+    try:
+        for _ in pickletools.genops(io.BytesIO(data)):
+            pass
+    except (ValueError, EOFError) as exc:  # genops reads each declared length from the bytes it has
+        raise CorruptFileError(
+            f"{path_str}: not a readable CIFAR pickle batch: the file is truncated or damaged "
+            f"({len(data)} bytes; {exc})"
+        ) from None
+
+
 @functools.lru_cache(maxsize=16)
 def _unpickle_cached(path_str: str, size: int, mtime_ns: int) -> dict:
+    data = Path(path_str).read_bytes()
+    _check_stream(path_str, data)
     try:
-        with open(path_str, "rb") as fh:
-            obj = _SafeUnpickler(fh, encoding="latin1").load()
-    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError) as exc:
-        raise DatasetError(f"{path_str}: not a readable CIFAR pickle batch ({type(exc).__name__}: {exc})") from exc
+        unpickler = _SafeUnpickler(io.BytesIO(data), limit=len(data), encoding="latin1")
+        obj = _plain_arrays(unpickler.load())
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError, KeyError) as exc:
+        raise CorruptFileError(
+            f"{path_str}: not a readable CIFAR pickle batch ({type(exc).__name__}: {exc})"
+        ) from None
     if not isinstance(obj, dict):
         raise DatasetError(f"{path_str}: expected a pickled dict, got {type(obj).__name__}")
     return _str_keys(obj)

@@ -4,7 +4,9 @@ A dataset called ``name`` is looked for, in order, in
 
 1. the ``root`` the caller names (``root`` itself, then ``root/<name>``),
 2. ``$COMBINABILITY_DATA/<name>``,
-3. ``~/.cache/combinability/<name>`` (``$XDG_CACHE_HOME/combinability/<name>`` when that is set),
+3. the platform's cache folder, ``pooch.os_cache("combinability")/<name>``: on Linux
+   ``~/.cache/combinability/<name>`` (``$XDG_CACHE_HOME/combinability/<name>`` when that is set),
+   on macOS ``~/Library/Caches/combinability/<name>``,
 4. system directories where a distribution installs the data, e.g. Debian's
    ``/usr/share/datasets/fashion-mnist`` (package ``dataset-fashion-mnist``).
 
@@ -13,22 +15,23 @@ Each candidate may also hold the files one level down in a dataset-specific
 :class:`~combinability.errors.DatasetNotFoundError` lists every directory looked in
 and how to get the files.
 
-Downloads go to the first writable place of the same list (``root/<name>``, else
+Downloads (with :mod:`pooch`) go to the first place of the same list (``root/<name>``, else
 ``$COMBINABILITY_DATA/<name>``, else the cache), are written atomically (a temporary
-file in the target directory, then :func:`os.replace`) and are checked against the
-MD5 sums the dataset's authors publish.
+file in the target directory, renamed once complete) and are checked against the
+MD5 sums the dataset's authors publish; a file with another checksum is not kept. A
+progress bar is shown when standard error is a terminal.
 """
 
 from __future__ import annotations
 
-import hashlib
+import contextlib
 import logging
 import os
 import shutil
+import sys
 import tarfile
 import tempfile
-import urllib.request
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -58,13 +61,15 @@ SYSTEM_DIRS: dict[str, tuple[str, ...]] = {
     "mnist": ("/usr/share/datasets/mnist",),
 }
 
-_CHUNK = 1 << 20
-
-
 def cache_home() -> Path:
-    """``$XDG_CACHE_HOME/combinability``, by default ``~/.cache/combinability``."""
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "combinability"
+    """The platform's cache folder for combinability, ``pooch.os_cache("combinability")``.
+
+    On Linux ``$XDG_CACHE_HOME/combinability``, by default ``~/.cache/combinability``; on macOS
+    ``~/Library/Caches/combinability``; on Windows the user's local application data folder.
+    """
+    import pooch  # imported on use: it is not needed to list or load datasets from elsewhere
+
+    return Path(pooch.os_cache("combinability"))
 
 
 def search_dirs(name: str, root: str | os.PathLike | None = None) -> list[Path]:
@@ -167,11 +172,9 @@ def locate_files(
 
 def md5sum(path: str | os.PathLike) -> str:
     """Hex MD5 digest of a file, read in chunks."""
-    digest = hashlib.md5(usedforsecurity=False)
-    with open(path, "rb") as fh:
-        while chunk := fh.read(_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
+    import pooch
+
+    return str(pooch.file_hash(str(path), alg="md5"))
 
 
 @dataclass(frozen=True)
@@ -183,8 +186,8 @@ class Resource:
     filename : str
         Name of the file in the dataset's directory.
     urls : tuple of str
-        Where to get it, tried in order (mirrors); any scheme :func:`urllib.request.urlopen`
-        reads, ``file://`` included.
+        Where to get it, tried in order (mirrors): ``https://``, ``http://`` or ``ftp://`` URLs,
+        as :func:`pooch.retrieve` reads them.
     md5 : str
         Published MD5 sum of the file.
     """
@@ -194,35 +197,70 @@ class Resource:
     md5: str
 
 
-def _download_to(url: str, directory: Path, filename: str, timeout: float) -> tuple[Path, str]:
-    """Stream ``url`` to a temporary file in ``directory``; return its path and MD5."""
-    digest = hashlib.md5(usedforsecurity=False)
-    fd, tmp = tempfile.mkstemp(prefix=f".{filename}.", suffix=".part", dir=directory)
+@contextlib.contextmanager
+def _quiet_pooch() -> Iterator[None]:
+    """Route pooch's own messages (it prints them on a handler of its own) through this module's logger."""
+    import pooch
+
+    pooch_logger = pooch.get_logger()
+    level = pooch_logger.level
+    pooch_logger.setLevel(logging.WARNING)
     try:
-        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=timeout) as response:
-            while chunk := response.read(_CHUNK):
-                digest.update(chunk)
-                out.write(chunk)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-    return Path(tmp), digest.hexdigest()
+        yield
+    finally:
+        pooch_logger.setLevel(level)
+
+
+def _progressbar() -> bool:
+    """Whether to show pooch's download progress bar: only when standard error is a terminal."""
+    return bool(getattr(sys.stderr, "isatty", None) and sys.stderr.isatty())
+
+
+def _retrieve(url: str, resource: Resource, directory: Path, timeout: float) -> str | None:
+    """Download ``url`` to ``directory/<filename>`` with pooch; None on success, else why it failed.
+
+    Raises
+    ------
+    _ChecksumMismatch
+        If the file arrived but its MD5 differs (pooch removes it).
+    """
+    import pooch
+    import requests
+
+    downloader = pooch.HTTPDownloader(progressbar=_progressbar(), timeout=timeout)
+    try:
+        with _quiet_pooch():
+            pooch.retrieve(url, known_hash=f"md5:{resource.md5}", fname=resource.filename, path=directory,
+                           downloader=downloader)
+    except ValueError as exc:
+        if "does not match the known hash" in str(exc):
+            raise _ChecksumMismatch(str(exc)) from None
+        return str(exc)  # e.g. an unsupported URL scheme
+    except (OSError, requests.RequestException) as exc:  # connection, HTTP status, timeout, disk
+        return f"{type(exc).__name__}: {exc}"
+    return None
+
+
+class _ChecksumMismatch(Exception):
+    """A downloaded file whose MD5 differs from the published one."""
 
 
 def fetch(resource: Resource, directory: str | os.PathLike, *, timeout: float = 60.0) -> Path:
     """Download ``resource`` into ``directory`` unless a file with the right MD5 is already there.
 
-    Each URL is tried in turn; the file appears under its final name only once its
-    MD5 matches (written to a temporary file in the same directory, then renamed).
+    The download goes through :func:`pooch.retrieve`: each URL is tried in turn, the file
+    is streamed to a temporary file in ``directory`` and appears under its final name only
+    once its MD5 matches; a progress bar is shown when standard error is a terminal.
 
     Raises
     ------
     DatasetError
-        If a URL delivered a file whose checksum does not match (and no other did).
+        If a URL delivered a file whose checksum does not match (and no other URL delivered the
+        right one); nothing is kept. The message names each URL and the folder.
     DatasetNotFoundError
-        If no URL could be read.
+        If no URL could be read; the message names each URL, why, and the folder.
     """
-    directory = Path(directory)
+    directory = Path(directory).expanduser()
     directory.mkdir(parents=True, exist_ok=True)
     target = directory / resource.filename
     if target.is_file() and md5sum(target) == resource.md5:
@@ -232,17 +270,14 @@ def fetch(resource: Resource, directory: str | os.PathLike, *, timeout: float = 
     for url in resource.urls:
         logger.info("downloading %s to %s", url, target)
         try:
-            tmp, got = _download_to(url, directory, resource.filename, timeout)
-        except OSError as exc:  # URLError, HTTPError and socket errors are OSErrors
-            failures.append(f"  {url}: {exc}")
-            continue
-        if got != resource.md5:
-            tmp.unlink()
+            why = _retrieve(url, resource, directory, timeout)
+        except _ChecksumMismatch as exc:
             bad_checksum = True
-            failures.append(f"  {url}: MD5 {got}, expected {resource.md5}")
+            failures.append(f"  {url}: MD5 mismatch, expected {resource.md5} ({exc})")
             continue
-        os.replace(tmp, target)
-        return target
+        if why is None:
+            return target
+        failures.append(f"  {url}: {why}")
     message = f"could not download {resource.filename} into {directory}:\n" + "\n".join(failures)
     if bad_checksum:
         raise DatasetError(message + "\n(a checksum mismatch means a corrupt or altered file; nothing was kept)")

@@ -137,8 +137,8 @@ def load_fashion_mnist(split: str, root: str | os.PathLike | None = None) -> Arr
     split : {"train", "test"}
     root : path, optional
         Searched first (``root`` and ``root/fashion_mnist``), before
-        ``$COMBINABILITY_DATA/fashion_mnist``, ``~/.cache/combinability/fashion_mnist`` and
-        ``/usr/share/datasets/fashion-mnist``.
+        ``$COMBINABILITY_DATA/fashion_mnist``, the platform cache folder
+        (``~/.cache/combinability/fashion_mnist`` on Linux) and ``/usr/share/datasets/fashion-mnist``.
 
     Returns
     -------

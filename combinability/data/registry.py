@@ -222,7 +222,8 @@ def load_dataset(
         Keep only the first ``limit`` examples.
     download : bool
         When the files are missing, download them (to ``root/<name>``,
-        ``$COMBINABILITY_DATA/<name>`` or ``~/.cache/combinability/<name>``) and retry.
+        ``$COMBINABILITY_DATA/<name>`` or the platform's cache folder,
+        ``pooch.os_cache("combinability")/<name>``) and retry.
     registry : mapping, optional
         Where to look ``name`` up instead of the built-ins and installed plugins.
 
@@ -247,20 +248,29 @@ def load_dataset(
 def download(
     name: str | DatasetSpec, root: PathLike | None = None, *, registry: Mapping[str, DatasetSpec] | None = None
 ) -> Path:
-    """Download the files of dataset ``name`` (checked against their published MD5 sums).
+    """Download the files of dataset ``name`` with :mod:`pooch` (checked against their published MD5 sums).
 
-    Files already present with the right checksum are not fetched again.
+    Files already present with the right checksum are not fetched again; a file whose checksum
+    differs is not kept. A progress bar is shown when standard error is a terminal.
 
     Parameters
     ----------
     name : str or DatasetSpec
     root : path, optional
         Write to ``root/<name>``; by default ``$COMBINABILITY_DATA/<name>`` when that is
-        set, else ``~/.cache/combinability/<name>``.
+        set, else the platform's cache folder, ``pooch.os_cache("combinability")/<name>``
+        (``~/.cache/combinability/<name>`` on Linux).
 
     Returns
     -------
     pathlib.Path
         The directory the files are in; :func:`load_dataset` finds them there.
+
+    Raises
+    ------
+    DatasetError
+        If a file arrived with another checksum than the published one (naming each URL and the folder).
+    DatasetNotFoundError
+        If no URL of a file could be read (naming each URL, why, and the folder).
     """
     return get_spec(name, registry).download(root)

@@ -87,7 +87,9 @@ def width_ablation(
         for width in widths:
             models = []
             for seed in seeds:
-                ckpt = Path(model_dir) / f"{architecture}_w{width:g}_s{seed}.ckpt" if model_dir else None
+                # the name holds every training setting: a checkpoint of other settings is never met
+                trained = f"{architecture}_{data}_w{width:g}_s{seed}" + (f"_e{epochs}" if epochs is not None else "")
+                ckpt = Path(model_dir) / f"{trained}_{backend}.ckpt" if model_dir else None
                 models.append(train(architecture, data, backend=backend, seed=seed, epochs=epochs, width=width,
                                     checkpoint=ckpt, progress=progress))
             pair = ModelPair(models[0], models[1], architecture=architecture, backend=backend).align(method)
