@@ -86,8 +86,8 @@ def test_killed_sweep_resumes_to_identical_results(checkpoints, uninterrupted, t
 def test_resume_refuses_a_different_sweep(digits_pair, tmp_path):
     out = tmp_path / "s.nc"
     cb.sweep(digits_pair, cb.Linear(), data="digits", splits=["test"], values=[0.5], limit=50, out=out)
-    with pytest.raises(cb.CombinabilityError, match=r"holds a finished result of a different run; settings that differ: values: \[0.5\] in the file, "
-                       r"\[0.25\] now; pass overwrite=True"):
+    differ = r"holds a finished result of a different run; settings that differ: values: \[0.5\] in the file, "
+    with pytest.raises(cb.CombinabilityError, match=differ + r"\[0.25\] now; pass overwrite=True"):
         cb.sweep(digits_pair, cb.Linear(), data="digits", splits=["test"], values=[0.25], limit=50, out=out)
     ds = cb.sweep(digits_pair, cb.Linear(), data="digits", splits=["test"], values=[0.25], limit=50, out=out,
                   overwrite=True)

@@ -168,7 +168,8 @@ def test_an_unwritable_location_is_reported_before_any_evaluation(digits_pair, t
     blocker = tmp_path / "a_file"
     blocker.write_text("")
     _no_evaluation(monkeypatch)
-    with pytest.raises(cb.OutputNotWritableError, match=r"cannot write the output .*a_file/s.nc: .*a_file is a file, not a folder"):
+    unwritable = r"cannot write the output .*a_file/s.nc: .*a_file is a file, not a folder"
+    with pytest.raises(cb.OutputNotWritableError, match=unwritable):
         cb.sweep(digits_pair, cb.Linear(), values=[0.5], out=blocker / "s.nc", **KW)
     with pytest.raises(cb.OutputNotWritableError, match="is a folder"):
         cb.sweep(digits_pair, cb.Linear(), values=[0.5], out=tmp_path, **KW)
