@@ -7,20 +7,30 @@ sample size and writes, under ``results/demo/``:
 
 * ``models/``: the three checkpoints (reused on the next run);
 * one netCDF file per experiment (finished ones are reused, unfinished ones resume);
+  identity stitching in both directions the paper describes: ``stitching.nc`` (π(Θ_B)
+  below the cut, Θ_A above: the §4.3 formula) and ``stitching_lower_a.nc`` (Θ_A below,
+  π(Θ_B) above: the section's first sentence);
 * ``figures/``: one PNG per experiment;
 * ``summary.md``: the empirical barriers, naive vs aligned, and the other headline numbers.
 """
 
 from __future__ import annotations
 
+import inspect
 import json
+import numbers
 import time
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from combinability.errors import CombinabilityError, DatasetNotFoundError
+from combinability.errors import CombinabilityError, ConfigurationError, DatasetNotFoundError
 
-__all__ = ["run_demo", "DemoSettings", "default_dataset"]
+__all__ = ["run_demo", "DemoSettings", "default_dataset", "STITCH_FILES"]
+
+#: The identity-stitching result files of the demo, by the model below the cut (``Stitch(lower=...)``).
+STITCH_FILES: dict[str, str] = {"b": "stitching.nc", "a": "stitching_lower_a.nc"}
 
 
 @dataclass(frozen=True)
@@ -63,14 +73,80 @@ def _step(log: dict, name: str, fn, *args, **kwargs):
     return result
 
 
+def _check_attrs(attrs: Mapping[str, Any] | None, experiments: Iterable[Callable[..., Any]]) -> dict[str, Any]:
+    """``attrs`` as a dict of netCDF-storable attributes that every experiment accepts, or an error.
+
+    Raises
+    ------
+    ConfigurationError
+        If ``attrs`` is not a mapping of str to str or number, or an experiment has no
+        ``attrs`` keyword (checked before any training starts).
+    """
+    if attrs is None:
+        return {}
+    if not isinstance(attrs, Mapping):
+        raise ConfigurationError(f"demo: attrs must be a mapping of str to str or number, got {type(attrs).__name__}")
+    bad = [k for k, v in attrs.items() if not isinstance(k, str) or isinstance(v, bool)
+           or not isinstance(v, str | numbers.Real)]
+    if bad:
+        raise ConfigurationError(
+            f"demo: attrs must map str to str or a number (netCDF attributes); invalid entries: {bad!r}"
+        )
+    refusing = [fn.__name__ for fn in experiments if not _accepts(fn, "attrs")]
+    if refusing:
+        raise ConfigurationError(f"demo: attrs= cannot be stored: {', '.join(refusing)} take no 'attrs' keyword")
+    return dict(attrs)
+
+
+def _accepts(fn: Callable[..., Any], name: str) -> bool:
+    """Whether ``fn`` takes the keyword ``name`` (named or through ``**kwargs``)."""
+    params = inspect.signature(fn).parameters.values()
+    return any(p.name == name or p.kind is inspect.Parameter.VAR_KEYWORD for p in params)
+
+
 def run_demo(out: Path = Path("results/demo"), *, data: str | None = None, backend: str = "torch",
-             quick: bool = False, progress: bool = True, epochs: int | None = None) -> int:
-    """Run the demo; returns 0 on success. See the module docstring for what it writes."""
+             quick: bool = False, progress: bool = True, epochs: int | None = None,
+             attrs: Mapping[str, Any] | None = None, overwrite: bool = False) -> int:
+    """Run the demo; returns 0 on success. See the module docstring for what it writes.
+
+    Parameters
+    ----------
+    out : path
+        Folder for the models, the netCDF results, the figures and ``summary.md``.
+    data : str, optional
+        Dataset name; Fashion-MNIST when its files are found, else digits.
+    backend : str
+        ``"torch"`` or ``"jax"``.
+    quick : bool
+        Much smaller sizes (:meth:`DemoSettings.quick`), for tests.
+    progress : bool
+        Progress bars.
+    epochs : int, optional
+        Training epochs of the three models (default: :class:`DemoSettings`).
+    attrs : mapping, optional
+        Extra attributes (str to str or number) forwarded as ``attrs=`` to every
+        experiment, hence stored in every result file it writes.
+    overwrite : bool
+        Recompute every result, replacing files in ``out`` written with other settings
+        (which are otherwise refused with :class:`~combinability.errors.OutputExistsError`),
+        and retrain checkpoints of other settings; checkpoints of the same settings are
+        reused either way.
+
+    Raises
+    ------
+    ConfigurationError
+        If ``attrs`` is malformed (before anything is trained).
+    """
     import combinability as cb
     from combinability import experiments as ex
     from combinability.files import atomic_path
     from combinability.report import report
 
+    experiments = (ex.hypercube, ex.identity_stitching, ex.min_max, ex.linear_extrapolation, ex.centred_box,
+                   ex.transitivity, ex.three_models, ex.functional_agreement, ex.edge_lengths,
+                   ex.alignment_robustness, ex.width_ablation)
+    extra_attrs = _check_attrs(attrs, experiments)
+    tag = {"attrs": extra_attrs} if extra_attrs else {}
     s = DemoSettings.quick() if quick else DemoSettings()
     if epochs is not None:
         s = DemoSettings(**{**s.__dict__, "epochs": epochs})
@@ -85,16 +161,18 @@ def run_demo(out: Path = Path("results/demo"), *, data: str | None = None, backe
     for seed in (0, 1, 2):
         ckpt = models_dir / f"mlp_seed{seed}.ckpt"
         models.append(_step(times, f"train model seed {seed}", cb.train, "mlp", data, backend=backend, seed=seed,
-                            epochs=s.epochs, checkpoint=ckpt, progress=progress))
+                            epochs=s.epochs, checkpoint=ckpt, progress=progress, overwrite=overwrite))
     a, b, c = models
     pair = _step(times, "align B to A", lambda: cb.ModelPair(a, b, backend=backend).align("weight", seed=0))
     triple = _step(times, "align B and C to A",
                    lambda: cb.ModelPair(a, b, backend=backend, model_c=c).align("weight", seed=0))
-    kw = dict(data=data, samples=s.samples, limit=s.limit, seed=0, progress=progress)
+    kw = dict(data=data, samples=s.samples, limit=s.limit, seed=0, progress=progress, overwrite=overwrite, **tag)
     det = {k: v for k, v in kw.items() if k != "samples"}
 
     _step(times, "hypercube samplers (4.2)", ex.hypercube, pair, out_dir=out, **kw)
-    _step(times, "identity stitching (4.3)", ex.identity_stitching, pair, out=out / "stitching.nc", **det)
+    for lower, name in STITCH_FILES.items():
+        _step(times, f"identity stitching (4.3), {lower.upper()} below the cut",
+              ex.identity_stitching, pair, lower=lower, out=out / name, **det)
     _step(times, "min/max models (4.5.1)", ex.min_max, pair, out=out / "minmax.nc", **det)
     _step(times, "linear extrapolation (5.1)", ex.linear_extrapolation, pair, out=out / "extrapolation.nc", **det)
     _step(times, "centred boxes (5.2)", ex.centred_box, pair, out=out / "box.nc", **kw)
@@ -102,13 +180,12 @@ def run_demo(out: Path = Path("results/demo"), *, data: str | None = None, backe
     tri = _step(times, "three models (5.4)", ex.three_models, triple, resolution=s.triangle_resolution,
                 out=out / "triangle.nc", **det)
     _step(times, "functional agreement (6.1)", ex.functional_agreement, pair, out_dir=out, **kw)
-    _step(times, "edge lengths (6.2)", lambda: ex.edge_lengths(pair, out=out / "edge_lengths.nc")
-          if not (out / "edge_lengths.nc").exists() else None)
+    _step(times, "edge lengths (6.2)", ex.edge_lengths, pair, out=out / "edge_lengths.nc", overwrite=overwrite, **tag)
     _step(times, "alignment robustness (6.3)", ex.alignment_robustness, pair, data, steps=s.robustness_steps,
-          limit=s.limit, out=out / "robustness.nc")
+          limit=s.limit, out=out / "robustness.nc", overwrite=overwrite, **tag)
     _step(times, "width ablation (4.4)", ex.width_ablation, "mlp", data, widths=s.widths, backend=backend,
           epochs=s.width_epochs, samples=s.samples, limit=s.limit, values_per_sampler=s.width_values,
-          model_dir=models_dir, out=out / "width_ablation.nc", progress=progress)
+          model_dir=models_dir, out=out / "width_ablation.nc", progress=progress, overwrite=overwrite, **tag)
 
     best = ex.best_point(tri)
     extra = "## Three models (5.4)\n\n" + "".join(f"- {k}: {v:.4f}\n" if isinstance(v, float) else f"- {k}: {v}\n"

@@ -218,6 +218,8 @@ ENDS = [
     (Box(), 0.0, 0.0, "a"),
     (Stitch(), 0, 0.0, "a"),
     (Stitch(), 3, 1.0, "b"),  # the layout below has 3 layers
+    (Stitch(lower="a"), 0, 1.0, "b"),  # A below the cut: no layer of A at l = 0
+    (Stitch(lower="a"), 3, 0.0, "a"),
 ]
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from collections.abc import Sequence
@@ -30,8 +31,9 @@ from combinability.plots._base import (
     splits_present,
 )
 from combinability.results import barriers
+from combinability.samplers.stitch import stitch_direction
 
-__all__ = ["plot_sweep", "barrier_caption", "PARAMETER_LABELS"]
+__all__ = ["plot_sweep", "barrier_caption", "parameter_label", "stitch_lower", "PARAMETER_LABELS"]
 
 #: Horizontal-axis labels per sampler (fallback: the parameter's name).
 PARAMETER_LABELS = {
@@ -39,7 +41,7 @@ PARAMETER_LABELS = {
     "subcube": "λ   (centre of the subcube)",
     "hyperplane": "α   (mean coefficient)",
     "bernoulli": "p   (Bernoulli parameter)",
-    "stitch": "layer l   (layers below l from model B)",
+    "stitch": "layer l   (layers below l from model B, above from A)",
     "minmax": "λ   (0: 'Max' model, 1: 'Min' model)",
     "linear": "λ   (interpolation coefficient)",
     "box": "s   (v ~ U[−s, s], centred at model A)",
@@ -92,9 +94,52 @@ def _end_names(ds: xr.Dataset, ends: list[str]) -> dict[str, str]:
     return names
 
 
-def _end_x(sampler: str, x: np.ndarray, end: str, layers: int | None = None) -> float | None:
-    pos = _END_POSITIONS.get(sampler, {}).get(end)
-    if pos == "last":  # stitching: model B is layer L (the number of layers), when the sweep reached it
+def stitch_lower(ds: xr.Dataset) -> str:
+    """The model below the cut in a stitching result: ``"b"`` or ``"a"``.
+
+    Read from the ``stitch_lower`` attribute (written by
+    :func:`combinability.experiments.identity_stitching`), else from ``lower`` in the
+    ``sampler_settings`` attribute (written by every sweep); ``"b"``, the only direction
+    before ``Stitch(lower=...)`` existed, when neither says.
+
+    Raises
+    ------
+    CorruptFileError
+        If the attributes name a value other than ``"a"`` or ``"b"``.
+    """
+    lower = ds.attrs.get("stitch_lower")
+    settings = ds.attrs.get("sampler_settings")
+    if lower is None and isinstance(settings, str):
+        try:
+            lower = json.loads(settings).get("lower")
+        except (ValueError, AttributeError):
+            lower = None
+    lower = "b" if lower is None else str(lower).strip().lower()
+    if lower not in ("a", "b"):
+        raise CorruptFileError(f"stitching result: the model below the cut is {lower!r}; valid values: 'a', 'b'")
+    return lower
+
+
+def parameter_label(ds: xr.Dataset) -> str:
+    """The horizontal-axis label of a sweep result (for stitching: which model is below the cut)."""
+    sampler = str(ds.attrs.get("sampler", ""))
+    if sampler == "stitch":
+        low = stitch_lower(ds)
+        return f"layer l   (layers below l from model {low.upper()}, above from {'A' if low == 'b' else 'B'})"
+    param = parameter_dim(ds)
+    return PARAMETER_LABELS.get(sampler, _SYMBOLS.get(param, param))
+
+
+def _end_positions(ds: xr.Dataset, sampler: str) -> dict[str, float | str]:
+    """Where the end models sit on the parameter axis; for stitching, the ``lower`` model is at layer L."""
+    if sampler == "stitch" and stitch_lower(ds) == "a":
+        return {"a": "last", "b": 0.0}
+    return _END_POSITIONS.get(sampler, {})
+
+
+def _end_x(positions: dict[str, float | str], x: np.ndarray, end: str, layers: int | None = None) -> float | None:
+    pos = positions.get(end)
+    if pos == "last":  # stitching: the lower model is layer L (the number of layers), when the sweep reached it
         pos = float(np.max(x)) if layers is None else float(layers)
     if pos is None or not (np.min(x) - 1e-9 <= float(pos) <= np.max(x) + 1e-9):
         return None
@@ -139,7 +184,8 @@ def plot_sweep(ds: xr.Dataset, path: str | os.PathLike | None = None, *,
     ends = [m for m in ("a", "b", "c") if f"loss_{m}" in ds]
     names = ds.attrs.get("layer_names")
     layers = len(str(names).split(", ")) if names else None
-    free_ends = [m for m in ends if _end_x(sampler, x, m, layers) is None]
+    positions = _end_positions(ds, sampler)
+    free_ends = [m for m in ends if _end_x(positions, x, m, layers) is None]
     n_samples = ds.sizes.get("sample", 1)
 
     fig, axes = new_figure(1, 2, panel=(5.6, 4.2), extra=(0.0, 0.9))
@@ -159,7 +205,7 @@ def plot_sweep(ds: xr.Dataset, path: str | os.PathLike | None = None, *,
                     mean = np.where(counts > 0, np.nansum(vals, axis=1) / np.maximum(counts, 1), np.nan)
                 ax.plot(x, mean, color=colour, linestyle=style, linewidth=1.6, zorder=3)
                 for k, m in enumerate(ends):
-                    xe = _end_x(sampler, x, m, layers)
+                    xe = _end_x(positions, x, m, layers)
                     if xe is None:
                         xe = float(np.max(x)) + span * (0.07 + 0.05 * free_ends.index(m))
                     ax.plot([xe], [float(sub[f"{metric}_{m}"].sel(split=split))], linestyle="none",
@@ -178,7 +224,7 @@ def plot_sweep(ds: xr.Dataset, path: str | os.PathLike | None = None, *,
                        color="0.92", zorder=0)
             ax.text(float(np.max(x)) + span * (0.04 + 0.025 * (len(free_ends) + 1)), 1.0, "ends",
                     transform=ax.get_xaxis_transform(), ha="center", va="bottom", fontsize="small", color="0.35")
-        ax.set_xlabel(PARAMETER_LABELS.get(sampler, _SYMBOLS.get(param, param)))
+        ax.set_xlabel(parameter_label(ds))
         ax.set_ylabel("loss" if metric == "loss" else "accuracy")
         ax.grid(True, alpha=0.3)
         panel_letter(ax, letter, metric)
@@ -203,6 +249,8 @@ def plot_sweep(ds: xr.Dataset, path: str | os.PathLike | None = None, *,
     head = f"{title} — {subject}" if subject else title
     if ds.attrs.get("models"):
         head += f"\n{ds.attrs['models']}"
+    if sampler == "stitch":
+        head += f"\n{stitch_direction(stitch_lower(ds))}"
     caption_split = "test" if "test" in split_names else split_names[-1]
     caption_align = _headline_alignment(align_names)
     caption = barrier_caption(ds, split=caption_split, alignment=caption_align)
