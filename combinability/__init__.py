@@ -11,11 +11,9 @@ backend plugins (``combinability_torch``, ``combinability_jax``), imported on fi
 from __future__ import annotations
 
 import importlib
+import importlib.util
 from typing import Any
 
-from combinability.architecture import Architecture
-from combinability.backend import Backend, NumpyRandom
-from combinability.combination import combine, combine3, combine3_into, combine_into
 from combinability.errors import (
     AlignmentError,
     BackendUnavailableError,
@@ -36,40 +34,28 @@ from combinability.errors import (
     SamplerError,
     UnknownNameError,
 )
-from combinability.hookspecs import hookimpl
-from combinability.layout import FlatLayout, ParamEntry
-from combinability.matching import (
-    activation_matching,
-    matching_objective,
-    perturb_permutation,
-    random_derangement,
-    unit_correlations,
-    weight_matching,
-)
-from combinability.permutation import (
-    Permutation,
-    PermutationSpec,
-    apply_permutation,
-    compose_permutations,
-    identity_permutation,
-    invert_permutation,
-    random_permutation,
-)
-from combinability.plugins import (
-    get_architecture,
-    get_backend,
-    list_architectures,
-    list_backends,
-    list_datasets,
-    list_samplers,
-)
-from combinability.specs import SpecBuilder
-from combinability.training import TrainRecipe
 
 __version__ = "0.1.0"
 
-# Names whose modules import more (xarray, matplotlib) are loaded on first access.
-_LAZY: dict[str, str] = {
+# Every other name is loaded on first access (PEP 562): ``import combinability`` (and the
+# ``combinability`` command's ``--help``) then costs no numpy, scipy, xarray or framework import.
+_CORE: dict[str, tuple[str, ...]] = {
+    "combinability.architecture": ("Architecture",),
+    "combinability.backend": ("Backend", "NumpyRandom"),
+    "combinability.combination": ("combine", "combine3", "combine3_into", "combine_into"),
+    "combinability.hookspecs": ("hookimpl",),
+    "combinability.layout": ("FlatLayout", "ParamEntry"),
+    "combinability.matching": ("activation_matching", "matching_objective", "perturb_permutation",
+                               "random_derangement", "unit_correlations", "weight_matching"),
+    "combinability.permutation": ("Permutation", "PermutationSpec", "apply_permutation", "compose_permutations",
+                                  "identity_permutation", "invert_permutation", "random_permutation"),
+    "combinability.plugins": ("get_architecture", "get_backend", "list_architectures", "list_backends",
+                              "list_datasets", "list_samplers"),
+    "combinability.specs": ("SpecBuilder",),
+    "combinability.training": ("TrainRecipe",),
+}
+_LAZY: dict[str, str] = {name: module for module, names in _CORE.items() for name in names}
+_LAZY.update({
     "Uniform": "combinability.samplers",
     "Subcube": "combinability.samplers",
     "Hyperplane": "combinability.samplers",
@@ -116,7 +102,7 @@ _LAZY: dict[str, str] = {
     "Node": "combinability.layers",
     "ModelSet": "combinability.sets",
     "derive_spec": "combinability.derive",
-}
+})
 
 
 #: Lazy names that are whole submodules (``cb.experiments.hypercube``, ``cb.plots.plot_sweep``).
@@ -127,9 +113,12 @@ _LAZY["checkpoint"] = "combinability.checkpoint"
 
 
 def __getattr__(name: str) -> Any:
+    """Load a name of :data:`__all__` (or a submodule, e.g. ``cb.plugins``) on first access."""
     module = _LAZY.get(name)
     if module is None:
-        raise AttributeError(f"module 'combinability' has no attribute {name!r}")
+        if name.startswith("_") or importlib.util.find_spec(f"{__name__}.{name}") is None:
+            raise AttributeError(f"module 'combinability' has no attribute {name!r}")
+        return importlib.import_module(f"{__name__}.{name}")  # the import binds it as an attribute
     mod = importlib.import_module(module)
     value = mod if name in _MODULES else getattr(mod, name)
     globals()[name] = value
@@ -142,15 +131,12 @@ def __dir__() -> list[str]:
 
 __all__ = [
     "AlignmentError",
-    "Architecture",
-    "Backend",
     "BackendUnavailableError",
     "CombinabilityError",
     "ConfigurationError",
     "CorruptFileError",
     "DatasetError",
     "DatasetNotFoundError",
-    "FlatLayout",
     "IncompatibleModelsError",
     "IncompatibleVersionError",
     "LayoutError",
@@ -158,37 +144,9 @@ __all__ = [
     "OutputExistsError",
     "OutputLockedError",
     "OutputNotWritableError",
-    "NumpyRandom",
-    "ParamEntry",
-    "Permutation",
-    "PermutationSpec",
     "PermutationSpecError",
     "PluginError",
     "SamplerError",
-    "SpecBuilder",
-    "TrainRecipe",
     "UnknownNameError",
-    "activation_matching",
-    "combine",
-    "combine3",
-    "combine3_into",
-    "combine_into",
-    "apply_permutation",
-    "compose_permutations",
-    "get_architecture",
-    "get_backend",
-    "hookimpl",
-    "identity_permutation",
-    "invert_permutation",
-    "list_architectures",
-    "list_backends",
-    "list_datasets",
-    "list_samplers",
-    "matching_objective",
-    "perturb_permutation",
-    "random_derangement",
-    "random_permutation",
-    "unit_correlations",
-    "weight_matching",
     *_LAZY,
 ]

@@ -113,6 +113,22 @@ class Backend(ABC):
     def random(self, seed: int) -> RandomSource:
         """A :class:`RandomSource` on the device, seeded with ``seed``."""
 
+    def on_device(self, device: str) -> Backend:
+        """This backend on another ``device`` (``"cpu"``, ``"cuda"``, ``"cuda:1"``, ...).
+
+        The default knows only the device it runs on; framework backends override it.
+
+        Raises
+        ------
+        ConfigurationError
+            If the device is not available to this backend; the message lists the valid ones.
+        """
+        from combinability.errors import ConfigurationError
+
+        if device == self.device():
+            return self
+        raise ConfigurationError(f"backend {self.name!r} cannot run on device {device!r}; valid: {self.device()}")
+
     def synchronize(self) -> None:  # noqa: B027 - optional hook
         """Wait for queued device work (for timing); a no-op by default."""
 

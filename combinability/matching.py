@@ -11,11 +11,11 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
-from scipy.optimize import linear_sum_assignment
 
 from combinability.errors import AlignmentError, ConfigurationError, IncompatibleModelsError, PermutationSpecError
 from combinability.permutation import (
@@ -34,6 +34,15 @@ __all__ = [
     "random_derangement",
     "perturb_permutation",
 ]
+
+_log = logging.getLogger(__name__)
+
+
+def _linear_sum_assignment(cost: np.ndarray, maximize: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`scipy.optimize.linear_sum_assignment`, imported on first use (it costs 0.3 s to import)."""
+    from scipy.optimize import linear_sum_assignment as solve
+
+    return solve(cost, maximize=maximize)
 
 
 def _as_float_params(spec: PermutationSpec, params: Mapping[str, Any], which: str) -> dict[str, np.ndarray]:
@@ -71,7 +80,7 @@ def _cost_matrix(spec: PermutationSpec, p: str, a: Mapping[str, np.ndarray], b: 
 
 
 def _descend(spec: PermutationSpec, a: dict, b: dict, perm: dict[str, np.ndarray], sizes: dict[str, int],
-             rng: np.random.Generator, max_iter: int, tol: float) -> tuple[dict, list[float], int]:
+             rng: np.random.Generator, max_iter: int, tol: float, report: Any = None) -> tuple[dict, list[float], int]:
     names = list(sizes)
     history = [matching_objective(spec, a, b, perm)]
     iterations = 0
@@ -82,7 +91,7 @@ def _descend(spec: PermutationSpec, a: dict, b: dict, perm: dict[str, np.ndarray
             p = names[idx]
             n = sizes[p]
             cost = _cost_matrix(spec, p, a, b, perm, n)
-            rows, cols = linear_sum_assignment(cost, maximize=True)
+            rows, cols = _linear_sum_assignment(cost, maximize=True)
             new = cols[np.argsort(rows)].astype(np.int64)
             old_val = cost[np.arange(n), perm[p]].sum()
             new_val = cost[np.arange(n), new].sum()
@@ -90,9 +99,39 @@ def _descend(spec: PermutationSpec, a: dict, b: dict, perm: dict[str, np.ndarray
                 perm[p] = new
                 improved = True
         history.append(matching_objective(spec, a, b, perm))
+        if report is not None:
+            report(iterations, history[-1])
         if not improved:
             break
     return perm, history, iterations
+
+
+class _SweepReporter:
+    """The progress line of weight matching: a bar on a terminal, else one log record per sweep."""
+
+    def __init__(self, enabled: bool, runs: int) -> None:
+        from combinability.progress import progress_bar
+
+        self.enabled, self.runs, self.run = enabled, runs, 0
+        self.bar = progress_bar(None, "weight matching", "sweeps", enabled) if enabled else None
+
+    def start(self, run: int) -> None:
+        self.run = run
+
+    def __call__(self, sweep: int, objective: float) -> None:
+        if not self.enabled:
+            return
+        label = f"run {self.run + 1}/{self.runs}, " if self.runs > 1 else ""
+        if self.bar is None or self.bar.disable:  # no terminal: a log line instead of the bar
+            _log.info("weight matching: %ssweep %d, objective %.6g", label, sweep, objective)
+            return
+        self.bar.set_postfix_str(f"{label}objective {objective:.6g}", refresh=False)
+        self.bar.update(1)
+        self.bar.refresh()  # every sweep's objective is shown (a sweep is slower than a redraw)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
 
 
 def weight_matching(
@@ -105,6 +144,7 @@ def weight_matching(
     init: Mapping[str, Any] | None = None,
     restarts: int = 0,
     tol: float = 1e-12,
+    progress: bool = False,
 ) -> Permutation:
     """Align ``params_b`` to ``params_a`` by permutation coordinate descent.
 
@@ -129,6 +169,11 @@ def weight_matching(
         final objective is returned (single runs can stop in a local optimum).
     tol : float
         Relative improvement below which an assignment is not taken.
+    progress : bool, default False
+        Report every sweep's objective: a progress line on a terminal
+        (:func:`combinability.progress.progress_bar`), elsewhere (a log file, a CI job) an
+        ``INFO`` record of the ``combinability.matching`` logger per sweep
+        (``weight matching: sweep 3, objective 41.2``).
 
     Returns
     -------
@@ -165,12 +210,17 @@ def weight_matching(
     else:
         start = dict(identity_permutation(sizes))
     best: tuple[dict, list[float], int] | None = None
-    for run in range(restarts + 1):
-        if run > 0:
-            start = {p: rng.permutation(n).astype(np.int64) for p, n in sizes.items()}
-        result = _descend(spec, a, b, start, sizes, rng, max_iter, tol)
-        if best is None or result[1][-1] > best[1][-1]:
-            best = result
+    reporter = _SweepReporter(progress, restarts + 1)
+    try:
+        for run in range(restarts + 1):
+            if run > 0:
+                start = {p: rng.permutation(n).astype(np.int64) for p, n in sizes.items()}
+            reporter.start(run)
+            result = _descend(spec, a, b, start, sizes, rng, max_iter, tol, reporter)
+            if best is None or result[1][-1] > best[1][-1]:
+                best = result
+    finally:
+        reporter.close()
     if best is None:  # pragma: no cover - restarts >= 0 guarantees one run
         raise AlignmentError("weight matching ran no iteration")
     perm, history, iterations = best
@@ -223,7 +273,7 @@ def activation_matching(acts_a: Mapping[str, np.ndarray], acts_b: Mapping[str, n
     total, count = 0.0, 0
     for p in acts_a:
         corr = unit_correlations(acts_a[p], acts_b[p])
-        rows, cols = linear_sum_assignment(corr, maximize=True)
+        rows, cols = _linear_sum_assignment(corr, maximize=True)
         perm[p] = cols[np.argsort(rows)].astype(np.int64)
         total += corr[rows, cols].sum()
         count += len(rows)

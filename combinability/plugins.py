@@ -47,6 +47,8 @@ __all__ = [
     "list_plugins",
     "get_registration",
     "get_backend",
+    "use_device",
+    "set_backend",
     "list_backends",
     "get_architecture",
     "list_architectures",
@@ -425,6 +427,32 @@ def get_backend(name: str | Backend) -> Backend:
             ) from exc
         _backend_instances[name] = backend
         return backend
+
+
+def use_device(name: str, device: str | None) -> Backend:
+    """Make :func:`get_backend` return backend ``name`` on ``device`` from now on; return it.
+
+    ``device=None`` keeps the backend's default (CUDA when available, else the CPU).
+    Returns the backend in use, so a caller can put the previous one back with
+    :func:`set_backend`.
+
+    Raises
+    ------
+    ConfigurationError
+        If the device is not available to the backend; the message lists the valid ones.
+    """
+    backend = get_backend(name)
+    if device is None:
+        return backend
+    moved = backend.on_device(device)
+    set_backend(name, moved)
+    return moved
+
+
+def set_backend(name: str, backend: Backend) -> None:
+    """Make :func:`get_backend(name) <get_backend>` return ``backend`` (an instance of a registered backend)."""
+    with _lock:
+        _backend_instances[name] = backend
 
 
 # -- architectures --------------------------------------------------------------

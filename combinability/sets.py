@@ -270,7 +270,7 @@ class ModelSet:
 
     # -- alignment ---------------------------------------------------------------------
     def align(self, method: str = "weight", *, seed: int = 0, data: Any = None, examples: int = 2000,
-              **options: Any) -> ModelSet:
+              progress: bool = False, **options: Any) -> ModelSet:
         """Transform every member into model 0's basin: a new set holding ``T_i(θ_i)``.
 
         Parameters
@@ -284,6 +284,9 @@ class ModelSet:
             Inputs for data-driven aligners (training split of a registered dataset, or the data).
         examples : int
             Examples whose features data-driven aligners see.
+        progress : bool, default False
+            Ask the aligner for a progress line (weight matching shows each sweep's
+            objective on a terminal, else logs it at ``INFO``); aligners without one ignore it.
         **options
             Passed to the aligner (e.g. ``restarts``, ``max_iter`` for weight matching).
         """
@@ -301,7 +304,7 @@ class ModelSet:
                              feature_points=self.feature_points,
                              features=None if features is None else (lambda which, pts, i=i: features(
                                  0 if which == "reference" else i, pts)))
-            perm = align(method, task, **options)
+            perm = align(method, task, **({"progress": True} if progress else {}), **options)
             transforms.append(perm)
             thetas.append(self.layout.flatten(apply_permutation(self.spec, perm, naive.params(i))))
         return self._replace(thetas=tuple(thetas), transforms=tuple(transforms), alignment=method, naive=naive)

@@ -161,13 +161,12 @@ def fit(backend: Backend, model: Any, data: ArrayDataset, recipe: TrainRecipe, *
     NonFiniteWeightsError
         If the training loss becomes NaN or infinite (lower the learning rate).
     """
-    from tqdm.auto import tqdm
-
     from combinability.augmentation import affine_matrices, sample_params
     from combinability.data.convert import check_labels, check_seed
     from combinability.errors import DatasetError, NonFiniteWeightsError
     from combinability.evaluation import device_data, mean_cross_entropy
     from combinability.layout import FlatLayout
+    from combinability.progress import progress_bar
 
     seed = check_seed(seed)
     n = len(data)
@@ -198,8 +197,7 @@ def fit(backend: Backend, model: Any, data: ArrayDataset, recipe: TrainRecipe, *
         return mean_cross_entropy(xp, logits, labels)
 
     step = 0
-    with tqdm(total=recipe.epochs * steps_per_epoch, disable=not progress, desc=desc, unit="step",
-              leave=False) as bar:
+    with progress_bar(recipe.epochs * steps_per_epoch, desc, "step", progress) as bar:
         for epoch in range(recipe.epochs):
             order = backend.asarray(rng.permutation(n).astype(np.int64))
             losses = []

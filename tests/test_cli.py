@@ -16,7 +16,7 @@ from combinability.cli import main
 def test_help_explains_every_subcommand():
     out = subprocess.run([sys.executable, "-m", "combinability", "--help"], capture_output=True, text=True,
                          check=True).stdout
-    for sub in ("train", "align", "sweep", "report", "plugins", "demo"):
+    for sub in ("train", "align", "sweep", "experiment", "report", "plugins", "demo"):
         assert sub in out
     sweep_help = subprocess.run([sys.executable, "-m", "combinability", "sweep", "--help"], capture_output=True,
                                 text=True, check=True).stdout
@@ -86,14 +86,14 @@ def test_demo_quick_runs_end_to_end_and_reuses(tmp_path):
 
 
 def test_download_reports_where_it_failed_without_network(tmp_path, capsys, monkeypatch):
-    import urllib.request
+    import socket
 
     def offline(*args, **kwargs):
         raise OSError("network unreachable (test)")
 
-    monkeypatch.setattr(urllib.request, "urlopen", offline)
-    assert main(["download", "mnist", "--root", str(tmp_path)]) == 2
+    monkeypatch.setattr(socket, "getaddrinfo", offline)  # whatever client the download uses
+    assert main(["download", "mnist", "--root", str(tmp_path)]) == 1  # a runtime error, not a usage error
     err = capsys.readouterr().err
     assert "could not download" in err and str(tmp_path / "mnist") in err and "MD5" in err
-    assert main(["download", "imagenet"]) == 2
+    assert main(["download", "imagenet"]) == 2  # an unknown name on the command line: a usage error
     assert "unknown dataset 'imagenet'" in capsys.readouterr().err

@@ -53,18 +53,9 @@ def _user_guide_results(folder: Path) -> None:
     ex.hypercube(pair, samplers=(cb.Uniform(),), out_dir=folder, data="digits", samples=1)
 
 
-def _readme_params(folder: Path) -> dict:
-    """The README's core example names two models' parameters without building them."""
-    import numpy as np
-
-    rng = np.random.default_rng(0)
-    shapes = {"fc1.weight": (16, 8), "fc1.bias": (16,), "fc2.weight": (3, 16), "fc2.bias": (3,)}
-    return {f"params_{m}": {k: rng.normal(size=s) for k, s in shapes.items()} for m in "ab"}
-
-
 #: What a page assumes exists: files the docs tell the reader to produce first (e.g. with
 #: ``make demo``), or variables the text describes. Each returns extra names for the namespace.
-SETUP = {"user-guide.md": _user_guide_results, "README.md": _readme_params}
+SETUP = {"user-guide.md": _user_guide_results}
 
 
 @pytest.fixture
@@ -170,3 +161,21 @@ def test_mentioned_names_exist(path):
         if not _resolve(dotted):
             missing.add(match.group(0))
     assert not missing, f"{_id(path)} mentions names that do not exist: {sorted(missing)}"
+
+
+def test_docs_config_does_not_depend_on_the_working_directory(tmp_path, monkeypatch):
+    """``mkdocs build -f /path/to/mkdocs.yml`` from any folder: every path it names is found."""
+    import os
+
+    from mkdocs.config import load_config
+
+    monkeypatch.chdir(tmp_path)
+    config = load_config(str(ROOT / "mkdocs.yml"))
+    bases = [Path(os.fspath(p)).resolve() for p in config["mdx_configs"]["pymdownx.snippets"]["base_path"]]
+    assert bases == [ROOT]
+    includes = [m.group(1) for page in PAGES for m in re.finditer(r'--8<--\s*"([^"]+)"', page.read_text())]
+    assert includes and all((ROOT / name).is_file() for name in includes)
+    # mkdocstrings reads its paths and extensions relative to the config file
+    options = config["plugins"]["mkdocstrings"].config["handlers"]["python"]
+    assert all((ROOT / p).is_dir() for p in options["paths"])
+    assert all((ROOT / ext.split(":")[0]).is_file() for ext in options["options"]["extensions"])

@@ -183,7 +183,7 @@ def test_cli_sweeps_plain_state_dicts_of_a_user_class(tmp_path, monkeypatch, cap
     assert float(ds["loss_a"].sel(alignment="aligned", split="test")) == pytest.approx(want.item(), rel=1e-5)
     torch.save(nn.Linear(3, 2).state_dict(), tmp_path / "other.pt")
     capsys.readouterr()
-    assert main(["sweep", "net0.pt", "other.pt", "--model", "usernets:Net", "--data", "mine.npz", "--quiet"]) == 2
+    assert main(["sweep", "net0.pt", "other.pt", "--model", "usernets:Net", "--data", "mine.npz", "--quiet"]) == 1
     assert "other.pt does not fit Net" in capsys.readouterr().err
     with pytest.raises(IncompatibleModelsError, match=r"unknown names \['weight', 'bias'\]"):
         load_into(usernets.Net(), tmp_path / "other.pt")

@@ -180,6 +180,30 @@ class JaxBackend(Backend):
     def __repr__(self) -> str:
         return f"JaxBackend(device={self.device()!r}, precision={self.precision!r})"
 
+    def on_device(self, device: str) -> JaxBackend:
+        """This backend on ``device``: ``"cpu"``, ``"gpu"``/``"cuda"`` (the first GPU), ``"cuda:1"``, ``"tpu:0"``.
+
+        Raises
+        ------
+        ConfigurationError
+            If no such device is available to jax; the message lists the valid ones.
+        """
+        from combinability.errors import ConfigurationError
+
+        platform, _, index = device.partition(":")
+        platform = {"cuda": "gpu", "rocm": "gpu"}.get(platform, platform)
+        try:
+            found = jax.devices(platform)
+        except RuntimeError:
+            found = []
+        valid = ", ".join(f"{d.platform}:{d.id}" for d in jax.devices())
+        if not index.isdigit() and index or not found or index and int(index) >= len(found):
+            raise ConfigurationError(f"device {device!r} is not available to jax on this machine; valid: {valid}")
+        target = found[int(index) if index else 0]
+        if target == self._device:
+            return self
+        return JaxBackend(target, precision=self.precision, train_precision=self.train_precision)
+
     def device(self) -> str:
         return f"{self._device.platform}:{self._device.id}"
 

@@ -16,7 +16,8 @@ from combinability.permutation import Permutation, identity_permutation
 __all__ = ["weight", "activation", "identity"]
 
 
-def weight(task: AlignTask, *, restarts: int = 0, max_iter: int = 100, **_: Any) -> Permutation:
+def weight(task: AlignTask, *, restarts: int = 0, max_iter: int = 100, progress: bool = False,
+           **_: Any) -> Permutation:
     """Git Re-Basin weight matching (:func:`combinability.matching.weight_matching`).
 
     Parameters
@@ -26,6 +27,8 @@ def weight(task: AlignTask, *, restarts: int = 0, max_iter: int = 100, **_: Any)
         Extra runs from random initial permutations; the best is kept.
     max_iter : int, default 100
         Maximum number of coordinate-descent sweeps per run.
+    progress : bool, default False
+        Show a progress line with each sweep's objective (see :func:`weight_matching`).
 
     Returns
     -------
@@ -33,7 +36,7 @@ def weight(task: AlignTask, *, restarts: int = 0, max_iter: int = 100, **_: Any)
         ``method="weight"``, with the objective history of the best run.
     """
     return weight_matching(task.spec, task.reference, task.other, seed=task.seed, restarts=restarts,
-                           max_iter=max_iter)
+                           max_iter=max_iter, progress=progress)
 
 
 def activation(task: AlignTask, **_: Any) -> Permutation:

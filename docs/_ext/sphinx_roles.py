@@ -9,7 +9,8 @@ this extension rewrites, in place and for the docs only:
   resolved from the docstring's own scope (unresolvable names become code spans);
 * a trailing ``::`` -> ``:`` (the indented block below is a code block in Markdown too);
 * code markup in the type of numpy ``name : type`` lines (rendered as plain text) is dropped;
-* simple reST tables -> Markdown pipe tables.
+* simple reST tables -> Markdown pipe tables;
+* doctest blocks (``>>>``) -> fenced ``pycon`` code.
 
 It is loaded by ``mkdocs.yml`` (``plugins.mkdocstrings.handlers.python.options.extensions``)
 and is not part of the library.
@@ -160,6 +161,30 @@ def _literal_markers(text: str) -> str:
     return "\n".join(out)
 
 
+def _doctests(text: str) -> str:
+    """Fence doctest blocks (a ``>>>`` line up to the next blank line) as ``pycon`` code.
+
+    Unfenced, Markdown reads their ``a[[2, 0]]`` indexing as reference links.
+    """
+    out: list[str] = []
+    fenced, block_indent = False, None
+    for line in text.split("\n"):
+        stripped = line.strip()
+        indent = line[: len(line) - len(line.lstrip())]
+        if block_indent is not None and not stripped:
+            out.append(f"{block_indent}```")
+            block_indent = None
+        elif block_indent is None and not fenced and stripped.startswith(">>>"):
+            out.append(f"{indent}```pycon")
+            block_indent = indent
+        elif block_indent is None and stripped.startswith("```"):
+            fenced = not fenced
+        out.append(line)
+    if block_indent is not None:
+        out.append(f"{block_indent}```")
+    return "\n".join(out)
+
+
 class SphinxRoles(griffe.Extension):
     """Rewrite every docstring of a loaded package (see the module docstring)."""
 
@@ -172,7 +197,7 @@ class SphinxRoles(griffe.Extension):
                 continue
             seen.add(id(obj))
             if obj.docstring is not None:
-                text = _tables(_literal_markers(_param_types(obj.docstring.value)))
+                text = _doctests(_tables(_literal_markers(_param_types(obj.docstring.value))))
                 obj.docstring.value = _roles(text, obj, loader)
                 obj.docstring.__dict__.pop("parsed", None)  # drop a cached parse, if any
             stack.extend(m for m in obj.members.values() if not m.is_alias)
