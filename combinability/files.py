@@ -14,7 +14,13 @@ import threading
 from pathlib import Path
 from typing import Any
 
-__all__ = ["atomic_path", "output_lock", "check_writable", "stop_on_sigterm", "clean_stale_temporaries"]
+__all__ = ["atomic_path", "output_lock", "lock_path", "check_writable", "stop_on_sigterm", "clean_stale_temporaries"]
+
+
+def lock_path(path: str | os.PathLike) -> Path:
+    """The lock file of an output: hidden beside it, ``.<name>.lock`` (the holder's pid in ``.<name>.lock.pid``)."""
+    target = Path(path)
+    return target.with_name(f".{target.name}.lock")
 
 
 def _temp_prefix(target: Path) -> str:
@@ -146,11 +152,11 @@ def _umask() -> int:
 
 @contextlib.contextmanager
 def output_lock(path: str | os.PathLike | None, *, wait: float = 0.0) -> Any:
-    """Hold an exclusive lock on ``path`` (a ``<path>.lock`` file beside it) for the block.
+    """Hold an exclusive lock on ``path`` (a hidden ``.<name>.lock`` file beside it) for the block.
 
     The lock is the operating system's (:mod:`filelock`): it dies with the process that held
     it, so a lock left by a killed run is taken over by the next one. The holder's pid is
-    kept in ``<path>.lock.pid`` to name it. ``path=None`` locks nothing.
+    kept in ``.<name>.lock.pid`` to name it (:func:`lock_path`). ``path=None`` locks nothing.
 
     Raises
     ------
@@ -167,8 +173,8 @@ def output_lock(path: str | os.PathLike | None, *, wait: float = 0.0) -> Any:
     from combinability.errors import OutputLockedError
 
     target = check_writable(path)
-    lock = FileLock(f"{target}.lock", timeout=wait)
-    owner = Path(f"{target}.lock.pid")
+    lock = FileLock(lock_path(target), timeout=wait)
+    owner = Path(f"{lock_path(target)}.pid")
     try:
         lock.acquire()
     except Timeout:

@@ -165,7 +165,7 @@ def sweep(
         a ``done`` mask), each finished evaluation is written into it in place (no
         rewrite; a killed run keeps every finished evaluation), and it is replaced by the
         final Dataset (without ``done``) at the end. The sweep holds an exclusive lock on
-        it (``<out>.lock``): a second process sweeping into the same file is refused with
+        it (a hidden ``.<name>.lock`` beside it): a second process sweeping into the same file is refused with
         the holder's pid. If the file holds this same sweep (same :func:`sweep_key`:
         sampler, values, seed, data content, models, batch size, backend and device), an
         unfinished one resumes and a finished one is returned as is; any other file is

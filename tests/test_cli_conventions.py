@@ -25,6 +25,7 @@ import pytest
 from safetensors import safe_open
 
 from combinability.cli import main
+from combinability.files import lock_path
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--width", "0.25", "--epochs", "1", "-q"]
@@ -384,8 +385,8 @@ def test_a_signal_stops_a_sweep_cleanly(ckpts, tmp_path, sig, status, what):
     assert lines[-1] == f"combinability: {what}; finished results are kept (run the same command again to resume)"
     assert "Traceback" not in err
     assert not [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")]  # no temporary file left
-    assert not Path(f"{out}.lock.pid").exists()
-    lock = FileLock(f"{out}.lock", timeout=0)
+    assert not Path(f"{lock_path(out)}.pid").exists()
+    lock = FileLock(lock_path(out), timeout=0)
     lock.acquire()  # released: taken at once
     lock.release()
 

@@ -70,7 +70,7 @@ def test_killed_sweep_resumes_to_identical_results(checkpoints, uninterrupted, t
     assert n_done < total, "the sweep finished before the signal: make it longer"
     assert not list(tmp_path.glob(".*.tmp")) or sig == signal.SIGKILL  # SIGINT and SIGTERM clean up
     if sig != signal.SIGKILL:
-        assert proc.returncode != 0 and not (tmp_path / "sweep.nc.lock.pid").exists()
+        assert proc.returncode != 0 and not (tmp_path / ".sweep.nc.lock.pid").exists()
     # entries marked done already hold their final values
     done = partial["done"].values
     np.testing.assert_array_equal(partial["loss"].values[:, done], uninterrupted["loss"].values[:, done])
@@ -226,4 +226,4 @@ def test_two_processes_cannot_write_one_results_file(digits_pair, tmp_path):
         holder.wait()
     ds = cb.sweep(digits_pair, cb.Linear(), **kw)
     assert out.exists() and "done" not in ds and not np.isnan(ds["loss"].values).any()
-    assert not (tmp_path / "shared.nc.lock.pid").exists()
+    assert not (tmp_path / ".shared.nc.lock.pid").exists()
