@@ -26,6 +26,7 @@ Subcube        lam ∈ [0, 1]    U[0, 2λ]^d (λ ≤ ½), U[2λ − 1, 1]^d (λ 
 Hyperplane     alpha ∈ [0, 1]  i.i.d. truncated exponential, mean α         §4.2.3
 Bernoulli      p ∈ [0, 1]      i.i.d. Bernoulli(p)                          §4.2.4
 Stitch         layer ∈ 0..L    1 on layers < l (from B), 0 above (from A)   §4.3
+                               (lower="a": A's layers below the cut, B's above)
 MinMax         lam ∈ [0, 1]    (1 − λ) v_max + λ v_min ('Max' → 'Min')      §4.5.1
 Linear         lam ∈ [0, 1]    λ everywhere; Linear(start=-1, stop=2)       §3, §5.1
 Box            s ∈ [0, 0.5]    U[−s, s]^d (centred at A)                    §5.2
