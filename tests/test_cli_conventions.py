@@ -297,6 +297,28 @@ def test_dataset_comes_from_the_checkpoint_and_a_state_dict_needs_data(ckpts, tm
     assert "does not record the dataset" in err and "give --data" in err and "digits" in err
 
 
+def test_data_of_the_wrong_shape_is_one_line_before_any_evaluation(tmp_path, capsys, monkeypatch):
+    """A Fashion-MNIST-shaped model swept on digits: a one-line message naming both shapes, no traceback."""
+    from combinability.evaluation import Evaluator
+    from combinability.models import build_model, save_model
+
+    for seed, name in ((0, "a.ckpt"), (1, "b.ckpt")):
+        model = build_model("mlp", backend="torch", width=0.25, input_shape=(1, 28, 28), seed=seed)
+        save_model(model, tmp_path / name, backend="torch", metadata={"dataset": "fashion_mnist"})
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("evaluated data of the wrong shape")
+
+    monkeypatch.setattr(Evaluator, "evaluate", refuse)
+    argv = ["sweep", str(tmp_path / "a.ckpt"), str(tmp_path / "b.ckpt"), "--data", "digits", "--align", "none",
+            "--out", str(tmp_path / "s.nc"), "-q"]
+    assert main(argv) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "Traceback" not in err
+    assert err.startswith("combinability: error:") and "(1, 8, 8)" in err and "(1, 28, 28)" in err
+    assert not (tmp_path / "s.nc").exists()
+
+
 # -- 7. --overwrite ----------------------------------------------------------------------------
 @pytest.mark.parametrize("command", ["train", "align", "sweep", "sweep --naive"])
 def test_a_file_not_written_by_the_library_is_replaced_only_with_overwrite(ckpts, tmp_path, capsys, command):

@@ -179,3 +179,22 @@ def test_docs_config_does_not_depend_on_the_working_directory(tmp_path, monkeypa
     options = config["plugins"]["mkdocstrings"].config["handlers"]["python"]
     assert all((ROOT / p).is_dir() for p in options["paths"])
     assert all((ROOT / ext.split(":")[0]).is_file() for ext in options["options"]["extensions"])
+
+
+def test_reproduction_report_gives_loss_and_accuracy_verdicts_and_names_machine_specific_numbers():
+    """Issue 10, item 14: every claim has a verdict for the loss and one for the accuracy, and the report says
+    which numbers depend on the machine."""
+    text = (DOCS / "reproduction.md").read_text(encoding="utf-8")
+    assert "## Which numbers are machine-specific" in text
+    section = text.split("## Which numbers are machine-specific", 1)[1].split("\n## ", 1)[0]
+    assert "bitwise" in section and "CPU" in section and "GPU" in section
+    table = text.split("## Summary", 1)[1].split("\n## ", 1)[0]
+    rows = [line for line in table.splitlines() if line.startswith("|")]
+    header = [c.strip() for c in rows[0].strip("|").split("|")]
+    assert header[-2:] == ["verdict: loss", "verdict: accuracy"]
+    claims = [[c.strip() for c in row.strip("|").split("|")] for row in rows[2:]]
+    assert len(claims) >= 15
+    for cells in claims:
+        assert len(cells) == len(header) and cells[-1] and cells[-2], cells[0]
+    extrapolation = next(c for c in claims if c[0].startswith("aligned pairs degrade more slowly"))
+    assert "acc" in extrapolation[2] and "does not hold" in extrapolation[-1]
