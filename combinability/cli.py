@@ -696,7 +696,7 @@ def _report_error(exc: BaseException, debug: bool) -> int:
 
 def _run(args: argparse.Namespace, argv: Sequence[str]) -> int:
     from combinability.errors import CombinabilityError
-    from combinability.files import _Terminated, stop_on_sigterm
+    from combinability.files import Terminated, stop_on_sigterm
 
     try:
         with stop_on_sigterm():
@@ -707,7 +707,7 @@ def _run(args: argparse.Namespace, argv: Sequence[str]) -> int:
             with _device(args):
                 return int(args.func(args) or EXIT_OK)
     except KeyboardInterrupt as exc:
-        terminated = isinstance(exc, _Terminated)
+        terminated = isinstance(exc, Terminated)
         what = "terminated (SIGTERM)" if terminated else "interrupted"
         print(f"combinability: {what}; finished results are kept (run the same command again to resume)",
               file=sys.stderr)

@@ -14,7 +14,8 @@ import threading
 from pathlib import Path
 from typing import Any
 
-__all__ = ["atomic_path", "output_lock", "lock_path", "check_writable", "stop_on_sigterm", "clean_stale_temporaries"]
+__all__ = ["atomic_path", "output_lock", "lock_path", "check_writable", "stop_on_sigterm", "Terminated",
+           "clean_stale_temporaries"]
 
 
 def lock_path(path: str | os.PathLike) -> Path:
@@ -94,7 +95,7 @@ def check_writable(path: str | os.PathLike, *, what: str = "output") -> Path:
     return target
 
 
-class _Terminated(KeyboardInterrupt):
+class Terminated(KeyboardInterrupt):
     """SIGTERM, raised as an interrupt so that cleanup runs exactly as for Ctrl-C."""
 
 
@@ -110,7 +111,7 @@ def stop_on_sigterm() -> Any:
         return
 
     def handler(signum: int, frame: Any) -> None:
-        raise _Terminated("terminated (SIGTERM)")
+        raise Terminated("terminated (SIGTERM)")
 
     previous = signal.signal(signal.SIGTERM, handler)
     try:

@@ -244,9 +244,9 @@ def deferred_interrupt() -> Any:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
         if received:
-            from combinability.files import _Terminated
+            from combinability.files import Terminated
 
-            raise _Terminated("terminated (SIGTERM)") if signal.SIGTERM in received else KeyboardInterrupt
+            raise Terminated("terminated (SIGTERM)") if signal.SIGTERM in received else KeyboardInterrupt
 
 
 def write_results(ds: xr.Dataset, path: str | os.PathLike) -> Path:
