@@ -181,6 +181,17 @@ class Backend(ABC):
     def prepare(self, model: Any, layout: FlatLayout) -> Prepared:
         """The functional form of ``model`` over ``layout`` (cached by the caller)."""
 
+    def cross_entropy(self, logits: Any, y: Any) -> Any:
+        """Per-example cross-entropy of ``logits`` ``(..., n, classes)`` against ``y`` ``(n,)``, in float32.
+
+        The definition is the core's (:func:`combinability.evaluation.cross_entropy`); a backend
+        may override this with its framework's fused kernel (same values up to rounding), as
+        evaluation computes it for every batch of every combination.
+        """
+        from combinability.evaluation import cross_entropy
+
+        return cross_entropy(self.xp(), logits, y)
+
     @abstractmethod
     def augment(self, x: Any, matrices: Any) -> Any:
         """Resample each image of ``x`` ``(n, c, h, w)`` through its affine map.

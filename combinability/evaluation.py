@@ -270,7 +270,7 @@ class Evaluator:
                 yb = y[s : s + self.batch_size]
                 logits = self.prepared.forward(chunk, x[s : s + self.batch_size, ...])
                 pred = xp.argmax(logits, axis=-1)
-                loss[c : c + kc] += be.to_numpy(xp.sum(cross_entropy(xp, logits, yb), axis=1)).astype(np.float64)
+                loss[c : c + kc] += be.to_numpy(xp.sum(be.cross_entropy(logits, yb), axis=1)).astype(np.float64)
                 correct[c : c + kc] += be.to_numpy(xp.sum(xp.astype(pred == yb, xp.float32), axis=1))
                 for j, metric in enumerate(self.metrics):
                     extra[j, c : c + kc] += be.to_numpy(xp.sum(metric.per_example(xp, logits, yb), axis=1))

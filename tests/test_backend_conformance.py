@@ -70,3 +70,20 @@ def test_same_state_same_logits_in_every_backend(backend):
     want = np.mean(np.log(np.exp(z).sum(axis=1)) - z[np.arange(6), data.y])
     assert ev.loss == pytest.approx(want, rel=1e-4)
     assert np.array_equal(ev.predictions, logits.argmax(axis=1))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_cross_entropy_of_a_backend_is_the_definition(backend):
+    """A backend's (possibly fused) cross-entropy against logsumexp(z) - z_y in float64 numpy."""
+    from combinability.plugins import get_backend
+
+    be = get_backend(backend)
+    rng = np.random.default_rng(0)
+    z = (rng.normal(size=(3, 40, 10)) * 20).astype(np.float32)  # large logits: a naive exp would overflow
+    y = rng.integers(0, 10, 40)
+    z64 = z.astype(np.float64)
+    top = z64.max(-1, keepdims=True)
+    want = np.log(np.exp(z64 - top).sum(-1)) + top[..., 0] - np.take_along_axis(z64, y[None, :, None], -1)[..., 0]
+    got = be.to_numpy(be.cross_entropy(be.asarray(z), be.asarray(y)))
+    assert got.shape == (3, 40) and got.dtype == np.float32
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4)

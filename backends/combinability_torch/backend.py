@@ -280,6 +280,11 @@ class TorchBackend(Backend):
     def prepare(self, model: nn.Module, layout: FlatLayout) -> TorchPrepared:
         return TorchPrepared(self, model, layout)
 
+    def cross_entropy(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        lead, classes = logits.shape[:-1], logits.shape[-1]
+        labels = y.expand(lead).reshape(-1)
+        return F.cross_entropy(logits.float().reshape(-1, classes), labels, reduction="none").reshape(lead)
+
     def augment(self, x: torch.Tensor, matrices: torch.Tensor) -> torch.Tensor:
         grid = F.affine_grid(matrices.to(x.dtype), list(x.shape), align_corners=False)
         return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
