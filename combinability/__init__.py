@@ -102,6 +102,12 @@ _LAZY.update({
     "Node": "combinability.layers",
     "ModelSet": "combinability.sets",
     "derive_spec": "combinability.derive",
+    "llfc": "combinability.analysis",
+    "layerwise_barriers": "combinability.analysis",
+    "calibrate": "combinability.analysis",
+    "fit_temperature": "combinability.analysis",
+    "lewc": "combinability.analysis",
+    "align_many": "combinability.align.many",
 })
 
 

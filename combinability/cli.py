@@ -238,15 +238,16 @@ def _print_eval(model: Any, args: argparse.Namespace) -> None:
 
 
 def _resolve_align(args: argparse.Namespace) -> None:
-    _from_checkpoints(args, [args.model_a, args.model_b], need_data=args.method == "activation")
+    _from_checkpoints(args, [args.model_a, args.model_b], need_data=args.method in ("activation", "ste", "sinkhorn"))
 
 
 def _cmd_align(args: argparse.Namespace) -> int:
     _check_out(args.out, "aligned checkpoint")
     pair = _pair(args)
     t0 = time.perf_counter()
+    learned = {"epochs": args.epochs, "state": args.state} if args.method in ("ste", "sinkhorn") else {}
     aligned = pair.align(args.method, seed=args.seed, restarts=args.restarts, data=args.data,
-                         progress=not args.quiet)
+                         progress=not args.quiet, **learned)
     perm = aligned.permutation
     print(f"{args.method} matching in {time.perf_counter() - t0:.2f} s, {perm.iterations} sweeps, "
           f"objective {perm.objective:.6g}")
@@ -263,6 +264,32 @@ def _cmd_align(args: argparse.Namespace) -> int:
         save_model(aligned.model("b"), args.out, backend=args.backend, metadata=metadata,
               overwrite=args.overwrite)
         print(f"aligned model B written to {args.out}")
+    return EXIT_OK
+
+
+def _resolve_merge(args: argparse.Namespace) -> None:
+    _from_checkpoints(args, list(args.models), need_data=args.repair is not None)
+
+
+def _cmd_merge(args: argparse.Namespace) -> int:
+    from combinability.align.many import align_many
+    from combinability.models import save_model
+
+    _check_out(args.out, "merged checkpoint")
+    models = [_load(p, args.backend, args.model) for p in args.models]
+    example = None
+    if args.model is not None:
+        from combinability.data.convert import as_dataset
+
+        example = as_dataset(args.data, "test").x[:16]
+    t0 = time.perf_counter()
+    ms = align_many(models, method=args.method, seed=args.seed, backend=args.backend, example_input=example)
+    merged = ms.merge(repair=args.repair, repair_data=args.data if args.repair else None)
+    print(f"{args.method}: {len(models)} models aligned and averaged in {time.perf_counter() - t0:.2f} s")
+    metadata = {**(_metadata(args.models[0]) if args.model is None else {}), "merged": [str(p) for p in args.models],
+                "method": args.method, **args.cli_attrs}
+    save_model(merged, args.out, backend=args.backend, metadata=metadata, overwrite=args.overwrite)
+    print(f"merged model written to {args.out}")
     return EXIT_OK
 
 
@@ -321,7 +348,8 @@ def _cmd_experiment(args: argparse.Namespace) -> int:
         ds = ex.width_ablation(args.architecture, args.data, widths=widths, backend=args.backend,
                    seeds=tuple(args.seeds), epochs=args.epochs, method=args.method, model_dir=args.model_dir,
                    values_per_sampler=args.values_per_sampler, progress=not args.quiet, splits=args.splits,
-                   samples=args.samples, limit=args.limit, batch_size=args.batch_size, **common)
+                   samples=args.samples, limit=args.limit, batch_size=args.batch_size,
+                   calibrate=args.calibrate, **common)
     else:
         pair = _pair(args, getattr(args, "model_c", None))
         pair = pair.align(args.method, seed=args.seed, data=args.data, progress=not args.quiet)
@@ -366,6 +394,42 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
     return run_demo(out=Path(args.out), data=args.data, backend=args.backend, quick=args.quick,
                  progress=not args.quiet, epochs=args.epochs, attrs=args.cli_attrs, overwrite=args.overwrite)
+
+
+def _resolve_analyse(args: argparse.Namespace) -> None:
+    _from_checkpoints(args, [args.model_a, args.model_b], need_data=True)
+
+
+def _cmd_analyse(args: argparse.Namespace) -> int:
+    from combinability import analysis
+
+    _check_out(args.out, "results file")
+    pair = _pair(args)
+    if args.align != "none":
+        pair = pair.align(args.align, seed=args.seed, data=args.data, progress=not args.quiet)
+    common = dict(limit=args.limit, batch_size=args.batch_size, out=args.out, overwrite=args.overwrite,
+                  attrs=args.cli_attrs)
+    values = _floats(args.values, "--values")
+    t0 = time.perf_counter()
+    if args.analysis == "llfc":
+        from combinability.samplers import get_sampler
+
+        ds = analysis.llfc(pair, args.data, values=values, sampler=get_sampler(args.sampler), samples=args.samples,
+                           points=args.points, split=args.split, seed=args.seed, **common)
+        table = ds[["cosine", "scale"]].mean("sample").to_dataframe()[["cosine", "scale"]]
+    elif args.analysis == "layerwise":
+        ds = analysis.layerwise_barriers(pair, args.data, lambdas=values, layers=args.layers,
+                                         curvature=not args.no_curvature, split=args.split, **common)
+        table = ds[["loss_barrier", "predicted_barrier"]].to_dataframe()[["loss_barrier", "predicted_barrier"]]
+    elif args.analysis == "calibration":
+        ds = analysis.calibrate(pair, args.data, lambdas=values, split=args.split, **common)
+        table = ds[["loss_barrier", "loss_barrier_calibrated"]].to_dataframe()
+    else:  # lewc
+        ds = analysis.lewc(pair, args.data, lambdas=values, points=args.points, split=args.split, **common)
+        table = ds[["a", "b", "r2", "a_predicted", "b_predicted", "r2_predicted"]].to_dataframe()
+    print(f"{args.analysis} finished in {time.perf_counter() - t0:.1f} s -> {args.out}")
+    print(table.round(4).to_string())
+    return EXIT_OK
 
 
 # -- parser ----------------------------------------------------------------------------------
@@ -454,7 +518,10 @@ def _add_align(sub: Any) -> None:
     p = _subparser(sub, "align", "align model B to model A (Git Re-Basin)")
     p.add_argument("model_a", help="checkpoint of model A (the reference)")
     p.add_argument("model_b", help="checkpoint of model B (to be permuted)")
-    p.add_argument("--method", choices=["weight", "activation"], default="weight", help="alignment method")
+    p.add_argument("--method", choices=["weight", "activation", "ste", "sinkhorn"], default="weight",
+                   help="alignment method (ste, sinkhorn: learned on the data's midpoint loss)")
+    p.add_argument("--epochs", type=int, default=3, help="epochs of a learned method (ste, sinkhorn)")
+    p.add_argument("--state", default=None, help="state file of a learned method: an interrupted run resumes from it")
     p.add_argument("--seed", type=int, default=0, help="seed of the sweep order")
     p.add_argument("--restarts", type=int, default=0, help="extra random restarts of weight matching")
     _output_options(p, {"default": None, "help": "write the aligned model B to this checkpoint (it keeps B's "
@@ -462,6 +529,19 @@ def _add_align(sub: Any) -> None:
     _model_options(p, data_help="dataset for activation matching (default: the one recorded in model A's "
                                 "checkpoint)")
     p.set_defaults(func=_cmd_align, resolve=_resolve_align, _parser=p)
+
+
+def _add_merge(sub: Any) -> None:
+    p = _subparser(sub, "merge", "align two or more models into one basin and average them")
+    p.add_argument("models", nargs="+", help="checkpoints (the first is the reference)")
+    p.add_argument("--method", choices=["mergemany", "cycle", "hierarchical", "reference"], default="mergemany",
+                   help="many-model alignment method")
+    p.add_argument("--seed", type=int, default=0, help="seed of the matching")
+    p.add_argument("--repair", choices=["reset", "repair"], default=None,
+                   help="recompute BatchNorm statistics (reset) or REPAIR the average on --data")
+    _output_options(p, {"required": True, "help": "checkpoint file of the merged model"}, "a file")
+    _model_options(p, data_help="dataset for --repair (default: the one recorded in the first checkpoint)")
+    p.set_defaults(func=_cmd_merge, resolve=_resolve_merge, _parser=p)
 
 
 def _add_sweep(sub: Any) -> None:
@@ -525,6 +605,8 @@ def _add_experiment(sub: Any) -> None:
     e.add_argument("--method", choices=["weight", "activation"], default="weight", help="alignment method")
     e.add_argument("--model-dir", default=None, help="folder where the trained models are kept and reused")
     e.add_argument("--values-per-sampler", type=int, default=9, help="values of each scheme's grid swept")
+    e.add_argument("--calibrate", action="store_true",
+                   help="also the linear path's loss barriers with a fitted softmax temperature")
     _sweep_arguments(e)
 
     e = _experiment_parser(names, "transitivity", "§5.3 transitivity: B and C both aligned to A, then "
@@ -548,6 +630,32 @@ def _add_experiment(sub: Any) -> None:
     e.add_argument("--batch-size", type=int, default=1000, help="evaluation batch size")
 
 
+def _add_analyse(sub: Any) -> None:
+    p = _subparser(sub, "analyse", "inside the barrier: LLFC, layer-wise barriers, temperature calibration, LEWC")
+    p.add_argument("analysis", choices=["llfc", "layerwise", "calibration", "lewc"],
+                   help="llfc: layer-wise linear feature connectivity; layerwise: single-layer and cumulative "
+                        "barriers with their curvature prediction; calibration: barriers with a fitted softmax "
+                        "temperature (naive and aligned); lewc: per-layer least-squares f = a f_A + b f_B")
+    p.add_argument("model_a", help="checkpoint of model A")
+    p.add_argument("model_b", help="checkpoint of model B")
+    p.add_argument("--align", choices=["weight", "activation", "none"], default="weight",
+                   help="align B to A first ('none' for a B already aligned, or to analyse the naive pair)")
+    p.add_argument("--values", default=None, help="comma-separated values of λ (llfc: of the sampler's parameter)")
+    p.add_argument("--sampler", default="linear", help="llfc: the coefficient distribution (any two-model sampler)")
+    p.add_argument("--samples", type=int, default=None, help="llfc: draws per value (default 4; 1 if deterministic)")
+    p.add_argument("--points", nargs="+", default=None, help="llfc, lewc: feature points (default: all)")
+    p.add_argument("--layers", nargs="+", default=None, help="layerwise: layers (default: all)")
+    p.add_argument("--no-curvature", action="store_true", help="layerwise: skip the second-order prediction")
+    p.add_argument("--split", default="test", help="split evaluated")
+    p.add_argument("--limit", type=int, default=None, help="evaluate on the first N examples")
+    p.add_argument("--batch-size", type=int, default=1000, help="evaluation batch size")
+    p.add_argument("--seed", type=int, default=0, help="seed of the alignment and of the coefficient draws")
+    _output_options(p, {"default": "analysis.nc", "help": "netCDF file ('combinability report' draws it)"},
+                    "another result")
+    _model_options(p, data_help=_DATA_FROM_CKPT)
+    p.set_defaults(func=_cmd_analyse, resolve=_resolve_analyse, _parser=p)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``combinability`` command."""
     parser = argparse.ArgumentParser(
@@ -566,8 +674,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_plugins, _parser=p)
     _add_train(sub)
     _add_align(sub)
+    _add_merge(sub)
     _add_sweep(sub)
     _add_experiment(sub)
+    _add_analyse(sub)
 
     p = _subparser(sub, "report", "figures (PNG) and a barrier table (markdown) from results files", backend=False)
     p.add_argument("results", nargs="+", help="netCDF files written by sweep, experiment or demo")

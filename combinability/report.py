@@ -43,7 +43,27 @@ def figure_for(ds: xr.Dataset, path: Path) -> list[Path]:
     elif kind == "width_ablation":
         plots.plot_width_ablation(ds, path)
         written.append(path)
+        if "loss_barrier_calibrated" in ds:
+            from combinability.plots.calibration import plot_calibrated_width
+
+            written.append(path.with_name(f"{path.stem}_calibrated{path.suffix}"))
+            plot_calibrated_width(ds, written[-1])
+    elif kind in _ANALYSIS_FIGURES:
+        import importlib
+
+        module, name = _ANALYSIS_FIGURES[kind].split(":")
+        getattr(importlib.import_module(module), name)(ds, path)
+        written.append(path)
     return written
+
+
+#: Figures of the analyses (:mod:`combinability.analysis`), by ``combinability_format``.
+_ANALYSIS_FIGURES = {
+    "llfc": "combinability.plots.llfc:plot_llfc",
+    "layerwise_barriers": "combinability.plots.layerwise:plot_layerwise_barriers",
+    "calibration": "combinability.plots.calibration:plot_calibration",
+    "lewc": "combinability.plots.calibration:plot_lewc",
+}
 
 
 def _fmt(x: float) -> str:

@@ -297,6 +297,7 @@ class ModelSet:
         naive = self.naive or self
         reference = naive.params(0)
         features = self._feature_source(naive, data, examples) if data is not None else None
+        learned = self._learning_context(naive, data, method)
         transforms: list[Permutation | None] = [None]
         thetas = [naive.thetas[0]]
         for i in range(1, len(naive)):
@@ -304,10 +305,63 @@ class ModelSet:
                              feature_points=self.feature_points,
                              features=None if features is None else (lambda which, pts, i=i: features(
                                  0 if which == "reference" else i, pts)))
-            perm = align(method, task, **({"progress": True} if progress else {}), **options)
+            perm = align(method, task, **({"progress": True} if progress else {}), **learned, **options)
             transforms.append(perm)
             thetas.append(self.layout.flatten(apply_permutation(self.spec, perm, naive.params(i))))
-        return self._replace(thetas=tuple(thetas), transforms=tuple(transforms), alignment=method, naive=naive)
+        return self._replace(thetas=tuple(thetas), transforms=tuple(transforms), alignment=method, naive=naive,
+                             models=naive._natives(thetas))
+
+    def _natives(self, thetas: Sequence[np.ndarray]) -> tuple[Any, ...]:
+        """Native models holding ``thetas`` (this set's own model object where a vector is unchanged)."""
+        be = self.backend_obj
+        return tuple(m if theta is old else be.with_state(m, {**be.state(m), **self.layout.unflatten(theta)})
+                     for m, old, theta in zip(self.models, self.thetas, thetas, strict=True))
+
+    def _learning_context(self, naive: ModelSet, data: Any, method: Any) -> dict[str, Any]:
+        """``{"context": LearningContext}`` for aligners registered with ``needs=(..., "model")``, else ``{}``."""
+        from combinability.plugins import get_registration
+
+        if not isinstance(method, str) or "model" not in get_registration("aligners", method).needs:
+            return {}
+        from combinability.align.ste import LearningContext
+
+        t = self.table
+        return {"context": LearningContext(self.backend_obj, naive.models[0], self.layout, data,
+                                           input_shape=t.data_shape if t is not None else None,
+                                           num_classes=t.num_classes if t is not None else None)}
+
+    def merge(self, *, repair: Any = None, repair_data: Any = None) -> Any:
+        """The average of the members (as aligned), ``Σ_i θ_i / k``, as a native model of the members' kind.
+
+        Parameters
+        ----------
+        repair : str or callable, optional
+            A registered repair applied to the average: ``"reset"`` (BatchNorm statistics
+            recomputed on ``repair_data``) or ``"repair"`` (REPAIR: every member's statistics
+            averaged, each with weight ``1/k``).
+        repair_data : str, (x, y) or ArrayDataset, optional
+            Data for the repair (a dataset name's training split, or the data).
+
+        Raises
+        ------
+        ConfigurationError
+            If the repair does not fit the models or is given no data (checked before it runs).
+        """
+        be, layout = self.backend_obj, self.layout
+        theta = np.mean(np.stack(self.thetas).astype(np.float64), axis=0).astype(layout.dtype)
+        if repair is not None:
+            from combinability.data.convert import as_dataset
+            from combinability.repairs import RepairContext, get_repair
+
+            repair_fn = get_repair(repair)
+            data = as_dataset(repair_data, "train", name="repair_data") if repair_data is not None else None
+            k = len(self)
+            ctx = RepairContext(be, self.template, layout, [be.asarray(t) for t in self.thetas],
+                                tuple(1.0 / k for _ in range(k - 1)), data, self.table, {})
+            if callable(getattr(repair_fn, "validate", None)):
+                repair_fn.validate(ctx)
+            theta = be.to_numpy(repair_fn(be.asarray(theta), ctx))
+        return be.with_state(self.models[0], {**be.state(self.models[0]), **layout.unflatten(theta)})
 
     def _feature_source(self, naive: ModelSet, data: Any, examples: int) -> Any:
         from combinability.data.convert import as_dataset
@@ -339,7 +393,7 @@ class ModelSet:
             if theta.shape != (self.layout.size,):
                 raise LayoutError(f"theta {i} has shape {theta.shape}, the layout expects ({self.layout.size},)")
             new[i] = theta
-        return self._replace(thetas=tuple(new), alignment=alignment or self.alignment)
+        return self._replace(thetas=tuple(new), alignment=alignment or self.alignment, models=self._natives(new))
 
     def __repr__(self) -> str:
         return (f"{type(self).__name__}(architecture={self.architecture!r}, width={self.width!r}, "

@@ -19,7 +19,7 @@ if TYPE_CHECKING:
     from combinability.backend import Backend
     from combinability.data.base import ArrayDataset
 
-__all__ = ["TrainRecipe", "RECIPES", "recipe_for", "fit"]
+__all__ = ["TrainRecipe", "RECIPES", "recipe_for", "fit", "Optimizer"]
 
 _SCHEDULES = ("constant", "step", "warmup_cosine")
 
@@ -115,7 +115,7 @@ def recipe_for(architecture: str, **changes) -> TrainRecipe:
 
 
 # -- the training loop (framework-free, around the backend's value_and_grad) -------------
-class _Optimizer:
+class Optimizer:
     """SGD with momentum or Adam (L2 weight decay, as torch's) on one flat vector, array API.
 
     Only the entries of ``mask`` (the trainable ones) are updated.
@@ -186,7 +186,7 @@ def fit(backend: Backend, model: Any, data: ArrayDataset, recipe: TrainRecipe, *
             mask_np[e.offset : e.stop] = 1
     prepared = backend.prepare(model, layout)
     flat = backend.asarray(layout.flatten(floats))
-    opt = _Optimizer(recipe, xp, backend.asarray(mask_np))
+    opt = Optimizer(recipe, xp, backend.asarray(mask_np))
     x, y = device_data(backend)(data)
     rng = np.random.default_rng(seed)
     aug_rng = np.random.default_rng(rng.integers(2**62)) if recipe.augment and data.is_image else None

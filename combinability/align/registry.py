@@ -19,6 +19,12 @@ BUILTIN_ALIGNERS: tuple[Registration, ...] = (
                  "activation matching: correlation of the two models' activations on data", needs=("data",)),
     Registration("identity", "combinability.align.builtin:identity",
                  "no alignment: the identity permutation (naive baseline)", needs=()),
+    Registration("ste", "combinability.align.ste:ste",
+                 "learned matching, straight-through estimator (loss of combinations drawn by a sampler)",
+                 needs=("data", "model")),
+    Registration("sinkhorn", "combinability.align.sinkhorn:sinkhorn_align",
+                 "Sinkhorn re-basin: soft permutations learned on the loss of combinations, then hardened",
+                 needs=("data", "model")),
 )
 
 

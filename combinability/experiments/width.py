@@ -38,6 +38,7 @@ def width_ablation(
     progress: bool = False,
     overwrite: bool = False,
     attrs: Mapping[str, Any] | None = None,
+    calibrate: bool = False,
     **sweep_kwargs: Any,
 ) -> xr.Dataset:
     """Train a pair at each width, align it, and measure every scheme's empirical barriers.
@@ -66,6 +67,12 @@ def width_ablation(
         worst point, not the full curve); None for the full 25.
     attrs : mapping, optional
         Extra attributes stored in the result.
+    calibrate : bool
+        Also fit a softmax temperature to every combined model of the linear path
+        (:func:`combinability.analysis.calibrate`, on a held-out half of the test split) and add the
+        loss barriers on the other half with and without it: ``loss_barrier_linear``,
+        ``loss_barrier_calibrated`` (dims ``(width, alignment)``) and
+        ``inverse_temperature`` (``(width, alignment, lam)``).
     **sweep_kwargs
         Passed to :func:`combinability.sweep` (``samples``, ``limit``, ``splits``, ...).
 
@@ -80,10 +87,13 @@ def width_ablation(
            "widths": [float(w) for w in widths], "samplers": [smp.settings for smp in samplers], "backend": backend,
            "seeds": list(seeds), "epochs": epochs, "method": method, "values_per_sampler": values_per_sampler,
            "sweep": {k: v for k, v in sweep_kwargs.items() if k != "progress"}}
+    if calibrate:  # only then: results of earlier runs keep their key
+        key["calibrate"] = True
 
     def run(o: Path | None) -> xr.Dataset:
         rows = []
         end_acc = []
+        calibrated: list[xr.Dataset] = []
         for width in widths:
             models = []
             for seed in seeds:
@@ -105,11 +115,29 @@ def width_ablation(
                 if sampler is samplers[0]:
                     end_acc.append(ds[["accuracy_a", "accuracy_b"]].isel(alignment=0, drop=True))
             rows.append(xr.concat(per_sampler, dim=xr.DataArray([s.name for s in samplers], dims="sampler")))
+            if calibrate:
+                calibrated.append(_calibrated(pair, data, values_per_sampler, sweep_kwargs))
         ds = xr.concat(rows, dim=xr.DataArray(np.asarray(widths, dtype=float), dims="width"))
         ends = xr.concat(end_acc, dim=xr.DataArray(np.asarray(widths, dtype=float), dims="width"))
         ds = ds.merge(ends)
+        if calibrate:
+            ds = ds.merge(xr.concat(calibrated, dim=xr.DataArray(np.asarray(widths, dtype=float), dims="width")))
         ds.attrs = provenance(combinability_format="width_ablation", architecture=architecture, dataset=data,
                               backend=backend, seeds=list(seeds), method=method, **dict(attrs or {}))
         return ds
 
     return reuse_or_run(out, key, run, overwrite=overwrite)
+
+
+def _calibrated(pair: ModelPair, data: str, values_per_sampler: int | None,
+                sweep_kwargs: Mapping[str, Any]) -> xr.Dataset:
+    """Linear-path loss barriers with and without a fitted temperature (on halves of the test split)."""
+    from combinability.analysis import calibrate
+
+    grid = np.asarray(Linear().grid)
+    if values_per_sampler is not None:
+        grid = grid[np.unique(np.round(np.linspace(0, len(grid) - 1, values_per_sampler)).astype(int))]
+    cal = calibrate(pair, data, lambdas=grid, limit=sweep_kwargs.get("limit"),
+                    batch_size=sweep_kwargs.get("batch_size", 1000))
+    return cal[["loss_barrier", "loss_barrier_calibrated", "inverse_temperature"]].rename(
+        loss_barrier="loss_barrier_linear")

@@ -1,0 +1,233 @@
+"""Many models in one basin: MergeMany, cycle-consistent, hierarchical and reference alignment.
+
+Every method finds one permutation ``π_i`` per model into a shared *universe*; the
+returned :class:`~combinability.sets.ModelSet` holds ``T_i = π_0⁻¹ ∘ π_i`` (apply ``π_i``,
+then undo ``π_0``), so that member 0 is unchanged, every member computes the same function
+as its input, and the map of member ``i`` into member ``j``'s basin,
+``π_ij = T_j⁻¹ ∘ T_i`` (:func:`pairwise_permutation`), composes consistently:
+``π_jk ∘ π_ij = π_ik`` exactly, for every triple.
+
+Methods
+-------
+``"reference"``
+    Each model matched to model 0 by weight matching (pairwise transitivity, §5.3).
+``"mergemany"``
+    Ainsworth et al. (2023), MergeMany: in a seeded random order, each model is
+    weight-matched to the mean of the others (as aligned), until a round changes nothing.
+``"cycle"``
+    C2M3-style (Crisostomi et al., 2024): soft permutations of every model into the
+    universe, optimised jointly by Frank–Wolfe for ``Σ_{i<j} ⟨π_i(θ_i), π_j(θ_j)⟩`` from the
+    reference alignment, then hardened (the better of the two by that objective is kept).
+``"hierarchical"``
+    Pairwise merges up a binary tree: neighbours are matched and averaged, level by level,
+    each right subtree permuted as a whole into its left neighbour's basin.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from combinability.errors import ConfigurationError
+from combinability.permutation import (
+    Permutation,
+    PermutationSpec,
+    apply_permutation,
+    compose_permutations,
+    identity_permutation,
+    invert_permutation,
+)
+
+__all__ = ["METHODS", "align_many", "pairwise_permutation", "mergemany", "cycle", "hierarchical", "reference",
+           "all_pairs_objective"]
+
+Params = dict[str, np.ndarray]
+
+
+def _spec_params(spec: PermutationSpec, params: Mapping[str, Any]) -> Params:
+    return {n: np.asarray(params[n], dtype=np.float64) for n in spec.axes_to_perm if n in params}
+
+
+def _mean(items: Sequence[Params]) -> Params:
+    return {n: np.mean([p[n] for p in items], axis=0) for n in items[0]}
+
+
+def _match(spec: PermutationSpec, target: Params, other: Params, *, init: Mapping[str, Any] | None,
+           seed: Any, max_iter: int) -> Permutation:
+    from combinability.matching import weight_matching
+
+    return weight_matching(spec, target, other, init=init, seed=seed, max_iter=max_iter)
+
+
+def all_pairs_objective(spec: PermutationSpec, params: Sequence[Mapping[str, Any]],
+                        perms: Sequence[Mapping[str, Any]]) -> float:
+    """``Σ_{i<j} ⟨π_i(θ_i), π_j(θ_j)⟩`` over the spec's parameters (what ``"cycle"`` maximises)."""
+    moved = [apply_permutation(spec, pm, _spec_params(spec, p)) for p, pm in zip(params, perms, strict=True)]
+    total = {n: sum(m[n] for m in moved) for n in moved[0]}
+    # Σ_{i<j} ⟨a_i, a_j⟩ = (‖Σ a_i‖² − Σ ‖a_i‖²) / 2
+    return float(sum(np.vdot(total[n], total[n]) - sum(np.vdot(m[n], m[n]) for m in moved) for n in total) / 2)
+
+
+# -- the methods: one permutation per model into a universe ----------------------------------------
+def reference(spec: PermutationSpec, params: Sequence[Params], *, seed: int = 0, max_iter: int = 100,
+              **_: Any) -> list[Permutation]:
+    """Each model weight-matched to model 0."""
+    sizes = spec.perm_sizes(params[0])
+    return [identity_permutation(sizes)] + [_match(spec, params[0], p, init=None, seed=seed, max_iter=max_iter)
+                                            for p in params[1:]]
+
+
+def mergemany(spec: PermutationSpec, params: Sequence[Params], *, seed: int = 0, max_iter: int = 100,
+              rounds: int = 100, **_: Any) -> list[Permutation]:
+    """MergeMany: match each model to the mean of the others until a round changes nothing.
+
+    At the returned permutations, every permutation of every model solves its linear
+    assignment against the mean of the other models (the fixed point of the procedure),
+    unless ``rounds`` ran out first.
+    """
+    sizes = spec.perm_sizes(params[0])
+    perms = [identity_permutation(sizes) for _ in params]
+    rng = np.random.default_rng(seed)
+    for _ in range(rounds):
+        changed = False
+        for i in rng.permutation(len(params)):
+            others = [apply_permutation(spec, perms[j], params[j]) for j in range(len(params)) if j != i]
+            new = _match(spec, _mean(others), params[i], init=perms[i], seed=rng, max_iter=max_iter)
+            if any(not np.array_equal(new[p], perms[i][p]) for p in sizes):
+                perms[i], changed = new, True
+        if not changed:
+            break
+    return perms
+
+
+def cycle(spec: PermutationSpec, params: Sequence[Params], *, seed: int = 0, max_iter: int = 100,
+          fw_iter: int = 50, **_: Any) -> list[Permutation]:
+    """Cycle-consistent matching: Frank–Wolfe on soft universe permutations, from the reference alignment."""
+    from combinability.align.sinkhorn import harden, one_hot, soft_apply, soft_apply_grad
+
+    start = reference(spec, params, seed=seed, max_iter=max_iter)
+    mats = [one_hot(p) for p in start]
+    for t in range(fw_iter):
+        moved = [soft_apply(spec, m, p) for m, p in zip(mats, params, strict=True)]
+        total = {n: sum(m[n] for m in moved) for n in moved[0]}
+        directions = []
+        for i, (m, p) in enumerate(zip(mats, params, strict=True)):
+            grad = soft_apply_grad(spec, m, p, {n: total[n] - moved[i][n] for n in total})
+            directions.append(one_hot(harden(grad)))
+        step = 2.0 / (t + 2.0)
+        new = [{k: (1 - step) * m[k] + step * d[k] for k in m} for m, d in zip(mats, directions, strict=True)]
+        if all(np.allclose(a[k], b[k]) for a, b in zip(mats, new, strict=True) for k in a):
+            break
+        mats = new
+    hard = [Permutation(dict(harden(m))) for m in mats]
+    if all_pairs_objective(spec, params, hard) >= all_pairs_objective(spec, params, start):
+        return hard
+    return start
+
+
+def hierarchical(spec: PermutationSpec, params: Sequence[Params], *, seed: int = 0, max_iter: int = 100,
+                 **_: Any) -> list[Permutation]:
+    """Pairwise matches up a binary tree; each right subtree is permuted into its left neighbour's basin."""
+    sizes = spec.perm_sizes(params[0])
+    perms = [identity_permutation(sizes) for _ in params]
+    groups: list[tuple[list[int], Params]] = [([i], p) for i, p in enumerate(params)]
+    while len(groups) > 1:
+        merged = []
+        for k in range(0, len(groups) - 1, 2):
+            (left, center_l), (right, center_r) = groups[k], groups[k + 1]
+            pi = _match(spec, center_l, center_r, init=None, seed=seed, max_iter=max_iter)
+            for m in right:
+                perms[m] = compose_permutations(perms[m], pi)
+            moved = apply_permutation(spec, pi, center_r)
+            w = len(left) / (len(left) + len(right))
+            merged.append((left + right, {n: w * center_l[n] + (1 - w) * moved[n] for n in center_l}))
+        if len(groups) % 2:
+            merged.append(groups[-1])
+        groups = merged
+    return perms
+
+
+#: The many-model aligners by name.
+METHODS: dict[str, Callable[..., list[Permutation]]] = {
+    "mergemany": mergemany, "cycle": cycle, "hierarchical": hierarchical, "reference": reference,
+}
+
+
+# -- the public entry point ---------------------------------------------------------------------------
+def align_many(models: Sequence[Any], method: str = "mergemany", *, example_input: Any = None,
+               backend: str | None = None, spec: PermutationSpec | None = None, seed: int = 0,
+               max_iter: int = 100, **options: Any) -> Any:
+    """Bring ``models`` into one basin; return the :class:`~combinability.sets.ModelSet` of the aligned members.
+
+    Parameters
+    ----------
+    models : sequence of native models
+        At least two: library-built models, checkpoints loaded with ``cb.load_model``, or a
+        user's own ``torch.nn.Module`` / flax ``(module, variables)`` (then pass ``example_input``).
+    method : {"mergemany", "cycle", "hierarchical", "reference"}
+        See the module documentation.
+    example_input : array, optional
+        A batch of inputs, to trace a user's own models.
+    backend : str, optional
+        The models' backend; inferred when omitted.
+    spec : PermutationSpec, optional
+        The symmetry spec, for models not built from a layer table.
+    seed : int
+        Seeds the matching (sweep orders, MergeMany's visiting order).
+    max_iter : int
+        Maximum weight-matching sweeps per match.
+    **options
+        ``rounds`` (MergeMany, default 100), ``fw_iter`` (cycle, default 50).
+
+    Returns
+    -------
+    ModelSet
+        ``alignment=method``; ``transforms[i]`` maps model ``i`` into model 0's basin
+        (``None`` for model 0), ``ms.models`` are the aligned members as native models
+        (member 0 is the input model itself) and ``ms.merge()`` their average.
+
+    Raises
+    ------
+    ConfigurationError
+        If fewer than two models are given or ``method`` is unknown (the message lists the valid ones).
+    IncompatibleModelsError
+        If the models differ in architecture or shapes.
+    """
+    from combinability.data.convert import check_seed
+    from combinability.sets import ModelSet
+
+    models = list(models)
+    if len(models) < 2:
+        raise ConfigurationError(f"align_many needs at least two models, got {len(models)}")
+    if method not in METHODS:
+        raise ConfigurationError(f"unknown align_many method {method!r}; valid: {', '.join(METHODS)}")
+    seed = check_seed(seed)
+    if max_iter < 1:
+        raise ConfigurationError(f"align_many: max_iter must be >= 1, got {max_iter}")
+    ms = ModelSet(models, backend=backend, spec=spec, example_input=example_input)
+    params = [_spec_params(ms.spec, ms.params(i)) for i in range(len(ms))]
+    universe = METHODS[method](ms.spec, params, seed=seed, max_iter=max_iter, **options)
+    undo = invert_permutation(universe[0])
+    transforms: list[Permutation | None] = [None]
+    thetas = [ms.thetas[0]]
+    for i in range(1, len(ms)):
+        t = compose_permutations(universe[i], undo)
+        t.method = method
+        transforms.append(t)
+        thetas.append(ms.layout.flatten(apply_permutation(ms.spec, t, ms.params(i))))
+    return ms._replace(thetas=tuple(thetas), transforms=tuple(transforms), alignment=method, naive=ms,
+                       models=ms._natives(thetas))
+
+
+def pairwise_permutation(ms: Any, i: int, j: int) -> Permutation:
+    """The map of member ``i`` (as given) into member ``j``'s basin (as given): ``T_j⁻¹ ∘ T_i``.
+
+    For sets aligned by :func:`align_many` these compose exactly:
+    ``compose(pairwise(i, j), pairwise(j, k)) == pairwise(i, k)``.
+    """
+    sizes = ms.spec.perm_sizes(ms.naive.params(0) if ms.naive is not None else ms.params(0))
+    ti = ms.transforms[i] if ms.transforms[i] is not None else identity_permutation(sizes)
+    tj = ms.transforms[j] if ms.transforms[j] is not None else identity_permutation(sizes)
+    return compose_permutations(ti, invert_permutation(tj))
