@@ -27,6 +27,7 @@ __all__ = [
     "OutputLockedError",
     "OutputExistsError",
     "OutputNotWritableError",
+    "CombinabilityWarning",
 ]
 
 
@@ -110,3 +111,7 @@ class OutputExistsError(CombinabilityError, FileExistsError):
 
 class OutputNotWritableError(CombinabilityError, PermissionError):
     """An output location cannot be written; raised before any long work starts."""
+
+
+class CombinabilityWarning(UserWarning):
+    """Base class of every warning the library issues on purpose (results that may mislead)."""

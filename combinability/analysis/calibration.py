@@ -34,7 +34,7 @@ from combinability.analysis.llfc import (
     point_layers,
     resolve_data,
 )
-from combinability.errors import ConfigurationError, SamplerError
+from combinability.errors import CombinabilityWarning, ConfigurationError, SamplerError
 from combinability.results import annotate, provenance
 
 if TYPE_CHECKING:
@@ -69,7 +69,7 @@ LABELS: dict[str, dict[str, str]] = {
 }
 
 
-class CalibrationOverlapWarning(UserWarning):
+class CalibrationOverlapWarning(CombinabilityWarning):
     """The calibration examples overlap the evaluation examples: calibrated losses are optimistic."""
 
 
