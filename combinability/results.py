@@ -174,8 +174,8 @@ def _differences(stored: Mapping[str, Any], wanted: Mapping[str, Any], prefix: s
         old, new = stored.get(key, "(absent)"), wanted.get(key, "(absent)")
         if old == new:
             continue
-        if isinstance(old, Mapping) and isinstance(new, Mapping):
-            out.extend(_differences(old, new, f"{prefix}{key}."))
+        if isinstance(old, Mapping) and isinstance(new, Mapping) and set(old) == set(new):
+            out.extend(_differences(old, new, f"{prefix}{key}."))  # the same kind of thing: name what changed in it
         else:
             out.append(f"{prefix}{key}: {_short(old)} in the file, {_short(new)} now")
     return out
