@@ -412,11 +412,16 @@ def _cmd_analyse(args: argparse.Namespace) -> int:
     values = _floats(args.values, "--values")
     t0 = time.perf_counter()
     if args.analysis == "llfc":
+        import xarray as xr
+
         from combinability.samplers import get_sampler
 
         ds = analysis.llfc(pair, args.data, values=values, sampler=get_sampler(args.sampler), samples=args.samples,
                            points=args.points, split=args.split, seed=args.seed, **common)
-        table = ds[["cosine", "scale"]].mean("sample").to_dataframe()[["cosine", "scale"]]
+        # one line per feature point: the worst over the path (the whole curve is in the file)
+        worst = ds[["cosine", "scale"]].mean("sample")
+        table = xr.Dataset({"min_cosine": worst["cosine"].min("value"), "min_scale": worst["scale"].min("value"),
+                            "baseline_cosine": ds["baseline_cosine"]}).to_dataframe()
     elif args.analysis == "layerwise":
         ds = analysis.layerwise_barriers(pair, args.data, lambdas=values, layers=args.layers,
                                          curvature=not args.no_curvature, split=args.split, **common)
