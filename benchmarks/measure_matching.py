@@ -1,0 +1,129 @@
+"""Weight matching: the library against Git Re-Basin's algorithm, timed in one run.
+
+For each pair, the reference reimplementation (:mod:`reference_rebasin`, plain numpy and
+scipy, float32 as the original's jax) and :func:`combinability.weight_matching` run on
+the same parameters with the same seed, alternately (``--repeats`` times each, the
+best time kept); the table gives their times, the ratio, the sweeps and the objectives,
+then the library with restarts.
+
+Pairs:
+
+* ``mlp``: two 784-512-512-512-10 MLPs trained on Fashion-MNIST with Adam (seeds 0, 1
+  and 2, ``--epochs``), every pair of them; the checkpoints are kept in ``--cache``
+  and reused.
+* ``resnet20xW``: a freshly initialised ResNet-20 at width ``W`` (``--resnet-width``)
+  and a copy of it with its units randomly permuted and Gaussian noise added
+  (``--noise`` times each parameter's standard deviation), so that matching has a
+  planted answer that takes several sweeps to reach (at width 4: 5 sweeps with noise
+  1.5, 9 with 3, 5 with 6).
+
+Without numba the library solves each assignment with scipy, like the reference; with
+it (``pip install numba``), warm-started from the last solve.
+
+Run from the repository root::
+
+    .venv/bin/python benchmarks/measure_matching.py --epochs 3 --resnet-width 16
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import reference_rebasin as reference  # noqa: E402
+
+import combinability as cb  # noqa: E402
+from combinability.models import build_model  # noqa: E402
+
+
+def mlp_pairs(epochs: int, cache: Path, seeds: tuple[int, ...]) -> dict:
+    """``{"mlp sA-sB": (spec, params_a, params_b)}`` for every pair of trained MLPs."""
+    cache.mkdir(parents=True, exist_ok=True)
+    models = {s: cb.train("mlp", "fashion_mnist", seed=s, epochs=epochs,
+                          checkpoint=cache / f"mlp_fashion_mnist_e{epochs}_s{s}.ckpt") for s in seeds}
+    out = {}
+    for s, t in itertools.combinations(seeds, 2):
+        pair = cb.ModelPair(models[s], models[t], architecture="mlp", backend="torch")
+        out[f"mlp s{s}-s{t}"] = (pair.spec, pair.params(0), pair.params(1))
+    return out
+
+
+def resnet_pair(width: int, noise: float, seed: int = 0) -> dict:
+    """A random ResNet-20 and a permuted, noisy copy of it."""
+    model = build_model("resnet20", width=width, input_shape=(3, 32, 32), seed=seed)
+    pair = cb.ModelPair(model, model, architecture="resnet20", backend="torch")
+    spec, a = pair.spec, pair.params(0)
+    rng = np.random.default_rng(seed + 1)
+    b = cb.apply_permutation(spec, cb.random_permutation(spec, a, seed=rng), a)
+    b = {k: (v + noise * (np.std(v) or 0.1) * rng.standard_normal(v.shape, dtype=np.float32)).astype(v.dtype)
+         for k, v in b.items()}
+    return {f"resnet20x{width}": (spec, a, b)}
+
+
+def timed(fn, repeats: int):
+    """The result of ``fn()`` and its best wall time over ``repeats`` calls."""
+    best, result = float("inf"), None
+    for _ in range(repeats):
+        start = time.perf_counter()
+        result = fn()
+        best = min(best, time.perf_counter() - start)
+    return result, best
+
+
+def compare(name: str, spec, a, b, *, seed: int, repeats: int, restarts: int) -> list[str]:
+    """Table rows for one pair: the reference, the library single run, the library with restarts."""
+    ref_perm, ref_time, lib_time = None, float("inf"), float("inf")
+    lib = None
+    for _ in range(repeats):  # alternate, so that a busy machine slows both alike
+        (ref_perm, sweeps), t = timed(lambda: reference.weight_matching(seed, spec, a, b), 1)
+        ref_time = min(ref_time, t)
+        lib, t = timed(lambda: cb.weight_matching(spec, a, b, seed=seed), 1)
+        lib_time = min(lib_time, t)
+    ref_obj = reference.objective(spec, a, b, ref_perm)
+    same = all(np.array_equal(ref_perm[p], lib[p]) for p in ref_perm)
+    many, many_time = timed(lambda: cb.weight_matching(spec, a, b, seed=seed, restarts=restarts), 1)
+    return [
+        f"| {name} | reference | {ref_time:.2f} | 1.00 | {sweeps} | {ref_obj:.6f} | |",
+        f"| {name} | library | {lib_time:.2f} | {ref_time / lib_time:.1f} | {lib.iterations} | {lib.objective:.6f} "
+        f"| {'same permutation' if same else f'{(lib.objective - ref_obj) / abs(ref_obj):+.2e} rel.'} |",
+        f"| {name} | library, restarts={restarts} | {many_time:.2f} | {ref_time / many_time:.1f} | "
+        f"{many.iterations} | {many.objective:.6f} | {(many.objective - ref_obj) / abs(ref_obj):+.2e} rel. |",
+    ]
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--epochs", type=int, default=3, help="training epochs of the MLPs")
+    parser.add_argument("--seeds", type=int, nargs="*", default=[0, 1, 2], help="MLP training seeds")
+    parser.add_argument("--cache", type=Path, default=Path(".asv/matching-models"), help="checkpoint folder")
+    parser.add_argument("--resnet-width", type=int, nargs="*", default=[16], help="ResNet-20 width multipliers")
+    parser.add_argument("--noise", type=float, default=3.0,
+                        help="noise of the ResNet copy, in parameter stds (3: the most sweeps of 1.5, 3, 6)")
+    parser.add_argument("--seed", type=int, default=0, help="matching seed (visit orders)")
+    parser.add_argument("--repeats", type=int, default=1, help="timed runs of each matcher (best kept)")
+    parser.add_argument("--restarts", type=int, default=3, help="restarts of the last row of each pair")
+    args = parser.parse_args(argv)
+
+    problems = mlp_pairs(args.epochs, args.cache, tuple(args.seeds)) if args.seeds else {}
+    for width in args.resnet_width:
+        problems.update(resnet_pair(width, args.noise))
+    from combinability.matching import _compiled_warm_assignment
+
+    solver = "warm-started Jonker-Volgenant (numba)" if _compiled_warm_assignment() else "scipy (numba not installed)"
+    print(f"library's assignment solver: {solver}\n")
+    print("| pair | matcher | time (s) | speed-up | sweeps | objective | vs reference |")
+    print("|---|---|---|---|---|---|---|")
+    for name, (spec, a, b) in problems.items():
+        for row in compare(name, spec, a, b, seed=args.seed, repeats=args.repeats, restarts=args.restarts):
+            print(row, flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,218 @@
+"""The fast weight matcher against the plain Git Re-Basin algorithm (benchmarks/reference_rebasin.py).
+
+Results only, never times: planted permutations recovered exactly by both; on trained
+models the same permutation as the reference when started identically (same seed, so
+the same visit orders), and never a lower objective; the cached, low-rank-corrected
+cost matrices equal ones computed from scratch in float64.
+"""
+
+import itertools
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import combinability as cb
+from combinability import matching
+from tests import reference_nets as ref
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import reference_rebasin as rebasin  # noqa: E402
+
+
+def _plant(spec, params, seed, noise):
+    """B = π⁻¹(A) + noise: the permutation aligning B to A is π."""
+    rng = np.random.default_rng(seed)
+    planted = cb.random_permutation(spec, params, seed=rng)
+    b = cb.apply_permutation(spec, cb.invert_permutation(planted), params)
+    return planted, {k: v + noise * rng.normal(size=v.shape) * np.std(v) for k, v in b.items()}
+
+
+def _cost64(spec, a, b, perm, p):
+    """``p``'s cost matrix from scratch, in float64, written independently of the library."""
+    n = len(perm[p])
+    cost = np.zeros((n, n))
+    for name, axis in spec.perm_to_axes[p]:
+        w = np.asarray(b[name], np.float64)
+        for ax, q in enumerate(spec.axes_to_perm[name]):
+            if q is not None and ax != axis:
+                w = np.take(w, perm[q], axis=ax)
+        wa = np.moveaxis(np.asarray(a[name], np.float64), axis, 0).reshape(n, -1)
+        cost += wa @ np.moveaxis(w, axis, 0).reshape(n, -1).T
+    return cost
+
+
+@pytest.mark.parametrize("noise", [0.0, 0.3])
+def test_planted_mlp_recovered_like_the_reference(noise):
+    rng = np.random.default_rng(0)
+    a = ref.mlp_params(rng, (30, 64, 48, 40, 5))
+    spec = ref.mlp_spec(4)
+    planted, b = _plant(spec, a, 1, noise)
+    ours = cb.weight_matching(spec, a, b, seed=3)
+    theirs, _ = rebasin.weight_matching(3, spec, a, b)
+    for p in planted:
+        np.testing.assert_array_equal(ours[p], planted[p])
+        np.testing.assert_array_equal(theirs[p], planted[p])
+    assert ours.objective == pytest.approx(rebasin.objective(spec, a, b, planted), rel=1e-12)
+
+
+def test_planted_residual_conv_recovered_like_the_reference():
+    rng = np.random.default_rng(2)
+    a = ref.resnet_params(rng, c1=12, c2=16)
+    spec = ref.resnet_spec()
+    planted, b = _plant(spec, a, 3, noise=0.05)
+    ours = cb.weight_matching(spec, a, b, seed=0, restarts=2)
+    theirs, _ = rebasin.weight_matching(0, spec, a, b)
+    best = max(theirs, ours, key=lambda perm: rebasin.objective(spec, a, b, perm))
+    for p in planted:
+        np.testing.assert_array_equal(ours[p], planted[p])
+    assert ours.objective >= rebasin.objective(spec, a, b, best) - 1e-9
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_trained_same_descent_as_the_reference(digits_models, seed):
+    """Same seed and start: the reference's visit orders, so its permutation and sweeps."""
+    pairs = list(itertools.combinations(range(3), 2))
+    i, j = pairs[seed]
+    pair = cb.ModelPair(digits_models[i], digits_models[j], architecture="mlp", backend="torch")
+    spec, a, b = pair.spec, pair.params(0), pair.params(1)
+    theirs, sweeps = rebasin.weight_matching(seed, spec, a, b)
+    ours = cb.weight_matching(spec, a, b, seed=seed)
+    assert sweeps > 2  # trained models: a real descent, not a one-sweep answer
+    for p in theirs:
+        np.testing.assert_array_equal(ours[p], theirs[p])
+    assert ours.iterations == sweeps
+    assert ours.objective == pytest.approx(rebasin.objective(spec, a, b, theirs), rel=1e-12)
+    assert ours.history[0] == pytest.approx(rebasin.objective(spec, a, b, cb.identity_permutation(spec.perm_sizes(a))))
+    assert all(y >= x for x, y in zip(ours.history, ours.history[1:], strict=False))
+
+
+def test_trained_restarts_never_below_the_reference(digits_models):
+    pair = cb.ModelPair(digits_models[0], digits_models[2], architecture="mlp", backend="torch")
+    spec, a, b = pair.spec, pair.params(0), pair.params(1)
+    for seed in (0, 5):
+        theirs, _ = rebasin.weight_matching(seed, spec, a, b)
+        ours = cb.weight_matching(spec, a, b, seed=seed, restarts=3)
+        assert ours.objective >= rebasin.objective(spec, a, b, theirs) - 1e-9
+        assert ours.objective == pytest.approx(cb.matching_objective(spec, a, b, ours), rel=1e-12)
+
+
+def test_cached_costs_follow_small_and_large_changes():
+    """The low-rank corrections and recomputations give the from-scratch cost matrix."""
+    rng = np.random.default_rng(4)
+    a = ref.resnet_params(rng, c1=10, c2=14)
+    b = ref.resnet_params(rng, c1=10, c2=14)
+    spec = ref.resnet_spec()
+    problem = matching._Problem(spec, a, b)
+    perm = dict(cb.random_permutation(spec, a, seed=rng))
+    for step in range(12):
+        q = problem.names[step % len(problem.names)]
+        moved = rng.choice(len(perm[q]), size=2 if step % 3 else len(perm[q]), replace=False)
+        perm[q] = perm[q].copy()
+        perm[q][moved] = perm[q][rng.permutation(moved)]
+        for p in problem.names:
+            np.testing.assert_allclose(problem.cost(p, perm), _cost64(spec, a, b, perm, p), rtol=1e-4, atol=1e-4)
+
+
+def test_gain_is_the_change_of_the_objective():
+    rng = np.random.default_rng(5)
+    a = ref.mlp_params(rng, (12, 40, 36, 4))
+    b = ref.mlp_params(rng, (12, 40, 36, 4))
+    spec = ref.mlp_spec(3)
+    problem = matching._Problem(spec, a, b)
+    perm = dict(cb.random_permutation(spec, a, seed=rng))
+    for moved in (2, 40):  # exact path (few units) and cost-matrix path (many)
+        new = perm["P0"].copy()
+        idx = rng.choice(40, size=moved, replace=False)
+        new[idx] = new[rng.permutation(idx)]
+        gain = problem.gain("P0", perm, new, problem.cost("P0", perm))
+        want = cb.matching_objective(spec, a, b, {**perm, "P0": new}) - cb.matching_objective(spec, a, b, perm)
+        exact = moved == 2
+        assert gain == pytest.approx(want, rel=1e-12 if exact else 1e-5, abs=1e-12 if exact else 1e-5)
+
+
+def test_permutation_on_two_axes_of_one_parameter():
+    """A square weight permuted on both axes (a recurrent matrix): gain and result exact."""
+    rng = np.random.default_rng(6)
+    spec = cb.PermutationSpec({"w_in": ("P", None), "w_rec": ("P", "P"), "w_out": (None, "P")})
+    a = {"w_in": rng.normal(size=(24, 4)), "w_rec": rng.normal(size=(24, 24)), "w_out": rng.normal(size=(3, 24))}
+    planted = cb.Permutation({"P": rng.permutation(24)})  # moves more units than are valued one by one
+    b = cb.apply_permutation(spec, cb.invert_permutation(planted), a)
+    problem = matching._Problem(spec, a, b)
+    perm = {"P": np.arange(24)}
+    gain = problem.gain("P", perm, planted["P"], problem.cost("P", perm))
+    want = cb.matching_objective(spec, a, b, planted) - cb.matching_objective(spec, a, b, perm)
+    assert gain == pytest.approx(want, rel=1e-12)
+    found = cb.weight_matching(spec, a, b, seed=0, restarts=4)
+    np.testing.assert_array_equal(found["P"], planted["P"])
+
+
+def test_float32_parameters_keep_an_exact_objective():
+    rng = np.random.default_rng(7)
+    a = {k: v.astype(np.float32) for k, v in ref.mlp_params(rng, (20, 32, 32, 6)).items()}
+    spec = ref.mlp_spec(3)
+    _, b = _plant(spec, a, 8, noise=0.5)
+    b = {k: v.astype(np.float32) for k, v in b.items()}
+    perm = cb.weight_matching(spec, a, b, seed=0)
+    want = sum(np.vdot(a[k].astype(np.float64), v.astype(np.float64))
+               for k, v in cb.apply_permutation(spec, perm, b).items())
+    assert perm.objective == pytest.approx(want, rel=1e-12)
+
+
+def test_generator_seed_is_one_integer_seed():
+    """A Generator seed is asked for one integer: the same state gives the same result."""
+    rng = np.random.default_rng(9)
+    a = ref.mlp_params(rng, (10, 24, 24, 3))
+    b = ref.mlp_params(rng, (10, 24, 24, 3))
+    spec = ref.mlp_spec(3)
+    first = cb.weight_matching(spec, a, b, seed=np.random.default_rng(42), restarts=1)
+    again = cb.weight_matching(spec, a, b, seed=np.random.default_rng(42), restarts=1)
+    as_int = cb.weight_matching(spec, a, b, seed=int(np.random.default_rng(42).integers(2**63)), restarts=1)
+    for p in first:
+        np.testing.assert_array_equal(first[p], again[p])
+        np.testing.assert_array_equal(first[p], as_int[p])
+
+
+@pytest.mark.parametrize("ties", [False, True])
+def test_warm_assignment_is_optimal_from_any_start(ties):
+    """The warm-started solver (run here as plain Python) reaches scipy's optimum, cold and warm."""
+    from scipy.optimize import linear_sum_assignment
+
+    rng = np.random.default_rng(10)
+    for _ in range(40):
+        n = int(rng.integers(1, 25))
+        cost = rng.integers(0, 3, size=(n, n)).astype(float) if ties else rng.normal(size=(n, n))
+        prices = rng.normal(size=n) if n % 2 else np.zeros(n)
+        x = rng.permutation(n).astype(np.int64)
+        for _ in range(3):  # cold, then warm from the last solution and prices on a changed matrix
+            x = matching._warm_assignment(cost, x.copy(), prices)
+            rows, cols = linear_sum_assignment(cost)
+            assert sorted(x) == list(range(n))
+            assert cost[np.arange(n), x].sum() == pytest.approx(cost[rows, cols].sum(), abs=1e-9)
+            cost = cost + 0.1 * rng.normal(size=(n, n))
+
+
+def test_warm_solver_takes_the_reference_steps(monkeypatch):
+    """With the warm-started solver in place of scipy: still the reference's descent."""
+    monkeypatch.setattr(matching, "_compiled_warm_assignment", lambda: matching._warm_assignment)
+    rng = np.random.default_rng(11)
+    a = ref.mlp_params(rng, (20, 32, 24, 4))
+    b = ref.mlp_params(rng, (20, 32, 24, 4))  # unrelated: a real descent
+    spec = ref.mlp_spec(3)
+    for seed in (0, 1):
+        ours = cb.weight_matching(spec, a, b, seed=seed)
+        theirs, sweeps = rebasin.weight_matching(seed, spec, a, b)
+        assert ours.iterations == sweeps
+        for p in theirs:
+            np.testing.assert_array_equal(ours[p], theirs[p])
+
+
+@pytest.mark.parametrize("seed", [-1, 1.5, "0", True])
+def test_bad_seed_is_refused_before_work(seed):
+    rng = np.random.default_rng(12)
+    a = ref.mlp_params(rng, (6, 8, 3))
+    with pytest.raises(cb.ConfigurationError, match="seed must be a non-negative integer, a numpy Generator or None"):
+        cb.weight_matching(ref.mlp_spec(2), a, a, seed=seed)
+    with pytest.raises(ValueError):  # the built-in it refines
+        cb.weight_matching(ref.mlp_spec(2), a, a, seed=seed)
