@@ -368,6 +368,35 @@ def _cmd_experiment(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _resolve_aligners(args: argparse.Namespace) -> None:
+    _from_checkpoints(args, list(args.models), need_data=True)
+
+
+def _cmd_aligners(args: argparse.Namespace) -> int:
+    from combinability.experiments.aligners import compare_aligners
+
+    _check_out(args.out, "results file")
+    models = [_load(p, args.backend, args.model) for p in args.models]
+    example = None
+    if args.model is not None:
+        from combinability.data.convert import as_dataset
+
+        example = as_dataset(args.data, "test").x[:16]
+    t0 = time.perf_counter()
+    ds = compare_aligners(models, args.data, methods=args.methods, samplers=args.samplers,
+                          many_methods=args.many_methods, n_models=args.n_models, epochs=args.epochs,
+                          train_examples=args.train_examples, ste_sampler=args.ste_sampler,
+                          values_per_sampler=args.values_per_sampler, samples=args.samples or 4, splits=args.splits,
+                          limit=args.limit, batch_size=args.batch_size, seed=args.seed, backend=args.backend,
+                          example_input=example, out=args.out, overwrite=args.overwrite, progress=not args.quiet,
+                          attrs=args.cli_attrs)
+    print(f"aligners finished in {time.perf_counter() - t0:.1f} s -> {args.out}")
+    for var in ("loss_barrier", "accuracy_barrier", "merged_accuracy", "worst_pair_loss_barrier"):
+        if var in ds:
+            print(f"{var}:\n{ds[var].to_dataframe().dropna().unstack(0).to_string()}")
+    return EXIT_OK
+
+
 def _cmd_report(args: argparse.Namespace) -> int:
     from combinability.report import report
 
@@ -633,6 +662,69 @@ def _add_experiment(sub: Any) -> None:
     e.add_argument("--limit", type=int, default=None, help="evaluate on the first N examples")
     e.add_argument("--examples", type=int, default=2000, help="training examples whose activations rank the pairs")
     e.add_argument("--batch-size", type=int, default=1000, help="evaluation batch size")
+    _add_aligners_experiment(names)
+    _add_asymmetry_experiment(names)
+
+
+def _add_asymmetry_experiment(names: Any) -> None:
+    e = _experiment_parser(names, "asymmetry", "standard vs asymmetric networks (Lim et al. 2024): train two of "
+                           "each, naive and aligned linear-path barriers", "asymmetry.nc", models=0)
+    e.add_argument("data", help="registered dataset, e.g. digits, fashion_mnist")
+    e.add_argument("--architectures", nargs="+", default=["mlp", "mlp_wasym", "mlp_sigmaasym"],
+                   help="architectures of one size: a standard one and its asymmetric variants")
+    e.add_argument("--seeds", type=int, nargs=2, default=[0, 1], metavar=("SEED_A", "SEED_B"),
+                   help="training seeds of models A and B")
+    e.add_argument("--width", type=float, default=None, help="width multiplier (default: the architectures')")
+    e.add_argument("--epochs", type=int, default=None, help="training epochs (default: the standard recipe)")
+    e.add_argument("--method", choices=["weight", "activation"], default="weight", help="alignment method")
+    e.add_argument("--model-dir", default=None, help="folder where the trained models are kept and reused")
+    e.add_argument("--values", default="0,0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9,1",
+                   help="comma-separated points of the linear path (B's weight)")
+    _sweep_arguments(e)
+    e.set_defaults(func=_cmd_asymmetry, resolve=_resolve_asymmetry)
+
+
+def _resolve_asymmetry(args: argparse.Namespace) -> None:
+    args.backend = args.backend or "torch"
+
+
+def _cmd_asymmetry(args: argparse.Namespace) -> int:
+    from combinability.experiments.asymmetry import asymmetry_comparison
+
+    _check_out(args.out, "results file")
+    t0 = time.perf_counter()
+    ds = asymmetry_comparison(args.data, architectures=args.architectures, seeds=tuple(args.seeds), width=args.width,
+                              epochs=args.epochs, backend=args.backend, method=args.method, model_dir=args.model_dir,
+                              values=_floats(args.values, "--values"), splits=args.splits, samples=args.samples,
+                              limit=args.limit, batch_size=args.batch_size, progress=not args.quiet, out=args.out,
+                              overwrite=args.overwrite, attrs=args.cli_attrs)
+    print(f"asymmetry finished in {time.perf_counter() - t0:.1f} s -> {args.out}")
+    print(ds[["loss_barrier", "accuracy_barrier"]].to_dataframe().dropna().unstack("alignment").to_string())
+    return EXIT_OK
+
+
+def _add_aligners_experiment(names: Any) -> None:
+    e = _experiment_parser(names, "aligners", "compare the aligners on the same models: barriers per aligner and "
+                           "scheme, merged models of 2..8 models per many-model method", "aligners.nc", models=0)
+    e.add_argument("models", nargs="+", help="2 to 8 checkpoints; the first two are the pair A, B")
+    e.add_argument("--methods", nargs="*",
+                   default=["identity", "weight", "activation", "ste", "ste_elementwise", "sinkhorn"],
+                   help="pair aligners (registered names, and ste_elementwise: STE trained on --ste-sampler)")
+    e.add_argument("--samplers", nargs="*", default=["linear", "uniform", "subcube", "bernoulli"],
+                   help="schemes whose barriers are measured")
+    e.add_argument("--many-methods", nargs="*", default=["mergemany", "cycle", "hierarchical", "reference"],
+                   help="align_many methods (none given: no many-model part)")
+    e.add_argument("--n-models", type=int, nargs="+", default=None,
+                   help="numbers of models merged, each the first N (default: 2 .. all given)")
+    e.add_argument("--epochs", type=int, default=1, help="epochs of the learned aligners (ste, sinkhorn)")
+    e.add_argument("--train-examples", type=int, default=None,
+                   help="training examples the data-driven aligners see (default: the whole training split)")
+    e.add_argument("--ste-sampler", default="uniform", help="the element-wise sampler ste_elementwise trains on")
+    e.add_argument("--values-per-sampler", type=int, default=5, help="values of each scheme's grid swept")
+    e.add_argument("--seed", type=int, default=0, help="seed of the aligners and of the random draws")
+    _model_options(e, data_help=_DATA_FROM_CKPT)
+    _sweep_arguments(e)
+    e.set_defaults(func=_cmd_aligners, resolve=_resolve_aligners, splits=["test"])
 
 
 def _add_analyse(sub: Any) -> None:

@@ -144,7 +144,7 @@ def run_demo(out: Path = Path("results/demo"), *, data: str | None = None, backe
 
     experiments = (ex.hypercube, ex.identity_stitching, ex.min_max, ex.linear_extrapolation, ex.centred_box,
                    ex.transitivity, ex.three_models, ex.functional_agreement, ex.edge_lengths,
-                   ex.alignment_robustness, ex.width_ablation)
+                   ex.alignment_robustness, ex.width_ablation, ex.compare_aligners)
     extra_attrs = _check_attrs(attrs, experiments)
     tag = {"attrs": extra_attrs} if extra_attrs else {}
     s = DemoSettings.quick() if quick else DemoSettings()
@@ -183,6 +183,12 @@ def run_demo(out: Path = Path("results/demo"), *, data: str | None = None, backe
     _step(times, "edge lengths (6.2)", ex.edge_lengths, pair, out=out / "edge_lengths.nc", overwrite=overwrite, **tag)
     _step(times, "alignment robustness (6.3)", ex.alignment_robustness, pair, data, steps=s.robustness_steps,
           limit=s.limit, out=out / "robustness.nc", overwrite=overwrite, **tag)
+    # a short run (about 15 s): the learned aligners see 200 training examples, MergeMany and cycle are cut
+    # short (2 rounds, 3 Frank-Wolfe steps): not the converged numbers of docs/experiments/aligners.md
+    _step(times, "aligners compared (issue 12)", ex.compare_aligners, models, data, n_models=(3,), backend=backend,
+          train_examples=200, learned_options={"eval_examples": 200}, many_options={"fw_iter": 3, "rounds": 2},
+          values_per_sampler=3, samples=1, limit=min(s.limit, 1000), progress=progress, out=out / "aligners.nc",
+          overwrite=overwrite, **tag)
     _step(times, "width ablation (4.4)", ex.width_ablation, "mlp", data, widths=s.widths, backend=backend,
           epochs=s.width_epochs, samples=s.samples, limit=s.limit, values_per_sampler=s.width_values,
           model_dir=models_dir, out=out / "width_ablation.nc", progress=progress, overwrite=overwrite, **tag)

@@ -12,7 +12,17 @@ derived from it, once, in the core:
 * the layer map of stitching and per-layer plots (:meth:`LayerTable.layers`);
 * the feature points (:meth:`LayerTable.feature_points`) and the point whose units each
   permutation reorders (:meth:`LayerTable.activation_points`);
-* the torch ⇄ flax conversion of names and axes (:meth:`LayerTable.to_flax`).
+* the torch ⇄ flax conversion of names and axes (:meth:`LayerTable.to_flax`);
+* the frozen arrays of the asymmetric layers (:meth:`LayerTable.frozen_weights`,
+  :meth:`LayerTable.gate_matrix`), drawn from seeds stored in the nodes.
+
+Asymmetric networks (Lim et al., 2024, "The empirical impact of neural parameter
+symmetries") are tables too. A dense or conv node with ``fixed=k`` is *W-Asymmetric*:
+``k`` entries of each output unit's fan-in are frozen at random values, so the layer
+computes with ``where(mask, frozen, weight)`` and no two units are interchangeable. A
+``"gate"`` node is *σ-Asymmetric*: ``x * sigmoid(G x)`` with a frozen random ``G`` mixing the
+channels (FiGLU). Both break the permutation symmetry of the channel spaces they touch,
+and :meth:`LayerTable.spec` leaves those spaces without a permutation.
 
 Backends build a module from a table with one generic builder (an interpreter of the
 nodes), so adding an architecture is writing a table.
@@ -29,6 +39,7 @@ Examples
 
 from __future__ import annotations
 
+import zlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -41,7 +52,7 @@ from combinability.permutation import PermutationSpec
 __all__ = ["Node", "LayerTable", "OPS", "NORMS", "ACTIVATIONS"]
 
 #: The operations a node may perform.
-OPS = ("dense", "conv", "norm", "relu", "act", "identity", "flatten", "avgpool", "maxpool", "add")
+OPS = ("dense", "conv", "norm", "relu", "act", "gate", "identity", "flatten", "avgpool", "maxpool", "add")
 #: Kinds of normalisation: LayerNorm over the channel axis (at every position), BatchNorm, GroupNorm.
 NORMS = ("layernorm", "batchnorm", "groupnorm")
 #: Element-wise activations an ``"act"`` node may name (torch.nn.functional / jax.nn names).
@@ -63,7 +74,9 @@ class Node:
         ``"maxpool"`` is a ``kernel`` x ``kernel`` max pool (``stride``, ``padding``; an
         average pool when ``fn="avg"``), skipped when the image is smaller than the kernel;
         ``"act"`` applies the element-wise function ``fn`` (one of :data:`ACTIVATIONS`);
-        ``"identity"`` passes its input on.
+        ``"gate"`` is the σ-Asymmetric FiGLU ``x * sigmoid(G x)``, ``G`` a frozen random
+        ``(c, c)`` matrix applied over the channels at every position
+        (:meth:`LayerTable.gate_matrix`); ``"identity"`` passes its input on.
     inputs : tuple of str
         Names of the nodes read; ``()`` reads the previous node (the network's input for
         the first node). ``"add"`` takes two or more.
@@ -85,6 +98,15 @@ class Node:
         The layer this node belongs to in stitching and per-layer plots; default: the
         node's own name for dense/conv nodes, the previous parametrised node's layer for
         the others.
+    fixed : int
+        For dense and conv nodes: frozen entries per output unit (W-Asymmetric); 0, the
+        default, is a standard layer. At most the unit's fan-in (``in x kernel x kernel``).
+    scale : float
+        Standard deviation of the frozen random values: the frozen weights of a
+        ``fixed > 0`` node, the gate matrix of a ``"gate"`` node.
+    seed : int
+        Seed of the frozen arrays (with the node's name, see :meth:`LayerTable.frozen_weights`).
+        Two models of one table share them, as the linear paths of Lim et al. require.
     """
 
     name: str
@@ -100,6 +122,9 @@ class Node:
     layer: str = ""
     groups: int = 1
     fn: str = ""
+    fixed: int = 0
+    scale: float = 1.0
+    seed: int = 0
 
     def __post_init__(self) -> None:
         if self.op not in OPS:
@@ -111,6 +136,26 @@ class Node:
                                      f"valid: {', '.join(ACTIVATIONS)}")
         if self.op in ("dense", "conv") and self.units < 1:
             raise ConfigurationError(f"node {self.name!r}: a {self.op} node needs units >= 1, got {self.units}")
+        if self.fixed and self.op not in ("dense", "conv"):
+            raise ConfigurationError(f"node {self.name!r}: fixed={self.fixed!r} frozen entries per unit need a dense "
+                                     f"or conv node, not a {self.op!r} node")
+        if isinstance(self.fixed, bool) or not isinstance(self.fixed, int | np.integer) or self.fixed < 0:
+            raise ConfigurationError(f"node {self.name!r}: fixed must be an int >= 0 (frozen entries per unit), "
+                                     f"got {self.fixed!r}")
+        if not (np.isfinite(self.scale) and self.scale >= 0) or isinstance(self.seed, bool) or \
+                not isinstance(self.seed, int | np.integer) or self.seed < 0:
+            raise ConfigurationError(f"node {self.name!r}: the asymmetry needs a finite scale >= 0 and an int "
+                                     f"seed >= 0, got scale={self.scale!r}, seed={self.seed!r}")
+
+    @property
+    def asymmetric(self) -> bool:
+        """Whether the node breaks the permutation symmetry of its channels (W- or σ-Asymmetric)."""
+        return self.fixed > 0 or self.op == "gate"
+
+
+def _node_rng(node: Node) -> np.random.Generator:
+    """The generator of a node's frozen arrays: its seed and the CRC-32 of its name (no hash salt)."""
+    return np.random.default_rng([int(node.seed), zlib.crc32(node.name.encode())])
 
 
 @dataclass(frozen=True)
@@ -203,6 +248,11 @@ class LayerTable:
                 ins.append(out[name])
             x = ins[0]
             where = f"layer table {self.name!r}, node {node.name!r}"
+            if node.op in ("dense", "conv"):
+                fan_in = x.channels * (node.kernel**2 if node.op == "conv" else 1)
+                if node.fixed > fan_in:
+                    raise ConfigurationError(f"{where}: fixed={node.fixed} frozen entries per unit exceed the fan-in "
+                                             f"of {fan_in}; valid: 0 to {fan_in}")
             if node.op == "dense":
                 if x.spatial is not None:
                     raise ConfigurationError(f"{where}: a dense layer needs a vector; flatten or pool first")
@@ -308,6 +358,11 @@ class LayerTable:
             if node.op in ("dense", "conv"):
                 s = new()
                 opened[s] = node.name
+                if node.fixed:  # frozen entries sit at fixed rows and columns: neither space may move
+                    fixed.update((s, ins[0]))
+            elif node.op == "gate":
+                s = ins[0]
+                fixed.add(s)  # G mixes the channels: only permutations commuting with it keep the function
             elif node.op == "flatten":
                 src = shapes[self.inputs_of(node)[0]]
                 if src.spatial is None or src.spatial == (1, 1):
@@ -382,9 +437,67 @@ class LayerTable:
             if p is None or node.op == "flatten":
                 continue
             points[p] = node.name
-            if node.op in ("relu", "act"):
+            if node.op in ("relu", "act", "gate"):
                 relu[p] = node.name
         return {p: relu.get(p, pt) for p, pt in points.items()}
+
+    # -- asymmetric layers: frozen arrays ------------------------------------------------
+    def frozen_weights(self) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+        """The frozen entries of every W-Asymmetric weight: ``{name: (mask, values)}``.
+
+        Reference convention and the weight's shape; ``mask`` is boolean, ``values`` float32
+        (0 off the mask). The layer computes with ``where(mask, values, weight)``: the stored
+        weight's entries under the mask are never used (training keeps them at ``values``).
+        Each node draws from ``numpy.random.default_rng([node.seed, crc32(node.name)])``:
+        first ``u = rng.random((units, fan_in))``, each unit freezing the ``fixed`` positions of
+        its fan-in (flattened ``in x kernel x kernel``) with the smallest ``u``; then
+        ``rng.standard_normal((units, fixed)) * node.scale`` for them, in increasing position order.
+
+        Examples
+        --------
+        >>> t = LayerTable("w", (6,), 2, (Node("fc", "dense", units=3, fixed=2, seed=1), Node("out", "dense", units=2)))
+        >>> mask, values = t.frozen_weights()["fc.weight"]
+        >>> mask.sum(axis=1).tolist(), bool(np.all(values[~mask] == 0))
+        ([2, 2, 2], True)
+        """
+        params = self.parameters()
+        out = {}
+        for node in self.nodes:
+            if not node.fixed:
+                continue
+            shape = params[f"{node.name}.weight"][0]
+            units, fan_in = shape[0], int(np.prod(shape[1:]))
+            rng = _node_rng(node)
+            chosen = np.sort(np.argsort(rng.random((units, fan_in)), axis=1, kind="stable")[:, : node.fixed], axis=1)
+            mask = np.zeros((units, fan_in), dtype=bool)
+            np.put_along_axis(mask, chosen, True, axis=1)
+            values = np.zeros((units, fan_in), dtype=np.float64)
+            np.put_along_axis(values, chosen, rng.standard_normal((units, node.fixed)) * node.scale, axis=1)
+            out[f"{node.name}.weight"] = (mask.reshape(shape), values.astype(np.float32).reshape(shape))
+        return out
+
+    def gate_matrix(self, name: str) -> np.ndarray:
+        """The frozen ``(c, c)`` float32 matrix ``G`` of the ``"gate"`` node ``name``: ``x * sigmoid(G x)``.
+
+        Drawn as ``default_rng([node.seed, crc32(node.name)]).standard_normal((c, c)) * node.scale``
+        (rows: output channels).
+
+        Raises
+        ------
+        ConfigurationError
+            If ``name`` is not a gate node (the error lists the gate nodes).
+        """
+        gates = [n.name for n in self.nodes if n.op == "gate"]
+        if name not in gates:
+            raise ConfigurationError(f"layer table {self.name!r}: {name!r} is not a gate node; gate nodes: {gates}")
+        node = self.node(name)
+        c = self.shapes()[self.inputs_of(node)[0]].channels
+        return (_node_rng(node).standard_normal((c, c)) * node.scale).astype(np.float32)
+
+    @property
+    def asymmetric(self) -> bool:
+        """Whether any node is W- or σ-Asymmetric."""
+        return any(n.asymmetric for n in self.nodes)
 
     # -- layers (stitching, per-layer plots) ---------------------------------------------
     def _node_layers(self) -> dict[str, str]:

@@ -63,6 +63,8 @@ _ANALYSIS_FIGURES = {
     "layerwise_barriers": "combinability.plots.layerwise:plot_layerwise_barriers",
     "calibration": "combinability.plots.calibration:plot_calibration",
     "lewc": "combinability.plots.calibration:plot_lewc",
+    "asymmetry_comparison": "combinability.plots.asymmetry:plot_asymmetry",
+    "aligners": "combinability.plots.aligners:plot_aligners",
 }
 
 

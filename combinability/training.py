@@ -101,6 +101,8 @@ RECIPES: dict[str, TrainRecipe] = {
     "resnet20_bn": TrainRecipe(epochs=250, lr=0.1, schedule="warmup_cosine", augment=True),
     "vgg11_bn": TrainRecipe(epochs=250, lr=0.1, schedule="warmup_cosine", augment=True),
 }
+# the asymmetric variants (fewer symmetries) train as the networks they vary
+RECIPES.update({f"{base}_{kind}": RECIPES[base] for base in ("mlp", "tiny10") for kind in ("wasym", "sigmaasym")})
 
 
 def recipe_for(architecture: str, **changes) -> TrainRecipe:
@@ -181,9 +183,14 @@ def fit(backend: Backend, model: Any, data: ArrayDataset, recipe: TrainRecipe, *
     layout = FlatLayout.from_arrays(floats)
     trainable = set(backend.trainable(model))
     mask_np = np.zeros(layout.size, dtype=layout.dtype)
+    frozen = table.frozen_weights() if table is not None else {}
     for e in layout.entries:
         if e.name in trainable:
             mask_np[e.offset : e.stop] = 1
+        if e.name in frozen:  # W-Asymmetric entries: held at their frozen values, never updated
+            fixed, values = frozen[e.name]
+            mask_np[e.offset : e.stop][fixed.ravel()] = 0
+            floats[e.name] = np.where(fixed, values, floats[e.name]).astype(floats[e.name].dtype)
     prepared = backend.prepare(model, layout)
     flat = backend.asarray(layout.flatten(floats))
     opt = Optimizer(recipe, xp, backend.asarray(mask_np))

@@ -1,11 +1,30 @@
 """The reference architectures of the paper, one layer table each, registered as a plugin.
 
 Nothing here imports a framework: every backend builds these networks from their
-:class:`~combinability.layers.LayerTable`. This module is found through the
-``combinability.plugins`` entry point, the same door a third-party architecture uses.
+:class:`~combinability.layers.LayerTable`.
+
+The MLP and Tiny-10 also come with fewer symmetries (Lim et al., 2024, "The empirical
+impact of neural parameter symmetries"), as the architectures ``mlp_wasym``,
+``mlp_sigmaasym``, ``tiny10_wasym`` and ``tiny10_sigmaasym``, or as
+``mlp_table(asymmetry="w" | "sigma")``: the same layers and sizes, with
+
+* ``"w"`` (W-Asymmetric): every dense and conv layer freezes ``fan_in / 8`` (rounded, at
+  least 1) entries of each unit's fan-in (the head: ``fan_in / 2``) at random values of
+  standard deviation ``WASYM_GAIN / sqrt(fixed)``, so the frozen part of a unit's
+  pre-activation has the variance of a standard initialisation;
+* ``"sigma"`` (σ-Asymmetric): every ReLU becomes the FiGLU ``x * sigmoid(G x)``, ``G`` a frozen
+  ``N(0, 1)`` matrix over the channels, as in the paper.
+
+The frozen arrays are drawn from ``asymmetry_seed`` (stored in the nodes, so a checkpoint
+rebuilds them); every model of one architecture shares them, as Lim et al.'s linear paths do.
+
+This module is found through the ``combinability.plugins`` entry point, the same door a
+third-party architecture uses.
 """
 
 from __future__ import annotations
+
+import numpy as np
 
 from combinability.architecture import Architecture
 from combinability.errors import ConfigurationError
@@ -29,6 +48,14 @@ __all__ = [
     "VGG11_CONFIG",
     "resnet20_bn_table",
     "vgg11_bn_table",
+    "ASYMMETRIES",
+    "WASYM_FRACTION",
+    "WASYM_HEAD_FRACTION",
+    "WASYM_GAIN",
+    "mlp_wasym_table",
+    "mlp_sigmaasym_table",
+    "tiny10_wasym_table",
+    "tiny10_sigmaasym_table",
 ]
 
 #: MLP hidden units per layer, and hidden layers.
@@ -42,6 +69,36 @@ VGG16_CONFIG = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "
 #: ResNet-20 stage widths and blocks per stage.
 RESNET20_STAGES = (16, 32, 64)
 RESNET20_BLOCKS = 3
+
+
+#: Kinds of asymmetry an MLP or Tiny-10 table may have (Lim et al., 2024).
+ASYMMETRIES = ("none", "w", "sigma")
+#: W-Asymmetric: frozen share of each unit's fan-in in hidden layers and in the head (Lim et al.'s MNIST
+#: MLP freezes 64 of 512 hidden inputs and 256 of 512 head inputs).
+WASYM_FRACTION = 1 / 8
+WASYM_HEAD_FRACTION = 1 / 2
+#: W-Asymmetric: the frozen values' standard deviation times sqrt(frozen entries per unit).
+WASYM_GAIN = 1.0
+
+
+def _check_asymmetry(asymmetry: str, seed: int) -> None:
+    if asymmetry not in ASYMMETRIES:
+        raise ConfigurationError(f"unknown asymmetry {asymmetry!r}; valid: {', '.join(map(repr, ASYMMETRIES))}")
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise ConfigurationError(f"asymmetry_seed must be an int >= 0, got {seed!r}")
+
+
+def _frozen(asymmetry: str, fan_in: int, fraction: float, seed: int) -> dict:
+    """Node keywords of a W-Asymmetric dense/conv layer (none for the other kinds)."""
+    if asymmetry != "w":
+        return {}
+    fixed = min(fan_in, max(1, int(round(fan_in * fraction))))
+    return {"fixed": fixed, "scale": WASYM_GAIN / fixed**0.5, "seed": seed}
+
+
+def _activation(name: str, asymmetry: str, seed: int) -> Node:
+    """A ReLU, or the σ-Asymmetric FiGLU gate."""
+    return Node(name, "gate", scale=1.0, seed=seed) if asymmetry == "sigma" else Node(name, "relu")
 
 
 def channels(base: int, width: float) -> int:
@@ -58,45 +115,100 @@ def _image(name: str, input_shape: tuple[int, ...]) -> tuple[int, ...]:
 
 def _conv_unit(name: str, act: str, units: int, *, kernel: int = 3, stride: int = 1, bias: bool = True,
                norm: str = "layernorm", norm_name: str | None = None, inputs: tuple[str, ...] = (),
-               layer: str = "") -> list[Node]:
-    """``conv -> norm -> relu``, the building block of the plain conv nets."""
+               layer: str = "", asymmetry: str = "none", c_in: int = 1, asymmetry_seed: int = 0) -> list[Node]:
+    """``conv -> norm -> relu``, the building block of the plain conv nets (``asymmetry``: see the module)."""
+    frozen = _frozen(asymmetry, c_in * kernel * kernel, WASYM_FRACTION, asymmetry_seed)
     return [Node(name, "conv", inputs, units=units, kernel=kernel, stride=stride, padding=kernel // 2, bias=bias,
-                 layer=layer),
+                 layer=layer, **frozen),
             Node(norm_name or name.replace("conv", "norm"), "norm", norm=norm),
-            Node(act, "relu")]
+            _activation(act, asymmetry, asymmetry_seed)]
 
 
-def mlp_table(*, width: float = 1, num_classes: int = 10, input_shape: tuple[int, ...] = (1, 28, 28)) -> LayerTable:
-    """Flatten, 3 hidden ``layers.i (512 x width) -> hidden_i (ReLU)``, a dense head ``layers.3``."""
+def _suffix(asymmetry: str) -> str:
+    return {"none": "", "w": "_wasym", "sigma": "_sigmaasym"}[asymmetry]
+
+
+def mlp_table(*, width: float = 1, num_classes: int = 10, input_shape: tuple[int, ...] = (1, 28, 28),
+              asymmetry: str = "none", asymmetry_seed: int = 0) -> LayerTable:
+    """Flatten, 3 hidden ``layers.i (512 x width) -> hidden_i (ReLU)``, a dense head ``layers.3``.
+
+    ``asymmetry="w"`` or ``"sigma"`` makes the W- or σ-Asymmetric MLP of the same size (module
+    docstring), named ``mlp_wasym`` or ``mlp_sigmaasym``.
+
+    Examples
+    --------
+    >>> t = mlp_table(width=1 / 64, num_classes=3, input_shape=(16,), asymmetry="w")
+    >>> [n.fixed for n in t.nodes if n.op == "dense"], t.spec().perm_names
+    ([2, 1, 1, 4], ())
+    >>> mlp_table(width=1 / 64, num_classes=3, input_shape=(16,)).spec().perm_names
+    ('P_layers.0', 'P_layers.1', 'P_layers.2')
+    """
+    _check_asymmetry(asymmetry, asymmetry_seed)
     nodes = [Node("flatten", "flatten")]
+    fan_in = int(np.prod(input_shape))
     for i in range(MLP_DEPTH):
-        nodes += [Node(f"layers.{i}", "dense", units=channels(MLP_HIDDEN, width)), Node(f"hidden_{i}", "relu")]
-    nodes.append(Node(f"layers.{MLP_DEPTH}", "dense", units=num_classes))
-    return LayerTable("mlp", input_shape, num_classes, tuple(nodes))
+        units = channels(MLP_HIDDEN, width)
+        nodes += [Node(f"layers.{i}", "dense", units=units, **_frozen(asymmetry, fan_in, WASYM_FRACTION,
+                                                                      asymmetry_seed)),
+                  _activation(f"hidden_{i}", asymmetry, asymmetry_seed)]
+        fan_in = units
+    nodes.append(Node(f"layers.{MLP_DEPTH}", "dense", units=num_classes,
+                      **_frozen(asymmetry, fan_in, WASYM_HEAD_FRACTION, asymmetry_seed)))
+    return LayerTable("mlp" + _suffix(asymmetry), input_shape, num_classes, tuple(nodes))
 
 
 def _plain_convnet(name: str, plan: list, input_shape: tuple[int, ...], num_classes: int, width: float,
-                   norm: str = "layernorm", last_kernel: int | None = None) -> LayerTable:
+                   norm: str = "layernorm", last_kernel: int | None = None, asymmetry: str = "none",
+                   asymmetry_seed: int = 0) -> LayerTable:
     """``conv_i -> norm_i -> act_i`` per entry of ``plan`` (``(channels, stride)`` or ``"M"``), pool, head."""
+    _check_asymmetry(asymmetry, asymmetry_seed)
+    input_shape = _image(name, input_shape)
     nodes: list[Node] = []
     convs = [p for p in plan if p != "M"]
-    i = 0
+    i, c_in = 0, input_shape[0]
     for p in plan:
         if p == "M":
             nodes.append(Node(f"pool_{len(nodes)}", "maxpool", kernel=2, stride=2))
             continue
         c, stride = p
         kernel = last_kernel if (last_kernel is not None and i == len(convs) - 1) else 3
-        nodes += _conv_unit(f"conv_{i}", f"act_{i}", channels(c, width), kernel=kernel, stride=stride, norm=norm)
-        i += 1
-    nodes += [Node("pool", "avgpool"), Node("head", "dense", units=num_classes)]
-    return LayerTable(name, _image(name, input_shape), num_classes, tuple(nodes))
+        nodes += _conv_unit(f"conv_{i}", f"act_{i}", channels(c, width), kernel=kernel, stride=stride, norm=norm,
+                            asymmetry=asymmetry, c_in=c_in, asymmetry_seed=asymmetry_seed)
+        i, c_in = i + 1, channels(c, width)
+    nodes += [Node("pool", "avgpool"),
+              Node("head", "dense", units=num_classes, **_frozen(asymmetry, c_in, WASYM_HEAD_FRACTION, asymmetry_seed))]
+    return LayerTable(name, input_shape, num_classes, tuple(nodes))
 
 
-def tiny10_table(*, width: float = 1, num_classes: int = 10, input_shape: tuple[int, ...] = (1, 28, 28)) -> LayerTable:
-    """Tiny-10: 8 ``conv -> LayerNorm -> ReLU`` layers (the last 1x1), average pooling, head."""
+def tiny10_table(*, width: float = 1, num_classes: int = 10, input_shape: tuple[int, ...] = (1, 28, 28),
+                 asymmetry: str = "none", asymmetry_seed: int = 0) -> LayerTable:
+    """Tiny-10: 8 ``conv -> LayerNorm -> ReLU`` layers (the last 1x1), average pooling, head.
+
+    ``asymmetry="w"`` or ``"sigma"``: the W- or σ-Asymmetric Tiny-10 (module docstring).
+    """
     plan = list(zip(TINY10_CHANNELS, TINY10_STRIDES, strict=True))
-    return _plain_convnet("tiny10", plan, input_shape, num_classes, width, last_kernel=1)
+    return _plain_convnet("tiny10" + _suffix(asymmetry if asymmetry in ASYMMETRIES else "none"), plan, input_shape,
+                          num_classes, width, last_kernel=1, asymmetry=asymmetry, asymmetry_seed=asymmetry_seed)
+
+
+def mlp_wasym_table(**kwargs) -> LayerTable:
+    """:func:`mlp_table` with ``asymmetry="w"``."""
+    return mlp_table(asymmetry="w", **kwargs)
+
+
+def mlp_sigmaasym_table(**kwargs) -> LayerTable:
+    """:func:`mlp_table` with ``asymmetry="sigma"``."""
+    return mlp_table(asymmetry="sigma", **kwargs)
+
+
+def tiny10_wasym_table(**kwargs) -> LayerTable:
+    """:func:`tiny10_table` with ``asymmetry="w"``."""
+    return tiny10_table(asymmetry="w", **kwargs)
+
+
+def tiny10_sigmaasym_table(**kwargs) -> LayerTable:
+    """:func:`tiny10_table` with ``asymmetry="sigma"``."""
+    return tiny10_table(asymmetry="sigma", **kwargs)
 
 
 def vgg16_table(*, width: float = 1, num_classes: int = 10, input_shape: tuple[int, ...] = (1, 28, 28)) -> LayerTable:
@@ -166,6 +278,18 @@ REFERENCE_ARCHITECTURES: tuple[Architecture, ...] = (
     Architecture("vgg11_bn", "combinability.zoo:vgg11_bn_table",
                  description="VGG-11 (8 conv layers, 64..512 x width) with BatchNorm, CIFAR-style head",
                  paper="Simonyan & Zisserman (2015); BatchNorm as in REPAIR (Jordan et al., 2023)"),
+    Architecture("mlp_wasym", "combinability.zoo:mlp_wasym_table",
+                 description="the MLP, W-Asymmetric: frozen random entries in every unit's fan-in (no permutations)",
+                 paper="Lim et al. (2024), The empirical impact of neural parameter symmetries"),
+    Architecture("mlp_sigmaasym", "combinability.zoo:mlp_sigmaasym_table",
+                 description="the MLP, sigma-Asymmetric: FiGLU x * sigmoid(G x), G frozen (no permutations)",
+                 paper="Lim et al. (2024), The empirical impact of neural parameter symmetries"),
+    Architecture("tiny10_wasym", "combinability.zoo:tiny10_wasym_table",
+                 description="Tiny-10, W-Asymmetric: frozen random entries in every channel's fan-in",
+                 paper="Lim et al. (2024), The empirical impact of neural parameter symmetries"),
+    Architecture("tiny10_sigmaasym", "combinability.zoo:tiny10_sigmaasym_table",
+                 description="Tiny-10, sigma-Asymmetric: FiGLU x * sigmoid(G x) over the channels, G frozen",
+                 paper="Lim et al. (2024), The empirical impact of neural parameter symmetries"),
 )
 
 

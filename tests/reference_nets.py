@@ -6,6 +6,8 @@ reference the library's permutations and backends are checked against.
 
 from __future__ import annotations
 
+import zlib
+
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
@@ -139,9 +141,67 @@ def max_pool2(x: np.ndarray) -> np.ndarray:
     return x.reshape(n, c, h // 2, 2, w // 2, 2).max(axis=(3, 5))
 
 
+# -- asymmetric networks (Lim et al., 2024), from the recipe documented in layers.py and zoo.py ------
+def frozen_entries(name: str, shape: tuple[int, ...], fraction: float, seed: int = 0):
+    """(mask, values) of a W-Asymmetric weight: ``round(fan_in * fraction)`` (>= 1) frozen entries per unit."""
+    units, fan_in = shape[0], int(np.prod(shape[1:]))
+    fixed = min(fan_in, max(1, round(fan_in * fraction)))
+    rng = np.random.default_rng([seed, zlib.crc32(name.encode())])
+    u = rng.random((units, fan_in))
+    draws = rng.standard_normal((units, fixed)) / np.sqrt(fixed)
+    mask = np.zeros((units, fan_in), bool)
+    values = np.zeros((units, fan_in))
+    for i in range(units):
+        cols = sorted(np.argsort(u[i], kind="stable")[:fixed])
+        mask[i, cols] = True
+        values[i, cols] = draws[i]
+    return mask.reshape(shape), values.astype(np.float32).astype(np.float64).reshape(shape)
+
+
+def with_frozen(p: dict[str, np.ndarray], layers: dict[str, float], seed: int = 0) -> dict[str, np.ndarray]:
+    """``p`` with the frozen entries of the named layers (name -> frozen fraction) in place."""
+    p = dict(p)
+    for layer, fraction in layers.items():
+        w = p[f"{layer}.weight"]
+        mask, values = frozen_entries(layer, w.shape, fraction, seed)
+        p[f"{layer}.weight"] = np.where(mask, values, w)
+    return p
+
+
+def figlu(x: np.ndarray, name: str, seed: int = 0) -> np.ndarray:
+    """σ-Asymmetric gate ``x * sigmoid(G x)`` over axis 1, ``G ~ N(0, 1)`` drawn for the node ``name``."""
+    c = x.shape[1]
+    g = np.random.default_rng([seed, zlib.crc32(name.encode())]).standard_normal((c, c)).astype(np.float32)
+    mixed = np.einsum("oc,nc...->no...", g.astype(np.float64), x)
+    return x / (1.0 + np.exp(-mixed))
+
+
+def asym_forward(name: str, p: dict[str, np.ndarray], x: np.ndarray) -> np.ndarray:
+    """Logits of ``mlp_wasym``, ``mlp_sigmaasym``, ``tiny10_wasym`` or ``tiny10_sigmaasym`` in numpy."""
+    base, kind = name.rsplit("_", 1)
+    if base == "mlp":
+        if kind == "wasym":
+            p = with_frozen(p, {"layers.0": 1 / 8, "layers.1": 1 / 8, "layers.2": 1 / 8, "layers.3": 1 / 2})
+        h = x.reshape(len(x), -1)
+        for i in range(4):
+            h = h @ p[f"layers.{i}.weight"].T + p[f"layers.{i}.bias"]
+            if i < 3:
+                h = figlu(h, f"hidden_{i}") if kind == "sigmaasym" else relu(h)
+        return h
+    if kind == "wasym":
+        p = with_frozen(p, {**{f"conv_{i}": 1 / 8 for i in range(8)}, "head": 1 / 2})
+    for i, s in enumerate((1, 1, 2, 1, 1, 2, 1, 1)):
+        h = conv2d(x, p[f"conv_{i}.weight"], p[f"conv_{i}.bias"], stride=s, pad=0 if i == 7 else 1)
+        h = layer_norm_channels(h, p[f"norm_{i}.weight"], p[f"norm_{i}.bias"])
+        x = figlu(h, f"act_{i}") if kind == "sigmaasym" else relu(h)
+    return x.mean(axis=(2, 3)) @ p["head.weight"].T + p["head.bias"]
+
+
 def zoo_forward(name: str, p: dict[str, np.ndarray], x: np.ndarray) -> np.ndarray:
     """Logits of the library's ``mlp``, ``tiny10``, ``vgg16``, ``resnet20`` (LayerNorm), ``resnet20_bn`` or
-    ``vgg11_bn`` (BatchNorm, inference mode) in numpy."""
+    ``vgg11_bn`` (BatchNorm, inference mode), and of the asymmetric ``mlp_*asym`` and ``tiny10_*asym`` in numpy."""
+    if name.endswith("asym"):
+        return asym_forward(name, p, x)
     batchnorm = name.endswith("_bn")
     name = name.removesuffix("_bn")
 

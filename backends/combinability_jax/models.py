@@ -3,13 +3,15 @@
 Modules are named after the table's nodes (dots become ``_``), so the flattened variables
 are :meth:`~combinability.layers.LayerTable.flax_names`. Inputs are channels-first and
 transposed to NHWC inside; feature taps and flattening use the reference's NCHW order.
+W-Asymmetric dense and conv nodes (:class:`FrozenDense`, :class:`FrozenConv`) and σ-Asymmetric
+gates take their frozen arrays from the table as constants, not variables.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from functools import partial
+from functools import lru_cache, partial
 from typing import Any
 
 import flax.linen as nn
@@ -20,7 +22,7 @@ from flax.traverse_util import flatten_dict, unflatten_dict
 
 from combinability.layers import LayerTable
 
-__all__ = ["FlaxModel", "Norm", "TableNet", "flatten_variables", "unflatten_variables"]
+__all__ = ["FlaxModel", "FrozenConv", "FrozenDense", "Norm", "TableNet", "flatten_variables", "unflatten_variables"]
 
 
 #: Flax variables as ``{"collection/path/leaf": array}``, and back.
@@ -70,6 +72,61 @@ class Norm(nn.Module):
         return ((x - mean) * jax.lax.rsqrt(var + self.eps)).reshape(shape) * scale + bias
 
 
+@lru_cache(maxsize=32)
+def _frozen_flax(table: LayerTable) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """The table's frozen weights (mask, values) in flax axes: dense ``(in, out)``, conv ``(k, k, in, out)``."""
+    axes = {2: (1, 0), 4: (2, 3, 1, 0)}
+    return {name.rsplit(".", 1)[0]: (np.transpose(m, axes[m.ndim]), np.transpose(v, axes[m.ndim]))
+            for name, (m, v) in table.frozen_weights().items()}
+
+
+class FrozenDense(nn.Module):
+    """A dense layer computing with ``where(mask, values, kernel)`` (W-Asymmetric); ``mask``: ``(in, out)``."""
+
+    units: int
+    mask: Any
+    values: Any
+    use_bias: bool = True
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        kernel = self.param("kernel", nn.initializers.lecun_normal(), (x.shape[-1], self.units))
+        y = x @ jnp.where(self.mask, jnp.asarray(self.values, kernel.dtype), kernel)
+        return y + self.param("bias", nn.initializers.zeros, (self.units,)) if self.use_bias else y
+
+
+class FrozenConv(nn.Module):
+    """An NHWC convolution computing with ``where(mask, values, kernel)``; ``mask``: ``(k, k, in, out)``."""
+
+    units: int
+    kernel_size: int
+    stride: int
+    padding: int
+    mask: Any
+    values: Any
+    use_bias: bool = True
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        k = self.kernel_size
+        kernel = self.param("kernel", nn.initializers.lecun_normal(), (k, k, x.shape[-1], self.units))
+        y = jax.lax.conv_general_dilated(x, jnp.where(self.mask, jnp.asarray(self.values, kernel.dtype), kernel),
+                                         (self.stride,) * 2, ((self.padding, self.padding),) * 2,
+                                         dimension_numbers=("NHWC", "HWIO", "NHWC"))
+        return y + self.param("bias", nn.initializers.zeros, (self.units,)) if self.use_bias else y
+
+
+def _gate(table: LayerTable, name: str, h: jax.Array) -> jax.Array:
+    """σ-Asymmetric FiGLU on a channels-last array: ``h * sigmoid(h @ G.T)``."""
+    g = jnp.asarray(_gate_matrix(table, name), h.dtype)
+    return h * jax.nn.sigmoid(h @ g.T)
+
+
+@lru_cache(maxsize=128)
+def _gate_matrix(table: LayerTable, name: str) -> np.ndarray:
+    return table.gate_matrix(name)
+
+
 class TableNet(nn.Module):
     """A flax network interpreting a :class:`~combinability.layers.LayerTable`.
 
@@ -85,7 +142,13 @@ class TableNet(nn.Module):
         for node in self.table.nodes:
             ins = [values[i] for i in self.table.inputs_of(node)]
             h, name, k = ins[0], node.name.replace(".", "_"), node.kernel
-            if node.op == "dense":
+            if node.op in ("dense", "conv") and node.fixed:
+                mask, frozen = _frozen_flax(self.table)[node.name]
+                h = (FrozenDense(node.units, mask, frozen, node.bias, name=name) if node.op == "dense" else
+                     FrozenConv(node.units, k, node.stride, node.padding, mask, frozen, node.bias, name=name))(h)
+            elif node.op == "gate":
+                h = _gate(self.table, node.name, h)
+            elif node.op == "dense":
                 h = nn.Dense(node.units, use_bias=node.bias, name=name)(h)
             elif node.op == "conv":
                 pad = ((node.padding, node.padding),) * 2

@@ -2,7 +2,10 @@
 
 Submodules sit at the table's node paths (``stage0_block0.conv1``), so the state names
 are the table's reference names. LayerNorm normalises the channel axis at every
-position (:class:`ChannelLayerNorm`); inputs are channels-first.
+position (:class:`ChannelLayerNorm`); inputs are channels-first. W-Asymmetric dense and
+conv nodes are :class:`FrozenLinear` / :class:`FrozenConv2d` and σ-Asymmetric gates are
+:class:`Gate`: their frozen arrays are non-persistent buffers rebuilt from the table, so the
+state names stay the table's.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ from torch import nn
 
 from combinability.layers import LayerTable, Node
 
-__all__ = ["ChannelLayerNorm", "TableNet"]
+__all__ = ["ChannelLayerNorm", "FrozenConv2d", "FrozenLinear", "Gate", "TableNet"]
 
 
 class ChannelLayerNorm(nn.Module):
@@ -31,7 +34,65 @@ class ChannelLayerNorm(nn.Module):
         return F.layer_norm(x.movedim(1, -1), (self.num_channels,), self.weight, self.bias, self.eps).movedim(-1, 1)
 
 
-def _module(node: Node, c_in: int, rank: int) -> nn.Module | None:
+class _Frozen:
+    """Mixin: the weight's entries under ``fixed_mask`` are replaced by ``fixed_values`` (W-Asymmetric)."""
+
+    weight: torch.Tensor
+
+    def _freeze(self, mask: Any, values: Any) -> None:
+        self.register_buffer("fixed_mask", torch.as_tensor(mask), persistent=False)  # type: ignore[attr-defined]
+        self.register_buffer("fixed_values", torch.as_tensor(values), persistent=False)  # type: ignore[attr-defined]
+        with torch.no_grad():  # the stored weight shows the weight in use
+            self.weight.copy_(self.effective(self.weight))
+
+    def effective(self, weight: torch.Tensor) -> torch.Tensor:
+        """The weight the layer computes with: ``where(fixed_mask, fixed_values, weight)``."""
+        return torch.where(self.fixed_mask, self.fixed_values.to(weight.dtype), weight)
+
+
+class FrozenLinear(_Frozen, nn.Linear):
+    """A dense layer some of whose weights are frozen at fixed values (W-Asymmetric)."""
+
+    def __init__(self, c_in: int, units: int, bias: bool, mask: Any, values: Any) -> None:
+        super().__init__(c_in, units, bias=bias)
+        self._freeze(mask, values)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.effective(self.weight), self.bias)
+
+
+class FrozenConv2d(_Frozen, nn.Conv2d):
+    """A convolution some of whose kernel entries are frozen at fixed values (W-Asymmetric)."""
+
+    def __init__(self, c_in: int, node: Node, mask: Any, values: Any) -> None:
+        super().__init__(c_in, node.units, node.kernel, stride=node.stride, padding=node.padding, bias=node.bias)
+        self._freeze(mask, values)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._conv_forward(x, self.effective(self.weight), self.bias)
+
+
+class Gate(nn.Module):
+    """σ-Asymmetric FiGLU ``x * sigmoid(G x)``, ``G`` a frozen ``(c, c)`` matrix over the channels (axis 1)."""
+
+    def __init__(self, matrix: Any) -> None:
+        super().__init__()
+        self.register_buffer("matrix", torch.as_tensor(matrix), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        g = self.matrix.to(x.dtype)
+        mixed = F.linear(x, g) if x.dim() == 2 else torch.einsum("oc,nc...->no...", g, x)
+        return x * torch.sigmoid(mixed)
+
+
+def _module(node: Node, c_in: int, rank: int, table: LayerTable, frozen: dict[str, Any]) -> nn.Module | None:
+    if node.op in ("dense", "conv") and node.fixed:
+        mask, values = frozen[f"{node.name}.weight"]
+        if node.op == "dense":
+            return FrozenLinear(c_in, node.units, node.bias, mask, values)
+        return FrozenConv2d(c_in, node, mask, values)
+    if node.op == "gate":
+        return Gate(table.gate_matrix(node.name))
     if node.op == "dense":
         return nn.Linear(c_in, node.units, bias=node.bias)
     if node.op == "conv":
@@ -55,10 +116,10 @@ class TableNet(nn.Module):
     def __init__(self, table: LayerTable) -> None:
         super().__init__()
         self.table = table
-        shapes = table.shapes()
+        shapes, frozen = table.shapes(), table.frozen_weights()
         for node in table.nodes:
             src = shapes[table.inputs_of(node)[0]]
-            module = _module(node, src.channels, 4 if src.spatial is not None else 2)
+            module = _module(node, src.channels, 4 if src.spatial is not None else 2, table, frozen)
             if module is not None:
                 parent = self
                 *path, leaf = node.name.split(".")
@@ -68,7 +129,7 @@ class TableNet(nn.Module):
                     parent = getattr(parent, part)
                 parent.add_module(leaf, module)
         self._modules_by_node = {n.name: self.get_submodule(n.name) for n in table.nodes
-                                 if n.op in ("dense", "conv", "norm")}
+                                 if n.op in ("dense", "conv", "norm", "gate")}
 
     def forward(self, x: torch.Tensor, taps: dict[str, Any] | None = None) -> torch.Tensor:
         values: dict[str, torch.Tensor] = {"<input>": x}
@@ -76,7 +137,7 @@ class TableNet(nn.Module):
         for node in table.nodes:
             ins = [values[i] for i in table.inputs_of(node)]
             h = ins[0]
-            if node.op in ("dense", "conv", "norm"):
+            if node.op in ("dense", "conv", "norm", "gate"):
                 h = self._modules_by_node[node.name](h)
             elif node.op == "relu":
                 h = F.relu(h)

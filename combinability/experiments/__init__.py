@@ -14,6 +14,8 @@ function                               paper                       returns
 :func:`functional_agreement`           §6.1, fig 12                one Dataset per scheme
 :func:`edge_lengths`                   §6.2, fig 13                Dataset of histograms
 :func:`alignment_robustness`           §6.3, fig 14                Dataset of barriers
+:func:`asymmetry_comparison`           Lim et al. 2024 (issue 13)  Dataset of barriers
+:func:`compare_aligners`               issue 12 (aligners)         Dataset of barriers
 =====================================  ==========================  ==================
 
 Sweeping experiments compare the naive pair (B as trained) with the aligned pair
@@ -21,6 +23,8 @@ Sweeping experiments compare the naive pair (B as trained) with the aligned pair
 """
 
 from combinability.experiments.agreement import functional_agreement
+from combinability.experiments.aligners import compare_aligners
+from combinability.experiments.asymmetry import asymmetry_comparison
 from combinability.experiments.compare import compare_alignment
 from combinability.experiments.edges import edge_lengths
 from combinability.experiments.hypercube import HYPERCUBE_SAMPLERS, hypercube
@@ -32,8 +36,10 @@ from combinability.experiments.width import width_ablation
 __all__ = [
     "HYPERCUBE_SAMPLERS",
     "alignment_robustness",
+    "asymmetry_comparison",
     "best_point",
     "centred_box",
+    "compare_aligners",
     "compare_alignment",
     "edge_lengths",
     "functional_agreement",

@@ -10,6 +10,8 @@ function                           draws                               paper
 :func:`plot_width_ablation`        barriers against width              fig 7
 :func:`plot_robustness`            barriers after re-matching k pairs  fig 14
 :func:`plot_barrier_summary`       naive vs aligned barriers, bars     —
+:func:`plot_asymmetry`             standard vs asymmetric, linear path —
+:func:`plot_aligners`              aligner barriers, merged models     —
 =================================  ==================================  ===================
 
 Every function returns a :class:`matplotlib.figure.Figure` and, given ``path=``, writes
@@ -25,6 +27,8 @@ Examples
 """
 
 from combinability.plots.agreement import CATEGORY_LABELS, agreement_fractions, plot_agreement
+from combinability.plots.aligners import plot_aligners
+from combinability.plots.asymmetry import plot_asymmetry
 from combinability.plots.curves import PARAMETER_LABELS, barrier_caption, plot_sweep
 from combinability.plots.edges import edge_histograms, plot_edge_lengths
 from combinability.plots.robustness import plot_robustness, robustness_curves
@@ -40,6 +44,8 @@ __all__ = [
     "barrier_table",
     "edge_histograms",
     "plot_agreement",
+    "plot_aligners",
+    "plot_asymmetry",
     "plot_barrier_summary",
     "plot_edge_lengths",
     "plot_robustness",
