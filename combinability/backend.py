@@ -113,21 +113,33 @@ class Backend(ABC):
     def random(self, seed: int) -> RandomSource:
         """A :class:`RandomSource` on the device, seeded with ``seed``."""
 
+    def devices(self) -> dict[str, Any]:
+        """The devices this backend can reach here, by name (``{"cpu": ..., "cuda:0": ...}``).
+
+        Aliases may map to one device (``"cuda"`` to the current GPU). The default knows
+        only the device it runs on; framework backends override it.
+        """
+        return {self.device(): None}
+
+    def with_device(self, device: Any) -> Backend:
+        """A backend like this one on ``device`` (a value of :meth:`devices`); itself by default."""
+        return self
+
     def on_device(self, device: str) -> Backend:
         """This backend on another ``device`` (``"cpu"``, ``"cuda"``, ``"cuda:1"``, ...).
-
-        The default knows only the device it runs on; framework backends override it.
 
         Raises
         ------
         ConfigurationError
-            If the device is not available to this backend; the message lists the valid ones.
+            If the device is not available to this backend here; the message lists the valid ones.
         """
         from combinability.errors import ConfigurationError
 
-        if device == self.device():
-            return self
-        raise ConfigurationError(f"backend {self.name!r} cannot run on device {device!r}; valid: {self.device()}")
+        available = self.devices()
+        if device not in available:
+            raise ConfigurationError(f"device {device!r} is not available to backend {self.name!r} on this machine; "
+                                     f"valid: {', '.join(available)}")
+        return self if device == self.device() else self.with_device(available[device])
 
     def synchronize(self) -> None:  # noqa: B027 - optional hook
         """Wait for queued device work (for timing); a no-op by default."""

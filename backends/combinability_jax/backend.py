@@ -180,29 +180,19 @@ class JaxBackend(Backend):
     def __repr__(self) -> str:
         return f"JaxBackend(device={self.device()!r}, precision={self.precision!r})"
 
-    def on_device(self, device: str) -> JaxBackend:
-        """This backend on ``device``: ``"cpu"``, ``"gpu"``/``"cuda"`` (the first GPU), ``"cuda:1"``, ``"tpu:0"``.
+    def devices(self) -> dict[str, Any]:
+        found: dict[str, Any] = {}
+        for d in jax.devices() + ([] if jax.default_backend() == "cpu" else jax.devices("cpu")):
+            names = [f"{d.platform}:{d.id}"] + ([f"cuda:{d.id}"] if d.platform == "gpu" else [])
+            if d.id == 0:
+                names += [d.platform] + (["cuda"] if d.platform == "gpu" else [])
+            found.update({n: d for n in names if n not in found})
+        return found
 
-        Raises
-        ------
-        ConfigurationError
-            If no such device is available to jax; the message lists the valid ones.
-        """
-        from combinability.errors import ConfigurationError
-
-        platform, _, index = device.partition(":")
-        platform = {"cuda": "gpu", "rocm": "gpu"}.get(platform, platform)
-        try:
-            found = jax.devices(platform)
-        except RuntimeError:
-            found = []
-        valid = ", ".join(f"{d.platform}:{d.id}" for d in jax.devices())
-        if not index.isdigit() and index or not found or index and int(index) >= len(found):
-            raise ConfigurationError(f"device {device!r} is not available to jax on this machine; valid: {valid}")
-        target = found[int(index) if index else 0]
-        if target == self._device:
+    def with_device(self, device: Any) -> JaxBackend:
+        if device == self._device:
             return self
-        return JaxBackend(target, precision=self.precision, train_precision=self.train_precision)
+        return JaxBackend(device, precision=self.precision, train_precision=self.train_precision)
 
     def device(self) -> str:
         return f"{self._device.platform}:{self._device.id}"

@@ -142,16 +142,6 @@ class TorchPrepared:
         return value.detach(), torch.zeros_like(flat) if grad is None else grad, flat
 
 
-def _torch_devices() -> str:
-    """The devices torch can use here, for error messages: ``cpu, cuda, cuda:0, cuda:1``."""
-    names = ["cpu"]
-    if torch.cuda.is_available():
-        names += ["cuda"] + [f"cuda:{i}" for i in range(torch.cuda.device_count())]
-    if hasattr(torch.backends, "mps") and torch.backends.mps.is_available():
-        names.append("mps")
-    return ", ".join(names)
-
-
 class TorchBackend(Backend):
     """PyTorch implementation of :class:`~combinability.backend.Backend`.
 
@@ -176,32 +166,17 @@ class TorchBackend(Backend):
     def __repr__(self) -> str:
         return f"TorchBackend(device={str(self.torch_device)!r}, vectorize={self.vectorize})"
 
-    def on_device(self, device: str) -> TorchBackend:
-        """This backend on ``device``: ``"cpu"``, ``"cuda"`` (the current GPU), ``"cuda:1"``, ``"mps"``.
+    def devices(self) -> dict[str, Any]:
+        found: dict[str, Any] = {"cpu": torch.device("cpu")}
+        if torch.cuda.is_available():
+            found["cuda"] = torch.device("cuda", torch.cuda.current_device())
+            found.update({f"cuda:{i}": torch.device("cuda", i) for i in range(torch.cuda.device_count())})
+        if hasattr(torch.backends, "mps") and torch.backends.mps.is_available():
+            found["mps"] = torch.device("mps")
+        return found
 
-        Raises
-        ------
-        ConfigurationError
-            If ``device`` is not a torch device, or not present on this machine.
-        """
-        from combinability.errors import ConfigurationError
-
-        try:
-            target = torch.device(device)
-        except (RuntimeError, TypeError, ValueError):
-            raise ConfigurationError(f"device {device!r} is not a torch device; valid: {_torch_devices()}") from None
-        if target.type == "cuda":
-            count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-            if target.index is not None and target.index >= count or count == 0:
-                raise ConfigurationError(f"device {device!r} is not available on this machine; valid: "
-                                         f"{_torch_devices()}")
-            if target.index is None:
-                target = torch.device("cuda", torch.cuda.current_device())
-        elif target.type == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
-            raise ConfigurationError(f"device {device!r} is not available on this machine; valid: {_torch_devices()}")
-        elif target.type not in ("cpu", "cuda", "mps"):
-            raise ConfigurationError(f"device {device!r} is not supported; valid: {_torch_devices()}")
-        return self if target == self.torch_device else TorchBackend(target, vectorize=self.vectorize)
+    def with_device(self, device: torch.device) -> TorchBackend:
+        return self if device == self.torch_device else TorchBackend(device, vectorize=self.vectorize)
 
     @property
     def use_vmap(self) -> bool:
