@@ -518,6 +518,10 @@ def weight_matching(
             )
     a = _as_float_params(spec, params_a, "A")
     b = _as_float_params(spec, params_b, "B")
+    if not spec.is_plain:  # heads, experts, orthogonal streams, packed axes
+        from combinability.kind_matching import match_symmetries
+
+        return match_symmetries(spec, a, b, seed=base, max_iter=max_iter, init=init, restarts=restarts, tol=tol)
     sizes = spec.perm_sizes(a)
     if init is not None:
         check_permutation(init, sizes)

@@ -9,6 +9,13 @@ gathers along every axis bound to ``P``::
 
 so that ``apply_permutation(spec, perm, params_b)`` is a network functionally
 identical to ``params_b`` whose unit ``j`` is B's unit ``perm[P][j]``.
+
+Beyond neuron permutations a spec may declare other symmetry kinds
+(:mod:`combinability.kinds`): block permutations that move attention heads or experts
+whole, and orthogonal maps of a residual stream, whose value is a matrix ``Q`` applied
+along every bound axis. An axis may also pack segments that move separately (stacked
+query/key/value rows). Apply, inverse, compose, identity and random draws below handle
+every kind.
 """
 
 from __future__ import annotations
@@ -21,6 +28,19 @@ from typing import Any
 import numpy as np
 
 from combinability.errors import PermutationSpecError
+from combinability.kinds import (
+    Blocks,
+    Kind,
+    Neuron,
+    Orthogonal,
+    act,
+    check_value,
+    compose,
+    expand_blocks,
+    invert,
+    kind_from_json,
+    random_orthogonal,
+)
 
 __all__ = [
     "PermutationSpec",
@@ -34,14 +54,34 @@ __all__ = [
 ]
 
 
+Entry = str | tuple[str, ...] | None
+
+
+def _entry(name: str, p: Any) -> Entry:
+    if p is None or isinstance(p, str):
+        return p
+    if isinstance(p, tuple | list) and p and all(isinstance(q, str) for q in p):
+        return tuple(p)
+    raise PermutationSpecError(
+        f"{name!r}: an axis entry is a permutation name, None, or a tuple of names (consecutive segments "
+        f"of a packed axis, e.g. ('qk', 'qk', 'vo') for stacked query/key/value rows); got {p!r}"
+    )
+
+
 class PermutationSpec:
-    """Which permutation acts on which axis of which parameter.
+    """Which transformation acts on which axis of which parameter.
 
     Parameters
     ----------
-    axes_to_perm : mapping of str to tuple of (str or None)
+    axes_to_perm : mapping of str to tuple
         One entry per parameter; the tuple has one element per axis: the name of the
-        permutation acting on that axis, or ``None``.
+        permutation acting on that axis, ``None``, or a tuple of names when the axis
+        packs consecutive segments that move separately (torch's ``in_proj_weight``
+        stacks query, key and value rows: ``("qk", "qk", "vo")``).
+    kinds : mapping of str to Kind, optional
+        The symmetry kind of names that are not plain neuron permutations:
+        :class:`~combinability.kinds.Blocks` (heads, experts) or
+        :class:`~combinability.kinds.Orthogonal` (a residual stream).
 
     Examples
     --------
@@ -51,10 +91,15 @@ class PermutationSpec:
     ... })
     >>> spec.perm_to_axes["P0"]
     [('fc1.weight', 0), ('fc1.bias', 0), ('fc2.weight', 1)]
+    >>> from combinability.kinds import Blocks
+    >>> heads = PermutationSpec({"in_proj": (("qk", "qk", "vo"), None), "out_proj": (None, "vo")},
+    ...                         kinds={"qk": Blocks("heads", 2, 3), "vo": Blocks("heads", 2, 3)})
+    >>> heads.perm_names, heads.is_plain
+    (('qk', 'vo', 'heads'), False)
     """
 
-    def __init__(self, axes_to_perm: Mapping[str, tuple[str | None, ...]]) -> None:
-        checked: dict[str, tuple[str | None, ...]] = {}
+    def __init__(self, axes_to_perm: Mapping[str, tuple[Entry, ...]], kinds: Mapping[str, Kind] | None = None) -> None:
+        checked: dict[str, tuple[Entry, ...]] = {}
         for name, axes in axes_to_perm.items():
             if not isinstance(name, str):
                 raise PermutationSpecError(f"parameter names must be str, got {name!r}")
@@ -63,41 +108,103 @@ class PermutationSpec:
                     f"{name!r}: axes must be a tuple with one entry (a permutation name or None) per axis, "
                     f"got {axes!r}"
                 )
-            for p in axes:
-                if p is not None and not isinstance(p, str):
-                    raise PermutationSpecError(f"{name!r}: permutation names must be str or None, got {p!r}")
-            checked[name] = tuple(axes)
+            checked[name] = tuple(_entry(name, p) for p in axes)
         self._axes = MappingProxyType(checked)
+        self._kinds = MappingProxyType({k: v for k, v in (kinds or {}).items() if not isinstance(v, Neuron)})
+        bound = set(self._bound_names())
+        for p, kind in self._kinds.items():
+            if not isinstance(kind, Blocks | Orthogonal):
+                raise PermutationSpecError(f"kind of {p!r} must be Neuron, Blocks or Orthogonal, got {kind!r}")
+            if p not in bound:
+                raise PermutationSpecError(f"kinds name {p!r}, which no axis of the spec binds")
+            if isinstance(kind, Blocks) and isinstance(self._kinds.get(kind.group), Blocks | Orthogonal):
+                raise PermutationSpecError(f"{p!r}: the group {kind.group!r} of a Blocks kind must be a plain "
+                                           "permutation of the blocks")
+        for p, kind in self._kinds.items():
+            if isinstance(kind, Blocks):
+                for q, other in self._kinds.items():
+                    if isinstance(other, Blocks) and other.group == kind.group and other.blocks != kind.blocks:
+                        raise PermutationSpecError(
+                            f"{p!r} and {q!r} share the group {kind.group!r} with different block counts "
+                            f"({kind.blocks} vs {other.blocks}); blocks of one group move together")
+
+    def _bound_names(self) -> list[str]:
+        names: list[str] = []
+        for axes in self._axes.values():
+            for p in axes:
+                for q in (p,) if isinstance(p, str) else (p or ()):
+                    if q not in names:
+                        names.append(q)
+        return names
 
     @property
-    def axes_to_perm(self) -> Mapping[str, tuple[str | None, ...]]:
-        """Parameter name to the permutation name (or ``None``) of each axis."""
+    def axes_to_perm(self) -> Mapping[str, tuple[Entry, ...]]:
+        """Parameter name to the permutation name (``None``, or a tuple of segment names) of each axis."""
         return self._axes
+
+    @property
+    def kinds(self) -> Mapping[str, Kind]:
+        """Names that are not plain neuron permutations, and their kinds."""
+        return self._kinds
+
+    def kind(self, name: str) -> Kind:
+        """The kind of one name (:class:`~combinability.kinds.Neuron` unless declared)."""
+        return self._kinds.get(name, Neuron())
+
+    @property
+    def is_plain(self) -> bool:
+        """True when every name is a neuron permutation bound to whole axes (the classic re-basin spec)."""
+        return not self._kinds and not self.segments
 
     @cached_property
     def perm_to_axes(self) -> dict[str, list[tuple[str, int]]]:
-        """Permutation name to the ``(parameter, axis)`` pairs it acts on, in spec order."""
+        """Permutation name to the whole ``(parameter, axis)`` pairs it acts on, in spec order.
+
+        Segments of packed axes are listed by :attr:`segments`.
+        """
         out: dict[str, list[tuple[str, int]]] = {}
         for name, axes in self._axes.items():
             for axis, p in enumerate(axes):
-                if p is not None:
+                if isinstance(p, str):
                     out.setdefault(p, []).append((name, axis))
+        return out
+
+    @cached_property
+    def segments(self) -> dict[str, list[tuple[str, int, int]]]:
+        """Name to the ``(parameter, axis, segment index)`` of every packed-axis segment it acts on."""
+        out: dict[str, list[tuple[str, int, int]]] = {}
+        for name, axes in self._axes.items():
+            for axis, p in enumerate(axes):
+                if isinstance(p, tuple):
+                    for k, q in enumerate(p):
+                        out.setdefault(q, []).append((name, axis, k))
         return out
 
     @property
     def perm_names(self) -> tuple[str, ...]:
-        """Permutation names, in order of first appearance."""
-        return tuple(self.perm_to_axes)
+        """Names of the transformations, in order of first appearance (block groups last)."""
+        names = self._bound_names()
+        for kind in self._kinds.values():
+            if isinstance(kind, Blocks) and kind.group not in names:
+                names.append(kind.group)
+        return tuple(names)
 
     def __repr__(self) -> str:
-        return f"PermutationSpec({len(self._axes)} parameters, permutations {list(self.perm_names)})"
+        extra = f", kinds {dict(self._kinds)}" if self._kinds else ""
+        return f"PermutationSpec({len(self._axes)} parameters, permutations {list(self.perm_names)}{extra})"
 
     def to_json(self) -> str:
-        """The spec as JSON: ``{"format": "combinability-spec", "version": 1, "axes": {name: [perm|null, ...]}}``."""
+        """The spec as JSON: ``{"format": "combinability-spec", "version": 1|2, "axes": {...}, "kinds": {...}}``.
+
+        Version 1 (no ``kinds``) is written for plain specs, so older readers keep reading them.
+        """
         import json
 
-        return json.dumps({"format": "combinability-spec", "version": 1,
-                           "axes": {k: list(v) for k, v in self._axes.items()}}, indent=1)
+        axes = {k: [list(p) if isinstance(p, tuple) else p for p in v] for k, v in self._axes.items()}
+        data: dict[str, Any] = {"format": "combinability-spec", "version": 1 if self.is_plain else 2, "axes": axes}
+        if self._kinds:
+            data["kinds"] = {k: v.to_json() for k, v in self._kinds.items()}
+        return json.dumps(data, indent=1)
 
     @classmethod
     def from_json(cls, text: str) -> PermutationSpec:
@@ -114,24 +221,46 @@ class PermutationSpec:
             data = json.loads(text)
         except (TypeError, ValueError) as exc:
             raise PermutationSpecError(f"not a JSON permutation spec: {exc}") from None
+        kinds: dict[str, Kind] = {}
         if isinstance(data, dict) and data.get("format") == "combinability-spec":
-            if data.get("version") != 1:
-                raise PermutationSpecError(f"permutation spec version {data.get('version')!r}; this library reads 1")
+            if data.get("version") not in (1, 2):
+                raise PermutationSpecError(f"permutation spec version {data.get('version')!r}; this library "
+                                           "reads 1 and 2")
+            kinds = {k: kind_from_json(v) for k, v in (data.get("kinds") or {}).items()}
             data = data.get("axes")
         if not isinstance(data, dict):
             raise PermutationSpecError("a JSON permutation spec is an object {parameter: [permutation or null, ...]}")
-        return cls({k: tuple(v) if isinstance(v, list) else v for k, v in data.items()})
+        return cls({k: tuple(tuple(p) if isinstance(p, list) else p for p in v) if isinstance(v, list) else v
+                    for k, v in data.items()}, kinds)
 
     def __eq__(self, other: object) -> bool:
-        return isinstance(other, PermutationSpec) and dict(self._axes) == dict(other._axes)
+        return (isinstance(other, PermutationSpec) and dict(self._axes) == dict(other._axes)
+                and dict(self._kinds) == dict(other._kinds))
 
     def __hash__(self) -> int:
-        return hash(tuple(self._axes.items()))
+        return hash((tuple(self._axes.items()), tuple(self._kinds.items())))
 
     def perm_sizes(self, params: Mapping[str, Any]) -> dict[str, int]:
-        """Size of each permutation, read off ``params`` (which :meth:`validate` checks)."""
+        """Size of each transformation, read off ``params`` (which :meth:`validate` checks)."""
         self.validate(params, allow_unlisted=True)
-        return {p: int(np.shape(params[axes[0][0]])[axes[0][1]]) for p, axes in self.perm_to_axes.items()}
+        return self._sizes(params)
+
+    def _sizes(self, params: Mapping[str, Any]) -> dict[str, int]:
+        sizes = {p: int(np.shape(params[axes[0][0]])[axes[0][1]]) for p, axes in self.perm_to_axes.items()}
+        for p, kind in self._kinds.items():
+            if isinstance(kind, Blocks):
+                sizes.setdefault(p, kind.blocks * kind.size)
+                sizes.setdefault(kind.group, kind.blocks)
+        for name, axes in self._axes.items():  # segments of unknown size share what is left equally
+            for axis, p in enumerate(axes):
+                if isinstance(p, tuple):
+                    unknown = [q for q in dict.fromkeys(p) if q not in sizes]
+                    if unknown:
+                        left = int(np.shape(params[name])[axis]) - sum(sizes[q] for q in p if q in sizes)
+                        count = sum(1 for q in p if q not in sizes)
+                        for q in unknown:
+                            sizes[q] = left // count
+        return {p: sizes[p] for p in self.perm_names if p in sizes}
 
     def validate(self, params: Mapping[str, Any], *, allow_unlisted: bool = False) -> None:
         """Check that the spec fits ``params``.
@@ -148,7 +277,8 @@ class PermutationSpec:
         PermutationSpecError
             Naming the parameter and axis at fault: a listed parameter that does not
             exist, a parameter the spec misses, an entry with the wrong number of axes,
-            or two axes bound to one permutation with different sizes.
+            two axes bound to one permutation with different sizes, segments that do
+            not add up to their axis, or blocks that do not fit their name's size.
         """
         missing = [n for n in self._axes if n not in params]
         if missing:
@@ -179,6 +309,33 @@ class PermutationSpec:
                         f"permutation {p!r} binds axes of different sizes: {name!r} axis {axis} has size "
                         f"{other}, but {first_name!r} axis {first_axis} has size {size}"
                     )
+        sizes = self._sizes(params)
+        for p, kind in self._kinds.items():
+            if isinstance(kind, Blocks) and sizes[p] != kind.blocks * kind.size:
+                raise PermutationSpecError(
+                    f"{p!r} has {sizes[p]} units but its kind says {kind.blocks} blocks of {kind.size}")
+            if isinstance(kind, Blocks) and kind.group in self.perm_to_axes and sizes[kind.group] != kind.blocks:
+                raise PermutationSpecError(
+                    f"the group {kind.group!r} of {p!r} binds axes of size {sizes[kind.group]}, not "
+                    f"{kind.blocks} blocks")
+        for name, axes in self._axes.items():
+            for axis, p in enumerate(axes):
+                if isinstance(p, tuple) and sum(sizes[q] for q in p) != np.shape(params[name])[axis]:
+                    raise PermutationSpecError(
+                        f"{name!r} axis {axis} has size {np.shape(params[name])[axis]}, but its segments {p} add "
+                        f"up to {sum(sizes[q] for q in p)} ({', '.join(f'{q}: {sizes[q]}' for q in p)})")
+
+    def check_requirements(self, params: Mapping[str, Any]) -> None:
+        """Refuse orthogonal maps on a model whose norms are not folded (see :func:`combinability.fold_norms`)."""
+        for p, kind in self._kinds.items():
+            if isinstance(kind, Orthogonal):
+                for name, value in kind.requires:
+                    arr = np.asarray(params[name]) if name in params else None
+                    if arr is None or not np.allclose(arr, value, atol=1e-6):
+                        raise PermutationSpecError(
+                            f"an orthogonal map of {p!r} needs {name!r} to be all {value:g} (a norm on the stream "
+                            "whose scale/shift is folded into the layers that read it); it is not — call "
+                            "cb.fold_norms(...) first, or align with permutations only")
 
 
 class Permutation(dict):
@@ -216,9 +373,13 @@ class Permutation(dict):
         return f"Permutation(method={self.method!r}, sizes={sizes}, objective={self.objective})"
 
 
-def check_permutation(perm: Mapping[str, Any], sizes: Mapping[str, int] | None = None) -> None:
-    """Raise :class:`PermutationSpecError` unless every entry is a permutation of ``range(n)``.
+def check_permutation(perm: Mapping[str, Any], sizes: Mapping[str, int] | None = None,
+                      spec: PermutationSpec | None = None) -> None:
+    """Raise :class:`PermutationSpecError` unless every entry is a valid transformation.
 
+    An entry is a permutation of ``range(n)``, or for a name of
+    :class:`~combinability.kinds.Orthogonal` kind in ``spec`` an orthogonal matrix; a
+    :class:`~combinability.kinds.Blocks` name must move whole blocks as its group does.
     When ``sizes`` is given, ``perm`` must hold exactly those names with those lengths.
     """
     if sizes is not None:
@@ -228,15 +389,29 @@ def check_permutation(perm: Mapping[str, Any], sizes: Mapping[str, int] | None =
             raise PermutationSpecError(
                 f"permutation names do not match the spec: missing {missing}, unexpected {extra}"
             )
-    for p, idx in perm.items():
-        arr = np.asarray(idx)
-        n = len(arr) if arr.ndim == 1 else -1
-        if arr.ndim != 1 or not np.issubdtype(arr.dtype, np.integer):
-            raise PermutationSpecError(f"permutation {p!r} must be a 1-D integer array, got {arr.dtype} {arr.shape}")
-        if sizes is not None and n != sizes[p]:
-            raise PermutationSpecError(f"permutation {p!r} has length {n}, the spec's axes have size {sizes[p]}")
-        if n and (arr.min() < 0 or arr.max() >= n or np.bincount(arr, minlength=n).max() != 1):
-            raise PermutationSpecError(f"permutation {p!r} is not a permutation of range({n})")
+    for p, value in perm.items():
+        kind = spec.kind(p) if spec is not None else (Orthogonal() if np.ndim(value) == 2 else Neuron())
+        check_value(p, value, None if sizes is None else sizes[p], kind)
+    if spec is not None:
+        from combinability.kinds import block_structure
+
+        for p, kind in spec.kinds.items():
+            if isinstance(kind, Blocks) and p in perm:
+                sigma = block_structure(p, np.asarray(perm[p]), kind)
+                if kind.group in perm and not np.array_equal(sigma, np.asarray(perm[kind.group])):
+                    raise PermutationSpecError(f"{p!r} moves its blocks differently from its group {kind.group!r}")
+
+
+def _segment_sizes(entry: tuple[str, ...], perm: Mapping[str, Any], length: int, name: str) -> list[int]:
+    known = {q: len(np.asarray(perm[q])) for q in entry if q in perm}
+    unknown = [q for q in entry if q not in known]
+    if unknown:
+        share = (length - sum(known[q] for q in entry if q in known)) // len(unknown)
+        known.update({q: share for q in unknown})
+    sizes = [known[q] for q in entry]
+    if sum(sizes) != length:
+        raise PermutationSpecError(f"{name!r}: segments {entry} of sizes {sizes} do not add up to the axis' {length}")
+    return sizes
 
 
 def apply_permutation(
@@ -246,23 +421,25 @@ def apply_permutation(
     *,
     except_perm: str | None = None,
 ) -> dict[str, np.ndarray]:
-    """Permute ``params`` by ``perm``.
+    """Transform ``params`` by ``perm`` (permutations gather, orthogonal maps multiply along their axes).
 
     Parameters
     ----------
     spec : PermutationSpec
-    perm : mapping of str to int array
-        One index array per permutation of ``spec``.
+    perm : mapping of str to array
+        One value per name of ``spec``: an index array, or a matrix for an orthogonal name.
     params : mapping of str to numpy array
         Parameters not listed in the spec are returned unchanged.
     except_perm : str, optional
-        Leave the axes of this permutation unpermuted (used inside weight matching).
+        Leave the axes of this name untransformed (used inside weight matching).
 
     Returns
     -------
     dict of str to numpy.ndarray
         New arrays (inputs are not modified), in the order of ``params``.
     """
+    if any(np.ndim(perm[p]) == 2 for p in perm if p != except_perm):
+        spec.check_requirements(params)
     out: dict[str, np.ndarray] = {}
     for name, value in params.items():
         arr = np.asarray(value)
@@ -273,43 +450,55 @@ def apply_permutation(
                     f"{name!r} has {arr.ndim} axes (shape {arr.shape}) but the spec gives {len(axes)}: {axes}"
                 )
             for axis, p in enumerate(axes):
-                if p is None or p == except_perm:
-                    continue
-                if p not in perm:
-                    raise PermutationSpecError(f"no index array for permutation {p!r} (needed by {name!r})")
-                idx = np.asarray(perm[p])
-                if len(idx) != arr.shape[axis]:
-                    raise PermutationSpecError(
-                        f"permutation {p!r} has length {len(idx)} but {name!r} axis {axis} has size {arr.shape[axis]}"
-                    )
-                arr = np.take(arr, idx, axis=axis)
+                if isinstance(p, tuple):
+                    sizes = _segment_sizes(p, perm, arr.shape[axis], name)
+                    pieces = np.split(arr, np.cumsum(sizes)[:-1], axis=axis)
+                    arr = np.concatenate([piece if q == except_perm else _act(q, perm, piece, axis, name)
+                                          for q, piece in zip(p, pieces, strict=True)], axis=axis)
+                elif p is not None and p != except_perm:
+                    arr = _act(p, perm, arr, axis, name)
         out[name] = arr
     return out
 
 
-def identity_permutation(sizes: Mapping[str, int]) -> Permutation:
-    """The identity permutation for permutation sizes ``{name: n}``."""
-    return Permutation({p: np.arange(n, dtype=np.int64) for p, n in sizes.items()}, method="identity")
+def _act(p: str, perm: Mapping[str, Any], arr: np.ndarray, axis: int, name: str) -> np.ndarray:
+    if p not in perm:
+        raise PermutationSpecError(f"no index array for permutation {p!r} (needed by {name!r})")
+    value = perm[p]
+    n = np.shape(value)[0]
+    if n != arr.shape[axis]:
+        raise PermutationSpecError(
+            f"permutation {p!r} has length {n} but {name!r} axis {axis} has size {arr.shape[axis]}"
+        )
+    return act(value, arr, axis)
+
+
+def identity_permutation(sizes: Mapping[str, int], spec: PermutationSpec | None = None) -> Permutation:
+    """The identity for sizes ``{name: n}`` (identity matrices for a spec's orthogonal names)."""
+    def one(p: str, n: int) -> np.ndarray:
+        if spec is not None and isinstance(spec.kind(p), Orthogonal):
+            return np.eye(n)
+        return np.arange(n, dtype=np.int64)
+
+    return Permutation({p: one(p, n) for p, n in sizes.items()}, method="identity")
 
 
 def invert_permutation(perm: Mapping[str, Any]) -> Permutation:
     """The inverse: ``apply(inv, apply(perm, x)) == x``."""
-    return Permutation({p: np.argsort(np.asarray(idx), kind="stable").astype(np.int64) for p, idx in perm.items()},
-                       method="inverse")
+    return Permutation({p: invert(idx) for p, idx in perm.items()}, method="inverse")
 
 
 def compose_permutations(first: Mapping[str, Any], second: Mapping[str, Any]) -> Permutation:
-    """The permutation that applies ``first`` then ``second``.
+    """The transformation that applies ``first`` then ``second``.
 
     ``apply(compose(p, q), x) == apply(q, apply(p, x))``; in index form
-    ``compose(p, q)[P] == p[P][q[P]]``.
+    ``compose(p, q)[P] == p[P][q[P]]``, for orthogonal matrices ``Q_q Q_p``.
     """
     if set(first) != set(second):
         raise PermutationSpecError(
             f"cannot compose permutations of different names: {sorted(first)} vs {sorted(second)}"
         )
-    return Permutation({p: np.asarray(first[p])[np.asarray(second[p])].astype(np.int64) for p in first},
-                       method="composed")
+    return Permutation({p: compose(first[p], second[p]) for p in first}, method="composed")
 
 
 def random_permutation(
@@ -317,14 +506,31 @@ def random_permutation(
     params: Mapping[str, Any],
     seed: int | np.random.Generator | None = 0,
 ) -> Permutation:
-    """A uniformly random permutation of every permutation in ``spec`` (seeded numpy Generator)."""
+    """A uniformly random transformation of every name in ``spec`` (seeded numpy Generator).
+
+    Neuron permutations are uniform; a :class:`~combinability.kinds.Blocks` name moves
+    its blocks as its (uniform) group permutation does and permutes each block's units
+    uniformly; an :class:`~combinability.kinds.Orthogonal` name is Haar-distributed.
+    """
     rng = seed if isinstance(seed, np.random.Generator) else np.random.default_rng(seed)
     sizes = spec.perm_sizes(params)
-    return Permutation({p: rng.permutation(n).astype(np.int64) for p, n in sizes.items()}, method="random")
+    out: dict[str, np.ndarray] = {}
+    for p, n in sizes.items():
+        kind = spec.kind(p)
+        if isinstance(kind, Orthogonal):
+            out[p] = random_orthogonal(n, rng, fix_ones=kind.fix_ones)
+        elif not isinstance(kind, Blocks):
+            out[p] = rng.permutation(n).astype(np.int64)
+    for p in sizes:
+        kind = spec.kind(p)
+        if isinstance(kind, Blocks):
+            inner = np.stack([rng.permutation(kind.size) for _ in range(kind.blocks)])
+            out[p] = expand_blocks(out[kind.group], inner, kind.size)
+    return Permutation({p: out[p] for p in sizes}, method="random")
 
 
 def iter_axes(spec: PermutationSpec) -> Iterator[tuple[str, int, str]]:
-    """Yield ``(parameter, axis, permutation)`` for every permuted axis."""
+    """Yield ``(parameter, axis, permutation)`` for every whole axis bound to a name."""
     for p, entries in spec.perm_to_axes.items():
         for name, axis in entries:
             yield name, axis, p
