@@ -105,6 +105,7 @@ _LAZY.update({
     "Node": "combinability.layers",
     "ModelSet": "combinability.sets",
     "derive_spec": "combinability.derive",
+    "derive_symmetries": "combinability.derive",
     "llfc": "combinability.analysis",
     "layerwise_barriers": "combinability.analysis",
     "calibrate": "combinability.analysis",

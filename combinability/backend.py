@@ -21,8 +21,10 @@ from typing import TYPE_CHECKING, Any, Protocol
 import numpy as np
 
 if TYPE_CHECKING:
+    from combinability.folding import NormFold
     from combinability.layers import LayerTable
     from combinability.layout import FlatLayout
+    from combinability.permutation import PermutationSpec
 
 __all__ = ["Backend", "Prepared", "RandomSource", "NumpyRandom"]
 
@@ -172,6 +174,18 @@ class Backend(ABC):
         from combinability.errors import TracingError
 
         raise TracingError(f"the {self.name} backend cannot trace user models; pass spec= by hand")
+
+    def symmetries(self, model: Any, example_input: Any) -> tuple[PermutationSpec, list[NormFold]]:
+        """The symmetry spec of a user's transformer (heads, neurons, residual stream) and its norm folds.
+
+        Raises
+        ------
+        TracingError
+            If this backend cannot trace feature spaces (the user may pass ``spec=`` by hand).
+        """
+        from combinability.errors import TracingError
+
+        raise TracingError(f"the {self.name} backend cannot trace a transformer's symmetries; pass spec= by hand")
 
     def adopt(self, model: Any, table: LayerTable) -> Any:
         """``model`` as a model of its traced ``table`` (after :meth:`describe`); unchanged by default."""

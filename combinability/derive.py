@@ -21,10 +21,11 @@ from combinability.permutation import Permutation, apply_permutation, random_per
 
 if TYPE_CHECKING:
     from combinability.backend import Backend
+    from combinability.folding import NormFold
     from combinability.layers import LayerTable
     from combinability.permutation import PermutationSpec
 
-__all__ = ["describe", "derive_spec", "verify_spec"]
+__all__ = ["describe", "derive_spec", "derive_symmetries", "verify_spec"]
 
 
 def _backend(model: Any, backend: str | Backend | None) -> Backend:
@@ -112,3 +113,54 @@ def derive_spec(model: Any, example_input: Any, *, backend: str | Backend | None
     True
     """
     return describe(model, example_input, backend=backend).spec()
+
+
+def derive_symmetries(model: Any, example_input: Any, *, backend: str | Backend | None = None,
+                      seed: int = 0) -> tuple[PermutationSpec, list[NormFold]]:
+    """The symmetries of a user's transformer — heads, FFN neurons, residual stream — verified.
+
+    The backend traces the model's feature spaces (torch:
+    :mod:`combinability_torch.trace_stream`): attention heads become block permutations,
+    feed-forward units neuron permutations, and a residual stream that only linear
+    maps, norms and additions touch an orthogonal map, with the norms to fold
+    (:func:`combinability.fold_norms`) before it applies. The result is checked at once:
+    the model with its norms folded, transformed by a random map of every kind, must
+    compute the same outputs on ``example_input``.
+
+    Returns
+    -------
+    (PermutationSpec, list of NormFold)
+        The spec (``spec.permutations_only()`` for permutation-only alignment) and the folds.
+
+    Raises
+    ------
+    TracingError
+        If the model cannot be traced, or the derived symmetries change its outputs.
+    """
+    from combinability.folding import fold_norms
+
+    be = _backend(model, backend)
+    spec, folds = be.symmetries(model, example_input)
+    state = be.state(model)
+    floats = {k: v for k, v in state.items() if np.issubdtype(v.dtype, np.floating)}
+    folded = fold_norms(floats, folds)
+    x = be.asarray(example_input, "float32")
+    base = be.to_numpy(_logits(be, model, floats, x))
+    for what, params in (("folding the norms", folded),
+                         ("a random transformation", apply_permutation(spec, random_permutation(spec, folded, seed),
+                                                                       folded))):
+        out = be.to_numpy(_logits(be, model, params, x))
+        if not np.allclose(out, base, rtol=1e-4, atol=1e-4 * max(1.0, float(np.abs(base).max()))):
+            raise TracingError(f"the derived symmetries of {type(model).__name__} do not preserve its function "
+                               f"({what} changes the outputs on example_input by up to "
+                               f"{float(np.abs(out - base).max()):.3g}); pass spec= by hand")
+    return spec, folds
+
+
+def _logits(be: Backend, model: Any, params: dict[str, np.ndarray], x: Any) -> Any:
+    from combinability.evaluation import Evaluator
+    from combinability.layout import FlatLayout
+
+    layout = FlatLayout.from_arrays(params)
+    evaluator = Evaluator(be, model, layout, batch_size=max(1, int(x.shape[0])))
+    return evaluator.logits(layout.flatten({k: v.astype(np.float32) for k, v in params.items()}), x)[0]

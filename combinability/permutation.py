@@ -325,6 +325,20 @@ class PermutationSpec:
                         f"{name!r} axis {axis} has size {np.shape(params[name])[axis]}, but its segments {p} add "
                         f"up to {sum(sizes[q] for q in p)} ({', '.join(f'{q}: {sizes[q]}' for q in p)})")
 
+    def permutations_only(self) -> PermutationSpec:
+        """This spec with every orthogonal map replaced by a permutation of the same axes.
+
+        The norms an orthogonal map needed folded (its ``requires``) are permuted with the
+        stream instead, so the model is used as it is — the permutation-only alignment a
+        study compares against.
+        """
+        axes = dict(self._axes)
+        for p, kind in self._kinds.items():
+            if isinstance(kind, Orthogonal):
+                for name, _ in kind.requires:
+                    axes[name] = (p,) + tuple(axes.get(name, (None,)))[1:]
+        return PermutationSpec(axes, {p: k for p, k in self._kinds.items() if not isinstance(k, Orthogonal)})
+
     def check_requirements(self, params: Mapping[str, Any]) -> None:
         """Refuse orthogonal maps on a model whose norms are not folded (see :func:`combinability.fold_norms`)."""
         for p, kind in self._kinds.items():

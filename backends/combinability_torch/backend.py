@@ -230,6 +230,13 @@ class TorchBackend(Backend):
         x = self.asarray(example_input, "float32").to("cpu")
         return describe(copy.deepcopy(model).to("cpu"), x)[0]
 
+    def symmetries(self, model: nn.Module, example_input: Any) -> tuple[Any, list[Any]]:
+        """Heads, neurons and residual stream of a user's transformer (:mod:`combinability_torch.trace_stream`)."""
+        from combinability_torch.trace_stream import stream_symmetries
+
+        x = self.asarray(example_input, "float32").to("cpu")
+        return stream_symmetries(copy.deepcopy(model).to("cpu").eval(), x)
+
     def state(self, model: nn.Module) -> dict[str, np.ndarray]:
         return {k: v.detach().to("cpu").numpy().copy() for k, v in model.state_dict().items()}
 

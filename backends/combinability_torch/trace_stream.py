@@ -1,0 +1,330 @@
+"""Symmetries of a user's torch transformer, found by tracing its feature spaces.
+
+:func:`torch.fx.symbolic_trace` gives the dataflow; every tensor's last axis (its
+features) is assigned a *space*. Linear layers, embeddings and learned arrays
+(positional embeddings, a class token) open spaces; residual additions and
+concatenations along tokens merge them; norms, pooling over tokens, token indexing and
+dropout keep them; element-wise nonlinearities mark them (no rotation passes a GELU).
+``nn.MultiheadAttention`` (self-attention, packed ``in_proj_weight``) reads one space and
+writes a new one, with its heads as block permutations: the query/key rows share a
+within-head permutation, the value rows and ``out_proj`` columns another, and both move
+with the head. A space that only linear maps, norms, pooling and additions touch — a
+residual stream — is an orthogonal map when every norm on it can be folded into the
+layers reading it (:func:`combinability.fold_norms`); ``fix_ones`` when a LayerNorm centres it.
+"""
+
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+from torch.fx.passes.shape_prop import ShapeProp
+
+from combinability.errors import TracingError
+from combinability.folding import NormFold, Reader
+from combinability.kinds import Blocks, Orthogonal
+from combinability.permutation import PermutationSpec
+
+__all__ = ["stream_symmetries"]
+
+_NONLINEAR_MODULES = (nn.ReLU, nn.GELU, nn.Tanh, nn.Sigmoid, nn.SiLU, nn.ELU, nn.LeakyReLU, nn.Softplus,
+                      nn.Softmax, nn.ReLU6, nn.Hardtanh)
+_NONLINEAR = {F.relu, F.gelu, F.silu, F.elu, F.softplus, F.leaky_relu, F.softmax, F.tanh, F.sigmoid,
+              torch.relu, torch.tanh, torch.sigmoid, torch.softmax, "relu", "tanh", "sigmoid", "softmax"}
+_PASS_MODULES = (nn.Dropout, nn.Identity)
+_PASS = {"contiguous", "clone", "detach", "float", "expand", F.dropout, operator.mul, operator.truediv,
+         torch.mul}
+_ADD = {operator.add, operator.iadd, torch.add}
+_TOKEN_OPS = {"mean", torch.mean, "sum", torch.sum}
+_SHAPE_OPS = {"view", "reshape", "flatten", "transpose", "permute", "unsqueeze", "squeeze", torch.flatten,
+              torch.reshape, torch.transpose}
+_FIXED = -1
+
+
+@dataclass
+class _Spaces:
+    parent: dict[int, int] = field(default_factory=dict)
+    nonlinear: set[int] = field(default_factory=set)
+    opener: dict[int, str] = field(default_factory=dict)
+    fixed: set[int] = field(default_factory=set)
+
+    def new(self, opener: str) -> int:
+        s = len(self.parent)
+        self.parent[s] = s
+        self.opener[s] = opener
+        return s
+
+    def find(self, s: int) -> int:
+        if s == _FIXED:
+            return _FIXED
+        while self.parent[s] != s:
+            self.parent[s] = self.parent[self.parent[s]]
+            s = self.parent[s]
+        return s
+
+    def union(self, a: int, b: int) -> int:
+        """Merge two spaces; a space merged with the fixed input space becomes fixed."""
+        ra, rb = self.find(a), self.find(b)
+        if _FIXED in (ra, rb):
+            self.fixed.update(r for r in (ra, rb) if r != _FIXED)
+            return _FIXED
+        self.parent[max(ra, rb)] = min(ra, rb)
+        return min(ra, rb)
+
+
+def _hint(model: nn.Module) -> str:
+    return (f"; pass spec= (a combinability.PermutationSpec, with kinds for heads and the residual stream) by hand "
+            f"to cb.ModelPair for this {type(model).__name__}")
+
+
+def _last(shape: Any) -> int | None:
+    meta = getattr(shape, "meta", {}).get("tensor_meta")
+    return int(meta.shape[-1]) if meta is not None and hasattr(meta, "shape") and len(meta.shape) else None
+
+
+def _ndim(n: Any) -> int | None:
+    meta = getattr(n, "meta", {}).get("tensor_meta")
+    return len(meta.shape) if meta is not None and hasattr(meta, "shape") else None
+
+
+def stream_symmetries(model: nn.Module, example_input: torch.Tensor) -> tuple[PermutationSpec, list[NormFold]]:
+    """The symmetry spec (heads, FFN neurons, residual stream) and the norm folds of ``model``.
+
+    Raises
+    ------
+    TracingError
+        Naming the node the tracer cannot follow, or a parameter it did not see.
+    """
+    try:
+        gm = fx.symbolic_trace(model)
+        ShapeProp(gm).propagate(example_input)
+    except Exception as exc:
+        raise TracingError(f"torch.fx cannot trace {type(model).__name__} ({type(exc).__name__}: "
+                           f"{str(exc).splitlines()[0] if str(exc) else ''}){_hint(model)}") from None
+    sp = _Spaces()
+    space: dict[str, int | None] = {}
+    binds: dict[str, list[Any]] = {}  # parameter -> per-axis entry: space id, names, or None
+    norms: list[tuple[str, str | None, str | None, int, nn.Module]] = []  # (node, scale, shift, space, module)
+    heads: dict[str, tuple[int, int]] = {}  # attention module -> (heads, head dim)
+
+    def bind(param: str, entries: list[Any]) -> None:
+        if param in binds:
+            raise TracingError(f"parameter {param!r} is used twice (shared or tied weights); the tracer cannot "
+                               f"assign it one symmetry{_hint(model)}")
+        binds[param] = entries
+
+    def tensor_args(n: fx.Node) -> list[fx.Node]:
+        out: list[fx.Node] = []
+        fx.node.map_arg((n.args, n.kwargs), out.append)
+        return [a for a in out if space.get(a.name) is not None]
+
+    for n in gm.graph.nodes:
+        where = f"node {n.name!r} ({n.op} {n.target!r})"
+        if n.op == "placeholder":
+            space[n.name] = _FIXED
+        elif n.op == "get_attr":
+            value = gm.get_parameter(n.target) if isinstance(_attr(gm, n.target), nn.Parameter) else None
+            if value is None:
+                space[n.name] = _FIXED
+                continue
+            s = sp.new(n.target)
+            bind(n.target, [None] * (value.ndim - 1) + [s])
+            space[n.name] = s
+        elif n.op == "call_module":
+            m = gm.get_submodule(n.target)
+            src = space.get(n.args[0].name) if n.args and isinstance(n.args[0], fx.Node) else None
+            if isinstance(m, nn.Linear):
+                s = sp.new(n.target)
+                bind(f"{n.target}.weight", [s, src])
+                if m.bias is not None:
+                    bind(f"{n.target}.bias", [s])
+                space[n.name] = s
+            elif isinstance(m, nn.Embedding):
+                s = sp.new(n.target)
+                bind(f"{n.target}.weight", [None, s])
+                space[n.name] = s
+            elif isinstance(m, nn.LayerNorm | nn.RMSNorm):
+                shape = tuple(m.normalized_shape)
+                if len(shape) != 1 or _last(n.args[0]) != shape[0]:
+                    raise TracingError(f"{where}: a norm must normalise the last axis only{_hint(model)}")
+                scale = f"{n.target}.weight" if getattr(m, "weight", None) is not None else None
+                shift = f"{n.target}.bias" if getattr(m, "bias", None) is not None else None
+                for p in (scale, shift):
+                    if p:
+                        bind(p, [src])
+                norms.append((n.name, scale, shift, src, m))
+                space[n.name] = src
+            elif isinstance(m, nn.MultiheadAttention):
+                space[n.name] = _attention(n, m, gm, sp, space, bind, heads, where, model)
+            elif isinstance(m, _NONLINEAR_MODULES):
+                sp.nonlinear.add(sp.find(src))
+                space[n.name] = src
+            elif isinstance(m, _PASS_MODULES):
+                space[n.name] = src
+            else:
+                raise TracingError(f"{where}: the stream tracer cannot follow a {type(m).__name__} module"
+                                   + _hint(model))
+        elif n.op in ("call_function", "call_method"):
+            args = tensor_args(n)
+            spaces = [space[a.name] for a in args]
+            target = n.target
+            if not args or _ndim(n) is None:
+                space[n.name] = None  # shapes, constants, masks: no features
+            elif all(s == _FIXED for s in spaces):
+                space[n.name] = _FIXED  # preprocessing of the input (patching, casting)
+            elif target is operator.getitem and n.args[0].op == "call_module" and isinstance(
+                    gm.get_submodule(n.args[0].target), nn.MultiheadAttention):
+                space[n.name] = spaces[0] if n.args[1] == 0 else None
+            elif target in _ADD and len(args) >= 2:
+                s = spaces[0]
+                for other in spaces[1:]:
+                    s = sp.union(s, other)
+                space[n.name] = s
+            elif target in _ADD or target in (operator.sub, torch.sub):
+                sp.nonlinear.add(sp.find(spaces[0]))  # adding a constant: permutations only
+                space[n.name] = spaces[0]
+            elif target in _NONLINEAR:
+                sp.nonlinear.add(sp.find(spaces[0]))
+                space[n.name] = spaces[0]
+            elif target in _PASS and len(args) == 1:
+                space[n.name] = spaces[0]
+            elif target is torch.cat:
+                dim = n.kwargs.get("dim", n.args[1] if len(n.args) > 1 else 0)
+                if dim in (-1, (_ndim(n) or 0) - 1):
+                    raise TracingError(f"{where}: concatenating features (the last axis){_hint(model)}")
+                s = spaces[0]
+                for other in spaces[1:]:
+                    s = sp.union(s, other)
+                space[n.name] = s
+            elif (target is operator.getitem or target in _TOKEN_OPS or target in _SHAPE_OPS) and len(args) == 1 \
+                    and _last(n) == _last(args[0]) and _keeps_last(n):
+                space[n.name] = spaces[0]
+            else:
+                raise TracingError(f"{where}: the stream tracer cannot follow this operation on features"
+                                   + _hint(model))
+        elif n.op == "output":
+            for a in tensor_args(n):
+                if space[a.name] not in (None, _FIXED):
+                    sp.fixed.add(sp.find(space[a.name]))
+    for k, v in model.named_parameters():  # unused by forward: left as they are
+        binds.setdefault(k, [None] * v.ndim)
+    return _spec(model, gm, sp, binds, norms, heads)
+
+
+def _attr(gm: fx.GraphModule, target: str) -> Any:
+    obj: Any = gm
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _keeps_last(n: fx.Node) -> bool:
+    """A token-level op: pooling over, or indexing of, axes other than the last."""
+    if n.target is operator.getitem:
+        idx = n.args[1] if isinstance(n.args[1], tuple) else (n.args[1],)
+        return Ellipsis not in idx or idx[-1] is Ellipsis
+    if n.target in _TOKEN_OPS:
+        dim = n.kwargs.get("dim", n.args[1] if len(n.args) > 1 else None)
+        dims = dim if isinstance(dim, tuple | list) else (dim,)
+        nd = _ndim(n.args[0]) or 0
+        return dim is not None and all(d not in (-1, nd - 1) for d in dims)
+    if n.target in ("transpose", torch.transpose):
+        nd = _ndim(n.args[0]) or 0
+        return all(d not in (-1, nd - 1) for d in n.args[1:3])
+    return True  # reshapes that keep the last axis' size (checked by the caller; verified by function)
+
+
+def _through_token_ops(gm: fx.GraphModule, users: list[fx.Node]) -> list[fx.Node]:
+    """The users of a norm's output, looking through pooling, token indexing and dropout.
+
+    They are per-feature linear (γ ⊙ n + β averaged or indexed over tokens is γ ⊙ mean n + β),
+    so the norm folds into the layer behind them.
+    """
+    out: list[fx.Node] = []
+    for u in users:
+        passes = (u.op in ("call_function", "call_method") and (u.target in _TOKEN_OPS or u.target is
+                  operator.getitem or u.target in _PASS) and _keeps_last(u)) or (
+                  u.op == "call_module" and isinstance(gm.get_submodule(u.target), _PASS_MODULES))
+        out += _through_token_ops(gm, list(u.users)) if passes else [u]
+    return out
+
+
+def _attention(n: fx.Node, m: nn.MultiheadAttention, gm: fx.GraphModule, sp: _Spaces, space: dict[str, Any],
+               bind: Any, heads: dict[str, tuple[int, int]], where: str, model: nn.Module) -> int:
+    q, k, v = (n.kwargs.get(name, n.args[i] if len(n.args) > i else None) for i, name in
+               enumerate(("query", "key", "value")))
+    if not (q is k is v):
+        raise TracingError(f"{where}: only self-attention (query, key and value the same tensor) is traced"
+                           + _hint(model))
+    if not m._qkv_same_embed_dim or m.bias_k is not None or m.add_zero_attn:
+        raise TracingError(f"{where}: attention needs a packed in_proj_weight, no bias_k/bias_v and "
+                           f"add_zero_attn=False{_hint(model)}")
+    src = space[q.name]
+    dh = m.embed_dim // m.num_heads
+    heads[n.target] = (m.num_heads, dh)
+    qk, vo = f"{n.target}.qk", f"{n.target}.vo"
+    bind(f"{n.target}.in_proj_weight", [(qk, qk, vo), src])
+    if m.in_proj_bias is not None:
+        bind(f"{n.target}.in_proj_bias", [(qk, qk, vo)])
+    s = sp.new(f"{n.target}.out_proj")
+    bind(f"{n.target}.out_proj.weight", [s, vo])
+    if m.out_proj.bias is not None:
+        bind(f"{n.target}.out_proj.bias", [s])
+    return s
+
+
+def _spec(model: nn.Module, gm: fx.GraphModule, sp: _Spaces, binds: dict[str, list[Any]],
+          norms: list[tuple[str, str | None, str | None, int, nn.Module]],
+          heads: dict[str, tuple[int, int]]) -> tuple[PermutationSpec, list[NormFold]]:
+    fixed = {sp.find(s) for s in sp.fixed} | {_FIXED}
+    nonlinear = {sp.find(s) for s in sp.nonlinear}
+    users = {n.name: list(n.users) for n in gm.graph.nodes}
+    folds: dict[int, list[NormFold]] = {}
+    unfoldable: set[int] = set()
+    layer_norm: set[int] = set()
+    for node, scale, shift, s, m in norms:
+        root = sp.find(s)
+        if isinstance(m, nn.LayerNorm):
+            layer_norm.add(root)
+        readers = []
+        for u in _through_token_ops(gm, users[node]):
+            um = gm.get_submodule(u.target) if u.op == "call_module" else None
+            if isinstance(um, nn.Linear):
+                readers.append(Reader(f"{u.target}.weight", 1, f"{u.target}.bias" if um.bias is not None else None))
+            elif isinstance(um, nn.MultiheadAttention):
+                readers.append(Reader(f"{u.target}.in_proj_weight", 1,
+                                      f"{u.target}.in_proj_bias" if um.in_proj_bias is not None else None))
+            else:
+                unfoldable.add(root)
+        folds.setdefault(root, []).append(NormFold(scale, shift, tuple(readers)))
+    names: dict[int, str] = {}
+    for s in sorted(sp.parent):
+        root = sp.find(s)
+        if root not in fixed and root not in names:
+            names[root] = f"P_{sp.opener[root]}"
+    orthogonal = {r for r in names if r not in nonlinear and r not in unfoldable}
+    kinds: dict[str, Any] = {}
+    axes: dict[str, tuple[Any, ...]] = {}
+    norm_params = {p: sp.find(s) for _, scale, shift, s, _ in norms for p in (scale, shift) if p}
+    for param, entries in binds.items():
+        out = []
+        for e in entries:
+            if isinstance(e, int):
+                root = sp.find(e)
+                out.append(None if root in fixed or (param in norm_params and root in orthogonal) else names[root])
+            else:
+                out.append(e)
+        axes[param] = tuple(out)
+    for target, (h, dh) in heads.items():
+        kinds[f"{target}.qk"] = Blocks(f"{target}.heads", h, dh)
+        kinds[f"{target}.vo"] = Blocks(f"{target}.heads", h, dh)
+    all_folds: list[NormFold] = []
+    for r in orthogonal:
+        requires = [(p, 1.0 if p.endswith("weight") else 0.0) for p, root in norm_params.items() if root == r]
+        kinds[names[r]] = Orthogonal(fix_ones=r in layer_norm, requires=tuple(requires))
+        all_folds += folds.get(r, [])
+    return PermutationSpec(axes, kinds), all_folds

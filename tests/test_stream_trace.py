@@ -1,0 +1,123 @@
+"""Deriving the symmetries of a user's torch transformer (heads, FFN neurons, residual stream).
+
+The models are written here from torch's own blocks; the checks are functional
+(f(T(θ)) = f(θ) for random transformations of every kind, a planted transformation
+recovered by weight matching) and against the known layout of ``nn.MultiheadAttention``.
+"""
+
+import copy
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+from torch import nn  # noqa: E402
+
+import combinability as cb  # noqa: E402
+from combinability.errors import TracingError  # noqa: E402
+from combinability.kinds import Blocks, Orthogonal  # noqa: E402
+
+
+class Block(nn.Module):
+    def __init__(self, d, heads, norm):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(d) if norm == "layer" else nn.RMSNorm(d)
+        self.attn = nn.MultiheadAttention(d, heads, batch_first=True)
+        self.norm2 = nn.LayerNorm(d) if norm == "layer" else nn.RMSNorm(d)
+        self.fc1, self.fc2 = nn.Linear(d, 2 * d), nn.Linear(2 * d, d)
+
+    def forward(self, x):
+        h = self.norm1(x)
+        x = x + self.attn(h, h, h, need_weights=False)[0]
+        return x + self.fc2(nn.functional.gelu(self.fc1(self.norm2(x))))
+
+
+class ViT(nn.Module):
+    """Patches of 8x8 digits -> class token + positional embedding -> pre-LN blocks -> head."""
+
+    def __init__(self, d=16, heads=4, depth=2, norm="layer", pool="cls"):
+        super().__init__()
+        self.embed = nn.Linear(4, d)
+        self.cls = nn.Parameter(torch.randn(1, 1, d) * 0.5)
+        self.pos = nn.Parameter(torch.randn(1, 17 if pool == "cls" else 16, d) * 0.5)
+        self.blocks = nn.ModuleList([Block(d, heads, norm) for _ in range(depth)])
+        self.norm = nn.LayerNorm(d) if norm == "layer" else nn.RMSNorm(d)
+        self.head = nn.Linear(d, 10)
+        self.pool = pool
+
+    def forward(self, x):
+        n = x.shape[0]
+        h = self.embed(x.reshape(n, 1, 4, 2, 4, 2).permute(0, 2, 4, 1, 3, 5).reshape(n, 16, 4))
+        if self.pool == "cls":
+            h = torch.cat([self.cls.expand(n, -1, -1), h], dim=1)
+        h = h + self.pos
+        for block in self.blocks:
+            h = block(h)
+        h = self.norm(h)
+        return self.head(h[:, 0] if self.pool == "cls" else h.mean(dim=1))
+
+
+def _randomise(model, seed):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * (0.3 if p.ndim > 1 else 0.5) + (1.0 if "norm" in name and
+                                                                                       name.endswith("weight") else 0))
+    return model.eval()
+
+
+def _out(model, state, x):
+    m = copy.deepcopy(model).double()
+    m.load_state_dict({k: torch.as_tensor(v) for k, v in state.items()})
+    with torch.no_grad():
+        return m(x.double()).numpy()
+
+
+X = torch.randn(6, 1, 8, 8)
+
+
+@pytest.mark.parametrize("norm,pool", [("layer", "cls"), ("rms", "mean")])
+def test_derived_transformer_symmetries_keep_the_function(norm, pool):
+    model = _randomise(ViT(norm=norm, pool=pool), 0)
+    spec, folds = cb.derive_symmetries(model, X)
+    assert spec.kind("blocks.0.attn.qk") == Blocks("blocks.0.attn.heads", 4, 4)
+    stream = [p for p, k in spec.kinds.items() if isinstance(k, Orthogonal)]
+    assert len(stream) == 1 and spec.kinds[stream[0]].fix_ones == (norm == "layer")
+    assert spec.axes_to_perm["blocks.1.attn.in_proj_weight"] == (
+        ("blocks.1.attn.qk", "blocks.1.attn.qk", "blocks.1.attn.vo"), stream[0])
+    assert spec.axes_to_perm["blocks.0.fc2.weight"][1] == spec.axes_to_perm["blocks.0.fc1.weight"][0] is not None
+    state = {k: v.numpy().astype(np.float64) for k, v in model.state_dict().items()}
+    base = _out(model, state, X)
+    folded = cb.fold_norms(state, folds)
+    np.testing.assert_allclose(_out(model, folded, X), base, atol=1e-9)
+    moved = cb.apply_permutation(spec, cb.random_permutation(spec, folded, seed=2), folded)
+    np.testing.assert_allclose(_out(model, moved, X), base, atol=1e-9)
+    perm_only = spec.permutations_only()
+    assert perm_only.is_plain is False and not any(isinstance(k, Orthogonal) for k in perm_only.kinds.values())
+    moved = cb.apply_permutation(perm_only, cb.random_permutation(perm_only, state, seed=3), state)
+    np.testing.assert_allclose(_out(model, moved, X), base, atol=1e-9)
+
+
+def test_a_planted_transformation_of_a_traced_transformer_is_undone():
+    model = _randomise(ViT(), 1)
+    spec, folds = cb.derive_symmetries(model, X)
+    a = cb.fold_norms({k: v.numpy().astype(np.float64) for k, v in model.state_dict().items()}, folds)
+    b = cb.apply_permutation(spec, cb.random_permutation(spec, a, seed=5), a)
+    back = cb.apply_permutation(spec, cb.weight_matching(spec, a, b, seed=0, restarts=2), b)
+    assert max(float(np.abs(back[k] - a[k]).max()) for k in a) < 1e-6
+
+
+def test_cross_attention_is_refused_with_what_to_do():
+    class Cross(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.q, self.kv = nn.Linear(4, 8), nn.Linear(4, 8)
+            self.attn = nn.MultiheadAttention(8, 2, batch_first=True)
+            self.head = nn.Linear(8, 3)
+
+        def forward(self, x):
+            kv = self.kv(x)
+            return self.head(self.attn(self.q(x), kv, kv)[0].mean(dim=1))
+
+    with pytest.raises(TracingError, match="self-attention.*spec="):
+        cb.derive_symmetries(Cross(), torch.randn(2, 5, 4))
