@@ -23,14 +23,17 @@ from combinability.errors import (
     IncompatibleModelsError,
     LayoutError,
     NonFiniteWeightsError,
+    TracingError,
     UnknownNameError,
 )
+from combinability.kinds import Orthogonal
 from combinability.layout import FlatLayout
 from combinability.permutation import Permutation, PermutationSpec, apply_permutation
 from combinability.plugins import get_backend
 
 if TYPE_CHECKING:
     from combinability.backend import Backend
+    from combinability.folding import NormFold
     from combinability.layers import LayerTable
 
 __all__ = ["ModelSet", "fingerprint", "infer_backend"]
@@ -114,12 +117,20 @@ class ModelSet:
             raise ConfigurationError(f"a ModelSet needs at least two models, got {len(models)}")
         be = get_backend(backend or infer_backend(models[0]))
         tables = [be.table_of(m) for m in models]
+        folds: tuple[NormFold, ...] = ()
         if tables[0] is None and example_input is not None:
-            from combinability.derive import describe
+            from combinability.derive import derive_symmetries, describe
 
-            tables = [describe(models[0], example_input, backend=be, verify=spec is None)]
-            tables += [describe(m, example_input, backend=be, verify=False) for m in models[1:]]
-            models = [be.adopt(m, t) for m, t in zip(models, tables, strict=True)]
+            try:
+                tables = [describe(models[0], example_input, backend=be, verify=spec is None)]
+                tables += [describe(m, example_input, backend=be, verify=False) for m in models[1:]]
+                models = [be.adopt(m, t) for m, t in zip(models, tables, strict=True)]
+            except TracingError as exc:  # not a layer table: a transformer's feature spaces?
+                try:
+                    derived, derived_folds = derive_symmetries(models[0], example_input, backend=be)
+                except TracingError as stream_exc:
+                    raise TracingError(f"{exc}; traced as a transformer: {stream_exc}") from None
+                spec, folds = spec if spec is not None else derived, tuple(derived_folds)
         table = tables[0]
         if table is None and spec is None:
             raise IncompatibleModelsError(
@@ -155,7 +166,7 @@ class ModelSet:
             _check_finite(theta, layout, i)
             thetas.append(theta)
         self._init(backend=be.name, table=table, layout=layout, spec=spec, models=models, thetas=thetas,
-                   transforms=[None] * len(models), alignment="naive", naive=None)
+                   transforms=[None] * len(models), alignment="naive", naive=None, folds=folds)
 
     def _init(self, **fields: Any) -> None:
         for k, v in fields.items():
@@ -179,6 +190,7 @@ class ModelSet:
     transforms: tuple[Permutation | None, ...]
     alignment: str
     naive: ModelSet | None
+    folds: tuple[NormFold, ...]
 
     def __len__(self) -> int:
         return len(self.thetas)
@@ -270,7 +282,7 @@ class ModelSet:
 
     # -- alignment ---------------------------------------------------------------------
     def align(self, method: str = "weight", *, seed: int = 0, data: Any = None, examples: int = 2000,
-              progress: bool = False, **options: Any) -> ModelSet:
+              progress: bool = False, symmetries: str = "all", **options: Any) -> ModelSet:
         """Transform every member into model 0's basin: a new set holding ``T_i(θ_i)``.
 
         Parameters
@@ -287,6 +299,11 @@ class ModelSet:
         progress : bool, default False
             Ask the aligner for a progress line (weight matching shows each sweep's
             objective on a terminal, else logs it at ``INFO``); aligners without one ignore it.
+        symmetries : {"all", "permutation"}, default "all"
+            For a transformer: ``"all"`` aligns heads, neurons and the residual stream's
+            orthogonal map (folding its norms into the layers that read them first: the
+            members keep their functions, not their parameters); ``"permutation"``
+            replaces the orthogonal map by a permutation, for comparison.
         **options
             Passed to the aligner (e.g. ``restarts``, ``max_iter`` for weight matching).
         """
@@ -295,21 +312,37 @@ class ModelSet:
 
         seed = check_seed(seed)
         naive = self.naive or self
+        spec = self._alignment_spec(symmetries)
+        if any(isinstance(k, Orthogonal) for k in spec.kinds.values()) and self.folds:
+            # an orthogonal stream map needs the norms folded: same functions, new parameters
+            from combinability.folding import fold_norms
+
+            folded = [naive.layout.flatten(fold_norms(naive.params(i), self.folds)) for i in range(len(naive))]
+            naive = naive._replace(thetas=tuple(folded), models=naive._natives(folded))
         reference = naive.params(0)
         features = self._feature_source(naive, data, examples) if data is not None else None
         learned = self._learning_context(naive, data, method)
         transforms: list[Permutation | None] = [None]
         thetas = [naive.thetas[0]]
         for i in range(1, len(naive)):
-            task = AlignTask(spec=self.spec, reference=reference, other=naive.params(i), seed=seed,
+            task = AlignTask(spec=spec, reference=reference, other=naive.params(i), seed=seed,
                              feature_points=self.feature_points,
                              features=None if features is None else (lambda which, pts, i=i: features(
                                  0 if which == "reference" else i, pts)))
             perm = align(method, task, **({"progress": True} if progress else {}), **learned, **options)
             transforms.append(perm)
-            thetas.append(self.layout.flatten(apply_permutation(self.spec, perm, naive.params(i))))
-        return self._replace(thetas=tuple(thetas), transforms=tuple(transforms), alignment=method, naive=naive,
-                             models=naive._natives(thetas))
+            thetas.append(self.layout.flatten(apply_permutation(spec, perm, naive.params(i))))
+        return self._replace(thetas=tuple(thetas), transforms=tuple(transforms), alignment=method, naive=self.naive
+                             or self, models=naive._natives(thetas), spec=spec)
+
+    def _alignment_spec(self, symmetries: str) -> PermutationSpec:
+        """The spec an alignment uses: every kind (``"all"``) or permutations only."""
+        if symmetries == "all":
+            return self.spec
+        if symmetries == "permutation":
+            return self.spec.permutations_only()
+        raise ConfigurationError(f"symmetries must be 'all' (every kind the model admits: heads, neurons, an "
+                                 f"orthogonal residual stream) or 'permutation', got {symmetries!r}")
 
     def _natives(self, thetas: Sequence[np.ndarray]) -> tuple[Any, ...]:
         """Native models holding ``thetas`` (this set's own model object where a vector is unchanged)."""

@@ -121,3 +121,28 @@ def test_cross_attention_is_refused_with_what_to_do():
 
     with pytest.raises(TracingError, match="self-attention.*spec="):
         cb.derive_symmetries(Cross(), torch.randn(2, 5, 4))
+
+
+def test_a_pair_of_user_transformers_aligns_with_every_kind_or_permutations_only():
+    torch.manual_seed(0)
+    a = _randomise(ViT(), 2)
+    planted = _randomise(ViT(), 2)
+    spec, folds = cb.derive_symmetries(a, X)
+    folded = cb.fold_norms({k: v.numpy().astype(np.float64) for k, v in a.state_dict().items()}, folds)
+    moved = cb.apply_permutation(spec, cb.random_permutation(spec, folded, seed=9), folded)
+    planted.load_state_dict({k: torch.as_tensor(v, dtype=torch.float32) for k, v in moved.items()})
+    pair = cb.ModelPair(a, planted, example_input=X)
+    assert pair.folds and not pair.spec.is_plain
+    aligned = pair.align("weight", restarts=2)
+    np.testing.assert_allclose(aligned.theta(1), aligned.theta(0), atol=1e-4)
+    with torch.no_grad():  # members keep their functions (norms folded, then transformed)
+        for i, model in enumerate((a, planted)):
+            np.testing.assert_allclose(aligned.model(i)(X).numpy(), model(X).numpy(), atol=1e-4)
+    perm_only = pair.align("weight", symmetries="permutation")
+    assert not any(isinstance(k, Orthogonal) for k in perm_only.spec.kinds.values())
+    gap = float(np.abs(perm_only.theta(1) - perm_only.theta(0)).max())
+    assert gap > 1e-2  # a random rotation of the stream is not a permutation
+    with pytest.raises(cb.ConfigurationError, match="neuron permutations only.*Blocks"):
+        pair.align("activation", data=(X.numpy(), np.zeros(6, dtype=np.int64)))
+    with pytest.raises(cb.ConfigurationError, match="symmetries must be"):
+        pair.align("weight", symmetries="rotations")

@@ -27,7 +27,10 @@ from combinability.errors import PermutationSpecError, PluginError
 from combinability.permutation import Permutation, check_permutation
 from combinability.plugins import get_aligner, list_aligners
 
-__all__ = ["AlignTask", "Aligner", "Features", "align", "get_aligner", "list_aligners"]
+__all__ = ["AlignTask", "Aligner", "Features", "align", "get_aligner", "list_aligners", "ALL_KINDS"]
+
+#: Aligners that handle every symmetry kind (block permutations, orthogonal maps, packed axes).
+ALL_KINDS = frozenset({"weight", "identity"})
 
 
 def align(name: str | Aligner, task: AlignTask, **options: Any) -> Permutation:
@@ -59,11 +62,19 @@ def align(name: str | Aligner, task: AlignTask, **options: Any) -> Permutation:
     sizes = task.sizes()
     aligner = get_aligner(name)
     label = name if isinstance(name, str) else getattr(name, "__name__", repr(name))
+    if not task.spec.is_plain and label not in ALL_KINDS:
+        from combinability.errors import ConfigurationError
+
+        kinds = sorted({type(k).__name__ for k in task.spec.kinds.values()} | ({"packed axes"} if task.spec.segments
+                                                                               else set()))
+        raise ConfigurationError(
+            f"aligner {label!r} aligns neuron permutations only, but this model's symmetries include "
+            f"{', '.join(kinds)} (attention heads, experts, a residual stream); use one of {sorted(ALL_KINDS)}")
     perm = aligner(task, **options)
     if not isinstance(perm, Permutation):
         raise PluginError(f"aligner {label!r} returned {type(perm).__name__}, not a combinability.Permutation")
     try:
-        check_permutation(perm, sizes)
+        check_permutation(perm, sizes, task.spec)
     except PermutationSpecError as exc:
         raise PluginError(f"aligner {label!r} returned an invalid permutation: {exc}") from exc
     if not perm.method:
