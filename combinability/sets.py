@@ -44,6 +44,17 @@ def fingerprint(theta: np.ndarray) -> str:
     return hashlib.blake2b(np.ascontiguousarray(theta).tobytes(), digest_size=8).hexdigest()
 
 
+def _first_difference(a: PermutationSpec, b: PermutationSpec) -> str:
+    """The first layer where two derived specs differ (heads of another count or size, ...)."""
+    for name in a.perm_names:
+        if a.kind(name) != b.kind(name):
+            return f"{name!r} is {a.kind(name)} in A but {b.kind(name)} in the other"
+    for name, axes in a.axes_to_perm.items():
+        if b.axes_to_perm.get(name) != axes:
+            return f"{name!r} has axes {axes} in A but {b.axes_to_perm.get(name)} in the other"
+    return "their specs differ"
+
+
 def infer_backend(model: Any) -> str:
     """The backend of a native model: ``"torch"`` for a ``torch.nn.Module``, ``"jax"`` for flax.
 
@@ -130,6 +141,12 @@ class ModelSet:
                     derived, derived_folds = derive_symmetries(models[0], example_input, backend=be)
                 except TracingError as stream_exc:
                     raise TracingError(f"{exc}; traced as a transformer: {stream_exc}") from None
+                for i, m in enumerate(models[1:], start=1):
+                    other = be.symmetries(m, example_input)[0]
+                    if other != derived:
+                        raise IncompatibleModelsError(
+                            f"models A and {_label(i)} have different symmetries: "
+                            f"{_first_difference(derived, other)}; they cannot be combined") from None
                 spec, folds = spec if spec is not None else derived, tuple(derived_folds)
         table = tables[0]
         if table is None and spec is None:

@@ -146,3 +146,8 @@ def test_a_pair_of_user_transformers_aligns_with_every_kind_or_permutations_only
         pair.align("activation", data=(X.numpy(), np.zeros(6, dtype=np.int64)))
     with pytest.raises(cb.ConfigurationError, match="symmetries must be"):
         pair.align("weight", symmetries="rotations")
+
+
+def test_transformers_with_different_head_counts_are_refused_naming_the_layer():
+    with pytest.raises(cb.IncompatibleModelsError, match="blocks.0.attn.qk.*blocks=4.*blocks=2"):
+        cb.ModelPair(_randomise(ViT(heads=4), 0), _randomise(ViT(heads=2), 1), example_input=X)
