@@ -114,7 +114,7 @@ def main(argv: list[str] | None = None) -> None:
     problems = mlp_pairs(args.epochs, args.cache, tuple(args.seeds)) if args.seeds else {}
     for width in args.resnet_width:
         problems.update(resnet_pair(width, args.noise))
-    from combinability.matching import _compiled_warm_assignment
+    from combinability.assignment import compiled_warm_assignment as _compiled_warm_assignment
 
     solver = "warm-started Jonker-Volgenant (numba)" if _compiled_warm_assignment() else "scipy (numba not installed)"
     print(f"library's assignment solver: {solver}\n")

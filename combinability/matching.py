@@ -16,18 +16,18 @@
 
 from __future__ import annotations
 
-import functools
 import logging
 from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
 
+from combinability.assignment import linear_sum_assignment
 from combinability.errors import AlignmentError, ConfigurationError, IncompatibleModelsError, PermutationSpecError
+from combinability.matching_terms import Problem, matching_objective
 from combinability.permutation import (
     Permutation,
     PermutationSpec,
-    apply_permutation,
     check_permutation,
     identity_permutation,
 )
@@ -44,13 +44,6 @@ __all__ = [
 _log = logging.getLogger(__name__)
 
 
-def _linear_sum_assignment(cost: np.ndarray, maximize: bool = False) -> tuple[np.ndarray, np.ndarray]:
-    """:func:`scipy.optimize.linear_sum_assignment`, imported on first use (it costs 0.3 s to import)."""
-    from scipy.optimize import linear_sum_assignment as solve
-
-    return solve(cost, maximize=maximize)
-
-
 def _as_float_params(spec: PermutationSpec, params: Mapping[str, Any], which: str) -> dict[str, np.ndarray]:
     out = {}
     for name in spec.axes_to_perm:
@@ -63,178 +56,6 @@ def _as_float_params(spec: PermutationSpec, params: Mapping[str, Any], which: st
             raise NonFiniteWeightsError(f"model {which}: parameter {name!r} holds NaN or infinite values")
         out[name] = arr if np.issubdtype(arr.dtype, np.floating) else arr.astype(np.float64)
     return out
-
-
-def matching_objective(spec: PermutationSpec, params_a: Mapping[str, Any], params_b: Mapping[str, Any],
-                       perm: Mapping[str, Any]) -> float:
-    """``Σ_names ⟨θ_A[name], π(θ_B)[name]⟩`` over the parameters listed in ``spec``."""
-    total = 0.0
-    for name in spec.axes_to_perm:  # one parameter at a time: no float64 copy of a whole model
-        b = apply_permutation(spec, perm, {name: params_b[name]})[name]
-        total += float(np.einsum("i,i->", np.ravel(params_a[name]), b.ravel(), dtype=np.float64))
-    return total
-
-
-class _Term:
-    """One ``(parameter, axis)`` bound to a permutation ``p``: its share of ``p``'s cost matrix.
-
-    ``value[i, j] = Σ ⟨A unit i, B unit j⟩`` over that parameter, the other axes of B
-    permuted by the current permutations. The value is cached in float32 together with
-    the permutations it was computed with (``seen``): when one of them changed in a few
-    units only, the value is updated by the product of those units' slices (a low-rank
-    correction); a term of no other permutation (biases, norms, input and output layers)
-    is computed once.
-    """
-
-    def __init__(self, a: np.ndarray, b: np.ndarray, axis: int, deps: list[tuple[int, str]]) -> None:
-        self.n = a.shape[axis]
-        self.a = np.ascontiguousarray(np.moveaxis(a, axis, 0), dtype=np.float32)
-        self.b = np.ascontiguousarray(np.moveaxis(b, axis, 0), dtype=np.float32)
-        self.deps = deps  # (axis of the moved arrays, permutation name)
-        self.seen: dict[str, np.ndarray] = {}
-        self.value: np.ndarray | None = None
-        self.updates = 0
-
-    def _full(self, perm: Mapping[str, np.ndarray]) -> np.ndarray:
-        w = self.b
-        for ax, q in self.deps:
-            w = np.take(w, perm[q], axis=ax)
-        return self.a.reshape(self.n, -1) @ w.reshape(self.n, -1).T
-
-    def refresh(self, perm: Mapping[str, np.ndarray]) -> bool:
-        """Bring :attr:`value` up to date with ``perm``; return whether it changed."""
-        if self.value is not None:
-            changed = [(ax, q, np.flatnonzero(self.seen[q] != perm[q])) for ax, q in self.deps]
-            changed = [c for c in changed if len(c[2])]
-            if not changed:
-                return False
-            if len(changed) == 1 and len(self.deps) == 1 and self.updates < _MAX_UPDATES:
-                ax, q, units = changed[0]
-                if 2 * len(units) < self.b.shape[ax]:
-                    self.value = self._correct(self.value, ax, units, self.seen[q], perm[q])
-                    self.seen[q] = perm[q].copy()
-                    return True
-        self.value = self._full(perm)
-        self.seen = {q: perm[q].copy() for _, q in self.deps}
-        self.updates = 0
-        return True
-
-    def _correct(self, value: np.ndarray, ax: int, units: np.ndarray, old: np.ndarray,
-                 new: np.ndarray) -> np.ndarray:
-        """``value + Σ_{k ∈ units} A[:, k] (B[:, new[k]] − B[:, old[k]])ᵀ``: only the moved units."""
-        diff = np.take(self.b, new[units], axis=ax) - np.take(self.b, old[units], axis=ax)
-        a_part = np.take(self.a, units, axis=ax)
-        value += a_part.reshape(self.n, -1) @ diff.reshape(self.n, -1).T
-        self.updates += 1
-        return value
-
-
-#: Low-rank corrections of a cached term before it is recomputed (bounds float32 drift).
-_MAX_UPDATES = 16
-#: Moves of at most this many units (or n/16) are valued exactly, in float64.
-_EXACT_UNITS = 8
-
-
-class _Problem:
-    """The weight-matching problem of one pair: cached cost terms and the exact objective.
-
-    Parameters
-    ----------
-    spec : PermutationSpec
-    a, b : mapping of str to numpy.ndarray
-        The two models' parameters as given (any float dtype; read for the exact,
-        float64 objective); float32 copies feed the cost matrices.
-    """
-
-    def __init__(self, spec: PermutationSpec, a: Mapping[str, np.ndarray], b: Mapping[str, np.ndarray]) -> None:
-        self.spec, self.a, self.b = spec, a, b
-        self.sizes = spec.perm_sizes(a)
-        self.names = list(self.sizes)
-        self.terms: dict[str, list[_Term]] = {p: [] for p in self.names}
-        self.constant: dict[str, np.ndarray] = {}
-        self.users: dict[str, set[str]] = {p: set() for p in self.names}  # q -> the p whose cost reads q
-        self.self_bound: set[str] = set()
-        self.prices: dict[str, np.ndarray] = {}  # column prices of each permutation's last solve
-        for p, entries in spec.perm_to_axes.items():
-            const = np.zeros((self.sizes[p], self.sizes[p]), np.float32)
-            for name, axis in entries:
-                deps = self._deps(name, axis)
-                term = _Term(a[name], b[name], axis, deps)
-                if deps:
-                    self.terms[p].append(term)
-                    for _, q in deps:
-                        self.users[q].add(p)
-                        if q == p:
-                            self.self_bound.add(p)
-                else:
-                    const += term._full({})
-            self.constant[p] = const
-
-    def _deps(self, name: str, axis: int) -> list[tuple[int, str]]:
-        """The other permuted axes of ``name``, numbered as after moving ``axis`` to the front."""
-        others = [ax for ax in range(len(self.spec.axes_to_perm[name])) if ax != axis]
-        return [(1 + i, self.spec.axes_to_perm[name][ax]) for i, ax in enumerate(others)
-                if self.spec.axes_to_perm[name][ax] is not None]
-
-    def cost(self, p: str, perm: Mapping[str, np.ndarray]) -> np.ndarray:
-        """``p``'s cost matrix (float32) with every other permutation at ``perm``."""
-        for term in self.terms[p]:
-            term.refresh(perm)
-        total = self.constant[p].copy()
-        for term in self.terms[p]:
-            total += term.value
-        return total
-
-    def solve(self, p: str, cost: np.ndarray, current: np.ndarray) -> np.ndarray:
-        """The maximum assignment of ``cost``, as the column of each row.
-
-        Warm-started from ``current`` and the prices of ``p``'s last solve when numba
-        is installed (:func:`_warm_assignment`), else scipy's cold solve.
-        """
-        warm = _compiled_warm_assignment()
-        if warm is None or len(current) == 0:
-            return _solve(cost)
-        prices = self.prices.setdefault(p, np.zeros(len(current)))
-        return warm(-cost.astype(np.float64), current.astype(np.int64), prices)
-
-    def objective(self, perm: Mapping[str, np.ndarray]) -> float:
-        """The exact (float64) objective ``Σ ⟨θ_A, π(θ_B)⟩``."""
-        return matching_objective(self.spec, self.a, self.b, perm)
-
-    def gain(self, p: str, perm: Mapping[str, np.ndarray], new: np.ndarray, cost: np.ndarray) -> float:
-        """Change of the objective when ``perm[p]`` becomes ``new``, the others held.
-
-        When many units move, their entries of the float32 ``cost`` summed in float64 (the
-        rounding is far below such a gain); when few move (where a gain can be as small as
-        the rounding), the exact float64 change, read from the moved units' slices only
-        (whole parameters if ``p`` acts on two axes of one parameter).
-        """
-        old = perm[p]
-        units = np.flatnonzero(old != new)
-        if len(units) > max(_EXACT_UNITS, len(old) // 16) and p not in self.self_bound:
-            gain = cost[units, new[units]].sum(dtype=np.float64) - cost[units, old[units]].sum(dtype=np.float64)
-            return float(gain)
-        return self._exact_gain(p, perm, new, units)
-
-    def _exact_gain(self, p: str, perm: Mapping[str, np.ndarray], new: np.ndarray, units: np.ndarray) -> float:
-        old = perm[p]
-        if p in self.self_bound:
-            names = {name for name, _ in self.spec.perm_to_axes[p]}
-            part = PermutationSpec({k: self.spec.axes_to_perm[k] for k in names})
-            trial = {**perm, p: new}
-            return (matching_objective(part, self.a, self.b, trial)
-                    - matching_objective(part, self.a, self.b, perm))
-        total = 0.0
-        for name, axis in self.spec.perm_to_axes[p]:
-            a_rows = np.take(self.a[name], units, axis=axis)
-            b_new = np.take(self.b[name], new[units], axis=axis)
-            b_old = np.take(self.b[name], old[units], axis=axis)
-            for ax, q in enumerate(self.spec.axes_to_perm[name]):
-                if q is not None and ax != axis:
-                    b_new, b_old = np.take(b_new, perm[q], axis=ax), np.take(b_old, perm[q], axis=ax)
-            total += float(np.einsum("i,i->", a_rows.ravel(), b_new.ravel(), dtype=np.float64)
-                           - np.einsum("i,i->", a_rows.ravel(), b_old.ravel(), dtype=np.float64))
-        return total
 
 
 def _seed_int(seed: int | np.random.Generator | None) -> int:
@@ -266,107 +87,12 @@ def _random_start(seed: int, run: int, sizes: Mapping[str, int]) -> dict[str, np
     return {p: rng.permutation(n).astype(np.int64) for p, n in sizes.items()}
 
 
-def _solve(cost: np.ndarray) -> np.ndarray:
-    """The maximum assignment of ``cost`` (exact, scipy), as the column of each row."""
-    rows, cols = _linear_sum_assignment(cost, maximize=True)
-    return cols[np.argsort(rows)].astype(np.int64)
-
-
-def _warm_assignment(cost: np.ndarray, x: np.ndarray, v: np.ndarray) -> np.ndarray:  # pragma: no cover - jitted
-    """Minimum assignment of ``cost`` warm-started from an assignment and column prices.
-
-    Jonker–Volgenant's augmentation (shortest augmenting paths on reduced costs
-    ``cost[i, j] - v[j]``): rows whose column ``x[i]`` is still a cheapest one for them
-    keep it, the others are freed and re-assigned one shortest augmenting path each,
-    the prices ``v`` updated in place. Exact for any start; fast when the start is
-    nearly optimal, as between two sweeps of weight matching. Plain loops, compiled by
-    numba when it is installed (:func:`_compiled_warm_assignment`).
-
-    Parameters
-    ----------
-    cost : numpy.ndarray, float64, shape (n, n)
-    x : numpy.ndarray, int64, shape (n,)
-        A permutation (row ``i`` to column ``x[i]``); modified and returned.
-    v : numpy.ndarray, float64, shape (n,)
-        Column prices (zeros for a cold start); updated in place.
-    """
-    n = cost.shape[0]
-    y = np.empty(n, np.int64)
-    for i in range(n):
-        y[x[i]] = i
-    free = np.empty(n, np.int64)
-    n_free = 0
-    for i in range(n):
-        best = np.inf
-        for j in range(n):
-            best = min(best, cost[i, j] - v[j])
-        if cost[i, x[i]] - v[x[i]] > best:
-            free[n_free] = i
-            n_free += 1
-    for k in range(n_free):
-        y[x[free[k]]] = -1
-        x[free[k]] = -1
-    dist = np.empty(n)
-    pred = np.empty(n, np.int64)
-    done = np.zeros(n, np.bool_)
-    scanned = np.empty(n, np.int64)
-    for k in range(n_free):
-        start = free[k]
-        for j in range(n):
-            dist[j] = cost[start, j] - v[j]
-            pred[j] = start
-            done[j] = False
-        n_scanned = 0
-        while True:
-            sink, low = -1, np.inf
-            for j in range(n):  # the closest unscanned column, a free one on ties
-                if not done[j] and (dist[j] < low or (dist[j] == low and y[j] < 0)):
-                    sink, low = j, dist[j]
-            if y[sink] < 0:
-                break
-            done[sink] = True
-            scanned[n_scanned] = sink
-            n_scanned += 1
-            row = y[sink]
-            base = low - cost[row, sink] + v[sink]
-            for j in range(n):
-                if not done[j] and base + cost[row, j] - v[j] < dist[j]:
-                    dist[j] = base + cost[row, j] - v[j]
-                    pred[j] = row
-        for s in range(n_scanned):
-            v[scanned[s]] += dist[scanned[s]] - low
-        j = sink
-        while True:  # flip the path
-            row = pred[j]
-            y[j] = row
-            j, x[row] = x[row], j
-            if row == start:
-                break
-    return x
-
-
-@functools.cache
-def _compiled_warm_assignment() -> Any:
-    """:func:`_warm_assignment` compiled by numba, or ``None`` when numba is not installed."""
-    try:
-        import numba
-    except ImportError:
-        return None
-    compiled = numba.njit(cache=True, nogil=True)(_warm_assignment)
-    try:  # compile now: a numba that cannot compile it leaves scipy in charge
-        compiled(np.zeros((2, 2)), np.arange(2, dtype=np.int64), np.zeros(2))
-    except Exception as exc:  # noqa: BLE001 - numba raises many kinds; any means "not usable"
-        _log.warning("numba could not compile the warm-started assignment (%s); using scipy", exc)
-        return None
-    return compiled
-
-
-def _descend(problem: _Problem, perm: dict[str, np.ndarray], seed: int, run: int, max_iter: int, tol: float,
+def _descend(problem: Problem, perm: dict[str, np.ndarray], seed: int, run: int, max_iter: int, tol: float,
              report: Any = None) -> tuple[dict, list[float], int, float]:
     """Permutation coordinate descent from ``perm``: the permutation, history, sweeps and exact objective.
 
     The objective is followed incrementally: exact at the start and the end, in between
-    the sum of the taken gains (see :meth:`_Problem.gain`).
+    the sum of the taken gains (see :meth:`combinability.matching_terms.Problem.gain`).
     """
     names = problem.names
     history = [problem.objective(perm)]
@@ -528,7 +254,7 @@ def weight_matching(
         start = {p: np.asarray(init[p], dtype=np.int64).copy() for p in sizes}
     else:
         start = dict(identity_permutation(sizes))
-    problem = _Problem(spec, a, b)
+    problem = Problem(spec, a, b)
     best: tuple[dict, list[float], int, float] | None = None
     reporter = _SweepReporter(progress, restarts + 1)
     try:
@@ -593,7 +319,7 @@ def activation_matching(acts_a: Mapping[str, np.ndarray], acts_b: Mapping[str, n
     total, count = 0.0, 0
     for p in acts_a:
         corr = unit_correlations(acts_a[p], acts_b[p])
-        rows, cols = _linear_sum_assignment(corr, maximize=True)
+        rows, cols = linear_sum_assignment(corr, maximize=True)
         perm[p] = cols[np.argsort(rows)].astype(np.int64)
         total += corr[rows, cols].sum()
         count += len(rows)

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 import combinability as cb
-from combinability import matching
+from combinability import assignment, matching_terms
 from tests import reference_nets as ref
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
@@ -104,7 +104,7 @@ def test_cached_costs_follow_small_and_large_changes():
     a = ref.resnet_params(rng, c1=10, c2=14)
     b = ref.resnet_params(rng, c1=10, c2=14)
     spec = ref.resnet_spec()
-    problem = matching._Problem(spec, a, b)
+    problem = matching_terms.Problem(spec, a, b)
     perm = dict(cb.random_permutation(spec, a, seed=rng))
     for step in range(12):
         q = problem.names[step % len(problem.names)]
@@ -120,7 +120,7 @@ def test_gain_is_the_change_of_the_objective():
     a = ref.mlp_params(rng, (12, 40, 36, 4))
     b = ref.mlp_params(rng, (12, 40, 36, 4))
     spec = ref.mlp_spec(3)
-    problem = matching._Problem(spec, a, b)
+    problem = matching_terms.Problem(spec, a, b)
     perm = dict(cb.random_permutation(spec, a, seed=rng))
     for moved in (2, 40):  # exact path (few units) and cost-matrix path (many)
         new = perm["P0"].copy()
@@ -139,7 +139,7 @@ def test_permutation_on_two_axes_of_one_parameter():
     a = {"w_in": rng.normal(size=(24, 4)), "w_rec": rng.normal(size=(24, 24)), "w_out": rng.normal(size=(3, 24))}
     planted = cb.Permutation({"P": rng.permutation(24)})  # moves more units than are valued one by one
     b = cb.apply_permutation(spec, cb.invert_permutation(planted), a)
-    problem = matching._Problem(spec, a, b)
+    problem = matching_terms.Problem(spec, a, b)
     perm = {"P": np.arange(24)}
     gain = problem.gain("P", perm, planted["P"], problem.cost("P", perm))
     want = cb.matching_objective(spec, a, b, planted) - cb.matching_objective(spec, a, b, perm)
@@ -186,7 +186,7 @@ def test_warm_assignment_is_optimal_from_any_start(ties):
         prices = rng.normal(size=n) if n % 2 else np.zeros(n)
         x = rng.permutation(n).astype(np.int64)
         for _ in range(3):  # cold, then warm from the last solution and prices on a changed matrix
-            x = matching._warm_assignment(cost, x.copy(), prices)
+            x = assignment.warm_assignment(cost, x.copy(), prices)
             rows, cols = linear_sum_assignment(cost)
             assert sorted(x) == list(range(n))
             assert cost[np.arange(n), x].sum() == pytest.approx(cost[rows, cols].sum(), abs=1e-9)
@@ -195,7 +195,7 @@ def test_warm_assignment_is_optimal_from_any_start(ties):
 
 def test_warm_solver_takes_the_reference_steps(monkeypatch):
     """With the warm-started solver in place of scipy: still the reference's descent."""
-    monkeypatch.setattr(matching, "_compiled_warm_assignment", lambda: matching._warm_assignment)
+    monkeypatch.setattr(assignment, "compiled_warm_assignment", lambda: assignment.warm_assignment)
     rng = np.random.default_rng(11)
     a = ref.mlp_params(rng, (20, 32, 24, 4))
     b = ref.mlp_params(rng, (20, 32, 24, 4))  # unrelated: a real descent

@@ -1,0 +1,192 @@
+"""The cached cost terms of fast weight matching (:func:`combinability.weight_matching`).
+
+A :class:`Problem` holds, for each permutation, its cost matrix as a sum of float32
+terms, one per ``(parameter, axis)`` it binds (:class:`Term`), cached and corrected for
+the units that moved since they were computed, plus a constant for terms that depend
+on no other permutation. It solves each assignment (warm-started when numba is
+installed) and follows the objective by each step's gain.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+from combinability import assignment
+from combinability.permutation import PermutationSpec, apply_permutation
+
+__all__ = ["Term", "Problem", "matching_objective"]
+
+
+def matching_objective(spec: PermutationSpec, params_a: Mapping[str, Any], params_b: Mapping[str, Any],
+                       perm: Mapping[str, Any]) -> float:
+    """``Σ_names ⟨θ_A[name], π(θ_B)[name]⟩`` over the parameters listed in ``spec``."""
+    total = 0.0
+    for name in spec.axes_to_perm:  # one parameter at a time: no float64 copy of a whole model
+        b = apply_permutation(spec, perm, {name: params_b[name]})[name]
+        total += float(np.einsum("i,i->", np.ravel(params_a[name]), b.ravel(), dtype=np.float64))
+    return total
+
+
+class Term:
+    """One ``(parameter, axis)`` bound to a permutation ``p``: its share of ``p``'s cost matrix.
+
+    ``value[i, j] = Σ ⟨A unit i, B unit j⟩`` over that parameter, the other axes of B
+    permuted by the current permutations. The value is cached in float32 together with
+    the permutations it was computed with (``seen``): when one of them changed in a few
+    units only, the value is updated by the product of those units' slices (a low-rank
+    correction); a term of no other permutation (biases, norms, input and output layers)
+    is computed once.
+    """
+
+    def __init__(self, a: np.ndarray, b: np.ndarray, axis: int, deps: list[tuple[int, str]]) -> None:
+        self.n = a.shape[axis]
+        self.a = np.ascontiguousarray(np.moveaxis(a, axis, 0), dtype=np.float32)
+        self.b = np.ascontiguousarray(np.moveaxis(b, axis, 0), dtype=np.float32)
+        self.deps = deps  # (axis of the moved arrays, permutation name)
+        self.seen: dict[str, np.ndarray] = {}
+        self.value: np.ndarray | None = None
+        self.updates = 0
+
+    def _full(self, perm: Mapping[str, np.ndarray]) -> np.ndarray:
+        w = self.b
+        for ax, q in self.deps:
+            w = np.take(w, perm[q], axis=ax)
+        return self.a.reshape(self.n, -1) @ w.reshape(self.n, -1).T
+
+    def refresh(self, perm: Mapping[str, np.ndarray]) -> bool:
+        """Bring :attr:`value` up to date with ``perm``; return whether it changed."""
+        if self.value is not None:
+            changed = [(ax, q, np.flatnonzero(self.seen[q] != perm[q])) for ax, q in self.deps]
+            changed = [c for c in changed if len(c[2])]
+            if not changed:
+                return False
+            if len(changed) == 1 and len(self.deps) == 1 and self.updates < _MAX_UPDATES:
+                ax, q, units = changed[0]
+                if 2 * len(units) < self.b.shape[ax]:
+                    self.value = self._correct(self.value, ax, units, self.seen[q], perm[q])
+                    self.seen[q] = perm[q].copy()
+                    return True
+        self.value = self._full(perm)
+        self.seen = {q: perm[q].copy() for _, q in self.deps}
+        self.updates = 0
+        return True
+
+    def _correct(self, value: np.ndarray, ax: int, units: np.ndarray, old: np.ndarray,
+                 new: np.ndarray) -> np.ndarray:
+        """``value + Σ_{k ∈ units} A[:, k] (B[:, new[k]] − B[:, old[k]])ᵀ``: only the moved units."""
+        diff = np.take(self.b, new[units], axis=ax) - np.take(self.b, old[units], axis=ax)
+        a_part = np.take(self.a, units, axis=ax)
+        value += a_part.reshape(self.n, -1) @ diff.reshape(self.n, -1).T
+        self.updates += 1
+        return value
+
+
+#: Low-rank corrections of a cached term before it is recomputed (bounds float32 drift).
+_MAX_UPDATES = 16
+#: Moves of at most this many units (or n/16) are valued exactly, in float64.
+_EXACT_UNITS = 8
+
+
+class Problem:
+    """The weight-matching problem of one pair: cached cost terms and the exact objective.
+
+    Parameters
+    ----------
+    spec : PermutationSpec
+    a, b : mapping of str to numpy.ndarray
+        The two models' parameters as given (any float dtype; read for the exact,
+        float64 objective); float32 copies feed the cost matrices.
+    """
+
+    def __init__(self, spec: PermutationSpec, a: Mapping[str, np.ndarray], b: Mapping[str, np.ndarray]) -> None:
+        self.spec, self.a, self.b = spec, a, b
+        self.sizes = spec.perm_sizes(a)
+        self.names = list(self.sizes)
+        self.terms: dict[str, list[Term]] = {p: [] for p in self.names}
+        self.constant: dict[str, np.ndarray] = {}
+        self.users: dict[str, set[str]] = {p: set() for p in self.names}  # q -> the p whose cost reads q
+        self.self_bound: set[str] = set()
+        self.prices: dict[str, np.ndarray] = {}  # column prices of each permutation's last solve
+        for p, entries in spec.perm_to_axes.items():
+            const = np.zeros((self.sizes[p], self.sizes[p]), np.float32)
+            for name, axis in entries:
+                deps = self._deps(name, axis)
+                term = Term(a[name], b[name], axis, deps)
+                if deps:
+                    self.terms[p].append(term)
+                    for _, q in deps:
+                        self.users[q].add(p)
+                        if q == p:
+                            self.self_bound.add(p)
+                else:
+                    const += term._full({})
+            self.constant[p] = const
+
+    def _deps(self, name: str, axis: int) -> list[tuple[int, str]]:
+        """The other permuted axes of ``name``, numbered as after moving ``axis`` to the front."""
+        others = [ax for ax in range(len(self.spec.axes_to_perm[name])) if ax != axis]
+        return [(1 + i, self.spec.axes_to_perm[name][ax]) for i, ax in enumerate(others)
+                if self.spec.axes_to_perm[name][ax] is not None]
+
+    def cost(self, p: str, perm: Mapping[str, np.ndarray]) -> np.ndarray:
+        """``p``'s cost matrix (float32) with every other permutation at ``perm``."""
+        for term in self.terms[p]:
+            term.refresh(perm)
+        total = self.constant[p].copy()
+        for term in self.terms[p]:
+            total += term.value
+        return total
+
+    def solve(self, p: str, cost: np.ndarray, current: np.ndarray) -> np.ndarray:
+        """The maximum assignment of ``cost``, as the column of each row.
+
+        Warm-started from ``current`` and the prices of ``p``'s last solve when numba
+        is installed (:func:`combinability.assignment.warm_assignment`), else scipy's cold solve.
+        """
+        warm = assignment.compiled_warm_assignment()
+        if warm is None or len(current) == 0:
+            return assignment.solve_max(cost)
+        prices = self.prices.setdefault(p, np.zeros(len(current)))
+        return warm(-cost.astype(np.float64), current.astype(np.int64), prices)
+
+    def objective(self, perm: Mapping[str, np.ndarray]) -> float:
+        """The exact (float64) objective ``Σ ⟨θ_A, π(θ_B)⟩``."""
+        return matching_objective(self.spec, self.a, self.b, perm)
+
+    def gain(self, p: str, perm: Mapping[str, np.ndarray], new: np.ndarray, cost: np.ndarray) -> float:
+        """Change of the objective when ``perm[p]`` becomes ``new``, the others held.
+
+        When many units move, their entries of the float32 ``cost`` summed in float64 (the
+        rounding is far below such a gain); when few move (where a gain can be as small as
+        the rounding), the exact float64 change, read from the moved units' slices only
+        (whole parameters if ``p`` acts on two axes of one parameter).
+        """
+        old = perm[p]
+        units = np.flatnonzero(old != new)
+        if len(units) > max(_EXACT_UNITS, len(old) // 16) and p not in self.self_bound:
+            gain = cost[units, new[units]].sum(dtype=np.float64) - cost[units, old[units]].sum(dtype=np.float64)
+            return float(gain)
+        return self._exact_gain(p, perm, new, units)
+
+    def _exact_gain(self, p: str, perm: Mapping[str, np.ndarray], new: np.ndarray, units: np.ndarray) -> float:
+        old = perm[p]
+        if p in self.self_bound:
+            names = {name for name, _ in self.spec.perm_to_axes[p]}
+            part = PermutationSpec({k: self.spec.axes_to_perm[k] for k in names})
+            trial = {**perm, p: new}
+            return (matching_objective(part, self.a, self.b, trial)
+                    - matching_objective(part, self.a, self.b, perm))
+        total = 0.0
+        for name, axis in self.spec.perm_to_axes[p]:
+            a_rows = np.take(self.a[name], units, axis=axis)
+            b_new = np.take(self.b[name], new[units], axis=axis)
+            b_old = np.take(self.b[name], old[units], axis=axis)
+            for ax, q in enumerate(self.spec.axes_to_perm[name]):
+                if q is not None and ax != axis:
+                    b_new, b_old = np.take(b_new, perm[q], axis=ax), np.take(b_old, perm[q], axis=ax)
+            total += float(np.einsum("i,i->", a_rows.ravel(), b_new.ravel(), dtype=np.float64)
+                           - np.einsum("i,i->", a_rows.ravel(), b_old.ravel(), dtype=np.float64))
+        return total
