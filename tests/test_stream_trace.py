@@ -151,3 +151,42 @@ def test_a_pair_of_user_transformers_aligns_with_every_kind_or_permutations_only
 def test_transformers_with_different_head_counts_are_refused_naming_the_layer():
     with pytest.raises(cb.IncompatibleModelsError, match="blocks.0.attn.qk.*blocks=4.*blocks=2"):
         cb.ModelPair(_randomise(ViT(heads=4), 0), _randomise(ViT(heads=2), 1), example_input=X)
+
+
+class MoE(nn.Module):
+    """Top-k mixture of experts, experts stored as blocks of one wide layer, gate values repeated per unit."""
+
+    def __init__(self, d=6, hidden=5, experts=4, top_k=2, out=3):
+        super().__init__()
+        self.hidden, self.top_k = hidden, top_k
+        self.gate = nn.Linear(d, experts, bias=False)
+        self.fc1, self.fc2 = nn.Linear(d, experts * hidden), nn.Linear(experts * hidden, out)
+
+    def forward(self, x):
+        logits = self.gate(x)
+        top, idx = logits.topk(self.top_k, dim=-1)
+        g = torch.zeros_like(logits).scatter(-1, idx, top.softmax(-1))
+        return self.fc2(torch.relu(self.fc1(x)) * g.repeat_interleave(self.hidden, dim=-1))
+
+
+def test_experts_are_traced_as_blocks_moving_with_the_gate_and_a_planted_permutation_is_undone():
+    torch.manual_seed(0)
+    model = _randomise(MoE(), 3)
+    x = torch.randn(40, 6)
+    spec, folds = cb.derive_symmetries(model, x)
+    assert not folds
+    assert spec.kind("P_fc1") == Blocks("P_gate", 4, 5)
+    assert spec.axes_to_perm["gate.weight"] == ("P_gate", None)
+    state = {k: v.numpy().astype(np.float64) for k, v in model.state_dict().items()}
+    planted = cb.random_permutation(spec, state, seed=2)
+    assert not np.array_equal(planted["P_gate"], np.arange(4))
+    moved = cb.apply_permutation(spec, planted, state)
+    np.testing.assert_allclose(_out(model, moved, x), _out(model, state, x), atol=1e-10)
+    back = cb.apply_permutation(spec, cb.weight_matching(spec, state, moved, seed=0), moved)
+    assert max(float(np.abs(back[k] - state[k]).max()) for k in state) < 1e-12
+
+
+def test_moes_with_different_expert_counts_are_refused():
+    with pytest.raises(cb.IncompatibleModelsError, match="P_fc1.*blocks=4, size=5.*blocks=5, size=4"):
+        cb.ModelPair(_randomise(MoE(experts=4, hidden=5), 0), _randomise(MoE(experts=5, hidden=4), 1),
+                     example_input=torch.randn(8, 6))

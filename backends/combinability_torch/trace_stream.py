@@ -110,6 +110,7 @@ def stream_symmetries(model: nn.Module, example_input: torch.Tensor) -> tuple[Pe
     binds: dict[str, list[Any]] = {}  # parameter -> per-axis entry: space id, names, or None
     norms: list[tuple[str, str | None, str | None, int, nn.Module]] = []  # (node, scale, shift, space, module)
     heads: dict[str, tuple[int, int]] = {}  # attention module -> (heads, head dim)
+    expansions: dict[int, tuple[int, int | None, int]] = {}  # space -> (gate space, experts, units per expert)
 
     def bind(param: str, entries: list[Any]) -> None:
         if param in binds:
@@ -172,8 +173,27 @@ def stream_symmetries(model: nn.Module, example_input: torch.Tensor) -> tuple[Pe
             args = tensor_args(n)
             spaces = [space[a.name] for a in args]
             target = n.target
-            if not args or _ndim(n) is None:
+            if target in ("topk", torch.topk) and args and _dim_is_last(n, 2):
+                sp.nonlinear.add(sp.find(spaces[0]))  # routing: permutations of the experts only
+                space[n.name] = _FIXED  # sorted gate values and their indices: free of the experts' order
+            elif target == "scatter" and args and _dim_is_last(n, 1):
+                space[n.name] = space[n.args[0].name]  # scattered back into the experts' positions
+            elif target in ("zeros_like", "ones_like", torch.zeros_like, torch.ones_like) and args:
+                space[n.name] = spaces[0]
+            elif not args or _ndim(n) is None:
                 space[n.name] = None  # shapes, constants, masks: no features
+            elif target in ("repeat_interleave", torch.repeat_interleave) and len(args) == 1 and _dim_is_last(n, 2):
+                repeats = n.kwargs.get("repeats", n.args[1] if len(n.args) > 1 else None)
+                if not isinstance(repeats, int) or spaces[0] == _FIXED:
+                    raise TracingError(f"{where}: repeat_interleave needs an int number of repeats{_hint(model)}")
+                s = sp.new(f"{n.name}")
+                expansions[s] = (spaces[0], _last(args[0]), repeats)  # each unit of the gate -> a block
+                sp.nonlinear.add(sp.find(spaces[0]))
+                space[n.name] = s
+            elif target in (operator.mul, torch.mul, "mul") and len(args) == 2 and _FIXED not in spaces:
+                s = sp.union(spaces[0], spaces[1])  # an element-wise product (gating): one permutation
+                sp.nonlinear.add(sp.find(s))
+                space[n.name] = s
             elif all(s == _FIXED for s in spaces):
                 space[n.name] = _FIXED  # preprocessing of the input (patching, casting)
             elif target is operator.getitem and n.args[0].op == "call_module" and isinstance(
@@ -212,7 +232,7 @@ def stream_symmetries(model: nn.Module, example_input: torch.Tensor) -> tuple[Pe
                     sp.fixed.add(sp.find(space[a.name]))
     for k, v in model.named_parameters():  # unused by forward: left as they are
         binds.setdefault(k, [None] * v.ndim)
-    return _spec(model, gm, sp, binds, norms, heads)
+    return _spec(model, gm, sp, binds, norms, heads, expansions)
 
 
 def _attr(gm: fx.GraphModule, target: str) -> Any:
@@ -220,6 +240,12 @@ def _attr(gm: fx.GraphModule, target: str) -> Any:
     for part in target.split("."):
         obj = getattr(obj, part)
     return obj
+
+
+def _dim_is_last(n: fx.Node, position: int) -> bool:
+    """Whether the ``dim`` argument (keyword, or positional at ``position``) is the last axis."""
+    dim = n.kwargs.get("dim", n.args[position] if len(n.args) > position else None)
+    return dim == -1 or (dim is not None and dim == (_ndim(n.args[0]) or 0) - 1)
 
 
 def _keeps_last(n: fx.Node) -> bool:
@@ -279,7 +305,8 @@ def _attention(n: fx.Node, m: nn.MultiheadAttention, gm: fx.GraphModule, sp: _Sp
 
 def _spec(model: nn.Module, gm: fx.GraphModule, sp: _Spaces, binds: dict[str, list[Any]],
           norms: list[tuple[str, str | None, str | None, int, nn.Module]],
-          heads: dict[str, tuple[int, int]]) -> tuple[PermutationSpec, list[NormFold]]:
+          heads: dict[str, tuple[int, int]],
+          expansions: dict[int, tuple[int, int | None, int]]) -> tuple[PermutationSpec, list[NormFold]]:
     fixed = {sp.find(s) for s in sp.fixed} | {_FIXED}
     nonlinear = {sp.find(s) for s in sp.nonlinear}
     users = {n.name: list(n.users) for n in gm.graph.nodes}
@@ -322,6 +349,10 @@ def _spec(model: nn.Module, gm: fx.GraphModule, sp: _Spaces, binds: dict[str, li
     for target, (h, dh) in heads.items():
         kinds[f"{target}.qk"] = Blocks(f"{target}.heads", h, dh)
         kinds[f"{target}.vo"] = Blocks(f"{target}.heads", h, dh)
+    for s, (gate, experts, size) in expansions.items():  # experts: blocks of units moving with the gate
+        root, group = sp.find(s), sp.find(gate)
+        if root in names and group in names and experts:
+            kinds[names[root]] = Blocks(names[group], int(experts), int(size))
     all_folds: list[NormFold] = []
     for r in orthogonal:
         requires = [(p, 1.0 if p.endswith("weight") else 0.0) for p, root in norm_params.items() if root == r]
