@@ -1,0 +1,150 @@
+"""Which symmetries does alignment need? Naive, permutation-only and all-kinds alignment compared.
+
+For transformers, Theus et al. ("Generalized linear mode connectivity for transformers")
+report that permutations alone leave a barrier between independently trained models and
+that adding the orthogonal symmetry of the residual stream (with heads moved whole)
+brings them to linear connectivity; for mixtures of experts, Tran et al. report that
+aligning experts jointly with the gate suffices. :func:`symmetry_comparison` measures this
+on any pair the library accepts: the naive pair, the pair aligned with permutations only
+(heads, FFN neurons and experts as blocks, the stream *permuted*), and the pair aligned
+with every kind the spec admits (the stream *rotated*, its norms folded first), each swept
+with the linear path and the paper's element-wise samplers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import xarray as xr
+
+from combinability.errors import ConfigurationError
+from combinability.experiments.compare import reuse_or_run
+from combinability.kinds import Orthogonal
+from combinability.results import barriers, provenance
+from combinability.samplers import Bernoulli, Linear, Subcube, Uniform
+from combinability.samplers.base import Sampler
+from combinability.sets import ModelSet
+from combinability.sweeps import sweep
+
+__all__ = ["symmetry_comparison", "ALIGNMENTS"]
+
+#: The alignments compared: none, permutations only, every kind of the spec.
+ALIGNMENTS = ("naive", "permutation", "all")
+THEUS_2025 = ("Theus, A., et al. (2025). Generalized linear mode connectivity for transformers. "
+              "Tran, V.-H., et al. (2025). On linear mode connectivity of mixture-of-experts architectures.")
+
+
+def _samplers(samplers: Sequence[Sampler] | None) -> list[Sampler]:
+    chosen = list(samplers) if samplers is not None else [Linear(), Uniform(), Subcube(), Bernoulli()]
+    if not chosen or any(not isinstance(s, Sampler) for s in chosen):
+        raise ConfigurationError(f"samplers must be one or more samplers (cb.Linear(), cb.Uniform(), ...), "
+                                 f"got {samplers!r}")
+    names = [s.name for s in chosen]
+    if len(set(names)) != len(names):
+        raise ConfigurationError(f"each sampler may appear once, got {names}")
+    return chosen
+
+
+def symmetry_comparison(
+    pair: ModelSet,
+    data: Any,
+    *,
+    samplers: Sequence[Sampler] | None = None,
+    values: Mapping[str, Sequence[float]] | None = None,
+    samples: int = 2,
+    seed: int = 0,
+    restarts: int = 2,
+    out: str | Path | None = None,
+    overwrite: bool = False,
+    attrs: Mapping[str, Any] | None = None,
+    **sweep_kwargs: Any,
+) -> xr.Dataset:
+    """Barriers of the naive, permutation-aligned and all-kinds-aligned pair, per sampler.
+
+    Parameters
+    ----------
+    pair : ModelPair
+        A naive pair (for a transformer: ``cb.ModelPair(a, b, example_input=x)``).
+    data : str, (x, y) or mapping of split to (x, y)
+        Evaluation data, as for :func:`combinability.sweep`.
+    samplers : sequence of Sampler, optional
+        Default: the linear path, uniform, subcube and Bernoulli.
+    values : mapping of sampler name to sequence of float, optional
+        Parameter values per sampler (``{"linear": [0, 0.5, 1], "uniform": [0.25]}``); a
+        sampler not named sweeps its default grid.
+    samples : int
+        Draws per value for the random samplers.
+    seed : int
+        Seeds the draws and weight matching.
+    restarts : int
+        Extra weight-matching runs from random starts.
+    out : path, optional
+        Write the result there; an existing result of the same settings is returned as is.
+    overwrite : bool
+    attrs : mapping, optional
+    **sweep_kwargs
+        Passed to :func:`combinability.sweep` (``batch_size``, ``limit``, ...).
+
+    Returns
+    -------
+    xarray.Dataset
+        ``loss`` and ``accuracy`` (dims ``alignment, sampler, split, value, sample``),
+        ``loss_barrier`` and ``accuracy_barrier`` (``alignment, sampler, split``), the end
+        models' scores, the weight-matching objective per alignment and whether the spec has
+        an orthogonal map (``alignment="all"`` equals ``"permutation"`` when it has none).
+
+    Raises
+    ------
+    ConfigurationError
+        For a pair that is already aligned, or bad samplers, before any work.
+    """
+    if pair.is_aligned:
+        raise ConfigurationError("symmetry_comparison needs the naive pair (it aligns it twice); pass pair.naive")
+    chosen = _samplers(samplers)
+    unknown = sorted(set(values or {}) - {s.name for s in chosen})
+    if unknown:
+        raise ConfigurationError(f"values names sampler(s) {unknown} not compared; compared: "
+                                 f"{[s.name for s in chosen]}")
+    grids = {s.name: None if s.name not in (values or {}) else [float(v) for v in values[s.name]] for s in chosen}
+    for smp in chosen:  # a value outside a sampler's range is refused before any work
+        for v in grids[smp.name] or ():
+            smp.validate(v)
+    key = {"experiment": "symmetry_comparison", "fingerprints": pair.fingerprints(), "data": repr(data)[:200],
+           "samplers": [repr(s) for s in chosen], "values": grids, "samples": int(samples), "seed": int(seed),
+           "restarts": int(restarts), "sweep": {k: repr(v) for k, v in sweep_kwargs.items()}}
+
+    def run(_: Path | None) -> xr.Dataset:
+        sets = {"naive": pair, "permutation": pair.align("weight", seed=seed, restarts=restarts,
+                                                          symmetries="permutation"),
+                "all": pair.align("weight", seed=seed, restarts=restarts)}
+        rows = []
+        for name in ALIGNMENTS:
+            per_sampler = []
+            for smp in chosen:
+                draws = 1 if isinstance(smp, Linear) else samples
+                ds = sweep(sets[name], sampler=smp, data=data, values=grids[smp.name], samples=draws, seed=seed,
+                           **sweep_kwargs)
+                if isinstance(smp.parameter, str) and smp.parameter in ds.dims:
+                    ds = ds.rename({smp.parameter: "value"})
+                per_sampler.append(xr.merge([ds[["loss", "accuracy"]], barriers(ds)], combine_attrs="drop"))
+            row = xr.concat(per_sampler, dim=xr.DataArray([s.name for s in chosen], dims="sampler"),
+                            join="outer", combine_attrs="drop")
+            ends = sweep(sets[name], sampler=Linear(), data=data, values=[0.0, 1.0], seed=seed, **sweep_kwargs)
+            for k in ("loss_a", "loss_b", "accuracy_a", "accuracy_b"):
+                row[k] = ends[k]
+            objective = getattr((sets[name].transforms[1] or {}), "objective", None)
+            row["objective"] = xr.DataArray(np.nan if objective is None else float(objective),
+                                            attrs={"long_name": "weight-matching objective Σ⟨θ_A, T(θ_B)⟩"})
+            rows.append(row)
+        out = xr.concat(rows, dim=xr.DataArray(list(ALIGNMENTS), dims="alignment"), combine_attrs="drop")
+        out["alignment"].attrs = {"long_name": "alignment (none, permutations only, every symmetry kind)"}
+        out["has_orthogonal"] = xr.DataArray(any(isinstance(k, Orthogonal) for k in pair.spec.kinds.values()),
+                                             attrs={"long_name": "the spec has an orthogonal map"})
+        out.attrs = provenance(combinability_format="symmetry_comparison", references_extra=THEUS_2025,
+                               samplers=[s.name for s in chosen], seed=int(seed), **dict(attrs or {}))
+        return out
+
+    return reuse_or_run(out, key, run, overwrite=overwrite)
