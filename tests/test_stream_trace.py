@@ -190,3 +190,41 @@ def test_moes_with_different_expert_counts_are_refused():
     with pytest.raises(cb.IncompatibleModelsError, match="P_fc1.*blocks=4, size=5.*blocks=5, size=4"):
         cb.ModelPair(_randomise(MoE(experts=4, hidden=5), 0), _randomise(MoE(experts=5, hidden=4), 1),
                      example_input=torch.randn(8, 6))
+
+
+class CausalLM(nn.Module):
+    """A decoder that checks shapes and builds its causal mask from the input's length."""
+
+    def __init__(self, vocab=11, d=16, context=8):
+        super().__init__()
+        self.context = context
+        self.tok, self.pos = nn.Embedding(vocab, d), nn.Parameter(torch.randn(1, context, d) * 0.3)
+        self.block, self.norm, self.head = Block(d, 2, "layer"), nn.LayerNorm(d), nn.Linear(d, vocab)
+        self.block.forward = self._block
+
+    def _block(self, x, mask):
+        b = self.block
+        h = b.norm1(x)
+        x = x + b.attn(h, h, h, attn_mask=mask, need_weights=False)[0]
+        return x + b.fc2(nn.functional.gelu(b.fc1(b.norm2(x))))
+
+    def forward(self, tokens):
+        n, t = tokens.shape
+        if t > self.context:
+            raise ValueError("too long")
+        mask = torch.ones(t, t, dtype=torch.bool).triu(1)
+        h = self.tok(tokens.long()) + self.pos[:, :t]
+        return self.head(self.norm(self.block(h, mask))).reshape(n * t, -1)
+
+
+def test_a_forward_that_branches_on_shapes_and_builds_its_mask_is_traced():
+    model = _randomise(CausalLM(), 6)
+    tokens = torch.randint(0, 11, (5, 8)).float()
+    spec, folds = cb.derive_symmetries(model, tokens)
+    stream = [p for p, k in spec.kinds.items() if isinstance(k, Orthogonal)]
+    assert stream and spec.axes_to_perm["tok.weight"] == (None, stream[0])
+    a = cb.fold_norms({k: v.numpy().astype(np.float64) for k, v in model.state_dict().items()}, folds)
+    b = cb.apply_permutation(spec, cb.random_permutation(spec, a, seed=2), a)
+    np.testing.assert_allclose(_out(model, b, tokens), _out(model, a, tokens), atol=1e-9)
+    back = cb.apply_permutation(spec, cb.weight_matching(spec, a, b, seed=0, restarts=2), b)
+    assert max(float(np.abs(back[k] - a[k]).max()) for k in a) < 1e-6

@@ -43,6 +43,7 @@ _TOKEN_OPS = {"mean", torch.mean, "sum", torch.sum}
 _SHAPE_OPS = {"view", "reshape", "flatten", "transpose", "permute", "unsqueeze", "squeeze", torch.flatten,
               torch.reshape, torch.transpose}
 _FIXED = -1
+_FACTORIES = ("ones", "zeros", "full", "empty", "arange", "eye", "rand", "randn")
 
 
 @dataclass
@@ -100,7 +101,8 @@ def stream_symmetries(model: nn.Module, example_input: torch.Tensor) -> tuple[Pe
         Naming the node the tracer cannot follow, or a parameter it did not see.
     """
     try:
-        gm = fx.symbolic_trace(model)
+        tracer = ConcreteTracer(example_input)
+        gm = fx.GraphModule(model, tracer.trace(model))
         ShapeProp(gm).propagate(example_input)
     except Exception as exc:
         raise TracingError(f"torch.fx cannot trace {type(model).__name__} ({type(exc).__name__}: "
@@ -235,7 +237,68 @@ def stream_symmetries(model: nn.Module, example_input: torch.Tensor) -> tuple[Pe
     return _spec(model, gm, sp, binds, norms, heads, expansions)
 
 
-def _attr(gm: fx.GraphModule, target: str) -> Any:
+class ConcreteTracer(fx.Tracer):
+    """``torch.fx`` tracing that also runs the model on an example, so ``forward`` may branch on shapes.
+
+    Every node's value on ``example_input`` is computed as the node is recorded; when
+    ``forward`` asks a traced value for a truth value (``if h % p:``, ``if t > context:``)
+    the example's answer is taken, so the graph is the one the example follows — which is
+    what the symmetries are derived from and verified on.
+    """
+
+    def __init__(self, example_input: torch.Tensor) -> None:
+        super().__init__()
+        self.example = example_input
+        self.values: dict[fx.Node, Any] = {}
+
+    def _value(self, a: Any) -> Any:
+        return fx.node.map_aggregate(a, lambda v: self.values[v.node] if isinstance(v, fx.Proxy) else v)
+
+    def create_proxy(self, kind: str, target: Any, args: Any, kwargs: Any, *rest: Any, **more: Any) -> fx.Proxy:
+        proxy = super().create_proxy(kind, target, args, kwargs, *rest, **more)
+        a, kw = self._value(args), self._value(kwargs)
+        from torch.fx._symbolic_trace import _maybe_revert_all_patches  # torch pinned: run the real modules
+
+        with torch.no_grad(), _maybe_revert_all_patches():
+            if kind == "placeholder":
+                value = self.example
+            elif kind == "get_attr":
+                value = _attr(self.root, target)
+            elif kind == "call_function":
+                value = target(*a, **kw)
+            elif kind == "call_method":
+                value = getattr(a[0], target)(*a[1:], **kw)
+            elif kind == "call_module":
+                value = self.root.get_submodule(target)(*a, **kw)
+            else:
+                value = None
+        self.values[proxy.node] = value
+        return proxy
+
+    def to_bool(self, obj: fx.Proxy) -> bool:
+        return bool(self.values[obj.node])
+
+    def trace(self, root: Any, concrete_args: Any = None) -> fx.Graph:
+        """Trace ``root``; tensor factories called with traced sizes (``torch.ones(t, t)``) are recorded too."""
+        originals = {name: getattr(torch, name) for name in _FACTORIES}
+
+        def recorded(fn: Any) -> Any:
+            def call(*args: Any, **kwargs: Any) -> Any:
+                found: list[fx.Proxy] = []
+                fx.node.map_aggregate((args, kwargs), lambda v: found.append(v) if isinstance(v, fx.Proxy) else v)
+                return self.create_proxy("call_function", fn, args, kwargs) if found else fn(*args, **kwargs)
+            return call
+
+        try:
+            for name, fn in originals.items():
+                setattr(torch, name, recorded(fn))
+            return super().trace(root, concrete_args)
+        finally:
+            for name, fn in originals.items():
+                setattr(torch, name, fn)
+
+
+def _attr(gm: nn.Module, target: str) -> Any:
     obj: Any = gm
     for part in target.split("."):
         obj = getattr(obj, part)
