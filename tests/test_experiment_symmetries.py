@@ -56,3 +56,23 @@ def test_an_aligned_pair_or_bad_samplers_are_refused_before_work():
 def test_a_value_outside_a_samplers_range_is_refused_before_work():
     with pytest.raises(cb.SamplerError, match="outside"):
         symmetry_comparison(_planted_pair(), "digits", samplers=[cb.Uniform()], values={"uniform": [0.9]})
+
+
+def test_the_figure_draws_each_alignment(tmp_path):
+    import xarray as xr
+
+    from combinability.plots import plot_symmetries
+
+    value = xr.DataArray([0.0, 0.5, 1.0], dims="value")
+    curves = np.array([[1.0, 3.0, 1.2], [1.0, 2.0, 1.2]])  # per sampler, along the value grid
+    loss = xr.DataArray(np.broadcast_to(curves[None, :, None, :, None], (3, 2, 1, 3, 1)),
+                        dims=("alignment", "sampler", "split", "value", "sample"),
+                        coords={"alignment": ["naive", "permutation", "all"], "sampler": ["linear", "uniform"],
+                                "split": ["test"], "value": value})
+    ds = xr.Dataset({"loss": loss, "loss_barrier": loss.max(("value", "sample")) - 1.1})
+    fig = plot_symmetries(ds, tmp_path / "sym.png")
+    assert (tmp_path / "sym.png").stat().st_size > 1000
+    bars = [p for p in fig.axes[1].patches if str(p.get_gid()).startswith("barrier|")]
+    assert len(bars) == 6 and max(b.get_height() for b in bars) == pytest.approx(1.9)
+    lines = [line for line in fig.axes[0].lines if str(line.get_gid()).startswith("path|")]
+    assert [tuple(line.get_ydata()) for line in lines][0] == (1.0, 3.0, 1.2)

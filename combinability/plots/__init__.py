@@ -12,6 +12,7 @@ function                           draws                               paper
 :func:`plot_barrier_summary`       naive vs aligned barriers, bars     —
 :func:`plot_asymmetry`             standard vs asymmetric, linear path —
 :func:`plot_aligners`              aligner barriers, merged models     —
+:func:`plot_symmetries`            naive / permutation / orthogonal    —
 =================================  ==================================  ===================
 
 Every function returns a :class:`matplotlib.figure.Figure` and, given ``path=``, writes
@@ -33,6 +34,7 @@ from combinability.plots.curves import PARAMETER_LABELS, barrier_caption, plot_s
 from combinability.plots.edges import edge_histograms, plot_edge_lengths
 from combinability.plots.robustness import plot_robustness, robustness_curves
 from combinability.plots.summary import barrier_table, plot_barrier_summary
+from combinability.plots.symmetries import plot_symmetries
 from combinability.plots.triangle import plot_triangle, triangle_coordinates, triangle_values
 from combinability.plots.width import plot_width_ablation
 
@@ -50,6 +52,7 @@ __all__ = [
     "plot_edge_lengths",
     "plot_robustness",
     "plot_sweep",
+    "plot_symmetries",
     "plot_triangle",
     "plot_width_ablation",
     "robustness_curves",
