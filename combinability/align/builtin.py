@@ -65,4 +65,4 @@ def activation(task: AlignTask, **_: Any) -> Permutation:
 
 def identity(task: AlignTask, **_: Any) -> Permutation:
     """The identity permutation (no alignment: the naive baseline)."""
-    return identity_permutation(task.sizes())
+    return identity_permutation(task.sizes(), task.spec)
