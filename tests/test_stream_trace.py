@@ -228,3 +228,19 @@ def test_a_forward_that_branches_on_shapes_and_builds_its_mask_is_traced():
     np.testing.assert_allclose(_out(model, b, tokens), _out(model, a, tokens), atol=1e-9)
     back = cb.apply_permutation(spec, cb.weight_matching(spec, a, b, seed=0, restarts=2), b)
     assert max(float(np.abs(back[k] - a[k]).max()) for k in a) < 1e-6
+
+
+def test_a_norm_whose_shift_cannot_fold_leaves_the_stream_to_permutations():
+    class GateAfterNorm(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed, self.norm = nn.Linear(4, 8), nn.LayerNorm(8)
+            self.gate = nn.Linear(8, 3, bias=False)  # nowhere to put W β
+
+        def forward(self, x):
+            return self.gate(self.norm(self.embed(x)))
+
+    model = _randomise(GateAfterNorm(), 0)
+    spec, folds = cb.derive_symmetries(model, torch.randn(5, 4))
+    assert not any(isinstance(k, Orthogonal) for k in spec.kinds.values())
+    assert spec.axes_to_perm["norm.bias"] == ("P_embed",)

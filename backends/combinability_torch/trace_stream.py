@@ -383,12 +383,12 @@ def _spec(model: nn.Module, gm: fx.GraphModule, sp: _Spaces, binds: dict[str, li
         readers = []
         for u in _through_token_ops(gm, users[node]):
             um = gm.get_submodule(u.target) if u.op == "call_module" else None
-            if isinstance(um, nn.Linear):
+            if isinstance(um, nn.Linear) and (um.bias is not None or shift is None):
                 readers.append(Reader(f"{u.target}.weight", 1, f"{u.target}.bias" if um.bias is not None else None))
-            elif isinstance(um, nn.MultiheadAttention):
+            elif isinstance(um, nn.MultiheadAttention) and (um.in_proj_bias is not None or shift is None):
                 readers.append(Reader(f"{u.target}.in_proj_weight", 1,
                                       f"{u.target}.in_proj_bias" if um.in_proj_bias is not None else None))
-            else:
+            else:  # read by something a norm cannot fold into (or a bias-free layer, for its shift)
                 unfoldable.add(root)
         folds.setdefault(root, []).append(NormFold(scale, shift, tuple(readers)))
     names: dict[int, str] = {}
