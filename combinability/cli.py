@@ -293,6 +293,20 @@ def _cmd_merge(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+@contextmanager
+def _client(args: argparse.Namespace) -> Iterator[Any]:
+    """``--scheduler ADDRESS`` / ``--workers N``: a Dask client for the block (None without them)."""
+    scheduler, workers = getattr(args, "scheduler", None), getattr(args, "workers", None)
+    if scheduler is None and workers is None:
+        yield None
+        return
+    from combinability.executors.dask_cluster import cluster_client
+
+    with cluster_client(scheduler, workers) as client:
+        log.info("evaluations on Dask: %s", client.scheduler.address)
+        yield client
+
+
 def _resolve_sweep(args: argparse.Namespace) -> None:
     _from_checkpoints(args, [args.model_a, args.model_b], need_data=True)
 
@@ -304,19 +318,21 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
     sampler = get_sampler(args.sampler, **_parse_kv(args.sampler_arg))
     values = _parse_values(args.values)
     _check_out(args.out, "results file")
-    pair = _pair(args, args.model_c)
-    if args.align != "none":
-        pair = pair.align(args.align, seed=args.seed, data=args.data, progress=not args.quiet)
-    kwargs = dict(data=args.data, splits=args.splits, values=values, samples=args.samples, seed=args.seed,
-                  limit=args.limit, agreement=args.agreement, progress=not args.quiet, batch_size=args.batch_size,
-                  out=args.out, overwrite=args.overwrite, attrs=args.cli_attrs)
-    t0 = time.perf_counter()
-    if args.naive and pair.is_aligned:
-        ds = sweep_pairs({"naive": pair.naive, "aligned": pair}, sampler, **kwargs)
-    else:
-        if args.naive:
-            log.warning("--naive with --align none: the pair is swept as given (B is not re-aligned)")
-        ds = sweep(pair, sampler, **kwargs)
+    with _client(args) as client:  # an unreachable scheduler fails here, before any work
+        pair = _pair(args, args.model_c)
+        if args.align != "none":
+            pair = pair.align(args.align, seed=args.seed, data=args.data, progress=not args.quiet)
+        kwargs = dict(data=args.data, splits=args.splits, values=values, samples=args.samples, seed=args.seed,
+                      limit=args.limit, agreement=args.agreement, progress=not args.quiet,
+                      batch_size=args.batch_size, out=args.out, overwrite=args.overwrite, attrs=args.cli_attrs,
+                      client=client)
+        t0 = time.perf_counter()
+        if args.naive and pair.is_aligned:
+            ds = sweep_pairs({"naive": pair.naive, "aligned": pair}, sampler, **kwargs)
+        else:
+            if args.naive:
+                log.warning("--naive with --align none: the pair is swept as given (B is not re-aligned)")
+            ds = sweep(pair, sampler, **kwargs)
     from combinability.results import barriers
 
     print(f"sweep finished in {time.perf_counter() - t0:.1f} s -> {args.out}")
@@ -341,6 +357,11 @@ def _cmd_experiment(args: argparse.Namespace) -> int:
     from combinability import experiments as ex
 
     _check_out(args.out, "results file")
+    with _client(args) as client:
+        return _experiment(args, ex, client)
+
+
+def _experiment(args: argparse.Namespace, ex: Any, client: Any) -> int:
     common = dict(out=args.out, overwrite=args.overwrite, attrs=args.cli_attrs)
     t0 = time.perf_counter()
     if args.experiment == "width":
@@ -349,7 +370,7 @@ def _cmd_experiment(args: argparse.Namespace) -> int:
                    seeds=tuple(args.seeds), epochs=args.epochs, method=args.method, model_dir=args.model_dir,
                    values_per_sampler=args.values_per_sampler, progress=not args.quiet, splits=args.splits,
                    samples=args.samples, limit=args.limit, batch_size=args.batch_size,
-                   calibrate=args.calibrate, **common)
+                   calibrate=args.calibrate, client=client, **common)
     else:
         pair = _pair(args, getattr(args, "model_c", None))
         pair = pair.align(args.method, seed=args.seed, data=args.data, progress=not args.quiet)
@@ -361,7 +382,7 @@ def _cmd_experiment(args: argparse.Namespace) -> int:
             ds = ex.edge_lengths(pair, bins=args.bins, quantile=args.quantile, **common)
         else:  # transitivity
             ds = ex.transitivity(pair, seed=args.seed, values=_floats(args.values, "--values"),
-                       **_sweep_options(args), **common)
+                       client=client, **_sweep_options(args), **common)
     print(f"{args.experiment} finished in {time.perf_counter() - t0:.1f} s -> {args.out}")
     if "loss_barrier" in ds:
         print(ds[["loss_barrier", "accuracy_barrier"]].to_dataframe().dropna().to_string())
@@ -383,13 +404,14 @@ def _cmd_aligners(args: argparse.Namespace) -> int:
 
         example = as_dataset(args.data, "test").x[:16]
     t0 = time.perf_counter()
-    ds = compare_aligners(models, args.data, methods=args.methods, samplers=args.samplers,
-                          many_methods=args.many_methods, n_models=args.n_models, epochs=args.epochs,
-                          train_examples=args.train_examples, ste_sampler=args.ste_sampler,
-                          values_per_sampler=args.values_per_sampler, samples=args.samples or 4, splits=args.splits,
-                          limit=args.limit, batch_size=args.batch_size, seed=args.seed, backend=args.backend,
-                          example_input=example, out=args.out, overwrite=args.overwrite, progress=not args.quiet,
-                          attrs=args.cli_attrs)
+    with _client(args) as client:
+        ds = compare_aligners(models, args.data, methods=args.methods, samplers=args.samplers,
+                              many_methods=args.many_methods, n_models=args.n_models, epochs=args.epochs,
+                              train_examples=args.train_examples, ste_sampler=args.ste_sampler,
+                              values_per_sampler=args.values_per_sampler, samples=args.samples or 4,
+                              splits=args.splits, limit=args.limit, batch_size=args.batch_size, seed=args.seed,
+                              backend=args.backend, example_input=example, out=args.out, overwrite=args.overwrite,
+                              progress=not args.quiet, attrs=args.cli_attrs, client=client)
     print(f"aligners finished in {time.perf_counter() - t0:.1f} s -> {args.out}")
     for var in ("loss_barrier", "accuracy_barrier", "merged_accuracy", "worst_pair_loss_barrier"):
         if var in ds:
@@ -421,8 +443,10 @@ def _resolve_demo(args: argparse.Namespace) -> None:
 def _cmd_demo(args: argparse.Namespace) -> int:
     from combinability.demo import run_demo
 
-    return run_demo(out=Path(args.out), data=args.data, backend=args.backend, quick=args.quick,
-                 progress=not args.quiet, epochs=args.epochs, attrs=args.cli_attrs, overwrite=args.overwrite)
+    with _client(args) as client:
+        return run_demo(out=Path(args.out), data=args.data, backend=args.backend, quick=args.quick,
+                        progress=not args.quiet, epochs=args.epochs, attrs=args.cli_attrs, overwrite=args.overwrite,
+                        client=client)
 
 
 def _resolve_analyse(args: argparse.Namespace) -> None:
@@ -530,6 +554,15 @@ def _sweep_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--samples", type=int, default=None, help="draws per value (default 4; 1 if deterministic)")
     p.add_argument("--limit", type=int, default=None, help="evaluate on the first N examples of each split")
     p.add_argument("--batch-size", type=int, default=1000, help="evaluation batch size")
+    _cluster_arguments(p)
+
+
+def _cluster_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--scheduler", default=None, metavar="ADDRESS",
+                   help="run the evaluations on the Dask cluster of this scheduler (tcp://host:8786; needs "
+                        "combinability[dask], see docs/clusters.md)")
+    p.add_argument("--workers", type=int, default=None, metavar="N",
+                   help="run the evaluations on a local Dask cluster of N worker processes")
 
 
 _DATA_FROM_CKPT = "registered dataset or .npz file (default: the one recorded in model A's checkpoint)"
@@ -693,11 +726,13 @@ def _cmd_asymmetry(args: argparse.Namespace) -> int:
 
     _check_out(args.out, "results file")
     t0 = time.perf_counter()
-    ds = asymmetry_comparison(args.data, architectures=args.architectures, seeds=tuple(args.seeds), width=args.width,
-                              epochs=args.epochs, backend=args.backend, method=args.method, model_dir=args.model_dir,
-                              values=_floats(args.values, "--values"), splits=args.splits, samples=args.samples,
-                              limit=args.limit, batch_size=args.batch_size, progress=not args.quiet, out=args.out,
-                              overwrite=args.overwrite, attrs=args.cli_attrs)
+    with _client(args) as client:
+        ds = asymmetry_comparison(args.data, architectures=args.architectures, seeds=tuple(args.seeds),
+                                  width=args.width, epochs=args.epochs, backend=args.backend, method=args.method,
+                                  model_dir=args.model_dir, values=_floats(args.values, "--values"),
+                                  splits=args.splits, samples=args.samples, limit=args.limit,
+                                  batch_size=args.batch_size, progress=not args.quiet, out=args.out,
+                                  overwrite=args.overwrite, attrs=args.cli_attrs, client=client)
     print(f"asymmetry finished in {time.perf_counter() - t0:.1f} s -> {args.out}")
     print(ds[["loss_barrier", "accuracy_barrier"]].to_dataframe().dropna().unstack("alignment").to_string())
     return EXIT_OK
@@ -796,6 +831,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true",
                    help="recompute every result in --out, replacing files of other settings (e.g. of a --quick run); "
                         "checkpoints of the same training settings are still reused")
+    _cluster_arguments(p)
     p.set_defaults(func=_cmd_demo, resolve=_resolve_demo, _parser=p)
     return parser
 

@@ -106,7 +106,7 @@ def _accepts(fn: Callable[..., Any], name: str) -> bool:
 
 def run_demo(out: Path = Path("results/demo"), *, data: str | None = None, backend: str = "torch",
              quick: bool = False, progress: bool = True, epochs: int | None = None,
-             attrs: Mapping[str, Any] | None = None, overwrite: bool = False) -> int:
+             attrs: Mapping[str, Any] | None = None, overwrite: bool = False, client: Any = None) -> int:
     """Run the demo; returns 0 on success. See the module docstring for what it writes.
 
     Parameters
@@ -131,6 +131,9 @@ def run_demo(out: Path = Path("results/demo"), *, data: str | None = None, backe
         (which are otherwise refused with :class:`~combinability.errors.OutputExistsError`),
         and retrain checkpoints of other settings; checkpoints of the same settings are
         reused either way.
+    client : dask.distributed.Client, optional
+        Run every sweep on the workers of this Dask cluster (checked before any
+        training; docs/clusters.md); the results are those of an in-process run.
 
     Raises
     ------
@@ -139,6 +142,7 @@ def run_demo(out: Path = Path("results/demo"), *, data: str | None = None, backe
     """
     import combinability as cb
     from combinability import experiments as ex
+    from combinability.experiments.compare import check_client
     from combinability.files import atomic_path
     from combinability.report import report
 
@@ -146,6 +150,8 @@ def run_demo(out: Path = Path("results/demo"), *, data: str | None = None, backe
                    ex.transitivity, ex.three_models, ex.functional_agreement, ex.edge_lengths,
                    ex.alignment_robustness, ex.width_ablation, ex.compare_aligners)
     extra_attrs = _check_attrs(attrs, experiments)
+    check_client(client, backend)  # the workers, before any training
+    run = {"client": client} if client is not None else {}
     tag = {"attrs": extra_attrs} if extra_attrs else {}
     s = DemoSettings.quick() if quick else DemoSettings()
     if epochs is not None:
@@ -166,7 +172,8 @@ def run_demo(out: Path = Path("results/demo"), *, data: str | None = None, backe
     pair = _step(times, "align B to A", lambda: cb.ModelPair(a, b, backend=backend).align("weight", seed=0))
     triple = _step(times, "align B and C to A",
                    lambda: cb.ModelPair(a, b, backend=backend, model_c=c).align("weight", seed=0))
-    kw = dict(data=data, samples=s.samples, limit=s.limit, seed=0, progress=progress, overwrite=overwrite, **tag)
+    kw = dict(data=data, samples=s.samples, limit=s.limit, seed=0, progress=progress, overwrite=overwrite, **tag,
+              **run)
     det = {k: v for k, v in kw.items() if k != "samples"}
 
     _step(times, "hypercube samplers (4.2)", ex.hypercube, pair, out_dir=out, **kw)
@@ -188,10 +195,10 @@ def run_demo(out: Path = Path("results/demo"), *, data: str | None = None, backe
     _step(times, "aligners compared (issue 12)", ex.compare_aligners, models, data, n_models=(3,), backend=backend,
           train_examples=200, learned_options={"eval_examples": 200}, many_options={"fw_iter": 3, "rounds": 2},
           values_per_sampler=3, samples=1, limit=min(s.limit, 1000), progress=progress, out=out / "aligners.nc",
-          overwrite=overwrite, **tag)
+          overwrite=overwrite, **tag, **run)
     _step(times, "width ablation (4.4)", ex.width_ablation, "mlp", data, widths=s.widths, backend=backend,
           epochs=s.width_epochs, samples=s.samples, limit=s.limit, values_per_sampler=s.width_values,
-          model_dir=models_dir, out=out / "width_ablation.nc", progress=progress, overwrite=overwrite, **tag)
+          model_dir=models_dir, out=out / "width_ablation.nc", progress=progress, overwrite=overwrite, **tag, **run)
 
     best = ex.best_point(tri)
     extra = "## Three models (5.4)\n\n" + "".join(f"- {k}: {v:.4f}\n" if isinstance(v, float) else f"- {k}: {v}\n"

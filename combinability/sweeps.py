@@ -14,10 +14,12 @@ file (``out=``) finishes with results identical to an uninterrupted run.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import uuid
 import zlib
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -47,6 +49,7 @@ from combinability.results import (
 if TYPE_CHECKING:
     from combinability.backend import Backend, Evaluation
     from combinability.data.base import ArrayDataset
+    from combinability.executors.cells import CellResult
     from combinability.pair import ModelPair
     from combinability.samplers.base import Sampler
 
@@ -121,6 +124,8 @@ def sweep(
     overwrite: bool = False,
     progress: bool = False,
     attrs: Mapping[str, Any] | None = None,
+    client: Any = None,
+    cells_per_task: int | None = None,
 ) -> xr.Dataset:
     """Evaluate combinations of a pair's models over a sampler's parameter grid.
 
@@ -177,6 +182,17 @@ def sweep(
         Show a progress bar (on a terminal only).
     attrs : mapping, optional
         Extra attributes stored in the result (e.g. the command line's settings).
+    client : dask.distributed.Client, optional
+        Spread the evaluations over the workers of this Dask cluster (``pip install
+        'combinability[dask]'``; docs/clusters.md): the models and data are scattered to
+        every worker once, each task evaluates a batch of (value, sample) cells drawn from
+        the same seeds as here, and results stream into ``out`` as tasks finish, so the
+        Dataset is the in-process one (bit for bit on the CPU). The workers are checked
+        first: another combinability version, a missing framework or device, or (on CUDA)
+        no worker with a ``GPU`` resource is refused before any work. Default: in-process.
+    cells_per_task : int, optional
+        With ``client``: (value, sample) cells per task (default: the remaining cells cut
+        into about 4 tasks per worker).
 
     Returns
     -------
@@ -190,8 +206,35 @@ def sweep(
     plan = _plan(pair, sampler, backend=backend, data=data, splits=splits, values=values, samples=samples,
                  seed=seed, batch_size=batch_size, agreement=agreement, limit=limit, metrics=metrics,
                  repair=repair, repair_data=repair_data)
+    cluster = _cluster(client, cells_per_task, [plan])
     with stop_on_sigterm():
-        return _run(plan, out=out, overwrite=overwrite, progress=progress, attrs=attrs)
+        return _run(plan, out=out, overwrite=overwrite, progress=progress, attrs=attrs, cluster=cluster)
+
+
+@dataclass(frozen=True)
+class _Cluster:
+    """A checked Dask client and how to cut the sweep into tasks."""
+
+    client: Any
+    workers: list[str]
+    cells_per_task: int | None
+
+
+def _cluster(client: Any, cells_per_task: int | None, plans: Sequence[_Plan]) -> _Cluster | None:
+    """Check ``client``'s workers against every plan's backend (before any work); None without a client."""
+    if cells_per_task is not None and (isinstance(cells_per_task, bool) or not isinstance(cells_per_task, int)
+                                       or cells_per_task < 1):
+        raise ConfigurationError(f"cells_per_task must be an integer >= 1, got {cells_per_task!r}")
+    if client is None:
+        if cells_per_task is not None:
+            raise ConfigurationError("cells_per_task applies to a distributed sweep only: give client= too")
+        return None
+    from combinability.executors.dask_cluster import check_workers
+
+    workers: list[str] = []
+    for be in {repr(p.be): p.be for p in plans}.values():
+        workers = check_workers(client, be)
+    return _Cluster(client, workers, cells_per_task)
 
 
 @dataclass
@@ -273,9 +316,10 @@ def _plan(pair: ModelPair, sampler: Sampler | str | None, *, backend: str | Back
 
 
 def _run(plan: _Plan, *, out: str | Path | None, overwrite: bool, progress: bool,
-         attrs: Mapping[str, Any] | None) -> xr.Dataset:
+         attrs: Mapping[str, Any] | None, cluster: _Cluster | None = None) -> xr.Dataset:
     """Evaluate a planned sweep, streaming to ``out``; see :func:`sweep`."""
     from combinability.evaluation import Evaluator
+    from combinability.executors.cells import CellRunner, CellWork
 
     pair, smp, be, three, grid, n_samples, seed = (plan.pair, plan.smp, plan.be, plan.three, plan.grid,
                                                    plan.n_samples, plan.seed)
@@ -294,7 +338,7 @@ def _run(plan: _Plan, *, out: str | Path | None, overwrite: bool, progress: bool
         coords = {param_dim: np.asarray(grid)}
     coords.update({"split": split_names, "sample": np.arange(n_samples)})
     shape = (len(split_names), len(grid), n_samples)
-    from combinability.metrics import AGREEMENT_CATEGORIES, agreement_counts
+    from combinability.metrics import AGREEMENT_CATEGORIES
 
     data_name = next(iter(datasets.values())).name
     loss = np.full(shape, np.nan)
@@ -380,45 +424,45 @@ def _run(plan: _Plan, *, out: str | Path | None, overwrite: bool, progress: bool
                 ds_coords["category"] = list(AGREEMENT_CATEGORIES)
             return annotate(xr.Dataset(variables, coords=ds_coords, attrs=dict(run_attrs)), labels)
 
-        # -- the loop --------------------------------------------------------------------------
+        # -- the loop: one cell at a time here, or batches of cells on a Dask cluster ----------
         todo = [(i, s) for i in range(len(grid)) for s in range(n_samples) if not done[i, s]]
+        work = CellWork(uuid.uuid4().hex, be, template, layout, tuple(pair.thetas), smp, tuple(grid), seed, three,
+                        dict(datasets), batch_size, tuple(extra), agreement,
+                        {s.name: (s.ends["a"].predictions, s.ends["b"].predictions) for s in split_info}
+                        if agreement else {}, repair_fn, repair_data, pair.table)
+        runner = CellRunner(work, be, evaluator, dev)
+        runner.validate_repair()  # a repair checks its inputs (e.g. BatchNorm present) before the long loop
+        if cluster is None:
+            results: Iterator[CellResult] = (runner(i, s) for i, s in todo)
+        else:
+            from combinability.executors.cells import portable_backend
+            from combinability.executors.dask_cluster import run_cells
+
+            run_attrs["executor"] = f"dask ({len(cluster.workers)} workers)"
+            results = run_cells(cluster.client, replace(work, backend=portable_backend(be)), todo,
+                                device=be.device(), workers=len(cluster.workers),
+                                cells_per_task=cluster.cells_per_task)
         bar = progress_bar(total=len(todo), desc=f"{smp.name} ({pair.alignment})", unit="eval",
                            enabled=bool(progress and todo))
-        repair_cache: dict = {}
-        if repair_fn is not None and callable(getattr(repair_fn, "validate", None)):
-            from combinability.repairs import RepairContext
-
-            # a repair checks its inputs (e.g. BatchNorm present, repair_data shape) before the long loop
-            repair_fn.validate(RepairContext(be, template, layout, list(dev.values()), None, repair_data, pair.table,
-                                             repair_cache))
         stream = ResultStream.create(out_path, build()) if out_path is not None else None
         try:
-            for i, s in todo:
-                theta, v = _combination(smp, grid[i], layout, be, dev, sample_seed(seed, i, s, smp.name), three)
-                if repair_fn is not None:
-                    from combinability.repairs import RepairContext
-
-                    theta = repair_fn(theta, RepairContext(be, template, layout, list(dev.values()), v, repair_data,
-                                                           pair.table, repair_cache))
-                del v
-                for k, split in enumerate(split_info):
-                    (ev,) = evaluator.evaluate([theta], split.data)
-                    loss[k, i, s] = ev.loss
-                    accuracy[k, i, s] = ev.accuracy
+            with contextlib.closing(results):
+                for cell in results:
+                    i, s = cell.value, cell.sample
+                    loss[:, i, s] = cell.loss
+                    accuracy[:, i, s] = cell.accuracy
                     for m in extra:
-                        values[m.name][k, i, s] = ev.values[m.name]
+                        values[m.name][:, i, s] = cell.values[m.name]
                     if agreement:
-                        counts[k, i, s] = agreement_counts(ev.predictions, split.ends["a"].predictions,
-                                                           split.ends["b"].predictions, split.data.y)
-                del theta
-                done[i, s] = True
-                if stream is not None:
-                    cells = {"loss": loss[:, i, s], "accuracy": accuracy[:, i, s],
-                             **{m.name: values[m.name][:, i, s] for m in extra}}
-                    if agreement:
-                        cells["agreement"] = counts[:, i, s]
-                    stream.append({param_dim: i, "sample": s}, cells)
-                bar.update(1)
+                        counts[:, i, s] = cell.counts
+                    done[i, s] = True
+                    if stream is not None:
+                        cells = {"loss": loss[:, i, s], "accuracy": accuracy[:, i, s],
+                                 **{m.name: values[m.name][:, i, s] for m in extra}}
+                        if agreement:
+                            cells["agreement"] = counts[:, i, s]
+                        stream.append({param_dim: i, "sample": s}, cells)
+                    bar.update(1)
         finally:
             bar.close()
             if stream is not None:
@@ -427,20 +471,6 @@ def _run(plan: _Plan, *, out: str | Path | None, overwrite: bool, progress: bool
         if stream is not None:
             stream.finish(result)
         return result
-
-
-def _combination(smp: Sampler, value: Any, layout: Any, be: Backend, dev: Mapping[str, Any], seed: int,
-                 three: bool) -> tuple[Any, Any]:
-    """One draw of the coefficients for ``value`` and the combined vector: ``(theta, v)``."""
-    from combinability.combination import combine, combine3
-    from combinability.samplers.base import DrawContext
-
-    ctx = DrawContext(layout, be.random(seed), theta_a=dev["a"], theta_b=dev["b"])
-    if three:
-        v_b, v_c = smp.draw(value, ctx)
-        return combine3(dev["a"], dev["b"], dev["c"], v_b, v_c), (v_b, v_c)
-    v = smp.draw(value, ctx)
-    return combine(dev["a"], dev["b"], v), v
 
 
 def _data_identity(ds: Any) -> dict[str, Any]:
@@ -470,7 +500,8 @@ def sweep_key(smp: Sampler, grid: Sequence[Any], samples: int, seed: int, datase
 
 def sweep_pairs(pairs: Mapping[str, ModelPair], sampler: Sampler | str | None = None, *,
                 out: str | Path | None = None, attrs: Mapping[str, Any] | None = None,
-                overwrite: bool = False, progress: bool = False, **kwargs: Any) -> xr.Dataset:
+                overwrite: bool = False, progress: bool = False, client: Any = None,
+                cells_per_task: int | None = None, **kwargs: Any) -> xr.Dataset:
     """:func:`sweep` several pairs (e.g. ``{"naive": p.naive, "aligned": p}``) along an ``alignment`` dim.
 
     Every pair is planned (and its arguments checked) before any is evaluated. With
@@ -480,9 +511,11 @@ def sweep_pairs(pairs: Mapping[str, ModelPair], sampler: Sampler | str | None = 
     of other sweeps, or not this library's, is refused
     (:class:`~combinability.errors.OutputExistsError`, naming what differs) unless
     ``overwrite=True``. Each part's provenance (creation time, model fingerprints, run
-    key) is kept in the ``parts`` attribute.
+    key) is kept in the ``parts`` attribute. With ``client`` (a ``dask.distributed.Client``)
+    every pair's cells run on the cluster's workers, as in :func:`sweep`.
     """
     plans = {name: _plan(pair, sampler, **kwargs) for name, pair in pairs.items()}
+    cluster = _cluster(client, cells_per_task, list(plans.values()))
     keys = {name: plan.key for name, plan in plans.items()}
     out = Path(out) if out is not None else None
     with stop_on_sigterm(), output_lock(out):
@@ -494,7 +527,8 @@ def sweep_pairs(pairs: Mapping[str, ModelPair], sampler: Sampler | str | None = 
         parts = []
         for name, plan in plans.items():
             part_out = out.with_name(f".{out.stem}.{name}.partial.nc") if out is not None else None
-            parts.append(_run(plan, out=part_out, overwrite=overwrite, progress=progress, attrs=None))
+            parts.append(_run(plan, out=part_out, overwrite=overwrite, progress=progress, attrs=None,
+                              cluster=cluster))
         ds = xr.concat(parts, dim=xr.DataArray(list(pairs), dims="alignment", name="alignment"),
                        combine_attrs="drop_conflicts")
         own = ("created", "sweep_key", "fingerprints", "alignment", "alignment_objective", "framework_versions")

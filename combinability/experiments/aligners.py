@@ -27,7 +27,7 @@ import numpy as np
 import xarray as xr
 
 from combinability.errors import ConfigurationError, SamplerError
-from combinability.experiments.compare import reuse_or_run
+from combinability.experiments.compare import check_client, reuse_or_run
 from combinability.results import barriers, data_digest, provenance
 from combinability.samplers import Bernoulli, Linear, Subcube, Uniform
 from combinability.samplers.base import Sampler
@@ -70,6 +70,7 @@ class _Settings:
     seed: int
     batch_size: int
     example_input: Any = None
+    client: Any = None
 
 
 # -- checks, before any work ---------------------------------------------------------------------
@@ -207,7 +208,7 @@ def _sweep(s: _Settings, pairs: Mapping[str, ModelSet], sampler: Sampler, progre
     return sweep_pairs(dict(pairs), sampler, data=s.eval_data, splits=list(s.eval_data),
                        values=_values(sampler, layout, s.values_per_sampler),
                        samples=None if sampler.deterministic else s.samples, seed=s.seed,
-                       batch_size=s.batch_size, progress=progress)
+                       batch_size=s.batch_size, progress=progress, client=s.client)
 
 
 def _means(ds: xr.Dataset) -> xr.Dataset:
@@ -341,6 +342,7 @@ def compare_aligners(
     overwrite: bool = False,
     progress: bool = False,
     attrs: Mapping[str, Any] | None = None,
+    client: Any = None,
 ) -> xr.Dataset:
     """Barriers per aligner and scheme, and merged models per many-model method, on the same models.
 
@@ -396,6 +398,9 @@ def compare_aligners(
         Progress bars of the sweeps.
     attrs : mapping, optional
         Extra attributes stored with the result.
+    client : dask.distributed.Client, optional
+        Run the sweeps on the workers of this Dask cluster (checked before any
+        alignment); see :func:`combinability.sweep`.
 
     Returns
     -------
@@ -447,7 +452,8 @@ def compare_aligners(
     train = _train_data(base, data, train_data, train_examples) if needs_data else None
     learned = {"epochs": epochs, **dict(learned_options or {})}
     s = _Settings(base, methods, smps, many, ns, eval_data, train, learned, dict(many_options or {}), ste_smp,
-                  values_per_sampler, samples, seed, batch_size, example_input)
+                  values_per_sampler, samples, seed, batch_size, example_input, client)
+    check_client(client, base.backend_obj)  # the workers, before any alignment
     key = _key(s, limit)
     if out is not None:
         check_writable(out, what="results file")

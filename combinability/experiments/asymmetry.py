@@ -21,7 +21,7 @@ import numpy as np
 import xarray as xr
 
 from combinability.errors import ConfigurationError
-from combinability.experiments.compare import compare_alignment, reuse_or_run
+from combinability.experiments.compare import RUN_OPTIONS, check_client, compare_alignment, reuse_or_run
 from combinability.models import train
 from combinability.pair import ModelPair
 from combinability.results import barriers, provenance
@@ -124,7 +124,7 @@ def asymmetry_comparison(
     attrs : mapping, optional
         Extra attributes stored in the result.
     **sweep_kwargs
-        Passed to :func:`combinability.sweep` (``limit``, ``splits``, ``batch_size``, ...).
+        Passed to :func:`combinability.sweep` (``limit``, ``splits``, ``batch_size``, ``client``, ...).
 
     Returns
     -------
@@ -148,10 +148,11 @@ def asymmetry_comparison(
     >>> ds["loss_barrier"].sel(split="test").to_pandas()  # doctest: +SKIP
     """
     _check(architectures, seeds, values)
+    check_client(sweep_kwargs.get("client"), backend)  # the workers, before any training
     key = {"experiment": "asymmetry_comparison", "data": data, "architectures": list(architectures),
            "seeds": [int(s) for s in seeds], "width": width, "epochs": epochs, "backend": backend, "method": method,
            "values": None if values is None else [float(v) for v in values],
-           "sweep": {k: v for k, v in sweep_kwargs.items() if k != "progress"}}
+           "sweep": {k: v for k, v in sweep_kwargs.items() if k not in RUN_OPTIONS}}
 
     def run(o: Path | None) -> xr.Dataset:
         rows = [_one(name, data, seeds=seeds, width=width, epochs=epochs, backend=backend, method=method,

@@ -15,7 +15,24 @@ if TYPE_CHECKING:
     from combinability.pair import ModelPair
     from combinability.samplers.base import Sampler
 
-__all__ = ["compare_alignment", "reuse_or_run"]
+__all__ = ["RUN_OPTIONS", "check_client", "compare_alignment", "reuse_or_run"]
+
+#: Sweep keywords that change how a run goes, not its numbers: left out of experiments' result keys,
+#: so a result computed on a Dask cluster is reused by an in-process run and the other way round.
+RUN_OPTIONS = ("progress", "client", "cells_per_task")
+
+
+def check_client(client: Any, backend: Any) -> None:
+    """Refuse a Dask ``client`` whose workers cannot sweep on ``backend``, before any training; None passes.
+
+    See :func:`combinability.executors.dask_cluster.check_workers` for what is checked.
+    """
+    if client is None:
+        return
+    from combinability.executors.dask_cluster import check_workers
+    from combinability.plugins import get_backend
+
+    check_workers(client, get_backend(backend))
 
 
 def reuse_or_run(out: str | Path | None, key: Mapping[str, Any], run: Any, *, overwrite: bool = False) -> xr.Dataset:
@@ -67,7 +84,8 @@ def compare_alignment(
     attrs : dict, optional
         Extra attributes stored with the result.
     **sweep_kwargs
-        Passed to :func:`combinability.sweep`.
+        Passed to :func:`combinability.sweep` (``client=`` a ``dask.distributed.Client``
+        spreads both sweeps over its workers).
     """
     pairs = {"naive": pair.naive or pair, "aligned": pair} if naive and pair.is_aligned else {pair.alignment: pair}
     return sweep_pairs(pairs, sampler, out=out, attrs=attrs, **sweep_kwargs)

@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 import xarray as xr
 
-from combinability.experiments.compare import compare_alignment, reuse_or_run
+from combinability.experiments.compare import RUN_OPTIONS, check_client, compare_alignment, reuse_or_run
 from combinability.models import train
 from combinability.pair import ModelPair
 from combinability.results import barriers, provenance
@@ -74,7 +74,7 @@ def width_ablation(
         ``loss_barrier_calibrated`` (dims ``(width, alignment)``) and
         ``inverse_temperature`` (``(width, alignment, lam)``).
     **sweep_kwargs
-        Passed to :func:`combinability.sweep` (``samples``, ``limit``, ``splits``, ...).
+        Passed to :func:`combinability.sweep` (``samples``, ``limit``, ``splits``, ``client``, ...).
 
     Returns
     -------
@@ -83,10 +83,11 @@ def width_ablation(
         ``(width, sampler, alignment, split)``, and the end models' accuracies.
     """
 
+    check_client(sweep_kwargs.get("client"), backend)  # the workers, before any training
     key = {"experiment": "width_ablation", "architecture": architecture, "data": data,
            "widths": [float(w) for w in widths], "samplers": [smp.settings for smp in samplers], "backend": backend,
            "seeds": list(seeds), "epochs": epochs, "method": method, "values_per_sampler": values_per_sampler,
-           "sweep": {k: v for k, v in sweep_kwargs.items() if k != "progress"}}
+           "sweep": {k: v for k, v in sweep_kwargs.items() if k not in RUN_OPTIONS}}
     if calibrate:  # only then: results of earlier runs keep their key
         key["calibrate"] = True
 
