@@ -2,17 +2,32 @@
 
 Both evaluate the two end models (a sweep reports them), draw 16 uniform coefficient vectors
 (``s = 0.25``), combine ``θ = θ_A + v ⊙ (θ_B − θ_A)`` and run the same forward passes (batches of
-1000) over the test split, accumulating the loss and accuracy.
-The bare loop is what a researcher would write by hand: ``torch.rand`` on the device,
-``vector_to_parameters`` into one module, ``model(x)``. Timed interleaved, best of ``repeats``.
+1000) over the test split of Fashion-MNIST, accumulating the loss and accuracy. The bare loop is
+what a researcher would write by hand: ``torch.rand`` on the device, ``vector_to_parameters`` into
+one module, ``model(x)``. Timed interleaved, best of ``repeats``. The models are randomly
+initialised (seeds 0 and 1; the cost of a forward pass does not depend on training): the MLP at
+width 1, Tiny-10 at width 0.5.
 
-Run: ``.venv/bin/python benchmarks/measure_sweep_overhead.py [mlp|tiny10] [repeats]``
+``breakdown`` runs one sweep (streaming to a temporary file) with wall-clock timers around the
+library's stages and prints where the time goes: the forward pass, drawing, combining, copying
+(host/device conversions and stacking), metrics (loss, accuracy, predictions from the logits),
+writing (the result stream), and bookkeeping (everything else: planning, keys, provenance, the
+loop). Timers nest: each stage's time excludes the stages it calls.
+
+Run: ``.venv/bin/python benchmarks/measure_sweep_overhead.py [mlp|tiny10] [repeats] [examples]``
+and ``... breakdown [mlp|tiny10] [examples]``.
 """
 
 from __future__ import annotations
 
+import functools
 import sys
+import tempfile
 import time
+from collections import defaultdict
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -20,6 +35,8 @@ import torch
 import combinability as cb
 from combinability.data import load_dataset
 from combinability.models import build_model
+
+DRAWS, S = 16, 0.25
 
 
 def bare_loop(model: torch.nn.Module, theta_a: torch.Tensor, theta_b: torch.Tensor, x: torch.Tensor,
@@ -45,9 +62,8 @@ def bare_loop(model: torch.nn.Module, theta_a: torch.Tensor, theta_b: torch.Tens
     return out
 
 
-def main(arch: str = "mlp", repeats: int = 3) -> None:
-    data = "fashion_mnist"
-    test = load_dataset(data, "test")
+def _setup(arch: str, examples: int | None) -> tuple[Any, ...]:
+    test = load_dataset("fashion_mnist", "test").subset(examples)
     width = 1.0 if arch == "mlp" else 0.5
     a = build_model(arch, backend="torch", width=width, input_shape=test.input_shape, seed=0)
     b = build_model(arch, backend="torch", width=width, input_shape=test.input_shape, seed=1)
@@ -56,21 +72,107 @@ def main(arch: str = "mlp", repeats: int = 3) -> None:
     model = build_model(arch, backend="torch", width=width, input_shape=test.input_shape, seed=0).eval()
     ta = torch.nn.utils.parameters_to_vector(a.parameters()).detach()
     tb = torch.nn.utils.parameters_to_vector(b.parameters()).detach()
+    return test, pair, model, ta, tb
+
+
+def main(arch: str = "mlp", repeats: int = 3, examples: int | None = None) -> None:
+    test, pair, model, ta, tb = _setup(arch, examples)
     x, y = torch.from_numpy(test.x), torch.from_numpy(test.y)
-    draws, s = 16, 0.25
     bare, lib = [], []
     for _ in range(repeats):
         t0 = time.perf_counter()
-        bare_loop(model, ta, tb, x, y, draws, s)
+        bare_loop(model, ta, tb, x, y, DRAWS, S)
         bare.append(time.perf_counter() - t0)
         t0 = time.perf_counter()
-        cb.sweep(pair, cb.Uniform(), data=data, splits=["test"], values=[s], samples=draws, seed=0)
+        cb.sweep(pair, cb.Uniform(), data={"test": test}, splits=["test"], values=[S], samples=DRAWS, seed=0)
         lib.append(time.perf_counter() - t0)
     tb_, tl = min(bare), min(lib)
-    print(f"{arch}: bare loop {tb_:.2f} s, cb.sweep {tl:.2f} s for {draws} draws on {len(x)} examples; "
+    print(f"{arch}: bare loop {tb_:.2f} s, cb.sweep {tl:.2f} s for {DRAWS} draws on {len(x)} examples; "
           f"throughput ratio (sweep / bare) {tb_ / tl:.3f}  "
           f"[bare runs {np.round(bare, 2)}, sweep runs {np.round(lib, 2)}]")
 
 
+class Timers:
+    """Wall-clock timers around functions; a stage's time excludes the timed stages it calls."""
+
+    def __init__(self) -> None:
+        self.own: dict[str, float] = defaultdict(float)
+        self.calls: dict[str, int] = defaultdict(int)
+        self._stack: list[list[Any]] = []
+        self._undo: list[Callable[[], None]] = []
+
+    def wrap(self, owner: Any, name: str, stage: str) -> None:
+        inherited = isinstance(owner, type) and name not in owner.__dict__
+        raw = owner.__dict__[name] if isinstance(owner, type) and not inherited else getattr(owner, name)
+        bound = isinstance(raw, classmethod | staticmethod)  # called through the class: wrap the bound callable
+        original = getattr(owner, name) if bound else raw
+
+        @functools.wraps(original)
+        def timed(*args: Any, **kwargs: Any) -> Any:
+            frame = [stage, time.perf_counter(), 0.0]  # stage, start, time of nested stages
+            self._stack.append(frame)
+            try:
+                return original(*args, **kwargs)
+            finally:
+                self._stack.pop()
+                elapsed = time.perf_counter() - frame[1]
+                self.own[stage] += elapsed - frame[2]
+                self.calls[stage] += 1
+                if self._stack:
+                    self._stack[-1][2] += elapsed
+
+        setattr(owner, name, staticmethod(timed) if bound else timed)
+        self._undo.append(lambda: delattr(owner, name) if inherited else setattr(owner, name, raw))
+
+    def restore(self) -> None:
+        for undo in reversed(self._undo):
+            undo()
+
+
+def breakdown(arch: str = "mlp", examples: int | None = None) -> None:
+    from combinability_torch import backend as torch_backend
+
+    import combinability.combination as combination
+    import combinability.evaluation as evaluation
+    import combinability.result_stream as result_stream
+    import combinability.sweeps as sweeps
+    from combinability.samplers import Uniform
+
+    test, pair, *_ = _setup(arch, examples)
+    kwargs = dict(data={"test": test}, splits=["test"], values=[S], samples=DRAWS, seed=0)
+    cb.sweep(pair, Uniform(), **kwargs)  # warm
+    timers = Timers()
+    timers.wrap(sweeps, "sweep", "bookkeeping")
+    timers.wrap(Uniform, "draw", "drawing")
+    timers.wrap(combination, "combine", "combining")
+    timers.wrap(torch_backend.TorchPrepared, "forward", "forward")
+    timers.wrap(evaluation.Evaluator, "evaluate", "metrics")
+    timers.wrap(evaluation.Evaluator, "_stack", "copying")
+    timers.wrap(torch_backend.TorchBackend, "to_numpy", "copying")
+    timers.wrap(torch_backend.TorchBackend, "asarray", "copying")
+    timers.wrap(torch_backend.TorchBackend, "cross_entropy", "metrics")
+    for name in ("create", "append", "close", "finish"):
+        timers.wrap(result_stream.ResultStream, name, "writing")
+    with tempfile.TemporaryDirectory() as folder:
+        t0 = time.perf_counter()
+        try:
+            sweeps.sweep(pair, Uniform(), out=Path(folder) / "sweep.nc", **kwargs)
+        finally:
+            timers.restore()
+        wall = time.perf_counter() - t0
+    print(f"{arch}: one cb.sweep of {DRAWS} draws + 2 end models on {len(test)} examples, streamed to a file: "
+          f"{wall:.2f} s")
+    for stage in ("forward", "drawing", "combining", "copying", "metrics", "writing", "bookkeeping"):
+        print(f"  {stage:<12} {timers.own[stage]:7.3f} s  {100 * timers.own[stage] / wall:5.1f} %"
+              f"  ({timers.calls[stage]} calls)")
+    other = wall - sum(timers.own.values())
+    print(f"  {'untimed':<12} {other:7.3f} s  {100 * other / wall:5.1f} %")
+
+
 if __name__ == "__main__":
-    main(sys.argv[1] if len(sys.argv) > 1 else "mlp", int(sys.argv[2]) if len(sys.argv) > 2 else 3)
+    args = sys.argv[1:]
+    if args and args[0] == "breakdown":
+        breakdown(args[1] if len(args) > 1 else "mlp", int(args[2]) if len(args) > 2 else None)
+    else:
+        main(args[0] if args else "mlp", int(args[1]) if len(args) > 1 else 3,
+             int(args[2]) if len(args) > 2 else None)

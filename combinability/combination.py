@@ -56,8 +56,12 @@ def _mutable(out: Any) -> bool:
     return not array_api_compat.is_jax_array(out)
 
 
-def _blocks(xp: Any, size: int) -> tuple[range, int]:
-    block = _NUMPY_BLOCK if array_api_compat.is_numpy_namespace(xp) else _DEVICE_BLOCK
+def _blocks(xp: Any, size: int, out: Any = None) -> tuple[range, int]:
+    """Block starts and size: cache-sized on the CPU (numpy, or torch/jax arrays in host memory)."""
+    on_cpu = array_api_compat.is_numpy_namespace(xp)
+    if not on_cpu and out is not None:
+        on_cpu = str(array_api_compat.device(out)).lower().startswith(("cpu", "tfrt_cpu"))
+    block = _NUMPY_BLOCK if on_cpu else _DEVICE_BLOCK
     return range(0, size, block), block
 
 
@@ -75,7 +79,7 @@ def _fill(out: Any, formula: Any, arrays: tuple[Any, ...], coefficients: tuple[A
     if len(out.shape) != 1:
         out[...] = formula(*arrays, *coefficients)
         return out
-    starts, block = _blocks(xp, out.shape[0])
+    starts, block = _blocks(xp, out.shape[0], out)
     for start in starts:
         sl = slice(start, start + block)
         out[sl] = formula(*(x[sl] for x in arrays), *(v[sl] if _is_vector(v) else v for v in coefficients))

@@ -30,7 +30,8 @@ if TYPE_CHECKING:
     from combinability.data.base import ArrayDataset
     from combinability.layout import FlatLayout
 
-__all__ = ["Evaluation", "Evaluator", "LogitMetric", "cross_entropy", "brier", "DeviceData", "BUILTIN_METRICS"]
+__all__ = ["Evaluation", "Evaluator", "LogitMetric", "cross_entropy", "brier", "DeviceData", "BUILTIN_METRICS",
+           "CrossMoments"]
 
 
 @dataclass
@@ -214,8 +215,9 @@ class Evaluator:
         if isinstance(flats, list | tuple):
             if not flats:
                 raise LayoutError("no parameter vectors to evaluate")
-            rows = [be.asarray(f, dtype) for f in flats]
-            stacked = xp.stack([xp.reshape(r, (-1,)) for r in rows])
+            rows = [xp.reshape(be.asarray(f, dtype), (-1,)) for f in flats]
+            # one vector (a sweep's cell): a (1, d) view, not a d-sized copy
+            stacked = rows[0][None, :] if len(rows) == 1 else xp.stack(rows)
         else:
             stacked = be.asarray(flats, dtype)
             if stacked.ndim == 1:
@@ -268,6 +270,8 @@ class Evaluator:
             chunk_preds = []
             for s in range(0, n, self.batch_size):
                 yb = y[s : s + self.batch_size]
+                if len(yb.shape) > 1:  # sequence targets (n, T): the model's logits are (n*T, classes)
+                    yb = xp.reshape(yb, (-1,))
                 logits = self.prepared.forward(chunk, x[s : s + self.batch_size, ...])
                 pred = xp.argmax(logits, axis=-1)
                 loss[c : c + kc] += be.to_numpy(xp.sum(be.cross_entropy(logits, yb), axis=1)).astype(np.float64)
@@ -277,27 +281,173 @@ class Evaluator:
                 chunk_preds.append(be.to_numpy(pred).astype(np.int64))
             preds.append(np.concatenate(chunk_preds, axis=1))
         predictions = np.concatenate(preds, axis=0)
-        return [Evaluation(loss=float(loss[i] / n), accuracy=float(correct[i] / n), predictions=predictions[i],
-                           values={m.name: float(extra[j, i] / n) for j, m in enumerate(self.metrics)})
+        targets = int(np.prod(np.shape(data.y)))  # every target counts once (every character of a sequence)
+        return [Evaluation(loss=float(loss[i] / targets), accuracy=float(correct[i] / targets),
+                           predictions=predictions[i],
+                           values={m.name: float(extra[j, i] / targets) for j, m in enumerate(self.metrics)})
                 for i in range(k)]
 
     def features(self, flat: Any, data: ArrayDataset, points: Sequence[str]) -> dict[str, np.ndarray]:
         """Per-unit features at ``points`` for one vector: ``{point: (examples x positions, units)}``.
 
         Convolutional ``(n, c, h, w)`` outputs are flattened example-major, then row-major
-        positions, to ``(n * h * w, c)``; vectors stay ``(n, units)``.
+        positions, to ``(n * h * w, c)``; vectors stay ``(n, units)``. Every example's
+        features are returned at once (float32, written into one preallocated array per
+        point); statistics of features need not hold them: see :meth:`correlations`.
         """
-        be, xp = self.backend, self.backend.xp()
+        be = self.backend
         (flat,) = self._stack(flat)
         x, _ = self._data(data)
-        out: dict[str, list[np.ndarray]] = {p: [] for p in points}
-        for s in range(0, x.shape[0], self.batch_size):
+        n = int(x.shape[0])
+        out: dict[str, np.ndarray] = {}
+        for s in range(0, n, self.batch_size):
             feats = self.prepared.features(flat, x[s : s + self.batch_size, ...], list(points))
             for p in points:
-                f = feats[p]
-                if f.ndim == 4:
-                    f = xp.reshape(xp.permute_dims(f, (0, 2, 3, 1)), (-1, f.shape[1]))
-                elif f.ndim != 2:
-                    f = xp.reshape(f, (f.shape[0], -1))
-                out[p].append(be.to_numpy(f).astype(np.float32))
-        return {p: np.concatenate(v) for p, v in out.items()}
+                f = be.to_numpy(_units_last(be.xp(), feats[p]))
+                rows = f.shape[0] // max(min(self.batch_size, n - s), 1)  # rows per example
+                if p not in out:
+                    out[p] = np.empty((n * rows, f.shape[1]), dtype=np.float32)
+                out[p][s * rows : s * rows + f.shape[0]] = f
+        return out
+
+    def correlations(self, flat_a: Any, flat_b: Any, data: ArrayDataset,
+                     points: Sequence[str]) -> dict[str, np.ndarray]:
+        """Pearson correlation of every unit of A with every unit of B at ``points``, streamed.
+
+        Both vectors see the same batch; each batch's features are reduced on the device
+        to their means and centred cross-products (float32) and merged into float64
+        running statistics (:class:`CrossMoments`), so memory is ``O(batch x units +
+        units²)`` whatever the number of examples. Observations are as in
+        :meth:`features` (examples, and positions of convolutional outputs).
+
+        Parameters
+        ----------
+        flat_a, flat_b : array ``(d,)``
+            The two parameter vectors (numpy or device).
+        data : ArrayDataset
+        points : sequence of str
+            Feature points.
+
+        Returns
+        -------
+        dict of str to numpy.ndarray, float64 ``(units_a, units_b)``
+            Units with zero variance correlate 0 with everything (as
+            :func:`combinability.matching.unit_correlations`).
+        """
+        be = self.backend
+        (flat_a,) = self._stack(flat_a)
+        (flat_b,) = self._stack(flat_b)
+        x, _ = self._data(data)
+        if int(x.shape[0]) == 0:
+            raise DatasetError("cannot compute correlations on an empty dataset")
+        wanted = list(dict.fromkeys(points))
+        acc = {p: CrossMoments() for p in wanted}
+        for s in range(0, x.shape[0], self.batch_size):
+            xb = x[s : s + self.batch_size, ...]
+            fa = self.prepared.features(flat_a, xb, wanted)
+            fb = self.prepared.features(flat_b, xb, wanted)
+            for p in wanted:
+                acc[p].update(fa[p], fb[p], backend=be)
+            del fa, fb
+        return {p: m.correlation() for p, m in acc.items()}
+
+
+def _units_last(xp: Any, f: Any) -> Any:
+    """Features as ``(observations, units)``: ``(n, c, h, w) -> (n*h*w, c)``, other shapes ``(n, -1)``."""
+    if f.ndim == 4:
+        return xp.reshape(xp.permute_dims(f, (0, 2, 3, 1)), (-1, f.shape[1]))
+    if f.ndim != 2:
+        return xp.reshape(f, (f.shape[0], -1))
+    return f
+
+
+class CrossMoments:
+    """Running means, variances and cross-covariances of two sets of units, merged batch by batch.
+
+    :meth:`update` reduces one batch of both sets' features, observed on the same inputs,
+    to its count, means, centred sums of squares and centred cross-products (in the
+    features' own precision, on their device), and merges them into float64 host
+    accumulators with Chan et al.'s pairwise update, which avoids the cancellation of
+    ``E[ab] − E[a]E[b]``. Memory: ``O(units_a x units_b)``, independent of the number of
+    observations.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> rng = np.random.default_rng(0)
+    >>> a, b = rng.normal(size=(100, 3)), rng.normal(size=(100, 4))
+    >>> m = CrossMoments()
+    >>> for s in range(0, 100, 32):
+    ...     m.update(a[s : s + 32], b[s : s + 32])
+    >>> bool(np.allclose(m.correlation(), np.corrcoef(a.T, b.T)[:3, 3:]))
+    True
+    """
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.mean_a: np.ndarray | None = None
+        self.mean_b: np.ndarray | None = None
+        self.m2_a: np.ndarray | None = None
+        self.m2_b: np.ndarray | None = None
+        self.comoment: np.ndarray | None = None
+
+    def update(self, a: Any, b: Any, *, backend: Backend | None = None) -> None:
+        """Merge one batch: ``a`` and ``b`` are features of the same observations.
+
+        Parameters
+        ----------
+        a, b : array
+            ``(n, units)`` vectors or ``(n, channels, h, w)`` convolutional outputs (a
+            channel's observations are examples and positions); numpy arrays, or device
+            arrays of ``backend``.
+        backend : Backend, optional
+            The arrays' backend (reductions run on its device); numpy when omitted.
+        """
+        if backend is None:
+            xp: Any = np
+            host: Any = np.asarray
+        else:
+            xp, host = backend.xp(), backend.to_numpy
+        a, b = _units_last(xp, a), _units_last(xp, b)
+        if a.shape[0] != b.shape[0]:
+            raise ValueError(f"the two feature batches hold {a.shape[0]} and {b.shape[0]} observations; "
+                             "correlations need the same observations of both models")
+        m = int(a.shape[0])
+        if m == 0:
+            return
+        if self.mean_a is not None and (a.shape[1], b.shape[1]) != self.comoment.shape:
+            raise ValueError(f"a batch of ({a.shape[1]}, {b.shape[1]}) units after batches of "
+                             f"{self.comoment.shape}: every batch must have the same units")
+        mean_a, mean_b = xp.mean(a, axis=0), xp.mean(b, axis=0)
+        da, db = a - mean_a[None, :], b - mean_b[None, :]
+        batch = (host(mean_a).astype(np.float64), host(mean_b).astype(np.float64),
+                 host(xp.sum(da * da, axis=0)).astype(np.float64), host(xp.sum(db * db, axis=0)).astype(np.float64),
+                 host(xp.matmul(xp.permute_dims(da, (1, 0)), db)).astype(np.float64))
+        del da, db
+        if self.mean_a is None:
+            self.count = m
+            self.mean_a, self.mean_b, self.m2_a, self.m2_b, self.comoment = batch
+            return
+        n, total = self.count, self.count + m
+        delta_a, delta_b = batch[0] - self.mean_a, batch[1] - self.mean_b
+        w = n * m / total
+        self.comoment += batch[4] + np.outer(delta_a, delta_b) * w
+        self.m2_a += batch[2] + delta_a * delta_a * w
+        self.m2_b += batch[3] + delta_b * delta_b * w
+        self.mean_a += delta_a * (m / total)
+        self.mean_b += delta_b * (m / total)
+        self.count = total
+
+    def covariance(self) -> np.ndarray:
+        """Biased cross-covariance ``(units_a, units_b)`` of the observations so far."""
+        if self.comoment is None:
+            raise ValueError("no observations yet: call update() with at least one batch")
+        return self.comoment / self.count
+
+    def correlation(self) -> np.ndarray:
+        """Pearson correlations ``(units_a, units_b)``; a unit with zero variance correlates 0."""
+        if self.comoment is None:
+            raise ValueError("no observations yet: call update() with at least one batch")
+        with np.errstate(divide="ignore", invalid="ignore"):
+            corr = self.comoment / np.sqrt(np.outer(self.m2_a, self.m2_b))
+        return np.nan_to_num(corr, nan=0.0, posinf=0.0, neginf=0.0)

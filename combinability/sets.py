@@ -337,7 +337,7 @@ class ModelSet:
             folded = [naive.layout.flatten(fold_norms(naive.params(i), self.folds)) for i in range(len(naive))]
             naive = naive._replace(thetas=tuple(folded), models=naive._natives(folded))
         reference = naive.params(0)
-        features = self._feature_source(naive, data, examples) if data is not None else None
+        features, correlations = self._feature_source(naive, data, examples) if data is not None else (None, None)
         learned = self._learning_context(naive, data, method)
         transforms: list[Permutation | None] = [None]
         thetas = [naive.thetas[0]]
@@ -345,7 +345,9 @@ class ModelSet:
             task = AlignTask(spec=spec, reference=reference, other=naive.params(i), seed=seed,
                              feature_points=self.feature_points,
                              features=None if features is None else (lambda which, pts, i=i: features(
-                                 0 if which == "reference" else i, pts)))
+                                 0 if which == "reference" else i, pts)),
+                             correlations=None if correlations is None else (lambda pts, i=i: correlations(
+                                 naive.thetas[0], naive.thetas[i], pts)))
             perm = align(method, task, **({"progress": True} if progress else {}), **learned, **options)
             transforms.append(perm)
             thetas.append(self.layout.flatten(apply_permutation(spec, perm, naive.params(i))))
@@ -419,18 +421,25 @@ class ModelSet:
 
         cache: dict[Any, Any] = {}
 
-        def features(i: int, points: Sequence[str]) -> dict[str, np.ndarray]:
+        def ready() -> tuple[Any, Any]:
             if "data" not in cache:  # built on first use: data-free aligners never read the data
                 shape = self.table.data_shape if self.table is not None else None
                 cache["data"] = as_dataset(data, "train", input_shape=shape).subset(examples, seed=0)
                 cache["evaluator"] = Evaluator(self.backend_obj, naive.models[0], self.layout)
-            ds, evaluator = cache["data"], cache["evaluator"]
+            return cache["data"], cache["evaluator"]
+
+        def features(i: int, points: Sequence[str]) -> dict[str, np.ndarray]:
+            ds, evaluator = ready()
             wanted = list(dict.fromkeys(points))
             if i not in cache or any(p not in cache[i] for p in wanted):
                 cache[i] = evaluator.features(naive.thetas[i], ds, wanted)
             return {p: cache[i][p] for p in wanted}
 
-        return features
+        def correlations(theta_a: np.ndarray, theta_b: np.ndarray, points: Sequence[str]) -> dict[str, np.ndarray]:
+            ds, evaluator = ready()
+            return evaluator.correlations(theta_a, theta_b, ds, list(dict.fromkeys(points)))
+
+        return features, correlations
 
     def with_thetas(self, *thetas: np.ndarray | None, alignment: str | None = None, **named: np.ndarray) -> ModelSet:
         """A copy with some flat vectors replaced (same layout); ``theta_b=...`` or positionally."""

@@ -68,7 +68,12 @@ class TorchPrepared:
         check_names({k: v.shape for k, v in model.state_dict().items()}, {e.name: e.shape for e in layout.entries},
                     f"the layout does not fit the {type(model).__name__}", missing=False)
         self.backend, self.layout = backend, layout
-        self.model = copy.deepcopy(model).to(backend.torch_device).eval()
+        # the layout's weights are passed at each call: the copy holds zero-memory placeholders for them
+        device = backend.torch_device
+        placeholders = {id(p): nn.Parameter(torch.zeros((), dtype=p.dtype, device=device).expand(p.shape),
+                                            requires_grad=False)
+                        for name, p in model.named_parameters() if name in layout}
+        self.model = copy.deepcopy(model, memo=placeholders).to(device).eval()
         if not isinstance(self.model, TableNet):
             from combinability_torch.trace import trace
 

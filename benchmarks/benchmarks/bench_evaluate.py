@@ -1,33 +1,95 @@
-"""Evaluating many parameter vectors with the torch backend: plain loop against vmap.
+"""Evaluating one model (one flat vector on 2,000 / 500 examples), per backend and device.
 
-The issue asks which path is faster where; on this CPU the loop wins or ties for the
-MLP and clearly wins for conv nets, so the backend loops on CPU and vmaps on CUDA.
+``TorchLoopOrVmap`` keeps the comparison the backend's choice rests on: on this CPU the
+plain loop over vectors wins or ties for the MLP and clearly wins for conv nets, so the
+torch backend loops on CPU and vmaps on CUDA.
 """
 
 import numpy as np
 
 import combinability as cb
 from combinability.data.base import ArrayDataset
+from combinability.evaluation import Evaluator
+from combinability.models import build_model
+
+try:
+    from .common import BACKENDS, DEVICES, backend, gpu_peak_bytes, require, reset_gpu_peak, synchronize
+except ImportError:  # run as a script
+    from common import BACKENDS, DEVICES, backend, gpu_peak_bytes, require, reset_gpu_peak, synchronize
+
+EXAMPLES = {"mlp": 2000, "tiny10": 500}
 
 
-class TorchEvaluate:
+def synthetic(n, seed=0):
+    rng = np.random.default_rng(seed)
+    return ArrayDataset(rng.normal(size=(n, 1, 28, 28)).astype(np.float32), rng.integers(0, 10, n),
+                        num_classes=10, name="synthetic", split="test")
+
+
+def model_and_layout(be, architecture, seed=0):
+    model = build_model(architecture, backend=be.name, width=1 if architecture == "mlp" else 0.5,
+                        input_shape=(1, 28, 28), seed=seed)
+    state = be.state(model)
+    layout = cb.FlatLayout.from_arrays(state)
+    return model, layout, layout.flatten(state)
+
+
+class EvaluateOne:
+    """Loss, accuracy and predictions of one parameter vector (``Evaluator.evaluate``)."""
+
+    params = (["mlp", "tiny10"], BACKENDS, DEVICES)
+    param_names = ["architecture", "backend", "device"]
+    timeout = 300
+
+    def setup(self, architecture, library, device):
+        require(library, device)
+        self.be = backend(library, device)
+        self.data = synthetic(EXAMPLES[architecture])
+        model, layout, flat = model_and_layout(self.be, architecture)
+        self.evaluator = Evaluator(self.be, model, layout, batch_size=500)
+        self.theta = self.be.asarray(flat)
+        self.evaluator.evaluate([self.theta], self.data)  # compile (jax), device copy of the data
+
+    def time_evaluate(self, architecture, library, device):
+        self.evaluator.evaluate([self.theta], self.data)
+
+
+
+class EvaluateOneGPUMemory:
+    """The GPU memory high-water mark of :class:`EvaluateOne` (CUDA only: skipped elsewhere)."""
+
+    params = (["mlp", "tiny10"], BACKENDS, ["cuda"])
+    param_names = ["architecture", "backend", "device"]
+    timeout = 300
+
+    def setup(self, architecture, library, device):
+        require(library, device)  # before any work: a machine without CUDA skips at once
+        EvaluateOne.setup(self, architecture, library, device)
+
+    def track_gpu_peak_memory(self, architecture, library, device):
+        reset_gpu_peak(library)
+        synchronize(self.evaluator.evaluate([self.theta], self.data))
+        return gpu_peak_bytes(library)
+
+    track_gpu_peak_memory.unit = "bytes"
+
+
+class TorchLoopOrVmap:
+    """Eight vectors per forward call (``Evaluator(vectors=8)``), torch's loop against vmap, on the CPU."""
+
     params = (["mlp", "tiny10"], [False, True])
     param_names = ["architecture", "vectorize"]
-    timeout = 600
+    timeout = 300
 
     def setup(self, architecture, vectorize):
-        self.be = cb.get_backend("torch")
-        arch = cb.get_architecture(architecture)
-        rng = np.random.default_rng(0)
-        n = 2000 if architecture == "mlp" else 500
-        self.data = ArrayDataset(rng.normal(size=(n, 1, 28, 28)).astype(np.float32),
-                                 rng.integers(0, 10, n), num_classes=10, name="synthetic", split="test")
-        self.model = self.be.build(arch, width=1 if architecture == "mlp" else 0.5, num_classes=10,
-                                   input_shape=(1, 28, 28), seed=0)
-        state = self.be.state(self.model)
-        self.layout = cb.FlatLayout.from_arrays(state)
-        base = self.layout.flatten(state)
-        self.flats = np.stack([base * (1 + 0.01 * k) for k in range(8)])
+        require("torch")
+        from combinability_torch.backend import TorchBackend
+
+        be = TorchBackend("cpu", vectorize=vectorize)
+        self.data = synthetic(EXAMPLES[architecture])
+        model, layout, base = model_and_layout(be, architecture)
+        self.evaluator = Evaluator(be, model, layout, batch_size=500, vectors=8)
+        self.flats = be.asarray(np.stack([base * (1 + 0.01 * k) for k in range(8)]))
 
     def time_evaluate_8_vectors(self, architecture, vectorize):
-        self.be.evaluate(self.model, self.layout, self.flats, self.data, vectorize=vectorize)
+        self.evaluator.evaluate(self.flats, self.data)

@@ -144,3 +144,26 @@ class WeightMatchingRestarts:
         return cb.weight_matching(self.spec, self.a, self.b, seed=0, restarts=3).objective
 
     track_objective_restarts.unit = "objective"
+
+
+class WeightMatchingLarge:
+    """ResNet-20 x16 (about 69M parameters), a noisy permuted copy: library against the reference."""
+
+    params = (["library", "reference"],)
+    param_names = ["matcher"]
+    timeout = 1800
+    number, repeat = 1, 1
+
+    def setup_cache(self):
+        spec, a = resnet20_problem(width=16)
+        return dict(spec.axes_to_perm), a, noisy_permuted_copy(spec, a)
+
+    def setup(self, cache, matcher):
+        axes, self.a, self.b = cache
+        self.spec = cb.PermutationSpec(axes)
+
+    def time_weight_matching_x16(self, cache, matcher):
+        if matcher == "library":
+            cb.weight_matching(self.spec, self.a, self.b, seed=0)
+        else:
+            reference_rebasin.weight_matching(0, self.spec, self.a, self.b)

@@ -1,18 +1,22 @@
-"""asv benchmarks: drawing coefficient vectors and combining models, numpy float32, d = 10**7.
+"""Drawing coefficient vectors and combining models, float32, ``d = 10**7``, per array library and device.
 
-Run with asv (``asv run --environment existing``) or directly for a quick look::
+Run with asv, or directly for a quick look (numpy, torch and jax on the CPU)::
 
-    PYTHONPATH=. python benchmarks/bench_samplers.py
+    .venv/bin/python benchmarks/benchmarks/bench_samplers.py
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from combinability.backend import NumpyRandom
 from combinability.combination import combine, combine_into
 from combinability.layout import FlatLayout
 from combinability.samplers import DrawContext, get_sampler
+
+try:
+    from .common import DEVICES, LIBRARIES, asarray, random_source, require, synchronize
+except ImportError:  # run as a script
+    from common import DEVICES, LIBRARIES, asarray, random_source, require, synchronize
 
 D = 10**7
 LAYERS = 10
@@ -31,54 +35,69 @@ VALUES = {
 }
 
 
-def _context(d: int = D) -> DrawContext:
+def _context(library: str = "numpy", device: str = "cpu", d: int = D) -> DrawContext:
     layout = FlatLayout.from_arrays({f"layer{i}": np.zeros(d // LAYERS, np.float32) for i in range(LAYERS)})
     rng = np.random.default_rng(0)
-    theta_a = rng.standard_normal(layout.size, dtype=np.float32)
-    theta_b = rng.standard_normal(layout.size, dtype=np.float32)
-    return DrawContext(layout, NumpyRandom(0), theta_a=theta_a, theta_b=theta_b)
+    theta_a = asarray(library, device, rng.standard_normal(layout.size, dtype=np.float32))
+    theta_b = asarray(library, device, rng.standard_normal(layout.size, dtype=np.float32))
+    return DrawContext(layout, random_source(library, device), theta_a=theta_a, theta_b=theta_b)
 
 
 class Draw:
-    """One ``sampler.draw(value, ctx)`` of ``d = 10**7`` float32 coefficients."""
+    """One ``sampler.draw(value, ctx)`` of ``d = 10**7`` float32 coefficients, on the library's device."""
 
-    params = [list(VALUES)]
-    param_names = ["sampler"]
+    params = [list(VALUES), LIBRARIES, DEVICES]
+    param_names = ["sampler", "library", "device"]
     timeout = 120
 
-    def setup(self, name: str) -> None:
-        self.ctx = _context()
+    def setup(self, name: str, library: str, device: str) -> None:
+        require(library, device)
+        self.ctx = _context(library, device)
         self.sampler = get_sampler(name)
         self.value = VALUES[name]
-        self.sampler.draw(self.value, self.ctx)  # warm caches (layer index, rate)
+        synchronize(self.sampler.draw(self.value, self.ctx))  # warm caches (layer index, rate, compilation)
 
-    def time_draw(self, name: str) -> None:
-        self.sampler.draw(self.value, self.ctx)
+    def time_draw(self, name: str, library: str, device: str) -> None:
+        synchronize(self.sampler.draw(self.value, self.ctx))
 
-    def peakmem_draw(self, name: str) -> None:
-        self.sampler.draw(self.value, self.ctx)
+    def peakmem_draw(self, name: str, library: str, device: str) -> None:
+        synchronize(self.sampler.draw(self.value, self.ctx))
 
 
 class Combine:
-    """``(1 − v) θ_A + v θ_B`` for ``d = 10**7`` float32, allocating or in place."""
+    """``(1 − v) θ_A + v θ_B`` for ``d = 10**7`` float32, allocating or in place (mutable arrays)."""
 
-    params = [["vector", "scalar"]]
-    param_names = ["v"]
+    params = [["vector", "scalar"], LIBRARIES, DEVICES]
+    param_names = ["v", "library", "device"]
+    timeout = 120
 
-    def setup(self, kind: str) -> None:
-        ctx = _context()
+    def setup(self, kind: str, library: str, device: str) -> None:
+        require(library, device)
+        ctx = _context(library, device)
         self.a, self.b = ctx.theta_a, ctx.theta_b
         self.v = get_sampler("uniform").draw(0.5, ctx) if kind == "vector" else 0.3
-        self.out = np.empty_like(self.a)
+        synchronize(combine(self.a, self.b, self.v))
 
-    def time_combine(self, kind: str) -> None:
-        combine(self.a, self.b, self.v)
+    def time_combine(self, kind: str, library: str, device: str) -> None:
+        synchronize(combine(self.a, self.b, self.v))
 
-    def time_combine_into(self, kind: str) -> None:
-        combine_into(self.out, self.a, self.b, self.v)
+    def peakmem_combine(self, kind: str, library: str, device: str) -> None:
+        synchronize(combine(self.a, self.b, self.v))
 
-    def peakmem_combine(self, kind: str) -> None:
-        combine(self.a, self.b, self.v)
+
+class CombineInto:
+    """The same, written into a preallocated vector (mutable arrays: numpy and torch)."""
+
+    params = [["vector", "scalar"], ["numpy", "torch"], DEVICES]
+    param_names = ["v", "library", "device"]
+    timeout = 120
+
+    def setup(self, kind: str, library: str, device: str) -> None:
+        Combine.setup(self, kind, library, device)
+        self.out = self.a * 0
+
+    def time_combine_into(self, kind: str, library: str, device: str) -> None:
+        synchronize(combine_into(self.out, self.a, self.b, self.v))
 
 
 if __name__ == "__main__":  # plain timing without asv
@@ -94,13 +113,13 @@ if __name__ == "__main__":  # plain timing without asv
             times.append(time.perf_counter() - start)
         return min(times)
 
-    bench = Draw()
-    for sampler_name in VALUES:
-        bench.setup(sampler_name)
-        print(f"draw {sampler_name:<18} {best_of(partial(bench.time_draw, sampler_name)) * 1e3:7.1f} ms")
-    for kind in Combine.params[0]:
+    for lib in LIBRARIES:
+        bench = Draw()
+        for sampler_name in VALUES:
+            bench.setup(sampler_name, lib, "cpu")
+            seconds = best_of(partial(bench.time_draw, sampler_name, lib, "cpu"))
+            print(f"{lib:<6} draw {sampler_name:<12} {seconds * 1e3:7.1f} ms")
         comb = Combine()
-        comb.setup(kind)
-        print(f"combine      ({kind:<6}) {best_of(partial(comb.time_combine, kind)) * 1e3:7.1f} ms")
-        print(f"combine_into ({kind:<6}) {best_of(partial(comb.time_combine_into, kind)) * 1e3:7.1f} ms")
+        comb.setup("vector", lib, "cpu")
+        print(f"{lib:<6} combine (vector)   {best_of(partial(comb.time_combine, 'vector', lib, 'cpu')) * 1e3:7.1f} ms")
     print(f"max RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB")

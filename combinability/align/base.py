@@ -37,6 +37,11 @@ class AlignTask:
     features : callable, optional
         ``features("reference" | "other", points) -> {point: array (n, units)}``: both
         models' activations on the same inputs; ``None`` when no data was given.
+    correlations : callable, optional
+        ``correlations(points) -> {point: array (units, units)}``: the Pearson correlation
+        of every reference unit with every other unit, streamed over the data without
+        holding activations (:meth:`combinability.evaluation.Evaluator.correlations`);
+        ``None`` when no data was given.
 
     Notes
     -----
@@ -50,6 +55,7 @@ class AlignTask:
     seed: int = 0
     feature_points: Mapping[str, str] = field(default_factory=dict)
     features: Features | None = None
+    correlations: Callable[[Sequence[str]], dict[str, np.ndarray]] | None = None
 
     def point(self, perm_name: str) -> str:
         """The feature point of permutation ``perm_name`` (its own name when none is given)."""

@@ -8,9 +8,11 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
+
 from combinability.align.base import AlignTask
 from combinability.errors import ConfigurationError
-from combinability.matching import activation_matching, weight_matching
+from combinability.matching import weight_matching
 from combinability.permutation import Permutation, identity_permutation
 
 __all__ = ["weight", "activation", "identity"]
@@ -39,28 +41,70 @@ def weight(task: AlignTask, *, restarts: int = 0, max_iter: int = 100, progress:
                            max_iter=max_iter, progress=progress)
 
 
-def activation(task: AlignTask, **_: Any) -> Permutation:
-    """Activation matching (:func:`combinability.matching.activation_matching`).
+def activation(task: AlignTask, *, batch_size: int = 4096, **_: Any) -> Permutation:
+    """Activation matching: one assignment per permutation maximising activation correlation.
 
     For each permutation, one linear assignment maximising the correlation of the two
-    models' activations at its feature point (:meth:`AlignTask.point`).
+    models' activations at its feature point (:meth:`AlignTask.point`). The correlations
+    are streamed: when the task offers ``correlations(points)`` (the two models run on
+    the same batches, reduced to running moments: see
+    :meth:`combinability.evaluation.Evaluator.correlations`) no activations are held at
+    all; otherwise the ``features`` arrays are reduced ``batch_size`` observations at a
+    time in their own float32 (:class:`~combinability.evaluation.CrossMoments`), with no
+    float64 copy of them.
 
     Raises
     ------
     ConfigurationError
-        If the task has no ``features`` (no data was given).
+        If the task has neither ``correlations`` nor ``features`` (no data was given).
     """
-    if task.features is None:
+    if int(batch_size) < 1:
+        raise ConfigurationError(f"batch_size must be >= 1, got {batch_size}")
+    streamed = getattr(task, "correlations", None)
+    if task.features is None and streamed is None:
         raise ConfigurationError("activation matching needs data: pass data=(x, y) or a dataset name")
     perm_points = {p: task.point(p) for p in task.spec.perm_names}
     points = list(dict.fromkeys(perm_points.values()))
-    feats_ref = task.features("reference", points)
-    feats_other = task.features("other", points)
-    missing = [pt for pt in points if pt not in feats_ref or pt not in feats_other]
+    corr = streamed(points) if streamed is not None else _correlations_of_features(task, points, int(batch_size))
+    missing = [pt for pt in points if pt not in corr]
     if missing:
         raise ConfigurationError(f"the features callable returned no activations for point(s) {missing}")
-    return activation_matching({p: feats_ref[pt] for p, pt in perm_points.items()},
-                               {p: feats_other[pt] for p, pt in perm_points.items()})
+    return _assign({p: corr[pt] for p, pt in perm_points.items()})
+
+
+def _correlations_of_features(task: AlignTask, points: list[str], batch_size: int) -> dict[str, np.ndarray]:
+    """Unit correlations of the task's two feature sets, reduced ``batch_size`` rows at a time."""
+    from combinability.errors import IncompatibleModelsError
+    from combinability.evaluation import CrossMoments
+
+    feats_ref = task.features("reference", points)
+    feats_other = task.features("other", points)
+    out = {}
+    for pt in points:
+        if pt not in feats_ref or pt not in feats_other:
+            continue
+        a, b = np.asarray(feats_ref[pt]), np.asarray(feats_other[pt])
+        if a.ndim != 2 or b.ndim != 2 or a.shape[0] != b.shape[0]:
+            raise IncompatibleModelsError(f"activations at {pt!r} must be (observations, units) with the same "
+                                          f"observations, got {a.shape} and {b.shape}")
+        moments = CrossMoments()
+        for s in range(0, a.shape[0], batch_size):
+            moments.update(a[s : s + batch_size], b[s : s + batch_size])
+        out[pt] = moments.correlation()
+    return out
+
+
+def _assign(corr: dict[str, np.ndarray]) -> Permutation:
+    """One maximum-correlation assignment per permutation (``objective``: mean matched correlation)."""
+    from scipy.optimize import linear_sum_assignment
+
+    perm, total, count = {}, 0.0, 0
+    for p, c in corr.items():
+        rows, cols = linear_sum_assignment(c, maximize=True)
+        perm[p] = cols[np.argsort(rows)].astype(np.int64)
+        total += float(c[rows, cols].sum())
+        count += len(rows)
+    return Permutation(perm, objective=total / max(count, 1), history=[total / max(count, 1)], method="activation")
 
 
 def identity(task: AlignTask, **_: Any) -> Permutation:

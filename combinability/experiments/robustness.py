@@ -19,7 +19,7 @@ from combinability.combination import combine
 from combinability.errors import IncompatibleModelsError
 from combinability.evaluation import Evaluator
 from combinability.experiments.compare import reuse_or_run
-from combinability.matching import perturb_permutation, unit_correlations
+from combinability.matching import perturb_permutation
 from combinability.permutation import apply_permutation
 from combinability.results import data_digest, provenance
 
@@ -104,8 +104,8 @@ def alignment_robustness(
         wanted = list(dict.fromkeys(points[p] for p in names))
         layout = pair.layout
         evaluator = Evaluator(be, pair.template, layout, batch_size=batch_size)
-        acts_a = evaluator.features(pair.theta_a, act_data, wanted)
-        acts_b = evaluator.features(pair.theta_b, act_data, wanted)  # B as aligned: unit j pairs with A's unit j
+        # streamed: B as aligned, so its unit j pairs with A's unit j; no activations are held
+        correlations = evaluator.correlations(pair.theta_a, pair.theta_b, act_data, wanted)
         naive_b = (pair.naive or pair).params("b")
         ta = be.asarray(pair.theta_a)
         ends = evaluator.evaluate([ta, be.asarray(pair.theta_b)], eval_data)
@@ -126,8 +126,7 @@ def alignment_robustness(
         acc_b = np.full((len(names), width), np.nan)
         k_coord = np.full((len(names), width), -1, dtype=np.int64)
         for r, p in enumerate(names):
-            corr = unit_correlations(acts_a[points[p]], acts_b[points[p]])
-            scores = np.diag(corr)
+            scores = np.diag(correlations[points[p]])
             for c, k in enumerate(ks[p]):
                 perturbed = perturb_permutation(pair.permutation, p, scores, int(k), seed=rng)
                 theta_b = layout.flatten(apply_permutation(pair.spec, perturbed, naive_b))

@@ -18,8 +18,6 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any, ClassVar
 
-from scipy.optimize import brentq
-
 from combinability.samplers.base import DrawContext, Sampler
 
 __all__ = ["Hyperplane", "truncated_exponential_mean", "truncated_exponential_rate"]
@@ -96,6 +94,8 @@ def truncated_exponential_rate(mean: float) -> float:
         t = 1.0 / low  # inf for subnormal means: the law is a point mass at 0 in double precision
     else:
         # _lower_mean decreases from 1/2 at t = 0 and stays below 1/t: the root is in [0, 2/low].
+        from scipy.optimize import brentq  # imported here: listing plugins stays free of scipy
+
         t = brentq(lambda x: _lower_mean(x) - low, 0.0, 2.0 / low, xtol=1e-300, maxiter=500)
     return -t if mean < 0.5 else t
 
