@@ -22,6 +22,11 @@ data:
 	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist) \
 	  || echo "warning: could not install dataset-fashion-mnist; the demo falls back to sklearn digits"; \
 	else echo "note: run 'sudo apt-get install dataset-fashion-mnist' for the demo's default data"; fi
+	@if [ -f /usr/share/doc/jargon-text/jargon.txt.gz ]; then :; \
+	elif command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq jargon-text) \
+	  || echo "warning: could not install jargon-text (the character-level corpus)"; \
+	else echo "note: run 'sudo apt-get install jargon-text' for the character-level corpus"; fi
 
 demo: $(STAMP) data
 	$(VENV)/bin/combinability demo

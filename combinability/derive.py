@@ -145,11 +145,12 @@ def derive_symmetries(model: Any, example_input: Any, *, backend: str | Backend 
     floats = {k: v for k, v in state.items() if np.issubdtype(v.dtype, np.floating)}
     folded = fold_norms(floats, folds)
     x = be.asarray(example_input, "float32")
-    base = be.to_numpy(_logits(be, model, floats, x))
+    logits = _logits_of(be, model, floats, x)
+    base = logits(floats)
     for what, params in (("folding the norms", folded),
                          ("a random transformation", apply_permutation(spec, random_permutation(spec, folded, seed),
                                                                        folded))):
-        out = be.to_numpy(_logits(be, model, params, x))
+        out = logits(params)
         if not np.allclose(out, base, rtol=1e-4, atol=1e-4 * max(1.0, float(np.abs(base).max()))):
             raise TracingError(f"the derived symmetries of {type(model).__name__} do not preserve its function "
                                f"({what} changes the outputs on example_input by up to "
@@ -157,10 +158,16 @@ def derive_symmetries(model: Any, example_input: Any, *, backend: str | Backend 
     return spec, folds
 
 
-def _logits(be: Backend, model: Any, params: dict[str, np.ndarray], x: Any) -> Any:
+def _logits_of(be: Backend, model: Any, like: dict[str, np.ndarray], x: Any) -> Any:
+    """``params -> logits on x`` (numpy), with one evaluator (one compilation) for every call."""
     from combinability.evaluation import Evaluator
     from combinability.layout import FlatLayout
 
-    layout = FlatLayout.from_arrays(params)
+    layout = FlatLayout.from_arrays(like)
     evaluator = Evaluator(be, model, layout, batch_size=max(1, int(x.shape[0])))
-    return evaluator.logits(layout.flatten({k: v.astype(np.float32) for k, v in params.items()}), x)[0]
+
+    def logits(params: dict[str, np.ndarray]) -> np.ndarray:
+        flat = layout.flatten({k: np.asarray(v, dtype=np.float32) for k, v in params.items()})
+        return be.to_numpy(evaluator.logits(flat, x)[0])
+
+    return logits

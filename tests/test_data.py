@@ -93,7 +93,7 @@ def isolated(tmp_path, monkeypatch):
 
 # -- registry ------------------------------------------------------------------------------------
 def test_builtin_specs_and_hook():
-    assert set(DATASETS) == {"digits", "fashion_mnist", "mnist", "cifar10", "cifar100"}
+    assert set(DATASETS) == {"digits", "fashion_mnist", "mnist", "cifar10", "cifar100", "jargon"}
     assert SPLITS == ("train", "test")
     pm = pluggy.PluginManager(hookspecs.PROJECT)
     pm.add_hookspecs(hookspecs)
@@ -108,7 +108,7 @@ def test_registry_imports_no_loader_dependency():
             "print([m for m in ('sklearn', 'torch', 'jax') if m in sys.modules], len(names))")
     out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True,
                          env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}).stdout.strip()
-    assert out == "[] 5"
+    assert out == "[] 6"
 
 
 def test_unknown_dataset_and_split_list_valid_names():

@@ -244,3 +244,21 @@ def test_a_norm_whose_shift_cannot_fold_leaves_the_stream_to_permutations():
     spec, folds = cb.derive_symmetries(model, torch.randn(5, 4))
     assert not any(isinstance(k, Orthogonal) for k in spec.kinds.values())
     assert spec.axes_to_perm["norm.bias"] == ("P_embed",)
+
+
+def test_a_sweep_of_a_language_model_scores_every_next_token():
+    a, b = _randomise(CausalLM(), 7), _randomise(CausalLM(), 8)
+    g = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, 11, (6, 8), generator=g)
+    targets = torch.randint(0, 11, (6, 8), generator=g)
+    pair = cb.ModelPair(a, b, example_input=tokens.float())
+    ds = cb.sweep(pair, sampler=cb.Linear(), data={"test": (tokens.float().numpy(), targets.numpy())},
+                  values=[0.0, 1.0], batch_size=4)
+    with torch.no_grad():
+        for model, lam in ((a, 0.0), (b, 1.0)):
+            logits = model(tokens.float())
+            loss = torch.nn.functional.cross_entropy(logits, targets.reshape(-1))
+            accuracy = (logits.argmax(1) == targets.reshape(-1)).float().mean()
+            got = ds.sel(split="test", lam=lam).isel(sample=0)
+            assert float(got["loss"]) == pytest.approx(float(loss), rel=1e-5)
+            assert float(got["accuracy"]) == pytest.approx(float(accuracy))

@@ -263,6 +263,19 @@ class JaxBackend(Backend):
         m = self._model(model)
         return describe(m.module, m.variables, jnp.asarray(example_input, jnp.float32))
 
+    def symmetries(self, model: Any, example_input: Any) -> tuple[Any, list[Any]]:
+        """Heads, neurons and residual stream of a user's flax transformer (:mod:`combinability_jax.trace_stream`).
+
+        Parameters are named as :meth:`state` names them (``"params/blocks_0/attn/q/kernel"``); a table model's
+        symmetries are its table's spec (no norms to fold).
+        """
+        from combinability_jax.trace_stream import stream_symmetries
+
+        m = self._model(model)
+        if m.table is not None:
+            return m.table.spec(), []
+        return stream_symmetries(m.module, m.variables, jnp.asarray(example_input, jnp.float32))
+
     def adopt(self, model: Any, table: LayerTable) -> FlaxModel:
         """A user's ``(module, variables)`` as a :class:`FlaxModel` of its traced ``table`` (the table's names)."""
         m = model if isinstance(model, FlaxModel) else FlaxModel(model[0], model[1])

@@ -160,6 +160,13 @@ BUILTIN_DATASETS: tuple[DatasetSpec, ...] = (
         input_shape=(3, 32, 32),
         downloader="combinability.data.cifar:download_cifar100",
     ),
+    DatasetSpec(
+        "jargon",
+        "combinability.data.text:load_jargon",
+        description="The Jargon File 4.4.7, 64-character windows for next-character prediction (Debian jargon-text)",
+        num_classes=155,
+        input_shape=(64,),
+    ),
 )
 
 #: The built-in datasets by name. Plugin datasets live in :mod:`combinability.plugins`.

@@ -1,0 +1,615 @@
+"""Symmetries of a user's flax transformer, found by tracing the spaces of its arrays' axes.
+
+:func:`jax.make_jaxpr` of ``module.apply`` gives the dataflow (jitted and custom-derivative calls inlined, as in
+:mod:`combinability_jax.trace`). Every axis of every array gets a *label*: a space (a union-find class),
+``FIXED`` (batch and token axes, the input's, the output's) or ``ANY`` (a broadcast axis). A parameter opens one
+space per axis; ``dot_general`` merges the axes it contracts or batches (so ``nn.Dense``, ``nn.DenseGeneral``,
+``nn.Embed``'s gather and raw ``x @ W`` all bind their kernels), element-wise operations merge axis by axis,
+slices, pooling, token indexing and reshapes keep or fix axes. Element-wise nonlinearities, products of two
+varying arrays, reductions over features and products of two activations (attention scores and mixing) mark their
+spaces *nonlinear*: permutations only.
+
+``nn.LayerNorm`` and ``nn.RMSNorm`` over the last axis are read whole: their output keeps the input's space, their
+scale and bias bind it, and the layers reading their output (through token pooling and indexing) are the readers
+:func:`combinability.fold_norms` folds them into. A space no nonlinearity touches whose norms all fold — a residual
+stream — is an :class:`~combinability.kinds.Orthogonal` map (``fix_ones`` when a LayerNorm centres it).
+
+Heads: a reshape splitting a space ``(h·dh) -> (h, dh)`` gives a head axis and a within-head axis; spaces whose
+within-head axes are contracted together (query and key) are one :class:`~combinability.kinds.Blocks` name, and
+every split space whose head axis meets theirs (value, through the attention weights) moves with the same group,
+as the torch tracer's ``qk``/``vo`` heads. ``flax.linen.MultiHeadDotProductAttention`` keeps heads on an axis of
+their own (kernels ``(d, heads, dh)`` and ``(heads, dh, d)``): there the head axis is a plain permutation and the
+within-head axes of query/key and of value/output are plain permutations *shared by all heads* — the largest part
+of the head symmetry that one name per axis can express (per-head within-head permutations need a spec entry
+spanning two axes). Experts: a gate value repeated over each expert's units (``jnp.repeat`` of top-k or softmax
+gates: a reshape merging ``(E, units)``) makes the units ``Blocks`` with the gate's space as group; ``top_k`` and
+``argmax`` indices turned back into one-hot gates (``jax.nn.one_hot``) keep the gate's space.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.extend.core import Literal
+
+from combinability.errors import TracingError
+from combinability.folding import NormFold, Reader
+from combinability.kinds import Blocks, Orthogonal
+from combinability.permutation import PermutationSpec
+from combinability_jax.trace import _INLINE, train_kwargs
+
+__all__ = ["stream_symmetries"]
+
+ANY = None
+FIXED = 0  # the space of the fixed axes (root 0: every union with it is fixed)
+_LINEAR_UNARY = {"neg", "convert_element_type", "copy", "copy_p", "stop_gradient", "reduce_precision"}
+_ADDITIVE = {"add", "add_any", "sub"}
+_SCALING = {"mul", "div"}
+_ELEMENTWISE = {"max", "min", "exp", "exp2", "expm1", "log", "log1p", "tanh", "logistic", "erf", "erfc", "erf_inv",
+                "integer_pow", "pow", "sqrt", "rsqrt", "cbrt", "abs", "sign", "square", "select_n", "clamp", "gt",
+                "ge", "lt", "le", "eq", "ne", "and", "or", "not", "xor", "floor", "ceil", "round", "is_finite",
+                "sin", "cos", "tan", "atan2", "nextafter", "rem"}
+_REDUCE = {"reduce_sum", "reduce_max", "reduce_min", "reduce_prod", "reduce_and", "reduce_or", "argmax", "argmin"}
+_NORMS = (nn.LayerNorm, nn.RMSNorm)
+_KEEPS_VALUES = {"broadcast_in_dim", "reshape", "convert_element_type", "squeeze", "copy", "copy_p", "expand_dims"}
+
+
+@dataclass
+class _Spaces:
+    """Union-find over axis spaces; space 0 is the fixed space."""
+
+    parent: list[int] = field(default_factory=lambda: [0])
+    opener: list[str] = field(default_factory=lambda: ["<fixed>"])
+    size: list[int] = field(default_factory=lambda: [0])
+    nonlinear: set[int] = field(default_factory=set)
+
+    def new(self, opener: str, size: int) -> int:
+        self.parent.append(len(self.parent))
+        self.opener.append(opener)
+        self.size.append(int(size))
+        return len(self.parent) - 1
+
+    def find(self, s: int) -> int:
+        while self.parent[s] != s:
+            self.parent[s] = self.parent[self.parent[s]]
+            s = self.parent[s]
+        return s
+
+    def union(self, a: int | None, b: int | None) -> int | None:
+        """Merge two labels (``ANY`` merges into anything); the smaller root (the first opened) names the result."""
+        if a is ANY or b is ANY:
+            return b if a is ANY else a
+        ra, rb = self.find(a), self.find(b)
+        lo, hi = min(ra, rb), max(ra, rb)
+        self.parent[hi] = lo
+        if hi in self.nonlinear:
+            self.nonlinear.add(lo)
+        return lo
+
+    def mark(self, labels: list[int | None]) -> None:
+        self.nonlinear.update(self.find(s) for s in labels if s is not ANY)
+
+    def is_fixed(self, s: int | None) -> bool:
+        return s is not ANY and self.find(s) == FIXED
+
+
+@dataclass
+class _Norm:
+    path: str
+    module: nn.Module
+    src: int
+    out: int | None = None
+
+
+class _StreamTrace:
+    """The jaxpr of ``module.apply(variables, x)`` as flat equations, and every array's axis labels."""
+
+    def __init__(self, module: nn.Module, variables: Any, x: Any) -> None:
+        self.name = type(module).__name__
+        self.hint = (f"; pass spec= (a combinability.PermutationSpec, with kinds for heads and the residual stream) "
+                     f"by hand to cb.ModelPair for this {self.name}")
+        self.ops: list[tuple[Any, dict, list[int], list[int], str]] = []
+        self.shape: dict[int, tuple[int, ...]] = {}
+        self.const: dict[int, Any] = {}
+        self.leaves: dict[str, nn.Module] = {}
+        try:
+            with nn.intercept_methods(self._intercept):
+                closed = jax.make_jaxpr(lambda v, a: module.apply(v, a, **train_kwargs(module, False)))(variables, x)
+        except TracingError:
+            raise
+        except Exception as exc:
+            raise TracingError(f"running {self.name}.apply on example_input of shape {tuple(np.shape(x))} failed: "
+                               f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0]}") from None
+        self.inputs = [self._new(v.aval.shape) for v in closed.jaxpr.invars]
+        leaves = jax.tree_util.tree_flatten_with_path(variables)[0]
+        self.src = {i: "/".join(str(getattr(k, "key", k)) for k in path) for i, (path, _) in
+                    zip(self.inputs, leaves, strict=False)}
+        self.param_shapes = {p: self.shape[i] for i, p in self.src.items()}
+        self.out = self._inline(closed.jaxpr, closed.consts, self.inputs, "C=")
+        self.sp = _Spaces()
+        self.labels: dict[int, list[int | None]] = {self.inputs[-1]: [FIXED] * len(self.shape[self.inputs[-1]])}
+        self.dep: dict[int, str] = {self.inputs[-1]: "act"}
+        self.binds: dict[str, list[int | None]] = {}
+        self.origin: dict[int, tuple[str, bool]] = {}  # id -> (parameter, reshaped)
+        self.index_of: dict[int, int] = {}  # indices into a space (top_k, argmax)
+        self.iota_axis: dict[int, int] = {}
+        self.splits: dict[int, tuple[int, int, int, int]] = {}  # space -> (head space, within space, h, dh)
+        self.expansions: dict[int, tuple[int, int, int]] = {}  # space -> (gate space, experts, units)
+        self.norms: dict[str, _Norm] = {}
+        last = {op[4]: k for k, op in enumerate(self.ops)}
+        for k, (prim, params, ins, outs, scope) in enumerate(self.ops):
+            if scope.startswith("L="):
+                self._norm_op(scope[2:], ins, outs, last[scope] == k)
+            else:
+                self._op(prim, params, ins, outs, scope[2:].replace(".", "/"))
+        for o in self.out:
+            for s in self._lab(o):
+                self.sp.union(s, FIXED)
+
+    # -- tracing -------------------------------------------------------------------------------------------------
+
+    def _intercept(self, next_fun: Any, args: tuple, kwargs: dict, context: Any) -> Any:
+        m, path = context.module, ".".join(context.module.path)  # "/" splits jax's name stack
+        if context.method_name != "__call__":
+            return next_fun(*args, **kwargs)
+        leaf = isinstance(m, _NORMS)
+        if leaf and path in self.leaves:
+            raise TracingError(f"module {path!r} ({type(m).__name__}) is called twice: shared weights" + self.hint)
+        if leaf:
+            self.leaves[path] = m
+        with jax.named_scope(("L=" if leaf else "C=") + path):
+            return next_fun(*args, **kwargs)
+
+    def _new(self, shape: tuple[int, ...], value: Any = None) -> int:
+        i = len(self.shape)
+        self.shape[i] = tuple(int(s) for s in shape)
+        if value is not None:
+            self.const[i] = value
+        return i
+
+    def _inline(self, jaxpr: Any, consts: Any, args: list[int], scope: str) -> list[int]:
+        env = dict(zip(jaxpr.constvars, [self._new(np.shape(c), c) for c in consts], strict=True))
+        env.update(zip(jaxpr.invars, args, strict=True))
+
+        def read(a: Any) -> int:
+            return self._new(np.shape(a.val), a.val) if isinstance(a, Literal) else env[a]
+
+        for eqn in jaxpr.eqns:
+            ins, marks = [read(a) for a in eqn.invars], str(eqn.source_info.name_stack).split("/")
+            here = next((s for s in reversed(marks) if s[:2] in ("L=", "C=")), scope)
+            here = next((s for s in marks if s[:2] == "L="), here)  # inside a norm: the norm
+            sub = next((eqn.params[k] for k in ("jaxpr", "call_jaxpr", "fun_jaxpr") if k in eqn.params), None)
+            if eqn.primitive.name in _INLINE and sub is not None:
+                outs = self._inline(getattr(sub, "jaxpr", sub), getattr(sub, "consts", ()), ins, here)
+            else:
+                outs = [self._new(v.aval.shape) for v in eqn.outvars]
+                self.ops.append((eqn.primitive, eqn.params, ins, outs, here))
+            env.update(zip(eqn.outvars, outs, strict=True))
+        return [read(a) for a in jaxpr.outvars]
+
+    def _lab(self, i: int) -> list[int | None]:
+        """The labels of array ``i`` (a parameter opens a space per axis on first use; constants are fixed)."""
+        if i not in self.labels:
+            shape = self.shape[i]
+            if i in self.src:
+                p = self.src[i]
+                stem = p.removeprefix("params/")
+                stem = stem.rsplit("/", 1)[0] if stem.endswith(("/kernel", "/embedding")) else stem
+                self.labels[i] = [ANY if n == 1 else self.sp.new(stem if a == len(shape) - 1 else f"{stem}:{a}", n)
+                                  for a, n in enumerate(shape)]
+                self.binds[p] = list(self.labels[i])
+                self.dep[i], self.origin[i] = "param", (p, False)
+            else:
+                self.labels[i] = [ANY if n == 1 else FIXED for n in shape]
+                self.dep[i] = "const"
+        return self.labels[i]
+
+    def _where(self, prim: Any, path: str) -> str:
+        return f"operation {prim.name!r} in {f'module {path!r}' if path else f'the top-level {self.name}'}"
+
+    def _norm_op(self, path: str, ins: list[int], outs: list[int], last: bool) -> None:
+        m = self.leaves[path]
+        rec = self.norms.get(path)
+        if rec is None:
+            src = next((i for i in ins if self.dep.get(i) in ("act", "param") and i not in self.src), None)
+            if src is None:
+                raise TracingError(f"module {path!r} ({type(m).__name__}) normalises no activation" + self.hint)
+            nd = len(self.shape[src])
+            axes = [tuple(int(a) % nd for a in np.atleast_1d(getattr(m, attr, -1)))
+                    for attr in ("reduction_axes", "feature_axes")]
+            if axes != [(nd - 1,), (nd - 1,)]:
+                raise TracingError(f"module {path!r} ({type(m).__name__}): a norm must normalise and scale the last "
+                                   f"axis only" + self.hint)
+            rec = self.norms[path] = _Norm(path.replace(".", "/"), m, src)
+        for o in outs:
+            self.dep[o] = "act"
+        if last:
+            rec.out = outs[0]
+            self.labels[outs[0]] = list(self._lab(rec.src))
+
+    def _op(self, prim: Any, p: dict, ins: list[int], outs: list[int], path: str) -> None:
+        n, sp = prim.name, self.sp
+        labs = [self._lab(i) for i in ins]
+        deps = [self.dep[i] for i in ins]
+        dep = "act" if "act" in deps else "param" if "param" in deps else "const"
+        for o in outs:
+            self.dep[o] = dep
+        shape = self.shape[outs[0]] if outs else ()
+        where = self._where(prim, path)
+        indexed = [i for i in ins if i in self.index_of]
+        if indexed and n not in _KEEPS_VALUES and n not in ("eq", "ne"):
+            raise TracingError(f"{where} uses indices into a feature axis (from top_k or argmax); the tracer follows "
+                               "them only into one-hot gates (jax.nn.one_hot)" + self.hint)
+        if n in _KEEPS_VALUES and indexed:
+            self.index_of[outs[0]] = self.index_of[indexed[0]]
+        if n in ("convert_element_type", "copy", "copy_p") and ins[0] in self.origin:
+            self.origin[outs[0]] = self.origin[ins[0]]
+        elif n in ("reshape", "broadcast_in_dim") and ins and ins[0] in self.origin:
+            self.origin[outs[0]] = (self.origin[ins[0]][0], True)
+        if n == "iota":
+            self.labels[outs[0]] = [ANY if s == 1 else FIXED for s in shape]
+            self.iota_axis[outs[0]] = int(p["dimension"])
+            self.dep[outs[0]] = "const"
+        elif n in _LINEAR_UNARY or n in _ADDITIVE | _SCALING | _ELEMENTWISE:
+            self._elementwise(n, ins, labs, deps, outs[0], where)
+        elif n == "broadcast_in_dim":
+            out: list[int | None] = [ANY] * len(shape)
+            for a, d in enumerate(p["broadcast_dimensions"]):
+                out[d] = ANY if self.shape[ins[0]][a] == 1 and shape[d] != 1 else labs[0][a]
+            self.labels[outs[0]] = out
+            if ins[0] in self.iota_axis:
+                self.iota_axis[outs[0]] = p["broadcast_dimensions"][self.iota_axis[ins[0]]]
+        elif n == "reshape":
+            if p.get("dimensions") is not None:
+                raise TracingError(f"{where}: reshapes that transpose are not followed" + self.hint)
+            self.labels[outs[0]] = self._reshape(self.shape[ins[0]], labs[0], shape, where, path)
+        elif n == "squeeze":
+            drop = {int(d) % len(labs[0]) for d in p["dimensions"]}
+            self.labels[outs[0]] = [s for a, s in enumerate(labs[0]) if a not in drop]
+        elif n == "transpose":
+            self.labels[outs[0]] = [labs[0][a] for a in p["permutation"]]
+            if ins[0] in self.iota_axis:
+                self.iota_axis[outs[0]] = list(p["permutation"]).index(self.iota_axis[ins[0]])
+        elif n in ("slice", "dynamic_slice", "pad", "rev"):
+            src = self.shape[ins[0]]
+            if n == "slice":
+                kept = [a for a in range(len(src)) if p["start_indices"][a] == 0 and p["limit_indices"][a] == src[a]
+                        and (p["strides"] is None or p["strides"][a] == 1)]
+            elif n == "dynamic_slice":
+                kept = [a for a in range(len(src)) if p["slice_sizes"][a] == src[a]]
+            elif n == "pad":
+                kept = [a for a, c in enumerate(p["padding_config"]) if tuple(c) == (0, 0, 0)]
+            else:
+                kept = [a for a in range(len(src)) if a not in p["dimensions"]]
+            self.labels[outs[0]] = [s if a in kept else sp.union(s, FIXED) for a, s in enumerate(labs[0])]
+        elif n == "concatenate":
+            d = int(p["dimension"])
+            if any(s is not ANY and not sp.is_fixed(s) for lab in labs for s in lab[d:d + 1]):
+                raise TracingError(f"{where}: concatenating features (a feature axis){self.hint}")
+            out = list(labs[0])
+            for lab in labs[1:]:
+                out = [sp.union(a, b) for a, b in zip(out, lab, strict=True)]
+            out[d] = FIXED
+            self.labels[outs[0]] = out
+        elif n in _REDUCE:
+            axes = {int(a) for a in p["axes"]}
+            sp.mark([labs[0][a] for a in axes])
+            self.labels[outs[0]] = [s for a, s in enumerate(labs[0]) if a not in axes]
+            feature = [labs[0][a] for a in axes if labs[0][a] is not ANY and not sp.is_fixed(labs[0][a])]
+            if n in ("argmax", "argmin") and feature:
+                self.index_of[outs[0]] = feature[0]
+        elif n == "top_k":
+            axis = int(p.get("axis", -1)) % len(labs[0])
+            sp.mark([labs[0][axis]])
+            for o in outs:
+                self.labels[o] = [FIXED if a == axis else s for a, s in enumerate(labs[0])]
+            if labs[0][axis] is not ANY and not sp.is_fixed(labs[0][axis]):
+                self.index_of[outs[1]] = labs[0][axis]
+        elif n == "dot_general":
+            self.labels[outs[0]] = self._dot(p, ins, labs, deps)
+        elif n == "gather":
+            self.labels[outs[0]] = self._gather(p, ins, labs, shape)
+        else:
+            raise TracingError(f"{where}: the stream tracer cannot follow this operation on features" + self.hint)
+
+    def _elementwise(self, n: str, ins: list[int], labs: list[list[int | None]], deps: list[str], out: int,
+                     where: str) -> None:
+        sp, shape = self.sp, self.shape[out]
+        operands = [(i, lab, d) for i, lab, d in zip(ins, labs, deps, strict=True) if len(self.shape[i])]
+        if any(len(self.shape[i]) != len(shape) for i, _, _ in operands):
+            raise TracingError(f"{where}: operands of different ranks" + self.hint)
+        onehot = n in ("eq", "ne") and self._one_hot(ins, out)
+        if any(i in self.index_of for i in ins) and not onehot:
+            raise TracingError(f"{where} compares indices into a feature axis (from top_k or argmax) with something "
+                               "other than an iota (jax.nn.one_hot)" + self.hint)
+        result: list[int | None] = [ANY] * len(shape)
+        for i, lab, _ in operands:
+            for a, s in enumerate(lab):
+                if self.shape[i][a] == shape[a] and not (onehot and a == onehot[0]):
+                    result[a] = sp.union(result[a], s)
+        if onehot:
+            result[onehot[0]] = onehot[1]
+        self.labels[out] = result
+        if self.dep[out] == "const":
+            return
+        varying = [d for i, lab, d in operands if d != "const" or any(s is not ANY for s in lab)]
+        if n in _LINEAR_UNARY:
+            return
+        if n in _ADDITIVE and not any(d == "const" for d in deps):
+            return
+        if n in _SCALING and len(varying) < 2 and (n == "mul" or (operands and operands[0][2] != "const")):
+            return
+        sp.mark(result)
+
+    def _one_hot(self, ins: list[int], out: int) -> tuple[int, int] | None:
+        """``(axis, space)`` when ``eq`` compares indices into a space with an iota along ``axis`` (a one-hot)."""
+        idx = [i for i in ins if i in self.index_of]
+        iota = [i for i in ins if i in self.iota_axis]
+        if len(idx) != 1 or len(iota) != 1:
+            return None
+        s, axis = self.index_of[idx[0]], self.iota_axis[iota[0]]
+        if self.sp.size[s] != self.shape[out][axis] or self.shape[idx[0]][axis] != 1:
+            return None
+        self.sp.mark([s])
+        return axis, s
+
+    def _dot(self, p: dict, ins: list[int], labs: list[list[int | None]], deps: list[str]) -> list[int | None]:
+        (lc, rc), (lb, rb) = p["dimension_numbers"]
+        sp, (left, right) = self.sp, labs
+        if deps[0] == deps[1] == "act":  # attention: scores and mixing by activations, permutations only
+            sp.mark(left + right)
+        for a, b in zip(lc, rc, strict=True):
+            sp.union(left[a], right[b])
+        out = [sp.union(left[a], right[b]) for a, b in zip(lb, rb, strict=True)]
+        out += [s for a, s in enumerate(left) if a not in (*lc, *lb)]
+        return out + [s for a, s in enumerate(right) if a not in (*rc, *rb)]
+
+    def _gather(self, p: dict, ins: list[int], labs: list[list[int | None]], shape: tuple) -> list[int | None]:
+        dn, src = p["dimension_numbers"], self.shape[ins[0]]
+        out: list[int | None] = [FIXED] * len(shape)
+        dropped = {*dn.collapsed_slice_dims, *getattr(dn, "operand_batching_dims", ())}
+        kept = [a for a in range(len(src)) if a not in dropped]
+        for a in range(len(src)):
+            whole = p["slice_sizes"][a] == src[a] and a not in dn.start_index_map
+            label = labs[0][a] if whole else self.sp.union(labs[0][a], FIXED)
+            if a in kept:
+                out[dn.offset_dims[kept.index(a)]] = label
+        for s in labs[1]:
+            self.sp.union(s, FIXED)
+        return out
+
+    def _reshape(self, src: tuple[int, ...], lab: list[int | None], dst: tuple[int, ...], where: str,
+                 path: str) -> list[int | None]:
+        sp = self.sp
+        out: list[int | None] = [ANY] * len(dst)
+        a_ax = [a for a, n in enumerate(src) if n != 1]
+        b_ax = [b for b, n in enumerate(dst) if n != 1]
+        i = j = 0
+        while i < len(a_ax) or j < len(b_ax):
+            gi, gj = [a_ax[i]], [b_ax[j]]
+            i, j = i + 1, j + 1
+            pa, pb = src[gi[0]], dst[gj[0]]
+            while pa != pb:
+                if pa < pb:
+                    gi.append(a_ax[i])
+                    pa, i = pa * src[a_ax[i]], i + 1
+                else:
+                    gj.append(b_ax[j])
+                    pb, j = pb * dst[b_ax[j]], j + 1
+            ls = [lab[a] for a in gi]
+            if len(gi) == len(gj) == 1:
+                out[gj[0]] = ls[0]
+            elif all(s is ANY or sp.is_fixed(s) for s in ls):
+                fill = FIXED if any(s is not ANY for s in ls) else ANY
+                for b in gj:
+                    out[b] = fill
+            elif len(gi) == 1 and len(gj) == 2:
+                out[gj[0]], out[gj[1]] = self._split(ls[0], dst[gj[0]], dst[gj[1]], where, path)
+            elif len(gi) == 2 and len(gj) == 1 and ls[1] is ANY:
+                s = sp.new(f"{sp.opener[sp.find(ls[0])]}.repeated", dst[gj[0]])
+                self.expansions[s] = (ls[0], src[gi[0]], src[gi[1]])
+                out[gj[0]] = s
+            elif len(gi) == 2 and len(gj) == 1:
+                out[gj[0]] = self._merge(ls[0], ls[1], where)
+            else:
+                raise TracingError(f"{where}: a reshape of feature axes {tuple(src[a] for a in gi)} -> "
+                                   f"{tuple(dst[b] for b in gj)}{self.hint}")
+        return out
+
+    def _split(self, s: int, h: int, dh: int, where: str, path: str) -> tuple[int, int]:
+        root = self.sp.find(s)
+        for t, (hs, cs, th, tdh) in self.splits.items():
+            if self.sp.find(t) == root:
+                if (th, tdh) != (h, dh):
+                    raise TracingError(f"{where}: a space split as {th}x{tdh} and as {h}x{dh} (heads of different "
+                                       f"counts or sizes){self.hint}")
+                return hs, cs
+        stem = path or self.name
+        hs, cs = self.sp.new(f"{stem}/heads", h), self.sp.new(f"{stem}/head_dim", dh)
+        self.splits[s] = (hs, cs, h, dh)
+        return hs, cs
+
+    def _merge(self, hs: int, cs: int, where: str) -> int:
+        f = self.sp.find
+        for t, (th, tc, _, _) in self.splits.items():
+            if f(th) == f(hs) and f(tc) == f(cs):
+                return t
+        raise TracingError(f"{where}: merges a head axis and a within-head axis that no split made" + self.hint)
+
+    # -- the spec ------------------------------------------------------------------------------------------------
+
+    def readers(self, rec: _Norm) -> list[Reader] | None:
+        """The layers reading a norm's output (through pooling, token indexing and casts); None if one is not."""
+        users: dict[int, list[int]] = {}
+        for k, op in enumerate(self.ops):
+            for i in op[2]:
+                users.setdefault(i, []).append(k)
+        found: list[Reader] = []
+        todo = [(rec.out, len(self.shape[rec.out]) - 1, 1.0)]
+        while todo:
+            i, axis, factor = todo.pop()
+            if i in self.out or not users.get(i):
+                return None
+            for k in users[i]:
+                prim, p, ins, outs, scope = self.ops[k]
+                n, o = prim.name, outs[0]
+                if scope.startswith("L="):
+                    return None
+                if n in ("convert_element_type", "copy", "copy_p"):
+                    todo.append((o, axis, factor))
+                elif n == "reduce_sum" and axis not in p["axes"]:
+                    todo.append((o, axis - sum(a < axis for a in p["axes"]),
+                                 factor * math.prod(self.shape[i][a] for a in p["axes"])))
+                elif n == "squeeze" and axis not in {d % len(self.shape[i]) for d in p["dimensions"]}:
+                    todo.append((o, axis - sum(d % len(self.shape[i]) < axis for d in p["dimensions"]), factor))
+                elif n == "slice" and p["start_indices"][axis] == 0 and p["limit_indices"][axis] == self.shape[i][axis]:
+                    todo.append((o, axis, factor))
+                elif n == "transpose":
+                    todo.append((o, list(p["permutation"]).index(axis), factor))
+                elif n in ("mul", "div") and len(ins) == 2 and ins[0] == i and ins[1] in self.const and \
+                        not np.shape(self.const[ins[1]]):
+                    c = float(self.const[ins[1]])
+                    todo.append((o, axis, factor * c if n == "mul" else factor / c))
+                elif n == "mul" and len(ins) == 2 and ins[1] == i and ins[0] in self.const and \
+                        not np.shape(self.const[ins[0]]):
+                    todo.append((o, axis, factor * float(self.const[ins[0]])))
+                elif n == "dot_general":
+                    reader = self._reader(k, i, axis, factor, users)
+                    if reader is None:
+                        return None
+                    found.append(reader)
+                else:
+                    return None
+        return found
+
+    def _reader(self, k: int, i: int, axis: int, factor: float, users: dict[int, list[int]]) -> Reader | None:
+        _, p, ins, outs, _ = self.ops[k]
+        (lc, rc), (lb, rb) = p["dimension_numbers"]
+        side = 0 if ins[0] == i else 1
+        mine, other = ((lc, rc), (rc, lc))[side], ins[1 - side]
+        if ins[0] == ins[1] or not np.isclose(factor, 1.0) or list(mine[0]) != [axis] or (lb, rb)[side]:
+            return None
+        if other not in self.origin or self.origin[other][1]:
+            return None
+        kernel, kaxis = self.origin[other][0], int(mine[1][0])
+        free = tuple(n for a, n in enumerate(self.param_shapes[kernel]) if a != kaxis)
+        bias = None
+        for u in users.get(outs[0], []):
+            prim, _, uins, _, _ = self.ops[u]
+            if prim.name in ("add", "add_any"):
+                b = next((j for j in uins if j != outs[0] and j in self.origin), None)
+                if b is not None and self.param_shapes[self.origin[b][0]] == free:
+                    bias = self.origin[b][0]
+        return Reader(kernel, kaxis, bias)
+
+    def spec(self) -> tuple[PermutationSpec, list[NormFold]]:
+        sp, f = self.sp, self.sp.find
+        norm_params: dict[str, int] = {}
+        layer_norm: set[int] = set()
+        for rec in self.norms.values():
+            s = self._lab(rec.src)[-1]
+            prefix = "params/" + rec.path
+            for leaf, used in (("scale", getattr(rec.module, "use_scale", True)),
+                               ("bias", isinstance(rec.module, nn.LayerNorm) and rec.module.use_bias)):
+                if used and f"{prefix}/{leaf}" in self.param_shapes:
+                    if s is not ANY:
+                        norm_params[f"{prefix}/{leaf}"] = s
+                    self.binds[f"{prefix}/{leaf}"] = [s]
+        changed = True
+        while changed:  # heads: split spaces contracted together are one name; a fixed part fixes the whole
+            changed = False
+            by_within: dict[int, int] = {}
+            for s, (hs, cs, _, _) in self.splits.items():
+                if (sp.is_fixed(hs) or sp.is_fixed(cs)) and not sp.is_fixed(s):
+                    sp.union(s, FIXED)
+                    changed = True
+                t = by_within.setdefault(f(cs), s)
+                if f(t) != f(s):
+                    if f(self.splits[t][0]) != f(hs):
+                        raise TracingError(f"the within-head axes of {sp.opener[f(s)]!r} and {sp.opener[f(t)]!r} "
+                                           "meet but their heads do not" + self.hint)
+                    sp.union(s, t)
+                    changed = True
+            for s, (g, _, _) in self.expansions.items():
+                if sp.is_fixed(g) and not sp.is_fixed(s):
+                    sp.union(s, FIXED)
+                    changed = True
+        names = {f(s): f"P_{sp.opener[f(s)]}" for s in range(1, len(sp.parent)) if f(s) != FIXED}
+        bound = {f(s) for entries in self.binds.values() for s in entries if s is not ANY}
+        kinds: dict[str, Any] = {}
+        special: set[int] = set()
+        for s, (hs, cs, h, dh) in self.splits.items():
+            if sp.is_fixed(s) or f(s) not in bound:
+                continue
+            if f(cs) in bound:
+                raise TracingError(f"the within-head axis of {sp.opener[f(s)]!r} is bound to a parameter axis of its "
+                                   "own" + self.hint)
+            kinds[names[f(s)]] = Blocks(names[f(hs)], h, dh)
+            special |= {f(s), f(hs), f(cs)}
+        for s, (g, experts, units) in self.expansions.items():
+            if not sp.is_fixed(s) and f(s) in bound:
+                if names[f(s)] in kinds and kinds[names[f(s)]] != Blocks(names[f(g)], experts, units):
+                    raise TracingError(f"the units of {names[f(s)]!r} are both heads and experts" + self.hint)
+                kinds[names[f(s)]] = Blocks(names[f(g)], experts, units)
+                special |= {f(s), f(g)}
+        unfoldable: set[int] = set()
+        folds: dict[int, list[NormFold]] = {}
+        for rec in self.norms.values():
+            s = self._lab(rec.src)[-1]
+            if s is ANY or sp.is_fixed(s):
+                continue
+            if isinstance(rec.module, nn.LayerNorm):
+                layer_norm.add(f(s))
+            readers = self.readers(rec)
+            prefix = "params/" + rec.path
+            if readers is None or (f"{prefix}/bias" in norm_params and any(r.bias is None for r in readers)):
+                unfoldable.add(f(s))  # a shift folds only into layers with a bias
+                continue
+            folds.setdefault(f(s), []).append(NormFold(
+                f"{prefix}/scale" if f"{prefix}/scale" in norm_params else None,
+                f"{prefix}/bias" if f"{prefix}/bias" in norm_params else None, tuple(readers)))
+        nonlinear = {f(s) for s in sp.nonlinear}
+        orthogonal = {r for r in bound if r != FIXED and r not in nonlinear | unfoldable | special}
+        all_folds: list[NormFold] = []
+        for r in sorted(orthogonal):
+            requires = [(p, 1.0 if p.endswith("/scale") else 0.0) for p, s in norm_params.items() if f(s) == r]
+            kinds[names[r]] = Orthogonal(fix_ones=r in layer_norm, requires=tuple(requires))
+            all_folds += folds.get(r, [])
+        axes: dict[str, tuple[Any, ...]] = {}
+        for param, shape in self.param_shapes.items():
+            entries = self.binds.get(param, [ANY] * len(shape))
+            axes[param] = tuple(None if s is ANY or sp.is_fixed(s) or (param in norm_params and f(s) in orthogonal)
+                                else names[f(s)] for s in entries)
+        return PermutationSpec(axes, kinds), all_folds
+
+
+def stream_symmetries(module: nn.Module, variables: Any, x: Any) -> tuple[PermutationSpec, list[NormFold]]:
+    """The symmetry spec (heads, FFN neurons and experts, residual stream) and the norm folds of a flax module.
+
+    Parameters
+    ----------
+    module : flax.linen.Module
+        The user's module (inference mode: ``train=False`` when ``__call__`` takes ``train``).
+    variables : mapping
+        Its variables; parameters are named as the jax backend's ``state`` names them
+        (``"params/blocks_0/attn/q/kernel"``), axes in flax order (a Dense kernel is ``(in, out)``).
+    x : array
+        A batch of inputs in the module's own layout.
+
+    Returns
+    -------
+    (PermutationSpec, list of NormFold)
+        The spec and the norms to fold before its orthogonal maps apply.
+
+    Raises
+    ------
+    TracingError
+        Naming the operation (and module) the tracer cannot follow, and saying to pass ``spec=`` by hand.
+    """
+    return _StreamTrace(module, variables, jnp.asarray(x)).spec()
