@@ -19,14 +19,13 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.extend.core import Literal
 
 from combinability.errors import TracingError
 from combinability.layers import LayerTable, Node
+from combinability_jax.jaxpr_walk import JaxprWalker
 
 __all__ = ["describe", "taps", "train_kwargs"]
 
-_INLINE = {"pjit", "jit", "closed_call", "core_call", "custom_jvp_call", "custom_vjp_call", "remat", "checkpoint"}
 _ELEMENTWISE = {"add", "add_any", "sub", "mul", "div", "neg", "max", "min", "exp", "exp2", "expm1", "log", "log1p",
                 "tanh", "logistic", "erf", "erfc", "integer_pow", "pow", "sqrt", "rsqrt", "abs", "sign", "select_n",
                 "gt", "ge", "lt", "le", "eq", "ne", "convert_element_type", "square", "copy", "copy_p", "clamp"}
@@ -85,7 +84,7 @@ def _leaf_node(path: str, m: nn.Module, shape: tuple[int, ...], ins: tuple[str, 
                        "bias over the last axis)" + hint)
 
 
-class _Trace:
+class _Trace(JaxprWalker):
     """``module.apply(variables, x)`` as flat equations ``(primitive, params, input ids, output ids, scope)``, and
     the layer-table nodes read from them (``var[node]``: the id holding a node's output).
 
@@ -139,30 +138,6 @@ class _Trace:
         with jax.named_scope(("L=" if leaf else "C=") + path):
             return next_fun(*args, **kwargs)
 
-    def _new(self, shape: tuple[int, ...], value: Any = None) -> int:
-        self.shape[len(self.shape)] = tuple(shape)
-        if value is not None:
-            self.const[len(self.shape) - 1] = value
-        return len(self.shape) - 1
-
-    def _inline(self, jaxpr: Any, consts: Any, args: list[int], scope: str) -> list[int]:
-        env = dict(zip(jaxpr.constvars, [self._new(np.shape(c), c) for c in consts], strict=True))
-        env.update(zip(jaxpr.invars, args, strict=True))
-
-        def read(a: Any) -> int:
-            return self._new(np.shape(a.val), a.val) if isinstance(a, Literal) else env[a]
-
-        for eqn in jaxpr.eqns:
-            ins, marks = [read(a) for a in eqn.invars], str(eqn.source_info.name_stack).split("/")
-            here = next((s for s in reversed(marks) if s[:2] in ("L=", "C=")), scope)
-            sub = next((eqn.params[k] for k in ("jaxpr", "call_jaxpr", "fun_jaxpr") if k in eqn.params), None)
-            if eqn.primitive.name in _INLINE and sub is not None:
-                outs = self._inline(getattr(sub, "jaxpr", sub), getattr(sub, "consts", ()), ins, here)
-            else:
-                outs = [self._new(v.aval.shape) for v in eqn.outvars]
-                self.ops.append((eqn.primitive, eqn.params, ins, outs, here))
-            env.update(zip(eqn.outvars, outs, strict=True))
-        return [read(a) for a in jaxpr.outvars]
 
     def _free(self, prim: Any, p: dict, acts: list[int], outs: list[int], path: str) -> None:
         """One operation of the user's modules on the input's dataflow."""

@@ -36,13 +36,13 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.extend.core import Literal
 
 from combinability.errors import TracingError
 from combinability.folding import NormFold, Reader
 from combinability.kinds import Blocks, Orthogonal
 from combinability.permutation import PermutationSpec
-from combinability_jax.trace import _INLINE, train_kwargs
+from combinability_jax.jaxpr_walk import JaxprWalker
+from combinability_jax.trace import train_kwargs
 
 __all__ = ["stream_symmetries"]
 
@@ -107,7 +107,7 @@ class _Norm:
     out: int | None = None
 
 
-class _StreamTrace:
+class _StreamTrace(JaxprWalker):
     """The jaxpr of ``module.apply(variables, x)`` as flat equations, and every array's axis labels."""
 
     def __init__(self, module: nn.Module, variables: Any, x: Any) -> None:
@@ -166,32 +166,9 @@ class _StreamTrace:
         with jax.named_scope(("L=" if leaf else "C=") + path):
             return next_fun(*args, **kwargs)
 
-    def _new(self, shape: tuple[int, ...], value: Any = None) -> int:
-        i = len(self.shape)
-        self.shape[i] = tuple(int(s) for s in shape)
-        if value is not None:
-            self.const[i] = value
-        return i
-
-    def _inline(self, jaxpr: Any, consts: Any, args: list[int], scope: str) -> list[int]:
-        env = dict(zip(jaxpr.constvars, [self._new(np.shape(c), c) for c in consts], strict=True))
-        env.update(zip(jaxpr.invars, args, strict=True))
-
-        def read(a: Any) -> int:
-            return self._new(np.shape(a.val), a.val) if isinstance(a, Literal) else env[a]
-
-        for eqn in jaxpr.eqns:
-            ins, marks = [read(a) for a in eqn.invars], str(eqn.source_info.name_stack).split("/")
-            here = next((s for s in reversed(marks) if s[:2] in ("L=", "C=")), scope)
-            here = next((s for s in marks if s[:2] == "L="), here)  # inside a norm: the norm
-            sub = next((eqn.params[k] for k in ("jaxpr", "call_jaxpr", "fun_jaxpr") if k in eqn.params), None)
-            if eqn.primitive.name in _INLINE and sub is not None:
-                outs = self._inline(getattr(sub, "jaxpr", sub), getattr(sub, "consts", ()), ins, here)
-            else:
-                outs = [self._new(v.aval.shape) for v in eqn.outvars]
-                self.ops.append((eqn.primitive, eqn.params, ins, outs, here))
-            env.update(zip(eqn.outvars, outs, strict=True))
-        return [read(a) for a in jaxpr.outvars]
+    def _scope(self, marks: list[str], scope: str) -> str:
+        """Inside a norm, the norm (whose operations are read whole); else the innermost module."""
+        return next((s for s in marks if s[:2] == "L="), super()._scope(marks, scope))
 
     def _lab(self, i: int) -> list[int | None]:
         """The labels of array ``i`` (a parameter opens a space per axis on first use; constants are fixed)."""

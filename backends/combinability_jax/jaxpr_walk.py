@@ -1,0 +1,59 @@
+"""Flattening a flax model's jaxpr into a list of primitive operations (shared by the jax tracers).
+
+:class:`JaxprWalker` numbers every array of the traced computation, inlines nested calls
+(``pjit``, custom derivatives, remat), and records each remaining primitive as
+``(primitive, params, input ids, output ids, scope)``, where the scope is the innermost
+flax module (``C=`` / ``L=`` marks in the name stack, set by the tracers' method
+interceptors). The layer-table tracer (:mod:`combinability_jax.trace`) and the stream tracer
+(:mod:`combinability_jax.trace_stream`) read these operations differently.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+from jax.extend.core import Literal
+
+__all__ = ["JaxprWalker", "INLINE"]
+
+#: Call primitives whose body is walked as if written inline.
+INLINE = {"pjit", "jit", "closed_call", "core_call", "custom_jvp_call", "custom_vjp_call", "remat", "checkpoint"}
+
+
+class JaxprWalker:
+    """Numbered arrays (``shape``, ``const``) and the flat list of operations (``ops``) of a jaxpr."""
+
+    ops: list[tuple[Any, dict, list[int], list[int], str]]
+    shape: dict[int, tuple[int, ...]]
+    const: dict[int, Any]
+
+    def _new(self, shape: tuple[int, ...], value: Any = None) -> int:
+        i = len(self.shape)
+        self.shape[i] = tuple(int(s) for s in shape)
+        if value is not None:
+            self.const[i] = value
+        return i
+
+    def _scope(self, marks: list[str], scope: str) -> str:
+        """The module an operation belongs to: the innermost marked one, else the caller's."""
+        return next((s for s in reversed(marks) if s[:2] in ("L=", "C=")), scope)
+
+    def _inline(self, jaxpr: Any, consts: Any, args: list[int], scope: str) -> list[int]:
+        env = dict(zip(jaxpr.constvars, [self._new(np.shape(c), c) for c in consts], strict=True))
+        env.update(zip(jaxpr.invars, args, strict=True))
+
+        def read(a: Any) -> int:
+            return self._new(np.shape(a.val), a.val) if isinstance(a, Literal) else env[a]
+
+        for eqn in jaxpr.eqns:
+            ins = [read(a) for a in eqn.invars]
+            here = self._scope(str(eqn.source_info.name_stack).split("/"), scope)
+            sub = next((eqn.params[k] for k in ("jaxpr", "call_jaxpr", "fun_jaxpr") if k in eqn.params), None)
+            if eqn.primitive.name in INLINE and sub is not None:
+                outs = self._inline(getattr(sub, "jaxpr", sub), getattr(sub, "consts", ()), ins, here)
+            else:
+                outs = [self._new(v.aval.shape) for v in eqn.outvars]
+                self.ops.append((eqn.primitive, eqn.params, ins, outs, here))
+            env.update(zip(eqn.outvars, outs, strict=True))
+        return [read(a) for a in jaxpr.outvars]
