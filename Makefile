@@ -11,7 +11,7 @@ FMNIST := /usr/share/datasets/fashion-mnist
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet -c constraints.txt -e ".[torch,jax,dask,dev,docs]"
+	$(PY) -m pip install --quiet -c constraints.txt -e ".[torch,jax,dask,fast,dev,docs]"
 	$(PY) -m pip install --quiet --no-deps -e docs/examples/combinability_example_plugin
 	touch $(STAMP)
 
