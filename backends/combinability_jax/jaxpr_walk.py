@@ -12,8 +12,12 @@ from __future__ import annotations
 
 from typing import Any
 
+import flax.linen as nn
+import jax
 import numpy as np
 from jax.extend.core import Literal
+
+from combinability.errors import TracingError
 
 __all__ = ["JaxprWalker", "INLINE"]
 
@@ -27,6 +31,24 @@ class JaxprWalker:
     ops: list[tuple[Any, dict, list[int], list[int], str]]
     shape: dict[int, tuple[int, ...]]
     const: dict[int, Any]
+
+    name: str
+
+    def _walk(self, module: nn.Module, variables: Any, x: Any, intercept: Any, train_kwargs: dict) -> None:
+        """Trace ``module.apply(variables, x)`` (methods seen by ``intercept``) into inputs, src, ops and out."""
+        self.ops, self.shape, self.const = [], {}, {}
+        try:
+            with nn.intercept_methods(intercept):
+                closed = jax.make_jaxpr(lambda v, a: module.apply(v, a, **train_kwargs))(variables, x)
+        except TracingError:
+            raise
+        except Exception as exc:
+            raise TracingError(f"running {self.name}.apply on example_input of shape {tuple(np.shape(x))} failed: "
+                               f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0]}") from None
+        self.inputs = [self._new(v.aval.shape) for v in closed.jaxpr.invars]
+        self.src = {i: "/".join(str(getattr(k, "key", k)) for k in path) for i, (path, _) in
+                    zip(self.inputs, jax.tree_util.tree_flatten_with_path(variables)[0], strict=False)}
+        self.out = self._inline(closed.jaxpr, closed.consts, self.inputs, "C=")
 
     def _new(self, shape: tuple[int, ...], value: Any = None) -> int:
         i = len(self.shape)

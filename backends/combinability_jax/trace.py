@@ -97,19 +97,7 @@ class _Trace(JaxprWalker):
         if np.ndim(x) not in (2, 4):
             raise TracingError(f"example_input of {self.name} must be (n, features) or channels-last images "
                                f"(n, h, w, c), got shape {tuple(np.shape(x))}")
-        self.ops, self.shape, self.const = [], {}, {}
-        try:
-            with nn.intercept_methods(self._intercept):
-                closed = jax.make_jaxpr(lambda v, a: module.apply(v, a, **train_kwargs(module, False)))(variables, x)
-        except TracingError:
-            raise
-        except Exception as exc:
-            raise TracingError(f"running {self.name}.apply on example_input of shape {tuple(np.shape(x))} failed: "
-                               f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0]}") from None
-        self.inputs = [self._new(v.aval.shape) for v in closed.jaxpr.invars]
-        self.src = {i: "/".join(str(getattr(k, "key", k)) for k in path) for i, (path, _) in
-                    zip(self.inputs, jax.tree_util.tree_flatten_with_path(variables)[0], strict=False)}
-        self.out = self._inline(closed.jaxpr, closed.consts, self.inputs, "C=")
+        self._walk(module, variables, x, self._intercept, train_kwargs(module, False))
         self.nodes, self.var, self.values = [], {}, {}
         self.node_of, self.alias, self.root = {self.inputs[-1]: "<input>"}, {}, {}  # root: element-wise -> source
         self.producer = {o: k for k, op in enumerate(self.ops) for o in op[3]}

@@ -114,24 +114,9 @@ class _StreamTrace(JaxprWalker):
         self.name = type(module).__name__
         self.hint = (f"; pass spec= (a combinability.PermutationSpec, with kinds for heads and the residual stream) "
                      f"by hand to cb.ModelPair for this {self.name}")
-        self.ops: list[tuple[Any, dict, list[int], list[int], str]] = []
-        self.shape: dict[int, tuple[int, ...]] = {}
-        self.const: dict[int, Any] = {}
         self.leaves: dict[str, nn.Module] = {}
-        try:
-            with nn.intercept_methods(self._intercept):
-                closed = jax.make_jaxpr(lambda v, a: module.apply(v, a, **train_kwargs(module, False)))(variables, x)
-        except TracingError:
-            raise
-        except Exception as exc:
-            raise TracingError(f"running {self.name}.apply on example_input of shape {tuple(np.shape(x))} failed: "
-                               f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0]}") from None
-        self.inputs = [self._new(v.aval.shape) for v in closed.jaxpr.invars]
-        leaves = jax.tree_util.tree_flatten_with_path(variables)[0]
-        self.src = {i: "/".join(str(getattr(k, "key", k)) for k in path) for i, (path, _) in
-                    zip(self.inputs, leaves, strict=False)}
+        self._walk(module, variables, x, self._intercept, train_kwargs(module, False))
         self.param_shapes = {p: self.shape[i] for i, p in self.src.items()}
-        self.out = self._inline(closed.jaxpr, closed.consts, self.inputs, "C=")
         self.sp = _Spaces()
         self.labels: dict[int, list[int | None]] = {self.inputs[-1]: [FIXED] * len(self.shape[self.inputs[-1]])}
         self.dep: dict[int, str] = {self.inputs[-1]: "act"}
