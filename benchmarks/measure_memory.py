@@ -12,9 +12,6 @@ over ``n`` images: streamed (``Evaluator.correlations``) against holding every a
 (``Evaluator.features`` then ``unit_correlations``, as activation matching and the
 robustness experiment did), to show memory flat in ``n``.
 
-``sweep+proposed`` repeats the first with two changes proposed for files outside
-``benchmarks/`` applied by patching (:func:`apply_proposed_changes`), to measure their gain.
-
 Run: ``.venv/bin/python benchmarks/measure_memory.py [width] [examples] [batch_size]``
 (defaults 16, 2, 2; about 15 minutes on 2 busy cores).
 """
@@ -37,47 +34,6 @@ def _rss_now() -> int:
 
 def _peak() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
-def apply_proposed_changes() -> None:
-    """Experiment: two changes proposed for files this benchmark does not own, applied by patching.
-
-    1. ``combinability_torch.backend.TorchPrepared`` deep-copies the template model with
-       every layout parameter replaced by a zero-memory stand-in of its shape (a stride-0
-       view of one zero), instead of copying the weights that ``functional_call`` replaces
-       anyway on every call: one model's memory less.
-    2. ``combinability.combination._blocks`` uses the small CPU block (``_NUMPY_BLOCK``)
-       for torch CPU tensors too, so the blocked combination's temporaries stay small.
-    """
-    import copy
-
-    import array_api_compat
-    import torch
-    from combinability_torch import backend as torch_backend
-
-    import combinability.combination as combination
-
-    blocks = combination._blocks
-
-    def cpu_blocks(xp, size):
-        if array_api_compat.is_torch_namespace(xp):
-            return range(0, size, combination._NUMPY_BLOCK), combination._NUMPY_BLOCK
-        return blocks(xp, size)
-
-    combination._blocks = cpu_blocks
-    init = torch_backend.TorchPrepared.__init__
-
-    def lean_init(self, backend, model, layout):
-        memo = {id(p): torch.nn.Parameter(torch.zeros((), dtype=p.dtype).expand(p.shape), requires_grad=False)
-                for name, p in model.named_parameters() if name in layout}
-        deepcopy = copy.deepcopy
-        torch_backend.copy.deepcopy = lambda obj, _memo=None: deepcopy(obj, memo)
-        try:
-            init(self, backend, model, layout)
-        finally:
-            torch_backend.copy.deepcopy = deepcopy
-
-    torch_backend.TorchPrepared.__init__ = lean_init
 
 
 class _PeakWatcher:
@@ -105,11 +61,6 @@ def child(kind: str, width: float, examples: int, batch_size: int, samples: int)
     """One measurement in this process; prints and returns a JSON record."""
     import numpy as np
     import torch
-
-    proposed = kind.endswith("+proposed")
-    if proposed:
-        apply_proposed_changes()
-        kind = kind.removesuffix("+proposed")
 
     import combinability as cb
     from combinability.data.base import ArrayDataset
@@ -143,7 +94,7 @@ def child(kind: str, width: float, examples: int, batch_size: int, samples: int)
             for p in points:
                 unit_correlations(fa[p], fb[p])
         collection = (watcher.stop() - before) / MIB
-    record = {"kind": kind + ("+proposed" if proposed else ""),
+    record = {"kind": kind,
               "width": width, "examples": examples, "batch_size": batch_size, "samples": samples,
               "parameters": pair.layout.size, "models_mib": model_bytes / MIB, "baseline_mib": baseline / MIB,
               "peak_mib": _peak() / MIB, "above_baseline_mib": (_peak() - baseline) / MIB,
@@ -161,7 +112,7 @@ def run(kind: str, width: float, examples: int, batch_size: int, samples: int = 
 
 def main(width: float = 16, examples: int = 2, batch_size: int = 2, stats_width: float = 4) -> None:
     print(f"ResNet-20 x{width:g}, random pair, Uniform sweep of 25 values on {examples} images (batch {batch_size})")
-    for kind, samples in (("sweep", 1), ("sweep", 2), ("sweep+proposed", 1)):
+    for kind, samples in (("sweep", 1), ("sweep", 2)):
         r = run(kind, width, examples, batch_size, samples)
         print(f"  {kind}, {samples} sample(s)/value ({25 * samples} evaluations): peak {r['peak_mib']:.0f} MiB, "
               f"{r['above_baseline_mib']:.0f} MiB above the {r['baseline_mib']:.0f} MiB baseline = "

@@ -93,6 +93,11 @@ class Backend(ABC):
     name: str = ""
     #: The pip extra that installs the framework, e.g. ``"torch"``.
     extra: str = ""
+    #: The floating-point types forward passes may compute in (see :meth:`with_compute_dtype`).
+    compute_dtypes: tuple[str, ...] = ("float32",)
+    #: The type forward passes and feature taps compute in; parameters stay float32 and
+    #: logits come back as float32 either way.
+    compute_dtype: str = "float32"
 
     # -- device and arrays -----------------------------------------------------------
     @abstractmethod
@@ -142,6 +147,31 @@ class Backend(ABC):
             raise ConfigurationError(f"device {device!r} is not available to backend {self.name!r} on this machine; "
                                      f"valid: {', '.join(available)}")
         return self if device == self.device() else self.with_device(available[device])
+
+    def with_compute_dtype(self, dtype: str) -> Backend:
+        """This backend computing its forward passes in ``dtype`` (mixed precision).
+
+        ``"bfloat16"`` runs inference in bfloat16 where the framework supports it (torch's
+        autocast; jax casts parameters and inputs), with float32 parameters and float32
+        logits, so metrics and results are unchanged in type; training steps keep float32.
+        A study opts in (the default is float32): results then differ from float32 ones by
+        bfloat16's rounding, and the result files record the type (``compute_dtype``).
+
+        Raises
+        ------
+        ConfigurationError
+            If this backend cannot compute in ``dtype``; the message lists the valid types.
+        """
+        from combinability.errors import ConfigurationError
+
+        if dtype not in self.compute_dtypes:
+            raise ConfigurationError(f"backend {self.name!r} cannot compute in {dtype!r}; valid: "
+                                     f"{', '.join(self.compute_dtypes)}")
+        return self if dtype == self.compute_dtype else self._with_compute_dtype(dtype)
+
+    def _with_compute_dtype(self, dtype: str) -> Backend:
+        """A copy computing in ``dtype`` (one of :attr:`compute_dtypes`); backends that have several override it."""
+        raise NotImplementedError
 
     def synchronize(self) -> None:  # noqa: B027 - optional hook
         """Wait for queued device work (for timing); a no-op by default."""

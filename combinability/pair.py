@@ -27,8 +27,10 @@ class ModelPair(ModelSet):
         Built by a backend (``cb.train``, ``backend.build``, checkpoints).
     architecture : str, optional
         Expected architecture name (checked against the models).
-    backend : str, optional
-        The models' backend; inferred from the models when omitted.
+    backend : str or Backend, optional
+        The models' backend, by name or as an instance (another device, bfloat16 forward
+        passes: ``get_backend("torch").with_compute_dtype("bfloat16")``); inferred from the
+        models when omitted.
     model_c : native model, optional
         A third model, for transitivity and three-model combinations.
     spec : PermutationSpec, optional
@@ -39,7 +41,7 @@ class ModelPair(ModelSet):
         is verified at once.
     """
 
-    def __init__(self, model_a: Any, model_b: Any, architecture: str | None = None, backend: str | None = None,
+    def __init__(self, model_a: Any, model_b: Any, architecture: str | None = None, backend: Any = None,
                  model_c: Any = None, *, spec: Any = None, example_input: Any = None) -> None:
         models = [model_a, model_b] + ([model_c] if model_c is not None else [])
         super().__init__(models, backend=backend, spec=spec, architecture=architecture, example_input=example_input)

@@ -22,6 +22,7 @@ import sys
 import threading
 import warnings
 from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
 from importlib.metadata import entry_points
 from types import ModuleType
 from typing import TYPE_CHECKING, Any
@@ -58,6 +59,9 @@ __all__ = [
     "list_samplers",
     "get_aligner",
     "list_aligners",
+    "SYMMETRY_KINDS",
+    "AlignerRegistration",
+    "aligner_kinds",
     "get_repair",
     "list_repairs",
     "get_metric",
@@ -521,6 +525,62 @@ def get_aligner(name: str | Callable[..., Any]) -> Callable[..., Any]:
         If its module needs a framework that is not installed (names the pip extra).
     """
     return _load_callable("aligners", name)
+
+
+#: The symmetry kinds an aligner may declare it handles (:class:`AlignerRegistration`): plain neuron
+#: permutations, block permutations (attention heads, experts), orthogonal maps (a residual stream) and
+#: packed axes (segments of one axis that move separately, e.g. stacked query/key/value rows).
+SYMMETRY_KINDS: tuple[str, ...] = ("neuron", "blocks", "orthogonal", "packed")
+
+
+@dataclass(frozen=True)
+class AlignerRegistration(Registration):
+    """The :class:`Registration` of an aligner that declares which symmetry kinds it handles.
+
+    Parameters
+    ----------
+    kinds : tuple of str
+        A subset of :data:`SYMMETRY_KINDS`. :func:`combinability.align.align` refuses, before
+        any work, a spec with a kind the aligner does not list. A plain :class:`Registration`
+        (any plugin's aligner that declares nothing) handles ``("neuron",)`` only.
+
+    Examples
+    --------
+    >>> reg = AlignerRegistration("any", "combinability.align.builtin:weight", kinds=SYMMETRY_KINDS)
+    >>> sorted(aligner_kinds(reg))
+    ['blocks', 'neuron', 'orthogonal', 'packed']
+    >>> sorted(aligner_kinds(Registration("plain", "combinability.align.builtin:weight")))
+    ['neuron']
+    """
+
+    kinds: tuple[str, ...] = ("neuron",)
+
+    def __post_init__(self) -> None:
+        kinds = (self.kinds,) if isinstance(self.kinds, str) else tuple(self.kinds)
+        unknown = [k for k in kinds if k not in SYMMETRY_KINDS]
+        if unknown or "neuron" not in kinds:
+            raise PluginError(f"aligner {self.name!r}: kinds must include 'neuron' and be among "
+                              f"{', '.join(SYMMETRY_KINDS)}; got {self.kinds!r}")
+        object.__setattr__(self, "kinds", kinds)
+
+
+def aligner_kinds(aligner: str | Registration | Callable[..., Any]) -> frozenset[str]:
+    """The symmetry kinds an aligner handles (see :data:`SYMMETRY_KINDS`).
+
+    Read off its :class:`AlignerRegistration` (by name or given), or, for a callable passed
+    as it is, off its ``kinds`` attribute; anything that declares nothing handles neuron
+    permutations only. Imports no aligner.
+    """
+    if isinstance(aligner, str):
+        aligner = get_registration("aligners", aligner)
+    declared = getattr(aligner, "kinds", ("neuron",))
+    if isinstance(declared, str):
+        declared = (declared,)
+    try:
+        kinds = frozenset(declared) & frozenset(SYMMETRY_KINDS)
+    except TypeError:  # a callable whose ``kinds`` attribute is something else
+        return frozenset({"neuron"})
+    return kinds | {"neuron"}
 
 
 def list_repairs() -> list[str]:

@@ -104,8 +104,10 @@ class ModelSet:
     ----------
     models : sequence of native models
         Built by a backend (``cb.train``, ``backend.build``, checkpoints); at least two.
-    backend : str, optional
-        The models' backend; inferred from the first model when omitted.
+    backend : str or Backend, optional
+        The models' backend, by name or as an instance (e.g. one on another device or computing
+        in bfloat16: ``get_backend("torch").with_compute_dtype("bfloat16")``); inferred from the
+        first model when omitted.
     spec : PermutationSpec, optional
         The symmetry spec; by default the one of the models' layer table.
     example_input : array, optional
@@ -121,7 +123,8 @@ class ModelSet:
         If a model holds NaN or infinite weights.
     """
 
-    def __init__(self, models: Sequence[Any], *, backend: str | None = None, spec: PermutationSpec | None = None,
+    def __init__(self, models: Sequence[Any], *, backend: str | Backend | None = None,
+                 spec: PermutationSpec | None = None,
                  architecture: str | None = None, example_input: Any = None) -> None:
         models = list(models)
         if len(models) < 2:
@@ -183,7 +186,8 @@ class ModelSet:
             _check_finite(theta, layout, i)
             thetas.append(theta)
         self._init(backend=be.name, table=table, layout=layout, spec=spec, models=models, thetas=thetas,
-                   transforms=[None] * len(models), alignment="naive", naive=None, folds=folds)
+                   transforms=[None] * len(models), alignment="naive", naive=None, folds=folds,
+                   backend_instance=None if backend is None or isinstance(backend, str) else be)
 
     def _init(self, **fields: Any) -> None:
         for k, v in fields.items():
@@ -214,8 +218,8 @@ class ModelSet:
 
     @property
     def backend_obj(self) -> Backend:
-        """The :class:`~combinability.Backend` instance."""
-        return get_backend(self.backend)
+        """The :class:`~combinability.Backend` instance (the one given, else the registered one of its name)."""
+        return self.__dict__.get("backend_instance") or get_backend(self.backend)
 
     @property
     def config(self) -> dict[str, Any]:
@@ -328,14 +332,8 @@ class ModelSet:
         from combinability.data.convert import check_seed
 
         seed = check_seed(seed)
-        naive = self.naive or self
         spec = self._alignment_spec(symmetries)
-        if any(isinstance(k, Orthogonal) for k in spec.kinds.values()) and self.folds:
-            # an orthogonal stream map needs the norms folded: same functions, new parameters
-            from combinability.folding import fold_norms
-
-            folded = [naive.layout.flatten(fold_norms(naive.params(i), self.folds)) for i in range(len(naive))]
-            naive = naive._replace(thetas=tuple(folded), models=naive._natives(folded))
+        naive = (self.naive or self)._folded_for(spec)
         reference = naive.params(0)
         features, correlations = self._feature_source(naive, data, examples) if data is not None else (None, None)
         learned = self._learning_context(naive, data, method)
@@ -362,6 +360,15 @@ class ModelSet:
             return self.spec.permutations_only()
         raise ConfigurationError(f"symmetries must be 'all' (every kind the model admits: heads, neurons, an "
                                  f"orthogonal residual stream) or 'permutation', got {symmetries!r}")
+
+    def _folded_for(self, spec: PermutationSpec) -> ModelSet:
+        """This set with its norms folded when ``spec`` has an orthogonal map (same functions, new parameters)."""
+        if not (self.folds and any(isinstance(k, Orthogonal) for k in spec.kinds.values())):
+            return self
+        from combinability.folding import fold_norms
+
+        folded = [self.layout.flatten(fold_norms(self.params(i), self.folds)) for i in range(len(self))]
+        return self._replace(thetas=tuple(folded), models=self._natives(folded))
 
     def _natives(self, thetas: Sequence[np.ndarray]) -> tuple[Any, ...]:
         """Native models holding ``thetas`` (this set's own model object where a vector is unchanged)."""

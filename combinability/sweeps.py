@@ -284,7 +284,7 @@ def _plan(pair: ModelPair, sampler: Sampler | str | None, *, backend: str | Back
     clash = [m.name for m in extra if m.name in reserved]
     if clash:
         raise ConfigurationError(f"metric names {clash} clash with the sweep's own variables {sorted(reserved)}")
-    be = get_backend(backend or pair.backend)
+    be = get_backend(backend) if backend is not None else pair.backend_obj
     if be.name != pair.backend:
         raise IncompatibleModelsError(
             f"the pair's models belong to backend {pair.backend!r}; evaluate with that backend (got {be.name!r})"
@@ -387,6 +387,7 @@ def _run(plan: _Plan, *, out: str | Path | None, overwrite: bool, progress: bool
             width=float(pair.width),
             backend=be.name,
             device=be.device(),
+            compute_dtype=be.compute_dtype,
             framework_versions=be.versions(),
             dataset=data_name,
             splits=json_attr(split_names),

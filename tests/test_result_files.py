@@ -63,17 +63,27 @@ class _Peek:
         return theta
 
 
-def test_the_file_holds_every_finished_evaluation_and_other_processes_can_read_it(digits_pair, tmp_path):
+@pytest.mark.parametrize("flush_every", [0.0, None], ids=["each", "grouped"])
+def test_the_file_holds_every_finished_evaluation_and_other_processes_can_read_it(digits_pair, tmp_path,
+                                                                                  monkeypatch, flush_every):
+    from combinability.result_stream import ResultStream
+
+    if flush_every is not None:
+        monkeypatch.setattr(ResultStream, "FLUSH_EVERY", flush_every)
     out = tmp_path / "s.nc"
     peek = _Peek(out, at=5)
     final = cb.sweep(digits_pair, cb.Linear(), values=[0.0, 0.2, 0.4, 0.6, 0.8, 1.0, 0.5], repair=peek,
                      out=out, **KW)
     done = np.array(peek.seen["done"], dtype=bool)
-    assert done.sum() == 5 and done[:5].all() and not done[5:].any()  # evaluations 0..4, written in order
+    n = int(done.sum())
+    # evaluations 0..n-1 are written, in order: all five when each is written as it finishes; in groups
+    # a second apart (the default), those of the groups written so far
+    assert n == 5 if flush_every == 0 else n <= 5
+    assert done[:n].all() and not done[n:].any()
     loss = np.array([[[np.nan if v is None else v for v in sample] for sample in value]
                      for value in peek.seen["loss"]], dtype=float)  # (split, lam, sample)
-    np.testing.assert_array_equal(loss[0, :5, 0], final["loss"].sel(split="test").values[:5, 0])
-    assert np.isnan(loss[0, 5:, 0]).all()
+    np.testing.assert_array_equal(loss[0, :n, 0], final["loss"].sel(split="test").values[:n, 0])
+    assert np.isnan(loss[0, n:, 0]).all()
 
 
 # -- item 3: resume only the same sweep --------------------------------------------------------

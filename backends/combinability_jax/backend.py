@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from combinability.backend import Backend
-from combinability.errors import IncompatibleModelsError, UnknownNameError
+from combinability.errors import ConfigurationError, IncompatibleModelsError, UnknownNameError
 from combinability.layers import LayerTable
 from combinability.layout import FlatLayout, check_names
 from combinability_jax.models import FlaxModel, TableNet, flatten_variables, unflatten_variables
@@ -76,11 +76,23 @@ class JaxPrepared:
         named = self.table.to_flax(views, xp=jnp) if self.table is not None else views
         return unflatten_variables({**rest, **{k: v for k, v in named.items() if not k.startswith("counters/")}})
 
+    def _lowered(self, variables: Any, x: jax.Array) -> tuple[Any, jax.Array]:
+        """Floating variables and input cast to the backend's compute type (a no-op for float32)."""
+        if self.backend.compute_dtype == "float32":
+            return variables, x
+        dt = jnp.dtype(self.backend.compute_dtype)
+
+        def cast(v: jax.Array) -> jax.Array:
+            return v.astype(dt) if jnp.issubdtype(v.dtype, jnp.floating) else v
+
+        return jax.tree_util.tree_map(cast, variables), cast(x)
+
     def _apply(self, flat: jax.Array, rest: dict[str, jax.Array], x: jax.Array) -> jax.Array:
-        return self.module.apply(self._variables(flat, rest), x, **self.kwargs(False))
+        variables, x = self._lowered(self._variables(flat, rest), x)
+        return self.module.apply(variables, x, **self.kwargs(False)).astype(jnp.float32)
 
     def _taps(self, flat: jax.Array, rest: dict[str, jax.Array], x: jax.Array, points: tuple[str, ...]) -> dict:
-        variables = self._variables(flat, rest)
+        variables, x = self._lowered(self._variables(flat, rest), x)
         if self.user:
             out = trace_taps(self.module, variables, x, points)
             return {p: jnp.transpose(v, (0, 3, 1, 2)) if v.ndim == 4 else v for p, v in out.items()}
@@ -167,18 +179,27 @@ class JaxBackend(Backend):
     precision, train_precision : str or None
         ``jax.default_matmul_precision`` of forward passes and features (default ``"highest"``:
         exact float32 on GPUs that would use TF32), and of training steps (default None: jax's).
+    compute_dtype : {"float32", "bfloat16", "float16"}
+        Forward passes and feature taps with parameters and inputs cast to this type (float32
+        logits); see :meth:`~combinability.backend.Backend.with_compute_dtype`.
     """
 
     name = "jax"
     extra = "jax"
+    compute_dtypes = ("float32", "bfloat16", "float16")
 
     def __init__(self, device: Any = None, *, precision: str | None = "highest",
-                 train_precision: str | None = None) -> None:
+                 train_precision: str | None = None, compute_dtype: str = "float32") -> None:
         self._device = device if device is not None else jax.devices()[0]
         self.precision, self.train_precision = precision, train_precision
+        if compute_dtype not in self.compute_dtypes:
+            raise ConfigurationError(f"JaxBackend cannot compute in {compute_dtype!r}; valid: "
+                                     f"{', '.join(self.compute_dtypes)}")
+        self.compute_dtype = compute_dtype
 
     def __repr__(self) -> str:
-        return f"JaxBackend(device={self.device()!r}, precision={self.precision!r})"
+        dtype = f", compute_dtype={self.compute_dtype!r}" if self.compute_dtype != "float32" else ""
+        return f"JaxBackend(device={self.device()!r}, precision={self.precision!r}{dtype})"
 
     def devices(self) -> dict[str, Any]:
         found: dict[str, Any] = {}
@@ -192,7 +213,12 @@ class JaxBackend(Backend):
     def with_device(self, device: Any) -> JaxBackend:
         if device == self._device:
             return self
-        return JaxBackend(device, precision=self.precision, train_precision=self.train_precision)
+        return JaxBackend(device, precision=self.precision, train_precision=self.train_precision,
+                          compute_dtype=self.compute_dtype)
+
+    def _with_compute_dtype(self, dtype: str) -> JaxBackend:
+        return JaxBackend(self._device, precision=self.precision, train_precision=self.train_precision,
+                          compute_dtype=dtype)
 
     def device(self) -> str:
         return f"{self._device.platform}:{self._device.id}"

@@ -8,6 +8,7 @@ faster there) or together with :func:`torch.func.vmap` (the default on CUDA).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -87,16 +88,27 @@ class TorchPrepared:
     def _call(self, params: dict[str, torch.Tensor], x: torch.Tensor, **kwargs: Any) -> torch.Tensor:
         return functional_call(self.model, {**self.rest, **params}, (x,), kwargs, strict=False)
 
+    def _inference(self) -> contextlib.ExitStack:
+        """Inference mode, under autocast when the backend computes in a lower precision."""
+        stack = contextlib.ExitStack()
+        stack.enter_context(torch.inference_mode())
+        if self.backend.compute_dtype != "float32":
+            stack.enter_context(torch.autocast(self.backend.torch_device.type,
+                                               dtype=getattr(torch, self.backend.compute_dtype)))
+        return stack
+
     def forward(self, flats: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        with torch.inference_mode():
+        with self._inference():
             if self.backend.use_vmap:
                 batched = vmap(lambda p, xb: self._call(p, xb), in_dims=(0, None))
-                return batched(_views(flats, self.layout), x)
-            return torch.stack([self._call(_views(row, self.layout), x) for row in flats])
+                out = batched(_views(flats, self.layout), x)
+            else:
+                out = torch.stack([self._call(_views(row, self.layout), x) for row in flats])
+        return out if out.dtype == torch.float32 else out.float()
 
     def features(self, flat: torch.Tensor, x: torch.Tensor, points: Sequence[str]) -> dict[str, torch.Tensor]:
         params = _views(flat, self.layout)
-        with torch.inference_mode():
+        with self._inference():
             if isinstance(self.model, TapRunner):
                 missing = [p for p in points if p not in self.model.fx_of]
                 if missing:
@@ -157,19 +169,31 @@ class TorchBackend(Backend):
     vectorize : bool, optional
         Run several parameter vectors at once with :func:`torch.func.vmap` (``True``) or one
         after the other (``False``). ``None`` (default): vmap on CUDA, a loop on the CPU.
+    compute_dtype : {"float32", "bfloat16", "float16"}
+        Forward passes and feature taps under :func:`torch.autocast` to this type (float32
+        parameters, float32 logits); see :meth:`~combinability.backend.Backend.with_compute_dtype`.
     """
 
     name = "torch"
     extra = "torch"
+    compute_dtypes = ("float32", "bfloat16", "float16")
 
-    def __init__(self, device: str | torch.device | None = None, *, vectorize: bool | None = None) -> None:
+    def __init__(self, device: str | torch.device | None = None, *, vectorize: bool | None = None,
+                 compute_dtype: str = "float32") -> None:
         if device is None:
             device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else "cpu"
         self.torch_device = torch.device(device)
         self.vectorize = vectorize
+        if compute_dtype not in self.compute_dtypes:
+            from combinability.errors import ConfigurationError
+
+            raise ConfigurationError(f"TorchBackend cannot compute in {compute_dtype!r}; valid: "
+                                     f"{', '.join(self.compute_dtypes)}")
+        self.compute_dtype = compute_dtype
 
     def __repr__(self) -> str:
-        return f"TorchBackend(device={str(self.torch_device)!r}, vectorize={self.vectorize})"
+        dtype = f", compute_dtype={self.compute_dtype!r}" if self.compute_dtype != "float32" else ""
+        return f"TorchBackend(device={str(self.torch_device)!r}, vectorize={self.vectorize}{dtype})"
 
     def devices(self) -> dict[str, Any]:
         found: dict[str, Any] = {"cpu": torch.device("cpu")}
@@ -181,7 +205,12 @@ class TorchBackend(Backend):
         return found
 
     def with_device(self, device: torch.device) -> TorchBackend:
-        return self if device == self.torch_device else TorchBackend(device, vectorize=self.vectorize)
+        if device == self.torch_device:
+            return self
+        return TorchBackend(device, vectorize=self.vectorize, compute_dtype=self.compute_dtype)
+
+    def _with_compute_dtype(self, dtype: str) -> TorchBackend:
+        return TorchBackend(self.torch_device, vectorize=self.vectorize, compute_dtype=dtype)
 
     @property
     def use_vmap(self) -> bool:

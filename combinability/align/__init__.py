@@ -3,7 +3,10 @@
 An aligner is a function ``aligner(task, **options) -> Permutation`` taking an
 :class:`AlignTask`. The built-ins (``"weight"``, ``"activation"``, ``"identity"``, in
 :mod:`combinability.align.builtin`) and those of plugins are registered through the
-``combinability_register_aligners`` hook and used by name with :func:`align`.
+``combinability_register_aligners`` hook and used by name with :func:`align`. Each
+declares the symmetry kinds it handles (``kinds=`` of
+:class:`~combinability.plugins.AlignerRegistration`; a plain registration handles neuron
+permutations only); :func:`align` refuses a spec with any other kind before it runs.
 
 Example
 -------
@@ -23,14 +26,82 @@ from __future__ import annotations
 from typing import Any
 
 from combinability.align.base import Aligner, AlignTask, Features
-from combinability.errors import PermutationSpecError, PluginError
-from combinability.permutation import Permutation, check_permutation
-from combinability.plugins import get_aligner, list_aligners
+from combinability.errors import ConfigurationError, PermutationSpecError, PluginError
+from combinability.kinds import Blocks, Orthogonal
+from combinability.permutation import Permutation, PermutationSpec, check_permutation
+from combinability.plugins import SYMMETRY_KINDS, aligner_kinds, get_aligner, list_aligners
 
-__all__ = ["AlignTask", "Aligner", "Features", "align", "get_aligner", "list_aligners", "ALL_KINDS"]
+__all__ = ["AlignTask", "Aligner", "Features", "align", "get_aligner", "list_aligners", "ALL_KINDS", "spec_kinds",
+           "check_kinds"]
 
-#: Aligners that handle every symmetry kind (block permutations, orthogonal maps, packed axes).
-ALL_KINDS = frozenset({"weight", "identity"})
+#: The capability of an aligner that handles every symmetry kind (``kinds=ALL_KINDS`` when registering).
+ALL_KINDS = frozenset(SYMMETRY_KINDS)
+
+_SHOWN = {"blocks": "Blocks (attention heads, experts)", "orthogonal": "Orthogonal (a residual stream)",
+          "packed": "packed axes (stacked query/key/value rows)"}
+
+
+def spec_kinds(spec: PermutationSpec) -> frozenset[str]:
+    """The symmetry kinds of ``spec`` (names of :data:`~combinability.plugins.SYMMETRY_KINDS`).
+
+    Examples
+    --------
+    >>> from combinability.kinds import Blocks
+    >>> spec = PermutationSpec({"w": (("qk", "qk", "vo"), None), "o": (None, "vo")},
+    ...                        kinds={"qk": Blocks("h", 2, 3), "vo": Blocks("h", 2, 3)})
+    >>> sorted(spec_kinds(spec))
+    ['blocks', 'neuron', 'packed']
+    """
+    out = {"neuron"}
+    for kind in spec.kinds.values():
+        out.add("blocks" if isinstance(kind, Blocks) else "orthogonal" if isinstance(kind, Orthogonal) else "neuron")
+    if spec.segments:
+        out.add("packed")
+    return frozenset(out)
+
+
+def _handles(kinds: frozenset[str]) -> str:
+    what = ["neuron permutations"] + [t for k, t in (("blocks", "block permutations (heads, experts)"),
+                                                      ("orthogonal", "orthogonal maps")) if k in kinds]
+    return " and ".join(what) + " only" + (" (also on packed axes)" if "packed" in kinds else "")
+
+
+def check_kinds(label: str, handles: frozenset[str], spec: PermutationSpec, *,
+                alternatives: list[str] | None = None, what: str = "aligner") -> None:
+    """Refuse ``spec`` when it has a symmetry kind outside ``handles``, before any work.
+
+    Parameters
+    ----------
+    label : str
+        The aligner's (or method's) name, for the message.
+    handles : frozenset of str
+        The kinds it handles (:func:`~combinability.plugins.aligner_kinds`).
+    spec : PermutationSpec
+    alternatives : list of str, optional
+        Names that handle every kind of ``spec`` (default: the registered aligners that do, but
+        the ``"identity"`` baseline).
+    what : str
+        ``"aligner"`` or ``"align_many method"``, for the message.
+
+    Raises
+    ------
+    ConfigurationError
+        Naming the aligner, the kinds of the spec, what to use instead, and
+        ``symmetries="permutation"`` where a permutation of the residual stream would do.
+    """
+    present = spec_kinds(spec)
+    if present <= handles:
+        return
+    if alternatives is None:
+        alternatives = [n for n in list_aligners() if n != "identity" and present <= aligner_kinds(n)]
+    shown = ", ".join(_SHOWN[k] for k in SYMMETRY_KINDS if k in present and k != "neuron")
+    names = [repr(a) for a in alternatives]
+    joined = names[0] if len(names) == 1 else f"{', '.join(names[:-1])} or {names[-1]}"
+    instead = f"use {joined} instead" if names else f"no installed {what} handles them"
+    if "orthogonal" in present and spec_kinds(spec.permutations_only()) <= handles:
+        instead += ", or align with symmetries='permutation' (the residual stream permuted instead of rotated)"
+    raise ConfigurationError(
+        f"{what} {label!r} aligns {_handles(handles)}, but this model's symmetries include {shown}; {instead}")
 
 
 def align(name: str | Aligner, task: AlignTask, **options: Any) -> Permutation:
@@ -48,13 +119,18 @@ def align(name: str | Aligner, task: AlignTask, **options: Any) -> Permutation:
     Returns
     -------
     Permutation
-        One index array per permutation of ``task.spec``; its ``method`` is the aligner's
-        name when the aligner left it empty.
+        One value per transformation of ``task.spec`` (an index array, or an orthogonal
+        matrix for an orthogonal name); its ``method`` is the aligner's name when the
+        aligner left it empty.
 
     Raises
     ------
     UnknownNameError
         If no aligner is registered as ``name``; the message lists the installed ones.
+    ConfigurationError
+        If the spec has a symmetry kind (block permutations, orthogonal maps, packed axes)
+        that the aligner does not declare it handles (:class:`~combinability.plugins.AlignerRegistration`);
+        checked before the aligner runs.
     PluginError
         If the aligner returns something other than a :class:`Permutation` of the spec's
         permutations and sizes; the message names the aligner.
@@ -62,14 +138,7 @@ def align(name: str | Aligner, task: AlignTask, **options: Any) -> Permutation:
     sizes = task.sizes()
     aligner = get_aligner(name)
     label = name if isinstance(name, str) else getattr(name, "__name__", repr(name))
-    if not task.spec.is_plain and label not in ALL_KINDS:
-        from combinability.errors import ConfigurationError
-
-        kinds = sorted({type(k).__name__ for k in task.spec.kinds.values()} | ({"packed axes"} if task.spec.segments
-                                                                               else set()))
-        raise ConfigurationError(
-            f"aligner {label!r} aligns neuron permutations only, but this model's symmetries include "
-            f"{', '.join(kinds)} (attention heads, experts, a residual stream); use one of {sorted(ALL_KINDS)}")
+    check_kinds(label, aligner_kinds(name), task.spec)
     perm = aligner(task, **options)
     if not isinstance(perm, Permutation):
         raise PluginError(f"aligner {label!r} returned {type(perm).__name__}, not a combinability.Permutation")

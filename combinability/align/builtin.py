@@ -53,6 +53,10 @@ def activation(task: AlignTask, *, batch_size: int = 4096, **_: Any) -> Permutat
     time in their own float32 (:class:`~combinability.evaluation.CrossMoments`), with no
     float64 copy of them.
 
+    It assigns neuron permutations only (registered with ``kinds=("neuron", "packed")``): a
+    head or expert permutation must move whole blocks, and a residual stream's orthogonal
+    map is no assignment, so :func:`combinability.align.align` refuses such specs first.
+
     Raises
     ------
     ConfigurationError

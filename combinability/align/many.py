@@ -21,6 +21,16 @@ Methods
 ``"hierarchical"``
     Pairwise merges up a binary tree: neighbours are matched and averaged, level by level,
     each right subtree permuted as a whole into its left neighbour's basin.
+
+Symmetry kinds
+--------------
+``"reference"``, ``"mergemany"`` and ``"hierarchical"`` are built on pairwise weight
+matching and work for every kind (heads and experts as block permutations, a residual
+stream's orthogonal map, packed axes): with an orthogonal map the members' norms are
+folded first (same functions, new parameters) and the transformations compose as maps
+(:func:`~combinability.compose_permutations`). ``"cycle"`` relaxes permutation matrices
+(Frank–Wolfe on doubly stochastic matrices) and is refused for any other kind, naming the
+methods that apply.
 """
 
 from __future__ import annotations
@@ -30,6 +40,7 @@ from typing import Any
 
 import numpy as np
 
+from combinability.align import ALL_KINDS, check_kinds, spec_kinds
 from combinability.errors import ConfigurationError
 from combinability.permutation import (
     Permutation,
@@ -41,7 +52,7 @@ from combinability.permutation import (
 )
 
 __all__ = ["METHODS", "align_many", "pairwise_permutation", "mergemany", "cycle", "hierarchical", "reference",
-           "all_pairs_objective"]
+           "all_pairs_objective", "METHOD_KINDS"]
 
 Params = dict[str, np.ndarray]
 
@@ -71,11 +82,17 @@ def all_pairs_objective(spec: PermutationSpec, params: Sequence[Mapping[str, Any
 
 
 # -- the methods: one permutation per model into a universe ----------------------------------------
+def _same(new: Mapping[str, Any], old: Mapping[str, Any]) -> bool:
+    """Whether two transformations agree (index arrays exactly, orthogonal matrices to rounding)."""
+    return all(np.allclose(new[p], old[p], rtol=0.0, atol=1e-9) if np.ndim(new[p]) == 2
+               else np.array_equal(new[p], old[p]) for p in old)
+
+
 def reference(spec: PermutationSpec, params: Sequence[Params], *, seed: int = 0, max_iter: int = 100,
               **_: Any) -> list[Permutation]:
     """Each model weight-matched to model 0."""
     sizes = spec.perm_sizes(params[0])
-    return [identity_permutation(sizes)] + [_match(spec, params[0], p, init=None, seed=seed, max_iter=max_iter)
+    return [identity_permutation(sizes, spec)] + [_match(spec, params[0], p, init=None, seed=seed, max_iter=max_iter)
                                             for p in params[1:]]
 
 
@@ -88,14 +105,14 @@ def mergemany(spec: PermutationSpec, params: Sequence[Params], *, seed: int = 0,
     unless ``rounds`` ran out first.
     """
     sizes = spec.perm_sizes(params[0])
-    perms = [identity_permutation(sizes) for _ in params]
+    perms = [identity_permutation(sizes, spec) for _ in params]
     rng = np.random.default_rng(seed)
     for _ in range(rounds):
         changed = False
         for i in rng.permutation(len(params)):
             others = [apply_permutation(spec, perms[j], params[j]) for j in range(len(params)) if j != i]
             new = _match(spec, _mean(others), params[i], init=perms[i], seed=rng, max_iter=max_iter)
-            if any(not np.array_equal(new[p], perms[i][p]) for p in sizes):
+            if not _same(new, perms[i]):
                 perms[i], changed = new, True
         if not changed:
             break
@@ -131,7 +148,7 @@ def hierarchical(spec: PermutationSpec, params: Sequence[Params], *, seed: int =
                  **_: Any) -> list[Permutation]:
     """Pairwise matches up a binary tree; each right subtree is permuted into its left neighbour's basin."""
     sizes = spec.perm_sizes(params[0])
-    perms = [identity_permutation(sizes) for _ in params]
+    perms = [identity_permutation(sizes, spec) for _ in params]
     groups: list[tuple[list[int], Params]] = [([i], p) for i, p in enumerate(params)]
     while len(groups) > 1:
         merged = []
@@ -154,11 +171,16 @@ METHODS: dict[str, Callable[..., list[Permutation]]] = {
     "mergemany": mergemany, "cycle": cycle, "hierarchical": hierarchical, "reference": reference,
 }
 
+#: The symmetry kinds each method handles (see :data:`combinability.plugins.SYMMETRY_KINDS`).
+METHOD_KINDS: dict[str, frozenset[str]] = {
+    "mergemany": ALL_KINDS, "cycle": frozenset({"neuron"}), "hierarchical": ALL_KINDS, "reference": ALL_KINDS,
+}
+
 
 # -- the public entry point ---------------------------------------------------------------------------
 def align_many(models: Sequence[Any], method: str = "mergemany", *, example_input: Any = None,
                backend: str | None = None, spec: PermutationSpec | None = None, seed: int = 0,
-               max_iter: int = 100, **options: Any) -> Any:
+               max_iter: int = 100, symmetries: str = "all", **options: Any) -> Any:
     """Bring ``models`` into one basin; return the :class:`~combinability.sets.ModelSet` of the aligned members.
 
     Parameters
@@ -178,6 +200,11 @@ def align_many(models: Sequence[Any], method: str = "mergemany", *, example_inpu
         Seeds the matching (sweep orders, MergeMany's visiting order).
     max_iter : int
         Maximum weight-matching sweeps per match.
+    symmetries : {"all", "permutation"}, default "all"
+        For a transformer: ``"all"`` aligns heads, neurons and the residual stream's
+        orthogonal map (folding the members' norms first: they keep their functions, not
+        their parameters); ``"permutation"`` permutes the stream instead (as
+        :meth:`ModelSet.align <combinability.sets.ModelSet.align>`).
     **options
         ``rounds`` (MergeMany, default 100), ``fw_iter`` (cycle, default 50).
 
@@ -186,12 +213,15 @@ def align_many(models: Sequence[Any], method: str = "mergemany", *, example_inpu
     ModelSet
         ``alignment=method``; ``transforms[i]`` maps model ``i`` into model 0's basin
         (``None`` for model 0), ``ms.models`` are the aligned members as native models
-        (member 0 is the input model itself) and ``ms.merge()`` their average.
+        (member 0 is the input model itself, or its norms folded for an orthogonal map) and
+        ``ms.merge()`` their average.
 
     Raises
     ------
     ConfigurationError
-        If fewer than two models are given or ``method`` is unknown (the message lists the valid ones).
+        If fewer than two models are given, ``method`` is unknown (the message lists the valid ones),
+        or the method does not handle the models' symmetry kinds (``"cycle"`` on heads, experts or
+        a residual stream; the message names the methods that do).
     IncompatibleModelsError
         If the models differ in architecture or shapes.
     """
@@ -207,18 +237,22 @@ def align_many(models: Sequence[Any], method: str = "mergemany", *, example_inpu
     if max_iter < 1:
         raise ConfigurationError(f"align_many: max_iter must be >= 1, got {max_iter}")
     ms = ModelSet(models, backend=backend, spec=spec, example_input=example_input)
-    params = [_spec_params(ms.spec, ms.params(i)) for i in range(len(ms))]
-    universe = METHODS[method](ms.spec, params, seed=seed, max_iter=max_iter, **options)
+    spec = ms._alignment_spec(symmetries)
+    check_kinds(method, METHOD_KINDS[method], spec, what="align_many method",
+                alternatives=[m for m, kinds in METHOD_KINDS.items() if spec_kinds(spec) <= kinds])
+    folded = ms._folded_for(spec)
+    params = [_spec_params(spec, folded.params(i)) for i in range(len(ms))]
+    universe = METHODS[method](spec, params, seed=seed, max_iter=max_iter, **options)
     undo = invert_permutation(universe[0])
     transforms: list[Permutation | None] = [None]
-    thetas = [ms.thetas[0]]
+    thetas = [folded.thetas[0]]
     for i in range(1, len(ms)):
         t = compose_permutations(universe[i], undo)
         t.method = method
         transforms.append(t)
-        thetas.append(ms.layout.flatten(apply_permutation(ms.spec, t, ms.params(i))))
+        thetas.append(ms.layout.flatten(apply_permutation(spec, t, folded.params(i))))
     return ms._replace(thetas=tuple(thetas), transforms=tuple(transforms), alignment=method, naive=ms,
-                       models=ms._natives(thetas))
+                       models=folded._natives(thetas), spec=spec)
 
 
 def pairwise_permutation(ms: Any, i: int, j: int) -> Permutation:
@@ -228,6 +262,6 @@ def pairwise_permutation(ms: Any, i: int, j: int) -> Permutation:
     ``compose(pairwise(i, j), pairwise(j, k)) == pairwise(i, k)``.
     """
     sizes = ms.spec.perm_sizes(ms.naive.params(0) if ms.naive is not None else ms.params(0))
-    ti = ms.transforms[i] if ms.transforms[i] is not None else identity_permutation(sizes)
-    tj = ms.transforms[j] if ms.transforms[j] is not None else identity_permutation(sizes)
+    ti = ms.transforms[i] if ms.transforms[i] is not None else identity_permutation(sizes, ms.spec)
+    tj = ms.transforms[j] if ms.transforms[j] is not None else identity_permutation(sizes, ms.spec)
     return compose_permutations(ti, invert_permutation(tj))

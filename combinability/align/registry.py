@@ -3,28 +3,37 @@
 Declared in ``pyproject.toml`` under ``[project.entry-points."combinability.plugins"]``
 as ``aligners = "combinability.align.registry"``. The targets are strings, so listing
 the aligners imports neither :mod:`combinability.align.builtin` nor scipy.
+
+Each declares the symmetry kinds it handles (``kinds=``, checked by
+:func:`combinability.align.align` before it runs): weight matching, the identity and STE
+(whose projection step is weight matching) handle every kind — block permutations of heads
+and experts, orthogonal maps of a residual stream, packed axes; activation matching and
+Sinkhorn relax or assign neuron permutations only (activation matching also on packed axes).
 """
 
 from __future__ import annotations
 
 from combinability.hookspecs import Registration, hookimpl
+from combinability.plugins import SYMMETRY_KINDS, AlignerRegistration
 
 __all__ = ["BUILTIN_ALIGNERS", "combinability_register_aligners"]
 
 #: The aligners this library ships.
 BUILTIN_ALIGNERS: tuple[Registration, ...] = (
-    Registration("weight", "combinability.align.builtin:weight",
-                 "Git Re-Basin weight matching (permutation coordinate descent)", needs=()),
-    Registration("activation", "combinability.align.builtin:activation",
-                 "activation matching: correlation of the two models' activations on data", needs=("data",)),
-    Registration("identity", "combinability.align.builtin:identity",
-                 "no alignment: the identity permutation (naive baseline)", needs=()),
-    Registration("ste", "combinability.align.ste:ste",
-                 "learned matching, straight-through estimator (loss of combinations drawn by a sampler)",
-                 needs=("data", "model")),
-    Registration("sinkhorn", "combinability.align.sinkhorn:sinkhorn_align",
-                 "Sinkhorn re-basin: soft permutations learned on the loss of combinations, then hardened",
-                 needs=("data", "model")),
+    AlignerRegistration("weight", "combinability.align.builtin:weight",
+                        "Git Re-Basin weight matching (permutation coordinate descent)", needs=(),
+                        kinds=SYMMETRY_KINDS),
+    AlignerRegistration("activation", "combinability.align.builtin:activation",
+                        "activation matching: correlation of the two models' activations on data",
+                        needs=("data",), kinds=("neuron", "packed")),
+    AlignerRegistration("identity", "combinability.align.builtin:identity",
+                        "no alignment: the identity permutation (naive baseline)", needs=(), kinds=SYMMETRY_KINDS),
+    AlignerRegistration("ste", "combinability.align.ste:ste",
+                        "learned matching, straight-through estimator (loss of combinations drawn by a sampler)",
+                        needs=("data", "model"), kinds=SYMMETRY_KINDS),
+    AlignerRegistration("sinkhorn", "combinability.align.sinkhorn:sinkhorn_align",
+                        "Sinkhorn re-basin: soft permutations learned on the loss of combinations, then hardened",
+                        needs=("data", "model"), kinds=("neuron",)),
 )
 
 

@@ -11,6 +11,12 @@ permutation by a linear assignment.
 The soft-permutation numerics here (:func:`sinkhorn`, :func:`soft_apply`,
 :func:`soft_apply_grad`) are plain numpy; they are also used by the ``"cycle"``
 many-model aligner (:mod:`combinability.align.many`).
+
+Sinkhorn relaxes neuron permutations bound to whole axes only (it is registered with
+``kinds=("neuron",)``): a doubly stochastic matrix has no block structure for heads or
+experts, does not relax an orthogonal map, and a packed axis would need one matrix per
+segment. :func:`combinability.align.align` refuses such specs before any work, naming
+``"ste"`` and ``"weight"``, which handle every kind.
 """
 
 from __future__ import annotations

@@ -14,6 +14,14 @@ a seeded batch order per epoch, one sampler draw per step, the backend's ``value
 at the combination, an evaluation of the hard permutation after every epoch (the best one
 seen is returned), a progress bar, and a state file written atomically after every epoch
 and on Ctrl-C / SIGTERM, from which the same call resumes.
+
+STE applies to every symmetry kind of a spec, because its projection is weight matching
+(:func:`combinability.weight_matching`, which assigns heads and experts as blocks and fits a
+residual stream's orthogonal map by Procrustes) and its gradient passes straight through
+whatever transformation the projection found. The transformation's values keep their kind
+throughout (index arrays for permutations, float matrices for orthogonal maps: in the state
+file too), and the norms an orthogonal map needs folded (its ``requires``) are held fixed in
+the trainable copy, so every projection sees a folded model.
 """
 
 from __future__ import annotations
@@ -29,13 +37,14 @@ import numpy as np
 
 from combinability.align.base import AlignTask
 from combinability.errors import ConfigurationError, CorruptFileError, DatasetError
-from combinability.permutation import Permutation, apply_permutation, identity_permutation
+from combinability.kinds import Orthogonal
+from combinability.permutation import Permutation, PermutationSpec, apply_permutation, identity_permutation
 
 if TYPE_CHECKING:
     from combinability.backend import Backend
     from combinability.layout import FlatLayout
 
-__all__ = ["LearningContext", "check_learning", "check_options", "learn", "start_permutation", "ste"]
+__all__ = ["LearningContext", "check_learning", "check_options", "learn", "start_permutation", "ste", "as_values"]
 
 _STATE_VERSION = 1
 
@@ -142,10 +151,32 @@ def check_learning(name: str, task: AlignTask, context: LearningContext | None) 
     return replace(context, data=ds)
 
 
+def as_values(spec: PermutationSpec, perm: Mapping[str, Any]) -> Permutation:
+    """``perm`` with each value in its kind's type: float64 matrices for orthogonal names, int64 index arrays else.
+
+    Examples
+    --------
+    >>> from combinability.kinds import Orthogonal
+    >>> spec = PermutationSpec({"w": ("R", "P")}, kinds={"R": Orthogonal()})
+    >>> {p: v.dtype.name for p, v in as_values(spec, {"R": np.eye(2, dtype=np.float32), "P": [1, 0]}).items()}
+    {'R': 'float64', 'P': 'int64'}
+    """
+    return Permutation({p: np.array(v, np.float64 if isinstance(spec.kind(p), Orthogonal) else np.int64)
+                        for p, v in perm.items()})
+
+
+def _fixed_parameters(spec: PermutationSpec) -> set[str]:
+    """Parameters an orthogonal map needs at a constant (folded norms): never trained."""
+    return {name for kind in spec.kinds.values() if isinstance(kind, Orthogonal) for name, _ in kind.requires}
+
+
 def start_permutation(task: AlignTask, init: str = "weight", *, max_iter: int = 100) -> Permutation:
-    """The permutation a learned aligner starts from: weight matching's (``"weight"``) or the identity."""
+    """The permutation a learned aligner starts from: weight matching's (``"weight"``) or the identity.
+
+    The identity has every kind's value (identity matrices for orthogonal names).
+    """
     if init == "identity":
-        return identity_permutation(task.sizes())
+        return identity_permutation(task.sizes(), task.spec)
     from combinability.matching import weight_matching
 
     return weight_matching(task.spec, task.reference, task.other, seed=task.seed, max_iter=max_iter)
@@ -337,8 +368,8 @@ def learn(name: str, task: AlignTask, ctx: LearningContext, make: Callable[[], L
         history, position = [best[1]], (0, 0)
     else:
         learner.load({k.removeprefix("learner/"): v for k, v in saved.items() if k.startswith("learner/")})
-        best = (Permutation({k.removeprefix("best/"): v.astype(np.int64) for k, v in saved.items()
-                             if k.startswith("best/")}), float(saved["best_objective"]))
+        best = (as_values(task.spec, {k.removeprefix("best/"): v for k, v in saved.items() if k.startswith("best/")}),
+                float(saved["best_objective"]))
         history, position = [float(h) for h in saved["history"]], tuple(int(p) for p in saved["position"])
     snapshot = (position, learner.state())
     bar = progress_bar(epochs * steps, f"{name} matching", "step", progress)
@@ -374,8 +405,8 @@ def learn(name: str, task: AlignTask, ctx: LearningContext, make: Callable[[], L
     finally:
         bar.close()
     perm, objective = best
-    return Permutation({p: np.asarray(v, np.int64) for p, v in perm.items()}, objective=objective, history=history,
-                       iterations=epochs, method=name)
+    return Permutation(as_values(task.spec, perm), objective=objective, history=history, iterations=epochs,
+                       method=name)
 
 
 # -- STE ------------------------------------------------------------------------------------
@@ -389,14 +420,14 @@ class _SteLearner:
         self.task, self.ctx, self.matching_iter = task, ctx, matching_iter
         layout = ctx.layout
         self.theta = layout.flatten(task.reference).astype(np.float64)
-        trainable = set(ctx.backend.trainable(ctx.template))
+        trainable = set(ctx.backend.trainable(ctx.template)) - _fixed_parameters(task.spec)
         mask = np.zeros(layout.size)
         for e in layout.entries:
             if e.name in trainable:
                 mask[e.offset : e.stop] = 1.0
         self.recipe = TrainRecipe(lr=lr, optimizer="adam", weight_decay=0.0)
         self.opt = Optimizer(self.recipe, np, mask)
-        self.perm = Permutation({p: np.asarray(v, np.int64) for p, v in start.items()})
+        self.perm = as_values(task.spec, start)
         self.other = dict(task.other)
 
     def transformed(self) -> np.ndarray:
@@ -411,7 +442,7 @@ class _SteLearner:
         self.theta = self.opt.step(self.theta, grad_flat, self.recipe.lr)
 
     def permutation(self) -> Permutation:
-        return Permutation({p: v.copy() for p, v in self.perm.items()})
+        return as_values(self.task.spec, self.perm)
 
     def state(self) -> dict[str, np.ndarray]:
         out = {"theta": self.theta, "opt/t": np.asarray(self.opt.t)}
@@ -422,7 +453,7 @@ class _SteLearner:
 
     def load(self, state: Mapping[str, np.ndarray]) -> None:
         self.theta = np.asarray(state["theta"], dtype=np.float64)
-        self.perm = Permutation({p: np.asarray(state[f"perm/{p}"], np.int64) for p in self.perm})
+        self.perm = as_values(self.task.spec, {p: state[f"perm/{p}"] for p in self.perm})
         if "opt/m" in state:
             self.opt.m, self.opt.v = np.asarray(state["opt/m"]), np.asarray(state["opt/v"])
         self.opt.t = int(state["opt/t"])
@@ -431,6 +462,10 @@ class _SteLearner:
 def ste(task: AlignTask, *, context: LearningContext | None = None, lr: float = 1e-3, matching_iter: int = 100,
         init: str = "weight", **options: Any) -> Permutation:
     """STE matching: a trainable copy of A, projected onto permutations of B, trained on combinations.
+
+    Works on every symmetry kind of ``task.spec`` (heads and experts as block permutations,
+    a residual stream's orthogonal map, packed axes): the projection is weight matching of
+    the copy onto B, warm-started from the previous step's transformation.
 
     Parameters
     ----------

@@ -47,6 +47,7 @@ class BackendRef:
     name: str
     device: str
     description: str
+    compute_dtype: str = "float32"
 
     def resolve(self) -> Backend:
         """The backend ``name`` on ``device`` in this process.
@@ -63,6 +64,7 @@ class BackendRef:
         be = get_backend(self.name)
         if be.device() != self.device:
             be = be.on_device(self.device)
+        be = be.with_compute_dtype(self.compute_dtype)
         if repr(be) != self.description:
             raise ConfigurationError(f"backend {self.name!r} here is {be!r}, the sweep's is {self.description}; "
                                      "pass a registered backend, or one that pickles, to a distributed sweep")
@@ -71,7 +73,7 @@ class BackendRef:
 
 def portable_backend(be: Backend) -> Backend | BackendRef:
     """What to send to another process for ``be``: a :class:`BackendRef` when the registry rebuilds it, else ``be``."""
-    ref = BackendRef(be.name, be.device(), repr(be))
+    ref = BackendRef(be.name, be.device(), repr(be), be.compute_dtype)
     try:
         ref.resolve()
     except CombinabilityError:
