@@ -24,12 +24,15 @@ of the head symmetry that one name per axis can express (per-head within-head pe
 spanning two axes). Experts: a gate value repeated over each expert's units (``jnp.repeat`` of top-k or softmax
 gates: a reshape merging ``(E, units)``) makes the units ``Blocks`` with the gate's space as group; ``top_k`` and
 ``argmax`` indices turned back into one-hot gates (``jax.nn.one_hot``) keep the gate's space.
+
+The union-find of spaces and the spec built from the traced facts are shared with the torch tracer:
+:mod:`combinability.feature_spaces`.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import flax.linen as nn
@@ -38,16 +41,15 @@ import jax.numpy as jnp
 import numpy as np
 
 from combinability.errors import TracingError
+from combinability.feature_spaces import FIXED, Experts, FeatureSpaces, Heads, Norm, spec_from_spaces
 from combinability.folding import NormFold, Reader
-from combinability.kinds import Blocks, Orthogonal
 from combinability.permutation import PermutationSpec
 from combinability_jax.jaxpr_walk import JaxprWalker
 from combinability_jax.trace import train_kwargs
 
 __all__ = ["stream_symmetries"]
 
-ANY = None
-FIXED = 0  # the space of the fixed axes (root 0: every union with it is fixed)
+ANY = None  # a broadcast axis: merges into anything
 _LINEAR_UNARY = {"neg", "convert_element_type", "copy", "copy_p", "stop_gradient", "reduce_precision"}
 _ADDITIVE = {"add", "add_any", "sub"}
 _SCALING = {"mul", "div"}
@@ -58,45 +60,6 @@ _ELEMENTWISE = {"max", "min", "exp", "exp2", "expm1", "log", "log1p", "tanh", "l
 _REDUCE = {"reduce_sum", "reduce_max", "reduce_min", "reduce_prod", "reduce_and", "reduce_or", "argmax", "argmin"}
 _NORMS = (nn.LayerNorm, nn.RMSNorm)
 _KEEPS_VALUES = {"broadcast_in_dim", "reshape", "convert_element_type", "squeeze", "copy", "copy_p", "expand_dims"}
-
-
-@dataclass
-class _Spaces:
-    """Union-find over axis spaces; space 0 is the fixed space."""
-
-    parent: list[int] = field(default_factory=lambda: [0])
-    opener: list[str] = field(default_factory=lambda: ["<fixed>"])
-    size: list[int] = field(default_factory=lambda: [0])
-    nonlinear: set[int] = field(default_factory=set)
-
-    def new(self, opener: str, size: int) -> int:
-        self.parent.append(len(self.parent))
-        self.opener.append(opener)
-        self.size.append(int(size))
-        return len(self.parent) - 1
-
-    def find(self, s: int) -> int:
-        while self.parent[s] != s:
-            self.parent[s] = self.parent[self.parent[s]]
-            s = self.parent[s]
-        return s
-
-    def union(self, a: int | None, b: int | None) -> int | None:
-        """Merge two labels (``ANY`` merges into anything); the smaller root (the first opened) names the result."""
-        if a is ANY or b is ANY:
-            return b if a is ANY else a
-        ra, rb = self.find(a), self.find(b)
-        lo, hi = min(ra, rb), max(ra, rb)
-        self.parent[hi] = lo
-        if hi in self.nonlinear:
-            self.nonlinear.add(lo)
-        return lo
-
-    def mark(self, labels: list[int | None]) -> None:
-        self.nonlinear.update(self.find(s) for s in labels if s is not ANY)
-
-    def is_fixed(self, s: int | None) -> bool:
-        return s is not ANY and self.find(s) == FIXED
 
 
 @dataclass
@@ -117,7 +80,7 @@ class _StreamTrace(JaxprWalker):
         self.leaves: dict[str, nn.Module] = {}
         self._walk(module, variables, x, self._intercept, train_kwargs(module, False))
         self.param_shapes = {p: self.shape[i] for i, p in self.src.items()}
-        self.sp = _Spaces()
+        self.sp = FeatureSpaces()
         self.labels: dict[int, list[int | None]] = {self.inputs[-1]: [FIXED] * len(self.shape[self.inputs[-1]])}
         self.dep: dict[int, str] = {self.inputs[-1]: "act"}
         self.binds: dict[str, list[int | None]] = {}
@@ -471,84 +434,21 @@ class _StreamTrace(JaxprWalker):
         return Reader(kernel, kaxis, bias)
 
     def spec(self) -> tuple[PermutationSpec, list[NormFold]]:
-        sp, f = self.sp, self.sp.find
-        norm_params: dict[str, int] = {}
-        layer_norm: set[int] = set()
+        """The traced facts handed to :func:`~combinability.feature_spaces.spec_from_spaces`."""
+        norms = []
         for rec in self.norms.values():
-            s = self._lab(rec.src)[-1]
-            prefix = "params/" + rec.path
-            for leaf, used in (("scale", getattr(rec.module, "use_scale", True)),
-                               ("bias", isinstance(rec.module, nn.LayerNorm) and rec.module.use_bias)):
-                if used and f"{prefix}/{leaf}" in self.param_shapes:
-                    if s is not ANY:
-                        norm_params[f"{prefix}/{leaf}"] = s
-                    self.binds[f"{prefix}/{leaf}"] = [s]
-        changed = True
-        while changed:  # heads: split spaces contracted together are one name; a fixed part fixes the whole
-            changed = False
-            by_within: dict[int, int] = {}
-            for s, (hs, cs, _, _) in self.splits.items():
-                if (sp.is_fixed(hs) or sp.is_fixed(cs)) and not sp.is_fixed(s):
-                    sp.union(s, FIXED)
-                    changed = True
-                t = by_within.setdefault(f(cs), s)
-                if f(t) != f(s):
-                    if f(self.splits[t][0]) != f(hs):
-                        raise TracingError(f"the within-head axes of {sp.opener[f(s)]!r} and {sp.opener[f(t)]!r} "
-                                           "meet but their heads do not" + self.hint)
-                    sp.union(s, t)
-                    changed = True
-            for s, (g, _, _) in self.expansions.items():
-                if sp.is_fixed(g) and not sp.is_fixed(s):
-                    sp.union(s, FIXED)
-                    changed = True
-        names = {f(s): f"P_{sp.opener[f(s)]}" for s in range(1, len(sp.parent)) if f(s) != FIXED}
-        bound = {f(s) for entries in self.binds.values() for s in entries if s is not ANY}
-        kinds: dict[str, Any] = {}
-        special: set[int] = set()
-        for s, (hs, cs, h, dh) in self.splits.items():
-            if sp.is_fixed(s) or f(s) not in bound:
-                continue
-            if f(cs) in bound:
-                raise TracingError(f"the within-head axis of {sp.opener[f(s)]!r} is bound to a parameter axis of its "
-                                   "own" + self.hint)
-            kinds[names[f(s)]] = Blocks(names[f(hs)], h, dh)
-            special |= {f(s), f(hs), f(cs)}
-        for s, (g, experts, units) in self.expansions.items():
-            if not sp.is_fixed(s) and f(s) in bound:
-                if names[f(s)] in kinds and kinds[names[f(s)]] != Blocks(names[f(g)], experts, units):
-                    raise TracingError(f"the units of {names[f(s)]!r} are both heads and experts" + self.hint)
-                kinds[names[f(s)]] = Blocks(names[f(g)], experts, units)
-                special |= {f(s), f(g)}
-        unfoldable: set[int] = set()
-        folds: dict[int, list[NormFold]] = {}
-        for rec in self.norms.values():
-            s = self._lab(rec.src)[-1]
-            if s is ANY or sp.is_fixed(s):
-                continue
-            if isinstance(rec.module, nn.LayerNorm):
-                layer_norm.add(f(s))
-            readers = self.readers(rec)
-            prefix = "params/" + rec.path
-            if readers is None or (f"{prefix}/bias" in norm_params and any(r.bias is None for r in readers)):
-                unfoldable.add(f(s))  # a shift folds only into layers with a bias
-                continue
-            folds.setdefault(f(s), []).append(NormFold(
-                f"{prefix}/scale" if f"{prefix}/scale" in norm_params else None,
-                f"{prefix}/bias" if f"{prefix}/bias" in norm_params else None, tuple(readers)))
-        nonlinear = {f(s) for s in sp.nonlinear}
-        orthogonal = {r for r in bound if r != FIXED and r not in nonlinear | unfoldable | special}
-        all_folds: list[NormFold] = []
-        for r in sorted(orthogonal):
-            requires = [(p, 1.0 if p.endswith("/scale") else 0.0) for p, s in norm_params.items() if f(s) == r]
-            kinds[names[r]] = Orthogonal(fix_ones=r in layer_norm, requires=tuple(requires))
-            all_folds += folds.get(r, [])
-        axes: dict[str, tuple[Any, ...]] = {}
-        for param, shape in self.param_shapes.items():
-            entries = self.binds.get(param, [ANY] * len(shape))
-            axes[param] = tuple(None if s is ANY or sp.is_fixed(s) or (param in norm_params and f(s) in orthogonal)
-                                else names[f(s)] for s in entries)
-        return PermutationSpec(axes, kinds), all_folds
+            s, prefix = self._lab(rec.src)[-1], "params/" + rec.path
+            scale, shift = (f"{prefix}/{leaf}" if used and f"{prefix}/{leaf}" in self.param_shapes else None
+                            for leaf, used in (("scale", getattr(rec.module, "use_scale", True)),
+                                               ("bias", isinstance(rec.module, nn.LayerNorm) and rec.module.use_bias)))
+            self.binds.update({p: [s] for p in (scale, shift) if p})
+            readers = None if s is ANY or self.sp.is_fixed(s) else self.readers(rec)
+            norms.append(Norm(s, scale, shift, isinstance(rec.module, nn.LayerNorm),
+                              None if readers is None else tuple(readers)))
+        binds = {p: self.binds.get(p, [ANY] * len(shape)) for p, shape in self.param_shapes.items()}
+        heads = [Heads(s, hs, h, dh, cs) for s, (hs, cs, h, dh) in self.splits.items()]
+        experts = [Experts(s, g, e, u) for s, (g, e, u) in self.expansions.items()]
+        return spec_from_spaces(self.sp, binds, norms, heads, experts, self.hint)
 
 
 def stream_symmetries(module: nn.Module, variables: Any, x: Any) -> tuple[PermutationSpec, list[NormFold]]:

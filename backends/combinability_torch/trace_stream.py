@@ -11,12 +11,12 @@ within-head permutation, the value rows and ``out_proj`` columns another, and bo
 with the head. A space that only linear maps, norms, pooling and additions touch — a
 residual stream — is an orthogonal map when every norm on it can be folded into the
 layers reading it (:func:`combinability.fold_norms`); ``fix_ones`` when a LayerNorm centres it.
+The spaces and the spec they add up to are framework-free: :mod:`combinability.feature_spaces`.
 """
 
 from __future__ import annotations
 
 import operator
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -25,8 +25,8 @@ from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
 from combinability.errors import TracingError
+from combinability.feature_spaces import FIXED, Experts, FeatureSpaces, Heads, Norm, spec_from_spaces
 from combinability.folding import NormFold, Reader
-from combinability.kinds import Blocks, Orthogonal
 from combinability.permutation import PermutationSpec
 
 __all__ = ["stream_symmetries"]
@@ -42,39 +42,7 @@ _ADD = {operator.add, operator.iadd, torch.add}
 _TOKEN_OPS = {"mean", torch.mean, "sum", torch.sum}
 _SHAPE_OPS = {"view", "reshape", "flatten", "transpose", "permute", "unsqueeze", "squeeze", torch.flatten,
               torch.reshape, torch.transpose}
-_FIXED = -1
 _FACTORIES = ("ones", "zeros", "full", "empty", "arange", "eye", "rand", "randn")
-
-
-@dataclass
-class _Spaces:
-    parent: dict[int, int] = field(default_factory=dict)
-    nonlinear: set[int] = field(default_factory=set)
-    opener: dict[int, str] = field(default_factory=dict)
-    fixed: set[int] = field(default_factory=set)
-
-    def new(self, opener: str) -> int:
-        s = len(self.parent)
-        self.parent[s] = s
-        self.opener[s] = opener
-        return s
-
-    def find(self, s: int) -> int:
-        if s == _FIXED:
-            return _FIXED
-        while self.parent[s] != s:
-            self.parent[s] = self.parent[self.parent[s]]
-            s = self.parent[s]
-        return s
-
-    def union(self, a: int, b: int) -> int:
-        """Merge two spaces; a space merged with the fixed input space becomes fixed."""
-        ra, rb = self.find(a), self.find(b)
-        if _FIXED in (ra, rb):
-            self.fixed.update(r for r in (ra, rb) if r != _FIXED)
-            return _FIXED
-        self.parent[max(ra, rb)] = min(ra, rb)
-        return min(ra, rb)
 
 
 def _hint(model: nn.Module) -> str:
@@ -107,12 +75,12 @@ def stream_symmetries(model: nn.Module, example_input: torch.Tensor) -> tuple[Pe
     except Exception as exc:
         raise TracingError(f"torch.fx cannot trace {type(model).__name__} ({type(exc).__name__}: "
                            f"{str(exc).splitlines()[0] if str(exc) else ''}){_hint(model)}") from None
-    sp = _Spaces()
+    sp = FeatureSpaces()
     space: dict[str, int | None] = {}
-    binds: dict[str, list[Any]] = {}  # parameter -> per-axis entry: space id, names, or None
-    norms: list[tuple[str, str | None, str | None, int, nn.Module]] = []  # (node, scale, shift, space, module)
-    heads: dict[str, tuple[int, int]] = {}  # attention module -> (heads, head dim)
-    expansions: dict[int, tuple[int, int | None, int]] = {}  # space -> (gate space, experts, units per expert)
+    binds: dict[str, list[Any]] = {}  # parameter -> per-axis entry: a space, a tuple of spaces, or None
+    norms: list[Norm] = []
+    heads: list[Heads] = []
+    experts: list[Experts] = []
 
     def bind(param: str, entries: list[Any]) -> None:
         if param in binds:
@@ -128,11 +96,11 @@ def stream_symmetries(model: nn.Module, example_input: torch.Tensor) -> tuple[Pe
     for n in gm.graph.nodes:
         where = f"node {n.name!r} ({n.op} {n.target!r})"
         if n.op == "placeholder":
-            space[n.name] = _FIXED
+            space[n.name] = FIXED
         elif n.op == "get_attr":
             value = gm.get_parameter(n.target) if isinstance(_attr(gm, n.target), nn.Parameter) else None
             if value is None:
-                space[n.name] = _FIXED
+                space[n.name] = FIXED
                 continue
             s = sp.new(n.target)
             bind(n.target, [None] * (value.ndim - 1) + [s])
@@ -159,12 +127,12 @@ def stream_symmetries(model: nn.Module, example_input: torch.Tensor) -> tuple[Pe
                 for p in (scale, shift):
                     if p:
                         bind(p, [src])
-                norms.append((n.name, scale, shift, src, m))
+                norms.append(Norm(src, scale, shift, isinstance(m, nn.LayerNorm), _readers(gm, n)))
                 space[n.name] = src
             elif isinstance(m, nn.MultiheadAttention):
-                space[n.name] = _attention(n, m, gm, sp, space, bind, heads, where, model)
+                space[n.name] = _attention(n, m, sp, space, bind, heads, where, model)
             elif isinstance(m, _NONLINEAR_MODULES):
-                sp.nonlinear.add(sp.find(src))
+                sp.mark([src])
                 space[n.name] = src
             elif isinstance(m, _PASS_MODULES):
                 space[n.name] = src
@@ -176,8 +144,8 @@ def stream_symmetries(model: nn.Module, example_input: torch.Tensor) -> tuple[Pe
             spaces = [space[a.name] for a in args]
             target = n.target
             if target in ("topk", torch.topk) and args and _dim_is_last(n, 2):
-                sp.nonlinear.add(sp.find(spaces[0]))  # routing: permutations of the experts only
-                space[n.name] = _FIXED  # sorted gate values and their indices: free of the experts' order
+                sp.mark(spaces[:1])  # routing: permutations of the experts only
+                space[n.name] = FIXED  # sorted gate values and their indices: free of the experts' order
             elif target == "scatter" and args and _dim_is_last(n, 1):
                 space[n.name] = space[n.args[0].name]  # scattered back into the experts' positions
             elif target in ("zeros_like", "ones_like", torch.zeros_like, torch.ones_like) and args:
@@ -186,18 +154,19 @@ def stream_symmetries(model: nn.Module, example_input: torch.Tensor) -> tuple[Pe
                 space[n.name] = None  # shapes, constants, masks: no features
             elif target in ("repeat_interleave", torch.repeat_interleave) and len(args) == 1 and _dim_is_last(n, 2):
                 repeats = n.kwargs.get("repeats", n.args[1] if len(n.args) > 1 else None)
-                if not isinstance(repeats, int) or spaces[0] == _FIXED:
+                if not isinstance(repeats, int) or spaces[0] == FIXED:
                     raise TracingError(f"{where}: repeat_interleave needs an int number of repeats{_hint(model)}")
-                s = sp.new(f"{n.name}")
-                expansions[s] = (spaces[0], _last(args[0]), repeats)  # each unit of the gate -> a block
-                sp.nonlinear.add(sp.find(spaces[0]))
+                s, count = sp.new(f"{n.name}"), _last(args[0])
+                if count:  # each unit of the gate -> a block
+                    experts.append(Experts(s, spaces[0], count, repeats))
+                sp.mark(spaces[:1])
                 space[n.name] = s
-            elif target in (operator.mul, torch.mul, "mul") and len(args) == 2 and _FIXED not in spaces:
+            elif target in (operator.mul, torch.mul, "mul") and len(args) == 2 and FIXED not in spaces:
                 s = sp.union(spaces[0], spaces[1])  # an element-wise product (gating): one permutation
-                sp.nonlinear.add(sp.find(s))
+                sp.mark([s])
                 space[n.name] = s
-            elif all(s == _FIXED for s in spaces):
-                space[n.name] = _FIXED  # preprocessing of the input (patching, casting)
+            elif all(s == FIXED for s in spaces):
+                space[n.name] = FIXED  # preprocessing of the input (patching, casting)
             elif target is operator.getitem and n.args[0].op == "call_module" and isinstance(
                     gm.get_submodule(n.args[0].target), nn.MultiheadAttention):
                 space[n.name] = spaces[0] if n.args[1] == 0 else None
@@ -207,10 +176,10 @@ def stream_symmetries(model: nn.Module, example_input: torch.Tensor) -> tuple[Pe
                     s = sp.union(s, other)
                 space[n.name] = s
             elif target in _ADD or target in (operator.sub, torch.sub):
-                sp.nonlinear.add(sp.find(spaces[0]))  # adding a constant: permutations only
+                sp.mark(spaces[:1])  # adding a constant: permutations only
                 space[n.name] = spaces[0]
             elif target in _NONLINEAR:
-                sp.nonlinear.add(sp.find(spaces[0]))
+                sp.mark(spaces[:1])
                 space[n.name] = spaces[0]
             elif target in _PASS and len(args) == 1:
                 space[n.name] = spaces[0]
@@ -229,12 +198,10 @@ def stream_symmetries(model: nn.Module, example_input: torch.Tensor) -> tuple[Pe
                 raise TracingError(f"{where}: the stream tracer cannot follow this operation on features"
                                    + _hint(model))
         elif n.op == "output":
-            for a in tensor_args(n):
-                if space[a.name] not in (None, _FIXED):
-                    sp.fixed.add(sp.find(space[a.name]))
+            sp.fix(space[a.name] for a in tensor_args(n))
     for k, v in model.named_parameters():  # unused by forward: left as they are
         binds.setdefault(k, [None] * v.ndim)
-    return _spec(model, gm, sp, binds, norms, heads, expansions)
+    return spec_from_spaces(sp, binds, norms, heads, experts, _hint(model))
 
 
 class ConcreteTracer(fx.Tracer):
@@ -342,8 +309,8 @@ def _through_token_ops(gm: fx.GraphModule, users: list[fx.Node]) -> list[fx.Node
     return out
 
 
-def _attention(n: fx.Node, m: nn.MultiheadAttention, gm: fx.GraphModule, sp: _Spaces, space: dict[str, Any],
-               bind: Any, heads: dict[str, tuple[int, int]], where: str, model: nn.Module) -> int:
+def _attention(n: fx.Node, m: nn.MultiheadAttention, sp: FeatureSpaces, space: dict[str, Any], bind: Any,
+               heads: list[Heads], where: str, model: nn.Module) -> int:
     q, k, v = (n.kwargs.get(name, n.args[i] if len(n.args) > i else None) for i, name in
                enumerate(("query", "key", "value")))
     if not (q is k is v):
@@ -354,8 +321,8 @@ def _attention(n: fx.Node, m: nn.MultiheadAttention, gm: fx.GraphModule, sp: _Sp
                            f"add_zero_attn=False{_hint(model)}")
     src = space[q.name]
     dh = m.embed_dim // m.num_heads
-    heads[n.target] = (m.num_heads, dh)
-    qk, vo = f"{n.target}.qk", f"{n.target}.vo"
+    qk, vo, order = (sp.new(f"{n.target}.{part}", name=f"{n.target}.{part}") for part in ("qk", "vo", "heads"))
+    heads += [Heads(qk, order, m.num_heads, dh), Heads(vo, order, m.num_heads, dh)]
     bind(f"{n.target}.in_proj_weight", [(qk, qk, vo), src])
     if m.in_proj_bias is not None:
         bind(f"{n.target}.in_proj_bias", [(qk, qk, vo)])
@@ -366,59 +333,16 @@ def _attention(n: fx.Node, m: nn.MultiheadAttention, gm: fx.GraphModule, sp: _Sp
     return s
 
 
-def _spec(model: nn.Module, gm: fx.GraphModule, sp: _Spaces, binds: dict[str, list[Any]],
-          norms: list[tuple[str, str | None, str | None, int, nn.Module]],
-          heads: dict[str, tuple[int, int]],
-          expansions: dict[int, tuple[int, int | None, int]]) -> tuple[PermutationSpec, list[NormFold]]:
-    fixed = {sp.find(s) for s in sp.fixed} | {_FIXED}
-    nonlinear = {sp.find(s) for s in sp.nonlinear}
-    users = {n.name: list(n.users) for n in gm.graph.nodes}
-    folds: dict[int, list[NormFold]] = {}
-    unfoldable: set[int] = set()
-    layer_norm: set[int] = set()
-    for node, scale, shift, s, m in norms:
-        root = sp.find(s)
-        if isinstance(m, nn.LayerNorm):
-            layer_norm.add(root)
-        readers = []
-        for u in _through_token_ops(gm, users[node]):
-            um = gm.get_submodule(u.target) if u.op == "call_module" else None
-            if isinstance(um, nn.Linear) and (um.bias is not None or shift is None):
-                readers.append(Reader(f"{u.target}.weight", 1, f"{u.target}.bias" if um.bias is not None else None))
-            elif isinstance(um, nn.MultiheadAttention) and (um.in_proj_bias is not None or shift is None):
-                readers.append(Reader(f"{u.target}.in_proj_weight", 1,
-                                      f"{u.target}.in_proj_bias" if um.in_proj_bias is not None else None))
-            else:  # read by something a norm cannot fold into (or a bias-free layer, for its shift)
-                unfoldable.add(root)
-        folds.setdefault(root, []).append(NormFold(scale, shift, tuple(readers)))
-    names: dict[int, str] = {}
-    for s in sorted(sp.parent):
-        root = sp.find(s)
-        if root not in fixed and root not in names:
-            names[root] = f"P_{sp.opener[root]}"
-    orthogonal = {r for r in names if r not in nonlinear and r not in unfoldable}
-    kinds: dict[str, Any] = {}
-    axes: dict[str, tuple[Any, ...]] = {}
-    norm_params = {p: sp.find(s) for _, scale, shift, s, _ in norms for p in (scale, shift) if p}
-    for param, entries in binds.items():
-        out = []
-        for e in entries:
-            if isinstance(e, int):
-                root = sp.find(e)
-                out.append(None if root in fixed or (param in norm_params and root in orthogonal) else names[root])
-            else:
-                out.append(e)
-        axes[param] = tuple(out)
-    for target, (h, dh) in heads.items():
-        kinds[f"{target}.qk"] = Blocks(f"{target}.heads", h, dh)
-        kinds[f"{target}.vo"] = Blocks(f"{target}.heads", h, dh)
-    for s, (gate, experts, size) in expansions.items():  # experts: blocks of units moving with the gate
-        root, group = sp.find(s), sp.find(gate)
-        if root in names and group in names and experts:
-            kinds[names[root]] = Blocks(names[group], int(experts), int(size))
-    all_folds: list[NormFold] = []
-    for r in orthogonal:
-        requires = [(p, 1.0 if p.endswith("weight") else 0.0) for p, root in norm_params.items() if root == r]
-        kinds[names[r]] = Orthogonal(fix_ones=r in layer_norm, requires=tuple(requires))
-        all_folds += folds.get(r, [])
-    return PermutationSpec(axes, kinds), all_folds
+def _readers(gm: fx.GraphModule, node: fx.Node) -> tuple[Reader, ...] | None:
+    """The layers reading a norm's output (through pooling and token indexing); None if one is not a layer."""
+    readers = []
+    for u in _through_token_ops(gm, list(node.users)):
+        um = gm.get_submodule(u.target) if u.op == "call_module" else None
+        if isinstance(um, nn.Linear):
+            readers.append(Reader(f"{u.target}.weight", 1, f"{u.target}.bias" if um.bias is not None else None))
+        elif isinstance(um, nn.MultiheadAttention):
+            readers.append(Reader(f"{u.target}.in_proj_weight", 1,
+                                  f"{u.target}.in_proj_bias" if um.in_proj_bias is not None else None))
+        else:
+            return None
+    return tuple(readers)

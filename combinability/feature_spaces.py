@@ -1,0 +1,330 @@
+"""Feature spaces of a traced network, and the symmetry spec they add up to.
+
+The transformer tracers (:mod:`combinability_torch.trace_stream`,
+:mod:`combinability_jax.trace_stream`) give every feature axis they meet a *space*. A
+layer opens one; a residual addition merges two (:meth:`FeatureSpaces.union`); the
+model's input and output, and whatever merges with them, are *fixed* (no transformation
+may act there); an element-wise nonlinearity marks its space *nonlinear* (permutations
+only: no rotation passes a GELU). What the tracers read differs by framework; what
+follows from it does not, and lives here:
+
+* :class:`FeatureSpaces`, the union-find over spaces with its fixed and nonlinear marks;
+* :func:`spec_from_spaces`, which turns the traced facts — parameter axes bound to spaces,
+  the norms on each space and the layers reading them (:class:`Norm`), attention heads
+  (:class:`Heads`) and experts (:class:`Experts`) — into a
+  :class:`~combinability.permutation.PermutationSpec` and the
+  :class:`~combinability.folding.NormFold` s its orthogonal maps need.
+
+A space that is neither fixed, nonlinear, nor part of heads or experts, and whose norms
+all fold into the layers reading them — a residual stream — becomes an
+:class:`~combinability.kinds.Orthogonal` map (``fix_ones`` when a LayerNorm centres it;
+the norms' scales and shifts are then its ``requires`` and leave the spec's axes). Every
+other space is a permutation named ``P_<opener>`` after the first layer that opened it.
+
+Examples
+--------
+>>> sp = FeatureSpaces()
+>>> stream, hidden = sp.new("embed"), sp.new("fc1")
+>>> _ = sp.union(stream, sp.new("fc2"))  # x + fc2(...): one space
+>>> sp.mark([hidden])                   # gelu(fc1(x))
+>>> spec, folds = spec_from_spaces(sp, {
+...     "embed.weight": (stream, FIXED), "fc1.weight": (hidden, stream),
+...     "fc2.weight": (stream, hidden), "head.weight": (FIXED, stream)})
+>>> spec.axes_to_perm["fc2.weight"], spec.kind("P_embed"), spec.kind("P_fc1")
+(('P_embed', 'P_fc1'), Orthogonal(fix_ones=False, requires=()), Neuron())
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+
+from combinability.errors import TracingError
+from combinability.folding import NormFold, Reader
+from combinability.kinds import Blocks, Kind, Orthogonal
+from combinability.permutation import Entry, PermutationSpec
+
+__all__ = ["FIXED", "FeatureSpaces", "Norm", "Heads", "Experts", "spec_from_spaces"]
+
+FIXED = 0
+"""The fixed space: the model's input and output axes (batch, tokens, pixels, classes)."""
+
+Label = int | None  # a space, or None: an axis that is not a feature (a broadcast axis, a shape)
+
+
+class FeatureSpaces:
+    """Union-find over feature spaces, with *fixed* and *nonlinear* marks on each class.
+
+    Space :data:`FIXED` (0) exists from the start. A union with it marks the other class
+    fixed and returns :data:`FIXED`; a union of two other classes keeps the smaller id (the
+    space opened first) as the root, and the marks of both.
+
+    Attributes
+    ----------
+    opener : list of str
+        The name of what opened each space (``P_<opener>`` names its permutation).
+    size : list of int
+        Each space's width as given to :meth:`new` (0 when unknown).
+    """
+
+    def __init__(self) -> None:
+        self._parent: list[int] = [FIXED]
+        self.opener: list[str] = ["<fixed>"]
+        self.size: list[int] = [0]
+        self._names: dict[int, str] = {}
+        self._fixed: set[int] = {FIXED}
+        self._nonlinear: set[int] = set()
+
+    def __len__(self) -> int:
+        """The number of spaces opened, :data:`FIXED` included."""
+        return len(self._parent)
+
+    def new(self, opener: str, size: int = 0, *, name: str | None = None) -> int:
+        """Open a space; ``name`` replaces the default permutation name ``P_<opener>``."""
+        self._parent.append(len(self._parent))
+        self.opener.append(str(opener))
+        self.size.append(int(size))
+        if name is not None:
+            self._names[len(self._parent) - 1] = name
+        return len(self._parent) - 1
+
+    def find(self, s: int) -> int:
+        """The root of space ``s``'s class."""
+        if not isinstance(s, int) or not 0 <= s < len(self._parent):
+            raise ValueError(f"{s!r} is not a space: spaces are the ints 0..{len(self._parent) - 1} that new() "
+                             "returned")
+        while self._parent[s] != s:
+            self._parent[s] = self._parent[self._parent[s]]
+            s = self._parent[s]
+        return s
+
+    def union(self, a: Label, b: Label) -> Label:
+        """Merge two spaces and return the merged class's label (``None`` merges into anything)."""
+        if a is None or b is None:
+            return b if a is None else a
+        ra, rb = self.find(a), self.find(b)
+        if FIXED in (ra, rb):
+            self._fixed.add(rb if ra == FIXED else ra)
+            return FIXED
+        lo, hi = min(ra, rb), max(ra, rb)
+        self._parent[hi] = lo
+        for marks in (self._fixed, self._nonlinear):
+            if hi in marks:
+                marks.add(lo)
+        return lo
+
+    def fix(self, labels: Iterable[Label]) -> None:
+        """Mark the classes of ``labels`` fixed (``None`` entries are skipped)."""
+        for s in labels:
+            self.union(s, FIXED)
+
+    def mark(self, labels: Iterable[Label]) -> None:
+        """Mark the classes of ``labels`` nonlinear: permutations only (``None`` entries are skipped)."""
+        self._nonlinear.update(self.find(s) for s in labels if s is not None)
+
+    def is_fixed(self, s: Label) -> bool:
+        """Whether ``s`` is a space whose class is fixed."""
+        return s is not None and self.find(s) in self._fixed
+
+    def is_nonlinear(self, s: Label) -> bool:
+        """Whether ``s`` is a space whose class is marked nonlinear."""
+        return s is not None and self.find(s) in self._nonlinear
+
+    def name(self, s: int) -> str:
+        """The permutation name of ``s``'s class: its root's ``name=``, else ``P_<opener of the root>``."""
+        root = self.find(s)
+        return self._names.get(root, f"P_{self.opener[root]}")
+
+
+@dataclass(frozen=True)
+class Norm:
+    """A norm over the last axis of a space, and the layers reading its output.
+
+    Parameters
+    ----------
+    space : int or None
+        The space it normalises (``None``: none; the norm is then ignored).
+    scale, shift : str or None
+        Its scale γ and shift β (``None`` where it has none).
+    centres : bool
+        Whether it subtracts the mean (LayerNorm): the stream's maps must then fix the ones vector.
+    readers : tuple of Reader, or None
+        Every layer reading its output (through pooling and token indexing); ``None`` when
+        one of them cannot take the norm folded in. A shift folds only into readers with a bias.
+    """
+
+    space: int | None
+    scale: str | None = None
+    shift: str | None = None
+    centres: bool = False
+    readers: tuple[Reader, ...] | None = ()
+
+
+@dataclass(frozen=True)
+class Heads:
+    """A space whose units come in ``count`` heads of ``size``, ordered by the space ``group``.
+
+    ``within`` is the within-head space when the tracer saw the split ``(count·size) ->
+    (count, size)``: spaces whose within-head spaces meet (query and key) become one class,
+    and the space is fixed when its head or within-head part is. A within-head space may not
+    be bound to a parameter axis of its own.
+    """
+
+    space: int
+    group: int
+    count: int
+    size: int
+    within: int | None = None
+
+
+@dataclass(frozen=True)
+class Experts:
+    """A space of ``count`` experts' units, ``size`` each, moving with the gate's space ``gate``.
+
+    The space is fixed when the gate is (a gate value repeated over an expert's units).
+    """
+
+    space: int
+    gate: int
+    count: int
+    size: int
+
+
+def _propagate(sp: FeatureSpaces, heads: Sequence[Heads], experts: Sequence[Experts], hint: str) -> None:
+    """Heads contracted together (query, key) are one class; a fixed head, within-head or gate fixes the space."""
+    f = sp.find
+    changed = True
+    while changed:
+        changed = False
+        by_within: dict[int, Heads] = {}
+        for h in heads:
+            if (sp.is_fixed(h.group) or sp.is_fixed(h.within)) and not sp.is_fixed(h.space):
+                sp.fix([h.space])
+                changed = True
+            if h.within is None:
+                continue
+            t = by_within.setdefault(f(h.within), h)
+            if f(t.space) != f(h.space):
+                if f(t.group) != f(h.group):
+                    raise TracingError(f"the within-head axes of {sp.opener[f(h.space)]!r} and "
+                                       f"{sp.opener[f(t.space)]!r} meet but their heads do not" + hint)
+                sp.union(h.space, t.space)
+                changed = True
+        for e in experts:
+            if sp.is_fixed(e.gate) and not sp.is_fixed(e.space):
+                sp.fix([e.space])
+                changed = True
+
+
+def _block_kinds(sp: FeatureSpaces, bound: set[int], heads: Sequence[Heads], experts: Sequence[Experts],
+                 hint: str) -> tuple[dict[str, Kind], set[int]]:
+    """The Blocks kinds of heads and experts, and the classes they take (never orthogonal)."""
+    f = sp.find
+    kinds: dict[str, Kind] = {}
+    special: set[int] = set()
+    for h in heads:
+        if sp.is_fixed(h.space) or f(h.space) not in bound:
+            continue
+        if h.within is not None and f(h.within) in bound:
+            raise TracingError(f"the within-head axis of {sp.opener[f(h.space)]!r} is bound to a parameter axis of "
+                               "its own" + hint)
+        kinds[sp.name(h.space)] = Blocks(sp.name(h.group), h.count, h.size)
+        special |= {f(h.space), f(h.group)} | ({f(h.within)} if h.within is not None else set())
+    for e in experts:
+        if sp.is_fixed(e.space) or f(e.space) not in bound:
+            continue
+        name, kind = sp.name(e.space), Blocks(sp.name(e.gate), e.count, e.size)
+        if kinds.get(name, kind) != kind:
+            raise TracingError(f"the units of {name!r} are both heads and experts" + hint)
+        kinds[name] = kind
+        special |= {f(e.space), f(e.gate)}
+    return kinds, special
+
+
+def _labels(param: str, entries: Sequence[int | tuple[int, ...] | None], n: int) -> list[int]:
+    out: list[int] = []
+    for e in entries:
+        for s in e if isinstance(e, tuple) else (e,):
+            if s is not None and not (isinstance(s, int) and 0 <= s < n):
+                raise ValueError(f"{param!r}: an axis is bound to a space (an int from FeatureSpaces.new), None, or a "
+                                 f"tuple of spaces (segments of a packed axis); got {e!r}")
+            if s is not None:
+                out.append(s)
+    return out
+
+
+def spec_from_spaces(spaces: FeatureSpaces, binds: Mapping[str, Sequence[int | tuple[int, ...] | None]],
+                     norms: Sequence[Norm] = (), heads: Sequence[Heads] = (), experts: Sequence[Experts] = (),
+                     hint: str = "") -> tuple[PermutationSpec, list[NormFold]]:
+    """The symmetry spec of traced feature spaces, and the norm folds its orthogonal maps need.
+
+    Parameters
+    ----------
+    spaces : FeatureSpaces
+        The traced spaces (heads sharing a within-head space are merged, and spaces whose
+        heads or gate are fixed are fixed, in place).
+    binds : mapping of str to sequence
+        Every parameter (in spec order), one entry per axis: a space, ``None`` (no
+        transformation), or a tuple of spaces for an axis packing segments that move
+        separately (stacked query/key/value rows).
+    norms : sequence of Norm
+        The norms, in the order their scales and shifts are listed in ``requires``.
+    heads, experts : sequence of Heads, sequence of Experts
+        Spaces whose units move in blocks.
+    hint : str
+        Appended to the message of a :class:`~combinability.errors.TracingError` (what to do instead).
+
+    Returns
+    -------
+    (PermutationSpec, list of NormFold)
+        Fixed spaces give ``None`` axes; heads and experts :class:`~combinability.kinds.Blocks`;
+        purely linear streams whose norms all fold :class:`~combinability.kinds.Orthogonal`
+        (their norms' parameters dropped from the axes, listed in ``requires``, and folded
+        by the returned folds); every other space a plain permutation.
+
+    Raises
+    ------
+    TracingError
+        Heads whose within-head axes meet while the heads do not; a within-head axis bound
+        on its own; units that are both heads and experts.
+    ValueError
+        An axis entry that is not a space, ``None`` or a tuple of spaces.
+    """
+    sp, f = spaces, spaces.find
+    bound = {f(s) for param, entries in binds.items() for s in _labels(param, entries, len(sp))}
+    _propagate(sp, heads, experts, hint)
+    bound = {f(s) for s in bound}
+    kinds, special = _block_kinds(sp, bound, heads, experts, hint)
+    unfoldable: set[int] = set()
+    centred: set[int] = set()
+    folds: dict[int, list[NormFold]] = {}
+    for norm in norms:
+        if norm.space is None or sp.is_fixed(norm.space):
+            continue
+        root = f(norm.space)
+        if norm.centres:
+            centred.add(root)
+        if norm.readers is None or (norm.shift is not None and any(r.bias is None for r in norm.readers)):
+            unfoldable.add(root)  # read by something it cannot fold into, or a shift into a bias-free layer
+            continue
+        folds.setdefault(root, []).append(NormFold(norm.scale, norm.shift, tuple(norm.readers)))
+    orthogonal = {r for r in bound if not sp.is_fixed(r) and not sp.is_nonlinear(r)} - unfoldable - special
+    norm_params = {p: f(n.space) for n in norms if n.space is not None for p in (n.scale, n.shift) if p}
+    all_folds: list[NormFold] = []
+    for r in sorted(orthogonal):
+        requires = [(p, 1.0 if p == n.scale else 0.0) for n in norms if n.space is not None and f(n.space) == r
+                    for p in (n.scale, n.shift) if p]
+        kinds[sp.name(r)] = Orthogonal(fix_ones=r in centred, requires=tuple(requires))
+        all_folds += folds.get(r, [])
+
+    def entry(param: str, e: int | tuple[int, ...] | None) -> Entry:
+        if isinstance(e, tuple):
+            if any(sp.is_fixed(s) for s in e):
+                raise TracingError(f"{param!r}: a segment of a packed axis is fixed while the others move" + hint)
+            return tuple(sp.name(s) for s in e)
+        if e is None or sp.is_fixed(e) or (param in norm_params and f(e) in orthogonal):
+            return None
+        return sp.name(e)
+
+    axes = {param: tuple(entry(param, e) for e in entries) for param, entries in binds.items()}
+    return PermutationSpec(axes, kinds), all_folds
