@@ -267,6 +267,8 @@ class Evaluator:
         for c in range(0, k, self.vectors):
             chunk = stacked[c : c + self.vectors, ...]
             kc = chunk.shape[0]
+            # per-batch sums stay on the device and cross to the host once per chunk (no sync per batch)
+            sums: list[list[Any]] = [[] for _ in range(2 + len(self.metrics))]
             chunk_preds = []
             for s in range(0, n, self.batch_size):
                 yb = y[s : s + self.batch_size]
@@ -274,12 +276,15 @@ class Evaluator:
                     yb = xp.reshape(yb, (-1,))
                 logits = self.prepared.forward(chunk, x[s : s + self.batch_size, ...])
                 pred = xp.argmax(logits, axis=-1)
-                loss[c : c + kc] += be.to_numpy(xp.sum(be.cross_entropy(logits, yb), axis=1)).astype(np.float64)
-                correct[c : c + kc] += be.to_numpy(xp.sum(xp.astype(pred == yb, xp.float32), axis=1))
+                sums[0].append(xp.sum(be.cross_entropy(logits, yb), axis=1))
+                sums[1].append(xp.sum(xp.astype(pred == yb, xp.float32), axis=1))
                 for j, metric in enumerate(self.metrics):
-                    extra[j, c : c + kc] += be.to_numpy(xp.sum(metric.per_example(xp, logits, yb), axis=1))
-                chunk_preds.append(be.to_numpy(pred).astype(np.int64))
-            preds.append(np.concatenate(chunk_preds, axis=1))
+                    sums[2 + j].append(xp.sum(metric.per_example(xp, logits, yb), axis=1))
+                chunk_preds.append(pred)
+            for target, batches in zip((loss, correct, *extra), sums, strict=True):
+                for row in be.to_numpy(xp.stack(batches)).astype(np.float64):  # batch after batch, in float64
+                    target[c : c + kc] += row
+            preds.append(be.to_numpy(xp.concat(chunk_preds, axis=1)).astype(np.int64))
         predictions = np.concatenate(preds, axis=0)
         targets = int(np.prod(np.shape(data.y)))  # every target counts once (every character of a sequence)
         return [Evaluation(loss=float(loss[i] / targets), accuracy=float(correct[i] / targets),
