@@ -366,12 +366,16 @@ def _units_last(xp: Any, f: Any) -> Any:
     return f
 
 
+#: Observations reduced together (in the features' precision) before a float64 merge.
+_CHUNK = 4096
+
+
 class CrossMoments:
     """Running means, variances and cross-covariances of two sets of units, merged batch by batch.
 
     :meth:`update` reduces one batch of both sets' features, observed on the same inputs,
     to its count, means, centred sums of squares and centred cross-products (in the
-    features' own precision, on their device), and merges them into float64 host
+    features' own precision, on their device, at most ``_CHUNK`` observations at a time), and merges them into float64 host
     accumulators with Chan et al.'s pairwise update, which avoids the cancellation of
     ``E[ab] − E[a]E[b]``. Memory: ``O(units_a x units_b)``, independent of the number of
     observations.
@@ -417,12 +421,17 @@ class CrossMoments:
         if a.shape[0] != b.shape[0]:
             raise ValueError(f"the two feature batches hold {a.shape[0]} and {b.shape[0]} observations; "
                              "correlations need the same observations of both models")
-        m = int(a.shape[0])
-        if m == 0:
-            return
         if self.mean_a is not None and (a.shape[1], b.shape[1]) != self.comoment.shape:
             raise ValueError(f"a batch of ({a.shape[1]}, {b.shape[1]}) units after batches of "
                              f"{self.comoment.shape}: every batch must have the same units")
+        # float32 sums over many observations lose digits: reduce at most _CHUNK rows at a time on the
+        # device, merge the chunks in float64
+        for start in range(0, int(a.shape[0]), _CHUNK):
+            self._merge(a[start : start + _CHUNK, ...], b[start : start + _CHUNK, ...], xp, host)
+
+    def _merge(self, a: Any, b: Any, xp: Any, host: Any) -> None:
+        """Reduce one chunk of observations on its device and merge it into the float64 statistics."""
+        m = int(a.shape[0])
         mean_a, mean_b = xp.mean(a, axis=0), xp.mean(b, axis=0)
         da, db = a - mean_a[None, :], b - mean_b[None, :]
         batch = (host(mean_a).astype(np.float64), host(mean_b).astype(np.float64),
