@@ -1,4 +1,4 @@
-"""The ``combinability`` command: train, align, sweep, experiment, report, plugins, download, demo.
+"""The ``combinability`` command: train, align, sweep, experiment, symmetries, report, plugins, download, demo.
 
 Examples
 --------
@@ -10,6 +10,9 @@ Examples
     combinability align a.ckpt b.ckpt --method weight --out b_aligned.ckpt
     combinability sweep a.ckpt b_aligned.ckpt --align none --sampler subcube --samples 2 --out subcube.nc
     combinability experiment robustness a.ckpt b.ckpt --out robustness.nc
+    combinability train tinyvit fashion_mnist --seed 0 --epochs 2 --out vit_a.ckpt
+    combinability train tinyvit fashion_mnist --seed 1 --epochs 2 --out vit_b.ckpt
+    combinability symmetries vit_a.ckpt vit_b.ckpt --values linear=0,0.5,1 --limit 1000 --out symmetries.nc
     combinability report subcube.nc robustness.nc --out figures/
     combinability demo --out results/demo
 
@@ -166,16 +169,36 @@ def _load(path: str, backend: str, model: str | None = None) -> Any:
     return load_into(cls(), path, backend=backend)
 
 
+def _example(args: argparse.Namespace, models: Sequence[Any]) -> Any:
+    """A few test inputs to trace models without a layer table (``--model`` classes, transformers), else None.
+
+    Raises
+    ------
+    ConfigurationError
+        If the models need tracing and no data is known (``--data`` not given, none recorded).
+    """
+    from combinability.plugins import get_backend
+
+    be = get_backend(args.backend)
+    if all(be.table_of(m) is not None for m in models):
+        return None
+    data = getattr(args, "data", None)
+    if data is None:
+        from combinability.errors import ConfigurationError
+
+        raise ConfigurationError(f"the models ({type(models[0]).__name__}) have no layer table: their symmetries are "
+                                 "traced on a few test inputs; give --data (a dataset name or an .npz file)")
+    from combinability.data.convert import as_dataset
+
+    return as_dataset(data, "test").x[:16]
+
+
 def _pair(args: argparse.Namespace, model_c: str | None = None) -> Any:
     from combinability.pair import ModelPair
 
     a, b = (_load(p, args.backend, args.model) for p in (args.model_a, args.model_b))
     c = _load(model_c, args.backend, args.model) if model_c else None
-    example = None
-    if args.model is not None:
-        from combinability.data.convert import as_dataset
-
-        example = as_dataset(args.data, "test").x[:16]
+    example = _example(args, [a, b])
     return ModelPair(a, b, backend=args.backend, model_c=c, example_input=example)
 
 
@@ -277,11 +300,7 @@ def _cmd_merge(args: argparse.Namespace) -> int:
 
     _check_out(args.out, "merged checkpoint")
     models = [_load(p, args.backend, args.model) for p in args.models]
-    example = None
-    if args.model is not None:
-        from combinability.data.convert import as_dataset
-
-        example = as_dataset(args.data, "test").x[:16]
+    example = _example(args, models)
     t0 = time.perf_counter()
     ms = align_many(models, method=args.method, seed=args.seed, backend=args.backend, example_input=example)
     merged = ms.merge(repair=args.repair, repair_data=args.data if args.repair else None)
@@ -398,11 +417,7 @@ def _cmd_aligners(args: argparse.Namespace) -> int:
 
     _check_out(args.out, "results file")
     models = [_load(p, args.backend, args.model) for p in args.models]
-    example = None
-    if args.model is not None:
-        from combinability.data.convert import as_dataset
-
-        example = as_dataset(args.data, "test").x[:16]
+    example = _example(args, models)
     t0 = time.perf_counter()
     with _client(args) as client:
         ds = compare_aligners(models, args.data, methods=args.methods, samplers=args.samplers,
@@ -416,6 +431,81 @@ def _cmd_aligners(args: argparse.Namespace) -> int:
     for var in ("loss_barrier", "accuracy_barrier", "merged_accuracy", "worst_pair_loss_barrier"):
         if var in ds:
             print(f"{var}:\n{ds[var].to_dataframe().dropna().unstack(0).to_string()}")
+    return EXIT_OK
+
+
+def _resolve_symmetries(args: argparse.Namespace) -> None:
+    _from_checkpoints(args, [args.model_a, args.model_b], need_data=True)
+
+
+def _symmetry_samplers(names: Sequence[str], items: Sequence[str]) -> tuple[list[Any], dict[str, list[float]]]:
+    """``--samplers`` and ``--values`` as samplers and values per sampler, each value checked against its range.
+
+    ``items`` are ``"V1,V2,..."`` (every sampler not named otherwise) or ``"NAME=V1,V2,..."``.
+
+    Raises
+    ------
+    ConfigurationError, UnknownNameError, SamplerError
+        For an unknown or repeated sampler, one of three models, a malformed list, a sampler named in
+        ``--values`` but not compared, or a value outside a sampler's range.
+    """
+    from combinability.errors import ConfigurationError
+    from combinability.samplers import get_sampler
+
+    if len(set(names)) != len(names):
+        raise ConfigurationError(f"--samplers: each sampler may appear once, got {' '.join(names)}")
+    samplers = [get_sampler(name) for name in names]
+    for name, smp in zip(names, samplers, strict=True):
+        if not isinstance(smp.parameter, str):
+            raise ConfigurationError(f"--samplers: {name!r} combines three models; symmetries compares two: use "
+                                     "linear, uniform, subcube, bernoulli, hyperplane, stitch, minmax or box")
+    compared = [smp.name for smp in samplers]
+    common: list[float] | None = None
+    named: dict[str, list[float]] = {}
+    for item in items:
+        name, sep, text = item.partition("=")
+        values = _floats(text if sep else item, f"--values {item!r}")
+        if not values:
+            raise ConfigurationError(f"--values {item!r}: no values; expected [SAMPLER=]V1,V2,... "
+                                     "(e.g. linear=0,0.5,1 or 0.25,0.5)")
+        if not sep:
+            common = values
+            continue
+        key = name.strip().lower()
+        if key not in compared:
+            raise ConfigurationError(f"--values {item!r}: sampler {name.strip()!r} is not compared; compared "
+                                     f"(--samplers): {', '.join(compared)}")
+        named[key] = values
+    grids = {smp.name: named.get(smp.name, common) for smp in samplers}
+    for smp in samplers:
+        for v in grids[smp.name] or ():
+            smp.validate(v)
+    return samplers, {k: v for k, v in grids.items() if v is not None}
+
+
+def _cmd_symmetries(args: argparse.Namespace) -> int:
+    from combinability.experiments.symmetries import symmetry_comparison
+
+    samplers, values = _symmetry_samplers(args.samplers, args.values)
+    for option in ("samples", "limit", "restarts", "batch_size"):
+        value = getattr(args, option)
+        if value is not None and value < (0 if option == "restarts" else 1):
+            from combinability.errors import ConfigurationError
+
+            flag = "--" + option.replace("_", "-")
+            raise ConfigurationError(f"{flag} must be {'>= 0' if option == 'restarts' else 'a positive integer'}, "
+                                     f"got {value}")
+    _check_out(args.out, "results file")
+    with _client(args) as client:  # an unreachable scheduler fails here, before any work
+        pair = _pair(args)
+        t0 = time.perf_counter()
+        ds = symmetry_comparison(pair, args.data, samplers=samplers, values=values, samples=args.samples,
+                                 seed=args.seed, restarts=args.restarts, splits=args.splits, limit=args.limit,
+                                 batch_size=args.batch_size, out=args.out, overwrite=args.overwrite,
+                                 attrs=args.cli_attrs, progress=not args.quiet, client=client)
+    print(f"symmetries finished in {time.perf_counter() - t0:.1f} s -> {args.out}")
+    print(ds["loss_barrier"].to_dataframe().unstack("alignment")["loss_barrier"]
+          [[a for a in ("naive", "permutation", "all") if a in ds["alignment"].values]].round(4).to_string())
     return EXIT_OK
 
 
@@ -534,6 +624,9 @@ def _subparser(sub: Any, name: str, help: str, *, backend: bool = True) -> argpa
                        help="framework backend, see 'combinability plugins' (default: the checkpoint's, else torch)")
         p.add_argument("--device", default=None,
                        help="where models run: cpu, cuda, cuda:1, ... (default: the backend's: a GPU if available)")
+        p.add_argument("--compute-dtype", default=None, choices=("float32", "bfloat16", "float16"),
+                       help="type of the forward passes (mixed precision; parameters and logits stay float32; "
+                            "default float32)")
     return p
 
 
@@ -788,6 +881,31 @@ def _add_analyse(sub: Any) -> None:
     p.set_defaults(func=_cmd_analyse, resolve=_resolve_analyse, _parser=p)
 
 
+def _add_symmetries(sub: Any) -> None:
+    p = _subparser(sub, "symmetries", "which symmetries alignment needs: barriers of two models naive, aligned with "
+                                      "permutations only, and with every symmetry kind (transformers: the residual "
+                                      "stream rotated)")
+    p.add_argument("model_a", help="checkpoint of model A (the reference), e.g. of 'combinability train tinyvit'")
+    p.add_argument("model_b", help="checkpoint of model B")
+    p.add_argument("--samplers", nargs="+", default=["linear", "uniform", "subcube", "bernoulli"],
+                   help="two-model samplers whose barriers are compared")
+    p.add_argument("--values", action="append", default=[], metavar="[SAMPLER=]V1,V2,...",
+                   help="parameter values: 'linear=0,0.25,0.5,0.75,1' for one sampler, '0.25,0.5' for every sampler "
+                        "not named (repeatable; default: each sampler's grid)")
+    p.add_argument("--splits", nargs="+", default=["test"], help="splits to evaluate")
+    p.add_argument("--samples", type=int, default=2, help="draws per value of the random samplers (linear: 1)")
+    p.add_argument("--limit", type=int, default=None, help="evaluate on the first N examples of each split")
+    p.add_argument("--batch-size", type=int, default=1000, help="evaluation batch size")
+    p.add_argument("--restarts", type=int, default=2, help="extra random restarts of weight matching")
+    p.add_argument("--seed", type=int, default=0, help="seed of the matching and of the random draws")
+    _cluster_arguments(p)
+    _output_options(p, {"default": "symmetries.nc", "help": "netCDF file ('combinability report' draws it); a "
+                                                            "finished one of the same settings is reused"},
+                    "another result")
+    _model_options(p, data_help=_DATA_FROM_CKPT + "; its first test inputs trace the models")
+    p.set_defaults(func=_cmd_symmetries, resolve=_resolve_symmetries, _parser=p)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``combinability`` command."""
     parser = argparse.ArgumentParser(
@@ -810,6 +928,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sweep(sub)
     _add_experiment(sub)
     _add_analyse(sub)
+    _add_symmetries(sub)
 
     p = _subparser(sub, "report", "figures (PNG) and a barrier table (markdown) from results files", backend=False)
     p.add_argument("results", nargs="+", help="netCDF files written by sweep, experiment or demo")
@@ -822,7 +941,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="folder to write to (default: $COMBINABILITY_DATA or ~/.cache/combinability)")
     p.set_defaults(func=_cmd_download, _parser=p)
 
-    p = _subparser(sub, "demo", "the main job: train 3 models, align, run every experiment of the paper")
+    p = _subparser(sub, "demo", "the main job: train 3 models, align, run every experiment of the paper; then "
+                                "2 ViTs and their symmetry comparison")
     p.add_argument("--out", default="results/demo", help="folder for models, netCDF results, figures, summary")
     p.add_argument("--data", default=None,
                    help="dataset (default: fashion_mnist when its files are found, else digits)")
@@ -906,15 +1026,18 @@ def _logging(verbose: int, quiet: bool) -> Iterator[None]:
 
 @contextmanager
 def _device(args: argparse.Namespace) -> Iterator[None]:
-    """``--device``: the backend on that device for the block (checked before any work)."""
+    """``--device`` / ``--compute-dtype``: the backend so set for the block (checked before any work)."""
     device, name = getattr(args, "device", None), getattr(args, "backend", None)
-    if device is None or name is None:
+    dtype = getattr(args, "compute_dtype", None)
+    if (device is None and dtype is None) or name is None:
         yield
         return
     from combinability import plugins
 
     previous = plugins.get_backend(name)
-    plugins.use_device(name, device)
+    moved = plugins.use_device(name, device)
+    if dtype is not None:
+        plugins.set_backend(name, moved.with_compute_dtype(dtype))
     try:
         yield
     finally:

@@ -1,17 +1,21 @@
-"""The main job (``make demo``): every experiment of the paper on three small MLPs.
+"""The main job (``make demo``): every experiment of the paper on three small MLPs, and two ViTs.
 
 It trains three MLPs with different seeds on the embedded default data
 (Fashion-MNIST from Debian's ``dataset-fashion-mnist``; scikit-learn's digits when it
 is absent), aligns them with weight matching, runs every experiment at a modest
-sample size and writes, under ``results/demo/``:
+sample size; then trains two tiny vision transformers (the registered ``tinyvit``,
+briefly, on a few thousand training images) and compares their naive, permutation-aligned
+and permutation+orthogonal-aligned barriers (issue 14). It writes, under ``results/demo/``:
 
-* ``models/``: the three checkpoints (reused on the next run);
+* ``models/``: the MLP and ViT checkpoints (reused on the next run);
 * one netCDF file per experiment (finished ones are reused, unfinished ones resume);
   identity stitching in both directions the paper describes: ``stitching.nc`` (π(Θ_B)
   below the cut, Θ_A above: the §4.3 formula) and ``stitching_lower_a.nc`` (Θ_A below,
   π(Θ_B) above: the section's first sentence);
+* ``symmetries.nc``: the ViTs' symmetry comparison (test split, a few values per sampler);
 * ``figures/``: one PNG per experiment;
-* ``summary.md``: the empirical barriers, naive vs aligned, and the other headline numbers.
+* ``summary.md``: the empirical barriers, naive vs aligned, the ViTs' three linear-path loss
+  barriers, and the other headline numbers.
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ from typing import Any
 
 from combinability.errors import CombinabilityError, ConfigurationError, DatasetNotFoundError
 
-__all__ = ["run_demo", "DemoSettings", "default_dataset", "STITCH_FILES"]
+__all__ = ["run_demo", "DemoSettings", "default_dataset", "STITCH_FILES", "train_vits", "vit_symmetries"]
 
 #: The identity-stitching result files of the demo, by the model below the cut (``Stitch(lower=...)``).
 STITCH_FILES: dict[str, str] = {"b": "stitching.nc", "a": "stitching_lower_a.nc"}
@@ -46,11 +50,22 @@ class DemoSettings:
     triangle_resolution: int = 8
     robustness_steps: int = 6
     stitch_values: int | None = None
+    vit_train: int = 4000
+    vit_epochs: int = 2
+    vit_width: float = 0.5
+    vit_limit: int = 500
+    vit_path: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0)
+    vit_samplers: tuple[str, ...] = ("linear", "uniform", "subcube", "bernoulli")
 
     @classmethod
     def quick(cls) -> DemoSettings:
         return cls(epochs=1, samples=1, limit=300, width_epochs=1, widths=(0.125, 0.25), width_values=3,
-                   triangle_resolution=3, robustness_steps=2)
+                   triangle_resolution=3, robustness_steps=2, vit_train=300, vit_epochs=1, vit_width=0.25,
+                   vit_limit=100, vit_path=(0.0, 0.5, 1.0), vit_samplers=("linear", "uniform"))
+
+    def vit_values(self) -> dict[str, list[float]]:
+        """Values per sampler of the ViTs' symmetry comparison: the path's points, 0.5 for the random samplers."""
+        return {name: list(self.vit_path) if name == "linear" else [0.5] for name in self.vit_samplers}
 
 
 def default_dataset() -> str:
@@ -104,6 +119,75 @@ def _accepts(fn: Callable[..., Any], name: str) -> bool:
     return any(p.name == name or p.kind is inspect.Parameter.VAR_KEYWORD for p in params)
 
 
+def _check_vit_data(data: str, settings: DemoSettings) -> None:
+    """Refuse data whose examples the demo's ViTs cannot take (square images of a side divisible by 4).
+
+    Raises
+    ------
+    ConfigurationError
+        Naming the dataset and its input shape.
+    """
+    from combinability.data import load_dataset
+    from combinability.transformer_zoo import tiny_vit_kwargs
+
+    shape = load_dataset(data, "test", limit=1).input_shape
+    try:
+        tiny_vit_kwargs(width=settings.vit_width, num_classes=2, input_shape=shape)
+    except ConfigurationError as exc:
+        raise ConfigurationError(f"demo: the dataset {data!r} (inputs {shape}) does not fit its ViT step: "
+                                 f"{exc}") from None
+
+
+def train_vits(models_dir: Path, data: str, backend: str, settings: DemoSettings, *, progress: bool = False,
+               overwrite: bool = False, times: dict[str, float] | None = None) -> list[Any]:
+    """Two ``tinyvit`` models (seeds 0 and 1) trained on the first ``settings.vit_train`` training examples.
+
+    Checkpoints ``tinyvit_seed{0,1}_n{examples}.ckpt`` under ``models_dir`` (the number of training
+    examples in the name and in the metadata, ``train_examples``) are reused when trained with
+    the same settings.
+    """
+    import combinability as cb
+    from combinability.data import load_dataset
+
+    train = load_dataset(data, "train", limit=settings.vit_train)
+    n = len(train)
+    log = {} if times is None else times
+    return [_step(log, f"train ViT seed {seed}", cb.train, "tinyvit", train, backend=backend, seed=seed,
+                  epochs=settings.vit_epochs, width=settings.vit_width, metadata={"train_examples": n},
+                  checkpoint=models_dir / f"tinyvit_seed{seed}_n{n}.ckpt", progress=progress, overwrite=overwrite)
+            for seed in (0, 1)]
+
+
+def vit_symmetries(out: Path, data: str, backend: str, settings: DemoSettings, *, progress: bool = False,
+                   overwrite: bool = False, attrs: Mapping[str, Any] | None = None,
+                   times: dict[str, float] | None = None, client: Any = None) -> Any:
+    """The demo's transformer step (issue 14): two ViTs, then ``out/symmetries.nc``; returns its Dataset.
+
+    Trains (or reuses) the two ViTs of :func:`train_vits` under ``out/models/``, pairs them
+    (their symmetries traced on 8 test images) and runs
+    :func:`~combinability.experiments.symmetries.symmetry_comparison`: the linear path at
+    ``settings.vit_path``, the other samplers of ``settings.vit_samplers`` at 0.5 (one draw), on
+    the first ``settings.vit_limit`` test examples, weight matching with one restart. A
+    finished ``symmetries.nc`` of the same settings is reused; its sweeps run on ``client``'s
+    Dask workers when one is given.
+    """
+    import combinability as cb
+    from combinability.data import load_dataset
+    from combinability.experiments.symmetries import symmetry_comparison
+    from combinability.samplers import get_sampler
+
+    log = {} if times is None else times
+    vit_a, vit_b = train_vits(Path(out) / "models", data, backend, settings, progress=progress, overwrite=overwrite,
+                              times=log)
+    example = load_dataset(data, "test", limit=8).x
+    pair = cb.ModelPair(vit_a, vit_b, example_input=example)
+    samplers = [get_sampler(name) for name in settings.vit_samplers]
+    return _step(log, "ViT symmetries (issue 14)", symmetry_comparison, pair, data, samplers=samplers,
+                 values=settings.vit_values(), samples=1, seed=0, restarts=1, splits=("test",),
+                 limit=settings.vit_limit, out=Path(out) / "symmetries.nc", overwrite=overwrite, attrs=attrs,
+                 progress=progress, **({"client": client} if client is not None else {}))
+
+
 def run_demo(out: Path = Path("results/demo"), *, data: str | None = None, backend: str = "torch",
              quick: bool = False, progress: bool = True, epochs: int | None = None,
              attrs: Mapping[str, Any] | None = None, overwrite: bool = False, client: Any = None) -> int:
@@ -143,12 +227,13 @@ def run_demo(out: Path = Path("results/demo"), *, data: str | None = None, backe
     import combinability as cb
     from combinability import experiments as ex
     from combinability.experiments.compare import check_client
+    from combinability.experiments.symmetries import symmetry_comparison
     from combinability.files import atomic_path
     from combinability.report import report
 
     experiments = (ex.hypercube, ex.identity_stitching, ex.min_max, ex.linear_extrapolation, ex.centred_box,
                    ex.transitivity, ex.three_models, ex.functional_agreement, ex.edge_lengths,
-                   ex.alignment_robustness, ex.width_ablation, ex.compare_aligners)
+                   ex.alignment_robustness, ex.width_ablation, ex.compare_aligners, symmetry_comparison)
     extra_attrs = _check_attrs(attrs, experiments)
     check_client(client, backend)  # the workers, before any training
     run = {"client": client} if client is not None else {}
@@ -157,6 +242,7 @@ def run_demo(out: Path = Path("results/demo"), *, data: str | None = None, backe
     if epochs is not None:
         s = DemoSettings(**{**s.__dict__, "epochs": epochs})
     data = data or default_dataset()
+    _check_vit_data(data, s)  # the last step's images, before the first step's training
     out = Path(out)
     models_dir = out / "models"
     t_start = time.perf_counter()
@@ -199,6 +285,7 @@ def run_demo(out: Path = Path("results/demo"), *, data: str | None = None, backe
     _step(times, "width ablation (4.4)", ex.width_ablation, "mlp", data, widths=s.widths, backend=backend,
           epochs=s.width_epochs, samples=s.samples, limit=s.limit, values_per_sampler=s.width_values,
           model_dir=models_dir, out=out / "width_ablation.nc", progress=progress, overwrite=overwrite, **tag, **run)
+    vit_symmetries(out, data, backend, s, progress=progress, overwrite=overwrite, times=times, client=client, **tag)
 
     best = ex.best_point(tri)
     extra = "## Three models (5.4)\n\n" + "".join(f"- {k}: {v:.4f}\n" if isinstance(v, float) else f"- {k}: {v}\n"
@@ -217,7 +304,7 @@ def run_demo(out: Path = Path("results/demo"), *, data: str | None = None, backe
     if timings.exists() and first.get("wall_time_s") != round(total, 1):
         extra += f"- this run (reusing finished work): {total:.0f} s\n"
     written = _step(times, "figures and summary", report, [out], out / "figures",
-                    title=f"combinability demo: three MLPs on {data}", extra_markdown=extra)
+                    title=f"combinability demo: three MLPs and two ViTs on {data}", extra_markdown=extra)
     summary = out / "summary.md"
     with atomic_path(summary) as tmp:
         tmp.write_text((out / "figures" / "summary.md").read_text().replace("](", "](figures/"))

@@ -375,8 +375,8 @@ class CrossMoments:
 
     :meth:`update` reduces one batch of both sets' features, observed on the same inputs,
     to its count, means, centred sums of squares and centred cross-products (in the
-    features' own precision, on their device, at most ``_CHUNK`` observations at a time), and merges them into float64 host
-    accumulators with Chan et al.'s pairwise update, which avoids the cancellation of
+    features' own precision, on their device, at most ``_CHUNK`` observations at a time),
+    and merges them into float64 host accumulators with Chan et al.'s pairwise update, which avoids the cancellation of
     ``E[ab] − E[a]E[b]``. Memory: ``O(units_a x units_b)``, independent of the number of
     observations.
 

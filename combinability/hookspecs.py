@@ -33,7 +33,7 @@ and ``my_package/plugin.py`` contains::
 
     @hookimpl
     def combinability_register_architectures():
-        return [Architecture("my_net", {"torch": "my_package.torch_impl:MyNet"})]
+        return [Architecture("my_net", modules={"torch": "my_package.torch_impl:my_net"})]
 
     @hookimpl
     def combinability_register_aligners():
@@ -183,7 +183,7 @@ def combinability_register_architectures() -> Sequence[Architecture]:
 
         @hookimpl
         def combinability_register_architectures():
-            return [Architecture("my_net", {"torch": "my_package.torch_impl:MyNet"})]
+            return [Architecture("my_net", modules={"torch": "my_package.torch_impl:my_net"})]
     """
 
 

@@ -7,7 +7,9 @@ write. Checkpoints are one format for every backend (:mod:`combinability.checkpo
 built from a layer table has the same names and axes in every backend, so a checkpoint written
 by one backend loads into another. :func:`load_model` checks a checkpoint's tensor shapes and
 dtypes, read from its header, against the model its configuration describes before building
-anything.
+anything. An architecture without a layer table (built by a module factory, see
+:mod:`combinability.architecture`) trains and saves the same way; its checkpoints hold the
+backend's own parameter names and load into that backend.
 """
 
 from __future__ import annotations
@@ -59,6 +61,10 @@ def build_model(architecture: str, *, backend: str = "torch", width: float | Non
     """A freshly initialised native model of a registered architecture (seeded)."""
     be = get_backend(backend)
     arch = get_architecture(architecture)
+    if not arch.has_table:
+        width = arch.default_width if width is None else width
+        return arch.factory(be.name)(width=width, num_classes=int(num_classes),
+                                     input_shape=tuple(int(s) for s in input_shape), seed=int(seed))
     table = arch.layer_table(width=width, num_classes=num_classes, input_shape=input_shape)
     builder = arch.builder(be.name)
     return builder(table, seed=seed) if builder is not None else be.build(table, seed=seed)
@@ -125,7 +131,9 @@ def train(
     seed = check_seed(seed)
     be = get_backend(backend)
     arch = get_architecture(architecture)
-    recipe = recipe or RECIPES.get(arch.name, TrainRecipe())
+    if not arch.has_table:
+        arch.factory(be.name)  # no model for this backend: said before any work
+    recipe = recipe or RECIPES.get(arch.name) or arch.recipe or TrainRecipe()
     if epochs is not None:
         recipe = recipe.with_(epochs=epochs)
     width = arch.default_width if width is None else width
@@ -151,7 +159,10 @@ def train(
                         input_shape=ds.input_shape, seed=seed)
     model = training.fit(be, model, ds, recipe, seed=seed, progress=progress, desc=f"train {arch.name}")
     if checkpoint is not None:
-        save_model(model, checkpoint, backend=be.name, metadata={**extra, **settings}, overwrite=replace)
+        config = None if arch.has_table else {"architecture": arch.name, "width": width,
+                                              "num_classes": ds.num_classes, "input_shape": list(ds.input_shape)}
+        save_model(model, checkpoint, backend=be.name, metadata={**extra, **settings}, overwrite=replace,
+                   config=config)
     return model
 
 
@@ -194,7 +205,7 @@ def _reuse_checkpoint(path: Path, backend: str, settings: Mapping[str, Any], ove
 
 
 def save_model(model: Any, path: str | Path, *, backend: str | None = None, metadata: Mapping | None = None,
-               overwrite: bool = False) -> None:
+               overwrite: bool = False, config: Mapping[str, Any] | None = None) -> None:
     """Write ``model`` to a checkpoint (safetensors with its configuration; temporary file, then rename).
 
     Parameters
@@ -208,6 +219,10 @@ def save_model(model: Any, path: str | Path, *, backend: str | None = None, meta
     overwrite : bool, default False
         Replace ``path`` even when it holds a file that is not this library's checkpoint, or a
         checkpoint whose metadata differ from ``metadata`` (another run's result).
+    config : mapping, optional
+        The configuration (``architecture``, ``width``, ``num_classes``, ``input_shape``) of a model
+        built by an architecture's module factory, so that :func:`load_model` can build it again;
+        default: the model's layer table's (none for a user's module).
 
     Raises
     ------
@@ -219,7 +234,7 @@ def save_model(model: Any, path: str | Path, *, backend: str | None = None, meta
     be = get_backend(backend or infer_backend(model))
     check_overwrite(path, metadata, overwrite=overwrite, what="checkpoint")
     table = be.table_of(model)
-    config = dict(table.config) if table is not None else {}
+    config = dict(config) if config is not None else dict(table.config) if table is not None else {}
     if "input_shape" in config:
         config["input_shape"] = list(config["input_shape"])
     save_checkpoint(path, be.state(model), config=config, metadata=dict(metadata or {}), backend=be.name)
@@ -236,6 +251,8 @@ def _load(path: str | Path, backend: str, architecture: str | None = None) -> tu
             "own module and pass the module to cb.ModelPair")
     if architecture is not None and get_architecture(architecture).name != stored:
         raise IncompatibleModelsError(f"{path} holds a {stored!r} model, not {architecture!r}")
+    if not get_architecture(stored).has_table:
+        return _load_factory_model(path, info, backend)
     table = _table_of(path, stored, config)
     if info["version"] == VERSION:  # the table's own names: check the header before reading or building
         _check_tensors(path, table, {k: (t["shape"], t["dtype"]) for k, t in info["tensors"].items()})
@@ -252,6 +269,40 @@ def _load(path: str | Path, backend: str, architecture: str | None = None) -> tu
                         input_shape=tuple(config["input_shape"]), seed=0)
     be = get_backend(backend)
     return be.with_state(model, {**be.state(model), **state}), dict(ckpt.metadata)
+
+
+def _load_factory_model(path: Path, info: Mapping[str, Any], backend: str) -> tuple[Any, dict]:
+    """A checkpoint of an architecture built by a module factory: built again, its arrays checked, then loaded.
+
+    Raises
+    ------
+    IncompatibleModelsError
+        If the file was written by another backend (the parameter names are the backend's own).
+    CorruptFileError
+        If its config is incomplete or invalid, or its arrays do not fit the model it describes.
+    """
+    config = info["config"]
+    stored, written = config["architecture"], info.get("backend")
+    be = get_backend(backend)
+    if written is not None and written != be.name:
+        raise IncompatibleModelsError(f"{path} holds a {stored!r} model written by the {written!r} backend; models "
+                                      f"of {stored!r} are the frameworks' own, so it loads into backend={written!r} "
+                                      f"only, not {be.name!r}")
+    missing = [k for k in ("num_classes", "input_shape") if k not in config]
+    if missing:
+        raise CorruptFileError(f"{path}: its config {dict(config)} lacks {missing}: the file is corrupt")
+    try:
+        model = build_model(stored, backend=be.name, width=config.get("width"), num_classes=config["num_classes"],
+                            input_shape=tuple(config["input_shape"]), seed=0)
+    except (ConfigurationError, TypeError, ValueError, OverflowError) as exc:
+        raise CorruptFileError(f"{path}: its config {dict(config)} does not describe a valid {stored!r} model "
+                               f"({exc}): the file is corrupt or crafted") from None
+    current = be.state(model)
+    described = f"the {stored!r} model its config describes ({dict(config)})"
+    _check_arrays(path, {k: (v.shape, v.dtype) for k, v in current.items()},
+                  {k: (t["shape"], t["dtype"]) for k, t in info["tensors"].items()}, described)
+    ckpt = load_checkpoint(path)
+    return be.with_state(model, {**current, **ckpt.state}), dict(ckpt.metadata)
 
 
 def _table_of(path: Path, architecture: str, config: Mapping[str, Any]) -> Any:
@@ -276,9 +327,14 @@ def _check_tensors(path: Path, table: Any, tensors: Mapping[str, tuple[Any, Any]
         Naming the first parameter that is missing or whose shape differs (with both shapes), the
         names the model does not have, or the floating parameters stored as integers.
     """
-    expected = table.parameters()
     described = (f"the {table.name!r} model its config describes (width {table.config.get('width')}, "
                  f"{table.num_classes} classes, input {tuple(table.input_shape)})")
+    _check_arrays(path, table.parameters(), tensors, described)
+
+
+def _check_arrays(path: Path, expected: Mapping[str, tuple[Any, Any]], tensors: Mapping[str, tuple[Any, Any]],
+                  described: str) -> None:
+    """Refuse ``tensors`` not matching ``expected`` (both ``{name: (shape, dtype)}``); see :func:`_check_tensors`."""
     for name, (shape, _) in expected.items():
         if name not in tensors:
             raise CorruptFileError(f"{path}: parameter {name!r} of {described} is missing from the file")

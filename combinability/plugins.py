@@ -75,6 +75,7 @@ BUILTIN_PLUGINS: dict[str, str] = {
     "torch": "combinability_torch.plugin",
     "jax": "combinability_jax.plugin",
     "zoo": "combinability.zoo",
+    "transformers": "combinability.transformer_zoo",
     "datasets": "combinability.data.registry",
     "samplers": "combinability.samplers.registry",
     "aligners": "combinability.align.registry",

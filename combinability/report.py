@@ -17,7 +17,7 @@ import xarray as xr
 from combinability.files import atomic_path
 from combinability.results import barriers, open_results
 
-__all__ = ["report", "figure_for", "barrier_table"]
+__all__ = ["report", "figure_for", "barrier_table", "symmetry_table"]
 
 
 def figure_for(ds: xr.Dataset, path: Path) -> list[Path]:
@@ -65,6 +65,7 @@ _ANALYSIS_FIGURES = {
     "lewc": "combinability.plots.calibration:plot_lewc",
     "asymmetry_comparison": "combinability.plots.asymmetry:plot_asymmetry",
     "aligners": "combinability.plots.aligners:plot_aligners",
+    "symmetry_comparison": "combinability.plots.symmetries:plot_symmetries",
 }
 
 
@@ -104,6 +105,34 @@ def barrier_table(results: Iterable[tuple[str, xr.Dataset]], splits: Sequence[st
     return "\n".join(lines) + "\n"
 
 
+#: Column titles of :func:`symmetry_table`, by alignment.
+_SYMMETRY_COLUMNS = {"naive": "naive", "permutation": "permutations", "all": "permutations + orthogonal"}
+
+
+def symmetry_table(results: Iterable[tuple[str, xr.Dataset]], split: str = "test") -> str:
+    """A markdown table of the loss barriers of symmetry comparisons, one row per result and sampler.
+
+    Columns: the naive pair, the pair aligned with permutations only, and with every symmetry
+    kind (:func:`combinability.experiments.symmetries.symmetry_comparison`); empty when no
+    result is such a comparison.
+    """
+    lines = []
+    for name, ds in results:
+        if ds.attrs.get("combinability_format") != "symmetry_comparison" or split not in ds["split"].values:
+            continue
+        b = ds["loss_barrier"].sel(split=split)
+        alignments = [str(a) for a in ds["alignment"].values]
+        for sampler in (str(v) for v in ds["sampler"].values):
+            cells = [_fmt(float(b.sel(alignment=a, sampler=sampler))) if a in alignments else "–"
+                     for a in _SYMMETRY_COLUMNS]
+            lines.append(f"| {name} | {sampler} | {split} | " + " | ".join(cells) + " |")
+    if not lines:
+        return ""
+    head = ("| result | sampler | split | " + " | ".join(f"loss barrier ({c})" for c in _SYMMETRY_COLUMNS.values())
+            + " |\n|---|---|---|" + "---:|" * len(_SYMMETRY_COLUMNS) + "\n")
+    return head + "\n".join(lines) + "\n"
+
+
 def report(paths: Sequence[Path], out_dir: Path, *, title: str = "combinability report",
            extra_markdown: str = "") -> list[Path]:
     """Draw a figure per results file and write ``summary.md``; returns the paths written.
@@ -125,6 +154,11 @@ def report(paths: Sequence[Path], out_dir: Path, *, title: str = "combinability 
     text = f"# {title}\n\n## Empirical barriers (Def. 3.3), naive vs aligned\n\n" + barrier_table(loaded)
     text += "\nLoss barrier: worst loss of the sample minus the mean loss of the end models; accuracy barrier: mean "
     text += "accuracy of the end models minus the worst accuracy.\n"
+    symmetries = symmetry_table(loaded)
+    if symmetries:
+        text += ("\n## Which symmetries alignment needs (transformers)\n\nLoss barriers of the naive pair, the pair "
+                 "aligned with permutations only (heads, neurons, the residual stream permuted) and with every "
+                 "symmetry kind (the residual stream rotated):\n\n" + symmetries)
     if extra_markdown:
         text += "\n" + extra_markdown
     text += "\n## Figures\n\n" + "".join(f"- [{w.name}]({os.path.relpath(w, out_dir)})\n" for w in written)

@@ -151,6 +151,12 @@ def data_digest(x: Any, y: Any = None) -> str:
     return h.hexdigest()
 
 
+def data_identity(ds: Any, *, split: bool = True) -> dict[str, Any]:
+    """Name, (split,) size and content hash of evaluated data, for run keys."""
+    found = {"name": getattr(ds, "name", ""), "examples": len(ds), "sha256": data_digest(ds.x, ds.y)}
+    return {"name": found["name"], "split": ds.split, **found} if split else found
+
+
 def key_differences(stored: Any, wanted: Mapping[str, Any]) -> list[str]:
     """The settings in which a stored run key (JSON text or mapping) differs from ``wanted``.
 

@@ -38,7 +38,7 @@ from combinability.progress import progress_bar
 from combinability.result_stream import ResultStream
 from combinability.results import (
     annotate,
-    data_digest,
+    data_identity,
     existing_result,
     is_complete,
     json_attr,
@@ -81,8 +81,9 @@ class _Split:
     ends: dict[str, Evaluation]
 
 
-def _resolve_data(data: Any, splits: Sequence[str], limit: int | None,
-                  input_shape: tuple[int, ...] | None = None) -> dict[str, ArrayDataset]:
+def resolve_data(data: Any, splits: Sequence[str], limit: int | None,
+                 input_shape: tuple[int, ...] | None = None) -> dict[str, ArrayDataset]:
+    """The evaluated splits of ``data`` (a dataset name, ``(x, y)`` or a mapping), each cut to ``limit``."""
     from combinability.data.convert import as_datasets
 
     if isinstance(data, str):
@@ -303,7 +304,7 @@ def _plan(pair: ModelPair, sampler: Sampler | str | None, *, backend: str | Back
 
     seed = check_seed(seed)
     input_shape = pair.table.data_shape if pair.table is not None else None
-    datasets = _resolve_data(data, splits, limit, input_shape)
+    datasets = resolve_data(data, splits, limit, input_shape)
     if pair.table is not None:
         for ds in datasets.values():
             check_labels(ds, pair.table.num_classes)
@@ -474,10 +475,6 @@ def _run(plan: _Plan, *, out: str | Path | None, overwrite: bool, progress: bool
         return result
 
 
-def _data_identity(ds: Any) -> dict[str, Any]:
-    return {"name": getattr(ds, "name", ""), "examples": len(ds), "sha256": data_digest(ds.x, ds.y)}
-
-
 def sweep_key(smp: Sampler, grid: Sequence[Any], samples: int, seed: int, datasets: Mapping[str, ArrayDataset],
               pair: ModelPair, be: Backend, *, batch_size: int, agreement: bool, limit: int | None,
               metrics: Sequence[str], repair: Any, repair_data: Any) -> dict[str, Any]:
@@ -489,13 +486,13 @@ def sweep_key(smp: Sampler, grid: Sequence[Any], samples: int, seed: int, datase
     """
     key: dict[str, Any] = {
         "sampler": smp.settings, "values": [np.asarray(g).tolist() for g in grid], "samples": samples,
-        "seed": seed, "splits": list(datasets), "data": {k: _data_identity(v) for k, v in datasets.items()},
+        "seed": seed, "splits": list(datasets), "data": {k: data_identity(v, split=False) for k, v in datasets.items()},
         "limit": limit, "agreement": agreement, "models": pair.fingerprints(), "batch_size": int(batch_size),
         "evaluation": repr(be), "metrics": list(metrics),
     }
     if repair is not None:
         key["repair"] = repair if isinstance(repair, str) else getattr(repair, "__qualname__", repr(repair))
-        key["repair_data"] = _data_identity(repair_data) if repair_data is not None else None
+        key["repair_data"] = data_identity(repair_data, split=False) if repair_data is not None else None
     return key
 
 

@@ -35,7 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 
 __all__ = ["Attention", "Block", "CharGPT", "FeedForward", "MoEMLP", "MoEMLPNet", "TinyViT",
-           "flax_to_torch", "patchify", "torch_to_flax"]
+           "flax_to_torch", "patchify", "tiny_vit", "torch_to_flax"]
 
 EPS = 1e-5
 _gelu = partial(jax.nn.gelu, approximate=False)  # torch's default GELU
@@ -289,3 +289,16 @@ def flax_to_torch(variables: Mapping[str, Any]) -> dict[str, np.ndarray]:
         state[f"{prefix}.in_proj_weight"] = np.concatenate([parts[(p, "kernel")].T for p in "qkv"])
         state[f"{prefix}.in_proj_bias"] = np.concatenate([parts[(p, "bias")] for p in "qkv"])
     return state
+
+
+def tiny_vit(*, width: float = 1.0, num_classes: int = 10, input_shape: tuple[int, ...] = (1, 28, 28),
+             seed: int = 0) -> tuple[TinyViT, dict[str, Any]]:
+    """The registered architecture ``tinyvit`` (:mod:`combinability.transformer_zoo`): ``(TinyViT, variables)``.
+
+    flax's default initialisation from ``PRNGKey(seed)``.
+    """
+    from combinability.transformer_zoo import tiny_vit_kwargs
+
+    module = TinyViT(**tiny_vit_kwargs(width=width, num_classes=num_classes, input_shape=input_shape))
+    variables = module.init(jax.random.PRNGKey(int(seed)), jnp.zeros((1, *input_shape), jnp.float32))
+    return module, jax.device_get(variables)

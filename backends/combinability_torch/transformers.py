@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["Block", "CharGPT", "FeedForward", "MoEMLP", "MoEMLPNet", "TinyViT", "make_norm", "patchify"]
+__all__ = ["Block", "CharGPT", "FeedForward", "MoEMLP", "MoEMLPNet", "TinyViT", "make_norm", "patchify", "tiny_vit"]
 
 #: Epsilon of every norm (torch's LayerNorm default; given explicitly to RMSNorm, whose default differs).
 EPS = 1e-5
@@ -242,3 +242,17 @@ class MoEMLPNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.moe(x.flatten(1))
+
+
+def tiny_vit(*, width: float = 1.0, num_classes: int = 10, input_shape: tuple[int, ...] = (1, 28, 28),
+             seed: int = 0) -> TinyViT:
+    """The registered architecture ``tinyvit`` (:mod:`combinability.transformer_zoo`): a seeded :class:`TinyViT`.
+
+    torch's default initialisation drawn from ``seed``; the global random state is untouched.
+    """
+    from combinability.transformer_zoo import tiny_vit_kwargs
+
+    kwargs = tiny_vit_kwargs(width=width, num_classes=num_classes, input_shape=input_shape)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(int(seed))
+        return TinyViT(**kwargs).eval()

@@ -32,7 +32,7 @@ import numpy as np
 import xarray as xr
 
 from combinability.errors import ConfigurationError, SamplerError, UnknownNameError
-from combinability.results import annotate, data_digest, provenance
+from combinability.results import annotate, data_identity, provenance
 
 if TYPE_CHECKING:
     from combinability.data.base import ArrayDataset
@@ -165,11 +165,6 @@ def two_model_sampler(sampler: Sampler | str | None, pair: ModelSet, values: Seq
     if not grid:
         raise SamplerError(f"{type(smp).__name__}: no parameter values given")
     return smp, [float(smp.validate(v, pair.layout)) for v in grid]
-
-
-def data_identity(ds: ArrayDataset) -> dict[str, Any]:
-    """Name, size and content hash of evaluated data (for run keys)."""
-    return {"name": ds.name, "split": ds.split, "examples": len(ds), "sha256": data_digest(ds.x, ds.y)}
 
 
 def check_out(out: str | Path | None) -> None:

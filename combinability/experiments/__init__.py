@@ -16,6 +16,7 @@ function                               paper                       returns
 :func:`alignment_robustness`           §6.3, fig 14                Dataset of barriers
 :func:`asymmetry_comparison`           Lim et al. 2024 (issue 13)  Dataset of barriers
 :func:`compare_aligners`               issue 12 (aligners)         Dataset of barriers
+:func:`symmetry_comparison`            Theus et al. (issue 14)     Dataset of barriers
 =====================================  ==========================  ==================
 
 Sweeping experiments compare the naive pair (B as trained) with the aligned pair
@@ -30,6 +31,7 @@ from combinability.experiments.edges import edge_lengths
 from combinability.experiments.hypercube import HYPERCUBE_SAMPLERS, hypercube
 from combinability.experiments.robustness import alignment_robustness
 from combinability.experiments.schemes import centred_box, identity_stitching, linear_extrapolation, min_max
+from combinability.experiments.symmetries import symmetry_comparison
 from combinability.experiments.three import best_point, three_models, transitivity
 from combinability.experiments.width import width_ablation
 
@@ -47,6 +49,7 @@ __all__ = [
     "identity_stitching",
     "linear_extrapolation",
     "min_max",
+    "symmetry_comparison",
     "three_models",
     "transitivity",
     "width_ablation",

@@ -28,7 +28,7 @@ import xarray as xr
 
 from combinability.errors import ConfigurationError, SamplerError
 from combinability.experiments.compare import check_client, reuse_or_run
-from combinability.results import barriers, data_digest, provenance
+from combinability.results import barriers, data_identity, provenance
 from combinability.samplers import Bernoulli, Linear, Subcube, Uniform
 from combinability.samplers.base import Sampler
 from combinability.sets import ModelSet
@@ -485,7 +485,7 @@ def _json_settings(sampler: Sampler) -> str:
 def _key(s: _Settings, limit: int | None) -> dict[str, Any]:
     """Every setting that changes a number of the result."""
     def identity(ds: Any) -> dict[str, Any]:
-        return {"name": getattr(ds, "name", ""), "examples": len(ds), "sha256": data_digest(ds.x, ds.y)}
+        return data_identity(ds, split=False)
 
     return {
         "experiment": "aligners", "models": s.base.fingerprints(), "methods": list(s.methods),

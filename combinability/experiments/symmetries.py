@@ -21,13 +21,13 @@ import numpy as np
 import xarray as xr
 
 from combinability.errors import ConfigurationError
-from combinability.experiments.compare import reuse_or_run
+from combinability.experiments.compare import RUN_OPTIONS, reuse_or_run
 from combinability.kinds import Orthogonal
-from combinability.results import barriers, provenance
+from combinability.results import barriers, data_identity, provenance
 from combinability.samplers import Bernoulli, Linear, Subcube, Uniform
 from combinability.samplers.base import Sampler
 from combinability.sets import ModelSet
-from combinability.sweeps import sweep
+from combinability.sweeps import SPLITS, resolve_data, sweep
 
 __all__ = ["symmetry_comparison", "ALIGNMENTS"]
 
@@ -112,9 +112,14 @@ def symmetry_comparison(
     for smp in chosen:  # a value outside a sampler's range is refused before any work
         for v in grids[smp.name] or ():
             smp.validate(v)
-    key = {"experiment": "symmetry_comparison", "fingerprints": pair.fingerprints(), "data": repr(data)[:200],
+    # the data enter by content (as a sweep's key), run options (progress, a Dask client) not at all
+    evaluated = resolve_data(data, sweep_kwargs.get("splits", SPLITS), sweep_kwargs.get("limit"),
+                             pair.table.data_shape if pair.table is not None else None)
+    key = {"experiment": "symmetry_comparison", "fingerprints": pair.fingerprints(),
+           "data": {k: data_identity(v, split=False) for k, v in evaluated.items()},
            "samplers": [repr(s) for s in chosen], "values": grids, "samples": int(samples), "seed": int(seed),
-           "restarts": int(restarts), "sweep": {k: repr(v) for k, v in sweep_kwargs.items()}}
+           "restarts": int(restarts),
+           "sweep": {k: repr(v) for k, v in sweep_kwargs.items() if k not in RUN_OPTIONS}}
 
     def run(_: Path | None) -> xr.Dataset:
         sets = {"naive": pair, "permutation": pair.align("weight", seed=seed, restarts=restarts,
