@@ -16,6 +16,9 @@ Pairs:
   (``--noise`` times each parameter's standard deviation), so that matching has a
   planted answer that takes several sweeps to reach (at width 4: 5 sweeps with noise
   1.5, 9 with 3, 5 with 6).
+* ``resnet20xW trained`` (``--trained-resnet-width``): two ResNet-20 at width ``W`` trained on
+  the first ``--resnet-examples`` Fashion-MNIST images for ``--resnet-epochs`` (seeds 0, 1; the
+  paper's SGD recipe), kept in ``--cache``.
 
 Without numba the library solves each assignment with scipy, like the reference; with
 it (``pip install numba``), warm-started from the last solve.
@@ -40,6 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import reference_rebasin as reference  # noqa: E402
 
 import combinability as cb  # noqa: E402
+from combinability.data import load_dataset  # noqa: E402
 from combinability.models import build_model  # noqa: E402
 
 
@@ -53,6 +57,17 @@ def mlp_pairs(epochs: int, cache: Path, seeds: tuple[int, ...]) -> dict:
         pair = cb.ModelPair(models[s], models[t], architecture="mlp", backend="torch")
         out[f"mlp s{s}-s{t}"] = (pair.spec, pair.params(0), pair.params(1))
     return out
+
+
+def trained_resnet_pair(width: int, epochs: int, cache: Path, examples: int) -> dict:
+    """Two ResNet-20 at ``width`` trained on the first ``examples`` Fashion-MNIST images (seeds 0, 1)."""
+    cache.mkdir(parents=True, exist_ok=True)
+    data = load_dataset("fashion_mnist", "train").subset(examples)
+    models = [cb.train("resnet20", data, seed=s, epochs=epochs, width=width,
+                       checkpoint=cache / f"resnet20x{width}_fashion_mnist_n{examples}_e{epochs}_s{s}.ckpt")
+              for s in (0, 1)]
+    pair = cb.ModelPair(*models, architecture="resnet20", backend="torch")
+    return {f"resnet20x{width} trained": (pair.spec, pair.params(0), pair.params(1))}
 
 
 def resnet_pair(width: int, noise: float, seed: int = 0) -> dict:
@@ -106,12 +121,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--resnet-width", type=int, nargs="*", default=[16], help="ResNet-20 width multipliers")
     parser.add_argument("--noise", type=float, default=3.0,
                         help="noise of the ResNet copy, in parameter stds (3: the most sweeps of 1.5, 3, 6)")
+    parser.add_argument("--trained-resnet-width", type=int, nargs="*", default=[],
+                        help="ResNet-20 width multipliers of trained pairs (Fashion-MNIST)")
+    parser.add_argument("--resnet-epochs", type=int, default=2, help="training epochs of the trained ResNet-20s")
+    parser.add_argument("--resnet-examples", type=int, default=20000, help="training images of the trained ResNet-20s")
     parser.add_argument("--seed", type=int, default=0, help="matching seed (visit orders)")
     parser.add_argument("--repeats", type=int, default=1, help="timed runs of each matcher (best kept)")
     parser.add_argument("--restarts", type=int, default=3, help="restarts of the last row of each pair")
     args = parser.parse_args(argv)
 
     problems = mlp_pairs(args.epochs, args.cache, tuple(args.seeds)) if args.seeds else {}
+    for width in args.trained_resnet_width:
+        problems.update(trained_resnet_pair(width, args.resnet_epochs, args.cache, args.resnet_examples))
     for width in args.resnet_width:
         problems.update(resnet_pair(width, args.noise))
     from combinability.assignment import compiled_warm_assignment as _compiled_warm_assignment
