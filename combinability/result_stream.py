@@ -111,8 +111,8 @@ class ResultStream:
             for index, _ in self._pending:
                 self._write("done", index, 1)
             self._nc.sync()
-        self._pending.clear()
-        self._last_flush = time.monotonic()
+            self._pending.clear()  # before a deferred Ctrl-C is raised at the block's end
+            self._last_flush = time.monotonic()
 
     def _write(self, name: str, index: Mapping[str, int], value: Any) -> None:
         try:

@@ -388,7 +388,7 @@ def test_a_signal_stops_a_sweep_cleanly(ckpts, tmp_path, sig, status, what):
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "backends")])}
     proc = subprocess.Popen(
         [sys.executable, "-m", "combinability", "sweep", str(ckpts / "a.ckpt"), str(ckpts / "b.ckpt"), "--align",
-         "none", "--sampler", "uniform", "--samples", "5000", "--limit", "20", "--splits", "test", "--out", str(out)],
+         "none", "--sampler", "uniform", "--samples", "100000", "--limit", "20", "--splits", "test", "--out", str(out)],
         cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     try:
         deadline = time.monotonic() + 240  # a bound on waiting for start-up, not a timing assertion

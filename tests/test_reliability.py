@@ -19,7 +19,7 @@ import combinability as cb
 
 LIMIT = 300
 VALUES = ",".join(f"{v:g}" for v in np.linspace(0, 0.5, 26))
-SAMPLES = 8
+SAMPLES = 64  # long enough that a signal comes mid-sweep (evaluations are written a second apart, not one by one)
 
 
 def _env(**extra: str) -> dict[str, str]:
