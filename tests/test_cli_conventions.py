@@ -389,7 +389,9 @@ def test_a_signal_stops_a_sweep_cleanly(ckpts, tmp_path, sig, status, what):
     proc = subprocess.Popen(
         [sys.executable, "-m", "combinability", "sweep", str(ckpts / "a.ckpt"), str(ckpts / "b.ckpt"), "--align",
          "none", "--sampler", "uniform", "--samples", "100000", "--limit", "20", "--splits", "test", "--out", str(out)],
-        cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+        cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+        # a job a shell started in the background has SIGINT ignored, and a child keeps it ignored: reset it
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         deadline = time.monotonic() + 240  # a bound on waiting for start-up, not a timing assertion
         while not out.exists() and proc.poll() is None and time.monotonic() < deadline:

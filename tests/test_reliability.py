@@ -57,7 +57,9 @@ def test_killed_sweep_resumes_to_identical_results(checkpoints, uninterrupted, t
     out = tmp_path / "sweep.nc"
     cmd = _sweep_cmd(checkpoints, out)
     rng = np.random.default_rng(int(sig))
-    proc = subprocess.Popen(cmd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    # a job a shell started in the background has SIGINT ignored, and a child keeps it ignored: reset it
+    proc = subprocess.Popen(cmd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + 300
     while not out.exists() and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.01)
