@@ -19,6 +19,11 @@ import combinability as cb
 
 LIMIT = 300
 VALUES = ",".join(f"{v:g}" for v in np.linspace(0, 0.5, 26))
+#: ``python -m combinability`` with Ctrl-C handled even where the suite runs as a background job, which
+#: starts with SIGINT ignored and passes that on to every child (no preexec_fn: the workers hold threads)
+INTERRUPTIBLE_CLI = [sys.executable, "-c",
+                     "import signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
+                     "from combinability.cli import main; sys.exit(main(sys.argv[1:]))"]
 SAMPLES = 64  # long enough that a signal comes mid-sweep (evaluations are written a second apart, not one by one)
 
 
@@ -40,7 +45,7 @@ def checkpoints(digits_models, tmp_path_factory):
 
 def _sweep_cmd(checkpoints, out: Path) -> list[str]:
     a, b = checkpoints
-    return [sys.executable, "-m", "combinability", "sweep", str(a), str(b), "--sampler", "uniform",
+    return [*INTERRUPTIBLE_CLI, "sweep", str(a), str(b), "--sampler", "uniform",
             "--values", VALUES, "--samples", str(SAMPLES), "--data", "digits", "--limit", str(LIMIT),
             "--seed", "0", "--quiet", "--out", str(out)]
 
@@ -57,9 +62,7 @@ def test_killed_sweep_resumes_to_identical_results(checkpoints, uninterrupted, t
     out = tmp_path / "sweep.nc"
     cmd = _sweep_cmd(checkpoints, out)
     rng = np.random.default_rng(int(sig))
-    # a job a shell started in the background has SIGINT ignored, and a child keeps it ignored: reset it
-    proc = subprocess.Popen(cmd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    proc = subprocess.Popen(cmd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 300
     while not out.exists() and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.01)
