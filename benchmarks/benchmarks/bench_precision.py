@@ -102,7 +102,7 @@ class ResNetThroughput:
         self.flats = self.be.asarray(np.stack([base * (1 + 0.01 * k) for k in range(self.vectors)]))
         synchronize(self.evaluator.evaluate(self.flats, self.data))  # compile, warm the caches
         self.flops = forward_flops(self.width, self.examples) * self.vectors
-        self.peak = peak_flops(torch.cuda.get_device_name(), dtype)
+        self.peak = peak_flops(torch.cuda.get_device_name(), dtype) if device.startswith("cuda") else None
 
     def _seconds(self):
         t0 = time.perf_counter()
