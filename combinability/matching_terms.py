@@ -110,6 +110,7 @@ class Problem:
         self.users: dict[str, set[str]] = {p: set() for p in self.names}  # q -> the p whose cost reads q
         self.self_bound: set[str] = set()
         self.prices: dict[str, np.ndarray] = {}  # column prices of each permutation's last solve
+        self._identity = {p: np.arange(n) for p, n in self.sizes.items()}
         for p, entries in spec.perm_to_axes.items():
             const = np.zeros((self.sizes[p], self.sizes[p]), np.float32)
             for name, axis in entries:
@@ -149,12 +150,26 @@ class Problem:
         warm = assignment.compiled_warm_assignment()
         if warm is None or len(current) == 0:
             return assignment.solve_max(cost)
-        prices = self.prices.setdefault(p, np.zeros(len(current)))
-        return warm(-cost.astype(np.float64), current.astype(np.int64), prices)
+        loss = -cost.astype(np.float64)
+        if p not in self.prices:  # cold: Jonker-Volgenant's column reduction
+            self.prices[p] = loss.min(axis=0)
+        return warm(loss, current.astype(np.int64), self.prices[p])
 
     def objective(self, perm: Mapping[str, np.ndarray]) -> float:
-        """The exact (float64) objective ``Σ ⟨θ_A, π(θ_B)⟩``."""
-        return matching_objective(self.spec, self.a, self.b, perm)
+        """The exact (float64) objective ``Σ ⟨θ_A, π(θ_B)⟩`` (:func:`matching_objective`).
+
+        One parameter at a time, gathering only along the axes whose permutation is not
+        the identity (a start from the identity reads B as it is).
+        """
+        moved = {q for q, pq in perm.items() if not np.array_equal(pq, self._identity[q])}
+        total = 0.0
+        for name, axes in self.spec.axes_to_perm.items():
+            b = self.b[name]
+            for axis, q in enumerate(axes):
+                if q in moved:
+                    b = np.take(b, perm[q], axis=axis)
+            total += float(np.einsum("i,i->", np.ravel(self.a[name]), np.ravel(b), dtype=np.float64))
+        return total
 
     def gain(self, p: str, perm: Mapping[str, np.ndarray], new: np.ndarray, cost: np.ndarray) -> float:
         """Change of the objective when ``perm[p]`` becomes ``new``, the others held.

@@ -176,14 +176,16 @@ def test_generator_seed_is_one_integer_seed():
 
 @pytest.mark.parametrize("ties", [False, True])
 def test_warm_assignment_is_optimal_from_any_start(ties):
-    """The warm-started solver (run here as plain Python) reaches scipy's optimum, cold and warm."""
+    """The warm-started solver (row reduction and augmentation, run here as plain Python) reaches
+    scipy's optimum, cold and warm, with ties (where the row reduction swaps columns) or without."""
     from scipy.optimize import linear_sum_assignment
 
     rng = np.random.default_rng(10)
     for _ in range(40):
         n = int(rng.integers(1, 25))
         cost = rng.integers(0, 3, size=(n, n)).astype(float) if ties else rng.normal(size=(n, n))
-        prices = rng.normal(size=n) if n % 2 else np.zeros(n)
+        # any prices: random, zeros, or the column minima of a cold start (column reduction)
+        prices = (rng.normal(size=n), np.zeros(n), cost.min(axis=0))[n % 3].copy()
         x = rng.permutation(n).astype(np.int64)
         for _ in range(3):  # cold, then warm from the last solution and prices on a changed matrix
             x = assignment.warm_assignment(cost, x.copy(), prices)
@@ -216,3 +218,28 @@ def test_bad_seed_is_refused_before_work(seed):
         cb.weight_matching(ref.mlp_spec(2), a, a, seed=seed)
     with pytest.raises(ValueError):  # the built-in it refines
         cb.weight_matching(ref.mlp_spec(2), a, a, seed=seed)
+
+
+@pytest.mark.parametrize("kind", ["gram", "integers"])
+def test_compiled_assignment_matches_scipy_on_large_problems(kind):
+    """The compiled solver, cold (column minima as prices) then warm, reaches scipy's optimum at 400 units."""
+    from scipy.optimize import linear_sum_assignment
+
+    warm = assignment.compiled_warm_assignment()
+    if warm is None:
+        pytest.skip("numba is not installed")
+    rng = np.random.default_rng(13)
+    n = 400
+    if kind == "gram":  # like weight matching: inner products of two noisy copies of the same units
+        a = rng.normal(size=(n, 64))
+        cost = -(a @ (a[rng.permutation(n)] + rng.normal(size=(n, 64))).T)
+    else:  # many ties
+        cost = rng.integers(0, 5, size=(n, n)).astype(float)
+    prices = cost.min(axis=0)
+    x = np.arange(n, dtype=np.int64)
+    for _ in range(3):
+        x = warm(cost, x.copy(), prices)
+        rows, cols = linear_sum_assignment(cost)
+        assert sorted(x) == list(range(n))
+        assert cost[np.arange(n), x].sum() == pytest.approx(cost[rows, cols].sum(), abs=1e-7)
+        cost = cost + 0.05 * rng.normal(size=(n, n)) * np.abs(cost).mean()
