@@ -8,6 +8,7 @@ belongs to (used by per-layer experiments such as identity stitching).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from functools import cached_property
@@ -46,7 +47,7 @@ class ParamEntry:
     @property
     def size(self) -> int:
         """Number of elements."""
-        return int(np.prod(self.shape, dtype=np.int64))
+        return math.prod(self.shape)
 
     @property
     def stop(self) -> int:
@@ -108,6 +109,11 @@ class FlatLayout:
     @cached_property
     def _by_name(self) -> dict[str, ParamEntry]:
         return {e.name: e for e in self.entries}
+
+    @cached_property
+    def sizes(self) -> tuple[int, ...]:
+        """Number of elements of each entry, in flat order."""
+        return tuple(e.size for e in self.entries)
 
     @property
     def names(self) -> tuple[str, ...]:

@@ -43,9 +43,16 @@ class Term:
 
     def __init__(self, a: np.ndarray, b: np.ndarray, axis: int, deps: list[tuple[int, str]]) -> None:
         self.n = a.shape[axis]
-        self.a = np.ascontiguousarray(np.moveaxis(a, axis, 0), dtype=np.float32)
-        self.b = np.ascontiguousarray(np.moveaxis(b, axis, 0), dtype=np.float32)
-        self.deps = deps  # (axis of the moved arrays, permutation name)
+        # Columns of A and rows of B run over the other axes, the first permuted one first:
+        # A as (unit, first dep, rest...), B as (first dep, rest..., unit). Gathering B's
+        # first permuted axis then copies whole rows, and the product is one plain GEMM.
+        others = [ax for ax in range(a.ndim) if ax != axis]
+        if deps:
+            others.remove(deps[0][0])
+            others.insert(0, deps[0][0])
+        self.a = np.ascontiguousarray(np.transpose(a, (axis, *others)), dtype=np.float32).reshape(self.n, -1)
+        self.b = np.ascontiguousarray(np.transpose(b, (*others, axis)), dtype=np.float32)
+        self.deps = [(others.index(ax), q) for ax, q in deps]  # (axis of self.b, permutation name)
         self.seen: dict[str, np.ndarray] = {}
         self.value: np.ndarray | None = None
         self.updates = 0
@@ -53,8 +60,10 @@ class Term:
     def _full(self, perm: Mapping[str, np.ndarray]) -> np.ndarray:
         w = self.b
         for ax, q in self.deps:
-            w = np.take(w, perm[q], axis=ax)
-        return self.a.reshape(self.n, -1) @ w.reshape(self.n, -1).T
+            index = perm[q]
+            if not np.array_equal(index, np.arange(len(index))):  # the identity reads B as it is
+                w = np.take(w, index, axis=ax)
+        return self.a @ w.reshape(-1, self.n)
 
     def refresh(self, perm: Mapping[str, np.ndarray]) -> bool:
         """Bring :attr:`value` up to date with ``perm``; return whether it changed."""
@@ -66,7 +75,7 @@ class Term:
             if len(changed) == 1 and len(self.deps) == 1 and self.updates < _MAX_UPDATES:
                 ax, q, units = changed[0]
                 if 2 * len(units) < self.b.shape[ax]:
-                    self.value = self._correct(self.value, ax, units, self.seen[q], perm[q])
+                    self.value = self._correct(self.value, units, self.seen[q], perm[q])
                     self.seen[q] = perm[q].copy()
                     return True
         self.value = self._full(perm)
@@ -74,12 +83,11 @@ class Term:
         self.updates = 0
         return True
 
-    def _correct(self, value: np.ndarray, ax: int, units: np.ndarray, old: np.ndarray,
-                 new: np.ndarray) -> np.ndarray:
-        """``value + Σ_{k ∈ units} A[:, k] (B[:, new[k]] − B[:, old[k]])ᵀ``: only the moved units."""
-        diff = np.take(self.b, new[units], axis=ax) - np.take(self.b, old[units], axis=ax)
-        a_part = np.take(self.a, units, axis=ax)
-        value += a_part.reshape(self.n, -1) @ diff.reshape(self.n, -1).T
+    def _correct(self, value: np.ndarray, units: np.ndarray, old: np.ndarray, new: np.ndarray) -> np.ndarray:
+        """``value + Σ_{k ∈ units} A[:, k] (B[new[k]] − B[old[k]])``: only the moved units (of the one dep)."""
+        diff = self.b[new[units]] - self.b[old[units]]
+        a_part = self.a.reshape(self.n, self.b.shape[0], -1)[:, units]
+        value += a_part.reshape(self.n, -1) @ diff.reshape(-1, self.n)
         self.updates += 1
         return value
 
@@ -127,10 +135,8 @@ class Problem:
             self.constant[p] = const
 
     def _deps(self, name: str, axis: int) -> list[tuple[int, str]]:
-        """The other permuted axes of ``name``, numbered as after moving ``axis`` to the front."""
-        others = [ax for ax in range(len(self.spec.axes_to_perm[name])) if ax != axis]
-        return [(1 + i, self.spec.axes_to_perm[name][ax]) for i, ax in enumerate(others)
-                if self.spec.axes_to_perm[name][ax] is not None]
+        """The other permuted axes of ``name``: ``(axis, permutation name)``."""
+        return [(ax, q) for ax, q in enumerate(self.spec.axes_to_perm[name]) if q is not None and ax != axis]
 
     def cost(self, p: str, perm: Mapping[str, np.ndarray]) -> np.ndarray:
         """``p``'s cost matrix (float32) with every other permutation at ``perm``."""

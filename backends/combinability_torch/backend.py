@@ -57,7 +57,7 @@ class TorchRandom:
 
 def _views(flat: torch.Tensor, layout: FlatLayout) -> dict[str, torch.Tensor]:
     """Views of ``flat`` (shape ``(..., d)``) as the layout's named arrays, shapes ``(..., *shape)``."""
-    chunks = torch.split(flat, [e.size for e in layout.entries], dim=-1)
+    chunks = torch.split(flat, layout.sizes, dim=-1)
     lead = tuple(flat.shape[:-1])
     return {e.name: c.reshape(*lead, *e.shape) for e, c in zip(layout.entries, chunks, strict=True)}
 
@@ -100,8 +100,9 @@ class TorchPrepared:
     def forward(self, flats: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         with self._inference():
             if self.backend.use_vmap:
-                batched = vmap(lambda p, xb: self._call(p, xb), in_dims=(0, None))
-                out = batched(_views(flats, self.layout), x)
+                out = vmap(lambda p, xb: self._call(p, xb), in_dims=(0, None))(_views(flats, self.layout), x)
+            elif flats.shape[0] == 1:  # one vector (a sweep's cell): no copy of its logits
+                out = self._call(_views(flats[0], self.layout), x).unsqueeze(0)
             else:
                 out = torch.stack([self._call(_views(row, self.layout), x) for row in flats])
         return out if out.dtype == torch.float32 else out.float()
