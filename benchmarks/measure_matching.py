@@ -2,9 +2,9 @@
 
 For each pair, the reference reimplementation (:mod:`reference_rebasin`, plain numpy and
 scipy, float32 as the original's jax) and :func:`combinability.weight_matching` run on
-the same parameters with the same seed, alternately (``--repeats`` times each, the
-best time kept); the table gives their times, the ratio, the sweeps and the objectives,
-then the library with restarts.
+the same parameters with the same seed, alternately (``--repeats`` times each, the best
+time kept), each call in a fresh process (``--no-isolate``: all in this one); the table
+gives their times, the ratio, the sweeps and the objectives, then the library with restarts.
 
 Pairs:
 
@@ -31,7 +31,9 @@ Run from the repository root::
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import itertools
+import multiprocessing
 import sys
 import time
 from pathlib import Path
@@ -82,28 +84,54 @@ def resnet_pair(width: int, noise: float, seed: int = 0) -> dict:
     return {f"resnet20x{width}": (spec, a, b)}
 
 
-def timed(fn, repeats: int):
-    """The result of ``fn()`` and its best wall time over ``repeats`` calls."""
-    best, result = float("inf"), None
-    for _ in range(repeats):
+def run_matcher(matcher: str, recipe: tuple, name: str, seed: int, restarts: int = 0):
+    """Build pair ``name`` from ``recipe`` (a builder and its arguments), then time one call of ``matcher``.
+
+    ``matcher`` is ``"reference"`` or ``"library"``; returns its result and wall time.
+    Loading what a call needs once per process (numba's compiled solver; scipy is imported
+    with the reference module) happens before the clock starts.
+    """
+    builder, args = recipe
+    spec, a, b = builder(*args)[name]
+    if matcher == "reference":
         start = time.perf_counter()
-        result = fn()
-        best = min(best, time.perf_counter() - start)
-    return result, best
+        result = reference.weight_matching(seed, spec, a, b)
+    else:
+        from combinability.assignment import compiled_warm_assignment
+
+        compiled_warm_assignment()
+        start = time.perf_counter()
+        result = cb.weight_matching(spec, a, b, seed=seed, restarts=restarts)
+    return result, time.perf_counter() - start
 
 
-def compare(name: str, spec, a, b, *, seed: int, repeats: int, restarts: int) -> list[str]:
+def timed(matcher: str, recipe: tuple, name: str, seed: int, restarts: int = 0, isolate: bool = True):
+    """:func:`run_matcher` in a fresh process (``isolate``), or in this one.
+
+    A fresh process builds the pair itself, so that neither matcher inherits the heap the
+    other left (on this project's machine, numpy's large allocations fault their pages in
+    up to 9x slower after another matcher's run, which would favour whichever runs first).
+    """
+    if not isolate:
+        return run_matcher(matcher, recipe, name, seed, restarts)
+    context = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(1, mp_context=context) as pool:
+        return pool.submit(run_matcher, matcher, recipe, name, seed, restarts).result()
+
+
+def compare(name: str, recipe: tuple, *, seed: int, repeats: int, restarts: int, isolate: bool = True) -> list[str]:
     """Table rows for one pair: the reference, the library single run, the library with restarts."""
     ref_perm, ref_time, lib_time = None, float("inf"), float("inf")
     lib = None
     for _ in range(repeats):  # alternate, so that a busy machine slows both alike
-        (ref_perm, sweeps), t = timed(lambda: reference.weight_matching(seed, spec, a, b), 1)
+        (ref_perm, sweeps), t = timed("reference", recipe, name, seed, isolate=isolate)
         ref_time = min(ref_time, t)
-        lib, t = timed(lambda: cb.weight_matching(spec, a, b, seed=seed), 1)
+        lib, t = timed("library", recipe, name, seed, isolate=isolate)
         lib_time = min(lib_time, t)
+    spec, a, b = recipe[0](*recipe[1])[name]
     ref_obj = reference.objective(spec, a, b, ref_perm)
     same = all(np.array_equal(ref_perm[p], lib[p]) for p in ref_perm)
-    many, many_time = timed(lambda: cb.weight_matching(spec, a, b, seed=seed, restarts=restarts), 1)
+    many, many_time = timed("library", recipe, name, seed, restarts, isolate=isolate)
     return [
         f"| {name} | reference | {ref_time:.2f} | 1.00 | {sweeps} | {ref_obj:.6f} | |",
         f"| {name} | library | {lib_time:.2f} | {ref_time / lib_time:.1f} | {lib.iterations} | {lib.objective:.6f} "
@@ -128,21 +156,28 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0, help="matching seed (visit orders)")
     parser.add_argument("--repeats", type=int, default=1, help="timed runs of each matcher (best kept)")
     parser.add_argument("--restarts", type=int, default=3, help="restarts of the last row of each pair")
+    parser.add_argument("--no-isolate", dest="isolate", action="store_false",
+                        help="time every call in this process (default: each in a fresh process)")
     args = parser.parse_args(argv)
 
-    problems = mlp_pairs(args.epochs, args.cache, tuple(args.seeds)) if args.seeds else {}
+    recipes: dict[str, tuple] = {}  # pair name -> (builder, its arguments): built again in each fresh process
+    if args.seeds:
+        recipe = (mlp_pairs, (args.epochs, args.cache, tuple(args.seeds)))
+        recipes.update(dict.fromkeys(mlp_pairs(*recipe[1]), recipe))  # trains the missing checkpoints once
     for width in args.trained_resnet_width:
-        problems.update(trained_resnet_pair(width, args.resnet_epochs, args.cache, args.resnet_examples))
+        recipe = (trained_resnet_pair, (width, args.resnet_epochs, args.cache, args.resnet_examples))
+        recipes.update(dict.fromkeys(trained_resnet_pair(*recipe[1]), recipe))
     for width in args.resnet_width:
-        problems.update(resnet_pair(width, args.noise))
+        recipes[f"resnet20x{width}"] = (resnet_pair, (width, args.noise))
     from combinability.assignment import compiled_warm_assignment as _compiled_warm_assignment
 
     solver = "warm-started Jonker-Volgenant (numba)" if _compiled_warm_assignment() else "scipy (numba not installed)"
     print(f"library's assignment solver: {solver}\n")
     print("| pair | matcher | time (s) | speed-up | sweeps | objective | vs reference |")
     print("|---|---|---|---|---|---|---|")
-    for name, (spec, a, b) in problems.items():
-        for row in compare(name, spec, a, b, seed=args.seed, repeats=args.repeats, restarts=args.restarts):
+    for name, recipe in recipes.items():
+        for row in compare(name, recipe, seed=args.seed, repeats=args.repeats, restarts=args.restarts,
+                           isolate=args.isolate):
             print(row, flush=True)
 
 
