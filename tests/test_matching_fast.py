@@ -198,8 +198,8 @@ def test_generator_seed_is_one_integer_seed():
 
 @pytest.mark.parametrize("ties", [False, True])
 def test_warm_assignment_is_optimal_from_any_start(ties):
-    """The warm-started solver (row reduction and augmentation, run here as plain Python) reaches
-    scipy's optimum, cold and warm, with ties (where the row reduction swaps columns) or without."""
+    """The warm-started solver (run here as plain Python) reaches scipy's optimum from any prices,
+    cold and warm, with ties or without."""
     from scipy.optimize import linear_sum_assignment
 
     rng = np.random.default_rng(10)
