@@ -44,12 +44,15 @@ from combinability.folding import NormFold, Reader
 from combinability.kinds import Blocks, Kind, Orthogonal
 from combinability.permutation import Entry, PermutationSpec
 
-__all__ = ["FIXED", "FeatureSpaces", "Norm", "Heads", "Experts", "spec_from_spaces"]
+__all__ = ["FIXED", "ANY", "FeatureSpaces", "Norm", "Heads", "Experts", "ReshapeGroups", "spec_from_spaces"]
 
 FIXED = 0
 """The fixed space: the model's input and output axes (batch, tokens, pixels, classes)."""
 
 Label = int | None  # a space, or None: an axis that is not a feature (a broadcast axis, a shape)
+
+ANY: Label = None
+"""A broadcast axis (size 1 against a larger one): merges into anything."""
 
 
 class FeatureSpaces:
@@ -188,6 +191,101 @@ class Experts:
     gate: int
     count: int
     size: int
+
+
+class ReshapeGroups:
+    """Heads and experts found where a tracer sees a reshape of feature axes.
+
+    A reshape is read group by group: runs of source and destination axes with the same
+    product (axes of size 1 skipped). A group of one axis into one keeps its label; axes
+    that are fixed or broadcast stay so. One feature axis into two, ``(h·d) -> (h, d)``,
+    splits its space into a head space and a within-head space (:class:`Heads`; the same
+    space split twice must split alike); two into one merges them back (only a split made
+    before); a space repeated along a new broadcast axis, ``(e, 1) -> (e·u)``, spreads a
+    gate over ``u`` units per expert (:class:`Experts`). Anything else is refused. The
+    reading is framework-free; a tracer passes shapes and labels.
+
+    Parameters
+    ----------
+    spaces : FeatureSpaces
+        The tracer's spaces (new head and within-head spaces are opened in it).
+    hint : str
+        Appended to every :class:`~combinability.errors.TracingError` (what to do instead).
+    """
+
+    def __init__(self, spaces: FeatureSpaces, hint: str = "") -> None:
+        self.sp, self.hint = spaces, hint
+        self.splits: dict[int, tuple[int, int, int, int]] = {}  # space -> (head space, within space, h, dh)
+        self.expansions: dict[int, tuple[int, int, int]] = {}  # space -> (gate space, experts, units)
+
+    def reshape(self, src: Sequence[int], labels: Sequence[Label], dst: Sequence[int], where: str,
+                stem: str) -> list[Label]:
+        """The labels of a reshape's output axes (``dst``), from its input's ``src`` shape and ``labels``.
+
+        ``where`` names the operation in errors; ``stem`` names new head spaces (``stem/heads``).
+        """
+        sp = self.sp
+        out: list[Label] = [ANY] * len(dst)
+        a_ax = [a for a, n in enumerate(src) if n != 1]
+        b_ax = [b for b, n in enumerate(dst) if n != 1]
+        i = j = 0
+        while i < len(a_ax) or j < len(b_ax):
+            gi, gj = [a_ax[i]], [b_ax[j]]
+            i, j = i + 1, j + 1
+            pa, pb = src[gi[0]], dst[gj[0]]
+            while pa != pb:
+                if pa < pb:
+                    gi.append(a_ax[i])
+                    pa, i = pa * src[a_ax[i]], i + 1
+                else:
+                    gj.append(b_ax[j])
+                    pb, j = pb * dst[b_ax[j]], j + 1
+            ls = [labels[a] for a in gi]
+            if len(gi) == len(gj) == 1:
+                out[gj[0]] = ls[0]
+            elif all(s is ANY or sp.is_fixed(s) for s in ls):
+                fill = FIXED if any(s is not ANY for s in ls) else ANY
+                for b in gj:
+                    out[b] = fill
+            elif len(gi) == 1 and len(gj) == 2:
+                out[gj[0]], out[gj[1]] = self._split(ls[0], dst[gj[0]], dst[gj[1]], where, stem)
+            elif len(gi) == 2 and len(gj) == 1 and ls[1] is ANY:
+                s = sp.new(f"{sp.opener[sp.find(ls[0])]}.repeated", dst[gj[0]])
+                self.expansions[s] = (ls[0], src[gi[0]], src[gi[1]])
+                out[gj[0]] = s
+            elif len(gi) == 2 and len(gj) == 1:
+                out[gj[0]] = self._merge(ls[0], ls[1], where)
+            else:
+                raise TracingError(f"{where}: a reshape of feature axes {tuple(src[a] for a in gi)} -> "
+                                   f"{tuple(dst[b] for b in gj)}{self.hint}")
+        return out
+
+    def _split(self, s: int, h: int, dh: int, where: str, stem: str) -> tuple[int, int]:
+        root = self.sp.find(s)
+        for t, (hs, cs, th, tdh) in self.splits.items():
+            if self.sp.find(t) == root:
+                if (th, tdh) != (h, dh):
+                    raise TracingError(f"{where}: a space split as {th}x{tdh} and as {h}x{dh} (heads of different "
+                                       f"counts or sizes){self.hint}")
+                return hs, cs
+        hs, cs = self.sp.new(f"{stem}/heads", h), self.sp.new(f"{stem}/head_dim", dh)
+        self.splits[s] = (hs, cs, h, dh)
+        return hs, cs
+
+    def _merge(self, hs: int, cs: int, where: str) -> int:
+        f = self.sp.find
+        for t, (th, tc, _, _) in self.splits.items():
+            if f(th) == f(hs) and f(tc) == f(cs):
+                return t
+        raise TracingError(f"{where}: merges a head axis and a within-head axis that no split made" + self.hint)
+
+    def heads(self) -> list[Heads]:
+        """A :class:`Heads` for every space that was split."""
+        return [Heads(s, hs, h, dh, cs) for s, (hs, cs, h, dh) in self.splits.items()]
+
+    def experts(self) -> list[Experts]:
+        """An :class:`Experts` for every gate spread over its experts' units."""
+        return [Experts(s, g, e, u) for s, (g, e, u) in self.expansions.items()]
 
 
 def _propagate(sp: FeatureSpaces, heads: Sequence[Heads], experts: Sequence[Experts], hint: str) -> None:

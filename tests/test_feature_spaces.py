@@ -11,7 +11,16 @@ import pytest
 
 import combinability as cb
 from combinability.errors import TracingError
-from combinability.feature_spaces import FIXED, Experts, FeatureSpaces, Heads, Norm, spec_from_spaces
+from combinability.feature_spaces import (
+    ANY,
+    FIXED,
+    Experts,
+    FeatureSpaces,
+    Heads,
+    Norm,
+    ReshapeGroups,
+    spec_from_spaces,
+)
 from combinability.folding import NormFold, Reader
 from combinability.kinds import Blocks, Orthogonal
 
@@ -237,3 +246,42 @@ def test_inconsistent_heads_and_bad_entries_are_refused():
     a = sp.new("a")
     with pytest.raises(TracingError, match="segment of a packed axis is fixed"):
         spec_from_spaces(sp, {"w": ((a, FIXED), None)})
+
+
+def test_reshapes_split_heads_merge_them_back_and_spread_gates():
+    """What a tracer reports for (B, T, 12) -> (B, T, 3, 4) -> (B, T, 12), tokens merged, and a gate repeat."""
+    sp = FeatureSpaces()
+    groups = ReshapeGroups(sp, "; hint")
+    q = sp.new("attn.q", 12)
+    split = groups.reshape((2, 5, 12), [FIXED, FIXED, q], (2, 5, 3, 4), "reshape 1", "attn")
+    heads, within = split[2], split[3]
+    assert split[:2] == [FIXED, FIXED] and sp.name(heads) != sp.name(within)
+    assert groups.heads() == [Heads(q, heads, 3, 4, within)]
+    assert groups.reshape((2, 5, 3, 4), split, (2, 5, 12), "reshape 2", "attn") == [FIXED, FIXED, q]
+    assert groups.reshape((2, 5, 12), [FIXED, FIXED, q], (2, 5, 3, 4), "again", "attn") == split  # one split
+    assert groups.reshape((2, 5, 12), [FIXED, FIXED, q], (10, 12), "tokens", "attn") == [FIXED, q]
+    assert groups.reshape((1, 12), [ANY, q], (12,), "squeeze", "attn") == [q]
+    gate = sp.new("router", 4)
+    (repeated,) = groups.reshape((4, 3), [gate, ANY], (12,), "repeat", "moe")
+    assert groups.experts() == [Experts(repeated, gate, 4, 3)]
+
+
+@pytest.mark.parametrize("src, dst, match", [
+    ((12,), (2, 6), "split as 3x4 and as 2x6"),
+    ((6, 4), (4, 6), r"a reshape of feature axes \(6, 4\) -> \(4, 6\)"),
+])
+def test_reshapes_that_cannot_be_followed_are_refused(src, dst, match):
+    sp = FeatureSpaces()
+    groups = ReshapeGroups(sp, "; pass spec= by hand")
+    q = sp.new("q", 12)
+    groups.reshape((12,), [q], (3, 4), "first", "attn")
+    labels = [q] if len(src) == 1 else [sp.new("a", 6), sp.new("b", 4)]
+    with pytest.raises(TracingError, match=match + ".*pass spec= by hand"):
+        groups.reshape(src, labels, dst, "op", "attn")
+
+
+def test_a_merge_of_axes_no_split_made_is_refused():
+    sp = FeatureSpaces()
+    groups = ReshapeGroups(sp)
+    with pytest.raises(TracingError, match="merges a head axis and a within-head axis that no split made"):
+        groups.reshape((3, 4), [sp.new("h", 3), sp.new("d", 4)], (12,), "merge", "attn")

@@ -41,7 +41,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from combinability.errors import TracingError
-from combinability.feature_spaces import FIXED, Experts, FeatureSpaces, Heads, Norm, spec_from_spaces
+from combinability.feature_spaces import ANY, FIXED, FeatureSpaces, Norm, ReshapeGroups, spec_from_spaces
 from combinability.folding import NormFold, Reader
 from combinability.permutation import PermutationSpec
 from combinability_jax.jaxpr_walk import JaxprWalker
@@ -49,7 +49,6 @@ from combinability_jax.trace import train_kwargs
 
 __all__ = ["stream_symmetries"]
 
-ANY = None  # a broadcast axis: merges into anything
 _LINEAR_UNARY = {"neg", "convert_element_type", "copy", "copy_p", "stop_gradient", "reduce_precision"}
 _ADDITIVE = {"add", "add_any", "sub"}
 _SCALING = {"mul", "div"}
@@ -87,8 +86,7 @@ class _StreamTrace(JaxprWalker):
         self.origin: dict[int, tuple[str, bool]] = {}  # id -> (parameter, reshaped)
         self.index_of: dict[int, int] = {}  # indices into a space (top_k, argmax)
         self.iota_axis: dict[int, int] = {}
-        self.splits: dict[int, tuple[int, int, int, int]] = {}  # space -> (head space, within space, h, dh)
-        self.expansions: dict[int, tuple[int, int, int]] = {}  # space -> (gate space, experts, units)
+        self.groups = ReshapeGroups(self.sp, self.hint)  # heads and experts seen through reshapes
         self.norms: dict[str, _Norm] = {}
         last = {op[4]: k for k, op in enumerate(self.ops)}
         for k, (prim, params, ins, outs, scope) in enumerate(self.ops):
@@ -193,7 +191,7 @@ class _StreamTrace(JaxprWalker):
         elif n == "reshape":
             if p.get("dimensions") is not None:
                 raise TracingError(f"{where}: reshapes that transpose are not followed" + self.hint)
-            self.labels[outs[0]] = self._reshape(self.shape[ins[0]], labs[0], shape, where, path)
+            self.labels[outs[0]] = self.groups.reshape(self.shape[ins[0]], labs[0], shape, where, path or self.name)
         elif n == "squeeze":
             drop = {int(d) % len(labs[0]) for d in p["dimensions"]}
             self.labels[outs[0]] = [s for a, s in enumerate(labs[0]) if a not in drop]
@@ -309,64 +307,6 @@ class _StreamTrace(JaxprWalker):
             self.sp.union(s, FIXED)
         return out
 
-    def _reshape(self, src: tuple[int, ...], lab: list[int | None], dst: tuple[int, ...], where: str,
-                 path: str) -> list[int | None]:
-        sp = self.sp
-        out: list[int | None] = [ANY] * len(dst)
-        a_ax = [a for a, n in enumerate(src) if n != 1]
-        b_ax = [b for b, n in enumerate(dst) if n != 1]
-        i = j = 0
-        while i < len(a_ax) or j < len(b_ax):
-            gi, gj = [a_ax[i]], [b_ax[j]]
-            i, j = i + 1, j + 1
-            pa, pb = src[gi[0]], dst[gj[0]]
-            while pa != pb:
-                if pa < pb:
-                    gi.append(a_ax[i])
-                    pa, i = pa * src[a_ax[i]], i + 1
-                else:
-                    gj.append(b_ax[j])
-                    pb, j = pb * dst[b_ax[j]], j + 1
-            ls = [lab[a] for a in gi]
-            if len(gi) == len(gj) == 1:
-                out[gj[0]] = ls[0]
-            elif all(s is ANY or sp.is_fixed(s) for s in ls):
-                fill = FIXED if any(s is not ANY for s in ls) else ANY
-                for b in gj:
-                    out[b] = fill
-            elif len(gi) == 1 and len(gj) == 2:
-                out[gj[0]], out[gj[1]] = self._split(ls[0], dst[gj[0]], dst[gj[1]], where, path)
-            elif len(gi) == 2 and len(gj) == 1 and ls[1] is ANY:
-                s = sp.new(f"{sp.opener[sp.find(ls[0])]}.repeated", dst[gj[0]])
-                self.expansions[s] = (ls[0], src[gi[0]], src[gi[1]])
-                out[gj[0]] = s
-            elif len(gi) == 2 and len(gj) == 1:
-                out[gj[0]] = self._merge(ls[0], ls[1], where)
-            else:
-                raise TracingError(f"{where}: a reshape of feature axes {tuple(src[a] for a in gi)} -> "
-                                   f"{tuple(dst[b] for b in gj)}{self.hint}")
-        return out
-
-    def _split(self, s: int, h: int, dh: int, where: str, path: str) -> tuple[int, int]:
-        root = self.sp.find(s)
-        for t, (hs, cs, th, tdh) in self.splits.items():
-            if self.sp.find(t) == root:
-                if (th, tdh) != (h, dh):
-                    raise TracingError(f"{where}: a space split as {th}x{tdh} and as {h}x{dh} (heads of different "
-                                       f"counts or sizes){self.hint}")
-                return hs, cs
-        stem = path or self.name
-        hs, cs = self.sp.new(f"{stem}/heads", h), self.sp.new(f"{stem}/head_dim", dh)
-        self.splits[s] = (hs, cs, h, dh)
-        return hs, cs
-
-    def _merge(self, hs: int, cs: int, where: str) -> int:
-        f = self.sp.find
-        for t, (th, tc, _, _) in self.splits.items():
-            if f(th) == f(hs) and f(tc) == f(cs):
-                return t
-        raise TracingError(f"{where}: merges a head axis and a within-head axis that no split made" + self.hint)
-
     # -- the spec ------------------------------------------------------------------------------------------------
 
     def readers(self, rec: _Norm) -> list[Reader] | None:
@@ -446,9 +386,7 @@ class _StreamTrace(JaxprWalker):
             norms.append(Norm(s, scale, shift, isinstance(rec.module, nn.LayerNorm),
                               None if readers is None else tuple(readers)))
         binds = {p: self.binds.get(p, [ANY] * len(shape)) for p, shape in self.param_shapes.items()}
-        heads = [Heads(s, hs, h, dh, cs) for s, (hs, cs, h, dh) in self.splits.items()]
-        experts = [Experts(s, g, e, u) for s, (g, e, u) in self.expansions.items()]
-        return spec_from_spaces(self.sp, binds, norms, heads, experts, self.hint)
+        return spec_from_spaces(self.sp, binds, norms, self.groups.heads(), self.groups.experts(), self.hint)
 
 
 def stream_symmetries(module: nn.Module, variables: Any, x: Any) -> tuple[PermutationSpec, list[NormFold]]:
