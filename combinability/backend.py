@@ -14,6 +14,8 @@ Backends are registered as plugins (see :mod:`combinability.hookspecs`).
 
 from __future__ import annotations
 
+import contextlib
+import functools
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Protocol
@@ -26,7 +28,7 @@ if TYPE_CHECKING:
     from combinability.layout import FlatLayout
     from combinability.permutation import PermutationSpec
 
-__all__ = ["Backend", "Prepared", "RandomSource", "NumpyRandom"]
+__all__ = ["Backend", "Prepared", "RandomSource", "NumpyRandom", "bound_forward"]
 
 
 class RandomSource(Protocol):
@@ -72,6 +74,10 @@ class Prepared(Protocol):
         """The outputs of the named feature points for one ``(d,)`` vector, channels-first."""
         ...
 
+    # Optional: ``bind(flats)``, a context manager yielding ``forward(x)`` for many batches of
+    # the same vectors, set up once (parameter views, inference mode) rather than per batch.
+    # :func:`bound_forward` uses it when a backend has it, :meth:`forward` otherwise.
+
     def value_and_grad(self, flat: Any, x: Any, y: Any, loss: Callable[[Any, Any], Any]) -> tuple[Any, Any, Any]:
         """``(loss value, gradient (d,), flat after the step's buffer updates)`` in training mode.
 
@@ -80,6 +86,20 @@ class Prepared(Protocol):
         the returned vector carries updated buffers (BatchNorm running statistics).
         """
         ...
+
+
+def bound_forward(prepared: Prepared, flats: Any) -> contextlib.AbstractContextManager[Callable[[Any], Any]]:
+    """``forward(x)`` of ``flats`` for many batches: the prepared model's ``bind`` when it has one.
+
+    A backend whose per-call set-up (parameter views, entering inference mode) is worth
+    doing once per vector rather than once per batch implements ``bind(flats)``: a
+    context manager yielding the function; the logits are those of
+    :meth:`Prepared.forward`. Otherwise each batch calls ``prepared.forward(flats, x)``.
+    """
+    bind = getattr(prepared, "bind", None)
+    if bind is None:
+        return contextlib.nullcontext(functools.partial(prepared.forward, flats))
+    return bind(flats)
 
 
 class Backend(ABC):

@@ -22,7 +22,10 @@ from combinability.errors import IncompatibleModelsError, LayoutError
 
 __all__ = ["combine", "combine3", "combine_into", "combine3_into"]
 
-_NUMPY_BLOCK = 1 << 15  # elements per block on the CPU: a few temporaries stay in cache
+# Elements per block on the CPU: the few temporaries of a block stay in the L2/L3 caches while
+# each block costs few array calls (a 932k-parameter combination: torch 1.0 ms at 2**15, 0.46 ms
+# at 2**17; numpy 0.65 and 0.49 ms).
+_NUMPY_BLOCK = 1 << 17
 _DEVICE_BLOCK = 1 << 24  # elsewhere, blocks only bound the temporaries' memory
 
 

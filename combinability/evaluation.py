@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from combinability.backend import bound_forward
 from combinability.errors import ConfigurationError, DatasetError, LayoutError
 from combinability.hookspecs import Registration, hookimpl
 
@@ -234,8 +235,8 @@ class Evaluator:
         rows = []
         for c in range(0, stacked.shape[0], self.vectors):
             chunk = stacked[c : c + self.vectors, ...]
-            parts = [self.prepared.forward(chunk, x[s : s + self.batch_size, ...])
-                     for s in range(0, x.shape[0], self.batch_size)]
+            with bound_forward(self.prepared, chunk) as forward:
+                parts = [forward(x[s : s + self.batch_size, ...]) for s in range(0, x.shape[0], self.batch_size)]
             rows.append(xp.concat(parts, axis=1))
         return xp.concat(rows, axis=0)
 
@@ -270,17 +271,18 @@ class Evaluator:
             # per-batch sums stay on the device and cross to the host once per chunk (no sync per batch)
             sums: list[list[Any]] = [[] for _ in range(2 + len(self.metrics))]
             chunk_preds = []
-            for s in range(0, n, self.batch_size):
-                yb = y[s : s + self.batch_size]
-                if len(yb.shape) > 1:  # sequence targets (n, T): the model's logits are (n*T, classes)
-                    yb = xp.reshape(yb, (-1,))
-                logits = self.prepared.forward(chunk, x[s : s + self.batch_size, ...])
-                pred = xp.argmax(logits, axis=-1)
-                sums[0].append(xp.sum(be.cross_entropy(logits, yb), axis=1))
-                sums[1].append(xp.sum(xp.astype(pred == yb, xp.float32), axis=1))
-                for j, metric in enumerate(self.metrics):
-                    sums[2 + j].append(xp.sum(metric.per_example(xp, logits, yb), axis=1))
-                chunk_preds.append(pred)
+            with bound_forward(self.prepared, chunk) as forward:  # the vectors set up once, not per batch
+                for s in range(0, n, self.batch_size):
+                    yb = y[s : s + self.batch_size]
+                    if len(yb.shape) > 1:  # sequence targets (n, T): the model's logits are (n*T, classes)
+                        yb = xp.reshape(yb, (-1,))
+                    logits = forward(x[s : s + self.batch_size, ...])
+                    pred = xp.argmax(logits, axis=-1)
+                    sums[0].append(xp.sum(be.cross_entropy(logits, yb), axis=1))
+                    sums[1].append(xp.sum(xp.astype(pred == yb, xp.float32), axis=1))
+                    for j, metric in enumerate(self.metrics):
+                        sums[2 + j].append(xp.sum(metric.per_example(xp, logits, yb), axis=1))
+                    chunk_preds.append(pred)
             for target, batches in zip((loss, correct, *extra), sums, strict=True):
                 for row in be.to_numpy(xp.stack(batches)).astype(np.float64):  # batch after batch, in float64
                     target[c : c + kc] += row

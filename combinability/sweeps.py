@@ -400,7 +400,7 @@ def _run(plan: _Plan, *, out: str | Path | None, overwrite: bool, progress: bool
             alignment_objective=(pair.transforms[1].objective if pair.transforms[1] is not None
                                  and getattr(pair.transforms[1], "objective", None) is not None else None),
             parameters=int(layout.size),
-            fingerprints=pair.fingerprints(),
+            fingerprints=key["models"],  # hashed once, for the run key
             **dict(attrs or {}),
         )
         labels = {param_dim: {"long_name": getattr(smp, "parameter_long_name", "") or str(param_dim)}}

@@ -131,7 +131,8 @@ def check_architecture(architecture: str, backend: Backend | str = "torch", *, w
 def check_backend(backend: Backend | str, *, architecture: str = "mlp", seed: int = 0) -> None:
     """Check a backend's adapter against plain numpy on an MLP.
 
-    Arrays round-trip; ``forward`` over k vectors equals k single calls and a numpy MLP;
+    Arrays round-trip; ``forward`` over k vectors equals k single calls and a numpy MLP, and
+    so do the loss and predictions of one vector evaluated over several batches;
     ``features`` equal the numpy hidden layers; ``value_and_grad`` equals a central finite
     difference along a random direction; ``with_state``/``state`` round-trip; ``augment``
     with the identity map returns its input.
@@ -163,6 +164,14 @@ def check_backend(backend: Backend | str, *, architecture: str = "mlp", seed: in
     for theta, got in ((flat, both[0]), (flat2, both[1]), (flat, both[2])):
         _assert_close(f"{be.name}: batched forward vs numpy MLP", got, _numpy_mlp(layout.unflatten(theta), data.x),
                       1e-4, 1e-5)
+    # one vector over three batches (a sweep's cell; through the backend's ``bind`` when it has one)
+    (one,) = evaluator.evaluate(flat2, data)
+    z = _numpy_mlp(layout.unflatten(flat2.astype(np.float64)), data.x.astype(np.float64))
+    if not np.array_equal(one.predictions, z.argmax(axis=1)):
+        raise AssertionError(f"{be.name}: predictions over several batches differ from a numpy MLP's")
+    z = z - z.max(axis=1, keepdims=True)
+    _assert_close(f"{be.name}: loss over several batches vs numpy MLP", one.loss,
+                  float(np.mean(np.log(np.exp(z).sum(axis=1)) - z[np.arange(len(z)), data.y])), 1e-4, 1e-6)
     feats = evaluator.features(flat, data, ["hidden_0"])["hidden_0"]
     hidden = np.maximum(data.x @ state["layers.0.weight"].T + state["layers.0.bias"], 0)
     _assert_close(f"{be.name}: features at hidden_0", feats, hidden, 1e-4, 1e-5)

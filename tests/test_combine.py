@@ -35,7 +35,7 @@ def reference2(a, b, v):
 
 @settings(max_examples=30, deadline=None)
 @given(
-    d=st.integers(1, 3 * (1 << 15) + 7),
+    d=st.integers(1, 3 * combine_module._NUMPY_BLOCK + 7),  # across several CPU blocks
     seed=st.integers(0, 2**31),
     scalar=st.booleans(),
     dtype=st.sampled_from([np.float32, np.float64]),
