@@ -23,6 +23,9 @@ Pairs:
 Without numba the library solves each assignment with scipy, like the reference; with
 it (``pip install numba``), warm-started from the last solve.
 
+``--backend torch`` keeps the library's cost terms on torch's device (a GPU when there is
+one; see ``weight_matching(backend=...)``); the reference stays numpy on the CPU.
+
 Run from the repository root::
 
     .venv/bin/python benchmarks/measure_matching.py --epochs 3 --resnet-width 16
@@ -84,26 +87,27 @@ def resnet_pair(width: int, noise: float, seed: int = 0) -> dict:
     return {f"resnet20x{width}": (spec, a, b)}
 
 
-def run_matcher(matcher: str, recipe: tuple, name: str, seed: int, restarts: int = 0):
+def run_matcher(matcher: str, recipe: tuple, name: str, seed: int, restarts: int = 0, backend: str | None = None):
     """Build pair ``name`` from ``recipe`` (a builder and its arguments), then time one call of ``matcher``.
 
-    ``matcher`` is ``"reference"`` or ``"library"``; returns its result and wall time.
-    Both matchers first run once on a small pair (:func:`_warm_up`), so that what a
-    process loads once (numba's compiled solver, BLAS threads) is not timed.
+    ``matcher`` is ``"reference"`` or ``"library"`` (its cost terms on ``backend``'s device
+    when given); returns its result and wall time. Both matchers first run once on a small
+    pair (:func:`_warm_up`), so that what a process loads once (numba's compiled solver,
+    BLAS threads, a GPU's context) is not timed.
     """
     builder, args = recipe
     spec, a, b = builder(*args)[name]
-    _warm_up()
+    _warm_up(backend)
     if matcher == "reference":
         start = time.perf_counter()
         result = reference.weight_matching(seed, spec, a, b)
     else:
         start = time.perf_counter()
-        result = cb.weight_matching(spec, a, b, seed=seed, restarts=restarts)
+        result = cb.weight_matching(spec, a, b, seed=seed, restarts=restarts, backend=backend)
     return result, time.perf_counter() - start
 
 
-def _warm_up() -> None:
+def _warm_up(backend: str | None = None) -> None:
     """Both matchers once on a small random MLP pair: code paths, BLAS threads and numba's solver loaded."""
     rng = np.random.default_rng(0)
     sizes = (64, 48, 32, 10)
@@ -114,10 +118,11 @@ def _warm_up() -> None:
     pair = [{f"{n}.weight": rng.normal(size=(sizes[i + 1], sizes[i])).astype(np.float32)
              for i, n in enumerate(names)} for _ in range(2)]
     reference.weight_matching(0, spec, *pair)
-    cb.weight_matching(spec, *pair, seed=0)
+    cb.weight_matching(spec, *pair, seed=0, backend=backend)
 
 
-def timed(matcher: str, recipe: tuple, name: str, seed: int, restarts: int = 0, isolate: bool = True):
+def timed(matcher: str, recipe: tuple, name: str, seed: int, restarts: int = 0, isolate: bool = True,
+          backend: str | None = None):
     """:func:`run_matcher` in a fresh process (``isolate``), or in this one.
 
     A fresh process builds the pair itself, so that neither matcher inherits the heap the
@@ -125,25 +130,26 @@ def timed(matcher: str, recipe: tuple, name: str, seed: int, restarts: int = 0, 
     up to 9x slower after another matcher's run, which would favour whichever runs first).
     """
     if not isolate:
-        return run_matcher(matcher, recipe, name, seed, restarts)
+        return run_matcher(matcher, recipe, name, seed, restarts, backend)
     context = multiprocessing.get_context("spawn")
     with concurrent.futures.ProcessPoolExecutor(1, mp_context=context) as pool:
-        return pool.submit(run_matcher, matcher, recipe, name, seed, restarts).result()
+        return pool.submit(run_matcher, matcher, recipe, name, seed, restarts, backend).result()
 
 
-def compare(name: str, recipe: tuple, *, seed: int, repeats: int, restarts: int, isolate: bool = True) -> list[str]:
+def compare(name: str, recipe: tuple, *, seed: int, repeats: int, restarts: int, isolate: bool = True,
+            backend: str | None = None) -> list[str]:
     """Table rows for one pair: the reference, the library single run, the library with restarts."""
     ref_perm, ref_time, lib_time = None, float("inf"), float("inf")
     lib = None
     for _ in range(repeats):  # alternate, so that a busy machine slows both alike
         (ref_perm, sweeps), t = timed("reference", recipe, name, seed, isolate=isolate)
         ref_time = min(ref_time, t)
-        lib, t = timed("library", recipe, name, seed, isolate=isolate)
+        lib, t = timed("library", recipe, name, seed, isolate=isolate, backend=backend)
         lib_time = min(lib_time, t)
     spec, a, b = recipe[0](*recipe[1])[name]
     ref_obj = reference.objective(spec, a, b, ref_perm)
     same = all(np.array_equal(ref_perm[p], lib[p]) for p in ref_perm)
-    many, many_time = timed("library", recipe, name, seed, restarts, isolate=isolate)
+    many, many_time = timed("library", recipe, name, seed, restarts, isolate=isolate, backend=backend)
     return [
         f"| {name} | reference | {ref_time:.2f} | 1.00 | {sweeps} | {ref_obj:.6f} | |",
         f"| {name} | library | {lib_time:.2f} | {ref_time / lib_time:.1f} | {lib.iterations} | {lib.objective:.6f} "
@@ -168,6 +174,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0, help="matching seed (visit orders)")
     parser.add_argument("--repeats", type=int, default=1, help="timed runs of each matcher (best kept)")
     parser.add_argument("--restarts", type=int, default=3, help="restarts of the last row of each pair")
+    parser.add_argument("--backend", default=None,
+                        help="the library's cost terms on this backend's device (e.g. torch on a GPU); "
+                             "default numpy on the CPU")
     parser.add_argument("--no-isolate", dest="isolate", action="store_false",
                         help="time every call in this process (default: each in a fresh process)")
     args = parser.parse_args(argv)
@@ -184,12 +193,13 @@ def main(argv: list[str] | None = None) -> None:
     from combinability.assignment import compiled_warm_assignment as _compiled_warm_assignment
 
     solver = "warm-started Jonker-Volgenant (numba)" if _compiled_warm_assignment() else "scipy (numba not installed)"
-    print(f"library's assignment solver: {solver}\n")
+    where = "numpy (CPU)" if args.backend is None else f"{args.backend} ({cb.get_backend(args.backend).device()})"
+    print(f"library's assignment solver: {solver}; cost terms: {where}\n")
     print("| pair | matcher | time (s) | speed-up | sweeps | objective | vs reference |")
     print("|---|---|---|---|---|---|---|")
     for name, recipe in recipes.items():
         for row in compare(name, recipe, seed=args.seed, repeats=args.repeats, restarts=args.restarts,
-                           isolate=args.isolate):
+                           isolate=args.isolate, backend=args.backend):
             print(row, flush=True)
 
 

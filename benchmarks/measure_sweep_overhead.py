@@ -9,6 +9,9 @@ sweep first in odd ones), best of ``repeats``. The models are randomly
 initialised (seeds 0 and 1; the cost of a forward pass does not depend on training): the MLP at
 width 1, Tiny-10 at width 0.5.
 
+After the ratio, one more run of each times its forward calls alone and prints the share of
+wall time outside them, the bare loop's and the sweep's (in memory).
+
 ``breakdown`` runs one sweep (streaming to a temporary file) with wall-clock timers around the
 library's stages and prints where the time goes: the forward pass, drawing, combining, copying
 (host/device conversions and stacking), metrics (loss, accuracy, predictions from the logits),
@@ -41,7 +44,9 @@ DRAWS, S = 16, 0.25
 
 
 def bare_loop(model: torch.nn.Module, theta_a: torch.Tensor, theta_b: torch.Tensor, x: torch.Tensor,
-              y: torch.Tensor, draws: int, s: float, batch: int = 1000) -> list[tuple[float, float]]:
+              y: torch.Tensor, draws: int, s: float, batch: int = 1000,
+              clock: list[float] | None = None) -> list[tuple[float, float]]:
+    """The loop a researcher would write; ``clock[0]`` accumulates the time in ``model(x)``."""
     out = []
     gen = torch.Generator().manual_seed(0)
     delta = theta_b - theta_a
@@ -56,7 +61,11 @@ def bare_loop(model: torch.nn.Module, theta_a: torch.Tensor, theta_b: torch.Tens
             torch.nn.utils.vector_to_parameters(theta, params)
             loss = correct = 0.0
             for i in range(0, len(x), batch):
+                if clock is not None:
+                    start = time.perf_counter()
                 logits = model(x[i:i + batch])
+                if clock is not None:
+                    clock[0] += time.perf_counter() - start
                 loss += float(torch.nn.functional.cross_entropy(logits, y[i:i + batch], reduction="sum"))
                 correct += float((logits.argmax(1) == y[i:i + batch]).sum())
             out.append((loss / len(x), correct / len(x)))
@@ -97,6 +106,43 @@ def main(arch: str = "mlp", repeats: int = 3, examples: int | None = None) -> No
     print(f"{arch}: bare loop {tb_:.2f} s, cb.sweep {tl:.2f} s for {DRAWS} draws on {len(x)} examples; "
           f"throughput ratio (sweep / bare) {tb_ / tl:.3f}  "
           f"[bare runs {np.round(bare, 2)}, sweep runs {np.round(lib, 2)}]")
+    shares = non_forward_shares(pair, model, ta, tb, test)
+    print(f"{arch}: everything but the forward pass (in memory, one more run of each, forward calls timed): "
+          f"bare loop {100 * shares[0]:.1f} %, cb.sweep {100 * shares[1]:.1f} %")
+
+
+def non_forward_shares(pair: Any, model: torch.nn.Module, ta: torch.Tensor, tb: torch.Tensor,
+                       test: Any) -> tuple[float, float]:
+    """The share of wall time outside the model's forward calls: the bare loop's, then the sweep's.
+
+    The sweep's forward calls are those of the backend's module (``TorchPrepared._call``, the
+    module applied to one batch with the combined parameters); the bare loop's, ``model(x)``.
+    """
+    from combinability_torch import backend as torch_backend
+
+    x, y = torch.from_numpy(test.x), torch.from_numpy(test.y)
+    clock = [0.0]
+    t0 = time.perf_counter()
+    bare_loop(model, ta, tb, x, y, DRAWS, S, clock=clock)
+    bare_share = 1 - clock[0] / (time.perf_counter() - t0)
+    sweep_clock = [0.0]
+    original = torch_backend.TorchPrepared._call
+
+    def timed_call(self: Any, *args: Any, **kwargs: Any) -> Any:
+        start = time.perf_counter()
+        try:
+            return original(self, *args, **kwargs)
+        finally:
+            sweep_clock[0] += time.perf_counter() - start
+
+    torch_backend.TorchPrepared._call = timed_call
+    try:
+        t0 = time.perf_counter()
+        cb.sweep(pair, cb.Uniform(), data={"test": test}, splits=["test"], values=[S], samples=DRAWS, seed=0)
+        sweep_share = 1 - sweep_clock[0] / (time.perf_counter() - t0)
+    finally:
+        torch_backend.TorchPrepared._call = original
+    return bare_share, sweep_share
 
 
 class Timers:

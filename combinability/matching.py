@@ -164,6 +164,7 @@ def weight_matching(
     restarts: int = 0,
     tol: float = 1e-12,
     progress: bool = False,
+    backend: str | Any | None = None,
 ) -> Permutation:
     """Align ``params_b`` to ``params_a`` by permutation coordinate descent.
 
@@ -211,6 +212,13 @@ def weight_matching(
         (:func:`combinability.progress.progress_bar`), elsewhere (a log file, a CI job) an
         ``INFO`` record of the ``combinability.matching`` logger per sweep
         (``weight matching: sweep 3, objective 41.2``).
+    backend : str or Backend, optional
+        Compute the cost terms with this backend's arrays on its device, e.g. ``"torch"``
+        on a CUDA GPU: the float32 copies of both models live there, the products and
+        gathers run there, and each permutation's assembled cost matrix (n × n) comes back
+        to the host for its assignment. Default: numpy on the CPU. The result is the same
+        up to the float32 rounding of the products (a near-tie may then go the other way).
+        Symmetries other than plain permutations are matched on the host.
 
     Returns
     -------
@@ -231,12 +239,20 @@ def weight_matching(
     ConfigurationError
         If ``max_iter < 1``, ``restarts < 0`` or ``seed`` is not a non-negative integer,
         a Generator or ``None``.
+    UnknownNameError, BackendUnavailableError
+        If ``backend`` names no installed backend.
     """
     if max_iter < 1:
         raise ConfigurationError(f"max_iter must be >= 1, got {max_iter}")
     if restarts < 0:
         raise ConfigurationError(f"restarts must be >= 0, got {restarts}")
     base = _seed_int(seed)
+    arrays = None
+    if backend is not None:
+        from combinability.matching_terms import DeviceArrays
+        from combinability.plugins import get_backend
+
+        arrays = DeviceArrays(get_backend(backend))
     spec.validate(params_a, allow_unlisted=True)
     for name in spec.axes_to_perm:
         if name in params_b and np.shape(params_a[name]) != np.shape(params_b[name]):
@@ -256,7 +272,7 @@ def weight_matching(
         start = {p: np.asarray(init[p], dtype=np.int64).copy() for p in sizes}
     else:
         start = dict(identity_permutation(sizes))
-    problem = Problem(spec, a, b)
+    problem = Problem(spec, a, b, arrays)
     best: tuple[dict, list[float], int, float] | None = None
     reporter = _SweepReporter(progress, restarts + 1)
     try:

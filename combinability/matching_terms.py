@@ -5,6 +5,11 @@ terms, one per ``(parameter, axis)`` it binds (:class:`Term`), cached and correc
 the units that moved since they were computed, plus a constant for terms that depend
 on no other permutation. It solves each assignment (warm-started when numba is
 installed) and follows the objective by each step's gain.
+
+The terms live in numpy arrays on the CPU by default (:class:`HostArrays`), or in a
+backend's arrays on its device (:class:`DeviceArrays`, e.g. torch on a GPU): there the
+products and gathers run, and each assembled cost matrix comes back to the host for its
+assignment. The exact float64 objective and gains always read the parameters as given.
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ import numpy as np
 from combinability import assignment
 from combinability.permutation import PermutationSpec, apply_permutation
 
-__all__ = ["Term", "Problem", "matching_objective"]
+__all__ = ["Term", "Problem", "HostArrays", "DeviceArrays", "matching_objective"]
 
 
 def matching_objective(spec: PermutationSpec, params_a: Mapping[str, Any], params_b: Mapping[str, Any],
@@ -46,6 +51,66 @@ def _float32_copy(x: np.ndarray, order: tuple[int, ...]) -> np.ndarray:
     return out
 
 
+class HostArrays:
+    """Where cost terms live by default: numpy arrays, products on numpy's BLAS."""
+
+    def put(self, x: np.ndarray) -> Any:
+        """``x`` (a float32 numpy array) where the products run."""
+        return x
+
+    def host(self, x: Any) -> np.ndarray:
+        """``x`` as a numpy array."""
+        return x
+
+    def take(self, w: Any, index: np.ndarray, axis: int, scratch: dict | None = None) -> Any:
+        """``w`` gathered along ``axis``; along axis 0 into a buffer of ``scratch`` kept per shape
+        (no fresh pages for every gather)."""
+        if axis == 0 and scratch is not None:
+            out = scratch.get(w.shape)
+            if out is None:
+                out = scratch[w.shape] = np.empty(w.shape, np.float32)
+            return np.take(w, index, axis=0, out=out)
+        return np.take(w, index, axis=axis)
+
+    def reshape(self, w: Any, shape: tuple[int, ...]) -> Any:
+        return w.reshape(shape)
+
+    def add_to(self, total: Any, x: Any) -> Any:
+        """``total + x``, in place where the arrays allow it."""
+        total += x
+        return total
+
+
+class DeviceArrays(HostArrays):
+    """Cost terms in a backend's arrays on its device (e.g. torch on a GPU).
+
+    Parameters
+    ----------
+    backend : Backend
+        Its :meth:`~combinability.backend.Backend.asarray` moves the float32 copies (and
+        each gather's index) to the device; the array-API namespace :meth:`Backend.xp`
+        gathers and multiplies there.
+    """
+
+    def __init__(self, backend: Any) -> None:
+        self.backend, self.xp = backend, backend.xp()
+
+    def put(self, x: np.ndarray) -> Any:
+        return self.backend.asarray(x)
+
+    def host(self, x: Any) -> np.ndarray:
+        return self.backend.to_numpy(x)
+
+    def take(self, w: Any, index: np.ndarray, axis: int, scratch: dict | None = None) -> Any:
+        return self.xp.take(w, self.backend.asarray(np.asarray(index, np.int64)), axis=axis)
+
+    def reshape(self, w: Any, shape: tuple[int, ...]) -> Any:
+        return self.xp.reshape(w, shape)
+
+    def add_to(self, total: Any, x: Any) -> Any:
+        return total + x  # device arrays may be immutable (jax)
+
+
 class Term:
     """One ``(parameter, axis)`` bound to a permutation ``p``: its share of ``p``'s cost matrix.
 
@@ -58,9 +123,10 @@ class Term:
     """
 
     def __init__(self, a: np.ndarray, b: np.ndarray, axis: int, deps: list[tuple[int, str]],
-                 scratch: dict[tuple[int, ...], np.ndarray] | None = None) -> None:
+                 scratch: dict[tuple[int, ...], np.ndarray] | None = None, arrays: HostArrays | None = None) -> None:
         self.n = a.shape[axis]
         self.scratch = {} if scratch is None else scratch  # gather buffers by shape, shared by a problem's terms
+        self.arrays = HostArrays() if arrays is None else arrays
         # Columns of A and rows of B run over the other axes, the first permuted one first:
         # A as (unit, first dep, rest...), B as (first dep, rest..., unit). Gathering B's
         # first permuted axis then copies whole rows, and the product is one plain GEMM.
@@ -68,27 +134,23 @@ class Term:
         if deps:
             others.remove(deps[0][0])
             others.insert(0, deps[0][0])
-        self.a = _float32_copy(a, (axis, *others)).reshape(self.n, -1)
-        self.b = _float32_copy(b, (*others, axis))
+        self.a = self.arrays.put(_float32_copy(a, (axis, *others)).reshape(self.n, -1))
+        self.b = self.arrays.put(_float32_copy(b, (*others, axis)))
+        self.b_shape = tuple(int(s) for s in self.b.shape)
         self.deps = [(others.index(ax), q) for ax, q in deps]  # (axis of self.b, permutation name)
         self.seen: dict[str, np.ndarray] = {}
         self.value: np.ndarray | None = None
         self.updates = 0
 
-    def _full(self, perm: Mapping[str, np.ndarray]) -> np.ndarray:
-        w = self.b
+    def _full(self, perm: Mapping[str, np.ndarray]) -> Any:
+        w, arrays = self.b, self.arrays
         for k, (ax, q) in enumerate(self.deps):
             index = perm[q]
             if np.array_equal(index, np.arange(len(index))):  # the identity reads B as it is
                 continue
-            if k == 0:  # into a buffer kept for the next gather of this shape (no fresh pages each time)
-                out = self.scratch.get(w.shape)
-                if out is None:
-                    out = self.scratch[w.shape] = np.empty(w.shape, np.float32)
-                w = np.take(w, index, axis=0, out=out)
-            else:
-                w = np.take(w, index, axis=ax)
-        return self.a @ w.reshape(-1, self.n)
+            # the first gather (whole rows) goes into a buffer kept per shape
+            w = arrays.take(w, index, ax, self.scratch if k == 0 else None)
+        return self.a @ arrays.reshape(w, (-1, self.n))
 
     def refresh(self, perm: Mapping[str, np.ndarray]) -> bool:
         """Bring :attr:`value` up to date with ``perm``; return whether it changed."""
@@ -99,7 +161,7 @@ class Term:
                 return False
             if len(changed) == 1 and len(self.deps) == 1 and self.updates < _MAX_UPDATES:
                 ax, q, units = changed[0]
-                if 2 * len(units) < self.b.shape[ax]:
+                if 2 * len(units) < self.b_shape[ax]:
                     self.value = self._correct(self.value, units, self.seen[q], perm[q])
                     self.seen[q] = perm[q].copy()
                     return True
@@ -108,11 +170,12 @@ class Term:
         self.updates = 0
         return True
 
-    def _correct(self, value: np.ndarray, units: np.ndarray, old: np.ndarray, new: np.ndarray) -> np.ndarray:
+    def _correct(self, value: Any, units: np.ndarray, old: np.ndarray, new: np.ndarray) -> Any:
         """``value + Σ_{k ∈ units} A[:, k] (B[new[k]] − B[old[k]])``: only the moved units (of the one dep)."""
-        diff = self.b[new[units]] - self.b[old[units]]
-        a_part = self.a.reshape(self.n, self.b.shape[0], -1)[:, units]
-        value += a_part.reshape(self.n, -1) @ diff.reshape(-1, self.n)
+        arrays = self.arrays
+        diff = arrays.take(self.b, new[units], 0) - arrays.take(self.b, old[units], 0)
+        a_part = arrays.take(arrays.reshape(self.a, (self.n, self.b_shape[0], -1)), units, 1)
+        value = arrays.add_to(value, arrays.reshape(a_part, (self.n, -1)) @ arrays.reshape(diff, (-1, self.n)))
         self.updates += 1
         return value
 
@@ -132,10 +195,15 @@ class Problem:
     a, b : mapping of str to numpy.ndarray
         The two models' parameters as given (any float dtype; read for the exact,
         float64 objective); float32 copies feed the cost matrices.
+    arrays : HostArrays, optional
+        Where the float32 copies live and the products run (default: numpy on the CPU;
+        :class:`DeviceArrays` for a backend's device).
     """
 
-    def __init__(self, spec: PermutationSpec, a: Mapping[str, np.ndarray], b: Mapping[str, np.ndarray]) -> None:
+    def __init__(self, spec: PermutationSpec, a: Mapping[str, np.ndarray], b: Mapping[str, np.ndarray],
+                 arrays: HostArrays | None = None) -> None:
         self.spec, self.a, self.b = spec, a, b
+        self.arrays = HostArrays() if arrays is None else arrays
         self.sizes = spec.perm_sizes(a)
         self.names = list(self.sizes)
         self.terms: dict[str, list[Term]] = {p: [] for p in self.names}
@@ -146,10 +214,10 @@ class Problem:
         self._identity = {p: np.arange(n) for p, n in self.sizes.items()}
         scratch: dict[tuple[int, ...], np.ndarray] = {}  # the terms' gather buffers
         for p, entries in spec.perm_to_axes.items():
-            const = np.zeros((self.sizes[p], self.sizes[p]), np.float32)
+            const = self.arrays.put(np.zeros((self.sizes[p], self.sizes[p]), np.float32))
             for name, axis in entries:
                 deps = self._deps(name, axis)
-                term = Term(a[name], b[name], axis, deps, scratch)
+                term = Term(a[name], b[name], axis, deps, scratch, self.arrays)
                 if deps:
                     self.terms[p].append(term)
                     for _, q in deps:
@@ -157,7 +225,7 @@ class Problem:
                         if q == p:
                             self.self_bound.add(p)
                 else:
-                    const += term._full({})
+                    const = self.arrays.add_to(const, term._full({}))
             self.constant[p] = const
 
     def _deps(self, name: str, axis: int) -> list[tuple[int, str]]:
@@ -165,13 +233,15 @@ class Problem:
         return [(ax, q) for ax, q in enumerate(self.spec.axes_to_perm[name]) if q is not None and ax != axis]
 
     def cost(self, p: str, perm: Mapping[str, np.ndarray]) -> np.ndarray:
-        """``p``'s cost matrix (float32) with every other permutation at ``perm``."""
+        """``p``'s cost matrix (float32 numpy) with every other permutation at ``perm``."""
         for term in self.terms[p]:
             term.refresh(perm)
-        total = self.constant[p].copy()
-        for term in self.terms[p]:
-            total += term.value
-        return total
+        values = [term.value for term in self.terms[p]]
+        # a new array (the constant and the cached terms stay as they are), then sums in place
+        total = self.constant[p] + values[0] if values else self.constant[p] * 1
+        for value in values[1:]:
+            total = self.arrays.add_to(total, value)
+        return self.arrays.host(total)
 
     def solve(self, p: str, cost: np.ndarray, current: np.ndarray) -> np.ndarray:
         """The maximum assignment of ``cost``, as the column of each row.

@@ -98,13 +98,35 @@ def test_trained_restarts_never_below_the_reference(digits_models):
         assert ours.objective == pytest.approx(cb.matching_objective(spec, a, b, ours), rel=1e-12)
 
 
-def test_cached_costs_follow_small_and_large_changes():
+def _installed(name):
+    try:
+        from combinability.plugins import get_backend
+
+        get_backend(name)
+        return True
+    except Exception:
+        return False
+
+
+#: Where the cost terms live: numpy on the host, or a backend's device arrays (its CPU here).
+ARRAYS = ["numpy"] + [pytest.param(b, marks=pytest.mark.skipif(not _installed(b), reason=f"{b} not installed"))
+                      for b in ("torch", "jax")]
+
+
+def _arrays(where):
+    from combinability.plugins import get_backend
+
+    return None if where == "numpy" else matching_terms.DeviceArrays(get_backend(where))
+
+
+@pytest.mark.parametrize("where", ARRAYS)
+def test_cached_costs_follow_small_and_large_changes(where):
     """The low-rank corrections and recomputations give the from-scratch cost matrix."""
     rng = np.random.default_rng(4)
     a = ref.resnet_params(rng, c1=10, c2=14)
     b = ref.resnet_params(rng, c1=10, c2=14)
     spec = ref.resnet_spec()
-    problem = matching_terms.Problem(spec, a, b)
+    problem = matching_terms.Problem(spec, a, b, _arrays(where))
     perm = dict(cb.random_permutation(spec, a, seed=rng))
     for step in range(12):
         q = problem.names[step % len(problem.names)]
@@ -115,7 +137,8 @@ def test_cached_costs_follow_small_and_large_changes():
             np.testing.assert_allclose(problem.cost(p, perm), _cost64(spec, a, b, perm, p), rtol=1e-4, atol=1e-4)
 
 
-def test_cached_costs_of_any_axis_layout():
+@pytest.mark.parametrize("where", ARRAYS)
+def test_cached_costs_of_any_axis_layout(where):
     """Kernels with channels last (HWIO) and a tensor permuted on three axes: every term's
     layout (its first permuted axis first) and gathers give the from-scratch cost matrix."""
     rng = np.random.default_rng(14)
@@ -123,7 +146,7 @@ def test_cached_costs_of_any_axis_layout():
                                "bias2": ("P2",), "mix": ("P1", "P2", "P3"), "out": ("P3", None)})
     shapes = {"conv1": (3, 3, 2, 8), "conv2": (3, 3, 8, 10), "bias2": (10,), "mix": (8, 10, 6), "out": (6, 4)}
     a, b = ({k: rng.normal(size=shape) for k, shape in shapes.items()} for _ in range(2))
-    problem = matching_terms.Problem(spec, a, b)
+    problem = matching_terms.Problem(spec, a, b, _arrays(where))
     perm = {p: np.arange(n) for p, n in spec.perm_sizes(a).items()}
     for step in range(9):
         q = problem.names[step % 3]
@@ -133,8 +156,31 @@ def test_cached_costs_of_any_axis_layout():
         for p in problem.names:
             np.testing.assert_allclose(problem.cost(p, perm), _cost64(spec, a, b, perm, p), rtol=1e-4, atol=1e-4)
     planted, b = _plant(spec, a, 15, noise=0.0)
-    found = cb.weight_matching(spec, a, b, seed=0, restarts=3)
+    found = cb.weight_matching(spec, a, b, seed=0, restarts=3, backend=None if where == "numpy" else where)
     assert found.objective == pytest.approx(rebasin.objective(spec, a, b, planted), rel=1e-9)
+
+
+@pytest.mark.parametrize("where", [p for p in ARRAYS if p != "numpy"])
+def test_trained_same_descent_with_costs_on_a_backend(digits_models, where):
+    """Cost terms on a backend's device: the reference's permutation, sweeps and objective."""
+    pair = cb.ModelPair(digits_models[0], digits_models[1], architecture="mlp", backend="torch")
+    spec, a, b = pair.spec, pair.params(0), pair.params(1)
+    theirs, sweeps = rebasin.weight_matching(0, spec, a, b)
+    ours = cb.weight_matching(spec, a, b, seed=0, backend=where)
+    for p in theirs:
+        np.testing.assert_array_equal(ours[p], theirs[p])
+    assert ours.iterations == sweeps
+    assert ours.objective == pytest.approx(rebasin.objective(spec, a, b, theirs), rel=1e-12)
+    aligned = pair.align("weight", backend=where)  # the aligner passes the option through
+    for p in theirs:
+        np.testing.assert_array_equal(aligned.transforms[1][p], theirs[p])
+
+
+def test_unknown_matching_backend_is_refused_before_work():
+    rng = np.random.default_rng(0)
+    a = ref.mlp_params(rng, (6, 8, 3))
+    with pytest.raises(cb.errors.UnknownNameError, match="backend"):
+        cb.weight_matching(ref.mlp_spec(2), a, a, backend="no-such-backend")
 
 
 def test_gain_is_the_change_of_the_objective():

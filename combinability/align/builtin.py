@@ -19,7 +19,7 @@ __all__ = ["weight", "activation", "identity"]
 
 
 def weight(task: AlignTask, *, restarts: int = 0, max_iter: int = 100, progress: bool = False,
-           **_: Any) -> Permutation:
+           backend: Any = None, **_: Any) -> Permutation:
     """Git Re-Basin weight matching (:func:`combinability.matching.weight_matching`).
 
     Parameters
@@ -31,6 +31,9 @@ def weight(task: AlignTask, *, restarts: int = 0, max_iter: int = 100, progress:
         Maximum number of coordinate-descent sweeps per run.
     progress : bool, default False
         Show a progress line with each sweep's objective (see :func:`weight_matching`).
+    backend : str or Backend, optional
+        Compute the cost matrices with this backend's arrays on its device (``"torch"`` on
+        a GPU); default numpy on the CPU (see :func:`weight_matching`).
 
     Returns
     -------
@@ -38,7 +41,7 @@ def weight(task: AlignTask, *, restarts: int = 0, max_iter: int = 100, progress:
         ``method="weight"``, with the objective history of the best run.
     """
     return weight_matching(task.spec, task.reference, task.other, seed=task.seed, restarts=restarts,
-                           max_iter=max_iter, progress=progress)
+                           max_iter=max_iter, progress=progress, backend=backend)
 
 
 def activation(task: AlignTask, *, batch_size: int = 4096, **_: Any) -> Permutation:
