@@ -87,3 +87,51 @@ def test_cross_entropy_of_a_backend_is_the_definition(backend):
     got = be.to_numpy(be.cross_entropy(be.asarray(z), be.asarray(y)))
     assert got.shape == (3, 40) and got.dtype == np.float32
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4)
+
+
+def test_torch_taps_keep_pre_activation_values_under_inference_mode():
+    """In inference mode a ReLU may overwrite its input in place; never a tapped one, and never
+    one another node reads later (a residual branch): logits and taps as without inference mode."""
+    torch = pytest.importorskip("torch")
+    model = build_model("resnet20", backend="torch", width=0.25, num_classes=5, input_shape=(3, 10, 10), seed=2)
+    model.eval()
+    x = torch.from_numpy(random_inputs((3, 10, 10), 5, n=4).x)
+    convs = [n.name for n in model.table.nodes if n.op in ("conv", "norm")]
+    with torch.no_grad():  # autograd off but not inference mode: every ReLU makes a new tensor
+        want_taps = dict.fromkeys(convs)
+        want = model(x, taps=want_taps)
+    with torch.inference_mode():
+        got_taps = dict.fromkeys(convs)
+        got = model(x, taps=got_taps)
+        plain = model(x)
+    np.testing.assert_array_equal(got.numpy(), want.numpy())
+    np.testing.assert_array_equal(plain.numpy(), want.numpy())
+    for name in convs:
+        np.testing.assert_array_equal(got_taps[name].numpy(), want_taps[name].numpy(), err_msg=name)
+    assert (want_taps[convs[0]] < 0).any()  # a pre-activation value a ReLU would have changed
+
+
+def test_torch_relu_never_overwrites_a_value_read_later():
+    """A pre-activation that a later node also reads (a skip from before the ReLU) stays as it was."""
+    torch = pytest.importorskip("torch")
+    from combinability_torch.models import TableNet
+
+    from combinability.layers import LayerTable, Node
+
+    table = LayerTable("skip", (5,), 2, (
+        Node("l0", "dense", units=4), Node("a0", "relu"), Node("l1", "dense", units=4),
+        Node("s", "add", inputs=("l1", "l0")), Node("l2", "dense", units=2)))
+    torch.manual_seed(0)
+    model = TableNet(table).eval()
+    x = torch.randn(6, 5)
+    with torch.no_grad():
+        want = model(x)
+        w = {k: v.numpy().astype(np.float64) for k, v in model.state_dict().items()}
+    h0 = x.numpy() @ w["l0.weight"].T + w["l0.bias"]
+    h1 = np.maximum(h0, 0) @ w["l1.weight"].T + w["l1.bias"]
+    numpy_logits = (h1 + h0) @ w["l2.weight"].T + w["l2.bias"]
+    assert (h0 < 0).any()
+    with torch.inference_mode():
+        got = model(x)
+    np.testing.assert_allclose(want.numpy(), numpy_logits, rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(got.numpy(), want.numpy())

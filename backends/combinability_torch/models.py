@@ -130,17 +130,31 @@ class TableNet(nn.Module):
                 parent.add_module(leaf, module)
         self._modules_by_node = {n.name: self.get_submodule(n.name) for n in table.nodes
                                  if n.op in ("dense", "conv", "norm", "gate")}
+        # Each node with what it reads and the values no later node reads (dropped after it, so
+        # that a batch holds a few activations at a time, not every layer's), read once here.
+        reads = [table.inputs_of(node) for node in table.nodes]
+        last = {name: k for k, ins in enumerate(reads) for name in ins}
+        output = table.nodes[-1].name if table.nodes else "<input>"
+        self._steps = [(node, ins, tuple(n for n in dict.fromkeys(ins) if last[n] == k and n != output))
+                       for k, (node, ins) in enumerate(zip(table.nodes, reads, strict=True))]
+        # nodes whose output is a fresh tensor (not a view of, or the same tensor as, another value)
+        self._fresh = {n.name for n, ins in zip(table.nodes, reads, strict=True)
+                       if n.op in ("dense", "conv", "norm") or (n.op == "add" and len(ins) > 1)}
 
     def forward(self, x: torch.Tensor, taps: dict[str, Any] | None = None) -> torch.Tensor:
         values: dict[str, torch.Tensor] = {"<input>": x}
-        table = self.table
-        for node in table.nodes:
-            ins = [values[i] for i in table.inputs_of(node)]
+        inference = torch.is_inference_mode_enabled()  # no autograd: a ReLU may overwrite its input
+        h = x
+        for node, reads, dropped in self._steps:
+            ins = [values[i] for i in reads]
             h = ins[0]
             if node.op in ("dense", "conv", "norm", "gate"):
                 h = self._modules_by_node[node.name](h)
             elif node.op == "relu":
-                h = F.relu(h)
+                source = reads[0]
+                own = (inference and source in dropped and source in self._fresh
+                       and (taps is None or source not in taps))
+                h = F.relu(h, inplace=own)
             elif node.op == "act":
                 h = getattr(F, node.fn)(h)
             elif node.op == "flatten":
@@ -158,4 +172,6 @@ class TableNet(nn.Module):
             values[node.name] = h
             if taps is not None and node.name in taps:
                 taps[node.name] = h
+            for name in dropped:
+                del values[name]
         return h
