@@ -7,6 +7,9 @@ synthetic CIFAR-shaped images (the forward pass, not the data, is what is measur
 report gives the peak resident memory above the baseline against the two models' own size
 (``2 x d x 4`` bytes); the goal is at most 4x, and flat in the number of samples per value.
 
+A third part evaluates one model on one batch of 256 images: the activations' peak (the
+library's torch models drop each activation after its last reader).
+
 A second part collects the unit correlations of a (narrower) pair at every feature point
 over ``n`` images: streamed (``Evaluator.correlations``) against holding every activation
 (``Evaluator.features`` then ``unit_correlations``, as activation matching and the
@@ -87,6 +90,8 @@ def child(kind: str, width: float, examples: int, batch_size: int, samples: int)
         before, watcher = _rss_now(), _PeakWatcher()
         if kind == "correlations":
             ev.correlations(pair.theta_a, pair.theta_b, data, points)
+        elif kind == "evaluate":  # one model's loss on the data: the activations of one batch at a time
+            ev.evaluate(pair.theta_a, data)
         else:  # what activation matching and robustness did: every activation of both models, then correlations
             from combinability.matching import unit_correlations
 
@@ -124,6 +129,9 @@ def main(width: float = 16, examples: int = 2, batch_size: int = 2, stats_width:
         for kind in ("correlations", "features"):
             r = run(kind, stats_width, n, 32)
             print(f"  {kind:<12} n = {n:>4} images: {r['collection_peak_mib']:.0f} MiB ({r['seconds']:.0f} s)")
+    r = run("evaluate", stats_width, 256, 256)
+    print(f"one evaluation of a ResNet-20 x{stats_width:g} on 256 images in one batch: "
+          f"{r['collection_peak_mib']:.0f} MiB above the memory before it (the activations of that batch)")
 
 
 if __name__ == "__main__":
