@@ -9,7 +9,11 @@ On a CUDA device, for torch and jax and for float32 and bfloat16 forward passes
   name, see ``bench_precision.PEAK_TFLOPS``, or ``COMBINABILITY_PEAK_TFLOPS``); the goal is at
   least 0.5 in bfloat16;
 * a whole ``cb.sweep`` (16 uniform draws and the end models on 10,000 synthetic images) of the
-  MLP and Tiny-10: models per second.
+  MLP and Tiny-10: models per second;
+* weight matching of a ResNet-20 x``--matching-width`` (default 16) pair with a planted
+  permutation (``measure_matching.resnet_pair``): the reference (numpy on the CPU), the
+  library with its cost terms in numpy and on the device (``weight_matching(backend=...)``),
+  times and whether each finds the reference's permutation.
 
 Without a CUDA device it says so and exits 0, unless ``--device cpu`` asks for a smoke run
 (small sizes) of the same code on the CPU.
@@ -27,6 +31,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "benchmarks"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import bench_precision as bp  # noqa: E402
 
@@ -63,6 +68,32 @@ def sweep_figures(library: str, device: str, dtype: str, arch: str, examples: in
     return f"| sweep, {arch}, {examples} images | {library} | {dtype} | {18 / seconds:.1f} models/s | | |"
 
 
+def matching_figures(library: str, device: str, width: int) -> list[str]:
+    """Reference vs library (numpy, then cost terms on ``device``) on a planted ResNet-20 pair."""
+    import measure_matching as mm
+    import reference_rebasin as reference
+
+    spec, a, b = mm.resnet_pair(width, 3.0)[f"resnet20x{width}"]
+    be = cb.get_backend(library)
+    be = be if device == "cpu" else be.on_device(device)
+    mm._warm_up(be)  # the compiled solver, BLAS threads and the device's context, untimed
+    rows = []
+    t0 = time.perf_counter()
+    ref, sweeps = reference.weight_matching(0, spec, a, b)
+    ref_time = time.perf_counter() - t0
+    rows.append(f"| weight matching, ResNet-20 x{width} planted | reference (numpy, CPU) | | {ref_time:.2f} s | "
+                f"{sweeps} sweeps | |")
+    for where, backend in (("library (numpy, CPU)", None), (f"library ({library}, {device})", be)):
+        t0 = time.perf_counter()
+        ours = cb.weight_matching(spec, a, b, seed=0, backend=backend)
+        seconds = time.perf_counter() - t0
+        same = all(np.array_equal(ours[p], ref[p]) for p in ref)
+        rows.append(f"| weight matching, ResNet-20 x{width} planted | {where} | | {seconds:.2f} s | "
+                    f"{ours.iterations} sweeps, {ref_time / seconds:.1f}x | "
+                    f"{'same permutation' if same else 'other permutation'} |")
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda")
@@ -70,6 +101,7 @@ def main() -> None:
     parser.add_argument("--examples", type=int, default=1024)
     parser.add_argument("--sweep-examples", type=int, default=10_000)
     parser.add_argument("--backends", nargs="+", default=["torch", "jax"])
+    parser.add_argument("--matching-width", type=int, default=16, help="ResNet-20 width of the matching pair (0: none)")
     args = parser.parse_args()
     if args.device != "cpu":
         try:
@@ -84,6 +116,9 @@ def main() -> None:
             print(resnet_figures(library, args.device, dtype, args.width, args.examples), flush=True)
             for arch in ("mlp", "tiny10"):
                 print(sweep_figures(library, args.device, dtype, arch, args.sweep_examples), flush=True)
+    if args.matching_width:
+        for row in matching_figures(args.backends[0], args.device, args.matching_width):
+            print(row, flush=True)
 
 
 if __name__ == "__main__":
