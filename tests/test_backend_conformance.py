@@ -135,3 +135,11 @@ def test_torch_relu_never_overwrites_a_value_read_later():
         got = model(x)
     np.testing.assert_allclose(want.numpy(), numpy_logits, rtol=1e-5, atol=1e-5)
     np.testing.assert_array_equal(got.numpy(), want.numpy())
+
+
+def test_torch_vectorized_forward_conforms():
+    """The vmap path (several vectors per forward call, CUDA's default) against numpy, on the CPU."""
+    pytest.importorskip("torch")
+    from combinability_torch.backend import TorchBackend
+
+    check_backend(TorchBackend("cpu", vectorize=True))
