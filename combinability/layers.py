@@ -39,6 +39,7 @@ Examples
 
 from __future__ import annotations
 
+import functools
 import zlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -222,6 +223,22 @@ class LayerTable:
             return node.inputs
         i = self.nodes.index(node)
         return (self.nodes[i - 1].name,) if i else ("<input>",)
+
+    @functools.cached_property
+    def schedule(self) -> tuple[tuple[Node, tuple[str, ...], tuple[str, ...]], ...]:
+        """The forward pass as ``(node, names it reads, names no later node reads)`` in order.
+
+        An interpreter may drop the values of the third entry once the node has run, so
+        that a batch holds a few activations at a time rather than every layer's (the
+        network's output is never dropped). Computed once per table.
+        """
+        reads = []
+        for i, node in enumerate(self.nodes):
+            reads.append(node.inputs or ((self.nodes[i - 1].name,) if i else ("<input>",)))
+        last = {name: k for k, ins in enumerate(reads) for name in ins}
+        output = self.nodes[-1].name
+        return tuple((node, ins, tuple(n for n in dict.fromkeys(ins) if last[n] == k and n != output))
+                     for k, (node, ins) in enumerate(zip(self.nodes, reads, strict=True)))
 
     def shapes(self) -> dict[str, _Shape]:
         """Output shape of every node (and of ``"<input>"``), inferred in order.

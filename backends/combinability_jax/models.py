@@ -139,8 +139,8 @@ class TableNet(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False, taps: dict[str, Any] | None = None) -> jax.Array:
         values = {"<input>": jnp.transpose(x, (0, 2, 3, 1)) if x.ndim == 4 else x}
-        for node in self.table.nodes:
-            ins = [values[i] for i in self.table.inputs_of(node)]
+        for node, reads, _ in self.table.schedule:
+            ins = [values[i] for i in reads]
             h, name, k = ins[0], node.name.replace(".", "_"), node.kernel
             if node.op in ("dense", "conv") and node.fixed:
                 mask, frozen = _frozen_flax(self.table)[node.name]

@@ -130,22 +130,15 @@ class TableNet(nn.Module):
                 parent.add_module(leaf, module)
         self._modules_by_node = {n.name: self.get_submodule(n.name) for n in table.nodes
                                  if n.op in ("dense", "conv", "norm", "gate")}
-        # Each node with what it reads and the values no later node reads (dropped after it, so
-        # that a batch holds a few activations at a time, not every layer's), read once here.
-        reads = [table.inputs_of(node) for node in table.nodes]
-        last = {name: k for k, ins in enumerate(reads) for name in ins}
-        output = table.nodes[-1].name if table.nodes else "<input>"
-        self._steps = [(node, ins, tuple(n for n in dict.fromkeys(ins) if last[n] == k and n != output))
-                       for k, (node, ins) in enumerate(zip(table.nodes, reads, strict=True))]
         # nodes whose output is a fresh tensor (not a view of, or the same tensor as, another value)
-        self._fresh = {n.name for n, ins in zip(table.nodes, reads, strict=True)
+        self._fresh = {n.name for n, ins, _ in table.schedule
                        if n.op in ("dense", "conv", "norm") or (n.op == "add" and len(ins) > 1)}
 
     def forward(self, x: torch.Tensor, taps: dict[str, Any] | None = None) -> torch.Tensor:
         values: dict[str, torch.Tensor] = {"<input>": x}
         inference = torch.is_inference_mode_enabled()  # no autograd: a ReLU may overwrite its input
         h = x
-        for node, reads, dropped in self._steps:
+        for node, reads, dropped in self.table.schedule:  # each value dropped after its last reader
             ins = [values[i] for i in reads]
             h = ins[0]
             if node.op in ("dense", "conv", "norm", "gate"):
