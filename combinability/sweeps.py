@@ -90,7 +90,8 @@ def resolve_data(data: Any, splits: Sequence[str], limit: int | None,
         bad = [s for s in splits if s not in SPLITS]
         if bad:
             raise UnknownNameError(f"unknown split(s) {bad}; valid splits: {', '.join(SPLITS)}")
-    return {k: v.subset(limit) for k, v in as_datasets(data, list(splits), input_shape=input_shape).items()}
+    found = as_datasets(data, list(splits), input_shape=input_shape, limit=limit)
+    return {k: v.subset(limit) for k, v in found.items()}
 
 
 def _sampler(sampler: Sampler | str | None) -> Sampler:

@@ -145,6 +145,27 @@ def test_plugin_spec_with_callable_and_string_loaders():
         download(spec)
 
 
+def test_limit_reaches_loaders_that_take_it():
+    seen = []
+
+    def limited(split, root=None, limit=None):
+        seen.append(limit)
+        n = 4 if limit is None else min(limit, 4)  # converts only what is asked for
+        return ArrayDataset(np.arange(3 * n, dtype=np.float32).reshape(n, 3), np.arange(n) % 2, num_classes=2)
+
+    def by_keywords(split, root=None, **options):
+        seen.append(options.get("limit"))
+        return ArrayDataset(np.zeros((5, 3), np.float32), np.zeros(5, np.int64), num_classes=2)
+
+    got = load_dataset(DatasetSpec("lim", limited), "train", limit=np.int64(2))  # any integer type
+    assert len(got) == 2 and seen == [2] and type(seen[0]) is int
+    np.testing.assert_array_equal(got.x, [[0, 1, 2], [3, 4, 5]])
+    assert len(load_dataset(DatasetSpec("lim", limited), "train")) == 4 and seen[-1] is None
+    assert len(load_dataset(DatasetSpec("kw", by_keywords), "test", limit=3)) == 3 and seen[-1] == 3
+    with pytest.raises(DatasetError, match="positive integer"):
+        load_dataset(DatasetSpec("lim", limited), "train", limit=True)
+
+
 def test_download_flag_calls_downloader_then_retries():
     calls = []
 
@@ -243,6 +264,9 @@ def test_idx_loader_reads_fake_files_exactly(isolated, name, gz):
         assert ds.x.shape == (len(labels), 1, 28, 28) and (ds.name, ds.split) == (name, split)
         np.testing.assert_allclose(ds.x[:, 0] * std + mean, images / 255.0, atol=1e-6)
         np.testing.assert_array_equal(ds.y, labels)
+        first = load_dataset(name, split, root=isolated / "data", limit=3)  # only these are converted
+        np.testing.assert_allclose(first.x[:, 0] * std + mean, images[:3] / 255.0, atol=1e-6)
+        np.testing.assert_array_equal(first.y, labels[:3])
     assert load_dataset("fashion_mnist", "train", root=isolated / "data").classes[9] == "Ankle boot"
 
 
@@ -361,6 +385,11 @@ def test_cifar_reads_fake_batches_exactly(isolated, which, bytes_keys):
     # the batches folder itself as root
     ds = cifar.load_cifar(layout, "test", root=isolated / "c" / which / layout.folder)
     np.testing.assert_array_equal(ds.y, raw["test"][1])
+    data, labels = raw["train"]
+    first = load_dataset(which, "train", root=isolated / "c", limit=3)  # only these are converted
+    np.testing.assert_allclose(first.x * std[:, None, None] + mean[:, None, None],
+                               data[:3].reshape(-1, 3, 32, 32) / 255.0, atol=1e-6)
+    np.testing.assert_array_equal(first.y, labels[:3])
 
 
 def test_cifar_rejects_bad_files(isolated):

@@ -73,7 +73,7 @@ def resolve_data(pair: ModelSet, data: Any, split: str = "test", limit: int | No
     if limit is not None and (isinstance(limit, bool) or int(limit) < 1):
         raise ConfigurationError(f"limit must be a positive number of examples or None, got {limit!r}")
     shape = pair.table.data_shape if pair.table is not None else None
-    ds = as_dataset(data, split, name=name, input_shape=shape).subset(limit)
+    ds = as_dataset(data, split, name=name, input_shape=shape, limit=limit).subset(limit)
     if pair.table is not None:
         check_labels(ds, pair.table.num_classes)
     return ds

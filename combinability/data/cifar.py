@@ -275,15 +275,16 @@ def _how_to_get(layout: CifarLayout, root) -> str:
     )
 
 
-def load_cifar(layout: CifarLayout, split: str, root: str | os.PathLike | None = None) -> ArrayDataset:
-    """Load one split of the CIFAR variant described by ``layout``."""
+def load_cifar(layout: CifarLayout, split: str, root: str | os.PathLike | None = None,
+               limit: int | None = None) -> ArrayDataset:
+    """Load one split of the CIFAR variant described by ``layout`` (its first ``limit`` images)."""
     check_split(split)
     files = layout.train_files if split == "train" else layout.test_files
     found = locate_files(layout.name, (*files, layout.meta_file), root=root, subdir=layout.folder,
                          compressed_ok=False, how_to_get=_how_to_get(layout, root))
     batches = [_read_batch(found[f], layout) for f in files]
-    data = np.concatenate([b[0] for b in batches]).reshape(-1, 3, 32, 32)
-    labels = np.concatenate([b[1] for b in batches])
+    data = np.concatenate([b[0] for b in batches]).reshape(-1, 3, 32, 32)[:limit]
+    labels = np.concatenate([b[1] for b in batches])[:limit]
     mean, std = np.asarray(layout.mean), np.asarray(layout.std)
     lut = ((np.arange(256)[None, :] / 255.0 - mean[:, None]) / std[:, None]).astype(np.float32)  # (3, 256)
     x = np.empty(data.shape, dtype=np.float32)
@@ -293,17 +294,18 @@ def load_cifar(layout: CifarLayout, split: str, root: str | os.PathLike | None =
                         classes=_class_names(found[layout.meta_file], layout))
 
 
-def load_cifar10(split: str, root: str | os.PathLike | None = None) -> ArrayDataset:
+def load_cifar10(split: str, root: str | os.PathLike | None = None, limit: int | None = None) -> ArrayDataset:
     """Load one split of CIFAR-10: ``x`` of shape ``(n, 3, 32, 32)`` float32 normalised, ``y`` int64 in 0..9.
 
-    ``root`` may be the ``cifar-10-batches-py`` folder itself or a folder holding it.
+    ``root`` may be the ``cifar-10-batches-py`` folder itself or a folder holding it; ``limit``
+    keeps the first images only.
     """
-    return load_cifar(LAYOUTS["cifar10"], split, root)
+    return load_cifar(LAYOUTS["cifar10"], split, root, limit)
 
 
-def load_cifar100(split: str, root: str | os.PathLike | None = None) -> ArrayDataset:
-    """Load one split of CIFAR-100 with its 100 fine labels; ``root`` as in :func:`load_cifar10`."""
-    return load_cifar(LAYOUTS["cifar100"], split, root)
+def load_cifar100(split: str, root: str | os.PathLike | None = None, limit: int | None = None) -> ArrayDataset:
+    """Load one split of CIFAR-100 with its 100 fine labels; ``root`` and ``limit`` as in :func:`load_cifar10`."""
+    return load_cifar(LAYOUTS["cifar100"], split, root, limit)
 
 
 def download_layout(layout: CifarLayout, root: str | os.PathLike | None = None) -> Path:

@@ -58,7 +58,7 @@ def _is_loader(obj: Any) -> bool:
 
 
 def as_dataset(data: Any, split: str = "test", *, name: str = "data", num_classes: int | None = None,
-               input_shape: tuple[int, ...] | None = None) -> ArrayDataset:
+               input_shape: tuple[int, ...] | None = None, limit: int | None = None) -> ArrayDataset:
     """An :class:`ArrayDataset` from what a user passes as ``data``.
 
     Parameters
@@ -74,6 +74,9 @@ def as_dataset(data: Any, split: str = "test", *, name: str = "data", num_classe
         Default: ``max(y) + 1``.
     input_shape : tuple of int, optional
         When given, the shape every example must have (checked here, before any work).
+    limit : int, optional
+        Of a named dataset, load only the first ``limit`` examples (the loader converts
+        no more; other data is returned whole, for the caller to cut).
 
     Raises
     ------
@@ -86,7 +89,7 @@ def as_dataset(data: Any, split: str = "test", *, name: str = "data", num_classe
     elif isinstance(data, str):
         from combinability.data import load_dataset
 
-        ds = load_dataset(data, split)
+        ds = load_dataset(data, split, limit=limit)
     elif isinstance(data, ArrayDataset):
         ds = data
     else:
@@ -137,8 +140,11 @@ def _from_npz(path: str, split: str) -> ArrayDataset:
 
 
 def as_datasets(data: Any, splits: tuple[str, ...] | list[str] = ("train", "test"), *,
-                input_shape: tuple[int, ...] | None = None) -> dict[str, ArrayDataset]:
-    """``{split: ArrayDataset}`` from a name (its ``splits``), a mapping of splits, or one dataset."""
+                input_shape: tuple[int, ...] | None = None, limit: int | None = None) -> dict[str, ArrayDataset]:
+    """``{split: ArrayDataset}`` from a name (its ``splits``), a mapping of splits, or one dataset.
+
+    ``limit`` reaches the loader of a named dataset (see :func:`as_dataset`).
+    """
     if isinstance(data, str) and data.endswith(".npz"):
         with np.load(data, allow_pickle=False) as f:
             present = [s for s in splits if f"x_{s}" in f]
@@ -146,7 +152,7 @@ def as_datasets(data: Any, splits: tuple[str, ...] | list[str] = ("train", "test
             return {"test": as_dataset(data, "test", input_shape=input_shape)}
         return {s: as_dataset(data, s, input_shape=input_shape) for s in present}
     if isinstance(data, str):
-        return {s: as_dataset(data, s, input_shape=input_shape) for s in splits}
+        return {s: as_dataset(data, s, input_shape=input_shape, limit=limit) for s in splits}
     if isinstance(data, Mapping):
         return {str(k): as_dataset(v, str(k), input_shape=input_shape) for k, v in data.items()}
     ds = as_dataset(data, "test", input_shape=input_shape)

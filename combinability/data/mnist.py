@@ -104,7 +104,7 @@ def _how_to_get(name: str, root: str | os.PathLike | None) -> str:
     return "\n".join(lines)
 
 
-def _load_idx_dataset(name: str, split: str, root, classes: tuple[str, ...]) -> ArrayDataset:
+def _load_idx_dataset(name: str, split: str, root, classes: tuple[str, ...], limit: int | None = None) -> ArrayDataset:
     check_split(split)
     image_file, label_file = _FILES[split]
     found = locate_files(name, _FILES[split], root=root, how_to_get=_how_to_get(name, root))
@@ -122,6 +122,7 @@ def _load_idx_dataset(name: str, split: str, root, classes: tuple[str, ...]) -> 
         raise DatasetError(f"{image_path} holds {len(images)} images but {label_path} holds {len(labels)} labels")
     if len(labels) and int(labels.max()) >= len(classes):
         raise DatasetError(f"{label_path}: label {int(labels.max())} out of range 0..{len(classes) - 1}")
+    images, labels = images[:limit], labels[:limit]  # only the kept images are normalised
     mean, std = NORMALIZATION[name]
     lut = ((np.arange(256) / 255.0 - mean) / std).astype(np.float32)
     x = lut[images][:, None]
@@ -129,7 +130,7 @@ def _load_idx_dataset(name: str, split: str, root, classes: tuple[str, ...]) -> 
                         classes=classes)
 
 
-def load_fashion_mnist(split: str, root: str | os.PathLike | None = None) -> ArrayDataset:
+def load_fashion_mnist(split: str, root: str | os.PathLike | None = None, limit: int | None = None) -> ArrayDataset:
     """Load one split of Fashion-MNIST.
 
     Parameters
@@ -139,6 +140,8 @@ def load_fashion_mnist(split: str, root: str | os.PathLike | None = None) -> Arr
         Searched first (``root`` and ``root/fashion_mnist``), before
         ``$COMBINABILITY_DATA/fashion_mnist``, the platform cache folder
         (``~/.cache/combinability/fashion_mnist`` on Linux) and ``/usr/share/datasets/fashion-mnist``.
+    limit : int, optional
+        Keep only the first ``limit`` examples (the others are not converted to float32).
 
     Returns
     -------
@@ -152,12 +155,12 @@ def load_fashion_mnist(split: str, root: str | os.PathLike | None = None) -> Arr
     DatasetError
         A file is truncated or malformed.
     """
-    return _load_idx_dataset("fashion_mnist", split, root, FASHION_MNIST_CLASSES)
+    return _load_idx_dataset("fashion_mnist", split, root, FASHION_MNIST_CLASSES, limit)
 
 
-def load_mnist(split: str, root: str | os.PathLike | None = None) -> ArrayDataset:
+def load_mnist(split: str, root: str | os.PathLike | None = None, limit: int | None = None) -> ArrayDataset:
     """Load one split of MNIST; as :func:`load_fashion_mnist` (also searches ``/usr/share/datasets/mnist``)."""
-    return _load_idx_dataset("mnist", split, root, tuple(str(d) for d in range(10)))
+    return _load_idx_dataset("mnist", split, root, tuple(str(d) for d in range(10)), limit)
 
 
 def _download(name: str, root: str | os.PathLike | None) -> Path:

@@ -16,6 +16,8 @@ Example
 
 from __future__ import annotations
 
+import inspect
+import numbers
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
@@ -70,7 +72,9 @@ class DatasetSpec:
     loader : callable or str
         ``loader(split, root=None) -> ArrayDataset``, or the ``"module:attribute"`` of one
         (imported on first use). It reads real files and raises
-        :class:`~combinability.errors.DatasetNotFoundError` saying where it looked.
+        :class:`~combinability.errors.DatasetNotFoundError` saying where it looked. A loader
+        that also takes ``limit=`` is given the number of examples wanted (it may then
+        convert only those); the others are cut after loading.
     description : str
         One line shown by ``combinability plugins``.
     num_classes : int
@@ -94,16 +98,18 @@ class DatasetSpec:
     ) -> ArrayDataset:
         """Load one split; see :func:`load_dataset`."""
         check_split(split)
-        if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+        if limit is not None and (isinstance(limit, bool) or not isinstance(limit, numbers.Integral) or limit < 1):
             raise DatasetError(f"limit must be a positive integer or None, got {limit!r}")
+        limit = None if limit is None else int(limit)
         loader = _resolve(self.loader, "loader", self.name)
+        kwargs = {"limit": limit} if limit is not None and _takes_limit(loader) else {}
         try:
-            data = loader(split, root=root)
+            data = loader(split, root=root, **kwargs)
         except DatasetNotFoundError:
             if not download or self.downloader is None:
                 raise
             self.download(root)
-            data = loader(split, root=root)
+            data = loader(split, root=root, **kwargs)
         if not isinstance(data, ArrayDataset):
             raise PluginError(
                 f"dataset {self.name!r}: loader {self.loader!r} returned {type(data).__name__}, "
@@ -118,6 +124,16 @@ class DatasetSpec:
         if self.downloader is None:
             raise DatasetError(f"dataset {self.name!r} has nothing to download ({self.description})")
         return _resolve(self.downloader, "downloader", self.name)(root=root)
+
+
+def _takes_limit(loader: Callable[..., Any]) -> bool:
+    """Whether ``loader`` accepts a ``limit`` keyword (or any keyword)."""
+    try:
+        params = inspect.signature(loader).parameters.values()
+    except (TypeError, ValueError):  # no signature to read (some builtins)
+        return False
+    return any(p.name == "limit" and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+               or p.kind is p.VAR_KEYWORD for p in params)
 
 
 BUILTIN_DATASETS: tuple[DatasetSpec, ...] = (

@@ -158,7 +158,8 @@ def _eval_data(base: ModelSet, data: Any, splits: Sequence[str], limit: int | No
     from combinability.data.convert import as_datasets, check_labels
 
     shape = base.table.data_shape if base.table is not None else None
-    sets = {k: v.subset(limit) for k, v in as_datasets(data, list(splits), input_shape=shape).items()}
+    found = as_datasets(data, list(splits), input_shape=shape, limit=limit)
+    sets = {k: v.subset(limit) for k, v in found.items()}
     if base.table is not None and base.table.num_classes is not None:
         for ds in sets.values():
             check_labels(ds, base.table.num_classes)
