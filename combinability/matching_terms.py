@@ -14,6 +14,7 @@ assignment. The exact float64 objective and gains always read the parameters as 
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 from typing import Any
 
@@ -22,7 +23,7 @@ import numpy as np
 from combinability import assignment
 from combinability.permutation import PermutationSpec, apply_permutation
 
-__all__ = ["Term", "Problem", "HostArrays", "DeviceArrays", "matching_objective"]
+__all__ = ["Term", "Problem", "HostArrays", "DeviceArrays", "matching_objective", "dot64"]
 
 
 def matching_objective(spec: PermutationSpec, params_a: Mapping[str, Any], params_b: Mapping[str, Any],
@@ -31,8 +32,45 @@ def matching_objective(spec: PermutationSpec, params_a: Mapping[str, Any], param
     total = 0.0
     for name in spec.axes_to_perm:  # one parameter at a time: no float64 copy of a whole model
         b = apply_permutation(spec, perm, {name: params_b[name]})[name]
-        total += float(np.einsum("i,i->", np.ravel(params_a[name]), b.ravel(), dtype=np.float64))
+        total += dot64(params_a[name], b)
     return total
+
+
+def _dot64_loop(x: np.ndarray, y: np.ndarray) -> float:  # pragma: no cover - jitted
+    """``Σ x_i y_i`` of two flat arrays, each product and the sum in float64 (compiled by numba)."""
+    total = 0.0
+    for i in range(x.size):
+        total += np.float64(x[i]) * np.float64(y[i])
+    return total
+
+
+@functools.cache
+def _compiled_dot64() -> Any:
+    """:func:`_dot64_loop` compiled by numba (vectorised: it may reorder the sum), or ``None``."""
+    try:
+        import numba
+    except ImportError:
+        return None
+    compiled = numba.njit(cache=True, nogil=True, fastmath={"reassoc", "contract"})(_dot64_loop)
+    try:
+        compiled(np.zeros(2, np.float32), np.zeros(2, np.float32))
+    except Exception:  # noqa: BLE001 - any numba failure means "use numpy"
+        return None
+    return compiled
+
+
+def dot64(x: Any, y: Any) -> float:
+    """``⟨x, y⟩`` summed in float64 (a float32 product is exact in float64).
+
+    With numba, float32 and float64 arrays go through a compiled loop (about 5x faster
+    than numpy's float64 ``einsum`` over float32 inputs, which converts them in buffers);
+    other types, or without numba, through ``einsum``.
+    """
+    x, y = np.ravel(x), np.ravel(y)
+    compiled = _compiled_dot64()
+    if compiled is not None and x.dtype == y.dtype and x.dtype in (np.float32, np.float64):
+        return float(compiled(np.ascontiguousarray(x), np.ascontiguousarray(y)))
+    return float(np.einsum("i,i->", x, y, dtype=np.float64))
 
 
 def _float32_copy(x: np.ndarray, order: tuple[int, ...]) -> np.ndarray:
@@ -270,7 +308,7 @@ class Problem:
             for axis, q in enumerate(axes):
                 if q in moved:
                     b = np.take(b, perm[q], axis=axis)
-            total += float(np.einsum("i,i->", np.ravel(self.a[name]), np.ravel(b), dtype=np.float64))
+            total += dot64(self.a[name], b)
         return total
 
     def gain(self, p: str, perm: Mapping[str, np.ndarray], new: np.ndarray, cost: np.ndarray) -> float:
@@ -304,6 +342,5 @@ class Problem:
             for ax, q in enumerate(self.spec.axes_to_perm[name]):
                 if q is not None and ax != axis:
                     b_new, b_old = np.take(b_new, perm[q], axis=ax), np.take(b_old, perm[q], axis=ax)
-            total += float(np.einsum("i,i->", a_rows.ravel(), b_new.ravel(), dtype=np.float64)
-                           - np.einsum("i,i->", a_rows.ravel(), b_old.ravel(), dtype=np.float64))
+            total += dot64(a_rows, b_new) - dot64(a_rows, b_old)
         return total

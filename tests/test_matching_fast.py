@@ -311,3 +311,20 @@ def test_compiled_assignment_matches_scipy_on_large_problems(kind):
         assert sorted(x) == list(range(n))
         assert cost[np.arange(n), x].sum() == pytest.approx(cost[rows, cols].sum(), abs=1e-7)
         cost = cost + 0.05 * rng.normal(size=(n, n)) * np.abs(cost).mean()
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64, np.float16])
+def test_dot64_is_the_float64_sum_of_products(dtype):
+    import math
+
+    rng = np.random.default_rng(3)
+    x = (rng.standard_normal((37, 29)) * 10.0 ** rng.integers(-3, 4, (37, 29))).astype(dtype)
+    y = rng.standard_normal((37, 29)).astype(dtype)
+    exact = math.fsum(float(a) * float(b) for a, b in zip(x.ravel(), y.ravel(), strict=True))
+    assert matching_terms.dot64(x, y) == pytest.approx(exact, rel=1e-13, abs=1e-9)
+    assert matching_terms.dot64(x.T, y.T) == pytest.approx(exact, rel=1e-13, abs=1e-9)  # any memory order
+    assert matching_terms.dot64(x[::2], y[::2]) == pytest.approx(
+        math.fsum(float(a) * float(b) for a, b in zip(x[::2].ravel(), y[::2].ravel(), strict=True)), rel=1e-13)
+    z = x.copy()
+    z[3, 4] = np.nan
+    assert math.isnan(matching_terms.dot64(z, y))  # NaN is not optimised away
