@@ -26,8 +26,8 @@ and ``... breakdown [mlp|tiny10] [examples]``.
 
 from __future__ import annotations
 
+import argparse
 import functools
-import sys
 import tempfile
 import time
 from collections import defaultdict
@@ -224,10 +224,25 @@ def breakdown(arch: str = "mlp", examples: int | None = None) -> None:
         other = wall - sum(timers.own.values())
         print(f"  {'untimed':<12} {other:7.3f} s  {100 * other / wall:5.1f} %")
 
+def _arguments(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("what", nargs="?", default="mlp", choices=["mlp", "tiny10", "breakdown"],
+                        help="the model whose ratio to measure, or 'breakdown' (one sweep by stage)")
+    parser.add_argument("rest", nargs="*", help="ratio: [repeats] [examples]; breakdown: [mlp|tiny10] [examples]")
+    args = parser.parse_args(argv)
+    limit = 2
+    if len(args.rest) > limit:
+        parser.error(f"at most {limit} more arguments, got {args.rest}")
+    return args
+
+
 if __name__ == "__main__":
-    args = sys.argv[1:]
-    if args and args[0] == "breakdown":
-        breakdown(args[1] if len(args) > 1 else "mlp", int(args[2]) if len(args) > 2 else None)
+    args = _arguments()
+    rest = args.rest
+    if args.what == "breakdown":
+        arch = rest[0] if rest else "mlp"
+        if arch not in ("mlp", "tiny10"):
+            raise SystemExit(f"breakdown: the model is mlp or tiny10, got {arch!r}")
+        breakdown(arch, int(rest[1]) if len(rest) > 1 else None)
     else:
-        main(args[0] if args else "mlp", int(args[1]) if len(args) > 1 else 3,
-             int(args[2]) if len(args) > 2 else None)
+        main(args.what, int(rest[0]) if rest else 3, int(rest[1]) if len(rest) > 1 else None)
