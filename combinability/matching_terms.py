@@ -199,7 +199,7 @@ class Term:
                 return False
             if len(changed) == 1 and len(self.deps) == 1 and self.updates < _MAX_UPDATES:
                 ax, q, units = changed[0]
-                if 2 * len(units) < self.b_shape[ax]:
+                if len(units) < _CORRECT_FRACTION * self.b_shape[ax]:
                     self.value = self._correct(self.value, units, self.seen[q], perm[q])
                     self.seen[q] = perm[q].copy()
                     return True
@@ -218,6 +218,8 @@ class Term:
         return value
 
 
+#: A term is corrected (not recomputed) when fewer than this fraction of its dep's units moved.
+_CORRECT_FRACTION = 0.75
 #: Low-rank corrections of a cached term before it is recomputed (bounds float32 drift).
 _MAX_UPDATES = 16
 #: Moves of at most this many units (or n/16) are valued exactly, in float64.

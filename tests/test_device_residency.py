@@ -111,3 +111,35 @@ def test_matching_on_a_device_brings_back_only_the_cost_matrices(digits_pair):
     assert set(found) == set(on_host)
     for p in found:
         np.testing.assert_array_equal(found[p], on_host[p])
+
+
+@pytest.fixture(scope="module")
+def jax_pair():
+    pytest.importorskip("jax")
+    a, b = (cb.train("mlp", "digits", backend="jax", seed=s, epochs=1, width=0.25) for s in (0, 1))
+    return cb.ModelPair(a, b, backend="jax")
+
+
+def test_a_jax_sweep_reads_the_host_per_model_not_per_batch(jax_pair, test_split, monkeypatch):
+    """The same rule on jax: its host reads (``jax.device_get``, ``float``, ``.item()``, ``.tolist()``)
+    all go through an array's ``_value``, which the test records (``numpy.asarray`` of a jax array
+    does not, and is not seen)."""
+    import jax.numpy as jnp
+
+    array_type = type(jnp.zeros(1))
+    value = array_type.__dict__["_value"]
+    shapes: list[tuple[int, ...]] = []
+    monkeypatch.setattr(array_type, "_value", property(lambda self: (shapes.append(tuple(self.shape)),
+                                                                     value.__get__(self))[1]))
+
+    def reads(batch_size: int) -> list[tuple[int, ...]]:
+        shapes.clear()
+        cb.sweep(jax_pair, cb.Uniform(), data={"test": test_split}, splits=["test"], values=[0.25, 0.5],
+                 samples=3, seed=0, batch_size=batch_size)
+        return list(shapes)
+
+    one_batch, ten_batches = reads(320), reads(32)
+    assert one_batch, "the recorder saw no host read at all: it is not hooked in"
+    assert len(ten_batches) == len(one_batch)
+    d = jax_pair.layout.size
+    assert not [s for s in one_batch + ten_batches if int(np.prod(s)) >= d]

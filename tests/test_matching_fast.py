@@ -130,11 +130,13 @@ def test_cached_costs_follow_small_and_large_changes(where):
     perm = dict(cb.random_permutation(spec, a, seed=rng))
     for step in range(12):
         q = problem.names[step % len(problem.names)]
-        moved = rng.choice(len(perm[q]), size=2 if step % 3 else len(perm[q]), replace=False)
+        n = len(perm[q])
+        moved = rng.choice(n, size=(n, 2, (2 * n) // 3)[step % 3], replace=False)  # all, two, two thirds
         perm[q] = perm[q].copy()
-        perm[q][moved] = perm[q][rng.permutation(moved)]
+        perm[q][moved] = perm[q][np.roll(moved, 1)]  # every chosen unit moves
         for p in problem.names:
             np.testing.assert_allclose(problem.cost(p, perm), _cost64(spec, a, b, perm, p), rtol=1e-4, atol=1e-4)
+    assert sum(term.updates for terms in problem.terms.values() for term in terms) > 0  # corrections were taken
 
 
 @pytest.mark.parametrize("where", ARRAYS)
