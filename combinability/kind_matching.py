@@ -29,7 +29,9 @@ from typing import Any
 
 import numpy as np
 
-from combinability.kinds import Blocks, Orthogonal, expand_blocks, ones_complement
+from combinability.assignment import fast_solve_max
+from combinability.kinds import Blocks, Orthogonal, expand_blocks, invert, is_matrix, ones_complement
+from combinability.matching_terms import dot64
 from combinability.permutation import (
     Permutation,
     PermutationSpec,
@@ -43,10 +45,8 @@ __all__ = ["match_symmetries"]
 
 
 def _lap(cost: np.ndarray) -> tuple[np.ndarray, float]:
-    from scipy.optimize import linear_sum_assignment
-
-    rows, cols = linear_sum_assignment(cost, maximize=True)
-    return cols[np.argsort(rows)].astype(np.int64), float(cost[rows, cols].sum())
+    cols = fast_solve_max(cost)
+    return cols, float(cost[np.arange(len(cols)), cols].sum())
 
 
 def _procrustes(cost: np.ndarray, fix_ones: bool) -> np.ndarray:
@@ -66,7 +66,11 @@ def _offsets(spec: PermutationSpec, name: str, axis: int, sizes: Mapping[str, in
 
 def _cost(spec: PermutationSpec, p: str, a: Mapping[str, np.ndarray], b_rest: Mapping[str, np.ndarray],
           n: int, sizes: Mapping[str, int]) -> np.ndarray:
-    """``C[i, j] = Σ ⟨A unit i, B unit j⟩`` over every axis and segment bound to ``p``."""
+    """``C[i, j] = Σ ⟨A unit i, B unit j⟩`` over every axis and segment bound to ``p``.
+
+    Each product runs in the precision of A's parameter (float32 for a float32 model, as
+    in :mod:`combinability.matching_terms`; float64 for float64) and is summed in float64.
+    """
     cost = np.zeros((n, n))
     views = [(name, axis, slice(None)) for name, axis in spec.perm_to_axes.get(p, [])]
     for name, axis, k in spec.segments.get(p, []):
@@ -75,7 +79,8 @@ def _cost(spec: PermutationSpec, p: str, a: Mapping[str, np.ndarray], b_rest: Ma
     for name, axis, part in views:
         pa = np.moveaxis(a[name], axis, 0)[part].reshape(n, -1)
         pb = np.moveaxis(b_rest[name], axis, 0)[part].reshape(n, -1)
-        cost += pa.astype(np.float64) @ pb.astype(np.float64).T
+        dtype = np.float64 if pa.dtype == np.float64 else np.float32
+        cost += pa.astype(dtype, copy=False) @ pb.astype(dtype, copy=False).T
     return cost
 
 
@@ -83,15 +88,72 @@ def objective(spec: PermutationSpec, a: Mapping[str, np.ndarray], b: Mapping[str
               perm: Mapping[str, Any]) -> float:
     """``Σ ⟨θ_A, T(θ_B)⟩`` over the spec's parameters, in float64."""
     moved = apply_permutation(spec, perm, {k: b[k] for k in spec.axes_to_perm})
-    return float(sum(np.vdot(a[k].astype(np.float64), moved[k].astype(np.float64)) for k in moved))
+    return float(sum(dot64(a[k], moved[k]) for k in moved))
 
 
-def _step(spec: PermutationSpec, p: str, perm: dict[str, np.ndarray], a: Mapping[str, np.ndarray],
-          b: Mapping[str, np.ndarray], sizes: Mapping[str, int]) -> dict[str, np.ndarray]:
-    """The exact optimum of name ``p`` (with its block members, for a group), the rest held fixed."""
-    def rest(q: str) -> dict[str, np.ndarray]:
-        return apply_permutation(spec, perm, {k: b[k] for k in spec.axes_to_perm}, except_perm=q)
+def _bindings(spec: PermutationSpec) -> dict[str, list[str]]:
+    """Each name of ``spec`` to the parameters it acts on (whole axes or packed segments), in spec order."""
+    out: dict[str, list[str]] = {}
+    for name, axes in spec.axes_to_perm.items():
+        for entry in axes:
+            for q in entry if isinstance(entry, tuple) else (entry,):
+                if q is not None and name not in out.setdefault(q, []):
+                    out[q].append(name)
+    return out
 
+
+class _Transformed:
+    """B under the current transformation, parameter by parameter, with each parameter's share
+    ``⟨θ_A[k], T(θ_B)[k]⟩`` (float64) of the objective.
+
+    A step is valued on the parameters it acts on alone. A permutation is undone or changed
+    by one gather of the transformed parameter (exact); a parameter an orthogonal map acts on
+    is transformed again from B when that map changes (no rounding builds up).
+    """
+
+    def __init__(self, spec: PermutationSpec, a: Mapping[str, np.ndarray], b: Mapping[str, np.ndarray],
+                 perm: dict[str, np.ndarray], bound: Mapping[str, list[str]]) -> None:
+        self.spec, self.a, self.b, self.perm, self.bound = spec, a, b, perm, bound
+        self.moved = apply_permutation(spec, perm, {k: b[k] for k in spec.axes_to_perm}, check=False)
+        self.terms = {k: dot64(a[k], v) for k, v in self.moved.items()}
+
+    def total(self) -> float:
+        return float(sum(self.terms.values()))
+
+    def rest(self, q: str) -> dict[str, np.ndarray]:
+        """The parameters ``q`` acts on, transformed by every name but ``q``."""
+        names = self.bound.get(q, [])
+        if is_matrix(self.perm[q]):
+            return apply_permutation(self.spec, self.perm, {k: self.b[k] for k in names}, except_perm=q, check=False)
+        undo = {**self.perm, q: invert(self.perm[q])}
+        return apply_permutation(self.spec, undo, {k: self.moved[k] for k in names}, only={q}, check=False)
+
+    def trial(self, changed: Mapping[str, np.ndarray]) -> tuple[dict[str, np.ndarray], dict[str, float]]:
+        """The parameters ``changed`` acts on, and their shares, with ``changed`` in place of the current values."""
+        names = list(dict.fromkeys(k for q in changed for k in self.bound.get(q, [])))
+        if any(is_matrix(v) for v in changed.values()):
+            moved = apply_permutation(self.spec, {**self.perm, **changed}, {k: self.b[k] for k in names}, check=False)
+        else:  # position j holds B's unit perm[q][j]; it is to hold changed[q][j]
+            delta = {q: invert(self.perm[q])[np.asarray(v)] for q, v in changed.items()}
+            moved = apply_permutation(self.spec, {**self.perm, **delta}, {k: self.moved[k] for k in names},
+                                      only=set(changed), check=False)
+        return moved, {k: dot64(self.a[k], moved[k]) for k in names}
+
+    def accept(self, changed: Mapping[str, np.ndarray], moved: dict[str, np.ndarray],
+               terms: dict[str, float]) -> None:
+        self.perm.update(changed)
+        self.moved.update(moved)
+        self.terms.update(terms)
+
+
+def _step(spec: PermutationSpec, p: str, state: _Transformed, a: Mapping[str, np.ndarray],
+          sizes: Mapping[str, int]) -> dict[str, np.ndarray]:
+    """The exact optimum of name ``p`` (with its block members, for a group), the rest held fixed.
+
+    A name's cost reads only the parameters it acts on, transformed by every other name
+    (:meth:`_Transformed.rest`).
+    """
+    rest = state.rest
     kind = spec.kind(p)
     if isinstance(kind, Orthogonal):
         return {p: _procrustes(_cost(spec, p, a, rest(p), sizes[p], sizes), kind.fix_ones)}
@@ -130,6 +192,7 @@ def match_symmetries(spec: PermutationSpec, a: Mapping[str, np.ndarray], b: Mapp
     spec.check_requirements(a)
     spec.check_requirements(b)
     steps = [p for p in sizes if not isinstance(spec.kind(p), Blocks)]
+    bound = _bindings(spec)
     best: Permutation | None = None
     for run in range(restarts + 1):
         if run == 0 and init is not None:
@@ -139,21 +202,25 @@ def match_symmetries(spec: PermutationSpec, a: Mapping[str, np.ndarray], b: Mapp
             perm = dict(identity_permutation(sizes, spec))
         else:
             perm = dict(random_permutation(spec, a, np.random.default_rng([seed, run, 1])))
-        value = objective(spec, a, b, perm)
+        state = _Transformed(spec, a, b, perm, bound)
+        value = state.total()
         history = [value]
         sweeps = 0
         for sweep in range(max_iter):
             sweeps = sweep + 1
             improved = False
             for k in np.random.default_rng([seed, run, sweep]).permutation(len(steps)):
-                trial = dict(perm)
-                trial.update(_step(spec, steps[k], perm, a, b, sizes))
-                new = objective(spec, a, b, trial)
-                if new > value + tol * max(1.0, abs(value)):
-                    perm, value, improved = trial, new, True
+                changed = _step(spec, steps[k], state, a, sizes)
+                moved, terms = state.trial(changed)
+                gain = float(sum(terms[name] - state.terms[name] for name in terms))
+                if gain > tol * max(1.0, abs(value)):
+                    state.accept(changed, moved, terms)
+                    value += gain
+                    improved = True
             history.append(value)
             if not improved:
                 break
+        perm, value = state.perm, state.total()  # each share exact for the final transformation
         if best is None or value > best.objective:
             best = Permutation(perm, objective=value, history=history, iterations=sweeps, method="weight")
     if best is None:  # pragma: no cover - restarts >= 0 guarantees one run

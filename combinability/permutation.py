@@ -20,7 +20,7 @@ every kind.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Collection, Iterator, Mapping
 from functools import cached_property
 from types import MappingProxyType
 from typing import Any
@@ -434,6 +434,8 @@ def apply_permutation(
     params: Mapping[str, Any],
     *,
     except_perm: str | None = None,
+    check: bool = True,
+    only: Collection[str] | None = None,
 ) -> dict[str, np.ndarray]:
     """Transform ``params`` by ``perm`` (permutations gather, orthogonal maps multiply along their axes).
 
@@ -446,13 +448,22 @@ def apply_permutation(
         Parameters not listed in the spec are returned unchanged.
     except_perm : str, optional
         Leave the axes of this name untransformed (used inside weight matching).
+    check : bool, default True
+        Refuse an orthogonal map on unfolded norms (:meth:`PermutationSpec.check_requirements`,
+        which needs every norm parameter in ``params``); weight matching checks once, then
+        transforms a few parameters at a time without it.
+    only : collection of str, optional
+        Transform the axes of these names alone (``perm`` need not hold the others).
 
     Returns
     -------
     dict of str to numpy.ndarray
         New arrays (inputs are not modified), in the order of ``params``.
     """
-    if any(np.ndim(perm[p]) == 2 for p in perm if p != except_perm):
+    def skip(p: str) -> bool:
+        return p == except_perm or (only is not None and p not in only)
+
+    if check and any(np.ndim(perm[p]) == 2 for p in perm if not skip(p)):
         spec.check_requirements(params)
     out: dict[str, np.ndarray] = {}
     for name, value in params.items():
@@ -467,9 +478,9 @@ def apply_permutation(
                 if isinstance(p, tuple):
                     sizes = _segment_sizes(p, perm, arr.shape[axis], name)
                     pieces = np.split(arr, np.cumsum(sizes)[:-1], axis=axis)
-                    arr = np.concatenate([piece if q == except_perm else _act(q, perm, piece, axis, name)
+                    arr = np.concatenate([piece if skip(q) else _act(q, perm, piece, axis, name)
                                           for q, piece in zip(p, pieces, strict=True)], axis=axis)
-                elif p is not None and p != except_perm:
+                elif p is not None and not skip(p):
                     arr = _act(p, perm, arr, axis, name)
         out[name] = arr
     return out

@@ -315,6 +315,28 @@ def test_compiled_assignment_matches_scipy_on_large_problems(kind):
         cost = cost + 0.05 * rng.normal(size=(n, n)) * np.abs(cost).mean()
 
 
+@pytest.mark.parametrize(("n", "kind"), [(1, "gram"), (7, "integers"), (300, "gram"), (300, "integers")])
+def test_fast_solve_max_reaches_scipys_maximum(n, kind):
+    """The cold maximum assignment (numba when installed, else scipy) is a permutation with
+    scipy's optimal total, ties included; a non-square matrix goes to scipy."""
+    from scipy.optimize import linear_sum_assignment
+
+    rng = np.random.default_rng(n)
+    if kind == "gram":
+        a = rng.normal(size=(n, 16))
+        cost = a @ (a[rng.permutation(n)] + rng.normal(size=(n, 16))).T
+    else:
+        cost = rng.integers(0, 3, size=(n, n)).astype(np.float32)
+    cols = assignment.fast_solve_max(cost)
+    rows, best = linear_sum_assignment(cost, maximize=True)
+    assert sorted(cols.tolist()) == list(range(n))
+    assert float(cost[np.arange(n), cols].sum()) == pytest.approx(float(cost[rows, best].sum()), rel=1e-12)
+    wide = rng.normal(size=(3, 5))
+    cols = assignment.fast_solve_max(wide)
+    rows, best = linear_sum_assignment(wide, maximize=True)
+    np.testing.assert_array_equal(cols, best[np.argsort(rows)])
+
+
 @pytest.mark.parametrize("dtype", [np.float32, np.float64, np.float16])
 def test_dot64_is_the_float64_sum_of_products(dtype):
     import math

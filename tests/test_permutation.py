@@ -156,3 +156,17 @@ def test_random_specs_apply_inverse_compose(sizes, seed):
     x = rng.normal(size=(3, sizes[0]))
     np.testing.assert_allclose(ref.mlp_forward(cb.apply_permutation(spec, p, params), x, n_layers),
                                ref.mlp_forward(params, x, n_layers), rtol=1e-12, atol=1e-12)
+
+
+def test_apply_only_some_names_leaves_the_other_axes_as_they_are():
+    """``only=`` transforms the axes of the names given and no others (packed segments too)."""
+    rng = np.random.default_rng(3)
+    spec = PermutationSpec({"w": ("P", ("Q", "R")), "v": ("R", None)})
+    params = {"w": rng.normal(size=(4, 5)), "v": rng.normal(size=(3, 2))}
+    perm = {"P": rng.permutation(4), "Q": rng.permutation(2), "R": rng.permutation(3)}
+    identity = {"P": np.arange(4), "Q": np.arange(2), "R": np.arange(3)}
+    for names in (["P"], ["R"], ["Q", "R"]):
+        expected = cb.apply_permutation(spec, {**identity, **{q: perm[q] for q in names}}, params)
+        got = cb.apply_permutation(spec, perm, params, only=set(names))
+        for k in params:
+            np.testing.assert_array_equal(got[k], expected[k])

@@ -189,3 +189,36 @@ class WeightMatchingLarge:
 
     def time_weight_matching_x16(self, cache, matcher):
         match(self.spec, self.a, self.b, matcher)
+
+
+class WeightMatchingTransformer:
+    """Two randomly initialised ViTs (d 256, 8 heads, depth 4, MLP 512; 2.1M parameters), their
+    symmetries traced by torch.fx: attention heads as blocks, FFN permutations and an orthogonal
+    residual stream, matched by coordinate ascent (:mod:`combinability.kind_matching`)."""
+
+    timeout = 600
+
+    def setup_cache(self):
+        try:
+            import torch
+            from combinability_torch.transformers import TinyViT
+        except ImportError as exc:  # the torch backend is an optional install
+            raise NotImplementedError(f"needs the torch backend: {exc}") from None
+        models = []
+        for seed in (0, 1):
+            torch.manual_seed(seed)
+            models.append(TinyViT(d_model=256, depth=4, heads=8, mlp=512))
+        pair = cb.ModelPair(*models, example_input=torch.randn(4, 1, 28, 28))
+        return pair.spec.to_json(), pair.params(0), pair.params(1)
+
+    def setup(self, cache):
+        spec, self.a, self.b = cache
+        self.spec = cb.PermutationSpec.from_json(spec)
+
+    def time_weight_matching_vit(self, cache):
+        cb.weight_matching(self.spec, self.a, self.b, seed=0)
+
+    def track_sweeps_vit(self, cache):
+        return cb.weight_matching(self.spec, self.a, self.b, seed=0).iterations
+
+    track_sweeps_vit.unit = "sweeps"
