@@ -102,6 +102,27 @@ def _bindings(spec: PermutationSpec) -> dict[str, list[str]]:
     return out
 
 
+def _readers(spec: PermutationSpec, steps: list[str]) -> dict[str, set[str]]:
+    """Each step to the names whose values its optimum reads.
+
+    A name's cost reads, of every parameter it acts on, its own axis (or segment) with the
+    *other* axes transformed: so the names acting on those other axes, for the step's name
+    and, for a block group, its members.
+    """
+    across: dict[str, set[str]] = {}
+    for axes in spec.axes_to_perm.values():
+        on_axis = [{q for q in (entry if isinstance(entry, tuple) else (entry,)) if q is not None} for entry in axes]
+        for x, names in enumerate(on_axis):
+            others = set().union(*(on_axis[y] for y in range(len(axes)) if y != x))
+            for q in names:
+                across.setdefault(q, set()).update(others)
+    out = {}
+    for p in steps:
+        own = [p] + [m for m, kind in spec.kinds.items() if isinstance(kind, Blocks) and kind.group == p]
+        out[p] = set().union(*(across.get(o, set()) for o in own))
+    return out
+
+
 class _Transformed:
     """B under the current transformation, parameter by parameter, with each parameter's share
     ``⟨θ_A[k], T(θ_B)[k]⟩`` (float64) of the objective.
@@ -193,6 +214,7 @@ def match_symmetries(spec: PermutationSpec, a: Mapping[str, np.ndarray], b: Mapp
     spec.check_requirements(b)
     steps = [p for p in sizes if not isinstance(spec.kind(p), Blocks)]
     bound = _bindings(spec)
+    readers = _readers(spec, steps)
     best: Permutation | None = None
     for run in range(restarts + 1):
         if run == 0 and init is not None:
@@ -206,10 +228,14 @@ def match_symmetries(spec: PermutationSpec, a: Mapping[str, np.ndarray], b: Mapp
         value = state.total()
         history = [value]
         sweeps = 0
+        stale = set(steps)  # steps whose inputs changed since they were last taken
         for sweep in range(max_iter):
             sweeps = sweep + 1
             improved = False
             for k in np.random.default_rng([seed, run, sweep]).permutation(len(steps)):
+                if steps[k] not in stale:
+                    continue  # the same inputs give the same optimum, already taken or refused
+                stale.discard(steps[k])
                 changed = _step(spec, steps[k], state, a, sizes)
                 moved, terms = state.trial(changed)
                 gain = float(sum(terms[name] - state.terms[name] for name in terms))
@@ -217,6 +243,7 @@ def match_symmetries(spec: PermutationSpec, a: Mapping[str, np.ndarray], b: Mapp
                     state.accept(changed, moved, terms)
                     value += gain
                     improved = True
+                    stale.update(s for s in steps if readers[s] & changed.keys())
             history.append(value)
             if not improved:
                 break
