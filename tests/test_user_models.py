@@ -208,3 +208,26 @@ def test_layer_based_experiments_and_figures_use_the_traced_layers(tmp_path):
     plots.plot_sweep(stitched, tmp_path / "stitch.png")
     plots.plot_edge_lengths(edges, tmp_path / "edges.png")
     assert (tmp_path / "stitch.png").stat().st_size > 10_000 and (tmp_path / "edges.png").stat().st_size > 10_000
+
+
+class TiedAutoencoder(nn.Module):
+    """An encoder and a decoder sharing one weight tensor (tied weights)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.enc, self.dec = nn.Linear(6, 6, bias=False), nn.Linear(6, 6, bias=False)
+        self.mid, self.out = nn.Linear(6, 8), nn.Linear(8, 6)
+        self.dec.weight = self.enc.weight
+
+    def forward(self, x):
+        return self.dec(self.out(torch.relu(self.mid(self.enc(x)))))
+
+
+def test_tied_weights_are_refused_with_their_names_before_any_evaluation():
+    torch.manual_seed(0)
+    models = [TiedAutoencoder() for _ in range(2)]
+    spec = cb.PermutationSpec({"mid.weight": ("H", None), "mid.bias": ("H",), "out.weight": (None, "H")})
+    pair = cb.ModelPair(*models, spec=spec)
+    x, y = np.random.default_rng(0).normal(size=(20, 6)).astype(np.float32), np.arange(20) % 6
+    with pytest.raises(cb.LayoutError, match="ties parameters enc.weight = dec.weight"):
+        cb.sweep(pair, cb.Uniform(), data=(x, y), values=[0.5], samples=1)
