@@ -92,14 +92,11 @@ def objective(spec: PermutationSpec, a: Mapping[str, np.ndarray], b: Mapping[str
 
 
 def _bindings(spec: PermutationSpec) -> dict[str, list[str]]:
-    """Each name of ``spec`` to the parameters it acts on (whole axes or packed segments), in spec order."""
+    """Each name of ``spec`` to the parameters it acts on (whole axes or packed segments)."""
     out: dict[str, list[str]] = {}
-    for name, axes in spec.axes_to_perm.items():
-        for entry in axes:
-            for q in entry if isinstance(entry, tuple) else (entry,):
-                if q is not None and name not in out.setdefault(q, []):
-                    out[q].append(name)
-    return out
+    for q, entries in (*spec.perm_to_axes.items(), *spec.segments.items()):
+        out.setdefault(q, []).extend(entry[0] for entry in entries)
+    return {q: list(dict.fromkeys(names)) for q, names in out.items()}
 
 
 def _readers(spec: PermutationSpec, steps: list[str]) -> dict[str, set[str]]:

@@ -453,7 +453,7 @@ def apply_permutation(
         which needs every norm parameter in ``params``); weight matching checks once, then
         transforms a few parameters at a time without it.
     only : collection of str, optional
-        Transform the axes of these names alone (``perm`` need not hold the others).
+        Transform the axes of these names alone (``perm`` still gives the sizes of packed segments).
 
     Returns
     -------
