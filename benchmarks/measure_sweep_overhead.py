@@ -89,7 +89,7 @@ def _setup(arch: str, examples: int | None) -> tuple[Any, ...]:
 
 def main(arch: str = "mlp", repeats: int = 3, examples: int | None = None) -> None:
     test, pair, model, ta, tb = _setup(arch, examples)
-    x, y = torch.from_numpy(test.x), torch.from_numpy(test.y)
+    x, y = torch.tensor(test.x), torch.tensor(test.y)
     bare, lib = [], []
     def run_bare() -> None:
         t0 = time.perf_counter()
@@ -123,7 +123,7 @@ def non_forward_shares(pair: Any, model: torch.nn.Module, ta: torch.Tensor, tb: 
     """
     from combinability_torch.models import TableNet
 
-    x, y = torch.from_numpy(test.x), torch.from_numpy(test.y)
+    x, y = torch.tensor(test.x), torch.tensor(test.y)
     clock = [0.0]
     t0 = time.perf_counter()
     bare_loop(model, ta, tb, x, y, DRAWS, S, clock=clock)

@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None) -> None:
             model, _ = build(name, geometry, vocab=len(vocab) if vocab is not None else 0)
             model.load_state_dict(load_file(args.models / f"{name}_seed{seed}.safetensors"))
             models.append(model.eval())
-        pair = cb.ModelPair(*models, example_input=torch.from_numpy(x[:16]))
+        pair = cb.ModelPair(*models, example_input=torch.tensor(x[:16]))
         start = time.perf_counter()
         ds = symmetry_comparison(pair, {"test": (x, y)}, samplers=[cb.Linear(), cb.Uniform()],
                                  values={"linear": list(np.linspace(0, 1, 11)), "uniform": [0.5]}, samples=4,

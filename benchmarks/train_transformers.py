@@ -98,7 +98,7 @@ def evaluate(model: nn.Module, x: np.ndarray, y: np.ndarray, batch: int = 500) -
     model.eval()
     total, correct, count = 0.0, 0.0, 0
     for s in range(0, len(x), batch):
-        xb, yb = torch.from_numpy(x[s : s + batch]), torch.from_numpy(y[s : s + batch]).reshape(-1)
+        xb, yb = torch.tensor(x[s : s + batch]), torch.tensor(y[s : s + batch]).reshape(-1)
         logits = model(xb)
         total += float(F.cross_entropy(logits, yb, reduction="sum"))
         correct += float((logits.argmax(-1) == yb).sum())

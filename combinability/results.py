@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 import xarray as xr
 
+from combinability.digests import memoized
 from combinability.errors import CorruptFileError, IncompatibleVersionError
 from combinability.files import atomic_path
 
@@ -140,15 +141,25 @@ def annotate(ds: xr.Dataset, labels: Mapping[str, Mapping[str, str]] | None = No
 
 
 def data_digest(x: Any, y: Any = None) -> str:
-    """SHA-256 of the examples (and labels) actually evaluated: shape, dtype and bytes."""
-    h = hashlib.sha256()
-    for arr in (x, y):
-        if arr is None:
-            continue
-        arr = np.ascontiguousarray(np.asarray(arr))
-        h.update(f"{arr.dtype.str}{arr.shape}".encode())
-        h.update(memoryview(arr).cast("B"))
-    return h.hexdigest()
+    """SHA-256 of the examples (and labels) actually evaluated: shape, dtype and bytes.
+
+    Computed once for read-only arrays (:mod:`combinability.digests`), as the datasets
+    :func:`~combinability.data.load_dataset` returns.
+    """
+
+    def compute() -> str:
+        h = hashlib.sha256()
+        for arr in (x, y):
+            if arr is None:
+                continue
+            arr = np.ascontiguousarray(np.asarray(arr))
+            h.update(f"{arr.dtype.str}{arr.shape}".encode())
+            h.update(memoryview(arr).cast("B"))
+        return h.hexdigest()
+
+    if all(arr is None or isinstance(arr, np.ndarray) for arr in (x, y)):
+        return memoized("sha256", (x, y), compute)
+    return compute()
 
 
 def data_identity(ds: Any, *, split: bool = True) -> dict[str, Any]:

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from combinability.digests import freeze, memoized
 from combinability.errors import (
     ConfigurationError,
     IncompatibleModelsError,
@@ -40,8 +41,15 @@ __all__ = ["ModelSet", "fingerprint", "infer_backend"]
 
 
 def fingerprint(theta: np.ndarray) -> str:
-    """A short content hash of a flat vector (for provenance and resume checks)."""
-    return hashlib.blake2b(np.ascontiguousarray(theta).tobytes(), digest_size=8).hexdigest()
+    """A short content hash of a flat vector (for provenance and resume checks).
+
+    Computed once for a read-only vector (:mod:`combinability.digests`), as a set's own.
+    """
+
+    def compute() -> str:
+        return hashlib.blake2b(memoryview(np.ascontiguousarray(theta)).cast("B"), digest_size=8).hexdigest()
+
+    return memoized("blake2b-8", (theta,), compute) if isinstance(theta, np.ndarray) else compute()
 
 
 def _first_difference(a: PermutationSpec, b: PermutationSpec) -> str:
@@ -192,7 +200,8 @@ class ModelSet:
     def _init(self, **fields: Any) -> None:
         for k, v in fields.items():
             object.__setattr__(self, k, v)
-        self.thetas = tuple(self.thetas)
+        # read-only: a set is immutable, and its vectors' fingerprints are then hashed once
+        self.thetas = tuple(freeze(t) if isinstance(t, np.ndarray) else t for t in self.thetas)
         self.transforms = tuple(self.transforms)
         self.models = tuple(self.models)
 

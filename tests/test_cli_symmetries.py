@@ -56,7 +56,7 @@ def test_writes_the_comparison_of_two_checkpoints_and_reuses_it(tmp_path, vit_ch
     for value, ckpt in ((0.0, vit_checkpoints[0]), (1.0, vit_checkpoints[1])):
         model = cb.load_model(ckpt, backend="torch")
         with torch.no_grad():
-            logits = model(torch.from_numpy(test.x)).numpy()
+            logits = model(torch.tensor(test.x)).numpy()
         assert float(path.sel(value=value)) == pytest.approx(_cross_entropy(logits, test.y), rel=1e-4)
 
     stamp = out.stat().st_mtime_ns

@@ -44,7 +44,7 @@ def _plain_logits(backend: str, checkpoint: Path, x: np.ndarray) -> np.ndarray:
         model = TinyViT(**GEOMETRY)
         model.load_state_dict({k: torch.from_numpy(v) for k, v in arrays.items()})
         with torch.no_grad():
-            return model.eval()(torch.from_numpy(x)).numpy()
+            return model.eval()(torch.tensor(x)).numpy()
     from combinability_jax.transformers import TinyViT
     from flax.traverse_util import unflatten_dict
 
@@ -133,7 +133,7 @@ def test_a_plugins_factory_architecture_trains_saves_and_reloads(tmp_path, facto
     model = cb.train("factory_net", data, seed=3, checkpoint=ckpt)
     assert model[1].out_features == 16  # default width 2 reached the factory
     loaded = cb.load_model(ckpt, backend="torch")
-    x = torch.from_numpy(load_dataset("digits", "test", limit=16).x)
+    x = torch.tensor(load_dataset("digits", "test", limit=16).x)
     with torch.no_grad():
         np.testing.assert_array_equal(loaded(x).numpy(), model(x).numpy())
     stamp = ckpt.stat().st_mtime_ns

@@ -111,7 +111,7 @@ def test_reset_equals_torch_training_mode_statistics_with_momentum_none():
             module.reset_running_stats()
             module.momentum = None  # cumulative average: with one batch, the exact statistics
     with torch.no_grad():
-        ref(torch.from_numpy(data.x))
+        ref(torch.tensor(data.x))
     want = {k: v.numpy() for k, v in ref.state_dict().items()}
     for node in table.norm_nodes():
         for buf in ("running_mean", "running_var"):

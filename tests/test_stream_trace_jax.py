@@ -209,7 +209,7 @@ def test_the_torch_and_flax_tracers_agree_on_the_twins(case):
     torch_model, flax_module, x = _Twin.pair(case)
     import torch
 
-    torch_spec, torch_folds = cb.get_backend("torch").symmetries(torch_model.eval(), torch.from_numpy(x))
+    torch_spec, torch_folds = cb.get_backend("torch").symmetries(torch_model.eval(), torch.tensor(x))
     tstate = {k: v.numpy() for k, v in torch_model.state_dict().items()}
     variables = torch_to_flax(tstate)
     flax_spec, flax_folds = JAX.symmetries((flax_module, variables), x)

@@ -87,15 +87,15 @@ def test_user_pair_sweeps_with_arrays_tensors_and_a_dataloader():
     x, y = digits.x[:200], digits.y[:200]
     kw = dict(values=[0.0, 0.5], splits=["test"])
     from_numpy = cb.sweep(pair, cb.Linear(), data=(x, y), **kw)
-    from_torch = cb.sweep(pair, cb.Linear(), data=(torch.from_numpy(x), torch.from_numpy(y)), **kw)
-    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.from_numpy(x), torch.from_numpy(y)),
+    from_torch = cb.sweep(pair, cb.Linear(), data=(torch.tensor(x), torch.tensor(y)), **kw)
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.tensor(x), torch.tensor(y)),
                                          batch_size=64)
     from_loader = cb.sweep(pair, cb.Linear(), data=loader, **kw)
     np.testing.assert_array_equal(from_numpy["loss"].values, from_torch["loss"].values)
     np.testing.assert_array_equal(from_numpy["loss"].values, from_loader["loss"].values)
     with torch.no_grad():
-        logits = a(torch.from_numpy(x)).double()
-    want = F.cross_entropy(logits, torch.from_numpy(y)).item()
+        logits = a(torch.tensor(x)).double()
+    want = F.cross_entropy(logits, torch.tensor(y)).item()
     assert float(from_numpy["loss"].values[0, 0, 0]) == pytest.approx(want, rel=1e-5)
     assert from_numpy["loss"].dims == ("split", "lam", "sample")
     feats = cb.ModelPair(a, b, example_input=x[:4]).align("activation", data=(x, y))
@@ -179,7 +179,7 @@ def test_cli_sweeps_plain_state_dicts_of_a_user_class(tmp_path, monkeypatch, cap
     net0 = usernets.Net().eval()
     net0.load_state_dict(torch.load(tmp_path / "net0.pt"))
     with torch.no_grad():
-        want = F.cross_entropy(net0(torch.from_numpy(digits.x[:100])).double(), torch.from_numpy(digits.y[:100]))
+        want = F.cross_entropy(net0(torch.tensor(digits.x[:100])).double(), torch.tensor(digits.y[:100]))
     assert float(ds["loss_a"].sel(alignment="aligned", split="test")) == pytest.approx(want.item(), rel=1e-5)
     torch.save(nn.Linear(3, 2).state_dict(), tmp_path / "other.pt")
     capsys.readouterr()

@@ -61,4 +61,8 @@ class ArrayDataset:
             idx = np.arange(n)
         else:
             idx = np.sort(np.random.default_rng(seed).choice(len(self), size=n, replace=False))
-        return ArrayDataset(self.x[idx], self.y[idx], self.num_classes, self.name, self.split, self.classes)
+        x, y = self.x[idx], self.y[idx]  # copies: read-only as their source, so their digest is computed once
+        for source, part in ((self.x, x), (self.y, y)):
+            if isinstance(source, np.ndarray) and not source.flags.writeable:
+                part.flags.writeable = False
+        return ArrayDataset(x, y, self.num_classes, self.name, self.split, self.classes)

@@ -24,8 +24,11 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from combinability.architecture import load_object
 from combinability.data.base import ArrayDataset
+from combinability.digests import freeze
 from combinability.errors import DatasetError, DatasetNotFoundError, PluginError, UnknownNameError
 from combinability.hookspecs import hookimpl
 
@@ -265,7 +268,11 @@ def load_dataset(
     DatasetError
         The files are truncated or malformed.
     """
-    return get_spec(name, registry).load(split, root, limit=limit, download=download)
+    ds = get_spec(name, registry).load(split, root, limit=limit, download=download)
+    for array in (ds.x, ds.y):  # the dataset's own arrays: read-only, so that their digest is computed once
+        if isinstance(array, np.ndarray):
+            freeze(array, views=True)
+    return ds
 
 
 def download(
