@@ -26,6 +26,7 @@ import numpy as np
 from combinability.backend import bound_forward
 from combinability.errors import ConfigurationError, DatasetError, LayoutError
 from combinability.hookspecs import Registration, hookimpl
+from combinability.host_memory import keep_freed_memory
 
 if TYPE_CHECKING:
     from combinability.backend import Backend, Prepared
@@ -215,6 +216,7 @@ class Evaluator:
         self.metrics = tuple(get_logit_metric(m) for m in metrics)
         self.prepared = prepared if prepared is not None else backend.prepare(model, layout)
         self._data = device_data(backend)
+        keep_freed_memory()  # every batch's activations reuse the memory of the last (host_memory)
 
     def _stack(self, flats: Any) -> Any:
         be, xp = self.backend, self.backend.xp()

@@ -24,6 +24,7 @@ import numpy as np
 
 from combinability.assignment import linear_sum_assignment
 from combinability.errors import AlignmentError, ConfigurationError, IncompatibleModelsError, PermutationSpecError
+from combinability.host_memory import keep_freed_memory
 from combinability.matching_terms import Problem, matching_objective
 from combinability.permutation import (
     Permutation,
@@ -260,6 +261,7 @@ def weight_matching(
                 f"parameter {name!r} has shape {np.shape(params_a[name])} in model A but "
                 f"{np.shape(params_b[name])} in model B: the models differ in architecture or width"
             )
+    keep_freed_memory()  # the gathers and cost matrices of every step reuse the memory of the last
     a = _as_float_params(spec, params_a, "A")
     b = _as_float_params(spec, params_b, "B")
     if not spec.is_plain:  # heads, experts, orthogonal streams, packed axes

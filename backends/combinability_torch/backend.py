@@ -288,7 +288,8 @@ class TorchBackend(Backend):
     def asarray(self, array: Any, dtype: Any = None) -> torch.Tensor:
         if not isinstance(array, torch.Tensor):
             array = np.asarray(array)
-            array = torch.from_numpy(array if array.flags.writeable else array.copy())
+            # a read-only array (a loaded dataset, a set's vectors) is copied into torch's own memory
+            array = torch.from_numpy(array) if array.flags.writeable else torch.tensor(array)
         return array.to(self.torch_device, None if dtype is None else torch_dtype(dtype))
 
     def to_numpy(self, array: Any) -> np.ndarray:
