@@ -83,7 +83,7 @@ def test_evaluating_several_vectors_reads_per_chunk_not_per_batch(digits_pair, t
 
     backend = TorchBackend("cpu", vectorize=vectorize)
     model = digits_pair.models[0]
-    thetas = torch.stack([torch.as_tensor(digits_pair.theta_a), torch.as_tensor(digits_pair.theta_b)] * 2)
+    thetas = torch.stack([torch.tensor(digits_pair.theta_a), torch.tensor(digits_pair.theta_b)] * 2)
     counts = []
     for batch_size in (320, 40):
         evaluator = Evaluator(backend, model, digits_pair.layout, batch_size=batch_size, vectors=4)
