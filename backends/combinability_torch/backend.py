@@ -358,9 +358,12 @@ class TorchBackend(Backend):
         return TorchPrepared(self, model, layout)
 
     def cross_entropy(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        lead, classes = logits.shape[:-1], logits.shape[-1]
-        labels = y.expand(lead).reshape(-1)
-        return F.cross_entropy(logits.float().reshape(-1, classes), labels, reduction="none").reshape(lead)
+        # log Σ exp − the label's logit: on the CPU twice as fast as F.cross_entropy over few classes
+        # (whose log-softmax runs along the short class axis), the same to float32 rounding
+        lead = logits.shape[:-1]
+        logits = logits.float()
+        labels = y.expand(lead).unsqueeze(-1)
+        return torch.logsumexp(logits, dim=-1) - torch.gather(logits, -1, labels).squeeze(-1)
 
     def augment(self, x: torch.Tensor, matrices: torch.Tensor) -> torch.Tensor:
         grid = F.affine_grid(matrices.to(x.dtype), list(x.shape), align_corners=False)
