@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["is_frozen", "freeze", "memoized"]
+__all__ = ["is_frozen", "freeze", "memoized", "in_numpy_memory"]
 
 _memo: dict[tuple[Any, ...], tuple[tuple[weakref.ref, ...], str]] = {}
 _lock = threading.Lock()
@@ -50,6 +50,19 @@ def is_frozen(array: Any) -> bool:
             return False
         base = base.base
     return base is None or isinstance(base, bytes)
+
+
+def in_numpy_memory(array: np.ndarray) -> bool:
+    """True when the memory under ``array`` was allocated by numpy (not a ``bytes`` object or a file map).
+
+    Such memory can be shared with a framework (``torch.from_numpy``) even when the array is
+    read-only: the flag, not the memory, forbids writing. The library never writes into the
+    tensors it makes of its inputs.
+    """
+    base = array
+    while isinstance(base, np.ndarray):
+        base = base.base
+    return base is None
 
 
 def freeze(array: np.ndarray, *, views: bool = False) -> np.ndarray:

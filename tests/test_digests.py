@@ -107,3 +107,24 @@ def test_loaded_datasets_their_subsets_and_a_sets_vectors_are_read_only() -> Non
     assert all(digests.is_frozen(t) for t in pair.thetas)
     assert pair.fingerprints()["theta_a"] == hashlib.blake2b(pair.thetas[0].tobytes(), digest_size=8).hexdigest()
     assert fingerprint(pair.thetas[1]) == hashlib.blake2b(pair.thetas[1].tobytes(), digest_size=8).hexdigest()
+
+
+def test_torch_shares_a_read_only_vector_without_a_warning_and_copies_bytes() -> None:
+    """A set's read-only vectors reach torch without a copy (a copy would double a sweep's end
+    models in memory); memory numpy did not allocate is copied, never aliased."""
+    import warnings
+
+    torch = pytest.importorskip("torch")
+    from combinability.plugins import get_backend
+
+    be = get_backend("torch")
+    theta = digests.freeze(np.arange(12, dtype=np.float32))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        tensor = be.asarray(theta)
+    assert tensor.data_ptr() == theta.ctypes.data
+    assert torch.equal(tensor, torch.arange(12, dtype=torch.float32))
+    raw = np.frombuffer(np.arange(3, dtype=np.float32).tobytes(), np.float32)
+    assert not digests.in_numpy_memory(raw)
+    copied = be.asarray(raw)
+    assert copied.data_ptr() != raw.ctypes.data and copied.tolist() == [0.0, 1.0, 2.0]

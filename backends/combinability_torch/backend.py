@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import functools
+import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
@@ -21,6 +22,7 @@ from torch import nn
 from torch.func import functional_call, vmap
 
 from combinability.backend import Backend
+from combinability.digests import in_numpy_memory
 from combinability.errors import LayoutError, TracingError, UnknownNameError
 from combinability.layers import LayerTable
 from combinability.layout import FlatLayout, check_names
@@ -54,6 +56,23 @@ class TorchRandom:
     def uniform(self, shape: int | tuple[int, ...], dtype: Any = None) -> torch.Tensor:
         shape = (shape,) if isinstance(shape, int | np.integer) else tuple(int(s) for s in shape)
         return torch.rand(shape, generator=self.generator, device=self.device, dtype=torch_dtype(dtype))
+
+
+def _from_numpy(array: np.ndarray) -> torch.Tensor:
+    """A tensor sharing ``array``'s memory where numpy allocated it, else a copy.
+
+    A read-only array of the library's (a loaded dataset, a set's flat vectors) is shared
+    as a writable one is, without torch's warning about non-writable arrays: nothing here
+    writes into it, and copying a set's vectors would double the memory of a sweep's end
+    models. Memory numpy did not allocate (``bytes``, a read-only file map) is copied.
+    """
+    if array.flags.writeable:
+        return torch.from_numpy(array)
+    if not in_numpy_memory(array):
+        return torch.tensor(array)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable", category=UserWarning)
+        return torch.from_numpy(array)
 
 
 def _views(flat: torch.Tensor, layout: FlatLayout) -> dict[str, torch.Tensor]:
@@ -288,8 +307,7 @@ class TorchBackend(Backend):
     def asarray(self, array: Any, dtype: Any = None) -> torch.Tensor:
         if not isinstance(array, torch.Tensor):
             array = np.asarray(array)
-            # a read-only array (a loaded dataset, a set's vectors) is copied into torch's own memory
-            array = torch.from_numpy(array) if array.flags.writeable else torch.tensor(array)
+            array = _from_numpy(array)
         return array.to(self.torch_device, None if dtype is None else torch_dtype(dtype))
 
     def to_numpy(self, array: Any) -> np.ndarray:
