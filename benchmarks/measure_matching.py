@@ -23,6 +23,10 @@ Pairs:
 Without numba the library solves each assignment with scipy, like the reference; with
 it (``pip install numba``), warm-started from the last solve.
 
+Both matchers' processes run with the library's allocator settings
+(:mod:`combinability.host_memory`; the warm-up's library call sets them), so that
+neither pays fresh pages for memory the other would reuse.
+
 ``--backend torch`` keeps the library's cost terms on torch's device (a GPU when there is
 one; see ``weight_matching(backend=...)``); the reference stays numpy on the CPU.
 
