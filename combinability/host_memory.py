@@ -17,7 +17,9 @@ and tcmalloc do by default, and what PyTorch's CPU performance guide gets by pre
 them. The process's resident memory then stays near its peak instead of falling back
 after each batch. Larger blocks are still mapped and unmapped each time.
 
-The library calls it when it evaluates or matches on the CPU. It does nothing where the
+The library calls it when it first evaluates (:class:`combinability.evaluation.Evaluator`)
+or matches weights (:func:`combinability.weight_matching`), whatever the device: the host's
+share of the work is what it speeds up. It does nothing where the
 C library has no ``mallopt`` (macOS, musl), changes nothing under another allocator
 preloaded (jemalloc, tcmalloc: glibc's settings then govern no allocation), and is
 skipped when the environment sets ``COMBINABILITY_KEEP_FREED_MEMORY=0``.
@@ -26,7 +28,6 @@ skipped when the environment sets ``COMBINABILITY_KEEP_FREED_MEMORY=0``.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import logging
 import os
 import threading
@@ -51,14 +52,14 @@ _done: bool | None = None  # None: not tried yet; then whether the thresholds we
 
 
 def _mallopt() -> object | None:
-    """glibc's ``mallopt``, or ``None`` where the C library has none."""
-    name = ctypes.util.find_library("c")
-    if name is None:
-        return None
+    """glibc's ``mallopt``, or ``None`` where the C library has none.
+
+    Looked up among the symbols the process already has (``dlopen(NULL)``): no search for
+    the library file, which would start ``ldconfig``.
+    """
     try:
-        libc = ctypes.CDLL(name)
-        fn = libc.mallopt
-    except (OSError, AttributeError):
+        fn = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError, TypeError):
         return None
     fn.argtypes, fn.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
     return fn
