@@ -143,3 +143,38 @@ def test_torch_vectorized_forward_conforms():
     from combinability_torch.backend import TorchBackend
 
     check_backend(TorchBackend("cpu", vectorize=True))
+
+
+@pytest.mark.parametrize("vectorize", [True, False], ids=["vmap", "loop"])
+def test_jax_forward_conforms_vmapped_and_looped(vectorize):
+    """Both ways of running several vectors per call (jax.vmap, a loop) against numpy."""
+    pytest.importorskip("jax")
+    from combinability_jax.backend import JaxBackend
+
+    check_backend(JaxBackend(vectorize=vectorize))
+
+
+@pytest.mark.parametrize(("architecture", "shape", "vmapped"), [("mlp", (1, 8, 8), True),
+                                                                  ("tiny10", (1, 8, 8), False)])
+def test_jax_loops_over_vectors_of_a_convolutional_model_on_the_cpu(architecture, shape, vmapped):
+    """On the CPU the jax backend vmaps dense models and loops over a convolutional one's vectors
+    (XLA's vmapped convolutions run several times slower there); both give each vector's own logits."""
+    jax = pytest.importorskip("jax")
+    from combinability_jax.backend import JaxBackend
+
+    from combinability.evaluation import Evaluator
+
+    be = JaxBackend(jax.devices("cpu")[0])
+    model = build_model(architecture, backend="jax", width=0.125, num_classes=3, input_shape=shape, seed=0)
+    state = {k: v for k, v in be.state(model).items() if np.issubdtype(v.dtype, np.floating)}
+    layout = FlatLayout.from_arrays(state)
+    rng = np.random.default_rng(0)
+    flats = np.stack([layout.flatten(state) * s for s in (1.0, 0.5, -0.7)]).astype(np.float32)
+    x = be.asarray(rng.normal(size=(5, *shape)).astype(np.float32))
+    together = be.to_numpy(Evaluator(be, model, layout, batch_size=5, vectors=3).logits(flats, x))
+    one_by_one = [be.to_numpy(Evaluator(be, model, layout, batch_size=5, vectors=1).logits(f, x))[0] for f in flats]
+    np.testing.assert_allclose(together, np.stack(one_by_one), rtol=1e-5, atol=1e-6)
+    assert not np.allclose(one_by_one[0], one_by_one[1])  # the vectors differ, so a mix-up would show
+    evaluator = Evaluator(be, model, layout, batch_size=5, vectors=3)
+    evaluator.logits(flats, x)
+    assert evaluator.prepared._vmap_on_cpu is vmapped

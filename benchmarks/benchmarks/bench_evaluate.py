@@ -1,8 +1,10 @@
 """Evaluating one model (one flat vector on 2,000 / 500 examples), per backend and device.
 
-``TorchLoopOrVmap`` keeps the comparison the backend's choice rests on: on this CPU the
-plain loop over vectors wins or ties for the MLP and clearly wins for conv nets, so the
-torch backend loops on CPU and vmaps on CUDA.
+``LoopOrVmap`` keeps the comparison the backends' choices rest on, on the CPU: for torch the
+plain loop over vectors wins or ties for the MLP and clearly wins for conv nets, so the torch
+backend loops on the CPU and vmaps on CUDA; for jax, vmap ties for the MLP (0.9-1.4x) and loses
+badly for conv nets (Tiny-10: 4.8-5.5x slower), so the jax backend vmaps on the CPU unless the
+forward pass has a convolution, and always on an accelerator.
 """
 
 import numpy as np
@@ -74,22 +76,29 @@ class EvaluateOneGPUMemory:
     track_gpu_peak_memory.unit = "bytes"
 
 
-class TorchLoopOrVmap:
-    """Eight vectors per forward call (``Evaluator(vectors=8)``), torch's loop against vmap, on the CPU."""
+class LoopOrVmap:
+    """Eight vectors per forward call (``Evaluator(vectors=8)``), a loop against vmap, on the CPU."""
 
-    params = (["mlp", "tiny10"], [False, True])
-    param_names = ["architecture", "vectorize"]
+    params = (["mlp", "tiny10"], BACKENDS, [False, True])
+    param_names = ["architecture", "backend", "vectorize"]
     timeout = 300
 
-    def setup(self, architecture, vectorize):
-        require("torch")
-        from combinability_torch.backend import TorchBackend
+    def setup(self, architecture, library, vectorize):
+        require(library)
+        if library == "torch":
+            from combinability_torch.backend import TorchBackend
 
-        be = TorchBackend("cpu", vectorize=vectorize)
+            be = TorchBackend("cpu", vectorize=vectorize)
+        else:
+            import jax
+            from combinability_jax.backend import JaxBackend
+
+            be = JaxBackend(jax.devices("cpu")[0], vectorize=vectorize)
         self.data = synthetic(EXAMPLES[architecture])
         model, layout, base = model_and_layout(be, architecture)
         self.evaluator = Evaluator(be, model, layout, batch_size=500, vectors=8)
         self.flats = be.asarray(np.stack([base * (1 + 0.01 * k) for k in range(8)]))
+        self.evaluator.evaluate(self.flats, self.data)  # compile (jax)
 
-    def time_evaluate_8_vectors(self, architecture, vectorize):
+    def time_evaluate_8_vectors(self, architecture, library, vectorize):
         self.evaluator.evaluate(self.flats, self.data)
