@@ -170,11 +170,12 @@ def test_jax_loops_over_vectors_of_a_convolutional_model_on_the_cpu(architecture
     layout = FlatLayout.from_arrays(state)
     rng = np.random.default_rng(0)
     flats = np.stack([layout.flatten(state) * s for s in (1.0, 0.5, -0.7)]).astype(np.float32)
-    x = be.asarray(rng.normal(size=(5, *shape)).astype(np.float32))
+    x = be.asarray(rng.normal(size=(9, *shape)).astype(np.float32))
+    # batches of 5 and 4 (the short one padded to 5 and cut back) against one batch of 9
     together = be.to_numpy(Evaluator(be, model, layout, batch_size=5, vectors=3).logits(flats, x))
-    one_by_one = [be.to_numpy(Evaluator(be, model, layout, batch_size=5, vectors=1).logits(f, x))[0] for f in flats]
+    one_by_one = [be.to_numpy(Evaluator(be, model, layout, batch_size=9, vectors=1).logits(f, x))[0] for f in flats]
     np.testing.assert_allclose(together, np.stack(one_by_one), rtol=1e-5, atol=1e-6)
     assert not np.allclose(one_by_one[0], one_by_one[1])  # the vectors differ, so a mix-up would show
     evaluator = Evaluator(be, model, layout, batch_size=5, vectors=3)
-    evaluator.logits(flats, x)
+    assert evaluator.logits(flats, x).shape == (3, 9, 3)
     assert evaluator.prepared._vmap_on_cpu is vmapped

@@ -10,7 +10,7 @@ vectors; a short last batch is padded to a batch size already compiled (at most 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import flax
@@ -130,13 +130,26 @@ class JaxPrepared:
         return jnp.pad(x, ((0, size - n),) + ((0, 0),) * (x.ndim - 1)) if size > n else x
 
     def forward(self, flats: jax.Array, x: jax.Array) -> jax.Array:
-        with _precision(self.backend.precision):
-            x = self._padded(x)
-            if flats.shape[0] == 1 or self._vmapped(flats, x):
-                out = self._forward(flats, self.rest, x)
-            else:  # one vector after the other (see JaxBackend's ``vectorize``)
-                out = jnp.stack([self._forward_one(flats[i], self.rest, x) for i in range(flats.shape[0])])
-        return out if out.shape[1] == x.shape[0] else out[:, :x.shape[0]]
+        with self.bind(flats) as forward:
+            return forward(x)
+
+    @contextlib.contextmanager
+    def bind(self, flats: jax.Array) -> Iterator[Callable[[jax.Array], jax.Array]]:
+        """``forward(x)`` of ``flats`` for many batches (:func:`combinability.backend.bound_forward`):
+        vmapped over the vectors, or one vector after the other, each vector sliced out once."""
+        rows: list[jax.Array] = []
+
+        def forward(x: jax.Array) -> jax.Array:
+            with _precision(self.backend.precision):
+                padded = self._padded(x)
+                if flats.shape[0] > 1 and self._vmapped(flats, padded):
+                    out = self._forward(flats, self.rest, padded)
+                else:  # one vector after the other (see JaxBackend's ``vectorize``); one vector never vmapped
+                    rows[:] = rows or [flats[i] for i in range(flats.shape[0])]
+                    out = jnp.stack([self._forward_one(row, self.rest, padded) for row in rows])
+            return out if out.shape[1] == x.shape[0] else out[:, :x.shape[0]]
+
+        yield forward
 
     def _vmapped(self, flats: jax.Array, x: jax.Array) -> bool:
         """Whether several vectors run in one vmapped call: the backend's ``vectorize``, else (``None``)
