@@ -20,8 +20,14 @@ library's stages and prints where the time goes: the forward pass, drawing, comb
 writing (the result stream), and bookkeeping (everything else: planning, keys, provenance, the
 loop). Timers nest: each stage's time excludes the stages it calls.
 
-Run: ``.venv/bin/python benchmarks/measure_sweep_overhead.py [mlp|tiny10] [repeats] [examples]``
-and ``... breakdown [mlp|tiny10] [examples]``.
+``--backend jax`` compares ``cb.sweep`` on the jax backend with the bare jax loop a researcher
+would write: ``jax.random.uniform`` draws, the flat vector unravelled into the flax parameters
+(``jax.flatten_util.ravel_pytree``) inside one jitted function that returns a batch's summed
+loss and correct count (the ratio only: jax dispatches asynchronously, so its forward calls
+cannot be timed apart).
+
+Run: ``.venv/bin/python benchmarks/measure_sweep_overhead.py [mlp|tiny10] [repeats] [examples]
+[--backend jax]`` and ``... breakdown [mlp|tiny10] [examples]``.
 """
 
 from __future__ import annotations
@@ -72,6 +78,74 @@ def bare_loop(model: torch.nn.Module, theta_a: torch.Tensor, theta_b: torch.Tens
                 correct += float((logits.argmax(1) == y[i:i + batch]).sum())
             out.append((loss / len(x), correct / len(x)))
     return out
+
+
+def bare_jax_loop(stats: Callable[..., Any], theta_a: Any, theta_b: Any, x: Any, y: Any, draws: int, s: float,
+                  batch: int = 1000) -> list[tuple[float, float]]:
+    """The jax loop a researcher would write: ``stats(theta, x, y)`` is a jitted (summed loss, correct count)."""
+    import jax
+
+    out = []
+    key = jax.random.PRNGKey(0)
+    delta = theta_b - theta_a
+    for k in range(draws + 2):
+        if k < 2:
+            theta = (theta_a, theta_b)[k]
+        else:
+            key, sub = jax.random.split(key)
+            theta = theta_a + ((0.5 - s) + 2 * s * jax.random.uniform(sub, theta_a.shape)) * delta
+        loss = correct = 0.0
+        for i in range(0, len(x), batch):
+            batch_loss, batch_correct = stats(theta, x[i:i + batch], y[i:i + batch])
+            loss += float(batch_loss)
+            correct += float(batch_correct)
+        out.append((loss / len(x), correct / len(x)))
+    return out
+
+
+def main_jax(arch: str = "mlp", repeats: int = 3, examples: int | None = None) -> None:
+    """:func:`main`'s ratio for the jax backend against :func:`bare_jax_loop`."""
+    import jax
+    import jax.numpy as jnp
+    from jax.flatten_util import ravel_pytree
+
+    test = load_dataset("fashion_mnist", "test").subset(examples)
+    width = 1.0 if arch == "mlp" else 0.5
+    a, b = (build_model(arch, backend="jax", width=width, input_shape=test.input_shape, seed=s) for s in (0, 1))
+    pair = cb.ModelPair(a, b, backend="jax")
+    theta_a, unravel = ravel_pytree(a.variables["params"])
+    theta_b, _ = ravel_pytree(b.variables["params"])
+    rest = {k: v for k, v in a.variables.items() if k != "params"}
+
+    @jax.jit
+    def stats(theta: Any, xb: Any, yb: Any) -> tuple[Any, Any]:
+        logits = a.module.apply({"params": unravel(theta), **rest}, xb, train=False)
+        loss = jnp.sum(jax.nn.logsumexp(logits, axis=1) - jnp.take_along_axis(logits, yb[:, None], 1)[:, 0])
+        return loss, jnp.sum(jnp.argmax(logits, axis=1) == yb)
+
+    x, y = jnp.asarray(test.x), jnp.asarray(test.y)
+    bare, lib = [], []
+    kwargs = dict(data={"test": test}, splits=["test"], values=[S], samples=DRAWS, seed=0)
+
+    def run_bare() -> None:
+        t0 = time.perf_counter()
+        bare_jax_loop(stats, theta_a, theta_b, x, y, DRAWS, S)
+        bare.append(time.perf_counter() - t0)
+
+    def run_lib() -> None:
+        t0 = time.perf_counter()
+        cb.sweep(pair, cb.Uniform(), **kwargs)
+        lib.append(time.perf_counter() - t0)
+
+    run_bare(), run_lib()  # compile both (not timed)
+    bare.clear(), lib.clear()
+    for r in range(repeats):
+        for run in ((run_bare, run_lib) if r % 2 == 0 else (run_lib, run_bare)):
+            run()
+    tb_, tl = min(bare), min(lib)
+    print(f"{arch} (jax): bare loop {tb_:.2f} s, cb.sweep {tl:.2f} s for {DRAWS} draws on {len(x)} examples; "
+          f"throughput ratio (sweep / bare) {tb_ / tl:.3f}  "
+          f"[bare runs {np.round(bare, 2)}, sweep runs {np.round(lib, 2)}]")
 
 
 def _setup(arch: str, examples: int | None) -> tuple[Any, ...]:
@@ -231,6 +305,7 @@ def _arguments(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("what", nargs="?", default="mlp", choices=["mlp", "tiny10", "breakdown"],
                         help="the model whose ratio to measure, or 'breakdown' (one sweep by stage)")
     parser.add_argument("rest", nargs="*", help="ratio: [repeats] [examples]; breakdown: [mlp|tiny10] [examples]")
+    parser.add_argument("--backend", default="torch", choices=["torch", "jax"], help="the ratio's backend")
     args = parser.parse_args(argv)
     limit = 2
     if len(args.rest) > limit:
@@ -247,4 +322,5 @@ if __name__ == "__main__":
             raise SystemExit(f"breakdown: the model is mlp or tiny10, got {arch!r}")
         breakdown(arch, int(rest[1]) if len(rest) > 1 else None)
     else:
-        main(args.what, int(rest[0]) if rest else 3, int(rest[1]) if len(rest) > 1 else None)
+        ratio = main_jax if args.backend == "jax" else main
+        ratio(args.what, int(rest[0]) if rest else 3, int(rest[1]) if len(rest) > 1 else None)

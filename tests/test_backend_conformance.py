@@ -179,3 +179,34 @@ def test_jax_loops_over_vectors_of_a_convolutional_model_on_the_cpu(architecture
     evaluator = Evaluator(be, model, layout, batch_size=5, vectors=3)
     assert evaluator.logits(flats, x).shape == (3, 9, 3)
     assert evaluator.prepared._vmap_on_cpu is vmapped
+
+
+def test_jax_compiles_a_model_once_for_every_evaluator_of_it():
+    """A sweep's Evaluator, the next sweep's, an analysis's: one compiled forward pass per live model,
+    dropped with the model."""
+    jax = pytest.importorskip("jax")
+    import gc
+    import weakref
+
+    from combinability_jax import backend as jax_backend
+
+    from combinability.evaluation import Evaluator
+
+    be = jax_backend.JaxBackend(jax.devices("cpu")[0])
+    model = build_model("mlp", backend="jax", width=1 / 64, num_classes=3, input_shape=(6,), seed=0)
+    state = {k: v for k, v in be.state(model).items() if np.issubdtype(v.dtype, np.floating)}
+    layout = FlatLayout.from_arrays(state)
+    data = random_inputs((6,), 3, n=7, seed=0)
+    flat = layout.flatten(state)
+    first, second = (Evaluator(be, model, layout, batch_size=7) for _ in range(2))
+    scores = [ev.evaluate(flat, data)[0].loss for ev in (first, second)]
+    assert first.prepared.program is second.prepared.program
+    assert first.prepared.program.forward_one._cache_size() == 1  # compiled once, for both
+    assert scores[0] == scores[1]
+    bf16 = Evaluator(be.with_compute_dtype("bfloat16"), model, layout, batch_size=7)
+    assert bf16.prepared.program is not first.prepared.program  # another compute type, another program
+    alive, program = weakref.ref(model), weakref.ref(first.prepared.program)
+    del model, first, second, bf16
+    gc.collect()
+    assert alive() is None
+    assert program() is None  # the model's compiled program went with it

@@ -10,6 +10,7 @@ vectors; a short last batch is padded to a batch size already compiled (at most 
 from __future__ import annotations
 
 import contextlib
+import weakref
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
@@ -20,6 +21,7 @@ import numpy as np
 
 from combinability.backend import Backend
 from combinability.errors import ConfigurationError, IncompatibleModelsError, UnknownNameError
+from combinability.evaluation import cross_entropy
 from combinability.layers import LayerTable
 from combinability.layout import FlatLayout, check_names
 from combinability_jax.models import FlaxModel, TableNet, flatten_variables, unflatten_variables
@@ -46,55 +48,51 @@ def _precision(precision: str | None) -> contextlib.AbstractContextManager:
     return jax.default_matmul_precision(precision) if precision else contextlib.nullcontext()
 
 
-class JaxPrepared:
-    """:class:`~combinability.backend.Prepared` for one flax model and layout."""
+class _Program:
+    """The pure functions of one flax model over one layout, jit-compiled once per model.
 
-    def __init__(self, backend: JaxBackend, model: FlaxModel, layout: FlatLayout) -> None:
-        state = backend.state(model)
-        check_names({k: v.shape for k, v in state.items()}, {e.name: e.shape for e in layout.entries},
-                  f"the layout does not fit the {model!r}", missing=False)
-        self.backend, self.module, self.table = backend, model.module, model.table
+    Holds no arrays (the model's other variables and the flat vectors are arguments), so that
+    the compiled functions can be kept for as long as the model lives and shared by every
+    :class:`JaxPrepared` of it: a sweep, a study's next sweep, an analysis, without compiling
+    the model again (a Tiny-10 forward pass takes about a second to compile on a CPU).
+    """
+
+    def __init__(self, model: FlaxModel, state: Mapping[str, Any], layout: FlatLayout, compute_dtype: str) -> None:
+        self.module, self.table, self.compute_dtype = model.module, model.table, compute_dtype
         self.user = model.table is not None and not isinstance(model.module, TableNet)
         trains = isinstance(model.module, TableNet) or bool(train_kwargs(model.module, True))
         self.kwargs = lambda train: {"train": train} if trains else {}
         self.names = model.table.flax_names() if model.table is not None else {k: k for k in state}
-        self.points = {n.name for n in model.table.nodes} if model.table is not None else None
-        covered = {self.names[e.name] for e in layout.entries}
-        self.rest = {k: v for k, v in flatten_variables(model.variables).items() if k not in covered}
         self.entries = tuple((e.name, e.offset, e.stop, e.shape, jax.dtypes.canonicalize_dtype(e.dtype))
                              for e in layout.entries)
         self.mutable = [c for c in model.variables if c != "params"]
-        trained = [self.names[e.name].startswith("params/") for e in layout.entries]
-        self.mask = backend.asarray(np.repeat(trained, [e.size for e in layout.entries]).astype(layout.dtype))
-        self._sizes: set[int] = set()
-        self._forward = jax.jit(jax.vmap(self._apply, in_axes=(0, None, None)))
-        self._forward_one = jax.jit(self._apply)
-        self._vmap_on_cpu: bool | None = None  # see _vmapped
-        self._features = jax.jit(self._taps, static_argnums=3)
-        self._value_and_grad = jax.jit(self._step, static_argnums=5)
+        self.forward = jax.jit(jax.vmap(self.apply, in_axes=(0, None, None)))
+        self.forward_one = jax.jit(self.apply)
+        self.features = jax.jit(self.taps, static_argnums=3)
+        self.value_and_grad = jax.jit(self.step, static_argnums=5)
 
-    def _variables(self, flat: jax.Array, rest: dict[str, jax.Array]) -> dict[str, Any]:
+    def variables(self, flat: jax.Array, rest: dict[str, jax.Array]) -> dict[str, Any]:
         views = {name: flat[a:b].reshape(shape).astype(dt) for name, a, b, shape, dt in self.entries}
         named = self.table.to_flax(views, xp=jnp) if self.table is not None else views
         return unflatten_variables({**rest, **{k: v for k, v in named.items() if not k.startswith("counters/")}})
 
-    def _lowered(self, variables: Any, x: jax.Array) -> tuple[Any, jax.Array]:
+    def lowered(self, variables: Any, x: jax.Array) -> tuple[Any, jax.Array]:
         """Floating variables and input cast to the backend's compute type (a no-op for float32)."""
-        if self.backend.compute_dtype == "float32":
+        if self.compute_dtype == "float32":
             return variables, x
-        dt = jnp.dtype(self.backend.compute_dtype)
+        dt = jnp.dtype(self.compute_dtype)
 
         def cast(v: jax.Array) -> jax.Array:
             return v.astype(dt) if jnp.issubdtype(v.dtype, jnp.floating) else v
 
         return jax.tree_util.tree_map(cast, variables), cast(x)
 
-    def _apply(self, flat: jax.Array, rest: dict[str, jax.Array], x: jax.Array) -> jax.Array:
-        variables, x = self._lowered(self._variables(flat, rest), x)
+    def apply(self, flat: jax.Array, rest: dict[str, jax.Array], x: jax.Array) -> jax.Array:
+        variables, x = self.lowered(self.variables(flat, rest), x)
         return self.module.apply(variables, x, **self.kwargs(False)).astype(jnp.float32)
 
-    def _taps(self, flat: jax.Array, rest: dict[str, jax.Array], x: jax.Array, points: tuple[str, ...]) -> dict:
-        variables, x = self._lowered(self._variables(flat, rest), x)
+    def taps(self, flat: jax.Array, rest: dict[str, jax.Array], x: jax.Array, points: tuple[str, ...]) -> dict:
+        variables, x = self.lowered(self.variables(flat, rest), x)
         if self.user:
             out = trace_taps(self.module, variables, x, points)
             return {p: jnp.transpose(v, (0, 3, 1, 2)) if v.ndim == 4 else v for p, v in out.items()}
@@ -110,10 +108,10 @@ class JaxPrepared:
                                    f"{sorted(found)[:40]}")
         return {p: found[p] for p in points}
 
-    def _step(self, flat: jax.Array, rest: dict, mask: jax.Array, x: jax.Array, y: jax.Array,
+    def step(self, flat: jax.Array, rest: dict, mask: jax.Array, x: jax.Array, y: jax.Array,
               loss: Callable[[Any, Any], Any]) -> tuple[jax.Array, jax.Array, jax.Array]:
         def value(p: jax.Array) -> tuple[jax.Array, Any]:
-            logits, updates = self.module.apply(self._variables(p, rest), x, mutable=self.mutable,
+            logits, updates = self.module.apply(self.variables(p, rest), x, mutable=self.mutable,
                                                 **self.kwargs(True))
             return loss(logits, y), flatten_variables(updates)
 
@@ -121,6 +119,38 @@ class JaxPrepared:
         pieces = [updates[self.names[name]].reshape(-1).astype(flat.dtype) if self.names[name] in updates
                   else flat[a:b] for name, a, b, _, _ in self.entries]
         return val, grad * mask, jnp.concatenate(pieces) if pieces else flat
+
+
+#: The compiled programs of each live model, by layout and compute type (see :class:`_Program`).
+_PROGRAMS: weakref.WeakKeyDictionary[FlaxModel, dict[tuple, _Program]] = weakref.WeakKeyDictionary()
+
+
+def _program(model: FlaxModel, state: Mapping[str, Any], layout: FlatLayout, compute_dtype: str) -> _Program:
+    """``model``'s :class:`_Program` for ``layout`` and ``compute_dtype``: built once, then reused."""
+    entries = tuple((e.name, e.offset, e.stop, tuple(e.shape), str(e.dtype)) for e in layout.entries)
+    programs = _PROGRAMS.setdefault(model, {})
+    key = (entries, compute_dtype)
+    if key not in programs:
+        programs[key] = _Program(model, state, layout, compute_dtype)
+    return programs[key]
+
+
+class JaxPrepared:
+    """:class:`~combinability.backend.Prepared` for one flax model and layout."""
+
+    def __init__(self, backend: JaxBackend, model: FlaxModel, layout: FlatLayout) -> None:
+        state = backend.state(model)
+        check_names({k: v.shape for k, v in state.items()}, {e.name: e.shape for e in layout.entries},
+                  f"the layout does not fit the {model!r}", missing=False)
+        self.backend, self.table = backend, model.table
+        self.program = program = _program(model, state, layout, backend.compute_dtype)
+        self.points = {n.name for n in model.table.nodes} if model.table is not None else None
+        covered = {program.names[e.name] for e in layout.entries}
+        self.rest = {k: v for k, v in flatten_variables(model.variables).items() if k not in covered}
+        trained = [program.names[e.name].startswith("params/") for e in layout.entries]
+        self.mask = backend.asarray(np.repeat(trained, [e.size for e in layout.entries]).astype(layout.dtype))
+        self._sizes: set[int] = set()
+        self._vmap_on_cpu: bool | None = None  # see _vmapped
 
     def _padded(self, x: jax.Array) -> jax.Array:
         """``x`` padded with zeros to a batch size already compiled, if one is at most twice its own."""
@@ -143,10 +173,10 @@ class JaxPrepared:
             with _precision(self.backend.precision):
                 padded = self._padded(x)
                 if flats.shape[0] > 1 and self._vmapped(flats, padded):
-                    out = self._forward(flats, self.rest, padded)
+                    out = self.program.forward(flats, self.rest, padded)
                 else:  # one vector after the other (see JaxBackend's ``vectorize``); one vector never vmapped
                     rows[:] = rows or [flats[i] for i in range(flats.shape[0])]
-                    out = jnp.stack([self._forward_one(row, self.rest, padded) for row in rows])
+                    out = jnp.stack([self.program.forward_one(row, self.rest, padded) for row in rows])
             return out if out.shape[1] == x.shape[0] else out[:, :x.shape[0]]
 
         yield forward
@@ -159,7 +189,7 @@ class JaxPrepared:
         if self.backend.platform != "cpu":
             return True
         if self._vmap_on_cpu is None:
-            jaxpr = jax.make_jaxpr(self._apply)(flats[0], self.rest, x[:1])
+            jaxpr = jax.make_jaxpr(self.program.apply)(flats[0], self.rest, x[:1])
             self._vmap_on_cpu = "conv_general_dilated" not in _primitives(jaxpr.jaxpr)
         return self._vmap_on_cpu
 
@@ -169,13 +199,19 @@ class JaxPrepared:
             raise UnknownNameError(f"unknown feature point(s) {missing}; this model's points are: "
                                    f"{list(self.table.feature_points())}")
         with _precision(self.backend.precision):
-            out = self._features(flat, self.rest, self._padded(x), tuple(points))
+            out = self.program.features(flat, self.rest, self._padded(x), tuple(points))
         return {p: v if v.shape[0] == x.shape[0] else v[:x.shape[0]] for p, v in out.items()}
 
     def value_and_grad(self, flat: jax.Array, x: jax.Array, y: jax.Array,
                        loss: Callable[[Any, Any], Any]) -> tuple[jax.Array, jax.Array, jax.Array]:
         with _precision(self.backend.train_precision):
-            return self._value_and_grad(flat, self.rest, self.mask, x, y, loss)
+            return self.program.value_and_grad(flat, self.rest, self.mask, x, y, loss)
+
+
+@jax.jit
+def _cross_entropy(logits: jax.Array, y: jax.Array) -> jax.Array:
+    """:func:`combinability.evaluation.cross_entropy` compiled (per shape)."""
+    return cross_entropy(jnp, logits, y)
 
 
 def _primitives(jaxpr: Any) -> set[str]:
@@ -398,6 +434,10 @@ class JaxBackend(Backend):
 
     def prepare(self, model: Any, layout: FlatLayout) -> JaxPrepared:
         return JaxPrepared(self, self._model(model), layout)
+
+    def cross_entropy(self, logits: jax.Array, y: jax.Array) -> jax.Array:
+        # the core's definition, compiled into one kernel: run eagerly it dispatched seven
+        return _cross_entropy(logits, y)
 
     def augment(self, x: jax.Array, matrices: jax.Array) -> jax.Array:
         return _resample(x, matrices)
