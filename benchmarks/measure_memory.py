@@ -60,8 +60,8 @@ class _PeakWatcher:
         return max(self.peak, _rss_now())
 
 
-def child(kind: str, width: float, examples: int, batch_size: int, samples: int) -> dict:
-    """One measurement in this process; prints and returns a JSON record."""
+def child(kind: str, width: float, examples: int, batch_size: int, samples: int, backend: str = "torch") -> dict:
+    """One measurement in this process (models of ``backend``); prints and returns a JSON record."""
     import numpy as np
     import torch
 
@@ -73,9 +73,13 @@ def child(kind: str, width: float, examples: int, batch_size: int, samples: int)
     rng = np.random.default_rng(0)
     data = ArrayDataset(rng.normal(size=(examples, 3, 32, 32)).astype(np.float32), rng.integers(0, 10, examples),
                         num_classes=10, name="noise", split="test")
+    if backend == "jax":
+        import jax
+
+        jax.numpy.zeros(1).block_until_ready()  # the runtime's own memory in the baseline
     baseline = _rss_now()
-    models = [build_model("resnet20", backend="torch", width=width, input_shape=(3, 32, 32), seed=s) for s in (0, 1)]
-    pair = cb.ModelPair(*models)
+    models = [build_model("resnet20", backend=backend, width=width, input_shape=(3, 32, 32), seed=s) for s in (0, 1)]
+    pair = cb.ModelPair(*models, backend=backend)
     model_bytes = 2 * pair.layout.size * 4
     t0 = time.perf_counter()
     if kind == "sweep":
@@ -99,7 +103,7 @@ def child(kind: str, width: float, examples: int, batch_size: int, samples: int)
             for p in points:
                 unit_correlations(fa[p], fb[p])
         collection = (watcher.stop() - before) / MIB
-    record = {"kind": kind,
+    record = {"kind": kind, "backend": backend,
               "width": width, "examples": examples, "batch_size": batch_size, "samples": samples,
               "parameters": pair.layout.size, "models_mib": model_bytes / MIB, "baseline_mib": baseline / MIB,
               "peak_mib": _peak() / MIB, "above_baseline_mib": (_peak() - baseline) / MIB,
@@ -109,9 +113,9 @@ def child(kind: str, width: float, examples: int, batch_size: int, samples: int)
     return record
 
 
-def run(kind: str, width: float, examples: int, batch_size: int, samples: int = 1) -> dict:
+def run(kind: str, width: float, examples: int, batch_size: int, samples: int = 1, backend: str = "torch") -> dict:
     out = subprocess.run([sys.executable, __file__, "--child", kind, str(width), str(examples), str(batch_size),
-                          str(samples)], check=True, capture_output=True, text=True)
+                          str(samples), backend], check=True, capture_output=True, text=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -137,7 +141,7 @@ def main(width: float = 16, examples: int = 2, batch_size: int = 2, stats_width:
 if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1] == "--child":
         kind, width, examples, batch, samples = sys.argv[2:7]
-        child(kind, float(width), int(examples), int(batch), int(samples))
+        child(kind, float(width), int(examples), int(batch), int(samples), *sys.argv[7:8])
     else:
         args = sys.argv[1:]
         main(float(args[0]) if args else 16, int(args[1]) if len(args) > 1 else 2,

@@ -9,18 +9,23 @@ The formulas are evaluated exactly as written, so ``v = 0`` returns ``a`` and ``
 returns ``b`` (up to the sign of zero: ``-0.0`` may come back as ``+0.0``).
 Coefficients may be scalars or vectors of the same shape as the parameters. The code
 runs on numpy, torch and jax arrays; mutable arrays (numpy, torch) are filled in
-blocks so that no full-size temporary is allocated.
+blocks so that no full-size temporary is allocated. Immutable arrays (jax) get a new
+array from the formula compiled by their framework when its backend registered a
+compiler (:func:`register_compiler`; the jax backend registers ``jax.jit``): one fused
+pass, where evaluated operation by operation each would hold a full-size temporary
+(a ResNet-20 x16 combination: 1 output instead of 3 intermediates of 264 MB).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import array_api_compat
 
 from combinability.errors import IncompatibleModelsError, LayoutError
 
-__all__ = ["combine", "combine3", "combine_into", "combine3_into"]
+__all__ = ["combine", "combine3", "combine_into", "combine3_into", "register_compiler"]
 
 # Elements per block on the CPU: the few temporaries of a block stay in the L2/L3 caches while
 # each block costs few array calls (a 932k-parameter combination: torch 1.0 ms at 2**15, 0.46 ms
@@ -57,6 +62,38 @@ def _is_vector(v: Any) -> bool:
 
 def _mutable(out: Any) -> bool:
     return not array_api_compat.is_jax_array(out)
+
+
+#: Compilers of the formulas for immutable arrays, by array namespace name (``"jax.numpy"``).
+_COMPILERS: dict[str, Callable[[Callable[..., Any]], Callable[..., Any]]] = {}
+_COMPILED: dict[tuple[str, Callable[..., Any]], Callable[..., Any]] = {}
+
+
+def register_compiler(namespace: str, compiler: Callable[[Callable[..., Any]], Callable[..., Any]]) -> None:
+    """Compile the combination formulas with ``compiler`` for immutable arrays of ``namespace``.
+
+    Parameters
+    ----------
+    namespace : str
+        The ``__name__`` of the arrays' array-API namespace, e.g. ``"jax.numpy"``.
+    compiler : callable
+        Takes a pure function of arrays and scalars, returns an equivalent compiled one
+        (``jax.jit``).
+    """
+    _COMPILERS[namespace] = compiler
+    for key in [k for k in _COMPILED if k[0] == namespace]:
+        del _COMPILED[key]
+
+
+def _immutable_formula(xp: Any, formula: Callable[..., Any]) -> Callable[..., Any]:
+    """``formula`` compiled for ``xp``'s arrays when a compiler is registered, else as written."""
+    name = getattr(xp, "__name__", "")
+    if name not in _COMPILERS:
+        return formula
+    key = (name, formula)
+    if key not in _COMPILED:
+        _COMPILED[key] = _COMPILERS[name](formula)
+    return _COMPILED[key]
 
 
 def _blocks(xp: Any, size: int, out: Any = None) -> tuple[range, int]:
@@ -130,7 +167,7 @@ def combine(theta_a: Any, theta_b: Any, v: Any) -> Any:
     xp = _namespace(theta_a, theta_b, v)
     arrays, coefficients = (theta_a, theta_b), (v,)
     if not _mutable(theta_a):
-        return _formula2(theta_a, theta_b, v)
+        return _immutable_formula(xp, _formula2)(theta_a, theta_b, v)
     return _fill(_empty_like_result(xp, _formula2, arrays, coefficients), _formula2, arrays, coefficients)
 
 
@@ -171,7 +208,7 @@ def combine3(theta_a: Any, theta_b: Any, theta_c: Any, v_b: Any, v_c: Any) -> An
     xp = _namespace(theta_a, theta_b, theta_c, v_b, v_c)
     arrays, coefficients = (theta_a, theta_b, theta_c), (v_b, v_c)
     if not _mutable(theta_a):
-        return _formula3(*arrays, *coefficients)
+        return _immutable_formula(xp, _formula3)(*arrays, *coefficients)
     return _fill(_empty_like_result(xp, _formula3, arrays, coefficients), _formula3, arrays, coefficients)
 
 

@@ -236,13 +236,20 @@ class Evaluator:
                               f"(k, d) with d = {self.layout.size}")
         return stacked
 
+    def _chunk(self, stacked: Any, start: int) -> Any:
+        """The vectors of one forward call from ``start``: ``stacked`` itself when they are all of it
+        (slicing copies immutable arrays, jax's)."""
+        if start == 0 and stacked.shape[0] <= self.vectors:
+            return stacked
+        return stacked[start : start + self.vectors, ...]
+
     def logits(self, flats: Any, x: Any) -> Any:
         """Logits ``(k, n, C)`` of the vectors on inputs ``x`` (device arrays), batched."""
         xp = self.backend.xp()
         stacked = self._stack(flats)
         rows = []
         for c in range(0, stacked.shape[0], self.vectors):
-            chunk = stacked[c : c + self.vectors, ...]
+            chunk = self._chunk(stacked, c)
             with bound_forward(self.prepared, chunk) as forward:
                 parts = [forward(x[s : s + self.batch_size, ...]) for s in range(0, x.shape[0], self.batch_size)]
             rows.append(xp.concat(parts, axis=1))
@@ -274,7 +281,7 @@ class Evaluator:
         extra = np.zeros((len(self.metrics), k))
         preds = []
         for c in range(0, k, self.vectors):
-            chunk = stacked[c : c + self.vectors, ...]
+            chunk = self._chunk(stacked, c)
             kc = chunk.shape[0]
             # per-group sums stay on the device and cross to the host once per chunk (no sync per batch)
             sums: list[list[Any]] = [[] for _ in range(2 + len(self.metrics))]

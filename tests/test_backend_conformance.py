@@ -201,7 +201,7 @@ def test_jax_compiles_a_model_once_for_every_evaluator_of_it():
     first, second = (Evaluator(be, model, layout, batch_size=7) for _ in range(2))
     scores = [ev.evaluate(flat, data)[0].loss for ev in (first, second)]
     assert first.prepared.program is second.prepared.program
-    assert first.prepared.program.forward_one._cache_size() == 1  # compiled once, for both
+    assert first.prepared.program.forward_row._cache_size() == 1  # compiled once, for both
     assert scores[0] == scores[1]
     bf16 = Evaluator(be.with_compute_dtype("bfloat16"), model, layout, batch_size=7)
     assert bf16.prepared.program is not first.prepared.program  # another compute type, another program

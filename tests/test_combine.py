@@ -145,3 +145,34 @@ def test_jax_arrays_are_never_written():
     np.testing.assert_allclose(
         np.asarray(combine3_into(buffer, ja, jb, jv, 0.5, 0.5)), 0.5 * b + 0.5 * v, rtol=1e-6, atol=1e-6
     )
+
+
+def test_a_registered_compiler_combines_immutable_arrays_in_one_compiled_call():
+    """Jax arrays go through the formula compiled once by the registered compiler (jax.jit: no
+    full-size temporaries), with the same values and v = 0 / 1 still giving A / B bit for bit."""
+    jax = pytest.importorskip("jax")
+    jnp = jax.numpy
+    compiled: list[str] = []
+
+    def compiler(formula):
+        compiled.append(formula.__name__)
+        return jax.jit(formula)
+
+    saved = dict(combine_module._COMPILERS)
+    try:
+        combine_module.register_compiler("jax.numpy", compiler)
+        rng = np.random.default_rng(6)
+        a, b, v = rng.standard_normal((3, 1000)).astype(np.float32)
+        ja, jb, jv = jnp.asarray(a), jnp.asarray(b), jnp.asarray(v)
+        for _ in range(2):
+            np.testing.assert_allclose(np.asarray(combine(ja, jb, jv)), reference2(a, b, v), rtol=1e-6, atol=1e-6)
+        assert np.array_equal(bits(np.asarray(combine(ja, jb, jnp.zeros(1000)))), bits(a))
+        assert np.array_equal(bits(np.asarray(combine(ja, jb, jnp.ones(1000)))), bits(b))
+        assert np.array_equal(bits(np.asarray(combine(ja, jb, 1.0))), bits(b))
+        np.testing.assert_allclose(np.asarray(combine3(ja, jb, jv, 0.25, 0.5)), 0.25 * a + 0.25 * b + 0.5 * v,
+                                   rtol=1e-6, atol=1e-6)
+        assert compiled == ["_formula2", "_formula3"]  # each formula compiled once, then reused
+    finally:
+        combine_module._COMPILERS.clear()
+        combine_module._COMPILERS.update(saved)
+        combine_module._COMPILED.clear()

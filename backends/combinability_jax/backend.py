@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from combinability.backend import Backend
+from combinability.combination import register_compiler
 from combinability.errors import ConfigurationError, IncompatibleModelsError, UnknownNameError
 from combinability.evaluation import cross_entropy
 from combinability.layers import LayerTable
@@ -29,6 +30,8 @@ from combinability_jax.trace import taps as trace_taps
 from combinability_jax.trace import train_kwargs
 
 __all__ = ["JaxBackend", "JaxRandom", "JaxPrepared"]
+
+register_compiler("jax.numpy", jax.jit)  # combinations of jax arrays in one fused pass (no temporaries)
 
 
 class JaxRandom:
@@ -58,6 +61,7 @@ class _Program:
     """
 
     def __init__(self, model: FlaxModel, state: Mapping[str, Any], layout: FlatLayout, compute_dtype: str) -> None:
+        # ``state``: the model's reference names (keys) and shapes (values)
         self.module, self.table, self.compute_dtype = model.module, model.table, compute_dtype
         self.user = model.table is not None and not isinstance(model.module, TableNet)
         trains = isinstance(model.module, TableNet) or bool(train_kwargs(model.module, True))
@@ -68,6 +72,8 @@ class _Program:
         self.mutable = [c for c in model.variables if c != "params"]
         self.forward = jax.jit(jax.vmap(self.apply, in_axes=(0, None, None)))
         self.forward_one = jax.jit(self.apply)
+        # row i of (k, d) vectors: sliced inside the compiled function (eager slicing would copy it)
+        self.forward_row = jax.jit(lambda flats, i, rest, x: self.apply(flats[i], rest, x))
         self.features = jax.jit(self.taps, static_argnums=3)
         self.value_and_grad = jax.jit(self.step, static_argnums=5)
 
@@ -121,6 +127,13 @@ class _Program:
         return val, grad * mask, jnp.concatenate(pieces) if pieces else flat
 
 
+def _state_shapes(model: FlaxModel) -> dict[str, tuple[int, ...]]:
+    """The shapes of :meth:`JaxBackend.state`, without copying any array to the host."""
+    flat = {k: np.broadcast_to(np.zeros((), np.dtype(v.dtype)), np.shape(v)) for k, v in model.flat().items()}
+    state = model.table.from_flax(flat) if model.table is not None else flat
+    return {k: tuple(np.shape(v)) for k, v in state.items()}
+
+
 #: The compiled programs of each live model, by layout and compute type (see :class:`_Program`).
 _PROGRAMS: weakref.WeakKeyDictionary[FlaxModel, dict[tuple, _Program]] = weakref.WeakKeyDictionary()
 
@@ -139,18 +152,27 @@ class JaxPrepared:
     """:class:`~combinability.backend.Prepared` for one flax model and layout."""
 
     def __init__(self, backend: JaxBackend, model: FlaxModel, layout: FlatLayout) -> None:
-        state = backend.state(model)
-        check_names({k: v.shape for k, v in state.items()}, {e.name: e.shape for e in layout.entries},
-                  f"the layout does not fit the {model!r}", missing=False)
-        self.backend, self.table = backend, model.table
-        self.program = program = _program(model, state, layout, backend.compute_dtype)
+        shapes = _state_shapes(model)
+        check_names(shapes, {e.name: e.shape for e in layout.entries}, f"the layout does not fit the {model!r}",
+                    missing=False)
+        self.backend, self.table, self.layout = backend, model.table, layout
+        self.program = program = _program(model, shapes, layout, backend.compute_dtype)
         self.points = {n.name for n in model.table.nodes} if model.table is not None else None
         covered = {program.names[e.name] for e in layout.entries}
         self.rest = {k: v for k, v in flatten_variables(model.variables).items() if k not in covered}
-        trained = [program.names[e.name].startswith("params/") for e in layout.entries]
-        self.mask = backend.asarray(np.repeat(trained, [e.size for e in layout.entries]).astype(layout.dtype))
+        self._mask: jax.Array | None = None
         self._sizes: set[int] = set()
         self._vmap_on_cpu: bool | None = None  # see _vmapped
+
+    @property
+    def mask(self) -> jax.Array:
+        """1 for the layout's trained entries (flax ``params``), 0 for others (statistics): made when
+        first asked for (by training), not for every evaluation (a vector of the layout's size)."""
+        if self._mask is None:
+            layout = self.layout
+            trained = [self.program.names[e.name].startswith("params/") for e in layout.entries]
+            self._mask = self.backend.asarray(np.repeat(trained, [e.size for e in layout.entries]).astype(layout.dtype))
+        return self._mask
 
     def _padded(self, x: jax.Array) -> jax.Array:
         """``x`` padded with zeros to a batch size already compiled, if one is at most twice its own."""
@@ -166,17 +188,16 @@ class JaxPrepared:
     @contextlib.contextmanager
     def bind(self, flats: jax.Array) -> Iterator[Callable[[jax.Array], jax.Array]]:
         """``forward(x)`` of ``flats`` for many batches (:func:`combinability.backend.bound_forward`):
-        vmapped over the vectors, or one vector after the other, each vector sliced out once."""
-        rows: list[jax.Array] = []
+        vmapped over the vectors, or one vector after the other."""
+        program = self.program
 
         def forward(x: jax.Array) -> jax.Array:
             with _precision(self.backend.precision):
                 padded = self._padded(x)
                 if flats.shape[0] > 1 and self._vmapped(flats, padded):
-                    out = self.program.forward(flats, self.rest, padded)
+                    out = program.forward(flats, self.rest, padded)
                 else:  # one vector after the other (see JaxBackend's ``vectorize``); one vector never vmapped
-                    rows[:] = rows or [flats[i] for i in range(flats.shape[0])]
-                    out = jnp.stack([self.program.forward_one(row, self.rest, padded) for row in rows])
+                    out = jnp.stack([program.forward_row(flats, i, self.rest, padded) for i in range(flats.shape[0])])
             return out if out.shape[1] == x.shape[0] else out[:, :x.shape[0]]
 
         yield forward
