@@ -9,6 +9,7 @@ belongs to (used by per-layer experiments such as identity stitching).
 from __future__ import annotations
 
 import math
+import weakref
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from functools import cached_property
@@ -17,7 +18,34 @@ import numpy as np
 
 from combinability.errors import LayoutError
 
-__all__ = ["ParamEntry", "FlatLayout", "check_names"]
+__all__ = ["ParamEntry", "FlatLayout", "check_names", "aligned_empty", "owns_memory"]
+
+#: Byte alignment of flat vectors: what XLA's CPU client needs to use a numpy array's memory
+#: in place (``jax.device_put`` of a 64-byte aligned array on the CPU copies nothing).
+ALIGNMENT = 64
+_OWNERS: weakref.WeakValueDictionary[int, np.ndarray] = weakref.WeakValueDictionary()  # aligned_empty's memory
+
+
+def aligned_empty(size: int, dtype: np.dtype | type = np.float32) -> np.ndarray:
+    """An uninitialised 1-D array of ``size`` elements whose memory starts on a 64-byte boundary.
+
+    numpy's allocations are 16-byte aligned; the jax backend on the CPU copies such a vector
+    into every device array made of it, and shares a 64-byte aligned one (a ResNet-20 x16
+    sweep's two end models: 527 MB saved). :func:`owns_memory` recognises the result.
+    """
+    dtype = np.dtype(dtype)
+    raw = np.empty(size * dtype.itemsize + ALIGNMENT, np.uint8)
+    _OWNERS[id(raw)] = raw
+    start = (-raw.ctypes.data) % ALIGNMENT
+    return raw[start : start + size * dtype.itemsize].view(dtype)
+
+
+def owns_memory(array: np.ndarray) -> bool:
+    """Whether ``array`` is a view of memory :func:`aligned_empty` allocated (nobody else's arrays)."""
+    base = array
+    while isinstance(base, np.ndarray) and base.base is not None:
+        base = base.base
+    return _OWNERS.get(id(base)) is base
 
 
 @dataclass(frozen=True)
@@ -196,7 +224,7 @@ class FlatLayout:
                 + ("; " if missing and extra else "")
                 + (f"unexpected {extra}" if extra else "")
             )
-        out = np.empty(self.size, dtype=dtype or self.dtype)
+        out = aligned_empty(self.size, dtype or self.dtype)
         for e in self.entries:
             arr = np.asarray(params[e.name])
             if arr.shape != e.shape:

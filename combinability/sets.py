@@ -28,7 +28,7 @@ from combinability.errors import (
     UnknownNameError,
 )
 from combinability.kinds import Orthogonal
-from combinability.layout import FlatLayout
+from combinability.layout import FlatLayout, owns_memory
 from combinability.permutation import Permutation, PermutationSpec, apply_permutation
 from combinability.plugins import get_backend
 
@@ -201,7 +201,8 @@ class ModelSet:
         for k, v in fields.items():
             object.__setattr__(self, k, v)
         # read-only: a set is immutable, and its vectors' fingerprints are then hashed once
-        self.thetas = tuple(freeze(t) if isinstance(t, np.ndarray) else t for t in self.thetas)
+        # (with the memory under a flattened vector, which no one else's array views)
+        self.thetas = tuple(freeze(t, views=owns_memory(t)) if isinstance(t, np.ndarray) else t for t in self.thetas)
         self.transforms = tuple(self.transforms)
         self.models = tuple(self.models)
 

@@ -210,3 +210,20 @@ def test_jax_compiles_a_model_once_for_every_evaluator_of_it():
     gc.collect()
     assert alive() is None
     assert program() is None  # the model's compiled program went with it
+
+
+def test_jax_shares_a_sets_vectors_on_the_cpu():
+    """A set's flat vectors are 64-byte aligned, so the jax backend's CPU arrays use their memory
+    (a sweep's end models cost no copy); the values are the vectors'."""
+    jax = pytest.importorskip("jax")
+    from combinability_jax.backend import JaxBackend
+
+    import combinability as cb
+
+    be = JaxBackend(jax.devices("cpu")[0])
+    models = [build_model("mlp", backend="jax", width=1 / 64, num_classes=3, input_shape=(6,), seed=s) for s in (0, 1)]
+    pair = cb.ModelPair(*models, backend=be)
+    for theta in pair.thetas:
+        on_device = be.asarray(theta)
+        assert on_device.unsafe_buffer_pointer() == theta.ctypes.data
+        np.testing.assert_array_equal(np.asarray(on_device), theta)

@@ -51,3 +51,16 @@ def test_errors_name_the_problem():
         layout["nope"]
     with pytest.raises(LayoutError, match="w: \\(2, 3\\) vs \\(3, 2\\)"):
         layout.check_compatible(FlatLayout.from_arrays({"w": np.ones((3, 2))}))
+
+
+def test_flat_vectors_are_64_byte_aligned_and_only_their_own_memory_is_recognised():
+    from combinability.layout import aligned_empty, owns_memory
+
+    layout = FlatLayout.from_arrays({"w": np.zeros((3, 5), np.float32), "b": np.zeros(3, np.float32)})
+    flats = [layout.flatten({"w": np.full((3, 5), k), "b": np.arange(3)}) for k in range(16)]
+    assert all(f.ctypes.data % 64 == 0 for f in flats)  # numpy's own 16-byte alignment would miss some
+    assert flats[2][layout.slice("w")].tolist() == [2.0] * 15  # the values land where they belong
+    assert all(owns_memory(f) for f in flats)
+    assert aligned_empty(7, np.float64).ctypes.data % 64 == 0 and aligned_empty(7, np.float64).dtype == np.float64
+    plain = np.zeros(32, np.float32)
+    assert not owns_memory(plain) and not owns_memory(plain[4:]) and not owns_memory(plain.reshape(4, 8))
