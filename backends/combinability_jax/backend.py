@@ -210,7 +210,9 @@ class JaxPrepared:
         if self.backend.platform != "cpu":
             return True
         if self._vmap_on_cpu is None:
-            jaxpr = jax.make_jaxpr(self.program.apply)(flats[0], self.rest, x[:1])
+            shape = jax.ShapeDtypeStruct  # traced from shapes: nothing is sliced or copied
+            jaxpr = jax.make_jaxpr(self.program.apply)(shape(flats.shape[1:], flats.dtype), self.rest,
+                                                       shape(x.shape, x.dtype))
             self._vmap_on_cpu = "conv_general_dilated" not in _primitives(jaxpr.jaxpr)
         return self._vmap_on_cpu
 
