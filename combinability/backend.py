@@ -77,6 +77,9 @@ class Prepared(Protocol):
     # Optional: ``bind(flats)``, a context manager yielding ``forward(x)`` for many batches of
     # the same vectors, set up once (parameter views, inference mode) rather than per batch.
     # :func:`bound_forward` uses it when a backend has it, :meth:`forward` otherwise.
+    # Optional: ``one_vector = True`` when ``forward`` and ``bind`` also take one ``(d,)`` vector
+    # (logits ``(1, n, classes)``): the evaluator then passes a single vector as it is, which
+    # spares a backend of immutable arrays (jax) the copy that making it ``(1, d)`` would be.
 
     def value_and_grad(self, flat: Any, x: Any, y: Any, loss: Callable[[Any, Any], Any]) -> tuple[Any, Any, Any]:
         """``(loss value, gradient (d,), flat after the step's buffer updates)`` in training mode.

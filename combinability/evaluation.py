@@ -225,21 +225,37 @@ class Evaluator:
             if not flats:
                 raise LayoutError("no parameter vectors to evaluate")
             rows = [xp.reshape(be.asarray(f, dtype), (-1,)) for f in flats]
-            # one vector (a sweep's cell): a (1, d) view, not a d-sized copy
-            stacked = rows[0][None, :] if len(rows) == 1 else xp.stack(rows)
+            stacked = rows[0] if len(rows) == 1 else xp.stack(rows)
         else:
             stacked = be.asarray(flats, dtype)
-            if stacked.ndim == 1:
-                stacked = stacked[None, :]
-        if stacked.ndim != 2 or stacked.shape[1] != self.layout.size:
+        if stacked.ndim == 1 and stacked.shape[0] == self.layout.size and not getattr(self.prepared, "one_vector",
+                                                                                        False):
+            # one vector (a sweep's cell): a (1, d) view, not a d-sized copy, unless the prepared model
+            # takes it as it is (``Prepared.one_vector``: jax, whose (1, d) would be a copy)
+            stacked = stacked[None, :]
+        if stacked.ndim not in (1, 2) or stacked.shape[-1] != self.layout.size:
             raise LayoutError(f"parameter vectors have shape {tuple(stacked.shape)}; the layout expects (d,) or "
                               f"(k, d) with d = {self.layout.size}")
         return stacked
 
+    def _one(self, flat: Any) -> Any:
+        """One ``(d,)`` device vector from ``flat`` (``(d,)``, ``(1, d)`` or a sequence of one)."""
+        stacked = self._stack(flat)
+        if stacked.ndim == 1:
+            return stacked
+        if stacked.shape[0] != 1:
+            raise LayoutError(f"one parameter vector is needed here, got {stacked.shape[0]}")
+        return stacked[0]
+
+    @staticmethod
+    def _count(stacked: Any) -> int:
+        """How many vectors ``stacked`` holds: ``(k, d)``, or one ``(d,)`` vector."""
+        return 1 if stacked.ndim == 1 else int(stacked.shape[0])
+
     def _chunk(self, stacked: Any, start: int) -> Any:
         """The vectors of one forward call from ``start``: ``stacked`` itself when they are all of it
         (slicing copies immutable arrays, jax's)."""
-        if start == 0 and stacked.shape[0] <= self.vectors:
+        if start == 0 and self._count(stacked) <= self.vectors:
             return stacked
         return stacked[start : start + self.vectors, ...]
 
@@ -248,7 +264,7 @@ class Evaluator:
         xp = self.backend.xp()
         stacked = self._stack(flats)
         rows = []
-        for c in range(0, stacked.shape[0], self.vectors):
+        for c in range(0, self._count(stacked), self.vectors):
             chunk = self._chunk(stacked, c)
             with bound_forward(self.prepared, chunk) as forward:
                 parts = [forward(x[s : s + self.batch_size, ...]) for s in range(0, x.shape[0], self.batch_size)]
@@ -275,14 +291,14 @@ class Evaluator:
         be, xp = self.backend, self.backend.xp()
         stacked = self._stack(flats)
         x, y = self._data(data)
-        k = stacked.shape[0]
+        k = self._count(stacked)
         loss = np.zeros(k)
         correct = np.zeros(k)
         extra = np.zeros((len(self.metrics), k))
         preds = []
         for c in range(0, k, self.vectors):
             chunk = self._chunk(stacked, c)
-            kc = chunk.shape[0]
+            kc = self._count(chunk)
             # per-group sums stay on the device and cross to the host once per chunk (no sync per batch)
             sums: list[list[Any]] = [[] for _ in range(2 + len(self.metrics))]
             chunk_preds: list[Any] = []
@@ -334,7 +350,7 @@ class Evaluator:
         point); statistics of features need not hold them: see :meth:`correlations`.
         """
         be = self.backend
-        (flat,) = self._stack(flat)
+        flat = self._one(flat)
         x, _ = self._data(data)
         n = int(x.shape[0])
         out: dict[str, np.ndarray] = {}
@@ -373,8 +389,7 @@ class Evaluator:
             :func:`combinability.matching.unit_correlations`).
         """
         be = self.backend
-        (flat_a,) = self._stack(flat_a)
-        (flat_b,) = self._stack(flat_b)
+        flat_a, flat_b = self._one(flat_a), self._one(flat_b)
         x, _ = self._data(data)
         if int(x.shape[0]) == 0:
             raise DatasetError("cannot compute correlations on an empty dataset")

@@ -201,7 +201,7 @@ def test_jax_compiles_a_model_once_for_every_evaluator_of_it():
     first, second = (Evaluator(be, model, layout, batch_size=7) for _ in range(2))
     scores = [ev.evaluate(flat, data)[0].loss for ev in (first, second)]
     assert first.prepared.program is second.prepared.program
-    assert first.prepared.program.forward_row._cache_size() == 1  # compiled once, for both
+    assert first.prepared.program.forward_one._cache_size() == 1  # compiled once, for both
     assert scores[0] == scores[1]
     bf16 = Evaluator(be.with_compute_dtype("bfloat16"), model, layout, batch_size=7)
     assert bf16.prepared.program is not first.prepared.program  # another compute type, another program
@@ -227,3 +227,28 @@ def test_jax_shares_a_sets_vectors_on_the_cpu():
         on_device = be.asarray(theta)
         assert on_device.unsafe_buffer_pointer() == theta.ctypes.data
         np.testing.assert_array_equal(np.asarray(on_device), theta)
+
+
+@pytest.mark.parametrize("backend", ["torch", "jax"])
+def test_feature_taps_take_one_vector_and_say_so(backend):
+    """``features`` and ``correlations`` read one vector, given as (d,), (1, d) or a list of one;
+    two are refused with the count, not unpacked into an obscure error."""
+    pytest.importorskip(backend)
+    from combinability.errors import LayoutError
+    from combinability.evaluation import Evaluator
+
+    be = get_backend(backend)
+    model = build_model("mlp", backend=backend, width=1 / 64, num_classes=3, input_shape=(6,), seed=0)
+    state = {k: v for k, v in be.state(model).items() if np.issubdtype(v.dtype, np.floating)}
+    layout = FlatLayout.from_arrays(state)
+    flat = layout.flatten(state)
+    data = random_inputs((6,), 3, n=5, seed=0)
+    ev = Evaluator(be, model, layout, batch_size=5)
+    from combinability.zoo import mlp_table
+
+    point = mlp_table(width=1 / 64, num_classes=3, input_shape=(6,)).feature_points()[0]
+    given = [ev.features(f, data, [point])[point] for f in (flat, flat[None, :], [flat])]
+    assert all(np.array_equal(given[0], g) for g in given[1:])
+    with pytest.raises(LayoutError, match="one parameter vector is needed here, got 2"):
+        ev.features(np.stack([flat, flat]), data, [point])
+

@@ -149,7 +149,12 @@ def _program(model: FlaxModel, state: Mapping[str, Any], layout: FlatLayout, com
 
 
 class JaxPrepared:
-    """:class:`~combinability.backend.Prepared` for one flax model and layout."""
+    """:class:`~combinability.backend.Prepared` for one flax model and layout.
+
+    Takes one ``(d,)`` vector as it is (``one_vector``: an eager ``(1, d)`` view would be a copy).
+    """
+
+    one_vector = True
 
     def __init__(self, backend: JaxBackend, model: FlaxModel, layout: FlatLayout) -> None:
         shapes = _state_shapes(model)
@@ -194,7 +199,9 @@ class JaxPrepared:
         def forward(x: jax.Array) -> jax.Array:
             with _precision(self.backend.precision):
                 padded = self._padded(x)
-                if flats.shape[0] > 1 and self._vmapped(flats, padded):
+                if flats.ndim == 1:  # one vector, as it is
+                    out = program.forward_one(flats, self.rest, padded)[None]
+                elif flats.shape[0] > 1 and self._vmapped(flats, padded):
                     out = program.forward(flats, self.rest, padded)
                 else:  # one vector after the other (see JaxBackend's ``vectorize``); one vector never vmapped
                     out = jnp.stack([program.forward_row(flats, i, self.rest, padded) for i in range(flats.shape[0])])
