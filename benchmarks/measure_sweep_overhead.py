@@ -124,26 +124,26 @@ def main_jax(arch: str = "mlp", repeats: int = 3, examples: int | None = None) -
         return loss, jnp.sum(jnp.argmax(logits, axis=1) == yb)
 
     x, y = jnp.asarray(test.x), jnp.asarray(test.y)
-    bare, lib = [], []
     kwargs = dict(data={"test": test}, splits=["test"], values=[S], samples=DRAWS, seed=0)
+    bare_run = functools.partial(bare_jax_loop, stats, theta_a, theta_b, x, y, DRAWS, S)
+    sweep_run = functools.partial(cb.sweep, pair, cb.Uniform(), **kwargs)
+    bare_run(), sweep_run()  # compile both (not timed)
+    compare(f"{arch} (jax)", bare_run, sweep_run, repeats, len(x))
 
-    def run_bare() -> None:
-        t0 = time.perf_counter()
-        bare_jax_loop(stats, theta_a, theta_b, x, y, DRAWS, S)
-        bare.append(time.perf_counter() - t0)
 
-    def run_lib() -> None:
-        t0 = time.perf_counter()
-        cb.sweep(pair, cb.Uniform(), **kwargs)
-        lib.append(time.perf_counter() - t0)
-
-    run_bare(), run_lib()  # compile both (not timed)
-    bare.clear(), lib.clear()
-    for r in range(repeats):
-        for run in ((run_bare, run_lib) if r % 2 == 0 else (run_lib, run_bare)):
+def compare(label: str, bare_run: Callable[[], Any], sweep_run: Callable[[], Any], repeats: int,
+            examples: int) -> None:
+    """Time the bare loop and the sweep interleaved, best of ``repeats`` each; print the ratio."""
+    bare: list[float] = []
+    lib: list[float] = []
+    pairs = ((bare_run, bare), (sweep_run, lib))
+    for r in range(repeats):  # ABBA: neither goes first every time (the machine's clock drifts over a run)
+        for run, times in pairs if r % 2 == 0 else pairs[::-1]:
+            t0 = time.perf_counter()
             run()
+            times.append(time.perf_counter() - t0)
     tb_, tl = min(bare), min(lib)
-    print(f"{arch} (jax): bare loop {tb_:.2f} s, cb.sweep {tl:.2f} s for {DRAWS} draws on {len(x)} examples; "
+    print(f"{label}: bare loop {tb_:.2f} s, cb.sweep {tl:.2f} s for {DRAWS} draws on {examples} examples; "
           f"throughput ratio (sweep / bare) {tb_ / tl:.3f}  "
           f"[bare runs {np.round(bare, 2)}, sweep runs {np.round(lib, 2)}]")
 
@@ -164,24 +164,9 @@ def _setup(arch: str, examples: int | None) -> tuple[Any, ...]:
 def main(arch: str = "mlp", repeats: int = 3, examples: int | None = None) -> None:
     test, pair, model, ta, tb = _setup(arch, examples)
     x, y = torch.tensor(test.x), torch.tensor(test.y)
-    bare, lib = [], []
-    def run_bare() -> None:
-        t0 = time.perf_counter()
-        bare_loop(model, ta, tb, x, y, DRAWS, S)
-        bare.append(time.perf_counter() - t0)
-
-    def run_lib() -> None:
-        t0 = time.perf_counter()
-        cb.sweep(pair, cb.Uniform(), data={"test": test}, splits=["test"], values=[S], samples=DRAWS, seed=0)
-        lib.append(time.perf_counter() - t0)
-
-    for r in range(repeats):  # ABBA: neither goes first every time (the machine's clock drifts over a run)
-        for run in ((run_bare, run_lib) if r % 2 == 0 else (run_lib, run_bare)):
-            run()
-    tb_, tl = min(bare), min(lib)
-    print(f"{arch}: bare loop {tb_:.2f} s, cb.sweep {tl:.2f} s for {DRAWS} draws on {len(x)} examples; "
-          f"throughput ratio (sweep / bare) {tb_ / tl:.3f}  "
-          f"[bare runs {np.round(bare, 2)}, sweep runs {np.round(lib, 2)}]")
+    kwargs = dict(data={"test": test}, splits=["test"], values=[S], samples=DRAWS, seed=0)
+    compare(arch, functools.partial(bare_loop, model, ta, tb, x, y, DRAWS, S),
+            functools.partial(cb.sweep, pair, cb.Uniform(), **kwargs), repeats, len(x))
     shares = non_forward_shares(pair, model, ta, tb, test)
     print(f"{arch}: everything but the forward pass (in memory, one more run of each, forward calls timed): "
           f"bare loop {100 * shares[0]:.1f} %, cb.sweep {100 * shares[1]:.1f} %")
