@@ -111,18 +111,23 @@ def run_matcher(matcher: str, recipe: tuple, name: str, seed: int, restarts: int
     return result, time.perf_counter() - start
 
 
-def _warm_up(backend: str | None = None) -> None:
-    """Both matchers once on a small random MLP pair: code paths, BLAS threads and numba's solver loaded."""
+def warm_up_pair() -> tuple[cb.PermutationSpec, dict, dict]:
+    """A small random MLP pair ``(spec, params_a, params_b)`` to run a matcher on once, untimed."""
     rng = np.random.default_rng(0)
     sizes = (64, 48, 32, 10)
     names = [f"l{i}" for i in range(len(sizes) - 1)]
     axes = {f"{n}.weight": (f"P{i}" if i < len(names) - 1 else None, f"P{i - 1}" if i else None)
             for i, n in enumerate(names)}
-    spec = cb.PermutationSpec(axes)
     pair = [{f"{n}.weight": rng.normal(size=(sizes[i + 1], sizes[i])).astype(np.float32)
              for i, n in enumerate(names)} for _ in range(2)]
-    reference.weight_matching(0, spec, *pair)
-    cb.weight_matching(spec, *pair, seed=0, backend=backend)
+    return cb.PermutationSpec(axes), *pair
+
+
+def _warm_up(backend: str | None = None) -> None:
+    """Both matchers once on :func:`warm_up_pair`: code paths, BLAS threads and numba's solver loaded."""
+    spec, a, b = warm_up_pair()
+    reference.weight_matching(0, spec, a, b)
+    cb.weight_matching(spec, a, b, seed=0, backend=backend)
 
 
 def timed(matcher: str, recipe: tuple, name: str, seed: int, restarts: int = 0, isolate: bool = True,

@@ -228,8 +228,7 @@ class Evaluator:
             stacked = rows[0] if len(rows) == 1 else xp.stack(rows)
         else:
             stacked = be.asarray(flats, dtype)
-        if stacked.ndim == 1 and stacked.shape[0] == self.layout.size and not getattr(self.prepared, "one_vector",
-                                                                                        False):
+        if stacked.ndim == 1 and not getattr(self.prepared, "one_vector", False):
             # one vector (a sweep's cell): a (1, d) view, not a d-sized copy, unless the prepared model
             # takes it as it is (``Prepared.one_vector``: jax, whose (1, d) would be a copy)
             stacked = stacked[None, :]

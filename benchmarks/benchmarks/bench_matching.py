@@ -23,6 +23,7 @@ import numpy as np
 import combinability as cb
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import measure_matching  # noqa: E402
 import reference_rebasin  # noqa: E402
 
 
@@ -111,13 +112,7 @@ def warm_up(matcher):
     """``matcher`` once on a small random MLP pair, untimed: what a process pays once (numba's
     compiled solver loaded from its cache, BLAS threads started, a framework's first kernels, a
     device's context) is not what a benchmark of one call should measure."""
-    rng = np.random.default_rng(0)
-    sizes = (64, 48, 32, 10)
-    axes = {f"l{i}.weight": (f"P{i}" if i < len(sizes) - 2 else None, f"P{i - 1}" if i else None)
-            for i in range(len(sizes) - 1)}
-    pair = [{f"l{i}.weight": rng.normal(size=(sizes[i + 1], sizes[i])).astype(np.float32)
-             for i in range(len(sizes) - 1)} for _ in range(2)]
-    match(cb.PermutationSpec(axes), *pair, matcher)
+    match(*measure_matching.warm_up_pair(), matcher)
 
 
 def match(spec, a, b, matcher):
