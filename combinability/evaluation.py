@@ -14,6 +14,7 @@ hook (:class:`~combinability.hookspecs.Registration` pointing at the value).
 
 from __future__ import annotations
 
+import functools
 import math
 import weakref
 from collections import OrderedDict
@@ -86,6 +87,20 @@ def cross_entropy(xp: Any, logits: Any, y: Any) -> Any:
 def mean_cross_entropy(xp: Any, logits: Any, y: Any) -> Any:
     """The mean of :func:`cross_entropy` over every axis (a training loss)."""
     return xp.mean(cross_entropy(xp, logits, y))
+
+
+@functools.cache
+def training_loss(xp: Any) -> Callable[[Any, Any], Any]:
+    """:func:`mean_cross_entropy` over ``xp`` as a ``loss(logits, y)``: one function per namespace.
+
+    A backend may compile its gradient step once per loss function (jax keys ``jax.jit`` on
+    it): the same function for every call lets a probe, a training run and a learned
+    aligner on one model share one compilation.
+    """
+    def loss(logits: Any, y: Any) -> Any:
+        return mean_cross_entropy(xp, logits, y)
+
+    return loss
 
 
 def brier(xp: Any, logits: Any, y: Any) -> Any:

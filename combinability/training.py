@@ -194,7 +194,7 @@ def fit(backend: Backend, model: Any, data: ArrayDataset, recipe: TrainRecipe, *
     from combinability.augmentation import affine_matrices, sample_params
     from combinability.data.convert import check_labels, check_seed
     from combinability.errors import DatasetError, NonFiniteWeightsError
-    from combinability.evaluation import device_data, mean_cross_entropy
+    from combinability.evaluation import device_data, training_loss
     from combinability.layout import FlatLayout
     from combinability.progress import progress_bar
 
@@ -228,9 +228,7 @@ def fit(backend: Backend, model: Any, data: ArrayDataset, recipe: TrainRecipe, *
     bs = int(recipe.batch_size)
     steps_per_epoch = math.ceil(n / bs)
 
-    def loss_fn(logits: Any, labels: Any) -> Any:
-        return mean_cross_entropy(xp, logits, labels)
-
+    loss_fn = training_loss(xp)
     step = 0
     with progress_bar(recipe.epochs * steps_per_epoch, desc, "step", progress) as bar:
         for epoch in range(recipe.epochs):

@@ -26,6 +26,24 @@ def test_ste_on_jax_recovers_a_planted_permutation():
     np.testing.assert_array_equal(pair.theta_b, pair.theta_a)
 
 
+def test_learned_alignments_of_one_model_compile_its_gradient_step_once():
+    """The training loss is one function per array namespace: a second STE run (and Sinkhorn's) reuses
+    the compiled value-and-grad of the first instead of compiling the model again."""
+    from combinability_jax.backend import _PROGRAMS
+
+    a, b, _ = _planted(0.125)
+
+    def compiled():
+        return sum(p.value_and_grad._cache_size() for p in _PROGRAMS.get(a, {}).values())
+
+    cb.ModelPair(a, b).align("ste", data="digits", epochs=1, init="identity", seed=0)
+    first = compiled()
+    assert first >= 1
+    cb.ModelPair(a, b).align("ste", data="digits", epochs=1, init="identity", seed=1)
+    cb.ModelPair(a, b).align("sinkhorn", data="digits", epochs=1, init="identity", seed=0)
+    assert compiled() == first
+
+
 def test_sinkhorn_on_jax_learns_what_it_learns_on_torch_from_the_same_weights():
     """A torch-trained MLP and its planted shuffle, loaded into jax models: both backends' Sinkhorn runs take the
     same steps (same objective history, same permutation), and the permutation puts the live units back."""

@@ -121,7 +121,7 @@ def check_learning(name: str, task: AlignTask, context: LearningContext | None) 
         models' classes, or the model fails on it.
     """
     from combinability.data.convert import as_dataset, check_labels
-    from combinability.evaluation import device_data, mean_cross_entropy
+    from combinability.evaluation import device_data, training_loss
 
     if context is None:
         raise ConfigurationError(f"aligner {name!r} trains through the models: call it as "
@@ -141,7 +141,7 @@ def check_learning(name: str, task: AlignTask, context: LearningContext | None) 
     x, y = device_data(be)(ds.subset(2, seed=0) if len(ds) > 2 else ds)
     flat = be.asarray(context.layout.flatten(task.reference))
     try:
-        prepared.value_and_grad(flat, x, y, lambda logits, labels: mean_cross_entropy(xp, logits, labels))
+        prepared.value_and_grad(flat, x, y, training_loss(xp))
     except NotImplementedError as exc:
         raise ConfigurationError(f"aligner {name!r} needs gradients, but the {be.name!r} backend gives none: "
                                  f"{exc}; use 'weight' or 'activation'") from None
@@ -252,7 +252,7 @@ class _Run:
     eval_examples: int
 
     def __post_init__(self) -> None:
-        from combinability.evaluation import device_data, mean_cross_entropy
+        from combinability.evaluation import device_data, training_loss
 
         be, layout = self.ctx.backend, self.ctx.layout
         self.xp = be.xp()
@@ -260,7 +260,7 @@ class _Run:
         self.x, self.y = device_data(be)(self.ctx.data)
         self.theta_a = be.asarray(layout.flatten(self.task.reference))
         self.grid = np.asarray(self.sampler.grid_for(layout))
-        self.loss = lambda logits, labels: mean_cross_entropy(self.xp, logits, labels)
+        self.loss = training_loss(self.xp)
         n = len(self.ctx.data)
         self.eval_idx = be.asarray(np.random.default_rng([self.seed, 7]).permutation(n)[: self.eval_examples])
         draws = 1 if self.sampler.deterministic and len(self.grid) == 1 else 4
