@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Run THERE, on the lent GPU machine, from the repository root, as one device call:
+#   run(command="bash benchmarks/device/gpu_checks.sh", carry=[".whl"], timeout_s=540)
+# after `bash benchmarks/device/fetch_wheels.sh` here. Installs the carried wheels and this
+# checkout (no network, no build isolation) into /tmp/site, then writes the GPU figures of
+# issue 11 (benchmarks/measure_gpu.py: models/s, fraction of the card's bf16 rate, sweeps,
+# matching on the device) to $OUT/measure_gpu.md. Extra arguments go to measure_gpu.py.
+# Locally (a smoke run of the same steps): PYTHON=.venv/bin/python DEVICE=cpu bash
+# benchmarks/device/gpu_checks.sh --width 1 --examples 64 --sweep-examples 500 --matching-width 1
+set -uo pipefail
+cd "$(dirname "$0")/../.."
+PYTHON=${PYTHON:-python3}
+DEVICE=${DEVICE:-cuda}
+OUT=${OUT:-$(mktemp -d)}
+mkdir -p "$OUT"
+SITE=${SITE:-/tmp/combinability-site}
+export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false  # torch and jax share the card in one process
+rm -rf "$SITE"
+if compgen -G ".whl/*.whl" >/dev/null; then
+  "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$SITE" .whl/*.whl || exit 1
+fi
+"$PYTHON" -m pip install -q --no-index --no-deps --no-build-isolation --no-compile --no-cache-dir --upgrade \
+  --target "$SITE" . \
+  || exit 1
+export PYTHONPATH="$SITE"
+{
+  command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
+  "$PYTHON" -P -c "import combinability, torch, jax, flax; print('combinability', combinability.__file__); \
+print('torch', torch.__version__, 'cuda', torch.cuda.is_available(), '| jax', jax.__version__, jax.devices(), \
+'| flax', flax.__version__)"
+} 2>&1 | tee "$OUT/environment.txt"
+timeout 480 "$PYTHON" benchmarks/measure_gpu.py --device "$DEVICE" "$@" 2>&1 | tee "$OUT/measure_gpu.md"
+echo "written: $OUT/environment.txt $OUT/measure_gpu.md"
