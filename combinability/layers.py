@@ -40,10 +40,11 @@ Examples
 from __future__ import annotations
 
 import functools
+import math
 import zlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -84,13 +85,20 @@ class Node:
     units : int
         Output features (dense) or channels (conv).
     kernel, stride, padding : int
-        Convolution (square kernels) and max-pool geometry.
+        Convolution and max-pool geometry. A conv node also takes ``(height, width)``
+        pairs for each, and ``padding`` may be ``((top, bottom), (left, right))``;
+        :meth:`conv_geometry` gives the conv's in one normal form.
+    dilation : int or (int, int)
+        A conv node's kernel dilation.
     bias : bool
         Whether a dense or conv layer has a bias.
     norm : str
         For ``op="norm"``: one of :data:`NORMS`.
     groups : int
-        For ``norm="groupnorm"``: the number of groups.
+        For ``norm="groupnorm"``: the number of groups. For a conv node: its feature
+        groups (torch's ``groups``, flax's ``feature_group_count``); ``groups`` equal to the
+        input channels and to ``units`` is a depthwise convolution, which keeps its input's
+        channel space (channel ``c`` reads input channel ``c`` only).
     fn : str
         For ``op="act"``: the activation's name.
     eps : float
@@ -101,7 +109,7 @@ class Node:
         the others.
     fixed : int
         For dense and conv nodes: frozen entries per output unit (W-Asymmetric); 0, the
-        default, is a standard layer. At most the unit's fan-in (``in x kernel x kernel``).
+        default, is a standard layer. At most the unit's fan-in (``in / groups x kh x kw``).
     scale : float
         Standard deviation of the frozen random values: the frozen weights of a
         ``fixed > 0`` node, the gate matrix of a ``"gate"`` node.
@@ -114,9 +122,9 @@ class Node:
     op: str
     inputs: tuple[str, ...] = ()
     units: int = 0
-    kernel: int = 1
-    stride: int = 1
-    padding: int = 0
+    kernel: int | tuple[int, int] = 1
+    stride: int | tuple[int, int] = 1
+    padding: int | tuple[int, int] | tuple[tuple[int, int], tuple[int, int]] = 0
     bias: bool = True
     norm: str = "layernorm"
     eps: float = 1e-5
@@ -126,6 +134,7 @@ class Node:
     fixed: int = 0
     scale: float = 1.0
     seed: int = 0
+    dilation: int | tuple[int, int] = 1
 
     def __post_init__(self) -> None:
         if self.op not in OPS:
@@ -137,6 +146,15 @@ class Node:
                                      f"valid: {', '.join(ACTIVATIONS)}")
         if self.op in ("dense", "conv") and self.units < 1:
             raise ConfigurationError(f"node {self.name!r}: a {self.op} node needs units >= 1, got {self.units}")
+        if self.op == "conv":
+            self.conv_geometry()  # validates kernel, stride, padding and dilation
+            if isinstance(self.groups, bool) or not isinstance(self.groups, int | np.integer) or self.groups < 1 \
+                    or self.units % self.groups:
+                raise ConfigurationError(f"node {self.name!r}: a conv node's groups must be an int >= 1 dividing "
+                                         f"its {self.units} units, got {self.groups!r}")
+        elif any(isinstance(v, tuple) for v in (self.kernel, self.stride, self.padding)) or self.dilation != 1:
+            raise ConfigurationError(f"node {self.name!r}: only a conv node takes (height, width) pairs or a "
+                                     f"dilation; a {self.op!r} node takes ints")
         if self.fixed and self.op not in ("dense", "conv"):
             raise ConfigurationError(f"node {self.name!r}: fixed={self.fixed!r} frozen entries per unit need a dense "
                                      f"or conv node, not a {self.op!r} node")
@@ -152,6 +170,59 @@ class Node:
     def asymmetric(self) -> bool:
         """Whether the node breaks the permutation symmetry of its channels (W- or σ-Asymmetric)."""
         return self.fixed > 0 or self.op == "gate"
+
+    def conv_geometry(self) -> ConvGeometry:
+        """The kernel, stride, padding and dilation of a conv node as ``(height, width)`` pairs.
+
+        Examples
+        --------
+        >>> Node("c", "conv", units=4, kernel=(1, 7), padding=(0, 3)).conv_geometry()
+        ConvGeometry(kernel=(1, 7), stride=(1, 1), padding=((0, 0), (3, 3)), dilation=(1, 1))
+        """
+        where = f"node {self.name!r}"
+        kernel, stride, dilation = (_hw(v, what, where, low) for v, what, low in
+                                    ((self.kernel, "kernel", 1), (self.stride, "stride", 1),
+                                     (self.dilation, "dilation", 1)))
+        pad = self.padding
+        if isinstance(pad, tuple) and len(pad) == 2 and all(isinstance(p, tuple) for p in pad):
+            padding = tuple(_hw(p, "padding", where, 0) for p in pad)
+        else:
+            padding = tuple((p, p) for p in _hw(pad, "padding", where, 0))
+        return ConvGeometry(kernel, stride, padding, dilation)
+
+    def depthwise(self, c_in: int) -> bool:
+        """Whether this is a depthwise conv on ``c_in`` channels: one group per channel, one channel out each."""
+        return self.op == "conv" and self.groups > 1 and self.groups == c_in == self.units
+
+
+class ConvGeometry(NamedTuple):
+    """A convolution's geometry, each entry per spatial axis (height, width)."""
+
+    kernel: tuple[int, int]
+    stride: tuple[int, int]
+    padding: tuple[tuple[int, int], tuple[int, int]]
+    dilation: tuple[int, int]
+
+    def output(self, spatial: tuple[int, int]) -> tuple[int, int]:
+        """The output's spatial size for an input of ``spatial``."""
+        return tuple((s + lo + hi - d * (k - 1) - 1) // st + 1  # type: ignore[return-value]
+                     for s, k, st, (lo, hi), d in zip(spatial, self.kernel, self.stride, self.padding, self.dilation,
+                                                      strict=True))
+
+    @property
+    def symmetric_padding(self) -> tuple[int, int] | None:
+        """``(height, width)`` padding when each axis is padded alike on both sides, else None."""
+        return None if any(lo != hi for lo, hi in self.padding) else (self.padding[0][0], self.padding[1][0])
+
+
+def _hw(value: Any, what: str, where: str, low: int) -> tuple[int, int]:
+    """``value`` (an int or a pair of ints, each >= ``low``) as a ``(height, width)`` pair."""
+    pair = (value, value) if isinstance(value, int | np.integer) and not isinstance(value, bool) else value
+    if not (isinstance(pair, tuple | list) and len(pair) == 2
+            and all(isinstance(v, int | np.integer) and not isinstance(v, bool) and v >= low for v in pair)):
+        raise ConfigurationError(f"{where}: {what} must be an int >= {low} or a (height, width) pair of them, "
+                                 f"got {value!r}")
+    return int(pair[0]), int(pair[1])
 
 
 def _node_rng(node: Node) -> np.random.Generator:
@@ -265,8 +336,12 @@ class LayerTable:
                 ins.append(out[name])
             x = ins[0]
             where = f"layer table {self.name!r}, node {node.name!r}"
+            if node.op == "conv" and x.channels % node.groups:
+                raise ConfigurationError(f"{where}: {x.channels} input channels do not split into "
+                                         f"groups={node.groups}")
             if node.op in ("dense", "conv"):
-                fan_in = x.channels * (node.kernel**2 if node.op == "conv" else 1)
+                fan_in = (x.channels // node.groups * math.prod(node.conv_geometry().kernel) if node.op == "conv"
+                          else x.channels)
                 if node.fixed > fan_in:
                     raise ConfigurationError(f"{where}: fixed={node.fixed} frozen entries per unit exceed the fan-in "
                                              f"of {fan_in}; valid: 0 to {fan_in}")
@@ -277,7 +352,7 @@ class LayerTable:
             elif node.op == "conv":
                 if x.spatial is None:
                     raise ConfigurationError(f"{where}: a conv layer needs an image, got a vector")
-                h, w = ((s + 2 * node.padding - node.kernel) // node.stride + 1 for s in x.spatial)
+                h, w = node.conv_geometry().output(x.spatial)
                 if h < 1 or w < 1:
                     raise ConfigurationError(f"{where}: the image {x.spatial} is too small for the kernel")
                 out[node.name] = _Shape(node.units, (h, w))
@@ -304,7 +379,7 @@ class LayerTable:
     def parameters(self) -> dict[str, tuple[tuple[int, ...], str]]:
         """Every parameter and buffer: ``{name: (shape, dtype)}`` in the reference convention.
 
-        Dense ``weight`` is ``(out, in)``, conv ``weight`` is ``(out, in, k, k)``; a BatchNorm
+        Dense ``weight`` is ``(out, in)``, conv ``weight`` is ``(out, in / groups, kh, kw)``; a BatchNorm
         has ``weight``, ``bias``, ``running_mean``, ``running_var`` and an int64 0-d
         ``num_batches_tracked`` counter.
         """
@@ -315,7 +390,8 @@ class LayerTable:
             if node.op == "dense":
                 params[f"{node.name}.weight"] = ((node.units, c_in), "float32")
             elif node.op == "conv":
-                params[f"{node.name}.weight"] = ((node.units, c_in, node.kernel, node.kernel), "float32")
+                params[f"{node.name}.weight"] = ((node.units, c_in // node.groups, *node.conv_geometry().kernel),
+                                                 "float32")
             elif node.op == "norm":
                 params[f"{node.name}.weight"] = ((c_in,), "float32")
                 params[f"{node.name}.bias"] = ((c_in,), "float32")
@@ -346,9 +422,11 @@ class LayerTable:
     def _spaces(self) -> tuple[dict[str, int], dict[int, str | None]]:
         """Channel space of every node's output, and each space's permutation name (None: fixed).
 
-        A dense or conv node opens a new space; norms, activations and pooling keep their
-        input's; an addition merges its inputs' spaces (union-find); flattening an image,
-        the network's input and the logits are fixed (not permutable).
+        A dense or conv node opens a new space; norms, activations, pooling and depthwise
+        convs keep their input's; an addition merges its inputs' spaces (union-find);
+        flattening an image, the network's input and the logits are fixed (not permutable),
+        and so are both sides of a conv with 1 < groups (other than depthwise), whose
+        channels may only move within their groups.
         """
         parent: dict[int, int] = {}
 
@@ -372,9 +450,15 @@ class LayerTable:
         opened: dict[int, str] = {}
         for node in self.nodes:
             ins = [space[i] for i in self.inputs_of(node)]
-            if node.op in ("dense", "conv"):
+            if node.op == "conv" and node.depthwise(src_channels(node)):
+                s = ins[0]
+                if node.fixed:
+                    fixed.add(s)
+            elif node.op in ("dense", "conv"):
                 s = new()
                 opened[s] = node.name
+                if node.op == "conv" and node.groups > 1:
+                    fixed.update((s, ins[0]))
                 if node.fixed:  # frozen entries sit at fixed rows and columns: neither space may move
                     fixed.update((s, ins[0]))
             elif node.op == "gate":
@@ -421,8 +505,8 @@ class LayerTable:
             p_out = names[space[node.name]]
             if node.op == "dense":
                 axes[f"{node.name}.weight"] = (p_out, p_in)
-            elif node.op == "conv":
-                axes[f"{node.name}.weight"] = (p_out, p_in, None, None)
+            elif node.op == "conv":  # grouped: the input axis runs within a group (depthwise: length 1)
+                axes[f"{node.name}.weight"] = (p_out, p_in if node.groups == 1 else None, None, None)
             elif node.op == "norm":
                 axes[f"{node.name}.weight"] = (p_out,)
                 axes[f"{node.name}.bias"] = (p_out,)

@@ -34,6 +34,26 @@ def conv2d(x: np.ndarray, w: np.ndarray, b: np.ndarray | None = None, stride: in
     return out if b is None else out + b[None, :, None, None]
 
 
+def conv2d_general(x: np.ndarray, w: np.ndarray, b: np.ndarray | None, stride: tuple[int, int],
+                   padding: tuple[tuple[int, int], tuple[int, int]], dilation: tuple[int, int],
+                   groups: int) -> np.ndarray:
+    """NCHW cross-correlation with an ``(out, in / groups, kh, kw)`` kernel: strides, per-side
+    padding ``((top, bottom), (left, right))``, dilation and feature groups, one kernel offset at a time."""
+    x = np.pad(x, ((0, 0), (0, 0), *padding))
+    (sh, sw), (dh, dw), (kh, kw) = stride, dilation, w.shape[2:]
+    oh = (x.shape[2] - dh * (kh - 1) - 1) // sh + 1
+    ow = (x.shape[3] - dw * (kw - 1) - 1) // sw + 1
+    c_group, o_group = w.shape[1], w.shape[0] // groups
+    out = np.zeros((x.shape[0], w.shape[0], oh, ow))
+    for g in range(groups):
+        xs, ws = x[:, g * c_group:(g + 1) * c_group], w[g * o_group:(g + 1) * o_group]
+        for i in range(kh):
+            for j in range(kw):
+                patch = xs[:, :, i * dh: i * dh + sh * (oh - 1) + 1: sh, j * dw: j * dw + sw * (ow - 1) + 1: sw]
+                out[:, g * o_group:(g + 1) * o_group] += np.einsum("ncyx,oc->noyx", patch, ws[:, :, i, j])
+    return out if b is None else out + b[None, :, None, None]
+
+
 # -- MLP --------------------------------------------------------------------------
 def mlp_params(rng: np.random.Generator, sizes: tuple[int, ...]) -> dict[str, np.ndarray]:
     params = {}

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax.traverse_util import flatten_dict, unflatten_dict
 
-from combinability.layers import LayerTable
+from combinability.layers import ConvGeometry, LayerTable
 
 __all__ = ["FlaxModel", "FrozenConv", "FrozenDense", "Norm", "TableNet", "flatten_variables", "unflatten_variables"]
 
@@ -96,23 +96,23 @@ class FrozenDense(nn.Module):
 
 
 class FrozenConv(nn.Module):
-    """An NHWC convolution computing with ``where(mask, values, kernel)``; ``mask``: ``(k, k, in, out)``."""
+    """An NHWC convolution computing with ``where(mask, values, kernel)``; ``mask``: ``(kh, kw, in / groups, out)``."""
 
     units: int
-    kernel_size: int
-    stride: int
-    padding: int
+    geometry: ConvGeometry
+    groups: int
     mask: Any
     values: Any
     use_bias: bool = True
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        k = self.kernel_size
-        kernel = self.param("kernel", nn.initializers.lecun_normal(), (k, k, x.shape[-1], self.units))
+        g = self.geometry
+        kernel = self.param("kernel", nn.initializers.lecun_normal(),
+                            (*g.kernel, x.shape[-1] // self.groups, self.units))
         y = jax.lax.conv_general_dilated(x, jnp.where(self.mask, jnp.asarray(self.values, kernel.dtype), kernel),
-                                         (self.stride,) * 2, ((self.padding, self.padding),) * 2,
-                                         dimension_numbers=("NHWC", "HWIO", "NHWC"))
+                                         g.stride, g.padding, rhs_dilation=g.dilation,
+                                         dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=self.groups)
         return y + self.param("bias", nn.initializers.zeros, (self.units,)) if self.use_bias else y
 
 
@@ -145,15 +145,15 @@ class TableNet(nn.Module):
             if node.op in ("dense", "conv") and node.fixed:
                 mask, frozen = _frozen_flax(self.table)[node.name]
                 h = (FrozenDense(node.units, mask, frozen, node.bias, name=name) if node.op == "dense" else
-                     FrozenConv(node.units, k, node.stride, node.padding, mask, frozen, node.bias, name=name))(h)
+                     FrozenConv(node.units, node.conv_geometry(), node.groups, mask, frozen, node.bias, name=name))(h)
             elif node.op == "gate":
                 h = _gate(self.table, node.name, h)
             elif node.op == "dense":
                 h = nn.Dense(node.units, use_bias=node.bias, name=name)(h)
             elif node.op == "conv":
-                pad = ((node.padding, node.padding),) * 2
-                h = nn.Conv(node.units, (k, k), strides=(node.stride,) * 2, padding=pad, use_bias=node.bias,
-                            name=name)(h)
+                g = node.conv_geometry()
+                h = nn.Conv(node.units, g.kernel, strides=g.stride, padding=g.padding, kernel_dilation=g.dilation,
+                            feature_group_count=node.groups, use_bias=node.bias, name=name)(h)
             elif node.op == "norm":
                 h = Norm(node.norm, node.eps, node.groups, name=name)(h, train)
             elif node.op == "relu":

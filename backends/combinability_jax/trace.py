@@ -53,6 +53,25 @@ def _pair(v: Any) -> tuple:
     return (1, 1) if v is None else (v, v) if isinstance(v, int | str) else tuple(v)
 
 
+def _conv_padding(pad: Any, kernel: tuple, stride: tuple, dilation: tuple,
+                  spatial: tuple) -> tuple[tuple[int, int], ...] | None:
+    """A flax ``Conv``'s padding as ``((top, bottom), (left, right))``; None for one that is not zeros.
+
+    ``"SAME"`` pads as ``lax`` does: up to a multiple of the stride, the smaller half first.
+    """
+    if isinstance(pad, str):
+        if pad.upper() not in ("SAME", "VALID"):
+            return None
+        same = pad.upper() == "SAME"
+        totals = (max((-(-n // s) - 1) * s + d * (k - 1) + 1 - n, 0) * same
+                  for n, k, s, d in zip(spatial, kernel, stride, dilation, strict=True))
+        return tuple((t // 2, t - t // 2) for t in totals)
+    per_axis = [pad, pad] if isinstance(pad, int) else list(pad)
+    if len(per_axis) != 2:
+        return None
+    return tuple((int(p), int(p)) if isinstance(p, int) else (int(p[0]), int(p[1])) for p in per_axis)
+
+
 def _leaf_node(path: str, m: nn.Module, shape: tuple[int, ...], ins: tuple[str, ...], hint: str) -> Node:
     """The node of one call of a Dense, Conv or normalisation module on an input of ``shape``."""
     nd, what = len(shape), f"module {path!r} ({type(m).__name__})"
@@ -62,17 +81,13 @@ def _leaf_node(path: str, m: nn.Module, shape: tuple[int, ...], ins: tuple[str, 
     if isinstance(m, nn.Dense) and nd == 2:
         return Node(path, "dense", ins, units=m.features, bias=m.use_bias)
     if isinstance(m, nn.Conv) and nd == 4 and len(_pair(m.kernel_size)) == 2:
-        (k, _), (s, _), pad = _pair(m.kernel_size), _pair(m.strides), m.padding
-        if isinstance(pad, str) and pad.upper() in ("SAME", "VALID"):  # SAME: lax's split, the smaller half first
-            pad = [(t // 2, t - t // 2) for t in (max((-(-n // s) - 1) * s + k - n, 0) * (pad.upper() == "SAME")
-                                                  for n in shape[1:3])]
-        pads = {p for pair in (_pair(p) for p in _pair(pad)) for p in pair} if not isinstance(pad, str) else {}
-        if ({_pair(m.input_dilation), _pair(m.kernel_dilation)} == {(1, 1)} and m.feature_group_count == 1
-                and len(set(_pair(m.kernel_size))) == len(set(_pair(m.strides))) == len(pads) == 1):
-            return Node(path, "conv", ins, units=m.features, kernel=k, stride=s, padding=pads.pop(), bias=m.use_bias)
-        raise TracingError(f"{what}: only square, ungrouped, undilated convolutions with symmetric padding are "
-                           f"supported (got kernel {m.kernel_size}, strides {m.strides}, padding {m.padding!r}, "
-                           f"groups {m.feature_group_count})" + hint)
+        kernel, stride, dilation = _pair(m.kernel_size), _pair(m.strides), _pair(m.kernel_dilation)
+        padding = _conv_padding(m.padding, kernel, stride, dilation, shape[1:3])
+        if _pair(m.input_dilation) == (1, 1) and padding is not None:
+            return Node(path, "conv", ins, units=m.features, kernel=kernel, stride=stride, padding=padding,
+                        dilation=dilation, groups=m.feature_group_count, bias=m.use_bias)
+        raise TracingError(f"{what}: only zero-padded 2-d convolutions without input dilation are supported (got "
+                           f"padding {m.padding!r}, input_dilation {m.input_dilation})" + hint)
     norm = next((k for k, ok in {"batchnorm": isinstance(m, nn.BatchNorm) and last[2],
                                  "layernorm": isinstance(m, nn.LayerNorm) and last[0] and last[1],
                                  "groupnorm": isinstance(m, nn.GroupNorm) and m.reduction_axes is None}.items()

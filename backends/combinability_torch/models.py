@@ -18,7 +18,7 @@ from torch import nn
 
 from combinability.layers import LayerTable, Node
 
-__all__ = ["ChannelLayerNorm", "FrozenConv2d", "FrozenLinear", "Gate", "TableNet"]
+__all__ = ["ChannelLayerNorm", "FrozenConv2d", "FrozenLinear", "Gate", "TableConv2d", "TableNet", "conv2d"]
 
 
 class ChannelLayerNorm(nn.Module):
@@ -61,15 +61,46 @@ class FrozenLinear(_Frozen, nn.Linear):
         return F.linear(x, self.effective(self.weight), self.bias)
 
 
-class FrozenConv2d(_Frozen, nn.Conv2d):
+class TableConv2d(nn.Conv2d):
+    """The convolution of a conv node whose padding differs between two sides of an axis.
+
+    ``nn.Conv2d`` pads both sides of an axis alike: this one pads ``extra_padding``
+    (``F.pad``'s ``(left, right, top, bottom)``) first, then convolves unpadded. A conv
+    node padded alike on both sides is a plain ``nn.Conv2d`` (:func:`conv2d`).
+    """
+
+    def __init__(self, c_in: int, node: Node) -> None:
+        g = node.conv_geometry()
+        super().__init__(c_in, node.units, g.kernel, stride=g.stride, padding=g.symmetric_padding or 0,
+                         dilation=g.dilation, groups=node.groups, bias=node.bias)
+        (top, bottom), (left, right) = g.padding
+        self.extra_padding = None if g.symmetric_padding else (left, right, top, bottom)
+
+    def _padded(self, x: torch.Tensor) -> torch.Tensor:
+        return x if self.extra_padding is None else F.pad(x, self.extra_padding)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._conv_forward(self._padded(x), self.weight, self.bias)
+
+
+def conv2d(c_in: int, node: Node) -> nn.Conv2d:
+    """The module of a conv node: ``nn.Conv2d``, or :class:`TableConv2d` for uneven padding."""
+    g = node.conv_geometry()
+    if g.symmetric_padding is None:
+        return TableConv2d(c_in, node)
+    return nn.Conv2d(c_in, node.units, g.kernel, stride=g.stride, padding=g.symmetric_padding, dilation=g.dilation,
+                     groups=node.groups, bias=node.bias)
+
+
+class FrozenConv2d(_Frozen, TableConv2d):
     """A convolution some of whose kernel entries are frozen at fixed values (W-Asymmetric)."""
 
     def __init__(self, c_in: int, node: Node, mask: Any, values: Any) -> None:
-        super().__init__(c_in, node.units, node.kernel, stride=node.stride, padding=node.padding, bias=node.bias)
+        super().__init__(c_in, node)
         self._freeze(mask, values)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._conv_forward(x, self.effective(self.weight), self.bias)
+        return self._conv_forward(self._padded(x), self.effective(self.weight), self.bias)
 
 
 class Gate(nn.Module):
@@ -96,7 +127,7 @@ def _module(node: Node, c_in: int, rank: int, table: LayerTable, frozen: dict[st
     if node.op == "dense":
         return nn.Linear(c_in, node.units, bias=node.bias)
     if node.op == "conv":
-        return nn.Conv2d(c_in, node.units, node.kernel, stride=node.stride, padding=node.padding, bias=node.bias)
+        return conv2d(c_in, node)
     if node.op == "norm" and node.norm == "batchnorm":
         return (nn.BatchNorm2d if rank == 4 else nn.BatchNorm1d)(c_in, eps=node.eps)
     if node.op == "norm" and node.norm == "groupnorm":

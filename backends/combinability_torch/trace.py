@@ -62,6 +62,20 @@ def _shape(n: Any) -> tuple[int, ...] | None:
     return tuple(meta.shape) if meta is not None and hasattr(meta, "shape") else None
 
 
+def _conv_padding(m: nn.Conv2d) -> tuple[tuple[int, int], tuple[int, int]]:
+    """A ``Conv2d``'s padding as ``((top, bottom), (left, right))``.
+
+    ``padding="same"`` pads ``dilation x (kernel - 1)`` in all on an axis, the smaller half
+    first (torch's split); ``"valid"`` pads nothing.
+    """
+    if m.padding == "valid":
+        return (0, 0), (0, 0)
+    if m.padding == "same":
+        totals = (d * (k - 1) for d, k in zip(m.dilation, m.kernel_size, strict=True))
+        return tuple((t // 2, t - t // 2) for t in totals)  # type: ignore[return-value]
+    return tuple((int(p), int(p)) for p in m.padding)  # type: ignore[return-value]
+
+
 def _node(n: fx.Node, gm: fx.GraphModule, name: str, ins: tuple[str, ...], model: nn.Module) -> Node | None:
     """The table node of one fx node; None for a node that passes its input on unchanged."""
     where = f"node {n.name!r} ({n.op} {n.target!r})"
@@ -71,12 +85,11 @@ def _node(n: fx.Node, gm: fx.GraphModule, name: str, ins: tuple[str, ...], model
         if isinstance(m, nn.Linear):
             return Node(name, "dense", ins, units=m.out_features, bias=m.bias is not None)
         if isinstance(m, nn.Conv2d):
-            k, s, p, d = m.kernel_size, m.stride, m.padding, m.dilation
-            if m.groups != 1 or d != (1, 1) or k[0] != k[1] or s[0] != s[1] or isinstance(p, str) or p[0] != p[1]:
-                raise TracingError(f"{where}: only square, ungrouped, undilated convolutions with symmetric padding "
-                                   f"are supported (got kernel {k}, stride {s}, padding {p}, groups {m.groups})"
-                                   + _hint(model))
-            return Node(name, "conv", ins, units=m.out_channels, kernel=k[0], stride=s[0], padding=p[0],
+            if m.padding_mode != "zeros":
+                raise TracingError(f"{where}: only zero-padded convolutions are supported (got padding_mode "
+                                   f"{m.padding_mode!r})" + _hint(model))
+            return Node(name, "conv", ins, units=m.out_channels, kernel=tuple(m.kernel_size), stride=tuple(m.stride),
+                        padding=_conv_padding(m), dilation=tuple(m.dilation), groups=m.groups,
                         bias=m.bias is not None)
         if isinstance(m, nn.BatchNorm1d | nn.BatchNorm2d):
             if not (m.affine and m.track_running_stats):
