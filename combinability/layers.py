@@ -54,7 +54,8 @@ from combinability.permutation import PermutationSpec
 __all__ = ["Node", "LayerTable", "OPS", "NORMS", "ACTIVATIONS"]
 
 #: The operations a node may perform.
-OPS = ("dense", "conv", "norm", "relu", "act", "gate", "identity", "flatten", "avgpool", "maxpool", "add")
+OPS = ("dense", "conv", "norm", "relu", "act", "gate", "identity", "flatten", "avgpool", "maxpool", "add",
+       "concat")
 #: Kinds of normalisation: LayerNorm over the channel axis (at every position), BatchNorm, GroupNorm.
 NORMS = ("layernorm", "batchnorm", "groupnorm")
 #: Element-wise activations an ``"act"`` node may name (torch.nn.functional / jax.nn names).
@@ -81,7 +82,8 @@ class Node:
         (:meth:`LayerTable.gate_matrix`); ``"identity"`` passes its input on.
     inputs : tuple of str
         Names of the nodes read; ``()`` reads the previous node (the network's input for
-        the first node). ``"add"`` takes two or more.
+        the first node). ``"add"`` takes two or more, and so does ``"concat"``, which
+        concatenates its inputs' channels in order (images of one size, or vectors).
     units : int
         Output features (dense) or channels (conv).
     kernel, stride, padding : int
@@ -371,6 +373,11 @@ class LayerTable:
                 if len(ins) < 2 or any(s != x for s in ins):
                     raise ConfigurationError(f"{where}: an addition needs two or more inputs of one shape, got {ins}")
                 out[node.name] = x
+            elif node.op == "concat":
+                if len(ins) < 2 or any(s.spatial != x.spatial for s in ins):
+                    raise ConfigurationError(f"{where}: a concatenation needs two or more inputs of one spatial size "
+                                             f"(or vectors), got {ins}")
+                out[node.name] = _Shape(sum(s.channels for s in ins), x.spatial)
             else:  # norm, relu
                 out[node.name] = x
         return out
@@ -419,14 +426,17 @@ class LayerTable:
                     {k: np.shape(v) for k, v in state.items()}, f"{what} does not fit the {self.name!r} layer table")
 
     # -- channel spaces and the permutation spec ----------------------------------------
-    def _spaces(self) -> tuple[dict[str, int], dict[int, str | None]]:
-        """Channel space of every node's output, and each space's permutation name (None: fixed).
+    def _spaces(self) -> tuple[dict[str, tuple[int, ...]], dict[int, str | None]]:
+        """Channel spaces of every node's output, and each space's permutation name (None: fixed).
 
+        A node's output is a tuple of spaces: one, or the parts of a concatenation in order.
         A dense or conv node opens a new space; norms, activations, pooling and depthwise
-        convs keep their input's; an addition merges its inputs' spaces (union-find);
-        flattening an image, the network's input and the logits are fixed (not permutable),
-        and so are both sides of a conv with 1 < groups (other than depthwise), whose
-        channels may only move within their groups.
+        convs keep their input's; an addition merges its inputs' spaces (union-find), part
+        by part when they are concatenations split alike; a concatenation joins its inputs'
+        parts. Fixed (not permutable): the network's input and the logits, an image
+        flattened into a vector, both sides of a conv with 1 < groups (other than
+        depthwise), whose channels may only move within their groups, and every part of a
+        concatenation one of whose parts is fixed (a packed axis moves all its segments).
         """
         parent: dict[int, int] = {}
 
@@ -446,46 +456,71 @@ class LayerTable:
             return shapes[self.inputs_of(node)[0]].channels
 
         fixed = {new()}
-        space = {"<input>": 0}
+        size = {0: shapes["<input>"].channels}  # channels of each space
+        space: dict[str, tuple[int, ...]] = {"<input>": (0,)}
         opened: dict[int, str] = {}
+
+        def opens(node: Node) -> tuple[int, ...]:
+            s = new()
+            opened[s], size[s] = node.name, node.units
+            return (s,)
+
+        def fixed_space(channels: int) -> tuple[int, ...]:
+            s = new()
+            fixed.add(s)
+            size[s] = channels
+            return (s,)
+
         for node in self.nodes:
             ins = [space[i] for i in self.inputs_of(node)]
             if node.op == "conv" and node.depthwise(src_channels(node)):
                 s = ins[0]
                 if node.fixed:
-                    fixed.add(s)
+                    fixed.update(s)
             elif node.op in ("dense", "conv"):
-                s = new()
-                opened[s] = node.name
-                if node.op == "conv" and node.groups > 1:
-                    fixed.update((s, ins[0]))
-                if node.fixed:  # frozen entries sit at fixed rows and columns: neither space may move
-                    fixed.update((s, ins[0]))
+                s = opens(node)
+                if (node.op == "conv" and node.groups > 1) or node.fixed:
+                    # channels moving only within groups, or frozen entries at fixed rows and columns
+                    fixed.update((*s, *ins[0]))
             elif node.op == "gate":
                 s = ins[0]
-                fixed.add(s)  # G mixes the channels: only permutations commuting with it keep the function
+                fixed.update(s)  # G mixes the channels: only permutations commuting with it keep the function
             elif node.op == "flatten":
                 src = shapes[self.inputs_of(node)[0]]
                 if src.spatial is None or src.spatial == (1, 1):
                     s = ins[0]
                 else:
-                    s = new()
-                    fixed.add(s)
-                    fixed.add(ins[0])
+                    s = fixed_space(shapes[node.name].channels)
+                    fixed.update(ins[0])
             elif node.op == "norm" and node.norm == "groupnorm" and node.groups not in (1, src_channels(node)):
                 s = ins[0]
-                fixed.add(s)  # channels may only move within their group: not a permutation of all
+                fixed.update(s)  # channels may only move within their group: not a permutation of all
+            elif node.op == "concat":
+                s = tuple(part for parts in ins for part in parts)
             elif node.op == "add":
                 s = ins[0]
-                for other in ins[1:]:
-                    ra, rb = find(s), find(other)
-                    if ra != rb:
-                        parent[max(ra, rb)] = min(ra, rb)
+                if all([size[p] for p in other] == [size[p] for p in s] for other in ins[1:]):
+                    for other in ins[1:]:
+                        for pa, pb in zip(s, other, strict=True):
+                            ra, rb = find(pa), find(pb)
+                            if ra != rb:
+                                parent[max(ra, rb)] = min(ra, rb)
+                else:  # a sum of concatenations split differently: no permutation of the parts keeps it
+                    fixed.update(p for parts in ins for p in parts)
+                    s = fixed_space(shapes[node.name].channels)
             else:
                 s = ins[0]
             space[node.name] = s
-        fixed.add(space[self.nodes[-1].name])
+        fixed.update(space[self.nodes[-1].name])
         fixed_roots = {find(s) for s in fixed}
+        changed = True
+        while changed:  # a concatenation moves all its parts or none
+            changed = False
+            for parts in space.values():
+                roots = {find(p) for p in parts}
+                if len(roots) > 1 and not roots.isdisjoint(fixed_roots) and not roots <= fixed_roots:
+                    fixed_roots |= roots
+                    changed = True
         names: dict[int, str | None] = {}
         for s in sorted(parent):
             root = find(s)
@@ -494,15 +529,29 @@ class LayerTable:
             else:
                 first = min(t for t in parent if find(t) == root and t in opened)
                 names[s] = f"P_{opened[first]}"
-        return {k: find(v) for k, v in space.items()}, names
+        return {k: tuple(find(p) for p in v) for k, v in space.items()}, names
+
+    def _entries(self) -> dict[str, str | tuple[str, ...] | None]:
+        """Every node's output channels as a spec entry: a permutation name, None, or the names of
+        a concatenation's parts (the segments of a packed axis)."""
+        space, names = self._spaces()
+        out: dict[str, str | tuple[str, ...] | None] = {}
+        for node_name, parts in space.items():
+            named = tuple(names[p] for p in parts)
+            out[node_name] = named[0] if len(named) == 1 else None if named[0] is None else named
+        return out
 
     def spec(self) -> PermutationSpec:
-        """The permutation spec of the table's parameters (reference convention)."""
-        space, names = self._spaces()
-        axes: dict[str, tuple[str | None, ...]] = {}
+        """The permutation spec of the table's parameters (reference convention).
+
+        A layer reading a concatenation binds that axis to its parts' permutations, as the
+        segments of a packed axis (see :class:`~combinability.PermutationSpec`).
+        """
+        entry = self._entries()
+        axes: dict[str, tuple[Any, ...]] = {}
         for node in self.nodes:
-            p_in = names[space[self.inputs_of(node)[0]]]
-            p_out = names[space[node.name]]
+            p_in = entry[self.inputs_of(node)[0]]
+            p_out = entry[node.name]
             if node.op == "dense":
                 axes[f"{node.name}.weight"] = (p_out, p_in)
             elif node.op == "conv":  # grouped: the input axis runs within a group (depthwise: length 1)
@@ -530,12 +579,12 @@ class LayerTable:
         The last activation output in the permutation's space (for a residual stream: the
         output of its last block); the last node in that space when it has no activation.
         """
-        space, names = self._spaces()
+        entry = self._entries()
         points: dict[str, str] = {}
         relu: dict[str, str] = {}
         for node in self.nodes[:-1]:
-            p = names[space[node.name]]
-            if p is None or node.op == "flatten":
+            p = entry[node.name]
+            if not isinstance(p, str) or node.op == "flatten":  # fixed, or a concatenation of several
                 continue
             points[p] = node.name
             if node.op in ("relu", "act", "gate"):
@@ -651,7 +700,8 @@ class LayerTable:
     def producer(self, name: str) -> Node | None:
         """The dense or conv node whose output channels reach node ``name`` (None: the input).
 
-        Walks back through channel-keeping nodes; for an addition, the first input.
+        Walks back through channel-keeping nodes; for an addition, the first input; None
+        through a concatenation.
         """
         node = self.node(name)
         while True:
@@ -661,7 +711,7 @@ class LayerTable:
             node = self.node(src)
             if node.op in ("dense", "conv"):
                 return node
-            if node.op == "flatten":
+            if node.op in ("flatten", "concat"):  # a concatenation's channels come from several layers
                 return None
 
     def node(self, name: str) -> Node:

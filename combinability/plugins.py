@@ -530,7 +530,8 @@ def get_aligner(name: str | Callable[..., Any]) -> Callable[..., Any]:
 
 #: The symmetry kinds an aligner may declare it handles (:class:`AlignerRegistration`): plain neuron
 #: permutations, block permutations (attention heads, experts), orthogonal maps (a residual stream) and
-#: packed axes (segments of one axis that move separately, e.g. stacked query/key/value rows).
+#: packed axes (segments of one axis that move separately, e.g. stacked query/key/value rows or
+#: concatenated channels).
 SYMMETRY_KINDS: tuple[str, ...] = ("neuron", "blocks", "orthogonal", "packed")
 
 

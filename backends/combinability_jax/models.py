@@ -169,6 +169,8 @@ class TableNet(nn.Module):
                 h = pool(h, (k, k), strides=(max(1, node.stride),) * 2, padding=((node.padding, node.padding),) * 2)
             elif node.op == "add":
                 h = sum(ins[1:], ins[0])
+            elif node.op == "concat":  # channels-last
+                h = jnp.concatenate(ins, axis=-1)
             values[node.name] = h
             if taps is not None and node.name in taps:
                 taps[node.name] = _nchw(h)

@@ -34,7 +34,8 @@ _FUNCTIONS = (("relu", jax.nn.relu), ("gelu", partial(jax.nn.gelu, approximate=F
               ("leaky_relu", jax.nn.leaky_relu), ("softplus", jax.nn.softplus), ("relu6", jax.nn.relu6),
               ("hardtanh", jax.nn.hard_tanh))
 _FOLLOWS = ("it follows nn.Dense, 2-d nn.Conv, nn.BatchNorm, nn.LayerNorm, nn.GroupNorm, element-wise activations, "
-            "sums of two branches, nn.avg_pool/nn.max_pool, means over the spatial axes and reshapes to (n, -1)")
+            "sums of two branches, concatenations of channels (the last axis), nn.avg_pool/nn.max_pool, means over "
+            "the spatial axes and reshapes to (n, -1)")
 
 
 def train_kwargs(module: nn.Module, train: bool) -> dict[str, bool]:
@@ -127,7 +128,7 @@ class _Trace(JaxprWalker):
                 self._add(_leaf_node(scope[2:], m, shape, (self._name(next(i for i in ins if i in acts)),),
                                      self.hint), self.last[scope])
             elif scope[:2] == "C=":
-                self._free(prim, params, [i for i in ins if i in acts], outs, scope[2:])
+                self._free(prim, params, [i for i in ins if i in acts], outs, scope[2:], len(ins))
 
     def _intercept(self, next_fun: Any, args: tuple, kwargs: dict, context: Any) -> Any:
         m, path = context.module, ".".join(context.module.path)
@@ -142,10 +143,14 @@ class _Trace(JaxprWalker):
             return next_fun(*args, **kwargs)
 
 
-    def _free(self, prim: Any, p: dict, acts: list[int], outs: list[int], path: str) -> None:
-        """One operation of the user's modules on the input's dataflow."""
+    def _free(self, prim: Any, p: dict, acts: list[int], outs: list[int], path: str, operands: int) -> None:
+        """One operation of the user's modules on the input's dataflow (``operands``: all its inputs)."""
         n, shape, s = prim.name, self.shape[outs[0]], self.shape[acts[0]]
         where = f"operation {n!r} in {f'module {path!r}' if path else f'the top-level {self.name}'}"
+        if n == "concatenate" and len(shape) in (2, 4) and p["dimension"] == len(shape) - 1 \
+                and len(acts) == operands:  # channels (the last axis) of the input's dataflow only
+            self._add(Node(self._fresh(path, "concat"), "concat", tuple(map(self._name, acts))), outs[0])
+            return
         if n in _ELEMENTWISE and all(self.shape[a] == shape for a in acts):  # constants are checked on the probe
             roots = {self.root.get(a, a) for a in acts}
             if len(roots) > 1 and (n not in ("add", "add_any") or len(acts) != 2):

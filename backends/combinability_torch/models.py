@@ -163,7 +163,7 @@ class TableNet(nn.Module):
                                  if n.op in ("dense", "conv", "norm", "gate")}
         # nodes whose output is a fresh tensor (not a view of, or the same tensor as, another value)
         self._fresh = {n.name for n, ins, _ in table.schedule
-                       if n.op in ("dense", "conv", "norm") or (n.op == "add" and len(ins) > 1)}
+                       if n.op in ("dense", "conv", "norm", "concat") or (n.op == "add" and len(ins) > 1)}
 
     def forward(self, x: torch.Tensor, taps: dict[str, Any] | None = None) -> torch.Tensor:
         values: dict[str, torch.Tensor] = {"<input>": x}
@@ -193,6 +193,8 @@ class TableNet(nn.Module):
                 h = ins[0]
                 for other in ins[1:]:
                     h = h + other
+            elif node.op == "concat":
+                h = torch.cat(ins, dim=1)
             values[node.name] = h
             if taps is not None and node.name in taps:
                 taps[node.name] = h

@@ -2,7 +2,7 @@
 
 :func:`torch.fx.symbolic_trace` gives the module's dataflow graph; each node becomes a
 :class:`~combinability.layers.Node` (linear, conv, norms, activations, residual additions,
-pooling, flatten); parametrised modules keep their qualified name, so the table's
+channel concatenations, pooling, flatten); parametrised modules keep their qualified name, so the table's
 parameter names are the module's ``state_dict`` names. A node the table cannot express
 raises :class:`~combinability.errors.TracingError` naming it.
 """
@@ -30,6 +30,7 @@ _ACT_FUNCTIONS = {getattr(F, n): n for n in ACTIVATIONS} | {torch.relu: "relu", 
 _ADD = {operator.add, operator.iadd, torch.add}
 _SCALE = {operator.mul, operator.truediv, operator.imul, operator.itruediv, torch.mul}
 _KEEP_METHODS = {"contiguous", "clone", "detach", "float"}
+_CAT = {torch.cat, torch.concat, torch.concatenate}
 
 
 def _hint(model: nn.Module) -> str:
@@ -120,6 +121,15 @@ def _node(n: fx.Node, gm: fx.GraphModule, name: str, ins: tuple[str, ...], model
     target = n.target
     if n.op == "call_function" and target in _ADD and len(tensors) >= 2:
         return Node(name, "add", ins)
+    if n.op == "call_function" and target in _CAT:
+        dim = n.args[1] if len(n.args) > 1 else n.kwargs.get("dim", n.kwargs.get("axis", 0))
+        out = _shape(n)
+        if out is None or len(out) not in (2, 4) or dim % len(out) != 1:
+            raise TracingError(f"{where}: only concatenations along the channel axis (dim 1) of images or "
+                               f"vectors are followed (got dim {dim} of an output of shape {out})" + _hint(model))
+        if len(ins) < 2:  # torch.cat of one tensor: that tensor
+            return None
+        return Node(name, "concat", ins)
     if (n.op == "call_function" and target in _ADD | _SCALE and len(tensors) == 1) or \
             (n.op == "call_method" and target in _KEEP_METHODS) or target is F.dropout:
         return None
@@ -142,7 +152,8 @@ def _node(n: fx.Node, gm: fx.GraphModule, name: str, ins: tuple[str, ...], model
                     padding=args.get("padding", 0) if isinstance(args.get("padding", 0), int) else args["padding"][0],
                     fn="avg" if target is F.avg_pool2d else "")
     raise TracingError(f"{where}: the tracer cannot follow this operation (it follows linear, conv, BatchNorm, "
-                       "LayerNorm, GroupNorm, element-wise activations, residual additions, pooling and flatten)"
+                       "LayerNorm, GroupNorm, element-wise activations, residual additions, channel concatenations, "
+                       "pooling and flatten)"
                        + _hint(model))
 
 
@@ -185,8 +196,8 @@ def describe(model: nn.Module, example_input: torch.Tensor) -> tuple[LayerTable,
                                "followed" + _hint(model))
         read: list[fx.Node] = []
         fx.node.map_arg((n.args, n.kwargs), read.append)
-        ins = tuple(dict.fromkeys(alias[a.name] for a in read if a.name in alias)) if n.target not in _ADD \
-            else tuple(alias[a.name] for a in read if a.name in alias)
+        ins = tuple(dict.fromkeys(alias[a.name] for a in read if a.name in alias)) \
+            if n.target not in _ADD | _CAT else tuple(alias[a.name] for a in read if a.name in alias)
         if n.op == "call_method" and n.target in ("size", "dim"):
             continue
         if not ins:
@@ -195,7 +206,7 @@ def describe(model: nn.Module, example_input: torch.Tensor) -> tuple[LayerTable,
         if node is None:
             alias[n.name] = ins[0]
             continue
-        if node.op != "add":
+        if node.op not in ("add", "concat"):
             node = Node(**{**node.__dict__, "inputs": ins[:1]})
         alias[n.name] = node.name
         nodes.append(node)

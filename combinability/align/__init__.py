@@ -38,7 +38,7 @@ __all__ = ["AlignTask", "Aligner", "Features", "align", "get_aligner", "list_ali
 ALL_KINDS = frozenset(SYMMETRY_KINDS)
 
 _SHOWN = {"blocks": "Blocks (attention heads, experts)", "orthogonal": "Orthogonal (a residual stream)",
-          "packed": "packed axes (stacked query/key/value rows)"}
+          "packed": "packed axes (stacked query/key/value rows, concatenated channels)"}
 
 
 def spec_kinds(spec: PermutationSpec) -> frozenset[str]:
