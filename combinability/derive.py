@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from combinability.data.base import input_dtype
 from combinability.errors import LayoutError, TracingError
 from combinability.permutation import Permutation, apply_permutation, random_permutation
 
@@ -51,7 +52,7 @@ def verify_spec(backend: Backend, model: Any, spec: PermutationSpec, example_inp
     state = backend.state(model)
     floats = {k: v for k, v in state.items() if np.issubdtype(v.dtype, np.floating)}
     layout = FlatLayout.from_arrays(floats)
-    x = backend.asarray(example_input, "float32")
+    x = backend.asarray(example_input, input_dtype(example_input))
     evaluator = Evaluator(backend, model, layout, batch_size=max(1, int(x.shape[0])))
     perm = random_permutation(spec, state, seed=seed)
     base = backend.to_numpy(evaluator.logits(layout.flatten(floats), x))[0]
@@ -144,7 +145,7 @@ def derive_symmetries(model: Any, example_input: Any, *, backend: str | Backend 
     state = be.state(model)
     floats = {k: v for k, v in state.items() if np.issubdtype(v.dtype, np.floating)}
     folded = fold_norms(floats, folds)
-    x = be.asarray(example_input, "float32")
+    x = be.asarray(example_input, input_dtype(example_input))
     logits = _logits_of(be, model, floats, x)
     base = logits(floats)
     for what, params in (("folding the norms", folded),

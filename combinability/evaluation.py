@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from combinability.backend import bound_forward
+from combinability.data.base import input_dtype
 from combinability.errors import ConfigurationError, DatasetError, LayoutError
 from combinability.hookspecs import Registration, hookimpl
 from combinability.host_memory import keep_freed_memory
@@ -164,7 +165,8 @@ def get_logit_metric(metric: str | LogitMetric) -> LogitMetric:
 
 
 class DeviceData:
-    """Device copies of datasets (x float32, y int64), cached per dataset object."""
+    """Device copies of datasets (x float32, or int64 token ids: :func:`input_dtype`; y int64), cached per
+    dataset object."""
 
     def __init__(self, backend: Backend, size: int = 4) -> None:
         self.backend = backend
@@ -177,7 +179,7 @@ class DeviceData:
         if hit is not None and hit[0]() is data:
             self._cache.move_to_end(key)
             return hit[1], hit[2]
-        x = self.backend.asarray(np.ascontiguousarray(data.x, dtype=np.float32))
+        x = self.backend.asarray(np.ascontiguousarray(data.x, dtype=input_dtype(data.x)))
         y = self.backend.asarray(np.ascontiguousarray(data.y, dtype=np.int64))
         cache = self._cache
         cache[key] = (weakref.ref(data, lambda _, key=key, cache=cache: cache.pop(key, None)), x, y)

@@ -22,6 +22,7 @@ import numpy as np
 
 from combinability.backend import Backend
 from combinability.combination import register_compiler
+from combinability.data.base import input_dtype
 from combinability.errors import ConfigurationError, IncompatibleModelsError, UnknownNameError
 from combinability.evaluation import cross_entropy
 from combinability.layers import LayerTable
@@ -244,7 +245,7 @@ class JaxPrepared:
                     out = program.forward(flats, self.rest, padded)
                 else:  # one vector after the other (see JaxBackend's ``vectorize``); one vector never vmapped
                     out = jnp.stack([program.forward_row(flats, i, self.rest, padded) for i in range(flats.shape[0])])
-            return out if out.shape[1] == x.shape[0] else out[:, :x.shape[0]]
+            return out[:, :_kept_rows(out.shape[1], x.shape[0], padded.shape[0])]
 
         yield forward
 
@@ -268,13 +269,29 @@ class JaxPrepared:
             raise UnknownNameError(f"unknown feature point(s) {missing}; this model's points are: "
                                    f"{list(self.table.feature_points())}")
         with _precision(self.backend.precision):
-            out = self.program.features(flat, self.rest, self._padded(x), tuple(points))
-        return {p: v if v.shape[0] == x.shape[0] else v[:x.shape[0]] for p, v in out.items()}
+            padded = self._padded(x)
+            out = self.program.features(flat, self.rest, padded, tuple(points))
+        return {p: v[:_kept_rows(v.shape[0], x.shape[0], padded.shape[0])] for p, v in out.items()}
 
     def value_and_grad(self, flat: jax.Array, x: jax.Array, y: jax.Array,
                        loss: Callable[[Any, Any], Any]) -> tuple[jax.Array, jax.Array, jax.Array]:
         with _precision(self.backend.train_precision):
             return self.program.value_and_grad(flat, self.rest, self.mask, x, y, loss)
+
+
+def _example(x: Any) -> jax.Array:
+    """``example_input`` as the model will get inputs (:func:`~combinability.data.base.input_dtype`; int32
+    for integers unless jax has x64 enabled)."""
+    return jnp.asarray(x, jax.dtypes.canonicalize_dtype(input_dtype(x)))
+
+
+def _kept_rows(rows: int, examples: int, padded: int) -> int:
+    """The rows of an output on ``padded`` examples that belong to the first ``examples``.
+
+    Outputs are example-major with a fixed number of rows per example: one for a classifier,
+    a sequence's length for a model whose logits are ``(n * T, classes)``.
+    """
+    return rows // padded * examples
 
 
 @jax.jit
@@ -449,7 +466,7 @@ class JaxBackend(Backend):
         if isinstance(model, FlaxModel) and model.table is not None:
             return model.table
         m = self._model(model)
-        return describe(m.module, m.variables, jnp.asarray(example_input, jnp.float32))
+        return describe(m.module, m.variables, _example(example_input))
 
     def symmetries(self, model: Any, example_input: Any) -> tuple[Any, list[Any]]:
         """Heads, neurons and residual stream of a user's flax transformer (:mod:`combinability_jax.trace_stream`).
@@ -462,7 +479,7 @@ class JaxBackend(Backend):
         m = self._model(model)
         if m.table is not None:
             return m.table.spec(), []
-        return stream_symmetries(m.module, m.variables, jnp.asarray(example_input, jnp.float32))
+        return stream_symmetries(m.module, m.variables, _example(example_input))
 
     def adopt(self, model: Any, table: LayerTable) -> FlaxModel:
         """A user's ``(module, variables)`` as a :class:`FlaxModel` of its traced ``table`` (the table's names)."""

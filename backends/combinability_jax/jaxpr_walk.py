@@ -17,6 +17,7 @@ import jax
 import numpy as np
 from jax.extend.core import Literal
 
+from combinability.data.base import integer_hint
 from combinability.errors import TracingError
 
 __all__ = ["JaxprWalker", "INLINE"]
@@ -44,7 +45,8 @@ class JaxprWalker:
             raise
         except Exception as exc:
             raise TracingError(f"running {self.name}.apply on example_input of shape {tuple(np.shape(x))} failed: "
-                               f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0]}") from None
+                               f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0]}{integer_hint(x)}"
+                               ) from None
         self.inputs = [self._new(v.aval.shape) for v in closed.jaxpr.invars]
         self.src = {i: "/".join(str(getattr(k, "key", k)) for k in path) for i, (path, _) in
                     zip(self.inputs, jax.tree_util.tree_flatten_with_path(variables)[0], strict=False)}

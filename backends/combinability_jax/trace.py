@@ -110,6 +110,9 @@ class _Trace(JaxprWalker):
     def __init__(self, module: nn.Module, variables: Any, x: Any) -> None:
         self.name, self.calls = type(module).__name__, {}
         self.hint = f"; pass spec= (a combinability.PermutationSpec) by hand for {self.name}"
+        if jnp.issubdtype(jnp.asarray(x).dtype, jnp.integer):
+            raise TracingError(f"{self.name} takes integer inputs (token ids, read by an embedding), which layer "
+                               "tables do not model" + self.hint)
         if np.ndim(x) not in (2, 4):
             raise TracingError(f"example_input of {self.name} must be (n, features) or channels-last images "
                                f"(n, h, w, c), got shape {tuple(np.shape(x))}")

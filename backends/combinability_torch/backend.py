@@ -22,6 +22,7 @@ from torch import nn
 from torch.func import functional_call, vmap
 
 from combinability.backend import Backend
+from combinability.data.base import input_dtype
 from combinability.digests import in_numpy_memory
 from combinability.errors import LayoutError, TracingError, UnknownNameError
 from combinability.layers import LayerTable
@@ -340,14 +341,14 @@ class TorchBackend(Backend):
         """The layer table of a user's module, traced with torch.fx (see :mod:`combinability_torch.trace`)."""
         from combinability_torch.trace import describe
 
-        x = self.asarray(example_input, "float32").to("cpu")
+        x = self.asarray(example_input, input_dtype(example_input)).to("cpu")
         return describe(copy.deepcopy(model).to("cpu"), x)[0]
 
     def symmetries(self, model: nn.Module, example_input: Any) -> tuple[Any, list[Any]]:
         """Heads, neurons and residual stream of a user's transformer (:mod:`combinability_torch.trace_stream`)."""
         from combinability_torch.trace_stream import stream_symmetries
 
-        x = self.asarray(example_input, "float32").to("cpu")
+        x = self.asarray(example_input, input_dtype(example_input)).to("cpu")
         return stream_symmetries(copy.deepcopy(model).to("cpu").eval(), x)
 
     def state(self, model: nn.Module) -> dict[str, np.ndarray]:

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
+from combinability.data.base import integer_hint
 from combinability.errors import TracingError
 from combinability.layers import ACTIVATIONS, LayerTable, Node
 
@@ -175,7 +176,8 @@ def describe(model: nn.Module, example_input: torch.Tensor) -> tuple[LayerTable,
             ShapeProp(gm).propagate(example_input)
     except Exception as exc:
         raise TracingError(f"running {type(model).__name__} on example_input of shape {tuple(example_input.shape)} "
-                           f"failed: {type(exc).__name__}: {str(exc).splitlines()[0]}") from None
+                           f"failed: {type(exc).__name__}: {str(exc).splitlines()[0]}{integer_hint(example_input)}"
+                           ) from None
     finally:
         gm.train(was_training)
     names = table_names(gm)

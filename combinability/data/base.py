@@ -3,10 +3,39 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
-__all__ = ["ArrayDataset"]
+__all__ = ["ArrayDataset", "input_dtype", "integer_hint"]
+
+_SIGNED = ("int8", "int16", "int32", "int64")
+
+
+def input_dtype(x: Any) -> np.dtype:
+    """The type in which the library hands ``x`` to a model: int64 for signed integers, else float32.
+
+    Signed integer inputs are token ids (for an ``nn.Embedding`` or ``flax.linen.Embed``) and
+    stay integers; floating inputs, and unsigned or boolean ones (``uint8`` images), become
+    float32. ``x`` is a numpy, torch or jax array, or anything ``numpy.asarray`` takes.
+
+    Examples
+    --------
+    >>> input_dtype(np.array([[3, 1]])), input_dtype(np.zeros((2, 3), np.uint8)), input_dtype([0.5])
+    (dtype('int64'), dtype('float32'), dtype('float32'))
+    """
+    dtype = getattr(x, "dtype", None)
+    if dtype is None:
+        dtype = np.asarray(x).dtype
+    return np.dtype(np.int64) if str(dtype).rsplit(".", 1)[-1] in _SIGNED else np.dtype(np.float32)
+
+
+def integer_hint(x: Any) -> str:
+    """A note for an error on integer inputs (passed on as token ids, :func:`input_dtype`); ``""`` otherwise."""
+    if input_dtype(x) != np.int64:
+        return ""
+    return (" (example_input holds integers, which the model receives as integer token ids: give images and "
+            "features as floats)")
 
 
 @dataclass(frozen=True)
@@ -15,9 +44,10 @@ class ArrayDataset:
 
     Attributes
     ----------
-    x : numpy.ndarray of float32
+    x : numpy.ndarray of float32 (or int64 token ids)
         Inputs, channels-first: ``(n, c, h, w)`` for images, ``(n, f)`` for vectors;
-        already normalised (per-channel mean 0, std 1 on the training split).
+        already normalised (per-channel mean 0, std 1 on the training split). Token ids
+        (sequences ``(n, T)``) given as signed integers stay integers (:func:`input_dtype`).
     y : numpy.ndarray of int64, shape (n,)
         Labels in ``[0, num_classes)``.
     num_classes : int

@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from combinability.data.base import ArrayDataset
+from combinability.data.base import ArrayDataset, input_dtype
 from combinability.errors import DatasetError
 
 __all__ = ["as_dataset", "as_datasets", "to_numpy", "check_labels", "check_seed"]
@@ -116,7 +116,7 @@ def as_dataset(data: Any, split: str = "test", *, name: str = "data", num_classe
             raise DatasetError(f"y must be integer class labels, one per example (n,) or one per position of a "
                                f"sequence (n, T), got {y.dtype} of shape {y.shape}")
         classes = int(y.max()) + 1 if num_classes is None else int(num_classes)
-        ds = ArrayDataset(np.ascontiguousarray(x, dtype=np.float32), y.astype(np.int64), classes, name=name,
+        ds = ArrayDataset(np.ascontiguousarray(x, dtype=input_dtype(x)), y.astype(np.int64), classes, name=name,
                           split=split)
     if input_shape is not None and tuple(ds.input_shape) != tuple(input_shape):
         raise DatasetError(f"the data's examples have shape {ds.input_shape}, the models take {tuple(input_shape)}")

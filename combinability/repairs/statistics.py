@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from combinability.data.base import input_dtype
 from combinability.errors import ConfigurationError, DatasetError, LayoutError
 
 if TYPE_CHECKING:
@@ -65,15 +66,15 @@ def _prepared(ctx: RepairContext) -> Any:
 
 
 def _device_inputs(ctx: RepairContext) -> Any:
-    """The repair data's inputs on the device (float32), cached."""
+    """The repair data's inputs on the device (float32, or int64 token ids), cached."""
     if hasattr(ctx.data, "x") and hasattr(ctx.data, "y"):
         from combinability.evaluation import device_data
 
         return device_data(ctx.backend)(ctx.data)[0]
     key = (_KEY, "inputs", id(ctx.data))
     if key not in ctx.cache:
-        host = np.ascontiguousarray(_host_inputs(ctx.data), dtype=np.float32)
-        ctx.cache[key] = ctx.backend.asarray(host, np.float32)
+        inputs = _host_inputs(ctx.data)
+        ctx.cache[key] = ctx.backend.asarray(np.ascontiguousarray(inputs, dtype=input_dtype(inputs)))
     return ctx.cache[key]
 
 
