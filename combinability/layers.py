@@ -55,11 +55,12 @@ __all__ = ["Node", "LayerTable", "OPS", "NORMS", "ACTIVATIONS"]
 
 #: The operations a node may perform.
 OPS = ("dense", "conv", "norm", "relu", "act", "gate", "identity", "flatten", "avgpool", "maxpool", "add",
-       "concat")
+       "concat", "mul")
 #: Kinds of normalisation: LayerNorm over the channel axis (at every position), BatchNorm, GroupNorm.
 NORMS = ("layernorm", "batchnorm", "groupnorm")
 #: Element-wise activations an ``"act"`` node may name (torch.nn.functional / jax.nn names).
-ACTIVATIONS = ("relu", "gelu", "tanh", "sigmoid", "silu", "elu", "leaky_relu", "softplus", "relu6", "hardtanh")
+ACTIVATIONS = ("relu", "gelu", "tanh", "sigmoid", "silu", "elu", "leaky_relu", "softplus", "relu6", "hardtanh",
+               "hardswish", "hardsigmoid")
 _BN_BUFFERS = ("running_mean", "running_var", "num_batches_tracked")
 
 
@@ -73,7 +74,8 @@ class Node:
         Module path in the reference (torch) naming, e.g. ``"stage0_block0.conv1"``; it is
         also the name of the feature point that reads the node's output.
     op : str
-        One of :data:`OPS`. ``"avgpool"`` is global average pooling to ``(n, c)``;
+        One of :data:`OPS`. ``"avgpool"`` is global average pooling to ``(n, c)`` (to a
+        ``1 x 1`` image with ``keepdims``);
         ``"maxpool"`` is a ``kernel`` x ``kernel`` max pool (``stride``, ``padding``; an
         average pool when ``fn="avg"``), skipped when the image is smaller than the kernel;
         ``"act"`` applies the element-wise function ``fn`` (one of :data:`ACTIVATIONS`);
@@ -83,7 +85,9 @@ class Node:
     inputs : tuple of str
         Names of the nodes read; ``()`` reads the previous node (the network's input for
         the first node). ``"add"`` takes two or more, and so does ``"concat"``, which
-        concatenates its inputs' channels in order (images of one size, or vectors).
+        concatenates its inputs' channels in order (images of one size, or vectors), and
+        ``"mul"``, their element-wise product, where a ``1 x 1`` image or a vector scales
+        every position of an image of as many channels (a squeeze-and-excitation gate).
     units : int
         Output features (dense) or channels (conv).
     kernel, stride, padding : int
@@ -92,6 +96,8 @@ class Node:
         :meth:`conv_geometry` gives the conv's in one normal form.
     dilation : int or (int, int)
         A conv node's kernel dilation.
+    keepdims : bool
+        For ``op="avgpool"``: pool to a ``1 x 1`` image ``(n, c, 1, 1)`` rather than a vector.
     bias : bool
         Whether a dense or conv layer has a bias.
     norm : str
@@ -137,6 +143,7 @@ class Node:
     scale: float = 1.0
     seed: int = 0
     dilation: int | tuple[int, int] = 1
+    keepdims: bool = False
 
     def __post_init__(self) -> None:
         if self.op not in OPS:
@@ -362,7 +369,9 @@ class LayerTable:
                 size = x.channels * (x.spatial[0] * x.spatial[1] if x.spatial else 1)
                 out[node.name] = _Shape(size, None)
             elif node.op == "avgpool":
-                out[node.name] = _Shape(x.channels, None)
+                if node.keepdims and x.spatial is None:
+                    raise ConfigurationError(f"{where}: pooling a vector to a 1 x 1 image (keepdims)")
+                out[node.name] = _Shape(x.channels, (1, 1) if node.keepdims else None)
             elif node.op == "maxpool":
                 if x.spatial is None:
                     raise ConfigurationError(f"{where}: max pooling needs an image")
@@ -373,6 +382,14 @@ class LayerTable:
                 if len(ins) < 2 or any(s != x for s in ins):
                     raise ConfigurationError(f"{where}: an addition needs two or more inputs of one shape, got {ins}")
                 out[node.name] = x
+            elif node.op == "mul":
+                full = [s for s in ins if s.spatial not in (None, (1, 1))]
+                if len(ins) < 2 or any(s.channels != x.channels for s in ins) or len({s.spatial for s in full}) > 1:
+                    raise ConfigurationError(f"{where}: a product needs two or more inputs of as many channels, each "
+                                             f"an image of one size, a 1 x 1 image or a vector, got {ins}")
+                spatial = {s.spatial for s in ins}
+                out[node.name] = _Shape(x.channels, full[0].spatial if full else (1, 1) if (1, 1) in spatial
+                                        else None)
             elif node.op == "concat":
                 if len(ins) < 2 or any(s.spatial != x.spatial for s in ins):
                     raise ConfigurationError(f"{where}: a concatenation needs two or more inputs of one spatial size "
@@ -497,7 +514,7 @@ class LayerTable:
                 fixed.update(s)  # channels may only move within their group: not a permutation of all
             elif node.op == "concat":
                 s = tuple(part for parts in ins for part in parts)
-            elif node.op == "add":
+            elif node.op in ("add", "mul"):  # a sum or product of several spaces: one permutation moves them
                 s = ins[0]
                 if all([size[p] for p in other] == [size[p] for p in s] for other in ins[1:]):
                     for other in ins[1:]:

@@ -31,7 +31,8 @@ unflatten_variables = partial(unflatten_dict, sep="/")
 
 
 #: Activations whose ``jax.nn`` function is missing or has other defaults than torch's.
-_ACTIVATIONS = {"gelu": partial(jax.nn.gelu, approximate=False), "tanh": jnp.tanh, "hardtanh": jax.nn.hard_tanh}
+_ACTIVATIONS = {"gelu": partial(jax.nn.gelu, approximate=False), "tanh": jnp.tanh, "hardtanh": jax.nn.hard_tanh,
+                "hardswish": jax.nn.hard_swish, "hardsigmoid": jax.nn.hard_sigmoid}
 
 
 def _nchw(h: jax.Array) -> jax.Array:
@@ -163,7 +164,7 @@ class TableNet(nn.Module):
             elif node.op == "flatten":
                 h = jnp.reshape(_nchw(h), (h.shape[0], -1))
             elif node.op == "avgpool":
-                h = jnp.mean(h, axis=(1, 2))
+                h = jnp.mean(h, axis=(1, 2), keepdims=node.keepdims)
             elif node.op == "maxpool" and min(h.shape[1:3]) >= k:
                 pool = nn.avg_pool if node.fn == "avg" else nn.max_pool
                 h = pool(h, (k, k), strides=(max(1, node.stride),) * 2, padding=((node.padding, node.padding),) * 2)
@@ -171,6 +172,11 @@ class TableNet(nn.Module):
                 h = sum(ins[1:], ins[0])
             elif node.op == "concat":  # channels-last
                 h = jnp.concatenate(ins, axis=-1)
+            elif node.op == "mul":  # a vector scales every position of an image: (n, c) -> (n, 1, 1, c)
+                rank = max(v.ndim for v in ins)
+                h = ins[0] if ins[0].ndim == rank else ins[0][:, None, None, :]
+                for other in ins[1:]:
+                    h = h * (other if other.ndim == rank else other[:, None, None, :])
             values[node.name] = h
             if taps is not None and node.name in taps:
                 taps[node.name] = _nchw(h)

@@ -32,10 +32,10 @@ _ELEMENTWISE = {"add", "add_any", "sub", "mul", "div", "neg", "max", "min", "exp
 _FUNCTIONS = (("relu", jax.nn.relu), ("gelu", partial(jax.nn.gelu, approximate=False)), ("gelu", jax.nn.gelu),
               ("tanh", jnp.tanh), ("sigmoid", jax.nn.sigmoid), ("silu", jax.nn.silu), ("elu", jax.nn.elu),
               ("leaky_relu", jax.nn.leaky_relu), ("softplus", jax.nn.softplus), ("relu6", jax.nn.relu6),
-              ("hardtanh", jax.nn.hard_tanh))
+              ("hardtanh", jax.nn.hard_tanh), ("hardswish", jax.nn.hard_swish), ("hardsigmoid", jax.nn.hard_sigmoid))
 _FOLLOWS = ("it follows nn.Dense, 2-d nn.Conv, nn.BatchNorm, nn.LayerNorm, nn.GroupNorm, element-wise activations, "
-            "sums of two branches, concatenations of channels (the last axis), nn.avg_pool/nn.max_pool, means over "
-            "the spatial axes and reshapes to (n, -1)")
+            "sums and products of two branches, concatenations of channels (the last axis), nn.avg_pool/nn.max_pool, "
+            "means over the spatial axes and reshapes to (n, -1)")
 
 
 def train_kwargs(module: nn.Module, train: bool) -> dict[str, bool]:
@@ -79,7 +79,7 @@ def _leaf_node(path: str, m: nn.Module, shape: tuple[int, ...], ins: tuple[str, 
     last = [tuple(int(a) % nd for a in np.atleast_1d(-1 if axes is None else axes)) == (nd - 1,)
             for axes in (getattr(m, "reduction_axes", -1), getattr(m, "feature_axes", -1), getattr(m, "axis", -1))]
     affine = getattr(m, "use_scale", True) and getattr(m, "use_bias", True)
-    if isinstance(m, nn.Dense) and nd == 2:
+    if isinstance(m, nn.Dense) and (nd == 2 or (nd == 4 and shape[1:3] == (1, 1))):  # a 1 x 1 image: a vector
         return Node(path, "dense", ins, units=m.features, bias=m.use_bias)
     if isinstance(m, nn.Conv) and nd == 4 and len(_pair(m.kernel_size)) == 2:
         kernel, stride, dilation = _pair(m.kernel_size), _pair(m.strides), _pair(m.kernel_dilation)
@@ -154,14 +154,23 @@ class _Trace(JaxprWalker):
                 and len(acts) == operands:  # channels (the last axis) of the input's dataflow only
             self._add(Node(self._fresh(path, "concat"), "concat", tuple(map(self._name, acts))), outs[0])
             return
-        if n in _ELEMENTWISE and all(self.shape[a] == shape for a in acts):  # constants are checked on the probe
+        spread = n == "mul" and len(acts) == 2 and all(  # a 1 x 1 gate broadcast over the positions
+            len(self.shape[a]) == len(shape) and all(d in (1, e) for d, e in zip(self.shape[a], shape, strict=True))
+            for a in acts)
+        if n in _ELEMENTWISE and (spread or all(self.shape[a] == shape for a in acts)):  # constants: see the probe
             roots = {self.root.get(a, a) for a in acts}
-            if len(roots) > 1 and (n not in ("add", "add_any") or len(acts) != 2):
-                raise TracingError(f"{where} combines two branches; the tracer follows only their sum" + self.hint)
+            if len(roots) > 1 and (n not in ("add", "add_any", "mul") or len(acts) != 2):
+                raise TracingError(f"{where} combines two branches; the tracer follows only their sum or product"
+                                   + self.hint)
             if len(roots) > 1:
-                self._add(Node(self._fresh(path, "add"), "add", tuple(map(self._name, acts))), outs[0])
+                op = "mul" if n == "mul" else "add"  # a product: a gate (squeeze-and-excitation, gated units)
+                self._add(Node(self._fresh(path, op), op, tuple(map(self._name, acts))), outs[0])
             else:
                 self.root[outs[0]] = roots.pop()
+        elif len(acts) == 1 and n == "broadcast_in_dim" and len(shape) == 4 and s[0] == shape[0] \
+                and s[-1] == shape[-1] and math.prod(s[1:-1]) == 1:
+            self._name(acts[0])  # a vector or 1 x 1 image spread over the positions: a product broadcasts it
+            self.alias[outs[0]] = acts[0]
         elif len(acts) == 1 and n in ("reshape", "squeeze", "broadcast_in_dim", "expand_dims") and (
                 math.prod(s) == math.prod(shape) and s[0] == shape[0] and (len(s) == 2 or s == shape or len(s) == 4
                                                                      and len(shape) == 2)):

@@ -163,7 +163,7 @@ class TableNet(nn.Module):
                                  if n.op in ("dense", "conv", "norm", "gate")}
         # nodes whose output is a fresh tensor (not a view of, or the same tensor as, another value)
         self._fresh = {n.name for n, ins, _ in table.schedule
-                       if n.op in ("dense", "conv", "norm", "concat") or (n.op == "add" and len(ins) > 1)}
+                       if n.op in ("dense", "conv", "norm", "concat") or (n.op in ("add", "mul") and len(ins) > 1)}
 
     def forward(self, x: torch.Tensor, taps: dict[str, Any] | None = None) -> torch.Tensor:
         values: dict[str, torch.Tensor] = {"<input>": x}
@@ -184,7 +184,7 @@ class TableNet(nn.Module):
             elif node.op == "flatten":
                 h = h.flatten(1)
             elif node.op == "avgpool":
-                h = h.mean(dim=(2, 3))
+                h = h.mean(dim=(2, 3), keepdim=node.keepdims)
             elif node.op == "maxpool":
                 if min(h.shape[-2:]) >= node.kernel:
                     pool = F.avg_pool2d if node.fn == "avg" else F.max_pool2d
@@ -195,6 +195,11 @@ class TableNet(nn.Module):
                     h = h + other
             elif node.op == "concat":
                 h = torch.cat(ins, dim=1)
+            elif node.op == "mul":  # a vector scales every position of an image: (n, c) -> (n, c, 1, 1)
+                rank = max(v.dim() for v in ins)
+                h = ins[0] if ins[0].dim() == rank else ins[0][..., None, None]
+                for other in ins[1:]:
+                    h = h * (other if other.dim() == rank else other[..., None, None])
             values[node.name] = h
             if taps is not None and node.name in taps:
                 taps[node.name] = h

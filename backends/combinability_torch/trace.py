@@ -2,9 +2,9 @@
 
 :func:`torch.fx.symbolic_trace` gives the module's dataflow graph; each node becomes a
 :class:`~combinability.layers.Node` (linear, conv, norms, activations, residual additions,
-channel concatenations, pooling, flatten); parametrised modules keep their qualified name, so the table's
-parameter names are the module's ``state_dict`` names. A node the table cannot express
-raises :class:`~combinability.errors.TracingError` naming it.
+channel concatenations, products of branches, pooling, flatten); parametrised modules keep
+their qualified name, so the table's parameter names are the module's ``state_dict`` names.
+A node the table cannot express raises :class:`~combinability.errors.TracingError` naming it.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ __all__ = ["describe", "TapRunner", "table_names"]
 
 _ACT_MODULES = {nn.ReLU: "relu", nn.GELU: "gelu", nn.Tanh: "tanh", nn.Sigmoid: "sigmoid", nn.SiLU: "silu",
                 nn.ELU: "elu", nn.LeakyReLU: "leaky_relu", nn.Softplus: "softplus", nn.ReLU6: "relu6",
-                nn.Hardtanh: "hardtanh"}
+                nn.Hardtanh: "hardtanh", nn.Hardswish: "hardswish", nn.Hardsigmoid: "hardsigmoid"}
 _KEEP_MODULES = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Identity)
 _ACT_FUNCTIONS = {getattr(F, n): n for n in ACTIVATIONS} | {torch.relu: "relu", torch.tanh: "tanh",
                                                               torch.sigmoid: "sigmoid"}
@@ -32,6 +32,10 @@ _ADD = {operator.add, operator.iadd, torch.add}
 _SCALE = {operator.mul, operator.truediv, operator.imul, operator.itruediv, torch.mul}
 _KEEP_METHODS = {"contiguous", "clone", "detach", "float"}
 _CAT = {torch.cat, torch.concat, torch.concatenate}
+_MUL = {operator.mul, operator.imul, torch.mul, "mul"}
+#: Reshapes that turn a vector ``(n, c)`` into ``(n, c, 1, 1)`` (or on the way there), and broadcasts of that.
+_TO_IMAGE = {"view", "reshape", "unsqueeze", torch.reshape, torch.unsqueeze, operator.getitem, "expand",
+             "expand_as"}
 
 
 def _hint(model: nn.Module) -> str:
@@ -110,7 +114,7 @@ def _node(n: fx.Node, gm: fx.GraphModule, name: str, ins: tuple[str, ...], model
         if isinstance(m, nn.Flatten):
             return Node(name, "flatten", ins)
         if isinstance(m, nn.AdaptiveAvgPool2d) and m.output_size in (1, (1, 1)):
-            return Node(name, "avgpool", ins)
+            return Node(name, "avgpool", ins, keepdims=True)
         if isinstance(m, nn.MaxPool2d | nn.AvgPool2d):
             k, s, p = (v if isinstance(v, int) else v[0] for v in (m.kernel_size, m.stride or m.kernel_size,
                                                                    m.padding))
@@ -122,6 +126,8 @@ def _node(n: fx.Node, gm: fx.GraphModule, name: str, ins: tuple[str, ...], model
     target = n.target
     if n.op == "call_function" and target in _ADD and len(tensors) >= 2:
         return Node(name, "add", ins)
+    if n.op in ("call_function", "call_method") and target in _MUL and len(ins) == 2:
+        return Node(name, "mul", ins)  # a gate (squeeze-and-excitation, gated units): its factors move together
     if n.op == "call_function" and target in _CAT:
         dim = n.args[1] if len(n.args) > 1 else n.kwargs.get("dim", n.kwargs.get("axis", 0))
         out = _shape(n)
@@ -140,11 +146,15 @@ def _node(n: fx.Node, gm: fx.GraphModule, name: str, ins: tuple[str, ...], model
     out = _shape(n)
     if target in (torch.flatten, "flatten", "view", "reshape", "squeeze") and out is not None and len(out) == 2:
         return Node(name, "flatten", ins)
-    if (target in (torch.mean, "mean") and out is not None and len(out) == 2 and shape_in is not None
-            and len(shape_in) == 4):
-        return Node(name, "avgpool", ins)
+    if target in _TO_IMAGE and out is not None and shape_in is not None and len(shape_in) in (2, 3, 4) \
+            and len(out) in (3, 4) and out[:2] == shape_in[:2] and set(shape_in[2:]) <= {1} \
+            and (set(out[2:]) <= {1} or target in ("expand", "expand_as")):
+        return None  # a vector as (n, c, 1, 1): the table keeps the vector, which a product broadcasts
+    if (target in (torch.mean, "mean") and out is not None and len(out) in (2, 4) and shape_in is not None
+            and len(shape_in) == 4 and out[:2] == shape_in[:2] and set(out[2:]) <= {1}):
+        return Node(name, "avgpool", ins, keepdims=len(out) == 4)
     if target is F.adaptive_avg_pool2d and n.args[1] in (1, (1, 1)):
-        return Node(name, "avgpool", ins)
+        return Node(name, "avgpool", ins, keepdims=True)
     if target in (F.max_pool2d, F.avg_pool2d):
         args = {**dict(zip(("input", "kernel_size", "stride", "padding"), n.args, strict=False)), **n.kwargs}
         k = args["kernel_size"] if isinstance(args["kernel_size"], int) else args["kernel_size"][0]
@@ -154,7 +164,7 @@ def _node(n: fx.Node, gm: fx.GraphModule, name: str, ins: tuple[str, ...], model
                     fn="avg" if target is F.avg_pool2d else "")
     raise TracingError(f"{where}: the tracer cannot follow this operation (it follows linear, conv, BatchNorm, "
                        "LayerNorm, GroupNorm, element-wise activations, residual additions, channel concatenations, "
-                       "pooling and flatten)"
+                       "products of branches (gates), pooling and flatten)"
                        + _hint(model))
 
 
@@ -199,16 +209,19 @@ def describe(model: nn.Module, example_input: torch.Tensor) -> tuple[LayerTable,
         read: list[fx.Node] = []
         fx.node.map_arg((n.args, n.kwargs), read.append)
         ins = tuple(dict.fromkeys(alias[a.name] for a in read if a.name in alias)) \
-            if n.target not in _ADD | _CAT else tuple(alias[a.name] for a in read if a.name in alias)
-        if n.op == "call_method" and n.target in ("size", "dim"):
-            continue
+            if n.target not in _ADD | _CAT | _MUL else tuple(alias[a.name] for a in read if a.name in alias)
+        if (n.op == "call_method" and n.target in ("size", "dim")) or \
+                (n.op == "call_function" and n.target is getattr and n.args[1] in ("shape", "dtype", "device")):
+            continue  # sizes and types, not features
         if not ins:
+            if _shape(n) is None:  # arithmetic on sizes (``b, c = x.shape[:2]``): no tensor
+                continue
             raise TracingError(f"node {n.name!r} ({n.target!r}) reads no traced tensor" + _hint(model))
         node = _node(n, gm, names[n.name], ins, model)
         if node is None:
             alias[n.name] = ins[0]
             continue
-        if node.op not in ("add", "concat"):
+        if node.op not in ("add", "concat", "mul"):
             node = Node(**{**node.__dict__, "inputs": ins[:1]})
         alias[n.name] = node.name
         nodes.append(node)
