@@ -731,6 +731,36 @@ class LayerTable:
             if node.op in ("flatten", "concat"):  # a concatenation's channels come from several layers
                 return None
 
+    def producers(self, name: str) -> list[tuple[Node | None, int]]:
+        """The layers whose output channels reach node ``name``, as ``(producer, channels)`` in channel order.
+
+        One entry (:meth:`producer`), or one per part of a concatenation on the way (each part
+        walked back in turn).
+
+        Examples
+        --------
+        >>> t = LayerTable("c", (3,), 2, (Node("a", "dense", units=4), Node("b", "dense", ("<input>",), units=2),
+        ...                               Node("ab", "concat", ("a", "b")), Node("n", "norm"),
+        ...                               Node("o", "dense", units=2)))
+        >>> [(p.name, c) for p, c in t.producers("n")]
+        [('a', 4), ('b', 2)]
+        """
+        shapes = self.shapes()
+
+        def walk(src: str) -> list[tuple[Node | None, int]]:
+            while src != "<input>":
+                node = self.node(src)
+                if node.op in ("dense", "conv"):
+                    return [(node, shapes[src].channels)]
+                if node.op == "flatten":
+                    break
+                if node.op == "concat":
+                    return [part for i in self.inputs_of(node) for part in walk(i)]
+                src = self.inputs_of(node)[0]
+            return [(None, shapes[src].channels)]
+
+        return walk(self.inputs_of(self.node(name))[0])
+
     def node(self, name: str) -> Node:
         """The node called ``name``."""
         for n in self.nodes:

@@ -209,3 +209,22 @@ def test_a_concatenation_along_another_axis_is_refused_by_name():
 
     with pytest.raises(TracingError, match=r"node 'cat'.*only concatenations along the channel axis.*got dim 2"):
         cb.derive_spec(Stacked(), _x())
+
+
+def test_repair_weighs_each_concatenated_part_by_the_layer_that_made_it():
+    torch = pytest.importorskip("torch")
+    from types import SimpleNamespace
+
+    from combinability.repairs.batchnorm import channel_weights
+
+    layout = FlatLayout.from_arrays(_params())
+    v = np.random.default_rng(4).uniform(size=layout.size).astype(np.float32)
+    ctx = SimpleNamespace(backend=cb.get_backend("torch"), layout=layout, table=TABLE)
+    got = channel_weights(ctx, TABLE.node("bn"), torch.as_tensor(v)).numpy()
+    arrays = layout.unflatten(v.astype(np.float64))
+
+    def rows(name):  # each output channel's weight row and bias entry
+        w = arrays[f"{name}.weight"]
+        return np.concatenate([w.reshape(len(w), -1), arrays[f"{name}.bias"][:, None]], axis=1).mean(axis=1)
+
+    np.testing.assert_allclose(got, np.concatenate([rows("stem"), rows("c1")]), rtol=1e-5)

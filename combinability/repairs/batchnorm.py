@@ -131,28 +131,41 @@ def channel_weights(ctx: RepairContext, node: Node, v: Any) -> Any:
     """The weight of model B in each channel of a norm node's output, from the coefficients ``v``.
 
     The mean of ``v`` over the parameters that make the channel: the output row of the
-    weight of ``table.producer(node)`` (the dense or conv layer whose output the norm
-    normalises) and its bias entry. A scalar ``v`` (the linear path) is returned as it is.
-    Without a producer (a norm reading the input or a flattened image), the norm's own
-    weight and bias entries of the channel are used.
+    weight of the dense or conv layer whose output the norm normalises and its bias entry
+    (:meth:`~combinability.layers.LayerTable.producers`: after a concatenation, each part's
+    channels from the layer that made them). A scalar ``v`` (the linear path) is returned as
+    it is. Without a producer (a norm reading the input or a flattened image), the norm's
+    own weight and bias entries of the channel are used.
     """
     xp = ctx.backend.xp()
     if len(getattr(v, "shape", ())) == 0:
         return v
     layout, table = ctx.layout, ctx.table
     channels = layout[f"{node.name}.weight"].shape[0]
-    producer = table.producer(node.name)
-    names = ([f"{producer.name}.weight", f"{producer.name}.bias"] if producer is not None
-             else [f"{node.name}.weight", f"{node.name}.bias"])
-    names = [n for n in names if n in layout]
-    if not names or layout[names[0]].shape[0] != channels:
-        names = [f"{node.name}.weight", f"{node.name}.bias"]
+    parts, start = [], 0
+    for producer, count in table.producers(node.name):
+        names = [f"{producer.name}.weight", f"{producer.name}.bias"] if producer is not None else []
+        names = [n for n in names if n in layout]
+        if names and layout[names[0]].shape[0] == count:
+            parts.append(_row_means(xp, v, [(layout[n], 0, count) for n in names], count))
+        else:  # the norm's own entries of these channels
+            own = [(layout[f"{node.name}.{leaf}"], start, start + count) for leaf in ("weight", "bias")
+                   if f"{node.name}.{leaf}" in layout]
+            parts.append(_row_means(xp, v, own, count))
+        start += count
+    if start != channels:  # the table and the layout disagree: the norm's own entries throughout
+        return _row_means(xp, v, [(layout[f"{node.name}.{leaf}"], 0, channels) for leaf in ("weight", "bias")
+                                  if f"{node.name}.{leaf}" in layout], channels)
+    return parts[0] if len(parts) == 1 else xp.concat(parts)
+
+
+def _row_means(xp: Any, v: Any, entries: list[tuple[Any, int, int]], rows: int) -> Any:
+    """The mean of ``v`` per row over rows ``[a, b)`` of each layout entry (each read as ``(rows, -1)``)."""
     total, count = 0, 0
-    for name in names:
-        e = layout[name]
-        rows = xp.reshape(v[e.offset : e.stop], (channels, -1))
-        total = total + xp.sum(rows, axis=1)
-        count += rows.shape[1]
+    for e, a, b in entries:
+        block = xp.reshape(v[e.offset : e.stop], (e.shape[0], -1))[a:b]
+        total = total + xp.sum(block, axis=1)
+        count += block.shape[1]
     return total / count
 
 
