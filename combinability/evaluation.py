@@ -86,8 +86,19 @@ def cross_entropy(xp: Any, logits: Any, y: Any) -> Any:
 
 
 def mean_cross_entropy(xp: Any, logits: Any, y: Any) -> Any:
-    """The mean of :func:`cross_entropy` over every axis (a training loss)."""
+    """The mean of :func:`cross_entropy` over every axis (a training loss).
+
+    A sequence model's logits may come as ``(n * T, classes)`` or ``(n, T, classes)`` for
+    targets ``(n, T)``: both are read as one row per position.
+    """
+    if logits.ndim > 2:
+        logits, y = xp.reshape(logits, (-1, logits.shape[-1])), xp.reshape(y, (-1,))
     return xp.mean(cross_entropy(xp, logits, y))
+
+
+def _rows(xp: Any, logits: Any) -> Any:
+    """``(k, rows, classes)`` logits: a sequence model's ``(k, n, T, classes)`` as ``(k, n * T, classes)``."""
+    return logits if logits.ndim <= 3 else xp.reshape(logits, (logits.shape[0], -1, logits.shape[-1]))
 
 
 @functools.cache
@@ -283,7 +294,8 @@ class Evaluator:
         for c in range(0, self._count(stacked), self.vectors):
             chunk = self._chunk(stacked, c)
             with bound_forward(self.prepared, chunk) as forward:
-                parts = [forward(x[s : s + self.batch_size, ...]) for s in range(0, x.shape[0], self.batch_size)]
+                parts = [_rows(xp, forward(x[s : s + self.batch_size, ...]))
+                         for s in range(0, x.shape[0], self.batch_size)]
             rows.append(xp.concat(parts, axis=1))
         return xp.concat(rows, axis=0)
 
@@ -323,7 +335,7 @@ class Evaluator:
                 start = held = 0
                 for s in range(0, n, self.batch_size):
                     stop = min(s + self.batch_size, n)
-                    logits = forward(x[s:stop, ...])
+                    logits = _rows(xp, forward(x[s:stop, ...]))
                     pending.append(logits)
                     held += math.prod(logits.shape)
                     if held >= _SCORED_TOGETHER or stop == n:  # one call per metric for the group's batches

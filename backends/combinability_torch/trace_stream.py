@@ -8,7 +8,9 @@ dropout keep them; element-wise nonlinearities mark them (no rotation passes a G
 ``nn.MultiheadAttention`` (self-attention, packed ``in_proj_weight``) reads one space and
 writes a new one, with its heads as block permutations: the query/key rows share a
 within-head permutation, the value rows and ``out_proj`` columns another, and both move
-with the head. A space that only linear maps, norms, pooling and additions touch — a
+with the head. Attention written out by hand (:func:`_attention_parts`: a split of one layer's
+features into query, key and value, views into heads, ``F.scaled_dot_product_attention``)
+gives the same heads. A space that only linear maps, norms, pooling and additions touch — a
 residual stream — is an orthogonal map when every norm on it can be folded into the
 layers reading it (:func:`combinability.fold_norms`); ``fix_ones`` when a LayerNorm centres it.
 The spaces and the spec they add up to are framework-free: :mod:`combinability.feature_spaces`.
@@ -81,6 +83,9 @@ def stream_symmetries(model: nn.Module, example_input: torch.Tensor) -> tuple[Pe
     norms: list[Norm] = []
     heads: list[Heads] = []
     experts: list[Experts] = []
+    parts_of: dict[str, list[int]] = {}  # a split or chunk of features -> the spaces of its parts
+    packed: dict[int, tuple[int, ...]] = {}  # a layer's space -> its parts' spaces (q, k, v rows of one layer)
+    headed: dict[str, tuple[int, int]] = {}  # a (..., heads, head_dim) view -> (heads, head_dim)
 
     def bind(param: str, entries: list[Any]) -> None:
         if param in binds:
@@ -136,6 +141,8 @@ def stream_symmetries(model: nn.Module, example_input: torch.Tensor) -> tuple[Pe
                 space[n.name] = src
             elif isinstance(m, _PASS_MODULES):
                 space[n.name] = src
+                if n.args and isinstance(n.args[0], fx.Node) and n.args[0].name in headed:
+                    headed[n.name] = headed[n.args[0].name]  # dropout on per-head features
             else:
                 raise TracingError(f"{where}: the stream tracer cannot follow a {type(m).__name__} module"
                                    + _hint(model))
@@ -143,6 +150,8 @@ def stream_symmetries(model: nn.Module, example_input: torch.Tensor) -> tuple[Pe
             args = tensor_args(n)
             spaces = [space[a.name] for a in args]
             target = n.target
+            if _attention_parts(n, args, spaces, sp, space, parts_of, packed, headed, heads, where, model):
+                continue
             if target in ("topk", torch.topk) and args and _dim_is_last(n, 2):
                 sp.mark(spaces[:1])  # routing: permutations of the experts only
                 space[n.name] = FIXED  # sorted gate values and their indices: free of the experts' order
@@ -201,6 +210,8 @@ def stream_symmetries(model: nn.Module, example_input: torch.Tensor) -> tuple[Pe
             sp.fix(space[a.name] for a in tensor_args(n))
     for k, v in model.named_parameters():  # unused by forward: left as they are
         binds.setdefault(k, [None] * v.ndim)
+    for param, entries in binds.items():  # a layer whose output was split: its rows are packed segments
+        binds[param] = [packed.get(e, e) if isinstance(e, int) else e for e in entries]
     return spec_from_spaces(sp, binds, norms, heads, experts, _hint(model))
 
 
@@ -302,6 +313,9 @@ def _through_token_ops(gm: fx.GraphModule, users: list[fx.Node]) -> list[fx.Node
     """
     out: list[fx.Node] = []
     for u in users:
+        if (u.op == "call_method" and u.target in ("size", "dim")) or (
+                u.op == "call_function" and u.target is getattr and u.args[1] in ("shape", "dtype", "device")):
+            continue  # reads the shape, not the values
         passes = (u.op in ("call_function", "call_method") and (u.target in _TOKEN_OPS or u.target is
                   operator.getitem or u.target in _PASS) and _keeps_last(u)) or (
                   u.op == "call_module" and isinstance(gm.get_submodule(u.target), _PASS_MODULES))
@@ -331,6 +345,100 @@ def _attention(n: fx.Node, m: nn.MultiheadAttention, sp: FeatureSpaces, space: d
     if m.out_proj.bias is not None:
         bind(f"{n.target}.out_proj.bias", [s])
     return s
+
+
+_SPLITS = {"split", torch.split, "chunk", torch.chunk}
+_SDPA = {F.scaled_dot_product_attention}
+
+
+def _attention_parts(n: fx.Node, args: list[fx.Node], spaces: list[Any], sp: FeatureSpaces, space: dict[str, Any],
+                     parts_of: dict[str, list[int]], packed: dict[int, tuple[int, ...]],
+                     headed: dict[str, tuple[int, int]], heads: list[Heads], where: str, model: nn.Module) -> bool:
+    """Attention written out by hand (nanoGPT's): handle ``n`` and return True, or leave it (False).
+
+    One layer's features split into equal parts along the last axis (``qkv.split(d, dim=-1)``,
+    ``chunk(3, -1)``) make that layer's rows packed segments, one space per part; a part viewed as
+    ``(..., heads, head_dim)`` is *headed* until a view merges the heads back; token-axis
+    transposes and ``contiguous`` keep that; ``F.scaled_dot_product_attention(q, k, v)`` makes the
+    query's and key's spaces one (their within-head units are contracted together) and gives the
+    query/key and value spaces heads moving with one head order, as ``nn.MultiheadAttention``'s.
+    """
+    target = n.target
+    if target in _SPLITS and len(args) == 1 and spaces[0] not in (None, FIXED) and args[0].name not in headed:
+        dim = n.kwargs.get("dim", n.args[2] if len(n.args) > 2 else 0)
+        nd, last = _ndim(args[0]) or 0, _last(args[0]) or 0
+        count = n.args[1] if target in ("chunk", torch.chunk) else None
+        size = n.args[1] if count is None else None
+        if dim not in (-1, nd - 1):
+            return False
+        if isinstance(size, int) and size > 0 and last % size == 0:
+            count = last // size
+        if not isinstance(count, int) or count < 1 or last % count:
+            raise TracingError(f"{where}: features split into unequal parts{_hint(model)}")
+        if spaces[0] in packed or sp.find(spaces[0]) != spaces[0]:
+            raise TracingError(f"{where}: only a layer's own output may be split into parts{_hint(model)}")
+        parts = [sp.new(f"{n.name}.{i}", last // count) for i in range(count)]
+        parts_of[n.name], packed[spaces[0]] = parts, tuple(parts)
+        space[n.name] = None
+        return True
+    if target is operator.getitem and n.args and isinstance(n.args[0], fx.Node) and n.args[0].name in parts_of:
+        space[n.name] = parts_of[n.args[0].name][n.args[1]]
+        return True
+    if target in ("view", "reshape", torch.reshape) and len(args) == 1 and spaces[0] not in (None, FIXED):
+        src, out = _shape_of(args[0]), _shape_of(n)
+        if src is None or out is None:
+            return False
+        if args[0].name not in headed and len(out) == len(src) + 1 and out[:-2] == src[:-1] \
+                and out[-2] * out[-1] == src[-1] and min(out[-2:]) > 1:  # (..., h * dh) -> (..., h, dh)
+            headed[n.name] = (out[-2], out[-1])
+            space[n.name] = spaces[0]
+            return True
+        if args[0].name in headed and len(out) == len(src) - 1 and out[:-1] == src[:-2] \
+                and out[-1] == src[-2] * src[-1] and _heads_next_to_last(args[0], headed):  # heads merged back
+            space[n.name] = spaces[0]
+            return True
+        return False
+    if len(args) == 1 and args[0].name in headed and (
+            target in ("contiguous", "clone", "float", F.dropout) or
+            (target in ("transpose", torch.transpose) and _keeps_last(n))):
+        headed[n.name] = headed[args[0].name]
+        space[n.name] = spaces[0]
+        return True
+    if target in _SDPA:
+        q, k, v = (n.kwargs.get(name, n.args[i] if len(n.args) > i else None) for i, name in
+                   enumerate(("query", "key", "value")))
+        if not all(isinstance(t, fx.Node) and t.name in headed for t in (q, k, v)):
+            raise TracingError(f"{where}: scaled_dot_product_attention on query, key and value viewed as "
+                               f"(..., heads, head_dim) from one or more layers' features is followed{_hint(model)}")
+        shapes = {headed[t.name] for t in (q, k, v)}
+        if len(shapes) != 1 or any(_shape_of(t)[-3] != next(iter(shapes))[0] for t in (q, k, v)):
+            raise TracingError(f"{where}: query, key and value with different head counts or sizes, or heads not on "
+                               f"axis -3 (transpose(1, 2) after the view){_hint(model)}")
+        h, dh = next(iter(shapes))
+        qk = sp.union(space[q.name], space[k.name])
+        vo = space[v.name]
+        sp.mark([qk, vo])  # softmax of activations: permutations only
+        order = sp.new(f"{n.name}.heads", h, name=f"{n.name}.heads")
+        heads += [Heads(qk, order, h, dh), Heads(vo, order, h, dh)]
+        headed[n.name] = (h, dh)
+        space[n.name] = vo
+        return True
+    if any(a.name in headed for a in args):
+        raise TracingError(f"{where}: an operation on per-head features the tracer does not follow (it follows "
+                           f"views into and out of heads, token transposes and scaled_dot_product_attention)"
+                           f"{_hint(model)}")
+    return False
+
+
+def _shape_of(n: fx.Node) -> tuple[int, ...] | None:
+    meta = getattr(n, "meta", {}).get("tensor_meta")
+    return tuple(int(d) for d in meta.shape) if meta is not None and hasattr(meta, "shape") else None
+
+
+def _heads_next_to_last(n: fx.Node, headed: dict[str, tuple[int, int]]) -> bool:
+    """Whether a headed tensor has its heads on axis -2 again (transposed back before the merge)."""
+    shape = _shape_of(n)
+    return shape is not None and tuple(shape[-2:]) == headed[n.name]
 
 
 def _readers(gm: fx.GraphModule, node: fx.Node) -> tuple[Reader, ...] | None:

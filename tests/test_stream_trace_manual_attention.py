@@ -1,0 +1,149 @@
+"""Attention written out by hand (nanoGPT's): a packed ``c_attn`` split into q, k, v (or three layers),
+viewed as heads, ``F.scaled_dot_product_attention``, heads merged back; token ids in, ``(B, T, vocab)`` out.
+
+References: outputs of the model itself in float64 before and after a random transformation of
+every traced kind, a planted transformation that weight matching must undo, and a plain
+torch cross-entropy of the model's own logits.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+
+import combinability as cb
+from combinability.errors import TracingError
+from combinability.kinds import Blocks, Orthogonal
+
+torch = pytest.importorskip("torch")
+nn, F = torch.nn, torch.nn.functional
+
+VOCAB, T = 13, 8
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, d: int, heads: int, packed: bool) -> None:
+        super().__init__()
+        self.heads, self.d, self.packed = heads, d, packed
+        if packed:
+            self.c_attn = nn.Linear(d, 3 * d)
+        else:
+            self.q, self.k, self.v = nn.Linear(d, d), nn.Linear(d, d), nn.Linear(d, d)
+        self.c_proj, self.drop = nn.Linear(d, d), nn.Dropout(0.1)
+
+    def forward(self, x):
+        b, t, c = x.size()
+        if self.packed:
+            q, k, v = self.c_attn(x).split(self.d, dim=2)
+        else:
+            q, k, v = self.q(x), self.k(x), self.v(x)
+        q = q.view(b, t, self.heads, c // self.heads).transpose(1, 2)
+        k = k.view(b, t, self.heads, c // self.heads).transpose(1, 2)
+        v = v.view(b, t, self.heads, c // self.heads).transpose(1, 2)
+        y = self.drop(F.scaled_dot_product_attention(q, k, v, is_causal=True))  # on the per-head values
+        return self.c_proj(y.transpose(1, 2).contiguous().view(b, t, c))
+
+
+class Block(nn.Module):
+    def __init__(self, d: int, heads: int, packed: bool) -> None:
+        super().__init__()
+        self.ln_1, self.ln_2 = nn.LayerNorm(d), nn.LayerNorm(d)
+        self.attn = CausalSelfAttention(d, heads, packed)
+        self.c_fc, self.mlp_proj = nn.Linear(d, 4 * d), nn.Linear(4 * d, d)
+
+    def forward(self, x):
+        x = x + self.attn(self.ln_1(x))
+        return x + self.mlp_proj(F.gelu(self.c_fc(self.ln_2(x))))
+
+
+class NanoGPT(nn.Module):
+    def __init__(self, d: int = 16, heads: int = 4, depth: int = 2, packed: bool = True,
+                 head_bias: bool = False) -> None:
+        super().__init__()
+        self.wte, self.wpe = nn.Embedding(VOCAB, d), nn.Embedding(T, d)
+        self.h = nn.ModuleList([Block(d, heads, packed) for _ in range(depth)])
+        self.ln_f, self.lm_head = nn.LayerNorm(d), nn.Linear(d, VOCAB, bias=head_bias)
+
+    def forward(self, idx):
+        pos = torch.arange(0, idx.size(1), dtype=torch.long, device=idx.device)
+        x = self.wte(idx) + self.wpe(pos)
+        for block in self.h:
+            x = block(x)
+        return self.lm_head(self.ln_f(x))  # (B, T, vocab), as nanoGPT returns them
+
+
+def _randomise(model, seed):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * (0.3 if p.ndim > 1 else 0.5)
+                    + (1.0 if "ln" in name and name.endswith("weight") else 0))
+    return model.eval()
+
+
+def _out(model, state, idx):
+    m = copy.deepcopy(model).double()
+    m.load_state_dict({k: torch.as_tensor(v) for k, v in state.items()})
+    with torch.no_grad():
+        return m(idx).numpy()
+
+
+IDX = torch.randint(0, VOCAB, (4, T), generator=torch.Generator().manual_seed(0))
+
+
+@pytest.mark.parametrize("packed,head_bias", [(True, False), (False, True)])
+def test_hand_written_attention_is_traced_into_heads_and_keeps_the_function(packed, head_bias):
+    model = _randomise(NanoGPT(packed=packed, head_bias=head_bias), 0)
+    spec, folds = cb.derive_symmetries(model, IDX)
+    qkv = spec.axes_to_perm["h.0.attn.c_attn.weight"][0] if packed else tuple(
+        spec.axes_to_perm[f"h.0.attn.{p}.weight"][0] for p in "qkv")
+    qk, vo = qkv[0], qkv[2]
+    assert qkv[1] == qk != vo  # query and key rows: one name; value rows: another
+    assert isinstance(spec.kind(qk), Blocks) and spec.kind(qk).blocks == 4 and spec.kind(qk).size == 4
+    assert spec.kind(vo).group == spec.kind(qk).group  # both move with one head order
+    assert spec.axes_to_perm["h.0.attn.c_proj.weight"][1] == vo
+    stream = spec.axes_to_perm["wte.weight"][1]
+    assert spec.axes_to_perm["h.1.c_fc.weight"][1] == stream
+    # with a bias-free lm_head (nanoGPT's) ln_f's shift cannot fold: the stream stays a permutation
+    assert isinstance(spec.kind(stream), Orthogonal) == head_bias
+    state = {k: v.numpy().astype(np.float64) for k, v in model.state_dict().items()}
+    base = _out(model, state, IDX)
+    folded = cb.fold_norms(state, folds)
+    moved = cb.apply_permutation(spec, cb.random_permutation(spec, folded, seed=2), folded)
+    assert not np.allclose(moved["h.1.attn.c_proj.weight"], folded["h.1.attn.c_proj.weight"])
+    np.testing.assert_allclose(_out(model, moved, IDX), base, atol=1e-9)
+
+
+def test_a_planted_transformation_is_undone_and_a_sweep_scores_every_token():
+    model = _randomise(NanoGPT(), 1)
+    spec, folds = cb.derive_symmetries(model, IDX)
+    a = cb.fold_norms({k: v.numpy().astype(np.float64) for k, v in model.state_dict().items()}, folds)
+    b = cb.apply_permutation(spec, cb.random_permutation(spec, a, seed=5), a)
+    back = cb.apply_permutation(spec, cb.weight_matching(spec, a, b, seed=0, restarts=2), b)
+    assert max(float(np.abs(back[k] - a[k]).max()) for k in a) < 1e-6
+
+    other = _randomise(NanoGPT(), 2)
+    g = torch.Generator().manual_seed(1)
+    tokens, targets = (torch.randint(0, VOCAB, (6, T), generator=g) for _ in range(2))
+    pair = cb.ModelPair(model, other, example_input=IDX)
+    ds = cb.sweep(pair, cb.Linear(), data=(tokens.numpy(), targets.numpy()), values=[0.0, 1.0], splits=["test"])
+    with torch.no_grad():
+        for m, lam in ((model, 0.0), (other, 1.0)):
+            want = F.cross_entropy(m(tokens).reshape(-1, VOCAB), targets.reshape(-1)).item()
+            assert float(ds["loss"].sel(split="test", lam=lam).isel(sample=0)) == pytest.approx(want, rel=1e-5)
+
+
+def test_attention_on_unviewed_features_is_refused_by_name():
+    class Flat(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb, self.q, self.out = nn.Embedding(VOCAB, 8), nn.Linear(8, 8), nn.Linear(8, VOCAB)
+
+        def forward(self, idx):
+            h = self.q(self.emb(idx))
+            return self.out(F.scaled_dot_product_attention(h, h, h))
+
+    with pytest.raises(TracingError, match=r"scaled_dot_product_attention on query, key and value viewed as"):
+        cb.derive_symmetries(Flat(), IDX)
