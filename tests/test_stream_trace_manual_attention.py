@@ -1,5 +1,6 @@
 """Attention written out by hand (nanoGPT's): a packed ``c_attn`` split into q, k, v (or three layers),
-viewed as heads, ``F.scaled_dot_product_attention``, heads merged back; token ids in, ``(B, T, vocab)`` out.
+viewed as heads, ``F.scaled_dot_product_attention`` or softmax(masked q kᵀ / √dh) v (minGPT's), heads merged
+back; token ids in, ``(B, T, vocab)`` out.
 
 References: outputs of the model itself in float64 before and after a random transformation of
 every traced kind, a planted transformation that weight matching must undo, and a plain
@@ -9,6 +10,7 @@ torch cross-entropy of the model's own logits.
 from __future__ import annotations
 
 import copy
+import math
 
 import numpy as np
 import pytest
@@ -24,9 +26,10 @@ VOCAB, T = 13, 8
 
 
 class CausalSelfAttention(nn.Module):
-    def __init__(self, d: int, heads: int, packed: bool) -> None:
+    def __init__(self, d: int, heads: int, packed: bool, flash: bool = True) -> None:
         super().__init__()
-        self.heads, self.d, self.packed = heads, d, packed
+        self.heads, self.d, self.packed, self.flash = heads, d, packed, flash
+        self.register_buffer("bias", torch.tril(torch.ones(T, T)).view(1, 1, T, T))  # minGPT's causal mask
         if packed:
             self.c_attn = nn.Linear(d, 3 * d)
         else:
@@ -42,15 +45,20 @@ class CausalSelfAttention(nn.Module):
         q = q.view(b, t, self.heads, c // self.heads).transpose(1, 2)
         k = k.view(b, t, self.heads, c // self.heads).transpose(1, 2)
         v = v.view(b, t, self.heads, c // self.heads).transpose(1, 2)
-        y = self.drop(F.scaled_dot_product_attention(q, k, v, is_causal=True))  # on the per-head values
+        if self.flash:
+            y = self.drop(F.scaled_dot_product_attention(q, k, v, is_causal=True))  # on the per-head values
+        else:  # nanoGPT's path without flash attention (minGPT's): scores written out
+            att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(k.size(-1)))
+            att = att.masked_fill(self.bias[:, :, :t, :t] == 0, float("-inf"))
+            y = self.drop(F.softmax(att, dim=-1)) @ v
         return self.c_proj(y.transpose(1, 2).contiguous().view(b, t, c))
 
 
 class Block(nn.Module):
-    def __init__(self, d: int, heads: int, packed: bool) -> None:
+    def __init__(self, d: int, heads: int, packed: bool, flash: bool) -> None:
         super().__init__()
         self.ln_1, self.ln_2 = nn.LayerNorm(d), nn.LayerNorm(d)
-        self.attn = CausalSelfAttention(d, heads, packed)
+        self.attn = CausalSelfAttention(d, heads, packed, flash)
         self.c_fc, self.mlp_proj = nn.Linear(d, 4 * d), nn.Linear(4 * d, d)
 
     def forward(self, x):
@@ -60,10 +68,10 @@ class Block(nn.Module):
 
 class NanoGPT(nn.Module):
     def __init__(self, d: int = 16, heads: int = 4, depth: int = 2, packed: bool = True,
-                 head_bias: bool = False) -> None:
+                 head_bias: bool = False, flash: bool = True) -> None:
         super().__init__()
         self.wte, self.wpe = nn.Embedding(VOCAB, d), nn.Embedding(T, d)
-        self.h = nn.ModuleList([Block(d, heads, packed) for _ in range(depth)])
+        self.h = nn.ModuleList([Block(d, heads, packed, flash) for _ in range(depth)])
         self.ln_f, self.lm_head = nn.LayerNorm(d), nn.Linear(d, VOCAB, bias=head_bias)
 
     def forward(self, idx):
@@ -93,9 +101,9 @@ def _out(model, state, idx):
 IDX = torch.randint(0, VOCAB, (4, T), generator=torch.Generator().manual_seed(0))
 
 
-@pytest.mark.parametrize("packed,head_bias", [(True, False), (False, True)])
-def test_hand_written_attention_is_traced_into_heads_and_keeps_the_function(packed, head_bias):
-    model = _randomise(NanoGPT(packed=packed, head_bias=head_bias), 0)
+@pytest.mark.parametrize("packed,head_bias,flash", [(True, False, True), (False, True, True), (True, True, False)])
+def test_hand_written_attention_is_traced_into_heads_and_keeps_the_function(packed, head_bias, flash):
+    model = _randomise(NanoGPT(packed=packed, head_bias=head_bias, flash=flash), 0)
     spec, folds = cb.derive_symmetries(model, IDX)
     qkv = spec.axes_to_perm["h.0.attn.c_attn.weight"][0] if packed else tuple(
         spec.axes_to_perm[f"h.0.attn.{p}.weight"][0] for p in "qkv")
@@ -116,15 +124,16 @@ def test_hand_written_attention_is_traced_into_heads_and_keeps_the_function(pack
     np.testing.assert_allclose(_out(model, moved, IDX), base, atol=1e-9)
 
 
-def test_a_planted_transformation_is_undone_and_a_sweep_scores_every_token():
-    model = _randomise(NanoGPT(), 1)
+@pytest.mark.parametrize("flash", [True, False])
+def test_a_planted_transformation_is_undone_and_a_sweep_scores_every_token(flash):
+    model = _randomise(NanoGPT(flash=flash), 1)
     spec, folds = cb.derive_symmetries(model, IDX)
     a = cb.fold_norms({k: v.numpy().astype(np.float64) for k, v in model.state_dict().items()}, folds)
     b = cb.apply_permutation(spec, cb.random_permutation(spec, a, seed=5), a)
     back = cb.apply_permutation(spec, cb.weight_matching(spec, a, b, seed=0, restarts=2), b)
     assert max(float(np.abs(back[k] - a[k]).max()) for k in a) < 1e-6
 
-    other = _randomise(NanoGPT(), 2)
+    other = _randomise(NanoGPT(flash=flash), 2)
     g = torch.Generator().manual_seed(1)
     tokens, targets = (torch.randint(0, VOCAB, (6, T), generator=g) for _ in range(2))
     pair = cb.ModelPair(model, other, example_input=IDX)

@@ -9,16 +9,18 @@ dropout keep them; element-wise nonlinearities mark them (no rotation passes a G
 writes a new one, with its heads as block permutations: the query/key rows share a
 within-head permutation, the value rows and ``out_proj`` columns another, and both move
 with the head. Attention written out by hand (:func:`_attention_parts`: a split of one layer's
-features into query, key and value, views into heads, ``F.scaled_dot_product_attention``)
-gives the same heads. A space that only linear maps, norms, pooling and additions touch — a
-residual stream — is an orthogonal map when every norm on it can be folded into the
-layers reading it (:func:`combinability.fold_norms`); ``fix_ones`` when a LayerNorm centres it.
+features into query, key and value, views into heads, ``F.scaled_dot_product_attention`` or
+``softmax(q @ k.transpose(-2, -1)) @ v``) gives the same heads. A space that only linear
+maps, norms, pooling and additions touch — a residual stream — is an orthogonal map when
+every norm on it can be folded into the layers reading it (:func:`combinability.fold_norms`);
+``fix_ones`` when a LayerNorm centres it.
 The spaces and the spec they add up to are framework-free: :mod:`combinability.feature_spaces`.
 """
 
 from __future__ import annotations
 
 import operator
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -83,9 +85,7 @@ def stream_symmetries(model: nn.Module, example_input: torch.Tensor) -> tuple[Pe
     norms: list[Norm] = []
     heads: list[Heads] = []
     experts: list[Experts] = []
-    parts_of: dict[str, list[int]] = {}  # a split or chunk of features -> the spaces of its parts
-    packed: dict[int, tuple[int, ...]] = {}  # a layer's space -> its parts' spaces (q, k, v rows of one layer)
-    headed: dict[str, tuple[int, int]] = {}  # a (..., heads, head_dim) view -> (heads, head_dim)
+    att = _HandAttention()
 
     def bind(param: str, entries: list[Any]) -> None:
         if param in binds:
@@ -141,8 +141,7 @@ def stream_symmetries(model: nn.Module, example_input: torch.Tensor) -> tuple[Pe
                 space[n.name] = src
             elif isinstance(m, _PASS_MODULES):
                 space[n.name] = src
-                if n.args and isinstance(n.args[0], fx.Node) and n.args[0].name in headed:
-                    headed[n.name] = headed[n.args[0].name]  # dropout on per-head features
+                att.passes(n)  # dropout on per-head features or attention weights
             else:
                 raise TracingError(f"{where}: the stream tracer cannot follow a {type(m).__name__} module"
                                    + _hint(model))
@@ -150,7 +149,7 @@ def stream_symmetries(model: nn.Module, example_input: torch.Tensor) -> tuple[Pe
             args = tensor_args(n)
             spaces = [space[a.name] for a in args]
             target = n.target
-            if _attention_parts(n, args, spaces, sp, space, parts_of, packed, headed, heads, where, model):
+            if _attention_parts(n, args, spaces, sp, space, att, heads, where, model):
                 continue
             if target in ("topk", torch.topk) and args and _dim_is_last(n, 2):
                 sp.mark(spaces[:1])  # routing: permutations of the experts only
@@ -211,7 +210,7 @@ def stream_symmetries(model: nn.Module, example_input: torch.Tensor) -> tuple[Pe
     for k, v in model.named_parameters():  # unused by forward: left as they are
         binds.setdefault(k, [None] * v.ndim)
     for param, entries in binds.items():  # a layer whose output was split: its rows are packed segments
-        binds[param] = [packed.get(e, e) if isinstance(e, int) else e for e in entries]
+        binds[param] = [att.packed.get(e, e) if isinstance(e, int) else e for e in entries]
     return spec_from_spaces(sp, binds, norms, heads, experts, _hint(model))
 
 
@@ -224,13 +223,23 @@ class ConcreteTracer(fx.Tracer):
     what the symmetries are derived from and verified on.
     """
 
+    #: Buffers (a causal mask) are recorded as graph inputs, so indexing one with a traced size works.
+    proxy_buffer_attributes = True
+
     def __init__(self, example_input: torch.Tensor) -> None:
         super().__init__()
         self.example = example_input
         self.values: dict[fx.Node, Any] = {}
 
     def _value(self, a: Any) -> Any:
-        return fx.node.map_aggregate(a, lambda v: self.values[v.node] if isinstance(v, fx.Proxy) else v)
+        def one(v: Any) -> Any:
+            if isinstance(v, fx.Proxy):
+                return self.values[v.node]
+            if isinstance(v, slice):  # ``mask[:, :, :t, :t]`` with a traced size t
+                return slice(*(self._value(e) for e in (v.start, v.stop, v.step)))
+            return v
+
+        return fx.node.map_aggregate(a, one)
 
     def create_proxy(self, kind: str, target: Any, args: Any, kwargs: Any, *rest: Any, **more: Any) -> fx.Proxy:
         proxy = super().create_proxy(kind, target, args, kwargs, *rest, **more)
@@ -351,19 +360,53 @@ _SPLITS = {"split", torch.split, "chunk", torch.chunk}
 _SDPA = {F.scaled_dot_product_attention}
 
 
+@dataclass
+class _HandAttention:
+    """What :func:`_attention_parts` has seen of attention written out by hand."""
+
+    parts_of: dict[str, list[int]] = field(default_factory=dict)  # a split of features -> its parts' spaces
+    packed: dict[int, tuple[int, ...]] = field(default_factory=dict)  # a layer's space -> its parts' spaces
+    headed: dict[str, tuple[int, int]] = field(default_factory=dict)  # (..., heads, head_dim) -> (heads, dh)
+    keys: dict[str, tuple[int, int]] = field(default_factory=dict)  # headed, last two axes swapped (kᵀ)
+    scores: dict[str, tuple[int, int, int]] = field(default_factory=dict)  # q kᵀ and its softmax -> (qk, h, dh)
+
+    def passes(self, n: fx.Node) -> None:
+        """``n`` passes its first argument on unchanged in kind (dropout, a cast)."""
+        src = n.args[0].name if n.args and isinstance(n.args[0], fx.Node) else None
+        for seen in (self.headed, self.keys, self.scores):
+            if src in seen:
+                seen[n.name] = seen[src]  # type: ignore[index]
+
+
+_MATMUL = {operator.matmul, torch.matmul, "matmul"}
+#: Operations on attention scores that keep them scores: scaling, masking, softmax over keys, dropout.
+_ON_SCORES = {operator.mul, operator.truediv, operator.add, torch.mul, torch.add, "masked_fill", "masked_fill_",
+              torch.masked_fill, F.softmax, torch.softmax, "softmax", F.dropout, "float", "type_as", "contiguous"}
+
+
 def _attention_parts(n: fx.Node, args: list[fx.Node], spaces: list[Any], sp: FeatureSpaces, space: dict[str, Any],
-                     parts_of: dict[str, list[int]], packed: dict[int, tuple[int, ...]],
-                     headed: dict[str, tuple[int, int]], heads: list[Heads], where: str, model: nn.Module) -> bool:
-    """Attention written out by hand (nanoGPT's): handle ``n`` and return True, or leave it (False).
+                     att: _HandAttention, heads: list[Heads], where: str, model: nn.Module) -> bool:
+    """Attention written out by hand (nanoGPT's, minGPT's): handle ``n`` and return True, or leave it (False).
 
     One layer's features split into equal parts along the last axis (``qkv.split(d, dim=-1)``,
     ``chunk(3, -1)``) make that layer's rows packed segments, one space per part; a part viewed as
     ``(..., heads, head_dim)`` is *headed* until a view merges the heads back; token-axis
-    transposes and ``contiguous`` keep that; ``F.scaled_dot_product_attention(q, k, v)`` makes the
-    query's and key's spaces one (their within-head units are contracted together) and gives the
-    query/key and value spaces heads moving with one head order, as ``nn.MultiheadAttention``'s.
+    transposes, ``contiguous`` and dropout keep that. ``F.scaled_dot_product_attention(q, k, v)``,
+    or ``softmax(q @ k.transpose(-2, -1) * scale, masked) @ v``, makes the query's and key's spaces
+    one (their within-head units are contracted together) and gives the query/key and value spaces
+    heads moving with one head order, as ``nn.MultiheadAttention``'s.
     """
     target = n.target
+    headed = att.headed
+    if target in ("size", "dim") or (target is getattr and len(n.args) > 1 and n.args[1] in ("shape", "dtype",
+                                                                                              "device")):
+        return False  # shapes, not features
+    first = n.args[0] if n.args and isinstance(n.args[0], fx.Node) else None
+    if first is not None and first.name in att.scores and target in _ON_SCORES and \
+            not any(a.name in headed or a.name in att.keys for a in args):
+        att.scores[n.name] = att.scores[first.name]
+        space[n.name] = None
+        return True
     if target in _SPLITS and len(args) == 1 and spaces[0] not in (None, FIXED) and args[0].name not in headed:
         dim = n.kwargs.get("dim", n.args[2] if len(n.args) > 2 else 0)
         nd, last = _ndim(args[0]) or 0, _last(args[0]) or 0
@@ -375,14 +418,14 @@ def _attention_parts(n: fx.Node, args: list[fx.Node], spaces: list[Any], sp: Fea
             count = last // size
         if not isinstance(count, int) or count < 1 or last % count:
             raise TracingError(f"{where}: features split into unequal parts{_hint(model)}")
-        if spaces[0] in packed or sp.find(spaces[0]) != spaces[0]:
+        if spaces[0] in att.packed or sp.find(spaces[0]) != spaces[0]:
             raise TracingError(f"{where}: only a layer's own output may be split into parts{_hint(model)}")
         parts = [sp.new(f"{n.name}.{i}", last // count) for i in range(count)]
-        parts_of[n.name], packed[spaces[0]] = parts, tuple(parts)
+        att.parts_of[n.name], att.packed[spaces[0]] = parts, tuple(parts)
         space[n.name] = None
         return True
-    if target is operator.getitem and n.args and isinstance(n.args[0], fx.Node) and n.args[0].name in parts_of:
-        space[n.name] = parts_of[n.args[0].name][n.args[1]]
+    if target is operator.getitem and first is not None and first.name in att.parts_of:
+        space[n.name] = att.parts_of[first.name][n.args[1]]
         return True
     if target in ("view", "reshape", torch.reshape) and len(args) == 1 and spaces[0] not in (None, FIXED):
         src, out = _shape_of(args[0]), _shape_of(n)
@@ -404,6 +447,30 @@ def _attention_parts(n: fx.Node, args: list[fx.Node], spaces: list[Any], sp: Fea
         headed[n.name] = headed[args[0].name]
         space[n.name] = spaces[0]
         return True
+    if len(args) == 1 and args[0].name in headed and target in ("transpose", torch.transpose) and \
+            {int(d) % (_ndim(args[0]) or 1) for d in n.args[1:3]} == {(_ndim(args[0]) or 0) - 2,
+                                                                        (_ndim(args[0]) or 0) - 1}:
+        att.keys[n.name] = headed[args[0].name]  # k.transpose(-2, -1): head_dim now next to last
+        space[n.name] = spaces[0]
+        return True
+    if target in _MATMUL and len(n.args) == 2 and all(isinstance(a, fx.Node) for a in n.args):
+        left, right = n.args
+        if left.name in headed and right.name in att.keys:  # scores q kᵀ: query and key units contracted
+            if headed[left.name] != att.keys[right.name]:
+                raise TracingError(f"{where}: query and key with different head counts or sizes{_hint(model)}")
+            h, dh = headed[left.name]
+            qk = sp.union(space[left.name], space[right.name])
+            att.scores[n.name] = (qk, h, dh)
+            space[n.name] = None
+            return True
+        if left.name in att.scores and right.name in headed:  # the attention weights mix the values
+            qk, h, dh = att.scores[left.name]
+            if headed[right.name] != (h, dh):
+                raise TracingError(f"{where}: values with other head counts or sizes than the query{_hint(model)}")
+            _heads_of(sp, heads, qk, space[right.name], n.name, h, dh)
+            headed[n.name] = (h, dh)
+            space[n.name] = space[right.name]
+            return True
     if target in _SDPA:
         q, k, v = (n.kwargs.get(name, n.args[i] if len(n.args) > i else None) for i, name in
                    enumerate(("query", "key", "value")))
@@ -415,19 +482,22 @@ def _attention_parts(n: fx.Node, args: list[fx.Node], spaces: list[Any], sp: Fea
             raise TracingError(f"{where}: query, key and value with different head counts or sizes, or heads not on "
                                f"axis -3 (transpose(1, 2) after the view){_hint(model)}")
         h, dh = next(iter(shapes))
-        qk = sp.union(space[q.name], space[k.name])
-        vo = space[v.name]
-        sp.mark([qk, vo])  # softmax of activations: permutations only
-        order = sp.new(f"{n.name}.heads", h, name=f"{n.name}.heads")
-        heads += [Heads(qk, order, h, dh), Heads(vo, order, h, dh)]
+        _heads_of(sp, heads, sp.union(space[q.name], space[k.name]), space[v.name], n.name, h, dh)
         headed[n.name] = (h, dh)
-        space[n.name] = vo
+        space[n.name] = space[v.name]
         return True
-    if any(a.name in headed for a in args):
-        raise TracingError(f"{where}: an operation on per-head features the tracer does not follow (it follows "
-                           f"views into and out of heads, token transposes and scaled_dot_product_attention)"
-                           f"{_hint(model)}")
+    if any(a.name in headed or a.name in att.keys for a in args) or (first is not None and first.name in att.scores):
+        raise TracingError(f"{where}: an operation on per-head features or attention scores the tracer does not "
+                           f"follow (it follows views into and out of heads, token transposes, q @ k.transpose(-2, "
+                           f"-1) scaled, masked and softmaxed, @ v, and scaled_dot_product_attention){_hint(model)}")
     return False
+
+
+def _heads_of(sp: FeatureSpaces, heads: list[Heads], qk: int, vo: int, name: str, h: int, dh: int) -> None:
+    """Query/key and value spaces as heads moving with one new head order; softmax makes them permutations."""
+    sp.mark([qk, vo])
+    order = sp.new(f"{name}.heads", h, name=f"{name}.heads")
+    heads += [Heads(qk, order, h, dh), Heads(vo, order, h, dh)]
 
 
 def _shape_of(n: fx.Node) -> tuple[int, ...] | None:
