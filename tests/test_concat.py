@@ -14,6 +14,7 @@ import combinability as cb
 from combinability.errors import ConfigurationError, TracingError
 from combinability.layers import LayerTable, Node
 from combinability.layout import FlatLayout
+from tests.model_checks import table_logits
 from tests.reference_nets import conv2d_general, relu
 
 PAD1 = ((1, 1), (1, 1))
@@ -60,21 +61,12 @@ def _params(seed: int = 0) -> dict[str, np.ndarray]:
     return out
 
 
-def _table_logits(backend: str, params: dict[str, np.ndarray], x: np.ndarray) -> np.ndarray:
-    be = cb.get_backend(backend)
-    model = be.build(TABLE, seed=0)
-    state = {k: v for k, v in be.state(model).items() if v.dtype.kind == "f"}
-    layout = FlatLayout.from_arrays(state)
-    out = be.prepare(model, layout).forward(be.asarray(layout.flatten(params)[None]), be.asarray(x))
-    return be.to_numpy(out)[0]
-
-
 @pytest.mark.parametrize("backend", ["torch", "jax"])
 def test_both_backends_match_the_numpy_reference(backend):
     pytest.importorskip(backend)
     params = _params()
     x = np.random.default_rng(1).normal(size=(3, 2, 6, 6)).astype(np.float32)
-    np.testing.assert_allclose(_table_logits(backend, params, x), _reference(params, x), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(table_logits(backend, TABLE, params, x), _reference(params, x), rtol=1e-4, atol=1e-4)
 
 
 def test_spec_packs_the_parts_and_is_a_symmetry_of_the_reference():

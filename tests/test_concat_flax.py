@@ -12,6 +12,7 @@ import pytest
 
 import combinability as cb
 from combinability.errors import TracingError
+from tests.model_checks import flax_planted_permutation
 from tests.test_user_models_flax import _init
 
 jax = pytest.importorskip("jax")
@@ -51,15 +52,7 @@ def test_derived_spec_packs_the_concatenated_parts():
 def test_a_planted_permutation_keeps_the_function_and_is_undone():
     net, x = DenseBlockNet(), _x()
     va = _init(net, 0, x)
-    table = cb.derive.describe((net, va), x)
-    spec = table.spec()
-    state = table.from_flax(traverse.flatten_dict(va, sep="/"))
-    perm = cb.random_permutation(spec, state, seed=4)
-    vb = traverse.unflatten_dict(table.to_flax(cb.apply_permutation(spec, perm, state)), sep="/")
-    direct = np.asarray(net.apply(va, x))
-    np.testing.assert_allclose(np.asarray(net.apply(vb, x)), direct, rtol=1e-4, atol=1e-5)
-    pair = cb.ModelPair((net, va), (net, vb), example_input=x).align("weight", seed=0)
-    np.testing.assert_array_equal(pair.theta_b, pair.theta_a)
+    flax_planted_permutation(net, va, x)
 
 
 def test_a_concatenation_with_a_constant_is_refused_by_name():

@@ -14,7 +14,7 @@ import pytest
 import combinability as cb
 from combinability.errors import ConfigurationError, TracingError
 from combinability.layers import LayerTable, Node
-from combinability.layout import FlatLayout
+from tests.model_checks import table_logits
 from tests.reference_nets import conv2d_general, relu
 
 # -- layer tables: both backends against the numpy reference ---------------------------------------
@@ -48,16 +48,6 @@ def _params(seed: int = 0) -> dict[str, np.ndarray]:
     return {k: rng.normal(0, 0.5, shape).astype(np.float32) for k, (shape, _) in TABLE.parameters().items()}
 
 
-def _table_logits(backend: str, params: dict[str, np.ndarray], x: np.ndarray) -> np.ndarray:
-    be = cb.get_backend(backend)
-    model = be.build(TABLE, seed=0)
-    state = {k: v for k, v in be.state(model).items() if v.dtype.kind == "f"}
-    assert {k: v.shape for k, v in state.items()} == {k: v.shape for k, v in params.items()}
-    layout = FlatLayout.from_arrays(state)
-    out = be.prepare(model, layout).forward(be.asarray(layout.flatten(params)[None]), be.asarray(x))
-    return be.to_numpy(out)[0]
-
-
 def test_table_shapes_follow_the_geometry():
     shapes = TABLE.shapes()
     assert shapes["row"].spatial == (9, 7) and shapes["dil"].spatial == (9, 7)
@@ -73,7 +63,7 @@ def test_both_backends_match_the_numpy_convolution(backend):
     pytest.importorskip(backend)
     params = _params()
     x = np.random.default_rng(1).normal(size=(4, 3, 9, 7)).astype(np.float32)
-    np.testing.assert_allclose(_table_logits(backend, params, x), _reference(params, x), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(table_logits(backend, TABLE, params, x), _reference(params, x), rtol=1e-4, atol=1e-4)
 
 
 def test_spec_keeps_depthwise_spaces_and_fixes_grouped_ones():

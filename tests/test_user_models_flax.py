@@ -12,6 +12,7 @@ import pytest
 
 import combinability as cb
 from combinability.errors import IncompatibleModelsError, TracingError
+from tests.model_checks import flax_planted_permutation
 
 jax = pytest.importorskip("jax")
 nn = pytest.importorskip("flax.linen")
@@ -95,15 +96,7 @@ def test_names_round_trip_between_flax_variables_and_reference_arrays():
 def test_a_planted_permutation_is_recovered_and_logits_match_module_apply():
     net, x = ResCNN(width=12), _x()
     va = _init(net, 0, x)
-    table = cb.derive.describe((net, va), x)
-    spec = table.spec()
-    state = table.from_flax(traverse.flatten_dict(va, sep="/"))
-    perm = cb.random_permutation(spec, state, seed=4)
-    vb = traverse.unflatten_dict(table.to_flax(cb.apply_permutation(spec, perm, state)), sep="/")
-    direct = np.asarray(net.apply(va, x))
-    np.testing.assert_allclose(np.asarray(net.apply(vb, x)), direct, rtol=1e-4, atol=1e-5)
-    pair = cb.ModelPair((net, va), (net, vb), example_input=x).align("weight", seed=0)
-    np.testing.assert_array_equal(pair.theta_b, pair.theta_a)
+    pair, direct = flax_planted_permutation(net, va, x)
     be = cb.get_backend("jax")
     logits = be.to_numpy(cb.evaluation.Evaluator(be, pair.model_a, pair.layout).logits(
         [pair.theta_a, pair.naive.theta_b], be.asarray(x)))

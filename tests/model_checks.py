@@ -1,0 +1,40 @@
+"""Checks shared by the tests of traced user models and layer tables (helpers, not tests)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+import combinability as cb
+from combinability.layers import LayerTable
+from combinability.layout import FlatLayout
+
+
+def table_logits(backend: str, table: LayerTable, params: dict[str, np.ndarray], x: np.ndarray) -> np.ndarray:
+    """Logits of ``params`` on ``x`` through ``backend``'s model of ``table`` (its own forward pass)."""
+    be = cb.get_backend(backend)
+    model = be.build(table, seed=0)
+    state = {k: v for k, v in be.state(model).items() if v.dtype.kind == "f"}
+    assert {k: v.shape for k, v in state.items()} == {k: np.shape(v) for k, v in params.items()}
+    layout = FlatLayout.from_arrays(state)
+    out = be.prepare(model, layout).forward(be.asarray(layout.flatten(params)[None]), be.asarray(x))
+    return be.to_numpy(out)[0]
+
+
+def flax_planted_permutation(net: Any, variables: Any, x: np.ndarray, seed: int = 4) -> tuple[Any, Any]:
+    """``variables`` moved by a random permutation of the derived spec, checked to compute the same
+    function by ``module.apply``, and the pair ``(variables, moved)`` aligned by weight matching,
+    checked to be undone exactly. Returns the aligned pair and the function's output on ``x``."""
+    from flax import traverse_util as traverse
+
+    table = cb.derive.describe((net, variables), x)
+    spec = table.spec()
+    state = table.from_flax(traverse.flatten_dict(variables, sep="/"))
+    perm = cb.random_permutation(spec, state, seed=seed)
+    moved = traverse.unflatten_dict(table.to_flax(cb.apply_permutation(spec, perm, state)), sep="/")
+    direct = np.asarray(net.apply(variables, x))
+    np.testing.assert_allclose(np.asarray(net.apply(moved, x)), direct, rtol=1e-4, atol=1e-5)
+    pair = cb.ModelPair((net, variables), (net, moved), example_input=x).align("weight", seed=0)
+    np.testing.assert_array_equal(pair.theta_b, pair.theta_a)
+    return pair, direct
