@@ -20,7 +20,7 @@ from combinability.data.base import integer_hint
 from combinability.errors import TracingError
 from combinability.layers import ACTIVATIONS, LayerTable, Node
 
-__all__ = ["describe", "TapRunner", "table_names"]
+__all__ = ["describe", "reads_shape", "TapRunner", "table_names"]
 
 _ACT_MODULES = {nn.ReLU: "relu", nn.GELU: "gelu", nn.Tanh: "tanh", nn.Sigmoid: "sigmoid", nn.SiLU: "silu",
                 nn.ELU: "elu", nn.LeakyReLU: "leaky_relu", nn.Softplus: "softplus", nn.ReLU6: "relu6",
@@ -50,6 +50,13 @@ def trace(model: nn.Module) -> fx.GraphModule:
     except Exception as exc:
         raise TracingError(f"torch.fx cannot trace {type(model).__name__} ({type(exc).__name__}: "
                            f"{str(exc).splitlines()[0]}){_hint(model)}") from None
+
+
+def reads_shape(n: fx.Node) -> bool:
+    """Whether ``n`` reads only a tensor's size, shape, type or device (``x.size()``, ``x.shape``)."""
+    return (n.op == "call_method" and n.target in ("size", "dim")) or (
+        n.op == "call_function" and n.target is getattr and len(n.args) > 1
+        and n.args[1] in ("shape", "dtype", "device"))
 
 
 def table_names(gm: fx.GraphModule) -> dict[str, str]:
@@ -210,8 +217,7 @@ def describe(model: nn.Module, example_input: torch.Tensor) -> tuple[LayerTable,
         fx.node.map_arg((n.args, n.kwargs), read.append)
         ins = tuple(dict.fromkeys(alias[a.name] for a in read if a.name in alias)) \
             if n.target not in _ADD | _CAT | _MUL else tuple(alias[a.name] for a in read if a.name in alias)
-        if (n.op == "call_method" and n.target in ("size", "dim")) or \
-                (n.op == "call_function" and n.target is getattr and n.args[1] in ("shape", "dtype", "device")):
+        if reads_shape(n):
             continue  # sizes and types, not features
         if not ins:
             if _shape(n) is None:  # arithmetic on sizes (``b, c = x.shape[:2]``): no tensor

@@ -32,6 +32,7 @@ from combinability.errors import TracingError
 from combinability.feature_spaces import FIXED, Experts, FeatureSpaces, Heads, Norm, spec_from_spaces
 from combinability.folding import NormFold, Reader
 from combinability.permutation import PermutationSpec
+from combinability_torch.trace import reads_shape
 
 __all__ = ["stream_symmetries"]
 
@@ -322,8 +323,7 @@ def _through_token_ops(gm: fx.GraphModule, users: list[fx.Node]) -> list[fx.Node
     """
     out: list[fx.Node] = []
     for u in users:
-        if (u.op == "call_method" and u.target in ("size", "dim")) or (
-                u.op == "call_function" and u.target is getattr and u.args[1] in ("shape", "dtype", "device")):
+        if reads_shape(u):
             continue  # reads the shape, not the values
         passes = (u.op in ("call_function", "call_method") and (u.target in _TOKEN_OPS or u.target is
                   operator.getitem or u.target in _PASS) and _keeps_last(u)) or (
@@ -398,8 +398,7 @@ def _attention_parts(n: fx.Node, args: list[fx.Node], spaces: list[Any], sp: Fea
     """
     target = n.target
     headed = att.headed
-    if target in ("size", "dim") or (target is getattr and len(n.args) > 1 and n.args[1] in ("shape", "dtype",
-                                                                                              "device")):
+    if reads_shape(n):
         return False  # shapes, not features
     first = n.args[0] if n.args and isinstance(n.args[0], fx.Node) else None
     if first is not None and first.name in att.scores and target in _ON_SCORES and \
