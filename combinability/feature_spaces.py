@@ -36,8 +36,9 @@ Examples
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from combinability.errors import TracingError
 from combinability.folding import NormFold, Reader
@@ -132,6 +133,39 @@ class FeatureSpaces:
     def is_nonlinear(self, s: Label) -> bool:
         """Whether ``s`` is a space whose class is marked nonlinear."""
         return s is not None and self.find(s) in self._nonlinear
+
+    def tie(self, param: str, first: Sequence[Any], second: Sequence[Any], hint: str = "") -> list[Any]:
+        """One binding of a parameter used by two layers (tied weights) from the bindings of both uses.
+
+        Each axis's spaces are merged; an axis one use leaves untransformed (``None``) fixes
+        the other use's space; packed axes must pack the same number of segments.
+
+        Raises
+        ------
+        TracingError
+            If the two uses see the parameter with different numbers of axes, or one packs
+            an axis into segments the other does not.
+
+        Examples
+        --------
+        >>> sp = FeatureSpaces()
+        >>> vocab, stream, head_in = sp.new("wte"), sp.new("wte_out"), sp.new("ln_f")
+        >>> sp.tie("wte.weight", [None, stream], [vocab, head_in])  # embedding; lm_head (out, in)
+        [0, 2]
+        >>> sp.find(stream) == sp.find(head_in), sp.is_fixed(vocab)
+        (True, True)
+        """
+        if len(first) != len(second):
+            raise TracingError(f"{param!r} is used by two layers with {len(first)} and {len(second)} axes" + hint)
+        out: list[Any] = []
+        for a, b in zip(first, second, strict=True):
+            if isinstance(a, tuple) or isinstance(b, tuple):
+                if not (isinstance(a, tuple) and isinstance(b, tuple) and len(a) == len(b)):
+                    raise TracingError(f"{param!r} is used by two layers that split an axis differently" + hint)
+                out.append(tuple(self.union(x, y) for x, y in zip(a, b, strict=True)))
+            else:
+                out.append(self.union(FIXED if a is None else a, FIXED if b is None else b))
+        return out
 
     def name(self, s: int) -> str:
         """The permutation name of ``s``'s class: its root's ``name=``, else ``P_<opener of the root>``."""
@@ -353,7 +387,7 @@ def _labels(param: str, entries: Sequence[int | tuple[int, ...] | None], n: int)
 
 def spec_from_spaces(spaces: FeatureSpaces, binds: Mapping[str, Sequence[int | tuple[int, ...] | None]],
                      norms: Sequence[Norm] = (), heads: Sequence[Heads] = (), experts: Sequence[Experts] = (),
-                     hint: str = "") -> tuple[PermutationSpec, list[NormFold]]:
+                     hint: str = "", tied: Collection[str] = ()) -> tuple[PermutationSpec, list[NormFold]]:
     """The symmetry spec of traced feature spaces, and the norm folds its orthogonal maps need.
 
     Parameters
@@ -371,6 +405,10 @@ def spec_from_spaces(spaces: FeatureSpaces, binds: Mapping[str, Sequence[int | t
         Spaces whose units move in blocks.
     hint : str
         Appended to the message of a :class:`~combinability.errors.TracingError` (what to do instead).
+    tied : collection of str
+        Parameters used by more than one layer (tied weights, bound once by
+        :meth:`FeatureSpaces.tie`): no norm folds into them, as a fold would change
+        every use.
 
     Returns
     -------
@@ -402,8 +440,10 @@ def spec_from_spaces(spaces: FeatureSpaces, binds: Mapping[str, Sequence[int | t
         root = f(norm.space)
         if norm.centres:
             centred.add(root)
-        if norm.readers is None or (norm.shift is not None and any(r.bias is None for r in norm.readers)):
-            unfoldable.add(root)  # read by something it cannot fold into, or a shift into a bias-free layer
+        if norm.readers is None or (norm.shift is not None and any(r.bias is None for r in norm.readers)) or \
+                any(r.weight in tied or r.bias in tied for r in norm.readers):
+            # read by something it cannot fold into, a shift into a bias-free layer, or a tied weight
+            unfoldable.add(root)
             continue
         folds.setdefault(root, []).append(NormFold(norm.scale, norm.shift, tuple(norm.readers)))
     orthogonal = {r for r in bound if not sp.is_fixed(r) and not sp.is_nonlinear(r)} - unfoldable - special

@@ -161,6 +161,28 @@ def test_a_stream_whose_norm_cannot_fold_is_a_plain_permutation(readers):
         _keeps_function(transformer, spec, folds, transformer_params(3), seed=4, tail=True)
 
 
+def test_a_tied_reader_takes_no_fold_and_keeps_the_stream_a_permutation():
+    sp, binds, norms, heads = transformer_facts()
+    spec, folds = spec_from_spaces(sp, binds, norms, heads, tied={"head.weight"})
+    assert folds == [] and "P_embed" not in spec.kinds  # folding lnf into a tied head would change its twin
+    assert spec.axes_to_perm["lnf.bias"] == ("P_embed",)
+    _keeps_function(transformer, spec, folds, transformer_params(5), seed=6)
+
+
+def test_two_uses_of_a_tied_weight_merge_their_spaces_axis_by_axis():
+    sp = FeatureSpaces()
+    vocab, stream, head_in, out = sp.new("wte"), sp.new("stream"), sp.new("ln_f"), sp.new("head")
+    tied = sp.tie("w", [None, stream], [out, head_in])
+    assert sp.find(head_in) == sp.find(stream) and sp.is_fixed(out) and not sp.is_fixed(stream)
+    assert sp.is_fixed(tied[0]) and sp.find(tied[1]) == sp.find(stream) and not sp.is_fixed(vocab)
+    qk, v = sp.new("qk"), sp.new("v")
+    assert sp.tie("qkv", [(qk, qk, v)], [(v, qk, qk)]) == [(qk, qk, qk)] and sp.find(v) == qk
+    with pytest.raises(TracingError, match="'w' is used by two layers with 2 and 1 axes"):
+        sp.tie("w", [None, stream], [stream])
+    with pytest.raises(TracingError, match="'qkv' is used by two layers that split an axis differently"):
+        sp.tie("qkv", [(qk, qk, v)], [qk])
+
+
 def moe(p, x):
     """Dense mixture: fc2(repeat(softmax(gate x), U) * relu(fc1 x)), experts stored as blocks of fc1's rows."""
     g = np.exp(x @ p["gate.weight"].T)

@@ -68,11 +68,13 @@ class Block(nn.Module):
 
 class NanoGPT(nn.Module):
     def __init__(self, d: int = 16, heads: int = 4, depth: int = 2, packed: bool = True,
-                 head_bias: bool = False, flash: bool = True) -> None:
+                 head_bias: bool = False, flash: bool = True, tied: bool = False) -> None:
         super().__init__()
         self.wte, self.wpe = nn.Embedding(VOCAB, d), nn.Embedding(T, d)
         self.h = nn.ModuleList([Block(d, heads, packed, flash) for _ in range(depth)])
         self.ln_f, self.lm_head = nn.LayerNorm(d), nn.Linear(d, VOCAB, bias=head_bias)
+        if tied:  # nanoGPT's weight tying: one tensor, the embedding's name first
+            self.wte.weight = self.lm_head.weight
 
     def forward(self, idx):
         pos = torch.arange(0, idx.size(1), dtype=torch.long, device=idx.device)
@@ -93,7 +95,8 @@ def _randomise(model, seed):
 
 def _out(model, state, idx):
     m = copy.deepcopy(model).double()
-    m.load_state_dict({k: torch.as_tensor(v) for k, v in state.items()})
+    missing, unexpected = m.load_state_dict({k: torch.as_tensor(v) for k, v in state.items()}, strict=False)
+    assert not unexpected and set(missing) <= ({"lm_head.weight"} if m.lm_head.weight is m.wte.weight else set())
     with torch.no_grad():
         return m(idx).numpy()
 
@@ -156,3 +159,74 @@ def test_attention_on_unviewed_features_is_refused_by_name():
 
     with pytest.raises(TracingError, match=r"scaled_dot_product_attention on query, key and value viewed as"):
         cb.derive_symmetries(Flat(), IDX)
+
+
+def test_tied_embedding_and_head_are_one_tensor_with_one_symmetry():
+    model = _randomise(NanoGPT(head_bias=True, tied=True), 3)
+    spec, folds = cb.derive_symmetries(model, IDX)
+    assert "lm_head.weight" not in spec.axes_to_perm  # the tied tensor is listed once, under its first name
+    stream = spec.axes_to_perm["wte.weight"][1]
+    assert spec.axes_to_perm["wte.weight"][0] is None and spec.axes_to_perm["h.0.c_fc.weight"][1] == stream
+    # untied, a biased head takes ln_f folded in and the stream rotates; tied, the fold would change the embedding
+    assert not isinstance(spec.kind(stream), Orthogonal) and folds == []
+    state = {k: v.numpy().astype(np.float64) for k, v in model.state_dict().items() if k != "lm_head.weight"}
+    base = _out(model, state, IDX)
+    moved = cb.apply_permutation(spec, cb.random_permutation(spec, state, seed=4), state)
+    assert not np.allclose(moved["wte.weight"], state["wte.weight"])
+    np.testing.assert_allclose(_out(model, moved, IDX), base, atol=1e-9)
+    back = cb.apply_permutation(spec, cb.weight_matching(spec, state, moved, seed=0), moved)
+    assert max(float(np.abs(back[k] - state[k]).max()) for k in state) < 1e-9
+
+
+def test_a_tied_pair_is_combined_and_differentiated_as_one_tensor():
+    from combinability.plugins import get_backend
+
+    models = [_randomise(NanoGPT(tied=True), s) for s in (5, 6)]
+    g = torch.Generator().manual_seed(2)
+    tokens, targets = (torch.randint(0, VOCAB, (6, T), generator=g) for _ in range(2))
+    pair = cb.ModelPair(*models, example_input=IDX)
+    assert "lm_head.weight" not in pair.layout.names
+    ds = cb.sweep(pair, cb.Linear(), data=(tokens.numpy(), targets.numpy()), values=[0.25], splits=["test"])
+    mid = copy.deepcopy(models[0])
+    with torch.no_grad():  # by hand, in torch: the tie kept, each tensor averaged once
+        for p, q in zip(mid.parameters(), pair.model(1).parameters(), strict=True):
+            p.mul_(0.75).add_(0.25 * q)
+        want = F.cross_entropy(mid(tokens).reshape(-1, VOCAB), targets.reshape(-1)).item()
+    assert mid.lm_head.weight is mid.wte.weight
+    assert float(ds["loss"].sel(split="test", lam=0.25).isel(sample=0)) == pytest.approx(want, rel=1e-5)
+
+    be = get_backend("torch")
+    prepared = be.prepare(models[0], pair.layout)
+    def loss(logits, y):
+        return F.cross_entropy(logits.reshape(-1, VOCAB), y.reshape(-1))
+
+    torch.manual_seed(0)  # the same dropout masks in both passes
+    value, grad, _ = prepared.value_and_grad(be.asarray(pair.theta(0)), tokens, targets, loss)
+    reference = copy.deepcopy(models[0]).train()
+    torch.manual_seed(0)
+    reference.zero_grad()
+    want = loss(reference(tokens), targets)
+    want.backward()  # autograd sums the embedding's and the head's gradients into the one tensor
+    assert float(value) == pytest.approx(want.item(), rel=1e-6)
+    grads = pair.layout.unflatten(grad.numpy())
+    np.testing.assert_allclose(grads["wte.weight"], reference.wte.weight.grad.numpy(), rtol=1e-4, atol=1e-6)
+
+
+def test_a_tied_model_loads_from_files_that_name_its_tensor_once_or_twice(tmp_path):
+    model = _randomise(NanoGPT(tied=True), 7)
+    with torch.no_grad():
+        want = model(IDX)
+    full = model.state_dict()  # torch lists the tied tensor under both names
+    only_head = {k: v for k, v in full.items() if k != "wte.weight"}  # files that keep a later name only
+    cb.save_model(model, tmp_path / "lib.safetensors")  # the library's own: under its first name
+    torch.save(full, tmp_path / "full.pt")
+    torch.save(only_head, tmp_path / "head.pt")
+    for name in ("lib.safetensors", "full.pt", "head.pt"):
+        loaded = cb.load_into(NanoGPT(tied=True), tmp_path / name)
+        assert loaded.lm_head.weight is loaded.wte.weight
+        with torch.no_grad():
+            torch.testing.assert_close(loaded.eval()(IDX), want, rtol=0, atol=0)
+    untied = _randomise(NanoGPT(tied=False), 8)  # the same names, two different tensors
+    torch.save(untied.state_dict(), tmp_path / "untied.pt")
+    with pytest.raises(cb.IncompatibleModelsError, match="ties lm_head.weight to wte.weight"):
+        cb.load_into(NanoGPT(tied=True), tmp_path / "untied.pt")

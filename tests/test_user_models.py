@@ -223,11 +223,36 @@ class TiedAutoencoder(nn.Module):
         return self.dec(self.out(torch.relu(self.mid(self.enc(x)))))
 
 
-def test_tied_weights_are_refused_with_their_names_before_any_evaluation():
+def _tied_autoencoder_loss(params, x, y):
+    """Plain numpy forward pass of :class:`TiedAutoencoder`: the decoder reads the encoder's weight."""
+    e = params["enc.weight"]
+    h = np.maximum((x @ e.T) @ params["mid.weight"].T + params["mid.bias"], 0)
+    logits = (h @ params["out.weight"].T + params["out.bias"]) @ e.T
+    logits = logits - logits.max(1, keepdims=True)
+    return float(np.mean(np.log(np.exp(logits).sum(1)) - logits[np.arange(len(y)), y]))
+
+
+def test_tied_weights_are_combined_once_and_stay_tied():
     torch.manual_seed(0)
     models = [TiedAutoencoder() for _ in range(2)]
-    spec = cb.PermutationSpec({"mid.weight": ("H", None), "mid.bias": ("H",), "out.weight": (None, "H")})
-    pair = cb.ModelPair(*models, spec=spec)
     x, y = np.random.default_rng(0).normal(size=(20, 6)).astype(np.float32), np.arange(20) % 6
-    with pytest.raises(cb.LayoutError, match="ties parameters enc.weight = dec.weight"):
-        cb.sweep(pair, cb.Uniform(), data=(x, y), values=[0.5], samples=1)
+    with pytest.raises(TracingError, match="ties dec.weight to enc.weight"):
+        cb.derive_spec(models[0], x)  # a layer table cannot express the tie; the feature spaces can
+    pair = cb.ModelPair(*models, example_input=x)
+    assert "dec.weight" not in pair.layout.names and "enc.weight" in pair.layout.names
+    # the encoder reads the input, the decoder writes the output: the tie fixes both of its axes
+    assert pair.spec.axes_to_perm["enc.weight"] == (None, None)
+    assert set(pair.spec.perm_to_axes) == {"P_mid"}
+    ds = cb.sweep(pair, cb.Linear(), data=(x, y), values=[0.0, 0.3, 1.0], splits=["test"])
+    a, b = ({k: v.detach().numpy().astype(np.float64) for k, v in m.named_parameters()} for m in models)
+    for lam in (0.0, 0.3, 1.0):
+        want = _tied_autoencoder_loss({k: (1 - lam) * a[k] + lam * b[k] for k in a}, x.astype(np.float64), y)
+        assert float(ds["loss"].sel(split="test", lam=lam).isel(sample=0)) == pytest.approx(want, rel=1e-5)
+    merged = pair.merge()  # the native model: still one tensor under both names, at the pair's mean
+    assert merged.dec.weight is merged.enc.weight
+    np.testing.assert_allclose(merged.dec.weight.detach().numpy(), (a["enc.weight"] + b["enc.weight"]) / 2, atol=1e-6)
+    with torch.no_grad():
+        out = merged(torch.as_tensor(x)).numpy()
+    mean = {k: (a[k] + b[k]) / 2 for k in a}
+    h = np.maximum((x @ mean["enc.weight"].T) @ mean["mid.weight"].T + mean["mid.bias"], 0)
+    np.testing.assert_allclose(out, (h @ mean["out.weight"].T + mean["out.bias"]) @ mean["enc.weight"].T, atol=1e-5)

@@ -28,7 +28,7 @@ from combinability.errors import LayoutError, TracingError, UnknownNameError
 from combinability.layers import LayerTable
 from combinability.layout import FlatLayout, check_names
 from combinability_torch.models import TableNet
-from combinability_torch.trace import TapRunner
+from combinability_torch.trace import TapRunner, tensor_aliases
 
 __all__ = ["TorchBackend", "TorchRandom", "TorchPrepared", "torch_dtype"]
 
@@ -94,28 +94,44 @@ def _swapped_in(model: nn.Module, tensors: dict[str, torch.Tensor]) -> contextli
     return _reparametrize_module(model, tensors, tie_weights=True, strict=False)
 
 
-def _refuse_tied(model: nn.Module, layout: FlatLayout) -> None:
-    """Refuse a module whose layout names one tensor twice (tied weights, e.g. an embedding
-    shared with the output layer): each name would be combined on its own, untying them."""
-    names: dict[int, list[str]] = {}
-    for name, p in model.named_parameters(remove_duplicate=False):
-        if name in layout:
-            names.setdefault(id(p), []).append(name)
-    tied = [group for group in names.values() if len(group) > 1]
-    if tied:
-        raise LayoutError(f"{type(model).__name__} ties parameters {', '.join(' = '.join(g) for g in tied)} (one "
-                          "tensor under several names); combining them as separate parameters would untie them, "
-                          "and tied weights are not supported yet: untie them (give each module its own copy) "
-                          "to study the untied network")
+def _state_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    """``model.state_dict()`` with each tied tensor under its first name only (see :func:`tensor_aliases`)."""
+    aliases = tensor_aliases(model)
+    return {k: v for k, v in model.state_dict().items() if k not in aliases}
+
+
+def _untied(model: nn.Module, params: Mapping[str, Any]) -> Mapping[str, Any]:
+    """``params`` under the model's own state names: a tied tensor's alias (a ``state_dict`` saved by
+    torch lists it under every name; some files under a later one only) becomes its first name.
+
+    Raises
+    ------
+    LayoutError
+        If ``params`` gives a tied tensor two different values (the arrays of an untied model).
+    """
+    aliases = tensor_aliases(model)
+    if not any(k in aliases for k in params):
+        return params
+    out = {k: v for k, v in params.items() if k not in aliases}
+    for alias, name in aliases.items():
+        if alias not in params:
+            continue
+        if name not in out:
+            out[name] = params[alias]
+        elif not np.array_equal(np.asarray(params[alias]), np.asarray(out[name])):
+            raise LayoutError(f"{type(model).__name__} ties {alias} to {name} (one tensor), but the arrays given for "
+                              "them differ: they come from a model where the two are separate; untie them in the "
+                              "module to load such arrays")
+    return out
 
 
 class TorchPrepared:
     """:class:`~combinability.backend.Prepared` for one torch module and layout."""
 
     def __init__(self, backend: TorchBackend, model: nn.Module, layout: FlatLayout) -> None:
-        check_names({k: v.shape for k, v in model.state_dict().items()}, {e.name: e.shape for e in layout.entries},
-                    f"the layout does not fit the {type(model).__name__}", missing=False)
-        _refuse_tied(model, layout)
+        check_names({k: v.shape for k, v in _state_tensors(model).items()},
+                    {e.name: e.shape for e in layout.entries}, f"the layout does not fit the {type(model).__name__}",
+                    missing=False)
         self.backend, self.layout = backend, layout
         # the layout's weights are passed at each call: the copy holds zero-memory placeholders for them
         device = backend.torch_device
@@ -130,7 +146,8 @@ class TorchPrepared:
                 self.model = TapRunner(trace(self.model)).eval()
             except TracingError:
                 pass
-        self.rest = {k: v for k, v in self.model.state_dict().items() if k not in layout}
+        # tied tensors are passed under their first name; functional_call ties the aliases to it
+        self.rest = {k: v for k, v in _state_tensors(self.model).items() if k not in layout}
         self.buffers = {name for name, _ in self.model.named_buffers()}
 
     def _call(self, params: dict[str, torch.Tensor], x: torch.Tensor, **kwargs: Any) -> torch.Tensor:
@@ -352,7 +369,8 @@ class TorchBackend(Backend):
         return stream_symmetries(copy.deepcopy(model).to("cpu").eval(), x)
 
     def state(self, model: nn.Module) -> dict[str, np.ndarray]:
-        return {k: v.detach().to("cpu").numpy().copy() for k, v in model.state_dict().items()}
+        """The model's parameters and buffers as numpy arrays, a tied tensor once (:func:`tensor_aliases`)."""
+        return {k: v.detach().to("cpu").numpy().copy() for k, v in _state_tensors(model).items()}
 
     def trainable(self, model: nn.Module) -> tuple[str, ...]:
         return tuple(name for name, p in model.named_parameters() if p.requires_grad)
@@ -365,11 +383,12 @@ class TorchBackend(Backend):
         LayoutError
             If ``params`` misses a name of the model's state, has an unknown one, or a shape differs.
         """
-        check_names({k: v.shape for k, v in model.state_dict().items()}, {k: np.shape(v) for k, v in params.items()},
+        params = _untied(model, params)
+        check_names({k: v.shape for k, v in _state_tensors(model).items()}, {k: np.shape(v) for k, v in params.items()},
                     "params do not match the model")
-        new = copy.deepcopy(model)
+        new = copy.deepcopy(model)  # keeps tied tensors tied: each is written once, under its first name
         with torch.no_grad():
-            for name, tensor in new.state_dict().items():
+            for name, tensor in _state_tensors(new).items():
                 tensor.copy_(torch.as_tensor(np.asarray(params[name])))
         return new
 

@@ -20,7 +20,7 @@ from combinability.data.base import integer_hint
 from combinability.errors import TracingError
 from combinability.layers import ACTIVATIONS, LayerTable, Node
 
-__all__ = ["describe", "reads_shape", "TapRunner", "table_names"]
+__all__ = ["describe", "reads_shape", "TapRunner", "table_names", "tensor_aliases"]
 
 _ACT_MODULES = {nn.ReLU: "relu", nn.GELU: "gelu", nn.Tanh: "tanh", nn.Sigmoid: "sigmoid", nn.SiLU: "silu",
                 nn.ELU: "elu", nn.LeakyReLU: "leaky_relu", nn.Softplus: "softplus", nn.ReLU6: "relu6",
@@ -175,6 +175,30 @@ def _node(n: fx.Node, gm: fx.GraphModule, name: str, ins: tuple[str, ...], model
                        + _hint(model))
 
 
+def tensor_aliases(model: nn.Module) -> dict[str, str]:
+    """The names under which ``model`` holds a tensor it already holds under an earlier name.
+
+    Tied weights (GPT-2's ``lm_head.weight`` is ``transformer.wte.weight``) are one tensor
+    under several names: the first name in registration order is the tensor's name in the
+    model's state, the others are aliases of it. Combining, matching and checkpoints see
+    the tensor once, so a combination keeps it tied.
+
+    Returns
+    -------
+    dict of str to str
+        Alias to the name it aliases; empty when nothing is tied.
+    """
+    first: dict[int, str] = {}
+    aliases: dict[str, str] = {}
+    named = (*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False))
+    for name, tensor in named:
+        if id(tensor) in first and first[id(tensor)] != name:
+            aliases[name] = first[id(tensor)]
+        else:
+            first.setdefault(id(tensor), name)
+    return aliases
+
+
 def describe(model: nn.Module, example_input: torch.Tensor) -> tuple[LayerTable, fx.GraphModule]:
     """The layer table of a user's module, traced with torch.fx on ``example_input`` (a batch).
 
@@ -185,6 +209,11 @@ def describe(model: nn.Module, example_input: torch.Tensor) -> tuple[LayerTable,
     """
     from torch.fx.passes.shape_prop import ShapeProp
 
+    tied = tensor_aliases(model)
+    if tied:
+        raise TracingError(f"{type(model).__name__} ties {', '.join(f'{a} to {b}' for a, b in tied.items())} (one "
+                           "tensor under two names), which a layer table cannot express; its feature spaces can "
+                           "(cb.derive_symmetries)")
     gm = trace(model)
     was_training = model.training
     gm.eval()

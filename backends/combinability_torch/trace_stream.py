@@ -20,7 +20,7 @@ The spaces and the spec they add up to are framework-free: :mod:`combinability.f
 from __future__ import annotations
 
 import operator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -32,7 +32,7 @@ from combinability.errors import TracingError
 from combinability.feature_spaces import FIXED, Experts, FeatureSpaces, Heads, Norm, spec_from_spaces
 from combinability.folding import NormFold, Reader
 from combinability.permutation import PermutationSpec
-from combinability_torch.trace import reads_shape
+from combinability_torch.trace import reads_shape, tensor_aliases
 
 __all__ = ["stream_symmetries"]
 
@@ -88,11 +88,16 @@ def stream_symmetries(model: nn.Module, example_input: torch.Tensor) -> tuple[Pe
     experts: list[Experts] = []
     att = _HandAttention()
 
+    aliases = tensor_aliases(model)
+    tied: set[str] = set()
+
     def bind(param: str, entries: list[Any]) -> None:
+        param = aliases.get(param, param)  # a tied weight: one tensor, every use binds it
         if param in binds:
-            raise TracingError(f"parameter {param!r} is used twice (shared or tied weights); the tracer cannot "
-                               f"assign it one symmetry{_hint(model)}")
-        binds[param] = entries
+            binds[param] = sp.tie(param, binds[param], entries, _hint(model))
+            tied.add(param)
+        else:
+            binds[param] = entries
 
     def tensor_args(n: fx.Node) -> list[fx.Node]:
         out: list[fx.Node] = []
@@ -212,7 +217,10 @@ def stream_symmetries(model: nn.Module, example_input: torch.Tensor) -> tuple[Pe
         binds.setdefault(k, [None] * v.ndim)
     for param, entries in binds.items():  # a layer whose output was split: its rows are packed segments
         binds[param] = [att.packed.get(e, e) if isinstance(e, int) else e for e in entries]
-    return spec_from_spaces(sp, binds, norms, heads, experts, _hint(model))
+    norms = [replace(m, readers=None if m.readers is None else tuple(
+        replace(r, weight=aliases.get(r.weight, r.weight), bias=r.bias and aliases.get(r.bias, r.bias))
+        for r in m.readers)) for m in norms]
+    return spec_from_spaces(sp, binds, norms, heads, experts, _hint(model), tied=tied)
 
 
 class ConcreteTracer(fx.Tracer):
