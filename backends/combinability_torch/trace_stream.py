@@ -47,6 +47,7 @@ _ADD = {operator.add, operator.iadd, torch.add}
 _TOKEN_OPS = {"mean", torch.mean, "sum", torch.sum}
 _SHAPE_OPS = {"view", "reshape", "flatten", "transpose", "permute", "unsqueeze", "squeeze", torch.flatten,
               torch.reshape, torch.transpose}
+_FLATTEN = {"flatten", torch.flatten}
 _FACTORIES = ("ones", "zeros", "full", "empty", "arange", "eye", "rand", "randn")
 
 
@@ -90,6 +91,7 @@ def stream_symmetries(model: nn.Module, example_input: torch.Tensor) -> tuple[Pe
 
     aliases = tensor_aliases(model)
     tied: set[str] = set()
+    channels_first: dict[str, int] = {}  # a convolution's output (n, c, ...) -> the space of its channels
 
     def bind(param: str, entries: list[Any]) -> None:
         param = aliases.get(param, param)  # a tied weight: one tensor, every use binds it
@@ -119,7 +121,22 @@ def stream_symmetries(model: nn.Module, example_input: torch.Tensor) -> tuple[Pe
         elif n.op == "call_module":
             m = gm.get_submodule(n.target)
             src = space.get(n.args[0].name) if n.args and isinstance(n.args[0], fx.Node) else None
-            if isinstance(m, nn.Linear):
+            if n.args and isinstance(n.args[0], fx.Node) and n.args[0].name in channels_first and \
+                    not isinstance(m, _PASS_MODULES):
+                raise TracingError(f"{where}: a {type(m).__name__} on a convolution's channels-first output; the "
+                                   f"stream tracer follows a patch embedding's channels through flatten(2) and "
+                                   f"transpose(1, 2) into the tokens' features{_hint(model)}")
+            if isinstance(m, nn.Conv1d | nn.Conv2d | nn.Conv3d):
+                if src != FIXED or m.groups != 1 or m.padding_mode != "zeros":
+                    raise TracingError(f"{where}: the stream tracer follows a convolution only on the model's input "
+                                       f"(a patch embedding; ungrouped, zero-padded){_hint(model)}")
+                s = sp.new(n.target)
+                bind(f"{n.target}.weight", [s] + [None] * (m.weight.ndim - 1))
+                if m.bias is not None:
+                    bind(f"{n.target}.bias", [s])
+                channels_first[n.name] = s
+                space[n.name] = None
+            elif isinstance(m, nn.Linear):
                 s = sp.new(n.target)
                 bind(f"{n.target}.weight", [s, src])
                 if m.bias is not None:
@@ -148,10 +165,15 @@ def stream_symmetries(model: nn.Module, example_input: torch.Tensor) -> tuple[Pe
             elif isinstance(m, _PASS_MODULES):
                 space[n.name] = src
                 att.passes(n)  # dropout on per-head features or attention weights
+                if n.args[0].name in channels_first:
+                    channels_first[n.name] = channels_first[n.args[0].name]
             else:
                 raise TracingError(f"{where}: the stream tracer cannot follow a {type(m).__name__} module"
                                    + _hint(model))
         elif n.op in ("call_function", "call_method"):
+            if n.args and isinstance(n.args[0], fx.Node) and n.args[0].name in channels_first and not reads_shape(n):
+                _channels_first_op(n, channels_first, space, where, model)
+                continue
             args = tensor_args(n)
             spaces = [space[a.name] for a in args]
             target = n.target
@@ -377,6 +399,24 @@ class _HandAttention:
     headed: dict[str, tuple[int, int]] = field(default_factory=dict)  # (..., heads, head_dim) -> (heads, dh)
     keys: dict[str, tuple[int, int]] = field(default_factory=dict)  # headed, last two axes swapped (kᵀ)
     scores: dict[str, tuple[int, int, int]] = field(default_factory=dict)  # q kᵀ and its softmax -> (qk, h, dh)
+    #: one layer's features viewed as (..., parts, heads, head_dim) (timm's qkv), then with the parts
+    #: axis moved first, then unbound: -> (the parts' spaces, heads, head_dim, whether the parts lead)
+    stacked: dict[str, tuple[list[int], int, int, bool]] = field(default_factory=dict)
+    layer_of: dict[int, str] = field(default_factory=dict)  # a part's space -> the name of the layer split
+
+    def parts(self, sp: FeatureSpaces, layer: int, count: int, size: int) -> list[int]:
+        """Open the spaces of ``count`` parts of ``layer``'s features (``<layer>.q``/``.k``/``.v`` for three)."""
+        stem = sp.opener[sp.find(layer)]
+        names = ("q", "k", "v") if count == 3 else tuple(str(i) for i in range(count))
+        out = [sp.new(f"{stem}.{names[i]}", size, name=f"{stem}.{names[i]}") for i in range(count)]
+        self.packed[layer] = tuple(out)
+        self.layer_of.update(dict.fromkeys(out, stem))
+        return out
+
+    def stem(self, sp: FeatureSpaces, qk: int) -> str:
+        """The name the heads of a query/key space take: its packed layer's, else its own layer's."""
+        root = sp.find(qk)
+        return self.layer_of.get(root, sp.opener[root])
 
     def passes(self, n: fx.Node) -> None:
         """``n`` passes its first argument on unchanged in kind (dropout, a cast)."""
@@ -387,6 +427,8 @@ class _HandAttention:
 
 
 _MATMUL = {operator.matmul, torch.matmul, "matmul"}
+#: A query scaled by a number (timm's ``q * self.scale``) stays per-head features.
+_SCALING = {operator.mul, operator.truediv, torch.mul, "mul", "div"}
 #: Operations on attention scores that keep them scores: scaling, masking, softmax over keys, dropout.
 _ON_SCORES = {operator.mul, operator.truediv, operator.add, torch.mul, torch.add, "masked_fill", "masked_fill_",
               torch.masked_fill, F.softmax, torch.softmax, "softmax", F.dropout, "float", "type_as", "contiguous"}
@@ -427,13 +469,14 @@ def _attention_parts(n: fx.Node, args: list[fx.Node], spaces: list[Any], sp: Fea
             raise TracingError(f"{where}: features split into unequal parts{_hint(model)}")
         if spaces[0] in att.packed or sp.find(spaces[0]) != spaces[0]:
             raise TracingError(f"{where}: only a layer's own output may be split into parts{_hint(model)}")
-        parts = [sp.new(f"{n.name}.{i}", last // count) for i in range(count)]
-        att.parts_of[n.name], att.packed[spaces[0]] = parts, tuple(parts)
+        att.parts_of[n.name] = att.parts(sp, spaces[0], count, last // count)
         space[n.name] = None
         return True
     if target is operator.getitem and first is not None and first.name in att.parts_of:
         space[n.name] = att.parts_of[first.name][n.args[1]]
         return True
+    if first is not None and first.name in att.stacked:
+        return _stacked_parts(n, first, att, space, where, model)
     if target in ("view", "reshape", torch.reshape) and len(args) == 1 and spaces[0] not in (None, FIXED):
         src, out = _shape_of(args[0]), _shape_of(n)
         if src is None or out is None:
@@ -443,6 +486,14 @@ def _attention_parts(n: fx.Node, args: list[fx.Node], spaces: list[Any], sp: Fea
             headed[n.name] = (out[-2], out[-1])
             space[n.name] = spaces[0]
             return True
+        if args[0].name not in headed and len(out) == len(src) + 2 and out[:-3] == src[:-1] \
+                and out[-3] * out[-2] * out[-1] == src[-1] and min(out[-3:]) > 1:  # (..., 3 h dh) -> (..., 3, h, dh)
+            if spaces[0] in att.packed or sp.find(spaces[0]) != spaces[0]:
+                raise TracingError(f"{where}: only a layer's own output may be viewed as parts{_hint(model)}")
+            parts = att.parts(sp, spaces[0], out[-3], out[-2] * out[-1])
+            att.stacked[n.name] = (parts, out[-2], out[-1], False)
+            space[n.name] = None
+            return True
         if args[0].name in headed and len(out) == len(src) - 1 and out[:-1] == src[:-2] \
                 and out[-1] == src[-2] * src[-1] and _heads_next_to_last(args[0], headed):  # heads merged back
             space[n.name] = spaces[0]
@@ -450,6 +501,7 @@ def _attention_parts(n: fx.Node, args: list[fx.Node], spaces: list[Any], sp: Fea
         return False
     if len(args) == 1 and args[0].name in headed and (
             target in ("contiguous", "clone", "float", F.dropout) or
+            (target in _SCALING and len(n.args) == 2 and not any(isinstance(a, fx.Node) for a in n.args[1:])) or
             (target in ("transpose", torch.transpose) and _keeps_last(n))):
         headed[n.name] = headed[args[0].name]
         space[n.name] = spaces[0]
@@ -474,7 +526,7 @@ def _attention_parts(n: fx.Node, args: list[fx.Node], spaces: list[Any], sp: Fea
             qk, h, dh = att.scores[left.name]
             if headed[right.name] != (h, dh):
                 raise TracingError(f"{where}: values with other head counts or sizes than the query{_hint(model)}")
-            _heads_of(sp, heads, qk, space[right.name], n.name, h, dh)
+            _heads_of(sp, heads, qk, space[right.name], att.stem(sp, qk), h, dh)
             headed[n.name] = (h, dh)
             space[n.name] = space[right.name]
             return True
@@ -489,7 +541,8 @@ def _attention_parts(n: fx.Node, args: list[fx.Node], spaces: list[Any], sp: Fea
             raise TracingError(f"{where}: query, key and value with different head counts or sizes, or heads not on "
                                f"axis -3 (transpose(1, 2) after the view){_hint(model)}")
         h, dh = next(iter(shapes))
-        _heads_of(sp, heads, sp.union(space[q.name], space[k.name]), space[v.name], n.name, h, dh)
+        qk = sp.union(space[q.name], space[k.name])
+        _heads_of(sp, heads, qk, space[v.name], att.stem(sp, qk), h, dh)
         headed[n.name] = (h, dh)
         space[n.name] = space[v.name]
         return True
@@ -498,6 +551,66 @@ def _attention_parts(n: fx.Node, args: list[fx.Node], spaces: list[Any], sp: Fea
                            f"follow (it follows views into and out of heads, token transposes, q @ k.transpose(-2, "
                            f"-1) scaled, masked and softmaxed, @ v, and scaled_dot_product_attention){_hint(model)}")
     return False
+
+
+def _channels_first_op(n: fx.Node, channels_first: dict[str, int], space: dict[str, Any], where: str,
+                       model: nn.Module) -> None:
+    """Follow a patch embedding's output ``(n, c, h, w)`` to tokens ``(n, h * w, c)``.
+
+    ``flatten(2)`` (or a reshape keeping the first two axes) keeps the channels on axis 1;
+    ``transpose(1, 2)``, ``permute(0, 2, 1)`` or ``permute(0, 2, 3, 1)`` moves them last,
+    where the stream's features are; anything else is refused.
+    """
+    s = channels_first[n.args[0].name]
+    src, out = _shape_of(n.args[0]), _shape_of(n)
+    target = n.target
+    dims = [int(d) for d in n.args[1:]] if all(isinstance(d, int) for d in n.args[1:]) else None
+    if target == "permute" and len(n.args) == 2 and isinstance(n.args[1], tuple | list):
+        dims = [int(d) for d in n.args[1]]
+    if src is None or out is None:
+        raise TracingError(f"{where}: shapes unknown on a convolution's output{_hint(model)}")
+    nd = len(src)
+    if target in (_FLATTEN | {"reshape", "view", torch.reshape}) and len(out) >= 3 and out[:2] == src[:2]:
+        channels_first[n.name] = s  # (n, c, h, w) -> (n, c, h * w): the channels stay on axis 1
+        space[n.name] = None
+        return
+    moved_last = (target in ("transpose", torch.transpose) and dims is not None and len(dims) == 2 and nd == 3
+                  and {d % nd for d in dims} == {1, 2}) or (
+                  target in ("permute", torch.permute) and dims is not None and [d % nd for d in dims] ==
+                  [0, *range(2, nd), 1])
+    if moved_last:
+        space[n.name] = s
+        return
+    raise TracingError(f"{where}: an operation on a convolution's channels-first output; the stream tracer follows "
+                       f"a patch embedding's channels through flatten(2) and transpose(1, 2) (or permute(0, 2, 3, 1)) "
+                       f"into the tokens' features{_hint(model)}")
+
+
+def _stacked_parts(n: fx.Node, first: fx.Node, att: _HandAttention, space: dict[str, Any], where: str,
+                   model: nn.Module) -> bool:
+    """timm's attention: ``qkv(x).reshape(b, t, 3, h, dh).permute(2, 0, 3, 1, 4)``, then
+    ``unbind(0)`` or ``[i]``: each part per-head features of its own space."""
+    parts, h, dh, leading = att.stacked[first.name]
+    nd = len(_shape_of(first) or ())
+    target = n.target
+    if not leading and target in ("permute", torch.permute):
+        dims = n.args[1] if len(n.args) == 2 and isinstance(n.args[1], tuple | list) else n.args[1:]
+        dims = [int(d) % nd for d in dims] if all(isinstance(d, int) for d in dims) else []
+        if len(dims) == nd and dims[0] == nd - 3 and dims[-1] == nd - 1:
+            att.stacked[n.name] = (parts, h, dh, True)
+            space[n.name] = None
+            return True
+    if leading and target in ("unbind", torch.unbind) and n.kwargs.get("dim", n.args[1] if len(n.args) > 1 else 0) == 0:
+        att.stacked[n.name] = (parts, h, dh, True)
+        space[n.name] = None
+        return True
+    if leading and target is operator.getitem and isinstance(n.args[1], int):
+        att.headed[n.name] = (h, dh)
+        space[n.name] = parts[n.args[1]]
+        return True
+    raise TracingError(f"{where}: the tracer follows a layer's features viewed as (..., parts, heads, head_dim) "
+                       f"through permute(2, 0, 3, 1, 4) (the parts axis first, head_dim last) and unbind(0) or [i] only"
+                       + _hint(model))
 
 
 def _heads_of(sp: FeatureSpaces, heads: list[Heads], qk: int, vo: int, name: str, h: int, dh: int) -> None:

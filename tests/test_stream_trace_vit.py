@@ -1,0 +1,151 @@
+"""A timm-style ViT written by a user: a convolutional patch embedding (``Conv2d`` with stride =
+kernel, ``flatten(2).transpose(1, 2)``), a class token, and attention whose ``qkv`` output is viewed
+as ``(b, n, 3, heads, head_dim)``, permuted and unbound (``F.scaled_dot_product_attention``, or the
+scores written out with ``q * scale``).
+
+References: the model's own outputs in float64 before and after a random transformation of every
+traced kind (norms folded), a planted transformation that weight matching must undo, and a plain
+torch cross-entropy of the model's logits.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+
+import combinability as cb
+from combinability.errors import TracingError
+from combinability.kinds import Blocks, Orthogonal
+
+torch = pytest.importorskip("torch")
+nn, F = torch.nn, torch.nn.functional
+
+DIM, HEADS, PATCH, SIDE = 16, 4, 4, 12
+
+
+class Attention(nn.Module):
+    def __init__(self, fused: bool) -> None:
+        super().__init__()
+        self.head_dim, self.fused = DIM // HEADS, fused
+        self.scale = self.head_dim**-0.5
+        self.qkv, self.proj = nn.Linear(DIM, 3 * DIM), nn.Linear(DIM, DIM)
+        self.q_norm, self.k_norm, self.attn_drop = nn.Identity(), nn.Identity(), nn.Dropout(0.1)
+
+    def forward(self, x):
+        b, n, c = x.shape
+        qkv = self.qkv(x).reshape(b, n, 3, HEADS, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)
+        q, k = self.q_norm(q), self.k_norm(k)
+        if self.fused:
+            x = F.scaled_dot_product_attention(q, k, v)
+        else:
+            q = q * self.scale
+            x = self.attn_drop((q @ k.transpose(-2, -1)).softmax(dim=-1)) @ v
+        return self.proj(x.transpose(1, 2).reshape(b, n, c))
+
+
+class Block(nn.Module):
+    def __init__(self, fused: bool) -> None:
+        super().__init__()
+        self.norm1, self.norm2 = nn.LayerNorm(DIM), nn.LayerNorm(DIM)
+        self.attn = Attention(fused)
+        self.fc1, self.act, self.fc2 = nn.Linear(DIM, 2 * DIM), nn.GELU(), nn.Linear(2 * DIM, DIM)
+
+    def forward(self, x):
+        x = x + self.attn(self.norm1(x))
+        return x + self.fc2(self.act(self.fc1(self.norm2(x))))
+
+
+class ViT(nn.Module):
+    def __init__(self, fused: bool = True, classes: int = 5, depth: int = 2) -> None:
+        super().__init__()
+        self.patch = nn.Conv2d(1, DIM, PATCH, PATCH)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, DIM))
+        self.pos_embed = nn.Parameter(torch.zeros(1, 1 + (SIDE // PATCH) ** 2, DIM))
+        self.blocks = nn.Sequential(*[Block(fused) for _ in range(depth)])
+        self.norm, self.head = nn.LayerNorm(DIM), nn.Linear(DIM, classes)
+
+    def forward(self, x):
+        x = self.patch(x).flatten(2).transpose(1, 2)
+        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1) + self.pos_embed
+        return self.head(self.norm(self.blocks(x))[:, 0])
+
+
+def _randomised(seed, **kw):
+    model = ViT(**kw)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * (0.3 if p.ndim > 1 else 0.5)
+                    + (1.0 if "norm" in name and name.endswith("weight") else 0))
+    return model.eval()
+
+
+def _out(model, state, x):
+    m = copy.deepcopy(model).double()
+    m.load_state_dict({k: torch.as_tensor(v) for k, v in state.items()})
+    with torch.no_grad():
+        return m(torch.as_tensor(x, dtype=torch.float64)).numpy()
+
+
+X = torch.randn(6, 1, SIDE, SIDE, generator=torch.Generator().manual_seed(0))
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_patch_embedding_and_stacked_qkv_are_traced_into_a_stream_and_heads(fused):
+    model = _randomised(0, fused=fused)
+    spec, folds = cb.derive_symmetries(model, X)
+    stream = spec.axes_to_perm["patch.weight"][0]
+    assert spec.axes_to_perm["patch.weight"][1:] == (None, None, None)  # the image's channels and pixels
+    assert spec.axes_to_perm["cls_token"] == (None, None, stream) == spec.axes_to_perm["pos_embed"]
+    assert spec.kind(stream) == Orthogonal(fix_ones=True, requires=spec.kind(stream).requires)
+    rows, cols = spec.axes_to_perm["blocks.1.attn.qkv.weight"]
+    assert rows == ("blocks.1.attn.qkv.q", "blocks.1.attn.qkv.q", "blocks.1.attn.qkv.v") and cols == stream
+    qk, vo = spec.kind(rows[0]), spec.kind(rows[2])
+    assert isinstance(qk, Blocks) and (qk.blocks, qk.size) == (HEADS, DIM // HEADS) and vo.group == qk.group
+    assert spec.axes_to_perm["blocks.1.attn.proj.weight"] == (stream, "blocks.1.attn.qkv.v")
+    state = {k: v.numpy().astype(np.float64) for k, v in model.state_dict().items()}
+    base = _out(model, state, X)
+    folded = cb.fold_norms(state, folds)
+    moved = cb.apply_permutation(spec, cb.random_permutation(spec, folded, seed=3), folded)
+    assert not np.allclose(moved["patch.weight"], folded["patch.weight"])
+    np.testing.assert_allclose(_out(model, moved, X), base, atol=1e-9)
+    back = cb.apply_permutation(spec, cb.weight_matching(spec, folded, moved, seed=0, restarts=2), moved)
+    assert max(float(np.abs(back[k] - folded[k]).max()) for k in folded) < 1e-6
+
+
+def test_a_vit_pair_sweeps_as_torch_scores_it():
+    models = [_randomised(s) for s in (1, 2)]
+    y = np.arange(len(X)) % 5
+    pair = cb.ModelPair(*models, example_input=X)
+    ds = cb.sweep(pair, cb.Linear(), data=(X.numpy(), y), values=[0.0, 1.0], splits=["test"])
+    with torch.no_grad():
+        for m, lam in zip(models, (0.0, 1.0), strict=True):
+            want = F.cross_entropy(m(X), torch.as_tensor(y)).item()
+            assert float(ds["loss"].sel(split="test", lam=lam).isel(sample=0)) == pytest.approx(want, rel=1e-5)
+
+
+def test_convolutions_past_the_patch_embedding_and_other_qkv_layouts_are_refused_by_name():
+    class ConvStem(ViT):
+        def __init__(self):
+            super().__init__()
+            self.stem = nn.Conv2d(1, 1, 3, padding=1)
+
+        def forward(self, x):
+            return super().forward(torch.relu(self.stem(x)))
+
+    with pytest.raises(TracingError, match="relu.*an operation on a convolution's channels-first output"):
+        cb.derive_symmetries(ConvStem().eval(), X)
+
+    class HeadsFirst(Attention):
+        def forward(self, x):
+            b, n, c = x.shape
+            qkv = self.qkv(x).reshape(b, n, 3, HEADS, self.head_dim).permute(3, 0, 2, 1, 4)  # heads first
+            return self.proj(qkv[0].sum(1).repeat(1, 1, HEADS))
+
+    net = ViT()
+    net.blocks[0].attn = HeadsFirst(True)
+    with pytest.raises(TracingError, match=r"permute\(2, 0, 3, 1, 4\)"):
+        cb.derive_symmetries(net.eval(), X)
