@@ -236,10 +236,25 @@ class _StreamTrace(JaxprWalker):
                 self.index_of[outs[1]] = labs[0][axis]
         elif n == "dot_general":
             self.labels[outs[0]] = self._dot(p, ins, labs, deps)
+        elif n == "conv_general_dilated":
+            self.labels[outs[0]] = self._conv(p, labs, len(shape), where)
         elif n == "gather":
             self.labels[outs[0]] = self._gather(p, ins, labs, shape)
         else:
             raise TracingError(f"{where}: the stream tracer cannot follow this operation on features" + self.hint)
+
+    def _conv(self, p: dict, labs: list[list[int | None]], rank: int, where: str) -> list[int | None]:
+        """A convolution (a patch embedding): its input channels and the kernel's meet; the kernel's
+        output channels open the output's; positions are mixed, so every spatial axis is fixed."""
+        if p["feature_group_count"] != 1 or p["batch_group_count"] != 1:
+            raise TracingError(f"{where}: grouped convolutions are not followed by the stream tracer" + self.hint)
+        lhs, rhs, out_spec = p["dimension_numbers"]
+        x, kernel = labs
+        self.sp.union(x[lhs[1]], kernel[rhs[1]])
+        self.sp.fix([x[a] for a in lhs[2:]] + [kernel[a] for a in rhs[2:]])
+        out: list[int | None] = [FIXED] * rank
+        out[out_spec[0]], out[out_spec[1]] = x[lhs[0]], kernel[rhs[0]]
+        return out
 
     def _elementwise(self, n: str, ins: list[int], labs: list[list[int | None]], deps: list[str], out: int,
                      where: str) -> None:
