@@ -49,7 +49,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from combinability.errors import ConfigurationError, LayoutError
-from combinability.permutation import PermutationSpec
+from combinability.permutation import Entry, PermutationSpec, Repeat
 
 __all__ = ["Node", "LayerTable", "OPS", "NORMS", "ACTIVATIONS"]
 
@@ -98,6 +98,11 @@ class Node:
         A conv node's kernel dilation.
     keepdims : bool
         For ``op="avgpool"``: pool to a ``1 x 1`` image ``(n, c, 1, 1)`` rather than a vector.
+    channels_last : bool
+        For ``op="flatten"``: flatten an image position by position, ``(h, w, c)`` (a flax
+        model's reshape of its NHWC map), rather than channel by channel, ``(c, h, w)``
+        (torch's ``flatten``). A dense layer reading the vector takes the channels'
+        permutation on every position (:class:`~combinability.Repeat`).
     bias : bool
         Whether a dense or conv layer has a bias.
     norm : str
@@ -144,6 +149,7 @@ class Node:
     seed: int = 0
     dilation: int | tuple[int, int] = 1
     keepdims: bool = False
+    channels_last: bool = False
 
     def __post_init__(self) -> None:
         if self.op not in OPS:
@@ -450,10 +456,12 @@ class LayerTable:
         A dense or conv node opens a new space; norms, activations, pooling and depthwise
         convs keep their input's; an addition merges its inputs' spaces (union-find), part
         by part when they are concatenations split alike; a concatenation joins its inputs'
-        parts. Fixed (not permutable): the network's input and the logits, an image
-        flattened into a vector, both sides of a conv with 1 < groups (other than
-        depthwise), whose channels may only move within their groups, and every part of a
-        concatenation one of whose parts is fixed (a packed axis moves all its segments).
+        parts. An image flattened for dense layers keeps its channels' space (:meth:`_repeats`;
+        the entry repeats it over the positions). Fixed (not permutable): the network's input
+        and the logits, an image flattened otherwise (a concatenation's, or read by other
+        nodes), both sides of a conv with 1 < groups (other than depthwise), whose channels
+        may only move within their groups, and every part of a concatenation one of whose
+        parts is fixed (a packed axis moves all its segments).
         """
         parent: dict[int, int] = {}
 
@@ -468,6 +476,7 @@ class LayerTable:
             return len(parent) - 1
 
         shapes = self.shapes()
+        repeats = self._repeats()
 
         def src_channels(node: Node) -> int:
             return shapes[self.inputs_of(node)[0]].channels
@@ -504,8 +513,8 @@ class LayerTable:
                 fixed.update(s)  # G mixes the channels: only permutations commuting with it keep the function
             elif node.op == "flatten":
                 src = shapes[self.inputs_of(node)[0]]
-                if src.spatial is None or src.spatial == (1, 1):
-                    s = ins[0]
+                if src.spatial is None or src.spatial == (1, 1) or node.name in repeats:
+                    s = ins[0]  # a flattened feature map read by dense layers: its channels' entries move together
                 else:
                     s = fixed_space(shapes[node.name].channels)
                     fixed.update(ins[0])
@@ -548,21 +557,48 @@ class LayerTable:
                 names[s] = f"P_{opened[first]}"
         return {k: tuple(find(p) for p in v) for k, v in space.items()}, names
 
-    def _entries(self) -> dict[str, str | tuple[str, ...] | None]:
-        """Every node's output channels as a spec entry: a permutation name, None, or the names of
-        a concatenation's parts (the segments of a packed axis)."""
+    def _repeats(self) -> dict[str, int]:
+        """Flatten nodes of a feature map larger than 1 x 1, of one layer's channels, read by dense
+        layers only: each to the entries per channel (``h * w``) of its output."""
+        shapes = self.shapes()
+        readers: dict[str, list[Node]] = {}
+        for node in self.nodes:
+            for name in self.inputs_of(node):
+                readers.setdefault(name, []).append(node)
+        out: dict[str, int] = {}
+        for node in self.nodes:
+            if node.op != "flatten":
+                continue
+            src = self.inputs_of(node)[0]
+            spatial = shapes[src].spatial
+            if spatial is None or spatial == (1, 1) or src == "<input>" or node is self.nodes[-1]:
+                continue
+            if self.node(src).op == "concat" or not all(r.op == "dense" for r in readers.get(node.name, [])):
+                continue
+            out[node.name] = spatial[0] * spatial[1]
+        return out
+
+    def _entries(self) -> dict[str, Entry]:
+        """Every node's output channels as a spec entry: a permutation name, None, the names of
+        a concatenation's parts (the segments of a packed axis), or for a flattened feature map
+        its channels' permutation repeated over the positions (:class:`~combinability.Repeat`)."""
         space, names = self._spaces()
-        out: dict[str, str | tuple[str, ...] | None] = {}
+        repeats = self._repeats()
+        out: dict[str, Entry] = {}
         for node_name, parts in space.items():
             named = tuple(names[p] for p in parts)
             out[node_name] = named[0] if len(named) == 1 else None if named[0] is None else named
+            if node_name in repeats and isinstance(out[node_name], str):
+                out[node_name] = Repeat(out[node_name], repeats[node_name], self.node(node_name).channels_last)
         return out
 
     def spec(self) -> PermutationSpec:
         """The permutation spec of the table's parameters (reference convention).
 
         A layer reading a concatenation binds that axis to its parts' permutations, as the
-        segments of a packed axis (see :class:`~combinability.PermutationSpec`).
+        segments of a packed axis (see :class:`~combinability.PermutationSpec`); one reading a
+        flattened image, to the image's channel permutation repeated over the positions
+        (:class:`~combinability.Repeat`).
         """
         entry = self._entries()
         axes: dict[str, tuple[Any, ...]] = {}

@@ -31,6 +31,7 @@ from combinability.permutation import (
     PermutationSpec,
     check_permutation,
     identity_permutation,
+    split_repeats,
 )
 
 __all__ = [
@@ -264,6 +265,7 @@ def weight_matching(
     keep_freed_memory()  # the gathers and cost matrices of every step reuse the memory of the last
     a = _as_float_params(spec, params_a, "A")
     b = _as_float_params(spec, params_b, "B")
+    spec, a, b = split_repeats(spec, a, b)  # flattened feature maps: their repeats as axes of their own
     if not spec.is_plain:  # heads, experts, orthogonal streams, packed axes
         from combinability.kind_matching import match_symmetries
 

@@ -14,13 +14,15 @@ Beyond neuron permutations a spec may declare other symmetry kinds
 (:mod:`combinability.kinds`): block permutations that move attention heads or experts
 whole, and orthogonal maps of a residual stream, whose value is a matrix ``Q`` applied
 along every bound axis. An axis may also pack segments that move separately (stacked
-query/key/value rows). Apply, inverse, compose, identity and random draws below handle
-every kind.
+query/key/value rows), or repeat each unit of a permutation in place (:class:`Repeat`: a
+feature map flattened channel by channel into a dense layer's input). Apply, inverse,
+compose, identity and random draws below handle every kind.
 """
 
 from __future__ import annotations
 
 from collections.abc import Collection, Iterator, Mapping
+from dataclasses import dataclass
 from functools import cached_property
 from types import MappingProxyType
 from typing import Any
@@ -44,6 +46,9 @@ from combinability.kinds import (
 
 __all__ = [
     "PermutationSpec",
+    "Repeat",
+    "split_axis",
+    "split_repeats",
     "Permutation",
     "apply_permutation",
     "invert_permutation",
@@ -54,18 +59,63 @@ __all__ = [
 ]
 
 
-Entry = str | tuple[str, ...] | None
+@dataclass(frozen=True)
+class Repeat:
+    """An axis holding ``times`` entries per unit of the permutation ``name``.
+
+    A feature map of ``name``'s channels flattened into a dense layer's input: the
+    permutation moves each channel's ``times`` entries (its positions) together and
+    keeps their order. Flattened channel by channel (torch's ``flatten`` of ``(c, h, w)``)
+    a unit's entries are consecutive (``unit * times + position``); flattened position by
+    position (flax's reshape of ``(h, w, c)``, ``interleaved=True``) the units are
+    (``position * n + unit``). The axis has ``times`` x the permutation's size.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> spec = PermutationSpec({"conv.weight": ("C", None, None, None), "fc.weight": (None, Repeat("C", 2))})
+    >>> out = apply_permutation(spec, {"C": np.array([1, 0])}, {"fc.weight": np.array([[1, 2, 3, 4]])})
+    >>> out["fc.weight"].tolist()
+    [[3, 4, 1, 2]]
+    """
+
+    name: str
+    times: int
+    interleaved: bool = False
+
+    @property
+    def unit_axis(self) -> int:
+        """Where the units are among the two axes :func:`split_axis` splits the axis into."""
+        return 1 if self.interleaved else 0
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.name, str) or not self.name:
+            raise PermutationSpecError(f"Repeat.name must be a permutation name, got {self.name!r}")
+        if not isinstance(self.times, int | np.integer) or isinstance(self.times, bool) or self.times < 1:
+            raise PermutationSpecError(f"Repeat.times must be a positive int, got {self.times!r}")
+        object.__setattr__(self, "times", int(self.times))
+
+
+Entry = str | tuple[str, ...] | Repeat | None
 
 
 def _entry(name: str, p: Any) -> Entry:
-    if p is None or isinstance(p, str):
+    if p is None or isinstance(p, str | Repeat):
         return p
     if isinstance(p, tuple | list) and p and all(isinstance(q, str) for q in p):
         return tuple(p)
+    if isinstance(p, dict) and set(p) in ({"repeat", "times"}, {"repeat", "times", "interleaved"}):  # JSON
+        return Repeat(p["repeat"], p["times"], bool(p.get("interleaved", False)))
     raise PermutationSpecError(
-        f"{name!r}: an axis entry is a permutation name, None, or a tuple of names (consecutive segments "
-        f"of a packed axis, e.g. ('qk', 'qk', 'vo') for stacked query/key/value rows); got {p!r}"
+        f"{name!r}: an axis entry is a permutation name, None, a tuple of names (consecutive segments "
+        f"of a packed axis, e.g. ('qk', 'qk', 'vo') for stacked query/key/value rows), or a Repeat (each "
+        f"unit repeated in place: a flattened feature map); got {p!r}"
     )
+
+
+def _names_of(p: Entry) -> tuple[str, ...]:
+    """The permutation names an axis entry binds."""
+    return (p,) if isinstance(p, str) else (p.name,) if isinstance(p, Repeat) else (p or ())
 
 
 class PermutationSpec:
@@ -132,7 +182,7 @@ class PermutationSpec:
         names: list[str] = []
         for axes in self._axes.values():
             for p in axes:
-                for q in (p,) if isinstance(p, str) else (p or ()):
+                for q in _names_of(p):
                     if q not in names:
                         names.append(q)
         return names
@@ -154,7 +204,7 @@ class PermutationSpec:
     @property
     def is_plain(self) -> bool:
         """True when every name is a neuron permutation bound to whole axes (the classic re-basin spec)."""
-        return not self._kinds and not self.segments
+        return not self._kinds and not self.segments and not self.repeats
 
     @cached_property
     def perm_to_axes(self) -> dict[str, list[tuple[str, int]]]:
@@ -180,6 +230,16 @@ class PermutationSpec:
                         out.setdefault(q, []).append((name, axis, k))
         return out
 
+    @cached_property
+    def repeats(self) -> dict[str, list[tuple[str, int, int]]]:
+        """Name to the ``(parameter, axis, times)`` of every axis repeating its units (:class:`Repeat`)."""
+        out: dict[str, list[tuple[str, int, int]]] = {}
+        for name, axes in self._axes.items():
+            for axis, p in enumerate(axes):
+                if isinstance(p, Repeat):
+                    out.setdefault(p.name, []).append((name, axis, p.times))
+        return out
+
     @property
     def perm_names(self) -> tuple[str, ...]:
         """Names of the transformations, in order of first appearance (block groups last)."""
@@ -200,7 +260,8 @@ class PermutationSpec:
         """
         import json
 
-        axes = {k: [list(p) if isinstance(p, tuple) else p for p in v] for k, v in self._axes.items()}
+        axes = {k: [list(p) if isinstance(p, tuple) else _repeat_json(p) if isinstance(p, Repeat) else p for p in v]
+                for k, v in self._axes.items()}
         data: dict[str, Any] = {"format": "combinability-spec", "version": 1 if self.is_plain else 2, "axes": axes}
         if self._kinds:
             data["kinds"] = {k: v.to_json() for k, v in self._kinds.items()}
@@ -247,6 +308,9 @@ class PermutationSpec:
 
     def _sizes(self, params: Mapping[str, Any]) -> dict[str, int]:
         sizes = {p: int(np.shape(params[axes[0][0]])[axes[0][1]]) for p, axes in self.perm_to_axes.items()}
+        for p, entries in self.repeats.items():
+            name, axis, times = entries[0]
+            sizes.setdefault(p, int(np.shape(params[name])[axis]) // times)
         for p, kind in self._kinds.items():
             if isinstance(kind, Blocks):
                 sizes.setdefault(p, kind.blocks * kind.size)
@@ -318,6 +382,13 @@ class PermutationSpec:
                 raise PermutationSpecError(
                     f"the group {kind.group!r} of {p!r} binds axes of size {sizes[kind.group]}, not "
                     f"{kind.blocks} blocks")
+        for p, entries in self.repeats.items():
+            for name, axis, times in entries:
+                length = np.shape(params[name])[axis]
+                if length != sizes[p] * times:
+                    raise PermutationSpecError(
+                        f"{name!r} axis {axis} has size {length}, but it repeats each of the {sizes[p]} units of "
+                        f"{p!r} {times} times ({sizes[p] * times})")
         for name, axes in self._axes.items():
             for axis, p in enumerate(axes):
                 if isinstance(p, tuple) and sum(sizes[q] for q in p) != np.shape(params[name])[axis]:
@@ -480,10 +551,69 @@ def apply_permutation(
                     pieces = np.split(arr, np.cumsum(sizes)[:-1], axis=axis)
                     arr = np.concatenate([piece if skip(q) else _act(q, perm, piece, axis, name)
                                           for q, piece in zip(p, pieces, strict=True)], axis=axis)
+                elif isinstance(p, Repeat):
+                    if not skip(p.name):
+                        split = split_axis(arr, axis, p, name)
+                        arr = _act(p.name, perm, split, axis + p.unit_axis, name).reshape(arr.shape)
                 elif p is not None and not skip(p):
                     arr = _act(p, perm, arr, axis, name)
         out[name] = arr
     return out
+
+
+def _repeat_json(p: Repeat) -> dict[str, Any]:
+    return {"repeat": p.name, "times": p.times, **({"interleaved": True} if p.interleaved else {})}
+
+
+def split_axis(arr: Any, axis: int, repeat: Repeat, name: str) -> Any:
+    """``arr`` with the repeated ``axis`` split in two, units and repeats, in the order they are laid
+    out (``(units, times)``, or ``(times, units)`` when interleaved; the units at
+    ``axis + repeat.unit_axis``); a view, the entries' order kept."""
+    length, times = arr.shape[axis], repeat.times
+    if length % times:
+        raise PermutationSpecError(f"{name!r} axis {axis} has size {length}, not a multiple of its repeat {times}")
+    pair = (times, length // times) if repeat.interleaved else (length // times, times)
+    return arr.reshape(arr.shape[:axis] + pair + arr.shape[axis + 1:])
+
+
+def split_repeats(spec: PermutationSpec, *params: Mapping[str, Any]) -> tuple[PermutationSpec, ...]:
+    """``spec`` and ``params`` with every :class:`Repeat` axis split in two: the units, bound to
+    the permutation, and the repeats, bound to nothing — a spec of whole axes on reshaped views.
+
+    Algorithms written for whole axes (weight matching, Sinkhorn) run on the result; the
+    permutations they find are those of ``spec``.
+
+    Returns
+    -------
+    tuple
+        ``(spec, params, ...)``: the new spec, then each mapping of ``params`` with the
+        parameters of repeated axes reshaped (views; other parameters as given).
+    """
+    if not spec.repeats:
+        return (spec, *params)
+    axes: dict[str, tuple[Entry, ...]] = {}
+    splits: dict[str, list[tuple[int, Repeat]]] = {}  # parameter -> (axis, repeat), last axis first
+    for name, entries in spec.axes_to_perm.items():
+        new: list[Entry] = []
+        for axis, p in enumerate(entries):
+            if isinstance(p, Repeat):
+                new += [None, p.name] if p.interleaved else [p.name, None]
+                splits.setdefault(name, []).insert(0, (axis, p))
+            else:
+                new.append(p)
+        axes[name] = tuple(new)
+
+    def reshaped(ps: Mapping[str, Any]) -> dict[str, Any]:
+        out = dict(ps)
+        for name, cuts in splits.items():
+            if name in out:
+                arr = np.asarray(out[name])
+                for axis, repeat in cuts:
+                    arr = split_axis(arr, axis, repeat, name)
+                out[name] = arr
+        return out
+
+    return (PermutationSpec(axes, spec.kinds), *(reshaped(ps) for ps in params))
 
 
 def _act(p: str, perm: Mapping[str, Any], arr: np.ndarray, axis: int, name: str) -> np.ndarray:

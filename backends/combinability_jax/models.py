@@ -162,7 +162,7 @@ class TableNet(nn.Module):
             elif node.op == "act":
                 h = (_ACTIVATIONS[node.fn] if node.fn in _ACTIVATIONS else getattr(jax.nn, node.fn))(h)
             elif node.op == "flatten":
-                h = jnp.reshape(_nchw(h), (h.shape[0], -1))
+                h = jnp.reshape(h if node.channels_last else _nchw(h), (h.shape[0], -1))
             elif node.op == "avgpool":
                 h = jnp.mean(h, axis=(1, 2), keepdims=node.keepdims)
             elif node.op == "maxpool" and min(h.shape[1:3]) >= k:

@@ -174,8 +174,9 @@ class _Trace(JaxprWalker):
         elif len(acts) == 1 and n in ("reshape", "squeeze", "broadcast_in_dim", "expand_dims") and (
                 math.prod(s) == math.prod(shape) and s[0] == shape[0] and (len(s) == 2 or s == shape or len(s) == 4
                                                                      and len(shape) == 2)):
-            if len(s) == 4 and len(shape) == 2:
-                self._add(Node(self._fresh(path, "flatten"), "flatten", (self._name(acts[0]),)), outs[0])
+            if len(s) == 4 and len(shape) == 2:  # a reshape of the NHWC map: position by position
+                self._add(Node(self._fresh(path, "flatten"), "flatten", (self._name(acts[0]),), channels_last=True),
+                          outs[0])
             else:
                 self._name(acts[0])
                 self.alias[outs[0]] = acts[0]

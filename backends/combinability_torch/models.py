@@ -182,7 +182,7 @@ class TableNet(nn.Module):
             elif node.op == "act":
                 h = getattr(F, node.fn)(h)
             elif node.op == "flatten":
-                h = h.flatten(1)
+                h = (h.permute(0, 2, 3, 1) if node.channels_last and h.ndim == 4 else h).flatten(1)
             elif node.op == "avgpool":
                 h = h.mean(dim=(2, 3), keepdim=node.keepdims)
             elif node.op == "maxpool":

@@ -28,7 +28,7 @@ import numpy as np
 
 from combinability.align.base import AlignTask
 from combinability.errors import ConfigurationError
-from combinability.permutation import Permutation, PermutationSpec
+from combinability.permutation import Permutation, PermutationSpec, Repeat, split_axis
 
 if TYPE_CHECKING:
     from combinability.align.ste import LearningContext
@@ -136,7 +136,12 @@ def soft_apply(spec: PermutationSpec, matrices: Mapping[str, np.ndarray], params
     for name, value in params.items():
         arr = np.asarray(value, dtype=np.float64)
         for axis, p in enumerate(spec.axes_to_perm.get(name, ())):
-            if p is not None and (name, axis) != skip:
+            if p is None or (name, axis) == skip:
+                continue
+            if isinstance(p, Repeat):  # a flattened feature map: its channels' entries move together
+                split = split_axis(arr, axis, p, name)
+                arr = _mode_product(split, matrices[p.name], axis + p.unit_axis).reshape(arr.shape)
+            else:
                 arr = _mode_product(arr, matrices[p], axis)
         out[name] = arr
     return out
@@ -159,8 +164,11 @@ def soft_apply_grad(spec: PermutationSpec, matrices: Mapping[str, np.ndarray], p
             if p is None:
                 continue
             u = soft_apply(spec, matrices, {name: params[name]}, skip=(name, axis))[name]
-            n = g.shape[axis]
-            out[p] += np.moveaxis(g, axis, 0).reshape(n, -1) @ np.moveaxis(u, axis, 0).reshape(n, -1).T
+            gs, at = g, axis
+            if isinstance(p, Repeat):  # unfold along the channels, each with its repeats
+                gs, u, at, p = split_axis(g, axis, p, name), split_axis(u, axis, p, name), axis + p.unit_axis, p.name
+            n = gs.shape[at]
+            out[p] += np.moveaxis(gs, at, 0).reshape(n, -1) @ np.moveaxis(u, at, 0).reshape(n, -1).T
     return out
 
 
