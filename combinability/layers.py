@@ -75,7 +75,7 @@ class Node:
         also the name of the feature point that reads the node's output.
     op : str
         One of :data:`OPS`. ``"avgpool"`` is global average pooling to ``(n, c)`` (to a
-        ``1 x 1`` image with ``keepdims``);
+        ``1 x 1`` image with ``keepdims``; to an image of ``output_size`` when given);
         ``"maxpool"`` is a ``kernel`` x ``kernel`` max pool (``stride``, ``padding``; an
         average pool when ``fn="avg"``), skipped when the image is smaller than the kernel;
         ``"act"`` applies the element-wise function ``fn`` (one of :data:`ACTIVATIONS`);
@@ -98,6 +98,10 @@ class Node:
         A conv node's kernel dilation.
     keepdims : bool
         For ``op="avgpool"``: pool to a ``1 x 1`` image ``(n, c, 1, 1)`` rather than a vector.
+    output_size : (int, int) or None
+        For ``op="avgpool"``: adaptive average pooling to an image of this ``(height, width)``
+        (torch's ``AdaptiveAvgPool2d``: output row ``i`` averages input rows
+        ``floor(i * h / height)`` to ``ceil((i + 1) * h / height)``, and so for columns).
     channels_last : bool
         For ``op="flatten"``: flatten an image position by position, ``(h, w, c)`` (a flax
         model's reshape of its NHWC map), rather than channel by channel, ``(c, h, w)``
@@ -150,6 +154,7 @@ class Node:
     dilation: int | tuple[int, int] = 1
     keepdims: bool = False
     channels_last: bool = False
+    output_size: tuple[int, int] | None = None
 
     def __post_init__(self) -> None:
         if self.op not in OPS:
@@ -170,6 +175,11 @@ class Node:
         elif any(isinstance(v, tuple) for v in (self.kernel, self.stride, self.padding)) or self.dilation != 1:
             raise ConfigurationError(f"node {self.name!r}: only a conv node takes (height, width) pairs or a "
                                      f"dilation; a {self.op!r} node takes ints")
+        if self.output_size is not None and (self.op != "avgpool" or self.keepdims or not (
+                isinstance(self.output_size, tuple) and len(self.output_size) == 2 and all(
+                    isinstance(v, int | np.integer) and not isinstance(v, bool) and v >= 1 for v in self.output_size))):
+            raise ConfigurationError(f"node {self.name!r}: output_size is an avgpool node's (height, width), two "
+                                     f"ints >= 1, without keepdims; got {self.output_size!r} on a {self.op!r} node")
         if self.fixed and self.op not in ("dense", "conv"):
             raise ConfigurationError(f"node {self.name!r}: fixed={self.fixed!r} frozen entries per unit need a dense "
                                      f"or conv node, not a {self.op!r} node")
@@ -375,9 +385,9 @@ class LayerTable:
                 size = x.channels * (x.spatial[0] * x.spatial[1] if x.spatial else 1)
                 out[node.name] = _Shape(size, None)
             elif node.op == "avgpool":
-                if node.keepdims and x.spatial is None:
-                    raise ConfigurationError(f"{where}: pooling a vector to a 1 x 1 image (keepdims)")
-                out[node.name] = _Shape(x.channels, (1, 1) if node.keepdims else None)
+                if (node.keepdims or node.output_size) and x.spatial is None:
+                    raise ConfigurationError(f"{where}: pooling a vector to an image (keepdims, output_size)")
+                out[node.name] = _Shape(x.channels, node.output_size or ((1, 1) if node.keepdims else None))
             elif node.op == "maxpool":
                 if x.spatial is None:
                     raise ConfigurationError(f"{where}: max pooling needs an image")

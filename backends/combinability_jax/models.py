@@ -35,6 +35,15 @@ _ACTIVATIONS = {"gelu": partial(jax.nn.gelu, approximate=False), "tanh": jnp.tan
                 "hardswish": jax.nn.hard_swish, "hardsigmoid": jax.nn.hard_sigmoid}
 
 
+def _adaptive_pool(size: int, out: int) -> np.ndarray:
+    """``(out, size)`` weights of adaptive average pooling along one axis (torch's windows)."""
+    weights = np.zeros((out, size), np.float32)
+    for i in range(out):
+        start, stop = (i * size) // out, -((-(i + 1) * size) // out)
+        weights[i, start:stop] = 1.0 / (stop - start)
+    return weights
+
+
 def _nchw(h: jax.Array) -> jax.Array:
     return jnp.transpose(h, (0, 3, 1, 2)) if h.ndim == 4 else h
 
@@ -163,6 +172,9 @@ class TableNet(nn.Module):
                 h = (_ACTIVATIONS[node.fn] if node.fn in _ACTIVATIONS else getattr(jax.nn, node.fn))(h)
             elif node.op == "flatten":
                 h = jnp.reshape(h if node.channels_last else _nchw(h), (h.shape[0], -1))
+            elif node.op == "avgpool" and node.output_size:
+                rows, cols = (_adaptive_pool(n, m) for n, m in zip(h.shape[1:3], node.output_size, strict=True))
+                h = jnp.einsum("ih,jw,nhwc->nijc", rows, cols, h)
             elif node.op == "avgpool":
                 h = jnp.mean(h, axis=(1, 2), keepdims=node.keepdims)
             elif node.op == "maxpool" and min(h.shape[1:3]) >= k:

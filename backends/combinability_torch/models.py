@@ -183,6 +183,8 @@ class TableNet(nn.Module):
                 h = getattr(F, node.fn)(h)
             elif node.op == "flatten":
                 h = (h.permute(0, 2, 3, 1) if node.channels_last and h.ndim == 4 else h).flatten(1)
+            elif node.op == "avgpool" and node.output_size:
+                h = F.adaptive_avg_pool2d(h, node.output_size)
             elif node.op == "avgpool":
                 h = h.mean(dim=(2, 3), keepdim=node.keepdims)
             elif node.op == "maxpool":

@@ -122,6 +122,8 @@ def _node(n: fx.Node, gm: fx.GraphModule, name: str, ins: tuple[str, ...], model
             return Node(name, "flatten", ins)
         if isinstance(m, nn.AdaptiveAvgPool2d) and m.output_size in (1, (1, 1)):
             return Node(name, "avgpool", ins, keepdims=True)
+        if isinstance(m, nn.AdaptiveAvgPool2d) and _shape(n) is not None and len(_shape(n)) == 4:
+            return Node(name, "avgpool", ins, output_size=tuple(int(v) for v in _shape(n)[2:]))
         if isinstance(m, nn.MaxPool2d | nn.AvgPool2d):
             k, s, p = (v if isinstance(v, int) else v[0] for v in (m.kernel_size, m.stride or m.kernel_size,
                                                                    m.padding))
@@ -162,6 +164,8 @@ def _node(n: fx.Node, gm: fx.GraphModule, name: str, ins: tuple[str, ...], model
         return Node(name, "avgpool", ins, keepdims=len(out) == 4)
     if target is F.adaptive_avg_pool2d and n.args[1] in (1, (1, 1)):
         return Node(name, "avgpool", ins, keepdims=True)
+    if target is F.adaptive_avg_pool2d and out is not None and len(out) == 4:
+        return Node(name, "avgpool", ins, output_size=tuple(int(v) for v in out[2:]))
     if target in (F.max_pool2d, F.avg_pool2d):
         args = {**dict(zip(("input", "kernel_size", "stride", "padding"), n.args, strict=False)), **n.kwargs}
         k = args["kernel_size"] if isinstance(args["kernel_size"], int) else args["kernel_size"][0]
