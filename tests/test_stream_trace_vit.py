@@ -149,3 +149,15 @@ def test_convolutions_past_the_patch_embedding_and_other_qkv_layouts_are_refused
     net.blocks[0].attn = HeadsFirst(True)
     with pytest.raises(TracingError, match=r"permute\(2, 0, 3, 1, 4\)"):
         cb.derive_symmetries(net.eval(), X)
+
+
+def test_parameters_read_for_their_dtype_bind_nothing():
+    class CastingViT(ViT):  # Hugging Face's ViTModel casts its input to the patch kernel's dtype
+        def forward(self, x):
+            expected_dtype = self.patch.weight.dtype
+            if x.dtype != expected_dtype:
+                x = x.to(expected_dtype)
+            return super().forward(x)
+
+    spec, _ = cb.derive_symmetries(CastingViT().eval(), X)
+    assert isinstance(spec.kind(spec.axes_to_perm["patch.weight"][0]), Orthogonal)

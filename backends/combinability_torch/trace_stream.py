@@ -39,7 +39,9 @@ __all__ = ["stream_symmetries"]
 _NONLINEAR_MODULES = (nn.ReLU, nn.GELU, nn.Tanh, nn.Sigmoid, nn.SiLU, nn.ELU, nn.LeakyReLU, nn.Softplus,
                       nn.Softmax, nn.ReLU6, nn.Hardtanh)
 _NONLINEAR = {F.relu, F.gelu, F.silu, F.elu, F.softplus, F.leaky_relu, F.softmax, F.tanh, F.sigmoid,
-              torch.relu, torch.tanh, torch.sigmoid, torch.softmax, "relu", "tanh", "sigmoid", "softmax"}
+              torch.relu, torch.tanh, torch.sigmoid, torch.softmax, "relu", "tanh", "sigmoid", "softmax",
+              # element-wise functions an activation is written with (GPT-2's gelu_new: x ** 3, tanh; erf, exp)
+              torch.pow, "pow", operator.pow, torch.erf, "erf", torch.exp, "exp", torch.square, "square"}
 _PASS_MODULES = (nn.Dropout, nn.Identity)
 _PASS = {"contiguous", "clone", "detach", "float", "expand", F.dropout, operator.mul, operator.truediv,
          torch.mul}
@@ -92,6 +94,7 @@ def stream_symmetries(model: nn.Module, example_input: torch.Tensor) -> tuple[Pe
     aliases = tensor_aliases(model)
     tied: set[str] = set()
     channels_first: dict[str, int] = {}  # a convolution's output (n, c, ...) -> the space of its channels
+    params_of: dict[str, str] = {}  # a get_attr node of a parameter -> the parameter's name
 
     def bind(param: str, entries: list[Any]) -> None:
         param = aliases.get(param, param)  # a tied weight: one tensor, every use binds it
@@ -115,9 +118,14 @@ def stream_symmetries(model: nn.Module, example_input: torch.Tensor) -> tuple[Pe
             if value is None:
                 space[n.name] = FIXED
                 continue
-            s = sp.new(n.target)
+            if all(reads_shape(u) for u in n.users):  # read for its dtype or shape only (``w.dtype``)
+                space[n.name] = None
+                continue
+            module, _, leaf = n.target.rpartition(".")
+            s = sp.new(module if module and leaf in ("weight", "bias") else n.target)
             bind(n.target, [None] * (value.ndim - 1) + [s])
             space[n.name] = s
+            params_of[n.name] = aliases.get(n.target, n.target)
         elif n.op == "call_module":
             m = gm.get_submodule(n.target)
             src = space.get(n.args[0].name) if n.args and isinstance(n.args[0], fx.Node) else None
@@ -179,6 +187,8 @@ def stream_symmetries(model: nn.Module, example_input: torch.Tensor) -> tuple[Pe
             target = n.target
             if _attention_parts(n, args, spaces, sp, space, att, heads, where, model):
                 continue
+            if _parameter_product(n, space, binds, params_of, sp):
+                continue
             if target in ("topk", torch.topk) and args and _dim_is_last(n, 2):
                 sp.mark(spaces[:1])  # routing: permutations of the experts only
                 space[n.name] = FIXED  # sorted gate values and their indices: free of the experts' order
@@ -238,7 +248,7 @@ def stream_symmetries(model: nn.Module, example_input: torch.Tensor) -> tuple[Pe
     for k, v in model.named_parameters():  # unused by forward: left as they are
         binds.setdefault(k, [None] * v.ndim)
     for param, entries in binds.items():  # a layer whose output was split: its rows are packed segments
-        binds[param] = [att.packed.get(e, e) if isinstance(e, int) else e for e in entries]
+        binds[param] = [att.packed.get(sp.find(e), e) if isinstance(e, int) else e for e in entries]
     norms = [replace(m, readers=None if m.readers is None else tuple(
         replace(r, weight=aliases.get(r.weight, r.weight), bias=r.bias and aliases.get(r.bias, r.bias))
         for r in m.readers)) for m in norms]
@@ -296,6 +306,9 @@ class ConcreteTracer(fx.Tracer):
     def to_bool(self, obj: fx.Proxy) -> bool:
         return bool(self.values[obj.node])
 
+    def proxy(self, node: fx.Node) -> fx.Proxy:
+        return _ConcreteProxy(node, self)
+
     def trace(self, root: Any, concrete_args: Any = None) -> fx.Graph:
         """Trace ``root``; tensor factories called with traced sizes (``torch.ones(t, t)``) are recorded too."""
         originals = {name: getattr(torch, name) for name in _FACTORIES}
@@ -314,6 +327,21 @@ class ConcreteTracer(fx.Tracer):
         finally:
             for name, fn in originals.items():
                 setattr(torch, name, fn)
+
+
+#: Tensor attributes fixed by the example (a dtype, a device), read as values: ``torch.finfo(x.dtype)``.
+_STATIC_ATTRIBUTES = frozenset({"dtype", "device", "layout", "is_cuda", "is_floating_point", "ndim"})
+
+
+class _ConcreteProxy(fx.Proxy):
+    """A proxy whose static attributes (:data:`_STATIC_ATTRIBUTES`) are the example's values, not nodes."""
+
+    def __getattr__(self, k: str) -> Any:
+        if k in _STATIC_ATTRIBUTES:
+            value = self.tracer.values.get(self.node)  # type: ignore[attr-defined]
+            if isinstance(value, torch.Tensor):
+                return getattr(value, k)
+        return super().__getattr__(k)
 
 
 def _attr(gm: nn.Module, target: str) -> Any:
@@ -431,7 +459,8 @@ _MATMUL = {operator.matmul, torch.matmul, "matmul"}
 _SCALING = {operator.mul, operator.truediv, torch.mul, "mul", "div"}
 #: Operations on attention scores that keep them scores: scaling, masking, softmax over keys, dropout.
 _ON_SCORES = {operator.mul, operator.truediv, operator.add, torch.mul, torch.add, "masked_fill", "masked_fill_",
-              torch.masked_fill, F.softmax, torch.softmax, "softmax", F.dropout, "float", "type_as", "contiguous"}
+              torch.masked_fill, F.softmax, torch.softmax, "softmax", F.dropout, "float", "type_as", "contiguous", "to",
+              "type", torch.where}
 
 
 def _attention_parts(n: fx.Node, args: list[fx.Node], spaces: list[Any], sp: FeatureSpaces, space: dict[str, Any],
@@ -451,9 +480,10 @@ def _attention_parts(n: fx.Node, args: list[fx.Node], spaces: list[Any], sp: Fea
     if reads_shape(n):
         return False  # shapes, not features
     first = n.args[0] if n.args and isinstance(n.args[0], fx.Node) else None
-    if first is not None and first.name in att.scores and target in _ON_SCORES and \
+    scored = n.args[1] if target is torch.where and len(n.args) == 3 else first  # where(mask, scores, fill)
+    if isinstance(scored, fx.Node) and scored.name in att.scores and target in _ON_SCORES and \
             not any(a.name in headed or a.name in att.keys for a in args):
-        att.scores[n.name] = att.scores[first.name]
+        att.scores[n.name] = att.scores[scored.name]
         space[n.name] = None
         return True
     if target in _SPLITS and len(args) == 1 and spaces[0] not in (None, FIXED) and args[0].name not in headed:
@@ -500,9 +530,9 @@ def _attention_parts(n: fx.Node, args: list[fx.Node], spaces: list[Any], sp: Fea
             return True
         return False
     if len(args) == 1 and args[0].name in headed and (
-            target in ("contiguous", "clone", "float", F.dropout) or
+            target in ("contiguous", "clone", "float", "to", "type", F.dropout) or
             (target in _SCALING and len(n.args) == 2 and not any(isinstance(a, fx.Node) for a in n.args[1:])) or
-            (target in ("transpose", torch.transpose) and _keeps_last(n))):
+            (target in ("transpose", torch.transpose) and _keeps_last(n)) or _permute_keeps_last(n)):
         headed[n.name] = headed[args[0].name]
         space[n.name] = spaces[0]
         return True
@@ -551,6 +581,46 @@ def _attention_parts(n: fx.Node, args: list[fx.Node], spaces: list[Any], sp: Fea
                            f"follow (it follows views into and out of heads, token transposes, q @ k.transpose(-2, "
                            f"-1) scaled, masked and softmaxed, @ v, and scaled_dot_product_attention){_hint(model)}")
     return False
+
+
+def _permute_keeps_last(n: fx.Node) -> bool:
+    """``x.permute(...)`` (or ``torch.permute``) that leaves the last axis last (GPT-2's heads: ``(0, 2, 1, 3)``)."""
+    if n.target not in ("permute", torch.permute):
+        return False
+    dims = n.args[1] if len(n.args) == 2 and isinstance(n.args[1], tuple | list) else n.args[1:]
+    nd = _ndim(n.args[0]) or 0
+    return bool(dims) and all(isinstance(d, int) for d in dims) and len(dims) == nd and dims[-1] % nd == nd - 1
+
+
+def _parameter_product(n: fx.Node, space: dict[str, Any], binds: dict[str, list[Any]], params_of: dict[str, str],
+                       sp: FeatureSpaces) -> bool:
+    """A layer written with its parameters (GPT-2's ``Conv1D``: ``torch.addmm(b, x, W)``, ``x @ W``,
+    ``F.linear(x, W, b)``): the weight's input axis takes ``x``'s space, its output axis (and the
+    bias) the product's. Return whether ``n`` was one."""
+    target, a = n.target, n.args
+    if target in (torch.addmm, "addmm") and len(a) == 3 and all(isinstance(v, fx.Node) for v in a):
+        bias, x, w, w_in = a[0], a[1], a[2], 0  # W: (in, out)
+    elif target in _MATMUL and len(a) == 2 and all(isinstance(v, fx.Node) for v in a):
+        bias, x, w, w_in = None, a[0], a[1], 0
+    elif target is F.linear and len(a) >= 2 and all(isinstance(v, fx.Node) for v in a[:2]):
+        bias, x, w, w_in = (a[2] if len(a) > 2 else n.kwargs.get("bias")), a[0], a[1], 1  # W: (out, in)
+    else:
+        return False
+    name = params_of.get(w.name)
+    if name is None or space.get(x.name) is None or len(binds[name]) != 2:
+        return False
+    entries = binds[name]
+    if w_in == 0:  # (in, out): the get_attr opened the output axis
+        out = entries[1]
+        entries[0] = sp.union(entries[0], space[x.name]) if entries[0] is not None else space[x.name]
+    else:  # (out, in): the get_attr opened the input axis
+        sp.union(entries[1], space[x.name])
+        out = entries[0] if entries[0] is not None else sp.new(name.rpartition(".")[0] or name)
+        entries[0] = out
+    if isinstance(bias, fx.Node) and bias.name in params_of:
+        out = sp.union(out, space[bias.name])
+    space[n.name] = out
+    return True
 
 
 def _channels_first_op(n: fx.Node, channels_first: dict[str, int], space: dict[str, Any], where: str,
