@@ -169,3 +169,57 @@ def test_a_gpt2_pair_sweeps_as_torch_scores_it():
         for m, lam in zip(models, (0.0, 1.0), strict=True):
             want = F.cross_entropy(m(tokens).reshape(-1, VOCAB), targets.reshape(-1)).item()
             assert float(ds["loss"].sel(split="test", lam=lam).isel(sample=0)) == pytest.approx(want, rel=1e-5)
+
+
+class HandRMSNorm(nn.Module):  # Llama's, T5's
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight, self.eps = nn.Parameter(torch.ones(D)), 1e-6
+
+    def forward(self, x):
+        dtype = x.dtype
+        x = x.to(torch.float32)
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+class HandLayerNorm(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight, self.bias = nn.Parameter(torch.ones(D)), nn.Parameter(torch.zeros(D))
+
+    def forward(self, x):
+        mu = x.mean(dim=-1, keepdim=True)
+        return (x - mu) / torch.sqrt(x.var(dim=-1, keepdim=True, unbiased=False) + 1e-5) * self.weight + self.bias
+
+
+class HandNormNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.wte, self.n1, self.n2 = nn.Embedding(VOCAB, D), HandRMSNorm(), HandLayerNorm()
+        self.fc, self.proj, self.head = nn.Linear(D, 2 * D), nn.Linear(2 * D, D), nn.Linear(D, VOCAB)
+
+    def forward(self, idx):
+        if len(idx.shape) == 2:  # len() of a traced shape, and its unpacking, read on the example
+            b, t = idx.shape
+        x = self.wte(idx)
+        x = x + self.proj(F.gelu(self.fc(self.n1(x))))
+        return self.head(self.n2(x)).view(b, t, VOCAB)
+
+
+def test_norms_written_out_keep_their_stream_a_permutation_and_the_function():
+    torch.manual_seed(0)
+    model = HandNormNet().eval()
+    with torch.no_grad():
+        for norm in (model.n1, model.n2):
+            norm.weight.uniform_(0.5, 1.5)
+        model.n2.bias.normal_()
+    spec, folds = cb.derive_symmetries(model, IDX)
+    stream = spec.axes_to_perm["wte.weight"][1]
+    assert spec.axes_to_perm["n1.weight"] == (stream,) == spec.axes_to_perm["n2.bias"] and folds == []
+    assert spec.kind(stream) == cb.kinds.Neuron()  # statistics over the features: permutations only
+    state = {k: v.numpy().astype(np.float64) for k, v in model.state_dict().items()}
+    moved = cb.apply_permutation(spec, cb.random_permutation(spec, state, seed=1), state)
+    assert not np.allclose(moved["n1.weight"], state["n1.weight"])
+    # (the RMSNorm computes in float32 whatever the model's dtype, as Llama's does)
+    np.testing.assert_allclose(_out(model, moved, IDX), _out(model, state, IDX), atol=1e-6)

@@ -41,15 +41,18 @@ _NONLINEAR_MODULES = (nn.ReLU, nn.GELU, nn.Tanh, nn.Sigmoid, nn.SiLU, nn.ELU, nn
 _NONLINEAR = {F.relu, F.gelu, F.silu, F.elu, F.softplus, F.leaky_relu, F.softmax, F.tanh, F.sigmoid,
               torch.relu, torch.tanh, torch.sigmoid, torch.softmax, "relu", "tanh", "sigmoid", "softmax",
               # element-wise functions an activation is written with (GPT-2's gelu_new: x ** 3, tanh; erf, exp)
-              torch.pow, "pow", operator.pow, torch.erf, "erf", torch.exp, "exp", torch.square, "square"}
+              torch.pow, "pow", operator.pow, torch.erf, "erf", torch.exp, "exp", torch.square, "square", torch.rsqrt,
+              "rsqrt", torch.sqrt, "sqrt"}
 _PASS_MODULES = (nn.Dropout, nn.Identity)
-_PASS = {"contiguous", "clone", "detach", "float", "expand", F.dropout, operator.mul, operator.truediv,
+_PASS = {"contiguous", "clone", "detach", "float", "expand", "to", "type", "type_as", "half", "bfloat16", F.dropout,
+         operator.mul, operator.truediv,
          torch.mul}
 _ADD = {operator.add, operator.iadd, torch.add}
 _TOKEN_OPS = {"mean", torch.mean, "sum", torch.sum}
 _SHAPE_OPS = {"view", "reshape", "flatten", "transpose", "permute", "unsqueeze", "squeeze", torch.flatten,
               torch.reshape, torch.transpose}
 _FLATTEN = {"flatten", torch.flatten}
+_STATISTICS = {"var", torch.var, "std", torch.std, "norm", torch.norm}
 _FACTORIES = ("ones", "zeros", "full", "empty", "arange", "eye", "rand", "randn")
 
 
@@ -237,6 +240,9 @@ def stream_symmetries(model: nn.Module, example_input: torch.Tensor) -> tuple[Pe
                 for other in spaces[1:]:
                     s = sp.union(s, other)
                 space[n.name] = s
+            elif target in _TOKEN_OPS | _STATISTICS and len(args) == 1 and _reduces_features(n):
+                sp.mark(spaces)  # a norm written out (RMSNorm's mean of x²): permutations keep it, rotations not
+                space[n.name] = None  # a statistic per token, which scales or shifts the features it came from
             elif (target is operator.getitem or target in _TOKEN_OPS or target in _SHAPE_OPS) and len(args) == 1 \
                     and _last(n) == _last(args[0]) and _keeps_last(n):
                 space[n.name] = spaces[0]
@@ -334,14 +340,30 @@ _STATIC_ATTRIBUTES = frozenset({"dtype", "device", "layout", "is_cuda", "is_floa
 
 
 class _ConcreteProxy(fx.Proxy):
-    """A proxy whose static attributes (:data:`_STATIC_ATTRIBUTES`) are the example's values, not nodes."""
+    """A proxy whose static attributes (:data:`_STATIC_ATTRIBUTES`) and length are the example's values,
+    and which iterates over its items (``len(past)``, ``for layer in outputs``)."""
+
+    def _example(self) -> Any:
+        return self.tracer.values.get(self.node)  # type: ignore[attr-defined]
 
     def __getattr__(self, k: str) -> Any:
-        if k in _STATIC_ATTRIBUTES:
-            value = self.tracer.values.get(self.node)  # type: ignore[attr-defined]
-            if isinstance(value, torch.Tensor):
-                return getattr(value, k)
+        if k in _STATIC_ATTRIBUTES and isinstance(self._example(), torch.Tensor):
+            return getattr(self._example(), k)
+        if k == "shape" and isinstance(self._example(), torch.Tensor):  # a node at once, with its value
+            return self.tracer.create_proxy("call_function", getattr, (self, k), {})
         return super().__getattr__(k)
+
+    def __len__(self) -> int:
+        value = self._example()
+        if value is None or not hasattr(value, "__len__"):
+            return super().__len__()
+        return len(value)
+
+    def __iter__(self) -> Any:
+        value = self._example()
+        if value is None or not hasattr(value, "__len__"):
+            return super().__iter__()
+        return iter([self[i] for i in range(len(value))])
 
 
 def _attr(gm: nn.Module, target: str) -> Any:
@@ -355,6 +377,15 @@ def _dim_is_last(n: fx.Node, position: int) -> bool:
     """Whether the ``dim`` argument (keyword, or positional at ``position``) is the last axis."""
     dim = n.kwargs.get("dim", n.args[position] if len(n.args) > position else None)
     return dim == -1 or (dim is not None and dim == (_ndim(n.args[0]) or 0) - 1)
+
+
+def _reduces_features(n: fx.Node) -> bool:
+    """A mean, sum or variance over the last axis that keeps it as size 1 (``x.pow(2).mean(-1, keepdim=True)``)."""
+    dim = n.kwargs.get("dim", n.args[1] if len(n.args) > 1 else None)
+    keep = n.kwargs.get("keepdim", n.args[2] if len(n.args) > 2 else False)
+    nd = _ndim(n.args[0]) or 0
+    dims = dim if isinstance(dim, tuple | list) else (dim,)
+    return bool(keep) and tuple(int(d) % nd for d in dims if isinstance(d, int)) == (nd - 1,) if nd else False
 
 
 def _keeps_last(n: fx.Node) -> bool:
@@ -596,8 +627,12 @@ def _parameter_product(n: fx.Node, space: dict[str, Any], binds: dict[str, list[
                        sp: FeatureSpaces) -> bool:
     """A layer written with its parameters (GPT-2's ``Conv1D``: ``torch.addmm(b, x, W)``, ``x @ W``,
     ``F.linear(x, W, b)``): the weight's input axis takes ``x``'s space, its output axis (and the
-    bias) the product's. Return whether ``n`` was one."""
+    bias) the product's; ``F.embedding(ids, W)`` reads ``W``'s features. Return whether ``n`` was one."""
     target, a = n.target, n.args
+    if target in (F.embedding, torch.embedding) and len(a) >= 2 and isinstance(a[1], fx.Node) and \
+            a[1].name in params_of and len(binds[params_of[a[1].name]]) == 2:
+        space[n.name] = binds[params_of[a[1].name]][1]  # a lookup of the table's rows: its features
+        return True
     if target in (torch.addmm, "addmm") and len(a) == 3 and all(isinstance(v, fx.Node) for v in a):
         bias, x, w, w_in = a[0], a[1], a[2], 0  # W: (in, out)
     elif target in _MATMUL and len(a) == 2 and all(isinstance(v, fx.Node) for v in a):
