@@ -223,3 +223,36 @@ def test_norms_written_out_keep_their_stream_a_permutation_and_the_function():
     assert not np.allclose(moved["n1.weight"], state["n1.weight"])
     # (the RMSNorm computes in float32 whatever the model's dtype, as Llama's does)
     np.testing.assert_allclose(_out(model, moved, IDX), _out(model, state, IDX), atol=1e-6)
+
+
+class GPT2WithOutputs(GPT2LMHeadModel):
+    """As transformers' models are called: keyword arguments with defaults besides the input, and an
+    output object carrying the last hidden state (and caches) besides the logits."""
+
+    def forward(self, input_ids=None, attention_mask=None, inputs_embeds=None, output_hidden_states=True):
+        if input_ids is not None and inputs_embeds is not None:
+            raise ValueError("You cannot specify both input_ids and inputs_embeds at the same time")
+        position_ids = torch.arange(0, input_ids.size(-1), dtype=torch.long, device=input_ids.device).unsqueeze(0)
+        hidden = self.drop(self.wte(input_ids) + self.wpe(position_ids))
+        for block in self.h:
+            hidden = block(hidden)
+        hidden = self.ln_f(hidden)
+        return {"logits": self.lm_head(hidden), "hidden_states": hidden if output_hidden_states else None}
+
+
+def test_a_model_called_with_defaults_and_returning_an_output_object_is_traced_and_scored_on_its_logits():
+    models = []
+    for seed in (4, 5):
+        model = GPT2WithOutputs()
+        model.load_state_dict(_randomised(seed).state_dict())
+        models.append(model.eval())
+    spec, _ = cb.derive_symmetries(models[0], IDX)
+    stream = spec.axes_to_perm["wte.weight"][1]
+    assert stream is not None and spec.axes_to_perm["ln_f.weight"] == (stream,)  # the hidden states are no output
+    g = torch.Generator().manual_seed(6)
+    tokens, targets = (torch.randint(0, VOCAB, (5, T), generator=g) for _ in range(2))
+    ds = cb.sweep(cb.ModelPair(*models, example_input=IDX), cb.Linear(), data=(tokens.numpy(), targets.numpy()),
+                  values=[0.0], splits=["test"])
+    with torch.no_grad():
+        want = F.cross_entropy(models[0](tokens)["logits"].reshape(-1, VOCAB), targets.reshape(-1)).item()
+    assert float(ds["loss"].sel(split="test", lam=0.0).isel(sample=0)) == pytest.approx(want, rel=1e-5)

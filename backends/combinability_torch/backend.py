@@ -28,7 +28,7 @@ from combinability.errors import LayoutError, TracingError, UnknownNameError
 from combinability.layers import LayerTable
 from combinability.layout import FlatLayout, check_names
 from combinability_torch.models import TableNet
-from combinability_torch.trace import TapRunner, tensor_aliases
+from combinability_torch.trace import TapRunner, logits_of, tensor_aliases
 
 __all__ = ["TorchBackend", "TorchRandom", "TorchPrepared", "torch_dtype"]
 
@@ -151,7 +151,7 @@ class TorchPrepared:
         self.buffers = {name for name, _ in self.model.named_buffers()}
 
     def _call(self, params: dict[str, torch.Tensor], x: torch.Tensor, **kwargs: Any) -> torch.Tensor:
-        return functional_call(self.model, {**self.rest, **params}, (x,), kwargs, strict=False)
+        return logits_of(functional_call(self.model, {**self.rest, **params}, (x,), kwargs, strict=False))
 
     def _inference(self) -> contextlib.ExitStack:
         """Inference mode, under autocast when the backend computes in a lower precision."""
@@ -187,7 +187,7 @@ class TorchPrepared:
                     stack.enter_context(swapped)
 
                     def run(x: torch.Tensor) -> torch.Tensor:
-                        return self.model(x).unsqueeze(0)
+                        return logits_of(self.model(x)).unsqueeze(0)
                 else:
                     def run(x: torch.Tensor) -> torch.Tensor:
                         return self._call(one, x).unsqueeze(0)

@@ -10,6 +10,7 @@ A node the table cannot express raises :class:`~combinability.errors.TracingErro
 from __future__ import annotations
 
 import operator
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -201,6 +202,25 @@ def tensor_aliases(model: nn.Module) -> dict[str, str]:
         else:
             first.setdefault(id(tensor), name)
     return aliases
+
+
+def logits_of(out: Any) -> Any:
+    """A model's logits: ``out`` itself, or the ``logits`` of an output object (a Hugging Face
+    ``ModelOutput``, a dict) that also carries caches and hidden states."""
+    if isinstance(out, torch.Tensor):
+        return out
+    logits = out.get("logits") if isinstance(out, Mapping) else getattr(out, "logits", None)
+    return out if logits is None else logits
+
+
+def other_arguments(model: nn.Module) -> dict[str, Any]:
+    """The defaults of ``model.forward``'s arguments after the first (the input), which tracing
+    holds at their defaults as the library's calls ``model(x)`` do (``attention_mask=None``, ...)."""
+    import inspect
+
+    params = list(inspect.signature(model.forward).parameters.values())[1:]
+    return {p.name: p.default for p in params if p.default is not inspect.Parameter.empty
+            and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
 
 
 def describe(model: nn.Module, example_input: torch.Tensor) -> tuple[LayerTable, fx.GraphModule]:

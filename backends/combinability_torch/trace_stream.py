@@ -32,7 +32,7 @@ from combinability.errors import TracingError
 from combinability.feature_spaces import FIXED, Experts, FeatureSpaces, Heads, Norm, spec_from_spaces
 from combinability.folding import NormFold, Reader
 from combinability.permutation import PermutationSpec
-from combinability_torch.trace import reads_shape, tensor_aliases
+from combinability_torch.trace import logits_of, other_arguments, reads_shape, tensor_aliases
 
 __all__ = ["stream_symmetries"]
 
@@ -81,7 +81,7 @@ def stream_symmetries(model: nn.Module, example_input: torch.Tensor) -> tuple[Pe
     """
     try:
         tracer = ConcreteTracer(example_input)
-        gm = fx.GraphModule(model, tracer.trace(model))
+        gm = fx.GraphModule(model, tracer.trace(model, other_arguments(model)))
         ShapeProp(gm).propagate(example_input)
     except Exception as exc:
         raise TracingError(f"torch.fx cannot trace {type(model).__name__} ({type(exc).__name__}: "
@@ -249,8 +249,8 @@ def stream_symmetries(model: nn.Module, example_input: torch.Tensor) -> tuple[Pe
             else:
                 raise TracingError(f"{where}: the stream tracer cannot follow this operation on features"
                                    + _hint(model))
-        elif n.op == "output":
-            sp.fix(space[a.name] for a in tensor_args(n))
+        elif n.op == "output":  # the logits (of an output object that also carries caches: only they)
+            sp.fix(space[a.name] for a in _output_nodes(n) if space.get(a.name) is not None)
     for k, v in model.named_parameters():  # unused by forward: left as they are
         binds.setdefault(k, [None] * v.ndim)
     for param, entries in binds.items():  # a layer whose output was split: its rows are packed segments
@@ -277,6 +277,7 @@ class ConcreteTracer(fx.Tracer):
         super().__init__()
         self.example = example_input
         self.values: dict[fx.Node, Any] = {}
+        self.defaults: dict[str, Any] = {}
 
     def _value(self, a: Any) -> Any:
         def one(v: Any) -> Any:
@@ -294,8 +295,10 @@ class ConcreteTracer(fx.Tracer):
         from torch.fx._symbolic_trace import _maybe_revert_all_patches  # torch pinned: run the real modules
 
         with torch.no_grad(), _maybe_revert_all_patches():
-            if kind == "placeholder":
-                value = self.example
+            if kind == "placeholder":  # the input; the other arguments are held at their defaults
+                name = target if not isinstance(target, str) or target in self.defaults else \
+                    target.rstrip("0123456789").removesuffix("_")  # fx numbers a held argument's placeholder
+                value = self.defaults.get(name, self.example) if isinstance(name, str) else self.example
             elif kind == "get_attr":
                 value = _attr(self.root, target)
             elif kind == "call_function":
@@ -317,6 +320,7 @@ class ConcreteTracer(fx.Tracer):
 
     def trace(self, root: Any, concrete_args: Any = None) -> fx.Graph:
         """Trace ``root``; tensor factories called with traced sizes (``torch.ones(t, t)``) are recorded too."""
+        self.defaults = dict(concrete_args or {})
         originals = {name: getattr(torch, name) for name in _FACTORIES}
 
         def recorded(fn: Any) -> Any:
@@ -377,6 +381,13 @@ def _dim_is_last(n: fx.Node, position: int) -> bool:
     """Whether the ``dim`` argument (keyword, or positional at ``position``) is the last axis."""
     dim = n.kwargs.get("dim", n.args[position] if len(n.args) > position else None)
     return dim == -1 or (dim is not None and dim == (_ndim(n.args[0]) or 0) - 1)
+
+
+def _output_nodes(n: fx.Node) -> list[fx.Node]:
+    """The nodes of a graph's output that are the model's logits (:func:`logits_of` of the output)."""
+    out: list[fx.Node] = []
+    fx.node.map_arg(logits_of(n.args[0]), out.append)
+    return out
 
 
 def _reduces_features(n: fx.Node) -> bool:
