@@ -227,17 +227,34 @@ class TorchPrepared:
 
     def _hooked(self, params: dict[str, torch.Tensor], x: torch.Tensor, points: Sequence[str]) -> dict[str, Any]:
         modules = dict(self.model.named_modules())
+        # a layer table's point for a module without parameters (an activation) is its fx name
+        modules.update({k.replace(".", "_"): m for k, m in list(modules.items()) if k.replace(".", "_") not in modules})
         missing = [p for p in points if p not in modules or p == ""]
+        again = [p for p in missing if p.rstrip("0123456789").removesuffix("_") in modules and p[-1:].isdigit()]
+        if again:  # fx numbers a module's second call: ``relu_1``
+            raise UnknownNameError(f"feature point(s) {again}: the module runs more than once in a forward pass, so "
+                                   "its output there is not one feature map; name a module that runs once")
         if missing:
             raise UnknownNameError(f"unknown feature point(s) {missing}; this model's points are its submodules: "
                                    f"{[n for n in modules if n][:40]}")
         out: dict[str, Any] = {}
-        handles = [modules[p].register_forward_hook(lambda _m, _i, o, p=p: out.__setitem__(p, o)) for p in points]
+        twice: list[str] = []
+
+        def keep(point: str, value: Any) -> None:
+            if point in out:
+                twice.append(point)
+            out[point] = value
+
+        handles = [modules[p].register_forward_hook(lambda _m, _i, o, p=p: keep(p, o)) for p in points]
         try:
             self._call(params, x)
         finally:
             for h in handles:
                 h.remove()
+        if twice:
+            raise UnknownNameError(f"feature point(s) {sorted(set(twice))}: the module runs more than once in a "
+                                   "forward pass, so its output there is not one feature map; name a module that "
+                                   "runs once")
         return out
 
     def value_and_grad(self, flat: torch.Tensor, x: torch.Tensor, y: torch.Tensor,

@@ -238,7 +238,12 @@ def describe(model: nn.Module, example_input: torch.Tensor) -> tuple[LayerTable,
         raise TracingError(f"{type(model).__name__} ties {', '.join(f'{a} to {b}' for a, b in tied.items())} (one "
                            "tensor under two names), which a layer table cannot express; its feature spaces can "
                            "(cb.derive_symmetries)")
-    gm = trace(model)
+    try:
+        gm = trace(model)
+    except TracingError:  # branches on shapes, checks of the input: follow the example's way
+        from combinability_torch.trace_stream import concrete_trace
+
+        gm = concrete_trace(model, example_input, _hint(model))
     was_training = model.training
     gm.eval()
     try:
@@ -251,17 +256,19 @@ def describe(model: nn.Module, example_input: torch.Tensor) -> tuple[LayerTable,
     finally:
         gm.train(was_training)
     names = table_names(gm)
+    held = other_arguments(model)
     alias: dict[str, str] = {}
     nodes: list[Node] = []
     output = None
     for n in gm.graph.nodes:
         if n.op == "placeholder":
-            if alias:
+            if alias and not held:
                 raise TracingError(f"{type(model).__name__}.forward takes more than one tensor input")
-            alias[n.name] = "<input>"
-            continue
+            if not alias:
+                alias[n.name] = "<input>"
+            continue  # the others: arguments held at their defaults
         if n.op == "output":
-            output = n.args[0]
+            output = logits_of(n.args[0])
             continue
         if n.op == "get_attr":
             raise TracingError(f"node {n.name!r}: a parameter used directly in forward ({n.target!r}) cannot be "

@@ -79,13 +79,7 @@ def stream_symmetries(model: nn.Module, example_input: torch.Tensor) -> tuple[Pe
     TracingError
         Naming the node the tracer cannot follow, or a parameter it did not see.
     """
-    try:
-        tracer = ConcreteTracer(example_input)
-        gm = fx.GraphModule(model, tracer.trace(model, other_arguments(model)))
-        ShapeProp(gm).propagate(example_input)
-    except Exception as exc:
-        raise TracingError(f"torch.fx cannot trace {type(model).__name__} ({type(exc).__name__}: "
-                           f"{str(exc).splitlines()[0] if str(exc) else ''}){_hint(model)}") from None
+    gm = concrete_trace(model, example_input, _hint(model))
     sp = FeatureSpaces()
     space: dict[str, int | None] = {}
     binds: dict[str, list[Any]] = {}  # parameter -> per-axis entry: a space, a tuple of spaces, or None
@@ -261,6 +255,25 @@ def stream_symmetries(model: nn.Module, example_input: torch.Tensor) -> tuple[Pe
     return spec_from_spaces(sp, binds, norms, heads, experts, _hint(model), tied=tied)
 
 
+def concrete_trace(model: nn.Module, example_input: torch.Tensor, hint: str = "") -> fx.GraphModule:
+    """``model``'s graph as it runs on ``example_input`` (:class:`ConcreteTracer`; its other
+    ``forward`` arguments at their defaults), with every node's shape recorded.
+
+    Raises
+    ------
+    TracingError
+        Saying why torch.fx could not record or run it.
+    """
+    try:
+        tracer = ConcreteTracer(example_input)
+        gm = fx.GraphModule(model, tracer.trace(model, other_arguments(model)))
+        ShapeProp(gm).propagate(example_input)
+    except Exception as exc:
+        raise TracingError(f"torch.fx cannot trace {type(model).__name__} ({type(exc).__name__}: "
+                           f"{str(exc).splitlines()[0] if str(exc) else ''}){hint}") from None
+    return gm
+
+
 class ConcreteTracer(fx.Tracer):
     """``torch.fx`` tracing that also runs the model on an example, so ``forward`` may branch on shapes.
 
@@ -313,7 +326,23 @@ class ConcreteTracer(fx.Tracer):
         return proxy
 
     def to_bool(self, obj: fx.Proxy) -> bool:
+        """The example's answer to a branch on shapes; a branch on a tensor's values is refused (the
+        example's way would be taken for every input)."""
+        if self._reads_values(obj.node, {}):
+            raise TracingError(f"forward branches on the values of a tensor (node {obj.node.name!r}): data-dependent "
+                               "control flow cannot be followed")
         return bool(self.values[obj.node])
+
+    def _reads_values(self, node: fx.Node, seen: dict[fx.Node, bool]) -> bool:
+        """Whether ``node`` depends on the values (not only the shapes) of the input or the parameters."""
+        if node not in seen:
+            if reads_shape(node):
+                seen[node] = False
+            elif node.op in ("placeholder", "get_attr"):
+                seen[node] = isinstance(self.values.get(node), torch.Tensor)
+            else:
+                seen[node] = any(self._reads_values(a, seen) for a in node.all_input_nodes)
+        return seen[node]
 
     def proxy(self, node: fx.Node) -> fx.Proxy:
         return _ConcreteProxy(node, self)
