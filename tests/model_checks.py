@@ -38,3 +38,28 @@ def flax_planted_permutation(net: Any, variables: Any, x: np.ndarray, seed: int 
     pair = cb.ModelPair((net, variables), (net, moved), example_input=x).align("weight", seed=0)
     np.testing.assert_array_equal(pair.theta_b, pair.theta_a)
     return pair, direct
+
+
+def randomised(model: Any, seed: int) -> Any:
+    """``model`` (torch) with every parameter redrawn from ``seed``, in eval mode: matrices N(0, 0.3²),
+    vectors N(0, 0.5²), and the scales of norms (names with ``ln`` or ``norm``) around 1, so that no
+    two units are alike and a transformation that should keep the function is put to the test."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            norm_scale = ("ln" in name or "norm" in name) and name.endswith("weight")
+            p.copy_(torch.randn(p.shape, generator=g) * (0.3 if p.ndim > 1 else 0.5) + (1.0 if norm_scale else 0))
+    return model.eval()
+
+
+def flax_variables(net: Any, x: Any, seed: int) -> Any:
+    """``net.init`` on ``x`` with every leaf moved by N(0, 0.3²) noise (flax's zero biases and unit
+    scales would make units alike)."""
+    import jax
+
+    leaves, tree = jax.tree_util.tree_flatten(net.init(jax.random.PRNGKey(seed), x))
+    keys = jax.random.split(jax.random.PRNGKey(100 + seed), len(leaves))
+    return jax.tree_util.tree_unflatten(tree, [a + 0.3 * jax.random.normal(k, a.shape)
+                                               for a, k in zip(leaves, keys, strict=True)])

@@ -21,6 +21,7 @@ import pytest
 
 import combinability as cb
 from combinability.kinds import Blocks, Orthogonal
+from tests.model_checks import randomised
 
 torch = pytest.importorskip("torch")
 nn, F = torch.nn, torch.nn.functional
@@ -116,13 +117,7 @@ class GPT2LMHeadModel(nn.Module):
 
 
 def _randomised(seed):
-    model = GPT2LMHeadModel()
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * (0.3 if p.ndim > 1 else 0.5)
-                    + (1.0 if "ln" in name and name.endswith("weight") else 0))
-    return model.eval()
+    return randomised(GPT2LMHeadModel(), seed)
 
 
 def _out(model, state, idx):

@@ -18,6 +18,7 @@ import pytest
 import combinability as cb
 from combinability.errors import TracingError
 from combinability.kinds import Blocks, Orthogonal
+from tests.model_checks import randomised
 
 torch = pytest.importorskip("torch")
 nn, F = torch.nn, torch.nn.functional
@@ -84,15 +85,6 @@ class NanoGPT(nn.Module):
         return self.lm_head(self.ln_f(x))  # (B, T, vocab), as nanoGPT returns them
 
 
-def _randomise(model, seed):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * (0.3 if p.ndim > 1 else 0.5)
-                    + (1.0 if "ln" in name and name.endswith("weight") else 0))
-    return model.eval()
-
-
 def _out(model, state, idx):
     m = copy.deepcopy(model).double()
     missing, unexpected = m.load_state_dict({k: torch.as_tensor(v) for k, v in state.items()}, strict=False)
@@ -106,7 +98,7 @@ IDX = torch.randint(0, VOCAB, (4, T), generator=torch.Generator().manual_seed(0)
 
 @pytest.mark.parametrize("packed,head_bias,flash", [(True, False, True), (False, True, True), (True, True, False)])
 def test_hand_written_attention_is_traced_into_heads_and_keeps_the_function(packed, head_bias, flash):
-    model = _randomise(NanoGPT(packed=packed, head_bias=head_bias, flash=flash), 0)
+    model = randomised(NanoGPT(packed=packed, head_bias=head_bias, flash=flash), 0)
     spec, folds = cb.derive_symmetries(model, IDX)
     qkv = spec.axes_to_perm["h.0.attn.c_attn.weight"][0] if packed else tuple(
         spec.axes_to_perm[f"h.0.attn.{p}.weight"][0] for p in "qkv")
@@ -129,14 +121,14 @@ def test_hand_written_attention_is_traced_into_heads_and_keeps_the_function(pack
 
 @pytest.mark.parametrize("flash", [True, False])
 def test_a_planted_transformation_is_undone_and_a_sweep_scores_every_token(flash):
-    model = _randomise(NanoGPT(flash=flash), 1)
+    model = randomised(NanoGPT(flash=flash), 1)
     spec, folds = cb.derive_symmetries(model, IDX)
     a = cb.fold_norms({k: v.numpy().astype(np.float64) for k, v in model.state_dict().items()}, folds)
     b = cb.apply_permutation(spec, cb.random_permutation(spec, a, seed=5), a)
     back = cb.apply_permutation(spec, cb.weight_matching(spec, a, b, seed=0, restarts=2), b)
     assert max(float(np.abs(back[k] - a[k]).max()) for k in a) < 1e-6
 
-    other = _randomise(NanoGPT(flash=flash), 2)
+    other = randomised(NanoGPT(flash=flash), 2)
     g = torch.Generator().manual_seed(1)
     tokens, targets = (torch.randint(0, VOCAB, (6, T), generator=g) for _ in range(2))
     pair = cb.ModelPair(model, other, example_input=IDX)
@@ -162,7 +154,7 @@ def test_attention_on_unviewed_features_is_refused_by_name():
 
 
 def test_tied_embedding_and_head_are_one_tensor_with_one_symmetry():
-    model = _randomise(NanoGPT(head_bias=True, tied=True), 3)
+    model = randomised(NanoGPT(head_bias=True, tied=True), 3)
     spec, folds = cb.derive_symmetries(model, IDX)
     assert "lm_head.weight" not in spec.axes_to_perm  # the tied tensor is listed once, under its first name
     stream = spec.axes_to_perm["wte.weight"][1]
@@ -181,7 +173,7 @@ def test_tied_embedding_and_head_are_one_tensor_with_one_symmetry():
 def test_a_tied_pair_is_combined_and_differentiated_as_one_tensor():
     from combinability.plugins import get_backend
 
-    models = [_randomise(NanoGPT(tied=True), s) for s in (5, 6)]
+    models = [randomised(NanoGPT(tied=True), s) for s in (5, 6)]
     g = torch.Generator().manual_seed(2)
     tokens, targets = (torch.randint(0, VOCAB, (6, T), generator=g) for _ in range(2))
     pair = cb.ModelPair(*models, example_input=IDX)
@@ -213,7 +205,7 @@ def test_a_tied_pair_is_combined_and_differentiated_as_one_tensor():
 
 
 def test_a_tied_model_loads_from_files_that_name_its_tensor_once_or_twice(tmp_path):
-    model = _randomise(NanoGPT(tied=True), 7)
+    model = randomised(NanoGPT(tied=True), 7)
     with torch.no_grad():
         want = model(IDX)
     full = model.state_dict()  # torch lists the tied tensor under both names
@@ -226,7 +218,7 @@ def test_a_tied_model_loads_from_files_that_name_its_tensor_once_or_twice(tmp_pa
         assert loaded.lm_head.weight is loaded.wte.weight
         with torch.no_grad():
             torch.testing.assert_close(loaded.eval()(IDX), want, rtol=0, atol=0)
-    untied = _randomise(NanoGPT(tied=False), 8)  # the same names, two different tensors
+    untied = randomised(NanoGPT(tied=False), 8)  # the same names, two different tensors
     torch.save(untied.state_dict(), tmp_path / "untied.pt")
     with pytest.raises(cb.IncompatibleModelsError, match="ties lm_head.weight to wte.weight"):
         cb.load_into(NanoGPT(tied=True), tmp_path / "untied.pt")

@@ -18,6 +18,7 @@ import pytest
 import combinability as cb
 from combinability.errors import TracingError
 from combinability.kinds import Blocks, Orthogonal
+from tests.model_checks import randomised
 
 torch = pytest.importorskip("torch")
 nn, F = torch.nn, torch.nn.functional
@@ -74,13 +75,7 @@ class ViT(nn.Module):
 
 
 def _randomised(seed, **kw):
-    model = ViT(**kw)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * (0.3 if p.ndim > 1 else 0.5)
-                    + (1.0 if "norm" in name and name.endswith("weight") else 0))
-    return model.eval()
+    return randomised(ViT(**kw), seed)
 
 
 def _out(model, state, x):

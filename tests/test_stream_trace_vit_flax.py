@@ -13,6 +13,7 @@ import pytest
 import combinability as cb
 from combinability.errors import TracingError
 from combinability.kinds import Orthogonal
+from tests.model_checks import flax_variables
 
 jax = pytest.importorskip("jax")
 jnp = pytest.importorskip("jax.numpy")
@@ -48,11 +49,7 @@ X = np.random.default_rng(0).normal(size=(4, 12, 12, 2)).astype(np.float32)
 
 
 def _variables(net, seed):
-    v = net.init(jax.random.PRNGKey(seed), X)
-    leaves, tree = jax.tree_util.tree_flatten(v)
-    keys = jax.random.split(jax.random.PRNGKey(50 + seed), len(leaves))
-    moved = [a + 0.3 * jax.random.normal(k, a.shape) for a, k in zip(leaves, keys, strict=True)]
-    return jax.tree_util.tree_unflatten(tree, moved)
+    return flax_variables(net, X, seed)
 
 
 def test_the_patch_kernel_opens_the_stream_and_transformations_keep_the_function():

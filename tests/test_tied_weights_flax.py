@@ -11,6 +11,7 @@ import pytest
 
 import combinability as cb
 from combinability.kinds import Orthogonal
+from tests.model_checks import flax_variables
 
 jax = pytest.importorskip("jax")
 nn = pytest.importorskip("flax.linen")
@@ -37,11 +38,7 @@ IDX = np.random.default_rng(0).integers(0, VOCAB, (4, T)).astype(np.int32)
 
 
 def _variables(net, seed):
-    v = net.init(jax.random.PRNGKey(seed), IDX)
-    leaves, tree = jax.tree_util.tree_flatten(v)
-    keys = jax.random.split(jax.random.PRNGKey(100 + seed), len(leaves))
-    moved = [a + 0.3 * jax.random.normal(k, a.shape) for a, k in zip(leaves, keys, strict=True)]
-    return jax.tree_util.tree_unflatten(tree, moved)
+    return flax_variables(net, IDX, seed)
 
 
 def test_the_tied_embedding_binds_one_tensor_and_keeps_the_stream_a_permutation():
