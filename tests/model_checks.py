@@ -63,3 +63,19 @@ def flax_variables(net: Any, x: Any, seed: int) -> Any:
     keys = jax.random.split(jax.random.PRNGKey(100 + seed), len(leaves))
     return jax.tree_util.tree_unflatten(tree, [a + 0.3 * jax.random.normal(k, a.shape)
                                                for a, k in zip(leaves, keys, strict=True)])
+
+
+def float64_outputs(model: Any, state: dict[str, np.ndarray], x: Any) -> np.ndarray:
+    """``model`` (torch) run in float64 with ``state`` loaded: every name of its state but the aliases of
+    tied tensors (which the state lists once), and nothing else."""
+    import copy
+
+    import torch
+    from combinability_torch.trace import tensor_aliases
+
+    m = copy.deepcopy(model).double()
+    missing, unexpected = m.load_state_dict({k: torch.as_tensor(v) for k, v in state.items()}, strict=False)
+    assert not unexpected and set(missing) <= set(tensor_aliases(m)), (missing, unexpected)
+    x = torch.as_tensor(x)
+    with torch.no_grad():
+        return m(x.double() if x.is_floating_point() else x).numpy()

@@ -13,7 +13,6 @@ was traced the same way by hand; ``transformers`` is not a dependency.)
 
 from __future__ import annotations
 
-import copy
 import math
 
 import numpy as np
@@ -21,7 +20,7 @@ import pytest
 
 import combinability as cb
 from combinability.kinds import Blocks, Orthogonal
-from tests.model_checks import randomised
+from tests.model_checks import float64_outputs, randomised
 
 torch = pytest.importorskip("torch")
 nn, F = torch.nn, torch.nn.functional
@@ -120,13 +119,6 @@ def _randomised(seed):
     return randomised(GPT2LMHeadModel(), seed)
 
 
-def _out(model, state, idx):
-    m = copy.deepcopy(model).double()
-    m.load_state_dict({k: torch.as_tensor(v) for k, v in state.items()}, strict=False)
-    with torch.no_grad():
-        return m(idx).numpy()
-
-
 IDX = torch.randint(0, VOCAB, (4, T), generator=torch.Generator().manual_seed(0))
 
 
@@ -146,10 +138,10 @@ def test_gpt2_conv1d_layers_and_permuted_heads_are_traced_and_keep_the_function(
     assert spec.axes_to_perm["h.0.c_fc.weight"] == (stream, hidden) and spec.axes_to_perm["h.0.c_proj.weight"] == (
         hidden, stream)
     state = {k: v.numpy().astype(np.float64) for k, v in model.state_dict().items() if k != "lm_head.weight"}
-    base = _out(model, state, IDX)
+    base = float64_outputs(model, state, IDX)
     moved = cb.apply_permutation(spec, cb.random_permutation(spec, state, seed=4), state)
     assert not np.allclose(moved["h.1.attn.c_attn.weight"], state["h.1.attn.c_attn.weight"])
-    np.testing.assert_allclose(_out(model, moved, IDX), base, atol=1e-9)
+    np.testing.assert_allclose(float64_outputs(model, moved, IDX), base, atol=1e-9)
     back = cb.apply_permutation(spec, cb.weight_matching(spec, state, moved, seed=0, restarts=2), moved)
     assert max(float(np.abs(back[k] - state[k]).max()) for k in state) < 1e-9
 
@@ -217,7 +209,7 @@ def test_norms_written_out_keep_their_stream_a_permutation_and_the_function():
     moved = cb.apply_permutation(spec, cb.random_permutation(spec, state, seed=1), state)
     assert not np.allclose(moved["n1.weight"], state["n1.weight"])
     # (the RMSNorm computes in float32 whatever the model's dtype, as Llama's does)
-    np.testing.assert_allclose(_out(model, moved, IDX), _out(model, state, IDX), atol=1e-6)
+    np.testing.assert_allclose(float64_outputs(model, moved, IDX), float64_outputs(model, state, IDX), atol=1e-6)
 
 
 class GPT2WithOutputs(GPT2LMHeadModel):

@@ -18,7 +18,7 @@ import pytest
 import combinability as cb
 from combinability.errors import TracingError
 from combinability.kinds import Blocks, Orthogonal
-from tests.model_checks import randomised
+from tests.model_checks import float64_outputs, randomised
 
 torch = pytest.importorskip("torch")
 nn, F = torch.nn, torch.nn.functional
@@ -85,14 +85,6 @@ class NanoGPT(nn.Module):
         return self.lm_head(self.ln_f(x))  # (B, T, vocab), as nanoGPT returns them
 
 
-def _out(model, state, idx):
-    m = copy.deepcopy(model).double()
-    missing, unexpected = m.load_state_dict({k: torch.as_tensor(v) for k, v in state.items()}, strict=False)
-    assert not unexpected and set(missing) <= ({"lm_head.weight"} if m.lm_head.weight is m.wte.weight else set())
-    with torch.no_grad():
-        return m(idx).numpy()
-
-
 IDX = torch.randint(0, VOCAB, (4, T), generator=torch.Generator().manual_seed(0))
 
 
@@ -112,11 +104,11 @@ def test_hand_written_attention_is_traced_into_heads_and_keeps_the_function(pack
     # with a bias-free lm_head (nanoGPT's) ln_f's shift cannot fold: the stream stays a permutation
     assert isinstance(spec.kind(stream), Orthogonal) == head_bias
     state = {k: v.numpy().astype(np.float64) for k, v in model.state_dict().items()}
-    base = _out(model, state, IDX)
+    base = float64_outputs(model, state, IDX)
     folded = cb.fold_norms(state, folds)
     moved = cb.apply_permutation(spec, cb.random_permutation(spec, folded, seed=2), folded)
     assert not np.allclose(moved["h.1.attn.c_proj.weight"], folded["h.1.attn.c_proj.weight"])
-    np.testing.assert_allclose(_out(model, moved, IDX), base, atol=1e-9)
+    np.testing.assert_allclose(float64_outputs(model, moved, IDX), base, atol=1e-9)
 
 
 @pytest.mark.parametrize("flash", [True, False])
@@ -162,10 +154,10 @@ def test_tied_embedding_and_head_are_one_tensor_with_one_symmetry():
     # untied, a biased head takes ln_f folded in and the stream rotates; tied, the fold would change the embedding
     assert not isinstance(spec.kind(stream), Orthogonal) and folds == []
     state = {k: v.numpy().astype(np.float64) for k, v in model.state_dict().items() if k != "lm_head.weight"}
-    base = _out(model, state, IDX)
+    base = float64_outputs(model, state, IDX)
     moved = cb.apply_permutation(spec, cb.random_permutation(spec, state, seed=4), state)
     assert not np.allclose(moved["wte.weight"], state["wte.weight"])
-    np.testing.assert_allclose(_out(model, moved, IDX), base, atol=1e-9)
+    np.testing.assert_allclose(float64_outputs(model, moved, IDX), base, atol=1e-9)
     back = cb.apply_permutation(spec, cb.weight_matching(spec, state, moved, seed=0), moved)
     assert max(float(np.abs(back[k] - state[k]).max()) for k in state) < 1e-9
 

@@ -10,15 +10,13 @@ torch cross-entropy of the model's logits.
 
 from __future__ import annotations
 
-import copy
-
 import numpy as np
 import pytest
 
 import combinability as cb
 from combinability.errors import TracingError
 from combinability.kinds import Blocks, Orthogonal
-from tests.model_checks import randomised
+from tests.model_checks import float64_outputs, randomised
 
 torch = pytest.importorskip("torch")
 nn, F = torch.nn, torch.nn.functional
@@ -78,13 +76,6 @@ def _randomised(seed, **kw):
     return randomised(ViT(**kw), seed)
 
 
-def _out(model, state, x):
-    m = copy.deepcopy(model).double()
-    m.load_state_dict({k: torch.as_tensor(v) for k, v in state.items()})
-    with torch.no_grad():
-        return m(torch.as_tensor(x, dtype=torch.float64)).numpy()
-
-
 X = torch.randn(6, 1, SIDE, SIDE, generator=torch.Generator().manual_seed(0))
 
 
@@ -102,11 +93,11 @@ def test_patch_embedding_and_stacked_qkv_are_traced_into_a_stream_and_heads(fuse
     assert isinstance(qk, Blocks) and (qk.blocks, qk.size) == (HEADS, DIM // HEADS) and vo.group == qk.group
     assert spec.axes_to_perm["blocks.1.attn.proj.weight"] == (stream, "blocks.1.attn.qkv.v")
     state = {k: v.numpy().astype(np.float64) for k, v in model.state_dict().items()}
-    base = _out(model, state, X)
+    base = float64_outputs(model, state, X)
     folded = cb.fold_norms(state, folds)
     moved = cb.apply_permutation(spec, cb.random_permutation(spec, folded, seed=3), folded)
     assert not np.allclose(moved["patch.weight"], folded["patch.weight"])
-    np.testing.assert_allclose(_out(model, moved, X), base, atol=1e-9)
+    np.testing.assert_allclose(float64_outputs(model, moved, X), base, atol=1e-9)
     back = cb.apply_permutation(spec, cb.weight_matching(spec, folded, moved, seed=0, restarts=2), moved)
     assert max(float(np.abs(back[k] - folded[k]).max()) for k in folded) < 1e-6
 
