@@ -43,7 +43,7 @@ from typing import Any
 from combinability.errors import TracingError
 from combinability.folding import NormFold, Reader
 from combinability.kinds import Blocks, Kind, Orthogonal
-from combinability.permutation import Entry, PermutationSpec
+from combinability.permutation import Entry, PermutationSpec, Repeat
 
 __all__ = ["FIXED", "ANY", "FeatureSpaces", "Norm", "Heads", "Experts", "ReshapeGroups", "spec_from_spaces"]
 
@@ -78,6 +78,7 @@ class FeatureSpaces:
         self._names: dict[int, str] = {}
         self._fixed: set[int] = {FIXED}
         self._nonlinear: set[int] = set()
+        self._rigid: set[int] = set()
 
     def __len__(self) -> int:
         """The number of spaces opened, :data:`FIXED` included."""
@@ -112,7 +113,7 @@ class FeatureSpaces:
             return FIXED
         lo, hi = min(ra, rb), max(ra, rb)
         self._parent[hi] = lo
-        for marks in (self._fixed, self._nonlinear):
+        for marks in (self._fixed, self._nonlinear, self._rigid):
             if hi in marks:
                 marks.add(lo)
         return lo
@@ -125,6 +126,19 @@ class FeatureSpaces:
     def mark(self, labels: Iterable[Label]) -> None:
         """Mark the classes of ``labels`` nonlinear: permutations only (``None`` entries are skipped)."""
         self._nonlinear.update(self.find(s) for s in labels if s is not None)
+
+    def rigid(self, labels: Iterable[Label]) -> None:
+        """Mark the classes of ``labels`` *rigid*: heads whose units keep their order inside each
+        head (rotary position embeddings rotate fixed pairs of them; ``None`` entries are skipped).
+
+        A rigid space of :class:`Heads` moves with its heads only: its axes become
+        :class:`~combinability.permutation.Repeat` entries of the head order.
+        """
+        self._rigid.update(self.find(s) for s in labels if s is not None)
+
+    def is_rigid(self, s: Label) -> bool:
+        """Whether ``s`` is a space whose class is marked rigid."""
+        return s is not None and self.find(s) in self._rigid
 
     def is_fixed(self, s: Label) -> bool:
         """Whether ``s`` is a space whose class is fixed."""
@@ -202,9 +216,13 @@ class Heads:
     """A space whose units come in ``count`` heads of ``size``, ordered by the space ``group``.
 
     ``within`` is the within-head space when the tracer saw the split ``(count·size) ->
-    (count, size)``: spaces whose within-head spaces meet (query and key) become one class,
-    and the space is fixed when its head or within-head part is. A within-head space may not
-    be bound to a parameter axis of its own.
+    (count, size)``: spaces whose within-head spaces meet (query and key) become one class.
+    The space is fixed when its head order is; when only its within-head part is fixed, or
+    the tracer marked it :meth:`~FeatureSpaces.rigid` (rotary position embeddings), it is
+    *rigid*: it moves with its heads and keeps their units in order, and its axes become
+    ``Repeat(<head order>, size)``. A within-head space may not be bound to a parameter axis
+    of its own. The head order may itself be the space of other ``Heads`` (grouped-query
+    attention: the query heads move in groups, one per key/value head).
     """
 
     space: int
@@ -323,15 +341,19 @@ class ReshapeGroups:
 
 
 def _propagate(sp: FeatureSpaces, heads: Sequence[Heads], experts: Sequence[Experts], hint: str) -> None:
-    """Heads contracted together (query, key) are one class; a fixed head, within-head or gate fixes the space."""
+    """Heads contracted together (query, key) are one class; a fixed head order or gate fixes the space,
+    a fixed within-head part makes it rigid."""
     f = sp.find
     changed = True
     while changed:
         changed = False
         by_within: dict[int, Heads] = {}
         for h in heads:
-            if (sp.is_fixed(h.group) or sp.is_fixed(h.within)) and not sp.is_fixed(h.space):
+            if sp.is_fixed(h.group) and not sp.is_fixed(h.space):
                 sp.fix([h.space])
+                changed = True
+            if sp.is_fixed(h.within) and not sp.is_rigid(h.space):
+                sp.rigid([h.space])
                 changed = True
             if h.within is None:
                 continue
@@ -348,8 +370,24 @@ def _propagate(sp: FeatureSpaces, heads: Sequence[Heads], experts: Sequence[Expe
                 changed = True
 
 
+def _rigid_heads(sp: FeatureSpaces, bound: set[int], heads: Sequence[Heads]) -> dict[int, Repeat]:
+    """Rigid head spaces (bound, not fixed) -> their axes' ``Repeat`` of the head order; the head
+    orders they repeat join ``bound`` (the query heads of grouped-query attention are heads in turn)."""
+    f = sp.find
+    out: dict[int, Repeat] = {}
+    changed = True
+    while changed:
+        changed = False
+        for h in heads:
+            if f(h.space) in bound and sp.is_rigid(h.space) and not sp.is_fixed(h.space) and f(h.space) not in out:
+                out[f(h.space)] = Repeat(sp.name(h.group), h.size)
+                bound.add(f(h.group))
+                changed = True
+    return out
+
+
 def _block_kinds(sp: FeatureSpaces, bound: set[int], heads: Sequence[Heads], experts: Sequence[Experts],
-                 hint: str) -> tuple[dict[str, Kind], set[int]]:
+                 hint: str, rigid: Collection[int] = ()) -> tuple[dict[str, Kind], set[int]]:
     """The Blocks kinds of heads and experts, and the classes they take (never orthogonal)."""
     f = sp.find
     kinds: dict[str, Kind] = {}
@@ -360,7 +398,8 @@ def _block_kinds(sp: FeatureSpaces, bound: set[int], heads: Sequence[Heads], exp
         if h.within is not None and f(h.within) in bound:
             raise TracingError(f"the within-head axis of {sp.opener[f(h.space)]!r} is bound to a parameter axis of "
                                "its own" + hint)
-        kinds[sp.name(h.space)] = Blocks(sp.name(h.group), h.count, h.size)
+        if f(h.space) not in rigid:
+            kinds[sp.name(h.space)] = Blocks(sp.name(h.group), h.count, h.size)
         special |= {f(h.space), f(h.group)} | ({f(h.within)} if h.within is not None else set())
     for e in experts:
         if sp.is_fixed(e.space) or f(e.space) not in bound:
@@ -413,7 +452,8 @@ def spec_from_spaces(spaces: FeatureSpaces, binds: Mapping[str, Sequence[int | t
     Returns
     -------
     (PermutationSpec, list of NormFold)
-        Fixed spaces give ``None`` axes; heads and experts :class:`~combinability.kinds.Blocks`;
+        Fixed spaces give ``None`` axes; heads and experts :class:`~combinability.kinds.Blocks`,
+        rigid heads :class:`~combinability.permutation.Repeat` entries of their head order;
         purely linear streams whose norms all fold :class:`~combinability.kinds.Orthogonal`
         (their norms' parameters dropped from the axes, listed in ``requires``, and folded
         by the returned folds); every other space a plain permutation.
@@ -430,7 +470,8 @@ def spec_from_spaces(spaces: FeatureSpaces, binds: Mapping[str, Sequence[int | t
     bound = {f(s) for param, entries in binds.items() for s in _labels(param, entries, len(sp))}
     _propagate(sp, heads, experts, hint)
     bound = {f(s) for s in bound}
-    kinds, special = _block_kinds(sp, bound, heads, experts, hint)
+    rigid = _rigid_heads(sp, bound, heads)
+    kinds, special = _block_kinds(sp, bound, heads, experts, hint, rigid)
     unfoldable: set[int] = set()
     centred: set[int] = set()
     folds: dict[int, list[NormFold]] = {}
@@ -459,10 +500,13 @@ def spec_from_spaces(spaces: FeatureSpaces, binds: Mapping[str, Sequence[int | t
         if isinstance(e, tuple):
             if any(sp.is_fixed(s) for s in e):
                 raise TracingError(f"{param!r}: a segment of a packed axis is fixed while the others move" + hint)
+            if any(f(s) in rigid for s in e):
+                raise TracingError(f"{param!r}: a packed axis with a segment of rigid heads (rotary position "
+                                   f"embeddings on stacked query/key/value rows) is not supported" + hint)
             return tuple(sp.name(s) for s in e)
         if e is None or sp.is_fixed(e) or (param in norm_params and f(e) in orthogonal):
             return None
-        return sp.name(e)
+        return rigid.get(f(e), sp.name(e))
 
     axes = {param: tuple(entry(param, e) for e in entries) for param, entries in binds.items()}
     return PermutationSpec(axes, kinds), all_folds

@@ -204,6 +204,11 @@ def stream_symmetries(model: nn.Module, example_input: torch.Tensor) -> tuple[Pe
                     experts.append(Experts(s, spaces[0], count, repeats))
                 sp.mark(spaces[:1])
                 space[n.name] = s
+            elif target in _SCALING and len(args) == 2 and len(n.args) == 2 and sp.is_fixed(spaces[1]) and \
+                    (_last(args[1]) or 1) == 1:
+                space[n.name] = spaces[0]  # scaled by a number held in a tensor (Gemma's sqrt(d)), or one per token
+            elif target in ("type_as", "to") and len(args) == 2 and n.args[0] is args[0]:
+                space[n.name] = spaces[0]  # the other tensor gives only its dtype (and device)
             elif target in (operator.mul, torch.mul, "mul") and len(args) == 2 and FIXED not in spaces:
                 s = sp.union(spaces[0], spaces[1])  # an element-wise product (gating): one permutation
                 sp.mark([s])
@@ -502,6 +507,15 @@ class _HandAttention:
     #: axis moved first, then unbound: -> (the parts' spaces, heads, head_dim, whether the parts lead)
     stacked: dict[str, tuple[list[int], int, int, bool]] = field(default_factory=dict)
     layer_of: dict[int, str] = field(default_factory=dict)  # a part's space -> the name of the layer split
+    #: slices of per-head features along head_dim (rotary's halves) -> (heads, head_dim) of the whole heads
+    sliced: dict[str, tuple[int, int]] = field(default_factory=dict)
+    #: key/value heads on their way to being repeated for grouped-query attention (``k[:, :, None]``,
+    #: expanded) -> (heads, head_dim, the new axis after the heads)
+    repeating: dict[str, tuple[int, int, int]] = field(default_factory=dict)
+    #: per-head features (and kᵀ) of key/value heads repeated for grouped-query attention -> (heads, repeats)
+    shared: dict[str, tuple[int, int]] = field(default_factory=dict)
+    #: grouped-query scores and their softmax -> (the query heads' order, the key/value heads' order)
+    grouped: dict[str, tuple[int, int]] = field(default_factory=dict)
 
     def parts(self, sp: FeatureSpaces, layer: int, count: int, size: int) -> list[int]:
         """Open the spaces of ``count`` parts of ``layer``'s features (``<layer>.q``/``.k``/``.v`` for three)."""
@@ -520,7 +534,7 @@ class _HandAttention:
     def passes(self, n: fx.Node) -> None:
         """``n`` passes its first argument on unchanged in kind (dropout, a cast)."""
         src = n.args[0].name if n.args and isinstance(n.args[0], fx.Node) else None
-        for seen in (self.headed, self.keys, self.scores):
+        for seen in (self.headed, self.keys, self.scores, self.sliced, self.shared, self.grouped):
             if src in seen:
                 seen[n.name] = seen[src]  # type: ignore[index]
 
@@ -555,6 +569,8 @@ def _attention_parts(n: fx.Node, args: list[fx.Node], spaces: list[Any], sp: Fea
     if isinstance(scored, fx.Node) and scored.name in att.scores and target in _ON_SCORES and \
             not any(a.name in headed or a.name in att.keys for a in args):
         att.scores[n.name] = att.scores[scored.name]
+        if scored.name in att.grouped:
+            att.grouped[n.name] = att.grouped[scored.name]
         space[n.name] = None
         return True
     if target in _SPLITS and len(args) == 1 and spaces[0] not in (None, FIXED) and args[0].name not in headed:
@@ -578,12 +594,14 @@ def _attention_parts(n: fx.Node, args: list[fx.Node], spaces: list[Any], sp: Fea
         return True
     if first is not None and first.name in att.stacked:
         return _stacked_parts(n, first, att, space, where, model)
+    if _rotary_or_repeated(n, args, first, sp, space, att, where, model):
+        return True
     if target in ("view", "reshape", torch.reshape) and len(args) == 1 and spaces[0] not in (None, FIXED):
         src, out = _shape_of(args[0]), _shape_of(n)
         if src is None or out is None:
             return False
         if args[0].name not in headed and len(out) == len(src) + 1 and out[:-2] == src[:-1] \
-                and out[-2] * out[-1] == src[-1] and min(out[-2:]) > 1:  # (..., h * dh) -> (..., h, dh)
+                and out[-2] * out[-1] == src[-1] and out[-1] > 1:  # (..., h * dh) -> (..., h, dh); h may be 1
             headed[n.name] = (out[-2], out[-1])
             space[n.name] = spaces[0]
             return True
@@ -605,12 +623,16 @@ def _attention_parts(n: fx.Node, args: list[fx.Node], spaces: list[Any], sp: Fea
             (target in _SCALING and len(n.args) == 2 and not any(isinstance(a, fx.Node) for a in n.args[1:])) or
             (target in ("transpose", torch.transpose) and _keeps_last(n)) or _permute_keeps_last(n)):
         headed[n.name] = headed[args[0].name]
+        if args[0].name in att.shared:
+            att.shared[n.name] = att.shared[args[0].name]
         space[n.name] = spaces[0]
         return True
     if len(args) == 1 and args[0].name in headed and target in ("transpose", torch.transpose) and \
             {int(d) % (_ndim(args[0]) or 1) for d in n.args[1:3]} == {(_ndim(args[0]) or 0) - 2,
                                                                         (_ndim(args[0]) or 0) - 1}:
         att.keys[n.name] = headed[args[0].name]  # k.transpose(-2, -1): head_dim now next to last
+        if args[0].name in att.shared:
+            att.shared[n.name] = att.shared[args[0].name]
         space[n.name] = spaces[0]
         return True
     if target in _MATMUL and len(n.args) == 2 and all(isinstance(a, fx.Node) for a in n.args):
@@ -619,17 +641,28 @@ def _attention_parts(n: fx.Node, args: list[fx.Node], spaces: list[Any], sp: Fea
             if headed[left.name] != att.keys[right.name]:
                 raise TracingError(f"{where}: query and key with different head counts or sizes{_hint(model)}")
             h, dh = headed[left.name]
-            qk = sp.union(space[left.name], space[right.name])
-            att.scores[n.name] = (qk, h, dh)
+            if right.name in att.shared:  # grouped-query attention: no within-head unit contracted alike
+                att.grouped[n.name] = _grouped_scores(sp, heads, att, space[left.name], space[right.name], h, dh,
+                                                      att.shared[right.name])
+                att.scores[n.name] = (space[left.name], h, dh)
+            else:
+                att.scores[n.name] = (sp.union(space[left.name], space[right.name]), h, dh)
             space[n.name] = None
             return True
         if left.name in att.scores and right.name in headed:  # the attention weights mix the values
             qk, h, dh = att.scores[left.name]
             if headed[right.name] != (h, dh):
                 raise TracingError(f"{where}: values with other head counts or sizes than the query{_hint(model)}")
-            _heads_of(sp, heads, qk, space[right.name], att.stem(sp, qk), h, dh)
+            if (left.name in att.grouped) != (right.name in att.shared):
+                raise TracingError(f"{where}: keys and values repeated over the query heads differently (grouped-"
+                                   f"query attention repeats both){_hint(model)}")
             headed[n.name] = (h, dh)
-            space[n.name] = space[right.name]
+            if left.name in att.grouped:
+                space[n.name] = _grouped_values(sp, heads, att.grouped[left.name], space[right.name], h, dh,
+                                                att.shared[right.name], att.stem(sp, qk))
+            else:
+                _heads_of(sp, heads, qk, space[right.name], att.stem(sp, qk), h, dh)
+                space[n.name] = space[right.name]
             return True
     if target in _SDPA:
         q, k, v = (n.kwargs.get(name, n.args[i] if len(n.args) > i else None) for i, name in
@@ -637,20 +670,33 @@ def _attention_parts(n: fx.Node, args: list[fx.Node], spaces: list[Any], sp: Fea
         if not all(isinstance(t, fx.Node) and t.name in headed for t in (q, k, v)):
             raise TracingError(f"{where}: scaled_dot_product_attention on query, key and value viewed as "
                                f"(..., heads, head_dim) from one or more layers' features is followed{_hint(model)}")
-        shapes = {headed[t.name] for t in (q, k, v)}
-        if len(shapes) != 1 or any(_shape_of(t)[-3] != next(iter(shapes))[0] for t in (q, k, v)):
+        (h, dh), group = headed[q.name], att.shared.get(k.name)
+        by_call = group is None and att.shared.get(v.name) is None and bool(n.kwargs.get("enable_gqa")) and \
+            headed[k.name] == headed[v.name] and headed[k.name][1] == dh and h % headed[k.name][0] == 0
+        if by_call:  # the call repeats the key/value heads over the query heads
+            group = (headed[k.name][0], h // headed[k.name][0])
+        kv = (group[0] if by_call else h, dh)  # type: ignore[index]
+        if att.shared.get(k.name) != att.shared.get(v.name) or any(
+                headed[t.name] != e or _shape_of(t)[-3] != e[0] for t, e in ((q, (h, dh)), (k, kv), (v, kv))):
             raise TracingError(f"{where}: query, key and value with different head counts or sizes, or heads not on "
                                f"axis -3 (transpose(1, 2) after the view){_hint(model)}")
-        h, dh = next(iter(shapes))
+        headed[n.name] = (h, dh)
+        if group is not None:  # grouped-query attention
+            order = _grouped_scores(sp, heads, att, space[q.name], space[k.name], h, dh, group)
+            space[n.name] = _grouped_values(sp, heads, order, space[v.name], h, dh, group,
+                                            att.stem(sp, space[q.name]))
+            return True
         qk = sp.union(space[q.name], space[k.name])
         _heads_of(sp, heads, qk, space[v.name], att.stem(sp, qk), h, dh)
-        headed[n.name] = (h, dh)
         space[n.name] = space[v.name]
         return True
-    if any(a.name in headed or a.name in att.keys for a in args) or (first is not None and first.name in att.scores):
+    if any(a.name in headed or a.name in att.keys or a.name in att.sliced for a in args) or (
+            first is not None and first.name in att.scores):
         raise TracingError(f"{where}: an operation on per-head features or attention scores the tracer does not "
                            f"follow (it follows views into and out of heads, token transposes, q @ k.transpose(-2, "
-                           f"-1) scaled, masked and softmaxed, @ v, and scaled_dot_product_attention){_hint(model)}")
+                           f"-1) scaled, masked and softmaxed, @ v, scaled_dot_product_attention, and rotary "
+                           f"embeddings on whole heads: slices of head_dim concatenated back before the scores)"
+                           f"{_hint(model)}")
     return False
 
 
@@ -756,6 +802,144 @@ def _stacked_parts(n: fx.Node, first: fx.Node, att: _HandAttention, space: dict[
     raise TracingError(f"{where}: the tracer follows a layer's features viewed as (..., parts, heads, head_dim) "
                        f"through permute(2, 0, 3, 1, 4) (the parts axis first, head_dim last) and unbind(0) or [i] only"
                        + _hint(model))
+
+
+def _slices_last(n: fx.Node) -> bool:
+    """``x[..., a:b]`` (or ``x[:, :, :, a:b]``): a slice of the last axis, every other axis whole."""
+    idx = n.args[1] if isinstance(n.args[1], tuple) else (n.args[1],)
+    nd = _ndim(n.args[0]) or 0
+    whole = [i is Ellipsis or i == slice(None) for i in idx[:-1]]
+    return bool(idx) and isinstance(idx[-1], slice) and all(whole) and (Ellipsis in idx or len(idx) == nd)
+
+
+def _rotary_or_repeated(n: fx.Node, args: list[fx.Node], first: fx.Node | None, sp: FeatureSpaces,
+                        space: dict[str, Any], att: _HandAttention, where: str, model: nn.Module) -> bool:
+    """Rotary position embeddings and grouped-query attention on per-head features: handle ``n``
+    and return True, or leave it (False).
+
+    Rotary embeddings as Llama and GPT-NeoX write them — ``q * cos + rotate_half(q) * sin``, with
+    ``rotate_half(x) = cat((-x[..., d // 2:], x[..., :d // 2]), -1)`` and ``cos``, ``sin`` tables
+    of positions × head_dim, the same for every head — rotate fixed pairs of each head's units:
+    the heads still move, their units keep their order (the space is *rigid*). So does any slice
+    of head_dim and any table varying along it (partial rotary: ``q[..., :r]``). Key/value heads
+    repeated over groups of query heads (``k[:, :, None].expand(b, kv, rep, t, dh).reshape(b, kv *
+    rep, t, dh)``, Llama's ``repeat_kv``; ``repeat_interleave(k, rep, dim=1)``) are *shared*.
+    """
+    target, headed, sliced = n.target, att.headed, att.sliced
+    shape, nd = _shape_of(n), _ndim(n) or 0
+
+    def features(a: fx.Node) -> tuple[int, int] | None:  # (heads, head_dim) of per-head features or a slice
+        return headed.get(a.name) or sliced.get(a.name)
+
+    if target is operator.getitem and first is not None and features(first) and _slices_last(n):
+        sliced[n.name] = features(first)  # type: ignore[assignment]
+        sp.rigid([space[first.name]])
+        space[n.name] = space[first.name]
+        return True
+    if target in (operator.neg, torch.neg, "neg") and first is not None and first.name in sliced:
+        sliced[n.name], space[n.name] = sliced[first.name], space[first.name]
+        return True
+    parts = list(n.args[0]) if target is torch.cat and n.args and isinstance(n.args[0], tuple | list) else []
+    if any(isinstance(t, fx.Node) and features(t) for t in parts):
+        dim = n.kwargs.get("dim", n.args[1] if len(n.args) > 1 else 0)
+        if dim not in (-1, nd - 1):
+            return False  # along the tokens (a cache): not followed
+        whole = {features(t) for t in parts if isinstance(t, fx.Node)}
+        roots = {sp.find(space[t.name]) for t in parts if isinstance(t, fx.Node) and features(t)}
+        if len(whole) != 1 or len(roots) != 1 or shape is None or shape[-1] > next(iter(whole))[1] or \
+                not all(isinstance(t, fx.Node) and features(t) for t in parts):
+            raise TracingError(f"{where}: slices of one head's features are concatenated along head_dim only, "
+                               f"back into (a part of) the head (rotate_half){_hint(model)}")
+        part = next(iter(whole))
+        (headed if shape[-1] == part[1] else sliced)[n.name] = part  # the whole head again, or a part of it
+        space[n.name] = space[parts[0].name]
+        return True
+    if target in (operator.mul, torch.mul, "mul") and len(args) == 2 and \
+            sum(features(a) is not None for a in args) == 1 and any(sp.is_fixed(space[a.name]) for a in args):
+        x, table = (args[0], args[1]) if features(args[0]) else (args[1], args[0])
+        h = features(x)[0]  # type: ignore[index]
+        xs, ts = _shape_of(x) or (), _shape_of(table) or ()
+        aligned = [ts[i - len(xs) + len(ts)] if i - len(xs) + len(ts) >= 0 else 1 for i in range(len(xs))]
+        if shape != xs or any(xs[i] == h and aligned[i] != 1 for i in range(len(xs) - 1)):
+            raise TracingError(f"{where}: per-head features multiplied by a table that may differ between heads "
+                               f"(rotary tables of positions x head_dim are followed; the example's token count must "
+                               f"differ from the number of heads){_hint(model)}")
+        if aligned[-1] != 1:
+            sp.rigid([space[x.name]])  # cos/sin: one factor per unit of the head, the same in every head
+        (headed if x.name in headed else sliced)[n.name] = features(x)  # type: ignore[index]
+        space[n.name] = space[x.name]
+        return True
+    if target in _ADD and len(args) == 2 and len(n.args) == 2 and all(features(a) for a in args) and \
+            features(args[0]) == features(args[1]) and _shape_of(args[0]) == _shape_of(args[1]) == shape:
+        # q * cos + rotate_half(q) * sin (of the whole heads, or of a part)
+        (headed if args[0].name in headed else sliced)[n.name] = features(args[0])  # type: ignore[index]
+        space[n.name] = sp.union(space[args[0].name], space[args[1].name])
+        return True
+    # grouped-query attention: the key/value heads repeated over the query heads
+    if target is operator.getitem and first is not None and first.name in headed and first.name not in att.shared:
+        idx = n.args[1] if isinstance(n.args[1], tuple) else (n.args[1],)
+        src = _shape_of(first)
+        if src and shape and None in idx and all(i is None or i == slice(None) for i in idx) and len(idx) == len(
+                shape) and len(shape) == len(src) + 1:
+            new = idx.index(None)
+            if shape[new] == 1 and new > 0 and src[new - 1] == headed[first.name][0]:
+                att.repeating[n.name] = (*headed[first.name], new)
+                space[n.name] = space[first.name]
+                return True
+    if first is not None and first.name in att.repeating:
+        h, dh, new = att.repeating[first.name]
+        src = _shape_of(first)
+        if target == "expand" and shape and src and len(shape) == len(src) and all(
+                a == b for i, (a, b) in enumerate(zip(src, shape, strict=True)) if i != new):
+            att.repeating[n.name] = (h, dh, new)
+            space[n.name] = space[first.name]
+            return True
+        if target in ("reshape", "view", torch.reshape) and shape and src and \
+                tuple(shape) == (*src[:new - 1], src[new - 1] * src[new], *src[new + 1:]):
+            headed[n.name], att.shared[n.name] = (h * src[new], dh), (h, src[new])
+            space[n.name] = space[first.name]
+            return True
+        raise TracingError(f"{where}: key/value heads given a new axis are followed through expand(...) and a "
+                           f"reshape merging it into the heads (repeat_kv) only{_hint(model)}")
+    if target in ("repeat_interleave", torch.repeat_interleave) and first is not None and first.name in headed \
+            and first.name not in att.shared and shape:
+        repeats = n.kwargs.get("repeats", n.args[1] if len(n.args) > 1 else None)
+        dim = n.kwargs.get("dim", n.args[2] if len(n.args) > 2 else None)
+        h, dh = headed[first.name]
+        src = _shape_of(first)
+        if isinstance(repeats, int) and isinstance(dim, int) and src and src[dim] == h and shape[dim] == h * repeats \
+                and dim % len(src) != len(src) - 1:
+            headed[n.name], att.shared[n.name] = (h * repeats, dh), (h, repeats)
+            space[n.name] = space[first.name]
+            return True
+    return False
+
+
+def _grouped_scores(sp: FeatureSpaces, heads: list[Heads], att: _HandAttention, q: int, k: int, h: int, dh: int,
+                    group: tuple[int, int]) -> tuple[int, int]:
+    """Grouped-query attention's heads: the key/value heads' order, the query heads' order moving in
+    groups of ``repeats`` with it; query and key rigid. Returns ``(query heads, key/value heads)``."""
+    kv, repeats = group
+    if kv * repeats != h:
+        raise TracingError(f"{kv} key/value heads repeated {repeats} times do not make {h} query heads")
+    kv_order = sp.new(f"{att.stem(sp, k)}.heads", kv, name=f"{att.stem(sp, k)}.heads")
+    q_order = sp.new(f"{att.stem(sp, q)}.heads", h, name=f"{att.stem(sp, q)}.heads")
+    heads += [Heads(q, q_order, h, dh), Heads(k, kv_order, kv, dh), Heads(q_order, kv_order, kv, repeats)]
+    sp.rigid([q, k])  # their within-head units are contracted across different heads: kept in order
+    sp.mark([q, k])
+    return q_order, kv_order
+
+
+def _grouped_values(sp: FeatureSpaces, heads: list[Heads], orders: tuple[int, int], v: int, h: int, dh: int,
+                    group: tuple[int, int], stem: str) -> int:
+    """The values of grouped-query attention and its output (a new space, read by the output layer),
+    rigid heads of the key/value and the query heads' orders."""
+    q_order, kv_order = orders
+    out = sp.new(f"{stem}.out", h * dh)
+    heads += [Heads(v, kv_order, group[0], dh), Heads(out, q_order, h, dh)]
+    sp.rigid([v, out])
+    sp.mark([v, out])
+    return out
 
 
 def _heads_of(sp: FeatureSpaces, heads: list[Heads], qk: int, vo: int, name: str, h: int, dh: int) -> None:

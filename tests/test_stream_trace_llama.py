@@ -1,0 +1,268 @@
+"""Llama as Hugging Face writes it (``transformers``' ``modeling_llama``, rewritten here so that the
+test needs no ``transformers``): RMSNorm written out, rotary position embeddings (``rotate_half``,
+``cos``/``sin`` tables made from an ``inv_freq`` buffer and the positions), grouped-query attention
+(``repeat_kv``: key/value heads given a new axis, expanded and merged into the query heads), a
+SwiGLU MLP (``down(silu(gate(x)) * up(x))``) and a partial-rotary variant (Phi's).
+
+Rotary embeddings rotate fixed pairs of each head's units, so the query/key units must keep their
+order inside each head: the heads still move. The references are written out here, not read from
+the library: the head/unit index arithmetic of a planted transformation (kv heads, query heads
+inside each group, MLP neurons, the residual stream), the model's own float64 outputs before and
+after it, and a within-head permutation that must *change* the function (the rotary is real).
+(The real ``LlamaForCausalLM``, ``Qwen2``, ``Mistral``, ``Phi`` and ``Gemma`` of transformers 4.46,
+MHA, GQA and MQA, eager and SDPA, were traced the same way by hand; ``transformers`` is not a
+dependency.)
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import combinability as cb
+from combinability.errors import TracingError
+from combinability.kinds import Blocks
+from combinability.permutation import Repeat
+from tests.model_checks import float64_outputs, randomised
+
+torch = pytest.importorskip("torch")
+nn, F = torch.nn, torch.nn.functional
+
+VOCAB, T, D, HEADS, DH = 13, 7, 32, 4, 8
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, d: int) -> None:
+        super().__init__()
+        self.weight, self.eps = nn.Parameter(torch.ones(d)), 1e-6
+
+    def forward(self, x):
+        dtype = x.dtype
+        x = x.to(torch.float32)
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+class RotaryEmbedding(nn.Module):
+    def __init__(self, dim: int, base: float = 10000.0) -> None:
+        super().__init__()
+        inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+    def forward(self, x, position_ids):
+        inv_freq = self.inv_freq[None, :, None].float().expand(position_ids.shape[0], -1, 1)
+        freqs = (inv_freq @ position_ids[:, None, :].float()).transpose(1, 2)
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return emb.cos().to(x.dtype), emb.sin().to(x.dtype)
+
+
+def rotate_half(x):
+    x1 = x[..., : x.shape[-1] // 2]
+    x2 = x[..., x.shape[-1] // 2 :]
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rotary_pos_emb(q, k, cos, sin):
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    return (q * cos) + (rotate_half(q) * sin), (k * cos) + (rotate_half(k) * sin)
+
+
+def repeat_kv(hidden_states, n_rep):
+    batch, num_key_value_heads, slen, head_dim = hidden_states.shape
+    if n_rep == 1:
+        return hidden_states
+    hidden_states = hidden_states[:, :, None, :, :].expand(batch, num_key_value_heads, n_rep, slen, head_dim)
+    return hidden_states.reshape(batch, num_key_value_heads * n_rep, slen, head_dim)
+
+
+class Attention(nn.Module):
+    def __init__(self, kv_heads: int, rotary: int, sdpa: bool) -> None:
+        super().__init__()
+        self.kv_heads, self.rotary, self.sdpa = kv_heads, rotary, sdpa
+        self.q_proj = nn.Linear(D, HEADS * DH, bias=False)
+        self.k_proj = nn.Linear(D, kv_heads * DH, bias=False)
+        self.v_proj = nn.Linear(D, kv_heads * DH, bias=False)
+        self.o_proj = nn.Linear(HEADS * DH, D, bias=False)
+
+    def forward(self, x, cos, sin, mask):
+        b, t, _ = x.size()
+        q = self.q_proj(x).view(b, t, -1, DH).transpose(1, 2)
+        k = self.k_proj(x).view(b, t, -1, DH).transpose(1, 2)
+        v = self.v_proj(x).view(b, t, -1, DH).transpose(1, 2)
+        if self.rotary == DH:
+            q, k = apply_rotary_pos_emb(q, k, cos, sin)
+        else:  # partial rotary (Phi): the first ``rotary`` units of each head rotated, the rest passed
+            q_rot, q_pass = q[..., : self.rotary], q[..., self.rotary :]
+            k_rot, k_pass = k[..., : self.rotary], k[..., self.rotary :]
+            q_rot, k_rot = apply_rotary_pos_emb(q_rot, k_rot, cos, sin)
+            q, k = torch.cat((q_rot, q_pass), dim=-1), torch.cat((k_rot, k_pass), dim=-1)
+        k, v = repeat_kv(k, HEADS // self.kv_heads), repeat_kv(v, HEADS // self.kv_heads)
+        if self.sdpa:
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        else:
+            scores = torch.matmul(q, k.transpose(2, 3)) / DH**0.5 + mask[:, :, :, : k.shape[-2]]
+            out = torch.matmul(F.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype), v)
+        return self.o_proj(out.transpose(1, 2).contiguous().reshape(b, t, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate_proj, self.up_proj = nn.Linear(D, 2 * D, bias=False), nn.Linear(D, 2 * D, bias=False)
+        self.down_proj = nn.Linear(2 * D, D, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Layer(nn.Module):
+    def __init__(self, kv_heads: int, rotary: int, sdpa: bool) -> None:
+        super().__init__()
+        self.input_layernorm, self.post_attention_layernorm = RMSNorm(D), RMSNorm(D)
+        self.self_attn, self.mlp = Attention(kv_heads, rotary, sdpa), MLP()
+
+    def forward(self, x, cos, sin, mask):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Llama(nn.Module):
+    def __init__(self, kv_heads: int = 2, rotary: int = DH, sdpa: bool = False, depth: int = 2) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(VOCAB, D)
+        self.layers = nn.ModuleList([Layer(kv_heads, rotary, sdpa) for _ in range(depth)])
+        self.norm, self.rotary_emb = RMSNorm(D), RotaryEmbedding(rotary)
+        self.lm_head = nn.Linear(D, VOCAB, bias=False)
+
+    def forward(self, input_ids):
+        x = self.embed_tokens(input_ids)
+        position_ids = torch.arange(0, input_ids.shape[1], device=input_ids.device).unsqueeze(0)
+        cos, sin = self.rotary_emb(x, position_ids)
+        t = input_ids.shape[1]
+        mask = torch.full((t, t), torch.finfo(x.dtype).min, dtype=x.dtype).triu(1)[None, None]
+        for layer in self.layers:
+            x = layer(x, cos, sin, mask)
+        return self.lm_head(self.norm(x))
+
+
+IDX = torch.randint(0, VOCAB, (3, T), generator=torch.Generator().manual_seed(0))
+
+
+def _state(model) -> dict[str, np.ndarray]:
+    return {k: v.numpy().astype(np.float64) for k, v in model.state_dict().items()}
+
+
+def _heads_moved(w: np.ndarray, order: np.ndarray, axis: int) -> np.ndarray:
+    """``w`` with its blocks of DH rows (axis 0) or columns (axis 1) in ``order``: head i <- head order[i]."""
+    rows = (order[:, None] * DH + np.arange(DH)[None, :]).ravel()
+    return np.take(w, rows, axis=axis)
+
+
+def _planted(state: dict[str, np.ndarray], kv_heads: int, seed: int) -> dict[str, np.ndarray]:
+    """``state`` transformed by hand: key/value heads, query heads inside each group, MLP neurons and
+    the residual stream permuted (index arithmetic written out here, independent of the library)."""
+    rng = np.random.default_rng(seed)
+    rep = HEADS // kv_heads
+    stream = rng.permutation(D)
+    out = {}
+    for name, w in state.items():
+        out[name] = w[:, stream] if name == "embed_tokens.weight" else w
+        if name.endswith("norm.weight"):
+            out[name] = w[stream]
+        if name == "lm_head.weight":
+            out[name] = w[:, stream]
+    for i in range(len([k for k in state if k.endswith("q_proj.weight")])):
+        p = f"layers.{i}."
+        kv_order = rng.permutation(kv_heads)
+        q_order = np.concatenate([g * rep + rng.permutation(rep) for g in kv_order])  # groups move with their kv head
+        neurons = rng.permutation(2 * D)
+        out[p + "self_attn.q_proj.weight"] = _heads_moved(state[p + "self_attn.q_proj.weight"], q_order, 0)[:, stream]
+        out[p + "self_attn.k_proj.weight"] = _heads_moved(state[p + "self_attn.k_proj.weight"], kv_order, 0)[:, stream]
+        out[p + "self_attn.v_proj.weight"] = _heads_moved(state[p + "self_attn.v_proj.weight"], kv_order, 0)[:, stream]
+        out[p + "self_attn.o_proj.weight"] = _heads_moved(state[p + "self_attn.o_proj.weight"], q_order, 1)[stream]
+        for m in ("gate_proj", "up_proj"):
+            out[p + f"mlp.{m}.weight"] = state[p + f"mlp.{m}.weight"][neurons][:, stream]
+        out[p + "mlp.down_proj.weight"] = state[p + "mlp.down_proj.weight"][stream][:, neurons]
+    return out
+
+
+@pytest.mark.parametrize("kv_heads", [HEADS, 2, 1])
+def test_rotary_grouped_query_llama_moves_whole_heads_and_keeps_the_function(kv_heads):
+    model = randomised(Llama(kv_heads), 0)
+    spec, folds = cb.derive_symmetries(model, IDX)
+    state = _state(model)
+    base = float64_outputs(model, state, IDX)
+    q_heads, kv = "layers.1.self_attn.q_proj.heads", "layers.1.self_attn.k_proj.heads"
+    assert spec.axes_to_perm["layers.1.self_attn.q_proj.weight"][0] == Repeat(q_heads, DH)  # units kept in order
+    if kv_heads < HEADS:
+        assert spec.axes_to_perm["layers.1.self_attn.k_proj.weight"][0] == Repeat(kv, DH)
+        assert spec.axes_to_perm["layers.1.self_attn.v_proj.weight"][0] == Repeat(kv, DH)
+        assert spec.axes_to_perm["layers.1.self_attn.o_proj.weight"][1] == Repeat(q_heads, DH)
+        assert spec.kind(q_heads) == Blocks(kv, kv_heads, HEADS // kv_heads)  # query heads move in groups
+    else:  # one head order; values keep a within-head permutation of their own
+        assert spec.axes_to_perm["layers.1.self_attn.k_proj.weight"][0] == Repeat(q_heads, DH)
+        vo = spec.axes_to_perm["layers.1.self_attn.v_proj.weight"][0]
+        assert spec.kind(vo) == Blocks(q_heads, HEADS, DH)
+    hidden = spec.axes_to_perm["layers.0.mlp.gate_proj.weight"][0]
+    assert spec.axes_to_perm["layers.0.mlp.up_proj.weight"][0] == hidden  # SwiGLU: one neuron permutation
+
+    planted = _planted(state, kv_heads, seed=5)
+    np.testing.assert_allclose(float64_outputs(model, planted, IDX), base, atol=1e-5)  # the hand-made reference
+    moved = cb.apply_permutation(spec, cb.random_permutation(spec, state, seed=4), state)
+    np.testing.assert_allclose(float64_outputs(model, moved, IDX), base, atol=1e-5)
+    back = cb.apply_permutation(spec, cb.weight_matching(spec, state, planted, seed=0), planted)
+    assert max(float(np.abs(back[k] - state[k]).max()) for k in state) < 1e-12  # the planted map undone
+
+
+def test_the_rotary_is_real_a_within_head_permutation_of_query_and_key_changes_the_function():
+    model = randomised(Llama(HEADS), 1)
+    state = _state(model)
+    swap = np.concatenate([h * DH + np.roll(np.arange(DH), 1) for h in range(HEADS)])  # same units in every head
+    moved = dict(state)
+    for m in ("q_proj", "k_proj"):
+        moved[f"layers.0.self_attn.{m}.weight"] = state[f"layers.0.self_attn.{m}.weight"][swap]
+    assert np.abs(float64_outputs(model, moved, IDX) - float64_outputs(model, state, IDX)).max() > 1e-3
+
+
+def test_partial_rotary_and_sdpa_keep_the_function_and_weight_matching_undoes_a_planted_map():
+    model = randomised(Llama(2, rotary=DH // 2, sdpa=True), 2)
+    spec, _ = cb.derive_symmetries(model, IDX)
+    state = _state(model)
+    assert spec.axes_to_perm["layers.0.self_attn.q_proj.weight"][0] == Repeat("layers.0.self_attn.q_proj.heads", DH)
+    planted = _planted(state, 2, seed=6)
+    np.testing.assert_allclose(float64_outputs(model, planted, IDX), float64_outputs(model, state, IDX), atol=1e-5)
+    back = cb.apply_permutation(spec, cb.weight_matching(spec, state, planted, seed=0), planted)
+    assert max(float(np.abs(back[k] - state[k]).max()) for k in state) < 1e-12
+
+
+def test_a_llama_pair_aligns_and_sweeps_as_torch_scores_it():
+    models = [randomised(Llama(2), s) for s in (3, 4)]
+    g = torch.Generator().manual_seed(3)
+    tokens, targets = (torch.randint(0, VOCAB, (4, T), generator=g) for _ in range(2))
+    pair = cb.ModelPair(*models, example_input=IDX).align("weight")
+    ds = cb.sweep(pair, cb.Linear(), data=(tokens.numpy(), targets.numpy()), values=[0.0, 1.0], splits=["test"])
+    with torch.no_grad():
+        for m, lam in zip(models, (0.0, 1.0), strict=True):
+            want = F.cross_entropy(m(tokens).reshape(-1, VOCAB), targets.reshape(-1)).item()
+            assert float(ds["loss"].sel(split="test", lam=lam).isel(sample=0)) == pytest.approx(want, rel=1e-5)
+
+
+class PackedPerHead(nn.Module):  # GPT-NeoX's layout: each head's query, key and value rows together
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed, self.qkv, self.dense = nn.Embedding(VOCAB, D), nn.Linear(D, 3 * D), nn.Linear(D, D)
+        self.head = nn.Linear(D, VOCAB)
+
+    def forward(self, idx):
+        x = self.embed(idx)
+        b, t, _ = x.shape
+        qkv = self.qkv(x).view(b, t, HEADS, 3 * DH)
+        q, k, v = (qkv[..., i * DH : (i + 1) * DH].permute(0, 2, 1, 3) for i in range(3))
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.head(x + self.dense(out.transpose(1, 2).reshape(b, t, D)))
+
+
+def test_query_key_value_packed_per_head_is_refused_by_name():
+    with pytest.raises(TracingError, match="per-head features") as err:
+        cb.derive_symmetries(PackedPerHead(), IDX)
+    assert "spec=" in str(err.value)
