@@ -269,6 +269,7 @@ class ReshapeGroups:
         self.sp, self.hint = spaces, hint
         self.splits: dict[int, tuple[int, int, int, int]] = {}  # space -> (head space, within space, h, dh)
         self.expansions: dict[int, tuple[int, int, int]] = {}  # space -> (gate space, experts, units)
+        self.merged: dict[int, tuple[int, int, int]] = {}  # space -> (head space, h, dh): heads and others' units
 
     def reshape(self, src: Sequence[int], labels: Sequence[Label], dst: Sequence[int], where: str,
                 stem: str) -> list[Label]:
@@ -306,7 +307,7 @@ class ReshapeGroups:
                 self.expansions[s] = (ls[0], src[gi[0]], src[gi[1]])
                 out[gj[0]] = s
             elif len(gi) == 2 and len(gj) == 1:
-                out[gj[0]] = self._merge(ls[0], ls[1], where)
+                out[gj[0]] = self._merge(ls[0], ls[1], where, src[gi[0]], src[gi[1]], stem)
             else:
                 raise TracingError(f"{where}: a reshape of feature axes {tuple(src[a] for a in gi)} -> "
                                    f"{tuple(dst[b] for b in gj)}{self.hint}")
@@ -320,20 +321,33 @@ class ReshapeGroups:
                     raise TracingError(f"{where}: a space split as {th}x{tdh} and as {h}x{dh} (heads of different "
                                        f"counts or sizes){self.hint}")
                 return hs, cs
-        hs, cs = self.sp.new(f"{stem}/heads", h), self.sp.new(f"{stem}/head_dim", dh)
+        taken = sum(self.sp.opener[t].startswith(f"{stem}/heads") for t, *_ in self.splits.values())
+        suffix = f"_{taken + 1}" if taken else ""  # the module's other splits (keys of fewer heads): other names
+        hs, cs = self.sp.new(f"{stem}/heads{suffix}", h), self.sp.new(f"{stem}/head_dim{suffix}", dh)
         self.splits[s] = (hs, cs, h, dh)
         return hs, cs
 
-    def _merge(self, hs: int, cs: int, where: str) -> int:
-        f = self.sp.find
+    def _merge(self, hs: int, cs: int, where: str, h: int, dh: int, stem: str) -> int:
+        sp, f = self.sp, self.sp.find
         for t, (th, tc, _, _) in self.splits.items():
             if f(th) == f(hs) and f(tc) == f(cs):
                 return t
-        raise TracingError(f"{where}: merges a head axis and a within-head axis that no split made" + self.hint)
+        if not any(f(th) == f(hs) for th, _, _, _ in self.splits.values()) and \
+                not any(f(g) == f(hs) for g in self.expansions):
+            raise TracingError(f"{where}: merges a head axis and a within-head axis that no split made" + self.hint)
+        # one split's heads (or heads repeated from them) with another's units: grouped-query attention's output,
+        # the query heads' mix of the shared values. Its units keep their order; so do the values'.
+        sp.fix([cs])
+        s = sp.new(f"{stem}/merged", h * dh)
+        sp.rigid([s])
+        self.merged[s] = (hs, h, dh)
+        return s
 
     def heads(self) -> list[Heads]:
-        """A :class:`Heads` for every space that was split."""
-        return [Heads(s, hs, h, dh, cs) for s, (hs, cs, h, dh) in self.splits.items()]
+        """A :class:`Heads` for every space that was split, and for every merge of one split's heads
+        with another's units (rigid)."""
+        return [Heads(s, hs, h, dh, cs) for s, (hs, cs, h, dh) in self.splits.items()] + [
+            Heads(s, hs, h, dh) for s, (hs, h, dh) in self.merged.items()]
 
     def experts(self) -> list[Experts]:
         """An :class:`Experts` for every gate spread over its experts' units."""
@@ -355,8 +369,8 @@ def _propagate(sp: FeatureSpaces, heads: Sequence[Heads], experts: Sequence[Expe
             if sp.is_fixed(h.within) and not sp.is_rigid(h.space):
                 sp.rigid([h.space])
                 changed = True
-            if h.within is None:
-                continue
+            if h.within is None or sp.is_fixed(h.within):
+                continue  # no within-head permutation to share
             t = by_within.setdefault(f(h.within), h)
             if f(t.space) != f(h.space):
                 if f(t.group) != f(h.group):
@@ -364,9 +378,14 @@ def _propagate(sp: FeatureSpaces, heads: Sequence[Heads], experts: Sequence[Expe
                                        f"{sp.opener[f(t.space)]!r} meet but their heads do not" + hint)
                 sp.union(h.space, t.space)
                 changed = True
+        by_space: dict[int, Experts] = {}
         for e in experts:
             if sp.is_fixed(e.gate) and not sp.is_fixed(e.space):
                 sp.fix([e.space])
+                changed = True
+            t = by_space.setdefault(f(e.space), e)
+            if f(t.gate) != f(e.gate) and (t.count, t.size) == (e.count, e.size):
+                sp.union(t.gate, e.gate)  # units spread alike from two gates (keys and values repeated): one order
                 changed = True
 
 

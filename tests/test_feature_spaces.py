@@ -23,6 +23,7 @@ from combinability.feature_spaces import (
 )
 from combinability.folding import NormFold, Reader
 from combinability.kinds import Blocks, Orthogonal
+from combinability.permutation import Repeat, apply_permutation
 
 D, H, DH, M, T, FIN, C = 6, 2, 3, 5, 4, 3, 2
 E, U = 3, 2  # experts, units per expert
@@ -250,6 +251,35 @@ def test_fixed_heads_fix_their_spaces():
     sp, binds, heads = _split_heads(fix_heads=True)
     spec, _ = spec_from_spaces(sp, binds, heads=heads)
     assert not spec.kinds and all(axes == (None, None) for axes in spec.axes_to_perm.values())
+
+
+def test_a_fixed_within_head_axis_keeps_the_heads_moving_as_repeats_of_their_order():
+    sp, binds, heads = _split_heads()
+    sp.fix([heads[0].within])  # rotary tables along q's (and so k's) head_dim
+    spec, _ = spec_from_spaces(sp, binds, heads=heads)
+    qk = Repeat("P_q/heads", DH)  # each head's DH units move with it, in order
+    assert dict(spec.axes_to_perm) == {"q.kernel": (None, qk), "k.kernel": (None, qk), "v.kernel": (None, "P_v")}
+    assert dict(spec.kinds) == {"P_v": Blocks("P_q/heads", H, DH)}  # values keep their within-head permutation
+    kernel = np.arange(2 * H * DH, dtype=float).reshape(2, H * DH)
+    moved = apply_permutation(spec, {"P_q/heads": np.array([1, 0]), "P_v": np.arange(H * DH)},
+                              dict.fromkeys(binds, kernel))["q.kernel"]
+    np.testing.assert_array_equal(moved, np.concatenate([kernel[:, DH:], kernel[:, :DH]], axis=1))  # heads swapped
+
+
+def test_grouped_query_heads_are_blocks_of_the_key_value_order_and_rigid_spaces_repeat_them():
+    sp = FeatureSpaces()
+    q, k, out = sp.new("q"), sp.new("k"), sp.new("o")
+    q_order, kv_order = sp.new("q.heads", name="q.heads"), sp.new("k.heads", name="k.heads")
+    heads = [Heads(q, q_order, H, DH), Heads(k, kv_order, 2, DH), Heads(q_order, kv_order, 2, H // 2),
+             Heads(out, q_order, H, DH)]
+    sp.rigid([q, k, out])
+    binds = {"q.w": (q, FIXED), "k.w": (k, FIXED), "o.w": (FIXED, out)}
+    spec, _ = spec_from_spaces(sp, binds, heads=heads)
+    assert dict(spec.axes_to_perm) == {"q.w": (Repeat("q.heads", DH), None), "k.w": (Repeat("k.heads", DH), None),
+                                       "o.w": (None, Repeat("q.heads", DH))}
+    assert dict(spec.kinds) == {"q.heads": Blocks("k.heads", 2, H // 2)}
+    with pytest.raises(TracingError, match="rigid heads"):
+        spec_from_spaces(sp, {"qkv.w": ((q, q, k), FIXED)}, heads=heads)
 
 
 def test_inconsistent_heads_and_bad_entries_are_refused():
