@@ -17,7 +17,10 @@ stream — is an :class:`~combinability.kinds.Orthogonal` map (``fix_ones`` when
 Heads: a reshape splitting a space ``(h·dh) -> (h, dh)`` gives a head axis and a within-head axis; spaces whose
 within-head axes are contracted together (query and key) are one :class:`~combinability.kinds.Blocks` name, and
 every split space whose head axis meets theirs (value, through the attention weights) moves with the same group,
-as the torch tracer's ``qk``/``vo`` heads. ``flax.linen.MultiHeadDotProductAttention`` keeps heads on an axis of
+as the torch tracer's ``qk``/``vo`` heads. A within-head axis that something fixes (rotary tables, slices of
+head_dim) leaves its heads moving whole (rigid: ``Repeat`` of the head order); key/value heads repeated over the
+query heads (``jnp.repeat``, grouped-query attention) make the query heads blocks of the key/value heads' order.
+``flax.linen.MultiHeadDotProductAttention`` keeps heads on an axis of
 their own (kernels ``(d, heads, dh)`` and ``(heads, dh, d)``): there the head axis is a plain permutation and the
 within-head axes of query/key and of value/output are plain permutations *shared by all heads* — the largest part
 of the head symmetry that one name per axis can express (per-head within-head permutations need a spec entry

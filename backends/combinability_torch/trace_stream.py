@@ -10,7 +10,9 @@ writes a new one, with its heads as block permutations: the query/key rows share
 within-head permutation, the value rows and ``out_proj`` columns another, and both move
 with the head. Attention written out by hand (:func:`_attention_parts`: a split of one layer's
 features into query, key and value, views into heads, ``F.scaled_dot_product_attention`` or
-``softmax(q @ k.transpose(-2, -1)) @ v``) gives the same heads. A space that only linear
+``softmax(q @ k.transpose(-2, -1)) @ v``) gives the same heads; rotary embeddings make the query/key
+heads rigid and grouped-query attention makes the query heads blocks of the key/value heads' order
+(:func:`_rotary_or_repeated`). A space that only linear
 maps, norms, pooling and additions touch — a residual stream — is an orthogonal map when
 every norm on it can be folded into the layers reading it (:func:`combinability.fold_norms`);
 ``fix_ones`` when a LayerNorm centres it.
