@@ -2,16 +2,17 @@
 test needs no ``transformers``): RMSNorm written out, rotary position embeddings (``rotate_half``,
 ``cos``/``sin`` tables made from an ``inv_freq`` buffer and the positions), grouped-query attention
 (``repeat_kv``: key/value heads given a new axis, expanded and merged into the query heads), a
-SwiGLU MLP (``down(silu(gate(x)) * up(x))``) and a partial-rotary variant (Phi's).
+SwiGLU MLP (``down(silu(gate(x)) * up(x))``) and a partial-rotary variant (Phi's); also GPT-NeoX's
+query/key/value rows packed per head and OPT's heads folded into the batch axis for ``bmm``.
 
 Rotary embeddings rotate fixed pairs of each head's units, so the query/key units must keep their
 order inside each head: the heads still move. The references are written out here, not read from
 the library: the head/unit index arithmetic of a planted transformation (kv heads, query heads
 inside each group, MLP neurons, the residual stream), the model's own float64 outputs before and
 after it, and a within-head permutation that must *change* the function (the rotary is real).
-(The real ``LlamaForCausalLM``, ``Qwen2``, ``Mistral``, ``Phi`` and ``Gemma`` of transformers 4.46,
-MHA, GQA and MQA, eager and SDPA, were traced the same way by hand; ``transformers`` is not a
-dependency.)
+(The real ``LlamaForCausalLM``, ``Qwen2``, ``Mistral``, ``Phi``, ``Gemma``, ``GPTNeoX`` and ``OPT`` of
+transformers 4.46, MHA, GQA and MQA, eager and SDPA, were traced the same way by hand;
+``transformers`` is not a dependency.)
 """
 
 from __future__ import annotations
@@ -20,7 +21,6 @@ import numpy as np
 import pytest
 
 import combinability as cb
-from combinability.errors import TracingError
 from combinability.kinds import Blocks
 from combinability.permutation import Repeat
 from tests.model_checks import float64_outputs, randomised
@@ -251,18 +251,79 @@ class PackedPerHead(nn.Module):  # GPT-NeoX's layout: each head's query, key and
     def __init__(self) -> None:
         super().__init__()
         self.embed, self.qkv, self.dense = nn.Embedding(VOCAB, D), nn.Linear(D, 3 * D), nn.Linear(D, D)
-        self.head = nn.Linear(D, VOCAB)
+        self.rotary_emb, self.head = RotaryEmbedding(DH // 2), nn.Linear(D, VOCAB)
 
     def forward(self, idx):
         x = self.embed(idx)
         b, t, _ = x.shape
         qkv = self.qkv(x).view(b, t, HEADS, 3 * DH)
         q, k, v = (qkv[..., i * DH : (i + 1) * DH].permute(0, 2, 1, 3) for i in range(3))
+        cos, sin = self.rotary_emb(x, torch.arange(t).unsqueeze(0))
+        q_rot, k_rot = apply_rotary_pos_emb(q[..., : DH // 2], k[..., : DH // 2], cos, sin)  # partial rotary
+        q, k = torch.cat((q_rot, q[..., DH // 2 :]), dim=-1), torch.cat((k_rot, k[..., DH // 2 :]), dim=-1)
         out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         return self.head(x + self.dense(out.transpose(1, 2).reshape(b, t, D)))
 
 
-def test_query_key_value_packed_per_head_is_refused_by_name():
-    with pytest.raises(TracingError, match="per-head features") as err:
-        cb.derive_symmetries(PackedPerHead(), IDX)
-    assert "spec=" in str(err.value)
+class FoldedHeads(nn.Module):  # OPT's attention: the heads folded into the batch axis for bmm
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(VOCAB, D)
+        self.q_proj, self.k_proj, self.v_proj, self.out_proj = (nn.Linear(D, D) for _ in range(4))
+        self.head = nn.Linear(D, VOCAB)
+
+    def _shape(self, x, b):
+        return x.view(b, -1, HEADS, DH).transpose(1, 2).contiguous().view(b * HEADS, -1, DH)
+
+    def forward(self, idx):
+        x = self.embed(idx)
+        b, t, _ = x.shape
+        q, k, v = (self._shape(f(x), b) for f in (self.q_proj, self.k_proj, self.v_proj))
+        scores = torch.baddbmm(torch.zeros(b * HEADS, t, t, dtype=q.dtype), q, k.transpose(1, 2), alpha=DH**-0.5)
+        mask = torch.full((t, t), torch.finfo(x.dtype).min, dtype=x.dtype).triu(1)
+        scores = torch.max(scores.view(b, HEADS, t, t) + mask, torch.tensor(torch.finfo(x.dtype).min, dtype=x.dtype))
+        out = torch.bmm(F.softmax(scores.view(b * HEADS, t, t), dim=-1), v).view(b, HEADS, t, DH)
+        return self.head(x + self.out_proj(out.transpose(1, 2).reshape(b, t, D)))
+
+
+def test_query_key_value_packed_per_head_move_with_their_head_whole():
+    model = randomised(PackedPerHead(), 7)
+    spec, _ = cb.derive_symmetries(model, IDX)
+    order = "qkv.heads"
+    assert spec.axes_to_perm["qkv.weight"][0] == Repeat(order, 3 * DH)  # query, key and value rows of a head
+    assert spec.axes_to_perm["dense.weight"][1] == Repeat(order, DH)
+    state = _state(model)
+    rng = np.random.default_rng(0)
+    heads, stream = rng.permutation(HEADS), rng.permutation(D)
+    planted = dict(state)
+    rows = (heads[:, None] * 3 * DH + np.arange(3 * DH)).ravel()
+    planted["qkv.weight"], planted["qkv.bias"] = state["qkv.weight"][rows][:, stream], state["qkv.bias"][rows]
+    planted["dense.weight"] = _heads_moved(state["dense.weight"], heads, 1)[stream]
+    planted["dense.bias"], planted["embed.weight"] = state["dense.bias"][stream], state["embed.weight"][:, stream]
+    planted["head.weight"] = state["head.weight"][:, stream]
+    base = float64_outputs(model, state, IDX)
+    np.testing.assert_allclose(float64_outputs(model, planted, IDX), base, atol=1e-9)
+    back = cb.apply_permutation(spec, cb.weight_matching(spec, state, planted, seed=0), planted)
+    assert max(float(np.abs(back[k] - state[k]).max()) for k in state) < 1e-12
+
+
+def test_heads_folded_into_the_batch_axis_keep_their_within_head_permutations():
+    model = randomised(FoldedHeads(), 8)
+    spec, _ = cb.derive_symmetries(model, IDX)
+    qk, vo = spec.axes_to_perm["q_proj.weight"][0], spec.axes_to_perm["v_proj.weight"][0]
+    assert spec.axes_to_perm["k_proj.weight"][0] == qk and spec.axes_to_perm["out_proj.weight"][1] == vo
+    assert spec.kind(qk) == Blocks("q_proj.heads", HEADS, DH) == spec.kind(vo)
+    state = _state(model)
+    base = float64_outputs(model, state, IDX)
+    rng = np.random.default_rng(1)
+    heads = rng.permutation(HEADS)
+    qk_units = np.concatenate([h * DH + rng.permutation(DH) for h in heads])  # whole heads, each its own order
+    vo_units = np.concatenate([h * DH + rng.permutation(DH) for h in heads])
+    planted = dict(state)
+    for name, units in (("q_proj", qk_units), ("k_proj", qk_units), ("v_proj", vo_units)):
+        planted[f"{name}.weight"] = state[f"{name}.weight"][units]
+        planted[f"{name}.bias"] = state[f"{name}.bias"][units]
+    planted["out_proj.weight"] = state["out_proj.weight"][:, vo_units]
+    np.testing.assert_allclose(float64_outputs(model, planted, IDX), base, atol=1e-9)
+    back = cb.apply_permutation(spec, cb.weight_matching(spec, state, planted, seed=0), planted)
+    assert max(float(np.abs(back[k] - state[k]).max()) for k in state) < 1e-12

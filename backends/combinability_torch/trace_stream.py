@@ -509,8 +509,9 @@ class _HandAttention:
     #: axis moved first, then unbound: -> (the parts' spaces, heads, head_dim, whether the parts lead)
     stacked: dict[str, tuple[list[int], int, int, bool]] = field(default_factory=dict)
     layer_of: dict[int, str] = field(default_factory=dict)  # a part's space -> the name of the layer split
-    #: slices of per-head features along head_dim (rotary's halves) -> (heads, head_dim) of the whole heads
-    sliced: dict[str, tuple[int, int]] = field(default_factory=dict)
+    #: a space viewed into heads -> the width of its heads (a slice of them is narrower: rotary halves,
+    #: GPT-NeoX's query, key and value packed in each head)
+    width: dict[int, int] = field(default_factory=dict)
     #: key/value heads on their way to being repeated for grouped-query attention (``k[:, :, None]``,
     #: expanded) -> (heads, head_dim, the new axis after the heads)
     repeating: dict[str, tuple[int, int, int]] = field(default_factory=dict)
@@ -533,21 +534,27 @@ class _HandAttention:
         root = sp.find(qk)
         return self.layer_of.get(root, sp.opener[root])
 
+    def head_width(self, sp: FeatureSpaces, s: int, default: int) -> int:
+        """The width of the heads space ``s`` was viewed into (``default`` if none was recorded)."""
+        root = sp.find(s)
+        return next((w for t, w in self.width.items() if sp.find(t) == root), default)
+
     def passes(self, n: fx.Node) -> None:
         """``n`` passes its first argument on unchanged in kind (dropout, a cast)."""
         src = n.args[0].name if n.args and isinstance(n.args[0], fx.Node) else None
-        for seen in (self.headed, self.keys, self.scores, self.sliced, self.shared, self.grouped):
+        for seen in (self.headed, self.keys, self.scores, self.shared, self.grouped):
             if src in seen:
                 seen[n.name] = seen[src]  # type: ignore[index]
 
 
-_MATMUL = {operator.matmul, torch.matmul, "matmul"}
+_MATMUL = {operator.matmul, torch.matmul, "matmul", torch.bmm, "bmm"}
+_BADDBMM = {torch.baddbmm, "baddbmm"}
 #: A query scaled by a number (timm's ``q * self.scale``) stays per-head features.
 _SCALING = {operator.mul, operator.truediv, torch.mul, "mul", "div"}
 #: Operations on attention scores that keep them scores: scaling, masking, softmax over keys, dropout.
 _ON_SCORES = {operator.mul, operator.truediv, operator.add, torch.mul, torch.add, "masked_fill", "masked_fill_",
               torch.masked_fill, F.softmax, torch.softmax, "softmax", F.dropout, "float", "type_as", "contiguous", "to",
-              "type", torch.where}
+              "type", torch.where, torch.max, torch.maximum}
 
 
 def _attention_parts(n: fx.Node, args: list[fx.Node], spaces: list[Any], sp: FeatureSpaces, space: dict[str, Any],
@@ -568,7 +575,9 @@ def _attention_parts(n: fx.Node, args: list[fx.Node], spaces: list[Any], sp: Fea
         return False  # shapes, not features
     first = n.args[0] if n.args and isinstance(n.args[0], fx.Node) else None
     scored = n.args[1] if target is torch.where and len(n.args) == 3 else first  # where(mask, scores, fill)
-    if isinstance(scored, fx.Node) and scored.name in att.scores and target in _ON_SCORES and \
+    refolded = target in ("view", "reshape") and isinstance(scored, fx.Node) and _shape_of(n) is not None and \
+        _shape_of(scored) is not None and _shape_of(n)[-2:] == _shape_of(scored)[-2:]  # type: ignore[index]
+    if isinstance(scored, fx.Node) and scored.name in att.scores and (target in _ON_SCORES or refolded) and \
             not any(a.name in headed or a.name in att.keys for a in args):
         att.scores[n.name] = att.scores[scored.name]
         if scored.name in att.grouped:
@@ -605,6 +614,10 @@ def _attention_parts(n: fx.Node, args: list[fx.Node], spaces: list[Any], sp: Fea
         if args[0].name not in headed and len(out) == len(src) + 1 and out[:-2] == src[:-1] \
                 and out[-2] * out[-1] == src[-1] and out[-1] > 1:  # (..., h * dh) -> (..., h, dh); h may be 1
             headed[n.name] = (out[-2], out[-1])
+            if att.head_width(sp, spaces[0], out[-1]) != out[-1]:
+                raise TracingError(f"{where}: a space viewed as heads of {out[-1]} units and of "
+                                   f"{att.head_width(sp, spaces[0], 0)}{_hint(model)}")
+            att.width[spaces[0]] = out[-1]
             space[n.name] = spaces[0]
             return True
         if args[0].name not in headed and len(out) == len(src) + 2 and out[:-3] == src[:-1] \
@@ -615,8 +628,17 @@ def _attention_parts(n: fx.Node, args: list[fx.Node], spaces: list[Any], sp: Fea
             att.stacked[n.name] = (parts, out[-2], out[-1], False)
             space[n.name] = None
             return True
+        if args[0].name in headed and ((len(src) == 4 and len(out) == 3 and src[1] == headed[args[0].name][0] and
+                                         out == (src[0] * src[1], *src[2:])) or (
+                len(src) == 3 and len(out) == 4 and out[1] == headed[args[0].name][0] and out[0] * out[1] == src[0]
+                and out[2:] == src[1:])):  # heads folded into the batch axis for bmm (OPT's), or unfolded
+            att.passes(n)
+            space[n.name] = spaces[0]
+            return True
         if args[0].name in headed and len(out) == len(src) - 1 and out[:-1] == src[:-2] \
                 and out[-1] == src[-2] * src[-1] and _heads_next_to_last(args[0], headed):  # heads merged back
+            if att.head_width(sp, spaces[0], src[-1]) != src[-1]:
+                raise TracingError(f"{where}: a part of each head merged back into features{_hint(model)}")
             space[n.name] = spaces[0]
             return True
         return False
@@ -637,8 +659,10 @@ def _attention_parts(n: fx.Node, args: list[fx.Node], spaces: list[Any], sp: Fea
             att.shared[n.name] = att.shared[args[0].name]
         space[n.name] = spaces[0]
         return True
-    if target in _MATMUL and len(n.args) == 2 and all(isinstance(a, fx.Node) for a in n.args):
-        left, right = n.args
+    factors = n.args[1:3] if target in _BADDBMM and len(n.args) >= 3 else n.args  # baddbmm(zeros, q, kᵀ)
+    if (target in _MATMUL or target in _BADDBMM) and len(factors) == 2 and all(isinstance(a, fx.Node)
+                                                                                for a in factors):
+        left, right = factors
         if left.name in headed and right.name in att.keys:  # scores q kᵀ: query and key units contracted
             if headed[left.name] != att.keys[right.name]:
                 raise TracingError(f"{where}: query and key with different head counts or sizes{_hint(model)}")
@@ -660,11 +684,10 @@ def _attention_parts(n: fx.Node, args: list[fx.Node], spaces: list[Any], sp: Fea
                                    f"query attention repeats both){_hint(model)}")
             headed[n.name] = (h, dh)
             if left.name in att.grouped:
-                space[n.name] = _grouped_values(sp, heads, att.grouped[left.name], space[right.name], h, dh,
+                space[n.name] = _grouped_values(sp, heads, att, att.grouped[left.name], space[right.name], h, dh,
                                                 att.shared[right.name], att.stem(sp, qk))
             else:
-                _heads_of(sp, heads, qk, space[right.name], att.stem(sp, qk), h, dh)
-                space[n.name] = space[right.name]
+                space[n.name] = _heads_of(sp, heads, att, qk, space[right.name], att.stem(sp, qk), h, dh)
             return True
     if target in _SDPA:
         q, k, v = (n.kwargs.get(name, n.args[i] if len(n.args) > i else None) for i, name in
@@ -685,14 +708,13 @@ def _attention_parts(n: fx.Node, args: list[fx.Node], spaces: list[Any], sp: Fea
         headed[n.name] = (h, dh)
         if group is not None:  # grouped-query attention
             order = _grouped_scores(sp, heads, att, space[q.name], space[k.name], h, dh, group)
-            space[n.name] = _grouped_values(sp, heads, order, space[v.name], h, dh, group,
+            space[n.name] = _grouped_values(sp, heads, att, order, space[v.name], h, dh, group,
                                             att.stem(sp, space[q.name]))
             return True
         qk = sp.union(space[q.name], space[k.name])
-        _heads_of(sp, heads, qk, space[v.name], att.stem(sp, qk), h, dh)
-        space[n.name] = space[v.name]
+        space[n.name] = _heads_of(sp, heads, att, qk, space[v.name], att.stem(sp, qk), h, dh)
         return True
-    if any(a.name in headed or a.name in att.keys or a.name in att.sliced for a in args) or (
+    if any(a.name in headed or a.name in att.keys for a in args) or (
             first is not None and first.name in att.scores):
         raise TracingError(f"{where}: an operation on per-head features or attention scores the tracer does not "
                            f"follow (it follows views into and out of heads, token transposes, q @ k.transpose(-2, "
@@ -822,44 +844,38 @@ def _rotary_or_repeated(n: fx.Node, args: list[fx.Node], first: fx.Node | None, 
     Rotary embeddings as Llama and GPT-NeoX write them — ``q * cos + rotate_half(q) * sin``, with
     ``rotate_half(x) = cat((-x[..., d // 2:], x[..., :d // 2]), -1)`` and ``cos``, ``sin`` tables
     of positions × head_dim, the same for every head — rotate fixed pairs of each head's units:
-    the heads still move, their units keep their order (the space is *rigid*). So does any slice
-    of head_dim and any table varying along it (partial rotary: ``q[..., :r]``). Key/value heads
+    the heads still move, their units keep their order (the space is *rigid*). So does any table
+    varying along head_dim, and any slice of it: a part of every head, per-head features of fewer
+    units (a partial rotary's ``q[..., :r]``; GPT-NeoX's query, key and value packed in each head,
+    whose attention output is then a new space of heads). Key/value heads
     repeated over groups of query heads (``k[:, :, None].expand(b, kv, rep, t, dh).reshape(b, kv *
     rep, t, dh)``, Llama's ``repeat_kv``; ``repeat_interleave(k, rep, dim=1)``) are *shared*.
     """
-    target, headed, sliced = n.target, att.headed, att.sliced
+    target, headed = n.target, att.headed
     shape, nd = _shape_of(n), _ndim(n) or 0
-
-    def features(a: fx.Node) -> tuple[int, int] | None:  # (heads, head_dim) of per-head features or a slice
-        return headed.get(a.name) or sliced.get(a.name)
-
-    if target is operator.getitem and first is not None and features(first) and _slices_last(n):
-        sliced[n.name] = features(first)  # type: ignore[assignment]
+    if target is operator.getitem and first is not None and first.name in headed and _slices_last(n) and shape:
+        headed[n.name] = (headed[first.name][0], shape[-1])  # a part of every head: its units keep their order
         sp.rigid([space[first.name]])
         space[n.name] = space[first.name]
         return True
-    if target in (operator.neg, torch.neg, "neg") and first is not None and first.name in sliced:
-        sliced[n.name], space[n.name] = sliced[first.name], space[first.name]
+    if target in (operator.neg, torch.neg, "neg") and first is not None and first.name in headed:
+        headed[n.name], space[n.name] = headed[first.name], space[first.name]
         return True
     parts = list(n.args[0]) if target is torch.cat and n.args and isinstance(n.args[0], tuple | list) else []
-    if any(isinstance(t, fx.Node) and features(t) for t in parts):
+    if any(isinstance(t, fx.Node) and t.name in headed for t in parts):
         dim = n.kwargs.get("dim", n.args[1] if len(n.args) > 1 else 0)
         if dim not in (-1, nd - 1):
             return False  # along the tokens (a cache): not followed
-        whole = {features(t) for t in parts if isinstance(t, fx.Node)}
-        roots = {sp.find(space[t.name]) for t in parts if isinstance(t, fx.Node) and features(t)}
-        if len(whole) != 1 or len(roots) != 1 or shape is None or shape[-1] > next(iter(whole))[1] or \
-                not all(isinstance(t, fx.Node) and features(t) for t in parts):
-            raise TracingError(f"{where}: slices of one head's features are concatenated along head_dim only, "
-                               f"back into (a part of) the head (rotate_half){_hint(model)}")
-        part = next(iter(whole))
-        (headed if shape[-1] == part[1] else sliced)[n.name] = part  # the whole head again, or a part of it
-        space[n.name] = space[parts[0].name]
+        if not all(isinstance(t, fx.Node) and t.name in headed for t in parts) or shape is None or \
+                len({headed[t.name][0] for t in parts}) != 1 or len({sp.find(space[t.name]) for t in parts}) != 1:
+            raise TracingError(f"{where}: parts of one layer's heads are concatenated along head_dim only "
+                               f"(rotate_half, a partial rotary's halves){_hint(model)}")
+        headed[n.name], space[n.name] = (headed[parts[0].name][0], shape[-1]), space[parts[0].name]
         return True
     if target in (operator.mul, torch.mul, "mul") and len(args) == 2 and \
-            sum(features(a) is not None for a in args) == 1 and any(sp.is_fixed(space[a.name]) for a in args):
-        x, table = (args[0], args[1]) if features(args[0]) else (args[1], args[0])
-        h = features(x)[0]  # type: ignore[index]
+            sum(a.name in headed for a in args) == 1 and any(sp.is_fixed(space[a.name]) for a in args):
+        x, table = (args[0], args[1]) if args[0].name in headed else (args[1], args[0])
+        h = headed[x.name][0]
         xs, ts = _shape_of(x) or (), _shape_of(table) or ()
         aligned = [ts[i - len(xs) + len(ts)] if i - len(xs) + len(ts) >= 0 else 1 for i in range(len(xs))]
         if shape != xs or any(xs[i] == h and aligned[i] != 1 for i in range(len(xs) - 1)):
@@ -868,13 +884,11 @@ def _rotary_or_repeated(n: fx.Node, args: list[fx.Node], first: fx.Node | None, 
                                f"differ from the number of heads){_hint(model)}")
         if aligned[-1] != 1:
             sp.rigid([space[x.name]])  # cos/sin: one factor per unit of the head, the same in every head
-        (headed if x.name in headed else sliced)[n.name] = features(x)  # type: ignore[index]
-        space[n.name] = space[x.name]
+        headed[n.name], space[n.name] = headed[x.name], space[x.name]
         return True
-    if target in _ADD and len(args) == 2 and len(n.args) == 2 and all(features(a) for a in args) and \
-            features(args[0]) == features(args[1]) and _shape_of(args[0]) == _shape_of(args[1]) == shape:
-        # q * cos + rotate_half(q) * sin (of the whole heads, or of a part)
-        (headed if args[0].name in headed else sliced)[n.name] = features(args[0])  # type: ignore[index]
+    if target in _ADD and len(args) == 2 and len(n.args) == 2 and all(a.name in headed for a in args) and \
+            headed[args[0].name] == headed[args[1].name] and _shape_of(args[0]) == _shape_of(args[1]) == shape:
+        headed[n.name] = headed[args[0].name]  # q * cos + rotate_half(q) * sin
         space[n.name] = sp.union(space[args[0].name], space[args[1].name])
         return True
     # grouped-query attention: the key/value heads repeated over the query heads
@@ -926,29 +940,44 @@ def _grouped_scores(sp: FeatureSpaces, heads: list[Heads], att: _HandAttention, 
         raise TracingError(f"{kv} key/value heads repeated {repeats} times do not make {h} query heads")
     kv_order = sp.new(f"{att.stem(sp, k)}.heads", kv, name=f"{att.stem(sp, k)}.heads")
     q_order = sp.new(f"{att.stem(sp, q)}.heads", h, name=f"{att.stem(sp, q)}.heads")
-    heads += [Heads(q, q_order, h, dh), Heads(k, kv_order, kv, dh), Heads(q_order, kv_order, kv, repeats)]
+    heads += [Heads(q, q_order, h, att.head_width(sp, q, dh)), Heads(k, kv_order, kv, att.head_width(sp, k, dh)),
+              Heads(q_order, kv_order, kv, repeats)]
     sp.rigid([q, k])  # their within-head units are contracted across different heads: kept in order
     sp.mark([q, k])
     return q_order, kv_order
 
 
-def _grouped_values(sp: FeatureSpaces, heads: list[Heads], orders: tuple[int, int], v: int, h: int, dh: int,
+def _grouped_values(sp: FeatureSpaces, heads: list[Heads], att: _HandAttention, orders: tuple[int, int], v: int,
+                    h: int, dh: int,
                     group: tuple[int, int], stem: str) -> int:
     """The values of grouped-query attention and its output (a new space, read by the output layer),
     rigid heads of the key/value and the query heads' orders."""
     q_order, kv_order = orders
     out = sp.new(f"{stem}.out", h * dh)
-    heads += [Heads(v, kv_order, group[0], dh), Heads(out, q_order, h, dh)]
+    heads += [Heads(v, kv_order, group[0], att.head_width(sp, v, dh)), Heads(out, q_order, h, dh)]
     sp.rigid([v, out])
     sp.mark([v, out])
     return out
 
 
-def _heads_of(sp: FeatureSpaces, heads: list[Heads], qk: int, vo: int, name: str, h: int, dh: int) -> None:
-    """Query/key and value spaces as heads moving with one new head order; softmax makes them permutations."""
+def _heads_of(sp: FeatureSpaces, heads: list[Heads], att: _HandAttention, qk: int, vo: int, name: str, h: int,
+              dh: int) -> int:
+    """Query/key and value spaces as heads moving with one new head order; softmax makes them permutations.
+
+    Returns the space of the attention's output: the values' own, or, where the values are a part of
+    wider heads (GPT-NeoX's query, key and value packed in each head), a new rigid space of ``h``
+    heads of ``dh`` units."""
     sp.mark([qk, vo])
     order = sp.new(f"{name}.heads", h, name=f"{name}.heads")
-    heads += [Heads(qk, order, h, dh), Heads(vo, order, h, dh)]
+    heads += [Heads(qk, order, h, att.head_width(sp, qk, dh)), Heads(vo, order, h, att.head_width(sp, vo, dh))]
+    if att.head_width(sp, vo, dh) == dh:
+        return vo
+    out = sp.new(f"{name}.out", h * dh)
+    heads.append(Heads(out, order, h, dh))
+    sp.rigid([out])
+    sp.mark([out])
+    att.width[out] = dh
+    return out
 
 
 def _shape_of(n: fx.Node) -> tuple[int, ...] | None:
