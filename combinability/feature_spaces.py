@@ -45,7 +45,8 @@ from combinability.folding import NormFold, Reader
 from combinability.kinds import Blocks, Kind, Orthogonal
 from combinability.permutation import Entry, PermutationSpec, Repeat
 
-__all__ = ["FIXED", "ANY", "FeatureSpaces", "Norm", "Heads", "Experts", "ReshapeGroups", "spec_from_spaces"]
+__all__ = ["FIXED", "ANY", "FeatureSpaces", "Norm", "Heads", "Experts", "ReshapeGroups", "spec_from_spaces",
+           "opener_points"]
 
 FIXED = 0
 """The fixed space: the model's input and output axes (batch, tokens, pixels, classes)."""
@@ -529,3 +530,20 @@ def spec_from_spaces(spaces: FeatureSpaces, binds: Mapping[str, Sequence[int | t
 
     axes = {param: tuple(entry(param, e) for e in entries) for param, entries in binds.items()}
     return PermutationSpec(axes, kinds), all_folds
+
+
+def opener_points(spec: PermutationSpec) -> dict[str, str]:
+    """The feature point of each neuron permutation of a traced spec: the layer that opened its space.
+
+    :func:`spec_from_spaces` names a plain permutation ``P_<opener>`` after the first layer that
+    opened its space, whose output carries its units (before any activation, which keeps them);
+    activation matching reads them there. Heads, experts and streams (other kinds) get none.
+
+    Examples
+    --------
+    >>> from combinability.kinds import Orthogonal
+    >>> opener_points(PermutationSpec({"fc1.weight": ("P_fc1", "P_embed"), "fc2.weight": ("P_embed", "P_fc1")},
+    ...                               kinds={"P_embed": Orthogonal()}))
+    {'P_fc1': 'fc1'}
+    """
+    return {p: p[2:] for p in spec.perm_names if p.startswith("P_") and len(p) > 2 and p not in spec.kinds}

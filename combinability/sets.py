@@ -140,8 +140,10 @@ class ModelSet:
         be = get_backend(backend or infer_backend(models[0]))
         tables = [be.table_of(m) for m in models]
         folds: tuple[NormFold, ...] = ()
+        points: dict[str, str] = {}
         if tables[0] is None and example_input is not None:
             from combinability.derive import derive_symmetries, describe
+            from combinability.feature_spaces import opener_points
 
             try:
                 tables = [describe(models[0], example_input, backend=be, verify=spec is None)]
@@ -159,6 +161,7 @@ class ModelSet:
                             f"models A and {_label(i)} have different symmetries: "
                             f"{_first_difference(derived, other)}; they cannot be combined") from None
                 spec, folds = spec if spec is not None else derived, tuple(derived_folds)
+                points = opener_points(spec)
         table = tables[0]
         if table is None and spec is None:
             raise IncompatibleModelsError(
@@ -194,7 +197,7 @@ class ModelSet:
             _check_finite(theta, layout, i)
             thetas.append(theta)
         self._init(backend=be.name, table=table, layout=layout, spec=spec, models=models, thetas=thetas,
-                   transforms=[None] * len(models), alignment="naive", naive=None, folds=folds,
+                   transforms=[None] * len(models), alignment="naive", naive=None, folds=folds, points=points,
                    backend_instance=None if backend is None or isinstance(backend, str) else be)
 
     def _init(self, **fields: Any) -> None:
@@ -222,6 +225,7 @@ class ModelSet:
     alignment: str
     naive: ModelSet | None
     folds: tuple[NormFold, ...]
+    points: dict[str, str]
 
     def __len__(self) -> int:
         return len(self.thetas)
@@ -253,8 +257,9 @@ class ModelSet:
 
     @property
     def feature_points(self) -> dict[str, str]:
-        """For each permutation, the feature point whose units it reorders."""
-        return self.table.activation_points() if self.table is not None else {}
+        """For each permutation, the feature point whose units it reorders (a layer table's points; for
+        a model traced by its feature spaces, the output of the layer that opened each neuron space)."""
+        return self.table.activation_points() if self.table is not None else dict(self.points)
 
     @property
     def is_aligned(self) -> bool:

@@ -75,10 +75,21 @@ def repeat_kv(hidden_states, n_rep):
     return hidden_states.reshape(batch, num_key_value_heads * n_rep, slen, head_dim)
 
 
+def repeated(x, n_rep, how):
+    """Key/value heads repeated over the query heads: Llama's ``repeat_kv``, its short index, or
+    ``repeat_interleave``."""
+    if how == "repeat_kv":
+        return repeat_kv(x, n_rep)
+    b, kv, t, dh = x.shape
+    if how == "short":
+        return x[:, :, None].expand(b, kv, n_rep, t, dh).reshape(b, kv * n_rep, t, dh)
+    return torch.repeat_interleave(x, n_rep, dim=1)
+
+
 class Attention(nn.Module):
-    def __init__(self, kv_heads: int, rotary: int, sdpa: bool) -> None:
+    def __init__(self, kv_heads: int, rotary: int, sdpa: bool, repeat: str = "repeat_kv") -> None:
         super().__init__()
-        self.kv_heads, self.rotary, self.sdpa = kv_heads, rotary, sdpa
+        self.kv_heads, self.rotary, self.sdpa, self.repeat = kv_heads, rotary, sdpa, repeat
         self.q_proj = nn.Linear(D, HEADS * DH, bias=False)
         self.k_proj = nn.Linear(D, kv_heads * DH, bias=False)
         self.v_proj = nn.Linear(D, kv_heads * DH, bias=False)
@@ -96,7 +107,7 @@ class Attention(nn.Module):
             k_rot, k_pass = k[..., : self.rotary], k[..., self.rotary :]
             q_rot, k_rot = apply_rotary_pos_emb(q_rot, k_rot, cos, sin)
             q, k = torch.cat((q_rot, q_pass), dim=-1), torch.cat((k_rot, k_pass), dim=-1)
-        k, v = repeat_kv(k, HEADS // self.kv_heads), repeat_kv(v, HEADS // self.kv_heads)
+        k, v = (repeated(z, HEADS // self.kv_heads, self.repeat) for z in (k, v))
         if self.sdpa:
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         else:
@@ -116,10 +127,10 @@ class MLP(nn.Module):
 
 
 class Layer(nn.Module):
-    def __init__(self, kv_heads: int, rotary: int, sdpa: bool) -> None:
+    def __init__(self, kv_heads: int, rotary: int, sdpa: bool, repeat: str) -> None:
         super().__init__()
         self.input_layernorm, self.post_attention_layernorm = RMSNorm(D), RMSNorm(D)
-        self.self_attn, self.mlp = Attention(kv_heads, rotary, sdpa), MLP()
+        self.self_attn, self.mlp = Attention(kv_heads, rotary, sdpa, repeat), MLP()
 
     def forward(self, x, cos, sin, mask):
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask)
@@ -127,10 +138,11 @@ class Layer(nn.Module):
 
 
 class Llama(nn.Module):
-    def __init__(self, kv_heads: int = 2, rotary: int = DH, sdpa: bool = False, depth: int = 2) -> None:
+    def __init__(self, kv_heads: int = 2, rotary: int = DH, sdpa: bool = False, depth: int = 2,
+                 repeat: str = "repeat_kv") -> None:
         super().__init__()
         self.embed_tokens = nn.Embedding(VOCAB, D)
-        self.layers = nn.ModuleList([Layer(kv_heads, rotary, sdpa) for _ in range(depth)])
+        self.layers = nn.ModuleList([Layer(kv_heads, rotary, sdpa, repeat) for _ in range(depth)])
         self.norm, self.rotary_emb = RMSNorm(D), RotaryEmbedding(rotary)
         self.lm_head = nn.Linear(D, VOCAB, bias=False)
 
@@ -224,8 +236,9 @@ def test_the_rotary_is_real_a_within_head_permutation_of_query_and_key_changes_t
     assert np.abs(float64_outputs(model, moved, IDX) - float64_outputs(model, state, IDX)).max() > 1e-3
 
 
-def test_partial_rotary_and_sdpa_keep_the_function_and_weight_matching_undoes_a_planted_map():
-    model = randomised(Llama(2, rotary=DH // 2, sdpa=True), 2)
+@pytest.mark.parametrize("repeat", ["repeat_kv", "short", "repeat_interleave"])
+def test_partial_rotary_and_sdpa_keep_the_function_and_weight_matching_undoes_a_planted_map(repeat):
+    model = randomised(Llama(2, rotary=DH // 2, sdpa=True, repeat=repeat), 2)
     spec, _ = cb.derive_symmetries(model, IDX)
     state = _state(model)
     assert spec.axes_to_perm["layers.0.self_attn.q_proj.weight"][0] == Repeat("layers.0.self_attn.q_proj.heads", DH)

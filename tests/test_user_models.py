@@ -256,3 +256,19 @@ def test_tied_weights_are_combined_once_and_stay_tied():
     mean = {k: (a[k] + b[k]) / 2 for k in a}
     h = np.maximum((x @ mean["enc.weight"].T) @ mean["mid.weight"].T + mean["mid.bias"], 0)
     np.testing.assert_allclose(out, (h @ mean["out.weight"].T + mean["out.bias"]) @ mean["enc.weight"].T, atol=1e-5)
+
+
+def test_activation_matching_reads_a_traced_neuron_space_where_its_layer_opened_it():
+    torch.manual_seed(1)
+    a, b = TiedAutoencoder(), TiedAutoencoder()
+    planted = np.random.default_rng(2).permutation(8)
+    b.load_state_dict(a.state_dict())
+    with torch.no_grad():  # B: A's hidden units in the planted order (index arithmetic written out)
+        b.mid.weight.copy_(a.mid.weight[planted]), b.mid.bias.copy_(a.mid.bias[planted])
+        b.out.weight.copy_(a.out.weight[:, planted])
+    x, y = np.random.default_rng(0).normal(size=(64, 6)).astype(np.float32), np.arange(64) % 6
+    pair = cb.ModelPair(a, b, example_input=x)
+    assert pair.feature_points == {"P_mid": "mid"}  # the layer that opened the space (was: no point, an error)
+    aligned = pair.align("activation", data=(x, y), examples=64)
+    np.testing.assert_array_equal(aligned.permutation["P_mid"], np.argsort(planted))
+    np.testing.assert_allclose(aligned.theta_b, aligned.theta_a, atol=1e-7)

@@ -895,10 +895,9 @@ def _rotary_or_repeated(n: fx.Node, args: list[fx.Node], first: fx.Node | None, 
     if target is operator.getitem and first is not None and first.name in headed and first.name not in att.shared:
         idx = n.args[1] if isinstance(n.args[1], tuple) else (n.args[1],)
         src = _shape_of(first)
-        if src and shape and None in idx and all(i is None or i == slice(None) for i in idx) and len(idx) == len(
-                shape) and len(shape) == len(src) + 1:
-            new = idx.index(None)
-            if shape[new] == 1 and new > 0 and src[new - 1] == headed[first.name][0]:
+        if src and shape and idx.count(None) == 1 and all(i is None or i == slice(None) for i in idx):
+            new = idx.index(None)  # k[:, :, None] (trailing axes whole)
+            if shape == (*src[:new], 1, *src[new:]) and new > 0 and src[new - 1] == headed[first.name][0]:
                 att.repeating[n.name] = (*headed[first.name], new)
                 space[n.name] = space[first.name]
                 return True
