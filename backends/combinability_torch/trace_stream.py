@@ -947,8 +947,7 @@ def _grouped_scores(sp: FeatureSpaces, heads: list[Heads], att: _HandAttention, 
 
 
 def _grouped_values(sp: FeatureSpaces, heads: list[Heads], att: _HandAttention, orders: tuple[int, int], v: int,
-                    h: int, dh: int,
-                    group: tuple[int, int], stem: str) -> int:
+                    h: int, dh: int, group: tuple[int, int], stem: str) -> int:
     """The values of grouped-query attention and its output (a new space, read by the output layer),
     rigid heads of the key/value and the query heads' orders."""
     q_order, kv_order = orders
