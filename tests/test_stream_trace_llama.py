@@ -340,3 +340,52 @@ def test_heads_folded_into_the_batch_axis_keep_their_within_head_permutations():
     np.testing.assert_allclose(float64_outputs(model, planted, IDX), base, atol=1e-9)
     back = cb.apply_permutation(spec, cb.weight_matching(spec, state, planted, seed=0), planted)
     assert max(float(np.abs(back[k] - state[k]).max()) for k in state) < 1e-12
+
+
+def rotate_every_two(x):
+    x1, x2 = x[:, :, :, ::2], x[:, :, :, 1::2]
+    return torch.stack((-x2, x1), dim=-1).flatten(-2)
+
+
+class InterleavedRotary(nn.Module):  # GPT-J's: pairs of neighbouring units rotated, a constant sin/cos table
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed, self.q_proj, self.k_proj = nn.Embedding(VOCAB, D), nn.Linear(D, D), nn.Linear(D, D)
+        self.v_proj, self.out_proj, self.head = nn.Linear(D, D), nn.Linear(D, D), nn.Linear(D, VOCAB)
+        inv_freq = 1.0 / (10000 ** (torch.arange(0, DH, 2) / DH))
+        sinusoid = torch.einsum("i,j->ij", torch.arange(T, dtype=torch.float), inv_freq)
+        self.embed_positions = torch.cat((torch.sin(sinusoid), torch.cos(sinusoid)), dim=1)  # not a buffer
+
+    def forward(self, idx):
+        x = self.embed(idx)
+        b, t, _ = x.shape
+        q, k, v = (f(x).view(b, t, HEADS, DH) for f in (self.q_proj, self.k_proj, self.v_proj))
+        sin, cos = torch.split(self.embed_positions[None].to(x.dtype), DH // 2, dim=-1)  # t == T here
+        sin, cos = (torch.repeat_interleave(z[:, :, None, :], 2, 3) for z in (sin, cos))
+        q, k = ((z * cos) + (rotate_every_two(z) * sin) for z in (q, k))
+        out = F.scaled_dot_product_attention(q.permute(0, 2, 1, 3), k.permute(0, 2, 1, 3), v.permute(0, 2, 1, 3),
+                                             is_causal=True)
+        return self.head(x + self.out_proj(out.transpose(1, 2).reshape(b, t, D)))
+
+
+def test_rotary_on_interleaved_pairs_keeps_heads_whole():
+    model = randomised(InterleavedRotary(), 9)
+    spec, _ = cb.derive_symmetries(model, IDX)
+    assert spec.axes_to_perm["q_proj.weight"][0] == Repeat("q_proj.heads", DH) == spec.axes_to_perm["k_proj.weight"][0]
+    assert spec.kind(spec.axes_to_perm["v_proj.weight"][0]) == Blocks("q_proj.heads", HEADS, DH)
+    state = _state(model)
+    base = float64_outputs(model, state, IDX)
+    heads = np.random.default_rng(3).permutation(HEADS)
+    planted = dict(state)
+    for name in ("q_proj", "k_proj", "v_proj"):
+        planted[f"{name}.weight"] = _heads_moved(state[f"{name}.weight"], heads, 0)
+        planted[f"{name}.bias"] = _heads_moved(state[f"{name}.bias"], heads, 0)
+    planted["out_proj.weight"] = _heads_moved(state["out_proj.weight"], heads, 1)
+    np.testing.assert_allclose(float64_outputs(model, planted, IDX), base, atol=1e-9)
+    swap = np.concatenate([h * DH + np.roll(np.arange(DH), 2) for h in range(HEADS)])  # pairs moved, same in each head
+    moved = {**state, "q_proj.weight": state["q_proj.weight"][swap], "q_proj.bias": state["q_proj.bias"][swap],
+             "k_proj.weight": state["k_proj.weight"][swap], "k_proj.bias": state["k_proj.bias"][swap]}
+    assert np.abs(float64_outputs(model, moved, IDX) - base).max() > 1e-3  # the rotary is real
+    perms = spec.permutations_only()  # (no norm: the stream would rotate, and settle before the heads move)
+    back = cb.apply_permutation(perms, cb.weight_matching(perms, state, planted, seed=0), planted)
+    assert max(float(np.abs(back[k] - state[k]).max()) for k in state) < 1e-12

@@ -197,7 +197,8 @@ def stream_symmetries(model: nn.Module, example_input: torch.Tensor) -> tuple[Pe
                 space[n.name] = spaces[0]
             elif not args or _ndim(n) is None:
                 space[n.name] = None  # shapes, constants, masks: no features
-            elif target in ("repeat_interleave", torch.repeat_interleave) and len(args) == 1 and _dim_is_last(n, 2):
+            elif target in ("repeat_interleave", torch.repeat_interleave) and len(args) == 1 and _dim_is_last(n, 2) \
+                    and not sp.is_fixed(spaces[0]):
                 repeats = n.kwargs.get("repeats", n.args[1] if len(n.args) > 1 else None)
                 if not isinstance(repeats, int) or spaces[0] == FIXED:
                     raise TracingError(f"{where}: repeat_interleave needs an int number of repeats{_hint(model)}")
@@ -215,7 +216,7 @@ def stream_symmetries(model: nn.Module, example_input: torch.Tensor) -> tuple[Pe
                 s = sp.union(spaces[0], spaces[1])  # an element-wise product (gating): one permutation
                 sp.mark([s])
                 space[n.name] = s
-            elif all(s == FIXED for s in spaces):
+            elif all(sp.is_fixed(s) for s in spaces):
                 space[n.name] = FIXED  # preprocessing of the input (patching, casting)
             elif target is operator.getitem and n.args[0].op == "call_module" and isinstance(
                     gm.get_submodule(n.args[0].target), nn.MultiheadAttention):
@@ -512,6 +513,8 @@ class _HandAttention:
     #: a space viewed into heads -> the width of its heads (a slice of them is narrower: rotary halves,
     #: GPT-NeoX's query, key and value packed in each head)
     width: dict[int, int] = field(default_factory=dict)
+    #: parts of heads stacked along a new last axis (GPT-J's ``stack((-x2, x1), -1)``) -> their heads
+    interleaved: dict[str, int] = field(default_factory=dict)
     #: key/value heads on their way to being repeated for grouped-query attention (``k[:, :, None]``,
     #: expanded) -> (heads, head_dim, the new axis after the heads)
     repeating: dict[str, tuple[int, int, int]] = field(default_factory=dict)
@@ -872,9 +875,28 @@ def _rotary_or_repeated(n: fx.Node, args: list[fx.Node], first: fx.Node | None, 
                                f"(rotate_half, a partial rotary's halves){_hint(model)}")
         headed[n.name], space[n.name] = (headed[parts[0].name][0], shape[-1]), space[parts[0].name]
         return True
-    if target in (operator.mul, torch.mul, "mul") and len(args) == 2 and \
-            sum(a.name in headed for a in args) == 1 and any(sp.is_fixed(space[a.name]) for a in args):
-        x, table = (args[0], args[1]) if args[0].name in headed else (args[1], args[0])
+    stacked = list(n.args[0]) if target is torch.stack and n.args and isinstance(n.args[0], tuple | list) else []
+    if any(isinstance(t, fx.Node) and t.name in headed for t in stacked):
+        dim = n.kwargs.get("dim", n.args[1] if len(n.args) > 1 else 0)
+        if dim not in (-1, nd - 1) or not all(isinstance(t, fx.Node) and t.name in headed for t in stacked) or \
+                len({headed[t.name] for t in stacked}) != 1 or len({sp.find(space[t.name]) for t in stacked}) != 1:
+            raise TracingError(f"{where}: parts of one layer's heads are stacked along a new last axis only (GPT-J's "
+                               f"rotary on interleaved pairs), then flattened back{_hint(model)}")
+        att.interleaved[n.name] = headed[stacked[0].name][0]
+        space[n.name] = space[stacked[0].name]
+        return True
+    if first is not None and first.name in att.interleaved:
+        src = _shape_of(first)
+        if not (shape and src and tuple(shape) == (*src[:-2], src[-2] * src[-1])):
+            raise TracingError(f"{where}: stacked parts of heads are followed through flatten(-2) only{_hint(model)}")
+        headed[n.name], space[n.name] = (att.interleaved[first.name], shape[-1]), space[first.name]
+        return True
+    operands = [a for a in n.args[:2] if isinstance(a, fx.Node)] if len(n.args) == 2 else []
+    if target in (operator.mul, torch.mul, "mul") and len(operands) == 2 and \
+            sum(a.name in headed for a in operands) == 1 and all(
+                a.name in headed or space.get(a.name) is None or sp.is_fixed(space[a.name]) for a in operands):
+        # per-head features times a table (a constant, or made from the input's positions: no features)
+        x, table = (operands[0], operands[1]) if operands[0].name in headed else (operands[1], operands[0])
         h = headed[x.name][0]
         xs, ts = _shape_of(x) or (), _shape_of(table) or ()
         aligned = [ts[i - len(xs) + len(ts)] if i - len(xs) + len(ts) >= 0 else 1 for i in range(len(xs))]
