@@ -1,6 +1,7 @@
 """A flax Llama: ``nn.RMSNorm``, rotary position embeddings (``rotate_half`` by slices and
 ``jnp.concatenate``, cos/sin tables of positions × head_dim), grouped-query attention (``jnp.repeat``
-of the key/value heads), einsum attention and a SwiGLU MLP.
+of the key/value heads), einsum attention and a SwiGLU MLP; also GPT-J's rotary on neighbouring
+pairs (``jnp.stack`` of ``x[..., 1::2]`` and ``x[..., ::2]``).
 
 Rotary tables fix each head's unit order; heads still move, the query heads in groups with their
 key/value head. References, written out here: a hand-planted transformation (index arithmetic of kv
@@ -32,8 +33,13 @@ def rotate_half(x):
     return jnp.concatenate((-x2, x1), axis=-1)
 
 
+def rotate_every_two(x):  # GPT-J's: neighbouring pairs (jax's stack primitive)
+    return jnp.stack((-x[..., 1::2], x[..., ::2]), axis=-1).reshape(x.shape)
+
+
 class Attention(nn.Module):
     kv: int
+    interleaved: bool = False
 
     @nn.compact
     def __call__(self, x, cos, sin):
@@ -41,8 +47,9 @@ class Attention(nn.Module):
         q = nn.Dense(HEADS * DH, use_bias=False, name="q")(x).reshape(b, t, HEADS, DH)
         k = nn.Dense(self.kv * DH, use_bias=False, name="k")(x).reshape(b, t, self.kv, DH)
         v = nn.Dense(self.kv * DH, use_bias=False, name="v")(x).reshape(b, t, self.kv, DH)
-        q = q * cos[:, None] + rotate_half(q) * sin[:, None]
-        k = k * cos[:, None] + rotate_half(k) * sin[:, None]
+        rotate = rotate_every_two if self.interleaved else rotate_half
+        q = q * cos[:, None] + rotate(q) * sin[:, None]
+        k = k * cos[:, None] + rotate(k) * sin[:, None]
         k, v = jnp.repeat(k, HEADS // self.kv, axis=2), jnp.repeat(v, HEADS // self.kv, axis=2)
         scores = jnp.einsum("bqhd,bkhd->bhqk", q, k) / DH**0.5
         scores = jnp.where(jnp.tril(jnp.ones((t, t), bool)), scores, -1e9)
@@ -52,10 +59,11 @@ class Attention(nn.Module):
 
 class Block(nn.Module):
     kv: int
+    interleaved: bool = False
 
     @nn.compact
     def __call__(self, x, cos, sin):
-        x = x + Attention(self.kv, name="attn")(nn.RMSNorm(name="n1")(x), cos, sin)
+        x = x + Attention(self.kv, self.interleaved, name="attn")(nn.RMSNorm(name="n1")(x), cos, sin)
         h = nn.RMSNorm(name="n2")(x)
         gated = nn.silu(nn.Dense(2 * D, use_bias=False, name="gate")(h)) * nn.Dense(2 * D, use_bias=False,
                                                                                       name="up")(h)
@@ -64,6 +72,7 @@ class Block(nn.Module):
 
 class Llama(nn.Module):
     kv: int = 2
+    interleaved: bool = False
 
     @nn.compact
     def __call__(self, ids):
@@ -72,7 +81,7 @@ class Llama(nn.Module):
         emb = jnp.concatenate([freqs, freqs], -1)
         cos, sin = jnp.cos(emb), jnp.sin(emb)
         for i in range(2):
-            x = Block(self.kv, name=f"b{i}")(x, cos, sin)
+            x = Block(self.kv, self.interleaved, name=f"b{i}")(x, cos, sin)
         return nn.Dense(VOCAB, use_bias=False, name="head")(nn.RMSNorm(name="nf")(x))
 
 
@@ -117,9 +126,9 @@ def _planted(flat: dict[str, np.ndarray], kv: int, seed: int) -> dict[str, np.nd
     return out
 
 
-@pytest.mark.parametrize("kv", [HEADS, 2])
-def test_flax_llama_heads_move_whole_query_heads_in_groups_and_the_function_is_kept(kv):
-    net = Llama(kv)
+@pytest.mark.parametrize(("kv", "interleaved"), [(HEADS, False), (2, False), (2, True)])
+def test_flax_llama_heads_move_whole_query_heads_in_groups_and_the_function_is_kept(kv, interleaved):
+    net = Llama(kv, interleaved)
     variables = flax_variables(net, IDS, 0)
     spec, folds = cb.derive_symmetries((net, variables), IDS)
     q_rows = spec.axes_to_perm["params/b1/attn/q/kernel"][1]

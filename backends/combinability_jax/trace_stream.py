@@ -223,6 +223,11 @@ class _StreamTrace(JaxprWalker):
                 out = [sp.union(a, b) for a, b in zip(out, lab, strict=True)]
             out[d] = FIXED
             self.labels[outs[0]] = out
+        elif n == "stack":  # arrays side by side along a new axis, which tells them apart (not a feature)
+            out = list(labs[0])
+            for lab in labs[1:]:
+                out = [sp.union(a, b) for a, b in zip(out, lab, strict=True)]
+            self.labels[outs[0]] = out[:int(p["axis"])] + [FIXED] + out[int(p["axis"]):]
         elif n in _REDUCE:
             axes = {int(a) for a in p["axes"]}
             sp.mark([labs[0][a] for a in axes])
