@@ -79,3 +79,20 @@ def float64_outputs(model: Any, state: dict[str, np.ndarray], x: Any) -> np.ndar
     x = torch.as_tensor(x)
     with torch.no_grad():
         return m(x.double() if x.is_floating_point() else x).numpy()
+
+
+def language_pair_sweep_ends_match_torch(models: list[Any], example: Any, vocab: int, seq: int, seed: int = 3) -> None:
+    """Two torch language models aligned by weight matching and swept along the linear path: the
+    losses at both ends equal torch's cross-entropy of each model's own logits on random tokens."""
+    import pytest
+    import torch
+    import torch.nn.functional as F
+
+    g = torch.Generator().manual_seed(seed)
+    tokens, targets = (torch.randint(0, vocab, (4, seq), generator=g) for _ in range(2))
+    pair = cb.ModelPair(*models, example_input=example).align("weight")
+    ds = cb.sweep(pair, cb.Linear(), data=(tokens.numpy(), targets.numpy()), values=[0.0, 1.0], splits=["test"])
+    with torch.no_grad():
+        for m, lam in zip(models, (0.0, 1.0), strict=True):
+            want = F.cross_entropy(m(tokens).reshape(-1, vocab), targets.reshape(-1)).item()
+            assert float(ds["loss"].sel(split="test", lam=lam).isel(sample=0)) == pytest.approx(want, rel=1e-5)

@@ -20,7 +20,7 @@ import pytest
 
 import combinability as cb
 from combinability.kinds import Blocks, Orthogonal
-from tests.model_checks import float64_outputs, randomised
+from tests.model_checks import float64_outputs, language_pair_sweep_ends_match_torch, randomised
 
 torch = pytest.importorskip("torch")
 nn, F = torch.nn, torch.nn.functional
@@ -147,21 +147,13 @@ def test_gpt2_conv1d_layers_and_permuted_heads_are_traced_and_keep_the_function(
 
 
 def test_a_gpt2_pair_sweeps_as_torch_scores_it():
-    models = [_randomised(s) for s in (1, 2)]
-    g = torch.Generator().manual_seed(3)
-    tokens, targets = (torch.randint(0, VOCAB, (5, T), generator=g) for _ in range(2))
-    pair = cb.ModelPair(*models, example_input=IDX).align("weight")
-    ds = cb.sweep(pair, cb.Linear(), data=(tokens.numpy(), targets.numpy()), values=[0.0, 1.0], splits=["test"])
-    with torch.no_grad():
-        for m, lam in zip(models, (0.0, 1.0), strict=True):
-            want = F.cross_entropy(m(tokens).reshape(-1, VOCAB), targets.reshape(-1)).item()
-            assert float(ds["loss"].sel(split="test", lam=lam).isel(sample=0)) == pytest.approx(want, rel=1e-5)
+    language_pair_sweep_ends_match_torch([_randomised(s) for s in (1, 2)], IDX, VOCAB, T)
 
 
 class HandRMSNorm(nn.Module):  # Llama's, T5's
-    def __init__(self) -> None:
+    def __init__(self, d: int = D) -> None:
         super().__init__()
-        self.weight, self.eps = nn.Parameter(torch.ones(D)), 1e-6
+        self.weight, self.eps = nn.Parameter(torch.ones(d)), 1e-6
 
     def forward(self, x):
         dtype = x.dtype

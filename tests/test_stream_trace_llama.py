@@ -23,24 +23,13 @@ import pytest
 import combinability as cb
 from combinability.kinds import Blocks
 from combinability.permutation import Repeat
-from tests.model_checks import float64_outputs, randomised
+from tests.model_checks import float64_outputs, language_pair_sweep_ends_match_torch, randomised
+from tests.test_stream_trace_gpt2 import HandRMSNorm
 
 torch = pytest.importorskip("torch")
 nn, F = torch.nn, torch.nn.functional
 
 VOCAB, T, D, HEADS, DH = 13, 7, 32, 4, 8
-
-
-class RMSNorm(nn.Module):
-    def __init__(self, d: int) -> None:
-        super().__init__()
-        self.weight, self.eps = nn.Parameter(torch.ones(d)), 1e-6
-
-    def forward(self, x):
-        dtype = x.dtype
-        x = x.to(torch.float32)
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x.to(dtype)
 
 
 class RotaryEmbedding(nn.Module):
@@ -129,7 +118,7 @@ class MLP(nn.Module):
 class Layer(nn.Module):
     def __init__(self, kv_heads: int, rotary: int, sdpa: bool, repeat: str) -> None:
         super().__init__()
-        self.input_layernorm, self.post_attention_layernorm = RMSNorm(D), RMSNorm(D)
+        self.input_layernorm, self.post_attention_layernorm = HandRMSNorm(D), HandRMSNorm(D)
         self.self_attn, self.mlp = Attention(kv_heads, rotary, sdpa, repeat), MLP()
 
     def forward(self, x, cos, sin, mask):
@@ -143,7 +132,7 @@ class Llama(nn.Module):
         super().__init__()
         self.embed_tokens = nn.Embedding(VOCAB, D)
         self.layers = nn.ModuleList([Layer(kv_heads, rotary, sdpa, repeat) for _ in range(depth)])
-        self.norm, self.rotary_emb = RMSNorm(D), RotaryEmbedding(rotary)
+        self.norm, self.rotary_emb = HandRMSNorm(D), RotaryEmbedding(rotary)
         self.lm_head = nn.Linear(D, VOCAB, bias=False)
 
     def forward(self, input_ids):
@@ -249,15 +238,7 @@ def test_partial_rotary_and_sdpa_keep_the_function_and_weight_matching_undoes_a_
 
 
 def test_a_llama_pair_aligns_and_sweeps_as_torch_scores_it():
-    models = [randomised(Llama(2), s) for s in (3, 4)]
-    g = torch.Generator().manual_seed(3)
-    tokens, targets = (torch.randint(0, VOCAB, (4, T), generator=g) for _ in range(2))
-    pair = cb.ModelPair(*models, example_input=IDX).align("weight")
-    ds = cb.sweep(pair, cb.Linear(), data=(tokens.numpy(), targets.numpy()), values=[0.0, 1.0], splits=["test"])
-    with torch.no_grad():
-        for m, lam in zip(models, (0.0, 1.0), strict=True):
-            want = F.cross_entropy(m(tokens).reshape(-1, VOCAB), targets.reshape(-1)).item()
-            assert float(ds["loss"].sel(split="test", lam=lam).isel(sample=0)) == pytest.approx(want, rel=1e-5)
+    language_pair_sweep_ends_match_torch([randomised(Llama(2), s) for s in (3, 4)], IDX, VOCAB, T)
 
 
 class PackedPerHead(nn.Module):  # GPT-NeoX's layout: each head's query, key and value rows together
