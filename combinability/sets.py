@@ -160,8 +160,8 @@ class ModelSet:
                         raise IncompatibleModelsError(
                             f"models A and {_label(i)} have different symmetries: "
                             f"{_first_difference(derived, other)}; they cannot be combined") from None
+                points = opener_points(derived) if spec is None else {}  # a given spec names its own points
                 spec, folds = spec if spec is not None else derived, tuple(derived_folds)
-                points = opener_points(spec)
         table = tables[0]
         if table is None and spec is None:
             raise IncompatibleModelsError(
