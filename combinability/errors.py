@@ -28,6 +28,7 @@ __all__ = [
     "OutputExistsError",
     "OutputNotWritableError",
     "CombinabilityWarning",
+    "NothingToAlignWarning",
 ]
 
 
@@ -115,3 +116,8 @@ class OutputNotWritableError(CombinabilityError, PermissionError):
 
 class CombinabilityWarning(UserWarning):
     """Base class of every warning the library issues on purpose (results that may mislead)."""
+
+
+class NothingToAlignWarning(CombinabilityWarning):
+    """An alignment was asked of models whose spec has no transformation: every channel space is fixed
+    (the input and logits only, or every hidden space held in place by the layers around it)."""

@@ -41,7 +41,7 @@ from combinability.permutation import (
     random_permutation,
 )
 
-__all__ = ["match_symmetries"]
+__all__ = ["match_symmetries", "block_assignment"]
 
 
 def _lap(cost: np.ndarray) -> tuple[np.ndarray, float]:
@@ -179,12 +179,46 @@ def _step(spec: PermutationSpec, p: str, state: _Transformed, a: Mapping[str, np
     group_cost = _cost(spec, p, a, rest(p), sizes[p], sizes)
     if not members:
         return {p: _lap(group_cost)[0]}
-    h = sizes[p]
+    return block_assignment(p, group_cost, {m: (_cost(spec, m, a, rest(m), sizes[m], sizes), spec.kinds[m].size)
+                                            for m in members})
+
+
+def block_assignment(group: str, group_cost: np.ndarray | None,
+                     members: Mapping[str, tuple[np.ndarray, int]]) -> dict[str, np.ndarray]:
+    """The maximum of ``⟨σ, group_cost⟩ + Σ_m ⟨π_m, cost_m⟩`` over a block group and its members.
+
+    Each member ``m`` permutes ``blocks x size`` units as ``π_m(i·size + a) = σ(i)·size + τ_i(a)``
+    (:class:`~combinability.kinds.Blocks`): for each pair of blocks ``(i, j)`` the best
+    within-block assignment of every member is summed into a block cost, with
+    ``group_cost[i, j]`` (the group's own bindings; None: none); ``σ`` is the assignment of
+    that block cost, and each block keeps the within-block assignments of its matched pair.
+    It is the exact maximum, whatever the costs are (weight products, activation
+    correlations).
+
+    Parameters
+    ----------
+    group : str
+        The group's name, a key of the result (its block permutation σ).
+    group_cost : numpy.ndarray ``(blocks, blocks)`` or None
+    members : mapping of str to (numpy.ndarray ``(n, n)``, int)
+        Each member's cost matrix and block size (``n = blocks x size``).
+
+    Returns
+    -------
+    dict of str to numpy.ndarray
+        ``σ`` under ``group`` and each member's unit permutation.
+
+    Examples
+    --------
+    >>> c = np.kron(np.array([[0.0, 1.0], [1.0, 0.0]]), np.array([[0.0, 1.0], [1.0, 0.0]]))
+    >>> {k: v.tolist() for k, v in block_assignment("g", None, {"m": (c, 2)}).items()}
+    {'g': [1, 0], 'm': [3, 2, 1, 0]}
+    """
+    h = next(len(c) // size for c, size in members.values())
+    block_cost = np.zeros((h, h)) if group_cost is None else np.array(group_cost, dtype=np.float64)
     inner: dict[str, np.ndarray] = {}
-    block_cost = group_cost.copy()
-    for m in members:
-        s = spec.kinds[m].size
-        c = _cost(spec, m, a, rest(m), sizes[m], sizes).reshape(h, s, h, s)
+    for m, (cost, s) in members.items():
+        c = np.asarray(cost).reshape(h, s, h, s)
         best = np.empty((h, h, s), dtype=np.int64)
         for i in range(h):
             for j in range(h):
@@ -192,9 +226,9 @@ def _step(spec: PermutationSpec, p: str, state: _Transformed, a: Mapping[str, np
                 block_cost[i, j] += value
         inner[m] = best
     sigma, _ = _lap(block_cost)
-    out = {p: sigma}
+    out = {group: sigma}
     for m, best in inner.items():
-        out[m] = expand_blocks(sigma, best[np.arange(h), sigma], spec.kinds[m].size)
+        out[m] = expand_blocks(sigma, best[np.arange(h), sigma], members[m][1])
     return out
 
 

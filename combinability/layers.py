@@ -49,6 +49,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from combinability.errors import ConfigurationError, LayoutError
+from combinability.kinds import Blocks
 from combinability.permutation import Entry, PermutationSpec, Repeat
 
 __all__ = ["Node", "LayerTable", "OPS", "NORMS", "ACTIVATIONS"]
@@ -459,8 +460,9 @@ class LayerTable:
                     {k: np.shape(v) for k, v in state.items()}, f"{what} does not fit the {self.name!r} layer table")
 
     # -- channel spaces and the permutation spec ----------------------------------------
-    def _spaces(self) -> tuple[dict[str, tuple[int, ...]], dict[int, str | None]]:
-        """Channel spaces of every node's output, and each space's permutation name (None: fixed).
+    def _spaces(self) -> tuple[dict[str, tuple[int, ...]], dict[int, str | None], dict[str, tuple[int, int]]]:
+        """Channel spaces of every node's output, each space's permutation name (None: fixed),
+        and the ``(groups, channels)`` of each permutation whose space a GroupNorm normalises.
 
         A node's output is a tuple of spaces: one, or the parts of a concatenation in order.
         A dense or conv node opens a new space; norms, activations, pooling and depthwise
@@ -471,7 +473,11 @@ class LayerTable:
         and the logits, an image flattened otherwise (a concatenation's, or read by other
         nodes), both sides of a conv with 1 < groups (other than depthwise), whose channels
         may only move within their groups, and every part of a concatenation one of whose
-        parts is fixed (a packed axis moves all its segments).
+        parts is fixed (a packed axis moves all its segments). A space that GroupNorm
+        normalises in ``G`` groups keeps its permutation as a block permutation
+        (:class:`~combinability.kinds.Blocks`): groups move whole, and channels move within
+        their group. It is fixed when GroupNorms of different ``G`` normalise it, or when it
+        is a part of a concatenation.
         """
         parent: dict[int, int] = {}
 
@@ -493,6 +499,7 @@ class LayerTable:
 
         fixed = {new()}
         size = {0: shapes["<input>"].channels}  # channels of each space
+        grouped: list[tuple[int, int]] = []  # (space, groups) of each GroupNorm
         space: dict[str, tuple[int, ...]] = {"<input>": (0,)}
         opened: dict[int, str] = {}
 
@@ -530,7 +537,10 @@ class LayerTable:
                     fixed.update(ins[0])
             elif node.op == "norm" and node.norm == "groupnorm" and node.groups not in (1, src_channels(node)):
                 s = ins[0]
-                fixed.update(s)  # channels may only move within their group: not a permutation of all
+                if len(s) == 1:  # channels move within their group, and groups move whole: blocks
+                    grouped.append((s[0], node.groups))
+                else:  # a concatenation's parts split by the groups: fixed
+                    fixed.update(s)
             elif node.op == "concat":
                 s = tuple(part for parts in ins for part in parts)
             elif node.op in ("add", "mul"):  # a sum or product of several spaces: one permutation moves them
@@ -549,6 +559,12 @@ class LayerTable:
             space[node.name] = s
         fixed.update(space[self.nodes[-1].name])
         fixed_roots = {find(s) for s in fixed}
+        counts: dict[int, set[int]] = {}
+        for s, g in grouped:
+            counts.setdefault(find(s), set()).add(g)
+        packed = {find(p) for parts in space.values() if len(parts) > 1 for p in parts}
+        # groups of two sizes on one space, or a grouped space packed into a concatenation: fixed
+        fixed_roots |= {r for r, gs in counts.items() if len(gs) > 1 or r in packed}
         changed = True
         while changed:  # a concatenation moves all its parts or none
             changed = False
@@ -565,7 +581,8 @@ class LayerTable:
             else:
                 first = min(t for t in parent if find(t) == root and t in opened)
                 names[s] = f"P_{opened[first]}"
-        return {k: tuple(find(p) for p in v) for k, v in space.items()}, names
+        blocks = {names[r]: (gs.pop(), size[r]) for r, gs in counts.items() if r not in fixed_roots}
+        return {k: tuple(find(p) for p in v) for k, v in space.items()}, names, blocks
 
     def _repeats(self) -> dict[str, int]:
         """Flatten nodes of a feature map larger than 1 x 1, of one layer's channels, read by dense
@@ -592,7 +609,7 @@ class LayerTable:
         """Every node's output channels as a spec entry: a permutation name, None, the names of
         a concatenation's parts (the segments of a packed axis), or for a flattened feature map
         its channels' permutation repeated over the positions (:class:`~combinability.Repeat`)."""
-        space, names = self._spaces()
+        space, names, _ = self._spaces()
         repeats = self._repeats()
         out: dict[str, Entry] = {}
         for node_name, parts in space.items():
@@ -630,7 +647,9 @@ class LayerTable:
                 continue
             if node.bias:
                 axes[f"{node.name}.bias"] = (p_out,)
-        return PermutationSpec(axes)
+        kinds = {p: Blocks(f"{p}/groups", groups, channels // groups)
+                 for p, (groups, channels) in self._spaces()[2].items()}
+        return PermutationSpec(axes, kinds)
 
     def feature_points(self) -> tuple[str, ...]:
         """Every node whose output is a set of hidden features (all but the logits)."""

@@ -545,6 +545,10 @@ class AlignerRegistration(Registration):
         A subset of :data:`SYMMETRY_KINDS`. :func:`combinability.align.align` refuses, before
         any work, a spec with a kind the aligner does not list. A plain :class:`Registration`
         (any plugin's aligner that declares nothing) handles ``("neuron",)`` only.
+    reads_points : bool
+        Whether the aligner reads each transformation's units at its feature point
+        (activation matching): it then handles block permutations only where each has one
+        (a GroupNorm's groups, not attention heads), and is refused before any work otherwise.
 
     Examples
     --------
@@ -556,6 +560,7 @@ class AlignerRegistration(Registration):
     """
 
     kinds: tuple[str, ...] = ("neuron",)
+    reads_points: bool = False
 
     def __post_init__(self) -> None:
         kinds = (self.kinds,) if isinstance(self.kinds, str) else tuple(self.kinds)

@@ -348,6 +348,16 @@ class ModelSet:
 
         seed = check_seed(seed)
         spec = self._alignment_spec(symmetries)
+        if not spec.perm_names and method != "identity":
+            import warnings
+
+            from combinability.errors import NothingToAlignWarning
+            from combinability.plugins import _user_stacklevel
+
+            warnings.warn(f"{method!r} alignment leaves the models as they are: their spec has no permutation (every "
+                          "channel space is held in place, e.g. by grouped convolutions or W-asymmetric layers); "
+                          "pass spec= to declare the symmetries by hand", NothingToAlignWarning,
+                          stacklevel=_user_stacklevel())
         naive = (self.naive or self)._folded_for(spec)
         reference = naive.params(0)
         features, correlations = self._feature_source(naive, data, examples) if data is not None else (None, None)

@@ -29,7 +29,7 @@ from combinability.align.base import Aligner, AlignTask, Features
 from combinability.errors import ConfigurationError, PermutationSpecError, PluginError
 from combinability.kinds import Blocks, Orthogonal
 from combinability.permutation import Permutation, PermutationSpec, check_permutation
-from combinability.plugins import SYMMETRY_KINDS, aligner_kinds, get_aligner, list_aligners
+from combinability.plugins import SYMMETRY_KINDS, aligner_kinds, get_aligner, get_registration, list_aligners
 
 __all__ = ["AlignTask", "Aligner", "Features", "align", "get_aligner", "list_aligners", "ALL_KINDS", "spec_kinds",
            "check_kinds"]
@@ -37,7 +37,8 @@ __all__ = ["AlignTask", "Aligner", "Features", "align", "get_aligner", "list_ali
 #: The capability of an aligner that handles every symmetry kind (``kinds=ALL_KINDS`` when registering).
 ALL_KINDS = frozenset(SYMMETRY_KINDS)
 
-_SHOWN = {"blocks": "Blocks (attention heads, experts)", "orthogonal": "Orthogonal (a residual stream)",
+_SHOWN = {"blocks": "Blocks (attention heads, experts, GroupNorm groups)",
+          "orthogonal": "Orthogonal (a residual stream)",
           "packed": "packed axes (stacked query/key/value rows, concatenated channels)"}
 
 
@@ -61,8 +62,8 @@ def spec_kinds(spec: PermutationSpec) -> frozenset[str]:
 
 
 def _handles(kinds: frozenset[str]) -> str:
-    what = ["neuron permutations"] + [t for k, t in (("blocks", "block permutations (heads, experts)"),
-                                                      ("orthogonal", "orthogonal maps")) if k in kinds]
+    shown = (("blocks", "block permutations (heads, experts, GroupNorm groups)"), ("orthogonal", "orthogonal maps"))
+    what = ["neuron permutations"] + [t for k, t in shown if k in kinds]
     return " and ".join(what) + " only" + (" (also on packed axes)" if "packed" in kinds else "")
 
 
@@ -104,6 +105,16 @@ def check_kinds(label: str, handles: frozenset[str], spec: PermutationSpec, *,
         f"{what} {label!r} aligns {_handles(handles)}, but this model's symmetries include {shown}; {instead}")
 
 
+def _task_kinds(name: str | Aligner, task: AlignTask) -> frozenset[str]:
+    """The kinds aligner ``name`` handles on ``task``: without block permutations when it
+    reads units at feature points and some block permutation has none (attention heads)."""
+    handles = aligner_kinds(name)
+    registration = get_registration("aligners", name) if isinstance(name, str) else name
+    if getattr(registration, "reads_points", False) and task.blocks_without_points():
+        handles -= {"blocks"}
+    return handles
+
+
 def align(name: str | Aligner, task: AlignTask, **options: Any) -> Permutation:
     """Run the aligner ``name`` on ``task`` and check what it returns.
 
@@ -129,7 +140,8 @@ def align(name: str | Aligner, task: AlignTask, **options: Any) -> Permutation:
         If no aligner is registered as ``name``; the message lists the installed ones.
     ConfigurationError
         If the spec has a symmetry kind (block permutations, orthogonal maps, packed axes)
-        that the aligner does not declare it handles (:class:`~combinability.plugins.AlignerRegistration`);
+        that the aligner does not declare it handles (:class:`~combinability.plugins.AlignerRegistration`),
+        or block permutations with no feature point for an aligner that reads them there;
         checked before the aligner runs.
     PluginError
         If the aligner returns something other than a :class:`Permutation` of the spec's
@@ -138,7 +150,9 @@ def align(name: str | Aligner, task: AlignTask, **options: Any) -> Permutation:
     sizes = task.sizes()
     aligner = get_aligner(name)
     label = name if isinstance(name, str) else getattr(name, "__name__", repr(name))
-    check_kinds(label, aligner_kinds(name), task.spec)
+    present = spec_kinds(task.spec)
+    alternatives = [n for n in list_aligners() if n != "identity" and present <= _task_kinds(n, task)]
+    check_kinds(label, _task_kinds(name, task), task.spec, alternatives=alternatives)
     perm = aligner(task, **options)
     if not isinstance(perm, Permutation):
         raise PluginError(f"aligner {label!r} returned {type(perm).__name__}, not a combinability.Permutation")

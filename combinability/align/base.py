@@ -61,6 +61,16 @@ class AlignTask:
         """The feature point of permutation ``perm_name`` (its own name when none is given)."""
         return self.feature_points.get(perm_name, perm_name)
 
+    def blocks_without_points(self) -> list[str]:
+        """The block permutations (:class:`~combinability.kinds.Blocks`) with no feature point.
+
+        A GroupNorm's groups are read at their layer's output; an attention head's query,
+        key and value units live inside the attention and have none.
+        """
+        from combinability.kinds import Blocks
+
+        return [p for p, k in self.spec.kinds.items() if isinstance(k, Blocks) and p not in self.feature_points]
+
     def sizes(self) -> dict[str, int]:
         """Size of each permutation of :attr:`spec`, read off :attr:`reference`."""
         return self.spec.perm_sizes(self.reference)

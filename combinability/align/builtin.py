@@ -12,8 +12,9 @@ import numpy as np
 
 from combinability.align.base import AlignTask
 from combinability.errors import ConfigurationError
+from combinability.kinds import Blocks
 from combinability.matching import weight_matching
-from combinability.permutation import Permutation, identity_permutation
+from combinability.permutation import Permutation, PermutationSpec, identity_permutation
 
 __all__ = ["weight", "activation", "identity"]
 
@@ -56,27 +57,38 @@ def activation(task: AlignTask, *, batch_size: int = 4096, **_: Any) -> Permutat
     time in their own float32 (:class:`~combinability.evaluation.CrossMoments`), with no
     float64 copy of them.
 
-    It assigns neuron permutations only (registered with ``kinds=("neuron", "packed")``): a
-    head or expert permutation must move whole blocks, and a residual stream's orthogonal
-    map is no assignment, so :func:`combinability.align.align` refuses such specs first.
+    Neuron permutations get one assignment each. Block permutations
+    (:class:`~combinability.kinds.Blocks`, a GroupNorm's groups) are assigned together with
+    their group, blocks whole and units within blocks
+    (:func:`combinability.kind_matching.block_assignment`), when each has a feature point;
+    attention heads have none and are refused. A residual stream's orthogonal map is no
+    assignment, so :func:`combinability.align.align` refuses such specs first.
 
     Raises
     ------
     ConfigurationError
-        If the task has neither ``correlations`` nor ``features`` (no data was given).
+        If the task has neither ``correlations`` nor ``features`` (no data was given), or
+        a block permutation has no feature point.
     """
     if int(batch_size) < 1:
         raise ConfigurationError(f"batch_size must be >= 1, got {batch_size}")
     streamed = getattr(task, "correlations", None)
     if task.features is None and streamed is None:
         raise ConfigurationError("activation matching needs data: pass data=(x, y) or a dataset name")
-    perm_points = {p: task.point(p) for p in task.spec.perm_names}
+    groups = {k.group for k in task.spec.kinds.values() if isinstance(k, Blocks)}
+    pointless = task.blocks_without_points()
+    if pointless:
+        raise ConfigurationError(
+            f"activation matching reads each block permutation's units at a feature point, and "
+            f"{', '.join(map(repr, pointless[:4]))} have none (attention heads' units live inside the attention); "
+            "align these models with 'weight' or 'ste'")
+    perm_points = {p: task.point(p) for p in task.spec.perm_names if p not in groups}
     points = list(dict.fromkeys(perm_points.values()))
     corr = streamed(points) if streamed is not None else _correlations_of_features(task, points, int(batch_size))
     missing = [pt for pt in points if pt not in corr]
     if missing:
         raise ConfigurationError(f"the features callable returned no activations for point(s) {missing}")
-    return _assign({p: corr[pt] for p, pt in perm_points.items()})
+    return _assign({p: corr[pt] for p, pt in perm_points.items()}, task.spec)
 
 
 def _correlations_of_features(task: AlignTask, points: list[str], batch_size: int) -> dict[str, np.ndarray]:
@@ -101,16 +113,30 @@ def _correlations_of_features(task: AlignTask, points: list[str], batch_size: in
     return out
 
 
-def _assign(corr: dict[str, np.ndarray]) -> Permutation:
-    """One maximum-correlation assignment per permutation (``objective``: mean matched correlation)."""
+def _assign(corr: dict[str, np.ndarray], spec: PermutationSpec) -> Permutation:
+    """One maximum-correlation assignment per permutation (``objective``: mean matched correlation).
+
+    The members of a block group (:class:`~combinability.kinds.Blocks`: a GroupNorm's groups)
+    are assigned together, blocks whole and units within blocks
+    (:func:`combinability.kind_matching.block_assignment`).
+    """
     from scipy.optimize import linear_sum_assignment
 
-    perm, total, count = {}, 0.0, 0
+    from combinability.kind_matching import block_assignment
+
+    perm: dict[str, np.ndarray] = {}
+    members: dict[str, dict[str, tuple[np.ndarray, int]]] = {}
     for p, c in corr.items():
-        rows, cols = linear_sum_assignment(c, maximize=True)
-        perm[p] = cols[np.argsort(rows)].astype(np.int64)
-        total += float(c[rows, cols].sum())
-        count += len(rows)
+        kind = spec.kind(p)
+        if isinstance(kind, Blocks):
+            members.setdefault(kind.group, {})[p] = (c, kind.size)
+        else:
+            rows, cols = linear_sum_assignment(c, maximize=True)
+            perm[p] = cols[np.argsort(rows)].astype(np.int64)
+    for group, costs in members.items():
+        perm.update(block_assignment(group, None, costs))
+    total = sum(float(c[np.arange(len(c)), perm[p]].sum()) for p, c in corr.items())
+    count = sum(len(c) for c in corr.values())
     return Permutation(perm, objective=total / max(count, 1), history=[total / max(count, 1)], method="activation")
 
 

@@ -25,7 +25,7 @@ BUILTIN_ALIGNERS: tuple[Registration, ...] = (
                         kinds=SYMMETRY_KINDS),
     AlignerRegistration("activation", "combinability.align.builtin:activation",
                         "activation matching: correlation of the two models' activations on data",
-                        needs=("data",), kinds=("neuron", "packed")),
+                        needs=("data",), kinds=("neuron", "packed", "blocks"), reads_points=True),
     AlignerRegistration("identity", "combinability.align.builtin:identity",
                         "no alignment: the identity permutation (naive baseline)", needs=(), kinds=SYMMETRY_KINDS),
     AlignerRegistration("ste", "combinability.align.ste:ste",
