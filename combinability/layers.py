@@ -460,24 +460,30 @@ class LayerTable:
                     {k: np.shape(v) for k, v in state.items()}, f"{what} does not fit the {self.name!r} layer table")
 
     # -- channel spaces and the permutation spec ----------------------------------------
-    def _spaces(self) -> tuple[dict[str, tuple[int, ...]], dict[int, str | None], dict[str, tuple[int, int]]]:
-        """Channel spaces of every node's output, each space's permutation name (None: fixed),
-        and the ``(groups, channels)`` of each permutation whose space a GroupNorm normalises.
+    def _spaces(self) -> tuple[dict[str, tuple[int, ...]], dict[int, Entry | None],
+                               dict[str, tuple[str, int, int]]]:
+        """Channel spaces of every node's output, each space's spec entry (None: fixed), and the
+        ``(group name, groups, channels)`` of each permutation that moves blocks of channels.
 
         A node's output is a tuple of spaces: one, or the parts of a concatenation in order.
         A dense or conv node opens a new space; norms, activations, pooling and depthwise
         convs keep their input's; an addition merges its inputs' spaces (union-find), part
         by part when they are concatenations split alike; a concatenation joins its inputs'
         parts. An image flattened for dense layers keeps its channels' space (:meth:`_repeats`;
-        the entry repeats it over the positions). Fixed (not permutable): the network's input
-        and the logits, an image flattened otherwise (a concatenation's, or read by other
-        nodes), both sides of a conv with 1 < groups (other than depthwise), whose channels
-        may only move within their groups, and every part of a concatenation one of whose
-        parts is fixed (a packed axis moves all its segments). A space that GroupNorm
-        normalises in ``G`` groups keeps its permutation as a block permutation
-        (:class:`~combinability.kinds.Blocks`): groups move whole, and channels move within
-        their group. It is fixed when GroupNorms of different ``G`` normalise it, or when it
-        is a part of a concatenation.
+        the entry repeats it over the positions).
+
+        Groups move channels in blocks. A space that GroupNorm normalises in ``G`` groups,
+        and the output of a conv with ``G`` groups (other than depthwise), is a block
+        permutation (:class:`~combinability.kinds.Blocks`): groups move whole, as the group
+        permutation ``<P>/groups`` moves them, and channels move within their group. The
+        input of such a conv moves whole blocks only, in the same order as its output's
+        (``Repeat(<group>, channels // G)``): the weight's input axis runs within a group.
+
+        Fixed (not permutable): the network's input and the logits, an image flattened
+        otherwise (a concatenation's, or read by other nodes), every part of a concatenation
+        one of whose parts is fixed (a packed axis moves all its segments), a space split
+        into groups of two sizes or packed into a concatenation, and every space whose
+        blocks move with a fixed one's.
         """
         parent: dict[int, int] = {}
 
@@ -499,7 +505,9 @@ class LayerTable:
 
         fixed = {new()}
         size = {0: shapes["<input>"].channels}  # channels of each space
-        grouped: list[tuple[int, int]] = []  # (space, groups) of each GroupNorm
+        # (space, groups, group variable, rigid) of each GroupNorm and grouped conv: the space moves
+        # as blocks (GroupNorm, a grouped conv's output) or whole blocks only (rigid: a grouped conv's input)
+        grouped: list[tuple[int, int, int, bool]] = []
         space: dict[str, tuple[int, ...]] = {"<input>": (0,)}
         opened: dict[int, str] = {}
 
@@ -522,9 +530,13 @@ class LayerTable:
                     fixed.update(s)
             elif node.op in ("dense", "conv"):
                 s = opens(node)
-                if (node.op == "conv" and node.groups > 1) or node.fixed:
-                    # channels moving only within groups, or frozen entries at fixed rows and columns
+                if node.fixed or (node.op == "conv" and node.groups > 1 and len(ins[0]) > 1):
+                    # frozen entries at fixed rows and columns, or groups straddling a concatenation's parts
                     fixed.update((*s, *ins[0]))
+                elif node.op == "conv" and node.groups > 1:
+                    # group k reads input block k and writes output block k: blocks move together; the
+                    # weight's input axis runs within a group, so input blocks keep their channels' order
+                    grouped += [(ins[0][0], node.groups, len(grouped), True), (s[0], node.groups, len(grouped), False)]
             elif node.op == "gate":
                 s = ins[0]
                 fixed.update(s)  # G mixes the channels: only permutations commuting with it keep the function
@@ -538,7 +550,7 @@ class LayerTable:
             elif node.op == "norm" and node.norm == "groupnorm" and node.groups not in (1, src_channels(node)):
                 s = ins[0]
                 if len(s) == 1:  # channels move within their group, and groups move whole: blocks
-                    grouped.append((s[0], node.groups))
+                    grouped.append((s[0], node.groups, len(grouped), False))
                 else:  # a concatenation's parts split by the groups: fixed
                     fixed.update(s)
             elif node.op == "concat":
@@ -559,21 +571,42 @@ class LayerTable:
             space[node.name] = s
         fixed.update(space[self.nodes[-1].name])
         fixed_roots = {find(s) for s in fixed}
-        counts: dict[int, set[int]] = {}
-        for s, g in grouped:
-            counts.setdefault(find(s), set()).add(g)
+        blocked: dict[int, list[tuple[int, int, bool]]] = {}  # root -> (groups, variable, rigid)
+        for s, g, var, rigid in grouped:
+            blocked.setdefault(find(s), []).append((g, var, rigid))
+        group_of = {var: var for _, _, var, _ in grouped}  # union-find of group variables
+
+        def group(v: int) -> int:
+            while group_of[v] != v:
+                v = group_of[v]
+            return v
+
         packed = {find(p) for parts in space.values() if len(parts) > 1 for p in parts}
-        # groups of two sizes on one space, or a grouped space packed into a concatenation: fixed
-        fixed_roots |= {r for r, gs in counts.items() if len(gs) > 1 or r in packed}
+        flattened = {find(p) for node in self.nodes if node.op == "flatten" and node.name in repeats
+                     for p in space[self.inputs_of(node)[0]]}
+        for root, recs in blocked.items():
+            counts = {g for g, _, _ in recs}
+            # groups of two sizes on one space, a grouped space packed into a concatenation, or whole
+            # blocks flattened for a dense layer (a repeat within a repeat): fixed
+            if len(counts) > 1 or root in packed or (
+                    root in flattened and any(rigid for _, _, rigid in recs) and size[root] > recs[0][0]):
+                fixed_roots.add(root)
+            for _, var, _ in recs[1:]:
+                group_of[group(var)] = group(recs[0][1])
         changed = True
-        while changed:  # a concatenation moves all its parts or none
+        while changed:  # a concatenation moves all its parts or none; blocks of one group move together
             changed = False
             for parts in space.values():
                 roots = {find(p) for p in parts}
                 if len(roots) > 1 and not roots.isdisjoint(fixed_roots) and not roots <= fixed_roots:
                     fixed_roots |= roots
                     changed = True
-        names: dict[int, str | None] = {}
+            held = {group(var) for root, recs in blocked.items() if root in fixed_roots for _, var, _ in recs}
+            for root, recs in blocked.items():
+                if root not in fixed_roots and any(group(var) in held for _, var, _ in recs):
+                    fixed_roots.add(root)
+                    changed = True
+        names: dict[int, Entry | None] = {}
         for s in sorted(parent):
             root = find(s)
             if root in fixed_roots:
@@ -581,7 +614,20 @@ class LayerTable:
             else:
                 first = min(t for t in parent if find(t) == root and t in opened)
                 names[s] = f"P_{opened[first]}"
-        blocks = {names[r]: (gs.pop(), size[r]) for r, gs in counts.items() if r not in fixed_roots}
+        group_names: dict[int, str] = {}
+        for root in sorted(blocked, key=lambda r: (all(rigid for _, _, rigid in blocked[r]), r)):
+            if root not in fixed_roots:
+                group_names.setdefault(group(blocked[root][0][1]), f"{names[root]}/groups")
+        blocks: dict[str, tuple[str, int, int]] = {}
+        for root, recs in blocked.items():
+            if root in fixed_roots:
+                continue
+            g, name = recs[0][0], group_names[group(recs[0][1])]
+            if any(rigid for _, _, rigid in recs):  # whole blocks: the group permutation on each block's channels
+                entry: Entry = name if size[root] == g else Repeat(name, size[root] // g)
+                names.update({s: entry for s in parent if find(s) == root})
+            else:
+                blocks[str(names[root])] = (name, g, size[root])
         return {k: tuple(find(p) for p in v) for k, v in space.items()}, names, blocks
 
     def _repeats(self) -> dict[str, int]:
@@ -647,8 +693,8 @@ class LayerTable:
                 continue
             if node.bias:
                 axes[f"{node.name}.bias"] = (p_out,)
-        kinds = {p: Blocks(f"{p}/groups", groups, channels // groups)
-                 for p, (groups, channels) in self._spaces()[2].items()}
+        kinds = {p: Blocks(group, groups, channels // groups)
+                 for p, (group, groups, channels) in self._spaces()[2].items()}
         return PermutationSpec(axes, kinds)
 
     def feature_points(self) -> tuple[str, ...]:

@@ -13,7 +13,9 @@ import pytest
 
 import combinability as cb
 from combinability.errors import ConfigurationError, TracingError
+from combinability.kinds import Blocks
 from combinability.layers import LayerTable, Node
+from combinability.permutation import Repeat
 from tests.model_checks import table_logits
 from tests.reference_nets import conv2d_general, relu
 
@@ -66,12 +68,18 @@ def test_both_backends_match_the_numpy_convolution(backend):
     np.testing.assert_allclose(table_logits(backend, TABLE, params, x), _reference(params, x), rtol=1e-4, atol=1e-4)
 
 
-def test_spec_keeps_depthwise_spaces_and_fixes_grouped_ones():
+def test_spec_keeps_depthwise_spaces_and_moves_grouped_ones_by_blocks():
     spec = TABLE.spec()
     assert {p: set(axes) for p, axes in spec.perm_to_axes.items()} == {
         "P_row": {("row.weight", 0), ("row.bias", 0), ("dw.weight", 0), ("dw.bias", 0), ("dil.weight", 1)},
         "P_dil": {("dil.weight", 0), ("dil.bias", 0), ("asym.weight", 1)},
+        "P_grp": {("grp.weight", 0), ("out.weight", 1)},
     }
+    # the grouped conv's output: its 2 groups move whole and channels move within them; its input
+    # (asym's output) moves whole groups only, in the same order
+    assert dict(spec.kinds) == {"P_grp": Blocks("P_grp/groups", 2, 4)}
+    assert spec.axes_to_perm["asym.weight"][0] == Repeat("P_grp/groups", 4)
+    assert spec.axes_to_perm["grp.weight"][1] is None
     # the spec is a symmetry of the numpy reference network
     params = {k: v.astype(np.float64) for k, v in _params(2).items()}
     x = np.random.default_rng(3).normal(size=(3, 3, 9, 7))
@@ -145,7 +153,8 @@ BN = ("weight", "bias", "running_mean", "running_var")
 
 def _planted(a: MobileBlockNet, seed: int) -> MobileBlockNet:
     """``a`` with its stem/residual (S), expanded (E), row (R), column (C) and dilated (D) channels
-    shuffled by hand."""
+    shuffled by hand, and the grouped conv's two groups swapped: its input channels (``even``'s
+    output) in whole blocks, its output channels by blocks and within them."""
     g = torch.Generator().manual_seed(seed)
     s, e, r, c, d = (torch.randperm(n, generator=g) for n in (6, 12, 6, 6, 6))
     st = {k: v.clone() for k, v in a.state_dict().items()}
@@ -167,6 +176,8 @@ def _planted(a: MobileBlockNet, seed: int) -> MobileBlockNet:
     rows("row", r), cols("col", r)
     rows("col", c), cols("dilated", c)
     rows("dilated", d), cols("even", d)
+    blocks, within = torch.tensor([3, 4, 5, 0, 1, 2]), torch.tensor([5, 3, 4, 1, 2, 0])
+    rows("even", blocks), rows("grouped", within), cols("fc", within)
     b = MobileBlockNet().eval()
     b.load_state_dict(st)
     return b
@@ -183,8 +194,11 @@ def test_derived_spec_of_a_mobile_block_net_is_the_hand_written_one():
         {("row.weight", 0), ("row.bias", 0), ("col.weight", 1)},
         {("col.weight", 0), ("col.bias", 0), ("dilated.weight", 1)},
         {("dilated.weight", 0), ("dilated.bias", 0), ("even.weight", 1)},
+        {("grouped.weight", 0), ("grouped.bias", 0), ("fc.weight", 1)},
     ]
     assert sorted(map(sorted, (set(v) for v in spec.perm_to_axes.values()))) == sorted(map(sorted, want))
+    assert dict(spec.kinds) == {"P_grouped": Blocks("P_grouped/groups", 2, 3)}
+    assert dict(spec.repeats) == {"P_grouped/groups": [("even.weight", 0, 3), ("even.bias", 0, 3)]}
 
 
 def test_a_hand_planted_permutation_is_undone_on_a_mobile_block_net():

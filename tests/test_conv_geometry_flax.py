@@ -51,8 +51,11 @@ def test_derived_spec_is_the_hand_written_one():
         {("Conv_1.weight", 0), ("Conv_1.bias", 0), ("Conv_2.weight", 0), ("Conv_3.weight", 1)},  # depthwise
         {("Conv_4.weight", 0), ("Conv_4.bias", 0), ("Conv_5.weight", 1)},
         {("Conv_5.weight", 0), ("Conv_5.bias", 0), ("Conv_6.weight", 1)},
-    ]  # Conv_6's output feeds a grouped conv: not permutable
+        {("Conv_7.weight", 0), ("Conv_7.bias", 0), ("Dense_0.weight", 1)},  # the grouped conv: blocks
+    ]  # Conv_6's output feeds the grouped conv: its two blocks move whole, in the same order
     assert sorted(map(sorted, (set(v) for v in spec.perm_to_axes.values()))) == sorted(map(sorted, want))
+    assert dict(spec.kinds) == {"P_Conv_7": cb.Blocks("P_Conv_7/groups", 2, 4)}
+    assert dict(spec.repeats) == {"P_Conv_7/groups": [("Conv_6.weight", 0, 4), ("Conv_6.bias", 0, 4)]}
 
 
 def test_a_planted_permutation_keeps_the_function_and_is_undone():

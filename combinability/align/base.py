@@ -67,13 +67,18 @@ class AlignTask:
         A GroupNorm's groups are read at their layer's output; an attention head's query,
         key and value units live inside the attention and have none.
         """
-        from combinability.kinds import Blocks
-
-        return [p for p, k in self.spec.kinds.items() if isinstance(k, Blocks) and p not in self.feature_points]
+        return blocks_without_points(self.spec, self.feature_points)
 
     def sizes(self) -> dict[str, int]:
         """Size of each permutation of :attr:`spec`, read off :attr:`reference`."""
         return self.spec.perm_sizes(self.reference)
+
+
+def blocks_without_points(spec: PermutationSpec, feature_points: Mapping[str, str]) -> list[str]:
+    """The names of ``spec``'s block permutations missing from ``feature_points``."""
+    from combinability.kinds import Blocks
+
+    return [p for p, k in spec.kinds.items() if isinstance(k, Blocks) and p not in feature_points]
 
 
 #: An aligner: ``aligner(task, **options) -> Permutation``. It must accept (and may

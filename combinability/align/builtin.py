@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from combinability.align.base import AlignTask
+from combinability.align.base import AlignTask, blocks_without_points
 from combinability.errors import ConfigurationError
 from combinability.kinds import Blocks
 from combinability.matching import weight_matching
@@ -76,7 +76,7 @@ def activation(task: AlignTask, *, batch_size: int = 4096, **_: Any) -> Permutat
     if task.features is None and streamed is None:
         raise ConfigurationError("activation matching needs data: pass data=(x, y) or a dataset name")
     groups = {k.group for k in task.spec.kinds.values() if isinstance(k, Blocks)}
-    pointless = task.blocks_without_points()
+    pointless = blocks_without_points(task.spec, getattr(task, "feature_points", {}))
     if pointless:
         raise ConfigurationError(
             f"activation matching reads each block permutation's units at a feature point, and "
