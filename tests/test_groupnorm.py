@@ -213,3 +213,20 @@ def test_an_affine_instance_norm_is_a_group_norm_with_a_group_per_channel():
         np.testing.assert_allclose(b(_x()).numpy(), a(_x()).numpy(), rtol=1e-4, atol=1e-5)
     aligned = cb.ModelPair(a, b, example_input=_x()).align("weight")
     np.testing.assert_allclose(aligned.theta_b, aligned.theta_a, atol=1e-6)
+
+
+def test_a_flax_instance_norm_is_a_group_norm_with_a_group_per_channel():
+    flax_nn = pytest.importorskip("flax.linen")
+    from tests.model_checks import flax_planted_permutation, flax_variables
+
+    class FlaxInstanceNormNet(flax_nn.Module):
+        @flax_nn.compact
+        def __call__(self, x):
+            x = flax_nn.relu(flax_nn.InstanceNorm()(flax_nn.Conv(5, (3, 3))(x)))
+            return flax_nn.Dense(4)(flax_nn.Conv(5, (3, 3))(x).mean((1, 2)))
+
+    net, x = FlaxInstanceNormNet(), _x().numpy().transpose(0, 2, 3, 1)
+    variables = flax_variables(net, x, 0)
+    spec = cb.derive_spec((net, variables), x)
+    assert not spec.kinds and spec.axes_to_perm["InstanceNorm_0.weight"] == ("P_Conv_0",)
+    flax_planted_permutation(net, variables, x)

@@ -33,7 +33,8 @@ _FUNCTIONS = (("relu", jax.nn.relu), ("gelu", partial(jax.nn.gelu, approximate=F
               ("tanh", jnp.tanh), ("sigmoid", jax.nn.sigmoid), ("silu", jax.nn.silu), ("elu", jax.nn.elu),
               ("leaky_relu", jax.nn.leaky_relu), ("softplus", jax.nn.softplus), ("relu6", jax.nn.relu6),
               ("hardtanh", jax.nn.hard_tanh), ("hardswish", jax.nn.hard_swish), ("hardsigmoid", jax.nn.hard_sigmoid))
-_FOLLOWS = ("it follows nn.Dense, 2-d nn.Conv, nn.BatchNorm, nn.LayerNorm, nn.GroupNorm, element-wise activations, "
+_FOLLOWS = ("it follows nn.Dense, 2-d nn.Conv, nn.BatchNorm, nn.LayerNorm, nn.GroupNorm, nn.InstanceNorm, "
+            "element-wise activations, "
             "sums and products of two branches, concatenations of channels (the last axis), nn.avg_pool/nn.max_pool, "
             "means over the spatial axes and reshapes to (n, -1)")
 
@@ -91,8 +92,11 @@ def _leaf_node(path: str, m: nn.Module, shape: tuple[int, ...], ins: tuple[str, 
                            f"padding {m.padding!r}, input_dilation {m.input_dilation})" + hint)
     norm = next((k for k, ok in {"batchnorm": isinstance(m, nn.BatchNorm) and last[2],
                                  "layernorm": isinstance(m, nn.LayerNorm) and last[0] and last[1],
-                                 "groupnorm": isinstance(m, nn.GroupNorm) and m.reduction_axes is None}.items()
+                                 "groupnorm": isinstance(m, nn.GroupNorm) and m.reduction_axes is None,
+                                 "instancenorm": isinstance(m, nn.InstanceNorm) and last[1] and nd == 4}.items()
                  if ok and affine), None)
+    if norm == "instancenorm":  # each channel of each example over its positions: a group per channel
+        return Node(path, "norm", ins, norm="groupnorm", eps=m.epsilon, groups=shape[-1])
     if norm is not None:
         groups = (m.num_groups or shape[-1] // m.group_size) if norm == "groupnorm" else 1
         return Node(path, "norm", ins, norm=norm, eps=m.epsilon, groups=groups)
@@ -137,7 +141,7 @@ class _Trace(JaxprWalker):
         m, path = context.module, ".".join(context.module.path)
         if context.method_name != "__call__":
             return next_fun(*args, **kwargs)
-        leaf = isinstance(m, nn.Dense | nn.Conv | nn.BatchNorm | nn.LayerNorm | nn.GroupNorm)
+        leaf = isinstance(m, nn.Dense | nn.Conv | nn.BatchNorm | nn.LayerNorm | nn.GroupNorm | nn.InstanceNorm)
         if leaf and path in self.calls:
             raise TracingError(f"module {path!r} ({type(m).__name__}) is called twice: shared weights" + self.hint)
         if leaf:
