@@ -55,7 +55,7 @@ from combinability.permutation import Entry, PermutationSpec, Repeat
 __all__ = ["Node", "LayerTable", "OPS", "NORMS", "ACTIVATIONS"]
 
 #: The operations a node may perform.
-OPS = ("dense", "conv", "norm", "relu", "act", "gate", "identity", "flatten", "avgpool", "maxpool", "add",
+OPS = ("dense", "conv", "norm", "relu", "act", "prelu", "gate", "identity", "flatten", "avgpool", "maxpool", "add",
        "concat", "mul")
 #: Kinds of normalisation: LayerNorm over the channel axis (at every position), BatchNorm, GroupNorm.
 NORMS = ("layernorm", "batchnorm", "groupnorm")
@@ -80,6 +80,9 @@ class Node:
         ``"maxpool"`` is a ``kernel`` x ``kernel`` max pool (``stride``, ``padding``; an
         average pool when ``fn="avg"``), skipped when the image is smaller than the kernel;
         ``"act"`` applies the element-wise function ``fn`` (one of :data:`ACTIVATIONS`);
+        ``"prelu"`` is ``max(x, 0) + a · min(x, 0)`` with learned slopes ``a`` (parameter
+        ``weight``), one for all channels (``units=1``) or one per channel (``units`` = the
+        input's channels: the slopes move with the channels);
         ``"gate"`` is the σ-Asymmetric FiGLU ``x * sigmoid(G x)``, ``G`` a frozen random
         ``(c, c)`` matrix applied over the channels at every position
         (:meth:`LayerTable.gate_matrix`); ``"identity"`` passes its input on.
@@ -90,7 +93,7 @@ class Node:
         ``"mul"``, their element-wise product, where a ``1 x 1`` image or a vector scales
         every position of an image of as many channels (a squeeze-and-excitation gate).
     units : int
-        Output features (dense) or channels (conv).
+        Output features (dense) or channels (conv); a prelu node's slopes (1, or its channels).
     kernel, stride, padding : int
         Convolution and max-pool geometry. A conv node also takes ``(height, width)``
         pairs for each, and ``padding`` may be ``((top, bottom), (left, right))``;
@@ -165,7 +168,7 @@ class Node:
         if self.op == "act" and self.fn not in ACTIVATIONS:
             raise ConfigurationError(f"node {self.name!r}: unknown activation {self.fn!r}; "
                                      f"valid: {', '.join(ACTIVATIONS)}")
-        if self.op in ("dense", "conv") and self.units < 1:
+        if self.op in ("dense", "conv", "prelu") and self.units < 1:
             raise ConfigurationError(f"node {self.name!r}: a {self.op} node needs units >= 1, got {self.units}")
         if self.op == "conv":
             self.conv_geometry()  # validates kernel, stride, padding and dilation
@@ -407,6 +410,9 @@ class LayerTable:
                 spatial = {s.spatial for s in ins}
                 out[node.name] = _Shape(x.channels, full[0].spatial if full else (1, 1) if (1, 1) in spatial
                                         else None)
+            elif node.op == "prelu" and node.units not in (1, x.channels):
+                raise ConfigurationError(f"{where}: a prelu node has one slope or one per channel: units 1 or "
+                                         f"{x.channels}, got {node.units}")
             elif node.op == "concat":
                 if len(ins) < 2 or any(s.spatial != x.spatial for s in ins):
                     raise ConfigurationError(f"{where}: a concatenation needs two or more inputs of one spatial size "
@@ -440,6 +446,9 @@ class LayerTable:
                     params[f"{node.name}.running_mean"] = ((c_in,), "float32")
                     params[f"{node.name}.running_var"] = ((c_in,), "float32")
                     params[f"{node.name}.num_batches_tracked"] = ((), "int64")
+                continue
+            elif node.op == "prelu":
+                params[f"{node.name}.weight"] = ((node.units,), "float32")
                 continue
             else:
                 continue
@@ -689,6 +698,9 @@ class LayerTable:
                     axes[f"{node.name}.running_mean"] = (p_out,)
                     axes[f"{node.name}.running_var"] = (p_out,)  # the counter is left alone
                 continue
+            elif node.op == "prelu":  # one slope per channel moves with the channels; a shared one stays
+                axes[f"{node.name}.weight"] = (p_out if node.units > 1 else None,)
+                continue
             else:
                 continue
             if node.bias:
@@ -794,7 +806,7 @@ class LayerTable:
         names: list[str] = []
         node_layer = self._node_layers()
         for node in self.nodes:
-            if node.op in ("dense", "conv", "norm") and node_layer[node.name] not in names:
+            if node.op in ("dense", "conv", "norm", "prelu") and node_layer[node.name] not in names:
                 names.append(node_layer[node.name])
         return names
 
@@ -815,6 +827,8 @@ class LayerTable:
             if node.op == "norm":
                 flax_leaf = {"weight": "params/scale", "bias": "params/bias", "running_mean": "batch_stats/mean",
                              "running_var": "batch_stats/var", "num_batches_tracked": "counters/count"}[leaf]
+            elif node.op == "prelu":
+                flax_leaf = "params/negative_slope"
             else:
                 flax_leaf = {"weight": "params/kernel", "bias": "params/bias"}[leaf]
             collection, leaf_name = flax_leaf.split("/")

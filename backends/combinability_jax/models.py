@@ -137,6 +137,18 @@ def _gate_matrix(table: LayerTable, name: str) -> np.ndarray:
     return table.gate_matrix(name)
 
 
+class PReLU(nn.Module):
+    """``max(x, 0) + a · min(x, 0)`` with ``units`` learned slopes ``a`` over the last (channel) axis
+    (torch's ``nn.PReLU(units)``: initialised to 0.25)."""
+
+    units: int
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        a = self.param("negative_slope", nn.initializers.constant(0.25), (self.units,))
+        return jnp.where(x >= 0, x, a.astype(x.dtype) * x)
+
+
 class TableNet(nn.Module):
     """A flax network interpreting a :class:`~combinability.layers.LayerTable`.
 
@@ -166,6 +178,8 @@ class TableNet(nn.Module):
                             feature_group_count=node.groups, use_bias=node.bias, name=name)(h)
             elif node.op == "norm":
                 h = Norm(node.norm, node.eps, node.groups, name=name)(h, train)
+            elif node.op == "prelu":
+                h = PReLU(node.units, name=name)(h)
             elif node.op == "relu":
                 h = nn.relu(h)
             elif node.op == "act":

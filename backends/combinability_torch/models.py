@@ -134,6 +134,8 @@ def _module(node: Node, c_in: int, rank: int, table: LayerTable, frozen: dict[st
         return nn.GroupNorm(node.groups, c_in, eps=node.eps)
     if node.op == "norm":
         return ChannelLayerNorm(c_in, node.eps)
+    if node.op == "prelu":
+        return nn.PReLU(node.units)
     return None
 
 
@@ -160,7 +162,7 @@ class TableNet(nn.Module):
                     parent = getattr(parent, part)
                 parent.add_module(leaf, module)
         self._modules_by_node = {n.name: self.get_submodule(n.name) for n in table.nodes
-                                 if n.op in ("dense", "conv", "norm", "gate")}
+                                 if n.op in ("dense", "conv", "norm", "gate", "prelu")}
         # nodes whose output is a fresh tensor (not a view of, or the same tensor as, another value)
         self._fresh = {n.name for n, ins, _ in table.schedule
                        if n.op in ("dense", "conv", "norm", "concat") or (n.op in ("add", "mul") and len(ins) > 1)}
@@ -172,7 +174,7 @@ class TableNet(nn.Module):
         for node, reads, dropped in self.table.schedule:  # each value dropped after its last reader
             ins = [values[i] for i in reads]
             h = ins[0]
-            if node.op in ("dense", "conv", "norm", "gate"):
+            if node.op in ("dense", "conv", "norm", "gate", "prelu"):
                 h = self._modules_by_node[node.name](h)
             elif node.op == "relu":
                 source = reads[0]

@@ -111,6 +111,8 @@ def _node(n: fx.Node, gm: fx.GraphModule, name: str, ins: tuple[str, ...], model
             return Node(name, "norm", ins, norm="batchnorm", eps=m.eps)
         if isinstance(m, nn.GroupNorm) and m.affine:
             return Node(name, "norm", ins, norm="groupnorm", groups=m.num_groups, eps=m.eps)
+        if isinstance(m, nn.PReLU):
+            return Node(name, "prelu", ins, units=m.num_parameters)
         if isinstance(m, nn.InstanceNorm2d) and m.affine and not m.track_running_stats:
             # each channel of each example normalised over its positions: GroupNorm with a group per channel
             return Node(name, "norm", ins, norm="groupnorm", groups=m.num_features, eps=m.eps)
@@ -178,8 +180,8 @@ def _node(n: fx.Node, gm: fx.GraphModule, name: str, ins: tuple[str, ...], model
                     padding=args.get("padding", 0) if isinstance(args.get("padding", 0), int) else args["padding"][0],
                     fn="avg" if target is F.avg_pool2d else "")
     raise TracingError(f"{where}: the tracer cannot follow this operation (it follows linear, conv, BatchNorm, "
-                       "LayerNorm, GroupNorm, InstanceNorm, element-wise activations, residual additions, channel "
-                       "concatenations, products of branches (gates), pooling and flatten)"
+                       "LayerNorm, GroupNorm, InstanceNorm, element-wise activations, PReLU, residual additions, "
+                       "channel concatenations, products of branches (gates), pooling and flatten)"
                        + _hint(model))
 
 
