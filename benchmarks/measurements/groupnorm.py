@@ -14,6 +14,7 @@ this file.
 
 from __future__ import annotations
 
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +24,7 @@ from torch import nn
 
 import combinability as cb
 from combinability.data import load_dataset
+from combinability.permutation import Repeat
 
 
 class GroupNormMnistNet(nn.Module):
@@ -40,8 +42,13 @@ class GroupNormMnistNet(nn.Module):
 
 
 def trained(seed: int, x: torch.Tensor, y: torch.Tensor, groups: int, epochs: int = 2) -> nn.Module:
+    """A trained model, kept in the temporary folder so that a rerun reuses it."""
     torch.manual_seed(seed)
     model = GroupNormMnistNet(groups)
+    kept = Path(tempfile.gettempdir()) / f"combinability-groupnorm-{groups}-{seed}-{epochs}.pt"
+    if kept.exists():
+        model.load_state_dict(torch.load(kept))
+        return model.eval()
     opt = torch.optim.Adam(model.parameters(), 1e-3)
     for _ in range(epochs):
         order = torch.randperm(len(x))
@@ -50,14 +57,15 @@ def trained(seed: int, x: torch.Tensor, y: torch.Tensor, groups: int, epochs: in
             opt.zero_grad()
             F.cross_entropy(model(x[idx]), y[idx]).backward()
             opt.step()
+    torch.save(model.state_dict(), kept)
     return model.eval()
 
 
 def table(groups: int, x: torch.Tensor, y: torch.Tensor, x_test: np.ndarray, y_test: np.ndarray) -> list[str]:
     models = [trained(seed, x, y, groups) for seed in (0, 1)]
     spec = cb.ModelPair(*models, example_input=x_test[:8]).spec
-    before = cb.PermutationSpec({k: tuple(None if e in spec.kinds else e for e in v)
-                                 for k, v in spec.axes_to_perm.items()})
+    before = cb.PermutationSpec({k: tuple(None if (e.name if isinstance(e, Repeat) else e) in spec.kinds else e
+                                          for e in v) for k, v in spec.axes_to_perm.items()})
     kinds = ", ".join(f"`{p}`: {k.blocks} groups of {k.size}" for p, k in spec.kinds.items()) or "none"
     rows = [f"## GroupNorm({groups}, ·)", "", f"Block permutations of the spec: {kinds}.", "",
             "| alignment | loss at 0, 0.5, 1 | loss barrier | accuracy at 0, 0.5, 1 | objective |",
