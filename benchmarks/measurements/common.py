@@ -65,6 +65,31 @@ def tiny(seed: int, arch: str = "tiny10", width: float = TINY_WIDTH, epochs: int
     return _train(arch, seed, width, epochs, TINY_TRAIN, augment=False)
 
 
+def fit_adam(model: Any, x: Any, y: Any, epochs: int = 2, name: str | None = None) -> Any:
+    """``model`` (torch) trained with Adam (lr 1e-3, batches of 128, shuffled by torch's global generator,
+    which the caller seeds before building the model) on ``(x, y)``, in eval mode; with ``name``, its
+    state is kept in ``MODELS / f"{name}.pt"`` and a rerun loads it instead."""
+    import torch
+    import torch.nn.functional as F
+
+    kept = MODELS / f"{name}.pt" if name else None
+    if kept is not None and kept.exists():
+        model.load_state_dict(torch.load(kept))
+        return model.eval()
+    opt = torch.optim.Adam(model.parameters(), 1e-3)
+    for _ in range(epochs):
+        order = torch.randperm(len(x))
+        for i in range(0, len(x), 128):
+            idx = order[i : i + 128]
+            opt.zero_grad()
+            F.cross_entropy(model(x[idx]), y[idx]).backward()
+            opt.step()
+    if kept is not None:
+        kept.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(model.state_dict(), kept)
+    return model.eval()
+
+
 def log(message: str) -> None:
     """A timestamped line on stderr."""
     print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import common as c
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -34,17 +35,8 @@ class MnistExample(nn.Module):
 
 
 def trained(seed: int, x: torch.Tensor, y: torch.Tensor, epochs: int = 2) -> nn.Module:
-    torch.manual_seed(seed)
-    model = MnistExample()
-    opt = torch.optim.Adam(model.parameters(), 1e-3)
-    for _ in range(epochs):
-        order = torch.randperm(len(x))
-        for i in range(0, len(x), 128):
-            idx = order[i : i + 128]
-            opt.zero_grad()
-            F.cross_entropy(model(x[idx]), y[idx]).backward()
-            opt.step()
-    return model.eval()
+    torch.manual_seed(seed)  # the initial weights
+    return c.fit_adam(MnistExample(), x, y, epochs)
 
 
 def main() -> None:

@@ -14,9 +14,9 @@ this file.
 
 from __future__ import annotations
 
-import tempfile
 from pathlib import Path
 
+import common as c
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -42,23 +42,8 @@ class GroupNormMnistNet(nn.Module):
 
 
 def trained(seed: int, x: torch.Tensor, y: torch.Tensor, groups: int, epochs: int = 2) -> nn.Module:
-    """A trained model, kept in the temporary folder so that a rerun reuses it."""
-    torch.manual_seed(seed)
-    model = GroupNormMnistNet(groups)
-    kept = Path(tempfile.gettempdir()) / f"combinability-groupnorm-{groups}-{seed}-{epochs}.pt"
-    if kept.exists():
-        model.load_state_dict(torch.load(kept))
-        return model.eval()
-    opt = torch.optim.Adam(model.parameters(), 1e-3)
-    for _ in range(epochs):
-        order = torch.randperm(len(x))
-        for i in range(0, len(x), 128):
-            idx = order[i : i + 128]
-            opt.zero_grad()
-            F.cross_entropy(model(x[idx]), y[idx]).backward()
-            opt.step()
-    torch.save(model.state_dict(), kept)
-    return model.eval()
+    torch.manual_seed(seed)  # the initial weights
+    return c.fit_adam(GroupNormMnistNet(groups), x, y, epochs, name=f"groupnorm_{groups}_{seed}_{epochs}")
 
 
 def table(groups: int, x: torch.Tensor, y: torch.Tensor, x_test: np.ndarray, y_test: np.ndarray) -> list[str]:
