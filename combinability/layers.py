@@ -660,11 +660,12 @@ class LayerTable:
             out[node.name] = spatial[0] * spatial[1]
         return out
 
-    def _entries(self) -> dict[str, Entry]:
+    def _entries(self, spaces: tuple[Any, ...] | None = None) -> dict[str, Entry]:
         """Every node's output channels as a spec entry: a permutation name, None, the names of
         a concatenation's parts (the segments of a packed axis), or for a flattened feature map
-        its channels' permutation repeated over the positions (:class:`~combinability.Repeat`)."""
-        space, names, _ = self._spaces()
+        its channels' permutation repeated over the positions (:class:`~combinability.Repeat`).
+        ``spaces``: :meth:`_spaces`, when the caller has it."""
+        space, names, _ = self._spaces() if spaces is None else spaces
         repeats = self._repeats()
         out: dict[str, Entry] = {}
         for node_name, parts in space.items():
@@ -682,7 +683,8 @@ class LayerTable:
         flattened image, to the image's channel permutation repeated over the positions
         (:class:`~combinability.Repeat`).
         """
-        entry = self._entries()
+        spaces = self._spaces()
+        entry = self._entries(spaces)
         axes: dict[str, tuple[Any, ...]] = {}
         for node in self.nodes:
             p_in = entry[self.inputs_of(node)[0]]
@@ -705,8 +707,7 @@ class LayerTable:
                 continue
             if node.bias:
                 axes[f"{node.name}.bias"] = (p_out,)
-        kinds = {p: Blocks(group, groups, channels // groups)
-                 for p, (group, groups, channels) in self._spaces()[2].items()}
+        kinds = {p: Blocks(group, groups, channels // groups) for p, (group, groups, channels) in spaces[2].items()}
         return PermutationSpec(axes, kinds)
 
     def feature_points(self) -> tuple[str, ...]:
