@@ -71,7 +71,8 @@ class Prepared(Protocol):
         ...
 
     def features(self, flat: Any, x: Any, points: Sequence[str]) -> dict[str, Any]:
-        """The outputs of the named feature points for one ``(d,)`` vector, channels-first."""
+        """The outputs of the named feature points for one ``(d,)`` vector, channels-first:
+        ``(n, units)`` vectors, ``(n, c, *positions)`` maps."""
         ...
 
     # Optional: ``bind(flats)``, a context manager yielding ``forward(x)`` for many batches of

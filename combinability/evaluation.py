@@ -372,8 +372,9 @@ class Evaluator:
     def features(self, flat: Any, data: ArrayDataset, points: Sequence[str]) -> dict[str, np.ndarray]:
         """Per-unit features at ``points`` for one vector: ``{point: (examples x positions, units)}``.
 
-        Convolutional ``(n, c, h, w)`` outputs are flattened example-major, then row-major
-        positions, to ``(n * h * w, c)``; vectors stay ``(n, units)``. Every example's
+        Convolutional ``(n, c, h, w)`` outputs (and a sequence's ``(n, c, length)``) are
+        flattened example-major, then row-major positions, to ``(n * h * w, c)``; vectors
+        stay ``(n, units)``. Every example's
         features are returned at once (float32, written into one preallocated array per
         point); statistics of features need not hold them: see :meth:`correlations`.
         """
@@ -434,11 +435,11 @@ class Evaluator:
 
 
 def _units_last(xp: Any, f: Any) -> Any:
-    """Features as ``(observations, units)``: ``(n, c, h, w) -> (n*h*w, c)``, other shapes ``(n, -1)``."""
-    if f.ndim == 4:
-        return xp.reshape(xp.permute_dims(f, (0, 2, 3, 1)), (-1, f.shape[1]))
-    if f.ndim != 2:
-        return xp.reshape(f, (f.shape[0], -1))
+    """Features as ``(observations, units)``: channels-first maps ``(n, c, *positions)`` (a
+    sequence's ``(n, c, length)``, an image's ``(n, c, h, w)``) to ``(n * positions, c)``,
+    example-major then positions row-major; vectors ``(n, units)`` as they are."""
+    if f.ndim >= 3:
+        return xp.reshape(xp.permute_dims(f, (0, *range(2, f.ndim), 1)), (-1, f.shape[1]))
     return f
 
 

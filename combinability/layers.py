@@ -180,10 +180,11 @@ class Node:
             raise ConfigurationError(f"node {self.name!r}: only a conv node takes (height, width) pairs or a "
                                      f"dilation; a {self.op!r} node takes ints")
         if self.output_size is not None and (self.op != "avgpool" or self.keepdims or not (
-                isinstance(self.output_size, tuple) and len(self.output_size) == 2 and all(
+                isinstance(self.output_size, tuple) and len(self.output_size) in (1, 2, 3) and all(
                     isinstance(v, int | np.integer) and not isinstance(v, bool) and v >= 1 for v in self.output_size))):
-            raise ConfigurationError(f"node {self.name!r}: output_size is an avgpool node's (height, width), two "
-                                     f"ints >= 1, without keepdims; got {self.output_size!r} on a {self.op!r} node")
+            raise ConfigurationError(f"node {self.name!r}: output_size is an avgpool node's output size, one int "
+                                     f">= 1 per spatial axis (height, width), without keepdims; got "
+                                     f"{self.output_size!r} on a {self.op!r} node")
         if self.fixed and self.op not in ("dense", "conv"):
             raise ConfigurationError(f"node {self.name!r}: fixed={self.fixed!r} frozen entries per unit need a dense "
                                      f"or conv node, not a {self.op!r} node")
@@ -200,23 +201,43 @@ class Node:
         """Whether the node breaks the permutation symmetry of its channels (W- or σ-Asymmetric)."""
         return self.fixed > 0 or self.op == "gate"
 
-    def conv_geometry(self) -> ConvGeometry:
-        """The kernel, stride, padding and dilation of a conv node as ``(height, width)`` pairs.
+    @property
+    def spatial_dims(self) -> int | None:
+        """The spatial axes a conv node's geometry names (the length of its tuples), or None when
+        every entry is an int (which then applies to each axis of the input it reads)."""
+        for value in (self.kernel, self.stride, self.dilation, self.padding):
+            if isinstance(value, tuple | list):
+                return len(value)
+        return None
+
+    def conv_geometry(self, ndim: int | None = None) -> ConvGeometry:
+        """The kernel, stride, padding and dilation of a conv node, one entry per spatial axis.
+
+        ``ndim`` is the number of spatial axes of the input (1 for a sequence ``(n, c, length)``,
+        2 for an image, 3 for a volume); by default the length of the node's tuples, else 2.
 
         Examples
         --------
         >>> Node("c", "conv", units=4, kernel=(1, 7), padding=(0, 3)).conv_geometry()
         ConvGeometry(kernel=(1, 7), stride=(1, 1), padding=((0, 0), (3, 3)), dilation=(1, 1))
+        >>> Node("c1d", "conv", units=4, kernel=5, padding=2).conv_geometry(ndim=1)
+        ConvGeometry(kernel=(5,), stride=(1,), padding=((2, 2),), dilation=(1,))
         """
         where = f"node {self.name!r}"
-        kernel, stride, dilation = (_hw(v, what, where, low) for v, what, low in
+        own = self.spatial_dims
+        if ndim is None:
+            ndim = own or 2
+        elif own is not None and own != ndim:
+            raise ConfigurationError(f"{where}: a conv node with {own}-axis geometry reads an input with {ndim} "
+                                     f"spatial axes; its kernel, stride, padding and dilation need {ndim} entries")
+        kernel, stride, dilation = (_per_axis(v, what, where, low, ndim) for v, what, low in
                                     ((self.kernel, "kernel", 1), (self.stride, "stride", 1),
                                      (self.dilation, "dilation", 1)))
         pad = self.padding
-        if isinstance(pad, tuple) and len(pad) == 2 and all(isinstance(p, tuple) for p in pad):
-            padding = tuple(_hw(p, "padding", where, 0) for p in pad)
+        if isinstance(pad, tuple | list) and all(isinstance(p, tuple | list) for p in pad) and len(pad) == ndim:
+            padding = tuple(_per_axis(p, "padding", where, 0, 2) for p in pad)
         else:
-            padding = tuple((p, p) for p in _hw(pad, "padding", where, 0))
+            padding = tuple((p, p) for p in _per_axis(pad, "padding", where, 0, ndim))
         return ConvGeometry(kernel, stride, padding, dilation)
 
     def depthwise(self, c_in: int) -> bool:
@@ -225,33 +246,46 @@ class Node:
 
 
 class ConvGeometry(NamedTuple):
-    """A convolution's geometry, each entry per spatial axis (height, width)."""
+    """A convolution's geometry, each entry per spatial axis (e.g. height, width)."""
 
-    kernel: tuple[int, int]
-    stride: tuple[int, int]
-    padding: tuple[tuple[int, int], tuple[int, int]]
-    dilation: tuple[int, int]
+    kernel: tuple[int, ...]
+    stride: tuple[int, ...]
+    padding: tuple[tuple[int, int], ...]
+    dilation: tuple[int, ...]
 
-    def output(self, spatial: tuple[int, int]) -> tuple[int, int]:
+    def output(self, spatial: tuple[int, ...]) -> tuple[int, ...]:
         """The output's spatial size for an input of ``spatial``."""
-        return tuple((s + lo + hi - d * (k - 1) - 1) // st + 1  # type: ignore[return-value]
+        return tuple((s + lo + hi - d * (k - 1) - 1) // st + 1
                      for s, k, st, (lo, hi), d in zip(spatial, self.kernel, self.stride, self.padding, self.dilation,
                                                       strict=True))
 
     @property
-    def symmetric_padding(self) -> tuple[int, int] | None:
-        """``(height, width)`` padding when each axis is padded alike on both sides, else None."""
-        return None if any(lo != hi for lo, hi in self.padding) else (self.padding[0][0], self.padding[1][0])
+    def symmetric_padding(self) -> tuple[int, ...] | None:
+        """The padding of each axis when each is padded alike on both sides, else None."""
+        return None if any(lo != hi for lo, hi in self.padding) else tuple(lo for lo, _ in self.padding)
 
 
-def _hw(value: Any, what: str, where: str, low: int) -> tuple[int, int]:
-    """``value`` (an int or a pair of ints, each >= ``low``) as a ``(height, width)`` pair."""
-    pair = (value, value) if isinstance(value, int | np.integer) and not isinstance(value, bool) else value
-    if not (isinstance(pair, tuple | list) and len(pair) == 2
-            and all(isinstance(v, int | np.integer) and not isinstance(v, bool) and v >= low for v in pair)):
-        raise ConfigurationError(f"{where}: {what} must be an int >= {low} or a (height, width) pair of them, "
-                                 f"got {value!r}")
-    return int(pair[0]), int(pair[1])
+_AXES = {1: "a (length,) tuple", 2: "a (height, width) pair", 3: "a (depth, height, width) triple"}
+
+
+def _per_axis(value: Any, what: str, where: str, low: int, ndim: int) -> tuple[int, ...]:
+    """``value`` (an int, or one int per axis, each >= ``low``) as one int per each of ``ndim`` axes."""
+    entries = (value,) * ndim if isinstance(value, int | np.integer) and not isinstance(value, bool) else value
+    if not (isinstance(entries, tuple | list) and len(entries) == ndim
+            and all(isinstance(v, int | np.integer) and not isinstance(v, bool) and v >= low for v in entries)):
+        raise ConfigurationError(f"{where}: {what} must be an int >= {low} or {_AXES.get(ndim, f'{ndim} ints')} "
+                                 f"of them, got {value!r}")
+    return tuple(int(v) for v in entries)
+
+
+def _is_point(spatial: tuple[int, ...] | None) -> bool:
+    """Whether a feature map has one position (``1 x 1``): it broadcasts like a vector."""
+    return spatial is not None and all(s == 1 for s in spatial)
+
+
+def _ndim(shape: _Shape) -> int | None:
+    """The spatial axes of a node output (None for a vector)."""
+    return None if shape.spatial is None else len(shape.spatial)
 
 
 def _node_rng(node: Node) -> np.random.Generator:
@@ -264,7 +298,7 @@ class _Shape:
     """Inferred output of a node: channels (or features), spatial size (None: a vector)."""
 
     channels: int
-    spatial: tuple[int, int] | None
+    spatial: tuple[int, ...] | None
 
 
 @dataclass(frozen=True)
@@ -348,14 +382,14 @@ class LayerTable:
         ConfigurationError
             If a node reads an unknown or later node, or the shapes do not fit.
         """
-        if len(self.input_shape) == 3:
-            c, h, w = self.input_shape
-            out = {"<input>": _Shape(c, (h, w))}
+        if 2 <= len(self.input_shape) <= 4:
+            out = {"<input>": _Shape(self.input_shape[0], self.input_shape[1:])}
         elif len(self.input_shape) == 1:
             out = {"<input>": _Shape(self.input_shape[0], None)}
         else:
             raise ConfigurationError(
-                f"layer table {self.name!r}: input_shape must be (c, h, w) or (features,), got {self.input_shape}"
+                f"layer table {self.name!r}: input_shape must be (features,), or channels first then one to three "
+                f"spatial axes: (c, length), (c, h, w) or (c, d, h, w); got {self.input_shape}"
             )
         for node in self.nodes:
             ins = []
@@ -369,8 +403,8 @@ class LayerTable:
                 raise ConfigurationError(f"{where}: {x.channels} input channels do not split into "
                                          f"groups={node.groups}")
             if node.op in ("dense", "conv"):
-                fan_in = (x.channels // node.groups * math.prod(node.conv_geometry().kernel) if node.op == "conv"
-                          else x.channels)
+                fan_in = (x.channels // node.groups * math.prod(node.conv_geometry(_ndim(x)).kernel)
+                          if node.op == "conv" else x.channels)
                 if node.fixed > fan_in:
                     raise ConfigurationError(f"{where}: fixed={node.fixed} frozen entries per unit exceed the fan-in "
                                              f"of {fan_in}; valid: 0 to {fan_in}")
@@ -381,17 +415,21 @@ class LayerTable:
             elif node.op == "conv":
                 if x.spatial is None:
                     raise ConfigurationError(f"{where}: a conv layer needs an image, got a vector")
-                h, w = node.conv_geometry().output(x.spatial)
-                if h < 1 or w < 1:
+                size = node.conv_geometry(len(x.spatial)).output(x.spatial)
+                if min(size) < 1:
                     raise ConfigurationError(f"{where}: the image {x.spatial} is too small for the kernel")
-                out[node.name] = _Shape(node.units, (h, w))
+                out[node.name] = _Shape(node.units, size)
             elif node.op == "flatten":
-                size = x.channels * (x.spatial[0] * x.spatial[1] if x.spatial else 1)
+                size = x.channels * (math.prod(x.spatial) if x.spatial else 1)
                 out[node.name] = _Shape(size, None)
             elif node.op == "avgpool":
                 if (node.keepdims or node.output_size) and x.spatial is None:
                     raise ConfigurationError(f"{where}: pooling a vector to an image (keepdims, output_size)")
-                out[node.name] = _Shape(x.channels, node.output_size or ((1, 1) if node.keepdims else None))
+                if node.output_size and len(node.output_size) != len(x.spatial):
+                    raise ConfigurationError(f"{where}: output_size {node.output_size} names {len(node.output_size)} "
+                                             f"spatial axes, the input has {len(x.spatial)} ({x.spatial})")
+                out[node.name] = _Shape(x.channels, node.output_size or (
+                    (1,) * len(x.spatial) if node.keepdims else None))
             elif node.op == "maxpool":
                 if x.spatial is None:
                     raise ConfigurationError(f"{where}: max pooling needs an image")
@@ -403,13 +441,12 @@ class LayerTable:
                     raise ConfigurationError(f"{where}: an addition needs two or more inputs of one shape, got {ins}")
                 out[node.name] = x
             elif node.op == "mul":
-                full = [s for s in ins if s.spatial not in (None, (1, 1))]
+                full = [s for s in ins if s.spatial is not None and not _is_point(s.spatial)]
                 if len(ins) < 2 or any(s.channels != x.channels for s in ins) or len({s.spatial for s in full}) > 1:
                     raise ConfigurationError(f"{where}: a product needs two or more inputs of as many channels, each "
                                              f"an image of one size, a 1 x 1 image or a vector, got {ins}")
-                spatial = {s.spatial for s in ins}
-                out[node.name] = _Shape(x.channels, full[0].spatial if full else (1, 1) if (1, 1) in spatial
-                                        else None)
+                points = [s.spatial for s in ins if _is_point(s.spatial)]
+                out[node.name] = _Shape(x.channels, full[0].spatial if full else points[0] if points else None)
             elif node.op == "prelu" and node.units not in (1, x.channels):
                 raise ConfigurationError(f"{where}: a prelu node has one slope or one per channel: units 1 or "
                                          f"{x.channels}, got {node.units}")
@@ -426,19 +463,21 @@ class LayerTable:
     def parameters(self) -> dict[str, tuple[tuple[int, ...], str]]:
         """Every parameter and buffer: ``{name: (shape, dtype)}`` in the reference convention.
 
-        Dense ``weight`` is ``(out, in)``, conv ``weight`` is ``(out, in / groups, kh, kw)``; a BatchNorm
+        Dense ``weight`` is ``(out, in)``, conv ``weight`` is ``(out, in / groups, kh, kw)`` (one
+        kernel axis per spatial axis: ``(out, in / groups, k)`` on sequences); a BatchNorm
         has ``weight``, ``bias``, ``running_mean``, ``running_var`` and an int64 0-d
         ``num_batches_tracked`` counter.
         """
         shapes = self.shapes()
         params: dict[str, tuple[tuple[int, ...], str]] = {}
         for node in self.nodes:
-            c_in = shapes[self.inputs_of(node)[0]].channels
+            src = shapes[self.inputs_of(node)[0]]
+            c_in = src.channels
             if node.op == "dense":
                 params[f"{node.name}.weight"] = ((node.units, c_in), "float32")
             elif node.op == "conv":
-                params[f"{node.name}.weight"] = ((node.units, c_in // node.groups, *node.conv_geometry().kernel),
-                                                 "float32")
+                kernel = node.conv_geometry(_ndim(src)).kernel
+                params[f"{node.name}.weight"] = ((node.units, c_in // node.groups, *kernel), "float32")
             elif node.op == "norm":
                 params[f"{node.name}.weight"] = ((c_in,), "float32")
                 params[f"{node.name}.bias"] = ((c_in,), "float32")
@@ -551,7 +590,7 @@ class LayerTable:
                 fixed.update(s)  # G mixes the channels: only permutations commuting with it keep the function
             elif node.op == "flatten":
                 src = shapes[self.inputs_of(node)[0]]
-                if src.spatial is None or src.spatial == (1, 1) or node.name in repeats:
+                if src.spatial is None or _is_point(src.spatial) or node.name in repeats:
                     s = ins[0]  # a flattened feature map read by dense layers: its channels' entries move together
                 else:
                     s = fixed_space(shapes[node.name].channels)
@@ -653,11 +692,11 @@ class LayerTable:
                 continue
             src = self.inputs_of(node)[0]
             spatial = shapes[src].spatial
-            if spatial is None or spatial == (1, 1) or src == "<input>" or node is self.nodes[-1]:
+            if spatial is None or _is_point(spatial) or src == "<input>" or node is self.nodes[-1]:
                 continue
             if self.node(src).op == "concat" or not all(r.op == "dense" for r in readers.get(node.name, [])):
                 continue
-            out[node.name] = spatial[0] * spatial[1]
+            out[node.name] = math.prod(spatial)
         return out
 
     def _entries(self, spaces: tuple[Any, ...] | None = None) -> dict[str, Entry]:
@@ -685,6 +724,7 @@ class LayerTable:
         """
         spaces = self._spaces()
         entry = self._entries(spaces)
+        shapes = self.shapes()
         axes: dict[str, tuple[Any, ...]] = {}
         for node in self.nodes:
             p_in = entry[self.inputs_of(node)[0]]
@@ -692,7 +732,8 @@ class LayerTable:
             if node.op == "dense":
                 axes[f"{node.name}.weight"] = (p_out, p_in)
             elif node.op == "conv":  # grouped: the input axis runs within a group (depthwise: length 1)
-                axes[f"{node.name}.weight"] = (p_out, p_in if node.groups == 1 else None, None, None)
+                kernel_axes = len(shapes[self.inputs_of(node)[0]].spatial or (0, 0))
+                axes[f"{node.name}.weight"] = (p_out, p_in if node.groups == 1 else None, *(None,) * kernel_axes)
             elif node.op == "norm":
                 axes[f"{node.name}.weight"] = (p_out,)
                 axes[f"{node.name}.bias"] = (p_out,)
@@ -902,8 +943,9 @@ class LayerTable:
             op = self.node(ref.rsplit(".", 1)[0]).op
             if ref.endswith(".weight") and op == "dense":
                 value = xp.permute_dims(value, (1, 0)) if xp is not np else np.transpose(value)
-            elif ref.endswith(".weight") and op == "conv":
-                value = xp.permute_dims(value, (2, 3, 1, 0)) if xp is not np else np.transpose(value, (2, 3, 1, 0))
+            elif ref.endswith(".weight") and op == "conv":  # (out, in, *kernel) -> (*kernel, in, out)
+                order = (*range(2, len(value.shape)), 1, 0)
+                value = xp.permute_dims(value, order) if xp is not np else np.transpose(value, order)
             out[names[ref]] = value
         return out
 
@@ -920,7 +962,7 @@ class LayerTable:
             value = np.asarray(value)
             if ref.endswith(".weight") and op == "dense":
                 value = value.T
-            elif ref.endswith(".weight") and op == "conv":
-                value = np.transpose(value, (3, 2, 0, 1))
+            elif ref.endswith(".weight") and op == "conv":  # (*kernel, in, out) -> (out, in, *kernel)
+                value = np.transpose(value, (value.ndim - 1, value.ndim - 2, *range(value.ndim - 2)))
             out[ref] = value
         return {k: out[k] for k in self.parameters() if k in out}

@@ -141,7 +141,7 @@ class _Program:
         variables, x = self.lowered(self.variables(flat, rest), x)
         if self.user:
             out = trace_taps(self.module, variables, x, points)
-            return {p: jnp.transpose(v, (0, 3, 1, 2)) if v.ndim == 4 else v for p, v in out.items()}
+            return {p: jnp.moveaxis(v, -1, 1) if v.ndim >= 3 else v for p, v in out.items()}  # channels-first
         if self.table is not None:
             taps: dict[str, Any] = dict.fromkeys(points)
             self.module.apply(variables, x, taps=taps)

@@ -61,20 +61,29 @@ class FrozenLinear(_Frozen, nn.Linear):
         return F.linear(x, self.effective(self.weight), self.bias)
 
 
-class TableConv2d(nn.Conv2d):
-    """The convolution of a conv node whose padding differs between two sides of an axis.
+_CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 
-    ``nn.Conv2d`` pads both sides of an axis alike: this one pads ``extra_padding``
-    (``F.pad``'s ``(left, right, top, bottom)``) first, then convolves unpadded. A conv
-    node padded alike on both sides is a plain ``nn.Conv2d`` (:func:`conv2d`).
+
+class TableConv2d(nn.Conv2d):
+    """The convolution of a conv node on an input of any spatial rank (1 to 3), with any padding.
+
+    Its weight is ``(out, in / groups, *kernel)``, one kernel axis per spatial axis (a
+    ``Conv1d``'s on sequences, a ``Conv2d``'s on images). ``nn.Conv2d`` pads both sides of
+    an axis alike: this one pads ``extra_padding`` (``F.pad``'s order, last axis first)
+    first, then convolves unpadded. A 2-D conv node padded alike on both sides is a plain
+    ``nn.Conv2d`` (:func:`conv2d`).
     """
 
-    def __init__(self, c_in: int, node: Node) -> None:
-        g = node.conv_geometry()
-        super().__init__(c_in, node.units, g.kernel, stride=g.stride, padding=g.symmetric_padding or 0,
+    def __init__(self, c_in: int, node: Node, ndim: int = 2) -> None:
+        g = node.conv_geometry(ndim)
+        # nn.Conv2d keeps tuples of any length as given: its weight is (out, in / groups, *kernel)
+        super().__init__(c_in, node.units, g.kernel, stride=g.stride, padding=g.symmetric_padding or (0,) * ndim,
                          dilation=g.dilation, groups=node.groups, bias=node.bias)
-        (top, bottom), (left, right) = g.padding
-        self.extra_padding = None if g.symmetric_padding else (left, right, top, bottom)
+        self.extra_padding = None if g.symmetric_padding else tuple(p for pair in reversed(g.padding) for p in pair)
+        self._conv = _CONV[ndim]
+
+    def _conv_forward(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        return self._conv(x, weight, bias, self.stride, self.padding, self.dilation, self.groups)
 
     def _padded(self, x: torch.Tensor) -> torch.Tensor:
         return x if self.extra_padding is None else F.pad(x, self.extra_padding)
@@ -83,11 +92,12 @@ class TableConv2d(nn.Conv2d):
         return self._conv_forward(self._padded(x), self.weight, self.bias)
 
 
-def conv2d(c_in: int, node: Node) -> nn.Conv2d:
-    """The module of a conv node: ``nn.Conv2d``, or :class:`TableConv2d` for uneven padding."""
-    g = node.conv_geometry()
-    if g.symmetric_padding is None:
-        return TableConv2d(c_in, node)
+def conv2d(c_in: int, node: Node, ndim: int = 2) -> nn.Conv2d:
+    """The module of a conv node on ``ndim`` spatial axes: ``nn.Conv2d`` for an image padded alike
+    on both sides of each axis, else :class:`TableConv2d`."""
+    g = node.conv_geometry(ndim)
+    if g.symmetric_padding is None or ndim != 2:
+        return TableConv2d(c_in, node, ndim)
     return nn.Conv2d(c_in, node.units, g.kernel, stride=g.stride, padding=g.symmetric_padding, dilation=g.dilation,
                      groups=node.groups, bias=node.bias)
 
@@ -95,8 +105,8 @@ def conv2d(c_in: int, node: Node) -> nn.Conv2d:
 class FrozenConv2d(_Frozen, TableConv2d):
     """A convolution some of whose kernel entries are frozen at fixed values (W-Asymmetric)."""
 
-    def __init__(self, c_in: int, node: Node, mask: Any, values: Any) -> None:
-        super().__init__(c_in, node)
+    def __init__(self, c_in: int, node: Node, mask: Any, values: Any, ndim: int = 2) -> None:
+        super().__init__(c_in, node, ndim)
         self._freeze(mask, values)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -117,19 +127,20 @@ class Gate(nn.Module):
 
 
 def _module(node: Node, c_in: int, rank: int, table: LayerTable, frozen: dict[str, Any]) -> nn.Module | None:
+    """The module of ``node`` reading ``c_in`` channels of a tensor of ``rank`` axes (batch included)."""
     if node.op in ("dense", "conv") and node.fixed:
         mask, values = frozen[f"{node.name}.weight"]
         if node.op == "dense":
             return FrozenLinear(c_in, node.units, node.bias, mask, values)
-        return FrozenConv2d(c_in, node, mask, values)
+        return FrozenConv2d(c_in, node, mask, values, rank - 2)
     if node.op == "gate":
         return Gate(table.gate_matrix(node.name))
     if node.op == "dense":
         return nn.Linear(c_in, node.units, bias=node.bias)
     if node.op == "conv":
-        return conv2d(c_in, node)
+        return conv2d(c_in, node, rank - 2)
     if node.op == "norm" and node.norm == "batchnorm":
-        return (nn.BatchNorm2d if rank == 4 else nn.BatchNorm1d)(c_in, eps=node.eps)
+        return {5: nn.BatchNorm3d, 4: nn.BatchNorm2d}.get(rank, nn.BatchNorm1d)(c_in, eps=node.eps)
     if node.op == "norm" and node.norm == "groupnorm":
         return nn.GroupNorm(node.groups, c_in, eps=node.eps)
     if node.op == "norm":
@@ -137,6 +148,16 @@ def _module(node: Node, c_in: int, rank: int, table: LayerTable, frozen: dict[st
     if node.op == "prelu":
         return nn.PReLU(node.units)
     return None
+
+
+_ADAPTIVE_AVG = {3: F.adaptive_avg_pool1d, 4: F.adaptive_avg_pool2d, 5: F.adaptive_avg_pool3d}
+_AVG_POOL = {3: F.avg_pool1d, 4: F.avg_pool2d, 5: F.avg_pool3d}
+_MAX_POOL = {3: F.max_pool1d, 4: F.max_pool2d, 5: F.max_pool3d}
+
+
+def _at_rank(v: torch.Tensor, rank: int) -> torch.Tensor:
+    """``v`` with trailing axes of length 1 up to ``rank`` axes: ``(n, c)`` -> ``(n, c, 1, 1)``."""
+    return v if v.dim() == rank else v.reshape(*v.shape, *(1,) * (rank - v.dim()))
 
 
 class TableNet(nn.Module):
@@ -152,7 +173,7 @@ class TableNet(nn.Module):
         shapes, frozen = table.shapes(), table.frozen_weights()
         for node in table.nodes:
             src = shapes[table.inputs_of(node)[0]]
-            module = _module(node, src.channels, 4 if src.spatial is not None else 2, table, frozen)
+            module = _module(node, src.channels, 2 + len(src.spatial or ()), table, frozen)
             if module is not None:
                 parent = self
                 *path, leaf = node.name.split(".")
@@ -184,14 +205,14 @@ class TableNet(nn.Module):
             elif node.op == "act":
                 h = getattr(F, node.fn)(h)
             elif node.op == "flatten":
-                h = (h.permute(0, 2, 3, 1) if node.channels_last and h.ndim == 4 else h).flatten(1)
+                h = (h.movedim(1, -1) if node.channels_last and h.ndim > 2 else h).flatten(1)
             elif node.op == "avgpool" and node.output_size:
-                h = F.adaptive_avg_pool2d(h, node.output_size)
+                h = _ADAPTIVE_AVG[h.ndim](h, node.output_size)
             elif node.op == "avgpool":
-                h = h.mean(dim=(2, 3), keepdim=node.keepdims)
+                h = h.mean(dim=tuple(range(2, h.ndim)), keepdim=node.keepdims)
             elif node.op == "maxpool":
-                if min(h.shape[-2:]) >= node.kernel:
-                    pool = F.avg_pool2d if node.fn == "avg" else F.max_pool2d
+                if min(h.shape[2:]) >= node.kernel:
+                    pool = (_AVG_POOL if node.fn == "avg" else _MAX_POOL)[h.ndim]
                     h = pool(h, node.kernel, max(1, node.stride), node.padding)
             elif node.op == "add":
                 h = ins[0]
@@ -201,9 +222,9 @@ class TableNet(nn.Module):
                 h = torch.cat(ins, dim=1)
             elif node.op == "mul":  # a vector scales every position of an image: (n, c) -> (n, c, 1, 1)
                 rank = max(v.dim() for v in ins)
-                h = ins[0] if ins[0].dim() == rank else ins[0][..., None, None]
+                h = _at_rank(ins[0], rank)
                 for other in ins[1:]:
-                    h = h * (other if other.dim() == rank else other[..., None, None])
+                    h = h * _at_rank(other, rank)
             values[node.name] = h
             if taps is not None and node.name in taps:
                 taps[node.name] = h

@@ -34,6 +34,11 @@ _SCALE = {operator.mul, operator.truediv, operator.imul, operator.itruediv, torc
 _KEEP_METHODS = {"contiguous", "clone", "detach", "float"}
 _CAT = {torch.cat, torch.concat, torch.concatenate}
 _MUL = {operator.mul, operator.imul, torch.mul, "mul"}
+_POOL_MODULES = (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d)
+_AVG_POOL_MODULES = (nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d)
+_POOL_FUNCTIONS = {F.max_pool1d: "", F.max_pool2d: "", F.max_pool3d: "", F.avg_pool1d: "avg", F.avg_pool2d: "avg",
+                   F.avg_pool3d: "avg"}
+_ADAPTIVE_AVG = {F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_avg_pool3d}
 #: Reshapes that turn a vector ``(n, c)`` into ``(n, c, 1, 1)`` (or on the way there), and broadcasts of that.
 _TO_IMAGE = {"view", "reshape", "unsqueeze", torch.reshape, torch.unsqueeze, operator.getitem, "expand",
              "expand_as"}
@@ -76,14 +81,14 @@ def _shape(n: Any) -> tuple[int, ...] | None:
     return tuple(meta.shape) if meta is not None and hasattr(meta, "shape") else None
 
 
-def _conv_padding(m: nn.Conv2d) -> tuple[tuple[int, int], tuple[int, int]]:
-    """A ``Conv2d``'s padding as ``((top, bottom), (left, right))``.
+def _conv_padding(m: nn.Conv1d | nn.Conv2d | nn.Conv3d) -> tuple[tuple[int, int], ...]:
+    """A convolution's padding as one ``(before, after)`` pair per spatial axis (``((top, bottom), (left, right))``).
 
     ``padding="same"`` pads ``dilation x (kernel - 1)`` in all on an axis, the smaller half
     first (torch's split); ``"valid"`` pads nothing.
     """
     if m.padding == "valid":
-        return (0, 0), (0, 0)
+        return tuple((0, 0) for _ in m.kernel_size)
     if m.padding == "same":
         totals = (d * (k - 1) for d, k in zip(m.dilation, m.kernel_size, strict=True))
         return tuple((t // 2, t - t // 2) for t in totals)  # type: ignore[return-value]
@@ -98,14 +103,14 @@ def _node(n: fx.Node, gm: fx.GraphModule, name: str, ins: tuple[str, ...], model
         m = gm.get_submodule(n.target)
         if isinstance(m, nn.Linear):
             return Node(name, "dense", ins, units=m.out_features, bias=m.bias is not None)
-        if isinstance(m, nn.Conv2d):
+        if isinstance(m, nn.Conv1d | nn.Conv2d | nn.Conv3d):
             if m.padding_mode != "zeros":
                 raise TracingError(f"{where}: only zero-padded convolutions are supported (got padding_mode "
                                    f"{m.padding_mode!r})" + _hint(model))
             return Node(name, "conv", ins, units=m.out_channels, kernel=tuple(m.kernel_size), stride=tuple(m.stride),
                         padding=_conv_padding(m), dilation=tuple(m.dilation), groups=m.groups,
                         bias=m.bias is not None)
-        if isinstance(m, nn.BatchNorm1d | nn.BatchNorm2d):
+        if isinstance(m, nn.BatchNorm1d | nn.BatchNorm2d | nn.BatchNorm3d):
             if not (m.affine and m.track_running_stats):
                 raise TracingError(f"{where}: BatchNorm needs affine=True and track_running_stats=True" + _hint(model))
             return Node(name, "norm", ins, norm="batchnorm", eps=m.eps)
@@ -113,7 +118,8 @@ def _node(n: fx.Node, gm: fx.GraphModule, name: str, ins: tuple[str, ...], model
             return Node(name, "norm", ins, norm="groupnorm", groups=m.num_groups, eps=m.eps)
         if isinstance(m, nn.PReLU):
             return Node(name, "prelu", ins, units=m.num_parameters)
-        if isinstance(m, nn.InstanceNorm2d) and m.affine and not m.track_running_stats:
+        if isinstance(m, nn.InstanceNorm1d | nn.InstanceNorm2d | nn.InstanceNorm3d) and m.affine \
+                and not m.track_running_stats:
             # each channel of each example normalised over its positions: GroupNorm with a group per channel
             return Node(name, "norm", ins, norm="groupnorm", groups=m.num_features, eps=m.eps)
         if isinstance(m, nn.LayerNorm) and m.elementwise_affine and shape_in is not None and len(shape_in) == 2 \
@@ -126,15 +132,16 @@ def _node(n: fx.Node, gm: fx.GraphModule, name: str, ins: tuple[str, ...], model
             return None
         if isinstance(m, nn.Flatten):
             return Node(name, "flatten", ins)
-        if isinstance(m, nn.AdaptiveAvgPool2d) and m.output_size in (1, (1, 1)):
+        adaptive = nn.AdaptiveAvgPool1d | nn.AdaptiveAvgPool2d | nn.AdaptiveAvgPool3d
+        if isinstance(m, adaptive) and _shape(n) is not None and set(_shape(n)[2:]) == {1}:
             return Node(name, "avgpool", ins, keepdims=True)
-        if isinstance(m, nn.AdaptiveAvgPool2d) and _shape(n) is not None and len(_shape(n)) == 4:
+        if isinstance(m, adaptive) and _shape(n) is not None and len(_shape(n)) > 2:
             return Node(name, "avgpool", ins, output_size=tuple(int(v) for v in _shape(n)[2:]))
-        if isinstance(m, nn.MaxPool2d | nn.AvgPool2d):
+        if isinstance(m, _POOL_MODULES):
             k, s, p = (v if isinstance(v, int) else v[0] for v in (m.kernel_size, m.stride or m.kernel_size,
                                                                    m.padding))
-            return Node(name, "maxpool", ins, kernel=k, stride=s, padding=p, fn="avg" if isinstance(m, nn.AvgPool2d)
-                        else "")
+            return Node(name, "maxpool", ins, kernel=k, stride=s, padding=p,
+                        fn="avg" if isinstance(m, _AVG_POOL_MODULES) else "")
         raise TracingError(f"{where}: the tracer cannot follow a {type(m).__name__} module" + _hint(model))
     tensors: list[fx.Node] = []
     fx.node.map_arg(n.args, tensors.append)
@@ -146,7 +153,7 @@ def _node(n: fx.Node, gm: fx.GraphModule, name: str, ins: tuple[str, ...], model
     if n.op == "call_function" and target in _CAT:
         dim = n.args[1] if len(n.args) > 1 else n.kwargs.get("dim", n.kwargs.get("axis", 0))
         out = _shape(n)
-        if out is None or len(out) not in (2, 4) or dim % len(out) != 1:
+        if out is None or len(out) not in (2, 3, 4, 5) or dim % len(out) != 1:
             raise TracingError(f"{where}: only concatenations along the channel axis (dim 1) of images or "
                                f"vectors are followed (got dim {dim} of an output of shape {out})" + _hint(model))
         if len(ins) < 2:  # torch.cat of one tensor: that tensor
@@ -161,28 +168,37 @@ def _node(n: fx.Node, gm: fx.GraphModule, name: str, ins: tuple[str, ...], model
     out = _shape(n)
     if target in (torch.flatten, "flatten", "view", "reshape", "squeeze") and out is not None and len(out) == 2:
         return Node(name, "flatten", ins)
-    if target in _TO_IMAGE and out is not None and shape_in is not None and len(shape_in) in (2, 3, 4) \
-            and len(out) in (3, 4) and out[:2] == shape_in[:2] and set(shape_in[2:]) <= {1} \
+    if target in _TO_IMAGE and out is not None and shape_in is not None and len(shape_in) in (2, 3, 4, 5) \
+            and len(out) in (3, 4, 5) and out[:2] == shape_in[:2] and set(shape_in[2:]) <= {1} \
             and (set(out[2:]) <= {1} or target in ("expand", "expand_as")):
         return None  # a vector as (n, c, 1, 1): the table keeps the vector, which a product broadcasts
-    if (target in (torch.mean, "mean") and out is not None and len(out) in (2, 4) and shape_in is not None
-            and len(shape_in) == 4 and out[:2] == shape_in[:2] and set(out[2:]) <= {1}):
-        return Node(name, "avgpool", ins, keepdims=len(out) == 4)
-    if target is F.adaptive_avg_pool2d and n.args[1] in (1, (1, 1)):
+    if (target in (torch.mean, "mean") and out is not None and shape_in is not None and len(shape_in) >= 3
+            and out[:2] == shape_in[:2] and len(out) in (2, len(shape_in)) and set(out[2:]) <= {1}
+            and _reduced_axes(n, len(shape_in)) in (None, set(range(2, len(shape_in))))):
+        return Node(name, "avgpool", ins, keepdims=len(out) > 2)  # the mean over every position
+    if target in _ADAPTIVE_AVG and out is not None and len(out) > 2 and set(out[2:]) == {1}:
         return Node(name, "avgpool", ins, keepdims=True)
-    if target is F.adaptive_avg_pool2d and out is not None and len(out) == 4:
+    if target in _ADAPTIVE_AVG and out is not None and len(out) > 2:
         return Node(name, "avgpool", ins, output_size=tuple(int(v) for v in out[2:]))
-    if target in (F.max_pool2d, F.avg_pool2d):
+    if target in _POOL_FUNCTIONS:
         args = {**dict(zip(("input", "kernel_size", "stride", "padding"), n.args, strict=False)), **n.kwargs}
         k = args["kernel_size"] if isinstance(args["kernel_size"], int) else args["kernel_size"][0]
         s = args.get("stride") or k
         return Node(name, "maxpool", ins, kernel=k, stride=s if isinstance(s, int) else s[0],
                     padding=args.get("padding", 0) if isinstance(args.get("padding", 0), int) else args["padding"][0],
-                    fn="avg" if target is F.avg_pool2d else "")
+                    fn=_POOL_FUNCTIONS[target])
     raise TracingError(f"{where}: the tracer cannot follow this operation (it follows linear, conv, BatchNorm, "
                        "LayerNorm, GroupNorm, InstanceNorm, element-wise activations, PReLU, residual additions, "
                        "channel concatenations, products of branches (gates), pooling and flatten)"
                        + _hint(model))
+
+
+def _reduced_axes(n: fx.Node, rank: int) -> set[int] | None:
+    """The axes a ``mean`` node reduces (non-negative), or None when it names none (all of them)."""
+    dim = n.args[1] if len(n.args) > 1 else n.kwargs.get("dim")
+    if dim is None:
+        return None
+    return {int(d) % rank for d in (dim if isinstance(dim, tuple | list) else (dim,))}
 
 
 def tensor_aliases(model: nn.Module) -> dict[str, str]:
