@@ -212,3 +212,39 @@ def test_a_volume_net_is_traced_verified_and_its_planted_permutation_undone():
         np.testing.assert_allclose(b(x).numpy(), a(x).numpy(), rtol=1e-4, atol=1e-5)
     aligned = cb.ModelPair(a, b, example_input=x).align("weight")
     np.testing.assert_allclose(aligned.theta_b, aligned.theta_a, atol=1e-6)
+
+
+# -- flax: the table's model and a user's nn.Conv on sequences ------------------------------------
+def test_sequence_table_forward_matches_numpy_on_jax():
+    pytest.importorskip("jax")
+    rng = np.random.default_rng(0)
+    params = {k: rng.normal(0, 0.5, shape).astype(np.float32) for k, (shape, dtype) in TABLE.parameters().items()
+              if dtype == "float32"}
+    params["n1.running_var"] = np.abs(params["n1.running_var"]) + 0.5
+    x = rng.normal(size=(5, 3, 20)).astype(np.float32)
+    np.testing.assert_allclose(table_logits("jax", TABLE, params, x), _reference(params, x), rtol=1e-4, atol=1e-4)
+
+
+def test_a_flax_sequence_net_is_traced_and_its_planted_permutation_undone():
+    pytest.importorskip("flax")
+    import flax.linen as fnn
+
+    from tests.model_checks import flax_planted_permutation, flax_variables
+
+    class FlaxSequenceNet(fnn.Module):
+        @fnn.compact
+        def __call__(self, x):
+            h = fnn.relu(fnn.BatchNorm(use_running_average=True)(fnn.Conv(8, (5,), padding="SAME")(x)))
+            h = fnn.relu(h + fnn.Conv(8, (3,), padding=1)(fnn.relu(fnn.Conv(12, (3,), padding=1)(h))))
+            h = fnn.max_pool(fnn.relu(fnn.Conv(16, (4,), strides=2, padding=1)(h)), (2,), (2,))
+            return fnn.Dense(5)(h.reshape(h.shape[0], -1))
+
+    net = FlaxSequenceNet()
+    x = np.random.default_rng(0).normal(size=(6, 24, 2)).astype(np.float32)  # channels-last (n, length, c)
+    variables = flax_variables(net, x, seed=0)
+    table = cb.derive.describe((net, variables), x)
+    assert table.input_shape == (2, 24)
+    spec = table.spec()
+    assert [len(spec.axes_to_perm[f"Conv_{i}.weight"]) for i in range(4)] == [3, 3, 3, 3]
+    assert spec.axes_to_perm["Dense_0.weight"] == (None, Repeat("P_Conv_3", 6, True))  # flattened position by position
+    flax_planted_permutation(net, variables, x)

@@ -45,7 +45,13 @@ def _adaptive_pool(size: int, out: int) -> np.ndarray:
 
 
 def _nchw(h: jax.Array) -> jax.Array:
-    return jnp.transpose(h, (0, 3, 1, 2)) if h.ndim == 4 else h
+    """A channels-last map ``(n, *positions, c)`` channels-first; a vector as it is."""
+    return jnp.moveaxis(h, -1, 1) if h.ndim > 2 else h
+
+
+def _at_rank(v: jax.Array, rank: int) -> jax.Array:
+    """A vector ``(n, c)`` as a channels-last map of ``rank`` axes with one position: ``(n, 1, 1, c)``."""
+    return v if v.ndim == rank else v.reshape(v.shape[0], *(1,) * (rank - v.ndim), *v.shape[1:])
 
 
 class Norm(nn.Module):
@@ -84,9 +90,11 @@ class Norm(nn.Module):
 
 @lru_cache(maxsize=32)
 def _frozen_flax(table: LayerTable) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """The table's frozen weights (mask, values) in flax axes: dense ``(in, out)``, conv ``(k, k, in, out)``."""
-    axes = {2: (1, 0), 4: (2, 3, 1, 0)}
-    return {name.rsplit(".", 1)[0]: (np.transpose(m, axes[m.ndim]), np.transpose(v, axes[m.ndim]))
+    """The table's frozen weights (mask, values) in flax axes: dense ``(in, out)``, conv ``(*kernel, in, out)``."""
+    def order(ndim: int) -> tuple[int, ...]:
+        return (*range(2, ndim), 1, 0)
+
+    return {name.rsplit(".", 1)[0]: (np.transpose(m, order(m.ndim)), np.transpose(v, order(m.ndim)))
             for name, (m, v) in table.frozen_weights().items()}
 
 
@@ -106,7 +114,8 @@ class FrozenDense(nn.Module):
 
 
 class FrozenConv(nn.Module):
-    """An NHWC convolution computing with ``where(mask, values, kernel)``; ``mask``: ``(kh, kw, in / groups, out)``."""
+    """A channels-last convolution computing with ``where(mask, values, kernel)``; ``mask``:
+    ``(*kernel, in / groups, out)`` (``(kh, kw, in / groups, out)`` on images)."""
 
     units: int
     geometry: ConvGeometry
@@ -122,8 +131,11 @@ class FrozenConv(nn.Module):
                             (*g.kernel, x.shape[-1] // self.groups, self.units))
         y = jax.lax.conv_general_dilated(x, jnp.where(self.mask, jnp.asarray(self.values, kernel.dtype), kernel),
                                          g.stride, g.padding, rhs_dilation=g.dilation,
-                                         dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=self.groups)
+                                         dimension_numbers=_CHANNELS_LAST[x.ndim], feature_group_count=self.groups)
         return y + self.param("bias", nn.initializers.zeros, (self.units,)) if self.use_bias else y
+
+
+_CHANNELS_LAST = {3: ("NWC", "WIO", "NWC"), 4: ("NHWC", "HWIO", "NHWC"), 5: ("NDHWC", "DHWIO", "NDHWC")}
 
 
 def _gate(table: LayerTable, name: str, h: jax.Array) -> jax.Array:
@@ -160,20 +172,21 @@ class TableNet(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False, taps: dict[str, Any] | None = None) -> jax.Array:
-        values = {"<input>": jnp.transpose(x, (0, 2, 3, 1)) if x.ndim == 4 else x}
+        values = {"<input>": jnp.moveaxis(x, 1, -1) if x.ndim > 2 else x}
         for node, reads, _ in self.table.schedule:
             ins = [values[i] for i in reads]
             h, name, k = ins[0], node.name.replace(".", "_"), node.kernel
             if node.op in ("dense", "conv") and node.fixed:
                 mask, frozen = _frozen_flax(self.table)[node.name]
                 h = (FrozenDense(node.units, mask, frozen, node.bias, name=name) if node.op == "dense" else
-                     FrozenConv(node.units, node.conv_geometry(), node.groups, mask, frozen, node.bias, name=name))(h)
+                     FrozenConv(node.units, node.conv_geometry(h.ndim - 2), node.groups, mask, frozen, node.bias,
+                                name=name))(h)
             elif node.op == "gate":
                 h = _gate(self.table, node.name, h)
             elif node.op == "dense":
                 h = nn.Dense(node.units, use_bias=node.bias, name=name)(h)
             elif node.op == "conv":
-                g = node.conv_geometry()
+                g = node.conv_geometry(h.ndim - 2)
                 h = nn.Conv(node.units, g.kernel, strides=g.stride, padding=g.padding, kernel_dilation=g.dilation,
                             feature_group_count=node.groups, use_bias=node.bias, name=name)(h)
             elif node.op == "norm":
@@ -186,23 +199,24 @@ class TableNet(nn.Module):
                 h = (_ACTIVATIONS[node.fn] if node.fn in _ACTIVATIONS else getattr(jax.nn, node.fn))(h)
             elif node.op == "flatten":
                 h = jnp.reshape(h if node.channels_last else _nchw(h), (h.shape[0], -1))
-            elif node.op == "avgpool" and node.output_size:
-                rows, cols = (_adaptive_pool(n, m) for n, m in zip(h.shape[1:3], node.output_size, strict=True))
-                h = jnp.einsum("ih,jw,nhwc->nijc", rows, cols, h)
+            elif node.op == "avgpool" and node.output_size:  # one spatial axis at a time
+                for axis, (n, m) in enumerate(zip(h.shape[1:-1], node.output_size, strict=True), start=1):
+                    h = jnp.moveaxis(jnp.tensordot(_adaptive_pool(n, m), h, axes=(1, axis)), 0, axis)
             elif node.op == "avgpool":
-                h = jnp.mean(h, axis=(1, 2), keepdims=node.keepdims)
-            elif node.op == "maxpool" and min(h.shape[1:3]) >= k:
-                pool = nn.avg_pool if node.fn == "avg" else nn.max_pool
-                h = pool(h, (k, k), strides=(max(1, node.stride),) * 2, padding=((node.padding, node.padding),) * 2)
+                h = jnp.mean(h, axis=tuple(range(1, h.ndim - 1)), keepdims=node.keepdims)
+            elif node.op == "maxpool" and min(h.shape[1:-1]) >= k:
+                pool, nd = nn.avg_pool if node.fn == "avg" else nn.max_pool, h.ndim - 2
+                h = pool(h, (k,) * nd, strides=(max(1, node.stride),) * nd,
+                         padding=((node.padding, node.padding),) * nd)
             elif node.op == "add":
                 h = sum(ins[1:], ins[0])
             elif node.op == "concat":  # channels-last
                 h = jnp.concatenate(ins, axis=-1)
             elif node.op == "mul":  # a vector scales every position of an image: (n, c) -> (n, 1, 1, c)
                 rank = max(v.ndim for v in ins)
-                h = ins[0] if ins[0].ndim == rank else ins[0][:, None, None, :]
+                h = _at_rank(ins[0], rank)
                 for other in ins[1:]:
-                    h = h * (other if other.ndim == rank else other[:, None, None, :])
+                    h = h * _at_rank(other, rank)
             values[node.name] = h
             if taps is not None and node.name in taps:
                 taps[node.name] = _nchw(h)

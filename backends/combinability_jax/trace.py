@@ -33,7 +33,7 @@ _FUNCTIONS = (("relu", jax.nn.relu), ("gelu", partial(jax.nn.gelu, approximate=F
               ("tanh", jnp.tanh), ("sigmoid", jax.nn.sigmoid), ("silu", jax.nn.silu), ("elu", jax.nn.elu),
               ("leaky_relu", jax.nn.leaky_relu), ("softplus", jax.nn.softplus), ("relu6", jax.nn.relu6),
               ("hardtanh", jax.nn.hard_tanh), ("hardswish", jax.nn.hard_swish), ("hardsigmoid", jax.nn.hard_sigmoid))
-_FOLLOWS = ("it follows nn.Dense, 2-d nn.Conv, nn.BatchNorm, nn.LayerNorm, nn.GroupNorm, nn.InstanceNorm, "
+_FOLLOWS = ("it follows nn.Dense, 1-d to 3-d nn.Conv, nn.BatchNorm, nn.LayerNorm, nn.GroupNorm, nn.InstanceNorm, "
             "element-wise activations, "
             "sums and products of two branches, concatenations of channels (the last axis), nn.avg_pool/nn.max_pool, "
             "means over the spatial axes and reshapes to (n, -1)")
@@ -51,13 +51,19 @@ def _bind(prim: Any, params: dict, args: list) -> list:
     return list(out) if prim.multiple_results else [out]
 
 
-def _pair(v: Any) -> tuple:
-    return (1, 1) if v is None else (v, v) if isinstance(v, int | str) else tuple(v)
+def _per_axis(v: Any, nd: int) -> tuple:
+    """A flax conv setting (None, an int or string, or one per axis) as one entry per each of ``nd`` axes."""
+    return (1,) * nd if v is None else (v,) * nd if isinstance(v, int | str) else tuple(v)
+
+
+def _positions(rank: int) -> tuple[int, ...]:
+    """The spatial axes of a channels-last map of ``rank`` axes."""
+    return tuple(range(1, rank - 1))
 
 
 def _conv_padding(pad: Any, kernel: tuple, stride: tuple, dilation: tuple,
                   spatial: tuple) -> tuple[tuple[int, int], ...] | None:
-    """A flax ``Conv``'s padding as ``((top, bottom), (left, right))``; None for one that is not zeros.
+    """A flax ``Conv``'s padding as one ``(before, after)`` pair per spatial axis; None for one that is not zeros.
 
     ``"SAME"`` pads as ``lax`` does: up to a multiple of the stride, the smaller half first.
     """
@@ -68,8 +74,8 @@ def _conv_padding(pad: Any, kernel: tuple, stride: tuple, dilation: tuple,
         totals = (max((-(-n // s) - 1) * s + d * (k - 1) + 1 - n, 0) * same
                   for n, k, s, d in zip(spatial, kernel, stride, dilation, strict=True))
         return tuple((t // 2, t - t // 2) for t in totals)
-    per_axis = [pad, pad] if isinstance(pad, int) else list(pad)
-    if len(per_axis) != 2:
+    per_axis = [pad] * len(kernel) if isinstance(pad, int) else list(pad)
+    if len(per_axis) != len(kernel):
         return None
     return tuple((int(p), int(p)) if isinstance(p, int) else (int(p[0]), int(p[1])) for p in per_axis)
 
@@ -80,20 +86,20 @@ def _leaf_node(path: str, m: nn.Module, shape: tuple[int, ...], ins: tuple[str, 
     last = [tuple(int(a) % nd for a in np.atleast_1d(-1 if axes is None else axes)) == (nd - 1,)
             for axes in (getattr(m, "reduction_axes", -1), getattr(m, "feature_axes", -1), getattr(m, "axis", -1))]
     affine = getattr(m, "use_scale", True) and getattr(m, "use_bias", True)
-    if isinstance(m, nn.Dense) and (nd == 2 or (nd == 4 and shape[1:3] == (1, 1))):  # a 1 x 1 image: a vector
+    if isinstance(m, nn.Dense) and (nd == 2 or (nd > 2 and set(shape[1:-1]) == {1})):  # a 1 x 1 image: a vector
         return Node(path, "dense", ins, units=m.features, bias=m.use_bias)
-    if isinstance(m, nn.Conv) and nd == 4 and len(_pair(m.kernel_size)) == 2:
-        kernel, stride, dilation = _pair(m.kernel_size), _pair(m.strides), _pair(m.kernel_dilation)
-        padding = _conv_padding(m.padding, kernel, stride, dilation, shape[1:3])
-        if _pair(m.input_dilation) == (1, 1) and padding is not None:
+    if isinstance(m, nn.Conv) and 3 <= nd <= 5 and len(_per_axis(m.kernel_size, nd - 2)) == nd - 2:
+        kernel, stride, dilation = (_per_axis(v, nd - 2) for v in (m.kernel_size, m.strides, m.kernel_dilation))
+        padding = _conv_padding(m.padding, kernel, stride, dilation, shape[1:-1])
+        if set(_per_axis(m.input_dilation, nd - 2)) == {1} and padding is not None:
             return Node(path, "conv", ins, units=m.features, kernel=kernel, stride=stride, padding=padding,
                         dilation=dilation, groups=m.feature_group_count, bias=m.use_bias)
-        raise TracingError(f"{what}: only zero-padded 2-d convolutions without input dilation are supported (got "
+        raise TracingError(f"{what}: only zero-padded convolutions without input dilation are supported (got "
                            f"padding {m.padding!r}, input_dilation {m.input_dilation})" + hint)
     norm = next((k for k, ok in {"batchnorm": isinstance(m, nn.BatchNorm) and last[2],
                                  "layernorm": isinstance(m, nn.LayerNorm) and last[0] and last[1],
                                  "groupnorm": isinstance(m, nn.GroupNorm) and m.reduction_axes is None,
-                                 "instancenorm": isinstance(m, nn.InstanceNorm) and last[1] and nd == 4}.items()
+                                 "instancenorm": isinstance(m, nn.InstanceNorm) and last[1] and nd > 2}.items()
                  if ok and affine), None)
     if norm == "instancenorm":  # each channel of each example over its positions: a group per channel
         return Node(path, "norm", ins, norm="groupnorm", eps=m.epsilon, groups=shape[-1])
@@ -117,9 +123,10 @@ class _Trace(JaxprWalker):
         if jnp.issubdtype(jnp.asarray(x).dtype, jnp.integer):
             raise TracingError(f"{self.name} takes integer inputs (token ids, read by an embedding), which layer "
                                "tables do not model" + self.hint)
-        if np.ndim(x) not in (2, 4):
-            raise TracingError(f"example_input of {self.name} must be (n, features) or channels-last images "
-                               f"(n, h, w, c), got shape {tuple(np.shape(x))}")
+        if not 2 <= np.ndim(x) <= 5:
+            raise TracingError(f"example_input of {self.name} must be (n, features) or channels-last sequences "
+                               f"(n, length, c), images (n, h, w, c) or volumes (n, d, h, w, c), got shape "
+                               f"{tuple(np.shape(x))}")
         self._walk(module, variables, x, self._intercept, train_kwargs(module, False))
         self.nodes, self.var, self.values = [], {}, {}
         self.node_of, self.alias, self.root = {self.inputs[-1]: "<input>"}, {}, {}  # root: element-wise -> source
@@ -154,7 +161,7 @@ class _Trace(JaxprWalker):
         """One operation of the user's modules on the input's dataflow (``operands``: all its inputs)."""
         n, shape, s = prim.name, self.shape[outs[0]], self.shape[acts[0]]
         where = f"operation {n!r} in {f'module {path!r}' if path else f'the top-level {self.name}'}"
-        if n == "concatenate" and len(shape) in (2, 4) and p["dimension"] == len(shape) - 1 \
+        if n == "concatenate" and 2 <= len(shape) <= 5 and p["dimension"] == len(shape) - 1 \
                 and len(acts) == operands:  # channels (the last axis) of the input's dataflow only
             self._add(Node(self._fresh(path, "concat"), "concat", tuple(map(self._name, acts))), outs[0])
             return
@@ -171,26 +178,27 @@ class _Trace(JaxprWalker):
                 self._add(Node(self._fresh(path, op), op, tuple(map(self._name, acts))), outs[0])
             else:
                 self.root[outs[0]] = roots.pop()
-        elif len(acts) == 1 and n == "broadcast_in_dim" and len(shape) == 4 and s[0] == shape[0] \
+        elif len(acts) == 1 and n == "broadcast_in_dim" and len(shape) > 2 and s[0] == shape[0] \
                 and s[-1] == shape[-1] and math.prod(s[1:-1]) == 1:
             self._name(acts[0])  # a vector or 1 x 1 image spread over the positions: a product broadcasts it
             self.alias[outs[0]] = acts[0]
         elif len(acts) == 1 and n in ("reshape", "squeeze", "broadcast_in_dim", "expand_dims") and (
-                math.prod(s) == math.prod(shape) and s[0] == shape[0] and (len(s) == 2 or s == shape or len(s) == 4
+                math.prod(s) == math.prod(shape) and s[0] == shape[0] and (len(s) == 2 or s == shape or len(s) > 2
                                                                      and len(shape) == 2)):
-            if len(s) == 4 and len(shape) == 2:  # a reshape of the NHWC map: position by position
+            if len(s) > 2 and len(shape) == 2:  # a reshape of the channels-last map: position by position
                 self._add(Node(self._fresh(path, "flatten"), "flatten", (self._name(acts[0]),), channels_last=True),
                           outs[0])
             else:
                 self._name(acts[0])
                 self.alias[outs[0]] = acts[0]
-        elif len(acts) == 1 and n == "reduce_sum" and len(s) == 4 and tuple(p["axes"]) == (1, 2):
+        elif len(acts) == 1 and n == "reduce_sum" and len(s) > 2 and tuple(p["axes"]) == _positions(len(s)):
             self._add(Node(self._fresh(path, "mean"), "avgpool", (self._name(acts[0]),)), outs[0])
-        elif len(acts) == 1 and n in ("reduce_window_sum", "reduce_window_max") and len(s) == 4 and (
-                p["window_dimensions"][1] == p["window_dimensions"][2] and len({*p["window_strides"][1:3]}) == 1
-                and {*p["window_dimensions"][::3], *p["window_strides"][::3], *p["base_dilation"],
-                     *p["window_dilation"]} == {1} and len({*p["padding"][1], *p["padding"][2]}) == 1
-                and p["padding"][0] == p["padding"][3] == (0, 0)):
+        elif len(acts) == 1 and n in ("reduce_window_sum", "reduce_window_max") and len(s) > 2 and (
+                len({*p["window_dimensions"][1:-1]}) == 1 and len({*p["window_strides"][1:-1]}) == 1
+                and {p["window_dimensions"][0], p["window_dimensions"][-1], p["window_strides"][0],
+                     p["window_strides"][-1], *p["base_dilation"], *p["window_dilation"]} == {1}
+                and len({v for pad in p["padding"][1:-1] for v in pad}) == 1
+                and p["padding"][0] == p["padding"][-1] == (0, 0)):
             avg = n == "reduce_window_sum"
             self._add(Node(self._fresh(path, "avg_pool" if avg else "max_pool"), "maxpool", (self._name(acts[0]),),
                            kernel=p["window_dimensions"][1], stride=p["window_strides"][1],
@@ -274,7 +282,7 @@ class _Trace(JaxprWalker):
             raise TracingError(f"{self.name}.__call__ must return the logits made by its last operation" + self.hint)
         x = self.shape[self.inputs[-1]]
         try:
-            return LayerTable(self.name, (x[3], x[1], x[2]) if len(x) == 4 else x[1:], self.shape[self.out[0]][1],
+            return LayerTable(self.name, (x[-1], *x[1:-1]) if len(x) > 2 else x[1:], self.shape[self.out[0]][1],
                               tuple(self.nodes), flax_sep="/")
         except Exception as exc:
             raise TracingError(f"the traced graph of {self.name} is not a valid layer table: {exc}" + self.hint
