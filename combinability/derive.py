@@ -54,7 +54,7 @@ def verify_spec(backend: Backend, model: Any, spec: PermutationSpec, example_inp
     layout = FlatLayout.from_arrays(floats)
     x = backend.asarray(example_input, input_dtype(example_input))
     evaluator = Evaluator(backend, model, layout, batch_size=max(1, int(x.shape[0])))
-    perm = random_permutation(spec, state, seed=seed)
+    perm = random_permutation(spec, state, seed=seed, derange=True)  # every unit moves
     base = backend.to_numpy(evaluator.logits(layout.flatten(floats), x))[0]
 
     def changed(p: Permutation) -> bool:
@@ -149,8 +149,8 @@ def derive_symmetries(model: Any, example_input: Any, *, backend: str | Backend 
     logits = _logits_of(be, model, floats, x)
     base = logits(floats)
     for what, params in (("folding the norms", folded),
-                         ("a random transformation", apply_permutation(spec, random_permutation(spec, folded, seed),
-                                                                       folded))):
+                         ("a random transformation", apply_permutation(
+                             spec, random_permutation(spec, folded, seed, derange=True), folded))):
         out = logits(params)
         if not np.allclose(out, base, rtol=1e-4, atol=1e-4 * max(1.0, float(np.abs(base).max()))):
             raise TracingError(f"the derived symmetries of {type(model).__name__} do not preserve its function "

@@ -31,6 +31,7 @@ from combinability.permutation import (
     PermutationSpec,
     check_permutation,
     identity_permutation,
+    random_derangement,
     split_repeats,
 )
 
@@ -346,19 +347,6 @@ def activation_matching(acts_a: Mapping[str, np.ndarray], acts_b: Mapping[str, n
         total += corr[rows, cols].sum()
         count += len(rows)
     return Permutation(perm, objective=total / max(count, 1), history=[total / max(count, 1)], method="activation")
-
-
-def random_derangement(k: int, rng: np.random.Generator) -> np.ndarray:
-    """A uniformly random permutation of ``range(k)`` with no fixed point (``k >= 2``).
-
-    Rejection sampling: about ``e`` tries on average.
-    """
-    if k < 2:
-        raise ConfigurationError(f"a derangement needs at least 2 elements, got k={k}")
-    while True:
-        sigma = rng.permutation(k)
-        if not np.any(sigma == np.arange(k)):
-            return sigma.astype(np.int64)
 
 
 def perturb_permutation(

@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from combinability.errors import PermutationSpecError
+from combinability.errors import ConfigurationError, PermutationSpecError
 from combinability.kinds import (
     Blocks,
     Kind,
@@ -55,6 +55,7 @@ __all__ = [
     "compose_permutations",
     "identity_permutation",
     "random_permutation",
+    "random_derangement",
     "check_permutation",
 ]
 
@@ -660,14 +661,21 @@ def random_permutation(
     spec: PermutationSpec,
     params: Mapping[str, Any],
     seed: int | np.random.Generator | None = 0,
+    *,
+    derange: bool = False,
 ) -> Permutation:
     """A uniformly random transformation of every name in ``spec`` (seeded numpy Generator).
 
     Neuron permutations are uniform; a :class:`~combinability.kinds.Blocks` name moves
     its blocks as its (uniform) group permutation does and permutes each block's units
     uniformly; an :class:`~combinability.kinds.Orthogonal` name is Haar-distributed.
+    With ``derange=True`` every permutation (of two or more units, blocks or units within a
+    block) is drawn uniformly among those that move every unit: a check that the
+    transformation keeps a function then puts each unit to the test (a uniform
+    permutation of two units is the identity half of the time).
     """
     rng = seed if isinstance(seed, np.random.Generator) else np.random.default_rng(seed)
+    draw = _derangement if derange else _uniform_permutation
     sizes = spec.perm_sizes(params)
     out: dict[str, np.ndarray] = {}
     for p, n in sizes.items():
@@ -675,13 +683,35 @@ def random_permutation(
         if isinstance(kind, Orthogonal):
             out[p] = random_orthogonal(n, rng, fix_ones=kind.fix_ones)
         elif not isinstance(kind, Blocks):
-            out[p] = rng.permutation(n).astype(np.int64)
+            out[p] = draw(n, rng)
     for p in sizes:
         kind = spec.kind(p)
         if isinstance(kind, Blocks):
-            inner = np.stack([rng.permutation(kind.size) for _ in range(kind.blocks)])
+            inner = np.stack([draw(kind.size, rng) for _ in range(kind.blocks)])
             out[p] = expand_blocks(out[kind.group], inner, kind.size)
     return Permutation({p: out[p] for p in sizes}, method="random")
+
+
+def _uniform_permutation(n: int, rng: np.random.Generator) -> np.ndarray:
+    return rng.permutation(n).astype(np.int64)
+
+
+def _derangement(n: int, rng: np.random.Generator) -> np.ndarray:
+    """:func:`random_derangement` of ``n >= 2`` units; the identity of one unit (or none)."""
+    return random_derangement(n, rng) if n >= 2 else np.arange(n, dtype=np.int64)
+
+
+def random_derangement(k: int, rng: np.random.Generator) -> np.ndarray:
+    """A uniformly random permutation of ``range(k)`` with no fixed point (``k >= 2``).
+
+    Rejection sampling: about ``e`` tries on average.
+    """
+    if k < 2:
+        raise ConfigurationError(f"a derangement needs at least 2 elements, got k={k}")
+    while True:
+        sigma = rng.permutation(k)
+        if not np.any(sigma == np.arange(k)):
+            return sigma.astype(np.int64)
 
 
 def iter_axes(spec: PermutationSpec) -> Iterator[tuple[str, int, str]]:

@@ -114,3 +114,27 @@ def test_activation_matching_recovers_permuted_units():
     np.testing.assert_array_equal(perm["P0"], planted)
     corr = cb.unit_correlations(acts_a["P0"], acts_b["P0"][:, perm["P0"]])
     assert np.all(np.diag(corr) > 0.98)
+
+
+def test_deranged_random_permutations_move_every_unit_and_catch_a_two_unit_slip():
+    import torch
+
+    from combinability.derive import verify_spec
+    from combinability.errors import TracingError
+    from combinability.kinds import Blocks
+
+    spec = cb.PermutationSpec({"w": ("P", "Q"), "g": ("G",)}, kinds={"Q": Blocks("G", 2, 3)})
+    params = {"w": np.zeros((2, 6)), "g": np.zeros(2)}
+    for seed in range(20):
+        perm = cb.random_permutation(spec, params, seed=seed, derange=True)
+        assert not np.any(perm["P"] == np.arange(2)) and not np.any(perm["G"] == np.arange(2))
+        inner = perm["Q"].reshape(2, 3) - 3 * perm["G"][:, None]  # each block's units, moved within the block
+        assert not np.any(inner == np.arange(3))
+    # a net of two hidden units whose spec forgets the second layer's input axis: only a swap shows it
+    net = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.Tanh(), torch.nn.Linear(2, 2))
+    wrong = cb.PermutationSpec({"0.weight": ("P_0", None), "0.bias": ("P_0",), "2.weight": (None, None),
+                                "2.bias": (None,)})
+    x = torch.randn(5, 3)
+    for seed in range(8):  # a uniform draw is the identity for half the seeds; a derangement never
+        with pytest.raises(TracingError, match="P_0 binds 0.weight axis 0"):
+            verify_spec(cb.get_backend("torch"), net, wrong, x, seed=seed)
