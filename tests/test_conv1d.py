@@ -62,13 +62,15 @@ def test_sequence_table_shapes_and_parameters():
     assert spec.axes_to_perm["out.weight"] == (None, Repeat("P_c2", 5))
 
 
-def test_sequence_table_forward_matches_numpy():
+@pytest.mark.parametrize("backend", ["torch", "jax"])
+def test_sequence_table_forward_matches_numpy(backend):
+    pytest.importorskip(backend)
     rng = np.random.default_rng(0)
     params = {k: rng.normal(0, 0.5, shape).astype(np.float32) for k, (shape, dtype) in TABLE.parameters().items()
               if dtype == "float32"}
     params["n1.running_var"] = np.abs(params["n1.running_var"]) + 0.5
     x = rng.normal(size=(5, 3, 20)).astype(np.float32)
-    np.testing.assert_allclose(table_logits("torch", TABLE, params, x), _reference(params, x), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(table_logits(backend, TABLE, params, x), _reference(params, x), rtol=1e-4, atol=1e-4)
 
 
 def test_geometry_of_the_wrong_rank_is_refused():
@@ -214,17 +216,7 @@ def test_a_volume_net_is_traced_verified_and_its_planted_permutation_undone():
     np.testing.assert_allclose(aligned.theta_b, aligned.theta_a, atol=1e-6)
 
 
-# -- flax: the table's model and a user's nn.Conv on sequences ------------------------------------
-def test_sequence_table_forward_matches_numpy_on_jax():
-    pytest.importorskip("jax")
-    rng = np.random.default_rng(0)
-    params = {k: rng.normal(0, 0.5, shape).astype(np.float32) for k, (shape, dtype) in TABLE.parameters().items()
-              if dtype == "float32"}
-    params["n1.running_var"] = np.abs(params["n1.running_var"]) + 0.5
-    x = rng.normal(size=(5, 3, 20)).astype(np.float32)
-    np.testing.assert_allclose(table_logits("jax", TABLE, params, x), _reference(params, x), rtol=1e-4, atol=1e-4)
-
-
+# -- flax: a user's nn.Conv on sequences ----------------------------------------------------------
 def test_a_flax_sequence_net_is_traced_and_its_planted_permutation_undone():
     pytest.importorskip("flax")
     import flax.linen as fnn
