@@ -55,8 +55,8 @@ from combinability.permutation import Entry, PermutationSpec, Repeat
 __all__ = ["Node", "LayerTable", "OPS", "NORMS", "ACTIVATIONS"]
 
 #: The operations a node may perform.
-OPS = ("dense", "conv", "norm", "relu", "act", "prelu", "gate", "identity", "flatten", "avgpool", "maxpool", "add",
-       "concat", "mul")
+OPS = ("dense", "conv", "norm", "relu", "act", "prelu", "scale", "gate", "identity", "flatten", "avgpool", "maxpool",
+       "add", "concat", "mul")
 #: Kinds of normalisation: LayerNorm over the channel axis (at every position), BatchNorm, GroupNorm.
 NORMS = ("layernorm", "batchnorm", "groupnorm")
 #: Element-wise activations an ``"act"`` node may name (torch.nn.functional / jax.nn names).
@@ -83,6 +83,11 @@ class Node:
         ``"prelu"`` is ``max(x, 0) + a · min(x, 0)`` with learned slopes ``a`` (parameter
         ``weight``), one for all channels (``units=1``) or one per channel (``units`` = the
         input's channels: the slopes move with the channels);
+        ``"scale"`` multiplies each of its ``units`` channels by a learned factor (a layer
+        scale: ConvNeXt's ``layer_scale`` or ``gamma``), the parameter ``leaf`` of shape
+        ``(units,)``, or ``(units, 1, ..., 1)`` with a 1 per spatial axis when ``keepdims``;
+        ``"dense"`` on an image acts on the channels of each position (a ``Linear`` on a
+        channels-last map, a 1 x 1 convolution with an ``(out, in)`` weight);
         ``"gate"`` is the σ-Asymmetric FiGLU ``x * sigmoid(G x)``, ``G`` a frozen random
         ``(c, c)`` matrix applied over the channels at every position
         (:meth:`LayerTable.gate_matrix`); ``"identity"`` passes its input on.
@@ -102,6 +107,7 @@ class Node:
         A conv node's kernel dilation.
     keepdims : bool
         For ``op="avgpool"``: pool to a ``1 x 1`` image ``(n, c, 1, 1)`` rather than a vector.
+        For ``op="scale"``: the factors' shape is ``(units, 1, 1)`` (on an image) rather than ``(units,)``.
     output_size : (int, int) or None
         For ``op="avgpool"``: adaptive average pooling to an image of this ``(height, width)``
         (torch's ``AdaptiveAvgPool2d``: output row ``i`` averages input rows
@@ -122,6 +128,8 @@ class Node:
         channel space (channel ``c`` reads input channel ``c`` only).
     fn : str
         For ``op="act"``: the activation's name.
+    leaf : str
+        For ``op="scale"``: the name of its parameter (``f"{name}.{leaf}"``), default ``"weight"``.
     eps : float
         Normalisation epsilon.
     layer : str
@@ -159,6 +167,7 @@ class Node:
     keepdims: bool = False
     channels_last: bool = False
     output_size: tuple[int, int] | None = None
+    leaf: str = "weight"
 
     def __post_init__(self) -> None:
         if self.op not in OPS:
@@ -168,7 +177,10 @@ class Node:
         if self.op == "act" and self.fn not in ACTIVATIONS:
             raise ConfigurationError(f"node {self.name!r}: unknown activation {self.fn!r}; "
                                      f"valid: {', '.join(ACTIVATIONS)}")
-        if self.op in ("dense", "conv", "prelu") and self.units < 1:
+        if self.leaf != "weight" and (self.op != "scale" or not self.leaf.isidentifier()):
+            raise ConfigurationError(f"node {self.name!r}: leaf names a scale node's parameter (an identifier), got "
+                                     f"leaf={self.leaf!r} on a {self.op!r} node")
+        if self.op in ("dense", "conv", "prelu", "scale") and self.units < 1:
             raise ConfigurationError(f"node {self.name!r}: a {self.op} node needs units >= 1, got {self.units}")
         if self.op == "conv":
             self.conv_geometry()  # validates kernel, stride, padding and dilation
@@ -408,10 +420,8 @@ class LayerTable:
                 if node.fixed > fan_in:
                     raise ConfigurationError(f"{where}: fixed={node.fixed} frozen entries per unit exceed the fan-in "
                                              f"of {fan_in}; valid: 0 to {fan_in}")
-            if node.op == "dense":
-                if x.spatial is not None:
-                    raise ConfigurationError(f"{where}: a dense layer needs a vector; flatten or pool first")
-                out[node.name] = _Shape(node.units, None)
+            if node.op == "dense":  # on an image: the channels of each position
+                out[node.name] = _Shape(node.units, x.spatial)
             elif node.op == "conv":
                 if x.spatial is None:
                     raise ConfigurationError(f"{where}: a conv layer needs an image, got a vector")
@@ -447,6 +457,9 @@ class LayerTable:
                                              f"an image of one size, a 1 x 1 image or a vector, got {ins}")
                 points = [s.spatial for s in ins if _is_point(s.spatial)]
                 out[node.name] = _Shape(x.channels, full[0].spatial if full else points[0] if points else None)
+            elif node.op == "scale" and (node.units != x.channels or (node.keepdims and x.spatial is None)):
+                raise ConfigurationError(f"{where}: a scale node has one factor per channel: units {x.channels}, got "
+                                         f"{node.units}" + (" (keepdims needs an image)" if node.keepdims else ""))
             elif node.op == "prelu" and node.units not in (1, x.channels):
                 raise ConfigurationError(f"{where}: a prelu node has one slope or one per channel: units 1 or "
                                          f"{x.channels}, got {node.units}")
@@ -488,6 +501,10 @@ class LayerTable:
                 continue
             elif node.op == "prelu":
                 params[f"{node.name}.weight"] = ((node.units,), "float32")
+                continue
+            elif node.op == "scale":
+                trailing = (1,) * len(src.spatial or ()) if node.keepdims else ()
+                params[f"{node.name}.{node.leaf}"] = ((node.units, *trailing), "float32")
                 continue
             else:
                 continue
@@ -744,6 +761,10 @@ class LayerTable:
             elif node.op == "prelu":  # one slope per channel moves with the channels; a shared one stays
                 axes[f"{node.name}.weight"] = (p_out if node.units > 1 else None,)
                 continue
+            elif node.op == "scale":  # the factors move with their channels
+                trailing = len(shapes[self.inputs_of(node)[0]].spatial or ()) if node.keepdims else 0
+                axes[f"{node.name}.{node.leaf}"] = (p_out, *(None,) * trailing)
+                continue
             else:
                 continue
             if node.bias:
@@ -848,7 +869,7 @@ class LayerTable:
         names: list[str] = []
         node_layer = self._node_layers()
         for node in self.nodes:
-            if node.op in ("dense", "conv", "norm", "prelu") and node_layer[node.name] not in names:
+            if node.op in ("dense", "conv", "norm", "prelu", "scale") and node_layer[node.name] not in names:
                 names.append(node_layer[node.name])
         return names
 
@@ -871,6 +892,8 @@ class LayerTable:
                              "running_var": "batch_stats/var", "num_batches_tracked": "counters/count"}[leaf]
             elif node.op == "prelu":
                 flax_leaf = "params/negative_slope"
+            elif node.op == "scale":
+                flax_leaf = f"params/{leaf}"
             else:
                 flax_leaf = {"weight": "params/kernel", "bias": "params/bias"}[leaf]
             collection, leaf_name = flax_leaf.split("/")
@@ -946,6 +969,8 @@ class LayerTable:
             elif ref.endswith(".weight") and op == "conv":  # (out, in, *kernel) -> (*kernel, in, out)
                 order = (*range(2, len(value.shape)), 1, 0)
                 value = xp.permute_dims(value, order) if xp is not np else np.transpose(value, order)
+            elif op == "scale":  # (units, 1, 1) -> (units,): flax broadcasts over the last (channel) axis
+                value = xp.reshape(value, (-1,)) if xp is not np else np.reshape(value, -1)
             out[names[ref]] = value
         return out
 
@@ -955,7 +980,7 @@ class LayerTable:
         unknown = [k for k in params if k not in back]
         if unknown:
             raise LayoutError(f"flax arrays {unknown[:8]} are not in the {self.name!r} layer table")
-        out = {}
+        out, shapes = {}, self.parameters()
         for key, value in params.items():
             ref = back[key]
             op = self.node(ref.rsplit(".", 1)[0]).op
@@ -964,5 +989,7 @@ class LayerTable:
                 value = value.T
             elif ref.endswith(".weight") and op == "conv":  # (*kernel, in, out) -> (out, in, *kernel)
                 value = np.transpose(value, (value.ndim - 1, value.ndim - 2, *range(value.ndim - 2)))
+            elif op == "scale":
+                value = value.reshape(shapes[ref][0])
             out[ref] = value
-        return {k: out[k] for k in self.parameters() if k in out}
+        return {k: out[k] for k in shapes if k in out}

@@ -187,8 +187,10 @@ def test_unsupported_operations_raise_tracing_errors_naming_them():
 
     with pytest.raises(TracingError, match=r"variable 'params/gain' is used outside"):
         cb.derive_spec((Scaled(), Scaled().init(jax.random.PRNGKey(0), x)), x)
-    with pytest.raises(TracingError, match=r"channels-last images \(n, h, w, c\)"):
-        cb.derive_spec((ResCNN(), _init(ResCNN(), 0, _x())), np.ones((2, 8, 8), np.float32))
+    with pytest.raises(TracingError, match=r"running ResCNN.apply on example_input of shape \(2, 8, 8\) failed"):
+        cb.derive_spec((ResCNN(), _init(ResCNN(), 0, _x())), np.ones((2, 8, 8), np.float32))  # a sequence
+    with pytest.raises(TracingError, match=r"channels-last sequences \(n, length, c\), images"):
+        cb.derive_spec((ResCNN(), _init(ResCNN(), 0, _x())), np.ones((2, 1, 8, 8, 1, 1), np.float32))
 
 
 def test_models_of_different_widths_cannot_be_paired():

@@ -149,6 +149,17 @@ def _gate_matrix(table: LayerTable, name: str) -> np.ndarray:
     return table.gate_matrix(name)
 
 
+class Scale(nn.Module):
+    """Each channel (the last axis) times a learned factor: a layer scale, parameter ``leaf`` of ``(units,)``."""
+
+    units: int
+    leaf: str = "weight"
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return x * self.param(self.leaf, nn.initializers.ones, (self.units,)).astype(x.dtype)
+
+
 class PReLU(nn.Module):
     """``max(x, 0) + a · min(x, 0)`` with ``units`` learned slopes ``a`` over the last (channel) axis
     (torch's ``nn.PReLU(units)``: initialised to 0.25)."""
@@ -193,6 +204,8 @@ class TableNet(nn.Module):
                 h = Norm(node.norm, node.eps, node.groups, name=name)(h, train)
             elif node.op == "prelu":
                 h = PReLU(node.units, name=name)(h)
+            elif node.op == "scale":
+                h = Scale(node.units, node.leaf, name=name)(h)
             elif node.op == "relu":
                 h = nn.relu(h)
             elif node.op == "act":

@@ -173,6 +173,10 @@ class TableNet(nn.Module):
         shapes, frozen = table.shapes(), table.frozen_weights()
         for node in table.nodes:
             src = shapes[table.inputs_of(node)[0]]
+            if node.op == "scale":  # a parameter of the module at the node's path (made when missing)
+                shape = table.parameters()[f"{node.name}.{node.leaf}"][0]
+                self._owner(node.name).register_parameter(node.leaf, nn.Parameter(torch.ones(shape)))
+                continue
             module = _module(node, src.channels, 2 + len(src.spatial or ()), table, frozen)
             if module is not None:
                 parent = self
@@ -183,10 +187,19 @@ class TableNet(nn.Module):
                     parent = getattr(parent, part)
                 parent.add_module(leaf, module)
         self._modules_by_node = {n.name: self.get_submodule(n.name) for n in table.nodes
-                                 if n.op in ("dense", "conv", "norm", "gate", "prelu")}
+                                 if n.op in ("dense", "conv", "norm", "gate", "prelu", "scale")}
         # nodes whose output is a fresh tensor (not a view of, or the same tensor as, another value)
         self._fresh = {n.name for n, ins, _ in table.schedule
                        if n.op in ("dense", "conv", "norm", "concat") or (n.op in ("add", "mul") and len(ins) > 1)}
+
+    def _owner(self, path: str) -> nn.Module:
+        """The submodule at ``path``, made (an empty ``nn.Module``) where missing."""
+        owner: nn.Module = self
+        for part in path.split("."):
+            if not hasattr(owner, part):
+                owner.add_module(part, nn.Module())
+            owner = getattr(owner, part)
+        return owner
 
     def forward(self, x: torch.Tensor, taps: dict[str, Any] | None = None) -> torch.Tensor:
         values: dict[str, torch.Tensor] = {"<input>": x}
@@ -195,7 +208,12 @@ class TableNet(nn.Module):
         for node, reads, dropped in self.table.schedule:  # each value dropped after its last reader
             ins = [values[i] for i in reads]
             h = ins[0]
-            if node.op in ("dense", "conv", "norm", "gate", "prelu"):
+            if node.op == "dense" and h.dim() > 2:  # the channels of each position
+                h = self._modules_by_node[node.name](h.movedim(1, -1)).movedim(-1, 1)
+            elif node.op == "scale":
+                factor = getattr(self._modules_by_node[node.name], node.leaf)
+                h = h * (factor if factor.dim() == h.dim() - 1 else _at_rank(factor, h.dim() - 1))
+            elif node.op in ("dense", "conv", "norm", "gate", "prelu"):
                 h = self._modules_by_node[node.name](h)
             elif node.op == "relu":
                 source = reads[0]

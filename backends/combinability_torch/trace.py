@@ -40,6 +40,7 @@ _POOL_FUNCTIONS = {F.max_pool1d: "", F.max_pool2d: "", F.max_pool3d: "", F.avg_p
                    F.avg_pool3d: "avg"}
 _ADAPTIVE_AVG = {F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_avg_pool3d}
 #: Reshapes that turn a vector ``(n, c)`` into ``(n, c, 1, 1)`` (or on the way there), and broadcasts of that.
+_VIEWS = {"reshape", "view", "unsqueeze", "squeeze", "flatten", torch.reshape, torch.unsqueeze, torch.squeeze}
 _TO_IMAGE = {"view", "reshape", "unsqueeze", torch.reshape, torch.unsqueeze, operator.getitem, "expand",
              "expand_as"}
 
@@ -66,14 +67,45 @@ def reads_shape(n: fx.Node) -> bool:
 
 
 def table_names(gm: fx.GraphModule) -> dict[str, str]:
-    """fx node name -> table node name: a parametrised module's qualified name, else the fx name."""
+    """fx node name -> table node name: a parametrised module's qualified name (or, for an operation
+    on parameters read directly, ``F.layer_norm(x, shape, self.weight, self.bias)`` or a layer scale
+    ``self.gamma * x``, their module's), else the fx name."""
     names: dict[str, str] = {}
     for n in gm.graph.nodes:
+        owner = _param_owner(n)
         if n.op == "call_module" and any(True for _ in gm.get_submodule(n.target).parameters(recurse=False)):
             names[n.name] = str(n.target)
+        elif owner is not None and owner[0]:
+            names[n.name] = owner[0]
         elif n.op not in ("placeholder", "output", "get_attr"):
             names[n.name] = n.name
     return names
+
+
+def attribute_of(n: Any) -> str | None:
+    """The parameter a node is, or is a view of (``self.gamma.reshape(1, -1, 1, 1)``); None otherwise."""
+    while isinstance(n, fx.Node) and n.op != "get_attr":
+        if not (n.op == "call_method" and n.target in _VIEWS or n.op == "call_function" and n.target in _VIEWS):
+            return None
+        n = n.args[0]
+    return str(n.target) if isinstance(n, fx.Node) else None
+
+
+def _param_owner(n: fx.Node) -> tuple[str, str] | None:
+    """``(module path, leaf)`` of the parameter that ``F.layer_norm`` (its weight) or a product with a
+    parameter (a layer scale) reads directly; None for other nodes."""
+    if n.op == "call_function" and n.target is F.layer_norm:
+        weight = n.args[2] if len(n.args) > 2 else n.kwargs.get("weight")
+        target = attribute_of(weight)
+    elif n.op in ("call_function", "call_method") and n.target in _MUL and len(n.args) == 2:
+        targets = [t for t in map(attribute_of, n.args) if t is not None]
+        target = targets[0] if len(targets) == 1 else None
+    else:
+        return None
+    if target is None:
+        return None
+    path, _, leaf = target.rpartition(".")
+    return path, leaf
 
 
 def _shape(n: Any) -> tuple[int, ...] | None:
@@ -95,13 +127,24 @@ def _conv_padding(m: nn.Conv1d | nn.Conv2d | nn.Conv3d) -> tuple[tuple[int, int]
     return tuple((int(p), int(p)) for p in m.padding)  # type: ignore[return-value]
 
 
-def _node(n: fx.Node, gm: fx.GraphModule, name: str, ins: tuple[str, ...], model: nn.Module) -> Node | None:
-    """The table node of one fx node; None for a node that passes its input on unchanged."""
+def _node(n: fx.Node, gm: fx.GraphModule, name: str, ins: tuple[str, ...], model: nn.Module,
+          last: bool = False) -> Node | None:
+    """The table node of one fx node; None for a node that passes its input on unchanged.
+
+    ``last``: the node reads a channels-last map (``(n, h, w, c)``, after a ``permute``), on
+    which linear layers and LayerNorm act on the channels of each position.
+    """
     where = f"node {n.name!r} ({n.op} {n.target!r})"
     shape_in = _shape(n.args[0]) if n.args else None
+    if last:
+        return _channels_last_node(n, gm, name, ins, model, where)
     if n.op == "call_module":
         m = gm.get_submodule(n.target)
         if isinstance(m, nn.Linear):
+            if shape_in is not None and len(shape_in) > 2:
+                raise TracingError(f"{where}: a Linear on a channels-first map ({tuple(shape_in)}) mixes the "
+                                   "positions of its last axis; on the channels it reads a channels-last map "
+                                   "(x.permute(0, 2, 3, 1))" + _hint(model))
             return Node(name, "dense", ins, units=m.out_features, bias=m.bias is not None)
         if isinstance(m, nn.Conv1d | nn.Conv2d | nn.Conv3d):
             if m.padding_mode != "zeros":
@@ -193,12 +236,138 @@ def _node(n: fx.Node, gm: fx.GraphModule, name: str, ins: tuple[str, ...], model
                        + _hint(model))
 
 
+def _channels_last_node(n: fx.Node, gm: fx.GraphModule, name: str, ins: tuple[str, ...], model: nn.Module,
+                        where: str) -> Node | None:
+    """The table node of an operation on a channels-last map: per-position linear layers and
+    LayerNorm (ConvNeXt blocks), activations, flatten (position by position) and means over the positions."""
+    shape_in, out = _shape(n.args[0]), _shape(n)
+    if n.op == "call_module":
+        m = gm.get_submodule(n.target)
+        if isinstance(m, nn.Linear):
+            return Node(name, "dense", ins, units=m.out_features, bias=m.bias is not None)
+        if isinstance(m, nn.LayerNorm) and m.elementwise_affine and tuple(m.normalized_shape) == shape_in[-1:]:
+            return Node(name, "norm", ins, norm="layernorm", eps=m.eps, bias=m.bias is not None)
+        for cls, fn in _ACT_MODULES.items():
+            if type(m) is cls:
+                return Node(name, "relu", ins) if fn == "relu" else Node(name, "act", ins, fn=fn)
+        if isinstance(m, _KEEP_MODULES):
+            return None
+        if isinstance(m, nn.Flatten) and out is not None and len(out) == 2:
+            return Node(name, "flatten", ins, channels_last=True)
+    else:
+        target = n.target
+        tensors: list[fx.Node] = []
+        fx.node.map_arg(n.args, tensors.append)
+        if (n.op == "call_function" and target in _ADD | _SCALE and len(tensors) == 1) or \
+                (n.op == "call_method" and target in _KEEP_METHODS) or target is F.dropout:
+            return None
+        if target in _ACT_FUNCTIONS or (n.op == "call_method" and target in ACTIVATIONS):
+            fn = _ACT_FUNCTIONS.get(target, target)
+            return Node(name, "relu", ins) if fn == "relu" else Node(name, "act", ins, fn=fn)
+        if target in (torch.flatten, "flatten", "view", "reshape") and out is not None and len(out) == 2:
+            return Node(name, "flatten", ins, channels_last=True)
+        if (target in (torch.mean, "mean") and out is not None and len(out) == 2 and out[1] == shape_in[-1]
+                and _reduced_axes(n, len(shape_in)) == set(range(1, len(shape_in) - 1))):
+            return Node(name, "avgpool", ins)
+    raise TracingError(f"{where} on a channels-last map ({tuple(shape_in or ())}): the tracer follows Linear, "
+                       "LayerNorm over the channels, activations, flatten, means over the positions and a "
+                       "permute back to channels-first there" + _hint(model))
+
+
+def channels_last_nodes(gm: fx.GraphModule) -> set[str]:
+    """The fx nodes whose output is a channels-last map: moved there by ``permute(0, 2, 3, 1)`` (any rank:
+    the channel axis last), and every node reading one, until ``permute(0, 3, 1, 2)`` moves it back.
+
+    Reads only the graph (no shapes): :class:`TapRunner` turns these nodes' outputs channels-first.
+    """
+    last: set[str] = set()
+    for n in gm.graph.nodes:
+        dims = permute_dims(n)
+        if dims is not None:
+            rank = len(dims)
+            if dims == (0, *range(2, rank), 1) and rank > 2:
+                last.add(n.name)
+            continue  # back to channels-first (or another permute, which the tracer refuses)
+        read: list[fx.Node] = []
+        fx.node.map_arg((n.args, n.kwargs), read.append)
+        if n.op not in ("placeholder", "get_attr", "output") and any(r.name in last for r in read):
+            last.add(n.name)
+    return last
+
+
+def permute_dims(n: fx.Node) -> tuple[int, ...] | None:
+    """The axis order of a ``permute`` node (``x.permute(0, 2, 3, 1)``, ``torch.permute(x, (0, 2, 3, 1))``)."""
+    if not ((n.op == "call_method" and n.target == "permute") or (n.op == "call_function"
+                                                                    and n.target is torch.permute)):
+        return None
+    dims = n.args[1:] if n.op == "call_method" else n.args[1:2]
+    if len(dims) == 1 and isinstance(dims[0], tuple | list):
+        dims = tuple(dims[0])
+    dims = dims or tuple(n.kwargs.get("dims", ()))
+    rank = len(dims)
+    return tuple(int(d) % rank for d in dims) if all(isinstance(d, int) for d in dims) else None
+
+
 def _reduced_axes(n: fx.Node, rank: int) -> set[int] | None:
     """The axes a ``mean`` node reduces (non-negative), or None when it names none (all of them)."""
     dim = n.args[1] if len(n.args) > 1 else n.kwargs.get("dim")
     if dim is None:
         return None
     return {int(d) % rank for d in (dim if isinstance(dim, tuple | list) else (dim,))}
+
+
+def _rank(n: fx.Node) -> int:
+    shape = _shape(n)
+    return len(shape) if shape is not None else 0
+
+
+def _check_permute(n: fx.Node, dims: tuple[int, ...], on_last: bool, model: nn.Module) -> None:
+    """Accept the permutes between channels-first and channels-last maps, refuse every other."""
+    rank = len(dims)
+    to_last, to_first = (0, *range(2, rank), 1), (0, rank - 1, *range(1, rank - 1))
+    if rank > 2 and ((dims == to_last and not on_last) or (dims == to_first and on_last)):
+        return
+    raise TracingError(f"node {n.name!r}: permute{dims} on a {'channels-last' if on_last else 'channels-first'} "
+                       f"map; the tracer follows the permutes from channels-first to channels-last "
+                       f"{to_last} and back {to_first} only" + _hint(model))
+
+
+def _parameter_node(n: fx.Node, gm: fx.GraphModule, name: str, ins: tuple[str, ...], model: nn.Module,
+                    on_last: bool, params_read: list[fx.Node]) -> Node:
+    """The node of an operation reading parameters directly: ``F.layer_norm`` over the channels
+    (a ``LayerNorm2d``'s forward) or a layer scale, one factor per channel times a map or vector."""
+    where = f"node {n.name!r} ({n.op} {n.target!r})"
+    shape_in = _shape(n.args[0]) if n.args else None
+    owner = _param_owner(n)
+    if n.target is F.layer_norm and owner is not None and owner[0] and shape_in is not None:
+        args = {**dict(zip(("input", "normalized_shape", "weight", "bias", "eps"), n.args, strict=False)), **n.kwargs}
+        bias = attribute_of(args.get("bias"))
+        channels_last = on_last or len(shape_in) == 2
+        if (channels_last and tuple(args["normalized_shape"]) == tuple(shape_in[-1:]) and owner[1] == "weight"
+                and bias in (None, f"{owner[0]}.bias")):
+            return Node(name, "norm", ins, norm="layernorm", eps=float(args.get("eps", 1e-5)), bias=bias is not None)
+        raise TracingError(f"{where}: the tracer follows F.layer_norm over the channels of a channels-last map or a "
+                           f"vector with the parameters <module>.weight and <module>.bias (got normalized_shape "
+                           f"{tuple(args['normalized_shape'])} on {tuple(shape_in)}, weight {owner[0]}.{owner[1]}, "
+                           f"bias {bias})" + _hint(model))
+    if n.target in _MUL and owner is not None and owner[0] and len(ins) == 1:
+        factor = next(a for a in n.args if attribute_of(a) is not None)
+        traced = next(a for a in n.args if a is not factor)
+        param = gm.get_parameter(f"{owner[0]}.{owner[1]}")
+        seen, shape = tuple(_shape(factor) or ()), tuple(_shape(traced) or ())
+        c = shape[-1] if on_last or len(shape) == 2 else shape[1] if len(shape) > 2 else 0
+        rank = len(shape)
+        per_channel = ({(c,), (1,) * (rank - 1) + (c,)} if on_last or rank == 2
+                       else {(c,) + (1,) * (rank - 2), (1, c) + (1,) * (rank - 2)})
+        stored = {(c,)} | ({(c,) + (1,) * (rank - 2)} if not on_last and rank > 2 else set())
+        if c and seen in per_channel and tuple(param.shape) in stored:
+            return Node(name, "scale", ins, units=c, leaf=owner[1], keepdims=param.dim() > 1)
+        raise TracingError(f"{where}: a product with the parameter {owner[0]}.{owner[1]} (shape "
+                           f"{tuple(param.shape)}, used as {seen}) on {shape}: the tracer follows a layer scale, one "
+                           f"factor per channel stored as ({c},) or ({c}, 1, 1)" + _hint(model))
+    raise TracingError(f"node {n.name!r}: a parameter used directly in forward "
+                       f"({', '.join(str(attribute_of(a)) for a in params_read)}) cannot be followed there; the "
+                       "tracer follows F.layer_norm and layer scales" + _hint(model))
 
 
 def tensor_aliases(model: nn.Module) -> dict[str, str]:
@@ -278,6 +447,7 @@ def describe(model: nn.Module, example_input: torch.Tensor) -> tuple[LayerTable,
         gm.train(was_training)
     names = table_names(gm)
     held = other_arguments(model)
+    last = channels_last_nodes(gm)
     alias: dict[str, str] = {}
     nodes: list[Node] = []
     output = None
@@ -291,11 +461,11 @@ def describe(model: nn.Module, example_input: torch.Tensor) -> tuple[LayerTable,
         if n.op == "output":
             output = logits_of(n.args[0])
             continue
-        if n.op == "get_attr":
-            raise TracingError(f"node {n.name!r}: a parameter used directly in forward ({n.target!r}) cannot be "
-                               "followed" + _hint(model))
+        if n.op == "get_attr" or attribute_of(n) is not None:
+            continue  # a parameter (or a view of one) read directly: see the operation that uses it
         read: list[fx.Node] = []
         fx.node.map_arg((n.args, n.kwargs), read.append)
+        params_read = [a for a in read if attribute_of(a) is not None]
         ins = tuple(dict.fromkeys(alias[a.name] for a in read if a.name in alias)) \
             if n.target not in _ADD | _CAT | _MUL else tuple(alias[a.name] for a in read if a.name in alias)
         if reads_shape(n):
@@ -304,7 +474,20 @@ def describe(model: nn.Module, example_input: torch.Tensor) -> tuple[LayerTable,
             if _shape(n) is None:  # arithmetic on sizes (``b, c = x.shape[:2]``): no tensor
                 continue
             raise TracingError(f"node {n.name!r} ({n.target!r}) reads no traced tensor" + _hint(model))
-        node = _node(n, gm, names[n.name], ins, model)
+        traced = [a for a in read if a.name in alias]
+        if len({a.name in last for a in traced if _rank(a) > 2}) > 1:
+            raise TracingError(f"node {n.name!r} ({n.target!r}) combines a channels-last map with a channels-first "
+                               "one" + _hint(model))
+        on_last = bool(traced) and traced[0].name in last and _rank(traced[0]) > 2
+        dims = permute_dims(n)
+        if dims is not None:
+            _check_permute(n, dims, on_last, model)
+            alias[n.name] = ins[0]
+            continue
+        if params_read:
+            node = _parameter_node(n, gm, names[n.name], ins, model, on_last, params_read)
+        else:
+            node = _node(n, gm, names[n.name], ins, model, on_last)
         if node is None:
             alias[n.name] = ins[0]
             continue
@@ -341,17 +524,19 @@ class TapRunner(nn.Module):
         self._parameters = gm._parameters
         self._buffers = gm._buffers
         self.__dict__["fx_of"] = {v: k for k, v in table_names(gm).items()}
+        self.__dict__["channels_last"] = channels_last_nodes(gm)  # tapped channels-first, as the table reads them
 
     def forward(self, x: torch.Tensor, taps: dict[str, Any] | None = None) -> torch.Tensor:
         if taps is None:
             return self.gm(x)
         wanted = {self.fx_of.get(p, p): p for p in taps}
+        channels_last = self.channels_last
 
         class _Tap(fx.Interpreter):
             def run_node(self, n: fx.Node) -> Any:
                 out = super().run_node(n)
                 if n.name in wanted:
-                    taps[wanted[n.name]] = out
+                    taps[wanted[n.name]] = out.movedim(-1, 1) if n.name in channels_last and out.dim() > 2 else out
                 return out
 
         return _Tap(self.gm).run(x)
