@@ -217,3 +217,84 @@ def test_convnext_block_table_matches_numpy(backend):
     assert TABLE.parameters()["b.layer_scale"][0] == (6, 1, 1)
     assert TABLE.spec().axes_to_perm["b.layer_scale"] == ("P_stem", None, None)
     np.testing.assert_allclose(table_logits(backend, TABLE, params, x), _reference(params, x), rtol=1e-4, atol=1e-4)
+
+
+def test_a_flax_convnext_with_layer_scales_is_traced_and_its_planted_permutation_undone():
+    pytest.importorskip("flax")
+    import flax.linen as fnn
+    import jax.numpy as jnp
+
+    from tests.model_checks import flax_planted_permutation, flax_variables
+
+    class Block(fnn.Module):
+        dim: int
+
+        @fnn.compact
+        def __call__(self, x):  # NHWC throughout: Dense and LayerNorm act on each position's channels
+            h = fnn.Conv(self.dim, (7, 7), padding=3, feature_group_count=self.dim)(x)
+            h = fnn.Dense(self.dim)(fnn.gelu(fnn.Dense(4 * self.dim)(fnn.LayerNorm(epsilon=1e-6)(h))))
+            return x + self.param("gamma", fnn.initializers.constant(0.5), (self.dim,)) * h
+
+    class FlaxConvNeXt(fnn.Module):
+        @fnn.compact
+        def __call__(self, x):
+            x = fnn.Conv(8, (4, 4), strides=4, padding="VALID")(x)
+            x = Block(8, name="block1")(Block(8, name="block0")(x))
+            return fnn.Dense(3)(jnp.mean(x, axis=(1, 2)))
+
+    net = FlaxConvNeXt()
+    x = np.random.default_rng(0).normal(size=(2, 16, 16, 1)).astype(np.float32)
+    variables = flax_variables(net, x, seed=0)
+    spec = cb.derive.describe((net, variables), x).spec()
+    assert spec.axes_to_perm["block0.gamma"] == ("P_Conv_0",)
+    assert spec.axes_to_perm["block0.Dense_1.weight"] == ("P_block0.Dense_1", "P_Conv_0")  # made second, called first
+    flax_planted_permutation(net, variables, x)
+
+
+class TimmBlock(nn.Module):
+    """timm's ConvNeXt block (``conv_mlp=False``): a ``(C,)`` gamma reshaped to ``(1, C, 1, 1)`` in forward."""
+
+    def __init__(self, dim):
+        super().__init__()
+        self.conv_dw = nn.Conv2d(dim, dim, 7, padding=3, groups=dim)
+        self.norm = nn.LayerNorm(dim, eps=1e-6)
+        self.fc1, self.act, self.fc2 = nn.Linear(dim, 4 * dim), nn.GELU(), nn.Linear(4 * dim, dim)
+        self.gamma = nn.Parameter(torch.full((dim,), 0.5))
+
+    def forward(self, x):
+        shortcut = x
+        x = self.conv_dw(x).permute(0, 2, 3, 1)
+        x = self.fc2(self.act(self.fc1(self.norm(x)))).permute(0, 3, 1, 2)
+        return x.mul(self.gamma.reshape(1, -1, 1, 1)) + shortcut
+
+
+class TimmNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem, self.stages, self.head = nn.Conv2d(1, 8, 4, stride=4), nn.Sequential(TimmBlock(8)), nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.head(self.stages(self.stem(x)).mean((2, 3)))
+
+
+def test_a_timm_style_gamma_is_a_layer_scale_and_a_planted_swap_is_undone():
+    torch.manual_seed(0)
+    a = TimmNet().eval()
+    with torch.no_grad():
+        for p in a.parameters():
+            p.add_(torch.randn_like(p) * 0.3)
+    spec = cb.derive_spec(a, _x())
+    assert spec.axes_to_perm["stages.0.gamma"] == ("P_stem",)
+    stream = torch.as_tensor(np.random.default_rng(2).permutation(8))
+    state = {k: v.clone() for k, v in a.state_dict().items()}
+    for key in ("stem.weight", "stem.bias", "stages.0.conv_dw.weight", "stages.0.conv_dw.bias", "stages.0.norm.weight",
+                "stages.0.norm.bias", "stages.0.fc2.weight", "stages.0.fc2.bias", "stages.0.gamma"):
+        state[key] = state[key][stream]
+    for key in ("stages.0.fc1.weight", "head.weight"):
+        state[key] = state[key][:, stream]
+    b = TimmNet().eval()
+    b.load_state_dict(state)
+    with torch.no_grad():
+        np.testing.assert_allclose(b(_x()).numpy(), a(_x()).numpy(), rtol=1e-4, atol=1e-5)
+    aligned = cb.ModelPair(a, b, example_input=_x()).align("weight")
+    np.testing.assert_allclose(aligned.theta_b, aligned.theta_a, atol=1e-6)

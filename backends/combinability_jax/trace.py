@@ -86,7 +86,7 @@ def _leaf_node(path: str, m: nn.Module, shape: tuple[int, ...], ins: tuple[str, 
     last = [tuple(int(a) % nd for a in np.atleast_1d(-1 if axes is None else axes)) == (nd - 1,)
             for axes in (getattr(m, "reduction_axes", -1), getattr(m, "feature_axes", -1), getattr(m, "axis", -1))]
     affine = getattr(m, "use_scale", True) and getattr(m, "use_bias", True)
-    if isinstance(m, nn.Dense) and (nd == 2 or (nd > 2 and set(shape[1:-1]) == {1})):  # a 1 x 1 image: a vector
+    if isinstance(m, nn.Dense) and nd >= 2:  # on a channels-last map: the channels of each position
         return Node(path, "dense", ins, units=m.features, bias=m.use_bias)
     if isinstance(m, nn.Conv) and 3 <= nd <= 5 and len(_per_axis(m.kernel_size, nd - 2)) == nd - 2:
         kernel, stride, dilation = (_per_axis(v, nd - 2) for v in (m.kernel_size, m.strides, m.kernel_dilation))
@@ -142,7 +142,8 @@ class _Trace(JaxprWalker):
                 self._add(_leaf_node(scope[2:], m, shape, (self._name(next(i for i in ins if i in acts)),),
                                      self.hint), self.last[scope])
             elif scope[:2] == "C=":
-                self._free(prim, params, [i for i in ins if i in acts], outs, scope[2:], len(ins))
+                self._free(prim, params, [i for i in ins if i in acts], outs, scope[2:], len(ins),
+                           [i for i in ins if i not in acts])
 
     def _intercept(self, next_fun: Any, args: tuple, kwargs: dict, context: Any) -> Any:
         m, path = context.module, ".".join(context.module.path)
@@ -157,10 +158,24 @@ class _Trace(JaxprWalker):
             return next_fun(*args, **kwargs)
 
 
-    def _free(self, prim: Any, p: dict, acts: list[int], outs: list[int], path: str, operands: int) -> None:
-        """One operation of the user's modules on the input's dataflow (``operands``: all its inputs)."""
+    def _free(self, prim: Any, p: dict, acts: list[int], outs: list[int], path: str, operands: int,
+              others: list[int] = ()) -> None:
+        """One operation of the user's modules on the input's dataflow (``operands``: all its inputs,
+        ``others``: those not on the dataflow)."""
         n, shape, s = prim.name, self.shape[outs[0]], self.shape[acts[0]]
         where = f"operation {n!r} in {f'module {path!r}' if path else f'the top-level {self.name}'}"
+        variable = self._variable(others[0]) if n == "mul" and len(acts) == 1 and len(others) == 1 else None
+        if variable is not None:  # a layer scale: one learned factor per channel (the last axis)
+            parts = variable.split("/")
+            c = shape[-1] if len(shape) >= 2 else 0
+            if parts[0] == "params" and len(parts) > 2 and s == shape and self.shape[self._root_of(others[0])] == (c,):
+                self._add(Node(".".join(parts[1:-1]), "scale", (self._name(acts[0]),), units=c, leaf=parts[-1]),
+                          outs[0])
+                return
+            raise TracingError(f"{where} multiplies by the variable {variable!r} of shape "
+                               f"{self.shape[self._root_of(others[0])]}: the tracer follows a layer scale, a "
+                               f"submodule's parameter (params/<module>/<name>) of one factor per channel, shape "
+                               f"({c},), times a map or vector" + self.hint)
         if n == "concatenate" and 2 <= len(shape) <= 5 and p["dimension"] == len(shape) - 1 \
                 and len(acts) == operands:  # channels (the last axis) of the input's dataflow only
             self._add(Node(self._fresh(path, "concat"), "concat", tuple(map(self._name, acts))), outs[0])
@@ -205,6 +220,21 @@ class _Trace(JaxprWalker):
                            padding=p["padding"][1][0], fn="avg" if avg else ""), outs[0])
         else:
             raise TracingError(f"{where}: the tracer cannot follow this operation ({_FOLLOWS})" + self.hint)
+
+    def _root_of(self, i: int) -> int:
+        """The id that ``i`` is a broadcast, reshape or cast of (``i`` itself when it is none)."""
+        while i in self.producer:
+            prim, _, ins, _, _ = self.ops[self.producer[i]]
+            if prim.name not in ("broadcast_in_dim", "reshape", "convert_element_type", "squeeze", "expand_dims") \
+                    or len(ins) != 1:
+                break
+            i = ins[0]
+        return i
+
+    def _variable(self, i: int) -> str | None:
+        """The path of the model variable that ``i`` is (or is a broadcast or reshape of); None otherwise."""
+        root = self._root_of(i)
+        return self.src.get(root) if root not in self.const else None
 
     def _value(self, i: int) -> Any:
         """The value of an id that does not depend on the input (folded on first use)."""
