@@ -96,3 +96,25 @@ def language_pair_sweep_ends_match_torch(models: list[Any], example: Any, vocab:
         for m, lam in zip(models, (0.0, 1.0), strict=True):
             want = F.cross_entropy(m(tokens).reshape(-1, vocab), targets.reshape(-1)).item()
             assert float(ds["loss"].sel(split="test", lam=lam).isel(sample=0)) == pytest.approx(want, rel=1e-5)
+
+
+def assert_planted_permutation_undone(a: Any, b: Any, x: Any, data: tuple, method: str) -> None:
+    """``b`` (torch: ``a`` with its units permuted by hand) computes ``a``'s function on ``x``, differs from
+    it, and ``method`` ("weight", or "activation" on ``data``) aligns it back to ``a`` exactly."""
+    import torch
+
+    with torch.no_grad():
+        np.testing.assert_allclose(b(x).numpy(), a(x).numpy(), rtol=1e-4, atol=1e-5)
+    assert any(not torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters(), strict=True))
+    pair = cb.ModelPair(a, b, example_input=x)
+    aligned = pair.align(method, **({"data": data} if method == "activation" else {}))
+    np.testing.assert_allclose(aligned.theta_b, aligned.theta_a, atol=1e-6)
+
+
+def tapped_features(model: Any, other: Any, x: Any, point: str, batch_size: int = 2) -> np.ndarray:
+    """The features of ``model`` (torch) at ``point`` on ``x``, as the library reads them
+    (``(examples x positions, units)``), through a pair with ``other``."""
+    pair = cb.ModelPair(model, other, example_input=x)
+    evaluator = cb.Evaluator(cb.get_backend(pair.backend), pair.model(0), pair.layout, batch_size=batch_size)
+    data = cb.ArrayDataset(x=x.numpy(), y=np.zeros(len(x), np.int64), num_classes=2, name="probe", split="test")
+    return evaluator.features(pair.theta_a, data, [point])[point]

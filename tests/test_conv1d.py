@@ -16,7 +16,7 @@ import combinability as cb
 from combinability.errors import ConfigurationError
 from combinability.layers import LayerTable, Node
 from combinability.permutation import Repeat
-from tests.model_checks import table_logits
+from tests.model_checks import assert_planted_permutation_undone, table_logits, tapped_features
 from tests.reference_nets import conv2d_general, relu
 
 torch = pytest.importorskip("torch")
@@ -156,23 +156,12 @@ def test_derived_spec_of_a_sequence_net_is_the_hand_written_one():
 @pytest.mark.parametrize("method", ["weight", "activation"])
 def test_a_hand_planted_permutation_of_a_sequence_net_is_undone(method):
     a = _randomised(0)
-    b = _planted(a, seed=3)
-    with torch.no_grad():
-        np.testing.assert_allclose(b(_x()).numpy(), a(_x()).numpy(), rtol=1e-4, atol=1e-5)
-    assert not torch.equal(b.conv1.weight, a.conv1.weight)
-    pair = cb.ModelPair(a, b, example_input=_x())
-    data = (_x(64, 1).numpy(), np.arange(64) % 5)
-    aligned = pair.align(method, **({"data": data} if method == "activation" else {}))
-    np.testing.assert_allclose(aligned.theta_b, aligned.theta_a, atol=1e-6)
+    assert_planted_permutation_undone(a, _planted(a, seed=3), _x(), (_x(64, 1).numpy(), np.arange(64) % 5), method)
 
 
 def test_features_of_a_sequence_are_channels_by_position():
-    a = _randomised(0)
-    pair = cb.ModelPair(a, _randomised(1), example_input=_x())
-    x = _x(7, 2)
-    evaluator = cb.Evaluator(cb.get_backend(pair.backend), pair.model(0), pair.layout, batch_size=4)
-    data = cb.ArrayDataset(x=x.numpy(), y=np.zeros(7, np.int64), num_classes=5, name="sequences", split="test")
-    feats = evaluator.features(pair.theta_a, data, ["bn1"])["bn1"]
+    a, x = _randomised(0), _x(7, 2)
+    feats = tapped_features(a, _randomised(1), x, "bn1", batch_size=4)
     with torch.no_grad():
         want = a.bn1(a.conv1(F.relu(a.bn0(a.stem(x))))).numpy()  # (n, c, length)
     assert feats.shape == (7 * 24, 12)
@@ -210,10 +199,7 @@ def test_a_volume_net_is_traced_verified_and_its_planted_permutation_undone():
     state["c2.weight"], state["c2.bias"] = state["c2.weight"][p2][:, p1], state["c2.bias"][p2]
     state["fc.weight"] = state["fc.weight"].reshape(3, 4, 16)[:, p2].reshape(3, 64)
     b.load_state_dict(state)
-    with torch.no_grad():
-        np.testing.assert_allclose(b(x).numpy(), a(x).numpy(), rtol=1e-4, atol=1e-5)
-    aligned = cb.ModelPair(a, b, example_input=x).align("weight")
-    np.testing.assert_allclose(aligned.theta_b, aligned.theta_a, atol=1e-6)
+    assert_planted_permutation_undone(a, b, x, (), "weight")
 
 
 # -- flax: a user's nn.Conv on sequences ----------------------------------------------------------

@@ -16,7 +16,7 @@ from scipy.special import erf
 import combinability as cb
 from combinability.errors import TracingError
 from combinability.layers import LayerTable, Node
-from tests.model_checks import table_logits
+from tests.model_checks import assert_planted_permutation_undone, table_logits, tapped_features
 from tests.reference_nets import conv2d_general
 
 torch = pytest.importorskip("torch")
@@ -138,23 +138,12 @@ def test_derived_spec_of_a_convnext_binds_streams_hidden_units_and_layer_scales(
 @pytest.mark.parametrize("method", ["weight", "activation"])
 def test_a_hand_planted_permutation_of_a_convnext_is_undone(method):
     a = _convnext(0)
-    b = _planted(a, seed=3)
-    with torch.no_grad():
-        np.testing.assert_allclose(b(_x()).numpy(), a(_x()).numpy(), rtol=1e-4, atol=1e-5)
-    assert not torch.equal(b.features[1][0].block[3].weight, a.features[1][0].block[3].weight)
-    pair = cb.ModelPair(a, b, example_input=_x())
-    data = (_x(32, 1).numpy(), np.arange(32) % 10)
-    aligned = pair.align(method, **({"data": data} if method == "activation" else {}))
-    np.testing.assert_allclose(aligned.theta_b, aligned.theta_a, atol=1e-6)
+    assert_planted_permutation_undone(a, _planted(a, seed=3), _x(), (_x(32, 1).numpy(), np.arange(32) % 10), method)
 
 
 def test_features_on_channels_last_maps_are_channels_by_position():
-    a = _convnext(0)
-    pair = cb.ModelPair(a, _convnext(1), example_input=_x())
-    x = _x(3, 2)
-    evaluator = cb.Evaluator(cb.get_backend(pair.backend), pair.model(0), pair.layout, batch_size=2)
-    data = cb.ArrayDataset(x=x.numpy(), y=np.zeros(3, np.int64), num_classes=10, name="images", split="test")
-    feats = evaluator.features(pair.theta_a, data, ["features.1.0.block.3"])["features.1.0.block.3"]
+    a, x = _convnext(0), _x(3, 2)
+    feats = tapped_features(a, _convnext(1), x, "features.1.0.block.3")
     with torch.no_grad():
         stem = a.features[0](x)
         want = a.features[1][0].block[:4](stem).numpy()  # (n, h, w, 4 dim): the Linear's own output
@@ -294,7 +283,4 @@ def test_a_timm_style_gamma_is_a_layer_scale_and_a_planted_swap_is_undone():
         state[key] = state[key][:, stream]
     b = TimmNet().eval()
     b.load_state_dict(state)
-    with torch.no_grad():
-        np.testing.assert_allclose(b(_x()).numpy(), a(_x()).numpy(), rtol=1e-4, atol=1e-5)
-    aligned = cb.ModelPair(a, b, example_input=_x()).align("weight")
-    np.testing.assert_allclose(aligned.theta_b, aligned.theta_a, atol=1e-6)
+    assert_planted_permutation_undone(a, b, _x(), (), "weight")

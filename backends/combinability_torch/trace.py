@@ -168,11 +168,9 @@ def _node(n: fx.Node, gm: fx.GraphModule, name: str, ins: tuple[str, ...], model
         if isinstance(m, nn.LayerNorm) and m.elementwise_affine and shape_in is not None and len(shape_in) == 2 \
                 and tuple(m.normalized_shape) == shape_in[1:]:
             return Node(name, "norm", ins, norm="layernorm", eps=m.eps, bias=m.bias is not None)
-        for cls, fn in _ACT_MODULES.items():
-            if type(m) is cls:
-                return Node(name, "relu", ins) if fn == "relu" else Node(name, "act", ins, fn=fn)
-        if isinstance(m, _KEEP_MODULES):
-            return None
+        act = _activation_node(m, name, ins)
+        if act is not None or isinstance(m, _KEEP_MODULES):
+            return act
         if isinstance(m, nn.Flatten):
             return Node(name, "flatten", ins)
         adaptive = nn.AdaptiveAvgPool1d | nn.AdaptiveAvgPool2d | nn.AdaptiveAvgPool3d
@@ -202,12 +200,9 @@ def _node(n: fx.Node, gm: fx.GraphModule, name: str, ins: tuple[str, ...], model
         if len(ins) < 2:  # torch.cat of one tensor: that tensor
             return None
         return Node(name, "concat", ins)
-    if (n.op == "call_function" and target in _ADD | _SCALE and len(tensors) == 1) or \
-            (n.op == "call_method" and target in _KEEP_METHODS) or target is F.dropout:
-        return None
-    if target in _ACT_FUNCTIONS or (n.op == "call_method" and target in ACTIVATIONS):
-        fn = _ACT_FUNCTIONS.get(target, target)
-        return Node(name, "relu", ins) if fn == "relu" else Node(name, "act", ins, fn=fn)
+    known, node = _elementwise_function(n, name, ins, tensors)
+    if known:
+        return node
     out = _shape(n)
     if target in (torch.flatten, "flatten", "view", "reshape", "squeeze") and out is not None and len(out) == 2:
         return Node(name, "flatten", ins)
@@ -236,6 +231,29 @@ def _node(n: fx.Node, gm: fx.GraphModule, name: str, ins: tuple[str, ...], model
                        + _hint(model))
 
 
+def _activation_node(m: nn.Module, name: str, ins: tuple[str, ...]) -> Node | None:
+    """The node of an element-wise activation module (``nn.ReLU``, ``nn.GELU`` ...); None for another module."""
+    fn = next((fn for cls, fn in _ACT_MODULES.items() if type(m) is cls), None)
+    if fn is None:
+        return None
+    return Node(name, "relu", ins) if fn == "relu" else Node(name, "act", ins, fn=fn)
+
+
+def _elementwise_function(n: fx.Node, name: str, ins: tuple[str, ...],
+                          tensors: list[fx.Node]) -> tuple[bool, Node | None]:
+    """``(True, node)`` for a function or method that acts on each value alone: an activation's node,
+    or None for one that passes its input on (a constant shift or scale, a copy, dropout);
+    ``(False, None)`` for any other operation."""
+    target = n.target
+    if (n.op == "call_function" and target in _ADD | _SCALE and len(tensors) == 1) or \
+            (n.op == "call_method" and target in _KEEP_METHODS) or target is F.dropout:
+        return True, None
+    if target in _ACT_FUNCTIONS or (n.op == "call_method" and target in ACTIVATIONS):
+        fn = _ACT_FUNCTIONS.get(target, target)
+        return True, Node(name, "relu", ins) if fn == "relu" else Node(name, "act", ins, fn=fn)
+    return False, None
+
+
 def _channels_last_node(n: fx.Node, gm: fx.GraphModule, name: str, ins: tuple[str, ...], model: nn.Module,
                         where: str) -> Node | None:
     """The table node of an operation on a channels-last map: per-position linear layers and
@@ -247,23 +265,18 @@ def _channels_last_node(n: fx.Node, gm: fx.GraphModule, name: str, ins: tuple[st
             return Node(name, "dense", ins, units=m.out_features, bias=m.bias is not None)
         if isinstance(m, nn.LayerNorm) and m.elementwise_affine and tuple(m.normalized_shape) == shape_in[-1:]:
             return Node(name, "norm", ins, norm="layernorm", eps=m.eps, bias=m.bias is not None)
-        for cls, fn in _ACT_MODULES.items():
-            if type(m) is cls:
-                return Node(name, "relu", ins) if fn == "relu" else Node(name, "act", ins, fn=fn)
-        if isinstance(m, _KEEP_MODULES):
-            return None
+        act = _activation_node(m, name, ins)
+        if act is not None or isinstance(m, _KEEP_MODULES):
+            return act
         if isinstance(m, nn.Flatten) and out is not None and len(out) == 2:
             return Node(name, "flatten", ins, channels_last=True)
     else:
         target = n.target
         tensors: list[fx.Node] = []
         fx.node.map_arg(n.args, tensors.append)
-        if (n.op == "call_function" and target in _ADD | _SCALE and len(tensors) == 1) or \
-                (n.op == "call_method" and target in _KEEP_METHODS) or target is F.dropout:
-            return None
-        if target in _ACT_FUNCTIONS or (n.op == "call_method" and target in ACTIVATIONS):
-            fn = _ACT_FUNCTIONS.get(target, target)
-            return Node(name, "relu", ins) if fn == "relu" else Node(name, "act", ins, fn=fn)
+        known, node = _elementwise_function(n, name, ins, tensors)
+        if known:
+            return node
         if target in (torch.flatten, "flatten", "view", "reshape") and out is not None and len(out) == 2:
             return Node(name, "flatten", ins, channels_last=True)
         if (target in (torch.mean, "mean") and out is not None and len(out) == 2 and out[1] == shape_in[-1]
