@@ -165,8 +165,20 @@ class LinearOnChannelsFirst(nn.Module):
         return self.out(self.fc(self.conv(x)).flatten(1))
 
 
+class BufferScaled(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv, self.sub, self.fc = nn.Conv2d(1, 4, 3), nn.Module(), nn.Linear(4, 2)
+        self.sub.register_buffer("mask", torch.ones(4, 1, 1))
+
+    def forward(self, x):
+        return self.fc((self.conv(x) * self.sub.mask).mean((2, 3)))
+
+
 def test_what_channels_last_tracing_cannot_express_is_refused_by_name():
     x = torch.randn(2, 1, 4, 4)
+    with pytest.raises(TracingError, match=r"parameter or buffer used directly in forward \(sub.mask\)"):
+        cb.derive_spec(BufferScaled(), x)
     with pytest.raises(TracingError, match=r"permute\(0, 2, 1, 3\) on a channels-first map"):
         cb.derive_spec(OtherPermute(), x)
     with pytest.raises(TracingError, match="a Linear on a channels-first map"):

@@ -363,10 +363,11 @@ def _parameter_node(n: fx.Node, gm: fx.GraphModule, name: str, ins: tuple[str, .
                            f"vector with the parameters <module>.weight and <module>.bias (got normalized_shape "
                            f"{tuple(args['normalized_shape'])} on {tuple(shape_in)}, weight {owner[0]}.{owner[1]}, "
                            f"bias {bias})" + _hint(model))
-    if n.target in _MUL and owner is not None and owner[0] and len(ins) == 1:
+    learned = dict(gm.named_parameters())
+    if n.target in _MUL and owner is not None and f"{owner[0]}.{owner[1]}" in learned and len(ins) == 1:
         factor = next(a for a in n.args if attribute_of(a) is not None)
         traced = next(a for a in n.args if a is not factor)
-        param = gm.get_parameter(f"{owner[0]}.{owner[1]}")
+        param = learned[f"{owner[0]}.{owner[1]}"]
         seen, shape = tuple(_shape(factor) or ()), tuple(_shape(traced) or ())
         c = shape[-1] if on_last or len(shape) == 2 else shape[1] if len(shape) > 2 else 0
         rank = len(shape)
@@ -378,9 +379,9 @@ def _parameter_node(n: fx.Node, gm: fx.GraphModule, name: str, ins: tuple[str, .
         raise TracingError(f"{where}: a product with the parameter {owner[0]}.{owner[1]} (shape "
                            f"{tuple(param.shape)}, used as {seen}) on {shape}: the tracer follows a layer scale, one "
                            f"factor per channel stored as ({c},) or ({c}, 1, 1)" + _hint(model))
-    raise TracingError(f"node {n.name!r}: a parameter used directly in forward "
+    raise TracingError(f"node {n.name!r}: a parameter or buffer used directly in forward "
                        f"({', '.join(str(attribute_of(a)) for a in params_read)}) cannot be followed there; the "
-                       "tracer follows F.layer_norm and layer scales" + _hint(model))
+                       "tracer follows F.layer_norm and layer scales (learned parameters)" + _hint(model))
 
 
 def tensor_aliases(model: nn.Module) -> dict[str, str]:
