@@ -51,12 +51,13 @@ import numpy as np
 from combinability.errors import ConfigurationError, LayoutError
 from combinability.kinds import Blocks
 from combinability.permutation import Entry, PermutationSpec, Repeat
+from combinability.upsampling import UPSAMPLE_MODES
 
 __all__ = ["Node", "LayerTable", "OPS", "NORMS", "ACTIVATIONS"]
 
 #: The operations a node may perform.
-OPS = ("dense", "conv", "norm", "relu", "act", "prelu", "scale", "gate", "identity", "flatten", "avgpool", "maxpool",
-       "add", "concat", "mul")
+OPS = ("dense", "conv", "conv_transpose", "norm", "relu", "act", "prelu", "scale", "gate", "identity", "flatten",
+       "avgpool", "maxpool", "upsample", "add", "concat", "mul")
 #: Kinds of normalisation: LayerNorm over the channel axis (at every position), BatchNorm, GroupNorm.
 NORMS = ("layernorm", "batchnorm", "groupnorm")
 #: Element-wise activations an ``"act"`` node may name (torch.nn.functional / jax.nn names).
@@ -88,6 +89,14 @@ class Node:
         ``(units,)``, or ``(units, 1, ..., 1)`` with a 1 per spatial axis when ``keepdims``;
         ``"dense"`` on an image acts on the channels of each position (a ``Linear`` on a
         channels-last map, a 1 x 1 convolution with an ``(out, in)`` weight);
+        ``"conv_transpose"`` is a transposed convolution (torch's ``ConvTranspose2d``, flax's
+        ``ConvTranspose``; a U-Net's or decoder's upsampling layer): ``kernel``, ``stride``,
+        ``dilation`` and ``padding`` as torch defines them (``padding`` crops the full output,
+        ``output_padding`` adds positions at the end of each axis), weight ``(in, out, *kernel)``;
+        ``"upsample"`` resizes each channel to ``output_size`` positions (``fn``: one of
+        :data:`~combinability.upsampling.UPSAMPLE_MODES`, ``align_corners`` for ``"linear"``;
+        torch's ``F.interpolate``, :func:`~combinability.upsampling.resize_weights`), keeping
+        its input's channels;
         ``"gate"`` is the σ-Asymmetric FiGLU ``x * sigmoid(G x)``, ``G`` a frozen random
         ``(c, c)`` matrix applied over the channels at every position
         (:meth:`LayerTable.gate_matrix`); ``"identity"`` passes its input on.
@@ -108,8 +117,13 @@ class Node:
     keepdims : bool
         For ``op="avgpool"``: pool to a ``1 x 1`` image ``(n, c, 1, 1)`` rather than a vector.
         For ``op="scale"``: the factors' shape is ``(units, 1, 1)`` (on an image) rather than ``(units,)``.
+    output_padding : int or (int, int)
+        For ``op="conv_transpose"``: positions added at the end of each spatial axis of the output.
+    align_corners : bool
+        For ``op="upsample"`` with ``fn="linear"``: align the corner positions of input and output.
     output_size : (int, int) or None
-        For ``op="avgpool"``: adaptive average pooling to an image of this ``(height, width)``
+        For ``op="upsample"``: the output's spatial size (required). For ``op="avgpool"``:
+        adaptive average pooling to an image of this ``(height, width)``
         (torch's ``AdaptiveAvgPool2d``: output row ``i`` averages input rows
         ``floor(i * h / height)`` to ``ceil((i + 1) * h / height)``, and so for columns).
     channels_last : bool
@@ -168,6 +182,8 @@ class Node:
     channels_last: bool = False
     output_size: tuple[int, int] | None = None
     leaf: str = "weight"
+    output_padding: int | tuple[int, int] = 0
+    align_corners: bool = False
 
     def __post_init__(self) -> None:
         if self.op not in OPS:
@@ -180,22 +196,41 @@ class Node:
         if self.leaf != "weight" and (self.op != "scale" or not self.leaf.isidentifier()):
             raise ConfigurationError(f"node {self.name!r}: leaf names a scale node's parameter (an identifier), got "
                                      f"leaf={self.leaf!r} on a {self.op!r} node")
-        if self.op in ("dense", "conv", "prelu", "scale") and self.units < 1:
+        if self.op in ("dense", "conv", "conv_transpose", "prelu", "scale") and self.units < 1:
             raise ConfigurationError(f"node {self.name!r}: a {self.op} node needs units >= 1, got {self.units}")
+        if self.op == "conv_transpose":
+            self.conv_geometry()  # validates kernel, stride, padding and dilation
+            self.output_paddings(self.spatial_dims or 2)
+            if self.groups != 1 or self.fixed:
+                raise ConfigurationError(f"node {self.name!r}: a conv_transpose node has groups=1 and fixed=0 (grouped "
+                                         f"and W-Asymmetric transposed convolutions are not expressed), got "
+                                         f"groups={self.groups!r}, fixed={self.fixed!r}")
+        elif self.output_padding != 0:
+            raise ConfigurationError(f"node {self.name!r}: output_padding belongs to a conv_transpose node, not a "
+                                     f"{self.op!r} node")
+        if self.op == "upsample" and (self.fn not in UPSAMPLE_MODES or self.output_size is None
+                                      or (self.align_corners and self.fn != "linear")):
+            raise ConfigurationError(f"node {self.name!r}: an upsample node needs output_size and a mode fn in "
+                                     f"{UPSAMPLE_MODES} (align_corners with 'linear' only), got fn={self.fn!r}, "
+                                     f"output_size={self.output_size!r}, align_corners={self.align_corners!r}")
+        if self.align_corners and self.op != "upsample":
+            raise ConfigurationError(f"node {self.name!r}: align_corners belongs to an upsample node, not a "
+                                     f"{self.op!r} node")
         if self.op == "conv":
             self.conv_geometry()  # validates kernel, stride, padding and dilation
             if isinstance(self.groups, bool) or not isinstance(self.groups, int | np.integer) or self.groups < 1 \
                     or self.units % self.groups:
                 raise ConfigurationError(f"node {self.name!r}: a conv node's groups must be an int >= 1 dividing "
                                          f"its {self.units} units, got {self.groups!r}")
-        elif any(isinstance(v, tuple) for v in (self.kernel, self.stride, self.padding)) or self.dilation != 1:
+        elif self.op != "conv_transpose" and (
+                any(isinstance(v, tuple) for v in (self.kernel, self.stride, self.padding)) or self.dilation != 1):
             raise ConfigurationError(f"node {self.name!r}: only a conv node takes (height, width) pairs or a "
                                      f"dilation; a {self.op!r} node takes ints")
-        if self.output_size is not None and (self.op != "avgpool" or self.keepdims or not (
+        if self.output_size is not None and (self.op not in ("avgpool", "upsample") or self.keepdims or not (
                 isinstance(self.output_size, tuple) and len(self.output_size) in (1, 2, 3) and all(
                     isinstance(v, int | np.integer) and not isinstance(v, bool) and v >= 1 for v in self.output_size))):
-            raise ConfigurationError(f"node {self.name!r}: output_size is an avgpool node's output size, one int "
-                                     f">= 1 per spatial axis (height, width), without keepdims; got "
+            raise ConfigurationError(f"node {self.name!r}: output_size is an avgpool or upsample node's output "
+                                     f"size, one int >= 1 per spatial axis (height, width), without keepdims; got "
                                      f"{self.output_size!r} on a {self.op!r} node")
         if self.fixed and self.op not in ("dense", "conv"):
             raise ConfigurationError(f"node {self.name!r}: fixed={self.fixed!r} frozen entries per unit need a dense "
@@ -217,7 +252,7 @@ class Node:
     def spatial_dims(self) -> int | None:
         """The spatial axes a conv node's geometry names (the length of its tuples), or None when
         every entry is an int (which then applies to each axis of the input it reads)."""
-        for value in (self.kernel, self.stride, self.dilation, self.padding):
+        for value in (self.kernel, self.stride, self.dilation, self.padding, self.output_padding):
             if isinstance(value, tuple | list):
                 return len(value)
         return None
@@ -252,6 +287,10 @@ class Node:
             padding = tuple((p, p) for p in _per_axis(pad, "padding", where, 0, ndim))
         return ConvGeometry(kernel, stride, padding, dilation)
 
+    def output_paddings(self, ndim: int) -> tuple[int, ...]:
+        """A conv_transpose node's ``output_padding``, one entry per each of ``ndim`` spatial axes."""
+        return _per_axis(self.output_padding, "output_padding", f"node {self.name!r}", 0, ndim)
+
     def depthwise(self, c_in: int) -> bool:
         """Whether this is a depthwise conv on ``c_in`` channels: one group per channel, one channel out each."""
         return self.op == "conv" and self.groups > 1 and self.groups == c_in == self.units
@@ -270,6 +309,13 @@ class ConvGeometry(NamedTuple):
         return tuple((s + lo + hi - d * (k - 1) - 1) // st + 1
                      for s, k, st, (lo, hi), d in zip(spatial, self.kernel, self.stride, self.padding, self.dilation,
                                                       strict=True))
+
+    def transposed_output(self, spatial: tuple[int, ...], output_padding: tuple[int, ...]) -> tuple[int, ...]:
+        """The output's spatial size of the transposed convolution of this geometry (torch's definition:
+        ``(s - 1) * stride - before - after + dilation * (kernel - 1) + 1 + output_padding``)."""
+        return tuple((s - 1) * st - lo - hi + d * (k - 1) + 1 + op
+                     for s, k, st, (lo, hi), d, op in zip(spatial, self.kernel, self.stride, self.padding,
+                                                          self.dilation, output_padding, strict=True))
 
     @property
     def symmetric_padding(self) -> tuple[int, ...] | None:
@@ -414,7 +460,7 @@ class LayerTable:
             if node.op == "conv" and x.channels % node.groups:
                 raise ConfigurationError(f"{where}: {x.channels} input channels do not split into "
                                          f"groups={node.groups}")
-            if node.op in ("dense", "conv"):
+            if node.op in ("dense", "conv") and node.fixed:
                 fan_in = (x.channels // node.groups * math.prod(node.conv_geometry(_ndim(x)).kernel)
                           if node.op == "conv" else x.channels)
                 if node.fixed > fan_in:
@@ -422,13 +468,20 @@ class LayerTable:
                                              f"of {fan_in}; valid: 0 to {fan_in}")
             if node.op == "dense":  # on an image: the channels of each position
                 out[node.name] = _Shape(node.units, x.spatial)
-            elif node.op == "conv":
+            elif node.op in ("conv", "conv_transpose"):
                 if x.spatial is None:
-                    raise ConfigurationError(f"{where}: a conv layer needs an image, got a vector")
-                size = node.conv_geometry(len(x.spatial)).output(x.spatial)
+                    raise ConfigurationError(f"{where}: a {node.op} layer needs an image, got a vector")
+                geometry = node.conv_geometry(len(x.spatial))
+                size = (geometry.output(x.spatial) if node.op == "conv" else
+                        geometry.transposed_output(x.spatial, node.output_paddings(len(x.spatial))))
                 if min(size) < 1:
                     raise ConfigurationError(f"{where}: the image {x.spatial} is too small for the kernel")
                 out[node.name] = _Shape(node.units, size)
+            elif node.op == "upsample":
+                if x.spatial is None or len(node.output_size) != len(x.spatial):
+                    raise ConfigurationError(f"{where}: an upsample node resizes a map of {len(node.output_size)} "
+                                             f"spatial axes to {node.output_size}, got {x}")
+                out[node.name] = _Shape(x.channels, node.output_size)
             elif node.op == "flatten":
                 size = x.channels * (math.prod(x.spatial) if x.spatial else 1)
                 out[node.name] = _Shape(size, None)
@@ -491,6 +544,8 @@ class LayerTable:
             elif node.op == "conv":
                 kernel = node.conv_geometry(_ndim(src)).kernel
                 params[f"{node.name}.weight"] = ((node.units, c_in // node.groups, *kernel), "float32")
+            elif node.op == "conv_transpose":  # torch's layout: (in, out, *kernel)
+                params[f"{node.name}.weight"] = ((c_in, node.units, *node.conv_geometry(_ndim(src)).kernel), "float32")
             elif node.op == "norm":
                 params[f"{node.name}.weight"] = ((c_in,), "float32")
                 params[f"{node.name}.bias"] = ((c_in,), "float32")
@@ -593,7 +648,7 @@ class LayerTable:
                 s = ins[0]
                 if node.fixed:
                     fixed.update(s)
-            elif node.op in ("dense", "conv"):
+            elif node.op in ("dense", "conv", "conv_transpose"):
                 s = opens(node)
                 if node.fixed or (node.op == "conv" and node.groups > 1 and len(ins[0]) > 1):
                     # frozen entries at fixed rows and columns, or groups straddling a concatenation's parts
@@ -751,6 +806,9 @@ class LayerTable:
             elif node.op == "conv":  # grouped: the input axis runs within a group (depthwise: length 1)
                 kernel_axes = len(shapes[self.inputs_of(node)[0]].spatial or (0, 0))
                 axes[f"{node.name}.weight"] = (p_out, p_in if node.groups == 1 else None, *(None,) * kernel_axes)
+            elif node.op == "conv_transpose":  # (in, out, *kernel)
+                kernel_axes = len(shapes[self.inputs_of(node)[0]].spatial or ())
+                axes[f"{node.name}.weight"] = (p_in, p_out, *(None,) * kernel_axes)
             elif node.op == "norm":
                 axes[f"{node.name}.weight"] = (p_out,)
                 axes[f"{node.name}.bias"] = (p_out,)
@@ -859,7 +917,7 @@ class LayerTable:
         for node in self.nodes:
             if node.layer:
                 current = node.layer
-            elif node.op in ("dense", "conv"):
+            elif node.op in ("dense", "conv", "conv_transpose"):
                 current = node.name
             out[node.name] = current or node.name
         return out
@@ -869,7 +927,8 @@ class LayerTable:
         names: list[str] = []
         node_layer = self._node_layers()
         for node in self.nodes:
-            if node.op in ("dense", "conv", "norm", "prelu", "scale") and node_layer[node.name] not in names:
+            if node.op in ("dense", "conv", "conv_transpose", "norm", "prelu", "scale") \
+                    and node_layer[node.name] not in names:
                 names.append(node_layer[node.name])
         return names
 
@@ -916,7 +975,7 @@ class LayerTable:
             if src == "<input>":
                 return None
             node = self.node(src)
-            if node.op in ("dense", "conv"):
+            if node.op in ("dense", "conv", "conv_transpose"):
                 return node
             if node.op in ("flatten", "concat"):  # a concatenation's channels come from several layers
                 return None
@@ -940,7 +999,7 @@ class LayerTable:
         def walk(src: str) -> list[tuple[Node | None, int]]:
             while src != "<input>":
                 node = self.node(src)
-                if node.op in ("dense", "conv"):
+                if node.op in ("dense", "conv", "conv_transpose"):
                     return [(node, shapes[src].channels)]
                 if node.op == "flatten":
                     break
@@ -969,6 +1028,13 @@ class LayerTable:
             elif ref.endswith(".weight") and op == "conv":  # (out, in, *kernel) -> (*kernel, in, out)
                 order = (*range(2, len(value.shape)), 1, 0)
                 value = xp.permute_dims(value, order) if xp is not np else np.transpose(value, order)
+            elif ref.endswith(".weight") and op == "conv_transpose":
+                # (in, out, *kernel) -> (*kernel, in, out), the kernel reversed: flax's ConvTranspose
+                # (transpose_kernel=False) correlates the stride-dilated input with its kernel as it is
+                order = (*range(2, len(value.shape)), 0, 1)
+                spatial = tuple(range(len(value.shape) - 2))
+                value = (xp.flip(xp.permute_dims(value, order), axis=spatial) if xp is not np
+                         else np.flip(np.transpose(value, order), axis=spatial))
             elif op == "scale":  # (units, 1, 1) -> (units,): flax broadcasts over the last (channel) axis
                 value = xp.reshape(value, (-1,)) if xp is not np else np.reshape(value, -1)
             out[names[ref]] = value
@@ -989,6 +1055,9 @@ class LayerTable:
                 value = value.T
             elif ref.endswith(".weight") and op == "conv":  # (*kernel, in, out) -> (out, in, *kernel)
                 value = np.transpose(value, (value.ndim - 1, value.ndim - 2, *range(value.ndim - 2)))
+            elif ref.endswith(".weight") and op == "conv_transpose":  # reversed (*kernel, in, out) -> (in, out, *k)
+                spatial = tuple(range(value.ndim - 2))
+                value = np.transpose(np.flip(value, axis=spatial), (value.ndim - 2, value.ndim - 1, *spatial))
             elif op == "scale":
                 value = value.reshape(shapes[ref][0])
             out[ref] = value

@@ -59,7 +59,7 @@ def test_both_backends_pool_adaptively_and_flatten_in_the_tables_order(backend, 
 
 
 def test_bad_output_sizes_are_refused():
-    with pytest.raises(ConfigurationError, match=r"output_size is an avgpool node's output size, one int >= 1 per"):
+    with pytest.raises(ConfigurationError, match=r"output_size is an avgpool or upsample node's output size, one int"):
         Node("p", "avgpool", output_size=(0, 2))
     with pytest.raises(ConfigurationError, match="output_size"):
         Node("p", "maxpool", kernel=2, output_size=(2, 2))

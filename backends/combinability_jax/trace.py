@@ -33,8 +33,8 @@ _FUNCTIONS = (("relu", jax.nn.relu), ("gelu", partial(jax.nn.gelu, approximate=F
               ("tanh", jnp.tanh), ("sigmoid", jax.nn.sigmoid), ("silu", jax.nn.silu), ("elu", jax.nn.elu),
               ("leaky_relu", jax.nn.leaky_relu), ("softplus", jax.nn.softplus), ("relu6", jax.nn.relu6),
               ("hardtanh", jax.nn.hard_tanh), ("hardswish", jax.nn.hard_swish), ("hardsigmoid", jax.nn.hard_sigmoid))
-_FOLLOWS = ("it follows nn.Dense, 1-d to 3-d nn.Conv, nn.BatchNorm, nn.LayerNorm, nn.GroupNorm, nn.InstanceNorm, "
-            "element-wise activations, "
+_FOLLOWS = ("it follows nn.Dense, 1-d to 3-d nn.Conv and nn.ConvTranspose, nn.BatchNorm, nn.LayerNorm, "
+            "nn.GroupNorm, nn.InstanceNorm, element-wise activations, "
             "sums and products of two branches, concatenations of channels (the last axis), nn.avg_pool/nn.max_pool, "
             "means over the spatial axes and reshapes to (n, -1)")
 
@@ -80,6 +80,42 @@ def _conv_padding(pad: Any, kernel: tuple, stride: tuple, dilation: tuple,
     return tuple((int(p), int(p)) if isinstance(p, int) else (int(p[0]), int(p[1])) for p in per_axis)
 
 
+def _lax_transpose_padding(k: int, s: int, mode: str) -> tuple[int, int]:
+    """``jax.lax.conv_transpose``'s padding of the stride-dilated input for ``"SAME"`` or ``"VALID"``
+    (``k``: the dilated kernel's extent, ``s``: the stride): ``"SAME"`` makes ``in * s`` outputs,
+    ``"VALID"`` ``in * s + max(k - s, 0)``."""
+    total = k + s - 2 + (max(k - s, 0) if mode == "VALID" else 0)
+    before = k - 1 if mode == "VALID" or s > k - 1 else -(-total // 2)
+    return before, total - before
+
+
+def _conv_transpose_node(path: str, m: nn.ConvTranspose, nd: int, ins: tuple[str, ...], what: str,
+                         hint: str) -> Node:
+    """The node of an ``nn.ConvTranspose`` (``transpose_kernel=False``) on ``nd`` spatial axes.
+
+    flax pads the stride-dilated input by ``(before, after)``; torch's geometry crops
+    ``dilation * (kernel - 1) - before`` and ``- after`` of the full output instead (less
+    than nothing after: ``output_padding``).
+    """
+    kernel, stride, dilation = (_per_axis(v, nd) for v in (m.kernel_size, m.strides, m.kernel_dilation))
+    reach = tuple(d * (k - 1) for k, d in zip(kernel, dilation, strict=True))
+    pad = m.padding
+    if isinstance(pad, str) and pad.upper() in ("SAME", "VALID"):
+        pads = tuple(_lax_transpose_padding(r + 1, s, pad.upper()) for r, s in zip(reach, stride, strict=True))
+    elif not isinstance(pad, str):
+        pads = _conv_padding(pad, kernel, stride, dilation, (0,) * nd)
+    else:
+        pads = None
+    crops = None if pads is None else tuple((r - lo, r - hi) for r, (lo, hi) in zip(reach, pads, strict=True))
+    if m.transpose_kernel or crops is None or any(lo < 0 for lo, _ in crops):
+        raise TracingError(f"{what}: the tracer follows nn.ConvTranspose with transpose_kernel=False and zero "
+                           f"padding of at most dilation x (kernel - 1) before each axis (got transpose_kernel="
+                           f"{m.transpose_kernel}, padding {m.padding!r})" + hint)
+    return Node(path, "conv_transpose", ins, units=m.features, kernel=kernel, stride=stride, dilation=dilation,
+                padding=tuple((lo, max(hi, 0)) for lo, hi in crops),
+                output_padding=tuple(max(-hi, 0) for _, hi in crops), bias=m.use_bias)
+
+
 def _leaf_node(path: str, m: nn.Module, shape: tuple[int, ...], ins: tuple[str, ...], hint: str) -> Node:
     """The node of one call of a Dense, Conv or normalisation module on an input of ``shape``."""
     nd, what = len(shape), f"module {path!r} ({type(m).__name__})"
@@ -96,6 +132,8 @@ def _leaf_node(path: str, m: nn.Module, shape: tuple[int, ...], ins: tuple[str, 
                         dilation=dilation, groups=m.feature_group_count, bias=m.use_bias)
         raise TracingError(f"{what}: only zero-padded convolutions without input dilation are supported (got "
                            f"padding {m.padding!r}, input_dilation {m.input_dilation})" + hint)
+    if isinstance(m, nn.ConvTranspose) and 3 <= nd <= 5:
+        return _conv_transpose_node(path, m, nd - 2, ins, what, hint)
     norm = next((k for k, ok in {"batchnorm": isinstance(m, nn.BatchNorm) and last[2],
                                  "layernorm": isinstance(m, nn.LayerNorm) and last[0] and last[1],
                                  "groupnorm": isinstance(m, nn.GroupNorm) and m.reduction_axes is None,
@@ -149,7 +187,8 @@ class _Trace(JaxprWalker):
         m, path = context.module, ".".join(context.module.path)
         if context.method_name != "__call__":
             return next_fun(*args, **kwargs)
-        leaf = isinstance(m, nn.Dense | nn.Conv | nn.BatchNorm | nn.LayerNorm | nn.GroupNorm | nn.InstanceNorm)
+        leaf = isinstance(m, nn.Dense | nn.Conv | nn.ConvTranspose | nn.BatchNorm | nn.LayerNorm | nn.GroupNorm
+                          | nn.InstanceNorm)
         if leaf and path in self.calls:
             raise TracingError(f"module {path!r} ({type(m).__name__}) is called twice: shared weights" + self.hint)
         if leaf:

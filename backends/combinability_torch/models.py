@@ -18,7 +18,8 @@ from torch import nn
 
 from combinability.layers import LayerTable, Node
 
-__all__ = ["ChannelLayerNorm", "FrozenConv2d", "FrozenLinear", "Gate", "TableConv2d", "TableNet", "conv2d"]
+__all__ = ["ChannelLayerNorm", "FrozenConv2d", "FrozenLinear", "Gate", "TableConv2d", "TableConvTranspose", "TableNet",
+           "conv2d", "conv_transpose"]
 
 
 class ChannelLayerNorm(nn.Module):
@@ -102,6 +103,47 @@ def conv2d(c_in: int, node: Node, ndim: int = 2) -> nn.Conv2d:
                      groups=node.groups, bias=node.bias)
 
 
+_CONV_TRANSPOSE = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}
+_CONV_TRANSPOSE_MODULES = {1: nn.ConvTranspose1d, 2: nn.ConvTranspose2d, 3: nn.ConvTranspose3d}
+
+
+class TableConvTranspose(nn.ConvTranspose2d):
+    """The transposed convolution of a conv_transpose node on any spatial rank, with any crop.
+
+    Its weight is ``(in, out, *kernel)`` (torch's). It computes the full transposed
+    convolution, then crops ``padding``'s ``(before, after)`` and extends each axis by
+    ``output_padding`` at the end (positions that only the bias reaches), which covers the
+    geometries ``nn.ConvTranspose2d`` cannot take (unequal crops, an ``output_padding`` of
+    at least the stride). Other geometries are a plain ``nn.ConvTranspose{1,2,3}d``
+    (:func:`conv_transpose`).
+    """
+
+    def __init__(self, c_in: int, node: Node, ndim: int = 2) -> None:
+        g = node.conv_geometry(ndim)
+        super().__init__(c_in, node.units, g.kernel, stride=g.stride, padding=(0,) * ndim, dilation=g.dilation,
+                         bias=node.bias)
+        ends = (hi - op for (_, hi), op in zip(g.padding, node.output_paddings(ndim), strict=True))
+        self.crop = tuple(-v for (lo, _), hi in zip(reversed(g.padding), reversed(tuple(ends)), strict=True)
+                          for v in (lo, hi))  # F.pad's order: last axis first; negative entries crop
+        self._conv = _CONV_TRANSPOSE[ndim]
+
+    def forward(self, x: torch.Tensor, output_size: list[int] | None = None) -> torch.Tensor:
+        y = F.pad(self._conv(x, self.weight, None, self.stride, 0, 0, 1, self.dilation), self.crop)
+        return y if self.bias is None else y + self.bias.reshape(-1, *(1,) * (y.dim() - 2))
+
+
+def conv_transpose(c_in: int, node: Node, ndim: int = 2) -> nn.Module:
+    """The module of a conv_transpose node on ``ndim`` spatial axes: ``nn.ConvTranspose{1,2,3}d`` when its
+    geometry is one torch takes (equal crops, ``output_padding`` below the stride or dilation), else
+    :class:`TableConvTranspose`."""
+    g, extra = node.conv_geometry(ndim), node.output_paddings(ndim)
+    if g.symmetric_padding is None or any(op >= max(st, d) for op, st, d in zip(extra, g.stride, g.dilation,
+                                                                                  strict=True)):
+        return TableConvTranspose(c_in, node, ndim)
+    return _CONV_TRANSPOSE_MODULES[ndim](c_in, node.units, g.kernel, stride=g.stride, padding=g.symmetric_padding,
+                                         output_padding=extra, dilation=g.dilation, bias=node.bias)
+
+
 class FrozenConv2d(_Frozen, TableConv2d):
     """A convolution some of whose kernel entries are frozen at fixed values (W-Asymmetric)."""
 
@@ -139,6 +181,8 @@ def _module(node: Node, c_in: int, rank: int, table: LayerTable, frozen: dict[st
         return nn.Linear(c_in, node.units, bias=node.bias)
     if node.op == "conv":
         return conv2d(c_in, node, rank - 2)
+    if node.op == "conv_transpose":
+        return conv_transpose(c_in, node, rank - 2)
     if node.op == "norm" and node.norm == "batchnorm":
         return {5: nn.BatchNorm3d, 4: nn.BatchNorm2d}.get(rank, nn.BatchNorm1d)(c_in, eps=node.eps)
     if node.op == "norm" and node.norm == "groupnorm":
@@ -153,6 +197,7 @@ def _module(node: Node, c_in: int, rank: int, table: LayerTable, frozen: dict[st
 _ADAPTIVE_AVG = {3: F.adaptive_avg_pool1d, 4: F.adaptive_avg_pool2d, 5: F.adaptive_avg_pool3d}
 _AVG_POOL = {3: F.avg_pool1d, 4: F.avg_pool2d, 5: F.avg_pool3d}
 _MAX_POOL = {3: F.max_pool1d, 4: F.max_pool2d, 5: F.max_pool3d}
+_LINEAR_MODES = {3: "linear", 4: "bilinear", 5: "trilinear"}
 
 
 def _at_rank(v: torch.Tensor, rank: int) -> torch.Tensor:
@@ -187,10 +232,11 @@ class TableNet(nn.Module):
                     parent = getattr(parent, part)
                 parent.add_module(leaf, module)
         self._modules_by_node = {n.name: self.get_submodule(n.name) for n in table.nodes
-                                 if n.op in ("dense", "conv", "norm", "gate", "prelu", "scale")}
+                                 if n.op in ("dense", "conv", "conv_transpose", "norm", "gate", "prelu", "scale")}
         # nodes whose output is a fresh tensor (not a view of, or the same tensor as, another value)
+        fresh = ("dense", "conv", "conv_transpose", "norm", "concat", "upsample")
         self._fresh = {n.name for n, ins, _ in table.schedule
-                       if n.op in ("dense", "conv", "norm", "concat") or (n.op in ("add", "mul") and len(ins) > 1)}
+                       if n.op in fresh or (n.op in ("add", "mul") and len(ins) > 1)}
 
     def _owner(self, path: str) -> nn.Module:
         """The submodule at ``path``, made (an empty ``nn.Module``) where missing."""
@@ -213,7 +259,7 @@ class TableNet(nn.Module):
             elif node.op == "scale":
                 factor = getattr(self._modules_by_node[node.name], node.leaf)
                 h = h * (factor if factor.dim() == h.dim() - 1 else _at_rank(factor, h.dim() - 1))
-            elif node.op in ("dense", "conv", "norm", "gate", "prelu"):
+            elif node.op in ("dense", "conv", "conv_transpose", "norm", "gate", "prelu"):
                 h = self._modules_by_node[node.name](h)
             elif node.op == "relu":
                 source = reads[0]
@@ -232,6 +278,10 @@ class TableNet(nn.Module):
                 if min(h.shape[2:]) >= node.kernel:
                     pool = (_AVG_POOL if node.fn == "avg" else _MAX_POOL)[h.ndim]
                     h = pool(h, node.kernel, max(1, node.stride), node.padding)
+            elif node.op == "upsample":
+                linear = node.fn == "linear"
+                h = F.interpolate(h, size=node.output_size, mode=_LINEAR_MODES[h.dim()] if linear else node.fn,
+                                  align_corners=node.align_corners if linear else None)
             elif node.op == "add":
                 h = ins[0]
                 for other in ins[1:]:

@@ -39,6 +39,11 @@ _AVG_POOL_MODULES = (nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d)
 _POOL_FUNCTIONS = {F.max_pool1d: "", F.max_pool2d: "", F.max_pool3d: "", F.avg_pool1d: "avg", F.avg_pool2d: "avg",
                    F.avg_pool3d: "avg"}
 _ADAPTIVE_AVG = {F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_avg_pool3d}
+_CONV_TRANSPOSE_MODULES = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+_INTERPOLATE = {F.interpolate, F.upsample, F.upsample_nearest, F.upsample_bilinear}
+#: torch's interpolation modes as an upsample node's: linear on every axis is one mode.
+_RESIZE_MODES = {"nearest": "nearest", "nearest-exact": "nearest-exact", "linear": "linear", "bilinear": "linear",
+                 "trilinear": "linear"}
 #: Reshapes that turn a vector ``(n, c)`` into ``(n, c, 1, 1)`` (or on the way there), and broadcasts of that.
 _VIEWS = {"reshape", "view", "unsqueeze", "squeeze", "flatten", torch.reshape, torch.unsqueeze, torch.squeeze}
 _TO_IMAGE = {"view", "reshape", "unsqueeze", torch.reshape, torch.unsqueeze, operator.getitem, "expand",
@@ -153,6 +158,10 @@ def _node(n: fx.Node, gm: fx.GraphModule, name: str, ins: tuple[str, ...], model
             return Node(name, "conv", ins, units=m.out_channels, kernel=tuple(m.kernel_size), stride=tuple(m.stride),
                         padding=_conv_padding(m), dilation=tuple(m.dilation), groups=m.groups,
                         bias=m.bias is not None)
+        if isinstance(m, _CONV_TRANSPOSE_MODULES):
+            return _conv_transpose_node(n, m, name, ins, model, where)
+        if isinstance(m, nn.Upsample):
+            return _upsample_node(n, name, ins, m.mode, m.align_corners, False, model, where)
         if isinstance(m, nn.BatchNorm1d | nn.BatchNorm2d | nn.BatchNorm3d):
             if not (m.affine and m.track_running_stats):
                 raise TracingError(f"{where}: BatchNorm needs affine=True and track_running_stats=True" + _hint(model))
@@ -218,6 +227,12 @@ def _node(n: fx.Node, gm: fx.GraphModule, name: str, ins: tuple[str, ...], model
         return Node(name, "avgpool", ins, keepdims=True)
     if target in _ADAPTIVE_AVG and out is not None and len(out) > 2:
         return Node(name, "avgpool", ins, output_size=tuple(int(v) for v in out[2:]))
+    if target in _INTERPOLATE:
+        args = {**dict(zip(("input", "size", "scale_factor", "mode", "align_corners"), n.args, strict=False)),
+                **n.kwargs}
+        mode = {F.upsample_nearest: "nearest", F.upsample_bilinear: "bilinear"}.get(target, args.get("mode", "nearest"))
+        corners = True if target is F.upsample_bilinear else args.get("align_corners")
+        return _upsample_node(n, name, ins, mode, corners, bool(args.get("antialias")), model, where)
     if target in _POOL_FUNCTIONS:
         args = {**dict(zip(("input", "kernel_size", "stride", "padding"), n.args, strict=False)), **n.kwargs}
         k = args["kernel_size"] if isinstance(args["kernel_size"], int) else args["kernel_size"][0]
@@ -225,10 +240,40 @@ def _node(n: fx.Node, gm: fx.GraphModule, name: str, ins: tuple[str, ...], model
         return Node(name, "maxpool", ins, kernel=k, stride=s if isinstance(s, int) else s[0],
                     padding=args.get("padding", 0) if isinstance(args.get("padding", 0), int) else args["padding"][0],
                     fn=_POOL_FUNCTIONS[target])
-    raise TracingError(f"{where}: the tracer cannot follow this operation (it follows linear, conv, BatchNorm, "
-                       "LayerNorm, GroupNorm, InstanceNorm, element-wise activations, PReLU, residual additions, "
-                       "channel concatenations, products of branches (gates), pooling and flatten)"
+    raise TracingError(f"{where}: the tracer cannot follow this operation (it follows linear, conv, transposed conv, "
+                       "BatchNorm, LayerNorm, GroupNorm, InstanceNorm, element-wise activations, PReLU, residual "
+                       "additions, channel concatenations, products of branches (gates), pooling, upsampling and "
+                       "flatten)"
                        + _hint(model))
+
+
+def _conv_transpose_node(n: fx.Node, m: nn.Module, name: str, ins: tuple[str, ...], model: nn.Module,
+                         where: str) -> Node:
+    """The node of a ``ConvTranspose{1,2,3}d``; its ``output_padding`` read off the traced output, which
+    also covers a call given ``output_size``."""
+    if m.groups != 1 or m.padding_mode != "zeros":
+        raise TracingError(f"{where}: the tracer follows transposed convolutions with groups=1 and zero padding "
+                           f"(got groups={m.groups}, padding_mode={m.padding_mode!r})" + _hint(model))
+    node = Node(name, "conv_transpose", ins, units=m.out_channels, kernel=tuple(m.kernel_size), stride=tuple(m.stride),
+                padding=tuple((int(p), int(p)) for p in m.padding), dilation=tuple(m.dilation), bias=m.bias is not None)
+    shape_in, out = _shape(n.args[0]), _shape(n)
+    if shape_in is None or out is None:
+        raise TracingError(f"{where}: the shapes of a transposed convolution were not recorded" + _hint(model))
+    planned = node.conv_geometry().transposed_output(tuple(shape_in[2:]), (0,) * len(m.kernel_size))
+    return Node(**{**node.__dict__, "output_padding": tuple(o - p for o, p in zip(out[2:], planned, strict=True))})
+
+
+def _upsample_node(n: fx.Node, name: str, ins: tuple[str, ...], mode: str, align_corners: bool | None,
+                   antialias: bool, model: nn.Module, where: str) -> Node:
+    """The node of ``nn.Upsample`` or ``F.interpolate``: each channel resized to the traced output's size."""
+    out = _shape(n)
+    if mode not in _RESIZE_MODES or antialias or out is None or len(out) < 3:
+        raise TracingError(f"{where}: the tracer follows resizing of feature maps in the modes "
+                           f"{', '.join(_RESIZE_MODES)} without antialias (got mode {mode!r}"
+                           f"{', antialias' if antialias else ''})" + _hint(model))
+    linear = _RESIZE_MODES[mode] == "linear"
+    return Node(name, "upsample", ins, fn=_RESIZE_MODES[mode], output_size=tuple(int(v) for v in out[2:]),
+                align_corners=bool(align_corners) and linear)
 
 
 def _activation_node(m: nn.Module, name: str, ins: tuple[str, ...]) -> Node | None:

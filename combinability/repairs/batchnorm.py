@@ -131,7 +131,8 @@ def channel_weights(ctx: RepairContext, node: Node, v: Any) -> Any:
     """The weight of model B in each channel of a norm node's output, from the coefficients ``v``.
 
     The mean of ``v`` over the parameters that make the channel: the output row of the
-    weight of the dense or conv layer whose output the norm normalises and its bias entry
+    weight of the dense or conv layer whose output the norm normalises (a transposed conv's
+    output column, axis 1 of its ``(in, out, *kernel)`` weight) and its bias entry
     (:meth:`~combinability.layers.LayerTable.producers`: after a concatenation, each part's
     channels from the layer that made them). A scalar ``v`` (the linear path) is returned as
     it is. Without a producer (a norm reading the input or a flattened image), the norm's
@@ -146,26 +147,34 @@ def channel_weights(ctx: RepairContext, node: Node, v: Any) -> Any:
     for producer, count in table.producers(node.name):
         names = [f"{producer.name}.weight", f"{producer.name}.bias"] if producer is not None else []
         names = [n for n in names if n in layout]
-        if names and layout[names[0]].shape[0] == count:
-            parts.append(_row_means(xp, v, [(layout[n], 0, count) for n in names], count))
+        out_axis = 1 if producer is not None and producer.op == "conv_transpose" else 0
+        if names and layout[names[0]].shape[out_axis] == count:
+            parts.append(_row_means(xp, v, [(layout[n], out_axis if n.endswith(".weight") else 0, 0, count)
+                                            for n in names], count))
         else:  # the norm's own entries of these channels
-            own = [(layout[f"{node.name}.{leaf}"], start, start + count) for leaf in ("weight", "bias")
+            own = [(layout[f"{node.name}.{leaf}"], 0, start, start + count) for leaf in ("weight", "bias")
                    if f"{node.name}.{leaf}" in layout]
             parts.append(_row_means(xp, v, own, count))
         start += count
     if start != channels:  # the table and the layout disagree: the norm's own entries throughout
-        return _row_means(xp, v, [(layout[f"{node.name}.{leaf}"], 0, channels) for leaf in ("weight", "bias")
+        return _row_means(xp, v, [(layout[f"{node.name}.{leaf}"], 0, 0, channels) for leaf in ("weight", "bias")
                                   if f"{node.name}.{leaf}" in layout], channels)
     return parts[0] if len(parts) == 1 else xp.concat(parts)
 
 
-def _row_means(xp: Any, v: Any, entries: list[tuple[Any, int, int]], rows: int) -> Any:
-    """The mean of ``v`` per row over rows ``[a, b)`` of each layout entry (each read as ``(rows, -1)``)."""
+def _row_means(xp: Any, v: Any, entries: list[tuple[Any, int, int, int]], rows: int) -> Any:
+    """The mean of ``v`` per channel over channels ``[a, b)`` of each layout entry ``(entry, axis, a, b)``:
+    the channels along axis 0 (the entry read as ``(channels, -1)``) or axis 1 (``(in, channels, -1)``)."""
     total, count = 0, 0
-    for e, a, b in entries:
-        block = xp.reshape(v[e.offset : e.stop], (e.shape[0], -1))[a:b]
-        total = total + xp.sum(block, axis=1)
-        count += block.shape[1]
+    for e, axis, a, b in entries:
+        if axis == 0:
+            block = xp.reshape(v[e.offset : e.stop], (e.shape[0], -1))[a:b]
+            total = total + xp.sum(block, axis=1)
+            count += block.shape[1]
+        else:
+            block = xp.reshape(v[e.offset : e.stop], (e.shape[0], e.shape[1], -1))[:, a:b]
+            total = total + xp.sum(block, axis=(0, 2))
+            count += block.shape[0] * block.shape[2]
     return total / count
 
 
