@@ -362,6 +362,12 @@ class Evaluator:
         group = logits[0] if len(logits) == 1 else xp.concat(logits, axis=1)
         if len(y.shape) > 1:  # sequence targets (n, T): the model's logits are (n*T, classes)
             y = xp.reshape(y, (-1,))
+        if group.shape[1] != y.shape[0]:
+            raise DatasetError(
+                f"the model gives {group.shape[1]} rows of logits for {y.shape[0]} targets: a classifier returns "
+                f"(n, classes) for targets (n,), a sequence model (n, T, classes) for targets (n, T), the logits of "
+                f"every position (a model that returns the last position's only unless it is given targets, as "
+                f"nanoGPT's GPT does, needs a forward that returns them all)")
         pred = xp.argmax(group, axis=-1)
         sums[0].append(xp.sum(be.cross_entropy(group, y), axis=1))
         sums[1].append(xp.sum(xp.astype(pred == y, xp.float32), axis=1))

@@ -454,10 +454,13 @@ def tensor_aliases(model: nn.Module) -> dict[str, str]:
 
 
 def logits_of(out: Any) -> Any:
-    """A model's logits: ``out`` itself, or the ``logits`` of an output object (a Hugging Face
-    ``ModelOutput``, a dict) that also carries caches and hidden states."""
+    """A model's logits: ``out`` itself, the ``logits`` of an output object (a Hugging Face
+    ``ModelOutput``, a dict) that also carries caches and hidden states, or the first item of a
+    tuple (nanoGPT's ``(logits, loss)``, a Hugging Face model's ``return_dict=False`` output)."""
     if isinstance(out, torch.Tensor):
         return out
+    if isinstance(out, tuple | list) and out and isinstance(out[0], torch.Tensor | fx.Node | fx.Proxy):
+        return out[0]
     logits = out.get("logits") if isinstance(out, Mapping) else getattr(out, "logits", None)
     return out if logits is None else logits
 

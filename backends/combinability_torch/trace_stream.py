@@ -188,6 +188,10 @@ def stream_symmetries(model: nn.Module, example_input: torch.Tensor) -> tuple[Pe
                 continue
             if _parameter_product(n, space, binds, params_of, sp):
                 continue
+            if target in _FUNCTIONAL_NORMS and args and args[0] is n.args[0]:
+                norms.append(_functional_norm(n, gm, spaces[0], params_of, binds, sp, where, model))
+                space[n.name] = spaces[0]
+                continue
             if target in ("topk", torch.topk) and args and _dim_is_last(n, 2):
                 sp.mark(spaces[:1])  # routing: permutations of the experts only
                 space[n.name] = FIXED  # sorted gate values and their indices: free of the experts' order
@@ -769,6 +773,35 @@ def _parameter_product(n: fx.Node, space: dict[str, Any], binds: dict[str, list[
         out = sp.union(out, space[bias.name])
     space[n.name] = out
     return True
+
+
+#: Norms written with their module's parameters (nanoGPT's ``LayerNorm``: ``F.layer_norm(x, self.weight.shape,
+#: self.weight, self.bias, 1e-5)``), and the positions of their weight and bias arguments.
+_FUNCTIONAL_NORMS = {F.layer_norm: (2, 3), F.rms_norm: (2, None)}
+
+
+def _functional_norm(n: fx.Node, gm: fx.GraphModule, src: Any, params_of: dict[str, str],
+                     binds: dict[str, list[Any]], sp: FeatureSpaces, where: str, model: nn.Module) -> Norm:
+    """The :class:`Norm` of ``F.layer_norm`` / ``F.rms_norm`` over the last axis: its weight and bias (parameters
+    read directly, or none) take the normalised space, as a LayerNorm module's do."""
+    names = ("input", "normalized_shape", "weight", "bias" if n.target is F.layer_norm else "eps")
+    args = {**dict(zip(names, n.args, strict=False)), **n.kwargs}
+    last = _last(n.args[0])
+    shape = args.get("normalized_shape")
+    if isinstance(shape, fx.Node):  # ``self.weight.shape``: the shape of the parameter read
+        owner = shape.args[0] if shape.target is getattr and shape.args[1:] == ("shape",) else None
+        shape = tuple(gm.get_parameter(params_of[owner.name]).shape) if isinstance(owner, fx.Node) and \
+            owner.name in params_of else None
+    leaves = [args.get(k) for k in ("weight", "bias")]
+    if shape is None or tuple(shape) != (last,) or any(
+            v is not None and not (isinstance(v, fx.Node) and v.name in params_of) for v in leaves):
+        raise TracingError(f"{where}: a functional norm must normalise the last axis only ({last}), with parameters "
+                           f"read directly or none (got normalized_shape {shape}){_hint(model)}")
+    scale, shift = (params_of[v.name] if v is not None else None for v in leaves)
+    for p in (scale, shift):
+        if p:
+            sp.union(binds[p][0], src)
+    return Norm(src, scale, shift, n.target is F.layer_norm, _readers(gm, n))
 
 
 def _channels_first_op(n: fx.Node, channels_first: dict[str, int], space: dict[str, Any], where: str,
