@@ -147,3 +147,64 @@ def test_parameters_read_for_their_dtype_bind_nothing():
 
     spec, _ = cb.derive_symmetries(CastingViT().eval(), X)
     assert isinstance(spec.kind(spec.axes_to_perm["patch.weight"][0]), Orthogonal)
+
+
+# -- ViT as vit-pytorch writes it (its einops rearranges written as reshape and permute) -----------------
+class LucidAttention(nn.Module):
+    def __init__(self, dim_head: int = 4) -> None:
+        super().__init__()
+        self.heads, self.scale = HEADS, dim_head**-0.5
+        self.norm, self.attend, self.dropout = nn.LayerNorm(DIM), nn.Softmax(dim=-1), nn.Dropout(0.0)
+        self.to_qkv = nn.Linear(DIM, 3 * HEADS * dim_head, bias=False)
+        self.to_out = nn.Sequential(nn.Linear(HEADS * dim_head, DIM), nn.Dropout(0.0))
+
+    def forward(self, x):
+        x = self.norm(x)
+        b, n, _ = x.shape
+        q, k, v = (t.reshape(b, n, self.heads, -1).permute(0, 2, 1, 3) for t in self.to_qkv(x).chunk(3, dim=-1))
+        attn = self.dropout(self.attend(torch.matmul(q, k.transpose(-1, -2)) * self.scale))  # an nn.Softmax module
+        return self.to_out(torch.matmul(attn, v).permute(0, 2, 1, 3).reshape(b, n, -1))
+
+
+class LucidViT(nn.Module):
+    def __init__(self, pool: str) -> None:
+        super().__init__()
+        patch_dim = PATCH * PATCH
+        self.to_patch_embedding = nn.Sequential(nn.LayerNorm(patch_dim), nn.Linear(patch_dim, DIM), nn.LayerNorm(DIM))
+        self.pos_embedding = nn.Parameter(torch.randn(1, (SIDE // PATCH) ** 2 + 1, DIM))
+        self.cls_token = nn.Parameter(torch.randn(1, 1, DIM))
+        self.layers = nn.ModuleList([nn.ModuleList([
+            LucidAttention(), nn.Sequential(nn.LayerNorm(DIM), nn.Linear(DIM, 2 * DIM), nn.GELU(), nn.Dropout(0.0),
+                                            nn.Linear(2 * DIM, DIM), nn.Dropout(0.0))]) for _ in range(2)])
+        self.norm, self.pool, self.mlp_head = nn.LayerNorm(DIM), pool, nn.Linear(DIM, 5)
+
+    def forward(self, img):
+        b, c, h, w = img.shape
+        x = img.reshape(b, c, h // PATCH, PATCH, w // PATCH, PATCH).permute(0, 2, 4, 3, 5, 1)
+        x = self.to_patch_embedding(x.reshape(b, (h // PATCH) * (w // PATCH), -1))
+        n = x.shape[1]
+        x = torch.cat((self.cls_token.expand(b, -1, -1), x), dim=1)
+        x += self.pos_embedding[:, :(n + 1)]
+        for attn, ff in self.layers:
+            x = attn(x) + x
+            x = ff(x) + x
+        x = self.norm(x)
+        return self.mlp_head(x.mean(dim=1) if self.pool == "mean" else x[:, 0])
+
+
+@pytest.mark.parametrize("pool", ["cls", "mean"])
+def test_vit_pytorch_attention_with_a_softmax_module_is_traced_and_keeps_the_function(pool):
+    model = randomised(LucidViT(pool), 0)
+    spec, _ = cb.derive_symmetries(model, X)
+    stream = spec.axes_to_perm["cls_token"][2]
+    rows, cols = spec.axes_to_perm["layers.1.0.to_qkv.weight"]
+    assert cols == stream and rows == ("layers.1.0.to_qkv.q", "layers.1.0.to_qkv.q", "layers.1.0.to_qkv.v")
+    qk = spec.kind(rows[0])
+    assert isinstance(qk, Blocks) and (qk.blocks, qk.size) == (HEADS, 4)
+    assert spec.axes_to_perm["to_patch_embedding.0.weight"] == (None,)  # the pixels of a patch stay in place
+    state = {k: v.numpy().astype(np.float64) for k, v in model.state_dict().items()}
+    moved = cb.apply_permutation(spec, cb.random_permutation(spec, state, seed=2), state)
+    assert not np.allclose(moved["layers.1.0.to_qkv.weight"], state["layers.1.0.to_qkv.weight"])
+    np.testing.assert_allclose(float64_outputs(model, moved, X), float64_outputs(model, state, X), atol=1e-9)
+    back = cb.apply_permutation(spec, cb.weight_matching(spec, state, moved, seed=0, restarts=2), moved)
+    assert max(float(np.abs(back[k] - state[k]).max()) for k in state) < 1e-9

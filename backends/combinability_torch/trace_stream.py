@@ -166,6 +166,9 @@ def stream_symmetries(model: nn.Module, example_input: torch.Tensor) -> tuple[Pe
                 space[n.name] = src
             elif isinstance(m, nn.MultiheadAttention):
                 space[n.name] = _attention(n, m, sp, space, bind, heads, where, model)
+            elif isinstance(m, nn.Softmax) and n.args[0].name in att.scores:
+                att.passes(n)  # an nn.Softmax module over the keys keeps attention scores scores
+                space[n.name] = None
             elif isinstance(m, _NONLINEAR_MODULES):
                 sp.mark([src])
                 space[n.name] = src
