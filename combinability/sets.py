@@ -372,10 +372,39 @@ class ModelSet:
                              correlations=None if correlations is None else (lambda pts, i=i: correlations(
                                  naive.thetas[0], naive.thetas[i], pts)))
             perm = align(method, task, **({"progress": True} if progress else {}), **learned, **options)
+            if method == "activation" and self.table is None:
+                perm = self._observed_again(task, perm, naive, correlations, features, options)
             transforms.append(perm)
             thetas.append(self.layout.flatten(apply_permutation(spec, perm, naive.params(i))))
         return self._replace(thetas=tuple(thetas), transforms=tuple(transforms), alignment=method, naive=self.naive
                              or self, models=naive._natives(thetas), spec=spec)
+
+    def _observed_again(self, task: Any, perm: Permutation, naive: ModelSet, correlations: Any, features: Any,
+                        options: Mapping[str, Any]) -> Permutation:
+        """Activation matching of a model traced by its feature spaces, once more on B as first aligned.
+
+        A unit may be observed along another permuted axis: MLP-Mixer's token-mixing units at each
+        (example, feature), the features in each model's own order. Those observations correspond
+        only once B's features are in A's order, so the assignment runs again on B so aligned; the
+        result composes both (units observed on examples and positions only are assigned the same
+        twice: the second is the identity).
+        """
+        from dataclasses import replace
+
+        from combinability.align import align
+        from combinability.permutation import compose_permutations
+
+        moved = apply_permutation(task.spec, perm, task.other)
+        theta = self.layout.flatten(moved)
+        again = replace(task, other=moved,
+                        features=None if features is None else (lambda which, pts: features(
+                            0 if which == "reference" else theta, pts)),
+                        correlations=None if correlations is None else (lambda pts: correlations(
+                            naive.thetas[0], theta, pts)))
+        second = align("activation", again, **options)
+        out = compose_permutations(perm, second)
+        return Permutation(dict(out), objective=second.objective, history=[*perm.history, *second.history],
+                           method="activation")
 
     def _alignment_spec(self, symmetries: str) -> PermutationSpec:
         """The spec an alignment uses: every kind (``"all"``) or permutations only."""
@@ -460,9 +489,12 @@ class ModelSet:
                 cache["evaluator"] = Evaluator(self.backend_obj, naive.models[0], self.layout)
             return cache["data"], cache["evaluator"]
 
-        def features(i: int, points: Sequence[str]) -> dict[str, np.ndarray]:
+        def features(i: int | np.ndarray, points: Sequence[str]) -> dict[str, np.ndarray]:
+            """Features of member ``i`` (cached), or of a flat vector ``i``."""
             ds, evaluator = ready()
             wanted = list(dict.fromkeys(points))
+            if isinstance(i, np.ndarray):
+                return evaluator.features(i, ds, wanted)
             if i not in cache or any(p not in cache[i] for p in wanted):
                 cache[i] = evaluator.features(naive.thetas[i], ds, wanted)
             return {p: cache[i][p] for p in wanted}

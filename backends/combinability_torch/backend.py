@@ -125,6 +125,16 @@ def _untied(model: nn.Module, params: Mapping[str, Any]) -> Mapping[str, Any]:
     return out
 
 
+def _units_second(module: nn.Module, out: Any) -> Any:
+    """A hooked module's output with its units on axis 1, as features are read: a Linear's or an
+    Embedding's ``(n, ..., units)`` moved to ``(n, units, ...)``; anything else as it is."""
+    from combinability_torch.trace import UNITS_LAST_MODULES
+
+    if isinstance(module, UNITS_LAST_MODULES) and isinstance(out, torch.Tensor) and out.dim() > 2:
+        return out.movedim(-1, 1)
+    return out
+
+
 class TorchPrepared:
     """:class:`~combinability.backend.Prepared` for one torch module and layout."""
 
@@ -245,7 +255,8 @@ class TorchPrepared:
                 twice.append(point)
             out[point] = value
 
-        handles = [modules[p].register_forward_hook(lambda _m, _i, o, p=p: keep(p, o)) for p in points]
+        handles = [modules[p].register_forward_hook(lambda _m, _i, o, p=p: keep(p, _units_second(_m, o)))
+                   for p in points]
         try:
             self._call(params, x)
         finally:

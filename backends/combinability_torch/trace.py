@@ -572,6 +572,10 @@ def describe(model: nn.Module, example_input: torch.Tensor) -> tuple[LayerTable,
     return table, gm
 
 
+#: Modules whose output holds their units on its last axis, whatever its rank (a Linear on tokens).
+UNITS_LAST_MODULES = (nn.Linear, nn.Embedding)
+
+
 class TapRunner(nn.Module):
     """Runs a traced module and records the outputs of chosen nodes (the feature taps of a user model).
 
@@ -586,7 +590,11 @@ class TapRunner(nn.Module):
         self._parameters = gm._parameters
         self._buffers = gm._buffers
         self.__dict__["fx_of"] = {v: k for k, v in table_names(gm).items()}
-        self.__dict__["channels_last"] = channels_last_nodes(gm)  # tapped channels-first, as the table reads them
+        # tapped channels-first, as the table reads them: channels-last maps, and the outputs of layers acting
+        # on the last axis of (n, tokens, features) or any other (n, ..., units) tensor
+        self.__dict__["channels_last"] = channels_last_nodes(gm) | {
+            n.name for n in gm.graph.nodes if n.op == "call_module" and isinstance(gm.get_submodule(n.target),
+                                                                                   UNITS_LAST_MODULES)}
 
     def forward(self, x: torch.Tensor, taps: dict[str, Any] | None = None) -> torch.Tensor:
         if taps is None:

@@ -93,6 +93,7 @@ def stream_symmetries(model: nn.Module, example_input: torch.Tensor) -> tuple[Pe
     aliases = tensor_aliases(model)
     tied: set[str] = set()
     channels_first: dict[str, int] = {}  # a convolution's output (n, c, ...) -> the space of its channels
+    carried: dict[str, int] = {}  # tokens transposed last (n, d, t) -> the space of the features on axis -2
     params_of: dict[str, str] = {}  # a get_attr node of a parameter -> the parameter's name
 
     def bind(param: str, entries: list[Any]) -> None:
@@ -125,6 +126,10 @@ def stream_symmetries(model: nn.Module, example_input: torch.Tensor) -> tuple[Pe
             bind(n.target, [None] * (value.ndim - 1) + [s])
             space[n.name] = s
             params_of[n.name] = aliases.get(n.target, n.target)
+        elif n.op in ("call_module", "call_function", "call_method") and not reads_shape(n) and (
+                _swaps_tokens_and_features(n) and space.get(n.args[0].name) not in (None, FIXED)
+                and n.args[0].name not in att.headed or any(a.name in carried for a in tensor_args(n))):
+            _tokens_last(n, gm, carried, space, sp, bind, where, model)
         elif n.op == "call_module":
             m = gm.get_submodule(n.target)
             src = space.get(n.args[0].name) if n.args and isinstance(n.args[0], fx.Node) else None
@@ -425,6 +430,58 @@ def _dim_is_last(n: fx.Node, position: int) -> bool:
     """Whether the ``dim`` argument (keyword, or positional at ``position``) is the last axis."""
     dim = n.kwargs.get("dim", n.args[position] if len(n.args) > position else None)
     return dim == -1 or (dim is not None and dim == (_ndim(n.args[0]) or 0) - 1)
+
+
+def _swaps_tokens_and_features(n: fx.Node) -> bool:
+    """``x.transpose(1, 2)`` (or ``-1, -2``; ``permute(0, 2, 1)``; ``swapaxes``) of a 3-D ``(n, tokens, features)``."""
+    if _ndim(n.args[0] if n.args else None) != 3:
+        return False
+    if n.target in ("transpose", torch.transpose, "swapaxes", torch.swapaxes, "swapdims", torch.swapdims):
+        return len(n.args) == 3 and {int(d) % 3 for d in n.args[1:3] if isinstance(d, int)} == {1, 2}
+    dims = n.args[1] if len(n.args) == 2 and isinstance(n.args[1], tuple | list) else n.args[1:]
+    return n.target in ("permute", torch.permute) and tuple(d % 3 for d in dims if isinstance(d, int)) == (0, 2, 1)
+
+
+def _tokens_last(n: fx.Node, gm: fx.GraphModule, carried: dict[str, int], space: dict[str, Any],
+                 sp: FeatureSpaces, bind: Any, where: str, model: nn.Module) -> None:
+    """MLP-Mixer's token mixing: features ``(n, t, d)`` transposed to ``(n, d, t)``, layers and activations on
+    the tokens (the last axis), and the transpose back.
+
+    The transposed tensor carries the features' space on axis -2 (``carried``) and the tokens last, which
+    stay in place (their order is the input's positions). A Linear there mixes tokens: its rows open a
+    space (the token-mixing MLP's hidden units, which permute), and the layer whose output is transposed
+    back has its rows fixed (they are tokens again). A token-mixing layer acts on each feature alike
+    (its bias is added to every one, its activations act on each), so the features it carries keep
+    their permutations only.
+    """
+    arg = next(a for a in (n.args[0], *n.args[1:], *n.kwargs.values()) if isinstance(a, fx.Node) and a.name in space
+               and space[a.name] is not None)
+    if arg.name not in carried:  # features transposed behind the tokens
+        sp.mark([space[arg.name]])
+        carried[n.name], space[n.name] = space[arg.name], FIXED
+        return
+    reads = [a for a in (*n.args, *n.kwargs.values()) if isinstance(a, fx.Node) and space.get(a.name) is not None]
+    m = gm.get_submodule(n.target) if n.op == "call_module" else None
+    if len(reads) == 1 and _swaps_tokens_and_features(n):  # back: tokens on axis 1 again, features last
+        sp.fix([space[arg.name]])
+        space[n.name] = carried[arg.name]
+        return
+    if len(reads) == 1 and isinstance(m, nn.Linear):
+        s = sp.new(n.target)
+        bind(f"{n.target}.weight", [s, space[arg.name]])
+        if m.bias is not None:
+            bind(f"{n.target}.bias", [s])
+        space[n.name] = s
+    elif len(reads) == 1 and (isinstance(m, _NONLINEAR_MODULES) or (m is None and n.target in _NONLINEAR)):
+        sp.mark([space[arg.name]])
+        space[n.name] = space[arg.name]
+    elif len(reads) == 1 and (isinstance(m, _PASS_MODULES) or (m is None and n.target in _PASS)):
+        space[n.name] = space[arg.name]
+    else:
+        raise TracingError(f"{where}: on features transposed behind the tokens (MLP-Mixer's token mixing), the "
+                           f"stream tracer follows Linear layers over the tokens, activations, dropout and the "
+                           f"transpose back{_hint(model)}")
+    carried[n.name] = carried[arg.name]
 
 
 def _output_nodes(n: fx.Node) -> list[fx.Node]:
