@@ -149,3 +149,75 @@ def test_an_unfollowed_operation_on_transposed_features_is_refused_by_name():
 
     with pytest.raises(TracingError, match="transposed behind the tokens"):
         cb.derive_symmetries(Cumulative().eval(), X)
+
+
+# -- MLP-Mixer in flax (as the reference flax Mixer writes it: jnp.swapaxes) -------------------------------
+def _flax_mixer():
+    fnn = pytest.importorskip("flax.linen")
+    jnp = pytest.importorskip("jax.numpy")
+
+    class MlpBlock(fnn.Module):
+        hidden: int
+
+        @fnn.compact
+        def __call__(self, x):
+            return fnn.Dense(x.shape[-1], name="fc2")(fnn.gelu(fnn.Dense(self.hidden, name="fc1")(x)))
+
+    class Block(fnn.Module):
+        @fnn.compact
+        def __call__(self, x):
+            y = jnp.swapaxes(fnn.LayerNorm()(x), 1, 2)
+            x = x + jnp.swapaxes(MlpBlock(TOKENS_HIDDEN, name="token_mixing")(y), 1, 2)
+            return x + MlpBlock(CHANNELS_HIDDEN, name="channel_mixing")(fnn.LayerNorm()(x))
+
+    class FlaxMixer(fnn.Module):
+        @fnn.compact
+        def __call__(self, x):
+            x = fnn.Conv(DIM, (PATCH, PATCH), strides=(PATCH, PATCH), name="stem")(x)
+            x = x.reshape(x.shape[0], -1, DIM)
+            for _ in range(2):
+                x = Block()(x)
+            return fnn.Dense(5, name="head")(jnp.mean(fnn.LayerNorm(name="norm")(x), axis=1))
+
+    return FlaxMixer()
+
+
+@pytest.mark.parametrize("method", ["weight", "activation"])
+def test_a_flax_mixer_is_traced_and_its_planted_transformation_undone(method):
+    from flax import traverse_util
+
+    from tests.model_checks import flax_variables
+
+    net = _flax_mixer()
+    x = np.random.default_rng(0).normal(size=(4, SIDE, SIDE, 1)).astype(np.float32)
+    variables = flax_variables(net, x, 0)
+    spec, _ = cb.derive_symmetries((net, variables), x)
+    hidden = spec.axes_to_perm["params/Block_0/token_mixing/fc1/kernel"][1]
+    assert spec.axes_to_perm["params/Block_0/token_mixing/fc1/kernel"] == (None, hidden)  # flax: (in, out)
+    assert spec.axes_to_perm["params/Block_0/token_mixing/fc2/kernel"] == (hidden, None)
+    state = {k: np.asarray(v) for k, v in traverse_util.flatten_dict(variables, sep="/").items()}
+    moved = traverse_util.unflatten_dict(cb.apply_permutation(spec, cb.random_permutation(spec, state, seed=3),
+                                                              state), sep="/")
+    np.testing.assert_allclose(np.asarray(net.apply(moved, x)), np.asarray(net.apply(variables, x)), rtol=1e-4,
+                               atol=1e-5)
+    data = (np.random.default_rng(1).normal(size=(40, SIDE, SIDE, 1)).astype(np.float32), np.arange(40) % 5)
+    pair = cb.ModelPair((net, variables), (net, moved), example_input=x)
+    aligned = pair.align(method, **({"data": data} if method == "activation" else {}))
+    np.testing.assert_allclose(aligned.theta_b, aligned.theta_a, atol=1e-6)
+
+
+def test_flax_features_on_tokens_are_read_on_their_last_axis():
+    net = _flax_mixer()
+    x = np.random.default_rng(2).normal(size=(3, SIDE, SIDE, 1)).astype(np.float32)
+    from tests.model_checks import flax_variables
+
+    variables = flax_variables(net, x, 1)
+    pair = cb.ModelPair((net, variables), (net, flax_variables(net, x, 2)), example_input=x)
+    evaluator = cb.Evaluator(cb.get_backend(pair.backend), pair.model(0), pair.layout, batch_size=2)
+    data = cb.ArrayDataset(x=x, y=np.zeros(len(x), np.int64), num_classes=2, name="probe", split="test")
+    point = "Block_0/channel_mixing/fc1"
+    feats = evaluator.features(pair.theta_a, data, [point])[point]
+    _, state = net.apply(variables, x, capture_intermediates=True, mutable=["intermediates"])
+    want = np.asarray(state["intermediates"]["Block_0"]["channel_mixing"]["fc1"]["__call__"][0])
+    assert want.shape == (3, TOKENS, CHANNELS_HIDDEN)
+    np.testing.assert_allclose(feats, want.reshape(-1, CHANNELS_HIDDEN), rtol=1e-5, atol=1e-6)

@@ -152,7 +152,8 @@ class _Program:
         if missing:
             raise UnknownNameError(f"unknown feature point(s) {missing}; this model's points are its submodules: "
                                    f"{sorted(found)[:40]}")
-        return {p: found[p] for p in points}
+        # flax keeps units last (NHWC maps, (n, tokens, features)): channels-first, as features are read
+        return {p: jnp.moveaxis(found[p], -1, 1) if found[p].ndim >= 3 else found[p] for p in points}
 
     def step(self, flat: jax.Array, rest: dict, mask: jax.Array, x: jax.Array, y: jax.Array,
               loss: Callable[[Any, Any], Any]) -> tuple[jax.Array, jax.Array, jax.Array]:
