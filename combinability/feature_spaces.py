@@ -45,7 +45,7 @@ from combinability.folding import NormFold, Reader
 from combinability.kinds import Blocks, Kind, Orthogonal
 from combinability.permutation import Entry, PermutationSpec, Repeat
 
-__all__ = ["FIXED", "ANY", "FeatureSpaces", "Norm", "Heads", "Experts", "ReshapeGroups", "spec_from_spaces",
+__all__ = ["FIXED", "ANY", "FeatureSpaces", "Norm", "Heads", "Experts", "Gates", "ReshapeGroups", "spec_from_spaces",
            "opener_points"]
 
 FIXED = 0
@@ -246,6 +246,20 @@ class Experts:
     size: int
 
 
+@dataclass(frozen=True)
+class Gates:
+    """An axis binding: ``count`` gates' rows of one space's units, gate by gate (a recurrent layer's).
+
+    An LSTM's ``weight_ih`` is ``(4 * hidden, in)``: its input, forget, cell and output gates'
+    rows for every hidden unit, gate after gate; a permutation of the hidden units moves each
+    gate's rows alike, so the axis is :class:`~combinability.permutation.Repeat` of the
+    space's name, ``count`` times, interleaved (``gate * hidden + unit``). One gate is the space.
+    """
+
+    space: int
+    count: int
+
+
 class ReshapeGroups:
     """Heads and experts found where a tracer sees a reshape of feature axes.
 
@@ -432,9 +446,10 @@ def _block_kinds(sp: FeatureSpaces, bound: set[int], heads: Sequence[Heads], exp
     return kinds, special
 
 
-def _labels(param: str, entries: Sequence[int | tuple[int, ...] | None], n: int) -> list[int]:
+def _labels(param: str, entries: Sequence[int | tuple[int, ...] | Gates | None], n: int) -> list[int]:
     out: list[int] = []
     for e in entries:
+        e = e.space if isinstance(e, Gates) else e
         for s in e if isinstance(e, tuple) else (e,):
             if s is not None and not (isinstance(s, int) and 0 <= s < n):
                 raise ValueError(f"{param!r}: an axis is bound to a space (an int from FeatureSpaces.new), None, or a "
@@ -516,7 +531,15 @@ def spec_from_spaces(spaces: FeatureSpaces, binds: Mapping[str, Sequence[int | t
         kinds[sp.name(r)] = Orthogonal(fix_ones=r in centred, requires=tuple(requires))
         all_folds += folds.get(r, [])
 
-    def entry(param: str, e: int | tuple[int, ...] | None) -> Entry:
+    def entry(param: str, e: int | tuple[int, ...] | Gates | None) -> Entry:
+        if isinstance(e, Gates):
+            inner = entry(param, e.space)
+            if inner is None or e.count == 1:
+                return inner
+            if not isinstance(inner, str):
+                raise TracingError(f"{param!r}: the gates of a recurrent layer over a space that is itself repeated "
+                                   f"or packed" + hint)
+            return Repeat(inner, e.count, interleaved=True)
         if isinstance(e, tuple):
             if any(sp.is_fixed(s) for s in e):
                 raise TracingError(f"{param!r}: a segment of a packed axis is fixed while the others move" + hint)
@@ -537,13 +560,18 @@ def opener_points(spec: PermutationSpec) -> dict[str, str]:
 
     :func:`spec_from_spaces` names a plain permutation ``P_<opener>`` after the first layer that
     opened its space, whose output carries its units (before any activation, which keeps them);
-    activation matching reads them there. Heads, experts and streams (other kinds) get none.
+    activation matching reads them there. A residual stream's point serves its permutations
+    (``symmetries="permutation"``); heads and experts (block kinds) get none, nor do names
+    without the ``P_`` form (units inside a layer: query and key parts, a recurrent layer's).
 
     Examples
     --------
     >>> from combinability.kinds import Orthogonal
     >>> opener_points(PermutationSpec({"fc1.weight": ("P_fc1", "P_embed"), "fc2.weight": ("P_embed", "P_fc1")},
     ...                               kinds={"P_embed": Orthogonal()}))
-    {'P_fc1': 'fc1'}
+    {'P_fc1': 'fc1', 'P_embed': 'embed'}
     """
-    return {p: p[2:] for p in spec.perm_names if p.startswith("P_") and len(p) > 2 and p not in spec.kinds}
+    from combinability.kinds import Orthogonal
+
+    return {p: p[2:] for p in spec.perm_names if p.startswith("P_") and len(p) > 2
+            and (p not in spec.kinds or isinstance(spec.kinds[p], Orthogonal))}

@@ -130,6 +130,8 @@ def _units_second(module: nn.Module, out: Any) -> Any:
     Embedding's ``(n, ..., units)`` moved to ``(n, units, ...)``; anything else as it is."""
     from combinability_torch.trace import UNITS_LAST_MODULES
 
+    if isinstance(module, nn.RNNBase) and isinstance(out, tuple):
+        out = out[0]  # the output sequence, not the final states
     if isinstance(module, UNITS_LAST_MODULES) and isinstance(out, torch.Tensor) and out.dim() > 2:
         return out.movedim(-1, 1)
     return out

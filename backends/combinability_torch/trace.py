@@ -572,8 +572,9 @@ def describe(model: nn.Module, example_input: torch.Tensor) -> tuple[LayerTable,
     return table, gm
 
 
-#: Modules whose output holds their units on its last axis, whatever its rank (a Linear on tokens).
-UNITS_LAST_MODULES = (nn.Linear, nn.Embedding)
+#: Modules whose output holds their units on its last axis, whatever its rank (a Linear on tokens; a
+#: recurrent layer's output sequence, the first item of what it returns).
+UNITS_LAST_MODULES = (nn.Linear, nn.Embedding, nn.RNNBase)
 
 
 class TapRunner(nn.Module):
@@ -606,7 +607,9 @@ class TapRunner(nn.Module):
             def run_node(self, n: fx.Node) -> Any:
                 out = super().run_node(n)
                 if n.name in wanted:
-                    taps[wanted[n.name]] = out.movedim(-1, 1) if n.name in channels_last and out.dim() > 2 else out
+                    value = out[0] if isinstance(out, tuple) else out  # a recurrent layer's: its output sequence
+                    taps[wanted[n.name]] = value.movedim(-1, 1) if n.name in channels_last and value.dim() > 2 \
+                        else value
                 return out
 
         return _Tap(self.gm).run(x)

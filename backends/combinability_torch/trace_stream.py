@@ -31,7 +31,7 @@ from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
 from combinability.errors import TracingError
-from combinability.feature_spaces import FIXED, Experts, FeatureSpaces, Heads, Norm, spec_from_spaces
+from combinability.feature_spaces import FIXED, Experts, FeatureSpaces, Gates, Heads, Norm, spec_from_spaces
 from combinability.folding import NormFold, Reader
 from combinability.permutation import PermutationSpec
 from combinability_torch.trace import logits_of, other_arguments, reads_shape, tensor_aliases
@@ -94,6 +94,7 @@ def stream_symmetries(model: nn.Module, example_input: torch.Tensor) -> tuple[Pe
     tied: set[str] = set()
     channels_first: dict[str, int] = {}  # a convolution's output (n, c, ...) -> the space of its channels
     carried: dict[str, int] = {}  # tokens transposed last (n, d, t) -> the space of the features on axis -2
+    recurrent: dict[str, _Recurrent] = {}  # an RNN's output tuple and its parts -> what they hold
     params_of: dict[str, str] = {}  # a get_attr node of a parameter -> the parameter's name
 
     def bind(param: str, entries: list[Any]) -> None:
@@ -169,6 +170,9 @@ def stream_symmetries(model: nn.Module, example_input: torch.Tensor) -> tuple[Pe
                         bind(p, [src])
                 norms.append(Norm(src, scale, shift, isinstance(m, nn.LayerNorm), _readers(gm, n)))
                 space[n.name] = src
+            elif isinstance(m, nn.RNNBase):
+                recurrent[n.name] = _recurrent_layer(n, m, src, sp, bind, space, where, model)
+                space[n.name] = None
             elif isinstance(m, nn.MultiheadAttention):
                 space[n.name] = _attention(n, m, sp, space, bind, heads, where, model)
             elif isinstance(m, nn.Softmax) and n.args[0].name in att.scores:
@@ -186,6 +190,9 @@ def stream_symmetries(model: nn.Module, example_input: torch.Tensor) -> tuple[Pe
                 raise TracingError(f"{where}: the stream tracer cannot follow a {type(m).__name__} module"
                                    + _hint(model))
         elif n.op in ("call_function", "call_method"):
+            if n.args and isinstance(n.args[0], fx.Node) and n.args[0].name in recurrent and not reads_shape(n):
+                _recurrent_part(n, recurrent, space, where, model)
+                continue
             if n.args and isinstance(n.args[0], fx.Node) and n.args[0].name in channels_first and not reads_shape(n):
                 _channels_first_op(n, channels_first, space, where, model)
                 continue
@@ -430,6 +437,84 @@ def _dim_is_last(n: fx.Node, position: int) -> bool:
     """Whether the ``dim`` argument (keyword, or positional at ``position``) is the last axis."""
     dim = n.kwargs.get("dim", n.args[position] if len(n.args) > position else None)
     return dim == -1 or (dim is not None and dim == (_ndim(n.args[0]) or 0) - 1)
+
+
+@dataclass(frozen=True)
+class _Recurrent:
+    """What a node of an RNN's outputs holds: ``"outputs"`` (the module's tuple), ``"states"`` (an LSTM's
+    ``(h_n, c_n)``) or ``"stacked"`` (final states of every layer, ``(layers, n, hidden)``), and the
+    spaces of the layers' hidden units."""
+
+    what: str
+    layers: tuple[int, ...]
+
+
+def _recurrent_layer(n: fx.Node, m: nn.RNNBase, src: Any, sp: FeatureSpaces, bind: Any, space: dict[str, Any],
+                     where: str, model: nn.Module) -> _Recurrent:
+    """``nn.LSTM``, ``nn.GRU`` or ``nn.RNN``: each layer's hidden units a space (permutations only: they pass
+    sigmoids and tanh), its weights' rows the gates of that space (:class:`~combinability.feature_spaces.Gates`),
+    ``weight_ih`` reading the layer below (the input for the first), ``weight_hh`` its own units."""
+    if m.bidirectional or getattr(m, "proj_size", 0):
+        raise TracingError(f"{where}: the stream tracer follows one-directional {type(m).__name__} layers without "
+                           f"projections (got bidirectional={m.bidirectional}, proj_size="
+                           f"{getattr(m, 'proj_size', 0)}){_hint(model)}")
+    given: list[fx.Node] = []
+    fx.node.map_arg((n.args[1:], n.kwargs), given.append)
+    if any(space.get(a.name) is not None for a in given):
+        raise TracingError(f"{where}: a {type(m).__name__} given initial states made from features or parameters; "
+                           f"the stream tracer follows one started from constants (zeros){_hint(model)}")
+    gates = {"LSTM": 4, "GRU": 3}.get(m.mode, 1)
+    layers: list[int] = []
+    below = src
+    for k in range(m.num_layers):  # the last layer's units are the module's output: its feature point
+        last = k == m.num_layers - 1
+        s = sp.new(n.target if last else f"{n.target}.l{k}", m.hidden_size,
+                   name=None if last else f"{n.target}.hidden_l{k}")
+        sp.mark([s])
+        bind(f"{n.target}.weight_ih_l{k}", [Gates(s, gates), below])
+        bind(f"{n.target}.weight_hh_l{k}", [Gates(s, gates), s])
+        if m.bias:
+            for leaf in ("bias_ih", "bias_hh"):
+                bind(f"{n.target}.{leaf}_l{k}", [Gates(s, gates)])
+        layers.append(s)
+        below = s
+    return _Recurrent("outputs" if m.mode != "LSTM" else "lstm", tuple(layers))
+
+
+def _recurrent_part(n: fx.Node, recurrent: dict[str, _Recurrent], space: dict[str, Any], where: str,
+                    model: nn.Module) -> None:
+    """An item of an RNN's outputs: the output sequence (the last layer's units), the final states, one
+    layer's final states (``h_n[-1]``; all of them when there is one layer)."""
+    held = recurrent[n.args[0].name]
+    index = n.args[1] if n.target is operator.getitem and len(n.args) == 2 else None
+    first = index[0] if isinstance(index, tuple) and index else index
+    if held.what in ("outputs", "lstm") and index in (0, 1):
+        if index == 0:
+            space[n.name] = held.layers[-1]
+            return
+        if held.what == "lstm":
+            recurrent[n.name] = _Recurrent("states", held.layers)
+        else:
+            _stacked(n, held.layers, recurrent, space)
+        return
+    if held.what == "states" and index in (0, 1):
+        _stacked(n, held.layers, recurrent, space)
+        return
+    if held.what == "stacked" and isinstance(first, int):
+        space[n.name] = held.layers[first]
+        return
+    raise TracingError(f"{where}: a use of a recurrent layer's outputs the stream tracer does not follow (it "
+                       f"follows the output sequence, and the final states of one layer: h_n[-1]){_hint(model)}")
+
+
+def _stacked(n: fx.Node, layers: tuple[int, ...], recurrent: dict[str, _Recurrent], space: dict[str, Any]) -> None:
+    """Final states ``(layers, n, hidden)``: of one layer, features of its space (``h_n.squeeze(0)``, ``h_n[-1]``
+    follow as features); of several, indexed by layer (:func:`_recurrent_part`)."""
+    if len(layers) == 1:
+        space[n.name] = layers[0]
+    else:
+        recurrent[n.name] = _Recurrent("stacked", layers)
+        space[n.name] = None
 
 
 def _swaps_tokens_and_features(n: fx.Node) -> bool:

@@ -82,6 +82,14 @@ def activation(task: AlignTask, *, batch_size: int = 4096, **_: Any) -> Permutat
             f"activation matching reads each block permutation's units at a feature point, and "
             f"{', '.join(map(repr, pointless[:4]))} have none (attention heads' units live inside the attention); "
             "align these models with 'weight' or 'ste'")
+    known = getattr(task, "feature_points", {})
+    unseen = [p for p in task.spec.perm_names if known and p not in known and p not in groups
+              and not isinstance(task.spec.kinds.get(p), Blocks)]
+    if unseen:
+        raise ConfigurationError(
+            f"activation matching reads each permutation's units at a feature point, and "
+            f"{', '.join(map(repr, unseen[:4]))} have none (units inside a layer, as a recurrent layer's lower "
+            "layers' hidden units); align these models with 'weight' or 'ste'")
     perm_points = {p: task.point(p) for p in task.spec.perm_names if p not in groups}
     points = list(dict.fromkeys(perm_points.values()))
     corr = streamed(points) if streamed is not None else _correlations_of_features(task, points, int(batch_size))

@@ -1,0 +1,165 @@
+"""Recurrent networks: ``nn.LSTM``, ``nn.GRU`` and ``nn.RNN`` in the feature-space tracer.
+
+A permutation of a recurrent layer's hidden units moves each gate's rows of ``weight_ih``,
+``weight_hh`` and the biases alike (rows ``gate * hidden + unit``: ``Repeat(name, gates,
+interleaved=True)``) and the columns of ``weight_hh``; the next layer reads the units.
+
+References: the model's own outputs in float64 before and after a random transformation of the
+traced spec; a permutation planted by hand (plain torch indexing of each gate's rows) that weight
+and activation matching must undo; torch's cross-entropy of each model's logits at the ends of a
+sweep.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import combinability as cb
+from combinability.errors import ConfigurationError, TracingError
+from combinability.permutation import Repeat
+from tests.model_checks import assert_planted_permutation_undone, float64_outputs, randomised
+
+torch = pytest.importorskip("torch")
+nn, F = torch.nn, torch.nn.functional
+
+VOCAB, EMB, HIDDEN, CLASSES, T = 20, 8, 6, 4, 7
+GATES = {"LSTM": 4, "GRU": 3, "RNN": 1}
+
+
+class TextRNN(nn.Module):
+    """A text classifier: embedded tokens, a recurrent layer stack, a linear layer on the last step's
+    output (``use="output"``) or on the last layer's final hidden state (``use="state"``)."""
+
+    def __init__(self, kind: str = "LSTM", layers: int = 2, use: str = "output", batch_first: bool = True) -> None:
+        super().__init__()
+        self.kind, self.use, self.batch_first = kind, use, batch_first
+        self.emb = nn.Embedding(VOCAB, EMB)
+        self.rnn = getattr(nn, kind)(EMB, HIDDEN, num_layers=layers, batch_first=batch_first)
+        self.fc = nn.Linear(HIDDEN, CLASSES)
+
+    def forward(self, ids):
+        x = self.emb(ids)
+        out, state = self.rnn(x if self.batch_first else x.transpose(0, 1))
+        if self.use == "output":
+            return self.fc(out[:, -1] if self.batch_first else out[-1])
+        h = state[0] if self.kind == "LSTM" else state
+        return self.fc(h[-1])
+
+
+IDS = torch.randint(0, VOCAB, (5, T), generator=torch.Generator().manual_seed(0))
+
+
+def _planted(model: TextRNN, seed: int) -> TextRNN:
+    """``model`` with each layer's hidden units permuted by hand, gate by gate: the same function."""
+    rng = np.random.default_rng(seed)
+    gates = GATES[model.kind]
+    s = {k: v.clone() for k, v in model.state_dict().items()}
+    below = None
+    for k in range(model.rnn.num_layers):
+        p = torch.as_tensor(rng.permutation(HIDDEN))
+        rows = torch.cat([g * HIDDEN + p for g in range(gates)])  # each gate's rows moved alike
+        for name in (f"weight_ih_l{k}", f"weight_hh_l{k}", f"bias_ih_l{k}", f"bias_hh_l{k}"):
+            s[f"rnn.{name}"] = s[f"rnn.{name}"][rows]
+        s[f"rnn.weight_hh_l{k}"] = s[f"rnn.weight_hh_l{k}"][:, p]
+        if below is not None:
+            s[f"rnn.weight_ih_l{k}"] = s[f"rnn.weight_ih_l{k}"][:, below]
+        below = p
+    s["fc.weight"] = s["fc.weight"][:, below]
+    out = TextRNN(model.kind, model.rnn.num_layers, model.use, model.batch_first).eval()
+    out.load_state_dict(s)
+    return out
+
+
+@pytest.mark.parametrize("kind", ["LSTM", "GRU", "RNN"])
+@pytest.mark.parametrize("use", ["output", "state"])
+def test_recurrent_layers_are_traced_and_a_transformation_keeps_the_function(kind, use):
+    model = randomised(TextRNN(kind, 2, use), 0)
+    spec, _ = cb.derive_symmetries(model, IDS)
+    axes = spec.axes_to_perm
+    low, top = axes["rnn.weight_hh_l0"][1], axes["rnn.weight_hh_l1"][1]
+    rows = (lambda name: Repeat(name, GATES[kind], interleaved=True) if GATES[kind] > 1 else name)  # noqa: E731
+    assert axes["rnn.weight_hh_l0"] == (rows(low), low) and axes["rnn.bias_ih_l0"] == (rows(low),)
+    assert axes["rnn.weight_ih_l1"] == (rows(top), low) and axes["fc.weight"] == (None, top)
+    assert axes["rnn.weight_ih_l0"][1] == axes["emb.weight"][1]  # the embedding's space
+    state = {k: v.numpy().astype(np.float64) for k, v in model.state_dict().items()}
+    moved = cb.apply_permutation(spec, cb.random_permutation(spec, state, seed=2), state)
+    assert not np.allclose(moved["rnn.weight_hh_l1"], state["rnn.weight_hh_l1"])
+    np.testing.assert_allclose(float64_outputs(model, moved, IDS), float64_outputs(model, state, IDS), atol=1e-9)
+
+
+@pytest.mark.parametrize("kind,layers,batch_first", [("LSTM", 2, True), ("GRU", 1, False), ("RNN", 2, True)])
+def test_a_hand_planted_permutation_of_a_recurrent_net_is_undone_by_weight_matching(kind, layers, batch_first):
+    a = randomised(TextRNN(kind, layers, batch_first=batch_first), 1)
+    assert_planted_permutation_undone(a, _planted(a, seed=3), IDS, (), "weight")
+
+
+def test_activation_matching_reads_the_output_sequence_of_a_one_layer_lstm():
+    a = randomised(TextRNN("LSTM", 1), 1)
+    b = _planted(a, seed=4)
+    data = (torch.randint(0, VOCAB, (32, T), generator=torch.Generator().manual_seed(5)).numpy(), np.arange(32) % 4)
+    pair = cb.ModelPair(a, b, example_input=IDS)
+    aligned = pair.align("activation", data=data, symmetries="permutation")  # the embedding permuted, not rotated
+    np.testing.assert_allclose(aligned.theta_b, aligned.theta_a, atol=1e-6)
+
+
+def test_activation_matching_refuses_a_lower_layer_it_cannot_observe():
+    pair = cb.ModelPair(randomised(TextRNN("LSTM", 2), 1), randomised(TextRNN("LSTM", 2), 2), example_input=IDS)
+    data = (IDS.numpy(), np.arange(len(IDS)) % 4)
+    with pytest.raises(ConfigurationError, match=r"'rnn.hidden_l0' have none.*'weight' or 'ste'"):
+        pair.align("activation", data=data, symmetries="permutation")
+
+
+def test_a_recurrent_pair_sweeps_as_torch_scores_it():
+    models = [randomised(TextRNN("GRU", 2, "state"), s) for s in (6, 7)]
+    y = np.arange(len(IDS)) % CLASSES
+    pair = cb.ModelPair(*models, example_input=IDS).align("weight")
+    ds = cb.sweep(pair, cb.Linear(), data=(IDS.numpy(), y), values=[0.0, 1.0], splits=["test"])
+    with torch.no_grad():
+        for m, lam in zip(models, (0.0, 1.0), strict=True):
+            want = F.cross_entropy(m(IDS), torch.as_tensor(y)).item()
+            assert float(ds["loss"].sel(split="test", lam=lam).isel(sample=0)) == pytest.approx(want, rel=1e-5)
+
+
+class Stacked(TextRNN):
+    def forward(self, ids):
+        _, (h, _) = self.rnn(self.emb(ids))
+        return self.fc(h.mean(dim=0))  # every layer's states at once
+
+
+class Bidirectional(TextRNN):
+    def __init__(self) -> None:
+        super().__init__()
+        self.rnn = nn.LSTM(EMB, HIDDEN, batch_first=True, bidirectional=True)
+        self.fc = nn.Linear(2 * HIDDEN, CLASSES)
+
+
+class Started(TextRNN):
+    def forward(self, ids):
+        h0 = torch.zeros(2, ids.shape[0], HIDDEN)  # as many tutorials write it: the default, made explicit
+        out, _ = self.rnn(self.emb(ids), (h0, h0))
+        return self.fc(out[:, -1])
+
+
+class LearnedStart(TextRNN):
+    def __init__(self) -> None:
+        super().__init__()
+        self.h0 = nn.Parameter(torch.randn(2, 1, HIDDEN))
+
+    def forward(self, ids):
+        h0 = self.h0.expand(-1, ids.shape[0], -1).contiguous()
+        out, _ = self.rnn(self.emb(ids), (h0, h0))
+        return self.fc(out[:, -1])
+
+
+def test_zero_initial_states_are_followed():
+    model = randomised(Started(), 0)
+    spec, _ = cb.derive_symmetries(model, IDS)
+    assert spec.axes_to_perm["fc.weight"][1] == spec.axes_to_perm["rnn.weight_hh_l1"][1] is not None
+
+
+@pytest.mark.parametrize("cls,message", [(Stacked, "final states of one layer"), (Bidirectional, "one-directional"),
+                                         (LearnedStart, "initial states made from features or parameters")])
+def test_unfollowed_recurrent_uses_are_refused_by_name(cls, message):
+    with pytest.raises(TracingError, match=message):
+        cb.derive_symmetries(cls().eval(), IDS)
