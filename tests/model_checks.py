@@ -54,6 +54,22 @@ def randomised(model: Any, seed: int) -> Any:
     return model.eval()
 
 
+def randomise_batchnorms(model: Any) -> Any:
+    """``model`` (torch) with every BatchNorm's statistics and affine parameters drawn away from the
+    identity (running mean U(-0.5, 0.5), variance U(0.5, 2), weight U(0.5, 1.5), bias U(-0.2, 0.2)),
+    so that permuting them matters; in eval mode."""
+    import torch
+
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+                m.running_mean.uniform_(-0.5, 0.5)
+                m.running_var.uniform_(0.5, 2.0)
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.2, 0.2)
+    return model.eval()
+
+
 def flax_variables(net: Any, x: Any, seed: int) -> Any:
     """``net.init`` on ``x`` with every leaf moved by N(0, 0.3²) noise (flax's zero biases and unit
     scales would make units alike)."""

@@ -16,7 +16,7 @@ import combinability as cb
 from combinability.errors import ConfigurationError
 from combinability.layers import LayerTable, Node
 from combinability.permutation import Repeat
-from tests.model_checks import assert_planted_permutation_undone, table_logits, tapped_features
+from tests.model_checks import assert_planted_permutation_undone, randomise_batchnorms, table_logits, tapped_features
 from tests.reference_nets import conv2d_general, relu
 
 torch = pytest.importorskip("torch")
@@ -109,14 +109,7 @@ def _x(n: int = 6, seed: int = 0) -> torch.Tensor:
 
 def _randomised(seed: int) -> SequenceNet:
     torch.manual_seed(seed)
-    net = SequenceNet().eval()
-    with torch.no_grad():
-        for bn in (net.bn0, net.bn1):
-            bn.running_mean.uniform_(-0.5, 0.5)
-            bn.running_var.uniform_(0.5, 2.0)
-            bn.weight.uniform_(0.5, 1.5)
-            bn.bias.uniform_(-0.2, 0.2)
-    return net
+    return randomise_batchnorms(SequenceNet())
 
 
 def _planted(net: SequenceNet, seed: int) -> SequenceNet:

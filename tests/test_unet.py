@@ -21,6 +21,7 @@ from tests.model_checks import (
     assert_planted_permutation_undone,
     flax_planted_permutation,
     flax_variables,
+    randomise_batchnorms,
     table_logits,
     tapped_features,
 )
@@ -201,14 +202,7 @@ def _x(n: int = 4, seed: int = 0) -> torch.Tensor:
 
 def _randomised(seed: int) -> UNet:
     torch.manual_seed(seed)
-    net = UNet().eval()
-    with torch.no_grad():
-        for bn in (net.enc1[1], net.enc2[1]):
-            bn.running_mean.uniform_(-0.5, 0.5)
-            bn.running_var.uniform_(0.5, 2.0)
-            bn.weight.uniform_(0.5, 1.5)
-            bn.bias.uniform_(-0.2, 0.2)
-    return net
+    return randomise_batchnorms(UNet())
 
 
 def _planted(net: UNet, seed: int) -> UNet:

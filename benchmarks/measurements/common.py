@@ -90,6 +90,38 @@ def fit_adam(model: Any, x: Any, y: Any, epochs: int = 2, name: str | None = Non
     return model.eval()
 
 
+def barrier_rows(pair: Any, fit: tuple[Any, Any], test: tuple[Any, Any],
+                 variants: tuple[tuple[str, str | None, Any], ...]) -> list[str]:
+    """The rows of a barrier table: the permutations of ``pair``, then for each ``(label, method, repair)``
+    the linear path at 0, 0.5, 1 on ``test`` after aligning by ``method`` (None: naive; activation
+    matching on ``fit``), each method aligned and timed once, with ``repair`` (a dataset for
+    ``repair_data``, e.g. ``("reset", data)``) or None."""
+    import time
+
+    import combinability as cb
+
+    sizes = pair.spec.perm_sizes(pair.params(0))
+    rows = [f"Permutations: {len(sizes)} ({', '.join(f'{p}: {n}' for p, n in sizes.items())}).", "",
+            "| alignment | loss at 0, 0.5, 1 | loss barrier | accuracy at 0, 0.5, 1 | time (s) |",
+            "|---|---|---:|---|---:|"]
+    aligned: dict[Any, tuple[Any, float | None]] = {}
+    for label, method, repair in variants:
+        took = None
+        if method not in aligned:
+            start = time.perf_counter()
+            p = pair.align(method, **({"data": fit} if method == "activation" else {})) if method else pair
+            aligned[method] = (p, time.perf_counter() - start if method else None)
+            took = aligned[method][1]
+        extra = {"repair": repair[0], "repair_data": repair[1]} if repair else {}
+        ds = cb.sweep(aligned[method][0], cb.Linear(), data=test, values=[0.0, 0.5, 1.0], splits=["test"], **extra)
+        loss = ds["loss"].sel(split="test").values.ravel()
+        acc = ds["accuracy"].sel(split="test").values.ravel()
+        rows.append(f"| {label} | {', '.join(f'{v:.3f}' for v in loss)} | {loss[1] - (loss[0] + loss[2]) / 2:.3f} | "
+                    f"{', '.join(f'{v:.3f}' for v in acc)} | {f'{took:.2f}' if took is not None else ''} |")
+        log(rows[-1])
+    return rows
+
+
 def log(message: str) -> None:
     """A timestamped line on stderr."""
     print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)

@@ -13,7 +13,6 @@ the first 5,000 test images. Writes ``convnext.md`` beside this file.
 from __future__ import annotations
 
 import sys
-import time
 from pathlib import Path
 
 import common as c
@@ -41,21 +40,9 @@ def main() -> None:
     c.log("training two ConvNeXts")
     models = [trained(seed, x, y) for seed in (0, 1)]
     pair = cb.ModelPair(*models, example_input=x_test[:8])
-    sizes = pair.spec.perm_sizes(pair.params(0))
-    rows = [f"Permutations: {len(sizes)} ({', '.join(f'{p}: {n}' for p, n in sizes.items())}).", "",
-            "| alignment | loss at 0, 0.5, 1 | loss barrier | accuracy at 0, 0.5, 1 | time (s) |",
-            "|---|---|---:|---|---:|"]
-    fit = (x[:2000].numpy(), y[:2000].numpy())
-    for label, method in (("naive", None), ("weight matching", "weight"), ("activation matching", "activation")):
-        start = time.perf_counter()
-        p = pair.align(method, **({"data": fit} if method == "activation" else {})) if method else pair
-        took = time.perf_counter() - start
-        ds = cb.sweep(p, cb.Linear(), data=(x_test, y_test), values=[0.0, 0.5, 1.0], splits=["test"])
-        loss = ds["loss"].sel(split="test").values.ravel()
-        acc = ds["accuracy"].sel(split="test").values.ravel()
-        rows.append(f"| {label} | {', '.join(f'{v:.3f}' for v in loss)} | {loss[1] - (loss[0] + loss[2]) / 2:.3f} | "
-                    f"{', '.join(f'{v:.3f}' for v in acc)} | {f'{took:.2f}' if method else ''} |")
-        c.log(rows[-1])
+    rows = c.barrier_rows(pair, (x[:2000].numpy(), y[:2000].numpy()), (x_test, y_test),
+                          (("naive", None, None), ("weight matching", "weight", None),
+                           ("activation matching", "activation", None)))
     text = "# ConvNeXt networks: aligned barriers\n\n" + "\n".join(rows) + "\n"
     (Path(__file__).parent / "convnext.md").write_text(text)
     print(text)

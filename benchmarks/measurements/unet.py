@@ -14,7 +14,6 @@ Writes ``unet.md`` beside this file.
 from __future__ import annotations
 
 import sys
-import time
 from pathlib import Path
 
 import common as c
@@ -46,32 +45,14 @@ def main() -> None:
     c.log("training two U-Nets")
     models = [trained(seed, x, y) for seed in (0, 1)]
     pair = cb.ModelPair(*models, example_input=x_test[:8])
-    sizes = pair.spec.perm_sizes(pair.params(0))
-    rows = [f"Permutations: {len(sizes)} ({', '.join(f'{p}: {n}' for p, n in sizes.items())}).", "",
-            "| alignment | loss at 0, 0.5, 1 | loss barrier | accuracy at 0, 0.5, 1 | time (s) |",
-            "|---|---|---:|---|---:|"]
     fit = (x[:2000].numpy(), y[:2000].numpy())
-    reset_data = cb.ArrayDataset(x=fit[0], y=fit[1], num_classes=10, name="fashion_mnist_train_2000", split="train")
-    aligned: dict = {}
-    for label, method, repair in (("naive", None, None), ("weight matching", "weight", None),
-                                  ("activation matching", "activation", None),
-                                  ("naive, BatchNorm statistics reset", None, "reset"),
-                                  ("weight matching, BatchNorm statistics reset", "weight", "reset"),
-                                  ("activation matching, BatchNorm statistics reset", "activation", "reset")):
-        start = time.perf_counter()
-        if method not in aligned:
-            aligned[method] = pair.align(method, **({"data": fit} if method == "activation" else {})) \
-                if method else pair
-            took = time.perf_counter() - start
-        else:
-            took = None
-        ds = cb.sweep(aligned[method], cb.Linear(), data=(x_test, y_test), values=[0.0, 0.5, 1.0], splits=["test"],
-                      **({"repair": repair, "repair_data": reset_data} if repair else {}))
-        loss = ds["loss"].sel(split="test").values.ravel()
-        acc = ds["accuracy"].sel(split="test").values.ravel()
-        rows.append(f"| {label} | {', '.join(f'{v:.3f}' for v in loss)} | {loss[1] - (loss[0] + loss[2]) / 2:.3f} | "
-                    f"{', '.join(f'{v:.3f}' for v in acc)} | {f'{took:.2f}' if method and took is not None else ''} |")
-        c.log(rows[-1])
+    reset = ("reset", cb.ArrayDataset(x=fit[0], y=fit[1], num_classes=10, name="fashion_mnist_train_2000",
+                                      split="train"))
+    rows = c.barrier_rows(pair, fit, (x_test, y_test), (
+        ("naive", None, None), ("weight matching", "weight", None), ("activation matching", "activation", None),
+        ("naive, BatchNorm statistics reset", None, reset),
+        ("weight matching, BatchNorm statistics reset", "weight", reset),
+        ("activation matching, BatchNorm statistics reset", "activation", reset)))
     text = "# U-Nets: aligned barriers\n\n" + "\n".join(rows) + "\n"
     (Path(__file__).parent / "unet.md").write_text(text)
     print(text)
