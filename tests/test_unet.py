@@ -349,3 +349,48 @@ def test_repair_weighs_a_transposed_conv_channel_by_its_output_column():
     w, b = arrays["t.weight"], arrays["t.bias"]  # (in 4, out 4, 2, 2)
     want = [(w[:, c].sum() + b[c]) / (w[:, c].size + 1) for c in range(4)]
     np.testing.assert_allclose(got, want, rtol=1e-5)
+
+
+def _flax_resize_net(method: str):
+    nnx = pytest.importorskip("flax.linen")
+    jax = pytest.importorskip("jax")
+    jnp = jax.numpy
+
+    class Resized(nnx.Module):
+        """Encoder, a strided conv, then back up by jax.image.resize (diffusers' FlaxUpsample2D) and a skip."""
+
+        @nnx.compact
+        def __call__(self, x):
+            e = nnx.relu(nnx.Conv(6, (3, 3))(x))
+            d = nnx.relu(nnx.Conv(8, (3, 3), strides=(2, 2))(e))
+            b, h, w, c = d.shape
+            up = jax.image.resize(d, (b, 2 * h, 2 * w, c), method=method)
+            y = nnx.relu(nnx.Conv(5, (3, 3))(jnp.concatenate([up, e], -1)))
+            return nnx.Dense(3)(jnp.mean(y, axis=(1, 2)))
+
+    return Resized()
+
+
+def test_flax_nearest_resize_is_traced_and_its_table_computes_the_module():
+    from flax import traverse_util
+
+    net = _flax_resize_net("nearest")
+    x = np.random.default_rng(3).normal(size=(2, 8, 6, 2)).astype(np.float32)
+    variables = flax_variables(net, x, 2)
+    table = cb.derive.describe((net, variables), x)
+    resized = [n for n in table.nodes if n.op == "upsample"]  # one gather per axis, half-pixel nearest
+    assert [(n.fn, n.output_size) for n in resized] == [("nearest-exact", (8, 3)), ("nearest-exact", (8, 6))]
+    assert table.spec().axes_to_perm["Conv_2.weight"][1] == ("P_Conv_1", "P_Conv_0")  # the resized map, the skip
+    state = table.from_flax(traverse_util.flatten_dict(variables, sep="/"))
+    want = np.asarray(net.apply(variables, x))
+    for backend in ("torch", "jax"):
+        np.testing.assert_allclose(table_logits(backend, table, state, x.transpose(0, 3, 1, 2)), want, rtol=1e-4,
+                                   atol=1e-5)
+    flax_planted_permutation(net, variables, x)
+
+
+def test_flax_linear_resize_is_refused():
+    net = _flax_resize_net("linear")
+    x = np.zeros((2, 8, 6, 2), np.float32)
+    with pytest.raises(TracingError):
+        cb.derive.describe((net, flax_variables(net, x, 0)), x)

@@ -22,6 +22,7 @@ import numpy as np
 
 from combinability.errors import TracingError
 from combinability.layers import LayerTable, Node
+from combinability.upsampling import resize_weights
 from combinability_jax.jaxpr_walk import JaxprWalker
 
 __all__ = ["describe", "taps", "train_kwargs"]
@@ -245,6 +246,10 @@ class _Trace(JaxprWalker):
             else:
                 self._name(acts[0])
                 self.alias[outs[0]] = acts[0]
+        elif len(acts) == 1 and n == "gather" and len(others) == 1 and len(s) > 2:
+            self._add(Node(self._fresh(path, "resize"), "upsample", (self._name(acts[0]),),
+                           fn=self._nearest_resize(p, s, shape, others[0], where), output_size=tuple(shape[1:-1])),
+                      outs[0])
         elif len(acts) == 1 and n == "reduce_sum" and len(s) > 2 and tuple(p["axes"]) == _positions(len(s)):
             self._add(Node(self._fresh(path, "mean"), "avgpool", (self._name(acts[0]),)), outs[0])
         elif len(acts) == 1 and n in ("reduce_window_sum", "reduce_window_max") and len(s) > 2 and (
@@ -259,6 +264,23 @@ class _Trace(JaxprWalker):
                            padding=p["padding"][1][0], fn="avg" if avg else ""), outs[0])
         else:
             raise TracingError(f"{where}: the tracer cannot follow this operation ({_FOLLOWS})" + self.hint)
+
+    def _nearest_resize(self, p: dict, s: tuple, shape: tuple, indices: int, where: str) -> str:
+        """The mode of a gather that resizes one spatial axis of a channels-last map by nearest neighbours
+        (``jax.image.resize(..., "nearest")`` gathers one axis at a time), read off its constant indices."""
+        dims = p["dimension_numbers"]
+        axis = dims.collapsed_slice_dims[0] if len(dims.collapsed_slice_dims) == 1 else None
+        if axis in _positions(len(s)) and tuple(dims.start_index_map) == (axis,) and \
+                not getattr(dims, "operand_batching_dims", ()) and len(shape) == len(s) and \
+                tuple(dims.offset_dims) == tuple(j for j in range(len(s)) if j != axis) and \
+                tuple(p["slice_sizes"]) == tuple(1 if j == axis else v for j, v in enumerate(s)) and \
+                all(shape[j] == s[j] for j in range(len(s)) if j != axis):
+            index = np.asarray(self._value(indices)).reshape(-1)
+            for mode in ("nearest-exact", "nearest"):
+                if np.array_equal(index, resize_weights(s[axis], shape[axis], mode).argmax(axis=1)):
+                    return mode
+        raise TracingError(f"{where}: the tracer follows a gather only as a nearest-neighbour resize of one spatial "
+                           f"axis of a map (jax.image.resize(..., 'nearest')), got {s} -> {shape}" + self.hint)
 
     def _root_of(self, i: int) -> int:
         """The id that ``i`` is a broadcast, reshape or cast of (``i`` itself when it is none)."""
