@@ -560,18 +560,16 @@ def opener_points(spec: PermutationSpec) -> dict[str, str]:
 
     :func:`spec_from_spaces` names a plain permutation ``P_<opener>`` after the first layer that
     opened its space, whose output carries its units (before any activation, which keeps them);
-    activation matching reads them there. A residual stream's point serves its permutations
-    (``symmetries="permutation"``); heads and experts (block kinds) get none, nor do names
-    without the ``P_`` form (units inside a layer: query and key parts, a recurrent layer's).
+    activation matching reads them there. Heads, experts and streams (other kinds) get none, nor
+    do names without the ``P_`` form (units inside a layer: query and key parts, a recurrent
+    layer's); a stream's spec made permutations only (:meth:`PermutationSpec.permutations_only`)
+    gets its point.
 
     Examples
     --------
     >>> from combinability.kinds import Orthogonal
     >>> opener_points(PermutationSpec({"fc1.weight": ("P_fc1", "P_embed"), "fc2.weight": ("P_embed", "P_fc1")},
     ...                               kinds={"P_embed": Orthogonal()}))
-    {'P_fc1': 'fc1', 'P_embed': 'embed'}
+    {'P_fc1': 'fc1'}
     """
-    from combinability.kinds import Orthogonal
-
-    return {p: p[2:] for p in spec.perm_names if p.startswith("P_") and len(p) > 2
-            and (p not in spec.kinds or isinstance(spec.kinds[p], Orthogonal))}
+    return {p: p[2:] for p in spec.perm_names if p.startswith("P_") and len(p) > 2 and p not in spec.kinds}

@@ -366,7 +366,7 @@ class ModelSet:
         thetas = [naive.thetas[0]]
         for i in range(1, len(naive)):
             task = AlignTask(spec=spec, reference=reference, other=naive.params(i), seed=seed,
-                             feature_points=self.feature_points,
+                             feature_points=self._points_for(spec),
                              features=None if features is None else (lambda which, pts, i=i: features(
                                  0 if which == "reference" else i, pts)),
                              correlations=None if correlations is None else (lambda pts, i=i: correlations(
@@ -378,6 +378,15 @@ class ModelSet:
             thetas.append(self.layout.flatten(apply_permutation(spec, perm, naive.params(i))))
         return self._replace(thetas=tuple(thetas), transforms=tuple(transforms), alignment=method, naive=self.naive
                              or self, models=naive._natives(thetas), spec=spec)
+
+    def _points_for(self, spec: PermutationSpec) -> dict[str, str]:
+        """:attr:`feature_points` for aligning by ``spec``: a traced residual stream aligned by permutations
+        only (``symmetries="permutation"``) is read at the layer that opened it, as a neuron space is."""
+        if self.table is not None or not self.points:
+            return self.feature_points
+        from combinability.feature_spaces import opener_points
+
+        return {**self.feature_points, **opener_points(spec)}
 
     def _observed_again(self, task: Any, perm: Permutation, naive: ModelSet, correlations: Any, features: Any,
                         options: Mapping[str, Any]) -> Permutation:
