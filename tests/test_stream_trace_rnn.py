@@ -127,11 +127,10 @@ class Stacked(TextRNN):
         return self.fc(h.mean(dim=0))  # every layer's states at once
 
 
-class Bidirectional(TextRNN):
+class Projected(TextRNN):
     def __init__(self) -> None:
         super().__init__()
-        self.rnn = nn.LSTM(EMB, HIDDEN, batch_first=True, bidirectional=True)
-        self.fc = nn.Linear(2 * HIDDEN, CLASSES)
+        self.rnn = nn.LSTM(EMB, 2 * HIDDEN, batch_first=True, proj_size=HIDDEN)
 
 
 class Started(TextRNN):
@@ -158,8 +157,70 @@ def test_zero_initial_states_are_followed():
     assert spec.axes_to_perm["fc.weight"][1] == spec.axes_to_perm["rnn.weight_hh_l1"][1] is not None
 
 
-@pytest.mark.parametrize("cls,message", [(Stacked, "final states of one layer"), (Bidirectional, "one-directional"),
+@pytest.mark.parametrize("cls,message", [(Stacked, "final states of one layer"), (Projected, "without projections"),
                                          (LearnedStart, "initial states made from features or parameters")])
 def test_unfollowed_recurrent_uses_are_refused_by_name(cls, message):
     with pytest.raises(TracingError, match=message):
         cb.derive_symmetries(cls().eval(), IDS)
+
+
+class BiLSTM(nn.Module):
+    """A bidirectional two-layer LSTM: each layer reads both directions' units of the one below, packed;
+    the classifier reads the mean of the output sequence, or both last final states concatenated."""
+
+    def __init__(self, use: str = "output") -> None:
+        super().__init__()
+        self.use, self.emb = use, nn.Embedding(VOCAB, EMB)
+        self.rnn = nn.LSTM(EMB, HIDDEN, num_layers=2, batch_first=True, bidirectional=True)
+        self.fc = nn.Linear(2 * HIDDEN, CLASSES)
+
+    def forward(self, ids):
+        out, (h, _) = self.rnn(self.emb(ids))
+        return self.fc(out.mean(dim=1) if self.use == "output" else torch.cat((h[-2], h[-1]), dim=1))
+
+
+@pytest.mark.parametrize("use", ["output", "state"])
+def test_a_bidirectional_lstm_packs_both_directions_and_keeps_the_function(use):
+    model = randomised(BiLSTM(use), 0)
+    spec, _ = cb.derive_symmetries(model, IDS)
+    axes = spec.axes_to_perm
+    below = ("rnn.hidden_l0", "rnn.hidden_l0_reverse")
+    assert axes["rnn.weight_ih_l1"] == (Repeat("rnn.hidden_l1", 4, interleaved=True), below)
+    assert axes["rnn.weight_ih_l1_reverse"] == (Repeat("rnn.hidden_l1_reverse", 4, interleaved=True), below)
+    assert axes["rnn.weight_hh_l0_reverse"][1] == "rnn.hidden_l0_reverse"
+    assert axes["fc.weight"] == (None, ("rnn.hidden_l1", "rnn.hidden_l1_reverse"))
+    state = {k: v.numpy().astype(np.float64) for k, v in model.state_dict().items()}
+    moved = cb.apply_permutation(spec, cb.random_permutation(spec, state, seed=5), state)
+    assert not np.allclose(moved["rnn.weight_ih_l1_reverse"], state["rnn.weight_ih_l1_reverse"])
+    np.testing.assert_allclose(float64_outputs(model, moved, IDS), float64_outputs(model, state, IDS), atol=1e-9)
+    back = cb.apply_permutation(spec, cb.weight_matching(spec, state, moved, seed=0, restarts=2), moved)
+    assert max(float(np.abs(back[k] - state[k]).max()) for k in state) < 1e-9
+
+
+class TwoBranches(nn.Module):
+    """Token features from two branches joined along the features, normalised, pooled and read by a layer."""
+
+    def __init__(self, join: str = "linear") -> None:
+        super().__init__()
+        self.join, self.emb = join, nn.Embedding(VOCAB, EMB)
+        self.a, self.b = nn.Linear(EMB, 6), nn.Linear(EMB, 5)
+        self.norm, self.fc, self.out = nn.LayerNorm(11), nn.Linear(11, 7), nn.Linear(7, CLASSES)
+
+    def forward(self, ids):
+        x = self.emb(ids)
+        h = self.norm(torch.cat([F.relu(self.a(x)), torch.tanh(self.b(x))], dim=-1))
+        if self.join == "cumsum":
+            h = torch.cumsum(h, dim=-1)
+        return self.out(F.relu(self.fc(h.mean(dim=1))))
+
+
+def test_features_joined_along_the_last_axis_are_packed_segments():
+    model = randomised(TwoBranches(), 0)
+    spec, _ = cb.derive_symmetries(model, IDS)
+    axes = spec.axes_to_perm
+    assert axes["norm.weight"] == (("P_a", "P_b"),) and axes["fc.weight"] == ("P_fc", ("P_a", "P_b"))
+    state = {k: v.numpy().astype(np.float64) for k, v in model.state_dict().items()}
+    moved = cb.apply_permutation(spec, cb.random_permutation(spec, state, seed=1), state)
+    np.testing.assert_allclose(float64_outputs(model, moved, IDS), float64_outputs(model, state, IDS), atol=1e-9)
+    with pytest.raises(TracingError, match="on packed features"):
+        cb.derive_symmetries(TwoBranches("cumsum").eval(), IDS)

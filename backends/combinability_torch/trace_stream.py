@@ -131,6 +131,10 @@ def stream_symmetries(model: nn.Module, example_input: torch.Tensor) -> tuple[Pe
                 _swaps_tokens_and_features(n) and space.get(n.args[0].name) not in (None, FIXED)
                 and n.args[0].name not in att.headed or any(a.name in carried for a in tensor_args(n))):
             _tokens_last(n, gm, carried, space, sp, bind, where, model)
+        elif n.op in ("call_module", "call_function", "call_method") and not reads_shape(n) and (
+                any(isinstance(space.get(a.name), tuple) for a in tensor_args(n)) or (
+                    _joins_features(n) and not any(att.holds(a.name) for a in tensor_args(n)))):
+            _packed(n, gm, [a for a in tensor_args(n)], space, sp, bind, where, model)
         elif n.op == "call_module":
             m = gm.get_submodule(n.target)
             src = space.get(n.args[0].name) if n.args and isinstance(n.args[0], fx.Node) else None
@@ -254,9 +258,6 @@ def stream_symmetries(model: nn.Module, example_input: torch.Tensor) -> tuple[Pe
             elif target in _PASS and len(args) == 1:
                 space[n.name] = spaces[0]
             elif target is torch.cat:
-                dim = n.kwargs.get("dim", n.args[1] if len(n.args) > 1 else 0)
-                if dim in (-1, (_ndim(n) or 0) - 1):
-                    raise TracingError(f"{where}: concatenating features (the last axis){_hint(model)}")
                 s = spaces[0]
                 for other in spaces[1:]:
                     s = sp.union(s, other)
@@ -271,7 +272,7 @@ def stream_symmetries(model: nn.Module, example_input: torch.Tensor) -> tuple[Pe
                 raise TracingError(f"{where}: the stream tracer cannot follow this operation on features"
                                    + _hint(model))
         elif n.op == "output":  # the logits (of an output object that also carries caches: only they)
-            sp.fix(space[a.name] for a in _output_nodes(n) if space.get(a.name) is not None)
+            sp.fix(s for a in _output_nodes(n) if space.get(a.name) is not None for s in _segments(space[a.name]))
     for k, v in model.named_parameters():  # unused by forward: left as they are
         binds.setdefault(k, [None] * v.ndim)
     for param, entries in binds.items():  # a layer whose output was split: its rows are packed segments
@@ -447,6 +448,7 @@ class _Recurrent:
 
     what: str
     layers: tuple[int, ...]
+    bidirectional: bool = False
 
 
 def _recurrent_layer(n: fx.Node, m: nn.RNNBase, src: Any, sp: FeatureSpaces, bind: Any, space: dict[str, Any],
@@ -454,31 +456,33 @@ def _recurrent_layer(n: fx.Node, m: nn.RNNBase, src: Any, sp: FeatureSpaces, bin
     """``nn.LSTM``, ``nn.GRU`` or ``nn.RNN``: each layer's hidden units a space (permutations only: they pass
     sigmoids and tanh), its weights' rows the gates of that space (:class:`~combinability.feature_spaces.Gates`),
     ``weight_ih`` reading the layer below (the input for the first), ``weight_hh`` its own units."""
-    if m.bidirectional or getattr(m, "proj_size", 0):
-        raise TracingError(f"{where}: the stream tracer follows one-directional {type(m).__name__} layers without "
-                           f"projections (got bidirectional={m.bidirectional}, proj_size="
-                           f"{getattr(m, 'proj_size', 0)}){_hint(model)}")
+    if getattr(m, "proj_size", 0):
+        raise TracingError(f"{where}: the stream tracer follows {type(m).__name__} layers without projections (got "
+                           f"proj_size={m.proj_size}){_hint(model)}")
     given: list[fx.Node] = []
     fx.node.map_arg((n.args[1:], n.kwargs), given.append)
     if any(space.get(a.name) is not None for a in given):
         raise TracingError(f"{where}: a {type(m).__name__} given initial states made from features or parameters; "
                            f"the stream tracer follows one started from constants (zeros){_hint(model)}")
     gates = {"LSTM": 4, "GRU": 3}.get(m.mode, 1)
-    layers: list[int] = []
-    below = src
-    for k in range(m.num_layers):  # the last layer's units are the module's output: its feature point
-        last = k == m.num_layers - 1
-        s = sp.new(n.target if last else f"{n.target}.l{k}", m.hidden_size,
-                   name=None if last else f"{n.target}.hidden_l{k}")
-        sp.mark([s])
-        bind(f"{n.target}.weight_ih_l{k}", [Gates(s, gates), below])
-        bind(f"{n.target}.weight_hh_l{k}", [Gates(s, gates), s])
-        if m.bias:
-            for leaf in ("bias_ih", "bias_hh"):
-                bind(f"{n.target}.{leaf}_l{k}", [Gates(s, gates)])
-        layers.append(s)
-        below = s
-    return _Recurrent("outputs" if m.mode != "LSTM" else "lstm", tuple(layers))
+    layers: list[int] = []  # torch's order of the final states: layer by layer, forward then reverse
+    below: Any = src
+    for k in range(m.num_layers):  # a one-directional stack's last units are the module's output: its point
+        here = []
+        for suffix in ("", "_reverse") if m.bidirectional else ("",):
+            point = k == m.num_layers - 1 and not m.bidirectional
+            s = sp.new(n.target if point else f"{n.target}.l{k}{suffix}", m.hidden_size,
+                       name=None if point else f"{n.target}.hidden_l{k}{suffix}")
+            sp.mark([s])
+            bind(f"{n.target}.weight_ih_l{k}{suffix}", [Gates(s, gates), below])
+            bind(f"{n.target}.weight_hh_l{k}{suffix}", [Gates(s, gates), s])
+            if m.bias:
+                for leaf in ("bias_ih", "bias_hh"):
+                    bind(f"{n.target}.{leaf}_l{k}{suffix}", [Gates(s, gates)])
+            here.append(s)
+        layers += here
+        below = tuple(here) if m.bidirectional else here[0]  # both directions' units, packed
+    return _Recurrent("outputs" if m.mode != "LSTM" else "lstm", tuple(layers), bool(m.bidirectional))
 
 
 def _recurrent_part(n: fx.Node, recurrent: dict[str, _Recurrent], space: dict[str, Any], where: str,
@@ -489,11 +493,11 @@ def _recurrent_part(n: fx.Node, recurrent: dict[str, _Recurrent], space: dict[st
     index = n.args[1] if n.target is operator.getitem and len(n.args) == 2 else None
     first = index[0] if isinstance(index, tuple) and index else index
     if held.what in ("outputs", "lstm") and index in (0, 1):
-        if index == 0:
-            space[n.name] = held.layers[-1]
+        if index == 0:  # the last layer's units (both directions', packed)
+            space[n.name] = tuple(held.layers[-2:]) if held.bidirectional else held.layers[-1]
             return
         if held.what == "lstm":
-            recurrent[n.name] = _Recurrent("states", held.layers)
+            recurrent[n.name] = _Recurrent("states", held.layers, held.bidirectional)
         else:
             _stacked(n, held.layers, recurrent, space)
         return
@@ -515,6 +519,78 @@ def _stacked(n: fx.Node, layers: tuple[int, ...], recurrent: dict[str, _Recurren
     else:
         recurrent[n.name] = _Recurrent("stacked", layers)
         space[n.name] = None
+
+
+def _segments(s: Any) -> tuple[Any, ...]:
+    """The spaces of a value's features: one, or the segments of packed features (a tuple)."""
+    return s if isinstance(s, tuple) else (s,)
+
+
+def _joins_features(n: fx.Node) -> bool:
+    """``torch.cat(..., dim=-1)``: features joined along the last axis (packed features)."""
+    if n.target not in (torch.cat, torch.concat, torch.concatenate):
+        return False
+    dim = n.kwargs.get("dim", n.kwargs.get("axis", n.args[1] if len(n.args) > 1 else 0))
+    return isinstance(dim, int) and dim in (-1, (_ndim(n) or 0) - 1)
+
+
+def _packed(n: fx.Node, gm: fx.GraphModule, args: list[fx.Node], space: dict[str, Any], sp: FeatureSpaces,
+            bind: Any, where: str, model: nn.Module) -> None:
+    """Packed features: several spaces side by side on the last axis, made by ``torch.cat(..., dim=-1)``
+    (two branches' features, a bidirectional RNN's directions) — each segment moves by its own
+    permutation (as a packed axis of a spec). A Linear reading them binds its input axis to the segments;
+    activations, dropout, token pooling and indexing, reshapes keeping the last axis, LayerNorm over the
+    features and sums of features packed alike keep them; they are never rotated. Anything else reading
+    them is refused by name."""
+    m = gm.get_submodule(n.target) if n.op == "call_module" else None
+    packed = [space[a.name] for a in args]
+    first = packed[0] if packed else None
+    if _joins_features(n):
+        segments = tuple(s for p in packed for s in _segments(p))
+        if any(s in (None, FIXED) or sp.is_fixed(s) for s in segments):
+            sp.fix(s for s in segments if s is not None)  # a packed axis moves all its segments or none
+            space[n.name] = FIXED
+        else:
+            space[n.name] = segments
+        return
+    if len(args) == 1 and isinstance(m, nn.Linear):
+        s = sp.new(n.target)
+        bind(f"{n.target}.weight", [s, first])
+        if m.bias is not None:
+            bind(f"{n.target}.bias", [s])
+        space[n.name] = s
+        return
+    if len(args) == 1 and isinstance(m, nn.LayerNorm) and len(m.normalized_shape) == 1:
+        for leaf in ("weight", "bias"):
+            if getattr(m, leaf, None) is not None:
+                bind(f"{n.target}.{leaf}", [first])
+        sp.mark(first)
+        space[n.name] = first
+        return
+    keeps = len(args) == 1 and (
+        isinstance(m, (*_NONLINEAR_MODULES, *_PASS_MODULES))
+        or (m is None and (n.target in _NONLINEAR or n.target in _PASS or (
+            (n.target is operator.getitem or n.target in _TOKEN_OPS or n.target in _SHAPE_OPS)
+            and _last(n) == _last(args[0]) and _keeps_last(n)))))
+    if keeps:
+        sp.mark(first)
+        space[n.name] = first
+        return
+    if m is None and n.target in _ADD and len(args) >= 2 and all(
+            isinstance(p, tuple) and len(p) == len(first) for p in packed):  # (sizes: checked by the spec)
+        space[n.name] = tuple(_union_all(sp, group) for group in zip(*packed, strict=True))
+        return
+    raise TracingError(f"{where}: on packed features (torch.cat(..., dim=-1) of several layers' features), the "
+                       f"stream tracer follows Linear layers reading them, activations, dropout, LayerNorm, token "
+                       f"pooling and indexing, reshapes keeping the features and sums of features packed alike"
+                       f"{_hint(model)}")
+
+
+def _union_all(sp: FeatureSpaces, spaces: tuple[int, ...]) -> int:
+    s = spaces[0]
+    for other in spaces[1:]:
+        s = sp.union(s, other)
+    return s
 
 
 def _swaps_tokens_and_features(n: fx.Node) -> bool:
@@ -690,6 +766,12 @@ class _HandAttention:
         """The width of the heads space ``s`` was viewed into (``default`` if none was recorded)."""
         root = sp.find(s)
         return next((w for t, w in self.width.items() if sp.find(t) == root), default)
+
+    def holds(self, name: str) -> bool:
+        """Whether node ``name`` is per-head features, keys, scores or parts the attention tracer follows
+        (a rotary embedding's halves are concatenated back by it, not packed)."""
+        return any(name in seen for seen in (self.headed, self.keys, self.scores, self.shared, self.grouped,
+                                             self.interleaved, self.repeating, self.parts_of, self.stacked))
 
     def passes(self, n: fx.Node) -> None:
         """``n`` passes its first argument on unchanged in kind (dropout, a cast)."""
