@@ -224,3 +224,51 @@ def test_features_joined_along_the_last_axis_are_packed_segments():
     np.testing.assert_allclose(float64_outputs(model, moved, IDS), float64_outputs(model, state, IDS), atol=1e-9)
     with pytest.raises(TracingError, match="on packed features"):
         cb.derive_symmetries(TwoBranches("cumsum").eval(), IDS)
+
+
+class WordLanguageModel(nn.Module):
+    """PyTorch's word_language_model example (LSTM): time-major ids, ``forward(input, hidden)`` returning
+    log-probabilities and the new hidden state, ``init_hidden`` made with ``weight.new_zeros``."""
+
+    def __init__(self, ntoken: int = VOCAB, ninp: int = EMB, nhid: int = HIDDEN, nlayers: int = 2) -> None:
+        super().__init__()
+        self.ntoken, self.nhid, self.nlayers = ntoken, nhid, nlayers
+        self.drop, self.encoder = nn.Dropout(0.5), nn.Embedding(ntoken, ninp)
+        self.rnn, self.decoder = nn.LSTM(ninp, nhid, nlayers, dropout=0.5), nn.Linear(nhid, ntoken)
+
+    def forward(self, input, hidden):
+        output, hidden = self.rnn(self.drop(self.encoder(input)), hidden)
+        decoded = self.decoder(self.drop(output)).view(-1, self.ntoken)
+        return F.log_softmax(decoded, dim=1), hidden
+
+    def init_hidden(self, bsz: int):
+        weight = next(self.parameters())
+        return weight.new_zeros(self.nlayers, bsz, self.nhid), weight.new_zeros(self.nlayers, bsz, self.nhid)
+
+
+class BatchMajorLanguageModel(WordLanguageModel):
+    """The example wrapped as the library calls a model: ``model(x)`` on ``(batch, time)`` ids, the
+    log-probabilities of every position returned batch-major, from a zero initial state."""
+
+    def forward(self, ids):
+        t, n = ids.shape[1], ids.shape[0]
+        logp, _ = super().forward(ids.t(), self.init_hidden(n))
+        return logp.view(t, n, self.ntoken).transpose(0, 1)
+
+
+def test_a_forward_that_needs_a_hidden_state_is_refused_saying_what_to_do():
+    with pytest.raises(TracingError, match=r"forward requires 'hidden' besides its input.*wrap the model"):
+        cb.derive_symmetries(WordLanguageModel().eval(), IDS)
+
+
+def test_the_word_language_model_wrapped_is_traced_and_sweeps_as_torch_scores_it():
+    models = [randomised(BatchMajorLanguageModel(), s) for s in (1, 2)]
+    spec, _ = cb.derive_symmetries(models[0], IDS)
+    assert spec.axes_to_perm["decoder.weight"] == (None, "P_rnn")  # the log-softmax keeps the vocabulary in place
+    targets = torch.randint(0, VOCAB, IDS.shape, generator=torch.Generator().manual_seed(8))
+    pair = cb.ModelPair(*models, example_input=IDS).align("weight")
+    ds = cb.sweep(pair, cb.Linear(), data=(IDS.numpy(), targets.numpy()), values=[0.0, 1.0], splits=["test"])
+    with torch.no_grad():
+        for m, lam in zip(models, (0.0, 1.0), strict=True):
+            want = F.nll_loss(m(IDS).reshape(-1, VOCAB), targets.reshape(-1)).item()
+            assert float(ds["loss"].sel(split="test", lam=lam).isel(sample=0)) == pytest.approx(want, rel=1e-5)

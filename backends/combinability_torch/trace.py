@@ -57,6 +57,7 @@ def _hint(model: nn.Module) -> str:
 
 def trace(model: nn.Module) -> fx.GraphModule:
     """``torch.fx.symbolic_trace(model)``, failing with :class:`TracingError` that says why."""
+    other_arguments(model)  # refuses a forward that needs more than its input
     try:
         return fx.symbolic_trace(model)
     except Exception as exc:
@@ -467,10 +468,25 @@ def logits_of(out: Any) -> Any:
 
 def other_arguments(model: nn.Module) -> dict[str, Any]:
     """The defaults of ``model.forward``'s arguments after the first (the input), which tracing
-    holds at their defaults as the library's calls ``model(x)`` do (``attention_mask=None``, ...)."""
+    holds at their defaults as the library's calls ``model(x)`` do (``attention_mask=None``, ...).
+
+    Raises
+    ------
+    TracingError
+        If ``forward`` requires another argument (``forward(input, hidden)``): the library calls
+        ``model(x)``, so that argument needs a default, or the model a wrapper that supplies it.
+    """
     import inspect
 
     params = list(inspect.signature(model.forward).parameters.values())[1:]
+    required = [p.name for p in params if p.default is inspect.Parameter.empty
+                and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    if required:
+        raise TracingError(f"{type(model).__name__}.forward requires {', '.join(map(repr, required))} besides its "
+                           f"input, but the library calls model(x): give {'them' if len(required) > 1 else 'it'} a "
+                           f"default (hidden=None), or wrap the model in a module whose forward(x) supplies "
+                           f"{'them' if len(required) > 1 else 'it'} (an RNN's zero initial state) and returns "
+                           f"the logits")
     return {p.name: p.default for p in params if p.default is not inspect.Parameter.empty
             and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
 

@@ -39,8 +39,9 @@ from combinability_torch.trace import logits_of, other_arguments, reads_shape, t
 __all__ = ["stream_symmetries"]
 
 _NONLINEAR_MODULES = (nn.ReLU, nn.GELU, nn.Tanh, nn.Sigmoid, nn.SiLU, nn.ELU, nn.LeakyReLU, nn.Softplus,
-                      nn.Softmax, nn.ReLU6, nn.Hardtanh)
-_NONLINEAR = {F.relu, F.gelu, F.silu, F.elu, F.softplus, F.leaky_relu, F.softmax, F.tanh, F.sigmoid,
+                      nn.Softmax, nn.LogSoftmax, nn.ReLU6, nn.Hardtanh)
+_NONLINEAR = {F.relu, F.gelu, F.silu, F.elu, F.softplus, F.leaky_relu, F.softmax, F.log_softmax, torch.log_softmax,
+              "log_softmax", F.tanh, F.sigmoid,
               torch.relu, torch.tanh, torch.sigmoid, torch.softmax, "relu", "tanh", "sigmoid", "softmax",
               # element-wise functions an activation is written with (GPT-2's gelu_new: x ** 3, tanh; erf, exp)
               torch.pow, "pow", operator.pow, torch.erf, "erf", torch.exp, "exp", torch.square, "square", torch.rsqrt,
@@ -56,6 +57,9 @@ _SHAPE_OPS = {"view", "reshape", "flatten", "transpose", "permute", "unsqueeze",
 _FLATTEN = {"flatten", torch.flatten}
 _STATISTICS = {"var", torch.var, "std", torch.std, "norm", torch.norm}
 _FACTORIES = ("ones", "zeros", "full", "empty", "arange", "eye", "rand", "randn")
+#: Tensor methods making a constant of the tensor's dtype and device (an RNN's zero initial state).
+_NEW_CONSTANTS = {"new_zeros", "new_ones", "new_full", "new_empty"} | {
+    getattr(torch.Tensor, name) for name in ("new_zeros", "new_ones", "new_full", "new_empty")}
 
 
 def _hint(model: nn.Module) -> str:
@@ -207,6 +211,9 @@ def stream_symmetries(model: nn.Module, example_input: torch.Tensor) -> tuple[Pe
                 continue
             if _parameter_product(n, space, binds, params_of, sp):
                 continue
+            if target in _NEW_CONSTANTS:  # ``weight.new_zeros(...)``: a constant of the tensor's type
+                space[n.name] = None
+                continue
             if target in _FUNCTIONAL_NORMS and args and args[0] is n.args[0]:
                 norms.append(_functional_norm(n, gm, spaces[0], params_of, binds, sp, where, model))
                 space[n.name] = spaces[0]
@@ -292,9 +299,10 @@ def concrete_trace(model: nn.Module, example_input: torch.Tensor, hint: str = ""
     TracingError
         Saying why torch.fx could not record or run it.
     """
+    held = other_arguments(model)  # refuses a forward that needs more than its input, by name
     try:
         tracer = ConcreteTracer(example_input)
-        gm = fx.GraphModule(model, tracer.trace(model, other_arguments(model)))
+        gm = fx.GraphModule(model, tracer.trace(model, held))
         ShapeProp(gm).propagate(example_input)
     except Exception as exc:
         raise TracingError(f"torch.fx cannot trace {type(model).__name__} ({type(exc).__name__}: "
