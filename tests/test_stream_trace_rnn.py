@@ -272,3 +272,41 @@ def test_the_word_language_model_wrapped_is_traced_and_sweeps_as_torch_scores_it
         for m, lam in zip(models, (0.0, 1.0), strict=True):
             want = F.nll_loss(m(IDS).reshape(-1, VOCAB), targets.reshape(-1)).item()
             assert float(ds["loss"].sel(split="test", lam=lam).isel(sample=0)) == pytest.approx(want, rel=1e-5)
+
+
+# -- flax: nn.RNN over a cell (a scan, its body traced once) ---------------------------------------------------
+def _flax_text_rnn(cell: str, layers: int):
+    fnn = pytest.importorskip("flax.linen")
+
+    class FlaxTextRNN(fnn.Module):
+        @fnn.compact
+        def __call__(self, ids):
+            h = fnn.Embed(VOCAB, EMB)(ids)
+            for _ in range(layers):
+                h = fnn.RNN(getattr(fnn, cell)(HIDDEN))(h)
+            return fnn.Dense(CLASSES)(h[:, -1])
+
+    return FlaxTextRNN()
+
+
+@pytest.mark.parametrize("cell,layers", [("LSTMCell", 1), ("GRUCell", 2), ("SimpleCell", 1)])
+def test_a_flax_recurrent_net_is_traced_and_a_planted_transformation_undone(cell, layers):
+    from flax import traverse_util
+
+    from tests.model_checks import flax_variables
+
+    net = _flax_text_rnn(cell, layers)
+    ids = IDS.numpy().astype(np.int32)
+    variables = flax_variables(net, ids, 0)
+    spec, _ = cb.derive_symmetries((net, variables), ids)  # verified: a random transformation keeps the outputs
+    state = {k: np.asarray(v) for k, v in traverse_util.flatten_dict(variables, sep="/").items()}
+    hidden = spec.axes_to_perm["params/Dense_0/kernel"][0]
+    assert hidden is not None and spec.axes_to_perm["params/Dense_0/kernel"][1] is None
+    recurrent = [k for k in state if k.startswith(f"params/{cell}_{layers - 1}/h") and k.endswith("kernel")]
+    assert recurrent and all(spec.axes_to_perm[k] == (hidden, hidden) for k in recurrent)
+    moved = traverse_util.unflatten_dict(cb.apply_permutation(spec, cb.random_permutation(spec, state, seed=3),
+                                                              state), sep="/")
+    np.testing.assert_allclose(np.asarray(net.apply(moved, ids)), np.asarray(net.apply(variables, ids)), rtol=1e-4,
+                               atol=1e-5)
+    aligned = cb.ModelPair((net, variables), (net, moved), example_input=ids).align("weight")
+    np.testing.assert_allclose(aligned.theta_b, aligned.theta_a, atol=1e-6)

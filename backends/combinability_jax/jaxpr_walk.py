@@ -26,6 +26,29 @@ __all__ = ["JaxprWalker", "INLINE"]
 INLINE = {"pjit", "jit", "closed_call", "core_call", "custom_jvp_call", "custom_vjp_call", "remat", "checkpoint"}
 
 
+class ScanStep:
+    """A pseudo-primitive linking a ``scan``'s body, walked once, to its operands and results.
+
+    ``scan_carry_in`` gives the body its carry (the initial carry's value in the first step,
+    the last step's afterwards), ``scan_slice`` one step's slice of a scanned operand (the
+    first axis dropped), ``scan_carry_out`` the final carry (the body's carry out, which is
+    also the next step's carry in), ``scan_stack`` the scanned results (a new first axis).
+    Only the stream tracer reads them; anything executing the operations refuses them.
+    """
+
+    multiple_results = False
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def __repr__(self) -> str:
+        return self.name
+
+
+SCAN_CARRY_IN, SCAN_SLICE, SCAN_CARRY_OUT, SCAN_STACK = (ScanStep(n) for n in (
+    "scan_carry_in", "scan_slice", "scan_carry_out", "scan_stack"))
+
+
 class JaxprWalker:
     """Numbered arrays (``shape``, ``const``) and the flat list of operations (``ops``) of a jaxpr."""
 
@@ -76,8 +99,31 @@ class JaxprWalker:
             sub = next((eqn.params[k] for k in ("jaxpr", "call_jaxpr", "fun_jaxpr") if k in eqn.params), None)
             if eqn.primitive.name in INLINE and sub is not None:
                 outs = self._inline(getattr(sub, "jaxpr", sub), getattr(sub, "consts", ()), ins, here)
+            elif eqn.primitive.name == "scan":
+                outs = self._scan(eqn, ins, here)
             else:
                 outs = [self._new(v.aval.shape) for v in eqn.outvars]
                 self.ops.append((eqn.primitive, eqn.params, ins, outs, here))
             env.update(zip(eqn.outvars, outs, strict=True))
         return [read(a) for a in jaxpr.outvars]
+
+    def _scan(self, eqn: Any, ins: list[int], scope: str) -> list[int]:
+        """A ``scan`` (a recurrent layer's loop): its body walked once, between :class:`ScanStep` operations."""
+        p = eqn.params
+        body, consts, carries = p["jaxpr"], p["num_consts"], p["num_carry"]
+        carry_in, sliced = [], []
+        for i in ins[consts:consts + carries]:
+            carry_in.append(self._new(self.shape[i]))
+            self.ops.append((SCAN_CARRY_IN, {}, [i], [carry_in[-1]], scope))
+        for i in ins[consts + carries:]:
+            sliced.append(self._new(self.shape[i][1:]))
+            self.ops.append((SCAN_SLICE, {}, [i], [sliced[-1]], scope))
+        results = self._inline(body.jaxpr, body.consts, [*ins[:consts], *carry_in, *sliced], scope)
+        outs = []
+        for i, r in zip(carry_in, results[:carries], strict=True):
+            outs.append(self._new(self.shape[r]))
+            self.ops.append((SCAN_CARRY_OUT, {}, [i, r], [outs[-1]], scope))
+        for r in results[carries:]:
+            outs.append(self._new((int(p["length"]), *self.shape[r])))
+            self.ops.append((SCAN_STACK, {}, [r], [outs[-1]], scope))
+        return outs

@@ -61,6 +61,8 @@ _ELEMENTWISE = {"max", "min", "exp", "exp2", "expm1", "log", "log1p", "tanh", "l
                 "sin", "cos", "tan", "atan2", "nextafter", "rem"}
 _REDUCE = {"reduce_sum", "reduce_max", "reduce_min", "reduce_prod", "reduce_and", "reduce_or", "argmax", "argmin"}
 _NORMS = (nn.LayerNorm, nn.RMSNorm)
+_RANDOM = {"random_seed", "random_split", "random_bits", "random_wrap", "random_unwrap", "random_fold_in",
+           "threefry2x32"}
 _KEEPS_VALUES = {"broadcast_in_dim", "reshape", "convert_element_type", "squeeze", "copy", "copy_p", "expand_dims"}
 
 
@@ -178,7 +180,20 @@ class _StreamTrace(JaxprWalker):
             self.origin[outs[0]] = self.origin[ins[0]]
         elif n in ("reshape", "broadcast_in_dim") and ins and ins[0] in self.origin:
             self.origin[outs[0]] = (self.origin[ins[0]][0], True)
-        if n == "iota":
+        if n in _RANDOM:  # keys for a cell's initial carry (flax's nn.RNN): constants of no feature
+            for o in outs:
+                self.labels[o], self.dep[o] = [ANY if s == 1 else FIXED for s in self.shape[o]], "const"
+        elif n == "scan_carry_in":  # a carry: the initial one's axes, each a space the body's uses join
+            self.labels[outs[0]] = [s if s is not ANY else (ANY if d == 1 else sp.new(f"{path}:carry"))
+                                    for s, d in zip(labs[0], shape, strict=True)]
+            self.dep[outs[0]] = "act"  # it is the last step's result: varying
+        elif n == "scan_slice":  # one step of a scanned array: its first axis (the steps) dropped
+            self.labels[outs[0]] = list(labs[0][1:])
+        elif n == "scan_carry_out":  # the body's carry out is the next step's carry in
+            self.labels[outs[0]] = [sp.union(a, b) for a, b in zip(labs[0], labs[1], strict=True)]
+        elif n == "scan_stack":  # the steps' results along a new first axis, the steps in place
+            self.labels[outs[0]] = [FIXED, *labs[0]]
+        elif n == "iota":
             self.labels[outs[0]] = [ANY if s == 1 else FIXED for s in shape]
             self.iota_axis[outs[0]] = int(p["dimension"])
             self.dep[outs[0]] = "const"
