@@ -97,6 +97,19 @@ def float64_outputs(model: Any, state: dict[str, np.ndarray], x: Any) -> np.ndar
         return m(x.double() if x.is_floating_point() else x).numpy()
 
 
+def assert_random_transformation_undone(model: Any, spec: Any, state: dict[str, np.ndarray], x: Any, moved: str,
+                                        seed: int = 2, outputs: Any = None) -> None:
+    """A random transformation of ``spec`` (seeded) changes parameter ``moved`` of ``state`` (float64), keeps
+    ``model``'s outputs on ``x`` (``outputs(model, state, x)``, default :func:`float64_outputs`) to 1e-9, and
+    weight matching with two restarts brings every parameter back to 1e-9."""
+    outputs = float64_outputs if outputs is None else outputs
+    moved_state = cb.apply_permutation(spec, cb.random_permutation(spec, state, seed=seed), state)
+    assert not np.allclose(moved_state[moved], state[moved])
+    np.testing.assert_allclose(outputs(model, moved_state, x), outputs(model, state, x), atol=1e-9)
+    back = cb.apply_permutation(spec, cb.weight_matching(spec, state, moved_state, seed=0, restarts=2), moved_state)
+    assert max(float(np.abs(back[k] - state[k]).max()) for k in state) < 1e-9
+
+
 def language_pair_sweep_ends_match_torch(models: list[Any], example: Any, vocab: int, seq: int, seed: int = 3) -> None:
     """Two torch language models aligned by weight matching and swept along the linear path: the
     losses at both ends equal torch's cross-entropy of each model's own logits on random tokens."""

@@ -22,7 +22,7 @@ import pytest
 import combinability as cb
 from combinability.errors import DatasetError
 from combinability.kinds import Blocks
-from tests.model_checks import float64_outputs, randomised
+from tests.model_checks import assert_random_transformation_undone, float64_outputs, randomised
 
 torch = pytest.importorskip("torch")
 nn, F = torch.nn, torch.nn.functional
@@ -169,11 +169,8 @@ def test_nanogpt_is_traced_and_a_transformation_of_every_kind_keeps_its_function
     assert spec.axes_to_perm["transformer.h.0.mlp.c_proj.weight"] == (stream, hidden)
     state = {k: v.numpy().astype(np.float64) for k, v in model.state_dict().items()
              if k != "lm_head.weight" and not k.endswith(".attn.bias")}  # the mask buffer
-    moved = cb.apply_permutation(spec, cb.random_permutation(spec, state, seed=4), state)
-    assert not np.allclose(moved["transformer.h.1.attn.c_attn.weight"], state["transformer.h.1.attn.c_attn.weight"])
-    np.testing.assert_allclose(_logits64(model, moved), _logits64(model, state), atol=1e-9)
-    back = cb.apply_permutation(spec, cb.weight_matching(spec, state, moved, seed=0, restarts=2), moved)
-    assert max(float(np.abs(back[k] - state[k]).max()) for k in state) < 1e-9
+    assert_random_transformation_undone(model, spec, state, IDX, "transformer.h.1.attn.c_attn.weight", seed=4,
+                                        outputs=lambda m, s, _: _logits64(m, s))
 
 
 def test_a_nanogpt_pair_sweeps_as_torch_scores_it():

@@ -16,7 +16,7 @@ import pytest
 import combinability as cb
 from combinability.errors import TracingError
 from combinability.kinds import Blocks, Orthogonal
-from tests.model_checks import float64_outputs, randomised
+from tests.model_checks import assert_random_transformation_undone, float64_outputs, randomised
 
 torch = pytest.importorskip("torch")
 nn, F = torch.nn, torch.nn.functional
@@ -203,8 +203,4 @@ def test_vit_pytorch_attention_with_a_softmax_module_is_traced_and_keeps_the_fun
     assert isinstance(qk, Blocks) and (qk.blocks, qk.size) == (HEADS, 4)
     assert spec.axes_to_perm["to_patch_embedding.0.weight"] == (None,)  # the pixels of a patch stay in place
     state = {k: v.numpy().astype(np.float64) for k, v in model.state_dict().items()}
-    moved = cb.apply_permutation(spec, cb.random_permutation(spec, state, seed=2), state)
-    assert not np.allclose(moved["layers.1.0.to_qkv.weight"], state["layers.1.0.to_qkv.weight"])
-    np.testing.assert_allclose(float64_outputs(model, moved, X), float64_outputs(model, state, X), atol=1e-9)
-    back = cb.apply_permutation(spec, cb.weight_matching(spec, state, moved, seed=0, restarts=2), moved)
-    assert max(float(np.abs(back[k] - state[k]).max()) for k in state) < 1e-9
+    assert_random_transformation_undone(model, spec, state, X, "layers.1.0.to_qkv.weight")
