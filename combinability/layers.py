@@ -317,6 +317,34 @@ class ConvGeometry(NamedTuple):
                      for s, k, st, (lo, hi), d, op in zip(spatial, self.kernel, self.stride, self.padding,
                                                           self.dilation, output_padding, strict=True))
 
+    def dilated_input_padding(self, output_padding: tuple[int, ...]) -> tuple[tuple[int, int], ...]:
+        """The transposed convolution of this geometry as a convolution of its stride-dilated input
+        (``jax.lax.conv_transpose``'s explicit padding, a kernel reversed): each axis padded by
+        ``dilation * (kernel - 1)`` less the crop before, and less the crop after plus ``output_padding``.
+
+        Examples
+        --------
+        >>> g = Node("t", "conv_transpose", units=2, kernel=3, stride=2, padding=((0, 1), (1, 0))).conv_geometry()
+        >>> g.dilated_input_padding((0, 1))
+        ((2, 1), (1, 3))
+        >>> ConvGeometry.from_dilated_input_padding(g.kernel, g.stride, g.dilation, ((2, 1), (1, 3)))
+        (ConvGeometry(kernel=(3, 3), stride=(2, 2), padding=((0, 1), (1, 0)), dilation=(1, 1)), (0, 1))
+        """
+        return tuple((d * (k - 1) - lo, d * (k - 1) - hi + op) for k, d, (lo, hi), op in
+                     zip(self.kernel, self.dilation, self.padding, output_padding, strict=True))
+
+    @classmethod
+    def from_dilated_input_padding(cls, kernel: tuple[int, ...], stride: tuple[int, ...], dilation: tuple[int, ...],
+                                   pads: tuple[tuple[int, int], ...]) -> tuple[ConvGeometry, tuple[int, ...]]:
+        """The inverse of :meth:`dilated_input_padding`: the geometry (its crops) and the ``output_padding``
+        of a transposed convolution given as padding of its dilated input (crops below zero after an
+        axis become ``output_padding``; before one they are padding torch's geometry cannot express,
+        left negative for the caller to refuse)."""
+        crops = tuple((d * (k - 1) - lo, d * (k - 1) - hi) for k, d, (lo, hi) in zip(kernel, dilation, pads,
+                                                                                   strict=True))
+        return (cls(tuple(kernel), tuple(stride), tuple((lo, max(hi, 0)) for lo, hi in crops), tuple(dilation)),
+                tuple(max(-hi, 0) for _, hi in crops))
+
     @property
     def symmetric_padding(self) -> tuple[int, ...] | None:
         """The padding of each axis when each is padded alike on both sides, else None."""

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax.traverse_util import flatten_dict, unflatten_dict
 
-from combinability.layers import ConvGeometry, LayerTable, Node
+from combinability.layers import ConvGeometry, LayerTable
 from combinability.upsampling import resize_weights
 
 __all__ = ["FlaxModel", "FrozenConv", "FrozenDense", "Norm", "TableNet", "flatten_variables", "unflatten_variables"]
@@ -43,14 +43,6 @@ def _adaptive_pool(size: int, out: int) -> np.ndarray:
         start, stop = (i * size) // out, -((-(i + 1) * size) // out)
         weights[i, start:stop] = 1.0 / (stop - start)
     return weights
-
-
-def _transposed_padding(node: Node, ndim: int) -> tuple[tuple[int, int], ...]:
-    """A conv_transpose node's padding of the stride-dilated input, as flax's ``ConvTranspose`` takes it:
-    ``dilation * (kernel - 1)`` less torch's crop on each side, plus ``output_padding`` after."""
-    g = node.conv_geometry(ndim)
-    return tuple((d * (k - 1) - lo, d * (k - 1) - hi + op) for k, d, (lo, hi), op in
-                 zip(g.kernel, g.dilation, g.padding, node.output_paddings(ndim), strict=True))
 
 
 @lru_cache(maxsize=128)
@@ -217,7 +209,8 @@ class TableNet(nn.Module):
             elif node.op == "conv_transpose":
                 g = node.conv_geometry(h.ndim - 2)
                 h = nn.ConvTranspose(node.units, g.kernel, strides=g.stride,
-                                     padding=_transposed_padding(node, h.ndim - 2), kernel_dilation=g.dilation,
+                                     padding=g.dilated_input_padding(node.output_paddings(h.ndim - 2)),
+                                     kernel_dilation=g.dilation,
                                      use_bias=node.bias, name=name)(h)
             elif node.op == "upsample":  # one spatial axis at a time
                 for axis, (n, m) in enumerate(zip(h.shape[1:-1], node.output_size, strict=True), start=1):

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from combinability.errors import TracingError
-from combinability.layers import LayerTable, Node
+from combinability.layers import ConvGeometry, LayerTable, Node
 from combinability.upsampling import resize_weights
 from combinability_jax.jaxpr_walk import JaxprWalker
 
@@ -107,14 +107,13 @@ def _conv_transpose_node(path: str, m: nn.ConvTranspose, nd: int, ins: tuple[str
         pads = _conv_padding(pad, kernel, stride, dilation, (0,) * nd)
     else:
         pads = None
-    crops = None if pads is None else tuple((r - lo, r - hi) for r, (lo, hi) in zip(reach, pads, strict=True))
-    if m.transpose_kernel or crops is None or any(lo < 0 for lo, _ in crops):
+    g, extra = ConvGeometry.from_dilated_input_padding(kernel, stride, dilation, pads) if pads else (None, ())
+    if m.transpose_kernel or g is None or any(lo < 0 for lo, _ in g.padding):
         raise TracingError(f"{what}: the tracer follows nn.ConvTranspose with transpose_kernel=False and zero "
                            f"padding of at most dilation x (kernel - 1) before each axis (got transpose_kernel="
                            f"{m.transpose_kernel}, padding {m.padding!r})" + hint)
     return Node(path, "conv_transpose", ins, units=m.features, kernel=kernel, stride=stride, dilation=dilation,
-                padding=tuple((lo, max(hi, 0)) for lo, hi in crops),
-                output_padding=tuple(max(-hi, 0) for _, hi in crops), bias=m.use_bias)
+                padding=g.padding, output_padding=extra, bias=m.use_bias)
 
 
 def _leaf_node(path: str, m: nn.Module, shape: tuple[int, ...], ins: tuple[str, ...], hint: str) -> Node:

@@ -43,9 +43,7 @@ def main() -> None:
     rows = c.barrier_rows(pair, (x[:2000].numpy(), y[:2000].numpy()), (x_test, y_test),
                           (("naive", None, None), ("weight matching", "weight", None),
                            ("activation matching", "activation", None)))
-    text = "# ConvNeXt networks: aligned barriers\n\n" + "\n".join(rows) + "\n"
-    (Path(__file__).parent / "convnext.md").write_text(text)
-    print(text)
+    c.write_table("convnext.md", "# ConvNeXt networks: aligned barriers\n\n" + "\n".join(rows) + "\n")
 
 
 if __name__ == "__main__":

@@ -53,9 +53,7 @@ def main() -> None:
         ("naive, BatchNorm statistics reset", None, reset),
         ("weight matching, BatchNorm statistics reset", "weight", reset),
         ("activation matching, BatchNorm statistics reset", "activation", reset)))
-    text = "# U-Nets: aligned barriers\n\n" + "\n".join(rows) + "\n"
-    (Path(__file__).parent / "unet.md").write_text(text)
-    print(text)
+    c.write_table("unet.md", "# U-Nets: aligned barriers\n\n" + "\n".join(rows) + "\n")
 
 
 if __name__ == "__main__":
