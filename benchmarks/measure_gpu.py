@@ -10,10 +10,20 @@ On a CUDA device, for torch and jax and for float32 and bfloat16 forward passes
   least 0.5 in bfloat16;
 * a whole ``cb.sweep`` (16 uniform draws and the end models on 10,000 synthetic images) of the
   MLP and Tiny-10: models per second;
+* the same ResNet-20 as plain torch modules (``build_model``, no library code on the path)
+  under bfloat16 autocast, in both memory formats: the ceiling the library's evaluation is
+  measured against;
 * weight matching of a ResNet-20 x``--matching-width`` (default 16) pair with a planted
-  permutation (``measure_matching.resnet_pair``): the reference (numpy on the CPU), the
-  library with its cost terms in numpy and on the device (``weight_matching(backend=...)``),
-  times and whether each finds the reference's permutation.
+  permutation (``measure_matching.resnet_pair``), and of a trained ResNet-20
+  x``--trained-width`` (default 8) pair, trained on the device on the first 20,000
+  Fashion-MNIST images for 2 epochs (the CPU measurement's recipe): the reference with its
+  products in numpy on the CPU and in torch on the device (as the original, jax, runs them
+  on a GPU), the library with its cost terms in numpy and on the device
+  (``weight_matching(backend=...)``); times, sweeps, objectives and whether each finds the
+  reference's permutation.
+
+Each row is measured on its own: an error in one prints its message in place of the row and
+the rest still run (torch first, then matching, then jax).
 
 Without a CUDA device it says so and exits 0, unless ``--device cpu`` asks for a smoke run
 (small sizes) of the same code on the CPU.
@@ -26,6 +36,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+import traceback
 from pathlib import Path
 
 import numpy as np
@@ -40,9 +51,9 @@ from combinability.data.base import ArrayDataset  # noqa: E402
 from combinability.models import build_model  # noqa: E402
 
 
-def resnet_figures(library: str, device: str, dtype: str, width: int, examples: int) -> str:
+def resnet_figures(library: str, device: str, dtype: str, width: int, examples: int, vectors: int) -> str:
     bench = bp.ResNetThroughput()
-    bench.width, bench.examples = width, examples
+    bench.width, bench.examples, bench.vectors = width, examples, vectors
     bench.setup(library, device, dtype)  # on the CPU: a smoke run of the same code
     seconds = min(bench._seconds() for _ in range(3))
     rate = bench.flops / seconds
@@ -68,30 +79,105 @@ def sweep_figures(library: str, device: str, dtype: str, arch: str, examples: in
     return f"| sweep, {arch}, {examples} images | {library} | {dtype} | {18 / seconds:.1f} models/s | | |"
 
 
-def matching_figures(library: str, device: str, width: int) -> list[str]:
-    """Reference vs library (numpy, then cost terms on ``device``) on a planted ResNet-20 pair."""
+def bare_torch_figures(width: int, examples: int, vectors: int) -> list[str]:
+    """The same ResNet-20 forward passes as a plain torch module under bfloat16 autocast (the ceiling).
+
+    One module run ``vectors`` times per timing, in NCHW and in channels-last memory format.
+    """
+    import torch
+
+    model = build_model("resnet20", backend="torch", width=width, input_shape=(3, 32, 32), seed=0).cuda().eval()
+    flops = bp.forward_flops(width, examples) * vectors
+    peak = bp.peak_flops(torch.cuda.get_device_name(), "bfloat16")
+    rows = []
+    for layout, fmt in (("NCHW", torch.contiguous_format), ("channels_last", torch.channels_last)):
+        model = model.to(memory_format=fmt)
+        x = torch.randn(examples, 3, 32, 32, device="cuda").to(memory_format=fmt)
+
+        def once(model=model, x=x) -> float:
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+                for _ in range(vectors):
+                    for chunk in x.split(256):
+                        model(chunk)
+            torch.cuda.synchronize()
+            return time.perf_counter() - t0
+
+        once()
+        seconds = min(once() for _ in range(3))
+        frac = f"{flops / seconds / peak:.3f}" if peak else "n/a (unknown card)"
+        rows.append(f"| ResNet-20 x{width}, {examples} images, plain torch module ({layout}) | torch | "
+                    f"bfloat16 autocast | {vectors / seconds:.2f} models/s | {flops / seconds / 1e12:.1f} TFLOP/s | "
+                    f"{frac} |")
+    return rows
+
+
+def trained_resnet_pair(device: str, width: int, examples: int, epochs: int) -> tuple:
+    """Two ResNet-20 at ``width`` trained with the library's loop on ``device`` (seeds 0, 1)."""
+    from combinability import training
+    from combinability.data import load_dataset
+
+    data = load_dataset("fashion_mnist", "train").subset(examples)
+    be = cb.get_backend("torch")
+    be = be if device == "cpu" else be.on_device(device)
+    recipe = training.RECIPES["resnet20"].with_(epochs=epochs)
+    models = []
+    for seed in (0, 1):
+        t0 = time.perf_counter()
+        model = build_model("resnet20", backend="torch", width=width, num_classes=data.num_classes,
+                            input_shape=data.input_shape, seed=seed)
+        models.append(training.fit(be, model, data, recipe, seed=seed))
+        print(f"<!-- trained ResNet-20 x{width} seed {seed} on {device} in {time.perf_counter() - t0:.0f} s -->",
+              flush=True)
+    pair = cb.ModelPair(*(m.cpu() for m in models), architecture="resnet20", backend="torch")
+    return pair.spec, pair.params(0), pair.params(1)
+
+
+def matching_figures(library: str, device: str, name: str, spec, a, b) -> list[str]:
+    """Reference and library, each on the CPU (numpy) and with its products on ``device``."""
     import measure_matching as mm
     import reference_rebasin as reference
 
-    spec, a, b = mm.resnet_pair(width, 3.0)[f"resnet20x{width}"]
     be = cb.get_backend(library)
     be = be if device == "cpu" else be.on_device(device)
     mm._warm_up(be)  # the compiled solver, BLAS threads and the device's context, untimed
+    reference.weight_matching(0, *mm.warm_up_pair(), device=device)
     rows = []
     t0 = time.perf_counter()
     ref, sweeps = reference.weight_matching(0, spec, a, b)
     ref_time = time.perf_counter() - t0
-    rows.append(f"| weight matching, ResNet-20 x{width} planted | reference (numpy, CPU) | | {ref_time:.2f} s | "
-                f"{sweeps} sweeps | |")
+    ref_obj = reference.objective(spec, a, b, ref)
+    rows.append(f"| weight matching, {name} | reference (numpy, CPU) | | {ref_time:.2f} s | "
+                f"{sweeps} sweeps, 1.0x | objective {ref_obj:.6g} |")
+    t0 = time.perf_counter()
+    ref_dev, dev_sweeps = reference.weight_matching(0, spec, a, b, device=device)
+    dev_time = time.perf_counter() - t0
+    same = all(np.array_equal(ref_dev[p], ref[p]) for p in ref)
+    rows.append(f"| weight matching, {name} | reference (torch, {device}) | | {dev_time:.2f} s | "
+                f"{dev_sweeps} sweeps, {ref_time / dev_time:.1f}x | "
+                f"{'same permutation' if same else 'other permutation'} |")
     for where, backend in (("library (numpy, CPU)", None), (f"library ({library}, {device})", be)):
         t0 = time.perf_counter()
         ours = cb.weight_matching(spec, a, b, seed=0, backend=backend)
         seconds = time.perf_counter() - t0
         same = all(np.array_equal(ours[p], ref[p]) for p in ref)
-        rows.append(f"| weight matching, ResNet-20 x{width} planted | {where} | | {seconds:.2f} s | "
-                    f"{ours.iterations} sweeps, {ref_time / seconds:.1f}x | "
-                    f"{'same permutation' if same else 'other permutation'} |")
+        verdict = "same permutation" if same else f"objective {(ours.objective - ref_obj) / abs(ref_obj):+.2e} rel."
+        rows.append(f"| weight matching, {name} | {where} | | {seconds:.2f} s | "
+                    f"{ours.iterations} sweeps, {ref_time / seconds:.1f}x; {dev_time / seconds:.1f}x the device "
+                    f"reference | {verdict} |")
     return rows
+
+
+def _row(what, *args) -> None:
+    """Print the row(s) ``what(*args)`` returns, or the error in their place."""
+    try:
+        rows = what(*args)
+    except Exception as exc:  # noqa: BLE001 - one failed figure must not lose the others
+        traceback.print_exc()
+        rows = f"| {what.__name__}{args} | failed: {type(exc).__name__}: {exc} | | | | |"
+    for row in [rows] if isinstance(rows, str) else rows:
+        print(row, flush=True)
 
 
 def main() -> None:
@@ -101,7 +187,9 @@ def main() -> None:
     parser.add_argument("--examples", type=int, default=1024)
     parser.add_argument("--sweep-examples", type=int, default=10_000)
     parser.add_argument("--backends", nargs="+", default=["torch", "jax"])
-    parser.add_argument("--matching-width", type=int, default=16, help="ResNet-20 width of the matching pair (0: none)")
+    parser.add_argument("--matching-width", type=int, default=16, help="ResNet-20 width of the planted pair (0: none)")
+    parser.add_argument("--trained-width", type=int, default=8, help="ResNet-20 width of the trained pair (0: none)")
+    parser.add_argument("--trained-examples", type=int, default=20_000, help="training images of the trained pair")
     args = parser.parse_args()
     if args.device != "cpu":
         try:
@@ -111,14 +199,34 @@ def main() -> None:
             return
     print("| case | backend | compute type | throughput | achieved | fraction of the card's rate |")
     print("|---|---|---|---:|---:|---:|")
-    for library in args.backends:
+    first, *others = args.backends
+    libraries = [first] + [lib for lib in others if lib != first]
+
+    def evaluation_rows(library: str) -> None:
         for dtype in ("float32", "bfloat16"):
-            print(resnet_figures(library, args.device, dtype, args.width, args.examples), flush=True)
+            _row(resnet_figures, library, args.device, dtype, args.width, args.examples, 4)
             for arch in ("mlp", "tiny10"):
-                print(sweep_figures(library, args.device, dtype, arch, args.sweep_examples), flush=True)
+                _row(sweep_figures, library, args.device, dtype, arch, args.sweep_examples)
+        _row(resnet_figures, library, args.device, "bfloat16", args.width, args.examples, 1)
+
+    evaluation_rows(libraries[0])
+    if args.device != "cpu":
+        _row(bare_torch_figures, args.width, args.examples, 4)
     if args.matching_width:
-        for row in matching_figures(args.backends[0], args.device, args.matching_width):
-            print(row, flush=True)
+        _row(lambda: matching_figures(first, args.device, f"ResNet-20 x{args.matching_width} planted",
+                                      *mm_resnet_pair(args.matching_width)))
+    if args.trained_width:
+        _row(lambda: matching_figures(first, args.device, f"ResNet-20 x{args.trained_width} trained on the device",
+                                      *trained_resnet_pair(args.device, args.trained_width, args.trained_examples, 2)))
+    for library in libraries[1:]:
+        evaluation_rows(library)
+
+
+def mm_resnet_pair(width: int) -> tuple:
+    """The planted ResNet-20 pair of ``measure_matching`` at ``width``."""
+    import measure_matching as mm
+
+    return mm.resnet_pair(width, 3.0)[f"resnet20x{width}"]
 
 
 if __name__ == "__main__":

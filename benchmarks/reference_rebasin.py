@@ -23,6 +23,12 @@ What is kept from the original, step for step:
 
 Left out: the ``print`` per permutation (``silent``) and jax itself. The objective is
 not computed by the original; :func:`objective` computes it (float64) for comparisons.
+
+On a GPU the original's products run on the GPU (jax places its arrays there), and each
+cost matrix goes to the host for scipy. ``weight_matching(..., device="cuda")`` does the
+same with torch: the float32 copies of both models, the gathers and the products are on
+the device, and each assembled cost matrix comes back for its assignment. The steps are the
+same; only the products' rounding differs.
 """
 
 from __future__ import annotations
@@ -52,14 +58,53 @@ def visit_order(seed: int, iteration: int, count: int) -> np.ndarray:
 
 
 def _permuted(axes_to_perm: Mapping[str, tuple[str | None, ...]], perm: Mapping[str, np.ndarray], name: str,
-              params: Mapping[str, np.ndarray], except_axis: int | None = None) -> np.ndarray:
+              params: Mapping[str, Any], except_axis: int | None = None, take: Any = np.take) -> Any:
     """Parameter ``name`` with every permutation applied but the one on ``except_axis``."""
     w = params[name]
     for axis, p in enumerate(axes_to_perm[name]):
         if axis == except_axis or p is None:
             continue
-        w = np.take(w, perm[p], axis=axis)
+        w = take(w, perm[p], axis=axis)
     return w
+
+
+class _DeviceArrays:
+    """The few array operations of the descent, on torch tensors on ``device``."""
+
+    def __init__(self, device: str):
+        import torch
+
+        self.torch, self.device = torch, torch.device(device)
+
+    def asarray(self, x: Any) -> Any:
+        return self.torch.as_tensor(np.asarray(x, dtype=np.float32), device=self.device)
+
+    def take(self, w: Any, index: np.ndarray, axis: int) -> Any:
+        return self.torch.index_select(w, axis, self.torch.as_tensor(index, device=self.device))
+
+    def moveaxis(self, w: Any, source: int, destination: int) -> Any:
+        return self.torch.movedim(w, source, destination)
+
+    def zeros(self, n: int) -> Any:
+        return self.torch.zeros((n, n), dtype=self.torch.float32, device=self.device)
+
+    def to_host(self, x: Any) -> np.ndarray:
+        return x.cpu().numpy()
+
+
+class _HostArrays:
+    """The same operations in numpy."""
+
+    take, moveaxis = staticmethod(np.take), staticmethod(np.moveaxis)
+
+    def asarray(self, x: Any) -> np.ndarray:
+        return np.asarray(x, dtype=np.float32)
+
+    def zeros(self, n: int) -> np.ndarray:
+        return np.zeros((n, n), dtype=np.float32)
+
+    def to_host(self, x: np.ndarray) -> np.ndarray:
+        return x
 
 
 def weight_matching(
@@ -69,6 +114,7 @@ def weight_matching(
     params_b: Mapping[str, Any],
     max_iter: int = 100,
     init_perm: Mapping[str, Any] | None = None,
+    device: str | None = None,
 ) -> tuple[dict[str, np.ndarray], int]:
     """Find the permutation of ``params_b`` that makes it match ``params_a``.
 
@@ -83,6 +129,9 @@ def weight_matching(
     max_iter : int, default 100
     init_perm : mapping of str to int array, optional
         The start (default: identity).
+    device : str, optional
+        A torch device (``"cuda"``) on which to gather and multiply, as the original does
+        on a GPU; default: numpy on the CPU.
 
     Returns
     -------
@@ -93,8 +142,9 @@ def weight_matching(
     """
     axes = getattr(axes_to_perm, "axes_to_perm", axes_to_perm)
     p2a = perm_to_axes(axes)
-    a = {k: np.asarray(params_a[k], dtype=np.float32) for k in axes}
-    b = {k: np.asarray(params_b[k], dtype=np.float32) for k in axes}
+    xp = _HostArrays() if device is None else _DeviceArrays(device)
+    a = {k: xp.asarray(params_a[k]) for k in axes}
+    b = {k: xp.asarray(params_b[k]) for k in axes}
     sizes = {p: a[entries[0][0]].shape[entries[0][1]] for p, entries in p2a.items()}
     if init_perm is None:
         perm = {p: np.arange(n) for p, n in sizes.items()}
@@ -108,11 +158,13 @@ def weight_matching(
         for p_ix in visit_order(seed, iteration, len(names)):
             p = names[p_ix]
             n = sizes[p]
-            cost = np.zeros((n, n), dtype=np.float32)
+            cost = xp.zeros(n)
             for name, axis in p2a[p]:
-                w_a = np.moveaxis(a[name], axis, 0).reshape((n, -1))
-                w_b = np.moveaxis(_permuted(axes, perm, name, b, except_axis=axis), axis, 0).reshape((n, -1))
+                w_a = xp.moveaxis(a[name], axis, 0).reshape((n, -1))
+                w_b = xp.moveaxis(_permuted(axes, perm, name, b, except_axis=axis, take=xp.take),
+                                  axis, 0).reshape((n, -1))
                 cost += w_a @ w_b.T
+            cost = xp.to_host(cost)
             ri, ci = linear_sum_assignment(cost, maximize=True)
             if not np.array_equal(ri, np.arange(len(ri))):  # the original asserts this
                 raise AssertionError("linear_sum_assignment returned unsorted rows")

@@ -19,3 +19,8 @@ for pkg in netCDF4 cftime array-api-compat pooch platformdirs; do
     "${platforms[@]}" -d .whl "${pkg}==${version}"
 done
 du -sh .whl && ls .whl
+# Fashion-MNIST's training files, for the pair gpu_checks.sh trains on the device (carried as .data)
+grep -qxF '/.data/' .git/info/exclude || echo '/.data/' >> .git/info/exclude
+src=${FASHION_MNIST:-/usr/share/datasets/fashion-mnist}
+mkdir -p .data/fashion_mnist && cp "$src"/train-images-idx3-ubyte.gz "$src"/train-labels-idx1-ubyte.gz .data/fashion_mnist/
+du -sh .data

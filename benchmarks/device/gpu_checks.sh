@@ -1,10 +1,13 @@
 #!/usr/bin/env bash
 # Run THERE, on the lent GPU machine, from the repository root, as one device call:
-#   run(command="bash benchmarks/device/gpu_checks.sh", carry=[".whl"], timeout_s=540)
-# after `bash benchmarks/device/fetch_wheels.sh` here. Installs the carried wheels and this
-# checkout (no network, no build isolation) into /tmp/site, then writes the GPU figures of
-# issue 11 (benchmarks/measure_gpu.py: models/s, fraction of the card's bf16 rate, sweeps,
-# matching on the device) to $OUT/measure_gpu.md. Extra arguments go to measure_gpu.py.
+#   run(command="bash benchmarks/device/gpu_checks.sh", carry=[".whl", ".data"], timeout_s=560)
+# after `bash benchmarks/device/fetch_wheels.sh` here (it also copies Fashion-MNIST's training
+# files into .data/). Installs the carried wheels and this checkout (no network, no build
+# isolation) into /tmp/site, then writes the GPU figures of issue 11 to $OUT:
+# measure_gpu.md (benchmarks/measure_gpu.py: models/s, fraction of the card's bf16 rate,
+# sweeps, matching on the device, trained pair included) and device_benchmarks.md (the asv
+# suite's cuda variants, benchmarks/device/run_device_benchmarks.py). Extra arguments go to
+# measure_gpu.py.
 # Locally (a smoke run of the same steps): PYTHON=.venv/bin/python DEVICE=cpu bash
 # benchmarks/device/gpu_checks.sh --width 1 --examples 64 --sweep-examples 500 --matching-width 1
 set -uo pipefail
@@ -23,11 +26,14 @@ fi
   --target "$SITE" . \
   || exit 1
 export PYTHONPATH="$SITE"
+[ -d .data ] && export COMBINABILITY_DATA=$PWD/.data
 {
   command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
   "$PYTHON" -P -c "import combinability, torch, jax, flax; print('combinability', combinability.__file__); \
 print('torch', torch.__version__, 'cuda', torch.cuda.is_available(), '| jax', jax.__version__, jax.devices(), \
 '| flax', flax.__version__)"
 } 2>&1 | tee "$OUT/environment.txt"
-timeout 480 "$PYTHON" benchmarks/measure_gpu.py --device "$DEVICE" "$@" 2>&1 | tee "$OUT/measure_gpu.md"
-echo "written: $OUT/environment.txt $OUT/measure_gpu.md"
+timeout ${MEASURE_SECONDS:-380} "$PYTHON" benchmarks/measure_gpu.py --device "$DEVICE" "$@" 2>&1 | tee "$OUT/measure_gpu.md"
+timeout ${BENCH_SECONDS:-120} "$PYTHON" benchmarks/device/run_device_benchmarks.py --device "$DEVICE" \
+  --budget $(( ${BENCH_SECONDS:-120} - 20 )) 2>&1 | tee "$OUT/device_benchmarks.md"
+echo "written: $OUT/environment.txt $OUT/measure_gpu.md $OUT/device_benchmarks.md"
