@@ -58,6 +58,10 @@ def resnet_figures(library: str, device: str, dtype: str, width: int, examples: 
     seconds = min(bench._seconds() for _ in range(3))
     rate = bench.flops / seconds
     frac = f"{rate / bench.peak:.3f}" if bench.peak else "n/a (unknown card)"
+    if bench.peak and library == "torch" and dtype == "float32":
+        import torch
+
+        dtype = "float32 (TF32 convolutions)" if torch.backends.cudnn.allow_tf32 else dtype
     return (f"| ResNet-20 x{width}, {examples} images, {bench.vectors} vectors/call | {library} | {dtype} | "
             f"{bench.vectors / seconds:.2f} models/s | {rate / 1e12:.1f} TFLOP/s | {frac} |")
 

@@ -28,7 +28,8 @@ if TYPE_CHECKING:
     from combinability.layout import FlatLayout
     from combinability.permutation import PermutationSpec
 
-__all__ = ["Backend", "Prepared", "RandomSource", "NumpyRandom", "bound_forward"]
+__all__ = ["Backend", "Prepared", "RandomSource", "NumpyRandom", "bound_forward", "VMAP_MAX_PARAMETERS",
+           "vmap_on_accelerator"]
 
 
 class RandomSource(Protocol):
@@ -90,6 +91,30 @@ class Prepared(Protocol):
         the returned vector carries updated buffers (BatchNorm running statistics).
         """
         ...
+
+
+#: On an accelerator, several parameter vectors of fewer parameters each than this run in one
+#: vmapped forward call; larger ones run one after the other. Measured on an NVIDIA H200
+#: (``benchmarks/device/vmap_or_loop.py``; ``docs/performance.md``): vmapping is 7x faster
+#: than the loop for the MLP (0.7 M parameters), 1.4-2x for Tiny-10 and ResNet-20 (0.3-1 M), a
+#: tie at ResNet-20 x4 (4.4 M, bfloat16), and 1.2x (jax) to 1.55x (torch) slower at ResNet-20
+#: x32 (276 M, bfloat16): once one vector's kernels fill the device, a vmapped convolution
+#: (grouped over the vectors) only costs.
+VMAP_MAX_PARAMETERS = 1 << 24
+
+
+def vmap_on_accelerator(parameters: int) -> bool:
+    """Whether vectors of ``parameters`` entries each run vmapped on an accelerator by default.
+
+    A backend's ``vectorize=None`` means this on a GPU (an explicit ``vectorize`` overrides it);
+    on the CPU each backend keeps its own measured rule.
+
+    Examples
+    --------
+    >>> vmap_on_accelerator(269_722), vmap_on_accelerator(276_000_000)
+    (True, False)
+    """
+    return int(parameters) < VMAP_MAX_PARAMETERS
 
 
 def bound_forward(prepared: Prepared, flats: Any) -> contextlib.AbstractContextManager[Callable[[Any], Any]]:

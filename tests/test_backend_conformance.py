@@ -145,6 +145,21 @@ def test_torch_vectorized_forward_conforms():
     check_backend(TorchBackend("cpu", vectorize=True))
 
 
+def test_torch_vmaps_small_models_only_on_cuda():
+    """``vectorize=None``: vmap on CUDA below ``VMAP_MAX_PARAMETERS`` parameters, else a loop; an
+    explicit ``vectorize`` wins (decided from the device's type: no GPU needed)."""
+    pytest.importorskip("torch")
+    from combinability_torch.backend import TorchBackend
+
+    from combinability.backend import VMAP_MAX_PARAMETERS
+
+    gpu = TorchBackend("cuda")
+    assert gpu.use_vmap(VMAP_MAX_PARAMETERS - 1) and not gpu.use_vmap(VMAP_MAX_PARAMETERS)
+    assert not TorchBackend("cpu").use_vmap(10)
+    assert TorchBackend("cpu", vectorize=True).use_vmap(VMAP_MAX_PARAMETERS * 4)
+    assert not TorchBackend("cuda", vectorize=False).use_vmap(10)
+
+
 @pytest.mark.parametrize("vectorize", [True, False], ids=["vmap", "loop"])
 def test_jax_forward_conforms_vmapped_and_looped(vectorize):
     """Both ways of running several vectors per call (jax.vmap, a loop) against numpy."""

@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from combinability.backend import Backend
+from combinability.backend import Backend, vmap_on_accelerator
 from combinability.combination import register_compiler
 from combinability.data.base import input_dtype
 from combinability.errors import ConfigurationError, IncompatibleModelsError, UnknownNameError
@@ -252,11 +252,12 @@ class JaxPrepared:
 
     def _vmapped(self, flats: jax.Array, x: jax.Array) -> bool:
         """Whether several vectors run in one vmapped call: the backend's ``vectorize``, else (``None``)
-        on an accelerator, or on the CPU when the forward pass has no convolution (decided once)."""
+        on an accelerator for models below ``VMAP_MAX_PARAMETERS``, or on the CPU when the forward
+        pass has no convolution (decided once)."""
         if self.backend.vectorize is not None:
             return bool(self.backend.vectorize)
         if self.backend.platform != "cpu":
-            return True
+            return vmap_on_accelerator(flats.shape[1])
         if self._vmap_on_cpu is None:
             shape = jax.ShapeDtypeStruct  # traced from shapes: nothing is sliced or copied
             jaxpr = jax.make_jaxpr(self.program.apply)(shape(flats.shape[1:], flats.dtype), self.rest,
@@ -351,7 +352,9 @@ class JaxBackend(Backend):
         logits); see :meth:`~combinability.backend.Backend.with_compute_dtype`.
     vectorize : bool, optional
         Run several parameter vectors in one call with :func:`jax.vmap` (``True``) or one after
-        the other (``False``). ``None`` (default): vmap on an accelerator; on the CPU, vmap unless
+        the other (``False``). ``None`` (default): on an accelerator, vmap for models below
+        :data:`combinability.backend.VMAP_MAX_PARAMETERS` parameters and a loop for larger ones
+        (:func:`combinability.backend.vmap_on_accelerator`); on the CPU, vmap unless
         the forward pass has a convolution, which XLA's CPU backend runs several times slower
         vmapped over kernels than one vector after the other (Tiny-10: 4.8-5.5x slower, ResNet-20:
         8x; an MLP runs about as fast either way, 0.9-1.4x).

@@ -3,7 +3,8 @@
 Models run *functionally* (:func:`torch.func.functional_call`) on views into one device
 tensor holding the flat vector, so evaluating a combination never copies it parameter by
 parameter. Several vectors run one after the other (the default on the CPU, measured
-faster there) or together with :func:`torch.func.vmap` (the default on CUDA).
+faster there, and on CUDA for large models) or together with :func:`torch.func.vmap` (the
+default on CUDA below :data:`combinability.backend.VMAP_MAX_PARAMETERS` parameters).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, vmap
 
-from combinability.backend import Backend
+from combinability.backend import Backend, vmap_on_accelerator
 from combinability.data.base import input_dtype
 from combinability.digests import in_numpy_memory
 from combinability.errors import LayoutError, TracingError, UnknownNameError
@@ -188,7 +189,7 @@ class TorchPrepared:
         another 0.15 ms a batch for the MLP).
         """
         with self._inference() as stack:
-            if self.backend.use_vmap:
+            if self.backend.use_vmap(self.layout.size) and flats.shape[0] > 1:
                 batched = vmap(lambda p, xb: self._call(p, xb), in_dims=(0, None))
                 params = _views(flats, self.layout)
                 run = functools.partial(batched, params)
@@ -295,7 +296,9 @@ class TorchBackend(Backend):
         Where models live and evaluations run; CUDA when available, else the CPU.
     vectorize : bool, optional
         Run several parameter vectors at once with :func:`torch.func.vmap` (``True``) or one
-        after the other (``False``). ``None`` (default): vmap on CUDA, a loop on the CPU.
+        after the other (``False``). ``None`` (default): a loop on the CPU; on CUDA, vmap for
+        models below :data:`combinability.backend.VMAP_MAX_PARAMETERS` parameters, a loop for
+        larger ones (:func:`combinability.backend.vmap_on_accelerator`).
     compute_dtype : {"float32", "bfloat16", "float16"}
         Forward passes and feature taps under :func:`torch.autocast` to this type (float32
         parameters, float32 logits); see :meth:`~combinability.backend.Backend.with_compute_dtype`.
@@ -339,9 +342,11 @@ class TorchBackend(Backend):
     def _with_compute_dtype(self, dtype: str) -> TorchBackend:
         return TorchBackend(self.torch_device, vectorize=self.vectorize, compute_dtype=dtype)
 
-    @property
-    def use_vmap(self) -> bool:
-        return self.torch_device.type == "cuda" if self.vectorize is None else bool(self.vectorize)
+    def use_vmap(self, parameters: int) -> bool:
+        """Whether vectors of ``parameters`` entries run vmapped (see ``vectorize``)."""
+        if self.vectorize is not None:
+            return bool(self.vectorize)
+        return self.torch_device.type == "cuda" and vmap_on_accelerator(parameters)
 
     # -- device and arrays --------------------------------------------------------------
     def device(self) -> str:

@@ -28,8 +28,10 @@ except ImportError:  # run as a script
     from common import BACKENDS, DEVICES, backend, require, synchronize
 
 #: Dense tensor-core rates (TFLOP/s) by compute type, for device names containing the key.
-PEAK_TFLOPS = {"H200": {"bfloat16": 989.0, "float32": 67.0}, "H100": {"bfloat16": 989.0, "float32": 67.0},
-               "A100": {"bfloat16": 312.0, "float32": 19.5}, "L4": {"bfloat16": 121.0, "float32": 30.3}}
+PEAK_TFLOPS = {"H200": {"bfloat16": 989.0, "tfloat32": 494.7, "float32": 67.0},
+               "H100": {"bfloat16": 989.0, "tfloat32": 494.7, "float32": 67.0},
+               "A100": {"bfloat16": 312.0, "tfloat32": 156.0, "float32": 19.5},
+               "L4": {"bfloat16": 121.0, "tfloat32": 60.0, "float32": 30.3}}
 
 
 def _images(n, shape, seed=0):
@@ -73,7 +75,12 @@ def forward_flops(width, n):
 
 
 def peak_flops(device_name, dtype):
-    """The card's dense rate in FLOP/s for ``dtype``, or None when unknown."""
+    """The card's dense rate in FLOP/s for ``dtype``, or None when unknown.
+
+    ``"tfloat32"`` is the tensor cores' float32 rate, which torch's float32 convolutions run at
+    while ``torch.backends.cudnn.allow_tf32`` is set (its default); jax's float32 is exact
+    (the backend's ``precision="highest"``).
+    """
     if os.environ.get("COMBINABILITY_PEAK_TFLOPS"):
         return float(os.environ["COMBINABILITY_PEAK_TFLOPS"]) * 1e12
     rate = next((r for key, r in PEAK_TFLOPS.items() if key in device_name), None)
@@ -102,7 +109,9 @@ class ResNetThroughput:
         self.flats = self.be.asarray(np.stack([base * (1 + 0.01 * k) for k in range(self.vectors)]))
         synchronize(self.evaluator.evaluate(self.flats, self.data))  # compile, warm the caches
         self.flops = forward_flops(self.width, self.examples) * self.vectors
-        self.peak = peak_flops(torch.cuda.get_device_name(), dtype) if device.startswith("cuda") else None
+        tf32 = library == "torch" and dtype == "float32" and torch.backends.cudnn.allow_tf32
+        self.peak = (peak_flops(torch.cuda.get_device_name(), "tfloat32" if tf32 else dtype)
+                     if device.startswith("cuda") else None)
 
     def _seconds(self):
         t0 = time.perf_counter()
