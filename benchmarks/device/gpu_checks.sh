@@ -7,7 +7,9 @@
 # measure_gpu.md (benchmarks/measure_gpu.py: models/s, fraction of the card's bf16 rate,
 # sweeps, matching on the device, trained pair included) and device_benchmarks.md (the asv
 # suite's cuda variants, benchmarks/device/run_device_benchmarks.py). Extra arguments go to
-# measure_gpu.py.
+# measure_gpu.py. RUN chooses the parts (default "measure benchmarks"; also "vmap":
+# vmap_or_loop.py, and "profile": profile_torch_gpu.py, the open questions of the 2026-12-04
+# run), e.g. RUN="profile vmap" bash benchmarks/device/gpu_checks.sh.
 # Locally (a smoke run of the same steps): PYTHON=.venv/bin/python DEVICE=cpu bash
 # benchmarks/device/gpu_checks.sh --width 1 --examples 64 --sweep-examples 500 --matching-width 1
 set -uo pipefail
@@ -33,7 +35,18 @@ export PYTHONPATH="$SITE"
 print('torch', torch.__version__, 'cuda', torch.cuda.is_available(), '| jax', jax.__version__, jax.devices(), \
 '| flax', flax.__version__)"
 } 2>&1 | tee "$OUT/environment.txt"
-timeout ${MEASURE_SECONDS:-380} "$PYTHON" benchmarks/measure_gpu.py --device "$DEVICE" "$@" 2>&1 | tee "$OUT/measure_gpu.md"
-timeout ${BENCH_SECONDS:-120} "$PYTHON" benchmarks/device/run_device_benchmarks.py --device "$DEVICE" \
-  --budget $(( ${BENCH_SECONDS:-120} - 20 )) 2>&1 | tee "$OUT/device_benchmarks.md"
-echo "written: $OUT/environment.txt $OUT/measure_gpu.md $OUT/device_benchmarks.md"
+RUN=${RUN:-measure benchmarks}
+for part in $RUN; do
+  case $part in
+    measure) timeout ${MEASURE_SECONDS:-380} "$PYTHON" benchmarks/measure_gpu.py --device "$DEVICE" "$@" 2>&1 \
+               | tee "$OUT/measure_gpu.md" ;;
+    benchmarks) timeout ${BENCH_SECONDS:-120} "$PYTHON" benchmarks/device/run_device_benchmarks.py --device "$DEVICE" \
+                  --budget $(( ${BENCH_SECONDS:-120} - 20 )) 2>&1 | tee "$OUT/device_benchmarks.md" ;;
+    vmap) timeout ${VMAP_SECONDS:-300} "$PYTHON" benchmarks/device/vmap_or_loop.py --device "$DEVICE" 2>&1 \
+            | tee "$OUT/vmap_or_loop.md" ;;
+    profile) timeout ${PROFILE_SECONDS:-300} "$PYTHON" benchmarks/device/profile_torch_gpu.py --device "$DEVICE" 2>&1 \
+               | tee "$OUT/profile_torch_gpu.md" ;;
+    *) echo "unknown part $part; valid: measure benchmarks vmap profile" >&2; exit 2 ;;
+  esac
+done
+echo "written: $(ls "$OUT")"
