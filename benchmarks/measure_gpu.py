@@ -170,7 +170,25 @@ def matching_figures(library: str, device: str, name: str, spec, a, b) -> list[s
         rows.append(f"| weight matching, {name} | {where} | | {seconds:.2f} s | "
                     f"{ours.iterations} sweeps, {ref_time / seconds:.1f}x; {dev_time / seconds:.1f}x the device "
                     f"reference | {verdict} |")
+    rows.append(_profiled(lambda: cb.weight_matching(spec, a, b, seed=0, backend=be),
+                          f"library ({library}, {device}) on {name}"))
     return rows
+
+
+def _profiled(call, what: str, top: int = 12) -> str:
+    """``call()`` once more under cProfile: where the host's time goes, as a fenced block."""
+    import cProfile
+    import io
+    import pstats
+
+    profile = cProfile.Profile()
+    profile.enable()
+    call()
+    profile.disable()
+    text = io.StringIO()
+    pstats.Stats(profile, stream=text).sort_stats("tottime").print_stats(top)
+    body = "\n".join(line for line in text.getvalue().splitlines() if line.strip())
+    return f"\n<details><summary>host profile: {what}</summary>\n\n```\n{body}\n```\n</details>\n"
 
 
 def _row(what, *args) -> None:
