@@ -96,7 +96,7 @@ class Prepared(Protocol):
 #: On an accelerator, several parameter vectors of fewer parameters each than this run in one
 #: vmapped forward call; larger ones run one after the other. Measured on an NVIDIA H200
 #: (``benchmarks/device/vmap_or_loop.py``; ``docs/performance.md``): vmapping is 7x faster
-#: than the loop for the MLP (0.7 M parameters), 1.4-2x for Tiny-10 and ResNet-20 (0.3-1 M), a
+#: than the loop for the MLP (0.9 M parameters), 1.4-2x for Tiny-10 and ResNet-20 (0.02-0.3 M), a
 #: tie at ResNet-20 x4 (4.4 M, bfloat16), and 1.2x (jax) to 1.55x (torch) slower at ResNet-20
 #: x32 (276 M, bfloat16): once one vector's kernels fill the device, a vmapped convolution
 #: (grouped over the vectors) only costs.
