@@ -42,6 +42,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "benchmarks"))
+sys.path.insert(0, str(Path(__file__).resolve().parent / "device"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import bench_precision as bp  # noqa: E402
@@ -83,36 +84,25 @@ def sweep_figures(library: str, device: str, dtype: str, arch: str, examples: in
     return f"| sweep, {arch}, {examples} images | {library} | {dtype} | {18 / seconds:.1f} models/s | | |"
 
 
-def bare_torch_figures(width: int, examples: int, vectors: int) -> list[str]:
+def bare_torch_figures(width: int, examples: int, device: str = "cuda") -> list[str]:
     """The same ResNet-20 forward passes as a plain torch module under bfloat16 autocast (the ceiling).
 
-    One module run ``vectors`` times per timing, in NCHW and in channels-last memory format.
+    One pass over the images timed (``profile_torch_gpu``'s plain module: batches of 256, best
+    of 3 after a warm-up), in NCHW and channels-last; models/s compare with the library's rows.
     """
+    import profile_torch_gpu as ptg
     import torch
 
-    model = build_model("resnet20", backend="torch", width=width, input_shape=(3, 32, 32), seed=0).cuda().eval()
-    flops = bp.forward_flops(width, examples) * vectors
-    peak = bp.peak_flops(torch.cuda.get_device_name(), "bfloat16")
+    data = ptg._images(examples, (3, 32, 32))
+    flops = bp.forward_flops(width, examples)
+    peak = bp.peak_flops(torch.cuda.get_device_name(), "bfloat16") if device.startswith("cuda") else None
     rows = []
-    for layout, fmt in (("NCHW", torch.contiguous_format), ("channels_last", torch.channels_last)):
-        model = model.to(memory_format=fmt)
-        x = torch.randn(examples, 3, 32, 32, device="cuda").to(memory_format=fmt)
-
-        def once(model=model, x=x) -> float:
-            torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
-                for _ in range(vectors):
-                    for chunk in x.split(256):
-                        model(chunk)
-            torch.cuda.synchronize()
-            return time.perf_counter() - t0
-
-        once()
-        seconds = min(once() for _ in range(3))
+    for layout, channels_last in (("NCHW", False), ("channels_last", True)):
+        run = ptg._plain(device, "resnet20", width, (3, 32, 32), data, 256, "bfloat16", channels_last)
+        seconds = ptg._best(run)
         frac = f"{flops / seconds / peak:.3f}" if peak else "n/a (unknown card)"
         rows.append(f"| ResNet-20 x{width}, {examples} images, plain torch module ({layout}) | torch | "
-                    f"bfloat16 autocast | {vectors / seconds:.2f} models/s | {flops / seconds / 1e12:.1f} TFLOP/s | "
+                    f"bfloat16 autocast | {1 / seconds:.2f} models/s | {flops / seconds / 1e12:.1f} TFLOP/s | "
                     f"{frac} |")
     return rows
 
@@ -232,8 +222,7 @@ def main() -> None:
         _row(resnet_figures, library, args.device, "bfloat16", args.width, args.examples, 1)
 
     evaluation_rows(libraries[0])
-    if args.device != "cpu":
-        _row(bare_torch_figures, args.width, args.examples, 4)
+    _row(bare_torch_figures, args.width, args.examples, args.device)
     if args.matching_width:
         _row(lambda: matching_figures(first, args.device, f"ResNet-20 x{args.matching_width} planted",
                                       *mm_resnet_pair(args.matching_width)))
