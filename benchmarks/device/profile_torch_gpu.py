@@ -17,14 +17,17 @@ Run (on a GPU machine): ``python benchmarks/device/profile_torch_gpu.py [--devic
 from __future__ import annotations
 
 import argparse
+import sys
 import time
+from pathlib import Path
 
-import numpy as np
 import torch
 from combinability_torch.backend import TorchBackend
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from bench_precision import _images  # noqa: E402  (the suite's synthetic images)
+
 import combinability as cb
-from combinability.data.base import ArrayDataset
 from combinability.evaluation import Evaluator
 from combinability.models import build_model
 
@@ -32,12 +35,6 @@ from combinability.models import build_model
 def _sync(device: str) -> None:
     if device.startswith("cuda"):
         torch.cuda.synchronize()
-
-
-def _images(n: int, shape: tuple[int, ...]) -> ArrayDataset:
-    rng = np.random.default_rng(0)
-    return ArrayDataset(rng.normal(size=(n, *shape)).astype(np.float32), rng.integers(0, 10, n),
-                        num_classes=10, name="synthetic", split="test")
 
 
 def _best(fn, repeats: int = 3) -> float:

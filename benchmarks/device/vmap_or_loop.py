@@ -16,13 +16,16 @@ import argparse
 import sys
 import time
 import traceback
+from pathlib import Path
 
 import numpy as np
 
 import combinability as cb
-from combinability.data.base import ArrayDataset
 from combinability.evaluation import Evaluator
 from combinability.models import build_model
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from bench_precision import _images  # noqa: E402  (the suite's synthetic images)
 
 #: (architecture, width, input shape, images, vectors, compute type)
 CASES = [
@@ -50,9 +53,7 @@ def backend(library: str, device: str, vectorize: bool, dtype: str):
 
 def models_per_second(library, device, vectorize, arch, width, shape, images, vectors, dtype) -> float:
     be = backend(library, device, vectorize, dtype)
-    rng = np.random.default_rng(0)
-    data = ArrayDataset(rng.normal(size=(images, *shape)).astype(np.float32), rng.integers(0, 10, images),
-                        num_classes=10, name="synthetic", split="test")
+    data = _images(images, shape)
     model = build_model(arch, backend=library, width=width, input_shape=shape, seed=0)
     state = be.state(model)
     layout = cb.FlatLayout.from_arrays(state)
