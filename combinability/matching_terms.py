@@ -293,9 +293,10 @@ class Problem:
         if warm is None or len(current) == 0:
             return assignment.solve_max(cost)
         loss = -cost.astype(np.float64)
-        if p not in self.prices:  # cold: Jonker-Volgenant's column reduction
-            self.prices[p] = loss.min(axis=0)
-        return warm(loss, current.astype(np.int64), self.prices[p])
+        cold = p not in self.prices
+        if cold:  # the first solve: prices from the reductions of ``loss``
+            self.prices[p] = np.empty(len(current))
+        return warm(loss, current.astype(np.int64), self.prices[p], cold)
 
     def objective(self, perm: Mapping[str, np.ndarray]) -> float:
         """The exact (float64) objective ``Σ ⟨θ_A, π(θ_B)⟩`` (:func:`matching_objective`).

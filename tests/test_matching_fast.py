@@ -282,6 +282,9 @@ def test_warm_assignment_is_optimal_from_any_start(ties):
         for _ in range(3):  # cold, then warm from the last solution and prices on a changed matrix
             x = assignment.warm_assignment(cost, x.copy(), prices)
             rows, cols = linear_sum_assignment(cost)
+            cold = assignment.warm_assignment(cost, np.full(n, -7), np.full(n, np.nan), True)  # x, v only written
+            assert sorted(cold) == list(range(n))
+            assert cost[np.arange(n), cold].sum() == pytest.approx(cost[rows, cols].sum(), abs=1e-9)
             assert sorted(x) == list(range(n))
             assert cost[np.arange(n), x].sum() == pytest.approx(cost[rows, cols].sum(), abs=1e-9)
             cost = cost + 0.1 * rng.normal(size=(n, n))
@@ -312,9 +315,11 @@ def test_bad_seed_is_refused_before_work(seed):
         cb.weight_matching(ref.mlp_spec(2), a, a, seed=seed)
 
 
-@pytest.mark.parametrize("kind", ["gram", "integers"])
-def test_compiled_assignment_matches_scipy_on_large_problems(kind):
-    """The compiled solver, cold (column minima as prices) then warm, reaches scipy's optimum at 400 units."""
+@pytest.mark.parametrize("start", ["column minima", "cold"])
+@pytest.mark.parametrize("kind", ["gram", "hubs", "integers"])
+def test_compiled_assignment_matches_scipy_on_large_problems(kind, start):
+    """The compiled solver, cold (from the column minima as prices, or from its own reductions)
+    then warm, reaches scipy's optimum at 400 units."""
     from scipy.optimize import linear_sum_assignment
 
     warm = assignment.compiled_warm_assignment()
@@ -325,16 +330,25 @@ def test_compiled_assignment_matches_scipy_on_large_problems(kind):
     if kind == "gram":  # like weight matching: inner products of two noisy copies of the same units
         a = rng.normal(size=(n, 64))
         cost = -(a @ (a[rng.permutation(n)] + rng.normal(size=(n, 64))).T)
+    elif kind == "hubs":  # a trained network's: units of very unequal norms, so a few rows hold most column minima
+        a = rng.normal(size=(n, 64)) * rng.lognormal(sigma=1.0, size=(n, 1))
+        b = (a + 2 * rng.normal(size=(n, 64)))[rng.permutation(n)] * rng.lognormal(sigma=1.0, size=(n, 1))
+        cost = -(a @ b.T)
+        assert len(set(cost.argmin(axis=0))) < n // 2
     else:  # many ties
         cost = rng.integers(0, 5, size=(n, n)).astype(float)
-    prices = cost.min(axis=0)
-    x = np.arange(n, dtype=np.int64)
+    if start == "cold":
+        prices = np.empty(n)
+        x = warm(cost, np.empty(n, np.int64), prices, True)
+    else:
+        prices = cost.min(axis=0)
+        x = warm(cost, np.arange(n, dtype=np.int64), prices)
     for _ in range(3):
-        x = warm(cost, x.copy(), prices)
         rows, cols = linear_sum_assignment(cost)
         assert sorted(x) == list(range(n))
         assert cost[np.arange(n), x].sum() == pytest.approx(cost[rows, cols].sum(), abs=1e-7)
         cost = cost + 0.05 * rng.normal(size=(n, n)) * np.abs(cost).mean()
+        x = warm(cost, x.copy(), prices)
 
 
 @pytest.mark.parametrize(("n", "kind"), [(1, "gram"), (7, "integers"), (300, "gram"), (300, "integers")])
