@@ -35,9 +35,8 @@ def solve_max(cost: np.ndarray) -> np.ndarray:
 
 def fast_solve_max(cost: np.ndarray) -> np.ndarray:
     """The maximum assignment of ``cost`` (exact), as the column of each row: a cold
-    :func:`warm_assignment` from Jonker and Volgenant's column reduction when numba is
-    installed (about 3x faster than scipy at 1,536 units), else :func:`solve_max`.
-    Ties may be broken otherwise than scipy breaks them."""
+    :func:`warm_assignment` (from row and column reduction) when numba is installed, else
+    :func:`solve_max`. Ties may be broken otherwise than scipy breaks them."""
     solve = compiled_warm_assignment()
     n = cost.shape[0]
     if solve is None or cost.ndim != 2 or n != cost.shape[1] or n == 0:

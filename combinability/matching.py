@@ -188,10 +188,9 @@ def weight_matching(
     is not solved again; the objective is updated by each step's gain instead of being
     recomputed. When numba is installed, each assignment is solved by Jonker–Volgenant
     augmentation warm-started from the permutation's current assignment and the
-    prices of its last solve (exact, about 6x faster than scipy's cold solve on
-    512 units between sweeps), the first from their column reduction (about 20x
-    faster than scipy at 1,024 units); without numba, by
-    :func:`scipy.optimize.linear_sum_assignment`.
+    prices of its last solve (exact; on trained MLPs' 512 units about 6x faster than
+    scipy's cold solve), the first from row and column reduction (about as fast as
+    scipy); without numba, by :func:`scipy.optimize.linear_sum_assignment`.
 
     Parameters
     ----------

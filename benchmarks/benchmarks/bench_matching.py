@@ -233,3 +233,52 @@ class WeightMatchingTransformer:
         return cb.weight_matching(self.spec, self.a, self.b, seed=0).iterations
 
     track_sweeps_vit.unit = "sweeps"
+
+
+def assignment_problem(kind, n=512, seed=0):
+    """A maximisation cost like weight matching's, and the same cost after a sweep's change.
+
+    ``gram``: inner products of units with noisy, permuted copies of them. ``hubs``: the
+    same with units of very unequal norms, as in trained networks, where a few rows hold
+    most column minima.
+    """
+    rng = np.random.default_rng(seed)
+    a = rng.normal(size=(n, 64))
+    b = (a + rng.normal(size=(n, 64)))[rng.permutation(n)]
+    if kind == "hubs":
+        a = a * rng.lognormal(sigma=1.0, size=(n, 1))
+        b = b * rng.lognormal(sigma=1.0, size=(n, 1))
+    cost = a @ b.T
+    return cost, cost + 0.02 * np.abs(cost).mean() * rng.normal(size=(n, n))
+
+
+class LinearAssignment:
+    """One 512-unit assignment: cold, and warm from the last solve on a changed cost (library, numba),
+    against scipy's solve (cold either way)."""
+
+    params = (["gram", "hubs"], ["library", "scipy"])
+    param_names = ["cost", "solver"]
+
+    def setup(self, kind, solver):
+        from combinability import assignment
+
+        self.warm = assignment.compiled_warm_assignment()
+        if solver == "library" and self.warm is None:
+            raise NotImplementedError("numba is not installed")
+        first, self.changed = assignment_problem(kind)
+        self.loss, self.changed_loss = -first, -self.changed
+        n = len(first)
+        self.prices = np.empty(n)
+        self.start = self.warm(self.loss, np.empty(n, np.int64), self.prices, True) if self.warm else None
+
+    def time_cold(self, kind, solver):
+        if solver == "scipy":
+            reference_rebasin.linear_sum_assignment(self.loss)
+        else:
+            self.warm(self.loss, np.empty(len(self.loss), np.int64), np.empty(len(self.loss)), True)
+
+    def time_warm(self, kind, solver):
+        if solver == "scipy":
+            reference_rebasin.linear_sum_assignment(self.changed_loss)
+        else:
+            self.warm(self.changed_loss, self.start.copy(), self.prices.copy())
