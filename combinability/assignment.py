@@ -54,10 +54,14 @@ def warm_assignment(cost: np.ndarray, x: np.ndarray, v: np.ndarray,  # pragma: n
     are freed. Cold (``cold=True``; ``x`` and ``v`` are then only written): row then column
     reduction give the prices, and each row takes a cheapest column that no row took
     before it. Each free row is then assigned by one shortest augmenting path (Dijkstra
-    over the columns; a scanned column is set apart by an infinite distance and price, so
-    that each step is one contiguous pass updating the distances and taking their minimum,
-    about 20 % faster than passes over a shrinking list of unscanned columns); the prices
-    ``v`` are updated in place. Exact for any start.
+    over the columns); the prices ``v`` are updated in place. Exact for any start.
+
+    The loops over columns are written to vectorise: a scanned column is set apart by an
+    infinite distance and price (not skipped by a branch), the distances through a row are
+    updated by selects (not a branch), and the minimum distance and the minimum over free
+    columns (an infinite penalty on taken ones) are taken in a pass of their own; a short
+    scan then finds a closest column, a free one on ties. On weight matching's 512-unit
+    costs a path step costs about a third of one loop doing all of this with branches.
 
     Fast warm, when the start is nearly optimal, as between two sweeps of weight matching.
     Cold, the two reductions matter on weight-matching costs: there the column minima of a
@@ -83,6 +87,7 @@ def warm_assignment(cost: np.ndarray, x: np.ndarray, v: np.ndarray,  # pragma: n
     y = np.full(n, -1, np.int64)  # the row of each column, -1 when free
     free = np.empty(n, np.int64)
     n_free = 0
+    taken = np.zeros(n)  # 0 for a free column, inf for a taken one: the cheapest free column is a minimum
     if cold:
         u = np.empty(n)
         for i in range(n):
@@ -94,14 +99,17 @@ def warm_assignment(cost: np.ndarray, x: np.ndarray, v: np.ndarray,  # pragma: n
         for i in range(n):  # the column minima, read row by row
             for j in range(n):
                 v[j] = min(v[j], cost[i, j] - u[i])
-        for i in range(n):
-            low, arg = np.inf, 0
-            for j in range(n):  # a cheapest column of row i, an untaken one on ties
+        for i in range(n):  # row i takes a cheapest column if one is untaken
+            low, low_free = np.inf, np.inf
+            for j in range(n):  # branch-free (it vectorises): the cheapest, and the cheapest untaken
                 d = cost[i, j] - v[j]
-                if d < low or (d == low and y[j] < 0):
-                    low, arg = d, j
-            if y[arg] < 0:
-                x[i], y[arg] = arg, i
+                low = min(low, d)
+                low_free = min(low_free, d + taken[j])
+            if low_free == low:
+                j = 0
+                while cost[i, j] - v[j] != low or taken[j] != 0:
+                    j += 1
+                x[i], y[j], taken[j] = j, i, np.inf
             else:
                 x[i] = -1
                 free[n_free] = i
@@ -120,45 +128,47 @@ def warm_assignment(cost: np.ndarray, x: np.ndarray, v: np.ndarray,  # pragma: n
             y[x[free[k]]] = -1
             x[free[k]] = -1
     dist = np.empty(n)
-    pred = np.empty(n, np.int64)
+    pred = np.empty(n, np.int32)  # int32: the distance pass below then vectorises (int64 halves it)
     blocked = v.copy()  # v, or -inf for the columns scanned by this path: no distance through them changes
+    for j in range(n):
+        taken[j] = np.inf if y[j] >= 0 else 0.0
     scanned = np.empty(n, np.int64)
     scanned_at = np.empty(n)  # the distance at which each scanned column was scanned
     for k in range(n_free):
         start = free[k]
-        low = np.inf
         for j in range(n):
             dist[j] = cost[start, j] - v[j]
             pred[j] = start
-            low = min(low, dist[j])
         n_scanned = 0
         while True:
-            sink = -1
-            for j in range(n):  # a closest column, a free one on ties
-                if dist[j] == low:
-                    if y[j] < 0:
-                        sink = j
-                        break
-                    if sink < 0:
-                        sink = j
-            if y[sink] < 0:
+            # Each loop below is branch-free, so that it vectorises: about 4x faster than one
+            # loop that updates, takes the minimum and tracks its column together.
+            low, low_free = np.inf, np.inf
+            for j in range(n):
+                low = min(low, dist[j])
+                low_free = min(low_free, dist[j] + taken[j])
+            sink = 0
+            if low_free == low:  # a closest column that is free: the path ends there
+                while dist[sink] != low or taken[sink] != 0:
+                    sink += 1
                 break
+            while dist[sink] != low:
+                sink += 1
             scanned[n_scanned], scanned_at[n_scanned] = sink, low
             n_scanned += 1
             blocked[sink], dist[sink] = -np.inf, np.inf  # scanned: out of later minima and updates
             row = y[sink]
             base = low - cost[row, sink] + v[sink]
-            low = np.inf
-            for j in range(n):  # one contiguous pass: the distances through ``row``, and their minimum
+            for j in range(n):  # the distances through ``row``
                 d = base + cost[row, j] - blocked[j]
-                if d < dist[j]:
-                    dist[j] = d
-                    pred[j] = row
-                low = min(low, dist[j])
+                closer = d < dist[j]
+                pred[j] = row if closer else pred[j]
+                dist[j] = d if closer else dist[j]
         for s in range(n_scanned):
             j = scanned[s]
             v[j] += scanned_at[s] - low
             blocked[j] = v[j]
+        taken[sink] = np.inf
         j = sink
         while True:  # flip the path
             row = pred[j]
