@@ -509,7 +509,7 @@ def describe(model: nn.Module, example_input: torch.Tensor) -> tuple[LayerTable,
     try:
         gm = trace(model)
     except TracingError:  # branches on shapes, checks of the input: follow the example's way
-        from combinability_torch.trace_stream import concrete_trace
+        from combinability_torch.concrete_trace import concrete_trace
 
         gm = concrete_trace(model, example_input, _hint(model))
     was_training = model.training

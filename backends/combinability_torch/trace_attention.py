@@ -1,0 +1,504 @@
+"""Attention in the stream tracer: ``nn.MultiheadAttention`` and attention written out by hand.
+
+``nn.MultiheadAttention`` (self-attention, packed ``in_proj_weight``) reads one space and
+writes a new one, with its heads as block permutations: the query/key rows share a
+within-head permutation, the value rows and ``out_proj`` columns another, and both move
+with the head (:func:`_attention`). Attention written out by hand (:func:`_attention_parts`: a
+split of one layer's features into query, key and value, views into heads,
+``F.scaled_dot_product_attention`` or ``softmax(q @ k.transpose(-2, -1)) @ v``) gives the same
+heads; rotary embeddings make the query/key heads rigid and grouped-query attention makes the
+query heads blocks of the key/value heads' order (:func:`_rotary_or_repeated`). Called node by
+node from :func:`combinability_torch.trace_stream.stream_symmetries`.
+"""
+
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+
+from combinability.errors import TracingError
+from combinability.feature_spaces import FIXED, FeatureSpaces, Heads
+from combinability_torch.fx_vocabulary import (
+    _ADD,
+    _MATMUL,
+    _SCALING,
+    _hint,
+    _keeps_last,
+    _last,
+    _ndim,
+    _permute_keeps_last,
+    _shape_of,
+)
+from combinability_torch.trace import reads_shape
+
+
+def _attention(n: fx.Node, m: nn.MultiheadAttention, sp: FeatureSpaces, space: dict[str, Any], bind: Any,
+               heads: list[Heads], where: str, model: nn.Module) -> int:
+    q, k, v = (n.kwargs.get(name, n.args[i] if len(n.args) > i else None) for i, name in
+               enumerate(("query", "key", "value")))
+    if not (q is k is v):
+        raise TracingError(f"{where}: only self-attention (query, key and value the same tensor) is traced"
+                           + _hint(model))
+    if not m._qkv_same_embed_dim or m.bias_k is not None or m.add_zero_attn:
+        raise TracingError(f"{where}: attention needs a packed in_proj_weight, no bias_k/bias_v and "
+                           f"add_zero_attn=False{_hint(model)}")
+    src = space[q.name]
+    dh = m.embed_dim // m.num_heads
+    qk, vo, order = (sp.new(f"{n.target}.{part}", name=f"{n.target}.{part}") for part in ("qk", "vo", "heads"))
+    heads += [Heads(qk, order, m.num_heads, dh), Heads(vo, order, m.num_heads, dh)]
+    bind(f"{n.target}.in_proj_weight", [(qk, qk, vo), src])
+    if m.in_proj_bias is not None:
+        bind(f"{n.target}.in_proj_bias", [(qk, qk, vo)])
+    s = sp.new(f"{n.target}.out_proj")
+    bind(f"{n.target}.out_proj.weight", [s, vo])
+    if m.out_proj.bias is not None:
+        bind(f"{n.target}.out_proj.bias", [s])
+    return s
+
+
+_SPLITS = {"split", torch.split, "chunk", torch.chunk}
+
+
+_SDPA = {F.scaled_dot_product_attention}
+
+
+@dataclass
+class _HandAttention:
+    """What :func:`_attention_parts` has seen of attention written out by hand."""
+
+    parts_of: dict[str, list[int]] = field(default_factory=dict)  # a split of features -> its parts' spaces
+    packed: dict[int, tuple[int, ...]] = field(default_factory=dict)  # a layer's space -> its parts' spaces
+    headed: dict[str, tuple[int, int]] = field(default_factory=dict)  # (..., heads, head_dim) -> (heads, dh)
+    keys: dict[str, tuple[int, int]] = field(default_factory=dict)  # headed, last two axes swapped (kᵀ)
+    scores: dict[str, tuple[int, int, int]] = field(default_factory=dict)  # q kᵀ and its softmax -> (qk, h, dh)
+    #: one layer's features viewed as (..., parts, heads, head_dim) (timm's qkv), then with the parts
+    #: axis moved first, then unbound: -> (the parts' spaces, heads, head_dim, whether the parts lead)
+    stacked: dict[str, tuple[list[int], int, int, bool]] = field(default_factory=dict)
+    layer_of: dict[int, str] = field(default_factory=dict)  # a part's space -> the name of the layer split
+    #: a space viewed into heads -> the width of its heads (a slice of them is narrower: rotary halves,
+    #: GPT-NeoX's query, key and value packed in each head)
+    width: dict[int, int] = field(default_factory=dict)
+    #: parts of heads stacked along a new last axis (GPT-J's ``stack((-x2, x1), -1)``) -> their heads
+    interleaved: dict[str, int] = field(default_factory=dict)
+    #: key/value heads on their way to being repeated for grouped-query attention (``k[:, :, None]``,
+    #: expanded) -> (heads, head_dim, the new axis after the heads)
+    repeating: dict[str, tuple[int, int, int]] = field(default_factory=dict)
+    #: per-head features (and kᵀ) of key/value heads repeated for grouped-query attention -> (heads, repeats)
+    shared: dict[str, tuple[int, int]] = field(default_factory=dict)
+    #: grouped-query scores and their softmax -> (the query heads' order, the key/value heads' order)
+    grouped: dict[str, tuple[int, int]] = field(default_factory=dict)
+
+    def parts(self, sp: FeatureSpaces, layer: int, count: int, size: int) -> list[int]:
+        """Open the spaces of ``count`` parts of ``layer``'s features (``<layer>.q``/``.k``/``.v`` for three)."""
+        stem = sp.opener[sp.find(layer)]
+        names = ("q", "k", "v") if count == 3 else tuple(str(i) for i in range(count))
+        out = [sp.new(f"{stem}.{names[i]}", size, name=f"{stem}.{names[i]}") for i in range(count)]
+        self.packed[layer] = tuple(out)
+        self.layer_of.update(dict.fromkeys(out, stem))
+        return out
+
+    def stem(self, sp: FeatureSpaces, qk: int) -> str:
+        """The name the heads of a query/key space take: its packed layer's, else its own layer's."""
+        root = sp.find(qk)
+        return self.layer_of.get(root, sp.opener[root])
+
+    def head_width(self, sp: FeatureSpaces, s: int, default: int) -> int:
+        """The width of the heads space ``s`` was viewed into (``default`` if none was recorded)."""
+        root = sp.find(s)
+        return next((w for t, w in self.width.items() if sp.find(t) == root), default)
+
+    def holds(self, name: str) -> bool:
+        """Whether node ``name`` is per-head features, keys, scores or parts the attention tracer follows
+        (a rotary embedding's halves are concatenated back by it, not packed)."""
+        return any(name in seen for seen in (self.headed, self.keys, self.scores, self.shared, self.grouped,
+                                             self.interleaved, self.repeating, self.parts_of, self.stacked))
+
+    def passes(self, n: fx.Node) -> None:
+        """``n`` passes its first argument on unchanged in kind (dropout, a cast)."""
+        src = n.args[0].name if n.args and isinstance(n.args[0], fx.Node) else None
+        for seen in (self.headed, self.keys, self.scores, self.shared, self.grouped):
+            if src in seen:
+                seen[n.name] = seen[src]  # type: ignore[index]
+
+
+_BADDBMM = {torch.baddbmm, "baddbmm"}
+
+
+#: Operations on attention scores that keep them scores: scaling, masking, softmax over keys, dropout.
+_ON_SCORES = {operator.mul, operator.truediv, operator.add, torch.mul, torch.add, "masked_fill", "masked_fill_",
+              torch.masked_fill, F.softmax, torch.softmax, "softmax", F.dropout, "float", "type_as", "contiguous", "to",
+              "type", torch.where, torch.max, torch.maximum}
+
+
+def _attention_parts(n: fx.Node, args: list[fx.Node], spaces: list[Any], sp: FeatureSpaces, space: dict[str, Any],
+                     att: _HandAttention, heads: list[Heads], where: str, model: nn.Module) -> bool:
+    """Attention written out by hand (nanoGPT's, minGPT's): handle ``n`` and return True, or leave it (False).
+
+    One layer's features split into equal parts along the last axis (``qkv.split(d, dim=-1)``,
+    ``chunk(3, -1)``) make that layer's rows packed segments, one space per part; a part viewed as
+    ``(..., heads, head_dim)`` is *headed* until a view merges the heads back; token-axis
+    transposes, ``contiguous`` and dropout keep that. ``F.scaled_dot_product_attention(q, k, v)``,
+    or ``softmax(q @ k.transpose(-2, -1) * scale, masked) @ v``, makes the query's and key's spaces
+    one (their within-head units are contracted together) and gives the query/key and value spaces
+    heads moving with one head order, as ``nn.MultiheadAttention``'s.
+    """
+    target = n.target
+    headed = att.headed
+    if reads_shape(n):
+        return False  # shapes, not features
+    first = n.args[0] if n.args and isinstance(n.args[0], fx.Node) else None
+    scored = n.args[1] if target is torch.where and len(n.args) == 3 else first  # where(mask, scores, fill)
+    refolded = target in ("view", "reshape") and isinstance(scored, fx.Node) and _shape_of(n) is not None and \
+        _shape_of(scored) is not None and _shape_of(n)[-2:] == _shape_of(scored)[-2:]  # type: ignore[index]
+    if isinstance(scored, fx.Node) and scored.name in att.scores and (target in _ON_SCORES or refolded) and \
+            not any(a.name in headed or a.name in att.keys for a in args):
+        att.scores[n.name] = att.scores[scored.name]
+        if scored.name in att.grouped:
+            att.grouped[n.name] = att.grouped[scored.name]
+        space[n.name] = None
+        return True
+    if target in _SPLITS and len(args) == 1 and spaces[0] not in (None, FIXED) and args[0].name not in headed:
+        dim = n.kwargs.get("dim", n.args[2] if len(n.args) > 2 else 0)
+        nd, last = _ndim(args[0]) or 0, _last(args[0]) or 0
+        count = n.args[1] if target in ("chunk", torch.chunk) else None
+        size = n.args[1] if count is None else None
+        if dim not in (-1, nd - 1):
+            return False
+        if isinstance(size, int) and size > 0 and last % size == 0:
+            count = last // size
+        if not isinstance(count, int) or count < 1 or last % count:
+            raise TracingError(f"{where}: features split into unequal parts{_hint(model)}")
+        if spaces[0] in att.packed or sp.find(spaces[0]) != spaces[0]:
+            raise TracingError(f"{where}: only a layer's own output may be split into parts{_hint(model)}")
+        att.parts_of[n.name] = att.parts(sp, spaces[0], count, last // count)
+        space[n.name] = None
+        return True
+    if target is operator.getitem and first is not None and first.name in att.parts_of:
+        space[n.name] = att.parts_of[first.name][n.args[1]]
+        return True
+    if first is not None and first.name in att.stacked:
+        return _stacked_parts(n, first, att, space, where, model)
+    if _rotary_or_repeated(n, args, first, sp, space, att, where, model):
+        return True
+    if target in ("view", "reshape", torch.reshape) and len(args) == 1 and spaces[0] not in (None, FIXED):
+        src, out = _shape_of(args[0]), _shape_of(n)
+        if src is None or out is None:
+            return False
+        if args[0].name not in headed and len(out) == len(src) + 1 and out[:-2] == src[:-1] \
+                and out[-2] * out[-1] == src[-1] and out[-1] > 1:  # (..., h * dh) -> (..., h, dh); h may be 1
+            headed[n.name] = (out[-2], out[-1])
+            if att.head_width(sp, spaces[0], out[-1]) != out[-1]:
+                raise TracingError(f"{where}: a space viewed as heads of {out[-1]} units and of "
+                                   f"{att.head_width(sp, spaces[0], 0)}{_hint(model)}")
+            att.width[spaces[0]] = out[-1]
+            space[n.name] = spaces[0]
+            return True
+        if args[0].name not in headed and len(out) == len(src) + 2 and out[:-3] == src[:-1] \
+                and out[-3] * out[-2] * out[-1] == src[-1] and min(out[-3:]) > 1:  # (..., 3 h dh) -> (..., 3, h, dh)
+            if spaces[0] in att.packed or sp.find(spaces[0]) != spaces[0]:
+                raise TracingError(f"{where}: only a layer's own output may be viewed as parts{_hint(model)}")
+            parts = att.parts(sp, spaces[0], out[-3], out[-2] * out[-1])
+            att.stacked[n.name] = (parts, out[-2], out[-1], False)
+            space[n.name] = None
+            return True
+        if args[0].name in headed and ((len(src) == 4 and len(out) == 3 and src[1] == headed[args[0].name][0] and
+                                         out == (src[0] * src[1], *src[2:])) or (
+                len(src) == 3 and len(out) == 4 and out[1] == headed[args[0].name][0] and out[0] * out[1] == src[0]
+                and out[2:] == src[1:])):  # heads folded into the batch axis for bmm (OPT's), or unfolded
+            att.passes(n)
+            space[n.name] = spaces[0]
+            return True
+        if args[0].name in headed and len(out) == len(src) - 1 and out[:-1] == src[:-2] \
+                and out[-1] == src[-2] * src[-1] and _heads_next_to_last(args[0], headed):  # heads merged back
+            if att.head_width(sp, spaces[0], src[-1]) != src[-1]:
+                raise TracingError(f"{where}: a part of each head merged back into features{_hint(model)}")
+            space[n.name] = spaces[0]
+            return True
+        return False
+    if len(args) == 1 and args[0].name in headed and (
+            target in ("contiguous", "clone", "float", "to", "type", F.dropout) or
+            (target in _SCALING and len(n.args) == 2 and not any(isinstance(a, fx.Node) for a in n.args[1:])) or
+            (target in ("transpose", torch.transpose) and _keeps_last(n)) or _permute_keeps_last(n)):
+        headed[n.name] = headed[args[0].name]
+        if args[0].name in att.shared:
+            att.shared[n.name] = att.shared[args[0].name]
+        space[n.name] = spaces[0]
+        return True
+    if len(args) == 1 and args[0].name in headed and target in ("transpose", torch.transpose) and \
+            {int(d) % (_ndim(args[0]) or 1) for d in n.args[1:3]} == {(_ndim(args[0]) or 0) - 2,
+                                                                        (_ndim(args[0]) or 0) - 1}:
+        att.keys[n.name] = headed[args[0].name]  # k.transpose(-2, -1): head_dim now next to last
+        if args[0].name in att.shared:
+            att.shared[n.name] = att.shared[args[0].name]
+        space[n.name] = spaces[0]
+        return True
+    factors = n.args[1:3] if target in _BADDBMM and len(n.args) >= 3 else n.args  # baddbmm(zeros, q, kᵀ)
+    if (target in _MATMUL or target in _BADDBMM) and len(factors) == 2 and all(isinstance(a, fx.Node)
+                                                                                for a in factors):
+        left, right = factors
+        if left.name in headed and right.name in att.keys:  # scores q kᵀ: query and key units contracted
+            if headed[left.name] != att.keys[right.name]:
+                raise TracingError(f"{where}: query and key with different head counts or sizes{_hint(model)}")
+            h, dh = headed[left.name]
+            if right.name in att.shared:  # grouped-query attention: no within-head unit contracted alike
+                att.grouped[n.name] = _grouped_scores(sp, heads, att, space[left.name], space[right.name], h, dh,
+                                                      att.shared[right.name])
+                att.scores[n.name] = (space[left.name], h, dh)
+            else:
+                att.scores[n.name] = (sp.union(space[left.name], space[right.name]), h, dh)
+            space[n.name] = None
+            return True
+        if left.name in att.scores and right.name in headed:  # the attention weights mix the values
+            qk, h, dh = att.scores[left.name]
+            if headed[right.name] != (h, dh):
+                raise TracingError(f"{where}: values with other head counts or sizes than the query{_hint(model)}")
+            if (left.name in att.grouped) != (right.name in att.shared):
+                raise TracingError(f"{where}: keys and values repeated over the query heads differently (grouped-"
+                                   f"query attention repeats both){_hint(model)}")
+            headed[n.name] = (h, dh)
+            if left.name in att.grouped:
+                space[n.name] = _grouped_values(sp, heads, att, att.grouped[left.name], space[right.name], h, dh,
+                                                att.shared[right.name], att.stem(sp, qk))
+            else:
+                space[n.name] = _heads_of(sp, heads, att, qk, space[right.name], att.stem(sp, qk), h, dh)
+            return True
+    if target in _SDPA:
+        q, k, v = (n.kwargs.get(name, n.args[i] if len(n.args) > i else None) for i, name in
+                   enumerate(("query", "key", "value")))
+        if not all(isinstance(t, fx.Node) and t.name in headed for t in (q, k, v)):
+            raise TracingError(f"{where}: scaled_dot_product_attention on query, key and value viewed as "
+                               f"(..., heads, head_dim) from one or more layers' features is followed{_hint(model)}")
+        (h, dh), group = headed[q.name], att.shared.get(k.name)
+        by_call = group is None and att.shared.get(v.name) is None and bool(n.kwargs.get("enable_gqa")) and \
+            headed[k.name] == headed[v.name] and headed[k.name][1] == dh and h % headed[k.name][0] == 0
+        if by_call:  # the call repeats the key/value heads over the query heads
+            group = (headed[k.name][0], h // headed[k.name][0])
+        kv = (group[0] if by_call else h, dh)  # type: ignore[index]
+        if att.shared.get(k.name) != att.shared.get(v.name) or any(
+                headed[t.name] != e or _shape_of(t)[-3] != e[0] for t, e in ((q, (h, dh)), (k, kv), (v, kv))):
+            raise TracingError(f"{where}: query, key and value with different head counts or sizes, or heads not on "
+                               f"axis -3 (transpose(1, 2) after the view){_hint(model)}")
+        headed[n.name] = (h, dh)
+        if group is not None:  # grouped-query attention
+            order = _grouped_scores(sp, heads, att, space[q.name], space[k.name], h, dh, group)
+            space[n.name] = _grouped_values(sp, heads, att, order, space[v.name], h, dh, group,
+                                            att.stem(sp, space[q.name]))
+            return True
+        qk = sp.union(space[q.name], space[k.name])
+        space[n.name] = _heads_of(sp, heads, att, qk, space[v.name], att.stem(sp, qk), h, dh)
+        return True
+    if any(a.name in headed or a.name in att.keys for a in args) or (
+            first is not None and first.name in att.scores):
+        raise TracingError(f"{where}: an operation on per-head features or attention scores the tracer does not "
+                           f"follow (it follows views into and out of heads, token transposes, q @ k.transpose(-2, "
+                           f"-1) scaled, masked and softmaxed, @ v, scaled_dot_product_attention, and rotary "
+                           f"embeddings on whole heads: slices of head_dim concatenated back before the scores)"
+                           f"{_hint(model)}")
+    return False
+
+
+def _stacked_parts(n: fx.Node, first: fx.Node, att: _HandAttention, space: dict[str, Any], where: str,
+                   model: nn.Module) -> bool:
+    """timm's attention: ``qkv(x).reshape(b, t, 3, h, dh).permute(2, 0, 3, 1, 4)``, then
+    ``unbind(0)`` or ``[i]``: each part per-head features of its own space."""
+    parts, h, dh, leading = att.stacked[first.name]
+    nd = len(_shape_of(first) or ())
+    target = n.target
+    if not leading and target in ("permute", torch.permute):
+        dims = n.args[1] if len(n.args) == 2 and isinstance(n.args[1], tuple | list) else n.args[1:]
+        dims = [int(d) % nd for d in dims] if all(isinstance(d, int) for d in dims) else []
+        if len(dims) == nd and dims[0] == nd - 3 and dims[-1] == nd - 1:
+            att.stacked[n.name] = (parts, h, dh, True)
+            space[n.name] = None
+            return True
+    if leading and target in ("unbind", torch.unbind) and n.kwargs.get("dim", n.args[1] if len(n.args) > 1 else 0) == 0:
+        att.stacked[n.name] = (parts, h, dh, True)
+        space[n.name] = None
+        return True
+    if leading and target is operator.getitem and isinstance(n.args[1], int):
+        att.headed[n.name] = (h, dh)
+        space[n.name] = parts[n.args[1]]
+        return True
+    raise TracingError(f"{where}: the tracer follows a layer's features viewed as (..., parts, heads, head_dim) "
+                       f"through permute(2, 0, 3, 1, 4) (the parts axis first, head_dim last) and unbind(0) or [i] only"
+                       + _hint(model))
+
+
+def _slices_last(n: fx.Node) -> bool:
+    """``x[..., a:b]`` (or ``x[:, :, :, a:b]``): a slice of the last axis, every other axis whole."""
+    idx = n.args[1] if isinstance(n.args[1], tuple) else (n.args[1],)
+    nd = _ndim(n.args[0]) or 0
+    whole = [i is Ellipsis or i == slice(None) for i in idx[:-1]]
+    return bool(idx) and isinstance(idx[-1], slice) and all(whole) and (Ellipsis in idx or len(idx) == nd)
+
+
+def _rotary_or_repeated(n: fx.Node, args: list[fx.Node], first: fx.Node | None, sp: FeatureSpaces,
+                        space: dict[str, Any], att: _HandAttention, where: str, model: nn.Module) -> bool:
+    """Rotary position embeddings and grouped-query attention on per-head features: handle ``n``
+    and return True, or leave it (False).
+
+    Rotary embeddings as Llama and GPT-NeoX write them — ``q * cos + rotate_half(q) * sin``, with
+    ``rotate_half(x) = cat((-x[..., d // 2:], x[..., :d // 2]), -1)`` and ``cos``, ``sin`` tables
+    of positions × head_dim, the same for every head — rotate fixed pairs of each head's units:
+    the heads still move, their units keep their order (the space is *rigid*). So does any table
+    varying along head_dim, and any slice of it: a part of every head, per-head features of fewer
+    units (a partial rotary's ``q[..., :r]``; GPT-NeoX's query, key and value packed in each head,
+    whose attention output is then a new space of heads). Key/value heads
+    repeated over groups of query heads (``k[:, :, None].expand(b, kv, rep, t, dh).reshape(b, kv *
+    rep, t, dh)``, Llama's ``repeat_kv``; ``repeat_interleave(k, rep, dim=1)``) are *shared*.
+    """
+    target, headed = n.target, att.headed
+    shape, nd = _shape_of(n), _ndim(n) or 0
+    if target is operator.getitem and first is not None and first.name in headed and _slices_last(n) and shape:
+        headed[n.name] = (headed[first.name][0], shape[-1])  # a part of every head: its units keep their order
+        sp.rigid([space[first.name]])
+        space[n.name] = space[first.name]
+        return True
+    if target in (operator.neg, torch.neg, "neg") and first is not None and first.name in headed:
+        headed[n.name], space[n.name] = headed[first.name], space[first.name]
+        return True
+    parts = list(n.args[0]) if target is torch.cat and n.args and isinstance(n.args[0], tuple | list) else []
+    if any(isinstance(t, fx.Node) and t.name in headed for t in parts):
+        dim = n.kwargs.get("dim", n.args[1] if len(n.args) > 1 else 0)
+        if dim not in (-1, nd - 1):
+            return False  # along the tokens (a cache): not followed
+        if not all(isinstance(t, fx.Node) and t.name in headed for t in parts) or shape is None or \
+                len({headed[t.name][0] for t in parts}) != 1 or len({sp.find(space[t.name]) for t in parts}) != 1:
+            raise TracingError(f"{where}: parts of one layer's heads are concatenated along head_dim only "
+                               f"(rotate_half, a partial rotary's halves){_hint(model)}")
+        headed[n.name], space[n.name] = (headed[parts[0].name][0], shape[-1]), space[parts[0].name]
+        return True
+    stacked = list(n.args[0]) if target is torch.stack and n.args and isinstance(n.args[0], tuple | list) else []
+    if any(isinstance(t, fx.Node) and t.name in headed for t in stacked):
+        dim = n.kwargs.get("dim", n.args[1] if len(n.args) > 1 else 0)
+        if dim not in (-1, nd - 1) or not all(isinstance(t, fx.Node) and t.name in headed for t in stacked) or \
+                len({headed[t.name] for t in stacked}) != 1 or len({sp.find(space[t.name]) for t in stacked}) != 1:
+            raise TracingError(f"{where}: parts of one layer's heads are stacked along a new last axis only (GPT-J's "
+                               f"rotary on interleaved pairs), then flattened back{_hint(model)}")
+        att.interleaved[n.name] = headed[stacked[0].name][0]
+        space[n.name] = space[stacked[0].name]
+        return True
+    if first is not None and first.name in att.interleaved:
+        src = _shape_of(first)
+        if not (shape and src and tuple(shape) == (*src[:-2], src[-2] * src[-1])):
+            raise TracingError(f"{where}: stacked parts of heads are followed through flatten(-2) only{_hint(model)}")
+        headed[n.name], space[n.name] = (att.interleaved[first.name], shape[-1]), space[first.name]
+        return True
+    operands = [a for a in n.args[:2] if isinstance(a, fx.Node)] if len(n.args) == 2 else []
+    if target in (operator.mul, torch.mul, "mul") and len(operands) == 2 and \
+            sum(a.name in headed for a in operands) == 1 and all(
+                a.name in headed or space.get(a.name) is None or sp.is_fixed(space[a.name]) for a in operands):
+        # per-head features times a table (a constant, or made from the input's positions: no features)
+        x, table = (operands[0], operands[1]) if operands[0].name in headed else (operands[1], operands[0])
+        h = headed[x.name][0]
+        xs, ts = _shape_of(x) or (), _shape_of(table) or ()
+        aligned = [ts[i - len(xs) + len(ts)] if i - len(xs) + len(ts) >= 0 else 1 for i in range(len(xs))]
+        if shape != xs or any(xs[i] == h and aligned[i] != 1 for i in range(len(xs) - 1)):
+            raise TracingError(f"{where}: per-head features multiplied by a table that may differ between heads "
+                               f"(rotary tables of positions x head_dim are followed; the example's token count must "
+                               f"differ from the number of heads){_hint(model)}")
+        if aligned[-1] != 1:
+            sp.rigid([space[x.name]])  # cos/sin: one factor per unit of the head, the same in every head
+        headed[n.name], space[n.name] = headed[x.name], space[x.name]
+        return True
+    if target in _ADD and len(args) == 2 and len(n.args) == 2 and all(a.name in headed for a in args) and \
+            headed[args[0].name] == headed[args[1].name] and _shape_of(args[0]) == _shape_of(args[1]) == shape:
+        headed[n.name] = headed[args[0].name]  # q * cos + rotate_half(q) * sin
+        space[n.name] = sp.union(space[args[0].name], space[args[1].name])
+        return True
+    # grouped-query attention: the key/value heads repeated over the query heads
+    if target is operator.getitem and first is not None and first.name in headed and first.name not in att.shared:
+        idx = n.args[1] if isinstance(n.args[1], tuple) else (n.args[1],)
+        src = _shape_of(first)
+        if src and shape and idx.count(None) == 1 and all(i is None or i == slice(None) for i in idx):
+            new = idx.index(None)  # k[:, :, None] (trailing axes whole)
+            if shape == (*src[:new], 1, *src[new:]) and new > 0 and src[new - 1] == headed[first.name][0]:
+                att.repeating[n.name] = (*headed[first.name], new)
+                space[n.name] = space[first.name]
+                return True
+    if first is not None and first.name in att.repeating:
+        h, dh, new = att.repeating[first.name]
+        src = _shape_of(first)
+        if target == "expand" and shape and src and len(shape) == len(src) and all(
+                a == b for i, (a, b) in enumerate(zip(src, shape, strict=True)) if i != new):
+            att.repeating[n.name] = (h, dh, new)
+            space[n.name] = space[first.name]
+            return True
+        if target in ("reshape", "view", torch.reshape) and shape and src and \
+                tuple(shape) == (*src[:new - 1], src[new - 1] * src[new], *src[new + 1:]):
+            headed[n.name], att.shared[n.name] = (h * src[new], dh), (h, src[new])
+            space[n.name] = space[first.name]
+            return True
+        raise TracingError(f"{where}: key/value heads given a new axis are followed through expand(...) and a "
+                           f"reshape merging it into the heads (repeat_kv) only{_hint(model)}")
+    if target in ("repeat_interleave", torch.repeat_interleave) and first is not None and first.name in headed \
+            and first.name not in att.shared and shape:
+        repeats = n.kwargs.get("repeats", n.args[1] if len(n.args) > 1 else None)
+        dim = n.kwargs.get("dim", n.args[2] if len(n.args) > 2 else None)
+        h, dh = headed[first.name]
+        src = _shape_of(first)
+        if isinstance(repeats, int) and isinstance(dim, int) and src and src[dim] == h and shape[dim] == h * repeats \
+                and dim % len(src) != len(src) - 1:
+            headed[n.name], att.shared[n.name] = (h * repeats, dh), (h, repeats)
+            space[n.name] = space[first.name]
+            return True
+    return False
+
+
+def _grouped_scores(sp: FeatureSpaces, heads: list[Heads], att: _HandAttention, q: int, k: int, h: int, dh: int,
+                    group: tuple[int, int]) -> tuple[int, int]:
+    """Grouped-query attention's heads: the key/value heads' order, the query heads' order moving in
+    groups of ``repeats`` with it; query and key rigid. Returns ``(query heads, key/value heads)``."""
+    kv, repeats = group
+    if kv * repeats != h:
+        raise TracingError(f"{kv} key/value heads repeated {repeats} times do not make {h} query heads")
+    kv_order = sp.new(f"{att.stem(sp, k)}.heads", kv, name=f"{att.stem(sp, k)}.heads")
+    q_order = sp.new(f"{att.stem(sp, q)}.heads", h, name=f"{att.stem(sp, q)}.heads")
+    heads += [Heads(q, q_order, h, att.head_width(sp, q, dh)), Heads(k, kv_order, kv, att.head_width(sp, k, dh)),
+              Heads(q_order, kv_order, kv, repeats)]
+    sp.rigid([q, k])  # their within-head units are contracted across different heads: kept in order
+    sp.mark([q, k])
+    return q_order, kv_order
+
+
+def _grouped_values(sp: FeatureSpaces, heads: list[Heads], att: _HandAttention, orders: tuple[int, int], v: int,
+                    h: int, dh: int, group: tuple[int, int], stem: str) -> int:
+    """The values of grouped-query attention and its output (a new space, read by the output layer),
+    rigid heads of the key/value and the query heads' orders."""
+    q_order, kv_order = orders
+    out = sp.new(f"{stem}.out", h * dh)
+    heads += [Heads(v, kv_order, group[0], att.head_width(sp, v, dh)), Heads(out, q_order, h, dh)]
+    sp.rigid([v, out])
+    sp.mark([v, out])
+    return out
+
+
+def _heads_of(sp: FeatureSpaces, heads: list[Heads], att: _HandAttention, qk: int, vo: int, name: str, h: int,
+              dh: int) -> int:
+    """Query/key and value spaces as heads moving with one new head order; softmax makes them permutations.
+
+    Returns the space of the attention's output: the values' own, or, where the values are a part of
+    wider heads (GPT-NeoX's query, key and value packed in each head), a new rigid space of ``h``
+    heads of ``dh`` units."""
+    sp.mark([qk, vo])
+    order = sp.new(f"{name}.heads", h, name=f"{name}.heads")
+    heads += [Heads(qk, order, h, att.head_width(sp, qk, dh)), Heads(vo, order, h, att.head_width(sp, vo, dh))]
+    if att.head_width(sp, vo, dh) == dh:
+        return vo
+    out = sp.new(f"{name}.out", h * dh)
+    heads.append(Heads(out, order, h, dh))
+    sp.rigid([out])
+    sp.mark([out])
+    att.width[out] = dh
+    return out
+
+
+def _heads_next_to_last(n: fx.Node, headed: dict[str, tuple[int, int]]) -> bool:
+    """Whether a headed tensor has its heads on axis -2 again (transposed back before the merge)."""
+    shape = _shape_of(n)
+    return shape is not None and tuple(shape[-2:]) == headed[n.name]
