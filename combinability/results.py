@@ -116,9 +116,9 @@ def provenance(**extra: Any) -> dict[str, Any]:
 
 def _command_line() -> str:
     """What created the result: the command line of a ``combinability`` run, else the Python API."""
-    argv0 = Path(sys.argv[0]).name if sys.argv and sys.argv[0] else ""
-    if argv0 == "combinability" or argv0.endswith("cli.py"):
-        return "combinability " + " ".join(sys.argv[1:])
+    script = Path(sys.argv[0]) if sys.argv and sys.argv[0] else Path()
+    if script.name == "combinability" or (script.name == "__main__.py" and script.parent.name == "combinability"):
+        return "combinability " + " ".join(sys.argv[1:])  # the console script, or ``python -m combinability``
     return "combinability Python API"
 
 

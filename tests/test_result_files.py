@@ -225,3 +225,16 @@ def test_results_describe_themselves(digits_pair, tmp_path):
     assert line[0].axes.get_ylabel() == "mean cross-entropy loss [nats]"
     assert "s" in line[0].axes.get_xlabel() and line[0].axes.get_xlabel() != "s"
     ds.close()
+
+
+@pytest.mark.parametrize(("argv0", "expected"), [
+    ("/usr/local/bin/combinability", "combinability sweep a.ckpt b.ckpt"),  # the console script
+    ("/repo/combinability/__main__.py", "combinability sweep a.ckpt b.ckpt"),  # python -m combinability
+    ("/home/me/study.py", "combinability Python API"),
+    ("/repo/other/__main__.py", "combinability Python API"),  # another package's python -m
+])
+def test_history_names_the_command_line_that_made_a_file(monkeypatch, argv0, expected):
+    from combinability import results
+
+    monkeypatch.setattr(sys, "argv", [argv0, "sweep", "a.ckpt", "b.ckpt"])
+    assert results._command_line() == expected
