@@ -128,7 +128,7 @@ def warm_assignment(cost: np.ndarray, x: np.ndarray, v: np.ndarray,  # pragma: n
             y[x[free[k]]] = -1
             x[free[k]] = -1
     dist = np.empty(n)
-    pred = np.empty(n, np.int32)  # int32: the distance pass below then vectorises (int64 halves it)
+    pred = np.empty(n, np.int32)  # the row each closest distance came through
     blocked = v.copy()  # v, or -inf for the columns scanned by this path: no distance through them changes
     for j in range(n):
         taken[j] = np.inf if y[j] >= 0 else 0.0
