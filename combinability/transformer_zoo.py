@@ -25,7 +25,7 @@ from combinability.errors import ConfigurationError
 from combinability.hookspecs import hookimpl
 from combinability.training import TrainRecipe
 
-__all__ = ["tiny_vit_kwargs", "TINYVIT_RECIPE", "TRANSFORMER_ARCHITECTURES", "GRID", "HEADS"]
+__all__ = ["check_transformer_shape", "tiny_vit_kwargs", "TINYVIT_RECIPE", "TRANSFORMER_ARCHITECTURES", "GRID", "HEADS"]
 
 #: Patches per side of the image.
 GRID = 4
@@ -37,6 +37,20 @@ BASE_D_MODEL = 64
 #: Adam with a short warm-up and cosine decay: a few epochs give a usable model on a CPU.
 TINYVIT_RECIPE = TrainRecipe(epochs=3, lr=2e-3, optimizer="adam", weight_decay=0.0, batch_size=100,
                              schedule="warmup_cosine", warmup_epochs=0.2, warmup_start=1e-5)
+
+
+def check_transformer_shape(d_model: int, heads: int, depth: int) -> None:
+    """Refuse a transformer whose width does not split into ``heads`` heads, or of no blocks.
+
+    Raises
+    ------
+    ConfigurationError
+        (a ``ValueError``) saying which value is wrong.
+    """
+    if heads < 1 or d_model % heads:
+        raise ConfigurationError(f"d_model={d_model} must be a positive multiple of heads={heads}")
+    if depth < 1:
+        raise ConfigurationError(f"depth must be >= 1, got {depth}")
 
 
 def tiny_vit_kwargs(*, width: float, num_classes: int, input_shape: tuple[int, ...]) -> dict[str, Any]:

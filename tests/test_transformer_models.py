@@ -328,6 +328,10 @@ def test_planted_expert_and_head_permutations_leave_the_moe_vit_unchanged():
     (lambda: T.TinyViT(norm="batch"), "norm must be"),
     (lambda: T.MoEMLP(4, 4, 2, top_k=3), "top_k must be in 1..experts=2"),
     (lambda: T.CharGPT(vocab=1), "vocab must be"),
+    (lambda: T.CharGPT(vocab=8, depth=0), "depth must be >= 1"),
+    (lambda: J.TinyViT(d_model=30, heads=4).init(jax.random.key(0), np.zeros((1, 1, 28, 28), np.float32)),
+     "multiple of heads"),
+    (lambda: J.CharGPT(vocab=8, depth=0).init(jax.random.key(0), np.zeros((1, 4), np.int32)), "depth must be >= 1"),
 ])
 def test_bad_arguments_name_what_is_valid(build, match):
     with pytest.raises(ValueError, match=match):

@@ -34,6 +34,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from combinability.transformer_zoo import check_transformer_shape
+
 __all__ = ["Attention", "Block", "CharGPT", "FeedForward", "MoEMLP", "MoEMLPNet", "TinyViT",
            "flax_to_torch", "patchify", "tiny_vit", "torch_to_flax"]
 
@@ -140,13 +142,6 @@ class Block(nn.Module):
         return x + mlp(_norm(self.norm, "norm2")(x))
 
 
-def _check(d_model: int, heads: int, depth: int) -> None:
-    if heads < 1 or d_model % heads:
-        raise ValueError(f"d_model={d_model} must be a positive multiple of heads={heads}")
-    if depth < 1:
-        raise ValueError(f"depth must be >= 1, got {depth}")
-
-
 _pos_init = nn.initializers.normal(0.02)
 
 
@@ -169,7 +164,7 @@ class TinyViT(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        _check(self.d_model, self.heads, self.depth)
+        check_transformer_shape(self.d_model, self.heads, self.depth)
         if self.pool not in ("cls", "mean"):
             raise ValueError(f"pool must be 'cls' or 'mean', got {self.pool!r}")
         h = nn.Dense(self.d_model, name="patch")(patchify(x, self.patch_size))
@@ -198,7 +193,7 @@ class CharGPT(nn.Module):
 
     @nn.compact
     def __call__(self, tokens: jax.Array) -> jax.Array:
-        _check(self.d_model, self.heads, self.depth)
+        check_transformer_shape(self.d_model, self.heads, self.depth)
         n, t = tokens.shape
         if t > self.context:
             raise ValueError(f"sequence length {t} exceeds the context {self.context}")

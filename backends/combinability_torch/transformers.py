@@ -36,6 +36,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from combinability.transformer_zoo import check_transformer_shape
+
 __all__ = ["Block", "CharGPT", "FeedForward", "MoEMLP", "MoEMLPNet", "TinyViT", "make_norm", "patchify", "tiny_vit"]
 
 #: Epsilon of every norm (torch's LayerNorm default; given explicitly to RMSNorm, whose default differs).
@@ -148,13 +150,6 @@ class Block(nn.Module):
         return x + self.mlp(self.norm2(x))
 
 
-def _check(d_model: int, heads: int, depth: int) -> None:
-    if heads < 1 or d_model % heads:
-        raise ValueError(f"d_model={d_model} must be a positive multiple of heads={heads}")
-    if depth < 1:
-        raise ValueError(f"depth must be >= 1, got {depth}")
-
-
 class TinyViT(nn.Module):
     """A small vision transformer on ``(n, c, h, w)`` images.
 
@@ -171,7 +166,7 @@ class TinyViT(nn.Module):
                  d_model: int = 64, heads: int = 4, depth: int = 2, mlp: int = 128, pool: str = "cls",
                  norm: str = "layer", experts: int = 0, top_k: int = 1, dense: bool = False) -> None:
         super().__init__()
-        _check(d_model, heads, depth)
+        check_transformer_shape(d_model, heads, depth)
         if image_size % patch_size:
             raise ValueError(f"image_size={image_size} is not divisible by patch_size={patch_size}")
         if pool not in ("cls", "mean"):
@@ -210,7 +205,7 @@ class CharGPT(nn.Module):
     def __init__(self, vocab: int, context: int = 64, d_model: int = 64, heads: int = 4, depth: int = 2,
                  mlp: int = 128, norm: str = "layer", flatten: bool = True) -> None:
         super().__init__()
-        _check(d_model, heads, depth)
+        check_transformer_shape(d_model, heads, depth)
         if vocab < 2 or context < 1:
             raise ValueError(f"vocab must be >= 2 and context >= 1, got vocab={vocab}, context={context}")
         self.context, self.flatten = context, flatten
