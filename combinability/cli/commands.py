@@ -194,7 +194,8 @@ def _cmd_plugins(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _resolve_train(args: argparse.Namespace) -> None:
+def _default_backend(args: argparse.Namespace) -> None:
+    """The resolver of the commands that read no checkpoint (train, demo, asymmetry): torch unless told."""
     args.backend = args.backend or "torch"
 
 
@@ -493,10 +494,6 @@ def _cmd_download(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _resolve_demo(args: argparse.Namespace) -> None:
-    args.backend = args.backend or "torch"
-
-
 def _cmd_demo(args: argparse.Namespace) -> int:
     from combinability.demo import run_demo
 
@@ -545,10 +542,6 @@ def _cmd_analyse(args: argparse.Namespace) -> int:
     print(f"{args.analysis} finished in {time.perf_counter() - t0:.1f} s -> {args.out}")
     print(table.round(4).to_string())
     return EXIT_OK
-
-
-def _resolve_asymmetry(args: argparse.Namespace) -> None:
-    args.backend = args.backend or "torch"
 
 
 def _cmd_asymmetry(args: argparse.Namespace) -> int:

@@ -23,16 +23,14 @@ from combinability.cli.commands import (
     _cmd_sweep,
     _cmd_symmetries,
     _cmd_train,
+    _default_backend,
     _resolve_align,
     _resolve_aligners,
     _resolve_analyse,
-    _resolve_asymmetry,
-    _resolve_demo,
     _resolve_experiment,
     _resolve_merge,
     _resolve_sweep,
     _resolve_symmetries,
-    _resolve_train,
 )
 
 __all__ = ["build_parser"]
@@ -129,7 +127,7 @@ def _add_train(sub: Any) -> None:
     _output_options(p, {"required": True, "help": "checkpoint file to write (reused if it matches the settings)"},
                     "a file")
     p.add_argument("--evaluate", action="store_true", help="print the test loss and accuracy afterwards")
-    p.set_defaults(func=_cmd_train, resolve=_resolve_train, _parser=p)
+    p.set_defaults(func=_cmd_train, resolve=_default_backend, _parser=p)
 
 
 def _add_align(sub: Any) -> None:
@@ -265,7 +263,7 @@ def _add_asymmetry_experiment(names: Any) -> None:
     e.add_argument("--values", default="0,0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9,1",
                    help="comma-separated points of the linear path (B's weight)")
     _sweep_arguments(e)
-    e.set_defaults(func=_cmd_asymmetry, resolve=_resolve_asymmetry)
+    e.set_defaults(func=_cmd_asymmetry, resolve=_default_backend)
 
 
 def _add_aligners_experiment(names: Any) -> None:
@@ -389,5 +387,5 @@ def build_parser() -> argparse.ArgumentParser:
                    help="recompute every result in --out, replacing files of other settings (e.g. of a --quick run); "
                         "checkpoints of the same training settings are still reused")
     _cluster_arguments(p)
-    p.set_defaults(func=_cmd_demo, resolve=_resolve_demo, _parser=p)
+    p.set_defaults(func=_cmd_demo, resolve=_default_backend, _parser=p)
     return parser
