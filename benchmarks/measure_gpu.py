@@ -15,7 +15,7 @@ On a CUDA device, for torch and jax and for float32 and bfloat16 forward passes
   measured against;
 * weight matching of a ResNet-20 x``--matching-width`` (default 16) pair with a planted
   permutation (``measure_matching.resnet_pair``), and of a trained ResNet-20
-  x``--trained-width`` (default 8) pair, trained on the device on the first 20,000
+  x``--trained-width`` (default 8; several widths, several pairs) pair, trained on the device on the first 20,000
   Fashion-MNIST images for 2 epochs (the CPU measurement's recipe): the reference with its
   products in numpy on the CPU and in torch on the device (as the original, jax, runs them
   on a GPU), the library with its cost terms in numpy and on the device
@@ -200,7 +200,10 @@ def main() -> None:
     parser.add_argument("--sweep-examples", type=int, default=10_000)
     parser.add_argument("--backends", nargs="+", default=["torch", "jax"])
     parser.add_argument("--matching-width", type=int, default=16, help="ResNet-20 width of the planted pair (0: none)")
-    parser.add_argument("--trained-width", type=int, default=8, help="ResNet-20 width of the trained pair (0: none)")
+    parser.add_argument("--trained-width", type=int, nargs="+", default=[8],
+                        help="ResNet-20 widths of the trained pairs (0: none)")
+    parser.add_argument("--skip-evaluation", action="store_true",
+                        help="matching rows only (no evaluation, sweep or plain-module rows)")
     parser.add_argument("--trained-examples", type=int, default=20_000, help="training images of the trained pair")
     args = parser.parse_args()
     if args.device != "cpu":
@@ -221,15 +224,17 @@ def main() -> None:
                 _row(sweep_figures, library, args.device, dtype, arch, args.sweep_examples)
         _row(resnet_figures, library, args.device, "bfloat16", args.width, args.examples, 1)
 
-    evaluation_rows(libraries[0])
-    _row(bare_torch_figures, args.width, args.examples, args.device)
+    if not args.skip_evaluation:
+        evaluation_rows(libraries[0])
+        _row(bare_torch_figures, args.width, args.examples, args.device)
     if args.matching_width:
         _row(lambda: matching_figures(first, args.device, f"ResNet-20 x{args.matching_width} planted",
                                       *mm_resnet_pair(args.matching_width)))
-    if args.trained_width:
-        _row(lambda: matching_figures(first, args.device, f"ResNet-20 x{args.trained_width} trained on the device",
-                                      *trained_resnet_pair(args.device, args.trained_width, args.trained_examples, 2)))
-    for library in libraries[1:]:
+    for width in (w for w in args.trained_width if w):
+        _row(lambda width=width: matching_figures(
+            first, args.device, f"ResNet-20 x{width} trained on the device",
+            *trained_resnet_pair(args.device, width, args.trained_examples, 2)))
+    for library in libraries[1:] if not args.skip_evaluation else ():
         evaluation_rows(library)
 
 

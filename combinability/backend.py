@@ -222,6 +222,16 @@ class Backend(ABC):
         """A copy computing in ``dtype`` (one of :attr:`compute_dtypes`); backends that have several override it."""
         raise NotImplementedError
 
+    def with_compile(self, compile: bool | Mapping[str, Any] = True) -> Backend:  # noqa: A002
+        """This backend evaluating models through its framework's graph compiler (or not: ``False``).
+
+        A backend whose forward passes run eagerly overrides this (torch: :func:`torch.compile`,
+        whose keyword arguments a mapping gives); compiling costs seconds to a minute per model
+        and pays off on long evaluations of large models on a GPU. The default returns this
+        backend unchanged: jax's evaluations are always compiled (``jax.jit``).
+        """
+        return self
+
     def synchronize(self) -> None:  # noqa: B027 - optional hook
         """Wait for queued device work (for timing); a no-op by default."""
 

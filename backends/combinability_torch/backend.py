@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import functools
+import types
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
@@ -95,6 +96,12 @@ def _swapped_in(model: nn.Module, tensors: dict[str, torch.Tensor]) -> contextli
     return _reparametrize_module(model, tensors, tie_weights=True, strict=False)
 
 
+def _own_code(function: types.FunctionType) -> types.FunctionType:
+    """``function`` with a copy of its code object (equal, not the same object)."""
+    return types.FunctionType(function.__code__.replace(), function.__globals__, function.__name__,
+                              function.__defaults__, function.__closure__)
+
+
 def _state_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
     """``model.state_dict()`` with each tied tensor under its first name only (see :func:`tensor_aliases`)."""
     aliases = tensor_aliases(model)
@@ -162,6 +169,7 @@ class TorchPrepared:
         # tied tensors are passed under their first name; functional_call ties the aliases to it
         self.rest = {k: v for k, v in _state_tensors(self.model).items() if k not in layout}
         self.buffers = {name for name, _ in self.model.named_buffers()}
+        self._compiled_calls: dict[bool, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {}
 
     def _call(self, params: dict[str, torch.Tensor], x: torch.Tensor, **kwargs: Any) -> torch.Tensor:
         return logits_of(functional_call(self.model, {**self.rest, **params}, (x,), kwargs, strict=False))
@@ -174,6 +182,24 @@ class TorchPrepared:
             stack.enter_context(torch.autocast(self.backend.torch_device.type,
                                                dtype=getattr(torch, self.backend.compute_dtype)))
         return stack
+
+    def _flat_call(self, flat: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """The logits of one parameter vector ``flat`` (shape ``(d,)``) on ``x``: the function compiled."""
+        return logits_of(functional_call(self.model, {**self.rest, **_views(flat, self.layout)}, (x,), strict=False))
+
+    def _compiled(self, batched: bool) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+        """:meth:`_flat_call` (vmapped over the vectors when ``batched``) through :func:`torch.compile`,
+        compiled at its first call and kept for the later ones.
+
+        The function compiled has a code object of its own (:func:`_own_code`): torch keeps compiled
+        graphs, and counts recompilations against ``torch._dynamo.config.recompile_limit`` (8), per
+        code object, so a shared one would fall back to eager after eight prepared models.
+        """
+        if batched not in self._compiled_calls:
+            one = _own_code(TorchPrepared._flat_call).__get__(self)
+            call = vmap(one, in_dims=(0, None)) if batched else one
+            self._compiled_calls[batched] = torch.compile(call, **self.backend.compile_options)
+        return self._compiled_calls[batched]
 
     def forward(self, flats: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         with self.bind(flats) as forward:
@@ -189,7 +215,20 @@ class TorchPrepared:
         another 0.15 ms a batch for the MLP).
         """
         with self._inference() as stack:
-            if self.backend.use_vmap(self.layout.size) and flats.shape[0] > 1:
+            if self.backend.compile_options is not None:  # views, the functional call and the model in one graph
+                if self.backend.use_vmap(self.layout.size) and flats.shape[0] > 1:
+                    batched = self._compiled(batched=True)
+
+                    def run(x: torch.Tensor) -> torch.Tensor:
+                        return batched(flats, x)
+                else:
+                    one = self._compiled(batched=False)
+
+                    def run(x: torch.Tensor) -> torch.Tensor:
+                        if flats.shape[0] == 1:  # no copy of its logits
+                            return one(flats[0], x).unsqueeze(0)
+                        return torch.stack([one(row, x) for row in flats])
+            elif self.backend.use_vmap(self.layout.size) and flats.shape[0] > 1:
                 batched = vmap(lambda p, xb: self._call(p, xb), in_dims=(0, None))
                 params = _views(flats, self.layout)
                 run = functools.partial(batched, params)
@@ -302,6 +341,14 @@ class TorchBackend(Backend):
     compute_dtype : {"float32", "bfloat16", "float16"}
         Forward passes and feature taps under :func:`torch.autocast` to this type (float32
         parameters, float32 logits); see :meth:`~combinability.backend.Backend.with_compute_dtype`.
+    compile : bool or mapping, default False
+        Evaluate through :func:`torch.compile`: the parameter vector's views, the functional
+        call and the model become one graph, whose element-wise passes (normalisations,
+        activations, residual sums, autocast's casts) the compiler fuses. ``True`` compiles with
+        torch's defaults; a mapping gives :func:`torch.compile`'s keyword arguments (``{"mode":
+        "max-autotune"}``, ``{"backend": "aot_eager"}``). Each prepared model compiles at its
+        first evaluation (seconds to a minute; again for a new batch shape) and pays off on long
+        evaluations of large models on a GPU. Feature taps and gradients stay eager.
     """
 
     name = "torch"
@@ -309,7 +356,7 @@ class TorchBackend(Backend):
     compute_dtypes = ("float32", "bfloat16", "float16")
 
     def __init__(self, device: str | torch.device | None = None, *, vectorize: bool | None = None,
-                 compute_dtype: str = "float32") -> None:
+                 compute_dtype: str = "float32", compile: bool | Mapping[str, Any] = False) -> None:  # noqa: A002
         if device is None:
             device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else "cpu"
         self.torch_device = torch.device(device)
@@ -320,10 +367,24 @@ class TorchBackend(Backend):
             raise ConfigurationError(f"TorchBackend cannot compute in {compute_dtype!r}; valid: "
                                      f"{', '.join(self.compute_dtypes)}")
         self.compute_dtype = compute_dtype
+        if not isinstance(compile, bool | Mapping):
+            from combinability.errors import ConfigurationError
+
+            raise ConfigurationError(f"TorchBackend's compile is True, False or a mapping of torch.compile's keyword "
+                                     f"arguments, not {type(compile).__name__} {compile!r}")
+        #: :func:`torch.compile`'s keyword arguments for evaluations; ``None`` when they run eagerly.
+        self.compile_options: dict[str, Any] | None = (dict(compile) if isinstance(compile, Mapping)
+                                                       else {} if compile else None)
+
+    def _settings(self) -> dict[str, Any]:
+        """The keyword arguments that make a copy of this backend (device aside)."""
+        compile_ = False if self.compile_options is None else (self.compile_options or True)
+        return {"vectorize": self.vectorize, "compute_dtype": self.compute_dtype, "compile": compile_}
 
     def __repr__(self) -> str:
         dtype = f", compute_dtype={self.compute_dtype!r}" if self.compute_dtype != "float32" else ""
-        return f"TorchBackend(device={str(self.torch_device)!r}, vectorize={self.vectorize}{dtype})"
+        compiled = f", compile={self._settings()['compile']!r}" if self.compile_options is not None else ""
+        return f"TorchBackend(device={str(self.torch_device)!r}, vectorize={self.vectorize}{dtype}{compiled})"
 
     def devices(self) -> dict[str, Any]:
         found: dict[str, Any] = {"cpu": torch.device("cpu")}
@@ -337,10 +398,14 @@ class TorchBackend(Backend):
     def with_device(self, device: torch.device) -> TorchBackend:
         if device == self.torch_device:
             return self
-        return TorchBackend(device, vectorize=self.vectorize, compute_dtype=self.compute_dtype)
+        return TorchBackend(device, **self._settings())
 
     def _with_compute_dtype(self, dtype: str) -> TorchBackend:
-        return TorchBackend(self.torch_device, vectorize=self.vectorize, compute_dtype=dtype)
+        return TorchBackend(self.torch_device, **{**self._settings(), "compute_dtype": dtype})
+
+    def with_compile(self, compile: bool | Mapping[str, Any] = True) -> TorchBackend:  # noqa: A002
+        """This backend with ``compile`` in place of its own (see the class's parameters)."""
+        return TorchBackend(self.torch_device, **{**self._settings(), "compile": compile})
 
     def use_vmap(self, parameters: int) -> bool:
         """Whether vectors of ``parameters`` entries run vmapped (see ``vectorize``)."""

@@ -249,7 +249,8 @@ class TableNet(nn.Module):
 
     def forward(self, x: torch.Tensor, taps: dict[str, Any] | None = None) -> torch.Tensor:
         values: dict[str, torch.Tensor] = {"<input>": x}
-        inference = torch.is_inference_mode_enabled()  # no autograd: a ReLU may overwrite its input
+        # no autograd: a ReLU may overwrite its input (not while torch.compile traces: it cannot ask, nor gain by it)
+        inference = not torch.compiler.is_compiling() and torch.is_inference_mode_enabled()
         h = x
         for node, reads, dropped in self.table.schedule:  # each value dropped after its last reader
             ins = [values[i] for i in reads]

@@ -121,10 +121,10 @@ def _logging(verbose: int, quiet: bool) -> Iterator[None]:
 
 @contextmanager
 def _device(args: argparse.Namespace) -> Iterator[None]:
-    """``--device`` / ``--compute-dtype``: the backend so set for the block (checked before any work)."""
+    """``--device``, ``--compute-dtype``, ``--compile``: the backend so set for the block (checked first)."""
     device, name = getattr(args, "device", None), getattr(args, "backend", None)
-    dtype = getattr(args, "compute_dtype", None)
-    if (device is None and dtype is None) or name is None:
+    dtype, compiled = getattr(args, "compute_dtype", None), getattr(args, "compile", False)
+    if (device is None and dtype is None and not compiled) or name is None:
         yield
         return
     from combinability import plugins
@@ -132,7 +132,10 @@ def _device(args: argparse.Namespace) -> Iterator[None]:
     previous = plugins.get_backend(name)
     moved = plugins.use_device(name, device)
     if dtype is not None:
-        plugins.set_backend(name, moved.with_compute_dtype(dtype))
+        moved = moved.with_compute_dtype(dtype)
+    if compiled:
+        moved = moved.with_compile()
+    plugins.set_backend(name, moved)
     try:
         yield
     finally:
