@@ -7,7 +7,8 @@ On a CUDA device, for torch and jax and for float32 and bfloat16 forward passes
   parameter vectors per forward call: full evaluations per second and the fraction of the
   card's dense rate reached (FLOPs counted by torch's ``FlopCounterMode``; the rate by device
   name, see ``bench_precision.PEAK_TFLOPS``, or ``COMBINABILITY_PEAK_TFLOPS``); the goal is at
-  least 0.5 in bfloat16;
+  least 0.5 in bfloat16; then one vector a call in bfloat16, and for torch the same through
+  ``TorchBackend(compile=True)``;
 * a whole ``cb.sweep`` (16 uniform draws and the end models on 10,000 synthetic images) of the
   MLP and Tiny-10: models per second;
 * the same ResNet-20 as plain torch modules (``build_model``, no library code on the path)
@@ -52,10 +53,11 @@ from combinability.data.base import ArrayDataset  # noqa: E402
 from combinability.models import build_model  # noqa: E402
 
 
-def resnet_figures(library: str, device: str, dtype: str, width: int, examples: int, vectors: int) -> str:
+def resnet_figures(library: str, device: str, dtype: str, width: int, examples: int, vectors: int,
+                   compiled: bool = False) -> str:
     bench = bp.ResNetThroughput()
     bench.width, bench.examples, bench.vectors = width, examples, vectors
-    bench.setup(library, device, dtype)  # on the CPU: a smoke run of the same code
+    bench.setup(library, device, dtype, compiled)  # on the CPU: a smoke run of the same code
     seconds = min(bench._seconds() for _ in range(3))
     rate = bench.flops / seconds
     frac = f"{rate / bench.peak:.3f}" if bench.peak else "n/a (unknown card)"
@@ -63,7 +65,8 @@ def resnet_figures(library: str, device: str, dtype: str, width: int, examples: 
         import torch
 
         dtype = "float32 (TF32 convolutions)" if torch.backends.cudnn.allow_tf32 else dtype
-    return (f"| ResNet-20 x{width}, {examples} images, {bench.vectors} vectors/call | {library} | {dtype} | "
+    how = ", torch.compile" if compiled else ""
+    return (f"| ResNet-20 x{width}, {examples} images, {bench.vectors} vectors/call{how} | {library} | {dtype} | "
             f"{bench.vectors / seconds:.2f} models/s | {rate / 1e12:.1f} TFLOP/s | {frac} |")
 
 
@@ -223,6 +226,8 @@ def main() -> None:
             for arch in ("mlp", "tiny10"):
                 _row(sweep_figures, library, args.device, dtype, arch, args.sweep_examples)
         _row(resnet_figures, library, args.device, "bfloat16", args.width, args.examples, 1)
+        if library == "torch":
+            _row(resnet_figures, library, args.device, "bfloat16", args.width, args.examples, 1, True)
 
     if not args.skip_evaluation:
         evaluation_rows(libraries[0])

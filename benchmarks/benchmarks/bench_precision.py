@@ -88,18 +88,21 @@ def peak_flops(device_name, dtype):
 
 
 class ResNetThroughput:
-    """ResNet-20 x32 on a GPU: full evaluations per second and the fraction of the card's rate."""
+    """ResNet-20 x32 on a GPU: full evaluations per second and the fraction of the card's rate,
+    eager or (torch) through ``torch.compile`` (``compiled``; compiled untimed, in the setup)."""
 
-    params = (BACKENDS, ["cuda"], ["float32", "bfloat16"])
-    param_names = ["backend", "device", "compute_dtype"]
+    params = (BACKENDS, ["cuda"], ["float32", "bfloat16"], [False, True])
+    param_names = ["backend", "device", "compute_dtype", "compiled"]
     timeout = 900
     width, examples, vectors = 32, 1024, 4
 
-    def setup(self, library, device, dtype):
+    def setup(self, library, device, dtype, compiled=False):
         require(library, device)  # before any work: a machine without CUDA skips at once
+        if compiled and library != "torch":
+            raise NotImplementedError(f"{library}'s evaluations are always compiled")
         import torch
 
-        self.be = backend(library, device).with_compute_dtype(dtype)
+        self.be = backend(library, device).with_compute_dtype(dtype).with_compile(compiled)
         self.data = _images(self.examples, (3, 32, 32))
         model = build_model("resnet20", backend=library, width=self.width, input_shape=(3, 32, 32), seed=0)
         state = self.be.state(model)
@@ -119,12 +122,12 @@ class ResNetThroughput:
         self.be.synchronize()
         return time.perf_counter() - t0
 
-    def track_models_per_second(self, library, device, dtype):
+    def track_models_per_second(self, library, device, dtype, compiled):
         return self.vectors / min(self._seconds() for _ in range(3))
 
     track_models_per_second.unit = "models/s"
 
-    def track_fraction_of_peak(self, library, device, dtype):
+    def track_fraction_of_peak(self, library, device, dtype, compiled):
         if self.peak is None:
             raise NotImplementedError("unknown card: set COMBINABILITY_PEAK_TFLOPS")
         return self.flops / min(self._seconds() for _ in range(3)) / self.peak
