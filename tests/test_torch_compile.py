@@ -17,7 +17,7 @@ from combinability.data import load_dataset
 from combinability.errors import ConfigurationError
 from combinability.models import build_model
 
-AOT = {"backend": "aot_eager"}
+AOT = {"backend": "aot_eager", "fullgraph": True}  # fullgraph: a graph break fails the test
 LIMIT = 300
 
 
@@ -67,15 +67,18 @@ def test_compiled_logits_of_several_vectors_are_the_eager_ones(vectorize):
     torch.testing.assert_close(prepared.forward(flats[:1], x[:7]), want[:1, :7], rtol=1e-5, atol=1e-5)
 
 
-def test_each_prepared_model_compiles_on_its_own(monkeypatch):
+def test_each_prepared_model_compiles_on_its_own():
     """Past torch's recompile limit a shared compiled function would fall back to eager; here it must not."""
     import torch._dynamo.config as dynamo_config
 
-    monkeypatch.setattr(dynamo_config, "recompile_limit", 2)
-    monkeypatch.setattr(dynamo_config, "fail_on_recompile_limit_hit", True)
     be = TorchBackend("cpu", compile=AOT)
     x = torch.from_numpy(np.random.default_rng(1).normal(size=(5, 1, 28, 28)).astype(np.float32))
-    for i in range(4):  # four architectures, each compiled once: twice the limit
+    with dynamo_config.patch(recompile_limit=8, fail_on_recompile_limit_hit=True):  # 8: torch's default
+        _models_past_the_limit(be, x)
+
+
+def _models_past_the_limit(be: TorchBackend, x: torch.Tensor) -> None:
+    for i in range(10):  # ten architectures, each compiled once, past the limit of 8
         model = build_model("mlp", backend="torch", width=0.02 * (i + 1), input_shape=(1, 28, 28), seed=i)
         state = be.state(model)
         layout = cb.FlatLayout.from_arrays(state)
@@ -89,7 +92,7 @@ def test_compile_travels_with_the_backend_and_bad_values_are_refused():
     assert be.compile_options == AOT
     assert be.with_compute_dtype("bfloat16").compile_options == AOT
     assert be.with_device(torch.device("meta")).compile_options == AOT
-    assert "compile={'backend': 'aot_eager'}" in repr(be)
+    assert "compile={'backend': 'aot_eager', 'fullgraph': True}" in repr(be)
     assert TorchBackend("cpu", compile=True).compile_options == {}
     assert be.with_compile(False).compile_options is None
     assert "compile" not in repr(be.with_compile(False))
@@ -110,3 +113,34 @@ def test_the_cli_flag_compiles_the_command_s_backend(monkeypatch):
         inside = cb.plugins.get_backend("torch")
         assert inside.compile_options == {} and inside.device() == "cpu"
     assert cb.plugins.get_backend("torch") is before
+
+
+def test_a_compiler_that_fails_is_reported_with_what_to_do_instead():
+    def broken_compiler(graph, example_inputs):
+        raise RuntimeError("no code generator here")
+
+    model = build_model("mlp", backend="torch", width=0.02, input_shape=(1, 28, 28), seed=0)
+    be = TorchBackend("cpu", compile={"backend": broken_compiler})
+    state = be.state(model)
+    layout = cb.FlatLayout.from_arrays(state)
+    flat = torch.from_numpy(layout.flatten(state)[None])
+    with pytest.raises(ConfigurationError, match=r"could not compile the evaluation of .*compile=False"):
+        be.prepare(model, layout).forward(flat, torch.zeros(3, 1, 28, 28))
+
+
+def test_a_user_module_with_batchnorm_compiles_in_one_graph():
+    """A module of the user's own (traced by torch.fx for its feature points), running statistics as buffers."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(1, 6, 3), torch.nn.BatchNorm2d(6), torch.nn.ReLU(),
+                                torch.nn.Flatten(), torch.nn.Linear(6 * 26 * 26, 10)).eval()
+    with torch.no_grad():
+        model[1].running_mean.uniform_(-0.5, 0.5)
+        model[1].running_var.uniform_(0.5, 2.0)
+    be = TorchBackend("cpu", compile=AOT)
+    state = be.state(model)
+    layout = cb.FlatLayout.from_arrays(state)
+    x = torch.from_numpy(np.random.default_rng(2).normal(size=(4, 1, 28, 28)).astype(np.float32))
+    flat = torch.from_numpy(layout.flatten(state)[None].astype(np.float32))
+    out = be.prepare(model, layout).forward(flat, x)
+    with torch.no_grad():
+        torch.testing.assert_close(out[0], model(x), rtol=1e-5, atol=1e-5)

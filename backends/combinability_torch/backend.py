@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import functools
+import logging
 import types
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -31,6 +32,8 @@ from combinability.layers import LayerTable
 from combinability.layout import FlatLayout, check_names
 from combinability_torch.models import TableNet
 from combinability_torch.trace import TapRunner, logits_of, tensor_aliases
+
+_log = logging.getLogger("combinability")
 
 __all__ = ["TorchBackend", "TorchRandom", "TorchPrepared", "torch_dtype"]
 
@@ -145,6 +148,31 @@ def _units_second(module: nn.Module, out: Any) -> Any:
     return out
 
 
+class _CompileErrors:
+    """A compiled function whose compiler's own failures become a :class:`ConfigurationError`
+    that says to evaluate without compiling (errors of the model itself pass as they are)."""
+
+    def __init__(self, compiled: Callable[..., Any], model: str) -> None:
+        self.compiled, self.model, self.first = compiled, model, True
+
+    def __call__(self, *args: Any) -> Any:
+        if not self.first:
+            return self.compiled(*args)
+        from torch._dynamo.exc import BackendCompilerFailed, InternalTorchDynamoError
+
+        _log.info("compiling the evaluation of %s with torch.compile (seconds to a minute)", self.model)
+        try:
+            out = self.compiled(*args)
+        except (BackendCompilerFailed, InternalTorchDynamoError) as exc:
+            from combinability.errors import ConfigurationError
+
+            raise ConfigurationError(f"torch.compile could not compile the evaluation of {self.model} "
+                                     f"({type(exc).__name__}: {str(exc).splitlines()[0][:300]}); evaluate it "
+                                     "without compiling: TorchBackend(compile=False), or drop --compile") from exc
+        self.first = False
+        return out
+
+
 class TorchPrepared:
     """:class:`~combinability.backend.Prepared` for one torch module and layout."""
 
@@ -170,6 +198,8 @@ class TorchPrepared:
         self.rest = {k: v for k, v in _state_tensors(self.model).items() if k not in layout}
         self.buffers = {name for name, _ in self.model.named_buffers()}
         self._compiled_calls: dict[bool, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {}
+        self._sizes = tuple(int(size) for size in layout.sizes)
+        self._entries = tuple((e.name, tuple(e.shape)) for e in layout.entries)
 
     def _call(self, params: dict[str, torch.Tensor], x: torch.Tensor, **kwargs: Any) -> torch.Tensor:
         return logits_of(functional_call(self.model, {**self.rest, **params}, (x,), kwargs, strict=False))
@@ -184,8 +214,14 @@ class TorchPrepared:
         return stack
 
     def _flat_call(self, flat: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        """The logits of one parameter vector ``flat`` (shape ``(d,)``) on ``x``: the function compiled."""
-        return logits_of(functional_call(self.model, {**self.rest, **_views(flat, self.layout)}, (x,), strict=False))
+        """The logits of one parameter vector ``flat`` (shape ``(d,)``) on ``x``: the function compiled.
+
+        It reads the layout's entries from plain tuples (:attr:`_entries`): the layout's cached
+        properties take a lock on Python 3.11, which torch.compile cannot trace (a graph break).
+        """
+        chunks = torch.split(flat, self._sizes)
+        params = {name: c.reshape(shape) for (name, shape), c in zip(self._entries, chunks, strict=True)}
+        return logits_of(functional_call(self.model, {**self.rest, **params}, (x,), strict=False))
 
     def _compiled(self, batched: bool) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
         """:meth:`_flat_call` (vmapped over the vectors when ``batched``) through :func:`torch.compile`,
@@ -198,7 +234,8 @@ class TorchPrepared:
         if batched not in self._compiled_calls:
             one = _own_code(TorchPrepared._flat_call).__get__(self)
             call = vmap(one, in_dims=(0, None)) if batched else one
-            self._compiled_calls[batched] = torch.compile(call, **self.backend.compile_options)
+            self._compiled_calls[batched] = _CompileErrors(torch.compile(call, **self.backend.compile_options),
+                                                           type(self.model).__name__)
         return self._compiled_calls[batched]
 
     def forward(self, flats: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
