@@ -96,6 +96,10 @@ class HostArrays:
         """``x`` (a float32 numpy array) where the products run."""
         return x
 
+    def transposed(self, x: np.ndarray, order: tuple[int, ...]) -> Any:
+        """``x`` (any float numpy array) with its axes in ``order``, contiguous float32, where the products run."""
+        return _float32_copy(x, order)
+
     def host(self, x: Any) -> np.ndarray:
         """``x`` as a numpy array."""
         return x
@@ -136,6 +140,19 @@ class DeviceArrays(HostArrays):
     def put(self, x: np.ndarray) -> Any:
         return self.backend.asarray(x)
 
+    def transposed(self, x: np.ndarray, order: tuple[int, ...]) -> Any:
+        """Sent as it is, cast and transposed on the device (the host's transposed copies of a
+        ResNet-20 x16 took 0.55 s of a 3 s matching on a GPU machine)."""
+        xp = self.xp
+        w = self.backend.asarray(np.asarray(x))
+        if w.dtype != xp.float32:
+            w = xp.astype(w, xp.float32)
+        if tuple(order) == tuple(range(len(order))):
+            return w
+        shape = tuple(int(w.shape[ax]) for ax in order)
+        # flattening a transposed array copies it in the new order, contiguous: the array API has no ``contiguous``
+        return xp.reshape(xp.reshape(xp.permute_dims(w, tuple(order)), (-1,)), shape)
+
     def host(self, x: Any) -> np.ndarray:
         return self.backend.to_numpy(x)
 
@@ -172,8 +189,8 @@ class Term:
         if deps:
             others.remove(deps[0][0])
             others.insert(0, deps[0][0])
-        self.a = self.arrays.put(_float32_copy(a, (axis, *others)).reshape(self.n, -1))
-        self.b = self.arrays.put(_float32_copy(b, (*others, axis)))
+        self.a = self.arrays.reshape(self.arrays.transposed(a, (axis, *others)), (self.n, -1))
+        self.b = self.arrays.transposed(b, (*others, axis))
         self.b_shape = tuple(int(s) for s in self.b.shape)
         self.deps = [(others.index(ax), q) for ax, q in deps]  # (axis of self.b, permutation name)
         self.seen: dict[str, np.ndarray] = {}
