@@ -105,12 +105,16 @@ def _descend(problem: Problem, perm: dict[str, np.ndarray], seed: int, run: int,
     for sweep in range(max_iter):
         iterations += 1
         improved = False
-        for idx in _visit_order(seed, run, sweep, len(names)):
-            p = names[idx]
+        order = [names[idx] for idx in _visit_order(seed, run, sweep, len(names))]
+        for k, p in enumerate(order):
             if p not in stale:
                 continue  # same cost matrix as at its last solve: same solution
             stale.discard(p)
             cost = problem.cost(p, perm)
+            if problem.arrays.asynchronous:  # the next one's products run on the device during this solve
+                after = next((q for q in order[k + 1:] if q in stale), None)
+                if after is not None and after not in problem.users[p]:  # its cost does not read p
+                    problem.prefetch(after, perm)
             new = problem.solve(p, cost, perm[p])
             if np.array_equal(new, perm[p]):
                 continue

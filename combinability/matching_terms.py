@@ -92,6 +92,10 @@ def _float32_copy(x: np.ndarray, order: tuple[int, ...]) -> np.ndarray:
 class HostArrays:
     """Where cost terms live by default: numpy arrays, products on numpy's BLAS."""
 
+    #: Whether products run asynchronously beside the host (a GPU's queue): then the descent
+    #: starts the next permutation's products before it solves the current assignment.
+    asynchronous = False
+
     def put(self, x: np.ndarray) -> Any:
         """``x`` (a float32 numpy array) where the products run."""
         return x
@@ -136,6 +140,7 @@ class DeviceArrays(HostArrays):
 
     def __init__(self, backend: Any) -> None:
         self.backend, self.xp = backend, backend.xp()
+        self.asynchronous = backend.device() != "cpu"
 
     def put(self, x: np.ndarray) -> Any:
         return self.backend.asarray(x)
@@ -288,6 +293,13 @@ class Problem:
     def _deps(self, name: str, axis: int) -> list[tuple[int, str]]:
         """The other permuted axes of ``name``: ``(axis, permutation name)``."""
         return [(ax, q) for ax, q in enumerate(self.spec.axes_to_perm[name]) if q is not None and ax != axis]
+
+    def prefetch(self, p: str, perm: Mapping[str, np.ndarray]) -> None:
+        """Bring ``p``'s terms up to date with ``perm`` now (on a GPU: queue their products, which
+        then run while the host solves an assignment); :meth:`cost` later recomputes only what
+        changed in between."""
+        for term in self.terms[p]:
+            term.refresh(perm)
 
     def cost(self, p: str, perm: Mapping[str, np.ndarray]) -> np.ndarray:
         """``p``'s cost matrix (float32 numpy) with every other permutation at ``perm``."""

@@ -388,3 +388,27 @@ def test_dot64_is_the_float64_sum_of_products(dtype):
     z = x.copy()
     z[3, 4] = np.nan
     assert math.isnan(matching_terms.dot64(z, y))  # NaN is not optimised away
+
+
+def test_the_next_permutation_s_products_started_early_change_nothing(digits_models, monkeypatch):
+    """On a GPU the descent queues the next permutation's products before solving the current
+    assignment (``HostArrays.asynchronous``); forced here on the host, where the same code runs
+    in the same order: the reference's permutations, sweeps and objective, with prefetches taken."""
+    monkeypatch.setattr(matching_terms.HostArrays, "asynchronous", True)
+    prefetched = []
+    original = matching_terms.Problem.prefetch
+    monkeypatch.setattr(matching_terms.Problem, "prefetch",
+                        lambda self, p, perm: (prefetched.append(p), original(self, p, perm)))
+    pair = cb.ModelPair(digits_models[0], digits_models[1], architecture="mlp", backend="torch")
+    rng = np.random.default_rng(21)
+    resnet = ref.resnet_spec()
+    a_res = ref.resnet_params(rng, c1=12, c2=16)
+    for spec, a, b in ((pair.spec, pair.params(0), pair.params(1)),
+                       (resnet, a_res, ref.resnet_params(rng, c1=12, c2=16))):
+        theirs, sweeps = rebasin.weight_matching(0, spec, a, b)
+        ours = cb.weight_matching(spec, a, b, seed=0)
+        for p in theirs:
+            np.testing.assert_array_equal(ours[p], theirs[p])
+        assert ours.iterations == sweeps
+        assert ours.objective == pytest.approx(rebasin.objective(spec, a, b, theirs), rel=1e-9)
+    assert len(prefetched) >= 4
