@@ -10,7 +10,7 @@ On a CUDA device, for torch and jax and for float32 and bfloat16 forward passes
   least 0.5 in bfloat16; then one vector a call in bfloat16, and for torch the same through
   ``TorchBackend(compile=True)``;
 * a whole ``cb.sweep`` (16 uniform draws and the end models on 10,000 synthetic images) of the
-  MLP and Tiny-10: models per second;
+  MLP and Tiny-10: models per second (torch's also through ``torch.compile``, in float32);
 * the same ResNet-20 as plain torch modules (``build_model``, no library code on the path)
   under bfloat16 autocast, in both memory formats: the ceiling the library's evaluation is
   measured against;
@@ -70,9 +70,9 @@ def resnet_figures(library: str, device: str, dtype: str, width: int, examples: 
             f"{bench.vectors / seconds:.2f} models/s | {rate / 1e12:.1f} TFLOP/s | {frac} |")
 
 
-def sweep_figures(library: str, device: str, dtype: str, arch: str, examples: int) -> str:
+def sweep_figures(library: str, device: str, dtype: str, arch: str, examples: int, compiled: bool = False) -> str:
     be = cb.get_backend(library)
-    be = (be if device == "cpu" else be.on_device(device)).with_compute_dtype(dtype)
+    be = (be if device == "cpu" else be.on_device(device)).with_compute_dtype(dtype).with_compile(compiled)
     rng = np.random.default_rng(0)
     data = ArrayDataset(rng.normal(size=(examples, 1, 28, 28)).astype(np.float32), rng.integers(0, 10, examples),
                         num_classes=10, name="synthetic", split="test")
@@ -80,11 +80,12 @@ def sweep_figures(library: str, device: str, dtype: str, arch: str, examples: in
     models = [build_model(arch, backend=library, width=width, input_shape=(1, 28, 28), seed=s) for s in (0, 1)]
     pair = cb.ModelPair(*models, backend=be)
     kw = dict(data={"test": data}, splits=["test"], values=[0.25], samples=16, seed=0)
-    cb.sweep(pair, cb.Uniform(), **kw)  # compile, copy the data to the device
+    cb.sweep(pair, cb.Uniform(), **kw)  # compile (jax's jit, torch.compile), copy the data to the device
     t0 = time.perf_counter()
     cb.sweep(pair, cb.Uniform(), **kw)
     seconds = time.perf_counter() - t0
-    return f"| sweep, {arch}, {examples} images | {library} | {dtype} | {18 / seconds:.1f} models/s | | |"
+    how = ", torch.compile" if compiled else ""
+    return f"| sweep, {arch}, {examples} images{how} | {library} | {dtype} | {18 / seconds:.1f} models/s | | |"
 
 
 def bare_torch_figures(width: int, examples: int, device: str = "cuda") -> list[str]:
@@ -228,6 +229,8 @@ def main() -> None:
         _row(resnet_figures, library, args.device, "bfloat16", args.width, args.examples, 1)
         if library == "torch":
             _row(resnet_figures, library, args.device, "bfloat16", args.width, args.examples, 1, True)
+            for arch in ("mlp", "tiny10"):
+                _row(sweep_figures, library, args.device, "float32", arch, args.sweep_examples, True)
 
     if not args.skip_evaluation:
         evaluation_rows(libraries[0])

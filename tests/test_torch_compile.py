@@ -144,3 +144,26 @@ def test_a_user_module_with_batchnorm_compiles_in_one_graph():
     out = be.prepare(model, layout).forward(flat, x)
     with torch.no_grad():
         torch.testing.assert_close(out[0], model(x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("vectorize", [False, True], ids=["loop", "vmap"])
+def test_a_model_prepared_again_reuses_its_compiled_graph(vectorize):
+    """Each sweep prepares its models anew: the second must not compile again (seconds to a minute
+    on a GPU), while another architecture compiles its own."""
+    compilations = []
+
+    def counting(graph, example_inputs):
+        compilations.append(graph)
+        return graph.forward
+
+    be = TorchBackend("cpu", vectorize=vectorize, compile={"backend": counting, "fullgraph": True})
+    x = torch.from_numpy(np.random.default_rng(3).normal(size=(6, 1, 28, 28)).astype(np.float32))
+    for width, expected in ((0.03, 1), (0.03, 1), (0.05, 2)):
+        model = build_model("mlp", backend="torch", width=width, input_shape=(1, 28, 28), seed=0)
+        state = be.state(model)
+        layout = cb.FlatLayout.from_arrays(state)
+        flats = torch.from_numpy(np.stack([layout.flatten(state)] * 2).astype(np.float32))
+        out = be.prepare(model, layout).forward(flats, x)
+        with torch.no_grad():
+            torch.testing.assert_close(out[1], model(x), rtol=1e-5, atol=1e-6)
+        assert len(compilations) == expected

@@ -105,6 +105,11 @@ def _own_code(function: types.FunctionType) -> types.FunctionType:
                               function.__defaults__, function.__closure__)
 
 
+#: The functions torch.compile compiles, one code object per model structure, layout and options
+#: (see :meth:`TorchPrepared._compiled`).
+_COMPILED_CODE: dict[tuple[Any, ...], types.FunctionType] = {}
+
+
 def _state_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
     """``model.state_dict()`` with each tied tensor under its first name only (see :func:`tensor_aliases`)."""
     aliases = tensor_aliases(model)
@@ -223,19 +228,30 @@ class TorchPrepared:
         params = {name: c.reshape(shape) for (name, shape), c in zip(self._entries, chunks, strict=True)}
         return logits_of(functional_call(self.model, {**self.rest, **params}, (x,), strict=False))
 
-    def _compiled(self, batched: bool) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-        """:meth:`_flat_call` (vmapped over the vectors when ``batched``) through :func:`torch.compile`,
-        compiled at its first call and kept for the later ones.
+    def _flat_calls(self, flats: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """The logits of several vectors ``flats`` (shape ``(k, d)``) on ``x``, vmapped."""
+        return vmap(self._flat_call, in_dims=(0, None))(flats, x)
 
-        The function compiled has a code object of its own (:func:`_own_code`): torch keeps compiled
-        graphs, and counts recompilations against ``torch._dynamo.config.recompile_limit`` (8), per
-        code object, so a shared one would fall back to eager after eight prepared models.
+    def _compiled(self, batched: bool) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+        """:meth:`_flat_call` (:meth:`_flat_calls` when ``batched``) through :func:`torch.compile`.
+
+        torch keeps compiled graphs per code object, and counts recompilations against
+        ``torch._dynamo.config.recompile_limit`` (8) per code object, past which it runs eagerly.
+        So each model structure, layout and set of options has a code object of its own
+        (:func:`_own_code`, kept in :data:`_COMPILED_CODE`): a model prepared again (each sweep
+        prepares its models) reuses the graphs compiled for it, and other models do not count
+        against its limit.
         """
         if batched not in self._compiled_calls:
-            one = _own_code(TorchPrepared._flat_call).__get__(self)
-            call = vmap(one, in_dims=(0, None)) if batched else one
-            self._compiled_calls[batched] = _CompileErrors(torch.compile(call, **self.backend.compile_options),
-                                                           type(self.model).__name__)
+            options = self.backend.compile_options
+            structure = (batched, type(self.model).__module__, type(self.model).__qualname__, self._entries,
+                         tuple((k, tuple(v.shape), str(v.dtype)) for k, v in self.rest.items()),
+                         tuple(sorted((k, repr(v)) for k, v in options.items())))
+            if structure not in _COMPILED_CODE:
+                function = TorchPrepared._flat_calls if batched else TorchPrepared._flat_call
+                _COMPILED_CODE[structure] = _own_code(function)
+            call = _COMPILED_CODE[structure].__get__(self)
+            self._compiled_calls[batched] = _CompileErrors(torch.compile(call, **options), type(self.model).__name__)
         return self._compiled_calls[batched]
 
     def forward(self, flats: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
