@@ -1,0 +1,193 @@
+"""Readers of the checkpoint files that are not safetensors (see :mod:`combinability.checkpoint`).
+
+* ``torch.save`` files: a plain ``state_dict`` (version 0; also one under a ``state_dict`` or
+  ``model_state_dict`` entry of a training script's dictionary), or a version-1 checkpoint of
+  the torch backend. They need torch, imported only here, only when such a file is read, and
+  are read with ``torch.load(weights_only=True)``.
+* The version-1 ``.npz`` archives of the jax backend, with a JSON ``__header__``.
+
+:func:`combinability.checkpoint.load_checkpoint` tells the kinds apart by their content and
+calls these.
+"""
+
+from __future__ import annotations
+
+import json
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from combinability.checkpoint import (
+    _NPZ_HEADER,
+    _READABLE,
+    FORMAT,
+    LEGACY_VERSION,
+    Checkpoint,
+    _corrupt,
+    _json_plain,
+)
+from combinability.errors import (
+    BackendUnavailableError,
+    CorruptFileError,
+    IncompatibleModelsError,
+    IncompatibleVersionError,
+)
+
+__all__ = ["load_npz", "load_torch"]
+
+_TORCH_HINT = "pip install 'combinability[torch]'"
+_STATE_DICT_KEYS = ("state_dict", "model_state_dict")
+_LEGACY_TORCH_KEYS = ("format", "version", "backend", "architecture", "config", "state", "metadata")
+
+
+def load_npz(path: Path) -> Checkpoint:
+    """A version-1 checkpoint of the jax backend: an ``.npz`` with a JSON ``__header__``."""
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            header = json.loads(npz[_NPZ_HEADER].tobytes().decode("utf-8"))
+            if not isinstance(header, dict) or header.get("format") != FORMAT:
+                found = header.get("format") if isinstance(header, dict) else type(header).__name__
+                raise _corrupt(path, f"not a combinability checkpoint: expected format {FORMAT!r}, found {found!r}")
+            _check_legacy_version(path, header.get("version"))
+            names = header.get("names")
+            if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+                raise _corrupt(path, "the header's 'names' is not a list of tensor names")
+            missing = [f"a{i}" for i in range(len(names)) if f"a{i}" not in npz.files]
+            if missing:
+                raise _corrupt(path, f"lacks the arrays {missing[:5]} named in its header")
+            state = {name: np.array(npz[f"a{i}"]) for i, name in enumerate(names)}
+    except (CorruptFileError, IncompatibleVersionError):
+        raise
+    except (zipfile.BadZipFile, ValueError, OSError, EOFError, KeyError, UnicodeDecodeError) as exc:
+        raise _corrupt(path, f"cannot be read as an .npz checkpoint: {type(exc).__name__}: {exc}") from exc
+    config, metadata = header.get("config") or {}, header.get("metadata") or {}
+    if not isinstance(config, dict) or not isinstance(metadata, dict):
+        raise _corrupt(path, "the header's 'config' and 'metadata' must be JSON objects")
+    if header.get("architecture"):
+        config = {**config, "architecture": header["architecture"]}
+    backend = header.get("backend")
+    return Checkpoint(
+        state=state,
+        config=config,
+        metadata=metadata,
+        backend=backend if isinstance(backend, str) else None,
+        version=LEGACY_VERSION,
+        path=path,
+    )
+
+
+def _check_legacy_version(path: Path, version: Any) -> None:
+    if not isinstance(version, int) or isinstance(version, bool):
+        raise _corrupt(path, f"checkpoint version must be an int, found {version!r}")
+    if version != LEGACY_VERSION:
+        raise IncompatibleVersionError(
+            f"{str(path)!r} is a version-{version} checkpoint in the legacy container; {_READABLE}"
+        )
+
+
+def load_torch(path: Path) -> Checkpoint:
+    """A ``torch.save`` file: a plain state dict (version 0) or a version-1 checkpoint of the torch backend."""
+    try:
+        import torch
+    except ImportError as exc:
+        raise BackendUnavailableError(
+            f"{str(path)!r} is a torch.save file; reading it needs PyTorch: {_TORCH_HINT}"
+        ) from exc
+    try:
+        # A file object, not the path: torch.load treats any path ending in ".safetensors" as safetensors.
+        with open(path, "rb") as fh:
+            payload = torch.load(fh, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise _corrupt(
+            path,
+            "cannot be read with torch.load(weights_only=True): it is truncated or damaged, or holds objects "
+            f"other than tensors and plain values (save model.state_dict(), not the model) "
+            f"({type(exc).__name__}: {str(exc)[:300]})",
+        ) from exc
+
+    if isinstance(payload, dict) and payload.get("format") == FORMAT:
+        _check_legacy_version(path, payload.get("version"))
+        missing = [k for k in _LEGACY_TORCH_KEYS if k not in payload]
+        if missing:
+            raise _corrupt(path, f"the checkpoint lacks the key(s) {missing}")
+        raw, config, metadata = payload["state"], payload["config"], payload["metadata"]
+        if not isinstance(raw, dict) or not all(isinstance(v, torch.Tensor) for v in raw.values()):
+            raise _corrupt(path, "the checkpoint's 'state' must map names to tensors")
+        if not isinstance(config, dict) or not isinstance(metadata, dict):
+            raise _corrupt(path, "the checkpoint's 'config' and 'metadata' must be dicts")
+        try:
+            config = {**_json_plain(config, "config"), "architecture": str(payload["architecture"])}
+            metadata = _json_plain(metadata, "metadata")
+        except TypeError as exc:
+            raise _corrupt(path, str(exc)) from exc
+        backend = payload["backend"]
+        return Checkpoint(
+            state={str(k): _torch_to_numpy(path, str(k), v) for k, v in raw.items()},
+            config=config,
+            metadata=metadata,
+            backend=backend if isinstance(backend, str) else None,
+            version=LEGACY_VERSION,
+            path=path,
+        )
+
+    state = _find_state_dict(path, payload, torch.Tensor)
+    return Checkpoint(
+        state={k: _torch_to_numpy(path, k, v) for k, v in state.items()},
+        config={},
+        metadata={},
+        backend=None,
+        version=0,
+        path=path,
+    )
+
+
+def _find_state_dict(path: Path, payload: Any, tensor_type: type) -> dict[str, Any]:
+    """The state dict in a ``torch.save`` payload: the payload itself, or its ``state_dict`` entry."""
+    expected = (
+        "expected a state dict (a dict of tensors, as written by torch.save(model.state_dict(), path)) "
+        f"or a dict with a {' or '.join(map(repr, _STATE_DICT_KEYS))} entry holding one"
+    )
+    if not isinstance(payload, dict):
+        raise IncompatibleModelsError(f"{str(path)!r} holds a {type(payload).__name__}; {expected}")
+    entries = [k for k in _STATE_DICT_KEYS if k in payload]
+    if len(entries) > 1:
+        raise IncompatibleModelsError(f"{str(path)!r} holds both {entries[0]!r} and {entries[1]!r}; {expected}")
+    if entries and not all(isinstance(v, tensor_type) for v in payload.values()):
+        # A training-script file: the model's state dict next to epoch numbers, losses, optimizer state...
+        where, state = f"{entries[0]!r} entry", payload[entries[0]]
+        if not isinstance(state, dict):
+            raise IncompatibleModelsError(f"{str(path)!r}: its {where} holds a {type(state).__name__}; {expected}")
+    else:
+        where, state = "state dict", payload
+    for key, value in state.items():
+        if not isinstance(key, str):
+            raise IncompatibleModelsError(f"{str(path)!r}: its {where} has the non-str key {key!r}; {expected}")
+        if not isinstance(value, tensor_type):
+            raise IncompatibleModelsError(
+                f"{str(path)!r}: its {where} holds a {type(value).__name__} ({value!r:.60}) under {key!r}; {expected}"
+            )
+    return state
+
+
+def _torch_to_numpy(path: Path, name: str, tensor: Any) -> np.ndarray:
+    """A CPU copy of a torch tensor as numpy; bfloat16 and other float types numpy lacks become float32."""
+    import torch
+
+    try:
+        t = tensor.detach().cpu()
+        if t.is_quantized:
+            t = t.dequantize()
+        if t.layout != torch.strided:
+            t = t.to_dense()
+        t = t.resolve_conj().resolve_neg()
+        if t.is_floating_point() and t.dtype not in (torch.float16, torch.float32, torch.float64):
+            t = t.to(torch.float32)
+        elif t.dtype == torch.complex32:
+            t = t.to(torch.complex64)
+        return np.array(t.numpy(), copy=True)
+    except (TypeError, RuntimeError) as exc:
+        raise IncompatibleModelsError(
+            f"{str(path)!r}: tensor {name!r} (dtype {tensor.dtype}) cannot be converted to numpy: {exc}"
+        ) from exc
