@@ -12,8 +12,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import functools
-import logging
-import types
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
@@ -30,10 +28,9 @@ from combinability.digests import in_numpy_memory
 from combinability.errors import LayoutError, TracingError, UnknownNameError
 from combinability.layers import LayerTable
 from combinability.layout import FlatLayout, check_names
+from combinability_torch.compiled import compiled_call
 from combinability_torch.models import TableNet
 from combinability_torch.trace import TapRunner, logits_of, tensor_aliases
-
-_log = logging.getLogger("combinability")
 
 __all__ = ["TorchBackend", "TorchRandom", "TorchPrepared", "torch_dtype"]
 
@@ -99,17 +96,6 @@ def _swapped_in(model: nn.Module, tensors: dict[str, torch.Tensor]) -> contextli
     return _reparametrize_module(model, tensors, tie_weights=True, strict=False)
 
 
-def _own_code(function: types.FunctionType) -> types.FunctionType:
-    """``function`` with a copy of its code object (equal, not the same object)."""
-    return types.FunctionType(function.__code__.replace(), function.__globals__, function.__name__,
-                              function.__defaults__, function.__closure__)
-
-
-#: The functions torch.compile compiles, one code object per model structure, layout and options
-#: (see :meth:`TorchPrepared._compiled`).
-_COMPILED_CODE: dict[tuple[Any, ...], types.FunctionType] = {}
-
-
 def _state_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
     """``model.state_dict()`` with each tied tensor under its first name only (see :func:`tensor_aliases`)."""
     aliases = tensor_aliases(model)
@@ -151,31 +137,6 @@ def _units_second(module: nn.Module, out: Any) -> Any:
     if isinstance(module, UNITS_LAST_MODULES) and isinstance(out, torch.Tensor) and out.dim() > 2:
         return out.movedim(-1, 1)
     return out
-
-
-class _CompileErrors:
-    """A compiled function whose compiler's own failures become a :class:`ConfigurationError`
-    that says to evaluate without compiling (errors of the model itself pass as they are)."""
-
-    def __init__(self, compiled: Callable[..., Any], model: str) -> None:
-        self.compiled, self.model, self.first = compiled, model, True
-
-    def __call__(self, *args: Any) -> Any:
-        if not self.first:
-            return self.compiled(*args)
-        from torch._dynamo.exc import BackendCompilerFailed, InternalTorchDynamoError
-
-        _log.info("compiling the evaluation of %s with torch.compile (seconds to a minute)", self.model)
-        try:
-            out = self.compiled(*args)
-        except (BackendCompilerFailed, InternalTorchDynamoError) as exc:
-            from combinability.errors import ConfigurationError
-
-            raise ConfigurationError(f"torch.compile could not compile the evaluation of {self.model} "
-                                     f"({type(exc).__name__}: {str(exc).splitlines()[0][:300]}); evaluate it "
-                                     "without compiling: TorchBackend(compile=False), or drop --compile") from exc
-        self.first = False
-        return out
 
 
 class TorchPrepared:
@@ -233,25 +194,14 @@ class TorchPrepared:
         return vmap(self._flat_call, in_dims=(0, None))(flats, x)
 
     def _compiled(self, batched: bool) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-        """:meth:`_flat_call` (:meth:`_flat_calls` when ``batched``) through :func:`torch.compile`.
-
-        torch keeps compiled graphs per code object, and counts recompilations against
-        ``torch._dynamo.config.recompile_limit`` (8) per code object, past which it runs eagerly.
-        So each model structure, layout and set of options has a code object of its own
-        (:func:`_own_code`, kept in :data:`_COMPILED_CODE`): a model prepared again (each sweep
-        prepares its models) reuses the graphs compiled for it, and other models do not count
-        against its limit.
-        """
+        """:meth:`_flat_call` (:meth:`_flat_calls` when ``batched``) through :func:`torch.compile`
+        (:func:`combinability_torch.compiled.compiled_call`), made at the first call and kept."""
         if batched not in self._compiled_calls:
-            options = self.backend.compile_options
-            structure = (batched, type(self.model).__module__, type(self.model).__qualname__, self._entries,
-                         tuple((k, tuple(v.shape), str(v.dtype)) for k, v in self.rest.items()),
-                         tuple(sorted((k, repr(v)) for k, v in options.items())))
-            if structure not in _COMPILED_CODE:
-                function = TorchPrepared._flat_calls if batched else TorchPrepared._flat_call
-                _COMPILED_CODE[structure] = _own_code(function)
-            call = _COMPILED_CODE[structure].__get__(self)
-            self._compiled_calls[batched] = _CompileErrors(torch.compile(call, **options), type(self.model).__name__)
+            structure = (type(self.model).__module__, type(self.model).__qualname__, self._entries,
+                         tuple((k, tuple(v.shape), str(v.dtype)) for k, v in self.rest.items()))
+            function = TorchPrepared._flat_calls if batched else TorchPrepared._flat_call
+            self._compiled_calls[batched] = compiled_call(function, self, structure, self.backend.compile_options,
+                                                          type(self.model).__name__)
         return self._compiled_calls[batched]
 
     def forward(self, flats: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
