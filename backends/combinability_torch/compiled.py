@@ -68,7 +68,8 @@ class _CompileErrors:
             return self.compiled(*args)
         from torch._dynamo.exc import BackendCompilerFailed, InternalTorchDynamoError
 
-        _log.info("compiling the evaluation of %s with torch.compile (seconds to a minute)", self.model)
+        _log.info("evaluating %s through torch.compile (its first evaluation of a batch shape compiles it: "
+                  "seconds to a minute)", self.model)
         try:
             out = self.compiled(*args)
         except (BackendCompilerFailed, InternalTorchDynamoError) as exc:
