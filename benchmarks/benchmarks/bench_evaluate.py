@@ -57,6 +57,27 @@ class EvaluateOne:
 
 
 
+class EvaluateOneCompiled:
+    """:class:`EvaluateOne` for torch through ``torch.compile`` (``TorchBackend(compile=True)``),
+    compiled in the setup (seconds on a GPU, 5-20 s on this project's CPU), beside the eager one."""
+
+    params = (["mlp", "tiny10"], ["torch"], DEVICES)
+    param_names = ["architecture", "backend", "device"]
+    timeout = 600
+
+    def setup(self, architecture, library, device):
+        require(library, device)
+        self.be = backend(library, device).with_compile()
+        self.data = synthetic(EXAMPLES[architecture])
+        model, layout, flat = model_and_layout(self.be, architecture)
+        self.evaluator = Evaluator(self.be, model, layout, batch_size=500)
+        self.theta = self.be.asarray(flat)
+        self.evaluator.evaluate([self.theta], self.data)  # compiles
+
+    def time_evaluate(self, architecture, library, device):
+        self.evaluator.evaluate([self.theta], self.data)
+
+
 class EvaluateOneGPUMemory:
     """The GPU memory high-water mark of :class:`EvaluateOne` (CUDA only: skipped elsewhere)."""
 
