@@ -56,15 +56,16 @@ from combinability.data import load_dataset  # noqa: E402
 from combinability.models import build_model  # noqa: E402
 
 
-def mlp_pairs(epochs: int, cache: Path, seeds: tuple[int, ...]) -> dict:
-    """``{"mlp sA-sB": (spec, params_a, params_b)}`` for every pair of trained MLPs."""
+def mlp_pairs(epochs: int, cache: Path, seeds: tuple[int, ...], width: float = 1.0) -> dict:
+    """``{"mlp sA-sB": (spec, params_a, params_b)}`` for every pair of trained MLPs (``width`` x 512 hidden units)."""
     cache.mkdir(parents=True, exist_ok=True)
-    models = {s: cb.train("mlp", "fashion_mnist", seed=s, epochs=epochs,
-                          checkpoint=cache / f"mlp_fashion_mnist_e{epochs}_s{s}.ckpt") for s in seeds}
+    stem = "mlp" if width == 1.0 else f"mlp{width:g}"
+    models = {s: cb.train("mlp", "fashion_mnist", seed=s, epochs=epochs, width=width,
+                          checkpoint=cache / f"{stem}_fashion_mnist_e{epochs}_s{s}.ckpt") for s in seeds}
     out = {}
     for s, t in itertools.combinations(seeds, 2):
         pair = cb.ModelPair(models[s], models[t], architecture="mlp", backend="torch")
-        out[f"mlp s{s}-s{t}"] = (pair.spec, pair.params(0), pair.params(1))
+        out[f"{stem} s{s}-s{t}"] = (pair.spec, pair.params(0), pair.params(1))
     return out
 
 
@@ -172,6 +173,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--epochs", type=int, default=3, help="training epochs of the MLPs")
     parser.add_argument("--seeds", type=int, nargs="*", default=[0, 1, 2], help="MLP training seeds")
+    parser.add_argument("--mlp-width", type=float, default=1.0, help="MLP width multiplier (2: 1,024 hidden units)")
     parser.add_argument("--cache", type=Path, default=Path(".asv/matching-models"), help="checkpoint folder")
     parser.add_argument("--resnet-width", type=int, nargs="*", default=[16], help="ResNet-20 width multipliers")
     parser.add_argument("--noise", type=float, default=3.0,
@@ -192,7 +194,7 @@ def main(argv: list[str] | None = None) -> None:
 
     recipes: dict[str, tuple] = {}  # pair name -> (builder, its arguments): built again in each fresh process
     if args.seeds:
-        recipe = (mlp_pairs, (args.epochs, args.cache, tuple(args.seeds)))
+        recipe = (mlp_pairs, (args.epochs, args.cache, tuple(args.seeds), args.mlp_width))
         recipes.update(dict.fromkeys(mlp_pairs(*recipe[1]), recipe))  # trains the missing checkpoints once
     for width in args.trained_resnet_width:
         recipe = (trained_resnet_pair, (width, args.resnet_epochs, args.cache, args.resnet_examples))
