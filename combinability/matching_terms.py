@@ -141,6 +141,7 @@ class DeviceArrays(HostArrays):
     def __init__(self, backend: Any) -> None:
         self.backend, self.xp = backend, backend.xp()
         self.asynchronous = backend.device() != "cpu"
+        self._indices: dict[bytes, Any] = {}  # gather indices already on the device, by content
 
     def put(self, x: np.ndarray) -> Any:
         return self.backend.asarray(x)
@@ -162,7 +163,20 @@ class DeviceArrays(HostArrays):
         return self.backend.to_numpy(x)
 
     def take(self, w: Any, index: np.ndarray, axis: int, scratch: dict | None = None) -> Any:
-        return self.xp.take(w, self.backend.asarray(np.asarray(index, np.int64)), axis=axis)
+        """``w`` gathered along ``axis`` on the device.
+
+        The index crosses to the device once per content: every term that reads a permutation
+        gathers by the same array, and a copy from the host's (pageable) memory waits for the
+        products queued before it, which would undo the overlap of products and assignments.
+        """
+        index = np.asarray(index, np.int64)
+        key = index.tobytes()
+        device_index = self._indices.get(key)
+        if device_index is None:
+            if len(self._indices) >= _DEVICE_INDICES:
+                self._indices.pop(next(iter(self._indices)))  # the oldest
+            device_index = self._indices[key] = self.backend.asarray(index)
+        return self.xp.take(w, device_index, axis=axis)
 
     def reshape(self, w: Any, shape: tuple[int, ...]) -> Any:
         return self.xp.reshape(w, shape)
@@ -240,6 +254,8 @@ class Term:
         return value
 
 
+#: Gather indices a :class:`DeviceArrays` keeps on its device (the permutations' current ones, and recent ones).
+_DEVICE_INDICES = 64
 #: A term is corrected (not recomputed) when fewer than this fraction of its dep's units moved.
 _CORRECT_FRACTION = 0.75
 #: Low-rank corrections of a cached term before it is recomputed (bounds float32 drift).
