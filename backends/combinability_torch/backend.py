@@ -78,11 +78,16 @@ def _from_numpy(array: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(array)
 
 
-def _views(flat: torch.Tensor, layout: FlatLayout) -> dict[str, torch.Tensor]:
-    """Views of ``flat`` (shape ``(..., d)``) as the layout's named arrays, shapes ``(..., *shape)``."""
-    chunks = torch.split(flat, layout.sizes, dim=-1)
+def _views(flat: torch.Tensor, sizes: tuple[int, ...], entries: tuple[tuple[str, tuple[int, ...]], ...]
+           ) -> dict[str, torch.Tensor]:
+    """Views of ``flat`` (shape ``(..., d)``) as a layout's named arrays, shapes ``(..., *shape)``.
+
+    The layout comes as plain tuples (:attr:`TorchPrepared._entries`): its cached properties take a
+    lock on Python 3.11, which torch.compile cannot trace (a graph break).
+    """
+    chunks = torch.split(flat, sizes, dim=-1)
     lead = tuple(flat.shape[:-1])
-    return {e.name: c.reshape(*lead, *e.shape) for e, c in zip(layout.entries, chunks, strict=True)}
+    return {name: c.reshape((*lead, *shape)) for (name, shape), c in zip(entries, chunks, strict=True)}
 
 
 def _swapped_in(model: nn.Module, tensors: dict[str, torch.Tensor]) -> contextlib.AbstractContextManager | None:
@@ -180,14 +185,12 @@ class TorchPrepared:
         return stack
 
     def _flat_call(self, flat: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        """The logits of one parameter vector ``flat`` (shape ``(d,)``) on ``x``: the function compiled.
+        """The logits of one parameter vector ``flat`` (shape ``(d,)``) on ``x``: the function compiled."""
+        return self._call(self._views(flat), x)
 
-        It reads the layout's entries from plain tuples (:attr:`_entries`): the layout's cached
-        properties take a lock on Python 3.11, which torch.compile cannot trace (a graph break).
-        """
-        chunks = torch.split(flat, self._sizes)
-        params = {name: c.reshape(shape) for (name, shape), c in zip(self._entries, chunks, strict=True)}
-        return logits_of(functional_call(self.model, {**self.rest, **params}, (x,), strict=False))
+    def _views(self, flat: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Views of ``flat`` (shape ``(..., d)``) as this layout's named arrays (:func:`_views`)."""
+        return _views(flat, self._sizes, self._entries)
 
     def _flat_calls(self, flats: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """The logits of several vectors ``flats`` (shape ``(k, d)``) on ``x``, vmapped."""
@@ -233,10 +236,10 @@ class TorchPrepared:
                         return torch.stack([one(row, x) for row in flats])
             elif self.backend.use_vmap(self.layout.size) and flats.shape[0] > 1:
                 batched = vmap(lambda p, xb: self._call(p, xb), in_dims=(0, None))
-                params = _views(flats, self.layout)
+                params = self._views(flats)
                 run = functools.partial(batched, params)
             elif flats.shape[0] == 1:  # one vector (a sweep's cell): no copy of its logits
-                one = _views(flats[0], self.layout)
+                one = self._views(flats[0])
                 swapped = _swapped_in(self.model, {**self.rest, **one})
                 if swapped is not None:  # swapped in once for all batches, as functional_call does per call
                     stack.enter_context(swapped)
@@ -247,7 +250,7 @@ class TorchPrepared:
                     def run(x: torch.Tensor) -> torch.Tensor:
                         return self._call(one, x).unsqueeze(0)
             else:
-                rows = [_views(row, self.layout) for row in flats]
+                rows = [self._views(row) for row in flats]
 
                 def run(x: torch.Tensor) -> torch.Tensor:
                     return torch.stack([self._call(p, x) for p in rows])
@@ -259,7 +262,7 @@ class TorchPrepared:
             yield forward
 
     def features(self, flat: torch.Tensor, x: torch.Tensor, points: Sequence[str]) -> dict[str, torch.Tensor]:
-        params = _views(flat, self.layout)
+        params = self._views(flat)
         with self._inference():
             if isinstance(self.model, TapRunner):
                 missing = [p for p in points if p not in self.model.fx_of]
@@ -317,8 +320,8 @@ class TorchPrepared:
                        loss: Callable[[Any, Any], Any]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         flat = flat.detach()
         leaf = flat.clone().requires_grad_(True)
-        trained = _views(leaf, self.layout)
-        buffers = _views(flat, self.layout)  # running statistics update in place, into ``flat``
+        trained = self._views(leaf)
+        buffers = self._views(flat)  # running statistics update in place, into ``flat``
         params = {k: (buffers[k] if k in self.buffers else v) for k, v in trained.items()}
         self.model.train()
         try:
