@@ -332,16 +332,16 @@ class Problem:
         """The maximum assignment of ``cost``, as the column of each row.
 
         Warm-started from ``current`` and the prices of ``p``'s last solve when numba
-        is installed (:func:`combinability.assignment.warm_assignment`), else scipy's cold solve.
+        is installed (:func:`combinability.assignment.min_assignment`; ``p``'s first solve is
+        cold, from an auction's prices on large problems), else scipy's cold solve.
         """
-        warm = assignment.compiled_warm_assignment()
-        if warm is None or len(current) == 0:
+        if assignment.compiled_warm_assignment() is None or len(current) == 0:
             return assignment.solve_max(cost)
         loss = -cost.astype(np.float64)
         cold = p not in self.prices
-        if cold:  # the first solve: prices from the reductions of ``loss``
+        if cold:  # the first solve: prices from an auction or the reductions of ``loss``
             self.prices[p] = np.empty(len(current))
-        return warm(loss, current.astype(np.int64), self.prices[p], cold)
+        return assignment.min_assignment(loss, current.astype(np.int64), self.prices[p], cold)
 
     def objective(self, perm: Mapping[str, np.ndarray]) -> float:
         """The exact (float64) objective ``Σ ⟨θ_A, π(θ_B)⟩`` (:func:`matching_objective`).

@@ -266,12 +266,24 @@ def test_generator_seed_is_one_integer_seed():
         np.testing.assert_array_equal(first[p], as_int[p])
 
 
+def _optimum(cost):
+    """scipy's minimum total of ``cost``: the independent reference."""
+    from scipy.optimize import linear_sum_assignment
+
+    rows, cols = linear_sum_assignment(cost)
+    return cost[rows, cols].sum()
+
+
+def _is_optimal(cost, x, tol=1e-9):
+    n = len(cost)
+    return sorted(np.asarray(x).tolist()) == list(range(n)) and \
+        cost[np.arange(n), x].sum() == pytest.approx(_optimum(cost), abs=tol * max(1.0, abs(_optimum(cost))))
+
+
 @pytest.mark.parametrize("ties", [False, True])
 def test_warm_assignment_is_optimal_from_any_start(ties):
     """The warm-started solver (run here as plain Python) reaches scipy's optimum from any prices,
-    cold and warm, with ties or without."""
-    from scipy.optimize import linear_sum_assignment
-
+    any full or partial assignment and a cold start from the reductions, with ties or without."""
     rng = np.random.default_rng(10)
     for _ in range(40):
         n = int(rng.integers(1, 25))
@@ -279,15 +291,56 @@ def test_warm_assignment_is_optimal_from_any_start(ties):
         # any prices: random, zeros, or the column minima of a cold start (column reduction)
         prices = (rng.normal(size=n), np.zeros(n), cost.min(axis=0))[n % 3].copy()
         x = rng.permutation(n).astype(np.int64)
-        for _ in range(3):  # cold, then warm from the last solution and prices on a changed matrix
+        for _ in range(3):  # then warm from the last solution and prices on a changed matrix
             x = assignment.warm_assignment(cost, x.copy(), prices)
-            rows, cols = linear_sum_assignment(cost)
-            cold = assignment.warm_assignment(cost, np.full(n, -7), np.full(n, np.nan), True)  # x, v only written
-            assert sorted(cold) == list(range(n))
-            assert cost[np.arange(n), cold].sum() == pytest.approx(cost[rows, cols].sum(), abs=1e-9)
-            assert sorted(x) == list(range(n))
-            assert cost[np.arange(n), x].sum() == pytest.approx(cost[rows, cols].sum(), abs=1e-9)
+            assert _is_optimal(cost, x)
+            partial = x.copy()
+            partial[rng.random(n) < 0.5] = -1  # rows without a column are free
+            assert _is_optimal(cost, assignment.warm_assignment(cost, partial, rng.normal(size=n)))
+            cold_x, cold_v = np.full(n, -7), np.full(n, np.nan)  # only written
+            left = assignment.reduction_start(cost, cold_x, cold_v)
+            assert left == np.sum(cold_x == -1)
+            assert len(set(cold_x[cold_x >= 0].tolist())) == n - left  # no column twice
+            assert _is_optimal(cost, assignment.warm_assignment(cost, cold_x, cold_v))
             cost = cost + 0.1 * rng.normal(size=(n, n))
+
+
+@pytest.mark.parametrize("ties", [False, True])
+def test_auction_start_is_eps_optimal(ties):
+    """The auction (plain Python) ends with a permutation in which every row is within ``n·ε``
+    of its cheapest column at the prices it returns (ε-complementary slackness), or gives up
+    at its bid limit; the warm solver completes it to scipy's optimum."""
+    rng = np.random.default_rng(14)
+    for _ in range(20):
+        n = int(rng.integers(2, 30))
+        cost = rng.integers(0, 3, size=(n, n)).astype(float) if ties else rng.normal(size=(n, n))
+        x, v = np.full(n, -7), np.full(n, np.nan)
+        last = 1e-3
+        assert assignment.auction_start(cost, x, v, 0.5, last, 4.0, 10**6)
+        assert sorted(x.tolist()) == list(range(n))
+        reduced = cost - v[None, :]
+        assert np.all(reduced[np.arange(n), x] <= reduced.min(axis=1) + last + 1e-12)
+        assert _is_optimal(cost, assignment.warm_assignment(cost, x.copy(), v.copy()))
+        assert not assignment.auction_start(cost, x, v, 0.5, last, 4.0, n - 1)  # fewer bids than rows
+
+
+def test_cold_solve_from_an_auction_is_optimal(monkeypatch):
+    """:func:`min_assignment` cold, with the auction on (any size, any rows left), in plain Python:
+    scipy's optimum, also where the auction gives up (a limit of one bid per unit)."""
+    monkeypatch.setattr(assignment, "compiled_warm_assignment", lambda: assignment.warm_assignment)
+    monkeypatch.setattr(assignment, "compiled_reduction_start", lambda: assignment.reduction_start)
+    monkeypatch.setattr(assignment, "compiled_auction_start", lambda: assignment.auction_start)
+    monkeypatch.setattr(assignment, "AUCTION_UNITS", 2)
+    monkeypatch.setattr(assignment, "AUCTION_FREE", 0.0)
+    rng = np.random.default_rng(15)
+    for limit in (400, 1):
+        monkeypatch.setattr(assignment, "_AUCTION_BIDS_PER_UNIT", limit)
+        for kind in ("normal", "integers", "constant"):
+            n = int(rng.integers(3, 30))
+            cost = {"normal": rng.normal(size=(n, n)), "integers": rng.integers(0, 3, size=(n, n)).astype(float),
+                    "constant": np.ones((n, n))}[kind]
+            x = assignment.min_assignment(cost, np.full(n, -7), np.full(n, np.nan), True)
+            assert _is_optimal(cost, x), (limit, kind)
 
 
 def test_warm_solver_takes_the_reference_steps(monkeypatch):
@@ -315,18 +368,24 @@ def test_bad_seed_is_refused_before_work(seed):
         cb.weight_matching(ref.mlp_spec(2), a, a, seed=seed)
 
 
-@pytest.mark.parametrize("start", ["column minima", "cold"])
+@pytest.mark.parametrize("start", ["column minima", "cold", "auction"])
 @pytest.mark.parametrize("kind", ["gram", "hubs", "integers"])
-def test_compiled_assignment_matches_scipy_on_large_problems(kind, start):
-    """The compiled solver, cold (from the column minima as prices, or from its own reductions)
-    then warm, reaches scipy's optimum at 400 units."""
+def test_compiled_assignment_matches_scipy_on_large_problems(kind, start, monkeypatch):
+    """The compiled solver, cold (from the column minima as prices, from its own reductions, or
+    from the auction, forced on) then warm, reaches scipy's optimum at 600 units."""
     from scipy.optimize import linear_sum_assignment
 
     warm = assignment.compiled_warm_assignment()
     if warm is None:
         pytest.skip("numba is not installed")
+    auctions = []
+    if start == "auction":
+        compiled = assignment.compiled_auction_start()
+        monkeypatch.setattr(assignment, "AUCTION_FREE", 0.0)
+        monkeypatch.setattr(assignment, "compiled_auction_start",
+                            lambda: lambda *args: auctions.append(1) or compiled(*args))
     rng = np.random.default_rng(13)
-    n = 400
+    n = 600
     if kind == "gram":  # like weight matching: inner products of two noisy copies of the same units
         a = rng.normal(size=(n, 64))
         cost = -(a @ (a[rng.permutation(n)] + rng.normal(size=(n, 64))).T)
@@ -337,9 +396,10 @@ def test_compiled_assignment_matches_scipy_on_large_problems(kind, start):
         assert len(set(cost.argmin(axis=0))) < n // 2
     else:  # many ties
         cost = rng.integers(0, 5, size=(n, n)).astype(float)
-    if start == "cold":
+    if start != "column minima":
         prices = np.empty(n)
-        x = warm(cost, np.empty(n, np.int64), prices, True)
+        x = assignment.min_assignment(cost, np.empty(n, np.int64), prices, True)
+        assert len(auctions) == (start == "auction")
     else:
         prices = cost.min(axis=0)
         x = warm(cost, np.arange(n, dtype=np.int64), prices)

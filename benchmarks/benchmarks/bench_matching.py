@@ -253,31 +253,31 @@ def assignment_problem(kind, n=512, seed=0):
 
 
 class LinearAssignment:
-    """One 512-unit assignment: cold, and warm from the last solve on a changed cost (library, numba),
-    against scipy's solve (cold either way)."""
+    """One assignment of 512 or 1,024 units: cold (from an auction or the reductions), and warm
+    from the last solve on a changed cost (library, numba), against scipy's solve (cold either way)."""
 
-    params = (["gram", "hubs"], ["library", "scipy"])
-    param_names = ["cost", "solver"]
+    params = (["gram", "hubs"], [512, 1024], ["library", "scipy"])
+    param_names = ["cost", "units", "solver"]
 
-    def setup(self, kind, solver):
+    def setup(self, kind, n, solver):
         from combinability import assignment
 
+        self.solve = assignment.min_assignment
         self.warm = assignment.compiled_warm_assignment()
         if solver == "library" and self.warm is None:
             raise NotImplementedError("numba is not installed")
-        first, self.changed = assignment_problem(kind)
+        first, self.changed = assignment_problem(kind, n)
         self.loss, self.changed_loss = -first, -self.changed
-        n = len(first)
         self.prices = np.empty(n)
-        self.start = self.warm(self.loss, np.empty(n, np.int64), self.prices, True) if self.warm else None
+        self.start = self.solve(self.loss, np.empty(n, np.int64), self.prices, True) if self.warm else None
 
-    def time_cold(self, kind, solver):
+    def time_cold(self, kind, n, solver):
         if solver == "scipy":
             reference_rebasin.linear_sum_assignment(self.loss)
         else:
-            self.warm(self.loss, np.empty(len(self.loss), np.int64), np.empty(len(self.loss)), True)
+            self.solve(self.loss, np.empty(n, np.int64), np.empty(n), True)
 
-    def time_warm(self, kind, solver):
+    def time_warm(self, kind, n, solver):
         if solver == "scipy":
             reference_rebasin.linear_sum_assignment(self.changed_loss)
         else:
