@@ -328,17 +328,18 @@ def auction_start(cost: np.ndarray, x: np.ndarray, v: np.ndarray, eps: float,  #
         eps = max(eps / factor, eps_last)
 
 
-def _compile(function: Any, *example: Any) -> Any:
-    """``function`` compiled by numba and run once on ``example``, or ``None`` without a usable numba."""
+def _compile(function: Any, instead: str, *example: Any) -> Any:
+    """``function`` compiled by numba and run once on ``example``, or ``None`` without a usable
+    numba (a warning then says what is done ``instead``)."""
     try:
         import numba
     except ImportError:
         return None
     compiled = numba.njit(cache=True, nogil=True)(function)
-    try:  # compile now: a numba that cannot compile it leaves scipy in charge
+    try:  # compile now: a numba that cannot compile it leaves the fallback in charge
         compiled(*example)
     except Exception as exc:  # noqa: BLE001 - numba raises many kinds; any means "not usable"
-        _log.warning("numba could not compile %s (%s); using scipy", function.__name__, exc)
+        _log.warning("numba could not compile %s (%s); %s", function.__name__, exc, instead)
         return None
     return compiled
 
@@ -349,16 +350,17 @@ def compiled_warm_assignment() -> Any:
     (or :func:`reduction_start`, which every cold solve needs, cannot be compiled)."""
     if compiled_reduction_start() is None:
         return None
-    return _compile(warm_assignment, np.zeros((2, 2)), np.array([1, -1]), np.zeros(2))
+    return _compile(warm_assignment, "using scipy", np.zeros((2, 2)), np.array([1, -1], np.int64), np.zeros(2))
 
 
 @functools.cache
 def compiled_reduction_start() -> Any:
     """:func:`reduction_start` compiled by numba, or ``None`` when numba is not installed."""
-    return _compile(reduction_start, np.zeros((2, 2)), np.empty(2, np.int64), np.empty(2))
+    return _compile(reduction_start, "using scipy", np.zeros((2, 2)), np.empty(2, np.int64), np.empty(2))
 
 
 @functools.cache
 def compiled_auction_start() -> Any:
     """:func:`auction_start` compiled by numba, or ``None`` when numba is not installed."""
-    return _compile(auction_start, np.zeros((2, 2)), np.empty(2, np.int64), np.empty(2), 1.0, 0.5, 2.0, 100)
+    return _compile(auction_start, "cold solves start from the reductions", np.zeros((2, 2)), np.empty(2, np.int64),
+                    np.empty(2), 1.0, 0.5, 2.0, 100)

@@ -270,7 +270,8 @@ def match_symmetries(spec: PermutationSpec, a: Mapping[str, np.ndarray], b: Mapp
                 changed = _step(spec, steps[k], state, a, sizes)
                 moved, terms = state.trial(changed)
                 gain = float(sum(terms[name] - state.terms[name] for name in terms))
-                if gain > tol * max(1.0, abs(value)):
+                share = float(sum(abs(state.terms[name]) for name in terms))  # what the step can change
+                if gain > tol * max(1.0, share):
                     state.accept(changed, moved, terms)
                     value += gain
                     improved = True

@@ -118,8 +118,8 @@ def _descend(problem: Problem, perm: dict[str, np.ndarray], seed: int, run: int,
             new = problem.solve(p, cost, perm[p])
             if np.array_equal(new, perm[p]):
                 continue
-            gain = problem.gain(p, perm, new, cost)
-            if gain > tol * max(1.0, abs(current)):
+            gain, scale = problem.gain(p, perm, new, cost)
+            if gain > tol * scale:
                 perm[p] = new
                 current += gain
                 improved = True
@@ -212,7 +212,12 @@ def weight_matching(
         Extra runs from uniformly random initial permutations; the run with the best
         final objective is returned (single runs can stop in a local optimum).
     tol : float
-        Improvement, relative to the objective, below which an assignment is not taken.
+        Improvement below which an assignment is not taken, relative to the size of what it
+        changes: the absolute values its gain adds up (``Σ |A ⊙ (B_new − B_old)|`` over the
+        moved units' slices, or their entries of the float32 cost matrix when many units
+        move; see :meth:`combinability.matching_terms.Problem.gain`). Not relative to the
+        whole objective: one parameter of large values (a stem's, a norm's running
+        variance) would make such a threshold refuse real gains everywhere.
     progress : bool, default False
         Report every sweep's objective: a progress line on a terminal
         (:func:`combinability.progress.progress_bar`), elsewhere (a log file, a CI job) an

@@ -359,30 +359,43 @@ class Problem:
             total += dot64(self.a[name], b)
         return total
 
-    def gain(self, p: str, perm: Mapping[str, np.ndarray], new: np.ndarray, cost: np.ndarray) -> float:
-        """Change of the objective when ``perm[p]`` becomes ``new``, the others held.
+    def gain(self, p: str, perm: Mapping[str, np.ndarray], new: np.ndarray,
+             cost: np.ndarray) -> tuple[float, float]:
+        """Change of the objective when ``perm[p]`` becomes ``new``, the others held, and its scale.
 
         When many units move, their entries of the float32 ``cost`` summed in float64 (the
         rounding is far below such a gain); when few move (where a gain can be as small as
         the rounding), the exact float64 change, read from the moved units' slices only
         (whole parameters if ``p`` acts on two axes of one parameter).
+
+        Returns
+        -------
+        gain : float
+        scale : float
+            The sum of the absolute values the gain adds up: a step is taken when its gain
+            exceeds ``tol`` times this (:func:`combinability.weight_matching`). For few units,
+            ``Σ |A ⊙ (B_new − B_old)|`` over their slices, so that a parameter whose moved
+            entries are equal (a constant, however large) weighs nothing; for many, the moved
+            entries of ``cost``, at which the float32 rounding is.
         """
         old = perm[p]
         units = np.flatnonzero(old != new)
         if len(units) > max(_EXACT_UNITS, len(old) // 16) and p not in self.self_bound:
-            gain = cost[units, new[units]].sum(dtype=np.float64) - cost[units, old[units]].sum(dtype=np.float64)
-            return float(gain)
+            taken = cost[units, new[units]].astype(np.float64)
+            left = cost[units, old[units]].astype(np.float64)
+            return float(taken.sum() - left.sum()), float(np.abs(taken).sum() + np.abs(left).sum())
         return self._exact_gain(p, perm, new, units)
 
-    def _exact_gain(self, p: str, perm: Mapping[str, np.ndarray], new: np.ndarray, units: np.ndarray) -> float:
+    def _exact_gain(self, p: str, perm: Mapping[str, np.ndarray], new: np.ndarray,
+                    units: np.ndarray) -> tuple[float, float]:
         old = perm[p]
         if p in self.self_bound:
             names = {name for name, _ in self.spec.perm_to_axes[p]}
             part = PermutationSpec({k: self.spec.axes_to_perm[k] for k in names})
-            trial = {**perm, p: new}
-            return (matching_objective(part, self.a, self.b, trial)
-                    - matching_objective(part, self.a, self.b, perm))
-        total = 0.0
+            after = matching_objective(part, self.a, self.b, {**perm, p: new})
+            before = matching_objective(part, self.a, self.b, perm)
+            return after - before, abs(after) + abs(before)
+        total, scale = 0.0, 0.0
         for name, axis in self.spec.perm_to_axes[p]:
             a_rows = np.take(self.a[name], units, axis=axis)
             b_new = np.take(self.b[name], new[units], axis=axis)
@@ -390,5 +403,8 @@ class Problem:
             for ax, q in enumerate(self.spec.axes_to_perm[name]):
                 if q is not None and ax != axis:
                     b_new, b_old = np.take(b_new, perm[q], axis=ax), np.take(b_old, perm[q], axis=ax)
-            total += dot64(a_rows, b_new) - dot64(a_rows, b_old)
-        return total
+            # float32 inputs: the difference and each product are exact in float64, only the sum rounds
+            change = a_rows.astype(np.float64) * (b_new.astype(np.float64) - b_old)
+            total += float(change.sum())
+            scale += float(np.abs(change).sum())
+        return total, scale

@@ -218,7 +218,7 @@ def test_gain_is_the_change_of_the_objective():
         new = perm["P0"].copy()
         idx = rng.choice(40, size=moved, replace=False)
         new[idx] = new[rng.permutation(idx)]
-        gain = problem.gain("P0", perm, new, problem.cost("P0", perm))
+        gain, _ = problem.gain("P0", perm, new, problem.cost("P0", perm))
         want = cb.matching_objective(spec, a, b, {**perm, "P0": new}) - cb.matching_objective(spec, a, b, perm)
         exact = moved == 2
         assert gain == pytest.approx(want, rel=1e-12 if exact else 1e-5, abs=1e-12 if exact else 1e-5)
@@ -233,7 +233,7 @@ def test_permutation_on_two_axes_of_one_parameter():
     b = cb.apply_permutation(spec, cb.invert_permutation(planted), a)
     problem = matching_terms.Problem(spec, a, b)
     perm = {"P": np.arange(24)}
-    gain = problem.gain("P", perm, planted["P"], problem.cost("P", perm))
+    gain, _ = problem.gain("P", perm, planted["P"], problem.cost("P", perm))
     want = cb.matching_objective(spec, a, b, planted) - cb.matching_objective(spec, a, b, perm)
     assert gain == pytest.approx(want, rel=1e-12)
     found = cb.weight_matching(spec, a, b, seed=0, restarts=4)
@@ -356,6 +356,45 @@ def test_warm_solver_takes_the_reference_steps(monkeypatch):
         assert ours.iterations == sweeps
         for p in theirs:
             np.testing.assert_array_equal(ours[p], theirs[p])
+
+
+def test_a_large_parameter_does_not_stop_the_descent_elsewhere():
+    """A parameter of huge values (as a stem's or a norm's running variance can be) on a
+    permutation of its own makes the objective ~1e16: the gains of every other step are
+    compared with what that step changes, not with the whole objective, which made them all
+    look negligible (the descent stopped after its first sweep, short of the reference's)."""
+    rng = np.random.default_rng(16)
+    a = ref.mlp_params(rng, (12, 32, 24, 3))
+    b = ref.mlp_params(rng, (12, 32, 24, 3))  # unrelated: a descent of several sweeps
+    spec = cb.PermutationSpec({**ref.mlp_spec(3).axes_to_perm, "stats": ("Q",)})
+    a["stats"] = 1e6 * np.arange(1.0, 33.0)
+    b["stats"] = a["stats"][rng.permutation(32)]
+    ours = cb.weight_matching(spec, a, b, seed=0)
+    theirs, sweeps = rebasin.weight_matching(0, spec, a, b)
+    assert ours.objective > 1e16
+    assert ours.iterations == sweeps > 2
+    for p in theirs:
+        np.testing.assert_array_equal(ours[p], theirs[p])
+
+
+def test_gain_scale_ignores_equal_entries():
+    """The scale of an exact gain is ``Σ |A ⊙ (B_new − B_old)|``: a constant parameter adds nothing."""
+    rng = np.random.default_rng(17)
+    a = ref.mlp_params(rng, (6, 40, 3))
+    spec = cb.PermutationSpec({**ref.mlp_spec(2).axes_to_perm, "const": ("P0",)})
+    a["const"] = np.full(40, 1e8)
+    b = {k: v + 0.1 * rng.normal(size=v.shape) if k != "const" else v for k, v in a.items()}
+    problem = matching_terms.Problem(spec, a, b)
+    perm = {"P0": np.arange(40)}
+    new = perm["P0"].copy()
+    new[[3, 7]] = new[[7, 3]]
+    gain, scale = problem.gain("P0", perm, new, problem.cost("P0", perm))
+    want = 0.0
+    for name, axis in spec.perm_to_axes["P0"]:
+        wa, wb = np.moveaxis(a[name], axis, 0), np.moveaxis(b[name], axis, 0)
+        want += np.abs(wa[[3, 7]] * (wb[[7, 3]] - wb[[3, 7]])).sum()
+    assert scale == pytest.approx(want, rel=1e-12)
+    assert scale < 1e3  # the constant's 1e16 products are not in it
 
 
 @pytest.mark.parametrize("seed", [-1, 1.5, "0", True])
