@@ -29,9 +29,11 @@ __all__ = ["Term", "Problem", "HostArrays", "DeviceArrays", "matching_objective"
 def matching_objective(spec: PermutationSpec, params_a: Mapping[str, Any], params_b: Mapping[str, Any],
                        perm: Mapping[str, Any]) -> float:
     """``Σ_names ⟨θ_A[name], π(θ_B)[name]⟩`` over the parameters listed in ``spec``."""
+    if any(np.ndim(t) == 2 for t in perm.values()):  # orthogonal maps: B's norms folded, checked once
+        spec.check_requirements(params_b)
     total = 0.0
     for name in spec.axes_to_perm:  # one parameter at a time: no float64 copy of a whole model
-        b = apply_permutation(spec, perm, {name: params_b[name]})[name]
+        b = apply_permutation(spec, perm, {name: params_b[name]}, check=False)[name]
         total += dot64(params_a[name], b)
     return total
 

@@ -215,6 +215,39 @@ def test_weight_matching_of_two_unrelated_transformers_reports_its_exact_objecti
     assert again.objective == pytest.approx(found.objective, rel=1e-12)
 
 
+def test_matching_objective_of_an_orthogonal_transformation():
+    """``cb.matching_objective`` with an orthogonal map: Σ⟨θ_A, T(θ_B)⟩ computed here from the
+    transformed model; B's norms must be folded (refused, naming the norm, otherwise)."""
+    a = fold_norms(transformer_params(8), transformer_folds())
+    b = fold_norms(transformer_params(9), transformer_folds())
+    spec = transformer_spec(True)
+    t = cb.random_permutation(spec, a, seed=1)
+    moved = cb.apply_permutation(spec, t, b)
+    exact = sum(float(np.vdot(np.asarray(a[k], np.float64), np.asarray(moved[k], np.float64)))
+                for k in spec.axes_to_perm)
+    assert cb.matching_objective(spec, a, b, t) == pytest.approx(exact, rel=1e-12)
+    with pytest.raises(PermutationSpecError, match="needs 'lnf.weight' to be all 1"):
+        cb.matching_objective(spec, a, transformer_params(9), t)
+
+
+def test_a_large_parameter_elsewhere_does_not_stop_the_descent():
+    """A separate parameter of huge values (objective ~1e16) must not make the other steps' gains
+    look negligible: the transformer's part of the result is a coordinate optimum of the
+    transformer alone (a descent started from it, without that parameter, finds nothing)."""
+    a = fold_norms(transformer_params(8), transformer_folds())
+    b = fold_norms(transformer_params(9), transformer_folds())
+    spec = transformer_spec(True)
+    rng = np.random.default_rng(3)
+    stats = 1e6 * np.arange(1.0, 33.0)
+    big = cb.PermutationSpec({**spec.axes_to_perm, "stats": ("Q",)}, spec.kinds)
+    found = cb.weight_matching(big, {**a, "stats": stats}, {**b, "stats": stats[rng.permutation(32)]}, seed=0)
+    assert found.objective > 1e16
+    part = {p: found[p] for p in spec.perm_names}
+    again = cb.weight_matching(spec, a, b, seed=3, init=part)
+    assert again.iterations == 1
+    assert again.objective == pytest.approx(cb.matching_objective(spec, a, b, part), rel=1e-12)
+
+
 @pytest.mark.parametrize("stream", ["none", "permutation", "orthogonal"])
 def test_skipping_steps_whose_inputs_did_not_change_takes_the_same_steps(monkeypatch, stream):
     """A step is skipped when no name its optimum reads has changed since it was taken; with
