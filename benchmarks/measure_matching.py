@@ -203,7 +203,8 @@ def main(argv: list[str] | None = None) -> None:
         recipes[f"resnet20x{width}"] = (resnet_pair, (width, args.noise))
     from combinability.assignment import compiled_warm_assignment as _compiled_warm_assignment
 
-    solver = "warm-started Jonker-Volgenant (numba)" if _compiled_warm_assignment() else "scipy (numba not installed)"
+    solver = ("warm-started Jonker-Volgenant (numba; cold from an auction from 512 units)"
+              if _compiled_warm_assignment() else "scipy (numba not installed)")
     where = "numpy (CPU)" if args.backend is None else f"{args.backend} ({cb.get_backend(args.backend).device()})"
     print(f"library's assignment solver: {solver}; cost terms: {where}\n")
     print("| pair | matcher | time (s) | speed-up | sweeps | objective | vs reference |")
