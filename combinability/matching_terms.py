@@ -112,12 +112,17 @@ class HostArrays:
 
     def take(self, w: Any, index: np.ndarray, axis: int, scratch: dict | None = None) -> Any:
         """``w`` gathered along ``axis``; along axis 0 into a buffer of ``scratch`` kept per shape
-        (no fresh pages for every gather)."""
+        (no fresh pages for every gather).
+
+        The buffered gather is unchecked (``mode="wrap"``): ``index`` is a permutation, checked
+        before the descent. numpy's default ``mode="raise"`` with ``out`` copies through a
+        temporary buffer, 3-4x slower (ResNet-20 x8: 39 of the matching's 670 ms).
+        """
         if axis == 0 and scratch is not None:
             out = scratch.get(w.shape)
             if out is None:
                 out = scratch[w.shape] = np.empty(w.shape, np.float32)
-            return np.take(w, index, axis=0, out=out)
+            return np.take(w, index, axis=0, out=out, mode="wrap")
         return np.take(w, index, axis=axis)
 
     def reshape(self, w: Any, shape: tuple[int, ...]) -> Any:
@@ -203,14 +208,15 @@ class Term:
         self.n = a.shape[axis]
         self.scratch = {} if scratch is None else scratch  # gather buffers by shape, shared by a problem's terms
         self.arrays = HostArrays() if arrays is None else arrays
-        # Columns of A and rows of B run over the other axes, the first permuted one first:
-        # A as (unit, first dep, rest...), B as (first dep, rest..., unit). Gathering B's
-        # first permuted axis then copies whole rows, and the product is one plain GEMM.
+        # A and B both as (first dep, rest..., unit): the other axes, the first permuted one
+        # first. Gathering B's first permuted axis (or, for a correction, A's and B's moved
+        # units of it) then copies whole rows, and the product is one GEMM of A's transpose
+        # (BLAS reads it transposed at no cost).
         others = [ax for ax in range(a.ndim) if ax != axis]
         if deps:
             others.remove(deps[0][0])
             others.insert(0, deps[0][0])
-        self.a = self.arrays.reshape(self.arrays.transposed(a, (axis, *others)), (self.n, -1))
+        self.a = self.arrays.transposed(a, (*others, axis))
         self.b = self.arrays.transposed(b, (*others, axis))
         self.b_shape = tuple(int(s) for s in self.b.shape)
         self.deps = [(others.index(ax), q) for ax, q in deps]  # (axis of self.b, permutation name)
@@ -226,7 +232,7 @@ class Term:
                 continue
             # the first gather (whole rows) goes into a buffer kept per shape
             w = arrays.take(w, index, ax, self.scratch if k == 0 else None)
-        return self.a @ arrays.reshape(w, (-1, self.n))
+        return arrays.reshape(self.a, (-1, self.n)).T @ arrays.reshape(w, (-1, self.n))
 
     def refresh(self, perm: Mapping[str, np.ndarray]) -> bool:
         """Bring :attr:`value` up to date with ``perm``; return whether it changed."""
@@ -250,8 +256,8 @@ class Term:
         """``value + Σ_{k ∈ units} A[:, k] (B[new[k]] − B[old[k]])``: only the moved units (of the one dep)."""
         arrays = self.arrays
         diff = arrays.take(self.b, new[units], 0) - arrays.take(self.b, old[units], 0)
-        a_part = arrays.take(arrays.reshape(self.a, (self.n, self.b_shape[0], -1)), units, 1)
-        value = arrays.add_to(value, arrays.reshape(a_part, (self.n, -1)) @ arrays.reshape(diff, (-1, self.n)))
+        a_part = arrays.take(self.a, units, 0)
+        value = arrays.add_to(value, arrays.reshape(a_part, (-1, self.n)).T @ arrays.reshape(diff, (-1, self.n)))
         self.updates += 1
         return value
 
