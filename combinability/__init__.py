@@ -35,6 +35,7 @@ from combinability.errors import (
     PluginError,
     SamplerError,
     UnknownNameError,
+    UntracedModelWarning,
 )
 
 __version__ = "0.1.0"
@@ -155,6 +156,7 @@ __all__ = [
     "LayoutError",
     "NonFiniteWeightsError",
     "NothingToAlignWarning",
+    "UntracedModelWarning",
     "OutputExistsError",
     "OutputLockedError",
     "OutputNotWritableError",

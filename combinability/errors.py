@@ -29,6 +29,7 @@ __all__ = [
     "OutputNotWritableError",
     "CombinabilityWarning",
     "NothingToAlignWarning",
+    "UntracedModelWarning",
 ]
 
 
@@ -121,3 +122,8 @@ class CombinabilityWarning(UserWarning):
 class NothingToAlignWarning(CombinabilityWarning):
     """An alignment was asked of models whose spec has no transformation: every channel space is fixed
     (the input and logits only, or every hidden space held in place by the layers around it)."""
+
+
+class UntracedModelWarning(CombinabilityWarning):
+    """A user's own model could not be traced on ``example_input``; it is used with the spec given by hand,
+    without the traced graph that activation matching, REPAIR and the feature analyses read."""

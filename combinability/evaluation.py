@@ -86,18 +86,71 @@ def cross_entropy(xp: Any, logits: Any, y: Any) -> Any:
 
 
 def mean_cross_entropy(xp: Any, logits: Any, y: Any) -> Any:
-    """The mean of :func:`cross_entropy` over every axis (a training loss).
+    """The mean of :func:`cross_entropy` over every target (a training loss).
 
-    A sequence model's logits may come as ``(n * T, classes)`` or ``(n, T, classes)`` for
-    targets ``(n, T)``: both are read as one row per position.
+    Targets ``(n, *positions)`` (a sequence's ``(n, T)``, a segmentation's ``(n, H, W)``) take
+    logits in any layout :func:`logit_rows` reads: one row per target.
     """
-    if logits.ndim > 2:
-        logits, y = xp.reshape(logits, (-1, logits.shape[-1])), xp.reshape(y, (-1,))
+    if len(y.shape) > 1 or logits.ndim > 2:
+        logits, y = logit_rows(xp, logits, tuple(y.shape)), xp.reshape(y, (-1,))
     return xp.mean(cross_entropy(xp, logits, y))
 
 
-def _rows(xp: Any, logits: Any) -> Any:
-    """``(k, rows, classes)`` logits: a sequence model's ``(k, n, T, classes)`` as ``(k, n * T, classes)``."""
+def logit_rows(xp: Any, logits: Any, targets: tuple[int, ...], lead: int = 0) -> Any:
+    """``logits`` as ``(*lead axes, rows, classes)``: one row per target, example-major.
+
+    Parameters
+    ----------
+    xp : array namespace
+    logits : array
+        ``lead`` leading axes (the combined models of one forward call), then one of:
+
+        * ``(n, classes)`` for targets ``(n,)``, or ``(n * positions, classes)`` for targets
+          ``(n, *positions)`` (already one row per target);
+        * ``(n, *positions, classes)``: classes last (a sequence model's ``(n, T, vocab)``, a
+          channels-last segmentation map ``(n, H, W, classes)``, flax's layout);
+        * ``(n, classes, *positions)``: classes second, as torch's ``cross_entropy`` takes a
+          dense prediction (a segmentation network's ``(n, classes, H, W)``).
+    targets : tuple of int
+        The targets' shape ``(n, *positions)``.
+    lead : int
+        Leading axes kept as they are.
+
+        Where both dense layouts fit (as many classes as every position axis has entries: a
+        vocabulary as long as the sequence), the classes are read last, as every sequence model
+        returns them; a channels-first map of that shape must come flattened,
+        ``(n * positions, classes)``.
+
+    Raises
+    ------
+    DatasetError
+        If the logits fit none of these layouts.
+    """
+    shape = tuple(int(s) for s in logits.shape)
+    head, rest, positions = shape[:lead], shape[lead + 1 :], tuple(int(s) for s in targets[1:])
+    if len(rest) == 1:
+        return logits
+    last, second = rest[:-1] == positions, rest[1:] == positions
+    if second and not last:  # (…, n, classes, *positions) -> (…, n, *positions, classes)
+        axes = (*range(lead + 1), *range(lead + 2, len(shape)), lead + 1)
+        logits = xp.permute_dims(logits, axes)
+        rest = (*rest[1:], rest[0])
+    elif not last:
+        raise DatasetError(
+            f"the model gives {math.prod(shape[lead:-1])} rows of logits for {math.prod(targets)} targets (logits "
+            f"of shape {shape[lead:]}, targets {tuple(targets)}): a classifier returns (n, classes) for targets "
+            f"(n,); for targets (n, *positions) (a sequence's (n, T), a segmentation's (n, H, W)) a model returns "
+            f"the logits of every position, as (n, *positions, classes), (n, classes, *positions) or "
+            f"(n * positions, classes) (a model that returns the last position's only unless it is given targets, "
+            f"as nanoGPT's GPT does, needs a forward that returns them all)")
+    return xp.reshape(logits, (*head, -1, rest[-1]))
+
+
+def _rows(xp: Any, logits: Any, targets: tuple[int, ...] | None = None) -> Any:
+    """``(k, rows, classes)`` logits of ``k`` models: :func:`logit_rows` for targets of shape ``targets``;
+    without targets, a sequence model's ``(k, n, T, classes)`` as ``(k, n * T, classes)``."""
+    if targets is not None:
+        return logit_rows(xp, logits, targets, lead=1)
     return logits if logits.ndim <= 3 else xp.reshape(logits, (logits.shape[0], -1, logits.shape[-1]))
 
 
@@ -335,7 +388,7 @@ class Evaluator:
                 start = held = 0
                 for s in range(0, n, self.batch_size):
                     stop = min(s + self.batch_size, n)
-                    logits = _rows(xp, forward(x[s:stop, ...]))
+                    logits = _rows(xp, forward(x[s:stop, ...]), (stop - s, *y.shape[1:]))
                     pending.append(logits)
                     held += math.prod(logits.shape)
                     if held >= _SCORED_TOGETHER or stop == n:  # one call per metric for the group's batches
@@ -360,7 +413,7 @@ class Evaluator:
         """
         be, xp = self.backend, self.backend.xp()
         group = logits[0] if len(logits) == 1 else xp.concat(logits, axis=1)
-        if len(y.shape) > 1:  # sequence targets (n, T): the model's logits are (n*T, classes)
+        if len(y.shape) > 1:  # targets (n, *positions): the logits are one row per target (logit_rows)
             y = xp.reshape(y, (-1,))
         if group.shape[1] != y.shape[0]:
             raise DatasetError(

@@ -86,7 +86,8 @@ class LayerTable:
     input_shape : tuple of int
         Channels-first input shape without the batch axis: ``(c, h, w)`` or ``(features,)``.
     num_classes : int
-        Outputs of the last node.
+        Outputs of the last node: its units, or its channels when it gives a map (a dense
+        prediction, one per position: a segmentation network's).
     nodes : tuple of Node
         In forward order; the last node's output is the logits.
     config : mapping
@@ -114,7 +115,7 @@ class LayerTable:
             raise ConfigurationError(f"layer table {self.name!r} has no nodes")
         shapes = self.shapes()  # validates the graph
         last = shapes[self.nodes[-1].name]
-        if last.spatial is not None or last.channels != self.num_classes:
+        if last.channels != self.num_classes:  # a map (dense prediction) holds its logits as channels
             raise ConfigurationError(
                 f"layer table {self.name!r}: the last node gives {last}, expected {self.num_classes} logits"
             )

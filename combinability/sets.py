@@ -105,6 +105,19 @@ def _float_state(state: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
     return {k: v for k, v in state.items() if np.issubdtype(np.asarray(v).dtype, np.floating)}
 
 
+def _warn_untraced(model: Any, why: str) -> None:
+    """Warn that ``model`` could not be traced and is used with the spec given by hand."""
+    import warnings
+
+    from combinability.errors import UntracedModelWarning
+
+    warnings.warn(
+        f"{type(model).__name__} could not be traced on example_input ({why}); the models are used with the spec "
+        "given by hand: sweeps, weight matching and every sampler work on them, what reads their layers' "
+        "features (activation matching, REPAIR and the feature analyses) needs a traced model",
+        UntracedModelWarning, stacklevel=3)
+
+
 class ModelSet:
     """Models ``θ_0 … θ_k`` of one architecture; model 0 is the reference.
 
@@ -145,6 +158,7 @@ class ModelSet:
             from combinability.derive import derive_symmetries, describe
             from combinability.feature_spaces import opener_points
 
+            derived = None
             try:
                 tables = [describe(models[0], example_input, backend=be, verify=spec is None)]
                 tables += [describe(m, example_input, backend=be, verify=False) for m in models[1:]]
@@ -153,7 +167,11 @@ class ModelSet:
                 try:
                     derived, derived_folds = derive_symmetries(models[0], example_input, backend=be)
                 except TracingError as stream_exc:
-                    raise TracingError(f"{exc}; traced as a transformer: {stream_exc}") from None
+                    if spec is None:
+                        raise TracingError(f"{exc}; traced as a transformer: {stream_exc}") from None
+                    # the spec given by hand stands, the models stay untraced
+                    _warn_untraced(models[0], f"{exc}; traced as a transformer: {stream_exc}")
+            if derived is not None:
                 for i, m in enumerate(models[1:], start=1):
                     other = be.symmetries(m, example_input)[0]
                     if other != derived:

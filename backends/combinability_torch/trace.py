@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from combinability.data.base import integer_hint
-from combinability.errors import TracingError
+from combinability.errors import ConfigurationError, TracingError
 from combinability.layers import ACTIVATIONS, LayerTable, Node
 
 __all__ = ["describe", "reads_shape", "TapRunner", "table_names", "tensor_aliases"]
@@ -578,8 +578,13 @@ def describe(model: nn.Module, example_input: torch.Tensor) -> tuple[LayerTable,
                            + _hint(model))
     shape = tuple(example_input.shape[1:])
     out_shape = _shape(output)
-    try:
-        table = LayerTable(type(model).__name__, shape, int(out_shape[-1]), tuple(nodes))
+    try:  # the classes: the last axis, or a channels-first map's channels (a dense prediction's (n, C, H, W))
+        try:
+            table = LayerTable(type(model).__name__, shape, int(out_shape[-1]), tuple(nodes))
+        except ConfigurationError:
+            if len(out_shape) < 3:
+                raise
+            table = LayerTable(type(model).__name__, shape, int(out_shape[1]), tuple(nodes))
     except Exception as exc:
         raise TracingError(f"the traced graph of {type(model).__name__} is not a valid layer table: {exc}"
                            + _hint(model)) from None

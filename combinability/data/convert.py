@@ -112,9 +112,9 @@ def as_dataset(data: Any, split: str = "test", *, name: str = "data", num_classe
             raise DatasetError(f"x has {len(x)} examples but y has {len(y)}")
         if len(y) == 0:
             raise DatasetError("the data is empty")
-        if y.ndim not in (1, 2) or not np.issubdtype(y.dtype, np.integer):
-            raise DatasetError(f"y must be integer class labels, one per example (n,) or one per position of a "
-                               f"sequence (n, T), got {y.dtype} of shape {y.shape}")
+        if y.ndim < 1 or not np.issubdtype(y.dtype, np.integer):
+            raise DatasetError(f"y must be integer class labels, one per example (n,) or one per position (a "
+                               f"sequence's (n, T), a segmentation's (n, H, W)), got {y.dtype} of shape {y.shape}")
         classes = int(y.max()) + 1 if num_classes is None else int(num_classes)
         ds = ArrayDataset(np.ascontiguousarray(x, dtype=input_dtype(x)), y.astype(np.int64), classes, name=name,
                           split=split)
