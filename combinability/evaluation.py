@@ -116,15 +116,17 @@ def logit_rows(xp: Any, logits: Any, targets: tuple[int, ...], lead: int = 0) ->
     lead : int
         Leading axes kept as they are.
 
-        Where both dense layouts fit (as many classes as every position axis has entries: a
-        vocabulary as long as the sequence), the classes are read last, as every sequence model
-        returns them; a channels-first map of that shape must come flattened,
-        ``(n * positions, classes)``.
-
     Raises
     ------
     DatasetError
         If the logits fit none of these layouts.
+
+    Notes
+    -----
+    Where both dense layouts fit (as many classes as every position axis has entries: a
+    vocabulary as long as the sequence), the classes are read last, as every sequence model
+    returns them; a channels-first map of that shape must come flattened,
+    ``(n * positions, classes)``.
     """
     shape = tuple(int(s) for s in logits.shape)
     head, rest, positions = shape[:lead], shape[lead + 1 :], tuple(int(s) for s in targets[1:])
