@@ -89,9 +89,10 @@ def barrier_table(results: Iterable[tuple[str, xr.Dataset]], splits: Sequence[st
                 continue
             row = b.sel(split=split)
 
-            def get(var: str, alignment: str, row: xr.Dataset = row) -> float:
-                if "alignment" not in row.dims:
-                    return float(row[var]) if alignment == "aligned" else float("nan")
+            def get(var: str, alignment: str, row: xr.Dataset = row, ds: xr.Dataset = ds) -> float:
+                if "alignment" not in row.dims:  # one pair: its column by how it was aligned
+                    naive = ds.attrs.get("alignment") == "naive"
+                    return float(row[var]) if naive == (alignment == "naive") else float("nan")
                 names = list(row["alignment"].values)
                 key = alignment if alignment in names else ("transitive" if alignment == "aligned"
                                                             and "transitive" in names else None)

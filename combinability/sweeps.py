@@ -205,12 +205,25 @@ def sweep(
         counts with a ``category`` dim, and provenance attributes. Every coordinate
         and variable has a ``long_name`` (and ``units`` where one applies).
     """
+    _check_attrs(attrs)
     plan = _plan(pair, sampler, backend=backend, data=data, splits=splits, values=values, samples=samples,
                  seed=seed, batch_size=batch_size, agreement=agreement, limit=limit, metrics=metrics,
                  repair=repair, repair_data=repair_data)
     cluster = _cluster(client, cells_per_task, [plan])
     with stop_on_sigterm():
         return _run(plan, out=out, overwrite=overwrite, progress=progress, attrs=attrs, cluster=cluster)
+
+
+#: Attributes that identify a result file (its kind, the settings a resumed run must match): not the caller's.
+_RESERVED_ATTRS = ("combinability_format", "sweep_key", "run_key")
+
+
+def _check_attrs(attrs: Mapping[str, Any] | None) -> None:
+    """Refuse ``attrs`` that would replace what identifies a result, before any work."""
+    taken = sorted(set(attrs or {}) & set(_RESERVED_ATTRS))
+    if taken:
+        raise ConfigurationError(f"attrs may not set {', '.join(taken)}: the library writes these to identify the "
+                                 f"result and resume it; reserved: {', '.join(_RESERVED_ATTRS)}")
 
 
 @dataclass(frozen=True)
@@ -379,7 +392,7 @@ def _run(plan: _Plan, *, out: str | Path | None, overwrite: bool, progress: bool
             evs = [evaluator.evaluate([dev[m]], ds)[0] for m in ends]
             split_info.append(_Split(name, ds, dict(zip(ends, evs, strict=True))))
 
-        run_attrs = provenance(
+        run_attrs = provenance(**{**dict(
             combinability_format="sweep",
             sweep_key=json_attr(key),
             sampler=smp.name,
@@ -402,8 +415,7 @@ def _run(plan: _Plan, *, out: str | Path | None, overwrite: bool, progress: bool
                                  and getattr(pair.transforms[1], "objective", None) is not None else None),
             parameters=int(layout.size),
             fingerprints=key["models"],  # hashed once, for the run key
-            **dict(attrs or {}),
-        )
+        ), **dict(attrs or {})})  # the caller's attributes win (as in sweep_pairs), but not the run's identity
         labels = {param_dim: {"long_name": getattr(smp, "parameter_long_name", "") or str(param_dim)}}
 
         def build() -> xr.Dataset:
@@ -513,6 +525,7 @@ def sweep_pairs(pairs: Mapping[str, ModelPair], sampler: Sampler | str | None = 
     key) is kept in the ``parts`` attribute. With ``client`` (a ``dask.distributed.Client``)
     every pair's cells run on the cluster's workers, as in :func:`sweep`.
     """
+    _check_attrs(attrs)
     plans = {name: _plan(pair, sampler, **kwargs) for name, pair in pairs.items()}
     cluster = _cluster(client, cells_per_task, list(plans.values()))
     keys = {name: plan.key for name, plan in plans.items()}

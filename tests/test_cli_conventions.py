@@ -457,6 +457,8 @@ def test_readme_walkthrough_runs_end_to_end(tmp_path, monkeypatch, capsys):
     with netCDF4.Dataset(tmp_path / "hyperplane.nc") as nc:
         assert nc.getncattr("dataset") == "digits" and json.loads(nc.getncattr("examples"))["test"] == 100
         assert "b_aligned.ckpt --align none" in nc.getncattr("cli_command")
+        # swept as given, B as `align` wrote it against this A: labelled by that method, not "naive"
+        assert nc.getncattr("alignment") == "weight" and "b_aligned.ckpt" in nc.getncattr("aligned_by")
         assert np.isfinite(np.asarray(nc["loss"][:])).all()
     with netCDF4.Dataset(tmp_path / "robustness.nc") as nc:
         assert "loss_barrier" in nc.variables
@@ -464,3 +466,16 @@ def test_readme_walkthrough_runs_end_to_end(tmp_path, monkeypatch, capsys):
         with Image.open(tmp_path / "figures" / f"{name}.png") as image:
             assert image.size[0] > 200
     assert "hyperplane" in (tmp_path / "figures" / "summary.md").read_text()
+
+
+def test_a_closed_output_pipe_ends_the_command_quietly(monkeypatch, capsys):
+    class ClosedPipe:  # what `combinability plugins | head -1` leaves once head has exited
+        def write(self, text: str) -> int:
+            raise BrokenPipeError(32, "Broken pipe")
+
+        def flush(self) -> None:
+            raise BrokenPipeError(32, "Broken pipe")
+
+    monkeypatch.setattr(sys, "stdout", ClosedPipe())
+    assert main(["plugins"]) == 141
+    assert capsys.readouterr().err == ""  # no "error: [Errno 32] Broken pipe"

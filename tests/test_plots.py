@@ -381,6 +381,19 @@ def test_barrier_table_by_hand():
     np.testing.assert_allclose(table["accuracy_barrier"].sel(experiment="linear", alignment="aligned"), 0.11)
 
 
+def test_summary_table_puts_one_pair_in_the_column_of_its_alignment():
+    from combinability.report import barrier_table as summary_table
+
+    def one(alignment: str) -> xr.Dataset:
+        ds = small_sweep()
+        ds.attrs.update(combinability_format="sweep", alignment=alignment)
+        return ds
+
+    rows = summary_table([("weight", one("weight")), ("raw", one("naive"))]).splitlines()[2:]
+    cells = [[c.strip() for c in row.split("|")[4:8]] for row in rows]  # loss naive, aligned; accuracy naive, aligned
+    assert cells == [["–", "0.130", "–", "0.110"], ["0.130", "–", "0.110", "–"]]
+
+
 # -- errors and file handling ---------------------------------------------------------------------------------------
 def test_bad_inputs_raise_clear_errors():
     ds = sweep_result()

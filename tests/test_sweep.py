@@ -139,6 +139,18 @@ def test_sweep_pairs_adds_alignment_dim(digits_pair):
     assert b["loss_barrier"].dims == ("alignment", "split")
 
 
+def test_caller_attrs_replace_the_librarys_but_not_the_results_identity(digits_pair):
+    ds = cb.sweep(digits_pair, cb.Linear(), data="digits", splits=["test"], values=[0.5], limit=LIMIT,
+                  attrs={"alignment": "weight, aligned earlier", "seed": "noted by hand", "project": "x"})
+    assert (ds.attrs["alignment"], ds.attrs["seed"], ds.attrs["project"]) == ("weight, aligned earlier",
+                                                                              "noted by hand", "x")
+    assert ds.attrs["combinability_format"] == "sweep"
+    for sweeper in (lambda a: cb.sweep(digits_pair, cb.Linear(), data="digits", values=[0.5], attrs=a),
+                    lambda a: cb.sweep_pairs({"p": digits_pair}, cb.Linear(), data="digits", values=[0.5], attrs=a)):
+        with pytest.raises(cb.ConfigurationError, match="may not set sweep_key.*reserved: combinability_format"):
+            sweeper({"sweep_key": "mine"})
+
+
 def test_bad_input_errors(digits_pair, digits_triple):
     with pytest.raises(cb.UnknownNameError, match="valid splits: train, test"):
         cb.sweep(digits_pair, cb.Linear(), data="digits", splits=["validation"])

@@ -36,15 +36,25 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import shlex
 import sys
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
-from combinability.cli.commands import EXIT_INTERRUPTED, EXIT_OK, EXIT_RUNTIME, EXIT_TERMINATED, EXIT_USAGE, log
+from combinability.cli.commands import (
+    EXIT_BROKEN_PIPE,
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    EXIT_RUNTIME,
+    EXIT_TERMINATED,
+    EXIT_USAGE,
+    log,
+)
 from combinability.cli.parser import build_parser
 
-__all__ = ["main", "build_parser", "EXIT_OK", "EXIT_RUNTIME", "EXIT_USAGE", "EXIT_INTERRUPTED", "EXIT_TERMINATED"]
+__all__ = ["main", "build_parser", "EXIT_OK", "EXIT_RUNTIME", "EXIT_USAGE", "EXIT_INTERRUPTED", "EXIT_TERMINATED",
+           "EXIT_BROKEN_PIPE"]
 
 
 #: Library errors that mean "a bad command-line value": exit status 2, like argparse's own.
@@ -158,6 +168,15 @@ def _report_error(exc: BaseException, debug: bool) -> int:
     return EXIT_USAGE if _is_usage_error(exc) else EXIT_RUNTIME
 
 
+def _drop_stdout() -> None:
+    """Point stdout at the null device, so that the interpreter's last flush does not fail again."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError, AttributeError):  # a replaced stdout (pytest's) has no file to point
+        pass
+
+
 def _run(args: argparse.Namespace, argv: Sequence[str]) -> int:
     from combinability.errors import CombinabilityError
     from combinability.files import Terminated, stop_on_sigterm
@@ -176,6 +195,9 @@ def _run(args: argparse.Namespace, argv: Sequence[str]) -> int:
         print(f"combinability: {what}; finished results are kept (run the same command again to resume)",
               file=sys.stderr)
         return EXIT_TERMINATED if terminated else EXIT_INTERRUPTED
+    except BrokenPipeError:  # the reader of stdout went away (``| head``): stop quietly, as Unix tools do
+        _drop_stdout()
+        return EXIT_BROKEN_PIPE
     except (CombinabilityError, OSError) as exc:
         return _report_error(exc, args.debug)
 
@@ -185,7 +207,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     0 success; 2 usage error (argparse's, and the library's ``ConfigurationError``,
     ``UnknownNameError`` and ``SamplerError``); 1 any other error of the library or of the
-    operating system; 130 Ctrl-C; 143 SIGTERM.
+    operating system; 130 Ctrl-C; 141 the reader of the output went away (``| head``); 143 SIGTERM.
     """
     from combinability.errors import CombinabilityError
 

@@ -17,6 +17,8 @@ from typing import Any
 
 #: Exit statuses of the ``combinability`` command.
 EXIT_OK, EXIT_RUNTIME, EXIT_USAGE, EXIT_INTERRUPTED, EXIT_TERMINATED = 0, 1, 2, 130, 143
+#: The reader of the output went away (``combinability plugins | head``): 128 + SIGPIPE, as a Unix tool's.
+EXIT_BROKEN_PIPE = 141
 
 
 log = logging.getLogger("combinability")
@@ -251,7 +253,7 @@ def _cmd_align(args: argparse.Namespace) -> int:
         # B's own metadata (dataset, backend, training settings) stays: the aligned model is B, permuted
         source = _metadata(args.model_b) if args.model is None else {}
         metadata = {**source, "aligned_to": str(args.model_a), "source": str(args.model_b), "method": args.method,
-                    **args.cli_attrs}
+                    "aligned_to_fingerprint": pair.fingerprints()["theta_a"], **args.cli_attrs}
         save_model(aligned.model("b"), args.out, backend=args.backend, metadata=metadata,
               overwrite=args.overwrite)
         print(f"aligned model B written to {args.out}")
@@ -307,11 +309,14 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
     _check_out(args.out, "results file")
     with _client(args) as client:  # an unreachable scheduler fails here, before any work
         pair = _pair(args, args.model_c)
+        attrs = dict(args.cli_attrs)
         if args.align != "none":
             pair = pair.align(args.align, seed=args.seed, data=args.data, progress=not args.quiet)
+        else:
+            attrs.update(_aligned_before(args, pair))
         kwargs = dict(data=args.data, splits=args.splits, values=values, samples=args.samples, seed=args.seed,
                       limit=args.limit, agreement=args.agreement, progress=not args.quiet,
-                      batch_size=args.batch_size, out=args.out, overwrite=args.overwrite, attrs=args.cli_attrs,
+                      batch_size=args.batch_size, out=args.out, overwrite=args.overwrite, attrs=attrs,
                       client=client)
         t0 = time.perf_counter()
         if args.naive and pair.is_aligned:
@@ -325,6 +330,17 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
     print(f"sweep finished in {time.perf_counter() - t0:.1f} s -> {args.out}")
     print(barriers(ds).to_dataframe().to_string())
     return EXIT_OK
+
+
+def _aligned_before(args: argparse.Namespace, pair: Any) -> dict[str, str]:
+    """The ``alignment`` of a pair swept as given whose B was written by ``combinability align`` against
+    this very A (its checkpoint names A's fingerprint): that method, not ``naive``; else nothing."""
+    if args.model is not None:
+        return {}
+    meta = _metadata(args.model_b)
+    if meta.get("aligned_to_fingerprint") != pair.fingerprints()["theta_a"] or "method" not in meta:
+        return {}
+    return {"alignment": str(meta["method"]), "aligned_by": f"combinability align (B's checkpoint {args.model_b})"}
 
 
 def _resolve_experiment(args: argparse.Namespace) -> None:
