@@ -13,6 +13,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
@@ -21,6 +22,9 @@ from combinability_torch.trace import other_arguments, reads_shape
 
 __all__ = ["concrete_trace", "ConcreteTracer"]
 
+
+#: torch's composite modules recorded through their ``forward`` (built from modules the tracers follow).
+_OPENED_MODULES = (nn.TransformerEncoder, nn.TransformerEncoderLayer)
 
 _FACTORIES = ("ones", "zeros", "full", "empty", "arange", "eye", "rand", "randn")
 
@@ -118,6 +122,13 @@ class ConcreteTracer(fx.Tracer):
     def proxy(self, node: fx.Node) -> fx.Proxy:
         return _ConcreteProxy(node, self)
 
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        """torch's modules are leaves, except the composite ones of :data:`_OPENED_MODULES`, whose
+        ``forward`` is recorded (an ``nn.TransformerEncoder``'s layers, norms and attention)."""
+        if isinstance(m, _OPENED_MODULES):
+            return False
+        return super().is_leaf_module(m, module_qualified_name)
+
     def trace(self, root: Any, concrete_args: Any = None) -> fx.Graph:
         """Trace ``root``; tensor factories called with traced sizes (``torch.ones(t, t)``) are recorded too."""
         self.defaults = dict(concrete_args or {})
@@ -130,17 +141,25 @@ class ConcreteTracer(fx.Tracer):
                 return self.create_proxy("call_function", fn, args, kwargs) if found else fn(*args, **kwargs)
             return call
 
+        none_or_dtype = F._none_or_dtype
+
+        def dtype_of(value: Any) -> Any:  # torch's transformer layers ask a mask for its dtype this way
+            return value.dtype if isinstance(value, fx.Proxy) else none_or_dtype(value)
+
         try:
             for name, fn in originals.items():
                 setattr(torch, name, recorded(fn))
+            F._none_or_dtype = dtype_of
             return super().trace(root, concrete_args)
         finally:
             for name, fn in originals.items():
                 setattr(torch, name, fn)
+            F._none_or_dtype = none_or_dtype
 
 
 #: Tensor attributes fixed by the example (a dtype, a device), read as values: ``torch.finfo(x.dtype)``.
-_STATIC_ATTRIBUTES = frozenset({"dtype", "device", "layout", "is_cuda", "is_floating_point", "ndim"})
+_STATIC_ATTRIBUTES = frozenset({"dtype", "device", "layout", "is_cuda", "is_floating_point", "ndim", "is_nested",
+                                "is_sparse", "is_quantized"})
 
 
 class _ConcreteProxy(fx.Proxy):

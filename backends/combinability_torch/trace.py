@@ -66,8 +66,10 @@ def trace(model: nn.Module) -> fx.GraphModule:
 
 
 def reads_shape(n: fx.Node) -> bool:
-    """Whether ``n`` reads only a tensor's size, shape, type or device (``x.size()``, ``x.shape``)."""
-    return (n.op == "call_method" and n.target in ("size", "dim")) or (
+    """Whether ``n`` reads only a tensor's size, shape, type or device (``x.size()``, ``x.shape``,
+    ``torch.is_floating_point(x)``)."""
+    return (n.op == "call_method" and n.target in ("size", "dim", "is_floating_point")) or (
+        n.op == "call_function" and n.target is torch.is_floating_point) or (
         n.op == "call_function" and n.target is getattr and len(n.args) > 1
         and n.args[1] in ("shape", "dtype", "device"))
 
@@ -595,7 +597,7 @@ def describe(model: nn.Module, example_input: torch.Tensor) -> tuple[LayerTable,
 
 #: Modules whose output holds their units on its last axis, whatever its rank (a Linear on tokens; a
 #: recurrent layer's output sequence, the first item of what it returns).
-UNITS_LAST_MODULES = (nn.Linear, nn.Embedding, nn.RNNBase)
+UNITS_LAST_MODULES = (nn.Linear, nn.Embedding, nn.EmbeddingBag, nn.RNNBase)
 
 
 class TapRunner(nn.Module):

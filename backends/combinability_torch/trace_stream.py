@@ -142,7 +142,7 @@ def stream_symmetries(model: nn.Module, example_input: torch.Tensor) -> tuple[Pe
                 if m.bias is not None:
                     bind(f"{n.target}.bias", [s])
                 space[n.name] = s
-            elif isinstance(m, nn.Embedding):
+            elif isinstance(m, nn.Embedding | nn.EmbeddingBag):  # a bag pools its rows feature by feature
                 s = sp.new(n.target)
                 bind(f"{n.target}.weight", [None, s])
                 space[n.name] = s

@@ -1,0 +1,168 @@
+"""Transformers built from torch's own ``nn.TransformerEncoder`` / ``nn.TransformerEncoderLayer``
+(a ViT, a causal language model with a generated mask), and ``nn.EmbeddingBag``.
+
+The tracer records the encoder's ``forward`` (its attention, feed-forward layers and norms)
+instead of stopping at the module. References: the model's own outputs in float64 before and
+after a random transformation of every traced kind (norms folded), a planted transformation
+that weight matching must undo, and torch's cross-entropy of the models' logits at both ends
+of a sweep.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+
+import combinability as cb
+from combinability.errors import TracingError
+from combinability.kinds import Blocks, Orthogonal
+from tests.model_checks import assert_random_transformation_undone, language_pair_sweep_ends_match_torch, randomised
+
+torch = pytest.importorskip("torch")
+nn, F = torch.nn, torch.nn.functional
+
+DIM, HEADS, PATCH, SIDE = 16, 4, 4, 12
+X = torch.randn(6, 1, SIDE, SIDE, generator=torch.Generator().manual_seed(0))
+
+
+class EncoderViT(nn.Module):
+    """A ViT as a user writes it with torch's encoder: a patch convolution, a class token, an encoder."""
+
+    def __init__(self, norm_first: bool, activation: str, batch_first: bool, final_norm: bool = True) -> None:
+        super().__init__()
+        self.batch_first = batch_first
+        self.patch = nn.Conv2d(1, DIM, PATCH, PATCH)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, DIM))
+        self.pos_embed = nn.Parameter(torch.zeros(1, 1 + (SIDE // PATCH) ** 2, DIM))
+        layer = nn.TransformerEncoderLayer(DIM, HEADS, 2 * DIM, dropout=0.1, activation=activation,
+                                           batch_first=batch_first, norm_first=norm_first)
+        with warnings.catch_warnings():  # torch's note that a pre-norm encoder takes no nested tensors
+            warnings.simplefilter("ignore", UserWarning)
+            self.encoder = nn.TransformerEncoder(layer, 2, norm=nn.LayerNorm(DIM) if final_norm else None)
+        self.head = nn.Linear(DIM, 5)
+
+    def forward(self, x):
+        tokens = self.patch(x).flatten(2).transpose(1, 2)
+        tokens = torch.cat([self.cls_token.expand(tokens.shape[0], -1, -1), tokens], dim=1) + self.pos_embed
+        if not self.batch_first:
+            return self.head(self.encoder(tokens.transpose(0, 1))[0])
+        return self.head(self.encoder(tokens)[:, 0])
+
+
+def _state(model) -> dict[str, np.ndarray]:
+    return {k: v.numpy().astype(np.float64) for k, v in model.state_dict().items()}
+
+
+@pytest.mark.parametrize(("norm_first", "activation", "batch_first"),
+                         [(True, "gelu", True), (False, "relu", True), (True, "relu", False), (False, "gelu", False)])
+def test_an_encoder_vit_is_traced_into_heads_neurons_and_a_stream_that_keep_its_function(
+        norm_first, activation, batch_first):
+    model = randomised(EncoderViT(norm_first, activation, batch_first), 0)
+    spec, folds = cb.derive_symmetries(model, X)
+    stream = spec.axes_to_perm["patch.weight"][0]
+    assert spec.axes_to_perm["cls_token"] == (None, None, stream) == spec.axes_to_perm["pos_embed"]
+    rows, cols = spec.axes_to_perm["encoder.layers.1.self_attn.in_proj_weight"]
+    qk, vo = spec.kind(rows[0]), spec.kind(rows[2])
+    assert rows[0] == rows[1] != rows[2] and cols == stream
+    assert isinstance(qk, Blocks) and (qk.blocks, qk.size) == (HEADS, DIM // HEADS) and vo.group == qk.group
+    assert spec.axes_to_perm["encoder.layers.1.self_attn.out_proj.weight"] == (stream, rows[2])
+    hidden = spec.axes_to_perm["encoder.layers.0.linear1.weight"][0]
+    assert spec.axes_to_perm["encoder.layers.0.linear1.weight"] == (hidden, stream)
+    assert spec.axes_to_perm["encoder.layers.0.linear2.weight"] == (stream, hidden)
+    # a pre-norm stream rotates (the norms' scales and shifts folded into the layers they feed); after a
+    # post-norm it only permutes, the norms' parameters with it
+    assert isinstance(spec.kind(stream), Orthogonal) == norm_first
+    norm_axes = (None,) if norm_first else (stream,)
+    assert spec.axes_to_perm["encoder.norm.weight"] == norm_axes == spec.axes_to_perm["encoder.layers.0.norm2.bias"]
+    assert_random_transformation_undone(model, spec, cb.fold_norms(_state(model), folds), X, "patch.weight")
+
+
+def test_an_encoder_vit_pair_aligns_and_sweeps_as_torch_scores_it():
+    models = [randomised(EncoderViT(True, "gelu", True), s) for s in (1, 2)]
+    y = np.arange(len(X)) % 5
+    pair = cb.ModelPair(*models, example_input=X).align("weight")
+    ds = cb.sweep(pair, cb.Linear(), data=(X.numpy(), y), values=[0.0, 1.0], splits=["test"])
+    with torch.no_grad():
+        for m, lam in zip(models, (0.0, 1.0), strict=True):
+            want = F.cross_entropy(m(X), torch.as_tensor(y)).item()
+            assert float(ds["loss"].sel(split="test", lam=lam).isel(sample=0)) == pytest.approx(want, rel=1e-5)
+
+
+VOCAB, SEQ = 20, 8
+
+
+class EncoderGPT(nn.Module):
+    """A causal language model on torch's encoder: the mask made in ``forward`` for the input's length."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.tok = nn.Embedding(VOCAB, DIM)
+        self.pos = nn.Parameter(torch.zeros(1, SEQ, DIM))
+        layer = nn.TransformerEncoderLayer(DIM, HEADS, 2 * DIM, dropout=0.0, batch_first=True, norm_first=True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            self.encoder = nn.TransformerEncoder(layer, 2, norm=nn.LayerNorm(DIM))
+        self.lm_head = nn.Linear(DIM, VOCAB, bias=False)
+
+    def forward(self, tokens):
+        t = tokens.shape[1]
+        mask = nn.Transformer.generate_square_subsequent_mask(t)
+        return self.lm_head(self.encoder(self.tok(tokens) + self.pos[:, :t], mask=mask, is_causal=True))
+
+
+TOKENS = torch.randint(0, VOCAB, (4, SEQ), generator=torch.Generator().manual_seed(1))
+
+
+def test_a_causal_encoder_language_model_keeps_its_function_and_sweeps_as_torch_scores_it():
+    model = randomised(EncoderGPT(), 0)
+    spec, folds = cb.derive_symmetries(model, TOKENS)
+    stream = spec.axes_to_perm["tok.weight"][1]
+    assert spec.axes_to_perm["lm_head.weight"] == (None, stream)
+    assert_random_transformation_undone(model, spec, cb.fold_norms(_state(model), folds), TOKENS, "tok.weight")
+    language_pair_sweep_ends_match_torch([randomised(EncoderGPT(), s) for s in (1, 2)], TOKENS, VOCAB, SEQ)
+
+
+class BufferMaskGPT(EncoderGPT):
+    """The causal mask kept as a (boolean) buffer, sliced to the input's length."""
+
+    def __init__(self, is_causal: bool | None) -> None:
+        super().__init__()
+        self.is_causal = is_causal
+        self.register_buffer("causal", torch.triu(torch.ones(SEQ, SEQ, dtype=torch.bool), diagonal=1))
+
+    def forward(self, tokens):
+        t = tokens.shape[1]
+        x = self.encoder(self.tok(tokens) + self.pos[:, :t], mask=self.causal[:t, :t], is_causal=self.is_causal)
+        return self.lm_head(x)
+
+
+def test_a_mask_buffer_is_followed_with_is_causal_and_refused_by_name_without():
+    model = randomised(BufferMaskGPT(is_causal=True), 0)
+    spec, folds = cb.derive_symmetries(model, TOKENS)
+    assert_random_transformation_undone(model, spec, cb.fold_norms(_state(model), folds), TOKENS, "tok.weight")
+    # without the hint, torch compares the buffer's values with a causal mask: a branch on values
+    with pytest.raises(TracingError, match="branches on the values of a tensor"):
+        cb.derive_symmetries(randomised(BufferMaskGPT(is_causal=None), 0), TOKENS)
+
+
+class Bag(nn.Module):
+    """A fastText-style classifier: a mean of token embeddings (``nn.EmbeddingBag``), then two layers."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.bag = nn.EmbeddingBag(VOCAB, DIM, mode="mean")
+        self.hidden, self.out = nn.Linear(DIM, 2 * DIM), nn.Linear(2 * DIM, 3)
+
+    def forward(self, tokens):
+        return self.out(F.relu(self.hidden(self.bag(tokens))))
+
+
+def test_an_embedding_bag_is_a_layer_whose_features_permute():
+    model = randomised(Bag(), 0)
+    spec, folds = cb.derive_symmetries(model, TOKENS)
+    features = spec.axes_to_perm["bag.weight"][1]
+    assert spec.axes_to_perm["bag.weight"] == (None, features)
+    assert spec.axes_to_perm["hidden.weight"][1] == features
+    assert_random_transformation_undone(model, spec, cb.fold_norms(_state(model), folds), TOKENS, "bag.weight")
