@@ -161,6 +161,41 @@ def test_features_of_a_sequence_are_channels_by_position():
     np.testing.assert_allclose(feats, want.transpose(0, 2, 1).reshape(-1, 12), rtol=1e-5, atol=1e-5)
 
 
+class M5(nn.Module):
+    """An audio classifier in the style of M5 (Dai et al., 2017): a strided first convolution, and a
+    global average pool written as ``F.avg_pool1d(x, x.shape[-1])``, the kernel the input's length."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv1d(2, 8, 9, stride=4), nn.BatchNorm1d(8)
+        self.conv2, self.bn2 = nn.Conv1d(8, 12, 3), nn.BatchNorm1d(12)
+        self.fc = nn.Linear(12, 5)
+
+    def forward(self, x):
+        x = F.max_pool1d(F.relu(self.bn1(self.conv1(x))), 2)
+        x = F.relu(self.bn2(self.conv2(x)))
+        return self.fc(F.avg_pool1d(x, x.shape[-1]).squeeze(-1))
+
+
+def test_a_pool_sized_by_a_traced_length_is_read_from_the_example():
+    torch.manual_seed(0)
+    a = randomise_batchnorms(M5())
+    x = torch.randn(4, 2, 80)
+    spec = cb.derive_spec(a, x)  # verified: a random permutation of the spec keeps the outputs
+    assert spec.axes_to_perm["fc.weight"] == (None, "P_conv2")
+    rng = np.random.default_rng(2)
+    p1, p2 = torch.as_tensor(rng.permutation(8)), torch.as_tensor(rng.permutation(12))
+    state = {k: v.clone() for k, v in a.state_dict().items()}
+    for key in ("conv1.weight", "conv1.bias", *(f"bn1.{leaf}" for leaf in BN)):
+        state[key] = state[key][p1]
+    for key in ("conv2.bias", *(f"bn2.{leaf}" for leaf in BN)):
+        state[key] = state[key][p2]
+    state["conv2.weight"], state["fc.weight"] = state["conv2.weight"][p2][:, p1], state["fc.weight"][:, p2]
+    b = M5().eval()
+    b.load_state_dict(state)
+    assert_planted_permutation_undone(a, b, x, (), "weight")
+
+
 # -- a user's Conv3d network ----------------------------------------------------------------------
 class VolumeNet(nn.Module):
     def __init__(self) -> None:

@@ -7,6 +7,8 @@ permutations, and plain torch forward passes.
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 
@@ -133,6 +135,54 @@ def test_bad_user_input_gets_the_librarys_errors():
     pair = cb.ModelPair(ResCNN(), ResCNN(), example_input=_x())
     with pytest.raises(cb.DatasetError, match=r"shape \(1, 4, 4\).*\(1, 8, 8\)"):
         cb.sweep(pair, cb.Linear(), data=(np.zeros((3, 1, 4, 4), np.float32), np.zeros(3, np.int64)))
+
+
+class WeightNormed(nn.Module):
+    """An MLP whose first layer's weight is a parametrization: ``g * v / ||v||`` row by row."""
+
+    def __init__(self, hook: str = "parametrization") -> None:
+        super().__init__()
+        if hook == "parametrization":
+            self.l1 = nn.utils.parametrizations.weight_norm(nn.Linear(6, 8))
+        elif hook == "spectral":
+            self.l1 = nn.utils.parametrizations.spectral_norm(nn.Linear(6, 8))
+        else:
+            with warnings.catch_warnings():  # torch's deprecation of the hook
+                warnings.simplefilter("ignore", FutureWarning)
+                self.l1 = nn.utils.weight_norm(nn.Linear(6, 8))
+        self.l2 = nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.l2(F.relu(self.l1(x)))
+
+
+@pytest.mark.parametrize(("hook", "held"), [("parametrization", "l1.parametrizations.weight.original0"),
+                                            ("spectral", "l1.parametrizations.weight.original"),
+                                            ("old hook", "l1.weight_g")])
+def test_a_computed_weight_is_refused_by_name_and_a_spec_by_hand_then_stands(hook, held):
+    torch.manual_seed(0)
+    a, b = WeightNormed(hook).eval(), WeightNormed(hook).eval()
+    x, y = torch.randn(10, 6), torch.arange(10) % 3
+    remedy = "remove_weight_norm" if hook == "old hook" else "remove_parametrizations"
+    with pytest.raises(TracingError, match=rf"module 'l1' .* computes its weight from other tensors \(.*{held}.*"
+                                           rf"{remedy}"):
+        cb.derive_spec(a, x)
+    if hook == "old hook":  # torch cannot copy such a module: refused by name where the library would
+        with pytest.raises(cb.ConfigurationError, match="deprecated hook for its weight.*remove_weight_norm"):
+            cb.get_backend("torch").with_state(a, cb.get_backend("torch").state(a))
+    if hook != "parametrization":
+        return
+    # weight norm: permuting the units permutes the rows of g and v (each row's norm moves with it)
+    spec = cb.PermutationSpec({"l1.parametrizations.weight.original0": ("P", None),
+                               "l1.parametrizations.weight.original1": ("P", None), "l1.bias": ("P",),
+                               "l2.weight": (None, "P")})
+    with pytest.warns(cb.UntracedModelWarning, match="computes its weight"):
+        pair = cb.ModelPair(a, b, example_input=x, spec=spec).align("weight")
+    ds = cb.sweep(pair, cb.Linear(), data=(x.numpy(), y.numpy()), values=[0.0, 1.0], splits=["test"])
+    with torch.no_grad():
+        for m, lam in zip((a, b), (0.0, 1.0), strict=True):
+            want = F.cross_entropy(m(x), y).item()
+            assert float(ds["loss"].sel(split="test", lam=lam).isel(sample=0)) == pytest.approx(want, rel=1e-5)
 
 
 def test_a_wrong_spec_is_caught_by_the_verification_and_named():

@@ -25,12 +25,12 @@ from torch.func import functional_call, vmap
 from combinability.backend import Backend, vmap_on_accelerator
 from combinability.data.base import input_dtype
 from combinability.digests import in_numpy_memory
-from combinability.errors import LayoutError, TracingError, UnknownNameError
+from combinability.errors import ConfigurationError, LayoutError, TracingError, UnknownNameError
 from combinability.layers import LayerTable
 from combinability.layout import FlatLayout, check_names
 from combinability_torch.compiled import compiled_call
 from combinability_torch.models import TableNet
-from combinability_torch.trace import TapRunner, logits_of, tensor_aliases
+from combinability_torch.trace import TapRunner, computed_weights, logits_of, refuse_computed_weights, tensor_aliases
 
 __all__ = ["TorchBackend", "TorchRandom", "TorchPrepared", "torch_dtype"]
 
@@ -132,6 +132,18 @@ def _untied(model: nn.Module, params: Mapping[str, Any]) -> Mapping[str, Any]:
     return out
 
 
+def _refuse_hooked_weights(model: nn.Module) -> None:
+    """A :class:`ConfigurationError` for a module with torch's older ``weight_norm`` / ``spectral_norm``
+    hook, which torch cannot copy (its weight is a computed tensor, not a graph leaf)."""
+    found = computed_weights(model)
+    if found is not None and found[3]:
+        raise ConfigurationError(
+            f"module {found[0]!r} of {type(model).__name__} uses torch.nn.utils.weight_norm's (or spectral_norm's) "
+            f"deprecated hook for its {', '.join(found[2])}, which torch cannot copy: remove it "
+            f"(torch.nn.utils.remove_weight_norm(module), which keeps the function), or use "
+            f"torch.nn.utils.parametrizations.weight_norm with a spec by hand")
+
+
 def _units_second(module: nn.Module, out: Any) -> Any:
     """A hooked module's output with its units on axis 1, as features are read: a Linear's or an
     Embedding's ``(n, ..., units)`` moved to ``(n, units, ...)``; anything else as it is."""
@@ -151,6 +163,7 @@ class TorchPrepared:
         check_names({k: v.shape for k, v in _state_tensors(model).items()},
                     {e.name: e.shape for e in layout.entries}, f"the layout does not fit the {type(model).__name__}",
                     missing=False)
+        _refuse_hooked_weights(model)
         self.backend, self.layout = backend, layout
         # the layout's weights are passed at each call: the copy holds zero-memory placeholders for them
         device = backend.torch_device
@@ -465,6 +478,7 @@ class TorchBackend(Backend):
         from combinability_torch.trace import describe
 
         x = self.asarray(example_input, input_dtype(example_input)).to("cpu")
+        refuse_computed_weights(model)  # before the copy: torch cannot copy weight_norm's older hook
         return describe(copy.deepcopy(model).to("cpu"), x)[0]
 
     def symmetries(self, model: nn.Module, example_input: Any) -> tuple[Any, list[Any]]:
@@ -472,6 +486,7 @@ class TorchBackend(Backend):
         from combinability_torch.trace_stream import stream_symmetries
 
         x = self.asarray(example_input, input_dtype(example_input)).to("cpu")
+        refuse_computed_weights(model)
         return stream_symmetries(copy.deepcopy(model).to("cpu").eval(), x)
 
     def state(self, model: nn.Module) -> dict[str, np.ndarray]:
@@ -492,6 +507,7 @@ class TorchBackend(Backend):
         params = _untied(model, params)
         check_names({k: v.shape for k, v in _state_tensors(model).items()}, {k: np.shape(v) for k, v in params.items()},
                     "params do not match the model")
+        _refuse_hooked_weights(model)
         new = copy.deepcopy(model)  # keeps tied tensors tied: each is written once, under its first name
         with torch.no_grad():
             for name, tensor in _state_tensors(new).items():

@@ -18,7 +18,7 @@ from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
 from combinability.errors import TracingError
-from combinability_torch.trace import other_arguments, reads_shape
+from combinability_torch.trace import other_arguments, reads_shape, refuse_computed_weights
 
 __all__ = ["concrete_trace", "ConcreteTracer"]
 
@@ -39,6 +39,7 @@ def concrete_trace(model: nn.Module, example_input: torch.Tensor, hint: str = ""
         Saying why torch.fx could not record or run it.
     """
     held = other_arguments(model)  # refuses a forward that needs more than its input, by name
+    refuse_computed_weights(model)
     try:
         tracer = ConcreteTracer(example_input)
         gm = fx.GraphModule(model, tracer.trace(model, held))

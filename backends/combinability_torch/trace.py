@@ -55,9 +55,50 @@ def _hint(model: nn.Module) -> str:
             f"{type(model).__name__}")
 
 
+def computed_weights(model: nn.Module) -> tuple[str, nn.Module, list[str], bool] | None:
+    """The first module of ``model`` whose tensors are computed from others: ``(path, module, names,
+    hooked)``, ``hooked`` for torch's older ``weight_norm`` / ``spectral_norm`` hooks (a forward
+    pre-hook) rather than a parametrization (``torch.nn.utils.parametrizations``); None if none is."""
+    from torch.nn.utils import parametrize
+
+    for path, m in model.named_modules():
+        hooked = [h.name for h in m._forward_pre_hooks.values() if type(h).__name__ in ("WeightNorm", "SpectralNorm")]
+        computed = hooked or (list(m.parametrizations) if parametrize.is_parametrized(m) else [])
+        if computed:
+            return path, m, computed, bool(hooked)
+    return None
+
+
+def refuse_computed_weights(model: nn.Module) -> None:
+    """Refuse a module whose tensors are computed from others (a parametrization such as
+    ``torch.nn.utils.parametrizations.weight_norm``, or the older ``weight_norm`` and
+    ``spectral_norm`` hooks): the tracers bind a layer's own ``weight``, which such a model
+    does not hold as a parameter.
+
+    Raises
+    ------
+    TracingError
+        Naming the first such module, its computed tensors and what it holds instead.
+    """
+    found = computed_weights(model)
+    if found is None:
+        return
+    path, m, computed, hooked = found
+    where = f"module {path!r} ({type(m).__name__})" if path else type(model).__name__
+    held = ", ".join(f"{path}.{name}" if path else name for name, _ in m.named_parameters())
+    remedy = ("torch.nn.utils.remove_weight_norm(module) (or remove_spectral_norm). torch cannot copy a module "
+              "with this deprecated hook, so a spec by hand does not help" if hooked else
+              "torch.nn.utils.parametrize.remove_parametrizations(module, name); or pass spec= by hand naming "
+              f"those tensors to cb.ModelPair for this {type(model).__name__}")
+    raise TracingError(f"{where} computes its {', '.join(computed)} from other tensors ({held}): a "
+                       f"parametrization (weight_norm, spectral_norm, ...) the tracers do not follow. Remove it "
+                       f"first, which keeps the function: {remedy}")
+
+
 def trace(model: nn.Module) -> fx.GraphModule:
     """``torch.fx.symbolic_trace(model)``, failing with :class:`TracingError` that says why."""
     other_arguments(model)  # refuses a forward that needs more than its input
+    refuse_computed_weights(model)
     try:
         return fx.symbolic_trace(model)
     except Exception as exc:
@@ -119,6 +160,30 @@ def _param_owner(n: fx.Node) -> tuple[str, str] | None:
 def _shape(n: Any) -> tuple[int, ...] | None:
     meta = getattr(n, "meta", {}).get("tensor_meta")
     return tuple(meta.shape) if meta is not None and hasattr(meta, "shape") else None
+
+
+def _first_size(value: Any, where: str, model: nn.Module) -> int | None:
+    """A pooling argument as one int (the first of a tuple; None stays None), sizes read from the example.
+
+    A size may be a traced tensor's (``F.avg_pool1d(x, x.shape[-1])``, a global pool written
+    with the input's length): the traced table is the example's, so it takes the example's value.
+    """
+    if isinstance(value, tuple | list):
+        value = value[0] if value else None
+    if value is None or isinstance(value, int):
+        return value
+    if isinstance(value, fx.Node) and value.op == "call_function" and value.target is operator.getitem:
+        source, index = value.args
+        if isinstance(source, fx.Node) and reads_shape(source) and isinstance(index, int):
+            shape = _shape(source.args[0])
+            if shape is not None:
+                return int(shape[index])
+    if isinstance(value, fx.Node) and value.op == "call_method" and value.target == "size" and len(value.args) == 2:
+        shape = _shape(value.args[0])
+        if shape is not None and isinstance(value.args[1], int):
+            return int(shape[value.args[1]])
+    raise TracingError(f"{where}: a pooling size the tracer cannot read ({value!r}); give it as a number or as "
+                       f"a traced tensor's size (x.shape[-1], x.size(2))" + _hint(model))
 
 
 def _conv_padding(m: nn.Conv1d | nn.Conv2d | nn.Conv3d) -> tuple[tuple[int, int], ...]:
@@ -238,11 +303,8 @@ def _node(n: fx.Node, gm: fx.GraphModule, name: str, ins: tuple[str, ...], model
         return _upsample_node(n, name, ins, mode, corners, bool(args.get("antialias")), model, where)
     if target in _POOL_FUNCTIONS:
         args = {**dict(zip(("input", "kernel_size", "stride", "padding"), n.args, strict=False)), **n.kwargs}
-        k = args["kernel_size"] if isinstance(args["kernel_size"], int) else args["kernel_size"][0]
-        s = args.get("stride") or k
-        return Node(name, "maxpool", ins, kernel=k, stride=s if isinstance(s, int) else s[0],
-                    padding=args.get("padding", 0) if isinstance(args.get("padding", 0), int) else args["padding"][0],
-                    fn=_POOL_FUNCTIONS[target])
+        k, s, p = (_first_size(args.get(key), where, model) for key in ("kernel_size", "stride", "padding"))
+        return Node(name, "maxpool", ins, kernel=k, stride=s or k, padding=p or 0, fn=_POOL_FUNCTIONS[target])
     raise TracingError(f"{where}: the tracer cannot follow this operation (it follows linear, conv, transposed conv, "
                        "BatchNorm, LayerNorm, GroupNorm, InstanceNorm, element-wise activations, PReLU, residual "
                        "additions, channel concatenations, products of branches (gates), pooling, upsampling and "
