@@ -82,6 +82,9 @@ class Prepared(Protocol):
     # Optional: ``one_vector = True`` when ``forward`` and ``bind`` also take one ``(d,)`` vector
     # (logits ``(1, n, classes)``): the evaluator then passes a single vector as it is, which
     # spares a backend of immutable arrays (jax) the copy that making it ``(1, d)`` would be.
+    # Optional: ``classes_second``, True when the model gives dense logits with their classes second
+    # (a convolution's channels, ``(n, classes, H, W)``), False when last, None (or absent) when
+    # unknown: it settles the shapes both layouts fit (:func:`combinability.evaluation.logit_rows`).
 
     def value_and_grad(self, flat: Any, x: Any, y: Any, loss: Callable[[Any, Any], Any]) -> tuple[Any, Any, Any]:
         """``(loss value, gradient (d,), flat after the step's buffer updates)`` in training mode.

@@ -85,18 +85,19 @@ def cross_entropy(xp: Any, logits: Any, y: Any) -> Any:
     return _logsumexp(xp, logits) - _pick(xp, logits, y)
 
 
-def mean_cross_entropy(xp: Any, logits: Any, y: Any) -> Any:
+def mean_cross_entropy(xp: Any, logits: Any, y: Any, classes_second: bool | None = None) -> Any:
     """The mean of :func:`cross_entropy` over every target (a training loss).
 
     Targets ``(n, *positions)`` (a sequence's ``(n, T)``, a segmentation's ``(n, H, W)``) take
-    logits in any layout :func:`logit_rows` reads: one row per target.
+    logits in any layout :func:`logit_rows` reads (``classes_second`` as there): one row per target.
     """
     if len(y.shape) > 1 or logits.ndim > 2:
-        logits, y = logit_rows(xp, logits, tuple(y.shape)), xp.reshape(y, (-1,))
+        logits, y = logit_rows(xp, logits, tuple(y.shape), classes_second=classes_second), xp.reshape(y, (-1,))
     return xp.mean(cross_entropy(xp, logits, y))
 
 
-def logit_rows(xp: Any, logits: Any, targets: tuple[int, ...], lead: int = 0) -> Any:
+def logit_rows(xp: Any, logits: Any, targets: tuple[int, ...], lead: int = 0,
+               classes_second: bool | None = None) -> Any:
     """``logits`` as ``(*lead axes, rows, classes)``: one row per target, example-major.
 
     Parameters
@@ -115,6 +116,9 @@ def logit_rows(xp: Any, logits: Any, targets: tuple[int, ...], lead: int = 0) ->
         The targets' shape ``(n, *positions)``.
     lead : int
         Leading axes kept as they are.
+    classes_second : bool, optional
+        Where the model is known to give its classes (``True``: second, a convolution's channels;
+        ``False``: last), for the shapes both dense layouts fit; the shape decides the others.
 
     Raises
     ------
@@ -124,16 +128,18 @@ def logit_rows(xp: Any, logits: Any, targets: tuple[int, ...], lead: int = 0) ->
     Notes
     -----
     Where both dense layouts fit (as many classes as every position axis has entries: a
-    vocabulary as long as the sequence), the classes are read last, as every sequence model
-    returns them; a channels-first map of that shape must come flattened,
-    ``(n * positions, classes)``.
+    vocabulary as long as the sequence, 32 classes on 32 x 32 images), ``classes_second``
+    decides: the :class:`Evaluator` takes it from the prepared model
+    (:attr:`~combinability.backend.Prepared` ``classes_second``; torch's says True for a module
+    whose logits come from a convolution). Unknown (None), the classes are read last, as every
+    sequence model returns them.
     """
     shape = tuple(int(s) for s in logits.shape)
     head, rest, positions = shape[:lead], shape[lead + 1 :], tuple(int(s) for s in targets[1:])
     if len(rest) == 1:
         return logits
     last, second = rest[:-1] == positions, rest[1:] == positions
-    if second and not last:  # (…, n, classes, *positions) -> (…, n, *positions, classes)
+    if second and (not last or classes_second):  # (…, n, classes, *positions) -> (…, n, *positions, classes)
         axes = (*range(lead + 1), *range(lead + 2, len(shape)), lead + 1)
         logits = xp.permute_dims(logits, axes)
         rest = (*rest[1:], rest[0])
@@ -148,24 +154,27 @@ def logit_rows(xp: Any, logits: Any, targets: tuple[int, ...], lead: int = 0) ->
     return xp.reshape(logits, (*head, -1, rest[-1]))
 
 
-def _rows(xp: Any, logits: Any, targets: tuple[int, ...] | None = None) -> Any:
+def _rows(xp: Any, logits: Any, targets: tuple[int, ...] | None = None, classes_second: bool | None = None) -> Any:
     """``(k, rows, classes)`` logits of ``k`` models: :func:`logit_rows` for targets of shape ``targets``;
     without targets, a sequence model's ``(k, n, T, classes)`` as ``(k, n * T, classes)``."""
     if targets is not None:
-        return logit_rows(xp, logits, targets, lead=1)
+        return logit_rows(xp, logits, targets, lead=1, classes_second=classes_second)
+    if logits.ndim > 3 and classes_second:  # (k, n, classes, *positions): the classes last first
+        logits = xp.permute_dims(logits, (0, 1, *range(3, logits.ndim), 2))
     return logits if logits.ndim <= 3 else xp.reshape(logits, (logits.shape[0], -1, logits.shape[-1]))
 
 
 @functools.cache
-def training_loss(xp: Any) -> Callable[[Any, Any], Any]:
-    """:func:`mean_cross_entropy` over ``xp`` as a ``loss(logits, y)``: one function per namespace.
+def training_loss(xp: Any, classes_second: bool | None = None) -> Callable[[Any, Any], Any]:
+    """:func:`mean_cross_entropy` over ``xp`` as a ``loss(logits, y)``: one function per namespace
+    (and ``classes_second``, a prepared model's, as :func:`logit_rows` takes it).
 
     A backend may compile its gradient step once per loss function (jax keys ``jax.jit`` on
     it): the same function for every call lets a probe, a training run and a learned
     aligner on one model share one compilation.
     """
     def loss(logits: Any, y: Any) -> Any:
-        return mean_cross_entropy(xp, logits, y)
+        return mean_cross_entropy(xp, logits, y, classes_second)
 
     return loss
 
@@ -298,6 +307,8 @@ class Evaluator:
         self.vectors = max(1, int(vectors))
         self.metrics = tuple(get_logit_metric(m) for m in metrics)
         self.prepared = prepared if prepared is not None else backend.prepare(model, layout)
+        #: where the model gives its classes, for logits both dense layouts fit (:func:`logit_rows`)
+        self.classes_second: bool | None = getattr(self.prepared, "classes_second", None)
         self._data = device_data(backend)
         keep_freed_memory()  # every batch's activations reuse the memory of the last (host_memory)
 
@@ -349,7 +360,7 @@ class Evaluator:
         for c in range(0, self._count(stacked), self.vectors):
             chunk = self._chunk(stacked, c)
             with bound_forward(self.prepared, chunk) as forward:
-                parts = [_rows(xp, forward(x[s : s + self.batch_size, ...]))
+                parts = [_rows(xp, forward(x[s : s + self.batch_size, ...]), classes_second=self.classes_second)
                          for s in range(0, x.shape[0], self.batch_size)]
             rows.append(xp.concat(parts, axis=1))
         return xp.concat(rows, axis=0)
@@ -390,7 +401,7 @@ class Evaluator:
                 start = held = 0
                 for s in range(0, n, self.batch_size):
                     stop = min(s + self.batch_size, n)
-                    logits = _rows(xp, forward(x[s:stop, ...]), (stop - s, *y.shape[1:]))
+                    logits = _rows(xp, forward(x[s:stop, ...]), (stop - s, *y.shape[1:]), self.classes_second)
                     pending.append(logits)
                     held += math.prod(logits.shape)
                     if held >= _SCORED_TOGETHER or stop == n:  # one call per metric for the group's batches

@@ -228,7 +228,7 @@ def fit(backend: Backend, model: Any, data: ArrayDataset, recipe: TrainRecipe, *
     bs = int(recipe.batch_size)
     steps_per_epoch = math.ceil(n / bs)
 
-    loss_fn = training_loss(xp)
+    loss_fn = training_loss(xp, getattr(prepared, "classes_second", None))
     step = 0
     with progress_bar(recipe.epochs * steps_per_epoch, desc, "step", progress) as bar:
         for epoch in range(recipe.epochs):

@@ -84,6 +84,48 @@ def test_logit_rows_reads_classes_last_when_both_layouts_fit():
     np.testing.assert_array_equal(logit_rows(np, logits, (2, 3)), logits.reshape(6, 3))
 
 
+def test_logit_rows_reads_classes_second_when_both_fit_and_the_model_says_so():
+    logits = np.arange(2 * 3 * 3, dtype=np.float32).reshape(2, 3, 3)  # (n, classes, T) with classes == T
+    np.testing.assert_array_equal(logit_rows(np, logits, (2, 3), classes_second=True),
+                                  np.moveaxis(logits, 1, -1).reshape(6, 3))
+    # the shape decides where only one layout fits, whatever the hint
+    np.testing.assert_array_equal(logit_rows(np, np.zeros((2, 3, 4)), (2, 3), classes_second=True), np.zeros((6, 4)))
+
+
+class SquareSegNet(SegNet):
+    """As many classes as the images have rows and columns: both dense layouts fit its logits."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.head = nn.Conv2d(8, 6, 1)
+
+
+def test_a_square_segmentation_map_is_read_with_its_classes_second():
+    rng = np.random.default_rng(3)
+    x, y = rng.standard_normal((10, 1, 6, 6)).astype(np.float32), rng.integers(0, 6, (10, 6, 6))
+    torch.manual_seed(0)
+    a, b = SquareSegNet().eval(), SquareSegNet().eval()
+    pair = cb.ModelPair(a, b, example_input=torch.tensor(x[:4]))
+    ds = cb.sweep(pair, cb.Linear(), data=(x, y), values=[0.0, 1.0])
+    for v, model in ((0, a), (1, b)):
+        loss, accuracy = _torch_scores(model, x, y)
+        assert float(ds["loss"].isel(lam=v).item()) == pytest.approx(loss, rel=1e-5)
+        assert float(ds["accuracy"].isel(lam=v).item()) == pytest.approx(accuracy, abs=1e-12)
+
+
+def test_where_a_traced_torch_model_gives_its_classes():
+    from combinability_torch.trace import classes_second
+
+    class Permuted(SegNet):
+        def forward(self, x):
+            return super().forward(x).permute(0, 2, 3, 1)
+
+    mlp = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Dropout(0.1), nn.Linear(8, 3))
+    assert classes_second(torch.fx.symbolic_trace(SegNet())) is True
+    assert classes_second(torch.fx.symbolic_trace(mlp)) is False
+    assert classes_second(torch.fx.symbolic_trace(Permuted())) is None
+
+
 def test_training_loss_of_a_dense_prediction_is_torchs():
     x, y = _data()
     model = _trained_like(0)

@@ -30,7 +30,14 @@ from combinability.layers import LayerTable
 from combinability.layout import FlatLayout, check_names
 from combinability_torch.compiled import compiled_call
 from combinability_torch.models import TableNet
-from combinability_torch.trace import TapRunner, computed_weights, logits_of, refuse_computed_weights, tensor_aliases
+from combinability_torch.trace import (
+    TapRunner,
+    classes_second,
+    computed_weights,
+    logits_of,
+    refuse_computed_weights,
+    tensor_aliases,
+)
 
 __all__ = ["TorchBackend", "TorchRandom", "TorchPrepared", "torch_dtype"]
 
@@ -165,6 +172,8 @@ class TorchPrepared:
                     missing=False)
         _refuse_hooked_weights(model)
         self.backend, self.layout = backend, layout
+        #: where the logits hold their classes (:func:`combinability_torch.trace.classes_second`), None if unknown
+        self.classes_second: bool | None = None
         # the layout's weights are passed at each call: the copy holds zero-memory placeholders for them
         device = backend.torch_device
         placeholders = {id(p): nn.Parameter(torch.zeros((), dtype=p.dtype, device=device).expand(p.shape),
@@ -175,7 +184,9 @@ class TorchPrepared:
             from combinability_torch.trace import trace
 
             try:  # a traced user module taps any node's output; an untraceable one, its submodules'
-                self.model = TapRunner(trace(self.model)).eval()
+                gm = trace(self.model)
+                self.model = TapRunner(gm).eval()
+                self.classes_second = classes_second(gm)
             except TracingError:
                 pass
         # tied tensors are passed under their first name; functional_call ties the aliases to it

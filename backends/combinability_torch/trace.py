@@ -530,6 +530,49 @@ def logits_of(out: Any) -> Any:
     return out if logits is None else logits
 
 
+#: Modules whose output holds its channels on axis 1 (a map ``(n, c, *positions)``).
+_CHANNELS_FIRST_MODULES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d,
+                           nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.modules.instancenorm._InstanceNorm,
+                           nn.Upsample, nn.modules.pooling._MaxPoolNd, nn.modules.pooling._AvgPoolNd,
+                           nn.modules.pooling._AdaptiveAvgPoolNd, nn.modules.pooling._AdaptiveMaxPoolNd)
+_CHANNELS_FIRST_FUNCTIONS = {F.conv1d, F.conv2d, F.conv3d, F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d,
+                             F.batch_norm, F.group_norm, F.instance_norm, *_INTERPOLATE, *_POOL_FUNCTIONS,
+                             *_ADAPTIVE_AVG}
+
+
+def classes_second(gm: fx.GraphModule) -> bool | None:
+    """Whether ``gm``'s logits hold their classes on axis 1 (True: they come from a convolution, a norm
+    or a resize of channels-first maps, as a segmentation network's ``(n, classes, H, W)``), on the
+    last axis (False: from a Linear, an Embedding or a recurrent layer), or unknown (None).
+
+    Read from the layer that makes the logits, through the operations that keep the layout
+    (activations, dropout, additions, a cast); a reshape or permute on the way leaves it unknown.
+    """
+    output = next((n for n in gm.graph.nodes if n.op == "output"), None)
+    node = logits_of(output.args[0]) if output is not None else None
+    for _ in range(len(gm.graph.nodes)):
+        if not isinstance(node, fx.Node):
+            return None
+        if node.op == "call_module":
+            m = gm.get_submodule(node.target)
+            if isinstance(m, _CHANNELS_FIRST_MODULES):
+                return True
+            if isinstance(m, UNITS_LAST_MODULES):
+                return False
+            if not isinstance(m, (*_ACT_MODULES, nn.Dropout, nn.Dropout2d, nn.Dropout3d, nn.Identity)):
+                return None
+        elif node.op == "call_function" and node.target in _CHANNELS_FIRST_FUNCTIONS:
+            return True
+        elif node.op == "call_function" and node.target is F.linear:
+            return False
+        elif not ((node.op == "call_function" and (node.target in _ACT_FUNCTIONS or node.target in _ADD
+                                                    or node.target is F.dropout))
+                  or (node.op == "call_method" and (node.target in _KEEP_METHODS or node.target in ACTIVATIONS))):
+            return None
+        node = next((a for a in node.all_input_nodes if a.op != "get_attr"), None)
+    return None
+
+
 def other_arguments(model: nn.Module) -> dict[str, Any]:
     """The defaults of ``model.forward``'s arguments after the first (the input), which tracing
     holds at their defaults as the library's calls ``model(x)`` do (``attention_mask=None``, ...).

@@ -141,7 +141,7 @@ def check_learning(name: str, task: AlignTask, context: LearningContext | None) 
     x, y = device_data(be)(ds.subset(2, seed=0) if len(ds) > 2 else ds)
     flat = be.asarray(context.layout.flatten(task.reference))
     try:
-        prepared.value_and_grad(flat, x, y, training_loss(xp))
+        prepared.value_and_grad(flat, x, y, training_loss(xp, getattr(prepared, "classes_second", None)))
     except NotImplementedError as exc:
         raise ConfigurationError(f"aligner {name!r} needs gradients, but the {be.name!r} backend gives none: "
                                  f"{exc}; use 'weight' or 'activation'") from None
@@ -260,7 +260,7 @@ class _Run:
         self.x, self.y = device_data(be)(self.ctx.data)
         self.theta_a = be.asarray(layout.flatten(self.task.reference))
         self.grid = np.asarray(self.sampler.grid_for(layout))
-        self.loss = training_loss(self.xp)
+        self.loss = training_loss(self.xp, getattr(self.prepared, "classes_second", None))
         n = len(self.ctx.data)
         self.eval_idx = be.asarray(np.random.default_rng([self.seed, 7]).permutation(n)[: self.eval_examples])
         draws = 1 if self.sampler.deterministic and len(self.grid) == 1 else 4
