@@ -352,15 +352,25 @@ class Evaluator:
             return stacked
         return stacked[start : start + self.vectors, ...]
 
-    def logits(self, flats: Any, x: Any) -> Any:
-        """Logits ``(k, n, C)`` of the vectors on inputs ``x`` (device arrays), batched."""
+    def logits(self, flats: Any, x: Any, label_shape: tuple[int, ...] | None = None) -> Any:
+        """Logits ``(k, rows, C)`` of the vectors on inputs ``x`` (device arrays), batched.
+
+        ``label_shape`` is one example's labels' (``y.shape[1:]``: ``()`` for a class, a
+        sequence's ``(T,)``, a segmentation's ``(H, W)``): the rows are then one per label,
+        example-major, as :func:`logit_rows` reads them. Without it, one row per example, or a
+        sequence model's ``(k, n, T, C)`` as ``(k, n * T, C)``.
+        """
         xp = self.backend.xp()
         stacked = self._stack(flats)
         rows = []
+
+        def targets(start: int) -> tuple[int, ...] | None:
+            return None if label_shape is None else (min(self.batch_size, x.shape[0] - start), *label_shape)
+
         for c in range(0, self._count(stacked), self.vectors):
             chunk = self._chunk(stacked, c)
             with bound_forward(self.prepared, chunk) as forward:
-                parts = [_rows(xp, forward(x[s : s + self.batch_size, ...]), classes_second=self.classes_second)
+                parts = [_rows(xp, forward(x[s : s + self.batch_size, ...]), targets(s), self.classes_second)
                          for s in range(0, x.shape[0], self.batch_size)]
             rows.append(xp.concat(parts, axis=1))
         return xp.concat(rows, axis=0)

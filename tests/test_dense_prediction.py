@@ -148,6 +148,23 @@ def test_segmentation_network_is_traced_and_swept_as_torch_scores_it():
         assert float(ds["accuracy"].isel(lam=v).item()) == pytest.approx(accuracy, abs=1e-12)
 
 
+def test_calibration_of_a_segmentation_pair_scores_every_pixel_as_torch():
+    from combinability.analysis.calibration import calibrate
+
+    x, y = _data(16, seed=1)
+    a, b = _trained_like(0), _trained_like(1)
+    pair = cb.ModelPair(a, b, example_input=torch.tensor(x[:4]))
+    ds = calibrate(pair, (x, y), lambdas=[0.0, 1.0], calibration_data=_data(12, seed=2), naive=False)
+    for lam, model in ((0.0, a), (1.0, b)):
+        at = ds.sel(lam=lam).isel(alignment=0)
+        with torch.no_grad():
+            logits, target = model(torch.tensor(x)).double(), torch.tensor(y)
+        beta = float(at["inverse_temperature"])
+        assert float(at["loss"]) == pytest.approx(F.cross_entropy(logits, target).item(), rel=1e-5)
+        assert float(at["loss_calibrated"]) == pytest.approx(F.cross_entropy(beta * logits, target).item(), rel=1e-5)
+        assert float(at["accuracy"]) == pytest.approx((logits.argmax(1) == target).double().mean().item(), abs=1e-12)
+
+
 def test_weight_matching_undoes_a_planted_permutation_of_a_segmentation_network():
     x, y = _data()
     a = _trained_like(0)

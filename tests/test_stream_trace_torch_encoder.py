@@ -166,3 +166,19 @@ def test_an_embedding_bag_is_a_layer_whose_features_permute():
     assert spec.axes_to_perm["bag.weight"] == (None, features)
     assert spec.axes_to_perm["hidden.weight"][1] == features
     assert_random_transformation_undone(model, spec, cb.fold_norms(_state(model), folds), TOKENS, "bag.weight")
+
+
+def test_calibration_of_a_language_model_pair_scores_every_position_as_torch():
+    from combinability.analysis.calibration import calibrate
+
+    models = [randomised(EncoderGPT(), s) for s in (1, 2)]
+    g = torch.Generator().manual_seed(5)
+    tokens, targets = (torch.randint(0, VOCAB, (6, SEQ), generator=g) for _ in range(2))
+    held = tuple(torch.randint(0, VOCAB, (4, SEQ), generator=g).numpy() for _ in range(2))
+    pair = cb.ModelPair(*models, example_input=TOKENS)
+    ds = calibrate(pair, (tokens.numpy(), targets.numpy()), lambdas=[0.0, 1.0], calibration_data=held, naive=False)
+    for lam, model in zip((0.0, 1.0), models, strict=True):
+        with torch.no_grad():
+            logits = model(tokens).double().reshape(-1, VOCAB)
+        want = F.cross_entropy(logits, targets.reshape(-1)).item()
+        assert float(ds["loss"].sel(lam=lam).isel(alignment=0)) == pytest.approx(want, rel=1e-5)

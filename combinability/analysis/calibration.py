@@ -252,8 +252,10 @@ def calibrate(
     return reuse_or_run(out, key, run, overwrite=overwrite)
 
 
-def _logits(pair: ModelSet, evaluator: Any, theta: Any, x: Any) -> np.ndarray:
-    return pair.backend_obj.to_numpy(evaluator.logits(theta, x))[0].astype(np.float64)
+def _logits(pair: ModelSet, evaluator: Any, theta: Any, x: Any, labels: np.ndarray) -> np.ndarray:
+    """Float64 logits, one row per label (a sequence's or a segmentation's, example-major)."""
+    shape = tuple(np.shape(labels)[1:])
+    return pair.backend_obj.to_numpy(evaluator.logits(theta, x, shape))[0].astype(np.float64)
 
 
 def _calibrate_one(pair: ModelSet, evaluation: ArrayDataset, calib: ArrayDataset, grid: np.ndarray,
@@ -269,10 +271,10 @@ def _calibrate_one(pair: ModelSet, evaluation: ArrayDataset, calib: ArrayDataset
     rows = []
     for lam in grid:
         theta = ta if lam == 0 else tb if lam == 1 else combine(ta, tb, float(lam))
-        beta = fit_temperature(_logits(pair, evaluator, theta, x_cal), calib.y, bounds)
-        z = _logits(pair, evaluator, theta, x_eval)
-        rows.append((temperature_loss(z, evaluation.y, 1.0), temperature_loss(z, evaluation.y, beta),
-                     float(np.mean(z.argmax(axis=1) == evaluation.y)), beta))
+        beta = fit_temperature(_logits(pair, evaluator, theta, x_cal, calib.y), np.ravel(calib.y), bounds)
+        z, labels = _logits(pair, evaluator, theta, x_eval, evaluation.y), np.ravel(evaluation.y)
+        rows.append((temperature_loss(z, labels, 1.0), temperature_loss(z, labels, beta),
+                     float(np.mean(z.argmax(axis=1) == labels)), beta))
     loss, loss_cal, acc, beta = (np.array(c) for c in zip(*rows, strict=True))
 
     def barrier(values: np.ndarray) -> float:  # Def. 3.3, as combinability.barriers: the worst point of the path
