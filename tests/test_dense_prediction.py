@@ -165,6 +165,23 @@ def test_calibration_of_a_segmentation_pair_scores_every_pixel_as_torch():
         assert float(at["accuracy"]) == pytest.approx((logits.argmax(1) == target).double().mean().item(), abs=1e-12)
 
 
+def test_functional_agreement_of_a_segmentation_pair_counts_every_pixel():
+    from combinability.experiments import functional_agreement
+
+    x, y = _data(12, seed=3)
+    a, b = _trained_like(0), _trained_like(1)
+    pair = cb.ModelPair(a, b, example_input=torch.tensor(x[:4]))
+    (ds,) = functional_agreement(pair, (cb.Linear(),), data={"test": (x, y)}, values=[0.0, 1.0]).values()
+    with torch.no_grad():
+        pa, pb = (m(torch.tensor(x)).argmax(1).numpy() for m in (a, b))  # (n, H, W) per pixel
+    for lam, pred in ((0.0, pa), (1.0, pb)):
+        counts = ds["agreement"].sel(split="test", lam=lam).isel(sample=0).to_series()
+        assert counts.sum() == y.size
+        both = (pred == pa) & (pred == pb)
+        assert counts["both_correct"] == np.sum(both & (pred == y))
+        assert counts["both_wrong"] == np.sum(both & (pred != y))
+
+
 def test_weight_matching_undoes_a_planted_permutation_of_a_segmentation_network():
     x, y = _data()
     a = _trained_like(0)

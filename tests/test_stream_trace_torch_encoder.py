@@ -18,7 +18,12 @@ import pytest
 import combinability as cb
 from combinability.errors import TracingError
 from combinability.kinds import Blocks, Orthogonal
-from tests.model_checks import assert_random_transformation_undone, language_pair_sweep_ends_match_torch, randomised
+from tests.model_checks import (
+    assert_random_transformation_undone,
+    language_pair_sweep_ends_match_torch,
+    randomised,
+    tapped_features,
+)
 
 torch = pytest.importorskip("torch")
 nn, F = torch.nn, torch.nn.functional
@@ -182,3 +187,24 @@ def test_calibration_of_a_language_model_pair_scores_every_position_as_torch():
             logits = model(tokens).double().reshape(-1, VOCAB)
         want = F.cross_entropy(logits, targets.reshape(-1)).item()
         assert float(ds["loss"].sel(lam=lam).isel(alignment=0)) == pytest.approx(want, rel=1e-5)
+
+
+def test_features_inside_the_encoder_are_read_and_its_neurons_perturbed():
+    from combinability.experiments import alignment_robustness
+
+    a, b = randomised(EncoderGPT(), 1), randomised(EncoderGPT(), 2)
+    seen = {}
+    hook = a.encoder.layers[1].linear1.register_forward_hook(lambda _m, _i, out: seen.update(out=out))
+    with torch.no_grad():
+        a(TOKENS)
+    hook.remove()
+    feats = tapped_features(a, b, TOKENS, "encoder.layers.1.linear1")  # one row per (example, position)
+    np.testing.assert_allclose(feats, seen["out"].reshape(-1, 2 * DIM).numpy(), rtol=1e-5, atol=1e-6)
+    pair = cb.ModelPair(a, b, example_input=TOKENS).align("weight")
+    g = torch.Generator().manual_seed(6)
+    data = tuple(torch.randint(0, VOCAB, (8, SEQ), generator=g).numpy() for _ in range(2))
+    ds = alignment_robustness(pair, cb.ArrayDataset(x=data[0], y=data[1], num_classes=VOCAB, name="t", split="test"),
+                              steps=2, examples=8, lambdas=(0.5,))
+    # the MLP neurons, and the stream (a permutation here: the final norm's shift cannot fold into a bias-free head)
+    assert set(ds["permutation"].values) == {"P_encoder.layers.0.linear1", "P_encoder.layers.1.linear1", "P_tok"}
+    assert np.isfinite(ds["loss_barrier"].values).all()

@@ -289,13 +289,15 @@ class TorchPrepared:
         params = self._views(flat)
         with self._inference():
             if isinstance(self.model, TapRunner):
-                missing = [p for p in points if p not in self.model.fx_of]
-                if missing:
-                    raise UnknownNameError(f"unknown feature point(s) {missing}; this model's points are: "
-                                           f"{list(self.model.fx_of)[:40]}")
-                taps = dict.fromkeys(points)
-                self._call(params, x, taps=taps)
-                return taps
+                taps = dict.fromkeys(p for p in points if p in self.model.fx_of)
+                inside = [p for p in points if p not in self.model.fx_of]
+                if not inside:
+                    self._call(params, x, taps=taps)
+                    return taps
+                # submodules of a module the graph keeps whole (torch's nn.TransformerEncoder, which
+                # symbolic tracing cannot open): hooked, in the same forward pass as the taps
+                hooked = self._hooked(params, x, inside, taps=taps or None, also=list(self.model.fx_of))
+                return {p: taps[p] if p in taps else hooked[p] for p in points}
             if isinstance(self.model, TableNet):
                 known = set(self.model.table.feature_points()) | {n.name for n in self.model.table.nodes}
                 missing = [p for p in points if p not in known]
@@ -307,7 +309,10 @@ class TorchPrepared:
                 return taps
             return self._hooked(params, x, points)
 
-    def _hooked(self, params: dict[str, torch.Tensor], x: torch.Tensor, points: Sequence[str]) -> dict[str, Any]:
+    def _hooked(self, params: dict[str, torch.Tensor], x: torch.Tensor, points: Sequence[str],
+                taps: dict[str, Any] | None = None, also: Sequence[str] = ()) -> dict[str, Any]:
+        """The outputs of the submodules ``points`` (forward hooks); ``taps`` (a :class:`TapRunner`'s
+        nodes) are filled in the same call, and ``also`` names them in the error of an unknown point."""
         modules = dict(self.model.named_modules())
         # a layer table's point for a module without parameters (an activation) is its fx name
         modules.update({k.replace(".", "_"): m for k, m in list(modules.items()) if k.replace(".", "_") not in modules})
@@ -317,8 +322,9 @@ class TorchPrepared:
             raise UnknownNameError(f"feature point(s) {again}: the module runs more than once in a forward pass, so "
                                    "its output there is not one feature map; name a module that runs once")
         if missing:
-            raise UnknownNameError(f"unknown feature point(s) {missing}; this model's points are its submodules: "
-                                   f"{[n for n in modules if n][:40]}")
+            listed = [*also, *(n for n in modules if n and n not in also)]
+            raise UnknownNameError(f"unknown feature point(s) {missing}; this model's points are "
+                                   f"{'its nodes and submodules' if also else 'its submodules'}: {listed[:40]}")
         out: dict[str, Any] = {}
         twice: list[str] = []
 
@@ -330,7 +336,7 @@ class TorchPrepared:
         handles = [modules[p].register_forward_hook(lambda _m, _i, o, p=p: keep(p, _units_second(_m, o)))
                    for p in points]
         try:
-            self._call(params, x)
+            self._call(params, x, **({} if taps is None else {"taps": taps}))
         finally:
             for h in handles:
                 h.remove()

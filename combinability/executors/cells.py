@@ -244,7 +244,8 @@ class CellRunner:
                     values[m.name][k] = ev.values[m.name]
                 if counts is not None:
                     pred_a, pred_b = w.end_predictions[split]
-                    counts[k] = agreement_counts(ev.predictions, pred_a, pred_b, data.y)
+                    # every label counts (a sequence's positions, a segmentation's pixels), example-major
+                    counts[k] = agreement_counts(ev.predictions, pred_a, pred_b, np.ravel(data.y))
             del theta
         return CellResult(int(value), int(sample), loss, accuracy, values, counts)
 
