@@ -208,3 +208,56 @@ def test_features_inside_the_encoder_are_read_and_its_neurons_perturbed():
     # the MLP neurons, and the stream (a permutation here: the final norm's shift cannot fold into a bias-free head)
     assert set(ds["permutation"].values) == {"P_encoder.layers.0.linear1", "P_encoder.layers.1.linear1", "P_tok"}
     assert np.isfinite(ds["loss_barrier"].values).all()
+
+
+def _features_of(model, state: dict[str, np.ndarray], point: str, x) -> np.ndarray:
+    """``point``'s output (a submodule's) of ``model`` run in float64 with ``state``, one row per example."""
+    import copy
+
+    m = copy.deepcopy(model).double()
+    m.load_state_dict({k: torch.as_tensor(v) for k, v in state.items()}, strict=False)
+    seen = {}
+    hook = m.get_submodule(point).register_forward_hook(lambda _m, _i, out: seen.update(out=out))
+    with torch.no_grad():
+        m(torch.as_tensor(x))
+    hook.remove()
+    return seen["out"].reshape(len(x), -1).numpy()
+
+
+def test_llfc_of_an_encoder_pair_reads_its_neurons_and_blocks_as_torch_computes_them():
+    a, b = randomised(EncoderGPT(), 1), randomised(EncoderGPT(), 2)
+    pair = cb.ModelPair(a, b, example_input=TOKENS)
+    g = torch.Generator().manual_seed(7)
+    x, y = (torch.randint(0, VOCAB, (6, SEQ), generator=g).numpy() for _ in range(2))
+    ds = cb.llfc(pair, (x, y), values=[0.5])
+    # the layers opening its neuron spaces: the stream (permuted here) and the MLPs' hidden units
+    assert list(ds["point"].values) == ["tok", "encoder.layers.0.linear1", "encoder.layers.1.linear1"]
+    ds = cb.llfc(pair, (x, y), values=[0.5], points=["encoder.layers.0", "encoder.layers.1.linear1"])
+    states = [pair.layout.unflatten(pair.theta(k)) for k in (0, 1)]
+    mid = {k: 0.5 * states[0][k].astype(np.float64) + 0.5 * states[1][k] for k in states[0]}
+    for point in ("encoder.layers.0", "encoder.layers.1.linear1"):  # a block's output: the residual stream
+        fa, fb, f = (_features_of(a, s, point, x) for s in (*states, mid))
+        g_mix = 0.5 * fa + 0.5 * fb
+        want = np.mean(np.sum(f * g_mix, 1) / (np.linalg.norm(f, axis=1) * np.linalg.norm(g_mix, axis=1)))
+        assert float(ds["cosine"].sel(point=point).item()) == pytest.approx(want, rel=1e-4)
+        assert float(ds["coefficient"].sel(point=point).item()) == 0.5
+    with pytest.raises(cb.UnknownNameError, match="unknown feature point"):
+        cb.llfc(pair, (x, y), values=[0.5], points=["encoder.layers.7"])
+    with pytest.raises(cb.ConfigurationError, match="depth in a chain of layers"):
+        cb.lewc(pair, (x, y), lambdas=[0.5])
+
+
+def test_a_point_without_a_layer_table_takes_the_mean_coefficient_of_its_modules_parameters():
+    from combinability.analysis.llfc import point_coefficients
+
+    pair = cb.ModelPair(randomised(EncoderGPT(), 1), randomised(EncoderGPT(), 2), example_input=TOKENS)
+    v = np.random.default_rng(0).uniform(size=pair.layout.size)
+    points = ["encoder.layers.0.linear1", "encoder.layers.1"]
+    got = point_coefficients(pair, points)(v)
+    for point, alpha in zip(points, got, strict=True):
+        names = [k for k in pair.layout.names if k.startswith(point + ".")]
+        parts = np.concatenate([v[pair.layout.slice(k)] for k in names])
+        assert alpha == pytest.approx(parts.mean(), rel=1e-12)
+    assert set(point_coefficients(pair, points)(0.3)) == {0.3}
+    with pytest.raises(cb.ConfigurationError, match="hold no parameters"):
+        point_coefficients(pair, ["getitem"])

@@ -354,6 +354,10 @@ def lewc(
 
     grid = _lambdas(lambdas if lambdas is not None else np.round(np.linspace(0.1, 0.9, 9), 10))
     wanted = feature_points(pair, points)
+    if pair.table is None:
+        raise ConfigurationError("lewc predicts each point's weights from its depth in a chain of layers "
+                                 "((1 - λ)^ℓ, λ^ℓ), which a model traced by its feature spaces (a transformer's "
+                                 "residual stream) does not have; llfc measures its features' linearity")
     ds = resolve_data(pair, data, split, limit)
     key = {"analysis": "lewc", "models": pair.fingerprints(), "lambdas": grid.tolist(), "points": wanted,
            "data": data_identity(ds), "batch_size": int(batch_size), "evaluation": repr(pair.backend_obj)}

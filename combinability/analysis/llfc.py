@@ -24,7 +24,7 @@ The helpers here (data, points, features) are shared by the other analyses of
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -89,12 +89,12 @@ def feature_points(pair: ModelSet, points: Sequence[str] | None = None) -> list[
     ConfigurationError
         If the model has no layer table (pass ``example_input=`` when building the pair).
     """
-    if pair.table is None:
+    if pair.table is None and not pair.points:
         raise ConfigurationError("the pair's models have no layer table, so their feature points are unknown: build "
                                  "the pair with example_input= (a batch of inputs) to trace them")
-    valid = list(pair.table.feature_points())
+    valid = list(pair.table.feature_points()) if pair.table is not None else _module_points(pair)
     if points is None:
-        return valid
+        return valid if pair.table is not None else list(dict.fromkeys(pair.feature_points.values()))
     if isinstance(points, str):
         points = [points]
     unknown = [p for p in points if p not in valid]
@@ -105,11 +105,55 @@ def feature_points(pair: ModelSet, points: Sequence[str] | None = None) -> list[
     return list(dict.fromkeys(points))
 
 
+def _module_points(pair: ModelSet) -> list[str]:
+    """The feature points of a model traced by its feature spaces (no layer table): the layers that
+    open its neuron spaces, then every module holding parameters, by path (a transformer block's
+    output, ``encoder.layers.0``, is its residual stream there)."""
+    modules = []
+    for entry in pair.layout.entries:
+        parts = entry.name.split(".")[:-1]
+        modules += [".".join(parts[: k + 1]) for k in range(len(parts))]
+    return list(dict.fromkeys([*pair.feature_points.values(), *modules]))
+
+
+def point_coefficients(pair: ModelSet, points: Sequence[str]) -> Callable[[Any], np.ndarray]:
+    """``v -> α`` per point: the mean coefficient of the layer producing each point (a number ``v``
+    everywhere: ``v`` itself). With a layer table, the table's layer; without one (a model traced
+    by its feature spaces), the parameters under the point's module path."""
+    layout = pair.layout
+    if pair.table is not None:
+        layer_of, index, layers = point_layers(pair), layout.layer_index(), len(pair.layer_names)
+        rows = np.array([layer_of[p] for p in points], dtype=np.int64)
+        return lambda v: layer_means(np.broadcast_to(v, (layout.size,)), index, layers)[rows]
+    slices = {p: [(e.offset, e.stop) for e in layout.entries if e.name.startswith(p + ".")] for p in points}
+    empty = [p for p, parts in slices.items() if not parts]
+    if empty:
+        raise ConfigurationError(f"feature point(s) {empty} hold no parameters, so no coefficient of theirs is "
+                                 "known; name the modules that produce them")
+
+    def alphas(v: Any) -> np.ndarray:
+        v = np.asarray(v, dtype=np.float64)
+        if v.ndim == 0:
+            return np.full(len(points), float(v))
+        return np.array([sum(float(v[a:b].sum()) for a, b in slices[p]) / sum(b - a for a, b in slices[p])
+                         for p in points])
+
+    return alphas
+
+
 def point_layers(pair: ModelSet) -> dict[str, int]:
     """The layer index (``pair.layer_names``) of the node producing every feature point."""
     names = pair.layer_names
     node_layer = pair.table._node_layers()  # node -> its layer's name (activations: the previous layer's)
     return {node: names.index(layer) for node, layer in node_layer.items() if layer in names}
+
+
+def _layer_names(pair: ModelSet, points: Sequence[str]) -> list[str]:
+    """The layer producing each point: the table's layer name, or (no table) the point's module itself."""
+    if pair.table is None:
+        return list(points)
+    layer_of = point_layers(pair)
+    return [pair.layer_names[layer_of[p]] for p in points]
 
 
 def layer_means(v: np.ndarray, layer_index: np.ndarray, layers: int) -> np.ndarray:
@@ -240,6 +284,7 @@ def llfc(
 
     smp, grid = two_model_sampler(sampler, pair, values)
     wanted = feature_points(pair, points)
+    point_coefficients(pair, wanted)  # every point's layer known, before any work
     n_samples = 1 if smp.deterministic else (4 if samples is None else int(samples))
     if n_samples < 1:
         raise ConfigurationError(f"samples must be >= 1, got {samples}")
@@ -276,9 +321,7 @@ def _llfc(pair: ModelSet, ds: ArrayDataset, smp: Sampler, grid: list[float], n_s
     ta, tb = be.asarray(pair.theta(0)), be.asarray(pair.theta(1))
     fa = {p: per_example(f, n) for p, f in evaluator.features(ta, ds, wanted).items()}
     fb = {p: per_example(f, n) for p, f in evaluator.features(tb, ds, wanted).items()}
-    layer_of = point_layers(pair)
-    layer_index = pair.layout.layer_index()
-    n_layers = len(pair.layer_names)
+    coefficients = point_coefficients(pair, wanted)
     shape = (len(wanted), len(grid), n_samples)
     cosine, scale, coefficient = np.full(shape, np.nan), np.full(shape, np.nan), np.full(shape, np.nan)
     for i, value in enumerate(grid):
@@ -286,10 +329,10 @@ def _llfc(pair: ModelSet, ds: ArrayDataset, smp: Sampler, grid: list[float], n_s
             ctx = DrawContext(pair.layout, be.random(sample_seed(seed, i, s, smp.name)), theta_a=ta, theta_b=tb)
             v = smp.draw(value, ctx)
             theta = combine(ta, tb, v)
-            means = layer_means(np.broadcast_to(be.to_numpy(v), (pair.layout.size,)), layer_index, n_layers)
+            alphas = coefficients(be.to_numpy(v))
             feats = evaluator.features(theta, ds, wanted)
             for j, p in enumerate(wanted):
-                alpha = means[layer_of[p]]
+                alpha = alphas[j]
                 g = (1 - alpha) * fa[p] + alpha * fb[p]
                 cosine[j, i, s], scale[j, i, s] = cosine_and_scale(per_example(feats[p], n), g)
                 coefficient[j, i, s] = alpha
@@ -299,7 +342,7 @@ def _llfc(pair: ModelSet, ds: ArrayDataset, smp: Sampler, grid: list[float], n_s
         {"cosine": (dims, cosine), "scale": (dims, scale), "coefficient": (dims, coefficient),
          "baseline_cosine": (("point",), np.asarray(baseline))},
         coords={"point": wanted, "value": np.asarray(grid, dtype=np.float64), "sample": np.arange(n_samples),
-                "layer_name": ("point", [pair.layer_names[layer_of[p]] for p in wanted]),
+                "layer_name": ("point", _layer_names(pair, wanted)),
                 "units": ("point", [int(fa[p].shape[1]) for p in wanted])},
         attrs=provenance(combinability_format="llfc", sampler=smp.name, sampler_settings=smp.settings,
                          parameter=str(smp.parameter), architecture=pair.architecture, width=float(pair.width),
