@@ -279,6 +279,13 @@ class Backend(ABC):
 
         raise TracingError(f"the {self.name} backend cannot trace a transformer's symmetries; pass spec= by hand")
 
+    def module_path(self, name: str) -> str:
+        """The module holding state entry ``name`` (``encoder.layers.0.linear1`` of
+        ``encoder.layers.0.linear1.weight``; a parameter of the model itself, ``pos_embed``, is
+        its own): the layers of a model without a layer table."""
+        path, _, _ = name.rpartition(".")
+        return path or name
+
     def adopt(self, model: Any, table: LayerTable) -> Any:
         """``model`` as a model of its traced ``table`` (after :meth:`describe`); unchanged by default."""
         return model

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -93,6 +93,13 @@ def _check_finite(theta: np.ndarray, layout: FlatLayout, which: int) -> None:
     bad = [e.name for e in layout.entries if not np.all(np.isfinite(theta[e.offset : e.stop]))]
     raise NonFiniteWeightsError(f"model {_label(which)} has NaN or infinite weights in {bad[:5]}"
                                 f"{' ...' if len(bad) > 5 else ''}; combinations of it would be meaningless")
+
+
+def _module_layers(be: Backend, names: Iterable[str]) -> dict[str, int]:
+    """A model without a layer table: the entries of one module (:meth:`Backend.module_path`) form one
+    layer, the layers in the order their modules first appear in the state (torch: registration order)."""
+    order: dict[str, int] = {}
+    return {name: order.setdefault(be.module_path(name), len(order)) for name in names}
 
 
 def _label(i: int) -> str:
@@ -202,7 +209,8 @@ class ModelSet:
                                           f"not {architecture!r} as requested")
         states = [be.state(m) for m in models]
         floats = _float_state(states[0])
-        layout = FlatLayout.from_arrays(floats, layers=table.layers() if table is not None else None)
+        layout = FlatLayout.from_arrays(floats, layers=table.layers() if table is not None else
+                                        _module_layers(be, floats))
         spec = spec if spec is not None else table.spec()
         spec.validate(states[0], allow_unlisted=True)
         thetas = []
@@ -271,7 +279,9 @@ class ModelSet:
     @property
     def layer_names(self) -> list[str]:
         """Names of the ordered layers (stitching, per-layer plots)."""
-        return self.table.layer_names() if self.table is not None else [str(i) for i in range(self.layout.num_layers)]
+        if self.table is not None:
+            return self.table.layer_names()
+        return list(dict.fromkeys(self.backend_obj.module_path(name) for name in self.layout.names))
 
     @property
     def feature_points(self) -> dict[str, str]:

@@ -241,3 +241,33 @@ def test_a_spec_by_hand_stands_when_the_model_cannot_be_traced():
     ds = cb.sweep(pair, cb.Linear(), data=(x, y), values=[0.0, 1.0])
     for v, model in ((0, a), (1, b)):
         assert float(ds["loss"].isel(lam=v).item()) == pytest.approx(_torch_scores(model, x, y)[0], rel=1e-5)
+
+
+# -- flax: a channels-last segmentation network ----------------------------------------------------
+def test_a_flax_segmentation_network_sweeps_as_jax_scores_it_and_its_planted_permutation_is_undone():
+    pytest.importorskip("flax")
+    import flax.linen as fnn
+    import jax
+    import jax.numpy as jnp
+
+    from tests.model_checks import flax_planted_permutation
+
+    class FlaxSeg(fnn.Module):
+        @fnn.compact
+        def __call__(self, x):
+            h = fnn.relu(fnn.Conv(8, (3, 3), padding="SAME")(x))
+            return fnn.Conv(CLASSES, (1, 1))(fnn.relu(fnn.Conv(8, (3, 3), padding="SAME")(h)))
+
+    rng = np.random.default_rng(4)
+    x, y = rng.standard_normal((10, H, W, 1)).astype(np.float32), rng.integers(0, CLASSES, (10, H, W))
+    net = FlaxSeg()
+    variables = [net.init(jax.random.PRNGKey(s), x[:2]) for s in (0, 1)]
+    pair = cb.ModelPair(*((net, v) for v in variables), example_input=x[:4])
+    assert pair.table is not None and pair.table.num_classes == CLASSES  # a layer table, its last map the classes
+    ds = cb.sweep(pair, cb.Linear(), data=(x, y), values=[0.0, 1.0])
+    for lam, v in zip((0, 1), variables, strict=True):
+        z = net.apply(v, x)  # (n, H, W, classes): the classes last
+        loss = jnp.mean(jax.nn.logsumexp(z, -1) - jnp.take_along_axis(z, y[..., None], -1)[..., 0])
+        assert float(ds["loss"].isel(lam=lam).item()) == pytest.approx(float(loss), rel=1e-5)
+        assert float(ds["accuracy"].isel(lam=lam).item()) == pytest.approx(float(jnp.mean(z.argmax(-1) == y)))
+    flax_planted_permutation(net, variables[0], x[:4])

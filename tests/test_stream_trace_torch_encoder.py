@@ -261,3 +261,30 @@ def test_a_point_without_a_layer_table_takes_the_mean_coefficient_of_its_modules
     assert set(point_coefficients(pair, points)(0.3)) == {0.3}
     with pytest.raises(cb.ConfigurationError, match="hold no parameters"):
         point_coefficients(pair, ["getitem"])
+
+
+def test_the_layers_of_a_model_without_a_table_are_its_modules():
+    a, b = randomised(EncoderGPT(), 1), randomised(EncoderGPT(), 2)
+    pair = cb.ModelPair(a, b, example_input=TOKENS)
+    names = pair.layer_names
+    assert {"tok", "encoder.layers.0.linear1", "encoder.layers.1.self_attn", "lm_head"} <= set(names)
+    assert len(names) == len(set(names)) == pair.layout.num_layers
+    # one layer interpolated (weight and bias together), the rest A's: torch's loss of that model
+    ds = cb.layerwise_barriers(pair, (TOKENS.numpy(), TOKENS.numpy()), lambdas=[0.0, 0.5, 1.0],
+                               layers=["encoder.layers.0.linear1"], modes=("single",), curvature=False)
+    states = [pair.layout.unflatten(pair.theta(k)) for k in (0, 1)]
+    mixed = {k: 0.5 * states[0][k] + 0.5 * states[1][k] if k.startswith("encoder.layers.0.linear1.") else v
+             for k, v in states[0].items()}
+    logits = _float64_logits(a, mixed, TOKENS)
+    want = F.cross_entropy(torch.as_tensor(logits).reshape(-1, VOCAB), TOKENS.reshape(-1)).item()
+    got = float(ds["loss"].sel(mode="single", layer="encoder.layers.0.linear1", lam=0.5))
+    assert got == pytest.approx(want, rel=1e-4)
+
+
+def _float64_logits(model, state: dict[str, np.ndarray], x) -> np.ndarray:
+    import copy
+
+    m = copy.deepcopy(model).double()
+    m.load_state_dict({k: torch.as_tensor(v).double() for k, v in state.items()}, strict=False)
+    with torch.no_grad():
+        return m(torch.as_tensor(x)).numpy()

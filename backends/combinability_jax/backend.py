@@ -485,6 +485,14 @@ class JaxBackend(Backend):
             return m.table.spec(), []
         return stream_symmetries(m.module, m.variables, _example(example_input))
 
+    def module_path(self, name: str) -> str:
+        """A flax name's module: ``Dense_0`` of ``params/Dense_0/kernel`` (its collection and leaf
+        dropped, so that a BatchNorm's ``batch_stats`` join its ``params``); dotted names as torch's."""
+        if "/" not in name:
+            return super().module_path(name)
+        parts = name.split("/")
+        return "/".join(parts[1:-1]) or name
+
     def adopt(self, model: Any, table: LayerTable) -> FlaxModel:
         """A user's ``(module, variables)`` as a :class:`FlaxModel` of its traced ``table`` (the table's names)."""
         m = model if isinstance(model, FlaxModel) else FlaxModel(model[0], model[1])

@@ -366,13 +366,15 @@ class _Trace(JaxprWalker):
 
     def table(self) -> LayerTable:
         """The layer table (input shape channels-first)."""
-        if len(self.out) != 1 or len(self.shape[self.out[0]]) != 2 or self.out[0] in self.src:
-            raise TracingError(f"{self.name}.__call__ must return one (n, classes) array of logits" + self.hint)
+        if len(self.out) != 1 or len(self.shape[self.out[0]]) < 2 or self.out[0] in self.src:
+            raise TracingError(f"{self.name}.__call__ must return one array of logits, (n, classes) or a map's "
+                               f"(n, *positions, classes)" + self.hint)
         if not self.nodes or self._name(self.out[0]) != self.nodes[-1].name:
             raise TracingError(f"{self.name}.__call__ must return the logits made by its last operation" + self.hint)
         x = self.shape[self.inputs[-1]]
         try:
-            return LayerTable(self.name, (x[-1], *x[1:-1]) if len(x) > 2 else x[1:], self.shape[self.out[0]][1],
+            # the classes: the last axis (a dense prediction's map is channels-last, its channels the classes)
+            return LayerTable(self.name, (x[-1], *x[1:-1]) if len(x) > 2 else x[1:], self.shape[self.out[0]][-1],
                               tuple(self.nodes), flax_sep="/")
         except Exception as exc:
             raise TracingError(f"the traced graph of {self.name} is not a valid layer table: {exc}" + self.hint
