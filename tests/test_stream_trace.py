@@ -262,3 +262,34 @@ def test_a_sweep_of_a_language_model_scores_every_next_token():
             got = ds.sel(split="test", lam=lam).isel(sample=0)
             assert float(got["loss"]) == pytest.approx(float(loss), rel=1e-5)
             assert float(got["accuracy"]) == pytest.approx(float(accuracy))
+
+
+class GLUBlock(nn.Module):
+    """A pre-norm block whose feed-forward is a GLU (Dauphin et al.; Shazeer's variants): ``fc1``'s
+    units in two halves, the first gated by the sigmoid of the second."""
+
+    def __init__(self, d: int = 8, hidden: int = 12, module: bool = False) -> None:
+        super().__init__()
+        self.embed, self.norm = nn.Linear(4, d), nn.LayerNorm(d)
+        self.fc1, self.fc2, self.head = nn.Linear(d, 2 * hidden), nn.Linear(hidden, d), nn.Linear(d, 3)
+        self.glu = nn.GLU() if module else None
+
+    def forward(self, x):
+        x = self.embed(x)
+        h = self.fc1(self.norm(x))
+        x = x + self.fc2(self.glu(h) if self.glu is not None else nn.functional.glu(h, dim=-1))
+        return self.head(x.mean(1))
+
+
+@pytest.mark.parametrize("module", [False, True])
+def test_a_glu_moves_both_halves_of_its_layer_by_one_permutation(module):
+    from tests.model_checks import assert_random_transformation_undone, randomised
+
+    model = randomised(GLUBlock(module=module), 0)
+    x = torch.randn(5, 3, 4, generator=torch.Generator().manual_seed(1))
+    spec, folds = cb.derive_symmetries(model, x)
+    rows, _ = spec.axes_to_perm["fc1.weight"]
+    assert isinstance(rows, tuple) and len(rows) == 2 and rows[0] == rows[1]  # both halves, one permutation
+    assert spec.axes_to_perm["fc2.weight"][1] == rows[0]
+    state = {k: v.numpy().astype(np.float64) for k, v in model.state_dict().items()}
+    assert_random_transformation_undone(model, spec, cb.fold_norms(state, folds), x, "fc1.weight")

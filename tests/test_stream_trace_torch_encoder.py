@@ -288,3 +288,24 @@ def _float64_logits(model, state: dict[str, np.ndarray], x) -> np.ndarray:
     m.load_state_dict({k: torch.as_tensor(v).double() for k, v in state.items()}, strict=False)
     with torch.no_grad():
         return m(torch.as_tensor(x)).numpy()
+
+
+def test_compare_aligners_skips_by_default_what_cannot_align_a_transformer_and_refuses_it_by_name():
+    import json
+
+    from combinability.experiments import compare_aligners
+
+    pair = cb.ModelPair(randomised(EncoderGPT(), 1), randomised(EncoderGPT(), 2), example_input=TOKENS)
+    g = torch.Generator().manual_seed(0)
+    x, y = (torch.randint(0, VOCAB, (8, SEQ), generator=g).numpy() for _ in range(2))
+    data = {"test": (x, y), "train": (x, y)}
+    ds = compare_aligners(pair, data, samplers=("linear",), samples=1, values_per_sampler=3,
+                          learned_options={"batch_size": 4})
+    skipped = json.loads(ds.attrs["skipped"])
+    assert set(skipped) == {"activation", "sinkhorn", "cycle"}  # neuron permutations only: heads, packed rows
+    assert all("Blocks (attention heads" in why for why in skipped.values())
+    assert list(ds["aligner"].values) == ["identity", "weight", "ste", "ste_elementwise"]
+    assert list(ds["merge_method"].values) == ["mergemany", "hierarchical", "reference"]
+    assert np.isfinite(ds["loss_barrier"].values).all()
+    with pytest.raises(cb.ConfigurationError, match="compare_aligners: aligner 'activation' aligns neuron"):
+        compare_aligners(pair, data, methods=("weight", "activation"), many_methods=())

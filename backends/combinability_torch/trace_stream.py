@@ -160,6 +160,8 @@ def stream_symmetries(model: nn.Module, example_input: torch.Tensor) -> tuple[Pe
             elif isinstance(m, nn.RNNBase):
                 recurrent[n.name] = _recurrent_layer(n, m, src, sp, bind, space, where, model)
                 space[n.name] = None
+            elif isinstance(m, nn.GLU):
+                space[n.name] = _gated_halves(n, n.args[0], src, m.dim, sp, att, where, model)
             elif isinstance(m, nn.MultiheadAttention):
                 space[n.name] = _attention(n, m, sp, space, bind, heads, where, model)
             elif isinstance(m, nn.Softmax) and n.args[0].name in att.scores:
@@ -186,6 +188,10 @@ def stream_symmetries(model: nn.Module, example_input: torch.Tensor) -> tuple[Pe
             args = tensor_args(n)
             spaces = [space[a.name] for a in args]
             target = n.target
+            if target is F.glu and args:
+                dim = n.kwargs.get("dim", n.args[1] if len(n.args) > 1 else -1)
+                space[n.name] = _gated_halves(n, args[0], spaces[0], dim, sp, att, where, model)
+                continue
             if _attention_parts(n, args, spaces, sp, space, att, heads, where, model):
                 continue
             if _parameter_product(n, space, binds, params_of, sp):
@@ -413,6 +419,22 @@ def _packed(n: fx.Node, gm: fx.GraphModule, args: list[fx.Node], space: dict[str
                        f"stream tracer follows Linear layers reading them, activations, dropout, LayerNorm, token "
                        f"pooling and indexing, reshapes keeping the features and sums of features packed alike"
                        f"{_hint(model)}")
+
+
+def _gated_halves(n: fx.Node, arg: fx.Node, s: Any, dim: Any, sp: FeatureSpaces, att: _HandAttention, where: str,
+                  model: nn.Module) -> int:
+    """A GLU over the features (``F.glu(x, -1)``, ``nn.GLU()``): the first half of a layer's units gated by
+    the sigmoid of the second, ``a * sigmoid(b)``. Both halves move by one permutation (as a split into
+    two parts multiplied), which the output keeps."""
+    nd, last = _ndim(arg) or 0, _last(arg) or 0
+    if dim not in (-1, nd - 1) or last % 2:
+        raise TracingError(f"{where}: a GLU is followed over the features (the last axis, of even size){_hint(model)}")
+    if s in (None, FIXED) or s in att.packed or sp.find(s) != s:
+        raise TracingError(f"{where}: a GLU is followed on a layer's own output{_hint(model)}")
+    first, second = att.parts(sp, s, 2, last // 2)
+    gated = sp.union(first, second)
+    sp.mark([gated])  # a product and a sigmoid: permutations only
+    return gated
 
 
 def _union_all(sp: FeatureSpaces, spaces: tuple[int, ...]) -> int:

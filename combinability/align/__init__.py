@@ -32,7 +32,7 @@ from combinability.permutation import Permutation, PermutationSpec, check_permut
 from combinability.plugins import SYMMETRY_KINDS, aligner_kinds, get_aligner, get_registration, list_aligners
 
 __all__ = ["AlignTask", "Aligner", "Features", "align", "get_aligner", "list_aligners", "ALL_KINDS", "spec_kinds",
-           "check_kinds"]
+           "check_kinds", "check_aligner"]
 
 #: The capability of an aligner that handles every symmetry kind (``kinds=ALL_KINDS`` when registering).
 ALL_KINDS = frozenset(SYMMETRY_KINDS)
@@ -115,6 +115,19 @@ def _task_kinds(name: str | Aligner, task: AlignTask) -> frozenset[str]:
     return handles
 
 
+def check_aligner(name: str | Aligner, task: AlignTask) -> None:
+    """Refuse aligner ``name`` on ``task`` when the spec has a symmetry kind it does not handle there
+    (:func:`check_kinds`; block permutations without a feature point for one reading units at them).
+
+    Only ``task.spec`` and ``task.feature_points`` are read: a task without parameters checks
+    an aligner before any work.
+    """
+    label = name if isinstance(name, str) else getattr(name, "__name__", repr(name))
+    present = spec_kinds(task.spec)
+    alternatives = [n for n in list_aligners() if n != "identity" and present <= _task_kinds(n, task)]
+    check_kinds(label, _task_kinds(name, task), task.spec, alternatives=alternatives)
+
+
 def align(name: str | Aligner, task: AlignTask, **options: Any) -> Permutation:
     """Run the aligner ``name`` on ``task`` and check what it returns.
 
@@ -150,9 +163,7 @@ def align(name: str | Aligner, task: AlignTask, **options: Any) -> Permutation:
     sizes = task.sizes()
     aligner = get_aligner(name)
     label = name if isinstance(name, str) else getattr(name, "__name__", repr(name))
-    present = spec_kinds(task.spec)
-    alternatives = [n for n in list_aligners() if n != "identity" and present <= _task_kinds(n, task)]
-    check_kinds(label, _task_kinds(name, task), task.spec, alternatives=alternatives)
+    check_aligner(name, task)
     perm = aligner(task, **options)
     if not isinstance(perm, Permutation):
         raise PluginError(f"aligner {label!r} returned {type(perm).__name__}, not a combinability.Permutation")

@@ -273,13 +273,15 @@ def _add_aligners_experiment(names: Any) -> None:
     e = _experiment_parser(names, "aligners", "compare the aligners on the same models: barriers per aligner and "
                            "scheme, merged models of 2..8 models per many-model method", "aligners.nc", models=0)
     e.add_argument("models", nargs="+", help="2 to 8 checkpoints; the first two are the pair A, B")
-    e.add_argument("--methods", nargs="*",
-                   default=["identity", "weight", "activation", "ste", "ste_elementwise", "sinkhorn"],
-                   help="pair aligners (registered names, and ste_elementwise: STE trained on --ste-sampler)")
+    e.add_argument("--methods", nargs="*", default=None,
+                   help="pair aligners (registered names, and ste_elementwise: STE trained on --ste-sampler); "
+                        "default identity weight activation ste ste_elementwise sinkhorn, less those the models' "
+                        "symmetries rule out (named in the result's 'skipped' attribute)")
     e.add_argument("--samplers", nargs="*", default=["linear", "uniform", "subcube", "bernoulli"],
                    help="schemes whose barriers are measured")
-    e.add_argument("--many-methods", nargs="*", default=["mergemany", "cycle", "hierarchical", "reference"],
-                   help="align_many methods (none given: no many-model part)")
+    e.add_argument("--many-methods", nargs="*", default=None,
+                   help="align_many methods (the option without names: no many-model part); default mergemany "
+                        "cycle hierarchical reference, less those the models' symmetries rule out")
     e.add_argument("--n-models", type=int, nargs="+", default=None,
                    help="numbers of models merged, each the first N (default: 2 .. all given)")
     e.add_argument("--epochs", type=int, default=1, help="epochs of the learned aligners (ste, sinkhorn)")

@@ -90,6 +90,28 @@ def _model_set(pair_or_models: Any, backend: str | None, example_input: Any) -> 
     return ModelSet(models, backend=backend, example_input=example_input)
 
 
+def _refusals(base: ModelSet, methods: Sequence[str], many: Sequence[str]) -> dict[str, str]:
+    """``{method: why}`` for the pair aligners and many-model methods that cannot align ``base``'s
+    models (a symmetry kind they do not handle; :func:`combinability.align.check_aligner`)."""
+    from combinability.align import AlignTask, check_aligner, check_kinds
+    from combinability.align.many import METHOD_KINDS
+
+    spec = base._alignment_spec("all")
+    task = AlignTask(spec=spec, reference={}, other={}, feature_points=base._points_for(spec))
+    out = {}
+    for method in methods:
+        try:
+            check_aligner("ste" if method == _ELEMENTWISE else method, task)
+        except ConfigurationError as exc:
+            out[method] = str(exc)
+    for method in many:
+        try:
+            check_kinds(method, METHOD_KINDS[method], spec, what="align_many method")
+        except ConfigurationError as exc:
+            out[method] = str(exc)
+    return out
+
+
 def _names(values: Sequence[str], valid: Sequence[str], what: str) -> tuple[str, ...]:
     if isinstance(values, str):
         values = (values,)
@@ -321,9 +343,9 @@ def compare_aligners(
     pair_or_models: Any,
     data: Any = "digits",
     *,
-    methods: Sequence[str] = ALIGNER_METHODS,
+    methods: Sequence[str] | None = None,
     samplers: Sequence[Sampler | str] = ALIGNER_SAMPLERS,
-    many_methods: Sequence[str] = MANY_METHODS,
+    many_methods: Sequence[str] | None = None,
     n_models: Sequence[int] | None = None,
     train_data: Any = None,
     train_examples: int | None = None,
@@ -354,13 +376,18 @@ def compare_aligners(
         and B, the first two, are the pair). A user's own models need ``example_input``.
     data : str, (x, y), ArrayDataset or mapping of split to data, default "digits"
         Evaluation data, as for :func:`combinability.sweep` (a dataset name: its ``splits``).
-    methods : sequence of str
+    methods : sequence of str, optional
         Pair aligners: any registered aligner (``"identity"``, ``"weight"``, ``"activation"``,
         ``"ste"``, ``"sinkhorn"``, ...) and ``"ste_elementwise"`` (STE with ``sampler=ste_sampler``).
+        Default :data:`ALIGNER_METHODS`, less those the models' symmetries rule out (a
+        transformer's heads and rotating stream: activation matching, Sinkhorn), which the
+        result's ``skipped`` attribute names with the reason. One given here that cannot align
+        these models is refused before any work.
     samplers : sequence of Sampler or str
         Two-model schemes whose barriers are measured (default linear, uniform, subcube, Bernoulli).
-    many_methods : sequence of str
-        Methods of :func:`combinability.align_many`; empty to skip the many-model part.
+    many_methods : sequence of str, optional
+        Methods of :func:`combinability.align_many`; empty to skip the many-model part. Default
+        :data:`MANY_METHODS`, less those the symmetries rule out, as for ``methods``.
     n_models : sequence of int, optional
         Numbers of models merged (each uses the first ``N`` models); default ``2 …`` all given.
     train_data : str, (x, y) or ArrayDataset, optional
@@ -435,9 +462,16 @@ def compare_aligners(
     from combinability.files import check_writable
     from combinability.plugins import list_aligners
 
+    methods_given, many_given = methods is not None, many_methods is not None
     base = _model_set(pair_or_models, backend, example_input)
-    methods = _names(methods, [*list_aligners(), _ELEMENTWISE], "aligner(s)")
-    many = _names(many_methods, MANY_METHODS, "many-model method(s)")
+    methods = _names(ALIGNER_METHODS if methods is None else methods, [*list_aligners(), _ELEMENTWISE], "aligner(s)")
+    many = _names(MANY_METHODS if many_methods is None else many_methods, MANY_METHODS, "many-model method(s)")
+    skipped = _refusals(base, methods, many)
+    given = [m for m in ((*methods,) if methods_given else ()) + ((*many,) if many_given else ()) if m in skipped]
+    if given:  # asked for by name: refused before any work
+        raise ConfigurationError(f"compare_aligners: {skipped[given[0]]}")
+    methods = tuple(m for m in methods if m not in skipped)
+    many = tuple(m for m in many if m not in skipped)
     smps = _samplers(samplers)
     if not (methods and smps) and not many:
         raise ConfigurationError("compare_aligners: nothing to run: give methods and samplers, or many_methods")
@@ -467,7 +501,7 @@ def compare_aligners(
         ds.attrs = provenance(combinability_format="aligners", architecture=base.architecture,
                               width=float(base.width) if base.width is not None else None, backend=base.backend,
                               dataset=data if isinstance(data, str) else None, seed=seed,
-                              ste_sampler=_json_settings(ste_smp), epochs=epochs,
+                              ste_sampler=_json_settings(ste_smp), epochs=epochs, skipped=skipped,
                               fingerprints=base.fingerprints(), **dict(attrs or {}))
         from combinability.results import annotate
 
