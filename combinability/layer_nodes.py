@@ -25,6 +25,9 @@ OPS = ("dense", "conv", "conv_transpose", "norm", "relu", "act", "prelu", "scale
        "avgpool", "maxpool", "upsample", "add", "concat", "mul")
 #: Kinds of normalisation: LayerNorm over the channel axis (at every position), BatchNorm, GroupNorm.
 NORMS = ("layernorm", "batchnorm", "groupnorm")
+#: How a conv node fills its padding: zeros, or the input mirrored without its edge (``reflect``),
+#: its edge repeated (``replicate``) or wrapped around (``circular``), as torch's ``padding_mode``.
+PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
 #: Element-wise activations an ``"act"`` node may name (torch.nn.functional / jax.nn names).
 ACTIVATIONS = ("relu", "gelu", "tanh", "sigmoid", "silu", "elu", "leaky_relu", "softplus", "relu6", "hardtanh",
                "hardswish", "hardsigmoid")
@@ -78,6 +81,10 @@ class Node:
         :meth:`conv_geometry` gives the conv's in one normal form.
     dilation : int or (int, int)
         A conv node's kernel dilation.
+    padding_mode : str
+        How a conv node fills its padding, one of :data:`PADDING_MODES` (torch's
+        ``padding_mode``; flax's ``"CIRCULAR"`` and ``"REFLECT"`` paddings). Each channel is
+        padded from itself alone, so every mode keeps the channels' permutations.
     keepdims : bool
         For ``op="avgpool"``: pool to a ``1 x 1`` image ``(n, c, 1, 1)`` rather than a vector.
         For ``op="scale"``: the factors' shape is ``(units, 1, 1)`` (on an image) rather than ``(units,)``.
@@ -148,6 +155,7 @@ class Node:
     leaf: str = "weight"
     output_padding: int | tuple[int, int] = 0
     align_corners: bool = False
+    padding_mode: str = "zeros"
 
     def __post_init__(self) -> None:
         if self.op not in OPS:
@@ -180,6 +188,9 @@ class Node:
         if self.align_corners and self.op != "upsample":
             raise ConfigurationError(f"node {self.name!r}: align_corners belongs to an upsample node, not a "
                                      f"{self.op!r} node")
+        if self.padding_mode not in PADDING_MODES or (self.padding_mode != "zeros" and self.op != "conv"):
+            raise ConfigurationError(f"node {self.name!r}: padding_mode is a conv node's, one of "
+                                     f"{', '.join(PADDING_MODES)}; got {self.padding_mode!r} on a {self.op!r} node")
         if self.op == "conv":
             self.conv_geometry()  # validates kernel, stride, padding and dilation
             if isinstance(self.groups, bool) or not isinstance(self.groups, int | np.integer) or self.groups < 1 \

@@ -25,6 +25,9 @@ from combinability.upsampling import resize_weights
 
 __all__ = ["FlaxModel", "FrozenConv", "FrozenDense", "Norm", "TableNet", "flatten_variables", "unflatten_variables"]
 
+#: A conv node's padding_mode as ``jnp.pad``'s mode.
+_JNP_PAD = {"reflect": "reflect", "replicate": "edge", "circular": "wrap"}
+
 
 #: Flax variables as ``{"collection/path/leaf": array}``, and back.
 flatten_variables = partial(flatten_dict, sep="/")
@@ -204,7 +207,11 @@ class TableNet(nn.Module):
                 h = nn.Dense(node.units, use_bias=node.bias, name=name)(h)
             elif node.op == "conv":
                 g = node.conv_geometry(h.ndim - 2)
-                h = nn.Conv(node.units, g.kernel, strides=g.stride, padding=g.padding, kernel_dilation=g.dilation,
+                padding = g.padding
+                if node.padding_mode != "zeros":  # each channel padded from itself, then convolved unpadded
+                    h = jnp.pad(h, [(0, 0), *g.padding, (0, 0)], mode=_JNP_PAD[node.padding_mode])
+                    padding = tuple((0, 0) for _ in g.padding)
+                h = nn.Conv(node.units, g.kernel, strides=g.stride, padding=padding, kernel_dilation=g.dilation,
                             feature_group_count=node.groups, use_bias=node.bias, name=name)(h)
             elif node.op == "conv_transpose":
                 g = node.conv_geometry(h.ndim - 2)

@@ -127,9 +127,13 @@ def _leaf_node(path: str, m: nn.Module, shape: tuple[int, ...], ins: tuple[str, 
     if isinstance(m, nn.Conv) and 3 <= nd <= 5 and len(_per_axis(m.kernel_size, nd - 2)) == nd - 2:
         kernel, stride, dilation = (_per_axis(v, nd - 2) for v in (m.kernel_size, m.strides, m.kernel_dilation))
         padding = _conv_padding(m.padding, kernel, stride, dilation, shape[1:-1])
+        mode = {"CIRCULAR": "circular", "REFLECT": "reflect"}.get(m.padding.upper() if isinstance(m.padding, str)
+                                                                  else "", "zeros")
+        if mode != "zeros":  # flax pads (k - 1) // 2 before and k // 2 after each axis (k dilated), then VALID
+            padding = tuple(((d * (k - 1)) // 2, (d * (k - 1) + 1) // 2) for k, d in zip(kernel, dilation, strict=True))
         if set(_per_axis(m.input_dilation, nd - 2)) == {1} and padding is not None:
             return Node(path, "conv", ins, units=m.features, kernel=kernel, stride=stride, padding=padding,
-                        dilation=dilation, groups=m.feature_group_count, bias=m.use_bias)
+                        dilation=dilation, groups=m.feature_group_count, bias=m.use_bias, padding_mode=mode)
         raise TracingError(f"{what}: only zero-padded convolutions without input dilation are supported (got "
                            f"padding {m.padding!r}, input_dilation {m.input_dilation})" + hint)
     if isinstance(m, nn.ConvTranspose) and 3 <= nd <= 5:

@@ -77,17 +77,19 @@ class TableConv2d(nn.Conv2d):
 
     def __init__(self, c_in: int, node: Node, ndim: int = 2) -> None:
         g = node.conv_geometry(ndim)
+        inner = g.symmetric_padding if node.padding_mode == "zeros" else None  # other modes: padded by F.pad
         # nn.Conv2d keeps tuples of any length as given: its weight is (out, in / groups, *kernel)
-        super().__init__(c_in, node.units, g.kernel, stride=g.stride, padding=g.symmetric_padding or (0,) * ndim,
+        super().__init__(c_in, node.units, g.kernel, stride=g.stride, padding=inner or (0,) * ndim,
                          dilation=g.dilation, groups=node.groups, bias=node.bias)
-        self.extra_padding = None if g.symmetric_padding else tuple(p for pair in reversed(g.padding) for p in pair)
+        self.extra_padding = None if inner else tuple(p for pair in reversed(g.padding) for p in pair)
+        self.pad_mode = "constant" if node.padding_mode == "zeros" else node.padding_mode
         self._conv = _CONV[ndim]
 
     def _conv_forward(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         return self._conv(x, weight, bias, self.stride, self.padding, self.dilation, self.groups)
 
     def _padded(self, x: torch.Tensor) -> torch.Tensor:
-        return x if self.extra_padding is None else F.pad(x, self.extra_padding)
+        return x if self.extra_padding is None else F.pad(x, self.extra_padding, mode=self.pad_mode)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._conv_forward(self._padded(x), self.weight, self.bias)
@@ -97,7 +99,7 @@ def conv2d(c_in: int, node: Node, ndim: int = 2) -> nn.Conv2d:
     """The module of a conv node on ``ndim`` spatial axes: ``nn.Conv2d`` for an image padded alike
     on both sides of each axis, else :class:`TableConv2d`."""
     g = node.conv_geometry(ndim)
-    if g.symmetric_padding is None or ndim != 2:
+    if g.symmetric_padding is None or ndim != 2 or node.padding_mode != "zeros":
         return TableConv2d(c_in, node, ndim)
     return nn.Conv2d(c_in, node.units, g.kernel, stride=g.stride, padding=g.symmetric_padding, dilation=g.dilation,
                      groups=node.groups, bias=node.bias)

@@ -220,12 +220,9 @@ def _node(n: fx.Node, gm: fx.GraphModule, name: str, ins: tuple[str, ...], model
                                    "(x.permute(0, 2, 3, 1))" + _hint(model))
             return Node(name, "dense", ins, units=m.out_features, bias=m.bias is not None)
         if isinstance(m, nn.Conv1d | nn.Conv2d | nn.Conv3d):
-            if m.padding_mode != "zeros":
-                raise TracingError(f"{where}: only zero-padded convolutions are supported (got padding_mode "
-                                   f"{m.padding_mode!r})" + _hint(model))
             return Node(name, "conv", ins, units=m.out_channels, kernel=tuple(m.kernel_size), stride=tuple(m.stride),
                         padding=_conv_padding(m), dilation=tuple(m.dilation), groups=m.groups,
-                        bias=m.bias is not None)
+                        bias=m.bias is not None, padding_mode=m.padding_mode)
         if isinstance(m, _CONV_TRANSPOSE_MODULES):
             return _conv_transpose_node(n, m, name, ins, model, where)
         if isinstance(m, nn.Upsample):
