@@ -60,6 +60,15 @@ def _torch_scores(model: nn.Module, x: np.ndarray, y: np.ndarray) -> tuple[float
         return F.cross_entropy(logits, target).item(), (logits.argmax(1) == target).double().mean().item()
 
 
+def _assert_sweep_ends_are_torchs(pair, models, x: np.ndarray, y: np.ndarray) -> None:
+    """The loss and accuracy of a sweep's ends are torch's own of each model (every pixel counted)."""
+    ds = cb.sweep(pair, cb.Linear(), data=(x, y), values=[0.0, 1.0])
+    for v, model in enumerate(models):
+        loss, accuracy = _torch_scores(model, x, y)
+        assert float(ds["loss"].isel(lam=v).item()) == pytest.approx(loss, rel=1e-5)
+        assert float(ds["accuracy"].isel(lam=v).item()) == pytest.approx(accuracy, abs=1e-12)
+
+
 # -- logit layouts -----------------------------------------------------------------------------
 @pytest.mark.parametrize("layout", ["second", "last", "flat"])
 def test_logit_rows_reads_each_layout_one_row_per_target(layout):
@@ -106,11 +115,7 @@ def test_a_square_segmentation_map_is_read_with_its_classes_second():
     torch.manual_seed(0)
     a, b = SquareSegNet().eval(), SquareSegNet().eval()
     pair = cb.ModelPair(a, b, example_input=torch.tensor(x[:4]))
-    ds = cb.sweep(pair, cb.Linear(), data=(x, y), values=[0.0, 1.0])
-    for v, model in ((0, a), (1, b)):
-        loss, accuracy = _torch_scores(model, x, y)
-        assert float(ds["loss"].isel(lam=v).item()) == pytest.approx(loss, rel=1e-5)
-        assert float(ds["accuracy"].isel(lam=v).item()) == pytest.approx(accuracy, abs=1e-12)
+    _assert_sweep_ends_are_torchs(pair, (a, b), x, y)
 
 
 def test_where_a_traced_torch_model_gives_its_classes():
@@ -141,11 +146,7 @@ def test_segmentation_network_is_traced_and_swept_as_torch_scores_it():
     a, b = _trained_like(0), _trained_like(1)
     pair = cb.ModelPair(a, b, example_input=torch.tensor(x[:4]))
     assert len(pair.spec.perm_names) == 2  # the two hidden channel spaces; the classes stay in place
-    ds = cb.sweep(pair, cb.Linear(), data=(x, y), values=[0.0, 1.0])
-    for v, model in ((0, a), (1, b)):
-        loss, accuracy = _torch_scores(model, x, y)
-        assert float(ds["loss"].isel(lam=v).item()) == pytest.approx(loss, rel=1e-5)
-        assert float(ds["accuracy"].isel(lam=v).item()) == pytest.approx(accuracy, abs=1e-12)
+    _assert_sweep_ends_are_torchs(pair, (a, b), x, y)
 
 
 def test_calibration_of_a_segmentation_pair_scores_every_pixel_as_torch():
