@@ -309,3 +309,16 @@ def test_compare_aligners_skips_by_default_what_cannot_align_a_transformer_and_r
     assert np.isfinite(ds["loss_barrier"].values).all()
     with pytest.raises(cb.ConfigurationError, match="compare_aligners: aligner 'activation' aligns neuron"):
         compare_aligners(pair, data, methods=("weight", "activation"), many_methods=())
+
+
+def test_the_layerwise_figure_of_a_transformers_modules_stacks_its_panels_and_names_every_module(tmp_path):
+    from combinability.plots.layerwise import plot_layerwise_barriers
+
+    pair = cb.ModelPair(randomised(EncoderGPT(), 1), randomised(EncoderGPT(), 2), example_input=TOKENS)
+    ds = cb.layerwise_barriers(pair, (TOKENS.numpy(), TOKENS.numpy()), lambdas=[0.0, 0.5, 1.0], curvature=False)
+    fig = plot_layerwise_barriers(ds, tmp_path / "layerwise.png")
+    assert (tmp_path / "layerwise.png").stat().st_size > 0
+    axes = fig.get_axes()
+    assert len(axes) == 2 and axes[0].get_position().y0 > axes[1].get_position().y1  # one above the other
+    assert [t.get_text() for t in axes[1].get_xticklabels()] == pair.layer_names
+    assert fig.get_size_inches()[0] <= 14.0

@@ -32,7 +32,13 @@ def plot_layerwise_barriers(ds: xr.Dataset, path: str | os.PathLike | None = Non
     modes = [str(m) for m in ds["mode"].values]
     layers = [str(name) for name in ds["layer"].values]
     x = np.arange(len(layers))
-    fig, axes = new_figure(1, len(modes), panel=(max(4.0, 0.9 * len(layers) + 1.5), 3.8), extra=(0.0, 0.5))
+    # few layers: the modes side by side; many (a transformer's modules): one above the other, the names slanted
+    stacked = len(layers) > 8
+    per_layer = 0.55 if stacked else 0.9
+    fig, axes = new_figure(len(modes) if stacked else 1, 1 if stacked else len(modes),
+                           panel=(min(max(4.0, per_layer * len(layers) + 1.5), 14.0),
+                                  3.8 + (0.06 * max(len(n) for n in layers) if stacked else 0.0)), extra=(0.0, 0.5))
+    axes = axes.reshape(1, -1)
     has_prediction = bool(np.isfinite(ds["predicted_barrier"].values).any())
     width = 0.38 if has_prediction else 0.6
     for k, (ax, mode) in enumerate(zip(axes[0], modes, strict=True)):
@@ -45,7 +51,7 @@ def plot_layerwise_barriers(ds: xr.Dataset, path: str | os.PathLike | None = Non
             curv = row["curvature_gap"].max("lam").values
             ax.scatter(x + width / 2, curv, marker="_", s=200, color="black", zorder=3,
                        label="curvature term ½λ(1−λ)ΔᵀHΔ")
-        ax.set_xticks(x, layers, rotation=30, ha="right", fontsize="small")
+        ax.set_xticks(x, layers, rotation=45 if stacked else 30, ha="right", fontsize="small")
         ax.axhline(0.0, color="0.5", linewidth=0.8)
         ax.set_ylabel("loss barrier (nats)")
         ax.grid(True, axis="y", alpha=0.3)
