@@ -243,6 +243,8 @@ def test_llfc_of_an_encoder_pair_reads_its_neurons_and_blocks_as_torch_computes_
         assert float(ds["coefficient"].sel(point=point).item()) == 0.5
     with pytest.raises(cb.UnknownNameError, match="unknown feature point"):
         cb.llfc(pair, (x, y), values=[0.5], points=["encoder.layers.7"])
+    with pytest.raises(cb.UnknownNameError, match="does not run in a forward pass"):
+        cb.llfc(pair, (x, y), values=[0.5], points=["encoder.layers"])  # a ModuleList
     with pytest.raises(cb.ConfigurationError, match="depth in a chain of layers"):
         cb.lewc(pair, (x, y), lambdas=[0.5])
 

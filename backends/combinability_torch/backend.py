@@ -344,6 +344,10 @@ class TorchPrepared:
             raise UnknownNameError(f"feature point(s) {sorted(set(twice))}: the module runs more than once in a "
                                    "forward pass, so its output there is not one feature map; name a module that "
                                    "runs once")
+        silent = [p for p in points if p not in out]
+        if silent:
+            raise UnknownNameError(f"feature point(s) {silent}: the module does not run in a forward pass (a "
+                                   "container such as an nn.ModuleList); name a module inside it")
         return out
 
     def value_and_grad(self, flat: torch.Tensor, x: torch.Tensor, y: torch.Tensor,

@@ -109,11 +109,20 @@ def _module_points(pair: ModelSet) -> list[str]:
     """The feature points of a model traced by its feature spaces (no layer table): the layers that
     open its neuron spaces, then every module holding parameters, by path (a transformer block's
     output, ``encoder.layers.0``, is its residual stream there)."""
-    modules = []
-    for entry in pair.layout.entries:
-        parts = entry.name.split(".")[:-1]
-        modules += [".".join(parts[: k + 1]) for k in range(len(parts))]
+    modules = [m for entry in pair.layout.entries for m in _enclosing_modules(pair, entry.name)]
     return list(dict.fromkeys([*pair.feature_points.values(), *modules]))
+
+
+def _enclosing_modules(pair: ModelSet, name: str) -> list[str]:
+    """The modules holding state entry ``name``, outermost first (``encoder``, ``encoder.layers``, ...,
+    the entry's own module: :meth:`~combinability.backend.Backend.module_path`); none for a
+    parameter of the model itself."""
+    own = pair.backend_obj.module_path(name)
+    if own == name:  # a parameter of the model itself: in no module
+        return []
+    sep = "/" if "/" in own else "."
+    parts = own.split(sep)
+    return [sep.join(parts[: k + 1]) for k in range(len(parts))]
 
 
 def point_coefficients(pair: ModelSet, points: Sequence[str]) -> Callable[[Any], np.ndarray]:
@@ -125,7 +134,8 @@ def point_coefficients(pair: ModelSet, points: Sequence[str]) -> Callable[[Any],
         layer_of, index, layers = point_layers(pair), layout.layer_index(), len(pair.layer_names)
         rows = np.array([layer_of[p] for p in points], dtype=np.int64)
         return lambda v: layer_means(np.broadcast_to(v, (layout.size,)), index, layers)[rows]
-    slices = {p: [(e.offset, e.stop) for e in layout.entries if e.name.startswith(p + ".")] for p in points}
+    slices = {p: [(e.offset, e.stop) for e in layout.entries if p in _enclosing_modules(pair, e.name)]
+              for p in points}
     empty = [p for p, parts in slices.items() if not parts]
     if empty:
         raise ConfigurationError(f"feature point(s) {empty} hold no parameters, so no coefficient of theirs is "
