@@ -562,8 +562,9 @@ def opener_points(spec: PermutationSpec) -> dict[str, str]:
     opened its space, whose output carries its units (before any activation, which keeps them);
     activation matching reads them there. Heads, experts and streams (other kinds) get none, nor
     do names without the ``P_`` form (units inside a layer: query and key parts, a recurrent
-    layer's); a stream's spec made permutations only (:meth:`PermutationSpec.permutations_only`)
-    gets its point.
+    layer's), nor a space a layer opens on another axis than its output's last (``P_attn/query:1``,
+    the heads of a flax ``DenseGeneral`` kernel ``(d, heads, head_dim)``); a stream's spec made
+    permutations only (:meth:`PermutationSpec.permutations_only`) gets its point.
 
     Examples
     --------
@@ -572,4 +573,5 @@ def opener_points(spec: PermutationSpec) -> dict[str, str]:
     ...                               kinds={"P_embed": Orthogonal()}))
     {'P_fc1': 'fc1'}
     """
-    return {p: p[2:] for p in spec.perm_names if p.startswith("P_") and len(p) > 2 and p not in spec.kinds}
+    return {p: p[2:] for p in spec.perm_names
+            if p.startswith("P_") and len(p) > 2 and ":" not in p and p not in spec.kinds}

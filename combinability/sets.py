@@ -64,7 +64,7 @@ def _first_difference(a: PermutationSpec, b: PermutationSpec) -> str:
 
 
 def infer_backend(model: Any) -> str:
-    """The backend of a native model: ``"torch"`` for a ``torch.nn.Module``, ``"jax"`` for flax.
+    """The backend of a native model: ``"torch"`` for a ``torch.nn.Module``, ``"jax"`` for flax (NNX or linen).
 
     Only frameworks already imported are consulted (a model of a framework that is not
     imported cannot exist).
@@ -81,9 +81,11 @@ def infer_backend(model: Any) -> str:
         return "jax"
     if isinstance(model, tuple) and len(model) == 2 and "flax" in sys.modules:
         return "jax"
+    if "flax.nnx" in sys.modules and isinstance(model, sys.modules["flax.nnx"].Module):
+        return "jax"
     raise IncompatibleModelsError(
-        f"cannot tell the framework of a {type(model).__name__}: pass a torch.nn.Module, a flax "
-        "(module, variables) pair or a model built by the library, or name the backend with backend="
+        f"cannot tell the framework of a {type(model).__name__}: pass a torch.nn.Module, a flax NNX module, "
+        "a flax linen (module, variables) pair or a model built by the library, or name the backend with backend="
     )
 
 

@@ -28,6 +28,7 @@ from combinability.evaluation import cross_entropy
 from combinability.layers import LayerTable
 from combinability.layout import FlatLayout, check_names
 from combinability_jax.models import FlaxModel, TableNet, flatten_variables, unflatten_variables
+from combinability_jax.nnx_bridge import from_nnx, is_nnx
 from combinability_jax.trace import taps as trace_taps
 from combinability_jax.trace import train_kwargs
 
@@ -428,11 +429,13 @@ class JaxBackend(Backend):
         return {"jax": jax.__version__, "jaxlib": jax.lib.__version__, "flax": flax.__version__}
 
     def _model(self, model: Any) -> FlaxModel:
+        if is_nnx(model):  # its Params and BatchStats as linen variables (combinability_jax.nnx_bridge)
+            model = from_nnx(model)
         if isinstance(model, tuple) and len(model) == 2 and isinstance(model[0], flax.linen.Module):
             model = FlaxModel(model[0], model[1])
         if not isinstance(model, FlaxModel):
-            raise IncompatibleModelsError(f"the jax backend takes FlaxModel objects or (flax module, variables) "
-                                          f"tuples, got {type(model).__name__}")
+            raise IncompatibleModelsError(f"the jax backend takes flax NNX modules, (flax linen module, variables) "
+                                          f"tuples or FlaxModel objects, got {type(model).__name__}")
         return model
 
     def build(self, table: LayerTable, *, seed: int) -> FlaxModel:
@@ -494,8 +497,9 @@ class JaxBackend(Backend):
         return "/".join(parts[1:-1]) or name
 
     def adopt(self, model: Any, table: LayerTable) -> FlaxModel:
-        """A user's ``(module, variables)`` as a :class:`FlaxModel` of its traced ``table`` (the table's names)."""
-        m = model if isinstance(model, FlaxModel) else FlaxModel(model[0], model[1])
+        """A user's ``(module, variables)`` or NNX module as a :class:`FlaxModel` of its traced ``table`` (the
+        table's names)."""
+        m = self._model(model)
         if m.table == table:
             return m
         names = table.flax_names()

@@ -19,6 +19,7 @@ from jax.extend.core import Literal
 
 from combinability.data.base import integer_hint
 from combinability.errors import TracingError
+from combinability_jax.nnx_bridge import intercepting
 
 __all__ = ["JaxprWalker", "INLINE"]
 
@@ -62,7 +63,7 @@ class JaxprWalker:
         """Trace ``module.apply(variables, x)`` (methods seen by ``intercept``) into inputs, src, ops and out."""
         self.ops, self.shape, self.const = [], {}, {}
         try:
-            with nn.intercept_methods(intercept):
+            with nn.intercept_methods(intercept), intercepting(intercept):
                 closed = jax.make_jaxpr(lambda v, a: module.apply(v, a, **train_kwargs))(variables, x)
         except TracingError:
             raise

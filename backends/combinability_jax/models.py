@@ -277,6 +277,18 @@ class FlaxModel:
         """Every variable and counter by flax name, ``"collection/path/leaf"``."""
         return {**flatten_variables(self.variables), **self.counters}
 
+    def nnx(self) -> Any:
+        """This model as a flax NNX module, for a model that came from one (an aligned or combined one).
+
+        Raises
+        ------
+        TypeError
+            If the model is a linen module's or the library's own.
+        """
+        from combinability_jax.nnx_bridge import to_nnx
+
+        return to_nnx(self.module, self.variables)
+
     def __repr__(self) -> str:
         what = self.table.name if self.table is not None else type(self.module).__name__
         return f"FlaxModel({what}, {len(self.flat())} arrays)"

@@ -24,6 +24,7 @@ from combinability.errors import TracingError
 from combinability.layers import ConvGeometry, LayerTable, Node
 from combinability.upsampling import resize_weights
 from combinability_jax.jaxpr_walk import JaxprWalker
+from combinability_jax.nnx_bridge import call_path
 
 __all__ = ["describe", "taps", "train_kwargs"]
 
@@ -188,7 +189,7 @@ class _Trace(JaxprWalker):
                            [i for i in ins if i not in acts])
 
     def _intercept(self, next_fun: Any, args: tuple, kwargs: dict, context: Any) -> Any:
-        m, path = context.module, ".".join(context.module.path)
+        m, path = context.module, ".".join(call_path(context))
         if context.method_name != "__call__":
             return next_fun(*args, **kwargs)
         leaf = isinstance(m, nn.Dense | nn.Conv | nn.ConvTranspose | nn.BatchNorm | nn.LayerNorm | nn.GroupNorm

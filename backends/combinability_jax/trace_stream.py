@@ -48,6 +48,7 @@ from combinability.feature_spaces import ANY, FIXED, FeatureSpaces, Norm, Reshap
 from combinability.folding import NormFold, Reader
 from combinability.permutation import PermutationSpec
 from combinability_jax.jaxpr_walk import JaxprWalker
+from combinability_jax.nnx_bridge import call_path
 from combinability_jax.trace import train_kwargs
 
 __all__ = ["stream_symmetries"]
@@ -106,7 +107,7 @@ class _StreamTrace(JaxprWalker):
     # -- tracing -------------------------------------------------------------------------------------------------
 
     def _intercept(self, next_fun: Any, args: tuple, kwargs: dict, context: Any) -> Any:
-        m, path = context.module, ".".join(context.module.path)  # "/" splits jax's name stack
+        m, path = context.module, ".".join(call_path(context))  # "/" splits jax's name stack
         if context.method_name != "__call__":
             return next_fun(*args, **kwargs)
         leaf = isinstance(m, _NORMS)
@@ -263,6 +264,9 @@ class _StreamTrace(JaxprWalker):
             self.labels[outs[0]] = self._conv(p, labs, len(shape), where)
         elif n == "gather":
             self.labels[outs[0]] = self._gather(p, ins, labs, shape)
+        elif dep == "const":  # of constants only (an rng's counter updated in place): a constant of no feature
+            for o in outs:
+                self.labels[o] = [ANY if s == 1 else FIXED for s in self.shape[o]]
         else:
             raise TracingError(f"{where}: the stream tracer cannot follow this operation on features" + self.hint)
 

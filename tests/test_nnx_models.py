@@ -1,0 +1,281 @@
+"""Flax NNX models brought by a user (``combinability_jax.nnx_bridge``).
+
+References: the NNX model's own forward pass (its outputs, its cross-entropy, its
+BatchNorm's update in train mode), planted permutations applied to its state by hand in
+numpy, and functional invariance of the aligned model run by NNX itself.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+jax = pytest.importorskip("jax")
+nnx = pytest.importorskip("flax.nnx")
+import jax.numpy as jnp  # noqa: E402
+
+import combinability as cb  # noqa: E402
+from combinability.errors import IncompatibleModelsError, TracingError  # noqa: E402
+
+
+class ConvNet(nnx.Module):
+    """Conv, BatchNorm, a residual pair of convs in an ``nnx.List``, a hidden dense layer."""
+
+    def __init__(self, rngs: nnx.Rngs) -> None:
+        self.conv1 = nnx.Conv(1, 8, (3, 3), rngs=rngs)
+        self.bn1 = nnx.BatchNorm(8, rngs=rngs)
+        self.blocks = nnx.List([nnx.Conv(8, 8, (3, 3), rngs=rngs) for _ in range(2)])
+        self.hidden = nnx.Linear(8, 12, rngs=rngs)
+        self.head = nnx.Linear(12, 5, rngs=rngs)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        h = nnx.relu(self.bn1(self.conv1(x)))
+        for conv in self.blocks:
+            h = h + nnx.relu(conv(h))
+        return self.head(nnx.relu(self.hidden(h.mean(axis=(1, 2)))))
+
+
+class Block(nnx.Module):
+    def __init__(self, d: int, rngs: nnx.Rngs) -> None:
+        self.ln1 = nnx.LayerNorm(d, rngs=rngs)
+        self.attn = nnx.MultiHeadAttention(num_heads=4, in_features=d, decode=False, rngs=rngs)
+        self.ln2 = nnx.LayerNorm(d, rngs=rngs)
+        self.fc1 = nnx.Linear(d, 2 * d, rngs=rngs)
+        self.fc2 = nnx.Linear(2 * d, d, rngs=rngs)
+        self.drop = nnx.Dropout(0.2, rngs=rngs)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x = x + self.attn(self.ln1(x))
+        return x + self.drop(self.fc2(nnx.gelu(self.fc1(self.ln2(x)))))
+
+
+class TokenClassifier(nnx.Module):
+    """Embedding, a learned position table held as a bare ``nnx.Param``, two pre-LN blocks with dropout."""
+
+    def __init__(self, rngs: nnx.Rngs, vocab: int = 11, length: int = 6, d: int = 16) -> None:
+        self.embed = nnx.Embed(vocab, d, rngs=rngs)
+        self.pos = nnx.Param(jax.random.normal(rngs.params(), (length, d)) * 0.5)
+        self.blocks = nnx.List([Block(d, rngs) for _ in range(2)])
+        self.ln = nnx.LayerNorm(d, rngs=rngs)
+        self.head = nnx.Linear(d, 3, rngs=rngs)
+
+    def __call__(self, t: jax.Array) -> jax.Array:
+        x = self.embed(t) + self.pos[...]
+        for block in self.blocks:
+            x = block(x)
+        return self.head(self.ln(x).mean(axis=1))
+
+
+def _images(n: int = 24, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return rng.normal(size=(n, 6, 6, 1)).astype(np.float32), rng.integers(0, 5, n).astype(np.int32)
+
+
+def _with_stats(model: ConvNet, seed: int) -> ConvNet:
+    """Non-trivial running statistics, as after training."""
+    rng = np.random.default_rng(seed)
+    model.bn1.mean[...] = jnp.asarray(rng.normal(size=8).astype(np.float32) * 0.3)
+    model.bn1.var[...] = jnp.asarray(rng.uniform(0.5, 2.0, 8).astype(np.float32))
+    model.eval()
+    return model
+
+
+def _cross_entropy(logits: jax.Array, y: np.ndarray) -> float:
+    logp = jax.nn.log_softmax(np.asarray(logits, np.float64), axis=-1)
+    return float(-np.mean(np.take_along_axis(np.asarray(logp), y[:, None], axis=1)))
+
+
+def _planted(model: ConvNet, seed: int) -> tuple[ConvNet, dict[str, np.ndarray]]:
+    """A copy of ``model`` with its channels (one permutation: the residual stream) and hidden units permuted."""
+    rng = np.random.default_rng(seed)
+    p, q = rng.permutation(8), rng.permutation(12)
+    twin = nnx.clone(model)
+    twin.conv1.kernel[...] = twin.conv1.kernel[...][..., p]
+    twin.conv1.bias[...] = twin.conv1.bias[...][p]
+    for leaf in ("scale", "bias", "mean", "var"):
+        getattr(twin.bn1, leaf)[...] = getattr(twin.bn1, leaf)[...][p]
+    for conv in twin.blocks:
+        conv.kernel[...] = conv.kernel[...][:, :, p][..., p]
+        conv.bias[...] = conv.bias[...][p]
+    twin.hidden.kernel[...] = twin.hidden.kernel[...][p][:, q]
+    twin.hidden.bias[...] = twin.hidden.bias[...][q]
+    twin.head.kernel[...] = twin.head.kernel[...][q]
+    twin.eval()
+    return twin, {"stream": p, "hidden": q}
+
+
+def test_conv_net_is_traced_into_a_layer_table_named_by_nnx_paths():
+    x, _ = _images()
+    model = _with_stats(ConvNet(nnx.Rngs(0)), 0)
+    pair = cb.ModelPair(model, _with_stats(ConvNet(nnx.Rngs(1)), 1), example_input=x[:4])
+    assert pair.backend == "jax"
+    assert pair.table is not None  # a layer table: REPAIR, layer analyses
+    assert pair.layer_names == ["conv1", "blocks.0", "blocks.1", "hidden", "head"]
+    assert pair.table.config["model"] == "ConvNet"
+    state = cb.get_backend("jax").state(pair.models[0])
+    np.testing.assert_array_equal(state["blocks.1.weight"],
+                                  np.transpose(np.asarray(model.blocks[1].kernel[...]), (3, 2, 0, 1)))
+    np.testing.assert_array_equal(state["bn1.running_var"], np.asarray(model.bn1.var[...]))
+
+
+def test_planted_permutation_is_undone_and_sweep_ends_are_the_models_own_losses():
+    x, y = _images()
+    a = _with_stats(ConvNet(nnx.Rngs(0)), 0)
+    b, _ = _planted(a, 3)
+    np.testing.assert_allclose(np.asarray(b(x)), np.asarray(a(x)), rtol=1e-5, atol=1e-5)  # the plant is a symmetry
+    pair = cb.ModelPair(a, b, example_input=x[:4]).align("weight")
+    aligned = pair.model_b.nnx()
+    assert isinstance(aligned, ConvNet)
+    for (path, va), (_, vb) in zip(nnx.to_flat_state(nnx.state(a, nnx.Param)),
+                                   nnx.to_flat_state(nnx.state(aligned, nnx.Param)), strict=True):
+        np.testing.assert_allclose(np.asarray(vb.get_value()), np.asarray(va.get_value()), atol=1e-6, err_msg=path)
+    np.testing.assert_allclose(np.asarray(aligned.bn1.var[...]), np.asarray(a.bn1.var[...]), atol=1e-6)
+    naive = cb.ModelPair(a, _with_stats(ConvNet(nnx.Rngs(1)), 1), example_input=x[:4])
+    result = cb.sweep(naive, cb.Linear(), data=(x, y), values=[0.0, 1.0])
+    ends = result["loss"].values.ravel()
+    np.testing.assert_allclose(ends, [_cross_entropy(m(x), y) for m in (a, naive.model_b.nnx())], rtol=1e-5)
+
+
+def test_features_and_batchnorm_updates_are_the_nnx_models_own():
+    x, y = _images()
+    a = _with_stats(ConvNet(nnx.Rngs(0)), 0)
+    pair = cb.ModelPair(a, _with_stats(ConvNet(nnx.Rngs(1)), 1), example_input=x[:4])
+    be = cb.get_backend("jax")
+    prepared = be.prepare(pair.models[0], pair.layout)
+    flat = be.asarray(pair.theta_a)
+    feats = prepared.features(flat, jnp.asarray(x), ["blocks.0"])
+    h = nnx.relu(a.bn1(a.conv1(x)))
+    expected = a.blocks[0](h)  # the point of a conv node is its output
+    np.testing.assert_allclose(np.asarray(feats["blocks.0"]), np.moveaxis(np.asarray(expected), -1, 1),
+                               rtol=1e-5, atol=1e-5)
+    # one training step's new statistics: BatchNorm's update in nnx's train mode, momentum 0.99
+    _, grad, updated = prepared.value_and_grad(flat, jnp.asarray(x), jnp.asarray(y),
+                                                    lambda logits, labels: be.cross_entropy(logits, labels).mean())
+    twin = nnx.clone(a)
+    twin.train()
+    twin(x)
+    entries = {e.name: e for e in pair.layout.entries}
+    mean = entries["bn1.running_mean"]
+    np.testing.assert_allclose(np.asarray(updated)[mean.offset:mean.stop], np.asarray(twin.bn1.mean[...]),
+                               rtol=1e-5, atol=1e-6)
+    assert not np.allclose(np.asarray(twin.bn1.mean[...]), np.asarray(a.bn1.mean[...]))
+    assert float(np.abs(np.asarray(grad)[mean.offset:mean.stop]).max()) == 0.0  # statistics are not trained
+    kernel = entries["hidden.weight"]
+    assert float(np.abs(np.asarray(grad)[kernel.offset:kernel.stop]).max()) > 0.0
+
+
+def test_transformer_is_traced_by_its_feature_spaces_and_aligned_without_changing_its_function():
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(0, 11, (20, 6)).astype(np.int32)
+    labels = rng.integers(0, 3, 20).astype(np.int32)
+    a, b = TokenClassifier(nnx.Rngs(0)), TokenClassifier(nnx.Rngs(1))
+    a.eval(), b.eval()
+    pair = cb.ModelPair(a, b, example_input=tokens[:4])
+    assert pair.table is None
+    assert "blocks/0/fc1" in pair.layer_names and "pos" in pair.layout.names[0] + " ".join(pair.layout.names)
+    aligned = pair.align("weight")
+    b_aligned = aligned.model_b.nnx()
+    np.testing.assert_allclose(np.asarray(b_aligned(tokens)), np.asarray(b(tokens)), rtol=2e-4, atol=2e-5)
+    assert not np.allclose(np.asarray(b_aligned.blocks[0].fc1.kernel[...]), np.asarray(b.blocks[0].fc1.kernel[...]))
+    result = cb.sweep(aligned, cb.Linear(), data=(tokens, labels), values=[0.0, 1.0])
+    np.testing.assert_allclose(result["loss"].values.ravel(),
+                               [_cross_entropy(a(tokens), labels), _cross_entropy(b(tokens), labels)], rtol=1e-4)
+    points = cb.llfc(aligned, data=(tokens, labels), values=[0.5])
+    assert "blocks/0/fc1" in list(points["point"].values)
+    assert not any(":" in p for p in points["point"].values)
+
+
+def test_classes_are_restored_and_errors_name_the_model():
+    x, _ = _images()
+    call = nnx.Linear.__call__
+
+    class Broken(ConvNet):
+        def __call__(self, x: jax.Array) -> jax.Array:
+            return self.head(x)  # (n, 6, 6, 1) into Linear(12, 5)
+
+    broken = Broken(nnx.Rngs(0))
+    with pytest.raises(TracingError, match="Broken"):
+        cb.ModelPair(broken, Broken(nnx.Rngs(1)), example_input=x[:4])
+    assert nnx.Linear.__call__ is call and Broken.__dict__["__call__"] is not call
+    with pytest.raises(IncompatibleModelsError, match="NNX"):
+        cb.get_backend("jax").state(object())
+    import flax.linen as fnn
+
+    linen = fnn.Dense(3)
+    variables = linen.init(jax.random.PRNGKey(0), jnp.ones((1, 2)))
+    with pytest.raises(TypeError, match="not a converted NNX model"):
+        cb.get_backend("jax").with_state((linen, variables), cb.get_backend("jax").state((linen, variables))).nnx()
+
+
+class _Sequential(nnx.Module):
+    def __init__(self, rngs: nnx.Rngs) -> None:
+        self.net = nnx.Sequential(nnx.Linear(10, 16, rngs=rngs), nnx.relu, nnx.Linear(16, 16, rngs=rngs), nnx.gelu,
+                                  nnx.Linear(16, 4, rngs=rngs))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return self.net(x)
+
+
+class _DensePrediction(nnx.Module):
+    """Circular padding, GroupNorm, a strided conv, LayerNorm on a map, a transposed conv and a skip."""
+
+    def __init__(self, rngs: nnx.Rngs) -> None:
+        self.c1 = nnx.Conv(3, 8, (3, 3), padding="CIRCULAR", rngs=rngs)
+        self.gn = nnx.GroupNorm(8, num_groups=2, rngs=rngs)
+        self.c2 = nnx.Conv(8, 8, (3, 3), strides=2, rngs=rngs)
+        self.ln = nnx.LayerNorm(8, rngs=rngs)
+        self.up = nnx.ConvTranspose(8, 8, (2, 2), strides=(2, 2), rngs=rngs)
+        self.out = nnx.Conv(8, 4, (1, 1), rngs=rngs)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        h = nnx.silu(self.gn(self.c1(x)))
+        return self.out(self.up(nnx.relu(self.ln(self.c2(h)))) + h)
+
+
+class _Recurrent(nnx.Module):
+    """``nnx.RNN`` over an LSTM cell: its initial carry is drawn from the cell's rng stream (a counter
+    updated in place, constants only)."""
+
+    def __init__(self, rngs: nnx.Rngs) -> None:
+        self.rnn = nnx.RNN(nnx.LSTMCell(5, 12, rngs=rngs))
+        self.head = nnx.Linear(12, 3, rngs=rngs)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return self.head(self.rnn(x)[:, -1])
+
+
+class _Mixer(nnx.Module):
+    """An MLP-Mixer block: token mixing across positions (a transposed map), then channel mixing."""
+
+    def __init__(self, rngs: nnx.Rngs) -> None:
+        self.tok1, self.tok2 = nnx.Linear(7, 14, rngs=rngs), nnx.Linear(14, 7, rngs=rngs)
+        self.ch1, self.ch2 = nnx.Linear(5, 10, rngs=rngs), nnx.Linear(10, 5, rngs=rngs)
+        self.ln1, self.ln2 = nnx.LayerNorm(5, rngs=rngs), nnx.LayerNorm(5, rngs=rngs)
+        self.head = nnx.Linear(5, 3, rngs=rngs)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x = x + jnp.swapaxes(self.tok2(nnx.gelu(self.tok1(jnp.swapaxes(self.ln1(x), 1, 2)))), 1, 2)
+        x = x + self.ch2(nnx.gelu(self.ch1(self.ln2(x))))
+        return self.head(x.mean(1))
+
+
+@pytest.mark.parametrize(("make", "shape", "table"), [
+    (_Sequential, (10,), True), (_DensePrediction, (8, 8, 3), True), (_Recurrent, (7, 5), False),
+    (_Mixer, (7, 5), False)])
+def test_more_nnx_models_align_and_sweep_as_their_own_forward_passes(make, shape, table):
+    x = np.random.default_rng(0).normal(size=(12, *shape)).astype(np.float32)
+    a, b = make(nnx.Rngs(0)), make(nnx.Rngs(1))
+    pair = cb.ModelPair(a, b, example_input=x[:4])
+    assert (pair.table is not None) == table
+    aligned = pair.align("weight")
+    b_aligned = aligned.model_b.nnx()
+    np.testing.assert_allclose(np.asarray(b_aligned(x)), np.asarray(b(x)), rtol=1e-4, atol=1e-5)
+    changed = [path for (path, old), (_, new) in zip(nnx.to_flat_state(nnx.state(b, nnx.Param)),
+                                                     nnx.to_flat_state(nnx.state(b_aligned, nnx.Param)), strict=True)
+               if old.get_value().shape == new.get_value().shape and not np.allclose(old.get_value(), new.get_value())]
+    assert changed  # the alignment moved units (two random inits are not aligned already)
+    y = np.random.default_rng(1).integers(0, 3, np.asarray(a(x)).shape[:-1]).astype(np.int32)
+    result = cb.sweep(aligned, cb.Linear(), data=(x, y), values=[0.0, 1.0])
+    own = [float(np.mean(-np.take_along_axis(np.asarray(jax.nn.log_softmax(m(x)), np.float64), y[..., None], -1)))
+           for m in (a, b)]
+    np.testing.assert_allclose(result["loss"].values.ravel(), own, rtol=1e-4)
