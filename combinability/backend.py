@@ -294,6 +294,12 @@ class Backend(ABC):
     def state(self, model: Any) -> dict[str, np.ndarray]:
         """Every parameter and buffer of ``model`` as numpy arrays, in a fixed order."""
 
+    def native_state(self, model: Any) -> dict[str, np.ndarray]:
+        """The state under the names and layouts of the model's own framework, as its own code saves
+        and loads it (:func:`combinability.save_model` writes this): :meth:`state` unless the backend
+        renames a user's traced model (jax: flax names, not the layer table's)."""
+        return self.state(model)
+
     @abstractmethod
     def trainable(self, model: Any) -> tuple[str, ...]:
         """Names of the state entries trained by gradient (the others are buffers)."""

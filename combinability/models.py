@@ -237,7 +237,7 @@ def save_model(model: Any, path: str | Path, *, backend: str | None = None, meta
     config = dict(config) if config is not None else dict(table.config) if table is not None else {}
     if "input_shape" in config:
         config["input_shape"] = list(config["input_shape"])
-    save_checkpoint(path, be.state(model), config=config, metadata=dict(metadata or {}), backend=be.name)
+    save_checkpoint(path, be.native_state(model), config=config, metadata=dict(metadata or {}), backend=be.name)
 
 
 def _load(path: str | Path, backend: str, architecture: str | None = None) -> tuple[Any, dict]:

@@ -279,3 +279,48 @@ def test_more_nnx_models_align_and_sweep_as_their_own_forward_passes(make, shape
     own = [float(np.mean(-np.take_along_axis(np.asarray(jax.nn.log_softmax(m(x)), np.float64), y[..., None], -1)))
            for m in (a, b)]
     np.testing.assert_allclose(result["loss"].values.ravel(), own, rtol=1e-4)
+
+
+def test_cli_takes_an_nnx_class_and_its_files_fit_it_again(tmp_path, monkeypatch):
+    """``--model pkg:Class`` of an NNX module: backend jax inferred; the aligned file holds flax names and
+    loads into the class, computing B's function."""
+    import sys
+    import textwrap
+
+    from combinability.cli import main
+    from combinability.results import open_results
+
+    (tmp_path / "nnx_nets.py").write_text(textwrap.dedent("""
+        from flax import nnx
+
+        class Tiny(nnx.Module):
+            def __init__(self, rngs=None):
+                rngs = rngs or nnx.Rngs(0)
+                self.fc1, self.fc2 = nnx.Linear(64, 16, rngs=rngs), nnx.Linear(16, 10, rngs=rngs)
+
+            def __call__(self, x):
+                return self.fc2(nnx.relu(self.fc1(x.reshape(x.shape[0], -1))))
+        """))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.chdir(tmp_path)
+    sys.modules.pop("nnx_nets", None)
+    from nnx_nets import Tiny
+
+    models = [Tiny(nnx.Rngs(seed)) for seed in (0, 1)]
+    for seed, model in enumerate(models):
+        cb.save_model(model, tmp_path / f"tiny{seed}.safetensors")
+    from combinability.checkpoint import read_state_dict
+
+    assert sorted(read_state_dict(tmp_path / "tiny0.safetensors")) == [
+        "params/fc1/bias", "params/fc1/kernel", "params/fc2/bias", "params/fc2/kernel"]
+    assert main(["align", "tiny0.safetensors", "tiny1.safetensors", "--model", "nnx_nets:Tiny", "--data", "digits",
+                 "--out", "aligned.safetensors", "-q"]) == 0
+    aligned = cb.load_into(Tiny(), tmp_path / "aligned.safetensors").nnx()
+    test = cb.load_dataset("digits", "test", limit=64)
+    np.testing.assert_allclose(np.asarray(aligned(test.x)), np.asarray(models[1](test.x)), rtol=1e-5, atol=1e-5)
+    assert not np.allclose(np.asarray(aligned.fc1.kernel[...]), np.asarray(models[1].fc1.kernel[...]))
+    assert main(["sweep", "tiny0.safetensors", "aligned.safetensors", "--model", "nnx_nets:Tiny", "--data", "digits",
+                 "--align", "none", "--values", "0,1", "--limit", "64", "--out", "s.nc", "-q"]) == 0
+    loss = open_results(tmp_path / "s.nc")["loss"].sel(split="test").transpose("lam", ...).values
+    own = [_cross_entropy(m(test.x), test.y) for m in models]
+    np.testing.assert_allclose(loss.reshape(2, -1), np.repeat(np.array(own)[:, None], loss[0].size, 1), rtol=1e-4)

@@ -514,6 +514,14 @@ class JaxBackend(Backend):
         flat = {k: np.array(jax.device_get(v)) for k, v in model.flat().items()}
         return model.table.from_flax(flat) if model.table is not None else flat
 
+    def native_state(self, model: Any) -> dict[str, np.ndarray]:
+        """A user's module's variables by flax name (``"params/fc1/kernel"``) even when traced into a table,
+        so that the file fits the user's own module; a library model's :meth:`state`."""
+        model = self._model(model)
+        if model.table is None or isinstance(model.module, TableNet):
+            return self.state(model)
+        return {k: np.array(jax.device_get(v)) for k, v in flatten_variables(model.variables).items()}
+
     def trainable(self, model: Any) -> tuple[str, ...]:
         model = self._model(model)
         if model.table is not None:

@@ -25,7 +25,13 @@ from torch.func import functional_call, vmap
 from combinability.backend import Backend, vmap_on_accelerator
 from combinability.data.base import input_dtype
 from combinability.digests import in_numpy_memory
-from combinability.errors import ConfigurationError, LayoutError, TracingError, UnknownNameError
+from combinability.errors import (
+    ConfigurationError,
+    IncompatibleModelsError,
+    LayoutError,
+    TracingError,
+    UnknownNameError,
+)
 from combinability.layers import LayerTable
 from combinability.layout import FlatLayout, check_names
 from combinability_torch.compiled import compiled_call
@@ -108,9 +114,25 @@ def _swapped_in(model: nn.Module, tensors: dict[str, torch.Tensor]) -> contextli
     return _reparametrize_module(model, tensors, tie_weights=True, strict=False)
 
 
+def _torch_module(model: Any) -> nn.Module:
+    """``model`` itself, checked to be a ``torch.nn.Module``.
+
+    Raises
+    ------
+    IncompatibleModelsError
+        For anything else (a flax model given to the torch backend), naming the backend that fits.
+    """
+    if isinstance(model, nn.Module):
+        return model
+    kind = type(model).__module__.split(".")[0]
+    hint = " (a flax model: use backend='jax')" if kind in ("flax", "jax") or any(
+        c.__module__.startswith("flax.") for c in type(model).__mro__) else ""
+    raise IncompatibleModelsError(f"the torch backend takes torch.nn.Module models, got {type(model).__name__}{hint}")
+
+
 def _state_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
     """``model.state_dict()`` with each tied tensor under its first name only (see :func:`tensor_aliases`)."""
-    aliases = tensor_aliases(model)
+    aliases = tensor_aliases(_torch_module(model))
     return {k: v for k, v in model.state_dict().items() if k not in aliases}
 
 
@@ -498,6 +520,7 @@ class TorchBackend(Backend):
         """The layer table of a user's module, traced with torch.fx (see :mod:`combinability_torch.trace`)."""
         from combinability_torch.trace import describe
 
+        _torch_module(model)
         x = self.asarray(example_input, input_dtype(example_input)).to("cpu")
         refuse_computed_weights(model)  # before the copy: torch cannot copy weight_norm's older hook
         return describe(copy.deepcopy(model).to("cpu"), x)[0]
@@ -506,6 +529,7 @@ class TorchBackend(Backend):
         """Heads, neurons and residual stream of a user's transformer (:mod:`combinability_torch.trace_stream`)."""
         from combinability_torch.trace_stream import stream_symmetries
 
+        _torch_module(model)
         x = self.asarray(example_input, input_dtype(example_input)).to("cpu")
         refuse_computed_weights(model)
         return stream_symmetries(copy.deepcopy(model).to("cpu").eval(), x)
@@ -515,7 +539,7 @@ class TorchBackend(Backend):
         return {k: v.detach().to("cpu").numpy().copy() for k, v in _state_tensors(model).items()}
 
     def trainable(self, model: nn.Module) -> tuple[str, ...]:
-        return tuple(name for name, p in model.named_parameters() if p.requires_grad)
+        return tuple(name for name, p in _torch_module(model).named_parameters() if p.requires_grad)
 
     def with_state(self, model: nn.Module, params: Mapping[str, np.ndarray]) -> nn.Module:
         """A copy of ``model`` holding ``params``.

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import sys
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -98,7 +99,7 @@ def _from_checkpoints(args: argparse.Namespace, paths: Sequence[str], *, need_da
         if need_data:
             raise ConfigurationError("--model needs --data (a dataset name or an .npz file): the model's own "
                                      "state-dict files do not record the data they were trained on")
-        args.backend = args.backend or "torch"
+        args.backend = args.backend or _class_backend(_user_class(args.model))
         return
     if args.data is not None and args.backend is not None:
         return
@@ -127,15 +128,31 @@ def _load(path: str, backend: str, model: str | None = None) -> Any:
 
     if model is None:
         return load_model(path, backend=backend)
+    return load_into(_user_class(model)(), path, backend=backend)
+
+
+def _user_class(model: str) -> type:
+    """The class ``--model`` names (``"pkg.mod:Class"``).
+
+    Raises
+    ------
+    ConfigurationError
+        If it cannot be imported.
+    """
     from combinability.architecture import load_object
     from combinability.errors import ConfigurationError, PluginError
 
     try:
-        cls = load_object(model)
+        return load_object(model)
     except (ImportError, PluginError) as exc:
         raise ConfigurationError(f"--model {model!r}: {exc}; give 'package.module:Class' importable from here "
                                  "(a class whose constructor takes no arguments)") from None
-    return load_into(cls(), path, backend=backend)
+
+
+def _class_backend(cls: type) -> str:
+    """The backend of a ``--model`` class: ``"jax"`` for a flax NNX module, else ``"torch"``."""
+    nnx = sys.modules.get("flax.nnx")
+    return "jax" if nnx is not None and isinstance(cls, type) and issubclass(cls, nnx.Module) else "torch"
 
 
 def _example(args: argparse.Namespace, models: Sequence[Any]) -> Any:

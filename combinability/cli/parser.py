@@ -92,7 +92,8 @@ def _subparser(sub: Any, name: str, help: str, *, backend: bool = True) -> argpa
 def _model_options(p: argparse.ArgumentParser, *, data_help: str) -> None:
     p.add_argument("--data", default=None, help=data_help)
     p.add_argument("--model", default=None, metavar="PKG.MODULE:CLASS",
-                   help="your own model class: the checkpoints are state dicts (.pt, .bin, .safetensors) of it")
+                   help="your own model class (a torch.nn.Module, or a flax NNX module: backend jax), built with "
+                        "no arguments: the checkpoints are state dicts (.pt, .bin, .safetensors) of it")
 
 
 def _output_options(p: argparse.ArgumentParser, out: dict[str, Any], what: str) -> None:
