@@ -34,7 +34,9 @@ reads the header alone (backend, config, metadata, tensor shapes and dtypes).
 * safetensors files from elsewhere (version 0: no hash check, their header entries as metadata);
 * plain PyTorch ``state_dict`` files written by ``torch.save`` (version 0; needs torch);
 * the version-1 files of this library: a ``torch.save`` dictionary (torch backend) or an ``.npz``
-  archive with a JSON ``__header__`` (jax backend).
+  archive with a JSON ``__header__`` (jax backend);
+* flax's own: an Orbax checkpoint folder and a ``flax.serialization.to_bytes`` (msgpack) file
+  (version 0; need orbax or flax), their trees' paths as names (``"fc1/kernel"``).
 
 This module needs numpy and safetensors only; the readers of ``torch.save`` files and ``.npz``
 archives live in :mod:`combinability.checkpoint_readers`, which imports torch only to read the former.
@@ -319,11 +321,16 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
     BackendUnavailableError
         If it is a ``torch.save`` file and torch is not installed.
     """
-    from combinability.checkpoint_readers import load_npz, load_torch
+    from combinability.checkpoint_readers import ORBAX_MARKERS, load_msgpack, load_npz, load_orbax, load_torch
 
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"no checkpoint at {str(path)!r}")
+    if path.is_dir():
+        if any((path / marker).exists() for marker in ORBAX_MARKERS):
+            return load_orbax(path)
+        raise CorruptFileError(f"{str(path)!r} is a folder but not an Orbax checkpoint (it has none of "
+                               f"{', '.join(ORBAX_MARKERS)}); give a checkpoint file or an Orbax checkpoint folder")
     with open(path, "rb") as fh:
         head = fh.read(9)
     if not head:
@@ -345,10 +352,13 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
         return load_torch(path)
     if len(head) == 9 and head[8:9] == b"{":
         return _load_safetensors(path)
-    if head[:1] == b"\x80":  # a pickle: torch.save's legacy (non-zip) format
+    if head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05"):  # torch.save's legacy format
         return load_torch(path)
+    if 0x81 <= head[0] <= 0x8F or head[0] in (0xDE, 0xDF):  # a msgpack map: flax.serialization.to_bytes
+        return load_msgpack(path)
     raise CorruptFileError(
-        f"{str(path)!r} is not a checkpoint: it is neither a safetensors file, a torch.save file nor an .npz archive"
+        f"{str(path)!r} is not a checkpoint: it is neither a safetensors file, a torch.save file, an .npz archive "
+        "nor a flax msgpack file"
     )
 
 

@@ -5,6 +5,10 @@
   the torch backend. They need torch, imported only here, only when such a file is read, and
   are read with ``torch.load(weights_only=True)``.
 * The version-1 ``.npz`` archives of the jax backend, with a JSON ``__header__``.
+* Flax's own checkpoints: an Orbax checkpoint directory (``ocp.StandardCheckpointer().save(path,
+  state)``, as the Flax NNX and linen guides write one) and ``flax.serialization.to_bytes`` files
+  (msgpack). Their nested trees become ``"a/b/c"`` names (:func:`flat_tree`); they need orbax or
+  flax, imported only when such a file is read.
 
 :func:`combinability.checkpoint.load_checkpoint` tells the kinds apart by their content and
 calls these.
@@ -35,9 +39,12 @@ from combinability.errors import (
     IncompatibleVersionError,
 )
 
-__all__ = ["load_npz", "load_torch"]
+__all__ = ["flat_tree", "load_msgpack", "load_npz", "load_orbax", "load_torch"]
 
 _TORCH_HINT = "pip install 'combinability[torch]'"
+_JAX_HINT = "pip install 'combinability[jax]'"
+#: Files in an Orbax checkpoint directory (any of them).
+ORBAX_MARKERS = ("_CHECKPOINT_METADATA", "_METADATA", "manifest.ocdbt", "checkpoint")
 _STATE_DICT_KEYS = ("state_dict", "model_state_dict")
 _LEGACY_TORCH_KEYS = ("format", "version", "backend", "architecture", "config", "state", "metadata")
 
@@ -191,3 +198,80 @@ def _torch_to_numpy(path: Path, name: str, tensor: Any) -> np.ndarray:
         raise IncompatibleModelsError(
             f"{str(path)!r}: tensor {name!r} (dtype {tensor.dtype}) cannot be converted to numpy: {exc}"
         ) from exc
+
+
+def flat_tree(tree: Any, where: str = "") -> dict[str, np.ndarray]:
+    """A flax checkpoint's nested tree as ``{"a/b/c": array}``.
+
+    A node that is only ``{"value": array}`` (an NNX ``Variable``'s state) is the array; an rng
+    stream (a node holding a typed PRNG ``key`` and its ``count``: NNX ``Rngs``, ``Dropout``) is
+    left out, as are ``None`` leaves: they are no weights. Lists are numbered as NNX numbers them.
+    """
+    if isinstance(tree, list | tuple):
+        tree = {str(i): v for i, v in enumerate(tree)}
+    if not isinstance(tree, dict):
+        if tree is None:
+            return {}
+        return {where: _host_array(tree, where)}
+    if set(tree) == {"value"}:
+        return flat_tree(tree["value"], where)
+    if set(tree) <= {"key", "count", "tag"} and "key" in tree and _is_prng_key(tree["key"]):
+        return {}
+    out: dict[str, np.ndarray] = {}
+    for k, v in tree.items():
+        if _is_prng_key(v):
+            continue
+        out.update(flat_tree(v, f"{where}/{k}" if where else str(k)))
+    return out
+
+
+def _is_prng_key(x: Any) -> bool:
+    dtype = getattr(x, "dtype", None)
+    if dtype is None:
+        return isinstance(x, dict) and set(x) == {"value"} and _is_prng_key(x["value"])
+    try:
+        import jax
+
+        return jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key)
+    except (ImportError, TypeError):
+        return False
+
+
+def _host_array(x: Any, where: str) -> np.ndarray:
+    try:
+        return np.array(x)
+    except (TypeError, ValueError) as exc:
+        raise IncompatibleModelsError(f"entry {where!r} of the checkpoint is not an array ({type(x).__name__})"
+                                      ) from exc
+
+
+def load_orbax(path: Path) -> Checkpoint:
+    """An Orbax checkpoint directory (of a flax model's variables or an NNX model's state)."""
+    try:
+        import orbax.checkpoint as ocp
+    except ImportError as exc:
+        raise BackendUnavailableError(f"{str(path)!r} is an Orbax checkpoint; reading it needs orbax-checkpoint "
+                                      f"({_JAX_HINT})") from exc
+    try:
+        tree = ocp.StandardCheckpointer().restore(path.absolute())
+    except Exception as exc:  # noqa: BLE001 - orbax raises many kinds for a damaged directory
+        raise CorruptFileError(f"{str(path)!r} could not be read as an Orbax checkpoint "
+                               f"({type(exc).__name__}: {(str(exc).splitlines() or [''])[0]})") from None
+    return Checkpoint(state=flat_tree(tree), config={}, metadata={}, backend=None, version=0, path=path)
+
+
+def load_msgpack(path: Path) -> Checkpoint:
+    """A ``flax.serialization.to_bytes`` file (msgpack of a nested dict of arrays)."""
+    try:
+        from flax import serialization
+    except ImportError as exc:
+        raise BackendUnavailableError(f"{str(path)!r} is a flax msgpack file; reading it needs flax "
+                                      f"({_JAX_HINT})") from exc
+    try:
+        tree = serialization.msgpack_restore(path.read_bytes())
+    except Exception as exc:  # noqa: BLE001 - msgpack raises many kinds for a damaged file
+        raise CorruptFileError(f"{str(path)!r} is a truncated or damaged msgpack file "
+                               f"({type(exc).__name__}: {exc})") from None
+    if not isinstance(tree, dict):
+        raise CorruptFileError(f"{str(path)!r} holds a {type(tree).__name__}, not a tree of arrays")
+    return Checkpoint(state=flat_tree(tree), config={}, metadata={}, backend=None, version=0, path=path)

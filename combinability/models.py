@@ -385,11 +385,31 @@ def load_model(path: str | Path, *, backend: str = "torch", architecture: str | 
     return _load(path, backend, architecture)[0]
 
 
+def _with_collections(current: Mapping[str, Any], state: dict[str, Any]) -> dict[str, Any]:
+    """``state`` under the model's flax names when its names lack their collection: an NNX model's
+    state saved as a tree (``fc1/kernel``) is ``params/fc1/kernel`` here, its BatchNorm's
+    ``batch_stats/bn/mean``. Unchanged unless every name then fits one of the model's."""
+    if not state or any(k in current for k in state):
+        return state
+    bare: dict[str, str] = {}
+    for name in current:
+        head, sep, rest = name.partition("/")
+        if sep and rest not in bare:
+            bare[rest] = name
+        elif sep:  # one path in two collections: ambiguous
+            return state
+    if not all(k in bare for k in state):
+        return state
+    return {bare[k]: v for k, v in state.items()}
+
+
 def load_into(model: Any, path: str | Path, *, backend: str | None = None) -> Any:
     """A copy of a user's ``model`` holding the arrays of ``path``.
 
-    ``path`` may be a checkpoint of this library, a ``.safetensors`` file or a plain torch
-    ``state_dict`` (``.pt``/``.bin``, also ``{"model_state_dict": ...}``).
+    ``path`` may be a checkpoint of this library, a ``.safetensors`` file, a plain torch
+    ``state_dict`` (``.pt``/``.bin``, also ``{"model_state_dict": ...}``), or flax's own: an Orbax
+    checkpoint folder or a ``flax.serialization.to_bytes`` file, of a linen model's variables or
+    an NNX model's state (``nnx.state(model)``, its rng streams left out).
 
     Raises
     ------
@@ -407,6 +427,7 @@ def load_into(model: Any, path: str | Path, *, backend: str | None = None) -> An
         for prefix in ("module.", "_orig_mod.", "model."):
             if all(k.startswith(prefix) for k in state):
                 state = {k[len(prefix):]: v for k, v in state.items()}
+    state = _with_collections(current, state)
     bad = non_float_parameters(current, state)
     if bad:
         raise IncompatibleModelsError(

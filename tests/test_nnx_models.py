@@ -324,3 +324,57 @@ def test_cli_takes_an_nnx_class_and_its_files_fit_it_again(tmp_path, monkeypatch
     loss = open_results(tmp_path / "s.nc")["loss"].sel(split="test").transpose("lam", ...).values
     own = [_cross_entropy(m(test.x), test.y) for m in models]
     np.testing.assert_allclose(loss.reshape(2, -1), np.repeat(np.array(own)[:, None], loss[0].size, 1), rtol=1e-4)
+
+
+def _save_orbax(path, tree) -> None:
+    ocp = pytest.importorskip("orbax.checkpoint")
+    checkpointer = ocp.StandardCheckpointer()
+    checkpointer.save(path.absolute(), tree)
+    checkpointer.wait_until_finished()
+
+
+@pytest.mark.parametrize("what", ["state", "pure"])
+def test_orbax_checkpoints_of_an_nnx_model_load_into_its_class(tmp_path, what):
+    """The Flax guide's ``StandardCheckpointer().save(path, state)`` of ``nnx.split(model)``'s whole state (rng
+    streams included) or of its pure dict: the weights are the model's, the rng streams left out."""
+    x, _ = _images()
+    model = _with_stats(ConvNet(nnx.Rngs(3)), 3)
+    tree = nnx.split(model)[1] if what == "state" else nnx.state(model).to_pure_dict()
+    _save_orbax(tmp_path / "ckpt", tree)
+    from combinability.checkpoint import read_state_dict
+
+    names = read_state_dict(tmp_path / "ckpt")
+    assert "bn1/mean" in names and "blocks/1/kernel" in names and not any("rngs" in k for k in names)
+    loaded = cb.load_into(ConvNet(nnx.Rngs(0)), tmp_path / "ckpt").nnx()
+    loaded.eval()
+    np.testing.assert_array_equal(np.asarray(loaded.bn1.var[...]), np.asarray(model.bn1.var[...]))
+    np.testing.assert_allclose(np.asarray(loaded(x)), np.asarray(model(x)), rtol=1e-6, atol=1e-6)
+
+
+def test_flax_msgpack_files_and_bad_folders(tmp_path):
+    import flax.linen as fnn
+    from flax import serialization
+
+    from combinability.errors import CorruptFileError
+
+    class Linen(fnn.Module):
+        @fnn.compact
+        def __call__(self, x):
+            return fnn.Dense(3)(fnn.relu(fnn.BatchNorm(use_running_average=True)(fnn.Dense(5)(x))))
+
+    x = np.random.default_rng(0).normal(size=(4, 6)).astype(np.float32)
+    variables = Linen().init(jax.random.PRNGKey(1), x)
+    (tmp_path / "linen.msgpack").write_bytes(serialization.to_bytes(variables))
+    zeros = jax.tree_util.tree_map(jnp.zeros_like, variables)
+    loaded = cb.load_into((Linen(), zeros), tmp_path / "linen.msgpack")
+    np.testing.assert_array_equal(np.asarray(loaded.module.apply(loaded.variables, x)),
+                                  np.asarray(Linen().apply(variables, x)))
+    with pytest.raises(IncompatibleModelsError, match="does not fit ConvNet"):
+        cb.load_into(ConvNet(nnx.Rngs(0)), tmp_path / "linen.msgpack")
+    (tmp_path / "plain").mkdir()
+    with pytest.raises(CorruptFileError, match="not an Orbax checkpoint"):
+        cb.load_into(ConvNet(nnx.Rngs(0)), tmp_path / "plain")
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "_CHECKPOINT_METADATA").write_text("{")
+    with pytest.raises(CorruptFileError, match="could not be read as an Orbax checkpoint"):
+        cb.load_into(ConvNet(nnx.Rngs(0)), tmp_path / "broken")
