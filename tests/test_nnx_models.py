@@ -378,3 +378,38 @@ def test_flax_msgpack_files_and_bad_folders(tmp_path):
     (tmp_path / "broken" / "_CHECKPOINT_METADATA").write_text("{")
     with pytest.raises(CorruptFileError, match="could not be read as an Orbax checkpoint"):
         cb.load_into(ConvNet(nnx.Rngs(0)), tmp_path / "broken")
+
+
+def test_training_steps_draw_dropout_masks_per_batch():
+    """A training step runs dropout (a linen ``nn.Dropout`` needs its ``"dropout"`` rng, an NNX model reseeds its
+    streams): reproducible for a batch, other masks for another batch, none in evaluation."""
+    import flax.linen as fnn
+
+    class LinenDrop(fnn.Module):
+        @fnn.compact
+        def __call__(self, x, train: bool = False):
+            h = fnn.Dropout(0.5, deterministic=not train)(fnn.relu(fnn.Dense(32)(x)))
+            return fnn.Dense(3)(h)
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(16, 6)).astype(np.float32)
+    y = rng.integers(0, 3, 16).astype(np.int32)
+    linen = LinenDrop()
+    tokens = rng.integers(0, 11, (16, 6)).astype(np.int32)
+    be = cb.get_backend("jax")
+
+    def loss(logits, labels):
+        return be.cross_entropy(logits, labels).mean()
+
+    for model, inputs in (((linen, linen.init(jax.random.PRNGKey(0), x)), x), (TokenClassifier(nnx.Rngs(0)), tokens)):
+        pair = cb.ModelPair(model, model, example_input=inputs[:4])
+        prepared = be.prepare(pair.models[0], pair.layout)
+        flat = be.asarray(pair.theta_a)
+
+        first = [float(prepared.value_and_grad(flat, jnp.asarray(b), jnp.asarray(y), loss)[0])
+                 for b in (inputs, inputs, inputs[::-1])]
+        evaluated = float(loss(prepared.forward(flat, jnp.asarray(inputs))[0], jnp.asarray(y)))
+        assert first[0] == first[1]  # the same batch, the same masks
+        assert first[0] != pytest.approx(evaluated, rel=1e-4)  # dropout is on in training only
+        reversed_eval = float(loss(prepared.forward(flat, jnp.asarray(inputs[::-1]))[0], jnp.asarray(y)))
+        assert first[2] != pytest.approx(reversed_eval, rel=1e-4)

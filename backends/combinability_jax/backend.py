@@ -158,8 +158,10 @@ class _Program:
 
     def step(self, flat: jax.Array, rest: dict, mask: jax.Array, x: jax.Array, y: jax.Array,
               loss: Callable[[Any, Any], Any]) -> tuple[jax.Array, jax.Array, jax.Array]:
+        rngs = {"dropout": jax.random.fold_in(jax.random.key(0), _batch_digest(x))}
+
         def value(p: jax.Array) -> tuple[jax.Array, Any]:
-            logits, updates = self.module.apply(self.variables(p, rest), x, mutable=self.mutable,
+            logits, updates = self.module.apply(self.variables(p, rest), x, mutable=self.mutable, rngs=rngs,
                                                 **self.kwargs(True))
             return loss(logits, y), flatten_variables(updates)
 
@@ -167,6 +169,17 @@ class _Program:
         pieces = [updates[self.names[name]].reshape(-1).astype(flat.dtype) if self.names[name] in updates
                   else flat[a:b] for name, a, b, _, _ in self.entries]
         return val, grad * mask, jnp.concatenate(pieces) if pieces else flat
+
+
+def _batch_digest(x: jax.Array) -> jax.Array:
+    """A uint32 digest of a batch's bits and positions: the key of a training step's dropout masks (a flax
+    ``nn.Dropout``'s ``"dropout"`` rng, an NNX model's streams), so that a step is reproducible and
+    different batches draw different masks."""
+    flat = x.reshape(-1)
+    bits = (jax.lax.bitcast_convert_type(flat.astype(jnp.float32), jnp.uint32)
+            if jnp.issubdtype(flat.dtype, jnp.floating) else flat.astype(jnp.uint32))
+    weights = jnp.arange(flat.shape[0], dtype=jnp.uint32) * jnp.uint32(2654435761) + jnp.uint32(1)
+    return jnp.sum(bits * weights, dtype=jnp.uint32)
 
 
 def _state_shapes(model: FlaxModel) -> dict[str, tuple[int, ...]]:

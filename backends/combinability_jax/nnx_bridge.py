@@ -13,8 +13,9 @@ without copying its arrays:
   constants of the computation;
 * :class:`NnxModule`, a linen module, rebuilds the NNX model from those variables
   (``nnx.merge``) at every call, in ``eval()`` mode or, with ``train=True``, in
-  ``train()`` mode, writing BatchNorm's updated statistics back when ``batch_stats`` is
-  mutable;
+  ``train()`` mode, its rng streams reseeded from the call's ``"dropout"`` rng when one is
+  given (a training step's), writing BatchNorm's updated statistics back when
+  ``batch_stats`` is mutable;
 * during its call, each submodule's ``__call__`` is seen by the interceptor of
   :func:`intercepting` (the tracers' linen interceptor) with a context naming its path,
   and a ``Linear``, ``Conv``, ``ConvTranspose``, ``BatchNorm``, ``LayerNorm``,
@@ -159,6 +160,9 @@ class NnxModule(nn.Module):
         model = self.merged(self.variables)
         if train:
             model.train()
+            if self.has_rng("dropout"):  # a training step's key (else the model's own, the same every step)
+                key = self.make_rng("dropout")
+                nnx.reseed(model, default=key, dropout=key)
         else:
             model.eval()
         with _watched(model, self):
