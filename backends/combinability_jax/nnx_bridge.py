@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import threading
 import weakref
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
@@ -180,9 +181,19 @@ class NnxModule(nn.Module):
         return out
 
 
+#: Held while classes are patched: traces in other threads wait (a patch saved by one and restored by
+#: another would stay).
+_PATCHING = threading.RLock()
+
+
 @contextlib.contextmanager
 def _watched(model: nnx.Module, wrapper: NnxModule) -> Iterator[None]:
-    """Every submodule call of ``model`` under the active interceptor, and sown as an intermediate."""
+    """Every submodule call of ``model`` under the active interceptor, and sown as an intermediate.
+
+    Python looks a call up on the class, not the instance, so the classes of ``model``'s
+    submodules get a patched ``__call__`` for the duration (only while jax traces: a compiled
+    function never runs this again), which passes the call on unchanged for any other instance.
+    """
     paths = {id(m): _key(p) for p, m in nnx.iter_modules(model) if p}
     classes = {type(m) for p, m in nnx.iter_modules(model) if p}
     # classes that define a call (an ``nnx.List`` does not: ``cls.__call__`` would be its metaclass's)
@@ -214,16 +225,19 @@ def _watched(model: nnx.Module, wrapper: NnxModule) -> Iterator[None]:
 
         return call
 
-    try:
-        for cls, original in originals.items():
-            cls.__call__ = patched(original)
-        yield
-    finally:
-        for cls in originals:
-            if own[cls] is None:
-                del cls.__call__
-            else:
-                cls.__call__ = own[cls]
+    done: list[type] = []
+    with _PATCHING:
+        try:
+            for cls, original in originals.items():
+                cls.__call__ = patched(original)
+                done.append(cls)
+            yield
+        finally:
+            for cls in done:
+                if own[cls] is None:
+                    del cls.__call__
+                else:
+                    cls.__call__ = own[cls]
 
 
 #: The linen class standing for each NNX model class (its name in messages and tables).
