@@ -16,6 +16,7 @@ calls these.
 
 from __future__ import annotations
 
+import importlib
 import json
 import zipfile
 from pathlib import Path
@@ -247,31 +248,28 @@ def _host_array(x: Any, where: str) -> np.ndarray:
 
 def load_orbax(path: Path) -> Checkpoint:
     """An Orbax checkpoint directory (of a flax model's variables or an NNX model's state)."""
-    try:
-        import orbax.checkpoint as ocp
-    except ImportError as exc:
-        raise BackendUnavailableError(f"{str(path)!r} is an Orbax checkpoint; reading it needs orbax-checkpoint "
-                                      f"({_JAX_HINT})") from exc
-    try:
-        tree = ocp.StandardCheckpointer().restore(path.absolute())
-    except Exception as exc:  # noqa: BLE001 - orbax raises many kinds for a damaged directory
-        raise CorruptFileError(f"{str(path)!r} could not be read as an Orbax checkpoint "
-                               f"({type(exc).__name__}: {(str(exc).splitlines() or [''])[0]})") from None
-    return Checkpoint(state=flat_tree(tree), config={}, metadata={}, backend=None, version=0, path=path)
+    return _tree_checkpoint(path, "an Orbax checkpoint", "orbax.checkpoint",
+                            lambda ocp: ocp.StandardCheckpointer().restore(path.absolute()))
 
 
 def load_msgpack(path: Path) -> Checkpoint:
     """A ``flax.serialization.to_bytes`` file (msgpack of a nested dict of arrays)."""
+    return _tree_checkpoint(path, "a flax msgpack file", "flax.serialization",
+                            lambda serialization: serialization.msgpack_restore(path.read_bytes()))
+
+
+def _tree_checkpoint(path: Path, kind: str, package: str, read: Any) -> Checkpoint:
+    """The tree ``read(package)`` gives for ``path`` (a file of ``kind``), as a version-0 checkpoint."""
     try:
-        from flax import serialization
+        module = importlib.import_module(package)
     except ImportError as exc:
-        raise BackendUnavailableError(f"{str(path)!r} is a flax msgpack file; reading it needs flax "
+        raise BackendUnavailableError(f"{str(path)!r} is {kind}; reading it needs {package.split('.')[0]} "
                                       f"({_JAX_HINT})") from exc
     try:
-        tree = serialization.msgpack_restore(path.read_bytes())
-    except Exception as exc:  # noqa: BLE001 - msgpack raises many kinds for a damaged file
-        raise CorruptFileError(f"{str(path)!r} is a truncated or damaged msgpack file "
-                               f"({type(exc).__name__}: {exc})") from None
+        tree = read(module)
+    except Exception as exc:  # noqa: BLE001 - these readers raise many kinds for a damaged file
+        raise CorruptFileError(f"{str(path)!r} could not be read as {kind} "
+                               f"({type(exc).__name__}: {(str(exc).splitlines() or [''])[0]})") from None
     if not isinstance(tree, dict):
         raise CorruptFileError(f"{str(path)!r} holds a {type(tree).__name__}, not a tree of arrays")
     return Checkpoint(state=flat_tree(tree), config={}, metadata={}, backend=None, version=0, path=path)
