@@ -294,6 +294,12 @@ class Backend(ABC):
     def state(self, model: Any) -> dict[str, np.ndarray]:
         """Every parameter and buffer of ``model`` as numpy arrays, in a fixed order."""
 
+    def own(self, model: Any) -> Any:
+        """The backend's own object for a user's ``model``, made once by :class:`~combinability.ModelSet`, so
+        that what the backend compiles for it is kept with the set (jax: a ``FlaxModel`` of an NNX module or
+        a linen ``(module, variables)`` pair); by default the model itself."""
+        return model
+
     def native_state(self, model: Any) -> dict[str, np.ndarray]:
         """The state under the names and layouts of the model's own framework, as its own code saves
         and loads it (:func:`combinability.save_model` writes this): :meth:`state` unless the backend

@@ -189,6 +189,7 @@ class ModelSet:
                             f"{_first_difference(derived, other)}; they cannot be combined") from None
                 points = opener_points(derived) if spec is None else {}  # a given spec names its own points
                 spec, folds = spec if spec is not None else derived, tuple(derived_folds)
+        models = [be.own(m) for m in models]  # what the backend compiles for a model stays with the set
         table = tables[0]
         if table is None and spec is None:
             raise IncompatibleModelsError(

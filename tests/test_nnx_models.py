@@ -413,3 +413,22 @@ def test_training_steps_draw_dropout_masks_per_batch():
         assert first[0] != pytest.approx(evaluated, rel=1e-4)  # dropout is on in training only
         reversed_eval = float(loss(prepared.forward(flat, jnp.asarray(inputs[::-1]))[0], jnp.asarray(y)))
         assert first[2] != pytest.approx(reversed_eval, rel=1e-4)
+
+
+def test_a_pair_keeps_what_jax_compiled_for_its_models():
+    """A model traced by its feature spaces is the backend's own object in the pair, so its compiled forward
+    pass serves every sweep of the pair (each sweep compiled it again: ~1 s each for a tiny transformer)."""
+    from combinability_jax.backend import _PROGRAMS
+    from combinability_jax.models import FlaxModel
+
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(0, 11, (12, 6)).astype(np.int32)
+    labels = rng.integers(0, 3, 12).astype(np.int32)
+    a, b = TokenClassifier(nnx.Rngs(0)), TokenClassifier(nnx.Rngs(1))
+    pair = cb.ModelPair(a, b, example_input=tokens[:4])
+    assert all(isinstance(m, FlaxModel) for m in pair.models)
+    first = cb.sweep(pair, cb.Linear(), data=(tokens, labels), values=[0.5])
+    programs = dict(_PROGRAMS[pair.models[0]])
+    second = cb.sweep(pair, cb.Uniform(), data=(tokens, labels), samples=2)
+    assert dict(_PROGRAMS[pair.models[0]]) == programs  # the same compiled program objects, none added
+    assert np.isfinite(first["loss"].values).all() and np.isfinite(second["loss"].values).all()

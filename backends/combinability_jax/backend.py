@@ -527,6 +527,10 @@ class JaxBackend(Backend):
         flat = {k: np.array(jax.device_get(v)) for k, v in model.flat().items()}
         return model.table.from_flax(flat) if model.table is not None else flat
 
+    def own(self, model: Any) -> FlaxModel:
+        """A user's NNX module or linen pair as a :class:`FlaxModel` (a library model as it is)."""
+        return self._model(model)
+
     def native_state(self, model: Any) -> dict[str, np.ndarray]:
         """A user's module's variables by flax name (``"params/fc1/kernel"``) even when traced into a table,
         so that the file fits the user's own module; a library model's :meth:`state`."""
