@@ -297,7 +297,8 @@ class Backend(ABC):
     def own(self, model: Any) -> Any:
         """The backend's own object for a user's ``model``, made once by :class:`~combinability.ModelSet`, so
         that what the backend compiles for it is kept with the set (jax: a ``FlaxModel`` of an NNX module or
-        a linen ``(module, variables)`` pair); by default the model itself."""
+        a linen ``(module, variables)`` pair) and that it runs as the library runs models (torch: a float32
+        copy of a bfloat16 or float64 module); by default the model itself."""
         return model
 
     def native_state(self, model: Any) -> dict[str, np.ndarray]:

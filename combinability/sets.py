@@ -160,6 +160,7 @@ class ModelSet:
         if len(models) < 2:
             raise ConfigurationError(f"a ModelSet needs at least two models, got {len(models)}")
         be = get_backend(backend or infer_backend(models[0]))
+        models = [be.own(m) for m in models]  # what the backend compiles for a model stays with the set
         tables = [be.table_of(m) for m in models]
         folds: tuple[NormFold, ...] = ()
         points: dict[str, str] = {}
@@ -189,7 +190,6 @@ class ModelSet:
                             f"{_first_difference(derived, other)}; they cannot be combined") from None
                 points = opener_points(derived) if spec is None else {}  # a given spec names its own points
                 spec, folds = spec if spec is not None else derived, tuple(derived_folds)
-        models = [be.own(m) for m in models]  # what the backend compiles for a model stays with the set
         table = tables[0]
         if table is None and spec is None:
             raise IncompatibleModelsError(

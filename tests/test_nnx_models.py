@@ -432,3 +432,34 @@ def test_a_pair_keeps_what_jax_compiled_for_its_models():
     second = cb.sweep(pair, cb.Uniform(), data=(tokens, labels), samples=2)
     assert dict(_PROGRAMS[pair.models[0]]) == programs  # the same compiled program objects, none added
     assert np.isfinite(first["loss"].values).all() and np.isfinite(second["loss"].values).all()
+
+
+def test_a_bfloat16_nnx_model_is_traced_at_its_precision_and_keeps_it():
+    """Parameters and computation in bfloat16: the activations are told apart at bfloat16's precision, the
+    state is given as float32 (exactly), a planted permutation is undone and the aligned model is bfloat16."""
+
+    class Half(nnx.Module):
+        def __init__(self, rngs: nnx.Rngs) -> None:
+            kw = {"param_dtype": jnp.bfloat16, "dtype": jnp.bfloat16, "rngs": rngs}
+            self.fc1, self.fc2, self.out = nnx.Linear(10, 16, **kw), nnx.Linear(16, 16, **kw), nnx.Linear(16, 3, **kw)
+
+        def __call__(self, x: jax.Array) -> jax.Array:
+            return self.out(nnx.silu(self.fc2(nnx.gelu(self.fc1(x)))))
+
+    x = np.random.default_rng(0).normal(size=(24, 10)).astype(np.float32)
+    a = Half(nnx.Rngs(0))
+    b = nnx.clone(a)
+    p, q = np.random.default_rng(1).permutation(16), np.random.default_rng(2).permutation(16)
+    b.fc1.kernel[...], b.fc1.bias[...] = a.fc1.kernel[...][:, p], a.fc1.bias[...][p]
+    b.fc2.kernel[...], b.fc2.bias[...] = a.fc2.kernel[...][p][:, q], a.fc2.bias[...][q]
+    b.out.kernel[...] = a.out.kernel[...][q]
+    pair = cb.ModelPair(a, b, example_input=x[:4])
+    assert [n.fn for n in pair.table.nodes if n.op == "act"] == ["gelu", "silu"]
+    state = cb.get_backend("jax").state(pair.models[0])
+    assert state["fc1.weight"].dtype == np.float32
+    np.testing.assert_array_equal(state["fc1.weight"], np.asarray(a.fc1.kernel[...], np.float32).T)
+    aligned = pair.align("weight").model_b.nnx()
+    assert aligned.fc2.kernel[...].dtype == jnp.bfloat16
+    for layer in ("fc1", "fc2", "out"):
+        np.testing.assert_array_equal(np.asarray(getattr(aligned, layer).kernel[...], np.float32),
+                                      np.asarray(getattr(a, layer).kernel[...], np.float32))

@@ -322,3 +322,29 @@ def test_activation_matching_reads_a_traced_neuron_space_where_its_layer_opened_
     aligned = pair.align("activation", data=(x, y), examples=64)
     np.testing.assert_array_equal(aligned.permutation["P_mid"], np.argsort(planted))
     np.testing.assert_allclose(aligned.theta_b, aligned.theta_a, atol=1e-7)
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float64"])
+def test_a_model_in_another_precision_runs_as_its_float32_copy(dtype):
+    """A bfloat16 (a Hugging Face checkpoint loaded with torch_dtype) or float64 module: traced, aligned and
+    swept as its float32 copy (the library's inputs are float32), which torch computes the same."""
+    nn, F = torch.nn, torch.nn.functional
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(40, 10)).astype(np.float32)
+    y = rng.integers(0, 3, 40)
+
+    def make(seed):
+        torch.manual_seed(seed)
+        return nn.Sequential(nn.Linear(10, 16), nn.GELU(), nn.Linear(16, 3)).to(getattr(torch, dtype)).eval()
+
+    a, b = make(0), make(1)
+    pair = cb.ModelPair(a, b, example_input=x[:4]).align("weight")
+    assert pair.table is not None and next(a.parameters()).dtype == getattr(torch, dtype)  # the user's model as it was
+    aligned = pair.model_b
+    assert next(aligned.parameters()).dtype == torch.float32
+    with torch.no_grad():
+        xt = torch.tensor(x)
+        np.testing.assert_allclose(aligned(xt).numpy(), b.float()(xt).numpy(), rtol=1e-5, atol=1e-6)
+        own = [float(F.cross_entropy(m.float()(xt), torch.tensor(y))) for m in (make(0), make(1))]
+    result = cb.sweep(pair, cb.Linear(), data=(x, y), values=[0.0, 1.0])
+    np.testing.assert_allclose(result["loss"].values.ravel(), own, rtol=1e-5)

@@ -171,6 +171,13 @@ class _Program:
         return val, grad * mask, jnp.concatenate(pieces) if pieces else flat
 
 
+def _host(v: Any) -> np.ndarray:
+    """A variable as a numpy array; a floating type numpy does not know (bfloat16) as float32."""
+    a = np.array(jax.device_get(v))
+    return a.astype(np.float32) if jnp.issubdtype(a.dtype, jnp.floating) and not np.issubdtype(a.dtype,
+                                                                                                  np.floating) else a
+
+
 def _batch_digest(x: jax.Array) -> jax.Array:
     """A uint32 digest of a batch's bits and positions: the key of a training step's dropout masks (a flax
     ``nn.Dropout``'s ``"dropout"`` rng, an NNX model's streams), so that a step is reproducible and
@@ -522,9 +529,12 @@ class JaxBackend(Backend):
         return m
 
     def state(self, model: Any) -> dict[str, np.ndarray]:
-        """Reference names and axes for table models, ``"collection/path/leaf"`` flax names otherwise."""
+        """Reference names and axes for table models, ``"collection/path/leaf"`` flax names otherwise.
+
+        bfloat16 variables (a numpy extension type, not a numpy float) are given as float32, exactly;
+        :meth:`with_state` rounds them back."""
         model = self._model(model)
-        flat = {k: np.array(jax.device_get(v)) for k, v in model.flat().items()}
+        flat = {k: _host(v) for k, v in model.flat().items()}
         return model.table.from_flax(flat) if model.table is not None else flat
 
     def own(self, model: Any) -> FlaxModel:
@@ -537,7 +547,7 @@ class JaxBackend(Backend):
         model = self._model(model)
         if model.table is None or isinstance(model.module, TableNet):
             return self.state(model)
-        return {k: np.array(jax.device_get(v)) for k, v in flatten_variables(model.variables).items()}
+        return {k: _host(v) for k, v in flatten_variables(model.variables).items()}
 
     def trainable(self, model: Any) -> tuple[str, ...]:
         model = self._model(model)

@@ -55,13 +55,14 @@ class JaxprWalker:
 
     ops: list[tuple[Any, dict, list[int], list[int], str]]
     shape: dict[int, tuple[int, ...]]
+    dtype: dict[int, Any]
     const: dict[int, Any]
 
     name: str
 
     def _walk(self, module: nn.Module, variables: Any, x: Any, intercept: Any, train_kwargs: dict) -> None:
         """Trace ``module.apply(variables, x)`` (methods seen by ``intercept``) into inputs, src, ops and out."""
-        self.ops, self.shape, self.const = [], {}, {}
+        self.ops, self.shape, self.dtype, self.const = [], {}, {}, {}
         try:
             with nn.intercept_methods(intercept), intercepting(intercept):
                 closed = jax.make_jaxpr(lambda v, a: module.apply(v, a, **train_kwargs))(variables, x)
@@ -71,14 +72,17 @@ class JaxprWalker:
             raise TracingError(f"running {self.name}.apply on example_input of shape {tuple(np.shape(x))} failed: "
                                f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0]}{integer_hint(x)}"
                                ) from None
-        self.inputs = [self._new(v.aval.shape) for v in closed.jaxpr.invars]
+        self.inputs = [self._new(v.aval.shape, dtype=v.aval.dtype) for v in closed.jaxpr.invars]
         self.src = {i: "/".join(str(getattr(k, "key", k)) for k in path) for i, (path, _) in
                     zip(self.inputs, jax.tree_util.tree_flatten_with_path(variables)[0], strict=False)}
         self.out = self._inline(closed.jaxpr, closed.consts, self.inputs, "C=")
 
-    def _new(self, shape: tuple[int, ...], value: Any = None) -> int:
+    def _new(self, shape: tuple[int, ...], value: Any = None, dtype: Any = None) -> int:
         i = len(self.shape)
         self.shape[i] = tuple(int(s) for s in shape)
+        if dtype is None and value is not None:  # a constant: its own type (a PRNG key's too), a Python number's
+            dtype = getattr(value, "dtype", None) or np.asarray(value).dtype
+        self.dtype[i] = dtype
         if value is not None:
             self.const[i] = value
         return i
@@ -103,7 +107,7 @@ class JaxprWalker:
             elif eqn.primitive.name == "scan":
                 outs = self._scan(eqn, ins, here)
             else:
-                outs = [self._new(v.aval.shape) for v in eqn.outvars]
+                outs = [self._new(v.aval.shape, dtype=v.aval.dtype) for v in eqn.outvars]
                 self.ops.append((eqn.primitive, eqn.params, ins, outs, here))
             env.update(zip(eqn.outvars, outs, strict=True))
         return [read(a) for a in jaxpr.outvars]

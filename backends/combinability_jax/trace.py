@@ -322,16 +322,20 @@ class _Trace(JaxprWalker):
                 seen.add(i)
                 todo += self.ops[self.producer[i]][2]
         probe = np.linspace(-6, 6, math.prod(self.shape[r]), dtype=np.float32).reshape(self.shape[r])
-        env: dict[int, Any] = {r: probe}
+        dtype = self.dtype.get(r) or np.float32  # the model's computation type (bfloat16: as precise as it is)
+        low = jnp.issubdtype(dtype, jnp.floating) and jnp.finfo(dtype).bits < 32
+        rtol, atol = (2e-2, 2e-2) if low else (1e-4, 1e-5)
+        env: dict[int, Any] = {r: probe.astype(dtype)}
         with jax.ensure_compile_time_eval():
             for k in sorted({self.producer[i] for i in seen}):
                 _, params, ins, outs, _ = op = self.ops[k]
                 env.update(zip(outs, _bind(op[0], params, [env[i] if i in env else self._value(i) for i in ins]),
                                strict=True))
+            probe = np.asarray(env[r], np.float64)
             y = np.asarray(env[a], np.float64)
-            fn = next((fn for fn, f in _FUNCTIONS if np.allclose(y, f(probe), rtol=1e-4, atol=1e-5)), None)
+            fn = next((fn for fn, f in _FUNCTIONS if np.allclose(y, f(probe), rtol=rtol, atol=atol)), None)
         slope = (y.flat[-1] - y.flat[0]) / 12
-        scaling = slope != 0 and np.allclose(y, y.flat[0] + slope * (probe + 6), rtol=1e-4, atol=1e-5)
+        scaling = slope != 0 and np.allclose(y, y.flat[0] + slope * (probe + 6), rtol=rtol, atol=atol)
         return "" if fn is None and scaling else fn
 
     def _name(self, a: int) -> str:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import functools
+import logging
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
@@ -46,6 +47,8 @@ from combinability_torch.trace import (
 )
 
 __all__ = ["TorchBackend", "TorchRandom", "TorchPrepared", "torch_dtype"]
+
+_log = logging.getLogger("combinability.torch")
 
 
 def torch_dtype(dtype: Any = None) -> torch.dtype:
@@ -512,6 +515,19 @@ class TorchBackend(Backend):
             torch.default_generator.manual_seed(int(seed))
             model = TableNet(table)
         return model.to(self.torch_device).eval()
+
+    def own(self, model: Any) -> nn.Module:
+        """``model`` itself, or a float32 copy of a model holding other floating-point tensors (bfloat16,
+        float16, float64): the library feeds float32 inputs and computes in float32 (mixed precision by
+        ``compute_dtype``), which such a model would refuse. Models made from the set hold float32."""
+        model = _torch_module(model)
+        dtypes = {t.dtype for t in (*model.parameters(), *model.buffers()) if t.is_floating_point()}
+        if dtypes <= {torch.float32}:
+            return model
+        names = ", ".join(sorted(str(d).removeprefix("torch.") for d in dtypes - {torch.float32}))
+        _log.info("%s holds %s tensors: the library runs a float32 copy of it", type(model).__name__, names)
+        _refuse_hooked_weights(model)  # torch cannot copy weight_norm's older hook
+        return copy.deepcopy(model).float()
 
     def table_of(self, model: Any) -> LayerTable | None:
         return model.table if isinstance(model, TableNet) else None
