@@ -348,3 +348,26 @@ def test_a_model_in_another_precision_runs_as_its_float32_copy(dtype):
         own = [float(F.cross_entropy(m.float()(xt), torch.tensor(y))) for m in (make(0), make(1))]
     result = cb.sweep(pair, cb.Linear(), data=(x, y), values=[0.0, 1.0])
     np.testing.assert_allclose(result["loss"].values.ravel(), own, rtol=1e-5)
+
+
+@pytest.mark.parametrize("wrapper", ["compile", "dataparallel"])
+def test_a_wrapped_model_is_the_module_it_runs(wrapper):
+    """``torch.compile(model)`` and ``nn.DataParallel(model)`` (as a training script leaves them): the pair holds
+    the module they run, under its own names, and the sweep's ends are the wrapped models' losses."""
+    nn, F = torch.nn, torch.nn.functional
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(24, 10)).astype(np.float32)
+    y = rng.integers(0, 3, 24)
+
+    def make(seed):
+        torch.manual_seed(seed)
+        inner = nn.Sequential(nn.Linear(10, 12), nn.ReLU(), nn.Linear(12, 3)).eval()
+        return inner, (torch.compile(inner) if wrapper == "compile" else nn.DataParallel(inner))
+
+    (inner_a, a), (inner_b, b) = make(0), make(1)
+    pair = cb.ModelPair(a, b, example_input=x[:4])
+    assert pair.models[0] is inner_a and pair.layout.names[0] == "0.weight"
+    with torch.no_grad():
+        own = [float(F.cross_entropy(m(torch.tensor(x)), torch.tensor(y))) for m in (inner_a, inner_b)]
+    result = cb.sweep(pair.align("weight"), cb.Linear(), data=(x, y), values=[0.0, 1.0])
+    np.testing.assert_allclose(result["loss"].values.ravel(), own, rtol=1e-5)

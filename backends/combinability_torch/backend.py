@@ -133,6 +133,18 @@ def _torch_module(model: Any) -> nn.Module:
     raise IncompatibleModelsError(f"the torch backend takes torch.nn.Module models, got {type(model).__name__}{hint}")
 
 
+def _unwrapped(model: nn.Module) -> nn.Module:
+    """The module a ``torch.compile`` (``OptimizedModule``), ``DataParallel`` or ``DistributedDataParallel``
+    wrapper runs (fx cannot trace the wrappers, and their names carry ``_orig_mod.`` or ``module.``)."""
+    while True:
+        if type(model).__name__ == "OptimizedModule" and isinstance(getattr(model, "_orig_mod", None), nn.Module):
+            model = model._orig_mod
+        elif isinstance(model, nn.DataParallel | nn.parallel.DistributedDataParallel):
+            model = model.module
+        else:
+            return model
+
+
 def _state_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
     """``model.state_dict()`` with each tied tensor under its first name only (see :func:`tensor_aliases`)."""
     aliases = tensor_aliases(_torch_module(model))
@@ -517,10 +529,12 @@ class TorchBackend(Backend):
         return model.to(self.torch_device).eval()
 
     def own(self, model: Any) -> nn.Module:
-        """``model`` itself, or a float32 copy of a model holding other floating-point tensors (bfloat16,
-        float16, float64): the library feeds float32 inputs and computes in float32 (mixed precision by
-        ``compute_dtype``), which such a model would refuse. Models made from the set hold float32."""
-        model = _torch_module(model)
+        """``model`` itself (unwrapped from ``torch.compile``, ``DataParallel`` or ``DistributedDataParallel``:
+        the module they run, whose names its own state dict has), or a float32 copy of a model holding other
+        floating-point tensors (bfloat16, float16, float64): the library feeds float32 inputs and computes in
+        float32 (mixed precision by ``compute_dtype``), which such a model would refuse. Models made from the
+        set hold float32."""
+        model = _unwrapped(_torch_module(model))
         dtypes = {t.dtype for t in (*model.parameters(), *model.buffers()) if t.is_floating_point()}
         if dtypes <= {torch.float32}:
             return model
@@ -536,7 +550,7 @@ class TorchBackend(Backend):
         """The layer table of a user's module, traced with torch.fx (see :mod:`combinability_torch.trace`)."""
         from combinability_torch.trace import describe
 
-        _torch_module(model)
+        model = _unwrapped(_torch_module(model))
         x = self.asarray(example_input, input_dtype(example_input)).to("cpu")
         refuse_computed_weights(model)  # before the copy: torch cannot copy weight_norm's older hook
         return describe(copy.deepcopy(model).to("cpu"), x)[0]
@@ -545,7 +559,7 @@ class TorchBackend(Backend):
         """Heads, neurons and residual stream of a user's transformer (:mod:`combinability_torch.trace_stream`)."""
         from combinability_torch.trace_stream import stream_symmetries
 
-        _torch_module(model)
+        model = _unwrapped(_torch_module(model))
         x = self.asarray(example_input, input_dtype(example_input)).to("cpu")
         refuse_computed_weights(model)
         return stream_symmetries(copy.deepcopy(model).to("cpu").eval(), x)
