@@ -195,7 +195,9 @@ class _Trace(JaxprWalker):
         leaf = isinstance(m, nn.Dense | nn.Conv | nn.ConvTranspose | nn.BatchNorm | nn.LayerNorm | nn.GroupNorm
                           | nn.InstanceNorm)
         if leaf and path in self.calls:
-            raise TracingError(f"module {path!r} ({type(m).__name__}) is called twice: shared weights" + self.hint)
+            raise TracingError(f"module {path!r} ({type(m).__name__}) is called twice: shared weights, or layers "
+                               "stacked by nn.scan/nnx.scan (one array per parameter for all layers), which are "
+                               "not traced: unroll them into a loop over blocks" + self.hint)
         if leaf:
             self.calls[path] = (m, tuple(np.shape(args[0])))
         with jax.named_scope(("L=" if leaf else "C=") + path):

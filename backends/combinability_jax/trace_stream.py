@@ -112,7 +112,9 @@ class _StreamTrace(JaxprWalker):
             return next_fun(*args, **kwargs)
         leaf = isinstance(m, _NORMS)
         if leaf and path in self.leaves:
-            raise TracingError(f"module {path!r} ({type(m).__name__}) is called twice: shared weights" + self.hint)
+            raise TracingError(f"module {path!r} ({type(m).__name__}) is called twice: shared weights, or layers "
+                               "stacked by nn.scan/nnx.scan (one array per parameter for all layers), which are "
+                               "not traced: unroll them into a loop over blocks" + self.hint)
         if leaf:
             self.leaves[path] = m
         with jax.named_scope(("L=" if leaf else "C=") + path):
