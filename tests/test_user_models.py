@@ -324,14 +324,18 @@ def test_activation_matching_reads_a_traced_neuron_space_where_its_layer_opened_
     np.testing.assert_allclose(aligned.theta_b, aligned.theta_a, atol=1e-7)
 
 
+def _three_class_data(n: int) -> tuple[np.ndarray, np.ndarray]:
+    """``n`` random float32 inputs of 10 features and labels of 3 classes."""
+    rng = np.random.default_rng(0)
+    return rng.normal(size=(n, 10)).astype(np.float32), rng.integers(0, 3, n)
+
+
 @pytest.mark.parametrize("dtype", ["bfloat16", "float64"])
 def test_a_model_in_another_precision_runs_as_its_float32_copy(dtype):
     """A bfloat16 (a Hugging Face checkpoint loaded with torch_dtype) or float64 module: traced, aligned and
     swept as its float32 copy (the library's inputs are float32), which torch computes the same."""
     nn, F = torch.nn, torch.nn.functional
-    rng = np.random.default_rng(0)
-    x = rng.normal(size=(40, 10)).astype(np.float32)
-    y = rng.integers(0, 3, 40)
+    x, y = _three_class_data(40)
 
     def make(seed):
         torch.manual_seed(seed)
@@ -355,9 +359,7 @@ def test_a_wrapped_model_is_the_module_it_runs(wrapper):
     """``torch.compile(model)`` and ``nn.DataParallel(model)`` (as a training script leaves them): the pair holds
     the module they run, under its own names, and the sweep's ends are the wrapped models' losses."""
     nn, F = torch.nn, torch.nn.functional
-    rng = np.random.default_rng(0)
-    x = rng.normal(size=(24, 10)).astype(np.float32)
-    y = rng.integers(0, 3, 24)
+    x, y = _three_class_data(24)
 
     def make(seed):
         torch.manual_seed(seed)
