@@ -31,6 +31,7 @@ from combinability.permutation import (
     PermutationSpec,
     check_permutation,
     identity_permutation,
+    join_stacks,
     random_derangement,
     split_repeats,
 )
@@ -258,6 +259,7 @@ def weight_matching(
     if restarts < 0:
         raise ConfigurationError(f"restarts must be >= 0, got {restarts}")
     base = _seed_int(seed)
+    spec, params_a, params_b = join_stacks(spec, params_a, params_b)  # experts held as separate modules
     arrays = None
     if backend is not None:
         from combinability.matching_terms import DeviceArrays

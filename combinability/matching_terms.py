@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from combinability import assignment
-from combinability.permutation import PermutationSpec, apply_permutation
+from combinability.permutation import PermutationSpec, apply_permutation, join_stacks
 
 __all__ = ["Term", "Problem", "HostArrays", "DeviceArrays", "matching_objective", "dot64"]
 
@@ -29,6 +29,7 @@ __all__ = ["Term", "Problem", "HostArrays", "DeviceArrays", "matching_objective"
 def matching_objective(spec: PermutationSpec, params_a: Mapping[str, Any], params_b: Mapping[str, Any],
                        perm: Mapping[str, Any]) -> float:
     """``Σ_names ⟨θ_A[name], π(θ_B)[name]⟩`` over the parameters listed in ``spec``."""
+    spec, params_a, params_b = join_stacks(spec, params_a, params_b)
     if any(np.ndim(t) == 2 for t in perm.values()):  # orthogonal maps: B's norms folded, checked once
         spec.check_requirements(params_b)
     total = 0.0

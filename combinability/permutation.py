@@ -43,12 +43,14 @@ from combinability.kinds import (
     kind_from_json,
     random_orthogonal,
 )
+from combinability.module_stacks import Stack, join_members, split_members
 
 __all__ = [
     "PermutationSpec",
     "Repeat",
     "split_axis",
     "split_repeats",
+    "join_stacks",
     "Permutation",
     "apply_permutation",
     "invert_permutation",
@@ -133,6 +135,11 @@ class PermutationSpec:
         The symmetry kind of names that are not plain neuron permutations:
         :class:`~combinability.kinds.Blocks` (heads, experts) or
         :class:`~combinability.kinds.Orthogonal` (a residual stream).
+    stacks : mapping of str to Stack, optional
+        Parameters of ``axes_to_perm`` that are several of the model's parameters joined
+        (:class:`~combinability.module_stacks.Stack`: experts held as separate modules).
+        The parameters a spec is given and returns keep the model's names; its
+        ``axes_to_perm`` binds the stacked ones.
 
     Examples
     --------
@@ -149,7 +156,8 @@ class PermutationSpec:
     (('qk', 'vo', 'heads'), False)
     """
 
-    def __init__(self, axes_to_perm: Mapping[str, tuple[Entry, ...]], kinds: Mapping[str, Kind] | None = None) -> None:
+    def __init__(self, axes_to_perm: Mapping[str, tuple[Entry, ...]], kinds: Mapping[str, Kind] | None = None,
+                 stacks: Mapping[str, Stack] | None = None) -> None:
         checked: dict[str, tuple[Entry, ...]] = {}
         for name, axes in axes_to_perm.items():
             if not isinstance(name, str):
@@ -162,6 +170,8 @@ class PermutationSpec:
             checked[name] = tuple(_entry(name, p) for p in axes)
         self._axes = MappingProxyType(checked)
         self._kinds = MappingProxyType({k: v for k, v in (kinds or {}).items() if not isinstance(v, Neuron)})
+        self._stacks = MappingProxyType(dict(stacks or {}))
+        self._check_stacks()
         bound = set(self._bound_names())
         for p, kind in self._kinds.items():
             if not isinstance(kind, Blocks | Orthogonal):
@@ -179,6 +189,23 @@ class PermutationSpec:
                             f"{p!r} and {q!r} share the group {kind.group!r} with different block counts "
                             f"({kind.blocks} vs {other.blocks}); blocks of one group move together")
 
+    def _check_stacks(self) -> None:
+        seen: dict[str, str] = {}
+        for name, stack in self._stacks.items():
+            if not isinstance(stack, Stack):
+                raise PermutationSpecError(f"stacks[{name!r}] must be a Stack, got {stack!r}")
+            if name not in self._axes:
+                raise PermutationSpecError(f"the stacked parameter {name!r} is bound by no entry of the spec")
+            for m in stack.members:
+                if m in self._axes:
+                    raise PermutationSpecError(f"{m!r} is both a parameter of the spec and a member of the stacked "
+                                               f"parameter {name!r}")
+                if seen.setdefault(m, name) != name:
+                    raise PermutationSpecError(f"{m!r} is a member of both {seen[m]!r} and {name!r}")
+            if stack.axis >= len(self._axes[name]):
+                raise PermutationSpecError(f"{name!r} joins its members along axis {stack.axis}, but the spec gives "
+                                           f"it {len(self._axes[name])} axes")
+
     def _bound_names(self) -> list[str]:
         names: list[str] = []
         for axes in self._axes.values():
@@ -194,6 +221,21 @@ class PermutationSpec:
         return self._axes
 
     @property
+    def stacks(self) -> Mapping[str, Stack]:
+        """Stacked parameters (experts held as separate modules) and their members."""
+        return self._stacks
+
+    @property
+    def parameters(self) -> tuple[str, ...]:
+        """The model's parameters the spec binds: :attr:`axes_to_perm`'s, each stacked one as its members."""
+        stacks = self._stacks
+        return tuple(m for name in self._axes for m in (stacks[name].members if name in stacks else (name,)))
+
+    def joined(self, params: Mapping[str, Any]) -> dict[str, Any]:
+        """``params`` as :attr:`axes_to_perm` names them: each stack's members joined (:func:`join_members`)."""
+        return join_members(self._stacks, params)
+
+    @property
     def kinds(self) -> Mapping[str, Kind]:
         """Names that are not plain neuron permutations, and their kinds."""
         return self._kinds
@@ -205,7 +247,7 @@ class PermutationSpec:
     @property
     def is_plain(self) -> bool:
         """True when every name is a neuron permutation bound to whole axes (the classic re-basin spec)."""
-        return not self._kinds and not self.segments and not self.repeats
+        return not self._kinds and not self.segments and not self.repeats and not self._stacks
 
     @cached_property
     def perm_to_axes(self) -> dict[str, list[tuple[str, int]]]:
@@ -255,9 +297,10 @@ class PermutationSpec:
         return f"PermutationSpec({len(self._axes)} parameters, permutations {list(self.perm_names)}{extra})"
 
     def to_json(self) -> str:
-        """The spec as JSON: ``{"format": "combinability-spec", "version": 1|2, "axes": {...}, "kinds": {...}}``.
+        """The spec as JSON: ``{"format": "combinability-spec", "version": 1|2|3, "axes": {...}, "kinds": {...}}``.
 
-        Version 1 (no ``kinds``) is written for plain specs, so older readers keep reading them.
+        Version 1 (no ``kinds``) is written for plain specs, so older readers keep reading them;
+        version 3 for a spec with ``stacks``.
         """
         import json
 
@@ -266,6 +309,9 @@ class PermutationSpec:
         data: dict[str, Any] = {"format": "combinability-spec", "version": 1 if self.is_plain else 2, "axes": axes}
         if self._kinds:
             data["kinds"] = {k: v.to_json() for k, v in self._kinds.items()}
+        if self._stacks:  # version 3: a reader that ignored them would bind names the model lacks
+            data["version"] = 3
+            data["stacks"] = {k: v.to_json() for k, v in self._stacks.items()}
         return json.dumps(data, indent=1)
 
     @classmethod
@@ -284,28 +330,30 @@ class PermutationSpec:
         except (TypeError, ValueError) as exc:
             raise PermutationSpecError(f"not a JSON permutation spec: {exc}") from None
         kinds: dict[str, Kind] = {}
+        stacks: dict[str, Stack] = {}
         if isinstance(data, dict) and data.get("format") == "combinability-spec":
-            if data.get("version") not in (1, 2):
+            if data.get("version") not in (1, 2, 3):
                 raise PermutationSpecError(f"permutation spec version {data.get('version')!r}; this library "
-                                           "reads 1 and 2")
+                                           "reads 1 to 3")
             kinds = {k: kind_from_json(v) for k, v in (data.get("kinds") or {}).items()}
+            stacks = {k: Stack.from_json(v) for k, v in (data.get("stacks") or {}).items()}
             data = data.get("axes")
         if not isinstance(data, dict):
             raise PermutationSpecError("a JSON permutation spec is an object {parameter: [permutation or null, ...]}")
         return cls({k: tuple(tuple(p) if isinstance(p, list) else p for p in v) if isinstance(v, list) else v
-                    for k, v in data.items()}, kinds)
+                    for k, v in data.items()}, kinds, stacks)
 
     def __eq__(self, other: object) -> bool:
         return (isinstance(other, PermutationSpec) and dict(self._axes) == dict(other._axes)
-                and dict(self._kinds) == dict(other._kinds))
+                and dict(self._kinds) == dict(other._kinds) and dict(self._stacks) == dict(other._stacks))
 
     def __hash__(self) -> int:
-        return hash((tuple(self._axes.items()), tuple(self._kinds.items())))
+        return hash((tuple(self._axes.items()), tuple(self._kinds.items()), tuple(self._stacks.items())))
 
     def perm_sizes(self, params: Mapping[str, Any]) -> dict[str, int]:
         """Size of each transformation, read off ``params`` (which :meth:`validate` checks)."""
         self.validate(params, allow_unlisted=True)
-        return self._sizes(params)
+        return self._sizes(self.joined(params))
 
     def _sizes(self, params: Mapping[str, Any]) -> dict[str, int]:
         sizes = {p: int(np.shape(params[axes[0][0]])[axes[0][1]]) for p, axes in self.perm_to_axes.items()}
@@ -345,7 +393,9 @@ class PermutationSpec:
             two axes bound to one permutation with different sizes, segments that do
             not add up to their axis, or blocks that do not fit their name's size.
         """
-        missing = [n for n in self._axes if n not in params]
+        params = self.joined(params)
+        missing = [n if n not in self._stacks else f"{n} (stacking {', '.join(self._stacks[n].members)})"
+                   for n in self._axes if n not in params]
         if missing:
             known = ", ".join(list(params)[:12]) + (" ..." if len(params) > 12 else "")
             raise PermutationSpecError(
@@ -409,7 +459,8 @@ class PermutationSpec:
             if isinstance(kind, Orthogonal):
                 for name, _ in kind.requires:
                     axes[name] = (p,) + tuple(axes.get(name, (None,)))[1:]
-        return PermutationSpec(axes, {p: k for p, k in self._kinds.items() if not isinstance(k, Orthogonal)})
+        return PermutationSpec(axes, {p: k for p, k in self._kinds.items() if not isinstance(k, Orthogonal)},
+                               self._stacks)
 
     def check_requirements(self, params: Mapping[str, Any]) -> None:
         """Refuse orthogonal maps on a model whose norms are not folded (see :func:`combinability.fold_norms`)."""
@@ -532,6 +583,12 @@ def apply_permutation(
     dict of str to numpy.ndarray
         New arrays (inputs are not modified), in the order of ``params``.
     """
+    if spec.stacks:  # experts held as separate modules: transformed as their stacked parameters
+        inner, joined = join_stacks(spec, params)
+        out = split_members(spec.stacks, apply_permutation(inner, perm, joined, except_perm=except_perm,
+                                                           check=check, only=only))
+        return {k: out[k] for k in params}
+
     def skip(p: str) -> bool:
         return p == except_perm or (only is not None and p not in only)
 
@@ -577,6 +634,18 @@ def split_axis(arr: Any, axis: int, repeat: Repeat, name: str) -> Any:
     return arr.reshape(arr.shape[:axis] + pair + arr.shape[axis + 1:])
 
 
+def join_stacks(spec: PermutationSpec, *params: Mapping[str, Any]) -> tuple[Any, ...]:
+    """``spec`` without its :attr:`~PermutationSpec.stacks`, and each mapping of ``params`` with their
+    members joined: a spec whose parameters are all the arrays it binds.
+
+    Algorithms that read parameters by the spec's names (weight matching, the objective)
+    run on the result; the permutations they find are those of ``spec``.
+    """
+    if not spec.stacks:
+        return (spec, *params)
+    return (PermutationSpec(spec.axes_to_perm, spec.kinds), *(spec.joined(ps) for ps in params))
+
+
 def split_repeats(spec: PermutationSpec, *params: Mapping[str, Any]) -> tuple[PermutationSpec, ...]:
     """``spec`` and ``params`` with every :class:`Repeat` axis split in two: the units, bound to
     the permutation, and the repeats, bound to nothing — a spec of whole axes on reshaped views.
@@ -614,7 +683,7 @@ def split_repeats(spec: PermutationSpec, *params: Mapping[str, Any]) -> tuple[Pe
                 out[name] = arr
         return out
 
-    return (PermutationSpec(axes, spec.kinds), *(reshaped(ps) for ps in params))
+    return (PermutationSpec(axes, spec.kinds, spec.stacks), *(reshaped(ps) for ps in params))
 
 
 def _act(p: str, perm: Mapping[str, Any], arr: np.ndarray, axis: int, name: str) -> np.ndarray:

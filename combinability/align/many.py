@@ -58,7 +58,7 @@ Params = dict[str, np.ndarray]
 
 
 def _spec_params(spec: PermutationSpec, params: Mapping[str, Any]) -> Params:
-    return {n: np.asarray(params[n], dtype=np.float64) for n in spec.axes_to_perm if n in params}
+    return {n: np.asarray(params[n], dtype=np.float64) for n in spec.parameters if n in params}
 
 
 def _mean(items: Sequence[Params]) -> Params:

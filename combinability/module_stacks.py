@@ -1,0 +1,258 @@
+"""Modules of one structure seen as one stacked parameter: mixtures of experts held as separate modules.
+
+Most mixture-of-experts code (Mixtral, DeepSeek-MoE, Switch, the usual tutorial layer)
+keeps its experts as separate modules, ``experts.0`` … ``experts.E-1``. Permuting the
+experts moves whole parameters between names, which no axis of any one parameter
+expresses. A spec therefore binds the experts' parameters through a :class:`Stack`: a
+*stacked parameter* (``"moe.experts.*.w1.weight"``) that is its members joined along
+one axis. Joined along the axis of the experts' own hidden units, ``E`` blocks of ``h``
+units form a :class:`~combinability.kinds.Blocks` axis whose group is the expert
+permutation (bound to the gate's rows too); a member without such an axis (an
+expert's output bias) is stacked along a new first axis bound to the group itself.
+Every algorithm that works on block permutations (weight matching, STE, the
+many-model methods) then aligns experts as it aligns heads.
+
+A spec's :attr:`~combinability.PermutationSpec.axes_to_perm` names the stacked
+parameters; the parameters given to it and returned by it keep the model's own names
+(:func:`join_members` and :func:`split_members` convert at that boundary).
+:func:`stack_modules` rewrites a spec whose modules each have their own permutations
+(as a tracer finds them) into one with their stacks.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from combinability.errors import PermutationSpecError
+
+__all__ = ["Stack", "join_members", "split_members", "stack_modules"]
+
+
+@dataclass(frozen=True)
+class Stack:
+    """A stacked parameter: the parameters ``members`` joined along ``axis``.
+
+    Parameters
+    ----------
+    members : tuple of str
+        The parameters, in block order (expert 0 first); all of one shape.
+    axis : int
+        The axis of the stacked parameter along which they are joined.
+    new_axis : bool, default False
+        Stack them along a new axis ``axis`` (``numpy.stack``: one entry per member)
+        instead of concatenating them along their own ``axis`` (``numpy.concatenate``:
+        a block of entries per member).
+    """
+
+    members: tuple[str, ...]
+    axis: int
+    new_axis: bool = False
+
+    def __post_init__(self) -> None:
+        members = self.members
+        if isinstance(members, str) or not isinstance(members, tuple | list) or not members or \
+                not all(isinstance(m, str) for m in members):
+            raise PermutationSpecError(f"Stack.members must be a non-empty tuple of parameter names, got {members!r}")
+        if len(set(members)) != len(members):
+            raise PermutationSpecError(f"Stack.members names a parameter twice: {list(members)}")
+        if isinstance(self.axis, bool) or not isinstance(self.axis, int | np.integer) or self.axis < 0:
+            raise PermutationSpecError(f"Stack.axis must be a non-negative int, got {self.axis!r}")
+        object.__setattr__(self, "members", tuple(members))
+        object.__setattr__(self, "axis", int(self.axis))
+        object.__setattr__(self, "new_axis", bool(self.new_axis))
+
+    def to_json(self) -> dict[str, Any]:
+        return {"members": list(self.members), "axis": self.axis, **({"new_axis": True} if self.new_axis else {})}
+
+    @classmethod
+    def from_json(cls, data: Any) -> Stack:
+        if not isinstance(data, dict) or "members" not in data or "axis" not in data:
+            raise PermutationSpecError(f"a stack is {{'members': [...], 'axis': k[, 'new_axis': true]}}, got {data!r}")
+        return cls(tuple(data["members"]), data["axis"], bool(data.get("new_axis", False)))
+
+    def join(self, arrays: Sequence[Any], name: str) -> np.ndarray:
+        """The stacked parameter ``name`` of its members' ``arrays``."""
+        arrays = [np.asarray(a) for a in arrays]
+        shapes = {a.shape for a in arrays}
+        if len(shapes) != 1:
+            raise PermutationSpecError(f"the members of {name!r} differ in shape: "
+                                       + ", ".join(f"{m} {a.shape}" for m, a in zip(self.members, arrays, strict=True)))
+        ndim = arrays[0].ndim + (1 if self.new_axis else 0)
+        if self.axis >= max(ndim, 1):
+            raise PermutationSpecError(f"{name!r} joins its members along axis {self.axis}, but it has {ndim} axes")
+        return np.stack(arrays, self.axis) if self.new_axis else np.concatenate(arrays, self.axis)
+
+    def split(self, array: Any, name: str) -> list[np.ndarray]:
+        """The members' arrays of the stacked parameter ``name``."""
+        array = np.asarray(array)
+        count = len(self.members)
+        if array.ndim <= self.axis or array.shape[self.axis] % count:
+            raise PermutationSpecError(f"{name!r} of shape {array.shape} does not split into its {count} members "
+                                       f"along axis {self.axis}")
+        pieces = np.split(array, count, axis=self.axis)
+        return [np.squeeze(p, self.axis) for p in pieces] if self.new_axis else pieces
+
+
+def join_members(stacks: Mapping[str, Stack], params: Mapping[str, Any]) -> dict[str, Any]:
+    """``params`` with each stack's members replaced by the stacked parameter, in place of its first member.
+
+    A stack none of whose members are given is left out; one given in part is an error.
+
+    Raises
+    ------
+    PermutationSpecError
+        If only some members of a stack are given, or they differ in shape.
+    """
+    if not stacks:
+        return dict(params)
+    first: dict[str, str] = {}
+    for name, stack in stacks.items():
+        present = [m for m in stack.members if m in params]
+        if present and len(present) != len(stack.members):
+            missing = [m for m in stack.members if m not in params]
+            raise PermutationSpecError(f"the stacked parameter {name!r} needs all its members together; "
+                                       f"{missing} are missing")
+        if present:
+            first[stack.members[0]] = name
+    members = {m for name in first.values() for m in stacks[name].members}
+    out: dict[str, Any] = {}
+    for key, value in params.items():
+        if key in first:
+            name = first[key]
+            out[name] = stacks[name].join([params[m] for m in stacks[name].members], name)
+        elif key not in members:
+            out[key] = value
+    return out
+
+
+def split_members(stacks: Mapping[str, Stack], params: Mapping[str, Any]) -> dict[str, Any]:
+    """The inverse of :func:`join_members`: each stacked parameter given replaced by its members."""
+    out: dict[str, Any] = {}
+    for key, value in params.items():
+        if key in stacks:
+            out.update(zip(stacks[key].members, stacks[key].split(value, key), strict=True))
+        else:
+            out[key] = value
+    return out
+
+
+def stack_modules(spec: Any, group: str, modules: Sequence[str], params: Mapping[str, Any]) -> Any:
+    """``spec`` with the parameters of ``modules`` (experts) stacked and their units moved as blocks of ``group``.
+
+    Each module ``k`` must have the same parameters (names relative to the module), bound
+    alike: the same names on axes bound to permutations that reach outside the module (the
+    stream), and on the others permutations of its own (its hidden units), the ``k``-th of a
+    one-to-one correspondence across modules. A member parameter with one axis of its own
+    units joins along that axis, bound to a :class:`~combinability.kinds.Blocks` permutation
+    of group ``group``; one with none stacks along a new first axis, bound to ``group``.
+
+    Parameters
+    ----------
+    spec : PermutationSpec
+        Its modules' own permutations must be plain neuron permutations.
+    group : str
+        The permutation of the modules (bound to the gate's rows: a neuron permutation of
+        ``len(modules)`` units, or a name no axis binds yet).
+    modules : sequence of str
+        The modules' name prefixes, in the order of their blocks (``"moe.experts.0"``, ...).
+    params : mapping of str to array-like
+        The model's parameters (their shapes size the blocks).
+
+    Returns
+    -------
+    PermutationSpec
+        The stacked parameters are named after the modules with ``*`` for what tells them
+        apart (``"moe.experts.*.w1.weight"``), their block permutations likewise
+        (``"P_moe.experts.*.w1"``).
+
+    Raises
+    ------
+    PermutationSpecError
+        If the modules differ in parameters or binding, a parameter has two axes of its own
+        units, or a module's own permutation is not a plain one.
+
+    Examples
+    --------
+    >>> from combinability.permutation import PermutationSpec
+    >>> spec = PermutationSpec({"gate.weight": ("G", "S"), "e.0.w1": ("P_e.0", "S"), "e.0.w2": ("S", "P_e.0"),
+    ...                         "e.1.w1": ("P_e.1", "S"), "e.1.w2": ("S", "P_e.1")})
+    >>> shapes = {k: np.zeros((3, 2)) if k.endswith("w1") else np.zeros((2, 3)) for k in spec.axes_to_perm}
+    >>> stacked = stack_modules(spec, "G", ["e.0", "e.1"], {**shapes, "gate.weight": np.zeros((2, 2))})
+    >>> dict(stacked.axes_to_perm)
+    {'gate.weight': ('G', 'S'), 'e.*.w1': ('P_e.*', 'S'), 'e.*.w2': ('S', 'P_e.*')}
+    >>> stacked.kind("P_e.*")
+    Blocks(group='G', blocks=2, size=3)
+    """
+    from combinability.kinds import Blocks
+    from combinability.permutation import PermutationSpec, _names_of
+
+    modules = list(modules)
+    if len(modules) < 2 or len(set(modules)) != len(modules):
+        raise PermutationSpecError(f"stack_modules needs two or more distinct modules, got {modules}")
+    axes = dict(spec.axes_to_perm)
+    owned = [{k[len(m) + 1:]: v for k, v in axes.items() if k.startswith(m + ".")} for m in modules]
+    for m, p in zip(modules, owned, strict=True):
+        if not p:
+            raise PermutationSpecError(f"module {m!r} has no parameter in the spec")
+        if set(p) != set(owned[0]):
+            raise PermutationSpecError(f"the modules {modules} differ in parameters: {m} has {sorted(p)}, "
+                                       f"{modules[0]} has {sorted(owned[0])}")
+    inside = [{q for entries in p.values() for e in entries for q in _names_of(e)} for p in owned]
+    outside = {q for k, entries in axes.items() if not any(k.startswith(m + ".") for m in modules)
+               for e in entries for q in _names_of(e)}
+    own = [names - outside - set().union(*(o for j, o in enumerate(inside) if j != k))
+           for k, names in enumerate(inside)]
+    match: dict[str, str] = {}  # module k's own name -> module 0's
+    for rel, entries0 in owned[0].items():
+        for k, p in enumerate(owned):
+            for e, e0 in zip(p[rel], entries0, strict=True):
+                mine = isinstance(e, str) and e in own[k]
+                if mine != (isinstance(e0, str) and e0 in own[0]) or (not mine and e != e0) or (
+                        mine and match.setdefault(f"{k}:{e}", e0) != e0) or (
+                        not mine and any(q in own[k] for q in _names_of(e))):
+                    raise PermutationSpecError(
+                        f"{modules[k]}.{rel} is bound as {p[rel]}, unlike {modules[0]}.{rel} ({entries0}); "
+                        "modules stacked as experts must be bound alike (their own units on plain axes)")
+    for q in own[0]:
+        if q in spec.kinds:
+            raise PermutationSpecError(f"{q!r} of {modules[0]} is {spec.kind(q)}; only modules whose own units "
+                                       "are plain permutations are stacked")
+    prefix = os.path.commonprefix(modules)
+    suffix = os.path.commonprefix([m[len(prefix):][::-1] for m in modules])[::-1]
+    star = f"{prefix}*{suffix}"
+
+    def block_name(q: str) -> str:
+        return q.replace(modules[0], star) if modules[0] in q else f"{q}*"
+
+    kinds = dict(spec.kinds)
+    stacks = dict(spec.stacks)
+    members_of = {f"{m}.{rel}" for m in modules for rel in owned[0]}
+    out: dict[str, tuple] = {}
+    for key, entries in axes.items():
+        if key not in members_of:
+            out[key] = entries
+        elif key.startswith(modules[0] + "."):
+            rel = key[len(modules[0]) + 1:]
+            mine = [ax for ax, e in enumerate(entries) if isinstance(e, str) and e in own[0]]
+            name = f"{star}.{rel}"
+            if name in axes or name in stacks:
+                raise PermutationSpecError(f"the stacked parameter {name!r} would shadow a name the spec has")
+            members = tuple(f"{m}.{rel}" for m in modules)
+            if len(mine) > 1:
+                raise PermutationSpecError(
+                    f"{key} has {len(mine)} axes of its module's own units ({[entries[ax] for ax in mine]}); "
+                    "only modules whose parameters have at most one such axis are stacked as experts")
+            if mine:
+                stacks[name] = Stack(members, mine[0])
+                out[name] = tuple(block_name(e) if j == mine[0] else e for j, e in enumerate(entries))
+                size = int(np.shape(params[key])[mine[0]])
+                kinds[block_name(entries[mine[0]])] = Blocks(group, len(modules), size)
+            else:
+                stacks[name] = Stack(members, 0, new_axis=True)
+                out[name] = (group, *entries)
+    return PermutationSpec(out, kinds, stacks)

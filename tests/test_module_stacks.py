@@ -1,0 +1,147 @@
+"""Experts held as separate modules: stacked parameters in a spec (core, numpy only).
+
+The reference is a plain numpy forward pass of a top-2 mixture of SwiGLU experts, each
+expert its own set of parameters (``moe.experts.<e>.w1`` ...), as Mixtral keeps them.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import combinability as cb
+from combinability.errors import PermutationSpecError
+from combinability.kinds import Blocks, expand_blocks
+from combinability.module_stacks import Stack, join_members, split_members, stack_modules
+from combinability.permutation import apply_permutation, random_permutation
+
+D, H, E, K, N_IN = 6, 5, 4, 2, 7
+
+
+def _params(seed: int) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    out = {"inp.weight": rng.normal(size=(D, N_IN)), "gate.weight": rng.normal(size=(E, D))}
+    for e in range(E):
+        out[f"moe.experts.{e}.w1.weight"] = rng.normal(size=(H, D))
+        out[f"moe.experts.{e}.w3.weight"] = rng.normal(size=(H, D))
+        out[f"moe.experts.{e}.w2.weight"] = rng.normal(size=(D, H))
+        out[f"moe.experts.{e}.w2.bias"] = rng.normal(size=(D,))
+    out["out.weight"] = rng.normal(size=(3, D))
+    return out
+
+
+def _forward(p: dict[str, np.ndarray], x: np.ndarray) -> np.ndarray:
+    """Top-2 routing, each token through its two experts, weighted by its renormalised gate values."""
+    h = x @ p["inp.weight"].T
+    logits = h @ p["gate.weight"].T
+    top = np.argsort(-logits, axis=1)[:, :K]
+    w = np.take_along_axis(logits, top, 1)
+    w = np.exp(w - w.max(1, keepdims=True))
+    w /= w.sum(1, keepdims=True)
+    y = np.zeros_like(h)
+    for t in range(len(x)):
+        for slot, e in enumerate(top[t]):
+            a = h[t] @ p[f"moe.experts.{e}.w1.weight"].T
+            g = a / (1 + np.exp(-a)) * (h[t] @ p[f"moe.experts.{e}.w3.weight"].T)
+            y[t] += w[t, slot] * (g @ p[f"moe.experts.{e}.w2.weight"].T + p[f"moe.experts.{e}.w2.bias"])
+    return (h + y) @ p["out.weight"].T
+
+
+def _unstacked_spec() -> cb.PermutationSpec:
+    """The spec a tracer finds: each expert's hidden units a permutation of their own."""
+    axes = {"inp.weight": ("S", None), "gate.weight": ("G", "S")}
+    for e in range(E):
+        m = f"moe.experts.{e}"
+        axes |= {f"{m}.w1.weight": (f"P_{m}.w1", "S"), f"{m}.w3.weight": (f"P_{m}.w1", "S"),
+                 f"{m}.w2.weight": ("S", f"P_{m}.w1"), f"{m}.w2.bias": ("S",)}
+    return cb.PermutationSpec(axes | {"out.weight": (None, "S")})
+
+
+def _spec() -> cb.PermutationSpec:
+    return stack_modules(_unstacked_spec(), "G", [f"moe.experts.{e}" for e in range(E)], _params(0))
+
+
+def test_stack_modules_binds_expert_units_as_blocks_of_the_gate() -> None:
+    spec = _spec()
+    assert dict(spec.axes_to_perm)["moe.experts.*.w1.weight"] == ("P_moe.experts.*.w1", "S")
+    assert dict(spec.axes_to_perm)["moe.experts.*.w2.weight"] == ("S", "P_moe.experts.*.w1")
+    assert dict(spec.axes_to_perm)["moe.experts.*.w2.bias"] == ("G", "S")  # one per expert: a new axis
+    assert spec.kind("P_moe.experts.*.w1") == Blocks("G", E, H)
+    assert spec.stacks["moe.experts.*.w2.weight"] == Stack(tuple(f"moe.experts.{e}.w2.weight" for e in range(E)), 1)
+    assert spec.perm_sizes(_params(0)) == {"S": D, "G": E, "P_moe.experts.*.w1": E * H}
+    assert not spec.is_plain
+    assert set(spec.parameters) == set(_params(0))
+
+
+def test_a_random_transformation_keeps_the_function() -> None:
+    """Experts moved with the gate's rows, units permuted inside each: the same outputs (numpy reference)."""
+    spec, p = _spec(), _params(1)
+    x = np.random.default_rng(2).normal(size=(16, N_IN))
+    perm = random_permutation(spec, p, seed=3, derange=True)
+    moved = apply_permutation(spec, perm, p)
+    assert list(moved) == list(p)  # the model's own names, in its order
+    assert not np.allclose(moved["moe.experts.0.w1.weight"], p["moe.experts.0.w1.weight"])
+    np.testing.assert_allclose(_forward(moved, x), _forward(p, x), rtol=1e-10, atol=1e-10)
+    # moving the experts without the gate's rows changes the function: the expert order matters
+    wrong = dict(moved, **{"gate.weight": p["gate.weight"] @ np.eye(D)[perm["S"]].T})
+    assert not np.allclose(_forward(wrong, x), _forward(p, x), atol=1e-3)
+
+
+def test_weight_matching_undoes_a_planted_expert_permutation() -> None:
+    spec, a = _spec(), _params(4)
+    rng = np.random.default_rng(5)
+    sigma = np.array([2, 0, 3, 1])
+    inner = np.stack([rng.permutation(H) for _ in range(E)])
+    planted = {"S": rng.permutation(D), "G": sigma, "P_moe.experts.*.w1": expand_blocks(sigma, inner, H)}
+    b = apply_permutation(spec, planted, a)
+    b = {k: v + 0.01 * rng.normal(size=v.shape) for k, v in b.items()}
+    perm = cb.weight_matching(spec, a, b, seed=0)
+    assert list(perm["G"]) == list(np.argsort(sigma))
+    aligned = apply_permutation(spec, perm, b)
+    for k in a:
+        np.testing.assert_allclose(aligned[k], a[k], atol=0.05)
+    # the objective is the plain sum over the model's own parameters
+    expected = sum(float(np.vdot(a[k], aligned[k])) for k in a if k in spec.parameters)
+    assert perm.objective == pytest.approx(expected, rel=1e-9)
+    assert cb.matching_objective(spec, a, b, perm) == pytest.approx(expected, rel=1e-9)
+
+
+def test_join_and_split_are_inverse() -> None:
+    spec, p = _spec(), _params(6)
+    joined = spec.joined(p)
+    assert joined["moe.experts.*.w1.weight"].shape == (E * H, D)
+    assert joined["moe.experts.*.w2.weight"].shape == (D, E * H)
+    assert joined["moe.experts.*.w2.bias"].shape == (E, D)
+    np.testing.assert_array_equal(joined["moe.experts.*.w2.weight"][:, H:2 * H], p["moe.experts.1.w2.weight"])
+    back = split_members(spec.stacks, joined)
+    assert set(back) == set(p)
+    for k in p:
+        np.testing.assert_array_equal(back[k], p[k])
+
+
+def test_json_round_trip_keeps_the_stacks() -> None:
+    spec = _spec()
+    text = spec.to_json()
+    assert '"version": 3' in text
+    assert cb.PermutationSpec.from_json(text) == spec
+
+
+def test_errors_name_what_is_wrong() -> None:
+    spec, p = _spec(), _params(0)
+    partial = {k: v for k, v in p.items() if k != "moe.experts.2.w1.weight"}
+    with pytest.raises(PermutationSpecError, match=r"needs all its members together.*moe.experts.2.w1.weight"):
+        spec.validate(partial, allow_unlisted=True)
+    with pytest.raises(PermutationSpecError, match="differ in shape"):
+        join_members(spec.stacks, {**p, "moe.experts.1.w1.weight": np.zeros((H + 1, D))})
+    with pytest.raises(PermutationSpecError, match="both a parameter of the spec and a member"):
+        cb.PermutationSpec({"a": ("P",), "s": ("P",)}, stacks={"s": Stack(("a", "b"), 0)})
+    with pytest.raises(PermutationSpecError, match="bound by no entry"):
+        cb.PermutationSpec({"a": ("P",)}, stacks={"s": Stack(("b", "c"), 0)})
+    unstacked = _unstacked_spec()
+    axes = dict(unstacked.axes_to_perm)
+    axes["moe.experts.3.w2.bias"] = (None,)  # expert 3 bound unlike the others
+    with pytest.raises(PermutationSpecError, match="bound alike"):
+        stack_modules(cb.PermutationSpec(axes), "G", [f"moe.experts.{e}" for e in range(E)], p)
+    del axes["moe.experts.3.w2.bias"]
+    with pytest.raises(PermutationSpecError, match="differ in parameters"):
+        stack_modules(cb.PermutationSpec(axes), "G", [f"moe.experts.{e}" for e in range(E)], p)
