@@ -10,6 +10,7 @@ read the symmetries from it.
 
 from __future__ import annotations
 
+import operator
 from typing import Any
 
 import torch
@@ -176,6 +177,10 @@ class _ConcreteProxy(fx.Proxy):
         if k == "shape" and isinstance(self._example(), torch.Tensor):  # a node at once, with its value
             return self.tracer.create_proxy("call_function", getattr, (self, k), {})
         return super().__getattr__(k)
+
+    def __setitem__(self, key: Any, value: Any) -> None:
+        """``out[rows] = y`` (and ``out[rows] += y``): recorded as ``operator.setitem``, run on the example."""
+        self.tracer.create_proxy("call_function", operator.setitem, (self, key, value), {})
 
     def __len__(self) -> int:
         value = self._example()

@@ -52,6 +52,7 @@ from combinability_torch.fx_vocabulary import (
 )
 from combinability_torch.trace import logits_of, reads_shape, tensor_aliases
 from combinability_torch.trace_attention import _attention, _attention_parts, _HandAttention
+from combinability_torch.trace_experts import INDEX_ADD, Routing, index_add_space, stack_experts
 
 __all__ = ["stream_symmetries"]
 
@@ -79,6 +80,8 @@ def stream_symmetries(model: nn.Module, example_input: torch.Tensor) -> tuple[Pe
     carried: dict[str, int] = {}  # tokens transposed last (n, d, t) -> the space of the features on axis -2
     recurrent: dict[str, _Recurrent] = {}  # an RNN's output tuple and its parts -> what they hold
     params_of: dict[str, str] = {}  # a get_attr node of a parameter -> the parameter's name
+    routing = Routing()  # expert ids, and the gates whose ids select expert modules
+    linears: dict[str, int] = {}  # a linear layer -> the space it opened
 
     def bind(param: str, entries: list[Any]) -> None:
         param = aliases.get(param, param)  # a tied weight: one tensor, every use binds it
@@ -137,7 +140,7 @@ def stream_symmetries(model: nn.Module, example_input: torch.Tensor) -> tuple[Pe
                 channels_first[n.name] = s
                 space[n.name] = None
             elif isinstance(m, nn.Linear):
-                s = sp.new(n.target)
+                s = linears[n.target] = sp.new(n.target)
                 bind(f"{n.target}.weight", [s, src])
                 if m.bias is not None:
                     bind(f"{n.target}.bias", [s])
@@ -185,9 +188,14 @@ def stream_symmetries(model: nn.Module, example_input: torch.Tensor) -> tuple[Pe
             if n.args and isinstance(n.args[0], fx.Node) and n.args[0].name in channels_first and not reads_shape(n):
                 _channels_first_op(n, channels_first, space, where, model)
                 continue
+            if routing.follow(n, space):  # expert ids: the values of a router's top-k
+                continue
             args = tensor_args(n)
             spaces = [space[a.name] for a in args]
             target = n.target
+            if args and not sp.is_fixed(spaces[0]) and (routing.route(n, spaces[0], sp) or routing.pick(n, spaces[0])):
+                space[n.name] = FIXED  # sorted gate values and the ids of their experts; one expert's gate value
+                continue
             if target is F.glu and args:
                 dim = n.kwargs.get("dim", n.args[1] if len(n.args) > 1 else -1)
                 space[n.name] = _gated_halves(n, args[0], spaces[0], dim, sp, att, where, model)
@@ -203,9 +211,15 @@ def stream_symmetries(model: nn.Module, example_input: torch.Tensor) -> tuple[Pe
                 norms.append(_functional_norm(n, gm, spaces[0], params_of, binds, sp, where, model))
                 space[n.name] = spaces[0]
                 continue
-            if target in ("topk", torch.topk) and args and _dim_is_last(n, 2):
-                sp.mark(spaces[:1])  # routing: permutations of the experts only
-                space[n.name] = FIXED  # sorted gate values and their indices: free of the experts' order
+            if target in INDEX_ADD and args and index_add_space(n, space, sp) is not NotImplemented:
+                space[n.name] = index_add_space(n, space, sp)  # tokens back from their experts
+                if target == "index_add_":  # in place: the buffer (zeros, no features yet) now holds them
+                    space[n.args[0].name] = space[n.name]
+            elif target is operator.setitem and args and args[0] is n.args[0] and _indexes_tokens(n) and \
+                    isinstance(n.args[2], fx.Node) and all(sp.is_fixed(space[a.name]) for a in args[1:-1]):
+                # ``out[rows] = y``: y's features are out's (a buffer of zeros has none before)
+                space[n.args[0].name] = sp.union(spaces[0], space.get(n.args[2].name))
+                space[n.name] = None
             elif target == "scatter" and args and _dim_is_last(n, 1):
                 space[n.name] = space[n.args[0].name]  # scattered back into the experts' positions
             elif target in ("zeros_like", "ones_like", torch.zeros_like, torch.ones_like) and args:
@@ -225,8 +239,16 @@ def stream_symmetries(model: nn.Module, example_input: torch.Tensor) -> tuple[Pe
             elif target in _SCALING and len(args) == 2 and len(n.args) == 2 and sp.is_fixed(spaces[1]) and \
                     (_last(args[1]) or 1) == 1:
                 space[n.name] = spaces[0]  # scaled by a number held in a tensor (Gemma's sqrt(d)), or one per token
+            elif target in (operator.mul, torch.mul, "mul") and len(args) == 2 and len(n.args) == 2 and \
+                    sp.is_fixed(spaces[0]) and not sp.is_fixed(spaces[1]) and (_last(args[0]) or 1) == 1:
+                space[n.name] = spaces[1]  # a weight per token times features (a router's gate value)
             elif target in ("type_as", "to") and len(args) == 2 and n.args[0] is args[0]:
                 space[n.name] = spaces[0]  # the other tensor gives only its dtype (and device)
+            elif target in (operator.mul, torch.mul, "mul") and len(args) == 2 and FIXED not in spaces and \
+                    1 in (_last(args[0]), _last(args[1])) and _last(args[0]) != _last(args[1]):
+                one = 0 if _last(args[0]) == 1 else 1  # a gate of one unit scaling every feature (Qwen2-MoE's
+                sp.fix([spaces[one]])                  # shared expert): the unit stays, the features are the other's
+                space[n.name] = spaces[1 - one]
             elif target in (operator.mul, torch.mul, "mul") and len(args) == 2 and FIXED not in spaces:
                 s = sp.union(spaces[0], spaces[1])  # an element-wise product (gating): one permutation
                 sp.mark([s])
@@ -260,6 +282,9 @@ def stream_symmetries(model: nn.Module, example_input: torch.Tensor) -> tuple[Pe
             elif (target is operator.getitem or target in _TOKEN_OPS or target in _SHAPE_OPS) and len(args) == 1 \
                     and _last(n) == _last(args[0]) and _keeps_last(n):
                 space[n.name] = spaces[0]
+            elif target is operator.getitem and args[0] is n.args[0] and all(sp.is_fixed(s) for s in spaces[1:]) \
+                    and _last(n) == _last(args[0]) and _indexes_tokens(n):
+                space[n.name] = spaces[0]  # the tokens an index picks (those routed to one expert)
             else:
                 raise TracingError(f"{where}: the stream tracer cannot follow this operation on features"
                                    + _hint(model))
@@ -272,7 +297,25 @@ def stream_symmetries(model: nn.Module, example_input: torch.Tensor) -> tuple[Pe
     norms = [replace(m, readers=None if m.readers is None else tuple(
         replace(r, weight=aliases.get(r.weight, r.weight), bias=r.bias and aliases.get(r.bias, r.bias))
         for r in m.readers)) for m in norms]
-    return spec_from_spaces(sp, binds, norms, heads, experts, _hint(model), tied=tied)
+    spec, folds = spec_from_spaces(sp, binds, norms, heads, experts, _hint(model), tied=tied)
+    gates = {}
+    for gate_space in routing.selecting:
+        openers = [t for t, s in linears.items() if sp.find(s) == sp.find(gate_space)]
+        if len(openers) != 1:
+            raise TracingError(f"node {routing.selecting[gate_space]!r} selects experts by ids that no single linear "
+                               f"gate gives (found {openers}){_hint(model)}")
+        gates[openers[0]] = gm.get_submodule(openers[0]).out_features
+    if gates:
+        spec = stack_experts(spec, model, gm, gates, dict(model.named_parameters()), _hint(model))
+    return spec, folds
+
+
+def _indexes_tokens(n: fx.Node) -> bool:
+    """``x[rows]``, ``x[None, rows]``: an index by tensors and ``None`` that leaves the last axis whole."""
+    index = n.args[1] if isinstance(n.args[1], tuple) else (n.args[1],)
+    ndim = _ndim(n.args[0]) or 0
+    axes = sum(1 for i in index if i is not None)
+    return Ellipsis not in index and (axes < ndim or index[-1] == slice(None))
 
 
 @dataclass(frozen=True)
