@@ -30,13 +30,17 @@ class SwiGLU(nn.Module):
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
 
 
-class Mixtral(nn.Module):
-    """Top-2 routing written as transformers' ``MixtralSparseMoeBlock`` writes it."""
+class Gated(nn.Module):
+    """A gate of ``E`` rows and ``E`` SwiGLU experts; subclasses route."""
 
-    def __init__(self) -> None:
+    def __init__(self, bias: bool = False) -> None:
         super().__init__()
-        self.gate = nn.Linear(D, E, bias=False)
+        self.gate = nn.Linear(D, E, bias=bias)
         self.experts = nn.ModuleList([SwiGLU() for _ in range(E)])
+
+
+class Mixtral(Gated):
+    """Top-2 routing written as transformers' ``MixtralSparseMoeBlock`` writes it."""
 
     def forward(self, x):
         weights = F.softmax(self.gate(x), dim=1, dtype=torch.float)
@@ -54,10 +58,11 @@ class Mixtral(nn.Module):
 class Switch(nn.Module):
     """Top-1 routing by argmax, each expert's tokens picked by ``torch.where(ids == e)``."""
 
-    def __init__(self, expert: type = SwiGLU) -> None:
+    def __init__(self, expert: type = SwiGLU, skip_idle: bool = False) -> None:
         super().__init__()
         self.router = nn.Linear(D, E)
         self.experts = nn.ModuleList([expert() for _ in range(E)])
+        self.skip_idle = skip_idle  # skip an expert no token goes to, as older transformers' Mixtral did
 
     def forward(self, x):
         probs = self.router(x).softmax(-1)
@@ -65,17 +70,14 @@ class Switch(nn.Module):
         out = torch.zeros_like(x)
         for e, expert in enumerate(self.experts):
             rows = torch.where(ids == e)[0]
+            if self.skip_idle and rows.shape[0] == 0:
+                continue
             out.index_add_(0, rows, top[rows, None] * expert(x[rows]))
         return out
 
 
-class Masked(nn.Module):
+class Masked(Gated):
     """Top-2 routing with boolean masks and in-place writes (``out[rows] += ...``)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.gate = nn.Linear(D, E, bias=False)
-        self.experts = nn.ModuleList([SwiGLU() for _ in range(E)])
 
     def forward(self, x):
         w, ids = self.gate(x).topk(2, dim=-1)
@@ -88,13 +90,11 @@ class Masked(nn.Module):
         return out
 
 
-class Dense(nn.Module):
+class Dense(Gated):
     """Soft gating: every expert, weighted by its gate value ``p[:, e:e + 1]``."""
 
     def __init__(self) -> None:
-        super().__init__()
-        self.gate = nn.Linear(D, E)
-        self.experts = nn.ModuleList([SwiGLU() for _ in range(E)])
+        super().__init__(bias=True)
 
     def forward(self, x):
         p = self.gate(x).softmax(-1)
@@ -206,21 +206,8 @@ def test_experts_that_cannot_move_stay_with_a_warning_or_a_clear_error():
         spec, _ = cb.derive_symmetries(Net(Switch(Deep)), _x())
     assert spec.axes_to_perm["moe.router.weight"][0] is None and not spec.stacks  # sound: nothing moves them
     assert spec.axes_to_perm["moe.experts.2.b.weight"] == ("P_moe.experts.2.b", "P_moe.experts.2.a")
-    class Skipping(Switch):
-        """Skips an expert no token goes to, as older transformers' Mixtral did (``if top_x.shape[0] == 0``)."""
 
-        def forward(self, x):
-            probs = self.router(x).softmax(-1)
-            ids, top = probs.argmax(-1), probs.max(-1).values
-            out = torch.zeros_like(x)
-            for e, expert in enumerate(self.experts):
-                rows = torch.where(ids == e)[0]
-                if rows.shape[0] == 0:
-                    continue
-                out.index_add_(0, rows, top[rows, None] * expert(x[rows]))
-            return out
-
-    idle = Net(Skipping())
+    idle = Net(Switch(skip_idle=True))
     with torch.no_grad():
         idle.moe.router.bias[3] = -1e4  # no token of the example goes to expert 3
     with pytest.raises(TracingError, match=r"experts \['moe.experts.3'\] of router 'moe.router' received no token"):
