@@ -30,7 +30,8 @@ import numpy as np
 
 from combinability.errors import PermutationSpecError
 
-__all__ = ["Stack", "join_members", "split_members", "stack_modules"]
+__all__ = ["Stack", "join_members", "split_members", "stack_modules", "stack_experts", "sibling_modules",
+           "module_of"]
 
 
 @dataclass(frozen=True)
@@ -194,8 +195,9 @@ def stack_modules(spec: Any, group: str, modules: Sequence[str], params: Mapping
     modules = list(modules)
     if len(modules) < 2 or len(set(modules)) != len(modules):
         raise PermutationSpecError(f"stack_modules needs two or more distinct modules, got {modules}")
+    sep = _separator(modules[0])
     axes = dict(spec.axes_to_perm)
-    owned = [{k[len(m) + 1:]: v for k, v in axes.items() if k.startswith(m + ".")} for m in modules]
+    owned = [{k[len(m) + 1:]: v for k, v in axes.items() if k.startswith(m + sep)} for m in modules]
     for m, p in zip(modules, owned, strict=True):
         if not p:
             raise PermutationSpecError(f"module {m!r} has no parameter in the spec")
@@ -203,7 +205,7 @@ def stack_modules(spec: Any, group: str, modules: Sequence[str], params: Mapping
             raise PermutationSpecError(f"the modules {modules} differ in parameters: {m} has {sorted(p)}, "
                                        f"{modules[0]} has {sorted(owned[0])}")
     inside = [{q for entries in p.values() for e in entries for q in _names_of(e)} for p in owned]
-    outside = {q for k, entries in axes.items() if not any(k.startswith(m + ".") for m in modules)
+    outside = {q for k, entries in axes.items() if not any(k.startswith(m + sep) for m in modules)
                for e in entries for q in _names_of(e)}
     own = [names - outside - set().union(*(o for j, o in enumerate(inside) if j != k))
            for k, names in enumerate(inside)]
@@ -226,23 +228,28 @@ def stack_modules(spec: Any, group: str, modules: Sequence[str], params: Mapping
     suffix = os.path.commonprefix([m[len(prefix):][::-1] for m in modules])[::-1]
     star = f"{prefix}*{suffix}"
 
-    def block_name(q: str) -> str:
-        return q.replace(modules[0], star) if modules[0] in q else f"{q}*"
+    def block_name(q: str) -> str:  # a permutation named after the module (flax's without the collection)
+        parts, stars = modules[0].split(sep), star.split(sep)
+        for k in range(len(parts)):
+            tail = sep.join(parts[k:])
+            if tail in q and len(stars) == len(parts):
+                return q.replace(tail, sep.join(stars[k:]))
+        return f"{q}*"
 
     kinds = dict(spec.kinds)
     stacks = dict(spec.stacks)
-    members_of = {f"{m}.{rel}" for m in modules for rel in owned[0]}
+    members_of = {f"{m}{sep}{rel}" for m in modules for rel in owned[0]}
     out: dict[str, tuple] = {}
     for key, entries in axes.items():
         if key not in members_of:
             out[key] = entries
-        elif key.startswith(modules[0] + "."):
+        elif key.startswith(modules[0] + sep):
             rel = key[len(modules[0]) + 1:]
             mine = [ax for ax, e in enumerate(entries) if isinstance(e, str) and e in own[0]]
-            name = f"{star}.{rel}"
+            name = f"{star}{sep}{rel}"
             if name in axes or name in stacks:
                 raise PermutationSpecError(f"the stacked parameter {name!r} would shadow a name the spec has")
-            members = tuple(f"{m}.{rel}" for m in modules)
+            members = tuple(f"{m}{sep}{rel}" for m in modules)
             if len(mine) > 1:
                 raise PermutationSpecError(
                     f"{key} has {len(mine)} axes of its module's own units ({[entries[ax] for ax in mine]}); "
@@ -256,3 +263,102 @@ def stack_modules(spec: Any, group: str, modules: Sequence[str], params: Mapping
                 stacks[name] = Stack(members, 0, new_axis=True)
                 out[name] = (group, *entries)
     return PermutationSpec(out, kinds, stacks)
+
+
+def _separator(name: str) -> str:
+    """How a framework joins module names: flax's paths by ``/``, torch's by ``.``."""
+    return "/" if "/" in name else "."
+
+
+def module_of(param: str) -> str:
+    """The module a parameter name belongs to (``"moe.gate.weight"`` -> ``"moe.gate"``)."""
+    return param.rpartition(_separator(param))[0]
+
+
+def sibling_modules(params: Mapping[str, Any], anchor: str, count: int) -> list[str] | None:
+    """The ``count`` modules of one structure nearest to the module ``anchor`` (a router's gate): its experts.
+
+    Read from parameter names and shapes alone: the modules are children of one module (or
+    of the root) below the nearest ancestor of ``anchor`` that has such a group, none holding
+    ``anchor``, each with the same parameters (relative names and shapes), in the order of
+    their names' trailing numbers where they have them (``experts.10`` after ``experts.9``).
+
+    Parameters
+    ----------
+    params : mapping of str to array-like
+        The model's parameters by name (``"moe.experts.0.w1.weight"``, ``"params/experts_0/fc1/kernel"``).
+    anchor : str
+        The module the search starts from.
+    count : int
+        The number of modules wanted (the gate's rows).
+
+    Returns
+    -------
+    list of str or None
+        The modules' names, or ``None`` when no ancestor of ``anchor`` has such a group.
+
+    Raises
+    ------
+    PermutationSpecError
+        If the nearest ancestor with such a group has two of them.
+
+    Examples
+    --------
+    >>> shapes = {f"moe.experts.{e}.fc.weight": np.zeros((4, 2)) for e in range(3)}
+    >>> sibling_modules({**shapes, "moe.gate.weight": np.zeros((3, 2))}, "moe.gate", 3)
+    ['moe.experts.0', 'moe.experts.1', 'moe.experts.2']
+    """
+    sep = _separator(anchor)
+    children: dict[str, list[str]] = {}
+    structure: dict[str, list[tuple[str, tuple[int, ...]]]] = {}
+    for name, value in params.items():
+        parts = name.split(sep)
+        for depth in range(1, len(parts)):
+            module, parent = sep.join(parts[:depth]), sep.join(parts[:depth - 1])
+            if module not in structure:
+                children.setdefault(parent, []).append(module)
+            structure.setdefault(module, []).append((sep.join(parts[depth:]), tuple(np.shape(value))))
+    parts = anchor.split(sep)
+    for depth in range(len(parts) - 1, -1, -1):
+        ancestor = sep.join(parts[:depth])
+        groups: list[list[str]] = []
+        for parent, kids in children.items():
+            if ancestor and parent != ancestor and not parent.startswith(ancestor + sep):
+                continue
+            by_structure: dict[tuple, list[str]] = {}
+            for kid in kids:
+                if anchor == kid or anchor.startswith(kid + sep):
+                    continue  # a list of blocks, one of which holds the gate, is not its experts
+                by_structure.setdefault(tuple(sorted(structure[kid])), []).append(kid)
+            groups += [g for g in by_structure.values() if len(g) == count]
+        if len(groups) > 1:
+            raise PermutationSpecError(f"the router {anchor!r} selects one of {count} experts, and several groups of "
+                                       f"{count} modules could be them: {[g[0] for g in groups]}")
+        if groups:
+            return sorted(groups[0], key=_natural)
+    return None
+
+
+def _natural(name: str) -> tuple:
+    """Sort key: ``experts.10`` after ``experts.9``."""
+    import re
+
+    return tuple(int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name))
+
+
+def stack_experts(spec: Any, group: str, modules: Sequence[str], params: Mapping[str, Any]) -> Any:
+    """:func:`stack_modules`, or, for experts that cannot be stacked (two hidden layers of their own),
+    ``spec`` with ``group`` (the gate's rows) left in place and a
+    :class:`~combinability.errors.CombinabilityWarning` that says why: sound, their units still aligned."""
+    import warnings
+
+    from combinability.errors import CombinabilityWarning
+    from combinability.permutation import PermutationSpec
+
+    try:
+        return stack_modules(spec, group, modules, params)
+    except PermutationSpecError as exc:
+        warnings.warn(f"the experts {modules[0]}, ... of {group!r} stay in place (their units are still aligned "
+                      f"inside each), as they cannot be moved as blocks: {exc}", CombinabilityWarning, stacklevel=3)
+        return PermutationSpec({k: tuple(None if e == group else e for e in v) for k, v in spec.axes_to_perm.items()},
+                               spec.kinds, spec.stacks)

@@ -218,11 +218,14 @@ class ModelSet:
         spec.validate(states[0], allow_unlisted=True)
         thetas = []
         for i, state in enumerate(states):
+            mine = _float_state(state)
+            if set(mine) == set(floats):  # the same names in another order (a flax tree rebuilt with sorted keys)
+                mine = {k: mine[k] for k in floats}
             try:
-                layout.check_compatible(FlatLayout.from_arrays(_float_state(state)))
+                layout.check_compatible(FlatLayout.from_arrays(mine))
             except LayoutError as exc:
                 raise IncompatibleModelsError(f"models A and {_label(i)} have different parameters: {exc}") from None
-            theta = layout.flatten(_float_state(state))
+            theta = layout.flatten(mine)
             _check_finite(theta, layout, i)
             thetas.append(theta)
         self._init(backend=be.name, table=table, layout=layout, spec=spec, models=models, thetas=thetas,

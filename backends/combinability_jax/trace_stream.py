@@ -26,7 +26,9 @@ within-head axes of query/key and of value/output are plain permutations *shared
 of the head symmetry that one name per axis can express (per-head within-head permutations need a spec entry
 spanning two axes). Experts: a gate value repeated over each expert's units (``jnp.repeat`` of top-k or softmax
 gates: a reshape merging ``(E, units)``) makes the units ``Blocks`` with the gate's space as group; ``top_k`` and
-``argmax`` indices turned back into one-hot gates (``jax.nn.one_hot``) keep the gate's space.
+``argmax`` indices turned back into one-hot gates (``jax.nn.one_hot``) keep the gate's space. A gate value taken by
+number (``gates[:, e:e + 1]``) weighs the module of that number: the gate's experts, held as separate submodules,
+are stacked as blocks of its space (:mod:`combinability.module_stacks`).
 
 The union-find of spaces and the spec built from the traced facts are shared with the torch tracer:
 :mod:`combinability.feature_spaces`.
@@ -43,9 +45,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from combinability.errors import TracingError
+from combinability.errors import PermutationSpecError, TracingError
 from combinability.feature_spaces import ANY, FIXED, FeatureSpaces, Norm, ReshapeGroups, spec_from_spaces
 from combinability.folding import NormFold, Reader
+from combinability.module_stacks import module_of, sibling_modules, stack_experts
 from combinability.permutation import PermutationSpec
 from combinability_jax.jaxpr_walk import JaxprWalker
 from combinability_jax.nnx_bridge import call_path
@@ -94,6 +97,7 @@ class _StreamTrace(JaxprWalker):
         self.iota_axis: dict[int, int] = {}
         self.groups = ReshapeGroups(self.sp, self.hint)  # heads and experts seen through reshapes
         self.norms: dict[str, _Norm] = {}
+        self.selecting: dict[int, str] = {}  # a space one unit of which is taken by number -> where (expert gates)
         last = {op[4]: k for k, op in enumerate(self.ops)}
         for k, (prim, params, ins, outs, scope) in enumerate(self.ops):
             if scope.startswith("L="):
@@ -220,6 +224,10 @@ class _StreamTrace(JaxprWalker):
             self.labels[outs[0]] = [labs[0][a] for a in p["permutation"]]
             if ins[0] in self.iota_axis:
                 self.iota_axis[outs[0]] = list(p["permutation"]).index(self.iota_axis[ins[0]])
+        elif n == "slice" and self._picks_gate_value(p, labs[0], ins[0]):
+            axis = self._picks_gate_value(p, labs[0], ins[0]) - 1
+            self.selecting.setdefault(self.sp.find(labs[0][axis]), where)
+            self.labels[outs[0]] = [FIXED if a == axis else s for a, s in enumerate(labs[0])]
         elif n in ("slice", "dynamic_slice", "pad", "rev"):
             src = self.shape[ins[0]]
             if n == "slice":
@@ -271,6 +279,18 @@ class _StreamTrace(JaxprWalker):
                 self.labels[o] = [ANY if s == 1 else FIXED for s in self.shape[o]]
         else:
             raise TracingError(f"{where}: the stream tracer cannot follow this operation on features" + self.hint)
+
+    def _picks_gate_value(self, p: dict, lab: list[int | None], i: int) -> int:
+        """1 + the axis of a slice taking one unit of a space, all other axes whole (``gates[:, e:e + 1]``, the gate
+        value of expert ``e``); 0 when it is another slice."""
+        src = self.shape[i]
+        cut = [a for a in range(len(src)) if not (p["start_indices"][a] == 0 and p["limit_indices"][a] == src[a])]
+        if len(cut) != 1 or (p["strides"] is not None and p["strides"][cut[0]] != 1):
+            return 0
+        a = cut[0]
+        s = lab[a]
+        one = p["limit_indices"][a] - p["start_indices"][a] == 1
+        return a + 1 if one and s is not ANY and not self.sp.is_fixed(s) and self.dep[i] == "act" else 0
 
     def _conv(self, p: dict, labs: list[list[int | None]], rank: int, where: str) -> list[int | None]:
         """A convolution (a patch embedding): its input channels and the kernel's meet; the kernel's
@@ -430,7 +450,37 @@ class _StreamTrace(JaxprWalker):
             norms.append(Norm(s, scale, shift, isinstance(rec.module, nn.LayerNorm),
                               None if readers is None else tuple(readers)))
         binds = {p: self.binds.get(p, [ANY] * len(shape)) for p, shape in self.param_shapes.items()}
-        return spec_from_spaces(self.sp, binds, norms, self.groups.heads(), self.groups.experts(), self.hint)
+        routed = self._routed(binds)
+        spec, folds = spec_from_spaces(self.sp, binds, norms, self.groups.heads(), self.groups.experts(), self.hint)
+        shapes = {p: np.zeros(shape, np.int8) for p, shape in self.param_shapes.items()}
+        for (param, axis), experts in routed.items():
+            group = spec.axes_to_perm[param][axis]
+            if isinstance(group, str) and group not in spec.kinds:
+                spec = stack_experts(spec, group, experts, shapes)
+        return spec, folds
+
+    def _routed(self, binds: dict[str, list[int | None]]) -> dict[tuple[str, int], list[str]]:
+        """For each space whose units weigh modules by number (dense gating over experts held as separate modules):
+        ``(gate parameter, axis) -> the experts`` (:func:`~combinability.module_stacks.sibling_modules`). A space
+        whose experts are not found stays fixed, as a space cut by a slice is."""
+        found: dict[tuple[str, int], list[str]] = {}
+        find = self.sp.find
+        for s, where in self.selecting.items():
+            bound = [(p, a) for p, labels in binds.items() for a, t in enumerate(labels)
+                     if t is not ANY and find(t) == find(s)]
+            modules = {module_of(p) for p, _ in bound}
+            experts = None
+            if len(modules) == 1 and not self.sp.is_fixed(s):
+                try:
+                    experts = sibling_modules(self.param_shapes, modules.pop(), self.sp.size[s] or 0)
+                except PermutationSpecError as exc:
+                    raise TracingError(f"{where}: {exc}{self.hint}") from None
+            if experts is None:
+                self.sp.fix([s])
+            else:
+                found[next((p, a) for p, a in bound if p.endswith("/kernel")) if any(
+                    p.endswith("/kernel") for p, _ in bound) else bound[0]] = experts
+        return found
 
 
 def stream_symmetries(module: nn.Module, variables: Any, x: Any) -> tuple[PermutationSpec, list[NormFold]]:

@@ -15,16 +15,16 @@ from __future__ import annotations
 
 import logging
 import operator
-import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import fx, nn
 
-from combinability.errors import CombinabilityWarning, PermutationSpecError, TracingError
+from combinability.errors import PermutationSpecError, TracingError
 from combinability.feature_spaces import FIXED, FeatureSpaces
-from combinability.module_stacks import stack_modules
+from combinability.module_stacks import sibling_modules
+from combinability.module_stacks import stack_experts as core_stack_experts
 from combinability.permutation import PermutationSpec
 from combinability_torch.fx_vocabulary import _SHAPE_OPS, _dim_is_last, _ndim
 
@@ -109,66 +109,43 @@ class Routing:
 
 
 def expert_modules(model: nn.Module, gm: fx.GraphModule, gate: str, count: int) -> list[str] | None:
-    """The ``count`` sibling modules the gate ``gate`` routes to, nearest to it first; ``None`` if none.
-
-    They are the children of one container (a ``ModuleList``, ``ModuleDict`` or any
-    module) under an ancestor of the gate: all of one class, their parameters of the same
-    names and shapes, each called by the traced graph.
-    """
-    parts = gate.split(".")
-    for depth in range(len(parts) - 1, -1, -1):
-        ancestor = ".".join(parts[:depth])
-        root = model.get_submodule(ancestor) if ancestor else model
-        found = []
-        for name, container in root.named_modules(prefix=ancestor):
-            children = list(container.named_children())
-            full = [f"{name}.{c}" if name else c for c, _ in children]
-            if len(children) != count or any(gate.startswith(f + ".") for f in full):
-                continue  # (a list of blocks, one of which holds the gate, is not its experts)
-            shapes = [sorted((k, tuple(v.shape)) for k, v in m.named_parameters()) for _, m in children]
-            if len({type(m) for _, m in children}) == 1 and shapes[0] and all(s == shapes[0] for s in shapes):
-                found.append(full)
-        if len(found) > 1:
-            raise TracingError(f"the router {gate!r} selects one of {count} experts, and several lists of {count} "
-                               f"modules could be them: {[f[0].rpartition('.')[0] for f in found]}")
-        if found:
-            called = {str(n.target) for n in gm.graph.nodes if n.op == "call_module"}
-            idle = [f for f in found[0] if not any(c == f or c.startswith(f + ".") for c in called)]
-            if idle:
-                raise TracingError(f"the experts {idle} of router {gate!r} received no token of example_input; "
-                                   "trace on more tokens, so that every expert is called")
-            return found[0]
-    return None
+    """The ``count`` sibling modules the gate ``gate`` routes to (:func:`combinability.module_stacks.sibling_modules`),
+    each called by the traced graph; ``None`` if there are none."""
+    try:
+        found = sibling_modules(dict(model.named_parameters()), gate, count)
+    except PermutationSpecError as exc:
+        raise TracingError(str(exc)) from None
+    if found:
+        called = {str(n.target) for n in gm.graph.nodes if n.op == "call_module"}
+        idle = [f for f in found if not any(c == f or c.startswith(f + ".") for c in called)]
+        if idle:
+            raise TracingError(f"the experts {idle} of router {gate!r} received no token of example_input; "
+                               "trace on more tokens, so that every expert is called")
+    return found
 
 
 def stack_experts(spec: PermutationSpec, model: nn.Module, gm: fx.GraphModule, gates: dict[str, int],
-                  params: dict[str, Any], hint: str) -> PermutationSpec:
-    """``spec`` with the experts of each routing gate stacked as blocks of the gate's permutation.
-
-    Experts that cannot be stacked (a parameter with two axes of their own units: experts
-    of two hidden layers) stay in place, with the gate's rows, and a warning says why.
+                  hint: str) -> PermutationSpec:
+    """``spec`` with the experts of each routing gate stacked as blocks of the gate's permutation
+    (:func:`combinability.module_stacks.stack_experts`: experts that cannot be stacked stay in place, with a
+    warning).
 
     Parameters
     ----------
     gates : dict of str to int
         A gate layer (whose ids select modules) -> its number of experts.
     """
+    params = dict(model.named_parameters())
     for gate, count in gates.items():
         modules = expert_modules(model, gm, gate, count)
         if modules is None:
-            raise TracingError(f"the router {gate!r} selects tokens for each of its {count} experts, but no list of "
+            raise TracingError(f"the router {gate!r} selects tokens for each of its {count} experts, but no group of "
                                f"{count} modules of one structure was found beside it{hint}")
         group = spec.axes_to_perm.get(f"{gate}.weight", (None,))[0]
         if not isinstance(group, str) or group in spec.kinds:
             _log.info("the experts of %s stay in place: the gate's rows are not a permutation", gate)
             continue
-        try:
-            spec = stack_modules(spec, group, modules, params)
-        except PermutationSpecError as exc:  # sound without moving them: the gate's rows stay too
-            warnings.warn(f"the experts of {gate!r} stay in place (their units are still aligned inside each), "
-                          f"as they cannot be moved as blocks: {exc}", CombinabilityWarning, stacklevel=2)
-            spec = PermutationSpec({k: tuple(None if e == group else e for e in v)
-                                    for k, v in spec.axes_to_perm.items()}, spec.kinds, spec.stacks)
+        spec = core_stack_experts(spec, group, modules, params)
     return spec
 
 

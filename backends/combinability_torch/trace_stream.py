@@ -306,7 +306,7 @@ def stream_symmetries(model: nn.Module, example_input: torch.Tensor) -> tuple[Pe
                                f"gate gives (found {openers}){_hint(model)}")
         gates[openers[0]] = gm.get_submodule(openers[0]).out_features
     if gates:
-        spec = stack_experts(spec, model, gm, gates, dict(model.named_parameters()), _hint(model))
+        spec = stack_experts(spec, model, gm, gates, _hint(model))
     return spec, folds
 
 
