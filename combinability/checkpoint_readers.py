@@ -1,7 +1,7 @@
 """Readers of the checkpoint files that are not safetensors (see :mod:`combinability.checkpoint`).
 
-* ``torch.save`` files: a plain ``state_dict`` (version 0; also one under a ``state_dict`` or
-  ``model_state_dict`` entry of a training script's dictionary), or a version-1 checkpoint of
+* ``torch.save`` files: a plain ``state_dict`` (version 0; also the one beside optimizer state in
+  a training script's dictionary, ``{"model": ..., "optimizer": ..., "epoch": 3}``), or a version-1 checkpoint of
   the torch backend. They need torch, imported only here, only when such a file is read, and
   are read with ``torch.load(weights_only=True)``.
 * The version-1 ``.npz`` archives of the jax backend, with a JSON ``__header__``.
@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import logging
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -42,11 +43,14 @@ from combinability.errors import (
 
 __all__ = ["flat_tree", "load_msgpack", "load_npz", "load_orbax", "load_torch"]
 
+_log = logging.getLogger("combinability.checkpoint")
 _TORCH_HINT = "pip install 'combinability[torch]'"
 _JAX_HINT = "pip install 'combinability[jax]'"
 #: Files in an Orbax checkpoint directory (any of them).
 ORBAX_MARKERS = ("_CHECKPOINT_METADATA", "_METADATA", "manifest.ocdbt", "checkpoint")
-_STATE_DICT_KEYS = ("state_dict", "model_state_dict")
+#: Entries of a training script's dictionary that hold the model's state dict, the most usual first.
+STATE_DICT_KEYS = ("state_dict", "model_state_dict", "model", "model_state", "net", "network", "module",
+                   "weights", "params")
 _LEGACY_TORCH_KEYS = ("format", "version", "backend", "architecture", "config", "state", "metadata")
 
 
@@ -152,23 +156,40 @@ def load_torch(path: Path) -> Checkpoint:
 
 
 def _find_state_dict(path: Path, payload: Any, tensor_type: type) -> dict[str, Any]:
-    """The state dict in a ``torch.save`` payload: the payload itself, or its ``state_dict`` entry."""
+    """The state dict in a ``torch.save`` payload: the payload itself, or the one state dict among its entries.
+
+    A training script saves the model's state dict beside an optimizer's, epoch numbers and
+    losses (``{"model": ..., "optimizer": ..., "epoch": 3}``). The entry taken is the only
+    dict of tensors; among several (a model and its EMA), the one under a usual model key
+    (:data:`STATE_DICT_KEYS`, first match), else none: the error names them.
+    """
     expected = (
         "expected a state dict (a dict of tensors, as written by torch.save(model.state_dict(), path)) "
-        f"or a dict with a {' or '.join(map(repr, _STATE_DICT_KEYS))} entry holding one"
+        "or a training script's dict holding one (under 'state_dict', 'model', ... beside optimizer state)"
     )
     if not isinstance(payload, dict):
         raise IncompatibleModelsError(f"{str(path)!r} holds a {type(payload).__name__}; {expected}")
-    entries = [k for k in _STATE_DICT_KEYS if k in payload]
-    if len(entries) > 1:
-        raise IncompatibleModelsError(f"{str(path)!r} holds both {entries[0]!r} and {entries[1]!r}; {expected}")
-    if entries and not all(isinstance(v, tensor_type) for v in payload.values()):
-        # A training-script file: the model's state dict next to epoch numbers, losses, optimizer state...
-        where, state = f"{entries[0]!r} entry", payload[entries[0]]
-        if not isinstance(state, dict):
-            raise IncompatibleModelsError(f"{str(path)!r}: its {where} holds a {type(state).__name__}; {expected}")
-    else:
+    if payload and all(isinstance(v, tensor_type) for v in payload.values()):
         where, state = "state dict", payload
+    else:
+        found = [k for k, v in payload.items() if isinstance(v, dict) and v and
+                 all(isinstance(t, tensor_type) for t in v.values())]
+        usual = [k for k in STATE_DICT_KEYS if k in found]
+        if len(found) > 1 and not usual:
+            raise IncompatibleModelsError(
+                f"{str(path)!r} holds several state dicts: {', '.join(map(repr, found))} (a model and its EMA?); "
+                f"save the one to load alone: torch.save(checkpoint[{found[0]!r}], path)")
+        if found:
+            key = usual[0] if usual else found[0]
+            if len(found) > 1:
+                _log.info("%s: loading its %r entry; its other state dicts %s are left out", path, key,
+                          [k for k in found if k != key])
+            where, state = f"{key!r} entry", payload[key]
+        else:  # say what the usual entry, or the file itself, holds instead
+            key = next((k for k in STATE_DICT_KEYS if k in payload), None)
+            where, state = (f"{key!r} entry", payload[key]) if key is not None else ("state dict", payload)
+            if not isinstance(state, dict):
+                raise IncompatibleModelsError(f"{str(path)!r}: its {where} holds a {type(state).__name__}; {expected}")
     for key, value in state.items():
         if not isinstance(key, str):
             raise IncompatibleModelsError(f"{str(path)!r}: its {where} has the non-str key {key!r}; {expected}")

@@ -14,6 +14,7 @@ backend's own parameter names and load into that backend.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -403,13 +404,53 @@ def _with_collections(current: Mapping[str, Any], state: dict[str, Any]) -> dict
     return {bare[k]: v for k, v in state.items()}
 
 
+#: Roots of a saved training state that are not the model (optimizer state, counters, random keys).
+_TRAINING_ROOTS = frozenset({"opt_state", "optimizer", "optimizer_state", "optimizer_states", "opt", "step", "steps",
+                             "epoch", "global_step", "lr_scheduler", "scheduler", "rng", "rngs", "dropout_rng", "key",
+                             "scaler", "loss", "metrics"})
+#: Roots that hold a model's variables in a saved training state, the most usual first.
+_MODEL_ROOTS = ("params", "model", "state_dict", "model_state_dict", "variables", "state", "net", "network")
+
+
+def _root(name: str) -> str:
+    return re.split(r"[/.]", name, maxsplit=1)[0]
+
+
+def _model_part(current: Mapping[str, Any], state: dict[str, Any], path: Any) -> dict[str, Any]:
+    """The model's entries of a whole training state saved as one tree (flax's ``TrainState``: ``params/...``
+    beside ``opt_state/...`` and ``step``; an NNX script's ``{"model": ..., "optimizer": ...}``).
+
+    Unchanged when every name is the model's. Otherwise the entries under roots of
+    :data:`_TRAINING_ROOTS` are left out when the rest are all the model's; else the one root
+    whose subtree is all the model's names is taken (a usual one of :data:`_MODEL_ROOTS` first).
+    """
+    if all(k in current for k in state):
+        return state
+    kept = {k: v for k, v in state.items() if _root(k) not in _TRAINING_ROOTS}
+    if kept and all(k in current for k in kept):
+        return kept
+    fits = {}
+    for root in dict.fromkeys(map(_root, kept)):
+        sub = {k[len(root) + 1:]: v for k, v in kept.items() if _root(k) == root and len(k) > len(root)}
+        sub = _with_collections(current, sub)
+        if sub and all(k in current for k in sub):
+            fits[root] = sub
+    usual = [r for r in _MODEL_ROOTS if r in fits]
+    if len(fits) > 1 and not usual:
+        raise IncompatibleModelsError(f"{path} holds the model's variables under several roots: {sorted(fits)}; "
+                                      "save the one to load alone")
+    return fits[usual[0] if usual else next(iter(fits))] if fits else state
+
+
 def load_into(model: Any, path: str | Path, *, backend: str | None = None) -> Any:
     """A copy of a user's ``model`` holding the arrays of ``path``.
 
     ``path`` may be a checkpoint of this library, a ``.safetensors`` file, a plain torch
-    ``state_dict`` (``.pt``/``.bin``, also ``{"model_state_dict": ...}``), or flax's own: an Orbax
-    checkpoint folder or a ``flax.serialization.to_bytes`` file, of a linen model's variables or
-    an NNX model's state (``nnx.state(model)``, its rng streams left out).
+    ``state_dict`` (``.pt``/``.bin``, also a training script's ``{"model": ..., "optimizer": ...,
+    "epoch": ...}``), or flax's own: an Orbax checkpoint folder or a ``flax.serialization.to_bytes``
+    file, of a linen model's variables, an NNX model's state (``nnx.state(model)``, its rng streams
+    left out), or a whole training state holding one (a ``TrainState``'s ``params`` beside its
+    ``opt_state`` and ``step``).
 
     Raises
     ------
@@ -427,7 +468,7 @@ def load_into(model: Any, path: str | Path, *, backend: str | None = None) -> An
         for prefix in ("module.", "_orig_mod.", "model."):
             if all(k.startswith(prefix) for k in state):
                 state = {k[len(prefix):]: v for k, v in state.items()}
-    state = _with_collections(current, state)
+    state = _model_part(current, _with_collections(current, state), path)
     bad = non_float_parameters(current, state)
     if bad:
         raise IncompatibleModelsError(

@@ -426,6 +426,22 @@ def test_torch_training_script_files(tmp_path):
     _assert_same_state(read_state_dict(path), want)
 
 
+def test_training_script_dicts_give_their_model_state_dict(tmp_path):
+    """``{"model": ..., "optimizer": ..., "epoch": ...}`` and a model beside its EMA: the model's state dict."""
+    torch, model = _torch_model()
+    want = _numpy_state(model.state_dict())
+    optimizer = torch.optim.Adam(model.parameters())
+    path = tmp_path / "ckpt.pt"
+    torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": 3}, path)
+    _assert_same_state(read_state_dict(path), want)
+    ema = {k: v * 0.5 for k, v in model.state_dict().items()}
+    torch.save({"net": model.state_dict(), "ema": ema, "step": 10}, path)
+    _assert_same_state(read_state_dict(path), want)
+    torch.save({"student": model.state_dict(), "teacher": ema}, path)
+    with pytest.raises(IncompatibleModelsError, match=r"several state dicts: 'student', 'teacher'.*\['student'\]"):
+        read_state_dict(path)
+
+
 def test_torch_bfloat16_becomes_float32(tmp_path):
     torch = pytest.importorskip("torch")
     t = torch.tensor([1.0, -2.5, 3.0e38], dtype=torch.bfloat16)

@@ -351,6 +351,37 @@ def test_orbax_checkpoints_of_an_nnx_model_load_into_its_class(tmp_path, what):
     np.testing.assert_allclose(np.asarray(loaded(x)), np.asarray(model(x)), rtol=1e-6, atol=1e-6)
 
 
+def test_whole_training_states_load_their_model_part(tmp_path):
+    """An Orbax checkpoint of a training state: a linen ``TrainState``'s params beside its optax state and step,
+    and an NNX script's ``{"model": ..., "optimizer": ..., "step": ...}``; only the model's part is loaded."""
+    import flax.linen as fnn
+    import optax
+    from flax.training import train_state
+
+    class Linen(fnn.Module):
+        @fnn.compact
+        def __call__(self, x):
+            return fnn.Dense(3)(fnn.relu(fnn.Dense(5)(x)))
+
+    x = np.random.default_rng(0).normal(size=(4, 6)).astype(np.float32)
+    variables = Linen().init(jax.random.PRNGKey(1), x)
+    state = train_state.TrainState.create(apply_fn=Linen().apply, params=variables["params"], tx=optax.adam(1e-3))
+    _save_orbax(tmp_path / "linen", {"params": state.params, "opt_state": state.opt_state, "step": state.step})
+    zeros = jax.tree_util.tree_map(jnp.zeros_like, variables)
+    loaded = cb.load_into((Linen(), zeros), tmp_path / "linen")
+    np.testing.assert_array_equal(np.asarray(loaded.module.apply(loaded.variables, x)),
+                                  np.asarray(Linen().apply(variables, x)))
+
+    images, _ = _images()
+    model = _with_stats(ConvNet(nnx.Rngs(3)), 3)
+    optimizer = nnx.Optimizer(model, optax.sgd(0.1), wrt=nnx.Param)
+    _save_orbax(tmp_path / "nnx", {"model": nnx.state(model).to_pure_dict(),
+                                   "optimizer": nnx.state(optimizer).to_pure_dict(), "step": 7})
+    again = cb.load_into(ConvNet(nnx.Rngs(0)), tmp_path / "nnx").nnx()
+    again.eval()
+    np.testing.assert_allclose(np.asarray(again(images)), np.asarray(model(images)), rtol=1e-6, atol=1e-6)
+
+
 def test_flax_msgpack_files_and_bad_folders(tmp_path):
     import flax.linen as fnn
     from flax import serialization
