@@ -6,10 +6,17 @@ runs every node on the example as it is recorded and answers such questions with
 example's values, so the graph is the one the example follows; the stream tracer
 (:mod:`combinability_torch.trace_stream`) and the layer tracer (:mod:`combinability_torch.trace`)
 read the symmetries from it.
+
+What recent transformers versions write is taken too: a decorated ``forward`` of ``(self, *args,
+**kwargs)`` (traced through a subclass whose ``forward`` takes the input alone), attention masks
+built by ``torch.vmap`` (:data:`_MASK_BUILDERS`, run on the example), a key/value cache object
+(``config.use_cache`` off while tracing), sizes read off shapes as indices, and ``experts[i]``
+with ``i`` read off the routing (the expert the example names).
 """
 
 from __future__ import annotations
 
+import functools
 import operator
 from typing import Any
 
@@ -41,13 +48,20 @@ def concrete_trace(model: nn.Module, example_input: torch.Tensor, hint: str = ""
     """
     held = other_arguments(model)  # refuses a forward that needs more than its input, by name
     refuse_computed_weights(model)
+    config = getattr(model, "config", None)  # transformers: no key/value cache object, which fx cannot record
+    cached = getattr(config, "use_cache", None) is True
     try:
+        if cached:
+            config.use_cache = False
         tracer = ConcreteTracer(example_input)
         gm = fx.GraphModule(model, tracer.trace(model, held))
         ShapeProp(gm).propagate(example_input)
     except Exception as exc:
         raise TracingError(f"torch.fx cannot trace {type(model).__name__} ({type(exc).__name__}: "
                            f"{str(exc).splitlines()[0] if str(exc) else ''}){hint}") from None
+    finally:
+        if cached:
+            config.use_cache = True
     return gm
 
 
@@ -148,15 +162,70 @@ class ConcreteTracer(fx.Tracer):
         def dtype_of(value: Any) -> Any:  # torch's transformer layers ask a mask for its dtype this way
             return value.dtype if isinstance(value, fx.Proxy) else none_or_dtype(value)
 
+        own_class = type(root) if isinstance(root, nn.Module) and hasattr(type(root).forward, "__wrapped__") else None
+        if own_class is not None:  # a decorated forward (transformers' @can_return_tuple: wrapper(self, *a, **kw)),
+            # whose arguments torch.fx cannot patch: traced through a subclass whose forward takes the input alone
+            # (the others at their defaults, as the library calls model(x))
+            def forward(self: nn.Module, input: Any) -> Any:  # noqa: A002 - fx names the placeholder after it
+                return own_class.forward(self, input)
+
+            root.__class__ = type(own_class.__name__, (own_class,), {"forward": forward,
+                                                                     "__module__": own_class.__module__})
+            concrete_args, self.defaults = None, {}
+        masks = _on_the_example(self)
+        list_item = nn.ModuleList.__getitem__
+
+        def module_of_example(modules: nn.ModuleList, index: Any) -> Any:
+            """``experts[i]`` for an expert number read off the routing (transformers' loop over the experts hit):
+            the module the example's number names, whose call is then recorded."""
+            return list_item(modules, int(self.values[index.node]) if isinstance(index, fx.Proxy) else index)
+
+        nn.ModuleList.__getitem__ = module_of_example
         try:
             for name, fn in originals.items():
                 setattr(torch, name, recorded(fn))
             F._none_or_dtype = dtype_of
             return super().trace(root, concrete_args)
         finally:
+            for module, name, fn in masks:
+                setattr(module, name, fn)
+            nn.ModuleList.__getitem__ = list_item
             for name, fn in originals.items():
                 setattr(torch, name, fn)
             F._none_or_dtype = none_or_dtype
+            if own_class is not None:
+                root.__class__ = own_class
+
+
+#: transformers' attention-mask builders (``transformers.masking_utils``, imported by name into each model's module):
+#: functions of shapes, positions and the (absent) padding mask only, which build the mask with ``torch.vmap``, which
+#: proxies cannot pass. While tracing they run on the example's values; the mask is a constant of the graph.
+_MASK_BUILDERS = ("create_causal_mask", "create_sliding_window_causal_mask", "create_chunked_causal_mask",
+                  "create_bidirectional_mask")
+
+
+def _on_the_example(tracer: ConcreteTracer) -> list[tuple[Any, str, Any]]:
+    """Replace the mask builders of every loaded transformers model module by their run on the example's values;
+    return what to put back."""
+    import sys
+
+    def concrete(fn: Any) -> Any:
+        @functools.wraps(fn)
+        def call(*args: Any, **kwargs: Any) -> Any:
+            a, kw = tracer._value((args, kwargs))
+            with torch.no_grad():
+                return fn(*a, **kw)
+        return call
+
+    replaced = []
+    for module_name, module in list(sys.modules.items()):
+        if module_name.startswith("transformers.models.") and module is not None:
+            for name in _MASK_BUILDERS:
+                fn = getattr(module, name, None)
+                if callable(fn):
+                    replaced.append((module, name, fn))
+                    setattr(module, name, concrete(fn))
+    return replaced
 
 
 #: Tensor attributes fixed by the example (a dtype, a device), read as values: ``torch.finfo(x.dtype)``.
@@ -177,6 +246,15 @@ class _ConcreteProxy(fx.Proxy):
         if k == "shape" and isinstance(self._example(), torch.Tensor):  # a node at once, with its value
             return self.tracer.create_proxy("call_function", getattr, (self, k), {})
         return super().__getattr__(k)
+
+    def __index__(self) -> int:
+        """A size read off shapes (``mask[:, :, :, :key.shape[-2]]`` on a constant mask) as the example's int; a
+        tensor's values are refused, as a branch on them is (the example's way would hold for every input)."""
+        tracer = self.tracer
+        if tracer._reads_values(self.node, {}):  # type: ignore[attr-defined]
+            raise TracingError(f"forward uses the values of a tensor as an index (node {self.node.name!r}): "
+                               "data-dependent indexing cannot be followed")
+        return int(self._example())
 
     def __setitem__(self, key: Any, value: Any) -> None:
         """``out[rows] = y`` (and ``out[rows] += y``): recorded as ``operator.setitem``, run on the example."""
