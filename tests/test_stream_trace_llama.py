@@ -259,6 +259,18 @@ class PackedPerHead(nn.Module):  # GPT-NeoX's layout: each head's query, key and
         return self.head(x + self.dense(out.transpose(1, 2).reshape(b, t, D)))
 
 
+class PackedPerHeadChunked(PackedPerHead):  # the same, as transformers 4.57 writes it: heads first, then chunked
+    def forward(self, idx):
+        x = self.embed(idx)
+        b, t, _ = x.shape
+        q, k, v = self.qkv(x).view(b, t, HEADS, 3 * DH).transpose(1, 2).chunk(3, dim=-1)
+        cos, sin = self.rotary_emb(x, torch.arange(t).unsqueeze(0))
+        q_rot, k_rot = apply_rotary_pos_emb(q[..., : DH // 2], k[..., : DH // 2], cos, sin)  # partial rotary
+        q, k = torch.cat((q_rot, q[..., DH // 2 :]), dim=-1), torch.cat((k_rot, k[..., DH // 2 :]), dim=-1)
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.head(x + self.dense(out.transpose(1, 2).reshape(b, t, D)))
+
+
 class FoldedHeads(nn.Module):  # OPT's attention: the heads folded into the batch axis for bmm
     def __init__(self) -> None:
         super().__init__()
@@ -280,8 +292,9 @@ class FoldedHeads(nn.Module):  # OPT's attention: the heads folded into the batc
         return self.head(x + self.out_proj(out.transpose(1, 2).reshape(b, t, D)))
 
 
-def test_query_key_value_packed_per_head_move_with_their_head_whole():
-    model = randomised(PackedPerHead(), 7)
+@pytest.mark.parametrize("packed", [PackedPerHead, PackedPerHeadChunked])
+def test_query_key_value_packed_per_head_move_with_their_head_whole(packed):
+    model = randomised(packed(), 7)
     spec, _ = cb.derive_symmetries(model, IDX)
     order = "qkv.heads"
     assert spec.axes_to_perm["qkv.weight"][0] == Repeat(order, 3 * DH)  # query, key and value rows of a head

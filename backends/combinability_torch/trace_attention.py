@@ -83,6 +83,8 @@ class _HandAttention:
     #: a space viewed into heads -> the width of its heads (a slice of them is narrower: rotary halves,
     #: GPT-NeoX's query, key and value packed in each head)
     width: dict[int, int] = field(default_factory=dict)
+    #: per-head features split into parts along head_dim (GPT-NeoX's ``qkv.chunk(3, dim=-1)``): tuples of parts
+    split_heads: set[str] = field(default_factory=set)
     #: parts of heads stacked along a new last axis (GPT-J's ``stack((-x2, x1), -1)``) -> their heads
     interleaved: dict[str, int] = field(default_factory=dict)
     #: key/value heads on their way to being repeated for grouped-query attention (``k[:, :, None]``,
@@ -358,6 +360,25 @@ def _rotary_or_repeated(n: fx.Node, args: list[fx.Node], first: fx.Node | None, 
         headed[n.name] = (headed[first.name][0], shape[-1])  # a part of every head: its units keep their order
         sp.rigid([space[first.name]])
         space[n.name] = space[first.name]
+        return True
+    if target in _SPLITS and first is not None and first.name in headed and shape is None:
+        dim = n.kwargs.get("dim", n.args[2] if len(n.args) > 2 else 0)
+        width = headed[first.name][1]
+        count = n.args[1] if target in ("chunk", torch.chunk) else None
+        if dim not in (-1, (_ndim(first) or 0) - 1) or not isinstance(count or n.args[1], int):
+            return False
+        part = width // count if count else n.args[1]
+        if part < 1 or width % part:
+            raise TracingError(f"{where}: heads split into unequal parts along head_dim{_hint(model)}")
+        # GPT-NeoX's query, key and value chunked out of each head's packed rows: parts of every head
+        headed[n.name] = (headed[first.name][0], part)
+        att.split_heads.add(n.name)
+        sp.rigid([space[first.name]])
+        space[n.name] = space[first.name]
+        return True
+    if target is operator.getitem and first is not None and first.name in att.split_heads and \
+            isinstance(n.args[1], int):
+        headed[n.name], space[n.name] = headed[first.name], space[first.name]  # one part of every head
         return True
     if target in (operator.neg, torch.neg, "neg") and first is not None and first.name in headed:
         headed[n.name], space[n.name] = headed[first.name], space[first.name]
