@@ -12,13 +12,15 @@ and the parameters and axes it binds, where tracing could not follow the model.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from combinability.data.base import input_dtype
-from combinability.errors import LayoutError, TracingError
-from combinability.permutation import Permutation, apply_permutation, random_permutation
+from combinability.errors import LayoutError, PermutationSpecError, TracingError
+from combinability.module_stacks import block_pairs, merge_blocks
+from combinability.permutation import Permutation, PermutationSpec, apply_permutation, random_permutation
 
 if TYPE_CHECKING:
     from combinability.backend import Backend
@@ -124,7 +126,10 @@ def derive_symmetries(model: Any, example_input: Any, *, backend: str | Backend 
     :mod:`combinability_torch.trace_stream`): attention heads become block permutations,
     feed-forward units neuron permutations, and a residual stream that only linear
     maps, norms and additions touch an orthogonal map, with the norms to fold
-    (:func:`combinability.fold_norms`) before it applies. The result is checked at once:
+    (:func:`combinability.fold_norms`) before it applies. Units that sit on an axis of their own
+    beside their heads' or experts' (flax's ``(d, heads, head_dim)`` kernels, experts stacked as
+    ``(E, d, h)``) are then permuted per head or expert where that keeps the function
+    (:func:`combinability.module_stacks.merge_blocks`). The result is checked at once:
     the model with its norms folded, transformed by a random map of every kind, must
     compute the same outputs on ``example_input``.
 
@@ -148,14 +153,39 @@ def derive_symmetries(model: Any, example_input: Any, *, backend: str | Backend 
     x = be.asarray(example_input, input_dtype(example_input))
     logits = _logits_of(be, model, floats, x)
     base = logits(floats)
+
+    def change(params: Mapping[str, np.ndarray]) -> float | None:
+        """How far ``params`` move the outputs on the example, or None when they keep them."""
+        out = logits(params)
+        close = np.allclose(out, base, rtol=1e-4, atol=1e-4 * max(1.0, float(np.abs(base).max())))
+        return None if close else float(np.abs(out - base).max())
+
+    def keeps(pairs: Mapping[str, str]) -> PermutationSpec | None:
+        """``spec`` with ``pairs`` of units per block (:func:`merge_blocks`) if a random map of it keeps the outputs."""
+        try:
+            finer = merge_blocks(spec, folded, pairs)
+        except PermutationSpecError:
+            return None
+        moved = apply_permutation(finer, random_permutation(finer, folded, seed, derange=True), folded)
+        return finer if change(moved) is None else None
+
+    # per-head (per-expert) units where heads (experts) sit on an axis of their own: all pairs, else each that holds
+    pairs = block_pairs(spec)
+    if pairs and change(folded) is None:
+        finer = keeps(pairs)
+        if finer is None:
+            held = {p: g for p, g in pairs.items() if keeps({p: g}) is not None}
+            finer = keeps(held) if held else None
+        if finer is not None:
+            return finer, folds
     for what, params in (("folding the norms", folded),
                          ("a random transformation", apply_permutation(
                              spec, random_permutation(spec, folded, seed, derange=True), folded))):
-        out = logits(params)
-        if not np.allclose(out, base, rtol=1e-4, atol=1e-4 * max(1.0, float(np.abs(base).max()))):
+        moved = change(params)
+        if moved is not None:
             raise TracingError(f"the derived symmetries of {type(model).__name__} do not preserve its function "
-                               f"({what} changes the outputs on example_input by up to "
-                               f"{float(np.abs(out - base).max()):.3g}); pass spec= by hand")
+                               f"({what} changes the outputs on example_input by up to {moved:.3g}); "
+                               "pass spec= by hand")
     return spec, folds
 
 

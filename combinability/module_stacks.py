@@ -30,8 +30,8 @@ import numpy as np
 
 from combinability.errors import PermutationSpecError
 
-__all__ = ["Stack", "join_members", "split_members", "stack_modules", "stack_experts", "sibling_modules",
-           "module_of"]
+__all__ = ["Stack", "Merge", "merge_blocks", "block_pairs", "view_from_json", "join_members", "split_members",
+           "stack_modules", "stack_experts", "sibling_modules", "module_of"]
 
 
 @dataclass(frozen=True)
@@ -97,6 +97,148 @@ class Stack:
                                        f"along axis {self.axis}")
         pieces = np.split(array, count, axis=self.axis)
         return [np.squeeze(p, self.axis) for p in pieces] if self.new_axis else pieces
+
+
+@dataclass(frozen=True)
+class Merge:
+    """A parameter seen with two of its axes merged into one: ``groups`` blocks (its ``group_axis``: heads,
+    experts) of units (its ``unit_axis``), block-major, in the place of the unit axis.
+
+    A head's or an expert's units, on an axis of their own beside the heads' or experts'
+    axis (flax's ``(d, heads, head_dim)`` kernels, experts stacked as ``(E, d, h)``), permute
+    per block only when both axes are one: the merged axis is then bound to a
+    :class:`~combinability.kinds.Blocks` permutation (see :func:`merge_blocks`).
+
+    Parameters
+    ----------
+    member : str
+        The parameter.
+    group_axis, unit_axis : int
+        Its axes of the blocks and of their units (different).
+    groups : int
+        The number of blocks (the size of ``group_axis``).
+    """
+
+    member: str
+    group_axis: int
+    unit_axis: int
+    groups: int
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.member, str) or not self.member:
+            raise PermutationSpecError(f"Merge.member must be a parameter name, got {self.member!r}")
+        for what in ("group_axis", "unit_axis", "groups"):
+            value = getattr(self, what)
+            if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 0:
+                raise PermutationSpecError(f"Merge.{what} must be a non-negative int, got {value!r}")
+            object.__setattr__(self, what, int(value))
+        if self.group_axis == self.unit_axis:
+            raise PermutationSpecError(f"Merge of {self.member!r}: group_axis and unit_axis must differ")
+
+    @property
+    def members(self) -> tuple[str, ...]:
+        return (self.member,)
+
+    @property
+    def axis(self) -> int:
+        """The merged axis, in the merged parameter."""
+        return self.unit_axis - (1 if self.group_axis < self.unit_axis else 0)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"merge": self.member, "group_axis": self.group_axis, "unit_axis": self.unit_axis,
+                "groups": self.groups}
+
+    def join(self, arrays: Sequence[Any], name: str) -> np.ndarray:
+        array = np.asarray(arrays[0])
+        if max(self.group_axis, self.unit_axis) >= array.ndim or array.shape[self.group_axis] != self.groups:
+            raise PermutationSpecError(f"{name!r} merges axes {self.group_axis} ({self.groups} blocks) and "
+                                       f"{self.unit_axis} of {self.member!r}, whose shape is {array.shape}")
+        moved = np.moveaxis(array, self.group_axis, self.axis)
+        return moved.reshape(moved.shape[:self.axis] + (-1,) + moved.shape[self.axis + 2:])
+
+    def split(self, array: Any, name: str) -> list[np.ndarray]:
+        array = np.asarray(array)
+        if array.ndim <= self.axis or array.shape[self.axis] % self.groups:
+            raise PermutationSpecError(f"{name!r} of shape {array.shape} does not split into {self.groups} blocks "
+                                       f"along axis {self.axis}")
+        shape = array.shape[:self.axis] + (self.groups, -1) + array.shape[self.axis + 1:]
+        return [np.moveaxis(array.reshape(shape), self.axis, self.group_axis)]
+
+
+def view_from_json(data: Any) -> Stack | Merge:
+    """A :class:`Stack` or :class:`Merge` from its ``to_json``."""
+    if isinstance(data, dict) and "merge" in data:
+        try:
+            return Merge(data["merge"], data["group_axis"], data["unit_axis"], data["groups"])
+        except KeyError as exc:
+            raise PermutationSpecError(f"a merge needs {exc}, got {data!r}") from None
+    return Stack.from_json(data)
+
+
+def merge_blocks(spec: Any, params: Mapping[str, Any], pairs: Mapping[str, str] | None = None) -> Any:
+    """``spec`` with each permutation of units that only ever sits beside one of blocks made per block.
+
+    A plain permutation ``P`` every one of whose axes lies in a parameter that also has an
+    axis bound to a plain permutation ``G`` that binds more parameters besides (flax's heads:
+    ``(d, heads, head_dim)`` query and key kernels beside the heads' value kernel; experts
+    stacked as ``(E, d, h)`` beside the gate) permutes the units of every block alike. Per block
+    is finer, and valid when the blocks never mix along ``P``'s axis (heads, experts): those
+    parameters are seen merged (:class:`Merge`) and ``P`` becomes ``Blocks(G, |G|, |P|)``.
+    Whether the finer map keeps the function is for the caller to verify
+    (:func:`combinability.derive_symmetries` keeps each pair that does).
+
+    Parameters
+    ----------
+    spec : PermutationSpec
+    params : mapping of str to array-like
+        The model's parameters (their shapes size the blocks).
+    pairs : mapping of str to str, optional
+        Which units to merge into which blocks (default: all of :func:`block_pairs`).
+
+    Returns
+    -------
+    PermutationSpec
+        ``spec`` itself when there is nothing to merge.
+    """
+    from combinability.kinds import Blocks
+    from combinability.permutation import PermutationSpec
+
+    pairs = block_pairs(spec) if pairs is None else dict(pairs)
+    axes, kinds, views = dict(spec.axes_to_perm), dict(spec.kinds), dict(spec.stacks)
+    if not pairs:
+        return spec
+    sizes = spec.perm_sizes(params)
+    for p, g in pairs.items():
+        for name, axis in spec.perm_to_axes[p]:
+            entry = axes.pop(name)
+            group_axis = entry.index(g)
+            virtual = f"{name}:{g}"
+            views[virtual] = Merge(name, group_axis, axis, sizes[g])
+            axes[virtual] = tuple(e for a, e in enumerate(entry) if a != group_axis)
+        kinds[p] = Blocks(g, sizes[g], sizes[p])
+    return PermutationSpec(axes, kinds, views)
+
+
+def block_pairs(spec: Any) -> dict[str, str]:
+    """The units a spec would permute per block (:func:`merge_blocks`): ``{units: blocks}``."""
+    from combinability.kinds import Blocks
+
+    views = spec.stacks
+    plain = {p for p in spec.perm_to_axes if p not in spec.kinds and p not in spec.segments and p not in spec.repeats}
+    blocks_of = {k.group for k in spec.kinds.values() if isinstance(k, Blocks)}  # already moving blocks
+    holders = {p: {name for name, _ in entries} for p, entries in spec.perm_to_axes.items()}
+    pairs: dict[str, str] = {}  # units -> blocks
+    for p in sorted(plain - blocks_of):
+        if any(name in views or list(spec.axes_to_perm[name]).count(p) != 1 for name in holders[p]):
+            continue
+        # the blocks: bound in every parameter of p (once), and in more (the heads' order binds the values too)
+        found = [g for g in plain if g != p and holders[p] < holders[g]
+                 and all(list(spec.axes_to_perm[name]).count(g) == 1 for name in holders[p])]
+        found.sort(key=lambda g: (len(holders[g]), g))  # the nearest: a head order, not the stream beside it
+        if found and (len(found) == 1 or len(holders[found[0]]) < len(holders[found[1]])):
+            pairs[p] = found[0]
+    pairs = {p: g for p, g in pairs.items() if p not in pairs.values()}
+    return pairs
 
 
 def join_members(stacks: Mapping[str, Stack], params: Mapping[str, Any]) -> dict[str, Any]:

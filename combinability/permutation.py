@@ -43,7 +43,7 @@ from combinability.kinds import (
     kind_from_json,
     random_orthogonal,
 )
-from combinability.module_stacks import Stack, join_members, split_members
+from combinability.module_stacks import Merge, Stack, join_members, split_members, view_from_json
 
 __all__ = [
     "PermutationSpec",
@@ -135,7 +135,7 @@ class PermutationSpec:
         The symmetry kind of names that are not plain neuron permutations:
         :class:`~combinability.kinds.Blocks` (heads, experts) or
         :class:`~combinability.kinds.Orthogonal` (a residual stream).
-    stacks : mapping of str to Stack, optional
+    stacks : mapping of str to Stack or Merge, optional
         Parameters of ``axes_to_perm`` that are several of the model's parameters joined
         (:class:`~combinability.module_stacks.Stack`: experts held as separate modules).
         The parameters a spec is given and returns keep the model's names; its
@@ -192,8 +192,8 @@ class PermutationSpec:
     def _check_stacks(self) -> None:
         seen: dict[str, str] = {}
         for name, stack in self._stacks.items():
-            if not isinstance(stack, Stack):
-                raise PermutationSpecError(f"stacks[{name!r}] must be a Stack, got {stack!r}")
+            if not isinstance(stack, Stack | Merge):
+                raise PermutationSpecError(f"stacks[{name!r}] must be a Stack or a Merge, got {stack!r}")
             if name not in self._axes:
                 raise PermutationSpecError(f"the stacked parameter {name!r} is bound by no entry of the spec")
             for m in stack.members:
@@ -230,6 +230,29 @@ class PermutationSpec:
         """The model's parameters the spec binds: :attr:`axes_to_perm`'s, each stacked one as its members."""
         stacks = self._stacks
         return tuple(m for name in self._axes for m in (stacks[name].members if name in stacks else (name,)))
+
+    def axes_of(self, param: str) -> tuple[Entry, ...]:
+        """What acts on each axis of the model's parameter ``param``, also when the spec binds it through a
+        stacked or merged view (:attr:`stacks`): a member's axis joined with others is bound to the view's
+        block permutation; a merged parameter's blocks axis to the blocks' own permutation.
+
+        Raises
+        ------
+        PermutationSpecError
+            If the spec binds no such parameter.
+        """
+        if param in self._axes:
+            return self._axes[param]
+        for name, view in self._stacks.items():
+            if param in view.members:
+                entries = list(self._axes[name])
+                if isinstance(view, Merge):
+                    kind = self.kind(entries[view.axis])
+                    entries.insert(view.group_axis, kind.group if isinstance(kind, Blocks) else None)
+                elif view.new_axis:
+                    del entries[view.axis]
+                return tuple(entries)
+        raise PermutationSpecError(f"the spec binds no parameter {param!r}")
 
     def joined(self, params: Mapping[str, Any]) -> dict[str, Any]:
         """``params`` as :attr:`axes_to_perm` names them: each stack's members joined (:func:`join_members`)."""
@@ -336,7 +359,7 @@ class PermutationSpec:
                 raise PermutationSpecError(f"permutation spec version {data.get('version')!r}; this library "
                                            "reads 1 to 3")
             kinds = {k: kind_from_json(v) for k, v in (data.get("kinds") or {}).items()}
-            stacks = {k: Stack.from_json(v) for k, v in (data.get("stacks") or {}).items()}
+            stacks = {k: view_from_json(v) for k, v in (data.get("stacks") or {}).items()}
             data = data.get("axes")
         if not isinstance(data, dict):
             raise PermutationSpecError("a JSON permutation spec is an object {parameter: [permutation or null, ...]}")

@@ -167,6 +167,7 @@ class ModelSet:
         if tables[0] is None and example_input is not None:
             from combinability.derive import derive_symmetries, describe
             from combinability.feature_spaces import opener_points
+            from combinability.module_stacks import merge_blocks
 
             derived = None
             try:
@@ -184,6 +185,8 @@ class ModelSet:
             if derived is not None:
                 for i, m in enumerate(models[1:], start=1):
                     other = be.symmetries(m, example_input)[0]
+                    if other != derived:  # (derived with its units per head or expert: merge_blocks)
+                        other = merge_blocks(other, _float_state(be.state(m)))
                     if other != derived:
                         raise IncompatibleModelsError(
                             f"models A and {_label(i)} have different symmetries: "

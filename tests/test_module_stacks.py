@@ -145,3 +145,32 @@ def test_errors_name_what_is_wrong() -> None:
     del axes["moe.experts.3.w2.bias"]
     with pytest.raises(PermutationSpecError, match="differ in parameters"):
         stack_modules(cb.PermutationSpec(axes), "G", [f"moe.experts.{e}" for e in range(E)], p)
+
+
+def test_a_merged_view_joins_blocks_and_their_units_and_splits_back():
+    """``(d, heads, head_dim)``: the heads axis merged into the units' (block-major), and back."""
+    from combinability.module_stacks import Merge, merge_blocks
+
+    rng = np.random.default_rng(7)
+    w = rng.normal(size=(5, 3, 4))  # (d, heads, units)
+    view = Merge("q", 1, 2, 3)
+    merged = view.join([w], "q:H")
+    assert merged.shape == (5, 12) and view.axis == 1
+    np.testing.assert_array_equal(merged[:, 4:8], w[:, 1, :])  # head 1's units
+    np.testing.assert_array_equal(view.split(merged, "q:H")[0], w)
+    out = rng.normal(size=(3, 4, 5))  # (heads, units, d)
+    params = {"q": w, "o": out, "e": np.zeros((2, 5)), "n": np.ones(5), "g": np.ones(3)}  # g: a scale per head
+    spec = cb.PermutationSpec({"q": ("S", "H", "U"), "o": ("H", "U", "S"), "e": (None, "S"), "n": ("S",),
+                               "g": ("H",)})
+    finer = merge_blocks(spec, params)
+    assert finer.kind("U") == Blocks("H", 3, 4) and finer.axes_of("q") == ("S", "H", "U")
+    assert dict(finer.axes_to_perm)["o:H"] == ("U", "S") and finer.stacks["o:H"] == Merge("o", 0, 1, 3)
+    assert cb.PermutationSpec.from_json(finer.to_json()) == finer
+    perm = random_permutation(finer, params, seed=1, derange=True)
+    moved = apply_permutation(finer, perm, {"q": w, "o": out})
+    heads, units = perm["H"], perm["U"].reshape(3, 4) - 4 * perm["H"][:, None]
+    for h in range(3):  # head h of the result is head heads[h], its units in that head's own new order
+        np.testing.assert_array_equal(moved["q"][:, h, :], w[perm["S"]][:, heads[h], units[h]])
+        np.testing.assert_array_equal(moved["o"][h], out[heads[h]][units[h]][:, perm["S"]])
+    same = cb.PermutationSpec({"q": ("S", "H", "U"), "o": ("H", "U", "S")})  # H and U bind the same: which blocks?
+    assert merge_blocks(same, params) is same

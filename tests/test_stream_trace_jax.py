@@ -270,3 +270,74 @@ def test_a_flax_model_the_tracer_cannot_read_is_refused_naming_the_operation(mod
     variables = module.init(jax.random.PRNGKey(0), x)
     with pytest.raises(TracingError, match=match):
         cb.derive_symmetries((module, variables), x)
+
+
+def test_derived_flax_heads_permute_their_units_head_by_head():
+    """``(d, heads, head_dim)`` kernels: the spec merges the heads and their units, so that each head's units move
+    by a permutation of their own (the backend's spec shares one across heads); a planted map of that kind is
+    undone."""
+    module, x = _FlaxMHA(), np.random.default_rng(3).normal(size=(4, 6, 3)).astype(np.float32)
+    state = _state(module, x, 4)
+    spec, folds = cb.derive_symmetries(_model(module, state), x)
+    _, heads, qk = spec.axes_of("params/attn_0/query/kernel")
+    assert spec.kind(qk) == cb.Blocks(heads, 4, 4) and spec.axes_of("params/attn_0/key/kernel")[1:] == (heads, qk)
+    a = cb.fold_norms(state, folds)
+    planted = cb.random_permutation(spec, a, seed=7, derange=True)
+    blocks = planted[qk].reshape(4, 4) % 4
+    assert len({tuple(row) for row in blocks}) > 1  # the heads' units move differently
+    b = cb.apply_permutation(spec, planted, a)
+    _close(_apply(module, b, x), _apply(module, state, x))
+    back = cb.apply_permutation(spec, cb.weight_matching(spec, a, b, seed=0, restarts=2), b)
+    assert max(float(np.abs(back[k] - a[k]).max()) for k in a) < 1e-6
+
+
+class _StackedExperts(nn.Module):
+    """Experts stacked in one parameter per layer, ``(E, d, h)`` and ``(E, h, d)``, weighted densely by the gate."""
+
+    mlp: bool = False
+
+    @nn.compact
+    def __call__(self, x):
+        h = nn.relu(nn.Dense(8, name="inp")(x))
+        gates = jax.nn.softmax(nn.Dense(4, name="gate")(h))
+        w1 = self.param("w1", nn.initializers.lecun_normal(), (4, 8, 6))
+        w2 = self.param("w2", nn.initializers.lecun_normal(), (4, 6, 8))
+        out = jnp.einsum("neh,ehd->ned", jax.nn.gelu(jnp.einsum("nd,edh->neh", h, w1)), w2)
+        h = h + jnp.einsum("ne,ned->nd", gates, out)
+        if self.mlp:  # bias-free: its units are bound only beside the stream, which is no order of blocks
+            h = h + nn.Dense(8, use_bias=False, name="fc2")(nn.gelu(nn.Dense(5, use_bias=False, name="fc1")(h)))
+        return nn.Dense(3, name="out")(h)
+
+
+def test_experts_stacked_in_one_parameter_move_with_the_gate_and_their_units_per_expert():
+    module, x = _StackedExperts(), np.random.default_rng(4).normal(size=(16, 10)).astype(np.float32)
+    variables = module.init(jax.random.PRNGKey(0), x)
+    spec, _ = cb.derive_symmetries((module, variables), x)
+    gate, _, units = spec.axes_of("params/w1")
+    assert spec.axes_of("params/gate/kernel")[1] == gate and spec.kind(units) == cb.Blocks(gate, 4, 6)
+    a = {k: np.asarray(v) for k, v in flatten_dict(variables, sep="/").items()}
+    rng = np.random.default_rng(5)
+    sigma, taus = rng.permutation(4), [rng.permutation(6) for _ in range(4)]
+    pairs = list(zip(sigma, taus, strict=True))
+    b = dict(a, **{"params/gate/kernel": a["params/gate/kernel"][:, sigma],
+                   "params/gate/bias": a["params/gate/bias"][sigma],
+                   "params/w1": np.stack([a["params/w1"][s][:, t] for s, t in pairs]),
+                   "params/w2": np.stack([a["params/w2"][s][t] for s, t in pairs])})
+    _close(module.apply(unflatten_dict(b, sep="/"), x), module.apply(variables, x))
+    back = cb.apply_permutation(spec, cb.weight_matching(spec, a, b, seed=0), b)
+    assert max(float(np.abs(back[k] - a[k]).max()) for k in a) < 1e-6
+
+
+def test_only_the_merges_that_keep_the_function_are_kept():
+    """A bias-free MLP's units sit only beside the stream (a permutation here): merging them per stream unit would
+    change the function, so that pair is dropped, and the experts' is kept."""
+    module, x = _StackedExperts(mlp=True), np.random.default_rng(6).normal(size=(16, 10)).astype(np.float32)
+    variables = module.init(jax.random.PRNGKey(1), x)
+    raw, _ = JAX.symmetries(_model(module, {k: np.asarray(v) for k, v in flatten_dict(variables, sep="/").items()}),
+                            x)
+    from combinability.module_stacks import block_pairs
+
+    stream, units = raw.axes_to_perm["params/fc1/kernel"]
+    assert block_pairs(raw)[units] == stream  # proposed from the spec alone
+    spec, _ = cb.derive_symmetries((module, variables), x)
+    assert spec.kind(units) == cb.Neuron() and isinstance(spec.kind(spec.axes_of("params/w1")[2]), cb.Blocks)

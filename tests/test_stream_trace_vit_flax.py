@@ -61,7 +61,7 @@ def test_the_patch_kernel_opens_the_stream_and_transformations_keep_the_function
     assert spec.axes_to_perm["params/patch/bias"] == (stream,) and spec.axes_to_perm["params/cls"] == (None, None,
                                                                                                       stream)
     assert isinstance(spec.kind(stream), Orthogonal) and spec.kind(stream).fix_ones
-    assert spec.axes_to_perm["params/b0/attn/query/kernel"][0] == stream
+    assert spec.axes_of("params/b0/attn/query/kernel")[0] == stream
     flat = {k: np.asarray(v, np.float64) for k, v in traverse.flatten_dict(variables, sep="/").items()}
     folded = cb.fold_norms(flat, folds)
     moved = cb.apply_permutation(spec, cb.random_permutation(spec, folded, seed=5), folded)

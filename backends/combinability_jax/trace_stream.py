@@ -22,9 +22,9 @@ head_dim) leaves its heads moving whole (rigid: ``Repeat`` of the head order); k
 query heads (``jnp.repeat``, grouped-query attention) make the query heads blocks of the key/value heads' order.
 ``flax.linen.MultiHeadDotProductAttention`` keeps heads on an axis of
 their own (kernels ``(d, heads, dh)`` and ``(heads, dh, d)``): there the head axis is a plain permutation and the
-within-head axes of query/key and of value/output are plain permutations *shared by all heads* — the largest part
-of the head symmetry that one name per axis can express (per-head within-head permutations need a spec entry
-spanning two axes). Experts: a gate value repeated over each expert's units (``jnp.repeat`` of top-k or softmax
+within-head axes of query/key and of value/output are plain permutations *shared by all heads* (one name per
+axis); :func:`combinability.derive_symmetries` makes them per head (:func:`combinability.module_stacks.merge_blocks`).
+Experts: a gate value repeated over each expert's units (``jnp.repeat`` of top-k or softmax
 gates: a reshape merging ``(E, units)``) makes the units ``Blocks`` with the gate's space as group; ``top_k`` and
 ``argmax`` indices turned back into one-hot gates (``jax.nn.one_hot``) keep the gate's space. A gate value taken by
 number (``gates[:, e:e + 1]``) weighs the module of that number: the gate's experts, held as separate submodules,
