@@ -76,18 +76,21 @@ def repeated(x, n_rep, how):
 
 
 class Attention(nn.Module):
-    def __init__(self, kv_heads: int, rotary: int, sdpa: bool, repeat: str = "repeat_kv") -> None:
+    def __init__(self, kv_heads: int, rotary: int, sdpa: bool, repeat: str = "repeat_kv", qk_norm: bool = False
+                 ) -> None:
         super().__init__()
         self.kv_heads, self.rotary, self.sdpa, self.repeat = kv_heads, rotary, sdpa, repeat
         self.q_proj = nn.Linear(D, HEADS * DH, bias=False)
         self.k_proj = nn.Linear(D, kv_heads * DH, bias=False)
         self.v_proj = nn.Linear(D, kv_heads * DH, bias=False)
         self.o_proj = nn.Linear(HEADS * DH, D, bias=False)
+        # Qwen3's query and key norms: an RMSNorm over each head's units, one weight shared by every head
+        self.q_norm, self.k_norm = (HandRMSNorm(DH), HandRMSNorm(DH)) if qk_norm else (nn.Identity(), nn.Identity())
 
     def forward(self, x, cos, sin, mask):
         b, t, _ = x.size()
-        q = self.q_proj(x).view(b, t, -1, DH).transpose(1, 2)
-        k = self.k_proj(x).view(b, t, -1, DH).transpose(1, 2)
+        q = self.q_norm(self.q_proj(x).view(b, t, -1, DH)).transpose(1, 2)
+        k = self.k_norm(self.k_proj(x).view(b, t, -1, DH)).transpose(1, 2)
         v = self.v_proj(x).view(b, t, -1, DH).transpose(1, 2)
         if self.rotary == DH:
             q, k = apply_rotary_pos_emb(q, k, cos, sin)
@@ -116,10 +119,10 @@ class MLP(nn.Module):
 
 
 class Layer(nn.Module):
-    def __init__(self, kv_heads: int, rotary: int, sdpa: bool, repeat: str) -> None:
+    def __init__(self, kv_heads: int, rotary: int, sdpa: bool, repeat: str, qk_norm: bool = False) -> None:
         super().__init__()
         self.input_layernorm, self.post_attention_layernorm = HandRMSNorm(D), HandRMSNorm(D)
-        self.self_attn, self.mlp = Attention(kv_heads, rotary, sdpa, repeat), MLP()
+        self.self_attn, self.mlp = Attention(kv_heads, rotary, sdpa, repeat, qk_norm), MLP()
 
     def forward(self, x, cos, sin, mask):
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask)
@@ -128,10 +131,10 @@ class Layer(nn.Module):
 
 class Llama(nn.Module):
     def __init__(self, kv_heads: int = 2, rotary: int = DH, sdpa: bool = False, depth: int = 2,
-                 repeat: str = "repeat_kv") -> None:
+                 repeat: str = "repeat_kv", qk_norm: bool = False) -> None:
         super().__init__()
         self.embed_tokens = nn.Embedding(VOCAB, D)
-        self.layers = nn.ModuleList([Layer(kv_heads, rotary, sdpa, repeat) for _ in range(depth)])
+        self.layers = nn.ModuleList([Layer(kv_heads, rotary, sdpa, repeat, qk_norm) for _ in range(depth)])
         self.norm, self.rotary_emb = HandRMSNorm(D), RotaryEmbedding(rotary)
         self.lm_head = nn.Linear(D, VOCAB, bias=False)
 
@@ -168,7 +171,7 @@ def _planted(state: dict[str, np.ndarray], kv_heads: int, seed: int) -> dict[str
     out = {}
     for name, w in state.items():
         out[name] = w[:, stream] if name == "embed_tokens.weight" else w
-        if name.endswith("norm.weight"):
+        if name.endswith("norm.weight") and not name.endswith(("q_norm.weight", "k_norm.weight")):  # the stream's
             out[name] = w[stream]
         if name == "lm_head.weight":
             out[name] = w[:, stream]
@@ -213,6 +216,21 @@ def test_rotary_grouped_query_llama_moves_whole_heads_and_keeps_the_function(kv_
     np.testing.assert_allclose(float64_outputs(model, moved, IDX), base, atol=1e-5)
     back = cb.apply_permutation(spec, cb.weight_matching(spec, state, planted, seed=0), planted)
     assert max(float(np.abs(back[k] - state[k]).max()) for k in state) < 1e-12  # the planted map undone
+
+
+@pytest.mark.parametrize("sdpa", [False, True])
+def test_query_and_key_norms_per_head_keep_heads_whole_and_their_weights_in_place(sdpa):
+    """Qwen3's attention: an RMSNorm over each head's query and key units, its weight shared by every head."""
+    model = randomised(Llama(2, sdpa=sdpa, qk_norm=True), 3)
+    spec, _ = cb.derive_symmetries(model, IDX)
+    assert spec.axes_to_perm["layers.1.self_attn.q_norm.weight"] == (None,)
+    assert spec.axes_to_perm["layers.1.self_attn.q_proj.weight"][0] == Repeat("layers.1.self_attn.q_proj.heads", DH)
+    state = _state(model)
+    base = float64_outputs(model, state, IDX)
+    planted = _planted(state, 2, seed=6)
+    np.testing.assert_allclose(float64_outputs(model, planted, IDX), base, atol=1e-5)  # the hand-made reference
+    back = cb.apply_permutation(spec, cb.weight_matching(spec, state, planted, seed=0), planted)
+    assert max(float(np.abs(back[k] - state[k]).max()) for k in state) < 1e-12
 
 
 def test_the_rotary_is_real_a_within_head_permutation_of_query_and_key_changes_the_function():

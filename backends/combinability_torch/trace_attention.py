@@ -27,6 +27,7 @@ from combinability_torch.fx_vocabulary import (
     _ADD,
     _MATMUL,
     _SCALING,
+    _dim_is_last,
     _hint,
     _keeps_last,
     _last,
@@ -83,6 +84,8 @@ class _HandAttention:
     #: a space viewed into heads -> the width of its heads (a slice of them is narrower: rotary halves,
     #: GPT-NeoX's query, key and value packed in each head)
     width: dict[int, int] = field(default_factory=dict)
+    #: squares of per-head features (False) and statistics of them per head and token (True): a head's RMSNorm
+    head_stats: dict[str, bool] = field(default_factory=dict)
     #: per-head features split into parts along head_dim (GPT-NeoX's ``qkv.chunk(3, dim=-1)``): tuples of parts
     split_heads: set[str] = field(default_factory=set)
     #: parts of heads stacked along a new last axis (GPT-J's ``stack((-x2, x1), -1)``) -> their heads
@@ -339,6 +342,51 @@ def _slices_last(n: fx.Node) -> bool:
     return bool(idx) and isinstance(idx[-1], slice) and all(whole) and (Ellipsis in idx or len(idx) == nd)
 
 
+_SQUARES = {"pow", torch.pow, operator.pow, "square", torch.square}
+_ON_STATISTICS = {operator.add, torch.add, "add", torch.rsqrt, "rsqrt", torch.sqrt, "sqrt", "to", "float",
+                  "reciprocal", torch.reciprocal}
+
+
+def _head_norm(n: fx.Node, first: fx.Node | None, sp: FeatureSpaces, space: dict[str, Any],
+               att: _HandAttention) -> bool:
+    """An RMSNorm over each head's features (Qwen3's and OLMo-2's query/key norms): ``x * rsqrt(mean(x², -1) +
+    eps) * weight`` on per-head features. The statistic is free of the order of a head's units, so they still
+    permute; the weight, one per head_dim unit shared by every head, is not permuted and keeps each head's units
+    in their order (rigid, as a rotary does). Handle ``n`` and return True, or leave it (False)."""
+    target, headed = n.target, att.headed
+    if target in _SQUARES and first is not None and first.name in headed and n.args[1:2] == (2,):
+        att.head_stats[n.name] = False  # squares of per-head features, not yet reduced
+        space[n.name] = None
+        return True
+    if target in ("mean", torch.mean) and first is not None and first.name in att.head_stats and \
+            _dim_is_last(n, 1) and n.kwargs.get("keepdim", n.args[2] if len(n.args) > 2 else False):
+        att.head_stats[n.name] = True  # a statistic per head and token
+        space[n.name] = None
+        return True
+    if target in _ON_STATISTICS and first is not None and att.head_stats.get(first.name) and \
+            not any(isinstance(a, fx.Node) and a.name in headed for a in n.args[1:]):
+        att.head_stats[n.name] = True
+        space[n.name] = None
+        return True
+    nodes = [a for a in n.args if isinstance(a, fx.Node)]
+    if target in (operator.mul, torch.mul, "mul", operator.truediv, "div") and len(nodes) == 2:
+        mine = [a for a in nodes if a.name in headed]
+        other = [a for a in nodes if a.name not in headed]
+        if len(mine) != 1 or len(other) != 1:
+            return False
+        h, o = mine[0], other[0]
+        if att.head_stats.get(o.name):  # scaled by its own statistic
+            headed[n.name], space[n.name] = headed[h.name], space[h.name]
+            sp.mark([space[h.name]])
+            return True
+        if o.op == "get_attr" and _shape_of(o) == (headed[h.name][1],) and target in (operator.mul, torch.mul, "mul"):
+            sp.fix([space.get(o.name)])  # the norm's weight, shared by every head: not permuted
+            sp.rigid([space[h.name]])
+            headed[n.name], space[n.name] = headed[h.name], space[h.name]
+            return True
+    return False
+
+
 def _rotary_or_repeated(n: fx.Node, args: list[fx.Node], first: fx.Node | None, sp: FeatureSpaces,
                         space: dict[str, Any], att: _HandAttention, where: str, model: nn.Module) -> bool:
     """Rotary position embeddings and grouped-query attention on per-head features: handle ``n``
@@ -356,6 +404,8 @@ def _rotary_or_repeated(n: fx.Node, args: list[fx.Node], first: fx.Node | None, 
     """
     target, headed = n.target, att.headed
     shape, nd = _shape_of(n), _ndim(n) or 0
+    if _head_norm(n, first, sp, space, att):
+        return True
     if target is operator.getitem and first is not None and first.name in headed and _slices_last(n) and shape:
         headed[n.name] = (headed[first.name][0], shape[-1])  # a part of every head: its units keep their order
         sp.rigid([space[first.name]])
