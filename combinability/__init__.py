@@ -50,7 +50,7 @@ _CORE: dict[str, tuple[str, ...]] = {
     "combinability.hookspecs": ("hookimpl",),
     "combinability.kinds": ("Blocks", "Neuron", "Orthogonal"),
     "combinability.layout": ("FlatLayout", "ParamEntry"),
-    "combinability.module_stacks": ("Stack", "stack_modules"),
+    "combinability.module_stacks": ("Stack", "Part", "stack_modules"),
     "combinability.matching": ("activation_matching", "matching_objective", "perturb_permutation",
                                "random_derangement", "unit_correlations", "weight_matching"),
     "combinability.permutation": ("Permutation", "PermutationSpec", "Repeat", "apply_permutation",

@@ -43,6 +43,7 @@ from typing import Any
 from combinability.errors import TracingError
 from combinability.folding import NormFold, Reader
 from combinability.kinds import Blocks, Kind, Orthogonal
+from combinability.module_stacks import Part
 from combinability.permutation import Entry, PermutationSpec, Repeat
 
 __all__ = ["FIXED", "ANY", "FeatureSpaces", "Norm", "Heads", "Experts", "Gates", "ReshapeGroups", "spec_from_spaces",
@@ -543,16 +544,50 @@ def spec_from_spaces(spaces: FeatureSpaces, binds: Mapping[str, Sequence[int | t
         if isinstance(e, tuple):
             if any(sp.is_fixed(s) for s in e):
                 raise TracingError(f"{param!r}: a segment of a packed axis is fixed while the others move" + hint)
-            if any(f(s) in rigid for s in e):
-                raise TracingError(f"{param!r}: a packed axis with a segment of rigid heads (rotary position "
-                                   f"embeddings on stacked query/key/value rows) is not supported" + hint)
+            if any(f(s) in rigid for s in e):  # rigid heads among the segments: the parameter is cut into parts
+                if not all(sp.size[s] > 0 for s in e[:-1]):
+                    raise TracingError(f"{param!r}: a packed axis with a segment of rigid heads (rotary position "
+                                       f"embeddings on stacked query/key/value rows) whose sizes are unknown" + hint)
+                return _Cut(tuple(rigid.get(f(s), sp.name(s)) for s in e), tuple(sp.size[s] for s in e))
             return tuple(sp.name(s) for s in e)
         if e is None or sp.is_fixed(e) or (param in norm_params and f(e) in orthogonal):
             return None
         return rigid.get(f(e), sp.name(e))
 
     axes = {param: tuple(entry(param, e) for e in entries) for param, entries in binds.items()}
-    return PermutationSpec(axes, kinds), all_folds
+    axes, parts = _cut_parts(axes, hint)
+    return PermutationSpec(axes, kinds, parts), all_folds
+
+
+@dataclass(frozen=True)
+class _Cut:
+    """A packed axis whose segments are not all plain names (rigid heads): cut into parts of these sizes."""
+
+    entries: tuple[Entry, ...]
+    sizes: tuple[int, ...]
+
+
+def _cut_parts(axes: Mapping[str, tuple[Any, ...]], hint: str) -> tuple[dict[str, tuple[Entry, ...]], dict[str, Part]]:
+    """``axes`` with each parameter that has a :class:`_Cut` axis bound as its parts
+    (``"qkv.weight[0:96]"``, ...; :class:`~combinability.module_stacks.Part`), and those parts."""
+    out: dict[str, tuple[Entry, ...]] = {}
+    parts: dict[str, Part] = {}
+    for param, entries in axes.items():
+        cuts = [axis for axis, e in enumerate(entries) if isinstance(e, _Cut)]
+        if not cuts:
+            out[param] = entries
+            continue
+        if len(cuts) > 1:
+            raise TracingError(f"{param!r}: two axes packed with segments of rigid heads" + hint)
+        axis, cut = cuts[0], entries[cuts[0]]
+        start = 0
+        for k, (e, size) in enumerate(zip(cut.entries, cut.sizes, strict=True)):
+            last = k == len(cut.entries) - 1
+            name = f"{param}[{start}:{'' if last else start + size}]"
+            out[name] = entries[:axis] + (e,) + entries[axis + 1:]
+            parts[name] = Part(param, axis, start, None if last else start + size)
+            start += size
+    return out, parts
 
 
 def opener_points(spec: PermutationSpec) -> dict[str, str]:

@@ -30,7 +30,7 @@ import numpy as np
 
 from combinability.errors import PermutationSpecError
 
-__all__ = ["Stack", "Merge", "merge_blocks", "block_pairs", "view_from_json", "join_members", "split_members",
+__all__ = ["Stack", "Merge", "Part", "merge_blocks", "block_pairs", "view_from_json", "join_members", "split_members",
            "stack_modules", "stack_experts", "sibling_modules", "module_of"]
 
 
@@ -165,8 +165,93 @@ class Merge:
         return [np.moveaxis(array.reshape(shape), self.axis, self.group_axis)]
 
 
-def view_from_json(data: Any) -> Stack | Merge:
-    """A :class:`Stack` or :class:`Merge` from its ``to_json``."""
+@dataclass(frozen=True)
+class Part:
+    """A slice of one parameter along one axis, ``[start:stop]``, bound as a parameter of its own.
+
+    One layer's rows can hold several things that move in different ways: Phi-3's
+    ``qkv_proj`` stacks the query heads, the key heads and the value heads, of unequal
+    sizes, with rotary position embeddings keeping the units of each query and key head in
+    order (:class:`~combinability.permutation.Repeat` entries), where a packed axis's
+    segments can only be plain names. Seen as its parts, each slice gets an entry of
+    any kind. The parts of one parameter must tile the axis: from 0, each starting where
+    the last stopped, the last one running to the end (``stop=None``).
+
+    Parameters
+    ----------
+    member : str
+        The parameter.
+    axis : int
+        The axis it is cut along.
+    start : int
+        The part's first entry along ``axis``.
+    stop : int or None
+        One past its last entry; ``None``: the end of the axis.
+    """
+
+    member: str
+    axis: int
+    start: int
+    stop: int | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.member, str) or not self.member:
+            raise PermutationSpecError(f"Part.member must be a parameter name, got {self.member!r}")
+        for what in ("axis", "start", "stop"):
+            value = getattr(self, what)
+            if value is None and what == "stop":
+                continue
+            if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 0:
+                raise PermutationSpecError(f"Part.{what} must be a non-negative int, got {value!r}")
+            object.__setattr__(self, what, int(value))
+        if self.stop is not None and self.stop <= self.start:
+            raise PermutationSpecError(f"Part of {self.member!r}: stop ({self.stop}) must exceed start ({self.start})")
+
+    @property
+    def members(self) -> tuple[str, ...]:
+        return (self.member,)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"part": self.member, "axis": self.axis, "start": self.start, "stop": self.stop}
+
+    def join(self, arrays: Sequence[Any], name: str) -> np.ndarray:
+        """The part ``name`` of its member's array (a view)."""
+        array = np.asarray(arrays[0])
+        stop = array.shape[self.axis] if array.ndim > self.axis and self.stop is None else self.stop
+        if array.ndim <= self.axis or stop > array.shape[self.axis] or stop <= self.start:
+            raise PermutationSpecError(f"{name!r} is {self.member!r}[{self.start}:{self.stop}] along axis "
+                                       f"{self.axis}, but its shape is {array.shape}")
+        return np.take(array, np.arange(self.start, stop), axis=self.axis) if self.axis else array[self.start:stop]
+
+    def split(self, array: Any, name: str) -> list[np.ndarray]:
+        """The piece of its member (:func:`split_members` joins the parts of a member)."""
+        return [np.asarray(array)]
+
+
+def _tiles(parts: Sequence[tuple[str, Part]], member: str) -> list[tuple[str, Part]]:
+    """``parts`` of ``member`` in order, checked to tile one axis from 0 to the end."""
+    ordered = sorted(parts, key=lambda kv: kv[1].start)
+    axes = {part.axis for _, part in ordered}
+    if len(axes) != 1:
+        raise PermutationSpecError(f"the parts of {member!r} cut it along different axes: {sorted(axes)}")
+    at = 0
+    for k, (_, part) in enumerate(ordered):
+        last = k == len(ordered) - 1
+        if part.start != at or (part.stop is None) != last:
+            bounds = ", ".join(f"[{p.start}:{'' if p.stop is None else p.stop}]" for _, p in ordered)
+            raise PermutationSpecError(f"the parts of {member!r} must tile its axis {part.axis} from 0 to the end "
+                                       f"(the last with stop=None), got {bounds}")
+        at = part.stop if part.stop is not None else at
+    return ordered
+
+
+def view_from_json(data: Any) -> Stack | Merge | Part:
+    """A :class:`Stack`, :class:`Merge` or :class:`Part` from its ``to_json``."""
+    if isinstance(data, dict) and "part" in data:
+        try:
+            return Part(data["part"], data["axis"], data["start"], data.get("stop"))
+        except KeyError as exc:
+            raise PermutationSpecError(f"a part needs {exc}, got {data!r}") from None
     if isinstance(data, dict) and "merge" in data:
         try:
             return Merge(data["merge"], data["group_axis"], data["unit_axis"], data["groups"])
@@ -241,10 +326,11 @@ def block_pairs(spec: Any) -> dict[str, str]:
     return pairs
 
 
-def join_members(stacks: Mapping[str, Stack], params: Mapping[str, Any]) -> dict[str, Any]:
-    """``params`` with each stack's members replaced by the stacked parameter, in place of its first member.
+def join_members(stacks: Mapping[str, Stack | Merge | Part], params: Mapping[str, Any]) -> dict[str, Any]:
+    """``params`` with each view's members replaced by the view (a stacked parameter, a merged one, the
+    parts of one), in place of its first member.
 
-    A stack none of whose members are given is left out; one given in part is an error.
+    A view none of whose members are given is left out; one given in part is an error.
 
     Raises
     ------
@@ -253,7 +339,7 @@ def join_members(stacks: Mapping[str, Stack], params: Mapping[str, Any]) -> dict
     """
     if not stacks:
         return dict(params)
-    first: dict[str, str] = {}
+    first: dict[str, list[str]] = {}
     for name, stack in stacks.items():
         present = [m for m in stack.members if m in params]
         if present and len(present) != len(stack.members):
@@ -261,24 +347,45 @@ def join_members(stacks: Mapping[str, Stack], params: Mapping[str, Any]) -> dict
             raise PermutationSpecError(f"the stacked parameter {name!r} needs all its members together; "
                                        f"{missing} are missing")
         if present:
-            first[stack.members[0]] = name
-    members = {m for name in first.values() for m in stacks[name].members}
+            first.setdefault(stack.members[0], []).append(name)
+    members = {m for names in first.values() for name in names for m in stacks[name].members}
     out: dict[str, Any] = {}
     for key, value in params.items():
         if key in first:
-            name = first[key]
-            out[name] = stacks[name].join([params[m] for m in stacks[name].members], name)
+            for name in first[key]:
+                out[name] = stacks[name].join([params[m] for m in stacks[name].members], name)
         elif key not in members:
             out[key] = value
     return out
 
 
-def split_members(stacks: Mapping[str, Stack], params: Mapping[str, Any]) -> dict[str, Any]:
-    """The inverse of :func:`join_members`: each stacked parameter given replaced by its members."""
+def split_members(stacks: Mapping[str, Stack | Merge | Part], params: Mapping[str, Any]) -> dict[str, Any]:
+    """The inverse of :func:`join_members`: each view given replaced by its members (the parts of one
+    parameter joined back along their axis, in place of the first).
+
+    Raises
+    ------
+    PermutationSpecError
+        If some parts of a parameter are given without the others.
+    """
+    parts: dict[str, list[tuple[str, Part]]] = {}
+    for name, view in stacks.items():
+        if isinstance(view, Part):
+            parts.setdefault(view.member, []).append((name, view))
     out: dict[str, Any] = {}
     for key, value in params.items():
-        if key in stacks:
-            out.update(zip(stacks[key].members, stacks[key].split(value, key), strict=True))
+        view = stacks.get(key)
+        if isinstance(view, Part):
+            if view.member in out:
+                continue
+            given = [kv for kv in parts[view.member] if kv[0] in params]
+            if len(given) != len(parts[view.member]):
+                missing = [name for name, _ in parts[view.member] if name not in params]
+                raise PermutationSpecError(f"{view.member!r} is joined from all its parts; {missing} are missing")
+            ordered = _tiles(given, view.member)
+            out[view.member] = np.concatenate([np.asarray(params[name]) for name, _ in ordered], view.axis)
+        elif view is not None:
+            out.update(zip(view.members, view.split(value, key), strict=True))
         else:
             out[key] = value
     return out

@@ -43,7 +43,7 @@ from combinability.kinds import (
     kind_from_json,
     random_orthogonal,
 )
-from combinability.module_stacks import Merge, Stack, join_members, split_members, view_from_json
+from combinability.module_stacks import Merge, Part, Stack, _tiles, join_members, split_members, view_from_json
 
 __all__ = [
     "PermutationSpec",
@@ -135,9 +135,12 @@ class PermutationSpec:
         The symmetry kind of names that are not plain neuron permutations:
         :class:`~combinability.kinds.Blocks` (heads, experts) or
         :class:`~combinability.kinds.Orthogonal` (a residual stream).
-    stacks : mapping of str to Stack or Merge, optional
-        Parameters of ``axes_to_perm`` that are several of the model's parameters joined
-        (:class:`~combinability.module_stacks.Stack`: experts held as separate modules).
+    stacks : mapping of str to Stack, Merge or Part, optional
+        Parameters of ``axes_to_perm`` that are views of the model's parameters: several
+        joined (:class:`~combinability.module_stacks.Stack`: experts held as separate
+        modules), two axes of one merged (:class:`~combinability.module_stacks.Merge`), or
+        a slice of one (:class:`~combinability.module_stacks.Part`: Phi-3's query, key and
+        value rows, each moving its own way).
         The parameters a spec is given and returns keep the model's names; its
         ``axes_to_perm`` binds the stacked ones.
 
@@ -191,20 +194,29 @@ class PermutationSpec:
 
     def _check_stacks(self) -> None:
         seen: dict[str, str] = {}
+        parts: dict[str, list[tuple[str, Part]]] = {}
         for name, stack in self._stacks.items():
-            if not isinstance(stack, Stack | Merge):
-                raise PermutationSpecError(f"stacks[{name!r}] must be a Stack or a Merge, got {stack!r}")
+            if not isinstance(stack, Stack | Merge | Part):
+                raise PermutationSpecError(f"stacks[{name!r}] must be a Stack, a Merge or a Part, got {stack!r}")
             if name not in self._axes:
                 raise PermutationSpecError(f"the stacked parameter {name!r} is bound by no entry of the spec")
             for m in stack.members:
                 if m in self._axes:
                     raise PermutationSpecError(f"{m!r} is both a parameter of the spec and a member of the stacked "
                                                f"parameter {name!r}")
+                if isinstance(stack, Part) and (m not in seen or m in parts):  # the parts of one parameter share it
+                    parts.setdefault(m, []).append((name, stack))
+                    seen.setdefault(m, name)
+                    continue
                 if seen.setdefault(m, name) != name:
                     raise PermutationSpecError(f"{m!r} is a member of both {seen[m]!r} and {name!r}")
             if stack.axis >= len(self._axes[name]):
                 raise PermutationSpecError(f"{name!r} joins its members along axis {stack.axis}, but the spec gives "
                                            f"it {len(self._axes[name])} axes")
+        for m, cut in parts.items():
+            _tiles(cut, m)
+            if len({len(self._axes[name]) for name, _ in cut}) != 1:
+                raise PermutationSpecError(f"the parts of {m!r} are given different numbers of axes")
 
     def _bound_names(self) -> list[str]:
         names: list[str] = []
@@ -229,12 +241,15 @@ class PermutationSpec:
     def parameters(self) -> tuple[str, ...]:
         """The model's parameters the spec binds: :attr:`axes_to_perm`'s, each stacked one as its members."""
         stacks = self._stacks
-        return tuple(m for name in self._axes for m in (stacks[name].members if name in stacks else (name,)))
+        return tuple(dict.fromkeys(m for name in self._axes for m in (stacks[name].members if name in stacks
+                                                                      else (name,))))
 
     def axes_of(self, param: str) -> tuple[Entry, ...]:
         """What acts on each axis of the model's parameter ``param``, also when the spec binds it through a
         stacked or merged view (:attr:`stacks`): a member's axis joined with others is bound to the view's
-        block permutation; a merged parameter's blocks axis to the blocks' own permutation.
+        block permutation; a merged parameter's blocks axis to the blocks' own permutation; the axis a
+        parameter is cut along into parts (:class:`~combinability.module_stacks.Part`) to the tuple of
+        the parts' entries, in order.
 
         Raises
         ------
@@ -243,6 +258,13 @@ class PermutationSpec:
         """
         if param in self._axes:
             return self._axes[param]
+        cut = sorted(((view.start, name) for name, view in self._stacks.items()
+                      if isinstance(view, Part) and view.member == param))
+        if cut:
+            view = self._stacks[cut[0][1]]
+            entries = list(self._axes[cut[0][1]])
+            entries[view.axis] = tuple(self._axes[name][view.axis] for _, name in cut)
+            return tuple(entries)
         for name, view in self._stacks.items():
             if param in view.members:
                 entries = list(self._axes[name])

@@ -174,3 +174,57 @@ def test_a_merged_view_joins_blocks_and_their_units_and_splits_back():
         np.testing.assert_array_equal(moved["o"][h], out[heads[h]][units[h]][:, perm["S"]])
     same = cb.PermutationSpec({"q": ("S", "H", "U"), "o": ("H", "U", "S")})  # H and U bind the same: which blocks?
     assert merge_blocks(same, params) is same
+
+
+def _cut_layer(seed: int) -> tuple[cb.PermutationSpec, dict[str, np.ndarray]]:
+    """A layer whose 10 rows are 3 rotary heads of 2 units (kept in order) then 4 plain units, cut
+    into two parts (Phi-3's query rows, then others), read by an output layer."""
+    from combinability.module_stacks import Part
+    from combinability.permutation import Repeat
+
+    rng = np.random.default_rng(seed)
+    spec = cb.PermutationSpec({"w[0:6]": (Repeat("H", 2), "S"), "w[6:]": ("V", "S"), "b[0:6]": (Repeat("H", 2),),
+                               "b[6:]": ("V",), "o": ("S", "V")},
+                              stacks={"w[0:6]": Part("w", 0, 0, 6), "w[6:]": Part("w", 0, 6),
+                                      "b[0:6]": Part("b", 0, 0, 6), "b[6:]": Part("b", 0, 6)})
+    return spec, {"w": rng.normal(size=(10, 3)), "b": rng.normal(size=(10,)), "o": rng.normal(size=(3, 4))}
+
+
+def test_parts_of_one_parameter_each_move_their_own_way() -> None:
+    spec, params = _cut_layer(0)
+    assert spec.parameters == ("w", "b", "o") and spec.perm_sizes(params) == {"H": 3, "S": 3, "V": 4}
+    perm = {"H": np.array([2, 0, 1]), "S": np.array([1, 2, 0]), "V": np.array([3, 2, 1, 0])}
+    rows = np.r_[4, 5, 0, 1, 2, 3, 9, 8, 7, 6]  # written out: head 2's two rows, head 0's, head 1's, V reversed
+    out = apply_permutation(spec, perm, params)
+    assert list(out) == ["w", "b", "o"]
+    np.testing.assert_array_equal(out["w"], params["w"][rows][:, [1, 2, 0]])
+    np.testing.assert_array_equal(out["b"], params["b"][rows])
+    np.testing.assert_array_equal(out["o"], params["o"][[1, 2, 0]][:, [3, 2, 1, 0]])
+    assert cb.PermutationSpec.from_json(spec.to_json()) == spec
+    assert spec.axes_of("w")[0] == (spec.axes_to_perm["w[0:6]"][0], "V")
+
+
+def test_weight_matching_undoes_a_planted_map_of_parts() -> None:
+    spec, a = _cut_layer(1)
+    planted = random_permutation(spec, a, seed=3)
+    b = apply_permutation(spec, planted, a)
+    found = cb.weight_matching(spec, a, b, seed=0)
+    back = apply_permutation(spec, found, b)
+    assert max(float(np.abs(back[k] - a[k]).max()) for k in a) < 1e-12
+
+
+def test_parts_that_do_not_tile_their_parameter_are_refused() -> None:
+    from combinability.module_stacks import Part
+
+    with pytest.raises(PermutationSpecError, match="tile its axis"):
+        cb.PermutationSpec({"w[0:6]": ("H", None), "w[7:]": ("V", None)},
+                           stacks={"w[0:6]": Part("w", 0, 0, 6), "w[7:]": Part("w", 0, 7)})
+    with pytest.raises(PermutationSpecError, match="stop"):
+        Part("w", 0, 6, 6)
+    spec, params = _cut_layer(0)
+    with pytest.raises(PermutationSpecError, match=r"'w' is joined from all its parts"):
+        split_members(spec.stacks, {"w[0:6]": params["w"][:6]})
+    with pytest.raises(PermutationSpecError, match=r"'w'\[0:6\] along axis 0, but its shape is \(5, 3\)"):
+        spec.validate({**params, "w": params["w"][:5]})
+    with pytest.raises(PermutationSpecError, match=r"'w'\[6:None\] along axis 0, but its shape is \(6, 3\)"):
+        spec.validate({**params, "w": params["w"][:6]})

@@ -2,7 +2,9 @@
 test needs no ``transformers``): RMSNorm written out, rotary position embeddings (``rotate_half``,
 ``cos``/``sin`` tables made from an ``inv_freq`` buffer and the positions), grouped-query attention
 (``repeat_kv``: key/value heads given a new axis, expanded and merged into the query heads), a
-SwiGLU MLP (``down(silu(gate(x)) * up(x))``) and a partial-rotary variant (Phi's); also GPT-NeoX's
+SwiGLU MLP (``down(silu(gate(x)) * up(x))``), a partial-rotary variant (Phi's) and Phi-3's fused layers
+(query, key and value rows of unequal sizes sliced out of one ``qkv_proj``, gate and up rows chunked
+out of one ``gate_up_proj``); also GPT-NeoX's
 query/key/value rows packed per head and OPT's heads folded into the batch axis for ``bmm``.
 
 Rotary embeddings rotate fixed pairs of each head's units, so the query/key units must keep their
@@ -108,6 +110,27 @@ class Attention(nn.Module):
         return self.o_proj(out.transpose(1, 2).contiguous().reshape(b, t, -1))
 
 
+class FusedAttention(Attention):
+    """Phi-3's attention: query, key and value rows in one layer, sliced out at their offsets."""
+
+    def __init__(self, kv_heads: int, rotary: int, sdpa: bool, repeat: str = "repeat_kv", bias: bool = False) -> None:
+        super().__init__(kv_heads, rotary, sdpa, repeat)
+        del self.q_proj, self.k_proj, self.v_proj
+        self.qkv_proj = nn.Linear(D, (HEADS + 2 * kv_heads) * DH, bias=bias)
+
+    def forward(self, x, cos, sin, mask):
+        b, t, _ = x.size()
+        qkv = self.qkv_proj(x)
+        query_pos = HEADS * DH
+        q = qkv[..., :query_pos].view(b, t, -1, DH).transpose(1, 2)
+        k = qkv[..., query_pos : query_pos + self.kv_heads * DH].view(b, t, -1, DH).transpose(1, 2)
+        v = qkv[..., query_pos + self.kv_heads * DH :].view(b, t, -1, DH).transpose(1, 2)
+        q, k = apply_rotary_pos_emb(q, k, cos, sin)
+        k, v = (repeated(z, HEADS // self.kv_heads, self.repeat) for z in (k, v))
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.o_proj(out.transpose(1, 2).contiguous().reshape(b, t, -1))
+
+
 class MLP(nn.Module):
     def __init__(self) -> None:
         super().__init__()
@@ -118,11 +141,26 @@ class MLP(nn.Module):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
+class FusedMLP(nn.Module):
+    """Phi-3's MLP: gate and up rows in one layer, chunked in two."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate_up_proj, self.down_proj = nn.Linear(D, 4 * D, bias=False), nn.Linear(2 * D, D, bias=False)
+
+    def forward(self, x):
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(up * F.silu(gate))
+
+
 class Layer(nn.Module):
-    def __init__(self, kv_heads: int, rotary: int, sdpa: bool, repeat: str, qk_norm: bool = False) -> None:
+    def __init__(self, kv_heads: int, rotary: int, sdpa: bool, repeat: str, qk_norm: bool = False,
+                 fused: str = "") -> None:
         super().__init__()
         self.input_layernorm, self.post_attention_layernorm = HandRMSNorm(D), HandRMSNorm(D)
         self.self_attn, self.mlp = Attention(kv_heads, rotary, sdpa, repeat, qk_norm), MLP()
+        if fused:  # Phi-3's layout ("bias": with a bias on the query, key and value rows)
+            self.self_attn, self.mlp = FusedAttention(kv_heads, rotary, sdpa, repeat, fused == "bias"), FusedMLP()
 
     def forward(self, x, cos, sin, mask):
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask)
@@ -131,10 +169,10 @@ class Layer(nn.Module):
 
 class Llama(nn.Module):
     def __init__(self, kv_heads: int = 2, rotary: int = DH, sdpa: bool = False, depth: int = 2,
-                 repeat: str = "repeat_kv", qk_norm: bool = False) -> None:
+                 repeat: str = "repeat_kv", qk_norm: bool = False, fused: str = "") -> None:
         super().__init__()
         self.embed_tokens = nn.Embedding(VOCAB, D)
-        self.layers = nn.ModuleList([Layer(kv_heads, rotary, sdpa, repeat, qk_norm) for _ in range(depth)])
+        self.layers = nn.ModuleList([Layer(kv_heads, rotary, sdpa, repeat, qk_norm, fused) for _ in range(depth)])
         self.norm, self.rotary_emb = HandRMSNorm(D), RotaryEmbedding(rotary)
         self.lm_head = nn.Linear(D, VOCAB, bias=False)
 
@@ -184,6 +222,9 @@ def _planted(state: dict[str, np.ndarray], kv_heads: int, seed: int) -> dict[str
         out[p + "self_attn.k_proj.weight"] = _heads_moved(state[p + "self_attn.k_proj.weight"], kv_order, 0)[:, stream]
         out[p + "self_attn.v_proj.weight"] = _heads_moved(state[p + "self_attn.v_proj.weight"], kv_order, 0)[:, stream]
         out[p + "self_attn.o_proj.weight"] = _heads_moved(state[p + "self_attn.o_proj.weight"], q_order, 1)[stream]
+        for m, order in (("q_proj", q_order), ("k_proj", kv_order), ("v_proj", kv_order)):
+            if p + f"self_attn.{m}.bias" in state:  # Qwen2's (and a fused layer's) biases move with their rows
+                out[p + f"self_attn.{m}.bias"] = _heads_moved(state[p + f"self_attn.{m}.bias"], order, 0)
         for m in ("gate_proj", "up_proj"):
             out[p + f"mlp.{m}.weight"] = state[p + f"mlp.{m}.weight"][neurons][:, stream]
         out[p + "mlp.down_proj.weight"] = state[p + "mlp.down_proj.weight"][stream][:, neurons]
@@ -231,6 +272,67 @@ def test_query_and_key_norms_per_head_keep_heads_whole_and_their_weights_in_plac
     np.testing.assert_allclose(float64_outputs(model, planted, IDX), base, atol=1e-5)  # the hand-made reference
     back = cb.apply_permutation(spec, cb.weight_matching(spec, state, planted, seed=0), planted)
     assert max(float(np.abs(back[k] - state[k]).max()) for k in state) < 1e-12
+
+
+def _unfused(state: dict[str, np.ndarray], kv_heads: int) -> dict[str, np.ndarray]:
+    """A Phi-3-style state as the separate layers it fuses (rows cut at the model's own offsets)."""
+    out = {}
+    cuts = {"q_proj": (0, HEADS * DH), "k_proj": (HEADS * DH, (HEADS + kv_heads) * DH),
+            "v_proj": ((HEADS + kv_heads) * DH, None)}
+    for name, w in state.items():
+        if ".qkv_proj." in name:
+            for m, (a, b) in cuts.items():
+                out[name.replace("qkv_proj", m)] = w[a:b]
+        elif ".gate_up_proj." in name:
+            gate, up = np.split(w, 2)
+            out[name.replace("gate_up_proj", "gate_proj")], out[name.replace("gate_up_proj", "up_proj")] = gate, up
+        else:
+            out[name] = w
+    return out
+
+
+def _fused(state: dict[str, np.ndarray], like: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """:func:`_unfused` undone, in the order of the fused state ``like``."""
+    out = {}
+    for name in like:
+        if ".qkv_proj." in name:
+            out[name] = np.concatenate([state[name.replace("qkv_proj", m)] for m in ("q_proj", "k_proj", "v_proj")])
+        elif ".gate_up_proj." in name:
+            out[name] = np.concatenate([state[name.replace("gate_up_proj", m)] for m in ("gate_proj", "up_proj")])
+        else:
+            out[name] = state[name]
+    return out
+
+
+@pytest.mark.parametrize(("kv_heads", "fused"), [(2, "plain"), (1, "bias"), (HEADS, "plain")])
+def test_query_key_and_value_sliced_unequally_from_one_layer_move_as_parts_of_it(kv_heads, fused):
+    """Phi-3: one layer's rows are query heads, key heads and value heads of unequal sizes, the query
+    and key heads rotary; the spec binds the layer as its three parts (cb.Part), each moving its own way."""
+    model = randomised(Llama(kv_heads, sdpa=True, fused=fused), 8)
+    spec, _ = cb.derive_symmetries(model, IDX)
+    q_rows, kv_rows = HEADS * DH, kv_heads * DH
+    layer = "layers.1.self_attn.qkv_proj.weight"
+    assert spec.stacks[f"{layer}[0:{q_rows}]"] == cb.Part(layer, 0, 0, q_rows)
+    assert spec.stacks[f"{layer}[{q_rows}:{q_rows + kv_rows}]"] == cb.Part(layer, 0, q_rows, q_rows + kv_rows)
+    assert spec.stacks[f"{layer}[{q_rows + kv_rows}:]"] == cb.Part(layer, 0, q_rows + kv_rows, None)
+    assert isinstance(spec.axes_to_perm[f"{layer}[0:{q_rows}]"][0], Repeat)  # rotary: units kept in order
+    gate, up = spec.axes_of("layers.1.mlp.gate_up_proj.weight")[0]
+    assert gate == up  # SwiGLU's factors chunked from one layer: one neuron permutation for both halves
+    state = _state(model)
+    base = float64_outputs(model, state, IDX)
+    planted = _fused(_planted(_unfused(state, kv_heads), kv_heads, seed=7), state)
+    np.testing.assert_allclose(float64_outputs(model, planted, IDX), base, atol=1e-5)  # the hand-made reference
+    moved = cb.apply_permutation(spec, cb.random_permutation(spec, state, seed=2), state)
+    assert list(moved) == list(state)  # the model's own names and order, each layer whole again
+    np.testing.assert_allclose(float64_outputs(model, moved, IDX), base, atol=1e-5)
+    back = cb.apply_permutation(spec, cb.weight_matching(spec, state, planted, seed=0), planted)
+    assert max(float(np.abs(back[k] - state[k]).max()) for k in state) < 1e-12  # the planted map undone
+    assert cb.PermutationSpec.from_json(spec.to_json()) == spec
+
+
+def test_a_fused_pair_aligns_and_sweeps_as_torch_scores_it():
+    language_pair_sweep_ends_match_torch([randomised(Llama(2, sdpa=True, fused="plain"), s) for s in (3, 4)], IDX,
+                                         VOCAB, T)
 
 
 def test_the_rotary_is_real_a_within_head_permutation_of_query_and_key_changes_the_function():

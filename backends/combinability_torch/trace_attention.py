@@ -84,6 +84,9 @@ class _HandAttention:
     #: a space viewed into heads -> the width of its heads (a slice of them is narrower: rotary halves,
     #: GPT-NeoX's query, key and value packed in each head)
     width: dict[int, int] = field(default_factory=dict)
+    #: a layer's features sliced along the last axis into parts that tile it (Phi-3's ``qkv[..., :q]``,
+    #: ``qkv[..., q:q + kv]``, ``qkv[..., q + kv:]``) -> each slice's node name -> its part's space
+    sliced: dict[str, dict[str, int]] = field(default_factory=dict)
     #: squares of per-head features (False) and statistics of them per head and token (True): a head's RMSNorm
     head_stats: dict[str, bool] = field(default_factory=dict)
     #: per-head features split into parts along head_dim (GPT-NeoX's ``qkv.chunk(3, dim=-1)``): tuples of parts
@@ -103,6 +106,15 @@ class _HandAttention:
         stem = sp.opener[sp.find(layer)]
         names = ("q", "k", "v") if count == 3 else tuple(str(i) for i in range(count))
         out = [sp.new(f"{stem}.{names[i]}", size, name=f"{stem}.{names[i]}") for i in range(count)]
+        self.packed[layer] = tuple(out)
+        self.layer_of.update(dict.fromkeys(out, stem))
+        return out
+
+    def sized_parts(self, sp: FeatureSpaces, layer: int, sizes: list[int]) -> list[int]:
+        """Open the spaces of parts of ``layer``'s features of these ``sizes`` (``.q``/``.k``/``.v`` for three)."""
+        stem = sp.opener[sp.find(layer)]
+        names = ("q", "k", "v") if len(sizes) == 3 else tuple(str(i) for i in range(len(sizes)))
+        out = [sp.new(f"{stem}.{names[i]}", size, name=f"{stem}.{names[i]}") for i, size in enumerate(sizes)]
         self.packed[layer] = tuple(out)
         self.layer_of.update(dict.fromkeys(out, stem))
         return out
@@ -185,6 +197,12 @@ def _attention_parts(n: fx.Node, args: list[fx.Node], spaces: list[Any], sp: Fea
         return True
     if target is operator.getitem and first is not None and first.name in att.parts_of:
         space[n.name] = att.parts_of[first.name][n.args[1]]
+        return True
+    if target is operator.getitem and first is not None and len(args) == 1 and spaces[0] not in (None, FIXED) \
+            and first.name not in headed and _slices_last(n) and first.name not in att.sliced:
+        return _sliced_rows(n, first, spaces[0], sp, space, att, where, model)
+    if target is operator.getitem and first is not None and first.name in att.sliced:
+        space[n.name] = att.sliced[first.name][n.name]
         return True
     if first is not None and first.name in att.stacked:
         return _stacked_parts(n, first, att, space, where, model)
@@ -332,6 +350,34 @@ def _stacked_parts(n: fx.Node, first: fx.Node, att: _HandAttention, space: dict[
     raise TracingError(f"{where}: the tracer follows a layer's features viewed as (..., parts, heads, head_dim) "
                        f"through permute(2, 0, 3, 1, 4) (the parts axis first, head_dim last) and unbind(0) or [i] only"
                        + _hint(model))
+
+
+def _sliced_rows(n: fx.Node, first: fx.Node, layer: int, sp: FeatureSpaces, space: dict[str, Any],
+                 att: _HandAttention, where: str, model: nn.Module) -> bool:
+    """A layer's own features sliced along the last axis by every reader (Phi-3's query, key and value
+    rows of unequal sizes): when the slices tile the axis, each is a part with a space of its own (a
+    packed segment of the layer's rows, as an equal ``split`` makes); otherwise leave ``n`` (False)."""
+    last = _last(first) or 0
+    readers = list(first.users)
+    bounds: dict[str, tuple[int, int]] = {}
+    for r in readers:
+        if r.target is not operator.getitem or r.args[0] is not first or not _slices_last(r):
+            return False  # read whole somewhere too: not parts
+        cut = r.args[1][-1] if isinstance(r.args[1], tuple) else r.args[1]
+        start, stop, step = cut.indices(last)
+        if step != 1 or not isinstance(start, int) or stop <= start:
+            return False
+        bounds[r.name] = (start, stop)
+    edges = sorted(set(bounds.values()))
+    if len(edges) < 2 or edges[0][0] != 0 or edges[-1][1] != last or \
+            any(a[1] != b[0] for a, b in zip(edges, edges[1:], strict=False)):
+        return False  # overlapping, or leaving rows out: not a packing
+    if layer in att.packed or sp.find(layer) != layer:
+        raise TracingError(f"{where}: only a layer's own output may be sliced into parts{_hint(model)}")
+    spaces = att.sized_parts(sp, layer, [b - a for a, b in edges])
+    att.sliced[first.name] = {r: spaces[edges.index(b)] for r, b in bounds.items()}
+    space[n.name] = att.sliced[first.name][n.name]
+    return True
 
 
 def _slices_last(n: fx.Node) -> bool:
@@ -528,8 +574,11 @@ def _grouped_scores(sp: FeatureSpaces, heads: list[Heads], att: _HandAttention, 
     kv, repeats = group
     if kv * repeats != h:
         raise TracingError(f"{kv} key/value heads repeated {repeats} times do not make {h} query heads")
-    kv_order = sp.new(f"{att.stem(sp, k)}.heads", kv, name=f"{att.stem(sp, k)}.heads")
-    q_order = sp.new(f"{att.stem(sp, q)}.heads", h, name=f"{att.stem(sp, q)}.heads")
+    q_stem, k_stem = att.stem(sp, q), att.stem(sp, k)
+    if q_stem == k_stem:  # query and key rows of one layer (Phi-3's qkv_proj): the two orders by their parts
+        q_stem, k_stem = sp.opener[sp.find(q)], sp.opener[sp.find(k)]
+    kv_order = sp.new(f"{k_stem}.heads", kv, name=f"{k_stem}.heads")
+    q_order = sp.new(f"{q_stem}.heads", h, name=f"{q_stem}.heads")
     heads += [Heads(q, q_order, h, att.head_width(sp, q, dh)), Heads(k, kv_order, kv, att.head_width(sp, k, dh)),
               Heads(q_order, kv_order, kv, repeats)]
     sp.rigid([q, k])  # their within-head units are contracted across different heads: kept in order
