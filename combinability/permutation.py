@@ -613,7 +613,10 @@ def apply_permutation(
     perm : mapping of str to array
         One value per name of ``spec``: an index array, or a matrix for an orthogonal name.
     params : mapping of str to numpy array
-        Parameters not listed in the spec are returned unchanged.
+        Parameters not listed in the spec are returned unchanged, except the other names of a
+        listed one: an array under two names (a head tied to the embedding: torch's
+        ``state_dict()`` holds ``lm_head.weight`` and ``embed_tokens.weight``, one tensor)
+        is transformed under both.
     except_perm : str, optional
         Leave the axes of this name untransformed (used inside weight matching).
     check : bool, default True
@@ -628,6 +631,32 @@ def apply_permutation(
     dict of str to numpy.ndarray
         New arrays (inputs are not modified), in the order of ``params``.
     """
+    out = _apply(spec, perm, params, except_perm=except_perm, check=check, only=only)
+    listed = set(spec.parameters)
+    if len(listed) < len(params):  # another name of a listed array (a tied weight) is transformed with it
+        by_memory = {_memory(params[name]): name for name in params if name in listed}
+        for name in params:
+            origin = by_memory.get(_memory(params[name])) if name not in listed else None
+            if origin is not None:
+                out[name] = out[origin]
+    return out
+
+
+def _memory(value: Any) -> tuple[Any, ...] | None:
+    """Where an array's entries lie (address, shape, strides, dtype), or None if it has no memory of its own
+    on the host; equal for two names of one tensor."""
+    try:
+        arr = np.asarray(value)
+    except Exception:  # noqa: BLE001 - a device array, a tensor that needs grad: not compared
+        return None
+    if arr.size == 0:
+        return None
+    return arr.__array_interface__["data"][0], arr.shape, arr.strides, arr.dtype.str
+
+
+def _apply(spec: PermutationSpec, perm: Mapping[str, Any], params: Mapping[str, Any], *,
+           except_perm: str | None, check: bool, only: Collection[str] | None) -> dict[str, np.ndarray]:
+    """:func:`apply_permutation` of the arrays as the spec names them (tied names not yet followed)."""
     if spec.stacks:  # experts held as separate modules: transformed as their stacked parameters
         inner, joined = join_stacks(spec, params)
         out = split_members(spec.stacks, apply_permutation(inner, perm, joined, except_perm=except_perm,

@@ -77,17 +77,30 @@ def repeated(x, n_rep, how):
     return torch.repeat_interleave(x, n_rep, dim=1)
 
 
-class Attention(nn.Module):
-    def __init__(self, kv_heads: int, rotary: int, sdpa: bool, repeat: str = "repeat_kv", qk_norm: bool = False
-                 ) -> None:
+class GemmaRMSNorm(nn.Module):
+    """Gemma's RMSNorm: in float32, scaled by ``1 + weight``, cast back to the input's dtype."""
+
+    def __init__(self, dim: int) -> None:
         super().__init__()
-        self.kv_heads, self.rotary, self.sdpa, self.repeat = kv_heads, rotary, sdpa, repeat
+        self.weight = nn.Parameter(torch.zeros(dim))
+
+    def forward(self, x):
+        out = x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + 1e-6)
+        return (out * (1.0 + self.weight.float())).type_as(x)
+
+
+class Attention(nn.Module):
+    def __init__(self, kv_heads: int, rotary: int, sdpa: bool, repeat: str = "repeat_kv", qk_norm: bool | str = False,
+                 softcap: float | None = None) -> None:
+        super().__init__()
+        self.kv_heads, self.rotary, self.sdpa, self.repeat, self.softcap = kv_heads, rotary, sdpa, repeat, softcap
         self.q_proj = nn.Linear(D, HEADS * DH, bias=False)
         self.k_proj = nn.Linear(D, kv_heads * DH, bias=False)
         self.v_proj = nn.Linear(D, kv_heads * DH, bias=False)
         self.o_proj = nn.Linear(HEADS * DH, D, bias=False)
         # Qwen3's query and key norms: an RMSNorm over each head's units, one weight shared by every head
-        self.q_norm, self.k_norm = (HandRMSNorm(DH), HandRMSNorm(DH)) if qk_norm else (nn.Identity(), nn.Identity())
+        norm = GemmaRMSNorm if qk_norm == "gemma" else HandRMSNorm  # Gemma-3's, else Qwen3's
+        self.q_norm, self.k_norm = (norm(DH), norm(DH)) if qk_norm else (nn.Identity(), nn.Identity())
 
     def forward(self, x, cos, sin, mask):
         b, t, _ = x.size()
@@ -105,7 +118,10 @@ class Attention(nn.Module):
         if self.sdpa:
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         else:
-            scores = torch.matmul(q, k.transpose(2, 3)) / DH**0.5 + mask[:, :, :, : k.shape[-2]]
+            scores = torch.matmul(q, k.transpose(2, 3)) / DH**0.5
+            if self.softcap is not None:  # Gemma-2's soft-capping of the scores
+                scores = torch.tanh(scores / self.softcap) * self.softcap
+            scores = scores + mask[:, :, :, : k.shape[-2]]
             out = torch.matmul(F.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype), v)
         return self.o_proj(out.transpose(1, 2).contiguous().reshape(b, t, -1))
 
@@ -154,11 +170,11 @@ class FusedMLP(nn.Module):
 
 
 class Layer(nn.Module):
-    def __init__(self, kv_heads: int, rotary: int, sdpa: bool, repeat: str, qk_norm: bool = False,
-                 fused: str = "") -> None:
+    def __init__(self, kv_heads: int, rotary: int, sdpa: bool, repeat: str, qk_norm: bool | str = False,
+                 fused: str = "", softcap: float | None = None) -> None:
         super().__init__()
         self.input_layernorm, self.post_attention_layernorm = HandRMSNorm(D), HandRMSNorm(D)
-        self.self_attn, self.mlp = Attention(kv_heads, rotary, sdpa, repeat, qk_norm), MLP()
+        self.self_attn, self.mlp = Attention(kv_heads, rotary, sdpa, repeat, qk_norm, softcap), MLP()
         if fused:  # Phi-3's layout ("bias": with a bias on the query, key and value rows)
             self.self_attn, self.mlp = FusedAttention(kv_heads, rotary, sdpa, repeat, fused == "bias"), FusedMLP()
 
@@ -169,10 +185,12 @@ class Layer(nn.Module):
 
 class Llama(nn.Module):
     def __init__(self, kv_heads: int = 2, rotary: int = DH, sdpa: bool = False, depth: int = 2,
-                 repeat: str = "repeat_kv", qk_norm: bool = False, fused: str = "") -> None:
+                 repeat: str = "repeat_kv", qk_norm: bool | str = False, fused: str = "",
+                 softcap: float | None = None) -> None:
         super().__init__()
         self.embed_tokens = nn.Embedding(VOCAB, D)
-        self.layers = nn.ModuleList([Layer(kv_heads, rotary, sdpa, repeat, qk_norm, fused) for _ in range(depth)])
+        self.layers = nn.ModuleList([Layer(kv_heads, rotary, sdpa, repeat, qk_norm, fused, softcap)
+                                     for _ in range(depth)])
         self.norm, self.rotary_emb = HandRMSNorm(D), RotaryEmbedding(rotary)
         self.lm_head = nn.Linear(D, VOCAB, bias=False)
 
@@ -259,10 +277,12 @@ def test_rotary_grouped_query_llama_moves_whole_heads_and_keeps_the_function(kv_
     assert max(float(np.abs(back[k] - state[k]).max()) for k in state) < 1e-12  # the planted map undone
 
 
-@pytest.mark.parametrize("sdpa", [False, True])
-def test_query_and_key_norms_per_head_keep_heads_whole_and_their_weights_in_place(sdpa):
-    """Qwen3's attention: an RMSNorm over each head's query and key units, its weight shared by every head."""
-    model = randomised(Llama(2, sdpa=sdpa, qk_norm=True), 3)
+@pytest.mark.parametrize(("sdpa", "qk_norm", "softcap"), [(False, True, None), (True, True, None),
+                                                           (False, "gemma", 3.0)])
+def test_query_and_key_norms_per_head_keep_heads_whole_and_their_weights_in_place(sdpa, qk_norm, softcap):
+    """Qwen3's attention: an RMSNorm over each head's query and key units, its weight shared by every head;
+    Gemma-3's (``1 + weight``, cast back by ``type_as``) with Gemma-2's soft-capped scores (``tanh``)."""
+    model = randomised(Llama(2, sdpa=sdpa, qk_norm=qk_norm, softcap=softcap), 3)
     spec, _ = cb.derive_symmetries(model, IDX)
     assert spec.axes_to_perm["layers.1.self_attn.q_norm.weight"] == (None,)
     assert spec.axes_to_perm["layers.1.self_attn.q_proj.weight"][0] == Repeat("layers.1.self_attn.q_proj.heads", DH)

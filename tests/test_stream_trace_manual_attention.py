@@ -162,6 +162,25 @@ def test_tied_embedding_and_head_are_one_tensor_with_one_symmetry():
     assert max(float(np.abs(back[k] - state[k]).max()) for k in state) < 1e-9
 
 
+def test_a_whole_state_dict_naming_the_tied_tensor_twice_is_transformed_under_both_names():
+    """torch's ``state_dict()`` holds the tied tensor as ``wte.weight`` and ``lm_head.weight``; the spec binds
+    the first. Loaded back, a copy left under the second name would overwrite the transformed one."""
+    model = randomised(NanoGPT(tied=True), 4)
+    spec, _ = cb.derive_symmetries(model, IDX)
+    state = model.state_dict()
+    assert state["lm_head.weight"].data_ptr() == state["wte.weight"].data_ptr()
+    moved = cb.apply_permutation(spec, cb.random_permutation(spec, state, seed=1), state)
+    np.testing.assert_array_equal(moved["lm_head.weight"], moved["wte.weight"])
+    assert not np.allclose(moved["wte.weight"], state["wte.weight"].numpy())
+    other = copy.deepcopy(model)
+    other.load_state_dict({k: torch.as_tensor(v) for k, v in moved.items()})
+    with torch.no_grad():
+        np.testing.assert_allclose(other(IDX).numpy(), model(IDX).numpy(), atol=1e-5)
+    copied = {k: v.clone() for k, v in state.items()}  # two tensors that only hold equal values stay two
+    untied = cb.apply_permutation(spec, cb.random_permutation(spec, state, seed=1), copied)
+    np.testing.assert_array_equal(untied["lm_head.weight"], state["lm_head.weight"].numpy())
+
+
 def test_a_tied_pair_is_combined_and_differentiated_as_one_tensor():
     from combinability.plugins import get_backend
 

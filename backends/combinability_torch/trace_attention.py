@@ -149,7 +149,7 @@ _BADDBMM = {torch.baddbmm, "baddbmm"}
 #: Operations on attention scores that keep them scores: scaling, masking, softmax over keys, dropout.
 _ON_SCORES = {operator.mul, operator.truediv, operator.add, torch.mul, torch.add, "masked_fill", "masked_fill_",
               torch.masked_fill, F.softmax, torch.softmax, "softmax", F.dropout, "float", "type_as", "contiguous", "to",
-              "type", torch.where, torch.max, torch.maximum}
+              "type", torch.where, torch.max, torch.maximum, torch.tanh, "tanh"}  # tanh: Gemma-2's soft-capping
 
 
 def _attention_parts(n: fx.Node, args: list[fx.Node], spaces: list[Any], sp: FeatureSpaces, space: dict[str, Any],
@@ -243,6 +243,12 @@ def _attention_parts(n: fx.Node, args: list[fx.Node], spaces: list[Any], sp: Fea
             space[n.name] = spaces[0]
             return True
         return False
+    if args and args[0].name in headed and target == "type_as":  # a cast to another tensor's dtype (Gemma-3's norms)
+        headed[n.name] = headed[args[0].name]
+        if args[0].name in att.shared:
+            att.shared[n.name] = att.shared[args[0].name]
+        space[n.name] = spaces[0]
+        return True
     if len(args) == 1 and args[0].name in headed and (
             target in ("contiguous", "clone", "float", "to", "type", F.dropout) or
             (target in _SCALING and len(n.args) == 2 and not any(isinstance(a, fx.Node) for a in n.args[1:])) or
@@ -393,6 +399,21 @@ _ON_STATISTICS = {operator.add, torch.add, "add", torch.rsqrt, "rsqrt", torch.sq
                   "reciprocal", torch.reciprocal}
 
 
+def _of_parameters(n: fx.Node) -> bool:
+    """Whether ``n`` is computed from the model's parameters and constants alone (a norm's weight, or
+    Gemma's ``1 + weight.float()``), no input reaching it."""
+    stack, seen = [n], set()
+    while stack:
+        m = stack.pop()
+        if m.op == "placeholder":
+            return False
+        if m.name in seen:
+            continue
+        seen.add(m.name)
+        stack += [a for a in (*m.args, *m.kwargs.values()) if isinstance(a, fx.Node)]
+    return n.op != "placeholder"
+
+
 def _head_norm(n: fx.Node, first: fx.Node | None, sp: FeatureSpaces, space: dict[str, Any],
                att: _HandAttention) -> bool:
     """An RMSNorm over each head's features (Qwen3's and OLMo-2's query/key norms): ``x * rsqrt(mean(x², -1) +
@@ -425,7 +446,7 @@ def _head_norm(n: fx.Node, first: fx.Node | None, sp: FeatureSpaces, space: dict
             headed[n.name], space[n.name] = headed[h.name], space[h.name]
             sp.mark([space[h.name]])
             return True
-        if o.op == "get_attr" and _shape_of(o) == (headed[h.name][1],) and target in (operator.mul, torch.mul, "mul"):
+        if _of_parameters(o) and _shape_of(o) == (headed[h.name][1],) and target in (operator.mul, torch.mul, "mul"):
             sp.fix([space.get(o.name)])  # the norm's weight, shared by every head: not permuted
             sp.rigid([space[h.name]])
             headed[n.name], space[n.name] = headed[h.name], space[h.name]
