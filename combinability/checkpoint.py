@@ -36,7 +36,10 @@ reads the header alone (backend, config, metadata, tensor shapes and dtypes).
 * the version-1 files of this library: a ``torch.save`` dictionary (torch backend) or an ``.npz``
   archive with a JSON ``__header__`` (jax backend);
 * flax's own: an Orbax checkpoint folder and a ``flax.serialization.to_bytes`` (msgpack) file
-  (version 0; need orbax or flax), their trees' paths as names (``"fc1/kernel"``).
+  (version 0; need orbax or flax), their trees' paths as names (``"fc1/kernel"``);
+* a Hugging Face model folder (``save_pretrained``): its one weights file, or its shards by their
+  index (``model.safetensors.index.json``, ``pytorch_model.bin.index.json``; the index file itself
+  may be given), read one shard at a time (version 0).
 
 This module needs numpy and safetensors only; the readers of ``torch.save`` files and ``.npz``
 archives live in :mod:`combinability.checkpoint_readers`, which imports torch only to read the former.
@@ -321,7 +324,15 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
     BackendUnavailableError
         If it is a ``torch.save`` file and torch is not installed.
     """
-    from combinability.checkpoint_readers import ORBAX_MARKERS, load_msgpack, load_npz, load_orbax, load_torch
+    from combinability.checkpoint_readers import (
+        ORBAX_MARKERS,
+        load_folder,
+        load_msgpack,
+        load_npz,
+        load_orbax,
+        load_sharded,
+        load_torch,
+    )
 
     path = Path(path)
     if not path.exists():
@@ -329,12 +340,13 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
     if path.is_dir():
         if any((path / marker).exists() for marker in ORBAX_MARKERS):
             return load_orbax(path)
-        raise CorruptFileError(f"{str(path)!r} is a folder but not an Orbax checkpoint (it has none of "
-                               f"{', '.join(ORBAX_MARKERS)}); give a checkpoint file or an Orbax checkpoint folder")
+        return load_folder(path)  # a Hugging Face model folder
     with open(path, "rb") as fh:
         head = fh.read(9)
     if not head:
         raise CorruptFileError(f"{str(path)!r} is empty; it is not a checkpoint")
+    if head[:1] == b"{" and path.name.endswith(".index.json"):  # the index of a model saved in shards
+        return load_sharded(path)
     if head.startswith(_ZIP_MAGIC):
         try:
             with zipfile.ZipFile(path) as archive:
@@ -399,8 +411,10 @@ def read_metadata(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"no checkpoint at {str(path)!r}")
-    with open(path, "rb") as fh:
-        head = fh.read(9)
+    head = b""
+    if path.is_file():  # a folder (Orbax, a model's shards) is read whole
+        with open(path, "rb") as fh:
+            head = fh.read(9)
     if len(head) != 9 or head[8:9] != b"{":
         ckpt = load_checkpoint(path)
         tensors = {k: {"dtype": v.dtype.name, "shape": tuple(v.shape)} for k, v in ckpt.state.items()}

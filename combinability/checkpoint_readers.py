@@ -5,6 +5,9 @@
   the torch backend. They need torch, imported only here, only when such a file is read, and
   are read with ``torch.load(weights_only=True)``.
 * The version-1 ``.npz`` archives of the jax backend, with a JSON ``__header__``.
+* A Hugging Face model folder (``save_pretrained``): its one weights file, or its shards listed by
+  an index (``model.safetensors.index.json``, ``pytorch_model.bin.index.json``), read shard by
+  shard (:func:`load_folder`, :func:`load_sharded`).
 * Flax's own checkpoints: an Orbax checkpoint directory (``ocp.StandardCheckpointer().save(path,
   state)``, as the Flax NNX and linen guides write one) and ``flax.serialization.to_bytes`` files
   (msgpack). Their nested trees become ``"a/b/c"`` names (:func:`flat_tree`); they need orbax or
@@ -41,7 +44,7 @@ from combinability.errors import (
     IncompatibleVersionError,
 )
 
-__all__ = ["flat_tree", "load_msgpack", "load_npz", "load_orbax", "load_torch"]
+__all__ = ["flat_tree", "load_folder", "load_msgpack", "load_npz", "load_orbax", "load_sharded", "load_torch"]
 
 _log = logging.getLogger("combinability.checkpoint")
 _TORCH_HINT = "pip install 'combinability[torch]'"
@@ -52,6 +55,83 @@ ORBAX_MARKERS = ("_CHECKPOINT_METADATA", "_METADATA", "manifest.ocdbt", "checkpo
 STATE_DICT_KEYS = ("state_dict", "model_state_dict", "model", "model_state", "net", "network", "module",
                    "weights", "params")
 _LEGACY_TORCH_KEYS = ("format", "version", "backend", "architecture", "config", "state", "metadata")
+
+
+#: Index files of a model saved in shards (Hugging Face's ``save_pretrained``), the usual first.
+SHARD_INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json",
+                 "diffusion_pytorch_model.safetensors.index.json", "diffusion_pytorch_model.bin.index.json")
+#: The one weights file of a model folder saved whole, the usual first.
+WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "diffusion_pytorch_model.safetensors",
+                "diffusion_pytorch_model.bin")
+
+
+def load_folder(path: Path) -> Checkpoint:
+    """A Hugging Face model folder: its shards' index if it has one, else its one weights file.
+
+    Raises
+    ------
+    CorruptFileError
+        If the folder holds neither (naming the files looked for), or more than one index or weights file
+        (which would be a guess).
+    """
+    indexes = [path / name for name in SHARD_INDEXES if (path / name).is_file()]
+    whole = [path / name for name in WEIGHT_FILES if (path / name).is_file()]
+    if len(indexes) > 1 or (not indexes and len(whole) > 1):
+        found = [p.name for p in (indexes or whole)]
+        raise CorruptFileError(f"{str(path)!r} holds {' and '.join(found)}: give the one to read")
+    if indexes:
+        return load_sharded(indexes[0])
+    if whole:
+        from combinability.checkpoint import load_checkpoint
+
+        return load_checkpoint(whole[0])
+    raise CorruptFileError(f"{str(path)!r} is a folder but not a checkpoint: it has no Orbax checkpoint "
+                           f"({', '.join(ORBAX_MARKERS)}), no shard index ({', '.join(SHARD_INDEXES)}) and no "
+                           f"weights file ({', '.join(WEIGHT_FILES)}); give a checkpoint file or such a folder")
+
+
+def load_sharded(index: Path) -> Checkpoint:
+    """A model saved in shards: the JSON ``index`` maps each tensor to its shard file (``{"weight_map": {name:
+    file}}``), read one shard at a time. The tensors come in the index's order, the index's ``metadata`` as
+    the checkpoint's.
+
+    Raises
+    ------
+    CorruptFileError
+        If the index is not such a map, names a shard that is missing or outside its folder, or a shard lacks
+        a tensor the index puts in it.
+    """
+    from combinability.checkpoint import load_checkpoint
+
+    try:
+        data = json.loads(index.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise CorruptFileError(f"{str(index)!r} is not a JSON shard index ({type(exc).__name__}: {exc})") from None
+    weight_map = data.get("weight_map") if isinstance(data, dict) else None
+    if not isinstance(weight_map, dict) or not weight_map or \
+            not all(isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()):
+        raise CorruptFileError(f"{str(index)!r} is not a shard index: it needs a 'weight_map' of tensor names to "
+                               "shard files")
+    state: dict[str, np.ndarray] = {}
+    for shard in dict.fromkeys(weight_map.values()):
+        file = index.parent / shard
+        if Path(shard).is_absolute() or ".." in Path(shard).parts:
+            raise CorruptFileError(f"{str(index)!r} names the shard {shard!r} outside its folder")
+        if not file.is_file():
+            raise CorruptFileError(f"{str(index)!r} names the shard {shard!r}, which is missing from "
+                                   f"{str(index.parent)!r}")
+        held = load_checkpoint(file).state
+        wanted = [name for name, where in weight_map.items() if where == shard]
+        missing = [name for name in wanted if name not in held]
+        if missing:
+            raise CorruptFileError(f"the shard {str(file)!r} lacks {missing[:5]}"
+                                   f"{f' and {len(missing) - 5} more' if len(missing) > 5 else ''}, which "
+                                   f"{index.name} puts in it")
+        state.update((name, held[name]) for name in wanted)
+        del held
+    metadata = data.get("metadata") if isinstance(data.get("metadata"), dict) else {}
+    return Checkpoint(state={name: state[name] for name in weight_map}, config={},
+                      metadata=_json_plain(metadata, f"{index}: metadata"), backend=None, version=0, path=index)
 
 
 def load_npz(path: Path) -> Checkpoint:

@@ -403,7 +403,7 @@ def test_flax_msgpack_files_and_bad_folders(tmp_path):
     with pytest.raises(IncompatibleModelsError, match="does not fit ConvNet"):
         cb.load_into(ConvNet(nnx.Rngs(0)), tmp_path / "linen.msgpack")
     (tmp_path / "plain").mkdir()
-    with pytest.raises(CorruptFileError, match="not an Orbax checkpoint"):
+    with pytest.raises(CorruptFileError, match="is a folder but not a checkpoint: it has no Orbax checkpoint"):
         cb.load_into(ConvNet(nnx.Rngs(0)), tmp_path / "plain")
     (tmp_path / "broken").mkdir()
     (tmp_path / "broken" / "_CHECKPOINT_METADATA").write_text("{")
