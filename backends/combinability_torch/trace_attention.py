@@ -367,11 +367,15 @@ def _sliced_rows(n: fx.Node, first: fx.Node, layer: int, sp: FeatureSpaces, spac
     readers = list(first.users)
     bounds: dict[str, tuple[int, int]] = {}
     for r in readers:
+        if reads_shape(r):
+            continue  # its shape, not its features
         if r.target is not operator.getitem or r.args[0] is not first or not _slices_last(r):
             return False  # read whole somewhere too: not parts
         cut = r.args[1][-1] if isinstance(r.args[1], tuple) else r.args[1]
+        if any(isinstance(b, fx.Node) for b in (cut.start, cut.stop, cut.step)):
+            return False  # bounds read off the graph: not known here
         start, stop, step = cut.indices(last)
-        if step != 1 or not isinstance(start, int) or stop <= start:
+        if step != 1 or stop <= start:
             return False
         bounds[r.name] = (start, stop)
     edges = sorted(set(bounds.values()))
