@@ -1,12 +1,14 @@
-"""Models written as transformers 4.5x writes them, traced without transformers installed.
+"""Models written as transformers 4.5x and 5.x write them, traced without transformers installed.
 
 What recent transformers versions do that torch.fx could not record: a ``forward`` wrapped by a
 decorator taking ``(self, *args, **kwargs)`` around a signature with ``**kwargs``
 (``@can_return_tuple``); attention masks built by ``torch.vmap`` in ``transformers.masking_utils``;
 a key/value cache object made when ``config.use_cache`` is on; a constant mask sliced by a size read
 off a traced shape; and a mixture of experts that loops over the experts hit, indexing its
-``ModuleList`` by a number read off the routing. References: the models' own forward passes and
-planted permutations.
+``ModuleList`` by a number read off the routing. Version 5 adds functions called as module instances
+kept outside the model (the kernels hub's ``apply_rotary_pos_emb``) and a probe of the input
+(``hasattr(x, "jax")``, then ``x.jax()`` in a ``try``) whose failure the model catches. References: the
+models' own forward passes and planted permutations.
 """
 
 from __future__ import annotations
@@ -153,3 +155,61 @@ def test_an_index_read_off_a_tensors_values_is_refused():
 
     with pytest.raises(TracingError, match="values of a tensor as an index"):
         cb.derive_symmetries(Picky(), torch.ones(3, D))
+
+
+class HubFunction(nn.Module):
+    """A function called as a module instance the model does not hold (transformers 5's kernels hub)."""
+
+    def forward(self, q, k, cos, sin):
+        def rotate_half(x):
+            return torch.cat((-x[..., x.shape[-1] // 2:], x[..., : x.shape[-1] // 2]), dim=-1)
+
+        return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+
+
+apply_rotary_pos_emb = HubFunction()  # module-level: no submodule of any model
+
+
+def is_jax_jitting(x) -> bool:
+    """transformers 5's probe for torchax tensors: an attribute a torch tensor lacks, called in a try."""
+    if not hasattr(x, "jax"):
+        return False
+    try:
+        return bool(x.jax())
+    except Exception:  # noqa: BLE001 - as transformers does
+        return False
+
+
+class Version5LM(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed, self.q, self.k, self.v = nn.Embedding(V, D), nn.Linear(D, D), nn.Linear(D, D), nn.Linear(D, D)
+        self.o, self.up, self.down, self.head = nn.Linear(D, D), nn.Linear(D, H), nn.Linear(H, D), nn.Linear(D, V)
+        angles = torch.outer(torch.arange(32.0), 1.0 / 100 ** (torch.arange(0, D // 2, 2) / (D // 2)))
+        self.register_buffer("cos", torch.cat((angles, angles), -1).cos(), persistent=False)
+        self.register_buffer("sin", torch.cat((angles, angles), -1).sin(), persistent=False)
+
+    def forward(self, input_ids):
+        is_jax_jitting(input_ids)
+        h = self.embed(input_ids)
+        b, t, _ = h.shape
+        q, k, v = (f(h).view(b, t, 2, D // 2).transpose(1, 2) for f in (self.q, self.k, self.v))
+        q, k = apply_rotary_pos_emb(q, k, self.cos[:t], self.sin[:t])
+        h = h + self.o(F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(b, t, D))
+        return self.head(h + self.down(F.gelu(self.up(h))))
+
+
+def test_a_version_5_style_lm_traces_through_hub_functions_and_caught_probes():
+    torch.manual_seed(3)
+    a = Version5LM().eval()
+    spec, _ = cb.derive_symmetries(a, _ids())
+    state = {k: v.numpy().astype(np.float64) for k, v in a.state_dict().items()}
+    planted = cb.apply_permutation(spec, cb.random_permutation(spec, state, seed=5), state)
+    assert not np.allclose(planted["q.weight"], state["q.weight"])
+    b = Version5LM().eval()
+    b.load_state_dict({k: torch.as_tensor(v, dtype=torch.float32) for k, v in planted.items()})
+    ids = _ids(seed=4)
+    with torch.no_grad():  # the derived symmetry keeps the function: whole rotary heads move
+        np.testing.assert_allclose(b(ids).numpy(), a(ids).numpy(), rtol=1e-5, atol=1e-5)
+    pair = cb.ModelPair(a, b, example_input=ids).align("weight")
+    np.testing.assert_allclose(pair.theta_b, pair.theta_a, atol=1e-6)  # the planted map undone

@@ -96,6 +96,16 @@ class ConcreteTracer(fx.Tracer):
     def create_proxy(self, kind: str, target: Any, args: Any, kwargs: Any, *rest: Any, **more: Any) -> fx.Proxy:
         proxy = super().create_proxy(kind, target, args, kwargs, *rest, **more)
         a, kw = self._value(args), self._value(kwargs)
+        try:
+            value = self._run(kind, target, a, kw)
+        except Exception:
+            self.graph.erase_node(proxy.node)  # an operation that fails on the example (and that forward may
+            raise  # catch: transformers' probes) leaves no node behind
+        self.values[proxy.node] = value
+        return proxy
+
+    def _run(self, kind: str, target: Any, a: Any, kw: Any) -> Any:
+        """The example's value of one recorded operation."""
         from torch.fx._symbolic_trace import _maybe_revert_all_patches  # torch pinned: run the real modules
 
         with torch.no_grad(), _maybe_revert_all_patches():
@@ -113,8 +123,7 @@ class ConcreteTracer(fx.Tracer):
                 value = self.root.get_submodule(target)(*a, **kw)
             else:
                 value = None
-        self.values[proxy.node] = value
-        return proxy
+        return value
 
     def to_bool(self, obj: fx.Proxy) -> bool:
         """The example's answer to a branch on shapes; a branch on a tensor's values is refused (the
@@ -144,6 +153,16 @@ class ConcreteTracer(fx.Tracer):
         if isinstance(m, _OPENED_MODULES):
             return False
         return super().is_leaf_module(m, module_qualified_name)
+
+    def call_module(self, m: nn.Module, forward: Any, args: Any, kwargs: Any) -> Any:
+        """A module the model does not hold as a submodule (transformers 5 calls functions from the kernels hub,
+        ``apply_rotary_pos_emb``, as module instances kept outside the model) is traced through: the operations
+        its ``forward`` runs are recorded, as a function's are."""
+        try:
+            self.path_of_module(m)
+        except NameError:
+            return forward(*args, **kwargs)
+        return super().call_module(m, forward, args, kwargs)
 
     def trace(self, root: Any, concrete_args: Any = None) -> fx.Graph:
         """Trace ``root``; tensor factories called with traced sizes (``torch.ones(t, t)``) are recorded too."""
@@ -241,6 +260,10 @@ class _ConcreteProxy(fx.Proxy):
         return self.tracer.values.get(self.node)  # type: ignore[attr-defined]
 
     def __getattr__(self, k: str) -> Any:
+        value = self._example()
+        if isinstance(value, torch.Tensor) and not k.startswith("__") and not hasattr(value, k):
+            # as the tensor would answer (transformers 5 asks hasattr(x, "jax") to detect torchax)
+            raise AttributeError(f"{type(value).__name__!r} object has no attribute {k!r}")
         if k in _STATIC_ATTRIBUTES and isinstance(self._example(), torch.Tensor):
             return getattr(self._example(), k)
         if k == "shape" and isinstance(self._example(), torch.Tensor):  # a node at once, with its value
