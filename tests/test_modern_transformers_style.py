@@ -6,8 +6,9 @@ decorator taking ``(self, *args, **kwargs)`` around a signature with ``**kwargs`
 a key/value cache object made when ``config.use_cache`` is on; a constant mask sliced by a size read
 off a traced shape; and a mixture of experts that loops over the experts hit, indexing its
 ``ModuleList`` by a number read off the routing. Version 5 adds functions called as module instances
-kept outside the model (the kernels hub's ``apply_rotary_pos_emb``) and a probe of the input
-(``hasattr(x, "jax")``, then ``x.jax()`` in a ``try``) whose failure the model catches. References: the
+kept outside the model (the kernels hub's ``apply_rotary_pos_emb``), a probe of the input
+(``hasattr(x, "jax")``, then ``x.jax()`` in a ``try``) whose failure the model catches, and a
+reshape of the attention's output to its own shape. References: the
 models' own forward passes and planted permutations.
 """
 
@@ -195,7 +196,9 @@ class Version5LM(nn.Module):
         b, t, _ = h.shape
         q, k, v = (f(h).view(b, t, 2, D // 2).transpose(1, 2) for f in (self.q, self.k, self.v))
         q, k = apply_rotary_pos_emb(q, k, self.cos[:t], self.sin[:t])
-        h = h + self.o(F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(b, t, D))
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        out = out.reshape(out.shape[0], -1, t, v.shape[-1])  # to its own shape, as version 5's SDPA wrapper does
+        h = h + self.o(out.transpose(1, 2).reshape(b, t, D))
         return self.head(h + self.down(F.gelu(self.up(h))))
 
 

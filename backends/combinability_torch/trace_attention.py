@@ -212,6 +212,10 @@ def _attention_parts(n: fx.Node, args: list[fx.Node], spaces: list[Any], sp: Fea
         src, out = _shape_of(args[0]), _shape_of(n)
         if src is None or out is None:
             return False
+        if tuple(out) == tuple(src) and att.holds(args[0].name):  # to its own shape (transformers 5's SDPA output)
+            att.passes(n)
+            space[n.name] = spaces[0]
+            return True
         if args[0].name not in headed and len(out) == len(src) + 1 and out[:-2] == src[:-1] \
                 and out[-2] * out[-1] == src[-1] and out[-1] > 1:  # (..., h * dh) -> (..., h, dh); h may be 1
             headed[n.name] = (out[-2], out[-1])
