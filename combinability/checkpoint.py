@@ -345,7 +345,7 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
         head = fh.read(9)
     if not head:
         raise CorruptFileError(f"{str(path)!r} is empty; it is not a checkpoint")
-    if head[:1] == b"{" and path.name.endswith(".index.json"):  # the index of a model saved in shards
+    if head[:1] == b"{" and head[8:9] != b"{":  # JSON, not a safetensors header: the index of a model's shards
         return load_sharded(path)
     if head.startswith(_ZIP_MAGIC):
         try:

@@ -221,7 +221,9 @@ class Part:
         if array.ndim <= self.axis or stop > array.shape[self.axis] or stop <= self.start:
             raise PermutationSpecError(f"{name!r} is {self.member!r}[{self.start}:{self.stop}] along axis "
                                        f"{self.axis}, but its shape is {array.shape}")
-        return np.take(array, np.arange(self.start, stop), axis=self.axis) if self.axis else array[self.start:stop]
+        index = [slice(None)] * array.ndim
+        index[self.axis] = slice(self.start, stop)
+        return array[tuple(index)]
 
     def split(self, array: Any, name: str) -> list[np.ndarray]:
         """The piece of its member (:func:`split_members` joins the parts of a member)."""

@@ -635,8 +635,10 @@ def apply_permutation(
     listed = set(spec.parameters)
     if len(listed) < len(params):  # another name of a listed array (a tied weight) is transformed with it
         by_memory = {_memory(params[name]): name for name in params if name in listed}
+        by_memory.pop(None, None)  # arrays without host memory of their own are never taken for one another
         for name in params:
-            origin = by_memory.get(_memory(params[name])) if name not in listed else None
+            where = _memory(params[name]) if name not in listed else None
+            origin = by_memory.get(where) if where is not None else None
             if origin is not None:
                 out[name] = out[origin]
     return out

@@ -170,3 +170,17 @@ def test_apply_only_some_names_leaves_the_other_axes_as_they_are():
         got = cb.apply_permutation(spec, perm, params, only=set(names))
         for k in params:
             np.testing.assert_array_equal(got[k], expected[k])
+
+
+def test_an_array_under_two_names_is_transformed_under_both_and_empty_ones_are_never_taken_for_another():
+    from combinability.permutation import apply_permutation
+
+    rng = np.random.default_rng(0)
+    w = rng.normal(size=(4, 3))
+    spec = PermutationSpec({"w": ("P", None), "z": (None,)})
+    params = {"w": w, "alias": w, "copy": w.copy(), "z": np.zeros(0), "extra": np.zeros((0, 3))}
+    out = apply_permutation(spec, {"P": np.array([2, 0, 3, 1])}, params)
+    np.testing.assert_array_equal(out["w"], w[[2, 0, 3, 1]])
+    np.testing.assert_array_equal(out["alias"], out["w"])  # the same memory: one tensor, two names
+    np.testing.assert_array_equal(out["copy"], w)  # equal values only: another tensor
+    assert out["extra"].shape == (0, 3)  # no memory of its own: not the listed empty "z"

@@ -102,13 +102,8 @@ class _HandAttention:
     grouped: dict[str, tuple[int, int]] = field(default_factory=dict)
 
     def parts(self, sp: FeatureSpaces, layer: int, count: int, size: int) -> list[int]:
-        """Open the spaces of ``count`` parts of ``layer``'s features (``<layer>.q``/``.k``/``.v`` for three)."""
-        stem = sp.opener[sp.find(layer)]
-        names = ("q", "k", "v") if count == 3 else tuple(str(i) for i in range(count))
-        out = [sp.new(f"{stem}.{names[i]}", size, name=f"{stem}.{names[i]}") for i in range(count)]
-        self.packed[layer] = tuple(out)
-        self.layer_of.update(dict.fromkeys(out, stem))
-        return out
+        """Open the spaces of ``count`` equal parts of ``layer``'s features (``<layer>.q``/``.k``/``.v`` for three)."""
+        return self.sized_parts(sp, layer, [size] * count)
 
     def sized_parts(self, sp: FeatureSpaces, layer: int, sizes: list[int]) -> list[int]:
         """Open the spaces of parts of ``layer``'s features of these ``sizes`` (``.q``/``.k``/``.v`` for three)."""
@@ -419,7 +414,7 @@ def _of_parameters(n: fx.Node) -> bool:
             continue
         seen.add(m.name)
         stack += [a for a in (*m.args, *m.kwargs.values()) if isinstance(a, fx.Node)]
-    return n.op != "placeholder"
+    return True
 
 
 def _head_norm(n: fx.Node, first: fx.Node | None, sp: FeatureSpaces, space: dict[str, Any],
