@@ -86,6 +86,20 @@ class Routing:
         self.selecting.setdefault(gate, n.name)
         return True
 
+    def reaches(self, index: Any) -> bool:
+        """Whether ``index`` (an argument: nodes, or tuples holding them) is computed from expert ids."""
+        stack: list[fx.Node] = []
+        fx.node.map_arg(index, stack.append)
+        seen: set[str] = set()
+        while stack:
+            m = stack.pop()
+            if m.name in self.ids or m.name in self.tuples:
+                return True
+            if m.name not in seen:
+                seen.add(m.name)
+                stack += m.all_input_nodes
+        return False
+
     def follow(self, n: fx.Node, space: dict[str, Any]) -> bool:
         """Give ``n`` its space when it reads expert ids; return whether it did."""
         if n.target in (operator.getitem, getattr) and n.args and isinstance(n.args[0], fx.Node) and \

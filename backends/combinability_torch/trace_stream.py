@@ -98,6 +98,13 @@ def stream_symmetries(model: nn.Module, example_input: torch.Tensor) -> tuple[Pe
 
     for n in gm.graph.nodes:
         where = f"node {n.name!r} ({n.op} {n.target!r})"
+        if _GROUPED_MM is not None and n.target is _GROUPED_MM or n.target is operator.getitem and \
+                isinstance(n.args[0], fx.Node) and \
+                n.args[0].name in params_of and routing.reaches(n.args[1]):
+            raise TracingError(f"{where}: experts held as one parameter of shape (experts, ...), indexed by the "
+                               "expert hit or multiplied group by group (torch._grouped_mm), as transformers 5's "
+                               "mixtures of experts hold them, are not followed yet (experts held as separate "
+                               "modules are)" + _hint(model))
         if n.op == "placeholder":
             space[n.name] = FIXED
         elif n.op == "get_attr":
@@ -308,6 +315,10 @@ def stream_symmetries(model: nn.Module, example_input: torch.Tensor) -> tuple[Pe
     if gates:
         spec = stack_experts(spec, model, gm, gates, _hint(model))
     return spec, folds
+
+
+#: A product of token groups by the weights of their experts (one 3-D parameter), as transformers 5 runs experts.
+_GROUPED_MM = getattr(torch, "_grouped_mm", None)
 
 
 def _indexes_tokens(n: fx.Node) -> bool:
