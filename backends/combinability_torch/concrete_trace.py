@@ -261,13 +261,14 @@ class _ConcreteProxy(fx.Proxy):
 
     def __getattr__(self, k: str) -> Any:
         value = self._example()
-        if isinstance(value, torch.Tensor) and not k.startswith("__") and not hasattr(value, k):
-            # as the tensor would answer (transformers 5 asks hasattr(x, "jax") to detect torchax)
-            raise AttributeError(f"{type(value).__name__!r} object has no attribute {k!r}")
-        if k in _STATIC_ATTRIBUTES and isinstance(self._example(), torch.Tensor):
-            return getattr(self._example(), k)
-        if k == "shape" and isinstance(self._example(), torch.Tensor):  # a node at once, with its value
-            return self.tracer.create_proxy("call_function", getattr, (self, k), {})
+        if isinstance(value, torch.Tensor):
+            if not k.startswith("__") and not hasattr(value, k):
+                # as the tensor would answer (transformers 5 asks hasattr(x, "jax") to detect torchax)
+                raise AttributeError(f"{type(value).__name__!r} object has no attribute {k!r}")
+            if k in _STATIC_ATTRIBUTES:
+                return getattr(value, k)
+            if k == "shape":  # a node at once, with its value
+                return self.tracer.create_proxy("call_function", getattr, (self, k), {})
         return super().__getattr__(k)
 
     def __index__(self) -> int:
