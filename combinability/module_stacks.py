@@ -30,8 +30,8 @@ import numpy as np
 
 from combinability.errors import PermutationSpecError
 
-__all__ = ["Stack", "Merge", "Part", "merge_blocks", "block_pairs", "view_from_json", "join_members", "split_members",
-           "stack_modules", "stack_experts", "sibling_modules", "module_of"]
+__all__ = ["Stack", "Merge", "Part", "merge_blocks", "block_pairs", "view_from_json", "view_levels", "join_members",
+           "split_members", "stack_modules", "stack_experts", "sibling_modules", "module_of"]
 
 
 @dataclass(frozen=True)
@@ -295,14 +295,16 @@ def merge_blocks(spec: Any, params: Mapping[str, Any], pairs: Mapping[str, str] 
     if not pairs:
         return spec
     sizes = spec.perm_sizes(params)
+    merged: dict[str, tuple[str, tuple]] = {}  # a parameter -> its merged view's name and entries
     for p, g in pairs.items():
         for name, axis in spec.perm_to_axes[p]:
-            entry = axes.pop(name)
+            entry = axes[name]
             group_axis = entry.index(g)
             virtual = f"{name}:{g}"
             views[virtual] = Merge(name, group_axis, axis, sizes[g])
-            axes[virtual] = tuple(e for a, e in enumerate(entry) if a != group_axis)
+            merged[name] = (virtual, tuple(e for a, e in enumerate(entry) if a != group_axis))
         kinds[p] = Blocks(g, sizes[g], sizes[p])
+    axes = dict(merged[name] if name in merged else (name, entry) for name, entry in axes.items())  # in spec order
     return PermutationSpec(axes, kinds, views)
 
 
@@ -316,7 +318,8 @@ def block_pairs(spec: Any) -> dict[str, str]:
     holders = {p: {name for name, _ in entries} for p, entries in spec.perm_to_axes.items()}
     pairs: dict[str, str] = {}  # units -> blocks
     for p in sorted(plain - blocks_of):
-        if any(name in views or list(spec.axes_to_perm[name]).count(p) != 1 for name in holders[p]):
+        if any(isinstance(views.get(name), Stack | Merge) or list(spec.axes_to_perm[name]).count(p) != 1
+               for name in holders[p]):  # a part of a parameter (one half of a fused gate_up) may be merged
             continue
         # the blocks: bound in every parameter of p (once), and in more (the heads' order binds the values too)
         found = [g for g in plain if g != p and holders[p] < holders[g]
@@ -328,9 +331,46 @@ def block_pairs(spec: Any) -> dict[str, str]:
     return pairs
 
 
+def view_levels(stacks: Mapping[str, Stack | Merge | Part]) -> list[dict[str, Stack | Merge | Part]]:
+    """The views of a spec in the order they are joined: first those whose members are all the model's
+    parameters, then those with a member that is a view of the level before (a :class:`Merge` of a
+    :class:`Part`: one half of transformers 5's ``gate_up_proj (E, 2h, d)``, seen with its experts'
+    and units' axes merged), and so on.
+
+    Raises
+    ------
+    PermutationSpecError
+        If views name each other in a cycle.
+
+    Examples
+    --------
+    >>> views = {"w:G": Merge("w[0:2]", 0, 1, 3), "w[0:2]": Part("w", 1, 0, 2), "w[2:]": Part("w", 1, 2)}
+    >>> [sorted(level) for level in view_levels(views)]
+    [['w[0:2]', 'w[2:]'], ['w:G']]
+    """
+    level: dict[str, int] = {}
+
+    def depth(name: str, path: tuple[str, ...]) -> int:
+        if name in path:
+            raise PermutationSpecError(f"the views {list(path[path.index(name):]) + [name]} name each other in a "
+                                       "cycle; a view's members are the model's parameters or other views")
+        if name not in level:
+            inner = [depth(m, (*path, name)) for m in stacks[name].members if m in stacks]
+            level[name] = 1 + max(inner) if inner else 0
+        return level[name]
+
+    for name in stacks:
+        depth(name, ())
+    levels: list[dict[str, Stack | Merge | Part]] = [{} for _ in range(max(level.values(), default=-1) + 1)]
+    for name, view in stacks.items():
+        levels[level[name]][name] = view
+    return levels
+
+
 def join_members(stacks: Mapping[str, Stack | Merge | Part], params: Mapping[str, Any]) -> dict[str, Any]:
     """``params`` with each view's members replaced by the view (a stacked parameter, a merged one, the
-    parts of one), in place of its first member.
+    parts of one), in place of its first member; views of views after the views they read
+    (:func:`view_levels`).
 
     A view none of whose members are given is left out; one given in part is an error.
 
@@ -339,8 +379,14 @@ def join_members(stacks: Mapping[str, Stack | Merge | Part], params: Mapping[str
     PermutationSpecError
         If only some members of a stack are given, or they differ in shape.
     """
-    if not stacks:
-        return dict(params)
+    out = dict(params)
+    for level in view_levels(stacks):
+        out = _join_level(level, out)
+    return out
+
+
+def _join_level(stacks: Mapping[str, Stack | Merge | Part], params: Mapping[str, Any]) -> dict[str, Any]:
+    """:func:`join_members` of views whose members are all in ``params`` or none."""
     first: dict[str, list[str]] = {}
     for name, stack in stacks.items():
         present = [m for m in stack.members if m in params]
@@ -363,13 +409,21 @@ def join_members(stacks: Mapping[str, Stack | Merge | Part], params: Mapping[str
 
 def split_members(stacks: Mapping[str, Stack | Merge | Part], params: Mapping[str, Any]) -> dict[str, Any]:
     """The inverse of :func:`join_members`: each view given replaced by its members (the parts of one
-    parameter joined back along their axis, in place of the first).
+    parameter joined back along their axis, in place of the first); views of views first.
 
     Raises
     ------
     PermutationSpecError
         If some parts of a parameter are given without the others.
     """
+    out = dict(params)
+    for level in reversed(view_levels(stacks)):
+        out = _split_level(level, out)
+    return out
+
+
+def _split_level(stacks: Mapping[str, Stack | Merge | Part], params: Mapping[str, Any]) -> dict[str, Any]:
+    """:func:`split_members` of the views of one level."""
     parts: dict[str, list[tuple[str, Part]]] = {}
     for name, view in stacks.items():
         if isinstance(view, Part):

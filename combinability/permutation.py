@@ -43,7 +43,16 @@ from combinability.kinds import (
     kind_from_json,
     random_orthogonal,
 )
-from combinability.module_stacks import Merge, Part, Stack, _tiles, join_members, split_members, view_from_json
+from combinability.module_stacks import (
+    Merge,
+    Part,
+    Stack,
+    _tiles,
+    join_members,
+    split_members,
+    view_from_json,
+    view_levels,
+)
 
 __all__ = [
     "PermutationSpec",
@@ -198,8 +207,6 @@ class PermutationSpec:
         for name, stack in self._stacks.items():
             if not isinstance(stack, Stack | Merge | Part):
                 raise PermutationSpecError(f"stacks[{name!r}] must be a Stack, a Merge or a Part, got {stack!r}")
-            if name not in self._axes:
-                raise PermutationSpecError(f"the stacked parameter {name!r} is bound by no entry of the spec")
             for m in stack.members:
                 if m in self._axes:
                     raise PermutationSpecError(f"{m!r} is both a parameter of the spec and a member of the stacked "
@@ -210,13 +217,28 @@ class PermutationSpec:
                     continue
                 if seen.setdefault(m, name) != name:
                     raise PermutationSpecError(f"{m!r} is a member of both {seen[m]!r} and {name!r}")
-            if stack.axis >= len(self._axes[name]):
+        view_levels(self._stacks)  # views of views (a part of a parameter, merged), never in a cycle
+        for name, stack in self._stacks.items():
+            if name not in self._axes and name not in seen:
+                raise PermutationSpecError(f"the stacked parameter {name!r} is bound by no entry of the spec")
+            if stack.axis >= self._ndim_of(name):
                 raise PermutationSpecError(f"{name!r} joins its members along axis {stack.axis}, but the spec gives "
-                                           f"it {len(self._axes[name])} axes")
+                                           f"it {self._ndim_of(name)} axes")
         for m, cut in parts.items():
             _tiles(cut, m)
-            if len({len(self._axes[name]) for name, _ in cut}) != 1:
+            if len({self._ndim_of(name) for name, _ in cut}) != 1:
                 raise PermutationSpecError(f"the parts of {m!r} are given different numbers of axes")
+
+    def _ndim_of(self, name: str) -> int:
+        """The number of axes of a name of :attr:`axes_to_perm` or of a view's member that is itself a view."""
+        if name in self._axes:
+            return len(self._axes[name])
+        for outer, view in self._stacks.items():
+            if name in view.members:
+                ndim = self._ndim_of(outer)
+                return ndim + 1 if isinstance(view, Merge) else ndim - 1 if isinstance(view, Stack) and \
+                    view.new_axis else ndim
+        raise PermutationSpecError(f"the spec binds no parameter {name!r}")
 
     def _bound_names(self) -> list[str]:
         names: list[str] = []
@@ -241,15 +263,18 @@ class PermutationSpec:
     def parameters(self) -> tuple[str, ...]:
         """The model's parameters the spec binds: :attr:`axes_to_perm`'s, each stacked one as its members."""
         stacks = self._stacks
-        return tuple(dict.fromkeys(m for name in self._axes for m in (stacks[name].members if name in stacks
-                                                                      else (name,))))
+
+        def members(name: str) -> list[str]:
+            return [m for k in stacks[name].members for m in members(k)] if name in stacks else [name]
+
+        return tuple(dict.fromkeys(m for name in self._axes for m in members(name)))
 
     def axes_of(self, param: str) -> tuple[Entry, ...]:
         """What acts on each axis of the model's parameter ``param``, also when the spec binds it through a
         stacked or merged view (:attr:`stacks`): a member's axis joined with others is bound to the view's
         block permutation; a merged parameter's blocks axis to the blocks' own permutation; the axis a
         parameter is cut along into parts (:class:`~combinability.module_stacks.Part`) to the tuple of
-        the parts' entries, in order.
+        the parts' entries, in order. Views of views are followed.
 
         Raises
         ------
@@ -262,12 +287,12 @@ class PermutationSpec:
                       if isinstance(view, Part) and view.member == param))
         if cut:
             view = self._stacks[cut[0][1]]
-            entries = list(self._axes[cut[0][1]])
-            entries[view.axis] = tuple(self._axes[name][view.axis] for _, name in cut)
+            entries = list(self.axes_of(cut[0][1]))
+            entries[view.axis] = tuple(self.axes_of(name)[view.axis] for _, name in cut)
             return tuple(entries)
         for name, view in self._stacks.items():
             if param in view.members:
-                entries = list(self._axes[name])
+                entries = list(self.axes_of(name))
                 if isinstance(view, Merge):
                     kind = self.kind(entries[view.axis])
                     entries.insert(view.group_axis, kind.group if isinstance(kind, Blocks) else None)

@@ -228,3 +228,81 @@ def test_parts_that_do_not_tile_their_parameter_are_refused() -> None:
         spec.validate({**params, "w": params["w"][:5]})
     with pytest.raises(PermutationSpecError, match=r"'w'\[6:None\] along axis 0, but its shape is \(6, 3\)"):
         spec.validate({**params, "w": params["w"][:6]})
+
+
+def _fused_experts(seed: int) -> tuple[cb.PermutationSpec, dict[str, np.ndarray]]:
+    """transformers 5's experts: a router ``(E, d)``, ``gate_up (E, 2h, d)`` (each expert's gate rows, then its up
+    rows) and ``down (E, d, h)``, bound coarsely (every expert's units alike), with ``gate_up`` cut into halves."""
+    from combinability.module_stacks import Part
+
+    rng = np.random.default_rng(seed)
+    e, h, d = 3, 4, 5
+    spec = cb.PermutationSpec({"router": ("G", "S"), "gate_up[0:4]": ("G", "U", "S"), "gate_up[4:]": ("G", "U", "S"),
+                               "down": ("G", "S", "U"), "embed": (None, "S")},
+                              stacks={"gate_up[0:4]": Part("gate_up", 1, 0, h), "gate_up[4:]": Part("gate_up", 1, h)})
+    return spec, {"router": rng.normal(size=(e, d)), "gate_up": rng.normal(size=(e, 2 * h, d)),
+                  "down": rng.normal(size=(e, d, h)), "embed": rng.normal(size=(7, d))}
+
+
+def _moe_forward(params: dict[str, np.ndarray], x: np.ndarray) -> np.ndarray:
+    """Every expert on every token, weighted by the router's softmax (a dense mixture), in plain numpy."""
+    logits = x @ params["router"].T
+    weights = np.exp(logits - logits.max(-1, keepdims=True))
+    weights /= weights.sum(-1, keepdims=True)
+    h = params["down"].shape[-1]
+    out = np.zeros_like(x)
+    for k in range(params["router"].shape[0]):
+        gate, up = params["gate_up"][k, :h] @ x.T, params["gate_up"][k, h:] @ x.T
+        out += weights[:, k:k + 1] * (params["down"][k] @ (np.tanh(gate) * up)).T
+    return out
+
+
+def test_parts_merged_per_expert_move_each_experts_units_its_own_way() -> None:
+    """A view of a view: each half of ``gate_up`` is a part, then merged (experts x units) into blocks."""
+    from combinability.module_stacks import Merge, Part, merge_blocks, view_levels
+
+    spec, params = _fused_experts(0)
+    finer = merge_blocks(spec, params)
+    assert finer.kind("U") == Blocks("G", 3, 4)
+    assert finer.stacks["gate_up[0:4]:G"] == Merge("gate_up[0:4]", 0, 1, 3)
+    assert finer.stacks["gate_up[0:4]"] == Part("gate_up", 1, 0, 4)
+    assert [sorted(level) for level in view_levels(finer.stacks)] == [["down:G", "gate_up[0:4]", "gate_up[4:]"],
+                                                                      ["gate_up[0:4]:G", "gate_up[4:]:G"]]
+    assert finer.parameters == ("router", "gate_up", "down", "embed")
+    assert finer.axes_of("gate_up") == ("G", ("U", "U"), "S") and finer.axes_of("down") == ("G", "S", "U")
+    assert cb.PermutationSpec.from_json(finer.to_json()) == finer
+    joined = finer.joined(params)
+    assert joined["gate_up[4:]:G"].shape == (12, 5)
+    np.testing.assert_array_equal(joined["gate_up[4:]:G"][4:8], params["gate_up"][1, 4:])  # expert 1's up rows
+    perm = random_permutation(finer, params, seed=2, derange=True)
+    moved = apply_permutation(finer, perm, params)
+    assert list(moved) == list(params)
+    experts, units, stream = perm["G"], perm["U"].reshape(3, 4) - 4 * perm["G"][:, None], perm["S"]
+    for k in range(3):  # expert k of the result is expert experts[k], its units in that expert's own new order
+        rows = np.r_[units[k], 4 + units[k]]
+        np.testing.assert_array_equal(moved["gate_up"][k], params["gate_up"][experts[k]][rows][:, stream])
+        np.testing.assert_array_equal(moved["down"][k], params["down"][experts[k]][stream][:, units[k]])
+    np.testing.assert_array_equal(moved["router"], params["router"][experts][:, stream])
+    x = np.random.default_rng(3).normal(size=(6, 5))
+    np.testing.assert_allclose(_moe_forward(moved, x[:, stream]), _moe_forward(params, x)[:, stream], atol=1e-12)
+
+
+def test_weight_matching_undoes_a_planted_map_of_merged_parts() -> None:
+    from combinability.module_stacks import merge_blocks
+
+    spec, a = _fused_experts(1)
+    finer = merge_blocks(spec, a)
+    planted = random_permutation(finer, a, seed=4, derange=True)
+    b = apply_permutation(finer, planted, a)
+    found = cb.weight_matching(finer, a, b, seed=0)
+    back = apply_permutation(finer, found, b)
+    assert max(float(np.abs(back[k] - a[k]).max()) for k in a) < 1e-12
+
+
+def test_views_naming_each_other_in_a_cycle_are_refused() -> None:
+    from combinability.module_stacks import Merge
+
+    with pytest.raises(PermutationSpecError, match="cycle"):
+        cb.PermutationSpec({"a": ("U", None)}, stacks={"b": Merge("c", 0, 1, 2), "c": Merge("b", 0, 1, 2)})
+    with pytest.raises(PermutationSpecError, match="bound by no entry"):
+        cb.PermutationSpec({"a": ("U", None)}, stacks={"b": Merge("c", 0, 1, 2)})
