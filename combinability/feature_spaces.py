@@ -462,7 +462,8 @@ def _labels(param: str, entries: Sequence[int | tuple[int, ...] | Gates | None],
 
 def spec_from_spaces(spaces: FeatureSpaces, binds: Mapping[str, Sequence[int | tuple[int, ...] | None]],
                      norms: Sequence[Norm] = (), heads: Sequence[Heads] = (), experts: Sequence[Experts] = (),
-                     hint: str = "", tied: Collection[str] = ()) -> tuple[PermutationSpec, list[NormFold]]:
+                     hint: str = "", tied: Collection[str] = (), cut: Collection[str] = ()
+                     ) -> tuple[PermutationSpec, list[NormFold]]:
     """The symmetry spec of traced feature spaces, and the norm folds its orthogonal maps need.
 
     Parameters
@@ -484,6 +485,11 @@ def spec_from_spaces(spaces: FeatureSpaces, binds: Mapping[str, Sequence[int | t
         Parameters used by more than one layer (tied weights, bound once by
         :meth:`FeatureSpaces.tie`): no norm folds into them, as a fold would change
         every use.
+    cut : collection of str
+        Parameters whose packed axes are cut into parts (:class:`~combinability.module_stacks.Part`)
+        even when their segments are plain names: experts held as one parameter
+        ``(experts, 2h, d)``, whose gate and up halves can then each be merged per expert
+        (:func:`combinability.module_stacks.merge_blocks`).
 
     Returns
     -------
@@ -544,7 +550,7 @@ def spec_from_spaces(spaces: FeatureSpaces, binds: Mapping[str, Sequence[int | t
         if isinstance(e, tuple):
             if any(sp.is_fixed(s) for s in e):
                 raise TracingError(f"{param!r}: a segment of a packed axis is fixed while the others move" + hint)
-            if any(f(s) in rigid for s in e):  # rigid heads among the segments: the parameter is cut into parts
+            if any(f(s) in rigid for s in e) or param in cut:  # rigid heads among the segments (or asked): parts
                 if not all(sp.size[s] > 0 for s in e[:-1]):
                     raise TracingError(f"{param!r}: a packed axis with a segment of rigid heads (rotary position "
                                        f"embeddings on stacked query/key/value rows) whose sizes are unknown" + hint)

@@ -323,7 +323,8 @@ def block_pairs(spec: Any) -> dict[str, str]:
             continue
         # the blocks: bound in every parameter of p (once), and in more (the heads' order binds the values too)
         found = [g for g in plain if g != p and holders[p] < holders[g]
-                 and all(list(spec.axes_to_perm[name]).count(g) == 1 for name in holders[p])]
+                 and all(list(spec.axes_to_perm[name]).count(g) == 1 for name in holders[p])
+                 and _one_side(spec, holders[p], g, p)]
         found.sort(key=lambda g: (len(holders[g]), g))  # the nearest: a head order, not the stream beside it
         if found and (len(found) == 1 or len(holders[found[0]]) < len(holders[found[1]])):
             pairs[p] = found[0]
@@ -365,6 +366,15 @@ def view_levels(stacks: Mapping[str, Stack | Merge | Part]) -> list[dict[str, St
     for name, view in stacks.items():
         levels[level[name]][name] = view
     return levels
+
+
+def _one_side(spec: Any, names: set[str], g: str, p: str) -> bool:
+    """Whether the blocks ``g`` lie on one side of the units ``p`` in every parameter of ``names`` (heads before
+    their units in a query kernel ``(d, heads, head_dim)`` and in the output's ``(heads, head_dim, d)``; experts
+    before their units in ``(E, h, d)`` and ``(E, d, h)``). A layer's input and output axes swap sides between
+    the layers reading and writing a space (a stream beside a feed-forward layer's units), which are no blocks."""
+    sides = {list(spec.axes_to_perm[name]).index(g) < list(spec.axes_to_perm[name]).index(p) for name in names}
+    return len(sides) == 1
 
 
 def join_members(stacks: Mapping[str, Stack | Merge | Part], params: Mapping[str, Any]) -> dict[str, Any]:

@@ -217,29 +217,3 @@ def test_a_version_5_style_lm_traces_through_hub_functions_and_caught_probes():
     pair = cb.ModelPair(a, b, example_input=ids).align("weight")
     np.testing.assert_allclose(pair.theta_b, pair.theta_a, atol=1e-6)  # the planted map undone
 
-
-class StackedExperts(nn.Module):
-    """Experts held as one parameter each of shape (experts, ...), indexed by the expert hit (transformers 5)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.embed, self.head = nn.Embedding(V, D), nn.Linear(D, V)
-        self.gate = nn.Linear(D, E, bias=False)
-        self.gate_up_proj = nn.Parameter(torch.randn(E, 2 * H, D) / D**0.5)
-        self.down_proj = nn.Parameter(torch.randn(E, D, H) / H**0.5)
-
-    def forward(self, input_ids):
-        x = self.embed(input_ids).reshape(-1, D)
-        weights, selected = torch.topk(F.softmax(self.gate(x), dim=-1), 2, dim=-1)
-        out = torch.zeros_like(x)
-        mask = F.one_hot(selected, num_classes=E).permute(2, 1, 0)
-        for idx in torch.greater(mask.sum(dim=(-1, -2)), 0).nonzero():
-            slot, rows = torch.where(mask[idx[0]])
-            gate, up = F.linear(x[rows], self.gate_up_proj[idx[0]]).chunk(2, dim=-1)
-            out.index_add_(0, rows, F.linear(F.silu(gate) * up, self.down_proj[idx[0]]) * weights[rows, slot, None])
-        return self.head(x + out).reshape(*input_ids.shape, V)
-
-
-def test_experts_held_as_one_parameter_are_refused_by_what_they_are():
-    with pytest.raises(TracingError, match=r"experts held as one parameter of shape \(experts, ...\), indexed by"):
-        cb.derive_symmetries(StackedExperts(), _ids())

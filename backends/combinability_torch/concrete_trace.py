@@ -126,22 +126,25 @@ class ConcreteTracer(fx.Tracer):
         return value
 
     def to_bool(self, obj: fx.Proxy) -> bool:
-        """The example's answer to a branch on shapes; a branch on a tensor's values is refused (the
+        """The example's answer to a branch on shapes, or on which experts a router chose (transformers 5's loop
+        over the experts hit skips a padding expert: ``if expert_idx == num_experts: continue``, as the loop itself
+        runs over the experts the example hits); a branch on any other values of a tensor is refused (the
         example's way would be taken for every input)."""
-        if self._reads_values(obj.node, {}):
+        if self._reads_values(obj.node, {}, choices=True):
             raise TracingError(f"forward branches on the values of a tensor (node {obj.node.name!r}): data-dependent "
                                "control flow cannot be followed")
         return bool(self.values[obj.node])
 
-    def _reads_values(self, node: fx.Node, seen: dict[fx.Node, bool]) -> bool:
-        """Whether ``node`` depends on the values (not only the shapes) of the input or the parameters."""
+    def _reads_values(self, node: fx.Node, seen: dict[fx.Node, bool], choices: bool = False) -> bool:
+        """Whether ``node`` depends on the values (not only the shapes) of the input or the parameters; with
+        ``choices``, not counting the indices a top-k, an argmax or a sort chose (:func:`_chosen_indices`)."""
         if node not in seen:
-            if reads_shape(node):
+            if reads_shape(node) or choices and _chosen_indices(node):
                 seen[node] = False
             elif node.op in ("placeholder", "get_attr"):
                 seen[node] = isinstance(self.values.get(node), torch.Tensor)
             else:
-                seen[node] = any(self._reads_values(a, seen) for a in node.all_input_nodes)
+                seen[node] = any(self._reads_values(a, seen, choices) for a in node.all_input_nodes)
         return seen[node]
 
     def proxy(self, node: fx.Node) -> fx.Proxy:
@@ -214,6 +217,19 @@ class ConcreteTracer(fx.Tracer):
             F._none_or_dtype = none_or_dtype
             if own_class is not None:
                 root.__class__ = own_class
+
+
+#: Operations whose result is the indices they chose (a router's experts), and those that give them as their item 1.
+_CHOOSING = {torch.argmax, "argmax", torch.argmin, "argmin", torch.argsort, "argsort"}
+_CHOOSING_PAIRS = {torch.topk, "topk", torch.sort, "sort", torch.max, "max", torch.min, "min"}
+
+
+def _chosen_indices(node: fx.Node) -> bool:
+    """Whether ``node`` holds indices chosen by a top-k, an argmax or a sort (``topk(...)[1]``, ``.indices``)."""
+    if node.target in _CHOOSING:
+        return True
+    return node.target in (operator.getitem, getattr) and len(node.args) == 2 and \
+        isinstance(node.args[0], fx.Node) and node.args[0].target in _CHOOSING_PAIRS and node.args[1] in (1, "indices")
 
 
 #: transformers' attention-mask builders (``transformers.masking_utils``, imported by name into each model's module):

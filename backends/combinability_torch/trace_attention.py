@@ -185,6 +185,11 @@ def _attention_parts(n: fx.Node, args: list[fx.Node], spaces: list[Any], sp: Fea
             count = last // size
         if not isinstance(count, int) or count < 1 or last % count:
             raise TracingError(f"{where}: features split into unequal parts{_hint(model)}")
+        again = att.packed.get(spaces[0])
+        if again is not None and len(again) == count and all(sp.size[s] == last // count for s in again):
+            att.parts_of[n.name] = list(again)  # split as before (each expert's output of one experts' parameter)
+            space[n.name] = None
+            return True
         if spaces[0] in att.packed or sp.find(spaces[0]) != spaces[0]:
             raise TracingError(f"{where}: only a layer's own output may be split into parts{_hint(model)}")
         att.parts_of[n.name] = att.parts(sp, spaces[0], count, last // count)

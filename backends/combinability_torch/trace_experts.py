@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import fx, nn
 
 from combinability.errors import PermutationSpecError, TracingError
@@ -27,8 +28,9 @@ from combinability.module_stacks import sibling_modules
 from combinability.module_stacks import stack_experts as core_stack_experts
 from combinability.permutation import PermutationSpec
 from combinability_torch.fx_vocabulary import _SHAPE_OPS, _dim_is_last, _ndim
+from combinability_torch.trace import reads_shape
 
-__all__ = ["Routing", "expert_modules", "stack_experts", "INDEX_ADD", "index_add_space"]
+__all__ = ["Routing", "ExpertWeights", "expert_modules", "stack_experts", "INDEX_ADD", "GROUPED_MM", "index_add_space"]
 
 _log = logging.getLogger("combinability.tracing")
 
@@ -100,8 +102,25 @@ class Routing:
                 stack += m.all_input_nodes
         return False
 
+    def gate_of(self, index: Any) -> int | None:
+        """The gate space whose expert ids ``index`` is computed from (one), else ``None``."""
+        stack: list[fx.Node] = []
+        fx.node.map_arg(index, stack.append)
+        seen: set[str] = set()
+        gates: set[int] = set()
+        while stack:
+            m = stack.pop()
+            if m.name in self.ids or m.name in self.tuples:
+                gates.add(self.ids.get(m.name, self.tuples.get(m.name)))
+            elif m.name not in seen:
+                seen.add(m.name)
+                stack += m.all_input_nodes
+        return gates.pop() if len(gates) == 1 else None
+
     def follow(self, n: fx.Node, space: dict[str, Any]) -> bool:
         """Give ``n`` its space when it reads expert ids; return whether it did."""
+        if reads_shape(n):
+            return False  # ``ids.size(-1)``: the number of experts per token, a size
         if n.target in (operator.getitem, getattr) and n.args and isinstance(n.args[0], fx.Node) and \
                 n.args[0].name in self.tuples:
             if n.args[1] in (1, "indices"):
@@ -172,3 +191,206 @@ def index_add_space(n: fx.Node, space: dict[str, Any], sp: FeatureSpaces) -> Any
         return NotImplemented
     return sp.union(space.get(n.args[0].name), space.get(source.name))
 
+
+
+#: A product of each group of tokens by its expert's weights (transformers 5's default way of running experts).
+GROUPED_MM = tuple(f for f in (getattr(torch, "_grouped_mm", None), getattr(F, "grouped_mm", None)) if f is not None)
+#: Reorderings of a parameter's axes, and operations that keep them (a cast).
+_AXES_ORDER = {"transpose", torch.transpose, "swapaxes", torch.swapaxes, "permute", torch.permute, "t", torch.t}
+_AXES_KEPT = {"contiguous", "clone", "detach", "to", "float", "half", "bfloat16", "type_as"}
+_BMM = {torch.bmm, "bmm", torch.matmul, "matmul", operator.matmul}
+_ADDS = {operator.add, torch.add, "add", "add_", operator.iadd}
+
+
+@dataclass
+class ExpertWeights:
+    """Experts held as one parameter of shape ``(experts, ...)`` (transformers 5's ``gate_up_proj (E, 2h, d)`` and
+    ``down_proj (E, d, h)``), as the stream tracer meets them.
+
+    The experts' axis is indexed by the router's choices, in one of three ways, all followed:
+    ``W[e]`` for each expert hit (a loop, ``eager``), ``W[expert_ids]`` for each token and
+    ``torch.bmm`` (``batched_mm``), or ``torch._grouped_mm(x, W.transpose(-2, -1), offs=...)``
+    over the tokens sorted by expert (``grouped_mm``). That axis is bound to the gate's rows (the
+    experts move with them); the axes the products read and write take their spaces, as a
+    linear layer's would, one space for every expert. The parameters are listed in
+    :attr:`gates`; the spec then cuts their packed axes (the gate and up halves) into parts, so
+    that :func:`combinability.derive_symmetries` permutes each expert's units its own way
+    (:func:`combinability.module_stacks.merge_blocks`).
+
+    Attributes
+    ----------
+    views : dict of str to (str, tuple)
+        A node standing for a parameter seen another way (an expert's slice, a transpose) ->
+        the parameter and, for each axis of the node, the parameter's axis (``None``: tokens).
+    gates : dict of str to int
+        A parameter with an experts' axis -> the gate space of its experts.
+    """
+
+    views: dict[str, tuple[str, tuple[int | None, ...]]] = field(default_factory=dict)
+    gates: dict[str, int] = field(default_factory=dict)
+    columns: dict[str, Any] = field(default_factory=dict)  # x.unsqueeze(-1) before torch.bmm, and (S, out, 1) after
+
+    def follow(self, n: fx.Node, params_of: dict[str, str], binds: dict[str, list[Any]], space: dict[str, Any],
+               sp: FeatureSpaces, routing: Routing, where: str, hint: str) -> bool:
+        """Follow ``n`` if it reads an experts' parameter this way (raising for any other use of one);
+        return whether it did."""
+        if reads_shape(n):
+            return False  # ``W.shape``: sizes only
+        nodes: list[fx.Node] = []
+        fx.node.map_arg((n.args, n.kwargs), nodes.append)
+        target = n.target
+
+        def axes_of(a: Any) -> tuple[str, tuple[int | None, ...]] | None:
+            if not isinstance(a, fx.Node):
+                return None
+            if a.name in self.views:
+                return self.views[a.name]
+            if a.name in params_of and _ndim(a) is not None:
+                return params_of[a.name], tuple(range(_ndim(a)))
+            return None
+
+        def bind(param: str, axis: int | None, s: Any) -> Any:
+            if axis is None:
+                return s
+            entries = binds[param]
+            entries[axis] = s if entries[axis] is None else sp.union(entries[axis], s)
+            return entries[axis]
+
+        def opened(param: str, axis: int | None) -> Any:
+            """The space of ``param``'s ``axis``, opened now if it has none."""
+            if axis is None:
+                return FIXED
+            if binds[param][axis] is None:
+                binds[param][axis] = sp.new(param, name=f"P_{param}:{axis}")
+            return binds[param][axis]
+
+        def experts_axis(param: str, axis: int | None, index: Any) -> None:
+            gate = routing.gate_of(index)
+            if axis is None or gate is None:
+                raise TracingError(f"{where}: the experts' axis of {param!r} is picked by no router's choice{hint}")
+            self.gates[param] = bind(param, axis, gate)
+
+        if target is operator.getitem and len(n.args) == 2 and axes_of(n.args[0]) and routing.reaches(n.args[1]):
+            param, axes = axes_of(n.args[0])
+            index = n.args[1]
+            if not isinstance(index, fx.Node):
+                raise TracingError(f"{where}: an experts' parameter is indexed by one tensor of expert numbers "
+                                   f"(W[e] or W[expert_ids]), got {index!r}{hint}")
+            experts_axis(param, axes[0], index)
+            kept = (None,) * (_ndim(index) or 0) + axes[1:]
+            self.views[n.name] = (param, kept)
+            space[n.name] = opened(param, kept[-1]) if kept and kept[-1] is not None else FIXED
+            return True
+        if target in GROUPED_MM and len(n.args) >= 2 and axes_of(n.args[1]):
+            x, (param, axes) = n.args[0], axes_of(n.args[1])
+            offs = n.kwargs.get("offs", n.args[2] if len(n.args) > 2 else None)
+            if len(axes) != 3 or _ndim(x) != 2 or offs is None or n.kwargs.get("bias") is not None:
+                raise TracingError(f"{where}: a grouped product of tokens (tokens, in) by experts' weights "
+                                   f"(experts, in, out) with offsets and no bias is followed{hint}")
+            experts_axis(param, axes[0], offs)
+            bind(param, axes[1], space.get(x.name))
+            space[n.name] = opened(param, axes[2])
+            return True
+        if target is F.linear and len(n.args) >= 2 and n.args[1] is not None and n.args[1].name in self.views:
+            x, (param, axes) = n.args[0], self.views[n.args[1].name]
+            if len(axes) != 2:
+                raise TracingError(f"{where}: an expert's weights in F.linear must be one expert's (out, in){hint}")
+            bind(param, axes[1], space.get(x.name))
+            out = opened(param, axes[0])
+            bias = n.args[2] if len(n.args) > 2 else n.kwargs.get("bias")
+            if isinstance(bias, fx.Node):
+                out = sp.union(out, space.get(bias.name))
+            space[n.name] = out
+            return True
+        if target in ("unsqueeze", torch.unsqueeze) and n.args[1:] in ((-1,), ((_ndim(n) or 0) - 1,)) and n.users \
+                and all(u.target in _BMM and u.args[0].name in self.views and u.args[1] is n for u in n.users):
+            self.columns[n.name] = space.get(n.args[0].name)  # features on axis -2 of (S, in, 1)
+            space[n.name] = None
+            return True
+        if target in _BMM and len(n.args) == 2 and any(isinstance(a, fx.Node) and a.name in self.views
+                                                        for a in n.args):
+            w, x = n.args
+            if isinstance(w, fx.Node) and w.name in self.views and x.name in self.columns:  # (S, out, in) @ (S, in, 1)
+                param, axes = self.views[w.name]
+                bind(param, axes[2], self.columns[x.name])
+                self.columns[n.name] = opened(param, axes[1])
+                space[n.name] = None
+                return True
+            x, w = n.args
+            if isinstance(w, fx.Node) and w.name in self.views and len(self.views[w.name][1]) in (2, 3) and \
+                    x.name not in self.views:  # x @ W[e] (in, out); (S, 1, in) @ W[ids] (S, in, out)
+                param, axes = self.views[w.name]
+                bind(param, axes[-2], space.get(x.name))
+                space[n.name] = opened(param, axes[-1])
+                return True
+        if target in _ADDS and len(n.args) == 2 and all(isinstance(a, fx.Node) for a in n.args) and \
+                sum(a.name in self.views for a in n.args) == 1:
+            bias = n.args[0] if n.args[0].name in self.views else n.args[1]
+            other = n.args[1] if bias is n.args[0] else n.args[0]
+            param, axes = self.views[bias.name]
+            if axes[-1] is not None and all(a is None for a in axes[:-1]) and other.name not in self.columns:
+                space[n.name] = sp.union(space.get(other.name), opened(param, axes[-1]))  # an expert's bias
+                if target == "add_" and other is n.args[0]:
+                    space[other.name] = space[n.name]
+                return True
+        if target in ("squeeze", torch.squeeze) and n.args[0].name in self.columns and n.args[1:] in (
+                (-1,), ((_ndim(n.args[0]) or 0) - 1,)):
+            space[n.name] = self.columns[n.args[0].name]
+            return True
+        base = axes_of(n.args[0]) if n.args else None
+        if base and (target in _AXES_ORDER or target in _AXES_KEPT) and (
+                n.args[0].name in self.views or len(base[1]) >= 3 and _feeds_grouped_product(n)):
+            param, axes = base
+            order = _axes_order(n, len(axes))
+            if order is None:
+                raise TracingError(f"{where}: experts' weights are reordered by {target!r} with arguments the "
+                                   f"tracer cannot read{hint}")
+            self.views[n.name] = (param, tuple(axes[k] for k in order))
+            space[n.name] = opened(param, self.views[n.name][1][-1]) if self.views[n.name][1][-1] is not None \
+                else FIXED
+            return True
+        held = [a for a in nodes if a.name in self.views or a.name in self.columns]
+        if held:
+            what = self.views[held[0].name][0] if held[0].name in self.views else held[0].name
+            raise TracingError(f"{where}: experts' weights held as one parameter ({what!r}) are followed into "
+                               f"F.linear, torch.bmm and torch._grouped_mm (transformers 5's eager, batched_mm and "
+                               f"grouped_mm experts), not into this operation{hint}")
+        return False
+
+    def cut(self) -> set[str]:
+        """The parameters with an experts' axis, whose packed axes the spec cuts into parts."""
+        return set(self.gates)
+
+
+def _feeds_grouped_product(n: fx.Node) -> bool:
+    """Whether ``n`` (a parameter transposed or cast) reaches a grouped product through such operations only."""
+    stack, seen = [n], set()
+    while stack:
+        m = stack.pop()
+        for u in m.users:
+            if u.target in GROUPED_MM:
+                return True
+            if (u.target in _AXES_ORDER or u.target in _AXES_KEPT) and u.name not in seen:
+                seen.add(u.name)
+                stack.append(u)
+    return False
+
+
+def _axes_order(n: fx.Node, ndim: int) -> list[int] | None:
+    """The axes of ``n``'s input in the order ``n`` puts them (a transpose, a permute, ``.t()``; a cast keeps them)."""
+    target, args = n.target, n.args[1:]
+    if target in _AXES_KEPT:
+        return list(range(ndim))
+    if target in ("t", torch.t) and ndim == 2:
+        return [1, 0]
+    if target in ("transpose", torch.transpose, "swapaxes", torch.swapaxes) and len(args) == 2 and \
+            all(isinstance(a, int) for a in args):
+        i, j = (a % ndim for a in args)
+        order = list(range(ndim))
+        order[i], order[j] = order[j], order[i]
+        return order
+    if target in ("permute", torch.permute):
+        dims = args[0] if len(args) == 1 and isinstance(args[0], tuple | list) else args
+        if len(dims) == ndim and all(isinstance(a, int) for a in dims):
+            return [a % ndim for a in dims]
+    return None

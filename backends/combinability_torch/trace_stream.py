@@ -52,7 +52,7 @@ from combinability_torch.fx_vocabulary import (
 )
 from combinability_torch.trace import logits_of, reads_shape, tensor_aliases
 from combinability_torch.trace_attention import _attention, _attention_parts, _HandAttention
-from combinability_torch.trace_experts import INDEX_ADD, Routing, index_add_space, stack_experts
+from combinability_torch.trace_experts import INDEX_ADD, ExpertWeights, Routing, index_add_space, stack_experts
 
 __all__ = ["stream_symmetries"]
 
@@ -82,6 +82,7 @@ def stream_symmetries(model: nn.Module, example_input: torch.Tensor) -> tuple[Pe
     params_of: dict[str, str] = {}  # a get_attr node of a parameter -> the parameter's name
     routing = Routing()  # expert ids, and the gates whose ids select expert modules
     linears: dict[str, int] = {}  # a linear layer -> the space it opened
+    held = ExpertWeights()  # experts held as one parameter each (transformers 5's)
 
     def bind(param: str, entries: list[Any]) -> None:
         param = aliases.get(param, param)  # a tied weight: one tensor, every use binds it
@@ -98,13 +99,9 @@ def stream_symmetries(model: nn.Module, example_input: torch.Tensor) -> tuple[Pe
 
     for n in gm.graph.nodes:
         where = f"node {n.name!r} ({n.op} {n.target!r})"
-        if _GROUPED_MM is not None and n.target is _GROUPED_MM or n.target is operator.getitem and \
-                isinstance(n.args[0], fx.Node) and \
-                n.args[0].name in params_of and routing.reaches(n.args[1]):
-            raise TracingError(f"{where}: experts held as one parameter of shape (experts, ...), indexed by the "
-                               "expert hit or multiplied group by group (torch._grouped_mm), as transformers 5's "
-                               "mixtures of experts hold them, are not followed yet (experts held as separate "
-                               "modules are)" + _hint(model))
+        if n.op in ("call_function", "call_method") and held.follow(n, params_of, binds, space, sp, routing, where,
+                                                                    _hint(model)):
+            continue  # experts held as one parameter of shape (experts, ...)
         if n.op == "placeholder":
             space[n.name] = FIXED
         elif n.op == "get_attr":
@@ -243,6 +240,10 @@ def stream_symmetries(model: nn.Module, example_input: torch.Tensor) -> tuple[Pe
                     experts.append(Experts(s, spaces[0], count, repeats))
                 sp.mark(spaces[:1])
                 space[n.name] = s
+            elif target in ("repeat_interleave", torch.repeat_interleave) and len(args) == 1 and n.args[0] is args[0] \
+                    and n.kwargs.get("dim", n.args[2] if len(n.args) > 2 else None) is not None \
+                    and not _dim_is_last(n, 2) and _last(n) == _last(args[0]):
+                space[n.name] = spaces[0]  # tokens repeated (each once per expert it is routed to)
             elif target in _SCALING and len(args) == 2 and len(n.args) == 2 and sp.is_fixed(spaces[1]) and \
                     (_last(args[1]) or 1) == 1:
                 space[n.name] = spaces[0]  # scaled by a number held in a tensor (Gemma's sqrt(d)), or one per token
@@ -304,9 +305,12 @@ def stream_symmetries(model: nn.Module, example_input: torch.Tensor) -> tuple[Pe
     norms = [replace(m, readers=None if m.readers is None else tuple(
         replace(r, weight=aliases.get(r.weight, r.weight), bias=r.bias and aliases.get(r.bias, r.bias))
         for r in m.readers)) for m in norms]
-    spec, folds = spec_from_spaces(sp, binds, norms, heads, experts, _hint(model), tied=tied)
+    spec, folds = spec_from_spaces(sp, binds, norms, heads, experts, _hint(model), tied=tied, cut=held.cut())
     gates = {}
+    held_gates = {sp.find(g) for g in held.gates.values()}
     for gate_space in routing.selecting:
+        if sp.find(gate_space) in held_gates:
+            continue  # its experts are the parameters' slices
         openers = [t for t, s in linears.items() if sp.find(s) == sp.find(gate_space)]
         if len(openers) != 1:
             raise TracingError(f"node {routing.selecting[gate_space]!r} selects experts by ids that no single linear "
@@ -315,10 +319,6 @@ def stream_symmetries(model: nn.Module, example_input: torch.Tensor) -> tuple[Pe
     if gates:
         spec = stack_experts(spec, model, gm, gates, _hint(model))
     return spec, folds
-
-
-#: A product of token groups by the weights of their experts (one 3-D parameter), as transformers 5 runs experts.
-_GROUPED_MM = getattr(torch, "_grouped_mm", None)
 
 
 def _indexes_tokens(n: fx.Node) -> bool:

@@ -1,0 +1,207 @@
+"""Experts held as one parameter of shape (experts, ...), as transformers 5 holds Mixtral's, OLMoE's and Qwen-MoE's.
+
+``gate_up_proj (E, 2h, d)`` holds each expert's gate rows then its up rows, ``down_proj (E, d, h)``
+its output layer; a router's top-k picks the experts. transformers 5 runs them three ways, each
+written out here as it does: a loop over the experts hit indexing ``W[e]`` (``eager``),
+``W[expert_ids]`` per token with ``torch.bmm`` (``batched_mm``), and ``torch._grouped_mm`` over the
+tokens sorted by expert (``grouped_mm``, the default). References: the model's own forward pass in
+float64, and a planted map written with torch indexing (experts reordered, each expert's hidden units
+in an order of its own).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import combinability as cb
+from combinability.errors import TracingError
+from combinability.kinds import Blocks
+
+torch = pytest.importorskip("torch")
+nn, F = torch.nn, torch.nn.functional
+
+D, H, E, K, V = 8, 12, 4, 2, 16  # torch._grouped_mm needs rows of multiples of 16 bytes
+GROUPED = getattr(torch, "_grouped_mm", None)
+
+
+class FusedExperts(nn.Module):
+    """Experts as transformers 5 holds them: ``gate_up_proj (E, 2H, D)``, ``down_proj (E, D, H)`` (``transposed``:
+    ``(E, D, 2H)`` and ``(E, H, D)``, read as ``x @ W``), optional biases."""
+
+    def __init__(self, how: str, bias: bool = False, transposed: bool = False) -> None:
+        super().__init__()
+        self.how, self.transposed = how, transposed
+        up, down = ((E, D, 2 * H), (E, H, D)) if transposed else ((E, 2 * H, D), (E, D, H))
+        self.gate_up_proj = nn.Parameter(torch.randn(*up) / D**0.5)
+        self.down_proj = nn.Parameter(torch.randn(*down) / H**0.5)
+        self.gate_up_proj_bias = nn.Parameter(torch.randn(E, 2 * H) / 4) if bias else None
+        self.down_proj_bias = nn.Parameter(torch.randn(E, D) / 4) if bias else None
+
+    def _gated(self, z):
+        gate, up = z.chunk(2, dim=-1)
+        return F.silu(gate) * up
+
+    def forward(self, x, ids, weights):
+        return getattr(self, self.how)(x, ids, weights)
+
+    def eager(self, x, ids, weights):
+        out = torch.zeros_like(x)
+        mask = F.one_hot(ids, num_classes=E + 1).permute(2, 1, 0)  # one more: transformers' padding expert
+        for idx in torch.greater(mask.sum(dim=(-1, -2)), 0).nonzero():
+            idx = idx[0]
+            if idx == E:
+                continue
+            slot, rows = torch.where(mask[idx])
+            w1, w2 = self.gate_up_proj[idx], self.down_proj[idx]
+            b1 = self.gate_up_proj_bias[idx] if self.gate_up_proj_bias is not None else None
+            b2 = self.down_proj_bias[idx] if self.down_proj_bias is not None else None
+            z = x[rows] @ w1 + (b1 if b1 is not None else 0) if self.transposed else F.linear(x[rows], w1, b1)
+            z = self._gated(z)
+            z = z @ w2 + (b2 if b2 is not None else 0) if self.transposed else F.linear(z, w2, b2)
+            out.index_add_(0, rows, z * weights[rows, slot, None])
+        return out
+
+    def batched_mm(self, x, ids, weights):
+        chosen = ids.reshape(-1)
+        tokens = x.repeat_interleave(K, dim=0)
+
+        def linear(z, w, b):
+            if self.transposed:
+                z = torch.bmm(z.unsqueeze(1), w).squeeze(1)
+            else:
+                z = torch.bmm(w, z.unsqueeze(-1)).squeeze(-1)
+            return z if b is None else z + b
+
+        b1 = self.gate_up_proj_bias[chosen] if self.gate_up_proj_bias is not None else None
+        b2 = self.down_proj_bias[chosen] if self.down_proj_bias is not None else None
+        z = self._gated(linear(tokens, self.gate_up_proj[chosen], b1))
+        z = linear(z, self.down_proj[chosen], b2) * weights.reshape(-1).unsqueeze(-1)
+        return z.view(x.shape[0], K, D).sum(dim=1)
+
+    def grouped_mm(self, x, ids, weights):
+        chosen, order = torch.sort(ids.reshape(-1))
+        tokens = x[order // K]
+        offsets = torch.cumsum(torch.histc(chosen.float(), bins=E, min=0, max=E - 1), dim=0, dtype=torch.int32)
+
+        def linear(z, w, b):
+            w = w if self.transposed else w.transpose(-2, -1)
+            if w.shape[0] != E:  # a size read off the experts' weights
+                raise ValueError("one weight per expert")
+            z = GROUPED(z, w, offs=offsets)
+            return z if b is None else z + b
+
+        b1 = self.gate_up_proj_bias[chosen] if self.gate_up_proj_bias is not None else None
+        b2 = self.down_proj_bias[chosen] if self.down_proj_bias is not None else None
+        z = self._gated(linear(tokens, self.gate_up_proj, b1))
+        z = linear(z, self.down_proj, b2) * weights.reshape(-1)[order].unsqueeze(-1)
+        back = torch.empty_like(order)
+        back[order] = torch.arange(order.shape[0])
+        return z[back].view(x.shape[0], K, D).sum(dim=1)
+
+
+class MoeLM(nn.Module):
+    """Embedding, a top-2 router over the experts (renormalised weights), a residual, a head."""
+
+    def __init__(self, how: str, bias: bool = False, transposed: bool = False) -> None:
+        super().__init__()
+        self.embed, self.head = nn.Embedding(V, D), nn.Linear(D, V)
+        self.router = nn.Linear(D, E, bias=False)
+        self.experts = FusedExperts(how, bias, transposed)
+
+    def forward(self, input_ids):
+        x = self.embed(input_ids).reshape(-1, D)
+        weights, ids = torch.topk(F.softmax(self.router(x), dim=-1), K, dim=-1)
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+        h = x + self.experts(x, ids, weights)
+        return self.head(h).reshape(*input_ids.shape, V)
+
+
+HOWS = ["eager", "batched_mm"] + (["grouped_mm"] if GROUPED is not None else [])
+
+
+def _ids(seed: int = 0) -> torch.Tensor:
+    return torch.from_numpy(np.random.default_rng(seed).integers(0, V, (4, 16)))
+
+
+def _model(how: str, seed: int, **kw) -> MoeLM:
+    torch.manual_seed(seed)
+    return MoeLM(how, **kw).eval()
+
+
+def _planted(a: MoeLM, experts: list[int], units: list[np.ndarray]) -> MoeLM:
+    """``a`` with expert ``k`` of the result being expert ``experts[k]`` of ``a``, its hidden units in the order
+    ``units[k]``: the same function."""
+    b = MoeLM(a.experts.how, a.experts.gate_up_proj_bias is not None, a.experts.transposed).eval()
+    b.load_state_dict(a.state_dict())
+    m, t = a.experts, a.experts.transposed
+    with torch.no_grad():
+        b.router.weight.copy_(a.router.weight[experts])
+        for k, (e, u) in enumerate(zip(experts, units, strict=True)):
+            rows = torch.as_tensor(np.r_[u, H + u])
+            b.experts.gate_up_proj[k] = m.gate_up_proj[e][:, rows] if t else m.gate_up_proj[e][rows]
+            b.experts.down_proj[k] = m.down_proj[e][torch.as_tensor(u)] if t else m.down_proj[e][:, torch.as_tensor(u)]
+            if m.gate_up_proj_bias is not None:
+                b.experts.gate_up_proj_bias[k] = m.gate_up_proj_bias[e][rows]
+                b.experts.down_proj_bias[k] = m.down_proj_bias[e]
+    return b
+
+
+@pytest.mark.parametrize("how", HOWS)
+@pytest.mark.parametrize("variant", [{}, {"bias": True}, {"transposed": True}], ids=["plain", "bias", "transposed"])
+def test_each_experts_units_move_their_own_way_and_keep_the_function(how, variant):
+    a = _model(how, 0, **variant)
+    ids = _ids()
+    spec, _ = cb.derive_symmetries(a, ids)
+    gate = spec.axes_to_perm["router.weight"][0]
+    units = {spec.kind(p) for name in spec.axes_to_perm if name.startswith("experts.")
+             for p in spec.axes_to_perm[name] if isinstance(p, str) and p != gate and spec.kind(p) != spec.kind("")}
+    assert Blocks(gate, E, H) in units  # each expert's hidden units permuted per expert, experts with the router
+    wide = how != "grouped_mm"  # torch._grouped_mm runs in float32 at most
+    tol = 1e-10 if wide else 1e-5
+    state = {k: (v.double() if wide else v).detach().numpy().copy() for k, v in a.state_dict().items()}
+    moved = cb.apply_permutation(spec, cb.random_permutation(spec, state, seed=5, derange=True), state)
+    with torch.no_grad():
+        reference = (a.double() if wide else a)(ids).numpy()
+        a.load_state_dict({k: torch.as_tensor(v) for k, v in moved.items()})
+        np.testing.assert_allclose(a(ids).numpy(), reference, rtol=tol, atol=tol)
+        assert not np.allclose(moved["experts.gate_up_proj"], state["experts.gate_up_proj"])
+
+
+@pytest.mark.parametrize("how", HOWS)
+@pytest.mark.parametrize("variant", [{}, {"bias": True}, {"transposed": True}], ids=["plain", "bias", "transposed"])
+def test_a_planted_order_of_experts_and_of_each_experts_units_is_undone(how, variant):
+    a = _model(how, 1, **variant)
+    rng = np.random.default_rng(2)
+    b = _planted(a, [2, 0, 3, 1], [rng.permutation(H) for _ in range(E)])
+    ids = _ids(3)
+    with torch.no_grad():
+        np.testing.assert_allclose(b(ids).numpy(), a(ids).numpy(), rtol=1e-5, atol=1e-5)
+    pair = cb.ModelPair(a, b, example_input=ids).align("weight")
+    gate = pair.spec.axes_to_perm["router.weight"][0]
+    np.testing.assert_array_equal(pair.permutation[gate], np.argsort([2, 0, 3, 1]))
+    np.testing.assert_allclose(pair.theta_b, pair.theta_a, atol=1e-6)
+
+
+def test_experts_weights_used_any_other_way_are_refused_by_name():
+    class Scaled(MoeLM):
+        def forward(self, input_ids):
+            x = self.embed(input_ids).reshape(-1, D)
+            _, ids = torch.topk(self.router(x), 1, dim=-1)
+            w = self.experts.gate_up_proj[ids[:, 0]] * 2.0  # not a product the tracer follows
+            return self.head(x + torch.bmm(w, x.unsqueeze(-1)).squeeze(-1)[:, :D]).reshape(*input_ids.shape, V)
+
+    with pytest.raises(TracingError, match=r"experts' weights held as one parameter \('experts.gate_up_proj'\)"):
+        cb.derive_symmetries(Scaled("eager"), _ids())
+
+
+def test_a_branch_on_other_values_is_still_refused():
+    class Branchy(MoeLM):
+        def forward(self, input_ids):
+            x = self.embed(input_ids).reshape(-1, D)
+            if x.sum() > 0:  # the example's way would be taken for every input
+                x = x * 2
+            return self.head(x).reshape(*input_ids.shape, V)
+
+    with pytest.raises(TracingError, match="branches on the values of a tensor"):
+        cb.derive_symmetries(Branchy("eager"), _ids())
