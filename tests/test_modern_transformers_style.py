@@ -217,3 +217,34 @@ def test_a_version_5_style_lm_traces_through_hub_functions_and_caught_probes():
     pair = cb.ModelPair(a, b, example_input=ids).align("weight")
     np.testing.assert_allclose(pair.theta_b, pair.theta_a, atol=1e-6)  # the planted map undone
 
+
+
+class KeywordsLM(nn.Module):
+    """A forward taking ``**kwargs`` and passing them on, undecorated (transformers 4.x's GraniteMoE)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed, self.fc, self.head = nn.Embedding(V, D), nn.Linear(D, H), nn.Linear(H, V)
+
+    def inner(self, h, scale=1.0, **kwargs):
+        return self.head(F.gelu(self.fc(h)) * scale)
+
+    def forward(self, input_ids, attention_mask=None, **kwargs):
+        return self.inner(self.embed(input_ids), **kwargs)
+
+
+def test_a_forward_taking_keywords_is_traced_with_them_at_their_defaults():
+    torch.manual_seed(3)
+    a = KeywordsLM().eval()
+    spec, _ = cb.derive_symmetries(a, _ids())
+    assert spec.axes_to_perm["fc.weight"][0] == spec.axes_to_perm["head.weight"][1]  # the hidden units found
+    rng = np.random.default_rng(4)
+    order = rng.permutation(H)
+    b = KeywordsLM().eval()
+    with torch.no_grad():  # a planted order of the hidden units, written out
+        b.load_state_dict(a.state_dict())
+        b.fc.weight.copy_(a.fc.weight[order])
+        b.fc.bias.copy_(a.fc.bias[order])
+        b.head.weight.copy_(a.head.weight[:, order])
+    pair = cb.ModelPair(a, b, example_input=_ids()).align("weight")
+    np.testing.assert_allclose(pair.theta_b, pair.theta_a, atol=1e-6)

@@ -184,10 +184,12 @@ class ConcreteTracer(fx.Tracer):
         def dtype_of(value: Any) -> Any:  # torch's transformer layers ask a mask for its dtype this way
             return value.dtype if isinstance(value, fx.Proxy) else none_or_dtype(value)
 
-        own_class = type(root) if isinstance(root, nn.Module) and hasattr(type(root).forward, "__wrapped__") else None
+        own_class = type(root) if isinstance(root, nn.Module) and (
+            hasattr(type(root).forward, "__wrapped__") or _takes_keywords(type(root).forward)) else None
         if own_class is not None:  # a decorated forward (transformers' @can_return_tuple: wrapper(self, *a, **kw)),
-            # whose arguments torch.fx cannot patch: traced through a subclass whose forward takes the input alone
-            # (the others at their defaults, as the library calls model(x))
+            # whose arguments torch.fx cannot patch, or one taking **kwargs (which torch.fx would pass on as a traced
+            # value): traced through a subclass whose forward takes the input alone (the others at their defaults, as
+            # the library calls model(x))
             def forward(self: nn.Module, input: Any) -> Any:  # noqa: A002 - fx names the placeholder after it
                 return own_class.forward(self, input)
 
@@ -217,6 +219,16 @@ class ConcreteTracer(fx.Tracer):
             F._none_or_dtype = none_or_dtype
             if own_class is not None:
                 root.__class__ = own_class
+
+
+def _takes_keywords(forward: Any) -> bool:
+    """Whether ``forward`` takes ``**kwargs`` (transformers 4.x's ``GraniteMoeForCausalLM``)."""
+    import inspect
+
+    try:
+        return any(p.kind is inspect.Parameter.VAR_KEYWORD for p in inspect.signature(forward).parameters.values())
+    except (TypeError, ValueError):
+        return False
 
 
 #: Operations whose result is the indices they chose (a router's experts), and those that give them as their item 1.
