@@ -46,7 +46,8 @@ from combinability.kinds import Blocks, Kind, Orthogonal
 from combinability.module_stacks import Part
 from combinability.permutation import Entry, PermutationSpec, Repeat
 
-__all__ = ["FIXED", "ANY", "FeatureSpaces", "Norm", "Heads", "Experts", "Gates", "ReshapeGroups", "spec_from_spaces",
+__all__ = ["FIXED", "ANY", "FeatureSpaces", "Norm", "Heads", "Experts", "Gates", "Interleaved", "ReshapeGroups",
+           "spec_from_spaces",
            "opener_points"]
 
 FIXED = 0
@@ -261,6 +262,15 @@ class Gates:
     count: int
 
 
+@dataclass(frozen=True)
+class Interleaved:
+    """An axis binding: entries alternating between ``spaces`` (GPT-OSS's experts' gate and up units,
+    ``g0, u0, g1, u1, ...``, read back as ``[..., ::2]`` and ``[..., 1::2]``). The parameter is cut into
+    strided parts (:class:`~combinability.module_stacks.Part` with a step), one per space."""
+
+    spaces: tuple[int, ...]
+
+
 class ReshapeGroups:
     """Heads and experts found where a tracer sees a reshape of feature axes.
 
@@ -450,7 +460,7 @@ def _block_kinds(sp: FeatureSpaces, bound: set[int], heads: Sequence[Heads], exp
 def _labels(param: str, entries: Sequence[int | tuple[int, ...] | Gates | None], n: int) -> list[int]:
     out: list[int] = []
     for e in entries:
-        e = e.space if isinstance(e, Gates) else e
+        e = e.space if isinstance(e, Gates) else e.spaces if isinstance(e, Interleaved) else e
         for s in e if isinstance(e, tuple) else (e,):
             if s is not None and not (isinstance(s, int) and 0 <= s < n):
                 raise ValueError(f"{param!r}: an axis is bound to a space (an int from FeatureSpaces.new), None, or a "
@@ -538,7 +548,14 @@ def spec_from_spaces(spaces: FeatureSpaces, binds: Mapping[str, Sequence[int | t
         kinds[sp.name(r)] = Orthogonal(fix_ones=r in centred, requires=tuple(requires))
         all_folds += folds.get(r, [])
 
-    def entry(param: str, e: int | tuple[int, ...] | Gates | None) -> Entry:
+    def entry(param: str, e: int | tuple[int, ...] | Gates | Interleaved | None) -> Entry:
+        if isinstance(e, Interleaved):
+            if any(sp.is_fixed(s) for s in e.spaces) or len({sp.size[s] for s in e.spaces}) != 1 or \
+                    sp.size[e.spaces[0]] < 1:
+                raise TracingError(f"{param!r}: alternating entries of spaces of unknown or unequal sizes, or "
+                                   f"some fixed while the others move" + hint)
+            return _Cut(tuple(rigid.get(f(s), sp.name(s)) for s in e.spaces), tuple(sp.size[s] for s in e.spaces),
+                        step=len(e.spaces))
         if isinstance(e, Gates):
             inner = entry(param, e.space)
             if inner is None or e.count == 1:
@@ -571,6 +588,7 @@ class _Cut:
 
     entries: tuple[Entry, ...]
     sizes: tuple[int, ...]
+    step: int = 1  # parts alternating entry by entry (:class:`Interleaved`), not side by side
 
 
 def _cut_parts(axes: Mapping[str, tuple[Any, ...]], hint: str) -> tuple[dict[str, tuple[Entry, ...]], dict[str, Part]]:
@@ -586,6 +604,12 @@ def _cut_parts(axes: Mapping[str, tuple[Any, ...]], hint: str) -> tuple[dict[str
         if len(cuts) > 1:
             raise TracingError(f"{param!r}: two axes packed with segments of rigid heads" + hint)
         axis, cut = cuts[0], entries[cuts[0]]
+        if cut.step > 1:
+            for k, e in enumerate(cut.entries):
+                name = f"{param}[{k}::{cut.step}]"
+                out[name] = entries[:axis] + (e,) + entries[axis + 1:]
+                parts[name] = Part(param, axis, k, None, cut.step)
+            continue
         start = 0
         for k, (e, size) in enumerate(zip(cut.entries, cut.sizes, strict=True)):
             last = k == len(cut.entries) - 1

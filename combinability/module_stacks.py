@@ -187,17 +187,23 @@ class Part:
         The part's first entry along ``axis``.
     stop : int or None
         One past its last entry; ``None``: the end of the axis.
+    step : int, default 1
+        Every ``step``-th entry from ``start`` to the end (``stop`` None): the parts of an axis
+        whose entries alternate (GPT-OSS's gate and up units, ``g0, u0, g1, u1, ...``: ``[0::2]``
+        and ``[1::2]``). The parts of one parameter then all have this step and the starts
+        ``0 .. step - 1``.
     """
 
     member: str
     axis: int
     start: int
     stop: int | None = None
+    step: int = 1
 
     def __post_init__(self) -> None:
         if not isinstance(self.member, str) or not self.member:
             raise PermutationSpecError(f"Part.member must be a parameter name, got {self.member!r}")
-        for what in ("axis", "start", "stop"):
+        for what in ("axis", "start", "stop", "step"):
             value = getattr(self, what)
             if value is None and what == "stop":
                 continue
@@ -206,23 +212,30 @@ class Part:
             object.__setattr__(self, what, int(value))
         if self.stop is not None and self.stop <= self.start:
             raise PermutationSpecError(f"Part of {self.member!r}: stop ({self.stop}) must exceed start ({self.start})")
+        if self.step < 1 or self.step > 1 and (self.stop is not None or self.start >= self.step):
+            raise PermutationSpecError(f"Part of {self.member!r}: a step ({self.step}) above 1 takes every step-th "
+                                       f"entry from a start below it to the end (stop None), got start {self.start}, "
+                                       f"stop {self.stop}")
 
     @property
     def members(self) -> tuple[str, ...]:
         return (self.member,)
 
     def to_json(self) -> dict[str, Any]:
-        return {"part": self.member, "axis": self.axis, "start": self.start, "stop": self.stop}
+        return {"part": self.member, "axis": self.axis, "start": self.start, "stop": self.stop,
+                **({"step": self.step} if self.step != 1 else {})}
 
     def join(self, arrays: Sequence[Any], name: str) -> np.ndarray:
         """The part ``name`` of its member's array (a view)."""
         array = np.asarray(arrays[0])
         stop = array.shape[self.axis] if array.ndim > self.axis and self.stop is None else self.stop
-        if array.ndim <= self.axis or stop > array.shape[self.axis] or stop <= self.start:
-            raise PermutationSpecError(f"{name!r} is {self.member!r}[{self.start}:{self.stop}] along axis "
+        if array.ndim <= self.axis or stop > array.shape[self.axis] or stop <= self.start or \
+                self.step > 1 and array.shape[self.axis] % self.step:
+            step = f":{self.step}" if self.step != 1 else ""
+            raise PermutationSpecError(f"{name!r} is {self.member!r}[{self.start}:{self.stop}{step}] along axis "
                                        f"{self.axis}, but its shape is {array.shape}")
         index = [slice(None)] * array.ndim
-        index[self.axis] = slice(self.start, stop)
+        index[self.axis] = slice(self.start, stop, self.step)
         return array[tuple(index)]
 
     def split(self, array: Any, name: str) -> list[np.ndarray]:
@@ -231,11 +244,19 @@ class Part:
 
 
 def _tiles(parts: Sequence[tuple[str, Part]], member: str) -> list[tuple[str, Part]]:
-    """``parts`` of ``member`` in order, checked to tile one axis from 0 to the end."""
+    """``parts`` of ``member`` in order, checked to tile one axis from 0 to the end (or, with a step, to take
+    every entry once)."""
     ordered = sorted(parts, key=lambda kv: kv[1].start)
     axes = {part.axis for _, part in ordered}
     if len(axes) != 1:
         raise PermutationSpecError(f"the parts of {member!r} cut it along different axes: {sorted(axes)}")
+    steps = {part.step for _, part in ordered}
+    if steps != {1}:
+        if len(steps) != 1 or [p.start for _, p in ordered] != list(range(len(ordered))) or len(ordered) != steps.pop():
+            bounds = ", ".join(f"[{p.start}::{p.step}]" for _, p in ordered)
+            raise PermutationSpecError(f"the strided parts of {member!r} must each take every k-th entry, k their "
+                                       f"number, from the starts 0 .. k - 1, got {bounds}")
+        return ordered
     at = 0
     for k, (_, part) in enumerate(ordered):
         last = k == len(ordered) - 1
@@ -247,11 +268,17 @@ def _tiles(parts: Sequence[tuple[str, Part]], member: str) -> list[tuple[str, Pa
     return ordered
 
 
+def _interleave(pieces: Sequence[np.ndarray], axis: int) -> np.ndarray:
+    """The array whose entries along ``axis`` alternate between ``pieces`` (the inverse of strided parts)."""
+    stacked = np.stack(pieces, axis + 1)
+    return stacked.reshape(stacked.shape[:axis] + (-1,) + stacked.shape[axis + 2:])
+
+
 def view_from_json(data: Any) -> Stack | Merge | Part:
     """A :class:`Stack`, :class:`Merge` or :class:`Part` from its ``to_json``."""
     if isinstance(data, dict) and "part" in data:
         try:
-            return Part(data["part"], data["axis"], data["start"], data.get("stop"))
+            return Part(data["part"], data["axis"], data["start"], data.get("stop"), data.get("step", 1))
         except KeyError as exc:
             raise PermutationSpecError(f"a part needs {exc}, got {data!r}") from None
     if isinstance(data, dict) and "merge" in data:
@@ -449,7 +476,8 @@ def _split_level(stacks: Mapping[str, Stack | Merge | Part], params: Mapping[str
                 missing = [name for name, _ in parts[view.member] if name not in params]
                 raise PermutationSpecError(f"{view.member!r} is joined from all its parts; {missing} are missing")
             ordered = _tiles(given, view.member)
-            out[view.member] = np.concatenate([np.asarray(params[name]) for name, _ in ordered], view.axis)
+            out[view.member] = _interleave([np.asarray(params[name]) for name, _ in ordered], view.axis) \
+                if view.step > 1 else np.concatenate([np.asarray(params[name]) for name, _ in ordered], view.axis)
         elif view is not None:
             out.update(zip(view.members, view.split(value, key), strict=True))
         else:

@@ -205,3 +205,108 @@ def test_a_branch_on_other_values_is_still_refused():
 
     with pytest.raises(TracingError, match="branches on the values of a tensor"):
         cb.derive_symmetries(Branchy("eager"), _ids())
+
+
+class OssLM(nn.Module):
+    """GPT-OSS's way, written out: grouped-query attention with a learned sink per query head (``torch.cat([scores,
+    sinks], -1)``, dropped after the softmax), rotary embeddings as ``x1 * cos - x2 * sin``, and experts whose gate
+    and up units alternate (``gate_up[..., ::2]``, ``[..., 1::2]``), clamped, with biases, run by ``how``."""
+
+    HEADS, KV, DH = 4, 2, 4
+
+    def __init__(self, how: str) -> None:
+        super().__init__()
+        self.how = how
+        self.embed, self.head = nn.Embedding(V, D), nn.Linear(D, V)
+        self.q = nn.Linear(D, self.HEADS * self.DH)
+        self.k, self.v = nn.Linear(D, self.KV * self.DH), nn.Linear(D, self.KV * self.DH)
+        self.o = nn.Linear(self.HEADS * self.DH, D)
+        self.sinks = nn.Parameter(torch.randn(self.HEADS))
+        self.router = nn.Linear(D, E)
+        self.gate_up_proj = nn.Parameter(torch.randn(E, D, 2 * H) / D**0.5)
+        self.gate_up_proj_bias = nn.Parameter(torch.randn(E, 2 * H) / 2)
+        self.down_proj = nn.Parameter(torch.randn(E, H, D) / H**0.5)
+        self.down_proj_bias = nn.Parameter(torch.randn(E, D) / 2)
+
+    @staticmethod
+    def rotate(x, cos, sin):
+        x1, x2 = torch.chunk(x, 2, dim=-1)
+        return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+
+    def attend(self, h):
+        b, t, _ = h.shape
+        q = self.q(h).view(b, t, self.HEADS, self.DH).transpose(1, 2)
+        k = self.k(h).view(b, t, self.KV, self.DH).transpose(1, 2)
+        v = self.v(h).view(b, t, self.KV, self.DH).transpose(1, 2)
+        angle = torch.arange(t)[:, None] * 0.3 ** torch.arange(self.DH // 2)[None]
+        q, k = self.rotate(q, angle.cos(), angle.sin()), self.rotate(k, angle.cos(), angle.sin())
+        rep = self.HEADS // self.KV
+        k = k[:, :, None].expand(b, self.KV, rep, t, self.DH).reshape(b, self.HEADS, t, self.DH)
+        v = v[:, :, None].expand(b, self.KV, rep, t, self.DH).reshape(b, self.HEADS, t, self.DH)
+        scores = torch.matmul(q, k.transpose(2, 3)) * self.DH**-0.5
+        sinks = self.sinks.reshape(1, -1, 1, 1).expand(q.shape[0], -1, q.shape[-2], -1)
+        combined = torch.cat([scores, sinks], dim=-1)
+        combined = combined - combined.max(dim=-1, keepdim=True).values
+        probs = F.softmax(combined, dim=-1)[..., :-1]
+        return self.o(torch.matmul(probs, v).transpose(1, 2).reshape(b, t, -1))
+
+    def gated(self, z):
+        gate, up = z[..., ::2], z[..., 1::2]
+        gate, up = gate.clamp(min=None, max=2.0), up.clamp(min=-2.0, max=2.0)
+        return (up + 1) * (gate * torch.sigmoid(gate * 1.7))
+
+    def experts(self, x, ids, weights):
+        if self.how == "grouped_mm":
+            chosen, order = torch.sort(ids.reshape(-1))
+            offsets = torch.cumsum(torch.histc(chosen.float(), bins=E, min=0, max=E - 1), dim=0, dtype=torch.int32)
+            z = GROUPED(x[order // K], self.gate_up_proj, offs=offsets)
+            z.add_(self.gate_up_proj_bias[chosen])
+            z = GROUPED(self.gated(z), self.down_proj, offs=offsets) + self.down_proj_bias[chosen]
+            z = z * weights.reshape(-1)[order].unsqueeze(-1)
+            back = torch.empty_like(order)
+            back[order] = torch.arange(order.shape[0])
+            return z[back].view(x.shape[0], K, D).sum(dim=1)
+        out = torch.zeros_like(x)
+        mask = F.one_hot(ids, num_classes=E).permute(2, 1, 0)
+        for idx in torch.greater(mask.sum(dim=(-1, -2)), 0).nonzero():
+            idx = idx[0]
+            slot, rows = torch.where(mask[idx])
+            z = self.gated(x[rows] @ self.gate_up_proj[idx] + self.gate_up_proj_bias[idx])
+            z = z @ self.down_proj[idx] + self.down_proj_bias[idx]
+            out.index_add_(0, rows, z * weights[rows, slot, None])
+        return out
+
+    def forward(self, input_ids):
+        h = self.embed(input_ids)
+        h = h + self.attend(h)
+        x = h.reshape(-1, D)
+        top, ids = torch.topk(self.router(x), K, dim=-1)
+        x = x + self.experts(x, ids, F.softmax(top, dim=1))
+        return self.head(x).reshape(*input_ids.shape, V)
+
+
+@pytest.mark.parametrize("how", ["eager"] + (["grouped_mm"] if GROUPED is not None else []))
+def test_gpt_oss_style_sinks_rotary_and_alternating_experts_keep_the_function(how):
+    torch.manual_seed(4)
+    a = OssLM(how).eval()
+    ids = _ids(5)
+    spec, _ = cb.derive_symmetries(a, ids)
+    q_heads = spec.axes_to_perm["sinks"][0]
+    assert isinstance(spec.kind(q_heads), Blocks) and spec.axes_to_perm["o.weight"][1].name == q_heads  # with the heads
+    assert spec.stacks["gate_up_proj[1::2]"].step == 2 and spec.kind(spec.axes_of("down_proj")[1]) == Blocks(
+        spec.axes_to_perm["router.weight"][0], E, H)
+    wide = how != "grouped_mm"
+    tol = 1e-10 if wide else 1e-5
+    state = {k: (v.double() if wide else v).detach().numpy().copy() for k, v in a.state_dict().items()}
+    perm = cb.random_permutation(spec, state, seed=7, derange=True)
+    moved = cb.apply_permutation(spec, perm, state)
+    with torch.no_grad():
+        reference = (a.double() if wide else a)(ids).numpy()
+        a.load_state_dict({k: torch.as_tensor(v) for k, v in moved.items()})
+        np.testing.assert_allclose(a(ids).numpy(), reference, rtol=tol, atol=tol)
+    np.testing.assert_array_equal(moved["sinks"], state["sinks"][perm[q_heads]])  # each sink moved with its head
+    # expert 0's gate and up columns moved in pairs: written out from the permutation
+    experts, units = perm[spec.axes_to_perm["router.weight"][0]], perm[spec.axes_of("down_proj")[1]]
+    own = units.reshape(E, H)[0] - H * experts[0]
+    pairs = np.ravel(np.stack([2 * own, 2 * own + 1], axis=1))
+    np.testing.assert_array_equal(moved["gate_up_proj_bias"][0], state["gate_up_proj_bias"][experts[0]][pairs])

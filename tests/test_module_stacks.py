@@ -306,3 +306,32 @@ def test_views_naming_each_other_in_a_cycle_are_refused() -> None:
         cb.PermutationSpec({"a": ("U", None)}, stacks={"b": Merge("c", 0, 1, 2), "c": Merge("b", 0, 1, 2)})
     with pytest.raises(PermutationSpecError, match="bound by no entry"):
         cb.PermutationSpec({"a": ("U", None)}, stacks={"b": Merge("c", 0, 1, 2)})
+
+
+def test_strided_parts_move_alternating_entries_and_interleave_back() -> None:
+    """GPT-OSS's gate and up units alternate (g0, u0, g1, u1, ...): ``[0::2]`` and ``[1::2]`` parts of one axis."""
+    from combinability.module_stacks import Part, merge_blocks
+
+    rng = np.random.default_rng(5)
+    e, h, d = 3, 4, 5
+    spec = cb.PermutationSpec({"router": ("G", "S"), "gate_up[0::2]": ("G", "S", "U"), "gate_up[1::2]": ("G", "S", "U"),
+                               "down": ("G", "U", "S")},
+                              stacks={"gate_up[0::2]": Part("gate_up", 2, 0, None, 2),
+                                      "gate_up[1::2]": Part("gate_up", 2, 1, None, 2)})
+    params = {"router": rng.normal(size=(e, d)), "gate_up": rng.normal(size=(e, d, 2 * h)),
+              "down": rng.normal(size=(e, h, d))}
+    finer = merge_blocks(spec, params)
+    assert finer.kind("U") == Blocks("G", e, h) and cb.PermutationSpec.from_json(finer.to_json()) == finer
+    np.testing.assert_array_equal(finer.joined(params)["gate_up[1::2]:G"][:, h:2 * h], params["gate_up"][1, :, 1::2])
+    perm = random_permutation(finer, params, seed=6, derange=True)
+    moved = apply_permutation(finer, perm, params)
+    experts, units, stream = perm["G"], perm["U"].reshape(e, h) - h * perm["G"][:, None], perm["S"]
+    for k in range(e):  # written out: unit j of expert k is unit units[k][j] of expert experts[k], gate and up
+        columns = np.ravel(np.stack([2 * units[k], 2 * units[k] + 1], axis=1))
+        np.testing.assert_array_equal(moved["gate_up"][k], params["gate_up"][experts[k]][stream][:, columns])
+        np.testing.assert_array_equal(moved["down"][k], params["down"][experts[k]][units[k]][:, stream])
+    with pytest.raises(PermutationSpecError, match="strided parts of 'w'"):
+        cb.PermutationSpec({"w[0::2]": ("U", None), "w[1::3]": ("U", None)},
+                           stacks={"w[0::2]": Part("w", 0, 0, None, 2), "w[1::3]": Part("w", 0, 1, None, 3)})
+    with pytest.raises(PermutationSpecError, match="a step"):
+        Part("w", 0, 2, None, 2)

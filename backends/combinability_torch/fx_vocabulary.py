@@ -25,7 +25,9 @@ _NONLINEAR = {F.relu, F.gelu, F.silu, F.elu, F.softplus, F.leaky_relu, F.softmax
               torch.relu, torch.tanh, torch.sigmoid, torch.softmax, "relu", "tanh", "sigmoid", "softmax",
               # element-wise functions an activation is written with (GPT-2's gelu_new: x ** 3, tanh; erf, exp)
               torch.pow, "pow", operator.pow, torch.erf, "erf", torch.exp, "exp", torch.square, "square", torch.rsqrt,
-              "rsqrt", torch.sqrt, "sqrt"}
+              "rsqrt", torch.sqrt, "sqrt",
+              # bounds (GPT-OSS's experts clamp their gate and up units)
+              torch.clamp, "clamp", torch.clip, "clip", torch.clamp_min, "clamp_min", torch.clamp_max, "clamp_max"}
 
 
 _PASS_MODULES = (nn.Dropout, nn.Identity)

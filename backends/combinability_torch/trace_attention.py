@@ -100,6 +100,14 @@ class _HandAttention:
     shared: dict[str, tuple[int, int]] = field(default_factory=dict)
     #: grouped-query scores and their softmax -> (the query heads' order, the key/value heads' order)
     grouped: dict[str, tuple[int, int]] = field(default_factory=dict)
+    #: a layer's features read as alternating parts (GPT-OSS's ``gate_up[..., ::2]``, ``[..., 1::2]``) -> the parts
+    alternating: dict[int, tuple[int, ...]] = field(default_factory=dict)
+    #: a value per head viewed across the scores' axes, ``(1, heads, 1, 1)`` (GPT-OSS's attention sinks) -> its space
+    per_head: dict[str, int] = field(default_factory=dict)
+    #: scores with a value per head joined as one more key (and what follows from them) -> that value's space
+    sunk: dict[str, int] = field(default_factory=dict)
+    #: the space of a value per head joined to the scores -> the query heads' order it moves with
+    sink_orders: dict[int, int] = field(default_factory=dict)
 
     def parts(self, sp: FeatureSpaces, layer: int, count: int, size: int) -> list[int]:
         """Open the spaces of ``count`` equal parts of ``layer``'s features (``<layer>.q``/``.k``/``.v`` for three)."""
@@ -143,8 +151,9 @@ _BADDBMM = {torch.baddbmm, "baddbmm"}
 
 #: Operations on attention scores that keep them scores: scaling, masking, softmax over keys, dropout.
 _ON_SCORES = {operator.mul, operator.truediv, operator.add, torch.mul, torch.add, "masked_fill", "masked_fill_",
+              operator.sub, torch.sub, "sub",
               torch.masked_fill, F.softmax, torch.softmax, "softmax", F.dropout, "float", "type_as", "contiguous", "to",
-              "type", torch.where, torch.max, torch.maximum, torch.tanh, "tanh"}  # tanh: Gemma-2's soft-capping
+              "type", torch.where, torch.max, "max", torch.maximum, torch.tanh, "tanh"}  # tanh: Gemma-2's soft-capping
 
 
 def _attention_parts(n: fx.Node, args: list[fx.Node], spaces: list[Any], sp: FeatureSpaces, space: dict[str, Any],
@@ -167,12 +176,17 @@ def _attention_parts(n: fx.Node, args: list[fx.Node], spaces: list[Any], sp: Fea
     scored = n.args[1] if target is torch.where and len(n.args) == 3 else first  # where(mask, scores, fill)
     refolded = target in ("view", "reshape") and isinstance(scored, fx.Node) and _shape_of(n) is not None and \
         _shape_of(scored) is not None and _shape_of(n)[-2:] == _shape_of(scored)[-2:]  # type: ignore[index]
-    if isinstance(scored, fx.Node) and scored.name in att.scores and (target in _ON_SCORES or refolded) and \
+    if isinstance(scored, fx.Node) and scored.name in att.scores and (
+            target in _ON_SCORES or refolded or _max_values(n) or _drops_last_keys(n)) and \
             not any(a.name in headed or a.name in att.keys for a in args):
         att.scores[n.name] = att.scores[scored.name]
         if scored.name in att.grouped:
             att.grouped[n.name] = att.grouped[scored.name]
+        if scored.name in att.sunk:
+            att.sunk[n.name] = att.sunk[scored.name]
         space[n.name] = None
+        return True
+    if _sinks(n, args, spaces, att, space):
         return True
     if target in _SPLITS and len(args) == 1 and spaces[0] not in (None, FIXED) and args[0].name not in headed:
         dim = n.kwargs.get("dim", n.args[2] if len(n.args) > 2 else 0)
@@ -198,6 +212,9 @@ def _attention_parts(n: fx.Node, args: list[fx.Node], spaces: list[Any], sp: Fea
     if target is operator.getitem and first is not None and first.name in att.parts_of:
         space[n.name] = att.parts_of[first.name][n.args[1]]
         return True
+    if target is operator.getitem and first is not None and len(args) == 1 and spaces[0] not in (None, FIXED) \
+            and first.name not in headed and _strided_last(n) is not None:
+        return _alternating(n, first, spaces[0], sp, space, att, where, model)
     if target is operator.getitem and first is not None and len(args) == 1 and spaces[0] not in (None, FIXED) \
             and first.name not in headed and _slices_last(n) and first.name not in att.sliced:
         return _sliced_rows(n, first, spaces[0], sp, space, att, where, model)
@@ -299,6 +316,8 @@ def _attention_parts(n: fx.Node, args: list[fx.Node], spaces: list[Any], sp: Fea
                                                 att.shared[right.name], att.stem(sp, qk))
             else:
                 space[n.name] = _heads_of(sp, heads, att, qk, space[right.name], att.stem(sp, qk), h, dh)
+            if left.name in att.sunk:  # each head's sink moves with the query heads (the order just recorded)
+                att.sink_orders[att.sunk[left.name]] = heads[-1].group
             return True
     if target in _SDPA:
         q, k, v = (n.kwargs.get(name, n.args[i] if len(n.args) > i else None) for i, name in
@@ -552,9 +571,10 @@ def _rotary_or_repeated(n: fx.Node, args: list[fx.Node], first: fx.Node | None, 
             sp.rigid([space[x.name]])  # cos/sin: one factor per unit of the head, the same in every head
         headed[n.name], space[n.name] = headed[x.name], space[x.name]
         return True
-    if target in _ADD and len(args) == 2 and len(n.args) == 2 and all(a.name in headed for a in args) and \
-            headed[args[0].name] == headed[args[1].name] and _shape_of(args[0]) == _shape_of(args[1]) == shape:
-        headed[n.name] = headed[args[0].name]  # q * cos + rotate_half(q) * sin
+    if (target in _ADD or target in (operator.sub, torch.sub, "sub")) and len(args) == 2 and len(n.args) == 2 and \
+            all(a.name in headed for a in args) and headed[args[0].name] == headed[args[1].name] and \
+            _shape_of(args[0]) == _shape_of(args[1]) == shape:
+        headed[n.name] = headed[args[0].name]  # q * cos + rotate_half(q) * sin; GPT-OSS's x1 * cos - x2 * sin
         space[n.name] = sp.union(space[args[0].name], space[args[1].name])
         return True
     # grouped-query attention: the key/value heads repeated over the query heads
@@ -592,6 +612,85 @@ def _rotary_or_repeated(n: fx.Node, args: list[fx.Node], first: fx.Node | None, 
                 and dim % len(src) != len(src) - 1:
             headed[n.name], att.shared[n.name] = (h * repeats, dh), (h, repeats)
             space[n.name] = space[first.name]
+            return True
+    return False
+
+
+def _strided_last(n: fx.Node) -> tuple[int, int] | None:
+    """``(start, step)`` of ``x[..., start::step]`` (step above 1), an index of the last axis alone; else None."""
+    index = n.args[1] if isinstance(n.args[1], tuple) else (n.args[1],)
+    cut = index[-1] if index else None
+    if not isinstance(cut, slice) or not isinstance(cut.step, int) or cut.step < 2 or cut.stop is not None or \
+            not (cut.start is None or isinstance(cut.start, int) and 0 <= cut.start < cut.step):
+        return None
+    before = index[:-1]
+    if not (before == (Ellipsis,) or len(before) == (_ndim(n.args[0]) or 0) - 1 and
+            all(i == slice(None) for i in before)):
+        return None
+    return cut.start or 0, cut.step
+
+
+def _alternating(n: fx.Node, first: fx.Node, s: int, sp: FeatureSpaces, space: dict[str, Any], att: _HandAttention,
+                 where: str, model: nn.Module) -> bool:
+    """``x[..., k::m]`` of a layer's own output: its ``k``-th of ``m`` alternating parts (GPT-OSS's gate units at the
+    even entries, its up units at the odd ones); the layer's rows are then cut into strided parts."""
+    start, step = _strided_last(n)  # type: ignore[misc]
+    last = _last(first) or 0
+    if last % step:
+        raise TracingError(f"{where}: every {step}-th feature of {last}, which {step} does not divide{_hint(model)}")
+    if s not in att.alternating:
+        if s in att.packed or sp.find(s) != s:
+            raise TracingError(f"{where}: only a layer's own output may be read as alternating parts{_hint(model)}")
+        stem = sp.opener[s]
+        att.alternating[s] = tuple(sp.new(f"{stem}.{k}", last // step, name=f"{stem}.{k}") for k in range(step))
+    parts = att.alternating[s]
+    if len(parts) != step:
+        raise TracingError(f"{where}: a layer's output read as alternating parts of two different steps{_hint(model)}")
+    space[n.name] = parts[start]
+    return True
+
+
+def _max_values(n: fx.Node) -> bool:
+    """``scores.max(dim=-1, keepdim=True).values``: the maximum over the keys (subtracted before a softmax)."""
+    return n.target is getattr and n.args[1:] == ("values",)
+
+
+def _drops_last_keys(n: fx.Node) -> bool:
+    """``probs[..., :-1]``: the scores without their last keys (a sink's column dropped after the softmax)."""
+    if n.target is not operator.getitem or not isinstance(n.args[1], tuple) or len(n.args[1]) != 2:
+        return False
+    whole, cut = n.args[1]
+    return whole is Ellipsis and isinstance(cut, slice) and cut.start is None and cut.step is None and \
+        isinstance(cut.stop, int) and cut.stop < 0
+
+
+def _sinks(n: fx.Node, args: list[fx.Node], spaces: list[Any], att: _HandAttention, space: dict[str, Any]) -> bool:
+    """A value per head (GPT-OSS's ``sinks`` of shape ``(heads,)``) viewed as ``(1, heads, 1, 1)`` and expanded over
+    the scores, then joined to them as one more key (``torch.cat([scores, sinks], dim=-1)``): the value moves with
+    the query heads. Handle ``n`` and return True, or leave it."""
+    target = n.target
+    if target in ("reshape", "view", torch.reshape) and len(args) == 1 and _ndim(args[0]) == 1 and \
+            spaces[0] not in (None, FIXED) and _shape_of(n) is not None and len(_shape_of(n)) == 4 and \
+            _shape_of(n)[1] == _last(args[0]) and _shape_of(n)[0] == _shape_of(n)[2] == _shape_of(n)[3] == 1:
+        att.per_head[n.name] = spaces[0]
+        space[n.name] = None
+        return True
+    first = n.args[0] if n.args and isinstance(n.args[0], fx.Node) else None
+    if target in ("expand", "expand_as", "contiguous", "to", "type_as") and first is not None and \
+            first.name in att.per_head:
+        att.per_head[n.name] = att.per_head[first.name]
+        space[n.name] = None
+        return True
+    if target in (torch.cat, torch.concat) and n.args and isinstance(n.args[0], list | tuple) and \
+            len(n.args[0]) == 2 and all(isinstance(a, fx.Node) for a in n.args[0]):
+        scores, value = n.args[0]
+        dim = n.kwargs.get("dim", n.args[1] if len(n.args) > 1 else 0)
+        if scores.name in att.scores and value.name in att.per_head and dim in (-1, (_ndim(n) or 0) - 1):
+            att.scores[n.name] = att.scores[scores.name]
+            if scores.name in att.grouped:
+                att.grouped[n.name] = att.grouped[scores.name]
+            att.sunk[n.name] = att.per_head[value.name]
+            space[n.name] = None
             return True
     return False
 

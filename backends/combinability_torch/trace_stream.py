@@ -26,7 +26,16 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from combinability.errors import TracingError
-from combinability.feature_spaces import FIXED, Experts, FeatureSpaces, Gates, Heads, Norm, spec_from_spaces
+from combinability.feature_spaces import (
+    FIXED,
+    Experts,
+    FeatureSpaces,
+    Gates,
+    Heads,
+    Interleaved,
+    Norm,
+    spec_from_spaces,
+)
 from combinability.folding import NormFold, Reader
 from combinability.permutation import PermutationSpec
 from combinability_torch.concrete_trace import _attr, concrete_trace
@@ -123,7 +132,8 @@ def stream_symmetries(model: nn.Module, example_input: torch.Tensor) -> tuple[Pe
             _tokens_last(n, gm, carried, space, sp, bind, where, model)
         elif n.op in ("call_module", "call_function", "call_method") and not reads_shape(n) and (
                 any(isinstance(space.get(a.name), tuple) for a in tensor_args(n)) or (
-                    _joins_features(n) and not any(att.holds(a.name) for a in tensor_args(n)))):
+                    _joins_features(n) and not any(att.holds(a.name) or a.name in att.per_head
+                                                   for a in n.all_input_nodes))):
             _packed(n, gm, [a for a in tensor_args(n)], space, sp, bind, where, model)
         elif n.op == "call_module":
             m = gm.get_submodule(n.target)
@@ -300,8 +310,13 @@ def stream_symmetries(model: nn.Module, example_input: torch.Tensor) -> tuple[Pe
             sp.fix(s for a in _output_nodes(n) if space.get(a.name) is not None for s in _segments(space[a.name]))
     for k, v in model.named_parameters():  # unused by forward: left as they are
         binds.setdefault(k, [None] * v.ndim)
+    packed = {sp.find(s): parts for s, parts in att.packed.items()}  # by class: a bias added joins the layer's
+    alternating = {sp.find(s): parts for s, parts in att.alternating.items()}
     for param, entries in binds.items():  # a layer whose output was split: its rows are packed segments
-        binds[param] = [att.packed.get(sp.find(e), e) if isinstance(e, int) else e for e in entries]
+        binds[param] = [Interleaved(alternating[sp.find(e)]) if isinstance(e, int) and sp.find(e) in alternating
+                        else packed.get(sp.find(e), e) if isinstance(e, int) else e for e in entries]
+        if len(entries) == 1 and entries[0] in att.sink_orders:  # a value per head joined to the scores
+            binds[param] = [att.sink_orders[entries[0]]]
     norms = [replace(m, readers=None if m.readers is None else tuple(
         replace(r, weight=aliases.get(r.weight, r.weight), bias=r.bias and aliases.get(r.bias, r.bias))
         for r in m.readers)) for m in norms]
