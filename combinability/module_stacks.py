@@ -12,8 +12,10 @@ expert's output bias) is stacked along a new first axis bound to the group itsel
 Every algorithm that works on block permutations (weight matching, STE, the
 many-model methods) then aligns experts as it aligns heads.
 
-A spec's :attr:`~combinability.PermutationSpec.axes_to_perm` names the stacked
-parameters; the parameters given to it and returned by it keep the model's own names
+Views compose: a view's member may be another view's name (a :class:`Merge` of a
+:class:`Part`), joined after it (:func:`view_levels`). A spec's
+:attr:`~combinability.PermutationSpec.axes_to_perm` names the stacked parameters; the
+parameters given to it and returned by it keep the model's own names
 (:func:`join_members` and :func:`split_members` convert at that boundary).
 :func:`stack_modules` rewrites a spec whose modules each have their own permutations
 (as a tracer finds them) into one with their stacks.
@@ -112,7 +114,8 @@ class Merge:
     Parameters
     ----------
     member : str
-        The parameter.
+        The parameter, or a view of one (a :class:`Part`: one half of transformers 5's
+        ``gate_up_proj (E, 2h, d)``, whose experts' and units' axes are then merged).
     group_axis, unit_axis : int
         Its axes of the blocks and of their units (different).
     groups : int

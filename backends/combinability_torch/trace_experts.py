@@ -291,7 +291,7 @@ class ExpertWeights:
             bind(param, axes[1], space.get(x.name))
             space[n.name] = opened(param, axes[2])
             return True
-        if target is F.linear and len(n.args) >= 2 and n.args[1] is not None and n.args[1].name in self.views:
+        if target is F.linear and len(n.args) >= 2 and isinstance(n.args[1], fx.Node) and n.args[1].name in self.views:
             x, (param, axes) = n.args[0], self.views[n.args[1].name]
             if len(axes) != 2:
                 raise TracingError(f"{where}: an expert's weights in F.linear must be one expert's (out, in){hint}")
@@ -303,14 +303,16 @@ class ExpertWeights:
             space[n.name] = out
             return True
         if target in ("unsqueeze", torch.unsqueeze) and n.args[1:] in ((-1,), ((_ndim(n) or 0) - 1,)) and n.users \
-                and all(u.target in _BMM and u.args[0].name in self.views and u.args[1] is n for u in n.users):
+                and all(u.target in _BMM and isinstance(u.args[0], fx.Node) and u.args[0].name in self.views
+                        and u.args[1:] == (n,) for u in n.users):
             self.columns[n.name] = space.get(n.args[0].name)  # features on axis -2 of (S, in, 1)
             space[n.name] = None
             return True
         if target in _BMM and len(n.args) == 2 and any(isinstance(a, fx.Node) and a.name in self.views
                                                         for a in n.args):
             w, x = n.args
-            if isinstance(w, fx.Node) and w.name in self.views and x.name in self.columns:  # (S, out, in) @ (S, in, 1)
+            if isinstance(w, fx.Node) and w.name in self.views and isinstance(x, fx.Node) and \
+                    x.name in self.columns:  # (S, out, in) @ (S, in, 1)
                 param, axes = self.views[w.name]
                 bind(param, axes[2], self.columns[x.name])
                 self.columns[n.name] = opened(param, axes[1])
@@ -318,7 +320,7 @@ class ExpertWeights:
                 return True
             x, w = n.args
             if isinstance(w, fx.Node) and w.name in self.views and len(self.views[w.name][1]) in (2, 3) and \
-                    x.name not in self.views:  # x @ W[e] (in, out); (S, 1, in) @ W[ids] (S, in, out)
+                    isinstance(x, fx.Node) and x.name not in self.views:  # x @ W[e] (in, out); (S, 1, in) @ W[ids]
                 param, axes = self.views[w.name]
                 bind(param, axes[-2], space.get(x.name))
                 space[n.name] = opened(param, axes[-1])
