@@ -310,3 +310,41 @@ def test_gpt_oss_style_sinks_rotary_and_alternating_experts_keep_the_function(ho
     own = units.reshape(E, H)[0] - H * experts[0]
     pairs = np.ravel(np.stack([2 * own, 2 * own + 1], axis=1))
     np.testing.assert_array_equal(moved["gate_up_proj_bias"][0], state["gate_up_proj_bias"][experts[0]][pairs])
+
+
+class BiasedRouterLM(MoeLM):
+    """LFM2-MoE's and GLM-4.5's router: its weight read in float (``self.weight.type(torch.float32)``), sigmoid
+    scores, and a saved buffer of one bias per expert added for the choice only (``e_score_correction_bias``)."""
+
+    def __init__(self, how: str) -> None:
+        super().__init__(how)
+        self.router_weight = nn.Parameter(torch.randn(E, D) / D**0.5)
+        self.register_buffer("expert_bias", torch.randn(E))
+        del self.router
+
+    def forward(self, input_ids):
+        x = self.embed(input_ids).reshape(-1, D)
+        scores = F.linear(x.type(torch.float32), self.router_weight.type(torch.float32)).sigmoid()
+        _, ids = torch.topk(scores + self.expert_bias, K, dim=-1)
+        weights = torch.gather(scores, dim=1, index=ids).type_as(x)
+        h = x + self.experts(x, ids, weights / weights.sum(dim=-1, keepdim=True))
+        return self.head(h).reshape(*input_ids.shape, V)
+
+
+def test_a_routers_float_weight_and_saved_expert_bias_move_with_the_experts():
+    torch.manual_seed(6)
+    a = BiasedRouterLM("eager").eval()
+    ids = _ids(7)
+    spec, _ = cb.derive_symmetries(a, ids)
+    gate = spec.axes_to_perm["router_weight"][0]
+    assert spec.axes_to_perm["expert_bias"] == (gate,)
+    assert spec.kind(spec.axes_of("experts.down_proj")[2]) == Blocks(gate, E, H)
+    state = {k: v.detach().double().numpy().copy() for k, v in a.state_dict().items()}
+    perm = cb.random_permutation(spec, state, seed=8, derange=True)
+    moved = cb.apply_permutation(spec, perm, state)
+    np.testing.assert_array_equal(moved["expert_bias"], state["expert_bias"][perm[gate]])
+    a = a.double()
+    with torch.no_grad():
+        reference = a(ids).numpy()
+        a.load_state_dict({k: torch.as_tensor(v) for k, v in moved.items()})
+        np.testing.assert_allclose(a(ids).numpy(), reference, rtol=1e-6, atol=1e-6)  # the router runs in float32

@@ -84,6 +84,7 @@ def stream_symmetries(model: nn.Module, example_input: torch.Tensor) -> tuple[Pe
     att = _HandAttention()
 
     aliases = tensor_aliases(model)
+    vectors = _kept_vectors(model)
     tied: set[str] = set()
     channels_first: dict[str, int] = {}  # a convolution's output (n, c, ...) -> the space of its channels
     carried: dict[str, int] = {}  # tokens transposed last (n, d, t) -> the space of the features on axis -2
@@ -114,7 +115,8 @@ def stream_symmetries(model: nn.Module, example_input: torch.Tensor) -> tuple[Pe
         if n.op == "placeholder":
             space[n.name] = FIXED
         elif n.op == "get_attr":
-            value = gm.get_parameter(n.target) if isinstance(_attr(gm, n.target), nn.Parameter) else None
+            value = gm.get_parameter(n.target) if isinstance(_attr(gm, n.target), nn.Parameter) else \
+                _attr(gm, n.target) if n.target in vectors else None  # a vector the model keeps (an expert bias)
             if value is None:
                 space[n.name] = FIXED
                 continue
@@ -203,6 +205,11 @@ def stream_symmetries(model: nn.Module, example_input: torch.Tensor) -> tuple[Pe
                 _channels_first_op(n, channels_first, space, where, model)
                 continue
             if routing.follow(n, space):  # expert ids: the values of a router's top-k
+                continue
+            if n.target in _PARAMETER_CASTS and n.args and isinstance(n.args[0], fx.Node) and \
+                    n.args[0].name in params_of and len(tensor_args(n)) == 1:
+                params_of[n.name] = params_of[n.args[0].name]  # ``self.weight.type(torch.float32)``: the same
+                space[n.name] = space[n.args[0].name]          # parameter, in another dtype (a router's, in float)
                 continue
             args = tensor_args(n)
             spaces = [space[a.name] for a in args]
@@ -334,6 +341,18 @@ def stream_symmetries(model: nn.Module, example_input: torch.Tensor) -> tuple[Pe
     if gates:
         spec = stack_experts(spec, model, gm, gates, _hint(model))
     return spec, folds
+
+
+def _kept_vectors(model: nn.Module) -> set[str]:
+    """The model's persistent floating-point buffers of one axis (saved with it, as GLM-4.5's and LFM2's
+    ``e_score_correction_bias``, one value per expert for routing): bound to the spaces they meet, as a
+    parameter is, so that they move with them."""
+    return {k for k, v in model.state_dict(keep_vars=True).items() if isinstance(v, torch.Tensor) and
+            not isinstance(v, nn.Parameter) and v.ndim == 1 and v.is_floating_point()}
+
+
+#: A parameter in another dtype (or memory layout): still the parameter, as layers read it.
+_PARAMETER_CASTS = {"type", "float", "double", "half", "bfloat16", "to", "contiguous"}
 
 
 def _indexes_tokens(n: fx.Node) -> bool:
