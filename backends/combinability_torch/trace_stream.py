@@ -85,6 +85,7 @@ def stream_symmetries(model: nn.Module, example_input: torch.Tensor) -> tuple[Pe
 
     aliases = tensor_aliases(model)
     vectors = _kept_vectors(model)
+    kept: dict[str, str] = {}  # a get_attr node of a saved one-axis float buffer -> the buffer's name
     tied: set[str] = set()
     channels_first: dict[str, int] = {}  # a convolution's output (n, c, ...) -> the space of its channels
     carried: dict[str, int] = {}  # tokens transposed last (n, d, t) -> the space of the features on axis -2
@@ -115,8 +116,9 @@ def stream_symmetries(model: nn.Module, example_input: torch.Tensor) -> tuple[Pe
         if n.op == "placeholder":
             space[n.name] = FIXED
         elif n.op == "get_attr":
-            value = gm.get_parameter(n.target) if isinstance(_attr(gm, n.target), nn.Parameter) else \
-                _attr(gm, n.target) if n.target in vectors else None  # a vector the model keeps (an expert bias)
+            value = gm.get_parameter(n.target) if isinstance(_attr(gm, n.target), nn.Parameter) else None
+            if value is None and n.target in vectors:  # a saved vector: a constant unless added to features
+                kept[n.name] = n.target
             if value is None:
                 space[n.name] = FIXED
                 continue
@@ -205,6 +207,13 @@ def stream_symmetries(model: nn.Module, example_input: torch.Tensor) -> tuple[Pe
                 _channels_first_op(n, channels_first, space, where, model)
                 continue
             if routing.follow(n, space):  # expert ids: the values of a router's top-k
+                continue
+            vector = [a for a in n.args[:2] if isinstance(a, fx.Node) and a.name in kept] if n.target in _ADD else []
+            other = [a for a in n.args[:2] if isinstance(a, fx.Node) and a.name not in kept]
+            if len(vector) == 1 and len(n.args) == 2 and len(other) == 1 and space.get(other[0].name) is not None \
+                    and not sp.is_fixed(space[other[0].name]) and _last(other[0]) == _last(vector[0]):
+                bind(kept[vector[0].name], [space[other[0].name]])  # a saved bias per unit (an expert's, for the
+                space[n.name] = space[other[0].name]                # router's choice): it moves with the units
                 continue
             if n.target in _PARAMETER_CASTS and n.args and isinstance(n.args[0], fx.Node) and \
                     n.args[0].name in params_of and len(tensor_args(n)) == 1:
@@ -345,8 +354,8 @@ def stream_symmetries(model: nn.Module, example_input: torch.Tensor) -> tuple[Pe
 
 def _kept_vectors(model: nn.Module) -> set[str]:
     """The model's persistent floating-point buffers of one axis (saved with it, as GLM-4.5's and LFM2's
-    ``e_score_correction_bias``, one value per expert for routing): bound to the spaces they meet, as a
-    parameter is, so that they move with them."""
+    ``e_score_correction_bias``, one value per expert for routing): one added to features is bound to their
+    space, as a bias is, so that it moves with them; read any other way, it is a constant."""
     return {k for k, v in model.state_dict(keep_vars=True).items() if isinstance(v, torch.Tensor) and
             not isinstance(v, nn.Parameter) and v.ndim == 1 and v.is_floating_point()}
 
