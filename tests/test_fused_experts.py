@@ -348,3 +348,59 @@ def test_a_routers_float_weight_and_saved_expert_bias_move_with_the_experts():
         reference = a(ids).numpy()
         a.load_state_dict({k: torch.as_tensor(v) for k, v in moved.items()})
         np.testing.assert_allclose(a(ids).numpy(), reference, rtol=1e-6, atol=1e-6)  # the router runs in float32
+
+
+class GroupRoutedLM(MoeLM):
+    """DeepSeek-V3's and GLM-4.5's group-limited routing, written out: sigmoid scores plus a saved correction bias,
+    viewed as ``(tokens, groups, experts per group)``, each group scored by its top-2 scores summed, the best
+    ``top_groups`` groups kept, the other groups' experts masked out, then the top-k."""
+
+    def __init__(self, how: str, groups: int, top_groups: int) -> None:
+        super().__init__(how)
+        self.groups, self.top_groups = groups, top_groups
+        self.register_buffer("e_score_correction_bias", torch.randn(E) / 4)
+
+    def forward(self, input_ids):
+        x = self.embed(input_ids).reshape(-1, D)
+        scores = self.router(x).sigmoid()
+        choice = scores + self.e_score_correction_bias
+        group_scores = choice.view(-1, self.groups, E // self.groups).topk(2, dim=-1)[0].sum(dim=-1)
+        group_idx = torch.topk(group_scores, k=self.top_groups, dim=-1, sorted=False)[1]
+        group_mask = torch.zeros_like(group_scores)
+        group_mask.scatter_(1, group_idx, 1)
+        score_mask = group_mask.unsqueeze(-1).expand(-1, self.groups, E // self.groups).reshape(-1, E)
+        choice = choice.masked_fill(~score_mask.bool(), float("-inf"))
+        ids = torch.topk(choice, k=K, dim=-1, sorted=False)[1]
+        weights = scores.gather(1, ids)
+        h = x + self.experts(x, ids, weights / weights.sum(dim=-1, keepdim=True))
+        return self.head(h).reshape(*input_ids.shape, V)
+
+
+@pytest.mark.parametrize("groups, top_groups", [(1, 1), (2, 1)])
+def test_group_limited_routing_moves_experts_within_their_groups(groups, top_groups):
+    torch.manual_seed(9)
+    a = GroupRoutedLM("eager", groups, top_groups).eval()
+    ids = _ids(9)
+    spec, _ = cb.derive_symmetries(a, ids)
+    gate = spec.axes_to_perm["router.weight"][0]
+    assert spec.axes_to_perm["e_score_correction_bias"] == (gate,)
+    if groups == 1:  # any order of the experts, each expert's units its own way
+        assert spec.kind(gate) == cb.Neuron() and spec.kind(spec.axes_of("experts.down_proj")[2]) == Blocks(gate, E, H)
+    else:  # the groups move whole, the experts inside each: swapping two experts of different groups is no symmetry
+        assert spec.kind(gate) == Blocks(f"{gate}.groups", groups, E // groups)
+    state = {k: v.detach().double().numpy().copy() for k, v in a.state_dict().items()}
+    perm = cb.random_permutation(spec, state, seed=10, derange=True)
+    moved = cb.apply_permutation(spec, perm, state)
+    a = a.double()
+    with torch.no_grad():
+        reference = a(ids).numpy()
+        a.load_state_dict({k: torch.as_tensor(v) for k, v in moved.items()})
+        np.testing.assert_allclose(a(ids).numpy(), reference, rtol=1e-10, atol=1e-10)
+        if groups > 1:  # the control: experts 0 and 2 (of groups 0 and 1) swapped changes the choices
+            swap = [2, 1, 0, 3]
+            crossed = dict(state, **{"router.weight": state["router.weight"][swap],
+                                     "e_score_correction_bias": state["e_score_correction_bias"][swap],
+                                     "experts.gate_up_proj": state["experts.gate_up_proj"][swap],
+                                     "experts.down_proj": state["experts.down_proj"][swap]})
+            a.load_state_dict({k: torch.as_tensor(v) for k, v in crossed.items()})
+            assert not np.allclose(a(ids).numpy(), reference, rtol=1e-6, atol=1e-6)

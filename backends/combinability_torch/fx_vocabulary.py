@@ -35,7 +35,7 @@ _PASS_MODULES = (nn.Dropout, nn.Identity)
 
 _PASS = {"contiguous", "clone", "detach", "float", "expand", "to", "type", "type_as", "half", "bfloat16", F.dropout,
          operator.mul, operator.truediv,
-         torch.mul}
+         torch.mul, "bool", operator.invert, torch.logical_not, "logical_not"}  # (a mask, negated)
 
 
 _ADD = {operator.add, operator.iadd, torch.add}

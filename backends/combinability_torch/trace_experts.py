@@ -23,14 +23,15 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from combinability.errors import PermutationSpecError, TracingError
-from combinability.feature_spaces import FIXED, FeatureSpaces
+from combinability.feature_spaces import FIXED, FeatureSpaces, Heads
 from combinability.module_stacks import sibling_modules
 from combinability.module_stacks import stack_experts as core_stack_experts
 from combinability.permutation import PermutationSpec
-from combinability_torch.fx_vocabulary import _SHAPE_OPS, _dim_is_last, _ndim
+from combinability_torch.fx_vocabulary import _SHAPE_OPS, _dim_is_last, _ndim, _shape_of
 from combinability_torch.trace import reads_shape
 
-__all__ = ["Routing", "ExpertWeights", "expert_modules", "stack_experts", "INDEX_ADD", "GROUPED_MM", "index_add_space"]
+__all__ = ["Routing", "RouterGroups", "ExpertWeights", "expert_modules", "stack_experts", "INDEX_ADD", "GROUPED_MM",
+           "index_add_space"]
 
 _log = logging.getLogger("combinability.tracing")
 
@@ -396,3 +397,81 @@ def _axes_order(n: fx.Node, ndim: int) -> list[int] | None:
         if len(dims) == ndim and all(isinstance(a, int) for a in dims):
             return [a % ndim for a in dims]
     return None
+
+
+_TOPK = {"topk", torch.topk}
+
+
+@dataclass
+class RouterGroups:
+    """Group-limited routing (DeepSeek-V3's, GLM-4.5's, dots.llm1's): the gate's scores viewed as
+    ``(tokens, groups, experts per group)``, each group scored by the sum of its top scores, the best groups
+    chosen, and the experts of the others masked out before the top-k.
+
+    Experts then move in their groups: a permutation of the groups, and of the experts inside each
+    (the gate's space becomes :class:`~combinability.kinds.Blocks` of a new *groups* space, through a
+    :class:`~combinability.feature_spaces.Heads` entry; one group leaves the gate's space as it is).
+    The group scores, the groups chosen and the mask built from them live in the groups' space, and the
+    mask, repeated over each group's experts, in the gate's again.
+    """
+
+    split: dict[str, tuple[int, int, int]] = field(default_factory=dict)  # (tokens, g, e) view -> (gate, groups, e)
+    per_group: dict[str, tuple[int, int, int]] = field(default_factory=dict)  # groups on axis -2 -> (gate, groups, e)
+    gate_of: dict[int, tuple[int, int]] = field(default_factory=dict)  # a groups space -> (its gate space, e)
+
+    def follow(self, n: fx.Node, space: dict[str, Any], sp: FeatureSpaces, heads: list[Heads], where: str,
+               hint: str) -> bool:
+        """Follow ``n`` if it is a step of group-limited routing; return whether it was."""
+        target = n.target
+        first = n.args[0] if n.args and isinstance(n.args[0], fx.Node) else None
+        if first is None:
+            return False
+        shape, src = _shape_of(n), _shape_of(first)
+        if target in ("view", "reshape", torch.reshape) and first.name not in self.per_group and shape and src and \
+                len(shape) == len(src) + 1 and shape[:-2] == src[:-1] and shape[-2] * shape[-1] == src[-1] and \
+                space.get(first.name) not in (None, FIXED) and not sp.is_fixed(space[first.name]) and n.users and \
+                all(u.target in _TOPK and _dim_is_last(u, 2) for u in n.users):
+            gate, groups, size = space[first.name], shape[-2], shape[-1]
+            stem = sp.opener[sp.find(gate)]
+            order = sp.new(f"{stem}.groups", groups, name=f"{sp.name(gate)}.groups") if groups > 1 else \
+                sp.new(f"{stem}.group")
+            if groups > 1:
+                heads.append(Heads(gate, order, groups, size))
+            sp.mark([gate, order])
+            self.split[n.name] = (gate, order, size)
+            self.gate_of[order] = (gate, size)
+            space[n.name] = None
+            return True
+        if target in _TOPK and first.name in self.split:
+            self.per_group[n.name] = self.split[first.name]  # the top scores of each group (values, then ids)
+            space[n.name] = None
+            return True
+        if target is operator.getitem and first.name in self.per_group and n.args[1] == 0:
+            self.per_group[n.name] = self.per_group[first.name]
+            space[n.name] = None
+            return True
+        if target in ("sum", torch.sum) and first.name in self.per_group and _dim_is_last(n, 1) and \
+                not n.kwargs.get("keepdim", False):
+            space[n.name] = self.per_group[first.name][1]  # a score per group
+            return True
+        if target in ("unsqueeze", torch.unsqueeze) and n.args[1:] in ((-1,), ((_ndim(n) or 0) - 1,)) and \
+                space.get(first.name) is not None and sp.find(space[first.name]) in {
+                    sp.find(o) for o in self.gate_of}:
+            order = next(o for o in self.gate_of if sp.find(o) == sp.find(space[first.name]))
+            gate, size = self.gate_of[order]
+            self.per_group[n.name] = (gate, order, size)  # a value per group, to be repeated over its experts
+            space[n.name] = None
+            return True
+        if target == "expand" and first.name in self.per_group and shape and shape[-1] == self.per_group[
+                first.name][2]:
+            self.per_group[n.name] = self.per_group[first.name]
+            space[n.name] = None
+            return True
+        if target in ("view", "reshape", torch.reshape) and first.name in self.per_group and shape and src and \
+                len(shape) == len(src) - 1 and shape[-1] == src[-2] * src[-1]:
+            space[n.name] = self.per_group[first.name][0]  # back to the gate's experts
+            return True
+        if first.name in self.per_group or first.name in self.split:
+            raise TracingError(f"{where}: group-limited routing is followed through the groups' top scores summed, "
+                               f"the best groups chosen and a mask of them repeated over their experts{hint}")
+        return False

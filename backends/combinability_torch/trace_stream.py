@@ -61,7 +61,14 @@ from combinability_torch.fx_vocabulary import (
 )
 from combinability_torch.trace import logits_of, reads_shape, tensor_aliases
 from combinability_torch.trace_attention import _attention, _attention_parts, _HandAttention
-from combinability_torch.trace_experts import INDEX_ADD, ExpertWeights, Routing, index_add_space, stack_experts
+from combinability_torch.trace_experts import (
+    INDEX_ADD,
+    ExpertWeights,
+    RouterGroups,
+    Routing,
+    index_add_space,
+    stack_experts,
+)
 
 __all__ = ["stream_symmetries"]
 
@@ -94,6 +101,7 @@ def stream_symmetries(model: nn.Module, example_input: torch.Tensor) -> tuple[Pe
     routing = Routing()  # expert ids, and the gates whose ids select expert modules
     linears: dict[str, int] = {}  # a linear layer -> the space it opened
     held = ExpertWeights()  # experts held as one parameter each (transformers 5's)
+    groups = RouterGroups()  # experts chosen in groups
 
     def bind(param: str, entries: list[Any]) -> None:
         param = aliases.get(param, param)  # a tied weight: one tensor, every use binds it
@@ -208,6 +216,8 @@ def stream_symmetries(model: nn.Module, example_input: torch.Tensor) -> tuple[Pe
                 continue
             if routing.follow(n, space):  # expert ids: the values of a router's top-k
                 continue
+            if groups.follow(n, space, sp, heads, where, _hint(model)):  # group-limited routing (DeepSeek-V3's)
+                continue
             vector = [a for a in n.args[:2] if isinstance(a, fx.Node) and a.name in kept] if n.target in _ADD else []
             other = [a for a in n.args[:2] if isinstance(a, fx.Node) and a.name not in kept]
             if len(vector) == 1 and len(n.args) == 2 and len(other) == 1 and space.get(other[0].name) is not None \
@@ -250,8 +260,12 @@ def stream_symmetries(model: nn.Module, example_input: torch.Tensor) -> tuple[Pe
                 # ``out[rows] = y``: y's features are out's (a buffer of zeros has none before)
                 space[n.args[0].name] = sp.union(spaces[0], space.get(n.args[2].name))
                 space[n.name] = None
-            elif target == "scatter" and args and _dim_is_last(n, 1):
-                space[n.name] = space[n.args[0].name]  # scattered back into the experts' positions
+            elif target in ("scatter", "scatter_") and args and _dim_is_last(n, 1):
+                space[n.name] = space[n.args[0].name]  # scattered back into the experts' positions (or groups')
+            elif target in ("masked_fill", "masked_fill_", torch.masked_fill) and len(args) == 2 and \
+                    args[0] is n.args[0]:
+                space[n.name] = sp.union(spaces[0], spaces[1])  # masked by a mask of its own units (or fixed)
+                sp.mark([space[n.name]])
             elif target in ("zeros_like", "ones_like", torch.zeros_like, torch.ones_like) and args:
                 space[n.name] = spaces[0]
             elif not args or _ndim(n) is None:
