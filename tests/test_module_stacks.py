@@ -204,13 +204,16 @@ def test_parts_of_one_parameter_each_move_their_own_way() -> None:
     assert spec.axes_of("w")[0] == (spec.axes_to_perm["w[0:6]"][0], "V")
 
 
+def _assert_planted_map_undone(spec: cb.PermutationSpec, a: dict[str, np.ndarray], seed: int) -> None:
+    """Weight matching of ``a`` and ``a`` moved by a random map of ``spec`` brings the moved copy back to ``a``."""
+    b = apply_permutation(spec, random_permutation(spec, a, seed=seed, derange=True), a)
+    back = apply_permutation(spec, cb.weight_matching(spec, a, b, seed=0), b)
+    assert max(float(np.abs(back[k] - a[k]).max()) for k in a) < 1e-12
+
+
 def test_weight_matching_undoes_a_planted_map_of_parts() -> None:
     spec, a = _cut_layer(1)
-    planted = random_permutation(spec, a, seed=3)
-    b = apply_permutation(spec, planted, a)
-    found = cb.weight_matching(spec, a, b, seed=0)
-    back = apply_permutation(spec, found, b)
-    assert max(float(np.abs(back[k] - a[k]).max()) for k in a) < 1e-12
+    _assert_planted_map_undone(spec, a, seed=3)
 
 
 def test_parts_that_do_not_tile_their_parameter_are_refused() -> None:
@@ -291,12 +294,7 @@ def test_weight_matching_undoes_a_planted_map_of_merged_parts() -> None:
     from combinability.module_stacks import merge_blocks
 
     spec, a = _fused_experts(1)
-    finer = merge_blocks(spec, a)
-    planted = random_permutation(finer, a, seed=4, derange=True)
-    b = apply_permutation(finer, planted, a)
-    found = cb.weight_matching(finer, a, b, seed=0)
-    back = apply_permutation(finer, found, b)
-    assert max(float(np.abs(back[k] - a[k]).max()) for k in a) < 1e-12
+    _assert_planted_map_undone(merge_blocks(spec, a), a, seed=4)
 
 
 def test_views_naming_each_other_in_a_cycle_are_refused() -> None:
