@@ -404,3 +404,21 @@ def test_group_limited_routing_moves_experts_within_their_groups(groups, top_gro
                                      "experts.down_proj": state["experts.down_proj"][swap]})
             a.load_state_dict({k: torch.as_tensor(v) for k, v in crossed.items()})
             assert not np.allclose(a(ids).numpy(), reference, rtol=1e-6, atol=1e-6)
+
+
+def test_a_value_per_head_used_otherwise_than_as_a_sink_is_refused_by_name():
+    class SlopesLM(OssLM):
+        """Learned ALiBi-style slopes per head, multiplied by distances and added to the scores: not followed."""
+
+        def attend(self, h):
+            b, t, _ = h.shape
+            q = self.q(h).view(b, t, self.HEADS, self.DH).transpose(1, 2)
+            k = self.k(h).view(b, t, self.KV, self.DH).transpose(1, 2)
+            k = k[:, :, None].expand(b, self.KV, 2, t, self.DH).reshape(b, self.HEADS, t, self.DH)
+            distance = (torch.arange(t)[None, :] - torch.arange(t)[:, None]).float()
+            scores = torch.matmul(q, k.transpose(2, 3)) + self.sinks.reshape(1, -1, 1, 1) * distance
+            return self.o(torch.matmul(F.softmax(scores, dim=-1), k).transpose(1, 2).reshape(b, t, -1))
+
+    torch.manual_seed(11)
+    with pytest.raises(TracingError, match=r"a value per head viewed as \(1, heads, 1, 1\) is followed only when"):
+        cb.derive_symmetries(SlopesLM("eager").eval(), _ids())

@@ -293,3 +293,35 @@ def test_a_glu_moves_both_halves_of_its_layer_by_one_permutation(module):
     assert spec.axes_to_perm["fc2.weight"][1] == rows[0]
     state = {k: v.numpy().astype(np.float64) for k, v in model.state_dict().items()}
     assert_random_transformation_undone(model, spec, cb.fold_norms(state, folds), x, "fc1.weight")
+
+
+class _PaddedStream(nn.Module):
+    """Padding tokens' features zeroed (``masked_fill`` by a per-token mask, ``fill``) on a residual stream."""
+
+    def __init__(self, fill: float) -> None:
+        super().__init__()
+        self.fill = fill
+        self.e, self.f, self.g, self.h = nn.Embedding(16, 8), nn.Linear(8, 12), nn.Linear(12, 8), nn.Linear(8, 16)
+
+    def forward(self, ids):
+        x = self.e(ids).masked_fill((ids == 0)[..., None], self.fill)
+        return self.h(x + self.g(torch.relu(self.f(x))))
+
+
+@pytest.mark.parametrize("fill", [0.0, 1.5])
+def test_tokens_masked_whole_keep_the_stream_rotatable_when_zeroed(fill):
+    torch.manual_seed(12)
+    model = _PaddedStream(fill).eval()
+    ids = torch.from_numpy(np.random.default_rng(13).integers(0, 16, (4, 10)))
+    ids[:, -2:] = 0  # padding at the end of every row
+    spec, _ = cb.derive_symmetries(model, ids)
+    stream = spec.axes_to_perm["e.weight"][1]
+    # zeros stay zeros under any linear map; a token filled with 1.5 everywhere survives permutations only
+    assert isinstance(spec.kind(stream), Orthogonal) == (fill == 0.0)
+    state = {k: v.detach().double().numpy().copy() for k, v in model.state_dict().items()}
+    moved = cb.apply_permutation(spec, cb.random_permutation(spec, state, seed=14), state)
+    model = model.double()
+    with torch.no_grad():
+        reference = model(ids).numpy()
+        model.load_state_dict({k: torch.as_tensor(v) for k, v in moved.items()})
+        np.testing.assert_allclose(model(ids).numpy(), reference, rtol=1e-10, atol=1e-10)

@@ -692,6 +692,10 @@ def _sinks(n: fx.Node, args: list[fx.Node], spaces: list[Any], att: _HandAttenti
             att.sunk[n.name] = att.per_head[value.name]
             space[n.name] = None
             return True
+    if any(a.name in att.per_head for a in n.all_input_nodes):
+        raise TracingError(f"node {n.name!r}: a value per head viewed as (1, heads, 1, 1) is followed only when it "
+                           "is joined to the attention scores as one more key (GPT-OSS's sinks: torch.cat([scores, "
+                           "sinks], dim=-1))")
     return False
 
 

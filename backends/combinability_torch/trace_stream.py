@@ -264,8 +264,14 @@ def stream_symmetries(model: nn.Module, example_input: torch.Tensor) -> tuple[Pe
                 space[n.name] = space[n.args[0].name]  # scattered back into the experts' positions (or groups')
             elif target in ("masked_fill", "masked_fill_", torch.masked_fill) and len(args) == 2 and \
                     args[0] is n.args[0]:
-                space[n.name] = sp.union(spaces[0], spaces[1])  # masked by a mask of its own units (or fixed)
-                sp.mark([space[n.name]])
+                if sp.is_fixed(spaces[1]) and (_last(args[1]) or 1) == 1:  # whole tokens masked (a padding mask)
+                    space[n.name] = spaces[0]
+                    fill = n.args[2] if len(n.args) > 2 else n.kwargs.get("value")
+                    if not (isinstance(fill, int | float) and fill == 0):
+                        sp.mark(spaces[:1])  # filled with a number: permutations keep it, rotations not
+                else:  # masked by a mask of its own units (a router's groups), or by a fixed one: then fixed
+                    space[n.name] = sp.union(spaces[0], spaces[1])
+                    sp.mark([space[n.name]])
             elif target in ("zeros_like", "ones_like", torch.zeros_like, torch.ones_like) and args:
                 space[n.name] = spaces[0]
             elif not args or _ndim(n) is None:
@@ -340,6 +346,10 @@ def stream_symmetries(model: nn.Module, example_input: torch.Tensor) -> tuple[Pe
             sp.fix(s for a in _output_nodes(n) if space.get(a.name) is not None for s in _segments(space[a.name]))
     for k, v in model.named_parameters():  # unused by forward: left as they are
         binds.setdefault(k, [None] * v.ndim)
+    unplaced = set(att.per_head.values()) - set(att.sink_orders)
+    if unplaced:
+        raise TracingError(f"a value per head joined to the attention scores (a sink) whose scores never weighed "
+                           f"the values the tracer follows (scores @ v){_hint(model)}")
     packed = {sp.find(s): parts for s, parts in att.packed.items()}  # by class: a bias added joins the layer's
     alternating = {sp.find(s): parts for s, parts in att.alternating.items()}
     for param, entries in binds.items():  # a layer whose output was split: its rows are packed segments
