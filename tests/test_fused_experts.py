@@ -422,3 +422,41 @@ def test_a_value_per_head_used_otherwise_than_as_a_sink_is_refused_by_name():
     torch.manual_seed(11)
     with pytest.raises(TracingError, match=r"a value per head viewed as \(1, heads, 1, 1\) is followed only when"):
         cb.derive_symmetries(SlopesLM("eager").eval(), _ids())
+
+
+def _sparse_mixer(scores: torch.Tensor, eps: float = 0.01) -> tuple[torch.Tensor, torch.Tensor]:
+    """PhiMoE's sparse-mixer routing (inference), written as transformers writes it: the top expert, the scores
+    too far below it masked out, a softmax read at the choice; then the same once more without the first choice."""
+    chosen = []
+    masked_scores = scores
+    for _ in range(2):
+        threshold, top = masked_scores.max(dim=-1, keepdim=True)
+        factor = scores.abs().clamp(min=threshold)
+        mask = ((threshold - scores) / factor) > (2 * eps)
+        gates = torch.softmax(masked_scores.masked_fill(mask, float("-inf")), dim=-1)
+        chosen.append((gates.gather(dim=-1, index=top), top))
+        masked_scores = torch.scatter(masked_scores, -1, top, float("-inf"))
+    return torch.cat([c[0] for c in chosen], dim=-1), torch.cat([c[1] for c in chosen], dim=-1)
+
+
+class SparseMixerLM(MoeLM):
+    def forward(self, input_ids):
+        x = self.embed(input_ids).reshape(-1, D)
+        weights, ids = _sparse_mixer(self.router(x))
+        return self.head(x + self.experts(x, ids, weights)).reshape(*input_ids.shape, V)
+
+
+def test_phimoe_style_sparse_mixer_routing_moves_the_experts():
+    torch.manual_seed(15)
+    a = SparseMixerLM("eager").eval()
+    ids = _ids(16)
+    spec, _ = cb.derive_symmetries(a, ids)
+    gate = spec.axes_to_perm["router.weight"][0]
+    assert spec.kind(spec.axes_of("experts.down_proj")[2]) == Blocks(gate, E, H)
+    state = {k: v.detach().double().numpy().copy() for k, v in a.state_dict().items()}
+    moved = cb.apply_permutation(spec, cb.random_permutation(spec, state, seed=17, derange=True), state)
+    a = a.double()
+    with torch.no_grad():
+        reference = a(ids).numpy()
+        a.load_state_dict({k: torch.as_tensor(v) for k, v in moved.items()})
+        np.testing.assert_allclose(a(ids).numpy(), reference, rtol=1e-10, atol=1e-10)

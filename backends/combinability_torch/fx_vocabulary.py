@@ -27,7 +27,8 @@ _NONLINEAR = {F.relu, F.gelu, F.silu, F.elu, F.softplus, F.leaky_relu, F.softmax
               torch.pow, "pow", operator.pow, torch.erf, "erf", torch.exp, "exp", torch.square, "square", torch.rsqrt,
               "rsqrt", torch.sqrt, "sqrt",
               # bounds (GPT-OSS's experts clamp their gate and up units)
-              torch.clamp, "clamp", torch.clip, "clip", torch.clamp_min, "clamp_min", torch.clamp_max, "clamp_max"}
+              torch.clamp, "clamp", torch.clip, "clip", torch.clamp_min, "clamp_min", torch.clamp_max, "clamp_max",
+              torch.abs, "abs"}
 
 
 _PASS_MODULES = (nn.Dropout, nn.Identity)

@@ -260,7 +260,7 @@ def stream_symmetries(model: nn.Module, example_input: torch.Tensor) -> tuple[Pe
                 # ``out[rows] = y``: y's features are out's (a buffer of zeros has none before)
                 space[n.args[0].name] = sp.union(spaces[0], space.get(n.args[2].name))
                 space[n.name] = None
-            elif target in ("scatter", "scatter_") and args and _dim_is_last(n, 1):
+            elif target in ("scatter", "scatter_", torch.scatter) and args and _dim_is_last(n, 1):
                 space[n.name] = space[n.args[0].name]  # scattered back into the experts' positions (or groups')
             elif target in ("masked_fill", "masked_fill_", torch.masked_fill) and len(args) == 2 and \
                     args[0] is n.args[0]:
@@ -312,6 +312,21 @@ def stream_symmetries(model: nn.Module, example_input: torch.Tensor) -> tuple[Pe
             elif target is operator.getitem and n.args[0].op == "call_module" and isinstance(
                     gm.get_submodule(n.args[0].target), nn.MultiheadAttention):
                 space[n.name] = spaces[0] if n.args[1] == 0 else None
+            elif (target in _ADD or target in (operator.sub, torch.sub, "sub")) and len(args) == 2 and \
+                    len(n.args) == 2 and sum(sp.is_fixed(x) and (_last(a) or 1) == 1
+                                             for a, x in zip(args, spaces, strict=True)) == 1 and \
+                    not all(sp.is_fixed(x) for x in spaces):
+                s = spaces[1] if sp.is_fixed(spaces[0]) else spaces[0]  # one number per token added to every
+                sp.mark([s])                                            # feature (PhiMoE's router's threshold)
+                space[n.name] = s
+            elif target in (operator.truediv, torch.div, "div", torch.true_divide) and len(args) == 2 and \
+                    FIXED not in spaces and not any(sp.is_fixed(x) for x in spaces):
+                s = sp.union(spaces[0], spaces[1])  # an element-wise quotient: one permutation
+                sp.mark([s])
+                space[n.name] = s
+            elif target in _COMPARISONS and len(args) == 1:
+                sp.mark(spaces)  # a mask of the features' own units
+                space[n.name] = spaces[0]
             elif target in _ADD and len(args) >= 2:
                 s = spaces[0]
                 for other in spaces[1:]:
@@ -382,6 +397,11 @@ def _kept_vectors(model: nn.Module) -> set[str]:
     space, as a bias is, so that it moves with them; read any other way, it is a constant."""
     return {k for k, v in model.state_dict(keep_vars=True).items() if isinstance(v, torch.Tensor) and
             not isinstance(v, nn.Parameter) and v.ndim == 1 and v.is_floating_point()}
+
+
+#: Comparisons of features with a number: a mask of the features' own units.
+_COMPARISONS = {operator.gt, operator.lt, operator.ge, operator.le, torch.gt, torch.lt, torch.ge, torch.le, "gt", "lt",
+                "ge", "le"}
 
 
 #: A parameter in another dtype (or memory layout): still the parameter, as layers read it.
