@@ -460,3 +460,40 @@ def test_phimoe_style_sparse_mixer_routing_moves_the_experts():
         reference = a(ids).numpy()
         a.load_state_dict({k: torch.as_tensor(v) for k, v in moved.items()})
         np.testing.assert_allclose(a(ids).numpy(), reference, rtol=1e-10, atol=1e-10)
+
+
+class ModuleSparseMixerLM(nn.Module):
+    """The sparse mixer routing to experts held as separate modules (transformers 4.x's PhiMoE): the two choices
+    concatenated (``torch.cat``) before ``one_hot`` picks each expert's tokens."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed, self.head = nn.Embedding(V, D), nn.Linear(D, V)
+        self.router = nn.Linear(D, E, bias=False)
+        self.experts = nn.ModuleList([nn.Sequential(nn.Linear(D, H), nn.GELU(), nn.Linear(H, D)) for _ in range(E)])
+
+    def forward(self, input_ids):
+        x = self.embed(input_ids).reshape(-1, D)
+        weights, ids = _sparse_mixer(self.router(x))
+        out = torch.zeros_like(x)
+        mask = F.one_hot(ids, num_classes=E).permute(2, 1, 0)
+        for e in range(E):
+            slot, rows = torch.where(mask[e])
+            out.index_add_(0, rows, self.experts[e](x[rows]) * weights[rows, slot, None])
+        return self.head(x + out).reshape(*input_ids.shape, V)
+
+
+def test_a_sparse_mixer_routing_to_expert_modules_moves_the_modules():
+    torch.manual_seed(18)
+    a = ModuleSparseMixerLM().eval()
+    b = ModuleSparseMixerLM().eval()
+    b.load_state_dict(a.state_dict())
+    sigma = [2, 3, 1, 0]
+    with torch.no_grad():
+        b.router.weight.copy_(a.router.weight[sigma])
+        for e, s in enumerate(sigma):
+            b.experts[e].load_state_dict(a.experts[s].state_dict())
+    ids = _ids(19)
+    pair = cb.ModelPair(a, b, example_input=ids).align("weight")
+    np.testing.assert_array_equal(pair.permutation[pair.spec.axes_to_perm["router.weight"][0]], np.argsort(sigma))
+    np.testing.assert_allclose(pair.theta_b, pair.theta_a, atol=1e-6)

@@ -134,7 +134,9 @@ class Routing:
         if not held or n.target in _ID_WRITES:
             return False
         gate = self.ids[held[0].name]
-        if n.target in _ID_PASS or n.target is operator.getitem and n.args[0] is held[0]:
+        if n.target in _ID_PASS or n.target is operator.getitem and n.args[0] is held[0] or (
+                n.target in (torch.cat, torch.concat) and len(held) == len(nodes) and
+                {self.ids[a.name] for a in held} == {gate}):  # the first choices, then the second (PhiMoE's)
             self.ids[n.name] = gate
         elif n.target not in _ID_READS:
             self.selecting.setdefault(gate, n.name)  # compared with an expert's number: selects a module

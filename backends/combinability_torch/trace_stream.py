@@ -144,8 +144,8 @@ def stream_symmetries(model: nn.Module, example_input: torch.Tensor) -> tuple[Pe
             _tokens_last(n, gm, carried, space, sp, bind, where, model)
         elif n.op in ("call_module", "call_function", "call_method") and not reads_shape(n) and (
                 any(isinstance(space.get(a.name), tuple) for a in tensor_args(n)) or (
-                    _joins_features(n) and not any(att.holds(a.name) or a.name in att.per_head
-                                                   for a in n.all_input_nodes))):
+                    _joins_features(n) and not any(att.holds(a.name) or a.name in att.per_head or
+                                                   a.name in routing.ids for a in n.all_input_nodes))):
             _packed(n, gm, [a for a in tensor_args(n)], space, sp, bind, where, model)
         elif n.op == "call_module":
             m = gm.get_submodule(n.target)
