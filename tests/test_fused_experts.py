@@ -312,6 +312,21 @@ def test_gpt_oss_style_sinks_rotary_and_alternating_experts_keep_the_function(ho
     np.testing.assert_array_equal(moved["gate_up_proj_bias"][0], state["gate_up_proj_bias"][experts[0]][pairs])
 
 
+def _keeps_outputs_under_a_random_map(model: nn.Module, spec: cb.PermutationSpec, ids: torch.Tensor, seed: int,
+                                      tol: float = 1e-10) -> tuple[dict, dict, dict]:
+    """A random map of ``spec`` applied to ``model``'s state in float64 keeps its outputs on ``ids`` (``model``
+    ends holding the moved state); returns the map, the state and the moved state."""
+    state = {k: v.detach().double().numpy().copy() for k, v in model.state_dict().items()}
+    perm = cb.random_permutation(spec, state, seed=seed, derange=True)
+    moved = cb.apply_permutation(spec, perm, state)
+    model = model.double()
+    with torch.no_grad():
+        reference = model(ids).numpy()
+        model.load_state_dict({k: torch.as_tensor(v) for k, v in moved.items()})
+        np.testing.assert_allclose(model(ids).numpy(), reference, rtol=tol, atol=tol)
+    return perm, state, moved
+
+
 class BiasedRouterLM(MoeLM):
     """LFM2-MoE's and GLM-4.5's router: its weight read in float (``self.weight.type(torch.float32)``), sigmoid
     scores, and a saved buffer of one bias per expert added for the choice only (``e_score_correction_bias``)."""
@@ -339,15 +354,8 @@ def test_a_routers_float_weight_and_saved_expert_bias_move_with_the_experts():
     gate = spec.axes_to_perm["router_weight"][0]
     assert spec.axes_to_perm["expert_bias"] == (gate,)
     assert spec.kind(spec.axes_of("experts.down_proj")[2]) == Blocks(gate, E, H)
-    state = {k: v.detach().double().numpy().copy() for k, v in a.state_dict().items()}
-    perm = cb.random_permutation(spec, state, seed=8, derange=True)
-    moved = cb.apply_permutation(spec, perm, state)
+    perm, state, moved = _keeps_outputs_under_a_random_map(a, spec, ids, seed=8, tol=1e-6)  # a float32 router
     np.testing.assert_array_equal(moved["expert_bias"], state["expert_bias"][perm[gate]])
-    a = a.double()
-    with torch.no_grad():
-        reference = a(ids).numpy()
-        a.load_state_dict({k: torch.as_tensor(v) for k, v in moved.items()})
-        np.testing.assert_allclose(a(ids).numpy(), reference, rtol=1e-6, atol=1e-6)  # the router runs in float32
 
 
 class GroupRoutedLM(MoeLM):
@@ -453,13 +461,7 @@ def test_phimoe_style_sparse_mixer_routing_moves_the_experts():
     spec, _ = cb.derive_symmetries(a, ids)
     gate = spec.axes_to_perm["router.weight"][0]
     assert spec.kind(spec.axes_of("experts.down_proj")[2]) == Blocks(gate, E, H)
-    state = {k: v.detach().double().numpy().copy() for k, v in a.state_dict().items()}
-    moved = cb.apply_permutation(spec, cb.random_permutation(spec, state, seed=17, derange=True), state)
-    a = a.double()
-    with torch.no_grad():
-        reference = a(ids).numpy()
-        a.load_state_dict({k: torch.as_tensor(v) for k, v in moved.items()})
-        np.testing.assert_allclose(a(ids).numpy(), reference, rtol=1e-10, atol=1e-10)
+    _keeps_outputs_under_a_random_map(a, spec, ids, seed=17)
 
 
 class ModuleSparseMixerLM(nn.Module):
