@@ -116,3 +116,12 @@ def _permute_keeps_last(n: fx.Node) -> bool:
 def _shape_of(n: fx.Node) -> tuple[int, ...] | None:
     meta = getattr(n, "meta", {}).get("tensor_meta")
     return tuple(int(d) for d in meta.shape) if meta is not None and hasattr(meta, "shape") else None
+
+
+#: Comparisons of features with a number: a mask of the features' own units.
+_COMPARISONS = {operator.gt, operator.lt, operator.ge, operator.le, torch.gt, torch.lt, torch.ge, torch.le, "gt", "lt",
+                "ge", "le"}
+
+
+#: A parameter in another dtype (or memory layout): still the parameter, as layers read it.
+_PARAMETER_CASTS = {"type", "float", "double", "half", "bfloat16", "to", "contiguous"}

@@ -27,7 +27,7 @@ from combinability.feature_spaces import FIXED, FeatureSpaces, Heads
 from combinability.module_stacks import sibling_modules
 from combinability.module_stacks import stack_experts as core_stack_experts
 from combinability.permutation import PermutationSpec
-from combinability_torch.fx_vocabulary import _SHAPE_OPS, _dim_is_last, _ndim, _shape_of
+from combinability_torch.fx_vocabulary import _ADD, _MATMUL, _SHAPE_OPS, _dim_is_last, _ndim, _shape_of
 from combinability_torch.trace import reads_shape
 
 __all__ = ["Routing", "RouterGroups", "ExpertWeights", "expert_modules", "stack_experts", "INDEX_ADD", "GROUPED_MM",
@@ -201,8 +201,7 @@ GROUPED_MM = tuple(f for f in (getattr(torch, "_grouped_mm", None), getattr(F, "
 #: Reorderings of a parameter's axes, and operations that keep them (a cast).
 _AXES_ORDER = {"transpose", torch.transpose, "swapaxes", torch.swapaxes, "permute", torch.permute, "t", torch.t}
 _AXES_KEPT = {"contiguous", "clone", "detach", "to", "float", "half", "bfloat16", "type_as"}
-_BMM = {torch.bmm, "bmm", torch.matmul, "matmul", operator.matmul}
-_ADDS = {operator.add, torch.add, "add", "add_", operator.iadd}
+_ADDS = _ADD | {"add", "add_"}  # a bias added to a product, also in place
 
 
 @dataclass
@@ -306,12 +305,12 @@ class ExpertWeights:
             space[n.name] = out
             return True
         if target in ("unsqueeze", torch.unsqueeze) and n.args[1:] in ((-1,), ((_ndim(n) or 0) - 1,)) and n.users \
-                and all(u.target in _BMM and isinstance(u.args[0], fx.Node) and u.args[0].name in self.views
+                and all(u.target in _MATMUL and isinstance(u.args[0], fx.Node) and u.args[0].name in self.views
                         and u.args[1:] == (n,) for u in n.users):
             self.columns[n.name] = space.get(n.args[0].name)  # features on axis -2 of (S, in, 1)
             space[n.name] = None
             return True
-        if target in _BMM and len(n.args) == 2 and any(isinstance(a, fx.Node) and a.name in self.views
+        if target in _MATMUL and len(n.args) == 2 and any(isinstance(a, fx.Node) and a.name in self.views
                                                         for a in n.args):
             w, x = n.args
             if isinstance(w, fx.Node) and w.name in self.views and isinstance(x, fx.Node) and \

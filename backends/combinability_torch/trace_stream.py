@@ -41,11 +41,13 @@ from combinability.permutation import PermutationSpec
 from combinability_torch.concrete_trace import _attr, concrete_trace
 from combinability_torch.fx_vocabulary import (
     _ADD,
+    _COMPARISONS,
     _FLATTEN,
     _MATMUL,
     _NEW_CONSTANTS,
     _NONLINEAR,
     _NONLINEAR_MODULES,
+    _PARAMETER_CASTS,
     _PASS,
     _PASS_MODULES,
     _SCALING,
@@ -397,15 +399,6 @@ def _kept_vectors(model: nn.Module) -> set[str]:
     space, as a bias is, so that it moves with them; read any other way, it is a constant."""
     return {k for k, v in model.state_dict(keep_vars=True).items() if isinstance(v, torch.Tensor) and
             not isinstance(v, nn.Parameter) and v.ndim == 1 and v.is_floating_point()}
-
-
-#: Comparisons of features with a number: a mask of the features' own units.
-_COMPARISONS = {operator.gt, operator.lt, operator.ge, operator.le, torch.gt, torch.lt, torch.ge, torch.le, "gt", "lt",
-                "ge", "le"}
-
-
-#: A parameter in another dtype (or memory layout): still the parameter, as layers read it.
-_PARAMETER_CASTS = {"type", "float", "double", "half", "bfloat16", "to", "contiguous"}
 
 
 def _indexes_tokens(n: fx.Node) -> bool:
