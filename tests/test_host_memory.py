@@ -1,4 +1,4 @@
-"""glibc's malloc keeps freed memory for the next batch (combinability.host_memory)."""
+"""combinability.host_memory: glibc keeps freed memory for the next batch; large arrays map their pages at once."""
 
 from __future__ import annotations
 
@@ -69,3 +69,37 @@ def test_blocks_allocated_again_after_they_are_freed_take_no_fresh_pages(fresh: 
     faults_of_one_round()  # the first round maps the pages
     later = [faults_of_one_round() for _ in range(5)]
     assert max(later) < 100, f"{later} page faults a round after the first"
+
+
+
+@pytest.mark.parametrize("mapped", [True, False])
+def test_float32_array_is_mapped_at_once_from_the_mmap_threshold(mapped: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """From the threshold up a populated mapping (on Linux), below it numpy's memory: either way a
+    writable, C-contiguous float32 array of the asked shape, separate from any other."""
+    import mmap
+
+    monkeypatch.setattr(host_memory, "MMAP_THRESHOLD", 4 * 60 if mapped else 1 << 62)
+    arrays = [host_memory.float32_array((3, 4, 5)) for _ in range(3)]
+    for k, array in enumerate(arrays):
+        assert array.shape == (3, 4, 5) and array.dtype == np.float32 and array.flags.c_contiguous
+        assert array.flags.writeable
+        owner = array
+        while isinstance(owner, np.ndarray) and owner.base is not None:
+            owner = owner.base  # the memory's owner: a mapping, or the array itself
+        owner = owner.obj if isinstance(owner, memoryview) else owner
+        assert isinstance(owner, mmap.mmap) == (mapped and hasattr(mmap, "MAP_POPULATE"))
+        array[...] = k
+    for k, array in enumerate(arrays):
+        assert np.all(array == k)  # no other array wrote over it
+
+
+def test_float32_array_that_cannot_be_mapped_uses_numpy_memory(monkeypatch: pytest.MonkeyPatch) -> None:
+    import mmap
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise OSError("Cannot allocate memory")
+
+    monkeypatch.setattr(host_memory, "MMAP_THRESHOLD", 0)
+    monkeypatch.setattr(mmap, "mmap", refuse)
+    array = host_memory.float32_array((10, 10))
+    assert array.shape == (10, 10) and array.base is None

@@ -511,3 +511,90 @@ def test_the_next_permutation_s_products_started_early_change_nothing(digits_mod
         assert ours.iterations == sweeps
         assert ours.objective == pytest.approx(rebasin.objective(spec, a, b, theirs), rel=1e-9)
     assert len(prefetched) >= 4
+
+
+def test_independent_run_ends_before_a_permutation_that_reads_it():
+    """A run of the visit order is solved together: it passes over permutations that are not
+    stale and read none of it, and ends before one (stale or not) that reads one in it."""
+    from combinability.matching import _independent_run
+
+    users = {"a": {"b"}, "b": {"a", "c"}, "c": {"b"}, "d": set()}  # q -> the permutations whose cost reads q
+    everything = set(users)
+    assert _independent_run(["a", "c", "d", "b"], 0, everything, users) == (["a", "c", "d"], 3)
+    assert _independent_run(["a", "c", "d", "b"], 3, everything, users) == (["b"], 4)
+    assert _independent_run(["a", "b", "d"], 0, {"a", "d"}, users) == (["a"], 1)  # b may become stale
+    assert _independent_run(["c", "a", "d"], 0, {"a", "d"}, users) == (["a", "d"], 3)  # c read by nothing here
+    assert _independent_run(["c", "b"], 0, set(), users) == ([], 2)
+
+
+def _counting_pool(monkeypatch) -> list[int]:
+    """Solve every pair of independent assignments in threads; return the sizes of the runs solved so."""
+    sizes: list[int] = []
+    pool = matching_terms.solver_threads()
+    if pool is None:
+        pytest.skip("one core: independent assignments are solved one by one")
+
+    class Counting:
+        def map(self, function, *iterables):
+            columns = [list(it) for it in iterables]
+            sizes.append(len(columns[0]))
+            return pool.map(function, *columns)
+
+    monkeypatch.setattr(matching_terms, "THREAD_UNITS", 1)
+    monkeypatch.setattr(matching_terms.HostArrays, "solve_in_threads", True)  # as with products on a GPU
+    monkeypatch.setattr(matching_terms, "solver_threads", lambda: Counting())
+    return sizes
+
+
+@pytest.mark.parametrize("case", ["trained mlp", "planted resnet"])
+def test_assignments_solved_in_threads_take_the_reference_steps(digits_models, case, monkeypatch):
+    """Independent assignments solved at once in threads: still the reference's permutation and sweeps."""
+    if case == "trained mlp":
+        pair = cb.ModelPair(digits_models[0], digits_models[1], architecture="mlp", backend="torch")
+        spec, a, b = pair.spec, pair.params(0), pair.params(1)
+    else:
+        rng = np.random.default_rng(4)
+        a = ref.resnet_params(rng, c1=12, c2=16)
+        spec = ref.resnet_spec()
+        _, b = _plant(spec, a, 5, noise=0.6)
+    sizes = _counting_pool(monkeypatch)
+    theirs, sweeps = rebasin.weight_matching(1, spec, a, b)
+    ours = cb.weight_matching(spec, a, b, seed=1)
+    assert max(sizes, default=0) >= 2  # some assignments were solved together
+    for p in theirs:
+        np.testing.assert_array_equal(ours[p], theirs[p])
+    assert ours.iterations == sweeps
+
+
+def _match_in_child(spec, a, b, queue) -> None:
+    matching_terms.THREAD_UNITS = 1
+    matching_terms.HostArrays.solve_in_threads = True
+    queue.put(dict(cb.weight_matching(spec, a, b, seed=0)))
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="forked processes: Linux")
+@pytest.mark.filterwarnings("ignore:os.fork")  # jax's warning; the child uses numpy and numba only
+def test_solver_threads_work_in_a_forked_process():
+    """A process forked after the parent solved in threads (a process pool's worker) solves in
+    threads of its own: the parent's pool has no threads there, and using it would hang."""
+    import multiprocessing
+
+    if matching_terms.solver_threads() is None:
+        pytest.skip("one core: no solver threads")
+    rng = np.random.default_rng(0)
+    a = ref.mlp_params(rng, (30, 64, 48, 40, 5))
+    spec = ref.mlp_spec(4)
+    planted, b = _plant(spec, a, 1, 0.1)
+    list(matching_terms.solver_threads().map(abs, range(-64, 0)))  # the parent's threads ran, and are idle
+    context = multiprocessing.get_context("fork")
+    queue = context.Queue()
+    child = context.Process(target=_match_in_child, args=(spec, a, b, queue))
+    child.start()
+    child.join(120)
+    hung = child.is_alive()
+    if hung:
+        child.kill()
+    assert not hung, "weight matching in a forked process did not finish"
+    found = queue.get(timeout=10)
+    for p in planted:
+        np.testing.assert_array_equal(found[p], planted[p])
