@@ -134,7 +134,7 @@ class HostArrays:
         if axis == 0 and scratch is not None:
             out = scratch.get(w.shape)
             if out is None:
-                out = scratch[w.shape] = np.empty(w.shape, np.float32)
+                out = scratch[w.shape] = float32_array(w.shape)
             return np.take(w, index, axis=0, out=out, mode="wrap")
         return np.take(w, index, axis=axis)
 
