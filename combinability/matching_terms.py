@@ -222,16 +222,26 @@ class Term:
         self.n = a.shape[axis]
         self.scratch = {} if scratch is None else scratch  # gather buffers by shape, shared by a problem's terms
         self.arrays = HostArrays() if arrays is None else arrays
-        # A and B both as (first dep, rest..., unit): the other axes, the first permuted one
-        # first. Gathering B's first permuted axis (or, for a correction, A's and B's moved
-        # units of it) then copies whole rows, and the product is one GEMM of A's transpose
-        # (BLAS reads it transposed at no cost).
+        # B as (first dep, rest..., unit): the other axes, the first permuted one first.
+        # Gathering B's first permuted axis (or, for a correction, B's moved units of it)
+        # then copies whole rows, and the product is one GEMM with A's units as rows,
+        # ``(unit, first dep, rest...)``, which BLAS reads transposed at no cost when A is
+        # held in B's layout. When A's own layout is already that one (the unit axis first,
+        # the others in order, as the output axis of a linear or convolution weight), A is
+        # read as given: no copy.
         others = [ax for ax in range(a.ndim) if ax != axis]
         if deps:
             others.remove(deps[0][0])
             others.insert(0, deps[0][0])
-        self.a = self.arrays.transposed(a, (*others, axis))
-        self.b = self.arrays.transposed(b, (*others, axis))
+        order = (*others, axis)
+        self.a: Any = None  # A in B's layout, where A's own is not the one of its units as rows
+        if (axis, *others) == tuple(range(a.ndim)):
+            self.a_units = self.arrays.reshape(self.arrays.transposed(a, tuple(range(a.ndim))), (self.n, -1))
+        else:
+            self.a = self.arrays.transposed(a, order)
+            self.a_units = self.arrays.reshape(self.a, (-1, self.n)).T
+        self.first = int(a.shape[others[0]]) if others else 1  # units of the first dep
+        self.b = self.arrays.transposed(b, order)
         self.b_shape = tuple(int(s) for s in self.b.shape)
         self.deps = [(others.index(ax), q) for ax, q in deps]  # (axis of self.b, permutation name)
         self.seen: dict[str, np.ndarray] = {}
@@ -246,7 +256,7 @@ class Term:
                 continue
             # the first gather (whole rows) goes into a buffer kept per shape
             w = arrays.take(w, index, ax, self.scratch if k == 0 else None)
-        return arrays.reshape(self.a, (-1, self.n)).T @ arrays.reshape(w, (-1, self.n))
+        return self.a_units @ arrays.reshape(w, (-1, self.n))
 
     def refresh(self, perm: Mapping[str, np.ndarray]) -> bool:
         """Bring :attr:`value` up to date with ``perm``; return whether it changed."""
@@ -270,8 +280,12 @@ class Term:
         """``value + Σ_{k ∈ units} A[:, k] (B[new[k]] − B[old[k]])``: only the moved units (of the one dep)."""
         arrays = self.arrays
         diff = arrays.take(self.b, new[units], 0) - arrays.take(self.b, old[units], 0)
-        a_part = arrays.take(self.a, units, 0)
-        value = arrays.add_to(value, arrays.reshape(a_part, (-1, self.n)).T @ arrays.reshape(diff, (-1, self.n)))
+        if self.a is None:  # A as given: its rows' slices of the moved units
+            a_part = arrays.reshape(arrays.take(arrays.reshape(self.a_units, (self.n, self.first, -1)), units, 1),
+                                    (self.n, -1))
+        else:  # A in B's layout: the moved units' rows
+            a_part = arrays.reshape(arrays.take(self.a, units, 0), (-1, self.n)).T
+        value = arrays.add_to(value, a_part @ arrays.reshape(diff, (-1, self.n)))
         self.updates += 1
         return value
 
