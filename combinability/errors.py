@@ -24,6 +24,8 @@ __all__ = [
     "AlignmentError",
     "ConfigurationError",
     "TracingError",
+    "NotATransformerError",
+    "StackedLayersError",
     "OutputLockedError",
     "OutputExistsError",
     "OutputNotWritableError",
@@ -101,6 +103,17 @@ class ConfigurationError(CombinabilityError, ValueError):
 
 class TracingError(CombinabilityError, ValueError):
     """A user's model could not be traced into a layer table (pass ``spec=`` by hand)."""
+
+
+class NotATransformerError(TracingError):
+    """The transformer (stream) tracer met a network that is not a transformer: operations on a
+    convolution's maps beyond a patch embedding. A model that neither tracer follows is then
+    reported with the layer-table tracer's reason alone."""
+
+
+class StackedLayersError(TracingError):
+    """Layers stacked on a first axis and applied one a step by a scan (``nn.scan``, ``nnx.scan``):
+    neither tracer follows them, and this reason is given alone."""
 
 
 class OutputLockedError(CombinabilityError, OSError):

@@ -24,6 +24,8 @@ from combinability.errors import (
     IncompatibleModelsError,
     LayoutError,
     NonFiniteWeightsError,
+    NotATransformerError,
+    StackedLayersError,
     TracingError,
     UnknownNameError,
 )
@@ -114,6 +116,18 @@ def _float_state(state: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
     return {k: v for k, v in state.items() if np.issubdtype(np.asarray(v).dtype, np.floating)}
 
 
+def _reasons(table_exc: TracingError, stream_exc: TracingError) -> str:
+    """Why neither tracer follows a model: both reasons; one alone where it holds for either
+    tracer (layers stacked by a scan); the layer-table tracer's alone where the stream tracer's
+    says the model is no transformer (a CNN) or repeats it."""
+    stacked = next((e for e in (stream_exc, table_exc) if isinstance(e, StackedLayersError)), None)
+    if stacked is not None:
+        return str(stacked)
+    if isinstance(stream_exc, NotATransformerError) or str(stream_exc) == str(table_exc):
+        return str(table_exc)
+    return f"{table_exc}; traced as a transformer: {stream_exc}"
+
+
 def _warn_untraced(model: Any, why: str) -> None:
     """Warn that ``model`` could not be traced and is used with the spec given by hand."""
     import warnings
@@ -178,10 +192,11 @@ class ModelSet:
                 try:
                     derived, derived_folds = derive_symmetries(models[0], example_input, backend=be)
                 except TracingError as stream_exc:
+                    reason = _reasons(exc, stream_exc)
                     if spec is None:
-                        raise TracingError(f"{exc}; traced as a transformer: {stream_exc}") from None
+                        raise TracingError(reason) from None
                     # the spec given by hand stands, the models stay untraced
-                    _warn_untraced(models[0], f"{exc}; traced as a transformer: {stream_exc}")
+                    _warn_untraced(models[0], reason)
             if derived is not None:
                 for i, m in enumerate(models[1:], start=1):
                     other = be.symmetries(m, example_input)[0]

@@ -27,6 +27,7 @@ from combinability.errors import ConfigurationError, IncompatibleModelsError, Un
 from combinability.evaluation import cross_entropy
 from combinability.layers import LayerTable
 from combinability.layout import FlatLayout, check_names
+from combinability_jax.jaxpr_walk import logits_of
 from combinability_jax.models import FlaxModel, TableNet, flatten_variables, unflatten_variables
 from combinability_jax.nnx_bridge import from_nnx, is_nnx
 from combinability_jax.trace import taps as trace_taps
@@ -105,8 +106,8 @@ class _Program:
         # ``state``: the model's reference names (keys) and shapes (values)
         self.module, self.table, self.compute_dtype = model.module, model.table, compute_dtype
         self.user = model.table is not None and not isinstance(model.module, TableNet)
-        trains = isinstance(model.module, TableNet) or bool(train_kwargs(model.module, True))
-        self.kwargs = lambda train: {"train": train} if trains else {}
+        library = isinstance(model.module, TableNet)
+        self.kwargs = lambda train: {"train": train} if library else train_kwargs(model.module, train)
         self.names = model.table.flax_names() if model.table is not None else {k: k for k in state}
         self.entries = tuple((e.name, e.offset, e.stop, e.shape, jax.dtypes.canonicalize_dtype(e.dtype))
                              for e in layout.entries)
@@ -136,7 +137,7 @@ class _Program:
 
     def apply(self, flat: jax.Array, rest: dict[str, jax.Array], x: jax.Array) -> jax.Array:
         variables, x = self.lowered(self.variables(flat, rest), x)
-        return self.module.apply(variables, x, **self.kwargs(False)).astype(jnp.float32)
+        return logits_of(self.module.apply(variables, x, **self.kwargs(False))).astype(jnp.float32)
 
     def taps(self, flat: jax.Array, rest: dict[str, jax.Array], x: jax.Array, points: tuple[str, ...]) -> dict:
         variables, x = self.lowered(self.variables(flat, rest), x)
@@ -147,7 +148,8 @@ class _Program:
             taps: dict[str, Any] = dict.fromkeys(points)
             self.module.apply(variables, x, taps=taps)
             return taps
-        _, state = self.module.apply(variables, x, capture_intermediates=True, mutable=["intermediates"])
+        _, state = self.module.apply(variables, x, capture_intermediates=True, mutable=["intermediates"],
+                                     **self.kwargs(False))
         found = {k.removesuffix("/__call__"): v[0] for k, v in flatten_variables(state["intermediates"]).items()}
         missing = [p for p in points if p not in found]
         if missing:
@@ -163,7 +165,7 @@ class _Program:
         def value(p: jax.Array) -> tuple[jax.Array, Any]:
             logits, updates = self.module.apply(self.variables(p, rest), x, mutable=self.mutable, rngs=rngs,
                                                 **self.kwargs(True))
-            return loss(logits, y), flatten_variables(updates)
+            return loss(logits_of(logits), y), flatten_variables(updates)
 
         (val, updates), grad = jax.value_and_grad(value, has_aux=True)(flat)
         pieces = [updates[self.names[name]].reshape(-1).astype(flat.dtype) if self.names[name] in updates

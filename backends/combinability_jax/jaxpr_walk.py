@@ -17,14 +17,22 @@ import jax
 import numpy as np
 from jax.extend.core import Literal
 
+from combinability import model_outputs
 from combinability.data.base import integer_hint
-from combinability.errors import TracingError
+from combinability.errors import StackedLayersError, TracingError
 from combinability_jax.nnx_bridge import intercepting
 
-__all__ = ["JaxprWalker", "INLINE"]
+__all__ = ["JaxprWalker", "INLINE", "logits_of"]
 
 #: Call primitives whose body is walked as if written inline.
-INLINE = {"pjit", "jit", "closed_call", "core_call", "custom_jvp_call", "custom_vjp_call", "remat", "checkpoint"}
+INLINE = {"pjit", "jit", "closed_call", "core_call", "custom_jvp_call", "custom_vjp_call",
+          "remat", "remat2", "checkpoint"}  # remat2: nn.remat's (gradient checkpointing) in jax 0.4-0.11
+
+
+def logits_of(out: Any) -> Any:
+    """A flax model's logits (:func:`combinability.model_outputs.logits_of`): the model's output
+    itself, the first of a tuple, the ``"logits"`` of a dict or output object."""
+    return model_outputs.logits_of(out, lambda v: isinstance(v, jax.Array))
 
 
 class ScanStep:
@@ -65,7 +73,7 @@ class JaxprWalker:
         self.ops, self.shape, self.dtype, self.const = [], {}, {}, {}
         try:
             with nn.intercept_methods(intercept), intercepting(intercept):
-                closed = jax.make_jaxpr(lambda v, a: module.apply(v, a, **train_kwargs))(variables, x)
+                closed = jax.make_jaxpr(lambda v, a: logits_of(module.apply(v, a, **train_kwargs)))(variables, x)
         except TracingError:
             raise
         except Exception as exc:
@@ -116,6 +124,13 @@ class JaxprWalker:
         """A ``scan`` (a recurrent layer's loop): its body walked once, between :class:`ScanStep` operations."""
         p = eqn.params
         body, consts, carries = p["jaxpr"], p["num_consts"], p["num_carry"]
+        stacked = sorted({self.src[i] for i in ins[consts + carries:] if i in self.src})
+        if stacked:  # a step's slice of a parameter: layers stacked on a first axis, one applied per step
+            raise StackedLayersError(f"{self.name} applies layers stacked by a scan (nn.scan, nnx.scan): the "
+                                     f"parameters {stacked[:4]}{' ...' if len(stacked) > 4 else ''} are sliced, "
+                                     "one layer a step; the tracers follow layers one by one: unroll them into a "
+                                     "loop over blocks (each block its own parameters), or pass spec= (a "
+                                     "combinability.PermutationSpec) by hand")
         carry_in, sliced = [], []
         for i in ins[consts:consts + carries]:
             carry_in.append(self._new(self.shape[i]))

@@ -41,9 +41,18 @@ _FOLLOWS = ("it follows nn.Dense, 1-d to 3-d nn.Conv and nn.ConvTranspose, nn.Ba
             "means over the spatial axes and reshapes to (n, -1)")
 
 
+#: Arguments of a ``__call__`` that set a flax model's mode, and each one's value in training
+#: (``train=True``, flax's examples; ``deterministic=False``, dropout's flag in Hugging Face and
+#: lm1b models; ``use_running_average=False``, BatchNorm's flag passed through).
+TRAIN_FLAGS = {"train": True, "training": True, "is_training": True, "deterministic": False,
+               "use_running_average": False}
+
+
 def train_kwargs(module: nn.Module, train: bool) -> dict[str, bool]:
-    """``{"train": train}`` when the module's ``__call__`` takes ``train``, else ``{}``."""
-    return {"train": train} if "train" in inspect.signature(type(module).__call__).parameters else {}
+    """The mode flags of :data:`TRAIN_FLAGS` that the module's ``__call__`` takes, set for
+    training (``train=True``) or inference; ``{}`` for a model that takes none."""
+    params = inspect.signature(type(module).__call__).parameters
+    return {name: train == in_training for name, in_training in TRAIN_FLAGS.items() if name in params}
 
 
 def _bind(prim: Any, params: dict, args: list) -> list:

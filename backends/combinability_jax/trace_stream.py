@@ -489,7 +489,8 @@ def stream_symmetries(module: nn.Module, variables: Any, x: Any) -> tuple[Permut
     Parameters
     ----------
     module : flax.linen.Module
-        The user's module (inference mode: ``train=False`` when ``__call__`` takes ``train``).
+        The user's module, in inference mode (the flags of
+        :data:`~combinability_jax.trace.TRAIN_FLAGS` that its ``__call__`` takes).
     variables : mapping
         Its variables; parameters are named as the jax backend's ``state`` names them
         (``"params/blocks_0/attn/q/kernel"``), axes in flax order (a Dense kernel is ``(in, out)``).

@@ -10,13 +10,13 @@ A node the table cannot express raises :class:`~combinability.errors.TracingErro
 from __future__ import annotations
 
 import operator
-from collections.abc import Mapping
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
+from combinability import model_outputs
 from combinability.data.base import integer_hint
 from combinability.errors import ConfigurationError, TracingError
 from combinability.layers import ACTIVATIONS, LayerTable, Node
@@ -516,15 +516,9 @@ def tensor_aliases(model: nn.Module) -> dict[str, str]:
 
 
 def logits_of(out: Any) -> Any:
-    """A model's logits: ``out`` itself, the ``logits`` of an output object (a Hugging Face
-    ``ModelOutput``, a dict) that also carries caches and hidden states, or the first item of a
-    tuple (nanoGPT's ``(logits, loss)``, a Hugging Face model's ``return_dict=False`` output)."""
-    if isinstance(out, torch.Tensor):
-        return out
-    if isinstance(out, tuple | list) and out and isinstance(out[0], torch.Tensor | fx.Node | fx.Proxy):
-        return out[0]
-    logits = out.get("logits") if isinstance(out, Mapping) else getattr(out, "logits", None)
-    return out if logits is None else logits
+    """A torch model's logits (:func:`combinability.model_outputs.logits_of`); an fx graph's
+    output nodes are read the same way."""
+    return model_outputs.logits_of(out, lambda v: isinstance(v, torch.Tensor | fx.Node | fx.Proxy))
 
 
 #: Modules whose output holds its channels on axis 1 (a map ``(n, c, *positions)``).

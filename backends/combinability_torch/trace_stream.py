@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from combinability.errors import TracingError
+from combinability.errors import NotATransformerError, TracingError
 from combinability.feature_spaces import (
     FIXED,
     Experts,
@@ -154,9 +154,10 @@ def stream_symmetries(model: nn.Module, example_input: torch.Tensor) -> tuple[Pe
             src = space.get(n.args[0].name) if n.args and isinstance(n.args[0], fx.Node) else None
             if n.args and isinstance(n.args[0], fx.Node) and n.args[0].name in channels_first and \
                     not isinstance(m, _PASS_MODULES):
-                raise TracingError(f"{where}: a {type(m).__name__} on a convolution's channels-first output; the "
-                                   f"stream tracer follows a patch embedding's channels through flatten(2) and "
-                                   f"transpose(1, 2) into the tokens' features{_hint(model)}")
+                raise NotATransformerError(f"{where}: a {type(m).__name__} on a convolution's channels-first "
+                                           f"output; the stream tracer follows a patch embedding's channels "
+                                           f"through flatten(2) and transpose(1, 2) into the tokens' features"
+                                           f"{_hint(model)}")
             if isinstance(m, nn.Conv1d | nn.Conv2d | nn.Conv3d):
                 if src != FIXED or m.groups != 1 or m.padding_mode != "zeros":
                     raise TracingError(f"{where}: the stream tracer follows a convolution only on the model's input "
@@ -755,9 +756,9 @@ def _channels_first_op(n: fx.Node, channels_first: dict[str, int], space: dict[s
     if moved_last:
         space[n.name] = s
         return
-    raise TracingError(f"{where}: an operation on a convolution's channels-first output; the stream tracer follows "
-                       f"a patch embedding's channels through flatten(2) and transpose(1, 2) (or permute(0, 2, 3, 1)) "
-                       f"into the tokens' features{_hint(model)}")
+    raise NotATransformerError(f"{where}: an operation on a convolution's channels-first output; the stream tracer "
+                               f"follows a patch embedding's channels through flatten(2) and transpose(1, 2) (or "
+                               f"permute(0, 2, 3, 1)) into the tokens' features{_hint(model)}")
 
 
 def _readers(gm: fx.GraphModule, node: fx.Node) -> tuple[Reader, ...] | None:
