@@ -149,6 +149,12 @@ def derive_symmetries(model: Any, example_input: Any, *, backend: str | Backend 
     spec, folds = be.symmetries(model, example_input)
     state = be.state(model)
     floats = {k: v for k, v in state.items() if np.issubdtype(v.dtype, np.floating)}
+    try:
+        spec.perm_sizes(floats)
+    except PermutationSpecError as exc:  # a packing of features read one way by one layer, another by the next
+        raise TracingError(f"the symmetries derived for {type(model).__name__} do not fit its parameters ({exc}): "
+                           "features packed in a way the stream tracer does not follow; pass spec= by hand"
+                           ) from None
     folded = fold_norms(floats, folds)
     x = be.asarray(example_input, input_dtype(example_input))
     logits = _logits_of(be, model, floats, x)

@@ -30,7 +30,7 @@ NORMS = ("layernorm", "batchnorm", "groupnorm")
 PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
 #: Element-wise activations an ``"act"`` node may name (torch.nn.functional / jax.nn names).
 ACTIVATIONS = ("relu", "gelu", "tanh", "sigmoid", "silu", "elu", "leaky_relu", "softplus", "relu6", "hardtanh",
-               "hardswish", "hardsigmoid")
+               "hardswish", "hardsigmoid", "mish", "selu", "celu", "softsign", "tanhshrink", "logsigmoid")
 
 
 @dataclass(frozen=True)

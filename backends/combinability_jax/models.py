@@ -36,7 +36,8 @@ unflatten_variables = partial(unflatten_dict, sep="/")
 
 #: Activations whose ``jax.nn`` function is missing or has other defaults than torch's.
 _ACTIVATIONS = {"gelu": partial(jax.nn.gelu, approximate=False), "tanh": jnp.tanh, "hardtanh": jax.nn.hard_tanh,
-                "hardswish": jax.nn.hard_swish, "hardsigmoid": jax.nn.hard_sigmoid}
+                "hardswish": jax.nn.hard_swish, "hardsigmoid": jax.nn.hard_sigmoid, "softsign": jax.nn.soft_sign,
+                "logsigmoid": jax.nn.log_sigmoid, "tanhshrink": lambda x: x - jnp.tanh(x)}
 
 
 def _adaptive_pool(size: int, out: int) -> np.ndarray:

@@ -34,7 +34,9 @@ _ELEMENTWISE = {"add", "add_any", "sub", "mul", "div", "neg", "max", "min", "exp
 _FUNCTIONS = (("relu", jax.nn.relu), ("gelu", partial(jax.nn.gelu, approximate=False)), ("gelu", jax.nn.gelu),
               ("tanh", jnp.tanh), ("sigmoid", jax.nn.sigmoid), ("silu", jax.nn.silu), ("elu", jax.nn.elu),
               ("leaky_relu", jax.nn.leaky_relu), ("softplus", jax.nn.softplus), ("relu6", jax.nn.relu6),
-              ("hardtanh", jax.nn.hard_tanh), ("hardswish", jax.nn.hard_swish), ("hardsigmoid", jax.nn.hard_sigmoid))
+              ("hardtanh", jax.nn.hard_tanh), ("hardswish", jax.nn.hard_swish), ("hardsigmoid", jax.nn.hard_sigmoid),
+              ("mish", jax.nn.mish), ("selu", jax.nn.selu), ("celu", jax.nn.celu), ("softsign", jax.nn.soft_sign),
+              ("tanhshrink", lambda x: x - jnp.tanh(x)), ("logsigmoid", jax.nn.log_sigmoid))
 _FOLLOWS = ("it follows nn.Dense, 1-d to 3-d nn.Conv and nn.ConvTranspose, nn.BatchNorm, nn.LayerNorm, "
             "nn.GroupNorm, nn.InstanceNorm, element-wise activations, "
             "sums and products of two branches, concatenations of channels (the last axis), nn.avg_pool/nn.max_pool, "

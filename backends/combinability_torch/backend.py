@@ -222,12 +222,14 @@ class TorchPrepared:
 
             try:  # a traced user module taps any node's output; an untraceable one, its submodules'
                 gm = trace(self.model)
-                self.model = TapRunner(gm).eval()
+                self.model = TapRunner(gm, self.model).eval()
                 self.classes_second = classes_second(gm)
             except TracingError:
                 pass
-        # tied tensors are passed under their first name; functional_call ties the aliases to it
-        self.rest = {k: v for k, v in _state_tensors(self.model).items() if k not in layout}
+        # tied tensors are passed under one name (the layout's); functional_call ties the aliases to it
+        first = tensor_aliases(_torch_module(self.model))
+        tied_in_layout = {first.get(e.name, e.name) for e in layout.entries}
+        self.rest = {k: v for k, v in _state_tensors(self.model).items() if k not in tied_in_layout}
         self.buffers = {name for name, _ in self.model.named_buffers()}
         self._compiled_calls: dict[bool, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {}
         self._sizes = tuple(int(size) for size in layout.sizes)

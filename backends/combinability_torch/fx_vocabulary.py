@@ -75,9 +75,10 @@ def _ndim(n: Any) -> int | None:
     return len(meta.shape) if meta is not None and hasattr(meta, "shape") else None
 
 
-def _dim_is_last(n: fx.Node, position: int) -> bool:
-    """Whether the ``dim`` argument (keyword, or positional at ``position``) is the last axis."""
-    dim = n.kwargs.get("dim", n.args[position] if len(n.args) > position else None)
+def _dim_is_last(n: fx.Node, position: int, default: int | None = None) -> bool:
+    """Whether the ``dim`` argument (keyword, or positional at ``position``; ``default`` where the
+    call omits it, as ``topk``'s last axis) is the last axis."""
+    dim = n.kwargs.get("dim", n.args[position] if len(n.args) > position else default)
     return dim == -1 or (dim is not None and dim == (_ndim(n.args[0]) or 0) - 1)
 
 

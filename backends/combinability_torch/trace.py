@@ -25,7 +25,9 @@ __all__ = ["describe", "reads_shape", "TapRunner", "table_names", "tensor_aliase
 
 _ACT_MODULES = {nn.ReLU: "relu", nn.GELU: "gelu", nn.Tanh: "tanh", nn.Sigmoid: "sigmoid", nn.SiLU: "silu",
                 nn.ELU: "elu", nn.LeakyReLU: "leaky_relu", nn.Softplus: "softplus", nn.ReLU6: "relu6",
-                nn.Hardtanh: "hardtanh", nn.Hardswish: "hardswish", nn.Hardsigmoid: "hardsigmoid"}
+                nn.Hardtanh: "hardtanh", nn.Hardswish: "hardswish", nn.Hardsigmoid: "hardsigmoid", nn.Mish: "mish",
+                nn.SELU: "selu", nn.CELU: "celu", nn.Softsign: "softsign", nn.Tanhshrink: "tanhshrink",
+                nn.LogSigmoid: "logsigmoid"}
 _KEEP_MODULES = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Identity)
 _ACT_FUNCTIONS = {getattr(F, n): n for n in ACTIVATIONS} | {torch.relu: "relu", torch.tanh: "tanh",
                                                               torch.sigmoid: "sigmoid"}
@@ -696,6 +698,28 @@ def describe(model: nn.Module, example_input: torch.Tensor) -> tuple[LayerTable,
 UNITS_LAST_MODULES = (nn.Linear, nn.Embedding, nn.EmbeddingBag, nn.RNNBase)
 
 
+def _hold_uncalled(gm: fx.GraphModule, model: nn.Module) -> None:
+    """Give ``gm`` every parameter and buffer of ``model`` under its state name.
+
+    torch.fx keeps only what ``forward`` reads; a model's state also holds what it never calls
+    (an unused pooler, T5's position bias where it is switched off), which the layout names.
+    """
+    named = [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]
+    for name, tensor in named:
+        path, _, leaf = name.rpartition(".")
+        try:
+            owner = gm.get_submodule(path)
+        except AttributeError:  # a submodule never called: held as it is
+            gm.add_submodule(path, model.get_submodule(path))
+            continue
+        if leaf in owner._parameters or leaf in owner._buffers:
+            continue
+        if isinstance(tensor, nn.Parameter):
+            owner.register_parameter(leaf, tensor)
+        else:
+            owner.register_buffer(leaf, tensor)
+
+
 class TapRunner(nn.Module):
     """Runs a traced module and records the outputs of chosen nodes (the feature taps of a user model).
 
@@ -703,8 +727,10 @@ class TapRunner(nn.Module):
     :func:`torch.func.functional_call` on it substitutes the traced module's weights.
     """
 
-    def __init__(self, gm: fx.GraphModule) -> None:
+    def __init__(self, gm: fx.GraphModule, model: nn.Module | None = None) -> None:
         super().__init__()
+        if model is not None:
+            _hold_uncalled(gm, model)
         self.__dict__["gm"] = gm
         self._modules = gm._modules
         self._parameters = gm._parameters

@@ -176,9 +176,11 @@ def _attention_parts(n: fx.Node, args: list[fx.Node], spaces: list[Any], sp: Fea
     scored = n.args[1] if target is torch.where and len(n.args) == 3 else first  # where(mask, scores, fill)
     refolded = target in ("view", "reshape") and isinstance(scored, fx.Node) and _shape_of(n) is not None and \
         _shape_of(scored) is not None and _shape_of(n)[-2:] == _shape_of(scored)[-2:]  # type: ignore[index]
+    # a cast to another tensor's type (``softmax(s.float()).type_as(q)``, Meta's llama) reads only its dtype
+    operands = [scored] if target in ("type_as", "to") and scored is first else args
     if isinstance(scored, fx.Node) and scored.name in att.scores and (
             target in _ON_SCORES or refolded or _max_values(n) or _drops_last_keys(n)) and \
-            not any(a.name in headed or a.name in att.keys for a in args):
+            not any(a.name in headed or a.name in att.keys for a in operands):
         att.scores[n.name] = att.scores[scored.name]
         if scored.name in att.grouped:
             att.grouped[n.name] = att.grouped[scored.name]

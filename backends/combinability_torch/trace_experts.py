@@ -65,7 +65,7 @@ class Routing:
     def route(self, n: fx.Node, gate: int, sp: FeatureSpaces) -> bool:
         """Record ``n`` if it routes by the gate space ``gate`` (top-k, max or argmax over its last axis)."""
         target = n.target
-        if target in ("topk", torch.topk) and _dim_is_last(n, 2) or target in ("max", torch.max) and (
+        if target in ("topk", torch.topk) and _dim_is_last(n, 2, default=-1) or target in ("max", torch.max) and (
                 len(n.args) > 1 or "dim" in n.kwargs) and _dim_is_last(n, 1):
             self.tuples[n.name] = gate
         elif target in ("argmax", torch.argmax) and _dim_is_last(n, 1):
@@ -431,7 +431,7 @@ class RouterGroups:
         if target in ("view", "reshape", torch.reshape) and first.name not in self.per_group and shape and src and \
                 len(shape) == len(src) + 1 and shape[:-2] == src[:-1] and shape[-2] * shape[-1] == src[-1] and \
                 space.get(first.name) not in (None, FIXED) and not sp.is_fixed(space[first.name]) and n.users and \
-                all(u.target in _TOPK and _dim_is_last(u, 2) for u in n.users):
+                all(u.target in _TOPK and _dim_is_last(u, 2, default=-1) for u in n.users):
             gate, groups, size = space[first.name], shape[-2], shape[-1]
             stem = sp.opener[sp.find(gate)]
             order = sp.new(f"{stem}.groups", groups, name=f"{sp.name(gate)}.groups") if groups > 1 else \

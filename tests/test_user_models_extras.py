@@ -1,0 +1,260 @@
+"""Users' torch models as popular codebases write them: activations beyond ReLU (Mish, SELU, CELU,
+Softsign, Tanhshrink, LogSigmoid), submodules ``forward`` never calls, a tied head registered before
+its embedding, routers by ``topk`` with no ``dim``, attention probabilities cast with ``type_as``,
+and refusals that name their cause.
+
+References: plain numpy activations run through layer tables on both backends, outputs of the
+user's own module, and permutations planted by hand that alignment must undo.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import combinability as cb
+from combinability.errors import TracingError
+from combinability.layers import ACTIVATIONS, LayerTable, Node
+from tests.model_checks import table_logits
+
+torch = pytest.importorskip("torch")
+nn, F = torch.nn, torch.nn.functional
+
+
+def _softplus(x):
+    return np.logaddexp(0.0, x)
+
+
+def _erf(x):
+    from scipy.special import erf
+
+    return erf(x)
+
+
+#: Each activation in plain numpy, torch's defaults.
+NUMPY = {
+    "relu": lambda x: np.maximum(x, 0), "gelu": lambda x: 0.5 * x * (1 + _erf(x / np.sqrt(2))), "tanh": np.tanh,
+    "sigmoid": lambda x: 1 / (1 + np.exp(-x)), "silu": lambda x: x / (1 + np.exp(-x)),
+    "elu": lambda x: np.where(x > 0, x, np.expm1(np.minimum(x, 0))),
+    "leaky_relu": lambda x: np.where(x > 0, x, 0.01 * x),
+    "softplus": _softplus, "relu6": lambda x: np.clip(x, 0, 6), "hardtanh": lambda x: np.clip(x, -1, 1),
+    "hardswish": lambda x: x * np.clip(x + 3, 0, 6) / 6, "hardsigmoid": lambda x: np.clip(x + 3, 0, 6) / 6,
+    "mish": lambda x: x * np.tanh(_softplus(x)),
+    "selu": lambda x: 1.0507009873554805 * np.where(x > 0, x, 1.6732632423543772 * np.expm1(np.minimum(x, 0))),
+    "celu": lambda x: np.where(x > 0, x, np.expm1(np.minimum(x, 0))), "softsign": lambda x: x / (1 + np.abs(x)),
+    "tanhshrink": lambda x: x - np.tanh(x), "logsigmoid": lambda x: -_softplus(-x),
+}
+
+
+def test_every_activation_has_a_numpy_reference():
+    assert set(NUMPY) == set(ACTIVATIONS)
+
+
+@pytest.mark.parametrize("backend", ["torch", "jax"])
+@pytest.mark.parametrize("fn", ["mish", "selu", "celu", "softsign", "tanhshrink", "logsigmoid"])
+def test_table_activations_match_numpy_on_both_backends(backend, fn):
+    pytest.importorskip(backend)
+    table = LayerTable("act", (5,), 3, (Node("fc1", "dense", units=7), Node("a", "act", fn=fn),
+                                       Node("fc2", "dense", units=3)))
+    rng = np.random.default_rng(0)
+    p = {k: rng.normal(0, 1.5, shape).astype(np.float32) for k, (shape, _) in table.parameters().items()}
+    x = rng.normal(size=(4, 5)).astype(np.float32)
+    want = NUMPY[fn](x.astype(np.float64) @ p["fc1.weight"].T + p["fc1.bias"]) @ p["fc2.weight"].T + p["fc2.bias"]
+    np.testing.assert_allclose(table_logits(backend, table, p, x), want, rtol=1e-4, atol=1e-4)
+
+
+class ActNet(nn.Module):
+    """A residual CNN with the activation ``act`` as a module and as a function."""
+
+    def __init__(self, act: type[nn.Module]) -> None:
+        super().__init__()
+        self.c1, self.c2, self.fc = nn.Conv2d(2, 6, 3, padding=1), nn.Conv2d(6, 6, 3, padding=1), nn.Linear(6, 4)
+        self.act = act()
+
+    def forward(self, x):
+        h = self.act(self.c1(x))
+        h = h + self.act(self.c2(h))
+        return self.fc(h.mean((2, 3)))
+
+
+@pytest.mark.parametrize("act", [nn.Mish, nn.SELU, nn.CELU, nn.Softsign, nn.Tanhshrink, nn.LogSigmoid])
+def test_a_cnn_with_any_listed_activation_module_is_traced_and_a_planted_permutation_undone(act):
+    torch.manual_seed(0)
+    a = ActNet(act).eval()
+    x = torch.randn(5, 2, 6, 6)
+    planted = ActNet(act).eval()
+    planted.load_state_dict(a.state_dict())
+    perm = torch.randperm(6)
+    with torch.no_grad():  # the stream's channels moved by hand: c1's rows, c2's rows and columns, fc's columns
+        planted.c1.weight.copy_(a.c1.weight[perm]), planted.c1.bias.copy_(a.c1.bias[perm])
+        planted.c2.weight.copy_(a.c2.weight[perm][:, perm]), planted.c2.bias.copy_(a.c2.bias[perm])
+        planted.fc.weight.copy_(a.fc.weight[:, perm])
+    torch.testing.assert_close(planted(x), a(x), rtol=1e-5, atol=1e-5)
+    pair = cb.ModelPair(a, planted, example_input=x).align("weight", seed=0)
+    np.testing.assert_allclose(pair.theta_b, pair.theta_a, atol=1e-6)
+
+
+class Unused(nn.Module):
+    """An MLP that holds a layer (a pooler, a disabled position bias) ``forward`` never calls."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.fc2, self.unused = nn.Linear(4, 16), nn.Linear(16, 3), nn.Linear(8, 8)
+
+    def forward(self, x):
+        return self.fc2(torch.relu(self.fc1(x)))
+
+
+def test_a_submodule_never_called_is_carried_and_the_pair_evaluates_like_the_module():
+    torch.manual_seed(1)
+    a, b = Unused().eval(), Unused().eval()
+    x, y = torch.randn(32, 4), torch.arange(32) % 3
+    pair = cb.ModelPair(a, b, example_input=x[:4]).align("weight")
+    assert "unused.weight" in {e.name for e in pair.layout.entries}
+    result = cb.sweep(pair, cb.Linear(), data=(x.numpy(), y.numpy()), values=[0.0, 1.0], splits=["test"])
+    loss = result["loss"].sel(split="test").squeeze().values
+    with torch.no_grad():
+        assert loss[0] == pytest.approx(float(F.cross_entropy(a(x), y)), rel=1e-5)
+        assert loss[-1] == pytest.approx(float(F.cross_entropy(b(x), y)), rel=1e-5)
+
+
+class HeadFirstLM(nn.Module):
+    """A tied LM head written before its embedding (``self.embed.weight = self.lm_head.weight``)."""
+
+    def __init__(self, vocab: int = 20, d: int = 16) -> None:
+        super().__init__()
+        self.lm_head = nn.Linear(d, vocab, bias=False)
+        self.embed = nn.Embedding(vocab, d)
+        self.embed.weight = self.lm_head.weight
+        self.fc1, self.fc2 = nn.Linear(d, 32), nn.Linear(32, d)
+
+    def forward(self, ids):
+        h = self.embed(ids)
+        return self.lm_head(h + self.fc2(torch.relu(self.fc1(h))))
+
+
+def test_a_head_tied_before_its_embedding_stays_tied_and_evaluates_like_the_module():
+    torch.manual_seed(2)
+    a, b = HeadFirstLM().eval(), HeadFirstLM().eval()
+    ids = torch.randint(0, 20, (6, 5))
+    pair = cb.ModelPair(a, b, example_input=ids[:2])
+    names = {e.name for e in pair.layout.entries}
+    assert len(names & {"embed.weight", "lm_head.weight"}) == 1  # one tensor, once
+    be = cb.get_backend("torch")
+    logits = be.to_numpy(cb.evaluation.Evaluator(be, pair.model_a, pair.layout).logits(
+        [pair.theta_a], be.asarray(ids.numpy())))
+    np.testing.assert_allclose(logits[0], a(ids).detach().numpy().reshape(-1, 20), rtol=1e-5, atol=1e-5)
+
+
+class TopkMoE(nn.Module):
+    """mistral-src's router: ``torch.topk(logits, k)`` with no ``dim`` (the last axis), softmax over the chosen."""
+
+    def __init__(self, d: int = 8, experts: int = 4, hidden: int = 12) -> None:
+        super().__init__()
+        self.embed, self.gate = nn.Embedding(16, d), nn.Linear(d, experts, bias=False)
+        self.experts = nn.ModuleList(nn.Sequential(nn.Linear(d, hidden), nn.ReLU(), nn.Linear(hidden, d))
+                                     for _ in range(experts))
+        self.head = nn.Linear(d, 16)
+
+    def forward(self, ids):
+        h = self.embed(ids)
+        flat = h.reshape(-1, h.shape[-1])
+        weights, chosen = torch.topk(self.gate(flat), 2)
+        weights = F.softmax(weights, dim=-1)
+        out = torch.zeros_like(flat)
+        for e, expert in enumerate(self.experts):
+            rows, slot = torch.where(chosen == e)
+            out[rows] += weights[rows, slot, None] * expert(flat[rows])
+        return self.head(h + out.reshape(h.shape))
+
+
+def test_a_router_by_topk_without_dim_moves_experts_with_the_router_rows():
+    torch.manual_seed(3)
+    a = TopkMoE().eval()
+    ids = torch.randint(0, 16, (4, 12))
+    spec, _ = cb.derive_symmetries(a, ids)
+    planted = TopkMoE().eval()
+    planted.load_state_dict(a.state_dict())
+    order = [2, 0, 3, 1]
+    with torch.no_grad():  # the experts reordered by hand, with the router's rows
+        planted.gate.weight.copy_(a.gate.weight[order])
+        for i, e in enumerate(order):
+            planted.experts[i].load_state_dict(a.experts[e].state_dict())
+    torch.testing.assert_close(planted(ids), a(ids), rtol=1e-5, atol=1e-5)
+    assert any("gate.weight" in {n for n, _ in axes} for axes in spec.perm_to_axes.values())
+    pair = cb.ModelPair(a, planted, example_input=ids).align("weight", seed=0)
+    np.testing.assert_allclose(pair.theta_b, pair.theta_a, atol=1e-6)
+
+
+class LlamaAttention(nn.Module):
+    """Meta's llama spelling of the probabilities: ``F.softmax(scores.float(), dim=-1).type_as(q)``."""
+
+    def __init__(self, d: int = 16, heads: int = 2) -> None:
+        super().__init__()
+        self.h, self.dh = heads, d // heads
+        self.embed, self.q, self.k, self.v, self.o = nn.Embedding(12, d), *(nn.Linear(d, d) for _ in range(4))
+        self.head = nn.Linear(d, 12)
+
+    def forward(self, ids):
+        x = self.embed(ids)
+        b, t, _ = x.shape
+        q, k, v = (lin(x).view(b, t, self.h, self.dh).transpose(1, 2) for lin in (self.q, self.k, self.v))
+        p = F.softmax((q @ k.transpose(-2, -1) / self.dh ** 0.5).float(), dim=-1).type_as(q)
+        return self.head(x + self.o((p @ v).transpose(1, 2).reshape(b, t, -1)))
+
+
+def test_attention_probabilities_cast_with_type_as_are_traced_and_heads_recovered():
+    torch.manual_seed(4)
+    a = LlamaAttention().eval()
+    ids = torch.randint(0, 12, (3, 5))
+    planted = LlamaAttention().eval()
+    planted.load_state_dict(a.state_dict())
+    heads = torch.arange(16).view(2, 8).flip(0).reshape(-1)  # the two heads swapped
+    with torch.no_grad():
+        for lin in ("q", "k", "v"):
+            getattr(planted, lin).weight.copy_(getattr(a, lin).weight[heads])
+            getattr(planted, lin).bias.copy_(getattr(a, lin).bias[heads])
+        planted.o.weight.copy_(a.o.weight[:, heads])
+    torch.testing.assert_close(planted(ids), a(ids), rtol=1e-5, atol=1e-5)
+    pair = cb.ModelPair(a, planted, example_input=ids).align("weight", seed=0)
+    np.testing.assert_allclose(pair.theta_b, pair.theta_a, atol=1e-6)
+
+
+class PaddedUNetUp(nn.Module):
+    """A CNN whose refusal is the layer-table tracer's alone (not the transformer tracer's as well)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c, self.fc = nn.Conv2d(2, 4, 3), nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.fc(torch.cumsum(self.c(x), dim=1).mean((2, 3)))
+
+
+def test_a_cnn_refusal_gives_the_layer_table_reason_only():
+    with pytest.raises(TracingError, match=r"node 'cumsum'.*cannot follow") as info:
+        cb.ModelPair(PaddedUNetUp(), PaddedUNetUp(), example_input=torch.randn(2, 2, 6, 6))
+    assert "traced as a transformer" not in str(info.value)
+
+
+class PackedKeyValue(nn.Module):
+    """Keys and values packed per head in one layer, the query in its own: not followed, said as a TracingError."""
+
+    def __init__(self, d: int = 16, heads: int = 2) -> None:
+        super().__init__()
+        self.h, self.dh = heads, d // heads
+        self.embed, self.q, self.kv = nn.Embedding(10, d), nn.Linear(d, d), nn.Linear(d, 2 * d)
+        self.o, self.head = nn.Linear(d, d), nn.Linear(d, 10)
+
+    def forward(self, ids):
+        x = self.embed(ids)
+        b, t, _ = x.shape
+        q = self.q(x).view(b, t, self.h, self.dh).transpose(1, 2)
+        k, v = self.kv(x).view(b, t, self.h, 2 * self.dh).transpose(1, 2).chunk(2, dim=-1)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.head(x + self.o(y.transpose(1, 2).reshape(b, t, -1)))
+
+
+def test_features_packed_in_a_way_not_followed_are_a_tracing_error():
+    with pytest.raises(TracingError, match=r"do not fit its parameters.*pass spec= by hand"):
+        cb.derive_symmetries(PackedKeyValue(), torch.randint(0, 10, (2, 6)))
