@@ -22,10 +22,10 @@ __all__ = ["Node", "ConvGeometry", "OPS", "NORMS", "ACTIVATIONS"]
 
 #: The operations a node may perform.
 OPS = ("dense", "conv", "conv_transpose", "norm", "relu", "act", "prelu", "scale", "gate", "identity", "flatten",
-       "avgpool", "maxpool", "upsample", "add", "concat", "mul")
+       "avgpool", "maxpool", "upsample", "add", "concat", "mul", "pad")
 #: Kinds of normalisation: LayerNorm over the channel axis (at every position), BatchNorm, GroupNorm.
 NORMS = ("layernorm", "batchnorm", "groupnorm")
-#: How a conv node fills its padding: zeros, or the input mirrored without its edge (``reflect``),
+#: How a conv or pad node fills its padding: zeros, or the input mirrored without its edge (``reflect``),
 #: its edge repeated (``replicate``) or wrapped around (``circular``), as torch's ``padding_mode``.
 PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
 #: Element-wise activations an ``"act"`` node may name (torch.nn.functional / jax.nn names).
@@ -64,6 +64,9 @@ class Node:
         :data:`~combinability.upsampling.UPSAMPLE_MODES`, ``align_corners`` for ``"linear"``;
         torch's ``F.interpolate``, :func:`~combinability.upsampling.resize_weights`), keeping
         its input's channels;
+        ``"pad"`` pads each spatial axis of a map by ``padding`` positions, ``(before, after)``
+        per axis, filled as ``padding_mode`` says (torch's ``F.pad``, ``nn.ZeroPad2d``,
+        ``nn.ReflectionPad2d``; flax's ``jnp.pad`` with zeros): each channel from itself alone;
         ``"gate"`` is the σ-Asymmetric FiGLU ``x * sigmoid(G x)``, ``G`` a frozen random
         ``(c, c)`` matrix applied over the channels at every position
         (:meth:`LayerTable.gate_matrix`); ``"identity"`` passes its input on.
@@ -188,9 +191,14 @@ class Node:
         if self.align_corners and self.op != "upsample":
             raise ConfigurationError(f"node {self.name!r}: align_corners belongs to an upsample node, not a "
                                      f"{self.op!r} node")
-        if self.padding_mode not in PADDING_MODES or (self.padding_mode != "zeros" and self.op != "conv"):
-            raise ConfigurationError(f"node {self.name!r}: padding_mode is a conv node's, one of "
+        if self.padding_mode not in PADDING_MODES or (self.padding_mode != "zeros" and self.op not in ("conv", "pad")):
+            raise ConfigurationError(f"node {self.name!r}: padding_mode is a conv or pad node's, one of "
                                      f"{', '.join(PADDING_MODES)}; got {self.padding_mode!r} on a {self.op!r} node")
+        if self.op == "pad":
+            self.paddings(self.spatial_dims or 2)  # validates the widths
+            if any(v != 1 for v in (self.kernel, self.stride, self.dilation)):
+                raise ConfigurationError(f"node {self.name!r}: a pad node takes padding (and padding_mode) only, got "
+                                         f"kernel={self.kernel!r}, stride={self.stride!r}, dilation={self.dilation!r}")
         if self.op == "conv":
             self.conv_geometry()  # validates kernel, stride, padding and dilation
             if isinstance(self.groups, bool) or not isinstance(self.groups, int | np.integer) or self.groups < 1 \
@@ -198,7 +206,8 @@ class Node:
                 raise ConfigurationError(f"node {self.name!r}: a conv node's groups must be an int >= 1 dividing "
                                          f"its {self.units} units, got {self.groups!r}")
         elif self.op != "conv_transpose" and (
-                any(isinstance(v, tuple) for v in (self.kernel, self.stride, self.padding)) or self.dilation != 1):
+                any(isinstance(v, tuple) for v in (self.kernel, self.stride)) or self.dilation != 1
+                or (isinstance(self.padding, tuple) and self.op != "pad")):
             raise ConfigurationError(f"node {self.name!r}: only a conv node takes (height, width) pairs or a "
                                      f"dilation; a {self.op!r} node takes ints")
         if self.output_size is not None and (self.op not in ("avgpool", "upsample") or self.keepdims or not (
@@ -255,12 +264,22 @@ class Node:
         kernel, stride, dilation = (_per_axis(v, what, where, low, ndim) for v, what, low in
                                     ((self.kernel, "kernel", 1), (self.stride, "stride", 1),
                                      (self.dilation, "dilation", 1)))
-        pad = self.padding
+        return ConvGeometry(kernel, stride, self.paddings(ndim), dilation)
+
+    def paddings(self, ndim: int) -> tuple[tuple[int, int], ...]:
+        """A conv or pad node's ``padding`` as one ``(before, after)`` pair per each of ``ndim`` spatial axes.
+
+        Examples
+        --------
+        >>> Node("p", "pad", padding=((0, 1), (2, 2))).paddings(2)
+        ((0, 1), (2, 2))
+        >>> Node("p", "pad", padding=1).paddings(1)
+        ((1, 1),)
+        """
+        where, pad = f"node {self.name!r}", self.padding
         if isinstance(pad, tuple | list) and all(isinstance(p, tuple | list) for p in pad) and len(pad) == ndim:
-            padding = tuple(_per_axis(p, "padding", where, 0, 2) for p in pad)
-        else:
-            padding = tuple((p, p) for p in _per_axis(pad, "padding", where, 0, ndim))
-        return ConvGeometry(kernel, stride, padding, dilation)
+            return tuple(_per_axis(p, "padding", where, 0, 2) for p in pad)  # type: ignore[misc]
+        return tuple((p, p) for p in _per_axis(pad, "padding", where, 0, ndim))
 
     def output_paddings(self, ndim: int) -> tuple[int, ...]:
         """A conv_transpose node's ``output_padding``, one entry per each of ``ndim`` spatial axes."""

@@ -199,6 +199,11 @@ class LayerTable:
                     raise ConfigurationError(f"{where}: an upsample node resizes a map of {len(node.output_size)} "
                                              f"spatial axes to {node.output_size}, got {x}")
                 out[node.name] = _Shape(x.channels, node.output_size)
+            elif node.op == "pad":
+                if x.spatial is None or (node.spatial_dims or len(x.spatial)) != len(x.spatial):
+                    raise ConfigurationError(f"{where}: a pad node pads the spatial axes of a map, got {x}")
+                out[node.name] = _Shape(x.channels, tuple(s + b + a for s, (b, a) in
+                                                          zip(x.spatial, node.paddings(len(x.spatial)), strict=True)))
             elif node.op == "flatten":
                 size = x.channels * (math.prod(x.spatial) if x.spatial else 1)
                 out[node.name] = _Shape(size, None)

@@ -56,8 +56,8 @@ def test_a_table_padded_in_each_mode_computes_the_numpy_convolution(backend, mod
     assert table.shapes()["c2"].spatial == (4, 6)  # as zero padding: (7 + 2 - 3) // 2 + 1, 6 + 1 - 2 + 1
 
 
-def test_a_padding_mode_is_a_conv_nodes_and_one_of_the_known():
-    with pytest.raises(ConfigurationError, match="padding_mode is a conv node's, one of zeros, reflect"):
+def test_a_padding_mode_is_a_conv_or_pad_nodes_and_one_of_the_known():
+    with pytest.raises(ConfigurationError, match="padding_mode is a conv or pad node's, one of zeros, reflect"):
         Node("c", "conv", units=2, padding_mode="mirror")
     with pytest.raises(ConfigurationError, match="on a 'dense' node"):
         Node("d", "dense", units=2, padding_mode="reflect")

@@ -25,7 +25,7 @@ from combinability.upsampling import resize_weights
 
 __all__ = ["FlaxModel", "FrozenConv", "FrozenDense", "Norm", "TableNet", "flatten_variables", "unflatten_variables"]
 
-#: A conv node's padding_mode as ``jnp.pad``'s mode.
+#: A conv or pad node's padding_mode as ``jnp.pad``'s mode.
 _JNP_PAD = {"reflect": "reflect", "replicate": "edge", "circular": "wrap"}
 
 
@@ -220,6 +220,10 @@ class TableNet(nn.Module):
                                      padding=g.dilated_input_padding(node.output_paddings(h.ndim - 2)),
                                      kernel_dilation=g.dilation,
                                      use_bias=node.bias, name=name)(h)
+            elif node.op == "pad":  # channels last: the spatial axes are 1 .. ndim - 2
+                widths = [(0, 0), *node.paddings(h.ndim - 2), (0, 0)]
+                h = jnp.pad(h, widths) if node.padding_mode == "zeros" else \
+                    jnp.pad(h, widths, mode=_JNP_PAD[node.padding_mode])
             elif node.op == "upsample":  # one spatial axis at a time
                 for axis, (n, m) in enumerate(zip(h.shape[1:-1], node.output_size, strict=True), start=1):
                     weights = _resize(n, m, node.fn, node.align_corners).astype(h.dtype)

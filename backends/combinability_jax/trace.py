@@ -40,7 +40,7 @@ _FUNCTIONS = (("relu", jax.nn.relu), ("gelu", partial(jax.nn.gelu, approximate=F
 _FOLLOWS = ("it follows nn.Dense, 1-d to 3-d nn.Conv and nn.ConvTranspose, nn.BatchNorm, nn.LayerNorm, "
             "nn.GroupNorm, nn.InstanceNorm, element-wise activations, "
             "sums and products of two branches, concatenations of channels (the last axis), nn.avg_pool/nn.max_pool, "
-            "means over the spatial axes and reshapes to (n, -1)")
+            "zero padding of the spatial axes (jnp.pad), means over the spatial axes and reshapes to (n, -1)")
 
 
 #: Arguments of a ``__call__`` that set a flax model's mode, and each one's value in training
@@ -267,6 +267,12 @@ class _Trace(JaxprWalker):
             self._add(Node(self._fresh(path, "resize"), "upsample", (self._name(acts[0]),),
                            fn=self._nearest_resize(p, s, shape, others[0], where), output_size=tuple(shape[1:-1])),
                       outs[0])
+        elif len(acts) == 1 and n == "pad" and len(s) > 2 and others and self._zero(others[0]) and \
+                tuple(p["padding_config"][0]) == tuple(p["padding_config"][-1]) == (0, 0, 0) and \
+                all(lo >= 0 and hi >= 0 and inner == 0 for lo, hi, inner in p["padding_config"]):
+            # jnp.pad with zeros of the spatial axes (each channel from itself)
+            self._add(Node(self._fresh(path, "pad"), "pad", (self._name(acts[0]),),
+                           padding=tuple((int(lo), int(hi)) for lo, hi, _ in p["padding_config"][1:-1])), outs[0])
         elif len(acts) == 1 and n == "reduce_sum" and len(s) > 2 and tuple(p["axes"]) == _positions(len(s)):
             self._add(Node(self._fresh(path, "mean"), "avgpool", (self._name(acts[0]),)), outs[0])
         elif len(acts) == 1 and n in ("reduce_window_sum", "reduce_window_max") and len(s) > 2 and (
@@ -281,6 +287,13 @@ class _Trace(JaxprWalker):
                            padding=p["padding"][1][0], fn="avg" if avg else ""), outs[0])
         else:
             raise TracingError(f"{where}: the tracer cannot follow this operation ({_FOLLOWS})" + self.hint)
+
+    def _zero(self, i: int) -> bool:
+        """Whether array ``i`` is a constant zero (a padding value)."""
+        try:
+            return bool(np.all(np.asarray(self._value(i)) == 0))
+        except Exception:  # not a constant
+            return False
 
     def _nearest_resize(self, p: dict, s: tuple, shape: tuple, indices: int, where: str) -> str:
         """The mode of a gather that resizes one spatial axis of a channels-last map by nearest neighbours

@@ -281,6 +281,9 @@ class TableNet(nn.Module):
                 if min(h.shape[2:]) >= node.kernel:
                     pool = (_AVG_POOL if node.fn == "avg" else _MAX_POOL)[h.ndim]
                     h = pool(h, node.kernel, max(1, node.stride), node.padding)
+            elif node.op == "pad":  # F.pad's order: the last axis first
+                widths = tuple(v for pair in reversed(node.paddings(h.ndim - 2)) for v in pair)
+                h = F.pad(h, widths, mode="constant" if node.padding_mode == "zeros" else node.padding_mode)
             elif node.op == "upsample":
                 linear = node.fn == "linear"
                 h = F.interpolate(h, size=node.output_size, mode=_LINEAR_MODES[h.dim()] if linear else node.fn,

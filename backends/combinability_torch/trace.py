@@ -164,6 +164,34 @@ def _shape(n: Any) -> tuple[int, ...] | None:
     return tuple(meta.shape) if meta is not None and hasattr(meta, "shape") else None
 
 
+_INT_OPS = {operator.add: operator.add, operator.sub: operator.sub, operator.mul: operator.mul,
+            operator.floordiv: operator.floordiv, operator.mod: operator.mod, operator.neg: operator.neg}
+
+
+def _example_value(value: Any) -> Any:
+    """``value`` as it was on the example: a number, or a traced size (``x.shape[2]``, ``x.size(-1)``)
+    and integer arithmetic on sizes (U-Net's ``diff // 2``) worked out from the recorded shapes;
+    None where it is anything else."""
+    if isinstance(value, tuple | list):
+        items = [_example_value(v) for v in value]
+        return None if any(v is None for v in items) else type(value)(items)
+    if not isinstance(value, fx.Node):
+        return value
+    if value.op == "call_method" and value.target == "size" and value.args:  # a tensor's sizes
+        shape, dim = _shape(value.args[0]), _example_value(value.args[1]) if len(value.args) > 1 else None
+        return None if shape is None else shape if len(value.args) == 1 else None if dim is None else shape[dim]
+    if value.op == "call_function" and value.target is getattr and value.args[1:] == ("shape",):
+        return _shape(value.args[0])
+    args = [_example_value(a) for a in value.args]
+    if any(a is None for a in args):
+        return None
+    if value.op == "call_function" and value.target is operator.getitem and isinstance(args[0], tuple):
+        return args[0][args[1]]
+    if value.op == "call_function" and value.target in _INT_OPS and all(isinstance(a, int) for a in args):
+        return _INT_OPS[value.target](*args)
+    return None
+
+
 def _first_size(value: Any, where: str, model: nn.Module) -> int | None:
     """A pooling argument as one int (the first of a tuple; None stays None), sizes read from the example.
 
@@ -186,6 +214,37 @@ def _first_size(value: Any, where: str, model: nn.Module) -> int | None:
             return int(shape[value.args[1]])
     raise TracingError(f"{where}: a pooling size the tracer cannot read ({value!r}); give it as a number or as "
                        f"a traced tensor's size (x.shape[-1], x.size(2))" + _hint(model))
+
+
+_PAD_MODULES = {nn.ZeroPad1d: "zeros", nn.ZeroPad2d: "zeros", nn.ZeroPad3d: "zeros", nn.ConstantPad1d: "zeros",
+                nn.ConstantPad2d: "zeros", nn.ConstantPad3d: "zeros", nn.ReflectionPad1d: "reflect",
+                nn.ReflectionPad2d: "reflect", nn.ReflectionPad3d: "reflect", nn.ReplicationPad1d: "replicate",
+                nn.ReplicationPad2d: "replicate", nn.ReplicationPad3d: "replicate", nn.CircularPad1d: "circular",
+                nn.CircularPad2d: "circular", nn.CircularPad3d: "circular"}
+#: ``F.pad``'s modes as a pad node's ``padding_mode``.
+_PAD_FUNCTION_MODES = {"constant": "zeros", "reflect": "reflect", "replicate": "replicate", "circular": "circular"}
+
+
+def _pad_node(name: str, ins: tuple[str, ...], widths: Any, mode: str, value: Any, shape_in: tuple[int, ...] | None,
+              where: str, model: nn.Module) -> Node:
+    """The pad node of ``F.pad(x, widths, mode, value)`` (or a padding module) on a channels-first map.
+
+    ``widths`` is in ``F.pad``'s order, ``(left, right, top, bottom, ...)``: the last axis first.
+    """
+    widths = tuple(widths) if isinstance(widths, tuple | list) else (widths,) * 2
+    mode = _PAD_FUNCTION_MODES.get(mode, mode)
+    spatial = len(shape_in) - 2 if shape_in is not None else 0
+    if mode not in ("zeros", "reflect", "replicate", "circular") or (mode == "zeros" and value not in (None, 0)):
+        raise TracingError(f"{where}: padding with mode {mode!r}" + (f" and value {value!r}" if value else "") +
+                           "; the tracer follows zeros, reflect, replicate and circular paddings" + _hint(model))
+    if len(widths) % 2 or not 0 < len(widths) // 2 <= spatial or \
+            not all(isinstance(v, int) and v >= 0 for v in widths):
+        raise TracingError(f"{where}: padding {widths} of a map of shape {shape_in}; the tracer follows paddings "
+                           "of its spatial axes by whole positions (ints >= 0), not of its channels, and no "
+                           "cropping" + _hint(model))
+    pairs = [tuple(widths[i:i + 2]) for i in range(0, len(widths), 2)][::-1]  # first spatial axis first
+    pairs = [(0, 0)] * (spatial - len(pairs)) + pairs
+    return Node(name, "pad", ins, padding=tuple(pairs), padding_mode=mode)
 
 
 def _conv_padding(m: nn.Conv1d | nn.Conv2d | nn.Conv3d) -> tuple[tuple[int, int], ...]:
@@ -249,6 +308,9 @@ def _node(n: fx.Node, gm: fx.GraphModule, name: str, ins: tuple[str, ...], model
             return act
         if isinstance(m, nn.Flatten):
             return Node(name, "flatten", ins)
+        if type(m) in _PAD_MODULES:
+            return _pad_node(name, ins, m.padding, _PAD_MODULES[type(m)], getattr(m, "value", 0), shape_in, where,
+                             model)
         adaptive = nn.AdaptiveAvgPool1d | nn.AdaptiveAvgPool2d | nn.AdaptiveAvgPool3d
         if isinstance(m, adaptive) and _shape(n) is not None and set(_shape(n)[2:]) == {1}:
             return Node(name, "avgpool", ins, keepdims=True)
@@ -300,14 +362,19 @@ def _node(n: fx.Node, gm: fx.GraphModule, name: str, ins: tuple[str, ...], model
         mode = {F.upsample_nearest: "nearest", F.upsample_bilinear: "bilinear"}.get(target, args.get("mode", "nearest"))
         corners = True if target is F.upsample_bilinear else args.get("align_corners")
         return _upsample_node(n, name, ins, mode, corners, bool(args.get("antialias")), model, where)
+    if target is F.pad:
+        args = {**dict(zip(("input", "pad", "mode", "value"), n.args, strict=False)), **n.kwargs}
+        widths = _example_value(args.get("pad"))  # sizes worked out from the example's shapes
+        return _pad_node(name, ins, args.get("pad") if widths is None else widths, args.get("mode", "constant"),
+                         args.get("value"), shape_in, where, model)
     if target in _POOL_FUNCTIONS:
         args = {**dict(zip(("input", "kernel_size", "stride", "padding"), n.args, strict=False)), **n.kwargs}
         k, s, p = (_first_size(args.get(key), where, model) for key in ("kernel_size", "stride", "padding"))
         return Node(name, "maxpool", ins, kernel=k, stride=s or k, padding=p or 0, fn=_POOL_FUNCTIONS[target])
     raise TracingError(f"{where}: the tracer cannot follow this operation (it follows linear, conv, transposed conv, "
                        "BatchNorm, LayerNorm, GroupNorm, InstanceNorm, element-wise activations, PReLU, residual "
-                       "additions, channel concatenations, products of branches (gates), pooling, upsampling and "
-                       "flatten)"
+                       "additions, channel concatenations, products of branches (gates), pooling, padding, "
+                       "upsampling and flatten)"
                        + _hint(model))
 
 
