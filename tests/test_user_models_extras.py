@@ -258,3 +258,20 @@ class PackedKeyValue(nn.Module):
 def test_features_packed_in_a_way_not_followed_are_a_tracing_error():
     with pytest.raises(TracingError, match=r"do not fit its parameters.*pass spec= by hand"):
         cb.derive_symmetries(PackedKeyValue(), torch.randint(0, 10, (2, 6)))
+
+
+class Iterated(nn.Module):
+    """One conv applied twice (an iterated block): its weights serve two layers."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c0, self.c, self.fc = nn.Conv2d(2, 4, 3, padding=1), nn.Conv2d(4, 4, 3, padding=1), nn.Linear(4, 3)
+
+    def forward(self, x):
+        x = F.relu(self.c(F.relu(self.c(F.relu(self.c0(x))))))
+        return self.fc(x.mean((2, 3)))
+
+
+def test_a_module_called_twice_is_refused_naming_it_and_its_calls():
+    with pytest.raises(TracingError, match=r"module 'c' \(Conv2d\) is called 2 times: one set of weights"):
+        cb.ModelPair(Iterated(), Iterated(), example_input=torch.randn(2, 2, 6, 6))

@@ -693,6 +693,16 @@ def describe(model: nn.Module, example_input: torch.Tensor) -> tuple[LayerTable,
     names = table_names(gm)
     held = other_arguments(model)
     last = channels_last_nodes(gm)
+    calls: dict[str, int] = {}
+    for n in gm.graph.nodes:
+        if n.op == "call_module" and any(True for _ in gm.get_submodule(n.target).parameters(recurse=False)):
+            calls[n.target] = calls.get(n.target, 0) + 1
+    shared = {t: k for t, k in calls.items() if k > 1}
+    if shared:
+        target, times = next(iter(shared.items()))
+        raise TracingError(f"module {target!r} ({type(gm.get_submodule(target)).__name__}) is called {times} times: "
+                           "one set of weights in several layers (a recurrent or iterated block), which a layer "
+                           "table does not express; give each call its own module" + _hint(model))
     alias: dict[str, str] = {}
     nodes: list[Node] = []
     output = None
