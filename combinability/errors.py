@@ -25,6 +25,7 @@ __all__ = [
     "ConfigurationError",
     "TracingError",
     "NotATransformerError",
+    "NotALayerTableError",
     "StackedLayersError",
     "OutputLockedError",
     "OutputExistsError",
@@ -109,6 +110,12 @@ class NotATransformerError(TracingError):
     """The transformer (stream) tracer met a network that is not a transformer: operations on a
     convolution's maps beyond a patch embedding. A model that neither tracer follows is then
     reported with the layer-table tracer's reason alone."""
+
+
+class NotALayerTableError(TracingError):
+    """The layer-table tracer met a network that layer tables do not model at all: token ids read
+    by an embedding (a language model). A model that neither tracer follows is then reported
+    with the transformer tracer's reason alone."""
 
 
 class StackedLayersError(TracingError):

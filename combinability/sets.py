@@ -24,6 +24,7 @@ from combinability.errors import (
     IncompatibleModelsError,
     LayoutError,
     NonFiniteWeightsError,
+    NotALayerTableError,
     NotATransformerError,
     StackedLayersError,
     TracingError,
@@ -119,12 +120,15 @@ def _float_state(state: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
 def _reasons(table_exc: TracingError, stream_exc: TracingError) -> str:
     """Why neither tracer follows a model: both reasons; one alone where it holds for either
     tracer (layers stacked by a scan); the layer-table tracer's alone where the stream tracer's
-    says the model is no transformer (a CNN) or repeats it."""
+    says the model is no transformer (a CNN) or repeats it; the stream tracer's alone where the
+    model reads token ids (a language model, which layer tables do not model)."""
     stacked = next((e for e in (stream_exc, table_exc) if isinstance(e, StackedLayersError)), None)
     if stacked is not None:
         return str(stacked)
     if isinstance(stream_exc, NotATransformerError) or str(stream_exc) == str(table_exc):
         return str(table_exc)
+    if isinstance(table_exc, NotALayerTableError):  # token ids: a transformer's reason is the one that helps
+        return str(stream_exc)
     return f"{table_exc}; traced as a transformer: {stream_exc}"
 
 

@@ -275,3 +275,69 @@ class Iterated(nn.Module):
 def test_a_module_called_twice_is_refused_naming_it_and_its_calls():
     with pytest.raises(TracingError, match=r"module 'c' \(Conv2d\) is called 2 times: one set of weights"):
         cb.ModelPair(Iterated(), Iterated(), example_input=torch.randn(2, 2, 6, 6))
+
+
+def _complex_rotary(x, freqs):
+    """Meta's llama ``apply_rotary_emb``: unit pairs as complex numbers, turned by ``freqs`` (positions x pairs)."""
+    paired = torch.view_as_complex(x.float().reshape(*x.shape[:-1], -1, 2))
+    return torch.view_as_real(paired * freqs.view(1, x.shape[1], 1, -1)).flatten(3).type_as(x)
+
+
+class MetaAttention(nn.Module):
+    """Meta's llama attention: (b, t, heads, head_dim) rotated by ``view_as_complex`` before the transpose."""
+
+    def __init__(self, d: int = 16, heads: int = 2, tokens: int = 5) -> None:
+        super().__init__()
+        self.h, self.dh = heads, d // heads
+        self.embed, self.wq, self.wk, self.wv, self.wo = nn.Embedding(12, d), *(nn.Linear(d, d, bias=False)
+                                                                                for _ in range(4))
+        self.head = nn.Linear(d, 12)
+        angles = torch.outer(torch.arange(tokens).float(), 1.0 / 100 ** (torch.arange(0, self.dh, 2) / self.dh))
+        self.register_buffer("freqs", torch.polar(torch.ones_like(angles), angles), persistent=False)
+
+    def forward(self, ids):
+        x = self.embed(ids)
+        b, t, _ = x.shape
+        q, k, v = (w(x).view(b, t, self.h, self.dh) for w in (self.wq, self.wk, self.wv))
+        q, k = _complex_rotary(q, self.freqs[:t]), _complex_rotary(k, self.freqs[:t])
+        y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True)
+        return self.head(x + self.wo(y.transpose(1, 2).reshape(b, t, -1)))
+
+
+def test_complex_rotary_keeps_units_in_their_heads_and_planted_heads_are_recovered():
+    torch.manual_seed(5)
+    a = MetaAttention().eval()
+    ids = torch.randint(0, 12, (3, 5))
+    spec, _ = cb.derive_symmetries(a, ids)
+    planted = MetaAttention().eval()
+    planted.load_state_dict(a.state_dict())
+    heads = torch.arange(16).view(2, 8).flip(0).reshape(-1)  # the two heads swapped, their units in order
+    with torch.no_grad():
+        for w in ("wq", "wk", "wv"):
+            getattr(planted, w).weight.copy_(getattr(a, w).weight[heads])
+        planted.wo.weight.copy_(a.wo.weight[:, heads])
+    torch.testing.assert_close(planted(ids), a(ids), rtol=1e-5, atol=1e-5)
+    within = torch.arange(16).view(2, 8)[:, torch.randperm(8)].reshape(-1)  # units moved within each head
+    moved = MetaAttention().eval()
+    moved.load_state_dict(planted.state_dict())
+    with torch.no_grad():
+        moved.wq.weight.copy_(planted.wq.weight[within]), moved.wk.weight.copy_(planted.wk.weight[within])
+    assert not torch.allclose(moved(ids), a(ids), atol=1e-3)  # rotary pairs: not a symmetry, and not in the spec
+    pair = cb.ModelPair(a, planted, example_input=ids).align("weight", seed=0)
+    np.testing.assert_allclose(pair.theta_b, pair.theta_a, atol=1e-6)
+    assert len(spec.perm_to_axes) >= 2
+
+
+class CumulativeLM(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed, self.fc = nn.Embedding(10, 8), nn.Linear(8, 10)
+
+    def forward(self, ids):
+        return self.fc(torch.cumsum(self.embed(ids), dim=-1))
+
+
+def test_a_language_model_refusal_gives_the_transformer_tracer_reason_only():
+    with pytest.raises(TracingError, match=r"stream tracer cannot follow") as info:
+        cb.ModelPair(CumulativeLM(), CumulativeLM(), example_input=torch.randint(0, 10, (2, 4)))
+    assert "Embedding" not in str(info.value)

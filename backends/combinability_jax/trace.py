@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from combinability.errors import TracingError
+from combinability.errors import NotALayerTableError, TracingError
 from combinability.layers import ConvGeometry, LayerTable, Node
 from combinability.upsampling import resize_weights
 from combinability_jax.jaxpr_walk import JaxprWalker
@@ -175,8 +175,8 @@ class _Trace(JaxprWalker):
         self.name, self.calls = type(module).__name__, {}
         self.hint = f"; pass spec= (a combinability.PermutationSpec) by hand for {self.name}"
         if jnp.issubdtype(jnp.asarray(x).dtype, jnp.integer):
-            raise TracingError(f"{self.name} takes integer inputs (token ids, read by an embedding), which layer "
-                               "tables do not model" + self.hint)
+            raise NotALayerTableError(f"{self.name} takes integer inputs (token ids, read by an embedding), which "
+                                      "layer tables do not model" + self.hint)
         if not 2 <= np.ndim(x) <= 5:
             raise TracingError(f"example_input of {self.name} must be (n, features) or channels-last sequences "
                                f"(n, length, c), images (n, h, w, c) or volumes (n, d, h, w, c), got shape "

@@ -18,7 +18,7 @@ from torch import fx, nn
 
 from combinability import model_outputs
 from combinability.data.base import integer_hint
-from combinability.errors import ConfigurationError, TracingError
+from combinability.errors import ConfigurationError, NotALayerTableError, TracingError
 from combinability.layers import ACTIVATIONS, LayerTable, Node
 
 __all__ = ["describe", "reads_shape", "TapRunner", "table_names", "tensor_aliases"]
@@ -225,6 +225,11 @@ _PAD_MODULES = {nn.ZeroPad1d: "zeros", nn.ZeroPad2d: "zeros", nn.ZeroPad3d: "zer
 _PAD_FUNCTION_MODES = {"constant": "zeros", "reflect": "reflect", "replicate": "replicate", "circular": "circular"}
 
 
+def _article(word: str) -> str:
+    """``word`` with its indefinite article (an InstanceNorm2d, a Mish)."""
+    return f"{'an' if word[:1].lower() in 'aeiou' else 'a'} {word}"
+
+
 def _pad_node(name: str, ins: tuple[str, ...], widths: Any, mode: str, value: Any, shape_in: tuple[int, ...] | None,
               where: str, model: nn.Module) -> Node:
     """The pad node of ``F.pad(x, widths, mode, value)`` (or a padding module) on a channels-first map.
@@ -308,6 +313,9 @@ def _node(n: fx.Node, gm: fx.GraphModule, name: str, ins: tuple[str, ...], model
             return act
         if isinstance(m, nn.Flatten):
             return Node(name, "flatten", ins)
+        if isinstance(m, nn.Embedding | nn.EmbeddingBag):
+            raise NotALayerTableError(f"{where}: an {type(m).__name__} reads token ids, which layer tables do not "
+                                      "model" + _hint(model))
         if type(m) in _PAD_MODULES:
             return _pad_node(name, ins, m.padding, _PAD_MODULES[type(m)], getattr(m, "value", 0), shape_in, where,
                              model)
@@ -321,7 +329,7 @@ def _node(n: fx.Node, gm: fx.GraphModule, name: str, ins: tuple[str, ...], model
                                                                    m.padding))
             return Node(name, "maxpool", ins, kernel=k, stride=s, padding=p,
                         fn="avg" if isinstance(m, _AVG_POOL_MODULES) else "")
-        raise TracingError(f"{where}: the tracer cannot follow a {type(m).__name__} module" + _hint(model))
+        raise TracingError(f"{where}: the tracer cannot follow {_article(type(m).__name__)} module" + _hint(model))
     tensors: list[fx.Node] = []
     fx.node.map_arg(n.args, tensors.append)
     target = n.target

@@ -93,6 +93,9 @@ class _HandAttention:
     split_heads: set[str] = field(default_factory=set)
     #: parts of heads stacked along a new last axis (GPT-J's ``stack((-x2, x1), -1)``) -> their heads
     interleaved: dict[str, int] = field(default_factory=dict)
+    #: per-head features viewed as pairs of units, ``(..., head_dim // 2, 2)`` (Meta's llama, before
+    #: ``view_as_complex``) -> their heads and head_dim
+    paired: dict[str, tuple[int, int]] = field(default_factory=dict)
     #: key/value heads on their way to being repeated for grouped-query attention (``k[:, :, None]``,
     #: expanded) -> (heads, head_dim, the new axis after the heads)
     repeating: dict[str, tuple[int, int, int]] = field(default_factory=dict)
@@ -136,7 +139,8 @@ class _HandAttention:
         """Whether node ``name`` is per-head features, keys, scores or parts the attention tracer follows
         (a rotary embedding's halves are concatenated back by it, not packed)."""
         return any(name in seen for seen in (self.headed, self.keys, self.scores, self.shared, self.grouped,
-                                             self.interleaved, self.repeating, self.parts_of, self.stacked))
+                                             self.interleaved, self.paired, self.repeating, self.parts_of,
+                                             self.stacked))
 
     def passes(self, n: fx.Node) -> None:
         """``n`` passes its first argument on unchanged in kind (dropout, a cast)."""
@@ -549,6 +553,25 @@ def _rotary_or_repeated(n: fx.Node, args: list[fx.Node], first: fx.Node | None, 
                                f"rotary on interleaved pairs), then flattened back{_hint(model)}")
         att.interleaved[n.name] = headed[stacked[0].name][0]
         space[n.name] = space[stacked[0].name]
+        return True
+    # Meta's llama rotary: units paired, ``view_as_complex``, times a complex table, ``view_as_real``, flatten(3)
+    src = _shape_of(first) if first is not None else None
+    if target in ("reshape", "view", torch.reshape) and first is not None and first.name in headed and shape and \
+            src and src[-1] % 2 == 0 and tuple(shape) == (*src[:-1], src[-1] // 2, 2):
+        att.paired[n.name] = headed[first.name]  # units (2i, 2i + 1) of each head rotated together: rigid
+        sp.rigid([space[first.name]])
+        space[n.name] = space[first.name]
+        return True
+    if first is not None and first.name in att.paired and target in ("float", "contiguous", "to", "type_as"):
+        att.paired[n.name], space[n.name] = att.paired[first.name], space[first.name]
+        return True
+    if target is torch.view_as_complex and first is not None and first.name in att.paired:
+        h, dh = att.paired[first.name]
+        headed[n.name], space[n.name] = (h, dh // 2), space[first.name]  # a complex unit per pair
+        return True
+    if target is torch.view_as_real and first is not None and first.name in headed:
+        att.interleaved[n.name] = headed[first.name][0]  # the pairs back, flattened next
+        space[n.name] = space[first.name]
         return True
     if first is not None and first.name in att.interleaved:
         src = _shape_of(first)
