@@ -109,6 +109,11 @@ class Node:
         Whether a dense or conv layer has a bias.
     norm : str
         For ``op="norm"``: one of :data:`NORMS`.
+    affine : bool
+        For ``op="norm"``: whether it scales and shifts each channel by learned ``weight`` and
+        ``bias`` (torch's ``affine``/``elementwise_affine``, flax's ``use_scale``/``use_bias``);
+        without them a BatchNorm keeps its running statistics only, and the others have no
+        parameters (torch's default ``InstanceNorm2d``).
     groups : int
         For ``norm="groupnorm"``: the number of groups. For a conv node: its feature
         groups (torch's ``groups``, flax's ``feature_group_count``); ``groups`` equal to the
@@ -159,12 +164,15 @@ class Node:
     output_padding: int | tuple[int, int] = 0
     align_corners: bool = False
     padding_mode: str = "zeros"
+    affine: bool = True
 
     def __post_init__(self) -> None:
         if self.op not in OPS:
             raise ConfigurationError(f"node {self.name!r}: unknown op {self.op!r}; valid ops: {', '.join(OPS)}")
         if self.op == "norm" and self.norm not in NORMS:
             raise ConfigurationError(f"node {self.name!r}: unknown norm {self.norm!r}; valid: {', '.join(NORMS)}")
+        if not self.affine and self.op != "norm":
+            raise ConfigurationError(f"node {self.name!r}: affine=False belongs to a norm node, not a {self.op!r} node")
         if self.op == "act" and self.fn not in ACTIVATIONS:
             raise ConfigurationError(f"node {self.name!r}: unknown activation {self.fn!r}; "
                                      f"valid: {', '.join(ACTIVATIONS)}")

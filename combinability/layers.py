@@ -269,8 +269,9 @@ class LayerTable:
             elif node.op == "conv_transpose":  # torch's layout: (in, out, *kernel)
                 params[f"{node.name}.weight"] = ((c_in, node.units, *node.conv_geometry(_ndim(src)).kernel), "float32")
             elif node.op == "norm":
-                params[f"{node.name}.weight"] = ((c_in,), "float32")
-                params[f"{node.name}.bias"] = ((c_in,), "float32")
+                if node.affine:
+                    params[f"{node.name}.weight"] = ((c_in,), "float32")
+                    params[f"{node.name}.bias"] = ((c_in,), "float32")
                 if node.norm == "batchnorm":
                     params[f"{node.name}.running_mean"] = ((c_in,), "float32")
                     params[f"{node.name}.running_var"] = ((c_in,), "float32")
@@ -532,8 +533,9 @@ class LayerTable:
                 kernel_axes = len(shapes[self.inputs_of(node)[0]].spatial or ())
                 axes[f"{node.name}.weight"] = (p_in, p_out, *(None,) * kernel_axes)
             elif node.op == "norm":
-                axes[f"{node.name}.weight"] = (p_out,)
-                axes[f"{node.name}.bias"] = (p_out,)
+                if node.affine:
+                    axes[f"{node.name}.weight"] = (p_out,)
+                    axes[f"{node.name}.bias"] = (p_out,)
                 if node.norm == "batchnorm":
                     axes[f"{node.name}.running_mean"] = (p_out,)
                     axes[f"{node.name}.running_var"] = (p_out,)  # the counter is left alone

@@ -106,8 +106,8 @@ class _Program:
         # ``state``: the model's reference names (keys) and shapes (values)
         self.module, self.table, self.compute_dtype = model.module, model.table, compute_dtype
         self.user = model.table is not None and not isinstance(model.module, TableNet)
-        library = isinstance(model.module, TableNet)
-        self.kwargs = lambda train: {"train": train} if library else train_kwargs(model.module, train)
+        module, library = model.module, isinstance(model.module, TableNet)  # (the program must not hold the model)
+        self.kwargs = lambda train: {"train": train} if library else train_kwargs(module, train)
         self.names = model.table.flax_names() if model.table is not None else {k: k for k in state}
         self.entries = tuple((e.name, e.offset, e.stop, e.shape, jax.dtypes.canonicalize_dtype(e.dtype))
                              for e in layout.entries)

@@ -74,12 +74,13 @@ class Norm(nn.Module):
     kind: str = "layernorm"
     eps: float = 1e-5
     groups: int = 1
+    affine: bool = True
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         c, shape = x.shape[-1], x.shape
-        scale = self.param("scale", nn.initializers.ones, (c,))
-        bias = self.param("bias", nn.initializers.zeros, (c,))
+        scale = self.param("scale", nn.initializers.ones, (c,)) if self.affine else 1.0
+        bias = self.param("bias", nn.initializers.zeros, (c,)) if self.affine else 0.0
         if self.kind == "batchnorm":
             ra_mean = self.variable("batch_stats", "mean", jnp.zeros, (c,), jnp.float32)
             ra_var = self.variable("batch_stats", "var", jnp.ones, (c,), jnp.float32)
@@ -229,7 +230,7 @@ class TableNet(nn.Module):
                     weights = _resize(n, m, node.fn, node.align_corners).astype(h.dtype)
                     h = jnp.moveaxis(jnp.tensordot(weights, h, axes=(1, axis)), 0, axis)
             elif node.op == "norm":
-                h = Norm(node.norm, node.eps, node.groups, name=name)(h, train)
+                h = Norm(node.norm, node.eps, node.groups, node.affine, name=name)(h, train)
             elif node.op == "prelu":
                 h = PReLU(node.units, name=name)(h)
             elif node.op == "scale":

@@ -133,7 +133,8 @@ def _leaf_node(path: str, m: nn.Module, shape: tuple[int, ...], ins: tuple[str, 
     nd, what = len(shape), f"module {path!r} ({type(m).__name__})"
     last = [tuple(int(a) % nd for a in np.atleast_1d(-1 if axes is None else axes)) == (nd - 1,)
             for axes in (getattr(m, "reduction_axes", -1), getattr(m, "feature_axes", -1), getattr(m, "axis", -1))]
-    affine = getattr(m, "use_scale", True) and getattr(m, "use_bias", True)
+    scaled, shifted = getattr(m, "use_scale", True), getattr(m, "use_bias", True)
+    affine = scaled and shifted  # both, or (a parameter-free norm) neither
     if isinstance(m, nn.Dense) and nd >= 2:  # on a channels-last map: the channels of each position
         return Node(path, "dense", ins, units=m.features, bias=m.use_bias)
     if isinstance(m, nn.Conv) and 3 <= nd <= 5 and len(_per_axis(m.kernel_size, nd - 2)) == nd - 2:
@@ -154,14 +155,14 @@ def _leaf_node(path: str, m: nn.Module, shape: tuple[int, ...], ins: tuple[str, 
                                  "layernorm": isinstance(m, nn.LayerNorm) and last[0] and last[1],
                                  "groupnorm": isinstance(m, nn.GroupNorm) and m.reduction_axes is None,
                                  "instancenorm": isinstance(m, nn.InstanceNorm) and last[1] and nd > 2}.items()
-                 if ok and affine), None)
+                 if ok and scaled == shifted), None)
     if norm == "instancenorm":  # each channel of each example over its positions: a group per channel
-        return Node(path, "norm", ins, norm="groupnorm", eps=m.epsilon, groups=shape[-1])
+        return Node(path, "norm", ins, norm="groupnorm", eps=m.epsilon, groups=shape[-1], affine=affine)
     if norm is not None:
         groups = (m.num_groups or shape[-1] // m.group_size) if norm == "groupnorm" else 1
-        return Node(path, "norm", ins, norm=norm, eps=m.epsilon, groups=groups)
-    raise TracingError(f"{what} on an input of shape {shape}: {_FOLLOWS} (Dense on vectors, norms with scale and "
-                       "bias over the last axis)" + hint)
+        return Node(path, "norm", ins, norm=norm, eps=m.epsilon, groups=groups, affine=affine)
+    raise TracingError(f"{what} on an input of shape {shape}: {_FOLLOWS} (Dense on vectors, norms over the last axis "
+                       "with both scale and bias, or neither)" + hint)
 
 
 class _Trace(JaxprWalker):

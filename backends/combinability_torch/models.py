@@ -25,11 +25,11 @@ __all__ = ["ChannelLayerNorm", "FrozenConv2d", "FrozenLinear", "Gate", "TableCon
 class ChannelLayerNorm(nn.Module):
     """LayerNorm over the channel axis (axis 1) at every position of an ``(n, c, ...)`` tensor."""
 
-    def __init__(self, num_channels: int, eps: float = 1e-5) -> None:
+    def __init__(self, num_channels: int, eps: float = 1e-5, affine: bool = True) -> None:
         super().__init__()
         self.num_channels, self.eps = num_channels, eps
-        self.weight = nn.Parameter(torch.ones(num_channels))
-        self.bias = nn.Parameter(torch.zeros(num_channels))
+        self.weight = nn.Parameter(torch.ones(num_channels)) if affine else None
+        self.bias = nn.Parameter(torch.zeros(num_channels)) if affine else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.layer_norm(x.movedim(1, -1), (self.num_channels,), self.weight, self.bias, self.eps).movedim(-1, 1)
@@ -186,11 +186,11 @@ def _module(node: Node, c_in: int, rank: int, table: LayerTable, frozen: dict[st
     if node.op == "conv_transpose":
         return conv_transpose(c_in, node, rank - 2)
     if node.op == "norm" and node.norm == "batchnorm":
-        return {5: nn.BatchNorm3d, 4: nn.BatchNorm2d}.get(rank, nn.BatchNorm1d)(c_in, eps=node.eps)
+        return {5: nn.BatchNorm3d, 4: nn.BatchNorm2d}.get(rank, nn.BatchNorm1d)(c_in, eps=node.eps, affine=node.affine)
     if node.op == "norm" and node.norm == "groupnorm":
-        return nn.GroupNorm(node.groups, c_in, eps=node.eps)
+        return nn.GroupNorm(node.groups, c_in, eps=node.eps, affine=node.affine)
     if node.op == "norm":
-        return ChannelLayerNorm(c_in, node.eps)
+        return ChannelLayerNorm(c_in, node.eps, node.affine)
     if node.op == "prelu":
         return nn.PReLU(node.units)
     return None

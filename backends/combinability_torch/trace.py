@@ -124,13 +124,20 @@ def table_names(gm: fx.GraphModule) -> dict[str, str]:
     names: dict[str, str] = {}
     for n in gm.graph.nodes:
         owner = _param_owner(n)
-        if n.op == "call_module" and any(True for _ in gm.get_submodule(n.target).parameters(recurse=False)):
+        if n.op == "call_module" and _holds_state(gm.get_submodule(n.target)):
             names[n.name] = str(n.target)
         elif owner is not None and owner[0]:
             names[n.name] = owner[0]
         elif n.op not in ("placeholder", "output", "get_attr"):
             names[n.name] = n.name
     return names
+
+
+def _holds_state(m: nn.Module) -> bool:
+    """Whether module ``m`` itself holds parameters or saved buffers (a BatchNorm without affine parameters
+    keeps its running statistics)."""
+    return any(True for _ in m.parameters(recurse=False)) or \
+        any(k not in m._non_persistent_buffers_set for k in m._buffers)
 
 
 def attribute_of(n: Any) -> str | None:
@@ -294,20 +301,26 @@ def _node(n: fx.Node, gm: fx.GraphModule, name: str, ins: tuple[str, ...], model
         if isinstance(m, nn.Upsample):
             return _upsample_node(n, name, ins, m.mode, m.align_corners, False, model, where)
         if isinstance(m, nn.BatchNorm1d | nn.BatchNorm2d | nn.BatchNorm3d):
-            if not (m.affine and m.track_running_stats):
-                raise TracingError(f"{where}: BatchNorm needs affine=True and track_running_stats=True" + _hint(model))
-            return Node(name, "norm", ins, norm="batchnorm", eps=m.eps)
-        if isinstance(m, nn.GroupNorm) and m.affine:
-            return Node(name, "norm", ins, norm="groupnorm", groups=m.num_groups, eps=m.eps)
+            if not m.track_running_stats:
+                raise TracingError(f"{where}: a BatchNorm without running statistics (track_running_stats=False) "
+                                   "normalises every batch by its own statistics, even in eval mode; the tracer "
+                                   "follows track_running_stats=True" + _hint(model))
+            return Node(name, "norm", ins, norm="batchnorm", eps=m.eps, affine=m.affine)
+        if isinstance(m, nn.GroupNorm):
+            return Node(name, "norm", ins, norm="groupnorm", groups=m.num_groups, eps=m.eps, affine=m.affine)
         if isinstance(m, nn.PReLU):
             return Node(name, "prelu", ins, units=m.num_parameters)
-        if isinstance(m, nn.InstanceNorm1d | nn.InstanceNorm2d | nn.InstanceNorm3d) and m.affine \
-                and not m.track_running_stats:
+        if isinstance(m, nn.InstanceNorm1d | nn.InstanceNorm2d | nn.InstanceNorm3d):
+            if m.track_running_stats:
+                raise TracingError(f"{where}: an InstanceNorm with running statistics (track_running_stats=True) "
+                                   "normalises by them in eval mode, which the tracer does not express; it follows "
+                                   "the default, statistics of each example" + _hint(model))
             # each channel of each example normalised over its positions: GroupNorm with a group per channel
-            return Node(name, "norm", ins, norm="groupnorm", groups=m.num_features, eps=m.eps)
-        if isinstance(m, nn.LayerNorm) and m.elementwise_affine and shape_in is not None and len(shape_in) == 2 \
+            return Node(name, "norm", ins, norm="groupnorm", groups=m.num_features, eps=m.eps, affine=m.affine)
+        if isinstance(m, nn.LayerNorm) and shape_in is not None and len(shape_in) == 2 \
                 and tuple(m.normalized_shape) == shape_in[1:]:
-            return Node(name, "norm", ins, norm="layernorm", eps=m.eps, bias=m.bias is not None)
+            return Node(name, "norm", ins, norm="layernorm", eps=m.eps, bias=m.bias is not None,
+                        affine=m.elementwise_affine)
         act = _activation_node(m, name, ins)
         if act is not None or isinstance(m, _KEEP_MODULES):
             return act
@@ -447,8 +460,9 @@ def _channels_last_node(n: fx.Node, gm: fx.GraphModule, name: str, ins: tuple[st
         m = gm.get_submodule(n.target)
         if isinstance(m, nn.Linear):
             return Node(name, "dense", ins, units=m.out_features, bias=m.bias is not None)
-        if isinstance(m, nn.LayerNorm) and m.elementwise_affine and tuple(m.normalized_shape) == shape_in[-1:]:
-            return Node(name, "norm", ins, norm="layernorm", eps=m.eps, bias=m.bias is not None)
+        if isinstance(m, nn.LayerNorm) and tuple(m.normalized_shape) == shape_in[-1:]:
+            return Node(name, "norm", ins, norm="layernorm", eps=m.eps, bias=m.bias is not None,
+                        affine=m.elementwise_affine)
         act = _activation_node(m, name, ins)
         if act is not None or isinstance(m, _KEEP_MODULES):
             return act

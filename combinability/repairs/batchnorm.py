@@ -252,11 +252,11 @@ class Renormalize:
             If the repair data's inputs do not have the models' input shape.
         """
         table = _table(ctx, self.name)
-        nodes = table.norm_nodes()
+        nodes = _affine_norms(table)
         if not nodes:
             raise ConfigurationError(f"repair='repair' (REPAIR) rescales the affine parameters of normalisation "
                                      f"layers, but the {table.name!r} model has none (no BatchNorm, LayerNorm or "
-                                     "GroupNorm): nothing to repair")
+                                     "GroupNorm with a learned scale and shift): nothing to repair")
         _check_data(ctx, self.name, table)
         names = [f"{n.name}.{p}" for n in nodes for p in ("weight", "bias")]
         names += [f"{n.name}.{p}" for n in _batchnorms(table) for p in ("running_mean", "running_var")]
@@ -269,7 +269,7 @@ class Renormalize:
         xp = ctx.backend.xp()
         theta = _vector(ctx, theta)
         table, layout = ctx.table, ctx.layout
-        nodes = table.norm_nodes()
+        nodes = _affine_norms(table)
         source = {name: inputs[0] for name, inputs in _sources(table).items()}
         taps = [n.name for n in nodes] + [source[n.name] for n in _batchnorms(table)]
         ends = _end_stats(ctx, nodes, self.batch_size, taps)
@@ -303,3 +303,8 @@ class Renormalize:
 reset = Reset()
 #: The built-in ``"repair"`` repair (REPAIR).
 repair = Renormalize()
+
+
+def _affine_norms(table: Any) -> list[Any]:
+    """The norm nodes REPAIR rescales: those with a learned scale and shift (not torch's default InstanceNorm)."""
+    return [n for n in table.norm_nodes() if n.affine]
