@@ -192,11 +192,11 @@ def test_a_concatenation_along_another_axis_is_refused_by_name():
     class Stacked(nn.Module):
         def __init__(self):
             super().__init__()
-            self.c = nn.Conv2d(1, 4, 3, padding=1)
+            self.c1, self.c2 = nn.Conv2d(1, 4, 3, padding=1), nn.Conv2d(1, 4, 3, padding=1)
             self.fc = nn.Linear(4, 3)
 
         def forward(self, x):
-            h = torch.cat([self.c(x), self.c(x)], dim=2)
+            h = torch.cat([self.c1(x), self.c2(x)], dim=2)
             return self.fc(h.mean((2, 3)))
 
     with pytest.raises(TracingError, match=r"node 'cat'.*only concatenations along the channel axis.*got dim 2"):
