@@ -203,22 +203,16 @@ def _first_size(value: Any, where: str, model: nn.Module) -> int | None:
     """A pooling argument as one int (the first of a tuple; None stays None), sizes read from the example.
 
     A size may be a traced tensor's (``F.avg_pool1d(x, x.shape[-1])``, a global pool written
-    with the input's length): the traced table is the example's, so it takes the example's value.
+    with the input's length): the traced table is the example's, so it takes the example's value
+    (:func:`_example_value`).
     """
     if isinstance(value, tuple | list):
         value = value[0] if value else None
     if value is None or isinstance(value, int):
         return value
-    if isinstance(value, fx.Node) and value.op == "call_function" and value.target is operator.getitem:
-        source, index = value.args
-        if isinstance(source, fx.Node) and reads_shape(source) and isinstance(index, int):
-            shape = _shape(source.args[0])
-            if shape is not None:
-                return int(shape[index])
-    if isinstance(value, fx.Node) and value.op == "call_method" and value.target == "size" and len(value.args) == 2:
-        shape = _shape(value.args[0])
-        if shape is not None and isinstance(value.args[1], int):
-            return int(shape[value.args[1]])
+    size = _example_value(value)
+    if isinstance(size, int):
+        return size
     raise TracingError(f"{where}: a pooling size the tracer cannot read ({value!r}); give it as a number or as "
                        f"a traced tensor's size (x.shape[-1], x.size(2))" + _hint(model))
 
