@@ -341,3 +341,82 @@ def test_a_language_model_refusal_gives_the_transformer_tracer_reason_only():
     with pytest.raises(TracingError, match=r"stream tracer cannot follow") as info:
         cb.ModelPair(CumulativeLM(), CumulativeLM(), example_input=torch.randint(0, 10, (2, 4)))
     assert "Embedding" not in str(info.value)
+
+
+class T5Attention(nn.Module):
+    """T5's self-attention: no biases, no scaling, a relative position bias made by the first layer
+    (an embedding of position buckets, permuted to (1, heads, q, k)) and passed on to the next."""
+
+    def __init__(self, d: int = 16, heads: int = 2, buckets: int = 8, has_bias: bool = False) -> None:
+        super().__init__()
+        self.h, self.dh, self.buckets = heads, d // heads, buckets
+        self.q, self.k, self.v, self.o = (nn.Linear(d, d, bias=False) for _ in range(4))
+        self.relative_attention_bias = nn.Embedding(buckets, heads) if has_bias else None
+
+    def forward(self, x, position_bias=None):
+        b, t, _ = x.shape
+        q, k, v = (lin(x).view(b, t, self.h, self.dh).transpose(1, 2) for lin in (self.q, self.k, self.v))
+        scores = q @ k.transpose(-2, -1)
+        if position_bias is None:
+            distance = torch.arange(t)[None, :] - torch.arange(t)[:, None]
+            buckets = distance.clamp(-(self.buckets // 2), self.buckets // 2 - 1) + self.buckets // 2
+            position_bias = self.relative_attention_bias(buckets).permute([2, 0, 1]).unsqueeze(0)
+        scores = scores + position_bias
+        p = F.softmax(scores.float(), dim=-1).type_as(scores)
+        return self.o((p @ v).transpose(1, 2).reshape(b, t, -1)), position_bias
+
+
+class T5Encoder(nn.Module):
+    def __init__(self, d: int = 16) -> None:
+        super().__init__()
+        self.embed, self.head = nn.Embedding(12, d), nn.Linear(d, 12, bias=False)
+        self.layers = nn.ModuleList([T5Attention(d, has_bias=True), T5Attention(d)])
+
+    def forward(self, ids):
+        h, bias = self.embed(ids), None
+        for layer in self.layers:
+            out, bias = layer(h, bias)
+            h = h + out
+        return self.head(h)
+
+
+def test_a_relative_position_bias_shared_by_layers_moves_with_every_layers_heads():
+    torch.manual_seed(6)
+    a = T5Encoder().eval()
+    ids = torch.randint(0, 12, (3, 6))
+    spec, _ = cb.derive_symmetries(a, ids)
+    table_order = spec.axes_to_perm["layers.0.relative_attention_bias.weight"][1]
+    assert table_order is not None  # the table's heads move (with the query heads)
+    planted = T5Encoder().eval()
+    planted.load_state_dict(a.state_dict())
+    heads = torch.arange(16).view(2, 8).flip(0).reshape(-1)  # both layers' heads swapped, as the shared table's
+    with torch.no_grad():
+        for layer, source in zip(planted.layers, a.layers, strict=True):
+            for lin in ("q", "k", "v"):
+                getattr(layer, lin).weight.copy_(getattr(source, lin).weight[heads])
+            layer.o.weight.copy_(source.o.weight[:, heads])
+        planted.layers[0].relative_attention_bias.weight.copy_(a.layers[0].relative_attention_bias.weight.flip(1))
+    torch.testing.assert_close(planted(ids), a(ids), rtol=1e-5, atol=1e-5)
+    pair = cb.ModelPair(a, planted, example_input=ids).align("weight", seed=0)
+    np.testing.assert_allclose(pair.theta_b, pair.theta_a, atol=1e-6)
+
+
+class LearnedTable(T5Encoder):
+    """A learned (heads, T, T) table added to the scores: refused naming the addition."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.table = nn.Parameter(torch.randn(2, 6, 6))
+
+    def forward(self, ids):
+        h = self.embed(ids)
+        b, t, _ = h.shape
+        layer = self.layers[1]
+        q, k, v = (lin(h).view(b, t, 2, 8).transpose(1, 2) for lin in (layer.q, layer.k, layer.v))
+        p = F.softmax(q @ k.transpose(-2, -1) + self.table, dim=-1)
+        return self.head(h + layer.o((p @ v).transpose(1, 2).reshape(b, t, -1)))
+
+
+def test_a_parameter_added_to_attention_scores_is_refused_naming_it():
+    with pytest.raises(TracingError, match=r"'table' \(a parameter or features\) added to attention scores"):
+        cb.derive_symmetries(LearnedTable(), torch.randint(0, 12, (2, 6)))

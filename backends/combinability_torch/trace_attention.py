@@ -111,6 +111,9 @@ class _HandAttention:
     sunk: dict[str, int] = field(default_factory=dict)
     #: the space of a value per head joined to the scores -> the query heads' order it moves with
     sink_orders: dict[int, int] = field(default_factory=dict)
+    #: a table of a value per head and pair of positions, ``(1, heads, q, k)`` (T5's relative position
+    #: bias: an embedding of position buckets, permuted) -> its heads' space
+    head_table: dict[str, int] = field(default_factory=dict)
 
     def parts(self, sp: FeatureSpaces, layer: int, count: int, size: int) -> list[int]:
         """Open the spaces of ``count`` equal parts of ``layer``'s features (``<layer>.q``/``.k``/``.v`` for three)."""
@@ -182,6 +185,10 @@ def _attention_parts(n: fx.Node, args: list[fx.Node], spaces: list[Any], sp: Fea
         _shape_of(scored) is not None and _shape_of(n)[-2:] == _shape_of(scored)[-2:]  # type: ignore[index]
     # a cast to another tensor's type (``softmax(s.float()).type_as(q)``, Meta's llama) reads only its dtype
     operands = [scored] if target in ("type_as", "to") and scored is first else args
+    summed = [a for a in n.args[:2] if isinstance(a, fx.Node)] if target in _ADD else []
+    if isinstance(scored, fx.Node) and scored.name in att.head_table and len(summed) == 2 and \
+            summed[1].name in att.scores:
+        scored = summed[1]  # table + scores: the scores with the table added
     if isinstance(scored, fx.Node) and scored.name in att.scores and (
             target in _ON_SCORES or refolded or _max_values(n) or _drops_last_keys(n)) and \
             not any(a.name in headed or a.name in att.keys for a in operands):
@@ -190,9 +197,22 @@ def _attention_parts(n: fx.Node, args: list[fx.Node], spaces: list[Any], sp: Fea
             att.grouped[n.name] = att.grouped[scored.name]
         if scored.name in att.sunk:
             att.sunk[n.name] = att.sunk[scored.name]
+        placed = [a for a in summed if a is not scored and isinstance(space.get(a.name), int)
+                  and not sp.is_fixed(space[a.name])]
+        if placed:  # a parameter or features added to the scores: their axes would not move with the heads
+            raise TracingError(f"{where}: {placed[0].name!r} (a parameter or features) added to attention scores; "
+                               f"the tracer follows tables of a value per head added to them as T5's relative "
+                               f"position bias is (an embedding of position buckets, permuted to (1, heads, q, k)), "
+                               f"masks and constants{_hint(model)}")
+        tables = {att.head_table[a.name] for a in summed if a.name in att.head_table}
+        if tables:  # a table of a value per head added to the scores: it moves with the query heads
+            if len(tables) > 1 or (scored.name in att.sunk and att.sunk[scored.name] not in tables):
+                raise TracingError(f"{where}: two tables of a value per head added to one attention's scores"
+                                   f"{_hint(model)}")
+            att.sunk[n.name] = tables.pop()
         space[n.name] = None
         return True
-    if _sinks(n, args, spaces, att, space):
+    if _sinks(n, args, spaces, att, space) or _head_tables(n, args, spaces, att, space):
         return True
     if target in _SPLITS and len(args) == 1 and spaces[0] not in (None, FIXED) and args[0].name not in headed:
         dim = n.kwargs.get("dim", n.args[2] if len(n.args) > 2 else 0)
@@ -323,7 +343,10 @@ def _attention_parts(n: fx.Node, args: list[fx.Node], spaces: list[Any], sp: Fea
             else:
                 space[n.name] = _heads_of(sp, heads, att, qk, space[right.name], att.stem(sp, qk), h, dh)
             if left.name in att.sunk:  # each head's sink moves with the query heads (the order just recorded)
-                att.sink_orders[att.sunk[left.name]] = heads[-1].group
+                value, order = att.sunk[left.name], heads[-1].group
+                if value in att.sink_orders:  # one table for several layers (T5's): their heads move together
+                    sp.union(att.sink_orders[value], order)
+                att.sink_orders[value] = order
             return True
     if target in _SDPA:
         q, k, v = (n.kwargs.get(name, n.args[i] if len(n.args) > i else None) for i, name in
@@ -687,6 +710,40 @@ def _drops_last_keys(n: fx.Node) -> bool:
     whole, cut = n.args[1]
     return whole is Ellipsis and isinstance(cut, slice) and cut.start is None and cut.step is None and \
         isinstance(cut.stop, int) and cut.stop < 0
+
+
+def _head_tables(n: fx.Node, args: list[fx.Node], spaces: list[Any], att: _HandAttention,
+                 space: dict[str, Any]) -> bool:
+    """A table of a value per head for each pair of positions, added to the scores (T5's relative
+    position bias: ``embedding(buckets)`` of shape ``(q, k, heads)``, ``.permute([2, 0, 1])``,
+    ``.unsqueeze(0)``, plus a padding mask): the table's heads move with the query heads of every
+    attention it is added to. Handle ``n`` and return True, or leave it."""
+    target, shape = n.target, _shape_of(n)
+    first = n.args[0] if n.args and isinstance(n.args[0], fx.Node) else None
+    dims = n.args[1:] if n.op == "call_method" else n.args[1:2]
+    dims = tuple(dims[0]) if len(dims) == 1 and isinstance(dims[0], tuple | list) else tuple(dims)
+    if target in ("permute", torch.permute) and first is not None and len(args) == 1 and \
+            spaces[0] not in (None, FIXED) and not att.holds(first.name) and _ndim(first) == 3 and \
+            tuple(d % 3 for d in dims if isinstance(d, int)) == (2, 0, 1):
+        att.head_table[n.name] = spaces[0]  # (q, k, heads) -> (heads, q, k)
+        space[n.name] = None
+        return True
+    if first is not None and first.name in att.head_table and not args and shape is not None and (
+            target in ("unsqueeze", "contiguous", "to", "type_as", "float", "expand", "expand_as", "clone") or
+            (target in ("view", "reshape", torch.reshape) and [s for s in shape if s != 1] ==
+             [s for s in (_shape_of(first) or ()) if s != 1])):
+        att.head_table[n.name] = att.head_table[first.name]  # leading axes of 1 added, a cast
+        space[n.name] = None
+        return True
+    operands = [a for a in n.args[:2] if isinstance(a, fx.Node)]
+    tables = {att.head_table[a.name] for a in operands if a.name in att.head_table}
+    if tables and target in _ADD and not args:
+        if len(tables) > 1:
+            raise TracingError(f"node {n.name!r}: two tables of a value per head added together")
+        att.head_table[n.name] = tables.pop()  # plus a mask (no features)
+        space[n.name] = None
+        return True
+    return False
 
 
 def _sinks(n: fx.Node, args: list[fx.Node], spaces: list[Any], att: _HandAttention, space: dict[str, Any]) -> bool:

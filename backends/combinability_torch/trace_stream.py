@@ -373,8 +373,8 @@ def stream_symmetries(model: nn.Module, example_input: torch.Tensor) -> tuple[Pe
     for param, entries in binds.items():  # a layer whose output was split: its rows are packed segments
         binds[param] = [Interleaved(alternating[sp.find(e)]) if isinstance(e, int) and sp.find(e) in alternating
                         else packed.get(sp.find(e), e) if isinstance(e, int) else e for e in entries]
-        if len(entries) == 1 and entries[0] in att.sink_orders:  # a value per head joined to the scores
-            binds[param] = [att.sink_orders[entries[0]]]
+        if any(e in att.sink_orders for e in entries if isinstance(e, int)):  # a value per head, a head table
+            binds[param] = [att.sink_orders.get(e, e) if isinstance(e, int) else e for e in entries]
     norms = [replace(m, readers=None if m.readers is None else tuple(
         replace(r, weight=aliases.get(r.weight, r.weight), bias=r.bias and aliases.get(r.bias, r.bias))
         for r in m.readers)) for m in norms]
