@@ -8,6 +8,8 @@ permutations planted by hand that weight matching must undo.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 
@@ -193,3 +195,51 @@ def test_flax_zero_padding_is_traced_and_a_planted_permutation_undone():
     table = cb.derive.describe((net, variables), x)
     assert [n.paddings(2) for n in table.nodes if n.op == "pad"] == [((1, 2), (1, 0))]
     flax_planted_permutation(net, variables, x)
+
+
+class Conv2dSame(nn.Conv2d):
+    """timm's ``Conv2dSame``: TensorFlow's "same" padding worked out from the input's size, then ``F.conv2d``."""
+
+    def forward(self, x):
+        ih, iw = x.size()[-2:]
+        kh, kw = self.weight.size()[-2:]
+        sh, sw = self.stride
+        pad_h = max((math.ceil(ih / sh) - 1) * sh + (kh - 1) + 1 - ih, 0)
+        pad_w = max((math.ceil(iw / sw) - 1) * sw + (kw - 1) + 1 - iw, 0)
+        x = F.pad(x, [pad_w // 2, pad_w - pad_w // 2, pad_h // 2, pad_h - pad_h // 2])
+        return F.conv2d(x, self.weight, self.bias, self.stride, 0, self.dilation, self.groups)
+
+
+class SameNet(nn.Module):
+    """An EfficientNet-style stem and depthwise block on ``Conv2dSame`` (odd padding at stride 2)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem, self.bn = Conv2dSame(2, 6, 3, stride=2), nn.BatchNorm2d(6)
+        self.dw = Conv2dSame(6, 6, 3, groups=6, bias=False)
+        self.fc = nn.Linear(6, 3)
+
+    def forward(self, x, targets=None):  # a training script's signature: the loss when targets are given
+        h = F.silu(self.bn(self.stem(x)))
+        logits = self.fc(F.silu(self.dw(h)).mean((2, 3)))
+        return logits if targets is None else (logits, F.cross_entropy(logits, targets))
+
+
+def test_tensorflow_same_padding_and_layers_as_functions_of_their_weights_are_traced():
+    torch.manual_seed(2)
+    a = SameNet().eval()
+    x = torch.randn(3, 2, 8, 8)
+    table = cb.derive.describe(a, x)
+    assert [n.paddings(2) for n in table.nodes if n.op == "pad"] == [((0, 1), (0, 1)), ((1, 1), (1, 1))]
+    assert [(n.name, n.op) for n in table.nodes if n.op == "conv"] == [("stem", "conv"), ("dw", "conv")]
+    perm = torch.randperm(6)
+    b = SameNet().eval()
+    with torch.no_grad():
+        b.stem.weight.copy_(a.stem.weight[perm]), b.stem.bias.copy_(a.stem.bias[perm])
+        for leaf in ("weight", "bias", "running_mean", "running_var"):
+            getattr(b.bn, leaf).copy_(getattr(a.bn, leaf)[perm])
+        b.dw.weight.copy_(a.dw.weight[perm])
+        b.fc.weight.copy_(a.fc.weight[:, perm]), b.fc.bias.copy_(a.fc.bias)
+    torch.testing.assert_close(b(x), a(x), rtol=1e-5, atol=1e-5)
+    pair = cb.ModelPair(a, b, example_input=x).align("weight", seed=0)
+    np.testing.assert_allclose(pair.theta_b, pair.theta_a, atol=1e-6)

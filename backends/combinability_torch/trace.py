@@ -9,6 +9,7 @@ A node the table cannot express raises :class:`~combinability.errors.TracingErro
 
 from __future__ import annotations
 
+import math
 import operator
 from typing import Any
 
@@ -99,10 +100,10 @@ def refuse_computed_weights(model: nn.Module) -> None:
 
 def trace(model: nn.Module) -> fx.GraphModule:
     """``torch.fx.symbolic_trace(model)``, failing with :class:`TracingError` that says why."""
-    other_arguments(model)  # refuses a forward that needs more than its input
+    held = other_arguments(model)  # refuses a forward that needs more than its input
     refuse_computed_weights(model)
-    try:
-        return fx.symbolic_trace(model)
+    try:  # the other arguments at their defaults, as the library calls model(x): ``targets=None`` takes its branch
+        return fx.symbolic_trace(model, concrete_args=held or None)
     except Exception as exc:
         raise TracingError(f"torch.fx cannot trace {type(model).__name__} ({type(exc).__name__}: "
                            f"{str(exc).splitlines()[0]}){_hint(model)}") from None
@@ -149,12 +150,19 @@ def attribute_of(n: Any) -> str | None:
     return str(n.target) if isinstance(n, fx.Node) else None
 
 
+#: Layers written as functions of parameters read directly (an ``nn.Conv2d`` subclass padding by hand
+#: before ``F.conv2d(x, self.weight, self.bias, ...)``: timm's ``Conv2dSame``, EfficientNet-PyTorch's).
+_LAYER_FUNCTIONS = {F.conv1d: 1, F.conv2d: 2, F.conv3d: 3, F.linear: 0}
+
+
 def _param_owner(n: fx.Node) -> tuple[str, str] | None:
     """``(module path, leaf)`` of the parameter that ``F.layer_norm`` (its weight) or a product with a
     parameter (a layer scale) reads directly; None for other nodes."""
     if n.op == "call_function" and n.target is F.layer_norm:
         weight = n.args[2] if len(n.args) > 2 else n.kwargs.get("weight")
         target = attribute_of(weight)
+    elif n.op == "call_function" and n.target in _LAYER_FUNCTIONS:  # F.conv2d(x, self.weight, self.bias, ...)
+        target = attribute_of(n.args[1] if len(n.args) > 1 else n.kwargs.get("weight"))
     elif n.op in ("call_function", "call_method") and n.target in _MUL and len(n.args) == 2:
         targets = [t for t in map(attribute_of, n.args) if t is not None]
         target = targets[0] if len(targets) == 1 else None
@@ -171,8 +179,9 @@ def _shape(n: Any) -> tuple[int, ...] | None:
     return tuple(meta.shape) if meta is not None and hasattr(meta, "shape") else None
 
 
-_INT_OPS = {operator.add: operator.add, operator.sub: operator.sub, operator.mul: operator.mul,
-            operator.floordiv: operator.floordiv, operator.mod: operator.mod, operator.neg: operator.neg}
+#: Arithmetic on sizes worked out from the example (TF-style "same" padding: ``math.ceil(ih / s)``).
+_SIZE_ARITHMETIC = (operator.add, operator.sub, operator.mul, operator.floordiv, operator.truediv, operator.mod,
+                    operator.neg, operator.pow, math.ceil, math.floor, max, min, abs, int)
 
 
 def _example_value(value: Any) -> Any:
@@ -194,8 +203,9 @@ def _example_value(value: Any) -> Any:
         return None
     if value.op == "call_function" and value.target is operator.getitem and isinstance(args[0], tuple):
         return args[0][args[1]]
-    if value.op == "call_function" and value.target in _INT_OPS and all(isinstance(a, int) for a in args):
-        return _INT_OPS[value.target](*args)
+    if value.op == "call_function" and value.target in _SIZE_ARITHMETIC and \
+            all(isinstance(a, int | float) and not isinstance(a, bool) for a in args):
+        return value.target(*args)
     return None
 
 
@@ -243,8 +253,11 @@ def _pad_node(name: str, ins: tuple[str, ...], widths: Any, mode: str, value: An
     if mode not in ("zeros", "reflect", "replicate", "circular") or (mode == "zeros" and value not in (None, 0)):
         raise TracingError(f"{where}: padding with mode {mode!r}" + (f" and value {value!r}" if value else "") +
                            "; the tracer follows zeros, reflect, replicate and circular paddings" + _hint(model))
-    if len(widths) % 2 or not 0 < len(widths) // 2 <= spatial or \
-            not all(isinstance(v, int) and v >= 0 for v in widths):
+    if not all(isinstance(v, int) for v in widths):
+        raise TracingError(f"{where}: padding widths {widths} the tracer cannot work out from the example's sizes "
+                           "(it follows numbers, sizes and +, -, *, /, //, %, ceil, floor, max, min of them)"
+                           + _hint(model))
+    if len(widths) % 2 or not 0 < len(widths) // 2 <= spatial or not all(v >= 0 for v in widths):
         raise TracingError(f"{where}: padding {widths} of a map of shape {shape_in}; the tracer follows paddings "
                            "of its spatial axes by whole positions (ints >= 0), not of its channels, and no "
                            "cropping" + _hint(model))
@@ -556,6 +569,9 @@ def _parameter_node(n: fx.Node, gm: fx.GraphModule, name: str, ins: tuple[str, .
                            f"{tuple(args['normalized_shape'])} on {tuple(shape_in)}, weight {owner[0]}.{owner[1]}, "
                            f"bias {bias})" + _hint(model))
     learned = dict(gm.named_parameters())
+    if n.target in _LAYER_FUNCTIONS and owner is not None and owner[1] == "weight" and \
+            f"{owner[0]}.weight" in learned and len(ins) == 1:
+        return _layer_function_node(n, name, ins, learned[f"{owner[0]}.weight"], owner[0], on_last, where, model)
     if n.target in _MUL and owner is not None and f"{owner[0]}.{owner[1]}" in learned and len(ins) == 1:
         factor = next(a for a in n.args if attribute_of(a) is not None)
         traced = next(a for a in n.args if a is not factor)
@@ -573,7 +589,43 @@ def _parameter_node(n: fx.Node, gm: fx.GraphModule, name: str, ins: tuple[str, .
                            f"factor per channel stored as ({c},) or ({c}, 1, 1)" + _hint(model))
     raise TracingError(f"node {n.name!r}: a parameter or buffer used directly in forward "
                        f"({', '.join(str(attribute_of(a)) for a in params_read)}) cannot be followed there; the "
-                       "tracer follows F.layer_norm and layer scales (learned parameters)" + _hint(model))
+                       "tracer follows F.layer_norm, F.linear and F.conv1d/2d/3d on a module's own weight and bias, "
+                       "and layer scales (learned parameters)" + _hint(model))
+
+
+def _layer_function_node(n: fx.Node, name: str, ins: tuple[str, ...], weight: torch.Tensor, path: str,
+                         on_last: bool, where: str, model: nn.Module) -> Node:
+    """The dense or conv node of ``F.linear`` / ``F.conv*d`` on a module's own ``weight`` (and ``bias``)."""
+    names = ("input", "weight", "bias") + (("stride", "padding", "dilation", "groups") if n.target is not F.linear
+                                           else ())
+    args = {**dict(zip(names, n.args, strict=False)), **n.kwargs}
+    bias = attribute_of(args.get("bias"))
+    if bias not in (None, f"{path}.bias") or (args.get("bias") is not None and bias is None):
+        raise TracingError(f"{where}: a layer function on {path}.weight with another bias ({args.get('bias')}); the "
+                           f"tracer follows a module's own weight and bias" + _hint(model))
+    if n.target is F.linear:
+        shape_in = _shape(n.args[0]) or ()
+        if len(shape_in) > 2 and not on_last:
+            raise TracingError(f"{where}: F.linear on a channels-first map ({tuple(shape_in)}) mixes the positions "
+                               f"of its last axis" + _hint(model))
+        return Node(name, "dense", ins, units=int(weight.shape[0]), bias=bias is not None)
+    nd = _LAYER_FUNCTIONS[n.target]
+    settings = {k: _example_value(args.get(k, default)) for k, default in
+                (("stride", 1), ("padding", 0), ("dilation", 1), ("groups", 1))}
+    if any(v is None for v in settings.values()):
+        raise TracingError(f"{where}: convolution settings the tracer cannot work out ({args})" + _hint(model))
+    stride, padding, dilation, groups = (settings[k] for k in ("stride", "padding", "dilation", "groups"))
+    kernel = tuple(int(k) for k in weight.shape[2:])
+    per_axis = [(v,) * nd if isinstance(v, int) else tuple(v) for v in (stride, dilation)]
+    if padding == "valid":
+        padding = 0
+    elif padding == "same":
+        totals = [d * (k - 1) for d, k in zip(per_axis[1], kernel, strict=True)]
+        padding = tuple((t // 2, t - t // 2) for t in totals)
+    elif not isinstance(padding, int):
+        padding = tuple((int(p), int(p)) for p in padding)
+    return Node(name, "conv", ins, units=int(weight.shape[0]), kernel=kernel, stride=tuple(per_axis[0]),
+                padding=padding, dilation=tuple(per_axis[1]), groups=int(groups), bias=bias is not None)
 
 
 def tensor_aliases(model: nn.Module) -> dict[str, str]:
@@ -717,8 +769,9 @@ def describe(model: nn.Module, example_input: torch.Tensor) -> tuple[LayerTable,
     if shared:
         target, times = next(iter(shared.items()))
         raise TracingError(f"module {target!r} ({type(gm.get_submodule(target)).__name__}) is called {times} times: "
-                           "one set of weights in several layers (a recurrent or iterated block), which a layer "
-                           "table does not express; give each call its own module" + _hint(model))
+                           "one set of weights in several places (an iterated block, an MLP shared by two "
+                           "branches), which a layer table does not express; give each call its own module"
+                           + _hint(model))
     alias: dict[str, str] = {}
     nodes: list[Node] = []
     output = None

@@ -72,6 +72,9 @@ from combinability_torch.trace_experts import (
     stack_experts,
 )
 
+#: Convolutions written as functions (``F.conv2d(x, self.weight, ...)``): a CNN's, not a transformer's.
+_CONVOLUTIONS = {F.conv1d, F.conv2d, F.conv3d, torch.conv1d, torch.conv2d, torch.conv3d}
+
 __all__ = ["stream_symmetries"]
 
 
@@ -160,8 +163,9 @@ def stream_symmetries(model: nn.Module, example_input: torch.Tensor) -> tuple[Pe
                                            f"{_hint(model)}")
             if isinstance(m, nn.Conv1d | nn.Conv2d | nn.Conv3d):
                 if src != FIXED or m.groups != 1 or m.padding_mode != "zeros":
-                    raise TracingError(f"{where}: the stream tracer follows a convolution only on the model's input "
-                                       f"(a patch embedding; ungrouped, zero-padded){_hint(model)}")
+                    raise NotATransformerError(f"{where}: the stream tracer follows a convolution only on the "
+                                               f"model's input (a patch embedding; ungrouped, zero-padded)"
+                                               f"{_hint(model)}")
                 s = sp.new(n.target)
                 bind(f"{n.target}.weight", [s] + [None] * (m.weight.ndim - 1))
                 if m.bias is not None:
@@ -357,6 +361,9 @@ def stream_symmetries(model: nn.Module, example_input: torch.Tensor) -> tuple[Pe
             elif target is operator.getitem and args[0] is n.args[0] and all(sp.is_fixed(s) for s in spaces[1:]) \
                     and _last(n) == _last(args[0]) and _indexes_tokens(n):
                 space[n.name] = spaces[0]  # the tokens an index picks (those routed to one expert)
+            elif target in _CONVOLUTIONS:  # a convolutional network's layer written as a function
+                raise NotATransformerError(f"{where}: a convolution on features; the stream tracer follows one "
+                                           f"on the model's input only (a patch embedding){_hint(model)}")
             else:
                 raise TracingError(f"{where}: the stream tracer cannot follow this operation on features"
                                    + _hint(model))
