@@ -420,3 +420,94 @@ class LearnedTable(T5Encoder):
 def test_a_parameter_added_to_attention_scores_is_refused_naming_it():
     with pytest.raises(TracingError, match=r"'table' \(a parameter or features\) added to attention scores"):
         cb.derive_symmetries(LearnedTable(), torch.randint(0, 12, (2, 6)))
+
+
+class ALiBi(nn.Module):
+    """Bloom/MPT's ALiBi: a fixed slope per head times the key-query distance added to the scores."""
+
+    def __init__(self, d: int = 16, heads: int = 2) -> None:
+        super().__init__()
+        self.h, self.dh = heads, d // heads
+        self.embed, self.qkv, self.o, self.head = nn.Embedding(12, d), nn.Linear(d, 3 * d), nn.Linear(d, d), \
+            nn.Linear(d, 12)
+        self.register_buffer("slopes", torch.tensor([0.5 ** (i + 1) for i in range(heads)]), persistent=False)
+
+    def forward(self, ids):
+        x = self.embed(ids)
+        b, t, _ = x.shape
+        q, k, v = (part.view(b, t, self.h, self.dh).transpose(1, 2) for part in self.qkv(x).split(x.shape[-1], -1))
+        distance = (torch.arange(t)[None, :] - torch.arange(t)[:, None]).float()
+        scores = q @ k.transpose(-2, -1) / self.dh ** 0.5 + self.slopes.view(1, -1, 1, 1) * distance
+        return self.head(x + self.o((F.softmax(scores, -1) @ v).transpose(1, 2).reshape(b, t, -1)))
+
+
+def test_attention_on_a_single_token_is_refused_as_it_cannot_check_the_heads():
+    torch.manual_seed(7)
+    with pytest.raises(TracingError, match=r"attention over a single position on example_input.*two or more tokens"):
+        cb.derive_symmetries(ALiBi().eval(), torch.randint(0, 12, (3, 1)))
+    with pytest.raises(TracingError, match=r"do not preserve its function"):  # heads of different slopes: caught
+        cb.derive_symmetries(ALiBi().eval(), torch.randint(0, 12, (3, 6)))
+
+
+class AuxMoE(TopkMoE):
+    """A top-k mixture returning ``(logits, load-balancing loss)`` (Switch's and Mixtral's training code)."""
+
+    def forward(self, ids):
+        h = self.embed(ids)
+        flat = h.reshape(-1, h.shape[-1])
+        probs = F.softmax(self.gate(flat), dim=-1)
+        weights, chosen = probs.topk(2, dim=-1)
+        out = torch.zeros_like(flat)
+        for e, expert in enumerate(self.experts):
+            rows, slot = torch.where(chosen == e)
+            out[rows] += weights[rows, slot, None] * expert(flat[rows])
+        load = F.one_hot(chosen[:, 0], len(self.experts)).float().mean(0)
+        return self.head(h + out.reshape(h.shape)), (load * probs.mean(0)).sum() * len(self.experts)
+
+
+def test_a_model_returning_logits_and_an_auxiliary_loss_is_traced_on_its_logits():
+    torch.manual_seed(8)
+    a = AuxMoE().eval()
+    ids = torch.randint(0, 16, (4, 12))
+    spec, _ = cb.derive_symmetries(a, ids)
+    assert any("gate.weight" in {n for n, _ in axes} for axes in spec.perm_to_axes.values())
+    planted = AuxMoE().eval()
+    planted.load_state_dict(a.state_dict())
+    order = [1, 3, 0, 2]
+    with torch.no_grad():
+        planted.gate.weight.copy_(a.gate.weight[order])
+        for i, e in enumerate(order):
+            planted.experts[i].load_state_dict(a.experts[e].state_dict())
+    torch.testing.assert_close(planted(ids)[0], a(ids)[0], rtol=1e-5, atol=1e-5)
+    pair = cb.ModelPair(a, planted, example_input=ids).align("weight", seed=0)
+    np.testing.assert_allclose(pair.theta_b, pair.theta_a, atol=1e-6)
+
+
+class AssigningAttention(nn.Module):
+    """openai/CLIP's block: ``forward`` moves its mask to the input's dtype by assigning ``self.attn_mask``."""
+
+    def __init__(self, d: int = 16, tokens: int = 5) -> None:
+        super().__init__()
+        self.embed, self.attn, self.head = nn.Embedding(12, d), nn.MultiheadAttention(d, 2), nn.Linear(d, 12)
+        self.attn_mask = torch.full((tokens, tokens), float("-inf")).triu(1)
+
+    def forward(self, ids):
+        x = self.embed(ids).permute(1, 0, 2)
+        self.attn_mask = self.attn_mask.to(dtype=x.dtype, device=x.device)
+        x = x + self.attn(x, x, x, need_weights=False, attn_mask=self.attn_mask)[0]
+        return self.head(F.rms_norm(x.permute(1, 0, 2), (x.shape[-1],)))
+
+
+def test_a_forward_assigning_a_module_attribute_is_traced_and_left_intact():
+    torch.manual_seed(9)
+    a = AssigningAttention().eval()
+    ids = torch.randint(0, 12, (3, 5))
+    before = a(ids).detach()
+    spec, _ = cb.derive_symmetries(a, ids)
+    assert isinstance(a.attn_mask, torch.Tensor)  # not a traced value left behind
+    torch.testing.assert_close(a(ids), before)
+    pair = cb.ModelPair(a, AssigningAttention().eval(), example_input=ids).align("weight")
+    be = cb.get_backend("torch")
+    logits = be.to_numpy(cb.evaluation.Evaluator(be, pair.model_a, pair.layout).logits(
+        [pair.theta_a], be.asarray(ids.numpy())))
+    np.testing.assert_allclose(logits[0], before.numpy().reshape(-1, 12), rtol=1e-5, atol=1e-5)

@@ -22,7 +22,7 @@ from combinability.data.base import integer_hint
 from combinability.errors import ConfigurationError, NotALayerTableError, TracingError
 from combinability.layers import ACTIVATIONS, LayerTable, Node
 
-__all__ = ["describe", "reads_shape", "TapRunner", "table_names", "tensor_aliases"]
+__all__ = ["describe", "example_value", "feeding_logits", "reads_shape", "TapRunner", "table_names", "tensor_aliases"]
 
 _ACT_MODULES = {nn.ReLU: "relu", nn.GELU: "gelu", nn.Tanh: "tanh", nn.Sigmoid: "sigmoid", nn.SiLU: "silu",
                 nn.ELU: "elu", nn.LeakyReLU: "leaky_relu", nn.Softplus: "softplus", nn.ReLU6: "relu6",
@@ -102,11 +102,33 @@ def trace(model: nn.Module) -> fx.GraphModule:
     """``torch.fx.symbolic_trace(model)``, failing with :class:`TracingError` that says why."""
     held = other_arguments(model)  # refuses a forward that needs more than its input
     refuse_computed_weights(model)
+    before = {id(m): dict(vars(m)) for m in model.modules()}
     try:  # the other arguments at their defaults, as the library calls model(x): ``targets=None`` takes its branch
-        return fx.symbolic_trace(model, concrete_args=held or None)
+        gm = fx.symbolic_trace(model, concrete_args=held or None)
     except Exception as exc:
         raise TracingError(f"torch.fx cannot trace {type(model).__name__} ({type(exc).__name__}: "
                            f"{str(exc).splitlines()[0]}){_hint(model)}") from None
+    finally:
+        assigned = _undo_assignments(model, before)
+    if assigned:
+        raise TracingError(f"{type(model).__name__}.forward assigns {', '.join(assigned)} (a module attribute set "
+                           f"from traced values, as openai/CLIP's self.attn_mask = self.attn_mask.to(...)), which "
+                           f"torch.fx cannot record; keep the value in a local variable{_hint(model)}")
+    return gm
+
+
+def _undo_assignments(model: nn.Module, before: dict[int, dict[str, Any]]) -> list[str]:
+    """Put back the module attributes that tracing ``forward`` set to traced values; return their names."""
+    assigned = []
+    for path, m in model.named_modules():
+        for key, value in list(vars(m).items()):
+            if isinstance(value, fx.Proxy):
+                assigned.append(f"{path}.{key}" if path else f"self.{key}")
+                if key in before.get(id(m), {}):
+                    object.__setattr__(m, key, before[id(m)][key])
+                else:
+                    delattr(m, key)
+    return assigned
 
 
 def reads_shape(n: fx.Node) -> bool:
@@ -184,21 +206,21 @@ _SIZE_ARITHMETIC = (operator.add, operator.sub, operator.mul, operator.floordiv,
                     operator.neg, operator.pow, math.ceil, math.floor, max, min, abs, int)
 
 
-def _example_value(value: Any) -> Any:
+def example_value(value: Any) -> Any:
     """``value`` as it was on the example: a number, or a traced size (``x.shape[2]``, ``x.size(-1)``)
     and integer arithmetic on sizes (U-Net's ``diff // 2``) worked out from the recorded shapes;
     None where it is anything else."""
     if isinstance(value, tuple | list):
-        items = [_example_value(v) for v in value]
+        items = [example_value(v) for v in value]
         return None if any(v is None for v in items) else type(value)(items)
     if not isinstance(value, fx.Node):
         return value
     if value.op == "call_method" and value.target == "size" and value.args:  # a tensor's sizes
-        shape, dim = _shape(value.args[0]), _example_value(value.args[1]) if len(value.args) > 1 else None
+        shape, dim = _shape(value.args[0]), example_value(value.args[1]) if len(value.args) > 1 else None
         return None if shape is None else shape if len(value.args) == 1 else None if dim is None else shape[dim]
     if value.op == "call_function" and value.target is getattr and value.args[1:] == ("shape",):
         return _shape(value.args[0])
-    args = [_example_value(a) for a in value.args]
+    args = [example_value(a) for a in value.args]
     if any(a is None for a in args):
         return None
     if value.op == "call_function" and value.target is operator.getitem and isinstance(args[0], tuple):
@@ -214,13 +236,13 @@ def _first_size(value: Any, where: str, model: nn.Module) -> int | None:
 
     A size may be a traced tensor's (``F.avg_pool1d(x, x.shape[-1])``, a global pool written
     with the input's length): the traced table is the example's, so it takes the example's value
-    (:func:`_example_value`).
+    (:func:`example_value`).
     """
     if isinstance(value, tuple | list):
         value = value[0] if value else None
     if value is None or isinstance(value, int):
         return value
-    size = _example_value(value)
+    size = example_value(value)
     if isinstance(size, int):
         return size
     raise TracingError(f"{where}: a pooling size the tracer cannot read ({value!r}); give it as a number or as "
@@ -392,7 +414,7 @@ def _node(n: fx.Node, gm: fx.GraphModule, name: str, ins: tuple[str, ...], model
         return _upsample_node(n, name, ins, mode, corners, bool(args.get("antialias")), model, where)
     if target is F.pad:
         args = {**dict(zip(("input", "pad", "mode", "value"), n.args, strict=False)), **n.kwargs}
-        widths = _example_value(args.get("pad"))  # sizes worked out from the example's shapes
+        widths = example_value(args.get("pad"))  # sizes worked out from the example's shapes
         return _pad_node(name, ins, args.get("pad") if widths is None else widths, args.get("mode", "constant"),
                          args.get("value"), shape_in, where, model)
     if target in _POOL_FUNCTIONS:
@@ -610,7 +632,7 @@ def _layer_function_node(n: fx.Node, name: str, ins: tuple[str, ...], weight: to
                                f"of its last axis" + _hint(model))
         return Node(name, "dense", ins, units=int(weight.shape[0]), bias=bias is not None)
     nd = _LAYER_FUNCTIONS[n.target]
-    settings = {k: _example_value(args.get(k, default)) for k, default in
+    settings = {k: example_value(args.get(k, default)) for k, default in
                 (("stride", 1), ("padding", 0), ("dilation", 1), ("groups", 1))}
     if any(v is None for v in settings.values()):
         raise TracingError(f"{where}: convolution settings the tracer cannot work out ({args})" + _hint(model))
@@ -656,6 +678,35 @@ def logits_of(out: Any) -> Any:
     """A torch model's logits (:func:`combinability.model_outputs.logits_of`); an fx graph's
     output nodes are read the same way."""
     return model_outputs.logits_of(out, lambda v: isinstance(v, torch.Tensor | fx.Node | fx.Proxy))
+
+
+def feeding_logits(gm: fx.GraphModule) -> set[str]:
+    """The names of the nodes the model's logits are computed from (the output's other items, such as a
+    mixture of experts' load-balancing loss in ``(logits, aux_loss)``, are not)."""
+    output = next(n for n in reversed(gm.graph.nodes) if n.op == "output")
+    todo: list[fx.Node] = []
+    fx.node.map_arg(logits_of(output.args[0]), todo.append)
+    seen: set[str] = set()
+    writes = [n for n in gm.graph.nodes if _writes_in_place(n)]
+    while todo:
+        while todo:
+            node = todo.pop()
+            if node.name not in seen:
+                seen.add(node.name)
+                todo.extend(node.all_input_nodes)
+        # in-place writes into a tensor the logits read (``out[rows] += ...``, ``index_add_``) feed them too
+        todo = [n for n in writes if n.name not in seen and isinstance(n.args[0], fx.Node) and n.args[0].name in seen]
+    return seen
+
+
+def _writes_in_place(n: fx.Node) -> bool:
+    """Whether ``n`` writes into its first argument (``x[i] = v``, ``x.index_add_(...)``, ``x.copy_(v)``)."""
+    if not n.args or not isinstance(n.args[0], fx.Node):
+        return False
+    if n.op == "call_function":
+        return n.target is operator.setitem or getattr(n.target, "__name__", "").endswith("_")
+    return n.op == "call_method" and isinstance(n.target, str) and n.target.endswith("_") and \
+        not n.target.startswith("_")
 
 
 #: Modules whose output holds its channels on axis 1 (a map ``(n, c, *positions)``).
@@ -775,7 +826,10 @@ def describe(model: nn.Module, example_input: torch.Tensor) -> tuple[LayerTable,
     alias: dict[str, str] = {}
     nodes: list[Node] = []
     output = None
+    live = feeding_logits(gm)
     for n in gm.graph.nodes:
+        if n.op not in ("placeholder", "output") and n.name not in live:
+            continue  # another output's work (an auxiliary loss, features returned beside the logits)
         if n.op == "placeholder":
             if alias and not held:
                 raise TracingError(f"{type(model).__name__}.forward takes more than one tensor input")

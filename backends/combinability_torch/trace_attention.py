@@ -35,7 +35,17 @@ from combinability_torch.fx_vocabulary import (
     _permute_keeps_last,
     _shape_of,
 )
-from combinability_torch.trace import reads_shape
+from combinability_torch.trace import example_value, reads_shape
+
+
+def _several_keys(keys: int | None, where: str, model: nn.Module) -> None:
+    """Refuse attention over one key position: there softmax gives 1 whatever the scores, so the check of the
+    derived symmetries (the model's outputs on ``example_input`` under a random map) could not see a wrong
+    query/key binding (an ALiBi or per-head bias, a per-head temperature) and would let it through."""
+    if keys == 1:
+        raise TracingError(f"{where}: attention over a single position on example_input; the check of the derived "
+                           f"symmetries needs attention at work: pass example_input with two or more tokens (more "
+                           f"tokens than heads is best){_hint(model)}")
 
 
 def _attention(n: fx.Node, m: nn.MultiheadAttention, sp: FeatureSpaces, space: dict[str, Any], bind: Any,
@@ -48,6 +58,9 @@ def _attention(n: fx.Node, m: nn.MultiheadAttention, sp: FeatureSpaces, space: d
     if not m._qkv_same_embed_dim or m.bias_k is not None or m.add_zero_attn:
         raise TracingError(f"{where}: attention needs a packed in_proj_weight, no bias_k/bias_v and "
                            f"add_zero_attn=False{_hint(model)}")
+    shape = _shape_of(q)
+    _several_keys(None if not shape or len(shape) < 2 else shape[-2] if m.batch_first or len(shape) == 2
+                  else shape[0], where, model)
     src = space[q.name]
     dh = m.embed_dim // m.num_heads
     qk, vo, order = (sp.new(f"{n.target}.{part}", name=f"{n.target}.{part}") for part in ("qk", "vo", "heads"))
@@ -217,8 +230,9 @@ def _attention_parts(n: fx.Node, args: list[fx.Node], spaces: list[Any], sp: Fea
     if target in _SPLITS and len(args) == 1 and spaces[0] not in (None, FIXED) and args[0].name not in headed:
         dim = n.kwargs.get("dim", n.args[2] if len(n.args) > 2 else 0)
         nd, last = _ndim(args[0]) or 0, _last(args[0]) or 0
-        count = n.args[1] if target in ("chunk", torch.chunk) else None
-        size = n.args[1] if count is None else None
+        parts = example_value(n.args[1]) if len(n.args) > 1 else None  # ``split(x.shape[-1] // 3, -1)``
+        count = parts if target in ("chunk", torch.chunk) else None
+        size = parts if count is None else None
         if dim not in (-1, nd - 1):
             return False
         if isinstance(size, int) and size > 0 and last % size == 0:
@@ -320,6 +334,7 @@ def _attention_parts(n: fx.Node, args: list[fx.Node], spaces: list[Any], sp: Fea
         if left.name in headed and right.name in att.keys:  # scores q kᵀ: query and key units contracted
             if headed[left.name] != att.keys[right.name]:
                 raise TracingError(f"{where}: query and key with different head counts or sizes{_hint(model)}")
+            _several_keys((_shape_of(n) or (None,))[-1], where, model)
             h, dh = headed[left.name]
             if right.name in att.shared:  # grouped-query attention: no within-head unit contracted alike
                 att.grouped[n.name] = _grouped_scores(sp, heads, att, space[left.name], space[right.name], h, dh,
@@ -354,6 +369,7 @@ def _attention_parts(n: fx.Node, args: list[fx.Node], spaces: list[Any], sp: Fea
         if not all(isinstance(t, fx.Node) and t.name in headed for t in (q, k, v)):
             raise TracingError(f"{where}: scaled_dot_product_attention on query, key and value viewed as "
                                f"(..., heads, head_dim) from one or more layers' features is followed{_hint(model)}")
+        _several_keys((_shape_of(k) or (None, None))[-2], where, model)
         (h, dh), group = headed[q.name], att.shared.get(k.name)
         by_call = group is None and att.shared.get(v.name) is None and bool(n.kwargs.get("enable_gqa")) and \
             headed[k.name] == headed[v.name] and headed[k.name][1] == dh and h % headed[k.name][0] == 0

@@ -61,7 +61,7 @@ from combinability_torch.fx_vocabulary import (
     _ndim,
     _shape_of,
 )
-from combinability_torch.trace import logits_of, reads_shape, tensor_aliases
+from combinability_torch.trace import example_value, feeding_logits, logits_of, reads_shape, tensor_aliases
 from combinability_torch.trace_attention import _attention, _attention_parts, _HandAttention
 from combinability_torch.trace_experts import (
     INDEX_ADD,
@@ -121,8 +121,11 @@ def stream_symmetries(model: nn.Module, example_input: torch.Tensor) -> tuple[Pe
         fx.node.map_arg((n.args, n.kwargs), out.append)
         return [a for a in out if space.get(a.name) is not None]
 
+    live = feeding_logits(gm)
     for n in gm.graph.nodes:
         where = f"node {n.name!r} ({n.op} {n.target!r})"
+        if n.op not in ("placeholder", "output") and n.name not in live:
+            continue  # another output's work (a mixture's load-balancing loss): not the logits'
         if n.op in ("call_function", "call_method") and held.follow(n, params_of, binds, space, sp, routing, where,
                                                                     _hint(model)):
             continue  # experts held as one parameter of shape (experts, ...)
@@ -723,6 +726,8 @@ def _functional_norm(n: fx.Node, gm: fx.GraphModule, src: Any, params_of: dict[s
         owner = shape.args[0] if shape.target is getattr and shape.args[1:] == ("shape",) else None
         shape = tuple(gm.get_parameter(params_of[owner.name]).shape) if isinstance(owner, fx.Node) and \
             owner.name in params_of else None
+    elif isinstance(shape, tuple | list):  # ``(x.shape[-1],)``: sizes read on the example
+        shape = example_value(shape)
     leaves = [args.get(k) for k in ("weight", "bias")]
     if shape is None or tuple(shape) != (last,) or any(
             v is not None and not (isinstance(v, fx.Node) and v.name in params_of) for v in leaves):
