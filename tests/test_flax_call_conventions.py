@@ -172,3 +172,20 @@ def test_layers_stacked_by_a_scan_are_refused_naming_the_scan():
     with pytest.raises(TracingError, match=r"layers stacked by a scan.*unroll them into a loop over blocks") as info:
         cb.ModelPair((net, variables), (net, variables), example_input=x[:4])
     assert "traced as a transformer" not in str(info.value)  # said once, not once per tracer
+
+
+def test_attention_on_a_single_token_is_refused_as_it_cannot_check_the_heads():
+    class Attention(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            h = nn.Dense(D)(x)
+            return nn.Dense(3)(h + nn.MultiHeadDotProductAttention(num_heads=2)(h, h)).mean(1)
+
+    net = Attention()
+    one = np.random.default_rng(0).normal(size=(3, 1, 5)).astype(np.float32)
+    variables = net.init(jax.random.PRNGKey(0), one)
+    with pytest.raises(TracingError, match=r"attention over a single position on example_input"):
+        cb.derive_symmetries((net, variables), one)
+    several = np.random.default_rng(0).normal(size=(3, 4, 5)).astype(np.float32)
+    spec, _ = cb.derive_symmetries((net, variables), several)
+    assert spec.perm_to_axes

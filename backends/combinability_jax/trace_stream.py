@@ -350,6 +350,10 @@ class _StreamTrace(JaxprWalker):
         (lc, rc), (lb, rb) = p["dimension_numbers"]
         sp, (left, right) = self.sp, labs
         if deps[0] == deps[1] == "act":  # attention: scores and mixing by activations, permutations only
+            if lc and all(self.shape[ins[0]][a] == 1 for a in lc):  # weights over a single key mix the values
+                raise TracingError(f"{self.name}: attention over a single position on example_input; the check "
+                                   "of the derived symmetries needs attention at work: pass example_input with two "
+                                   "or more tokens (more tokens than heads is best)" + self.hint)
             sp.mark(left + right)
         for a, b in zip(lc, rc, strict=True):
             sp.union(left[a], right[b])
