@@ -565,6 +565,8 @@ def spec_from_spaces(spaces: FeatureSpaces, binds: Mapping[str, Sequence[int | t
                                    f"or packed" + hint)
             return Repeat(inner, e.count, interleaved=True)
         if isinstance(e, tuple):
+            if all(sp.is_fixed(s) for s in e):  # every segment in place (a fused qkv of heads that cannot move)
+                return None
             if any(sp.is_fixed(s) for s in e):
                 raise TracingError(f"{param!r}: a segment of a packed axis is fixed while the others move" + hint)
             if any(f(s) in rigid for s in e) or param in cut:  # rigid heads among the segments (or asked): parts

@@ -445,8 +445,28 @@ def test_attention_on_a_single_token_is_refused_as_it_cannot_check_the_heads():
     torch.manual_seed(7)
     with pytest.raises(TracingError, match=r"attention over a single position on example_input.*two or more tokens"):
         cb.derive_symmetries(ALiBi().eval(), torch.randint(0, 12, (3, 1)))
-    with pytest.raises(TracingError, match=r"do not preserve its function"):  # heads of different slopes: caught
-        cb.derive_symmetries(ALiBi().eval(), torch.randint(0, 12, (3, 6)))
+
+
+def test_a_bias_per_head_keeps_the_heads_in_place_and_the_stream_still_moves():
+    torch.manual_seed(7)
+    a = ALiBi().eval()
+    ids = torch.randint(0, 12, (3, 6))
+    spec, _ = cb.derive_symmetries(a, ids)
+    assert spec.axes_to_perm["qkv.weight"][0] is None and spec.axes_to_perm["o.weight"][1] is None
+    stream = spec.axes_to_perm["embed.weight"][1]
+    assert stream is not None and spec.axes_to_perm["qkv.weight"][1] == stream
+    state = {k: v.double().numpy() for k, v in a.state_dict().items()}
+    moved = cb.apply_permutation(spec, cb.random_permutation(spec, state, seed=3), state)
+    b = ALiBi().double().eval()
+    b.load_state_dict({k: torch.as_tensor(v) for k, v in moved.items()})
+    torch.testing.assert_close(b(ids), a.double()(ids), rtol=1e-9, atol=1e-9)
+    heads_swapped = ALiBi().double().eval()
+    heads_swapped.load_state_dict(a.state_dict())
+    with torch.no_grad():  # what the spec leaves out: exchanging heads of different slopes changes the function
+        order = torch.arange(48).view(3, 2, 8).flip(1).reshape(-1)
+        heads_swapped.qkv.weight.copy_(a.qkv.weight[order]), heads_swapped.qkv.bias.copy_(a.qkv.bias[order])
+        heads_swapped.o.weight.copy_(a.o.weight[:, torch.arange(16).view(2, 8).flip(0).reshape(-1)])
+    assert not torch.allclose(heads_swapped(ids), a(ids), atol=1e-3)
 
 
 class AuxMoE(TopkMoE):

@@ -38,6 +38,18 @@ from combinability_torch.fx_vocabulary import (
 from combinability_torch.trace import example_value, reads_shape
 
 
+def _per_head(bias: fx.Node, scores: fx.Node) -> bool:
+    """Whether ``bias``, added to (or masking) ``scores`` of shape ``(..., heads, q, k)``, may differ between
+    heads: more than one entry on the heads axis (ALiBi's slopes, ``(1, heads, 1, k)``); a mask of
+    ``(batch, 1, q, k)`` does not."""
+    shape, target = _shape_of(bias), _shape_of(scores)
+    if not shape or not target or len(target) < 3:
+        return False
+    axis = len(shape) - 3  # the heads axis, counted from the right as broadcasting does
+    return axis >= 0 and shape[axis] > 1 and (bias.meta.get("tensor_meta") is None or
+                                              getattr(bias.meta["tensor_meta"], "dtype", None) != torch.bool)
+
+
 def _several_keys(keys: int | None, where: str, model: nn.Module) -> None:
     """Refuse attention over one key position: there softmax gives 1 whatever the scores, so the check of the
     derived symmetries (the model's outputs on ``example_input`` under a random map) could not see a wrong
@@ -124,6 +136,9 @@ class _HandAttention:
     sunk: dict[str, int] = field(default_factory=dict)
     #: the space of a value per head joined to the scores -> the query heads' order it moves with
     sink_orders: dict[int, int] = field(default_factory=dict)
+    #: scores with a bias that may differ between heads added (ALiBi's slope per head times the distance):
+    #: the heads of their attention stay in place
+    pinned: set[str] = field(default_factory=set)
     #: a table of a value per head and pair of positions, ``(1, heads, q, k)`` (T5's relative position
     #: bias: an embedding of position buckets, permuted) -> its heads' space
     head_table: dict[str, int] = field(default_factory=dict)
@@ -217,6 +232,9 @@ def _attention_parts(n: fx.Node, args: list[fx.Node], spaces: list[Any], sp: Fea
                                f"the tracer follows tables of a value per head added to them as T5's relative "
                                f"position bias is (an embedding of position buckets, permuted to (1, heads, q, k)), "
                                f"masks and constants{_hint(model)}")
+        if scored.name in att.pinned or any(_per_head(a, scored) for a in summed if a is not scored
+                                            and a.name not in att.head_table):
+            att.pinned.add(n.name)
         tables = {att.head_table[a.name] for a in summed if a.name in att.head_table}
         if tables:  # a table of a value per head added to the scores: it moves with the query heads
             if len(tables) > 1 or (scored.name in att.sunk and att.sunk[scored.name] not in tables):
@@ -357,6 +375,8 @@ def _attention_parts(n: fx.Node, args: list[fx.Node], spaces: list[Any], sp: Fea
                                                 att.shared[right.name], att.stem(sp, qk))
             else:
                 space[n.name] = _heads_of(sp, heads, att, qk, space[right.name], att.stem(sp, qk), h, dh)
+            if left.name in att.pinned:  # a bias per head (ALiBi): its heads cannot be exchanged
+                sp.fix([heads[-1].group])
             if left.name in att.sunk:  # each head's sink moves with the query heads (the order just recorded)
                 value, order = att.sunk[left.name], heads[-1].group
                 if value in att.sink_orders:  # one table for several layers (T5's): their heads move together
@@ -388,6 +408,9 @@ def _attention_parts(n: fx.Node, args: list[fx.Node], spaces: list[Any], sp: Fea
             return True
         qk = sp.union(space[q.name], space[k.name])
         space[n.name] = _heads_of(sp, heads, att, qk, space[v.name], att.stem(sp, qk), h, dh)
+        mask = n.kwargs.get("attn_mask", n.args[3] if len(n.args) > 3 else None)
+        if isinstance(mask, fx.Node) and _per_head(mask, q):  # a float mask per head (ALiBi as SDPA's mask)
+            sp.fix([heads[-1].group])
         return True
     if any(a.name in headed or a.name in att.keys for a in args) or (
             first is not None and first.name in att.scores):
