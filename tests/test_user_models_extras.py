@@ -531,3 +531,29 @@ def test_a_forward_assigning_a_module_attribute_is_traced_and_left_intact():
     logits = be.to_numpy(cb.evaluation.Evaluator(be, pair.model_a, pair.layout).logits(
         [pair.theta_a], be.asarray(ids.numpy())))
     np.testing.assert_allclose(logits[0], before.numpy().reshape(-1, 12), rtol=1e-5, atol=1e-5)
+
+
+class MPTAttention(ALiBi):
+    """MPT's spelling: keys permuted straight to (b, heads, head_dim, t), ALiBi as (1, heads, 1, t)."""
+
+    def forward(self, ids):
+        x = self.embed(ids)
+        b, t, _ = x.shape
+        q, k, v = (part.view(b, t, self.h, self.dh) for part in self.qkv(x).chunk(3, dim=-1))
+        bias = torch.arange(1 - t, 1).float().view(1, 1, 1, t) * self.slopes.view(1, -1, 1, 1)
+        scores = q.permute(0, 2, 1, 3) @ k.permute(0, 2, 3, 1) / self.dh ** 0.5 + bias
+        y = F.softmax(scores, -1) @ v.permute(0, 2, 1, 3)
+        return self.head(x + self.o(y.permute(0, 2, 1, 3).reshape(b, t, -1)))
+
+
+def test_mpt_keys_permuted_for_the_scores_are_traced_with_their_heads_in_place():
+    torch.manual_seed(10)
+    a = MPTAttention().eval()
+    ids = torch.randint(0, 12, (3, 6))
+    spec, _ = cb.derive_symmetries(a, ids)
+    assert spec.axes_to_perm["qkv.weight"][0] is None and spec.axes_to_perm["qkv.weight"][1] is not None
+    state = {k: v.double().numpy() for k, v in a.state_dict().items()}
+    moved = cb.apply_permutation(spec, cb.random_permutation(spec, state, seed=4), state)
+    b = MPTAttention().double().eval()
+    b.load_state_dict({k: torch.as_tensor(v) for k, v in moved.items()})
+    torch.testing.assert_close(b(ids), a.double()(ids), rtol=1e-9, atol=1e-9)

@@ -35,7 +35,7 @@ from combinability_torch.fx_vocabulary import (
     _permute_keeps_last,
     _shape_of,
 )
-from combinability_torch.trace import example_value, reads_shape
+from combinability_torch.trace import example_value, permute_dims, reads_shape
 
 
 def _per_head(bias: fx.Node, scores: fx.Node) -> bool:
@@ -337,9 +337,12 @@ def _attention_parts(n: fx.Node, args: list[fx.Node], spaces: list[Any], sp: Fea
             att.shared[n.name] = att.shared[args[0].name]
         space[n.name] = spaces[0]
         return True
-    if len(args) == 1 and args[0].name in headed and target in ("transpose", torch.transpose) and \
+    src = _shape_of(args[0]) if len(args) == 1 else None
+    to_keys = src is not None and len(src) == 4 and src[2] == headed.get(args[0].name, (0,))[0] and \
+        permute_dims(n) == (0, 2, 3, 1)  # MPT's k.permute(0, 2, 3, 1): (b, t, heads, hd) to kᵀ per head
+    if len(args) == 1 and args[0].name in headed and (to_keys or target in ("transpose", torch.transpose) and
             {int(d) % (_ndim(args[0]) or 1) for d in n.args[1:3]} == {(_ndim(args[0]) or 0) - 2,
-                                                                        (_ndim(args[0]) or 0) - 1}:
+                                                                        (_ndim(args[0]) or 0) - 1}):
         att.keys[n.name] = headed[args[0].name]  # k.transpose(-2, -1): head_dim now next to last
         if args[0].name in att.shared:
             att.shared[n.name] = att.shared[args[0].name]
