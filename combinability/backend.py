@@ -91,7 +91,8 @@ class Prepared(Protocol):
 
         ``loss(logits, y)`` is written with the backend's array namespace (:meth:`Backend.xp`)
         and must be differentiable by the framework. The gradient is zero on buffers;
-        the returned vector carries updated buffers (BatchNorm running statistics).
+        the returned vector carries updated buffers (BatchNorm running statistics), in a new
+        array: ``flat`` itself is left as it is (it may share memory with a model's vector).
         """
         ...
 

@@ -168,3 +168,41 @@ def test_curvature_matches_finite_difference_jax(test_data):
                                layers=["layers.3"])
     np.testing.assert_allclose(float(ds["loss"].sel(lam=1.0).squeeze()), np_loss(pair, pair.theta_b, test_data),
                                rtol=1e-4)
+
+
+def test_curvature_on_a_batchnorm_network_leaves_the_models_as_they_are():
+    """The gradients behind the curvature run in training mode, where BatchNorm updates its running
+    statistics: in a copy, never in the pair's vectors (λ = 0 is model A's own loss, before and after)."""
+    torch = pytest.importorskip("torch")
+    nn, F = torch.nn, torch.nn.functional
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.c, self.bn, self.fc = nn.Conv2d(1, 6, 3, padding=1), nn.BatchNorm2d(6), nn.Linear(6, 10)
+
+        def forward(self, x):
+            return self.fc(F.relu(self.bn(self.c(x))).mean((2, 3)))
+
+    torch.manual_seed(0)
+    nets = []
+    for _ in range(2):
+        net = Net()
+        with torch.no_grad():
+            net.bn.running_mean.uniform_(-0.5, 0.5), net.bn.running_var.uniform_(0.5, 2.0)
+        nets.append(net.eval())
+    data = cb.load_dataset("digits", "test").subset(60)
+    pair = cb.ModelPair(*nets, example_input=torch.tensor(data.x[:4])).align("weight")
+    before = [t.copy() for t in pair.thetas]
+    result = cb.layerwise_barriers(pair, data, lambdas=[0.0, 1.0], modes=["single"], curvature=True)
+    for t, b in zip(pair.thetas, before, strict=True):
+        np.testing.assert_array_equal(t, b)
+    with torch.no_grad():
+        want = float(F.cross_entropy(nets[0](torch.tensor(data.x)), torch.tensor(data.y)))
+    assert result["loss"].sel(lam=0.0).values == pytest.approx(want, rel=1e-5)
+    flat = pair.backend_obj.asarray(pair.theta(0).copy())
+    kept = flat.clone()
+    prepared = pair.backend_obj.prepare(pair.template, pair.layout)
+    _, _, updated = prepared.value_and_grad(flat, pair.backend_obj.asarray(data.x[:8]),
+                                            pair.backend_obj.asarray(data.y[:8]), lambda z, y: F.cross_entropy(z, y))
+    assert torch.equal(flat, kept) and not torch.equal(updated, kept)  # statistics updated in the copy returned

@@ -391,10 +391,10 @@ class TorchPrepared:
 
     def value_and_grad(self, flat: torch.Tensor, x: torch.Tensor, y: torch.Tensor,
                        loss: Callable[[Any, Any], Any]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        flat = flat.detach()
-        leaf = flat.clone().requires_grad_(True)
+        leaf = flat.detach().clone().requires_grad_(True)
+        flat = flat.detach().clone()  # (the caller's vector stays as it is: it may be a frozen model's memory)
         trained = self._views(leaf)
-        buffers = self._views(flat)  # running statistics update in place, into ``flat``
+        buffers = self._views(flat)  # running statistics update in place, into the returned copy
         params = {k: (buffers[k] if k in self.buffers else v) for k, v in trained.items()}
         self.model.train()
         try:

@@ -138,7 +138,7 @@ def _check_autodiff(pair: ModelSet, prepared: Any, ds: ArrayDataset) -> None:
     if not problem:
         be = pair.backend_obj
         try:
-            fn(be.asarray(pair.theta(0)), be.asarray(ds.x[:1]), be.asarray(ds.y[:1]), _summed_loss)
+            fn(be.asarray(pair.theta(0).copy()), be.asarray(ds.x[:1]), be.asarray(ds.y[:1]), _summed_loss)
         except (NotImplementedError, AttributeError, TypeError) as exc:
             problem = f"its value_and_grad failed: {type(exc).__name__}: {exc}"
     if problem:
