@@ -287,6 +287,10 @@ def _plan(pair: ModelPair, sampler: Sampler | str | None, *, backend: str | Back
                                  "models.select(0, 1) or models.select(0, 1, 2)")
     extra = [get_logit_metric(m) for m in metrics]
     repair_fn = None
+    if repair is None and repair_data is not None:
+        raise ConfigurationError("repair_data= is given but repair= is not, so nothing would use it; pass "
+                                 "repair='reset' (BatchNorm statistics) or repair='repair' (REPAIR), or drop "
+                                 "repair_data=")
     if repair is not None:
         from combinability.repairs import get_repair
 

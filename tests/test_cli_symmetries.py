@@ -72,7 +72,9 @@ def test_a_users_model_class_and_state_dict_files(tmp_path, monkeypatch, vit_che
             def __init__(self):
                 super().__init__(**{GEOMETRY!r})
         """))
-    monkeypatch.syspath_prepend(str(tmp_path))
+    # run from the folder holding my_vits.py, as a user would: the command imports it from there
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", str(tmp_path))])
     sys.modules.pop("my_vits", None)
     files = []
     for seed in (0, 1):

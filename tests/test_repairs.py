@@ -234,6 +234,7 @@ def _untrained_pair(architecture: str):
     ("resnet20", "repair", None, ConfigurationError, ["repair_data="]),
     ("resnet20_bn", "reset", "wrong shape", DatasetError, ["(3, 8, 8)", "(1, 8, 8)"]),
     ("resnet20_bn", "repair", "wrong shape", DatasetError, ["(3, 8, 8)", "(1, 8, 8)"]),
+    ("resnet20_bn", None, "digits", ConfigurationError, ["repair_data= is given but repair= is not"]),
 ])
 def test_bad_inputs_fail_before_any_combination(monkeypatch, architecture, repair, repair_data, error, words):
     import combinability.combination as combination

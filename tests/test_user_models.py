@@ -255,6 +255,8 @@ def test_layer_based_experiments_and_figures_use_the_traced_layers(tmp_path):
     robust = ex.alignment_robustness(pair, data=cb.data.ArrayDataset(digits.x[:120], digits.y[:120], 10),
                                      steps=2, lambdas=(0.5,))
     assert set(robust["permutation"].values) == set(pair.permutation)
+    as_arrays = ex.alignment_robustness(pair, data=(digits.x[:120], digits.y[:120]), steps=2, lambdas=(0.5,))
+    np.testing.assert_array_equal(as_arrays["loss_barrier"].values, robust["loss_barrier"].values)
     plots.plot_sweep(stitched, tmp_path / "stitch.png")
     plots.plot_edge_lengths(edges, tmp_path / "edges.png")
     assert (tmp_path / "stitch.png").stat().st_size > 10_000 and (tmp_path / "edges.png").stat().st_size > 10_000

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import time
 from collections.abc import Iterator, Sequence
@@ -142,11 +143,15 @@ def _user_class(model: str) -> type:
     from combinability.architecture import load_object
     from combinability.errors import ConfigurationError, PluginError
 
+    here = os.getcwd()  # the folder the command runs in, as `python -m` and `python script.py` see it
+    if here not in sys.path and "" not in sys.path:
+        sys.path.insert(0, here)
     try:
         return load_object(model)
     except (ImportError, PluginError) as exc:
-        raise ConfigurationError(f"--model {model!r}: {exc}; give 'package.module:Class' importable from here "
-                                 "(a class whose constructor takes no arguments)") from None
+        raise ConfigurationError(f"--model {model!r}: {exc}; give 'package.module:Class' importable from this "
+                                 f"folder ({here}) or the installed packages (a class whose constructor takes no "
+                                 "arguments)") from None
 
 
 def _class_backend(cls: type) -> str:

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import xarray as xr
 
+from combinability.analysis.llfc import resolve_data
 from combinability.combination import combine
 from combinability.errors import IncompatibleModelsError
 from combinability.evaluation import Evaluator
@@ -30,17 +31,11 @@ if TYPE_CHECKING:
 __all__ = ["alignment_robustness"]
 
 
-def _data(data: str | ArrayDataset, split: str, limit: int | None) -> ArrayDataset:
-    if isinstance(data, str):
-        from combinability.data import load_dataset
-
-        return load_dataset(data, split).subset(limit)
-    return data.subset(limit)
 
 
 def alignment_robustness(
     pair: ModelPair,
-    data: str | ArrayDataset,
+    data: str | tuple[Any, Any] | ArrayDataset,
     *,
     permutations: Sequence[str] | None = None,
     steps: int = 8,
@@ -60,9 +55,10 @@ def alignment_robustness(
     ----------
     pair : ModelPair
         A pair aligned with a permutation (``pair.align(...)``).
-    data : str or ArrayDataset
+    data : str, (x, y) or ArrayDataset
         Dataset name (``split`` is evaluated; the train split gives the activations)
-        or the evaluation data itself (then also used for the activations).
+        or the evaluation data itself, as arrays or a dataset (then also used for the
+        activations).
     permutations : sequence of str, optional
         Which permutations (layers) to perturb; default all.
     steps : int
@@ -86,7 +82,7 @@ def alignment_robustness(
     """
     if pair.permutation is None:
         raise IncompatibleModelsError("align the pair first: the experiment perturbs its permutation")
-    eval_data = _data(data, split, limit)
+    eval_data = resolve_data(pair, data, split, limit)  # a name's split, (x, y) or a dataset, checked
     key = {"experiment": "robustness", "models": pair.fingerprints(), "permutations": permutations,
            "steps": steps, "lambdas": [float(x) for x in lambdas], "split": split,
            "data": {"name": eval_data.name, "examples": len(eval_data),
@@ -100,7 +96,8 @@ def alignment_robustness(
         unknown = [p for p in names if p not in points]
         if unknown:
             raise IncompatibleModelsError(f"unknown permutation(s) {unknown}; valid: {', '.join(points)}")
-        act_data = _data(data, "train", None).subset(examples, seed=0) if isinstance(data, str) else data
+        act_data = resolve_data(pair, data, "train").subset(examples, seed=0) if isinstance(data, str) \
+            else resolve_data(pair, data, split)  # the data given, whole
         wanted = list(dict.fromkeys(points[p] for p in names))
         layout = pair.layout
         evaluator = Evaluator(be, pair.template, layout, batch_size=batch_size)
