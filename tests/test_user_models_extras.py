@@ -557,3 +557,32 @@ def test_mpt_keys_permuted_for_the_scores_are_traced_with_their_heads_in_place()
     b = MPTAttention().double().eval()
     b.load_state_dict({k: torch.as_tensor(v) for k, v in moved.items()})
     torch.testing.assert_close(b(ids), a.double()(ids), rtol=1e-9, atol=1e-9)
+
+
+class DigitRows(nn.Module):
+    """A transformer over the 8 rows of a digit (tokens of 8 pixels), LayerNorms with learned scales."""
+
+    def __init__(self, d: int = 16) -> None:
+        super().__init__()
+        self.embed = nn.Linear(8, d)
+        self.block = nn.TransformerEncoderLayer(d, 2, 32, dropout=0.0, batch_first=True, norm_first=True)
+        self.norm, self.head = nn.LayerNorm(d), nn.Linear(d, 10)
+        with torch.no_grad():
+            for m in self.modules():
+                if isinstance(m, nn.LayerNorm):
+                    m.weight.uniform_(0.5, 1.5), m.bias.uniform_(-0.2, 0.2)
+
+    def forward(self, x):
+        return self.head(self.norm(self.block(self.embed(x.reshape(x.shape[0], 8, 8)))).mean(1))
+
+
+def test_alignment_robustness_of_a_transformer_moves_b_as_aligned():
+    """The perturbed alignments are moves of B as aligned (a transformer's norms folded): no refusal."""
+    from combinability import experiments as ex
+
+    digits = cb.load_dataset("digits", "test")
+    torch.manual_seed(11)
+    pair = cb.ModelPair(DigitRows().eval(), DigitRows().eval(), example_input=torch.tensor(digits.x[:4]))
+    pair = pair.align("weight")
+    robust = ex.alignment_robustness(pair, (digits.x[:100], digits.y[:100]), steps=2, lambdas=(0.5,), examples=100)
+    assert np.isfinite(robust["loss_barrier"].values[robust["k"].values >= 0]).all()

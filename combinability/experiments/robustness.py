@@ -21,7 +21,7 @@ from combinability.errors import IncompatibleModelsError
 from combinability.evaluation import Evaluator
 from combinability.experiments.compare import reuse_or_run
 from combinability.matching import perturb_permutation
-from combinability.permutation import apply_permutation
+from combinability.permutation import apply_permutation, compose_permutations, invert_permutation
 from combinability.results import data_digest, provenance
 
 if TYPE_CHECKING:
@@ -103,7 +103,11 @@ def alignment_robustness(
         evaluator = Evaluator(be, pair.template, layout, batch_size=batch_size)
         # streamed: B as aligned, so its unit j pairs with A's unit j; no activations are held
         correlations = evaluator.correlations(pair.theta_a, pair.theta_b, act_data, wanted)
-        naive_b = (pair.naive or pair).params("b")
+        # a perturbed alignment as a move of B *as aligned* (undo the alignment's permutation, take the
+        # perturbed one), in the aligned pair's own parameters (a transformer's are norm-folded), by permutations
+        by_permutation = pair.spec.permutations_only()
+        aligned_b = pair.params("b")
+        undo = invert_permutation(pair.permutation)
         ta = be.asarray(pair.theta_a)
         ends = evaluator.evaluate([ta, be.asarray(pair.theta_b)], eval_data)
         ref_loss = 0.5 * (ends[0].loss + ends[1].loss)
@@ -126,7 +130,8 @@ def alignment_robustness(
             scores = np.diag(correlations[points[p]])
             for c, k in enumerate(ks[p]):
                 perturbed = perturb_permutation(pair.permutation, p, scores, int(k), seed=rng)
-                theta_b = layout.flatten(apply_permutation(pair.spec, perturbed, naive_b))
+                move = compose_permutations(undo, perturbed)
+                theta_b = layout.flatten(apply_permutation(by_permutation, move, aligned_b))
                 loss_b[r, c], acc_b[r, c] = path_barriers(theta_b)
                 k_coord[r, c] = k
         ds = xr.Dataset(
