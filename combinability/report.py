@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import xarray as xr
 
+from combinability.errors import ConfigurationError
 from combinability.files import atomic_path
 from combinability.results import barriers, open_results
 
@@ -144,6 +145,9 @@ def report(paths: Sequence[Path], out_dir: Path, *, title: str = "combinability 
     for p in paths:
         p = Path(p)
         files.extend(sorted(f for f in p.glob("*.nc") if not f.name.startswith(".")) if p.is_dir() else [p])
+    if not files:
+        raise ConfigurationError(f"no results files to report: {', '.join(map(str, paths)) or 'no paths'} holds no "
+                                 "*.nc file (give result files, or folders holding them)")
     out_dir.mkdir(parents=True, exist_ok=True)
     written: list[Path] = []
     loaded = []

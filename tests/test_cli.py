@@ -97,3 +97,9 @@ def test_download_reports_where_it_failed_without_network(tmp_path, capsys, monk
     assert "could not download" in err and str(tmp_path / "mnist") in err and "MD5" in err
     assert main(["download", "imagenet"]) == 2  # an unknown name on the command line: a usage error
     assert "unknown dataset 'imagenet'" in capsys.readouterr().err
+
+
+def test_report_of_a_folder_without_results_fails_saying_so(tmp_path, capsys):
+    assert main(["report", str(tmp_path), "--out", str(tmp_path / "figures")]) == 2
+    assert "no results files to report" in capsys.readouterr().err
+    assert not (tmp_path / "figures").exists()  # nothing written
