@@ -113,17 +113,26 @@ def test_a_vit_pair_sweeps_as_torch_scores_it():
             assert float(ds["loss"].sel(split="test", lam=lam).isel(sample=0)) == pytest.approx(want, rel=1e-5)
 
 
-def test_convolutions_past_the_patch_embedding_and_other_qkv_layouts_are_refused_by_name():
-    class ConvStem(ViT):
+def test_a_convolutional_stem_is_traced_and_other_qkv_layouts_are_refused_by_name():
+    class ConvStem(ViT):  # convolutions and an activation before the patch embedding (a hybrid ViT's stem)
         def __init__(self):
             super().__init__()
-            self.stem = nn.Conv2d(1, 1, 3, padding=1)
+            self.stem = nn.Conv2d(1, 3, 3, padding=1)
+            self.patch = nn.Conv2d(3, self.patch.out_channels, self.patch.kernel_size, self.patch.stride)
 
         def forward(self, x):
             return super().forward(torch.relu(self.stem(x)))
 
-    with pytest.raises(TracingError, match="relu.*an operation on a convolution's channels-first output"):
-        cb.derive_symmetries(ConvStem().eval(), X)
+    spec, _ = cb.derive_symmetries(ConvStem().eval(), X)  # checked: a random map keeps the outputs
+    stem = spec.axes_to_perm["stem.weight"][0]
+    assert stem is not None and spec.axes_to_perm["patch.weight"][1] == stem  # the stem's channels move
+
+    class Cumulative(ConvStem):  # a sum over the stem's channels mixes them: refused
+        def forward(self, x):
+            return ViT.forward(self, torch.cumsum(self.stem(x), dim=1))
+
+    with pytest.raises(TracingError, match="cumsum.*an operation on a convolution's channels-first output"):
+        cb.derive_symmetries(Cumulative().eval(), X)
 
     class HeadsFirst(Attention):
         def forward(self, x):

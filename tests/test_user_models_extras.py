@@ -586,3 +586,44 @@ def test_alignment_robustness_of_a_transformer_moves_b_as_aligned():
     pair = pair.align("weight")
     robust = ex.alignment_robustness(pair, (digits.x[:100], digits.y[:100]), steps=2, lambdas=(0.5,), examples=100)
     assert np.isfinite(robust["loss_barrier"].values[robust["k"].values >= 0]).all()
+
+
+class ConvStem1d(nn.Conv1d):
+    """Whisper's ``Conv1d``: ``F.conv1d`` on its own weight and bias, cast to the input's type."""
+
+    def forward(self, x):
+        return F.conv1d(x, self.weight.to(x.dtype), self.bias.to(x.dtype), self.stride, self.padding)
+
+
+class AudioEncoder(nn.Module):
+    """Whisper's encoder, small: two convolutions and GELUs over (n, mel, frames), then tokens and attention."""
+
+    def __init__(self, mels: int = 6, d: int = 16, functional: bool = False) -> None:
+        super().__init__()
+        conv = ConvStem1d if functional else nn.Conv1d
+        self.conv1, self.conv2 = conv(mels, d, 3, padding=1), conv(d, d, 3, stride=2, padding=1)
+        self.ln1, self.attn = nn.LayerNorm(d), nn.MultiheadAttention(d, 2, batch_first=True)
+        self.ln2, self.head = nn.LayerNorm(d), nn.Linear(d, 5)
+
+    def forward(self, x):
+        h = F.gelu(self.conv2(F.gelu(self.conv1(x)))).permute(0, 2, 1)
+        q = self.ln1(h)
+        h = h + self.attn(q, q, q, need_weights=False)[0]
+        return self.head(self.ln2(h).mean(1))
+
+
+@pytest.mark.parametrize("functional", [False, True])
+def test_a_convolutional_stem_before_attention_is_traced_and_its_channels_recovered(functional):
+    torch.manual_seed(12)
+    a = AudioEncoder(functional=functional).eval()
+    x = torch.randn(3, 6, 10)
+    cb.derive_symmetries(a, x)
+    stem = torch.randperm(16)  # conv1's output channels, read by conv2
+    planted = AudioEncoder(functional=functional).eval()
+    planted.load_state_dict(a.state_dict())
+    with torch.no_grad():
+        planted.conv1.weight.copy_(a.conv1.weight[stem]), planted.conv1.bias.copy_(a.conv1.bias[stem])
+        planted.conv2.weight.copy_(a.conv2.weight[:, stem])
+    torch.testing.assert_close(planted(x), a(x), rtol=1e-5, atol=1e-5)
+    pair = cb.ModelPair(a, planted, example_input=x).align("weight", seed=0)
+    np.testing.assert_allclose(pair.theta_b, pair.theta_a, atol=1e-6)

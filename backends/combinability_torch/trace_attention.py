@@ -38,6 +38,11 @@ from combinability_torch.fx_vocabulary import (
 from combinability_torch.trace import example_value, permute_dims, reads_shape
 
 
+def _number(a: Any) -> bool:
+    """Whether ``a`` is a number: a constant, or one worked out from sizes (Whisper's ``(d // heads) ** -0.25``)."""
+    return not isinstance(a, fx.Node) or a.meta.get("tensor_meta") is None
+
+
 def _per_head(bias: fx.Node, scores: fx.Node) -> bool:
     """Whether ``bias``, added to (or masking) ``scores`` of shape ``(..., heads, q, k)``, may differ between
     heads: more than one entry on the heads axis (ALiBi's slopes, ``(1, heads, 1, k)``); a mask of
@@ -283,7 +288,10 @@ def _attention_parts(n: fx.Node, args: list[fx.Node], spaces: list[Any], sp: Fea
         return _stacked_parts(n, first, att, space, where, model)
     if _rotary_or_repeated(n, args, first, sp, space, att, where, model):
         return True
-    if target in ("view", "reshape", torch.reshape) and len(args) == 1 and spaces[0] not in (None, FIXED):
+    merged = target in ("flatten", torch.flatten) and len(args) == 1 and args[0].name in headed and \
+        (n.kwargs.get("start_dim", n.args[1] if len(n.args) > 1 else 0)) % max(_ndim(args[0]) or 1, 1) == \
+        (_ndim(args[0]) or 0) - 2  # Whisper's ``.flatten(start_dim=2)`` of (b, t, heads, head_dim)
+    if (merged or target in ("view", "reshape", torch.reshape)) and len(args) == 1 and spaces[0] not in (None, FIXED):
         src, out = _shape_of(args[0]), _shape_of(n)
         if src is None or out is None:
             return False
@@ -330,9 +338,16 @@ def _attention_parts(n: fx.Node, args: list[fx.Node], spaces: list[Any], sp: Fea
         return True
     if len(args) == 1 and args[0].name in headed and (
             target in ("contiguous", "clone", "float", "to", "type", F.dropout) or
-            (target in _SCALING and len(n.args) == 2 and not any(isinstance(a, fx.Node) for a in n.args[1:])) or
+            (target in _SCALING and len(n.args) == 2 and all(_number(a) for a in n.args[1:])) or
             (target in ("transpose", torch.transpose) and _keeps_last(n)) or _permute_keeps_last(n)):
         headed[n.name] = headed[args[0].name]
+        if args[0].name in att.shared:
+            att.shared[n.name] = att.shared[args[0].name]
+        space[n.name] = spaces[0]
+        return True
+    if len(args) == 1 and args[0].name in att.keys and (target in ("contiguous", "to", "float", "type") or (
+            target in _SCALING and len(n.args) == 2 and all(_number(a) for a in n.args[1:]))):
+        att.keys[n.name] = att.keys[args[0].name]  # kᵀ scaled by a number (Whisper's ``* scale``), cast
         if args[0].name in att.shared:
             att.shared[n.name] = att.shared[args[0].name]
         space[n.name] = spaces[0]

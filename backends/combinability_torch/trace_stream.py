@@ -158,6 +158,21 @@ def stream_symmetries(model: nn.Module, example_input: torch.Tensor) -> tuple[Pe
         elif n.op == "call_module":
             m = gm.get_submodule(n.target)
             src = space.get(n.args[0].name) if n.args and isinstance(n.args[0], fx.Node) else None
+            stem = channels_first.get(n.args[0].name) if n.args and isinstance(n.args[0], fx.Node) else None
+            if stem is not None and isinstance(m, _NONLINEAR_MODULES) and not isinstance(m, nn.Softmax | nn.LogSoftmax):
+                sp.mark([stem])  # an activation between the convolutions of a stem (Whisper's, wav2vec's)
+                channels_first[n.name] = stem
+                space[n.name] = None
+                continue
+            if stem is not None and isinstance(m, nn.Conv1d | nn.Conv2d | nn.Conv3d) and m.groups == 1 and \
+                    m.padding_mode == "zeros":
+                s = sp.new(n.target)  # a convolution of a stem's channels: a space of its own, read by the next
+                bind(f"{n.target}.weight", [s, stem] + [None] * (m.weight.ndim - 2))
+                if m.bias is not None:
+                    bind(f"{n.target}.bias", [s])
+                channels_first[n.name] = s
+                space[n.name] = None
+                continue
             if n.args and isinstance(n.args[0], fx.Node) and n.args[0].name in channels_first and \
                     not isinstance(m, _PASS_MODULES):
                 raise NotATransformerError(f"{where}: a {type(m).__name__} on a convolution's channels-first "
@@ -221,8 +236,10 @@ def stream_symmetries(model: nn.Module, example_input: torch.Tensor) -> tuple[Pe
             if n.args and isinstance(n.args[0], fx.Node) and n.args[0].name in recurrent and not reads_shape(n):
                 _recurrent_part(n, recurrent, space, where, model)
                 continue
+            if n.target in _CONVOLUTIONS and _conv_function(n, channels_first, space, binds, params_of, sp):
+                continue
             if n.args and isinstance(n.args[0], fx.Node) and n.args[0].name in channels_first and not reads_shape(n):
-                _channels_first_op(n, channels_first, space, where, model)
+                _channels_first_op(n, channels_first, space, sp, where, model)
                 continue
             if routing.follow(n, space):  # expert ids: the values of a router's top-k
                 continue
@@ -740,8 +757,32 @@ def _functional_norm(n: fx.Node, gm: fx.GraphModule, src: Any, params_of: dict[s
     return Norm(src, scale, shift, n.target is F.layer_norm, _readers(gm, n))
 
 
-def _channels_first_op(n: fx.Node, channels_first: dict[str, int], space: dict[str, Any], where: str,
-                       model: nn.Module) -> None:
+def _conv_function(n: fx.Node, channels_first: dict[str, int], space: dict[str, Any], binds: dict[str, list[Any]],
+                   params_of: dict[str, str], sp: FeatureSpaces) -> bool:
+    """``F.conv1d/2d/3d(x, self.weight, self.bias, ...)`` of an ungrouped convolution on the model's input or a
+    stem's channels (Whisper's ``Conv1d`` subclass): its output channels open a space, its input channels take
+    the stem's. Return whether ``n`` was one."""
+    x = n.args[0] if n.args else None
+    w = n.args[1] if len(n.args) > 1 else n.kwargs.get("weight")
+    b = n.args[2] if len(n.args) > 2 else n.kwargs.get("bias")
+    groups = n.args[6] if len(n.args) > 6 else n.kwargs.get("groups", 1)
+    if not (isinstance(x, fx.Node) and isinstance(w, fx.Node) and w.name in params_of and groups == 1):
+        return False
+    stem = channels_first.get(x.name)
+    if stem is None and space.get(x.name) is not FIXED:
+        return False
+    name = params_of[w.name]
+    out = sp.new(name.rpartition(".")[0] or name)
+    binds[name] = [out, stem] + [None] * (len(binds[name]) - 2)  # (out, in, *kernel)
+    if isinstance(b, fx.Node) and b.name in params_of:
+        binds[params_of[b.name]] = [sp.union(out, binds[params_of[b.name]][0])]
+    channels_first[n.name] = out
+    space[n.name] = None
+    return True
+
+
+def _channels_first_op(n: fx.Node, channels_first: dict[str, int], space: dict[str, Any], sp: FeatureSpaces,
+                       where: str, model: nn.Module) -> None:
     """Follow a patch embedding's output ``(n, c, h, w)`` to tokens ``(n, h * w, c)``.
 
     ``flatten(2)`` (or a reshape keeping the first two axes) keeps the channels on axis 1;
@@ -751,6 +792,12 @@ def _channels_first_op(n: fx.Node, channels_first: dict[str, int], space: dict[s
     s = channels_first[n.args[0].name]
     src, out = _shape_of(n.args[0]), _shape_of(n)
     target = n.target
+    if target in _NONLINEAR and target not in (F.softmax, F.log_softmax, torch.log_softmax, torch.softmax, "softmax",
+                                                "log_softmax") and len([a for a in n.all_input_nodes]) == 1:
+        sp.mark([s])  # F.gelu between the convolutions of a stem (Whisper's)
+        channels_first[n.name] = s
+        space[n.name] = None
+        return
     dims = [int(d) for d in n.args[1:]] if all(isinstance(d, int) for d in n.args[1:]) else None
     if target == "permute" and len(n.args) == 2 and isinstance(n.args[1], tuple | list):
         dims = [int(d) for d in n.args[1]]
