@@ -669,9 +669,11 @@ def _rotary_or_repeated(n: fx.Node, args: list[fx.Node], first: fx.Node | None, 
         xs, ts = _shape_of(x) or (), _shape_of(table) or ()
         aligned = [ts[i - len(xs) + len(ts)] if i - len(xs) + len(ts) >= 0 else 1 for i in range(len(xs))]
         if shape != xs or any(xs[i] == h and aligned[i] != 1 for i in range(len(xs) - 1)):
-            raise TracingError(f"{where}: per-head features multiplied by a table that may differ between heads "
-                               f"(rotary tables of positions x head_dim are followed; the example's token count must "
-                               f"differ from the number of heads){_hint(model)}")
+            clash = [f"axis {i} of {xs[i]}" for i in range(len(xs) - 1) if xs[i] == h and aligned[i] != 1]
+            raise TracingError(f"{where}: per-head features {tuple(xs)} multiplied by a table {tuple(ts)} that may "
+                               f"differ between heads ({', '.join(clash) or 'shapes differ'}, as many as the {h} "
+                               f"heads); rotary tables of positions x head_dim are followed: give an example whose "
+                               f"batch size and token count differ from the number of heads{_hint(model)}")
         if aligned[-1] != 1:
             sp.rigid([space[x.name]])  # cos/sin: one factor per unit of the head, the same in every head
         headed[n.name], space[n.name] = headed[x.name], space[x.name]
