@@ -787,6 +787,11 @@ def describe(model: nn.Module, example_input: torch.Tensor) -> tuple[LayerTable,
     """
     from torch.fx.passes.shape_prop import ShapeProp
 
+    if isinstance(example_input, torch.Tensor) and not (example_input.is_floating_point() or
+                                                        example_input.is_complex()) and \
+            any(isinstance(m, nn.Embedding | nn.EmbeddingBag) for m in model.modules()):
+        raise NotALayerTableError(f"{type(model).__name__} takes integer inputs (token ids, read by an embedding), "
+                                  "which layer tables do not model" + _hint(model))
     tied = tensor_aliases(model)
     if tied:
         raise TracingError(f"{type(model).__name__} ties {', '.join(f'{a} to {b}' for a, b in tied.items())} (one "
