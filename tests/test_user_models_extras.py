@@ -627,3 +627,35 @@ def test_a_convolutional_stem_before_attention_is_traced_and_its_channels_recove
     torch.testing.assert_close(planted(x), a(x), rtol=1e-5, atol=1e-5)
     pair = cb.ModelPair(a, planted, example_input=x).align("weight", seed=0)
     np.testing.assert_allclose(pair.theta_b, pair.theta_a, atol=1e-6)
+
+
+class HeadTemperature(ALiBi):
+    """A learned temperature per head multiplying the scores, and a learned global one (harmless)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.temperature = nn.Parameter(torch.rand(2, 1, 1) + 0.5)
+        self.scale = nn.Parameter(torch.tensor(0.7))
+
+    def forward(self, ids):
+        x = self.embed(ids)
+        b, t, _ = x.shape
+        q, k, v = (part.view(b, t, self.h, self.dh).transpose(1, 2) for part in self.qkv(x).split(16, -1))
+        scores = (q @ k.transpose(-2, -1)) * self.scale
+        if self.h_temperature:
+            scores = scores * self.temperature
+        return self.head(x + self.o((F.softmax(scores, -1) @ v).transpose(1, 2).reshape(b, t, -1)))
+
+
+@pytest.mark.parametrize("per_head", [False, True])
+def test_a_learned_temperature_per_head_is_refused_by_name_and_a_global_one_traced(per_head):
+    torch.manual_seed(13)
+    model = HeadTemperature().eval()
+    model.h_temperature = per_head
+    ids = torch.randint(0, 12, (3, 6))
+    if per_head:
+        with pytest.raises(TracingError, match=r"attention scores scaled by 'temperature'"):
+            cb.derive_symmetries(model, ids)
+    else:
+        spec, _ = cb.derive_symmetries(model, ids)  # checked: a random map keeps the outputs
+        assert spec.axes_to_perm["qkv.weight"][0] is not None  # the heads still move

@@ -17,6 +17,7 @@ import operator
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import fx, nn
@@ -230,6 +231,12 @@ def _attention_parts(n: fx.Node, args: list[fx.Node], spaces: list[Any], sp: Fea
             att.grouped[n.name] = att.grouped[scored.name]
         if scored.name in att.sunk:
             att.sunk[n.name] = att.sunk[scored.name]
+        factors = [a for a in n.args[:2] if isinstance(a, fx.Node)] if target in _SCALING else []
+        scaled = [a for a in factors if a is not scored and isinstance(space.get(a.name), int)
+                  and not sp.is_fixed(space[a.name]) and int(np.prod(_shape_of(a) or (1,))) > 1]
+        if scaled:  # a learned factor per head (a temperature): its axes would not move with the heads
+            raise TracingError(f"{where}: attention scores scaled by {scaled[0].name!r} (a parameter or features); "
+                               f"the tracer follows scores scaled by numbers and constants{_hint(model)}")
         placed = [a for a in summed if a is not scored and isinstance(space.get(a.name), int)
                   and not sp.is_fixed(space[a.name])]
         if placed:  # a parameter or features added to the scores: their axes would not move with the heads

@@ -141,6 +141,10 @@ def stream_symmetries(model: nn.Module, example_input: torch.Tensor) -> tuple[Pe
             if all(reads_shape(u) for u in n.users):  # read for its dtype or shape only (``w.dtype``)
                 space[n.name] = None
                 continue
+            if value.ndim == 0:  # a learned number (a temperature, a gate): no axis to move, a constant to features
+                bind(n.target, [])
+                space[n.name] = FIXED
+                continue
             module, _, leaf = n.target.rpartition(".")
             s = sp.new(module if module and leaf in ("weight", "bias") else n.target)
             bind(n.target, [None] * (value.ndim - 1) + [s])
