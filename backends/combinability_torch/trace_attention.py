@@ -786,11 +786,8 @@ def _head_tables(n: fx.Node, args: list[fx.Node], spaces: list[Any], att: _HandA
     attention it is added to. Handle ``n`` and return True, or leave it."""
     target, shape = n.target, _shape_of(n)
     first = n.args[0] if n.args and isinstance(n.args[0], fx.Node) else None
-    dims = n.args[1:] if n.op == "call_method" else n.args[1:2]
-    dims = tuple(dims[0]) if len(dims) == 1 and isinstance(dims[0], tuple | list) else tuple(dims)
-    if target in ("permute", torch.permute) and first is not None and len(args) == 1 and \
-            spaces[0] not in (None, FIXED) and not att.holds(first.name) and _ndim(first) == 3 and \
-            tuple(d % 3 for d in dims if isinstance(d, int)) == (2, 0, 1):
+    if permute_dims(n) == (2, 0, 1) and first is not None and len(args) == 1 and \
+            spaces[0] not in (None, FIXED) and not att.holds(first.name):
         att.head_table[n.name] = spaces[0]  # (q, k, heads) -> (heads, q, k)
         space[n.name] = None
         return True
