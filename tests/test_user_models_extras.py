@@ -659,3 +659,46 @@ def test_a_learned_temperature_per_head_is_refused_by_name_and_a_global_one_trac
     else:
         spec, _ = cb.derive_symmetries(model, ids)  # checked: a random map keeps the outputs
         assert spec.axes_to_perm["qkv.weight"][0] is not None  # the heads still move
+
+
+class EinsumAttention(nn.Module):
+    """Attention written with ``torch.einsum``, heads on axis 1 (``bhqd``) or 2 (``bqhd``), a mask added by ``.add``."""
+
+    def __init__(self, heads_second: bool, d: int = 16, heads: int = 2) -> None:
+        super().__init__()
+        self.h, self.dh, self.heads_second = heads, d // heads, heads_second
+        self.embed, self.q, self.k, self.v, self.o = nn.Embedding(12, d), *(nn.Linear(d, d) for _ in range(4))
+        self.head = nn.Linear(d, 12)
+
+    def forward(self, ids):
+        x = self.embed(ids)
+        b, t, _ = x.shape
+        q, k, v = (lin(x).view(b, t, self.h, self.dh) for lin in (self.q, self.k, self.v))
+        mask = torch.full((t, t), float("-inf")).triu(1)
+        if self.heads_second:
+            q, k, v = (z.transpose(1, 2) for z in (q, k, v))
+            p = torch.einsum("bhqd,bhkd->bhqk", q, k).mul(self.dh ** -0.5).add(mask).softmax(dim=-1)
+            y = torch.einsum("bhqk,bhkd->bhqd", p, v).transpose(1, 2)
+        else:
+            p = (torch.einsum("bqhd,bkhd->bhqk", q, k) / self.dh ** 0.5 + mask).softmax(dim=-1)
+            y = torch.einsum("bhqk,bkhd->bqhd", p, v)
+        return self.head(x + self.o(y.reshape(b, t, -1)))
+
+
+@pytest.mark.parametrize("heads_second", [True, False])
+def test_einsum_attention_is_traced_and_planted_heads_recovered(heads_second):
+    torch.manual_seed(14)
+    a = EinsumAttention(heads_second).eval()
+    ids = torch.randint(0, 12, (3, 6))
+    cb.derive_symmetries(a, ids)
+    planted = EinsumAttention(heads_second).eval()
+    planted.load_state_dict(a.state_dict())
+    heads = torch.arange(16).view(2, 8).flip(0).reshape(-1)
+    with torch.no_grad():
+        for lin in ("q", "k", "v"):
+            getattr(planted, lin).weight.copy_(getattr(a, lin).weight[heads])
+            getattr(planted, lin).bias.copy_(getattr(a, lin).bias[heads])
+        planted.o.weight.copy_(a.o.weight[:, heads])
+    torch.testing.assert_close(planted(ids), a(ids), rtol=1e-5, atol=1e-5)
+    pair = cb.ModelPair(a, planted, example_input=ids).align("weight", seed=0)
+    np.testing.assert_allclose(pair.theta_b, pair.theta_a, atol=1e-6)

@@ -39,6 +39,38 @@ from combinability_torch.fx_vocabulary import (
 from combinability_torch.trace import example_value, permute_dims, reads_shape
 
 
+def _einsum_product(n: fx.Node, att: _HandAttention) -> tuple[fx.Node, fx.Node] | None:
+    """The two factors of an attention product written with ``torch.einsum``, as ``@`` would take them, or None.
+
+    Scores ``einsum("bhqd,bhkd->bhqk", q, k)`` (also with heads on axis 2, ``"bqhd,bkhd->bhqk"``): two
+    per-head operands contracted over their last axis, head_dim; the key is then read as ``kᵀ``. Mixing
+    ``einsum("bhqk,bhkd->bhqd", weights, v)``: scores contracted over their last axis, the keys, with
+    per-head values.
+    """
+    if n.target not in (torch.einsum, "einsum") or not n.args or not isinstance(n.args[0], str):
+        return None
+    operands = list(n.args[1][0:2]) if len(n.args) == 2 and isinstance(n.args[1], tuple | list) else list(n.args[1:])
+    equation = n.args[0].replace(" ", "")
+    if len(operands) != 2 or not all(isinstance(a, fx.Node) for a in operands) or "->" not in equation or \
+            "." in equation:
+        return None
+    inputs, output = equation.split("->")
+    parts = inputs.split(",")
+    if len(parts) != 2 or any(len(p) != len(set(p)) for p in (*parts, output)):
+        return None
+    (left, right), (lhs, rhs) = operands, parts
+    contracted = (set(lhs) & set(rhs)) - set(output)
+    if len(contracted) != 1 or set(output) != (set(lhs) | set(rhs)) - contracted:
+        return None
+    letter = contracted.pop()
+    if left.name in att.headed and right.name in att.headed and lhs[-1] == rhs[-1] == letter:
+        att.keys.setdefault(right.name, att.headed[right.name])  # q kᵀ: the key read transposed
+        return left, right
+    if left.name in att.scores and right.name in att.headed and lhs[-1] == letter and rhs[-1] != letter:
+        return left, right
+    return None
+
+
 def _number(a: Any) -> bool:
     """Whether ``a`` is a number: a constant, or one worked out from sizes (Whisper's ``(d // heads) ** -0.25``)."""
     return not isinstance(a, fx.Node) or a.meta.get("tensor_meta") is None
@@ -191,7 +223,8 @@ _BADDBMM = {torch.baddbmm, "baddbmm"}
 
 
 #: Operations on attention scores that keep them scores: scaling, masking, softmax over keys, dropout.
-_ON_SCORES = {operator.mul, operator.truediv, operator.add, torch.mul, torch.add, "masked_fill", "masked_fill_",
+_ON_SCORES = {operator.mul, operator.truediv, operator.add, torch.mul, torch.add, "add", "mul", "div", "masked_fill",
+              "masked_fill_",
               operator.sub, torch.sub, "sub",
               torch.masked_fill, F.softmax, torch.softmax, "softmax", F.dropout, "float", "type_as", "contiguous", "to",
               "type", torch.where, torch.max, "max", torch.maximum, torch.tanh, "tanh"}  # tanh: Gemma-2's soft-capping
@@ -219,7 +252,7 @@ def _attention_parts(n: fx.Node, args: list[fx.Node], spaces: list[Any], sp: Fea
         _shape_of(scored) is not None and _shape_of(n)[-2:] == _shape_of(scored)[-2:]  # type: ignore[index]
     # a cast to another tensor's type (``softmax(s.float()).type_as(q)``, Meta's llama) reads only its dtype
     operands = [scored] if target in ("type_as", "to") and scored is first else args
-    summed = [a for a in n.args[:2] if isinstance(a, fx.Node)] if target in _ADD else []
+    summed = [a for a in n.args[:2] if isinstance(a, fx.Node)] if target in _ADD or target == "add" else []
     if isinstance(scored, fx.Node) and scored.name in att.head_table and len(summed) == 2 and \
             summed[1].name in att.scores:
         scored = summed[1]  # table + scores: the scores with the table added
@@ -371,8 +404,11 @@ def _attention_parts(n: fx.Node, args: list[fx.Node], spaces: list[Any], sp: Fea
         space[n.name] = spaces[0]
         return True
     factors = n.args[1:3] if target in _BADDBMM and len(n.args) >= 3 else n.args  # baddbmm(zeros, q, kᵀ)
-    if (target in _MATMUL or target in _BADDBMM) and len(factors) == 2 and all(isinstance(a, fx.Node)
-                                                                                for a in factors):
+    products = _einsum_product(n, att)
+    if products is not None:
+        factors = products
+    if (target in _MATMUL or target in _BADDBMM or products is not None) and len(factors) == 2 and \
+            all(isinstance(a, fx.Node) for a in factors):
         left, right = factors
         if left.name in headed and right.name in att.keys:  # scores q kᵀ: query and key units contracted
             if headed[left.name] != att.keys[right.name]:
