@@ -20,6 +20,27 @@ from tests.model_checks import table_logits
 torch = pytest.importorskip("torch")
 nn, F = torch.nn, torch.nn.functional
 
+#: Two heads of 8 units swapped, each head's units in their order.
+SWAPPED = torch.arange(16).view(2, 8).flip(0).reshape(-1)
+
+
+def _swap_heads(source, target, rows=("q", "k", "v"), out="o") -> None:
+    """``target`` gets ``source``'s attention with its two heads swapped by hand: the rows of the query,
+    key and value layers (and biases), the columns of the output layer."""
+    with torch.no_grad():
+        for name in rows:
+            getattr(target, name).weight.copy_(getattr(source, name).weight[SWAPPED])
+            if getattr(source, name).bias is not None:
+                getattr(target, name).bias.copy_(getattr(source, name).bias[SWAPPED])
+        getattr(target, out).weight.copy_(getattr(source, out).weight[:, SWAPPED])
+
+
+def _undone_by_weight_matching(a, planted, x) -> None:
+    """The plant keeps the function (plain torch), and weight matching undoes it exactly."""
+    torch.testing.assert_close(planted(x), a(x), rtol=1e-5, atol=1e-5)
+    pair = cb.ModelPair(a, planted, example_input=x).align("weight", seed=0)
+    np.testing.assert_allclose(pair.theta_b, pair.theta_a, atol=1e-6)
+
 
 def _softplus(x):
     return np.logaddexp(0.0, x)
@@ -89,9 +110,7 @@ def test_a_cnn_with_any_listed_activation_module_is_traced_and_a_planted_permuta
         planted.c1.weight.copy_(a.c1.weight[perm]), planted.c1.bias.copy_(a.c1.bias[perm])
         planted.c2.weight.copy_(a.c2.weight[perm][:, perm]), planted.c2.bias.copy_(a.c2.bias[perm])
         planted.fc.weight.copy_(a.fc.weight[:, perm])
-    torch.testing.assert_close(planted(x), a(x), rtol=1e-5, atol=1e-5)
-    pair = cb.ModelPair(a, planted, example_input=x).align("weight", seed=0)
-    np.testing.assert_allclose(pair.theta_b, pair.theta_a, atol=1e-6)
+    _undone_by_weight_matching(a, planted, x)
 
 
 class Unused(nn.Module):
@@ -209,15 +228,8 @@ def test_attention_probabilities_cast_with_type_as_are_traced_and_heads_recovere
     ids = torch.randint(0, 12, (3, 5))
     planted = LlamaAttention().eval()
     planted.load_state_dict(a.state_dict())
-    heads = torch.arange(16).view(2, 8).flip(0).reshape(-1)  # the two heads swapped
-    with torch.no_grad():
-        for lin in ("q", "k", "v"):
-            getattr(planted, lin).weight.copy_(getattr(a, lin).weight[heads])
-            getattr(planted, lin).bias.copy_(getattr(a, lin).bias[heads])
-        planted.o.weight.copy_(a.o.weight[:, heads])
-    torch.testing.assert_close(planted(ids), a(ids), rtol=1e-5, atol=1e-5)
-    pair = cb.ModelPair(a, planted, example_input=ids).align("weight", seed=0)
-    np.testing.assert_allclose(pair.theta_b, pair.theta_a, atol=1e-6)
+    _swap_heads(a, planted)
+    _undone_by_weight_matching(a, planted, ids)
 
 
 class PaddedUNetUp(nn.Module):
@@ -311,11 +323,7 @@ def test_complex_rotary_keeps_units_in_their_heads_and_planted_heads_are_recover
     spec, _ = cb.derive_symmetries(a, ids)
     planted = MetaAttention().eval()
     planted.load_state_dict(a.state_dict())
-    heads = torch.arange(16).view(2, 8).flip(0).reshape(-1)  # the two heads swapped, their units in order
-    with torch.no_grad():
-        for w in ("wq", "wk", "wv"):
-            getattr(planted, w).weight.copy_(getattr(a, w).weight[heads])
-        planted.wo.weight.copy_(a.wo.weight[:, heads])
+    _swap_heads(a, planted, rows=("wq", "wk", "wv"), out="wo")
     torch.testing.assert_close(planted(ids), a(ids), rtol=1e-5, atol=1e-5)
     within = torch.arange(16).view(2, 8)[:, torch.randperm(8)].reshape(-1)  # units moved within each head
     moved = MetaAttention().eval()
@@ -389,16 +397,11 @@ def test_a_relative_position_bias_shared_by_layers_moves_with_every_layers_heads
     assert table_order is not None  # the table's heads move (with the query heads)
     planted = T5Encoder().eval()
     planted.load_state_dict(a.state_dict())
-    heads = torch.arange(16).view(2, 8).flip(0).reshape(-1)  # both layers' heads swapped, as the shared table's
+    for layer, source in zip(planted.layers, a.layers, strict=True):  # both layers' heads, as the shared table's
+        _swap_heads(source, layer)
     with torch.no_grad():
-        for layer, source in zip(planted.layers, a.layers, strict=True):
-            for lin in ("q", "k", "v"):
-                getattr(layer, lin).weight.copy_(getattr(source, lin).weight[heads])
-            layer.o.weight.copy_(source.o.weight[:, heads])
         planted.layers[0].relative_attention_bias.weight.copy_(a.layers[0].relative_attention_bias.weight.flip(1))
-    torch.testing.assert_close(planted(ids), a(ids), rtol=1e-5, atol=1e-5)
-    pair = cb.ModelPair(a, planted, example_input=ids).align("weight", seed=0)
-    np.testing.assert_allclose(pair.theta_b, pair.theta_a, atol=1e-6)
+    _undone_by_weight_matching(a, planted, ids)
 
 
 class LearnedTable(T5Encoder):
@@ -624,9 +627,7 @@ def test_a_convolutional_stem_before_attention_is_traced_and_its_channels_recove
     with torch.no_grad():
         planted.conv1.weight.copy_(a.conv1.weight[stem]), planted.conv1.bias.copy_(a.conv1.bias[stem])
         planted.conv2.weight.copy_(a.conv2.weight[:, stem])
-    torch.testing.assert_close(planted(x), a(x), rtol=1e-5, atol=1e-5)
-    pair = cb.ModelPair(a, planted, example_input=x).align("weight", seed=0)
-    np.testing.assert_allclose(pair.theta_b, pair.theta_a, atol=1e-6)
+    _undone_by_weight_matching(a, planted, x)
 
 
 class HeadTemperature(ALiBi):
@@ -693,12 +694,5 @@ def test_einsum_attention_is_traced_and_planted_heads_recovered(heads_second):
     cb.derive_symmetries(a, ids)
     planted = EinsumAttention(heads_second).eval()
     planted.load_state_dict(a.state_dict())
-    heads = torch.arange(16).view(2, 8).flip(0).reshape(-1)
-    with torch.no_grad():
-        for lin in ("q", "k", "v"):
-            getattr(planted, lin).weight.copy_(getattr(a, lin).weight[heads])
-            getattr(planted, lin).bias.copy_(getattr(a, lin).bias[heads])
-        planted.o.weight.copy_(a.o.weight[:, heads])
-    torch.testing.assert_close(planted(ids), a(ids), rtol=1e-5, atol=1e-5)
-    pair = cb.ModelPair(a, planted, example_input=ids).align("weight", seed=0)
-    np.testing.assert_allclose(pair.theta_b, pair.theta_a, atol=1e-6)
+    _swap_heads(a, planted)
+    _undone_by_weight_matching(a, planted, ids)
