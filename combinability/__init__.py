@@ -110,6 +110,7 @@ _LAZY.update({
     "ModelSet": "combinability.sets",
     "derive_spec": "combinability.derive",
     "derive_symmetries": "combinability.derive",
+    "invertible_symmetries": "combinability.derive",
     "llfc": "combinability.analysis",
     "layerwise_barriers": "combinability.analysis",
     "calibrate": "combinability.analysis",

@@ -28,7 +28,7 @@ if TYPE_CHECKING:
     from combinability.layers import LayerTable
     from combinability.permutation import PermutationSpec
 
-__all__ = ["describe", "derive_spec", "derive_symmetries", "verify_spec"]
+__all__ = ["describe", "derive_spec", "derive_symmetries", "invertible_symmetries", "verify_spec"]
 
 
 def _backend(model: Any, backend: str | Backend | None) -> Backend:
@@ -147,8 +147,7 @@ def derive_symmetries(model: Any, example_input: Any, *, backend: str | Backend 
 
     be = _backend(model, backend)
     spec, folds = be.symmetries(model, example_input)
-    state = be.state(model)
-    floats = {k: v for k, v in state.items() if np.issubdtype(v.dtype, np.floating)}
+    floats, change = _output_change(be, model, example_input)
     try:
         spec.perm_sizes(floats)
     except PermutationSpecError as exc:  # a packing of features read one way by one layer, another by the next
@@ -156,15 +155,6 @@ def derive_symmetries(model: Any, example_input: Any, *, backend: str | Backend 
                            "features packed in a way the stream tracer does not follow; pass spec= by hand"
                            ) from None
     folded = fold_norms(floats, folds)
-    x = be.asarray(example_input, input_dtype(example_input))
-    logits = _logits_of(be, model, floats, x)
-    base = logits(floats)
-
-    def change(params: Mapping[str, np.ndarray]) -> float | None:
-        """How far ``params`` move the outputs on the example, or None when they keep them."""
-        out = logits(params)
-        close = np.allclose(out, base, rtol=1e-4, atol=1e-4 * max(1.0, float(np.abs(base).max())))
-        return None if close else float(np.abs(out - base).max())
 
     def keeps(pairs: Mapping[str, str]) -> PermutationSpec | None:
         """``spec`` with ``pairs`` of units per block (:func:`merge_blocks`) if a random map of it keeps the outputs."""
@@ -193,6 +183,51 @@ def derive_symmetries(model: Any, example_input: Any, *, backend: str | Backend 
                                f"({what} changes the outputs on example_input by up to {moved:.3g}); "
                                "pass spec= by hand")
     return spec, folds
+
+
+def invertible_symmetries(model: Any, example_input: Any, spec: PermutationSpec, folds: Any = (), *,
+                          backend: str | Backend | None = None, seed: int = 0) -> PermutationSpec:
+    """``spec`` (of :func:`derive_symmetries`) with general invertible maps inside attention heads where they hold.
+
+    Each head's query/key and value/output units become an invertible map and its inverse
+    transpose (:func:`combinability.invertible.invertible_spec`) wherever a random map of
+    that kind, with every other name of the spec drawn at random too, keeps the model's
+    outputs on ``example_input`` (with its norms folded); elsewhere (rotary embeddings,
+    norms on queries and keys) the permutations inside heads stay.
+
+    Returns
+    -------
+    PermutationSpec
+    """
+    from combinability.folding import fold_norms
+    from combinability.invertible import invertible_spec
+
+    be = _backend(model, backend)
+    floats, change = _output_change(be, model, example_input)
+    folded = fold_norms(floats, list(folds))
+
+    def keeps(candidate: PermutationSpec) -> bool:
+        moved = apply_permutation(candidate, random_permutation(candidate, folded, seed, derange=True), folded)
+        return change(moved) is None
+
+    return invertible_spec(spec, keeps)
+
+
+def _output_change(be: Backend, model: Any, example_input: Any) -> tuple[dict[str, np.ndarray], Any]:
+    """The model's float parameters, and ``change(params)``: how far ``params`` move its outputs on
+    ``example_input``, or None when they keep them."""
+    state = be.state(model)
+    floats = {k: v for k, v in state.items() if np.issubdtype(v.dtype, np.floating)}
+    x = be.asarray(example_input, input_dtype(example_input))
+    logits = _logits_of(be, model, floats, x)
+    base = logits(floats)
+
+    def change(params: Mapping[str, np.ndarray]) -> float | None:
+        out = logits(params)
+        close = np.allclose(out, base, rtol=1e-4, atol=1e-4 * max(1.0, float(np.abs(base).max())))
+        return None if close else float(np.abs(out - base).max())
+
+    return floats, change
 
 
 def _logits_of(be: Backend, model: Any, like: dict[str, np.ndarray], x: Any) -> Any:

@@ -15,6 +15,16 @@ maximiser is
   rows); then an assignment σ on ``B``, and each block's within-block permutations are
   those of its matched pair.
 
+A block group whose members are general invertible maps inside each block
+(:class:`~combinability.kinds.Invertible`, with their :class:`~combinability.kinds.Dual`
+on the other side of each head's bilinear form) cannot be valued by ``⟨θ_A, T(θ_B)⟩``,
+which grows without bound with the map; its steps minimise the distance instead, and so
+the objective of such a spec is ``Σ ⟨θ_A, T(θ_B)⟩ − ½‖T(θ_B)‖²`` (``−½‖θ_A − T(θ_B)‖²`` up
+to a constant, and the same steps as before for every other kind, which keep norms). The
+group's step assigns σ on the blocks' least-squares fits (each pair of blocks valued by
+how much of A's block the best map of B's can reach, each side alone), then fits each
+matched pair's map by :func:`combinability.invertible.fit_inner`.
+
 Sweeps visit the steps in a seeded random order until a sweep improves nothing. This
 generalises, for any spec, the matching of heads, FFN neurons, experts and the residual
 stream of the transformer and MoE papers (Theus et al. 2025; Tran et al. 2025) — with
@@ -30,7 +40,20 @@ from typing import Any
 import numpy as np
 
 from combinability.assignment import fast_solve_max
-from combinability.kinds import Blocks, Orthogonal, expand_blocks, invert, is_matrix, ones_complement
+from combinability.invertible import duals, fit_inner
+from combinability.kinds import (
+    Blocks,
+    Dual,
+    Invertible,
+    Orthogonal,
+    block_matrix,
+    block_parts,
+    dual_of,
+    expand_blocks,
+    invert,
+    is_matrix,
+    ones_complement,
+)
 from combinability.matching_terms import dot64
 from combinability.permutation import (
     Permutation,
@@ -65,11 +88,12 @@ def _offsets(spec: PermutationSpec, name: str, axis: int, sizes: Mapping[str, in
 
 
 def _cost(spec: PermutationSpec, p: str, a: Mapping[str, np.ndarray], b_rest: Mapping[str, np.ndarray],
-          n: int, sizes: Mapping[str, int]) -> np.ndarray:
+          n: int, sizes: Mapping[str, int], *, left: str = "a") -> np.ndarray:
     """``C[i, j] = Σ ⟨A unit i, B unit j⟩`` over every axis and segment bound to ``p``.
 
     Each product runs in the precision of A's parameter (float32 for a float32 model, as
     in :mod:`combinability.matching_terms`; float64 for float64) and is summed in float64.
+    With ``left="b"``, ``Σ ⟨B unit i, B unit j⟩`` (B's Gram matrix).
     """
     cost = np.zeros((n, n))
     views = [(name, axis, slice(None)) for name, axis in spec.perm_to_axes.get(p, [])]
@@ -77,7 +101,7 @@ def _cost(spec: PermutationSpec, p: str, a: Mapping[str, np.ndarray], b_rest: Ma
         off = _offsets(spec, name, axis, sizes)
         views.append((name, axis, slice(off[k], off[k + 1])))
     for name, axis, part in views:
-        pa = np.moveaxis(a[name], axis, 0)[part].reshape(n, -1)
+        pa = np.moveaxis((a if left == "a" else b_rest)[name], axis, 0)[part].reshape(n, -1)
         pb = np.moveaxis(b_rest[name], axis, 0)[part].reshape(n, -1)
         dtype = np.float64 if pa.dtype == np.float64 else np.float32
         cost += pa.astype(dtype, copy=False) @ pb.astype(dtype, copy=False).T
@@ -114,8 +138,10 @@ def _readers(spec: PermutationSpec, steps: list[str]) -> dict[str, set[str]]:
             for q in names:
                 across.setdefault(q, set()).update(others)
     out = {}
+    dual = duals(spec)
     for p in steps:
-        own = [p] + [m for m, kind in spec.kinds.items() if isinstance(kind, Blocks) and kind.group == p]
+        members = [m for m, kind in spec.kinds.items() if isinstance(kind, Blocks | Invertible) and kind.group == p]
+        own = [p, *members, *(dual[m] for m in members if m in dual)]
         out[p] = set().union(*(across.get(o, set()) for o in own))
     return out
 
@@ -132,15 +158,25 @@ class _Transformed:
     def __init__(self, spec: PermutationSpec, a: Mapping[str, np.ndarray], b: Mapping[str, np.ndarray],
                  perm: dict[str, np.ndarray], bound: Mapping[str, list[str]]) -> None:
         self.spec, self.a, self.b, self.perm, self.bound = spec, a, b, perm, bound
+        self.duals = duals(spec)
         self.moved = apply_permutation(spec, perm, {k: b[k] for k in spec.axes_to_perm}, check=False)
-        self.terms = {k: dot64(a[k], v) for k, v in self.moved.items()}
+        self.terms = {k: self.share(k, v) for k, v in self.moved.items()}
+
+    def share(self, k: str, moved: np.ndarray) -> float:
+        """Parameter ``k``'s share of the objective: ``⟨A, T(B)⟩``, less ``½‖T(B)‖²`` where maps need not keep norms."""
+        value = dot64(self.a[k], moved)
+        return value - 0.5 * dot64(moved, moved) if self.duals else value
 
     def total(self) -> float:
         return float(sum(self.terms.values()))
 
     def rest(self, q: str) -> dict[str, np.ndarray]:
-        """The parameters ``q`` acts on, transformed by every name but ``q``."""
+        """The parameters ``q`` acts on, transformed by every name but ``q`` (and its dual)."""
         names = self.bound.get(q, [])
+        if q in self.duals:
+            names = list(dict.fromkeys([*names, *self.bound.get(self.duals[q], [])]))
+            others = set(self.perm) - {q, self.duals[q]}
+            return apply_permutation(self.spec, self.perm, {k: self.b[k] for k in names}, only=others, check=False)
         if is_matrix(self.perm[q]):
             return apply_permutation(self.spec, self.perm, {k: self.b[k] for k in names}, except_perm=q, check=False)
         undo = {**self.perm, q: invert(self.perm[q])}
@@ -155,7 +191,7 @@ class _Transformed:
             delta = {q: invert(self.perm[q])[np.asarray(v)] for q, v in changed.items()}
             moved = apply_permutation(self.spec, {**self.perm, **delta}, {k: self.moved[k] for k in names},
                                       only=set(changed), check=False)
-        return moved, {k: dot64(self.a[k], moved[k]) for k in names}
+        return moved, {k: self.share(k, moved[k]) for k in names}
 
     def accept(self, changed: Mapping[str, np.ndarray], moved: dict[str, np.ndarray],
                terms: dict[str, float]) -> None:
@@ -176,11 +212,65 @@ def _step(spec: PermutationSpec, p: str, state: _Transformed, a: Mapping[str, np
     if isinstance(kind, Orthogonal):
         return {p: _procrustes(_cost(spec, p, a, rest(p), sizes[p], sizes), kind.fix_ones)}
     members = [m for m, k in spec.kinds.items() if isinstance(k, Blocks) and k.group == p]
+    maps = [m for m, k in spec.kinds.items() if isinstance(k, Invertible) and k.group == p]
     group_cost = _cost(spec, p, a, rest(p), sizes[p], sizes)
+    if maps:
+        return _invertible_blocks(spec, p, group_cost, members, maps, state, a, sizes)
     if not members:
         return {p: _lap(group_cost)[0]}
     return block_assignment(p, group_cost, {m: (_cost(spec, m, a, rest(m), sizes[m], sizes), spec.kinds[m].size)
                                             for m in members})
+
+
+def _grams(spec: PermutationSpec, m: str, dual: str, state: _Transformed, a: Mapping[str, np.ndarray],
+           sizes: Mapping[str, int]) -> dict[str, np.ndarray]:
+    """The four ``n × n`` products of :func:`combinability.invertible.inner_objective` for every pair of blocks:
+    ``yx = A Bᵀ``, ``xx = B Bᵀ`` on ``m``'s side, ``vu``, ``uu`` on its dual's, B transformed by every other name."""
+    rest, n = state.rest(m), sizes[m]
+    return {"yx": _cost(spec, m, a, rest, n, sizes), "xx": _cost(spec, m, a, rest, n, sizes, left="b"),
+            "vu": _cost(spec, dual, a, rest, n, sizes), "uu": _cost(spec, dual, a, rest, n, sizes, left="b")}
+
+
+def _reach(cross: np.ndarray, gram: np.ndarray) -> float:
+    """``tr(C G⁺ Cᵀ)``: the squared norm of A's block that a free linear map of B's block reaches."""
+    return float(np.sum((cross @ np.linalg.pinv(gram, hermitian=True)) * cross))
+
+
+def _invertible_blocks(spec: PermutationSpec, group: str, group_cost: np.ndarray, members: list[str],
+                       maps: list[str], state: _Transformed, a: Mapping[str, np.ndarray],
+                       sizes: Mapping[str, int]) -> dict[str, np.ndarray]:
+    """The step of a block group with invertible maps inside its blocks (see the module docstring).
+
+    σ maximises the group's own cost, each permutation member's best within-block assignment
+    and, for each invertible member, ``½ (tr(C_yx G_xx⁺ C_yxᵀ) + tr(C_vu G_uu⁺ C_vuᵀ))`` per pair
+    of blocks (what ``−½‖A − T(B)‖²`` gains from a free map of each side, less what depends
+    on one block alone); each matched pair's map is then fitted from the one B's block holds now.
+    """
+    h = sizes[group]
+    block_cost = np.array(group_cost, dtype=np.float64)
+    fits = {}
+    for m in maps:
+        s = spec.kinds[m].size
+        fits[m] = {k: v.reshape(h, s, h, s) for k, v in _grams(spec, m, state.duals[m], state, a, sizes).items()}
+        for i in range(h):
+            for j in range(h):
+                block_cost[i, j] += 0.5 * (_reach(fits[m]["yx"][i, :, j], fits[m]["xx"][j, :, j])
+                                           + _reach(fits[m]["vu"][i, :, j], fits[m]["uu"][j, :, j]))
+    if members:  # σ on the block cost with each permutation member's best within-block assignments
+        out = block_assignment(group, block_cost, {m: (_cost(spec, m, a, state.rest(m), sizes[m], sizes),
+                                                       spec.kinds[m].size) for m in members})
+    else:
+        out = {group: _lap(block_cost)[0]}
+    sigma = out[group]
+    for m, blocks in fits.items():
+        held_sigma, held = block_parts(m, state.perm[m], h, spec.kinds[m].size)
+        by_b_block = {int(j): held[r] for r, j in enumerate(held_sigma)}  # each B block keeps its map
+        inner = [fit_inner({"yx": blocks["yx"][i, :, j], "xx": blocks["xx"][j, :, j],
+                            "vu": blocks["vu"][i, :, j], "uu": blocks["uu"][j, :, j]}, by_b_block[int(j)])
+                 for i, j in enumerate(sigma)]
+        out[m] = block_matrix(sigma, np.stack(inner))
+        out[state.duals[m]] = dual_of(out[m])
+    return out
 
 
 def block_assignment(group: str, group_cost: np.ndarray | None,
@@ -243,7 +333,7 @@ def match_symmetries(spec: PermutationSpec, a: Mapping[str, np.ndarray], b: Mapp
     sizes = spec.perm_sizes(a)
     spec.check_requirements(a)
     spec.check_requirements(b)
-    steps = [p for p in sizes if not isinstance(spec.kind(p), Blocks)]
+    steps = [p for p in sizes if not isinstance(spec.kind(p), Blocks | Invertible | Dual)]
     bound = _bindings(spec)
     readers = _readers(spec, steps)
     best: Permutation | None = None

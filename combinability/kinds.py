@@ -16,10 +16,21 @@ may declare two more:
     stream): a weight that writes to the stream gets ``Q W``, one that reads from it
     ``W Qᵀ`` — both are "Q along that axis". With ``fix_ones=True`` Q also maps the
     all-ones vector to itself, the maps that commute with LayerNorm's centring.
+:class:`Invertible`
+    A general invertible map inside each block of a block group (the query/key or
+    value/output units of each attention head: Theus et al.'s invertible maps), which
+    moves the blocks as its group does: the matrix ``M`` whose block ``(i, σ(i))`` is an
+    invertible ``G_i``. It acts on the axes bound to its name as ``M``; the axes on the
+    other side of the bilinear form (a head's keys for its queries, the output
+    projection's columns for its values) are bound to a second name of kind :class:`Dual`,
+    whose value is ``M⁻ᵀ``, so that ``qᵀk`` and ``W_O v`` are unchanged.
+:class:`Dual`
+    The name whose value is the inverse transpose of an :class:`Invertible` name's.
 
 Every kind supports apply (:func:`act`), inverse, compose and random draws; a
 permutation is the special case of an orthogonal matrix with one 1 per row
-(``act`` on an index array equals ``act`` on its permutation matrix).
+(``act`` on an index array equals ``act`` on its permutation matrix), and an orthogonal
+map the special case of an invertible one that is its own dual (``Q⁻ᵀ = Q``).
 """
 
 from __future__ import annotations
@@ -31,8 +42,9 @@ import numpy as np
 
 from combinability.errors import PermutationSpecError
 
-__all__ = ["Neuron", "Blocks", "Orthogonal", "Kind", "kind_from_json", "act", "invert", "compose",
-           "ones_complement", "random_orthogonal", "check_value"]
+__all__ = ["Neuron", "Blocks", "Orthogonal", "Invertible", "Dual", "Kind", "kind_from_json", "act", "invert",
+           "compose", "dual_of", "ones_complement", "random_orthogonal", "random_invertible", "block_matrix",
+           "block_parts", "check_value"]
 
 
 @dataclass(frozen=True)
@@ -100,17 +112,63 @@ class Orthogonal:
         return {"kind": "orthogonal", "fix_ones": bool(self.fix_ones), "requires": [list(r) for r in self.requires]}
 
 
-Kind = Neuron | Blocks | Orthogonal
+@dataclass(frozen=True)
+class Invertible:
+    """An invertible map inside each of ``blocks`` blocks of ``size`` units, the blocks moved as ``group`` moves them.
+
+    The value is an ``(n, n)`` matrix, ``n = blocks × size``, whose block ``(i, σ(i))`` is
+    an invertible ``size × size`` matrix and whose other blocks are zero (σ: the group's
+    permutation). Axes bound to this name get ``M``; the axes that read what they write
+    through a bilinear form are bound to a :class:`Dual` name, which gets ``M⁻ᵀ``.
+
+    Parameters
+    ----------
+    group, blocks, size
+        As for :class:`Blocks`.
+    """
+
+    group: str
+    blocks: int
+    size: int
+
+    def __post_init__(self) -> None:
+        Blocks(self.group, self.blocks, self.size)  # the same checks
+
+    def to_json(self) -> dict[str, Any]:
+        return {"kind": "invertible", "group": self.group, "blocks": int(self.blocks), "size": int(self.size)}
+
+
+@dataclass(frozen=True)
+class Dual:
+    """The inverse transpose of the :class:`Invertible` name ``of`` (the other side of its bilinear form)."""
+
+    of: str
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.of, str) or not self.of:
+            raise PermutationSpecError(f"Dual.of must be the name of an Invertible map, got {self.of!r}")
+
+    def to_json(self) -> dict[str, Any]:
+        return {"kind": "dual", "of": self.of}
+
+
+Kind = Neuron | Blocks | Orthogonal | Invertible | Dual
+
+_KIND_NAMES = ("neuron", "blocks", "orthogonal", "invertible", "dual")
 
 
 def kind_from_json(data: Any) -> Kind:
     """The kind described by ``data`` (the output of ``kind.to_json()``)."""
-    if not isinstance(data, dict) or data.get("kind") not in ("neuron", "blocks", "orthogonal"):
-        raise PermutationSpecError(f"a symmetry kind is {{'kind': 'neuron'|'blocks'|'orthogonal', ...}}, got {data!r}")
+    if not isinstance(data, dict) or data.get("kind") not in _KIND_NAMES:
+        raise PermutationSpecError(f"a symmetry kind is {{'kind': {'|'.join(repr(k) for k in _KIND_NAMES)}, ...}}, "
+                                   f"got {data!r}")
     if data["kind"] == "neuron":
         return Neuron()
-    if data["kind"] == "blocks":
-        return Blocks(str(data.get("group")), int(data.get("blocks", 0)), int(data.get("size", 0)))
+    if data["kind"] in ("blocks", "invertible"):
+        cls = Blocks if data["kind"] == "blocks" else Invertible
+        return cls(str(data.get("group")), int(data.get("blocks", 0)), int(data.get("size", 0)))
+    if data["kind"] == "dual":
+        return Dual(str(data.get("of")))
     return Orthogonal(bool(data.get("fix_ones", False)), tuple(tuple(r) for r in data.get("requires", ())))
 
 
@@ -130,10 +188,23 @@ def act(value: Any, array: np.ndarray, axis: int) -> np.ndarray:
 
 
 def invert(value: Any) -> np.ndarray:
-    """The inverse transformation: argsort of an index array, transpose of an orthogonal matrix."""
+    """The inverse transformation: argsort of an index array, transpose of an orthogonal matrix,
+    the matrix inverse of any other invertible one."""
     if is_matrix(value):
-        return np.ascontiguousarray(np.asarray(value).T)
+        m = np.asarray(value)
+        t = np.ascontiguousarray(m.T)
+        if m.shape[0] and np.abs(t @ m - np.eye(m.shape[0])).max() > 1e-6:
+            return np.linalg.inv(m)
+        return t
     return np.argsort(np.asarray(value), kind="stable").astype(np.int64)
+
+
+def dual_of(value: Any) -> np.ndarray:
+    """The inverse transpose ``M⁻ᵀ`` of a transformation value (the value itself for a permutation or
+    an orthogonal matrix, up to rounding): what a :class:`Dual` name holds."""
+    if not is_matrix(value):
+        return np.asarray(value).astype(np.int64)
+    return np.ascontiguousarray(invert(value).T)
 
 
 def compose(first: Any, second: Any) -> np.ndarray:
@@ -173,9 +244,51 @@ def random_orthogonal(n: int, rng: np.random.Generator, *, fix_ones: bool = Fals
     return np.full((n, n), 1.0 / n) + b @ q @ b.T
 
 
+def random_invertible(n: int, rng: np.random.Generator, *, spread: float = 0.5) -> np.ndarray:
+    """A random invertible ``n × n`` matrix ``U diag(e^s) V`` (U, V Haar-orthogonal, s uniform in ±spread):
+    condition number at most ``e^(2·spread)``, a negative determinant half of the time."""
+    s = np.exp(rng.uniform(-spread, spread, n))
+    return (random_orthogonal(n, rng) * s) @ random_orthogonal(n, rng)
+
+
+def block_matrix(sigma: np.ndarray, inner: np.ndarray) -> np.ndarray:
+    """The ``(b·s, b·s)`` matrix whose block ``(i, σ(i))`` is ``inner[i]`` (``b`` blocks of ``s`` units)."""
+    sigma = np.asarray(sigma)
+    b, s = len(sigma), inner.shape[-1]
+    out = np.zeros((b, s, b, s), dtype=np.float64)
+    out[np.arange(b), :, sigma, :] = inner
+    return out.reshape(b * s, b * s)
+
+
+def block_parts(name: str, value: np.ndarray, blocks: int, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """``(σ, inner)`` of a matrix made by :func:`block_matrix`; raises unless each block row has one block."""
+    m = np.asarray(value, dtype=np.float64).reshape(blocks, size, blocks, size)
+    norms = np.abs(m).max(axis=(1, 3))
+    sigma = norms.argmax(axis=1)
+    rest = norms.copy()
+    rest[np.arange(blocks), sigma] = 0.0
+    if (rest > 1e-9 * max(1.0, float(norms.max()))).any() or len(set(sigma.tolist())) != blocks:
+        raise PermutationSpecError(f"{name!r} mixes units of different blocks (heads move whole; inside a head "
+                                   "the map is any invertible one)")
+    return sigma.astype(np.int64), m[np.arange(blocks), :, sigma, :]
+
+
 def check_value(name: str, value: Any, size: int | None, kind: Kind, *, atol: float = 1e-5) -> None:
     """Raise :class:`PermutationSpecError` unless ``value`` is a valid transformation of ``kind``."""
     arr = np.asarray(value)
+    if isinstance(kind, Invertible | Dual):
+        if arr.ndim != 2 or arr.shape[0] != arr.shape[1] or not np.issubdtype(arr.dtype, np.floating):
+            raise PermutationSpecError(f"{name!r} is an invertible map: expected a square float matrix, got "
+                                       f"{arr.dtype} {arr.shape}")
+        if size is not None and arr.shape[0] != size:
+            raise PermutationSpecError(f"{name!r} is a {arr.shape[0]}x{arr.shape[0]} matrix, the spec's axes have "
+                                       f"size {size}")
+        if not np.isfinite(arr).all() or (arr.size and np.linalg.cond(arr) > 1e12):
+            raise PermutationSpecError(f"{name!r} is not invertible (condition number "
+                                       f"{np.linalg.cond(arr) if np.isfinite(arr).all() else np.inf:.3g})")
+        if isinstance(kind, Invertible):
+            block_parts(name, arr, kind.blocks, kind.size)
+        return
     if isinstance(kind, Orthogonal):
         if arr.ndim != 2 or arr.shape[0] != arr.shape[1] or not np.issubdtype(arr.dtype, np.floating):
             raise PermutationSpecError(f"{name!r} is orthogonal: expected a square float matrix, got {arr.dtype} "

@@ -32,15 +32,21 @@ import numpy as np
 from combinability.errors import ConfigurationError, PermutationSpecError
 from combinability.kinds import (
     Blocks,
+    Dual,
+    Invertible,
     Kind,
     Neuron,
     Orthogonal,
     act,
+    block_matrix,
+    block_parts,
     check_value,
     compose,
+    dual_of,
     expand_blocks,
     invert,
     kind_from_json,
+    random_invertible,
     random_orthogonal,
 )
 from combinability.module_stacks import (
@@ -186,17 +192,22 @@ class PermutationSpec:
         self._check_stacks()
         bound = set(self._bound_names())
         for p, kind in self._kinds.items():
-            if not isinstance(kind, Blocks | Orthogonal):
-                raise PermutationSpecError(f"kind of {p!r} must be Neuron, Blocks or Orthogonal, got {kind!r}")
+            if not isinstance(kind, Blocks | Orthogonal | Invertible | Dual):
+                raise PermutationSpecError(f"kind of {p!r} must be Neuron, Blocks, Orthogonal, Invertible or Dual, "
+                                           f"got {kind!r}")
             if p not in bound:
                 raise PermutationSpecError(f"kinds name {p!r}, which no axis of the spec binds")
-            if isinstance(kind, Blocks) and isinstance(self._kinds.get(kind.group), Blocks | Orthogonal):
-                raise PermutationSpecError(f"{p!r}: the group {kind.group!r} of a Blocks kind must be a plain "
-                                           "permutation of the blocks")
+            if isinstance(kind, Blocks | Invertible) and kind.group in self._kinds:
+                raise PermutationSpecError(f"{p!r}: the group {kind.group!r} of a {type(kind).__name__} kind must be "
+                                           "a plain permutation of the blocks")
+            if isinstance(kind, Dual) and not isinstance(self._kinds.get(kind.of), Invertible):
+                raise PermutationSpecError(f"{p!r} is the dual of {kind.of!r}, which is not an Invertible name of "
+                                           "this spec")
         for p, kind in self._kinds.items():
-            if isinstance(kind, Blocks):
+            if isinstance(kind, Blocks | Invertible):
                 for q, other in self._kinds.items():
-                    if isinstance(other, Blocks) and other.group == kind.group and other.blocks != kind.blocks:
+                    if (isinstance(other, Blocks | Invertible) and other.group == kind.group
+                            and other.blocks != kind.blocks):
                         raise PermutationSpecError(
                             f"{p!r} and {q!r} share the group {kind.group!r} with different block counts "
                             f"({kind.blocks} vs {other.blocks}); blocks of one group move together")
@@ -294,8 +305,7 @@ class PermutationSpec:
             if param in view.members:
                 entries = list(self.axes_of(name))
                 if isinstance(view, Merge):
-                    kind = self.kind(entries[view.axis])
-                    entries.insert(view.group_axis, kind.group if isinstance(kind, Blocks) else None)
+                    entries.insert(view.group_axis, self.group_of(entries[view.axis]))
                 elif view.new_axis:
                     del entries[view.axis]
                 return tuple(entries)
@@ -353,12 +363,20 @@ class PermutationSpec:
                     out.setdefault(p.name, []).append((name, axis, p.times))
         return out
 
+    def group_of(self, name: Any) -> str | None:
+        """The block group a name moves its units with (a :class:`Blocks` or :class:`Invertible` name, or
+        the :class:`Dual` of one), else None."""
+        kind = self.kind(name) if isinstance(name, str) else None
+        if isinstance(kind, Dual):
+            kind = self.kind(kind.of)
+        return kind.group if isinstance(kind, Blocks | Invertible) else None
+
     @property
     def perm_names(self) -> tuple[str, ...]:
         """Names of the transformations, in order of first appearance (block groups last)."""
         names = self._bound_names()
         for kind in self._kinds.values():
-            if isinstance(kind, Blocks) and kind.group not in names:
+            if isinstance(kind, Blocks | Invertible) and kind.group not in names:
                 names.append(kind.group)
         return tuple(names)
 
@@ -431,7 +449,7 @@ class PermutationSpec:
             name, axis, times = entries[0]
             sizes.setdefault(p, int(np.shape(params[name])[axis]) // times)
         for p, kind in self._kinds.items():
-            if isinstance(kind, Blocks):
+            if isinstance(kind, Blocks | Invertible):
                 sizes.setdefault(p, kind.blocks * kind.size)
                 sizes.setdefault(kind.group, kind.blocks)
         for name, axes in self._axes.items():  # segments of unknown size share what is left equally
@@ -496,10 +514,14 @@ class PermutationSpec:
                     )
         sizes = self._sizes(params)
         for p, kind in self._kinds.items():
-            if isinstance(kind, Blocks) and sizes[p] != kind.blocks * kind.size:
+            if isinstance(kind, Blocks | Invertible) and sizes[p] != kind.blocks * kind.size:
                 raise PermutationSpecError(
                     f"{p!r} has {sizes[p]} units but its kind says {kind.blocks} blocks of {kind.size}")
-            if isinstance(kind, Blocks) and kind.group in self.perm_to_axes and sizes[kind.group] != kind.blocks:
+            if isinstance(kind, Dual) and sizes[p] != sizes[kind.of]:
+                raise PermutationSpecError(f"{p!r} has {sizes[p]} units but is the dual of {kind.of!r}, which has "
+                                           f"{sizes[kind.of]}")
+            if (isinstance(kind, Blocks | Invertible) and kind.group in self.perm_to_axes
+                    and sizes[kind.group] != kind.blocks):
                 raise PermutationSpecError(
                     f"the group {kind.group!r} of {p!r} binds axes of size {sizes[kind.group]}, not "
                     f"{kind.blocks} blocks")
@@ -522,15 +544,29 @@ class PermutationSpec:
 
         The norms an orthogonal map needed folded (its ``requires``) are permuted with the
         stream instead, so the model is used as it is — the permutation-only alignment a
-        study compares against.
+        study compares against. Invertible maps inside blocks become permutations inside
+        blocks, their duals bound to the same names (:meth:`without_invertible`).
         """
-        axes = dict(self._axes)
-        for p, kind in self._kinds.items():
+        spec = self.without_invertible()
+        axes = dict(spec._axes)
+        for p, kind in spec._kinds.items():
             if isinstance(kind, Orthogonal):
                 for name, _ in kind.requires:
                     axes[name] = (p,) + tuple(axes.get(name, (None,)))[1:]
-        return PermutationSpec(axes, {p: k for p, k in self._kinds.items() if not isinstance(k, Orthogonal)},
-                               self._stacks)
+        return PermutationSpec(axes, {p: k for p, k in spec._kinds.items() if not isinstance(k, Orthogonal)},
+                               spec._stacks)
+
+    def without_invertible(self) -> PermutationSpec:
+        """This spec with each :class:`Invertible` name a :class:`Blocks` permutation and its
+        :class:`Dual`'s axes bound to it (the spec it was made from by
+        :func:`combinability.invertible.invertible_spec`)."""
+        duals = {p: k.of for p, k in self._kinds.items() if isinstance(k, Dual)}
+        if not duals and not any(isinstance(k, Invertible) for k in self._kinds.values()):
+            return self
+        axes = {name: tuple(rename_entry(e, duals) for e in entry) for name, entry in self._axes.items()}
+        kinds = {p: Blocks(k.group, k.blocks, k.size) if isinstance(k, Invertible) else k
+                 for p, k in self._kinds.items() if p not in duals}
+        return PermutationSpec(axes, kinds, self._stacks)
 
     def check_requirements(self, params: Mapping[str, Any]) -> None:
         """Refuse orthogonal maps on a model whose norms are not folded (see :func:`combinability.fold_norms`)."""
@@ -543,6 +579,17 @@ class PermutationSpec:
                             f"an orthogonal map of {p!r} needs {name!r} to be all {value:g} (a norm on the stream "
                             "whose scale/shift is folded into the layers that read it); it is not — call "
                             "cb.fold_norms(...) first, or align with permutations only")
+
+
+def rename_entry(entry: Entry, names: Mapping[str, str]) -> Entry:
+    """An axis entry with each name in ``names`` replaced by what it maps to."""
+    if isinstance(entry, str):
+        return names.get(entry, entry)
+    if isinstance(entry, Repeat):
+        return Repeat(names.get(entry.name, entry.name), entry.times, entry.interleaved)
+    if isinstance(entry, tuple):
+        return tuple(names.get(q, q) for q in entry)
+    return entry
 
 
 class Permutation(dict):
@@ -603,10 +650,16 @@ def check_permutation(perm: Mapping[str, Any], sizes: Mapping[str, int] | None =
         from combinability.kinds import block_structure
 
         for p, kind in spec.kinds.items():
-            if isinstance(kind, Blocks) and p in perm:
-                sigma = block_structure(p, np.asarray(perm[p]), kind)
+            if isinstance(kind, Blocks | Invertible) and p in perm:
+                sigma = (block_structure(p, np.asarray(perm[p]), kind) if isinstance(kind, Blocks)
+                         else block_parts(p, perm[p], kind.blocks, kind.size)[0])
                 if kind.group in perm and not np.array_equal(sigma, np.asarray(perm[kind.group])):
                     raise PermutationSpecError(f"{p!r} moves its blocks differently from its group {kind.group!r}")
+            if isinstance(kind, Dual) and p in perm and kind.of in perm:
+                expected = dual_of(perm[kind.of])
+                if np.abs(np.asarray(perm[p]) - expected).max() > 1e-6 * max(1.0, float(np.abs(expected).max())):
+                    raise PermutationSpecError(f"{p!r} must hold the inverse transpose of {kind.of!r} (the other side "
+                                               "of its bilinear form); it does not")
 
 
 def _segment_sizes(entry: tuple[str, ...], perm: Mapping[str, Any], length: int, name: str) -> list[int]:
@@ -800,9 +853,9 @@ def _act(p: str, perm: Mapping[str, Any], arr: np.ndarray, axis: int, name: str)
 
 
 def identity_permutation(sizes: Mapping[str, int], spec: PermutationSpec | None = None) -> Permutation:
-    """The identity for sizes ``{name: n}`` (identity matrices for a spec's orthogonal names)."""
+    """The identity for sizes ``{name: n}`` (identity matrices for a spec's orthogonal and invertible names)."""
     def one(p: str, n: int) -> np.ndarray:
-        if spec is not None and isinstance(spec.kind(p), Orthogonal):
+        if spec is not None and isinstance(spec.kind(p), Orthogonal | Invertible | Dual):
             return np.eye(n)
         return np.arange(n, dtype=np.int64)
 
@@ -838,7 +891,10 @@ def random_permutation(
 
     Neuron permutations are uniform; a :class:`~combinability.kinds.Blocks` name moves
     its blocks as its (uniform) group permutation does and permutes each block's units
-    uniformly; an :class:`~combinability.kinds.Orthogonal` name is Haar-distributed.
+    uniformly; an :class:`~combinability.kinds.Orthogonal` name is Haar-distributed; an
+    :class:`~combinability.kinds.Invertible` name moves its blocks as its group does, with a
+    random invertible map inside each (:func:`~combinability.kinds.random_invertible`), and its
+    :class:`~combinability.kinds.Dual` holds the inverse transpose.
     With ``derange=True`` every permutation (of two or more units, blocks or units within a
     block) is drawn uniformly among those that move every unit: a check that the
     transformation keeps a function then puts each unit to the test (a uniform
@@ -852,13 +908,20 @@ def random_permutation(
         kind = spec.kind(p)
         if isinstance(kind, Orthogonal):
             out[p] = random_orthogonal(n, rng, fix_ones=kind.fix_ones)
-        elif not isinstance(kind, Blocks):
+        elif not isinstance(kind, Blocks | Invertible | Dual):
             out[p] = draw(n, rng)
     for p in sizes:
         kind = spec.kind(p)
         if isinstance(kind, Blocks):
             inner = np.stack([draw(kind.size, rng) for _ in range(kind.blocks)])
             out[p] = expand_blocks(out[kind.group], inner, kind.size)
+        elif isinstance(kind, Invertible):
+            inner = np.stack([random_invertible(kind.size, rng) for _ in range(kind.blocks)])
+            out[p] = block_matrix(out[kind.group], inner)
+    for p in sizes:
+        kind = spec.kind(p)
+        if isinstance(kind, Dual):
+            out[p] = dual_of(out[kind.of])
     return Permutation({p: out[p] for p in sizes}, method="random")
 
 

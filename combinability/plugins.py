@@ -532,7 +532,7 @@ def get_aligner(name: str | Callable[..., Any]) -> Callable[..., Any]:
 #: permutations, block permutations (attention heads, experts), orthogonal maps (a residual stream) and
 #: packed axes (segments of one axis that move separately, e.g. stacked query/key/value rows or
 #: concatenated channels).
-SYMMETRY_KINDS: tuple[str, ...] = ("neuron", "blocks", "orthogonal", "packed")
+SYMMETRY_KINDS: tuple[str, ...] = ("neuron", "blocks", "orthogonal", "packed", "invertible")
 
 
 @dataclass(frozen=True)

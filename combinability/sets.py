@@ -30,7 +30,7 @@ from combinability.errors import (
     TracingError,
     UnknownNameError,
 )
-from combinability.kinds import Orthogonal
+from combinability.kinds import Blocks, Orthogonal
 from combinability.layout import FlatLayout, owns_memory
 from combinability.permutation import Permutation, PermutationSpec, apply_permutation
 from combinability.plugins import get_backend
@@ -252,7 +252,8 @@ class ModelSet:
             thetas.append(theta)
         self._init(backend=be.name, table=table, layout=layout, spec=spec, models=models, thetas=thetas,
                    transforms=[None] * len(models), alignment="naive", naive=None, folds=folds, points=points,
-                   backend_instance=None if backend is None or isinstance(backend, str) else be)
+                   backend_instance=None if backend is None or isinstance(backend, str) else be,
+                   example_input=example_input if points else None)
 
     def _init(self, **fields: Any) -> None:
         for k, v in fields.items():
@@ -391,11 +392,16 @@ class ModelSet:
         progress : bool, default False
             Ask the aligner for a progress line (weight matching shows each sweep's
             objective on a terminal, else logs it at ``INFO``); aligners without one ignore it.
-        symmetries : {"all", "permutation"}, default "all"
+        symmetries : {"all", "permutation", "invertible"}, default "all"
             For a transformer: ``"all"`` aligns heads, neurons and the residual stream's
             orthogonal map (folding its norms into the layers that read them first: the
             members keep their functions, not their parameters); ``"permutation"``
-            replaces the orthogonal map by a permutation, for comparison.
+            replaces the orthogonal map by a permutation, for comparison; ``"invertible"``
+            adds general invertible maps inside each head, on its query/key and on its
+            value/output units (Theus et al. 2025; where they keep the function: not
+            under rotary embeddings or norms on queries and keys), found by tracing on
+            the set's ``example_input`` (:func:`combinability.invertible_symmetries`).
+            Weight matching only.
         **options
             Passed to the aligner (e.g. ``restarts``, ``max_iter`` for weight matching).
         """
@@ -472,13 +478,44 @@ class ModelSet:
                            method="activation")
 
     def _alignment_spec(self, symmetries: str) -> PermutationSpec:
-        """The spec an alignment uses: every kind (``"all"``) or permutations only."""
+        """The spec an alignment uses: every kind (``"all"``), permutations only, or with invertible maps in heads."""
         if symmetries == "all":
             return self.spec
         if symmetries == "permutation":
             return self.spec.permutations_only()
+        if symmetries == "invertible":
+            return self.invertible_spec()
         raise ConfigurationError(f"symmetries must be 'all' (every kind the model admits: heads, neurons, an "
-                                 f"orthogonal residual stream) or 'permutation', got {symmetries!r}")
+                                 f"orthogonal residual stream), 'permutation' or 'invertible' (also invertible maps "
+                                 f"inside attention heads), got {symmetries!r}")
+
+    def invertible_spec(self) -> PermutationSpec:
+        """The set's spec with general invertible maps inside attention heads (``symmetries="invertible"``).
+
+        Raises
+        ------
+        ConfigurationError
+            For models not traced as transformers from an ``example_input`` (a layer table's
+            networks have no attention heads), or when no head admits such a map.
+        """
+        cached = self.__dict__.get("_invertible")
+        if cached is not None:
+            return cached
+        example = self.__dict__.get("example_input")
+        if example is None or not any(isinstance(k, Blocks) for k in self.spec.kinds.values()):
+            raise ConfigurationError(
+                "symmetries='invertible' (invertible maps inside attention heads) needs attention heads traced from "
+                f"example_input; the {self.architecture} models have none: use 'all' or 'permutation'")
+        from combinability.derive import invertible_symmetries
+
+        spec = invertible_symmetries(self.models[0], example, self.spec, self.folds, backend=self.backend_obj)
+        if spec == self.spec:
+            raise ConfigurationError(
+                "symmetries='invertible': no attention head of these models keeps its function under an invertible "
+                "map of its query/key or value/output units (rotary embeddings, norms on queries and keys or "
+                "grouped key/value heads fix them); use 'all'")
+        object.__setattr__(self, "_invertible", spec)
+        return spec
 
     def _folded_for(self, spec: PermutationSpec) -> ModelSet:
         """This set with its norms folded when ``spec`` has an orthogonal map (same functions, new parameters)."""

@@ -202,7 +202,7 @@ def _named(fn, name):
 
 def test_an_aligner_registration_with_an_unknown_kind_is_refused():
     with pytest.raises(PluginError, match="kinds must include 'neuron' and be among neuron, blocks, orthogonal, "
-                                          "packed; got .*rotations"):
+                                          "packed, invertible; got .*rotations"):
         AlignerRegistration("x", weight_aligner, kinds=("neuron", "rotations"))
 
 

@@ -27,7 +27,7 @@ from typing import Any
 
 from combinability.align.base import Aligner, AlignTask, Features
 from combinability.errors import ConfigurationError, PermutationSpecError, PluginError
-from combinability.kinds import Blocks, Orthogonal
+from combinability.kinds import Blocks, Dual, Invertible, Orthogonal
 from combinability.permutation import Permutation, PermutationSpec, check_permutation
 from combinability.plugins import SYMMETRY_KINDS, aligner_kinds, get_aligner, get_registration, list_aligners
 
@@ -36,10 +36,13 @@ __all__ = ["AlignTask", "Aligner", "Features", "align", "get_aligner", "list_ali
 
 #: The capability of an aligner that handles every symmetry kind (``kinds=ALL_KINDS`` when registering).
 ALL_KINDS = frozenset(SYMMETRY_KINDS)
+#: Every kind but invertible maps inside heads (what the learned and many-model aligners handle).
+PERMUTING_KINDS = ALL_KINDS - {"invertible"}
 
 _SHOWN = {"blocks": "Blocks (attention heads, experts, GroupNorm groups)",
           "orthogonal": "Orthogonal (a residual stream)",
-          "packed": "packed axes (stacked query/key/value rows, concatenated channels)"}
+          "packed": "packed axes (stacked query/key/value rows, concatenated channels)",
+          "invertible": "Invertible (general invertible maps inside attention heads)"}
 
 
 def spec_kinds(spec: PermutationSpec) -> frozenset[str]:
@@ -55,14 +58,16 @@ def spec_kinds(spec: PermutationSpec) -> frozenset[str]:
     """
     out = {"neuron"}
     for kind in spec.kinds.values():
-        out.add("blocks" if isinstance(kind, Blocks) else "orthogonal" if isinstance(kind, Orthogonal) else "neuron")
+        out.add("blocks" if isinstance(kind, Blocks) else "orthogonal" if isinstance(kind, Orthogonal)
+                else "invertible" if isinstance(kind, Invertible | Dual) else "neuron")
     if spec.segments:
         out.add("packed")
     return frozenset(out)
 
 
 def _handles(kinds: frozenset[str]) -> str:
-    shown = (("blocks", "block permutations (heads, experts, GroupNorm groups)"), ("orthogonal", "orthogonal maps"))
+    shown = (("blocks", "block permutations (heads, experts, GroupNorm groups)"), ("orthogonal", "orthogonal maps"),
+             ("invertible", "invertible maps"))
     what = ["neuron permutations"] + [t for k, t in shown if k in kinds]
     return " and ".join(what) + " only" + (" (also on packed axes)" if "packed" in kinds else "")
 
@@ -99,7 +104,9 @@ def check_kinds(label: str, handles: frozenset[str], spec: PermutationSpec, *,
     names = [repr(a) for a in alternatives]
     joined = names[0] if len(names) == 1 else f"{', '.join(names[:-1])} or {names[-1]}"
     instead = f"use {joined} instead" if names else f"no installed {what} handles them"
-    if "orthogonal" in present and spec_kinds(spec.permutations_only()) <= handles:
+    if "invertible" in present and spec_kinds(spec.without_invertible()) <= handles:
+        instead += ", or align with symmetries='all' (permutations inside heads instead of invertible maps)"
+    elif "orthogonal" in present and spec_kinds(spec.permutations_only()) <= handles:
         instead += ", or align with symmetries='permutation' (the residual stream permuted instead of rotated)"
     raise ConfigurationError(
         f"{what} {label!r} aligns {_handles(handles)}, but this model's symmetries include {shown}; {instead}")

@@ -40,7 +40,7 @@ from typing import Any
 
 import numpy as np
 
-from combinability.align import ALL_KINDS, check_kinds, spec_kinds
+from combinability.align import PERMUTING_KINDS, check_kinds, spec_kinds
 from combinability.errors import ConfigurationError
 from combinability.permutation import (
     Permutation,
@@ -173,7 +173,8 @@ METHODS: dict[str, Callable[..., list[Permutation]]] = {
 
 #: The symmetry kinds each method handles (see :data:`combinability.plugins.SYMMETRY_KINDS`).
 METHOD_KINDS: dict[str, frozenset[str]] = {
-    "mergemany": ALL_KINDS, "cycle": frozenset({"neuron"}), "hierarchical": ALL_KINDS, "reference": ALL_KINDS,
+    "mergemany": PERMUTING_KINDS, "cycle": frozenset({"neuron"}), "hierarchical": PERMUTING_KINDS,
+    "reference": PERMUTING_KINDS,
 }
 
 

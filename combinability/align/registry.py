@@ -30,7 +30,7 @@ BUILTIN_ALIGNERS: tuple[Registration, ...] = (
                         "no alignment: the identity permutation (naive baseline)", needs=(), kinds=SYMMETRY_KINDS),
     AlignerRegistration("ste", "combinability.align.ste:ste",
                         "learned matching, straight-through estimator (loss of combinations drawn by a sampler)",
-                        needs=("data", "model"), kinds=SYMMETRY_KINDS),
+                        needs=("data", "model"), kinds=("neuron", "blocks", "orthogonal", "packed")),
     AlignerRegistration("sinkhorn", "combinability.align.sinkhorn:sinkhorn_align",
                         "Sinkhorn re-basin: soft permutations learned on the loss of combinations, then hardened",
                         needs=("data", "model"), kinds=("neuron",)),
