@@ -531,7 +531,7 @@ def get_aligner(name: str | Callable[..., Any]) -> Callable[..., Any]:
 #: The symmetry kinds an aligner may declare it handles (:class:`AlignerRegistration`): plain neuron
 #: permutations, block permutations (attention heads, experts), orthogonal maps (a residual stream) and
 #: packed axes (segments of one axis that move separately, e.g. stacked query/key/value rows or
-#: concatenated channels).
+#: concatenated channels) and invertible maps inside attention heads (``symmetries="invertible"``).
 SYMMETRY_KINDS: tuple[str, ...] = ("neuron", "blocks", "orthogonal", "packed", "invertible")
 
 
@@ -554,7 +554,7 @@ class AlignerRegistration(Registration):
     --------
     >>> reg = AlignerRegistration("any", "combinability.align.builtin:weight", kinds=SYMMETRY_KINDS)
     >>> sorted(aligner_kinds(reg))
-    ['blocks', 'neuron', 'orthogonal', 'packed']
+    ['blocks', 'invertible', 'neuron', 'orthogonal', 'packed']
     >>> sorted(aligner_kinds(Registration("plain", "combinability.align.builtin:weight")))
     ['neuron']
     """

@@ -262,3 +262,74 @@ def _x():
     from tests.test_stream_trace_torch_encoder import X
 
     return X
+
+
+# -- learned maps ------------------------------------------------------------------------------------
+STREAM = PermutationSpec(
+    {"emb": (None, "S"), "wq": ("qk", "S"), "bq": ("qk",), "wk": ("qk~dual", "S"), "wv": ("vo", "S"),
+     "wo": ("S", "vo~dual"), "w1": ("F", "S"), "w2": ("S", "F")},
+    kinds={"qk": Invertible("heads", H, S), "qk~dual": Dual("qk"), "vo": Invertible("heads", H, S),
+           "vo~dual": Dual("vo"), "S": Orthogonal(fix_ones=True)})
+
+
+def test_the_learned_maps_gradient_is_the_finite_difference_of_a_loss_of_the_transformed_model():
+    from types import SimpleNamespace
+
+    from combinability.align.base import AlignTask
+    from combinability.align.maps import _MapLearner
+    from combinability.layout import FlatLayout
+
+    rng = np.random.default_rng(8)
+    shapes = {"emb": (6, D), "wq": (H * S, D), "bq": (H * S,), "wk": (H * S, D), "wv": (H * S, D),
+              "wo": (D, H * S), "w1": (7, D), "w2": (D, 7)}
+    a, b = ({k: rng.standard_normal(v) for k, v in shapes.items()} for _ in range(2))
+    layout = FlatLayout.from_arrays(a)  # float64: the finite differences need the precision
+    task = AlignTask(spec=STREAM, reference=a, other=b, seed=0)
+    start = random_permutation(STREAM, a, 3)
+    learner = _MapLearner(task, SimpleNamespace(layout=layout), start, lr=1e-3)
+    learner.theta = learner.theta + 0.1 * rng.standard_normal(learner.theta.shape)  # away from the start
+    c = rng.standard_normal(layout.size)
+
+    def loss(theta: np.ndarray) -> float:  # ⟨c, T(θ_B)⟩, T recomputed from the parameters
+        learner.theta = theta
+        return float(c @ learner.transformed())
+
+    theta = learner.theta.copy()
+    loss(theta)
+    grad = learner.gradient(c)
+    eps = 1e-6
+    for i in rng.choice(len(theta), 40, replace=False):
+        step = np.zeros_like(theta)
+        step[i] = eps
+        numeric = (loss(theta + step) - loss(theta - step)) / (2 * eps)
+        assert grad[i] == pytest.approx(numeric, rel=1e-4, abs=1e-6), i
+    learner.theta = theta
+    values = learner.values()
+    check_permutation(values, STREAM.perm_sizes(a), STREAM)  # still orthogonal, fixing ones; duals consistent
+    assert np.allclose(values["S"] @ np.ones(D), np.ones(D))
+
+
+def test_learned_maps_lower_the_midpoint_loss_of_two_vits_and_keep_b_s_function():
+    from combinability.data import load_dataset
+
+    vits = [cb.train("tinyvit", "digits", seed=s, epochs=2, width=0.5) for s in (0, 1)]
+    train, test = load_dataset("digits", "train"), load_dataset("digits", "test")
+    pair = cb.ModelPair(*vits, example_input=test.x[:8])
+    aligned = pair.align("maps", symmetries="invertible", data=(train.x, train.y), epochs=2, eval_examples=300,
+                         matching_iter=10)
+    perm = aligned.transforms[1]
+    assert perm.method == "maps" and len(perm.history) == 3
+    assert min(perm.history[1:]) < perm.history[0]  # training the maps lowered the midpoint loss
+    assert perm.objective == min(perm.history)
+    for p, kind in aligned.spec.kinds.items():
+        if isinstance(kind, Invertible):
+            assert not np.allclose(perm[p], np.round(perm[p]), atol=1e-3)  # trained maps, not permutations
+    ds = cb.sweep(aligned, cb.Linear(), data="digits", values=[1.0], limit=200)
+    plain = cb.sweep(pair, cb.Linear(), data="digits", values=[1.0], limit=200)
+    np.testing.assert_allclose(ds["loss"].values, plain["loss"].values, rtol=1e-4)  # B's function kept
+
+
+def test_learned_maps_refuse_models_without_continuous_maps():
+    mlps = [cb.train("mlp", "digits", seed=s, epochs=1, width=0.25) for s in (0, 1)]
+    with pytest.raises(ConfigurationError, match="has none|have none"):
+        cb.ModelPair(*mlps).align("maps", data="digits", epochs=1)

@@ -31,6 +31,10 @@ BUILTIN_ALIGNERS: tuple[Registration, ...] = (
     AlignerRegistration("ste", "combinability.align.ste:ste",
                         "learned matching, straight-through estimator (loss of combinations drawn by a sampler)",
                         needs=("data", "model"), kinds=("neuron", "blocks", "orthogonal", "packed")),
+    AlignerRegistration("maps", "combinability.align.maps:maps",
+                        "learned continuous maps: weight matching, then its residual-stream rotations and invertible "
+                        "maps inside heads trained on the loss of combinations", needs=("data", "model"),
+                        kinds=SYMMETRY_KINDS),
     AlignerRegistration("sinkhorn", "combinability.align.sinkhorn:sinkhorn_align",
                         "Sinkhorn re-basin: soft permutations learned on the loss of combinations, then hardened",
                         needs=("data", "model"), kinds=("neuron",)),

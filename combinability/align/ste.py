@@ -37,7 +37,7 @@ import numpy as np
 
 from combinability.align.base import AlignTask
 from combinability.errors import ConfigurationError, CorruptFileError, DatasetError
-from combinability.kinds import Orthogonal
+from combinability.kinds import Dual, Invertible, Orthogonal
 from combinability.permutation import Permutation, PermutationSpec, apply_permutation, identity_permutation
 
 if TYPE_CHECKING:
@@ -152,7 +152,8 @@ def check_learning(name: str, task: AlignTask, context: LearningContext | None) 
 
 
 def as_values(spec: PermutationSpec, perm: Mapping[str, Any]) -> Permutation:
-    """``perm`` with each value in its kind's type: float64 matrices for orthogonal names, int64 index arrays else.
+    """``perm`` with each value in its kind's type: float64 matrices for orthogonal and invertible names, int64
+    index arrays else.
 
     Examples
     --------
@@ -161,8 +162,8 @@ def as_values(spec: PermutationSpec, perm: Mapping[str, Any]) -> Permutation:
     >>> {p: v.dtype.name for p, v in as_values(spec, {"R": np.eye(2, dtype=np.float32), "P": [1, 0]}).items()}
     {'R': 'float64', 'P': 'int64'}
     """
-    return Permutation({p: np.array(v, np.float64 if isinstance(spec.kind(p), Orthogonal) else np.int64)
-                        for p, v in perm.items()})
+    return Permutation({p: np.array(v, np.float64 if isinstance(spec.kind(p), Orthogonal | Invertible | Dual)
+                                    else np.int64) for p, v in perm.items()})
 
 
 def _fixed_parameters(spec: PermutationSpec) -> set[str]:
