@@ -14,7 +14,7 @@ and permutation+orthogonal-aligned barriers (issue 14). It writes, under ``resul
   π(Θ_B) above: the section's first sentence);
 * ``symmetries.nc``: the ViTs' symmetry comparison (test split, a few values per sampler);
 * ``figures/``: one PNG per experiment;
-* ``summary.md``: the empirical barriers, naive vs aligned, the ViTs' three linear-path loss
+* ``summary.md``: the empirical barriers, naive vs aligned, the ViTs' linear-path loss
   barriers, and the other headline numbers.
 """
 
@@ -56,12 +56,15 @@ class DemoSettings:
     vit_limit: int = 500
     vit_path: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0)
     vit_samplers: tuple[str, ...] = ("linear", "uniform", "subcube", "bernoulli")
+    vit_alignments: tuple[str, ...] = ("naive", "permutation", "all", "invertible", "learned")
+    vit_learn_epochs: int = 2
 
     @classmethod
     def quick(cls) -> DemoSettings:
         return cls(epochs=1, samples=1, limit=300, width_epochs=1, widths=(0.125, 0.25), width_values=3,
                    triangle_resolution=3, robustness_steps=2, vit_train=300, vit_epochs=1, vit_width=0.25,
-                   vit_limit=100, vit_path=(0.0, 0.5, 1.0), vit_samplers=("linear", "uniform"))
+                   vit_limit=100, vit_path=(0.0, 0.5, 1.0), vit_samplers=("linear", "uniform"),
+                   vit_alignments=("naive", "permutation", "all"))
 
     def vit_values(self) -> dict[str, list[float]]:
         """Values per sampler of the ViTs' symmetry comparison: the path's points, 0.5 for the random samplers."""
@@ -167,9 +170,11 @@ def vit_symmetries(out: Path, data: str, backend: str, settings: DemoSettings, *
     (their symmetries traced on 8 test images) and runs
     :func:`~combinability.experiments.symmetries.symmetry_comparison`: the linear path at
     ``settings.vit_path``, the other samplers of ``settings.vit_samplers`` at 0.5 (one draw), on
-    the first ``settings.vit_limit`` test examples, weight matching with one restart. A
-    finished ``symmetries.nc`` of the same settings is reused; its sweeps run on ``client``'s
-    Dask workers when one is given.
+    the first ``settings.vit_limit`` test examples, weight matching with one restart; with
+    ``settings.vit_alignments`` (by default also invertible maps inside heads, and the maps
+    learned on the midpoint loss of the ViTs' training examples for ``settings.vit_learn_epochs``
+    epochs). A finished ``symmetries.nc`` of the same settings is reused; its sweeps run on
+    ``client``'s Dask workers when one is given.
     """
     import combinability as cb
     from combinability.data import load_dataset
@@ -182,8 +187,11 @@ def vit_symmetries(out: Path, data: str, backend: str, settings: DemoSettings, *
     example = load_dataset(data, "test", limit=8).x
     pair = cb.ModelPair(vit_a, vit_b, example_input=example)
     samplers = [get_sampler(name) for name in settings.vit_samplers]
+    learned = "learned" in settings.vit_alignments
     return _step(log, "ViT symmetries (issue 14)", symmetry_comparison, pair, data, samplers=samplers,
-                 values=settings.vit_values(), samples=1, seed=0, restarts=1, splits=("test",),
+                 values=settings.vit_values(), samples=1, seed=0, restarts=1, alignments=settings.vit_alignments,
+                 train_data=load_dataset(data, "train", limit=settings.vit_train) if learned else None,
+                 learn_options={"epochs": settings.vit_learn_epochs}, splits=("test",),
                  limit=settings.vit_limit, out=Path(out) / "symmetries.nc", overwrite=overwrite, attrs=attrs,
                  progress=progress, **({"client": client} if client is not None else {}))
 

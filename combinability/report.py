@@ -108,30 +108,32 @@ def barrier_table(results: Iterable[tuple[str, xr.Dataset]], splits: Sequence[st
 
 
 #: Column titles of :func:`symmetry_table`, by alignment.
-_SYMMETRY_COLUMNS = {"naive": "naive", "permutation": "permutations", "all": "permutations + orthogonal"}
+_SYMMETRY_COLUMNS = {"naive": "naive", "permutation": "permutations", "all": "permutations + orthogonal",
+                     "invertible": "+ invertible in heads", "learned": "learned maps"}
 
 
 def symmetry_table(results: Iterable[tuple[str, xr.Dataset]], split: str = "test") -> str:
     """A markdown table of the loss barriers of symmetry comparisons, one row per result and sampler.
 
     Columns: the naive pair, the pair aligned with permutations only, and with every symmetry
-    kind (:func:`combinability.experiments.symmetries.symmetry_comparison`); empty when no
-    result is such a comparison.
+    kind (:func:`combinability.experiments.symmetries.symmetry_comparison`), and the invertible
+    and learned alignments where a result has them; empty when no result is such a comparison.
     """
+    chosen = [(name, ds) for name, ds in results
+              if ds.attrs.get("combinability_format") == "symmetry_comparison" and split in ds["split"].values]
+    present = {str(a) for _, ds in chosen for a in ds["alignment"].values}
+    columns = [a for a in _SYMMETRY_COLUMNS if a in ("naive", "permutation", "all") or a in present]
     lines = []
-    for name, ds in results:
-        if ds.attrs.get("combinability_format") != "symmetry_comparison" or split not in ds["split"].values:
-            continue
+    for name, ds in chosen:
         b = ds["loss_barrier"].sel(split=split)
         alignments = [str(a) for a in ds["alignment"].values]
         for sampler in (str(v) for v in ds["sampler"].values):
-            cells = [_fmt(float(b.sel(alignment=a, sampler=sampler))) if a in alignments else "–"
-                     for a in _SYMMETRY_COLUMNS]
+            cells = [_fmt(float(b.sel(alignment=a, sampler=sampler))) if a in alignments else "–" for a in columns]
             lines.append(f"| {name} | {sampler} | {split} | " + " | ".join(cells) + " |")
     if not lines:
         return ""
-    head = ("| result | sampler | split | " + " | ".join(f"loss barrier ({c})" for c in _SYMMETRY_COLUMNS.values())
-            + " |\n|---|---|---|" + "---:|" * len(_SYMMETRY_COLUMNS) + "\n")
+    head = ("| result | sampler | split | " + " | ".join(f"loss barrier ({_SYMMETRY_COLUMNS[c]})" for c in columns)
+            + " |\n|---|---|---|" + "---:|" * len(columns) + "\n")
     return head + "\n".join(lines) + "\n"
 
 
@@ -163,7 +165,9 @@ def report(paths: Sequence[Path], out_dir: Path, *, title: str = "combinability 
     if symmetries:
         text += ("\n## Which symmetries alignment needs (transformers)\n\nLoss barriers of the naive pair, the pair "
                  "aligned with permutations only (heads, neurons, the residual stream permuted) and with every "
-                 "symmetry kind (the residual stream rotated):\n\n" + symmetries)
+                 "symmetry kind (the residual stream rotated); where asked for, also with invertible maps inside "
+                 "heads (weight matching) and with the maps learned on the midpoint loss (aligner 'maps'):\n\n"
+                 + symmetries)
     if extra_markdown:
         text += "\n" + extra_markdown
     text += "\n## Figures\n\n" + "".join(f"- [{w.name}]({os.path.relpath(w, out_dir)})\n" for w in written)

@@ -92,6 +92,27 @@ def test_a_users_model_class_and_state_dict_files(tmp_path, monkeypatch, vit_che
     assert np.isfinite(ds["loss_barrier"].values).all()
 
 
+def test_invertible_and_learned_alignments_keep_model_b_and_are_reported(tmp_path, vit_checkpoints):
+    out = tmp_path / "sym.nc"
+    assert main(["symmetries", *map(str, vit_checkpoints), *FAST, "--alignments", "naive", "invertible", "learned",
+                 "--learn-epochs", "1", "--out", str(out)]) == 0
+    ds = open_results(out)
+    assert [str(a) for a in ds["alignment"].values] == ["naive", "invertible", "learned"]
+    test = load_dataset("digits", "test", limit=LIMIT)
+    model = cb.load_model(vit_checkpoints[1], backend="torch")
+    with torch.no_grad():
+        want = _cross_entropy(model(torch.tensor(test.x)).numpy(), test.y)
+    for alignment in ("invertible", "learned"):  # B as aligned computes B's function
+        end = ds["loss"].sel(alignment=alignment, sampler="linear", split="test", value=1.0).isel(sample=0)
+        assert float(end) == pytest.approx(want, rel=1e-4)
+    assert np.isfinite(ds["loss_barrier"].values).all()
+    from combinability.report import report
+
+    report([out], tmp_path / "figures")
+    summary = (tmp_path / "figures" / "summary.md").read_text()
+    assert "loss barrier (+ invertible in heads)" in summary and "loss barrier (learned maps)" in summary
+
+
 @pytest.mark.parametrize("options, message", [
     (["--values", "foo=0.5"], "sampler 'foo' is not compared; compared (--samplers): linear, uniform"),
     (["--values", "linear=a,b"], "expected comma-separated numbers"),
@@ -102,6 +123,8 @@ def test_a_users_model_class_and_state_dict_files(tmp_path, monkeypatch, vit_che
     (["--samplers", "linear", "linear"], "each sampler may appear once"),
     (["--samples", "0"], "--samples must be a positive integer, got 0"),
     (["--restarts", "-1"], "--restarts must be >= 0, got -1"),
+    (["--learn-epochs", "0"], "--learn-epochs must be a positive integer, got 0"),
+    (["--alignments", "gl"], "invalid choice: 'gl'"),
 ])
 def test_bad_input_is_a_usage_error_before_any_model_is_read(tmp_path, capsys, options, message):
     missing = [str(tmp_path / "no_a.ckpt"), str(tmp_path / "no_b.ckpt")]  # never opened: refused before

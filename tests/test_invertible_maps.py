@@ -333,3 +333,16 @@ def test_learned_maps_refuse_models_without_continuous_maps():
     mlps = [cb.train("mlp", "digits", seed=s, epochs=1, width=0.25) for s in (0, 1)]
     with pytest.raises(ConfigurationError, match="has none|have none"):
         cb.ModelPair(*mlps).align("maps", data="digits", epochs=1)
+
+
+def test_symmetry_comparison_checks_its_alignments_before_any_work():
+    from combinability.experiments.symmetries import symmetry_comparison
+
+    mlps = [cb.train("mlp", "digits", seed=s, epochs=1, width=0.25) for s in (0, 1)]
+    pair = cb.ModelPair(*mlps)
+    with pytest.raises(ConfigurationError, match="alignments must be distinct names among"):
+        symmetry_comparison(pair, "digits", alignments=("naive", "rotated"))
+    with pytest.raises(ConfigurationError, match="pass train_data="):
+        symmetry_comparison(pair, "digits", alignments=("naive", "learned"))
+    with pytest.raises(ConfigurationError, match="needs attention heads"):
+        symmetry_comparison(pair, "digits", alignments=("naive", "invertible"))

@@ -493,7 +493,7 @@ def _cmd_symmetries(args: argparse.Namespace) -> int:
     from combinability.experiments.symmetries import symmetry_comparison
 
     samplers, values = _symmetry_samplers(args.samplers, args.values)
-    for option in ("samples", "limit", "restarts", "batch_size"):
+    for option in ("samples", "limit", "restarts", "batch_size", "learn_epochs"):
         value = getattr(args, option)
         if value is not None and value < (0 if option == "restarts" else 1):
             from combinability.errors import ConfigurationError
@@ -506,12 +506,14 @@ def _cmd_symmetries(args: argparse.Namespace) -> int:
         pair = _pair(args)
         t0 = time.perf_counter()
         ds = symmetry_comparison(pair, args.data, samplers=samplers, values=values, samples=args.samples,
-                                 seed=args.seed, restarts=args.restarts, splits=args.splits, limit=args.limit,
+                                 seed=args.seed, restarts=args.restarts, alignments=args.alignments,
+                                 train_data=args.data if "learned" in args.alignments else None,
+                                 learn_options={"epochs": args.learn_epochs}, splits=args.splits, limit=args.limit,
                                  batch_size=args.batch_size, out=args.out, overwrite=args.overwrite,
                                  attrs=args.cli_attrs, progress=not args.quiet, client=client)
     print(f"symmetries finished in {time.perf_counter() - t0:.1f} s -> {args.out}")
     print(ds["loss_barrier"].to_dataframe().unstack("alignment")["loss_barrier"]
-          [[a for a in ("naive", "permutation", "all") if a in ds["alignment"].values]].round(4).to_string())
+          [[str(a) for a in ds["alignment"].values]].round(4).to_string())
     return EXIT_OK
 
 

@@ -338,6 +338,11 @@ def _add_symmetries(sub: Any) -> None:
     p.add_argument("--limit", type=int, default=None, help="evaluate on the first N examples of each split")
     p.add_argument("--batch-size", type=int, default=1000, help="evaluation batch size")
     p.add_argument("--restarts", type=int, default=2, help="extra random restarts of weight matching")
+    p.add_argument("--alignments", nargs="+", default=["naive", "permutation", "all"],
+                   choices=["naive", "permutation", "all", "invertible", "learned"],
+                   help="alignments compared: also 'invertible' (weight matching with invertible maps inside heads) "
+                        "and 'learned' (the maps trained on the midpoint loss, on the data's training split)")
+    p.add_argument("--learn-epochs", type=int, default=3, help="epochs of the 'learned' alignment")
     p.add_argument("--seed", type=int, default=0, help="seed of the matching and of the random draws")
     _cluster_arguments(p)
     _output_options(p, {"default": "symmetries.nc", "help": "netCDF file ('combinability report' draws it); a "

@@ -8,7 +8,11 @@ aligning experts jointly with the gate suffices. :func:`symmetry_comparison` mea
 on any pair the library accepts: the naive pair, the pair aligned with permutations only
 (heads, FFN neurons and experts as blocks, the stream *permuted*), and the pair aligned
 with every kind the spec admits (the stream *rotated*, its norms folded first), each swept
-with the linear path and the paper's element-wise samplers.
+with the linear path and the paper's element-wise samplers. Two more alignments may be asked
+for: ``"invertible"``, weight matching with general invertible maps inside each head (Theus et
+al.'s fourth class, ``symmetries="invertible"``), and ``"learned"``, the ``"maps"`` aligner: the
+continuous maps (rotations of the stream, invertible maps in heads) trained on the loss of the
+midpoint on training data.
 """
 
 from __future__ import annotations
@@ -29,12 +33,38 @@ from combinability.samplers.base import Sampler
 from combinability.sets import ModelSet
 from combinability.sweeps import SPLITS, resolve_data, sweep
 
-__all__ = ["symmetry_comparison", "ALIGNMENTS"]
+__all__ = ["symmetry_comparison", "ALIGNMENTS", "ALL_ALIGNMENTS"]
 
-#: The alignments compared: none, permutations only, every kind of the spec.
+#: The alignments compared by default: none, permutations only, every kind of the spec.
 ALIGNMENTS = ("naive", "permutation", "all")
+#: Every alignment :func:`symmetry_comparison` knows, in the order it reports them.
+ALL_ALIGNMENTS = ("naive", "permutation", "all", "invertible", "learned")
 THEUS_2025 = ("Theus, A., et al. (2025). Generalized linear mode connectivity for transformers. "
               "Tran, V.-H., et al. (2025). On linear mode connectivity of mixture-of-experts architectures.")
+
+
+def _alignments(alignments: Sequence[str]) -> list[str]:
+    """The alignments asked for, checked, in :data:`ALL_ALIGNMENTS`' order."""
+    asked = [alignments] if isinstance(alignments, str) else list(alignments)
+    unknown = [a for a in asked if a not in ALL_ALIGNMENTS]
+    if unknown or not asked or len(set(asked)) != len(asked):
+        raise ConfigurationError(f"alignments must be distinct names among {', '.join(ALL_ALIGNMENTS)}, got {asked!r}")
+    return [a for a in ALL_ALIGNMENTS if a in asked]
+
+
+def _admits_invertible(pair: ModelSet) -> bool:
+    try:
+        pair.invertible_spec()
+    except ConfigurationError:
+        return False
+    return True
+
+
+def _training(data: Any) -> Any:
+    """The training data as an ArrayDataset (a registered dataset's name: its training split)."""
+    from combinability.data.convert import as_dataset
+
+    return as_dataset(data, "train", name="train_data")
 
 
 def _samplers(samplers: Sequence[Sampler] | None) -> list[Sampler]:
@@ -57,6 +87,9 @@ def symmetry_comparison(
     samples: int = 2,
     seed: int = 0,
     restarts: int = 2,
+    alignments: Sequence[str] = ALIGNMENTS,
+    train_data: Any = None,
+    learn_options: Mapping[str, Any] | None = None,
     out: str | Path | None = None,
     overwrite: bool = False,
     attrs: Mapping[str, Any] | None = None,
@@ -81,6 +114,13 @@ def symmetry_comparison(
         Seeds the draws and weight matching.
     restarts : int
         Extra weight-matching runs from random starts.
+    alignments : sequence of str, default ("naive", "permutation", "all")
+        Among :data:`ALL_ALIGNMENTS`: also ``"invertible"`` (weight matching with invertible
+        maps inside heads) and ``"learned"`` (the ``"maps"`` aligner, which needs ``train_data``).
+    train_data : str, (x, y) or ArrayDataset, optional
+        Training data of the ``"learned"`` alignment (a registered dataset's name: its training split).
+    learn_options : mapping, optional
+        Options of the ``"maps"`` aligner (``epochs``, ``lr``, ``batch_size``, ...).
     out : path, optional
         Write the result there; an existing result of the same settings is returned as is.
     overwrite : bool
@@ -99,11 +139,22 @@ def symmetry_comparison(
     Raises
     ------
     ConfigurationError
-        For a pair that is already aligned, or bad samplers, before any work.
+        For a pair that is already aligned, bad samplers or alignments, ``"learned"`` without
+        ``train_data``, or ``"invertible"`` for models whose heads admit no invertible map, before
+        any work.
     """
     if pair.is_aligned:
         raise ConfigurationError("symmetry_comparison needs the naive pair (it aligns it twice); pass pair.naive")
     chosen = _samplers(samplers)
+    alignments = _alignments(alignments)
+    if "learned" in alignments and train_data is None:
+        raise ConfigurationError("the 'learned' alignment trains the maps on data: pass train_data= (a registered "
+                                 "dataset's name, (x, y) or an ArrayDataset)")
+    learned_symmetries = "all"
+    if "invertible" in alignments:
+        pair.invertible_spec()  # the heads admit invertible maps, or a clear error now
+    if "learned" in alignments:
+        learned_symmetries = "invertible" if _admits_invertible(pair) else "all"
     unknown = sorted(set(values or {}) - {s.name for s in chosen})
     if unknown:
         raise ConfigurationError(f"values names sampler(s) {unknown} not compared; compared: "
@@ -120,13 +171,23 @@ def symmetry_comparison(
            "samplers": [repr(s) for s in chosen], "values": grids, "samples": int(samples), "seed": int(seed),
            "restarts": int(restarts),
            "sweep": {k: repr(v) for k, v in sweep_kwargs.items() if k not in RUN_OPTIONS}}
+    if tuple(alignments) != ALIGNMENTS:  # (the default's key is unchanged: earlier results are reused)
+        key["alignments"] = list(alignments)
+    if "learned" in alignments:
+        key["learned"] = {"symmetries": learned_symmetries, "options": {k: repr(v) for k, v in
+                                                                         sorted((learn_options or {}).items())},
+                          "train_data": data_identity(_training(train_data), split=False)}
 
     def run(_: Path | None) -> xr.Dataset:
-        sets = {"naive": pair, "permutation": pair.align("weight", seed=seed, restarts=restarts,
-                                                          symmetries="permutation"),
-                "all": pair.align("weight", seed=seed, restarts=restarts)}
+        align = {"naive": lambda: pair,
+                 "permutation": lambda: pair.align("weight", seed=seed, restarts=restarts, symmetries="permutation"),
+                 "all": lambda: pair.align("weight", seed=seed, restarts=restarts),
+                 "invertible": lambda: pair.align("weight", seed=seed, restarts=restarts, symmetries="invertible"),
+                 "learned": lambda: pair.align("maps", seed=seed, symmetries=learned_symmetries,
+                                               data=_training(train_data), **dict(learn_options or {}))}
+        sets = {name: align[name]() for name in alignments}
         rows = []
-        for name in ALIGNMENTS:
+        for name in alignments:
             per_sampler = []
             for smp in chosen:
                 draws = 1 if isinstance(smp, Linear) else samples
@@ -141,11 +202,13 @@ def symmetry_comparison(
             for k in ("loss_a", "loss_b", "accuracy_a", "accuracy_b"):
                 row[k] = ends[k]
             objective = getattr((sets[name].transforms[1] or {}), "objective", None)
-            row["objective"] = xr.DataArray(np.nan if objective is None else float(objective),
-                                            attrs={"long_name": "weight-matching objective Σ⟨θ_A, T(θ_B)⟩"})
+            row["objective"] = xr.DataArray(np.nan if objective is None else float(objective), attrs={
+                "long_name": "the alignment's objective: weight matching's Σ⟨θ_A, T(θ_B)⟩ (less ½‖T(θ_B)‖² with "
+                             "invertible maps); learned: the evaluation loss"})
             rows.append(row)
-        out = xr.concat(rows, dim=xr.DataArray(list(ALIGNMENTS), dims="alignment"), combine_attrs="drop")
-        out["alignment"].attrs = {"long_name": "alignment (none, permutations only, every symmetry kind)"}
+        out = xr.concat(rows, dim=xr.DataArray(list(alignments), dims="alignment"), combine_attrs="drop")
+        out["alignment"].attrs = {"long_name": "alignment (none, permutations only, every symmetry kind; "
+                                               "invertible maps in heads; learned maps)"}
         out["has_orthogonal"] = xr.DataArray(any(isinstance(k, Orthogonal) for k in pair.spec.kinds.values()),
                                              attrs={"long_name": "the spec has an orthogonal map"})
         out.attrs = provenance(combinability_format="symmetry_comparison", references_extra=THEUS_2025,
