@@ -48,7 +48,6 @@ from combinability.kinds import (
     Orthogonal,
     block_matrix,
     block_parts,
-    dual_of,
     expand_blocks,
     invert,
     is_matrix,
@@ -269,7 +268,7 @@ def _invertible_blocks(spec: PermutationSpec, group: str, group_cost: np.ndarray
                             "vu": blocks["vu"][i, :, j], "uu": blocks["uu"][j, :, j]}, by_b_block[int(j)])
                  for i, j in enumerate(sigma)]
         out[m] = block_matrix(sigma, np.stack(inner))
-        out[state.duals[m]] = dual_of(out[m])
+        out[state.duals[m]] = block_matrix(sigma, np.linalg.inv(np.stack(inner)).transpose(0, 2, 1))
     return out
 
 

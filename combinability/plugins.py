@@ -545,6 +545,9 @@ class AlignerRegistration(Registration):
         A subset of :data:`SYMMETRY_KINDS`. :func:`combinability.align.align` refuses, before
         any work, a spec with a kind the aligner does not list. A plain :class:`Registration`
         (any plugin's aligner that declares nothing) handles ``("neuron",)`` only.
+    acts_on : tuple of str
+        Kinds of which a spec must have one for the aligner to have work (``"maps"``, which
+        trains the continuous maps: ``("orthogonal", "invertible")``); empty: any spec.
     reads_points : bool
         Whether the aligner reads each transformation's units at its feature point
         (activation matching): it then handles block permutations only where each has one
@@ -561,6 +564,7 @@ class AlignerRegistration(Registration):
 
     kinds: tuple[str, ...] = ("neuron",)
     reads_points: bool = False
+    acts_on: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         kinds = (self.kinds,) if isinstance(self.kinds, str) else tuple(self.kinds)
@@ -568,7 +572,11 @@ class AlignerRegistration(Registration):
         if unknown or "neuron" not in kinds:
             raise PluginError(f"aligner {self.name!r}: kinds must include 'neuron' and be among "
                               f"{', '.join(SYMMETRY_KINDS)}; got {self.kinds!r}")
+        acts_on = (self.acts_on,) if isinstance(self.acts_on, str) else tuple(self.acts_on)
+        if any(k not in kinds for k in acts_on):
+            raise PluginError(f"aligner {self.name!r}: acts_on must be among its kinds {kinds}; got {self.acts_on!r}")
         object.__setattr__(self, "kinds", kinds)
+        object.__setattr__(self, "acts_on", acts_on)
 
 
 def aligner_kinds(aligner: str | Registration | Callable[..., Any]) -> frozenset[str]:

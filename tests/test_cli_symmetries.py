@@ -113,6 +113,29 @@ def test_invertible_and_learned_alignments_keep_model_b_and_are_reported(tmp_pat
     assert "loss barrier (+ invertible in heads)" in summary and "loss barrier (learned maps)" in summary
 
 
+def test_align_learns_maps_with_invertible_heads_and_writes_a_model_with_b_s_function(tmp_path, capsys,
+                                                                                      vit_checkpoints):
+    out = tmp_path / "b_maps.ckpt"
+    assert main(["align", *map(str, vit_checkpoints), "--method", "maps", "--symmetries", "invertible", "--epochs",
+                 "1", "--out", str(out), "-q"]) == 0
+    printed = capsys.readouterr().out
+    assert "qk~dual: 8x8 map" in printed  # each head's keys got the inverse transpose of its queries' map
+    test = load_dataset("digits", "test", limit=LIMIT)
+    with torch.no_grad():
+        logits = [cb.load_model(p, backend="torch")(torch.tensor(test.x)).numpy() for p in (vit_checkpoints[1], out)]
+    np.testing.assert_allclose(logits[1], logits[0], rtol=1e-3, atol=1e-4)
+    original = cb.load_model(vit_checkpoints[1], backend="torch").state_dict()
+    moved = cb.load_model(out, backend="torch").state_dict()
+    assert any(not torch.allclose(original[k], moved[k]) for k in original)
+
+
+def test_an_aligned_or_merged_vit_is_written_as_a_tinyvit_checkpoint_that_loads_again(tmp_path, vit_checkpoints):
+    merged = tmp_path / "merged.ckpt"
+    assert main(["merge", *map(str, vit_checkpoints), "--data", "digits", "--out", str(merged), "-q"]) == 0
+    model = cb.load_model(merged, backend="torch")  # it was a plain state dict, which load_model refused
+    assert type(model).__name__ == "TinyViT"
+
+
 @pytest.mark.parametrize("options, message", [
     (["--values", "foo=0.5"], "sampler 'foo' is not compared; compared (--samplers): linear, uniform"),
     (["--values", "linear=a,b"], "expected comma-separated numbers"),

@@ -145,7 +145,9 @@ def test_sinkhorn_and_activation_refuse_heads_and_streams_before_any_work(vit_pa
     message = str(info.value)
     assert f"aligner {name!r}" in message and "Blocks" in message and "packed axes" in message
     assert ("Orthogonal" in message) == (symmetries == "all")
-    assert "use 'ste' or 'weight' instead" in message
+    # the learned maps have work only where there is a rotation to learn
+    assert ("use 'maps', 'ste' or 'weight' instead" if symmetries == "all" else "use 'ste' or 'weight' instead") \
+        in message
     assert "symmetries='permutation'" not in message  # the heads remain: it would not help
 
 
@@ -180,7 +182,7 @@ def test_a_plugin_aligner_declares_the_kinds_it_handles(fresh_plugins):
     for name in ("undeclared", "no_stream"):
         with pytest.raises(cb.ConfigurationError, match=rf"aligner {name!r} aligns .* only.*, but this model's "
                                                         r"symmetries include Orthogonal \(a residual stream\); use "
-                                                        r"'everything', 'ste' or 'weight' instead, or "
+                                                        r"'everything', 'maps', 'ste' or 'weight' instead, or "
                                                         r"align with symmetries='permutation'"):
             align(name, task)
     back = cb.apply_permutation(spec, align("everything", task, restarts=2), b)

@@ -99,7 +99,8 @@ def check_kinds(label: str, handles: frozenset[str], spec: PermutationSpec, *,
     if present <= handles:
         return
     if alternatives is None:
-        alternatives = [n for n in list_aligners() if n != "identity" and present <= aligner_kinds(n)]
+        alternatives = [n for n in list_aligners() if n != "identity" and present <= aligner_kinds(n)
+                        and _has_work(n, present)]
     shown = ", ".join(_SHOWN[k] for k in SYMMETRY_KINDS if k in present and k != "neuron")
     names = [repr(a) for a in alternatives]
     joined = names[0] if len(names) == 1 else f"{', '.join(names[:-1])} or {names[-1]}"
@@ -110,6 +111,12 @@ def check_kinds(label: str, handles: frozenset[str], spec: PermutationSpec, *,
         instead += ", or align with symmetries='permutation' (the residual stream permuted instead of rotated)"
     raise ConfigurationError(
         f"{what} {label!r} aligns {_handles(handles)}, but this model's symmetries include {shown}; {instead}")
+
+
+def _has_work(name: str, present: frozenset[str]) -> bool:
+    """Whether aligner ``name`` has work on a spec of the kinds ``present`` (its ``acts_on``, if any)."""
+    acts_on = getattr(get_registration("aligners", name), "acts_on", ())
+    return not acts_on or bool(present & set(acts_on))
 
 
 def _task_kinds(name: str | Aligner, task: AlignTask) -> frozenset[str]:
@@ -131,7 +138,8 @@ def check_aligner(name: str | Aligner, task: AlignTask) -> None:
     """
     label = name if isinstance(name, str) else getattr(name, "__name__", repr(name))
     present = spec_kinds(task.spec)
-    alternatives = [n for n in list_aligners() if n != "identity" and present <= _task_kinds(n, task)]
+    alternatives = [n for n in list_aligners() if n != "identity" and present <= _task_kinds(n, task)
+                    and _has_work(n, present)]
     check_kinds(label, _task_kinds(name, task), task.spec, alternatives=alternatives)
 
 

@@ -33,7 +33,7 @@ from combinability.align.ste import LearningContext, as_values, check_learning, 
 from combinability.errors import ConfigurationError
 from combinability.invertible import duals
 from combinability.kind_matching import _cost
-from combinability.kinds import Invertible, Orthogonal, block_matrix, block_parts, dual_of, ones_complement
+from combinability.kinds import Invertible, Orthogonal, block_matrix, block_parts, ones_complement
 from combinability.permutation import Permutation, apply_permutation
 
 __all__ = ["maps", "cayley", "cayley_grad"]
@@ -101,7 +101,7 @@ class _MapLearner:
                                                       + basis @ inner @ basis.T)
             else:
                 out[p] = block_matrix(self.fixed[p], w)
-                out[self.duals[p]] = dual_of(out[p])
+                out[self.duals[p]] = block_matrix(self.fixed[p], np.linalg.inv(w).transpose(0, 2, 1))
         return Permutation(out)
 
     def transformed(self) -> np.ndarray:

@@ -34,7 +34,7 @@ BUILTIN_ALIGNERS: tuple[Registration, ...] = (
     AlignerRegistration("maps", "combinability.align.maps:maps",
                         "learned continuous maps: weight matching, then its residual-stream rotations and invertible "
                         "maps inside heads trained on the loss of combinations", needs=("data", "model"),
-                        kinds=SYMMETRY_KINDS),
+                        kinds=SYMMETRY_KINDS, acts_on=("orthogonal", "invertible")),
     AlignerRegistration("sinkhorn", "combinability.align.sinkhorn:sinkhorn_align",
                         "Sinkhorn re-basin: soft permutations learned on the loss of combinations, then hardened",
                         needs=("data", "model"), kinds=("neuron",)),

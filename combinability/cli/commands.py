@@ -84,6 +84,17 @@ def _metadata(path: str) -> dict[str, Any]:
     return dict(read_metadata(path).get("metadata") or {})
 
 
+def _architecture_config(path: str, args: argparse.Namespace) -> dict[str, Any] | None:
+    """The configuration a library checkpoint was built from (a registered architecture's, such as
+    ``tinyvit``), so that a model written from it loads the same way; None for a user's module."""
+    from combinability.checkpoint import read_metadata
+
+    if args.model is not None:
+        return None
+    config = dict(read_metadata(path).get("config") or {})
+    return config if config.get("architecture") else None
+
+
 def _from_checkpoints(args: argparse.Namespace, paths: Sequence[str], *, need_data: bool) -> None:
     """Fill ``args.data`` and ``args.backend`` from the first checkpoint's metadata when not given.
 
@@ -253,22 +264,29 @@ def _print_eval(model: Any, args: argparse.Namespace) -> None:
 
 
 def _resolve_align(args: argparse.Namespace) -> None:
-    _from_checkpoints(args, [args.model_a, args.model_b], need_data=args.method in ("activation", "ste", "sinkhorn"))
+    _from_checkpoints(args, [args.model_a, args.model_b],
+                      need_data=args.method in ("activation", "ste", "sinkhorn", "maps"))
 
 
 def _cmd_align(args: argparse.Namespace) -> int:
     _check_out(args.out, "aligned checkpoint")
     pair = _pair(args)
     t0 = time.perf_counter()
-    learned = {"epochs": args.epochs, "state": args.state} if args.method in ("ste", "sinkhorn") else {}
+    learned = {"epochs": args.epochs, "state": args.state} if args.method in ("ste", "sinkhorn", "maps") else {}
     aligned = pair.align(args.method, seed=args.seed, restarts=args.restarts, data=args.data,
-                         progress=not args.quiet, **learned)
+                         progress=not args.quiet, symmetries=args.symmetries, **learned)
     perm = aligned.permutation
     print(f"{args.method} matching in {time.perf_counter() - t0:.2f} s, {perm.iterations} sweeps, "
           f"objective {perm.objective:.6g}")
+    import numpy as np
+
     for name, idx in perm.items():
-        moved = int((idx != range(len(idx))).sum())
-        print(f"  {name}: {len(idx)} units, {moved} moved")
+        value = np.asarray(idx)
+        if value.ndim == 2:  # a rotation or an invertible map
+            away = float(np.abs(value - np.eye(len(value))).max())
+            print(f"  {name}: {len(value)}x{len(value)} map, max |M - I| = {away:.3g}")
+        else:
+            print(f"  {name}: {len(value)} units, {int((value != np.arange(len(value))).sum())} moved")
     if args.out:
         from combinability.models import save_model
 
@@ -276,8 +294,9 @@ def _cmd_align(args: argparse.Namespace) -> int:
         source = _metadata(args.model_b) if args.model is None else {}
         metadata = {**source, "aligned_to": str(args.model_a), "source": str(args.model_b), "method": args.method,
                     "aligned_to_fingerprint": pair.fingerprints()["theta_a"], **args.cli_attrs}
-        save_model(aligned.model("b"), args.out, backend=args.backend, metadata=metadata,
-              overwrite=args.overwrite)
+        config = _architecture_config(args.model_b, args) if aligned.table is None else None  # a tinyvit's
+        save_model(aligned.model("b"), args.out, backend=args.backend, metadata=metadata, config=config,
+                   overwrite=args.overwrite)
         print(f"aligned model B written to {args.out}")
     return EXIT_OK
 
@@ -299,7 +318,8 @@ def _cmd_merge(args: argparse.Namespace) -> int:
     print(f"{args.method}: {len(models)} models aligned and averaged in {time.perf_counter() - t0:.2f} s")
     metadata = {**(_metadata(args.models[0]) if args.model is None else {}), "merged": [str(p) for p in args.models],
                 "method": args.method, **args.cli_attrs}
-    save_model(merged, args.out, backend=args.backend, metadata=metadata, overwrite=args.overwrite)
+    save_model(merged, args.out, backend=args.backend, metadata=metadata, overwrite=args.overwrite,
+               config=_architecture_config(args.models[0], args) if ms.table is None else None)
     print(f"merged model written to {args.out}")
     return EXIT_OK
 

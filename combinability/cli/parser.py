@@ -138,9 +138,13 @@ def _add_align(sub: Any) -> None:
     p = _subparser(sub, "align", "align model B to model A (Git Re-Basin)")
     p.add_argument("model_a", help="checkpoint of model A (the reference)")
     p.add_argument("model_b", help="checkpoint of model B (to be permuted)")
-    p.add_argument("--method", choices=["weight", "activation", "ste", "sinkhorn"], default="weight",
-                   help="alignment method (ste, sinkhorn: learned on the data's midpoint loss)")
-    p.add_argument("--epochs", type=int, default=3, help="epochs of a learned method (ste, sinkhorn)")
+    p.add_argument("--method", choices=["weight", "activation", "ste", "sinkhorn", "maps"], default="weight",
+                   help="alignment method (ste, sinkhorn, maps: learned on the data's midpoint loss; maps: a "
+                        "transformer's rotations and invertible maps after weight matching)")
+    p.add_argument("--symmetries", choices=["all", "permutation", "invertible"], default="all",
+                   help="for transformers: every kind (heads, neurons, the stream rotated), permutations only, or "
+                        "also invertible maps inside heads")
+    p.add_argument("--epochs", type=int, default=3, help="epochs of a learned method (ste, sinkhorn, maps)")
     p.add_argument("--state", default=None, help="state file of a learned method: an interrupted run resumes from it")
     p.add_argument("--seed", type=int, default=0, help="seed of the sweep order")
     p.add_argument("--restarts", type=int, default=0, help="extra random restarts of weight matching")
