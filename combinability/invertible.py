@@ -22,7 +22,7 @@ import numpy as np
 from combinability.kinds import Blocks, Dual, Invertible
 from combinability.permutation import PermutationSpec, Repeat, rename_entry
 
-__all__ = ["invertible_spec", "bindings_of", "dual_name", "duals", "fit_inner", "inner_objective"]
+__all__ = ["invertible_spec", "bindings_of", "dual_name", "duals", "fit_inner", "inner_objective", "lifted"]
 
 #: Bindings of one name beyond which the sides of its bilinear form are not searched.
 MAX_BINDINGS = 8
@@ -160,6 +160,19 @@ def fit_inner(grams: Mapping[str, np.ndarray], start: np.ndarray, *, max_iter: i
     if res.fun < values[0]:
         return res.x.reshape(s, s)
     return start
+
+
+def lifted(spec: PermutationSpec, plain: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """A transformation of ``spec`` from one of ``spec.without_invertible()``: each invertible map (and its
+    dual) the permutation matrix of the within-head permutation of the same name."""
+    from combinability.kinds import as_matrix
+
+    out = {}
+    for p in spec.perm_names:
+        kind = spec.kind(p)
+        name = kind.of if isinstance(kind, Dual) else p
+        out[p] = as_matrix(plain[name]) if isinstance(spec.kind(name), Invertible) else np.asarray(plain[p])
+    return out
 
 
 def duals(spec: PermutationSpec) -> dict[str, str]:
