@@ -346,3 +346,34 @@ def test_symmetry_comparison_checks_its_alignments_before_any_work():
         symmetry_comparison(pair, "digits", alignments=("naive", "learned"))
     with pytest.raises(ConfigurationError, match="needs attention heads"):
         symmetry_comparison(pair, "digits", alignments=("naive", "invertible"))
+
+
+def test_the_learned_maps_start_lifts_weight_matching_s_within_head_permutations_to_matrices():
+    from combinability.invertible import lifted
+
+    plain_spec = ATTENTION.without_invertible()
+    plain = random_permutation(plain_spec, _params(0), 4)
+    start = lifted(ATTENTION, plain)
+    check_permutation(start, ATTENTION.perm_sizes(_params(0)), ATTENTION)
+    for name in ("qk", "vo"):
+        np.testing.assert_array_equal(start[name].argmax(axis=1), plain[name])
+        np.testing.assert_array_equal(start[dual_name(name)], start[name])  # a permutation is its own dual
+    a = _params(0)  # and they move the parameters as the permutations do
+    by_matrix, by_index = apply_permutation(ATTENTION, start, a), apply_permutation(plain_spec, plain, a)
+    assert max(np.abs(by_matrix[k] - by_index[k]).max() for k in a) < 1e-12
+
+
+def test_flax_vits_admit_invertible_maps_and_keep_b_s_function_when_aligned_with_them():
+    pytest.importorskip("flax")
+    from combinability.data import load_dataset
+
+    vits = [cb.train("tinyvit", "digits", seed=s, epochs=1, width=0.25, backend="jax") for s in (0, 1)]
+    x = load_dataset("digits", "test", limit=8).x
+    pair = cb.ModelPair(*vits, example_input=x)
+    spec = pair.invertible_spec()
+    assert sum(isinstance(k, Invertible) for k in spec.kinds.values()) == 4  # query and value maps of 2 blocks
+    aligned = pair.align("weight", symmetries="invertible", max_iter=5)
+    ends = [cb.sweep(p, cb.Linear(), data="digits", values=[1.0], limit=100) for p in (pair, aligned)]
+    np.testing.assert_allclose(ends[1]["loss"].values, ends[0]["loss"].values, rtol=1e-4)
+    assert not np.allclose(aligned.params(1)["params/blocks_0/attn/q/kernel"],
+                           pair.params(1)["params/blocks_0/attn/q/kernel"])
