@@ -230,9 +230,12 @@ def _grams(spec: PermutationSpec, m: str, dual: str, state: _Transformed, a: Map
             "vu": _cost(spec, dual, a, rest, n, sizes), "uu": _cost(spec, dual, a, rest, n, sizes, left="b")}
 
 
-def _reach(cross: np.ndarray, gram: np.ndarray) -> float:
-    """``tr(C G⁺ Cᵀ)``: the squared norm of A's block that a free linear map of B's block reaches."""
-    return float(np.sum((cross @ np.linalg.pinv(gram, hermitian=True)) * cross))
+def _reach(cross: np.ndarray, gram: np.ndarray) -> np.ndarray:
+    """``R[i, j] = tr(C_ij G_j⁺ C_ijᵀ)``: the squared norm of A's block i that a free linear map of B's block j
+    reaches, for ``cross`` ``(h, s, h, s)`` (``C_ij = cross[i, :, j]``) and B's Gram matrix ``gram`` (the same)."""
+    h = gram.shape[0]
+    inverse = np.stack([np.linalg.pinv(gram[j, :, j], hermitian=True) for j in range(h)])
+    return np.einsum("iajb,jbc,iajc->ij", cross, inverse, cross, optimize=True)
 
 
 def _invertible_blocks(spec: PermutationSpec, group: str, group_cost: np.ndarray, members: list[str],
@@ -251,10 +254,7 @@ def _invertible_blocks(spec: PermutationSpec, group: str, group_cost: np.ndarray
     for m in maps:
         s = spec.kinds[m].size
         fits[m] = {k: v.reshape(h, s, h, s) for k, v in _grams(spec, m, state.duals[m], state, a, sizes).items()}
-        for i in range(h):
-            for j in range(h):
-                block_cost[i, j] += 0.5 * (_reach(fits[m]["yx"][i, :, j], fits[m]["xx"][j, :, j])
-                                           + _reach(fits[m]["vu"][i, :, j], fits[m]["uu"][j, :, j]))
+        block_cost += 0.5 * (_reach(fits[m]["yx"], fits[m]["xx"]) + _reach(fits[m]["vu"], fits[m]["uu"]))
     if members:  # σ on the block cost with each permutation member's best within-block assignments
         out = block_assignment(group, block_cost, {m: (_cost(spec, m, a, state.rest(m), sizes[m], sizes),
                                                        spec.kinds[m].size) for m in members})

@@ -35,6 +35,7 @@ map the special case of an invertible one that is its own dual (``Q⁻ᵀ = Q``)
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Any
 
@@ -225,9 +226,17 @@ def as_matrix(value: Any) -> np.ndarray:
 
 
 def ones_complement(n: int) -> np.ndarray:
-    """An orthonormal basis (n, n−1) of the vectors orthogonal to the all-ones vector."""
+    """An orthonormal basis (n, n−1) of the vectors orthogonal to the all-ones vector (read-only; computed
+    once per size)."""
+    return _ones_complement(int(n))
+
+
+@functools.lru_cache(maxsize=16)
+def _ones_complement(n: int) -> np.ndarray:
     u, _, _ = np.linalg.svd(np.eye(n) - 1.0 / n)  # singular values 1 (n−1 times) and 0 (on 1/√n)
-    return u[:, : n - 1]
+    basis = np.ascontiguousarray(u[:, : n - 1])
+    basis.flags.writeable = False
+    return basis
 
 
 def random_orthogonal(n: int, rng: np.random.Generator, *, fix_ones: bool = False) -> np.ndarray:
