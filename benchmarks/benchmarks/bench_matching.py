@@ -204,7 +204,8 @@ class WeightMatchingLarge:
 class WeightMatchingTransformer:
     """Two randomly initialised ViTs (d 256, 8 heads, depth 4, MLP 512; 2.1M parameters), their
     symmetries traced by torch.fx: attention heads as blocks, FFN permutations and an orthogonal
-    residual stream, matched by coordinate ascent (:mod:`combinability.kind_matching`)."""
+    residual stream, matched by coordinate ascent (:mod:`combinability.kind_matching`); and with
+    invertible maps inside heads (``symmetries="invertible"``), five sweeps."""
 
     timeout = 600
 
@@ -219,11 +220,12 @@ class WeightMatchingTransformer:
             torch.manual_seed(seed)
             models.append(TinyViT(d_model=256, depth=4, heads=8, mlp=512))
         pair = cb.ModelPair(*models, example_input=torch.randn(4, 1, 28, 28))
-        return pair.spec.to_json(), pair.params(0), pair.params(1)
+        return pair.spec.to_json(), pair.invertible_spec().to_json(), pair.params(0), pair.params(1)
 
     def setup(self, cache):
-        spec, self.a, self.b = cache
+        spec, invertible, self.a, self.b = cache
         self.spec = cb.PermutationSpec.from_json(spec)
+        self.invertible = cb.PermutationSpec.from_json(invertible)
         warm_up("library")
 
     def time_weight_matching_vit(self, cache):
@@ -233,6 +235,9 @@ class WeightMatchingTransformer:
         return cb.weight_matching(self.spec, self.a, self.b, seed=0).iterations
 
     track_sweeps_vit.unit = "sweeps"
+
+    def time_weight_matching_vit_invertible_5_sweeps(self, cache):
+        cb.weight_matching(self.invertible, self.a, self.b, seed=0, max_iter=5)
 
 
 def assignment_problem(kind, n=512, seed=0):
