@@ -138,8 +138,9 @@ def _least_squares(grams: Mapping[str, np.ndarray]) -> list[np.ndarray]:
 def fit_inner(grams: Mapping[str, np.ndarray], start: np.ndarray, *, max_iter: int = 50) -> np.ndarray:
     """The invertible ``G`` of one head nearest to A: a local minimum of :func:`inner_objective`.
 
-    Refined by L-BFGS from the best of ``start`` (the current map) and each side's
-    least-squares fit; never worse than ``start``.
+    Refined by nonlinear conjugate gradients from the best of ``start`` (the current map) and
+    each side's least-squares fit; never worse than ``start``. (scipy 1.17's L-BFGS-B took 14 ms
+    an iteration at 1,024 variables, its CG well under one.)
     """
     from scipy.optimize import minimize
 
