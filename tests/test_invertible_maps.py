@@ -377,3 +377,18 @@ def test_flax_vits_admit_invertible_maps_and_keep_b_s_function_when_aligned_with
     np.testing.assert_allclose(ends[1]["loss"].values, ends[0]["loss"].values, rtol=1e-4)
     assert not np.allclose(aligned.params(1)["params/blocks_0/attn/q/kernel"],
                            pair.params(1)["params/blocks_0/attn/q/kernel"])
+
+
+def test_learned_maps_resume_from_their_state_file_as_an_uninterrupted_run(tmp_path):
+    from combinability.data import load_dataset
+
+    vits = [cb.train("tinyvit", "digits", seed=s, epochs=1, width=0.25) for s in (0, 1)]
+    pair = cb.ModelPair(*vits, example_input=load_dataset("digits", "test", limit=8).x)
+    options = {"symmetries": "invertible", "data": "digits", "eval_examples": 200, "matching_iter": 5}
+    state = tmp_path / "maps.npz"
+    pair.align("maps", epochs=1, state=state, **options)
+    resumed = pair.align("maps", epochs=2, state=state, **options).transforms[1]
+    whole = pair.align("maps", epochs=2, **options).transforms[1]
+    assert resumed.history == whole.history and len(whole.history) == 3
+    for name in whole:
+        np.testing.assert_array_equal(resumed[name], whole[name])
