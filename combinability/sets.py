@@ -478,13 +478,15 @@ class ModelSet:
                            method="activation")
 
     def _alignment_spec(self, symmetries: str) -> PermutationSpec:
-        """The spec an alignment uses: every kind (``"all"``), permutations only, or with invertible maps in heads."""
+        """The spec an alignment uses: every kind (``"all"``), permutations only, or with invertible maps in heads
+        (of the naive set's symmetries: an aligned set's spec is the one it was aligned with)."""
+        base = self.naive or self
         if symmetries == "all":
-            return self.spec
+            return base.spec
         if symmetries == "permutation":
-            return self.spec.permutations_only()
+            return base.spec.permutations_only()
         if symmetries == "invertible":
-            return self.invertible_spec()
+            return base.invertible_spec()
         raise ConfigurationError(f"symmetries must be 'all' (every kind the model admits: heads, neurons, an "
                                  f"orthogonal residual stream), 'permutation' or 'invertible' (also invertible maps "
                                  f"inside attention heads), got {symmetries!r}")
@@ -498,6 +500,8 @@ class ModelSet:
             For models not traced as transformers from an ``example_input`` (a layer table's
             networks have no attention heads), or when no head admits such a map.
         """
+        if self.naive is not None:
+            return self.naive.invertible_spec()
         cached = self.__dict__.get("_invertible")
         if cached is not None:
             return cached

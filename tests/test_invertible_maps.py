@@ -392,3 +392,15 @@ def test_learned_maps_resume_from_their_state_file_as_an_uninterrupted_run(tmp_p
     assert resumed.history == whole.history and len(whole.history) == 3
     for name in whole:
         np.testing.assert_array_equal(resumed[name], whole[name])
+
+
+def test_an_aligned_pair_aligns_again_with_the_symmetries_asked_for_not_those_it_was_aligned_with():
+    from tests.test_stream_trace_torch_encoder import X
+
+    pair = cb.ModelPair(_encoder_vit(), randomised_twin(), example_input=X)
+    once = pair.align("weight", symmetries="invertible")
+    again = once.align("weight", symmetries="all")
+    assert not any(isinstance(k, Invertible) for k in again.spec.kinds.values())
+    assert again.spec == pair.spec
+    direct = pair.align("weight")
+    np.testing.assert_array_equal(again.thetas[1], direct.thetas[1])
