@@ -22,14 +22,21 @@ the same products as weight matching's cost), chained through the dual (``−N H
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
 
 from combinability.align.base import AlignTask
-from combinability.align.ste import LearningContext, as_values, check_learning, check_options, learn, start_permutation
+from combinability.align.ste import (
+    LearningContext,
+    as_values,
+    check_learning,
+    check_options,
+    check_settings,
+    learn,
+    start_permutation,
+)
 from combinability.errors import ConfigurationError
 from combinability.invertible import duals
 from combinability.kind_matching import _cost
@@ -221,12 +228,7 @@ def maps(task: AlignTask, *, context: LearningContext | None = None, lr: float =
         raise ConfigurationError("aligner 'maps' learns orthogonal and invertible maps (a transformer's residual "
                                  "stream, symmetries='invertible' inside heads), and these models' symmetries have "
                                  "none: use 'ste' or 'weight'")
-    if not (isinstance(lr, int | float) and math.isfinite(lr) and lr > 0):
-        raise ConfigurationError(f"aligner 'maps': lr must be a positive number, got {lr!r}")
-    if init not in ("weight", "invertible", "identity"):
-        raise ConfigurationError(f"aligner 'maps': init must be 'weight', 'invertible' or 'identity', got {init!r}")
-    if matching_iter < 1:
-        raise ConfigurationError(f"aligner 'maps': matching_iter must be >= 1, got {matching_iter}")
+    check_settings("maps", lr, init, ("weight", "invertible", "identity"), matching_iter)
     ctx = check_learning("maps", task, context)
     check_options("maps", options.get("epochs", 3), options.get("batch_size", 100),
                   options.get("eval_examples", 1000), options.get("sampler"))

@@ -44,7 +44,8 @@ if TYPE_CHECKING:
     from combinability.backend import Backend
     from combinability.layout import FlatLayout
 
-__all__ = ["LearningContext", "check_learning", "check_options", "learn", "start_permutation", "ste", "as_values"]
+__all__ = ["LearningContext", "check_learning", "check_options", "check_settings", "learn", "start_permutation", "ste",
+           "as_values"]
 
 _STATE_VERSION = 1
 
@@ -181,6 +182,17 @@ def start_permutation(task: AlignTask, init: str = "weight", *, max_iter: int = 
     from combinability.matching import weight_matching
 
     return weight_matching(task.spec, task.reference, task.other, seed=task.seed, max_iter=max_iter)
+
+
+def check_settings(name: str, lr: Any, init: Any, inits: tuple[str, ...], matching_iter: Any) -> None:
+    """Refuse a learned aligner's learning rate, start or matching sweeps before any work."""
+    if not (isinstance(lr, int | float) and math.isfinite(lr) and lr > 0):
+        raise ConfigurationError(f"aligner {name!r}: lr must be a positive number, got {lr!r}")
+    if init not in inits:
+        choices = ", ".join(repr(i) for i in inits[:-1]) + f" or {inits[-1]!r}"
+        raise ConfigurationError(f"aligner {name!r}: init must be {choices}, got {init!r}")
+    if matching_iter < 1:
+        raise ConfigurationError(f"aligner {name!r}: matching_iter must be >= 1, got {matching_iter}")
 
 
 def check_options(name: str, epochs: int, batch_size: int, eval_examples: int, sampler: Any) -> Any:
@@ -502,12 +514,7 @@ def ste(task: AlignTask, *, context: LearningContext | None = None, lr: float = 
     --------
     >>> pair.align("ste", data=(x, y), epochs=3, seed=0, sampler=cb.Uniform())  # doctest: +SKIP
     """
-    if not (isinstance(lr, int | float) and math.isfinite(lr) and lr > 0):
-        raise ConfigurationError(f"aligner 'ste': lr must be a positive number, got {lr!r}")
-    if init not in ("weight", "identity"):
-        raise ConfigurationError(f"aligner 'ste': init must be 'weight' or 'identity', got {init!r}")
-    if matching_iter < 1:
-        raise ConfigurationError(f"aligner 'ste': matching_iter must be >= 1, got {matching_iter}")
+    check_settings("ste", lr, init, ("weight", "identity"), matching_iter)
     ctx = check_learning("ste", task, context)
     check_options("ste", options.get("epochs", 3), options.get("batch_size", 100),
                    options.get("eval_examples", 1000), options.get("sampler"))
