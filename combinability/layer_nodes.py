@@ -23,6 +23,9 @@ __all__ = ["Node", "ConvGeometry", "OPS", "NORMS", "ACTIVATIONS"]
 #: The operations a node may perform.
 OPS = ("dense", "conv", "conv_transpose", "norm", "relu", "act", "prelu", "scale", "gate", "identity", "flatten",
        "avgpool", "maxpool", "upsample", "add", "concat", "mul", "pad")
+#: What each pooling node may compute in its windows (``fn``): the mean (``""`` for avgpool) or the
+#: maximum (``""`` for maxpool, whose ``"avg"`` is an average pool with its kernel and stride).
+POOL_FUNCTIONS = {"avgpool": ("", "max"), "maxpool": ("", "avg")}
 #: Kinds of normalisation: LayerNorm over the channel axis (at every position), BatchNorm, GroupNorm.
 NORMS = ("layernorm", "batchnorm", "groupnorm")
 #: How a conv or pad node fills its padding: zeros, or the input mirrored without its edge (``reflect``),
@@ -44,7 +47,8 @@ class Node:
         also the name of the feature point that reads the node's output.
     op : str
         One of :data:`OPS`. ``"avgpool"`` is global average pooling to ``(n, c)`` (to a
-        ``1 x 1`` image with ``keepdims``; to an image of ``output_size`` when given);
+        ``1 x 1`` image with ``keepdims``; to an image of ``output_size`` when given), or
+        global (adaptive) max pooling with ``fn="max"``;
         ``"maxpool"`` is a ``kernel`` x ``kernel`` max pool (``stride``, ``padding``; an
         average pool when ``fn="avg"``), skipped when the image is smaller than the kernel;
         ``"act"`` applies the element-wise function ``fn`` (one of :data:`ACTIVATIONS`);
@@ -120,7 +124,9 @@ class Node:
         input channels and to ``units`` is a depthwise convolution, which keeps its input's
         channel space (channel ``c`` reads input channel ``c`` only).
     fn : str
-        For ``op="act"``: the activation's name.
+        For ``op="act"``: the activation's name. For ``op="avgpool"``: ``""`` (the mean of
+        each window) or ``"max"`` (its maximum: torch's ``AdaptiveMaxPool2d``, ``amax`` over
+        the positions). For ``op="maxpool"``: ``""`` or ``"avg"``.
     leaf : str
         For ``op="scale"``: the name of its parameter (``f"{name}.{leaf}"``), default ``"weight"``.
     eps : float
@@ -176,6 +182,9 @@ class Node:
         if self.op == "act" and self.fn not in ACTIVATIONS:
             raise ConfigurationError(f"node {self.name!r}: unknown activation {self.fn!r}; "
                                      f"valid: {', '.join(ACTIVATIONS)}")
+        if self.op in POOL_FUNCTIONS and self.fn not in POOL_FUNCTIONS[self.op]:
+            raise ConfigurationError(f"node {self.name!r}: the fn of {self.op} nodes is one of "
+                                     f"{', '.join(map(repr, POOL_FUNCTIONS[self.op]))}, got {self.fn!r}")
         if self.leaf != "weight" and (self.op != "scale" or not self.leaf.isidentifier()):
             raise ConfigurationError(f"node {self.name!r}: leaf names a scale node's parameter (an identifier), got "
                                      f"leaf={self.leaf!r} on a {self.op!r} node")

@@ -288,12 +288,20 @@ class LayerTable:
                 continue
             if node.bias:
                 params[f"{node.name}.bias"] = ((node.units,), "float32")
+        for name, (shape, _) in self.input_constants.items():
+            params[name] = (tuple(shape), "float32")
         return params
+
+    @property
+    def input_constants(self) -> dict[str, tuple[tuple[int, ...], bool]]:
+        """State entries of a traced model that only normalise its input (``(x - self.mean) / self.std``):
+        ``{name: (shape, is a buffer)}``; no permutation acts on them."""
+        return dict(getattr(self, "config", {}).get("input_constants", {}))
 
     def buffers(self) -> tuple[str, ...]:
         """Names of the entries of :meth:`parameters` that are not trained by gradient."""
         return tuple(f"{n.name}.{b}" for n in self.nodes if n.op == "norm" and n.norm == "batchnorm"
-                     for b in _BN_BUFFERS)
+                     for b in _BN_BUFFERS) + tuple(k for k, (_, buffer) in self.input_constants.items() if buffer)
 
     def check_state(self, state: Mapping[str, Any], what: str = "state") -> None:
         """Raise :class:`LayoutError` unless ``state`` has exactly this table's names and shapes."""
@@ -660,13 +668,17 @@ class LayerTable:
         """Layer index (0-based, forward order) of every parameter and buffer."""
         order = {name: i for i, name in enumerate(self.layer_names())}
         node_layer = self._node_layers()
-        return {p: order[node_layer[p.rsplit(".", 1)[0]]] for p in self.parameters()}
+        constants = self.input_constants  # read before the first layer: its layer's
+        return {p: 0 if p in constants else order[node_layer[p.rsplit(".", 1)[0]]] for p in self.parameters()}
 
     # -- torch <-> flax --------------------------------------------------------------------
     def flax_names(self) -> dict[str, str]:
         """Reference name -> flax name (``"collection/module/leaf"``, module dots become :attr:`flax_sep`)."""
         out = {}
+        constants = self.input_constants  # a traced torch model's: flax models hold none
         for ref in self.parameters():
+            if ref in constants:
+                continue
             module, leaf = ref.rsplit(".", 1)
             mod = module.replace(".", self.flax_sep)
             node = self.node(module)

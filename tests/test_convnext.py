@@ -152,8 +152,12 @@ def test_features_on_channels_last_maps_are_channels_by_position():
 
 
 class OtherPermute(nn.Module):
-    def forward(self, x):
-        return F.linear(x.permute(0, 2, 1, 3).flatten(1), torch.ones(3, 16))
+    def __init__(self):
+        super().__init__()
+        self.conv, self.out = nn.Conv2d(1, 2, 1), nn.Linear(32, 3)
+
+    def forward(self, x):  # a permute of the input is its layout; of a feature map, only to or from channels-last
+        return self.out(self.conv(x).permute(0, 2, 1, 3).flatten(1))
 
 
 class LinearOnChannelsFirst(nn.Module):

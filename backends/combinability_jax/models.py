@@ -49,6 +49,16 @@ def _adaptive_pool(size: int, out: int) -> np.ndarray:
     return weights
 
 
+def _adaptive_max(h: jax.Array, output_size: tuple[int, ...]) -> jax.Array:
+    """Adaptive max pooling of a channels-last map to ``output_size`` (torch's windows, as
+    :func:`_adaptive_pool`'s), one spatial axis at a time: the maximum is taken axis by axis."""
+    for axis, (size, out) in enumerate(zip(h.shape[1:-1], output_size, strict=True), start=1):
+        windows = [jax.lax.slice_in_dim(h, (i * size) // out, -((-(i + 1) * size) // out), axis=axis)
+                   for i in range(out)]
+        h = jnp.concatenate([jnp.max(w, axis=axis, keepdims=True) for w in windows], axis=axis)
+    return h
+
+
 @lru_cache(maxsize=128)
 def _resize(size_in: int, size_out: int, mode: str, align_corners: bool) -> np.ndarray:
     return resize_weights(size_in, size_out, mode, align_corners)
@@ -241,9 +251,13 @@ class TableNet(nn.Module):
                 h = (_ACTIVATIONS[node.fn] if node.fn in _ACTIVATIONS else getattr(jax.nn, node.fn))(h)
             elif node.op == "flatten":
                 h = jnp.reshape(h if node.channels_last else _nchw(h), (h.shape[0], -1))
+            elif node.op == "avgpool" and node.output_size and node.fn == "max":
+                h = _adaptive_max(h, node.output_size)
             elif node.op == "avgpool" and node.output_size:  # one spatial axis at a time
                 for axis, (n, m) in enumerate(zip(h.shape[1:-1], node.output_size, strict=True), start=1):
                     h = jnp.moveaxis(jnp.tensordot(_adaptive_pool(n, m), h, axes=(1, axis)), 0, axis)
+            elif node.op == "avgpool" and node.fn == "max":
+                h = jnp.max(h, axis=tuple(range(1, h.ndim - 1)), keepdims=node.keepdims)
             elif node.op == "avgpool":
                 h = jnp.mean(h, axis=tuple(range(1, h.ndim - 1)), keepdims=node.keepdims)
             elif node.op == "maxpool" and min(h.shape[1:-1]) >= k:

@@ -40,7 +40,8 @@ _FUNCTIONS = (("relu", jax.nn.relu), ("gelu", partial(jax.nn.gelu, approximate=F
 _FOLLOWS = ("it follows nn.Dense, 1-d to 3-d nn.Conv and nn.ConvTranspose, nn.BatchNorm, nn.LayerNorm, "
             "nn.GroupNorm, nn.InstanceNorm, element-wise activations, "
             "sums and products of two branches, concatenations of channels (the last axis), nn.avg_pool/nn.max_pool, "
-            "zero padding of the spatial axes (jnp.pad), means over the spatial axes and reshapes to (n, -1)")
+            "zero padding of the spatial axes (jnp.pad), means and maxima over the spatial axes and reshapes to "
+            "(n, -1)")
 
 
 #: Arguments of a ``__call__`` that set a flax model's mode, and each one's value in training
@@ -276,6 +277,8 @@ class _Trace(JaxprWalker):
                            padding=tuple((int(lo), int(hi)) for lo, hi, _ in p["padding_config"][1:-1])), outs[0])
         elif len(acts) == 1 and n == "reduce_sum" and len(s) > 2 and tuple(p["axes"]) == _positions(len(s)):
             self._add(Node(self._fresh(path, "mean"), "avgpool", (self._name(acts[0]),)), outs[0])
+        elif len(acts) == 1 and n == "reduce_max" and len(s) > 2 and tuple(p["axes"]) == _positions(len(s)):
+            self._add(Node(self._fresh(path, "max"), "avgpool", (self._name(acts[0]),), fn="max"), outs[0])
         elif len(acts) == 1 and n in ("reduce_window_sum", "reduce_window_max") and len(s) > 2 and (
                 len({*p["window_dimensions"][1:-1]}) == 1 and len({*p["window_strides"][1:-1]}) == 1
                 and {p["window_dimensions"][0], p["window_dimensions"][-1], p["window_strides"][0],
@@ -408,6 +411,13 @@ class _Trace(JaxprWalker):
         if not self.nodes or self._name(self.out[0]) != self.nodes[-1].name:
             raise TracingError(f"{self.name}.__call__ must return the logits made by its last operation" + self.hint)
         x = self.shape[self.inputs[-1]]
+        # the input as the first layers read it (a flat batch reshaped to images: x.reshape(n, h, w, c))
+        read = {self.calls[node.name][1] for node in self.nodes if node.inputs == ("<input>",) and node.name in
+                self.calls}
+        if len(read) > 1:
+            raise TracingError(f"{self.name} reads its input in {len(read)} shapes ({', '.join(map(str, sorted(read)))}"
+                               "); a layer table has one input" + self.hint)
+        x = next(iter(read), x)
         try:
             # the classes: the last axis (a dense prediction's map is channels-last, its channels the classes)
             return LayerTable(self.name, (x[-1], *x[1:-1]) if len(x) > 2 else x[1:], self.shape[self.out[0]][-1],

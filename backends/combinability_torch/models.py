@@ -197,6 +197,7 @@ def _module(node: Node, c_in: int, rank: int, table: LayerTable, frozen: dict[st
 
 
 _ADAPTIVE_AVG = {3: F.adaptive_avg_pool1d, 4: F.adaptive_avg_pool2d, 5: F.adaptive_avg_pool3d}
+_ADAPTIVE_MAX = {3: F.adaptive_max_pool1d, 4: F.adaptive_max_pool2d, 5: F.adaptive_max_pool3d}
 _AVG_POOL = {3: F.avg_pool1d, 4: F.avg_pool2d, 5: F.avg_pool3d}
 _MAX_POOL = {3: F.max_pool1d, 4: F.max_pool2d, 5: F.max_pool3d}
 _LINEAR_MODES = {3: "linear", 4: "bilinear", 5: "trilinear"}
@@ -274,7 +275,9 @@ class TableNet(nn.Module):
             elif node.op == "flatten":
                 h = (h.movedim(1, -1) if node.channels_last and h.ndim > 2 else h).flatten(1)
             elif node.op == "avgpool" and node.output_size:
-                h = _ADAPTIVE_AVG[h.ndim](h, node.output_size)
+                h = (_ADAPTIVE_MAX if node.fn == "max" else _ADAPTIVE_AVG)[h.ndim](h, node.output_size)
+            elif node.op == "avgpool" and node.fn == "max":
+                h = h.amax(dim=tuple(range(2, h.ndim)), keepdim=node.keepdims)
             elif node.op == "avgpool":
                 h = h.mean(dim=tuple(range(2, h.ndim)), keepdim=node.keepdims)
             elif node.op == "maxpool":

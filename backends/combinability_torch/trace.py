@@ -34,6 +34,8 @@ _ACT_FUNCTIONS = {getattr(F, n): n for n in ACTIVATIONS} | {torch.relu: "relu", 
                                                               torch.sigmoid: "sigmoid"}
 _ADD = {operator.add, operator.iadd, torch.add}
 _SCALE = {operator.mul, operator.truediv, operator.imul, operator.itruediv, torch.mul}
+#: With one traced tensor, a constant shift of each value (``x - 0.5``, ``1 - x``, ``-x``).
+_SHIFT = {operator.sub, operator.isub, torch.sub, operator.neg, torch.neg}
 _KEEP_METHODS = {"contiguous", "clone", "detach", "float"}
 _CAT = {torch.cat, torch.concat, torch.concatenate}
 _MUL = {operator.mul, operator.imul, torch.mul, "mul"}
@@ -42,6 +44,7 @@ _AVG_POOL_MODULES = (nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d)
 _POOL_FUNCTIONS = {F.max_pool1d: "", F.max_pool2d: "", F.max_pool3d: "", F.avg_pool1d: "avg", F.avg_pool2d: "avg",
                    F.avg_pool3d: "avg"}
 _ADAPTIVE_AVG = {F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_avg_pool3d}
+_ADAPTIVE_MAX = {F.adaptive_max_pool1d, F.adaptive_max_pool2d, F.adaptive_max_pool3d}
 _CONV_TRANSPOSE_MODULES = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 _INTERPOLATE = {F.interpolate, F.upsample, F.upsample_nearest, F.upsample_bilinear}
 #: torch's interpolation modes as an upsample node's: linear on every axis is one mode.
@@ -361,11 +364,9 @@ def _node(n: fx.Node, gm: fx.GraphModule, name: str, ins: tuple[str, ...], model
         if type(m) in _PAD_MODULES:
             return _pad_node(name, ins, m.padding, _PAD_MODULES[type(m)], getattr(m, "value", 0), shape_in, where,
                              model)
-        adaptive = nn.AdaptiveAvgPool1d | nn.AdaptiveAvgPool2d | nn.AdaptiveAvgPool3d
-        if isinstance(m, adaptive) and _shape(n) is not None and set(_shape(n)[2:]) == {1}:
-            return Node(name, "avgpool", ins, keepdims=True)
-        if isinstance(m, adaptive) and _shape(n) is not None and len(_shape(n)) > 2:
-            return Node(name, "avgpool", ins, output_size=tuple(int(v) for v in _shape(n)[2:]))
+        if isinstance(m, nn.modules.pooling._AdaptiveAvgPoolNd | nn.modules.pooling._AdaptiveMaxPoolNd):
+            fn = "max" if isinstance(m, nn.modules.pooling._AdaptiveMaxPoolNd) else ""
+            return _adaptive_pool_node(name, ins, _shape(n), fn, fn == "max" and m.return_indices, where, model)
         if isinstance(m, _POOL_MODULES):
             k, s, p = (v if isinstance(v, int) else v[0] for v in (m.kernel_size, m.stride or m.kernel_size,
                                                                    m.padding))
@@ -402,10 +403,14 @@ def _node(n: fx.Node, gm: fx.GraphModule, name: str, ins: tuple[str, ...], model
             and out[:2] == shape_in[:2] and len(out) in (2, len(shape_in)) and set(out[2:]) <= {1}
             and _reduced_axes(n, len(shape_in)) in (None, set(range(2, len(shape_in))))):
         return Node(name, "avgpool", ins, keepdims=len(out) > 2)  # the mean over every position
-    if target in _ADAPTIVE_AVG and out is not None and len(out) > 2 and set(out[2:]) == {1}:
-        return Node(name, "avgpool", ins, keepdims=True)
-    if target in _ADAPTIVE_AVG and out is not None and len(out) > 2:
-        return Node(name, "avgpool", ins, output_size=tuple(int(v) for v in out[2:]))
+    if (target in (torch.amax, "amax") and out is not None and shape_in is not None and len(shape_in) >= 3
+            and out[:2] == shape_in[:2] and len(out) in (2, len(shape_in)) and set(out[2:]) <= {1}
+            and _reduced_axes(n, len(shape_in)) == set(range(2, len(shape_in)))):
+        return Node(name, "avgpool", ins, keepdims=len(out) > 2, fn="max")  # the maximum over every position
+    if target in _ADAPTIVE_AVG | _ADAPTIVE_MAX:
+        args = {**dict(zip(("input", "output_size", "return_indices"), n.args, strict=False)), **n.kwargs}
+        fn = "max" if target in _ADAPTIVE_MAX else ""
+        return _adaptive_pool_node(name, ins, out, fn, bool(args.get("return_indices")), where, model)
     if target in _INTERPOLATE:
         args = {**dict(zip(("input", "size", "scale_factor", "mode", "align_corners"), n.args, strict=False)),
                 **n.kwargs}
@@ -426,6 +431,21 @@ def _node(n: fx.Node, gm: fx.GraphModule, name: str, ins: tuple[str, ...], model
                        "additions, channel concatenations, products of branches (gates), pooling, padding, "
                        "upsampling and flatten)"
                        + _hint(model))
+
+
+def _adaptive_pool_node(name: str, ins: tuple[str, ...], out: tuple[int, ...] | None, fn: str, indices: bool,
+                        where: str, model: nn.Module) -> Node:
+    """The node of adaptive average (``fn=""``) or max (``fn="max"``) pooling of a channels-first map to the
+    traced output's size: to one position (global pooling, kept as a 1 x 1 map) or to a smaller map."""
+    if indices:
+        raise TracingError(f"{where}: max pooling that returns its indices (return_indices=True) gives a pair; the "
+                           "tracer follows the pooled map alone" + _hint(model))
+    if out is None or len(out) < 3:
+        raise TracingError(f"{where}: adaptive pooling of a map of shape {out}; the tracer follows it on "
+                           "channels-first maps (n, c, *positions)" + _hint(model))
+    if set(out[2:]) == {1}:
+        return Node(name, "avgpool", ins, keepdims=True, fn=fn)
+    return Node(name, "avgpool", ins, output_size=tuple(int(v) for v in out[2:]), fn=fn)
 
 
 def _conv_transpose_node(n: fx.Node, m: nn.Module, name: str, ins: tuple[str, ...], model: nn.Module,
@@ -471,7 +491,7 @@ def _elementwise_function(n: fx.Node, name: str, ins: tuple[str, ...],
     or None for one that passes its input on (a constant shift or scale, a copy, dropout);
     ``(False, None)`` for any other operation."""
     target = n.target
-    if (n.op == "call_function" and target in _ADD | _SCALE and len(tensors) == 1) or \
+    if (n.op == "call_function" and target in _ADD | _SCALE | _SHIFT and len(tensors) == 1) or \
             (n.op == "call_method" and target in _KEEP_METHODS) or target is F.dropout:
         return True, None
     if target in _ACT_FUNCTIONS or (n.op == "call_method" and target in ACTIVATIONS):
@@ -506,12 +526,71 @@ def _channels_last_node(n: fx.Node, gm: fx.GraphModule, name: str, ins: tuple[st
             return node
         if target in (torch.flatten, "flatten", "view", "reshape") and out is not None and len(out) == 2:
             return Node(name, "flatten", ins, channels_last=True)
-        if (target in (torch.mean, "mean") and out is not None and len(out) == 2 and out[1] == shape_in[-1]
-                and _reduced_axes(n, len(shape_in)) == set(range(1, len(shape_in) - 1))):
-            return Node(name, "avgpool", ins)
+        if (target in (torch.mean, "mean", torch.amax, "amax") and out is not None and len(out) == 2
+                and out[1] == shape_in[-1] and _reduced_axes(n, len(shape_in)) == set(range(1, len(shape_in) - 1))):
+            return Node(name, "avgpool", ins, fn="max" if target in (torch.amax, "amax") else "")
     raise TracingError(f"{where} on a channels-last map ({tuple(shape_in or ())}): the tracer follows Linear, "
                        "LayerNorm over the channels, activations, flatten, means over the positions and a "
                        "permute back to channels-first there" + _hint(model))
+
+
+#: Operations that lay the same values out anew (the input's layout as the first layer reads it).
+_RELAYOUT_METHODS = {"view", "reshape", "unsqueeze", "squeeze", "flatten", "unflatten", "permute", "transpose",
+                     "movedim", "swapaxes", "swapdims"}
+_RELAYOUT_FUNCTIONS = {torch.reshape, torch.unsqueeze, torch.squeeze, torch.flatten, torch.unflatten, torch.permute,
+                       torch.transpose, torch.movedim, torch.swapaxes, torch.swapdims}
+_AXIS_MOVES = {"permute", "transpose", "movedim", "swapaxes", "swapdims", torch.permute, torch.transpose,
+               torch.movedim, torch.swapaxes, torch.swapdims}
+
+
+def input_relayouts(gm: fx.GraphModule) -> set[str]:
+    """The nodes that only lay the model's input out anew before its first layer reads it (``x.view(-1, 1, 28,
+    28)`` of flat images, ``x.unsqueeze(1)`` adding a channel axis, ``x.transpose(1, 2)`` turning ``(n, length,
+    features)`` into a sequence of channels), possibly after constant shifts and scales of the input: reshapes
+    that give a map (three axes or more) and moves of axes, each keeping the batch axis first.
+
+    Reads only the graph and its recorded shapes: :func:`channels_last_nodes` does not take such a permute for
+    a move to channels-last.
+    """
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    derived = {placeholders[0].name} if placeholders else set()
+    moved: set[str] = set()
+    for n in gm.graph.nodes:
+        if n.op not in ("call_method", "call_function") or not n.args or not isinstance(n.args[0], fx.Node) \
+                or n.args[0].name not in derived:
+            continue
+        tensors: list[fx.Node] = []
+        fx.node.map_arg((n.args, n.kwargs), tensors.append)
+        tensors = [t for t in tensors if not reads_shape(t) and _shape(t) is not None]
+        if len(tensors) != 1:
+            continue
+        shape_in, out = _shape(n.args[0]), _shape(n)
+        relayout = (n.op == "call_method" and n.target in _RELAYOUT_METHODS) or \
+            (n.op == "call_function" and n.target in _RELAYOUT_FUNCTIONS)
+        dims = permute_dims(n)
+        if relayout and shape_in is not None and out is not None and len(out) >= 3 and out[0] == shape_in[0] \
+                and (dims is None or dims[0] == 0) and (n.target not in _AXIS_MOVES or dims is not None
+                                                         or 0 not in _moved_axes(n, len(shape_in))):
+            derived.add(n.name)
+            moved.add(n.name)
+        elif (n.op == "call_function" and n.target in _ADD | _SCALE | _SHIFT) or \
+                (n.op == "call_method" and n.target in _KEEP_METHODS | {"to", "type"}):
+            derived.add(n.name)  # a constant shift or scale, a copy or a cast of the input
+    return moved
+
+
+def _moved_axes(n: fx.Node, rank: int) -> set[int]:
+    """The axes a ``transpose`` / ``movedim`` / ``swapaxes`` node names (non-negative)."""
+    names = ("dim0", "dim1") if n.target in ("transpose", torch.transpose, "swapaxes", "swapdims", torch.swapaxes,
+                                             torch.swapdims) else ("source", "destination")
+    given = [*n.args[1:3], *(n.kwargs[k] for k in names if k in n.kwargs)]
+    axes: set[int] = set()
+    for value in given:
+        for d in (value if isinstance(value, tuple | list) else (value,)):
+            if not isinstance(d, int):
+                return {0}  # not worked out: taken for the batch axis, so refused
+            axes.add(d % rank)
+    return axes
 
 
 def channels_last_nodes(gm: fx.GraphModule) -> set[str]:
@@ -521,8 +600,11 @@ def channels_last_nodes(gm: fx.GraphModule) -> set[str]:
     Reads only the graph (no shapes): :class:`TapRunner` turns these nodes' outputs channels-first.
     """
     last: set[str] = set()
+    relayouts = input_relayouts(gm)
     for n in gm.graph.nodes:
         dims = permute_dims(n)
+        if n.name in relayouts:
+            continue  # the input laid out as the first layer reads it, channels first
         if dims is not None:
             rank = len(dims)
             if dims == (0, *range(2, rank), 1) and rank > 2:
@@ -549,7 +631,7 @@ def permute_dims(n: fx.Node) -> tuple[int, ...] | None:
 
 
 def _reduced_axes(n: fx.Node, rank: int) -> set[int] | None:
-    """The axes a ``mean`` node reduces (non-negative), or None when it names none (all of them)."""
+    """The axes a ``mean`` or ``amax`` node reduces (non-negative), or None when it names none (all of them)."""
     dim = n.args[1] if len(n.args) > 1 else n.kwargs.get("dim")
     if dim is None:
         return None
@@ -716,7 +798,7 @@ _CHANNELS_FIRST_MODULES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, 
                            nn.modules.pooling._AdaptiveAvgPoolNd, nn.modules.pooling._AdaptiveMaxPoolNd)
 _CHANNELS_FIRST_FUNCTIONS = {F.conv1d, F.conv2d, F.conv3d, F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d,
                              F.batch_norm, F.group_norm, F.instance_norm, *_INTERPOLATE, *_POOL_FUNCTIONS,
-                             *_ADAPTIVE_AVG}
+                             *_ADAPTIVE_AVG, *_ADAPTIVE_MAX}
 
 
 def classes_second(gm: fx.GraphModule) -> bool | None:
@@ -832,6 +914,9 @@ def describe(model: nn.Module, example_input: torch.Tensor) -> tuple[LayerTable,
     nodes: list[Node] = []
     output = None
     live = feeding_logits(gm)
+    relayouts = input_relayouts(gm)
+    input_shapes: dict[tuple[int, ...], str] = {}  # the input's layouts read by a layer, and the first reader
+    constants: dict[str, tuple[tuple[int, ...], bool]] = {}  # state entries that normalise the input
     for n in gm.graph.nodes:
         if n.op not in ("placeholder", "output") and n.name not in live:
             continue  # another output's work (an auxiliary loss, features returned beside the logits)
@@ -858,6 +943,15 @@ def describe(model: nn.Module, example_input: torch.Tensor) -> tuple[LayerTable,
                 continue
             raise TracingError(f"node {n.name!r} ({n.target!r}) reads no traced tensor" + _hint(model))
         traced = [a for a in read if a.name in alias]
+        if n.name in relayouts:
+            alias[n.name] = "<input>"
+            continue
+        if params_read and len(traced) == 1 and alias[traced[0].name] == "<input>" and n.op == "call_function" \
+                and n.target in _ADD | _SCALE | _SHIFT:
+            # the input normalised by constants the model holds ((x - self.mean) / self.std): not a layer
+            constants.update(_state_names(gm, model, params_read))
+            alias[n.name] = "<input>"
+            continue
         if len({a.name in last for a in traced if _rank(a) > 2}) > 1:
             raise TracingError(f"node {n.name!r} ({n.target!r}) combines a channels-last map with a channels-first "
                                "one" + _hint(model))
@@ -876,12 +970,21 @@ def describe(model: nn.Module, example_input: torch.Tensor) -> tuple[LayerTable,
             continue
         if node.op not in ("add", "concat", "mul"):
             node = Node(**{**node.__dict__, "inputs": ins[:1]})
+        for a in traced:
+            if alias[a.name] == "<input>" and _shape(a) is not None:
+                input_shapes.setdefault(tuple(_shape(a)[1:]), n.name)
         alias[n.name] = node.name
         nodes.append(node)
     if not isinstance(output, fx.Node) or alias.get(output.name) != (nodes[-1].name if nodes else None):
         raise TracingError(f"{type(model).__name__}.forward must return one logits tensor, made by its last operation"
                            + _hint(model))
     shape = tuple(example_input.shape[1:])
+    if len(input_shapes) > 1:
+        raise TracingError(f"{type(model).__name__} reads its input in {len(input_shapes)} layouts ("
+                           + ", ".join(f"{s} by node {r!r}" for s, r in input_shapes.items()) + "); a layer table "
+                           "has one input" + _hint(model))
+    if input_shapes:
+        shape = next(iter(input_shapes))  # as the first layer reads it (the data keeps its own: data_shape)
     out_shape = _shape(output)
     try:  # the classes: the last axis, or a channels-first map's channels (a dense prediction's (n, C, H, W))
         try:
@@ -894,8 +997,41 @@ def describe(model: nn.Module, example_input: torch.Tensor) -> tuple[LayerTable,
         raise TracingError(f"the traced graph of {type(model).__name__} is not a valid layer table: {exc}"
                            + _hint(model)) from None
     object.__setattr__(table, "config", {"architecture": None, "model": type(model).__qualname__, "width": 1.0,
-                                         "num_classes": table.num_classes, "input_shape": shape, "traced": True})
+                                         "num_classes": table.num_classes, "input_shape": shape, "traced": True,
+                                         "data_shape": tuple(int(v) for v in example_input.shape[1:]),
+                                         **({"input_constants": constants} if constants else {})})
     return table, gm
+
+
+def _state_names(gm: fx.GraphModule, model: nn.Module, reads: list[fx.Node]) -> dict[str, tuple[tuple[int, ...], bool]]:
+    """The entries of ``model``'s state that ``reads`` (parameters or buffers read directly, or views of them
+    that fx folded into constants) are: ``{name: (shape, is a buffer)}``; constants of no state entry are left out.
+
+    A folded view shares its tensor's memory, by which it is found.
+    """
+    buffers = dict(model.named_buffers())
+    state = {**dict(model.named_parameters()), **{k: v for k, v in buffers.items()
+                                                  if k.rpartition(".")[2] not in _non_persistent(model, k)}}
+    out: dict[str, tuple[tuple[int, ...], bool]] = {}
+    for node in reads:
+        target = attribute_of(node)
+        try:
+            tensor = gm.get_parameter(target) if target in dict(gm.named_parameters()) else gm.get_buffer(target)
+        except AttributeError:
+            tensor = getattr(gm, target, None)
+        if not isinstance(tensor, torch.Tensor):
+            continue
+        for name, held in state.items():
+            if held.untyped_storage().data_ptr() == tensor.untyped_storage().data_ptr():
+                out[name] = (tuple(held.shape), name in buffers)
+    return out
+
+
+def _non_persistent(model: nn.Module, name: str) -> set[str]:
+    """The non-persistent buffers (left out of the state) of the module holding buffer ``name``."""
+    path = name.rpartition(".")[0]
+    return set(model.get_submodule(path)._non_persistent_buffers_set) if path else \
+        set(model._non_persistent_buffers_set)
 
 
 #: Modules whose output holds their units on its last axis, whatever its rank (a Linear on tokens; a
