@@ -43,6 +43,7 @@ from combinability_torch.trace import (
     computed_weights,
     logits_of,
     refuse_computed_weights,
+    strip_output_softmax,
     tensor_aliases,
 )
 
@@ -222,6 +223,7 @@ class TorchPrepared:
 
             try:  # a traced user module taps any node's output; an untraceable one, its submodules'
                 gm = trace(self.model)
+                strip_output_softmax(gm)  # metrics read the logits, not (log-)probabilities
                 self.model = TapRunner(gm, self.model).eval()
                 self.classes_second = classes_second(gm)
             except TracingError:

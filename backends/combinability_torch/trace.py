@@ -762,6 +762,49 @@ def logits_of(out: Any) -> Any:
     return model_outputs.logits_of(out, lambda v: isinstance(v, torch.Tensor | fx.Node | fx.Proxy))
 
 
+_SOFTMAX_FUNCTIONS = {F.softmax, F.log_softmax, torch.softmax, torch.log_softmax}
+_SOFTMAX_METHODS = {"softmax", "log_softmax"}
+
+
+def output_softmax(gm: fx.GraphModule) -> fx.Node | None:
+    """The node that turns the logits into (log-)probabilities as the model's last step, if it has one:
+    ``F.log_softmax(x, dim=1)`` as PyTorch's MNIST example returns, ``nn.Softmax(dim=1)`` ending a
+    classifier, along the class axis (the last, or axis 1). None otherwise.
+
+    The library reads the logits before it: the cross-entropy of log-probabilities is theirs, of
+    probabilities it is not.
+    """
+    output = next((n for n in reversed(gm.graph.nodes) if n.op == "output"), None)
+    node = logits_of(output.args[0]) if output is not None else None
+    if not isinstance(node, fx.Node) or not node.args or not isinstance(node.args[0], fx.Node):
+        return None
+    if node.op == "call_module":
+        m = gm.get_submodule(node.target)
+        dim = m.dim if isinstance(m, nn.Softmax | nn.LogSoftmax) else None
+    elif (node.op == "call_function" and node.target in _SOFTMAX_FUNCTIONS) or \
+            (node.op == "call_method" and node.target in _SOFTMAX_METHODS):
+        dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+    else:
+        return None
+    rank = len(_shape(node.args[0]) or ()) or None
+    if not isinstance(dim, int) or (rank is not None and dim % rank not in (1, rank - 1)):
+        return None
+    return node
+
+
+def strip_output_softmax(gm: fx.GraphModule) -> bool:
+    """Make ``gm`` return the logits that its final softmax or log-softmax (:func:`output_softmax`) reads;
+    return whether it had one."""
+    node = output_softmax(gm)
+    if node is None:
+        return False
+    output = next(n for n in reversed(gm.graph.nodes) if n.op == "output")
+    output.args = fx.node.map_arg(output.args, lambda a: node.args[0] if a is node else a)
+    gm.graph.eliminate_dead_code()
+    gm.recompile()
+    return True
+
+
 def feeding_logits(gm: fx.GraphModule) -> set[str]:
     """The names of the nodes the model's logits are computed from (the output's other items, such as a
     mixture of experts' load-balancing loss in ``(logits, aux_loss)``, are not)."""
@@ -915,6 +958,7 @@ def describe(model: nn.Module, example_input: torch.Tensor) -> tuple[LayerTable,
     output = None
     live = feeding_logits(gm)
     relayouts = input_relayouts(gm)
+    softmax = output_softmax(gm)  # the logits are what it reads
     input_shapes: dict[tuple[int, ...], str] = {}  # the input's layouts read by a layer, and the first reader
     constants: dict[str, tuple[tuple[int, ...], bool]] = {}  # state entries that normalise the input
     for n in gm.graph.nodes:
@@ -945,6 +989,9 @@ def describe(model: nn.Module, example_input: torch.Tensor) -> tuple[LayerTable,
         traced = [a for a in read if a.name in alias]
         if n.name in relayouts:
             alias[n.name] = "<input>"
+            continue
+        if n is softmax:
+            alias[n.name] = ins[0]
             continue
         if params_read and len(traced) == 1 and alias[traced[0].name] == "<input>" and n.op == "call_function" \
                 and n.target in _ADD | _SCALE | _SHIFT:
