@@ -1,7 +1,8 @@
 """Global and adaptive max pooling: layer-table nodes (``avgpool`` with ``fn="max"``) on both backends
 against numpy, and users' torch models that pool by ``nn.AdaptiveMaxPool2d``, ``F.adaptive_max_pool2d``
-(fastai's concat pooling, the maximum beside the mean), ``amax`` over the positions, or adaptively to a
-small map that is then flattened.
+(fastai's concat pooling, the maximum beside the mean), ``amax`` over the positions, adaptively to a
+small map that is then flattened, or by ``torch.max(x, 2)[0]`` over a point cloud (PointNet) and
+``x.max(dim=-1).values`` over a sequence.
 
 References: a plain numpy forward pass with torch's adaptive windows, and the user's module run in
 float64 with a random transformation of the derived spec, which weight matching must undo.
@@ -15,7 +16,7 @@ import pytest
 import combinability as cb
 from combinability.errors import ConfigurationError, TracingError
 from combinability.layers import LayerTable, Node
-from tests.model_checks import assert_random_transformation_undone, randomised, table_logits
+from tests.model_checks import assert_random_transformation_undone, randomise_batchnorms, randomised, table_logits
 
 torch = pytest.importorskip("torch")
 nn, F = torch.nn, torch.nn.functional
@@ -117,11 +118,33 @@ class GridMax(nn.Module):
         return self.fc(self.pool(F.relu(self.c2(F.relu(self.c1(x))))).flatten(1))
 
 
+class PointNet(nn.Module):
+    """PointNet's shared per-point layers (1 x 1 convolutions over ``(n, 3, points)``) and its max over the points."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1, self.bn1 = nn.Conv1d(3, 6, 1), nn.BatchNorm1d(6)
+        self.c2, self.bn2, self.fc = nn.Conv1d(6, 6, 1), nn.BatchNorm1d(6), nn.Linear(6, 3)
+
+    def forward(self, x):
+        x = F.relu(self.bn2(self.c2(F.relu(self.bn1(self.c1(x))))))
+        return self.fc(torch.max(x, 2, keepdim=True)[0].view(-1, 6))
+
+
+class MaxValues(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c1, self.c2, self.fc = nn.Conv1d(3, 6, 3), nn.Conv1d(6, 6, 3), nn.Linear(6, 3)
+
+    def forward(self, x):
+        return self.fc(F.relu(self.c2(F.relu(self.c1(x)))).max(dim=-1).values)
+
+
 @pytest.mark.parametrize("cls, fns", [(MaxHead, ["max"]), (ConcatPool, ["max", ""]), (Amax, ["max"]),
-                                      (GridMax, ["max"])])
+                                      (GridMax, ["max"]), (PointNet, ["max"]), (MaxValues, ["max"])])
 def test_users_max_pooled_cnns_are_traced_and_a_transformation_undone(cls, fns):
-    model = randomised(cls(), 0)
-    x = torch.randn(4, 1, 7, 5)
+    model = randomise_batchnorms(randomised(cls(), 0))
+    x = torch.randn(4, 3, 9) if cls in (PointNet, MaxValues) else torch.randn(4, 1, 7, 5)
     table = cb.derive.describe(model, x)
     assert [n.fn for n in table.nodes if n.op == "avgpool"] == fns
     state = {k: v.double().numpy() for k, v in model.state_dict().items()}
@@ -138,6 +161,17 @@ class WithIndices(nn.Module):
         return self.fc(pooled.flatten(1))
 
 
+class IndexFed(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c1, self.fc = nn.Conv1d(3, 4, 3), nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.fc(F.relu(self.c1(x)).max(dim=-1).indices.float())
+
+
 def test_max_pooling_that_returns_indices_is_refused_by_name():
     with pytest.raises(TracingError, match=r"return_indices=True"):
         cb.derive_spec(WithIndices(), torch.randn(2, 1, 6, 6))
+    with pytest.raises(TracingError, match=r"the positions of the maxima \(indices\) feed the logits"):
+        cb.derive.describe(IndexFed(), torch.randn(2, 3, 8))

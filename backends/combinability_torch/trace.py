@@ -393,6 +393,19 @@ def _node(n: fx.Node, gm: fx.GraphModule, name: str, ins: tuple[str, ...], model
     if known:
         return node
     out = _shape(n)
+    rank = len(shape_in) if shape_in is not None else 0
+    if target in (torch.max, "max") and len(tensors) == 1 and rank >= 3 and \
+            _reduced_axes(n, rank) == set(range(2, rank)):  # (values, indices) over every position
+        keep = n.args[2] if len(n.args) > 2 else n.kwargs.get("keepdim", False)
+        return Node(name, "avgpool", ins, keepdims=bool(keep), fn="max")
+    source = n.args[0] if n.args else None
+    if isinstance(source, fx.Node) and source.target in (torch.max, "max") and len(n.args) > 1 and (
+            (target is operator.getitem and n.args[1] in (0, 1)) or (target is getattr
+                                                                   and n.args[1] in ("values", "indices"))):
+        if n.args[1] in (0, "values"):
+            return None  # the maxima: the pooled map itself
+        raise TracingError(f"{where}: the positions of the maxima (indices) feed the logits; the tracer follows "
+                           "their values" + _hint(model))
     if target in (torch.flatten, "flatten", "view", "reshape", "squeeze") and out is not None and len(out) == 2:
         return Node(name, "flatten", ins)
     if target in _TO_IMAGE and out is not None and shape_in is not None and len(shape_in) in (2, 3, 4, 5) \
@@ -631,7 +644,8 @@ def permute_dims(n: fx.Node) -> tuple[int, ...] | None:
 
 
 def _reduced_axes(n: fx.Node, rank: int) -> set[int] | None:
-    """The axes a ``mean`` or ``amax`` node reduces (non-negative), or None when it names none (all of them)."""
+    """The axes a ``mean``, ``amax`` or ``max`` node reduces (non-negative), or None when it names none (all of
+    them)."""
     dim = n.args[1] if len(n.args) > 1 else n.kwargs.get("dim")
     if dim is None:
         return None
