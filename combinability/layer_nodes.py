@@ -18,11 +18,15 @@ import numpy as np
 from combinability.errors import ConfigurationError
 from combinability.upsampling import UPSAMPLE_MODES
 
-__all__ = ["Node", "ConvGeometry", "OPS", "NORMS", "ACTIVATIONS"]
+__all__ = ["Node", "ConvGeometry", "OPS", "NORMS", "ACTIVATIONS", "TRACED_ELEMENTWISE"]
 
 #: The operations a node may perform.
 OPS = ("dense", "conv", "conv_transpose", "norm", "relu", "act", "prelu", "scale", "gate", "identity", "flatten",
        "avgpool", "maxpool", "upsample", "add", "concat", "mul", "pad")
+#: An ``"act"`` node's ``fn`` for an element-wise function written in a traced model's own code that the
+#: table does not name (``x.clamp(min=0)``, ``torch.erf`` in a hand-written GELU): it keeps each channel's
+#: place, and a table holding one describes the traced model without running it.
+TRACED_ELEMENTWISE = "elementwise"
 #: What each pooling node may compute in its windows (``fn``): the mean (``""`` for avgpool) or the
 #: maximum (``""`` for maxpool, whose ``"avg"`` is an average pool with its kernel and stride).
 POOL_FUNCTIONS = {"avgpool": ("", "max"), "maxpool": ("", "avg")}
@@ -51,7 +55,8 @@ class Node:
         global (adaptive) max pooling with ``fn="max"``;
         ``"maxpool"`` is a ``kernel`` x ``kernel`` max pool (``stride``, ``padding``; an
         average pool when ``fn="avg"``), skipped when the image is smaller than the kernel;
-        ``"act"`` applies the element-wise function ``fn`` (one of :data:`ACTIVATIONS`);
+        ``"act"`` applies the element-wise function ``fn`` (one of :data:`ACTIVATIONS`, or
+        :data:`TRACED_ELEMENTWISE` for one a traced model computes in its own code);
         ``"prelu"`` is ``max(x, 0) + a · min(x, 0)`` with learned slopes ``a`` (parameter
         ``weight``), one for all channels (``units=1``) or one per channel (``units`` = the
         input's channels: the slopes move with the channels);
@@ -179,9 +184,10 @@ class Node:
             raise ConfigurationError(f"node {self.name!r}: unknown norm {self.norm!r}; valid: {', '.join(NORMS)}")
         if not self.affine and self.op != "norm":
             raise ConfigurationError(f"node {self.name!r}: affine=False belongs to a norm node, not a {self.op!r} node")
-        if self.op == "act" and self.fn not in ACTIVATIONS:
+        if self.op == "act" and self.fn not in (*ACTIVATIONS, TRACED_ELEMENTWISE):
             raise ConfigurationError(f"node {self.name!r}: unknown activation {self.fn!r}; "
-                                     f"valid: {', '.join(ACTIVATIONS)}")
+                                     f"valid: {', '.join(ACTIVATIONS)} (and {TRACED_ELEMENTWISE!r}, a traced "
+                                     "model's own element-wise function)")
         if self.op in POOL_FUNCTIONS and self.fn not in POOL_FUNCTIONS[self.op]:
             raise ConfigurationError(f"node {self.name!r}: the fn of {self.op} nodes is one of "
                                      f"{', '.join(map(repr, POOL_FUNCTIONS[self.op]))}, got {self.fn!r}")

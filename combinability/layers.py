@@ -49,7 +49,7 @@ import numpy as np
 
 from combinability.errors import ConfigurationError, LayoutError
 from combinability.kinds import Blocks
-from combinability.layer_nodes import ACTIVATIONS, NORMS, OPS, ConvGeometry, Node, _node_rng
+from combinability.layer_nodes import ACTIVATIONS, NORMS, OPS, TRACED_ELEMENTWISE, ConvGeometry, Node, _node_rng
 from combinability.permutation import Entry, PermutationSpec, Repeat
 
 __all__ = ["Node", "ConvGeometry", "LayerTable", "OPS", "NORMS", "ACTIVATIONS"]
@@ -302,6 +302,17 @@ class LayerTable:
         """Names of the entries of :meth:`parameters` that are not trained by gradient."""
         return tuple(f"{n.name}.{b}" for n in self.nodes if n.op == "norm" and n.norm == "batchnorm"
                      for b in _BN_BUFFERS) + tuple(k for k, (_, buffer) in self.input_constants.items() if buffer)
+
+    def check_buildable(self) -> None:
+        """Raise :class:`ConfigurationError` if a backend cannot build this table: it describes a traced
+        model whose own code computes an element-wise function the table does not name
+        (:data:`~combinability.layer_nodes.TRACED_ELEMENTWISE`)."""
+        unnamed = [n.name for n in self.nodes if n.op == "act" and n.fn == TRACED_ELEMENTWISE]
+        if unnamed:
+            raise ConfigurationError(f"layer table {self.name!r} describes a traced model: nodes {unnamed[:4]} are "
+                                     "element-wise functions of its own code, which the table does not name; use "
+                                     "the model itself, or name each function (Node(op='act', fn=...) with fn in "
+                                     f"{', '.join(ACTIVATIONS)})")
 
     def check_state(self, state: Mapping[str, Any], what: str = "state") -> None:
         """Raise :class:`LayoutError` unless ``state`` has exactly this table's names and shapes."""

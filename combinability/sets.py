@@ -125,10 +125,10 @@ def _reasons(table_exc: TracingError, stream_exc: TracingError) -> str:
     stacked = next((e for e in (stream_exc, table_exc) if isinstance(e, StackedLayersError)), None)
     if stacked is not None:
         return str(stacked)
+    if isinstance(table_exc, NotALayerTableError):  # token ids: the stream tracer's reason is the one that helps
+        return str(stream_exc)
     if isinstance(stream_exc, NotATransformerError) or str(stream_exc) == str(table_exc):
         return str(table_exc)
-    if isinstance(table_exc, NotALayerTableError):  # token ids: a transformer's reason is the one that helps
-        return str(stream_exc)
     return f"{table_exc}; traced as a transformer: {stream_exc}"
 
 

@@ -15,7 +15,7 @@ import pytest
 import combinability as cb
 from combinability.errors import TracingError
 from combinability.layers import ACTIVATIONS, LayerTable, Node
-from tests.model_checks import table_logits
+from tests.model_checks import assert_random_transformation_undone, randomised, table_logits
 
 torch = pytest.importorskip("torch")
 nn, F = torch.nn, torch.nn.functional
@@ -284,9 +284,16 @@ class Iterated(nn.Module):
         return self.fc(x.mean((2, 3)))
 
 
-def test_a_module_called_twice_is_refused_naming_it_and_its_calls():
+def test_a_module_called_twice_is_refused_by_layer_tables_and_traced_by_its_feature_spaces():
+    x = torch.randn(2, 2, 6, 6)
     with pytest.raises(TracingError, match=r"module 'c' \(Conv2d\) is called 2 times: one set of weights"):
-        cb.ModelPair(Iterated(), Iterated(), example_input=torch.randn(2, 2, 6, 6))
+        cb.derive.describe(Iterated(), x)
+    model = randomised(Iterated(), 0)
+    pair = cb.ModelPair(model, randomised(Iterated(), 1), example_input=x)
+    assert pair.table is None
+    assert pair.spec.axes_to_perm["c.weight"] == ("P_c0", "P_c0", None, None)  # reads and writes one space
+    state = {k: v.double().numpy() for k, v in model.state_dict().items()}
+    assert_random_transformation_undone(model, pair.spec, state, x, "c.weight")
 
 
 def _complex_rotary(x, freqs):

@@ -466,6 +466,7 @@ class JaxBackend(Backend):
         Kernels LeCun-normal (truncated normal, variance ``1 / fan_in``), biases 0, scales 1,
         running mean 0 and variance 1; no XLA compilation of ``module.init`` (slow on CPUs).
         """
+        table.check_buildable()
         module = TableNet(table)
         shapes = flatten_variables(jax.eval_shape(module.init, jax.random.PRNGKey(0),
                                                   jnp.zeros((1, *table.input_shape), jnp.float32)))

@@ -527,6 +527,7 @@ class TorchBackend(Backend):
     # -- models -------------------------------------------------------------------------
     def build(self, table: LayerTable, *, seed: int) -> nn.Module:
         """A freshly initialised :class:`TableNet` (torch's default init); the global RNG is untouched."""
+        table.check_buildable()
         with torch.random.fork_rng(devices=[]):
             torch.default_generator.manual_seed(int(seed))
             model = TableNet(table)

@@ -20,6 +20,7 @@ from torch import fx, nn
 from combinability import model_outputs
 from combinability.data.base import integer_hint
 from combinability.errors import ConfigurationError, NotALayerTableError, TracingError
+from combinability.layer_nodes import TRACED_ELEMENTWISE
 from combinability.layers import ACTIVATIONS, LayerTable, Node
 
 __all__ = ["describe", "example_value", "feeding_logits", "reads_shape", "TapRunner", "table_names", "tensor_aliases"]
@@ -34,6 +35,13 @@ _ACT_FUNCTIONS = {getattr(F, n): n for n in ACTIVATIONS} | {torch.relu: "relu", 
                                                               torch.sigmoid: "sigmoid"}
 _ADD = {operator.add, operator.iadd, torch.add}
 _SCALE = {operator.mul, operator.truediv, operator.imul, operator.itruediv, torch.mul}
+#: Functions of each value alone that the table does not name (``x.clamp(min=0)``, ``torch.erf`` in a GELU
+#: written out, ``x ** 2``): an ``act`` node of :data:`~combinability.layer_nodes.TRACED_ELEMENTWISE`.
+_UNARY_NAMES = ("erf", "erfc", "exp", "exp2", "expm1", "log", "log1p", "log2", "sin", "cos", "abs", "sqrt", "rsqrt",
+                "square", "pow", "clamp", "clamp_min", "clamp_max", "clip", "reciprocal", "sign", "sinh", "cosh",
+                "atan", "asinh", "arctan", "floor", "ceil", "round", "trunc", "frac", "nan_to_num")
+_UNARY = {getattr(torch, n) for n in _UNARY_NAMES if hasattr(torch, n)} | set(_UNARY_NAMES) | \
+    {operator.pow, F.threshold, F.hardshrink, F.softshrink}
 #: With one traced tensor, a constant shift of each value (``x - 0.5``, ``1 - x``, ``-x``).
 _SHIFT = {operator.sub, operator.isub, torch.sub, operator.neg, torch.neg}
 _KEEP_METHODS = {"contiguous", "clone", "detach", "float"}
@@ -510,6 +518,8 @@ def _elementwise_function(n: fx.Node, name: str, ins: tuple[str, ...],
     if target in _ACT_FUNCTIONS or (n.op == "call_method" and target in ACTIVATIONS):
         fn = _ACT_FUNCTIONS.get(target, target)
         return True, Node(name, "relu", ins) if fn == "relu" else Node(name, "act", ins, fn=fn)
+    if target in _UNARY and len(tensors) == 1 and n.args and n.args[0] is tensors[0]:
+        return True, Node(name, "act", ins, fn=TRACED_ELEMENTWISE)  # the function of each value, unnamed
     return False, None
 
 

@@ -150,6 +150,19 @@ def stream_symmetries(model: nn.Module, example_input: torch.Tensor) -> tuple[Pe
             bind(n.target, [None] * (value.ndim - 1) + [s])
             space[n.name] = s
             params_of[n.name] = aliases.get(n.target, n.target)
+        elif n.op == "call_module" and n.args and isinstance(n.args[0], fx.Node) and n.args[0].name in carried \
+                and isinstance(gm.get_submodule(n.target), nn.Conv1d):
+            # a convolution over the tokens of features transposed to (n, d, t) (a text CNN's): channels mixed
+            m = gm.get_submodule(n.target)
+            if m.groups != 1 or m.padding_mode != "zeros":
+                raise TracingError(f"{where}: the stream tracer follows ungrouped, zero-padded convolutions over "
+                                   f"the tokens{_hint(model)}")
+            s_conv = sp.new(n.target)
+            bind(f"{n.target}.weight", [s_conv, carried[n.args[0].name], None])
+            if m.bias is not None:
+                bind(f"{n.target}.bias", [s_conv])
+            channels_first[n.name] = s_conv
+            space[n.name] = None
         elif n.op in ("call_module", "call_function", "call_method") and not reads_shape(n) and (
                 _swaps_tokens_and_features(n) and space.get(n.args[0].name) not in (None, FIXED)
                 and n.args[0].name not in att.headed or any(a.name in carried for a in tensor_args(n))):
@@ -165,6 +178,13 @@ def stream_symmetries(model: nn.Module, example_input: torch.Tensor) -> tuple[Pe
             stem = channels_first.get(n.args[0].name) if n.args and isinstance(n.args[0], fx.Node) else None
             if stem is not None and isinstance(m, _NONLINEAR_MODULES) and not isinstance(m, nn.Softmax | nn.LogSoftmax):
                 sp.mark([stem])  # an activation between the convolutions of a stem (Whisper's, wav2vec's)
+                channels_first[n.name] = stem
+                space[n.name] = None
+                continue
+            if stem is not None and isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats:
+                for leaf in ("weight", "bias", "running_mean", "running_var"):  # statistics of each channel
+                    if getattr(m, leaf, None) is not None:
+                        bind(f"{n.target}.{leaf}", [stem])
                 channels_first[n.name] = stem
                 space[n.name] = None
                 continue
@@ -805,12 +825,23 @@ def _channels_first_op(n: fx.Node, channels_first: dict[str, int], space: dict[s
     dims = [int(d) for d in n.args[1:]] if all(isinstance(d, int) for d in n.args[1:]) else None
     if target == "permute" and len(n.args) == 2 and isinstance(n.args[1], tuple | list):
         dims = [int(d) for d in n.args[1]]
+    if _pools_positions(n, src, out):  # max or mean over the positions (a text CNN's max over time)
+        if out is not None and len(out) == 2:  # the positions dropped: the channels are the features
+            space[n.name] = s
+        else:
+            channels_first[n.name] = s
+            space[n.name] = None
+        return
     if src is None or out is None:
         raise TracingError(f"{where}: shapes unknown on a convolution's output{_hint(model)}")
     nd = len(src)
     if target in (_FLATTEN | {"reshape", "view", torch.reshape}) and len(out) >= 3 and out[:2] == src[:2]:
         channels_first[n.name] = s  # (n, c, h, w) -> (n, c, h * w): the channels stay on axis 1
         space[n.name] = None
+        return
+    if target in (_FLATTEN | {"reshape", "view", "squeeze", torch.reshape, torch.squeeze}) and len(out) == 2 and \
+            out[:2] == src[:2]:
+        space[n.name] = s  # (n, c, 1) -> (n, c): one position left, the channels are the features
         return
     moved_last = (target in ("transpose", torch.transpose) and dims is not None and len(dims) == 2 and nd == 3
                   and {d % nd for d in dims} == {1, 2}) or (
@@ -822,6 +853,30 @@ def _channels_first_op(n: fx.Node, channels_first: dict[str, int], space: dict[s
     raise NotATransformerError(f"{where}: an operation on a convolution's channels-first output; the stream tracer "
                                f"follows a patch embedding's channels through flatten(2) and transpose(1, 2) (or "
                                f"permute(0, 2, 3, 1)) into the tokens' features{_hint(model)}")
+
+
+_POSITION_POOLS = {F.max_pool1d, F.avg_pool1d, F.adaptive_max_pool1d, F.adaptive_avg_pool1d, F.max_pool2d,
+                   F.avg_pool2d, F.adaptive_max_pool2d, F.adaptive_avg_pool2d}
+_REDUCTIONS = {"mean", "amax", "max", torch.mean, torch.amax, torch.max}
+
+
+def _pools_positions(n: fx.Node, src: tuple[int, ...] | None, out: tuple[int, ...] | None) -> bool:
+    """Whether ``n`` pools a channels-first map ``src`` over its positions, each channel alone: a pooling
+    function, a mean or maximum over the positional axes (kept or dropped), or the values of ``torch.max``
+    over them (``[0]``, ``.values``)."""
+    source = n.args[0] if n.args else None
+    if isinstance(source, fx.Node) and source.target in ("max", torch.max) and len(n.args) > 1 and \
+            ((n.target is operator.getitem and n.args[1] == 0) or (n.target is getattr and n.args[1] == "values")):
+        return True  # the maxima of a ``max`` over the positions, checked where it was taken
+    if src is None:
+        return False
+    if n.target in _POSITION_POOLS:
+        return out is not None and out[:2] == src[:2] and len(out) == len(src)
+    if n.target in _REDUCTIONS and len(src) >= 3:
+        dim = n.args[1] if len(n.args) > 1 else n.kwargs.get("dim")
+        dims = dim if isinstance(dim, tuple | list) else (dim,)
+        return all(isinstance(d, int) for d in dims) and {d % len(src) for d in dims} == set(range(2, len(src)))
+    return False
 
 
 def _readers(gm: fx.GraphModule, node: fx.Node) -> tuple[Reader, ...] | None:
