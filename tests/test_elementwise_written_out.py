@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 
 import combinability as cb
@@ -80,3 +81,24 @@ def test_a_table_with_unnamed_element_wise_functions_describes_but_is_not_built(
     with pytest.raises(ConfigurationError, match=r"describes a traced model: nodes \['pow_1', 'pow_2'\] are "
                                                  r"element-wise functions of its own code"):
         cb.get_backend("torch").build(table, seed=0)
+
+
+def test_a_flax_function_of_each_value_that_no_activation_matches_is_kept_unnamed():
+    pytest.importorskip("flax")
+    import flax.linen as fnn
+    import jax.numpy as jnp
+
+    from tests.model_checks import flax_planted_permutation, flax_variables
+
+    class ClippedSquare(fnn.Module):
+        @fnn.compact
+        def __call__(self, x):
+            h = jnp.clip(fnn.Conv(5, (3, 3))(x), 0, 3) ** 2  # matches no known activation
+            return fnn.Dense(3)(jnp.mean(fnn.relu(fnn.Conv(5, (3, 3))(h)), axis=(1, 2)))
+
+    net = ClippedSquare()
+    x = np.random.default_rng(0).normal(size=(3, 6, 6, 1)).astype(np.float32)
+    variables = flax_variables(net, x, seed=0)
+    table = cb.derive.describe((net, variables), x)
+    assert [(n.op, n.fn) for n in table.nodes if n.op in ("act", "relu")] == [("act", "elementwise"), ("relu", "")]
+    flax_planted_permutation(net, variables, x)

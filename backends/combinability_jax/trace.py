@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from combinability.errors import NotALayerTableError, TracingError
+from combinability.layer_nodes import TRACED_ELEMENTWISE
 from combinability.layers import ConvGeometry, LayerTable, Node
 from combinability.upsampling import resize_weights
 from combinability_jax.jaxpr_walk import JaxprWalker
@@ -388,9 +389,9 @@ class _Trace(JaxprWalker):
                                   fn="" if fn == "relu" else fn), a)
         elif prim.name in ("add", "add_any") and len(ins) == 2 and all(i in self.root or i == r for i in ins):
             name = self._add(Node(self._fresh(scope[2:], "add"), "add", tuple(map(self._name, ins))), a)
-        else:
-            raise TracingError(f"the element-wise function ending in {prim.name!r} in {scope[2:] or self.name!r} is "
-                               f"none of the known activations ({', '.join(dict(_FUNCTIONS))})" + self.hint)
+        else:  # a function of each value of r alone that no known activation matches: kept, unnamed
+            name = self._add(Node(self._fresh(scope[2:], prim.name), "act", (self._name(r),), fn=TRACED_ELEMENTWISE),
+                             a)
         self.node_of[a] = name
         return name
 
