@@ -76,6 +76,8 @@ class Node:
         ``"pad"`` pads each spatial axis of a map by ``padding`` positions, ``(before, after)``
         per axis, filled as ``padding_mode`` says (torch's ``F.pad``, ``nn.ZeroPad2d``,
         ``nn.ReflectionPad2d``; flax's ``jnp.pad`` with zeros): each channel from itself alone;
+        with ``channel_padding`` ``(before, after)``, zero channels are put before and after the
+        input's (the option-A shortcut of CIFAR ResNets, ``F.pad(x, (0, 0, 0, 0, p, p))``);
         ``"gate"`` is the σ-Asymmetric FiGLU ``x * sigmoid(G x)``, ``G`` a frozen random
         ``(c, c)`` matrix applied over the channels at every position
         (:meth:`LayerTable.gate_matrix`); ``"identity"`` passes its input on.
@@ -100,6 +102,8 @@ class Node:
     keepdims : bool
         For ``op="avgpool"``: pool to a ``1 x 1`` image ``(n, c, 1, 1)`` rather than a vector.
         For ``op="scale"``: the factors' shape is ``(units, 1, 1)`` (on an image) rather than ``(units,)``.
+    channel_padding : (int, int)
+        For a zero ``op="pad"`` node: zero channels added before and after the input's.
     output_padding : int or (int, int)
         For ``op="conv_transpose"``: positions added at the end of each spatial axis of the output.
     align_corners : bool
@@ -176,6 +180,7 @@ class Node:
     align_corners: bool = False
     padding_mode: str = "zeros"
     affine: bool = True
+    channel_padding: tuple[int, int] = (0, 0)
 
     def __post_init__(self) -> None:
         if self.op not in OPS:
@@ -217,6 +222,13 @@ class Node:
         if self.padding_mode not in PADDING_MODES or (self.padding_mode != "zeros" and self.op not in ("conv", "pad")):
             raise ConfigurationError(f"node {self.name!r}: padding_mode is a conv or pad node's, one of "
                                      f"{', '.join(PADDING_MODES)}; got {self.padding_mode!r} on a {self.op!r} node")
+        if tuple(self.channel_padding) != (0, 0) and (
+                self.op != "pad" or self.padding_mode != "zeros" or not isinstance(self.channel_padding, tuple)
+                or len(self.channel_padding) != 2 or not all(isinstance(v, int | np.integer) and not isinstance(v, bool)
+                                                             and v >= 0 for v in self.channel_padding)):
+            raise ConfigurationError(f"node {self.name!r}: channel_padding is a zero pad node's (before, after) "
+                                     f"channels, two ints >= 0; got {self.channel_padding!r} on a {self.op!r} node "
+                                     f"with padding_mode {self.padding_mode!r}")
         if self.op == "pad":
             self.paddings(self.spatial_dims or 2)  # validates the widths
             if any(v != 1 for v in (self.kernel, self.stride, self.dilation)):

@@ -40,6 +40,7 @@ Examples
 from __future__ import annotations
 
 import functools
+import itertools
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -202,8 +203,8 @@ class LayerTable:
             elif node.op == "pad":
                 if x.spatial is None or (node.spatial_dims or len(x.spatial)) != len(x.spatial):
                     raise ConfigurationError(f"{where}: a pad node pads the spatial axes of a map, got {x}")
-                out[node.name] = _Shape(x.channels, tuple(s + b + a for s, (b, a) in
-                                                          zip(x.spatial, node.paddings(len(x.spatial)), strict=True)))
+                out[node.name] = _Shape(x.channels + sum(node.channel_padding), tuple(
+                    s + b + a for s, (b, a) in zip(x.spatial, node.paddings(len(x.spatial)), strict=True)))
             elif node.op == "flatten":
                 size = x.channels * (math.prod(x.spatial) if x.spatial else 1)
                 out[node.name] = _Shape(size, None)
@@ -323,9 +324,10 @@ class LayerTable:
 
     # -- channel spaces and the permutation spec ----------------------------------------
     def _spaces(self) -> tuple[dict[str, tuple[int, ...]], dict[int, Entry | None],
-                               dict[str, tuple[str, int, int]]]:
-        """Channel spaces of every node's output, each space's spec entry (None: fixed), and the
-        ``(group name, groups, channels)`` of each permutation that moves blocks of channels.
+                               dict[str, tuple[str, int, int]], dict[int, int]]:
+        """Channel spaces of every node's output, each space's spec entry (None: fixed), the
+        ``(group name, groups, channels)`` of each permutation that moves blocks of channels, and
+        the channels of each space.
 
         A node's output is a tuple of spaces: one, or the parts of a concatenation in order.
         A dense or conv node opens a new space; norms, activations, pooling and depthwise
@@ -346,6 +348,11 @@ class LayerTable:
         one of whose parts is fixed (a packed axis moves all its segments), a space split
         into groups of two sizes or packed into a concatenation, and every space whose
         blocks move with a fixed one's.
+
+        A sum of concatenations whose parts meet at other channels (the zero channels that an
+        option-A shortcut puts around the stream, added to a convolution's output) cuts each
+        part where another input's parts meet: the pieces are spaces of their own, and a space
+        cut so is cut wherever it appears.
         """
         parent: dict[int, int] = {}
 
@@ -384,6 +391,36 @@ class LayerTable:
             size[s] = channels
             return (s,)
 
+        refined: dict[int, tuple[int, ...]] = {}  # a space split into parts, by a sum with parts cut elsewhere
+
+        def expand(parts: tuple[int, ...]) -> tuple[int, ...]:
+            """``parts`` as their current roots, each split space as its parts."""
+            out: list[int] = []
+            for p in parts:
+                r = find(p)
+                out.extend(expand(refined[r]) if r in refined else (r,))
+            return tuple(out)
+
+        def cut(parts: tuple[int, ...], cuts: set[int]) -> tuple[int, ...]:
+            """``parts`` split at the channel offsets ``cuts`` (a part cut inside is refined into pieces)."""
+            out: list[int] = []
+            start = 0
+            for p in parts:
+                inner = sorted(c - start for c in cuts if start < c < start + size[p])
+                if inner:
+                    base = next((opened[t] for t in sorted(parent) if find(t) == p and t in opened), "split")
+                    pieces = []
+                    for a, b in zip([0, *inner], [*inner, size[p]], strict=True):
+                        t = new()
+                        size[t], opened[t] = b - a, f"{base}.{a}-{b}"
+                        pieces.append(t)
+                    refined[p] = tuple(pieces)
+                    out.extend(pieces)
+                else:
+                    out.append(p)
+                start += size[p]
+            return tuple(out)
+
         for node in self.nodes:
             ins = [space[i] for i in self.inputs_of(node)]
             if node.op == "conv" and node.depthwise(src_channels(node)):
@@ -418,6 +455,17 @@ class LayerTable:
             elif node.op == "concat":
                 s = tuple(part for parts in ins for part in parts)
             elif node.op in ("add", "mul"):  # a sum or product of several spaces: one permutation moves them
+                ins = [expand(parts) for parts in ins]
+                blocked_roots = {find(g[0]) for g in grouped}
+                if not any(p in blocked_roots for parts in ins for p in parts):
+                    # concatenations split differently (a shortcut's zero channels around the stream): each part
+                    # cut where another input's parts meet, until pieces of one size meet (a space cut for one
+                    # input is cut in the others too, which may cut further)
+                    while any([size[p] for p in parts] != [size[p] for p in ins[0]] for parts in ins[1:]):
+                        offsets = {o for parts in ins for o in itertools.accumulate(size[p] for p in parts)}
+                        for k in range(len(ins)):
+                            ins[k] = cut(expand(ins[k]), offsets)
+                        ins = [expand(parts) for parts in ins]
                 s = ins[0]
                 if all([size[p] for p in other] == [size[p] for p in s] for other in ins[1:]):
                     for other in ins[1:]:
@@ -425,14 +473,23 @@ class LayerTable:
                             ra, rb = find(pa), find(pb)
                             if ra != rb:
                                 parent[max(ra, rb)] = min(ra, rb)
-                else:  # a sum of concatenations split differently: no permutation of the parts keeps it
+                else:  # blocks of a grouped space cut elsewhere: no permutation of the parts keeps the sum
                     fixed.update(p for parts in ins for p in parts)
                     s = fixed_space(shapes[node.name].channels)
+            elif node.op == "pad" and any(node.channel_padding):  # zero channels around the input's: own parts
+                before, after = node.channel_padding
+                s = ins[0]
+                for n_zero, where in ((before, "before"), (after, "after")):
+                    if n_zero:
+                        z = new()
+                        size[z], opened[z] = n_zero, f"{node.name}.{where}"
+                        s = (z, *s) if where == "before" else (*s, z)
             else:
                 s = ins[0]
             space[node.name] = s
+        space = {k: expand(v) for k, v in space.items()}  # split spaces as their parts
         fixed.update(space[self.nodes[-1].name])
-        fixed_roots = {find(s) for s in fixed}
+        fixed_roots = {p for s in fixed for p in expand((s,))}
         blocked: dict[int, list[tuple[int, int, bool]]] = {}  # root -> (groups, variable, rigid)
         for s, g, var, rigid in grouped:
             blocked.setdefault(find(s), []).append((g, var, rigid))
@@ -490,7 +547,7 @@ class LayerTable:
                 names.update({s: entry for s in parent if find(s) == root})
             else:
                 blocks[str(names[root])] = (name, g, size[root])
-        return {k: tuple(find(p) for p in v) for k, v in space.items()}, names, blocks
+        return {k: tuple(find(p) for p in v) for k, v in space.items()}, names, blocks, size
 
     def _repeats(self) -> dict[str, int]:
         """Flatten nodes of a feature map larger than 1 x 1, of one layer's channels, read by dense
@@ -518,7 +575,7 @@ class LayerTable:
         a concatenation's parts (the segments of a packed axis), or for a flattened feature map
         its channels' permutation repeated over the positions (:class:`~combinability.Repeat`).
         ``spaces``: :meth:`_spaces`, when the caller has it."""
-        space, names, _ = self._spaces() if spaces is None else spaces
+        space, names, *_ = self._spaces() if spaces is None else spaces
         repeats = self._repeats()
         out: dict[str, Entry] = {}
         for node_name, parts in space.items():
@@ -576,6 +633,29 @@ class LayerTable:
     def feature_points(self) -> tuple[str, ...]:
         """Every node whose output is a set of hidden features (all but the logits)."""
         return tuple(n.name for n in self.nodes[:-1] if n.op != "flatten")
+
+    def activation_parts(self) -> dict[str, tuple[str, int, int]]:
+        """For each permutation that moves only a part of every feature point's channels (a piece of
+        a stream between an option-A shortcut's zero channels), ``(point, start, stop)``: the
+        point and its channels ``start:stop`` that it reorders (the last activation output holding
+        it, else the last node).
+        """
+        space, names, _, size = self._spaces()
+        whole = set(self.activation_points())
+        parts: dict[str, tuple[str, int, int]] = {}
+        relu: dict[str, tuple[str, int, int]] = {}
+        for node in self.nodes[:-1]:
+            if node.op == "flatten" or len(space[node.name]) < 2:
+                continue
+            start = 0
+            for piece in space[node.name]:
+                name = names[piece]
+                if isinstance(name, str) and name not in whole:
+                    parts[name] = (node.name, start, start + size[piece])
+                    if node.op in ("relu", "act", "gate"):
+                        relu[name] = parts[name]
+                start += size[piece]
+        return {p: relu.get(p, pt) for p, pt in parts.items()}
 
     def activation_points(self) -> dict[str, str]:
         """For each permutation, the feature point whose units it reorders.

@@ -319,6 +319,12 @@ class ModelSet:
         return self.table.activation_points() if self.table is not None else dict(self.points)
 
     @property
+    def part_points(self) -> dict[str, tuple[str, int, int]]:
+        """For each permutation that reorders only some channels of its feature point, ``(point, start,
+        stop)`` (:meth:`~combinability.layers.LayerTable.activation_parts`); empty without a layer table."""
+        return self.table.activation_parts() if self.table is not None else {}
+
+    @property
     def is_aligned(self) -> bool:
         """True when the members have been transformed into model 0's basin."""
         return self.alignment != "naive"
@@ -428,7 +434,7 @@ class ModelSet:
         thetas = [naive.thetas[0]]
         for i in range(1, len(naive)):
             task = AlignTask(spec=spec, reference=reference, other=naive.params(i), seed=seed,
-                             feature_points=self._points_for(spec),
+                             feature_points=self._points_for(spec), part_points=self.part_points,
                              features=None if features is None else (lambda which, pts, i=i: features(
                                  0 if which == "reference" else i, pts)),
                              correlations=None if correlations is None else (lambda pts, i=i: correlations(

@@ -163,10 +163,12 @@ class ChannelPad(nn.Module):
         return self.fc(F.pad(self.c(x), (0, 0, 0, 0, 1, 1)).mean((2, 3)))
 
 
-def test_padding_the_channels_or_by_a_value_is_refused_naming_the_operation():
-    with pytest.raises(TracingError, match=r"node 'pad'.*not of its channels"):
-        cb.derive_spec(ChannelPad(), torch.randn(2, 2, 6, 6))
+def test_zero_channels_padded_around_a_map_get_permutations_of_their_own():
+    spec = cb.derive_spec(ChannelPad(), torch.randn(2, 2, 6, 6))
+    assert spec.axes_to_perm["fc.weight"] == (None, ("P_pad.before", "P_c", "P_pad.after"))
 
+
+def test_padding_by_a_value_is_refused_naming_the_operation():
     class ValuePad(ChannelPad):
         def forward(self, x):
             return self.fc(F.pad(self.c(x), (1, 1), value=2.0).mean((2, 3)).repeat(1, 2)[:, :6])

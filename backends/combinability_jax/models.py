@@ -232,7 +232,7 @@ class TableNet(nn.Module):
                                      kernel_dilation=g.dilation,
                                      use_bias=node.bias, name=name)(h)
             elif node.op == "pad":  # channels last: the spatial axes are 1 .. ndim - 2
-                widths = [(0, 0), *node.paddings(h.ndim - 2), (0, 0)]
+                widths = [(0, 0), *node.paddings(h.ndim - 2), tuple(node.channel_padding)]
                 h = jnp.pad(h, widths) if node.padding_mode == "zeros" else \
                     jnp.pad(h, widths, mode=_JNP_PAD[node.padding_mode])
             elif node.op == "upsample":  # one spatial axis at a time

@@ -284,8 +284,10 @@ class TableNet(nn.Module):
                 if min(h.shape[2:]) >= node.kernel:
                     pool = (_AVG_POOL if node.fn == "avg" else _MAX_POOL)[h.ndim]
                     h = pool(h, node.kernel, max(1, node.stride), node.padding)
-            elif node.op == "pad":  # F.pad's order: the last axis first
+            elif node.op == "pad":  # F.pad's order: the last axis first (then the channels)
                 widths = tuple(v for pair in reversed(node.paddings(h.ndim - 2)) for v in pair)
+                if any(node.channel_padding):
+                    widths += tuple(node.channel_padding)
                 h = F.pad(h, widths, mode="constant" if node.padding_mode == "zeros" else node.padding_mode)
             elif node.op == "upsample":
                 linear = node.fn == "linear"

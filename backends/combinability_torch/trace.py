@@ -290,13 +290,17 @@ def _pad_node(name: str, ins: tuple[str, ...], widths: Any, mode: str, value: An
         raise TracingError(f"{where}: padding widths {widths} the tracer cannot work out from the example's sizes "
                            "(it follows numbers, sizes and +, -, *, /, //, %, ceil, floor, max, min of them)"
                            + _hint(model))
-    if len(widths) % 2 or not 0 < len(widths) // 2 <= spatial or not all(v >= 0 for v in widths):
+    channels = (0, 0)
+    if len(widths) // 2 == spatial + 1 and mode == "zeros" and not len(widths) % 2:
+        widths, channels = widths[:-2], tuple(widths[-2:])  # zero channels around the input's (option-A shortcut)
+    if len(widths) % 2 or not 0 <= len(widths) // 2 <= spatial or not all(v >= 0 for v in (*widths, *channels)) or \
+            not (widths or any(channels)):
         raise TracingError(f"{where}: padding {widths} of a map of shape {shape_in}; the tracer follows paddings "
-                           "of its spatial axes by whole positions (ints >= 0), not of its channels, and no "
-                           "cropping" + _hint(model))
+                           "of its spatial axes by whole positions (ints >= 0), zero channels before and after its "
+                           "channels, and no cropping" + _hint(model))
     pairs = [tuple(widths[i:i + 2]) for i in range(0, len(widths), 2)][::-1]  # first spatial axis first
     pairs = [(0, 0)] * (spatial - len(pairs)) + pairs
-    return Node(name, "pad", ins, padding=tuple(pairs), padding_mode=mode)
+    return Node(name, "pad", ins, padding=tuple(pairs), padding_mode=mode, channel_padding=channels)
 
 
 def _conv_padding(m: nn.Conv1d | nn.Conv2d | nn.Conv3d) -> tuple[tuple[int, int], ...]:
@@ -406,6 +410,10 @@ def _node(n: fx.Node, gm: fx.GraphModule, name: str, ins: tuple[str, ...], model
             _reduced_axes(n, rank) == set(range(2, rank)):  # (values, indices) over every position
         keep = n.args[2] if len(n.args) > 2 else n.kwargs.get("keepdim", False)
         return Node(name, "avgpool", ins, keepdims=bool(keep), fn="max")
+    if target is operator.getitem and shape_in is not None and len(shape_in) >= 3:
+        step = _subsampling_step(n.args[1], len(shape_in))
+        if step is not None:  # x[:, :, ::2, ::2]: every step-th position, from the first (the option-A shortcut)
+            return Node(name, "maxpool", ins, kernel=1, stride=step)
     source = n.args[0] if n.args else None
     if isinstance(source, fx.Node) and source.target in (torch.max, "max") and len(n.args) > 1 and (
             (target is operator.getitem and n.args[1] in (0, 1)) or (target is getattr
@@ -467,6 +475,25 @@ def _adaptive_pool_node(name: str, ins: tuple[str, ...], out: tuple[int, ...] | 
     if set(out[2:]) == {1}:
         return Node(name, "avgpool", ins, keepdims=True, fn=fn)
     return Node(name, "avgpool", ins, output_size=tuple(int(v) for v in out[2:]), fn=fn)
+
+
+def _subsampling_step(index: Any, rank: int) -> int | None:
+    """The step ``s`` of an index that keeps every example and channel and every ``s``-th position of each spatial
+    axis from the first (``[:, :, ::2, ::2]``, ``[..., ::2, ::2]``); None for any other index."""
+    if not isinstance(index, tuple):
+        return None
+    if Ellipsis in index:
+        k = index.index(Ellipsis)
+        index = index[:k] + (slice(None),) * (rank - len(index) + 1) + index[k + 1:]
+    if len(index) != rank or not all(isinstance(i, slice) for i in index):
+        return None
+    if any(i.start not in (None, 0) or i.stop is not None for i in index):
+        return None
+    steps = {i.step or 1 for i in index[2:]}
+    if any((i.step or 1) != 1 for i in index[:2]) or len(steps) != 1:
+        return None
+    step = steps.pop()
+    return step if isinstance(step, int) and step > 1 else None
 
 
 def _conv_transpose_node(n: fx.Node, m: nn.Module, name: str, ins: tuple[str, ...], model: nn.Module,

@@ -37,6 +37,9 @@ class AlignTask:
     features : callable, optional
         ``features("reference" | "other", points) -> {point: array (n, units)}``: both
         models' activations on the same inputs; ``None`` when no data was given.
+    part_points : mapping of str to (str, int, int)
+        Permutation name to ``(point, start, stop)`` for a permutation that reorders only the
+        channels ``start:stop`` of its feature point (a piece of a stream between zero channels).
     correlations : callable, optional
         ``correlations(points) -> {point: array (units, units)}``: the Pearson correlation
         of every reference unit with every other unit, streamed over the data without
@@ -56,6 +59,7 @@ class AlignTask:
     feature_points: Mapping[str, str] = field(default_factory=dict)
     features: Features | None = None
     correlations: Callable[[Sequence[str]], dict[str, np.ndarray]] | None = None
+    part_points: Mapping[str, tuple[str, int, int]] = field(default_factory=dict)
 
     def point(self, perm_name: str) -> str:
         """The feature point of permutation ``perm_name`` (its own name when none is given)."""

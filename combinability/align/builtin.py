@@ -83,20 +83,23 @@ def activation(task: AlignTask, *, batch_size: int = 4096, **_: Any) -> Permutat
             f"{', '.join(map(repr, pointless[:4]))} have none (attention heads' units live inside the attention); "
             "align these models with 'weight' or 'ste'")
     known = getattr(task, "feature_points", {})
-    unseen = [p for p in task.spec.perm_names if known and p not in known and p not in groups
+    parts = getattr(task, "part_points", {})
+    unseen = [p for p in task.spec.perm_names if known and p not in known and p not in groups and p not in parts
               and not isinstance(task.spec.kinds.get(p), Blocks)]
     if unseen:
         raise ConfigurationError(
             f"activation matching reads each permutation's units at a feature point, and "
             f"{', '.join(map(repr, unseen[:4]))} have none (units inside a layer, as a recurrent layer's lower "
             "layers' hidden units); align these models with 'weight' or 'ste'")
-    perm_points = {p: task.point(p) for p in task.spec.perm_names if p not in groups}
-    points = list(dict.fromkeys(perm_points.values()))
+    perm_points = {p: task.point(p) for p in task.spec.perm_names if p not in groups and p not in parts}
+    points = list(dict.fromkeys([*perm_points.values(), *(pt for pt, _, _ in parts.values())]))
     corr = streamed(points) if streamed is not None else _correlations_of_features(task, points, int(batch_size))
     missing = [pt for pt in points if pt not in corr]
     if missing:
         raise ConfigurationError(f"the features callable returned no activations for point(s) {missing}")
-    return _assign({p: corr[pt] for p, pt in perm_points.items()}, task.spec)
+    # a piece of a point's channels: the correlations among those channels only
+    pieces = {p: corr[pt][a:b, a:b] for p, (pt, a, b) in parts.items() if p in task.spec.perm_names}
+    return _assign({**{p: corr[pt] for p, pt in perm_points.items()}, **pieces}, task.spec)
 
 
 def _correlations_of_features(task: AlignTask, points: list[str], batch_size: int) -> dict[str, np.ndarray]:

@@ -97,7 +97,8 @@ def _refusals(base: ModelSet, methods: Sequence[str], many: Sequence[str]) -> di
     from combinability.align.many import METHOD_KINDS
 
     spec = base._alignment_spec("all")
-    task = AlignTask(spec=spec, reference={}, other={}, feature_points=base._points_for(spec))
+    task = AlignTask(spec=spec, reference={}, other={}, feature_points=base._points_for(spec),
+                     part_points=base.part_points)
     out = {}
     for method in methods:
         try:
