@@ -22,14 +22,14 @@ __all__ = ["Node", "ConvGeometry", "OPS", "NORMS", "ACTIVATIONS", "TRACED_ELEMEN
 
 #: The operations a node may perform.
 OPS = ("dense", "conv", "conv_transpose", "norm", "relu", "act", "prelu", "scale", "gate", "identity", "flatten",
-       "avgpool", "maxpool", "upsample", "add", "concat", "mul", "pad")
+       "avgpool", "maxpool", "upsample", "add", "concat", "mul", "pad", "slice", "channel_reduce")
 #: An ``"act"`` node's ``fn`` for an element-wise function written in a traced model's own code that the
 #: table does not name (``x.clamp(min=0)``, ``torch.erf`` in a hand-written GELU): it keeps each channel's
 #: place, and a table holding one describes the traced model without running it.
 TRACED_ELEMENTWISE = "elementwise"
 #: What each pooling node may compute in its windows (``fn``): the mean (``""`` for avgpool) or the
 #: maximum (``""`` for maxpool, whose ``"avg"`` is an average pool with its kernel and stride).
-POOL_FUNCTIONS = {"avgpool": ("", "max"), "maxpool": ("", "avg")}
+POOL_FUNCTIONS = {"avgpool": ("", "max"), "maxpool": ("", "avg"), "channel_reduce": ("mean", "max")}
 #: Kinds of normalisation: LayerNorm over the channel axis (at every position), BatchNorm, GroupNorm.
 NORMS = ("layernorm", "batchnorm", "groupnorm")
 #: How a conv or pad node fills its padding: zeros, or the input mirrored without its edge (``reflect``),
@@ -78,6 +78,11 @@ class Node:
         ``nn.ReflectionPad2d``; flax's ``jnp.pad`` with zeros): each channel from itself alone;
         with ``channel_padding`` ``(before, after)``, zero channels are put before and after the
         input's (the option-A shortcut of CIFAR ResNets, ``F.pad(x, (0, 0, 0, 0, p, p))``);
+        ``"slice"`` keeps the channels ``channel_range`` ``(start, stop)`` of its input (one part of
+        ``x.chunk(2, dim=1)``, a gated convolution's halves, ShuffleNet's split);
+        ``"channel_reduce"`` takes the mean (``fn="mean"``) or maximum (``fn="max"``) over the
+        channels at each position, one channel out (CBAM's spatial attention): it reads every
+        channel alike, so any permutation keeps it;
         ``"gate"`` is the σ-Asymmetric FiGLU ``x * sigmoid(G x)``, ``G`` a frozen random
         ``(c, c)`` matrix applied over the channels at every position
         (:meth:`LayerTable.gate_matrix`); ``"identity"`` passes its input on.
@@ -86,7 +91,8 @@ class Node:
         the first node). ``"add"`` takes two or more, and so does ``"concat"``, which
         concatenates its inputs' channels in order (images of one size, or vectors), and
         ``"mul"``, their element-wise product, where a ``1 x 1`` image or a vector scales
-        every position of an image of as many channels (a squeeze-and-excitation gate).
+        every position of an image of as many channels (a squeeze-and-excitation gate), and a
+        map of one channel scales every channel of a map of the same size (a spatial attention).
     units : int
         Output features (dense) or channels (conv); a prelu node's slopes (1, or its channels).
     kernel, stride, padding : int
@@ -104,6 +110,8 @@ class Node:
         For ``op="scale"``: the factors' shape is ``(units, 1, 1)`` (on an image) rather than ``(units,)``.
     channel_padding : (int, int)
         For a zero ``op="pad"`` node: zero channels added before and after the input's.
+    channel_range : (int, int)
+        For ``op="slice"``: the input's channels ``start:stop`` it keeps.
     output_padding : int or (int, int)
         For ``op="conv_transpose"``: positions added at the end of each spatial axis of the output.
     align_corners : bool
@@ -181,6 +189,7 @@ class Node:
     padding_mode: str = "zeros"
     affine: bool = True
     channel_padding: tuple[int, int] = (0, 0)
+    channel_range: tuple[int, int] | None = None
 
     def __post_init__(self) -> None:
         if self.op not in OPS:
@@ -229,6 +238,13 @@ class Node:
             raise ConfigurationError(f"node {self.name!r}: channel_padding is a zero pad node's (before, after) "
                                      f"channels, two ints >= 0; got {self.channel_padding!r} on a {self.op!r} node "
                                      f"with padding_mode {self.padding_mode!r}")
+        if (self.op == "slice") != (self.channel_range is not None) or (self.channel_range is not None and not (
+                isinstance(self.channel_range, tuple) and len(self.channel_range) == 2
+                and all(isinstance(v, int | np.integer) and not isinstance(v, bool) for v in self.channel_range)
+                and 0 <= self.channel_range[0] < self.channel_range[1])):
+            raise ConfigurationError(f"node {self.name!r}: a slice node takes the channels (start, stop) of its input, "
+                                     f"0 <= start < stop, and only it takes channel_range; got {self.channel_range!r} "
+                                     f"on a {self.op!r} node")
         if self.op == "pad":
             self.paddings(self.spatial_dims or 2)  # validates the widths
             if any(v != 1 for v in (self.kernel, self.stride, self.dilation)):

@@ -205,6 +205,11 @@ class LayerTable:
                     raise ConfigurationError(f"{where}: a pad node pads the spatial axes of a map, got {x}")
                 out[node.name] = _Shape(x.channels + sum(node.channel_padding), tuple(
                     s + b + a for s, (b, a) in zip(x.spatial, node.paddings(len(x.spatial)), strict=True)))
+            elif node.op == "slice":
+                start, stop = node.channel_range
+                if stop > x.channels:
+                    raise ConfigurationError(f"{where}: channels {start}:{stop} of an input of {x.channels} channels")
+                out[node.name] = _Shape(stop - start, x.spatial)
             elif node.op == "flatten":
                 size = x.channels * (math.prod(x.spatial) if x.spatial else 1)
                 out[node.name] = _Shape(size, None)
@@ -228,11 +233,16 @@ class LayerTable:
                 out[node.name] = x
             elif node.op == "mul":
                 full = [s for s in ins if s.spatial is not None and not _is_point(s.spatial)]
-                if len(ins) < 2 or any(s.channels != x.channels for s in ins) or len({s.spatial for s in full}) > 1:
-                    raise ConfigurationError(f"{where}: a product needs two or more inputs of as many channels, each "
-                                             f"an image of one size, a 1 x 1 image or a vector, got {ins}")
+                channels = max(s.channels for s in ins)
+                if len(ins) < 2 or any(s.channels not in (channels, 1) for s in ins) or \
+                        len({s.spatial for s in full}) > 1:
+                    raise ConfigurationError(f"{where}: a product needs two or more inputs of as many channels (or "
+                                             f"one channel, spread over the others), each an image of one size, a "
+                                             f"1 x 1 image or a vector, got {ins}")
                 points = [s.spatial for s in ins if _is_point(s.spatial)]
-                out[node.name] = _Shape(x.channels, full[0].spatial if full else points[0] if points else None)
+                out[node.name] = _Shape(channels, full[0].spatial if full else points[0] if points else None)
+            elif node.op == "channel_reduce":
+                out[node.name] = _Shape(1, x.spatial)
             elif node.op == "scale" and (node.units != x.channels or (node.keepdims and x.spatial is None)):
                 raise ConfigurationError(f"{where}: a scale node has one factor per channel: units {x.channels}, got "
                                          f"{node.units}" + (" (keepdims needs an image)" if node.keepdims else ""))
@@ -454,7 +464,12 @@ class LayerTable:
                     fixed.update(s)
             elif node.op == "concat":
                 s = tuple(part for parts in ins for part in parts)
+            elif node.op == "channel_reduce":  # every channel read alike: one channel of its own, fixed
+                s = fixed_space(1)
             elif node.op in ("add", "mul"):  # a sum or product of several spaces: one permutation moves them
+                if node.op == "mul" and len({shapes[i].channels for i in self.inputs_of(node)}) > 1:
+                    # a map of one channel spread over the channels of the others: they alone are one space
+                    ins = [parts for i, parts in zip(self.inputs_of(node), ins, strict=True) if shapes[i].channels > 1]
                 ins = [expand(parts) for parts in ins]
                 blocked_roots = {find(g[0]) for g in grouped}
                 if not any(p in blocked_roots for parts in ins for p in parts):
@@ -476,6 +491,11 @@ class LayerTable:
                 else:  # blocks of a grouped space cut elsewhere: no permutation of the parts keeps the sum
                     fixed.update(p for parts in ins for p in parts)
                     s = fixed_space(shapes[node.name].channels)
+            elif node.op == "slice":  # the input cut at the slice's ends: the pieces between them
+                start, stop = node.channel_range
+                pieces = cut(expand(ins[0]), {start, stop})
+                offsets = [0, *itertools.accumulate(size[p] for p in pieces)]
+                s = tuple(p for p, a in zip(pieces, offsets, strict=False) if start <= a < stop)
             elif node.op == "pad" and any(node.channel_padding):  # zero channels around the input's: own parts
                 before, after = node.channel_padding
                 s = ins[0]

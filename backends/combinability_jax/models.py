@@ -231,6 +231,10 @@ class TableNet(nn.Module):
                                      padding=g.dilated_input_padding(node.output_paddings(h.ndim - 2)),
                                      kernel_dilation=g.dilation,
                                      use_bias=node.bias, name=name)(h)
+            elif node.op == "slice":  # channels last
+                h = h[..., node.channel_range[0]:node.channel_range[1]]
+            elif node.op == "channel_reduce":  # channels last
+                h = jnp.mean(h, axis=-1, keepdims=True) if node.fn == "mean" else jnp.max(h, axis=-1, keepdims=True)
             elif node.op == "pad":  # channels last: the spatial axes are 1 .. ndim - 2
                 widths = [(0, 0), *node.paddings(h.ndim - 2), tuple(node.channel_padding)]
                 h = jnp.pad(h, widths) if node.padding_mode == "zeros" else \

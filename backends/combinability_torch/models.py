@@ -284,6 +284,10 @@ class TableNet(nn.Module):
                 if min(h.shape[2:]) >= node.kernel:
                     pool = (_AVG_POOL if node.fn == "avg" else _MAX_POOL)[h.ndim]
                     h = pool(h, node.kernel, max(1, node.stride), node.padding)
+            elif node.op == "slice":
+                h = h[:, node.channel_range[0]:node.channel_range[1]]
+            elif node.op == "channel_reduce":
+                h = h.mean(1, keepdim=True) if node.fn == "mean" else h.amax(1, keepdim=True)
             elif node.op == "pad":  # F.pad's order: the last axis first (then the channels)
                 widths = tuple(v for pair in reversed(node.paddings(h.ndim - 2)) for v in pair)
                 if any(node.channel_padding):

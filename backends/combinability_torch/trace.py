@@ -9,6 +9,7 @@ A node the table cannot express raises :class:`~combinability.errors.TracingErro
 
 from __future__ import annotations
 
+import itertools
 import math
 import operator
 from typing import Any
@@ -406,10 +407,27 @@ def _node(n: fx.Node, gm: fx.GraphModule, name: str, ins: tuple[str, ...], model
         return node
     out = _shape(n)
     rank = len(shape_in) if shape_in is not None else 0
+    if target in (torch.mean, "mean", torch.amax, "amax", torch.max, "max") and len(tensors) == 1 and rank >= 2 and \
+            _reduced_axes(n, rank) == {1} and (n.args[2] if len(n.args) > 2 else n.kwargs.get("keepdim", False)):
+        # the mean or maximum over the channels at each position (CBAM's spatial attention), kept as one channel
+        return Node(name, "channel_reduce", ins, fn="mean" if target in (torch.mean, "mean") else "max")
     if target in (torch.max, "max") and len(tensors) == 1 and rank >= 3 and \
             _reduced_axes(n, rank) == set(range(2, rank)):  # (values, indices) over every position
         keep = n.args[2] if len(n.args) > 2 else n.kwargs.get("keepdim", False)
         return Node(name, "avgpool", ins, keepdims=bool(keep), fn="max")
+    if target in _SPLITS and len(tensors) == 1:
+        if _split_ranges(n) is None:
+            raise TracingError(f"{where}: a split the tracer follows cuts the channels (dim 1) into parts of sizes it "
+                               f"can read" + _hint(model))
+        return None  # the parts: each picked by an index (a slice node)
+    source = n.args[0] if n.args else None
+    if target is operator.getitem and isinstance(source, fx.Node) and source.target in _SPLITS:
+        ranges = _split_ranges(source)
+        return Node(name, "slice", ins, channel_range=ranges[n.args[1]])
+    if target is operator.getitem and shape_in is not None and len(shape_in) >= 2:
+        channels = _channel_slice(n.args[1], shape_in)
+        if channels is not None:  # x[:, a:b]: some of the channels
+            return Node(name, "slice", ins, channel_range=channels)
     if target is operator.getitem and shape_in is not None and len(shape_in) >= 3:
         step = _subsampling_step(n.args[1], len(shape_in))
         if step is not None:  # x[:, :, ::2, ::2]: every step-th position, from the first (the option-A shortcut)
@@ -475,6 +493,53 @@ def _adaptive_pool_node(name: str, ins: tuple[str, ...], out: tuple[int, ...] | 
     if set(out[2:]) == {1}:
         return Node(name, "avgpool", ins, keepdims=True, fn=fn)
     return Node(name, "avgpool", ins, output_size=tuple(int(v) for v in out[2:]), fn=fn)
+
+
+_SPLITS = {"chunk", "split", torch.chunk, torch.split}
+
+
+def _split_ranges(n: fx.Node) -> list[tuple[int, int]] | None:
+    """The channel ranges of the parts of ``x.chunk(k, dim=1)`` or ``x.split(size or sizes, dim=1)`` (torch's
+    sizes: chunks of ``ceil(c / k)``); None when it splits another axis or its sizes cannot be read."""
+    shape = _shape(n.args[0])
+    size_arg = n.args[1] if len(n.args) > 1 else n.kwargs.get("chunks", n.kwargs.get("split_size_or_sections",
+                                                                                        n.kwargs.get("split_size")))
+    dim = n.args[2] if len(n.args) > 2 else n.kwargs.get("dim", 0)
+    size_arg = example_value(size_arg)
+    if shape is None or len(shape) < 2 or not isinstance(dim, int) or dim % len(shape) != 1 or size_arg is None:
+        return None
+    c = shape[1]
+    if n.target in ("chunk", torch.chunk):
+        if not isinstance(size_arg, int) or size_arg < 1:
+            return None
+        step = -(-c // size_arg)
+        sizes = [step] * (c // step) + ([c % step] if c % step else [])
+    elif isinstance(size_arg, int):
+        sizes = [size_arg] * (c // size_arg) + ([c % size_arg] if c % size_arg else [])
+    else:
+        sizes = list(size_arg)
+    if sum(sizes) != c or not all(isinstance(v, int) and v > 0 for v in sizes):
+        return None
+    stops = list(itertools.accumulate(sizes))
+    return list(zip([0, *stops[:-1]], stops, strict=True))
+
+
+def _channel_slice(index: Any, shape: tuple[int, ...]) -> tuple[int, int] | None:
+    """The channels ``(start, stop)`` of an index that keeps every example and position and a contiguous range
+    of the channels (``x[:, :c]``, ``x[:, c:]``, ``x[:, a:b, ...]``); None for any other index."""
+    if not isinstance(index, tuple) or len(index) < 2:
+        return None
+    rank = len(shape)
+    if Ellipsis in index:
+        k = index.index(Ellipsis)
+        index = index[:k] + (slice(None),) * (rank - len(index) + 1) + index[k + 1:]
+    index = index + (slice(None),) * (rank - len(index))
+    if len(index) != rank or not all(isinstance(i, slice) for i in index):
+        return None
+    if any(i != slice(None) for k, i in enumerate(index) if k != 1) or index[1].step not in (None, 1):
+        return None
+    start, stop, _ = index[1].indices(shape[1])
+    return (start, stop) if 0 <= start < stop and (start, stop) != (0, shape[1]) else None
 
 
 def _subsampling_step(index: Any, rank: int) -> int | None:
