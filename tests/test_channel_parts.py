@@ -134,3 +134,32 @@ class ChunkOverPositions(nn.Module):
 def test_a_split_of_another_axis_is_refused_by_name():
     with pytest.raises(TracingError, match=r"a split the tracer follows cuts the channels \(dim 1\)"):
         cb.derive.describe(ChunkOverPositions(), torch.randn(2, 1, 6, 6))
+
+
+def test_flax_gates_and_spatial_attention_are_traced_and_a_planted_permutation_undone():
+    pytest.importorskip("flax")
+    import flax.linen as fnn
+    import jax
+    import jax.numpy as jnp
+
+    from tests.model_checks import flax_planted_permutation, flax_variables
+
+    class GatedAttentive(fnn.Module):
+        @fnn.compact
+        def __call__(self, x):
+            a, b = jnp.split(fnn.Conv(8, (3, 3))(x), 2, axis=-1)
+            h = jnp.tanh(a) * jax.nn.sigmoid(b)
+            pooled = jnp.concatenate([jnp.mean(h, axis=-1, keepdims=True), jnp.max(h, axis=-1, keepdims=True)], -1)
+            h = h * jax.nn.sigmoid(fnn.Conv(1, (3, 3))(pooled))
+            return fnn.Dense(3)(jnp.mean(fnn.relu(fnn.Conv(5, (3, 3))(h[..., 1:])), axis=(1, 2)))
+
+    net = GatedAttentive()
+    x = np.random.default_rng(0).normal(size=(3, 6, 6, 1)).astype(np.float32)
+    variables = flax_variables(net, x, seed=0)
+    table = cb.derive.describe((net, variables), x)
+    assert [n.op for n in table.nodes if n.op in ("slice", "channel_reduce")] == \
+        ["slice", "slice", "channel_reduce", "channel_reduce", "slice"]
+    # the gate's halves move alike, each cut where the last conv's slice starts
+    pieces = ("P_Conv_0.0-4.0-1", "P_Conv_0.0-4.1-4")
+    assert table.spec().axes_to_perm["Conv_0.weight"][0] == (*pieces, *pieces)
+    flax_planted_permutation(net, variables, x)

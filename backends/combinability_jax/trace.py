@@ -11,6 +11,7 @@ and reshapes to ``(n, -1)``. Anything else raises :class:`~combinability.errors.
 from __future__ import annotations
 
 import inspect
+import itertools
 import math
 from functools import partial
 from typing import Any
@@ -278,6 +279,23 @@ class _Trace(JaxprWalker):
                            padding=tuple((int(lo), int(hi)) for lo, hi, _ in p["padding_config"][1:-1])), outs[0])
         elif len(acts) == 1 and n == "reduce_sum" and len(s) > 2 and tuple(p["axes"]) == _positions(len(s)):
             self._add(Node(self._fresh(path, "mean"), "avgpool", (self._name(acts[0]),)), outs[0])
+        elif len(acts) == 1 and n == "split" and len(s) > 2 and p["axis"] % len(s) == len(s) - 1:
+            stops = list(itertools.accumulate(int(v) for v in p["sizes"]))  # parts of the channels
+            for out, start, stop in zip(outs, [0, *stops[:-1]], stops, strict=True):
+                self._add(Node(self._fresh(path, "slice"), "slice", (self._name(acts[0]),),
+                               channel_range=(start, stop)), out)
+        elif len(acts) == 1 and n == "slice" and len(s) > 2 and not any(v not in (None, 1) for v in
+                                                                     (p["strides"] or ())) and \
+                tuple(p["start_indices"][:-1]) == (0,) * (len(s) - 1) and tuple(p["limit_indices"][:-1]) == s[:-1]:
+            self._add(Node(self._fresh(path, "slice"), "slice", (self._name(acts[0]),),
+                           channel_range=(int(p["start_indices"][-1]), int(p["limit_indices"][-1]))), outs[0])
+        elif len(acts) == 1 and n in ("reduce_sum", "reduce_max") and len(s) > 2 and tuple(p["axes"]) == (len(s) - 1,):
+            fn = "mean" if n == "reduce_sum" else "max"  # over the channels at each position (the mean's 1 / c follows)
+            self._add(Node(self._fresh(path, fn), "channel_reduce", (self._name(acts[0]),), fn=fn), outs[0])
+        elif len(acts) == 1 and n in ("broadcast_in_dim", "reshape", "expand_dims") and shape == (*s, 1) and \
+                self.nodes and self.node_of.get(acts[0]) is not None and \
+                self.nodes[[x.name for x in self.nodes].index(self.node_of[acts[0]])].op == "channel_reduce":
+            self.alias[outs[0]] = acts[0]  # a reduction over the channels given its one channel back
         elif len(acts) == 1 and n == "reduce_max" and len(s) > 2 and tuple(p["axes"]) == _positions(len(s)):
             self._add(Node(self._fresh(path, "max"), "avgpool", (self._name(acts[0]),), fn="max"), outs[0])
         elif len(acts) == 1 and n in ("reduce_window_sum", "reduce_window_max") and len(s) > 2 and (
