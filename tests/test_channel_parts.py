@@ -17,6 +17,7 @@ import combinability as cb
 from combinability.errors import ConfigurationError, TracingError
 from combinability.layers import LayerTable, Node
 from tests.model_checks import assert_random_transformation_undone, randomised, table_logits
+from tests.reference_nets import conv2d_general
 
 torch = pytest.importorskip("torch")
 nn, F = torch.nn, torch.nn.functional
@@ -33,13 +34,8 @@ GATED = LayerTable("gated", (2, 5, 5), 3, (
 
 
 def _conv(x: np.ndarray, w: np.ndarray, b: np.ndarray) -> np.ndarray:
-    padded = np.pad(x, ((0, 0), (0, 0), (1, 1), (1, 1)))
-    hh, ww = x.shape[2:]
-    out = np.zeros((len(x), w.shape[0], hh, ww))
-    for di in range(3):
-        for dj in range(3):
-            out += np.einsum("nchw,oc->nohw", padded[:, :, di:di + hh, dj:dj + ww], w[:, :, di, dj])
-    return out + b[None, :, None, None]
+    """A 3 x 3 convolution with padding 1, channels-first (the tests' numpy reference)."""
+    return conv2d_general(x, w, b, (1, 1), ((1, 1), (1, 1)), (1, 1), 1)
 
 
 def _reference(p: dict[str, np.ndarray], x: np.ndarray) -> np.ndarray:

@@ -17,6 +17,7 @@ import combinability as cb
 from combinability.errors import ConfigurationError, TracingError
 from combinability.layers import LayerTable, Node
 from tests.model_checks import assert_random_transformation_undone, randomise_batchnorms, randomised, table_logits
+from tests.reference_nets import conv2d_general
 
 torch = pytest.importorskip("torch")
 nn, F = torch.nn, torch.nn.functional
@@ -36,14 +37,8 @@ def _adaptive_max(h: np.ndarray, size: tuple[int, int]) -> np.ndarray:
 
 
 def _conv(x: np.ndarray, w: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """A 3 x 3 convolution with padding 1, channels-first, in plain numpy."""
-    n, _, hh, ww = x.shape
-    padded = np.pad(x, ((0, 0), (0, 0), (1, 1), (1, 1)))
-    out = np.zeros((n, w.shape[0], hh, ww))
-    for di in range(3):
-        for dj in range(3):
-            out += np.einsum("nchw,oc->nohw", padded[:, :, di:di + hh, dj:dj + ww], w[:, :, di, dj])
-    return out + b[None, :, None, None]
+    """A 3 x 3 convolution with padding 1, channels-first (the tests' numpy reference)."""
+    return conv2d_general(x, w, b, (1, 1), ((1, 1), (1, 1)), (1, 1), 1)
 
 
 TABLE = LayerTable("max-pools", (2, 7, 5), 3, (

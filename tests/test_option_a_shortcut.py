@@ -18,6 +18,7 @@ import combinability as cb
 from combinability.errors import ConfigurationError, TracingError
 from combinability.layers import LayerTable, Node
 from tests.model_checks import assert_random_transformation_undone, randomise_batchnorms, randomised, table_logits
+from tests.reference_nets import conv2d_general
 
 torch = pytest.importorskip("torch")
 nn, F = torch.nn, torch.nn.functional
@@ -33,15 +34,8 @@ TABLE = LayerTable("option-a", (2, 6, 6), 3, (
 
 
 def _conv(x: np.ndarray, w: np.ndarray, b: np.ndarray, stride: int) -> np.ndarray:
-    """A 3 x 3 convolution with padding 1, channels-first, in plain numpy."""
-    padded = np.pad(x, ((0, 0), (0, 0), (1, 1), (1, 1)))
-    size = (x.shape[2] - 1) // stride + 1
-    out = np.zeros((len(x), w.shape[0], size, size))
-    for di in range(3):
-        for dj in range(3):
-            patch = padded[:, :, di:di + stride * size:stride, dj:dj + stride * size:stride]
-            out += np.einsum("nchw,oc->nohw", patch, w[:, :, di, dj])
-    return out + b[None, :, None, None]
+    """A 3 x 3 convolution with padding 1, channels-first (the tests' numpy reference)."""
+    return conv2d_general(x, w, b, (stride, stride), ((1, 1), (1, 1)), (1, 1), 1)
 
 
 def _reference(p: dict[str, np.ndarray], x: np.ndarray) -> np.ndarray:
