@@ -21,7 +21,7 @@ compose, identity and random draws below handle every kind.
 
 from __future__ import annotations
 
-from collections.abc import Collection, Iterator, Mapping
+from collections.abc import Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from functools import cached_property
 from types import MappingProxyType
@@ -555,6 +555,30 @@ class PermutationSpec:
                     axes[name] = (p,) + tuple(axes.get(name, (None,)))[1:]
         return PermutationSpec(axes, {p: k for p, k in spec._kinds.items() if not isinstance(k, Orthogonal)},
                                spec._stacks)
+
+    def stored_as(self, parts: Mapping[str, Sequence[tuple[str, tuple[int | None, ...]]]]) -> PermutationSpec:
+        """This spec for a model that stores some parameters as several tensors: ``parts[name]`` lists each
+        tensor that ``name`` is computed from, with, for each of its axes, the axis of ``name`` it runs along
+        (its entry is that axis's) or None (not permuted: a size-1 axis of a weight norm's gains).
+
+        Examples
+        --------
+        >>> spec = PermutationSpec({"fc.weight": ("P", None), "fc.bias": ("P",)})
+        >>> weight_norm = {"fc.weight": [("fc.g", (0, None)), ("fc.v", (0, 1))]}
+        >>> dict(spec.stored_as(weight_norm).axes_to_perm)
+        {'fc.g': ('P', None), 'fc.v': ('P', None), 'fc.bias': ('P',)}
+        """
+        axes: dict[str, tuple[Entry, ...]] = {}
+        for name, entry in self._axes.items():
+            if name not in parts:
+                axes[name] = entry
+                continue
+            for stored, along in parts[name]:
+                if any(a is not None and not 0 <= a < len(entry) for a in along):
+                    raise PermutationSpecError(f"{stored!r} runs along axes {along} of {name!r}, which has "
+                                               f"{len(entry)} axes")
+                axes[stored] = tuple(None if a is None else entry[a] for a in along)
+        return PermutationSpec(axes, self._kinds, self._stacks)
 
     def without_invertible(self) -> PermutationSpec:
         """This spec with each :class:`Invertible` name a :class:`Blocks` permutation and its

@@ -159,7 +159,7 @@ class WeightNormed(nn.Module):
 @pytest.mark.parametrize(("hook", "held"), [("parametrization", "l1.parametrizations.weight.original0"),
                                             ("spectral", "l1.parametrizations.weight.original"),
                                             ("old hook", "l1.weight_g")])
-def test_a_computed_weight_is_refused_by_name_and_a_spec_by_hand_then_stands(hook, held):
+def test_a_computed_weight_is_refused_by_layer_tables_and_a_weight_norm_derived_as_by_hand(hook, held):
     torch.manual_seed(0)
     a, b = WeightNormed(hook).eval(), WeightNormed(hook).eval()
     x, y = torch.randn(10, 6), torch.arange(10) % 3
@@ -176,8 +176,10 @@ def test_a_computed_weight_is_refused_by_name_and_a_spec_by_hand_then_stands(hoo
     spec = cb.PermutationSpec({"l1.parametrizations.weight.original0": ("P", None),
                                "l1.parametrizations.weight.original1": ("P", None), "l1.bias": ("P",),
                                "l2.weight": (None, "P")})
-    with pytest.warns(cb.UntracedModelWarning, match="computes its weight"):
-        pair = cb.ModelPair(a, b, example_input=x, spec=spec).align("weight")
+    derived = cb.ModelPair(a, b, example_input=x).spec  # traced with the weight as computed (test_weight_norm.py)
+    assert {k: tuple("P" if e == "P_l1" else e for e in v) for k, v in derived.axes_to_perm.items()} == \
+        {**spec.axes_to_perm, "l2.bias": (None,)}
+    pair = cb.ModelPair(a, b, example_input=x, spec=spec).align("weight")
     ds = cb.sweep(pair, cb.Linear(), data=(x.numpy(), y.numpy()), values=[0.0, 1.0], splits=["test"])
     with torch.no_grad():
         for m, lam in zip((a, b), (0.0, 1.0), strict=True):

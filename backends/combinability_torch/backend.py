@@ -561,13 +561,32 @@ class TorchBackend(Backend):
         return describe(copy.deepcopy(model).to("cpu"), x)[0]
 
     def symmetries(self, model: nn.Module, example_input: Any) -> tuple[Any, list[Any]]:
-        """Heads, neurons and residual stream of a user's transformer (:mod:`combinability_torch.trace_stream`)."""
+        """Heads, neurons and residual stream of a user's transformer (:mod:`combinability_torch.trace_stream`).
+
+        A model with weight norms (``torch.nn.utils.parametrizations.weight_norm``) is traced with each
+        weight as computed (its layer table's spec, else its feature spaces), and the spec moves the
+        gains and directions it stores instead (:func:`combinability_torch.trace.without_weight_norm`);
+        the caller verifies it on the model itself.
+        """
+        from combinability_torch.trace import describe, without_weight_norm
         from combinability_torch.trace_stream import stream_symmetries
 
         model = _unwrapped(_torch_module(model))
         x = self.asarray(example_input, input_dtype(example_input)).to("cpu")
-        refuse_computed_weights(model)
-        return stream_symmetries(copy.deepcopy(model).to("cpu").eval(), x)
+        plain, stored = without_weight_norm(model)
+        if not stored:
+            return stream_symmetries(copy.deepcopy(model).to("cpu").eval(), x)
+        plain = plain.to("cpu").eval()
+        try:
+            return describe(copy.deepcopy(plain), x)[0].spec().stored_as(stored), []
+        except TracingError as table_exc:
+            spec, folds = stream_symmetries(plain, x)
+            if folds:  # norms folded into weights the model stores as gains and directions
+                raise TracingError(f"{type(model).__name__} holds weight norms and norms the stream tracer folds "
+                                   f"into the layers reading them; remove the weight norms first "
+                                   f"(torch.nn.utils.parametrize.remove_parametrizations); as a layer table: "
+                                   f"{table_exc}") from None
+            return spec.stored_as(stored), []
 
     def state(self, model: nn.Module) -> dict[str, np.ndarray]:
         """The model's parameters and buffers as numpy arrays, a tied tensor once (:func:`tensor_aliases`)."""

@@ -9,6 +9,7 @@ A node the table cannot express raises :class:`~combinability.errors.TracingErro
 
 from __future__ import annotations
 
+import copy
 import itertools
 import math
 import operator
@@ -82,6 +83,48 @@ def computed_weights(model: nn.Module) -> tuple[str, nn.Module, list[str], bool]
         if computed:
             return path, m, computed, bool(hooked)
     return None
+
+
+def without_weight_norm(model: nn.Module) -> tuple[nn.Module, dict[str, list[tuple[str, tuple[int | None, ...]]]]]:
+    """A copy of ``model`` with each weight norm (``torch.nn.utils.parametrizations.weight_norm``) removed, its
+    weight held as computed (the same function), and for each such weight the tensors the model stores it as:
+    ``{"c1.weight": [("c1.parametrizations.weight.original0", along), ("c1.parametrizations.weight.original1",
+    (0, 1, ...))]}``, ``along`` naming for each axis of the gains ``g`` the weight's axis it runs along (the
+    norm's ``dim``; None for its size-1 axes) (:meth:`combinability.PermutationSpec.stored_as`).
+
+    ``({}, model)``-like results: the copy and an empty mapping when the model has no weight norm. Other
+    parametrizations and the older hooks are refused (:func:`refuse_computed_weights`).
+    """
+    from torch.nn.utils import parametrize
+
+    found = computed_weights(model)
+    if found is None:
+        return model, {}
+    norms = [(path, m, name) for path, m in model.named_modules() if parametrize.is_parametrized(m)
+             for name in m.parametrizations]
+    if found[3] or any(len(m.parametrizations[name]) != 1 or type(m.parametrizations[name][0]).__name__ != "_WeightNorm"
+                       for _, m, name in norms):
+        refuse_computed_weights(model)
+    plain = copy.deepcopy(model)
+    parts: dict[str, list[tuple[str, tuple[int | None, ...]]]] = {}
+    for path, m, name in norms:
+        stored = m.parametrizations[name]
+        g, v, dim = stored.original0, stored.original1, stored[0].dim
+        prefix = f"{path}.parametrizations.{name}" if path else f"parametrizations.{name}"
+        along = () if g.dim() == 0 else tuple(i if i == dim % v.dim() else None for i in range(g.dim()))
+        parts[f"{path}.{name}" if path else name] = [(f"{prefix}.original0", along),
+                                                     (f"{prefix}.original1", tuple(range(v.dim())))]
+    # the copy's modules made plain by hand: torch's remove_parametrizations deletes the property from the
+    # parametrized class, which the copy shares with the model
+    for path in dict.fromkeys(path for path, _, _ in norms):
+        m, sub = model.get_submodule(path), plain.get_submodule(path)
+        with torch.no_grad():
+            values = {name: getattr(m, name).detach().clone() for name in m.parametrizations}
+        del sub._modules["parametrizations"]
+        sub.__class__ = type(m).__bases__[0]
+        for name, value in values.items():
+            sub.register_parameter(name, nn.Parameter(value))
+    return plain, parts
 
 
 def refuse_computed_weights(model: nn.Module) -> None:
