@@ -508,6 +508,9 @@ class LayerTable:
                 s = ins[0]
             space[node.name] = s
         space = {k: expand(v) for k, v in space.items()}  # split spaces as their parts
+        for node in self.nodes:  # a feature map flattened for dense layers whose space was cut: fixed (as a
+            if node.op == "flatten" and node.name in repeats and len(space[node.name]) > 1:  # concatenation's)
+                fixed.update(space[node.name])
         fixed.update(space[self.nodes[-1].name])
         fixed_roots = {p for s in fixed for p in expand((s,))}
         blocked: dict[int, list[tuple[int, int, bool]]] = {}  # root -> (groups, variable, rigid)

@@ -150,3 +150,21 @@ def test_activation_matching_reads_each_piece_of_a_stream_at_its_channels():
     y = np.zeros(len(x), np.int64)
     aligned = cb.ModelPair(a, b, example_input=x[:4]).align("activation", data=(x.numpy(), y))
     np.testing.assert_allclose(aligned.theta_b, aligned.theta_a, atol=1e-6)
+
+
+def test_a_cut_stream_flattened_into_a_dense_layer_is_held_in_place():
+    table = LayerTable("flattened", (3, 4, 4), 5, (
+        Node("stem", "conv", units=4, kernel=3, padding=1), Node("r0", "relu"),
+        Node("c1", "conv", units=8, kernel=3, padding=1), Node("r1", "relu"),
+        Node("c2", "conv", units=8, kernel=3, padding=1),
+        Node("zeros", "pad", inputs=("r0",), channel_padding=(2, 2)),
+        Node("add", "add", inputs=("c2", "zeros")), Node("r2", "relu"),
+        Node("flat", "flatten"), Node("fc", "dense", units=5)))
+    spec = table.spec()
+    assert spec.axes_to_perm["fc.weight"] == (None, None) and spec.axes_to_perm["c2.weight"][0] is None
+    rng = np.random.default_rng(0)
+    params = {k: rng.normal(0, 0.5, shape).astype(np.float32) for k, (shape, _) in table.parameters().items()}
+    moved = cb.apply_permutation(spec, cb.random_permutation(spec, params, seed=1), params)
+    x = rng.normal(size=(2, 3, 4, 4)).astype(np.float32)
+    np.testing.assert_allclose(table_logits("torch", table, moved, x), table_logits("torch", table, params, x),
+                               rtol=1e-5, atol=1e-5)
