@@ -168,3 +168,34 @@ def test_a_cut_stream_flattened_into_a_dense_layer_is_held_in_place():
     x = rng.normal(size=(2, 3, 4, 4)).astype(np.float32)
     np.testing.assert_allclose(table_logits("torch", table, moved, x), table_logits("torch", table, params, x),
                                rtol=1e-5, atol=1e-5)
+
+
+def test_a_flax_option_a_block_is_traced_and_a_planted_permutation_undone():
+    pytest.importorskip("flax")
+    import flax.linen as fnn
+    import jax.numpy as jnp
+
+    from tests.model_checks import flax_planted_permutation, flax_variables
+
+    class Block(fnn.Module):
+        @fnn.compact
+        def __call__(self, x):  # NHWC: the stream of 4 channels widened to 8 at stride 2
+            h = fnn.Conv(8, (3, 3), strides=2)(fnn.relu(x))
+            h = fnn.Conv(8, (3, 3))(fnn.relu(h))
+            return h + jnp.pad(x[:, ::2, ::2, :], ((0, 0), (0, 0), (0, 0), (2, 2)))
+
+    class Net(fnn.Module):
+        @fnn.compact
+        def __call__(self, x):
+            x = Block()(fnn.Conv(4, (3, 3))(x))
+            return fnn.Dense(3)(jnp.mean(fnn.relu(x), axis=(1, 2)))
+
+    net = Net()
+    x = np.random.default_rng(0).normal(size=(3, 6, 6, 2)).astype(np.float32)
+    variables = flax_variables(net, x, seed=0)
+    table = cb.derive.describe((net, variables), x)
+    assert [(n.op, n.stride, n.channel_padding) for n in table.nodes if n.op in ("maxpool", "pad")] == \
+        [("maxpool", 2, (0, 0)), ("pad", 1, (2, 2))]
+    assert table.spec().axes_to_perm["Dense_0.weight"][1] == ("P_Block_0.pad.before", "P_Conv_0",
+                                                              "P_Block_0.pad.after")
+    flax_planted_permutation(net, variables, x)

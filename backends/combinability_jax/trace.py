@@ -272,11 +272,19 @@ class _Trace(JaxprWalker):
                            fn=self._nearest_resize(p, s, shape, others[0], where), output_size=tuple(shape[1:-1])),
                       outs[0])
         elif len(acts) == 1 and n == "pad" and len(s) > 2 and others and self._zero(others[0]) and \
-                tuple(p["padding_config"][0]) == tuple(p["padding_config"][-1]) == (0, 0, 0) and \
+                tuple(p["padding_config"][0]) == (0, 0, 0) and \
                 all(lo >= 0 and hi >= 0 and inner == 0 for lo, hi, inner in p["padding_config"]):
-            # jnp.pad with zeros of the spatial axes (each channel from itself)
+            # jnp.pad with zeros of the spatial axes (each channel from itself), and zero channels around the
+            # input's (the option-A shortcut)
             self._add(Node(self._fresh(path, "pad"), "pad", (self._name(acts[0]),),
-                           padding=tuple((int(lo), int(hi)) for lo, hi, _ in p["padding_config"][1:-1])), outs[0])
+                           padding=tuple((int(lo), int(hi)) for lo, hi, _ in p["padding_config"][1:-1]),
+                           channel_padding=tuple(int(v) for v in p["padding_config"][-1][:2])), outs[0])
+        elif len(acts) == 1 and n == "slice" and len(s) > 2 and p["strides"] is not None and \
+                tuple(p["start_indices"]) == (0,) * len(s) and tuple(p["limit_indices"]) == s and \
+                p["strides"][0] == p["strides"][-1] == 1 and len(set(p["strides"][1:-1])) == 1 and p["strides"][1] > 1:
+            # x[:, ::2, ::2, :]: every step-th position from the first, a max pool of kernel 1
+            self._add(Node(self._fresh(path, "subsample"), "maxpool", (self._name(acts[0]),), kernel=1,
+                           stride=int(p["strides"][1])), outs[0])
         elif len(acts) == 1 and n == "reduce_sum" and len(s) > 2 and tuple(p["axes"]) == _positions(len(s)):
             self._add(Node(self._fresh(path, "mean"), "avgpool", (self._name(acts[0]),)), outs[0])
         elif len(acts) == 1 and n == "split" and len(s) > 2 and p["axis"] % len(s) == len(s) - 1:
