@@ -53,7 +53,25 @@ from combinability.kinds import Blocks
 from combinability.layer_nodes import ACTIVATIONS, NORMS, OPS, TRACED_ELEMENTWISE, ConvGeometry, Node, _node_rng
 from combinability.permutation import Entry, PermutationSpec, Repeat
 
-__all__ = ["Node", "ConvGeometry", "LayerTable", "OPS", "NORMS", "ACTIVATIONS"]
+__all__ = ["Node", "ConvGeometry", "LayerTable", "OPS", "NORMS", "ACTIVATIONS", "input_layout"]
+
+
+def input_layout(model: str, reads: Mapping[tuple[int, ...], str], hint: str = "") -> tuple[int, ...] | None:
+    """The one layout of a traced model's input that its first layers read (a flat batch reshaped to images:
+    the images' shape), from ``reads``, each layout to the first node reading it; None when none was seen.
+
+    Raises
+    ------
+    TracingError
+        If the model reads its input in two layouts or more: a layer table has one input.
+    """
+    from combinability.errors import TracingError
+
+    if len(reads) > 1:
+        raise TracingError(f"{model} reads its input in {len(reads)} layouts ("
+                           + ", ".join(f"{s} by node {r!r}" for s, r in reads.items())
+                           + "); a layer table has one input" + hint)
+    return next(iter(reads), None)
 
 _BN_BUFFERS = ("running_mean", "running_var", "num_batches_tracked")
 

@@ -23,7 +23,7 @@ import numpy as np
 
 from combinability.errors import NotALayerTableError, TracingError
 from combinability.layer_nodes import TRACED_ELEMENTWISE
-from combinability.layers import ConvGeometry, LayerTable, Node
+from combinability.layers import ConvGeometry, LayerTable, Node, input_layout
 from combinability.upsampling import resize_weights
 from combinability_jax.jaxpr_walk import JaxprWalker
 from combinability_jax.nnx_bridge import call_path
@@ -439,12 +439,11 @@ class _Trace(JaxprWalker):
             raise TracingError(f"{self.name}.__call__ must return the logits made by its last operation" + self.hint)
         x = self.shape[self.inputs[-1]]
         # the input as the first layers read it (a flat batch reshaped to images: x.reshape(n, h, w, c))
-        read = {self.calls[node.name][1] for node in self.nodes if node.inputs == ("<input>",) and node.name in
-                self.calls}
-        if len(read) > 1:
-            raise TracingError(f"{self.name} reads its input in {len(read)} shapes ({', '.join(map(str, sorted(read)))}"
-                               "); a layer table has one input" + self.hint)
-        x = next(iter(read), x)
+        reads: dict[tuple[int, ...], str] = {}
+        for node in self.nodes:
+            if node.inputs == ("<input>",) and node.name in self.calls:
+                reads.setdefault(self.calls[node.name][1], node.name)
+        x = input_layout(self.name, reads, self.hint) or x
         try:
             # the classes: the last axis (a dense prediction's map is channels-last, its channels the classes)
             return LayerTable(self.name, (x[-1], *x[1:-1]) if len(x) > 2 else x[1:], self.shape[self.out[0]][-1],

@@ -23,7 +23,7 @@ from combinability import model_outputs
 from combinability.data.base import integer_hint
 from combinability.errors import ConfigurationError, NotALayerTableError, TracingError
 from combinability.layer_nodes import TRACED_ELEMENTWISE
-from combinability.layers import ACTIVATIONS, LayerTable, Node
+from combinability.layers import ACTIVATIONS, LayerTable, Node, input_layout
 
 __all__ = ["describe", "example_value", "feeding_logits", "reads_shape", "TapRunner", "table_names", "tensor_aliases"]
 
@@ -1184,13 +1184,8 @@ def describe(model: nn.Module, example_input: torch.Tensor) -> tuple[LayerTable,
     if not isinstance(output, fx.Node) or alias.get(output.name) != (nodes[-1].name if nodes else None):
         raise TracingError(f"{type(model).__name__}.forward must return one logits tensor, made by its last operation"
                            + _hint(model))
-    shape = tuple(example_input.shape[1:])
-    if len(input_shapes) > 1:
-        raise TracingError(f"{type(model).__name__} reads its input in {len(input_shapes)} layouts ("
-                           + ", ".join(f"{s} by node {r!r}" for s, r in input_shapes.items()) + "); a layer table "
-                           "has one input" + _hint(model))
-    if input_shapes:
-        shape = next(iter(input_shapes))  # as the first layer reads it (the data keeps its own: data_shape)
+    # the input as the first layer reads it (the data keeps its own shape: data_shape)
+    shape = input_layout(type(model).__name__, input_shapes, _hint(model)) or tuple(example_input.shape[1:])
     out_shape = _shape(output)
     try:  # the classes: the last axis, or a channels-first map's channels (a dense prediction's (n, C, H, W))
         try:
