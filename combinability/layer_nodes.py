@@ -326,11 +326,14 @@ class Node:
         ((0, 1), (2, 2))
         >>> Node("p", "pad", padding=1).paddings(1)
         ((1, 1),)
+        >>> Node("chomp", "pad", padding=((0, -2),)).paddings(1)  # crops the last two positions
+        ((0, -2),)
         """
         where, pad = f"node {self.name!r}", self.padding
+        low = None if self.op == "pad" and self.padding_mode == "zeros" else 0  # a zero pad's negative widths crop
         if isinstance(pad, tuple | list) and all(isinstance(p, tuple | list) for p in pad) and len(pad) == ndim:
-            return tuple(_per_axis(p, "padding", where, 0, 2) for p in pad)  # type: ignore[misc]
-        return tuple((p, p) for p in _per_axis(pad, "padding", where, 0, ndim))
+            return tuple(_per_axis(p, "padding", where, low, 2) for p in pad)  # type: ignore[misc]
+        return tuple((p, p) for p in _per_axis(pad, "padding", where, low, ndim))
 
     def output_paddings(self, ndim: int) -> tuple[int, ...]:
         """A conv_transpose node's ``output_padding``, one entry per each of ``ndim`` spatial axes."""
@@ -399,12 +402,15 @@ class ConvGeometry(NamedTuple):
 _AXES = {1: "a (length,) tuple", 2: "a (height, width) pair", 3: "a (depth, height, width) triple"}
 
 
-def _per_axis(value: Any, what: str, where: str, low: int, ndim: int) -> tuple[int, ...]:
-    """``value`` (an int, or one int per axis, each >= ``low``) as one int per each of ``ndim`` axes."""
+def _per_axis(value: Any, what: str, where: str, low: int | None, ndim: int) -> tuple[int, ...]:
+    """``value`` (an int, or one int per axis, each >= ``low``; any int where ``low`` is None) as one int
+    per each of ``ndim`` axes."""
     entries = (value,) * ndim if isinstance(value, int | np.integer) and not isinstance(value, bool) else value
     if not (isinstance(entries, tuple | list) and len(entries) == ndim
-            and all(isinstance(v, int | np.integer) and not isinstance(v, bool) and v >= low for v in entries)):
-        raise ConfigurationError(f"{where}: {what} must be an int >= {low} or {_AXES.get(ndim, f'{ndim} ints')} "
+            and all(isinstance(v, int | np.integer) and not isinstance(v, bool) and (low is None or v >= low)
+                    for v in entries)):
+        bound = "an int" if low is None else f"an int >= {low}"
+        raise ConfigurationError(f"{where}: {what} must be {bound} or {_AXES.get(ndim, f'{ndim} ints')} "
                                  f"of them, got {value!r}")
     return tuple(int(v) for v in entries)
 

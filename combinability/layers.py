@@ -221,8 +221,11 @@ class LayerTable:
             elif node.op == "pad":
                 if x.spatial is None or (node.spatial_dims or len(x.spatial)) != len(x.spatial):
                     raise ConfigurationError(f"{where}: a pad node pads the spatial axes of a map, got {x}")
-                out[node.name] = _Shape(x.channels + sum(node.channel_padding), tuple(
-                    s + b + a for s, (b, a) in zip(x.spatial, node.paddings(len(x.spatial)), strict=True)))
+                size = tuple(s + b + a for s, (b, a) in zip(x.spatial, node.paddings(len(x.spatial)), strict=True))
+                if min(size) < 1:
+                    raise ConfigurationError(f"{where}: padding {node.paddings(len(x.spatial))} crops the map "
+                                             f"{x.spatial} to nothing; a crop keeps at least one position per axis")
+                out[node.name] = _Shape(x.channels + sum(node.channel_padding), size)
             elif node.op == "slice":
                 start, stop = node.channel_range
                 if stop > x.channels:

@@ -237,8 +237,8 @@ class TableNet(nn.Module):
                 h = jnp.mean(h, axis=-1, keepdims=True) if node.fn == "mean" else jnp.max(h, axis=-1, keepdims=True)
             elif node.op == "pad":  # channels last: the spatial axes are 1 .. ndim - 2
                 widths = [(0, 0), *node.paddings(h.ndim - 2), tuple(node.channel_padding)]
-                h = jnp.pad(h, widths) if node.padding_mode == "zeros" else \
-                    jnp.pad(h, widths, mode=_JNP_PAD[node.padding_mode])
+                h = jax.lax.pad(h, jnp.zeros((), h.dtype), [(b, a, 0) for b, a in widths]) \
+                    if node.padding_mode == "zeros" else jnp.pad(h, widths, mode=_JNP_PAD[node.padding_mode])  # crops
             elif node.op == "upsample":  # one spatial axis at a time
                 for axis, (n, m) in enumerate(zip(h.shape[1:-1], node.output_size, strict=True), start=1):
                     weights = _resize(n, m, node.fn, node.align_corners).astype(h.dtype)

@@ -272,10 +272,10 @@ class _Trace(JaxprWalker):
                            fn=self._nearest_resize(p, s, shape, others[0], where), output_size=tuple(shape[1:-1])),
                       outs[0])
         elif len(acts) == 1 and n == "pad" and len(s) > 2 and others and self._zero(others[0]) and \
-                tuple(p["padding_config"][0]) == (0, 0, 0) and \
-                all(lo >= 0 and hi >= 0 and inner == 0 for lo, hi, inner in p["padding_config"]):
-            # jnp.pad with zeros of the spatial axes (each channel from itself), and zero channels around the
-            # input's (the option-A shortcut)
+                tuple(p["padding_config"][0]) == (0, 0, 0) and min(p["padding_config"][-1][:2]) >= 0 and \
+                all(inner == 0 for _, _, inner in p["padding_config"]):
+            # jnp.pad with zeros of the spatial axes (each channel from itself; lax.pad's negative widths crop), and
+            # zero channels around the input's (the option-A shortcut)
             self._add(Node(self._fresh(path, "pad"), "pad", (self._name(acts[0]),),
                            padding=tuple((int(lo), int(hi)) for lo, hi, _ in p["padding_config"][1:-1]),
                            channel_padding=tuple(int(v) for v in p["padding_config"][-1][:2])), outs[0])
@@ -297,6 +297,14 @@ class _Trace(JaxprWalker):
                 tuple(p["start_indices"][:-1]) == (0,) * (len(s) - 1) and tuple(p["limit_indices"][:-1]) == s[:-1]:
             self._add(Node(self._fresh(path, "slice"), "slice", (self._name(acts[0]),),
                            channel_range=(int(p["start_indices"][-1]), int(p["limit_indices"][-1]))), outs[0])
+        elif len(acts) == 1 and n == "slice" and len(s) > 2 and not any(v not in (None, 1) for v in
+                                                                     (p["strides"] or ())) and \
+                (p["start_indices"][0], p["start_indices"][-1]) == (0, 0) and \
+                (p["limit_indices"][0], p["limit_indices"][-1]) == (s[0], s[-1]):
+            # x[:, :-k, :] (a TCN's causal crop), x[:, a:b, c:d, :], x[:, -1] (then squeezed: a flatten): a crop
+            self._add(Node(self._fresh(path, "crop"), "pad", (self._name(acts[0]),), padding=tuple(
+                (-int(lo), int(hi) - int(size)) for lo, hi, size in
+                zip(p["start_indices"][1:-1], p["limit_indices"][1:-1], s[1:-1], strict=True))), outs[0])
         elif len(acts) == 1 and n in ("reduce_sum", "reduce_max") and len(s) > 2 and tuple(p["axes"]) == (len(s) - 1,):
             fn = "mean" if n == "reduce_sum" else "max"  # over the channels at each position (the mean's 1 / c follows)
             self._add(Node(self._fresh(path, fn), "channel_reduce", (self._name(acts[0]),), fn=fn), outs[0])

@@ -337,11 +337,11 @@ def _pad_node(name: str, ins: tuple[str, ...], widths: Any, mode: str, value: An
     channels = (0, 0)
     if len(widths) // 2 == spatial + 1 and mode == "zeros" and not len(widths) % 2:
         widths, channels = widths[:-2], tuple(widths[-2:])  # zero channels around the input's (option-A shortcut)
-    if len(widths) % 2 or not 0 <= len(widths) // 2 <= spatial or not all(v >= 0 for v in (*widths, *channels)) or \
-            not (widths or any(channels)):
+    if len(widths) % 2 or not 0 <= len(widths) // 2 <= spatial or not all(v >= 0 for v in channels) or \
+            not (widths or any(channels)) or (mode != "zeros" and not all(v >= 0 for v in widths)):
         raise TracingError(f"{where}: padding {widths} of a map of shape {shape_in}; the tracer follows paddings "
-                           "of its spatial axes by whole positions (ints >= 0), zero channels before and after its "
-                           "channels, and no cropping" + _hint(model))
+                           "of its spatial axes by whole positions (ints >= 0; negative ones crop, with zeros), zero "
+                           "channels before and after its channels" + _hint(model))
     pairs = [tuple(widths[i:i + 2]) for i in range(0, len(widths), 2)][::-1]  # first spatial axis first
     pairs = [(0, 0)] * (spatial - len(pairs)) + pairs
     return Node(name, "pad", ins, padding=tuple(pairs), padding_mode=mode, channel_padding=channels)
@@ -362,8 +362,9 @@ def _conv_padding(m: nn.Conv1d | nn.Conv2d | nn.Conv3d) -> tuple[tuple[int, int]
 
 
 def _node(n: fx.Node, gm: fx.GraphModule, name: str, ins: tuple[str, ...], model: nn.Module,
-          last: bool = False) -> Node | None:
-    """The table node of one fx node; None for a node that passes its input on unchanged.
+          last: bool = False) -> Node | tuple[Node, ...] | None:
+    """The table node of one fx node (or nodes, each reading the one before); None for a node that passes its
+    input on unchanged.
 
     ``last``: the node reads a channels-last map (``(n, h, w, c)``, after a ``permute``), on
     which linear layers and LayerNorm act on the channels of each position.
@@ -475,6 +476,12 @@ def _node(n: fx.Node, gm: fx.GraphModule, name: str, ins: tuple[str, ...], model
         step = _subsampling_step(n.args[1], len(shape_in))
         if step is not None:  # x[:, :, ::2, ::2]: every step-th position, from the first (the option-A shortcut)
             return Node(name, "maxpool", ins, kernel=1, stride=step)
+    if target is operator.getitem and shape_in is not None and len(shape_in) >= 3:
+        crop = _position_crop(n.args[1], shape_in)
+        if crop is not None:  # x[:, :, :-k] (a TCN's Chomp1d), x[:, :, a:b, c:d], x[:, :, -1] (the last step)
+            widths, indexed = crop
+            node = Node(name, "pad", ins, padding=widths)
+            return (node, Node(f"{name}_squeeze", "flatten", (name,))) if indexed else node
     source = n.args[0] if n.args else None
     if isinstance(source, fx.Node) and source.target in (torch.max, "max") and len(n.args) > 1 and (
             (target is operator.getitem and n.args[1] in (0, 1)) or (target is getattr
@@ -602,6 +609,48 @@ def _subsampling_step(index: Any, rank: int) -> int | None:
         return None
     step = steps.pop()
     return step if isinstance(step, int) and step > 1 else None
+
+
+def _position_crop(index: Any, shape: tuple[int, ...]) -> tuple[tuple[tuple[int, int], ...], bool] | None:
+    """The crop of an index that keeps every example and channel and, on each spatial axis, a contiguous range of
+    positions (``x[:, :, :-k]``, ``x[:, :, a:b, c:d]``) or one position (``x[:, :, -1]``, on every spatial axis):
+    ``(-before, -after)`` positions per spatial axis (a zero pad's negative widths), and whether the index drops
+    the spatial axes (the result is a vector); None for any other index, or one that keeps every position.
+
+    Slice bounds may be traced sizes (``x[:, :, : x.size(2) - k]``), read from the example."""
+    if not isinstance(index, tuple):
+        return None
+    rank = len(shape)
+    if Ellipsis in index:
+        k = index.index(Ellipsis)
+        index = index[:k] + (slice(None),) * (rank - len(index) + 1) + index[k + 1:]
+    index = index + (slice(None),) * (rank - len(index))
+    if len(index) != rank or any(i != slice(None) for i in index[:2]):
+        return None
+    widths: list[tuple[int, int]] = []
+    dropped: list[bool] = []
+    for i, size in zip(index[2:], shape[2:], strict=True):
+        if isinstance(i, slice):
+            bounds = [None if v is None else example_value(v) for v in (i.start, i.stop, i.step)]
+            if any(v is not None and not isinstance(v, int) for v in bounds) or bounds[2] not in (None, 1):
+                return None
+            start, stop, _ = slice(bounds[0], bounds[1]).indices(size)
+            if stop <= start:
+                return None
+            widths.append((-start, stop - size))
+            dropped.append(False)
+        else:
+            at = example_value(i)
+            if not isinstance(at, int) or isinstance(at, bool) or not -size <= at < size:
+                return None
+            at %= size
+            widths.append((-at, at + 1 - size))
+            dropped.append(True)
+    if any(dropped) and not all(dropped):
+        return None  # drops some spatial axes, keeps others: no table node reshapes a map so
+    if not any(dropped) and all(w == (0, 0) for w in widths):
+        return None
+    return tuple(widths), all(dropped)
 
 
 def _conv_transpose_node(n: fx.Node, m: nn.Module, name: str, ins: tuple[str, ...], model: nn.Module,
@@ -1061,6 +1110,17 @@ def other_arguments(model: nn.Module) -> dict[str, Any]:
             and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
 
 
+def _module_alias(model: nn.Module, alias: str, name: str) -> bool:
+    """Whether tensor name ``alias`` is ``name`` because one module is registered under two paths (a TCN's
+    ``self.conv1`` also held in ``self.net``), not because two modules share a tensor (a tied head).
+
+    Such a module is traced under its first path, the name its tensors have in the state; called once, it is a
+    layer like any other (called more often, :func:`describe` refuses it as shared)."""
+    path_a, _, leaf_a = alias.rpartition(".")
+    path_b, _, leaf_b = name.rpartition(".")
+    return leaf_a == leaf_b and model.get_submodule(path_a) is model.get_submodule(path_b)
+
+
 def describe(model: nn.Module, example_input: torch.Tensor) -> tuple[LayerTable, fx.GraphModule]:
     """The layer table of a user's module, traced with torch.fx on ``example_input`` (a batch).
 
@@ -1076,7 +1136,7 @@ def describe(model: nn.Module, example_input: torch.Tensor) -> tuple[LayerTable,
             any(isinstance(m, nn.Embedding | nn.EmbeddingBag) for m in model.modules()):
         raise NotALayerTableError(f"{type(model).__name__} takes integer inputs (token ids, read by an embedding), "
                                   "which layer tables do not model" + _hint(model))
-    tied = tensor_aliases(model)
+    tied = {a: b for a, b in tensor_aliases(model).items() if not _module_alias(model, a, b)}
     if tied:
         raise TracingError(f"{type(model).__name__} ties {', '.join(f'{a} to {b}' for a, b in tied.items())} (one "
                            "tensor under two names), which a layer table cannot express; its feature spaces can "
@@ -1174,13 +1234,14 @@ def describe(model: nn.Module, example_input: torch.Tensor) -> tuple[LayerTable,
         if node is None:
             alias[n.name] = ins[0]
             continue
+        node, *after = node if isinstance(node, tuple) else (node,)  # after: nodes reading it (a crop's flatten)
         if node.op not in ("add", "concat", "mul"):
             node = Node(**{**node.__dict__, "inputs": ins[:1]})
         for a in traced:
             if alias[a.name] == "<input>" and _shape(a) is not None:
                 input_shapes.setdefault(tuple(_shape(a)[1:]), n.name)
-        alias[n.name] = node.name
-        nodes.append(node)
+        nodes += [node, *after]
+        alias[n.name] = nodes[-1].name
     if not isinstance(output, fx.Node) or alias.get(output.name) != (nodes[-1].name if nodes else None):
         raise TracingError(f"{type(model).__name__}.forward must return one logits tensor, made by its last operation"
                            + _hint(model))
