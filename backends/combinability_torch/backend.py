@@ -372,7 +372,8 @@ class TorchPrepared:
         def keep(point: str, value: Any) -> None:
             if point in out:
                 twice.append(point)
-            out[point] = value
+            # a copy: a later in-place operation (nn.ReLU(inplace=True), out += identity) may overwrite the output
+            out[point] = value.clone() if isinstance(value, torch.Tensor) else value
 
         handles = [modules[p].register_forward_hook(lambda _m, _i, o, p=p: keep(p, _units_second(_m, o)))
                    for p in points]

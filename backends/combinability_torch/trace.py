@@ -1323,11 +1323,47 @@ def _hold_uncalled(gm: fx.GraphModule, model: nn.Module) -> None:
             owner.register_buffer(leaf, tensor)
 
 
+_IN_PLACE_OPERATORS = {operator.iadd, operator.isub, operator.imul, operator.itruediv, operator.ifloordiv,
+                       operator.imod, operator.ipow, operator.imatmul, operator.iand, operator.ior, operator.ixor,
+                       operator.ilshift, operator.irshift, operator.setitem}
+
+
+def writes_in_place(gm: fx.GraphModule) -> bool:
+    """Whether some operation of ``gm`` overwrites a tensor it reads: a module built with ``inplace=True``
+    (torchvision's ``nn.ReLU(inplace=True)``), a function called so (``F.relu(x, inplace=True)``), an in-place
+    operator (``x[...] = ...``; fx records ``out += identity`` as an addition) or a method ending in ``_``
+    (``x.relu_()``). Such an operation may overwrite the output of an earlier node after it was read."""
+    import inspect
+
+    for n in gm.graph.nodes:
+        if n.op == "call_module" and getattr(gm.get_submodule(n.target), "inplace", False) is True:
+            return True
+        if n.op == "call_method" and isinstance(n.target, str) and n.target.endswith("_") \
+                and not n.target.startswith("__"):
+            return True
+        if n.op == "call_function":
+            if n.target in _IN_PLACE_OPERATORS or n.kwargs.get("inplace") is True:
+                return True
+            name = getattr(n.target, "__name__", "")
+            if name.endswith("_") and not name.startswith("_"):
+                return True
+            try:
+                bound = inspect.signature(n.target).bind(*n.args, **n.kwargs).arguments
+            except (TypeError, ValueError):
+                continue
+            if bound.get("inplace") is True:
+                return True
+    return False
+
+
 class TapRunner(nn.Module):
     """Runs a traced module and records the outputs of chosen nodes (the feature taps of a user model).
 
     It shares the traced module's submodules, parameters and buffers (same state names), so
-    :func:`torch.func.functional_call` on it substitutes the traced module's weights.
+    :func:`torch.func.functional_call` on it substitutes the traced module's weights. Where the module
+    overwrites tensors in place (:func:`writes_in_place`: a BatchNorm's output by the
+    ``nn.ReLU(inplace=True)`` after it), each tap is a copy taken when
+    its node has run, so that it holds that node's output and not what a later operation made of it.
     """
 
     def __init__(self, gm: fx.GraphModule, model: nn.Module | None = None) -> None:
@@ -1339,6 +1375,7 @@ class TapRunner(nn.Module):
         self._parameters = gm._parameters
         self._buffers = gm._buffers
         self.__dict__["fx_of"] = {v: k for k, v in table_names(gm).items()}
+        self.__dict__["copy_taps"] = writes_in_place(gm)
         # tapped channels-first, as the table reads them: channels-last maps, and the outputs of layers acting
         # on the last axis of (n, tokens, features) or any other (n, ..., units) tensor
         self.__dict__["channels_last"] = channels_last_nodes(gm) | {
@@ -1349,13 +1386,14 @@ class TapRunner(nn.Module):
         if taps is None:
             return self.gm(x)
         wanted = {self.fx_of.get(p, p): p for p in taps}
-        channels_last = self.channels_last
+        channels_last, copy_taps = self.channels_last, self.copy_taps
 
         class _Tap(fx.Interpreter):
             def run_node(self, n: fx.Node) -> Any:
                 out = super().run_node(n)
                 if n.name in wanted:
                     value = out[0] if isinstance(out, tuple) else out  # a recurrent layer's: its output sequence
+                    value = value.clone() if copy_taps else value  # before an in-place operation overwrites it
                     taps[wanted[n.name]] = value.movedim(-1, 1) if n.name in channels_last and value.dim() > 2 \
                         else value
                 return out
