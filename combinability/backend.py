@@ -86,13 +86,17 @@ class Prepared(Protocol):
     # (a convolution's channels, ``(n, classes, H, W)``), False when last, None (or absent) when
     # unknown: it settles the shapes both layouts fit (:func:`combinability.evaluation.logit_rows`).
 
-    def value_and_grad(self, flat: Any, x: Any, y: Any, loss: Callable[[Any, Any], Any]) -> tuple[Any, Any, Any]:
-        """``(loss value, gradient (d,), flat after the step's buffer updates)`` in training mode.
+    def value_and_grad(self, flat: Any, x: Any, y: Any, loss: Callable[[Any, Any], Any], *,
+                       train: bool = True) -> tuple[Any, Any, Any]:
+        """``(loss value, gradient (d,), flat after the step's buffer updates)``, in training mode.
 
         ``loss(logits, y)`` is written with the backend's array namespace (:meth:`Backend.xp`)
         and must be differentiable by the framework. The gradient is zero on buffers;
         the returned vector carries updated buffers (BatchNorm running statistics), in a new
         array: ``flat`` itself is left as it is (it may share memory with a model's vector).
+        ``train=False`` differentiates the inference-mode loss instead, the one evaluations
+        measure (BatchNorm by its running statistics, no dropout): deterministic, and the
+        returned vector holds ``flat``'s buffers unchanged.
         """
         ...
 

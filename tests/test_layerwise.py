@@ -85,6 +85,34 @@ def test_curvature_matches_finite_difference_second_derivative_smooth_net(test_d
     _check_curvature(pair, test_data, ("fc1", "fc2", "fc3"), TanhNet.loss, rtol=1e-3)
 
 
+def test_curvature_of_a_network_with_dropout_is_the_inference_losss_and_the_same_each_time(test_data):
+    """Dropout is off in the gradients behind the curvature, as in the losses the barriers are measured with:
+    ΔᵀHΔ equals the float64 numpy second difference of the network without dropout, call after call."""
+    import torch
+    from torch import nn
+
+    class Dropped(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc1, self.fc2, self.fc3 = nn.Linear(64, 24), nn.Linear(24, 24), nn.Linear(24, 10)
+            self.drop = nn.Dropout(0.3)
+
+        def forward(self, x):
+            h = self.drop(torch.tanh(self.fc1(x.flatten(1))))
+            return self.fc3(self.drop(torch.tanh(self.fc2(h))))
+
+    nets = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        nets.append(Dropped().eval())
+    pair = cb.ModelPair(*nets, example_input=torch.as_tensor(test_data.x[:16]))
+    _check_curvature(pair, test_data, ("fc1", "fc2", "fc3"), TanhNet.loss, rtol=1e-3)
+    first, again = (cb.layerwise_barriers(pair, test_data, lambdas=[0.0, 0.5, 1.0], modes=["cumulative"])
+                    for _ in range(2))
+    np.testing.assert_array_equal(first["curvature_start"].values, again["curvature_start"].values)
+    assert "inference-mode" in first.attrs["hvp"]
+
+
 def test_curvature_of_the_relu_mlp_output_layer_torch(digits_pair, test_data):
     """The output layer of a ReLU MLP: smooth along Δ (no kink after it), so the estimates agree closely."""
     _check_curvature(digits_pair, test_data, ("layers.3",), np_loss, rtol=1e-3)
@@ -171,8 +199,8 @@ def test_curvature_matches_finite_difference_jax(test_data):
 
 
 def test_curvature_on_a_batchnorm_network_leaves_the_models_as_they_are():
-    """The gradients behind the curvature run in training mode, where BatchNorm updates its running
-    statistics: in a copy, never in the pair's vectors (λ = 0 is model A's own loss, before and after)."""
+    """The gradients behind the curvature leave the pair's vectors as they are (λ = 0 is model A's own loss,
+    before and after): a training-mode pass would update BatchNorm's running statistics, in a copy."""
     torch = pytest.importorskip("torch")
     nn, F = torch.nn, torch.nn.functional
 

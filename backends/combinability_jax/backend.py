@@ -117,7 +117,7 @@ class _Program:
         # row i of (k, d) vectors: sliced inside the compiled function (eager slicing would copy it)
         self.forward_row = jax.jit(lambda flats, i, rest, x: self.apply(flats[i], rest, x))
         self.features = jax.jit(self.taps, static_argnums=3)
-        self.value_and_grad = jax.jit(self.step, static_argnums=5)
+        self.value_and_grad = jax.jit(self.step, static_argnums=(5, 6))
 
     def variables(self, flat: jax.Array, rest: dict[str, jax.Array]) -> dict[str, Any]:
         views = {name: flat[a:b].reshape(shape).astype(dt) for name, a, b, shape, dt in self.entries}
@@ -159,10 +159,12 @@ class _Program:
         return {p: jnp.moveaxis(found[p], -1, 1) if found[p].ndim >= 3 else found[p] for p in points}
 
     def step(self, flat: jax.Array, rest: dict, mask: jax.Array, x: jax.Array, y: jax.Array,
-              loss: Callable[[Any, Any], Any]) -> tuple[jax.Array, jax.Array, jax.Array]:
+             loss: Callable[[Any, Any], Any], train: bool = True) -> tuple[jax.Array, jax.Array, jax.Array]:
         rngs = {"dropout": jax.random.fold_in(jax.random.key(0), _batch_digest(x))}
 
         def value(p: jax.Array) -> tuple[jax.Array, Any]:
+            if not train:  # the inference-mode loss: running statistics, no dropout, nothing updated
+                return loss(logits_of(self.module.apply(self.variables(p, rest), x, **self.kwargs(False))), y), {}
             logits, updates = self.module.apply(self.variables(p, rest), x, mutable=self.mutable, rngs=rngs,
                                                 **self.kwargs(True))
             return loss(logits_of(logits), y), flatten_variables(updates)
@@ -298,10 +300,10 @@ class JaxPrepared:
             out = self.program.features(flat, self.rest, padded, tuple(points))
         return {p: v[:_kept_rows(v.shape[0], x.shape[0], padded.shape[0])] for p, v in out.items()}
 
-    def value_and_grad(self, flat: jax.Array, x: jax.Array, y: jax.Array,
-                       loss: Callable[[Any, Any], Any]) -> tuple[jax.Array, jax.Array, jax.Array]:
+    def value_and_grad(self, flat: jax.Array, x: jax.Array, y: jax.Array, loss: Callable[[Any, Any], Any], *,
+                       train: bool = True) -> tuple[jax.Array, jax.Array, jax.Array]:
         with _precision(self.backend.train_precision):
-            return self.program.value_and_grad(flat, self.rest, self.mask, x, y, loss)
+            return self.program.value_and_grad(flat, self.rest, self.mask, x, y, loss, train)
 
 
 def _example(x: Any) -> jax.Array:

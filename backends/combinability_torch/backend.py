@@ -393,13 +393,14 @@ class TorchPrepared:
         return out
 
     def value_and_grad(self, flat: torch.Tensor, x: torch.Tensor, y: torch.Tensor,
-                       loss: Callable[[Any, Any], Any]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                       loss: Callable[[Any, Any], Any], *,
+                       train: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         leaf = flat.detach().clone().requires_grad_(True)
         flat = flat.detach().clone()  # (the caller's vector stays as it is: it may be a frozen model's memory)
         trained = self._views(leaf)
         buffers = self._views(flat)  # running statistics update in place, into the returned copy
         params = {k: (buffers[k] if k in self.buffers else v) for k, v in trained.items()}
-        self.model.train()
+        self.model.train(train)
         try:
             value = loss(self._call(params, x), y)
             (grad,) = torch.autograd.grad(value, leaf, allow_unused=True)

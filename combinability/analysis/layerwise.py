@@ -25,9 +25,8 @@ backend's autodiff gradient along ``Δ``, ``Δᵀ[∇L(θ + εΔ) − ∇L(θ �
 For ReLU networks the loss along ``Δ`` has kinks (units switching on or off); the central
 difference then measures the curvature averaged over ``[−ε, ε]``, kinks included, which a
 double-backward Hessian-vector product would miss. The gradients come from the backend's
-``Prepared.value_and_grad``, i.e. the training-mode loss: for networks with BatchNorm or
-dropout it differs from the inference-mode loss the barrier is measured with (the MLPs and
-LayerNorm networks have none).
+``Prepared.value_and_grad(..., train=False)``: the inference-mode loss the barrier is measured
+with (BatchNorm by its running statistics, dropout off), so that they are deterministic.
 """
 
 from __future__ import annotations
@@ -84,11 +83,12 @@ def _summed_loss(logits: Any, y: Any) -> Any:
 
 
 def full_gradient(prepared: Prepared, backend: Backend, flat: Any, x: Any, y: Any, batch_size: int) -> np.ndarray:
-    """The gradient of the mean cross-entropy over every example, float64 ``(d,)``, batched."""
+    """The gradient of the mean cross-entropy over every example in inference mode, float64 ``(d,)``, batched."""
     n = int(x.shape[0])
     total = None
     for s in range(0, n, batch_size):
-        _, grad, _ = prepared.value_and_grad(flat, x[s : s + batch_size, ...], y[s : s + batch_size], _summed_loss)
+        _, grad, _ = prepared.value_and_grad(flat, x[s : s + batch_size, ...], y[s : s + batch_size], _summed_loss,
+                                             train=False)
         g = backend.to_numpy(grad).astype(np.float64)
         total = g if total is None else total + g
     return total / n
@@ -138,7 +138,7 @@ def _check_autodiff(pair: ModelSet, prepared: Any, ds: ArrayDataset) -> None:
     if not problem:
         be = pair.backend_obj
         try:
-            fn(be.asarray(pair.theta(0).copy()), be.asarray(ds.x[:1]), be.asarray(ds.y[:1]), _summed_loss)
+            fn(be.asarray(pair.theta(0).copy()), be.asarray(ds.x[:1]), be.asarray(ds.y[:1]), _summed_loss, train=False)
         except (NotImplementedError, AttributeError, TypeError) as exc:
             problem = f"its value_and_grad failed: {type(exc).__name__}: {exc}"
     if problem:
@@ -310,7 +310,7 @@ def _run(pair: ModelSet, ds: ArrayDataset, grid: np.ndarray, names: list[str], m
         attrs=provenance(combinability_format="layerwise_barriers", architecture=pair.architecture,
                          width=float(pair.width), backend=be.name, dataset=ds.name, split=ds.split,
                          examples=len(ds), alignment=pair.alignment, curvature=bool(curvature), step=step,
-                         hvp="central difference of value_and_grad along the path (training-mode loss)",
+                         hvp="central difference of value_and_grad along the path (inference-mode loss)",
                          fingerprints=pair.fingerprints(), **dict(attrs or {})),
     )
     return annotate(result, LABELS)
