@@ -14,11 +14,12 @@ hook (:class:`~combinability.hookspecs.Registration` pointing at the value).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import weakref
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -26,7 +27,7 @@ import numpy as np
 
 from combinability.backend import bound_forward
 from combinability.data.base import input_dtype
-from combinability.errors import ConfigurationError, DatasetError, LayoutError
+from combinability.errors import CombinabilityError, ConfigurationError, DatasetError, LayoutError
 from combinability.hookspecs import Registration, hookimpl
 from combinability.host_memory import keep_freed_memory
 
@@ -279,6 +280,22 @@ def device_data(backend: Backend) -> DeviceData:
 _SCORED_TOGETHER = 1 << 22
 
 
+@contextlib.contextmanager
+def integer_inputs_named(data: ArrayDataset) -> Iterator[None]:
+    """Where the model fails on ``data`` whose inputs are integers, say so: they reach the model as they
+    are (token ids, :func:`~combinability.data.base.input_dtype`), which a model reading images or
+    features as floats (a convolution's or a Linear's input) refuses with the framework's own error."""
+    try:
+        yield
+    except (RuntimeError, TypeError, ValueError) as exc:
+        if isinstance(exc, CombinabilityError) or not np.issubdtype(np.asarray(data.x[:0]).dtype, np.integer):
+            raise
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        raise DatasetError(f"the model failed on the data's inputs, which are integers ({data.x.dtype}) and reach "
+                           f"the model as they are, as token ids ({type(exc).__name__}: {first}); give images and "
+                           f"features as floats, e.g. x.astype(np.float32)") from exc
+
+
 class Evaluator:
     """Evaluate flat vectors of one model's layout on datasets, batched, on the device.
 
@@ -392,7 +409,6 @@ class Evaluator:
         n = len(data)
         if n == 0:
             raise DatasetError("cannot evaluate on an empty dataset")
-        be, xp = self.backend, self.backend.xp()
         stacked = self._stack(flats)
         x, y = self._data(data)
         k = self._count(stacked)
@@ -400,33 +416,41 @@ class Evaluator:
         correct = np.zeros(k)
         extra = np.zeros((len(self.metrics), k))
         preds = []
-        for c in range(0, k, self.vectors):
-            chunk = self._chunk(stacked, c)
-            kc = self._count(chunk)
-            # per-group sums stay on the device and cross to the host once per chunk (no sync per batch)
-            sums: list[list[Any]] = [[] for _ in range(2 + len(self.metrics))]
-            chunk_preds: list[Any] = []
-            pending: list[Any] = []  # logits of the batches since ``start``, scored together
-            with bound_forward(self.prepared, chunk) as forward:  # the vectors set up once, not per batch
-                start = held = 0
-                for s in range(0, n, self.batch_size):
-                    stop = min(s + self.batch_size, n)
-                    logits = _rows(xp, forward(x[s:stop, ...]), (stop - s, *y.shape[1:]), self.classes_second)
-                    pending.append(logits)
-                    held += math.prod(logits.shape)
-                    if held >= _SCORED_TOGETHER or stop == n:  # one call per metric for the group's batches
-                        self._score(pending, y[start:stop], sums, chunk_preds)
-                        pending, start, held = [], stop, 0
-            for target, batches in zip((loss, correct, *extra), sums, strict=True):
-                for row in be.to_numpy(xp.stack(batches)).astype(np.float64):  # batch after batch, in float64
-                    target[c : c + kc] += row
-            preds.append(be.to_numpy(xp.concat(chunk_preds, axis=1)).astype(np.int64))
+        with integer_inputs_named(data):
+            for c in range(0, k, self.vectors):
+                self._evaluate_chunk(stacked, c, x, y, loss, correct, extra, preds)
         predictions = np.concatenate(preds, axis=0)
         targets = int(np.prod(np.shape(data.y)))  # every target counts once (every character of a sequence)
         return [Evaluation(loss=float(loss[i] / targets), accuracy=float(correct[i] / targets),
                            predictions=predictions[i],
                            values={m.name: float(extra[j, i] / targets) for j, m in enumerate(self.metrics)})
                 for i in range(k)]
+
+    def _evaluate_chunk(self, stacked: Any, c: int, x: Any, y: Any, loss: np.ndarray, correct: np.ndarray,
+                        extra: np.ndarray, preds: list[np.ndarray]) -> None:
+        """Add the sums of the vectors ``c : c + vectors`` over every batch to ``loss``, ``correct`` and
+        ``extra`` (at their rows), and their predictions to ``preds``."""
+        be, xp, n = self.backend, self.backend.xp(), int(x.shape[0])
+        chunk = self._chunk(stacked, c)
+        kc = self._count(chunk)
+        # per-group sums stay on the device and cross to the host once per chunk (no sync per batch)
+        sums: list[list[Any]] = [[] for _ in range(2 + len(self.metrics))]
+        chunk_preds: list[Any] = []
+        pending: list[Any] = []  # logits of the batches since ``start``, scored together
+        with bound_forward(self.prepared, chunk) as forward:  # the vectors set up once, not per batch
+            start = held = 0
+            for s in range(0, n, self.batch_size):
+                stop = min(s + self.batch_size, n)
+                logits = _rows(xp, forward(x[s:stop, ...]), (stop - s, *y.shape[1:]), self.classes_second)
+                pending.append(logits)
+                held += math.prod(logits.shape)
+                if held >= _SCORED_TOGETHER or stop == n:  # one call per metric for the group's batches
+                    self._score(pending, y[start:stop], sums, chunk_preds)
+                    pending, start, held = [], stop, 0
+        for target, batches in zip((loss, correct, *extra), sums, strict=True):
+            for row in be.to_numpy(xp.stack(batches)).astype(np.float64):  # batch after batch, in float64
+                target[c : c + kc] += row
+        preds.append(be.to_numpy(xp.concat(chunk_preds, axis=1)).astype(np.int64))
 
     def _score(self, logits: list[Any], y: Any, sums: list[list[Any]], preds: list[Any]) -> None:
         """Append the sums of loss, correct predictions and extra metrics of consecutive batches.
@@ -466,7 +490,8 @@ class Evaluator:
         n = int(x.shape[0])
         out: dict[str, np.ndarray] = {}
         for s in range(0, n, self.batch_size):
-            feats = self.prepared.features(flat, x[s : s + self.batch_size, ...], list(points))
+            with integer_inputs_named(data):
+                feats = self.prepared.features(flat, x[s : s + self.batch_size, ...], list(points))
             for p in points:
                 f = be.to_numpy(_units_last(be.xp(), feats[p]))
                 rows = f.shape[0] // max(min(self.batch_size, n - s), 1)  # rows per example
@@ -508,8 +533,9 @@ class Evaluator:
         acc = {p: CrossMoments() for p in wanted}
         for s in range(0, x.shape[0], self.batch_size):
             xb = x[s : s + self.batch_size, ...]
-            fa = self.prepared.features(flat_a, xb, wanted)
-            fb = self.prepared.features(flat_b, xb, wanted)
+            with integer_inputs_named(data):
+                fa = self.prepared.features(flat_a, xb, wanted)
+                fb = self.prepared.features(flat_b, xb, wanted)
             for p in wanted:
                 acc[p].update(fa[p], fb[p], backend=be)
             del fa, fb

@@ -311,6 +311,11 @@ def _plan(pair: ModelPair, sampler: Sampler | str | None, *, backend: str | Back
     three = getattr(smp, "models", 2) == 3
     if three and len(pair) < 3:
         raise IncompatibleModelsError(f"{type(smp).__name__} combines three models: build the pair with model_c=")
+    from combinability.pair import ModelPair
+
+    if not three and len(pair) == 3 and not isinstance(pair, ModelPair):  # (a pair's model_c waits for a Triangle)
+        raise ConfigurationError(f"the set holds 3 models and {type(smp).__name__} combines two: sweep two of them, "
+                                 f"models.select(0, 1) (or any other two), or all three with cb.Triangle()")
     grid = list(values) if values is not None else list(smp.grid_for(pair.layout))
     if not grid:
         raise SamplerError(f"{type(smp).__name__}: no parameter values to sweep")

@@ -47,6 +47,8 @@ def test_any_pair_and_triple_is_one_selection_away(four):
     assert float(ds["loss"].values[0, 1, 0]) == pytest.approx(numpy_evaluation(ms.layout, mid, test)[0], rel=1e-4)
     with pytest.raises(cb.ConfigurationError, match="select"):
         cb.sweep(ms, cb.Linear(), data="digits", values=[0.5])
+    with pytest.raises(cb.ConfigurationError, match="holds 3 models and Linear combines two"):
+        cb.sweep(cb.ModelSet(four[:3]), cb.Linear(), data="digits", values=[0.5])  # not silently its first two
 
 
 def test_sets_of_different_models_are_refused():
