@@ -107,6 +107,14 @@ def _module_layers(be: Backend, names: Iterable[str]) -> dict[str, int]:
     return {name: order.setdefault(be.module_path(name), len(order)) for name in names}
 
 
+def _node_difference(a: Any, b: Any, label: str) -> str:
+    """What differs between two layer-table nodes at one place, field by field (``units 16 in A, 8 in B``)."""
+    if a.name != b.name or a.op != b.op:
+        return f"node {a.name!r} ({a.op}) in A, {b.name!r} ({b.op}) in {label}"
+    fields = [f"{k} {v!r} in A, {getattr(b, k)!r} in {label}" for k, v in vars(a).items() if getattr(b, k) != v]
+    return f"node {a.name!r} ({a.op}): " + "; ".join(fields)
+
+
 def _label(i: int) -> str:
     """``A``, ``B``, … for the first 26 members (model 0 is A), then ``model 26`` …"""
     return "ABCDEFGHIJKLMNOPQRSTUVWXYZ"[i] if i < 26 else f"#{i}"
@@ -190,8 +198,6 @@ class ModelSet:
             derived = None
             try:
                 tables = [describe(models[0], example_input, backend=be, verify=spec is None)]
-                tables += [describe(m, example_input, backend=be, verify=False) for m in models[1:]]
-                models = [be.adopt(m, t) for m, t in zip(models, tables, strict=True)]
             except TracingError as exc:  # not a layer table: a transformer's feature spaces?
                 try:
                     derived, derived_folds = derive_symmetries(models[0], example_input, backend=be)
@@ -201,6 +207,14 @@ class ModelSet:
                         raise TracingError(reason) from None
                     # the spec given by hand stands, the models stay untraced
                     _warn_untraced(models[0], reason)
+            else:  # A is a layer table: so must the others be (a failure is theirs, not a reason to trace A anew)
+                for i, m in enumerate(models[1:], start=1):
+                    try:
+                        tables.append(describe(m, example_input, backend=be, verify=False))
+                    except TracingError as exc:
+                        raise IncompatibleModelsError(f"model A is traced, but model {_label(i)} "
+                                                      f"({type(m).__name__}) is not: {exc}") from None
+                models = [be.adopt(m, t) for m, t in zip(models, tables, strict=True)]
             if derived is not None:
                 for i, m in enumerate(models[1:], start=1):
                     other = be.symmetries(m, example_input)[0]
@@ -219,7 +233,7 @@ class ModelSet:
                 "inputs) so the library can trace it, or spec= (a PermutationSpec)")
         for i, t in enumerate(tables[1:], start=1):
             if t != table and table is not None and table.config.get("traced"):
-                diff = next((f"node {a.name!r}: {a} vs {b}" for a, b in zip(table.nodes, t.nodes, strict=False)
+                diff = next((_node_difference(a, b, _label(i)) for a, b in zip(table.nodes, t.nodes, strict=False)
                              if a != b), f"{len(table.nodes)} vs {len(t.nodes)} nodes")
                 raise IncompatibleModelsError(f"models A and {_label(i)} trace to different networks ({diff}); "
                                               "they cannot be combined")

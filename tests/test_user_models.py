@@ -128,8 +128,11 @@ def test_bad_user_input_gets_the_librarys_errors():
         cb.derive_spec(Branchy(), torch.randn(2, 4))
     with pytest.raises(TracingError, match=r"example_input of shape \(2, 3, 8, 8\)"):
         cb.derive_spec(ResCNN(), torch.randn(2, 3, 8, 8))
-    with pytest.raises(IncompatibleModelsError, match="trace to different networks"):
+    with pytest.raises(IncompatibleModelsError, match=r"trace to different networks \(node '\w+' \(conv\): units 8 in "
+                                                      r"A, 6 in B\)"):
         cb.ModelPair(ResCNN(width=8), ResCNN(width=6), example_input=_x())
+    with pytest.raises(IncompatibleModelsError, match=r"model A is traced, but model B \(Branchy\) is not: torch.fx"):
+        cb.ModelPair(ResCNN(), Branchy(), example_input=_x())
     with pytest.raises(IncompatibleModelsError, match="example_input="):
         cb.ModelPair(ResCNN(), ResCNN())
     pair = cb.ModelPair(ResCNN(), ResCNN(), example_input=_x())
