@@ -189,3 +189,45 @@ def test_attention_on_a_single_token_is_refused_as_it_cannot_check_the_heads():
     several = np.random.default_rng(0).normal(size=(3, 4, 5)).astype(np.float32)
     spec, _ = cb.derive_symmetries((net, variables), several)
     assert spec.perm_to_axes
+
+
+class _FieldDropout(nn.Module):
+    """The dropout flag a module field, on for training: the library cannot set it."""
+
+    deterministic: bool = False
+
+    @nn.compact
+    def __call__(self, x):
+        return nn.Dense(3)(nn.Dropout(0.2, deterministic=self.deterministic)(nn.relu(nn.Dense(6)(x))))
+
+
+class _FieldBatchNorm(nn.Module):
+    train: bool = True
+
+    @nn.compact
+    def __call__(self, x):
+        return nn.Dense(3)(nn.relu(nn.BatchNorm(use_running_average=not self.train)(nn.Dense(6)(x))))
+
+
+class _ExtraArgument(nn.Module):
+    @nn.compact
+    def __call__(self, x, temperature):
+        return nn.Dense(3)(x) / temperature
+
+
+@pytest.mark.parametrize("cls, fixed, why", [
+    (_FieldDropout, {"deterministic": True}, r"still draws random numbers \(dropout\).*Model\(deterministic=True\)"),
+    (_FieldBatchNorm, {"train": False}, r"still updates variables \(BatchNorm's batch statistics\)"),
+    (_ExtraArgument, None, r"missing 1 required positional argument: 'temperature'; the library calls "
+                           r"module.apply\(variables, x\): give __call__'s other arguments defaults"),
+])
+def test_a_model_the_library_cannot_call_in_inference_mode_is_told_how(cls, fixed, why):
+    x = np.random.default_rng(0).normal(size=(4, 5)).astype(np.float32)
+    kwargs = {"temperature": 1.0} if cls is _ExtraArgument else {}
+    variables = [cls().init({"params": jax.random.PRNGKey(s), "dropout": jax.random.PRNGKey(9)}, x, **kwargs)
+                 for s in (0, 1)]
+    with pytest.raises(TracingError, match=why):
+        cb.ModelPair(*((cls(), v) for v in variables), example_input=x)
+    if fixed is not None:  # built in inference mode, as the message says: traced
+        pair = cb.ModelPair(*((cls(**fixed), v) for v in variables), example_input=x)
+        assert pair.spec.perm_names

@@ -58,6 +58,31 @@ SCAN_CARRY_IN, SCAN_SLICE, SCAN_CARRY_OUT, SCAN_STACK = (ScanStep(n) for n in (
     "scan_carry_in", "scan_slice", "scan_carry_out", "scan_stack"))
 
 
+def mode_hint(exc: Exception, flags: dict) -> str:
+    """A note for a flax model that fails when the library calls it, in inference mode, as
+    ``module.apply(variables, x, **flags)``: one that still draws dropout masks or updates its batch
+    statistics (its mode is a module field, or an argument of another name), or one that needs another
+    argument; ``""`` for any other failure."""
+    from combinability_jax.trace import TRAIN_FLAGS
+
+    text, kind = str(exc), type(exc).__name__
+    called = f"module.apply(variables, x{''.join(f', {k}={v}' for k, v in flags.items())})"
+    names = ", ".join(TRAIN_FLAGS)
+    if kind == "InvalidRngError" or "needs PRNG" in text:
+        what = "draws random numbers (dropout)"
+    elif kind == "ModifyScopeVariableError" or "is immutable" in text:
+        what = "updates variables (BatchNorm's batch statistics)"
+    elif isinstance(exc, TypeError) and "required positional argument" in text:
+        return (f"; the library calls {called}: give __call__'s other arguments defaults, or pass a module that "
+                "supplies them (functools.partial of __call__ in a wrapper module)")
+    else:
+        return ""
+    return (f"; the library runs the model in inference mode as {called} (it sets the __call__ arguments {names} "
+            f"where __call__ takes them), and this model still {what}: a model whose mode is a field "
+            "(deterministic: bool = False, train: bool = True) or an argument of another name must be passed built "
+            "in inference mode (Model(deterministic=True), Model(train=False))")
+
+
 class JaxprWalker:
     """Numbered arrays (``shape``, ``const``) and the flat list of operations (``ops``) of a jaxpr."""
 
@@ -79,7 +104,7 @@ class JaxprWalker:
         except Exception as exc:
             raise TracingError(f"running {self.name}.apply on example_input of shape {tuple(np.shape(x))} failed: "
                                f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0]}{integer_hint(x)}"
-                               ) from None
+                               f"{mode_hint(exc, train_kwargs)}") from None
         self.inputs = [self._new(v.aval.shape, dtype=v.aval.dtype) for v in closed.jaxpr.invars]
         self.src = {i: "/".join(str(getattr(k, "key", k)) for k in path) for i, (path, _) in
                     zip(self.inputs, jax.tree_util.tree_flatten_with_path(variables)[0], strict=False)}
