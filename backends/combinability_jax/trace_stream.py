@@ -5,7 +5,9 @@
 ``FIXED`` (batch and token axes, the input's, the output's) or ``ANY`` (a broadcast axis). A parameter opens one
 space per axis; ``dot_general`` merges the axes it contracts or batches (so ``nn.Dense``, ``nn.DenseGeneral``,
 ``nn.Embed``'s gather and raw ``x @ W`` all bind their kernels), element-wise operations merge axis by axis,
-slices, pooling, token indexing and reshapes keep or fix axes. Element-wise nonlinearities, products of two
+slices, pooling, token indexing and reshapes keep or fix axes; a layer's features cut along the last axis by
+``jnp.split`` or by slices that tile them (nanoGPT's fused ``c_attn``) are packed parts, a space each.
+Element-wise nonlinearities, products of two
 varying arrays, reductions over features and products of two activations (attention scores and mixing) mark their
 spaces *nonlinear*: permutations only.
 
@@ -98,6 +100,8 @@ class _StreamTrace(JaxprWalker):
         self.groups = ReshapeGroups(self.sp, self.hint)  # heads and experts seen through reshapes
         self.norms: dict[str, _Norm] = {}
         self.selecting: dict[int, str] = {}  # a space one unit of which is taken by number -> where (expert gates)
+        self.packed: dict[int, tuple[int, ...]] = {}  # a layer's output space split into parts -> the parts' spaces
+        self.sliced: dict[int, list[tuple[int, int, int]]] = {}  # a layer's output space -> (start, stop, part)
         last = {op[4]: k for k, op in enumerate(self.ops)}
         for k, (prim, params, ins, outs, scope) in enumerate(self.ops):
             if scope.startswith("L="):
@@ -228,6 +232,10 @@ class _StreamTrace(JaxprWalker):
             axis = self._picks_gate_value(p, labs[0], ins[0]) - 1
             self.selecting.setdefault(self.sp.find(labs[0][axis]), where)
             self.labels[outs[0]] = [FIXED if a == axis else s for a, s in enumerate(labs[0])]
+        elif n == "split" and self._layer_output(labs[0], ins[0], int(p["axis"])):
+            self._split(labs[0], [int(v) for v in p["sizes"]], outs, path)
+        elif n == "slice" and self._slices_features(p, labs[0], ins[0]):
+            self._slice(p, labs[0], outs[0], path)
         elif n in ("slice", "dynamic_slice", "pad", "rev"):
             src = self.shape[ins[0]]
             if n == "slice":
@@ -279,6 +287,73 @@ class _StreamTrace(JaxprWalker):
                 self.labels[o] = [ANY if s == 1 else FIXED for s in self.shape[o]]
         else:
             raise TracingError(f"{where}: the stream tracer cannot follow this operation on features" + self.hint)
+
+    def _layer_output(self, lab: list[int | None], i: int, axis: int) -> bool:
+        """Whether ``axis`` of array ``i`` is the last, a space of varying features that only one module's
+        parameters bind so far (a layer's output, its bias added: nanoGPT's fused ``c_attn``)."""
+        s = lab[-1] if lab else None
+        if axis % len(lab) != len(lab) - 1 or s is ANY or self.sp.is_fixed(s) or self.dep.get(i) != "act":
+            return False
+        root = self.sp.find(s)
+        bound = {p.rsplit("/", 1)[0] for p, labels in self.binds.items()
+                 if any(t is not ANY and self.sp.find(t) == root for t in labels)}
+        return len(bound) == 1
+
+    def _split(self, lab: list[int | None], sizes: list[int], outs: list[int], path: str) -> None:
+        """``jnp.split`` of a layer's features into parts (a fused query/key/value): a space per part."""
+        root = self.sp.find(lab[-1])
+        parts = self.packed.get(root)
+        if parts is None or [self.sp.size[s] for s in parts] != sizes:
+            if parts is not None or root in self.sliced:
+                raise TracingError(f"a layer's features split two ways in {path or self.name}{self.hint}")
+            parts = self.packed[root] = self._parts(root, sizes)
+        for o, part in zip(outs, parts, strict=True):
+            self.labels[o] = [*lab[:-1], part]
+
+    def _parts(self, root: int, sizes: list[int]) -> tuple[int, ...]:
+        """New spaces for parts of ``root``'s features (nonlinear where it is)."""
+        stem = self.sp.opener[root]
+        names = ("q", "k", "v") if len(sizes) == 3 else tuple(str(k) for k in range(len(sizes)))
+        parts = tuple(self.sp.new(f"{stem}.{names[k]}", size) for k, size in enumerate(sizes))
+        if self.sp.is_nonlinear(root):
+            self.sp.mark(parts)
+        return parts
+
+    def _slices_features(self, p: dict, lab: list[int | None], i: int) -> bool:
+        """Whether a slice takes a contiguous range of a layer's features (the last axis), every other axis whole
+        (``qkv[..., :d]``)."""
+        src = self.shape[i]
+        whole = all(p["start_indices"][a] == 0 and p["limit_indices"][a] == src[a] for a in range(len(src) - 1))
+        return whole and (p["strides"] is None or p["strides"][-1] == 1) and self._layer_output(lab, i, -1) and \
+            self.sp.find(lab[-1]) not in self.packed
+
+    def _slice(self, p: dict, lab: list[int | None], out: int, path: str) -> None:
+        """A part of a layer's features taken by a slice; the parts are packed once they tile the features
+        (:meth:`spec`), and fixed if they do not."""
+        root = self.sp.find(lab[-1])
+        start, stop = int(p["start_indices"][-1]), int(p["limit_indices"][-1])
+        taken = self.sliced.setdefault(root, [])
+        part = next((s for a, b, s in taken if (a, b) == (start, stop)), None)
+        if part is None:
+            part = self._parts(root, [stop - start])[0]
+            taken.append((start, stop, part))
+        self.labels[out] = [*lab[:-1], part]
+
+    def _packed_parts(self) -> dict[int, tuple[int, ...]]:
+        """Each split or sliced layer's output space (by class) -> its parts' spaces in order; slices that do not
+        tile their features (a partial rotary's ``q[..., :r]`` alone) fix the features and the slices."""
+        packed = {self.sp.find(s): parts for s, parts in self.packed.items()}
+        for root, taken in self.sliced.items():
+            taken = sorted(taken)
+            stops = [0] + [b for _, b, _ in taken]
+            if [a for a, _, _ in taken] == stops[:-1] and stops[-1] == self.sp.size[root]:
+                packed[self.sp.find(root)] = tuple(s for _, _, s in taken)
+                names = ("q", "k", "v") if len(taken) == 3 else tuple(str(k) for k in range(len(taken)))
+                for (_, _, s), name in zip(taken, names, strict=True):  # named as a split's parts
+                    self.sp.opener[s] = f"{self.sp.opener[root]}.{name}"
+            else:
+                self.sp.fix([root, *(s for _, _, s in taken)])
+        return packed
 
     def _picks_gate_value(self, p: dict, lab: list[int | None], i: int) -> int:
         """1 + the axis of a slice taking one unit of a space, all other axes whole (``gates[:, e:e + 1]``, the gate
@@ -454,6 +529,10 @@ class _StreamTrace(JaxprWalker):
             norms.append(Norm(s, scale, shift, isinstance(rec.module, nn.LayerNorm),
                               None if readers is None else tuple(readers)))
         binds = {p: self.binds.get(p, [ANY] * len(shape)) for p, shape in self.param_shapes.items()}
+        packed = self._packed_parts()
+        find = self.sp.find
+        binds = {p: [packed.get(find(e), e) if e is not ANY and not self.sp.is_fixed(e) else e for e in entries]
+                 for p, entries in binds.items()}  # a layer whose output is split: its units are packed parts
         routed = self._routed(binds)
         spec, folds = spec_from_spaces(self.sp, binds, norms, self.groups.heads(), self.groups.experts(), self.hint)
         shapes = {p: np.zeros(shape, np.int8) for p, shape in self.param_shapes.items()}
