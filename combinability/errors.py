@@ -118,6 +118,11 @@ class NotALayerTableError(TracingError):
     with the transformer tracer's reason alone."""
 
 
+class ExampleInputError(TracingError):
+    """The model does not run on ``example_input`` (an input of another shape or type than it takes):
+    neither tracer can follow it, and this reason is given alone."""
+
+
 class StackedLayersError(TracingError):
     """Layers stacked on a first axis and applied one a step by a scan (``nn.scan``, ``nnx.scan``):
     neither tracer follows them, and this reason is given alone."""

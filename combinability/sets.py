@@ -21,6 +21,7 @@ import numpy as np
 from combinability.digests import freeze, memoized
 from combinability.errors import (
     ConfigurationError,
+    ExampleInputError,
     IncompatibleModelsError,
     LayoutError,
     NonFiniteWeightsError,
@@ -127,10 +128,12 @@ def _float_state(state: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
 
 def _reasons(table_exc: TracingError, stream_exc: TracingError) -> str:
     """Why neither tracer follows a model: both reasons; one alone where it holds for either
-    tracer (layers stacked by a scan); the layer-table tracer's alone where the stream tracer's
-    says the model is no transformer (a CNN) or repeats it; the stream tracer's alone where the
-    model reads token ids (a language model, which layer tables do not model)."""
-    stacked = next((e for e in (stream_exc, table_exc) if isinstance(e, StackedLayersError)), None)
+    tracer (the model does not run on example_input; layers stacked by a scan); the layer-table
+    tracer's alone where the stream tracer's says the model is no transformer (a CNN) or repeats
+    it; the stream tracer's alone where the model reads token ids (a language model, which layer
+    tables do not model)."""
+    stacked = next((e for e in (table_exc, stream_exc) if isinstance(e, ExampleInputError)),
+                   next((e for e in (stream_exc, table_exc) if isinstance(e, StackedLayersError)), None))
     if stacked is not None:
         return str(stacked)
     if isinstance(table_exc, NotALayerTableError):  # token ids: the stream tracer's reason is the one that helps

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 import combinability as cb
-from combinability.errors import IncompatibleModelsError, TracingError
+from combinability.errors import ExampleInputError, IncompatibleModelsError, TracingError
 
 torch = pytest.importorskip("torch")
 nn, F = torch.nn, torch.nn.functional
@@ -128,6 +128,12 @@ def test_bad_user_input_gets_the_librarys_errors():
         cb.derive_spec(Branchy(), torch.randn(2, 4))
     with pytest.raises(TracingError, match=r"example_input of shape \(2, 3, 8, 8\)"):
         cb.derive_spec(ResCNN(), torch.randn(2, 3, 8, 8))
+    with pytest.raises(TracingError) as flat:  # the model's own error, alone: no transformer advice
+        cb.ModelPair(ResCNN(), ResCNN(), example_input=torch.randn(2, 3 * 16 * 16))
+    with pytest.raises(ExampleInputError):
+        cb.derive.describe(ResCNN(), torch.randn(2, 3 * 16 * 16))
+    assert str(flat.value).startswith("running ResCNN on example_input of shape (2, 768) failed: RuntimeError: ")
+    assert "ShapeProp" not in str(flat.value) and "transformer" not in str(flat.value)
     with pytest.raises(IncompatibleModelsError, match=r"trace to different networks \(node '\w+' \(conv\): units 8 in "
                                                       r"A, 6 in B\)"):
         cb.ModelPair(ResCNN(width=8), ResCNN(width=6), example_input=_x())

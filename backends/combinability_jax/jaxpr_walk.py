@@ -19,7 +19,7 @@ from jax.extend.core import Literal
 
 from combinability import model_outputs
 from combinability.data.base import integer_hint
-from combinability.errors import StackedLayersError, TracingError
+from combinability.errors import ExampleInputError, StackedLayersError, TracingError
 from combinability_jax.nnx_bridge import intercepting
 
 __all__ = ["JaxprWalker", "INLINE", "logits_of"]
@@ -102,7 +102,7 @@ class JaxprWalker:
         except TracingError:
             raise
         except Exception as exc:
-            raise TracingError(f"running {self.name}.apply on example_input of shape {tuple(np.shape(x))} failed: "
+            raise ExampleInputError(f"running {self.name}.apply on example_input of shape {tuple(np.shape(x))} failed: "
                                f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0]}{integer_hint(x)}"
                                f"{mode_hint(exc, train_kwargs)}") from None
         self.inputs = [self._new(v.aval.shape, dtype=v.aval.dtype) for v in closed.jaxpr.invars]

@@ -21,7 +21,7 @@ from torch import fx, nn
 
 from combinability import model_outputs
 from combinability.data.base import integer_hint
-from combinability.errors import ConfigurationError, NotALayerTableError, TracingError
+from combinability.errors import ConfigurationError, ExampleInputError, NotALayerTableError, TracingError
 from combinability.layer_nodes import TRACED_ELEMENTWISE
 from combinability.layers import ACTIVATIONS, LayerTable, Node, input_layout
 
@@ -1110,6 +1110,19 @@ def other_arguments(model: nn.Module) -> dict[str, Any]:
             and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
 
 
+def _fails_on(model: nn.Module, x: torch.Tensor) -> bool:
+    """Whether ``model`` itself, in inference mode, fails on ``x`` (not only its traced graph)."""
+    was_training = model.training
+    try:
+        with torch.no_grad():
+            model.eval()(x)
+    except Exception:
+        return True
+    finally:
+        model.train(was_training)
+    return False
+
+
 def _module_alias(model: nn.Module, alias: str, name: str) -> bool:
     """Whether tensor name ``alias`` is ``name`` because one module is registered under two paths (a TCN's
     ``self.conv1`` also held in ``self.net``), not because two modules share a tensor (a tied head).
@@ -1153,9 +1166,12 @@ def describe(model: nn.Module, example_input: torch.Tensor) -> tuple[LayerTable,
         with torch.no_grad():
             ShapeProp(gm).propagate(example_input)
     except Exception as exc:
-        raise TracingError(f"running {type(model).__name__} on example_input of shape {tuple(example_input.shape)} "
-                           f"failed: {type(exc).__name__}: {str(exc).splitlines()[0]}{integer_hint(example_input)}"
-                           ) from None
+        while exc.__cause__ is not None:  # fx's ShapeProp wraps the model's own error
+            exc = exc.__cause__
+        error = ExampleInputError if _fails_on(model, example_input) else TracingError
+        raise error(f"running {type(model).__name__} on example_input of shape {tuple(example_input.shape)} failed: "
+                    f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0]}{integer_hint(example_input)}"
+                    ) from None
     finally:
         gm.train(was_training)
     names = table_names(gm)
