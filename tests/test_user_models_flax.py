@@ -197,3 +197,28 @@ def test_models_of_different_widths_cannot_be_paired():
     x = _x()
     with pytest.raises(IncompatibleModelsError, match="trace to different networks"):
         cb.ModelPair((ResCNN(8), _init(ResCNN(8), 0, x)), (ResCNN(6), _init(ResCNN(6), 1, x)), example_input=x)
+
+
+def test_a_reset_keeps_the_batch_statistics_flax_itself_keeps():
+    """flax's BatchNorm keeps the biased variance of the batch (torch the unbiased one): the reset statistics of
+    a merged pair equal those of flax's own training-mode pass over the data in one batch (momentum 0)."""
+
+    class Net(nn.Module):
+        @nn.compact
+        def __call__(self, x, train: bool = False):
+            x = nn.relu(nn.BatchNorm(use_running_average=not train, momentum=0.0)(nn.Conv(4, (3, 3))(x)))
+            x = nn.relu(nn.BatchNorm(use_running_average=not train, momentum=0.0)(nn.Conv(4, (3, 3))(x)))
+            return nn.Dense(3)(x.mean((1, 2)))
+
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(8, 6, 6, 1)).astype(np.float32), rng.integers(0, 3, size=8)
+    net = Net()
+    va, vb = _init(net, 0, x), _init(net, 1, x)
+    merged = cb.ModelPair((net, va), (net, vb), example_input=x).merge(repair="reset", repair_data=(x, y))
+    average = {"params": jax.tree_util.tree_map(lambda a, b: (a + b) / 2, va["params"], vb["params"]),
+               "batch_stats": va["batch_stats"]}
+    _, updated = net.apply(average, x, train=True, mutable=["batch_stats"])
+    got, want = (traverse.flatten_dict(v, sep="/") for v in (merged.variables["batch_stats"], updated["batch_stats"]))
+    assert set(got) == set(want)
+    for k in want:
+        np.testing.assert_allclose(np.asarray(got[k]), np.asarray(want[k]), rtol=2e-5, atol=1e-6, err_msg=str(k))

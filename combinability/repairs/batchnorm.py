@@ -62,7 +62,8 @@ class Reset:
     all of the repair data (in batches of ``batch_size``), with the vector whose earlier
     BatchNorms are already reset, and its ``running_mean`` / ``running_var`` become the
     exact mean and the **unbiased** variance of each channel (torch's convention for the
-    buffer, which evaluation reads as it is). While a later BatchNorm is measured, the
+    buffer, which evaluation reads as it is; a user's flax model keeps the biased variance, as
+    flax's ``BatchNorm`` does). While a later BatchNorm is measured, the
     earlier ones normalise with the *biased* variance, as they do in torch's training-mode
     pass. Nodes that do not depend on one another are measured in the same pass.
 
@@ -118,7 +119,7 @@ class Reset:
             new: dict[str, Any] = {}
             for node in wave:
                 mean, var, count = stats[source[node.name]]
-                final = _reset_stats(node, mean, var, count)
+                final = _reset_stats(node, mean, var, count, table)
                 stored[f"{node.name}.running_var"] = final[f"{node.name}.running_var"]
                 # while later layers are measured, this one normalises with the biased variance, as in training mode
                 new.update({f"{node.name}.running_mean": mean, f"{node.name}.running_var": var})
@@ -281,7 +282,7 @@ class Renormalize:
                 weight, bias = theta[layout.slice(f"{node.name}.weight")], theta[layout.slice(f"{node.name}.bias")]
                 mean, var, count = stats[point]
                 if node.norm == "batchnorm":
-                    reset = _reset_stats(node, mean, var, count)
+                    reset = _reset_stats(node, mean, var, count, table)
                     new.update(reset)
                     mu_c = bias
                     sigma_c = xp.abs(weight) * xp.sqrt(var / (reset[f"{node.name}.running_var"] + node.eps))

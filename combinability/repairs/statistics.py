@@ -198,7 +198,9 @@ def _batchnorms(table: LayerTable) -> list[Node]:
     return [n for n in table.norm_nodes() if n.norm == "batchnorm"]
 
 
-def _reset_stats(node: Node, mean: Any, var: Any, count: int) -> dict[str, Any]:
-    """Running statistics of one BatchNorm: the exact mean and the unbiased variance (torch's convention)."""
-    unbiased = var * (count / max(count - 1, 1))
-    return {f"{node.name}.running_mean": mean, f"{node.name}.running_var": unbiased}
+def _reset_stats(node: Node, mean: Any, var: Any, count: int, table: LayerTable) -> dict[str, Any]:
+    """Running statistics of one BatchNorm: the exact mean, and the variance as the model's framework keeps it:
+    unbiased (torch's convention, which the library's own models follow on every backend), or the biased
+    variance ``var`` itself for a user's flax model (flax's ``BatchNorm`` keeps the batch's biased variance)."""
+    kept = var if table.config.get("framework") == "flax" else var * (count / max(count - 1, 1))
+    return {f"{node.name}.running_mean": mean, f"{node.name}.running_var": kept}
