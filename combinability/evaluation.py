@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from combinability.backend import bound_forward
-from combinability.data.base import input_dtype
+from combinability.data.base import input_dtype, input_fault
 from combinability.errors import CombinabilityError, ConfigurationError, DatasetError, LayoutError
 from combinability.hookspecs import Registration, hookimpl
 from combinability.host_memory import keep_freed_memory
@@ -281,19 +281,29 @@ _SCORED_TOGETHER = 1 << 22
 
 
 @contextlib.contextmanager
-def integer_inputs_named(data: ArrayDataset) -> Iterator[None]:
-    """Where the model fails on ``data`` whose inputs are integers, say so: they reach the model as they
-    are (token ids, :func:`~combinability.data.base.input_dtype`), which a model reading images or
-    features as floats (a convolution's or a Linear's input) refuses with the framework's own error."""
+def input_faults_named(data: ArrayDataset) -> Iterator[None]:
+    """Around a model's forward pass on ``data``: where the model's own error points at the inputs (integer
+    images, token ids beyond the vocabulary or sequences beyond the context, float token ids), a
+    :class:`DatasetError` that says so (:func:`~combinability.data.base.input_fault`)."""
     try:
         yield
-    except (RuntimeError, TypeError, ValueError) as exc:
-        if isinstance(exc, CombinabilityError) or not np.issubdtype(np.asarray(data.x[:0]).dtype, np.integer):
+    except (RuntimeError, TypeError, ValueError, IndexError) as exc:
+        reason = None if isinstance(exc, CombinabilityError) else input_fault(exc, data.x)
+        if reason is None:
             raise
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-        raise DatasetError(f"the model failed on the data's inputs, which are integers ({data.x.dtype}) and reach "
-                           f"the model as they are, as token ids ({type(exc).__name__}: {first}); give images and "
-                           f"features as floats, e.g. x.astype(np.float32)") from exc
+        raise DatasetError(reason) from exc
+
+
+def _check_labels(data: ArrayDataset, classes: int) -> None:
+    """Refuse labels outside ``[0, classes)`` (the model's logits' last axis) before they are scored: an index
+    beyond the logits fails in torch and is clamped silently in jax."""
+    y = np.asarray(data.y)
+    low, high = (int(y.min()), int(y.max())) if y.size else (0, 0)
+    if low < 0 or high >= classes:
+        raise DatasetError(f"the data's labels run from {low} to {high}, but the model gives {classes} classes "
+                           f"(logits of {classes} values): labels must lie in [0, {classes})"
+                           + ("; a negative label such as an ignore index (-100) is not supported: drop those "
+                              "positions or examples" if low < 0 else ""))
 
 
 class Evaluator:
@@ -416,9 +426,8 @@ class Evaluator:
         correct = np.zeros(k)
         extra = np.zeros((len(self.metrics), k))
         preds = []
-        with integer_inputs_named(data):
-            for c in range(0, k, self.vectors):
-                self._evaluate_chunk(stacked, c, x, y, loss, correct, extra, preds)
+        for c in range(0, k, self.vectors):
+            self._evaluate_chunk(stacked, c, data, x, y, loss, correct, extra, preds)
         predictions = np.concatenate(preds, axis=0)
         targets = int(np.prod(np.shape(data.y)))  # every target counts once (every character of a sequence)
         return [Evaluation(loss=float(loss[i] / targets), accuracy=float(correct[i] / targets),
@@ -426,8 +435,8 @@ class Evaluator:
                            values={m.name: float(extra[j, i] / targets) for j, m in enumerate(self.metrics)})
                 for i in range(k)]
 
-    def _evaluate_chunk(self, stacked: Any, c: int, x: Any, y: Any, loss: np.ndarray, correct: np.ndarray,
-                        extra: np.ndarray, preds: list[np.ndarray]) -> None:
+    def _evaluate_chunk(self, stacked: Any, c: int, data: ArrayDataset, x: Any, y: Any, loss: np.ndarray,
+                        correct: np.ndarray, extra: np.ndarray, preds: list[np.ndarray]) -> None:
         """Add the sums of the vectors ``c : c + vectors`` over every batch to ``loss``, ``correct`` and
         ``extra`` (at their rows), and their predictions to ``preds``."""
         be, xp, n = self.backend, self.backend.xp(), int(x.shape[0])
@@ -441,7 +450,11 @@ class Evaluator:
             start = held = 0
             for s in range(0, n, self.batch_size):
                 stop = min(s + self.batch_size, n)
-                logits = _rows(xp, forward(x[s:stop, ...]), (stop - s, *y.shape[1:]), self.classes_second)
+                with input_faults_named(data):
+                    out = forward(x[s:stop, ...])
+                logits = _rows(xp, out, (stop - s, *y.shape[1:]), self.classes_second)
+                if s == 0:
+                    _check_labels(data, int(logits.shape[-1]))
                 pending.append(logits)
                 held += math.prod(logits.shape)
                 if held >= _SCORED_TOGETHER or stop == n:  # one call per metric for the group's batches
@@ -490,7 +503,7 @@ class Evaluator:
         n = int(x.shape[0])
         out: dict[str, np.ndarray] = {}
         for s in range(0, n, self.batch_size):
-            with integer_inputs_named(data):
+            with input_faults_named(data):
                 feats = self.prepared.features(flat, x[s : s + self.batch_size, ...], list(points))
             for p in points:
                 f = be.to_numpy(_units_last(be.xp(), feats[p]))
@@ -533,7 +546,7 @@ class Evaluator:
         acc = {p: CrossMoments() for p in wanted}
         for s in range(0, x.shape[0], self.batch_size):
             xb = x[s : s + self.batch_size, ...]
-            with integer_inputs_named(data):
+            with input_faults_named(data):
                 fa = self.prepared.features(flat_a, xb, wanted)
                 fb = self.prepared.features(flat_b, xb, wanted)
             for p in wanted:

@@ -101,5 +101,5 @@ def test_integer_images_get_a_hint_with_the_tracing_error():
 
     net = torch.nn.Sequential(torch.nn.Conv2d(1, 3, 3), torch.nn.Flatten(), torch.nn.Linear(3 * 6 * 6, 2))
     images = np.random.default_rng(0).integers(0, 255, (4, 1, 8, 8))  # int64 pixels, not floats
-    with pytest.raises(TracingError, match=r"holds integers, which the model receives as integer token ids"):
+    with pytest.raises(TracingError, match=r"which are integers \(int64\) and reach the model as they are, as token"):
         cb.derive_spec(net, images)

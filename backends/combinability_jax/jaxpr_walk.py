@@ -18,7 +18,7 @@ import numpy as np
 from jax.extend.core import Literal
 
 from combinability import model_outputs
-from combinability.data.base import integer_hint
+from combinability.data.base import input_fault, integer_hint
 from combinability.errors import ExampleInputError, StackedLayersError, TracingError
 from combinability_jax.nnx_bridge import intercepting
 
@@ -102,9 +102,11 @@ class JaxprWalker:
         except TracingError:
             raise
         except Exception as exc:
-            raise ExampleInputError(f"running {self.name}.apply on example_input of shape {tuple(np.shape(x))} failed: "
-                               f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0]}{integer_hint(x)}"
-                               f"{mode_hint(exc, train_kwargs)}") from None
+            fault = input_fault(exc, np.asarray(x), "example_input")
+            where = f"running {self.name}.apply on example_input of shape {tuple(np.shape(x))}"
+            raise ExampleInputError(f"{where}: {fault}" if fault else
+                                    f"{where} failed: {type(exc).__name__}: {(str(exc).splitlines() or [''])[0]}"
+                                    f"{integer_hint(x)}{mode_hint(exc, train_kwargs)}") from None
         self.inputs = [self._new(v.aval.shape, dtype=v.aval.dtype) for v in closed.jaxpr.invars]
         self.src = {i: "/".join(str(getattr(k, "key", k)) for k in path) for i, (path, _) in
                     zip(self.inputs, jax.tree_util.tree_flatten_with_path(variables)[0], strict=False)}

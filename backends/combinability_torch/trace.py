@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from combinability import model_outputs
-from combinability.data.base import integer_hint
+from combinability.data.base import input_fault, integer_hint
 from combinability.errors import ConfigurationError, ExampleInputError, NotALayerTableError, TracingError
 from combinability.layer_nodes import TRACED_ELEMENTWISE
 from combinability.layers import ACTIVATIONS, LayerTable, Node, input_layout
@@ -1110,17 +1110,30 @@ def other_arguments(model: nn.Module) -> dict[str, Any]:
             and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
 
 
-def _fails_on(model: nn.Module, x: torch.Tensor) -> bool:
-    """Whether ``model`` itself, in inference mode, fails on ``x`` (not only its traced graph)."""
+def _failure_on(model: nn.Module, x: torch.Tensor) -> Exception | None:
+    """The error of ``model`` itself, in inference mode, on ``x`` (not only of its traced graph); None if it runs."""
     was_training = model.training
     try:
         with torch.no_grad():
             model.eval()(x)
-    except Exception:
-        return True
+    except Exception as exc:
+        return exc
     finally:
         model.train(was_training)
-    return False
+    return None
+
+
+def _refuse_failing_input(model: nn.Module, x: torch.Tensor) -> None:
+    """Refuse ``example_input`` that ``model`` itself fails on, with its error and what in the input it points at
+    (:func:`~combinability.data.base.input_fault`)."""
+    exc = _failure_on(model, x)
+    if exc is None:
+        return
+    first = (str(exc).strip().splitlines() or [""])[0]
+    reason = input_fault(exc, x.numpy(), "example_input")
+    where = f"running {type(model).__name__} on example_input of shape {tuple(x.shape)}"
+    raise ExampleInputError(f"{where}: {reason}" if reason else
+                            f"{where} failed: {type(exc).__name__}: {first}{integer_hint(x)}")
 
 
 def _module_alias(model: nn.Module, alias: str, name: str) -> bool:
@@ -1144,6 +1157,7 @@ def describe(model: nn.Module, example_input: torch.Tensor) -> tuple[LayerTable,
     """
     from torch.fx.passes.shape_prop import ShapeProp
 
+    _refuse_failing_input(model, example_input)
     if isinstance(example_input, torch.Tensor) and not (example_input.is_floating_point() or
                                                         example_input.is_complex()) and \
             any(isinstance(m, nn.Embedding | nn.EmbeddingBag) for m in model.modules()):
@@ -1168,10 +1182,9 @@ def describe(model: nn.Module, example_input: torch.Tensor) -> tuple[LayerTable,
     except Exception as exc:
         while exc.__cause__ is not None:  # fx's ShapeProp wraps the model's own error
             exc = exc.__cause__
-        error = ExampleInputError if _fails_on(model, example_input) else TracingError
-        raise error(f"running {type(model).__name__} on example_input of shape {tuple(example_input.shape)} failed: "
-                    f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0]}{integer_hint(example_input)}"
-                    ) from None
+        raise TracingError(f"running {type(model).__name__} on example_input of shape {tuple(example_input.shape)} "
+                           f"failed: {type(exc).__name__}: {(str(exc).splitlines() or [''])[0]}"
+                           f"{integer_hint(example_input)}") from None
     finally:
         gm.train(was_training)
     names = table_names(gm)

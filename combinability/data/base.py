@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
-__all__ = ["ArrayDataset", "input_dtype", "integer_hint"]
+__all__ = ["ArrayDataset", "input_dtype", "input_fault", "integer_hint"]
 
 _SIGNED = ("int8", "int16", "int32", "int64")
 
@@ -36,6 +37,33 @@ def integer_hint(x: Any) -> str:
         return ""
     return (" (example_input holds integers, which the model receives as integer token ids: give images and "
             "features as floats)")
+
+
+def input_fault(exc: BaseException, x: Any, what: str = "the data's inputs") -> str | None:
+    """What in inputs ``x`` a model's own error ``exc`` points at, said for the user; None where it points at
+    nothing in them (a genuine failure of the model or the library).
+
+    Integer inputs reach a model as they are, as token ids (:func:`input_dtype`): an index out of range then
+    means an id beyond the vocabulary or a sequence longer than the context; a type error, a model that
+    reads floats. Float inputs that a model wanted as integer indices (an embedding) are named too.
+    """
+    text = str(exc).strip()
+    first = text.splitlines()[0] if text else ""
+    shown = f"({type(exc).__name__}: {first})"
+    arr = np.asarray(x)
+    if np.issubdtype(arr.dtype, np.integer) and arr.size:
+        if isinstance(exc, IndexError) or re.search(r"out of (range|bounds)", text):
+            return (f"the model failed on {what}, token ids {shown}: ids {int(arr.min())} to {int(arr.max())} in "
+                    f"inputs of shape {tuple(arr.shape[1:])} each; an id at or beyond the model's vocabulary, a "
+                    f"negative one, or a sequence longer than its context (its table of positions) fails so")
+        if re.search(r"type", text, re.IGNORECASE):
+            return (f"the model failed on {what} {shown}, which are integers ({arr.dtype}) and reach the "
+                    f"model as they are, as token ids; give images and features as floats, e.g. "
+                    f"x.astype(np.float32)")
+    if np.issubdtype(arr.dtype, np.floating) and re.search(r"indices|Long, Int|integer", text):
+        return (f"the model failed on {what} {shown}, which are floats ({arr.dtype}); a model that embeds "
+                f"token ids takes them as integers, e.g. x.astype(np.int64)")
+    return None
 
 
 @dataclass(frozen=True)
