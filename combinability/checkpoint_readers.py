@@ -22,6 +22,7 @@ from __future__ import annotations
 import importlib
 import json
 import logging
+import re
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -63,6 +64,13 @@ SHARD_INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json",
 #: The one weights file of a model folder saved whole, the usual first.
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "diffusion_pytorch_model.safetensors",
                 "diffusion_pytorch_model.bin")
+
+
+def _first_sentence(text: str, limit: int = 300) -> str:
+    """The first sentence of a library's message, without terminal escapes, whole or cut at a word."""
+    text = " ".join(re.sub(r"\x1b\[[0-9;?]*[ -/]*[@-~]", "", text).split())
+    sentence = re.split(r"(?<=[.!?])\s", text, maxsplit=1)[0]
+    return sentence if len(sentence) <= limit else sentence[:limit].rsplit(" ", 1)[0] + " ..."
 
 
 def load_folder(path: Path) -> Checkpoint:
@@ -196,7 +204,7 @@ def load_torch(path: Path) -> Checkpoint:
             path,
             "cannot be read with torch.load(weights_only=True): it is truncated or damaged, or holds objects "
             f"other than tensors and plain values (save model.state_dict(), not the model) "
-            f"({type(exc).__name__}: {str(exc)[:300]})",
+            f"({type(exc).__name__}: {_first_sentence(str(exc))})",
         ) from exc
 
     if isinstance(payload, dict) and payload.get("format") == FORMAT:

@@ -311,8 +311,10 @@ def run_demo(out: Path = Path("results/demo"), *, data: str | None = None, backe
     extra += "- its step times (s): " + json.dumps(first["steps_s"]) + "\n"
     if timings.exists() and first.get("wall_time_s") != round(total, 1):
         extra += f"- this run (reusing finished work): {total:.0f} s\n"
+    # the demo's figures folder is its own, drawn afresh from its results at every run (as its summary.md is)
     written = _step(times, "figures and summary", report, [out], out / "figures",
-                    title=f"combinability demo: three MLPs and two ViTs on {data}", extra_markdown=extra)
+                    title=f"combinability demo: three MLPs and two ViTs on {data}", extra_markdown=extra,
+                    overwrite=True)
     summary = out / "summary.md"
     with atomic_path(summary) as tmp:
         tmp.write_text((out / "figures" / "summary.md").read_text().replace("](", "](figures/"))

@@ -3,10 +3,18 @@
 :func:`report` reads netCDF files written by the sweep and the experiments, draws
 the matching figure of the paper for each (PNG), and writes ``summary.md`` with the
 empirical barriers (Def. 3.3) of every sweep, naive against aligned.
+
+A report never replaces a file it did not write: the last line of ``summary.md`` is a marker
+(an HTML comment, invisible when rendered) holding the SHA-256 of the summary above it and of
+every figure written with it. Running the same report again replaces exactly those files, as
+long as their bytes are unchanged; anything else in the output folder (the user's notes, a
+figure of their own, a summary they edited) is refused unless ``overwrite=True``.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -14,11 +22,21 @@ from pathlib import Path
 import numpy as np
 import xarray as xr
 
-from combinability.errors import ConfigurationError
-from combinability.files import atomic_path
+from combinability.errors import ConfigurationError, OutputExistsError, OutputNotWritableError
+from combinability.files import atomic_path, check_writable
 from combinability.results import barriers, open_results
 
 __all__ = ["report", "figure_for", "barrier_table", "symmetry_table"]
+
+
+def figure_paths(ds: xr.Dataset, path: Path) -> list[Path]:
+    """The files :func:`figure_for` writes for ``ds`` at ``path`` (none for a result it does not draw)."""
+    kind = ds.attrs.get("combinability_format")
+    if kind not in ("sweep", "edge_lengths", "robustness", "width_ablation", *_ANALYSIS_FIGURES):
+        return []
+    if kind == "width_ablation" and "loss_barrier_calibrated" in ds:
+        return [path, path.with_name(f"{path.stem}_calibrated{path.suffix}")]
+    return [path]
 
 
 def figure_for(ds: xr.Dataset, path: Path) -> list[Path]:
@@ -137,11 +155,69 @@ def symmetry_table(results: Iterable[tuple[str, xr.Dataset]], split: str = "test
     return head + "\n".join(lines) + "\n"
 
 
-def report(paths: Sequence[Path], out_dir: Path, *, title: str = "combinability report",
-           extra_markdown: str = "") -> list[Path]:
-    """Draw a figure per results file and write ``summary.md``; returns the paths written.
+#: The first words of ``summary.md``'s last line: the marker of a report's own files.
+_MARKER = "<!-- combinability report, its own files (sha256): "
 
-    ``paths`` may hold netCDF files or folders (every ``*.nc`` inside is used).
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _own_files(out_dir: Path) -> dict[str, str]:
+    """The files of ``out_dir`` a report wrote, by name, with their SHA-256 then (from ``summary.md``'s marker).
+
+    Empty when ``summary.md`` is absent, has no marker, or was edited since (its hash differs).
+    """
+    summary = out_dir / "summary.md"
+    try:
+        text = summary.read_text()
+    except (OSError, UnicodeDecodeError):
+        return {}
+    body, _, last = text.rstrip("\n").rpartition("\n")
+    if not last.startswith(_MARKER) or not last.endswith(" -->"):
+        return {}
+    try:
+        own = json.loads(last[len(_MARKER):-len(" -->")])
+    except json.JSONDecodeError:
+        return {}
+    if not isinstance(own, dict) or own.get("summary.md") != hashlib.sha256((body + "\n").encode()).hexdigest():
+        return {}
+    return {str(k): str(v) for k, v in own.items()}
+
+
+def _check_replaceable(out_dir: Path, targets: Sequence[Path], overwrite: bool) -> None:
+    """Refuse, before any figure is drawn, to replace a file of ``targets`` that a report did not write.
+
+    Raises
+    ------
+    OutputNotWritableError
+        If a target is a folder.
+    OutputExistsError
+        Naming every existing target that is not a report's own, unchanged file (unless ``overwrite``).
+    """
+    folders = [t for t in targets if t.is_dir()]
+    if folders:
+        raise OutputNotWritableError(f"cannot write the report: {', '.join(map(str, folders))} is a folder; "
+                                     "choose another --out folder")
+    if overwrite:
+        return
+    own = _own_files(out_dir)
+    foreign = [t for t in targets if t.exists() and (t.name not in own or (t.name != "summary.md"
+                                                                         and _sha256(t) != own[t.name]))]
+    if foreign:
+        raise OutputExistsError(f"the report folder {out_dir} holds {', '.join(t.name for t in foreign)}, which a "
+                                "report did not write (or which were changed since); refusing to replace "
+                                f"{'it' if len(foreign) == 1 else 'them'}: pass --overwrite (overwrite=True) to "
+                                "replace, or choose another folder")
+
+
+def _results_files(paths: Sequence[Path]) -> list[Path]:
+    """The netCDF files of ``paths``: files as given, folders' ``*.nc`` (hidden ones left out).
+
+    Raises
+    ------
+    ConfigurationError
+        If there are none.
     """
     files: list[Path] = []
     for p in paths:
@@ -150,14 +226,45 @@ def report(paths: Sequence[Path], out_dir: Path, *, title: str = "combinability 
     if not files:
         raise ConfigurationError(f"no results files to report: {', '.join(map(str, paths)) or 'no paths'} holds no "
                                  "*.nc file (give result files, or folders holding them)")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    written: list[Path] = []
-    loaded = []
-    for f in files:
-        ds = open_results(f)
-        loaded.append((f.stem, ds))
-        written += figure_for(ds, out_dir / f"{f.stem}.png")
+    return files
+
+
+def report(paths: Sequence[Path], out_dir: Path, *, title: str = "combinability report",
+           extra_markdown: str = "", overwrite: bool = False) -> list[Path]:
+    """Draw a figure per results file and write ``summary.md``; returns the paths written.
+
+    Parameters
+    ----------
+    paths : sequence of Path
+        NetCDF files or folders (every ``*.nc`` inside is used).
+    out_dir : Path
+        Folder of the figures and ``summary.md`` (created when missing, after the results are read).
+    title, extra_markdown : str
+        The summary's title, and markdown added to it.
+    overwrite : bool, default False
+        Replace files of ``out_dir`` that a report did not write, or that were changed since.
+
+    Raises
+    ------
+    ConfigurationError
+        If ``paths`` hold no results file.
+    CorruptFileError, FileNotFoundError
+        If a results file cannot be read; nothing is written then, no folder created.
+    OutputNotWritableError
+        If ``out_dir`` cannot be created or written (a file stands in its place, no permission).
+    OutputExistsError
+        If a figure or ``summary.md`` would replace a file a report did not write (see the module's
+        description); checked before any figure is drawn.
+    """
+    loaded = [(f.stem, open_results(f)) for f in _results_files(paths)]  # read them all before writing
+    out_dir = Path(out_dir)
     summary = out_dir / "summary.md"
+    planned = [p for name, ds in loaded for p in figure_paths(ds, out_dir / f"{name}.png")]
+    check_writable(summary, what="report summary")
+    _check_replaceable(out_dir, [*planned, summary], overwrite)
+    written: list[Path] = []
+    for name, ds in loaded:
+        written += figure_for(ds, out_dir / f"{name}.png")
     text = f"# {title}\n\n## Empirical barriers (Def. 3.3), naive vs aligned\n\n" + barrier_table(loaded)
     text += "\nLoss barrier: worst loss of the sample minus the mean loss of the end models; accuracy barrier: mean "
     text += "accuracy of the end models minus the worst accuracy.\n"
@@ -171,6 +278,8 @@ def report(paths: Sequence[Path], out_dir: Path, *, title: str = "combinability 
     if extra_markdown:
         text += "\n" + extra_markdown
     text += "\n## Figures\n\n" + "".join(f"- [{w.name}]({os.path.relpath(w, out_dir)})\n" for w in written)
+    own = {"summary.md": hashlib.sha256(text.encode()).hexdigest(), **{w.name: _sha256(w) for w in written}}
+    text += _MARKER + json.dumps(own, sort_keys=True) + " -->\n"
     with atomic_path(summary) as tmp:
         tmp.write_text(text)
     return [*written, summary]

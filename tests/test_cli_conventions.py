@@ -88,7 +88,7 @@ def test_version_is_the_project_version(capsys):
     (["train"], 2, "the following arguments are required: architecture, data"),             # argparse
     (["sweep", "a.ckpt", "b.ckpt", "--samples", "many"], 2, "invalid int value: 'many'"),   # argparse
     (["train", "no_such_arch", "digits", "--out", "x.ckpt"], 2, "unknown architecture 'no_such_arch'"),  # library
-    (["sweep", "missing_a.ckpt", "missing_b.ckpt"], 1, "missing_a.ckpt"),                  # runtime: no file
+    (["sweep", "missing_a.ckpt", "missing_b.ckpt"], 2, "no such checkpoint: missing_a.ckpt"),  # a path: usage
 ])
 def test_exit_status_and_one_line_message(tmp_path, args, status, message):
     result = _cli(*args, cwd=tmp_path)
@@ -100,7 +100,8 @@ def test_exit_status_and_one_line_message(tmp_path, args, status, message):
 
 
 def test_debug_shows_the_traceback(tmp_path):
-    result = _cli("sweep", "missing_a.ckpt", "missing_b.ckpt", "--debug", cwd=tmp_path)
+    (tmp_path / "damaged.ckpt").write_bytes(b"not a checkpoint at all")
+    result = _cli("sweep", "damaged.ckpt", "damaged.ckpt", "--data", "digits", "--debug", cwd=tmp_path)
     assert result.returncode == 1
     assert "Traceback (most recent call last)" in result.stderr
     assert result.stderr.rstrip().splitlines()[-1].startswith("combinability: error:")
@@ -286,13 +287,24 @@ def test_dataset_comes_from_the_checkpoint_and_a_state_dict_needs_data(ckpts, tm
         n_test = json.loads(nc.getncattr("examples"))["test"]
     assert 0 < n_test < len(load_digits().target)  # the digits test split, not another dataset
     capsys.readouterr()
-    assert main(["sweep", "a.pt", "b.pt", "--model", "pkg.mod:Net", "--out", str(tmp_path / "x.nc")]) == 2
+    for name in ("a.pt", "b.pt"):
+        (tmp_path / name).write_bytes(b"")  # never read: the missing --data is said first
+    assert main(["sweep", str(tmp_path / "a.pt"), str(tmp_path / "b.pt"), "--model", "pkg.mod:Net",
+                 "--out", str(tmp_path / "x.nc")]) == 2
     assert "--model needs --data" in capsys.readouterr().err
     from safetensors.numpy import save_file
 
-    plain = tmp_path / "plain.safetensors"  # a file from elsewhere: no record of its data
+    from combinability.models import build_model, save_model
+
+    plain = tmp_path / "plain.safetensors"  # a file from elsewhere: no record of its class or its data
     save_file({"w": np.zeros((2, 2), np.float32)}, str(plain))
     assert main(["sweep", str(plain), str(plain), "--out", str(tmp_path / "x.nc")]) == 2
+    err = capsys.readouterr().err
+    assert "plain state dict" in err and "give --model PKG.MODULE:CLASS" in err and "and --data" in err
+    unlabelled = tmp_path / "m.ckpt"  # the library's checkpoint, written without a record of its data
+    save_model(build_model("mlp", backend="torch", width=0.25, input_shape=(1, 8, 8), seed=0), unlabelled,
+               backend="torch")
+    assert main(["sweep", str(unlabelled), str(unlabelled), "--out", str(tmp_path / "x.nc")]) == 2
     err = capsys.readouterr().err
     assert "does not record the dataset" in err and "give --data" in err and "digits" in err
 

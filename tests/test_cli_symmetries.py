@@ -162,8 +162,8 @@ def test_bad_input_is_a_usage_error_before_any_model_is_read(tmp_path, capsys, o
 
 def test_missing_files_and_missing_data(tmp_path, capsys, vit_checkpoints):
     assert main(["symmetries", str(tmp_path / "no_a.ckpt"), str(vit_checkpoints[1]), "--data", "digits",
-                 "--backend", "torch", "--out", str(tmp_path / "x.nc")]) == 1  # a runtime error
-    assert "no_a.ckpt" in capsys.readouterr().err
+                 "--backend", "torch", "--out", str(tmp_path / "x.nc")]) == 2  # a path that is not there
+    assert f"no such checkpoint: {tmp_path / 'no_a.ckpt'}" in capsys.readouterr().err
     assert main(["symmetries", str(vit_checkpoints[0]), str(vit_checkpoints[1]), "--model", "my:Net",
                  "--out", str(tmp_path / "x.nc")]) == 2
     assert "--model needs --data" in capsys.readouterr().err

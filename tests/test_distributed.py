@@ -281,7 +281,7 @@ def test_cli_scheduler_option(client, tmp_path, capsys, monkeypatch):
     assert main([*base, "--scheduler", address, "--workers", "2"]) == 2
     assert "not both" in capsys.readouterr().err
     assert main([*base, "--workers", "0"]) == 2
-    assert "workers must be an integer >= 1" in capsys.readouterr().err
+    assert "--workers must be a positive integer" in capsys.readouterr().err
     assert not (tmp_path / "s.nc").exists()
 
 

@@ -18,11 +18,13 @@ Examples
 
 Conventions
 -----------
-Exit status 0 on success, 2 for usage errors (a bad option or value, an unknown name),
-1 for runtime errors (a missing or damaged file, a failed run), 130 after Ctrl-C and 143
-after SIGTERM (finished results are kept: run the same command again to resume). Errors
-of the library are one line on standard error (``--debug`` adds the traceback).
-Messages go through :mod:`logging` (logger ``combinability``): ``-v`` shows more,
+Exit status 0 on success, 2 for usage errors (a bad option or value, an unknown name, an
+input path that does not exist), 1 for runtime errors (a damaged file, a failed run), 130
+after Ctrl-C, 141 when the reader of the output stops early (``| head``) and 143 after SIGTERM
+(finished results are kept: run the same command again to resume). Values are checked before
+any model is loaded, aligned or trained. Errors of the library are one line on standard error
+(``--debug`` adds the traceback). Messages go through :mod:`logging` (logger ``combinability``):
+``-v`` shows more (also a line per weight-matching sweep where no progress bar is shown),
 ``-q`` shows warnings and errors only and hides the progress bars, which are shown on a
 terminal only. ``--config FILE`` (TOML or YAML) gives a subcommand's options; options on
 the command line win. Every file written stores the resolved options (``cli_settings``,
@@ -41,7 +43,9 @@ import shlex
 import sys
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from typing import Any
 
+from combinability.cli.checks import plain_message
 from combinability.cli.commands import (
     EXIT_BROKEN_PIPE,
     EXIT_INTERRUPTED,
@@ -96,9 +100,35 @@ def _parse(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespa
     if path is not None:
         from combinability.config import config_arguments, load_config
 
-        config = load_config(path)
-        argv = argv + config_arguments(_command_parser(parser, argv), config, argv, where=f"--config {path}")
+        command = _command_parser(parser, argv)
+        config = _joined_lists(command, load_config(path))
+        argv = argv + config_arguments(command, config, argv, where=f"--config {path}")
     return parser.parse_args(argv)
+
+
+#: Options that take one comma-separated list (``--values 0,0.5,1``): a config file may give a list instead.
+_COMMA_LISTS = frozenset({"values", "lambdas", "widths"})
+
+
+def _joined_lists(parser: argparse.ArgumentParser, config: dict[str, Any]) -> dict[str, Any]:
+    """``config`` with a list given to a comma-separated option joined: ``values = [0, 0.5, 1]`` is
+    ``values = "0,0.5,1"`` (a triangle point ``[0.2, 0.3]`` in the list is ``0.2:0.3``)."""
+    from combinability.config import option_names
+
+    actions = option_names(parser)
+    out = dict(config)
+    for key, value in config.items():
+        action = actions.get(str(key).lstrip("-").replace("_", "-"))
+        if (action is None or action.dest not in _COMMA_LISTS or action.nargs is not None
+                or isinstance(action, argparse._AppendAction) or not isinstance(value, list)):
+            continue
+        if all(_is_number(v) or (isinstance(v, list) and v and all(map(_is_number, v))) for v in value):
+            out[key] = ",".join(":".join(map(str, v)) if isinstance(v, list) else str(v) for v in value)
+    return out
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
 
 
 #: Namespace entries that are machinery, not settings.
@@ -119,14 +149,19 @@ def _logging(verbose: int, quiet: bool) -> Iterator[None]:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("combinability: %(message)s"))
     level = logging.WARNING if quiet else logging.DEBUG if verbose else logging.INFO
-    previous = logger.level
+    # a line per weight-matching sweep (where no progress bar is drawn) is -v's detail; its warnings stay
+    matching = logging.getLogger("combinability.matching")
+    previous, previous_matching = logger.level, matching.level
     logger.addHandler(handler)
     logger.setLevel(level)
+    if not verbose:
+        matching.setLevel(logging.WARNING)
     try:
         yield
     finally:
         logger.removeHandler(handler)
         logger.setLevel(previous)
+        matching.setLevel(previous_matching)
 
 
 @contextmanager
@@ -163,7 +198,7 @@ def _report_error(exc: BaseException, debug: bool) -> int:
 
     if debug:
         traceback.print_exception(exc)
-    message = " ".join(str(exc).split()) or type(exc).__name__
+    message = plain_message(str(exc)) or type(exc).__name__
     print(f"combinability: error: {message}", file=sys.stderr)
     return EXIT_USAGE if _is_usage_error(exc) else EXIT_RUNTIME
 
@@ -206,7 +241,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``combinability`` command; returns the exit status.
 
     0 success; 2 usage error (argparse's, and the library's ``ConfigurationError``,
-    ``UnknownNameError`` and ``SamplerError``); 1 any other error of the library or of the
+    ``UnknownNameError`` and ``SamplerError``: a bad value, an unknown name, an input path that
+    does not exist); 1 any other error of the library or of the
     operating system; 130 Ctrl-C; 141 the reader of the output went away (``| head``); 143 SIGTERM.
     """
     from combinability.errors import CombinabilityError

@@ -8,6 +8,8 @@ and backend a model was trained with).
 from __future__ import annotations
 
 import argparse
+import hashlib
+import json
 import logging
 import os
 import sys
@@ -16,6 +18,8 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+
+from combinability.cli import checks
 
 #: Exit statuses of the ``combinability`` command.
 EXIT_OK, EXIT_RUNTIME, EXIT_USAGE, EXIT_INTERRUPTED, EXIT_TERMINATED = 0, 1, 2, 130, 143
@@ -106,6 +110,7 @@ def _from_checkpoints(args: argparse.Namespace, paths: Sequence[str], *, need_da
     """
     from combinability.errors import ConfigurationError
 
+    checks.check_data(args.data)
     need_data = need_data and args.data is None
     if args.model is not None:
         if need_data:
@@ -114,7 +119,9 @@ def _from_checkpoints(args: argparse.Namespace, paths: Sequence[str], *, need_da
         args.backend = args.backend or _class_backend(_user_class(args.model))
         return
     if args.data is not None and args.backend is not None:
-        return
+        return  # the files are checked as they are loaded, after the options
+    checks.check_inputs_exist(paths)
+    checks.check_library_checkpoints(paths, args.model, data_given=args.data is not None or not need_data)
     meta = _metadata(paths[0])
     taken = []
     if need_data:
@@ -138,6 +145,8 @@ def _load(path: str, backend: str, model: str | None = None) -> Any:
     """A model from a checkpoint; with ``model="pkg.mod:Class"``, the user's class holding the file's arrays."""
     from combinability.models import load_into, load_model
 
+    checks.check_inputs_exist([path])
+    checks.check_library_checkpoints([path], model)
     if model is None:
         return load_model(path, backend=backend)
     return load_into(_user_class(model)(), path, backend=backend)
@@ -212,6 +221,76 @@ def _check_out(path: str | None, what: str) -> None:
         check_writable(path, what=what)
 
 
+#: Options that change no result (messages, tracebacks, where the options came from, the output itself) and
+#: the input paths (their contents are compared instead): a rerun that differs only in them is the same run.
+_NOT_RESULT = frozenset({"verbose", "quiet", "debug", "config", "overwrite", "out", "model_a", "model_b", "model_c",
+                         "models"})
+
+
+def _input_digests(paths: Sequence[str]) -> list[str]:
+    """The SHA-256 of each input file's bytes: the inputs of a run, whatever path names them."""
+    digests = []
+    for path in paths:
+        h = hashlib.sha256()
+        with open(path, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                h.update(block)
+        digests.append(h.hexdigest())
+    return digests
+
+
+def _run_identity(metadata: dict[str, Any]) -> dict[str, Any]:
+    """What makes a checkpoint's run the run it is: its options that change the result, and its inputs."""
+    settings = json.loads(metadata.get("cli_settings") or "{}")
+    identity = {k: v for k, v in settings.items() if k not in _NOT_RESULT}
+    data = identity.get("data")
+    if isinstance(data, str) and data.endswith(".npz"):
+        identity["data"] = os.path.abspath(data)
+    identity["inputs_sha256"] = metadata.get("inputs_sha256")
+    return identity
+
+
+def _difference(key: str, old: dict[str, Any], new: dict[str, Any]) -> str:
+    """One entry of :func:`_may_replace`'s message: the option, its value in the file and now."""
+    if key == "inputs_sha256":
+        return "the input files' contents" if old.get(key) else "the input files (not recorded in the file)"
+    return f"{key}: {old.get(key, '(absent)')!r} in the file, {new.get(key, '(absent)')!r} now"
+
+
+def _may_replace(path: str, args: argparse.Namespace, inputs: list[str], what: str) -> bool:
+    """Whether the checkpoint ``path`` may be replaced, decided before any work.
+
+    True with ``--overwrite``, and when ``path`` holds this very run's checkpoint: the same inputs
+    and the same options, apart from those that change no result (``-q``, ``-v``, ``--debug``,
+    ``--config``) and the paths naming the inputs (``./a.ckpt`` is ``a.ckpt``).
+
+    Raises
+    ------
+    OutputExistsError
+        If ``path`` holds another file or another run's checkpoint; the message names every option
+        that differs, whole.
+    """
+    from combinability.checkpoint import check_overwrite, read_metadata
+    from combinability.errors import CombinabilityError, OutputExistsError
+
+    if args.overwrite or not os.path.isfile(path):
+        return args.overwrite
+    try:
+        info = read_metadata(path)
+    except CombinabilityError:
+        info = {"version": 0}
+    if info["version"] == 0:
+        check_overwrite(path, overwrite=False, what=what)  # refuses, saying what the file is
+        return False
+    old, new = _run_identity(info["metadata"]), _run_identity({**args.cli_attrs, "inputs_sha256": inputs})
+    differ = [_difference(k, old, new) for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+    if differ:
+        raise OutputExistsError(f"the {what} path {path} holds another run's checkpoint (it differs in "
+                                f"{'; '.join(differ)}); refusing to replace it: pass --overwrite to replace it, or "
+                                "choose another path")
+    return True
+
+
 # -- subcommands ---------------------------------------------------------------------------
 def _cmd_plugins(args: argparse.Namespace) -> int:
     from combinability import plugins
@@ -237,6 +316,9 @@ def _default_backend(args: argparse.Namespace) -> None:
 def _cmd_train(args: argparse.Namespace) -> int:
     from combinability.models import train
 
+    checks.check_positive(args, ["width"], number=True)
+    checks.check_positive(args, ["epochs"])
+    checks.check_checkpoint_out(args.out)
     _check_out(args.out, "checkpoint")
     t0 = time.perf_counter()
     model = train(args.architecture, args.data, backend=args.backend, seed=args.seed, epochs=args.epochs,
@@ -269,7 +351,15 @@ def _resolve_align(args: argparse.Namespace) -> None:
 
 
 def _cmd_align(args: argparse.Namespace) -> int:
+    from combinability.errors import ConfigurationError
+
+    checks.check_positive(args, ["epochs"])
+    if args.restarts < 0:
+        raise ConfigurationError(f"--restarts must be >= 0, got {args.restarts}")
+    checks.check_checkpoint_out(args.out)
     _check_out(args.out, "aligned checkpoint")
+    inputs = _input_digests([args.model_a, args.model_b])
+    replace = _may_replace(args.out, args, inputs, "aligned checkpoint")
     pair = _pair(args)
     t0 = time.perf_counter()
     learned = {"epochs": args.epochs, "state": args.state} if args.method in ("ste", "sinkhorn", "maps") else {}
@@ -293,10 +383,11 @@ def _cmd_align(args: argparse.Namespace) -> int:
         # B's own metadata (dataset, backend, training settings) stays: the aligned model is B, permuted
         source = _metadata(args.model_b) if args.model is None else {}
         metadata = {**source, "aligned_to": str(args.model_a), "source": str(args.model_b), "method": args.method,
-                    "aligned_to_fingerprint": pair.fingerprints()["theta_a"], **args.cli_attrs}
+                    "aligned_to_fingerprint": pair.fingerprints()["theta_a"], "inputs_sha256": inputs,
+                    **args.cli_attrs}
         config = _architecture_config(args.model_b, args) if aligned.table is None else None  # a tinyvit's
         save_model(aligned.model("b"), args.out, backend=args.backend, metadata=metadata, config=config,
-                   overwrite=args.overwrite)
+                   overwrite=replace)
         print(f"aligned model B written to {args.out}")
     return EXIT_OK
 
@@ -309,7 +400,10 @@ def _cmd_merge(args: argparse.Namespace) -> int:
     from combinability.align.many import align_many
     from combinability.models import save_model
 
+    checks.check_checkpoint_out(args.out)
     _check_out(args.out, "merged checkpoint")
+    inputs = _input_digests(args.models)
+    replace = _may_replace(args.out, args, inputs, "merged checkpoint")
     models = [_load(p, args.backend, args.model) for p in args.models]
     example = _example(args, models)
     t0 = time.perf_counter()
@@ -317,8 +411,8 @@ def _cmd_merge(args: argparse.Namespace) -> int:
     merged = ms.merge(repair=args.repair, repair_data=args.data if args.repair else None)
     print(f"{args.method}: {len(models)} models aligned and averaged in {time.perf_counter() - t0:.2f} s")
     metadata = {**(_metadata(args.models[0]) if args.model is None else {}), "merged": [str(p) for p in args.models],
-                "method": args.method, **args.cli_attrs}
-    save_model(merged, args.out, backend=args.backend, metadata=metadata, overwrite=args.overwrite,
+                "method": args.method, "inputs_sha256": inputs, **args.cli_attrs}
+    save_model(merged, args.out, backend=args.backend, metadata=metadata, overwrite=replace,
                config=_architecture_config(args.models[0], args) if ms.table is None else None)
     print(f"merged model written to {args.out}")
     return EXIT_OK
@@ -348,6 +442,9 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
 
     sampler = get_sampler(args.sampler, **_parse_kv(args.sampler_arg))
     values = _parse_values(args.values)
+    checks.check_sampler_models(sampler, args.model_c)
+    checks.check_sampler_values(sampler, values)
+    _check_evaluation_options(args)
     _check_out(args.out, "results file")
     with _client(args) as client:  # an unreachable scheduler fails here, before any work
         pair = _pair(args, args.model_c)
@@ -372,6 +469,13 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
     print(f"sweep finished in {time.perf_counter() - t0:.1f} s -> {args.out}")
     print(barriers(ds).to_dataframe().to_string())
     return EXIT_OK
+
+
+def _check_evaluation_options(args: argparse.Namespace) -> None:
+    """The options of the evaluations (numbers, splits), checked before any model is loaded."""
+    checks.check_positive(args, ["samples", "limit", "batch_size", "workers", "epochs", "values_per_sampler",
+                                 "steps", "examples", "bins"])
+    checks.check_splits(getattr(args, "splits", None) or [getattr(args, "split", None) or "test"])
 
 
 def _aligned_before(args: argparse.Namespace, pair: Any) -> dict[str, str]:
@@ -401,6 +505,14 @@ def _sweep_options(args: argparse.Namespace) -> dict[str, Any]:
 def _cmd_experiment(args: argparse.Namespace) -> int:
     from combinability import experiments as ex
 
+    _check_evaluation_options(args)
+    if args.experiment == "width":
+        checks.check_positive_list(_floats(args.widths, "--widths"), "--widths")
+    if args.experiment == "robustness":
+        from combinability.experiments.robustness import check_settings
+
+        check_settings(steps=args.steps, lambdas=_floats(args.lambdas, "--lambdas"), examples=args.examples,
+                       limit=args.limit, prefix="--")
     _check_out(args.out, "results file")
     with _client(args) as client:
         return _experiment(args, ex, client)
@@ -441,6 +553,7 @@ def _resolve_aligners(args: argparse.Namespace) -> None:
 def _cmd_aligners(args: argparse.Namespace) -> int:
     from combinability.experiments.aligners import compare_aligners
 
+    _check_evaluation_options(args)
     _check_out(args.out, "results file")
     models = [_load(p, args.backend, args.model) for p in args.models]
     example = _example(args, models)
@@ -540,7 +653,8 @@ def _cmd_symmetries(args: argparse.Namespace) -> int:
 def _cmd_report(args: argparse.Namespace) -> int:
     from combinability.report import report
 
-    written = report([Path(p) for p in args.results], Path(args.out))
+    checks.check_inputs_exist(args.results, "results file or folder")
+    written = report([Path(p) for p in args.results], Path(args.out), overwrite=args.overwrite)
     for path in written:
         print(path)
     return EXIT_OK
@@ -570,6 +684,7 @@ def _resolve_analyse(args: argparse.Namespace) -> None:
 def _cmd_analyse(args: argparse.Namespace) -> int:
     from combinability import analysis
 
+    _check_evaluation_options(args)
     _check_out(args.out, "results file")
     pair = _pair(args)
     if args.align != "none":
@@ -607,6 +722,8 @@ def _cmd_analyse(args: argparse.Namespace) -> int:
 def _cmd_asymmetry(args: argparse.Namespace) -> int:
     from combinability.experiments.asymmetry import asymmetry_comparison
 
+    checks.check_positive(args, ["width"], number=True)
+    _check_evaluation_options(args)
     _check_out(args.out, "results file")
     t0 = time.perf_counter()
     with _client(args) as client:

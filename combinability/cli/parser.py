@@ -69,7 +69,16 @@ def _global_options(p: argparse.ArgumentParser, *, top: bool) -> None:
                    help="show the traceback of an error")
 
 
-def _subparser(sub: Any, name: str, help: str, *, backend: bool = True) -> argparse.ArgumentParser:
+#: ``--backend``'s default, said in the help: of the commands that read checkpoints, and of those that read none.
+_BACKEND_FROM_CKPT = "the checkpoint's, else torch"
+_BACKEND_TORCH = "torch"
+
+#: ``--out`` of the commands that write a checkpoint: what the file is, and the names it may have.
+_CKPT_OUT = "; a safetensors file: the name ends in .ckpt or .safetensors (a .pt name is refused)"
+
+
+def _subparser(sub: Any, name: str, help: str, *, backend: bool = True,
+               backend_default: str = _BACKEND_FROM_CKPT) -> argparse.ArgumentParser:
     p = sub.add_parser(name, help=help, description=help[:1].upper() + help[1:] + ".", formatter_class=_FMT)
     _global_options(p, top=False)
     p.add_argument("--config", default=None, metavar="FILE",
@@ -77,7 +86,7 @@ def _subparser(sub: Any, name: str, help: str, *, backend: bool = True) -> argpa
                         "options on the command line win")
     if backend:
         p.add_argument("--backend", default=None,
-                       help="framework backend, see 'combinability plugins' (default: the checkpoint's, else torch)")
+                       help=f"framework backend, see 'combinability plugins' (default: {backend_default})")
         p.add_argument("--device", default=None,
                        help="where models run: cpu, cuda, cuda:1, ... (default: the backend's: a GPU if available)")
         p.add_argument("--compute-dtype", default=None, choices=("float32", "bfloat16", "float16"),
@@ -122,14 +131,14 @@ _DATA_FROM_CKPT = "registered dataset or .npz file (default: the one recorded in
 
 
 def _add_train(sub: Any) -> None:
-    p = _subparser(sub, "train", "train a reference model and write a checkpoint")
+    p = _subparser(sub, "train", "train a reference model and write a checkpoint", backend_default=_BACKEND_TORCH)
     p.add_argument("architecture", help="registered architecture, e.g. mlp, tiny10, resnet20, vgg16")
     p.add_argument("data", help="registered dataset, e.g. digits, fashion_mnist, mnist, cifar10")
     p.add_argument("--seed", type=int, default=0, help="seed of the initialisation and the batch order")
     p.add_argument("--epochs", type=int, default=None, help="training epochs (default: the paper's recipe)")
-    p.add_argument("--width", type=float, default=None, help="width multiplier (default: the architecture's)")
-    _output_options(p, {"required": True, "help": "checkpoint file to write (reused if it matches the settings)"},
-                    "a file")
+    p.add_argument("--width", type=float, default=None, help="width multiplier, > 0 (default: the architecture's)")
+    _output_options(p, {"required": True, "help": "checkpoint file to write (reused if it matches the settings)"
+                                                  + _CKPT_OUT}, "a file")
     p.add_argument("--evaluate", action="store_true", help="print the test loss and accuracy afterwards")
     p.set_defaults(func=_cmd_train, resolve=_default_backend, _parser=p)
 
@@ -149,7 +158,9 @@ def _add_align(sub: Any) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of the sweep order")
     p.add_argument("--restarts", type=int, default=0, help="extra random restarts of weight matching")
     _output_options(p, {"default": None, "help": "write the aligned model B to this checkpoint (it keeps B's "
-                                                 "metadata: dataset, backend, training settings)"}, "a file")
+                                                 "metadata: dataset, backend, training settings)" + _CKPT_OUT
+                                                 + "; the same command run again (-q, -v, ./a.ckpt for a.ckpt "
+                                                   "alike) replaces its own file"}, "a file")
     _model_options(p, data_help="dataset for activation matching (default: the one recorded in model A's "
                                 "checkpoint)")
     p.set_defaults(func=_cmd_align, resolve=_resolve_align, _parser=p)
@@ -163,7 +174,7 @@ def _add_merge(sub: Any) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of the matching")
     p.add_argument("--repair", choices=["reset", "repair"], default=None,
                    help="recompute BatchNorm statistics (reset) or REPAIR the average on --data")
-    _output_options(p, {"required": True, "help": "checkpoint file of the merged model"}, "a file")
+    _output_options(p, {"required": True, "help": "checkpoint file of the merged model" + _CKPT_OUT}, "a file")
     _model_options(p, data_help="dataset for --repair (default: the one recorded in the first checkpoint)")
     p.set_defaults(func=_cmd_merge, resolve=_resolve_merge, _parser=p)
 
@@ -191,7 +202,8 @@ def _add_sweep(sub: Any) -> None:
 
 
 def _experiment_parser(sub: Any, name: str, help: str, out: str, *, models: int) -> argparse.ArgumentParser:
-    p = _subparser(sub, name, help)
+    reads_checkpoints = name not in ("width", "asymmetry")  # those two train their models
+    p = _subparser(sub, name, help, backend_default=_BACKEND_FROM_CKPT if reads_checkpoints else _BACKEND_TORCH)
     if models:
         p.add_argument("model_a", help="checkpoint of model A (the reference)")
         p.add_argument("model_b", help="checkpoint of model B")
@@ -246,11 +258,13 @@ def _add_experiment(sub: Any) -> None:
     e = _experiment_parser(names, "robustness", "§6.3 alignment robustness: re-match the k weakest unit pairs",
                            "robustness.nc", models=2)
     e.add_argument("--permutations", nargs="+", default=None, help="permutations (layers) to perturb (default: all)")
-    e.add_argument("--steps", type=int, default=8, help="values of k per layer, from 2 to the layer's units")
-    e.add_argument("--lambdas", default="0.25,0.5,0.75", help="comma-separated points of the linear path measured")
+    e.add_argument("--steps", type=int, default=8, help="values of k per layer (>= 1), from 2 to the layer's units")
+    e.add_argument("--lambdas", default="0.25,0.5,0.75",
+                   help="comma-separated points of the linear path measured, in [0, 1]")
     e.add_argument("--split", default="test", help="split evaluated")
     e.add_argument("--limit", type=int, default=None, help="evaluate on the first N examples")
-    e.add_argument("--examples", type=int, default=2000, help="training examples whose activations rank the pairs")
+    e.add_argument("--examples", type=int, default=2000,
+                   help="training examples whose activations rank the pairs (>= 2)")
     e.add_argument("--batch-size", type=int, default=1000, help="evaluation batch size")
     _add_aligners_experiment(names)
     _add_asymmetry_experiment(names)
@@ -363,14 +377,15 @@ def build_parser() -> argparse.ArgumentParser:
         description="Mode combinability: align trained networks modulo permutations and measure element-wise "
                     "combinations of their weights.",
         epilog="Exit status: 0 success, 1 runtime error, 2 usage error, 130 interrupted (Ctrl-C), "
-               "143 terminated (SIGTERM).",
+               "141 the output's reader stopped early (| head), 143 terminated (SIGTERM).",
         formatter_class=_FMT,
     )
     parser.add_argument("--version", action="version", version=_version())
     _global_options(parser, top=True)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = _subparser(sub, "plugins", "list installed backends, architectures, datasets and samplers", backend=False)
+    p = _subparser(sub, "plugins", "list installed backends, architectures, datasets, samplers, aligners, repairs "
+                                   "and metrics", backend=False)
     p.set_defaults(func=_cmd_plugins, _parser=p)
     _add_train(sub)
     _add_align(sub)
@@ -382,7 +397,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = _subparser(sub, "report", "figures (PNG) and a barrier table (markdown) from results files", backend=False)
     p.add_argument("results", nargs="+", help="netCDF files written by sweep, experiment or demo")
-    p.add_argument("--out", default="report", help="folder for the figures and summary.md")
+    p.add_argument("--out", default="report",
+                   help="folder for the figures and summary.md; a report run again replaces the files it wrote, "
+                        "never other files of the folder")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace summary.md and figures in --out even where a report did not write them (or they "
+                        "were edited since)")
     p.set_defaults(func=_cmd_report, _parser=p)
 
     p = _subparser(sub, "download", "download a dataset's files (checked against their MD5 sums)", backend=False)
@@ -392,7 +412,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_download, _parser=p)
 
     p = _subparser(sub, "demo", "the main job: train 3 models, align, run every experiment of the paper; then "
-                                "2 ViTs and their symmetry comparison")
+                                "2 ViTs and their symmetry comparison", backend_default=_BACKEND_TORCH)
     p.add_argument("--out", default="results/demo", help="folder for models, netCDF results, figures, summary")
     p.add_argument("--data", default=None,
                    help="dataset (default: fashion_mnist when its files are found, else digits)")

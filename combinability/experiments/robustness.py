@@ -17,7 +17,7 @@ import xarray as xr
 
 from combinability.analysis.llfc import resolve_data
 from combinability.combination import combine
-from combinability.errors import IncompatibleModelsError
+from combinability.errors import ConfigurationError, IncompatibleModelsError
 from combinability.evaluation import Evaluator
 from combinability.experiments.compare import reuse_or_run
 from combinability.matching import perturb_permutation
@@ -28,9 +28,35 @@ if TYPE_CHECKING:
     from combinability.data.base import ArrayDataset
     from combinability.pair import ModelPair
 
-__all__ = ["alignment_robustness"]
+__all__ = ["alignment_robustness", "check_settings"]
 
 
+def check_settings(*, steps: int, lambdas: Sequence[float], examples: int, limit: int | None = None,
+                   prefix: str = "") -> None:
+    """Check the experiment's settings before any work.
+
+    Parameters
+    ----------
+    steps, lambdas, examples, limit
+        As :func:`alignment_robustness` takes them.
+    prefix : str
+        Put before each setting's name in the message (``"--"`` names the command line's options).
+
+    Raises
+    ------
+    ConfigurationError
+        If ``steps`` or ``limit`` is below 1, ``examples`` below 2 (a correlation needs two), or
+        ``lambdas`` is empty or holds a point outside the linear path ``[0, 1]`` (§6.3 measures the
+        barrier between A and the re-permuted B, not beyond them).
+    """
+    for name, value, least in (("steps", steps, 1), ("examples", examples, 2), ("limit", limit, 1)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int | np.integer)
+                                  or value < least):
+            raise ConfigurationError(f"{prefix}{name} must be an integer >= {least}, got {value!r}")
+    outside = [float(x) for x in lambdas if not 0.0 <= float(x) <= 1.0]
+    if not len(lambdas) or outside:
+        raise ConfigurationError(f"{prefix}lambdas must be points of the linear path between A and B, in [0, 1] "
+                                 f"(e.g. 0.25,0.5,0.75), got {[float(x) for x in lambdas]}")
 
 
 def alignment_robustness(
@@ -64,7 +90,7 @@ def alignment_robustness(
     steps : int
         Number of ``k`` values per layer, equidistant from 2 to the layer's unit count N.
     lambdas : sequence of float
-        Interior points of the linear path where the barrier is measured.
+        Interior points of the linear path where the barrier is measured, in ``[0, 1]``.
     examples : int
         Training examples whose activations order the pairs.
     out : path, optional
@@ -79,7 +105,15 @@ def alignment_robustness(
         ``loss_barrier`` and ``accuracy_barrier`` with dims ``(permutation, step)`` and
         coordinate ``k`` (pairs re-matched, NaN-free int; ``units`` per permutation);
         ``baseline_*`` hold the unperturbed barriers.
+
+    Raises
+    ------
+    ConfigurationError
+        For settings out of range (:func:`check_settings`), before any work.
+    IncompatibleModelsError
+        If the pair is not aligned with a permutation, or ``permutations`` names an unknown one.
     """
+    check_settings(steps=steps, lambdas=lambdas, examples=examples, limit=limit)
     if pair.permutation is None:
         raise IncompatibleModelsError("align the pair first: the experiment perturbs its permutation")
     eval_data = resolve_data(pair, data, split, limit)  # a name's split, (x, y) or a dataset, checked
