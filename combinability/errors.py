@@ -149,6 +149,10 @@ class NothingToAlignWarning(CombinabilityWarning):
     (the input and logits only, or every hidden space held in place by the layers around it)."""
 
 
+class IncompleteResultWarning(CombinabilityWarning):
+    """A results file holds only part of its evaluations: its run was interrupted, or is still running."""
+
+
 class UntracedModelWarning(CombinabilityWarning):
     """A user's own model could not be traced on ``example_input``; it is used with the spec given by hand,
     without the traced graph that activation matching, REPAIR and the feature analyses read."""

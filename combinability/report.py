@@ -24,7 +24,7 @@ import xarray as xr
 
 from combinability.errors import ConfigurationError, OutputExistsError, OutputNotWritableError
 from combinability.files import atomic_path, check_writable
-from combinability.results import barriers, open_results
+from combinability.results import barriers, is_complete, progress_of, read_results
 
 __all__ = ["report", "figure_for", "barrier_table", "symmetry_table"]
 
@@ -256,7 +256,9 @@ def report(paths: Sequence[Path], out_dir: Path, *, title: str = "combinability 
         If a figure or ``summary.md`` would replace a file a report did not write (see the module's
         description); checked before any figure is drawn.
     """
-    loaded = [(f.stem, open_results(f)) for f in _results_files(paths)]  # read them all before writing
+    found = [(f.stem, read_results(f)) for f in _results_files(paths)]  # read them all before writing
+    loaded = [(name, ds) for name, ds in found if is_complete(ds)]
+    unfinished = [(name, ds) for name, ds in found if not is_complete(ds)]  # a running or interrupted sweep
     out_dir = Path(out_dir)
     summary = out_dir / "summary.md"
     planned = [p for name, ds in loaded for p in figure_paths(ds, out_dir / f"{name}.png")]
@@ -275,6 +277,9 @@ def report(paths: Sequence[Path], out_dir: Path, *, title: str = "combinability 
                  "symmetry kind (the residual stream rotated); where asked for, also with invertible maps inside "
                  "heads (weight matching) and with the maps learned on the midpoint loss (aligner 'maps'):\n\n"
                  + symmetries)
+    if unfinished:
+        text += ("\n## Unfinished results (not drawn)\n\n" + "".join(
+            f"- {name}: {progress_of(ds)}; the same command run again finishes it\n" for name, ds in unfinished))
     if extra_markdown:
         text += "\n" + extra_markdown
     text += "\n## Figures\n\n" + "".join(f"- [{w.name}]({os.path.relpath(w, out_dir)})\n" for w in written)

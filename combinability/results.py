@@ -24,12 +24,13 @@ import numpy as np
 import xarray as xr
 
 from combinability.digests import memoized
-from combinability.errors import CorruptFileError, IncompatibleVersionError
+from combinability.errors import ConfigurationError, CorruptFileError, IncompatibleVersionError, IncompleteResultWarning
 from combinability.files import atomic_path
 
 __all__ = [
     "FORMAT_VERSION",
     "open_results",
+    "read_results",
     "write_results",
     "atomic_path",
     "provenance",
@@ -40,7 +41,13 @@ __all__ = [
     "key_differences",
     "existing_result",
     "is_complete",
+    "progress_of",
+    "reused_as_it_is",
+    "RESULT_SUFFIXES",
 ]
+
+#: Suffixes of the results files this library writes (netCDF-4).
+RESULT_SUFFIXES = (".nc", ".nc4", ".netcdf", ".cdf")
 
 #: Version of the results schema written by this library.
 FORMAT_VERSION = 1
@@ -208,6 +215,25 @@ def is_complete(ds: xr.Dataset) -> bool:
     return "done" not in ds or bool(ds["done"].all())
 
 
+def progress_of(ds: xr.Dataset) -> str:
+    """``"k of n evaluations"`` of a result with a ``done`` mask."""
+    return f"{int(ds['done'].sum())} of {int(ds['done'].size)} evaluations"
+
+
+def reused_as_it_is(previous: xr.Dataset, attrs: Mapping[str, Any] | None, path: Any) -> xr.Dataset:
+    """``previous``, a finished result a run reuses, warning where the caller's ``attrs`` differ from its own
+    (the file keeps what it holds; ``overwrite=True`` writes it anew with them)."""
+    changed = sorted(k for k, v in (attrs or {}).items() if previous.attrs.get(k) != v)
+    if changed:
+        import warnings
+
+        warnings.warn(f"{path} holds this run's finished result and is reused as it is: its attributes "
+                      f"{', '.join(f'{k}={previous.attrs.get(k)!r}' for k in changed)} stay (attrs= gave "
+                      f"{', '.join(f'{k}={attrs[k]!r}' for k in changed)}); pass overwrite=True to run it anew with "
+                      "them", UserWarning, stacklevel=3)
+    return previous
+
+
 def existing_result(path: str | os.PathLike | None, key: Mapping[str, Any], *, overwrite: bool = False,
                     attr: str = "run_key") -> xr.Dataset | None:
     """What is at an output path, checked before a run writes there.
@@ -218,17 +244,22 @@ def existing_result(path: str | os.PathLike | None, key: Mapping[str, Any], *, o
 
     Raises
     ------
+    ConfigurationError
+        If ``path`` does not end in a netCDF suffix (:data:`RESULT_SUFFIXES`).
     OutputExistsError
         If the file is not this library's result, or is the result of another run (the
         message names every setting that differs); pass ``overwrite=True`` to replace it.
     """
     from combinability.errors import CorruptFileError, IncompatibleVersionError, OutputExistsError
 
+    if path is not None and Path(path).suffix.lower() not in RESULT_SUFFIXES:
+        raise ConfigurationError(f"results are netCDF files: give out= a name ending in "
+                                 f"{', '.join(RESULT_SUFFIXES)}, got {str(path)!r}")
     if path is None or overwrite or not Path(path).exists():
         return None
     hint = "pass overwrite=True (--overwrite) to replace it, or choose another path"
     try:
-        ds = open_results(path)
+        ds = read_results(path)
     except (CorruptFileError, IncompatibleVersionError) as exc:
         raise OutputExistsError(f"{path} exists and is not a combinability result this run can continue ({exc}); "
                                 f"{hint}") from None
@@ -277,8 +308,8 @@ def write_results(ds: xr.Dataset, path: str | os.PathLike) -> Path:
     return Path(path)
 
 
-def open_results(path: str | os.PathLike) -> xr.Dataset:
-    """Read a results file written by this library, fully into memory.
+def read_results(path: str | os.PathLike) -> xr.Dataset:
+    """Read a results file written by this library, fully into memory, finished or not (a run resuming it).
 
     Raises
     ------
@@ -307,17 +338,59 @@ def open_results(path: str | os.PathLike) -> xr.Dataset:
     return ds
 
 
-def barriers(ds: xr.Dataset) -> xr.Dataset:
+def open_results(path: str | os.PathLike) -> xr.Dataset:
+    """Read a results file written by this library, fully into memory (:func:`read_results`).
+
+    An unfinished sweep's file (an interrupted or running one) is read with an
+    :class:`~combinability.errors.IncompleteResultWarning`: its ``done`` mask says which
+    evaluations it holds, and :func:`barriers` refuses it unless asked (``partial=True``).
+
+    Raises
+    ------
+    FileNotFoundError, CorruptFileError, IncompatibleVersionError
+        As :func:`read_results`.
+    """
+    ds = read_results(path)
+    if not is_complete(ds):
+        import warnings
+
+        warnings.warn(f"{path} holds {progress_of(ds)} (its run was interrupted or is still running; the same "
+                      "command run again finishes it): its ``done`` mask says which; barriers of it are refused "
+                      "unless asked for (barriers(ds, partial=True))", IncompleteResultWarning, stacklevel=2)
+    return ds
+
+
+def barriers(ds: xr.Dataset, *, partial: bool = False) -> xr.Dataset:
     """Empirical loss and accuracy barriers (Def. 3.3) of a sweep, per split.
 
     The loss barrier is the worst (largest) loss over every parameter value and sample
     minus the mean loss of the end models; the accuracy barrier is the mean accuracy of
     the end models minus the worst accuracy. Dimensions other than the sweep's
     parameter and ``sample`` (e.g. ``alignment``) are kept.
+
+    Parameters
+    ----------
+    ds : xarray.Dataset
+        A sweep's result.
+    partial : bool, default False
+        Of an unfinished sweep (an interrupted or running one, whose ``done`` mask is not all
+        true), take the worst over the evaluations done; without it such a sweep is refused, as
+        its barrier would silently be that of part of the grid.
+
+    Raises
+    ------
+    ConfigurationError
+        If the sweep is unfinished and ``partial`` is false.
     """
     ends = [m for m in ("a", "b", "c") if f"loss_{m}" in ds]
     if not ends:
         raise CorruptFileError("the Dataset has no end-model scores (loss_a, loss_b): not a sweep result")
+    if not is_complete(ds):
+        if not partial:
+            raise ConfigurationError(f"the sweep is unfinished ({progress_of(ds)}): its barrier would be that of the "
+                                     "evaluations done only; run the same sweep again to finish it, or pass "
+                                     "partial=True to take the worst over those done")
+        ds = ds.assign(loss=ds["loss"].where(ds["done"]), accuracy=ds["accuracy"].where(ds["done"]))
     reduce = [d for d in ds["loss"].dims if d not in ("split", "alignment")]
     loss_ref = sum(ds[f"loss_{m}"] for m in ends) / len(ends)
     acc_ref = sum(ds[f"accuracy_{m}"] for m in ends) / len(ends)

@@ -269,6 +269,7 @@ class ModelSet:
             thetas.append(theta)
         self._init(backend=be.name, table=table, layout=layout, spec=spec, models=models, thetas=thetas,
                    transforms=[None] * len(models), alignment="naive", naive=None, folds=folds, points=points,
+                   alignment_settings=None,
                    backend_instance=None if backend is None or isinstance(backend, str) else be,
                    example_input=example_input if points else None)
 
@@ -295,6 +296,9 @@ class ModelSet:
     thetas: tuple[np.ndarray, ...]
     transforms: tuple[Permutation | None, ...]
     alignment: str
+    #: How the members were aligned (``{"method": ..., "seed": ..., "restarts": ...}``, JSON values), recorded
+    #: in the files of sweeps and experiments; None while naive.
+    alignment_settings: dict[str, Any] | None
     naive: ModelSet | None
     folds: tuple[NormFold, ...]
     points: dict[str, str]
@@ -462,7 +466,9 @@ class ModelSet:
             transforms.append(perm)
             thetas.append(self.layout.flatten(apply_permutation(spec, perm, naive.params(i))))
         return self._replace(thetas=tuple(thetas), transforms=tuple(transforms), alignment=method, naive=self.naive
-                             or self, models=naive._natives(thetas), spec=spec)
+                             or self, models=naive._natives(thetas), spec=spec, alignment_settings=alignment_settings(
+                                 method, seed=seed, symmetries=symmetries,
+                                 **({"examples": examples} if data is not None else {}), **options))
 
     def _points_for(self, spec: PermutationSpec) -> dict[str, str]:
         """:attr:`feature_points` for aligning by ``spec``: a traced residual stream aligned by permutations
@@ -645,11 +651,26 @@ class ModelSet:
             if theta.shape != (self.layout.size,):
                 raise LayoutError(f"theta {i} has shape {theta.shape}, the layout expects ({self.layout.size},)")
             new[i] = theta
-        return self._replace(thetas=tuple(new), alignment=alignment or self.alignment, models=self._natives(new))
+        return self._replace(thetas=tuple(new), alignment=alignment or self.alignment, models=self._natives(new),
+                             alignment_settings=self.alignment_settings if alignment is None else None)
 
     def __repr__(self) -> str:
         return (f"{type(self).__name__}(architecture={self.architecture!r}, width={self.width!r}, "
                 f"backend={self.backend!r}, d={self.layout.size}, alignment={self.alignment!r}, models={len(self)})")
+
+
+def alignment_settings(method: str, **settings: Any) -> dict[str, Any]:
+    """The settings of an alignment as JSON values (anything else, a callable or an array, by its repr)."""
+    import json
+
+    def plain(v: Any) -> Any:
+        try:
+            json.dumps(v)
+            return v
+        except (TypeError, ValueError):
+            return repr(v)
+
+    return {"method": method, **{k: plain(v) for k, v in settings.items()}}
 
 
 def _pick(s: ModelSet, idx: list[int]) -> dict[str, Any]:

@@ -43,6 +43,7 @@ from combinability.results import (
     is_complete,
     json_attr,
     provenance,
+    reused_as_it_is,
     write_results,
 )
 
@@ -101,9 +102,44 @@ def _sampler(sampler: Sampler | str | None) -> Sampler:
         return Subcube()
     if isinstance(sampler, str):
         return get_sampler(sampler)
+    if isinstance(sampler, type) and callable(getattr(sampler, "draw", None)):
+        raise SamplerError(f"sampler={sampler.__name__} is the sampler's class; pass an instance, e.g. "
+                           f"{sampler.__name__}()")
     if not callable(getattr(sampler, "draw", None)):
         raise SamplerError(f"expected a sampler (e.g. cb.Subcube()), got {type(sampler).__name__}")
     return sampler
+
+
+def _sweep_arguments(pair: Any, splits: Any, values: Any, samples: Any) -> tuple[list[str], list[Any] | None]:
+    """Check the types of :func:`sweep`'s arguments; a single split name stands for a list of it.
+
+    Raises
+    ------
+    ConfigurationError
+        For a pair that is not a ModelSet, ``values`` that is not a sequence or repeats a value, or
+        ``samples`` that is not an int.
+    """
+    from combinability.sets import ModelSet
+
+    if not isinstance(pair, ModelSet):
+        raise ConfigurationError(f"sweep takes a ModelPair (or ModelSet) of the models to combine, got "
+                                 f"{type(pair).__name__}: cb.ModelPair(model_a, model_b) (example_input= for your own "
+                                 "models)")
+    splits = [splits] if isinstance(splits, str) else list(splits)
+    if values is not None:
+        if isinstance(values, str | bytes) or not hasattr(values, "__iter__"):
+            raise ConfigurationError(f"values must be a sequence of the sampler's parameter values, e.g. "
+                                     f"values=[{values!r}], got {values!r}")
+        values = list(values)
+        seen: list[Any] = []
+        for v in values:
+            if any(np.array_equal(np.asarray(v), np.asarray(w)) for w in seen):
+                raise ConfigurationError(f"values repeats {v!r}: each parameter value is one coordinate of the "
+                                         "result; give it once (samples= draws several combinations per value)")
+            seen.append(v)
+    if samples is not None and (isinstance(samples, bool) or not isinstance(samples, int | np.integer)):
+        raise ConfigurationError(f"samples must be an int >= 1 (combinations drawn per value), got {samples!r}")
+    return splits, values
 
 
 def sweep(
@@ -282,6 +318,7 @@ def _plan(pair: ModelPair, sampler: Sampler | str | None, *, backend: str | Back
     from combinability.plugins import get_backend
 
     smp = _sampler(sampler)
+    splits, values = _sweep_arguments(pair, splits, values, samples)
     if len(pair) > 3:
         raise ConfigurationError(f"the set holds {len(pair)} models; sweep two or three of them: "
                                  "models.select(0, 1) or models.select(0, 1, 2)")
@@ -377,7 +414,7 @@ def _run(plan: _Plan, *, out: str | Path | None, overwrite: bool, progress: bool
         except OutputExistsError as exc:
             raise ResumeMismatchError(str(exc)) from None
         if previous is not None and is_complete(previous):
-            return previous
+            return reused_as_it_is(previous, attrs, out_path)
         if previous is not None:
             loss[...] = previous["loss"].transpose("split", param_dim, "sample").values
             accuracy[...] = previous["accuracy"].transpose("split", param_dim, "sample").values
@@ -420,6 +457,7 @@ def _run(plan: _Plan, *, out: str | Path | None, overwrite: bool, progress: bool
             samples=n_samples,
             batch_size=batch_size,
             alignment=pair.alignment,
+            alignment_settings=json_attr(getattr(pair, "alignment_settings", None)),
             alignment_objective=(pair.transforms[1].objective if pair.transforms[1] is not None
                                  and getattr(pair.transforms[1], "objective", None) is not None else None),
             parameters=int(layout.size),
@@ -552,7 +590,8 @@ def sweep_pairs(pairs: Mapping[str, ModelPair], sampler: Sampler | str | None = 
                               cluster=cluster))
         ds = xr.concat(parts, dim=xr.DataArray(list(pairs), dims="alignment", name="alignment"),
                        combine_attrs="drop_conflicts")
-        own = ("created", "sweep_key", "fingerprints", "alignment", "alignment_objective", "framework_versions")
+        own = ("created", "sweep_key", "fingerprints", "alignment", "alignment_settings", "alignment_objective",
+               "framework_versions")
         ds.attrs["alignments"] = json.dumps(list(pairs))
         ds.attrs["parts"] = json_attr({name: {k: part.attrs.get(k) for k in own if k in part.attrs}
                                        for name, part in zip(pairs, parts, strict=True)})

@@ -15,6 +15,7 @@ import xarray as xr
 
 import combinability as cb
 from combinability.data.digits import load_digits
+from combinability.errors import IncompleteResultWarning
 from combinability.evaluation import Evaluator
 
 KW = dict(data="digits", splits=["test"], limit=60, seed=3)
@@ -123,8 +124,24 @@ def test_an_interrupted_sweep_resumes_only_with_the_same_settings(digits_pair, t
     reference = cb.sweep(digits_pair, cb.Uniform(), **{**kw, "out": None})
     with pytest.raises(KeyboardInterrupt):
         cb.sweep(digits_pair, cb.Uniform(), repair=_stop_after(4), **kw)
-    partial = cb.open_results(out)
+    with pytest.warns(IncompleteResultWarning, match="holds 4 of 9 evaluations"):
+        partial = cb.open_results(out)
     assert int(partial["done"].sum()) == 4
+    # its barrier is refused unless asked for, and then that of the evaluations done
+    with pytest.raises(cb.ConfigurationError, match=r"unfinished \(4 of 9 evaluations\)"):
+        cb.barriers(partial)
+    done = partial["done"].values
+    for split in partial["split"].values:
+        loss = partial["loss"].sel(split=split).transpose(*partial["done"].dims).values
+        ends = (float(partial["loss_a"].sel(split=split)) + float(partial["loss_b"].sel(split=split))) / 2
+        got = float(cb.barriers(partial, partial=True)["loss_barrier"].sel(split=split))
+        assert got == pytest.approx(loss[done].max() - ends, rel=1e-12)
+    # a report draws the finished results only, and names the unfinished one
+    from combinability.report import report
+
+    written = report([out], tmp_path / "figures")
+    assert [p.name for p in written] == ["summary.md"]
+    assert "- s: 4 of 9 evaluations; the same command run again finishes it" in written[0].read_text()
     with pytest.raises(cb.OutputExistsError, match=r"holds an unfinished result of a different run; .*seed: 3 in "
                                                    r"the file, 4 now"):
         cb.sweep(digits_pair, cb.Uniform(), repair=_stop_after(10**6), **{**kw, "seed": 4})
@@ -217,6 +234,9 @@ def test_results_describe_themselves(digits_pair, tmp_path):
     assert parts["naive"]["fingerprints"] != parts["aligned"]["fingerprints"]
     assert json.loads(parts["aligned"]["fingerprints"])["theta_b"] == digits_pair.fingerprints()["theta_b"]
     assert all(p["created"] for p in parts.values())
+    # how the pair was aligned, to rebuild it (the conftest's pair: weight matching, seed 0)
+    assert json.loads(parts["aligned"]["alignment_settings"]) == {"method": "weight", "seed": 0, "symmetries": "all"}
+    assert json.loads(parts["naive"]["alignment_settings"]) is None
     # xarray's own plot labels its axes with long_name [units]
     import matplotlib
 
@@ -238,3 +258,15 @@ def test_history_names_the_command_line_that_made_a_file(monkeypatch, argv0, exp
 
     monkeypatch.setattr(sys, "argv", [argv0, "sweep", "a.ckpt", "b.ckpt"])
     assert results._command_line() == expected
+
+
+def test_a_results_name_must_say_netcdf_and_a_reused_file_keeps_its_attributes_with_a_word(digits_pair, tmp_path):
+    with pytest.raises(cb.ConfigurationError, match=r"give out= a name ending in \.nc.*got '.*results\.csv'"):
+        cb.sweep(digits_pair, cb.Linear(), values=[0.5], out=tmp_path / "results.csv", **KW)
+    assert not (tmp_path / "results.csv").exists()
+    out = tmp_path / "s.nc"
+    cb.sweep(digits_pair, cb.Linear(), values=[0.5], out=out, attrs={"note": "first"}, **KW)
+    with pytest.warns(UserWarning, match=r"reused as it is: its attributes note='first' stay \(attrs= gave "
+                                         r"note='second'\)"):
+        again = cb.sweep(digits_pair, cb.Linear(), values=[0.5], out=out, attrs={"note": "second"}, **KW)
+    assert again.attrs["note"] == "first"

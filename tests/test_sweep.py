@@ -160,6 +160,19 @@ def test_bad_input_errors(digits_pair, digits_triple):
         cb.sweep(digits_pair, cb.Triangle(), data="digits")
     with pytest.raises(cb.UnknownNameError, match="no_such_data.*digits"):
         cb.sweep(digits_pair, cb.Linear(), data="no_such_data")
+    # arguments of the wrong type or form, named before any evaluation
+    for kw, why in ((dict(samples=2.5), r"samples must be an int >= 1.*got 2.5"),
+                    (dict(samples="3"), r"samples must be an int >= 1.*got '3'"),
+                    (dict(values=0.5), r"values must be a sequence .* e.g. values=\[0.5\]"),
+                    (dict(values=[0.25, 0.25]), r"values repeats 0.25")):
+        with pytest.raises(cb.ConfigurationError, match=why):
+            cb.sweep(digits_pair, cb.Uniform(), data="digits", **kw)
+    with pytest.raises(cb.SamplerError, match=r"sampler=Subcube is the sampler's class; pass an instance"):
+        cb.sweep(digits_pair, cb.Subcube, data="digits")
+    with pytest.raises(cb.ConfigurationError, match=r"sweep takes a ModelPair .* got TableNet"):
+        cb.sweep(digits_pair.model_a, cb.Linear(), data="digits")
+    one = cb.sweep(digits_pair, cb.Linear(), data="digits", splits="test", values=[0.5], limit=40)  # one split
+    assert list(one["split"].values) == ["test"]
 
 
 def test_brier_metric_matches_numpy(digits_pair):

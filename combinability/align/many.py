@@ -227,7 +227,7 @@ def align_many(models: Sequence[Any], method: str = "mergemany", *, example_inpu
         If the models differ in architecture or shapes.
     """
     from combinability.data.convert import check_seed
-    from combinability.sets import ModelSet
+    from combinability.sets import ModelSet, alignment_settings
 
     models = list(models)
     if len(models) < 2:
@@ -253,7 +253,8 @@ def align_many(models: Sequence[Any], method: str = "mergemany", *, example_inpu
         transforms.append(t)
         thetas.append(ms.layout.flatten(apply_permutation(spec, t, folded.params(i))))
     return ms._replace(thetas=tuple(thetas), transforms=tuple(transforms), alignment=method, naive=ms,
-                       models=folded._natives(thetas), spec=spec)
+                       models=folded._natives(thetas), spec=spec, alignment_settings=alignment_settings(
+                           method, seed=seed, max_iter=max_iter, symmetries=symmetries, **options))
 
 
 def pairwise_permutation(ms: Any, i: int, j: int) -> Permutation:
