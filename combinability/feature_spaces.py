@@ -204,7 +204,8 @@ class Norm:
         Whether it subtracts the mean (LayerNorm): the stream's maps must then fix the ones vector.
     readers : tuple of Reader, or None
         Every layer reading its output (through pooling and token indexing); ``None`` when
-        one of them cannot take the norm folded in. A shift folds only into readers with a bias.
+        one of them cannot take the norm folded in. A shift folds into readers' biases; where a reader
+        has none, it stays in the norm, divided by the scale, and moves with the stream.
     """
 
     space: int | None
@@ -533,18 +534,20 @@ def spec_from_spaces(spaces: FeatureSpaces, binds: Mapping[str, Sequence[int | t
         root = f(norm.space)
         if norm.centres:
             centred.add(root)
-        if norm.readers is None or (norm.shift is not None and any(r.bias is None for r in norm.readers)) or \
-                any(r.weight in tied or r.bias in tied for r in norm.readers):
-            # read by something it cannot fold into, a shift into a bias-free layer, or a tied weight
+        if norm.readers is None or any(r.weight in tied or r.bias in tied for r in norm.readers):
+            # read by something it cannot fold into, or a tied weight
             unfoldable.add(root)
             continue
-        folds.setdefault(root, []).append(NormFold(norm.scale, norm.shift, tuple(norm.readers)))
+        keep = norm.shift is not None and any(r.bias is None for r in norm.readers)  # a bias-free reader
+        folds.setdefault(root, []).append(NormFold(norm.scale, norm.shift, tuple(norm.readers), keep_shift=keep))
     orthogonal = {r for r in bound if not sp.is_fixed(r) and not sp.is_nonlinear(r)} - unfoldable - special
-    norm_params = {p: f(n.space) for n in norms if n.space is not None for p in (n.scale, n.shift) if p}
+    kept = {fold.shift for r in orthogonal for fold in folds.get(r, []) if fold.keep_shift}  # move with the stream
+    norm_params = {p: f(n.space) for n in norms if n.space is not None for p in (n.scale, n.shift)
+                   if p and p not in kept}
     all_folds: list[NormFold] = []
     for r in sorted(orthogonal):
         requires = [(p, 1.0 if p == n.scale else 0.0) for n in norms if n.space is not None and f(n.space) == r
-                    for p in (n.scale, n.shift) if p]
+                    for p in (n.scale, n.shift) if p and p not in kept]
         kinds[sp.name(r)] = Orthogonal(fix_ones=r in centred, requires=tuple(requires))
         all_folds += folds.get(r, [])
 

@@ -8,7 +8,11 @@ computes ``W (γ ⊙ n + β) + b = (W diag γ) n + (W β + b)``, so setting
 
     W ← W diag γ,    b ← b + W β,    γ ← 1,    β ← 0
 
-changes no output. :func:`fold_norms` does this on named arrays; the spec's
+changes no output. Where a reader has no bias (an untied language-model head, a bias-free
+gate), the shift stays in the norm, divided by the scale, ``β ← β / γ`` (``W (γ ⊙ n + β) =
+(W diag γ)(n + β / γ)``): it then moves with the stream as a vector of it, which an
+orthogonal map of the stream keeps (``Q n + Q β'``, read by ``W Qᵀ``), and only ``γ ← 1`` is
+required. :func:`fold_norms` does this on named arrays; the spec's
 :class:`~combinability.kinds.Orthogonal` kind lists the folded parameters it needs
 (``requires``), and :meth:`~combinability.PermutationSpec.check_requirements` refuses a
 model that was not folded.
@@ -46,11 +50,15 @@ class NormFold:
         The norm's scale γ and shift β (``None`` where the norm has none).
     readers : sequence of Reader
         Every layer that reads the norm's output.
+    keep_shift : bool
+        Keep the shift in the norm, divided by the scale, rather than folding it into the readers'
+        biases (for readers without one): the shift then moves with the stream.
     """
 
     scale: str | None
     shift: str | None
     readers: tuple[Reader, ...]
+    keep_shift: bool = False
 
 
 def fold_norms(params: Mapping[str, Any], folds: Sequence[NormFold]) -> dict[str, np.ndarray]:
@@ -75,6 +83,9 @@ def fold_norms(params: Mapping[str, Any], folds: Sequence[NormFold]) -> dict[str
     >>> out = fold_norms(p, [NormFold("ln.weight", "ln.bias", (Reader("fc.weight", 1, "fc.bias"),))])
     >>> out["fc.weight"].tolist(), out["fc.bias"].tolist(), out["ln.weight"].tolist()
     ([[2.0, 3.0]], [1.5], [1.0, 1.0])
+    >>> kept = fold_norms(p, [NormFold("ln.weight", "ln.bias", (Reader("fc.weight", 1),), keep_shift=True)])
+    >>> kept["fc.weight"].tolist(), kept["ln.bias"].tolist()  # the shift divided by the scale, in the norm
+    ([[2.0, 3.0]], [0.5, 0.0])
     """
     out = {k: np.array(v, copy=True) for k, v in params.items()}
     for fold in folds:
@@ -86,6 +97,12 @@ def fold_norms(params: Mapping[str, Any], folds: Sequence[NormFold]) -> dict[str
             raise PermutationSpecError(f"cannot fold the norm {fold.scale or fold.shift!r}: nothing reads it")
         gamma = out[fold.scale] if fold.scale else None
         beta = out[fold.shift] if fold.shift else None
+        if fold.keep_shift and beta is not None:
+            if gamma is not None and not np.all(gamma != 0):
+                raise PermutationSpecError(f"cannot fold the scale {fold.scale!r} and keep the shift {fold.shift!r} "
+                                           "(its readers have no bias): the scale has zeros")
+            out[fold.shift] = beta / gamma if gamma is not None else beta
+            beta = None  # stays in the norm, moving with the stream
         for r in fold.readers:
             w = out[r.weight]
             shape = [1] * w.ndim

@@ -230,7 +230,11 @@ def test_a_forward_that_branches_on_shapes_and_builds_its_mask_is_traced():
     assert max(float(np.abs(back[k] - a[k]).max()) for k in a) < 1e-6
 
 
-def test_a_norm_whose_shift_cannot_fold_leaves_the_stream_to_permutations():
+def test_a_norm_read_by_a_bias_free_layer_keeps_its_shift_which_rotates_with_the_stream():
+    """``W (γ ⊙ n + β) = (W diag γ)(n + β / γ)``: the scale folds into the bias-free reader, the shift stays in
+    the norm as ``β / γ`` and moves with the stream, which an orthogonal map fixing the ones vector keeps."""
+    from tests.model_checks import assert_random_transformation_undone
+
     class GateAfterNorm(nn.Module):
         def __init__(self):
             super().__init__()
@@ -241,9 +245,15 @@ def test_a_norm_whose_shift_cannot_fold_leaves_the_stream_to_permutations():
             return self.gate(self.norm(self.embed(x)))
 
     model = _randomise(GateAfterNorm(), 0)
-    spec, folds = cb.derive_symmetries(model, torch.randn(5, 4))
-    assert not any(isinstance(k, Orthogonal) for k in spec.kinds.values())
-    assert spec.axes_to_perm["norm.bias"] == ("P_embed",)
+    x = torch.randn(5, 4)
+    spec, folds = cb.derive_symmetries(model, x)
+    assert spec.kind("P_embed") == Orthogonal(fix_ones=True, requires=(("norm.weight", 1.0),))
+    assert spec.axes_to_perm["norm.bias"] == ("P_embed",) and spec.axes_to_perm["gate.weight"] == (None, "P_embed")
+    state = {k: v.double().numpy() for k, v in model.state_dict().items()}
+    folded = cb.fold_norms(state, folds)
+    np.testing.assert_allclose(folded["norm.bias"], state["norm.bias"] / state["norm.weight"], rtol=1e-12)
+    np.testing.assert_allclose(folded["gate.weight"], state["gate.weight"] * state["norm.weight"], rtol=1e-12)
+    assert_random_transformation_undone(model, spec, folded, x, "norm.bias")
 
 
 def test_a_sweep_of_a_language_model_scores_every_next_token():

@@ -101,8 +101,11 @@ def test_hand_written_attention_is_traced_into_heads_and_keeps_the_function(pack
     assert spec.axes_to_perm["h.0.attn.c_proj.weight"][1] == vo
     stream = spec.axes_to_perm["wte.weight"][1]
     assert spec.axes_to_perm["h.1.c_fc.weight"][1] == stream
-    # with a bias-free lm_head (nanoGPT's) ln_f's shift cannot fold: the stream stays a permutation
-    assert isinstance(spec.kind(stream), Orthogonal) == head_bias
+    # the stream rotates; with a bias-free lm_head (nanoGPT's) ln_f's shift stays in the norm (divided by its
+    # scale) and rotates with the stream, so that only its scale must be 1
+    assert isinstance(spec.kind(stream), Orthogonal)
+    assert ("ln_f.bias" in dict(spec.kind(stream).requires)) == head_bias
+    assert spec.axes_to_perm["ln_f.bias"] == ((None,) if head_bias else (stream,))
     state = {k: v.numpy().astype(np.float64) for k, v in model.state_dict().items()}
     base = float64_outputs(model, state, IDX)
     folded = cb.fold_norms(state, folds)

@@ -267,10 +267,11 @@ def _flat(ms: ModelSet, native: Any) -> np.ndarray:
 def _merge_row(s: _Settings, n: int, method: str, evaluator: Any, progress: bool) -> dict[str, Any]:
     from combinability.align.many import align_many
 
-    members = list(s.base.models[:n])
-    # a user's own models carry no layer table: traced again on example_input, else given the set's spec
-    own = s.base.backend_obj.table_of(members[0]) is None
+    # a user's own models carry no layer table: traced again on example_input, else given the set's spec, with
+    # their norms folded as that spec's orthogonal maps need (folding keeps each member's function)
+    own = s.base.backend_obj.table_of(s.base.models[0]) is None
     spec = s.base.spec if own and s.example_input is None else None
+    members = list((s.base._folded_for(spec) if spec is not None else s.base).models[:n])
     t0 = time.perf_counter()
     ms = align_many(members, method=method, seed=s.seed, backend=s.base.backend, spec=spec,
                     example_input=s.example_input if own else None, **s.many_options)
