@@ -206,6 +206,9 @@ class Norm:
         Every layer reading its output (through pooling and token indexing); ``None`` when
         one of them cannot take the norm folded in. A shift folds into readers' biases; where a reader
         has none, it stays in the norm, divided by the scale, and moves with the stream.
+    writers : tuple of Reader
+        For a learned scale of layers' outputs (LayerScale, no norm): the layers it scales, which
+        take it folded in (:class:`~combinability.folding.NormFold`).
     """
 
     space: int | None
@@ -213,6 +216,7 @@ class Norm:
     shift: str | None = None
     centres: bool = False
     readers: tuple[Reader, ...] | None = ()
+    writers: tuple[Reader, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -539,7 +543,8 @@ def spec_from_spaces(spaces: FeatureSpaces, binds: Mapping[str, Sequence[int | t
             unfoldable.add(root)
             continue
         keep = norm.shift is not None and any(r.bias is None for r in norm.readers)  # a bias-free reader
-        folds.setdefault(root, []).append(NormFold(norm.scale, norm.shift, tuple(norm.readers), keep_shift=keep))
+        folds.setdefault(root, []).append(NormFold(norm.scale, norm.shift, tuple(norm.readers), keep_shift=keep,
+                                                   writers=tuple(norm.writers)))
     orthogonal = {r for r in bound if not sp.is_fixed(r) and not sp.is_nonlinear(r)} - unfoldable - special
     kept = {fold.shift for r in orthogonal for fold in folds.get(r, []) if fold.keep_shift}  # move with the stream
     norm_params = {p: f(n.space) for n in norms if n.space is not None for p in (n.scale, n.shift)

@@ -8,7 +8,9 @@ computes ``W (γ ⊙ n + β) + b = (W diag γ) n + (W β + b)``, so setting
 
     W ← W diag γ,    b ← b + W β,    γ ← 1,    β ← 0
 
-changes no output. Where a reader has no bias (an untied language-model head, a bias-free
+changes no output. A learned scale of a layer's output before it joins the stream (a
+transformer's LayerScale, ``x + γ ⊙ (W h + b)``) folds into that layer the same way, ``W ←
+diag γ W``, ``b ← γ ⊙ b``, ``γ ← 1``. Where a reader has no bias (an untied language-model head, a bias-free
 gate), the shift stays in the norm, divided by the scale, ``β ← β / γ`` (``W (γ ⊙ n + β) =
 (W diag γ)(n + β / γ)``): it then moves with the stream as a vector of it, which an
 orthogonal map of the stream keeps (``Q n + Q β'``, read by ``W Qᵀ``), and only ``γ ← 1`` is
@@ -53,12 +55,17 @@ class NormFold:
     keep_shift : bool
         Keep the shift in the norm, divided by the scale, rather than folding it into the readers'
         biases (for readers without one): the shift then moves with the stream.
+    writers : sequence of Reader
+        For a learned scale of a layer's output (a transformer's LayerScale, ``x + γ ⊙ (W h + b)``):
+        the layers whose outputs it scales, ``axis`` their output axis; ``W ← diag γ W`` and
+        ``b ← γ ⊙ b`` there, and ``γ ← 1``.
     """
 
     scale: str | None
     shift: str | None
     readers: tuple[Reader, ...]
     keep_shift: bool = False
+    writers: tuple[Reader, ...] = ()
 
 
 def fold_norms(params: Mapping[str, Any], folds: Sequence[NormFold]) -> dict[str, np.ndarray]:
@@ -86,6 +93,10 @@ def fold_norms(params: Mapping[str, Any], folds: Sequence[NormFold]) -> dict[str
     >>> kept = fold_norms(p, [NormFold("ln.weight", "ln.bias", (Reader("fc.weight", 1),), keep_shift=True)])
     >>> kept["fc.weight"].tolist(), kept["ln.bias"].tolist()  # the shift divided by the scale, in the norm
     ([[2.0, 3.0]], [0.5, 0.0])
+    >>> q = {"ls.gamma": np.array([2.0, 3.0]), "proj.weight": np.ones((2, 1)), "proj.bias": np.ones(2)}
+    >>> scaled = fold_norms(q, [NormFold("ls.gamma", None, (), writers=(Reader("proj.weight", 0, "proj.bias"),))])
+    >>> scaled["proj.weight"].tolist(), scaled["proj.bias"].tolist(), scaled["ls.gamma"].tolist()
+    ([[2.0], [3.0]], [2.0, 3.0], [1.0, 1.0])
     """
     out = {k: np.array(v, copy=True) for k, v in params.items()}
     for fold in folds:
@@ -93,9 +104,19 @@ def fold_norms(params: Mapping[str, Any], folds: Sequence[NormFold]) -> dict[str
                      *(r.bias for r in fold.readers if r.bias)):
             if name is not None and name not in out:
                 raise PermutationSpecError(f"cannot fold a norm: no parameter {name!r}")
-        if not fold.readers:
+        for name in (*(r.weight for r in fold.writers), *(r.bias for r in fold.writers if r.bias)):
+            if name not in out:
+                raise PermutationSpecError(f"cannot fold a scale: no parameter {name!r}")
+        if not fold.readers and not fold.writers:
             raise PermutationSpecError(f"cannot fold the norm {fold.scale or fold.shift!r}: nothing reads it")
         gamma = out[fold.scale] if fold.scale else None
+        for r in fold.writers if gamma is not None else ():  # a layer scale: into the rows it scales
+            w = out[r.weight]
+            shape = [1] * w.ndim
+            shape[r.axis] = w.shape[r.axis]
+            out[r.weight] = w * gamma.reshape(shape).astype(w.dtype)
+            if r.bias is not None:
+                out[r.bias] = out[r.bias] * gamma.astype(out[r.bias].dtype)
         beta = out[fold.shift] if fold.shift else None
         if fold.keep_shift and beta is not None:
             if gamma is not None and not np.all(gamma != 0):

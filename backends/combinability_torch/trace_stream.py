@@ -354,6 +354,12 @@ def stream_symmetries(model: nn.Module, example_input: torch.Tensor) -> tuple[Pe
                 one = 0 if _last(args[0]) == 1 else 1  # a gate of one unit scaling every feature (Qwen2-MoE's
                 sp.fix([spaces[one]])                  # shared expert): the unit stays, the features are the other's
                 space[n.name] = spaces[1 - one]
+            elif target in (operator.mul, torch.mul, "mul", "mul_") and len(args) == 2 and FIXED not in spaces \
+                    and _layer_scale(n, args, gm, params_of) is not None:
+                s = sp.union(spaces[0], spaces[1])  # a LayerScale: folds into the layer it scales (no gating)
+                gamma, writer = _layer_scale(n, args, gm, params_of)  # type: ignore[misc]
+                norms.append(Norm(s, gamma, None, False, (), writers=(writer,)))
+                space[n.name] = s
             elif target in (operator.mul, torch.mul, "mul") and len(args) == 2 and FIXED not in spaces:
                 s = sp.union(spaces[0], spaces[1])  # an element-wise product (gating): one permutation
                 sp.mark([s])
@@ -877,6 +883,30 @@ def _pools_positions(n: fx.Node, src: tuple[int, ...] | None, out: tuple[int, ..
         dims = dim if isinstance(dim, tuple | list) else (dim,)
         return all(isinstance(d, int) for d in dims) and {d % len(src) for d in dims} == set(range(2, len(src)))
     return False
+
+
+def _layer_scale(n: fx.Node, args: list[fx.Node], gm: fx.GraphModule,
+                 params_of: dict[str, str]) -> tuple[str, Reader] | None:
+    """``(γ, the layer it scales)`` where ``n`` multiplies a linear layer's output, read by nothing else (through
+    dropout), by a learned vector of its features (a transformer's LayerScale: timm's ``ls1``, CaiT's, DINOv2's
+    ``x * self.gamma``); None for any other product."""
+    scales = [a for a in args if a.name in params_of]
+    if len(scales) != 1 or len(args) != 2:
+        return None
+    gamma = scales[0]
+    value = gm.get_parameter(gamma.target)
+    if value.ndim < 1 or any(v != 1 for v in value.shape[:-1]):
+        return None
+    source = next(a for a in args if a is not gamma)
+    while len(source.users) == 1 and ((source.op == "call_module" and isinstance(
+            gm.get_submodule(source.target), _PASS_MODULES)) or source.target is F.dropout):
+        source = source.args[0]
+    if len(source.users) != 1 or source.op != "call_module" or not isinstance(gm.get_submodule(source.target),
+                                                                              nn.Linear):
+        return None
+    m = gm.get_submodule(source.target)
+    return params_of[gamma.name], Reader(f"{source.target}.weight", 0,
+                                         f"{source.target}.bias" if m.bias is not None else None)
 
 
 def _readers(gm: fx.GraphModule, node: fx.Node) -> tuple[Reader, ...] | None:
