@@ -112,3 +112,44 @@ def test_a_vector_scaling_an_activation_is_no_layer_scale():
     spec, folds = cb.derive_symmetries(model, x)
     assert not folds and not any(isinstance(k, Orthogonal) for k in spec.kinds.values())
     assert_random_transformation_undone(model, spec, _state(model), x, "fc.weight")
+
+
+def test_a_flax_layer_scale_folds_into_the_dense_it_scales_and_the_stream_rotates():
+    jax = pytest.importorskip("jax")
+    pytest.importorskip("flax")
+    import flax.linen as fnn
+
+    from tests.test_stream_trace_jax import _apply, _close, _model, _state
+
+    class Block(fnn.Module):
+        @fnn.compact
+        def __call__(self, x):
+            h = fnn.Dense(2 * D, name="fc1")(fnn.LayerNorm(name="norm")(x))
+            gamma = self.param("gamma", fnn.initializers.constant(1e-5), (D,))
+            return x + gamma * fnn.Dense(D, name="fc2")(jax.nn.gelu(h))
+
+    class Net(fnn.Module):
+        @fnn.compact
+        def __call__(self, x):
+            h = fnn.Dense(D, name="embed")(x)
+            h = Block(name="block_0")(h)
+            return fnn.Dense(3, name="head")(fnn.LayerNorm(name="norm_f")(h).mean(1))
+
+    x = np.random.default_rng(0).normal(size=(4, 5, 6)).astype(np.float32)
+    module = Net()
+    state = _state(module, x, 0)
+    spec, folds = cb.derive_symmetries(_model(module, state), x)
+    stream = spec.axes_to_perm["params/embed/kernel"][1]
+    assert isinstance(spec.kind(stream), Orthogonal)
+    assert "params/block_0/gamma" in dict(spec.kind(stream).requires)
+    folded = cb.fold_norms(state, folds)
+    gamma = state["params/block_0/gamma"]
+    np.testing.assert_allclose(folded["params/block_0/fc2/kernel"], state["params/block_0/fc2/kernel"] * gamma)
+    np.testing.assert_allclose(folded["params/block_0/fc2/bias"], state["params/block_0/fc2/bias"] * gamma)
+    base = _apply(module, state, x)
+    _close(_apply(module, folded, x), base)
+    moved = cb.apply_permutation(spec, cb.random_permutation(spec, folded, seed=3), folded)
+    assert float(np.abs(moved["params/embed/kernel"] - folded["params/embed/kernel"]).max()) > 0.1
+    _close(_apply(module, moved, x), base)
+    back = cb.apply_permutation(spec, cb.weight_matching(spec, folded, moved, seed=0, restarts=2), moved)
+    assert max(float(np.abs(back[k] - folded[k]).max()) for k in folded) < 1e-6

@@ -102,6 +102,12 @@ class _StreamTrace(JaxprWalker):
         self.selecting: dict[int, str] = {}  # a space one unit of which is taken by number -> where (expert gates)
         self.packed: dict[int, tuple[int, ...]] = {}  # a layer's output space split into parts -> the parts' spaces
         self.sliced: dict[int, list[tuple[int, int, int]]] = {}  # a layer's output space -> (start, stop, part)
+        self.layer_scales: list[tuple[str, int, Reader]] = []  # (γ, its space, the Dense it scales)
+        self.producer = {o: k for k, op in enumerate(self.ops) for o in op[3]}
+        self.uses: dict[int, int] = {}
+        for op in self.ops:
+            for i in op[2]:
+                self.uses[i] = self.uses.get(i, 0) + 1
         last = {op[4]: k for k, op in enumerate(self.ops)}
         for k, (prim, params, ins, outs, scope) in enumerate(self.ops):
             if scope.startswith("L="):
@@ -407,7 +413,44 @@ class _StreamTrace(JaxprWalker):
             return
         if n in _SCALING and len(varying) < 2 and (n == "mul" or (operands and operands[0][2] != "const")):
             return
+        if n == "mul" and self._layer_scale(ins, deps, result):
+            return  # a LayerScale: folds into the Dense it scales
         sp.mark(result)
+
+    def _layer_scale(self, ins: list[int], deps: list[str], result: list[int | None]) -> bool:
+        """Record and say whether a product is a learned vector ``γ`` of features times a Dense layer's output
+        read by nothing else (a transformer's LayerScale, ``x + γ * Dense(h)``)."""
+        if len(ins) != 2 or sorted(deps) != ["act", "param"]:
+            return False
+        g, h = (ins[0], ins[1]) if deps[0] == "param" else (ins[1], ins[0])
+        gamma = self.origin.get(g, (None, False))[0]
+        if gamma is None or len(self.param_shapes[gamma]) != 1 or self.uses.get(h, 0) != 1:
+            return False
+        bias = None
+        k = self.producer.get(h)
+        if k is not None and self.ops[k][0].name in ("add", "add_any"):  # the Dense's bias, added
+            ops_in = self.ops[k][2]
+            biases = [i for i in ops_in if self.origin.get(i, (None, False))[0] is not None]
+            rest = [i for i in ops_in if i not in biases]
+            if len(biases) != 1 or len(rest) != 1 or len(self.param_shapes[self.origin[biases[0]][0]]) != 1 or \
+                    self.uses.get(rest[0], 0) != 1:
+                return False
+            bias, k = self.origin[biases[0]][0], self.producer.get(rest[0])
+        if k is None or self.ops[k][0].name != "dot_general":
+            return False
+        _, p, dot_in, _, _ = self.ops[k]
+        kernels = [i for i in dot_in if i in self.origin and not self.origin[i][1]]
+        if len(kernels) != 1 or len(self.param_shapes[self.origin[kernels[0]][0]]) != 2:
+            return False
+        (lc, rc), _ = p["dimension_numbers"]
+        side = dot_in.index(kernels[0])
+        if list((lc, rc)[side]) != [0] or side != 1:  # x @ kernel (in, out): the output's units are axis 1
+            return False
+        s = result[-1]
+        if s is ANY or self.sp.is_fixed(s):
+            return False
+        self.layer_scales.append((gamma, s, Reader(self.origin[kernels[0]][0], 1, bias)))
+        return True
 
     def _one_hot(self, ins: list[int], out: int) -> tuple[int, int] | None:
         """``(axis, space)`` when ``eq`` compares indices into a space with an iota along ``axis`` (a one-hot)."""
@@ -528,6 +571,7 @@ class _StreamTrace(JaxprWalker):
             readers = None if s is ANY or self.sp.is_fixed(s) else self.readers(rec)
             norms.append(Norm(s, scale, shift, isinstance(rec.module, nn.LayerNorm),
                               None if readers is None else tuple(readers)))
+        norms += [Norm(s, gamma, None, False, (), writers=(writer,)) for gamma, s, writer in self.layer_scales]
         binds = {p: self.binds.get(p, [ANY] * len(shape)) for p, shape in self.param_shapes.items()}
         packed = self._packed_parts()
         find = self.sp.find
