@@ -77,6 +77,16 @@ def repeated(x, n_rep, how):
     return torch.repeat_interleave(x, n_rep, dim=1)
 
 
+def _permuted_stream(spec):
+    """``spec`` with its residual stream permuted, not rotated: the written-out RMSNorms (Llama's) let it rotate
+    once their weights are folded (checked here), and these tests move the model's own, unfolded state."""
+    from combinability.kinds import Orthogonal
+
+    rotated = [k for k in spec.kinds.values() if isinstance(k, Orthogonal)]
+    assert len(rotated) == 1 and all(p.endswith("norm.weight") for p, _ in rotated[0].requires)
+    return spec.permutations_only()
+
+
 class GemmaRMSNorm(nn.Module):
     """Gemma's RMSNorm: in float32, scaled by ``1 + weight``, cast back to the input's dtype."""
 
@@ -253,6 +263,7 @@ def _planted(state: dict[str, np.ndarray], kv_heads: int, seed: int) -> dict[str
 def test_rotary_grouped_query_llama_moves_whole_heads_and_keeps_the_function(kv_heads):
     model = randomised(Llama(kv_heads), 0)
     spec, folds = cb.derive_symmetries(model, IDX)
+    spec = _permuted_stream(spec)  # the state as it is (its RMSNorms unfolded): permutations
     state = _state(model)
     base = float64_outputs(model, state, IDX)
     q_heads, kv = "layers.1.self_attn.q_proj.heads", "layers.1.self_attn.k_proj.heads"
@@ -284,6 +295,7 @@ def test_query_and_key_norms_per_head_keep_heads_whole_and_their_weights_in_plac
     Gemma-3's (``1 + weight``, cast back by ``type_as``) with Gemma-2's soft-capped scores (``tanh``)."""
     model = randomised(Llama(2, sdpa=sdpa, qk_norm=qk_norm, softcap=softcap), 3)
     spec, _ = cb.derive_symmetries(model, IDX)
+    spec = _permuted_stream(spec)  # the state as it is (its RMSNorms unfolded): permutations
     assert spec.axes_to_perm["layers.1.self_attn.q_norm.weight"] == (None,)
     assert spec.axes_to_perm["layers.1.self_attn.q_proj.weight"][0] == Repeat("layers.1.self_attn.q_proj.heads", DH)
     state = _state(model)
@@ -330,6 +342,7 @@ def test_query_key_and_value_sliced_unequally_from_one_layer_move_as_parts_of_it
     and key heads rotary; the spec binds the layer as its three parts (cb.Part), each moving its own way."""
     model = randomised(Llama(kv_heads, sdpa=True, fused=fused), 8)
     spec, _ = cb.derive_symmetries(model, IDX)
+    spec = _permuted_stream(spec)  # the state as it is (its RMSNorms unfolded): permutations
     q_rows, kv_rows = HEADS * DH, kv_heads * DH
     layer = "layers.1.self_attn.qkv_proj.weight"
     assert spec.stacks[f"{layer}[0:{q_rows}]"] == cb.Part(layer, 0, 0, q_rows)
@@ -369,6 +382,7 @@ def test_the_rotary_is_real_a_within_head_permutation_of_query_and_key_changes_t
 def test_partial_rotary_and_sdpa_keep_the_function_and_weight_matching_undoes_a_planted_map(repeat):
     model = randomised(Llama(2, rotary=DH // 2, sdpa=True, repeat=repeat), 2)
     spec, _ = cb.derive_symmetries(model, IDX)
+    spec = _permuted_stream(spec)  # the state as it is (its RMSNorms unfolded): permutations
     state = _state(model)
     assert spec.axes_to_perm["layers.0.self_attn.q_proj.weight"][0] == Repeat("layers.0.self_attn.q_proj.heads", DH)
     planted = _planted(state, 2, seed=6)
@@ -523,3 +537,26 @@ def test_rotary_on_interleaved_pairs_keeps_heads_whole():
     perms = spec.permutations_only()  # (no norm: the stream would rotate, and settle before the heads move)
     back = cb.apply_permutation(perms, cb.weight_matching(perms, state, planted, seed=0), planted)
     assert max(float(np.abs(back[k] - state[k]).max()) for k in state) < 1e-12
+
+
+def test_the_stream_of_a_llama_with_written_out_rmsnorms_rotates():
+    """Llama's RMSNorm written out, ``weight * (x * rsqrt(mean(x ** 2) + eps))``: ``x / rms(x)`` commutes with every
+    orthogonal map of the stream, and its weight folds into the layers reading it, as ``nn.RMSNorm``'s does."""
+    from combinability.kinds import Orthogonal
+    model = randomised(Llama(2), 0)
+    spec, folds = cb.derive_symmetries(model, IDX)
+    stream = spec.axes_to_perm["embed_tokens.weight"][1]
+    assert spec.kind(stream) == Orthogonal(fix_ones=False, requires=tuple(
+        (f"{p}.weight", 1.0) for p in ("layers.0.input_layernorm", "layers.0.post_attention_layernorm",
+                                       "layers.1.input_layernorm", "layers.1.post_attention_layernorm", "norm")))
+    state = _state(model)
+    folded = cb.fold_norms(state, folds)
+    np.testing.assert_allclose(folded["layers.0.self_attn.q_proj.weight"],
+                               state["layers.0.self_attn.q_proj.weight"] * state["layers.0.input_layernorm.weight"])
+    base = float64_outputs(model, state, IDX)  # (its RMSNorms compute in float32, as Llama's do)
+    np.testing.assert_allclose(float64_outputs(model, folded, IDX), base, atol=1e-5)
+    moved = cb.apply_permutation(spec, cb.random_permutation(spec, folded, seed=2), folded)
+    assert not np.allclose(moved["embed_tokens.weight"], folded["embed_tokens.weight"])
+    np.testing.assert_allclose(float64_outputs(model, moved, IDX), base, atol=1e-5)
+    back = cb.apply_permutation(spec, cb.weight_matching(spec, folded, moved, seed=0, restarts=2), moved)
+    assert max(float(np.abs(back[k] - folded[k]).max()) for k in folded) < 1e-9

@@ -122,6 +122,7 @@ def stream_symmetries(model: nn.Module, example_input: torch.Tensor) -> tuple[Pe
         return [a for a in out if space.get(a.name) is not None]
 
     live = feeding_logits(gm)
+    rms_of, rms_statistics = _rms_normalised(gm)  # RMSNorms written out (Llama's, T5's)
     for n in gm.graph.nodes:
         where = f"node {n.name!r} ({n.op} {n.target!r})"
         if n.op not in ("placeholder", "output") and n.name not in live:
@@ -257,6 +258,21 @@ def stream_symmetries(model: nn.Module, example_input: torch.Tensor) -> tuple[Pe
                 raise TracingError(f"{where}: the stream tracer cannot follow a {type(m).__name__} module"
                                    + _hint(model))
         elif n.op in ("call_function", "call_method"):
+            if n.name in rms_statistics and rms_statistics[n.name].name not in att.headed:
+                space[n.name] = None  # x * rsqrt(mean(x ** 2) + eps)'s statistic: a number per token
+                continue
+            if n.name in rms_of and space.get(rms_of[n.name].name) is not None and \
+                    rms_of[n.name].name not in att.headed:  # (an RMSNorm over each head's units: as before)
+                space[n.name] = space[rms_of[n.name].name]  # x / rms(x): every orthogonal map keeps it
+                continue
+            scaled = _rms_scale(n, rms_of, params_of, gm)
+            if scaled is not None and space.get(scaled.name) is not None and not sp.is_fixed(space[scaled.name]) \
+                    and scaled.name not in att.headed:
+                weight = next(a for a in n.args if isinstance(a, fx.Node) and a.name in params_of)
+                src = sp.union(space[scaled.name], space[weight.name])  # the RMSNorm's scale: a norm's weight
+                norms.append(Norm(src, params_of[weight.name], None, False, _readers(gm, n)))
+                space[n.name] = src
+                continue
             if n.args and isinstance(n.args[0], fx.Node) and n.args[0].name in recurrent and not reads_shape(n):
                 _recurrent_part(n, recurrent, space, where, model)
                 continue
@@ -883,6 +899,86 @@ def _pools_positions(n: fx.Node, src: tuple[int, ...] | None, out: tuple[int, ..
         dims = dim if isinstance(dim, tuple | list) else (dim,)
         return all(isinstance(d, int) for d in dims) and {d % len(src) for d in dims} == set(range(2, len(src)))
     return False
+
+
+_POW = {torch.pow, operator.pow, "pow"}
+_CASTS = {"to", "float", "type", "double", "half", "bfloat16", "type_as"}
+
+
+def _uncast(v: Any) -> Any:
+    """``v`` before the casts applied to it (``x.to(torch.float32)``, ``x.float()``)."""
+    while isinstance(v, fx.Node) and v.op == "call_method" and v.target in _CASTS and v.args:
+        v = v.args[0]
+    return v
+
+
+def _rms_statistic(d: Any, x: fx.Node) -> set[str] | None:
+    """The nodes of ``rsqrt(mean(x ** 2, -1, keepdim=True) + eps)`` ending at ``d`` (casts of ``x`` allowed, and
+    ``x * x``), or None where ``d`` is not that statistic of ``x``."""
+    if not (isinstance(d, fx.Node) and d.target in (torch.rsqrt, "rsqrt") and d.args):
+        return None
+    c = d.args[0]
+    if not (isinstance(c, fx.Node) and c.target in (operator.add, torch.add, "add") and len(c.args) == 2):
+        return None
+    b = next((v for v in c.args if isinstance(v, fx.Node)), None)
+    eps = next((v for v in c.args if not isinstance(v, fx.Node)), None)
+    if b is None or not isinstance(eps, int | float) or b.target not in (torch.mean, "mean") or not b.args:
+        return None
+    dim = b.kwargs.get("dim", b.args[1] if len(b.args) > 1 else None)
+    keep = b.kwargs.get("keepdim", b.args[2] if len(b.args) > 2 else False)
+    if dim not in (-1, [-1], (-1,)) or not keep:
+        return None
+    a = b.args[0]
+    if not isinstance(a, fx.Node):
+        return None
+    if a.target in _POW and len(a.args) == 2 and a.args[1] == 2:
+        base = a.args[0]
+    elif a.target in (operator.mul, torch.mul, "mul") and len(a.args) == 2 and a.args[0] is a.args[1]:
+        base = a.args[0]
+    elif a.target in ("square", torch.square) and a.args:
+        base = a.args[0]
+    else:
+        return None
+    if _uncast(base) is not _uncast(x):
+        return None
+    return {d.name, c.name, b.name, a.name} | ({base.name} if base is not x and base is not _uncast(x) else set())
+
+
+def _rms_normalised(gm: fx.GraphModule) -> tuple[dict[str, fx.Node], dict[str, fx.Node]]:
+    """RMSNorms written out (Llama's, T5's: ``x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)``): each
+    normalised output's node -> ``x``, and each node of their statistics (numbers per token) -> ``x``."""
+    out: dict[str, fx.Node] = {}
+    statistics: dict[str, fx.Node] = {}
+    for e in gm.graph.nodes:
+        if e.op not in ("call_function", "call_method") or e.target not in (operator.mul, torch.mul, "mul") or \
+                len(e.args) != 2:
+            continue
+        for x, d in (e.args, e.args[::-1]):
+            chain = _rms_statistic(d, x) if isinstance(x, fx.Node) else None
+            if chain is not None:
+                out[e.name] = x
+                statistics.update(dict.fromkeys(chain, x))
+                break
+    return out, statistics
+
+
+def _rms_scale(n: fx.Node, rms_of: dict[str, fx.Node], params_of: dict[str, str], gm: fx.GraphModule) -> Any:
+    """The normalised features ``n`` scales by a learned vector (an RMSNorm's weight: ``self.weight * h``, through
+    casts of ``h``), or None."""
+    if n.target not in (operator.mul, torch.mul, "mul") or len(n.args) != 2:
+        return None
+    weights = [a for a in n.args if isinstance(a, fx.Node) and a.name in params_of]
+    others = [a for a in n.args if isinstance(a, fx.Node) and a.name not in params_of]
+    if len(weights) != 1 or len(others) != 1:
+        return None
+    h = others[0]
+    while h.name not in rms_of and h.op == "call_method" and h.target in _CASTS and h.args:
+        h = h.args[0]
+    source = _uncast(weights[0])
+    value = gm.get_parameter(source.target) if isinstance(source, fx.Node) and source.op == "get_attr" else None
+    if h.name not in rms_of or value is None or value.ndim != 1:
+        return None
+    return others[0]
 
 
 def _layer_scale(n: fx.Node, args: list[fx.Node], gm: fx.GraphModule,
