@@ -574,17 +574,25 @@ def _split_ranges(n: fx.Node) -> list[tuple[int, int]] | None:
     return list(zip([0, *stops[:-1]], stops, strict=True))
 
 
+def _full_index(index: Any, rank: int) -> tuple[Any, ...] | None:
+    """A getitem's index on a tensor of ``rank`` axes as one entry per axis (``...`` and the axes left out
+    written as whole slices); None for an index that is not a tuple or names more axes."""
+    if not isinstance(index, tuple):
+        return None
+    if Ellipsis in index:
+        k = index.index(Ellipsis)
+        index = index[:k] + (slice(None),) * (rank - len(index) + 1) + index[k + 1:]
+    index = index + (slice(None),) * (rank - len(index))
+    return index if len(index) == rank else None
+
+
 def _channel_slice(index: Any, shape: tuple[int, ...]) -> tuple[int, int] | None:
     """The channels ``(start, stop)`` of an index that keeps every example and position and a contiguous range
     of the channels (``x[:, :c]``, ``x[:, c:]``, ``x[:, a:b, ...]``); None for any other index."""
     if not isinstance(index, tuple) or len(index) < 2:
         return None
-    rank = len(shape)
-    if Ellipsis in index:
-        k = index.index(Ellipsis)
-        index = index[:k] + (slice(None),) * (rank - len(index) + 1) + index[k + 1:]
-    index = index + (slice(None),) * (rank - len(index))
-    if len(index) != rank or not all(isinstance(i, slice) for i in index):
+    index = _full_index(index, len(shape))
+    if index is None or not all(isinstance(i, slice) for i in index):
         return None
     if any(i != slice(None) for k, i in enumerate(index) if k != 1) or index[1].step not in (None, 1):
         return None
@@ -595,12 +603,8 @@ def _channel_slice(index: Any, shape: tuple[int, ...]) -> tuple[int, int] | None
 def _subsampling_step(index: Any, rank: int) -> int | None:
     """The step ``s`` of an index that keeps every example and channel and every ``s``-th position of each spatial
     axis from the first (``[:, :, ::2, ::2]``, ``[..., ::2, ::2]``); None for any other index."""
-    if not isinstance(index, tuple):
-        return None
-    if Ellipsis in index:
-        k = index.index(Ellipsis)
-        index = index[:k] + (slice(None),) * (rank - len(index) + 1) + index[k + 1:]
-    if len(index) != rank or not all(isinstance(i, slice) for i in index):
+    index = _full_index(index, rank)
+    if index is None or not all(isinstance(i, slice) for i in index):
         return None
     if any(i.start not in (None, 0) or i.stop is not None for i in index):
         return None
@@ -618,14 +622,8 @@ def _position_crop(index: Any, shape: tuple[int, ...]) -> tuple[tuple[tuple[int,
     the spatial axes (the result is a vector); None for any other index, or one that keeps every position.
 
     Slice bounds may be traced sizes (``x[:, :, : x.size(2) - k]``), read from the example."""
-    if not isinstance(index, tuple):
-        return None
-    rank = len(shape)
-    if Ellipsis in index:
-        k = index.index(Ellipsis)
-        index = index[:k] + (slice(None),) * (rank - len(index) + 1) + index[k + 1:]
-    index = index + (slice(None),) * (rank - len(index))
-    if len(index) != rank or any(i != slice(None) for i in index[:2]):
+    index = _full_index(index, len(shape))
+    if index is None or any(i != slice(None) for i in index[:2]):
         return None
     widths: list[tuple[int, int]] = []
     dropped: list[bool] = []
