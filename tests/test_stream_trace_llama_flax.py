@@ -161,3 +161,45 @@ def test_the_flax_rotary_is_real():
     for m in ("q", "k"):
         moved[f"params/b0/attn/{m}/kernel"] = flat[f"params/b0/attn/{m}/kernel"][:, swap]
     assert np.abs(_apply(net, moved) - _apply(net, flat)).max() > 1e-3
+
+
+def test_an_rmsnorm_written_out_in_flax_folds_as_nn_rmsnorm_and_the_stream_rotates():
+    """``w * (x * lax.rsqrt(jnp.mean(jnp.square(x), -1, keepdims=True) + eps))`` (in float32, cast back): read
+    whole, its weight folded into the layers reading it; a rotation of the folded model keeps its function and
+    weight matching undoes it."""
+    from tests.test_stream_trace_jax import _apply, _close, _model, _state
+
+    class HandRMSNorm(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            w = self.param("weight", nn.initializers.ones, (x.shape[-1],))
+            h = x.astype(jnp.float32)
+            h = h * jax.lax.rsqrt(jnp.mean(jnp.square(h), axis=-1, keepdims=True) + 1e-6)
+            return w * h.astype(x.dtype)
+
+    class Net(nn.Module):
+        @nn.compact
+        def __call__(self, idx):
+            x = nn.Embed(VOCAB, D, name="embed")(idx)
+            h = HandRMSNorm(name="n1")(x)
+            x = x + nn.Dense(D, use_bias=False, name="down")(
+                nn.silu(nn.Dense(2 * D, use_bias=False, name="gate")(h)) * nn.Dense(2 * D, use_bias=False, name="up")(h))
+            return nn.Dense(VOCAB, use_bias=False, name="head")(HandRMSNorm(name="nf")(x))
+
+    idx = np.random.default_rng(0).integers(0, VOCAB, (3, 6)).astype(np.int32)
+    module = Net()
+    state = _state(module, idx, 0)
+    spec, folds = cb.derive_symmetries(_model(module, state), idx)
+    stream = spec.axes_to_perm["params/embed/embedding"][1]
+    assert spec.kind(stream) == Orthogonal(fix_ones=False, requires=(("params/n1/weight", 1.0),
+                                                                    ("params/nf/weight", 1.0)))
+    folded = cb.fold_norms(state, folds)
+    np.testing.assert_allclose(folded["params/head/kernel"], state["params/nf/weight"][:, None]
+                               * state["params/head/kernel"])
+    base = _apply(module, state, idx)
+    _close(_apply(module, folded, idx), base)
+    moved = cb.apply_permutation(spec, cb.random_permutation(spec, folded, seed=3), folded)
+    assert float(np.abs(moved["params/embed/embedding"] - folded["params/embed/embedding"]).max()) > 0.1
+    _close(_apply(module, moved, idx), base)
+    back = cb.apply_permutation(spec, cb.weight_matching(spec, folded, moved, seed=0, restarts=2), moved)
+    assert max(float(np.abs(back[k] - folded[k]).max()) for k in folded) < 1e-6

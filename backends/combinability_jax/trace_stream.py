@@ -108,6 +108,8 @@ class _StreamTrace(JaxprWalker):
         for op in self.ops:
             for i in op[2]:
                 self.uses[i] = self.uses.get(i, 0) + 1
+        self.rms_of, self.rms_statistics = self._rms_normalised()  # RMSNorms written out
+        self.rms_norms: list[tuple[str, int, int]] = []  # (weight, its space, the scaled output)
         last = {op[4]: k for k, op in enumerate(self.ops)}
         for k, (prim, params, ins, outs, scope) in enumerate(self.ops):
             if scope.startswith("L="):
@@ -197,6 +199,14 @@ class _StreamTrace(JaxprWalker):
             self.origin[outs[0]] = self.origin[ins[0]]
         elif n in ("reshape", "broadcast_in_dim") and ins and ins[0] in self.origin:
             self.origin[outs[0]] = (self.origin[ins[0]][0], True)
+        if outs and outs[0] in self.rms_statistics:  # rsqrt(mean(x ** 2) + eps): a number per token
+            self.labels[outs[0]] = [ANY if d == 1 else FIXED for d in shape]
+            return
+        if outs and outs[0] in self.rms_of:  # x / rms(x): every orthogonal map of x's features keeps it
+            self.labels[outs[0]] = list(self._lab(self.rms_of[outs[0]]))
+            return
+        if n == "mul" and self._rms_scale(ins, deps, labs, outs[0]):
+            return
         if n in _RANDOM:  # keys for a cell's initial carry (flax's nn.RNN): constants of no feature
             for o in outs:
                 self.labels[o], self.dep[o] = [ANY if s == 1 else FIXED for s in self.shape[o]], "const"
@@ -417,6 +427,80 @@ class _StreamTrace(JaxprWalker):
             return  # a LayerScale: folds into the Dense it scales
         sp.mark(result)
 
+    def _uncast(self, i: int) -> int:
+        """Array ``i`` before the casts (``convert_element_type``) that made it."""
+        while (k := self.producer.get(i)) is not None and self.ops[k][0].name in ("convert_element_type", "copy",
+                                                                                   "copy_p"):
+            i = self.ops[k][2][0]
+        return i
+
+    def _rms_normalised(self) -> tuple[dict[int, int], set[int]]:
+        """RMSNorms written out (``x * lax.rsqrt(jnp.mean(jnp.square(x), -1, keepdims=True) + eps)``): each
+        normalised output -> ``x``, and the arrays of their statistics (numbers per token)."""
+        out: dict[int, int] = {}
+        stats: set[int] = set()
+        for prim, _, ins, outs, _ in self.ops:
+            if prim.name != "mul" or len(ins) != 2:
+                continue
+            for x, h in (ins, ins[::-1]):
+                chain = self._rms_statistic(h, x)
+                if chain is not None:
+                    out[outs[0]] = x
+                    stats |= chain
+                    break
+        return out, stats
+
+    def _rms_statistic(self, h: int, x: int) -> set[int] | None:
+        """The arrays of ``rsqrt(mean(x ** 2, last axis, keepdims) + eps)`` ending at ``h``, or None."""
+        chain: list[int] = []
+
+        def made(i: int, *names: str) -> tuple[Any, dict, list[int]] | None:
+            k = self.producer.get(i)
+            if k is None or self.ops[k][0].name not in names:
+                return None
+            chain.append(i)
+            return self.ops[k][0], self.ops[k][1], self.ops[k][2]
+
+        op = made(h, "rsqrt")
+        op = op and made(op[2][0], "add")
+        if not op or len(op[2]) != 2 or not any(i in self.const for i in op[2]):
+            return None
+        i = next(i for i in op[2] if i not in self.const)
+        op = made(i, "div", "mul")  # the sum over the features divided by their number (the mean)
+        if not op or len(op[2]) != 2 or op[2][1] not in self.const:
+            return None
+        i = op[2][0]
+        while (op := made(i, "broadcast_in_dim", "reshape", "expand_dims")) is not None:  # keepdims
+            i = op[2][0]
+        op = made(i, "reduce_sum")
+        if not op or tuple(op[1]["axes"]) != (len(self.shape[op[2][0]]) - 1,):
+            return None
+        squared = op[2][0]
+        op = made(squared, "square", "integer_pow", "mul", "pow")
+        if not op:
+            return None
+        name, params, args = op
+        if (name.name == "integer_pow" and params["y"] != 2) or (name.name == "mul" and args[0] != args[1]) or \
+                (name.name == "pow" and not (args[1] in self.const and float(self.const[args[1]]) == 2.0)):
+            return None
+        return set(chain) if self._uncast(args[0]) == self._uncast(x) else None
+
+    def _rms_scale(self, ins: list[int], deps: list[str], labs: list[list[int | None]], out: int) -> bool:
+        """Record and say whether a product scales an RMSNorm's normalised output (through casts) by a learned
+        vector of its features: the norm's weight, folded into the layers reading it."""
+        if len(ins) != 2 or sorted(deps) != ["act", "param"]:
+            return False
+        w, h = (ins[0], ins[1]) if deps[0] == "param" else (ins[1], ins[0])
+        weight = self.origin.get(w, (None, False))[0]
+        if weight is None or len(self.param_shapes[weight]) != 1 or self._uncast(h) not in self.rms_of:
+            return False
+        s = self.sp.union(labs[ins.index(w)][-1], labs[ins.index(h)][-1])
+        if s is ANY or self.sp.is_fixed(s):
+            return False
+        self.labels[out] = [*labs[ins.index(h)][:-1], s]
+        self.rms_norms.append((weight, s, out))
+        return True
+
     def _layer_scale(self, ins: list[int], deps: list[str], result: list[int | None]) -> bool:
         """Record and say whether a product is a learned vector ``γ`` of features times a Dense layer's output
         read by nothing else (a transformer's LayerScale, ``x + γ * Dense(h)``)."""
@@ -497,12 +581,17 @@ class _StreamTrace(JaxprWalker):
 
     def readers(self, rec: _Norm) -> list[Reader] | None:
         """The layers reading a norm's output (through pooling, token indexing and casts); None if one is not."""
+        return self.readers_of(rec.out)
+
+    def readers_of(self, out: int) -> list[Reader] | None:
+        """The layers reading array ``out`` (a norm's output), through pooling, token indexing and casts; None if
+        one is not a layer."""
         users: dict[int, list[int]] = {}
         for k, op in enumerate(self.ops):
             for i in op[2]:
                 users.setdefault(i, []).append(k)
         found: list[Reader] = []
-        todo = [(rec.out, len(self.shape[rec.out]) - 1, 1.0)]
+        todo = [(out, len(self.shape[out]) - 1, 1.0)]
         while todo:
             i, axis, factor = todo.pop()
             if i in self.out or not users.get(i):
@@ -572,6 +661,9 @@ class _StreamTrace(JaxprWalker):
             norms.append(Norm(s, scale, shift, isinstance(rec.module, nn.LayerNorm),
                               None if readers is None else tuple(readers)))
         norms += [Norm(s, gamma, None, False, (), writers=(writer,)) for gamma, s, writer in self.layer_scales]
+        for weight, s, out in self.rms_norms:  # written out: read whole, as nn.RMSNorm
+            readers = self.readers_of(out)
+            norms.append(Norm(s, weight, None, False, None if readers is None else tuple(readers)))
         binds = {p: self.binds.get(p, [ANY] * len(shape)) for p, shape in self.param_shapes.items()}
         packed = self._packed_parts()
         find = self.sp.find
