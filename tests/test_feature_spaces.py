@@ -151,15 +151,30 @@ def test_a_foldable_linear_stream_is_orthogonal_with_its_norms_required(centre):
     _keeps_function(transformer, spec, folds, transformer_params(1, centre), seed=2, centre=centre)
 
 
-@pytest.mark.parametrize("readers", [None, (Reader("head.weight", 1, None),)], ids=["nonlinear-reader", "no-bias"])
-def test_a_stream_whose_norm_cannot_fold_is_a_plain_permutation(readers):
-    sp, binds, norms, heads = transformer_facts(final_readers=readers)
+def test_a_stream_whose_norm_cannot_fold_is_a_plain_permutation():
+    sp, binds, norms, heads = transformer_facts(final_readers=None)
     spec, folds = spec_from_spaces(sp, binds, norms, heads)
     assert folds == [] and "P_embed" not in spec.kinds
     assert dict(spec.axes_to_perm) == _stream_axes("P_embed") | {
         f"{n}.{leaf}": ("P_embed",) for n in ("ln1", "ln2", "lnf") for leaf in ("weight", "bias")}
-    if readers is None:  # the numpy twin: tanh between the final norm and the head
-        _keeps_function(transformer, spec, folds, transformer_params(3), seed=4, tail=True)
+    _keeps_function(transformer, spec, folds, transformer_params(3), seed=4, tail=True)  # tanh before the head
+
+
+def test_a_norm_read_by_a_bias_free_layer_keeps_its_shift_in_the_stream():
+    """The final norm's reader has no bias: its scale folds into the reader, its shift stays (divided by the
+    scale) and moves with the stream, which stays orthogonal."""
+    sp, binds, norms, heads = transformer_facts(final_readers=(Reader("head.weight", 1, None),))
+    spec, folds = spec_from_spaces(sp, binds, norms, heads)
+    kind = spec.kind("P_embed")
+    assert isinstance(kind, Orthogonal) and "lnf.weight" in dict(kind.requires)
+    assert "lnf.bias" not in dict(kind.requires)
+    assert spec.axes_to_perm["lnf.bias"] == ("P_embed",) and spec.axes_to_perm["lnf.weight"] == (None,)
+    assert folds[-1] == NormFold("lnf.weight", "lnf.bias", (Reader("head.weight", 1, None),), keep_shift=True)
+    params = transformer_params(3)
+    folded = cb.fold_norms(params, folds)
+    np.testing.assert_allclose(folded["lnf.bias"], params["lnf.bias"] / params["lnf.weight"])
+    np.testing.assert_array_equal(folded["head.bias"], params["head.bias"])  # nothing folded into it
+    _keeps_function(transformer, spec, folds, params, seed=4)
 
 
 def test_a_tied_reader_takes_no_fold_and_keeps_the_stream_a_permutation():

@@ -182,8 +182,8 @@ def test_an_rmsnorm_written_out_in_flax_folds_as_nn_rmsnorm_and_the_stream_rotat
         def __call__(self, idx):
             x = nn.Embed(VOCAB, D, name="embed")(idx)
             h = HandRMSNorm(name="n1")(x)
-            x = x + nn.Dense(D, use_bias=False, name="down")(
-                nn.silu(nn.Dense(2 * D, use_bias=False, name="gate")(h)) * nn.Dense(2 * D, use_bias=False, name="up")(h))
+            gated = nn.silu(nn.Dense(2 * D, use_bias=False, name="gate")(h))
+            x = x + nn.Dense(D, use_bias=False, name="down")(gated * nn.Dense(2 * D, use_bias=False, name="up")(h))
             return nn.Dense(VOCAB, use_bias=False, name="head")(HandRMSNorm(name="nf")(x))
 
     idx = np.random.default_rng(0).integers(0, VOCAB, (3, 6)).astype(np.int32)
