@@ -234,3 +234,43 @@ def test_curvature_on_a_batchnorm_network_leaves_the_models_as_they_are():
     _, _, updated = prepared.value_and_grad(flat, pair.backend_obj.asarray(data.x[:8]),
                                             pair.backend_obj.asarray(data.y[:8]), lambda z, y: F.cross_entropy(z, y))
     assert torch.equal(flat, kept) and not torch.equal(updated, kept)  # statistics updated in the copy returned
+
+
+def test_the_curvature_of_a_sequence_model_is_that_of_its_mean_loss_over_every_position():
+    """A language model's ``(n, T, vocab)`` logits for ``(n, T)`` targets: the gradients behind the curvature are
+    those of the loss the barriers measure, the mean over every position (float64 torch losses as reference)."""
+    import copy
+
+    import torch
+    from torch import nn
+
+    vocab, seq = 12, 5
+
+    class LM(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.emb, self.fc, self.head = nn.Embedding(vocab, 8), nn.Linear(8, 8), nn.Linear(8, vocab)
+
+        def forward(self, ids):
+            return self.head(torch.tanh(self.fc(self.emb(ids))))
+
+    nets = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        nets.append(LM().eval())
+    g = torch.Generator().manual_seed(2)
+    ids, labels = (torch.randint(0, vocab, (20, seq), generator=g) for _ in range(2))
+    data = cb.ArrayDataset(x=ids.numpy(), y=labels.numpy(), num_classes=vocab, name="tokens", split="test")
+    pair = cb.ModelPair(*nets, example_input=ids[:4])
+
+    def loss(pair, theta, data) -> float:
+        model = copy.deepcopy(nets[0]).double()
+        params = pair.layout.unflatten(theta.astype(np.float64), cast=False)
+        model.load_state_dict({k: torch.as_tensor(v) for k, v in params.items()})
+        with torch.no_grad():
+            logits = model(torch.as_tensor(data.x))
+        return float(torch.nn.functional.cross_entropy(logits.reshape(-1, vocab), torch.as_tensor(data.y).reshape(-1)))
+
+    _check_curvature(pair, data, ("fc", "head"), loss, rtol=1e-3)
+    ds = cb.layerwise_barriers(pair, data, lambdas=[0.0, 0.5, 1.0], modes=["cumulative"])
+    assert np.isfinite(ds["curvature_start"].values).all()

@@ -75,15 +75,21 @@ LABELS: dict[str, dict[str, str]] = {
 
 # -- gradients and curvature ----------------------------------------------------------------------
 def _summed_loss(logits: Any, y: Any) -> Any:
-    """The summed per-example cross-entropy (the caller divides by the number of examples); array API."""
+    """The summed cross-entropy over every target (the caller divides by their number); array API. A sequence
+    model's ``(n, T, vocab)`` logits (or a dense prediction's) are read one row per target, as evaluations read
+    them (:func:`~combinability.evaluation.logit_rows`)."""
     from array_api_compat import array_namespace
 
+    from combinability.evaluation import logit_rows
+
     xp = array_namespace(logits)
-    return xp.sum(cross_entropy(xp, logits, y))
+    rows = logit_rows(xp, logits, tuple(int(v) for v in y.shape))
+    return xp.sum(cross_entropy(xp, rows, xp.reshape(y, (-1,))))
 
 
 def full_gradient(prepared: Prepared, backend: Backend, flat: Any, x: Any, y: Any, batch_size: int) -> np.ndarray:
-    """The gradient of the mean cross-entropy over every example in inference mode, float64 ``(d,)``, batched."""
+    """The gradient of the mean cross-entropy over every target (every example; every position of a sequence) in
+    inference mode, float64 ``(d,)``, batched."""
     n = int(x.shape[0])
     total = None
     for s in range(0, n, batch_size):
@@ -91,7 +97,7 @@ def full_gradient(prepared: Prepared, backend: Backend, flat: Any, x: Any, y: An
                                              train=False)
         g = backend.to_numpy(grad).astype(np.float64)
         total = g if total is None else total + g
-    return total / n
+    return total / int(np.prod(y.shape))
 
 
 def curvature_along(prepared: Prepared, backend: Backend, theta: np.ndarray, direction: np.ndarray, x: Any,
