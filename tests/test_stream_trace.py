@@ -335,3 +335,40 @@ def test_tokens_masked_whole_keep_the_stream_rotatable_when_zeroed(fill):
         reference = model(ids).numpy()
         model.load_state_dict({k: torch.as_tensor(v) for k, v in moved.items()})
         np.testing.assert_allclose(model(ids).numpy(), reference, rtol=1e-10, atol=1e-10)
+
+
+def test_a_module_traced_through_is_a_feature_point_at_its_output():
+    """A transformer block fx traces through (its operations inlined, no module call in the graph) is read at the
+    one node its scope lets out, as a forward hook on it sees its output; LLFC takes it as a point."""
+    from tests.model_checks import tapped_features
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.ln, self.fc1, self.fc2 = nn.LayerNorm(8), nn.Linear(8, 16), nn.Linear(16, 8)
+
+        def forward(self, x):
+            return x + self.fc2(torch.nn.functional.gelu(self.fc1(self.ln(x))))
+
+    class LM(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb, self.blocks, self.head = nn.Embedding(11, 8), nn.ModuleList([Block(), Block()]), nn.Linear(8, 11)
+
+        def forward(self, ids):
+            x = self.emb(ids)
+            for block in self.blocks:
+                x = block(x)
+            return self.head(x)
+
+    a, b = _randomise(LM(), 0), _randomise(LM(), 1)
+    ids = torch.randint(0, 11, (4, 6), generator=torch.Generator().manual_seed(0))
+    seen = {}
+    hook = a.blocks[0].register_forward_hook(lambda _m, _i, out: seen.update(out=out))
+    with torch.no_grad():
+        a(ids)
+    hook.remove()
+    feats = tapped_features(a, b, ids, "blocks.0")  # (examples x features, positions): as a hook's output is read
+    np.testing.assert_allclose(feats.reshape(4, 8, 6).transpose(0, 2, 1), seen["out"].numpy(), rtol=1e-5, atol=1e-6)
+    ds = cb.llfc(cb.ModelPair(a, b, example_input=ids), (ids.numpy(), ids.numpy()), values=[0.5], points=["blocks.0"])
+    assert np.isfinite(ds["cosine"].values).all()

@@ -1383,6 +1383,28 @@ def writes_in_place(gm: fx.GraphModule) -> bool:
     return False
 
 
+def module_outputs(gm: fx.GraphModule) -> dict[str, str]:
+    """For each module that fx traced through (its operations inlined: a transformer block, an attention or MLP
+    module), the node holding its output: the one node of its scope that a node outside it reads. Modules whose
+    scope lets several nodes out (a tuple returned) are left out."""
+    scope: dict[str, list[fx.Node]] = {}
+    for n in gm.graph.nodes:
+        for entry in (n.meta.get("nn_module_stack") or {}).values():
+            path = entry[0] if isinstance(entry, tuple) else None
+            if isinstance(path, str) and path:
+                scope.setdefault(path, []).append(n)
+    called = {n.target for n in gm.graph.nodes if n.op == "call_module"}
+    out: dict[str, str] = {}
+    for path, nodes in scope.items():
+        if path in called:
+            continue  # a module called whole: hooked, or tapped at its node
+        inside = {n.name for n in nodes}
+        leaving = [n for n in nodes if any(u.name not in inside for u in n.users)]
+        if len(leaving) == 1:
+            out[path] = leaving[0].name
+    return out
+
+
 class TapRunner(nn.Module):
     """Runs a traced module and records the outputs of chosen nodes (the feature taps of a user model).
 
@@ -1401,7 +1423,10 @@ class TapRunner(nn.Module):
         self._modules = gm._modules
         self._parameters = gm._parameters
         self._buffers = gm._buffers
-        self.__dict__["fx_of"] = {v: k for k, v in table_names(gm).items()}
+        fx_of = {v: k for k, v in table_names(gm).items()}
+        # modules fx traced through (a transformer block): their output's node
+        fx_of.update({path: name for path, name in module_outputs(gm).items() if path not in fx_of})
+        self.__dict__["fx_of"] = fx_of
         self.__dict__["copy_taps"] = writes_in_place(gm)
         # tapped channels-first, as the table reads them: channels-last maps, and the outputs of layers acting
         # on the last axis of (n, tokens, features) or any other (n, ..., units) tensor
