@@ -512,7 +512,8 @@ def _is_float(value: Any) -> tuple[bool, str]:
     except TypeError:  # a framework's dtype (torch.float32): its name says it
         name = str(dtype).rpartition(".")[2]
         return name.startswith(("float", "bfloat", "half", "double")), name
-    return bool(np.issubdtype(dtype, np.floating)), dtype.name
+    # ml_dtypes' bfloat16 and float8 types (jax's) are floats that numpy does not class as np.floating
+    return bool(np.issubdtype(dtype, np.floating)) or dtype.name.startswith(("bfloat", "float")), dtype.name
 
 
 def _corrupt(path: Path, what: str) -> CorruptFileError:

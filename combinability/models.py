@@ -435,6 +435,15 @@ def _model_part(current: Mapping[str, Any], state: dict[str, Any], path: Any) ->
         sub = _with_collections(current, sub)
         if sub and all(k in current for k in sub):
             fits[root] = sub
+    if not fits:  # a root holding every name of the model and more: name the extra entries
+        for root in dict.fromkeys(map(_root, kept)):
+            sub = {k[len(root) + 1:] for k in kept if _root(k) == root and len(k) > len(root)}
+            if set(current) <= sub | {k for k in current if k.endswith("num_batches_tracked")}:
+                extra = sorted(sub - set(current))
+                raise IncompatibleModelsError(
+                    f"{path} holds every entry of the model under {root + '.'!r}, and also {extra[:8]}"
+                    f"{f' and {len(extra) - 8} more' if len(extra) > 8 else ''}, which the model does not have: "
+                    "is it another version of the model's class?")
     usual = [r for r in _MODEL_ROOTS if r in fits]
     if len(fits) > 1 and not usual:
         raise IncompatibleModelsError(f"{path} holds the model's variables under several roots: {sorted(fits)}; "
@@ -464,11 +473,15 @@ def load_into(model: Any, path: str | Path, *, backend: str | None = None) -> An
     be = get_backend(backend or infer_backend(model))
     state = read_state_dict(path)
     current = be.state(model)
-    if not any(k in current for k in state):  # e.g. saved from a DataParallel / compiled wrapper
-        for prefix in ("module.", "_orig_mod.", "model."):
-            if all(k.startswith(prefix) for k in state):
-                state = {k[len(prefix):]: v for k, v in state.items()}
+    for prefix in ("module.", "_orig_mod.", "model."):  # saved from a DataParallel / compiled / Lightning wrapper
+        if any(k in current for k in state):
+            break  # (a model whose own names start with ``model.``, saved by DDP: ``module.`` only is removed)
+        if all(k.startswith(prefix) for k in state):
+            state = {k[len(prefix):]: v for k, v in state.items()}
     state = _model_part(current, _with_collections(current, state), path)
+    counters = [k for k in current if k.endswith("num_batches_tracked") and k not in state]
+    if counters and all(k in current for k in state):  # an older torch's BatchNorm state: no counter saved
+        state = {**state, **{k: current[k] for k in counters}}
     bad = non_float_parameters(current, state)
     if bad:
         raise IncompatibleModelsError(

@@ -170,6 +170,60 @@ def test_integer_weights_in_a_user_state_dict_are_refused(tmp_path):
     assert "num_batches_tracked" not in str(err.value)
 
 
+def test_state_dicts_as_wrappers_and_older_torch_save_them_load_exactly(tmp_path):
+    """A DDP-saved wrapper whose own names start with ``model.`` (only ``module.`` removed), a BatchNorm state of an
+    older torch without ``num_batches_tracked`` (the model keeps its counter), and a Lightning file with an extra
+    entry under the recognised ``model.`` prefix (named as the one that does not fit)."""
+    import torch
+
+    class Wrapper(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4), torch.nn.Linear(4, 2))
+
+    torch.manual_seed(0)
+    saved = Wrapper()
+    torch.save({f"module.{k}": v for k, v in saved.state_dict().items()}, tmp_path / "ddp.pt")
+    loaded = cb.load_into(Wrapper(), tmp_path / "ddp.pt").state_dict()
+    for name, value in saved.state_dict().items():
+        torch.testing.assert_close(loaded[name], value, rtol=0, atol=0)
+    old = {k: v for k, v in saved.model.state_dict().items() if not k.endswith("num_batches_tracked")}
+    torch.save(old, tmp_path / "old.pt")
+    net = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4), torch.nn.Linear(4, 2))
+    got = cb.load_into(net, tmp_path / "old.pt").state_dict()
+    torch.testing.assert_close(got["1.running_var"], old["1.running_var"], rtol=0, atol=0)
+    assert int(got["1.num_batches_tracked"]) == int(net.state_dict()["1.num_batches_tracked"])
+    lightning = {"state_dict": {**{f"model.{k}": v for k, v in saved.model.state_dict().items()},
+                                "model.extra.weight": torch.ones(2), "criterion.weight": torch.ones(2)}}
+    torch.save(lightning, tmp_path / "epoch=3.ckpt")
+    with pytest.raises(IncompatibleModelsError, match=r"every entry of the model under 'model\.', and also "
+                                                      r"\['extra\.weight'\]"):
+        cb.load_into(net, tmp_path / "epoch=3.ckpt")
+
+
+def test_flax_bfloat16_variables_are_floats_and_load():
+    jax = pytest.importorskip("jax")
+    pytest.importorskip("flax")
+    import flax.linen as nn
+    from flax import serialization
+
+    from combinability.checkpoint import non_float_parameters
+
+    net = nn.Dense(3)
+    variables = net.init(jax.random.PRNGKey(0), np.ones((1, 4), np.float32))
+    half = jax.tree_util.tree_map(lambda v: v.astype(jax.numpy.bfloat16), variables)
+    assert non_float_parameters({"k": np.float32}, {"k": np.asarray(half["params"]["kernel"])}) == []
+    assert non_float_parameters({"k": np.float32}, {"k": np.zeros(2, np.int8)}) == ["k (int8)"]
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "half.msgpack"
+        path.write_bytes(serialization.to_bytes(half))
+        loaded = cb.load_into((net, variables), path).variables
+    np.testing.assert_array_equal(np.asarray(loaded["params"]["kernel"], np.float32),
+                                  np.asarray(half["params"]["kernel"], np.float32))
+
+
 # -- read_metadata -----------------------------------------------------------------------------------
 def test_read_metadata_reads_the_header_only(tmp_path, monkeypatch):
     import safetensors
