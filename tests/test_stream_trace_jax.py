@@ -68,6 +68,18 @@ def _close(out, base):
     np.testing.assert_allclose(out, base, atol=2e-4 * max(1.0, float(np.abs(base).max())))
 
 
+def _folded_map_undone(module, state, folded, spec, x, moved_param):
+    """The folded state computes the model's function; so does a random map of ``spec`` of it (which moves
+    ``moved_param``), and weight matching undoes that map."""
+    base = _apply(module, state, x)
+    _close(_apply(module, folded, x), base)
+    moved = cb.apply_permutation(spec, cb.random_permutation(spec, folded, seed=3), folded)
+    assert float(np.abs(moved[moved_param] - folded[moved_param]).max()) > 0.1
+    _close(_apply(module, moved, x), base)
+    back = cb.apply_permutation(spec, cb.weight_matching(spec, folded, moved, seed=0, restarts=2), moved)
+    assert max(float(np.abs(back[k] - folded[k]).max()) for k in folded) < 1e-6
+
+
 CASES = {
     "vit-layer-cls": (lambda: _vit(), IMAGES),
     "vit-rms-mean": (lambda: _vit(norm="rms", pool="mean"), IMAGES),
