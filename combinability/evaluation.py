@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from combinability.backend import bound_forward
-from combinability.data.base import input_dtype, input_fault
+from combinability.data.base import IGNORE_INDEX, input_dtype, input_fault, labelled_targets
 from combinability.errors import CombinabilityError, ConfigurationError, DatasetError, LayoutError
 from combinability.hookspecs import Registration, hookimpl
 from combinability.host_memory import keep_freed_memory
@@ -86,15 +86,35 @@ def cross_entropy(xp: Any, logits: Any, y: Any) -> Any:
     return _logsumexp(xp, logits) - _pick(xp, logits, y)
 
 
+def scored(xp: Any, y: Any) -> tuple[Any, Any]:
+    """``(labels, weights)`` for scoring: targets labelled :data:`IGNORE_INDEX` get weight 0 (float32)
+    and, so that no index runs outside the logits, the label 0; every other target weight 1."""
+    keep = y != IGNORE_INDEX
+    return xp.where(keep, y, xp.zeros_like(y)), xp.astype(keep, xp.float32)
+
+
+def summed_cross_entropy(xp: Any, logits: Any, y: Any, classes_second: bool | None = None) -> tuple[Any, Any]:
+    """The sum of :func:`cross_entropy` over the scored targets, and their number (both 0-d, float32).
+
+    Targets ``(n, *positions)`` (a sequence's ``(n, T)``, a segmentation's ``(n, H, W)``) take
+    logits in any layout :func:`logit_rows` reads (``classes_second`` as there): one row per target.
+    Targets labelled :data:`IGNORE_INDEX` add nothing to either.
+    """
+    if len(y.shape) > 1 or logits.ndim > 2:
+        logits = logit_rows(xp, logits, tuple(y.shape), classes_second=classes_second)
+    labels, weights = scored(xp, xp.reshape(y, (-1,)))
+    return xp.sum(cross_entropy(xp, logits, labels) * weights), xp.sum(weights)
+
+
 def mean_cross_entropy(xp: Any, logits: Any, y: Any, classes_second: bool | None = None) -> Any:
-    """The mean of :func:`cross_entropy` over every target (a training loss).
+    """The mean of :func:`cross_entropy` over every scored target (a training loss): targets labelled
+    :data:`IGNORE_INDEX` are left out of the sum and the count (0 where a batch has none scored).
 
     Targets ``(n, *positions)`` (a sequence's ``(n, T)``, a segmentation's ``(n, H, W)``) take
     logits in any layout :func:`logit_rows` reads (``classes_second`` as there): one row per target.
     """
-    if len(y.shape) > 1 or logits.ndim > 2:
-        logits, y = logit_rows(xp, logits, tuple(y.shape), classes_second=classes_second), xp.reshape(y, (-1,))
-    return xp.mean(cross_entropy(xp, logits, y))
+    total, count = summed_cross_entropy(xp, logits, y, classes_second)
+    return total / (count + xp.astype(count == 0, count.dtype))
 
 
 def logit_rows(xp: Any, logits: Any, targets: tuple[int, ...], lead: int = 0,
@@ -296,14 +316,16 @@ def input_faults_named(data: ArrayDataset) -> Iterator[None]:
 
 def _check_labels(data: ArrayDataset, classes: int) -> None:
     """Refuse labels outside ``[0, classes)`` (the model's logits' last axis) before they are scored: an index
-    beyond the logits fails in torch and is clamped silently in jax."""
+    beyond the logits fails in torch and is clamped silently in jax. :data:`IGNORE_INDEX` marks a target
+    that is not scored."""
     y = np.asarray(data.y)
+    y = y[y != IGNORE_INDEX]
     low, high = (int(y.min()), int(y.max())) if y.size else (0, 0)
     if low < 0 or high >= classes:
         raise DatasetError(f"the data's labels run from {low} to {high}, but the model gives {classes} classes "
                            f"(logits of {classes} values): labels must lie in [0, {classes})"
-                           + ("; a negative label such as an ignore index (-100) is not supported: drop those "
-                              "positions or examples" if low < 0 else ""))
+                           + (f"; a target that is not to be scored (padding) is labelled {IGNORE_INDEX}, "
+                              f"torch's ignore_index" if low < 0 else ""))
 
 
 class Evaluator:
@@ -419,6 +441,11 @@ class Evaluator:
         n = len(data)
         if n == 0:
             raise DatasetError("cannot evaluate on an empty dataset")
+        # every scored target counts once (every labelled character of a sequence)
+        targets = labelled_targets(data.y)
+        if targets == 0:
+            raise DatasetError(f"every label of the data is {IGNORE_INDEX} (not scored): there is nothing to evaluate")
+        ignoring = targets < np.size(data.y)
         stacked = self._stack(flats)
         x, y = self._data(data)
         k = self._count(stacked)
@@ -427,18 +454,19 @@ class Evaluator:
         extra = np.zeros((len(self.metrics), k))
         preds = []
         for c in range(0, k, self.vectors):
-            self._evaluate_chunk(stacked, c, data, x, y, loss, correct, extra, preds)
+            self._evaluate_chunk(stacked, c, data, x, y, loss, correct, extra, preds, ignoring)
         predictions = np.concatenate(preds, axis=0)
-        targets = int(np.prod(np.shape(data.y)))  # every target counts once (every character of a sequence)
         return [Evaluation(loss=float(loss[i] / targets), accuracy=float(correct[i] / targets),
                            predictions=predictions[i],
                            values={m.name: float(extra[j, i] / targets) for j, m in enumerate(self.metrics)})
                 for i in range(k)]
 
     def _evaluate_chunk(self, stacked: Any, c: int, data: ArrayDataset, x: Any, y: Any, loss: np.ndarray,
-                        correct: np.ndarray, extra: np.ndarray, preds: list[np.ndarray]) -> None:
+                        correct: np.ndarray, extra: np.ndarray, preds: list[np.ndarray],
+                        ignoring: bool = False) -> None:
         """Add the sums of the vectors ``c : c + vectors`` over every batch to ``loss``, ``correct`` and
-        ``extra`` (at their rows), and their predictions to ``preds``."""
+        ``extra`` (at their rows), and their predictions to ``preds``; ``ignoring``: some targets are
+        labelled :data:`IGNORE_INDEX` (weighed 0)."""
         be, xp, n = self.backend, self.backend.xp(), int(x.shape[0])
         chunk = self._chunk(stacked, c)
         kc = self._count(chunk)
@@ -458,18 +486,20 @@ class Evaluator:
                 pending.append(logits)
                 held += math.prod(logits.shape)
                 if held >= _SCORED_TOGETHER or stop == n:  # one call per metric for the group's batches
-                    self._score(pending, y[start:stop], sums, chunk_preds)
+                    self._score(pending, y[start:stop], sums, chunk_preds, ignoring)
                     pending, start, held = [], stop, 0
         for target, batches in zip((loss, correct, *extra), sums, strict=True):
             for row in be.to_numpy(xp.stack(batches)).astype(np.float64):  # batch after batch, in float64
                 target[c : c + kc] += row
         preds.append(be.to_numpy(xp.concat(chunk_preds, axis=1)).astype(np.int64))
 
-    def _score(self, logits: list[Any], y: Any, sums: list[list[Any]], preds: list[Any]) -> None:
+    def _score(self, logits: list[Any], y: Any, sums: list[list[Any]], preds: list[Any],
+               ignoring: bool = False) -> None:
         """Append the sums of loss, correct predictions and extra metrics of consecutive batches.
 
         ``logits`` are the batches' ``(k, rows, classes)`` logits, ``y`` their targets;
-        everything stays on the device.
+        everything stays on the device. With ``ignoring``, targets labelled :data:`IGNORE_INDEX`
+        add nothing to any sum (their predictions are kept).
         """
         be, xp = self.backend, self.backend.xp()
         group = logits[0] if len(logits) == 1 else xp.concat(logits, axis=1)
@@ -482,10 +512,15 @@ class Evaluator:
                 f"every position (a model that returns the last position's only unless it is given targets, as "
                 f"nanoGPT's GPT does, needs a forward that returns them all)")
         pred = xp.argmax(group, axis=-1)
-        sums[0].append(xp.sum(be.cross_entropy(group, y), axis=1))
-        sums[1].append(xp.sum(xp.astype(pred == y, xp.float32), axis=1))
+        labels, weights = scored(xp, y) if ignoring else (y, None)
+
+        def summed(values: Any) -> Any:  # a metric's value at an unscored target may be anything: not multiplied
+            return xp.sum(values if weights is None else xp.where(weights > 0, values, xp.zeros_like(values)), axis=1)
+
+        sums[0].append(summed(be.cross_entropy(group, labels)))
+        sums[1].append(summed(xp.astype(pred == labels, xp.float32)))
         for j, metric in enumerate(self.metrics):
-            sums[2 + j].append(xp.sum(metric.per_example(xp, group, y), axis=1))
+            sums[2 + j].append(summed(metric.per_example(xp, group, labels)))
         preds.append(pred)
 
     def features(self, flat: Any, data: ArrayDataset, points: Sequence[str]) -> dict[str, np.ndarray]:

@@ -11,6 +11,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+from combinability.data.base import IGNORE_INDEX
 from combinability.errors import IncompatibleModelsError, LayoutError, NonFiniteWeightsError, UnknownNameError
 from combinability.layout import FlatLayout
 
@@ -138,12 +139,13 @@ def agreement_counts(pred: Any, pred_a: Any, pred_b: Any, labels: Any) -> np.nda
     pred : int array of shape ``(..., n)``
         Predicted labels of one or several combined models.
     pred_a, pred_b, labels : int arrays of shape ``(n,)``
-        Predictions of models A and B and the true labels.
+        Predictions of models A and B and the true labels; targets labelled
+        :data:`~combinability.data.base.IGNORE_INDEX` (``-100``) are not counted.
 
     Returns
     -------
     numpy.ndarray of int64, shape ``(..., 8)``
-        Each row sums to ``n``.
+        Each row sums to ``n`` (less the targets not counted).
 
     Raises
     ------
@@ -163,6 +165,9 @@ def agreement_counts(pred: Any, pred_a: Any, pred_b: Any, labels: Any) -> np.nda
             raise LayoutError(f"{name} has shape {arr.shape}; pred_a, pred_b and labels must share one shape (n,)")
     if pred.ndim == 0 or pred.shape[-1] != n:
         raise LayoutError(f"pred has shape {pred.shape}; its last axis must have the {n} examples of labels")
+    keep = labels != IGNORE_INDEX
+    if not keep.all():
+        pred, pred_a, pred_b, labels = pred[..., keep], pred_a[keep], pred_b[keep], labels[keep]
     match_a = pred == pred_a
     match_b = pred == pred_b
     wrong = pred != labels

@@ -252,10 +252,16 @@ def calibrate(
     return reuse_or_run(out, key, run, overwrite=overwrite)
 
 
-def _logits(pair: ModelSet, evaluator: Any, theta: Any, x: Any, labels: np.ndarray) -> np.ndarray:
-    """Float64 logits, one row per label (a sequence's or a segmentation's, example-major)."""
+def _logits(pair: ModelSet, evaluator: Any, theta: Any, x: Any, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Float64 logits, one row per scored label (a sequence's or a segmentation's, example-major; labels
+    ``IGNORE_INDEX`` left out), and those labels."""
+    from combinability.data.base import IGNORE_INDEX
+
     shape = tuple(np.shape(labels)[1:])
-    return pair.backend_obj.to_numpy(evaluator.logits(theta, x, shape))[0].astype(np.float64)
+    z = pair.backend_obj.to_numpy(evaluator.logits(theta, x, shape))[0].astype(np.float64)
+    labels = np.ravel(labels)
+    keep = labels != IGNORE_INDEX
+    return (z, labels) if keep.all() else (z[keep], labels[keep])
 
 
 def _calibrate_one(pair: ModelSet, evaluation: ArrayDataset, calib: ArrayDataset, grid: np.ndarray,
@@ -271,8 +277,8 @@ def _calibrate_one(pair: ModelSet, evaluation: ArrayDataset, calib: ArrayDataset
     rows = []
     for lam in grid:
         theta = ta if lam == 0 else tb if lam == 1 else combine(ta, tb, float(lam))
-        beta = fit_temperature(_logits(pair, evaluator, theta, x_cal, calib.y), np.ravel(calib.y), bounds)
-        z, labels = _logits(pair, evaluator, theta, x_eval, evaluation.y), np.ravel(evaluation.y)
+        beta = fit_temperature(*_logits(pair, evaluator, theta, x_cal, calib.y), bounds)
+        z, labels = _logits(pair, evaluator, theta, x_eval, evaluation.y)
         rows.append((temperature_loss(z, labels, 1.0), temperature_loss(z, labels, beta),
                      float(np.mean(z.argmax(axis=1) == labels)), beta))
     loss, loss_cal, acc, beta = (np.array(c) for c in zip(*rows, strict=True))

@@ -39,8 +39,9 @@ import numpy as np
 import xarray as xr
 
 from combinability.analysis.llfc import check_out, data_identity, resolve_data
+from combinability.data.base import labelled_targets
 from combinability.errors import ConfigurationError, SamplerError, UnknownNameError
-from combinability.evaluation import cross_entropy
+from combinability.evaluation import summed_cross_entropy
 from combinability.results import annotate, provenance
 
 if TYPE_CHECKING:
@@ -75,16 +76,12 @@ LABELS: dict[str, dict[str, str]] = {
 
 # -- gradients and curvature ----------------------------------------------------------------------
 def _summed_loss(logits: Any, y: Any) -> Any:
-    """The summed cross-entropy over every target (the caller divides by their number); array API. A sequence
-    model's ``(n, T, vocab)`` logits (or a dense prediction's) are read one row per target, as evaluations read
-    them (:func:`~combinability.evaluation.logit_rows`)."""
+    """The summed cross-entropy over every scored target (the caller divides by their number); array API. A
+    sequence model's ``(n, T, vocab)`` logits (or a dense prediction's) are read one row per target, as evaluations
+    read them (:func:`~combinability.evaluation.logit_rows`); targets labelled ``IGNORE_INDEX`` add nothing."""
     from array_api_compat import array_namespace
 
-    from combinability.evaluation import logit_rows
-
-    xp = array_namespace(logits)
-    rows = logit_rows(xp, logits, tuple(int(v) for v in y.shape))
-    return xp.sum(cross_entropy(xp, rows, xp.reshape(y, (-1,))))
+    return summed_cross_entropy(array_namespace(logits), logits, y)[0]
 
 
 def full_gradient(prepared: Prepared, backend: Backend, flat: Any, x: Any, y: Any, batch_size: int) -> np.ndarray:
@@ -97,7 +94,7 @@ def full_gradient(prepared: Prepared, backend: Backend, flat: Any, x: Any, y: An
                                              train=False)
         g = backend.to_numpy(grad).astype(np.float64)
         total = g if total is None else total + g
-    return total / int(np.prod(y.shape))
+    return total / labelled_targets(backend.to_numpy(y))
 
 
 def curvature_along(prepared: Prepared, backend: Backend, theta: np.ndarray, direction: np.ndarray, x: Any,

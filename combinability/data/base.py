@@ -8,9 +8,25 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["ArrayDataset", "input_dtype", "input_fault", "integer_hint"]
+__all__ = ["ArrayDataset", "IGNORE_INDEX", "input_dtype", "input_fault", "integer_hint", "labelled_targets"]
+
+#: The label of a target that is not scored (a padded position of a sequence, a pixel outside the
+#: labelled region): torch's ``cross_entropy`` default and Hugging Face's convention. Such targets are
+#: left out of every loss, accuracy, metric and agreement count, and of the number they are averaged
+#: over; every other label must be a class.
+IGNORE_INDEX = -100
 
 _SIGNED = ("int8", "int16", "int32", "int64")
+
+
+def labelled_targets(y: Any) -> int:
+    """How many targets of the labels ``y`` are scored: those not :data:`IGNORE_INDEX`.
+
+    >>> labelled_targets(np.array([[3, 1, -100], [2, -100, -100]]))
+    3
+    """
+    y = np.asarray(y)
+    return int(y.size - np.count_nonzero(y == IGNORE_INDEX))
 
 
 def input_dtype(x: Any) -> np.dtype:

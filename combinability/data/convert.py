@@ -7,12 +7,13 @@ dataset name loads that dataset's split.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
 
-from combinability.data.base import ArrayDataset, input_dtype
+from combinability.data.base import IGNORE_INDEX, ArrayDataset, input_dtype, labelled_targets
 from combinability.errors import DatasetError
 
 __all__ = ["as_dataset", "as_datasets", "to_numpy", "check_labels", "check_seed"]
@@ -36,14 +37,19 @@ def check_seed(seed: Any, what: str = "seed") -> int:
 def check_labels(data: ArrayDataset, num_classes: int) -> None:
     """Raise :class:`DatasetError` unless every label of ``data`` is in ``[0, num_classes)``.
 
-    Labels such as ``-100`` (torch's "ignore") would otherwise be silently skipped or wrong.
+    Targets labelled :data:`~combinability.data.base.IGNORE_INDEX` (``-100``, torch's and Hugging
+    Face's "ignore") are not scored and pass; any other label outside the classes would be
+    silently wrong (clamped by jax), and so is refused, as is data without one scored target.
     """
     y = np.asarray(data.y)
-    bad = (y < 0) | (y >= num_classes)
+    bad = ((y < 0) | (y >= num_classes)) & (y != IGNORE_INDEX)
+    what = f"{data.name or 'the data'} ({data.split or 'split'})"
     if bad.any():
-        raise DatasetError(f"{int(bad.sum())} label(s) of {data.name or 'the data'} ({data.split or 'split'}) lie "
-                           f"outside [0, {num_classes}), e.g. {sorted(set(y[bad].tolist()))[:5]}; the models have "
-                           f"{num_classes} classes")
+        raise DatasetError(f"{int(bad.sum())} label(s) of {what} lie outside [0, {num_classes}), e.g. "
+                           f"{sorted(set(y[bad].tolist()))[:5]}; the models have {num_classes} classes (a target "
+                           f"that is not to be scored is labelled {IGNORE_INDEX})")
+    if y.size and not labelled_targets(y):
+        raise DatasetError(f"every label of {what} is {IGNORE_INDEX} (not scored): there is nothing to evaluate")
 
 
 def to_numpy(array: Any) -> np.ndarray:
@@ -53,8 +59,80 @@ def to_numpy(array: Any) -> np.ndarray:
     return np.asarray(array)
 
 
+#: Keys of a dict batch (Hugging Face's and torchvision-style datasets') that hold the labels, and the inputs
+LABEL_KEYS = ("labels", "label", "y", "target", "targets")
+INPUT_KEYS = ("input_ids", "pixel_values", "x", "image", "images", "img", "input", "inputs", "features")
+
+
 def _is_loader(obj: Any) -> bool:
     return hasattr(obj, "__iter__") and hasattr(obj, "dataset") and hasattr(obj, "batch_size")
+
+
+def _is_named_arrays(obj: Any) -> bool:
+    """A dict of a dataset's arrays by name (``{"input_ids": ..., "labels": ...}``), not of splits."""
+    return isinstance(obj, Mapping) and any(k in obj for k in LABEL_KEYS)
+
+
+def _is_map_dataset(obj: Any) -> bool:
+    """A ``torch.utils.data.Dataset`` indexed by example (a ``TensorDataset``, a user's ``Dataset`` class)."""
+    torch_data = sys.modules.get("torch.utils.data")
+    return (torch_data is not None and isinstance(obj, torch_data.Dataset) and hasattr(obj, "__len__")
+            and not isinstance(obj, torch_data.IterableDataset))
+
+
+def _split_batch(batch: Any, what: str) -> tuple[Any, Any]:
+    """``(inputs, labels)`` of one batch (or example): an ``(x, y, ...)`` sequence, or a dict whose keys name
+    them (``{"input_ids": ..., "labels": ...}``, ``{"image": ..., "label": ...}``)."""
+    if isinstance(batch, Mapping):
+        labels = [k for k in LABEL_KEYS if k in batch]
+        inputs = [k for k in INPUT_KEYS if k in batch]
+        if len(batch) == 2 and len(labels) == 1 and not inputs:  # {"tokens": ..., "labels": ...}
+            inputs = [k for k in batch if k != labels[0]]
+        if len(labels) != 1 or len(inputs) != 1:
+            raise DatasetError(f"{what} yields dicts with keys {sorted(batch)}: the library needs one key of the "
+                               f"inputs (one of {list(INPUT_KEYS)}) and one of the labels (one of {list(LABEL_KEYS)})"
+                               f"; pass (x, y) arrays instead where the keys are others")
+        extra = sorted(k for k in batch if k not in (*labels, *inputs))
+        _check_extra_keys(batch, extra, what)
+        return batch[inputs[0]], batch[labels[0]]
+    if not isinstance(batch, list | tuple) or len(batch) < 2:
+        raise DatasetError(f"{what} must yield (x, y) pairs or dicts of inputs and labels, got "
+                           f"{type(batch).__name__}")
+    return batch[0], batch[1]
+
+
+def _check_extra_keys(batch: Mapping[str, Any], extra: list[str], what: str) -> None:
+    """Entries beside the inputs and labels are left out, which is safe only for an attention mask that
+    masks nothing: the model is given the inputs alone."""
+    for key in extra:
+        if key == "attention_mask" and bool(np.all(to_numpy(batch[key]) != 0)):
+            continue
+        raise DatasetError(
+            f"{what} yields {key!r} beside the inputs and labels, which the library would not pass to the model "
+            f"(it calls model(inputs)): drop it where the model does not need it, or, for a padding mask, pad "
+            f"sequences on the right and label the padded positions {IGNORE_INDEX} (a causal model's scored "
+            f"positions never see them)")
+
+
+def _gathered(data: Any) -> tuple[np.ndarray, np.ndarray]:
+    """Every example of a DataLoader (batches) or a map-style dataset (examples), as ``(x, y)`` arrays."""
+    loader = _is_loader(data)
+    what = "the DataLoader" if loader else f"the {type(data).__name__}"
+    xs, ys = [], []
+    for item in data if loader else (data[i] for i in range(len(data))):
+        x, y = _split_batch(item, what)
+        xs.append(to_numpy(x))
+        ys.append(to_numpy(y))
+    if not xs:
+        raise DatasetError(f"{what} yielded no {'batches' if loader else 'examples'}")
+    shapes = sorted({a.shape[1:] if loader else a.shape for a in xs}, key=str)
+    if len(shapes) > 1 or len({a.shape[1:] if loader else a.shape for a in ys}) > 1:
+        raise DatasetError(f"{what} yields inputs of several shapes ({', '.join(map(str, shapes[:3]))} ...) or labels "
+                           f"of several: every example must have one shape; pad sequences to one length (labels "
+                           f"{IGNORE_INDEX} at the padded positions)")
+    if loader:
+        return np.concatenate(xs), np.concatenate(ys)
+    return np.stack(xs), np.stack([np.asarray(v) for v in ys])
 
 
 def as_dataset(data: Any, split: str = "test", *, name: str = "data", num_classes: int | None = None,
@@ -63,9 +141,13 @@ def as_dataset(data: Any, split: str = "test", *, name: str = "data", num_classe
 
     Parameters
     ----------
-    data : str, ArrayDataset, (x, y), or DataLoader
+    data : str, ArrayDataset, (x, y), DataLoader or torch Dataset
         A registered dataset's name (its ``split`` is loaded), a dataset, a pair of arrays
-        (numpy or tensors; ``y`` integer labels) or a loader yielding ``(x, y)`` batches.
+        (numpy or tensors; ``y`` integer labels, :data:`~combinability.data.base.IGNORE_INDEX`
+        for a target not scored), a loader yielding ``(x, y)`` batches or dicts that name them
+        (``{"input_ids": ..., "labels": ...}``; an all-ones ``attention_mask`` beside them is
+        left out), such a dict of the arrays themselves, or a map-style ``torch.utils.data.Dataset``
+        of such examples.
     split : str
         Split of a named dataset.
     name : str
@@ -93,21 +175,15 @@ def as_dataset(data: Any, split: str = "test", *, name: str = "data", num_classe
     elif isinstance(data, ArrayDataset):
         ds = data
     else:
-        if _is_loader(data):
-            xs, ys = [], []
-            for batch in data:
-                if not isinstance(batch, list | tuple) or len(batch) < 2:
-                    raise DatasetError("a DataLoader must yield (x, y) batches")
-                xs.append(to_numpy(batch[0]))
-                ys.append(to_numpy(batch[1]))
-            if not xs:
-                raise DatasetError("the DataLoader yielded no batches")
-            x, y = np.concatenate(xs), np.concatenate(ys)
+        if _is_loader(data) or _is_map_dataset(data):
+            x, y = _gathered(data)
         elif isinstance(data, tuple | list) and len(data) == 2:
             x, y = to_numpy(data[0]), to_numpy(data[1])
+        elif _is_named_arrays(data):
+            x, y = (to_numpy(a) for a in _split_batch(data, "the data"))
         else:
-            raise DatasetError(f"data must be a dataset name, an ArrayDataset, an (x, y) pair of arrays or a "
-                               f"DataLoader, got {type(data).__name__}")
+            raise DatasetError(f"data must be a dataset name, an ArrayDataset, an (x, y) pair of arrays, a "
+                               f"DataLoader or a torch Dataset, got {type(data).__name__}")
         if len(x) != len(y):
             raise DatasetError(f"x has {len(x)} examples but y has {len(y)}")
         if len(y) == 0:
@@ -153,7 +229,7 @@ def as_datasets(data: Any, splits: tuple[str, ...] | list[str] = ("train", "test
         return {s: as_dataset(data, s, input_shape=input_shape) for s in present}
     if isinstance(data, str):
         return {s: as_dataset(data, s, input_shape=input_shape, limit=limit) for s in splits}
-    if isinstance(data, Mapping):
+    if isinstance(data, Mapping) and not _is_named_arrays(data):
         return {str(k): as_dataset(v, str(k), input_shape=input_shape) for k, v in data.items()}
     ds = as_dataset(data, "test", input_shape=input_shape)
     return {ds.split or "data": ds}
