@@ -34,6 +34,7 @@ from combinability.errors import (
     PermutationSpecError,
     PluginError,
     SamplerError,
+    SmallerBatchWarning,
     UnknownNameError,
     UntracedModelWarning,
 )
@@ -159,6 +160,7 @@ __all__ = [
     "NonFiniteWeightsError",
     "NothingToAlignWarning",
     "UntracedModelWarning",
+    "SmallerBatchWarning",
     "OutputExistsError",
     "OutputLockedError",
     "OutputNotWritableError",

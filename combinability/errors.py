@@ -33,6 +33,7 @@ __all__ = [
     "CombinabilityWarning",
     "NothingToAlignWarning",
     "UntracedModelWarning",
+    "SmallerBatchWarning",
 ]
 
 
@@ -151,6 +152,11 @@ class NothingToAlignWarning(CombinabilityWarning):
 
 class IncompleteResultWarning(CombinabilityWarning):
     """A results file holds only part of its evaluations: its run was interrupted, or is still running."""
+
+
+class SmallerBatchWarning(CombinabilityWarning):
+    """A forward pass of ``batch_size`` examples ran out of memory (on the device, or the host): the
+    evaluation goes on with half as many examples a call, which gives the same scores up to rounding."""
 
 
 class UntracedModelWarning(CombinabilityWarning):

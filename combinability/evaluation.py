@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
+import warnings
 import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
@@ -27,7 +28,13 @@ import numpy as np
 
 from combinability.backend import bound_forward
 from combinability.data.base import IGNORE_INDEX, input_dtype, input_fault, labelled_targets
-from combinability.errors import CombinabilityError, ConfigurationError, DatasetError, LayoutError
+from combinability.errors import (
+    CombinabilityError,
+    ConfigurationError,
+    DatasetError,
+    LayoutError,
+    SmallerBatchWarning,
+)
 from combinability.hookspecs import Registration, hookimpl
 from combinability.host_memory import keep_freed_memory
 
@@ -314,6 +321,18 @@ def input_faults_named(data: ArrayDataset) -> Iterator[None]:
         raise DatasetError(reason) from exc
 
 
+_OUT_OF_MEMORY = ("out of memory", "can't allocate memory", "resource_exhausted", "failed to allocate")
+
+
+def out_of_memory(exc: BaseException) -> bool:
+    """Whether ``exc`` says that the device or the host ran out of memory: ``MemoryError``, torch's
+    ``OutOfMemoryError`` (CUDA) and its CPU allocator's failure, XLA's ``RESOURCE_EXHAUSTED`` (jax)."""
+    if isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError":
+        return True
+    text = str(exc).lower()
+    return isinstance(exc, RuntimeError) and any(s in text for s in _OUT_OF_MEMORY)
+
+
 def _check_labels(data: ArrayDataset, classes: int) -> None:
     """Refuse labels outside ``[0, classes)`` (the model's logits' last axis) before they are scored: an index
     beyond the logits fails in torch and is clamped silently in jax. :data:`IGNORE_INDEX` marks a target
@@ -358,6 +377,8 @@ class Evaluator:
         self.prepared = prepared if prepared is not None else backend.prepare(model, layout)
         #: where the model gives its classes, for logits both dense layouts fit (:func:`logit_rows`)
         self.classes_second: bool | None = getattr(self.prepared, "classes_second", None)
+        #: examples a forward call takes: ``batch_size``, halved each time a call runs out of memory
+        self.step = self.batch_size
         self._data = device_data(backend)
         keep_freed_memory()  # every batch's activations reuse the memory of the last (host_memory)
 
@@ -379,6 +400,37 @@ class Evaluator:
             raise LayoutError(f"parameter vectors have shape {tuple(stacked.shape)}; the layout expects (d,) or "
                               f"(k, d) with d = {self.layout.size}")
         return stacked
+
+    def _batches(self, n: int) -> Iterator[tuple[int, int]]:
+        """``(start, stop)`` of the forward calls over ``n`` examples, ``step`` at a time; after a call that ran
+        out of memory (:meth:`_attempt`), the same examples again at the smaller step."""
+        s = 0
+        while s < n:
+            stop = min(s + self.step, n)
+            self._retry = False
+            yield s, stop
+            if not self._retry:
+                s = stop
+
+    _retry = False
+
+    def _attempt(self, call: Callable[[], Any], data: ArrayDataset | None, start: int, stop: int) -> Any:
+        """``call()`` (a forward pass over the examples ``start:stop`` of :meth:`_batches`), or None where it ran out
+        of memory and took more than one example: ``step`` is then halved and the caller goes on to the next
+        ``(start, stop)``, which holds the same examples in two calls."""
+        try:
+            with input_faults_named(data) if data is not None else contextlib.nullcontext():
+                return call()
+        except Exception as exc:
+            if not out_of_memory(exc) or stop - start <= 1:
+                raise
+            what = type(exc).__name__
+        self.step = max(1, (stop - start) // 2)
+        self._retry = True
+        warnings.warn(f"a forward pass of {stop - start} examples ran out of memory ({what}); evaluating "
+                      f"{self.step} at a time from here (batch_size={self.step} avoids the retries)",
+                      SmallerBatchWarning, stacklevel=4)
+        return None
 
     def _one(self, flat: Any) -> Any:
         """One ``(d,)`` device vector from ``flat`` (``(d,)``, ``(1, d)`` or a sequence of one)."""
@@ -413,14 +465,15 @@ class Evaluator:
         stacked = self._stack(flats)
         rows = []
 
-        def targets(start: int) -> tuple[int, ...] | None:
-            return None if label_shape is None else (min(self.batch_size, x.shape[0] - start), *label_shape)
-
         for c in range(0, self._count(stacked), self.vectors):
             chunk = self._chunk(stacked, c)
+            parts = []
             with bound_forward(self.prepared, chunk) as forward:
-                parts = [_rows(xp, forward(x[s : s + self.batch_size, ...]), targets(s), self.classes_second)
-                         for s in range(0, x.shape[0], self.batch_size)]
+                for s, stop in self._batches(int(x.shape[0])):
+                    out = self._attempt(lambda s=s, stop=stop: forward(x[s:stop, ...]), None, s, stop)
+                    if out is not None:
+                        targets = None if label_shape is None else (stop - s, *label_shape)
+                        parts.append(_rows(xp, out, targets, self.classes_second))
             rows.append(xp.concat(parts, axis=1))
         return xp.concat(rows, axis=0)
 
@@ -476,10 +529,10 @@ class Evaluator:
         pending: list[Any] = []  # logits of the batches since ``start``, scored together
         with bound_forward(self.prepared, chunk) as forward:  # the vectors set up once, not per batch
             start = held = 0
-            for s in range(0, n, self.batch_size):
-                stop = min(s + self.batch_size, n)
-                with input_faults_named(data):
-                    out = forward(x[s:stop, ...])
+            for s, stop in self._batches(n):
+                out = self._attempt(lambda s=s, stop=stop: forward(x[s:stop, ...]), data, s, stop)
+                if out is None:
+                    continue
                 logits = _rows(xp, out, (stop - s, *y.shape[1:]), self.classes_second)
                 if s == 0:
                     _check_labels(data, int(logits.shape[-1]))
@@ -537,12 +590,14 @@ class Evaluator:
         x, _ = self._data(data)
         n = int(x.shape[0])
         out: dict[str, np.ndarray] = {}
-        for s in range(0, n, self.batch_size):
-            with input_faults_named(data):
-                feats = self.prepared.features(flat, x[s : s + self.batch_size, ...], list(points))
+        for s, stop in self._batches(n):
+            feats = self._attempt(lambda s=s, stop=stop: self.prepared.features(flat, x[s:stop, ...], list(points)),
+                                  data, s, stop)
+            if feats is None:
+                continue
             for p in points:
                 f = be.to_numpy(_units_last(be.xp(), feats[p]))
-                rows = f.shape[0] // max(min(self.batch_size, n - s), 1)  # rows per example
+                rows = f.shape[0] // (stop - s)  # rows per example
                 if p not in out:
                     out[p] = np.empty((n * rows, f.shape[1]), dtype=np.float32)
                 out[p][s * rows : s * rows + f.shape[0]] = f
@@ -579,14 +634,16 @@ class Evaluator:
             raise DatasetError("cannot compute correlations on an empty dataset")
         wanted = list(dict.fromkeys(points))
         acc = {p: CrossMoments() for p in wanted}
-        for s in range(0, x.shape[0], self.batch_size):
-            xb = x[s : s + self.batch_size, ...]
-            with input_faults_named(data):
-                fa = self.prepared.features(flat_a, xb, wanted)
-                fb = self.prepared.features(flat_b, xb, wanted)
+        for s, stop in self._batches(int(x.shape[0])):
+            xb = x[s:stop, ...]
+            both = self._attempt(lambda xb=xb: (self.prepared.features(flat_a, xb, wanted),
+                                                self.prepared.features(flat_b, xb, wanted)), data, s, stop)
+            if both is None:
+                continue
+            fa, fb = both
             for p in wanted:
                 acc[p].update(fa[p], fb[p], backend=be)
-            del fa, fb
+            del fa, fb, both
         return {p: m.correlation() for p, m in acc.items()}
 
 
