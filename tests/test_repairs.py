@@ -229,7 +229,6 @@ def _untrained_pair(architecture: str):
 
 @pytest.mark.parametrize(("architecture", "repair", "repair_data", "error", "words"), [
     ("resnet20", "reset", "digits", ConfigurationError, ["no BatchNorm", "repair='repair'", "LayerNorm"]),
-    ("mlp", "repair", "digits", ConfigurationError, ["no BatchNorm, LayerNorm or GroupNorm"]),
     ("resnet20_bn", "reset", None, ConfigurationError, ["repair_data="]),
     ("resnet20", "repair", None, ConfigurationError, ["repair_data="]),
     ("resnet20_bn", "reset", "wrong shape", DatasetError, ["(3, 8, 8)", "(1, 8, 8)"]),

@@ -24,6 +24,7 @@ Examples
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -47,7 +48,7 @@ if TYPE_CHECKING:
     from combinability.layers import Node
     from combinability.repairs import RepairContext
 
-__all__ = ["Reset", "Renormalize", "reset", "repair", "channel_moments", "channel_weights"]
+__all__ = ["Reset", "Renormalize", "reset", "repair", "channel_moments", "channel_weights", "repair_sites"]
 
 #: Floor of the combined model's per-channel variance in REPAIR's ratio ``σ_t / σ_c``.
 _VAR_FLOOR = 1e-12
@@ -99,7 +100,7 @@ class Reset:
             has = f"its norm layers are {', '.join(kinds)}" if kinds else "it has no normalisation layers"
             raise ConfigurationError(f"repair='reset' recomputes BatchNorm statistics, but the {table.name!r} model "
                                      f"has no BatchNorm ({has}); repair='repair' (REPAIR) works with LayerNorm and "
-                                     "GroupNorm too")
+                                     "GroupNorm too, and on the hidden layers of networks without norms")
         _check_data(ctx, self.name, table)
         _check_entries(ctx, [k for n in nodes for k in (f"{n.name}.running_mean", f"{n.name}.running_var")],
                        self.name)
@@ -137,13 +138,16 @@ def channel_weights(ctx: RepairContext, node: Node, v: Any) -> Any:
     (:meth:`~combinability.layers.LayerTable.producers`: after a concatenation, each part's
     channels from the layer that made them). A scalar ``v`` (the linear path) is returned as
     it is. Without a producer (a norm reading the input or a flattened image), the norm's
-    own weight and bias entries of the channel are used.
+    own weight and bias entries of the channel are used (a BatchNorm without them: its
+    running statistics).
     """
     xp = ctx.backend.xp()
     if len(getattr(v, "shape", ())) == 0:
         return v
     layout, table = ctx.layout, ctx.table
-    channels = layout[f"{node.name}.weight"].shape[0]
+    leaves = [leaf for leaf in ("weight", "bias") if f"{node.name}.{leaf}" in layout] or ["running_mean",
+                                                                                        "running_var"]
+    channels = layout[f"{node.name}.{leaves[0]}"].shape[0]
     parts, start = [], 0
     for producer, count in table.producers(node.name):
         names = [f"{producer.name}.weight", f"{producer.name}.bias"] if producer is not None else []
@@ -153,14 +157,29 @@ def channel_weights(ctx: RepairContext, node: Node, v: Any) -> Any:
             parts.append(_row_means(xp, v, [(layout[n], out_axis if n.endswith(".weight") else 0, 0, count)
                                             for n in names], count))
         else:  # the norm's own entries of these channels
-            own = [(layout[f"{node.name}.{leaf}"], 0, start, start + count) for leaf in ("weight", "bias")
-                   if f"{node.name}.{leaf}" in layout]
+            own = [(layout[f"{node.name}.{leaf}"], 0, start, start + count) for leaf in leaves]
             parts.append(_row_means(xp, v, own, count))
         start += count
     if start != channels:  # the table and the layout disagree: the norm's own entries throughout
-        return _row_means(xp, v, [(layout[f"{node.name}.{leaf}"], 0, 0, channels) for leaf in ("weight", "bias")
-                                  if f"{node.name}.{leaf}" in layout], channels)
+        return _row_means(xp, v, [(layout[f"{node.name}.{leaf}"], 0, 0, channels) for leaf in leaves], channels)
     return parts[0] if len(parts) == 1 else xp.concat(parts)
+
+
+def _layer_weights(ctx: RepairContext, node: Node, v: Any) -> Any:
+    """B's weight in each output channel of a dense or conv layer REPAIR corrects itself (no norm after it):
+    the mean of ``v`` over the channel's weight row (all of the unit's incoming weights) and bias entry."""
+    if len(getattr(v, "shape", ())) == 0:
+        return v
+    layout = ctx.layout
+    axis = _out_axis(node)
+    count = layout[f"{node.name}.weight"].shape[axis]
+    return _row_means(ctx.backend.xp(), v, [(layout[f"{node.name}.weight"], axis, 0, count),
+                                            (layout[f"{node.name}.bias"], 0, 0, count)], count)
+
+
+def _out_axis(node: Node) -> int:
+    """The output-channel axis of a dense or conv layer's weight (a transposed conv's is 1: ``(in, out, ...)``)."""
+    return 1 if node.op == "conv_transpose" else 0
 
 
 def _row_means(xp: Any, v: Any, entries: list[tuple[Any, int, int, int]], rows: int) -> Any:
@@ -213,25 +232,34 @@ def _coefficients(ctx: RepairContext) -> list[Any]:
 
 @dataclass(frozen=True)
 class Renormalize:
-    """REPAIR: renormalise every norm layer's output channels to the interpolated statistics.
+    """REPAIR: give every hidden layer's output channels the interpolated statistics of the end models.
 
-    For each normalisation node (BatchNorm, LayerNorm, GroupNorm) in forward order, each
-    channel of the combined model's norm *output* is given the mean and standard deviation
+    The places corrected (:func:`repair_sites`), in forward order: the output of every
+    normalisation node (BatchNorm, LayerNorm, GroupNorm) with a learned scale and shift, of
+    every BatchNorm without one (its running statistics carry the correction), and of every
+    hidden dense or conv layer with a bias that no norm normalises (REPAIR's own case, a
+    network without norms: the correction is fused into the layer's weight rows and bias, as
+    the paper fuses its added BatchNorm into the conv). Each channel is given the mean and
+    standard deviation
 
     ``μ_t = (1 − w) μ_A + w μ_B``,  ``σ_t = (1 − w) σ_A + w σ_B``
 
     (three models: ``(1 − w_B − w_C) μ_A + w_B μ_B + w_C μ_C``), where ``μ_A, σ_A, ...``
-    are the end models' statistics on the repair data (computed once per sweep) and ``w``
-    is the channel's weight of B (:func:`channel_weights`). The norm's affine weight and
-    bias become ``w' = w σ_t / σ_c`` and ``b' = (b − μ_c) σ_t / σ_c + μ_t``, with ``μ_c``,
-    ``σ_c`` the combined model's output statistics measured with the earlier norms already
-    repaired (``σ_c`` floored at 1e-6; ``σ_t`` at 0, which extrapolation could cross).
+    are the end models' statistics at that place on the repair data (computed once per sweep)
+    and ``w`` is the channel's weight of B (:func:`channel_weights`; a layer's own weight
+    row and bias entry for a layer). With ``μ_c``, ``σ_c`` the combined model's statistics
+    there, measured with the earlier places already repaired (``σ_c`` floored at 1e-6;
+    ``σ_t`` at 0, which extrapolation could cross), the affine map ``a x + c`` that the
+    place applies last per channel (a norm's weight and bias, a layer's weight row and bias)
+    becomes ``a σ_t / σ_c`` and ``(c − μ_c) σ_t / σ_c + μ_t``.
 
     For a BatchNorm node, its running statistics are first reset on the repair data (as
-    :class:`Reset` does, with the earlier norms already repaired), as REPAIR does for
+    :class:`Reset` does, with the earlier places already repaired), as REPAIR does for
     BatchNorm networks; then ``μ_c = b`` and ``σ_c = |w| σ_in / sqrt(var + eps)`` follow
-    exactly from the measured input statistics. Nodes that do not depend on one another
-    are measured in the same pass over the data.
+    exactly from the measured input statistics. A BatchNorm without weight and bias gets
+    ``running_var = σ_in² / σ_t² − eps`` (at least 0) and ``running_mean = μ_in − μ_t
+    sqrt(running_var + eps)``. Places that do not depend on one another are measured in the
+    same pass over the data.
 
     Parameters
     ----------
@@ -248,18 +276,18 @@ class Renormalize:
         Raises
         ------
         ConfigurationError
-            If the model has no normalisation layers (or no layer table), or no repair data is given.
+            If the model has nothing REPAIR can correct (or no layer table), or no repair data is given.
         DatasetError
             If the repair data's inputs do not have the models' input shape.
         """
         table = _table(ctx, self.name)
-        nodes = _affine_norms(table)
+        nodes = repair_sites(table)
         if not nodes:
-            raise ConfigurationError(f"repair='repair' (REPAIR) rescales the affine parameters of normalisation "
-                                     f"layers, but the {table.name!r} model has none (no BatchNorm, LayerNorm or "
-                                     "GroupNorm with a learned scale and shift): nothing to repair")
+            raise ConfigurationError(f"repair='repair' (REPAIR) rescales the output channels of normalisation "
+                                     f"layers and of hidden dense and conv layers with a bias, but the "
+                                     f"{table.name!r} model has none of them: nothing to repair")
         _check_data(ctx, self.name, table)
-        names = [f"{n.name}.{p}" for n in nodes for p in ("weight", "bias")]
+        names = [f"{n.name}.{p}" for n in nodes if n.op != "norm" or n.affine for p in ("weight", "bias")]
         names += [f"{n.name}.{p}" for n in _batchnorms(table) for p in ("running_mean", "running_var")]
         _check_entries(ctx, names, self.name)
 
@@ -270,31 +298,41 @@ class Renormalize:
         xp = ctx.backend.xp()
         theta = _vector(ctx, theta)
         table, layout = ctx.table, ctx.layout
-        nodes = _affine_norms(table)
+        nodes = repair_sites(table)
         source = {name: inputs[0] for name, inputs in _sources(table).items()}
-        taps = [n.name for n in nodes] + [source[n.name] for n in _batchnorms(table)]
+        taps = [n.name for n in nodes] + [source[n.name] for n in nodes if n.op == "norm"]
         ends = _end_stats(ctx, nodes, self.batch_size, taps)
         for wave in _waves(table, nodes):
-            points = [source[n.name] if n.norm == "batchnorm" else n.name for n in wave]
+            points = [source[n.name] if n.op == "norm" and n.norm == "batchnorm" else n.name for n in wave]
             stats = channel_moments(ctx, theta, points, batch_size=self.batch_size, taps=taps)
             new: dict[str, Any] = {}
             for node, point in zip(wave, points, strict=True):
-                weight, bias = theta[layout.slice(f"{node.name}.weight")], theta[layout.slice(f"{node.name}.bias")]
                 mean, var, count = stats[point]
-                if node.norm == "batchnorm":
+                weigh = channel_weights if node.op == "norm" else _layer_weights
+                ws = [weigh(ctx, node, v) for v in vs]
+                shares = [1 - sum(ws), *ws]
+                mu_t = sum(s * e[node.name][0] for s, e in zip(shares, ends, strict=True))
+                sigma_t = sum(s * e[node.name][1] for s, e in zip(shares, ends, strict=True))
+                sigma_t = xp.where(sigma_t > 0, sigma_t, 0 * sigma_t)  # extrapolation (w > 1) may go below 0
+                if node.op == "norm" and not node.affine:  # a BatchNorm's running statistics carry it all
+                    floor = sigma_t * sigma_t + _VAR_FLOOR
+                    kept = xp.where(var / floor > node.eps, var / floor - node.eps, 0 * var)
+                    new[f"{node.name}.running_var"] = kept
+                    new[f"{node.name}.running_mean"] = mean - mu_t * xp.sqrt(kept + node.eps)
+                    continue
+                weight, bias = theta[layout.slice(f"{node.name}.weight")], theta[layout.slice(f"{node.name}.bias")]
+                if node.op != "norm":
+                    mu_c, sigma_c = mean, xp.sqrt(var)
+                elif node.norm == "batchnorm":
                     reset = _reset_stats(node, mean, var, count, table)
                     new.update(reset)
                     mu_c = bias
                     sigma_c = xp.abs(weight) * xp.sqrt(var / (reset[f"{node.name}.running_var"] + node.eps))
                 else:
                     mu_c, sigma_c = mean, xp.sqrt(var)
-                ws = [channel_weights(ctx, node, v) for v in vs]
-                shares = [1 - sum(ws), *ws]
-                mu_t = sum(s * e[node.name][0] for s, e in zip(shares, ends, strict=True))
-                sigma_t = sum(s * e[node.name][1] for s, e in zip(shares, ends, strict=True))
-                sigma_t = xp.where(sigma_t > 0, sigma_t, 0 * sigma_t)  # extrapolation (w > 1) may go below 0
                 ratio = sigma_t / xp.sqrt(sigma_c * sigma_c + _VAR_FLOOR)
-                new[f"{node.name}.weight"] = weight * ratio
+                new[f"{node.name}.weight"] = _scale_rows(xp, weight, layout[f"{node.name}.weight"].shape,
+                                                         _out_axis(node) if node.op != "norm" else 0, ratio)
                 new[f"{node.name}.bias"] = (bias - mu_c) * ratio + mu_t
             theta = _replace(xp, theta, layout, new)
         return theta
@@ -306,6 +344,58 @@ reset = Reset()
 repair = Renormalize()
 
 
-def _affine_norms(table: Any) -> list[Any]:
-    """The norm nodes REPAIR rescales: those with a learned scale and shift (not torch's default InstanceNorm)."""
-    return [n for n in table.norm_nodes() if n.affine]
+def _scale_rows(xp: Any, flat: Any, shape: tuple[int, ...], axis: int, ratio: Any) -> Any:
+    """A flat array of ``shape`` with every slice along ``axis`` multiplied by its entry of ``ratio``."""
+    if len(shape) == 1:
+        return flat * ratio
+    lead = math.prod(shape[:axis])
+    block = xp.reshape(flat, (lead, shape[axis], -1))
+    return xp.reshape(block * xp.reshape(ratio, (1, -1, 1)), (-1,))
+
+
+_LAYERS = ("dense", "conv", "conv_transpose")
+
+
+def repair_sites(table: Any) -> list[Any]:
+    """The nodes whose outputs REPAIR corrects, in forward order.
+
+    * Every norm node with a learned scale and shift (``affine``), and every BatchNorm
+      without one (its running statistics are rewritten).
+    * Every hidden dense or conv layer (``conv_transpose`` too) with a bias and without frozen
+      entries, that no norm normalises and that does not make the logits: walking forward
+      from it through the nodes without parameters (activations, pooling, additions, ...),
+      neither a norm nor the network's output is reached before another such layer.
+
+    Norms without a scale and shift other than BatchNorm (torch's default ``InstanceNorm2d``)
+    and layers without a bias are left as they are: nothing there can carry the correction.
+    """
+    nodes = table.nodes
+    readers: dict[str, list[Any]] = {}
+    for node in nodes:
+        for src in table.inputs_of(node):
+            readers.setdefault(src, []).append(node)
+    last = nodes[-1].name
+
+    def reaches_norm_or_output(name: str) -> bool:
+        stack, seen = [name], set()
+        while stack:
+            current = stack.pop()
+            if current == last:
+                return True
+            for reader in readers.get(current, ()):
+                if reader.name in seen:
+                    continue
+                seen.add(reader.name)
+                if reader.op == "norm":
+                    return True
+                if reader.op not in _LAYERS:
+                    stack.append(reader.name)
+        return False
+
+    out = []
+    for node in nodes:
+        if node.op == "norm" and (node.affine or node.norm == "batchnorm"):
+            out.append(node)
+        elif node.op in _LAYERS and node.bias and not node.fixed and not reaches_norm_or_output(node.name):
+            out.append(node)
+    return out
