@@ -93,6 +93,21 @@ def infer_backend(model: Any) -> str:
     )
 
 
+def _check_one_framework(models: Sequence[Any]) -> None:
+    """Refuse models of two frameworks in one set, naming both (a backend named for the first would
+    otherwise tell the user to switch to the other's)."""
+    first = infer_backend(models[0])
+    for i, m in enumerate(models[1:], start=1):
+        try:
+            other = infer_backend(m)
+        except IncompatibleModelsError:
+            continue  # not a native model of any framework: the backend's own check names it
+        if other != first:
+            raise IncompatibleModelsError(
+                f"model A ({type(models[0]).__name__}) is a model of the {first!r} backend, model {_label(i)} "
+                f"({type(m).__name__}) one of the {other!r} backend: the models of a set come from one framework")
+
+
 def _check_finite(theta: np.ndarray, layout: FlatLayout, which: int) -> None:
     if np.all(np.isfinite(theta)):
         return
@@ -189,6 +204,8 @@ class ModelSet:
         if len(models) < 2:
             raise ConfigurationError(f"a ModelSet needs at least two models, got {len(models)}")
         be = get_backend(backend or infer_backend(models[0]))
+        if backend is None:
+            _check_one_framework(models)
         models = [be.own(m) for m in models]  # what the backend compiles for a model stays with the set
         tables = [be.table_of(m) for m in models]
         folds: tuple[NormFold, ...] = ()
@@ -409,7 +426,10 @@ class ModelSet:
         ----------
         method : str
             A registered aligner (``combinability plugins`` lists them): ``"weight"``
-            (Git Re-Basin weight matching), ``"activation"`` (needs ``data``), ``"identity"``, ...
+            (Git Re-Basin weight matching), ``"activation"`` (needs ``data``), ``"identity"``, ...;
+            or a many-model method of :func:`~combinability.align_many` (``"mergemany"``, ``"cycle"``,
+            ``"hierarchical"``, ``"reference"``), which aligns the members jointly (its options:
+            ``max_iter``, ``rounds``, ``fw_iter``; ``data`` is not read).
         seed : int
             Seeds the aligner.
         data : str, (x, y), DataLoader or ArrayDataset, optional
@@ -447,6 +467,10 @@ class ModelSet:
                           "channel space is held in place, e.g. by grouped convolutions or W-asymmetric layers); "
                           "pass spec= to declare the symmetries by hand", NothingToAlignWarning,
                           stacklevel=_user_stacklevel())
+        if _many_method(method):
+            from combinability.align.many import align_set
+
+            return align_set(self, method, seed=seed, symmetries=symmetries, **options)
         naive = (self.naive or self)._folded_for(spec)
         reference = naive.params(0)
         features, correlations = self._feature_source(naive, data, examples) if data is not None else (None, None)
@@ -657,6 +681,15 @@ class ModelSet:
     def __repr__(self) -> str:
         return (f"{type(self).__name__}(architecture={self.architecture!r}, width={self.width!r}, "
                 f"backend={self.backend!r}, d={self.layout.size}, alignment={self.alignment!r}, models={len(self)})")
+
+
+def _many_method(method: Any) -> bool:
+    """Whether ``method`` names a many-model method of :func:`~combinability.align_many` that no registered
+    aligner shadows (``ModelSet.align("mergemany")`` aligns the members jointly)."""
+    from combinability.align import list_aligners
+    from combinability.align.many import METHODS
+
+    return isinstance(method, str) and method in METHODS and method not in list_aligners()
 
 
 def alignment_settings(method: str, **settings: Any) -> dict[str, Any]:

@@ -51,8 +51,8 @@ from combinability.permutation import (
     invert_permutation,
 )
 
-__all__ = ["METHODS", "align_many", "pairwise_permutation", "mergemany", "cycle", "hierarchical", "reference",
-           "all_pairs_objective", "METHOD_KINDS"]
+__all__ = ["METHODS", "align_many", "align_set", "pairwise_permutation", "mergemany", "cycle", "hierarchical",
+           "reference", "all_pairs_objective", "METHOD_KINDS", "OPTIONS", "check_method", "check_options"]
 
 Params = dict[str, np.ndarray]
 
@@ -207,7 +207,9 @@ def align_many(models: Sequence[Any], method: str = "mergemany", *, example_inpu
         their parameters); ``"permutation"`` permutes the stream instead (as
         :meth:`ModelSet.align <combinability.sets.ModelSet.align>`).
     **options
-        ``rounds`` (MergeMany, default 100), ``fw_iter`` (cycle, default 50).
+        ``rounds`` (MergeMany, default 100, at least 1), ``fw_iter`` (cycle, default 50); any
+        other option is refused (it would be ignored). :meth:`ModelSet.align
+        <combinability.sets.ModelSet.align>` takes these methods too: ``ms.align("mergemany")``.
 
     Returns
     -------
@@ -221,40 +223,103 @@ def align_many(models: Sequence[Any], method: str = "mergemany", *, example_inpu
     ------
     ConfigurationError
         If fewer than two models are given, ``method`` is unknown (the message lists the valid ones),
-        or the method does not handle the models' symmetry kinds (``"cycle"`` on heads, experts or
-        a residual stream; the message names the methods that do).
+        an option is unknown or out of range (``max_iter=0``, ``rounds=0``), or the method does not
+        handle the models' symmetry kinds (``"cycle"`` on heads, experts or a residual stream; the
+        message names the methods that do).
     IncompatibleModelsError
         If the models differ in architecture or shapes.
     """
     from combinability.data.convert import check_seed
-    from combinability.sets import ModelSet, alignment_settings
+    from combinability.sets import ModelSet
 
     models = list(models)
     if len(models) < 2:
         raise ConfigurationError(f"align_many needs at least two models, got {len(models)}")
-    if method not in METHODS:
-        raise ConfigurationError(f"unknown align_many method {method!r}; valid: {', '.join(METHODS)}")
+    check_method(method)
     seed = check_seed(seed)
-    if max_iter < 1:
-        raise ConfigurationError(f"align_many: max_iter must be >= 1, got {max_iter}")
+    check_options(method, max_iter=max_iter, **options)
     ms = ModelSet(models, backend=backend, spec=spec, example_input=example_input)
-    spec = ms._alignment_spec(symmetries)
+    return align_set(ms, method, seed=seed, max_iter=max_iter, symmetries=symmetries, **options)
+
+
+def check_method(method: Any) -> None:
+    """Refuse a name that is no many-model method, listing the valid ones.
+
+    Raises
+    ------
+    ConfigurationError
+        If ``method`` is not a key of :data:`METHODS`.
+    """
+    if not isinstance(method, str) or method not in METHODS:
+        raise ConfigurationError(f"unknown align_many method {method!r}; valid: {', '.join(METHODS)}")
+
+
+#: The options of the many-model methods beyond ``seed`` and ``max_iter``, with their smallest valid values
+#: (every method takes them all, as :func:`~combinability.experiments.compare_aligners` passes one set of
+#: options to each; a method ignores those of the others).
+OPTIONS: dict[str, int] = {"rounds": 1, "fw_iter": 0}
+
+
+def check_options(method: str, *, max_iter: Any = 100, **options: Any) -> None:
+    """Refuse options no many-model method takes, and counts out of range, before any work.
+
+    An option the methods do not know (``restarts=``, a misspelt ``round=``) would otherwise
+    be ignored while recorded in the set's ``alignment_settings`` as if it had been used.
+
+    Raises
+    ------
+    ConfigurationError
+        Naming the option and the valid ones, or the count and its range.
+    """
+    unknown = sorted(set(options) - set(OPTIONS))
+    if unknown:
+        raise ConfigurationError(
+            f"align_many method {method!r} takes no option {', '.join(map(repr, unknown))}; its options are "
+            f"seed, max_iter (weight-matching sweeps per match), rounds (MergeMany) and fw_iter (cycle)")
+    for name, value in {"max_iter": max_iter, **options}.items():
+        low = OPTIONS.get(name, 1)
+        if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < low:
+            raise ConfigurationError(f"align_many: {name} must be an integer >= {low}, got {value!r}")
+
+
+def align_set(ms: Any, method: str, *, seed: int = 0, max_iter: int = 100, symmetries: str = "all",
+              **options: Any) -> Any:
+    """Align the naive members of the :class:`~combinability.sets.ModelSet` ``ms`` by ``method``.
+
+    What :func:`align_many` and :meth:`ModelSet.align <combinability.sets.ModelSet.align>` (given a
+    method of :data:`METHODS`) run, on a set already built: the set of ``ms``'s class (a
+    :class:`~combinability.pair.ModelPair` stays one) holding ``T_i(θ_i)``, its naive set
+    ``ms.naive`` (or ``ms`` itself while naive).
+
+    Raises
+    ------
+    ConfigurationError
+        For an unknown method, an option out of range, or symmetry kinds the method does not handle.
+    """
+    from combinability.data.convert import check_seed
+    from combinability.sets import alignment_settings
+
+    check_method(method)
+    seed = check_seed(seed)
+    check_options(method, max_iter=max_iter, **options)
+    naive = ms.naive or ms
+    spec = naive._alignment_spec(symmetries)
     check_kinds(method, METHOD_KINDS[method], spec, what="align_many method",
                 alternatives=[m for m, kinds in METHOD_KINDS.items() if spec_kinds(spec) <= kinds])
-    folded = ms._folded_for(spec)
-    params = [_spec_params(spec, folded.params(i)) for i in range(len(ms))]
+    folded = naive._folded_for(spec)
+    params = [_spec_params(spec, folded.params(i)) for i in range(len(naive))]
     universe = METHODS[method](spec, params, seed=seed, max_iter=max_iter, **options)
     undo = invert_permutation(universe[0])
     transforms: list[Permutation | None] = [None]
     thetas = [folded.thetas[0]]
-    for i in range(1, len(ms)):
+    for i in range(1, len(naive)):
         t = compose_permutations(universe[i], undo)
         t.method = method
         transforms.append(t)
-        thetas.append(ms.layout.flatten(apply_permutation(spec, t, folded.params(i))))
-    return ms._replace(thetas=tuple(thetas), transforms=tuple(transforms), alignment=method, naive=ms,
-                       models=folded._natives(thetas), spec=spec, alignment_settings=alignment_settings(
-                           method, seed=seed, max_iter=max_iter, symmetries=symmetries, **options))
+        thetas.append(naive.layout.flatten(apply_permutation(spec, t, folded.params(i))))
+    return naive._replace(thetas=tuple(thetas), transforms=tuple(transforms), alignment=method, naive=naive,
+                          models=folded._natives(thetas), spec=spec, alignment_settings=alignment_settings(
+                              method, seed=seed, max_iter=max_iter, symmetries=symmetries, **options))
 
 
 def pairwise_permutation(ms: Any, i: int, j: int) -> Permutation:

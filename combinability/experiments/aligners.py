@@ -460,6 +460,7 @@ def compare_aligners(
 
     All checks run before any alignment or evaluation.
     """
+    from combinability.align.many import check_options
     from combinability.data.convert import check_seed
     from combinability.files import check_writable
     from combinability.plugins import list_aligners
@@ -482,6 +483,8 @@ def compare_aligners(
                                   ("batch_size", batch_size, False), ("values_per_sampler", values_per_sampler, True),
                                   ("train_examples", train_examples, True), ("limit", limit, True)):
         _positive(name, value, optional=optional)
+    for method in many:  # an option no method takes, or a count out of range, before the pairs' work
+        check_options(method, **dict(many_options or {}))
     ste_smp = _samplers([ste_sampler])[0]
     seed = check_seed(seed)
     eval_data = _eval_data(base, data, splits, limit)
