@@ -99,3 +99,28 @@ def test_which_errors_are_out_of_memory():
     assert out_of_memory(RuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate 3.2GiB."))
     assert not out_of_memory(RuntimeError("mat1 and mat2 shapes cannot be multiplied (4x3 and 4x5)"))
     assert not out_of_memory(ValueError("out of memory"))  # not an error frameworks raise for it
+
+
+def test_a_flax_models_batches_run_out_of_memory_as_xla_says_it():
+    pytest.importorskip("flax")
+    import flax.linen as fnn
+    import jax
+
+    class Limited(fnn.Module):
+        @fnn.compact
+        def __call__(self, x):
+            if x.shape[0] > LIMIT:  # shapes are static under jit: XLA's words for an allocation that failed
+                raise jax.errors.JaxRuntimeError("RESOURCE_EXHAUSTED: Out of memory allocating 4000000000000 bytes.")
+            return fnn.Dense(10)(fnn.tanh(fnn.Dense(32)(x)))
+
+    x, y = _data()
+    net = Limited()
+    variables = [net.init(jax.random.PRNGKey(s), x[:4]) for s in (0, 1)]
+    pair = cb.ModelPair(*((net, v) for v in variables), example_input=x[:4])
+    with pytest.warns(cb.SmallerBatchWarning, match="JaxRuntimeError"):
+        ds = cb.sweep(pair, cb.Linear(), data=(x, y), values=[0.0, 1.0], splits=["test"], batch_size=50)
+    for lam, v in zip((0.0, 1.0), variables, strict=True):
+        z = np.concatenate([np.asarray(net.apply(v, x[s : s + LIMIT]), np.float64) for s in range(0, len(x), LIMIT)])
+        top = z.max(1, keepdims=True)
+        ce = np.log(np.exp(z - top).sum(1)) + top[:, 0] - z[np.arange(len(z)), y]
+        assert float(ds["loss"].sel(split="test", lam=lam).item()) == pytest.approx(ce.mean(), rel=1e-5)
