@@ -489,7 +489,7 @@ class Evaluator:
         Returns
         -------
         list of Evaluation
-            One per vector, in order.
+            One per vector, in order; a vector whose loss is NaN (NaN logits) has a NaN accuracy.
         """
         n = len(data)
         if n == 0:
@@ -509,6 +509,9 @@ class Evaluator:
         for c in range(0, k, self.vectors):
             self._evaluate_chunk(stacked, c, data, x, y, loss, correct, extra, preds, ignoring)
         predictions = np.concatenate(preds, axis=0)
+        # a NaN loss (NaN logits: a diverged combination) leaves the accuracy undefined, as the framework's
+        # argmax over NaN decides the predictions: NaN, so that accuracy barriers are NaN with loss barriers
+        correct[np.isnan(loss)] = np.nan
         return [Evaluation(loss=float(loss[i] / targets), accuracy=float(correct[i] / targets),
                            predictions=predictions[i],
                            values={m.name: float(extra[j, i] / targets) for j, m in enumerate(self.metrics)})

@@ -366,7 +366,10 @@ def barriers(ds: xr.Dataset, *, partial: bool = False) -> xr.Dataset:
     The loss barrier is the worst (largest) loss over every parameter value and sample
     minus the mean loss of the end models; the accuracy barrier is the mean accuracy of
     the end models minus the worst accuracy. Dimensions other than the sweep's
-    parameter and ``sample`` (e.g. ``alignment``) are kept.
+    parameter and ``sample`` (e.g. ``alignment``) are kept. A NaN loss (or accuracy) of an
+    evaluated combination — a diverged model, whose worst value is undefined — makes the
+    barrier NaN, as :func:`combinability.metrics.empirical_barrier` does; it is never
+    skipped in favour of the worst of the others.
 
     Parameters
     ----------
@@ -394,10 +397,16 @@ def barriers(ds: xr.Dataset, *, partial: bool = False) -> xr.Dataset:
     reduce = [d for d in ds["loss"].dims if d not in ("split", "alignment")]
     loss_ref = sum(ds[f"loss_{m}"] for m in ends) / len(ends)
     acc_ref = sum(ds[f"accuracy_{m}"] for m in ends) / len(ends)
+    # A NaN among the evaluations done (a diverged combination) makes the worst value undefined: the barrier
+    # is NaN, as metrics.empirical_barrier's, never the worst of the other combinations. Only the cells not
+    # yet evaluated (NaN, and false in ``done``, of a partial sweep) are left out.
+    evaluated = ds["done"] if "done" in ds else True
+    worst_loss = ds["loss"].max(reduce).where(~(ds["loss"].isnull() & evaluated).any(reduce))
+    worst_acc = ds["accuracy"].min(reduce).where(~(ds["accuracy"].isnull() & evaluated).any(reduce))
     out = xr.Dataset(
         {
-            "loss_barrier": ds["loss"].max(reduce) - loss_ref,
-            "accuracy_barrier": acc_ref - ds["accuracy"].min(reduce),
+            "loss_barrier": worst_loss - loss_ref,
+            "accuracy_barrier": acc_ref - worst_acc,
         }
     )
     out.attrs = {k: v for k, v in ds.attrs.items() if k in ("sampler", "architecture", "dataset", "width")}

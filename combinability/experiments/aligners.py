@@ -279,7 +279,7 @@ def _merge_row(s: _Settings, n: int, method: str, evaluator: Any, progress: bool
     merged = _flat(ms, ms.merge())
     scores = {split: evaluator.evaluate([merged], ds)[0] for split, ds in s.eval_data.items()}
     pairs = {f"{i}-{j}": ms.select(i, j) for i, j in combinations(range(n), 2)}
-    worst = barriers(_sweep(s, pairs, Linear(), progress)).max("alignment")
+    worst = barriers(_sweep(s, pairs, Linear(), progress)).max("alignment", skipna=False)  # NaN: a diverged pair
     log.info("compare_aligners: %s on %d models in %.2f s", method, n, elapsed)
     return {"time": elapsed, "scores": scores, "worst": worst}
 

@@ -150,7 +150,11 @@ def alignment_robustness(
         def path_barriers(theta_b: np.ndarray) -> tuple[float, float]:
             tb = be.asarray(theta_b)
             evs = evaluator.evaluate([combine(ta, tb, float(lam)) for lam in lambdas], eval_data)
-            return max(e.loss for e in evs) - ref_loss, ref_acc - min(e.accuracy for e in evs)
+            # numpy's max and min: a NaN (diverged) combination makes the barrier NaN wherever it is on the
+            # path (Python's max keeps or drops a NaN depending on its position)
+            losses = np.asarray([e.loss for e in evs], dtype=np.float64)
+            accs = np.asarray([e.accuracy for e in evs], dtype=np.float64)
+            return float(np.max(losses)) - ref_loss, ref_acc - float(np.min(accs))
 
         base_loss, base_acc = path_barriers(pair.theta_b)
         rng = np.random.default_rng(seed)
