@@ -30,8 +30,11 @@ TRACED_ELEMENTWISE = "elementwise"
 #: What each pooling node may compute in its windows (``fn``): the mean (``""`` for avgpool) or the
 #: maximum (``""`` for maxpool, whose ``"avg"`` is an average pool with its kernel and stride).
 POOL_FUNCTIONS = {"avgpool": ("", "max"), "maxpool": ("", "avg"), "channel_reduce": ("mean", "max")}
-#: Kinds of normalisation: LayerNorm over the channel axis (at every position), BatchNorm, GroupNorm.
-NORMS = ("layernorm", "batchnorm", "groupnorm")
+#: Kinds of normalisation: LayerNorm over the channel axis (at every position), BatchNorm, GroupNorm,
+#: RMSNorm over the channel axis (at every position, a learned scale and no shift), the L2 normalisation of
+#: each position's channels (``F.normalize(x, dim=1)``: no parameters), and LayerNorm over each example's
+#: whole map (``"layernorm_map"``: torch's ``LayerNorm([C, H, W])``, its weight and bias of the map's shape).
+NORMS = ("layernorm", "batchnorm", "groupnorm", "rmsnorm", "l2norm", "layernorm_map")
 #: How a conv or pad node fills its padding: zeros, or the input mirrored without its edge (``reflect``),
 #: its edge repeated (``replicate``) or wrapped around (``circular``), as torch's ``padding_mode``.
 PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
@@ -127,14 +130,18 @@ class Node:
         (torch's ``flatten``). A dense layer reading the vector takes the channels'
         permutation on every position (:class:`~combinability.Repeat`).
     bias : bool
-        Whether a dense or conv layer has a bias.
+        Whether a dense or conv layer has a bias; whether an affine LayerNorm has one (torch's
+        ``LayerNorm(C, bias=False)``, flax's ``use_scale=True, use_bias=False``: a scale alone).
     norm : str
         For ``op="norm"``: one of :data:`NORMS`.
     affine : bool
         For ``op="norm"``: whether it scales and shifts each channel by learned ``weight`` and
         ``bias`` (torch's ``affine``/``elementwise_affine``, flax's ``use_scale``/``use_bias``);
         without them a BatchNorm keeps its running statistics only, and the others have no
-        parameters (torch's default ``InstanceNorm2d``).
+        parameters (torch's default ``InstanceNorm2d``). An ``"rmsnorm"`` node's learned
+        parameter is its ``weight`` alone; an ``"l2norm"`` node has none (``affine=False``).
+        A ``"layernorm_map"`` node's ``weight`` and ``bias`` have the shape of its input map,
+        channels first (``(C, H, W)``: torch's; flax's ``(H, W, C)`` moves the channel axis last).
     groups : int
         For ``norm="groupnorm"``: the number of groups. For a conv node: its feature
         groups (torch's ``groups``, flax's ``feature_group_count``); ``groups`` equal to the
@@ -198,6 +205,11 @@ class Node:
             raise ConfigurationError(f"node {self.name!r}: unknown norm {self.norm!r}; valid: {', '.join(NORMS)}")
         if not self.affine and self.op != "norm":
             raise ConfigurationError(f"node {self.name!r}: affine=False belongs to a norm node, not a {self.op!r} node")
+        if self.op == "norm" and self.norm == "l2norm" and self.affine:
+            raise ConfigurationError(f"node {self.name!r}: an l2norm node has no parameters; give it affine=False")
+        if self.op == "norm" and not self.bias and self.norm in ("batchnorm", "groupnorm"):
+            raise ConfigurationError(f"node {self.name!r}: a {self.norm} node has a bias when it is affine; bias=False "
+                                     "belongs to a layernorm or layernorm_map node (an rmsnorm node has none)")
         if self.op == "act" and self.fn not in (*ACTIVATIONS, TRACED_ELEMENTWISE):
             raise ConfigurationError(f"node {self.name!r}: unknown activation {self.fn!r}; "
                                      f"valid: {', '.join(ACTIVATIONS)} (and {TRACED_ELEMENTWISE!r}, a traced "
@@ -338,6 +350,13 @@ class Node:
     def output_paddings(self, ndim: int) -> tuple[int, ...]:
         """A conv_transpose node's ``output_padding``, one entry per each of ``ndim`` spatial axes."""
         return _per_axis(self.output_padding, "output_padding", f"node {self.name!r}", 0, ndim)
+
+    def norm_leaves(self) -> tuple[str, ...]:
+        """A norm node's learned parameters: ``("weight", "bias")`` when it is affine, ``("weight",)`` for
+        an affine RMSNorm or a LayerNorm without a bias, ``()`` without a learned scale and shift."""
+        if self.op != "norm" or not self.affine:
+            return ()
+        return ("weight",) if self.norm == "rmsnorm" or not self.bias else ("weight", "bias")
 
     def depthwise(self, c_in: int) -> bool:
         """Whether this is a depthwise conv on ``c_in`` channels: one group per channel, one channel out each."""

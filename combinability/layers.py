@@ -275,6 +275,9 @@ class LayerTable:
                     raise ConfigurationError(f"{where}: a concatenation needs two or more inputs of one spatial size "
                                              f"(or vectors), got {ins}")
                 out[node.name] = _Shape(sum(s.channels for s in ins), x.spatial)
+            elif node.op == "norm" and node.norm == "layernorm_map" and (x.spatial is None or not x.spatial):
+                raise ConfigurationError(f"{where}: a layernorm_map node normalises a map (c, *positions) as a whole; "
+                                         f"on a vector it is a layernorm node, got {x}")
             else:  # norm, relu
                 out[node.name] = x
         return out
@@ -301,9 +304,10 @@ class LayerTable:
             elif node.op == "conv_transpose":  # torch's layout: (in, out, *kernel)
                 params[f"{node.name}.weight"] = ((c_in, node.units, *node.conv_geometry(_ndim(src)).kernel), "float32")
             elif node.op == "norm":
-                if node.affine:
-                    params[f"{node.name}.weight"] = ((c_in,), "float32")
-                    params[f"{node.name}.bias"] = ((c_in,), "float32")
+                # one entry per channel; a LayerNorm over the whole map has one per value, channels first
+                shape = (c_in, *(src.spatial or ())) if node.norm == "layernorm_map" else (c_in,)
+                for leaf in node.norm_leaves():
+                    params[f"{node.name}.{leaf}"] = (shape, "float32")
                 if node.norm == "batchnorm":
                     params[f"{node.name}.running_mean"] = ((c_in,), "float32")
                     params[f"{node.name}.running_var"] = ((c_in,), "float32")
@@ -653,9 +657,9 @@ class LayerTable:
                 kernel_axes = len(shapes[self.inputs_of(node)[0]].spatial or ())
                 axes[f"{node.name}.weight"] = (p_in, p_out, *(None,) * kernel_axes)
             elif node.op == "norm":
-                if node.affine:
-                    axes[f"{node.name}.weight"] = (p_out,)
-                    axes[f"{node.name}.bias"] = (p_out,)
+                trailing = len(shapes[self.inputs_of(node)[0]].spatial or ()) if node.norm == "layernorm_map" else 0
+                for leaf in node.norm_leaves():  # a LayerNorm over the whole map: its positions stay
+                    axes[f"{node.name}.{leaf}"] = (p_out, *(None,) * trailing)
                 if node.norm == "batchnorm":
                     axes[f"{node.name}.running_mean"] = (p_out,)
                     axes[f"{node.name}.running_var"] = (p_out,)  # the counter is left alone
@@ -908,6 +912,9 @@ class LayerTable:
                          else np.flip(np.transpose(value, order), axis=spatial))
             elif op == "scale":  # (units, 1, 1) -> (units,): flax broadcasts over the last (channel) axis
                 value = xp.reshape(value, (-1,)) if xp is not np else np.reshape(value, -1)
+            elif op == "norm" and len(value.shape) > 1:  # a LayerNorm over the map: (C, H, W) -> (H, W, C)
+                order = (*range(1, len(value.shape)), 0)
+                value = xp.permute_dims(value, order) if xp is not np else np.transpose(value, order)
             out[names[ref]] = value
         return out
 
@@ -931,5 +938,7 @@ class LayerTable:
                 value = np.transpose(np.flip(value, axis=spatial), (value.ndim - 2, value.ndim - 1, *spatial))
             elif op == "scale":
                 value = value.reshape(shapes[ref][0])
+            elif op == "norm" and value.ndim > 1:  # (H, W, C) -> (C, H, W)
+                value = np.moveaxis(value, -1, 0)
             out[ref] = value
         return {k: out[k] for k in shapes if k in out}

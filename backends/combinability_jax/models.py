@@ -85,12 +85,25 @@ class Norm(nn.Module):
     eps: float = 1e-5
     groups: int = 1
     affine: bool = True
+    use_bias: bool = True
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         c, shape = x.shape[-1], x.shape
-        scale = self.param("scale", nn.initializers.ones, (c,)) if self.affine else 1.0
-        bias = self.param("bias", nn.initializers.zeros, (c,)) if self.affine else 0.0
+        size = tuple(shape[1:]) if self.kind == "layernorm_map" else (c,)  # (h, w, c) over the whole map
+        affine = self.affine and self.kind != "l2norm"
+        scale = self.param("scale", nn.initializers.ones, size) if affine else 1.0
+        shifted = affine and self.use_bias and self.kind in ("layernorm", "layernorm_map", "batchnorm", "groupnorm")
+        bias = self.param("bias", nn.initializers.zeros, size) if shifted else 0.0
+        if self.kind == "rmsnorm":
+            return x * jax.lax.rsqrt(jnp.mean(jnp.square(x), axis=-1, keepdims=True) + self.eps) * scale
+        if self.kind == "l2norm":  # torch's F.normalize: x / max(||x||, eps)
+            return x / jnp.maximum(jnp.sqrt(jnp.sum(jnp.square(x), axis=-1, keepdims=True)), self.eps)
+        if self.kind == "layernorm_map":
+            axes = tuple(range(1, x.ndim))
+            mean = jnp.mean(x, axis=axes, keepdims=True)
+            var = jnp.mean(jnp.square(x - mean), axis=axes, keepdims=True)
+            return (x - mean) * jax.lax.rsqrt(var + self.eps) * scale + bias
         if self.kind == "batchnorm":
             ra_mean = self.variable("batch_stats", "mean", jnp.zeros, (c,), jnp.float32)
             ra_var = self.variable("batch_stats", "var", jnp.ones, (c,), jnp.float32)
@@ -244,7 +257,7 @@ class TableNet(nn.Module):
                     weights = _resize(n, m, node.fn, node.align_corners).astype(h.dtype)
                     h = jnp.moveaxis(jnp.tensordot(weights, h, axes=(1, axis)), 0, axis)
             elif node.op == "norm":
-                h = Norm(node.norm, node.eps, node.groups, node.affine, name=name)(h, train)
+                h = Norm(node.norm, node.eps, node.groups, node.affine, node.bias, name=name)(h, train)
             elif node.op == "prelu":
                 h = PReLU(node.units, name=name)(h)
             elif node.op == "scale":

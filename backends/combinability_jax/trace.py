@@ -40,7 +40,7 @@ _FUNCTIONS = (("relu", jax.nn.relu), ("gelu", partial(jax.nn.gelu, approximate=F
               ("mish", jax.nn.mish), ("selu", jax.nn.selu), ("celu", jax.nn.celu), ("softsign", jax.nn.soft_sign),
               ("tanhshrink", lambda x: x - jnp.tanh(x)), ("logsigmoid", jax.nn.log_sigmoid))
 _FOLLOWS = ("it follows nn.Dense, 1-d to 3-d nn.Conv and nn.ConvTranspose, nn.BatchNorm, nn.LayerNorm, "
-            "nn.GroupNorm, nn.InstanceNorm, element-wise activations, "
+            "nn.RMSNorm, nn.GroupNorm, nn.InstanceNorm, element-wise activations, "
             "sums and products of two branches, concatenations of channels (the last axis), nn.avg_pool/nn.max_pool, "
             "zero padding of the spatial axes (jnp.pad), means and maxima over the spatial axes and reshapes to "
             "(n, -1)")
@@ -136,7 +136,7 @@ def _leaf_node(path: str, m: nn.Module, shape: tuple[int, ...], ins: tuple[str, 
     nd, what = len(shape), f"module {path!r} ({type(m).__name__})"
     last = [tuple(int(a) % nd for a in np.atleast_1d(-1 if axes is None else axes)) == (nd - 1,)
             for axes in (getattr(m, "reduction_axes", -1), getattr(m, "feature_axes", -1), getattr(m, "axis", -1))]
-    scaled, shifted = getattr(m, "use_scale", True), getattr(m, "use_bias", True)
+    scaled, shifted = getattr(m, "use_scale", True), getattr(m, "use_bias", not isinstance(m, nn.RMSNorm))
     affine = scaled and shifted  # both, or (a parameter-free norm) neither
     if isinstance(m, nn.Dense) and nd >= 2:  # on a channels-last map: the channels of each position
         return Node(path, "dense", ins, units=m.features, bias=m.use_bias)
@@ -154,6 +154,21 @@ def _leaf_node(path: str, m: nn.Module, shape: tuple[int, ...], ins: tuple[str, 
                            f"padding {m.padding!r}, input_dilation {m.input_dilation})" + hint)
     if isinstance(m, nn.ConvTranspose) and 3 <= nd <= 5:
         return _conv_transpose_node(path, m, nd - 2, ins, what, hint)
+    whole = tuple(range(1, nd))  # every axis but the batch's: a LayerNorm over each example's whole map
+    over_map = [nd > 2 and axes is not None and tuple(sorted(int(a) % nd for a in np.atleast_1d(axes))) == whole
+                for axes in (getattr(m, "reduction_axes", -1), getattr(m, "feature_axes", -1))]
+    if isinstance(m, nn.LayerNorm) and over_map[0] and over_map[1] and (scaled or not shifted):
+        # statistics over every channel and position; scale and bias (h, w, c) move along their channel axis
+        return Node(path, "norm", ins, norm="layernorm_map", eps=m.epsilon, affine=scaled, bias=shifted)
+    if isinstance(m, nn.LayerNorm) and over_map[0] and last[1] and scaled == shifted:
+        # statistics over the whole map, one scale and bias per channel: GroupNorm with one group
+        return Node(path, "norm", ins, norm="groupnorm", eps=m.epsilon, groups=1, affine=affine)
+    if isinstance(m, nn.LayerNorm | nn.RMSNorm) and last[0] and last[1] and scaled and not shifted:
+        # a scale alone: RMSNorm (it has no bias), LayerNorm(use_bias=False)
+        return Node(path, "norm", ins, norm="rmsnorm" if isinstance(m, nn.RMSNorm) else "layernorm", eps=m.epsilon,
+                    bias=False)
+    if isinstance(m, nn.RMSNorm) and last[0] and last[1] and not scaled:
+        return Node(path, "norm", ins, norm="rmsnorm", eps=m.epsilon, affine=False)
     norm = next((k for k, ok in {"batchnorm": isinstance(m, nn.BatchNorm) and last[2],
                                  "layernorm": isinstance(m, nn.LayerNorm) and last[0] and last[1],
                                  "groupnorm": isinstance(m, nn.GroupNorm) and m.reduction_axes is None,
@@ -164,8 +179,11 @@ def _leaf_node(path: str, m: nn.Module, shape: tuple[int, ...], ins: tuple[str, 
     if norm is not None:
         groups = (m.num_groups or shape[-1] // m.group_size) if norm == "groupnorm" else 1
         return Node(path, "norm", ins, norm=norm, eps=m.epsilon, groups=groups, affine=affine)
-    raise TracingError(f"{what} on an input of shape {shape}: {_FOLLOWS} (Dense on vectors, norms over the last axis "
-                       "with both scale and bias, or neither)" + hint)
+    raise TracingError(f"{what} on an input of shape {shape}: {_FOLLOWS} (Dense on vectors; norms over the last axis "
+                       "with both scale and bias, or neither, LayerNorm and RMSNorm with a scale alone too; LayerNorm "
+                       "over every axis but the batch's, reduction_axes and feature_axes (1, ..., ndim - 1), as "
+                       "torch's LayerNorm([C, H, W]); a norm with a bias and no scale, or over some of the "
+                       "positions, has no layer-table node)" + hint)
 
 
 class _Trace(JaxprWalker):
@@ -208,7 +226,7 @@ class _Trace(JaxprWalker):
         if context.method_name != "__call__":
             return next_fun(*args, **kwargs)
         leaf = isinstance(m, nn.Dense | nn.Conv | nn.ConvTranspose | nn.BatchNorm | nn.LayerNorm | nn.GroupNorm
-                          | nn.InstanceNorm)
+                          | nn.InstanceNorm | nn.RMSNorm)
         if leaf and path in self.calls:
             raise TracingError(f"module {path!r} ({type(m).__name__}) is called twice: shared weights, or layers "
                                "stacked by nn.scan/nnx.scan (one array per parameter for all layers), which are "

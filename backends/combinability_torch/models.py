@@ -23,16 +23,30 @@ __all__ = ["ChannelLayerNorm", "FrozenConv2d", "FrozenLinear", "Gate", "TableCon
 
 
 class ChannelLayerNorm(nn.Module):
-    """LayerNorm over the channel axis (axis 1) at every position of an ``(n, c, ...)`` tensor."""
+    """LayerNorm over the channel axis (axis 1) at every position of an ``(n, c, ...)`` tensor; ``kind``
+    ``"rmsnorm"`` divides by the root mean square of the channels instead (a weight, no bias), ``"l2norm"`` by
+    their L2 norm (``F.normalize(x, dim=1)``), and ``"layernorm_map"`` normalises each example's whole map
+    (``shape``: its ``(c, *positions)``, the weight's and bias's shape)."""
 
-    def __init__(self, num_channels: int, eps: float = 1e-5, affine: bool = True) -> None:
+    def __init__(self, num_channels: int, eps: float = 1e-5, affine: bool = True, bias: bool = True,
+                 kind: str = "layernorm", shape: tuple[int, ...] | None = None) -> None:
         super().__init__()
-        self.num_channels, self.eps = num_channels, eps
-        self.weight = nn.Parameter(torch.ones(num_channels)) if affine else None
-        self.bias = nn.Parameter(torch.zeros(num_channels)) if affine else None
+        self.num_channels, self.eps, self.kind = num_channels, eps, kind
+        self.shape = tuple(shape) if kind == "layernorm_map" and shape else (num_channels,)
+        self.weight = nn.Parameter(torch.ones(self.shape)) if affine and kind != "l2norm" else None
+        self.bias = nn.Parameter(torch.zeros(self.shape)) if affine and bias and kind in ("layernorm",
+                                                                                        "layernorm_map") else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.layer_norm(x.movedim(1, -1), (self.num_channels,), self.weight, self.bias, self.eps).movedim(-1, 1)
+        if self.kind == "layernorm_map":
+            return F.layer_norm(x, self.shape, self.weight, self.bias, self.eps)
+        if self.kind == "l2norm":
+            return F.normalize(x, dim=1, eps=self.eps)
+        h = x.movedim(1, -1)
+        if self.kind == "rmsnorm":
+            h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+            return (h if self.weight is None else h * self.weight).movedim(-1, 1)
+        return F.layer_norm(h, (self.num_channels,), self.weight, self.bias, self.eps).movedim(-1, 1)
 
 
 class _Frozen:
@@ -170,7 +184,8 @@ class Gate(nn.Module):
         return x * torch.sigmoid(mixed)
 
 
-def _module(node: Node, c_in: int, rank: int, table: LayerTable, frozen: dict[str, Any]) -> nn.Module | None:
+def _module(node: Node, c_in: int, rank: int, table: LayerTable, frozen: dict[str, Any],
+            spatial: tuple[int, ...] = ()) -> nn.Module | None:
     """The module of ``node`` reading ``c_in`` channels of a tensor of ``rank`` axes (batch included)."""
     if node.op in ("dense", "conv") and node.fixed:
         mask, values = frozen[f"{node.name}.weight"]
@@ -190,7 +205,7 @@ def _module(node: Node, c_in: int, rank: int, table: LayerTable, frozen: dict[st
     if node.op == "norm" and node.norm == "groupnorm":
         return nn.GroupNorm(node.groups, c_in, eps=node.eps, affine=node.affine)
     if node.op == "norm":
-        return ChannelLayerNorm(c_in, node.eps, node.affine)
+        return ChannelLayerNorm(c_in, node.eps, node.affine, node.bias, node.norm, (c_in, *spatial))
     if node.op == "prelu":
         return nn.PReLU(node.units)
     return None
@@ -225,7 +240,7 @@ class TableNet(nn.Module):
                 shape = table.parameters()[f"{node.name}.{node.leaf}"][0]
                 self._owner(node.name).register_parameter(node.leaf, nn.Parameter(torch.ones(shape)))
                 continue
-            module = _module(node, src.channels, 2 + len(src.spatial or ()), table, frozen)
+            module = _module(node, src.channels, 2 + len(src.spatial or ()), table, frozen, tuple(src.spatial or ()))
             if module is not None:
                 parent = self
                 *path, leaf = node.name.split(".")

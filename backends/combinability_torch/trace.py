@@ -24,6 +24,7 @@ from combinability.data.base import input_fault, integer_hint
 from combinability.errors import ConfigurationError, ExampleInputError, NotALayerTableError, TracingError
 from combinability.layer_nodes import TRACED_ELEMENTWISE
 from combinability.layers import ACTIVATIONS, LayerTable, Node, input_layout
+from combinability_torch.trace_norms import NORM_FUNCTIONS, function_norm, module_norm, norm_owner
 
 __all__ = ["describe", "example_value", "feeding_logits", "reads_shape", "TapRunner", "table_names", "tensor_aliases"]
 
@@ -233,12 +234,12 @@ _LAYER_FUNCTIONS = {F.conv1d: 1, F.conv2d: 2, F.conv3d: 3, F.linear: 0}
 
 
 def _param_owner(n: fx.Node) -> tuple[str, str] | None:
-    """``(module path, leaf)`` of the parameter that ``F.layer_norm`` (its weight) or a product with a
-    parameter (a layer scale) reads directly; None for other nodes."""
-    if n.op == "call_function" and n.target is F.layer_norm:
-        weight = n.args[2] if len(n.args) > 2 else n.kwargs.get("weight")
-        target = attribute_of(weight)
-    elif n.op == "call_function" and n.target in _LAYER_FUNCTIONS:  # F.conv2d(x, self.weight, self.bias, ...)
+    """``(module path, leaf)`` of the parameter that a normalisation function (``F.layer_norm``'s weight,
+    ``F.batch_norm``'s), a layer function or a product with a parameter (a layer scale) reads directly; None
+    for other nodes."""
+    if n.op == "call_function" and n.target in NORM_FUNCTIONS:  # its weight (or running_mean)
+        return norm_owner(n, attribute_of)
+    if n.op == "call_function" and n.target in _LAYER_FUNCTIONS:  # F.conv2d(x, self.weight, self.bias, ...)
         target = attribute_of(n.args[1] if len(n.args) > 1 else n.kwargs.get("weight"))
     elif n.op in ("call_function", "call_method") and n.target in _MUL and len(n.args) == 2:
         targets = [t for t in map(attribute_of, n.args) if t is not None]
@@ -406,10 +407,9 @@ def _node(n: fx.Node, gm: fx.GraphModule, name: str, ins: tuple[str, ...], model
                                    "the default, statistics of each example" + _hint(model))
             # each channel of each example normalised over its positions: GroupNorm with a group per channel
             return Node(name, "norm", ins, norm="groupnorm", groups=m.num_features, eps=m.eps, affine=m.affine)
-        if isinstance(m, nn.LayerNorm) and shape_in is not None and len(shape_in) == 2 \
-                and tuple(m.normalized_shape) == shape_in[1:]:
-            return Node(name, "norm", ins, norm="layernorm", eps=m.eps, bias=m.bias is not None,
-                        affine=m.elementwise_affine)
+        norm = module_norm(m, name, ins, shape_in, False, where, _hint(model))  # LayerNorm, RMSNorm of any shape
+        if norm is not None:
+            return norm
         act = _activation_node(m, name, ins)
         if act is not None or isinstance(m, _KEEP_MODULES):
             return act
@@ -446,6 +446,8 @@ def _node(n: fx.Node, gm: fx.GraphModule, name: str, ins: tuple[str, ...], model
         if len(ins) < 2:  # torch.cat of one tensor: that tensor
             return None
         return Node(name, "concat", ins)
+    if n.op == "call_function" and target in NORM_FUNCTIONS:  # without parameters (F.layer_norm(x, x.shape[1:]))
+        return _norm_function(n, gm, name, ins, False, where, model)
     known, node = _elementwise_function(n, name, ins, tensors)
     if known:
         return node
@@ -714,9 +716,9 @@ def _channels_last_node(n: fx.Node, gm: fx.GraphModule, name: str, ins: tuple[st
         m = gm.get_submodule(n.target)
         if isinstance(m, nn.Linear):
             return Node(name, "dense", ins, units=m.out_features, bias=m.bias is not None)
-        if isinstance(m, nn.LayerNorm) and tuple(m.normalized_shape) == shape_in[-1:]:
-            return Node(name, "norm", ins, norm="layernorm", eps=m.eps, bias=m.bias is not None,
-                        affine=m.elementwise_affine)
+        norm = module_norm(m, name, ins, shape_in, True, where, _hint(model))
+        if norm is not None:
+            return norm
         act = _activation_node(m, name, ins)
         if act is not None or isinstance(m, _KEEP_MODULES):
             return act
@@ -724,6 +726,8 @@ def _channels_last_node(n: fx.Node, gm: fx.GraphModule, name: str, ins: tuple[st
             return Node(name, "flatten", ins, channels_last=True)
     else:
         target = n.target
+        if n.op == "call_function" and target in NORM_FUNCTIONS:
+            return _norm_function(n, gm, name, ins, True, where, model)
         tensors: list[fx.Node] = []
         fx.node.map_arg(n.args, tensors.append)
         known, node = _elementwise_function(n, name, ins, tensors)
@@ -865,19 +869,9 @@ def _parameter_node(n: fx.Node, gm: fx.GraphModule, name: str, ins: tuple[str, .
     """The node of an operation reading parameters directly: ``F.layer_norm`` over the channels
     (a ``LayerNorm2d``'s forward) or a layer scale, one factor per channel times a map or vector."""
     where = f"node {n.name!r} ({n.op} {n.target!r})"
-    shape_in = _shape(n.args[0]) if n.args else None
     owner = _param_owner(n)
-    if n.target is F.layer_norm and owner is not None and owner[0] and shape_in is not None:
-        args = {**dict(zip(("input", "normalized_shape", "weight", "bias", "eps"), n.args, strict=False)), **n.kwargs}
-        bias = attribute_of(args.get("bias"))
-        channels_last = on_last or len(shape_in) == 2
-        if (channels_last and tuple(args["normalized_shape"]) == tuple(shape_in[-1:]) and owner[1] == "weight"
-                and bias in (None, f"{owner[0]}.bias")):
-            return Node(name, "norm", ins, norm="layernorm", eps=float(args.get("eps", 1e-5)), bias=bias is not None)
-        raise TracingError(f"{where}: the tracer follows F.layer_norm over the channels of a channels-last map or a "
-                           f"vector with the parameters <module>.weight and <module>.bias (got normalized_shape "
-                           f"{tuple(args['normalized_shape'])} on {tuple(shape_in)}, weight {owner[0]}.{owner[1]}, "
-                           f"bias {bias})" + _hint(model))
+    if n.op == "call_function" and n.target in NORM_FUNCTIONS:  # on a module's weight, bias, running statistics
+        return _norm_function(n, gm, name, ins, on_last, where, model)
     learned = dict(gm.named_parameters())
     if n.target in _LAYER_FUNCTIONS and owner is not None and owner[1] == "weight" and \
             f"{owner[0]}.weight" in learned and len(ins) == 1:
@@ -901,6 +895,14 @@ def _parameter_node(n: fx.Node, gm: fx.GraphModule, name: str, ins: tuple[str, .
                        f"({', '.join(str(attribute_of(a)) for a in params_read)}) cannot be followed there; the "
                        "tracer follows F.layer_norm, F.linear and F.conv1d/2d/3d on a module's own weight and bias, "
                        "and layer scales (learned parameters)" + _hint(model))
+
+
+def _norm_function(n: fx.Node, gm: fx.GraphModule, name: str, ins: tuple[str, ...], on_last: bool, where: str,
+                   model: nn.Module) -> Node:
+    """The node of a normalisation function (:func:`combinability_torch.trace_norms.function_norm`)."""
+    state = {k for k, _ in itertools.chain(model.named_parameters(), model.named_buffers())}  # gm's: those it reads
+    return function_norm(n, name, ins, _shape(n.args[0]) if n.args else None, on_last, attribute_of, example_value,
+                         state, where, _hint(model))
 
 
 def _layer_function_node(n: fx.Node, name: str, ins: tuple[str, ...], weight: torch.Tensor, path: str,

@@ -284,8 +284,9 @@ class Renormalize:
         nodes = repair_sites(table)
         if not nodes:
             raise ConfigurationError(f"repair='repair' (REPAIR) rescales the output channels of normalisation "
-                                     f"layers and of hidden dense and conv layers with a bias, but the "
-                                     f"{table.name!r} model has none of them: nothing to repair")
+                                     f"layers with a learned scale and shift (or BatchNorm's running statistics) "
+                                     f"and of hidden dense and conv layers with a bias that no norm follows, but "
+                                     f"the {table.name!r} model has none of them: nothing to repair")
         _check_data(ctx, self.name, table)
         names = [f"{n.name}.{p}" for n in nodes if n.op != "norm" or n.affine for p in ("weight", "bias")]
         names += [f"{n.name}.{p}" for n in _batchnorms(table) for p in ("running_mean", "running_var")]
@@ -333,7 +334,11 @@ class Renormalize:
                 ratio = sigma_t / xp.sqrt(sigma_c * sigma_c + _VAR_FLOOR)
                 new[f"{node.name}.weight"] = _scale_rows(xp, weight, layout[f"{node.name}.weight"].shape,
                                                          _out_axis(node) if node.op != "norm" else 0, ratio)
-                new[f"{node.name}.bias"] = (bias - mu_c) * ratio + mu_t
+                # one shift per channel; a LayerNorm over the whole map has one per value, channels first
+                rows = layout[f"{node.name}.bias"].shape[0]
+                new[f"{node.name}.bias"] = xp.reshape((xp.reshape(bias, (rows, -1)) - xp.reshape(mu_c, (rows, 1)))
+                                                      * xp.reshape(ratio, (rows, 1)) + xp.reshape(mu_t, (rows, 1)),
+                                                      (-1,))
             theta = _replace(xp, theta, layout, new)
         return theta
 
@@ -366,8 +371,13 @@ def repair_sites(table: Any) -> list[Any]:
       from it through the nodes without parameters (activations, pooling, additions, ...),
       neither a norm nor the network's output is reached before another such layer.
 
-    Norms without a scale and shift other than BatchNorm (torch's default ``InstanceNorm2d``)
-    and layers without a bias are left as they are: nothing there can carry the correction.
+    Norms without a scale and shift other than BatchNorm (torch's default ``InstanceNorm2d``),
+    norms with a scale alone (RMSNorm, ``LayerNorm(C, bias=False)``) and layers without a bias
+    are left as they are: nothing there can carry the correction of the channels' means. A
+    LayerNorm over the whole map (``"layernorm_map"``, torch's ``LayerNorm([C, H, W])``) is
+    corrected per channel as the others: each channel's mean and standard deviation over the
+    examples and positions, its ``(C, H, W)`` weight and bias rescaled and shifted channel by
+    channel (the same affine map of each channel, so the positions' pattern within a channel stays).
     """
     nodes = table.nodes
     readers: dict[str, list[Any]] = {}
@@ -394,7 +404,7 @@ def repair_sites(table: Any) -> list[Any]:
 
     out = []
     for node in nodes:
-        if node.op == "norm" and (node.affine or node.norm == "batchnorm"):
+        if node.op == "norm" and ("bias" in node.norm_leaves() or node.norm == "batchnorm"):
             out.append(node)
         elif node.op in _LAYERS and node.bias and not node.fixed and not reaches_norm_or_output(node.name):
             out.append(node)
