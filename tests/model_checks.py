@@ -147,3 +147,29 @@ def tapped_features(model: Any, other: Any, x: Any, point: str, batch_size: int 
     evaluator = cb.Evaluator(cb.get_backend(pair.backend), pair.model(0), pair.layout, batch_size=batch_size)
     data = cb.ArrayDataset(x=x.numpy(), y=np.zeros(len(x), np.int64), num_classes=2, name="probe", split="test")
     return evaluator.features(pair.theta_a, data, [point])[point]
+
+
+def agreement_by_hand(pred: Any, pred_a: Any, pred_b: Any, labels: Any) -> dict[str, int]:
+    """The §6.1 agreement categories counted one example at a time, in plain Python."""
+    from combinability.metrics import AGREEMENT_CATEGORIES
+
+    counts = dict.fromkeys(AGREEMENT_CATEGORIES, 0)
+    for p, pa, pb, y in zip(pred, pred_a, pred_b, labels, strict=True):
+        if p == pa and p == pb:
+            group = "both"
+        elif p == pa:
+            group = "a_only"
+        elif p == pb:
+            group = "b_only"
+        else:
+            group = "neither"
+        counts[f"{group}_{'correct' if p == y else 'wrong'}"] += 1
+    return counts
+
+
+def digits_images() -> tuple[np.ndarray, np.ndarray]:
+    """sklearn's digits as ``(n, 8, 8)`` float32 images in [0, 1] and int64 labels."""
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    return (d.images / 16.0).astype(np.float32), d.target.astype(np.int64)

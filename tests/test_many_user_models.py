@@ -22,18 +22,12 @@ from torch import nn
 
 import combinability as cb
 from combinability.align.many import METHODS, pairwise_permutation
+from tests.model_checks import digits_images
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
 
-def _digits() -> tuple[np.ndarray, np.ndarray]:
-    from sklearn.datasets import load_digits
-
-    d = load_digits()
-    return (d.images / 16.0).astype(np.float32), d.target.astype(np.int64)
-
-
-X, Y = _digits()
+X, Y = digits_images()
 TRAIN, TEST = np.arange(0, 600), np.arange(1400, 1797)
 
 
@@ -286,7 +280,7 @@ def test_options_a_method_does_not_take_are_refused_before_any_work(nets):
     assert ms.alignment_settings["fw_iter"] == 3
     with pytest.raises(cb.ConfigurationError, match="takes no option 'round'"):  # before the pairs' alignments
         cb.experiments.compare_aligners(cb.ModelSet(models, example_input=x), methods=["weight"],
-                                        many_methods=["mergemany"], many_options={"round": 2}, data=_digits())
+                                        many_methods=["mergemany"], many_options={"round": 2}, data=digits_images())
 
 
 def test_results_and_merged_models_survive_a_round_trip(nets, tmp_path):

@@ -16,6 +16,7 @@ import pytest
 
 import combinability as cb
 from combinability.align.many import METHODS, pairwise_permutation
+from tests.model_checks import digits_images
 
 jax = pytest.importorskip("jax")
 optax = pytest.importorskip("optax")
@@ -26,14 +27,7 @@ traverse = pytest.importorskip("flax.traverse_util")
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
 
-def _digits() -> tuple[np.ndarray, np.ndarray]:
-    from sklearn.datasets import load_digits
-
-    d = load_digits()
-    return (d.images / 16.0).astype(np.float32), d.target.astype(np.int64)
-
-
-X, Y = _digits()
+X, Y = digits_images()
 TRAIN, TEST = np.arange(0, 600), np.arange(1400, 1797)
 FLAT, NHWC = X.reshape(len(X), -1), X[..., None]
 

@@ -18,6 +18,7 @@ from combinability.metrics import (
     empirical_barrier,
     loss_barrier,
 )
+from tests.model_checks import agreement_by_hand
 
 
 # -- barriers -------------------------------------------------------------------------
@@ -46,21 +47,6 @@ def test_empirical_barrier_errors():
 
 
 # -- agreement categories ---------------------------------------------------------------
-def brute_force_categories(pred, pred_a, pred_b, labels) -> dict[str, int]:
-    counts = dict.fromkeys(AGREEMENT_CATEGORIES, 0)
-    for p, pa, pb, y in zip(pred, pred_a, pred_b, labels, strict=True):
-        if p == pa and p == pb:
-            group = "both"
-        elif p == pa:
-            group = "a_only"
-        elif p == pb:
-            group = "b_only"
-        else:
-            group = "neither"
-        counts[f"{group}_{'correct' if p == y else 'wrong'}"] += 1
-    return counts
-
-
 def test_category_names_are_stable():
     assert AGREEMENT_CATEGORIES == (
         "both_correct", "both_wrong", "a_only_correct", "a_only_wrong",
@@ -76,7 +62,7 @@ def test_agreement_against_a_python_loop(seed):
     pred_a = np.where(rng.random(n) < 0.7, labels, rng.integers(0, classes, n))
     pred_b = np.where(rng.random(n) < 0.7, labels, rng.integers(0, classes, n))
     pred = np.where(rng.random(n) < 0.5, pred_a, rng.integers(0, classes, n))
-    expected = brute_force_categories(pred.tolist(), pred_a.tolist(), pred_b.tolist(), labels.tolist())
+    expected = agreement_by_hand(pred.tolist(), pred_a.tolist(), pred_b.tolist(), labels.tolist())
     assert agreement_categories(pred, pred_a, pred_b, labels) == expected
     assert all(v > 0 for v in expected.values())
     # batched: several combined models at once
@@ -85,7 +71,7 @@ def test_agreement_against_a_python_loop(seed):
     assert counts.shape == (2, 2, 8)
     for i in range(2):
         for j in range(2):
-            ref = brute_force_categories(batch[i, j].tolist(), pred_a.tolist(), pred_b.tolist(), labels.tolist())
+            ref = agreement_by_hand(batch[i, j].tolist(), pred_a.tolist(), pred_b.tolist(), labels.tolist())
             assert counts[i, j].tolist() == [ref[c] for c in AGREEMENT_CATEGORIES]
 
 

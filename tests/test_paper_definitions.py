@@ -42,6 +42,7 @@ from combinability.samplers import (
     Triangle,
     Uniform,
 )
+from tests.model_checks import agreement_by_hand
 
 D = 200_000  # coordinates per draw: moments to ~1e-3, KS tests with real power
 GRID = np.linspace(0.0, 1.0, 25)  # "25 numbers equidistantly from [0, 1]" (§4.2.2, figs 2-5)
@@ -360,21 +361,6 @@ def test_three_model_barrier_uses_the_mean_of_the_three_ends():
 
 
 # -- §6.1: the agreement categories ------------------------------------------------------------
-def _categories_by_hand(pred, pred_a, pred_b, labels) -> dict[str, int]:
-    counts = dict.fromkeys(AGREEMENT_CATEGORIES, 0)
-    for p, pa, pb, y in zip(pred, pred_a, pred_b, labels, strict=True):
-        if p == pa and p == pb:
-            group = "both"
-        elif p == pa:
-            group = "a_only"
-        elif p == pb:
-            group = "b_only"
-        else:
-            group = "neither"
-        counts[f"{group}_{'correct' if p == y else 'wrong'}"] += 1
-    return counts
-
-
 def test_agreement_categories_section_6_1_by_hand():
     # one example per category, written out: (pred, A's, B's, true label)
     rows = {
@@ -397,7 +383,7 @@ def test_agreement_categories_section_6_1_random():
     preds = np.stack([pred_a, pred_b, rng.integers(0, 4, n)])  # the ends, and a random model
     counts = agreement_counts(preds, pred_a, pred_b, labels)
     for row, pred in zip(counts, preds, strict=True):
-        ref = _categories_by_hand(pred, pred_a, pred_b, labels)
+        ref = agreement_by_hand(pred, pred_a, pred_b, labels)
         assert row.tolist() == [ref[c] for c in AGREEMENT_CATEGORIES]
         assert row.sum() == n
     # at model A nothing is 'b_only' or 'neither'; at model B nothing is 'a_only' or 'neither'
