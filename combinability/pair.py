@@ -43,6 +43,11 @@ class ModelPair(ModelSet):
 
     def __init__(self, model_a: Any, model_b: Any, architecture: str | None = None, backend: Any = None,
                  model_c: Any = None, *, spec: Any = None, example_input: Any = None) -> None:
+        if architecture is not None and not isinstance(architecture, str):
+            raise ConfigurationError(
+                f"ModelPair(model_a, model_b, architecture=...): architecture must be a registered architecture's "
+                f"name (a str), got a {type(architecture).__name__}; a third model is passed as model_c=, and more "
+                "models make a cb.ModelSet([...])")
         models = [model_a, model_b] + ([model_c] if model_c is not None else [])
         super().__init__(models, backend=backend, spec=spec, architecture=architecture, example_input=example_input)
 

@@ -191,6 +191,7 @@ def fit(backend: Backend, model: Any, data: ArrayDataset, recipe: TrainRecipe, *
     NonFiniteWeightsError
         If the training loss becomes NaN or infinite (lower the learning rate).
     """
+    from combinability.align.ste import batch_bounds
     from combinability.augmentation import affine_matrices, sample_params
     from combinability.data.convert import check_labels, check_seed
     from combinability.errors import DatasetError, NonFiniteWeightsError
@@ -225,8 +226,8 @@ def fit(backend: Backend, model: Any, data: ArrayDataset, recipe: TrainRecipe, *
     x, y = device_data(backend)(data)
     rng = np.random.default_rng(seed)
     aug_rng = np.random.default_rng(rng.integers(2**62)) if recipe.augment and data.is_image else None
-    bs = int(recipe.batch_size)
-    steps_per_epoch = math.ceil(n / bs)
+    bounds = batch_bounds(n, int(recipe.batch_size))  # a last batch of one example joins the one before
+    steps_per_epoch = len(bounds)
 
     loss_fn = training_loss(xp, getattr(prepared, "classes_second", None))
     step = 0
@@ -235,7 +236,7 @@ def fit(backend: Backend, model: Any, data: ArrayDataset, recipe: TrainRecipe, *
             order = backend.asarray(rng.permutation(n).astype(np.int64))
             losses = []
             for b in range(steps_per_epoch):
-                idx = order[b * bs : (b + 1) * bs]
+                idx = order[slice(*bounds[b])]
                 xb, yb = xp.take(x, idx, axis=0), xp.take(y, idx, axis=0)
                 if aug_rng is not None:
                     h, w = data.x.shape[2:]

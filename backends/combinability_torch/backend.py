@@ -191,11 +191,13 @@ def _refuse_hooked_weights(model: nn.Module) -> None:
 
 def _units_second(module: nn.Module, out: Any) -> Any:
     """A hooked module's output with its units on axis 1, as features are read: a Linear's or an
-    Embedding's ``(n, ..., units)`` moved to ``(n, units, ...)``; anything else as it is."""
+    Embedding's ``(n, ..., units)`` moved to ``(n, units, ...)``; anything else as it is. A module that
+    returns a tuple (``nn.MultiheadAttention``'s ``(output, weights)``, an RNN's ``(output, states)``)
+    is read by its first entry."""
     from combinability_torch.trace import UNITS_LAST_MODULES
 
-    if isinstance(module, nn.RNNBase) and isinstance(out, tuple):
-        out = out[0]  # the output sequence, not the final states
+    if isinstance(out, tuple | list) and out and isinstance(out[0], torch.Tensor):
+        out = out[0]  # the output: an RNN's sequence (not its final states), an attention's (not its weights)
     if isinstance(module, UNITS_LAST_MODULES) and isinstance(out, torch.Tensor) and out.dim() > 2:
         return out.movedim(-1, 1)
     return out
@@ -402,11 +404,25 @@ class TorchPrepared:
         params = {k: (buffers[k] if k in self.buffers else v) for k, v in trained.items()}
         self.model.train(train)
         try:
-            value = loss(self._call(params, x), y)
-            (grad,) = torch.autograd.grad(value, leaf, allow_unused=True)
+            with contextlib.ExitStack() as stack:
+                if train:  # dropout's masks from a digest of the batch: reproducible, new for every batch (as jax's)
+                    cuda = [x.device] if x.device.type == "cuda" else []
+                    stack.enter_context(torch.random.fork_rng(devices=cuda))
+                    torch.manual_seed(_batch_digest(x))
+                value = loss(self._call(params, x), y)
+                (grad,) = torch.autograd.grad(value, leaf, allow_unused=True)
         finally:
             self.model.eval()
         return value.detach(), torch.zeros_like(flat) if grad is None else grad, flat
+
+
+def _batch_digest(x: torch.Tensor) -> int:
+    """A digest of a batch's bits and positions (uint32): the seed of a training step's dropout masks, so
+    that a step is reproducible whatever the global RNG and different batches draw different masks."""
+    flat = x.detach().reshape(-1)
+    bits = flat.float().view(torch.int32).long() if flat.is_floating_point() else flat.long()
+    weights = torch.arange(flat.numel(), device=flat.device, dtype=torch.int64) * 2654435761 + 1
+    return int(torch.sum(bits * weights).item()) & 0xFFFFFFFF
 
 
 class TorchBackend(Backend):

@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import numpy as np
 
 from combinability.align.base import AlignTask
+from combinability.data.base import IGNORE_INDEX
 from combinability.errors import ConfigurationError, CorruptFileError, DatasetError
 from combinability.kinds import Dual, Invertible, Orthogonal
 from combinability.permutation import Permutation, PermutationSpec, apply_permutation, identity_permutation
@@ -45,7 +46,7 @@ if TYPE_CHECKING:
     from combinability.layout import FlatLayout
 
 __all__ = ["LearningContext", "check_learning", "check_options", "check_settings", "learn", "start_permutation", "ste",
-           "as_values"]
+           "as_values", "batch_bounds"]
 
 _STATE_VERSION = 1
 
@@ -142,7 +143,11 @@ def check_learning(name: str, task: AlignTask, context: LearningContext | None) 
     x, y = device_data(be)(ds.subset(2, seed=0) if len(ds) > 2 else ds)
     flat = be.asarray(context.layout.flatten(task.reference))
     try:
+        if context.num_classes is None:  # a model without a layer table: its logits tell its classes
+            check_labels(ds, _classes(prepared, xp, flat, x, tuple(ds.y.shape[1:])))
         prepared.value_and_grad(flat, x, y, training_loss(xp, getattr(prepared, "classes_second", None)))
+    except DatasetError:
+        raise
     except NotImplementedError as exc:
         raise ConfigurationError(f"aligner {name!r} needs gradients, but the {be.name!r} backend gives none: "
                                  f"{exc}; use 'weight' or 'activation'") from None
@@ -150,6 +155,34 @@ def check_learning(name: str, task: AlignTask, context: LearningContext | None) 
         raise DatasetError(f"aligner {name!r}: the model fails on the data (examples of shape "
                            f"{tuple(ds.x.shape[1:])}, labels up to {int(np.max(ds.y))}): {exc}") from None
     return replace(context, data=ds)
+
+
+def _classes(prepared: Any, xp: Any, flat: Any, x: Any, positions: tuple[int, ...]) -> int:
+    """The number of classes of a prepared model: the class axis of its logits on ``x`` (inference mode)."""
+    from combinability.evaluation import logit_rows
+
+    logits = prepared.forward(flat[None, ...], x)
+    rows = logit_rows(xp, logits, (int(x.shape[0]), *positions), lead=1,
+                      classes_second=getattr(prepared, "classes_second", None))
+    return int(rows.shape[-1])
+
+
+def batch_bounds(n: int, batch_size: int) -> list[tuple[int, int]]:
+    """``(start, stop)`` of the training batches of ``n`` examples: ``batch_size`` each, in order, a last
+    batch of a single example joined to the one before (a norm over the batch, BatchNorm in training
+    mode, has no statistics of one example).
+
+    Examples
+    --------
+    >>> batch_bounds(5, 2)
+    [(0, 2), (2, 5)]
+    >>> batch_bounds(4, 2)
+    [(0, 2), (2, 4)]
+    """
+    bounds = [(s, min(s + batch_size, n)) for s in range(0, n, batch_size)]
+    if len(bounds) > 1 and bounds[-1][1] - bounds[-1][0] == 1:
+        bounds[-2:] = [(bounds[-2][0], n)]
+    return bounds
 
 
 def as_values(spec: PermutationSpec, perm: Mapping[str, Any]) -> Permutation:
@@ -275,7 +308,10 @@ class _Run:
         self.grid = np.asarray(self.sampler.grid_for(layout))
         self.loss = training_loss(self.xp, getattr(self.prepared, "classes_second", None))
         n = len(self.ctx.data)
-        self.eval_idx = be.asarray(np.random.default_rng([self.seed, 7]).permutation(n)[: self.eval_examples])
+        self.eval_host = np.random.default_rng([self.seed, 7]).permutation(n)[: self.eval_examples]
+        self.eval_idx = be.asarray(self.eval_host)
+        scored = np.asarray(self.ctx.data.y) != IGNORE_INDEX
+        self.eval_scored = scored.reshape(n, -1).sum(axis=1)[self.eval_host]  # scored targets per example
         draws = 1 if self.sampler.deterministic and len(self.grid) == 1 else 4
         self.eval_keys = [(-1, k) for k in range(draws)]
 
@@ -300,7 +336,13 @@ class _Run:
         return float(be.to_numpy(loss)), be.to_numpy(v * grad).astype(np.float64)
 
     def objective(self, perm: Permutation) -> float:
-        """Mean loss of the hard permutation's combinations on the evaluation examples (fixed draws)."""
+        """Mean loss of the hard permutation's combinations on the evaluation examples (fixed draws).
+
+        The inference-mode loss, as a sweep measures it (BatchNorm by its running statistics, the
+        combination's, no dropout): deterministic, and independent of how the examples are batched.
+        It is the mean over every scored target (a target labelled ``IGNORE_INDEX`` is left out of
+        the sum and the count), as ``F.cross_entropy(..., ignore_index=-100)`` over all of them.
+        """
         be, xp, layout = self.ctx.backend, self.xp, self.ctx.layout
         other = dict(self.task.other)
         theta_b = be.asarray(layout.flatten({**other, **apply_permutation(self.task.spec, perm, other)}))
@@ -310,11 +352,14 @@ class _Run:
             mid = self.theta_a + v * (theta_b - self.theta_a)
             for start in range(0, int(self.eval_idx.shape[0]), self.batch_size):
                 idx = self.eval_idx[start : start + self.batch_size]
+                scored = int(self.eval_scored[start : start + self.batch_size].sum())
+                if scored == 0:
+                    continue
                 xb, yb = xp.take(self.x, idx, axis=0), xp.take(self.y, idx, axis=0)
-                loss, _, _ = self.prepared.value_and_grad(mid, xb, yb, self.loss)
-                total += float(be.to_numpy(loss)) * int(idx.shape[0])
-                count += int(idx.shape[0])
-        return total / count
+                loss, _, _ = self.prepared.value_and_grad(mid, xb, yb, self.loss, train=False)
+                total += float(be.to_numpy(loss)) * scored
+                count += scored
+        return total / count if count else float("nan")
 
 
 def learn(name: str, task: AlignTask, ctx: LearningContext, make: Callable[[], Learner], *, start: Permutation,
@@ -375,7 +420,8 @@ def learn(name: str, task: AlignTask, ctx: LearningContext, make: Callable[[], L
     run = _Run(name, task, ctx, smp, task.seed, batch_size, eval_examples)
     learner = make()
     n = len(data)
-    steps = math.ceil(n / batch_size)
+    bounds = batch_bounds(n, batch_size)
+    steps = len(bounds)
     if saved is None:
         best = (start, run.objective(start))
         history, position = [best[1]], (0, 0)
@@ -396,8 +442,7 @@ def learn(name: str, task: AlignTask, ctx: LearningContext, make: Callable[[], L
                     snapshot = ((epoch, b), learner.state())
                     theta_b = learner.transformed()
                     v = run.draw(epoch, b, ctx.backend.asarray(theta_b.astype(ctx.layout.dtype)))
-                    loss, grad = run.step(theta_b, ctx.backend.asarray(order[b * batch_size : (b + 1) * batch_size]),
-                                          v)
+                    loss, grad = run.step(theta_b, ctx.backend.asarray(order[slice(*bounds[b])]), v)
                     if not math.isfinite(loss):
                         raise ConfigurationError(f"aligner {name!r}: the loss became {loss} in epoch {epoch + 1}; "
                                                  "lower the learning rate (lr=)")

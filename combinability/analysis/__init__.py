@@ -23,7 +23,7 @@ from combinability.analysis.calibration import (
     fit_temperature,
     lewc,
 )
-from combinability.analysis.layerwise import curvature_along, layerwise_barriers
+from combinability.analysis.layerwise import curvature_along, curvature_and_slope, layerwise_barriers
 from combinability.analysis.llfc import cosine_and_scale, llfc
 
 __all__ = [
@@ -31,6 +31,7 @@ __all__ = [
     "calibrate",
     "cosine_and_scale",
     "curvature_along",
+    "curvature_and_slope",
     "fit_temperature",
     "layerwise_barriers",
     "lewc",

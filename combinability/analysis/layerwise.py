@@ -31,7 +31,7 @@ with (BatchNorm by its running statistics, dropout off), so that they are determ
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -49,7 +49,7 @@ if TYPE_CHECKING:
     from combinability.data.base import ArrayDataset
     from combinability.sets import ModelSet
 
-__all__ = ["layerwise_barriers", "curvature_along", "second_order_gap", "MODES"]
+__all__ = ["layerwise_barriers", "curvature_along", "curvature_and_slope", "second_order_gap", "MODES"]
 
 #: The two families of layer sets: each layer alone, and every layer up to it.
 MODES = ("single", "cumulative")
@@ -75,22 +75,35 @@ LABELS: dict[str, dict[str, str]] = {
 
 
 # -- gradients and curvature ----------------------------------------------------------------------
-def _summed_loss(logits: Any, y: Any) -> Any:
+def _summed_loss(logits: Any, y: Any, classes_second: bool | None = None) -> Any:
     """The summed cross-entropy over every scored target (the caller divides by their number); array API. A
     sequence model's ``(n, T, vocab)`` logits (or a dense prediction's) are read one row per target, as evaluations
-    read them (:func:`~combinability.evaluation.logit_rows`); targets labelled ``IGNORE_INDEX`` add nothing."""
+    read them (:func:`~combinability.evaluation.logit_rows`, ``classes_second`` as there); targets labelled
+    ``IGNORE_INDEX`` add nothing."""
     from array_api_compat import array_namespace
 
-    return summed_cross_entropy(array_namespace(logits), logits, y)[0]
+    return summed_cross_entropy(array_namespace(logits), logits, y, classes_second)[0]
+
+
+def loss_of(prepared: Prepared) -> Callable[[Any, Any], Any]:
+    """:func:`_summed_loss` reading the logits where ``prepared`` says its model puts the classes.
+
+    A dense prediction's ``(n, classes, H, W)`` with as many classes as rows and columns fits both
+    layouts; the evaluations settle it by the model's last layer (``prepared.classes_second``), and so
+    must the gradients, or they differentiate another loss than the one measured.
+    """
+    classes_second = getattr(prepared, "classes_second", None)
+    return lambda logits, y: _summed_loss(logits, y, classes_second)
 
 
 def full_gradient(prepared: Prepared, backend: Backend, flat: Any, x: Any, y: Any, batch_size: int) -> np.ndarray:
     """The gradient of the mean cross-entropy over every target (every example; every position of a sequence) in
-    inference mode, float64 ``(d,)``, batched."""
+    inference mode, float64 ``(d,)``, batched. Zero on the entries the backend does not train (buffers)."""
     n = int(x.shape[0])
     total = None
+    loss = loss_of(prepared)
     for s in range(0, n, batch_size):
-        _, grad, _ = prepared.value_and_grad(flat, x[s : s + batch_size, ...], y[s : s + batch_size], _summed_loss,
+        _, grad, _ = prepared.value_and_grad(flat, x[s : s + batch_size, ...], y[s : s + batch_size], loss,
                                              train=False)
         g = backend.to_numpy(grad).astype(np.float64)
         total = g if total is None else total + g
@@ -117,6 +130,12 @@ def curvature_along(prepared: Prepared, backend: Backend, theta: np.ndarray, dir
     -------
     (float, numpy.ndarray)
         The curvature ``ΔᵀHΔ`` and the gradient ``(∇L(θ + εΔ) + ∇L(θ − εΔ)) / 2`` (``∇L(θ)`` up to ``O(ε²)``).
+
+    Notes
+    -----
+    The backends differentiate the trained entries only: the gradient is zero on buffers (a
+    BatchNorm's running statistics), which an inference-mode loss depends on. For a direction
+    that moves buffers this is not ``ΔᵀHΔ``; :func:`curvature_and_slope` is.
     """
     dtype = np.dtype(theta.dtype)
     plus = backend.asarray((theta + step * direction).astype(dtype))
@@ -125,6 +144,59 @@ def curvature_along(prepared: Prepared, backend: Backend, theta: np.ndarray, dir
     g_minus = full_gradient(prepared, backend, minus, x, y, batch_size)
     d = direction.astype(np.float64)
     return float(d @ (g_plus - g_minus)) / (2 * step), (g_plus + g_minus) / 2
+
+
+def curvature_and_slope(prepared: Prepared, backend: Backend, theta: np.ndarray, direction: np.ndarray, x: Any,
+                        y: Any, *, untrained: np.ndarray | None = None,
+                        mean_loss: Callable[[np.ndarray], np.ndarray] | None = None, step: float = 1e-2,
+                        batch_size: int = 1000) -> tuple[float, float]:
+    """``ΔᵀH(θ)Δ`` and ``∇L(θ)ᵀΔ`` along a direction that may move buffers as well as parameters.
+
+    With ``φ(t) = L(θ + tΔ)``, ``φ'(t)`` is the autodiff gradient's part on the trained entries,
+    ``Δ_tᵀ∇L``, plus the part on the ``untrained`` ones (buffers: a BatchNorm's running statistics,
+    which the backends do not differentiate), a central difference of the loss along them,
+    ``[L(θ' + εΔ_u) − L(θ' − εΔ_u)] / 2ε``. Then ``ΔᵀHΔ = [φ'(ε) − φ'(−ε)] / 2ε`` and
+    ``∇L(θ)ᵀΔ = [φ'(ε) + φ'(−ε)] / 2``, both up to ``O(ε²)``.
+
+    Parameters
+    ----------
+    prepared, backend, theta, direction, x, y, step, batch_size
+        As :func:`curvature_along`.
+    untrained : bool array ``(d,)``, optional
+        The entries the gradient does not cover (default none: then this is :func:`curvature_along`).
+    mean_loss : callable, optional
+        ``(k, d)`` vectors to their mean losses ``(k,)`` on ``x, y`` (inference mode); needed when
+        ``direction`` moves an ``untrained`` entry.
+
+    Returns
+    -------
+    (float, float)
+        The curvature ``ΔᵀHΔ`` and the slope ``∇L(θ)ᵀΔ``.
+
+    Raises
+    ------
+    ConfigurationError
+        If ``direction`` moves an untrained entry and ``mean_loss`` is not given.
+    """
+    d = direction.astype(np.float64)
+    moved = untrained is not None and bool(np.any(d[untrained] != 0))
+    if moved and mean_loss is None:
+        raise ConfigurationError("the direction moves entries the gradient does not cover (buffers); pass "
+                                 "mean_loss= to differentiate the loss along them")
+    trained_part = np.where(untrained, 0.0, d) if untrained is not None else d
+    dtype = np.dtype(theta.dtype)
+    slopes = []
+    for sign in (1.0, -1.0):
+        point = theta.astype(np.float64) + sign * step * d
+        grad = full_gradient(prepared, backend, backend.asarray(point.astype(dtype)), x, y, batch_size)
+        slope = float(trained_part @ grad)
+        if moved:
+            buffers = np.where(untrained, d, 0.0)
+            up, down = np.asarray(mean_loss(np.stack([point + step * buffers, point - step * buffers]).astype(dtype)),
+                                  dtype=np.float64)
+            slope += float(up - down) / (2 * step)
+        slopes.append(slope)
+    return (slopes[0] - slopes[1]) / (2 * step), (slopes[0] + slopes[1]) / 2
 
 
 def second_order_gap(lam: np.ndarray, slope_difference: float, h_start: float, h_end: float) -> tuple[Any, Any]:
@@ -141,7 +213,8 @@ def _check_autodiff(pair: ModelSet, prepared: Any, ds: ArrayDataset) -> None:
     if not problem:
         be = pair.backend_obj
         try:
-            fn(be.asarray(pair.theta(0).copy()), be.asarray(ds.x[:1]), be.asarray(ds.y[:1]), _summed_loss, train=False)
+            fn(be.asarray(pair.theta(0).copy()), be.asarray(ds.x[:1]), be.asarray(ds.y[:1]), loss_of(prepared),
+               train=False)
         except (NotImplementedError, AttributeError, TypeError) as exc:
             problem = f"its value_and_grad failed: {type(exc).__name__}: {exc}"
     if problem:
@@ -281,6 +354,13 @@ def _run(pair: ModelSet, ds: ArrayDataset, grid: np.ndarray, names: list[str], m
     out = {k: np.full(shape3, np.nan) for k in ("loss", "accuracy", "loss_gap", "predicted_gap", "curvature_gap")}
     per = {k: np.full(shape2, np.nan) for k in ("curvature_start", "curvature_end", "slope_difference", "distance")}
     parameters = [int(np.sum(layer_index == order.index(name))) for name in names]
+    # buffers (running statistics) move along the path too, but get no gradient: differentiated by the loss
+    trained = set(be.trainable(pair.template))
+    untrained = np.repeat([e.name not in trained for e in pair.layout.entries], [e.size for e in pair.layout.entries])
+
+    def mean_loss(flats: np.ndarray) -> np.ndarray:
+        return np.array([e.loss for e in evaluator.evaluate(flats, ds)])
+
     for m, mode in enumerate(modes):
         for j, name in enumerate(names):
             k = order.index(name)
@@ -294,10 +374,10 @@ def _run(pair: ModelSet, ds: ArrayDataset, grid: np.ndarray, names: list[str], m
             out["loss_gap"][m, j] = loss - ((1 - grid) * loss[0] + grid * loss[-1])
             per["distance"][m, j] = float(np.linalg.norm(delta))
             if curvature:
-                prepared = evaluator.prepared
-                h0, g0 = curvature_along(prepared, be, theta_a, delta, x, y, step=step, batch_size=batch_size)
-                h1, g1 = curvature_along(prepared, be, path[-1], delta, x, y, step=step, batch_size=batch_size)
-                slope = float((g0 - g1) @ delta)
+                kw = {"untrained": untrained, "mean_loss": mean_loss, "step": step, "batch_size": batch_size}
+                h0, s0 = curvature_and_slope(evaluator.prepared, be, theta_a, delta, x, y, **kw)
+                h1, s1 = curvature_and_slope(evaluator.prepared, be, path[-1], delta, x, y, **kw)
+                slope = s0 - s1
                 per["curvature_start"][m, j], per["curvature_end"][m, j] = h0, h1
                 per["slope_difference"][m, j] = slope
                 out["predicted_gap"][m, j], out["curvature_gap"][m, j] = second_order_gap(grid, slope, h0, h1)
@@ -313,7 +393,8 @@ def _run(pair: ModelSet, ds: ArrayDataset, grid: np.ndarray, names: list[str], m
         attrs=provenance(combinability_format="layerwise_barriers", architecture=pair.architecture,
                          width=float(pair.width), backend=be.name, dataset=ds.name, split=ds.split,
                          examples=len(ds), alignment=pair.alignment, curvature=bool(curvature), step=step,
-                         hvp="central difference of value_and_grad along the path (inference-mode loss)",
+                         hvp=("central difference of value_and_grad along the path (inference-mode loss); "
+                              "buffers by central differences of the loss"),
                          fingerprints=pair.fingerprints(), **dict(attrs or {})),
     )
     return annotate(result, LABELS)
