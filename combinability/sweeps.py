@@ -280,11 +280,15 @@ def _cluster(client: Any, cells_per_task: int | None, plans: Sequence[_Plan]) ->
         if cells_per_task is not None:
             raise ConfigurationError("cells_per_task applies to a distributed sweep only: give client= too")
         return None
-    from combinability.executors.dask_cluster import check_workers
+    from combinability.executors.cells import portable_backend
+    from combinability.executors.dask_cluster import check_payload, check_workers
 
     workers: list[str] = []
     for be in {repr(p.be): p.be for p in plans}.values():
         workers = check_workers(client, be)
+    # what _run scatters (CellWork), less the flat vectors: the workers must import every class it refers to
+    check_payload(client, [(portable_backend(p.be), p.pair.template, p.pair.table, p.smp, tuple(p.extra), p.repair_fn,
+                            p.repair_data, p.datasets) for p in plans])
     return _Cluster(client, workers, cells_per_task)
 
 
@@ -414,6 +418,9 @@ def _run(plan: _Plan, *, out: str | Path | None, overwrite: bool, progress: bool
         except OutputExistsError as exc:
             raise ResumeMismatchError(str(exc)) from None
         if previous is not None and is_complete(previous):
+            if "done" in previous:  # every cell was streamed, and the run stopped before it finished the file
+                previous = previous.drop_vars("done")
+                write_results(previous, out_path)
             return reused_as_it_is(previous, attrs, out_path)
         if previous is not None:
             loss[...] = previous["loss"].transpose("split", param_dim, "sample").values

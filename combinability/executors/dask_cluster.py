@@ -10,14 +10,18 @@ request one ``GPU`` resource each; a task lost with a killed worker is run again
 elsewhere by the scheduler, one that raises is retried (``retries``).
 
 Before any task is submitted, :func:`check_workers` asks every worker (``client.run``)
-for its combinability version, whether it can use the sweep's backend and device.
+for its combinability and framework versions, whether it can use the sweep's backend and
+device, and :func:`check_payload` whether it can import every module the sweep's objects
+(a user's model class, metric, repair) are pickled by reference to.
 dask is imported only by the functions here, never by ``import combinability``.
 """
 
 from __future__ import annotations
 
 import contextlib
+import importlib
 import math
+import pickletools
 import sys
 from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any
@@ -34,7 +38,8 @@ if TYPE_CHECKING:
     from combinability.executors.cells import CellResult, CellWork
 
 __all__ = ["CONNECT_TIMEOUT", "RETRIES", "TASKS_PER_WORKER", "SchedulerUnreachableError", "batches",
-           "check_workers", "cluster_client", "connect", "is_client", "run_cells"]
+           "check_payload", "check_workers", "cluster_client", "connect", "is_client", "pickled_globals",
+           "run_cells"]
 
 #: Default number of tasks per worker a sweep's remaining cells are cut into.
 TASKS_PER_WORKER = 4
@@ -137,9 +142,11 @@ def _worker_report(backend: str) -> dict[str, Any]:
     import combinability
     from combinability.plugins import get_backend
 
-    report: dict[str, Any] = {"version": combinability.__version__, "error": None, "devices": []}
+    report: dict[str, Any] = {"version": combinability.__version__, "error": None, "devices": [], "frameworks": {}}
     try:
-        report["devices"] = sorted(get_backend(backend).devices())
+        be = get_backend(backend)
+        report["devices"] = sorted(be.devices())
+        report["frameworks"] = dict(be.versions())
     except (CombinabilityError, ImportError) as exc:
         report["error"] = " ".join(str(exc).split())
     return report
@@ -163,7 +170,9 @@ def check_workers(client: Any, backend: Backend) -> list[str]:
         worker cannot reach the backend's device, or a CUDA sweep finds no worker
         declaring a ``GPU`` resource.
     IncompatibleVersionError
-        If a worker runs another combinability version (both versions are named).
+        If a worker runs another combinability version, or another version of the backend's
+        framework (``backend.versions()``: its numbers could differ from this process's); both
+        versions are named.
     BackendUnavailableError
         If a worker cannot use the backend (the worker and the pip extra are named).
     """
@@ -189,6 +198,15 @@ def check_workers(client: Any, backend: Backend) -> list[str]:
         if rep["error"] is not None:
             raise BackendUnavailableError(f"worker {addr} cannot use backend {backend.name!r} ({rep['error']}); "
                                           f"install it there with: pip install 'combinability[{backend.extra}]'")
+    frameworks = dict(getattr(backend, "versions", dict)())
+    for addr, rep in sorted(reports.items()):
+        theirs = rep.get("frameworks", {})
+        for name, version in sorted(frameworks.items()):
+            if name in theirs and theirs[name] != version:
+                raise IncompatibleVersionError(
+                    f"worker {addr} runs {name} {theirs[name]}, this process {version}: a distributed sweep's numbers "
+                    f"are the in-process ones only with the same framework; install {name}=={version} on every "
+                    "worker (or run the client in the workers' environment)")
     device = backend.device()
     for addr, rep in sorted(reports.items()):
         if device not in rep["devices"]:
@@ -202,6 +220,112 @@ def check_workers(client: Any, backend: Backend) -> list[str]:
                                      "one: start the workers with --resources GPU=1 (dask worker, dask cuda worker) "
                                      "or LocalCUDACluster(resources={'GPU': 1}); see docs/clusters.md")
     return sorted(reports)
+
+
+_STRING_OPS = frozenset({"SHORT_BINUNICODE", "BINUNICODE", "BINUNICODE8", "UNICODE", "STRING", "BINSTRING",
+                         "SHORT_BINSTRING"})
+_GET_OPS = frozenset({"GET", "BINGET", "LONG_BINGET"})
+_PUT_OPS = frozenset({"PUT", "BINPUT", "LONG_BINPUT"})
+
+
+def pickled_globals(obj: Any) -> list[tuple[str, str]]:
+    """The ``(module, qualified name)`` of every class or function ``obj`` is pickled by reference to.
+
+    ``obj`` is pickled as Dask pickles what a client scatters (``distributed.protocol.pickle``:
+    pickle, or cloudpickle when it refers to ``__main__``; large buffers travel out of band and
+    are not copied), and the pickle's ``GLOBAL``/``STACK_GLOBAL`` opcodes are read: a process
+    that unpickles ``obj`` must import each of these modules and find each name in it.
+    Classes defined in ``__main__`` travel by value and are not listed.
+
+    Raises
+    ------
+    ConfigurationError
+        If ``obj`` cannot be pickled (it could not be sent to a worker).
+    """
+    from distributed.protocol.pickle import dumps
+
+    try:
+        data = dumps(obj, buffer_callback=lambda buffer: None)
+    except Exception as exc:  # noqa: BLE001  (pickling runs the user's objects' own code)
+        raise ConfigurationError(f"the sweep's models, data, sampler, metrics or repair cannot be pickled to send "
+                                 f"them to the Dask workers ({type(exc).__name__}: {exc}); a distributed sweep needs "
+                                 "objects that pickle (or run it without client=)") from exc
+    found: set[tuple[str, str]] = set()
+    memo: dict[int, Any] = {}
+    pushed: list[Any] = []  # the values of the last two pushes (strings, else None): STACK_GLOBAL's operands
+    for op, arg, _ in pickletools.genops(data):
+        name = op.name
+        if name in ("MEMOIZE", *_PUT_OPS):
+            memo[len(memo) if name == "MEMOIZE" else arg] = pushed[-1] if pushed else None
+            continue
+        if name in ("FRAME", "PROTO", "STOP"):
+            continue
+        if name == "GLOBAL":
+            module, _, qualname = str(arg).partition(" ")
+            found.add((module, qualname))
+            value = None
+        elif name == "STACK_GLOBAL":
+            if len(pushed) >= 2 and isinstance(pushed[-2], str) and isinstance(pushed[-1], str):
+                found.add((pushed[-2], pushed[-1]))
+            value = None
+        elif name in _STRING_OPS:
+            value = arg if isinstance(arg, str) else None
+        elif name in _GET_OPS:
+            value = memo.get(arg)
+        else:
+            value = None
+        pushed = [*pushed[-1:], value]
+    return sorted(found)
+
+
+def _importable(names: Sequence[tuple[str, str]]) -> list[tuple[str, str, str]]:
+    """Run on a worker: the ``(module, name, error)`` of each of ``names`` this process cannot import."""
+    missing = []
+    for module, qualname in names:
+        try:
+            obj: Any = importlib.import_module(module)
+            for part in qualname.split("."):
+                obj = getattr(obj, part)
+        except Exception as exc:  # noqa: BLE001  (importing a user's module runs its code)
+            missing.append((module, qualname, f"{type(exc).__name__}: {exc}"))
+    return missing
+
+
+def check_payload(client: Any, payload: Any) -> None:
+    """Refuse a sweep whose objects the workers could not unpickle, before anything is sent.
+
+    Every module ``payload`` (the models, data, sampler, metrics and repair a sweep scatters)
+    is pickled by reference to (:func:`pickled_globals`) is imported on every worker.
+
+    Raises
+    ------
+    ConfigurationError
+        If ``payload`` does not pickle, or a worker cannot import one of its modules or find a
+        name in it (a user's model class in a module only the client's ``sys.path`` reaches, or
+        another version of it); the message names the worker, the module and the class, and
+        says how to make it importable there.
+    """
+    names = [(m, q) for m, q in pickled_globals(payload) if m != "__main__"]
+    if not names:
+        return
+    reports = client.run(_importable, names, on_error="return")
+    for addr, missing in sorted(reports.items()):
+        if isinstance(missing, BaseException):
+            raise ConfigurationError(f"worker {addr} could not check the modules of the sweep's objects "
+                                     f"({type(missing).__name__}: {missing})")
+        if missing:
+            module, qualname, error = missing[0]
+            top = module.split(".")[0]
+            where = getattr(sys.modules.get(top), "__file__", None)
+            single = where is not None and not where.endswith("__init__.py")
+            upload = (f"client.upload_file({where!r}) ships it to the workers, " if single else "")
+            others = "" if len(missing) == 1 else f" (and {', '.join(f'{m}.{q}' for m, q, _ in missing[1:4])}"\
+                f"{', ...' if len(missing) > 4 else ''})"
+            raise ConfigurationError(
+                f"worker {addr} cannot unpickle the sweep's objects: it cannot import {module}.{qualname}{others} "
+                f"({error}), which the models, data, sampler, metrics or repair refer to; make module {top!r} "
+                f"importable on every worker, the same version as here: {upload}or install it in the workers' "
+                "environment (pip install), or put its folder on their PYTHONPATH")
 
 
 def _needs_gpu(device: str) -> bool:
