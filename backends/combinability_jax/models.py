@@ -84,17 +84,15 @@ class Norm(nn.Module):
     kind: str = "layernorm"
     eps: float = 1e-5
     groups: int = 1
-    affine: bool = True
-    use_bias: bool = True
+    #: the learned parameters the node has (:meth:`~combinability.layer_nodes.Node.norm_leaves`)
+    leaves: tuple[str, ...] = ("weight", "bias")
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         c, shape = x.shape[-1], x.shape
         size = tuple(shape[1:]) if self.kind == "layernorm_map" else (c,)  # (h, w, c) over the whole map
-        affine = self.affine and self.kind != "l2norm"
-        scale = self.param("scale", nn.initializers.ones, size) if affine else 1.0
-        shifted = affine and self.use_bias and self.kind in ("layernorm", "layernorm_map", "batchnorm", "groupnorm")
-        bias = self.param("bias", nn.initializers.zeros, size) if shifted else 0.0
+        scale = self.param("scale", nn.initializers.ones, size) if "weight" in self.leaves else 1.0
+        bias = self.param("bias", nn.initializers.zeros, size) if "bias" in self.leaves else 0.0
         if self.kind == "rmsnorm":
             return x * jax.lax.rsqrt(jnp.mean(jnp.square(x), axis=-1, keepdims=True) + self.eps) * scale
         if self.kind == "l2norm":  # torch's F.normalize: x / max(||x||, eps)
@@ -257,7 +255,7 @@ class TableNet(nn.Module):
                     weights = _resize(n, m, node.fn, node.align_corners).astype(h.dtype)
                     h = jnp.moveaxis(jnp.tensordot(weights, h, axes=(1, axis)), 0, axis)
             elif node.op == "norm":
-                h = Norm(node.norm, node.eps, node.groups, node.affine, node.bias, name=name)(h, train)
+                h = Norm(node.norm, node.eps, node.groups, node.norm_leaves(), name=name)(h, train)
             elif node.op == "prelu":
                 h = PReLU(node.units, name=name)(h)
             elif node.op == "scale":

@@ -28,14 +28,14 @@ class ChannelLayerNorm(nn.Module):
     their L2 norm (``F.normalize(x, dim=1)``), and ``"layernorm_map"`` normalises each example's whole map
     (``shape``: its ``(c, *positions)``, the weight's and bias's shape)."""
 
-    def __init__(self, num_channels: int, eps: float = 1e-5, affine: bool = True, bias: bool = True,
+    def __init__(self, num_channels: int, eps: float = 1e-5, leaves: tuple[str, ...] = ("weight", "bias"),
                  kind: str = "layernorm", shape: tuple[int, ...] | None = None) -> None:
         super().__init__()
         self.num_channels, self.eps, self.kind = num_channels, eps, kind
         self.shape = tuple(shape) if kind == "layernorm_map" and shape else (num_channels,)
-        self.weight = nn.Parameter(torch.ones(self.shape)) if affine and kind != "l2norm" else None
-        self.bias = nn.Parameter(torch.zeros(self.shape)) if affine and bias and kind in ("layernorm",
-                                                                                        "layernorm_map") else None
+        # the learned parameters the node has (:meth:`~combinability.layer_nodes.Node.norm_leaves`)
+        self.weight = nn.Parameter(torch.ones(self.shape)) if "weight" in leaves else None
+        self.bias = nn.Parameter(torch.zeros(self.shape)) if "bias" in leaves else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.kind == "layernorm_map":
@@ -205,7 +205,7 @@ def _module(node: Node, c_in: int, rank: int, table: LayerTable, frozen: dict[st
     if node.op == "norm" and node.norm == "groupnorm":
         return nn.GroupNorm(node.groups, c_in, eps=node.eps, affine=node.affine)
     if node.op == "norm":
-        return ChannelLayerNorm(c_in, node.eps, node.affine, node.bias, node.norm, (c_in, *spatial))
+        return ChannelLayerNorm(c_in, node.eps, node.norm_leaves(), node.norm, (c_in, *spatial))
     if node.op == "prelu":
         return nn.PReLU(node.units)
     return None
