@@ -19,7 +19,7 @@ if TYPE_CHECKING:
     from combinability.backend import Backend
     from combinability.data.base import ArrayDataset
 
-__all__ = ["TrainRecipe", "RECIPES", "recipe_for", "fit", "Optimizer"]
+__all__ = ["TrainRecipe", "RECIPES", "recipe_for", "fit", "Optimizer", "batch_bounds"]
 
 _SCHEDULES = ("constant", "step", "warmup_cosine")
 
@@ -174,6 +174,24 @@ class Optimizer:
         return flat - update
 
 
+def batch_bounds(n: int, batch_size: int) -> list[tuple[int, int]]:
+    """``(start, stop)`` of the training batches of ``n`` examples: ``batch_size`` each, in order, a last
+    batch of a single example joined to the one before (a norm over the batch, BatchNorm in training
+    mode, has no statistics of one example).
+
+    Examples
+    --------
+    >>> batch_bounds(5, 2)
+    [(0, 2), (2, 5)]
+    >>> batch_bounds(4, 2)
+    [(0, 2), (2, 4)]
+    """
+    bounds = [(s, min(s + batch_size, n)) for s in range(0, n, batch_size)]
+    if len(bounds) > 1 and bounds[-1][1] - bounds[-1][0] == 1:
+        bounds[-2:] = [(bounds[-2][0], n)]
+    return bounds
+
+
 def fit(backend: Backend, model: Any, data: ArrayDataset, recipe: TrainRecipe, *, seed: int,
         progress: bool = False, desc: str = "train") -> Any:
     """Train ``model`` on ``data`` with ``recipe``; returns a new model holding the trained state.
@@ -191,7 +209,6 @@ def fit(backend: Backend, model: Any, data: ArrayDataset, recipe: TrainRecipe, *
     NonFiniteWeightsError
         If the training loss becomes NaN or infinite (lower the learning rate).
     """
-    from combinability.align.ste import batch_bounds
     from combinability.augmentation import affine_matrices, sample_params
     from combinability.data.convert import check_labels, check_seed
     from combinability.errors import DatasetError, NonFiniteWeightsError

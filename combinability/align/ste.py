@@ -40,13 +40,14 @@ from combinability.data.base import IGNORE_INDEX
 from combinability.errors import ConfigurationError, CorruptFileError, DatasetError
 from combinability.kinds import Dual, Invertible, Orthogonal
 from combinability.permutation import Permutation, PermutationSpec, apply_permutation, identity_permutation
+from combinability.training import batch_bounds
 
 if TYPE_CHECKING:
     from combinability.backend import Backend
     from combinability.layout import FlatLayout
 
 __all__ = ["LearningContext", "check_learning", "check_options", "check_settings", "learn", "start_permutation", "ste",
-           "as_values", "batch_bounds"]
+           "as_values"]
 
 _STATE_VERSION = 1
 
@@ -165,24 +166,6 @@ def _classes(prepared: Any, xp: Any, flat: Any, x: Any, positions: tuple[int, ..
     rows = logit_rows(xp, logits, (int(x.shape[0]), *positions), lead=1,
                       classes_second=getattr(prepared, "classes_second", None))
     return int(rows.shape[-1])
-
-
-def batch_bounds(n: int, batch_size: int) -> list[tuple[int, int]]:
-    """``(start, stop)`` of the training batches of ``n`` examples: ``batch_size`` each, in order, a last
-    batch of a single example joined to the one before (a norm over the batch, BatchNorm in training
-    mode, has no statistics of one example).
-
-    Examples
-    --------
-    >>> batch_bounds(5, 2)
-    [(0, 2), (2, 5)]
-    >>> batch_bounds(4, 2)
-    [(0, 2), (2, 4)]
-    """
-    bounds = [(s, min(s + batch_size, n)) for s in range(0, n, batch_size)]
-    if len(bounds) > 1 and bounds[-1][1] - bounds[-1][0] == 1:
-        bounds[-2:] = [(bounds[-2][0], n)]
-    return bounds
 
 
 def as_values(spec: PermutationSpec, perm: Mapping[str, Any]) -> Permutation:
