@@ -66,6 +66,11 @@ def verify_spec(backend: Backend, model: Any, spec: PermutationSpec, example_inp
 
     if not changed(perm):
         return
+    if changed(Permutation({q: np.arange(n) for q, n in spec.perm_sizes(state).items()})):
+        raise TracingError("the model's outputs on example_input differ between two calls with the same weights, in "
+                           "eval mode: it draws random numbers at inference (F.dropout(x, p) without "
+                           "training=self.training, torch.randn or a sampling step in forward); the library compares "
+                           "and combines deterministic functions: make forward deterministic in eval mode")
     sizes = spec.perm_sizes(state)
     bad = [p for p in perm if changed(Permutation({q: (perm[q] if q == p else np.arange(n))
                                                    for q, n in sizes.items()}))]

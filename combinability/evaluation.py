@@ -164,6 +164,11 @@ def logit_rows(xp: Any, logits: Any, targets: tuple[int, ...], lead: int = 0,
     """
     shape = tuple(int(s) for s in logits.shape)
     head, rest, positions = shape[:lead], shape[lead + 1 :], tuple(int(s) for s in targets[1:])
+    if not rest or shape[lead] not in (int(targets[0]), math.prod(targets)):
+        raise DatasetError(
+            f"the model gives logits of shape {shape[lead:]} for a batch of {int(targets[0])} example(s): the "
+            f"first axis must be the batch's (a .squeeze() in forward also drops it for a batch of one example; "
+            f"use .flatten(1) or .squeeze(-1) there)")
     if len(rest) == 1:
         return logits
     last, second = rest[:-1] == positions, rest[1:] == positions

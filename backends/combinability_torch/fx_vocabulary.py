@@ -126,3 +126,36 @@ _COMPARISONS = {operator.gt, operator.lt, operator.ge, operator.le, torch.gt, to
 
 #: A parameter in another dtype (or memory layout): still the parameter, as layers read it.
 _PARAMETER_CASTS = {"type", "float", "double", "half", "bfloat16", "to", "contiguous"}
+
+
+#: Operations whose output, where each tensor they read is one value along the last axis, is one value there too.
+_KEEPS_UNIFORM_LAST = {"float", "to", "type", "type_as", "half", "bfloat16", "double", "long", "int", "bool",
+                       "contiguous", "clone", "detach", operator.mul, operator.truediv, operator.add, operator.sub,
+                       operator.invert, operator.neg, torch.mul, torch.div, torch.add, torch.sub, "mul", "div", "add",
+                       "sub", "neg", torch.clamp, "clamp", torch.clamp_min, "clamp_min", torch.clip, "clip",
+                       torch.logical_not, "logical_not", operator.ne, operator.eq, torch.ne, torch.eq, "ne", "eq",
+                       torch.where}
+#: Broadcasts of a tensor to another's shape: one value along the last axis stays one value there.
+_BROADCASTS = {"expand", "expand_as", torch.broadcast_to, "broadcast_to"}
+
+
+def _uniform_last(n: Any, depth: int = 0) -> bool:
+    """Whether ``n`` holds one value along its last axis whatever the input: a size-1 last axis, a broadcast of
+    one (sentence-transformers' ``mask.unsqueeze(-1).expand(h.size())``), casts and arithmetic of such tensors and
+    numbers, and sums or means of them over other axes. A mask or weight per token scales every feature alike."""
+    if not isinstance(n, fx.Node):
+        return True  # a number
+    if _last(n) in (None, 1):
+        return True  # a number, a 0-d tensor or a size-1 last axis
+    if depth > 32 or n.op not in ("call_function", "call_method"):
+        return False
+    tensors = [a for a in n.all_input_nodes if a.meta.get("tensor_meta") is not None]
+    if n.target in _BROADCASTS:
+        return bool(n.args) and _uniform_last(n.args[0], depth + 1)
+    if n.target in _TOKEN_OPS:
+        return _keeps_last(n) and bool(n.args) and _uniform_last(n.args[0], depth + 1)
+    if n.target in ("repeat", "tile", torch.tile):
+        reps = n.args[1:] if n.target == "repeat" else n.args[1:2]
+        reps = reps[0] if len(reps) == 1 and isinstance(reps[0], tuple | list) else reps
+        return bool(reps) and isinstance(reps[-1], int) and _uniform_last(n.args[0], depth + 1)
+    return n.target in _KEEPS_UNIFORM_LAST and bool(tensors) and all(_uniform_last(a, depth + 1) for a in tensors)

@@ -180,6 +180,8 @@ class _HandAttention:
     #: a table of a value per head and pair of positions, ``(1, heads, q, k)`` (T5's relative position
     #: bias: an embedding of position buckets, permuted) -> its heads' space
     head_table: dict[str, int] = field(default_factory=dict)
+    #: keys, queries and values of one head read as plain features (Karpathy's ``Head`` modules, no view)
+    single: set[str] = field(default_factory=set)
 
     def parts(self, sp: FeatureSpaces, layer: int, count: int, size: int) -> list[int]:
         """Open the spaces of ``count`` equal parts of ``layer``'s features (``<layer>.q``/``.k``/``.v`` for three)."""
@@ -302,7 +304,8 @@ def _attention_parts(n: fx.Node, args: list[fx.Node], spaces: list[Any], sp: Fea
             count = last // size
         if not isinstance(count, int) or count < 1 or last % count:
             raise TracingError(f"{where}: features split into unequal parts{_hint(model)}")
-        again = att.packed.get(spaces[0])
+        again = next((parts for layer, parts in att.packed.items() if sp.find(layer) == sp.find(spaces[0])),
+                     None)  # the layer's output split before (a block called again with its weights: ALBERT's)
         if again is not None and len(again) == count and all(sp.size[s] == last // count for s in again):
             att.parts_of[n.name] = list(again)  # split as before (each expert's output of one experts' parameter)
             space[n.name] = None
@@ -331,7 +334,9 @@ def _attention_parts(n: fx.Node, args: list[fx.Node], spaces: list[Any], sp: Fea
     merged = target in ("flatten", torch.flatten) and len(args) == 1 and args[0].name in headed and \
         (n.kwargs.get("start_dim", n.args[1] if len(n.args) > 1 else 0)) % max(_ndim(args[0]) or 1, 1) == \
         (_ndim(args[0]) or 0) - 2  # Whisper's ``.flatten(start_dim=2)`` of (b, t, heads, head_dim)
-    if (merged or target in ("view", "reshape", torch.reshape)) and len(args) == 1 and spaces[0] not in (None, FIXED):
+    split_last = target in ("unflatten", torch.unflatten) and _dim_is_last(n, 1)  # ``q.unflatten(-1, (h, dh))``
+    if (merged or split_last or target in ("view", "reshape", torch.reshape)) and len(args) == 1 and \
+            spaces[0] not in (None, FIXED):
         src, out = _shape_of(args[0]), _shape_of(n)
         if src is None or out is None:
             return False
@@ -392,6 +397,12 @@ def _attention_parts(n: fx.Node, args: list[fx.Node], spaces: list[Any], sp: Fea
             att.shared[n.name] = att.shared[args[0].name]
         space[n.name] = spaces[0]
         return True
+    if len(args) == 1 and spaces[0] not in (None, FIXED) and args[0].name not in headed and \
+            single_head_keys(n, space):  # Karpathy's ``Head``: one head's key, transposed with no view into heads
+        att.keys[n.name] = (1, _last(args[0]) or 0)
+        att.single.add(n.name)
+        space[n.name] = spaces[0]
+        return True
     src = _shape_of(args[0]) if len(args) == 1 else None
     to_keys = src is not None and len(src) == 4 and src[2] == headed.get(args[0].name, (0,))[0] and \
         permute_dims(n) == (0, 2, 3, 1)  # MPT's k.permute(0, 2, 3, 1): (b, t, heads, hd) to kᵀ per head
@@ -410,6 +421,10 @@ def _attention_parts(n: fx.Node, args: list[fx.Node], spaces: list[Any], sp: Fea
     if (target in _MATMUL or target in _BADDBMM or products is not None) and len(factors) == 2 and \
             all(isinstance(a, fx.Node) for a in factors):
         left, right = factors
+        if right.name in att.single and left.name not in headed and _plain(left, space, sp) and \
+                _last(left) == att.keys[right.name][1]:
+            headed[left.name] = att.keys[right.name]  # the query of one head, read as it is (no view)
+            att.single.add(left.name)
         if left.name in headed and right.name in att.keys:  # scores q kᵀ: query and key units contracted
             if headed[left.name] != att.keys[right.name]:
                 raise TracingError(f"{where}: query and key with different head counts or sizes{_hint(model)}")
@@ -423,6 +438,10 @@ def _attention_parts(n: fx.Node, args: list[fx.Node], spaces: list[Any], sp: Fea
                 att.scores[n.name] = (sp.union(space[left.name], space[right.name]), h, dh)
             space[n.name] = None
             return True
+        single = left.name in att.scores and right.name not in headed and att.scores[left.name][1] == 1 and \
+            _plain(right, space, sp) and _last(right) == att.scores[left.name][2] and _last(n) == _last(right)
+        if single:  # the values of one head, read as they are: the output is plain features again
+            headed[right.name] = (1, att.scores[left.name][2])
         if left.name in att.scores and right.name in headed:  # the attention weights mix the values
             qk, h, dh = att.scores[left.name]
             if headed[right.name] != (h, dh):
@@ -436,6 +455,8 @@ def _attention_parts(n: fx.Node, args: list[fx.Node], spaces: list[Any], sp: Fea
                                                 att.shared[right.name], att.stem(sp, qk))
             else:
                 space[n.name] = _heads_of(sp, heads, att, qk, space[right.name], att.stem(sp, qk), h, dh)
+            if single:
+                del headed[n.name]
             if left.name in att.pinned:  # a bias per head (ALiBi): its heads cannot be exchanged
                 sp.fix([heads[-1].group])
             if left.name in att.sunk:  # each head's sink moves with the query heads (the order just recorded)
@@ -447,6 +468,10 @@ def _attention_parts(n: fx.Node, args: list[fx.Node], spaces: list[Any], sp: Fea
     if target in _SDPA:
         q, k, v = (n.kwargs.get(name, n.args[i] if len(n.args) > i else None) for i, name in
                    enumerate(("query", "key", "value")))
+        single = all(isinstance(t, fx.Node) and t.name not in headed and _plain(t, space, sp) for t in (q, k, v)) \
+            and len({_last(t) for t in (q, k, v)}) == 1
+        if single:  # one head on (batch, tokens, features), no view into heads: the output is plain features
+            headed.update({t.name: (1, _last(q) or 0) for t in (q, k, v)})
         if not all(isinstance(t, fx.Node) and t.name in headed for t in (q, k, v)):
             raise TracingError(f"{where}: scaled_dot_product_attention on query, key and value viewed as "
                                f"(..., heads, head_dim) from one or more layers' features is followed{_hint(model)}")
@@ -458,7 +483,8 @@ def _attention_parts(n: fx.Node, args: list[fx.Node], spaces: list[Any], sp: Fea
             group = (headed[k.name][0], h // headed[k.name][0])
         kv = (group[0] if by_call else h, dh)  # type: ignore[index]
         if att.shared.get(k.name) != att.shared.get(v.name) or any(
-                headed[t.name] != e or _shape_of(t)[-3] != e[0] for t, e in ((q, (h, dh)), (k, kv), (v, kv))):
+                headed[t.name] != e or (not single and _shape_of(t)[-3] != e[0])
+                for t, e in ((q, (h, dh)), (k, kv), (v, kv))):
             raise TracingError(f"{where}: query, key and value with different head counts or sizes, or heads not on "
                                f"axis -3 (transpose(1, 2) after the view){_hint(model)}")
         headed[n.name] = (h, dh)
@@ -469,6 +495,8 @@ def _attention_parts(n: fx.Node, args: list[fx.Node], spaces: list[Any], sp: Fea
             return True
         qk = sp.union(space[q.name], space[k.name])
         space[n.name] = _heads_of(sp, heads, att, qk, space[v.name], att.stem(sp, qk), h, dh)
+        if single:
+            del headed[n.name]
         mask = n.kwargs.get("attn_mask", n.args[3] if len(n.args) > 3 else None)
         if isinstance(mask, fx.Node) and _per_head(mask, q):  # a float mask per head (ALiBi as SDPA's mask)
             sp.fix([heads[-1].group])
@@ -481,6 +509,47 @@ def _attention_parts(n: fx.Node, args: list[fx.Node], spaces: list[Any], sp: Fea
                            f"embeddings on whole heads: slices of head_dim concatenated back before the scores)"
                            f"{_hint(model)}")
     return False
+
+
+def _plain(n: fx.Node, space: dict[str, Any], sp: FeatureSpaces) -> bool:
+    """Whether ``n`` is features of a space of their own, ``(batch, tokens, features)`` (not per head, not fixed)."""
+    s = space.get(n.name)
+    return isinstance(s, int) and not sp.is_fixed(s) and _ndim(n) == 3
+
+
+def single_head_keys(n: fx.Node, space: dict[str, Any]) -> bool:
+    """Whether ``n`` transposes the last two axes of 3-D features only to make a head's keys ``kᵀ``: each reader
+    is a product ``q @ kᵀ`` (possibly after scaling by a number or a cast) of a 3-D query of as many units.
+
+    That is one head's attention written without a view into heads (Karpathy's ``Head`` modules, several of
+    them concatenated), not a token mixing (MLP-Mixer's transposes feed Linear layers)."""
+    if n.op not in ("call_function", "call_method") or not n.args or not isinstance(n.args[0], fx.Node) or \
+            _ndim(n.args[0]) != 3 or n.target not in ("transpose", torch.transpose, "permute", torch.permute,
+                                                    "swapaxes", torch.swapaxes, "mT"):
+        return False
+    if n.target in ("permute", torch.permute):
+        dims = n.args[1] if len(n.args) == 2 and isinstance(n.args[1], tuple | list) else n.args[1:]
+        if tuple(int(d) % 3 for d in dims if isinstance(d, int)) != (0, 2, 1):
+            return False
+    elif {int(d) % 3 for d in n.args[1:3] if isinstance(d, int)} != {1, 2}:
+        return False
+    width = _last(n.args[0])
+    readers: list[fx.Node] = []
+    for u in n.users:
+        if reads_shape(u):
+            continue
+        while u.target in ("contiguous", "to", "float", "type") or (
+                u.target in _SCALING and len(u.args) == 2 and u.args[0] is not None and all(
+                    _number(a) for a in u.args[1:])) and len(u.users) == 1:
+            u = next(iter(u.users))
+        readers.append(u)
+    if not readers:
+        return False
+    for u in readers:
+        if u.target not in _MATMUL or len(u.args) != 2 or not isinstance(u.args[0], fx.Node) or \
+                _ndim(u.args[0]) != 3 or _last(u.args[0]) != width or space.get(u.args[0].name, 0) is None:
+            return False
+    return True
 
 
 def _stacked_parts(n: fx.Node, first: fx.Node, att: _HandAttention, space: dict[str, Any], where: str,

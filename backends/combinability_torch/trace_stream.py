@@ -60,9 +60,10 @@ from combinability_torch.fx_vocabulary import (
     _last,
     _ndim,
     _shape_of,
+    _uniform_last,
 )
 from combinability_torch.trace import example_value, feeding_logits, logits_of, reads_shape, tensor_aliases
-from combinability_torch.trace_attention import _attention, _attention_parts, _HandAttention
+from combinability_torch.trace_attention import _attention, _attention_parts, _HandAttention, single_head_keys
 from combinability_torch.trace_experts import (
     INDEX_ADD,
     ExpertWeights,
@@ -166,7 +167,8 @@ def stream_symmetries(model: nn.Module, example_input: torch.Tensor) -> tuple[Pe
             space[n.name] = None
         elif n.op in ("call_module", "call_function", "call_method") and not reads_shape(n) and (
                 _swaps_tokens_and_features(n) and space.get(n.args[0].name) not in (None, FIXED)
-                and n.args[0].name not in att.headed or any(a.name in carried for a in tensor_args(n))):
+                and n.args[0].name not in att.headed and not single_head_keys(n, space)
+                or any(a.name in carried for a in tensor_args(n))):
             _tokens_last(n, gm, carried, space, sp, bind, where, model)
         elif n.op in ("call_module", "call_function", "call_method") and not reads_shape(n) and (
                 any(isinstance(space.get(a.name), tuple) for a in tensor_args(n)) or (
@@ -225,6 +227,8 @@ def stream_symmetries(model: nn.Module, example_input: torch.Tensor) -> tuple[Pe
                 s = sp.new(n.target)
                 bind(f"{n.target}.weight", [None, s])
                 space[n.name] = s
+            elif isinstance(m, nn.LayerNorm | nn.RMSNorm) and n.args[0].name in att.headed:
+                space[n.name] = _head_norm_module(n, m, src, sp, att, bind, where, model)
             elif isinstance(m, nn.LayerNorm | nn.RMSNorm):
                 shape = tuple(m.normalized_shape)
                 if len(shape) != 1 or _last(n.args[0]) != shape[0]:
@@ -331,7 +335,7 @@ def stream_symmetries(model: nn.Module, example_input: torch.Tensor) -> tuple[Pe
                 space[n.name] = space[n.args[0].name]  # scattered back into the experts' positions (or groups')
             elif target in ("masked_fill", "masked_fill_", torch.masked_fill) and len(args) == 2 and \
                     args[0] is n.args[0]:
-                if sp.is_fixed(spaces[1]) and (_last(args[1]) or 1) == 1:  # whole tokens masked (a padding mask)
+                if sp.is_fixed(spaces[1]) and _uniform_last(args[1]):  # whole tokens masked (a padding mask)
                     space[n.name] = spaces[0]
                     fill = n.args[2] if len(n.args) > 2 else n.kwargs.get("value")
                     if not (isinstance(fill, int | float) and fill == 0):
@@ -358,13 +362,14 @@ def stream_symmetries(model: nn.Module, example_input: torch.Tensor) -> tuple[Pe
                     and not _dim_is_last(n, 2) and _last(n) == _last(args[0]):
                 space[n.name] = spaces[0]  # tokens repeated (each once per expert it is routed to)
             elif target in _SCALING and len(args) == 2 and len(n.args) == 2 and sp.is_fixed(spaces[1]) and \
-                    (_last(args[1]) or 1) == 1:
+                    _uniform_last(args[1]):
                 space[n.name] = spaces[0]  # scaled by a number held in a tensor (Gemma's sqrt(d)), or one per token
             elif target in (operator.mul, torch.mul, "mul") and len(args) == 2 and len(n.args) == 2 and \
-                    sp.is_fixed(spaces[0]) and not sp.is_fixed(spaces[1]) and (_last(args[0]) or 1) == 1:
+                    sp.is_fixed(spaces[0]) and not sp.is_fixed(spaces[1]) and _uniform_last(args[0]):
                 space[n.name] = spaces[1]  # a weight per token times features (a router's gate value)
-            elif target in ("type_as", "to") and len(args) == 2 and n.args[0] is args[0]:
-                space[n.name] = spaces[0]  # the other tensor gives only its dtype (and device)
+            elif target in ("type_as", "to", "expand_as") and len(args) == 2 and n.args[0] is args[0] and \
+                    (target != "expand_as" or _last(args[0]) == _last(n) or sp.is_fixed(spaces[0])):
+                space[n.name] = spaces[0]  # the other tensor gives only its dtype (and device), or shape
             elif target in (operator.mul, torch.mul, "mul") and len(args) == 2 and FIXED not in spaces and \
                     1 in (_last(args[0]), _last(args[1])) and _last(args[0]) != _last(args[1]):
                 one = 0 if _last(args[0]) == 1 else 1  # a gate of one unit scaling every feature (Qwen2-MoE's
@@ -465,6 +470,28 @@ def stream_symmetries(model: nn.Module, example_input: torch.Tensor) -> tuple[Pe
     if gates:
         spec = stack_experts(spec, model, gm, gates, _hint(model))
     return spec, folds
+
+
+def _head_norm_module(n: fx.Node, m: nn.LayerNorm | nn.RMSNorm, src: int, sp: FeatureSpaces, att: _HandAttention,
+                      bind: Any, where: str, model: nn.Module) -> int:
+    """An ``nn.LayerNorm(head_dim)`` or ``nn.RMSNorm(head_dim)`` on per-head queries or keys (OLMo-2's, Qwen3's,
+    ViT-22B's query/key norms as modules): each head normalised on its own units, so the heads still move; the
+    weight (and bias), one per head_dim unit shared by every head, stay in place and keep each head's units in
+    their order (rigid), as the norm written out does (:func:`combinability_torch.trace_attention._head_norm`)."""
+    h, dh = att.headed[n.args[0].name]
+    if tuple(m.normalized_shape) != (dh,) or _last(n.args[0]) != dh:
+        raise TracingError(f"{where}: a {type(m).__name__} of shape {tuple(m.normalized_shape)} on per-head features "
+                           f"of {h} heads of {dh} units; the tracer follows a norm over each head's units "
+                           f"(normalized_shape=({dh},)){_hint(model)}")
+    for leaf in ("weight", "bias"):
+        if getattr(m, leaf, None) is not None:
+            bind(f"{n.target}.{leaf}", [None])
+    sp.rigid([src])
+    sp.mark([src])
+    att.headed[n.name] = att.headed[n.args[0].name]
+    if n.args[0].name in att.shared:
+        att.shared[n.name] = att.shared[n.args[0].name]
+    return src
 
 
 def _kept_vectors(model: nn.Module) -> set[str]:
@@ -718,6 +745,19 @@ def _reduces_features(n: fx.Node) -> bool:
     nd = _ndim(n.args[0]) or 0
     dims = dim if isinstance(dim, tuple | list) else (dim,)
     return bool(keep) and tuple(int(d) % nd for d in dims if isinstance(d, int)) == (nd - 1,) if nd else False
+
+
+def _passes_token_ops(gm: fx.GraphModule, n: fx.Node, source: fx.Node) -> bool:
+    """Whether ``n`` is ``source``, or ``source`` through the pooling, token indexing and dropout that
+    :func:`_through_token_ops` looks through."""
+    while n is not source:
+        passes = (n.op in ("call_function", "call_method") and (n.target in _TOKEN_OPS or n.target is
+                  operator.getitem or n.target in _PASS) and _keeps_last(n)) or (
+                  n.op == "call_module" and isinstance(gm.get_submodule(n.target), _PASS_MODULES))
+        if not passes or not n.args or not isinstance(n.args[0], fx.Node):
+            return False
+        n = n.args[0]
+    return True
 
 
 def _through_token_ops(gm: fx.GraphModule, users: list[fx.Node]) -> list[fx.Node]:
@@ -1008,7 +1048,12 @@ def _layer_scale(n: fx.Node, args: list[fx.Node], gm: fx.GraphModule,
 def _readers(gm: fx.GraphModule, node: fx.Node) -> tuple[Reader, ...] | None:
     """The layers reading a norm's output (through pooling and token indexing); None if one is not a layer."""
     readers = []
+    live = feeding_logits(gm)
     for u in _through_token_ops(gm, list(node.users)):
+        if u.op != "output" and u.name not in live:
+            continue  # another output's work (a mixture's auxiliary loss): not the logits'
+        if u.op == "output" and not any(_passes_token_ops(gm, a, node) for a in _output_nodes(u)):
+            continue  # returned beside the logits (the final hidden states), which the library does not read
         um = gm.get_submodule(u.target) if u.op == "call_module" else None
         if isinstance(um, nn.Linear):
             readers.append(Reader(f"{u.target}.weight", 1, f"{u.target}.bias" if um.bias is not None else None))

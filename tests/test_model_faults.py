@@ -1,0 +1,47 @@
+"""Faults of a user's model that the library names: randomness at inference, a batch axis squeezed away."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import combinability as cb
+from combinability.errors import DatasetError, TracingError
+from tests.model_checks import randomised
+
+torch = pytest.importorskip("torch")
+nn, F = torch.nn, torch.nn.functional
+
+
+class Net(nn.Module):
+    def __init__(self, dropout_bug: bool = False, squeeze: bool = False) -> None:
+        super().__init__()
+        self.dropout_bug, self.squeeze = dropout_bug, squeeze
+        self.conv, self.fc = nn.Conv2d(1, 6, 3, padding=1), nn.Linear(6, 4)
+
+    def forward(self, x):
+        h = F.relu(self.conv(x))
+        if self.dropout_bug:  # the common slip: F.dropout draws masks unless told training=self.training
+            h = F.dropout(h, 0.5)
+        h = F.adaptive_avg_pool2d(h, 1)
+        return self.fc(h.squeeze() if self.squeeze else h.flatten(1))
+
+
+X = torch.randn(16, 1, 6, 6, generator=torch.Generator().manual_seed(0))
+
+
+def test_a_model_random_in_eval_mode_is_refused_saying_so():
+    with pytest.raises(TracingError, match=r"differ between two calls with the same weights.*F\.dropout"):
+        cb.ModelPair(randomised(Net(dropout_bug=True), 0), randomised(Net(dropout_bug=True), 1), example_input=X)
+
+
+def test_logits_whose_batch_axis_was_squeezed_away_are_refused_by_shape():
+    a, b = randomised(Net(squeeze=True), 0), randomised(Net(squeeze=True), 1)
+    pair = cb.ModelPair(a, b, example_input=X)
+    y = np.arange(9) % 4
+    ok = cb.sweep(pair, cb.Linear(), data=(X[:9].numpy(), y), values=[0.0], batch_size=3, splits=["test"])
+    with torch.no_grad():  # whole batches: the loss is torch's own
+        want = F.cross_entropy(a(X[:9]), torch.as_tensor(y)).item()
+    assert float(ok["loss"].sel(split="test", lam=0.0).isel(sample=0)) == pytest.approx(want, rel=1e-5)
+    with pytest.raises(DatasetError, match=r"logits of shape \(4,\) for a batch of 1 example.*\.squeeze\(\)"):
+        cb.sweep(pair, cb.Linear(), data=(X[:9].numpy(), y), values=[0.0], batch_size=4, splits=["test"])

@@ -1,0 +1,313 @@
+"""Transformers as tutorials and popular repositories write them, traced into their symmetries.
+
+Karpathy's "Let's build GPT" (one ``Head`` module per head, ``q @ k.transpose(-2, -1)`` on
+``(batch, tokens, head_size)`` features with no view into heads, the heads joined by ``torch.cat``),
+single-head attention written with ``torch.bmm`` or ``F.scaled_dot_product_attention`` on 3-D
+features, sentence-transformers' masked mean pooling, query/key norms held as ``nn.LayerNorm`` or
+``nn.RMSNorm`` modules (OLMo-2's, Qwen3's), heads split with ``unflatten``, one block applied several
+times (ALBERT's sharing), and the final hidden states returned beside the logits.
+
+References: the model itself in float64 before and after a random transformation of every traced
+kind (outputs equal to 1e-9), a planted transformation that weight matching undoes, and torch's
+own cross-entropy at the ends of a sweep.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+import combinability as cb
+from combinability.errors import TracingError
+from combinability.kinds import Blocks, Orthogonal
+from tests.model_checks import assert_random_transformation_undone, float64_outputs, randomised
+
+torch = pytest.importorskip("torch")
+nn, F = torch.nn, torch.nn.functional
+
+VOCAB, T, D = 13, 8, 16
+IDX = torch.randint(1, VOCAB, (4, T), generator=torch.Generator().manual_seed(0))
+
+
+class Head(nn.Module):
+    """One head of self-attention, as Karpathy's "Let's build GPT" writes it."""
+
+    def __init__(self, head_size: int, product: str = "matmul") -> None:
+        super().__init__()
+        self.key = nn.Linear(D, head_size, bias=False)
+        self.query = nn.Linear(D, head_size, bias=False)
+        self.value = nn.Linear(D, head_size, bias=False)
+        self.register_buffer("tril", torch.tril(torch.ones(T, T)))
+        self.dropout, self.product = nn.Dropout(0.1), product
+
+    def forward(self, x):
+        _, t, c = x.shape
+        k, q = self.key(x), self.query(x)
+        if self.product == "sdpa":
+            return F.scaled_dot_product_attention(q, k, self.value(x), is_causal=True)
+        if self.product == "bmm":
+            wei = torch.bmm(q, k.transpose(1, 2)) / math.sqrt(k.size(-1))
+        else:
+            wei = q @ k.transpose(-2, -1) * c ** -0.5
+        wei = wei.masked_fill(self.tril[:t, :t] == 0, float("-inf"))
+        wei = self.dropout(F.softmax(wei, dim=-1))
+        return wei @ self.value(x)
+
+
+class MultiHeadAttention(nn.Module):
+    def __init__(self, heads: int, product: str) -> None:
+        super().__init__()
+        self.heads = nn.ModuleList([Head(D // heads, product) for _ in range(heads)])
+        self.proj, self.dropout = nn.Linear(D, D), nn.Dropout(0.1)
+
+    def forward(self, x):
+        return self.dropout(self.proj(torch.cat([h(x) for h in self.heads], dim=-1)))
+
+
+class Block(nn.Module):
+    def __init__(self, heads: int, product: str) -> None:
+        super().__init__()
+        self.sa = MultiHeadAttention(heads, product)
+        self.ffwd = nn.Sequential(nn.Linear(D, 4 * D), nn.ReLU(), nn.Linear(4 * D, D), nn.Dropout(0.1))
+        self.ln1, self.ln2 = nn.LayerNorm(D), nn.LayerNorm(D)
+
+    def forward(self, x):
+        x = x + self.sa(self.ln1(x))
+        return x + self.ffwd(self.ln2(x))
+
+
+class BigramLanguageModel(nn.Module):
+    """Karpathy's model (its ``forward`` returns ``(logits, loss)``; the loss is None without targets)."""
+
+    def __init__(self, heads: int = 4, product: str = "matmul", depth: int = 2) -> None:
+        super().__init__()
+        self.token_embedding_table = nn.Embedding(VOCAB, D)
+        self.position_embedding_table = nn.Embedding(T, D)
+        self.blocks = nn.Sequential(*[Block(heads, product) for _ in range(depth)])
+        self.ln_f, self.lm_head = nn.LayerNorm(D), nn.Linear(D, VOCAB)
+
+    def forward(self, idx, targets=None):
+        _, t = idx.shape
+        x = self.token_embedding_table(idx) + self.position_embedding_table(torch.arange(t, device=idx.device))
+        logits = self.lm_head(self.ln_f(self.blocks(x)))
+        loss = None if targets is None else F.cross_entropy(logits.view(-1, VOCAB), targets.view(-1))
+        return logits, loss
+
+
+def _logits64(model, state, x):
+    return float64_outputs(_First(model), state, x)
+
+
+class _First(nn.Module):
+    """The model's first output (its logits), for :func:`float64_outputs`."""
+
+    def __init__(self, model) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x):
+        return self.model(x)[0]
+
+    def load_state_dict(self, state, strict=True):
+        return self.model.load_state_dict(state, strict=strict)
+
+
+def _folded64(model, folds):
+    return cb.fold_norms({k: v.numpy().astype(np.float64) for k, v in model.state_dict().items()}, folds)
+
+
+@pytest.mark.parametrize("product", ["matmul", "bmm", "sdpa"])
+def test_one_module_per_head_is_traced_into_heads_and_a_rotating_stream(product):
+    model = randomised(BigramLanguageModel(product=product), 0)
+    spec, folds = cb.derive_symmetries(model, IDX)
+    prefix = "blocks.0.sa.heads"
+    qk = [spec.axes_to_perm[f"{prefix}.{i}.query.weight"][0] for i in range(4)]
+    vo = [spec.axes_to_perm[f"{prefix}.{i}.value.weight"][0] for i in range(4)]
+    for i in range(4):  # each head: its query and key rows one permutation, its value rows another
+        assert spec.axes_to_perm[f"{prefix}.{i}.key.weight"][0] == qk[i] != vo[i]
+        assert isinstance(spec.kind(qk[i]), Blocks) and spec.kind(qk[i]).size == D // 4
+    assert len(set(qk + vo)) == 8  # the heads are modules of their own: none shares another's permutation
+    assert spec.axes_to_perm["blocks.0.sa.proj.weight"][1] == tuple(vo)  # proj's columns: the heads' values, joined
+    stream = spec.axes_to_perm["token_embedding_table.weight"][1]
+    assert isinstance(spec.kind(stream), Orthogonal)
+    state = _folded64(model, folds)
+    assert_random_transformation_undone(model, spec, state, IDX, "blocks.1.sa.heads.2.value.weight", outputs=_logits64)
+
+
+def test_a_pair_of_karpathy_models_aligns_and_sweeps_as_torch_scores_them():
+    a, b = randomised(BigramLanguageModel(), 1), randomised(BigramLanguageModel(), 2)
+    g = torch.Generator().manual_seed(3)
+    tokens, targets = (torch.randint(0, VOCAB, (6, T), generator=g) for _ in range(2))
+    pair = cb.ModelPair(a, b, example_input=IDX).align("weight")
+    with torch.no_grad():
+        np.testing.assert_allclose(pair.model(1)(tokens)[0].numpy(), b(tokens)[0].numpy(), rtol=1e-4, atol=1e-4)
+        ds = cb.sweep(pair, cb.Linear(), data=(tokens.numpy(), targets.numpy()), values=[0.0, 1.0], splits=["test"])
+        for m, lam in ((a, 0.0), (b, 1.0)):
+            want = m(tokens, targets)[1].item()
+            assert float(ds["loss"].sel(split="test", lam=lam).isel(sample=0)) == pytest.approx(want, rel=1e-5)
+
+
+class Pooled(nn.Module):
+    """An encoder whose tokens are averaged over a padding mask made from the ids (token 0 is padding)."""
+
+    def __init__(self, how: str) -> None:
+        super().__init__()
+        self.how = how
+        self.emb = nn.Embedding(VOCAB, D)
+        layer = nn.TransformerEncoderLayer(D, 2, 32, dropout=0.0, batch_first=True, norm_first=True)
+        self.enc = nn.TransformerEncoder(layer, 1, enable_nested_tensor=False)
+        self.head = nn.Linear(D, 3)
+
+    def forward(self, ids):
+        h = self.enc(self.emb(ids))
+        keep = ids != 0
+        if self.how == "expand":  # sentence-transformers' mean_pooling
+            m = keep.long().unsqueeze(-1).expand(h.size()).float()
+            pooled = torch.sum(h * m, 1) / torch.clamp(m.sum(1), min=1e-9)
+        elif self.how == "expand_as":
+            m = keep.unsqueeze(-1).expand_as(h).float()
+            pooled = (h * m).sum(1) / m.sum(1).clamp(min=1e-9)
+        else:  # "type_as"
+            m = keep.unsqueeze(-1).type_as(h)
+            pooled = (h * m).sum(1) / m.sum(1).clamp(min=1e-9)
+        return self.head(pooled)
+
+
+@pytest.mark.parametrize("how", ["expand", "expand_as", "type_as"])
+def test_a_padding_mask_broadcast_over_the_features_keeps_the_stream_rotating(how):
+    model = randomised(Pooled(how), 3)
+    ids = IDX.clone()
+    ids[:, -3:] = 0  # padded positions, left out of the mean
+    spec, folds = cb.derive_symmetries(model, ids)
+    stream = spec.axes_to_perm["emb.weight"][1]
+    assert isinstance(spec.kind(stream), Orthogonal)
+    state = _folded64(model, folds)
+    assert_random_transformation_undone(model, spec, state, ids, "head.weight")
+
+
+def test_a_mask_that_differs_between_features_is_not_taken_for_one_per_token():
+    class Scaled(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.emb, self.lin, self.head = nn.Embedding(VOCAB, D), nn.Linear(D, D), nn.Linear(D, 3)
+            self.register_buffer("table", torch.linspace(0.5, 2.0, D))
+
+        def forward(self, ids):
+            h = self.lin(self.emb(ids))
+            m = (ids != 0).float().unsqueeze(-1) * self.table  # one value per feature: not a mask per token
+            return self.head((h * m).mean(1))
+
+    with pytest.raises(TracingError, match=r"node 'mul_1'.*cannot follow this operation on features"):
+        cb.derive_symmetries(randomised(Scaled(), 4), IDX)
+
+
+class NormedAttention(nn.Module):
+    """Self-attention with a norm on each head's queries and keys (a module), heads split by ``unflatten``
+    or ``view``, before or after the heads move to axis 1."""
+
+    def __init__(self, norm: str, where: str, split: str, heads: int = 4) -> None:
+        super().__init__()
+        self.h, self.where, self.split = heads, where, split
+        self.qkv, self.proj = nn.Linear(D, 3 * D), nn.Linear(D, D)
+        dh = D // heads
+        make = {"layer": nn.LayerNorm, "rms": nn.RMSNorm, "none": lambda _: nn.Identity()}[norm]
+        self.q_norm, self.k_norm = make(dh), make(dh)
+
+    def forward(self, x):
+        b, t, _ = x.shape
+        q, k, v = self.qkv(x).chunk(3, dim=-1)
+        if self.split == "unflatten":
+            q, k, v = (z.unflatten(-1, (self.h, D // self.h)) for z in (q, k, v))
+        else:
+            q, k, v = (z.view(b, t, self.h, D // self.h) for z in (q, k, v))
+        if self.where == "before":
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k, v = (z.transpose(1, 2) for z in (q, k, v))
+        if self.where == "after":
+            q, k = self.q_norm(q), self.k_norm(k)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.proj(y.transpose(1, 2).flatten(2))
+
+
+class NormedLM(nn.Module):
+    def __init__(self, norm: str, where: str, split: str, shared: bool = False) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(VOCAB, D)
+        self.ln1, self.ln2 = nn.RMSNorm(D), nn.RMSNorm(D)
+        self.attn = NormedAttention(norm, where, split)
+        self.up, self.down = nn.Linear(D, 2 * D), nn.Linear(2 * D, D)
+        self.repeats = 2 if shared else 1
+        self.ln_f, self.head = nn.RMSNorm(D), nn.Linear(D, VOCAB, bias=False)
+
+    def forward(self, ids):
+        x = self.emb(ids)
+        for _ in range(self.repeats):  # ALBERT's sharing: one block's weights applied again
+            x = x + self.attn(self.ln1(x))
+            x = x + self.down(F.silu(self.up(self.ln2(x))))
+        return self.head(self.ln_f(x))
+
+
+@pytest.mark.parametrize("norm,where,split", [("layer", "before", "view"), ("rms", "after", "view"),
+                                              ("rms", "before", "unflatten"), ("none", "before", "unflatten")])
+def test_query_key_norm_modules_and_unflattened_heads_are_traced(norm, where, split):
+    model = randomised(NormedLM(norm, where, split), 5)
+    spec, folds = cb.derive_symmetries(model, IDX)
+    if norm == "none":  # query and key rows one permutation, value rows another, moving with one head order
+        q, k, v = spec.axes_to_perm["attn.qkv.weight"][0]
+        assert q == k != v and spec.kind(q).group == spec.kind(v).group
+    else:  # each head's query/key units keep their order (the norm's weight is every head's): rows in segments
+        v = spec.axes_to_perm["attn.qkv.weight[32:]"][0]
+        assert spec.axes_to_perm["attn.qkv.weight[0:16]"][0].name == spec.kind(v).group
+    assert spec.axes_to_perm["attn.proj.weight"][1] == v
+    assert isinstance(spec.kind(v), Blocks) and spec.kind(v).blocks == 4
+    if norm != "none":  # the norm's weight, shared by every head, stays; so do each head's query/key units
+        assert spec.axes_to_perm["attn.q_norm.weight"] == (None,)
+    stream = spec.axes_to_perm["emb.weight"][1]
+    assert isinstance(spec.kind(stream), Orthogonal)
+    state = _folded64(model, folds)
+    assert_random_transformation_undone(model, spec, state, IDX, "attn.proj.weight")
+
+
+def test_one_block_applied_twice_shares_its_symmetries():
+    model = randomised(NormedLM("rms", "before", "view", shared=True), 6)
+    spec, folds = cb.derive_symmetries(model, IDX)
+    hidden = spec.axes_to_perm["up.weight"][0]
+    assert hidden is not None and spec.axes_to_perm["down.weight"][1] == hidden  # the shared MLP's units permute
+    assert isinstance(spec.kind(spec.axes_to_perm["attn.qkv.weight[32:]"][0]), Blocks)  # and the heads
+    state = _folded64(model, folds)
+    assert_random_transformation_undone(model, spec, state, IDX, "up.weight")
+
+
+def test_final_hidden_states_returned_beside_the_logits_leave_the_stream_rotating():
+    class WithHidden(NormedLM):
+        def forward(self, ids):
+            x = self.emb(ids)
+            x = x + self.attn(self.ln1(x))
+            x = x + self.down(F.silu(self.up(self.ln2(x))))
+            x = self.ln_f(x)
+            return {"logits": self.head(x), "hidden_states": x}
+
+    model = randomised(WithHidden("none", "before", "view"), 7)
+    spec, folds = cb.derive_symmetries(model, IDX)
+    assert isinstance(spec.kind(spec.axes_to_perm["emb.weight"][1]), Orthogonal)
+    assert any("ln_f" in str(f) for f in folds)  # ln_f's scale folds into the head that reads it
+
+    def logits(m, state, x):
+        return float64_outputs(_Logits(m), state, x)
+
+    state = _folded64(model, folds)
+    assert_random_transformation_undone(model, spec, state, IDX, "head.weight", outputs=logits)
+
+
+class _Logits(nn.Module):
+    def __init__(self, model) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x):
+        return self.model(x)["logits"]
+
+    def load_state_dict(self, state, strict=True):
+        return self.model.load_state_dict(state, strict=strict)
