@@ -21,7 +21,8 @@ from combinability.upsampling import UPSAMPLE_MODES
 __all__ = ["Node", "ConvGeometry", "OPS", "NORMS", "ACTIVATIONS", "TRACED_ELEMENTWISE"]
 
 #: The operations a node may perform.
-OPS = ("dense", "conv", "conv_transpose", "norm", "relu", "act", "prelu", "scale", "gate", "identity", "flatten",
+OPS = ("dense", "conv", "conv_transpose", "norm", "relu", "act", "prelu", "scale", "shift", "gate", "identity",
+       "flatten",
        "avgpool", "maxpool", "upsample", "add", "concat", "mul", "pad", "slice", "channel_reduce")
 #: An ``"act"`` node's ``fn`` for an element-wise function written in a traced model's own code that the
 #: table does not name (``x.clamp(min=0)``, ``torch.erf`` in a hand-written GELU): it keeps each channel's
@@ -66,6 +67,9 @@ class Node:
         ``"scale"`` multiplies each of its ``units`` channels by a learned factor (a layer
         scale: ConvNeXt's ``layer_scale`` or ``gamma``), the parameter ``leaf`` of shape
         ``(units,)``, or ``(units, 1, ..., 1)`` with a 1 per spatial axis when ``keepdims``;
+        ``units=1`` is one factor for every channel (Fixup's and SkipInit's scalar ``scale``);
+        ``"shift"`` adds a learned offset the same way (Fixup's scalar biases, a bias per
+        channel held by the model: ``x + self.shift`` of shape ``(1, c, 1, 1)``);
         ``"dense"`` on an image acts on the channels of each position (a ``Linear`` on a
         channels-last map, a 1 x 1 convolution with an ``(out, in)`` weight);
         ``"conv_transpose"`` is a transposed convolution (torch's ``ConvTranspose2d``, flax's
@@ -110,7 +114,8 @@ class Node:
         padded from itself alone, so every mode keeps the channels' permutations.
     keepdims : bool
         For ``op="avgpool"``: pool to a ``1 x 1`` image ``(n, c, 1, 1)`` rather than a vector.
-        For ``op="scale"``: the factors' shape is ``(units, 1, 1)`` (on an image) rather than ``(units,)``.
+        For ``op="scale"`` and ``"shift"``: the parameter's shape is ``(units, 1, 1)`` (on an image) rather than
+        ``(units,)``.
     channel_padding : (int, int)
         For a zero ``op="pad"`` node: zero channels added before and after the input's.
     channel_range : (int, int)
@@ -152,7 +157,11 @@ class Node:
         each window) or ``"max"`` (its maximum: torch's ``AdaptiveMaxPool2d``, ``amax`` over
         the positions). For ``op="maxpool"``: ``""`` or ``"avg"``.
     leaf : str
-        For ``op="scale"``: the name of its parameter (``f"{name}.{leaf}"``), default ``"weight"``.
+        For ``op="scale"`` and ``"shift"``: the name of its parameter (``f"{name}.{leaf}"``), default ``"weight"``.
+    param : str
+        For ``op="scale"`` and ``"shift"``: the parameter's whole name where it is not ``f"{name}.{leaf}"``
+        (one of several a module holds, as Fixup's blocks hold ``bias1a``, ``bias1b``, ...; a parameter of the
+        model's root module); it ends in ``f".{leaf}"`` (or is ``leaf``). Default ``""``: ``f"{name}.{leaf}"``.
     eps : float
         Normalisation epsilon.
     layer : str
@@ -197,6 +206,7 @@ class Node:
     affine: bool = True
     channel_padding: tuple[int, int] = (0, 0)
     channel_range: tuple[int, int] | None = None
+    param: str = ""
 
     def __post_init__(self) -> None:
         if self.op not in OPS:
@@ -217,10 +227,14 @@ class Node:
         if self.op in POOL_FUNCTIONS and self.fn not in POOL_FUNCTIONS[self.op]:
             raise ConfigurationError(f"node {self.name!r}: the fn of {self.op} nodes is one of "
                                      f"{', '.join(map(repr, POOL_FUNCTIONS[self.op]))}, got {self.fn!r}")
-        if self.leaf != "weight" and (self.op != "scale" or not self.leaf.isidentifier()):
-            raise ConfigurationError(f"node {self.name!r}: leaf names a scale node's parameter (an identifier), got "
+        if self.leaf != "weight" and (self.op not in ("scale", "shift") or not self.leaf.isidentifier()):
+            raise ConfigurationError(f"node {self.name!r}: leaf names a scale or shift node's parameter (an "
+                                     f"identifier), got "
                                      f"leaf={self.leaf!r} on a {self.op!r} node")
-        if self.op in ("dense", "conv", "conv_transpose", "prelu", "scale") and self.units < 1:
+        if self.param and (self.op not in ("scale", "shift") or self.param.rpartition(".")[2] != self.leaf):
+            raise ConfigurationError(f"node {self.name!r}: param names a scale or shift node's parameter, ending in "
+                                     f"its leaf {self.leaf!r}; got param={self.param!r} on a {self.op!r} node")
+        if self.op in ("dense", "conv", "conv_transpose", "prelu", "scale", "shift") and self.units < 1:
             raise ConfigurationError(f"node {self.name!r}: a {self.op} node needs units >= 1, got {self.units}")
         if self.op == "conv_transpose":
             self.conv_geometry()  # validates kernel, stride, padding and dilation
@@ -350,6 +364,10 @@ class Node:
     def output_paddings(self, ndim: int) -> tuple[int, ...]:
         """A conv_transpose node's ``output_padding``, one entry per each of ``ndim`` spatial axes."""
         return _per_axis(self.output_padding, "output_padding", f"node {self.name!r}", 0, ndim)
+
+    def parameter_name(self) -> str:
+        """A scale or shift node's parameter: :attr:`param`, else ``f"{name}.{leaf}"``."""
+        return self.param or f"{self.name}.{self.leaf}"
 
     def norm_leaves(self) -> tuple[str, ...]:
         """A norm node's learned parameters: ``("weight", "bias")`` when it is affine, ``("weight",)`` for

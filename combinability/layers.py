@@ -264,9 +264,11 @@ class LayerTable:
                 out[node.name] = _Shape(channels, full[0].spatial if full else points[0] if points else None)
             elif node.op == "channel_reduce":
                 out[node.name] = _Shape(1, x.spatial)
-            elif node.op == "scale" and (node.units != x.channels or (node.keepdims and x.spatial is None)):
-                raise ConfigurationError(f"{where}: a scale node has one factor per channel: units {x.channels}, got "
-                                         f"{node.units}" + (" (keepdims needs an image)" if node.keepdims else ""))
+            elif node.op in ("scale", "shift") and (node.units not in (1, x.channels) or
+                                                     (node.keepdims and x.spatial is None)):
+                raise ConfigurationError(f"{where}: a {node.op} node has one parameter per channel or one for all: "
+                                         f"units {x.channels} or 1, got {node.units}"
+                                         + (" (keepdims needs an image)" if node.keepdims else ""))
             elif node.op == "prelu" and node.units not in (1, x.channels):
                 raise ConfigurationError(f"{where}: a prelu node has one slope or one per channel: units 1 or "
                                          f"{x.channels}, got {node.units}")
@@ -316,9 +318,9 @@ class LayerTable:
             elif node.op == "prelu":
                 params[f"{node.name}.weight"] = ((node.units,), "float32")
                 continue
-            elif node.op == "scale":
+            elif node.op in ("scale", "shift"):
                 trailing = (1,) * len(src.spatial or ()) if node.keepdims else ()
-                params[f"{node.name}.{node.leaf}"] = ((node.units, *trailing), "float32")
+                params[node.parameter_name()] = ((node.units, *trailing), "float32")
                 continue
             else:
                 continue
@@ -667,9 +669,10 @@ class LayerTable:
             elif node.op == "prelu":  # one slope per channel moves with the channels; a shared one stays
                 axes[f"{node.name}.weight"] = (p_out if node.units > 1 else None,)
                 continue
-            elif node.op == "scale":  # the factors move with their channels
+            elif node.op in ("scale", "shift"):  # the factors (offsets) move with their channels; a shared one stays
                 trailing = len(shapes[self.inputs_of(node)[0]].spatial or ()) if node.keepdims else 0
-                axes[f"{node.name}.{node.leaf}"] = (p_out, *(None,) * trailing)
+                shared = node.units == 1 and shapes[self.inputs_of(node)[0]].channels != 1
+                axes[node.parameter_name()] = (None if shared else p_out, *(None,) * trailing)
                 continue
             else:
                 continue
@@ -798,7 +801,7 @@ class LayerTable:
         names: list[str] = []
         node_layer = self._node_layers()
         for node in self.nodes:
-            if node.op in ("dense", "conv", "conv_transpose", "norm", "prelu", "scale") \
+            if node.op in ("dense", "conv", "conv_transpose", "norm", "prelu", "scale", "shift") \
                     and node_layer[node.name] not in names:
                 names.append(node_layer[node.name])
         return names
@@ -808,7 +811,7 @@ class LayerTable:
         order = {name: i for i, name in enumerate(self.layer_names())}
         node_layer = self._node_layers()
         constants = self.input_constants  # read before the first layer: its layer's
-        return {p: 0 if p in constants else order[node_layer[p.rsplit(".", 1)[0]]] for p in self.parameters()}
+        return {p: 0 if p in constants else order[node_layer[self.node_of(p).name]] for p in self.parameters()}
 
     # -- torch <-> flax --------------------------------------------------------------------
     def flax_names(self) -> dict[str, str]:
@@ -818,15 +821,15 @@ class LayerTable:
         for ref in self.parameters():
             if ref in constants:
                 continue
-            module, leaf = ref.rsplit(".", 1)
+            node = self.node_of(ref)
+            module, leaf = (node.name, node.leaf) if node.op in ("scale", "shift") else ref.rsplit(".", 1)
             mod = module.replace(".", self.flax_sep)
-            node = self.node(module)
             if node.op == "norm":
                 flax_leaf = {"weight": "params/scale", "bias": "params/bias", "running_mean": "batch_stats/mean",
                              "running_var": "batch_stats/var", "num_batches_tracked": "counters/count"}[leaf]
             elif node.op == "prelu":
                 flax_leaf = "params/negative_slope"
-            elif node.op == "scale":
+            elif node.op in ("scale", "shift"):
                 flax_leaf = f"params/{leaf}"
             else:
                 flax_leaf = {"weight": "params/kernel", "bias": "params/bias"}[leaf]
@@ -892,12 +895,20 @@ class LayerTable:
                 return n
         raise KeyError(name)
 
+    def node_of(self, parameter: str) -> Node:
+        """The node holding ``parameter`` (a scale or shift node's :meth:`~Node.parameter_name`, else the node
+        named by all but its last part)."""
+        for n in self.nodes:
+            if n.op in ("scale", "shift") and n.parameter_name() == parameter:
+                return n
+        return self.node(parameter.rsplit(".", 1)[0])
+
     def to_flax(self, params: Mapping[str, Any], xp: Any = np) -> dict[str, Any]:
         """Reference-convention arrays to flax names and axes (dense and conv kernels transposed)."""
         names = self.flax_names()
         out = {}
         for ref, value in params.items():
-            op = self.node(ref.rsplit(".", 1)[0]).op
+            op = self.node_of(ref).op
             if ref.endswith(".weight") and op == "dense":
                 value = xp.permute_dims(value, (1, 0)) if xp is not np else np.transpose(value)
             elif ref.endswith(".weight") and op == "conv":  # (out, in, *kernel) -> (*kernel, in, out)
@@ -910,7 +921,7 @@ class LayerTable:
                 spatial = tuple(range(len(value.shape) - 2))
                 value = (xp.flip(xp.permute_dims(value, order), axis=spatial) if xp is not np
                          else np.flip(np.transpose(value, order), axis=spatial))
-            elif op == "scale":  # (units, 1, 1) -> (units,): flax broadcasts over the last (channel) axis
+            elif op in ("scale", "shift"):  # (units, 1, 1) -> (units,): flax broadcasts over the last (channel) axis
                 value = xp.reshape(value, (-1,)) if xp is not np else np.reshape(value, -1)
             elif op == "norm" and len(value.shape) > 1:  # a LayerNorm over the map: (C, H, W) -> (H, W, C)
                 order = (*range(1, len(value.shape)), 0)
@@ -927,7 +938,7 @@ class LayerTable:
         out, shapes = {}, self.parameters()
         for key, value in params.items():
             ref = back[key]
-            op = self.node(ref.rsplit(".", 1)[0]).op
+            op = self.node_of(ref).op
             value = np.asarray(value)
             if ref.endswith(".weight") and op == "dense":
                 value = value.T
@@ -936,7 +947,7 @@ class LayerTable:
             elif ref.endswith(".weight") and op == "conv_transpose":  # reversed (*kernel, in, out) -> (in, out, *k)
                 spatial = tuple(range(value.ndim - 2))
                 value = np.transpose(np.flip(value, axis=spatial), (value.ndim - 2, value.ndim - 1, *spatial))
-            elif op == "scale":
+            elif op in ("scale", "shift"):
                 value = value.reshape(shapes[ref][0])
             elif op == "norm" and value.ndim > 1:  # (H, W, C) -> (C, H, W)
                 value = np.moveaxis(value, -1, 0)

@@ -192,6 +192,17 @@ class Scale(nn.Module):
         return x * self.param(self.leaf, nn.initializers.ones, (self.units,)).astype(x.dtype)
 
 
+class Shift(nn.Module):
+    """Each channel (the last axis) plus a learned offset, parameter ``leaf`` of ``(units,)`` (one for all: 1)."""
+
+    units: int
+    leaf: str = "weight"
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return x + self.param(self.leaf, nn.initializers.zeros, (self.units,)).astype(x.dtype)
+
+
 class PReLU(nn.Module):
     """``max(x, 0) + a · min(x, 0)`` with ``units`` learned slopes ``a`` over the last (channel) axis
     (torch's ``nn.PReLU(units)``: initialised to 0.25)."""
@@ -260,6 +271,8 @@ class TableNet(nn.Module):
                 h = PReLU(node.units, name=name)(h)
             elif node.op == "scale":
                 h = Scale(node.units, node.leaf, name=name)(h)
+            elif node.op == "shift":
+                h = Shift(node.units, node.leaf, name=name)(h)
             elif node.op == "relu":
                 h = nn.relu(h)
             elif node.op == "act":

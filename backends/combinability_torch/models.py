@@ -236,9 +236,11 @@ class TableNet(nn.Module):
         shapes, frozen = table.shapes(), table.frozen_weights()
         for node in table.nodes:
             src = shapes[table.inputs_of(node)[0]]
-            if node.op == "scale":  # a parameter of the module at the node's path (made when missing)
-                shape = table.parameters()[f"{node.name}.{node.leaf}"][0]
-                self._owner(node.name).register_parameter(node.leaf, nn.Parameter(torch.ones(shape)))
+            if node.op in ("scale", "shift"):  # a parameter of the module at the node's path (made when missing)
+                shape = table.parameters()[node.parameter_name()][0]
+                init = torch.ones if node.op == "scale" else torch.zeros
+                owner = node.parameter_name().rpartition(".")[0]
+                self._owner(owner).register_parameter(node.leaf, nn.Parameter(init(shape)))
                 continue
             module = _module(node, src.channels, 2 + len(src.spatial or ()), table, frozen, tuple(src.spatial or ()))
             if module is not None:
@@ -249,8 +251,11 @@ class TableNet(nn.Module):
                         parent.add_module(part, nn.Module())
                     parent = getattr(parent, part)
                 parent.add_module(leaf, module)
-        self._modules_by_node = {n.name: self.get_submodule(n.name) for n in table.nodes
-                                 if n.op in ("dense", "conv", "conv_transpose", "norm", "gate", "prelu", "scale")}
+        self._modules_by_node = {n.name: self.get_submodule(n.parameter_name().rpartition(".")[0]
+                                                            if n.op in ("scale", "shift") else n.name)
+                                 for n in table.nodes
+                                 if n.op in ("dense", "conv", "conv_transpose", "norm", "gate", "prelu", "scale",
+                                             "shift")}
         # nodes whose output is a fresh tensor (not a view of, or the same tensor as, another value)
         fresh = ("dense", "conv", "conv_transpose", "norm", "concat", "upsample")
         self._fresh = {n.name for n, ins, _ in table.schedule
@@ -259,7 +264,7 @@ class TableNet(nn.Module):
     def _owner(self, path: str) -> nn.Module:
         """The submodule at ``path``, made (an empty ``nn.Module``) where missing."""
         owner: nn.Module = self
-        for part in path.split("."):
+        for part in path.split(".") if path else ():
             if not hasattr(owner, part):
                 owner.add_module(part, nn.Module())
             owner = getattr(owner, part)
@@ -275,9 +280,10 @@ class TableNet(nn.Module):
             h = ins[0]
             if node.op == "dense" and h.dim() > 2:  # the channels of each position
                 h = self._modules_by_node[node.name](h.movedim(1, -1)).movedim(-1, 1)
-            elif node.op == "scale":
+            elif node.op in ("scale", "shift"):
                 factor = getattr(self._modules_by_node[node.name], node.leaf)
-                h = h * (factor if factor.dim() == h.dim() - 1 else _at_rank(factor, h.dim() - 1))
+                factor = factor if factor.dim() == h.dim() - 1 or factor.numel() == 1 else _at_rank(factor, h.dim() - 1)
+                h = h * factor if node.op == "scale" else h + factor
             elif node.op in ("dense", "conv", "conv_transpose", "norm", "gate", "prelu"):
                 h = self._modules_by_node[node.name](h)
             elif node.op == "relu":

@@ -205,8 +205,10 @@ def table_names(gm: fx.GraphModule) -> dict[str, str]:
         owner = _param_owner(n)
         if n.op == "call_module" and _holds_state(gm.get_submodule(n.target)):
             names[n.name] = str(n.target)
-        elif owner is not None and owner[0]:
+        elif owner is not None and owner[0] and owner[0] not in names.values():
             names[n.name] = owner[0]
+        elif owner is not None and n.target in _MUL | _ADD | {"add"}:  # another of its module's (Fixup's), a root's
+            names[n.name] = ".".join(p for p in owner if p)
         elif n.op not in ("placeholder", "output", "get_attr"):
             names[n.name] = n.name
     return names
@@ -241,7 +243,7 @@ def _param_owner(n: fx.Node) -> tuple[str, str] | None:
         return norm_owner(n, attribute_of)
     if n.op == "call_function" and n.target in _LAYER_FUNCTIONS:  # F.conv2d(x, self.weight, self.bias, ...)
         target = attribute_of(n.args[1] if len(n.args) > 1 else n.kwargs.get("weight"))
-    elif n.op in ("call_function", "call_method") and n.target in _MUL and len(n.args) == 2:
+    elif n.op in ("call_function", "call_method") and n.target in _MUL | _ADD | {"add"} and len(n.args) == 2:
         targets = [t for t in map(attribute_of, n.args) if t is not None]
         target = targets[0] if len(targets) == 1 else None
     else:
@@ -876,21 +878,32 @@ def _parameter_node(n: fx.Node, gm: fx.GraphModule, name: str, ins: tuple[str, .
     if n.target in _LAYER_FUNCTIONS and owner is not None and owner[1] == "weight" and \
             f"{owner[0]}.weight" in learned and len(ins) == 1:
         return _layer_function_node(n, name, ins, learned[f"{owner[0]}.weight"], owner[0], on_last, where, model)
-    if n.target in _MUL and owner is not None and f"{owner[0]}.{owner[1]}" in learned and len(ins) == 1:
+    added = n.target in _ADD or n.target == "add"
+    whole = ".".join(p for p in owner if p) if owner is not None else ""
+    if (n.target in _MUL or added) and whole in learned and len(ins) == 1 and len(n.args) == 2 and not n.kwargs:
         factor = next(a for a in n.args if attribute_of(a) is not None)
         traced = next(a for a in n.args if a is not factor)
-        param = learned[f"{owner[0]}.{owner[1]}"]
+        param = learned[whole]
         seen, shape = tuple(_shape(factor) or ()), tuple(_shape(traced) or ())
         c = shape[-1] if on_last or len(shape) == 2 else shape[1] if len(shape) > 2 else 0
         rank = len(shape)
+        op, what = ("shift", "an offset") if added else ("scale", "a factor")
+        extra = {"param": whole} if whole != f"{name}.{owner[1]}" else {}
+        if param.numel() == 1 and param.dim() <= 1 and len(seen) <= 1:  # one for every channel (Fixup's)
+            return Node(name, op, ins, units=1, leaf=owner[1], **extra)
         per_channel = ({(c,), (1,) * (rank - 1) + (c,)} if on_last or rank == 2
                        else {(c,) + (1,) * (rank - 2), (1, c) + (1,) * (rank - 2)})
-        stored = {(c,)} | ({(c,) + (1,) * (rank - 2)} if not on_last and rank > 2 else set())
+        stored = {(c,)} | ({(c,) + (1,) * (rank - 2), (1, c) + (1,) * (rank - 2)} if not on_last and rank > 2
+                           else {(1, c)} if rank == 2 else set())
         if c and seen in per_channel and tuple(param.shape) in stored:
-            return Node(name, "scale", ins, units=c, leaf=owner[1], keepdims=param.dim() > 1)
-        raise TracingError(f"{where}: a product with the parameter {owner[0]}.{owner[1]} (shape "
-                           f"{tuple(param.shape)}, used as {seen}) on {shape}: the tracer follows a layer scale, one "
-                           f"factor per channel stored as ({c},) or ({c}, 1, 1)" + _hint(model))
+            if param.dim() == rank:  # (1, c, 1, 1): stored with the batch axis, which the node does not hold
+                raise TracingError(f"{where}: the parameter {whole} of shape {tuple(param.shape)} "
+                                   f"keeps a batch axis; the tracer follows one stored as ({c},) or ({c}, 1, 1)"
+                                   + _hint(model))
+            return Node(name, op, ins, units=c, leaf=owner[1], keepdims=param.dim() > 1, **extra)
+        raise TracingError(f"{where}: {'a sum' if added else 'a product'} with the parameter {whole} "
+                           f"(shape {tuple(param.shape)}, used as {seen}) on {shape}: the tracer follows {what} per "
+                           f"channel stored as ({c},) or ({c}, 1, 1), or one for all channels" + _hint(model))
     raise TracingError(f"node {n.name!r}: a parameter or buffer used directly in forward "
                        f"({', '.join(str(attribute_of(a)) for a in params_read)}) cannot be followed there; the "
                        "tracer follows F.layer_norm, F.linear and F.conv1d/2d/3d on a module's own weight and bias, "
@@ -1202,6 +1215,7 @@ def describe(model: nn.Module, example_input: torch.Tensor) -> tuple[LayerTable,
                            "branches), which a layer table does not express; give each call its own module"
                            + _hint(model))
     alias: dict[str, str] = {}
+    applied: dict[str, Node] = {}  # the parameter of a scale or shift node -> that node
     nodes: list[Node] = []
     output = None
     live = feeding_logits(gm)
@@ -1266,6 +1280,15 @@ def describe(model: nn.Module, example_input: torch.Tensor) -> tuple[LayerTable,
         node, *after = node if isinstance(node, tuple) else (node,)  # after: nodes reading it (a crop's flatten)
         if node.op not in ("add", "concat", "mul"):
             node = Node(**{**node.__dict__, "inputs": ins[:1]})
+        if node.op in ("scale", "shift"):
+            earlier = applied.setdefault(node.parameter_name(), node)
+            if earlier is not node and earlier.inputs == node.inputs and earlier.op == node.op:
+                alias[n.name] = earlier.name  # computed again on the same map (Fixup's ``x + self.bias1a``, twice)
+                continue
+            if earlier is not node:
+                raise TracingError(f"node {n.name!r}: the parameter {node.parameter_name()} is applied in two places "
+                                   f"(after {earlier.inputs[0]!r} and {node.inputs[0]!r}), which a layer table does "
+                                   f"not express; give each place its own parameter" + _hint(model))
         for a in traced:
             if alias[a.name] == "<input>" and _shape(a) is not None:
                 input_shapes.setdefault(tuple(_shape(a)[1:]), n.name)
