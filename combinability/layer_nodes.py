@@ -57,8 +57,10 @@ class Node:
         One of :data:`OPS`. ``"avgpool"`` is global average pooling to ``(n, c)`` (to a
         ``1 x 1`` image with ``keepdims``; to an image of ``output_size`` when given), or
         global (adaptive) max pooling with ``fn="max"``;
-        ``"maxpool"`` is a ``kernel`` x ``kernel`` max pool (``stride``, ``padding``; an
-        average pool when ``fn="avg"``), skipped when the image is smaller than the kernel;
+        ``"maxpool"`` is a ``kernel`` x ``kernel`` max pool (``stride``, ``padding``: an int, or one
+        ``(before, after)`` pair per spatial axis, as flax's ``padding="SAME"`` pads a stride-2 pool more
+        after than before; an average pool, counting the zeros padded, when ``fn="avg"``), skipped when
+        the image is smaller than the kernel;
         ``"act"`` applies the element-wise function ``fn`` (one of :data:`ACTIVATIONS`, or
         :data:`TRACED_ELEMENTWISE` for one a traced model computes in its own code);
         ``"prelu"`` is ``max(x, 0) + a · min(x, 0)`` with learned slopes ``a`` (parameter
@@ -284,7 +286,7 @@ class Node:
                                          f"its {self.units} units, got {self.groups!r}")
         elif self.op != "conv_transpose" and (
                 any(isinstance(v, tuple) for v in (self.kernel, self.stride)) or self.dilation != 1
-                or (isinstance(self.padding, tuple) and self.op != "pad")):
+                or (isinstance(self.padding, tuple) and self.op not in ("pad", "maxpool"))):
             raise ConfigurationError(f"node {self.name!r}: only a conv node takes (height, width) pairs or a "
                                      f"dilation; a {self.op!r} node takes ints")
         if self.output_size is not None and (self.op not in ("avgpool", "upsample") or self.keepdims or not (
@@ -344,7 +346,8 @@ class Node:
         return ConvGeometry(kernel, stride, self.paddings(ndim), dilation)
 
     def paddings(self, ndim: int) -> tuple[tuple[int, int], ...]:
-        """A conv or pad node's ``padding`` as one ``(before, after)`` pair per each of ``ndim`` spatial axes.
+        """A conv, pad or maxpool node's ``padding`` as one ``(before, after)`` pair per each of ``ndim`` spatial
+        axes.
 
         Examples
         --------

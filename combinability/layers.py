@@ -245,8 +245,9 @@ class LayerTable:
             elif node.op == "maxpool":
                 if x.spatial is None:
                     raise ConfigurationError(f"{where}: max pooling needs an image")
-                k, st, pad = node.kernel, max(1, node.stride), node.padding
-                sp = x.spatial if min(x.spatial) < k else tuple((s + 2 * pad - k) // st + 1 for s in x.spatial)
+                k, st, pads = node.kernel, max(1, node.stride), node.paddings(len(x.spatial))
+                sp = x.spatial if min(x.spatial) < k else tuple((s + lo + hi - k) // st + 1
+                                                                for s, (lo, hi) in zip(x.spatial, pads, strict=True))
                 out[node.name] = _Shape(x.channels, sp)
             elif node.op == "add":
                 if len(ins) < 2 or any(s != x for s in ins):

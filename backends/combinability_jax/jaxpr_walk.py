@@ -72,6 +72,9 @@ def mode_hint(exc: Exception, flags: dict) -> str:
         what = "draws random numbers (dropout)"
     elif kind == "ModifyScopeVariableError" or "is immutable" in text:
         what = "updates variables (BatchNorm's batch statistics)"
+    elif kind == "ScopeCollectionNotFound" or "collection is empty" in text:
+        return ("; pass the whole variables dict as module.init returns it ({'params': ..., 'batch_stats': ...}), "
+                "not variables['params'] nor one collection alone")
     elif isinstance(exc, TypeError) and "required positional argument" in text:
         return (f"; the library calls {called}: give __call__'s other arguments defaults, or pass a module that "
                 "supplies them (functools.partial of __call__ in a wrapper module)")

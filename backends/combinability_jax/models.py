@@ -290,8 +290,7 @@ class TableNet(nn.Module):
                 h = jnp.mean(h, axis=tuple(range(1, h.ndim - 1)), keepdims=node.keepdims)
             elif node.op == "maxpool" and min(h.shape[1:-1]) >= k:
                 pool, nd = nn.avg_pool if node.fn == "avg" else nn.max_pool, h.ndim - 2
-                h = pool(h, (k,) * nd, strides=(max(1, node.stride),) * nd,
-                         padding=((node.padding, node.padding),) * nd)
+                h = pool(h, (k,) * nd, strides=(max(1, node.stride),) * nd, padding=node.paddings(nd))
             elif node.op == "add":
                 h = sum(ins[1:], ins[0])
             elif node.op == "concat":  # channels-last

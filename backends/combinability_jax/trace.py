@@ -336,12 +336,14 @@ class _Trace(JaxprWalker):
                 len({*p["window_dimensions"][1:-1]}) == 1 and len({*p["window_strides"][1:-1]}) == 1
                 and {p["window_dimensions"][0], p["window_dimensions"][-1], p["window_strides"][0],
                      p["window_strides"][-1], *p["base_dilation"], *p["window_dilation"]} == {1}
-                and len({v for pad in p["padding"][1:-1] for v in pad}) == 1
-                and p["padding"][0] == p["padding"][-1] == (0, 0)):
+                and min(v for pad in p["padding"][1:-1] for v in pad) >= 0
+                and tuple(p["padding"][0]) == tuple(p["padding"][-1]) == (0, 0)):
             avg = n == "reduce_window_sum"
+            pads = tuple((int(lo), int(hi)) for lo, hi in p["padding"][1:-1])  # "SAME" may pad one side more
             self._add(Node(self._fresh(path, "avg_pool" if avg else "max_pool"), "maxpool", (self._name(acts[0]),),
                            kernel=p["window_dimensions"][1], stride=p["window_strides"][1],
-                           padding=p["padding"][1][0], fn="avg" if avg else ""), outs[0])
+                           padding=pads[0][0] if len({v for pad in pads for v in pad}) == 1 else pads,
+                           fn="avg" if avg else ""), outs[0])
         else:
             raise TracingError(f"{where}: the tracer cannot follow this operation ({_FOLLOWS})" + self.hint)
 

@@ -233,6 +233,9 @@ class _StreamTrace(JaxprWalker):
             self.labels[outs[0]] = out
             if ins[0] in self.iota_axis:
                 self.iota_axis[outs[0]] = p["broadcast_dimensions"][self.iota_axis[ins[0]]]
+        elif n == "tile":  # copies along axes (Scenic's ``jnp.tile(cls, [n, 1, 1])``): an axis of one is broadcast
+            self.labels[outs[0]] = [s if r == 1 else ANY if d == 1 else sp.union(s, FIXED)
+                                    for s, r, d in zip(labs[0], p["reps"], self.shape[ins[0]], strict=True)]
         elif n == "reshape":
             if p.get("dimensions") is not None:
                 raise TracingError(f"{where}: reshapes that transpose are not followed" + self.hint)

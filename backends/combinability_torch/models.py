@@ -304,7 +304,13 @@ class TableNet(nn.Module):
             elif node.op == "maxpool":
                 if min(h.shape[2:]) >= node.kernel:
                     pool = (_AVG_POOL if node.fn == "avg" else _MAX_POOL)[h.ndim]
-                    h = pool(h, node.kernel, max(1, node.stride), node.padding)
+                    pads = node.paddings(h.ndim - 2)
+                    if all(lo == hi for lo, hi in pads) and len({lo for lo, _ in pads}) == 1:
+                        h = pool(h, node.kernel, max(1, node.stride), pads[0][0])
+                    else:  # padded more on one side (flax's "SAME"): by hand, zeros for a mean, -inf for a max
+                        fill = 0.0 if node.fn == "avg" else float("-inf")
+                        h = pool(F.pad(h, tuple(v for pair in reversed(pads) for v in pair), value=fill),
+                                 node.kernel, max(1, node.stride))
             elif node.op == "slice":
                 h = h[:, node.channel_range[0]:node.channel_range[1]]
             elif node.op == "channel_reduce":
