@@ -45,3 +45,10 @@ def test_logits_whose_batch_axis_was_squeezed_away_are_refused_by_shape():
     assert float(ok["loss"].sel(split="test", lam=0.0).isel(sample=0)) == pytest.approx(want, rel=1e-5)
     with pytest.raises(DatasetError, match=r"logits of shape \(4,\) for a batch of 1 example.*\.squeeze\(\)"):
         cb.sweep(pair, cb.Linear(), data=(X[:9].numpy(), y), values=[0.0], batch_size=4, splits=["test"])
+
+
+def test_a_trace_that_fails_on_a_batch_of_one_says_to_pass_more_examples():
+    a, b = randomised(Net(squeeze=True), 0), randomised(Net(squeeze=True), 1)
+    with pytest.raises(TracingError, match=r"node 'squeeze'.*example_input holds one example.*two or more"):
+        cb.ModelPair(a, b, example_input=X[:1])
+    cb.ModelPair(a, b, example_input=X[:2])  # two examples keep the batch axis: traced

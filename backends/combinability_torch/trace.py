@@ -1168,6 +1168,17 @@ def describe(model: nn.Module, example_input: torch.Tensor) -> tuple[LayerTable,
     TracingError
         If fx cannot trace the module, or a node is an operation the table cannot express.
     """
+    try:
+        return _describe(model, example_input)
+    except TracingError as exc:
+        if isinstance(example_input, torch.Tensor) and example_input.dim() and int(example_input.shape[0]) == 1:
+            raise type(exc)(f"{exc}; example_input holds one example: an operation such as .squeeze() drops the "
+                            f"batch axis of a batch of one, so pass two or more examples") from None
+        raise
+
+
+def _describe(model: nn.Module, example_input: torch.Tensor) -> tuple[LayerTable, fx.GraphModule]:
+    """:func:`describe` (its errors not yet told of a one-example batch)."""
     from torch.fx.passes.shape_prop import ShapeProp
 
     _refuse_failing_input(model, example_input)
