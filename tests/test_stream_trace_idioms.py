@@ -311,3 +311,38 @@ class _Logits(nn.Module):
 
     def load_state_dict(self, state, strict=True):
         return self.model.load_state_dict(state, strict=strict)
+
+
+class TemperedAttention(nn.Module):
+    """A learned temperature per head, ``(heads, 1, 1)`` (exponentiated), or ALiBi's slopes, on the scores;
+    the attention weights then pass an ``nn.Dropout`` module."""
+
+    def __init__(self, how: str, heads: int = 4) -> None:
+        super().__init__()
+        self.h, self.how = heads, how
+        self.emb, self.qkv, self.proj = nn.Embedding(VOCAB, D), nn.Linear(D, 3 * D), nn.Linear(D, D)
+        self.logit_scale = nn.Parameter(torch.zeros(heads, 1, 1))
+        self.register_buffer("slopes", torch.tensor([0.5 ** (i + 1) for i in range(heads)]), persistent=False)
+        self.attn_drop, self.head = nn.Dropout(0.1), nn.Linear(D, VOCAB)
+
+    def forward(self, ids):
+        x = self.emb(ids)
+        b, t, _ = x.shape
+        q, k, v = (z.reshape(b, t, self.h, -1).permute(0, 2, 1, 3) for z in self.qkv(x).chunk(3, dim=-1))
+        s = q @ k.transpose(-2, -1) / math.sqrt(D // self.h)
+        if self.how == "temperature":
+            s = s * self.logit_scale.exp()
+        else:  # ALiBi
+            s = s + self.slopes.view(1, -1, 1, 1) * (torch.arange(t)[None, :] - torch.arange(t)[:, None]).float()
+        o = self.attn_drop(s.softmax(-1)) @ v
+        return self.head(x + self.proj(o.permute(0, 2, 1, 3).reshape(b, t, -1)))
+
+
+@pytest.mark.parametrize("how", ["temperature", "alibi"])
+def test_heads_kept_in_place_by_their_scores_stay_so_through_a_dropout_module(how):
+    model = randomised(TemperedAttention(how), 8)
+    spec, folds = cb.derive_symmetries(model, IDX)
+    assert spec.axes_to_perm["qkv.weight"][0] is None and spec.axes_to_perm["proj.weight"][1] is None
+    assert spec.axes_to_perm["logit_scale"] == (None, None, None)
+    state = _folded64(model, folds)
+    assert_random_transformation_undone(model, spec, state, IDX, "emb.weight")

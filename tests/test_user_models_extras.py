@@ -656,17 +656,22 @@ class HeadTemperature(ALiBi):
 
 
 @pytest.mark.parametrize("per_head", [False, True])
-def test_a_learned_temperature_per_head_is_refused_by_name_and_a_global_one_traced(per_head):
+def test_a_learned_temperature_per_head_keeps_the_heads_in_place_and_a_global_one_lets_them_move(per_head):
     torch.manual_seed(13)
     model = HeadTemperature().eval()
     model.h_temperature = per_head
     ids = torch.randint(0, 12, (3, 6))
-    if per_head:
-        with pytest.raises(TracingError, match=r"attention scores scaled by 'temperature'"):
-            cb.derive_symmetries(model, ids)
-    else:
-        spec, _ = cb.derive_symmetries(model, ids)  # checked: a random map keeps the outputs
-        assert spec.axes_to_perm["qkv.weight"][0] is not None  # the heads still move
+    spec, _ = cb.derive_symmetries(model, ids)  # checked: a random map keeps the outputs
+    # a temperature per head stays with its head, as ALiBi's slope does: the heads stay in place
+    assert (spec.axes_to_perm["qkv.weight"][0] is None) == per_head
+    assert spec.axes_to_perm["temperature"] == (None, None, None)
+    state = {k: v.double().numpy() for k, v in model.state_dict().items()}
+    moved = cb.apply_permutation(spec, cb.random_permutation(spec, state, seed=3), state)
+    assert not np.allclose(moved["embed.weight"], state["embed.weight"])
+    other = HeadTemperature().double().eval()
+    other.h_temperature = per_head
+    other.load_state_dict({k: torch.as_tensor(v) for k, v in moved.items()})
+    torch.testing.assert_close(other(ids), model.double()(ids), rtol=1e-9, atol=1e-9)
 
 
 class EinsumAttention(nn.Module):

@@ -216,9 +216,11 @@ class _HandAttention:
     def passes(self, n: fx.Node) -> None:
         """``n`` passes its first argument on unchanged in kind (dropout, a cast)."""
         src = n.args[0].name if n.args and isinstance(n.args[0], fx.Node) else None
-        for seen in (self.headed, self.keys, self.scores, self.shared, self.grouped):
+        for seen in (self.headed, self.keys, self.scores, self.shared, self.grouped, self.sunk):
             if src in seen:
                 seen[n.name] = seen[src]  # type: ignore[index]
+        if src in self.pinned:  # scores whose heads stay in place (ALiBi's bias, a temperature per head)
+            self.pinned.add(n.name)
 
 
 _BADDBMM = {torch.baddbmm, "baddbmm"}
@@ -269,6 +271,12 @@ def _attention_parts(n: fx.Node, args: list[fx.Node], spaces: list[Any], sp: Fea
         factors = [a for a in n.args[:2] if isinstance(a, fx.Node)] if target in _SCALING else []
         scaled = [a for a in factors if a is not scored and isinstance(space.get(a.name), int)
                   and not sp.is_fixed(space[a.name]) and int(np.prod(_shape_of(a) or (1,))) > 1]
+        per_head = [a for a in scaled if _per_head(a, scored) and _of_parameters(a) and
+                    all(d == 1 for d in (_shape_of(a) or ())[-2:])]
+        if per_head and len(per_head) == len(scaled):  # a learned temperature per head, (heads, 1, 1): the heads
+            sp.fix([space[a.name] for a in per_head])  # stay in place (each keeps its temperature), as ALiBi's
+            att.pinned.add(n.name)
+            scaled = []
         if scaled:  # a learned factor per head (a temperature): its axes would not move with the heads
             raise TracingError(f"{where}: attention scores scaled by {scaled[0].name!r} (a parameter or features); "
                                f"the tracer follows scores scaled by numbers and constants{_hint(model)}")
