@@ -34,6 +34,7 @@ __all__ = [
     "NothingToAlignWarning",
     "UntracedModelWarning",
     "SmallerBatchWarning",
+    "NonFiniteLossWarning",
 ]
 
 
@@ -157,6 +158,11 @@ class IncompleteResultWarning(CombinabilityWarning):
 class SmallerBatchWarning(CombinabilityWarning):
     """A forward pass of ``batch_size`` examples ran out of memory (on the device, or the host): the
     evaluation goes on with half as many examples a call, which gives the same scores up to rounding."""
+
+
+class NonFiniteLossWarning(CombinabilityWarning):
+    """Some combined models of a sweep computed a loss that is not finite (NaN): their cells hold NaN, and
+    barriers over them are NaN. Outside ``[0, 1]`` a BatchNorm's combined running variance can be negative."""
 
 
 class UntracedModelWarning(CombinabilityWarning):

@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import json
 import uuid
+import warnings
 import zlib
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
@@ -539,7 +540,24 @@ def _run(plan: _Plan, *, out: str | Path | None, overwrite: bool, progress: bool
         result = build().drop_vars("done")
         if stream is not None:
             stream.finish(result)
+        _warn_non_finite(result, layout.names, repair_fn is not None)
         return result
+
+
+def _warn_non_finite(result: xr.Dataset, names: Sequence[str], repaired: bool) -> None:
+    """Warn (:class:`~combinability.errors.NonFiniteLossWarning`) when combined models gave a NaN loss, saying
+    why where it can: coefficients outside ``[0, 1]`` make a BatchNorm's combined running variance negative."""
+    bad = ~np.isfinite(np.asarray(result["loss"].values))
+    if not bad.any():
+        return
+    from combinability.errors import NonFiniteLossWarning
+
+    statistics = [n for n in names if n.endswith(("running_var", "/var"))]
+    why = (f" The models hold BatchNorm running variances ({statistics[0]}, ...), which coefficients outside "
+           f"[0, 1] can combine into negative values; repair='reset' recomputes them on data."
+           if statistics and not repaired else "")
+    warnings.warn(f"{int(bad.sum())} of {bad.size} evaluations of combined models gave a loss that is not finite "
+                  f"(NaN in the result; barriers over them are NaN).{why}", NonFiniteLossWarning, stacklevel=4)
 
 
 def sweep_key(smp: Sampler, grid: Sequence[Any], samples: int, seed: int, datasets: Mapping[str, ArrayDataset],

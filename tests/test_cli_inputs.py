@@ -268,3 +268,40 @@ def test_a_pickled_module_is_refused_in_plain_text(tmp_path, capsys):
     err = _last_error(capsys)
     assert "\x1b" not in err and "save model.state_dict(), not the model" in err
     assert np.all([not p.name.endswith(".nc") for p in tmp_path.iterdir()])
+
+
+def test_a_users_model_aligned_by_the_cli_then_swept_as_given_is_labelled_by_its_method(tmp_path, monkeypatch):
+    torch = pytest.importorskip("torch")
+    import sys
+    import textwrap
+
+    (tmp_path / "mynets.py").write_text(textwrap.dedent("""
+        from torch import nn
+
+        class SmallNet(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.fc1, self.fc2 = nn.Linear(64, 12), nn.Linear(12, 10)
+
+            def forward(self, x):
+                return self.fc2(self.fc1(x.flatten(1)).relu())
+        """))
+    monkeypatch.chdir(tmp_path)  # as a user runs it: mynets.py imported from the working folder
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", str(tmp_path))])
+    sys.modules.pop("mynets", None)
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        layers = {"fc1.weight": torch.randn(12, 64), "fc1.bias": torch.randn(12), "fc2.weight": torch.randn(10, 12),
+                  "fc2.bias": torch.randn(10)}
+        torch.save(layers, tmp_path / f"net{seed}.pt")
+    user = ["--model", "mynets:SmallNet", "--data", "digits", "-q"]
+    assert main(["align", "net0.pt", "net1.pt", *user, "--out", "net1_al.safetensors"]) == 0
+    with safe_open(str(tmp_path / "net1_al.safetensors"), "pt") as fh:
+        assert json.loads(fh.metadata()["metadata"])["aligned_to"] == "net0.pt"
+    for b, label in (("net1_al.safetensors", "weight"), ("net1.pt", "naive")):
+        out = f"{label}.nc"
+        assert main(["sweep", "net0.pt", b, *user, "--align", "none", "--sampler", "linear", "--values", "0,1",
+                     "--limit", "20", "--splits", "test", "--out", out]) == 0
+        with netCDF4.Dataset(tmp_path / out) as nc:
+            assert nc.getncattr("alignment") == label  # the aligned B by its method; the raw B naive
+            assert (label == "weight") == ("aligned_by" in nc.ncattrs())

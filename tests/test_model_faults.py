@@ -52,3 +52,32 @@ def test_a_trace_that_fails_on_a_batch_of_one_says_to_pass_more_examples():
     with pytest.raises(TracingError, match=r"node 'squeeze'.*example_input holds one example.*two or more"):
         cb.ModelPair(a, b, example_input=X[:1])
     cb.ModelPair(a, b, example_input=X[:2])  # two examples keep the batch axis: traced
+
+
+class BN(nn.Module):
+    def __init__(self, var: float) -> None:
+        super().__init__()
+        self.conv, self.bn, self.fc = nn.Conv2d(1, 3, 3), nn.BatchNorm2d(3), nn.Linear(3, 4)
+        self.bn.running_var.fill_(var)
+
+    def forward(self, x):
+        return self.fc(F.relu(self.bn(self.conv(x))).mean((2, 3)))
+
+
+def test_combined_batchnorm_variances_below_zero_are_named_in_a_warning():
+    a, b = BN(0.1).eval(), BN(1.0).eval()
+    pair = cb.ModelPair(a, b, example_input=X)
+    y = np.arange(16) % 4
+    with pytest.warns(cb.NonFiniteLossWarning, match=r"1 of 3 evaluations.*BatchNorm running variances "
+                                                      r"\(bn.running_var, \.\.\.\).*repair='reset'"):
+        ds = cb.sweep(pair, cb.Linear(start=-1, stop=1), data=(X.numpy(), y), values=[-1.0, 0.0, 1.0],
+                      splits=["test"])
+    # by hand: at v = -1 the variance is 2 * 0.1 - 1.0 < 0, and BatchNorm's square root of it is NaN
+    assert np.isnan(float(ds["loss"].sel(lam=-1.0).squeeze())) and np.isfinite(ds["loss"].sel(lam=0.0)).all()
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", cb.NonFiniteLossWarning)  # recomputed statistics: finite, no warning
+        reset = cb.sweep(pair, cb.Linear(start=-1, stop=1), data=(X.numpy(), y), values=[-1.0], splits=["test"],
+                         repair="reset", repair_data=(X.numpy(), y))
+    assert np.isfinite(reset["loss"]).all()

@@ -480,9 +480,8 @@ def _check_evaluation_options(args: argparse.Namespace) -> None:
 
 def _aligned_before(args: argparse.Namespace, pair: Any) -> dict[str, str]:
     """The ``alignment`` of a pair swept as given whose B was written by ``combinability align`` against
-    this very A (its checkpoint names A's fingerprint): that method, not ``naive``; else nothing."""
-    if args.model is not None:
-        return {}
+    this very A (its checkpoint names A's fingerprint): that method, not ``naive``; else nothing (a user's
+    model as well as the library's)."""
     meta = _metadata(args.model_b)
     if meta.get("aligned_to_fingerprint") != pair.fingerprints()["theta_a"] or "method" not in meta:
         return {}
