@@ -452,15 +452,9 @@ class PermutationSpec:
             if isinstance(kind, Blocks | Invertible):
                 sizes.setdefault(p, kind.blocks * kind.size)
                 sizes.setdefault(kind.group, kind.blocks)
-        for name, axes in self._axes.items():  # segments of unknown size share what is left equally
-            for axis, p in enumerate(axes):
-                if isinstance(p, tuple):
-                    unknown = [q for q in dict.fromkeys(p) if q not in sizes]
-                    if unknown:
-                        left = int(np.shape(params[name])[axis]) - sum(sizes[q] for q in p if q in sizes)
-                        count = sum(1 for q in p if q not in sizes)
-                        for q in unknown:
-                            sizes[q] = left // count
+        packed = [(p, int(np.shape(params[name])[axis])) for name, axes in self._axes.items()
+                  for axis, p in enumerate(axes) if isinstance(p, tuple)]
+        _solve_segment_sizes(packed, sizes)
         return {p: sizes[p] for p in self.perm_names if p in sizes}
 
     def validate(self, params: Mapping[str, Any], *, allow_unlisted: bool = False) -> None:
@@ -902,6 +896,49 @@ def compose_permutations(first: Mapping[str, Any], second: Mapping[str, Any]) ->
             f"cannot compose permutations of different names: {sorted(first)} vs {sorted(second)}"
         )
     return Permutation({p: compose(first[p], second[p]) for p in first}, method="composed")
+
+
+def _solve_segment_sizes(packed: list[tuple[tuple[str, ...], int]], sizes: dict[str, int]) -> None:
+    """Fill ``sizes`` with the sizes of segments that no axis binds alone, from the packed axes
+    ``(segments, length)``: each says the sizes of its segments add up to its length.
+
+    An axis with one unknown segment gives it at once (repeatedly, as each size found may leave another
+    axis one unknown); the rest are solved together where the axes determine them (GhostNet's
+    ``cat([x1, dw(x1)])[:, :7]`` packs pieces ``(a, b)`` of 4 channels in one axis and ``(a, b, a)`` of 7 in
+    another: a = 3, b = 1), and segments the axes leave undetermined share what is left equally.
+    """
+    def unknowns(p: tuple[str, ...]) -> list[str]:
+        return [q for q in dict.fromkeys(p) if q not in sizes]
+
+    def left(p: tuple[str, ...], length: int) -> int:
+        return length - sum(sizes[q] for q in p if q in sizes)
+
+    changed = True
+    while changed:  # one unknown segment on an axis: its size is what the others leave
+        changed = False
+        for p, length in packed:
+            todo = unknowns(p)
+            if len(todo) == 1:
+                sizes[todo[0]] = left(p, length) // p.count(todo[0])
+                changed = True
+    rest = list(dict.fromkeys(q for p, _ in packed for q in unknowns(p)))
+    if rest:
+        rows = [(p, length) for p, length in packed if unknowns(p)]
+        a = np.array([[p.count(q) for q in rest] for p, _ in rows], dtype=np.float64)
+        b = np.array([left(p, length) for p, length in rows], dtype=np.float64)
+        if np.linalg.matrix_rank(a) == len(rest):
+            solved = np.linalg.lstsq(a, b, rcond=None)[0]
+            whole = np.rint(solved)
+            if np.allclose(solved, whole, atol=1e-6) and (whole > 0).all() and np.allclose(a @ whole, b):
+                sizes.update({q: int(v) for q, v in zip(rest, whole, strict=True)})
+                return
+    for p, length in packed:  # left undetermined: the unknown segments of an axis share what is left equally
+        todo = unknowns(p)
+        if todo:
+            count = sum(1 for q in p if q not in sizes)
+            share = left(p, length) // count
+            for q in todo:
+                sizes[q] = share
 
 
 def random_permutation(

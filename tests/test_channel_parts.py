@@ -159,3 +159,61 @@ def test_flax_gates_and_spatial_attention_are_traced_and_a_planted_permutation_u
     pieces = ("P_Conv_0.0-4.0-1", "P_Conv_0.0-4.1-4")
     assert table.spec().axes_to_perm["Conv_0.weight"][0] == (*pieces, *pieces)
     flax_planted_permutation(net, variables, x)
+
+
+class GhostModule(nn.Module):
+    """GhostNet's module as huawei-noah/ghostnet writes it: a primary conv, a cheap depthwise conv of its
+    output, both concatenated and cut to ``oup`` channels (a cut inside the second copy when ``oup`` is odd,
+    a slice that keeps every channel when it is even)."""
+
+    def __init__(self, inp: int, oup: int) -> None:
+        super().__init__()
+        self.oup, init = oup, -(-oup // 2)
+        self.primary_conv = nn.Sequential(nn.Conv2d(inp, init, 1, bias=False), nn.BatchNorm2d(init), nn.ReLU())
+        self.cheap_operation = nn.Sequential(nn.Conv2d(init, init, 3, 1, 1, groups=init, bias=False),
+                                             nn.BatchNorm2d(init), nn.ReLU())
+
+    def forward(self, x):
+        x1 = self.primary_conv(x)
+        out = torch.cat([x1, self.cheap_operation(x1)], dim=1)
+        return out[:, :self.oup, :, :]
+
+
+class Ghost(nn.Module):
+    def __init__(self, oup: int) -> None:
+        super().__init__()
+        self.stem, self.g, self.fc = nn.Conv2d(2, 6, 3, padding=1), GhostModule(6, oup), nn.Linear(oup, 3)
+        self.pooler = nn.Linear(oup, oup)  # never called by forward: carried along untouched
+
+    def forward(self, x):
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(self.g(F.relu(self.stem(x))), 1), 1))
+
+
+@pytest.mark.parametrize("oup", [7, 8])
+def test_ghostnets_sliced_concatenation_is_traced_and_a_transformation_undone(oup):
+    model = randomised(Ghost(oup), 3)
+    x = torch.randn(4, 2, 5, 5, generator=torch.Generator().manual_seed(0))
+    spec = cb.derive_spec(model, x)
+    if oup == 7:  # the cut falls inside the second copy: pieces of 3 and 1 channels, read as (3, 1, 3) by fc
+        pieces = spec.axes_to_perm["fc.weight"][1]
+        assert len(pieces) == 3 and pieces[0] == pieces[2] != pieces[1]
+        assert spec.perm_sizes({k: v.numpy() for k, v in model.state_dict().items()})[pieces[0]] == 3
+    assert "pooler.weight" not in spec.axes_to_perm
+    state = {k: v.numpy().astype(np.float64) for k, v in model.state_dict().items()}
+    assert_random_transformation_undone(model, spec, state, x, "g.primary_conv.0.weight")
+    other = randomised(Ghost(oup), 4)
+    pair = cb.ModelPair(model, other, example_input=x).align("weight")
+    with torch.no_grad():
+        np.testing.assert_allclose(pair.model(1)(x).numpy(), other(x).numpy(), rtol=1e-4, atol=1e-5)
+    np.testing.assert_array_equal(pair.model(1).pooler.weight.detach().numpy(), other.pooler.weight.detach().numpy())
+
+
+def test_segment_sizes_are_solved_from_every_axis_that_packs_them():
+    from combinability.permutation import PermutationSpec
+
+    # a, b cut one space of 4 units into 3 + 1; no axis binds either alone, two axes pack them differently
+    spec = PermutationSpec({"w1": (("a", "b"), None), "w2": (None, ("a", "b", "a"))})
+    assert spec.perm_sizes({"w1": np.zeros((4, 2)), "w2": np.zeros((5, 7))}) == {"a": 3, "b": 1}
+    # left undetermined by the axes (one axis, two unknown segments): they share the axis equally, as before
+    alone = PermutationSpec({"w1": (("a", "b"), None)})
+    assert alone.perm_sizes({"w1": np.zeros((4, 2))}) == {"a": 2, "b": 2}

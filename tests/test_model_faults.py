@@ -81,3 +81,19 @@ def test_combined_batchnorm_variances_below_zero_are_named_in_a_warning():
         reset = cb.sweep(pair, cb.Linear(start=-1, stop=1), data=(X.numpy(), y), values=[-1.0], splits=["test"],
                          repair="reset", repair_data=(X.numpy(), y))
     assert np.isfinite(reset["loss"]).all()
+
+
+def test_a_channel_shuffle_is_refused_by_name():
+    class Shuffle(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv, self.fc = nn.Conv2d(1, 6, 3, padding=1), nn.Linear(6, 4)
+
+        def forward(self, x):
+            h = F.relu(self.conv(x))
+            b, c, hh, ww = h.shape  # ShuffleNet's channel_shuffle with 2 groups
+            h = torch.transpose(h.view(b, 2, c // 2, hh, ww), 1, 2).contiguous().view(b, -1, hh, ww)
+            return self.fc(h.mean((2, 3)))
+
+    with pytest.raises(TracingError, match=r"viewed as \(2, 3\) groups, as ShuffleNet's channel shuffle"):
+        cb.derive_spec(Shuffle(), X)

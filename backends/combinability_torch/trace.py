@@ -472,6 +472,8 @@ def _node(n: fx.Node, gm: fx.GraphModule, name: str, ins: tuple[str, ...], model
     if target is operator.getitem and isinstance(source, fx.Node) and source.target in _SPLITS:
         ranges = _split_ranges(source)
         return Node(name, "slice", ins, channel_range=ranges[n.args[1]])
+    if target is operator.getitem and shape_in is not None and _keeps_everything(n.args[1], shape_in):
+        return None  # x[:, :c] of c channels (GhostNet's slice when its channels come out even): x itself
     if target is operator.getitem and shape_in is not None and len(shape_in) >= 2:
         channels = _channel_slice(n.args[1], shape_in)
         if channels is not None:  # x[:, a:b]: some of the channels
@@ -527,10 +529,17 @@ def _node(n: fx.Node, gm: fx.GraphModule, name: str, ins: tuple[str, ...], model
         args = {**dict(zip(("input", "kernel_size", "stride", "padding"), n.args, strict=False)), **n.kwargs}
         k, s, p = (_first_size(args.get(key), where, model) for key in ("kernel_size", "stride", "padding"))
         return Node(name, "maxpool", ins, kernel=k, stride=s or k, padding=p or 0, fn=_POOL_FUNCTIONS[target])
+    if target in ("view", "reshape", torch.reshape) and out is not None and shape_in is not None and \
+            len(out) == len(shape_in) + 1 and len(shape_in) >= 3 and out[0] == shape_in[0] and \
+            out[1] * out[2] == shape_in[1] and out[3:] == shape_in[2:]:
+        raise TracingError(f"{where}: the channels viewed as ({out[1]}, {out[2]}) groups, as ShuffleNet's channel "
+                           f"shuffle does before it transposes them: a shuffle interleaves the channels of its groups, "
+                           f"which the layer table does not express (the channel permutations then differ on each "
+                           f"side of it)" + _hint(model))
     raise TracingError(f"{where}: the tracer cannot follow this operation (it follows linear, conv, transposed conv, "
                        "BatchNorm, LayerNorm, GroupNorm, InstanceNorm, element-wise activations, PReLU, residual "
-                       "additions, channel concatenations, products of branches (gates), pooling, padding, "
-                       "upsampling and flatten)"
+                       "additions, channel concatenations, slices, chunks and splits of the channels, products of "
+                       "branches (gates), pooling, padding, upsampling and flatten)"
                        + _hint(model))
 
 
@@ -588,6 +597,13 @@ def _full_index(index: Any, rank: int) -> tuple[Any, ...] | None:
         index = index[:k] + (slice(None),) * (rank - len(index) + 1) + index[k + 1:]
     index = index + (slice(None),) * (rank - len(index))
     return index if len(index) == rank else None
+
+
+def _keeps_everything(index: Any, shape: tuple[int, ...]) -> bool:
+    """Whether an index keeps every entry of a tensor of ``shape`` in place (``x[:, :c]`` of ``c`` channels)."""
+    index = _full_index(index if isinstance(index, tuple) else (index,), len(shape))
+    return index is not None and all(isinstance(i, slice) and i.indices(d) == (0, d, 1)
+                                     for i, d in zip(index, shape, strict=True))
 
 
 def _channel_slice(index: Any, shape: tuple[int, ...]) -> tuple[int, int] | None:
