@@ -470,6 +470,7 @@ def _run(plan: _Plan, *, out: str | Path | None, overwrite: bool, progress: bool
                                  and getattr(pair.transforms[1], "objective", None) is not None else None),
             parameters=int(layout.size),
             fingerprints=key["models"],  # hashed once, for the run key
+            **_member_alignments(pair),
         ), **dict(attrs or {})})  # the caller's attributes win (as in sweep_pairs), but not the run's identity
         labels = {param_dim: {"long_name": getattr(smp, "parameter_long_name", "") or str(param_dim)}}
 
@@ -542,6 +543,21 @@ def _run(plan: _Plan, *, out: str | Path | None, overwrite: bool, progress: bool
             stream.finish(result)
         _warn_non_finite(result, layout.names, repair_fn is not None)
         return result
+
+
+def _member_alignments(pair: Any) -> dict[str, Any]:
+    """Attributes of a set's alignments beyond B's: every member's objective (a three-model sweep), and where the
+    first member was itself transformed (a selection ``models.select(1, 2)`` of a set aligned to its model 0),
+    that every member was aligned to a model outside the selection."""
+    transforms = list(getattr(pair, "transforms", ()) or ())
+    out: dict[str, Any] = {}
+    if len(transforms) > 2:
+        out["alignment_objectives"] = json_attr([getattr(t, "objective", None) if t is not None else None
+                                                 for t in transforms])
+    if transforms and transforms[0] is not None:
+        out["aligned_through"] = ("each member was aligned to the reference of the set it was selected from, not "
+                                  "to this selection's first member; the objectives are of those alignments")
+    return out
 
 
 def _warn_non_finite(result: xr.Dataset, names: Sequence[str], repaired: bool) -> None:

@@ -45,6 +45,14 @@ def test_any_pair_and_triple_is_one_selection_away(four):
     assert float(ds["loss"].values[0, 0, 0]) == pytest.approx(loss_d, rel=1e-5)  # the C corner is member 3
     mid = (ms.theta(0) + ms.theta(1) + ms.theta(3)) / 3
     assert float(ds["loss"].values[0, 1, 0]) == pytest.approx(numpy_evaluation(ms.layout, mid, test)[0], rel=1e-4)
+    import json
+
+    # every member's alignment is recorded (B's alone was before); a selection without model 0 says so
+    objectives = json.loads(ds.attrs["alignment_objectives"])
+    assert objectives[0] is None and objectives[1:] == [ms.transforms[1].objective, ms.transforms[3].objective]
+    assert "aligned_through" not in ds.attrs
+    later = cb.sweep(ms.select(1, 3), cb.Linear(), data="digits", splits=["test"], values=[0.5])
+    assert "not to this selection's first member" in later.attrs["aligned_through"]
     with pytest.raises(cb.ConfigurationError, match="select"):
         cb.sweep(ms, cb.Linear(), data="digits", values=[0.5])
     with pytest.raises(cb.ConfigurationError, match="holds 3 models and Linear combines two"):

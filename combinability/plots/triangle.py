@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 import xarray as xr
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 from matplotlib.tri import Triangulation
 
 from combinability.errors import CorruptFileError
@@ -65,7 +66,11 @@ def plot_triangle(ds: xr.Dataset, path: str | os.PathLike | None = None, *, spli
     bad = ~np.isfinite(z)
     if bad.any():
         tri.set_mask(np.any(bad[tri.triangles], axis=1))
-    image = ax.tripcolor(tri, np.where(bad, np.nanmean(z), z), shading="gouraud", cmap="viridis")
+    # filled contours of the values interpolated linearly in each triangle: every colour is the colour map's
+    # (Gouraud shading blends the corners' colours, which leaves the map between distant values)
+    low, high = float(np.nanmin(z)), float(np.nanmax(z))
+    levels = np.linspace(low, high, 65) if high > low else np.array([low - 1e-9, low + 1e-9])
+    image = ax.tricontourf(tri, np.where(bad, np.nanmean(z), z), levels=levels, cmap="viridis")
     ax.plot([0, 1, 0.5, 0], [0, 0, _HEIGHT, 0], color="black", linewidth=1.0)
     ax.scatter(x[~bad], y[~bad], s=4, color="white", alpha=0.5, linewidths=0)
     where = alignment if "alignment" in ds.dims else str(ds.attrs.get("alignment", ""))
@@ -84,7 +89,7 @@ def plot_triangle(ds: xr.Dataset, path: str | os.PathLike | None = None, *, spli
     ax.set_ylim(-0.1, _HEIGHT + 0.1)
     ax.set_aspect("equal")
     ax.set_axis_off()
-    fig.colorbar(image, ax=ax, shrink=0.75, label=f"{split} accuracy")
+    fig.colorbar(image, ax=ax, shrink=0.75, label=f"{split} accuracy", ticks=MaxNLocator(6))
     title = "Three-model combinations" + (f" ({where})" if where else "")
     subject = describe(ds)
     lam_b, lam_c = float(pts["lam_b"][best]), float(pts["lam_c"][best])
