@@ -540,3 +540,17 @@ def test_cifar_download_extracts_archive(isolated, monkeypatch, no_proxy):
     ds = load_dataset("cifar10", "train", root=isolated / "dl")
     np.testing.assert_array_equal(ds.y, raw["train"][1])
     assert not (isolated / "dl" / "cifar10" / archive.name).exists()  # archive removed once extracted
+
+
+def test_a_mapping_of_splits_gives_the_split_asked_for_and_names_the_ones_it_has():
+    from combinability.data.convert import as_dataset
+    from combinability.errors import DatasetError
+
+    rng = np.random.default_rng(0)
+    test = (rng.normal(size=(5, 3)).astype(np.float32), np.arange(5) % 2)
+    train = (rng.normal(size=(7, 3)).astype(np.float32), np.arange(7) % 2)
+    got = as_dataset({"test": test, "train": train}, "train")
+    np.testing.assert_array_equal(got.x, train[0])
+    assert got.split == "train" and len(as_dataset({"test": test, "train": train}, "test")) == 5
+    with pytest.raises(DatasetError, match=r"maps splits \['test', 'train'\].*no 'valid' split"):
+        as_dataset({"test": test, "train": train}, "valid")

@@ -20,7 +20,12 @@ import pytest
 
 import combinability as cb
 from combinability.kinds import Blocks, Orthogonal
-from tests.model_checks import float64_outputs, language_pair_sweep_ends_match_torch, randomised
+from tests.model_checks import (
+    assert_random_transformation_undone,
+    float64_outputs,
+    language_pair_sweep_ends_match_torch,
+    randomised,
+)
 
 torch = pytest.importorskip("torch")
 nn, F = torch.nn, torch.nn.functional
@@ -235,3 +240,18 @@ def test_a_model_called_with_defaults_and_returning_an_output_object_is_traced_a
     with torch.no_grad():
         want = F.cross_entropy(models[0](tokens)["logits"].reshape(-1, VOCAB), targets.reshape(-1)).item()
     assert float(ds["loss"].sel(split="test", lam=0.0).isel(sample=0)) == pytest.approx(want, rel=1e-5)
+
+
+def test_an_untied_gpt2s_norms_fold_into_its_conv1d_layers_and_the_stream_rotates():
+    """ln_1 and ln_2 read by ``torch.addmm(b, x.view(-1, d), W)`` (Conv1D), ln_f by a head of its own."""
+    model = _randomised(3)
+    model.lm_head = nn.Linear(D, VOCAB, bias=False)  # untied
+    model = randomised(model, 3)
+    spec, folds = cb.derive_symmetries(model, IDX)
+    stream = spec.axes_to_perm["wte.weight"][1]
+    assert isinstance(spec.kind(stream), Orthogonal)
+    readers = {r.weight: r.axis for f in folds for r in f.readers}
+    assert readers["h.0.attn.c_attn.weight"] == 0 and readers["h.1.c_fc.weight"] == 0  # (in, out): axis 0
+    assert readers["lm_head.weight"] == 1
+    state = cb.fold_norms({k: v.numpy().astype(np.float64) for k, v in model.state_dict().items()}, folds)
+    assert_random_transformation_undone(model, spec, state, IDX, "h.1.c_fc.weight")

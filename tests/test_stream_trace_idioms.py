@@ -346,3 +346,53 @@ def test_heads_kept_in_place_by_their_scores_stay_so_through_a_dropout_module(ho
     assert spec.axes_to_perm["logit_scale"] == (None, None, None)
     state = _folded64(model, folds)
     assert_random_transformation_undone(model, spec, state, IDX, "emb.weight")
+
+
+class ResidualAttentionBlock(nn.Module):
+    """open_clip's block: ``nn.MultiheadAttention`` (sequence first) with a causal mask, QuickGELU."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.attn, self.ln_1, self.ln_2 = nn.MultiheadAttention(D, 2), nn.LayerNorm(D), nn.LayerNorm(D)
+        self.c_fc, self.c_proj = nn.Linear(D, 2 * D), nn.Linear(2 * D, D)
+
+    def forward(self, x, attn_mask):
+        y = self.ln_1(x)
+        x = x + self.attn(y, y, y, need_weights=False, attn_mask=attn_mask)[0]
+        h = self.c_fc(self.ln_2(x))
+        return x + self.c_proj(h * torch.sigmoid(1.702 * h))
+
+
+class TextCLIP(nn.Module):
+    """CLIP's text tower: pooled at the end-of-text token (the largest id), ``@ self.text_projection``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.token_embedding = nn.Embedding(VOCAB, D)
+        self.positional_embedding = nn.Parameter(torch.randn(T, D) * 0.1)
+        self.blocks = nn.ModuleList([ResidualAttentionBlock() for _ in range(2)])
+        self.ln_final = nn.LayerNorm(D)
+        self.text_projection = nn.Parameter(torch.randn(D, 12) * D ** -0.5)
+        self.register_buffer("attn_mask", torch.empty(T, T).fill_(float("-inf")).triu_(1), persistent=False)
+        self.head = nn.Linear(12, 3)
+
+    def forward(self, text):
+        x = (self.token_embedding(text) + self.positional_embedding).permute(1, 0, 2)
+        for block in self.blocks:
+            x = block(x, self.attn_mask)
+        x = self.ln_final(x.permute(1, 0, 2))
+        return self.head(x[torch.arange(x.shape[0]), text.argmax(dim=-1)] @ self.text_projection)
+
+
+def test_clips_final_norm_folds_into_its_text_projection_and_the_stream_rotates():
+    model = randomised(TextCLIP(), 9)
+    spec, folds = cb.derive_symmetries(model, IDX)
+    assert isinstance(spec.kind(spec.axes_to_perm["token_embedding.weight"][1]), Orthogonal)
+    fold = next(f for f in folds if f.scale == "ln_final.weight")
+    assert [(r.weight, r.axis) for r in fold.readers] == [("text_projection", 0)]
+    state = _folded64(model, folds)
+    moved = cb.apply_permutation(spec, cb.random_permutation(spec, state, seed=2), state)
+    assert not np.allclose(moved["text_projection"], state["text_projection"])
+    np.testing.assert_allclose(float64_outputs(model, moved, IDX), float64_outputs(model, state, IDX), atol=1e-9)
+    back = cb.apply_permutation(spec, cb.weight_matching(spec, state, moved, seed=0), moved)
+    assert max(float(np.abs(back[k] - state[k]).max()) for k in state) < 1e-5  # rotations: to Procrustes' rounding

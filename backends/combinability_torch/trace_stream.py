@@ -772,7 +772,9 @@ def _through_token_ops(gm: fx.GraphModule, users: list[fx.Node]) -> list[fx.Node
             continue  # reads the shape, not the values
         passes = (u.op in ("call_function", "call_method") and (u.target in _TOKEN_OPS or u.target is
                   operator.getitem or u.target in _PASS) and _keeps_last(u)) or (
-                  u.op == "call_module" and isinstance(gm.get_submodule(u.target), _PASS_MODULES))
+                  u.op == "call_module" and isinstance(gm.get_submodule(u.target), _PASS_MODULES)) or (
+                  u.target in ("view", "reshape", torch.reshape) and u.args and isinstance(u.args[0], fx.Node)
+                  and _last(u) is not None and _last(u) == _last(u.args[0]))  # GPT-2's x.view(-1, d) for addmm
         out += _through_token_ops(gm, list(u.users)) if passes else [u]
     return out
 
@@ -1045,6 +1047,34 @@ def _layer_scale(n: fx.Node, args: list[fx.Node], gm: fx.GraphModule,
                                          f"{source.target}.bias" if m.bias is not None else None)
 
 
+def _parameter_name(n: Any) -> str | None:
+    """The parameter a node is (a ``get_attr``, or a cast of one: ``self.weight.float()``); None otherwise."""
+    while isinstance(n, fx.Node) and n.op == "call_method" and n.target in _PARAMETER_CASTS and n.args:
+        n = n.args[0]
+    return str(n.target) if isinstance(n, fx.Node) and n.op == "get_attr" else None
+
+
+def _parameter_reader(u: fx.Node) -> Reader | None:
+    """A layer written with its parameters that reads a norm's output as its first operand, as a
+    :class:`Reader`: ``x @ W`` and ``torch.addmm(b, x, W)`` (GPT-2's ``Conv1D``) with ``W`` of ``(in, out)``,
+    ``F.linear(x, W, b)`` with ``W`` of ``(out, in)``; None for any other node."""
+    a = u.args
+    if u.op != "call_function" and u.op != "call_method":
+        return None
+    if u.target in _MATMUL and len(a) == 2:
+        weight, axis, bias = _parameter_name(a[1]), 0, None
+    elif u.target in (torch.addmm, "addmm") and len(a) == 3:
+        weight, axis, bias = _parameter_name(a[2]), 0, _parameter_name(a[0])
+    elif u.target is F.linear and len(a) >= 2:
+        weight, axis, bias = _parameter_name(a[1]), 1, _parameter_name(a[2] if len(a) > 2 else u.kwargs.get("bias"))
+    else:
+        return None
+    shape = _shape_of(a[1] if u.target in _MATMUL or u.target is F.linear else a[2])
+    if weight is None or shape is None or len(shape) != 2:
+        return None
+    return Reader(weight, axis, bias)
+
+
 def _readers(gm: fx.GraphModule, node: fx.Node) -> tuple[Reader, ...] | None:
     """The layers reading a norm's output (through pooling and token indexing); None if one is not a layer."""
     readers = []
@@ -1055,7 +1085,10 @@ def _readers(gm: fx.GraphModule, node: fx.Node) -> tuple[Reader, ...] | None:
         if u.op == "output" and not any(_passes_token_ops(gm, a, node) for a in _output_nodes(u)):
             continue  # returned beside the logits (the final hidden states), which the library does not read
         um = gm.get_submodule(u.target) if u.op == "call_module" else None
-        if isinstance(um, nn.Linear):
+        written = _parameter_reader(u)
+        if written is not None:  # a layer written with its parameters (CLIP's ``x @ self.text_projection``)
+            readers.append(written)
+        elif isinstance(um, nn.Linear):
             readers.append(Reader(f"{u.target}.weight", 1, f"{u.target}.bias" if um.bias is not None else None))
         elif isinstance(um, nn.MultiheadAttention):
             readers.append(Reader(f"{u.target}.in_proj_weight", 1,

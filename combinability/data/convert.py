@@ -141,8 +141,9 @@ def as_dataset(data: Any, split: str = "test", *, name: str = "data", num_classe
 
     Parameters
     ----------
-    data : str, ArrayDataset, (x, y), DataLoader or torch Dataset
-        A registered dataset's name (its ``split`` is loaded), a dataset, a pair of arrays
+    data : str, ArrayDataset, (x, y), DataLoader, torch Dataset or mapping of splits
+        A registered dataset's name (its ``split`` is loaded), a mapping of split names to any of
+        these (``{"test": (x, y), "train": ...}``: its ``split`` is taken), a dataset, a pair of arrays
         (numpy or tensors; ``y`` integer labels, :data:`~combinability.data.base.IGNORE_INDEX`
         for a target not scored), a loader yielding ``(x, y)`` batches or dicts that name them
         (``{"input_ids": ..., "labels": ...}``; an all-ones ``attention_mask`` beside them is
@@ -174,6 +175,13 @@ def as_dataset(data: Any, split: str = "test", *, name: str = "data", num_classe
         ds = load_dataset(data, split, limit=limit)
     elif isinstance(data, ArrayDataset):
         ds = data
+    elif isinstance(data, Mapping) and not _is_named_arrays(data) and data and \
+            all(isinstance(k, str) for k in data):  # {"test": (x, y), "train": ...}, as sweeps take it: its split
+        if split not in data:
+            raise DatasetError(f"the data maps splits {sorted(data)} to their examples, and has no {split!r} "
+                               f"split to evaluate: pass split= one of them, or give {split!r}")
+        return as_dataset(data[split], split, name=name, num_classes=num_classes, input_shape=input_shape,
+                          limit=limit)
     else:
         if _is_loader(data) or _is_map_dataset(data):
             x, y = _gathered(data)
