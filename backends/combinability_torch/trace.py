@@ -602,8 +602,9 @@ def _full_index(index: Any, rank: int) -> tuple[Any, ...] | None:
 def _keeps_everything(index: Any, shape: tuple[int, ...]) -> bool:
     """Whether an index keeps every entry of a tensor of ``shape`` in place (``x[:, :c]`` of ``c`` channels)."""
     index = _full_index(index if isinstance(index, tuple) else (index,), len(shape))
-    return index is not None and all(isinstance(i, slice) and i.indices(d) == (0, d, 1)
-                                     for i, d in zip(index, shape, strict=True))
+    return index is not None and all(
+        isinstance(i, slice) and all(v is None or isinstance(v, int) for v in (i.start, i.stop, i.step))
+        and i.indices(d) == (0, d, 1) for i, d in zip(index, shape, strict=True))
 
 
 def _channel_slice(index: Any, shape: tuple[int, ...]) -> tuple[int, int] | None:
