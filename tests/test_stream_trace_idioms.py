@@ -396,3 +396,45 @@ def test_clips_final_norm_folds_into_its_text_projection_and_the_stream_rotates(
     np.testing.assert_allclose(float64_outputs(model, moved, IDX), float64_outputs(model, state, IDX), atol=1e-9)
     back = cb.apply_permutation(spec, cb.weight_matching(spec, state, moved, seed=0), moved)
     assert max(float(np.abs(back[k] - state[k]).max()) for k in state) < 1e-5  # rotations: to Procrustes' rounding
+
+
+class BeitAttention(nn.Module):
+    """timm's BEiT attention: a bias-free qkv layer applied by ``F.linear`` (keywords) with a bias concatenated
+    from a query bias, a zero key bias (a buffer) and a value bias; heads by timm's reshape and permute."""
+
+    def __init__(self, heads: int = 4) -> None:
+        super().__init__()
+        self.h = heads
+        self.qkv, self.proj = nn.Linear(D, 3 * D, bias=False), nn.Linear(D, D)
+        self.q_bias, self.v_bias = nn.Parameter(torch.zeros(D)), nn.Parameter(torch.zeros(D))
+        self.register_buffer("k_bias", torch.zeros(D), persistent=False)
+
+    def forward(self, x):
+        b, n, c = x.shape
+        qkv_bias = torch.cat((self.q_bias, self.k_bias, self.v_bias))
+        qkv = F.linear(input=x, weight=self.qkv.weight, bias=qkv_bias)
+        q, k, v = qkv.reshape(b, n, 3, self.h, -1).permute(2, 0, 3, 1, 4).unbind(0)
+        y = F.scaled_dot_product_attention(q, k, v)
+        return self.proj(y.transpose(1, 2).reshape(b, n, c))
+
+
+class Beit(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb, self.norm1, self.attn = nn.Embedding(VOCAB, D), nn.LayerNorm(D), BeitAttention()
+        self.norm, self.head = nn.LayerNorm(D), nn.Linear(D, 3)
+
+    def forward(self, ids):
+        x = self.emb(ids)
+        x = x + self.attn(self.norm1(x))
+        return self.head(self.norm(x).mean(1))
+
+
+def test_beits_concatenated_query_and_value_biases_move_with_their_rows():
+    model = randomised(Beit(), 10)
+    spec, folds = cb.derive_symmetries(model, IDX)
+    q, k, v = spec.axes_to_perm["attn.qkv.weight"][0]
+    assert spec.axes_to_perm["attn.q_bias"] == (q,) and spec.axes_to_perm["attn.v_bias"] == (v,)
+    assert isinstance(spec.kind(v), Blocks) and spec.kind(v).blocks == 4
+    state = _folded64(model, folds)
+    assert_random_transformation_undone(model, spec, state, IDX, "attn.v_bias")

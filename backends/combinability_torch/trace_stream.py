@@ -107,6 +107,7 @@ def stream_symmetries(model: nn.Module, example_input: torch.Tensor) -> tuple[Pe
     routing = Routing()  # expert ids, and the gates whose ids select expert modules
     linears: dict[str, int] = {}  # a linear layer -> the space it opened
     held = ExpertWeights()  # experts held as one parameter each (transformers 5's)
+    bias_pieces: dict[str, tuple[int, int, list[int]]] = {}  # a piece of a concatenated bias -> (layer, index, sizes)
     groups = RouterGroups()  # experts chosen in groups
 
     def bind(param: str, entries: list[Any]) -> None:
@@ -313,7 +314,7 @@ def stream_symmetries(model: nn.Module, example_input: torch.Tensor) -> tuple[Pe
                 continue
             if _attention_parts(n, args, spaces, sp, space, att, heads, where, model):
                 continue
-            if _parameter_product(n, space, binds, params_of, sp):
+            if _parameter_product(n, space, binds, params_of, sp, bias_pieces):
                 continue
             if target in _NEW_CONSTANTS:  # ``weight.new_zeros(...)``: a constant of the tensor's type
                 space[n.name] = None
@@ -448,6 +449,13 @@ def stream_symmetries(model: nn.Module, example_input: torch.Tensor) -> tuple[Pe
                            f"the values the tracer follows (scores @ v){_hint(model)}")
     packed = {sp.find(s): parts for s, parts in att.packed.items()}  # by class: a bias added joins the layer's
     alternating = {sp.find(s): parts for s, parts in att.alternating.items()}
+    for param, (layer, index, sizes) in bias_pieces.items():  # a bias concatenated from parameters (BEiT's)
+        parts = packed.get(sp.find(layer))
+        if parts is None or [sp.size[q] for q in parts] != sizes:
+            raise TracingError(f"the bias {param} is one of the pieces {sizes} of a layer's bias concatenated from "
+                               f"parameters, which the tracer follows where the layer's output is split into "
+                               f"those pieces (query, key and value){_hint(model)}")
+        binds[param] = [parts[index]]
     for param, entries in binds.items():  # a layer whose output was split: its rows are packed segments
         binds[param] = [Interleaved(alternating[sp.find(e)]) if isinstance(e, int) and sp.find(e) in alternating
                         else packed.get(sp.find(e), e) if isinstance(e, int) else e for e in entries]
@@ -780,7 +788,7 @@ def _through_token_ops(gm: fx.GraphModule, users: list[fx.Node]) -> list[fx.Node
 
 
 def _parameter_product(n: fx.Node, space: dict[str, Any], binds: dict[str, list[Any]], params_of: dict[str, str],
-                       sp: FeatureSpaces) -> bool:
+                       sp: FeatureSpaces, bias_pieces: dict[str, tuple[int, int, list[int]]] | None = None) -> bool:
     """A layer written with its parameters (GPT-2's ``Conv1D``: ``torch.addmm(b, x, W)``, ``x @ W``,
     ``F.linear(x, W, b)``): the weight's input axis takes ``x``'s space, its output axis (and the
     bias) the product's; ``F.embedding(ids, W)`` reads ``W``'s features. Return whether ``n`` was one."""
@@ -793,8 +801,11 @@ def _parameter_product(n: fx.Node, space: dict[str, Any], binds: dict[str, list[
         bias, x, w, w_in = a[0], a[1], a[2], 0  # W: (in, out)
     elif target in _MATMUL and len(a) == 2 and all(isinstance(v, fx.Node) for v in a):
         bias, x, w, w_in = None, a[0], a[1], 0
-    elif target is F.linear and len(a) >= 2 and all(isinstance(v, fx.Node) for v in a[:2]):
-        bias, x, w, w_in = (a[2] if len(a) > 2 else n.kwargs.get("bias")), a[0], a[1], 1  # W: (out, in)
+    elif target is F.linear:  # F.linear(input, weight, bias), any of them by keyword (timm's BEiT)
+        x, w = (a[0] if a else n.kwargs.get("input")), (a[1] if len(a) > 1 else n.kwargs.get("weight"))
+        bias, w_in = (a[2] if len(a) > 2 else n.kwargs.get("bias")), 1  # W: (out, in)
+        if not (isinstance(x, fx.Node) and isinstance(w, fx.Node)):
+            return False
     else:
         return False
     name = params_of.get(w.name)
@@ -810,8 +821,21 @@ def _parameter_product(n: fx.Node, space: dict[str, Any], binds: dict[str, list[
         entries[0] = out
     if isinstance(bias, fx.Node) and bias.name in params_of:
         out = sp.union(out, space[bias.name])
+    elif isinstance(bias, fx.Node) and bias_pieces is not None and _concatenated(bias):
+        pieces = list(bias.args[0])  # BEiT's torch.cat((q_bias, k_bias, v_bias)): a piece per part of the rows
+        sizes = [int((_shape_of(q) or (0,))[0]) for q in pieces]
+        for index, piece in enumerate(pieces):
+            if piece.name in params_of:
+                bias_pieces[params_of[piece.name]] = (out, index, sizes)
     space[n.name] = out
     return True
+
+
+def _concatenated(bias: fx.Node) -> bool:
+    """Whether ``bias`` is ``torch.cat`` of vectors (parameters, and constants such as BEiT's zero key bias)."""
+    return bias.target is torch.cat and bool(bias.args) and isinstance(bias.args[0], tuple | list) and \
+        (bias.kwargs.get("dim", bias.args[1] if len(bias.args) > 1 else 0) in (0, -1)) and \
+        all(isinstance(q, fx.Node) and len(_shape_of(q) or ()) == 1 for q in bias.args[0])
 
 
 #: Norms written with their module's parameters (nanoGPT's ``LayerNorm``: ``F.layer_norm(x, self.weight.shape,
