@@ -438,3 +438,34 @@ def test_beits_concatenated_query_and_value_biases_move_with_their_rows():
     assert isinstance(spec.kind(v), Blocks) and spec.kind(v).blocks == 4
     state = _folded64(model, folds)
     assert_random_transformation_undone(model, spec, state, IDX, "attn.v_bias")
+
+
+class TransposedReads(nn.Module):
+    """Parameters read transposed: a projection ``F.linear(h, self.proj.t())`` (``proj`` stored ``(in, out)``) and
+    a head tied to the embedding, ``h @ self.wte.weight.t()``."""
+
+    def __init__(self, tied: bool) -> None:
+        super().__init__()
+        self.tied = tied
+        self.wte, self.fc, self.ln_f = nn.Embedding(VOCAB, D), nn.Linear(D, D), nn.LayerNorm(D)
+        self.proj = nn.Parameter(torch.randn(2 * D, D) * D ** -0.5)
+        self.fc = nn.Linear(D, 2 * D)
+        self.head = nn.Parameter(torch.randn(D, VOCAB) * D ** -0.5)
+
+    def forward(self, idx):
+        x = self.wte(idx)
+        x = x + F.linear(F.gelu(self.fc(x)), self.proj.t())
+        h = self.ln_f(x)
+        return h @ self.wte.weight.t() if self.tied else F.linear(h, self.head.t())
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_parameters_read_transposed_are_traced(tied):
+    model = randomised(TransposedReads(tied), 11)
+    spec, folds = cb.derive_symmetries(model, IDX)
+    hidden = spec.axes_to_perm["fc.weight"][0]
+    assert spec.axes_to_perm["proj"][0] == hidden  # (in, out) read by F.linear as .t(): its rows are fc's units
+    stream = spec.axes_to_perm["wte.weight"][1]
+    assert isinstance(spec.kind(stream), Orthogonal) != tied  # ln_f folds into an untied head read transposed
+    state = _folded64(model, folds)
+    assert_random_transformation_undone(model, spec, state, IDX, "fc.weight")

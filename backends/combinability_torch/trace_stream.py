@@ -108,6 +108,7 @@ def stream_symmetries(model: nn.Module, example_input: torch.Tensor) -> tuple[Pe
     linears: dict[str, int] = {}  # a linear layer -> the space it opened
     held = ExpertWeights()  # experts held as one parameter each (transformers 5's)
     bias_pieces: dict[str, tuple[int, int, list[int]]] = {}  # a piece of a concatenated bias -> (layer, index, sizes)
+    transposed: set[str] = set()  # a parameter matrix read transposed (``W.t()``) by the product that uses it
     groups = RouterGroups()  # experts chosen in groups
 
     def bind(param: str, entries: list[Any]) -> None:
@@ -302,6 +303,13 @@ def stream_symmetries(model: nn.Module, example_input: torch.Tensor) -> tuple[Pe
                 params_of[n.name] = params_of[n.args[0].name]  # ``self.weight.type(torch.float32)``: the same
                 space[n.name] = space[n.args[0].name]          # parameter, in another dtype (a router's, in float)
                 continue
+            if _transposes_matrix(n) and n.args[0].name in params_of and all(
+                    u.op in ("call_function", "call_method") and (u.target in _MATMUL or u.target is F.linear)
+                    and (u.args[1:2] == (n,) or u.kwargs.get("weight") is n) for u in n.users):
+                params_of[n.name] = params_of[n.args[0].name]  # ``F.linear(x, self.proj.t())``: read transposed
+                transposed.add(n.name)
+                space[n.name] = space[n.args[0].name]
+                continue
             args = tensor_args(n)
             spaces = [space[a.name] for a in args]
             target = n.target
@@ -314,7 +322,7 @@ def stream_symmetries(model: nn.Module, example_input: torch.Tensor) -> tuple[Pe
                 continue
             if _attention_parts(n, args, spaces, sp, space, att, heads, where, model):
                 continue
-            if _parameter_product(n, space, binds, params_of, sp, bias_pieces):
+            if _parameter_product(n, space, binds, params_of, sp, bias_pieces, transposed):
                 continue
             if target in _NEW_CONSTANTS:  # ``weight.new_zeros(...)``: a constant of the tensor's type
                 space[n.name] = None
@@ -788,7 +796,8 @@ def _through_token_ops(gm: fx.GraphModule, users: list[fx.Node]) -> list[fx.Node
 
 
 def _parameter_product(n: fx.Node, space: dict[str, Any], binds: dict[str, list[Any]], params_of: dict[str, str],
-                       sp: FeatureSpaces, bias_pieces: dict[str, tuple[int, int, list[int]]] | None = None) -> bool:
+                       sp: FeatureSpaces, bias_pieces: dict[str, tuple[int, int, list[int]]] | None = None,
+                       transposed: set[str] = frozenset()) -> bool:
     """A layer written with its parameters (GPT-2's ``Conv1D``: ``torch.addmm(b, x, W)``, ``x @ W``,
     ``F.linear(x, W, b)``): the weight's input axis takes ``x``'s space, its output axis (and the
     bias) the product's; ``F.embedding(ids, W)`` reads ``W``'s features. Return whether ``n`` was one."""
@@ -811,6 +820,8 @@ def _parameter_product(n: fx.Node, space: dict[str, Any], binds: dict[str, list[
     name = params_of.get(w.name)
     if name is None or space.get(x.name) is None or len(binds[name]) != 2:
         return False
+    if w.name in transposed:  # the matrix read transposed: its other axis is the input's
+        w_in = 1 - w_in
     entries = binds[name]
     if w_in == 0:  # (in, out): the get_attr opened the output axis
         out = entries[1]
@@ -829,6 +840,17 @@ def _parameter_product(n: fx.Node, space: dict[str, Any], binds: dict[str, list[
                 bias_pieces[params_of[piece.name]] = (out, index, sizes)
     space[n.name] = out
     return True
+
+
+def _transposes_matrix(n: fx.Node) -> bool:
+    """``W.t()``, ``W.T``, ``torch.t(W)`` or ``W.transpose(0, 1)`` of a matrix ``W``."""
+    if n.op not in ("call_function", "call_method") or not n.args or not isinstance(n.args[0], fx.Node) or \
+            _ndim(n.args[0]) != 2:
+        return False
+    if n.target in ("t", torch.t) or (n.target is getattr and n.args[1:] in (("T",), ("mT",))):
+        return True
+    return n.target in ("transpose", torch.transpose) and {int(d) % 2 for d in n.args[1:3]
+                                                           if isinstance(d, int)} == {0, 1}
 
 
 def _concatenated(bias: fx.Node) -> bool:
@@ -1078,6 +1100,13 @@ def _parameter_name(n: Any) -> str | None:
     return str(n.target) if isinstance(n, fx.Node) and n.op == "get_attr" else None
 
 
+def _matrix_read(n: Any) -> tuple[str | None, bool]:
+    """The parameter a product's matrix operand is, and whether it is read transposed (``W.t()``)."""
+    if isinstance(n, fx.Node) and _transposes_matrix(n):
+        return _parameter_name(n.args[0]), True
+    return _parameter_name(n), False
+
+
 def _parameter_reader(u: fx.Node) -> Reader | None:
     """A layer written with its parameters that reads a norm's output as its first operand, as a
     :class:`Reader`: ``x @ W`` and ``torch.addmm(b, x, W)`` (GPT-2's ``Conv1D``) with ``W`` of ``(in, out)``,
@@ -1086,17 +1115,19 @@ def _parameter_reader(u: fx.Node) -> Reader | None:
     if u.op != "call_function" and u.op != "call_method":
         return None
     if u.target in _MATMUL and len(a) == 2:
-        weight, axis, bias = _parameter_name(a[1]), 0, None
+        matrix, axis, bias = a[1], 0, None
     elif u.target in (torch.addmm, "addmm") and len(a) == 3:
-        weight, axis, bias = _parameter_name(a[2]), 0, _parameter_name(a[0])
-    elif u.target is F.linear and len(a) >= 2:
-        weight, axis, bias = _parameter_name(a[1]), 1, _parameter_name(a[2] if len(a) > 2 else u.kwargs.get("bias"))
+        matrix, axis, bias = a[2], 0, _parameter_name(a[0])
+    elif u.target is F.linear and (len(a) >= 2 or "weight" in u.kwargs):
+        matrix, axis = (a[1] if len(a) > 1 else u.kwargs["weight"]), 1
+        bias = _parameter_name(a[2] if len(a) > 2 else u.kwargs.get("bias"))
     else:
         return None
-    shape = _shape_of(a[1] if u.target in _MATMUL or u.target is F.linear else a[2])
+    weight, flipped = _matrix_read(matrix)
+    shape = _shape_of(matrix)
     if weight is None or shape is None or len(shape) != 2:
         return None
-    return Reader(weight, axis, bias)
+    return Reader(weight, 1 - axis if flipped else axis, bias)
 
 
 def _readers(gm: fx.GraphModule, node: fx.Node) -> tuple[Reader, ...] | None:
