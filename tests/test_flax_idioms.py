@@ -106,3 +106,52 @@ def test_variables_without_a_collection_are_refused_saying_what_to_pass():
         cb.ModelPair((net, variables["params"]), (net, variables["params"]), example_input=X)
     with pytest.raises(TracingError, match=r"collection \"batch_stats\".*pass the whole variables dict"):
         cb.ModelPair((net, {"params": variables["params"]}), (net, {"params": variables["params"]}), example_input=X)
+
+
+class RotaryAttention(nn.Module):
+    """Attention with a rotary embedding written as MaxText writes it: each head's units split in halves by
+    ``jnp.split`` (or by slices), rotated by cos/sin tables of the positions, joined back."""
+
+    split: bool = True
+
+    @nn.compact
+    def __call__(self, x):
+        b, t, d = x.shape
+        h, dh = 2, d // 2
+        q, k, v = (nn.Dense(d, use_bias=False, name=n)(x).reshape(b, t, h, dh) for n in ("wq", "wk", "wv"))
+        angle = jnp.arange(t)[:, None] / (10000.0 ** (jnp.arange(0, dh, 2) / dh))[None, :]
+        cos, sin = jnp.cos(angle)[None, :, None, :], jnp.sin(angle)[None, :, None, :]
+
+        def rotate(z):
+            z1, z2 = jnp.split(z, 2, axis=-1) if self.split else (z[..., : dh // 2], z[..., dh // 2:])
+            return jnp.concatenate([z1 * cos - z2 * sin, z1 * sin + z2 * cos], axis=-1)
+
+        s = jnp.einsum("bqhd,bkhd->bhqk", rotate(q), rotate(k)) / jnp.sqrt(dh)
+        o = jnp.einsum("bhqk,bkhd->bqhd", jax.nn.softmax(s, axis=-1), v).reshape(b, t, d)
+        return nn.Dense(d, use_bias=False, name="wo")(o)
+
+
+class RotaryLM(nn.Module):
+    split: bool = True
+
+    @nn.compact
+    def __call__(self, tokens):
+        x = nn.Embed(11, 8, name="tok")(tokens)
+        x = x + RotaryAttention(self.split, name="attn")(nn.RMSNorm(name="n1")(x))
+        return nn.Dense(11, use_bias=False, name="head")(nn.RMSNorm(name="nf")(x))
+
+
+def test_a_rotary_written_with_jnp_split_is_traced_as_its_slices_are():
+    tokens = np.asarray(jax.random.randint(jax.random.PRNGKey(4), (3, 6), 0, 11))
+    kinds = {}
+    for split in (True, False):
+        net = RotaryLM(split)
+        variables = net.init(jax.random.PRNGKey(5), tokens)
+        spec, _ = cb.derive_symmetries((net, variables), tokens)  # checked: a random map keeps the outputs
+        kinds[split] = {k: type(v).__name__ for k, v in spec.kinds.items()}
+        pair = cb.ModelPair((net, variables), (net, net.init(jax.random.PRNGKey(6), tokens)),
+                            example_input=tokens).align("weight")
+        np.testing.assert_allclose(np.asarray(pair.model(1).module.apply(pair.model(1).variables, tokens)),
+                                   np.asarray(net.apply(net.init(jax.random.PRNGKey(6), tokens), tokens)),
+                                   rtol=1e-4, atol=1e-4)
+    assert kinds[True] == kinds[False] and "Orthogonal" in kinds[True].values()

@@ -255,6 +255,10 @@ class _StreamTrace(JaxprWalker):
             self._split(labs[0], [int(v) for v in p["sizes"]], outs, path)
         elif n == "slice" and self._slices_features(p, labs[0], ins[0]):
             self._slice(p, labs[0], outs[0], path)
+        elif n == "split":  # parts of an axis that is not a layer's whole output (a rotary's halves of each head's
+            axis = int(p["axis"]) % len(labs[0])  # units, ``jnp.split(x, 2, axis=-1)``): kept in place, as slices
+            for o in outs:
+                self.labels[o] = [sp.union(s, FIXED) if a == axis else s for a, s in enumerate(labs[0])]
         elif n in ("slice", "dynamic_slice", "pad", "rev"):
             src = self.shape[ins[0]]
             if n == "slice":
