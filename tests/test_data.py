@@ -554,3 +554,13 @@ def test_a_mapping_of_splits_gives_the_split_asked_for_and_names_the_ones_it_has
     assert got.split == "train" and len(as_dataset({"test": test, "train": train}, "test")) == 5
     with pytest.raises(DatasetError, match=r"maps splits \['test', 'train'\].*no 'valid' split"):
         as_dataset({"test": test, "train": train}, "valid")
+
+
+def test_an_npz_whose_arrays_differ_in_length_is_named_in_the_error(tmp_path):
+    from combinability.data.convert import as_dataset
+    from combinability.errors import DatasetError
+
+    path = tmp_path / "bad.npz"
+    np.savez(path, x_test=np.zeros((5, 3), np.float32), y_test=np.zeros(4, np.int64))
+    with pytest.raises(DatasetError, match=r"bad\.npz \('x_test', 'y_test'\): x has 5 examples but y has 4"):
+        as_dataset(str(path), "test")

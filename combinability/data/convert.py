@@ -220,7 +220,10 @@ def _from_npz(path: str, split: str) -> ArrayDataset:
         if keys[0] not in f or keys[1] not in f:
             raise DatasetError(f"{path} holds {sorted(f.files)}; expected arrays 'x' and 'y' (or 'x_{split}', "
                                f"'y_{split}')")
-        return as_dataset((f[keys[0]], f[keys[1]]), split, name=Path(path).stem)
+        try:
+            return as_dataset((f[keys[0]], f[keys[1]]), split, name=Path(path).stem)
+        except DatasetError as exc:  # say which file and arrays
+            raise DatasetError(f"{path} ({keys[0]!r}, {keys[1]!r}): {exc}") from None
 
 
 def as_datasets(data: Any, splits: tuple[str, ...] | list[str] = ("train", "test"), *,
