@@ -166,7 +166,8 @@ def _sha256(path: Path) -> str:
 def _own_files(out_dir: Path) -> dict[str, str]:
     """The files of ``out_dir`` a report wrote, by name, with their SHA-256 then (from ``summary.md``'s marker).
 
-    Empty when ``summary.md`` is absent, has no marker, or was edited since (its hash differs).
+    Empty when ``summary.md`` is absent or has no marker. When ``summary.md`` was edited since (its hash
+    differs), it is left out: the figures the marker names still count as the report's where their hashes match.
     """
     summary = out_dir / "summary.md"
     try:
@@ -180,9 +181,12 @@ def _own_files(out_dir: Path) -> dict[str, str]:
         own = json.loads(last[len(_MARKER):-len(" -->")])
     except json.JSONDecodeError:
         return {}
-    if not isinstance(own, dict) or own.get("summary.md") != hashlib.sha256((body + "\n").encode()).hexdigest():
+    if not isinstance(own, dict):
         return {}
-    return {str(k): str(v) for k, v in own.items()}
+    files = {str(k): str(v) for k, v in own.items()}
+    if files.get("summary.md") != hashlib.sha256((body + "\n").encode()).hexdigest():
+        files.pop("summary.md", None)  # edited since: not the report's any more (its figures may still be)
+    return files
 
 
 def _check_replaceable(out_dir: Path, targets: Sequence[Path], overwrite: bool) -> None:
