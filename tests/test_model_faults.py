@@ -97,3 +97,22 @@ def test_a_channel_shuffle_is_refused_by_name():
 
     with pytest.raises(TracingError, match=r"viewed as \(2, 3\) groups, as ShuffleNet's channel shuffle"):
         cb.derive_spec(Shuffle(), X)
+
+
+def test_a_reset_of_models_without_batchnorm_statistics_says_there_is_nothing_to_reset():
+    class Encoder(nn.Module):  # traced by its feature spaces: LayerNorms, no BatchNorm, no layer table
+        def __init__(self) -> None:
+            super().__init__()
+            self.emb = nn.Embedding(16, 8)
+            layer = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True, norm_first=True)
+            self.enc, self.head = nn.TransformerEncoder(layer, 1, enable_nested_tensor=False), nn.Linear(8, 3)
+
+        def forward(self, ids):
+            return self.head(self.enc(self.emb(ids)).mean(1))
+
+    ids = torch.randint(0, 16, (6, 5), generator=torch.Generator().manual_seed(0))
+    data = (ids.numpy(), np.arange(6) % 3)
+    pair = cb.ModelPair(randomised(Encoder(), 0), randomised(Encoder(), 1), example_input=ids)
+    with pytest.raises(cb.ConfigurationError, match=r"repair='reset' recomputes BatchNorm running statistics, and "
+                                                     r"these models hold none.*nothing to reset"):
+        cb.sweep(pair, cb.Linear(), data=data, values=[0.5], repair="reset", repair_data=data)

@@ -29,6 +29,13 @@ _KEY = "combinability.repairs.batchnorm"
 # -- what every repair here needs: table, data, prepared model ---------------------------------
 def _table(ctx: RepairContext, what: str) -> LayerTable:
     if ctx.table is None:
+        names = list(getattr(ctx.layout, "names", ()) or ())
+        statistics = [n for n in names if n.endswith(("running_mean", "running_var", "/mean", "/var"))]
+        if names and not statistics and what == "reset":  # a transformer traced by its feature spaces
+            raise ConfigurationError(
+                "repair='reset' recomputes BatchNorm running statistics, and these models hold none: their norms "
+                "(LayerNorm, RMSNorm, GroupNorm) normalise each example by its own statistics, so there is nothing "
+                "to reset; sweep them without repair=")
         raise ConfigurationError(f"repair={what!r} needs the models' layer table to find their normalisation layers; "
                                  "these models have none: use library-built models (cb.train, cb.build_model) or "
                                  "models traced into a layer table")
