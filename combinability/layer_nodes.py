@@ -160,6 +160,9 @@ class Node:
         the positions). For ``op="maxpool"``: ``""`` or ``"avg"``.
     leaf : str
         For ``op="scale"`` and ``"shift"``: the name of its parameter (``f"{name}.{leaf}"``), default ``"weight"``.
+    batch_axis : bool
+        For ``op="scale"`` and ``"shift"`` with ``keepdims``: the parameter is stored with a leading axis of one,
+        ``(1, units, 1, ..., 1)``, as users often write ``nn.Parameter(torch.zeros(1, C, 1, 1))``.
     param : str
         For ``op="scale"`` and ``"shift"``: the parameter's whole name where it is not ``f"{name}.{leaf}"``
         (one of several a module holds, as Fixup's blocks hold ``bias1a``, ``bias1b``, ...; a parameter of the
@@ -209,6 +212,7 @@ class Node:
     channel_padding: tuple[int, int] = (0, 0)
     channel_range: tuple[int, int] | None = None
     param: str = ""
+    batch_axis: bool = False
 
     def __post_init__(self) -> None:
         if self.op not in OPS:
@@ -233,6 +237,10 @@ class Node:
             raise ConfigurationError(f"node {self.name!r}: leaf names a scale or shift node's parameter (an "
                                      f"identifier), got "
                                      f"leaf={self.leaf!r} on a {self.op!r} node")
+        if self.batch_axis and (self.op not in ("scale", "shift") or not self.keepdims):
+            raise ConfigurationError(f"node {self.name!r}: batch_axis belongs to a scale or shift node with keepdims "
+                                     f"(a parameter of shape (1, units, 1, ...)), not a {self.op!r} node"
+                                     + ("" if self.keepdims else " without keepdims"))
         if self.param and (self.op not in ("scale", "shift") or self.param.rpartition(".")[2] != self.leaf):
             raise ConfigurationError(f"node {self.name!r}: param names a scale or shift node's parameter, ending in "
                                      f"its leaf {self.leaf!r}; got param={self.param!r} on a {self.op!r} node")

@@ -321,7 +321,8 @@ class LayerTable:
                 continue
             elif node.op in ("scale", "shift"):
                 trailing = (1,) * len(src.spatial or ()) if node.keepdims else ()
-                params[node.parameter_name()] = ((node.units, *trailing), "float32")
+                leading = (1,) if node.batch_axis else ()
+                params[node.parameter_name()] = ((*leading, node.units, *trailing), "float32")
                 continue
             else:
                 continue
@@ -673,7 +674,8 @@ class LayerTable:
             elif node.op in ("scale", "shift"):  # the factors (offsets) move with their channels; a shared one stays
                 trailing = len(shapes[self.inputs_of(node)[0]].spatial or ()) if node.keepdims else 0
                 shared = node.units == 1 and shapes[self.inputs_of(node)[0]].channels != 1
-                axes[node.parameter_name()] = (None if shared else p_out, *(None,) * trailing)
+                axes[node.parameter_name()] = ((None,) * node.batch_axis + (None if shared else p_out,)
+                                               + (None,) * trailing)
                 continue
             else:
                 continue

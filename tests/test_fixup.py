@@ -117,15 +117,43 @@ def test_a_fixup_pair_aligns_and_its_sweep_ends_score_as_torch_does():
             assert float(ds["loss"].sel(split="test", lam=lam).isel(sample=0)) == pytest.approx(want, rel=1e-5)
 
 
-def test_a_shift_stored_with_a_batch_axis_is_refused_saying_how_to_store_it():
+@pytest.mark.parametrize("backend", ["torch", "jax"])
+def test_a_shift_and_a_scale_stored_with_a_batch_axis_move_with_their_channels(backend):
+    if backend == "jax":
+        pytest.importorskip("flax")
+
     class Batched(nn.Module):
         def __init__(self) -> None:
             super().__init__()
             self.conv, self.fc = nn.Conv2d(1, 4, 3), nn.Linear(4, 3)
-            self.shift = nn.Parameter(torch.zeros(1, 4, 1, 1))
+            self.shift = nn.Parameter(torch.randn(1, 4, 1, 1))  # as users write nn.Parameter(torch.zeros(1, C, 1, 1))
+            self.gamma = nn.Parameter(torch.rand(1, 4, 1, 1) + 0.5)
 
         def forward(self, x):
-            return self.fc(F.relu(self.conv(x) + self.shift).mean((2, 3)))
+            return self.fc(F.relu(self.gamma * self.conv(x) + self.shift).mean((2, 3)))
 
-    with pytest.raises(TracingError, match=r"shift of shape \(1, 4, 1, 1\) keeps a batch axis.*\(4,\) or \(4, 1, 1\)"):
-        cb.derive_spec(Batched(), X)
+    model = Batched().eval()
+    spec = cb.derive_spec(model, X)
+    conv = spec.axes_to_perm["conv.weight"][0]
+    assert spec.axes_to_perm["shift"] == spec.axes_to_perm["gamma"] == (None, conv, None, None)
+    state = {k: v.numpy().astype(np.float64) for k, v in model.state_dict().items()}
+    assert_random_transformation_undone(model, spec, state, X, "shift")
+    table = cb.derive.describe(model, X)
+    params = {k: v.numpy() for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        want = model(X).numpy()
+    np.testing.assert_allclose(table_logits(backend, table, params, X.numpy()), want, rtol=1e-4, atol=1e-5)
+
+
+def test_a_shift_of_another_shape_is_refused_saying_how_to_store_it():
+    class Odd(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv, self.fc = nn.Conv2d(1, 4, 3), nn.Linear(4, 3)
+            self.shift = nn.Parameter(torch.zeros(4, 1))
+
+        def forward(self, x):
+            return self.fc(F.relu(self.conv(x) + self.shift.view(1, 4, 1, 1)).mean((2, 3)))
+
+    with pytest.raises(TracingError, match=r"stored as \(4,\), \(4, 1, 1\) or \(1, 4, 1, 1\)"):
+        cb.derive_spec(Odd(), X)

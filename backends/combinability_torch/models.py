@@ -282,6 +282,8 @@ class TableNet(nn.Module):
                 h = self._modules_by_node[node.name](h.movedim(1, -1)).movedim(-1, 1)
             elif node.op in ("scale", "shift"):
                 factor = getattr(self._modules_by_node[node.name], node.leaf)
+                if factor.dim() == h.dim():  # stored with a batch axis, (1, c, 1, 1)
+                    factor = factor[0]
                 factor = factor if factor.dim() == h.dim() - 1 or factor.numel() == 1 else _at_rank(factor, h.dim() - 1)
                 h = h * factor if node.op == "scale" else h + factor
             elif node.op in ("dense", "conv", "conv_transpose", "norm", "gate", "prelu"):

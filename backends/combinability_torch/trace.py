@@ -911,16 +911,14 @@ def _parameter_node(n: fx.Node, gm: fx.GraphModule, name: str, ins: tuple[str, .
         per_channel = ({(c,), (1,) * (rank - 1) + (c,)} if on_last or rank == 2
                        else {(c,) + (1,) * (rank - 2), (1, c) + (1,) * (rank - 2)})
         stored = {(c,)} | ({(c,) + (1,) * (rank - 2), (1, c) + (1,) * (rank - 2)} if not on_last and rank > 2
-                           else {(1, c)} if rank == 2 else set())
+                           else set())
         if c and seen in per_channel and tuple(param.shape) in stored:
-            if param.dim() == rank:  # (1, c, 1, 1): stored with the batch axis, which the node does not hold
-                raise TracingError(f"{where}: the parameter {whole} of shape {tuple(param.shape)} "
-                                   f"keeps a batch axis; the tracer follows one stored as ({c},) or ({c}, 1, 1)"
-                                   + _hint(model))
-            return Node(name, op, ins, units=c, leaf=owner[1], keepdims=param.dim() > 1, **extra)
+            batch = param.dim() == rank  # (1, c, 1, 1): stored with the batch axis
+            return Node(name, op, ins, units=c, leaf=owner[1], keepdims=param.dim() > 1, batch_axis=batch, **extra)
         raise TracingError(f"{where}: {'a sum' if added else 'a product'} with the parameter {whole} "
                            f"(shape {tuple(param.shape)}, used as {seen}) on {shape}: the tracer follows {what} per "
-                           f"channel stored as ({c},) or ({c}, 1, 1), or one for all channels" + _hint(model))
+                           f"channel stored as ({c},), ({c}, 1, 1) or (1, {c}, 1, 1), or one for all channels"
+                           + _hint(model))
     raise TracingError(f"node {n.name!r}: a parameter or buffer used directly in forward "
                        f"({', '.join(str(attribute_of(a)) for a in params_read)}) cannot be followed there; the "
                        "tracer follows F.layer_norm, F.linear and F.conv1d/2d/3d on a module's own weight and bias, "
