@@ -18,6 +18,7 @@ operations are told apart by kind in :mod:`combinability_torch.fx_vocabulary`.
 from __future__ import annotations
 
 import operator
+from collections.abc import Collection
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -240,7 +241,7 @@ def stream_symmetries(model: nn.Module, example_input: torch.Tensor) -> tuple[Pe
                 for p in (scale, shift):
                     if p:
                         bind(p, [src])
-                norms.append(Norm(src, scale, shift, isinstance(m, nn.LayerNorm), _readers(gm, n)))
+                norms.append(Norm(src, scale, shift, isinstance(m, nn.LayerNorm), _readers(gm, n, live)))
                 space[n.name] = src
             elif isinstance(m, nn.RNNBase):
                 recurrent[n.name] = _recurrent_layer(n, m, src, sp, bind, space, where, model)
@@ -276,7 +277,7 @@ def stream_symmetries(model: nn.Module, example_input: torch.Tensor) -> tuple[Pe
                     and scaled.name not in att.headed:
                 weight = next(a for a in n.args if isinstance(a, fx.Node) and a.name in params_of)
                 src = sp.union(space[scaled.name], space[weight.name])  # the RMSNorm's scale: a norm's weight
-                norms.append(Norm(src, params_of[weight.name], None, False, _readers(gm, n)))
+                norms.append(Norm(src, params_of[weight.name], None, False, _readers(gm, n, live)))
                 space[n.name] = src
                 continue
             if n.args and isinstance(n.args[0], fx.Node) and n.args[0].name in recurrent and not reads_shape(n):
@@ -328,7 +329,7 @@ def stream_symmetries(model: nn.Module, example_input: torch.Tensor) -> tuple[Pe
                 space[n.name] = None
                 continue
             if target in _FUNCTIONAL_NORMS and args and args[0] is n.args[0]:
-                norms.append(_functional_norm(n, gm, spaces[0], params_of, binds, sp, where, model))
+                norms.append(_functional_norm(n, gm, spaces[0], params_of, binds, sp, where, model, live))
                 space[n.name] = spaces[0]
                 continue
             if target in INDEX_ADD and args and index_add_space(n, space, sp) is not NotImplemented:
@@ -797,7 +798,7 @@ def _through_token_ops(gm: fx.GraphModule, users: list[fx.Node]) -> list[fx.Node
 
 def _parameter_product(n: fx.Node, space: dict[str, Any], binds: dict[str, list[Any]], params_of: dict[str, str],
                        sp: FeatureSpaces, bias_pieces: dict[str, tuple[int, int, list[int]]] | None = None,
-                       transposed: set[str] = frozenset()) -> bool:
+                       transposed: Collection[str] = ()) -> bool:
     """A layer written with its parameters (GPT-2's ``Conv1D``: ``torch.addmm(b, x, W)``, ``x @ W``,
     ``F.linear(x, W, b)``): the weight's input axis takes ``x``'s space, its output axis (and the
     bias) the product's; ``F.embedding(ids, W)`` reads ``W``'s features. Return whether ``n`` was one."""
@@ -866,9 +867,10 @@ _FUNCTIONAL_NORMS = {F.layer_norm: (2, 3), F.rms_norm: (2, None)}
 
 
 def _functional_norm(n: fx.Node, gm: fx.GraphModule, src: Any, params_of: dict[str, str],
-                     binds: dict[str, list[Any]], sp: FeatureSpaces, where: str, model: nn.Module) -> Norm:
+                     binds: dict[str, list[Any]], sp: FeatureSpaces, where: str, model: nn.Module,
+                     live: set[str]) -> Norm:
     """The :class:`Norm` of ``F.layer_norm`` / ``F.rms_norm`` over the last axis: its weight and bias (parameters
-    read directly, or none) take the normalised space, as a LayerNorm module's do."""
+    read directly, or none) take the normalised space, as a LayerNorm module's do (``live``: see :func:`_readers`)."""
     names = ("input", "normalized_shape", "weight", "bias" if n.target is F.layer_norm else "eps")
     args = {**dict(zip(names, n.args, strict=False)), **n.kwargs}
     last = _last(n.args[0])
@@ -888,7 +890,7 @@ def _functional_norm(n: fx.Node, gm: fx.GraphModule, src: Any, params_of: dict[s
     for p in (scale, shift):
         if p:
             sp.union(binds[p][0], src)
-    return Norm(src, scale, shift, n.target is F.layer_norm, _readers(gm, n))
+    return Norm(src, scale, shift, n.target is F.layer_norm, _readers(gm, n, live))
 
 
 def _conv_function(n: fx.Node, channels_first: dict[str, int], space: dict[str, Any], binds: dict[str, list[Any]],
@@ -1130,10 +1132,10 @@ def _parameter_reader(u: fx.Node) -> Reader | None:
     return Reader(weight, 1 - axis if flipped else axis, bias)
 
 
-def _readers(gm: fx.GraphModule, node: fx.Node) -> tuple[Reader, ...] | None:
-    """The layers reading a norm's output (through pooling and token indexing); None if one is not a layer."""
+def _readers(gm: fx.GraphModule, node: fx.Node, live: set[str]) -> tuple[Reader, ...] | None:
+    """The layers reading a norm's output (through pooling and token indexing); None if one is not a layer.
+    ``live``: the nodes the logits are computed from (:func:`~combinability_torch.trace.feeding_logits`)."""
     readers = []
-    live = feeding_logits(gm)
     for u in _through_token_ops(gm, list(node.users)):
         if u.op != "output" and u.name not in live:
             continue  # another output's work (a mixture's auxiliary loss): not the logits'
