@@ -56,7 +56,7 @@ class DemoSettings:
     vit_limit: int = 500
     vit_path: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0)
     vit_samplers: tuple[str, ...] = ("linear", "uniform", "subcube", "bernoulli")
-    vit_alignments: tuple[str, ...] = ("naive", "permutation", "all", "invertible", "learned")
+    vit_alignments: tuple[str, ...] = ("naive", "permutation", "all", "activation", "invertible", "learned")
     vit_learn_epochs: int = 2
 
     @classmethod
@@ -171,7 +171,8 @@ def vit_symmetries(out: Path, data: str, backend: str, settings: DemoSettings, *
     :func:`~combinability.experiments.symmetries.symmetry_comparison`: the linear path at
     ``settings.vit_path``, the other samplers of ``settings.vit_samplers`` at 0.5 (one draw), on
     the first ``settings.vit_limit`` test examples, weight matching with one restart; with
-    ``settings.vit_alignments`` (by default also invertible maps inside heads, and the maps
+    ``settings.vit_alignments`` (by default also activation matching of every kind on the ViTs'
+    training examples, invertible maps inside heads, and the maps
     learned on the midpoint loss of the ViTs' training examples for ``settings.vit_learn_epochs``
     epochs). A finished ``symmetries.nc`` of the same settings is reused; its sweeps run on
     ``client``'s Dask workers when one is given.
@@ -187,7 +188,7 @@ def vit_symmetries(out: Path, data: str, backend: str, settings: DemoSettings, *
     example = load_dataset(data, "test", limit=8).x
     pair = cb.ModelPair(vit_a, vit_b, example_input=example)
     samplers = [get_sampler(name) for name in settings.vit_samplers]
-    learned = "learned" in settings.vit_alignments
+    learned = bool({"activation", "learned"} & set(settings.vit_alignments))  # both read the training examples
     return _step(log, "ViT symmetries (issue 14)", symmetry_comparison, pair, data, samplers=samplers,
                  values=settings.vit_values(), samples=1, seed=0, restarts=1, alignments=settings.vit_alignments,
                  train_data=load_dataset(data, "train", limit=settings.vit_train) if learned else None,

@@ -20,7 +20,7 @@ import math
 import warnings
 import weakref
 from collections import OrderedDict
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -584,12 +584,15 @@ class Evaluator:
             sums[2 + j].append(summed(metric.per_example(xp, group, labels)))
         preds.append(pred)
 
-    def features(self, flat: Any, data: ArrayDataset, points: Sequence[str]) -> dict[str, np.ndarray]:
+    def features(self, flat: Any, data: ArrayDataset, points: Sequence[str], *,
+                 units_last: Collection[str] = ()) -> dict[str, np.ndarray]:
         """Per-unit features at ``points`` for one vector: ``{point: (examples x positions, units)}``.
 
         Convolutional ``(n, c, h, w)`` outputs (and a sequence's ``(n, c, length)``) are
         flattened example-major, then row-major positions, to ``(n * h * w, c)``; vectors
-        stay ``(n, units)``. Every example's
+        stay ``(n, units)``. The points in ``units_last`` hold their units on their last axis
+        (a transformer block's ``(n, tokens, features)`` output, which a backend gives as it
+        is): they are read ``(n * tokens, features)``. Every example's
         features are returned at once (float32, written into one preallocated array per
         point); statistics of features need not hold them: see :meth:`correlations`.
         """
@@ -599,8 +602,8 @@ class Evaluator:
         n = int(x.shape[0])
         out: dict[str, np.ndarray] = {}
         for s, stop in self._batches(n):
-            feats = self._attempt(lambda s=s, stop=stop: self.prepared.features(flat, x[s:stop, ...], list(points)),
-                                  data, s, stop)
+            feats = self._attempt(lambda s=s, stop=stop: self._features(flat, x[s:stop, ...], list(points),
+                                                                        units_last), data, s, stop)
             if feats is None:
                 continue
             for p in points:
@@ -611,8 +614,8 @@ class Evaluator:
                 out[p][s * rows : s * rows + f.shape[0]] = f
         return out
 
-    def correlations(self, flat_a: Any, flat_b: Any, data: ArrayDataset,
-                     points: Sequence[str]) -> dict[str, np.ndarray]:
+    def correlations(self, flat_a: Any, flat_b: Any, data: ArrayDataset, points: Sequence[str], *,
+                     units_last: Collection[str] = ()) -> dict[str, np.ndarray]:
         """Pearson correlation of every unit of A with every unit of B at ``points``, streamed.
 
         Both vectors see the same batch; each batch's features are reduced on the device
@@ -628,6 +631,8 @@ class Evaluator:
         data : ArrayDataset
         points : sequence of str
             Feature points.
+        units_last : collection of str
+            Points that hold their units on their last axis (see :meth:`features`).
 
         Returns
         -------
@@ -635,6 +640,13 @@ class Evaluator:
             Units with zero variance correlate 0 with everything (as
             :func:`combinability.matching.unit_correlations`).
         """
+        return {p: m.correlation() for p, m in self.moments(flat_a, flat_b, data, points,
+                                                            units_last=units_last).items()}
+
+    def moments(self, flat_a: Any, flat_b: Any, data: ArrayDataset, points: Sequence[str], *,
+                units_last: Collection[str] = ()) -> dict[str, CrossMoments]:
+        """The running moments of A's and B's units at ``points`` (:class:`CrossMoments`), streamed
+        as :meth:`correlations` streams them: their correlations, covariances and second moments."""
         be = self.backend
         flat_a, flat_b = self._one(flat_a), self._one(flat_b)
         x, _ = self._data(data)
@@ -644,15 +656,25 @@ class Evaluator:
         acc = {p: CrossMoments() for p in wanted}
         for s, stop in self._batches(int(x.shape[0])):
             xb = x[s:stop, ...]
-            both = self._attempt(lambda xb=xb: (self.prepared.features(flat_a, xb, wanted),
-                                                self.prepared.features(flat_b, xb, wanted)), data, s, stop)
+            both = self._attempt(lambda xb=xb: (self._features(flat_a, xb, wanted, units_last),
+                                                self._features(flat_b, xb, wanted, units_last)), data, s, stop)
             if both is None:
                 continue
             fa, fb = both
             for p in wanted:
                 acc[p].update(fa[p], fb[p], backend=be)
             del fa, fb, both
-        return {p: m.correlation() for p, m in acc.items()}
+        return acc
+
+    def _features(self, flat: Any, x: Any, points: list[str], units_last: Collection[str]) -> dict[str, Any]:
+        """The prepared model's features at ``points``, those of ``units_last`` with their last axis moved second."""
+        feats = self.prepared.features(flat, x, points)
+        xp = self.backend.xp()
+        for p in units_last:
+            f = feats.get(p)
+            if f is not None and f.ndim > 2:
+                feats[p] = xp.permute_dims(f, (0, f.ndim - 1, *range(1, f.ndim - 1)))
+        return feats
 
 
 def _units_last(xp: Any, f: Any) -> Any:
@@ -755,6 +777,11 @@ class CrossMoments:
         if self.comoment is None:
             raise ValueError("no observations yet: call update() with at least one batch")
         return self.comoment / self.count
+
+    def second_moment(self) -> np.ndarray:
+        """The uncentred cross moment ``E[a bᵀ]`` ``(units_a, units_b)`` of the observations so far (what an
+        orthogonal map between the two sets of units is fitted to)."""
+        return self.covariance() + np.outer(self.mean_a, self.mean_b)
 
     def correlation(self) -> np.ndarray:
         """Pearson correlations ``(units_a, units_b)``; a unit with zero variance correlates 0."""

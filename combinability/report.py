@@ -127,7 +127,8 @@ def barrier_table(results: Iterable[tuple[str, xr.Dataset]], splits: Sequence[st
 
 #: Column titles of :func:`symmetry_table`, by alignment.
 _SYMMETRY_COLUMNS = {"naive": "naive", "permutation": "permutations", "all": "permutations + orthogonal",
-                     "invertible": "+ invertible in heads", "learned": "learned maps"}
+                     "activation": "by activations", "invertible": "+ invertible in heads",
+                     "learned": "learned maps"}
 
 
 def symmetry_table(results: Iterable[tuple[str, xr.Dataset]], split: str = "test") -> str:

@@ -473,7 +473,9 @@ class ModelSet:
             return align_set(self, method, seed=seed, symmetries=symmetries, **options)
         naive = (self.naive or self)._folded_for(spec)
         reference = naive.params(0)
-        features, correlations = self._feature_source(naive, data, examples) if data is not None else (None, None)
+        observed = self._observed(spec, naive, method, seed)
+        features, correlations, moments = self._feature_source(naive, data, examples, observed.units_last) \
+            if data is not None else (None, None, None)
         learned = self._learning_context(naive, data, method)
         transforms: list[Permutation | None] = [None]
         thetas = [naive.thetas[0]]
@@ -483,10 +485,13 @@ class ModelSet:
                              features=None if features is None else (lambda which, pts, i=i: features(
                                  0 if which == "reference" else i, pts)),
                              correlations=None if correlations is None else (lambda pts, i=i: correlations(
-                                 naive.thetas[0], naive.thetas[i], pts)))
+                                 naive.thetas[0], naive.thetas[i], pts)),
+                             moments=None if moments is None else (lambda pts, i=i: moments(
+                                 naive.thetas[0], naive.thetas[i], pts)),
+                             observations=observed.pieces)
             perm = align(method, task, **({"progress": True} if progress else {}), **learned, **options)
             if method == "activation" and self.table is None:
-                perm = self._observed_again(task, perm, naive, correlations, features, options)
+                perm = self._observed_again(task, perm, naive, (features, correlations, moments), options)
             transforms.append(perm)
             thetas.append(self.layout.flatten(apply_permutation(spec, perm, naive.params(i))))
         return self._replace(thetas=tuple(thetas), transforms=tuple(transforms), alignment=method, naive=self.naive
@@ -503,7 +508,7 @@ class ModelSet:
 
         return {**self.feature_points, **opener_points(spec)}
 
-    def _observed_again(self, task: Any, perm: Permutation, naive: ModelSet, correlations: Any, features: Any,
+    def _observed_again(self, task: Any, perm: Permutation, naive: ModelSet, sources: tuple[Any, Any, Any],
                         options: Mapping[str, Any]) -> Permutation:
         """Activation matching of a model traced by its feature spaces, once more on B as first aligned.
 
@@ -518,13 +523,15 @@ class ModelSet:
         from combinability.align import align
         from combinability.permutation import compose_permutations
 
+        features, correlations, moments = sources
         moved = apply_permutation(task.spec, perm, task.other)
         theta = self.layout.flatten(moved)
         again = replace(task, other=moved,
                         features=None if features is None else (lambda which, pts: features(
                             0 if which == "reference" else theta, pts)),
                         correlations=None if correlations is None else (lambda pts: correlations(
-                            naive.thetas[0], theta, pts)))
+                            naive.thetas[0], theta, pts)),
+                        moments=None if moments is None else (lambda pts: moments(naive.thetas[0], theta, pts)))
         second = align("activation", again, **options)
         out = compose_permutations(perm, second)
         return Permutation(dict(out), objective=second.objective, history=[*perm.history, *second.history],
@@ -635,7 +642,29 @@ class ModelSet:
             theta = be.to_numpy(repair_fn(be.asarray(theta), ctx))
         return be.with_state(self.models[0], {**be.state(self.models[0]), **layout.unflatten(theta)})
 
-    def _feature_source(self, naive: ModelSet, data: Any, examples: int) -> Any:
+    def _observed(self, spec: PermutationSpec, naive: ModelSet, method: Any, seed: int) -> Any:
+        """Where the units of ``spec``'s attention heads and residual streams are observed
+        (:func:`combinability.observation.observe_model`), for an aligner that reads units at feature points;
+        empty for other aligners, models without an ``example_input`` and specs without such names."""
+        from combinability.observation import Observed, observe_model
+        from combinability.plugins import get_registration
+
+        registration = get_registration("aligners", method) if isinstance(method, str) else method
+        example = self.__dict__.get("example_input")
+        if not getattr(registration, "reads_points", False) or example is None:
+            return Observed()
+        points = self._points_for(spec)
+        base = (self.naive or self).spec
+        if not any(isinstance(k, Blocks | Orthogonal) and p not in points for p, k in [*spec.kinds.items(),
+                                                                                       *base.kinds.items()]):
+            return Observed()
+        # a transformer: every name read wherever its units show (a stream at every block, a gated MLP's
+        # hidden units at both its gate and its up projection, grouped key/value heads at their keys and values)
+        names = [p for p in spec.perm_names if p not in self.part_points]
+        return observe_model(self.backend_obj, naive.models[0], self.layout, naive.thetas[0], example, spec, names,
+                             seed=seed)
+
+    def _feature_source(self, naive: ModelSet, data: Any, examples: int, units_last: Any = frozenset()) -> Any:
         from combinability.data.convert import as_dataset
         from combinability.evaluation import Evaluator
 
@@ -653,16 +682,20 @@ class ModelSet:
             ds, evaluator = ready()
             wanted = list(dict.fromkeys(points))
             if isinstance(i, np.ndarray):
-                return evaluator.features(i, ds, wanted)
+                return evaluator.features(i, ds, wanted, units_last=units_last)
             if i not in cache or any(p not in cache[i] for p in wanted):
-                cache[i] = evaluator.features(naive.thetas[i], ds, wanted)
+                cache[i] = evaluator.features(naive.thetas[i], ds, wanted, units_last=units_last)
             return {p: cache[i][p] for p in wanted}
 
         def correlations(theta_a: np.ndarray, theta_b: np.ndarray, points: Sequence[str]) -> dict[str, np.ndarray]:
             ds, evaluator = ready()
-            return evaluator.correlations(theta_a, theta_b, ds, list(dict.fromkeys(points)))
+            return evaluator.correlations(theta_a, theta_b, ds, list(dict.fromkeys(points)), units_last=units_last)
 
-        return features, correlations
+        def moments(theta_a: np.ndarray, theta_b: np.ndarray, points: Sequence[str]) -> dict[str, Any]:
+            ds, evaluator = ready()
+            return evaluator.moments(theta_a, theta_b, ds, list(dict.fromkeys(points)), units_last=units_last)
+
+        return features, correlations, moments
 
     def with_thetas(self, *thetas: np.ndarray | None, alignment: str | None = None, **named: np.ndarray) -> ModelSet:
         """A copy with some flat vectors replaced (same layout); ``theta_b=...`` or positionally."""

@@ -142,8 +142,11 @@ def test_a_pair_of_user_transformers_aligns_with_every_kind_or_permutations_only
     assert not any(isinstance(k, Orthogonal) for k in perm_only.spec.kinds.values())
     gap = float(np.abs(perm_only.theta(1) - perm_only.theta(0)).max())
     assert gap > 1e-2  # a random rotation of the stream is not a permutation
-    with pytest.raises(cb.ConfigurationError, match="neuron permutations only.*Blocks"):
-        pair.align("activation", data=(X.numpy(), np.zeros(6, dtype=np.int64)))
+    # activation matching reads the heads at nn.MultiheadAttention's input projection and the stream at every
+    # block: it undoes the planted heads, neurons and rotation as well
+    inputs = torch.randn(200, 1, 8, 8, generator=torch.Generator().manual_seed(1)).numpy()
+    by_activations = pair.align("activation", data=(inputs, np.zeros(200, dtype=np.int64)))
+    np.testing.assert_allclose(by_activations.theta(1), by_activations.theta(0), atol=1e-4)
     with pytest.raises(cb.ConfigurationError, match="symmetries must be"):
         pair.align("weight", symmetries="rotations")
 

@@ -41,6 +41,7 @@ from combinability_torch.trace import (
     TapRunner,
     classes_second,
     computed_weights,
+    in_projection,
     logits_of,
     refuse_computed_weights,
     strip_output_softmax,
@@ -189,6 +190,12 @@ def _refuse_hooked_weights(model: nn.Module) -> None:
             f"torch.nn.utils.parametrizations.weight_norm with a spec by hand")
 
 
+def _in_projection_points(model: nn.Module) -> dict[str, nn.MultiheadAttention]:
+    """``<path>.in_proj`` for each ``nn.MultiheadAttention`` of ``model``: the point of its heads' queries, keys
+    and values (:func:`~combinability_torch.trace.in_projection`)."""
+    return {f"{name}.in_proj": m for name, m in model.named_modules() if isinstance(m, nn.MultiheadAttention)}
+
+
 def _units_second(module: nn.Module, out: Any) -> Any:
     """A hooked module's output with its units on axis 1, as features are read: a Linear's or an
     Embedding's ``(n, ..., units)`` moved to ``(n, units, ...)``; anything else as it is. A module that
@@ -328,12 +335,27 @@ class TorchPrepared:
 
             yield forward
 
+    def feature_candidates(self) -> list[str]:
+        """The points at which a transformation's units may be observed (:mod:`combinability.observation`):
+        a traced model's modules (those it calls, those it traced through, those whose parameters an
+        operation reads), an untraced one's submodules."""
+        if isinstance(self.model, TapRunner):
+            called = {str(n.target) for n in self.model.gm.graph.nodes if n.op == "call_module"}
+            return [*(p for p, node in self.model.fx_of.items() if p != node or p in called),
+                    *self.model.in_projections]
+        if isinstance(self.model, TableNet):
+            return list(self.model.table.feature_points())
+        return [*(name for name, m in self.model.named_modules()
+                  if name and not isinstance(m, nn.ModuleList | nn.ModuleDict | nn.Sequential)),
+                *_in_projection_points(self.model)]
+
     def features(self, flat: torch.Tensor, x: torch.Tensor, points: Sequence[str]) -> dict[str, torch.Tensor]:
         params = self._views(flat)
         with self._inference():
             if isinstance(self.model, TapRunner):
-                taps = dict.fromkeys(p for p in points if p in self.model.fx_of)
-                inside = [p for p in points if p not in self.model.fx_of]
+                tapped = self.model.fx_of.keys() | set(self.model.in_projections)
+                taps = dict.fromkeys(p for p in points if p in tapped)
+                inside = [p for p in points if p not in tapped]
                 if not inside:
                     self._call(params, x, taps=taps)
                     return taps
@@ -359,7 +381,8 @@ class TorchPrepared:
         modules = dict(self.model.named_modules())
         # a layer table's point for a module without parameters (an activation) is its fx name
         modules.update({k.replace(".", "_"): m for k, m in list(modules.items()) if k.replace(".", "_") not in modules})
-        missing = [p for p in points if p not in modules or p == ""]
+        projections = _in_projection_points(self.model)
+        missing = [p for p in points if (p not in modules and p not in projections) or p == ""]
         again = [p for p in missing if p.rstrip("0123456789").removesuffix("_") in modules and p[-1:].isdigit()]
         if again:  # fx numbers a module's second call: ``relu_1``
             raise UnknownNameError(f"feature point(s) {again}: the module runs more than once in a forward pass, so "
@@ -378,7 +401,10 @@ class TorchPrepared:
             out[point] = value.clone() if isinstance(value, torch.Tensor) else value
 
         handles = [modules[p].register_forward_hook(lambda _m, _i, o, p=p: keep(p, _units_second(_m, o)))
-                   for p in points]
+                   for p in points if p not in projections]
+        handles += [projections[p].register_forward_hook(
+            lambda m, args, kwargs, _o, p=p: keep(p, in_projection(m, args, kwargs)), with_kwargs=True)
+            for p in points if p in projections]
         try:
             self._call(params, x, **({} if taps is None else {"taps": taps}))
         finally:

@@ -1434,6 +1434,19 @@ def writes_in_place(gm: fx.GraphModule) -> bool:
     return False
 
 
+def in_projection(mha: nn.MultiheadAttention, args: Any, kwargs: Any) -> torch.Tensor:
+    """The queries, keys and values an ``nn.MultiheadAttention`` computes from its inputs, side by side on the
+    last axis (its input projection: ``in_proj_weight``'s three blocks, or its separate ``q/k/v_proj_weight``)."""
+    names = ("query", "key", "value")
+    inputs = [args[i] if len(args) > i else kwargs[names[i]] for i in range(3)]
+    if mha._qkv_same_embed_dim:
+        weights = mha.in_proj_weight.chunk(3)
+    else:
+        weights = (mha.q_proj_weight, mha.k_proj_weight, mha.v_proj_weight)
+    biases = mha.in_proj_bias.chunk(3) if mha.in_proj_bias is not None else (None,) * 3
+    return torch.cat([F.linear(x, w, b) for x, w, b in zip(inputs, weights, biases, strict=True)], dim=-1)
+
+
 def module_outputs(gm: fx.GraphModule) -> dict[str, str]:
     """For each module that fx traced through (its operations inlined: a transformer block, an attention or MLP
     module), the node holding its output: the one node of its scope that a node outside it reads. Modules whose
@@ -1481,6 +1494,10 @@ class TapRunner(nn.Module):
         self.__dict__["copy_taps"] = writes_in_place(gm)
         # tapped channels-first, as the table reads them: channels-last maps, and the outputs of layers acting
         # on the last axis of (n, tokens, features) or any other (n, ..., units) tensor
+        #: ``<path>.in_proj`` for each nn.MultiheadAttention the graph calls: its heads' queries, keys and
+        #: values side by side ``(..., 3 x embed_dim)`` (computed inside it, so no node's output)
+        self.__dict__["in_projections"] = [f"{n.target}.in_proj" for n in gm.graph.nodes if n.op == "call_module"
+                                           and isinstance(gm.get_submodule(n.target), nn.MultiheadAttention)]
         self.__dict__["channels_last"] = channels_last_nodes(gm) | {
             n.name for n in gm.graph.nodes if n.op == "call_module" and isinstance(gm.get_submodule(n.target),
                                                                                    UNITS_LAST_MODULES)}
@@ -1501,4 +1518,11 @@ class TapRunner(nn.Module):
                         else value
                 return out
 
+            def call_module(self, target: Any, args: Any, kwargs: Any) -> Any:
+                point = projections.get(str(target))
+                if point is not None:
+                    taps[point] = in_projection(self.module.get_submodule(target), args, kwargs)
+                return super().call_module(target, args, kwargs)
+
+        projections = {p.removesuffix(".in_proj"): p for p in taps if p in self.in_projections}
         return _Tap(self.gm).run(x)

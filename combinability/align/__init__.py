@@ -120,12 +120,15 @@ def _has_work(name: str, present: frozenset[str]) -> bool:
 
 
 def _task_kinds(name: str | Aligner, task: AlignTask) -> frozenset[str]:
-    """The kinds aligner ``name`` handles on ``task``: without block permutations when it
-    reads units at feature points and some block permutation has none (attention heads)."""
+    """The kinds aligner ``name`` handles on ``task``: when it reads units at feature points, without
+    block permutations if one has no point or observation, nor orthogonal maps if one has no observation."""
     handles = aligner_kinds(name)
     registration = get_registration("aligners", name) if isinstance(name, str) else name
-    if getattr(registration, "reads_points", False) and task.blocks_without_points():
-        handles -= {"blocks"}
+    if getattr(registration, "reads_points", False):
+        if task.blocks_without_points():
+            handles -= {"blocks"}
+        if any(isinstance(k, Orthogonal) and p not in task.observations for p, k in task.spec.kinds.items()):
+            handles -= {"orthogonal"}
     return handles
 
 
@@ -140,7 +143,19 @@ def check_aligner(name: str | Aligner, task: AlignTask) -> None:
     present = spec_kinds(task.spec)
     alternatives = [n for n in list_aligners() if n != "identity" and present <= _task_kinds(n, task)
                     and _has_work(n, present)]
-    check_kinds(label, _task_kinds(name, task), task.spec, alternatives=alternatives)
+    handles = _task_kinds(name, task)
+    try:
+        check_kinds(label, handles, task.spec, alternatives=alternatives)
+    except ConfigurationError as exc:
+        unseen = [p for p in task.blocks_without_points() if "blocks" in aligner_kinds(name)]
+        unseen += [p for p, k in task.spec.kinds.items() if isinstance(k, Orthogonal) and p not in task.observations
+                   and "orthogonal" in aligner_kinds(name)]
+        if not unseen:
+            raise
+        raise ConfigurationError(
+            f"{exc}. It reads units in the models' activations, and no output of these models shows the units of "
+            f"{', '.join(map(repr, unseen[:3]))}{' and others' if len(unseen) > 3 else ''} (heads computed inside one "
+            "module, as nn.MultiheadAttention computes them, or a model without example_input)") from None
 
 
 def align(name: str | Aligner, task: AlignTask, **options: Any) -> Permutation:

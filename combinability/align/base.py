@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -45,6 +46,15 @@ class AlignTask:
         of every reference unit with every other unit, streamed over the data without
         holding activations (:meth:`combinability.evaluation.Evaluator.correlations`);
         ``None`` when no data was given.
+    observations : mapping of str to tuple of Piece
+        Name to every piece of a point's units that it reorders
+        (:class:`~combinability.observation.Piece`: ``(point, start, stop[, times, interleaved])``), for the
+        names read at several outputs or at none of their own: attention heads' query/key and
+        value units, a residual stream (:func:`combinability.observation.observed_units`).
+    moments : callable, optional
+        ``moments(points) -> {point: CrossMoments}``: as ``correlations``, the running moments
+        themselves (:meth:`combinability.evaluation.Evaluator.moments`), from which an orthogonal
+        map is fitted; ``None`` when no data was given.
 
     Notes
     -----
@@ -60,6 +70,8 @@ class AlignTask:
     features: Features | None = None
     correlations: Callable[[Sequence[str]], dict[str, np.ndarray]] | None = None
     part_points: Mapping[str, tuple[str, int, int]] = field(default_factory=dict)
+    observations: Mapping[str, tuple[tuple[Any, ...], ...]] = field(default_factory=dict)
+    moments: Callable[[Sequence[str]], dict[str, Any]] | None = None
 
     def point(self, perm_name: str) -> str:
         """The feature point of permutation ``perm_name`` (its own name when none is given)."""
@@ -69,9 +81,9 @@ class AlignTask:
         """The block permutations (:class:`~combinability.kinds.Blocks`) with no feature point.
 
         A GroupNorm's groups are read at their layer's output; an attention head's query,
-        key and value units live inside the attention and have none.
+        key and value units at the outputs :attr:`observations` lists, when it lists them.
         """
-        return blocks_without_points(self.spec, self.feature_points)
+        return [p for p in blocks_without_points(self.spec, self.feature_points) if p not in self.observations]
 
     def sizes(self) -> dict[str, int]:
         """Size of each permutation of :attr:`spec`, read off :attr:`reference`."""

@@ -7,8 +7,9 @@ the aligners imports neither :mod:`combinability.align.builtin` nor scipy.
 Each declares the symmetry kinds it handles (``kinds=``, checked by
 :func:`combinability.align.align` before it runs): weight matching, the identity and STE
 (whose projection step is weight matching) handle every kind — block permutations of heads
-and experts, orthogonal maps of a residual stream, packed axes; activation matching and
-Sinkhorn relax or assign neuron permutations only (activation matching also on packed axes).
+and experts, orthogonal maps of a residual stream, packed axes; activation matching handles
+neuron and block permutations, packed axes and orthogonal maps (read where the model's outputs
+show them: :mod:`combinability.observation`), Sinkhorn neuron permutations only.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ BUILTIN_ALIGNERS: tuple[Registration, ...] = (
                         kinds=SYMMETRY_KINDS),
     AlignerRegistration("activation", "combinability.align.builtin:activation",
                         "activation matching: correlation of the two models' activations on data",
-                        needs=("data",), kinds=("neuron", "packed", "blocks"), reads_points=True),
+                        needs=("data",), kinds=("neuron", "packed", "blocks", "orthogonal"), reads_points=True),
     AlignerRegistration("identity", "combinability.align.builtin:identity",
                         "no alignment: the identity permutation (naive baseline)", needs=(), kinds=SYMMETRY_KINDS),
     AlignerRegistration("ste", "combinability.align.ste:ste",

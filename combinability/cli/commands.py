@@ -639,7 +639,7 @@ def _cmd_symmetries(args: argparse.Namespace) -> int:
         t0 = time.perf_counter()
         ds = symmetry_comparison(pair, args.data, samplers=samplers, values=values, samples=args.samples,
                                  seed=args.seed, restarts=args.restarts, alignments=args.alignments,
-                                 train_data=args.data if "learned" in args.alignments else None,
+                                 train_data=args.data if {"activation", "learned"} & set(args.alignments) else None,
                                  learn_options={"epochs": args.learn_epochs}, splits=args.splits, limit=args.limit,
                                  batch_size=args.batch_size, out=args.out, overwrite=args.overwrite,
                                  attrs=args.cli_attrs, progress=not args.quiet, client=client)

@@ -357,8 +357,9 @@ def _add_symmetries(sub: Any) -> None:
     p.add_argument("--batch-size", type=int, default=1000, help="evaluation batch size")
     p.add_argument("--restarts", type=int, default=2, help="extra random restarts of weight matching")
     p.add_argument("--alignments", nargs="+", default=["naive", "permutation", "all"],
-                   choices=["naive", "permutation", "all", "invertible", "learned"],
-                   help="alignments compared: also 'invertible' (weight matching with invertible maps inside heads) "
+                   choices=["naive", "permutation", "all", "activation", "invertible", "learned"],
+                   help="alignments compared: also 'activation' (activation matching of every kind, on the data's "
+                        "training split), 'invertible' (weight matching with invertible maps inside heads) "
                         "and 'learned' (the maps trained on the midpoint loss, on the data's training split)")
     p.add_argument("--learn-epochs", type=int, default=3, help="epochs of the 'learned' alignment")
     p.add_argument("--seed", type=int, default=0, help="seed of the matching and of the random draws")

@@ -8,8 +8,11 @@ aligning experts jointly with the gate suffices. :func:`symmetry_comparison` mea
 on any pair the library accepts: the naive pair, the pair aligned with permutations only
 (heads, FFN neurons and experts as blocks, the stream *permuted*), and the pair aligned
 with every kind the spec admits (the stream *rotated*, its norms folded first), each swept
-with the linear path and the paper's element-wise samplers. Two more alignments may be asked
-for: ``"invertible"``, weight matching with general invertible maps inside each head (Theus et
+with the linear path and the paper's element-wise samplers. Three more alignments may be asked
+for: ``"activation"``, activation matching of every kind on training data (heads assigned by
+the correlation of their queries, keys and values, as Verma & Elbayad 2024 match them; the
+stream rotated by orthogonal Procrustes on its activations at every block); ``"invertible"``,
+weight matching with general invertible maps inside each head (Theus et
 al.'s fourth class, ``symmetries="invertible"``), and ``"learned"``, the ``"maps"`` aligner: the
 continuous maps (rotations of the stream, invertible maps in heads) trained on the loss of the
 midpoint on training data.
@@ -38,7 +41,7 @@ __all__ = ["symmetry_comparison", "ALIGNMENTS", "ALL_ALIGNMENTS"]
 #: The alignments compared by default: none, permutations only, every kind of the spec.
 ALIGNMENTS = ("naive", "permutation", "all")
 #: Every alignment :func:`symmetry_comparison` knows, in the order it reports them.
-ALL_ALIGNMENTS = ("naive", "permutation", "all", "invertible", "learned")
+ALL_ALIGNMENTS = ("naive", "permutation", "all", "activation", "invertible", "learned")
 THEUS_2025 = ("Theus, A., et al. (2025). Generalized linear mode connectivity for transformers. "
               "Tran, V.-H., et al. (2025). On linear mode connectivity of mixture-of-experts architectures.")
 
@@ -115,10 +118,12 @@ def symmetry_comparison(
     restarts : int
         Extra weight-matching runs from random starts.
     alignments : sequence of str, default ("naive", "permutation", "all")
-        Among :data:`ALL_ALIGNMENTS`: also ``"invertible"`` (weight matching with invertible
-        maps inside heads) and ``"learned"`` (the ``"maps"`` aligner, which needs ``train_data``).
+        Among :data:`ALL_ALIGNMENTS`: also ``"activation"`` (activation matching of every kind,
+        on ``train_data``), ``"invertible"`` (weight matching with invertible maps inside heads)
+        and ``"learned"`` (the ``"maps"`` aligner, which needs ``train_data``).
     train_data : str, (x, y) or ArrayDataset, optional
-        Training data of the ``"learned"`` alignment (a registered dataset's name: its training split).
+        Training data of the ``"activation"`` and ``"learned"`` alignments (a registered dataset's name:
+        its training split).
     learn_options : mapping, optional
         Options of the ``"maps"`` aligner (``epochs``, ``lr``, ``batch_size``, ...).
     out : path, optional
@@ -147,9 +152,11 @@ def symmetry_comparison(
         raise ConfigurationError("symmetry_comparison needs the naive pair (it aligns it twice); pass pair.naive")
     chosen = _samplers(samplers)
     alignments = _alignments(alignments)
-    if "learned" in alignments and train_data is None:
-        raise ConfigurationError("the 'learned' alignment trains the maps on data: pass train_data= (a registered "
-                                 "dataset's name, (x, y) or an ArrayDataset)")
+    needing = [a for a in ("activation", "learned") if a in alignments]
+    if needing and train_data is None:
+        raise ConfigurationError(f"the {' and '.join(map(repr, needing))} alignment{'s' if len(needing) > 1 else ''} "
+                                 "read training data: pass train_data= (a registered dataset's name, (x, y) or an "
+                                 "ArrayDataset)")
     learned_symmetries = "all"
     if "invertible" in alignments:
         pair.invertible_spec()  # the heads admit invertible maps, or a clear error now
@@ -173,6 +180,8 @@ def symmetry_comparison(
            "sweep": {k: repr(v) for k, v in sweep_kwargs.items() if k not in RUN_OPTIONS}}
     if tuple(alignments) != ALIGNMENTS:  # (the default's key is unchanged: earlier results are reused)
         key["alignments"] = list(alignments)
+    if "activation" in alignments:
+        key["activation"] = {"train_data": data_identity(_training(train_data), split=False)}
     if "learned" in alignments:
         key["learned"] = {"symmetries": learned_symmetries, "options": {k: repr(v) for k, v in
                                                                          sorted((learn_options or {}).items())},
@@ -182,6 +191,7 @@ def symmetry_comparison(
         align = {"naive": lambda: pair,
                  "permutation": lambda: pair.align("weight", seed=seed, restarts=restarts, symmetries="permutation"),
                  "all": lambda: pair.align("weight", seed=seed, restarts=restarts),
+                 "activation": lambda: pair.align("activation", seed=seed, data=_training(train_data)),
                  "invertible": lambda: pair.align("weight", seed=seed, restarts=restarts, symmetries="invertible"),
                  "learned": lambda: pair.align("maps", seed=seed, symmetries=learned_symmetries,
                                                data=_training(train_data), **dict(learn_options or {}))}
@@ -204,11 +214,12 @@ def symmetry_comparison(
             objective = getattr((sets[name].transforms[1] or {}), "objective", None)
             row["objective"] = xr.DataArray(np.nan if objective is None else float(objective), attrs={
                 "long_name": "the alignment's objective: weight matching's Σ⟨θ_A, T(θ_B)⟩ (less ½‖T(θ_B)‖² with "
-                             "invertible maps); learned: the evaluation loss"})
+                             "invertible maps); activation: the mean matched correlation; learned: the evaluation "
+                             "loss"})
             rows.append(row)
         out = xr.concat(rows, dim=xr.DataArray(list(alignments), dims="alignment"), combine_attrs="drop")
-        out["alignment"].attrs = {"long_name": "alignment (none, permutations only, every symmetry kind; "
-                                               "invertible maps in heads; learned maps)"}
+        out["alignment"].attrs = {"long_name": "alignment (none, permutations only, every symmetry kind; every "
+                                               "kind by activations; invertible maps in heads; learned maps)"}
         out["has_orthogonal"] = xr.DataArray(any(isinstance(k, Orthogonal) for k in pair.spec.kinds.values()),
                                              attrs={"long_name": "the spec has an orthogonal map"})
         out.attrs = provenance(combinability_format="symmetry_comparison", references_extra=THEUS_2025,

@@ -14,7 +14,7 @@ __all__ = ["plot_symmetries"]
 
 _WHAT = "a symmetry comparison (experiments.symmetries.symmetry_comparison)"
 _LABELS = {"naive": "naive", "permutation": "permutations only", "all": "permutations + orthogonal",
-           "invertible": "+ invertible maps in heads", "learned": "learned maps"}
+           "activation": "activation matching", "invertible": "+ invertible maps in heads", "learned": "learned maps"}
 
 
 def plot_symmetries(ds: xr.Dataset, path: str | os.PathLike | None = None, *, split: str = "test",

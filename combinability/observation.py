@@ -1,0 +1,293 @@
+"""Where a model's units can be observed: the feature points whose outputs a transformation moves.
+
+Activation matching reads each transformation's units in the model's activations. A plain
+neuron permutation has its point (the layer that opened its space); an attention head's
+query/key and value units and a residual stream do not: they are spread over several
+outputs (the query and the key projections, every block writing the stream), some packed
+together (one ``qkv`` layer's output holds three heads' worth of units side by side).
+
+:func:`observed_units` finds them by what they are, whatever the framework or the way
+the model is written: run the model before and after a random transformation ``T`` of
+its spec, and a point observes name ``n`` (whole, or on a segment of its units) exactly
+when its output after is its output before transformed by ``T[n]`` along its units. A
+point's units are read second (the backend's channels-first convention) or, for outputs a
+backend gives as they are (a transformer block's ``(n, tokens, features)``), last.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple
+
+import numpy as np
+
+from combinability.kinds import act
+from combinability.permutation import PermutationSpec, Repeat, _segment_sizes
+
+__all__ = ["Piece", "Observed", "observed_units"]
+
+class Piece(NamedTuple):
+    """The units ``start:stop`` of a feature point's output, at which a name's units are observed.
+
+    Where the name moves its units ``times`` output units at a time (an attention head's units move
+    with it when the name permutes whole heads: a :class:`~combinability.permutation.Repeat` axis),
+    unit ``i`` of the name is the output units ``i·times … i·times + times − 1`` of the piece (or,
+    ``interleaved``, ``t·n + i`` for each ``t``).
+    """
+
+    point: str
+    start: int
+    stop: int | None
+    times: int = 1
+    interleaved: bool = False
+
+    def cost(self, matrix: np.ndarray) -> np.ndarray:
+        """The piece of ``matrix`` (a statistic of the point's units against each other, ``(units, units)``) as a
+        ``(n, n)`` cost between the name's units: the sum over each unit's ``times`` output units in order."""
+        c = np.asarray(matrix)[self.start:self.stop, self.start:self.stop]
+        if self.times == 1:
+            return c
+        t, n = self.times, c.shape[0] // self.times
+        if self.interleaved:
+            return np.einsum("titj->ij", c.reshape(t, n, t, n))
+        return np.einsum("itjt->ij", c.reshape(n, t, n, t))
+
+#: Relative error under which an output counts as transformed (float32 forward passes).
+_CLOSE = 2e-3
+#: Relative change a transformation must make for a point to tell it apart from one it leaves as is.
+_MOVED = 1e-2
+
+
+@dataclass(frozen=True)
+class Observed:
+    """The pieces of outputs at which each name's units are observed.
+
+    Parameters
+    ----------
+    pieces : mapping of str to tuple of Piece
+        For each observed name, every ``(point, start, stop)`` whose units it reorders.
+    units_last : frozenset of str
+        The points read with their units on the last axis.
+    """
+
+    pieces: Mapping[str, tuple[Piece, ...]] = field(default_factory=dict)
+    units_last: frozenset[str] = frozenset()
+
+    def points(self) -> list[str]:
+        """Every point of :attr:`pieces`, each once, in order."""
+        return list(dict.fromkeys(piece.point for ps in self.pieces.values() for piece in ps))
+
+
+def observed_units(spec: PermutationSpec, before: Mapping[str, Any],
+                   rounds: Sequence[tuple[Mapping[str, Any], Mapping[str, Any]]], names: Collection[str],
+                   params: Mapping[str, Any]) -> Observed:
+    """The points at which each of ``names`` is observed, from outputs before and after transformations.
+
+    Parameters
+    ----------
+    spec : PermutationSpec
+        The spec the transformations are transformations of.
+    before : mapping of str to array
+        The outputs of the candidate points on some inputs, for the model's parameters:
+        channels-first as backends give features (``(n, units)``, ``(n, units, *positions)``), or
+        with the units last for outputs a backend gives as they are.
+    rounds : sequence of (transform, after)
+        Transformations of every name of ``spec`` (each name a derangement or the identity), and the
+        same outputs for the parameters so transformed. A point observes a name when in every round
+        its output moved as the name's transformation says; names that draw the same values (two
+        heads' derangements of two blocks) are told apart by rounds that move one and not the other
+        (:func:`observe_model` moves each family of names in a distinct set of rounds).
+    names : collection of str
+        The names to look for.
+    params : mapping of str to array
+        The parameters (for the sizes of packed segments).
+
+    Returns
+    -------
+    Observed
+        Names observed nowhere are absent.
+
+    Examples
+    --------
+    A point holding ``a``'s units and then ``b``'s (a packed output), and one holding ``a``'s alone:
+
+    >>> spec = PermutationSpec({"w": (("a", "b"), None), "u": ("a",)})
+    >>> t = {"a": np.array([1, 2, 0]), "b": np.array([1, 0])}
+    >>> x = np.random.default_rng(0).normal(size=(4, 5))
+    >>> moved = np.concatenate([x[:, [1, 2, 0]], x[:, [4, 3]]], axis=1)
+    >>> found = observed_units(spec, {"packed": x, "alone": x[:, :3]},
+    ...                        [(t, {"packed": moved, "alone": x[:, [1, 2, 0]]})], ["a", "b"], {"w": np.zeros((5, 2))})
+    >>> [tuple(piece)[:3] for piece in found.pieces["a"]], [tuple(piece)[:3] for piece in found.pieces["b"]]
+    ([('packed', 0, 3), ('alone', 0, 3)], [('packed', 3, 5)])
+    """
+    if not rounds:
+        return Observed()
+    transforms = [t for t, _ in rounds]
+    first = transforms[0]
+    wanted = [n for n in dict.fromkeys(names) if all(n in t for t in transforms)]
+    sizes = {n: _size(first[n]) for n in first}
+    packs = _packed_segments(spec, first, params)
+    repeats = {(e.name, e.times, e.interleaved) for entries in spec.axes_to_perm.values() for e in entries
+               if isinstance(e, Repeat) and e.name in wanted and np.ndim(first[e.name]) == 1}
+    pieces: dict[str, list[Piece]] = {n: [] for n in wanted}
+    units_last: set[str] = set()
+    seen: list[np.ndarray] = []
+    for point, out in before.items():
+        a = np.asarray(out, dtype=np.float64)
+        afters = [np.asarray(after[point], dtype=np.float64) for _, after in rounds if point in after]
+        if len(afters) != len(rounds) or a.ndim < 2 or any(b.shape != a.shape for b in afters) \
+                or not all(np.isfinite(f).all() for f in (a, *afters)):
+            continue
+        for last in (False, True) if a.ndim > 2 else (False,):
+            fa, fbs = _rows(a, last), [_rows(b, last) for b in afters]
+            units = fa.shape[1]
+            found = [(n, Piece(point, 0, units)) for n in wanted
+                     if sizes[n] == units and _follows(fa, fbs, [t[n] for t in transforms])]
+            found += [(n, Piece(point, 0, units, k, inter)) for n, k, inter in sorted(repeats)
+                      if sizes[n] * k == units and _follows(fa, fbs, [_repeated(t[n], k, inter) for t in transforms])]
+            for way in packs.get(units, ()) if not found else ():
+                matched = [(n, Piece(point, s, e)) for n, s, e in way
+                           if _follows(fa[:, s:e], [fb[:, s:e] for fb in fbs], [t[n] for t in transforms])]
+                if len(matched) == len(way):  # every segment moved as its name: this output is that packed axis
+                    found = [m for m in matched if m[0] in pieces]
+                    break
+            if found and any(s.shape == fa.shape and np.array_equal(s, fa) for s in seen):
+                break  # the same output again (a dropout's in inference, a wrapper's): counted once
+            if found:
+                seen.append(fa)
+                for n, piece in found:
+                    pieces[n].append(piece)
+                if last:
+                    units_last.add(point)
+                break
+    return Observed({n: tuple(ps) for n, ps in pieces.items() if ps}, frozenset(units_last))
+
+
+def _size(value: Any) -> int:
+    return int(np.shape(value)[0])
+
+
+def _rows(f: np.ndarray, units_last: bool) -> np.ndarray:
+    """``(observations, units)``: the units second (channels-first) or last."""
+    moved = np.moveaxis(f, -1, 1) if units_last else f
+    return np.moveaxis(moved, 1, -1).reshape(-1, moved.shape[1])
+
+
+def _packed_segments(spec: PermutationSpec, transform: Mapping[str, Any],
+                     params: Mapping[str, Any]) -> dict[int, list[list[tuple[str, int, int]]]]:
+    """For each length of a packed axis, the ways its segments cut it: ``[(name, start, stop), ...]``."""
+    out: dict[int, list[list[tuple[str, int, int]]]] = {}
+    for param, entries in spec.axes_to_perm.items():
+        if param not in params:
+            continue
+        for axis, entry in enumerate(entries):
+            if not isinstance(entry, tuple) or any(n not in transform for n in entry):
+                continue
+            length = int(np.shape(params[param])[axis])
+            try:
+                cuts = _segment_sizes(entry, transform, length, param)
+            except Exception:  # noqa: BLE001 - segments that do not fit this axis: not a way to cut it
+                continue
+            bounds = np.concatenate([[0], np.cumsum(cuts)]).astype(int)
+            way = [(n, int(bounds[i]), int(bounds[i + 1])) for i, n in enumerate(entry)]
+            if way not in out.setdefault(length, []):
+                out[length].append(way)
+    return out
+
+
+def _repeated(value: Any, times: int, interleaved: bool) -> np.ndarray:
+    """An index array acting on ``times`` consecutive (or, ``interleaved``, strided) units per entry."""
+    value = np.asarray(value)
+    n = len(value)
+    if interleaved:
+        return (np.arange(times)[:, None] * n + value[None, :]).ravel()
+    return (value[:, None] * times + np.arange(times)[None, :]).ravel()
+
+
+def _follows(fa: np.ndarray, fbs: Sequence[np.ndarray], values: Sequence[Any]) -> bool:
+    """Whether each ``fbs[r]`` is ``fa`` transformed by ``values[r]`` along its units, and one visibly so."""
+    if fa.shape[1] != _size(values[0]):
+        return False
+    scale = float(np.linalg.norm(fa))
+    if scale == 0.0:
+        return False
+    visible = False
+    for fb, value in zip(fbs, values, strict=True):
+        moved = act(value, fa, 1)
+        if float(np.linalg.norm(fb - moved)) > _CLOSE * scale:
+            return False
+        visible = visible or float(np.linalg.norm(moved - fa)) > _MOVED * scale
+    return visible
+
+
+def observe_model(backend: Any, model: Any, layout: Any, theta: np.ndarray, example_input: Any,
+                  spec: PermutationSpec, names: Collection[str], *, seed: int = 0) -> Observed:
+    """:func:`observed_units` of a model: its candidate points run on ``example_input`` before and after a random
+    transformation of ``spec``.
+
+    Parameters
+    ----------
+    backend : Backend
+    model : native model
+    layout : FlatLayout
+    theta : numpy.ndarray
+        The model's flat vector (norms folded where ``spec`` has an orthogonal map).
+    example_input : array
+    spec : PermutationSpec
+    names : collection of str
+        The names to look for.
+    seed : int
+        Seeds the random transformation.
+
+    Returns
+    -------
+    Observed
+        Empty when the backend's prepared model cannot list its points (``feature_candidates``).
+    """
+    from combinability.data.base import input_dtype
+    from combinability.errors import UnknownNameError
+    from combinability.permutation import apply_permutation, random_permutation
+
+    prepared = backend.prepare(model, layout)
+    candidates = getattr(prepared, "feature_candidates", None)
+    if candidates is None or not names:
+        return Observed()
+    points = list(candidates())
+    params = layout.unflatten(theta)
+    x = backend.asarray(example_input, input_dtype(example_input))
+    # each family (a block group and its members, or a name alone) moves in the rounds of its code's bits: any two
+    # families differ in some round, so a point is not credited to a family that drew the same values as its own
+    def family(name: str) -> str:  # the outermost block group a name moves with (heads within a key/value head's)
+        group = spec.group_of(name)
+        return name if group is None or group == name else family(group)
+
+    codes: dict[str, int] = {}
+    for name in spec.perm_names:
+        codes.setdefault(family(name), len(codes) + 1)
+    rounds = []
+    for r in range(max(codes.values(), default=0).bit_length()):
+        drawn = random_permutation(spec, params, seed + r, derange=True)
+        transform = {n: v if codes[family(n)] >> r & 1 else _identity(v) for n, v in drawn.items()}
+        rounds.append((transform, layout.flatten(apply_permutation(spec, transform, params))))
+
+    def outputs(flat: np.ndarray) -> dict[str, np.ndarray]:
+        vector = backend.asarray(np.asarray(flat, dtype=np.float32))
+        try:
+            feats = prepared.features(vector, x, points)
+        except UnknownNameError:  # a candidate no forward pass reaches (a module another one only reads the weights of)
+            feats = {}
+            for p in points:
+                try:
+                    feats.update(prepared.features(vector, x, [p]))
+                except UnknownNameError:
+                    continue
+        return {p: backend.to_numpy(v) for p, v in feats.items() if v is not None and hasattr(v, "shape")}
+
+    return observed_units(spec, outputs(theta), [(t, outputs(moved)) for t, moved in rounds], names, params)
+
+
+def _identity(value: Any) -> np.ndarray:
+    """The identity of the kind of ``value`` (an index array, or a matrix)."""
+    n = _size(value)
+    return np.eye(n) if np.ndim(value) == 2 else np.arange(n, dtype=np.int64)

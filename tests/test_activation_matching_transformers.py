@@ -1,0 +1,221 @@
+"""Activation matching of transformers: attention heads, gated MLPs and the residual stream read in the
+models' activations.
+
+References: a closed form (scipy's orthogonal Procrustes; a rotation planted in features), a brute force
+over every head order and every order inside each head, transformations planted in users' models
+(written out by hand with index arithmetic, or drawn from the derived spec) that activation matching must
+undo exactly, and a head matching written out here from torch forward hooks, numpy correlations and
+scipy's assignment on two independently initialised models.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+from scipy.linalg import orthogonal_procrustes
+from scipy.optimize import linear_sum_assignment
+
+import combinability as cb
+from combinability.align import AlignTask, align
+from combinability.kinds import Blocks, Orthogonal, random_orthogonal
+from combinability.observation import observed_units
+
+torch = pytest.importorskip("torch")
+
+
+def _task(spec, features, observations, n_params):
+    """An AlignTask whose two models' activations are the arrays ``features[which][point]``."""
+    params = {k: np.zeros(shape) for k, shape in n_params.items()}
+    return AlignTask(spec=spec, reference=params, other=params,
+                     features=lambda which, pts: {p: features[which][p] for p in pts},
+                     feature_points={p: ps[0][0] for p, ps in observations.items()}, observations=observations)
+
+
+# -- the aligner on features given by hand ---------------------------------------------------------------------
+def test_a_stream_is_the_orthogonal_procrustes_solution_of_its_features():
+    rng = np.random.default_rng(0)
+    d = 6
+    spec = cb.PermutationSpec({"w": ("R", None)}, kinds={"R": Orthogonal()})
+    a = rng.normal(size=(500, d))
+    b = a @ random_orthogonal(d, rng).T + 0.3 * rng.normal(size=(500, d))  # B's stream: A's rotated, with noise
+    task = _task(spec, {"reference": {"s": a}, "other": {"s": b}}, {"R": (("s", 0, d),)}, {"w": (d, 3)})
+    q = align("activation", task)["R"]
+    # Q h_B ≈ h_A: scipy's R minimises ‖B R − A‖, so Q = Rᵀ
+    want, _ = orthogonal_procrustes(b, a)
+    np.testing.assert_allclose(q, want.T, atol=1e-8)
+
+
+def test_a_layernorm_stream_keeps_the_ones_vector_and_undoes_a_planted_rotation_exactly():
+    rng = np.random.default_rng(1)
+    d = 7
+    spec = cb.PermutationSpec({"w": ("R", None)}, kinds={"R": Orthogonal(fix_ones=True)})
+    planted = random_orthogonal(d, rng, fix_ones=True)
+    points = {}
+    for k, scale in enumerate((1.0, 30.0)):  # two points of different scales, counted alike
+        a = rng.normal(size=(200, d)) * scale
+        points[f"s{k}"] = (a, a @ planted.T)
+    features = {"reference": {p: a for p, (a, _) in points.items()}, "other": {p: b for p, (_, b) in points.items()}}
+    task = _task(spec, features, {"R": (("s0", 0, d), ("s1", 0, d))}, {"w": (d, 3)})
+    q = align("activation", task)["R"]
+    np.testing.assert_allclose(q @ np.ones(d), np.ones(d), atol=1e-10)
+    np.testing.assert_allclose(q, planted.T, atol=1e-8)
+
+
+def test_heads_are_the_best_of_every_head_order_and_every_order_inside_each_head():
+    rng = np.random.default_rng(2)
+    heads, size = 3, 2
+    n = heads * size
+    kind = Blocks("H", heads, size)
+    spec = cb.PermutationSpec({"qk": ("Q", None), "v": ("V", None), "o": (None, "V")},
+                              kinds={"Q": kind, "V": kind})
+    a = {p: rng.normal(size=(400, n)) for p in ("q", "k", "v")}
+    b = {p: 0.6 * a[p][:, rng.permutation(n)] + rng.normal(size=(400, n)) for p in a}  # scrambled, noisy
+    observations = {"Q": (("q", 0, n), ("k", 0, n)), "V": (("v", 0, n),)}
+    task = _task(spec, {"reference": a, "other": b}, observations, {"qk": (n, 4), "v": (n, 4), "o": (4, n)})
+    got = align("activation", task)
+
+    def corr(p):
+        return np.corrcoef(a[p].T, b[p].T)[:n, n:]
+
+    costs = {"Q": (corr("q") + corr("k")) / 2, "V": corr("v")}
+    best, best_value = None, -np.inf
+    inner = list(itertools.permutations(range(size)))
+    for sigma in itertools.permutations(range(heads)):
+        for taus in itertools.product(itertools.product(inner, repeat=heads), repeat=2):
+            value, perms = 0.0, {}
+            for member, tau in zip(("Q", "V"), taus, strict=True):
+                perm = np.array([sigma[i] * size + tau[i][u] for i in range(heads) for u in range(size)])
+                value += costs[member][np.arange(n), perm].sum()
+                perms[member] = perm
+            if value > best_value:
+                best, best_value = (sigma, perms), value
+    assert got["H"].tolist() == list(best[0])
+    for member in ("Q", "V"):
+        assert got[member].tolist() == best[1][member].tolist()
+
+
+def test_observed_units_finds_a_packed_output_and_ignores_outputs_a_transformation_leaves_alone():
+    rng = np.random.default_rng(3)
+    spec = cb.PermutationSpec({"qkv": (("Q", "Q", "V"), None), "o": (None, "V")},
+                              kinds={"Q": Blocks("H", 2, 2), "V": Blocks("H", 2, 2)})
+    t = {"H": np.array([1, 0]), "Q": np.array([3, 2, 0, 1]), "V": np.array([2, 3, 1, 0])}
+    x = rng.normal(size=(5, 12))
+    after = np.concatenate([x[:, t["Q"]], x[:, 4 + t["Q"]], x[:, 8 + t["V"]]], axis=1)
+    found = observed_units(spec, {"qkv": x, "kept": x[:, :4]}, [(t, {"qkv": after, "kept": x[:, :4]})], ["Q", "V"],
+                           {"qkv": np.zeros((12, 3))})
+    assert {n: [tuple(piece)[:3] for piece in ps] for n, ps in found.pieces.items()} == \
+        {"Q": [("qkv", 0, 4), ("qkv", 4, 8)], "V": [("qkv", 8, 12)]}
+
+
+# -- users' transformers -----------------------------------------------------------------------------------------
+def _tokens(n: int, vocab: int, length: int, seed: int) -> np.ndarray:
+    return torch.randint(0, vocab, (n, length), generator=torch.Generator().manual_seed(seed)).numpy()
+
+
+@pytest.mark.parametrize("untied", [False, True], ids=["tied-permuted-stream", "untied-rotated-stream"])
+def test_a_planted_transformation_of_a_nanogpt_is_undone(untied):
+    from tests.model_checks import randomised
+    from tests.test_stream_trace_nanogpt import CFG, IDX, EveryPositionGPT, UntiedGPT, _model
+
+    cls = UntiedGPT if untied else EveryPositionGPT
+    a = _model(1, cls)
+    pair = cb.ModelPair(a, _model(2, cls), example_input=IDX)
+    params = pair._folded_for(pair.spec).params(0)
+    moved = cb.apply_permutation(pair.spec, cb.random_permutation(pair.spec, params, seed=5), params)
+    b = randomised(cls(CFG), 0)
+    b.load_state_dict({k: torch.as_tensor(v, dtype=torch.float32) for k, v in moved.items()}, strict=False)
+    planted = cb.ModelPair(a, b, example_input=IDX)
+    assert any(isinstance(k, Orthogonal) for k in planted.spec.kinds.values()) == untied
+    tokens = _tokens(100, CFG.vocab_size, CFG.block_size, 1)
+    aligned = planted.align("activation", data=(tokens, tokens))
+    np.testing.assert_allclose(aligned.theta(1), aligned.theta(0), atol=1e-5)
+
+
+@pytest.mark.parametrize("kv_heads", [4, 2])
+def test_a_llama_with_grouped_query_heads_and_a_gated_mlp_planted_by_hand_is_undone(kv_heads):
+    from tests.test_stream_trace_llama import IDX, VOCAB, Llama, T, _planted, _state
+
+    torch.manual_seed(0)
+    a = Llama(kv_heads=kv_heads).eval()
+    b = Llama(kv_heads=kv_heads).eval()
+    b.load_state_dict({k: torch.as_tensor(v, dtype=torch.float32) for k, v in _planted(_state(a), kv_heads,
+                                                                                        seed=3).items()})
+    pair = cb.ModelPair(a, b, example_input=IDX)
+    observed = pair._observed(pair.spec, pair, "activation", 0).pieces
+    hidden = next(p for p in pair.spec.perm_names if "gate_proj" in p or "up_proj" in p)
+    assert {piece.point for piece in observed[hidden]} >= {"layers.0.mlp.gate_proj", "layers.0.mlp.up_proj"}
+    tokens = _tokens(64, VOCAB, T, 2)
+    aligned = pair.align("activation", data=(tokens, tokens), symmetries="permutation")
+    np.testing.assert_allclose(aligned.theta(1), aligned.theta(0), atol=1e-5)
+
+
+class _Attention(torch.nn.Module):
+    def __init__(self, d: int, heads: int) -> None:
+        super().__init__()
+        self.heads = heads
+        self.q, self.k, self.v, self.o = (torch.nn.Linear(d, d) for _ in range(4))
+
+    def forward(self, x):
+        b, t, d = x.shape
+        q, k, v = (m(x).view(b, t, self.heads, d // self.heads).transpose(1, 2) for m in (self.q, self.k, self.v))
+        y = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.o(y.transpose(1, 2).reshape(b, t, d))
+
+
+class _LM(torch.nn.Module):
+    def __init__(self, vocab: int = 11, d: int = 12, heads: int = 3) -> None:
+        super().__init__()
+        self.emb = torch.nn.Embedding(vocab, d)
+        self.norm1, self.attn = torch.nn.LayerNorm(d), _Attention(d, heads)
+        self.norm2, self.fc1, self.fc2 = torch.nn.LayerNorm(d), torch.nn.Linear(d, 2 * d), torch.nn.Linear(2 * d, d)
+        self.head = torch.nn.Linear(d, vocab)
+
+    def forward(self, idx):
+        x = self.emb(idx)
+        x = x + self.attn(self.norm1(x))
+        x = x + self.fc2(torch.relu(self.fc1(self.norm2(x))))
+        return self.head(x)
+
+
+def test_heads_of_two_independent_models_match_as_a_hand_written_head_matching_does():
+    torch.manual_seed(0)
+    a, b = _LM().eval(), _LM().eval()
+    tokens = _tokens(80, 11, 6, 4)
+    pair = cb.ModelPair(a, b, example_input=torch.as_tensor(tokens[:2]))
+    aligned = pair.align("activation", data=(tokens, tokens), symmetries="permutation")
+    perm = aligned.permutation
+
+    def outputs(model):
+        seen = {}
+        hooks = [getattr(model.attn, m).register_forward_hook(lambda _m, _i, o, m=m: seen.__setitem__(m, o))
+                 for m in "qkv"]
+        with torch.no_grad():
+            model(torch.as_tensor(tokens))
+        for h in hooks:
+            h.remove()
+        return {m: seen[m].reshape(-1, 12).double().numpy() for m in "qkv"}
+
+    fa, fb = outputs(a), outputs(b)
+
+    def corr(m):
+        return np.corrcoef(fa[m].T, fb[m].T)[:12, 12:]
+
+    costs = {"qk": (corr("q") + corr("k")) / 2, "v": corr("v")}
+    size, heads = 4, 3
+    value = np.zeros((heads, heads))
+    inner = {}
+    for m, c in costs.items():
+        for i, j in itertools.product(range(heads), repeat=2):
+            block = c[i * size:(i + 1) * size, j * size:(j + 1) * size]
+            rows, cols = linear_sum_assignment(block, maximize=True)
+            inner[m, i, j] = cols[np.argsort(rows)]
+            value[i, j] += block[rows, cols].sum()
+    rows, cols = linear_sum_assignment(value, maximize=True)
+    sigma = cols[np.argsort(rows)]
+    group = next(p for p in perm if p.endswith("heads"))
+    assert perm[group].tolist() == sigma.tolist()
+    for m, member in (("qk", next(p for p in perm if isinstance(pair.spec.kinds.get(p), Blocks) and "q" in p)),):
+        want = np.concatenate([sigma[i] * size + inner[m, i, sigma[i]] for i in range(heads)])
+        assert perm[member].tolist() == want.tolist()
