@@ -20,7 +20,7 @@ import math
 import warnings
 import weakref
 from collections import OrderedDict
-from collections.abc import Callable, Collection, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -585,14 +585,16 @@ class Evaluator:
         preds.append(pred)
 
     def features(self, flat: Any, data: ArrayDataset, points: Sequence[str], *,
-                 units_last: Collection[str] = ()) -> dict[str, np.ndarray]:
+                 readings: Mapping[str, str] | None = None) -> dict[str, np.ndarray]:
         """Per-unit features at ``points`` for one vector: ``{point: (examples x positions, units)}``.
 
         Convolutional ``(n, c, h, w)`` outputs (and a sequence's ``(n, c, length)``) are
         flattened example-major, then row-major positions, to ``(n * h * w, c)``; vectors
-        stay ``(n, units)``. The points in ``units_last`` hold their units on their last axis
-        (a transformer block's ``(n, tokens, features)`` output, which a backend gives as it
-        is): they are read ``(n * tokens, features)``. Every example's
+        stay ``(n, units)``. ``readings`` names points read otherwise
+        (:data:`combinability.observation.READINGS`): ``"last"``, the units on the last axis (a
+        transformer block's ``(n, tokens, features)`` output, which a backend gives as it is), read
+        ``(n * tokens, features)``; ``"heads"``, the units on the last two axes of the map (a flax
+        ``DenseGeneral``'s ``(n, tokens, heads, head_dim)``), read ``(n * tokens, heads * head_dim)``. Every example's
         features are returned at once (float32, written into one preallocated array per
         point); statistics of features need not hold them: see :meth:`correlations`.
         """
@@ -603,7 +605,7 @@ class Evaluator:
         out: dict[str, np.ndarray] = {}
         for s, stop in self._batches(n):
             feats = self._attempt(lambda s=s, stop=stop: self._features(flat, x[s:stop, ...], list(points),
-                                                                        units_last), data, s, stop)
+                                                                        readings), data, s, stop)
             if feats is None:
                 continue
             for p in points:
@@ -615,7 +617,7 @@ class Evaluator:
         return out
 
     def correlations(self, flat_a: Any, flat_b: Any, data: ArrayDataset, points: Sequence[str], *,
-                     units_last: Collection[str] = ()) -> dict[str, np.ndarray]:
+                     readings: Mapping[str, str] | None = None) -> dict[str, np.ndarray]:
         """Pearson correlation of every unit of A with every unit of B at ``points``, streamed.
 
         Both vectors see the same batch; each batch's features are reduced on the device
@@ -631,8 +633,8 @@ class Evaluator:
         data : ArrayDataset
         points : sequence of str
             Feature points.
-        units_last : collection of str
-            Points that hold their units on their last axis (see :meth:`features`).
+        readings : mapping of str to str, optional
+            Points read otherwise than channels-first (see :meth:`features`).
 
         Returns
         -------
@@ -641,10 +643,10 @@ class Evaluator:
             :func:`combinability.matching.unit_correlations`).
         """
         return {p: m.correlation() for p, m in self.moments(flat_a, flat_b, data, points,
-                                                            units_last=units_last).items()}
+                                                            readings=readings).items()}
 
     def moments(self, flat_a: Any, flat_b: Any, data: ArrayDataset, points: Sequence[str], *,
-                units_last: Collection[str] = ()) -> dict[str, CrossMoments]:
+                readings: Mapping[str, str] | None = None) -> dict[str, CrossMoments]:
         """The running moments of A's and B's units at ``points`` (:class:`CrossMoments`), streamed
         as :meth:`correlations` streams them: their correlations, covariances and second moments."""
         be = self.backend
@@ -656,8 +658,8 @@ class Evaluator:
         acc = {p: CrossMoments() for p in wanted}
         for s, stop in self._batches(int(x.shape[0])):
             xb = x[s:stop, ...]
-            both = self._attempt(lambda xb=xb: (self._features(flat_a, xb, wanted, units_last),
-                                                self._features(flat_b, xb, wanted, units_last)), data, s, stop)
+            both = self._attempt(lambda xb=xb: (self._features(flat_a, xb, wanted, readings),
+                                                self._features(flat_b, xb, wanted, readings)), data, s, stop)
             if both is None:
                 continue
             fa, fb = both
@@ -666,14 +668,15 @@ class Evaluator:
             del fa, fb, both
         return acc
 
-    def _features(self, flat: Any, x: Any, points: list[str], units_last: Collection[str]) -> dict[str, Any]:
-        """The prepared model's features at ``points``, those of ``units_last`` with their last axis moved second."""
+    def _features(self, flat: Any, x: Any, points: list[str], readings: Mapping[str, str] | None) -> dict[str, Any]:
+        """The prepared model's features at ``points``, channels-first (those of ``readings`` made so)."""
+        from combinability.observation import channels_first
+
         feats = self.prepared.features(flat, x, points)
         xp = self.backend.xp()
-        for p in units_last:
-            f = feats.get(p)
-            if f is not None and f.ndim > 2:
-                feats[p] = xp.permute_dims(f, (0, f.ndim - 1, *range(1, f.ndim - 1)))
+        for p, reading in (readings or {}).items():
+            if feats.get(p) is not None:
+                feats[p] = channels_first(xp, feats[p], reading)
         return feats
 
 

@@ -25,7 +25,13 @@ import numpy as np
 from combinability.kinds import act
 from combinability.permutation import PermutationSpec, Repeat, _segment_sizes
 
-__all__ = ["Piece", "Observed", "observed_units"]
+__all__ = ["Piece", "Observed", "READINGS", "observed_units", "observe_model", "channels_first"]
+
+#: How a point's output may hold its units, besides channels-first (``(n, units, *positions)``, as backends give
+#: features): ``"last"``, on its last axis (a torch transformer block's ``(n, tokens, features)``, which a
+#: backend gives as it is); ``"heads"``, on the last two axes of the map the channels-first output was moved from
+#: (a flax ``DenseGeneral``'s ``(n, tokens, heads, head_dim)``, given ``(n, head_dim, tokens, heads)``).
+READINGS = ("last", "heads")
 
 class Piece(NamedTuple):
     """The units ``start:stop`` of a feature point's output, at which a name's units are observed.
@@ -67,12 +73,12 @@ class Observed:
     ----------
     pieces : mapping of str to tuple of Piece
         For each observed name, every ``(point, start, stop)`` whose units it reorders.
-    units_last : frozenset of str
-        The points read with their units on the last axis.
+    readings : mapping of str to str
+        The points read otherwise than channels-first, and how (:data:`READINGS`).
     """
 
     pieces: Mapping[str, tuple[Piece, ...]] = field(default_factory=dict)
-    units_last: frozenset[str] = frozenset()
+    readings: Mapping[str, str] = field(default_factory=dict)
 
     def points(self) -> list[str]:
         """Every point of :attr:`pieces`, each once, in order."""
@@ -131,7 +137,7 @@ def observed_units(spec: PermutationSpec, before: Mapping[str, Any],
     repeats = {(e.name, e.times, e.interleaved) for entries in spec.axes_to_perm.values() for e in entries
                if isinstance(e, Repeat) and e.name in wanted and np.ndim(first[e.name]) == 1}
     pieces: dict[str, list[Piece]] = {n: [] for n in wanted}
-    units_last: set[str] = set()
+    readings: dict[str, str] = {}
     seen: list[np.ndarray] = []
     for point, out in before.items():
         a = np.asarray(out, dtype=np.float64)
@@ -139,8 +145,8 @@ def observed_units(spec: PermutationSpec, before: Mapping[str, Any],
         if len(afters) != len(rounds) or a.ndim < 2 or any(b.shape != a.shape for b in afters) \
                 or not all(np.isfinite(f).all() for f in (a, *afters)):
             continue
-        for last in (False, True) if a.ndim > 2 else (False,):
-            fa, fbs = _rows(a, last), [_rows(b, last) for b in afters]
+        for reading in ("second", *READINGS[:a.ndim - 2]):
+            fa, fbs = _rows(a, reading), [_rows(b, reading) for b in afters]
             units = fa.shape[1]
             found = [(n, Piece(point, 0, units)) for n in wanted
                      if sizes[n] == units and _follows(fa, fbs, [t[n] for t in transforms])]
@@ -158,20 +164,42 @@ def observed_units(spec: PermutationSpec, before: Mapping[str, Any],
                 seen.append(fa)
                 for n, piece in found:
                     pieces[n].append(piece)
-                if last:
-                    units_last.add(point)
+                if reading != "second":
+                    readings[point] = reading
                 break
-    return Observed({n: tuple(ps) for n, ps in pieces.items() if ps}, frozenset(units_last))
+    return Observed({n: tuple(ps) for n, ps in pieces.items() if ps}, readings)
 
 
 def _size(value: Any) -> int:
     return int(np.shape(value)[0])
 
 
-def _rows(f: np.ndarray, units_last: bool) -> np.ndarray:
-    """``(observations, units)``: the units second (channels-first) or last."""
-    moved = np.moveaxis(f, -1, 1) if units_last else f
-    return np.moveaxis(moved, 1, -1).reshape(-1, moved.shape[1])
+def _rows(f: np.ndarray, reading: str) -> np.ndarray:
+    """``(observations, units)`` of an output read channels-first (``"second"``) or as :data:`READINGS` says."""
+    f = channels_first(np, f, reading) if reading != "second" else f
+    return np.moveaxis(f, 1, -1).reshape(-1, f.shape[1])
+
+
+def channels_first(xp: Any, f: Any, reading: str) -> Any:
+    """An output read as ``reading`` (:data:`READINGS`) made channels-first, ``(n, units, *positions)``.
+
+    Examples
+    --------
+    >>> f = np.arange(2 * 3 * 4 * 5).reshape(2, 3, 4, 5)      # (n, head_dim, tokens, heads), from (n, 4, 5, 3)
+    >>> channels_first(np, f, "heads").shape                  # (n, heads x head_dim, tokens)
+    (2, 15, 4)
+    >>> channels_first(np, f, "last").shape
+    (2, 5, 3, 4)
+    """
+    if f.ndim < 3:
+        return f
+    if reading == "last":
+        return xp.permute_dims(f, (0, f.ndim - 1, *range(1, f.ndim - 1)))
+    if reading == "heads":
+        g = xp.permute_dims(f, (0, *range(2, f.ndim), 1))  # the map the backend moved: (n, ..., heads, head_dim)
+        g = xp.reshape(g, (*g.shape[:-2], g.shape[-2] * g.shape[-1]))
+        return xp.permute_dims(g, (0, g.ndim - 1, *range(1, g.ndim - 1))) if g.ndim > 2 else g
+    raise ValueError(f"unknown reading {reading!r}; valid: {', '.join(READINGS)}")
 
 
 def _packed_segments(spec: PermutationSpec, transform: Mapping[str, Any],
@@ -243,7 +271,8 @@ def observe_model(backend: Any, model: Any, layout: Any, theta: np.ndarray, exam
     Returns
     -------
     Observed
-        Empty when the backend's prepared model cannot list its points (``feature_candidates``).
+        Empty when the backend's prepared model cannot list its points (``feature_candidates(flat, x)``:
+        the names ``features`` reads on ``x``).
     """
     from combinability.data.base import input_dtype
     from combinability.errors import UnknownNameError
@@ -253,9 +282,9 @@ def observe_model(backend: Any, model: Any, layout: Any, theta: np.ndarray, exam
     candidates = getattr(prepared, "feature_candidates", None)
     if candidates is None or not names:
         return Observed()
-    points = list(candidates())
-    params = layout.unflatten(theta)
     x = backend.asarray(example_input, input_dtype(example_input))
+    points = list(candidates(backend.asarray(np.asarray(theta, dtype=np.float32)), x))
+    params = layout.unflatten(theta)
     # each family (a block group and its members, or a name alone) moves in the rounds of its code's bits: any two
     # families differ in some round, so a point is not credited to a family that drew the same values as its own
     def family(name: str) -> str:  # the outermost block group a name moves with (heads within a key/value head's)

@@ -474,7 +474,7 @@ class ModelSet:
         naive = (self.naive or self)._folded_for(spec)
         reference = naive.params(0)
         observed = self._observed(spec, naive, method, seed)
-        features, correlations, moments = self._feature_source(naive, data, examples, observed.units_last) \
+        features, correlations, moments = self._feature_source(naive, data, examples, observed.readings) \
             if data is not None else (None, None, None)
         learned = self._learning_context(naive, data, method)
         transforms: list[Permutation | None] = [None]
@@ -664,7 +664,8 @@ class ModelSet:
         return observe_model(self.backend_obj, naive.models[0], self.layout, naive.thetas[0], example, spec, names,
                              seed=seed)
 
-    def _feature_source(self, naive: ModelSet, data: Any, examples: int, units_last: Any = frozenset()) -> Any:
+    def _feature_source(self, naive: ModelSet, data: Any, examples: int,
+                        readings: Mapping[str, str] | None = None) -> Any:
         from combinability.data.convert import as_dataset
         from combinability.evaluation import Evaluator
 
@@ -682,18 +683,18 @@ class ModelSet:
             ds, evaluator = ready()
             wanted = list(dict.fromkeys(points))
             if isinstance(i, np.ndarray):
-                return evaluator.features(i, ds, wanted, units_last=units_last)
+                return evaluator.features(i, ds, wanted, readings=readings)
             if i not in cache or any(p not in cache[i] for p in wanted):
-                cache[i] = evaluator.features(naive.thetas[i], ds, wanted, units_last=units_last)
+                cache[i] = evaluator.features(naive.thetas[i], ds, wanted, readings=readings)
             return {p: cache[i][p] for p in wanted}
 
         def correlations(theta_a: np.ndarray, theta_b: np.ndarray, points: Sequence[str]) -> dict[str, np.ndarray]:
             ds, evaluator = ready()
-            return evaluator.correlations(theta_a, theta_b, ds, list(dict.fromkeys(points)), units_last=units_last)
+            return evaluator.correlations(theta_a, theta_b, ds, list(dict.fromkeys(points)), readings=readings)
 
         def moments(theta_a: np.ndarray, theta_b: np.ndarray, points: Sequence[str]) -> dict[str, Any]:
             ds, evaluator = ready()
-            return evaluator.moments(theta_a, theta_b, ds, list(dict.fromkeys(points)), units_last=units_last)
+            return evaluator.moments(theta_a, theta_b, ds, list(dict.fromkeys(points)), readings=readings)
 
         return features, correlations, moments
 

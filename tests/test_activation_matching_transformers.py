@@ -219,3 +219,24 @@ def test_heads_of_two_independent_models_match_as_a_hand_written_head_matching_d
     for m, member in (("qk", next(p for p in perm if isinstance(pair.spec.kinds.get(p), Blocks) and "q" in p)),):
         want = np.concatenate([sigma[i] * size + inner[m, i, sigma[i]] for i in range(heads)])
         assert perm[member].tolist() == want.tolist()
+
+
+def test_a_planted_transformation_of_a_flax_vit_with_dense_general_heads_is_undone():
+    pytest.importorskip("flax")
+    from tests.test_stream_trace_vit_flax import ViT, X, _variables
+
+    net = ViT()
+    pair = cb.ModelPair((net, _variables(net, 0)), (net, _variables(net, 1)), example_input=X)
+    params = pair._folded_for(pair.spec).params(0)
+    moved = cb.apply_permutation(pair.spec, cb.random_permutation(pair.spec, params, seed=5), params)
+    be = pair.backend_obj
+    b = be.with_state(pair.models[0], {**be.state(pair.models[0]), **{k: v.astype(np.float32)
+                                                                     for k, v in moved.items()}})
+    planted = cb.ModelPair(pair.models[0], b, example_input=X)
+    observed = planted._observed(planted.spec, planted._folded_for(planted.spec), "activation", 0)
+    # the heads' queries and keys at the DenseGeneral outputs (n, tokens, heads, head_dim), read heads-major
+    assert {p.point for p in observed.pieces["P_b0/attn/query"]} == {"b0/attn/query", "b0/attn/key"}
+    assert observed.readings["b0/attn/query"] == "heads"
+    inputs = np.random.default_rng(1).normal(size=(200, 12, 12, 2)).astype(np.float32)
+    aligned = planted.align("activation", data=(inputs, np.zeros(200, dtype=np.int64)))
+    np.testing.assert_allclose(aligned.theta(1), aligned.theta(0), atol=1e-5)

@@ -158,6 +158,15 @@ class _Program:
         # flax keeps units last (NHWC maps, (n, tokens, features)): channels-first, as features are read
         return {p: jnp.moveaxis(found[p], -1, 1) if found[p].ndim >= 3 else found[p] for p in points}
 
+    def captured(self, flat: jax.Array, rest: dict[str, jax.Array], x: jax.Array) -> list[str]:
+        """The names of the submodule outputs flax's ``capture_intermediates`` gives on ``x`` (their ``taps``)."""
+        variables, x = self.lowered(self.variables(flat, rest), x)
+        _, state = jax.eval_shape(lambda v, x: self.module.apply(v, x, capture_intermediates=True,
+                                                                  mutable=["intermediates"], **self.kwargs(False)),
+                                  variables, x)
+        return [k.removesuffix("/__call__") for k, v in flatten_variables(state["intermediates"]).items()
+                if k.endswith("/__call__") and k.count("/") > 0 and hasattr(v[0], "shape")]
+
     def step(self, flat: jax.Array, rest: dict, mask: jax.Array, x: jax.Array, y: jax.Array,
              loss: Callable[[Any, Any], Any], train: bool = True) -> tuple[jax.Array, jax.Array, jax.Array]:
         rngs = {"dropout": jax.random.fold_in(jax.random.key(0), _batch_digest(x))}
@@ -289,6 +298,14 @@ class JaxPrepared:
                                                        shape(x.shape, x.dtype))
             self._vmap_on_cpu = "conv_general_dilated" not in _primitives(jaxpr.jaxpr)
         return self._vmap_on_cpu
+
+    def feature_candidates(self, flat: jax.Array, x: jax.Array) -> list[str]:
+        """The points at which a transformation's units may be observed (:mod:`combinability.observation`): a
+        traced model's table nodes, else every submodule whose output ``x`` gives (flax's intermediates)."""
+        if self.points is not None:
+            return list(self.table.feature_points())
+        with _precision(self.backend.precision):
+            return self.program.captured(flat, self.rest, x)
 
     def features(self, flat: jax.Array, x: jax.Array, points: Sequence[str]) -> dict[str, jax.Array]:
         missing = [p for p in points if self.points is not None and p not in self.points]

@@ -335,7 +335,7 @@ class TorchPrepared:
 
             yield forward
 
-    def feature_candidates(self) -> list[str]:
+    def feature_candidates(self, flat: torch.Tensor | None = None, x: torch.Tensor | None = None) -> list[str]:
         """The points at which a transformation's units may be observed (:mod:`combinability.observation`):
         a traced model's modules (those it calls, those it traced through, those whose parameters an
         operation reads), an untraced one's submodules."""
