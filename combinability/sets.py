@@ -210,6 +210,7 @@ class ModelSet:
         tables = [be.table_of(m) for m in models]
         folds: tuple[NormFold, ...] = ()
         points: dict[str, str] = {}
+        streamed = False  # traced by its feature spaces (a transformer): example_input kept, to observe its units
         if tables[0] is None and example_input is not None:
             from combinability.derive import derive_symmetries, describe
             from combinability.feature_spaces import opener_points
@@ -245,6 +246,7 @@ class ModelSet:
                             f"models A and {_label(i)} have different symmetries: "
                             f"{_first_difference(derived, other)}; they cannot be combined") from None
                 points = opener_points(derived) if spec is None else {}  # a given spec names its own points
+                streamed = spec is None
                 spec, folds = spec if spec is not None else derived, tuple(derived_folds)
         table = tables[0]
         if table is None and spec is None:
@@ -288,7 +290,7 @@ class ModelSet:
                    transforms=[None] * len(models), alignment="naive", naive=None, folds=folds, points=points,
                    alignment_settings=None,
                    backend_instance=None if backend is None or isinstance(backend, str) else be,
-                   example_input=example_input if points else None)
+                   example_input=example_input if points or streamed else None)
 
     def _init(self, **fields: Any) -> None:
         for k, v in fields.items():

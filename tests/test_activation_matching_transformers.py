@@ -240,3 +240,40 @@ def test_a_planted_transformation_of_a_flax_vit_with_dense_general_heads_is_undo
     inputs = np.random.default_rng(1).normal(size=(200, 12, 12, 2)).astype(np.float32)
     aligned = planted.align("activation", data=(inputs, np.zeros(200, dtype=np.int64)))
     np.testing.assert_allclose(aligned.theta(1), aligned.theta(0), atol=1e-5)
+
+
+class _WrittenOutAttention(torch.nn.Module):
+    """Attention written with bare parameters: ``x @ self.w_q``, no Linear modules."""
+
+    def __init__(self, d: int = 12, heads: int = 3) -> None:
+        super().__init__()
+        self.heads = heads
+        self.w_q, self.w_k, self.w_v, self.w_o = (torch.nn.Parameter(torch.randn(d, d) / d**0.5) for _ in range(4))
+
+    def forward(self, x):
+        b, t, d = x.shape
+        q, k, v = ((x @ w).view(b, t, self.heads, d // self.heads).transpose(1, 2)
+                   for w in (self.w_q, self.w_k, self.w_v))
+        y = torch.softmax(q @ k.transpose(-2, -1) / 2.0, -1) @ v
+        return y.transpose(1, 2).reshape(b, t, d) @ self.w_o
+
+
+class _WrittenOutLM(_LM):
+    def __init__(self) -> None:
+        super().__init__()
+        self.attn = _WrittenOutAttention()
+
+
+def test_heads_of_attention_written_with_bare_parameters_are_read_at_the_products_and_a_planted_map_undone():
+    torch.manual_seed(0)
+    a = _WrittenOutLM().eval()
+    idx = torch.as_tensor(_tokens(2, 11, 6, 5))
+    pair = cb.ModelPair(a, _WrittenOutLM().eval(), example_input=idx)
+    params = pair._folded_for(pair.spec).params(0)
+    moved = cb.apply_permutation(pair.spec, cb.random_permutation(pair.spec, params, seed=2), params)
+    b = _WrittenOutLM().eval()
+    b.load_state_dict({k: torch.as_tensor(v, dtype=torch.float32) for k, v in moved.items()})
+    planted = cb.ModelPair(a, b, example_input=idx)
+    tokens = _tokens(100, 11, 6, 6)
+    aligned = planted.align("activation", data=(tokens, tokens))
+    np.testing.assert_allclose(aligned.theta(1), aligned.theta(0), atol=1e-5)

@@ -190,6 +190,24 @@ def _refuse_hooked_weights(model: nn.Module) -> None:
             f"torch.nn.utils.parametrizations.weight_norm with a spec by hand")
 
 
+def _reads_parameter(n: torch.fx.Node) -> bool:
+    """Whether fx node ``n`` computes with a parameter or buffer read in place or through a transpose
+    (``x @ self.w_q``, ``F.linear(x, self.w.t())``): a layer written out, whose output may hold units."""
+    if n.op not in ("call_function", "call_method"):
+        return False
+
+    def direct(a: Any) -> bool:
+        if not isinstance(a, torch.fx.Node):
+            return False
+        if a.op == "get_attr":
+            return True
+        moved = a.op in ("call_function", "call_method") and str(getattr(a.target, "__name__", a.target)) in (
+            "t", "transpose", "permute", "getattr")
+        return moved and isinstance(a.args[0], torch.fx.Node) and a.args[0].op == "get_attr"
+
+    return any(direct(a) for a in [*n.args, *n.kwargs.values()])
+
+
 def _in_projection_points(model: nn.Module) -> dict[str, nn.MultiheadAttention]:
     """``<path>.in_proj`` for each ``nn.MultiheadAttention`` of ``model``: the point of its heads' queries, keys
     and values (:func:`~combinability_torch.trace.in_projection`)."""
@@ -340,8 +358,10 @@ class TorchPrepared:
         a traced model's modules (those it calls, those it traced through, those whose parameters an
         operation reads), an untraced one's submodules."""
         if isinstance(self.model, TapRunner):
-            called = {str(n.target) for n in self.model.gm.graph.nodes if n.op == "call_module"}
-            return [*(p for p, node in self.model.fx_of.items() if p != node or p in called),
+            graph = self.model.gm.graph
+            called = {str(n.target) for n in graph.nodes if n.op == "call_module"}
+            readers = {n.name for n in graph.nodes if _reads_parameter(n)}  # x @ self.w_q, F.linear(x, self.w)
+            return [*(p for p, node in self.model.fx_of.items() if p != node or p in called or node in readers),
                     *self.model.in_projections]
         if isinstance(self.model, TableNet):
             return list(self.model.table.feature_points())

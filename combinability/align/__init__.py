@@ -154,8 +154,8 @@ def check_aligner(name: str | Aligner, task: AlignTask) -> None:
             raise
         raise ConfigurationError(
             f"{exc}. It reads units in the models' activations, and no output of these models shows the units of "
-            f"{', '.join(map(repr, unseen[:3]))}{' and others' if len(unseen) > 3 else ''} (heads computed inside one "
-            "module, as nn.MultiheadAttention computes them, or a model without example_input)") from None
+            f"{', '.join(map(repr, unseen[:3]))}{' and others' if len(unseen) > 3 else ''} (units computed inside a "
+            "module the backend does not open, or models given without example_input)") from None
 
 
 def align(name: str | Aligner, task: AlignTask, **options: Any) -> Permutation:
