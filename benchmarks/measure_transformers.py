@@ -5,7 +5,8 @@ their symmetries (``cb.ModelPair(..., example_input=x)``), and runs
 ``symmetry_comparison`` on the test split: barriers of the linear path and of the uniform
 sampler, the weight-matching objective and time of each alignment. Prints a markdown
 table; writes each result next to the models and the ViT's figure to ``--figure``. With
-``--alignments ... invertible learned``, also weight matching with invertible maps inside heads and
+``--alignments ... activation invertible learned``, also activation matching of every kind (on the first
+``--train-limit`` training examples), weight matching with invertible maps inside heads and
 the ``"maps"`` aligner (the continuous maps trained on the midpoint loss for ``--learn-epochs`` on
 the first ``--train-limit`` training examples).
 
@@ -46,10 +47,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--only", nargs="+", default=list(IMAGE_MODELS), choices=MODELS)
     parser.add_argument("--figure", type=Path, default=None, help="PNG of the ViT's comparison")
     parser.add_argument("--alignments", nargs="+", default=["naive", "permutation", "all"],
-                        choices=["naive", "permutation", "all", "invertible", "learned"])
+                        choices=["naive", "permutation", "all", "activation", "invertible", "learned"])
     parser.add_argument("--learn-epochs", type=int, default=2, help="epochs of the 'learned' alignment")
     parser.add_argument("--train-limit", type=int, default=10000,
-                        help="training examples of the 'learned' alignment (chargpt: limit/8 windows)")
+                        help="training examples of the 'activation' and 'learned' alignments (chargpt: limit/8 "
+                             "windows)")
     args = parser.parse_args(argv)
     summary = {(r["model"], r["seed"]): r for r in json.loads((args.models / "summary.json").read_text())}
     rows = []
@@ -76,7 +78,7 @@ def main(argv: list[str] | None = None) -> None:
         ds = symmetry_comparison(pair, {"test": (x, y)}, samplers=[cb.Linear(), cb.Uniform()],
                                  values={"linear": list(np.linspace(0, 1, 11)), "uniform": [0.5]}, samples=4,
                                  restarts=2, alignments=args.alignments,
-                                 train_data=train if "learned" in args.alignments else None,
+                                 train_data=train if {"activation", "learned"} & set(args.alignments) else None,
                                  learn_options={"epochs": args.learn_epochs},
                                  out=args.models / f"symmetries_{name}.nc", overwrite=False)
         seconds = time.perf_counter() - start

@@ -282,7 +282,10 @@ def observe_model(backend: Any, model: Any, layout: Any, theta: np.ndarray, exam
     candidates = getattr(prepared, "feature_candidates", None)
     if candidates is None or not names:
         return Observed()
-    x = backend.asarray(example_input, input_dtype(example_input))
+    # two examples show every unit (a sequence's or an image's positions are observations too), and keep the
+    # outputs of every candidate in every round small
+    example = np.asarray(example_input)[:2]
+    x = backend.asarray(example, input_dtype(example))
     points = list(candidates(backend.asarray(np.asarray(theta, dtype=np.float32)), x))
     params = layout.unflatten(theta)
     # each family (a block group and its members, or a name alone) moves in the rounds of its code's bits: any two
