@@ -153,9 +153,11 @@ def observed_units(spec: PermutationSpec, before: Mapping[str, Any],
             found += [(n, Piece(point, 0, units, k, inter)) for n, k, inter in sorted(repeats)
                       if sizes[n] * k == units and _follows(fa, fbs, [_repeated(t[n], k, inter) for t in transforms])]
             for way in packs.get(units, ()) if not found else ():
-                matched = [(n, Piece(point, s, e)) for n, s, e in way
-                           if _follows(fa[:, s:e], [fb[:, s:e] for fb in fbs], [t[n] for t in transforms])]
-                if len(matched) == len(way):  # every segment moved as its name: this output is that packed axis
+                moving = [(entry, s, e) for entry, s, e in way if entry is not None]
+                matched = [_segment_piece(point, entry, s, e) for entry, s, e in moving
+                           if _follows(fa[:, s:e], [fb[:, s:e] for fb in fbs],
+                                       [_segment_value(t, entry) for t in transforms])]
+                if moving and len(matched) == len(moving):  # every segment moved as it says: this output is that axis
                     found = [m for m in matched if m[0] in pieces]
                     break
             if found and any(s.shape == fa.shape and np.array_equal(s, fa) for s in seen):
@@ -203,25 +205,67 @@ def channels_first(xp: Any, f: Any, reading: str) -> Any:
 
 
 def _packed_segments(spec: PermutationSpec, transform: Mapping[str, Any],
-                     params: Mapping[str, Any]) -> dict[int, list[list[tuple[str, int, int]]]]:
-    """For each length of a packed axis, the ways its segments cut it: ``[(name, start, stop), ...]``."""
-    out: dict[int, list[list[tuple[str, int, int]]]] = {}
+                     params: Mapping[str, Any]) -> dict[int, list[list[tuple[Any, int, int]]]]:
+    """For each length of an axis whose entries move in segments, the ways its segments cut it:
+    ``[(entry, start, stop), ...]``, ``entry`` a name, a :class:`~combinability.permutation.Repeat` (units
+    moving whole per head) or None (a segment that does not move). Such axes are the packed axes of the spec
+    (``(q, k, v)`` tuples) and the axes of parameters it binds as parts
+    (:class:`~combinability.module_stacks.Part`: Phi-3's ``qkv_proj`` of unequal query, key and value rows)."""
+    from combinability.module_stacks import Part
+
+    out: dict[int, list[list[tuple[Any, int, int]]]] = {}
+
+    def split(entry: Any, start: int, stop: int, param: str) -> list[tuple[Any, int, int]] | None:
+        if not isinstance(entry, tuple):
+            return [(entry, start, stop)]
+        if any(n not in transform for n in entry):
+            return None
+        try:
+            cuts = _segment_sizes(entry, transform, stop - start, param)
+        except Exception:  # noqa: BLE001 - segments that do not fit this axis: not a way to cut it
+            return None
+        bounds = start + np.concatenate([[0], np.cumsum(cuts)]).astype(int)
+        return [(n, int(bounds[i]), int(bounds[i + 1])) for i, n in enumerate(entry)]
+
+    def add(length: int, way: list[tuple[Any, int, int]] | None) -> None:
+        if way and way not in out.setdefault(length, []):
+            out[length].append(way)
+
     for param, entries in spec.axes_to_perm.items():
-        if param not in params:
-            continue
-        for axis, entry in enumerate(entries):
-            if not isinstance(entry, tuple) or any(n not in transform for n in entry):
-                continue
-            length = int(np.shape(params[param])[axis])
-            try:
-                cuts = _segment_sizes(entry, transform, length, param)
-            except Exception:  # noqa: BLE001 - segments that do not fit this axis: not a way to cut it
-                continue
-            bounds = np.concatenate([[0], np.cumsum(cuts)]).astype(int)
-            way = [(n, int(bounds[i]), int(bounds[i + 1])) for i, n in enumerate(entry)]
-            if way not in out.setdefault(length, []):
-                out[length].append(way)
+        if param in params:
+            for axis, entry in enumerate(entries):
+                if isinstance(entry, tuple):
+                    add(int(np.shape(params[param])[axis]), split(entry, 0, int(np.shape(params[param])[axis]), param))
+    cut: dict[tuple[str, int], list[tuple[int, int | None, Any]]] = {}
+    for name, view in spec.stacks.items():
+        if isinstance(view, Part) and view.step == 1 and view.member in params:
+            entry = spec.axes_to_perm[name][view.axis]
+            cut.setdefault((view.member, view.axis), []).append((view.start, view.stop, entry))
+    for (member, axis), parts in cut.items():
+        length = int(np.shape(params[member])[axis])
+        way: list[tuple[Any, int, int]] | None = []
+        for start, stop, entry in sorted(parts, key=lambda part: part[0]):
+            pieces = split(entry, start, length if stop is None else stop, member)
+            if pieces is None:
+                way = None
+                break
+            way += pieces
+        add(length, way)
     return out
+
+
+def _segment_value(transform: Mapping[str, Any], entry: Any) -> Any:
+    """The transformation of a segment's units: its name's, or for a :class:`Repeat` its name's per unit's entries."""
+    if isinstance(entry, Repeat):
+        return _repeated(transform[entry.name], entry.times, entry.interleaved)
+    return transform[entry]
+
+
+def _segment_piece(point: str, entry: Any, start: int, stop: int) -> tuple[str, Piece]:
+    """The name a segment observes and its piece of ``point``."""
+    if isinstance(entry, Repeat):
+        return entry.name, Piece(point, start, stop, entry.times, entry.interleaved)
+    return entry, Piece(point, start, stop)
 
 
 def _repeated(value: Any, times: int, interleaved: bool) -> np.ndarray:
