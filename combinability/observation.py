@@ -153,7 +153,9 @@ def observed_units(spec: PermutationSpec, before: Mapping[str, Any],
             found += [(n, Piece(point, 0, units, k, inter)) for n, k, inter in sorted(repeats)
                       if sizes[n] * k == units and _follows(fa, fbs, [_repeated(t[n], k, inter) for t in transforms])]
             for way in packs.get(units, ()) if not found else ():
-                moving = [(entry, s, e) for entry, s, e in way if entry is not None]
+                # a segment no round moves (a single key/value head) says nothing either way
+                moving = [(entry, s, e) for entry, s, e in way if entry is not None
+                          and any(not _is_identity(_segment_value(t, entry)) for t in transforms)]
                 matched = [_segment_piece(point, entry, s, e) for entry, s, e in moving
                            if _follows(fa[:, s:e], [fb[:, s:e] for fb in fbs],
                                        [_segment_value(t, entry) for t in transforms])]
@@ -332,20 +334,8 @@ def observe_model(backend: Any, model: Any, layout: Any, theta: np.ndarray, exam
     x = backend.asarray(example, input_dtype(example))
     points = list(candidates(backend.asarray(np.asarray(theta, dtype=np.float32)), x))
     params = layout.unflatten(theta)
-    # each family (a block group and its members, or a name alone) moves in the rounds of its code's bits: any two
-    # families differ in some round, so a point is not credited to a family that drew the same values as its own
-    def family(name: str) -> str:  # the outermost block group a name moves with (heads within a key/value head's)
-        group = spec.group_of(name)
-        return name if group is None or group == name else family(group)
-
-    codes: dict[str, int] = {}
-    for name in spec.perm_names:
-        codes.setdefault(family(name), len(codes) + 1)
-    rounds = []
-    for r in range(max(codes.values(), default=0).bit_length()):
-        drawn = random_permutation(spec, params, seed + r, derange=True)
-        transform = {n: v if codes[family(n)] >> r & 1 else _identity(v) for n, v in drawn.items()}
-        rounds.append((transform, layout.flatten(apply_permutation(spec, transform, params))))
+    rounds = [(t, layout.flatten(apply_permutation(spec, t, params)))
+              for t in _probe_transforms(spec, params, seed, random_permutation)]
 
     def outputs(flat: np.ndarray) -> dict[str, np.ndarray]:
         vector = backend.asarray(np.asarray(flat, dtype=np.float32))
@@ -361,6 +351,52 @@ def observe_model(backend: Any, model: Any, layout: Any, theta: np.ndarray, exam
         return {p: backend.to_numpy(v) for p, v in feats.items() if v is not None and hasattr(v, "shape")}
 
     return observed_units(spec, outputs(theta), [(t, outputs(moved)) for t, moved in rounds], names, params)
+
+
+def _probe_transforms(spec: PermutationSpec, params: Mapping[str, Any], seed: int, draw: Any) -> list[dict[str, Any]]:
+    """Transformations of ``spec`` that tell every name apart: a point moved as one name says in each of them is
+    that name's, not another's that drew the same values.
+
+    Each family (a block group and its members, or a name alone) moves whole in the rounds of its code's
+    bits, so any two families differ in some round. Then, with every block group in place, each block member
+    moves its units inside its blocks in the rounds of its own code's bits, so two members of one family (a
+    head's key and value units, which may draw the same derangement of a few units) differ in some round too.
+    """
+    from combinability.kinds import Blocks
+    from combinability.permutation import random_derangement
+
+    def family(name: str) -> str:  # the outermost block group a name moves with (heads within a key/value head's)
+        group = spec.group_of(name)
+        return name if group is None or group == name else family(group)
+
+    codes: dict[str, int] = {}
+    for name in spec.perm_names:
+        codes.setdefault(family(name), len(codes) + 1)
+    out = []
+    for r in range(max(codes.values(), default=0).bit_length()):
+        drawn = draw(spec, params, seed + r, derange=True)
+        out.append({n: v if codes[family(n)] >> r & 1 else _identity(v) for n, v in drawn.items()})
+    members: dict[str, list[str]] = {}
+    for name in spec.perm_names:
+        if isinstance(spec.kinds.get(name), Blocks):
+            members.setdefault(family(name), []).append(name)
+    rank = {m: i + 1 for ms in members.values() for i, m in enumerate(ms)}
+    rng = np.random.default_rng([seed, 1])
+    for r in range(max(rank.values(), default=1).bit_length() if any(len(ms) > 1 for ms in members.values()) else 0):
+        transform = {n: _identity(v) for n, v in out[0].items()} if out else {}
+        for m, k in rank.items():
+            kind = spec.kinds[m]
+            if k >> r & 1 and kind.size > 1:
+                transform[m] = np.concatenate([i * kind.size + random_derangement(kind.size, rng)
+                                               for i in range(kind.blocks)])
+        out.append(transform)
+    return out
+
+
+def _is_identity(value: Any) -> bool:
+    """Whether a transformation value leaves its units in place."""
+    value = np.asarray(value)
+    return bool(np.array_equal(value, _identity(value)))
 
 
 def _identity(value: Any) -> np.ndarray:

@@ -277,3 +277,52 @@ def test_heads_of_attention_written_with_bare_parameters_are_read_at_the_product
     tokens = _tokens(100, 11, 6, 6)
     aligned = planted.align("activation", data=(tokens, tokens))
     np.testing.assert_allclose(aligned.theta(1), aligned.theta(0), atol=1e-5)
+
+
+def _undone(a, example, tokens, *, seed=0, symmetries="all", vocab_targets=True):
+    """A planted random transformation of ``a``'s derived spec, undone by activation matching (its gap)."""
+    import copy
+
+    pair = cb.ModelPair(a, copy.deepcopy(a), example_input=example)
+    spec = pair.spec if symmetries == "all" else pair.spec.permutations_only()
+    params = pair._folded_for(spec).params(0)
+    moved = cb.apply_permutation(spec, cb.random_permutation(spec, params, seed=5), params)
+    b = copy.deepcopy(a)
+    b.load_state_dict({k: torch.as_tensor(np.asarray(v), dtype=torch.float32) for k, v in moved.items()},
+                      strict=False)
+    planted = cb.ModelPair(a, b, example_input=example)
+    aligned = planted.align("activation", data=(tokens, tokens), seed=seed, symmetries=symmetries)
+    return float(np.abs(aligned.theta(1) - aligned.theta(0)).max())
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2, 3])
+def test_one_module_per_head_keys_and_values_are_told_apart_whatever_they_draw(seed):
+    # Karpathy's Head modules: one head each, whose key/query and value units may draw the same derangement
+    # of a few units in the probe; they must not be credited with each other's outputs
+    from tests.model_checks import randomised
+    from tests.test_stream_trace_idioms import IDX, VOCAB, BigramLanguageModel
+
+    tokens = _tokens(200, VOCAB, IDX.shape[1], 1)
+    assert _undone(randomised(BigramLanguageModel(), 0), IDX, tokens, seed=seed) < 1e-5
+    assert _undone(randomised(BigramLanguageModel(), 0), IDX, tokens, seed=seed, symmetries="permutation") < 1e-5
+
+
+@pytest.mark.parametrize("case", ["encoder", "qk-norm", "fused-qkv-one-kv-head"])
+def test_heads_inside_torch_encoder_layers_and_in_qkv_layers_cut_into_parts_are_observed(case):
+    from tests.model_checks import randomised
+
+    if case == "encoder":  # nn.TransformerEncoder, kept whole by the tracer; its fused fast path bypasses hooks
+        from tests.test_stream_trace_torch_encoder import SEQ, TOKENS, VOCAB, EncoderGPT
+
+        model, example, tokens = randomised(EncoderGPT(), 0), TOKENS, _tokens(200, VOCAB, SEQ, 1)
+    elif case == "qk-norm":  # one qkv layer whose query/key rows the spec binds as parts (heads kept whole)
+        from tests.test_stream_trace_idioms import IDX, VOCAB, NormedLM
+
+        model, example, tokens = randomised(NormedLM("rms", "after", "view"), 5), IDX, _tokens(200, VOCAB,
+                                                                                                 IDX.shape[1], 1)
+    else:  # Phi-3's qkv_proj with one key/value head (which no transformation moves), with biases
+        from tests.test_stream_trace_llama import IDX, VOCAB, Llama, T
+
+        torch.manual_seed(0)
+        model, example, tokens = Llama(kv_heads=1, sdpa=True, fused="bias").eval(), IDX, _tokens(200, VOCAB, T, 1)
+    assert _undone(model, example, tokens) < 1e-5

@@ -13,6 +13,7 @@ import contextlib
 import copy
 import functools
 import logging
+import operator
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
@@ -208,6 +209,22 @@ def _reads_parameter(n: torch.fx.Node) -> bool:
     return any(direct(a) for a in [*n.args, *n.kwargs.values()])
 
 
+def _hookable(model: nn.Module) -> list[str]:
+    """The submodules of ``model`` whose forward runs and whose output a hook reads: not containers, nor the
+    ``out_proj`` of an ``nn.MultiheadAttention`` (whose weights it reads without calling it)."""
+    skipped = {f"{name}.out_proj" if name else "out_proj" for name, m in model.named_modules()
+               if isinstance(m, nn.MultiheadAttention)}
+    return [name for name, m in model.named_modules() if name and name not in skipped
+            and not isinstance(m, nn.ModuleList | nn.ModuleDict | nn.Sequential)]
+
+
+def _residual_sum(n: torch.fx.Node) -> bool:
+    """Whether fx node ``n`` adds two computed tensors (``x + attn(x)``: a residual connection)."""
+    adds = (operator.add, operator.iadd, torch.add, "add", "add_", "__add__", "__iadd__")
+    return n.op in ("call_function", "call_method") and n.target in adds and len(n.args) >= 2 and all(
+        isinstance(a, torch.fx.Node) and a.op not in ("get_attr", "placeholder") for a in n.args[:2])
+
+
 def _in_projection_points(model: nn.Module) -> dict[str, nn.MultiheadAttention]:
     """``<path>.in_proj`` for each ``nn.MultiheadAttention`` of ``model``: the point of its heads' queries, keys
     and values (:func:`~combinability_torch.trace.in_projection`)."""
@@ -361,13 +378,16 @@ class TorchPrepared:
             graph = self.model.gm.graph
             called = {str(n.target) for n in graph.nodes if n.op == "call_module"}
             readers = {n.name for n in graph.nodes if _reads_parameter(n)}  # x @ self.w_q, F.linear(x, self.w)
-            return [*(p for p, node in self.model.fx_of.items() if p != node or p in called or node in readers),
-                    *self.model.in_projections]
+            sums = {n.name for n in graph.nodes if _residual_sum(n)}  # x + attn(x): the stream between blocks
+            nodes = [p for p, node in self.model.fx_of.items() if p != node or p in called or node in readers | sums]
+            # inside a module the graph calls whole (nn.TransformerEncoder): its submodules, read by hooks
+            whole = [(path, self.model.gm.get_submodule(path)) for path in called]
+            inside = [f"{path}.{name}" for path, m in whole for name in _hookable(m)]
+            inside += [f"{path}.{name}" for path, m in whole for name in _in_projection_points(m)]
+            return [*nodes, *self.model.in_projections, *(p for p in inside if p not in self.model.fx_of)]
         if isinstance(self.model, TableNet):
             return list(self.model.table.feature_points())
-        return [*(name for name, m in self.model.named_modules()
-                  if name and not isinstance(m, nn.ModuleList | nn.ModuleDict | nn.Sequential)),
-                *_in_projection_points(self.model)]
+        return [*_hookable(self.model), *_in_projection_points(self.model)]
 
     def features(self, flat: torch.Tensor, x: torch.Tensor, points: Sequence[str]) -> dict[str, torch.Tensor]:
         params = self._views(flat)
@@ -425,9 +445,14 @@ class TorchPrepared:
         handles += [projections[p].register_forward_hook(
             lambda m, args, kwargs, _o, p=p: keep(p, in_projection(m, args, kwargs)), with_kwargs=True)
             for p in points if p in projections]
+        # torch's fused "fast path" of nn.TransformerEncoderLayer / nn.MultiheadAttention in inference skips the
+        # submodules' forward calls: off while hooks read them
+        fastpath = torch.backends.mha.get_fastpath_enabled()
+        torch.backends.mha.set_fastpath_enabled(False)
         try:
             self._call(params, x, **({} if taps is None else {"taps": taps}))
         finally:
+            torch.backends.mha.set_fastpath_enabled(fastpath)
             for h in handles:
                 h.remove()
         if twice:

@@ -154,8 +154,9 @@ def check_aligner(name: str | Aligner, task: AlignTask) -> None:
             raise
         raise ConfigurationError(
             f"{exc}. It reads units in the models' activations, and no output of these models shows the units of "
-            f"{', '.join(map(repr, unseen[:3]))}{' and others' if len(unseen) > 3 else ''} (units computed inside a "
-            "module the backend does not open, or models given without example_input)") from None
+            f"{', '.join(map(repr, unseen[:3]))}{' and others' if len(unseen) > 3 else ''} (experts held as modules "
+            "or parameters of their own, each computing on the tokens routed to it; units computed inside a module "
+            "the backend does not open; or models given without example_input)") from None
 
 
 def align(name: str | Aligner, task: AlignTask, **options: Any) -> Permutation:

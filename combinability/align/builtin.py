@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 
 from combinability.align.base import AlignTask, blocks_without_points
-from combinability.errors import ConfigurationError
+from combinability.errors import ConfigurationError, UnknownNameError
 from combinability.kinds import Blocks, Orthogonal
 from combinability.matching import weight_matching
 from combinability.observation import Piece
@@ -111,12 +111,17 @@ def activation(task: AlignTask, *, batch_size: int = 4096, **_: Any) -> Permutat
     if rotations and moments is None and task.features is None:
         raise ConfigurationError("activation matching fits orthogonal maps to second moments of the activations, and "
                                  "this task offers correlations only: give it moments or features")
-    if moments is not None:
-        stats: dict[str, Any] = moments(points)
-    elif rotations or streamed is None:
-        stats = _moments_of_features(task, points, int(batch_size))
-    else:
-        stats = streamed(points)
+    try:
+        if moments is not None:
+            stats: dict[str, Any] = moments(points)
+        elif rotations or streamed is None:
+            stats = _moments_of_features(task, points, int(batch_size))
+        else:
+            stats = streamed(points)
+    except UnknownNameError as exc:  # a feature point the model's outputs do not have
+        raise ConfigurationError(
+            f"activation matching reads each permutation's units at a feature point, and this model's cannot all be "
+            f"read ({exc}); align these models with 'weight' or 'ste'") from None
     missing = [pt for pt in points if pt not in stats]
     if missing:
         raise ConfigurationError(f"the features callable returned no activations for point(s) {missing}")
