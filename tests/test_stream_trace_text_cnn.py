@@ -9,6 +9,8 @@ sweep ends equal to torch's own cross-entropy.
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 
@@ -84,3 +86,19 @@ def test_a_sweep_of_text_cnns_ends_at_torchs_own_losses():
             want = F.cross_entropy(m(x), y).item()
             assert float(ds["loss"].sel(split="test", lam=lam).isel(sample=0)) == pytest.approx(want, rel=1e-5)
     assert np.isfinite(float(ds["loss"].sel(split="test", lam=0.5).isel(sample=0)))
+
+
+def test_activation_matching_reads_each_convolution_over_time_channels_first():
+    # the embedded tokens' permute(0, 2, 1) moves their units first: the convolutions after it are channels-first
+    # (they were read as channels-last, their positions taken for units)
+    model = randomised(KimCNN(), 0)
+    x = _tokens(1)[0]
+    spec, _ = cb.derive_symmetries(model, x)
+    state = {k: v.double().numpy() for k, v in model.state_dict().items()}
+    planted = copy.deepcopy(model)
+    moved = cb.apply_permutation(spec, cb.random_permutation(spec, state, seed=3), state)
+    planted.load_state_dict({k: torch.as_tensor(v, dtype=torch.float32) for k, v in moved.items()})
+    pair = cb.ModelPair(model, planted, example_input=x)
+    tokens, labels = _tokens(4, 200)
+    aligned = pair.align("activation", data=(tokens.numpy(), labels.numpy()))
+    np.testing.assert_allclose(aligned.theta(1), aligned.theta(0), atol=1e-6)

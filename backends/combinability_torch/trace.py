@@ -828,18 +828,27 @@ def channels_last_nodes(gm: fx.GraphModule) -> set[str]:
     Reads only the graph (no shapes): :class:`TapRunner` turns these nodes' outputs channels-first.
     """
     last: set[str] = set()
+    # outputs with their units last already: an embedding's or a Linear's (n, tokens, units), and what reads them
+    tokens: set[str] = set()
     relayouts = input_relayouts(gm)
     for n in gm.graph.nodes:
         dims = permute_dims(n)
         if n.name in relayouts:
             continue  # the input laid out as the first layer reads it, channels first
-        if dims is not None:
-            rank = len(dims)
-            if dims == (0, *range(2, rank), 1) and rank > 2:
-                last.add(n.name)
-            continue  # back to channels-first (or another permute, which the tracer refuses)
         read: list[fx.Node] = []
         fx.node.map_arg((n.args, n.kwargs), read.append)
+        if dims is not None:
+            rank = len(dims)
+            source = n.args[0] if n.args and isinstance(n.args[0], fx.Node) else None
+            # (0, 2, 1) is its own inverse: on units already last (embedded tokens), it moves them first
+            back = rank == 3 and source is not None and (source.name in last or source.name in tokens)
+            if dims == (0, *range(2, rank), 1) and rank > 2 and not back:
+                last.add(n.name)
+            continue  # back to channels-first (or another permute, which the tracer refuses)
+        if n.op == "call_module" and isinstance(gm.get_submodule(n.target), UNITS_LAST_MODULES):
+            tokens.add(n.name)
+        elif n.op not in ("placeholder", "get_attr", "output") and any(r.name in tokens for r in read):
+            tokens.add(n.name)
         if n.op not in ("placeholder", "get_attr", "output") and any(r.name in last for r in read):
             last.add(n.name)
     return last
