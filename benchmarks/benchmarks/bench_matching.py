@@ -240,6 +240,31 @@ class WeightMatchingTransformer:
         cb.weight_matching(self.invertible, self.a, self.b, seed=0, max_iter=5)
 
 
+class ActivationMatchingTransformer:
+    """Activation matching of the same two ViTs on 512 random images: the probe that finds where heads,
+    neurons and the stream show (a few forward passes on the example input), the streamed moments of both
+    models at those points, the head assignments and the stream's Procrustes solution."""
+
+    timeout = 600
+
+    def setup(self):
+        try:
+            import torch
+            from combinability_torch.transformers import TinyViT
+        except ImportError as exc:  # the torch backend is an optional install
+            raise NotImplementedError(f"needs the torch backend: {exc}") from None
+        models = []
+        for seed in (0, 1):
+            torch.manual_seed(seed)
+            models.append(TinyViT(d_model=256, depth=4, heads=8, mlp=512))
+        rng = np.random.default_rng(0)
+        self.data = (rng.normal(size=(512, 1, 28, 28)).astype(np.float32), rng.integers(0, 10, 512))
+        self.pair = cb.ModelPair(*models, example_input=torch.as_tensor(self.data[0][:4]))
+
+    def time_activation_matching_vit(self):
+        self.pair.align("activation", data=self.data, examples=512)
+
+
 def assignment_problem(kind, n=512, seed=0):
     """A maximisation cost like weight matching's, and the same cost after a sweep's change.
 
