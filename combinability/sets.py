@@ -492,7 +492,11 @@ class ModelSet:
                                  naive.thetas[0], naive.thetas[i], pts)),
                              observations=observed.pieces)
             perm = align(method, task, **({"progress": True} if progress else {}), **learned, **options)
-            if method == "activation" and self.table is None:
+            # units read where the probe saw them move exactly as their name says are observed the same in both
+            # models' orders: no second round (one is needed where a unit is observed along another permuted axis)
+            seen_all = all(p in observed.pieces for p in spec.perm_names if not isinstance(spec.kinds.get(p), Blocks)
+                           and p not in {k.group for k in spec.kinds.values() if isinstance(k, Blocks)})
+            if method == "activation" and self.table is None and not (observed.pieces and seen_all):
                 perm = self._observed_again(task, perm, naive, (features, correlations, moments), options)
             transforms.append(perm)
             thetas.append(self.layout.flatten(apply_permutation(spec, perm, naive.params(i))))
