@@ -279,8 +279,9 @@ def report(paths: Sequence[Path], out_dir: Path, *, title: str = "combinability 
     if symmetries:
         text += ("\n## Which symmetries alignment needs (transformers)\n\nLoss barriers of the naive pair, the pair "
                  "aligned with permutations only (heads, neurons, the residual stream permuted) and with every "
-                 "symmetry kind (the residual stream rotated); where asked for, also with invertible maps inside "
-                 "heads (weight matching) and with the maps learned on the midpoint loss (aligner 'maps'):\n\n"
+                 "symmetry kind (the residual stream rotated); where asked for, also every kind matched by the "
+                 "models' activations (aligner 'activation'), with invertible maps inside heads (weight matching) "
+                 "and with the maps learned on the midpoint loss (aligner 'maps'):\n\n"
                  + symmetries)
     if unfinished:
         text += ("\n## Unfinished results (not drawn)\n\n" + "".join(

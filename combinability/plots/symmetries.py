@@ -45,7 +45,7 @@ def plot_symmetries(ds: xr.Dataset, path: str | os.PathLike | None = None, *, sp
     ds = select(ds, "split", split)
     alignments = [str(a) for a in ds["alignment"].values]
     samplers = [str(s) for s in ds["sampler"].values]
-    fig, axes = new_figure(1, 2, panel=(5.0, 3.7), extra=(0.4, 0.4))
+    fig, axes = new_figure(1, 2, panel=(5.0, 3.7), extra=(0.4, 0.4 + 0.2 * -(-len(alignments) // 3)))
     ax = axes[0, 0]
     if "linear" in samplers:
         for k, name in enumerate(alignments):
@@ -54,7 +54,6 @@ def plot_symmetries(ds: xr.Dataset, path: str | os.PathLike | None = None, *, sp
                     gid=f"path|{name}")
         ax.set_xlabel("λ (weight of B)")
         ax.set_ylabel(f"{split} loss")
-        ax.legend(fontsize="small", frameon=False)
         ax.grid(True, alpha=0.3)
     panel_letter(ax, "a", f"linear path ({split})")
     ax = axes[0, 1]
@@ -69,5 +68,8 @@ def plot_symmetries(ds: xr.Dataset, path: str | os.PathLike | None = None, *, sp
     ax.set_ylabel("loss barrier")
     ax.grid(True, axis="y", alpha=0.3)
     panel_letter(ax, "b", f"loss barrier by sampler ({split})")
+    # one legend for both panels (the colours are the alignments'), below them: inside a panel it hid the paths
+    fig.legend(*ax.get_legend_handles_labels(), loc="outside lower center", ncols=min(len(alignments), 3),
+               fontsize="small", frameon=False)
     save_figure(fig, path, dpi)
     return fig
