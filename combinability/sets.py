@@ -652,12 +652,14 @@ class ModelSet:
         """Where the units of ``spec``'s attention heads and residual streams are observed
         (:func:`combinability.observation.observe_model`), for an aligner that reads units at feature points;
         empty for other aligners, models without an ``example_input`` and specs without such names."""
+        from combinability.kinds import Dual, Invertible
         from combinability.observation import Observed, observe_model
         from combinability.plugins import get_registration
 
         registration = get_registration("aligners", method) if isinstance(method, str) else method
         example = self.__dict__.get("example_input")
-        if not getattr(registration, "reads_points", False) or example is None:
+        if not getattr(registration, "reads_points", False) or example is None \
+                or any(isinstance(k, Invertible | Dual) for k in spec.kinds.values()):  # refused before any work
             return Observed()
         points = self._points_for(spec)
         base = (self.naive or self).spec

@@ -326,3 +326,12 @@ def test_heads_inside_torch_encoder_layers_and_in_qkv_layers_cut_into_parts_are_
         torch.manual_seed(0)
         model, example, tokens = Llama(kv_heads=1, sdpa=True, fused="bias").eval(), IDX, _tokens(200, VOCAB, T, 1)
     assert _undone(model, example, tokens) < 1e-5
+
+
+def test_invertible_maps_inside_heads_are_refused_pointing_to_every_kind_before_any_work():
+    from tests.test_stream_trace_nanogpt import IDX, UntiedGPT, _model
+
+    pair = cb.ModelPair(_model(1, UntiedGPT), _model(2, UntiedGPT), example_input=IDX)
+    with pytest.raises(cb.ConfigurationError, match=r"Invertible.*symmetries='all'") as info:
+        pair.align("activation", data=(IDX.numpy(), IDX.numpy()), symmetries="invertible")
+    assert "no output of these models" not in str(info.value)  # the stream is observable: not the reason

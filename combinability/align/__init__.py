@@ -124,7 +124,8 @@ def _task_kinds(name: str | Aligner, task: AlignTask) -> frozenset[str]:
     block permutations if one has no point or observation, nor orthogonal maps if one has no observation."""
     handles = aligner_kinds(name)
     registration = get_registration("aligners", name) if isinstance(name, str) else name
-    if getattr(registration, "reads_points", False):
+    invertible = any(isinstance(k, Invertible | Dual) for k in task.spec.kinds.values())  # refused for that alone
+    if getattr(registration, "reads_points", False) and not invertible:
         if task.blocks_without_points():
             handles -= {"blocks"}
         if any(isinstance(k, Orthogonal) and p not in task.observations for p, k in task.spec.kinds.items()):
@@ -147,6 +148,8 @@ def check_aligner(name: str | Aligner, task: AlignTask) -> None:
     try:
         check_kinds(label, handles, task.spec, alternatives=alternatives)
     except ConfigurationError as exc:
+        if any(isinstance(k, Invertible | Dual) for k in task.spec.kinds.values()):
+            raise
         unseen = [p for p in task.blocks_without_points() if "blocks" in aligner_kinds(name)]
         unseen += [p for p, k in task.spec.kinds.items() if isinstance(k, Orthogonal) and p not in task.observations
                    and "orthogonal" in aligner_kinds(name)]
