@@ -240,7 +240,8 @@ def _packed_segments(spec: PermutationSpec, transform: Mapping[str, Any],
                     add(int(np.shape(params[param])[axis]), split(entry, 0, int(np.shape(params[param])[axis]), param))
     cut: dict[tuple[str, int], list[tuple[int, int | None, Any]]] = {}
     for name, view in spec.stacks.items():
-        if isinstance(view, Part) and view.step == 1 and view.member in params:
+        # (a part of a stacked view, as a fused experts' tensor cut into gate and up rows, is not a stored array)
+        if isinstance(view, Part) and view.step == 1 and view.member in params and name in spec.axes_to_perm:
             entry = spec.axes_to_perm[name][view.axis]
             cut.setdefault((view.member, view.axis), []).append((view.start, view.stop, entry))
     for (member, axis), parts in cut.items():

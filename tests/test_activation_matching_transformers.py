@@ -335,3 +335,13 @@ def test_invertible_maps_inside_heads_are_refused_pointing_to_every_kind_before_
     with pytest.raises(cb.ConfigurationError, match=r"Invertible.*symmetries='all'") as info:
         pair.align("activation", data=(IDX.numpy(), IDX.numpy()), symmetries="invertible")
     assert "no output of these models" not in str(info.value)  # the stream is observable: not the reason
+
+
+def test_experts_fused_into_one_tensor_cut_into_gate_and_up_rows_are_refused_naming_routed_experts():
+    from tests.test_fused_experts import HOWS, V, _ids, _model
+
+    a, b = _model(HOWS[0], 1), _model(HOWS[0], 2)
+    pair = cb.ModelPair(a, b, example_input=_ids())
+    tokens = _tokens(50, V, 16, 1)
+    with pytest.raises(cb.ConfigurationError, match="experts held as modules or parameters of their own"):
+        pair.align("activation", data=(tokens, tokens))
