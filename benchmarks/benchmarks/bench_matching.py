@@ -201,6 +201,20 @@ class WeightMatchingLarge:
         match(self.spec, self.a, self.b, matcher)
 
 
+def _two_vits() -> list:
+    """Two randomly initialised torch ViTs (d 256, 8 heads, depth 4, MLP 512), seeds 0 and 1."""
+    try:
+        import torch
+        from combinability_torch.transformers import TinyViT
+    except ImportError as exc:  # the torch backend is an optional install
+        raise NotImplementedError(f"needs the torch backend: {exc}") from None
+    models = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        models.append(TinyViT(d_model=256, depth=4, heads=8, mlp=512))
+    return models
+
+
 class WeightMatchingTransformer:
     """Two randomly initialised ViTs (d 256, 8 heads, depth 4, MLP 512; 2.1M parameters), their
     symmetries traced by torch.fx: attention heads as blocks, FFN permutations and an orthogonal
@@ -210,16 +224,9 @@ class WeightMatchingTransformer:
     timeout = 600
 
     def setup_cache(self):
-        try:
-            import torch
-            from combinability_torch.transformers import TinyViT
-        except ImportError as exc:  # the torch backend is an optional install
-            raise NotImplementedError(f"needs the torch backend: {exc}") from None
-        models = []
-        for seed in (0, 1):
-            torch.manual_seed(seed)
-            models.append(TinyViT(d_model=256, depth=4, heads=8, mlp=512))
-        pair = cb.ModelPair(*models, example_input=torch.randn(4, 1, 28, 28))
+        import torch
+
+        pair = cb.ModelPair(*_two_vits(), example_input=torch.randn(4, 1, 28, 28))
         return pair.spec.to_json(), pair.invertible_spec().to_json(), pair.params(0), pair.params(1)
 
     def setup(self, cache):
@@ -248,18 +255,10 @@ class ActivationMatchingTransformer:
     timeout = 600
 
     def setup(self):
-        try:
-            import torch
-            from combinability_torch.transformers import TinyViT
-        except ImportError as exc:  # the torch backend is an optional install
-            raise NotImplementedError(f"needs the torch backend: {exc}") from None
-        models = []
-        for seed in (0, 1):
-            torch.manual_seed(seed)
-            models.append(TinyViT(d_model=256, depth=4, heads=8, mlp=512))
+        models = _two_vits()
         rng = np.random.default_rng(0)
         self.data = (rng.normal(size=(512, 1, 28, 28)).astype(np.float32), rng.integers(0, 10, 512))
-        self.pair = cb.ModelPair(*models, example_input=torch.as_tensor(self.data[0][:4]))
+        self.pair = cb.ModelPair(*models, example_input=self.data[0][:4])
 
     def time_activation_matching_vit(self):
         self.pair.align("activation", data=self.data, examples=512)
