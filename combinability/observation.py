@@ -25,7 +25,7 @@ import numpy as np
 from combinability.kinds import act
 from combinability.permutation import PermutationSpec, Repeat, _segment_sizes
 
-__all__ = ["Piece", "Observed", "READINGS", "observed_units", "observe_model", "channels_first"]
+__all__ = ["Piece", "Observed", "READINGS", "observed_units", "observe_model", "read_rows", "channels_first"]
 
 #: How a point's output may hold its units, besides channels-first (``(n, units, *positions)``, as backends give
 #: features): ``"last"``, on its last axis (a torch transformer block's ``(n, tokens, features)``, which a
@@ -63,6 +63,10 @@ class Piece(NamedTuple):
 _CLOSE = 2e-3
 #: Relative change a transformation must make for a point to tell it apart from one it leaves as is.
 _MOVED = 1e-2
+#: Observation rows compared per output and reading: any two transformations differ on a few of them.
+_ROWS = 64
+#: Candidate outputs read in one forward pass (their outputs are held together on the device).
+_POINTS_PER_PASS = 64
 
 
 @dataclass(frozen=True)
@@ -97,7 +101,8 @@ def observed_units(spec: PermutationSpec, before: Mapping[str, Any],
     before : mapping of str to array
         The outputs of the candidate points on some inputs, for the model's parameters:
         channels-first as backends give features (``(n, units)``, ``(n, units, *positions)``), or
-        with the units last for outputs a backend gives as they are.
+        with the units last for outputs a backend gives as they are; or each already as :func:`read_rows`
+        keeps it (what :func:`observe_model` passes, so that no round holds whole outputs).
     rounds : sequence of (transform, after)
         Transformations of every name of ``spec`` (each name a derangement or the identity), and the
         same outputs for the parameters so transformed. A point observes a name when in every round
@@ -140,13 +145,15 @@ def observed_units(spec: PermutationSpec, before: Mapping[str, Any],
     readings: dict[str, str] = {}
     seen: list[np.ndarray] = []
     for point, out in before.items():
-        a = np.asarray(out, dtype=np.float64)
-        afters = [np.asarray(after[point], dtype=np.float64) for _, after in rounds if point in after]
-        if len(afters) != len(rounds) or a.ndim < 2 or any(b.shape != a.shape for b in afters) \
-                or not all(np.isfinite(f).all() for f in (a, *afters)):
+        a = _as_rows(out)
+        afters = [_as_rows(after[point]) for _, after in rounds if point in after]
+        if not a or len(afters) != len(rounds) or any(set(b) != set(a) for b in afters) \
+                or not all(np.isfinite(f).all() for r in (a, *afters) for f in r.values()):
             continue
-        for reading in ("second", *READINGS[:a.ndim - 2]):
-            fa, fbs = _rows(a, reading), [_rows(b, reading) for b in afters]
+        for reading in a:
+            fa, fbs = a[reading], [b[reading] for b in afters]
+            if any(fb.shape != fa.shape for fb in fbs):
+                break
             units = fa.shape[1]
             found = [(n, Piece(point, 0, units)) for n in wanted
                      if sizes[n] == units and _follows(fa, fbs, [t[n] for t in transforms])]
@@ -176,6 +183,27 @@ def observed_units(spec: PermutationSpec, before: Mapping[str, Any],
 
 def _size(value: Any) -> int:
     return int(np.shape(value)[0])
+
+
+def read_rows(out: Any) -> dict[str, np.ndarray]:
+    """An output read every way it may hold its units (channels-first ``"second"``, then :data:`READINGS` its rank
+    allows), each as at most ``_ROWS`` of its observation rows, evenly spaced (float64): what
+    :func:`observed_units` compares, a few kilobytes whatever the output's size."""
+    a = np.asarray(out)
+    if a.ndim < 2:
+        return {}
+    kept = {}
+    for reading in ("second", *READINGS[:a.ndim - 2]):
+        rows = _rows(a, reading)
+        if rows.shape[0] > _ROWS:
+            rows = rows[np.linspace(0, rows.shape[0] - 1, _ROWS).astype(np.int64)]
+        kept[reading] = rows.astype(np.float64)
+    return kept
+
+
+def _as_rows(out: Any) -> dict[str, np.ndarray]:
+    """``out`` as :func:`read_rows` gives it (already so when a mapping)."""
+    return dict(out) if isinstance(out, Mapping) else read_rows(out)
 
 
 def _rows(f: np.ndarray, reading: str) -> np.ndarray:
@@ -338,18 +366,28 @@ def observe_model(backend: Any, model: Any, layout: Any, theta: np.ndarray, exam
     rounds = [(t, layout.flatten(apply_permutation(spec, t, params)))
               for t in _probe_transforms(spec, params, seed, random_permutation)]
 
-    def outputs(flat: np.ndarray) -> dict[str, np.ndarray]:
-        vector = backend.asarray(np.asarray(flat, dtype=np.float32))
+    def read(vector: Any, chunk: list[str]) -> dict[str, Any]:
         try:
-            feats = prepared.features(vector, x, points)
+            return prepared.features(vector, x, chunk)
         except UnknownNameError:  # a candidate no forward pass reaches (a module another one only reads the weights of)
             feats = {}
-            for p in points:
+            for p in chunk:
                 try:
                     feats.update(prepared.features(vector, x, [p]))
                 except UnknownNameError:
                     continue
-        return {p: backend.to_numpy(v) for p, v in feats.items() if v is not None and hasattr(v, "shape")}
+            return feats
+
+    def outputs(flat: np.ndarray) -> dict[str, dict[str, np.ndarray]]:
+        """Every candidate's output, read as :func:`read_rows` keeps it (a few rows), a bounded number per pass."""
+        vector = backend.asarray(np.asarray(flat, dtype=np.float32))
+        kept: dict[str, dict[str, np.ndarray]] = {}
+        for start in range(0, len(points), _POINTS_PER_PASS):
+            feats = read(vector, points[start:start + _POINTS_PER_PASS])
+            kept.update({p: read_rows(backend.to_numpy(v)) for p, v in feats.items()
+                         if v is not None and hasattr(v, "shape")})
+            del feats
+        return kept
 
     return observed_units(spec, outputs(theta), [(t, outputs(moved)) for t, moved in rounds], names, params)
 
