@@ -49,9 +49,10 @@ def weight(task: AlignTask, *, restarts: int = 0, max_iter: int = 100, progress:
 def activation(task: AlignTask, *, batch_size: int = 4096, **_: Any) -> Permutation:
     """Activation matching: each transformation fitted to the two models' activations on the same data.
 
-    Each name's units are read at its observations (:meth:`AlignTask.observed`: its feature
-    point, a piece of one, or for attention heads and a residual stream every piece of every
-    output that holds them). The statistics are streamed: when the task offers ``moments``
+    Each name's units are read at its observations (``task.observations``, found by
+    :func:`combinability.observation.observe_model`: for attention heads, MLP neurons and a
+    residual stream every piece of every output that holds them; else its feature point or a
+    piece of one). The statistics are streamed: when the task offers ``moments``
     or ``correlations`` (the two models run on the same batches, reduced to running moments:
     see :meth:`combinability.evaluation.Evaluator.moments`) no activations are held at all;
     otherwise the ``features`` arrays are reduced ``batch_size`` observations at a time in
