@@ -92,17 +92,17 @@ def test_a_users_model_class_and_state_dict_files(tmp_path, monkeypatch, vit_che
     assert np.isfinite(ds["loss_barrier"].values).all()
 
 
-def test_invertible_and_learned_alignments_keep_model_b_and_are_reported(tmp_path, vit_checkpoints):
+def test_activation_invertible_and_learned_alignments_keep_model_b_and_are_reported(tmp_path, vit_checkpoints):
     out = tmp_path / "sym.nc"
-    assert main(["symmetries", *map(str, vit_checkpoints), *FAST, "--alignments", "naive", "invertible", "learned",
-                 "--learn-epochs", "1", "--out", str(out)]) == 0
+    assert main(["symmetries", *map(str, vit_checkpoints), *FAST, "--alignments", "naive", "activation", "invertible",
+                 "learned", "--learn-epochs", "1", "--out", str(out)]) == 0
     ds = open_results(out)
-    assert [str(a) for a in ds["alignment"].values] == ["naive", "invertible", "learned"]
+    assert [str(a) for a in ds["alignment"].values] == ["naive", "activation", "invertible", "learned"]
     test = load_dataset("digits", "test", limit=LIMIT)
     model = cb.load_model(vit_checkpoints[1], backend="torch")
     with torch.no_grad():
         want = _cross_entropy(model(torch.tensor(test.x)).numpy(), test.y)
-    for alignment in ("invertible", "learned"):  # B as aligned computes B's function
+    for alignment in ("activation", "invertible", "learned"):  # B as aligned computes B's function
         end = ds["loss"].sel(alignment=alignment, sampler="linear", split="test", value=1.0).isel(sample=0)
         assert float(end) == pytest.approx(want, rel=1e-4)
     assert np.isfinite(ds["loss_barrier"].values).all()
@@ -111,6 +111,7 @@ def test_invertible_and_learned_alignments_keep_model_b_and_are_reported(tmp_pat
     report([out], tmp_path / "figures")
     summary = (tmp_path / "figures" / "summary.md").read_text()
     assert "loss barrier (+ invertible in heads)" in summary and "loss barrier (learned maps)" in summary
+    assert "loss barrier (by activations)" in summary
 
 
 def test_align_learns_maps_with_invertible_heads_and_writes_a_model_with_b_s_function(tmp_path, capsys,
