@@ -84,10 +84,6 @@ class Observed:
     pieces: Mapping[str, tuple[Piece, ...]] = field(default_factory=dict)
     readings: Mapping[str, str] = field(default_factory=dict)
 
-    def points(self) -> list[str]:
-        """Every point of :attr:`pieces`, each once, in order."""
-        return list(dict.fromkeys(piece.point for ps in self.pieces.values() for piece in ps))
-
 
 def observed_units(spec: PermutationSpec, before: Mapping[str, Any],
                    rounds: Sequence[tuple[Mapping[str, Any], Mapping[str, Any]]], names: Collection[str],

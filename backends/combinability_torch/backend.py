@@ -13,7 +13,6 @@ import contextlib
 import copy
 import functools
 import logging
-import operator
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
@@ -39,6 +38,7 @@ from combinability.layout import FlatLayout, check_names
 from combinability_torch.compiled import compiled_call
 from combinability_torch.models import TableNet
 from combinability_torch.trace import (
+    _ADD,
     TapRunner,
     classes_second,
     computed_weights,
@@ -218,10 +218,13 @@ def _hookable(model: nn.Module) -> list[str]:
             and not isinstance(m, nn.ModuleList | nn.ModuleDict | nn.Sequential)]
 
 
+#: Sums as fx records them: the trace's functions, and the tensor methods.
+_ADDS = _ADD | {"add", "add_", "__add__", "__iadd__"}
+
+
 def _residual_sum(n: torch.fx.Node) -> bool:
     """Whether fx node ``n`` adds two computed tensors (``x + attn(x)``: a residual connection)."""
-    adds = (operator.add, operator.iadd, torch.add, "add", "add_", "__add__", "__iadd__")
-    return n.op in ("call_function", "call_method") and n.target in adds and len(n.args) >= 2 and all(
+    return n.op in ("call_function", "call_method") and n.target in _ADDS and len(n.args) >= 2 and all(
         isinstance(a, torch.fx.Node) and a.op not in ("get_attr", "placeholder") for a in n.args[:2])
 
 
