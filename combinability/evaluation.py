@@ -693,6 +693,10 @@ def _units_last(xp: Any, f: Any) -> Any:
 _CHUNK = 4096
 
 
+#: A unit whose standard deviation is at most this fraction of its mean did not vary (float32 rounding only)
+_CONSTANT_RELATIVE = 1e-6
+
+
 class CrossMoments:
     """Running means, variances and cross-covariances of two sets of units, merged batch by batch.
 
@@ -786,10 +790,27 @@ class CrossMoments:
         orthogonal map between the two sets of units is fitted to)."""
         return self.covariance() + np.outer(self.mean_a, self.mean_b)
 
-    def correlation(self) -> np.ndarray:
-        """Pearson correlations ``(units_a, units_b)``; a unit with zero variance correlates 0."""
+    def constant(self) -> tuple[np.ndarray, np.ndarray]:
+        """Which units of A and of B did not vary over the observations: bool arrays ``(units_a,)``,
+        ``(units_b,)``.
+
+        A unit is constant when its variance is within float32 rounding of its mean (``var ≤ (10⁻⁶
+        mean)²``): a dead ReLU (always 0), a unit that reads only its bias. Its correlation with
+        anything is undefined; :meth:`correlation` gives 0.
+        """
         if self.comoment is None:
             raise ValueError("no observations yet: call update() with at least one batch")
+
+        def flat(m2: np.ndarray, mean: np.ndarray) -> np.ndarray:
+            return m2 / self.count <= (_CONSTANT_RELATIVE * mean) ** 2
+
+        return flat(self.m2_a, self.mean_a), flat(self.m2_b, self.mean_b)
+
+    def correlation(self) -> np.ndarray:
+        """Pearson correlations ``(units_a, units_b)``; a constant unit (:meth:`constant`) correlates 0."""
+        still_a, still_b = self.constant()
         with np.errstate(divide="ignore", invalid="ignore"):
             corr = self.comoment / np.sqrt(np.outer(self.m2_a, self.m2_b))
+        corr[still_a, :] = 0.0
+        corr[:, still_b] = 0.0
         return np.nan_to_num(corr, nan=0.0, posinf=0.0, neginf=0.0)

@@ -346,21 +346,20 @@ def unit_correlations(acts_a: np.ndarray, acts_b: np.ndarray) -> np.ndarray:
     Returns
     -------
     numpy.ndarray, shape (units_a, units_b)
-        Units with zero variance correlate 0 with everything.
+        Units that do not vary (:meth:`~combinability.evaluation.CrossMoments.constant`) correlate 0
+        with everything.
     """
+    from combinability.evaluation import CrossMoments
+
     a = np.asarray(acts_a, dtype=np.float64)
     b = np.asarray(acts_b, dtype=np.float64)
-    if a.ndim != 2 or b.ndim != 2 or a.shape[0] != b.shape[0]:
+    if a.ndim != 2 or b.ndim != 2 or a.shape[0] != b.shape[0] or not a.shape[0]:
         raise IncompatibleModelsError(
             f"activations must be (observations, units) with the same observations, got {a.shape} and {b.shape}"
         )
-    a = a - a.mean(0)
-    b = b - b.mean(0)
-    sa = np.sqrt((a * a).sum(0))
-    sb = np.sqrt((b * b).sum(0))
-    with np.errstate(divide="ignore", invalid="ignore"):
-        corr = (a.T @ b) / np.outer(sa, sb)
-    return np.nan_to_num(corr, nan=0.0, posinf=0.0, neginf=0.0)
+    moments = CrossMoments()
+    moments.update(a, b)
+    return moments.correlation()
 
 
 def activation_matching(acts_a: Mapping[str, np.ndarray], acts_b: Mapping[str, np.ndarray]) -> Permutation:

@@ -273,3 +273,40 @@ def test_a_combination_with_nan_logits_has_an_undefined_accuracy(pair, test_data
     nan_ev, finite_ev = evaluator.evaluate([theta, pair.theta_b], test_data)
     assert np.isnan(nan_ev.loss) and np.isnan(nan_ev.accuracy)
     assert finite_ev.accuracy == pytest.approx(evaluate(pair.theta_b)[1])
+
+
+def test_robustness_rematches_dead_pairs_last(models, test_data):
+    """Pairs whose two units are both dead on the activation data have no correlation; they are re-matched
+    last and counted (``silent_pairs``), checked against a numpy forward pass of both aligned models."""
+    from combinability.evaluation import CrossMoments
+    from combinability.experiments.robustness import pair_scores
+
+    a, b = copy.deepcopy(models[0]), copy.deepcopy(models[1])
+    with torch.no_grad():  # kill units 0-4 of A's second hidden layer and units 10-12 of B's
+        for net, dead in ((a, range(5)), (b, range(10, 13))):
+            layer = getattr(net.layers, "1")
+            layer.weight[list(dead)] = 0.0
+            layer.bias[list(dead)] = -1.0
+    pair = cb.ModelPair(a, b).align("weight", seed=0)
+    x = np.asarray(test_data.x, np.float64).reshape(len(test_data.x), -1)
+
+    def hidden_1(params):
+        h = np.maximum(x @ params["layers.0.weight"].T.astype(np.float64) + params["layers.0.bias"], 0)
+        return np.maximum(h @ params["layers.1.weight"].T.astype(np.float64) + params["layers.1.bias"], 0)
+
+    ha, hb = hidden_1(pair.params("a")), hidden_1(pair.params("b"))
+    still = (ha.std(0) == 0) & (hb.std(0) == 0)
+    assert still.sum() >= 1  # the killed units of A and B are (mostly) paired with each other
+    res = ex.alignment_robustness(pair, (test_data.x, test_data.y), permutations=["P_layers.1"], steps=2,
+                                  lambdas=(0.5,), examples=200)
+    assert int(res["silent_pairs"].sel(permutation="P_layers.1")) == int(still.sum())
+    moments = CrossMoments()
+    moments.update(ha, hb)
+    scores, silent = pair_scores(moments)
+    assert silent.tolist() == still.tolist()
+    with np.errstate(invalid="ignore", divide="ignore"):
+        reference = np.nan_to_num(np.diag(np.corrcoef(ha.T, hb.T)[: ha.shape[1], ha.shape[1]:]))
+    assert np.all(np.isinf(scores[still]))
+    np.testing.assert_allclose(scores[~still], reference[~still], atol=1e-9)
+    order = np.argsort(scores, kind="stable")
+    assert set(order[-int(still.sum()):].tolist()) == set(np.flatnonzero(still).tolist())

@@ -18,7 +18,7 @@ import xarray as xr
 from combinability.analysis.llfc import resolve_data
 from combinability.combination import combine
 from combinability.errors import ConfigurationError, IncompatibleModelsError
-from combinability.evaluation import Evaluator
+from combinability.evaluation import CrossMoments, Evaluator
 from combinability.experiments.compare import reuse_or_run
 from combinability.matching import perturb_permutation
 from combinability.permutation import apply_permutation, compose_permutations, invert_permutation
@@ -57,6 +57,20 @@ def check_settings(*, steps: int, lambdas: Sequence[float], examples: int, limit
     if not len(lambdas) or outside:
         raise ConfigurationError(f"{prefix}lambdas must be points of the linear path between A and B, in [0, 1] "
                                  f"(e.g. 0.25,0.5,0.75), got {[float(x) for x in lambdas]}")
+
+
+def pair_scores(moments: CrossMoments) -> tuple[np.ndarray, np.ndarray]:
+    """The score of each matched pair (A's unit ``j`` and B's aligned unit ``j``), lowest re-matched first, and
+    which pairs are silent.
+
+    A pair's score is its activation correlation. Where both units are constant on the data (dead ReLUs: their
+    correlation is undefined, and re-pairing them among themselves moves nothing the data sees), the pair is
+    *silent* and scores ``+inf``: re-matched last, once ``k`` passes the pairs that were observed. A pair with
+    one constant unit scores 0 (:meth:`CrossMoments.correlation`).
+    """
+    still_a, still_b = moments.constant()
+    still = still_a & still_b
+    return np.where(still, np.inf, np.diag(moments.correlation())), still
 
 
 def alignment_robustness(
@@ -104,7 +118,9 @@ def alignment_robustness(
     xarray.Dataset
         ``loss_barrier`` and ``accuracy_barrier`` with dims ``(permutation, step)`` and
         coordinate ``k`` (pairs re-matched, NaN-free int; ``units`` per permutation);
-        ``baseline_*`` hold the unperturbed barriers.
+        ``baseline_*`` hold the unperturbed barriers; ``silent_pairs`` per permutation the pairs
+        whose two units are both constant on the activation data (dead), which are re-matched
+        last (:func:`pair_scores`).
 
     Raises
     ------
@@ -121,7 +137,8 @@ def alignment_robustness(
            "steps": steps, "lambdas": [float(x) for x in lambdas], "split": split,
            "data": {"name": eval_data.name, "examples": len(eval_data),
                     "sha256": data_digest(eval_data.x, eval_data.y)},
-           "examples": examples, "seed": seed, "batch_size": batch_size, "evaluation": repr(pair.backend_obj)}
+           "examples": examples, "seed": seed, "order": "correlation, silent pairs last",
+           "batch_size": batch_size, "evaluation": repr(pair.backend_obj)}
 
     def run(o: Path | None) -> xr.Dataset:
         be = pair.backend_obj
@@ -136,7 +153,7 @@ def alignment_robustness(
         layout = pair.layout
         evaluator = Evaluator(be, pair.template, layout, batch_size=batch_size)
         # streamed: B as aligned, so its unit j pairs with A's unit j; no activations are held
-        correlations = evaluator.correlations(pair.theta_a, pair.theta_b, act_data, wanted)
+        moments = evaluator.moments(pair.theta_a, pair.theta_b, act_data, wanted)
         # a perturbed alignment as a move of B *as aligned* (undo the alignment's permutation, take the
         # perturbed one), in the aligned pair's own parameters (a transformer's are norm-folded), by permutations
         by_permutation = pair.spec.permutations_only()
@@ -164,8 +181,10 @@ def alignment_robustness(
         loss_b = np.full((len(names), width), np.nan)
         acc_b = np.full((len(names), width), np.nan)
         k_coord = np.full((len(names), width), -1, dtype=np.int64)
+        silent = np.zeros(len(names), dtype=np.int64)
         for r, p in enumerate(names):
-            scores = np.diag(correlations[points[p]])
+            scores, still = pair_scores(moments[points[p]])
+            silent[r] = int(still.sum())
             for c, k in enumerate(ks[p]):
                 perturbed = perturb_permutation(pair.permutation, p, scores, int(k), seed=rng)
                 move = compose_permutations(undo, perturbed)
@@ -178,6 +197,7 @@ def alignment_robustness(
                 "accuracy_barrier": (("permutation", "step"), acc_b),
                 "baseline_loss_barrier": ((), base_loss),
                 "baseline_accuracy_barrier": ((), base_acc),
+                "silent_pairs": ("permutation", silent),
             },
             coords={"permutation": names, "step": np.arange(width), "k": (("permutation", "step"), k_coord),
                     "units": ("permutation", [units[p] for p in names])},
