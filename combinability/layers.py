@@ -696,6 +696,7 @@ class LayerTable:
         """
         space, names, _, size = self._spaces()
         whole = set(self.activation_points())
+        multipliers = self._multipliers()
         parts: dict[str, tuple[str, int, int]] = {}
         relu: dict[str, tuple[str, int, int]] = {}
         for node in self.nodes[:-1]:
@@ -706,7 +707,7 @@ class LayerTable:
                 name = names[piece]
                 if isinstance(name, str) and name not in whole:
                     parts[name] = (node.name, start, start + size[piece])
-                    if node.op in ("relu", "act", "gate"):
+                    if node.op in ("relu", "act", "gate") and node.name not in multipliers:
                         relu[name] = parts[name]
                 start += size[piece]
         return {p: relu.get(p, pt) for p, pt in parts.items()}
@@ -715,9 +716,13 @@ class LayerTable:
         """For each permutation, the feature point whose units it reorders.
 
         The last activation output in the permutation's space (for a residual stream: the
-        output of its last block); the last node in that space when it has no activation.
+        output of its last block); the last node in that space when it has no activation. An
+        activation that only multiplies other values (a squeeze-and-excitation gate ``x * σ(s)``,
+        the gate of a gated unit) is not read: its units are functions of the gate's few inputs and
+        barely tell the channels apart; the product is.
         """
         entry = self._entries()
+        multipliers = self._multipliers()
         points: dict[str, str] = {}
         relu: dict[str, str] = {}
         for node in self.nodes[:-1]:
@@ -725,9 +730,17 @@ class LayerTable:
             if not isinstance(p, str) or node.op == "flatten":  # fixed, or a concatenation of several
                 continue
             points[p] = node.name
-            if node.op in ("relu", "act", "gate"):
+            if node.op in ("relu", "act", "gate") and node.name not in multipliers:
                 relu[p] = node.name
         return {p: relu.get(p, pt) for p, pt in points.items()}
+
+    def _multipliers(self) -> set[str]:
+        """The nodes whose every reader is a ``mul`` node (gates); the output node is read by none."""
+        readers: dict[str, list[str]] = {}
+        for node, reads, _ in self.schedule:
+            for source in reads:
+                readers.setdefault(source, []).append(node.op)
+        return {name for name, ops in readers.items() if all(op == "mul" for op in ops)}
 
     # -- asymmetric layers: frozen arrays ------------------------------------------------
     def frozen_weights(self) -> dict[str, tuple[np.ndarray, np.ndarray]]:

@@ -342,3 +342,36 @@ def test_batchnorm_without_running_statistics_is_refused_by_name():
     x, _ = _data(8)
     with pytest.raises(TracingError, match="track_running_stats=False"):
         cb.ModelPair(NoStats().eval(), NoStats().eval(), example_input=torch.tensor(x[:4]))
+
+
+class DropoutClassifier(nn.Module):
+    """A VGG classifier's ``Dropout → Linear → BatchNorm1d``: a training-mode pass would measure the norm's
+    statistics on dropped-out inputs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4)
+        self.drop, self.fc, self.bn1 = nn.Dropout(0.5), nn.Linear(4 * 16, 8), nn.BatchNorm1d(8)
+        self.out = nn.Linear(8, 3)
+
+    def forward(self, x):
+        h = torch.flatten(F.relu(self.bn(self.conv(x))), 1)
+        return self.out(F.relu(self.bn1(self.fc(self.drop(h)))))
+
+
+def test_reset_measures_the_statistics_with_dropout_off():
+    x, y = _data()
+    xt = torch.tensor(x)
+    a, b = _model(DropoutClassifier, 0), _model(DropoutClassifier, 1)
+    pair = cb.ModelPair(a, b, example_input=xt[:4])
+    mid = _mix(a, b, {k: torch.tensor(0.5) for k, t in a.state_dict().items() if t.dtype.is_floating_point})
+    want = copy.deepcopy(mid)
+    for mod in want.modules():
+        if isinstance(mod, BN):
+            mod.reset_running_stats()
+            mod.momentum = None
+    want.train()
+    want.drop.eval()  # the recipe with dropout off: statistics of the inputs the model sees at evaluation
+    with torch.no_grad():
+        want(xt)
+    _assert_state_close(pair.merge(repair="reset", repair_data=(x, y)), want.eval(), atol=1e-5)

@@ -469,3 +469,36 @@ def test_parameters_read_transposed_are_traced(tied):
     assert isinstance(spec.kind(stream), Orthogonal) != tied  # ln_f folds into an untied head read transposed
     state = _folded64(model, folds)
     assert_random_transformation_undone(model, spec, state, IDX, "fc.weight")
+
+
+class TiedDecoder(nn.Module):
+    """An autoencoder's decoder tied to its encoder, ``F.linear(z, self.enc.weight.t())``, then a classifier."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.enc, self.dec_bias = nn.Linear(12, 8), nn.Parameter(torch.randn(12) * 0.1)
+        self.h, self.out = nn.Linear(12, 6), nn.Linear(6, 4)
+
+    def forward(self, x):
+        z = F.relu(self.enc(x))
+        return self.out(F.relu(self.h(F.linear(z, self.enc.weight.t(), self.dec_bias))))
+
+
+def test_a_decoder_tied_to_its_encoder_keeps_the_encoders_units():
+    """Read again transposed after its layer bound it, the encoder's weight kept a (wrongly) fixed row axis: the
+    permutation of its units, which the decoder's columns follow, was silently dropped."""
+    torch.manual_seed(0)
+    a = TiedDecoder()
+    x = torch.randn(32, 12)
+    b = TiedDecoder()
+    p = torch.randperm(8)
+    b.load_state_dict(a.state_dict())
+    with torch.no_grad():  # the encoder's units shuffled by hand; the tied decoder reads the same rows
+        b.enc.weight.copy_(a.enc.weight[p])
+        b.enc.bias.copy_(a.enc.bias[p])
+        np.testing.assert_allclose(b(x).numpy(), a(x).numpy(), atol=1e-6)
+    spec, _ = cb.derive_symmetries(a, x)
+    assert spec.axes_to_perm["enc.weight"][0] is not None
+    assert spec.axes_to_perm["enc.weight"][1] is None
+    pair = cb.ModelPair(a, b, example_input=x).align("weight")
+    np.testing.assert_allclose(pair.params("b")["enc.weight"], a.enc.weight.detach().numpy(), atol=0)

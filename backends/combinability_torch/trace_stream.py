@@ -150,6 +150,15 @@ def stream_symmetries(model: nn.Module, example_input: torch.Tensor) -> tuple[Pe
                 bind(n.target, [])
                 space[n.name] = FIXED
                 continue
+            param = aliases.get(n.target, n.target)
+            if param in binds and len(binds[param]) == value.ndim and isinstance(binds[param][-1], int) and \
+                    _read_as_matrix(n):
+                # read again, as a layer's matrix, after a layer bound it (a tied decoder's
+                # ``F.linear(z, self.enc.weight.t())``): its axes are the spaces that layer gave them
+                tied.add(param)
+                space[n.name] = binds[param][-1]
+                params_of[n.name] = param
+                continue
             module, _, leaf = n.target.rpartition(".")
             s = sp.new(module if module and leaf in ("weight", "bias") else n.target)
             bind(n.target, [None] * (value.ndim - 1) + [s])
@@ -841,6 +850,30 @@ def _parameter_product(n: fx.Node, space: dict[str, Any], binds: dict[str, list[
                 bias_pieces[params_of[piece.name]] = (out, index, sizes)
     space[n.name] = out
     return True
+
+
+def _read_as_matrix(n: fx.Node) -> bool:
+    """Whether every use of the parameter ``n`` is the matrix of a product (``F.linear(x, W)``, ``x @ W``,
+    ``torch.addmm(b, x, W)``), read as it is or transposed (``W.t()``), or the table of ``F.embedding``:
+    uses whose axes :func:`_parameter_product` binds."""
+    def matrix_of(u: fx.Node, v: fx.Node) -> bool:
+        a = u.args
+        if u.op not in ("call_function", "call_method"):
+            return False
+        if u.target is F.linear:
+            return (a[1:2] == (v,) or u.kwargs.get("weight") is v) and (a[:1] != (v,))
+        if u.target in _MATMUL:
+            return len(a) == 2 and a[1] is v and a[0] is not v
+        if u.target in (torch.addmm, "addmm"):
+            return len(a) == 3 and a[2] is v and v not in a[:2]
+        return u.target in (F.embedding, torch.embedding) and len(a) >= 2 and a[1] is v and a[0] is not v
+
+    def read(u: fx.Node) -> bool:
+        if _transposes_matrix(u) and u.args[0] is n:
+            return bool(u.users) and all(matrix_of(w, u) for w in u.users)
+        return matrix_of(u, n)
+
+    return bool(n.users) and all(read(u) for u in n.users)
 
 
 def _transposes_matrix(n: fx.Node) -> bool:
