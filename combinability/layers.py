@@ -734,6 +734,24 @@ class LayerTable:
                 relu[p] = node.name
         return {p: relu.get(p, pt) for p, pt in points.items()}
 
+    def activation_observations(self) -> dict[str, tuple[str, ...]]:
+        """For each permutation whose space has more than one activation output, every one of them in order
+        (a residual stream's: the stem's and each block's output), gates that only multiply left out as in
+        :meth:`activation_points`.
+
+        The units of a residual stream keep their identity through every block: activation matching
+        reads them at each of these points and sums their correlations, so that a channel silent at one
+        point (a dead ReLU at the last block) is still told apart by the others.
+        """
+        entry = self._entries()
+        multipliers = self._multipliers()
+        points: dict[str, list[str]] = {}
+        for node in self.nodes[:-1]:
+            p = entry[node.name]
+            if isinstance(p, str) and node.op in ("relu", "act", "gate") and node.name not in multipliers:
+                points.setdefault(p, []).append(node.name)
+        return {p: tuple(pts) for p, pts in points.items() if len(pts) > 1}
+
     def _multipliers(self) -> set[str]:
         """The nodes whose every reader is a ``mul`` node (gates); the output node is read by none."""
         readers: dict[str, list[str]] = {}

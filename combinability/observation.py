@@ -186,7 +186,7 @@ def read_rows(out: Any) -> dict[str, np.ndarray]:
     allows), each as at most ``_ROWS`` of its observation rows, evenly spaced (float64): what
     :func:`observed_units` compares, a few kilobytes whatever the output's size."""
     a = np.asarray(out)
-    if a.ndim < 2:
+    if a.ndim < 2 or not a.size:  # no units to observe (an empty slice: rotary over none of a head's units)
         return {}
     kept = {}
     for reading in ("second", *READINGS[:a.ndim - 2]):

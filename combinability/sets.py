@@ -36,6 +36,8 @@ from combinability.layout import FlatLayout, owns_memory
 from combinability.permutation import Permutation, PermutationSpec, apply_permutation
 from combinability.plugins import get_backend
 
+_STREAM_POINTS = False  # TEMPORARY experiment switch
+
 if TYPE_CHECKING:
     from combinability.backend import Backend
     from combinability.folding import NormFold
@@ -653,18 +655,24 @@ class ModelSet:
         (:func:`combinability.observation.observe_model`), for an aligner that reads units at feature points;
         empty for other aligners, models without an ``example_input`` and specs without such names."""
         from combinability.kinds import Dual, Invertible
-        from combinability.observation import Observed, observe_model
+        from combinability.observation import Observed, Piece, observe_model
         from combinability.plugins import get_registration
 
         registration = get_registration("aligners", method) if isinstance(method, str) else method
+        if getattr(registration, "reads_points", False) and self.table is not None and _STREAM_POINTS:
+            whole = set(self.part_points)
+            return Observed(pieces={p: tuple(Piece(point, 0, None) for point in points) for p, points in
+                                    self.table.activation_observations().items() if p in spec.perm_names
+                                    and p not in whole})
         example = self.__dict__.get("example_input")
         if not getattr(registration, "reads_points", False) or example is None \
                 or any(isinstance(k, Invertible | Dual) for k in spec.kinds.values()):  # refused before any work
             return Observed()
         points = self._points_for(spec)
         base = (self.naive or self).spec
-        if not any(isinstance(k, Blocks | Orthogonal) and p not in points for p, k in [*spec.kinds.items(),
-                                                                                       *base.kinds.items()]):
+        unpointed = [p for p in spec.perm_names if p not in points and p not in self.part_points]  # heads moving
+        if not unpointed and not any(isinstance(k, Blocks | Orthogonal) and p not in points  # whole (Repeat axes)
+                                     for p, k in [*spec.kinds.items(), *base.kinds.items()]):
             return Observed()
         # a transformer: every name read wherever its units show (a stream at every block, a gated MLP's
         # hidden units at both its gate and its up projection, grouped key/value heads at their keys and values)

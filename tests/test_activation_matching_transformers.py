@@ -345,3 +345,65 @@ def test_experts_fused_into_one_tensor_cut_into_gate_and_up_rows_are_refused_nam
     tokens = _tokens(50, V, 16, 1)
     with pytest.raises(cb.ConfigurationError, match="experts held as modules or parameters of their own"):
         pair.align("activation", data=(tokens, tokens))
+
+
+class _NeoX(torch.nn.Module):
+    """GPT-NeoX's attention: one ``query_key_value`` layer whose rows are packed per head (``[q|k|v]`` of head 0,
+    then head 1, …), rotary position embedding on the first ``rotary`` units of each query and key, and an MLP."""
+
+    def __init__(self, rotary: int, vocab: int = 20, d: int = 32, heads: int = 4) -> None:
+        super().__init__()
+        nn = torch.nn
+        self.h, self.dh, self.rotary = heads, d // heads, rotary
+        self.emb, self.ln, self.qkv, self.dense = nn.Embedding(vocab, d), nn.LayerNorm(d), nn.Linear(d, 3 * d), \
+            nn.Linear(d, d)
+        self.ln2, self.fc1, self.fc2 = nn.LayerNorm(d), nn.Linear(d, 2 * d), nn.Linear(2 * d, d)
+        self.lnf, self.head = nn.LayerNorm(d), nn.Linear(d, vocab)
+
+    def _rope(self, z, cos, sin):
+        r = self.rotary
+        turned = torch.cat((-z[..., r // 2:r], z[..., :r // 2]), -1)
+        return torch.cat((z[..., :r] * cos + turned * sin, z[..., r:]), -1)
+
+    def forward(self, ids):
+        F = torch.nn.functional
+        x = self.emb(ids)
+        b, t, _ = x.shape
+        qkv = self.qkv(self.ln(x)).view(b, t, self.h, 3 * self.dh)
+        q, k, v = (qkv[..., i * self.dh:(i + 1) * self.dh].permute(0, 2, 1, 3) for i in range(3))
+        angles = torch.arange(t, dtype=torch.float32)[:, None] / 10000 ** (
+            torch.arange(0, self.rotary, 2).float() / max(self.rotary, 1))
+        cos, sin = torch.cat((angles, angles), -1).cos(), torch.cat((angles, angles), -1).sin()
+        q, k = self._rope(q, cos, sin), self._rope(k, cos, sin)
+        o = F.scaled_dot_product_attention(q, k, v, is_causal=True).permute(0, 2, 1, 3).reshape(b, t, -1)
+        x = x + self.dense(o)
+        x = x + self.fc2(F.gelu(self.fc1(self.ln2(x))))
+        return self.head(self.lnf(x))
+
+
+@pytest.mark.parametrize("rotary", [4, 0])
+@pytest.mark.parametrize("symmetries", ["all", "permutation"])
+def test_heads_packed_per_head_are_observed_when_the_stream_is_aligned_by_permutations(rotary, symmetries):
+    """With ``symmetries="permutation"`` the stream has a feature point and no other name is a block or a rotation:
+    the heads, which move whole (a Repeat axis), were then not probed, and activation matching refused them as
+    "units inside a layer"; rotary over none of a head's units made an empty output the probe could not read."""
+    torch.manual_seed(0)
+    a = _NeoX(rotary).eval()
+    b = _NeoX(rotary).eval()
+    state = {k: v.clone() for k, v in a.state_dict().items()}
+    heads = np.array([2, 0, 3, 1])  # B's head i is A's head heads[i]; rows of a head: 3 * dh
+    rows = (heads[:, None] * 24 + np.arange(24)).reshape(-1)
+    cols = (heads[:, None] * 8 + np.arange(8)).reshape(-1)
+    hidden = np.random.default_rng(1).permutation(64)
+    state["qkv.weight"], state["qkv.bias"] = state["qkv.weight"][rows], state["qkv.bias"][rows]
+    state["dense.weight"] = state["dense.weight"][:, cols]
+    state["fc1.weight"], state["fc1.bias"] = state["fc1.weight"][hidden], state["fc1.bias"][hidden]
+    state["fc2.weight"] = state["fc2.weight"][:, hidden]
+    b.load_state_dict(state)
+    tokens = torch.from_numpy(_tokens(64, 20, 8, seed=2))
+    with torch.no_grad():
+        np.testing.assert_allclose(b(tokens).numpy(), a(tokens).numpy(), atol=1e-5)
+    pair = cb.ModelPair(a, b, example_input=tokens[:4])
+    aligned = pair.align("activation", data=(tokens.numpy(), tokens.numpy()), symmetries=symmetries)
+    got_a, got_b = aligned.params(0), aligned.params(1)
+    assert max(float(np.abs(got_a[k] - got_b[k]).max()) for k in got_a) < 1e-5

@@ -502,3 +502,39 @@ def test_a_decoder_tied_to_its_encoder_keeps_the_encoders_units():
     assert spec.axes_to_perm["enc.weight"][1] is None
     pair = cb.ModelPair(a, b, example_input=x).align("weight")
     np.testing.assert_allclose(pair.params("b")["enc.weight"], a.enc.weight.detach().numpy(), atol=0)
+
+
+class MultiQueryLM(nn.Module):
+    """Multi-query attention as it is often written: one key/value head, ``view(b, t, 1, dh).transpose(1, 2)``,
+    expanded over the query heads (``expand(b, h, t, dh)``)."""
+
+    def __init__(self, heads: int = 4) -> None:
+        super().__init__()
+        self.h, self.dh = heads, D // heads
+        self.wte, self.ln, self.ln_f = nn.Embedding(VOCAB, D), nn.LayerNorm(D), nn.LayerNorm(D)
+        self.q, self.o = nn.Linear(D, D, bias=False), nn.Linear(D, D, bias=False)
+        self.k, self.v = nn.Linear(D, self.dh, bias=False), nn.Linear(D, self.dh, bias=False)
+        self.head = nn.Linear(D, VOCAB)
+
+    def forward(self, idx):
+        x = self.wte(idx)
+        b, t, _ = x.shape
+        h = self.ln(x)
+        q = self.q(h).view(b, t, self.h, self.dh).transpose(1, 2)
+        k = self.k(h).view(b, t, 1, self.dh).transpose(1, 2).expand(b, self.h, t, self.dh)
+        v = self.v(h).view(b, t, 1, self.dh).transpose(1, 2).expand(b, self.h, t, self.dh)
+        o = F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(b, t, D)
+        return self.head(self.ln_f(x + self.o(o)))
+
+
+def test_one_key_value_head_expanded_over_the_query_heads_lets_the_query_heads_move():
+    """``expand`` of the single key/value head was refused ("an operation on per-head features"); the query heads
+    share it, so they move as one group's heads do."""
+    model = randomised(MultiQueryLM(), 12)
+    spec, folds = cb.derive_symmetries(model, IDX)
+    rows = spec.axes_to_perm["q.weight"][0]  # whole heads move (their units follow the one key head's order)
+    heads = spec.kinds[rows.name]
+    assert isinstance(heads, Blocks) and heads.blocks == 1 and heads.size == 4 and rows.times == 4  # 4 heads, 1 group
+    assert spec.axes_to_perm["o.weight"][1] == rows
+    state = _folded64(model, folds)
+    assert_random_transformation_undone(model, spec, state, IDX, "q.weight")

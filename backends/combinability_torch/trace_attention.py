@@ -829,6 +829,16 @@ def _rotary_or_repeated(n: fx.Node, args: list[fx.Node], first: fx.Node | None, 
             return True
         raise TracingError(f"{where}: key/value heads given a new axis are followed through expand(...) and a "
                            f"reshape merging it into the heads (repeat_kv) only{_hint(model)}")
+    if target == "expand" and first is not None and first.name in headed and first.name not in att.shared and \
+            headed[first.name][0] == 1 and shape:
+        src = _shape_of(first)
+        grown = [i for i, (a, b) in enumerate(zip(src or (), shape, strict=False)) if a != b]
+        if src and len(src) == len(shape) and len(grown) == 1 and src[grown[0]] == 1 and grown[0] != len(src) - 1:
+            # multi-query attention: the one key/value head expanded over the query heads
+            # (``k.view(b, t, 1, dh).transpose(1, 2).expand(b, h, t, dh)``), shared by all of them
+            headed[n.name], att.shared[n.name] = (shape[grown[0]], headed[first.name][1]), (1, shape[grown[0]])
+            space[n.name] = space[first.name]
+            return True
     if target in ("repeat_interleave", torch.repeat_interleave) and first is not None and first.name in headed \
             and first.name not in att.shared and shape:
         repeats = n.kwargs.get("repeats", n.args[1] if len(n.args) > 1 else None)
