@@ -38,6 +38,7 @@ from combinability.errors import (
     SmallerBatchWarning,
     UnknownNameError,
     UntracedModelWarning,
+    UntrainedModelWarning,
 )
 
 __version__ = "0.1.0"
@@ -162,6 +163,7 @@ __all__ = [
     "NonFiniteWeightsError",
     "NothingToAlignWarning",
     "UntracedModelWarning",
+    "UntrainedModelWarning",
     "SmallerBatchWarning",
     "OutputExistsError",
     "OutputLockedError",

@@ -5,13 +5,14 @@ It trains three MLPs with different seeds on the embedded default data
 is absent), aligns them with weight matching, runs every experiment at a modest
 sample size; then trains two tiny vision transformers (the registered ``tinyvit``,
 briefly, on a few thousand training images) and compares their naive, permutation-aligned
-and permutation+orthogonal-aligned barriers (issue 14). It writes, under ``results/demo/``:
+and permutation+orthogonal-aligned barriers. It writes, under ``results/demo/``:
 
 * ``models/``: the MLP and ViT checkpoints (reused on the next run);
 * one netCDF file per experiment (finished ones are reused, unfinished ones resume);
   identity stitching in both directions the paper describes: ``stitching.nc`` (π(Θ_B)
   below the cut, Θ_A above: the §4.3 formula) and ``stitching_lower_a.nc`` (Θ_A below,
   π(Θ_B) above: the section's first sentence);
+* ``aligners.nc``: the aligners compared on the three MLPs (a short run);
 * ``symmetries.nc``: the ViTs' symmetry comparison (test split, a few values per sampler);
 * ``figures/``: one PNG per experiment;
 * ``summary.md``: the empirical barriers, naive vs aligned, the ViTs' linear-path loss
@@ -82,12 +83,25 @@ def default_dataset() -> str:
         return "digits"
 
 
+class _StepTimes(dict):
+    """Seconds per step of the demo; ``quiet``: the steps are not announced (``-q``)."""
+
+    def __init__(self, *, quiet: bool = False) -> None:
+        super().__init__()
+        self.quiet = quiet
+
+
+def _say(log: dict, message: str) -> None:
+    if not getattr(log, "quiet", False):
+        print(f"[demo] {message}", flush=True)
+
+
 def _step(log: dict, name: str, fn, *args, **kwargs):
     t0 = time.perf_counter()
-    print(f"[demo] {name} ...", flush=True)
+    _say(log, f"{name} ...")
     result = fn(*args, **kwargs)
     log[name] = round(time.perf_counter() - t0, 1)
-    print(f"[demo] {name} done in {log[name]:.1f} s", flush=True)
+    _say(log, f"{name} done in {log[name]:.1f} s")
     return result
 
 
@@ -154,7 +168,7 @@ def train_vits(models_dir: Path, data: str, backend: str, settings: DemoSettings
 
     train = load_dataset(data, "train", limit=settings.vit_train)
     n = len(train)
-    log = {} if times is None else times
+    log = _StepTimes(quiet=not progress) if times is None else times
     return [_step(log, f"train ViT seed {seed}", cb.train, "tinyvit", train, backend=backend, seed=seed,
                   epochs=settings.vit_epochs, width=settings.vit_width, metadata={"train_examples": n},
                   checkpoint=models_dir / f"tinyvit_seed{seed}_n{n}.ckpt", progress=progress, overwrite=overwrite)
@@ -164,7 +178,7 @@ def train_vits(models_dir: Path, data: str, backend: str, settings: DemoSettings
 def vit_symmetries(out: Path, data: str, backend: str, settings: DemoSettings, *, progress: bool = False,
                    overwrite: bool = False, attrs: Mapping[str, Any] | None = None,
                    times: dict[str, float] | None = None, client: Any = None) -> Any:
-    """The demo's transformer step (issue 14): two ViTs, then ``out/symmetries.nc``; returns its Dataset.
+    """The demo's transformer step: two ViTs, then ``out/symmetries.nc``; returns its Dataset.
 
     Trains (or reuses) the two ViTs of :func:`train_vits` under ``out/models/``, pairs them
     (their symmetries traced on 8 test images) and runs
@@ -182,14 +196,14 @@ def vit_symmetries(out: Path, data: str, backend: str, settings: DemoSettings, *
     from combinability.experiments.symmetries import symmetry_comparison
     from combinability.samplers import get_sampler
 
-    log = {} if times is None else times
+    log = _StepTimes(quiet=not progress) if times is None else times
     vit_a, vit_b = train_vits(Path(out) / "models", data, backend, settings, progress=progress, overwrite=overwrite,
                               times=log)
     example = load_dataset(data, "test", limit=8).x
     pair = cb.ModelPair(vit_a, vit_b, example_input=example)
     samplers = [get_sampler(name) for name in settings.vit_samplers]
     learned = bool({"activation", "learned"} & set(settings.vit_alignments))  # both read the training examples
-    return _step(log, "ViT symmetries (issue 14)", symmetry_comparison, pair, data, samplers=samplers,
+    return _step(log, "ViT symmetries", symmetry_comparison, pair, data, samplers=samplers,
                  values=settings.vit_values(), samples=1, seed=0, restarts=1, alignments=settings.vit_alignments,
                  train_data=load_dataset(data, "train", limit=settings.vit_train) if learned else None,
                  learn_options={"epochs": settings.vit_learn_epochs}, splits=("test",),
@@ -255,8 +269,8 @@ def run_demo(out: Path = Path("results/demo"), *, data: str | None = None, backe
     out = Path(out)
     models_dir = out / "models"
     t_start = time.perf_counter()
-    times: dict[str, float] = {}
-    print(f"[demo] data: {data}; backend: {backend}; writing under {out}/", flush=True)
+    times = _StepTimes(quiet=not progress)
+    _say(times, f"data: {data}; backend: {backend}; writing under {out}/")
 
     models = []
     for seed in (0, 1, 2):
@@ -287,7 +301,7 @@ def run_demo(out: Path = Path("results/demo"), *, data: str | None = None, backe
           limit=s.limit, out=out / "robustness.nc", overwrite=overwrite, **tag)
     # a short run (about 15 s): the learned aligners see 200 training examples, MergeMany and cycle are cut
     # short (2 rounds, 3 Frank-Wolfe steps): not the converged numbers of docs/experiments/aligners.md
-    _step(times, "aligners compared (issue 12)", ex.compare_aligners, models, data, n_models=(3,), backend=backend,
+    _step(times, "aligners compared", ex.compare_aligners, models, data, n_models=(3,), backend=backend,
           train_examples=200, learned_options={"eval_examples": 200}, many_options={"fw_iter": 3, "rounds": 2},
           values_per_sampler=3, samples=1, limit=min(s.limit, 1000), progress=progress, out=out / "aligners.nc",
           overwrite=overwrite, **tag, **run)
@@ -319,7 +333,7 @@ def run_demo(out: Path = Path("results/demo"), *, data: str | None = None, backe
     summary = out / "summary.md"
     with atomic_path(summary) as tmp:
         tmp.write_text((out / "figures" / "summary.md").read_text().replace("](", "](figures/"))
-    print(f"[demo] finished in {time.perf_counter() - t_start:.0f} s: {len(written) - 1} figures, {summary}")
+    _say(times, f"finished in {time.perf_counter() - t_start:.0f} s: {len(written) - 1} figures, {summary}")
     return 0
 
 

@@ -35,6 +35,7 @@ __all__ = [
     "UntracedModelWarning",
     "SmallerBatchWarning",
     "NonFiniteLossWarning",
+    "UntrainedModelWarning",
 ]
 
 
@@ -168,3 +169,9 @@ class NonFiniteLossWarning(CombinabilityWarning):
 class UntracedModelWarning(CombinabilityWarning):
     """A user's own model could not be traced on ``example_input``; it is used with the spec given by hand,
     without the traced graph that activation matching, REPAIR and the feature analyses read."""
+
+
+class UntrainedModelWarning(CombinabilityWarning):
+    """Training ended no better than chance: its last epoch's mean loss is not below that of predicting the
+    labels' frequencies (a learning rate too high for so few steps collapses a network to a constant output).
+    Alignments, barriers and timings of such a model are not those of a trained one."""

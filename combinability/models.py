@@ -14,10 +14,13 @@ backend's own parameter names and load into that backend.
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+import numpy as np
 
 from combinability import training
 from combinability.checkpoint import (
@@ -57,11 +60,28 @@ def _dataset(data: str | ArrayDataset, split: str) -> ArrayDataset:
     return data
 
 
+def check_width(width: Any) -> None:
+    """Refuse a width multiplier that is not a finite number > 0 (None, the architecture's default, passes).
+
+    Raises
+    ------
+    ConfigurationError
+        For ``0``, a negative width, ``inf``, ``nan`` or a non-number.
+    """
+    if width is None:
+        return
+    if isinstance(width, bool) or not isinstance(width, int | float | np.integer | np.floating) or \
+            not (math.isfinite(float(width)) and float(width) > 0):
+        raise ConfigurationError(f"width must be a finite number > 0 (a multiplier of the architecture's units, "
+                                 f"e.g. 0.5, 1, 4), got {width!r}")
+
+
 def build_model(architecture: str, *, backend: str = "torch", width: float | None = None, num_classes: int = 10,
                 input_shape: tuple[int, ...] = (1, 28, 28), seed: int = 0) -> Any:
     """A freshly initialised native model of a registered architecture (seeded)."""
     be = get_backend(backend)
     arch = get_architecture(architecture)
+    check_width(width)
     if not arch.has_table:
         width = arch.default_width if width is None else width
         return arch.factory(be.name)(width=width, num_classes=int(num_classes),

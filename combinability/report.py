@@ -100,28 +100,34 @@ def barrier_table(results: Iterable[tuple[str, xr.Dataset]], splits: Sequence[st
         "|---|---|---|---:|---:|---:|---:|",
     ]
     for name, ds in results:
-        if ds.attrs.get("combinability_format") != "sweep" or "agreement" in ds:
+        if ds.attrs.get("combinability_format") != "sweep":
             continue
         b = barriers(ds)
+        # the aligned column: one row per alignment that is not naive (transitivity: the direct and the
+        # transitive alignment), labelled by it where there are several
+        aligned = [a for a in (b["alignment"].values.tolist() if "alignment" in b.dims else []) if a != "naive"]
         for split in splits:
             if split not in b["split"].values:
                 continue
             row = b.sel(split=split)
+            for key in aligned or [None]:
+                label = f"{name} ({key})" if len(aligned) > 1 else name
 
-            def get(var: str, alignment: str, row: xr.Dataset = row, ds: xr.Dataset = ds) -> float:
-                if "alignment" not in row.dims:  # one pair: its column by how it was aligned
-                    naive = ds.attrs.get("alignment") == "naive"
-                    return float(row[var]) if naive == (alignment == "naive") else float("nan")
-                names = list(row["alignment"].values)
-                key = alignment if alignment in names else ("transitive" if alignment == "aligned"
-                                                            and "transitive" in names else None)
-                return float(row[var].sel(alignment=key)) if key else float("nan")
+                def get(var: str, alignment: str, row: xr.Dataset = row, ds: xr.Dataset = ds,
+                        key: str | None = key) -> float:
+                    if "alignment" not in row.dims:  # one pair: its column by how it was aligned
+                        naive = ds.attrs.get("alignment") == "naive"
+                        return float(row[var]) if naive == (alignment == "naive") else float("nan")
+                    if alignment == "naive":
+                        names = row["alignment"].values.tolist()
+                        return float(row[var].sel(alignment="naive")) if "naive" in names else float("nan")
+                    return float(row[var].sel(alignment=key)) if key else float("nan")
 
-            lines.append(
-                f"| {name} | {ds.attrs.get('sampler', '')} | {split} | {_fmt(get('loss_barrier', 'naive'))} "
-                f"| {_fmt(get('loss_barrier', 'aligned'))} | {_fmt(get('accuracy_barrier', 'naive'))} "
-                f"| {_fmt(get('accuracy_barrier', 'aligned'))} |"
-            )
+                lines.append(
+                    f"| {label} | {ds.attrs.get('sampler', '')} | {split} | {_fmt(get('loss_barrier', 'naive'))} "
+                    f"| {_fmt(get('loss_barrier', 'aligned'))} | {_fmt(get('accuracy_barrier', 'naive'))} "
+                    f"| {_fmt(get('accuracy_barrier', 'aligned'))} |"
+                )
     return "\n".join(lines) + "\n"
 
 
@@ -175,8 +181,11 @@ def _own_files(out_dir: Path) -> dict[str, str]:
         text = summary.read_text()
     except (OSError, UnicodeDecodeError):
         return {}
-    body, _, last = text.rstrip("\n").rpartition("\n")
-    if not last.startswith(_MARKER) or not last.endswith(" -->"):
+    at = text.rfind("\n" + _MARKER)  # the marker line, wherever a user's edit left it (lines added after it)
+    if at < 0:
+        return {}
+    body, (last, _, after) = text[:at], text[at + 1:].partition("\n")
+    if not last.endswith(" -->"):
         return {}
     try:
         own = json.loads(last[len(_MARKER):-len(" -->")])
@@ -185,7 +194,7 @@ def _own_files(out_dir: Path) -> dict[str, str]:
     if not isinstance(own, dict):
         return {}
     files = {str(k): str(v) for k, v in own.items()}
-    if files.get("summary.md") != hashlib.sha256((body + "\n").encode()).hexdigest():
+    if after.strip() or files.get("summary.md") != hashlib.sha256((body + "\n").encode()).hexdigest():
         files.pop("summary.md", None)  # edited since: not the report's any more (its figures may still be)
     return files
 

@@ -192,6 +192,50 @@ def batch_bounds(n: int, batch_size: int) -> list[tuple[int, int]]:
     return bounds
 
 
+def chance_loss(y: Any) -> float:
+    """The cross-entropy of predicting the labels' frequencies (the best a constant output does): the entropy of
+    the scored labels of ``y`` (those not ``IGNORE_INDEX``), in nats.
+
+    >>> round(chance_loss(np.arange(10).repeat(3)), 4)  # ten balanced classes: ln 10
+    2.3026
+    """
+    from combinability.data.base import IGNORE_INDEX
+
+    labels = np.asarray(y).ravel()
+    labels = labels[labels != IGNORE_INDEX]
+    if not labels.size:
+        return float("nan")
+    p = np.bincount(labels.astype(np.int64)) / labels.size
+    p = p[p > 0]
+    return float(-(p * np.log(p)).sum())
+
+
+#: Training whose last epoch's mean loss is above this fraction of the chance loss did not learn
+UNTRAINED_FRACTION = 0.98
+
+
+def warn_if_untrained(last_loss: float, data: ArrayDataset, recipe: TrainRecipe, steps_per_epoch: int,
+                      desc: str = "train") -> None:
+    """Warn (:class:`~combinability.errors.UntrainedModelWarning`) when ``last_loss``, the mean training loss of
+    the last epoch, is not clearly below :func:`chance_loss` of ``data``'s labels."""
+    import warnings
+
+    from combinability.errors import UntrainedModelWarning
+    from combinability.plugins import _user_stacklevel
+
+    chance = chance_loss(data.y)
+    if not (chance > 0 and last_loss >= UNTRAINED_FRACTION * chance):
+        return
+    warm = max(1, int(round(recipe.warmup_epochs * steps_per_epoch))) if recipe.schedule == "warmup_cosine" else 0
+    how = (f"it warms up to lr={recipe.lr:g} over {warm} step(s) of {steps_per_epoch * recipe.epochs}" if warm
+           else f"lr={recipe.lr:g}, {steps_per_epoch * recipe.epochs} step(s)")
+    warnings.warn(
+        f"{desc}: the last epoch's mean training loss is {last_loss:.4f}, no better than predicting the labels' "
+        f"frequencies ({chance:.4f}): the model did not learn ({how}). A learning rate too high for so few steps "
+        f"collapses a network to a constant output; train with a lower rate or a longer warm-up "
+        f"(recipe=TrainRecipe(...)), or for more epochs", UntrainedModelWarning, stacklevel=_user_stacklevel())
+
+
 def fit(backend: Backend, model: Any, data: ArrayDataset, recipe: TrainRecipe, *, seed: int,
         progress: bool = False, desc: str = "train") -> Any:
     """Train ``model`` on ``data`` with ``recipe``; returns a new model holding the trained state.
@@ -270,5 +314,7 @@ def fit(backend: Backend, model: Any, data: ArrayDataset, recipe: TrainRecipe, *
                 raise NonFiniteWeightsError(f"training diverged in epoch {epoch + 1}: the mean loss is {mean_loss}; "
                                             f"lower the learning rate (now {recipe.lr})")
             bar.set_postfix(epoch=epoch + 1, loss=f"{mean_loss:.4f}")
+    if recipe.epochs:
+        warn_if_untrained(mean_loss, data, recipe, steps_per_epoch, desc)
     trained = layout.unflatten(backend.to_numpy(flat))
     return backend.with_state(model, {**state, **trained})

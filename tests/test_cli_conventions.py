@@ -491,3 +491,26 @@ def test_a_closed_output_pipe_ends_the_command_quietly(monkeypatch, capsys):
     monkeypatch.setattr(sys, "stdout", ClosedPipe())
     assert main(["plugins"]) == 141
     assert capsys.readouterr().err == ""  # no "error: [Errno 32] Broken pipe"
+
+
+def test_train_says_it_loaded_a_model_trained_earlier_and_interrupted_training_promises_no_resume(
+        ckpts, tmp_path, capsys, monkeypatch):
+    out = tmp_path / "a.ckpt"
+    out.write_bytes((ckpts / "a.ckpt").read_bytes())
+    stat = out.stat()
+    assert main(["train", "mlp", "digits", "--seed", "0", *TINY, "--out", str(out)]) == 0
+    said = capsys.readouterr().out
+    assert "already holds mlp trained on digits (seed 0) with these settings: loaded, not trained again" in said
+    assert "trained mlp" not in said and out.stat().st_mtime_ns == stat.st_mtime_ns
+
+    import combinability.models
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(combinability.models, "train", interrupted)
+    assert main(["train", "mlp", "digits", "--seed", "5", *TINY, "--out", str(tmp_path / "new.ckpt")]) == 130
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == ("combinability: interrupted; nothing was written (the same command run again starts from the "
+                       "beginning)")
+    assert not (tmp_path / "new.ckpt").exists()

@@ -78,6 +78,10 @@ def test_report_run_again_replaces_its_own_files_but_not_edited_ones(ckpts, tmp_
     err = _last_error(capsys)
     assert "holds summary.md, which" in err and "lin.png" not in err  # the figure is still the report's own
     assert (out / "summary.md").read_bytes() == edited
+    (out / "summary.md").write_text(summary + "my note, added after the report's last line\n")
+    assert main(argv) == 1  # a line appended after the marker: still only summary.md is the user's now
+    err = _last_error(capsys)
+    assert "holds summary.md, which" in err and "lin.png" not in err
 
 
 def test_report_of_a_missing_file_writes_nothing(tmp_path, capsys, monkeypatch):
@@ -130,7 +134,7 @@ def test_the_library_refuses_an_empty_robustness_experiment():
 def test_train_refuses_a_width_that_is_not_positive(tmp_path, capsys, width):
     out = tmp_path / "w.ckpt"
     assert main(["train", "mlp", "digits", f"--width={width}", "--epochs", "1", "--out", str(out)]) == 2
-    assert f"--width must be a number > 0, got {width}" in _last_error(capsys)
+    assert f"--width must be a finite number > 0, got {width}" in _last_error(capsys)
     assert not out.exists()
 
 
@@ -306,3 +310,29 @@ def test_a_users_model_aligned_by_the_cli_then_swept_as_given_is_labelled_by_its
         with netCDF4.Dataset(tmp_path / out) as nc:
             assert nc.getncattr("alignment") == label  # the aligned B by its method; the raw B naive
             assert (label == "weight") == ("aligned_by" in nc.ncattrs())
+
+
+def test_align_without_out_reports_the_matching_and_writes_nothing(ckpts, tmp_path, capsys, monkeypatch):
+    """The user guide's ``combinability align a.ckpt b.ckpt`` (no --out) raised a TypeError."""
+    monkeypatch.chdir(tmp_path)
+    assert main(["align", str(ckpts / "a.ckpt"), str(ckpts / "b.ckpt")]) == 0
+    said = capsys.readouterr().out
+    assert "weight matching in" in said and "units," in said and "written" not in said
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("width", ["inf", "nan", "0", "-1"])
+def test_train_refuses_a_width_that_is_not_a_finite_positive_number(tmp_path, capsys, no_models, width):
+    out = tmp_path / "x.ckpt"
+    assert main(["train", "mlp", "digits", "--width", width, "--out", str(out)]) == 2
+    assert "--width must be a finite number > 0" in _last_error(capsys)
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("width", [float("inf"), float("nan"), 0, -0.5, "1"])
+def test_the_api_refuses_a_width_that_is_not_a_finite_positive_number(width):
+    from combinability.errors import ConfigurationError
+    from combinability.models import build_model
+
+    with pytest.raises(ConfigurationError, match="width must be a finite number > 0"):
+        build_model("mlp", width=width)

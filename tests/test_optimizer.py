@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+import combinability as cb
 from combinability.training import Optimizer, TrainRecipe
 
 STEPS, SIZE = 6, 257
@@ -75,3 +76,26 @@ def test_steps_match_torch_optim(where, optimizer, weight_decay, frozen):
         flat = new
     if frozen:
         np.testing.assert_array_equal(np.asarray(flat)[mask == 0], start[mask == 0])
+
+
+def test_chance_loss_is_the_entropy_of_the_scored_labels():
+    from combinability.training import chance_loss
+
+    y = np.array([[0, 0, 1, -100], [2, 2, 2, -100]])
+    p = np.array([2, 1, 3]) / 6
+    assert chance_loss(y) == pytest.approx(float(-(p * np.log(p)).sum()), rel=1e-12)
+
+
+def test_training_that_ends_at_chance_warns_and_training_that_learns_does_not():
+    """A learning rate of 0 leaves an MLP at its initial, chance-level loss (what a collapsed ResNet-20 shows):
+    warned, naming the loss and the labels' entropy; the same MLP trained properly is not."""
+    import warnings
+
+    from combinability.errors import UntrainedModelWarning
+    from combinability.training import TrainRecipe
+
+    with pytest.warns(UntrainedModelWarning, match=r"no better than predicting the labels' frequencies \(2\.30"):
+        cb.train("mlp", "digits", seed=0, width=0.125, recipe=TrainRecipe(epochs=1, lr=0.0, optimizer="adam"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UntrainedModelWarning)
+        cb.train("mlp", "digits", seed=0, width=0.125, epochs=1)

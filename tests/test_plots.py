@@ -394,6 +394,25 @@ def test_summary_table_puts_one_pair_in_the_column_of_its_alignment():
     assert cells == [["–", "0.130", "–", "0.110"], ["0.130", "–", "0.110", "–"]]
 
 
+def test_summary_table_gives_every_alignment_of_a_transitivity_sweep_and_agreement_sweeps_a_row():
+    """A row per non-naive alignment where there are several (the direct curve had none), and sweeps that also
+    count agreement (left out before) get their barriers."""
+    from combinability.report import barrier_table as summary_table
+
+    base = small_sweep()
+    three = xr.concat([base, base.assign(loss=base["loss"] + 0.1), base.assign(loss=base["loss"] + 0.2)],
+                      dim=xr.DataArray(["naive", "direct", "transitive"], dims="alignment"))
+    three.attrs.update(combinability_format="sweep")
+    agreement = base.assign(agreement=(("split", "category"), [[3, 4]])).assign_coords(category=["a", "b"])
+    agreement.attrs.update(combinability_format="sweep", alignment="aligned")
+    rows = summary_table([("transitivity", three), ("bernoulli", agreement)]).splitlines()[2:]
+    cells = [[c.strip() for c in row.split("|")[1:6]] for row in rows]
+    # loss barriers by hand: worst 0.45 (+0.1, +0.2) minus the mean of the ends, 0.32
+    assert cells == [["transitivity (direct)", "linear", "test", "0.130", "0.230"],
+                     ["transitivity (transitive)", "linear", "test", "0.130", "0.330"],
+                     ["bernoulli", "linear", "test", "–", "0.130"]]
+
+
 # -- errors and file handling ---------------------------------------------------------------------------------------
 def test_bad_inputs_raise_clear_errors():
     ds = sweep_result()

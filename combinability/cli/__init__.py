@@ -21,7 +21,8 @@ Conventions
 Exit status 0 on success, 2 for usage errors (a bad option or value, an unknown name, an
 input path that does not exist), 1 for runtime errors (a damaged file, a failed run), 130
 after Ctrl-C, 141 when the reader of the output stops early (``| head``) and 143 after SIGTERM
-(finished results are kept: run the same command again to resume). Values are checked before
+(a sweep's or experiment's finished results are kept: run the same command again to resume; train, align,
+merge and report write their output at the end, and start again). Values are checked before
 any model is loaded, aligned or trained. Errors of the library are one line on standard error
 (``--debug`` adds the traceback). Messages go through :mod:`logging` (logger ``combinability``):
 ``-v`` shows more (also a line per weight-matching sweep where no progress bar is shown),
@@ -212,6 +213,10 @@ def _drop_stdout() -> None:
         pass
 
 
+#: Commands whose work is lost when interrupted: they write their one output at the end (or none)
+_STARTS_AGAIN = frozenset({"_cmd_train", "_cmd_align", "_cmd_merge", "_cmd_report", "_cmd_download", "_cmd_plugins"})
+
+
 def _run(args: argparse.Namespace, argv: Sequence[str]) -> int:
     from combinability.errors import CombinabilityError
     from combinability.files import Terminated, stop_on_sigterm
@@ -227,8 +232,13 @@ def _run(args: argparse.Namespace, argv: Sequence[str]) -> int:
     except KeyboardInterrupt as exc:
         terminated = isinstance(exc, Terminated)
         what = "terminated (SIGTERM)" if terminated else "interrupted"
-        print(f"combinability: {what}; finished results are kept (run the same command again to resume)",
-              file=sys.stderr)
+        command = getattr(getattr(args, "func", None), "__name__", "")
+        if command in _STARTS_AGAIN:  # writes one file at the end, or nothing: no partial result to resume from
+            print(f"combinability: {what}; nothing was written (the same command run again starts from the "
+                  "beginning)", file=sys.stderr)
+        else:
+            print(f"combinability: {what}; finished results are kept (run the same command again to resume)",
+                  file=sys.stderr)
         return EXIT_TERMINATED if terminated else EXIT_INTERRUPTED
     except BrokenPipeError:  # the reader of stdout went away (``| head``): stop quietly, as Unix tools do
         _drop_stdout()

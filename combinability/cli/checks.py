@@ -8,6 +8,7 @@ nothing heavy.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import re
 from collections.abc import Iterable, Sequence
@@ -47,9 +48,9 @@ def check_positive(args: argparse.Namespace, options: Iterable[str], *, number: 
     """
     for option in options:
         value = getattr(args, option, None)
-        if value is not None and not value > 0:
+        if value is not None and not (value > 0 and math.isfinite(value)):
             flag = "--" + option.replace("_", "-")
-            kind = "a number > 0" if number else "a positive integer (1, 2, ...)"
+            kind = "a finite number > 0" if number else "a positive integer (1, 2, ...)"
             raise _usage_error(f"{flag} must be {kind}, got {value:g}")
 
 

@@ -313,6 +313,15 @@ def _default_backend(args: argparse.Namespace) -> None:
     args.backend = args.backend or "torch"
 
 
+def _file_state(path: str | None) -> tuple[int, int, int] | None:
+    """``(inode, size, mtime in ns)`` of the file ``path``; None where there is none."""
+    try:
+        st = os.stat(path) if path else None
+    except OSError:
+        return None
+    return (st.st_ino, st.st_size, st.st_mtime_ns) if st is not None else None
+
+
 def _cmd_train(args: argparse.Namespace) -> int:
     from combinability.models import train
 
@@ -321,11 +330,16 @@ def _cmd_train(args: argparse.Namespace) -> int:
     checks.check_checkpoint_out(args.out)
     _check_out(args.out, "checkpoint")
     t0 = time.perf_counter()
+    before = _file_state(args.out)
     model = train(args.architecture, args.data, backend=args.backend, seed=args.seed, epochs=args.epochs,
                   width=args.width, checkpoint=args.out, progress=not args.quiet, overwrite=args.overwrite,
                   metadata=args.cli_attrs)
-    print(f"trained {args.architecture} on {args.data} (seed {args.seed}) in {time.perf_counter() - t0:.1f} s "
-          f"-> {args.out}")
+    if before is not None and before == _file_state(args.out):  # the same settings' model, loaded
+        print(f"{args.out} already holds {args.architecture} trained on {args.data} (seed {args.seed}) with these "
+              f"settings: loaded, not trained again (--overwrite trains anew)")
+    else:
+        print(f"trained {args.architecture} on {args.data} (seed {args.seed}) in {time.perf_counter() - t0:.1f} s "
+              f"-> {args.out}")
     if args.evaluate:
         _print_eval(model, args)
     return EXIT_OK
@@ -359,7 +373,7 @@ def _cmd_align(args: argparse.Namespace) -> int:
     checks.check_checkpoint_out(args.out)
     _check_out(args.out, "aligned checkpoint")
     inputs = _input_digests([args.model_a, args.model_b])
-    replace = _may_replace(args.out, args, inputs, "aligned checkpoint")
+    replace = _may_replace(args.out, args, inputs, "aligned checkpoint") if args.out else False  # no --out: report
     pair = _pair(args)
     t0 = time.perf_counter()
     learned = {"epochs": args.epochs, "state": args.state} if args.method in ("ste", "sinkhorn", "maps") else {}

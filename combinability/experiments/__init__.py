@@ -14,9 +14,9 @@ function                               paper                       returns
 :func:`functional_agreement`           §6.1, fig 12                one Dataset per scheme
 :func:`edge_lengths`                   §6.2, fig 13                Dataset of histograms
 :func:`alignment_robustness`           §6.3, fig 14                Dataset of barriers
-:func:`asymmetry_comparison`           Lim et al. 2024 (issue 13)  Dataset of barriers
-:func:`compare_aligners`               issue 12 (aligners)         Dataset of barriers
-:func:`symmetry_comparison`            Theus et al. (issue 14)     Dataset of barriers
+:func:`asymmetry_comparison`           Lim et al. 2024             Dataset of barriers
+:func:`compare_aligners`               weight, activation, STE     Dataset of barriers
+:func:`symmetry_comparison`            Theus et al.                Dataset of barriers
 =====================================  ==========================  ==================
 
 Sweeping experiments compare the naive pair (B as trained) with the aligned pair

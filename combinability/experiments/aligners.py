@@ -1,4 +1,4 @@
-"""Compare the aligners on the same models (issue 12, item 4).
+"""Compare the aligners on the same models.
 
 Two questions, one Dataset:
 

@@ -1,4 +1,4 @@
-"""The aligners compared on the same models (issue 12, item 4): barriers per aligner and scheme,
+"""The aligners compared on the same models: barriers per aligner and scheme,
 and the merged model of each many-model method against the number of models."""
 
 from __future__ import annotations
