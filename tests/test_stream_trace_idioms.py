@@ -538,3 +538,34 @@ def test_one_key_value_head_expanded_over_the_query_heads_lets_the_query_heads_m
     assert spec.axes_to_perm["o.weight"][1] == rows
     state = _folded64(model, folds)
     assert_random_transformation_undone(model, spec, state, IDX, "q.weight")
+
+
+class SharedBiasLM(nn.Module):
+    """A learned bias of (query, key) positions added to every head's scores alike (``(1, 1, T, T)``)."""
+
+    def __init__(self, heads: int = 4) -> None:
+        super().__init__()
+        self.h, self.dh = heads, D // heads
+        self.wte, self.ln, self.ln_f = nn.Embedding(VOCAB, D), nn.LayerNorm(D), nn.LayerNorm(D)
+        self.qkv, self.o, self.head = nn.Linear(D, 3 * D), nn.Linear(D, D), nn.Linear(D, VOCAB)
+        self.bias = nn.Parameter(torch.randn(1, 1, T, T))
+
+    def forward(self, idx):
+        x = self.wte(idx)
+        b, t, _ = x.shape
+        q, k, v = (z.view(b, t, self.h, self.dh).transpose(1, 2) for z in self.qkv(self.ln(x)).split(D, -1))
+        scores = q @ k.transpose(-2, -1) / math.sqrt(self.dh) + self.bias[:, :, :t, :t]
+        o = (scores.softmax(-1) @ v).transpose(1, 2).reshape(b, t, D)
+        return self.head(self.ln_f(x + self.o(o)))
+
+
+def test_a_learned_position_bias_shared_by_every_head_leaves_the_heads_free():
+    """A ``(1, 1, T, T)`` parameter added to the scores was refused as "a parameter or features added to attention
+    scores"; it is the same for every head, and its axes are positions."""
+    model = randomised(SharedBiasLM(), 13)
+    spec, folds = cb.derive_symmetries(model, IDX)
+    query, key, value = spec.axes_to_perm["qkv.weight"][0]  # packed rows: q | k | v
+    assert query == key and isinstance(spec.kind(query), Blocks) and spec.kind(query).blocks == 4  # the heads move
+    assert spec.axes_to_perm["bias"] == (None, None, None, None)
+    state = _folded64(model, folds)
+    assert_random_transformation_undone(model, spec, state, IDX, "qkv.weight")

@@ -282,6 +282,10 @@ def _attention_parts(n: fx.Node, args: list[fx.Node], spaces: list[Any], sp: Fea
                                f"the tracer follows scores scaled by numbers and constants{_hint(model)}")
         placed = [a for a in summed if a is not scored and isinstance(space.get(a.name), int)
                   and not sp.is_fixed(space[a.name])]
+        shared = [a for a in placed if _of_parameters(a) and not _per_head(a, scored) and (_ndim(a) or 0) >= 2]
+        if shared:  # a learned bias of (query, key) positions, one for every head (``(1, 1, q, k)``): its axes are
+            sp.fix([space[a.name] for a in shared])  # positions, which no symmetry moves
+            placed = [a for a in placed if a not in shared]
         if placed:  # a parameter or features added to the scores: their axes would not move with the heads
             raise TracingError(f"{where}: {placed[0].name!r} (a parameter or features) added to attention scores; "
                                f"the tracer follows tables of a value per head added to them as T5's relative "
