@@ -49,6 +49,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import zipfile
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -438,8 +439,40 @@ def metadata_differences(stored: Mapping[str, Any], new: Mapping[str, Any]) -> l
     """
     old, now = _json_plain(dict(stored), "metadata"), _json_plain(dict(new), "metadata")
     missing = "(absent)"
-    return [f"{key}: {old.get(key, missing)!r:.80} in the file, {now.get(key, missing)!r:.80} now"
-            for key in sorted(set(old) | set(now)) if old.get(key, missing) != now.get(key, missing)]
+    out = []
+    for key in sorted(set(old) | set(now)):
+        a, b = old.get(key, missing), now.get(key, missing)
+        if a == b:
+            continue
+        fields_a, fields_b = _repr_fields(a), _repr_fields(b)
+        if fields_a is not None and fields_b is not None and set(fields_a) == set(fields_b):
+            # a recipe's repr, ``TrainRecipe(epochs=5, lr=0.1, ...)``: the fields that differ, whole
+            out += [f"{key}.{f}: {fields_a[f]} in the file, {fields_b[f]} now" for f in fields_a
+                    if fields_a[f] != fields_b[f]]
+        else:
+            out.append(f"{key}: {_shown(a)} in the file, {_shown(b)} now")
+    return out
+
+
+def _repr_fields(value: Any) -> dict[str, str] | None:
+    """The fields of a dataclass's repr (``"TrainRecipe(epochs=5, lr=0.1)"``), by name; None for anything else.
+
+    >>> _repr_fields("TrainRecipe(epochs=5, lr=0.1, schedule='step')")
+    {'epochs': '5', 'lr': '0.1', 'schedule': "'step'"}
+    """
+    match = re.fullmatch(r"(\w+)\((.*)\)", value) if isinstance(value, str) else None
+    if match is None or not match.group(2):
+        return None
+    parts = re.split(r", (?=\w+=)", match.group(2))
+    if not all(re.match(r"\w+=", p) for p in parts):
+        return None
+    return dict(p.split("=", 1) for p in parts)
+
+
+def _shown(value: Any) -> str:
+    """``value`` as a message shows it: its repr, shortened to 80 characters with an ellipsis."""
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
 
 
 def check_overwrite(path: str | Path, metadata: Mapping[str, Any] | None = None, *, overwrite: bool = False,

@@ -84,6 +84,13 @@ def check_writable(path: str | os.PathLike, *, what: str = "output") -> Path:
                                      "choose a writable location")
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:  # a missing folder that cannot be made: its parent refuses (``ro/fig`` in ``ro``)
+        made = Path(exc.filename) if getattr(exc, "filename", None) else target.parent
+        raise OutputNotWritableError(
+            f"cannot write the {what} {target}: {exc.strerror or exc} (creating folder {made} in {made.parent}); "
+            "choose a writable location"
+        ) from None
+    try:
         fd, probe = tempfile.mkstemp(prefix=_temp_prefix(target), suffix=".tmp", dir=target.parent)
         os.close(fd)
         os.unlink(probe)

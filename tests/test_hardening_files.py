@@ -303,7 +303,7 @@ def test_train_reuses_its_checkpoint_and_refuses_other_files_before_training(tmp
     np.testing.assert_array_equal(reused.state_dict()["layers.0.weight"].numpy(), weights)
     with pytest.raises(OutputExistsError, match=r"m.ckpt.*other settings \(seed: 0 in the file, 1 now\)"):
         _train(path, seed=1)
-    with pytest.raises(OutputExistsError, match="epochs=2"):  # the recipe differs
+    with pytest.raises(OutputExistsError, match=r"recipe.epochs: 1 in the file, 2 now\)"):  # the recipe, by field
         cb.train("mlp", "digits", epochs=2, width=0.125, checkpoint=path)
     foreign = tmp_path / "foreign.ckpt"
     foreign.write_bytes(b"\x00" * 100)
@@ -438,3 +438,16 @@ def test_download_progress_bar_only_on_a_terminal(tmp_path, monkeypatch):
         monkeypatch.setattr(sys.stderr, "isatty", lambda: True, raising=False)
         locate.fetch(one, tmp_path / "b")
     assert shown == [False, True]
+
+
+def test_a_folder_that_cannot_be_made_is_named_with_the_folder_that_refuses_it(tmp_path, monkeypatch):
+    """``report --out ro/fig`` in a read-only ``ro`` said "(folder ro/fig)", a folder that does not exist."""
+    from combinability.errors import OutputNotWritableError
+    from combinability.files import check_writable
+
+    def refused(self, *args, **kwargs):
+        raise PermissionError(13, "Permission denied", str(self))
+
+    monkeypatch.setattr(Path, "mkdir", refused)
+    with pytest.raises(OutputNotWritableError, match=r"Permission denied \(creating folder .*ro/fig in .*ro\)"):
+        check_writable(tmp_path / "ro" / "fig" / "summary.md", what="report summary")
