@@ -256,6 +256,19 @@ def test_unreachable_scheduler_is_a_clear_error():
     assert isinstance(err.value, ConnectionError)
 
 
+@pytest.mark.parametrize("address", ["nonsense", "tcp://host"])
+def test_a_malformed_scheduler_address_is_refused_at_once(address, monkeypatch):
+    from combinability.executors import dask_cluster
+
+    def no_client(*args, **kwargs):
+        raise AssertionError("tried to connect to a malformed address")
+
+    monkeypatch.setattr("distributed.Client", no_client)
+    with pytest.raises(cb.ConfigurationError, match=f"the scheduler address '{address}' is not an address like "
+                                                 r"tcp://host:8786 \(missing port number"):
+        dask_cluster.connect(address)
+
+
 def test_cli_scheduler_option(client, tmp_path, capsys, monkeypatch):
     from combinability.cli import main
     from combinability.executors import dask_cluster

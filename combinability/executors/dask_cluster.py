@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import logging
 import math
 import pickletools
 import sys
@@ -108,12 +109,21 @@ def connect(scheduler: str | None = None, workers: int | None = None, *,
         environ = {k: v for k, v in (dask.config.get("distributed.nanny.pre-spawn-environ") or {}).items()
                    if k != "MALLOC_TRIM_THRESHOLD_"}
         with dask.config.set({"distributed.nanny.pre-spawn-environ": environ}):
+            # the workers' own log lines off: a task's error reaches the client as its exception, and a Ctrl-C
+            # (which the workers get too) would print their heartbeat and shutdown tracebacks
             cluster = distributed.LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
-                                               dashboard_address=None)
+                                               dashboard_address=None, silence_logs=logging.CRITICAL)
         return distributed.Client(cluster)
     timeout = CONNECT_TIMEOUT if timeout is None else float(timeout)
     if not isinstance(scheduler, str) or not scheduler.strip():
         raise ConfigurationError(f"the scheduler address must be a string like tcp://host:8786, got {scheduler!r}")
+    try:  # a malformed address is a usage error at once, not a wait for an answer
+        from distributed.comm import get_address_host_port
+
+        get_address_host_port(scheduler if "://" in scheduler else f"tcp://{scheduler}")
+    except ValueError as exc:
+        raise ConfigurationError(f"the scheduler address {scheduler!r} is not an address like tcp://host:8786 "
+                                 f"({exc})") from None
     try:
         return distributed.Client(scheduler, timeout=timeout)
     except (OSError, TimeoutError, ValueError) as exc:
@@ -128,13 +138,24 @@ def cluster_client(scheduler: str | None = None, workers: int | None = None, *,
                    timeout: float | None = None) -> Iterator[Any]:
     """:func:`connect` for a block: the client (and a local cluster it started) is closed after it."""
     client = connect(scheduler, workers, timeout=timeout)
+    interrupted = False
     try:
         yield client
+    except KeyboardInterrupt:
+        interrupted = True
+        raise
     finally:
         cluster = client.cluster if workers is not None else None
-        client.close()
-        if cluster is not None:
-            cluster.close()
+        quiet = logging.getLogger("distributed")
+        level = quiet.level
+        if interrupted:  # closing a cluster whose workers were interrupted too: its complaints are expected
+            quiet.setLevel(logging.CRITICAL)
+        try:
+            client.close()
+            if cluster is not None:
+                cluster.close()
+        finally:
+            quiet.setLevel(level)
 
 
 def _worker_report(backend: str) -> dict[str, Any]:
