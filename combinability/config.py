@@ -103,11 +103,30 @@ def _tokens(key: str, action: argparse.Action, value: Any, where: str) -> list[s
     for item in items:
         if isinstance(item, Mapping | list | tuple | bool) or item is None:
             raise ConfigurationError(f"{where}: {key!r} must be a number or a string, not {item!r}")
+        _check_value(key, action, flag, item, where)
     if isinstance(action, argparse._AppendAction):
         return [f"{flag}={item}" for item in items]
     if many:
         return [flag, *(str(item) for item in items)]
     return [f"{flag}={items[0]}"]
+
+
+def _check_value(key: str, action: argparse.Action, flag: str, item: Any, where: str) -> None:
+    """Refuse, naming the file, a value that ``flag``'s type or choices would refuse on the command line."""
+    from combinability.errors import ConfigurationError
+
+    value: Any = str(item)
+    if callable(action.type):
+        try:
+            value = action.type(value)
+        except (ValueError, TypeError, argparse.ArgumentTypeError) as exc:
+            kind = getattr(action.type, "__name__", "")
+            detail = str(exc) if isinstance(exc, argparse.ArgumentTypeError) or kind not in ("int", "float") \
+                else f"not {'an integer' if kind == 'int' else 'a number'}"
+            raise ConfigurationError(f"{where}: {key} = {item!r} is not a valid value of {flag} ({detail})") from None
+    if action.choices is not None and value not in action.choices:
+        raise ConfigurationError(f"{where}: {key} = {item!r} is not a valid value of {flag}; valid: "
+                                 f"{', '.join(map(str, action.choices))}")
 
 
 def config_arguments(parser: argparse.ArgumentParser, config: Mapping[str, Any], command_line: Sequence[str],

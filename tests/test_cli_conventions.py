@@ -265,6 +265,11 @@ def test_unknown_config_key_is_a_usage_error_naming_the_valid_ones(ckpts, tmp_pa
     config.write_text("limit = \n")
     assert main(["sweep", str(ckpts / "a.ckpt"), str(ckpts / "b.ckpt"), "--config", str(config)]) == 2
     assert "not valid TOML" in capsys.readouterr().err
+    config.write_text('limit = "abc"\n')  # argparse's usage dump named the option only, not the file
+    assert main(["sweep", str(ckpts / "a.ckpt"), str(ckpts / "b.ckpt"), "--config", str(config)]) == 2
+    err = capsys.readouterr().err
+    assert f"--config {config}: limit = 'abc' is not a valid value of --limit (not an integer)" in err
+    assert "usage:" not in err
 
 
 def test_train_stores_the_settings_in_the_checkpoint(ckpts):
