@@ -97,6 +97,7 @@ _LAZY.update({
     "ModelPair": "combinability.pair",
     "sweep": "combinability.sweeps",
     "sweep_pairs": "combinability.sweeps",
+    "sweep_coefficients": "combinability.coefficients",
     "open_results": "combinability.results",
     "write_results": "combinability.results",
     "barriers": "combinability.results",

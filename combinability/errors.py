@@ -172,6 +172,6 @@ class UntracedModelWarning(CombinabilityWarning):
 
 
 class UntrainedModelWarning(CombinabilityWarning):
-    """Training ended no better than chance: its last epoch's mean loss is not below that of predicting the
-    labels' frequencies (a learning rate too high for so few steps collapses a network to a constant output).
-    Alignments, barriers and timings of such a model are not those of a trained one."""
+    """Training ended no better than chance: the loss of its last steps is not below that of predicting the
+    labels' frequencies (too few steps, or a learning rate too high for them, which collapses a network to a
+    constant output). Alignments, barriers and timings of such a model are not those of a trained one."""

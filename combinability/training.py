@@ -217,7 +217,7 @@ UNTRAINED_FRACTION = 0.98
 def warn_if_untrained(last_loss: float, data: ArrayDataset, recipe: TrainRecipe, steps_per_epoch: int,
                       desc: str = "train") -> None:
     """Warn (:class:`~combinability.errors.UntrainedModelWarning`) when ``last_loss``, the mean training loss of
-    the last epoch, is not clearly below :func:`chance_loss` of ``data``'s labels."""
+    the last steps, is not clearly below :func:`chance_loss` of ``data``'s labels."""
     import warnings
 
     from combinability.errors import UntrainedModelWarning
@@ -230,10 +230,11 @@ def warn_if_untrained(last_loss: float, data: ArrayDataset, recipe: TrainRecipe,
     how = (f"it warms up to lr={recipe.lr:g} over {warm} step(s) of {steps_per_epoch * recipe.epochs}" if warm
            else f"lr={recipe.lr:g}, {steps_per_epoch * recipe.epochs} step(s)")
     warnings.warn(
-        f"{desc}: the last epoch's mean training loss is {last_loss:.4f}, no better than predicting the labels' "
-        f"frequencies ({chance:.4f}): the model did not learn ({how}). A learning rate too high for so few steps "
-        f"collapses a network to a constant output; train with a lower rate or a longer warm-up "
-        f"(recipe=TrainRecipe(...)), or for more epochs", UntrainedModelWarning, stacklevel=_user_stacklevel())
+        f"{desc}: the training loss of the last steps is {last_loss:.4f}, no better than predicting the labels' "
+        f"frequencies ({chance:.4f}): the model did not learn ({how}). Too few steps do that, and so does a "
+        f"learning rate too high for them, which collapses a network to a constant output: train for more "
+        f"epochs, or with a lower rate or a longer warm-up (recipe=TrainRecipe(...))", UntrainedModelWarning,
+        stacklevel=_user_stacklevel())
 
 
 def fit(backend: Backend, model: Any, data: ArrayDataset, recipe: TrainRecipe, *, seed: int,
@@ -314,7 +315,8 @@ def fit(backend: Backend, model: Any, data: ArrayDataset, recipe: TrainRecipe, *
                 raise NonFiniteWeightsError(f"training diverged in epoch {epoch + 1}: the mean loss is {mean_loss}; "
                                             f"lower the learning rate (now {recipe.lr})")
             bar.set_postfix(epoch=epoch + 1, loss=f"{mean_loss:.4f}")
-    if recipe.epochs:
-        warn_if_untrained(mean_loss, data, recipe, steps_per_epoch, desc)
+    if recipe.epochs:  # the last quarter of the last epoch's steps: where training ended, not how it began
+        tail = [float(backend.to_numpy(v)) for v in losses[-max(1, len(losses) // 4):]]
+        warn_if_untrained(float(np.mean(tail)), data, recipe, steps_per_epoch, desc)
     trained = layout.unflatten(backend.to_numpy(flat))
     return backend.with_state(model, {**state, **trained})
