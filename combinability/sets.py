@@ -36,8 +36,6 @@ from combinability.layout import FlatLayout, owns_memory
 from combinability.permutation import Permutation, PermutationSpec, apply_permutation
 from combinability.plugins import get_backend
 
-_STREAM_POINTS = False  # TEMPORARY experiment switch
-
 if TYPE_CHECKING:
     from combinability.backend import Backend
     from combinability.folding import NormFold
@@ -659,26 +657,27 @@ class ModelSet:
         from combinability.plugins import get_registration
 
         registration = get_registration("aligners", method) if isinstance(method, str) else method
-        if getattr(registration, "reads_points", False) and self.table is not None and _STREAM_POINTS:
-            whole = set(self.part_points)
-            return Observed(pieces={p: tuple(Piece(point, 0, None) for point in points) for p, points in
-                                    self.table.activation_observations().items() if p in spec.perm_names
-                                    and p not in whole})
-        example = self.__dict__.get("example_input")
-        if not getattr(registration, "reads_points", False) or example is None \
-                or any(isinstance(k, Invertible | Dual) for k in spec.kinds.values()):  # refused before any work
+        if not getattr(registration, "reads_points", False):
             return Observed()
+        streams: dict[str, tuple[Piece, ...]] = {}
+        if self.table is not None:  # a space with several activation outputs (a residual stream): read at each
+            streams = {p: tuple(Piece(point, 0, None) for point in points)
+                       for p, points in self.table.activation_observations().items()
+                       if p in spec.perm_names and p not in self.part_points}
+        example = self.__dict__.get("example_input")
         points = self._points_for(spec)
         base = (self.naive or self).spec
         unpointed = [p for p in spec.perm_names if p not in points and p not in self.part_points]  # heads moving
-        if not unpointed and not any(isinstance(k, Blocks | Orthogonal) and p not in points  # whole (Repeat axes)
-                                     for p, k in [*spec.kinds.items(), *base.kinds.items()]):
-            return Observed()
+        if example is None or any(isinstance(k, Invertible | Dual) for k in spec.kinds.values()) or (  # refused
+                not unpointed and not any(isinstance(k, Blocks | Orthogonal) and p not in points  # whole (Repeat)
+                                          for p, k in [*spec.kinds.items(), *base.kinds.items()])):
+            return Observed(pieces=streams)
         # a transformer: every name read wherever its units show (a stream at every block, a gated MLP's
         # hidden units at both its gate and its up projection, grouped key/value heads at their keys and values)
         names = [p for p in spec.perm_names if p not in self.part_points]
-        return observe_model(self.backend_obj, naive.models[0], self.layout, naive.thetas[0], example, spec, names,
-                             seed=seed)
+        found = observe_model(self.backend_obj, naive.models[0], self.layout, naive.thetas[0], example, spec, names,
+                              seed=seed)
+        return Observed(pieces={**streams, **found.pieces}, readings=found.readings)
 
     def _feature_source(self, naive: ModelSet, data: Any, examples: int,
                         readings: Mapping[str, str] | None = None) -> Any:
