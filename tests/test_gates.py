@@ -168,12 +168,18 @@ def test_derived_spec_ties_the_gates_to_the_stream():
         {("g.weight", 0), ("g.bias", 0), ("u.weight", 0), ("u.bias", 0), ("out.weight", 1)}]))
 
 
-def test_a_hand_planted_permutation_is_undone_on_a_gated_net():
+def _gated_net() -> GatedNet:
+    """A GatedNet (seed 0) with BatchNorm statistics away from the identity."""
     torch.manual_seed(0)
     a = GatedNet().eval()
     with torch.no_grad():
         a.bn.running_mean.normal_(0, 0.3)
         a.bn.running_var.uniform_(0.5, 2.0)
+    return a
+
+
+def test_a_hand_planted_permutation_is_undone_on_a_gated_net():
+    a = _gated_net()
     b = _planted(a, seed=2)
     with torch.no_grad():
         np.testing.assert_allclose(b(_x()).numpy(), a(_x()).numpy(), rtol=1e-4, atol=1e-5)
@@ -190,11 +196,7 @@ def test_activation_points_skip_gates_that_only_multiply():
 def test_activation_matching_undoes_a_hand_planted_permutation_on_a_gated_net():
     """Read at its sigmoid gate, the stream's channels were told apart by a function of 4 hidden units, and a
     planted permutation came back wrong (max |B − A| ≈ 1 on random weights)."""
-    torch.manual_seed(0)
-    a = GatedNet().eval()
-    with torch.no_grad():
-        a.bn.running_mean.normal_(0, 0.3)
-        a.bn.running_var.uniform_(0.5, 2.0)
+    a = _gated_net()
     b = _planted(a, seed=3)
     x = _x(256, seed=1)
     pair = cb.ModelPair(a, b, example_input=_x())
