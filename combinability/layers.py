@@ -722,17 +722,13 @@ class LayerTable:
         barely tell the channels apart; the product is.
         """
         entry = self._entries()
-        multipliers = self._multipliers()
         points: dict[str, str] = {}
-        relu: dict[str, str] = {}
         for node in self.nodes[:-1]:
             p = entry[node.name]
-            if not isinstance(p, str) or node.op == "flatten":  # fixed, or a concatenation of several
-                continue
-            points[p] = node.name
-            if node.op in ("relu", "act", "gate") and node.name not in multipliers:
-                relu[p] = node.name
-        return {p: relu.get(p, pt) for p, pt in points.items()}
+            if isinstance(p, str) and node.op != "flatten":  # not fixed, nor a concatenation of several
+                points[p] = node.name
+        activations = self._activations_by_space()
+        return {p: activations[p][-1] if p in activations else pt for p, pt in points.items()}
 
     def activation_observations(self) -> dict[str, tuple[str, ...]]:
         """For each permutation whose space has more than one activation output, every one of them in order
@@ -743,14 +739,17 @@ class LayerTable:
         reads them at each of these points and sums their correlations, so that a channel silent at one
         point (a dead ReLU at the last block) is still told apart by the others.
         """
-        entry = self._entries()
-        multipliers = self._multipliers()
-        points: dict[str, list[str]] = {}
+        return {p: tuple(pts) for p, pts in self._activations_by_space().items() if len(pts) > 1}
+
+    def _activations_by_space(self) -> dict[str, list[str]]:
+        """The activation outputs of each permutation's space, in order, gates that only multiply left out."""
+        entry, multipliers = self._entries(), self._multipliers()
+        out: dict[str, list[str]] = {}
         for node in self.nodes[:-1]:
             p = entry[node.name]
             if isinstance(p, str) and node.op in ("relu", "act", "gate") and node.name not in multipliers:
-                points.setdefault(p, []).append(node.name)
-        return {p: tuple(pts) for p, pts in points.items() if len(pts) > 1}
+                out.setdefault(p, []).append(node.name)
+        return out
 
     def _multipliers(self) -> set[str]:
         """The nodes whose every reader is a ``mul`` node (gates); the output node is read by none."""
