@@ -76,14 +76,15 @@ def mlp_pairs(epochs: int, cache: Path, seeds: tuple[int, ...], width: float = 1
 RESNET_RECIPE = TrainRecipe(epochs=2, lr=1e-3, optimizer="adam", weight_decay=0.0)
 
 
-def trained_resnet_pair(width: int, epochs: int, cache: Path, examples: int) -> dict:
+def trained_resnet_pair(width: int, epochs: int, cache: Path, examples: int, batch_size: int = 100) -> dict:
     """Two ResNet-20 at ``width`` trained with Adam on the first ``examples`` Fashion-MNIST images (seeds 0, 1);
     their test accuracy (1,000 images) is printed."""
     cache.mkdir(parents=True, exist_ok=True)
     data = load_dataset("fashion_mnist", "train").subset(examples)
-    recipe = RESNET_RECIPE.with_(epochs=epochs)
+    recipe = RESNET_RECIPE.with_(epochs=epochs, batch_size=batch_size)
+    batch = "" if batch_size == 100 else f"_b{batch_size}"
     models = [cb.train("resnet20", data, seed=s, width=width, recipe=recipe,
-                       checkpoint=cache / f"resnet20x{width}_fashion_mnist_n{examples}_e{epochs}_adam_s{s}.ckpt")
+                       checkpoint=cache / f"resnet20x{width}_fashion_mnist_n{examples}_e{epochs}{batch}_adam_s{s}.ckpt")
               for s in (0, 1)]
     if multiprocessing.current_process().name != "MainProcess":  # a timed child rebuilds the pair: no report
         pair = cb.ModelPair(*models, architecture="resnet20", backend="torch")
@@ -198,6 +199,7 @@ def main(argv: list[str] | None = None) -> None:
                         help="ResNet-20 width multipliers of trained pairs (Fashion-MNIST)")
     parser.add_argument("--resnet-epochs", type=int, default=2, help="training epochs of the trained ResNet-20s")
     parser.add_argument("--resnet-examples", type=int, default=20000, help="training images of the trained ResNet-20s")
+    parser.add_argument("--resnet-batch-size", type=int, default=100, help="training batch of the trained ResNet-20s")
     parser.add_argument("--seed", type=int, default=0, help="matching seed (visit orders)")
     parser.add_argument("--repeats", type=int, default=1, help="timed runs of each matcher (best kept)")
     parser.add_argument("--restarts", type=int, default=3, help="restarts of the last row of each pair")
@@ -213,7 +215,8 @@ def main(argv: list[str] | None = None) -> None:
         recipe = (mlp_pairs, (args.epochs, args.cache, tuple(args.seeds), args.mlp_width))
         recipes.update(dict.fromkeys(mlp_pairs(*recipe[1]), recipe))  # trains the missing checkpoints once
     for width in args.trained_resnet_width:
-        recipe = (trained_resnet_pair, (width, args.resnet_epochs, args.cache, args.resnet_examples))
+        recipe = (trained_resnet_pair, (width, args.resnet_epochs, args.cache, args.resnet_examples,
+                                        args.resnet_batch_size))
         recipes.update(dict.fromkeys(trained_resnet_pair(*recipe[1]), recipe))
     for width in args.resnet_width:
         recipes[f"resnet20x{width}"] = (resnet_pair, (width, args.noise))
