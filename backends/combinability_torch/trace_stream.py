@@ -853,27 +853,18 @@ def _parameter_product(n: fx.Node, space: dict[str, Any], binds: dict[str, list[
 
 
 def _read_as_matrix(n: fx.Node) -> bool:
-    """Whether every use of the parameter ``n`` is the matrix of a product (``F.linear(x, W)``, ``x @ W``,
-    ``torch.addmm(b, x, W)``), read as it is or transposed (``W.t()``), or the table of ``F.embedding``:
-    uses whose axes :func:`_parameter_product` binds."""
-    def matrix_of(u: fx.Node, v: fx.Node) -> bool:
-        a = u.args
-        if u.op not in ("call_function", "call_method"):
-            return False
-        if u.target is F.linear:
-            return (a[1:2] == (v,) or u.kwargs.get("weight") is v) and (a[:1] != (v,))
-        if u.target in _MATMUL:
-            return len(a) == 2 and a[1] is v and a[0] is not v
-        if u.target in (torch.addmm, "addmm"):
-            return len(a) == 3 and a[2] is v and v not in a[:2]
-        return u.target in (F.embedding, torch.embedding) and len(a) >= 2 and a[1] is v and a[0] is not v
+    """Whether every use of the parameter ``n`` is the matrix of a product (:func:`_parameter_reader`: ``F.linear(x,
+    W)``, ``x @ W``, ``torch.addmm(b, x, W)``), read as it is or transposed (``W.t()``), or the table of
+    ``F.embedding``: uses whose axes :func:`_parameter_product` binds."""
+    def reads(u: fx.Node) -> bool:
+        if u.target in (F.embedding, torch.embedding):
+            return len(u.args) >= 2 and u.args[1] is n and u.args[0] is not n
+        reader = _parameter_reader(u)
+        return reader is not None and reader.weight == str(n.target) and not (u.args and u.args[0] is n)
 
-    def read(u: fx.Node) -> bool:
-        if _transposes_matrix(u) and u.args[0] is n:
-            return bool(u.users) and all(matrix_of(w, u) for w in u.users)
-        return matrix_of(u, n)
-
-    return bool(n.users) and all(read(u) for u in n.users)
+    return bool(n.users) and all(
+        bool(u.users) and all(reads(w) for w in u.users) if _transposes_matrix(u) and u.args[0] is n else reads(u)
+        for u in n.users)
 
 
 def _transposes_matrix(n: fx.Node) -> bool:
